@@ -1,0 +1,39 @@
+# `make test` and `make demo` work on a fresh clone: they build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+export DS_ACCELERATOR := cpu
+export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION := python
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv test test-fast demo params clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q -e '.[test]'
+	# icetk without its dependencies: its own requirements would replace the CPU torch
+	# and downgrade protobuf below what Ray needs.
+	$(PIP) install -q --no-deps 'icetk==0.0.7'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -x -p no:cacheprovider tests
+
+test-fast: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+demo: venv
+	$(PY) -m demo.run
+
+params: venv
+	$(VENV)/bin/cogvideo-params
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,159 @@
+"""Model configuration and named presets.
+
+Every shape the code uses (frame size, tokens per frame, frames per sample, text length,
+vocabulary ranges, window size) comes from a :class:`ModelConfig`; nothing else in the
+library hard-codes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from cogvideo.vocab import VocabLayout
+
+STAGES = ("backbone", "stage1", "stage2")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    stage: str = "stage1"  # backbone (CogView2, one frame), stage1 (sequential) or stage2 (interpolation)
+    num_layers: int = 2
+    hidden_size: int = 32
+    num_heads: int = 4
+    ffn_hidden_size: int = 0  # 0 means 4 * hidden_size
+    vocab: VocabLayout = field(default_factory=lambda: VocabLayout.compact(64, 96))
+    text_length: int = 8  # text tokens, left-padded
+    frame_size: int = 16  # pixels per frame side
+    frame_tokens: int = 4  # image tokens per frame side
+    num_frames: int = 5
+    image_position_offset: int = 8  # position id of a frame's first token in the backbone table
+    max_position_embeddings: int = 24  # rows of the backbone position table
+    window_size: int = 2  # stage-2 temporal window, in tokens per side
+    window_shift: int = 1  # applied on odd layers
+    layernorm_epsilon: float = 1e-5
+    pb_relax_alpha: float = 32.0  # used by the explicit attention path (fp16 without fused kernels)
+    init_std: float = 0.02
+    train_backbone: bool = False  # backbone (CogView2) parameters are frozen unless set
+    activation_checkpointing: bool = False  # recompute each layer in the backward pass
+
+    # ---- derived shapes -------------------------------------------------------------
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.frame_tokens * self.frame_tokens
+
+    @property
+    def seq_length(self) -> int:
+        return self.text_length + self.num_frames * self.tokens_per_frame
+
+    @property
+    def has_temporal(self) -> bool:
+        return self.stage != "backbone"
+
+    @property
+    def given_frames(self) -> tuple[int, ...]:
+        """Frames fed as context and never predicted (stage 2: the even frames)."""
+        if self.stage == "stage2":
+            return tuple(range(0, self.num_frames, 2))
+        return ()
+
+    @property
+    def loss_frames(self) -> tuple[int, ...]:
+        """Frames whose tokens carry the loss: stage 1 frames 1.., stage 2 the odd frames."""
+        if self.stage == "backbone":
+            return (0,)
+        if self.stage == "stage1":
+            return tuple(range(1, self.num_frames))
+        return tuple(range(1, self.num_frames, 2))
+
+    @property
+    def sampling_order(self) -> tuple[int, ...]:
+        """Order frames are laid out when sampling (stage 2: given frames first, e.g. 0,2,4,1,3)."""
+        return self.given_frames + tuple(f for f in range(self.num_frames) if f not in self.given_frames)
+
+    # ---- validation -----------------------------------------------------------------
+    def validate(self, tensor_parallel: int = 1) -> "ModelConfig":
+        def bad(key: str, why: str):
+            raise ValueError(f"model.{key}: {why}")
+
+        if self.stage not in STAGES:
+            bad("stage", f"{self.stage!r} is not one of {STAGES}")
+        for key in ("num_layers", "hidden_size", "num_heads", "text_length", "frame_size",
+                    "frame_tokens", "num_frames", "window_size"):
+            if getattr(self, key) <= 0:
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            bad("num_heads", f"{self.num_heads} does not divide hidden_size={self.hidden_size}")
+        if self.frame_size % self.frame_tokens:
+            bad("frame_tokens", f"{self.frame_tokens} does not divide frame_size={self.frame_size}")
+        if self.stage == "backbone" and self.num_frames != 1:
+            bad("num_frames", f"a backbone models one frame, got {self.num_frames}")
+        if self.stage == "stage2":
+            if self.num_frames < 3 or self.num_frames % 2 == 0:
+                bad("num_frames", f"stage 2 interleaves given and new frames: needs an odd count >= 3, got {self.num_frames}")
+            if self.frame_tokens % self.window_size:
+                bad("window_size", f"{self.window_size} does not divide frame_tokens={self.frame_tokens}")
+            if not 0 <= self.window_shift < self.window_size:
+                bad("window_shift", f"must be in [0, window_size={self.window_size}), got {self.window_shift}")
+        if self.text_length > self.image_position_offset:
+            bad("image_position_offset", f"{self.image_position_offset} < text_length={self.text_length}")
+        if self.image_position_offset + self.tokens_per_frame > self.max_position_embeddings:
+            bad("max_position_embeddings",
+                f"{self.max_position_embeddings} rows cannot hold a frame at offset {self.image_position_offset}")
+        if tensor_parallel < 1:
+            raise ValueError(f"parallel.tensor_parallel must be >= 1, got {tensor_parallel}")
+        for key, size in (("num_heads", self.num_heads), ("ffn_hidden_size", self.ffn_size),
+                          ("vocab.vocab_size", self.vocab.vocab_size)):
+            if size % tensor_parallel:
+                bad(key, f"{size} is not divisible by tensor_parallel={tensor_parallel}")
+        return self
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _cogview2(**changes) -> ModelConfig:
+    base = ModelConfig(
+        name="cogview2-6b", stage="backbone", num_layers=48, hidden_size=3072, num_heads=48,
+        vocab=VocabLayout.icetk(), text_length=64, frame_size=160, frame_tokens=20, num_frames=1,
+        image_position_offset=512, max_position_embeddings=1089, window_size=10, window_shift=5,
+    )
+    return base.replace(**changes)
+
+
+PRESETS = {
+    "tiny": lambda: ModelConfig(),
+    "tiny-stage2": lambda: ModelConfig(name="tiny-stage2", stage="stage2"),
+    "small": lambda: ModelConfig(
+        name="small", stage="stage1", num_layers=4, hidden_size=256, num_heads=4,
+        vocab=VocabLayout.compact(512, 1000), text_length=16, frame_size=32, frame_tokens=4,
+        num_frames=5, image_position_offset=16, max_position_embeddings=32,
+        window_size=2, window_shift=1, train_backbone=True,
+    ),
+    "small-stage2": lambda: PRESETS["small"]().replace(name="small-stage2", stage="stage2"),
+    "cogview2-6b": _cogview2,
+    "cogvideo-stage1": lambda: _cogview2(name="cogvideo-stage1", stage="stage1", num_frames=5),
+    "cogvideo-stage2": lambda: _cogview2(name="cogvideo-stage2", stage="stage2", num_frames=5),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+def resolve_model_config(preset: str, overrides: dict | None = None, tensor_parallel: int = 1) -> ModelConfig:
+    """A preset with field overrides (e.g. from YAML `model:`), checked for this TP degree."""
+    from cogvideo.configio import from_dict, merge, to_dict
+
+    data = merge(to_dict(get_preset(preset)), overrides or {})
+    return from_dict(ModelConfig, data, prefix="model").validate(tensor_parallel)
