@@ -1,0 +1,111 @@
+import itertools
+
+import pytest
+import sentencepiece as spm
+
+from cogvideo.shards import compose_text
+from cogvideo.tokenizers.text import ICETK_TEXT_MODEL, TextTokenizer, main, train_text_tokenizer
+from cogvideo.vocab import VocabLayout
+
+COLOURS = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"}
+SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+MOVES = {"left": "向左", "right": "向右", "up": "向上", "down": "向下"}
+
+
+def captions() -> list[str]:
+    out = []
+    for (c, zc), (s, zs), (m, zm) in itertools.product(COLOURS.items(), SHAPES.items(), MOVES.items()):
+        out += [f"a {c} {s} moving {m}", f"一个{zc}的{zs}{zm}移动"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return train_text_tokenizer(captions(), tmp_path_factory.mktemp("sp") / "captions", vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_file):
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    return TextTokenizer(model_file, VocabLayout.compact(512, sp.GetPieceSize()))
+
+
+@pytest.mark.parametrize("text", [
+    "a red circle moving left",
+    "一个蓝色的三角形向上移动",
+    "紫色正方形，向右！",  # full-width punctuation is kept (no NFKC)
+    "a 猫 never seen in training 🐱",  # byte fallback
+])
+def test_round_trip_english_and_chinese(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert all(tokenizer.layout.is_text(i) for i in ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_ids_are_sentencepiece_ids_plus_offset(tokenizer, model_file):
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    text = "一个红色的圆形向左移动 and a green square"
+    assert tokenizer.encode(text) == [512 + i for i in sp.EncodeAsIds(text)]
+    assert "<unk>" not in sp.EncodeAsPieces("a 猫 🐱")
+
+
+def test_trained_model_matches_compact_layout(tokenizer):
+    sp, layout = tokenizer.sp, tokenizer.layout
+    assert sp.IdToPiece(layout.pad_piece_id) == "<pad>"
+    assert tokenizer.decode([layout.pad_id] * 3 + tokenizer.encode("a red circle")) == "a red circle"
+    assert sp.GetPieceSize() <= 600
+
+
+def test_prompt_has_duration_prefix_with_separator_piece(tokenizer):
+    ids = tokenizer.encode_prompt("一个红色的圆形", 4.0)
+    pieces = [tokenizer.sp.IdToPiece(tokenizer.layout.piece_id(i)) for i in ids]
+    assert "<n>" in pieces and "秒" in pieces
+    assert tokenizer.decode(ids) == compose_text("一个红色的圆形", 4.0) == "4.0秒<n>一个红色的圆形"
+    custom = tokenizer.encode_prompt("a red circle", 2.0, template="{caption} ({duration:.0f}s)")
+    assert tokenizer.decode(custom) == "a red circle (2s)"
+    with pytest.raises(ValueError, match="at most 3"):
+        tokenizer.encode_prompt("a red circle moving left", 4.0, max_length=3)
+
+
+def test_decode_rejects_non_text_ids(tokenizer):
+    with pytest.raises(ValueError, match=r"token id 5 is not a text id: expected \[512, "):
+        tokenizer.decode([5])
+    with pytest.raises(ValueError, match="not a text id"):
+        tokenizer.decode([tokenizer.layout.boi_id])
+
+
+def test_icetk_style_model_loads_from_directory(tmp_path):
+    # icetk's ice_text.model puts <pad> at piece 3 (model id 20003) and has a <n> piece.
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(captions()), model_prefix=str(tmp_path / "ice_text"), vocab_size=200,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=["<n>"],
+        required_chars="0123456789.秒", hard_vocab_limit=False, minloglevel=2)
+    tokenizer = TextTokenizer(tmp_path, VocabLayout.icetk())
+    assert tokenizer.path == tmp_path / ICETK_TEXT_MODEL
+    ids = tokenizer.encode_prompt("a red circle moving left", 4.0)
+    assert min(ids) >= 20000 and tokenizer.layout.pad_id == 20003
+    assert tokenizer.decode(ids) == "4.0秒<n>a red circle moving left"
+
+
+def test_missing_or_bad_model_files_are_named(tmp_path, model_file):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / ICETK_TEXT_MODEL}"):
+        TextTokenizer(tmp_path, VocabLayout.icetk())
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.model: not a SentencePiece model"):
+        TextTokenizer(junk, VocabLayout.icetk())
+    with pytest.raises(ValueError, match="do not fit the layout's num_text_tokens=10"):
+        TextTokenizer(model_file, VocabLayout.compact(512, 10))
+    with pytest.raises(ValueError, match="piece 3 is .* expects '<pad>'"):
+        TextTokenizer(model_file, VocabLayout.icetk())
+
+
+def test_command_trains_from_caption_file(tmp_path, capsys):
+    caption_file = tmp_path / "captions.txt"
+    caption_file.write_text("\n".join(captions()) + "\n\n", encoding="utf-8")
+    main(["--captions", str(caption_file), "--out", str(tmp_path / "out" / "sp"), "--vocab-size", "500"])
+    assert "pieces" in capsys.readouterr().out
+    tokenizer = TextTokenizer(tmp_path / "out" / "sp.model", VocabLayout.compact(64, 500))
+    assert tokenizer.decode(tokenizer.encode("一个黄色的正方形向下移动")) == "一个黄色的正方形向下移动"
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        main(["--captions", str(tmp_path / "nowhere.txt"), "--out", str(tmp_path / "x"), "--vocab-size", "50"])
