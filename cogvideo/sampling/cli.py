@@ -1,0 +1,47 @@
+"""`cogvideo-sample`: sample videos for every prompt of a file.
+
+    cogvideo-sample --prompts prompts.txt --out samples/ --config sample.yaml seed=7 stage1_guidance=2.5
+    cogvideo-sample --prompts prompts.txt --out samples/ --ray [--address auto] workers=8 device=cuda
+    torchrun --nproc-per-node 2 -m cogvideo.sampling.cli --prompts p.txt --out s/ tensor_parallel=2
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+
+from cogvideo.configio import ConfigError, load_config
+from cogvideo.sampling.job import run_job
+from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.pipeline import VideoPipeline, check_paths
+from cogvideo.sampling.prompts import PromptError, read_prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Hierarchical CogVideo sampling for a file of prompts")
+    parser.add_argument("--prompts", required=True, help="one prompt per line, or .jsonl with prompt/first_frame")
+    parser.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    parser.add_argument("--config", help="YAML file of SampleOptions")
+    parser.add_argument("--ray", action="store_true", help="sample on Ray actors (options.workers of them)")
+    parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    parser.add_argument("overrides", nargs="*", help="dotted option overrides, e.g. seed=7 stage1_strategy.top_k=20")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        options = load_config(SampleOptions, args.config, args.overrides)
+        prompts = read_prompts(args.prompts)
+        check_paths(options)
+    except (ConfigError, PromptError, FileNotFoundError, ValueError) as err:
+        print(f"cogvideo-sample: {err}", file=sys.stderr)
+        return 2
+    manifest = run_job(prompts, args.out, options, functools.partial(VideoPipeline.load, options),
+                       use_ray=args.ray, address=args.address)
+    if manifest is not None:
+        print(f"{args.out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
+        return 0 if manifest["failed"] == 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""One decoding pass of a stage model: feed the text and the given frames, then sample the
+target frames token by token, with classifier-free guidance.
+
+`sample_frames` uses the KV cache (given frames in one parallel pass each, one step per
+sampled token); `sample_frames_uncached` recomputes the whole time-ordered sequence at
+every step and is the reference the cached path must match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cogvideo.sampling.stage_model import StageModel
+
+
+@dataclass
+class DecodePass:
+    text: torch.Tensor  # [B, text_length] conditional text ids, left-padded
+    given: dict[int, torch.Tensor]  # frame index -> codes [B, n]
+    targets: tuple[int, ...]  # frames to sample, in this order
+    uncond_text: torch.Tensor | None = None  # [B, text_length]; needed unless guidance == 1
+    guidance: float = 1.0  # lu + guidance * (lc - lu)
+    temporal: bool = True
+    text_bias: float = 0.0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
+
+    def rows_text(self) -> torch.Tensor:
+        """Conditional rows, then the unconditional ones when guided."""
+        if not self.guided:
+            return self.text
+        if self.uncond_text is None:
+            raise ValueError(f"guidance {self.guidance} needs an unconditional text")
+        return torch.cat([self.text, self.uncond_text])
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+    def rows(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([codes, codes]) if self.guided else codes
+
+
+def _given_order(stage: StageModel, job: DecodePass) -> list[int]:
+    order = [f for f in stage.cfg.sampling_order if f in job.given]
+    return order + sorted(set(job.given) - set(order))
+
+
+def sample_frames(stage: StageModel, job: DecodePass, strategy, generators) -> dict[int, torch.Tensor]:
+    """KV-cached decoding; returns {target frame: codes [B, n]}."""
+    n, device = stage.n, job.text.device
+    cache = stage.new_cache()
+    stage.text(job.rows_text(), cache, job.temporal, job.text_bias)
+    for f in _given_order(stage, job):
+        stage.frame(job.rows(stage.frame_input(job.given[f])), f, 0, cache, job.temporal, job.text_bias)
+    batch = len(job.text)
+    out = {}
+    for f in job.targets:
+        codes = torch.empty(batch, n, dtype=torch.long, device=device)
+        token = torch.full((batch, 1), stage.cfg.vocab.boi_id, dtype=torch.long, device=device)
+        for p in range(n):
+            logits = stage.frame(job.rows(token), f, p, cache, job.temporal, job.text_bias)[:, -1]
+            codes[:, p] = strategy(job.combine(logits), generators)
+            token = codes[:, p : p + 1]
+        out[f] = codes
+    return out
+
+
+def sample_frames_uncached(stage: StageModel, job: DecodePass, strategy, generators) -> dict[int, torch.Tensor]:
+    """The same pass by full forwards over the time-ordered sequence, one per sampled token.
+    Not-yet-sampled tokens hold code 0; the attention mask keeps them out of every logit used."""
+    n, t = stage.n, stage.cfg.text_length
+    batch = len(job.text)
+    frames = {f: codes.clone() for f, codes in job.given.items()}
+    for f in job.targets:
+        frames[f] = torch.zeros(batch, n, dtype=torch.long, device=job.text.device)
+    if set(frames) != set(range(max(frames) + 1)):
+        raise ValueError(f"uncached decoding needs frames 0..{max(frames)}, got {sorted(frames)}")
+    text = job.rows_text()
+    for f in job.targets:
+        length = max(f, *job.given) + 1 if job.given else f + 1  # the shortest prefix holding every frame f sees
+        for p in range(n):
+            blocks = [job.rows(stage.frame_input(frames[g])) for g in range(length)]
+            logits = stage.full(torch.cat([text, *blocks], dim=1), job.temporal, job.text_bias)
+            frames[f][:, p] = strategy(job.combine(logits[:, t + f * n + p]), generators)
+    return {f: frames[f] for f in job.targets}

@@ -1,0 +1,170 @@
+"""Sampling many prompts: locally (optionally under torchrun for TP/DP) or on Ray actors that
+each load the models once and pull batches of prompts.
+
+The output folder holds one entry per prompt (`<key>/`, see `outputs.py`), each finished by
+its record.json; a rerun skips entries recorded as ok. A prompt that fails is recorded with
+its error and the others go on. manifest.json and contact_sheet.png cover every prompt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from cogvideo.configio import to_dict
+from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.outputs import write_contact_sheet, write_json, write_video_entry
+from cogvideo.sampling.prompts import Prompt
+
+log = logging.getLogger(__name__)
+RECORD = "record.json"
+# options that change how the work is spread, not what is sampled: may differ on a rerun
+SCHEDULING_OPTIONS = ("workers", "batch_size")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by torchrun on every rank
+
+
+def read_record(out: Path, key: str) -> dict | None:
+    path = out / key / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _failed(prompt: Prompt, err: BaseException) -> dict:
+    return {"key": prompt.key, "prompt": prompt.text, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+
+
+def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True) -> list[dict]:
+    """Sample one batch and write its entries; a failing prompt never takes the others down."""
+    records = {}
+    ready = []
+    for prompt in batch:
+        try:
+            pipeline.check(prompt)
+            ready.append(prompt)
+        except Exception as err:
+            records[prompt.key] = _failed(prompt, err)
+    groups = [ready] if ready else []
+    while groups:
+        group = groups.pop()
+        start = time.perf_counter()
+        try:
+            videos = pipeline.sample(group)
+        except Exception as err:
+            if len(group) > 1:  # find the culprit: retry one prompt at a time
+                groups.extend([p] for p in group)
+                continue
+            log.exception("prompt %s failed", group[0].key)
+            records[group[0].key] = _failed(group[0], err)
+            continue
+        seconds = (time.perf_counter() - start) / len(group)
+        for prompt, (codes, frames) in zip(group, videos):
+            files = write_video_entry(out / prompt.key, codes, frames, pipeline.fps()) if write else {}
+            records[prompt.key] = {"key": prompt.key, "prompt": prompt.text, "status": "ok", "files": files,
+                                   "frames": int(len(frames)), "fps": pipeline.fps(), "seconds": round(seconds, 3)}
+    if write:
+        for prompt in batch:
+            (out / prompt.key).mkdir(parents=True, exist_ok=True)
+            write_json(out / prompt.key / RECORD, records[prompt.key])
+    return [records[p.key] for p in batch]
+
+
+def _check_options(out: Path, options: SampleOptions) -> None:
+    record = {k: v for k, v in to_dict(options).items() if k not in SCHEDULING_OPTIONS}
+    path = out / "options.json"
+    if path.is_file():
+        previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in SCHEDULING_OPTIONS}
+        if previous != record:
+            changed = sorted(k for k in set(record) | set(previous) if record.get(k) != previous.get(k))
+            raise ValueError(f"{out} holds a run with other options ({', '.join(changed)}): "
+                             f"use a new --out, or the same options to resume")
+    if _is_main_process():
+        write_json(path, to_dict(options))
+
+
+def _run_local(batches, out: Path, make_pipeline) -> None:
+    from cogvideo import parallel
+
+    pipeline = make_pipeline()
+    dp, rank = parallel.dp_size(), parallel.dp_rank()
+    writer = parallel.tp_rank() == 0
+    for batch in batches[rank::dp]:  # under torchrun each data-parallel group takes its share
+        sample_batch(pipeline, batch, out, write=writer)
+    if parallel.is_initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address: str | None) -> None:
+    import ray
+
+    if options.tensor_parallel > 1:
+        raise ValueError("sampling.tensor_parallel > 1 runs one process per TP rank under torchrun "
+                         "(torchrun --nproc-per-node N -m cogvideo.sampling.cli ...), not with --ray")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+    @ray.remote(num_gpus=1 if options.device == "cuda" else 0)
+    class SamplerActor:
+        def __init__(self, make):
+            self.pipeline = make()
+
+        def run(self, batch, out_dir):
+            return sample_batch(self.pipeline, batch, Path(out_dir))
+
+    queue = list(batches)
+    actors = [SamplerActor.remote(make_pipeline) for _ in range(min(options.workers, len(queue)))]
+    pending = {}
+
+    def give(actor):
+        if queue:
+            batch = queue.pop(0)
+            pending[actor.run.remote(batch, str(out))] = (actor, batch)
+
+    for actor in actors:
+        give(actor)
+    while pending:
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        actor, batch = pending.pop(done)
+        try:
+            ray.get(done)
+        except Exception as err:  # the actor itself failed (load error, crash): record the batch
+            for prompt in batch:
+                (out / prompt.key).mkdir(parents=True, exist_ok=True)
+                write_json(out / prompt.key / RECORD, _failed(prompt, err))
+        give(actor)
+    for actor in actors:
+        ray.kill(actor)
+
+
+def write_manifest(out: Path, prompts: list[Prompt]) -> dict:
+    entries = [read_record(out, p.key) or {"key": p.key, "prompt": p.text, "status": "missing"} for p in prompts]
+    ok = [e for e in entries if e["status"] == "ok"]
+    manifest = {"prompts": len(entries), "ok": len(ok), "failed": len(entries) - len(ok), "entries": entries}
+    write_json(out / "manifest.json", manifest)
+    if ok:
+        write_contact_sheet(out / "contact_sheet.png", [(e["key"], out / e["key"] / e["files"]["sheet_row"]) for e in ok])
+    return manifest
+
+
+def run_job(prompts: list[Prompt], out: str | Path, options: SampleOptions, make_pipeline: Callable,
+            use_ray: bool = False, address: str | None = None) -> dict | None:
+    """Sample every prompt not already done; returns the manifest (None on ranks other than 0)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_options(out, options)
+    todo = [p for p in prompts if (read_record(out, p.key) or {}).get("status") != "ok"]
+    if len(todo) < len(prompts):
+        log.info("%d of %d prompts already done in %s", len(prompts) - len(todo), len(prompts), out)
+    batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+    if batches:
+        if use_ray:
+            _run_ray(batches, out, options, make_pipeline, address)
+        else:
+            _run_local(batches, out, make_pipeline)
+    return write_manifest(out, prompts) if _is_main_process() else None

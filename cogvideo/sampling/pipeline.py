@@ -1,0 +1,110 @@
+"""Loads everything a sampling run needs once (stage models, tokenizers, strategies) and
+turns a batch of prompts into decoded videos."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cogvideo.config import ModelConfig
+from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
+from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.prompts import Prompt, TextEncoder
+from cogvideo.sampling.stage_model import StageModel
+from cogvideo.sampling.strategies import make_strategy
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def require_path(path: str | None, option: str) -> Path:
+    if not path:
+        raise FileNotFoundError(f"sampling.{option} is not set")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"sampling.{option}: {path} does not exist")
+    return Path(path)
+
+
+def check_paths(options: SampleOptions) -> None:
+    """Fail before any model or worker starts when a checkpoint or tokenizer is missing."""
+    require_path(options.stage1_checkpoint, "stage1_checkpoint")
+    if options.stage2_checkpoint:
+        require_path(options.stage2_checkpoint, "stage2_checkpoint")
+    require_path(options.text_tokenizer, "text_tokenizer")
+    require_path(options.image_tokenizer, "image_tokenizer")
+
+
+def load_stage(path: Path, options: SampleOptions, expected_stage: str) -> StageModel:
+    from cogvideo import parallel
+    from cogvideo.checkpoint import load_model_config, load_model_state
+    from cogvideo.model import CogVideoModel
+
+    cfg: ModelConfig = load_model_config(path).validate(options.tensor_parallel)
+    if cfg.stage != expected_stage:
+        raise ValueError(f"{path}: holds a {cfg.stage} model, expected {expected_stage}")
+    model = CogVideoModel(cfg)
+    model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
+    device = options.device
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    return StageModel(model.to(device=device, dtype=DTYPES[options.dtype]).eval(), cfg)
+
+
+class VideoPipeline:
+    def __init__(self, options: SampleOptions, stage1: StageModel, stage2: StageModel | None,
+                 text_tokenizer, image_tokenizer, cached: bool = True):
+        self.options, self.image_tokenizer = options, image_tokenizer
+        self.encode = TextEncoder(text_tokenizer, stage1.cfg)
+        num_codes = stage1.cfg.vocab.num_image_tokens
+        strategies = {name: make_strategy(getattr(options, f"{name}_strategy"), num_codes)
+                      for name in ("frame0", "stage1", "stage2")}
+        self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached)
+
+    @classmethod
+    def load(cls, options: SampleOptions) -> "VideoPipeline":
+        """Checkpoints and tokenizers from the paths in `options`; TP>1 joins the parallel
+        state of the launcher (torchrun), the same as training."""
+        from cogvideo import parallel
+        from cogvideo.tokenizers import load_image_tokenizer
+        from cogvideo.tokenizers.text import TextTokenizer
+
+        check_paths(options)
+        if options.tensor_parallel > 1:
+            parallel.init_distributed(options.tensor_parallel)
+        stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1")
+        stage2 = load_stage(Path(options.stage2_checkpoint), options, "stage2") if options.stage2_checkpoint else None
+        text = TextTokenizer(options.text_tokenizer, stage1.cfg.vocab)
+        return cls(options, stage1, stage2, text, load_image_tokenizer(options.image_tokenizer))
+
+    def check(self, prompt: Prompt) -> None:
+        """Raise for a prompt this pipeline cannot sample (text budget, missing first frame)."""
+        o = self.options
+        self.encode(prompt.text + o.frame0_suffix, None)
+        self.encode(prompt.text + o.video_suffix, o.duration)
+        if prompt.first_frame is not None and not Path(prompt.first_frame).is_file():
+            raise FileNotFoundError(f"first_frame {prompt.first_frame} does not exist")
+
+    def _first_frame(self, path: str) -> torch.Tensor:
+        from PIL import Image
+
+        side = self.sampler.stage1.cfg.frame_size
+        image = np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC))
+        return torch.as_tensor(np.asarray(self.image_tokenizer.encode(image[None]))).reshape(-1)
+
+    def sample(self, prompts: list[Prompt]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(image codes [T, h, w], decoded uint8 frames [T, H, W, 3]) per prompt."""
+        first = [None if p.first_frame is None else self._first_frame(p.first_frame) for p in prompts]
+        codes = self.sampler.sample([p.text for p in prompts], first)
+        side = self.sampler.stage1.cfg.frame_tokens
+        codes = codes.reshape(len(prompts), -1, side, side).cpu().numpy()
+        return [(c, np.asarray(self.image_tokenizer.decode(c), dtype=np.uint8)) for c in codes]
+
+    def num_frames(self) -> int:
+        frames = self.sampler.stage1.cfg.num_frames
+        if self.sampler.stage2 is not None:
+            for _ in range(self.options.interpolation_levels):
+                frames = window_layout(frames, self.sampler.stage2.cfg.num_frames)[1]
+        return frames
+
+    def fps(self) -> float:
+        return self.options.fps or (self.num_frames() - 1) / self.options.duration

@@ -1,0 +1,84 @@
+"""Prompt files and prompt text -> the model's left-padded text block."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cogvideo.config import ModelConfig
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    key: str  # output entry name: stable, unique within the file
+    text: str
+    first_frame: str | None = None  # image path, used instead of sampling frame 0
+
+
+def _slug(index: int, text: str) -> str:
+    words = re.sub(r"[^\w]+", "_", text.lower()).strip("_")[:40].rstrip("_")
+    return f"{index:04d}_{words}" if words else f"{index:04d}"
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """One prompt per line (blank lines and `#` comments skipped), or a `.jsonl` file of
+    {"prompt": ..., "first_frame": optional image path, "key": optional name}."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file not found: {path}")
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+                text, first_frame, key = item["prompt"], item.get("first_frame"), item.get("key")
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise PromptError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field ({err})") from err
+        else:
+            text, first_frame, key = line, None, None
+        if not isinstance(text, str) or not text.strip():
+            raise PromptError(f"{path}:{lineno}: empty prompt")
+        prompts.append(Prompt(key or _slug(len(prompts), text), text.strip(), first_frame))
+    if not prompts:
+        raise PromptError(f"{path}: no prompts (empty file)")
+    keys = [p.key for p in prompts]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise PromptError(f"{path}: duplicate prompt keys {duplicates}")
+    return prompts
+
+
+class TextBudgetError(ValueError):
+    pass
+
+
+class TextEncoder:
+    """(text, duration) -> ids [text_length], left-padded. `duration` None means no prefix.
+
+    A text longer than the model's text budget is refused (TextBudgetError), not truncated:
+    cutting it would silently drop either the duration prefix or the end of the prompt."""
+
+    def __init__(self, tokenizer, cfg: ModelConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def __call__(self, text: str, duration: float | None) -> torch.Tensor:
+        if duration is None:
+            ids = self.tokenizer.encode(text)
+        else:
+            ids = self.tokenizer.encode_prompt(text, duration)
+        budget = self.cfg.text_length
+        if len(ids) > budget:
+            raise TextBudgetError(f"prompt {text[:60]!r} is {len(ids)} text tokens; the model's text budget "
+                                  f"(model.text_length) is {budget}: shorten it")
+        pad = [self.cfg.vocab.pad_id] * (budget - len(ids))
+        return torch.tensor(pad + list(ids), dtype=torch.long)

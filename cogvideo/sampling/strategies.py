@@ -1,0 +1,97 @@
+"""Token sampling strategies over image-code logits.
+
+Every row of a batch draws its random numbers from its own `torch.Generator`, so a prompt's
+video depends only on the prompt and the seed, not on which other prompts share its batch
+or which worker samples it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from cogvideo.sampling.clusters import load_cluster_table
+
+
+@dataclass
+class StrategyOptions:
+    kind: Literal["topk", "cluster"] = "topk"
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int = 0  # topk: codes kept (0 = all); cluster: clusters kept
+    top_p: float = 1.0  # topk only: nucleus mass kept
+    temperature2: float = 1.0  # cluster only: temperature inside the chosen cluster
+    cluster_table: str | None = None  # cluster only: file written by `cogvideo-clusters`
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.temperature2 <= 0:
+            raise ValueError(f"strategy: temperatures must be >= 0 (temperature2 > 0), got {self}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"strategy: need top_k >= 0 and 0 < top_p <= 1, got {self}")
+        if self.kind == "cluster" and (self.cluster_table is None or self.top_k <= 0 or self.temperature == 0):
+            raise ValueError("strategy.kind=cluster needs cluster_table, top_k > 0 and temperature > 0")
+
+
+def uniforms(generators: list[torch.Generator], device) -> torch.Tensor:
+    """One U[0, 1) number per row, from that row's own generator."""
+    draws = [torch.rand((), generator=g, dtype=torch.float64) for g in generators]
+    return torch.stack(draws).to(device)
+
+
+def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i takes the first index whose cumulative mass exceeds u[i]."""
+    cdf = probs.double().cumsum(-1)
+    x = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, x, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
+
+
+class TopKStrategy:
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            mass_before = sorted_probs.cumsum(-1) - sorted_probs
+            sorted_probs = sorted_probs.masked_fill(mass_before >= self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return sample_rows(probs, uniforms(generators, logits.device))
+
+
+class ClusterStrategy:
+    """CogLM's strategy: pick one of the top-k clusters of the codebook by their summed
+    probability, then a code inside that cluster at a second temperature."""
+
+    def __init__(self, labels: torch.Tensor, temperature: float, top_k: int, temperature2: float):
+        self.labels = labels.long()
+        self.num_clusters = int(self.labels.max()) + 1
+        self.temperature, self.top_k, self.temperature2 = temperature, top_k, temperature2
+
+    def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        logits = logits.float()
+        labels = self.labels.to(logits.device)
+        if labels.numel() != logits.shape[-1]:
+            raise ValueError(f"cluster table has {labels.numel()} codes, logits have {logits.shape[-1]}")
+        probs = (logits / self.temperature).softmax(-1)
+        cluster_probs = probs.new_zeros(len(logits), self.num_clusters)
+        cluster_probs.scatter_add_(1, labels.expand_as(probs), probs)
+        top_probs, top_clusters = cluster_probs.topk(min(self.top_k, self.num_clusters), dim=-1)
+        choice = sample_rows(top_probs, uniforms(generators, logits.device))
+        chosen = top_clusters.gather(1, choice[:, None])
+        inside = labels[None, :] == chosen
+        code_probs = (logits / self.temperature2).masked_fill(~inside, float("-inf")).softmax(-1)
+        return sample_rows(code_probs, uniforms(generators, logits.device))
+
+
+def make_strategy(options: StrategyOptions, num_image_tokens: int):
+    if options.kind == "topk":
+        return TopKStrategy(options.temperature, options.top_k, options.top_p)
+    labels = load_cluster_table(options.cluster_table, num_image_tokens)
+    return ClusterStrategy(labels, options.temperature, options.top_k, options.temperature2)

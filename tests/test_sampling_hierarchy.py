@@ -1,0 +1,121 @@
+"""Hierarchical flow with fake stage models whose output is a known function of what they
+are fed: frame order, interleaving, given frames untouched, texts and flags per pass."""
+import torch
+
+from cogvideo.config import get_preset
+from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
+from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.stage_model import StageModel
+from cogvideo.sampling.strategies import TopKStrategy
+
+GREEDY = TopKStrategy(temperature=0)
+
+
+class FakeStage(StageModel):
+    """Follows the chunked-decoding contract; records every call.
+
+    stage 1: frame f, position p -> code 8 f + p (frame 0: p).
+    stage 2: slot s, position p -> the mean of the given frames left and right of the slot
+    at p, read back from the fed [BOI, t0 .. t(n-2)] blocks (t(n-1) = t(n-2) + 1 here)."""
+
+    def __init__(self, cfg):
+        super().__init__(torch.nn.Linear(1, 1), cfg)
+        self.calls = []
+
+    def new_cache(self):
+        return {"frames": {}}
+
+    def text(self, ids, cache, temporal, text_bias):
+        self.calls.append(("text", ids.clone(), temporal, text_bias))
+        cache["text"] = ids
+
+    def _given_code(self, cache, frame, p):
+        block = cache["frames"][frame]
+        return block[:, p + 1] if p + 1 < self.n else block[:, p] + 1
+
+    def frame(self, tokens, frame_index, start, cache, temporal, text_bias):
+        self.calls.append(("frame", frame_index, start, tokens.shape[1], temporal, text_bias))
+        batch = len(tokens)
+        logits = torch.zeros(batch, tokens.shape[1], self.cfg.vocab.num_image_tokens)
+        if tokens.shape[1] == self.n:  # a given frame, one parallel pass
+            cache["frames"][frame_index] = tokens.clone()
+            return logits
+        for i in range(tokens.shape[1]):
+            p = start + i
+            if self.cfg.stage == "stage1":
+                code = torch.full((batch,), 8 * frame_index + p)
+            else:
+                code = (self._given_code(cache, frame_index - 1, p) + self._given_code(cache, frame_index + 1, p)) // 2
+            logits[torch.arange(batch), i, code] = 1.0
+        return logits
+
+
+def encode_fake(cfg, log):
+    def encode(text, duration):
+        log.append((text, duration))
+        return torch.full((cfg.text_length,), cfg.vocab.text_offset + (len(text) % 50))
+    return encode
+
+
+def make_sampler(levels=3, guidance=1.0):
+    cfg1, cfg2 = get_preset("tiny"), get_preset("tiny-stage2")
+    options = SampleOptions(interpolation_levels=levels, stage1_guidance=guidance, duration=4.0)
+    texts = []
+    sampler = HierarchicalSampler(FakeStage(cfg1), FakeStage(cfg2), options, encode_fake(cfg1, texts),
+                                  {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY})
+    return sampler, texts
+
+
+def test_window_layout_doubles_the_frames():
+    assert [window_layout(n, 5) for n in (5, 9, 17)] == [(2, 9), (4, 17), (8, 33)]
+
+
+def test_every_frame_lands_at_its_time_index():
+    sampler, texts = make_sampler()
+    video = sampler.sample(["a cat", "a dog"])
+    n = sampler.stage1.n
+    assert video.shape == (2, 33, n)
+    # keyframe k holds 8k + p and sits at time 8k; each level writes the midpoint of its
+    # neighbours, so frame t must hold t + p if and only if it went to the right index
+    expected = torch.arange(33)[:, None] + torch.arange(n)[None, :]
+    assert torch.equal(video[0], expected) and torch.equal(video[1], expected)
+    # stage-2 durations halve per level: 2.0, 1.0, 0.5 s windows; stage 1 spans 4.0 s
+    durations = [d for text, d in texts if text.endswith(" 视频")]
+    assert sorted(set(durations)) == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_stage2_never_changes_a_given_frame_and_batches_a_level():
+    sampler, _ = make_sampler()
+    n = sampler.stage1.n
+    frames = torch.randint(0, 32, (2, 5, n)) * 2
+    out = sampler.interpolate(["x", "y"], frames, level=0)
+    assert torch.equal(out[:, 0::2], frames)
+    midpoints = (frames[:, :-1] + frames[:, 1:]) // 2
+    midpoints[..., -1] = midpoints[..., -2] + 1  # the fake's guess for the never-fed last token
+    assert torch.equal(out[:, 1::2], midpoints)
+    stage2 = sampler.stage2
+    text_calls = [c for c in stage2.calls if c[0] == "text"]
+    assert len(text_calls) == 1 and len(text_calls[0][1]) == 2 * 2  # 2 prompts x 2 windows, one pass
+    fed = [(c[1], c[3]) for c in stage2.calls if c[0] == "frame" and c[3] == n]
+    assert fed == [(0, n), (2, n), (4, n)]  # given frames: one parallel pass each, slots 0, 2, 4
+
+
+def test_one_window_at_a_time_gives_the_same_video():
+    sampler, _ = make_sampler()
+    frames = torch.randint(0, 32, (2, 5, sampler.stage1.n)) * 2
+    assert torch.equal(sampler.interpolate(["x", "y"], frames, 0),
+                       sampler.interpolate(["x", "y"], frames, 0, windows_per_pass=1))
+
+
+def test_flags_per_pass_and_user_first_frame():
+    sampler, texts = make_sampler(levels=0, guidance=3.0)
+    n = sampler.stage1.n
+    given = torch.randint(0, 64, (n,))
+    video = sampler.sample(["a cat", "a dog"], [given, None])
+    assert torch.equal(video[0, 0], given)  # the user's frame, untouched
+    assert torch.equal(video[1, 0], torch.arange(n))
+    calls = [c for c in sampler.stage1.calls if c[0] == "text"]
+    frame0, stage1 = calls
+    assert len(frame0[1]) == 1 and frame0[2] is False and frame0[3] == 1.4  # only the prompt without a frame
+    assert len(stage1[1]) == 4 and stage1[2] is True and stage1[3] == 0.0  # cond + uncond rows
+    assert ("a dog 高清摄影", None) in texts and ("a cat 视频", 4.0) in texts and ("视频", None) in texts
