@@ -40,7 +40,7 @@ class TokenMeta:
         return cls(torch.full_like(pos, TEXT), pos)
 
     @classmethod
-    def frame(cls, cfg: ModelConfig, frame_index: int, start: int = 0, stop: int | None = None) -> "TokenMeta":
+    def of_frame(cls, cfg: ModelConfig, frame_index: int, start: int = 0, stop: int | None = None) -> "TokenMeta":
         if not 0 <= frame_index < cfg.num_frames:
             raise ValueError(f"frame index {frame_index} outside [0, num_frames={cfg.num_frames})")
         stop = cfg.tokens_per_frame if stop is None else stop
@@ -52,7 +52,7 @@ class TokenMeta:
     @classmethod
     def layout(cls, cfg: ModelConfig, frames: list[int] | tuple[int, ...]) -> "TokenMeta":
         """Text followed by whole frames in the given order."""
-        return cls.cat([cls.text(cfg)] + [cls.frame(cfg, f) for f in frames])
+        return cls.cat([cls.text(cfg)] + [cls.of_frame(cfg, f) for f in frames])
 
     @classmethod
     def cat(cls, parts: list["TokenMeta"]) -> "TokenMeta":
