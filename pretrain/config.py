@@ -1,0 +1,168 @@
+"""The training configuration: one dataclass per concern, loaded from YAML + dotted overrides.
+
+    cfg = load_train_config("configs/small_stage1.yaml", ["optim.lr=1e-4"])
+    model_cfg = check_config(cfg, world_size=8)   # before any process group starts
+
+The `model:` section is a preset name plus any :class:`cogvideo.config.ModelConfig` field,
+validated by :func:`cogvideo.config.resolve_model_config`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cogvideo.config import ModelConfig, resolve_model_config
+from cogvideo.configio import ConfigError, load_config
+from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE
+
+
+@dataclass
+class InitConfig:
+    backbone: str | None = None  # a backbone (CogView2) checkpoint; the video parts start as the backbone
+    weights: str | None = None  # converted weights of this very model (e.g. a finished stage)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    zero_stage: Literal[1, 2, 3] = 2  # ZeRO's overflow check is what the NaN guard relies on
+    offload_optimizer: bool = False  # optimizer states and step on the CPU
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    initial_loss_scale_power: int = 12  # fp16: dynamic loss scale starts at 2**this
+    backend: str | None = None  # None: nccl with GPUs, gloo without
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # not applied to norms, biases and the temporal gates
+    grad_clip: float = 1.0  # global norm over all ranks; 0 disables
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 1000  # optimizer steps; the cosine schedule ends here
+    micro_batch_size: int = 1  # samples per data-parallel rank per forward
+    grad_accum_steps: int = 1
+    seed: int = 1234
+    max_nonfinite_steps: int = 10  # stop after this many skipped (NaN/Inf) steps in a row
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # tar paths, globs or {a..b} brace ranges
+    stage: int | None = None  # keep samples of this stage; None: the model's stage (1 or 2)
+    shuffle_buffer: int = 1000  # 0 keeps shard order
+    text_tokenizer: str | None = None  # SentencePiece model (cogvideo.tokenizers.text)
+    prefix_template: str = DEFAULT_PREFIX_TEMPLATE
+    prefetch_batches: int = 4  # batches prepared by a background thread
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: str | None = None  # "auto": newest complete checkpoint in dir (if any); or a checkpoint path
+    export_full: bool = False  # also write the merged full fp32 state dict (model_full.pt) at each save
+
+
+@dataclass
+class LoggingConfig:
+    dir: str | None = None  # None: {checkpoint.dir}/logs
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_flops: float = 312e12  # per device, for MFU (A100 bf16 dense)
+    sample_keys: bool = False  # write the sample keys of every batch (samples_rank{r}.jsonl)
+
+
+@dataclass
+class TrainConfig:
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def log_dir(self) -> str:
+        return self.logging.dir or os.path.join(self.checkpoint.dir, "logs")
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+def world_size_from_env() -> int:
+    """The launcher's world size: torchrun/deepspeed set WORLD_SIZE, srun SLURM_NTASKS."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    overrides = dict(cfg.model)
+    preset = overrides.pop("preset", None)
+    if not isinstance(preset, str):
+        raise ConfigError("model.preset: required, e.g. 'tiny' or 'cogvideo-stage1'")
+    try:
+        return resolve_model_config(preset, overrides, cfg.parallel.tensor_parallel)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def check_config(cfg: TrainConfig, world_size: int) -> ModelConfig:
+    """Every check that needs no process group; returns the resolved model config."""
+    model_cfg = model_config(cfg)
+    tp = cfg.parallel.tensor_parallel
+    if world_size % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the world size {world_size}")
+    positive = {
+        "training.max_steps": cfg.training.max_steps,
+        "training.micro_batch_size": cfg.training.micro_batch_size,
+        "training.grad_accum_steps": cfg.training.grad_accum_steps,
+        "training.max_nonfinite_steps": cfg.training.max_nonfinite_steps,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "logging.every_steps": cfg.logging.every_steps,
+        "logging.peak_flops": cfg.logging.peak_flops,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    for key, value in {"optim.warmup_steps": cfg.optim.warmup_steps, "optim.weight_decay": cfg.optim.weight_decay,
+                       "optim.grad_clip": cfg.optim.grad_clip, "data.shuffle_buffer": cfg.data.shuffle_buffer}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: no shards given")
+    if cfg.data.stage is None and model_cfg.stage == "backbone":
+        raise ConfigError("data.stage: required for a backbone model (which stage's clips to train on)")
+    if cfg.data.stage not in (None, 1, 2):
+        raise ConfigError(f"data.stage: must be 1 or 2, got {cfg.data.stage}")
+    if cfg.init.backbone and cfg.init.weights:
+        raise ConfigError("init.backbone and init.weights: give at most one starting point")
+    if cfg.checkpoint.resume not in (None, "auto") and not os.path.isdir(cfg.checkpoint.resume):
+        raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume!r} is neither 'auto' nor a checkpoint directory")
+    return model_cfg
+
+
+def data_stage(cfg: TrainConfig, model_cfg: ModelConfig) -> int:
+    return cfg.data.stage if cfg.data.stage is not None else {"stage1": 1, "stage2": 2}[model_cfg.stage]

@@ -1,0 +1,240 @@
+"""The training loader: token shards -> batches of (tokens, targets, loss_mask).
+
+Each data-parallel rank reads its own share of the shards (TP peers share a DP rank and so get
+identical batches), in an order that is a seeded permutation per epoch, through a seeded
+shuffle buffer. Everything is a function of (seed, epoch, DP rank), so a position
+(epoch, samples consumed) saved with a checkpoint is restored exactly by replaying the epoch
+up to it. A shard that cannot be read is skipped with a warning naming it; a malformed sample
+likewise. Both are counted in the position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import queue
+import random
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import braceexpand
+import torch
+from webdataset.tariterators import tarfile_samples
+
+from cogvideo.config import ModelConfig
+from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE, Sample, ShardFormatError, compose_text, decode_sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderPosition:
+    epoch: int = 0
+    consumed: int = 0  # samples of this epoch already handed out by this DP rank
+    bad_shards: int = 0  # shards (partly) unreadable, over the whole run
+    bad_samples: int = 0  # samples that did not decode or did not fit the model, over the whole run
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoaderPosition":
+        return cls(**data)
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [B, L] long
+    targets: torch.Tensor  # [B, L] long
+    loss_mask: torch.Tensor  # [B, L] bool
+    keys: list[str]
+    position: LoaderPosition  # the loader position after this batch
+
+
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Paths, globs and `{000..009}` brace ranges -> sorted unique paths; names what matched nothing."""
+    found: set[str] = set()
+    for pattern in patterns:
+        for item in braceexpand.braceexpand(pattern):
+            matches = glob.glob(item) if glob.has_magic(item) else ([item] if os.path.isfile(item) else [])
+            if not matches:
+                raise FileNotFoundError(f"data.shards: {item!r} matches no file")
+            found.update(matches)
+    return sorted(found)
+
+
+def truncated(path: str) -> bool:
+    """A tar ends with two zero blocks, in a size that is a multiple of 512 (checked for local files)."""
+    if not os.path.isfile(path):
+        return False
+    size = os.path.getsize(path)
+    if size % 512 or size < 1024:
+        return True
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return any(f.read(1024))
+
+
+def rank_shards(shards: list[str], seed: int, epoch: int, dp_rank: int, dp_size: int) -> list[str]:
+    """This DP rank's shards for an epoch: a seeded permutation, dealt round-robin."""
+    order = list(shards)
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order[dp_rank::dp_size]
+
+
+def shuffled(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer: fill, then emit a random element and replace it with the next sample."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardLoader:
+    """Infinite iterator of :class:`Batch` for one DP rank, starting at `position`."""
+
+    def __init__(self, shards: list[str], model_cfg: ModelConfig, encode_text: Callable[[str], list[int]], *,
+                 micro_batch_size: int, stage: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
+                 shuffle_buffer: int = 1000, prefix_template: str = DEFAULT_PREFIX_TEMPLATE,
+                 position: LoaderPosition | None = None):
+        if len(shards) < dp_size:
+            raise ValueError(f"data.shards: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks; "
+                             f"write at least one shard per DP rank")
+        self.shards = shards
+        self.model_cfg = model_cfg
+        self.encode_text = encode_text
+        self.micro_batch_size = micro_batch_size
+        self.stage = stage
+        self.seed = seed
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.shuffle_buffer = shuffle_buffer
+        self.prefix_template = prefix_template
+        self.position = dataclasses.replace(position) if position else LoaderPosition()
+        self._frames_shape = (model_cfg.num_frames, model_cfg.frame_tokens, model_cfg.frame_tokens)
+        self._image_tokens = model_cfg.vocab.num_image_tokens
+
+    # ---- samples -------------------------------------------------------------------
+    def _read_shard(self, url: str) -> Iterator[dict]:
+        try:
+            if truncated(url):
+                raise EOFError("no end-of-archive marker: the file is truncated")
+            yield from tarfile_samples([{"url": url}])
+        except Exception as err:  # corrupt mid-way: what was read stays used, the rest is skipped
+            self.position.bad_shards += 1
+            log.warning("skipping unreadable shard %s (%s: %s); %d shard(s) skipped so far",
+                        url, type(err).__name__, err, self.position.bad_shards)
+
+    def _decoded(self, urls: list[str]) -> Iterator[Sample]:
+        for url in urls:
+            for raw in self._read_shard(url):
+                try:
+                    sample = decode_sample(raw)
+                    if sample.frames.shape != self._frames_shape:
+                        raise ShardFormatError(f"{url}: sample {sample.key}: frames {list(sample.frames.shape)} "
+                                               f"do not fit the model's {list(self._frames_shape)}")
+                    if sample.frames.min() < 0 or sample.frames.max() >= self._image_tokens:
+                        raise ShardFormatError(f"{url}: sample {sample.key}: frame codes outside "
+                                               f"[0, {self._image_tokens})")
+                except ShardFormatError as err:
+                    self.position.bad_samples += 1
+                    log.warning("skipping sample: %s", err)
+                    continue
+                if sample.meta.stage == self.stage:
+                    yield sample
+
+    def _epoch_samples(self, epoch: int) -> Iterator[Sample]:
+        urls = rank_shards(self.shards, self.seed, epoch, self.dp_rank, self.dp_size)
+        rng = random.Random(f"buffer:{self.seed}:{epoch}:{self.dp_rank}")
+        return shuffled(self._decoded(urls), self.shuffle_buffer, rng)
+
+    def samples(self) -> Iterator[Sample]:
+        """Samples from the current position on, across epochs, advancing the position."""
+        pos = self.position
+        while True:
+            skip, yielded = pos.consumed, 0
+            # replaying the skipped part re-reads bad shards; the counts saved already include them
+            counts = (pos.bad_shards, pos.bad_samples)
+            for i, sample in enumerate(self._epoch_samples(pos.epoch)):
+                if i < skip:
+                    continue
+                if i == skip and skip:
+                    pos.bad_shards, pos.bad_samples = counts
+                pos.consumed += 1
+                yielded += 1
+                yield sample
+            if yielded == 0 and skip == 0:
+                raise RuntimeError(f"data: DP rank {self.dp_rank} found no stage-{self.stage} samples in "
+                                   f"{rank_shards(self.shards, self.seed, pos.epoch, self.dp_rank, self.dp_size)}")
+            pos.epoch, pos.consumed = pos.epoch + 1, 0
+
+    # ---- batches -------------------------------------------------------------------
+    def to_sequence(self, sample: Sample):
+        from cogvideo.sequence import build_sequence
+
+        text = compose_text(sample.caption, sample.meta.duration, self.prefix_template)
+        text_ids = self.encode_text(text)[:self.model_cfg.text_length]  # keep the duration prefix
+        return build_sequence(self.model_cfg, text_ids, torch.from_numpy(sample.frames))
+
+    def __iter__(self) -> Iterator[Batch]:
+        pending: list[Sample] = []
+        for sample in self.samples():
+            pending.append(sample)
+            if len(pending) == self.micro_batch_size:
+                yield self.collate(pending)
+                pending = []
+
+    def collate(self, samples: list[Sample]) -> Batch:
+        tokens, targets, masks = zip(*(self.to_sequence(s) for s in samples))
+        return Batch(torch.stack(tokens), torch.stack(targets), torch.stack(masks),
+                     [s.key for s in samples], dataclasses.replace(self.position))
+
+
+def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run `batches` in a background thread, `depth` ahead; errors surface in the consumer."""
+    if depth <= 0:
+        yield from batches
+        return
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # handed to the consumer
+            out.put(err)
+            return
+        out.put(done)
+
+    thread = threading.Thread(target=produce, name="shard-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,166 @@
+"""The shard loader: DP split, seeded shuffle, stage filter, exact positions, bad shards."""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from cogvideo.config import get_preset
+from cogvideo.sequence import build_sequence
+from cogvideo.shards import ClipMeta, compose_text, encode_sample
+from pretrain.data import LoaderPosition, ShardLoader, expand_shards, prefetched, rank_shards, shuffled
+
+CFG = get_preset("tiny")
+
+
+def encode_text(text: str) -> list[int]:
+    """A stand-in text tokenizer: one id per character, inside the text range."""
+    return [CFG.vocab.text_id(ord(c) % CFG.vocab.num_text_tokens) for c in text]
+
+
+def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    side = CFG.frame_tokens
+    for s in range(num_shards):
+        path = str(root / f"shard-{s:03d}.tar")
+        with wds.TarWriter(path) as sink:
+            for i in range(per_shard):
+                stage = 2 if stage2_every and i % stage2_every == stage2_every - 1 else 1
+                frames = rng.integers(0, CFG.vocab.num_image_tokens, (CFG.num_frames, side, side))
+                meta = ClipMeta(duration=4.0 / stage, fps=stage, stage=stage, source=f"v{s}", clip_start=i,
+                                clip_end=i + 4, num_frames=CFG.num_frames)
+                sink.write(encode_sample(f"s{s}_{i}", frames, f"clip {s} {i}", meta))
+        paths.append(path)
+    return paths
+
+
+def make_loader(shards, **kw) -> ShardLoader:
+    args = dict(micro_batch_size=2, stage=1, seed=7, shuffle_buffer=5)
+    args.update(kw)
+    return ShardLoader(shards, CFG, encode_text, **args)
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b.keys]
+
+
+def stage1_keys(shards) -> set[str]:
+    return {f"s{s}_{i}" for s in range(len(shards)) for i in range(6) if i % 3 != 2}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+def test_dp_ranks_split_an_epoch_without_loss_or_repeat(shards):
+    per_rank = []
+    for rank in range(2):
+        loader = make_loader(shards, micro_batch_size=1, dp_rank=rank, dp_size=2)
+        epoch = list(itertools.takewhile(lambda s: loader.position.epoch == 0, loader.samples()))
+        per_rank.append([s.key for s in epoch])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(stage1_keys(shards))
+    # the same DP rank (e.g. a TP peer) sees the very same stream
+    again = make_loader(shards, micro_batch_size=1, dp_rank=0, dp_size=2)
+    assert [s.key for s in itertools.islice(again.samples(), len(per_rank[0]))] == per_rank[0]
+
+
+def test_batches_match_build_sequence_and_stage_filter(shards):
+    loader = make_loader(shards, stage=2, shuffle_buffer=0)
+    batch = next(iter(loader))
+    assert all(int(k.split("_")[1]) % 3 == 2 for k in keys_of([batch]))
+    assert batch.tokens.shape == (2, CFG.seq_length) and batch.loss_mask.dtype == torch.bool
+    sample = next(make_loader(shards, stage=2, shuffle_buffer=0).samples())
+    text = compose_text(sample.caption, sample.meta.duration)
+    tokens, targets, mask = build_sequence(CFG, encode_text(text)[:CFG.text_length], sample.frames)
+    assert torch.equal(batch.tokens[0], tokens) and torch.equal(batch.targets[0], targets)
+    assert torch.equal(batch.loss_mask[0], mask)
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(shards):
+    def order(seed, n=16):
+        return [s.key for s in itertools.islice(make_loader(shards, seed=seed).samples(), n)]
+
+    assert order(7) == order(7)
+    assert order(7) != order(8)
+    epoch_len = len(stage1_keys(shards))
+    both = order(7, 2 * epoch_len)
+    assert sorted(both[:epoch_len]) == sorted(both[epoch_len:]) and both[:epoch_len] != both[epoch_len:]
+    assert list(shuffled(iter(range(10)), 0, None)) == list(range(10))
+
+
+def test_rank_shards_deals_a_permutation():
+    shards = [f"x{i}" for i in range(7)]
+    dealt = [rank_shards(shards, 3, 1, r, 3) for r in range(3)]
+    assert sorted(sum(dealt, [])) == sorted(shards)
+    assert rank_shards(shards, 3, 1, 0, 3) != rank_shards(shards, 3, 2, 0, 3)
+
+
+def test_resume_from_a_saved_position_is_exact(shards):
+    loader = make_loader(shards, dp_rank=1, dp_size=2)
+    stream = iter(loader)
+    first = [next(stream) for _ in range(7)]  # crosses an epoch boundary (4 samples/epoch/rank)
+    rest = [next(stream) for _ in range(5)]
+    saved = LoaderPosition.from_dict(first[-1].position.to_dict())
+    assert saved.epoch >= 1
+    resumed = iter(make_loader(shards, dp_rank=1, dp_size=2, position=saved))
+    again = [next(resumed) for _ in range(5)]
+    assert keys_of(again) == keys_of(rest)
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(again, rest))
+
+
+def test_corrupt_and_truncated_shards_are_skipped_and_counted(tmp_path, caplog):
+    shards = write_shards(tmp_path, num_shards=3)
+    data = open(shards[1], "rb").read()
+    open(shards[1], "wb").write(data[: len(data) // 2 + 100])  # truncated mid-member
+    bad = tmp_path / "shard-zzz.tar"
+    bad.write_bytes(b"this is not a tar file" * 50)
+    paths = expand_shards([str(tmp_path / "shard-{000..002}.tar"), str(bad)])
+    loader = make_loader(paths, micro_batch_size=1, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        epoch = list(itertools.takewhile(lambda s: loader.position.epoch == 0, loader.samples()))
+    assert loader.position.bad_shards == 2
+    for path in (shards[1], str(bad)):
+        assert any(path in r.getMessage() for r in caplog.records), path
+    keys = {s.key for s in epoch}
+    assert {k for k in stage1_keys(shards) if not k.startswith("s1_")} <= keys  # intact shards complete
+    assert not any(k.startswith("s1_") for k in keys)  # a truncated shard is skipped whole
+
+
+def test_malformed_samples_are_skipped_and_counted(tmp_path, caplog):
+    path = str(tmp_path / "mixed.tar")
+    meta = ClipMeta(duration=4.0, fps=1, stage=1, source="v", clip_start=0, clip_end=4, num_frames=CFG.num_frames)
+    good = np.zeros((CFG.num_frames, CFG.frame_tokens, CFG.frame_tokens), dtype=np.int64)
+    with wds.TarWriter(path) as sink:
+        sink.write(encode_sample("ok", good, "fine", meta))
+        sink.write(encode_sample("badcode", good + CFG.vocab.num_image_tokens, "codes out of range", meta))
+        sink.write(encode_sample("badshape", good[:, :2], "wrong size", meta))
+    loader = make_loader([path], micro_batch_size=1)
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        assert next(iter(loader)).keys == ["ok"]
+    assert loader.position.bad_samples == 2
+    assert any("badshape" in r.getMessage() for r in caplog.records)
+
+
+def test_errors_name_the_problem(tmp_path, shards):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        expand_shards([str(tmp_path / "nothing-here-*.tar")])
+    with pytest.raises(ValueError, match="3 data-parallel"):
+        make_loader(shards[:2], dp_size=3)
+
+
+def test_prefetch_keeps_order_and_raises_errors():
+    assert list(prefetched(iter(range(20)), 3)) == list(range(20))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetched(broken(), 2))
