@@ -1,0 +1,159 @@
+"""The batch job (local and Ray) with a fake pipeline, prompt files, outputs, bad input."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cogvideo.config import get_preset
+from cogvideo.configio import to_dict
+from cogvideo.sampling import cli
+from cogvideo.sampling.hierarchy import row_generator
+from cogvideo.sampling.job import run_job
+from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.outputs import read_mp4
+from cogvideo.sampling.prompts import PromptError, TextBudgetError, TextEncoder, read_prompts
+
+CFG = get_preset("tiny")
+
+
+class WordTokenizer:
+    """One text id per word."""
+
+    def encode(self, text):
+        return [CFG.vocab.text_id(sum(map(ord, w)) % CFG.vocab.num_text_tokens) for w in text.split()]
+
+    def encode_prompt(self, caption, duration):
+        return self.encode(f"{duration:.1f}秒<n>{caption}")
+
+
+class FakePipeline:
+    """Random codes from the prompt's own generator; frames paint each code as a grey level.
+    Logs every sampled key so a test can see what a rerun redid."""
+
+    def __init__(self, options, log_path):
+        self.options, self.log_path = options, Path(log_path)
+        self.encode = TextEncoder(WordTokenizer(), CFG)
+
+    def check(self, prompt):
+        self.encode(prompt.text + self.options.video_suffix, self.options.duration)
+
+    def sample(self, prompts):
+        if any("boom" in p.text for p in prompts):
+            raise RuntimeError("the model exploded")
+        with self.log_path.open("a") as f:
+            f.writelines(p.key + "\n" for p in prompts)
+        out = []
+        for p in prompts:
+            gen = row_generator(self.options.seed, p.text, "fake")
+            codes = torch.randint(0, 64, (5, 4, 4), generator=gen).numpy()
+            frames = np.repeat(np.repeat(codes * 4, 4, 1), 4, 2)[..., None].repeat(3, -1).astype(np.uint8)
+            out.append((codes, frames))
+        return out
+
+    def fps(self):
+        return 1.0
+
+
+PROMPTS = ["a cat plays", "boom goes the model", "one two three four five six seven eight", "a dog runs",
+           "rain on a lake"]
+
+
+def write_prompts(tmp_path, lines=PROMPTS):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(["# comment", *lines, ""]), encoding="utf-8")
+    return read_prompts(path)
+
+
+def check_outputs(out, prompts, options):
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["prompts"], manifest["ok"], manifest["failed"]) == (5, 3, 2)
+    status = {e["key"]: e for e in manifest["entries"]}
+    assert "RuntimeError: the model exploded" in status[prompts[1].key]["error"]
+    assert "text budget" in status[prompts[2].key]["error"]
+    for p in (prompts[0], prompts[3], prompts[4]):
+        entry = out / p.key
+        codes = np.load(entry / "codes.npy")
+        assert read_mp4(entry / "video.mp4").shape == (5, 16, 16, 3)
+        assert Image.open(entry / "video.gif").n_frames == 5
+        expected = torch.randint(0, 64, (5, 4, 4), generator=row_generator(options.seed, p.text, "fake")).numpy()
+        assert np.array_equal(codes, expected)
+    assert Image.open(out / "contact_sheet.png").height == 3 * 16
+    assert json.loads((out / "options.json").read_text()) == to_dict(options)
+    return manifest
+
+
+def test_local_job_records_failures_and_resumes(tmp_path):
+    prompts = write_prompts(tmp_path)
+    out, log = tmp_path / "out", tmp_path / "sampled.log"
+    options = SampleOptions(batch_size=2, seed=5)
+    run_job(prompts, out, options, lambda: FakePipeline(options, log))
+    check_outputs(out, prompts, options)
+    assert sorted(log.read_text().split()) == sorted(prompts[i].key for i in (0, 3, 4))
+
+    log.unlink()
+    run_job(prompts, out, options, lambda: FakePipeline(options, log))  # only failures are retried
+    assert not log.exists()
+    with pytest.raises(ValueError, match="other options .*seed"):
+        run_job(prompts, out, SampleOptions(seed=6), lambda: FakePipeline(options, log))
+
+
+@pytest.mark.slow
+def test_ray_job_matches_the_local_one_and_resumes(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    prompts = write_prompts(tmp_path)
+    out, log = tmp_path / "out", tmp_path / "sampled.log"
+    options = SampleOptions(batch_size=2, seed=5, workers=2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_job(prompts, out, options, lambda: FakePipeline(options, log), use_ray=True)
+        check_outputs(out, prompts, options)  # same codes as the local run's reference
+        assert sorted(log.read_text().split()) == sorted(prompts[i].key for i in (0, 3, 4))
+        (out / prompts[3].key / "record.json").unlink()  # as if killed mid-way
+        log.unlink()
+        run_job(prompts, out, options, lambda: FakePipeline(options, log), use_ray=True)
+        assert log.read_text().split() == [prompts[3].key]
+        check_outputs(out, prompts, options)
+    finally:
+        ray.shutdown()
+
+
+def test_prompt_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    with pytest.raises(PromptError, match="empty.txt: no prompts"):
+        read_prompts(empty)
+    with pytest.raises(PromptError, match="not found: .*nope.txt"):
+        read_prompts(tmp_path / "nope.txt")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "first_frame": "cat.png"}\n{"prompt": "a cat"}\n{"text": 1}\n')
+    with pytest.raises(PromptError, match="p.jsonl:3: expected a JSON object with a 'prompt'"):
+        read_prompts(jsonl)
+    jsonl.write_text('{"prompt": "a cat", "first_frame": "cat.png"}\n{"prompt": "a cat"}\n')
+    first, second = read_prompts(jsonl)
+    assert first.first_frame == "cat.png" and first.key != second.key
+
+
+def test_text_budget_is_refused_not_truncated():
+    encode = TextEncoder(WordTokenizer(), CFG)
+    ids = encode("a b c", None)
+    assert ids.tolist() == [CFG.vocab.pad_id] * 5 + WordTokenizer().encode("a b c")
+    with pytest.raises(TextBudgetError, match="9 text tokens; the model's text budget .* is 8"):
+        encode("a b c d e f g h i", None)
+
+
+def test_cli_bad_input_names_the_file(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("")
+    assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
+    assert "p.txt: no prompts" in capsys.readouterr().err
+    prompts.write_text("a cat\n")
+    missing = tmp_path / "ckpt" / "stage1"
+    assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), f"stage1_checkpoint={missing}"]) == 2
+    assert f"sampling.stage1_checkpoint: {missing} does not exist" in capsys.readouterr().err
+    assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), "stage1_guidance=high"]) == 2
+    assert "stage1_guidance: expected a number" in capsys.readouterr().err

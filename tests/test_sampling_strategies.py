@@ -1,0 +1,112 @@
+"""Sampling strategies against exact distributions computed independently, and the k-means
+cluster table command."""
+import numpy as np
+import pytest
+import torch
+
+from cogvideo.sampling import clusters
+from cogvideo.sampling.strategies import ClusterStrategy, StrategyOptions, TopKStrategy, make_strategy
+
+DRAWS = 20000
+
+
+def generators(n, seed=0):
+    return [torch.Generator().manual_seed(seed * DRAWS + i) for i in range(n)]
+
+
+def frequencies(strategy, logits_row, vocab):
+    logits = logits_row.expand(DRAWS, -1)
+    samples = strategy(logits, generators(DRAWS))
+    return np.bincount(samples.numpy(), minlength=vocab) / DRAWS
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(6, 10)
+    assert torch.equal(TopKStrategy(temperature=0)(logits, generators(6)), logits.argmax(-1))
+
+
+def test_topk_temperature_matches_the_renormalised_softmax():
+    expected = softmax(LOGITS.numpy()[:3] / 0.7)
+    got = frequencies(TopKStrategy(temperature=0.7, top_k=3), LOGITS, 8)
+    assert got[3:].sum() == 0
+    np.testing.assert_allclose(got[:3], expected, atol=0.015)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = softmax(LOGITS.numpy())
+    keep = int(np.searchsorted(np.cumsum(probs), 0.8) + 1)  # first prefix whose mass reaches 0.8
+    got = frequencies(TopKStrategy(top_p=0.8), LOGITS, 8)
+    assert got[keep:].sum() == 0
+    np.testing.assert_allclose(got[:keep], probs[:keep] / probs[:keep].sum(), atol=0.015)
+
+
+def test_cluster_strategy_matches_its_two_step_distribution():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])
+    strategy = ClusterStrategy(labels, temperature=1.2, top_k=2, temperature2=0.6)
+    x = LOGITS.numpy()
+    p = softmax(x / 1.2)
+    cluster_mass = np.array([p[labels.numpy() == c].sum() for c in range(4)])
+    top = np.argsort(-cluster_mass)[:2]
+    expected = np.zeros(8)
+    for c in top:
+        members = labels.numpy() == c
+        inside = softmax(np.where(members, x / 0.6, -np.inf))
+        expected += cluster_mass[c] / cluster_mass[top].sum() * inside
+    np.testing.assert_allclose(frequencies(strategy, LOGITS, 8), expected, atol=0.015)
+
+
+def test_a_row_does_not_depend_on_its_batch_neighbours():
+    strategy = TopKStrategy(temperature=1.0, top_k=5)
+    logits = torch.randn(4, 30)
+    together = strategy(logits, generators(4, seed=3))
+    alone = torch.cat([strategy(logits[i : i + 1], [generators(4, seed=3)[i]]) for i in range(4)])
+    assert torch.equal(together, alone)
+
+
+def test_bad_options_name_the_problem():
+    with pytest.raises(ValueError, match="cluster_table"):
+        StrategyOptions(kind="cluster", top_k=12)
+    with pytest.raises(ValueError, match="top_p"):
+        StrategyOptions(top_p=0.0)
+
+
+def blobs(num_clusters=5, per=40, dim=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_clusters, dim, generator=gen) * 20
+    truth = torch.arange(num_clusters).repeat_interleave(per)
+    return centres[truth] + torch.randn(len(truth), dim, generator=gen), truth
+
+
+def same_partition(a, b):
+    return torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+
+
+def test_kmeans_recovers_separated_blobs_and_is_a_lloyd_fixed_point():
+    points, truth = blobs()
+    labels, centroids = clusters.kmeans(points, 5, seed=1)
+    assert same_partition(labels, truth)
+    assert torch.equal(torch.cdist(points.double(), centroids.double()).argmin(1), labels)
+    for c in range(5):
+        torch.testing.assert_close(centroids[c], points[labels == c].mean(0), rtol=0, atol=1e-4)
+
+
+def test_clusters_command_writes_a_table_the_strategy_loads(tmp_path, monkeypatch):
+    points, truth = blobs(num_clusters=4, per=16)
+    monkeypatch.setattr(clusters, "codebook_of", lambda path: points)
+    out = tmp_path / "clusters.npz"
+    clusters.main(["--image-tokenizer", "unused", "--clusters", "4", "--out", str(out)])
+    options = StrategyOptions(kind="cluster", top_k=2, temperature=1.0, cluster_table=str(out))
+    strategy = make_strategy(options, num_image_tokens=64)
+    assert same_partition(strategy.labels, truth)
+    with pytest.raises(ValueError, match="do not cover the 100 image codes"):
+        make_strategy(options, num_image_tokens=100)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        clusters.load_cluster_table(tmp_path / "missing.npz", 64)
