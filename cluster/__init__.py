@@ -1,0 +1,1 @@
+"""Launch files for real clusters (SLURM, DeepSpeed, Ray) and the `cogvideo-plan` capacity planner."""
