@@ -1,0 +1,31 @@
+"""Small builders shared by the model tests."""
+import torch
+
+from cogvideo.config import get_preset
+from cogvideo.model import CogVideoModel
+from cogvideo.sequence import build_sequence
+
+
+def random_batch(cfg, text_lengths=(3, None), seed=0):
+    """Tokens, targets and loss masks for samples with the given text lengths (None = full)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for text_len in text_lengths:
+        text_len = cfg.text_length if text_len is None else text_len
+        text = torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens,
+                             (text_len,), generator=g)
+        frames = torch.randint(0, cfg.vocab.num_image_tokens,
+                               (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g)
+        samples.append(build_sequence(cfg, text, frames))
+    return [torch.stack(x) for x in zip(*samples)]
+
+
+def random_model(preset, seed=0, **changes):
+    cfg = get_preset(preset).replace(**changes)
+    torch.manual_seed(seed)
+    model = CogVideoModel(cfg).eval()
+    with torch.no_grad():  # non-zero gates: both channels matter in the output
+        for name, p in model.named_parameters():
+            if name.endswith("temporal_gate"):
+                p.normal_(std=1.0)
+    return model

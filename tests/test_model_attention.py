@@ -1,0 +1,119 @@
+"""Attention layouts: blocked/windowed paths equal dense explicit masks, and the masks equal
+the published visibility rules cell by cell."""
+import pytest
+import torch
+
+from cogvideo.config import get_preset
+from cogvideo.sequence import TokenMeta, visible, window_id
+from model_helpers import random_batch, random_model
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-stage2"])
+@pytest.mark.parametrize("text_bias", [0.0, 1.4])
+def test_blocked_equals_dense(preset, text_bias):
+    model = random_model(preset, num_layers=3)
+    tokens, _, _ = random_batch(model.cfg)
+    with torch.no_grad():
+        blocked = model(tokens, text_bias=text_bias)
+        model.dense_attention = True
+        dense = model(tokens, text_bias=text_bias)
+    torch.testing.assert_close(blocked, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_equals_dense_at_published_window_shape():
+    # 20x20 tokens, window 10, shift 5, as in the released stage-2 model (narrow and shallow here)
+    model = random_model("tiny-stage2", num_layers=2, hidden_size=16, num_heads=2, frame_size=80,
+                         frame_tokens=20, window_size=10, window_shift=5, max_position_embeddings=8 + 400)
+    tokens, _, _ = random_batch(model.cfg, text_lengths=(5,))
+    with torch.no_grad():
+        windowed = model(tokens)
+        model.dense_attention = True
+        dense = model(tokens)
+    torch.testing.assert_close(windowed, dense, atol=1e-5, rtol=1e-5)
+
+
+def _frame_level(cfg, channel):
+    """Which frame sees which (any token) in the mask, as a frames x frames table."""
+    meta = TokenMeta.layout(cfg, list(range(cfg.num_frames)))
+    vis = visible(cfg, meta, meta, channel, shift=0)
+    F, n, T = cfg.num_frames, cfg.tokens_per_frame, cfg.text_length
+    frames = vis[T:, T:].reshape(F, n, F, n)
+    return frames.any(dim=3).any(dim=1), frames
+
+
+def test_stage2_slot_visibility_table():
+    cfg = get_preset("tiny-stage2").replace(window_size=4, window_shift=0)  # one window: pure slot rules
+    table, cells = _frame_level(cfg, "temporal")
+    expected = torch.tensor([
+        # key frame: 0  1  2  3  4
+        [1, 0, 1, 0, 1],  # frame 0 (given) sees the given frames
+        [1, 1, 1, 0, 1],  # frame 1 sees 0, 2, 4 and itself
+        [1, 0, 1, 0, 1],  # frame 2 (given)
+        [1, 1, 1, 1, 1],  # frame 3 sees 0, 1, 2, 4 and itself
+        [1, 0, 1, 0, 1],  # frame 4 (given)
+    ], dtype=torch.bool)
+    assert torch.equal(table, expected)
+    n = cfg.tokens_per_frame
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for f in range(cfg.num_frames):
+        inside = cells[f, :, f, :]
+        assert torch.equal(inside, causal if f in (1, 3) else torch.ones(n, n, dtype=torch.bool)), f
+    # spatial channel: own frame only, causal only on the new frames 1 and 3
+    spatial, spatial_cells = _frame_level(cfg, "spatial")
+    assert torch.equal(spatial, torch.eye(cfg.num_frames, dtype=torch.bool))
+    for f in range(cfg.num_frames):
+        assert torch.equal(spatial_cells[f, :, f, :], causal if f in (1, 3) else torch.ones(n, n, dtype=torch.bool))
+
+
+def test_stage1_visibility_is_causal_in_time():
+    cfg = get_preset("tiny")
+    meta = TokenMeta.layout(cfg, list(range(cfg.num_frames)))
+    vis = visible(cfg, meta, meta, "temporal")
+    T = cfg.text_length
+    assert torch.equal(vis[T:], torch.ones(len(meta), len(meta), dtype=torch.bool).tril()[T:])
+    spatial = visible(cfg, meta, meta, "spatial")
+    n = cfg.tokens_per_frame
+    for f in range(cfg.num_frames):
+        rows = spatial[T + f * n:T + (f + 1) * n]
+        assert rows[:, :T].all()
+        expected = torch.zeros(n, len(meta) - T, dtype=torch.bool)
+        expected[:, f * n:(f + 1) * n] = torch.ones(n, n, dtype=torch.bool).tril()
+        assert torch.equal(rows[:, T:], expected)
+
+
+def _swin_region_ids(side, w, s):
+    """Swin's own construction: label the 3x3 slice regions of the shifted grid, roll back."""
+    img = torch.zeros(side, side, dtype=torch.long)
+    label = 0
+    for rows in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+        for cols in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+            img[rows, cols] = label
+            label += 1
+    windows_of_rolled = torch.arange(side * side).reshape(side, side)
+    window = (windows_of_rolled // side // w) * (side // w) + (windows_of_rolled % side) // w
+    # position (r, c) of the original grid sits at ((r - s) % side, (c - s) % side) after the roll
+    r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    rr, cc = (r - s) % side, (c - s) % side
+    return (window[rr, cc] * 100 + img[rr, cc]).flatten()
+
+
+@pytest.mark.parametrize("side,w,s", [(4, 2, 1), (20, 10, 5), (8, 4, 2)])
+def test_shifted_window_partition_matches_swin_roll_and_region_mask(side, w, s):
+    cfg = get_preset("tiny-stage2").replace(frame_tokens=side, frame_size=side * 4, window_size=w,
+                                           window_shift=s, max_position_embeddings=8 + side * side)
+    pos = torch.arange(side * side)
+    ours = window_id(cfg, pos, s)
+    swin = _swin_region_ids(side, w, s)
+    assert torch.equal(ours[:, None] == ours[None, :], swin[:, None] == swin[None, :])
+
+
+def test_text_pads_are_never_attended():
+    model = random_model("tiny")
+    T = model.cfg.text_length
+    tokens, _, _ = random_batch(model.cfg, text_lengths=(2,))  # pads at text positions 0..T-3
+    with torch.no_grad():
+        base = model(tokens)
+        model.position_embeddings.weight[:T - 2].normal_(std=5.0)  # rows only the pads use
+        perturbed = model(tokens)
+    torch.testing.assert_close(perturbed[:, T - 2:], base[:, T - 2:], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(perturbed[:, :T - 2], base[:, :T - 2])
