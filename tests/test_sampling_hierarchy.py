@@ -22,24 +22,24 @@ class FakeStage(StageModel):
         super().__init__(torch.nn.Linear(1, 1), cfg)
         self.calls = []
 
-    def new_cache(self):
-        return {"frames": {}}
+    def new_cache(self, temporal):
+        return {"frames": {}, "temporal": temporal}
 
-    def text(self, ids, cache, temporal, text_bias):
-        self.calls.append(("text", ids.clone(), temporal, text_bias))
-        cache["text"] = ids
+    def text(self, ids, cache, text_bias):
+        self.calls.append(("text", ids.clone(), cache["temporal"], text_bias))
+
+    def given(self, frames, cache, text_bias):
+        self.calls.append(("given", list(frames), text_bias))
+        cache["frames"].update({f: self.frame_input(codes) for f, codes in frames.items()})
 
     def _given_code(self, cache, frame, p):
         block = cache["frames"][frame]
         return block[:, p + 1] if p + 1 < self.n else block[:, p] + 1
 
-    def frame(self, tokens, frame_index, start, cache, temporal, text_bias):
-        self.calls.append(("frame", frame_index, start, tokens.shape[1], temporal, text_bias))
+    def step(self, tokens, frame_index, start, cache, text_bias):
+        self.calls.append(("step", frame_index, start, tokens.shape[1], cache["temporal"], text_bias))
         batch = len(tokens)
         logits = torch.zeros(batch, tokens.shape[1], self.cfg.vocab.num_image_tokens)
-        if tokens.shape[1] == self.n:  # a given frame, one parallel pass
-            cache["frames"][frame_index] = tokens.clone()
-            return logits
         for i in range(tokens.shape[1]):
             p = start + i
             if self.cfg.stage == "stage1":
@@ -96,8 +96,9 @@ def test_stage2_never_changes_a_given_frame_and_batches_a_level():
     stage2 = sampler.stage2
     text_calls = [c for c in stage2.calls if c[0] == "text"]
     assert len(text_calls) == 1 and len(text_calls[0][1]) == 2 * 2  # 2 prompts x 2 windows, one pass
-    fed = [(c[1], c[3]) for c in stage2.calls if c[0] == "frame" and c[3] == n]
-    assert fed == [(0, n), (2, n), (4, n)]  # given frames: one parallel pass each, slots 0, 2, 4
+    assert [c[1] for c in stage2.calls if c[0] == "given"] == [[0, 2, 4]]  # one parallel pass
+    steps = [c[1:4] for c in stage2.calls if c[0] == "step"]
+    assert steps == [(f, p, 1) for f in (1, 3) for p in range(n)]  # then one token per step
 
 
 def test_one_window_at_a_time_gives_the_same_video():

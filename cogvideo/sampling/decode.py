@@ -1,7 +1,7 @@
 """One decoding pass of a stage model: feed the text and the given frames, then sample the
 target frames token by token, with classifier-free guidance.
 
-`sample_frames` uses the KV cache (given frames in one parallel pass each, one step per
+`sample_frames` uses the KV cache (all given frames in one parallel pass, one step per
 sampled token); `sample_frames_uncached` recomputes the whole time-ordered sequence at
 every step and is the reference the cached path must match.
 """
@@ -19,22 +19,18 @@ class DecodePass:
     text: torch.Tensor  # [B, text_length] conditional text ids, left-padded
     given: dict[int, torch.Tensor]  # frame index -> codes [B, n]
     targets: tuple[int, ...]  # frames to sample, in this order
-    uncond_text: torch.Tensor | None = None  # [B, text_length]; needed unless guidance == 1
-    guidance: float = 1.0  # lu + guidance * (lc - lu)
+    uncond_text: torch.Tensor | None = None  # [B, text_length]; None: no guidance
+    guidance: float = 1.0  # lu + guidance * (lc - lu), with uncond_text
     temporal: bool = True
     text_bias: float = 0.0
 
     @property
     def guided(self) -> bool:
-        return self.guidance != 1.0
+        return self.uncond_text is not None
 
     def rows_text(self) -> torch.Tensor:
         """Conditional rows, then the unconditional ones when guided."""
-        if not self.guided:
-            return self.text
-        if self.uncond_text is None:
-            raise ValueError(f"guidance {self.guidance} needs an unconditional text")
-        return torch.cat([self.text, self.uncond_text])
+        return torch.cat([self.text, self.uncond_text]) if self.guided else self.text
 
     def combine(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.guided:
@@ -54,17 +50,17 @@ def _given_order(stage: StageModel, job: DecodePass) -> list[int]:
 def sample_frames(stage: StageModel, job: DecodePass, strategy, generators) -> dict[int, torch.Tensor]:
     """KV-cached decoding; returns {target frame: codes [B, n]}."""
     n, device = stage.n, job.text.device
-    cache = stage.new_cache()
-    stage.text(job.rows_text(), cache, job.temporal, job.text_bias)
-    for f in _given_order(stage, job):
-        stage.frame(job.rows(stage.frame_input(job.given[f])), f, 0, cache, job.temporal, job.text_bias)
+    cache = stage.new_cache(job.temporal)
+    stage.text(job.rows_text(), cache, job.text_bias)
+    if job.given:
+        stage.given({f: job.rows(job.given[f]) for f in _given_order(stage, job)}, cache, job.text_bias)
     batch = len(job.text)
     out = {}
     for f in job.targets:
         codes = torch.empty(batch, n, dtype=torch.long, device=device)
         token = torch.full((batch, 1), stage.cfg.vocab.boi_id, dtype=torch.long, device=device)
         for p in range(n):
-            logits = stage.frame(job.rows(token), f, p, cache, job.temporal, job.text_bias)[:, -1]
+            logits = stage.step(job.rows(token), f, p, cache, job.text_bias)[:, -1]
             codes[:, p] = strategy(job.combine(logits), generators)
             token = codes[:, p : p + 1]
         out[f] = codes

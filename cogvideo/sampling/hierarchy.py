@@ -49,6 +49,10 @@ class HierarchicalSampler:
     def _texts(self, texts: list[str], duration: float | None) -> torch.Tensor:
         return torch.stack([self.encode(t, duration) for t in texts]).to(self.stage1.device)
 
+    def _uncond(self, rows: int, guidance: float) -> torch.Tensor | None:
+        """The unconditional text block, or None when guidance 1 makes it irrelevant."""
+        return None if guidance == 1.0 else self._texts([self.options.uncond_text] * rows, None)
+
     def sample(self, prompts: list[str], first_frames: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Image codes [B, frames, tokens_per_frame] of the final video, in time order."""
         frames = self.keyframes(prompts, self.frame0(prompts, first_frames))
@@ -76,7 +80,7 @@ class HierarchicalSampler:
         targets = tuple(f for f in cfg.sampling_order if f != 0)
         job = DecodePass(text=self._texts([p + o.video_suffix for p in prompts], o.duration),
                          given={0: frame0}, targets=targets, guidance=o.stage1_guidance,
-                         uncond_text=self._texts([o.uncond_text] * len(prompts), None),
+                         uncond_text=self._uncond(len(prompts), o.stage1_guidance),
                          text_bias=o.stage1_text_bias)
         gens = [row_generator(o.seed, p, "stage1") for p in prompts]
         sampled = self.decode(self.stage1, job, self.strategies["stage1"], gens)
@@ -101,7 +105,7 @@ class HierarchicalSampler:
                      for i, slot in enumerate(given_slots)}
             job = DecodePass(
                 text=self._texts([prompts[b] + o.video_suffix for b, _ in part], duration),
-                uncond_text=self._texts([o.uncond_text] * len(part), None), given=given,
+                uncond_text=self._uncond(len(part), o.stage2_guidance), given=given,
                 targets=tuple(f for f in cfg.sampling_order if f not in given_slots),
                 guidance=o.stage2_guidance, text_bias=o.stage2_text_bias)
             gens = [row_generator(o.seed, prompts[b], f"stage2/level{level}/window{w}") for b, w in part]

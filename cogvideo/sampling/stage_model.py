@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from cogvideo import parallel
 from cogvideo.config import ModelConfig
+from cogvideo.sequence import TokenMeta
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """Vocab-parallel shards [..., vocab/tp] -> the full vocabulary on every TP rank."""
-    from cogvideo import parallel
-
     if parallel.tp_size() == 1:
         return logits
     shards = [torch.empty_like(logits) for _ in range(parallel.tp_size())]
@@ -35,24 +35,27 @@ class StageModel:
         boi = torch.full_like(codes[:, :1], self.cfg.vocab.boi_id)
         return torch.cat([boi, codes[:, :-1]], dim=1)
 
-    def new_cache(self):
-        return self.model.new_cache()
+    def new_cache(self, temporal: bool):
+        """temporal=False: the backbone alone (CogView2 behaviour, used for frame 0)."""
+        return self.model.new_cache(temporal=temporal)
 
     @torch.no_grad()
-    def text(self, ids: torch.Tensor, cache, temporal: bool, text_bias: float) -> None:
-        from cogvideo.sequence import TokenMeta
-
-        self.model.forward_chunk(ids, TokenMeta.text(self.cfg), cache, temporal=temporal, text_bias=text_bias)
+    def text(self, ids: torch.Tensor, cache, text_bias: float) -> None:
+        self.model.forward_chunk(ids, TokenMeta.text(self.cfg), cache, text_bias=text_bias)
 
     @torch.no_grad()
-    def frame(self, tokens: torch.Tensor, frame_index: int, start: int, cache, temporal: bool,
-              text_bias: float) -> torch.Tensor:
+    def given(self, frames: dict[int, torch.Tensor], cache, text_bias: float) -> None:
+        """Whole given frames {index: codes [B, n]} in one parallel pass (they may see each other)."""
+        order = list(frames)
+        meta = TokenMeta.cat([TokenMeta.of_frame(self.cfg, f) for f in order])
+        tokens = torch.cat([self.frame_input(frames[f]) for f in order], dim=1)
+        self.model.forward_chunk(tokens, meta, cache, text_bias=text_bias)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, frame_index: int, start: int, cache, text_bias: float) -> torch.Tensor:
         """Feed positions [start, start + l) of frame `frame_index`; image logits [B, l, K]."""
-        from cogvideo.sequence import TokenMeta
-
-        meta = TokenMeta.frame(self.cfg, frame_index, start, start + tokens.shape[1])
-        logits = self.model.forward_chunk(tokens, meta, cache, temporal=temporal, text_bias=text_bias)
-        return self._image_logits(logits)
+        meta = TokenMeta.of_frame(self.cfg, frame_index, start, start + tokens.shape[1])
+        return self._image_logits(self.model.forward_chunk(tokens, meta, cache, text_bias=text_bias))
 
     @torch.no_grad()
     def full(self, tokens: torch.Tensor, temporal: bool, text_bias: float) -> torch.Tensor:
