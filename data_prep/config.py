@@ -1,0 +1,84 @@
+"""What a data-preparation job does, as one dataclass filled from YAML and dotted overrides.
+
+Frame size, tokens per frame side and frames per sample are not settings here: they come
+from the model config (`model_preset` + `model` overrides), so shards always fit the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cogvideo.config import resolve_model_config
+from cogvideo.configio import ConfigError
+
+
+@dataclass
+class PrepConfig:
+    model_preset: str = "small"
+    model: dict = field(default_factory=dict)  # ModelConfig field overrides
+    tokenizer: str = ""  # image tokenizer path, as load_image_tokenizer takes it
+    # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per actor
+    tokenizer_loader: str = "cogvideo.tokenizers.image:load_image_tokenizer"
+    tokenizer_actors: int = 1
+    tokenizer_gpus: float = 0.0  # GPUs per tokenizer actor; > 0 encodes on "cuda"
+    tokenize_batch: int = 16  # samples per actor call
+
+    # CogVideo's frame-rate rule: stage 1 takes the lowest rate that still fits all frames in the
+    # clip (so the sample spans as much of the action as possible); stage 2 every rate that fits.
+    stages: list[int] = field(default_factory=lambda: [1, 2])
+    stage1_fps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    stage2_fps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
+
+    # clips: scene cuts (PySceneDetect's ContentDetector), then min / max length
+    scene_threshold: float = 27.0
+    min_scene_s: float = 0.5  # no two cuts closer than this
+    min_clip_s: float = 0.5
+    max_clip_s: float = 60.0  # longer scenes are split
+
+    # inputs
+    extensions: list[str] = field(default_factory=lambda: [".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"])
+    min_side: int = 16  # pixels; smaller videos are rejected
+    max_side: int = 4096  # larger videos (8K) are rejected
+    vfr_tolerance: float = 0.25  # largest deviation of a frame interval, as a fraction of 1 / fps
+
+    # output
+    shard_samples: int = 1000  # a shard is closed at this many samples ...
+    shard_bytes: int = 256 * 2**20  # ... or this many bytes, whichever comes first
+    num_cpus: int = 0  # local Ray: 0 means every core
+
+    def __post_init__(self):
+        def bad(key: str, why: str):
+            raise ConfigError(f"prep.{key}: {why}")
+
+        if not set(self.stages) <= {1, 2} or not self.stages:
+            bad("stages", f"expected a non-empty subset of [1, 2], got {self.stages}")
+        for key in ("stage1_fps", "stage2_fps"):
+            rates = getattr(self, key)
+            if not rates or min(rates) <= 0:
+                bad(key, f"expected positive frame rates, got {rates}")
+        if not 0 < self.min_clip_s <= self.max_clip_s:
+            bad("min_clip_s", f"expected 0 < min_clip_s <= max_clip_s={self.max_clip_s}, got {self.min_clip_s}")
+        if not 0 < self.min_side <= self.max_side:
+            bad("min_side", f"expected 0 < min_side <= max_side={self.max_side}, got {self.min_side}")
+        for key in ("shard_samples", "shard_bytes", "tokenizer_actors", "tokenize_batch"):
+            if getattr(self, key) <= 0:
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        if ":" not in self.tokenizer_loader:
+            bad("tokenizer_loader", f"expected module:function, got {self.tokenizer_loader!r}")
+
+    def rates(self, stage: int) -> list[float]:
+        return sorted(self.stage1_fps if stage == 1 else self.stage2_fps)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sample shape shards must have: taken from the model config."""
+    frame_size: int
+    tokens_side: int
+    num_frames: int
+
+
+def geometry(cfg: PrepConfig) -> Geometry:
+    model = resolve_model_config(cfg.model_preset, cfg.model)
+    if model.stage == "backbone" and 2 in cfg.stages:
+        raise ConfigError("prep.stages: a one-frame backbone preset has no stage-2 samples")
+    return Geometry(frame_size=model.frame_size, tokens_side=model.frame_tokens, num_frames=model.num_frames)
