@@ -1,0 +1,151 @@
+"""cogvideo-convert: move weights between SwissArmyTransformer, DeepSpeed and our format.
+
+    cogvideo-convert inspect PATH
+    cogvideo-convert import-sat SAT_DIR OUT [--stage stage1] [--base PRESET] [--tp N]
+    cogvideo-convert reshard CKPT OUT --tp N            # split or merge tensor-parallel shards
+    cogvideo-convert zero DEEPSPEED_DIR OUT [--tag T] [--tp N] [--no-optimizer]
+    cogvideo-convert export CKPT OUT [--dtype bf16]     # full weights, sharded safetensors + index
+
+Every command writes OUT atomically and refuses an existing OUT unless --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from cogvideo.checkpoint.format import CONFIG_NAME, Checkpoint, full_shape, is_trainable, read_checkpoint_info, reshard
+from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
+from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, import_sat, sat_model_config
+from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero, train_config_model
+from cogvideo.config import resolve_model_config
+from cogvideo.configio import ConfigError, parse_overrides
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2GB, 500MB or 1048576")
+    return int(float(match[1]) * 1024 ** " KMG".index(match[2].upper() or " "))
+
+
+def describe(path: str | Path) -> dict:
+    """What `inspect` prints: format, model, parameter counts, dtype, TP degree, iteration, and
+    whether the files are complete (with the problem if not)."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        info = read_checkpoint_info(path)
+        out = {"format": f"cogvideo v{info['version']}", "preset": info["model"].get("name"),
+               "stage": info["model"].get("stage"), "tensor_parallel": info["tensor_parallel"],
+               "iteration": info["iteration"], "dtype": info.get("dtype")}
+        try:
+            ckpt = Checkpoint(path)
+        except CheckpointError as err:
+            return out | {"complete": False, "problem": str(err)}
+        return out | _counts(ckpt.shapes, ckpt.cfg) | {"optimizer_state": ckpt.has_optimizer(), "complete": True}
+    if (path / SAT_CONFIG).is_file():
+        sat = SatCheckpoint(path)
+        cfg = sat_model_config(sat.args, sat.stage)
+        dtype = str(next(iter(sat.modules[0].values())).dtype).replace("torch.", "")
+        shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
+        return {"format": "SwissArmyTransformer", "preset": cfg.name, "stage": sat.stage,
+                "tensor_parallel": sat.tensor_parallel, "iteration": sat.iteration, "dtype": dtype,
+                **_counts(shapes, cfg), "complete": True}
+    zero = ZeroCheckpoint(path)
+    try:
+        cfg = train_config_model(zero.path)
+    except CheckpointError:
+        cfg = None
+    return {"format": f"DeepSpeed ZeRO-{zero.stage}", "preset": cfg.name if cfg else None,
+            "stage": cfg.stage if cfg else None, "tensor_parallel": zero.tp, "data_parallel": zero.dp,
+            "iteration": zero.iteration, "dtype": "float32 (master weights)", **_counts(zero.shapes, cfg),
+            "complete": True}
+
+
+def _counts(shapes: dict, cfg) -> dict:
+    sizes = {n: torch.Size(s).numel() for n, s in shapes.items()}
+    total = sum(sizes.values())
+    trainable = sum(v for n, v in sizes.items() if is_trainable(n, cfg)) if cfg is not None else None
+    return {"parameters": total, "trainable_parameters": trainable}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogvideo-convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def writer(name: str, help: str, src: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("src", help=src)
+        p.add_argument("out", help="output directory (our format)")
+        p.add_argument("--force", action="store_true", help="replace an existing output")
+        p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+        p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="e.g. 2GB")
+        return p
+
+    p = sub.add_parser("inspect", help="describe a checkpoint (ours, SAT or DeepSpeed)")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p = writer("import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir")
+    p.add_argument("--stage", choices=["backbone", "stage1", "stage2"],
+                   help="default: the checkpoint's own; stage1/stage2 from a backbone initialises the video parts")
+    p.add_argument("--base", default="cogview2-6b", help="preset for what SAT does not record (default cogview2-6b)")
+    p.add_argument("--iteration", help="default: the one named by SAT_DIR/latest")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to store")
+    p = writer("reshard", "split or merge the tensor-parallel shards of our checkpoint", "our checkpoint")
+    p.add_argument("--tp", type=int, required=True)
+    p = writer("zero", "consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (any TP x DP) into ours", "DeepSpeed dir")
+    p.add_argument("--tag", help="default: the one named by DIR/latest")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--preset", help="model preset (default: from the checkpoint's train_config.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model field override")
+    p.add_argument("--no-optimizer", action="store_true", help="weights only")
+    writer("export", "full (merged) weights as sharded safetensors with an index, no optimizer", "our checkpoint")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path | dict:
+    dtype = DTYPES.get(getattr(args, "dtype", None) or "")
+    common = dict(force=args.force, dtype=dtype, max_shard_bytes=args.max_shard_size) if hasattr(args, "out") else {}
+    if args.command == "inspect":
+        return describe(args.path)
+    if args.command == "import-sat":
+        return import_sat(args.src, args.out, base=args.base, stage=args.stage, iteration=args.iteration,
+                          tensor_parallel=args.tp, **common)
+    if args.command == "reshard":
+        return reshard(args.src, args.out, args.tp, **common)
+    if args.command == "export":
+        return reshard(args.src, args.out, 1, optimizer=False, **common)
+    cfg = resolve_model_config(args.preset, parse_overrides(args.set)) if args.preset else None
+    return convert_zero(args.src, args.out, cfg, tag=args.tag, tensor_parallel=args.tp,
+                        optimizer=not args.no_optimizer, **common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (CheckpointError, ConfigError, ValueError) as err:
+        print(f"cogvideo-convert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(result, dict):
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            width = max(map(len, result))
+            for key, value in result.items():
+                print(f"{key:<{width}}  {f'{value:,}' if isinstance(value, int) and not isinstance(value, bool) else value}")
+    else:
+        print(f"wrote {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""SwissArmyTransformer checkpoints (CogView2 backbone, CogVideo stage 1/2) -> our format.
+
+Layout read: ``{dir}/latest`` (an iteration or ``release``), ``{dir}/{iteration}/
+mp_rank_XX_model_states.pt`` (``{"module": state_dict}``, one per TP rank), ``{dir}/
+model_config.json`` (the SAT arguments). SAT splits tensors over TP ranks exactly as we do
+(``cogvideo.parallel.split_rule``), so rank files are renamed key by key and merged.
+
+CogVideo's added parameters map as follows (THUDM/CogVideo ``models/cogvideo_model.py``):
+
+* ``mixins.attention_plus.{query_key_value,dense}.i.*`` -> ``layers.i.temporal_attention.*``
+  (the mixin covers all layers, so index i is layer i);
+* ``mixins.attention_plus.attn_distribution.i`` ([hidden]) -> ``layers.i.temporal_gate``;
+* ``mixins.extra_position_embedding.position_embeddings.weight`` has ``additional_seqlen``
+  rows (2000 = 5 frames x 400). Frame f >= 1 token j has position id ``offset + n*f + j`` and
+  CogVideo looks it up at row ``id - (offset + n)`` = ``n*(f-1) + j``; so frames 1..F-1 use
+  its first ``(F-1)*n`` rows, which are our ``frame_position_embeddings`` row for row (the
+  last 400 rows are never read and are dropped).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from cogvideo.checkpoint.format import check_shapes, full_shape, merge_tensor, write_checkpoint
+from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt, read_json
+from cogvideo.config import ModelConfig, get_preset
+from cogvideo.vocab import VocabLayout
+
+SAT_CONFIG = "model_config.json"
+_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_LAYER_PARTS = ("input_layernorm", "attention.query_key_value", "attention.dense", "post_attention_layernorm",
+                "third_layernorm", "fourth_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+_RENAMES = [
+    (re.compile(r"^transformer\.(word_embeddings|position_embeddings)\.weight$"), r"\1.weight"),
+    (re.compile(r"^transformer\.layers\.(\d+)\.((?:%s)\.(?:weight|bias))$" % "|".join(map(re.escape, _LAYER_PARTS))),
+     r"layers.\1.\2"),
+    (re.compile(r"^transformer\.final_layernorm\.(weight|bias)$"), r"final_layernorm.\1"),
+    (re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$"),
+     r"layers.\2.temporal_attention.\1.\3"),
+    (re.compile(r"^mixins\.attention_plus\.attn_distribution\.(\d+)$"), r"layers.\1.temporal_gate"),
+    (re.compile(r"^mixins\.extra_position_embedding\.position_embeddings\.weight$"), "frame_position_embeddings.weight"),
+]
+FRAME_TABLE = "frame_position_embeddings.weight"
+
+
+def our_name(sat_key: str) -> str | None:
+    for pattern, replacement in _RENAMES:
+        if pattern.match(sat_key):
+            return pattern.sub(replacement, sat_key)
+    return None
+
+
+class SatCheckpoint:
+    """The rank files of one SAT checkpoint, memory-mapped; tensors are read one at a time."""
+
+    def __init__(self, path: str | Path, iteration: str | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory")
+        self.args = read_json(self.path / SAT_CONFIG, "SAT model config")
+        if iteration is None:
+            latest = self.path / "latest"
+            if not latest.is_file():
+                raise CheckpointError(f"{latest}: missing (it names the iteration to load)")
+            iteration = latest.read_text().strip()
+        self.iteration = 0 if iteration == "release" else _int(iteration, self.path / "latest")
+        folder = self.path / iteration
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: missing (named by {self.path / 'latest'})")
+        ranks = sorted(int(m.group(1)) for f in folder.iterdir() if (m := _RANK_FILE.match(f.name)))
+        declared = self.args.get("model_parallel_size")
+        size = max(ranks[-1] + 1 if ranks else 0, declared or 0)
+        missing = [f"mp_rank_{r:02d}_model_states.pt" for r in range(size) if r not in ranks]
+        if not ranks or missing:
+            raise CheckpointError(f"{folder}: missing rank files {missing or ['mp_rank_00_model_states.pt']}")
+        self.tensor_parallel = size
+        self.modules = []
+        for rank in range(size):
+            file = folder / f"mp_rank_{rank:02d}_model_states.pt"
+            module = load_pt(file, mmap=True).get("module")
+            if not isinstance(module, dict):
+                raise CheckpointError(f"{file}: no 'module' state dict (not a SwissArmyTransformer checkpoint?)")
+            self.modules.append(module)
+        keys = list(self.modules[0])
+        for rank, module in enumerate(self.modules[1:], start=1):
+            if set(module) != set(keys):
+                raise CheckpointError(f"{folder}: rank {rank} keys differ from rank 0: {sorted(set(keys) ^ set(module))[:20]}")
+        unknown = [k for k in keys if our_name(k) is None]
+        if unknown:
+            raise CheckpointError(f"{folder}: keys with no counterpart in our model: {unknown[:20]}")
+        self.names = {our_name(k): k for k in keys}
+
+    @property
+    def stage(self) -> str:
+        if not any(".temporal_attention." in n for n in self.names):
+            return "backbone"
+        return "stage2" if int(self.args.get("cogvideo_stage", 1)) == 2 else "stage1"
+
+    def local_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.modules[0][self.names[name]].shape)
+
+    def full(self, name: str) -> torch.Tensor:
+        return merge_tensor(name, [m[self.names[name]] for m in self.modules])
+
+
+def _int(text: str, where: Path) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{where}: {text!r} is neither an iteration nor 'release'") from None
+
+
+def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None) -> ModelConfig:
+    """Our ModelConfig for SAT arguments. Shapes come from the SAT args; what SAT does not
+    record (frame size in pixels, vocabulary ranges when not icetk's) from `base`."""
+    base = base or get_preset("cogview2-6b")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
+        if not isinstance(args.get(key), int):
+            raise CheckpointError(f"{SAT_CONFIG}: integer field {key!r} missing")
+    vocab = base.vocab
+    if args["vocab_size"] != vocab.vocab_size:
+        if args["vocab_size"] != VocabLayout.icetk().vocab_size:
+            raise CheckpointError(f"{SAT_CONFIG}: vocab_size={args['vocab_size']} matches neither icetk's nor the "
+                                  f"base config's ({vocab.vocab_size}); pass a base preset with this vocabulary")
+        vocab = VocabLayout.icetk()
+    changes = dict(stage=stage, num_layers=args["num_layers"], hidden_size=args["hidden_size"],
+                   num_heads=args["num_attention_heads"], vocab=vocab,
+                   max_position_embeddings=args["max_sequence_length"],
+                   ffn_hidden_size=args.get("inner_hidden_size") or 0,
+                   layernorm_epsilon=float(args.get("layernorm_epsilon", base.layernorm_epsilon)))
+    if "layout" in args:
+        layout = args["layout"]
+        text, first, total = [int(x) for x in (layout.split(",") if isinstance(layout, str) else layout)]
+        frame_tokens = round((first - text) ** 0.5)
+        changes.update(text_length=text, frame_tokens=frame_tokens, num_frames=(total - text) // (first - text),
+                       frame_size=frame_tokens * base.frame_size // base.frame_tokens)
+    if stage == "backbone":
+        changes["num_frames"] = 1
+    if int(args.get("window_size", -1)) > 0:
+        changes.update(window_size=int(args["window_size"]), window_shift=int(args["window_size"]) // 2)
+    try:
+        return base.replace(name=f"sat-{stage}", **changes).validate()
+    except ValueError as err:
+        raise CheckpointError(f"{SAT_CONFIG}: gives an invalid model config: {err}") from None
+
+
+def import_sat(src: str | Path, dst: str | Path, *, base: ModelConfig | str | None = None,
+               stage: str | None = None, iteration: str | None = None, tensor_parallel: int = 1,
+               force: bool = False, dtype: torch.dtype | None = None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Convert a SAT checkpoint (any TP degree) to our format at `dst`.
+
+    `stage` None keeps the checkpoint's own (backbone, or CogVideo's stage); a backbone imported
+    as "stage1"/"stage2" gets its video parts from ``init_video_from_backbone``."""
+    sat = SatCheckpoint(src, iteration)
+    base = get_preset(base) if isinstance(base, str) else base
+    cfg = sat_model_config(sat.args, sat.stage, base)
+    target = stage or sat.stage
+    if target != sat.stage and sat.stage != "backbone":
+        raise CheckpointError(f"{src}: is a CogVideo {sat.stage} checkpoint; it cannot be imported as {target}")
+    frame_rows = (cfg.num_frames - 1) * cfg.tokens_per_frame
+    shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
+    if FRAME_TABLE in shapes:
+        if shapes[FRAME_TABLE][0] < frame_rows:
+            raise CheckpointError(f"{src}: extra position table has {shapes[FRAME_TABLE][0]} rows; "
+                                  f"frames 1..{cfg.num_frames - 1} need {frame_rows}")
+        shapes[FRAME_TABLE] = (frame_rows, shapes[FRAME_TABLE][1])
+    for name in shapes:
+        if name.endswith(".temporal_gate"):
+            shapes[name] = (cfg.hidden_size,)
+
+    def tensors():
+        for name in sat.names:
+            tensor = sat.full(name)
+            if name == FRAME_TABLE:
+                tensor = tensor[:frame_rows]
+            elif name.endswith(".temporal_gate"):
+                tensor = tensor.reshape(cfg.hidden_size)
+            yield name, tensor
+
+    source = f"SwissArmyTransformer {sat.stage} checkpoint {sat.path} (TP={sat.tensor_parallel})"
+    if target != sat.stage:
+        from cogvideo.model import init_video_from_backbone
+
+        frames = base.num_frames if base is not None and base.num_frames > 1 else get_preset("cogvideo-stage1").num_frames
+        video_cfg = cfg.replace(name=f"sat-{target}", stage=target, num_frames=frames).validate()
+        check_shapes(shapes, cfg, str(src))
+        video = init_video_from_backbone(dict(tensors()), video_cfg)
+        return write_checkpoint(dst, video_cfg, {n: tuple(t.shape) for n, t in video.items()}, video.items(),
+                                iteration=sat.iteration, tensor_parallel=tensor_parallel, force=force,
+                                dtype=dtype, max_shard_bytes=max_shard_bytes, source=source + f" -> {target}")
+    return write_checkpoint(dst, cfg, shapes, tensors(), iteration=sat.iteration, tensor_parallel=tensor_parallel,
+                            force=force, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)

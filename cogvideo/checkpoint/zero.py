@@ -1,0 +1,237 @@
+"""DeepSpeed ZeRO-1/2/3 checkpoints -> full fp32 weights (and Adam moments) in our format.
+
+Reads DeepSpeed's files directly (layout as in deepspeed 0.19's ``utils/zero_to_fp32.py``):
+
+* ``mp_rank_XX_model_states.pt`` (ZeRO-1/2) or ``zero_pp_rank_D_mp_rank_XX_model_states.pt``
+  (ZeRO-3): ``param_shapes`` (one ordered dict per param group), ``frozen_param_shapes`` /
+  ``frozen_param_fragments`` (ZeRO-3) and ``module`` (ZeRO-1/2: also the frozen params);
+* ``[bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt``: the fp32 master weights of DP rank D.
+  ZeRO-1/2: each group's flat vector (params in order, each followed by its alignment padding)
+  is cut into consecutive DP partitions (``single_partition_of_fp32_groups``). ZeRO-3: every
+  param is cut into DP pieces of ceil(numel / DP); rank D's pieces follow one another through
+  its ``fp32_flat_groups``. Adam's ``exp_avg`` / ``exp_avg_sq`` lie exactly like the weights.
+
+Memory stays bounded: the files are memory-mapped and re-opened for each output chunk, so the
+pages read are released chunk by chunk; one tensor at a time is gathered (and merged over TP).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from cogvideo.checkpoint.format import ADAM_KEYS, full_shape, merge_tensor, write_checkpoint
+from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt
+from cogvideo.config import ModelConfig, resolve_model_config
+
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+TRAIN_CONFIG = "train_config.yaml"
+DROPPED = ["learning-rate scheduler state", "loss scaler", "data loader positions", "RNG states"]
+
+
+def _tag_dir(path: Path, tag: str | None) -> Path:
+    if tag is not None:
+        return path / tag
+    if (path / "latest").is_file() and not any(path.glob("*_model_states.pt")):
+        return path / (path / "latest").read_text().strip()
+    return path
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class ZeroCheckpoint:
+    """One DeepSpeed checkpoint (all TP x DP ranks). ``tensors()`` yields full fp32 tensors."""
+
+    def __init__(self, path: str | Path, tag: str | None = None):
+        self.path = _tag_dir(Path(path), tag)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory")
+        optim = {(int(m[2]), int(m[1])): f for f in self.path.iterdir() if (m := _OPTIM_FILE.match(f.name))}
+        models = {(int(m[2]), int(m[1] or 0)): f for f in self.path.iterdir() if (m := _MODEL_FILE.match(f.name))}
+        if not models or not optim:
+            raise CheckpointError(f"{self.path}: no DeepSpeed ZeRO checkpoint here (needs *_model_states.pt and "
+                                  f"*_optim_states.pt files)")
+        self.tp = max(t for t, _ in models) + 1
+        self.optim_files = optim
+        first = load_pt(models[(0, 0)], mmap=True)
+        if "param_shapes" not in first:
+            raise CheckpointError(f"{models[(0, 0)]}: no param_shapes (not a DeepSpeed ZeRO model state file)")
+        self.iteration = int(first.get("global_steps") or 0)
+        header = load_pt(optim[(0, 0)], mmap=True).get("optimizer_state_dict", {})
+        if "zero_stage" not in header:
+            raise CheckpointError(f"{optim[(0, 0)]}: no zero_stage (not a ZeRO optimizer state file)")
+        self.stage = int(header["zero_stage"])
+        counts = header["partition_count"]
+        self.dp = max(counts) if isinstance(counts, list) else int(counts)
+        self.stage3 = self.stage == 3
+        expected = [(t, d) for t in range(self.tp) for d in range(self.dp)]
+        missing = [k for k in expected if k not in optim] + [k for k in expected if self.stage3 and k not in models]
+        missing += [(t, 0) for t in range(self.tp) if (t, 0) not in models]
+        if missing:
+            raise CheckpointError(f"{self.path}: missing rank files for (tp, dp) ranks {sorted(set(missing))} "
+                                  f"(ZeRO-{self.stage}, TP={self.tp}, DP={self.dp})")
+        self.model_files = models
+        self.ranks = [self._layout(t) for t in range(self.tp)]
+        names = list(self.ranks[0]["shapes"])
+        for t, rank in enumerate(self.ranks[1:], start=1):
+            if list(rank["shapes"]) != names:
+                raise CheckpointError(f"{self.path}: TP rank {t} holds other parameters than rank 0: "
+                                      f"{sorted(set(rank['shapes']) ^ set(names))[:20]}")
+        self.shapes = {n: full_shape(n, self.ranks[0]["shapes"][n], self.tp) for n in names}
+
+    # ---- layout -------------------------------------------------------------------------
+    def _layout(self, t: int) -> dict:
+        """Where each parameter of TP rank t lives: its shape, and (group, offset) in the flat
+        fp32 vectors, or "frozen"."""
+        model = load_pt(self.model_files[(t, 0)], mmap=True)
+        groups = model["param_shapes"]
+        shapes, where = {}, {}
+        optim = self._open(t)["optim"]
+        group_starts = None
+        if self.stage3:
+            sizes = [g.numel() for g in optim[0]["fp32_flat_groups"]]
+            offset = 0
+            for group in groups:
+                for name, shape in group.items():
+                    shapes[name], where[name] = tuple(shape), offset
+                    offset += -(-_numel(shape) // self.dp)
+            if offset > sum(sizes):
+                raise CheckpointError(f"{self.path}: TP rank {t}: parameters need {offset} elements per DP rank, "
+                                      f"the optimizer files hold {sum(sizes)}")
+            group_starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        else:
+            paddings = optim[0].get("param_alignment_paddings")
+            for g, group in enumerate(groups):
+                offset = 0
+                for i, (name, shape) in enumerate(group.items()):
+                    shapes[name], where[name] = tuple(shape), (g, offset)
+                    offset += _numel(shape) + (paddings[g][i] if paddings else 0)
+                available = sum(optim[d]["single_partition_of_fp32_groups"][g].numel() for d in range(self.dp))
+                if offset > available:
+                    raise CheckpointError(f"{self.path}: TP rank {t} group {g}: parameters need {offset} "
+                                          f"elements, the DP partitions hold {available}")
+        frozen = model.get("frozen_param_shapes") or {}
+        if not self.stage3:
+            frozen = {n: tuple(v.shape) for n, v in model["module"].items() if n not in shapes} | dict(frozen)
+        for name, shape in frozen.items():
+            shapes[name], where[name] = tuple(shape), "frozen"
+        order = [n for n in model["module"] if n in shapes] + [n for n in shapes if n not in model["module"]]
+        return {"shapes": {n: shapes[n] for n in order}, "where": where, "group_starts": group_starts}
+
+    def _open(self, t: int) -> dict:
+        """The optimizer and model states of every DP rank of TP rank t, memory-mapped."""
+        optim = [load_pt(self.optim_files[(t, d)], mmap=True)["optimizer_state_dict"] for d in range(self.dp)]
+        models = [load_pt(self.model_files[(t, d)], mmap=True) for d in range(self.dp if self.stage3 else 1)]
+        return {"optim": optim, "model": models}
+
+    # ---- reading ------------------------------------------------------------------------
+    def _flat(self, state: dict, g: int, kind: str) -> torch.Tensor:
+        if kind == "fp32":
+            return state["fp32_flat_groups" if self.stage3 else "single_partition_of_fp32_groups"][g]
+        inner = state["optimizer_state_dict" if self.stage3 else "base_optimizer_state"]["state"]
+        return inner[g][kind]
+
+    def _read(self, t: int, files: dict, name: str, kind: str) -> torch.Tensor:
+        layout, optim = self.ranks[t], files["optim"]
+        shape, where = layout["shapes"][name], layout["where"][name]
+        numel = _numel(shape)
+        if where == "frozen":
+            if kind != "fp32":
+                raise CheckpointError(f"{name}: frozen, has no optimizer state")
+            if self.stage3:
+                fragments = [m["frozen_param_fragments"][name].flatten() for m in files["model"]]
+                return torch.cat(fragments)[:numel].float().reshape(shape).clone()
+            return files["model"][0]["module"][name].float().reshape(shape).clone()
+        if self.stage3:
+            piece = -(-numel // self.dp)
+            pieces = [self._stage3_piece(state, layout["group_starts"], where, piece, kind) for state in optim]
+            return torch.cat(pieces)[:numel].reshape(shape).clone()
+        g, offset = where
+        pieces, start = [], 0
+        for state in optim:
+            part = state["single_partition_of_fp32_groups"][g].numel()
+            lo, hi = max(offset, start), min(offset + numel, start + part)
+            if lo < hi:
+                pieces.append(self._flat(state, g, kind)[lo - start:hi - start])
+            start += part
+        return torch.cat(pieces).float().reshape(shape).clone()
+
+    def _stage3_piece(self, state: dict, starts: list[int], offset: int, length: int, kind: str) -> torch.Tensor:
+        pieces = []
+        for g in range(len(starts) - 1):
+            lo, hi = max(offset, starts[g]), min(offset + length, starts[g + 1])
+            if lo < hi:
+                pieces.append(self._flat(state, g, kind)[lo - starts[g]:hi - starts[g]])
+        return torch.cat(pieces).float()
+
+    def tensors(self, kind: str = "fp32", names: list[str] | None = None,
+                chunk_bytes: int = DEFAULT_SHARD_BYTES):
+        """Yield (name, full tensor merged over TP) of `kind` ("fp32", "exp_avg", "exp_avg_sq"),
+        re-opening the memory-mapped files every `chunk_bytes` of output."""
+        names = list(self.shapes) if names is None else names
+        i = 0
+        while i < len(names):
+            files = [self._open(t) for t in range(self.tp)]
+            budget = 0
+            while i < len(names) and (budget == 0 or budget + 4 * _numel(self.shapes[names[i]]) <= chunk_bytes):
+                name = names[i]
+                budget += 4 * _numel(self.shapes[name])
+                yield name, merge_tensor(name, [self._read(t, files[t], name, kind) for t in range(self.tp)])
+                i += 1
+            del files  # unmaps the pages read for this chunk
+
+    def optimizer_summary(self, trainable: list[str]) -> dict:
+        optim = self._open(0)["optim"]
+        inner = optim[0]["optimizer_state_dict" if self.stage3 else "base_optimizer_state"]
+        steps = [s.get("step") for s in inner["state"].values() if "step" in s]
+        groups = [{k: v for k, v in g.items() if k in ("lr", "betas", "eps", "weight_decay")}
+                  for g in inner["param_groups"]]
+        step = int(steps[0]) if steps else 0
+        return {"step": step, "param_groups": groups, "params": trainable,
+                "source": f"DeepSpeed ZeRO-{self.stage} TP={self.tp} DP={self.dp}", "dropped": DROPPED}
+
+
+def train_config_model(path: Path) -> ModelConfig:
+    """The model config a trainer run recorded beside its checkpoint (train_config.yaml)."""
+    file = path / TRAIN_CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; pass the model config (--preset/--set) explicitly")
+    data = yaml.safe_load(file.read_text()) or {}
+    model = dict(data.get("model") or {})
+    preset = model.pop("preset", None)
+    if not isinstance(preset, str):
+        raise CheckpointError(f"{file}: model.preset missing")
+    try:
+        return resolve_model_config(preset, model)
+    except ValueError as err:
+        raise CheckpointError(f"{file}: {err}") from None
+
+
+def convert_zero(src: str | Path, dst: str | Path, cfg: ModelConfig | None = None, *, tag: str | None = None,
+                 tensor_parallel: int = 1, optimizer: bool = True, force: bool = False,
+                 dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Consolidate a ZeRO checkpoint (any TP x DP layout) into our format at `tensor_parallel`.
+
+    With `optimizer`, Adam's moments and step go to ``optimizer/`` (full tensors), loadable at
+    any TP/DP layout; what the new layout cannot reuse is listed in its state.json ("dropped")."""
+    zero = ZeroCheckpoint(src, tag)
+    cfg = cfg or train_config_model(zero.path)
+    moments = None
+    if optimizer:
+        trainable = [n for n in zero.shapes if zero.ranks[0]["where"][n] != "frozen"]
+        state = zero.optimizer_summary(trainable)
+        stream = ((f"{kind}.{name}", t) for kind in ADAM_KEYS
+                  for name, t in zero.tensors(kind, trainable, max_shard_bytes))
+        moments = (state, stream)
+    return write_checkpoint(dst, cfg, zero.shapes, zero.tensors("fp32", chunk_bytes=max_shard_bytes),
+                            iteration=zero.iteration, tensor_parallel=tensor_parallel, force=force, dtype=dtype,
+                            max_shard_bytes=max_shard_bytes, optimizer=moments,
+                            source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})")
