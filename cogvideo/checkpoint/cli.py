@@ -22,7 +22,7 @@ from cogvideo.checkpoint.format import CONFIG_NAME, Checkpoint, full_shape, is_t
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
 from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, import_sat, sat_model_config
 from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero, train_config_model
-from cogvideo.config import resolve_model_config
+from cogvideo.config import get_preset, resolve_model_config
 from cogvideo.configio import ConfigError, parse_overrides
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -37,9 +37,9 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * 1024 ** " KMG".index(match[2].upper() or " "))
 
 
-def describe(path: str | Path) -> dict:
+def describe(path: str | Path, base: str = "cogview2-6b") -> dict:
     """What `inspect` prints: format, model, parameter counts, dtype, TP degree, iteration, and
-    whether the files are complete (with the problem if not)."""
+    whether the files are complete (with the problem if not). `base`: see import-sat --base."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         info = read_checkpoint_info(path)
@@ -53,7 +53,7 @@ def describe(path: str | Path) -> dict:
         return out | _counts(ckpt.shapes, ckpt.cfg) | {"optimizer_state": ckpt.has_optimizer(), "complete": True}
     if (path / SAT_CONFIG).is_file():
         sat = SatCheckpoint(path)
-        cfg = sat_model_config(sat.args, sat.stage)
+        cfg = sat_model_config(sat.args, sat.stage, get_preset(base))
         dtype = str(next(iter(sat.modules[0].values())).dtype).replace("torch.", "")
         shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
         return {"format": "SwissArmyTransformer", "preset": cfg.name, "stage": sat.stage,
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a checkpoint (ours, SAT or DeepSpeed)")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--base", default="cogview2-6b", help="SAT checkpoints: as for import-sat")
     p = writer("import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir")
     p.add_argument("--stage", choices=["backbone", "stage1", "stage2"],
                    help="default: the checkpoint's own; stage1/stage2 from a backbone initialises the video parts")
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> Path | dict:
     dtype = DTYPES.get(getattr(args, "dtype", None) or "")
     common = dict(force=args.force, dtype=dtype, max_shard_bytes=args.max_shard_size) if hasattr(args, "out") else {}
     if args.command == "inspect":
-        return describe(args.path)
+        return describe(args.path, args.base)
     if args.command == "import-sat":
         return import_sat(args.src, args.out, base=args.base, stage=args.stage, iteration=args.iteration,
                           tensor_parallel=args.tp, **common)

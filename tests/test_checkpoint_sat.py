@@ -1,0 +1,247 @@
+"""SwissArmyTransformer import: tiny CogView2 / CogVideo checkpoints with the real key names,
+written here at TP=1 and TP=2, imported and run through our model, against a forward pass
+written with plain torch ops from the same raw tensors."""
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cogvideo.checkpoint import CheckpointError, import_sat, load_model_config, load_model_state
+from cogvideo.checkpoint.cli import describe, main
+from cogvideo.config import get_preset
+from cogvideo.model import CogVideoModel
+
+BASE = get_preset("tiny")  # hidden 32, 4 heads, 2 layers, 8 text tokens, 4x4 tokens per frame
+H, LAYERS, HEADS, T, N = BASE.hidden_size, BASE.num_layers, BASE.num_heads, BASE.text_length, BASE.tokens_per_frame
+VOCAB, MAX_POS, FRAMES = BASE.vocab.vocab_size, BASE.max_position_embeddings, BASE.num_frames
+ADDITIONAL = FRAMES * N  # CogVideo's extra table: additional_seqlen rows (2000 = 5 x 400 in the release)
+
+
+def raw_weights(video: bool, seed: int = 0) -> dict:
+    """A full SAT state dict with random values (real key names)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"transformer.word_embeddings.weight": rnd(VOCAB, H), "transformer.position_embeddings.weight": rnd(MAX_POS, H),
+          "transformer.final_layernorm.weight": 1 + rnd(H), "transformer.final_layernorm.bias": rnd(H)}
+    for i in range(LAYERS):
+        p = f"transformer.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm", "third_layernorm", "fourth_layernorm"):
+            sd[p + norm + ".weight"], sd[p + norm + ".bias"] = 1 + rnd(H), rnd(H)
+        sd[p + "attention.query_key_value.weight"], sd[p + "attention.query_key_value.bias"] = rnd(3 * H, H), rnd(3 * H)
+        sd[p + "attention.dense.weight"], sd[p + "attention.dense.bias"] = rnd(H, H), rnd(H)
+        sd[p + "mlp.dense_h_to_4h.weight"], sd[p + "mlp.dense_h_to_4h.bias"] = rnd(4 * H, H), rnd(4 * H)
+        sd[p + "mlp.dense_4h_to_h.weight"], sd[p + "mlp.dense_4h_to_h.bias"] = rnd(H, 4 * H), rnd(H)
+        if video:
+            sd[f"mixins.attention_plus.query_key_value.{i}.weight"] = rnd(3 * H, H)
+            sd[f"mixins.attention_plus.query_key_value.{i}.bias"] = rnd(3 * H)
+            sd[f"mixins.attention_plus.dense.{i}.weight"], sd[f"mixins.attention_plus.dense.{i}.bias"] = rnd(H, H), rnd(H)
+            sd[f"mixins.attention_plus.attn_distribution.{i}"] = rnd(H, scale=1.0)
+    if video:
+        sd["mixins.extra_position_embedding.position_embeddings.weight"] = rnd(ADDITIONAL, H)
+    return sd
+
+
+def sat_rank_shard(key: str, t: torch.Tensor, r: int, n: int) -> torch.Tensor:
+    """How SAT's ColumnParallel(stride 3)/RowParallel/VocabParallel layers hold rank r's part."""
+    if "query_key_value" in key:
+        return torch.cat([x.chunk(n)[r] for x in t.chunk(3)])
+    if "dense_h_to_4h" in key or key.endswith("word_embeddings.weight"):
+        return t.chunk(n)[r]
+    if key.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) or (
+            key.startswith("mixins.attention_plus.dense.") and key.endswith(".weight")):
+        return t.chunk(n, dim=1)[r]
+    return t
+
+
+def write_sat(path, sd: dict, tp: int, args: dict, iteration: str = "1000") -> None:
+    (path / iteration).mkdir(parents=True)
+    (path / "latest").write_text(iteration)
+    (path / "model_config.json").write_text(json.dumps({"model_parallel_size": tp, **args}))
+    for r in range(tp):
+        module = {k: sat_rank_shard(k, v, r, tp).clone() for k, v in sd.items()}
+        torch.save({"module": module, "iteration": int(iteration) if iteration.isdigit() else 0},
+                   path / iteration / f"mp_rank_{r:02d}_model_states.pt")
+
+
+BACKBONE_ARGS = {"num_layers": LAYERS, "hidden_size": H, "num_attention_heads": HEADS, "vocab_size": VOCAB,
+                 "max_sequence_length": MAX_POS, "layernorm_order": "sandwich"}
+VIDEO_ARGS = {**BACKBONE_ARGS, "layout": f"{T}, {T + N}, {T + FRAMES * N}", "window_size": -1,
+              "additional_seqlen": ADDITIONAL, "cogvideo_stage": 1}
+
+
+def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) -> torch.Tensor:
+    """CogView2 / CogVideo stage 1 from the raw SAT tensors, plain torch ops. Spatial channel:
+    text causal, a frame token sees the text and its own frame causally; temporal channel (stage
+    1): everything earlier in time; frame outputs mix as sigmoid(p)*spatial + (1-sigmoid(p))*temporal."""
+    L = T + frames * N
+    t = "transformer."
+    frame_of = torch.tensor([-1] * T + [f for f in range(frames) for _ in range(N)])
+    pos_in_frame = torch.tensor(list(range(T)) + list(range(N)) * frames)
+    causal = torch.ones(L, L).tril().bool()
+    spatial_mask = causal & ((frame_of[None, :] == -1) | (frame_of[None, :] == frame_of[:, None]))
+    x = raw[t + "word_embeddings.weight"][tokens]
+    for i in range(L):  # frame 0: CogView2's image rows; frame f >= 1: extra rows at id - (offset + N)
+        f, j = int(frame_of[i]), int(pos_in_frame[i])
+        if f <= 0:
+            x[:, i] += raw[t + "position_embeddings.weight"][j if f < 0 else BASE.image_position_offset + j]
+        else:
+            x[:, i] += raw["mixins.extra_position_embedding.position_embeddings.weight"][N * f + j - N]
+
+    def ln(v, key):
+        return F.layer_norm(v, (H,), raw[key + ".weight"], raw[key + ".bias"], BASE.layernorm_epsilon)
+
+    def attend(v, qkv_w, qkv_b, dense_w, dense_b, mask):
+        q, k, val = (v @ qkv_w.T + qkv_b).split(H, dim=-1)
+        heads = [z.view(z.shape[0], L, HEADS, H // HEADS).transpose(1, 2) for z in (q, k, val)]
+        scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(H // HEADS)
+        ctx = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ heads[2]
+        return ctx.transpose(1, 2).reshape(v.shape[0], L, H) @ dense_w.T + dense_b
+
+    for i in range(LAYERS):
+        p = f"{t}layers.{i}."
+        h = ln(x, p + "input_layernorm")
+        out = attend(h, raw[p + "attention.query_key_value.weight"], raw[p + "attention.query_key_value.bias"],
+                     raw[p + "attention.dense.weight"], raw[p + "attention.dense.bias"], spatial_mask)
+        if video:
+            m = "mixins.attention_plus."
+            temporal = attend(h, raw[f"{m}query_key_value.{i}.weight"], raw[f"{m}query_key_value.{i}.bias"],
+                              raw[f"{m}dense.{i}.weight"], raw[f"{m}dense.{i}.bias"], causal)
+            a = torch.sigmoid(raw[f"{m}attn_distribution.{i}"])
+            out = torch.where((frame_of >= 0)[None, :, None], a * out + (1 - a) * temporal, out)
+        x = x + ln(out, p + "third_layernorm")
+        ffn = F.gelu(ln(x, p + "post_attention_layernorm") @ raw[p + "mlp.dense_h_to_4h.weight"].T
+                     + raw[p + "mlp.dense_h_to_4h.bias"], approximate="tanh")
+        x = x + ln(ffn @ raw[p + "mlp.dense_4h_to_h.weight"].T + raw[p + "mlp.dense_4h_to_h.bias"], p + "fourth_layernorm")
+    return ln(x, t + "final_layernorm") @ raw[t + "word_embeddings.weight"].T
+
+
+def random_tokens(frames: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(BASE.vocab.text_offset + 1, BASE.vocab.text_offset + 90, (2, T), generator=g)  # no pads
+    return torch.cat([text, torch.randint(0, BASE.vocab.num_image_tokens, (2, frames * N), generator=g)], 1)
+
+
+def our_logits(ckpt, tokens) -> torch.Tensor:
+    model = CogVideoModel(load_model_config(ckpt))
+    model.load_state_dict(load_model_state(ckpt))
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_backbone_import_matches_reference_forward(tmp_path, tp):
+    raw = raw_weights(video=False)
+    write_sat(tmp_path / "sat", raw, tp, BACKBONE_ARGS)
+    ckpt = import_sat(tmp_path / "sat", tmp_path / "ours", base=BASE, tensor_parallel=tp)
+    cfg = load_model_config(ckpt)
+    assert (cfg.stage, cfg.num_frames, cfg.num_layers, cfg.hidden_size, cfg.num_heads) == ("backbone", 1, LAYERS, H, HEADS)
+    tokens = random_tokens(frames=1)
+    assert torch.allclose(our_logits(ckpt, tokens), reference_logits(raw, tokens, 1, video=False), atol=1e-5)
+
+
+def test_tp2_import_equals_tp1_import(tmp_path):
+    raw = raw_weights(video=True, seed=3)
+    for tp in (1, 2):
+        write_sat(tmp_path / f"sat{tp}", raw, tp, VIDEO_ARGS)
+        import_sat(tmp_path / f"sat{tp}", tmp_path / f"ours{tp}", base=BASE)
+    one, two = load_model_state(tmp_path / "ours1"), load_model_state(tmp_path / "ours2")
+    assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_cogvideo_stage1_import_matches_reference_forward(tmp_path):
+    raw = raw_weights(video=True, seed=1)
+    write_sat(tmp_path / "sat", raw, 2, VIDEO_ARGS, iteration="release")
+    ckpt = import_sat(tmp_path / "sat", tmp_path / "ours", base=BASE)
+    cfg = load_model_config(ckpt)
+    assert (cfg.stage, cfg.num_frames, cfg.text_length, cfg.frame_tokens) == ("stage1", FRAMES, T, BASE.frame_tokens)
+    sd = load_model_state(ckpt)
+    # frames 1..F-1 use the first (F-1)*N rows of CogVideo's extra table; the last N are unused
+    assert torch.equal(sd["frame_position_embeddings.weight"],
+                       raw["mixins.extra_position_embedding.position_embeddings.weight"][: (FRAMES - 1) * N])
+    tokens = random_tokens(frames=3, seed=2)
+    assert torch.allclose(our_logits(ckpt, tokens), reference_logits(raw, tokens, 3, video=True), atol=1e-5)
+
+
+def test_backbone_initialises_video_stages_with_one_frame_equivalence(tmp_path):
+    raw = raw_weights(video=False, seed=4)
+    write_sat(tmp_path / "sat", raw, 2, BACKBONE_ARGS)
+    tokens = random_tokens(frames=1, seed=5)
+    ckpt = import_sat(tmp_path / "sat", tmp_path / "stage1", base=BASE, stage="stage1", tensor_parallel=2)
+    assert (load_model_config(ckpt).stage, load_model_config(ckpt).num_frames) == ("stage1", FRAMES)
+    assert torch.allclose(our_logits(ckpt, tokens), reference_logits(raw, tokens, 1, video=False), atol=1e-5)
+    # stage 2 sees its given frames bidirectionally, so only the initialised tensors can be compared
+    ckpt = import_sat(tmp_path / "sat", tmp_path / "stage2", base=BASE, stage="stage2")
+    sd = load_model_state(ckpt)
+    assert load_model_config(ckpt).stage == "stage2"
+    assert torch.equal(sd["layers.1.temporal_attention.dense.weight"], raw["transformer.layers.1.attention.dense.weight"])
+    image_rows = raw["transformer.position_embeddings.weight"][BASE.image_position_offset:][:N]
+    assert torch.equal(sd["frame_position_embeddings.weight"], image_rows.repeat(FRAMES - 1, 1))
+
+
+def test_stage2_config_and_cli_inspect(tmp_path, capsys):
+    raw = raw_weights(video=True, seed=6)
+    write_sat(tmp_path / "sat", raw, 2, {**VIDEO_ARGS, "cogvideo_stage": 2, "window_size": 2})
+    assert main(["inspect", str(tmp_path / "sat"), "--base", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert "SwissArmyTransformer" in printed and "stage2" in printed
+    assert main(["import-sat", str(tmp_path / "sat"), str(tmp_path / "ours"), "--base", "tiny", "--tp", "2"]) == 0
+    cfg = load_model_config(tmp_path / "ours")
+    assert (cfg.stage, cfg.window_size, cfg.window_shift) == ("stage2", 2, 1)
+    report = describe(tmp_path / "ours")
+    assert report["parameters"] == sum(v.numel() for k, v in raw.items() if "extra_position" not in k) + (FRAMES - 1) * N * H
+    sd = load_model_state(tmp_path / "ours")
+    assert torch.equal(sd["layers.1.temporal_gate"], raw["mixins.attention_plus.attn_distribution.1"])
+    assert torch.equal(sd["layers.0.temporal_attention.query_key_value.weight"],
+                       raw["mixins.attention_plus.query_key_value.0.weight"])
+
+
+class Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_bad_sat_checkpoints_fail_clearly_and_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = raw_weights(video=False)
+    write_sat(tmp_path / "missing_rank", raw, 2, BACKBONE_ARGS)
+    (tmp_path / "missing_rank" / "1000" / "mp_rank_01_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing rank files.*mp_rank_01"):
+        import_sat(tmp_path / "missing_rank", tmp_path / "out", base=BASE)
+
+    write_sat(tmp_path / "extra_key", {**raw, "transformer.layers.0.attention.rotary.inv_freq": torch.ones(4)}, 1,
+              BACKBONE_ARGS)
+    with pytest.raises(CheckpointError, match="no counterpart in our model.*rotary.inv_freq"):
+        import_sat(tmp_path / "extra_key", tmp_path / "out", base=BASE)
+
+    missing = {k: v for k, v in raw.items() if k != "transformer.layers.1.fourth_layernorm.bias"}
+    write_sat(tmp_path / "missing_key", missing, 1, BACKBONE_ARGS)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): layers\.1\.fourth_layernorm\.bias"):
+        import_sat(tmp_path / "missing_key", tmp_path / "out", base=BASE)
+
+    write_sat(tmp_path / "wrong_shape", raw, 1, {**BACKBONE_ARGS, "hidden_size": 2 * H})
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        import_sat(tmp_path / "wrong_shape", tmp_path / "out", base=BASE)
+
+    write_sat(tmp_path / "truncated", raw, 1, BACKBONE_ARGS)
+    file = tmp_path / "truncated" / "1000" / "mp_rank_00_model_states.pt"
+    file.write_bytes(file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: cannot be read"):
+        import_sat(tmp_path / "truncated", tmp_path / "out", base=BASE)
+
+    write_sat(tmp_path / "pickled", raw, 1, BACKBONE_ARGS)
+    with open(tmp_path / "pickled" / "1000" / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump({"module": Exploit()}, f)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        import_sat(tmp_path / "pickled", tmp_path / "out", base=BASE)
+    assert not (tmp_path / "PWNED").exists()
+
+    with pytest.raises(CheckpointError, match="model_config.json: SAT model config not found"):
+        import_sat(tmp_path / "missing_rank" / "1000", tmp_path / "out", base=BASE)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
