@@ -1,0 +1,82 @@
+"""Rank-0 training metrics: progress bar, console lines, TensorBoard scalars and a JSONL file."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("pretrain")
+
+
+class Throughput:
+    """Wall time per optimizer step -> tokens/s, samples/s and model FLOP utilisation."""
+
+    def __init__(self, samples_per_step: int, tokens_per_sample: int, flops_per_sample: float,
+                 peak_flops_total: float):
+        self.samples_per_step = samples_per_step
+        self.tokens_per_sample = tokens_per_sample
+        self.flops_per_sample = flops_per_sample
+        self.peak_flops_total = peak_flops_total
+        self._last = time.perf_counter()
+
+    def reset(self) -> None:
+        self._last = time.perf_counter()
+
+    def tick(self) -> dict:
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        samples_per_s = self.samples_per_step / seconds
+        return {
+            "step_time": seconds,
+            "samples_per_s": samples_per_s,
+            "tokens_per_s": samples_per_s * self.tokens_per_sample,
+            "mfu": samples_per_s * self.flops_per_sample / self.peak_flops_total,
+        }
+
+
+class MetricsLogger:
+    """Does nothing on ranks other than 0."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool, *, total_steps: int, start_step: int,
+                 print_every: int, tensorboard: bool, progress_bar: bool):
+        self.enabled = enabled
+        self.print_every = print_every
+        self.bar = self.writer = self.jsonl = None
+        if not enabled:
+            return
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if self.bar:
+            self.bar.update(1)
+        if step % self.print_every == 0:
+            line = (f"step {step} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} grad_norm {metrics['grad_norm']:.3f} "
+                    f"tokens/s {metrics['tokens_per_s']:.0f} samples/s {metrics['samples_per_s']:.2f} "
+                    f"MFU {100 * metrics['mfu']:.2f}%")
+            if self.bar:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                self.bar.write(line)
+            else:
+                log.info(line)
+
+    def close(self) -> None:
+        for handle in (self.bar, self.writer, self.jsonl):
+            if handle is not None:
+                handle.close()
