@@ -65,7 +65,7 @@ class VideoPipeline:
         """Checkpoints and tokenizers from the paths in `options`; TP>1 joins the parallel
         state of the launcher (torchrun), the same as training."""
         from cogvideo import parallel
-        from cogvideo.tokenizers import load_image_tokenizer
+        from cogvideo.tokenizers.image import load_image_tokenizer
         from cogvideo.tokenizers.text import TextTokenizer
 
         check_paths(options)
@@ -88,7 +88,7 @@ class VideoPipeline:
         from PIL import Image
 
         side = self.sampler.stage1.cfg.frame_size
-        image = np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC))
+        image = np.array(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC))
         return torch.as_tensor(np.asarray(self.image_tokenizer.encode(image[None]))).reshape(-1)
 
     def sample(self, prompts: list[Prompt]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,109 @@
+"""End to end through `cogvideo-sample`: real checkpoints, text and image tokenizers made here,
+outputs on disk, determinism, a user-given first frame, and TP=2 (gloo) == TP=1."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from cogvideo.checkpoint import save_model_checkpoint
+from cogvideo.config import get_preset
+from cogvideo.model import CogVideoModel
+from cogvideo.sampling import cli
+from cogvideo.sampling.clusters import main as clusters_main
+from cogvideo.tokenizers.image import load_image_tokenizer
+from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
+from cogvideo.tokenizers.text import train_text_tokenizer
+
+CAPTIONS = ["a cat plays with a ball 视频", "a dog runs on the beach 高清摄影", "rain falls on a lake"] * 4
+GREEDY = ["frame0_strategy.temperature=0", "stage1_strategy.temperature=0", "stage2_strategy.temperature=0"]
+
+
+def _config(preset):  # tiny, with room for a real tokenizer's prompt
+    return get_preset(preset).replace(text_length=32, image_position_offset=32, max_position_embeddings=48,
+                                      init_std=0.3).validate(2)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    paths = {"text_tokenizer": train_text_tokenizer(CAPTIONS, root / "text", vocab_size=90, byte_fallback=False)}
+    for preset, seed in (("tiny", 0), ("tiny-stage2", 1)):
+        cfg = _config(preset)
+        torch.manual_seed(seed)
+        name = "stage1_checkpoint" if preset == "tiny" else "stage2_checkpoint"
+        paths[name] = save_model_checkpoint(root / preset, CogVideoModel(cfg).state_dict(), cfg)
+    codebook = torch.rand(64, 4 * 4 * 3, generator=torch.Generator().manual_seed(2)) * 255
+    paths["image_tokenizer"] = root / "image.safetensors"
+    PatchVQTokenizer(codebook, frame_size=16, tokens_side=4).save(paths["image_tokenizer"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _args(assets, prompts, out, *extra):
+    options = [f"{k}={v}" for k, v in assets.items()]
+    return ["--prompts", str(prompts), "--out", str(out), *options, "interpolation_levels=1", "batch_size=2", *extra]
+
+
+def test_sample_command_end_to_end(assets, tmp_path):
+    image = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "first.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in [
+        {"prompt": "a cat plays with a ball", "key": "cat"},
+        {"prompt": "a dog runs", "key": "dog", "first_frame": str(tmp_path / "first.png")},
+        {"prompt": "a cat plays with a ball a dog runs on the beach rain falls", "key": "long"},
+    ]))
+    assert cli.main(_args(assets, prompts, tmp_path / "a")) == 1  # one prompt failed
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert (manifest["ok"], manifest["failed"]) == (2, 1)
+    assert "text budget" in manifest["entries"][2]["error"]
+    tokenizer = load_image_tokenizer(assets["image_tokenizer"])
+    cat = np.load(tmp_path / "a" / "cat" / "codes.npy")
+    dog = np.load(tmp_path / "a" / "dog" / "codes.npy")
+    assert cat.shape == dog.shape == (9, 4, 4)
+    assert np.array_equal(dog[0], tokenizer.encode(image[None])[0])  # the user's first frame
+    assert Image.open(tmp_path / "a" / "cat" / "video.gif").n_frames == 9
+    record = json.loads((tmp_path / "a" / "options.json").read_text())
+    assert record["stage1_checkpoint"] == assets["stage1_checkpoint"] and record["stage1_guidance"] == 3.0
+    # same prompts + seed -> same video, in another run and batched differently
+    (tmp_path / "cat.txt").write_text("a cat plays with a ball\n")
+    assert cli.main(_args(assets, tmp_path / "cat.txt", tmp_path / "b", "batch_size=1")) == 0
+    [entry] = [d for d in (tmp_path / "b").iterdir() if d.is_dir()]
+    assert np.array_equal(np.load(entry / "codes.npy"), cat)
+
+
+def test_clusters_command_on_a_tokenizer_file(assets, tmp_path):
+    clusters_main(["--image-tokenizer", assets["image_tokenizer"], "--clusters", "8", "--out", str(tmp_path / "c.npz")])
+    labels = np.load(tmp_path / "c.npz")["labels"]
+    assert labels.shape == (64,) and set(labels) == set(range(8))
+
+
+def _tp_worker(rank, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cli.main(args)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_samples_the_same_video(assets, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat plays with a ball\nrain falls on a lake\n")
+    assert cli.main(_args(assets, prompts, tmp_path / "tp1", *GREEDY)) == 0
+    mp.spawn(_tp_worker, args=(_free_port(), _args(assets, prompts, tmp_path / "tp2", *GREEDY, "tensor_parallel=2")),
+             nprocs=2, join=True)
+    manifest = json.loads((tmp_path / "tp2" / "manifest.json").read_text())
+    assert manifest["ok"] == 2
+    for entry in manifest["entries"]:
+        assert np.array_equal(np.load(tmp_path / "tp1" / entry["key"] / "codes.npy"),
+                              np.load(tmp_path / "tp2" / entry["key"] / "codes.npy"))
