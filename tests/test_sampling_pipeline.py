@@ -107,3 +107,11 @@ def test_tensor_parallel_2_samples_the_same_video(assets, tmp_path):
     for entry in manifest["entries"]:
         assert np.array_equal(np.load(tmp_path / "tp1" / entry["key"] / "codes.npy"),
                               np.load(tmp_path / "tp2" / entry["key"] / "codes.npy"))
+
+
+def test_mismatched_stages_are_refused_before_sampling(assets, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    swapped = {**assets, "stage2_checkpoint": assets["stage1_checkpoint"]}
+    assert cli.main(_args(swapped, prompts, tmp_path / "o")) == 2
+    assert f"{assets['stage1_checkpoint']}: holds a stage1 model, expected stage2" in capsys.readouterr().err

@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PromptError, FileNotFoundError, ValueError) as err:
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 2
-    manifest = run_job(prompts, args.out, options, functools.partial(VideoPipeline.load, options),
-                       use_ray=args.ray, address=args.address)
+    try:
+        manifest = run_job(prompts, args.out, options, functools.partial(VideoPipeline.load, options),
+                           use_ray=args.ray, address=args.address)
+    except (FileNotFoundError, ValueError) as err:  # unreadable checkpoint, mismatched stages, other options
+        print(f"cogvideo-sample: {err}", file=sys.stderr)
+        return 2
     if manifest is not None:
         print(f"{args.out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
         return 0 if manifest["failed"] == 0 else 1

@@ -73,8 +73,18 @@ class VideoPipeline:
             parallel.init_distributed(options.tensor_parallel)
         stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1")
         stage2 = load_stage(Path(options.stage2_checkpoint), options, "stage2") if options.stage2_checkpoint else None
+        if stage2 is not None:
+            for key in ("vocab", "text_length", "frame_tokens"):
+                if getattr(stage1.cfg, key) != getattr(stage2.cfg, key):
+                    raise ValueError(f"model.{key} differs between {options.stage1_checkpoint} and "
+                                     f"{options.stage2_checkpoint}: the stages must share tokenizers and frame layout")
         text = TextTokenizer(options.text_tokenizer, stage1.cfg.vocab)
-        return cls(options, stage1, stage2, text, load_image_tokenizer(options.image_tokenizer))
+        image = load_image_tokenizer(options.image_tokenizer, frame_size=stage1.cfg.frame_size)
+        codes = len(image.codebook())
+        if codes != stage1.cfg.vocab.num_image_tokens:
+            raise ValueError(f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
+                             f"models {stage1.cfg.vocab.num_image_tokens} image tokens")
+        return cls(options, stage1, stage2, text, image)
 
     def check(self, prompt: Prompt) -> None:
         """Raise for a prompt this pipeline cannot sample (text budget, missing first frame)."""
