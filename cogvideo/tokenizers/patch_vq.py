@@ -1,0 +1,262 @@
+"""A small image tokenizer for CPU-scale runs: one code per non-overlapping patch.
+
+Each frame is cut into ``tokens_side x tokens_side`` patches; a code is the index of the
+nearest (L2) codebook patch, decoding pastes the codebook patches back. The codebook is
+fitted by k-means (k-means++ seeding, Lloyd steps with bf16 distance matmuls) and then each
+code is snapped to the real training patch nearest to its centroid: crisp patches instead of
+blurred cluster means keep corners and pure colours, which keeps shapes recognisable after a
+round trip (measured on coloured-shape frames; costs about 1 dB PSNR). Saved as safetensors
+(no pickle): one ``codebook`` tensor plus ``frame_size``/``tokens_side`` metadata.
+
+Command: ``cogvideo-fit-image-tokenizer --frames DIR_OR_GLOB --out FILE.safetensors ...``
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from cogvideo.tokenizers.image import check_codes, check_frames, psnr
+
+FORMAT = "cogvideo-patch-vq"
+FORMAT_VERSION = "1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+CHUNK = 16384  # patches per distance matmul: bounds memory at [CHUNK, codebook_size]
+
+
+def to_patches(frames: np.ndarray, tokens_side: int) -> torch.Tensor:
+    """uint8 [T, S, S, 3] -> float32 [T * n * n, p * p * 3], patches in raster order."""
+    t, size = frames.shape[0], frames.shape[1]
+    p = size // tokens_side
+    x = torch.from_numpy(np.ascontiguousarray(frames)).view(t, tokens_side, p, tokens_side, p, 3)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, p * p * 3).float()
+
+
+def from_patches(patches: torch.Tensor, tokens_side: int) -> np.ndarray:
+    p = int(round((patches.shape[1] // 3) ** 0.5))
+    x = patches.round().clamp(0, 255).to(torch.uint8).view(-1, tokens_side, tokens_side, p, p, 3)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, tokens_side * p, tokens_side * p, 3).numpy()
+
+
+def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row for every row of x (|c|^2 - 2 x.c, chunked).
+
+    The matmul runs in x's dtype: bf16 while fitting (fast on CPUs with bf16 units), fp32
+    when encoding, so that codes are exact."""
+    c = codebook.to(x.dtype)
+    sq = codebook.float().pow(2).sum(1)
+    return torch.cat([(sq - 2 * (x[i:i + CHUNK] @ c.T).float()).argmin(1) for i in range(0, len(x), CHUNK)])
+
+
+class PatchVQTokenizer:
+    def __init__(self, codebook: torch.Tensor | np.ndarray, frame_size: int, tokens_side: int,
+                 device: str = "cpu"):
+        if tokens_side <= 0 or frame_size % tokens_side:
+            raise ValueError(f"tokens_side: expected a divisor of frame_size={frame_size}, got {tokens_side}")
+        self.frame_size, self.tokens_side = frame_size, tokens_side
+        self.patch_size = frame_size // tokens_side
+        codebook = torch.as_tensor(codebook, dtype=torch.float32, device=device)
+        dim = self.patch_size**2 * 3
+        if codebook.ndim != 2 or codebook.shape[1] != dim or len(codebook) == 0:
+            raise ValueError(f"codebook: expected [codebook_size, {dim}] for {self.patch_size}x{self.patch_size} "
+                             f"patches, got {list(codebook.shape)}")
+        self._codebook = codebook
+        self.codebook_size = len(codebook)
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        frames = check_frames(frames, self.frame_size)
+        x = to_patches(frames, self.tokens_side).to(self._codebook.device)
+        codes = nearest(x, self._codebook).cpu().numpy()
+        return codes.reshape(len(frames), self.tokens_side, self.tokens_side)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = check_codes(codes, self.tokens_side, self.codebook_size)
+        patches = self._codebook[torch.from_numpy(codes.reshape(-1)).to(self._codebook.device)]
+        return from_patches(patches.cpu(), self.tokens_side)
+
+    def codebook(self) -> np.ndarray:
+        return self._codebook.cpu().numpy().copy()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"codebook": self._codebook.cpu().contiguous()}, str(path), metadata={
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "frame_size": str(self.frame_size), "tokens_side": str(self.tokens_side)})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "PatchVQTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"patch tokenizer not found: {path}")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+        if "codebook" not in tensors:
+            raise ValueError(f"{path}: missing tensor 'codebook' (found {sorted(tensors)})")
+        try:
+            frame_size, tokens_side = int(meta["frame_size"]), int(meta["tokens_side"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{path}: metadata needs integer 'frame_size' and 'tokens_side', got {meta}") from err
+        try:
+            return cls(tensors["codebook"], frame_size, tokens_side, device)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each new centre drawn with probability ~ squared distance."""
+    sq = x.pow(2).sum(1)
+    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
+    dist = (sq - 2 * x @ x[chosen[0]] + sq[chosen[0]]).clamp(min=0)
+    draws = torch.rand(k, generator=generator, dtype=torch.float64)
+    for u in draws[1:]:
+        cumulative = dist.double().cumsum(0)
+        i = min(int(torch.searchsorted(cumulative, u * cumulative[-1])), len(x) - 1)
+        chosen.append(i)
+        dist = torch.minimum(dist, (sq - 2 * x @ x[i] + sq[i]).clamp(min=0))
+    return x[chosen].clone()
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int = 0, seed_sample: int = 16) -> torch.Tensor:
+    """Lloyd's k-means; empty clusters restart at the worst-served points."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = x[torch.randperm(len(x), generator=generator)[:seed_sample * k]]
+    centres = _kmeans_plus_plus(sample, k, generator)
+    x_low = x.to(torch.bfloat16)
+    for _ in range(iterations):
+        assign = nearest(x_low, centres)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        updated = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], centres)
+        empty = (counts == 0).nonzero().squeeze(1)
+        if len(empty):
+            error = (x - updated[assign]).pow(2).sum(1)
+            updated[empty] = x[error.topk(len(empty)).indices]
+        centres = updated
+    return centres
+
+
+def snap_to_data(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Replace every centre by the data row nearest to it."""
+    best_dist = torch.full((len(centres),), float("inf"))
+    best_row = torch.zeros(len(centres), dtype=torch.long)
+    c_sq = centres.pow(2).sum(1)
+    for i in range(0, len(x), CHUNK):
+        chunk = x[i:i + CHUNK]
+        dist = chunk.pow(2).sum(1)[:, None] - 2 * chunk @ centres.T + c_sq
+        value, row = dist.min(0)
+        better = value < best_dist
+        best_dist[better], best_row[better] = value[better], row[better] + i
+    return x[best_row].clone()
+
+
+def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int, tokens_side: int,
+                        seed: int = 0, iterations: int = 12, max_patches: int = 131072,
+                        crisp: bool = True) -> PatchVQTokenizer:
+    """Fit a ``codebook_size``-code patch tokenizer on uint8 frames [T, frame_size, frame_size, 3]."""
+    frames = check_frames(frames, frame_size)
+    if tokens_side <= 0 or frame_size % tokens_side:
+        raise ValueError(f"tokens_side: expected a divisor of frame_size={frame_size}, got {tokens_side}")
+    x = to_patches(frames, tokens_side)
+    generator = torch.Generator().manual_seed(seed)
+    if len(x) > max_patches:
+        x = x[torch.randperm(len(x), generator=generator)[:max_patches]]
+    distinct = len(torch.unique(x, dim=0))
+    if distinct < codebook_size:
+        raise ValueError(f"codebook_size={codebook_size} needs at least as many distinct patches; "
+                         f"the frames hold {distinct}")
+    centres = kmeans(x, codebook_size, iterations, seed)
+    if crisp:
+        centres = snap_to_data(x, centres)
+    return PatchVQTokenizer(centres, frame_size, tokens_side)
+
+
+def _square(image, frame_size: int) -> np.ndarray:
+    """PIL image -> uint8 [S, S, 3]: centre crop to a square, then resize (area filter)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    side = min(w, h)
+    if (w, h) != (side, side):
+        image = image.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    if side != frame_size:
+        image = image.resize((frame_size, frame_size), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_frames(spec: str, frame_size: int, max_frames: int = 20000) -> np.ndarray:
+    """Frames from a directory or glob of png/jpg images and video files (decoded with PyAV)."""
+    root = Path(spec)
+    paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else \
+        sorted(Path(p) for p in glob.glob(spec, recursive=True))
+    paths = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES]
+    if not paths:
+        raise FileNotFoundError(f"no frames found at {spec} (expected {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
+    from PIL import Image
+
+    frames = []
+    for path in paths:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(path) as image:
+                frames.append(_square(image, frame_size))
+        else:
+            import av
+
+            with av.open(str(path)) as container:
+                for frame in container.decode(video=0):
+                    frames.append(_square(frame.to_image(), frame_size))
+                    if len(frames) >= max_frames:
+                        break
+        if len(frames) >= max_frames:
+            break
+    return np.stack(frames)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fit the small patch image tokenizer and report its "
+                                                 "reconstruction PSNR on held-out frames.")
+    parser.add_argument("--frames", required=True, help="directory or glob of png/jpg frames or video files")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--codebook-size", type=int, required=True)
+    parser.add_argument("--frame-size", type=int, required=True, help="frames are centre-cropped and resized to this")
+    parser.add_argument("--tokens-side", type=int, required=True, help="codes per frame side")
+    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of frames kept for the PSNR")
+    parser.add_argument("--max-frames", type=int, default=20000)
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-crisp", action="store_true",
+                        help="keep k-means means as codes (higher PSNR, blurrier edges)")
+    args = parser.parse_args(argv)
+    if not args.out.endswith(".safetensors"):
+        parser.error(f"--out must end with .safetensors, got {args.out}")
+
+    start = time.perf_counter()
+    frames = read_frames(args.frames, args.frame_size, args.max_frames)
+    order = np.random.default_rng(args.seed).permutation(len(frames))
+    n_held = max(1, int(round(len(frames) * args.held_out))) if len(frames) > 1 else 0
+    held, train = frames[order[:n_held]], frames[order[n_held:]]
+    tokenizer = fit_patch_tokenizer(train, args.codebook_size, args.frame_size, args.tokens_side,
+                                    seed=args.seed, iterations=args.iterations, crisp=not args.no_crisp)
+    tokenizer.save(args.out)
+    print(f"fitted {args.codebook_size} codes of {tokenizer.patch_size}x{tokenizer.patch_size} patches on "
+          f"{len(train)} frames in {time.perf_counter() - start:.1f}s -> {args.out}")
+    print(f"train PSNR {psnr(train, tokenizer.decode(tokenizer.encode(train))):.2f} dB")
+    if n_held:
+        print(f"held-out PSNR {psnr(held, tokenizer.decode(tokenizer.encode(held))):.2f} dB on {n_held} frames")
+
+
+if __name__ == "__main__":
+    main()
