@@ -1,0 +1,85 @@
+"""Rebalance a prepared folder's shards to a count divisible by nodes x loader workers.
+
+Distributed loaders deal whole shards to ranks and workers: with fewer shards than readers
+some wait forever, with an uneven count some run dry first. Samples keep their order and are
+spread evenly (shard sizes differ by at most one); manifest and commit log follow.
+
+    cogvideo-reshard OUT_DIR --divisible-by 16 [--shards 64]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+from pathlib import Path
+
+import webdataset as wds
+from webdataset.tariterators import tarfile_samples
+
+from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY
+from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, read_jsonl, shard_name, write_jsonl
+
+
+def target_count(current: int, samples: int, divisible_by: int, shards: int = 0) -> int:
+    if divisible_by < 1:
+        raise ValueError(f"--divisible-by must be >= 1, got {divisible_by}")
+    count = shards or max(1, math.ceil(current / divisible_by)) * divisible_by
+    if count % divisible_by:
+        raise ValueError(f"--shards {count} is not divisible by --divisible-by {divisible_by}")
+    if count > samples:
+        raise ValueError(f"{samples} samples cannot fill {count} shards; prepare more data or lower --divisible-by")
+    return count
+
+
+def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
+    """Rewrite `root`'s shards into a balanced count divisible by `divisible_by`; returns it."""
+    root = Path(root)
+    out = PrepOutput(root, shard_samples=1, shard_bytes=1)  # reopening drops anything uncommitted
+    manifest = read_jsonl(root / MANIFEST)
+    old_shards = sorted({row["shard"] for row in manifest})
+    count = target_count(len(old_shards), len(manifest), divisible_by, shards)
+    rows = {row["key"]: row for row in manifest}
+    staging = root / f"{SHARD_DIR}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    base, extra = divmod(len(manifest), count)
+    sizes = [base + (i < extra) for i in range(count)]
+    new_manifest, index, writer, written = [], -1, None, 0
+    for sample in tarfile_samples([{"url": str(root / SHARD_DIR / name)} for name in old_shards]):
+        if writer is None or written == sizes[index]:
+            if writer is not None:
+                writer.close()
+            index, written = index + 1, 0
+            writer = wds.TarWriter(str(staging / shard_name(index)), encoder=False, mtime=0)
+        writer.write({"__key__": sample["__key__"], **{k: sample[k] for k in (FRAMES_KEY, CAPTION_KEY, META_KEY)}})
+        new_manifest.append({**rows[sample["__key__"]], "shard": shard_name(index)})
+        written += 1
+    writer.close()
+    if len(new_manifest) != len(manifest):
+        raise RuntimeError(f"{root}: the shards hold {len(new_manifest)} samples, the manifest lists {len(manifest)}")
+    commits = [{"shard": None, "inputs": list(out.finished.values())}]
+    commits += [{"shard": shard_name(i), "inputs": []} for i in range(count)]
+    write_jsonl(root / f"{MANIFEST}.new", new_manifest, "w")
+    write_jsonl(root / f"{DONE}.new", commits, "w")
+    os.replace(root / SHARD_DIR, root / f"{SHARD_DIR}.old")
+    os.replace(staging, root / SHARD_DIR)
+    os.replace(root / f"{MANIFEST}.new", root / MANIFEST)
+    os.replace(root / f"{DONE}.new", root / DONE)
+    shutil.rmtree(root / f"{SHARD_DIR}.old")
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cogvideo-reshard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="a folder written by cogvideo-prep")
+    parser.add_argument("--divisible-by", type=int, required=True, help="nodes x data-loader workers (x DP ranks)")
+    parser.add_argument("--shards", type=int, default=0, help="exact shard count (default: the nearest multiple up)")
+    args = parser.parse_args(argv)
+    count = reshard(args.out, args.divisible_by, args.shards)
+    print(f"{args.out}: {count} shards")
+    return count
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The Ray preparation job end to end on synthetic videos mixed with every bad input of the issue:
+shards load with the training loader, codes decode close to the source, fps follows the rule,
+counts reconcile; rerun, resume after a crash, a killed tokenizer worker and resharding all
+give the same samples as one undisturbed run. One Ray session for the module."""
+import json
+from collections import Counter
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from cogvideo.config import get_preset
+from cogvideo.shards import decode_sample
+from cogvideo.tokenizers.image import load_image_tokenizer
+from data_prep import pipeline, synthetic as syn
+from data_prep.output import DONE, MANIFEST, REJECTED, read_jsonl
+from data_prep.reshard import reshard
+from pretrain.data import ShardLoader
+from test_data_prep_video import make_bad_inputs
+from webdataset.tariterators import tarfile_samples
+
+pytestmark = pytest.mark.slow
+PRESET = get_preset("small")  # 32 px frames, 4x4 tokens, 5 frames per sample
+STAGE1, STAGE2 = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0], [2.0, 4.0, 8.0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    here = os.path.dirname(__file__)
+    # workers (started by the raylet with this environment) import data_prep, cogvideo and this
+    # module, for the killing tokenizer loader
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(here), here]))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Synthetic videos (one with a hard cut) + bad inputs + captions; the expected rejections."""
+    root = tmp_path_factory.mktemp("videos")
+    captions = syn.generate_dataset(root, num_videos=7, seed=3, size=32, fps=8, duration_s=(1.0, 2.0, 4.0))
+    rows = [json.loads(line) for line in captions.read_text().splitlines()]
+    expected = make_bad_inputs(root)
+    shutil.copy(root / rows[0]["path"], root / "zz_copy_of_first.mp4")
+    for name in ("no_caption.mp4", "empty_caption.mp4", "latin1_caption.mp4", "vanishing.mp4"):
+        shutil.copy(root / rows[1]["path"], root / name)
+        with open(root / name, "ab") as f:
+            f.write(name.encode())  # different bytes, so not a content duplicate
+    expected.update({"zz_copy_of_first.mp4": "duplicate_content", "no_caption.mp4": "missing_caption",
+                     "empty_caption.mp4": "empty_caption", "latin1_caption.mp4": "caption_not_utf8",
+                     "vanishing.mp4": "missing_file"})
+    captioned = [n for n in expected if n not in ("no_caption.mp4", "empty_caption.mp4", "latin1_caption.mp4")]
+    extra = [{"path": name, "caption": "a red circle moving left"} for name in captioned]
+    lines = [json.dumps(r) for r in rows + extra + [{"path": "empty_caption.mp4", "caption": " "}]]
+    (root / "captions.jsonl").write_bytes(("\n".join(lines) + "\n").encode()
+                                          + b'{"path": "latin1_caption.mp4", "caption": "caf\xe9"}\n')
+    return {"root": root, "captions": root / "captions.jsonl", "rows": {r["path"]: r for r in rows},
+            "expected": expected}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory, dataset):
+    from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+
+    frames = np.concatenate([syn.render_frames(r["colour"], r["shape"], r["direction"], r["num_frames"], 32, 8,
+                                               r["speed_px_per_s"], seed=r["render_seed"], radius=r["radius"])
+                             for r in dataset["rows"].values()])
+    path = tmp_path_factory.mktemp("tokenizer") / "patch.safetensors"
+    fit_patch_tokenizer(frames, codebook_size=64, frame_size=PRESET.frame_size,
+                        tokens_side=PRESET.frame_tokens, seed=0).save(path)
+    return path
+
+
+def run(dataset, out, tokenizer, *overrides):
+    argv = ["--input", str(dataset["root"]), "--input", str(dataset["root"] / "zz_copy_of_first.mp4"),
+            "--captions", str(dataset["captions"]), "--out", str(out), "--no-progress",
+            f"tokenizer={tokenizer}", "model_preset=small", "shard_samples=6", "min_clip_s=0.2", *overrides]
+    return pipeline.main(argv)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, dataset, tokenizer_path):
+    """One undisturbed run; "vanishing.mp4" is deleted after it was listed."""
+    out = tmp_path_factory.mktemp("prepared")
+    listing = pipeline.list_inputs
+
+    def list_then_delete(*args):
+        paths = listing(*args)
+        os.remove(dataset["root"] / "vanishing.mp4")
+        return paths
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "list_inputs", list_then_delete)
+        summary = run(dataset, out, tokenizer_path)
+    return out, summary
+
+
+def samples_in(folder):
+    """key -> (frames bytes, caption bytes, meta bytes) of every sample in a folder's shards."""
+    urls = [{"url": str(p)} for p in sorted((Path(folder) / "shards").glob("*.tar"))]
+    return {s["__key__"]: (s["frames.npy"], s["caption.txt"], s["meta.json"]) for s in tarfile_samples(urls)}
+
+
+def test_every_input_is_used_or_rejected_with_its_reason(prepared, dataset):
+    out, summary = prepared
+    rejected = Counter((Path(r["source"]).name, r["reason"]) for r in read_jsonl(out / REJECTED) if r["clip"] is None)
+    # zz_copy_of_first.mp4 is listed twice (folder + file): a content duplicate, then a duplicate path
+    assert rejected == Counter([*dataset["expected"].items(), ("zz_copy_of_first.mp4", "duplicate_path")])
+    listed = len(dataset["rows"]) + len(dataset["expected"]) + 1
+    assert summary["inputs"] == listed == summary["inputs_used"] + summary["inputs_rejected"]
+    assert summary["inputs_used"] == len(dataset["rows"])
+    reasons = dict(summary["inputs_rejected_by_reason"])
+    assert reasons.pop("duplicate_path") == 1
+    assert reasons == {r: list(dataset["expected"].values()).count(r) for r in set(dataset["expected"].values())}
+    assert summary["clips_rejected_by_reason"] == {"clip_too_short_for_frames": 1}  # three_frames.mp4
+
+
+def test_fps_follows_the_rule_and_codes_decode_close_to_the_source(prepared, dataset, tokenizer_path):
+    out, summary = prepared
+    tokenizer = load_image_tokenizer(tokenizer_path)
+    manifest = read_jsonl(out / MANIFEST)
+    by_source = {}
+    for row in manifest:
+        by_source.setdefault(Path(row["source"]).name, []).append(row)
+    assert set(by_source) == set(dataset["rows"])
+    for name, rows in by_source.items():
+        truth = dataset["rows"][name]
+        span = truth["duration_s"]  # one shot per synthetic video: the clip is the whole video
+        stage1 = min(r for r in STAGE1 if 4 / r <= span)
+        stage2 = [r for r in STAGE2 if 4 / r <= span and r <= 8]
+        assert sorted((r["stage"], r["fps"]) for r in rows) == [(1, stage1)] + [(2, r) for r in stage2]
+    samples = {s.key: s for s in map(decode_sample, (
+        {"__key__": k, "frames.npy": f, "caption.txt": c, "meta.json": m} for k, (f, c, m) in samples_in(out).items()))}
+    assert set(samples) == {row["key"] for row in manifest} and len(samples) == summary["samples"]
+    agreement = []
+    for sample in samples.values():
+        truth = dataset["rows"][Path(sample.meta.source).name]
+        assert sample.caption == truth["caption"]
+        assert sample.meta.duration == pytest.approx((sample.meta.num_frames - 1) / sample.meta.fps)
+        rendered = syn.render_frames(truth["colour"], truth["shape"], truth["direction"], truth["num_frames"], 32, 8,
+                                     truth["speed_px_per_s"], seed=truth["render_seed"], radius=truth["radius"])
+        times = sample.meta.clip_start + np.arange(5) / sample.meta.fps
+        source = rendered[np.round(times * 8).astype(int)]
+        agreement.append(np.mean(tokenizer.encode(source) == sample.frames))
+        decoded = tokenizer.decode(sample.frames).astype(float)
+        assert np.abs(decoded - source).mean() < 12  # the VQ's own error, small on flat shapes
+    assert np.mean(agreement) > 0.97  # the same codes as encoding the exact source frames
+
+
+def test_shards_load_with_the_training_loader(prepared):
+    out, summary = prepared
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    assert len(shards) == summary["shards"] >= 2
+    for stage in (1, 2):
+        cfg = get_preset("small" if stage == 1 else "small-stage2")
+        text_ids = lambda text: [cfg.vocab.text_offset + 1] * 3  # noqa: E731  (text is not under test)
+        loader = ShardLoader(shards, cfg, text_ids, micro_batch_size=2, stage=stage, seed=0,
+                             shuffle_buffer=1)
+        batch = next(iter(loader))
+        assert batch.tokens.shape == (2, cfg.seq_length)
+        assert loader.position.bad_samples == 0
+
+
+def test_rerun_is_idempotent(prepared, dataset, tokenizer_path):
+    out, summary = prepared
+    before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}, samples_in(out)
+    again = run(dataset, out, tokenizer_path)
+    assert again["this_run"]["samples_written"] == 0
+    assert {k: v for k, v in again.items() if k != "this_run"} == {k: v for k, v in summary.items() if k != "this_run"}
+    assert ({p.name: p.read_bytes() for p in out.glob("*.jsonl")}, samples_in(out)) == before
+
+
+def test_resume_after_a_crash_equals_an_undisturbed_run(prepared, dataset, tokenizer_path, tmp_path):
+    out, summary = prepared
+    crashed = tmp_path / "crashed"
+    shutil.copytree(out, crashed)
+    commits = (crashed / DONE).read_text().splitlines(keepends=True)
+    # crash states: the last two commits never happened (their shards and manifest rows are on
+    # disk), a half-written log line, a shard still being written
+    (crashed / DONE).write_text("".join(commits[:-2]) + commits[-2][: len(commits[-2]) // 2])
+    with open(crashed / MANIFEST, "a") as f:
+        f.write('{"key": "half a ro')
+    (crashed / "shards" / "shard-000099.tar.tmp").write_bytes(b"partial")
+    resumed = run(dataset, crashed, tokenizer_path)
+    assert 0 < resumed["this_run"]["samples_written"] < summary["samples"]
+    assert samples_in(crashed) == samples_in(out)
+    strip = lambda rows: sorted(json.dumps({k: v for k, v in r.items() if k != "shard"}, sort_keys=True) for r in rows)
+    assert strip(read_jsonl(crashed / MANIFEST)) == strip(read_jsonl(out / MANIFEST))
+    assert strip(read_jsonl(crashed / REJECTED)) == strip(read_jsonl(out / REJECTED))
+    assert {k: v for k, v in resumed.items() if k != "this_run"} == {k: v for k, v in summary.items() if k != "this_run"}
+
+
+KILL_MARKER = "killed-once"
+
+
+def load_then_die(path, device="cpu"):
+    """A tokenizer whose process dies (SIGKILL) on its first encode call, once per job."""
+    tokenizer = load_image_tokenizer(path, device=device)
+    encode = tokenizer.encode
+
+    def encode_or_die(frames):
+        marker = Path(path).parent / KILL_MARKER
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(frames)
+
+    tokenizer.encode = encode_or_die
+    return tokenizer
+
+
+def test_a_killed_tokenizer_worker_is_retried_and_the_result_is_unchanged(prepared, dataset, tokenizer_path, tmp_path):
+    out, summary = prepared
+    (tokenizer_path.parent / KILL_MARKER).unlink(missing_ok=True)
+    retried = run(dataset, tmp_path / "killed", tokenizer_path, "tokenizer_loader=test_data_prep_pipeline:load_then_die")
+    assert (tokenizer_path.parent / KILL_MARKER).exists()  # a worker did die
+    assert {p.name: p.read_bytes() for p in (tmp_path / "killed" / "shards").iterdir()} == \
+        {p.name: p.read_bytes() for p in (out / "shards").iterdir()}  # byte for byte
+    assert retried["samples"] == summary["samples"]
+
+
+def test_reshard_balances_to_a_divisible_count_and_keeps_every_sample(prepared, dataset, tokenizer_path, tmp_path):
+    out, summary = prepared
+    folder = tmp_path / "resharded"
+    shutil.copytree(out, folder)
+    count = reshard(folder, divisible_by=4)
+    assert count % 4 == 0 and count >= summary["shards"]
+    sizes = [len(list(tarfile_samples([{"url": str(p)}]))) for p in sorted((folder / "shards").glob("*.tar"))]
+    assert len(sizes) == count and max(sizes) - min(sizes) <= 1
+    assert samples_in(folder) == samples_in(out)
+    manifest = read_jsonl(folder / MANIFEST)
+    for shard in {r["shard"] for r in manifest}:
+        keys = {s["__key__"] for s in tarfile_samples([{"url": str(folder / "shards" / shard)}])}
+        assert keys == {r["key"] for r in manifest if r["shard"] == shard}
+    again = run(dataset, folder, tokenizer_path)  # a resharded folder is still resumable
+    assert again["this_run"]["samples_written"] == 0 and again["shards"] == count
+    with pytest.raises(ValueError, match="cannot fill"):
+        reshard(folder, divisible_by=summary["samples"] + 1)
