@@ -23,7 +23,7 @@ from cogvideo.checkpoint.format import (Checkpoint, load_model_config, load_mode
                                         reshard, save_model_checkpoint)
 from cogvideo.checkpoint.io import CheckpointError
 from cogvideo.checkpoint.sat import import_sat
-from cogvideo.checkpoint.zero import convert_zero
+from cogvideo.checkpoint.zero import convert_zero, restore_optimizer_state
 
 __all__ = ["Checkpoint", "CheckpointError", "convert_zero", "import_sat", "load_model_config", "load_model_state",
-           "load_optimizer_state", "reshard", "save_model_checkpoint"]
+           "load_optimizer_state", "reshard", "restore_optimizer_state", "save_model_checkpoint"]

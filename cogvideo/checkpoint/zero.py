@@ -118,12 +118,14 @@ class ZeroCheckpoint:
                 if offset > available:
                     raise CheckpointError(f"{self.path}: TP rank {t} group {g}: parameters need {offset} "
                                           f"elements, the DP partitions hold {available}")
+        # megatron layers put non-tensor "_extra_state" entries into the module state
+        module = {n: v for n, v in model["module"].items() if torch.is_tensor(v)}
         frozen = model.get("frozen_param_shapes") or {}
         if not self.stage3:
-            frozen = {n: tuple(v.shape) for n, v in model["module"].items() if n not in shapes} | dict(frozen)
+            frozen = {n: tuple(v.shape) for n, v in module.items() if n not in shapes} | dict(frozen)
         for name, shape in frozen.items():
             shapes[name], where[name] = tuple(shape), "frozen"
-        order = [n for n in model["module"] if n in shapes] + [n for n in shapes if n not in model["module"]]
+        order = [n for n in module if n in shapes] + [n for n in shapes if n not in module]
         return {"shapes": {n: shapes[n] for n in order}, "where": where, "group_starts": group_starts}
 
     def _open(self, t: int) -> dict:
@@ -235,3 +237,35 @@ def convert_zero(src: str | Path, dst: str | Path, cfg: ModelConfig | None = Non
                             iteration=zero.iteration, tensor_parallel=tensor_parallel, force=force, dtype=dtype,
                             max_shard_bytes=max_shard_bytes, optimizer=moments,
                             source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})")
+
+
+def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size: int = 1) -> int:
+    """Put the Adam moments and step saved in our checkpoint `path` into a DeepSpeed engine of
+    any ZeRO stage and TP x DP layout (after ``deepspeed.initialize``, with the model weights
+    loaded from ``load_model_state`` before it). Collective under ZeRO-3. Returns the step."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    from cogvideo.checkpoint.format import load_optimizer_state
+
+    state = load_optimizer_state(path, tp_rank, tp_size)
+    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    missing = [n for n in trainable if n not in state["exp_avg"]]
+    extra = [n for n in state["exp_avg"] if n not in trainable]
+    if missing or extra:
+        raise CheckpointError(f"{path}: optimizer state does not fit the model's trainable parameters: "
+                              f"missing {missing[:20]}, not trainable here {extra[:20]}")
+    step = int(state["state"]["step"])
+    # Adam creates its state at the first step; create it now (zeros, then overwritten below) on
+    # the flat fp32 partitions the ZeRO optimizer hands to torch's AdamW
+    inner = engine.optimizer.optimizer
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2 point each parameter's fragment at those states once
+        link()
+    for name, param in trainable.items():
+        for key in ADAM_KEYS:
+            safe_set_full_optimizer_state(param, state[key][name], key)
+    return step

@@ -1,0 +1,256 @@
+"""DeepSpeed ZeRO-1/2/3 checkpoints written by real engines (two gloo ranks) -> our format:
+equal to the engines' live fp32 weights and Adam moments, with bounded peak memory; and resume
+on a changed layout (TP=2 x DP=1 <-> TP=1 x DP=2) with the same losses as the original run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvideo.checkpoint import (CheckpointError, convert_zero, load_model_state, load_optimizer_state,
+                                 save_model_checkpoint)
+from cogvideo.checkpoint.cli import describe, main
+from cogvideo.config import get_preset
+from cogvideo.model import CogVideoModel
+
+REPO = Path(__file__).resolve().parents[1]
+# big enough that holding the model would dwarf the streaming bound (~9.5M params, 38 MB fp32)
+MEDIUM = get_preset("tiny").replace(name="medium", hidden_size=384, num_layers=4, num_heads=4, train_backbone=True)
+FROZEN = "position_embeddings.weight"  # frozen by the worker: frozen parameters take another path
+TINY = get_preset("tiny")
+STAGES = (1, 2, 3)
+
+
+def torchrun(mode: str, out: Path, port: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           __file__, mode, str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero")
+    torchrun("zero", out, 29641)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_consolidation_equals_live_weights_and_moments(zero_runs, tmp_path, stage):
+    live = torch.load(zero_runs / f"live{stage}.pt")
+    ours = convert_zero(zero_runs / f"zero{stage}", tmp_path / "ours", MEDIUM, max_shard_bytes=1 << 20)
+    weights = load_model_state(ours)
+    assert set(weights) == set(live["weights"])
+    for name, tensor in live["weights"].items():
+        assert torch.equal(weights[name], tensor), name
+    optim = load_optimizer_state(ours)
+    assert optim["state"]["step"] == 2 and set(optim["exp_avg"]) == set(live["exp_avg"])
+    assert FROZEN not in optim["exp_avg"] and FROZEN in weights
+    for key in ("exp_avg", "exp_avg_sq"):
+        for name, tensor in live[key].items():
+            assert torch.equal(optim[key][name], tensor), (key, name)
+    # any TP degree from the consolidated checkpoint
+    half = load_model_state(ours, 1, 2)
+    assert torch.equal(half["layers.0.mlp.dense_h_to_4h.weight"], live["weights"]["layers.0.mlp.dense_h_to_4h.weight"][768:])
+
+
+MEMORY_PROBE = """
+import json, sys
+from cogvideo.checkpoint.zero import convert_zero
+from cogvideo.config import ModelConfig
+from cogvideo.configio import from_dict
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+cfg, src, out, shard = from_dict(ModelConfig, json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], int(sys.argv[4])
+convert_zero(src, out + "-warmup", cfg, max_shard_bytes=shard)  # pages in the code paths once
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+convert_zero(src, out, cfg, max_shard_bytes=shard)
+print(json.dumps({"increase": status("VmHWM") - before}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", (2, 3))
+def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path, stage):
+    """Peak RSS growth while converting weights and Adam moments stays within a few output
+    shards plus the largest tensor, far below one rank's optimizer file or the fp32 model."""
+    from cogvideo.configio import to_dict
+
+    shard = 2 << 20
+    cmd = [sys.executable, "-c", MEMORY_PROBE, json.dumps(to_dict(MEDIUM)), str(zero_runs / f"zero{stage}"),
+           str(tmp_path / "ours"), str(shard)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    increase = json.loads(run.stdout.strip().splitlines()[-1])["increase"]
+    model_bytes = 4 * sum(t.numel() for t in load_model_state(tmp_path / "ours").values())
+    rank_file = max(f.stat().st_size for f in (zero_runs / f"zero{stage}").rglob("*optim_states.pt"))
+    largest_tensor = 4 * MEDIUM.ffn_size * MEDIUM.hidden_size
+    bound = 4 * shard + 2 * largest_tensor + (8 << 20)
+    print(f"ZeRO-{stage}: peak +{increase / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB fp32, "
+          f"rank file {rank_file / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB")
+    assert increase < bound < min(rank_file, model_bytes) / 1.5
+
+
+@pytest.mark.slow
+def test_resume_on_changed_layout_gives_the_original_losses(tmp_path):
+    torch.manual_seed(0)
+    save_model_checkpoint(tmp_path / "w0", CogVideoModel(TINY).state_dict(), TINY)
+    torchrun("layout", tmp_path, 29651)
+    r = json.loads((tmp_path / "results.json").read_text())
+    for original, resumed in (("tp2", "tp1_from_tp2"), ("tp1", "tp2_from_tp1")):
+        # step 3 depends on the weights, step 4 also on Adam's moments and step count
+        assert r[resumed] == pytest.approx(r[original][2:], rel=1e-5, abs=1e-6), (original, r)
+    assert abs(r["tp1_from_tp2_no_optimizer"][1] - r["tp2"][3]) > 1e-4  # the moments matter
+    report = describe(tmp_path / "ds_tp2")
+    assert (report["format"], report["tensor_parallel"], report["data_parallel"], report["iteration"]) == \
+        ("DeepSpeed ZeRO-2", 2, 1, 2)
+
+
+def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
+    src = zero_runs / "zero2"
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(src), str(broken)], check=True)
+    tag = broken / (broken / "latest").read_text().strip()
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"missing rank files for \(tp, dp\) ranks \[\(0, 1\)\]"):
+        convert_zero(broken, tmp_path / "out", MEDIUM)
+    subprocess.run(["cp", str(src / tag.name / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), str(tag)], check=True)
+    optim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt: cannot be read"):
+        convert_zero(broken, tmp_path / "out", MEDIUM)
+    with pytest.raises(CheckpointError, match=r"does not fit model 'tiny'.*missing keys \(42\): layers\.4\.temporal_gate"):
+        convert_zero(src, tmp_path / "out", TINY.replace(num_layers=6))
+    with pytest.raises(CheckpointError, match="train_config.yaml: missing"):
+        convert_zero(src, tmp_path / "out")
+    assert main(["zero", str(src), str(tmp_path / "out"), "--preset", "tiny"]) == 2
+    assert not (tmp_path / "out").exists()
+    assert main(["zero", str(src), str(tmp_path / "out"), "--preset", "tiny", "--set", "hidden_size=384",
+                 "--set", "num_layers=4", "--set", "name=medium", "--no-optimizer", "--tp", "2"]) == 0
+    assert not (tmp_path / "out" / "optimizer").exists() and describe(tmp_path / "out")["tensor_parallel"] == 2
+
+
+# ---- torchrun workers ----------------------------------------------------------------------
+
+def _engine(model, zero_stage: int, dp: int):
+    import deepspeed
+
+    from cogvideo import parallel
+
+    config = {"train_micro_batch_size_per_gpu": 2 // dp, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+              "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
+              "steps_per_print": 10**9}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return deepspeed.initialize(model=model, model_parameters=trainable, config=config, mpu=parallel.mpu())[0]
+
+
+def _train_step(engine, cfg, step: int) -> float:
+    """One step on global batch `step` (2 samples; DP rank r takes its share); the global loss."""
+    import torch.distributed as dist
+
+    from cogvideo import parallel
+
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, cfg.vocab.num_image_tokens, (2, cfg.text_length + 2 * cfg.tokens_per_frame), generator=g)
+    per_rank = 2 // parallel.dp_size()
+    mine = slice(parallel.dp_rank() * per_rank, (parallel.dp_rank() + 1) * per_rank)
+    logits = engine(tokens[mine])
+    loss = engine.module.loss(logits[:, :-1], tokens[mine, 1:], torch.ones_like(tokens[mine, 1:]))
+    engine.backward(loss)
+    engine.step()
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=parallel.dp_group())
+    return total.item() / parallel.dp_size()
+
+
+def _zero_worker(out: Path) -> None:
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from cogvideo import parallel
+
+    parallel.init_distributed(1, backend="gloo")
+    for stage in STAGES:
+        torch.manual_seed(0)
+        model = CogVideoModel(MEDIUM)
+        getattr(model, FROZEN.split(".")[0]).weight.requires_grad_(False)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        engine = _engine(model, stage, dp=2)
+        for step in range(2):
+            _train_step(engine, MEDIUM, step)
+        engine.save_checkpoint(str(out / f"zero{stage}"), tag="global_step2")
+        live = {"weights": dict(frozen), "exp_avg": {}, "exp_avg_sq": {}}
+        for name, param in engine.module.named_parameters():
+            if param.requires_grad:
+                live["weights"][name] = safe_get_full_fp32_param(param).clone()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    live[key][name] = safe_get_full_optimizer_state(param, key).clone()
+        if dist.get_rank() == 0:
+            torch.save(live, out / f"live{stage}.pt")
+        dist.barrier()
+    parallel.destroy()
+
+
+def _layout_worker(out: Path) -> None:
+    """TP=2 x DP=1 and TP=1 x DP=2 in turn on the same two ranks: train, checkpoint, convert,
+    resume in the other layout; losses go to results.json."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from cogvideo import parallel
+    from cogvideo.checkpoint import convert_zero, restore_optimizer_state
+
+    results = {}
+
+    def layout(tp: int) -> None:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel.init_distributed(tp, backend="gloo")
+
+    def engine_from(path: Path, optimizer: bool):
+        model = CogVideoModel(TINY)
+        model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
+        engine = _engine(model, 2, parallel.dp_size())
+        if optimizer:
+            restore_optimizer_state(engine, path, parallel.tp_rank(), parallel.tp_size())
+        return engine
+
+    def train_and_save(name: str) -> None:
+        engine = engine_from(out / "w0", optimizer=False)
+        results[name] = [_train_step(engine, TINY, 0), _train_step(engine, TINY, 1)]
+        engine.save_checkpoint(str(out / f"ds_{name}"), tag="step2")
+        results[name] += [_train_step(engine, TINY, 2), _train_step(engine, TINY, 3)]
+        dist.barrier()
+        if dist.get_rank() == 0:
+            convert_zero(out / f"ds_{name}", out / f"ours_{name}", TINY)
+        dist.barrier()
+
+    def resume(name: str, source: str, optimizer: bool = True) -> None:
+        engine = engine_from(out / f"ours_{source}", optimizer)
+        results[name] = [_train_step(engine, TINY, 2), _train_step(engine, TINY, 3)]
+
+    layout(2)
+    train_and_save("tp2")
+    layout(1)
+    resume("tp1_from_tp2", "tp2")
+    resume("tp1_from_tp2_no_optimizer", "tp2", optimizer=False)
+    train_and_save("tp1")
+    layout(2)
+    resume("tp2_from_tp1", "tp1")
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results))
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    {"zero": _zero_worker, "layout": _layout_worker}[sys.argv[1]](Path(sys.argv[2]))
