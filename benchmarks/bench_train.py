@@ -1,0 +1,133 @@
+"""Training throughput of the full stack (1 rank) against a bare PyTorch loop, in one run.
+
+    python benchmarks/bench_train.py [--preset small] [--batch 8] [--steps 20]
+
+Full stack = `pretrain.train.Trainer.run`: shard loader thread, DeepSpeed engine (ZeRO-2, fp32),
+NaN guard, signal check, metrics (JSONL + TensorBoard); its step time comes from the metrics
+file. Bare loop = the same model and batch with torch.optim.AdamW and clip_grad_norm_.
+Achieved FLOP/s (analytic, cogvideo.flops) is compared with a square matmul timed here.
+Target: stack tokens/s >= 0.9x the bare loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cogvideo.config import get_preset  # noqa: E402
+from cogvideo.flops import train_flops  # noqa: E402
+from cogvideo.model import CogVideoModel  # noqa: E402
+from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
+from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402
+
+
+def write_data(root: Path, cfg, samples: int) -> tuple[list[str], str]:
+    rng = np.random.default_rng(0)
+    side = cfg.frame_tokens
+    path = str(root / "bench-000.tar")
+    captions = [f"a red ball moves {i % 7} steps left" for i in range(samples)]
+    with wds.TarWriter(path) as sink:
+        for i, caption in enumerate(captions):
+            frames = rng.integers(0, cfg.vocab.num_image_tokens, (cfg.num_frames, side, side))
+            meta = ClipMeta(duration=4.0, fps=1.0, stage=1, source="bench", clip_start=0.0, clip_end=4.0,
+                            num_frames=cfg.num_frames)
+            sink.write(encode_sample(f"b{i}", frames, caption, meta))
+    tokenizer = train_text_tokenizer(captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False)
+    return [path], str(tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stack_step_times(args, root: Path, shards: list[str], tokenizer: str) -> tuple[list[float], dict]:
+    from pretrain.config import check_config, load_train_config
+    from pretrain.train import Trainer
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cfg = load_train_config(None, [
+        f"model.preset={args.preset}", f"data.shards=[{shards[0]}]", f"data.text_tokenizer={tokenizer}",
+        "data.shuffle_buffer=16", f"training.micro_batch_size={args.batch}",
+        f"training.max_steps={args.warmup + args.steps}", "optim.warmup_steps=5", "parallel.zero_stage=2",
+        f"checkpoint.dir={root / 'run'}", f"checkpoint.every_steps={10**6}", "logging.progress_bar=false",
+        f"logging.every_steps={10**6}"])
+    trainer = Trainer(cfg, check_config(cfg, 1), shards)
+    trainer.run()
+    rows = [json.loads(line) for line in (root / "run/logs/metrics.jsonl").read_text().splitlines()]
+    batch = next(trainer.batches)
+    return [r["step_time"] for r in rows[args.warmup:]], batch
+
+
+def bare_step_times(args, model_cfg, batch) -> list[float]:
+    torch.manual_seed(0)
+    model = CogVideoModel(model_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = model.loss(model(batch.tokens), batch.targets, batch.loss_mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[args.warmup:]
+
+
+def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    model_cfg = get_preset(args.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shards, tokenizer = write_data(root, model_cfg, samples=64)
+        stack, batch = stack_step_times(args, root, shards, tokenizer)
+    bare = bare_step_times(args, model_cfg, batch)
+    peak = matmul_flops()
+    tokens = args.batch * model_cfg.seq_length
+    flops = train_flops(model_cfg, batch=args.batch)
+    t_stack, t_bare = statistics.median(stack), statistics.median(bare)
+    print(f"preset {args.preset}, batch {args.batch} x {model_cfg.seq_length} tokens, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} steps")
+    print(f"bare PyTorch loop : {tokens / t_bare:10.0f} tokens/s  {flops / t_bare / 1e9:7.2f} GFLOP/s")
+    print(f"full stack (1 rank): {tokens / t_stack:10.0f} tokens/s  {flops / t_stack / 1e9:7.2f} GFLOP/s")
+    print(f"matmul 1024^3      : {peak / 1e9:7.2f} GFLOP/s")
+    print(f"stack / bare tokens/s  : {t_bare / t_stack:.3f}  (target >= 0.9)")
+    print(f"stack FLOP/s / matmul  : {flops / t_stack / peak:.3f}")
+    print(f"bare  FLOP/s / matmul  : {flops / t_bare / peak:.3f}")
+
+
+if __name__ == "__main__":
+    main()
