@@ -130,12 +130,21 @@ def test_prompt_files(tmp_path):
     with pytest.raises(PromptError, match="not found: .*nope.txt"):
         read_prompts(tmp_path / "nope.txt")
     jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "a cat", "first_frame": "cat.png"}\n{"prompt": "a cat"}\n{"text": 1}\n')
+    jsonl.write_text('{"prompt": "a cat", "first_frame": "cat.png"}\n{"prompt": "a dog"}\n{"text": 1}\n')
     with pytest.raises(PromptError, match="p.jsonl:3: expected a JSON object with a 'prompt'"):
         read_prompts(jsonl)
     jsonl.write_text('{"prompt": "a cat", "first_frame": "cat.png"}\n{"prompt": "a cat"}\n')
+    with pytest.raises(PromptError, match="p.jsonl:2: duplicate of line 1"):
+        read_prompts(jsonl)
+    jsonl.write_text('{"prompt": "a cat", "first_frame": "cat.png"}\n{"prompt": "a cat", "key": "cat2"}\n')
     first, second = read_prompts(jsonl)
-    assert first.first_frame == "cat.png" and first.key != second.key
+    assert first.first_frame == "cat.png" and second.key == "cat2"
+    reordered = tmp_path / "r.txt"
+    reordered.write_text("a dog\na cat\n")
+    assert read_prompts(reordered)[1].key == first.key  # keys survive edits of the file
+    jsonl.write_text('{"prompt": "a cat", "key": "../up"}\n')
+    with pytest.raises(PromptError, match="key '../up' is not a plain folder name"):
+        read_prompts(jsonl)
 
 
 def test_text_budget_is_refused_not_truncated():

@@ -1,6 +1,7 @@
 """Prompt files and prompt text -> the model's left-padded text block."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ class Prompt:
     first_frame: str | None = None  # image path, used instead of sampling frame 0
 
 
-def _slug(index: int, text: str) -> str:
+def _key(text: str) -> str:
+    """Readable and stable when lines are added or reordered: words + a hash of the text."""
     words = re.sub(r"[^\w]+", "_", text.lower()).strip("_")[:40].rstrip("_")
-    return f"{index:04d}_{words}" if words else f"{index:04d}"
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{words}_{digest}" if words else digest
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -33,7 +36,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}")
-    prompts = []
+    prompts, lines = [], {}
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -48,13 +51,15 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             text, first_frame, key = line, None, None
         if not isinstance(text, str) or not text.strip():
             raise PromptError(f"{path}:{lineno}: empty prompt")
-        prompts.append(Prompt(key or _slug(len(prompts), text), text.strip(), first_frame))
+        if key is not None and (not isinstance(key, str) or not re.fullmatch(r"[\w][\w.-]*", key)):
+            raise PromptError(f"{path}:{lineno}: key {key!r} is not a plain folder name")
+        prompt = Prompt(key or _key(text.strip()), text.strip(), first_frame)
+        if prompt.key in lines:  # the same key would share one output entry
+            raise PromptError(f"{path}:{lineno}: duplicate of line {lines[prompt.key]} (output key {prompt.key!r})")
+        lines[prompt.key] = lineno
+        prompts.append(prompt)
     if not prompts:
         raise PromptError(f"{path}: no prompts (empty file)")
-    keys = [p.key for p in prompts]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise PromptError(f"{path}: duplicate prompt keys {duplicates}")
     return prompts
 
 
