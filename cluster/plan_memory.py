@@ -1,0 +1,228 @@
+"""Per-GPU memory of one training layout: model states (the DeepSpeed accounting) and the
+activations cogvideo/model.py keeps for the backward pass.
+
+Model states, per parameter on this TP rank, for 16-bit training with Adam (the byte counts
+DeepSpeed's ZeRO estimators use; `dp` = data-parallel size)::
+
+                      16-bit weights  16-bit grads  fp32 grads  fp32 master + Adam m, v
+    ZeRO-0            2               2             4           12
+    ZeRO-1            2               2             4 / dp      12 / dp
+    ZeRO-2            2               2 / dp        4 / dp      12 / dp
+    ZeRO-3            2 / dp          -             4 / dp      12 / dp   (+ 4 x largest layer gathered)
+    + offload         grads and optimizer states move to host memory (ZeRO-3 keeps its 16-bit shard)
+
+Frozen parameters (the CogView2 backbone, ~6B of 7.7B) hold only their weights. fp32 training
+keeps no master copy: 4 (weights) + 4 (grads) + 8 (Adam) bytes per trainable parameter.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from cogvideo.config import ModelConfig
+
+GiB = 2 ** 30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STATS_BYTES = 4  # layer-norm mean/rstd and attention log-sum-exp stay fp32
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    gpus_per_node: int = 8
+    tp: int = 1
+    zero: int = 2
+    offload: bool = False  # optimizer states (+ fp32 grads) in host memory
+    micro_batch: int = 1
+    act_ckpt: bool = False
+    dtype: str = "bf16"
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.tp
+
+    def describe(self) -> str:
+        nodes = -(-self.gpus // self.gpus_per_node)
+        zero = f"ZeRO-{self.zero}" + (" + CPU offload" if self.offload else "")
+        ckpt = ", act ckpt" if self.act_ckpt else ""
+        return (f"{self.gpus} GPUs ({nodes} nodes x {self.gpus_per_node}), TP {self.tp} x DP {self.dp}, "
+                f"{zero}, micro-batch {self.micro_batch}, {self.dtype}{ckpt}")
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """Parameters held by one TP rank (before ZeRO partitioning)."""
+
+    trainable: int
+    frozen: int
+    largest_layer: int  # most parameters owned directly by one module (DeepSpeed's ZeRO-3 rule)
+    largest_trainable: int  # the biggest single trainable tensor
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+@functools.lru_cache(maxsize=8)
+def _param_table(cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]:
+    """(module, numel, copies, trainable, split over TP) of every parameter of the real model.
+
+    Built on the meta device with one layer (initialising a 48-layer model on meta costs
+    seconds); layer parameters repeat `num_layers` times."""
+    import torch
+
+    from cogvideo.model import CogVideoModel
+    from cogvideo.parallel import split_rule
+
+    cfg = ModelConfig(**dict(cfg_key))
+    with torch.device("meta"):
+        model = CogVideoModel(cfg.replace(num_layers=1))
+    return tuple((name.rpartition(".")[0], p.numel(), cfg.num_layers if name.startswith("layers.") else 1,
+                  p.requires_grad, split_rule(name) is not None)
+                 for name, p in model.named_parameters())
+
+
+def rank_params(cfg: ModelConfig, tp: int) -> RankParams:
+    """Per-rank counts from the model's own parameters and cogvideo.parallel.split_rule."""
+    key = tuple((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)
+    trainable = frozen = largest_trainable = 0
+    per_module: dict[str, int] = {}
+    for module, numel, copies, trains, split in _param_table(key):
+        local = numel // tp if split else numel
+        if trains:
+            trainable += local * copies
+            largest_trainable = max(largest_trainable, local)
+        else:
+            frozen += local * copies
+        per_module[module] = per_module.get(module, 0) + local
+    return RankParams(trainable, frozen, max(per_module.values()), largest_trainable)
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes per GPU (and per GPU in host memory when offloading)."""
+
+    weights_trainable: float
+    weights_frozen: float
+    gradients: float
+    optimizer: float
+    gathered_layer: float  # ZeRO-3: one layer's full weights (+ grads) while it runs
+    host: float  # offloaded grads + optimizer states, per GPU
+
+    @property
+    def gpu_total(self) -> float:
+        return self.weights_trainable + self.weights_frozen + self.gradients + self.optimizer + self.gathered_layer
+
+
+def model_states(params: RankParams, layout: Layout) -> ModelStates:
+    zero, dp, train, frozen = layout.zero, layout.dp, params.trainable, params.frozen
+    if layout.dtype == "fp32":
+        weight, grad16, grad32, optim = 4, 0, 4, 8
+    else:
+        weight, grad16, grad32, optim = 2, 2, 4, 12
+    weight_share = 1 / dp if zero == 3 else 1
+    if zero == 3:
+        grad16 = 0  # reduce-scattered straight into the fp32 partition
+    grads = train * (grad16 / (dp if zero >= 2 else 1) + grad32 / (dp if zero >= 1 else 1))
+    states = train * optim / (dp if zero >= 1 else 1)
+    gathered = 4 * params.largest_layer if zero == 3 else 0
+    host = 0.0
+    if layout.offload:
+        host, grads, states = grads + states, 0.0, 0.0
+    return ModelStates(train * weight * weight_share, frozen * weight * weight_share, grads, states, gathered, host)
+
+
+# ---- activations ---------------------------------------------------------------------------
+def layer_activation_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str = "fp32") -> float:
+    """Bytes one TransformerLayer keeps for backward (blocked attention path, full sequence):
+    the tensors autograd saves, each storage once. Frozen linear layers keep no input."""
+    e, s = DTYPE_BYTES[dtype], STATS_BYTES
+    T, n, nf, L = cfg.text_length, cfg.tokens_per_frame, cfg.num_frames, cfg.seq_length
+    h, f, heads = cfg.hidden_size, cfg.ffn_size / tp, cfg.num_heads / tp
+    ht, F = h / tp, nf * n  # this rank's hidden slice; frame tokens
+    backbone_trains = cfg.train_backbone or not cfg.has_temporal
+    temporal = cfg.has_temporal
+
+    total = 4 * L * h * e + 4 * 2 * L * s  # the four layer norms' inputs and statistics
+    total += 3 * L * ht * e  # spatial QKV output (text q, k, v are views of it)
+    total += T * ht * e + T * heads * s + T * T * e  # text block: output, lse, mask
+    # frame blocks: q regrouped per frame (a view when one sample or one frame), text + frame
+    # k and v, output, lse, mask
+    total += F * ht * e * (batch > 1 and nf > 1) + 2 * nf * (T + n) * ht * e
+    total += F * ht * e + F * heads * s + F * (T + n) * e
+    total += L * f * e  # GELU input
+    if backbone_trains or temporal:
+        total += L * h * e  # first norm's output, input of a trainable QKV
+    if backbone_trains:
+        total += L * ht * e + L * h * e + L * f * e  # inputs of attention.dense and both MLP linears
+    if temporal:
+        total += L * ht * e  # input of the temporal dense
+        total += F * ht * e + F * heads * s  # output, lse
+        if cfg.stage == "stage1":
+            total += 3 * L * ht * e + F * L * e  # QKV output (q, k, v are views of it), mask
+        else:
+            per = nf * cfg.window_size ** 2  # tokens of one 3D window
+            windows = n // cfg.window_size ** 2
+            total += F * ht * e + 2 * windows * (T + per) * ht * e  # gathered q, text + window k, v
+            total += F * ht * e * (batch > 1)  # window outputs regrouped (a view for one sample)
+            total += windows * per * (T + per) * e  # mask
+        total += 2 * L * h * e + 2 * h * e  # the gate mix keeps both channel outputs and a, 1 - a
+    return batch * total
+
+
+def logits_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str = "fp32") -> float:
+    """The output layer at the end of forward / start of backward: the logits (then their
+    gradient, same size) and the fp32 log-softmax over the image ids the loss keeps."""
+    e, L = DTYPE_BYTES[dtype], cfg.seq_length
+    V, images = cfg.vocab.vocab_size / tp, cfg.vocab.num_image_tokens / tp
+    return batch * L * (V * e + images * STATS_BYTES)
+
+
+def activation_bytes(cfg: ModelConfig, layout: Layout) -> float:
+    """Peak activation memory of one micro-batch on one GPU (at the start of backward)."""
+    b, tp, e = layout.micro_batch, layout.tp, DTYPE_BYTES[layout.dtype]
+    layer = layer_activation_bytes(cfg, b, tp, layout.dtype)
+    hidden = b * cfg.seq_length * cfg.hidden_size * e
+    # the final norm's input (and its output, when the tied output layer trains)
+    final = hidden * (2 if cfg.train_backbone or not cfg.has_temporal else 1)
+    if layout.act_ckpt:  # every layer keeps its input; the one being recomputed keeps everything
+        kept = cfg.num_layers * hidden + layer
+    else:
+        kept = cfg.num_layers * layer
+    return kept + final + logits_bytes(cfg, b, tp, layout.dtype)
+
+
+# ---- the whole GPU ---------------------------------------------------------------------------
+BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    params: RankParams
+    states: ModelStates
+    activations: float  # at the start of backward, where they peak
+    last_layer_activations: float  # what the bottom layer holds when nearly all gradients exist
+    buffers: float  # DeepSpeed communication buckets + CUDA/NCCL context
+    step_transient: float  # no ZeRO: the optimizer step's temporaries while gradients exist
+    zero: int
+
+    @property
+    def peak(self) -> float:
+        s = self.states
+        weights = s.weights_trainable + s.weights_frozen + s.gathered_layer
+        if self.zero == 0:  # gradients are freed between steps and appear as activations go
+            late = s.gradients + max(self.last_layer_activations, self.step_transient)
+            return weights + s.optimizer + max(self.activations, late) + self.buffers
+        return s.gpu_total + self.activations + self.buffers
+
+
+def plan_memory(cfg: ModelConfig, layout: Layout, context_bytes: float = 2 * GiB) -> MemoryPlan:
+    params = rank_params(cfg, layout.tp)
+    states = model_states(params, layout)
+    e = DTYPE_BYTES[layout.dtype]
+    buckets = {0: 0, 1: 2, 2: 2, 3: 1.1}[layout.zero] * BUCKET_ELEMENTS * e  # ZeRO-3: reduce + prefetch
+    # torch's single-tensor Adam: a square root and a quotient the size of the largest parameter
+    transient = 2 * 4 * params.largest_trainable if layout.zero == 0 else 0
+    last_layer = layer_activation_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype)
+    return MemoryPlan(params, states, activation_bytes(cfg, layout), last_layer, buckets + context_bytes,
+                      transient, layout.zero)
