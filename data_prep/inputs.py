@@ -29,6 +29,7 @@ REASONS = {
     "caption_not_utf8": "the caption is not valid UTF-8",
     "duplicate_path": "the same file was listed more than once",
     "missing_file": "the file does not exist (anymore)",
+    "unreadable_file": "the file cannot be read (permissions, I/O error)",
     "empty_file": "the file has zero bytes",
     "duplicate_content": "same bytes as another input (sha256)",
     "not_a_video": "no container format recognised",
@@ -41,6 +42,7 @@ REASONS = {
     "resolution_too_large": "a side is above max_side",
     "decode_error": "decoding failed part-way, or fewer frames than the container lists",
     "no_usable_clip": "every clip of the video was rejected",
+    "unexpected_error": "any other exception while processing the video (see detail)",
     # one clip of a video
     "clip_shorter_than_min": "the clip is shorter than min_clip_s",
     "clip_too_short_for_frames": "no configured frame rate fits the sample's frames in the clip",
@@ -141,6 +143,8 @@ def content_hash(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
                 size += len(block)
     except FileNotFoundError:
         raise Rejected("missing_file", path) from None
+    except OSError as err:
+        raise Rejected("unreadable_file", f"{path}: {err}") from None
     if size == 0:
         raise Rejected("empty_file", path)
     return digest.hexdigest(), size

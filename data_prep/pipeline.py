@@ -84,10 +84,12 @@ def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
                                  np.ascontiguousarray(clip.frames[picked]).tobytes()))
                 record["samples"] += 1
         record.update(seconds=info.seconds, frames=info.num_frames)
-    except Rejected as err:
-        failure = {"entry": entry, "source": path, "clip": None, "reason": err.reason, "detail": err.detail}
+    except Exception as err:  # one odd file must not stop a job over millions
+        reason, detail = (err.reason, err.detail) if isinstance(err, Rejected) else \
+            ("unexpected_error", f"{path}: {type(err).__name__}: {err}")
+        failure = {"entry": entry, "source": path, "clip": None, "reason": reason, "detail": detail}
         return [_row(entry, "rejected", failure), _row(entry, "input", {**record, "status": "rejected",
-                                                                         "reason": err.reason})]
+                                                                         "reason": reason})]
     if not record["samples"]:
         reasons = sorted({json.loads(r["record"])["reason"] for r in rows})
         rows.append(_row(entry, "rejected", {"entry": entry, "source": path, "clip": None, "reason": "no_usable_clip",

@@ -49,12 +49,14 @@ def plan_samples(clip_frames: int, source_fps: float, num_frames: int, stages: l
 
 
 def frame_indices(clip_frames: int, source_fps: float, fps: float, num_frames: int) -> np.ndarray:
-    """Indices (into the clip) of `num_frames` frames `1 / fps` apart, centred in the clip:
-    each is the source frame nearest to its ideal time."""
+    """Indices (into the clip) of `num_frames` frames `1 / fps` apart with the span centred in the
+    clip: the first is the frame nearest the centred start, then the frames nearest to it plus
+    k / fps, so a sample is described exactly by its first frame's time and its rate."""
     step = source_fps / fps
     first = (clip_frames - 1 - step * (num_frames - 1)) / 2
     if first < -REL_TOL * clip_frames:
         raise ValueError(f"{num_frames} frames at {fps} fps do not fit in {clip_frames} frames at {source_fps} fps")
-    # floor(x + 0.5): round half up, so an exact fit lands on the first and last frame
-    indices = np.floor(first + step * np.arange(num_frames) + 0.5 + REL_TOL).astype(np.int64)
-    return np.clip(indices, 0, clip_frames - 1)
+    # floor(x + 0.5): nearest, ties to the later frame, so an exact fit lands on the first and last frame
+    offsets = np.floor(step * np.arange(num_frames) + 0.5 + REL_TOL).astype(np.int64)
+    start = min(int(np.floor(max(first, 0) + 0.5 + REL_TOL)), clip_frames - 1 - int(offsets[-1]))
+    return start + offsets

