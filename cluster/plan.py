@@ -87,7 +87,7 @@ class Plan:
 
 
 def check_layout(cfg: ModelConfig, layout: Layout) -> ModelConfig:
-    """Clear errors for layouts that cannot run; returns cfg checked for this TP degree."""
+    """Clear errors for layouts that cannot run; returns cfg with the layout's checkpointing."""
     if layout.gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {layout.gpus}")
     if layout.gpus_per_node < 1:
@@ -97,6 +97,10 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> ModelConfig:
     if layout.tp > layout.gpus_per_node:
         raise PlanError(f"--tp {layout.tp} is more than the {layout.gpus_per_node} GPUs of a node: "
                         "tensor parallelism needs NVLink, keep it inside one node")
+    try:
+        cfg.validate(layout.tp)
+    except ValueError as err:
+        raise PlanError(f"--tp {layout.tp} does not fit preset {cfg.name!r}: {err}") from None
     if layout.gpus % layout.tp:
         raise PlanError(f"--gpus {layout.gpus} is not a multiple of --tp {layout.tp}")
     if layout.gpus > layout.gpus_per_node and layout.gpus % layout.gpus_per_node:
@@ -109,11 +113,7 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> ModelConfig:
         raise PlanError(f"--micro-batch must be >= 1, got {layout.micro_batch}")
     if layout.dtype not in DTYPE_BYTES:
         raise PlanError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {layout.dtype!r}")
-    try:
-        cfg = cfg.replace(activation_checkpointing=layout.act_ckpt).validate(layout.tp)
-    except ValueError as err:
-        raise PlanError(f"--tp {layout.tp} does not fit preset {cfg.name!r}: {err}") from None
-    return cfg
+    return cfg.replace(activation_checkpointing=layout.act_ckpt)
 
 
 def _ring_s(nbytes: float, ranks: int, gbps: float) -> float:
