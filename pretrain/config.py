@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from cogvideo.config import ModelConfig, resolve_model_config
 from cogvideo.configio import ConfigError, load_config
 from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE
@@ -123,9 +125,12 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         raise ConfigError(str(err)) from err
 
 
-def check_config(cfg: TrainConfig, world_size: int) -> ModelConfig:
+def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None) -> ModelConfig:
     """Every check that needs no process group; returns the resolved model config."""
     model_cfg = model_config(cfg)
+    has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
+    if cfg.parallel.precision == "fp16" and not has_gpu:
+        raise ConfigError("parallel.precision: fp16 needs GPUs (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
     tp = cfg.parallel.tensor_parallel
     if world_size % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the world size {world_size}")

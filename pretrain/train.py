@@ -91,9 +91,10 @@ class Trainer:
         self.step, position = 0, LoaderPosition()
         resume = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
         if resume is not None:
-            self.step, position = self.checkpoints.load(self.engine, resume)
+            self.step, position = self.checkpoints.load(self.engine, resume)  # RNG states included
             self._info(f"resumed from {resume} at step {self.step}")
-        torch.manual_seed(cfg.training.seed + 1000 * (self.step + 1) + self.rank)  # per-rank randomness from here on
+        else:  # randomness from here on differs between DP ranks, agrees between TP peers
+            torch.manual_seed(cfg.training.seed + 1 + parallel.dp_rank())
 
         loader = ShardLoader(shards, model_cfg, text_encoder(cfg, model_cfg.vocab),
                              micro_batch_size=cfg.training.micro_batch_size, stage=data_stage(cfg, model_cfg),

@@ -22,7 +22,7 @@ SHARDS = ["data.shards=[x.tar]"]
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
     cfg = load_train_config(str(path), SHARDS)
-    model_cfg = check_config(cfg, world_size=cfg.parallel.tensor_parallel * 2)
+    model_cfg = check_config(cfg, world_size=cfg.parallel.tensor_parallel * 2, has_gpu=True)
     assert model_cfg.name == cfg.model["preset"]
 
 
@@ -45,6 +45,7 @@ def test_overrides_reach_the_model_and_sections():
     (["optim.min_lr_ratio=2"], 1, "optim.min_lr_ratio"),
     (["model.preset=huge"], 1, "huge"),
     (["data.stage=3"], 1, "data.stage"),
+    (["parallel.precision=fp16"], 1, "needs GPUs"),  # these tests run on CPU
     (["init.backbone=a", "init.weights=b"], 1, "at most one"),
 ])
 def test_bad_configs_name_the_key(overrides, world, message):
