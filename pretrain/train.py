@@ -53,18 +53,18 @@ def text_encoder(cfg: TrainConfig, vocab):
     return TextTokenizer(cfg.data.text_tokenizer, vocab).encode
 
 
-def initial_state(cfg: TrainConfig, model_cfg) -> dict | None:
-    """This TP rank's starting weights from init.backbone / init.weights, or None (from scratch)."""
+def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> dict | None:
+    """This TP rank's starting weights from init.weights / init.backbone, or None (from scratch).
+
+    A backbone is read as this rank's shard only: the temporal channel copies the spatial one
+    and follows the same split rules, so initialising the shard gives the shard of the init."""
     from cogvideo.checkpoint.format import load_model_state
+    from cogvideo.model import init_video_from_backbone
 
     if cfg.init.weights:
-        return load_model_state(cfg.init.weights, parallel.tp_rank(), parallel.tp_size())
+        return load_model_state(cfg.init.weights, tp_rank, tp_size)
     if cfg.init.backbone:
-        from cogvideo.model import init_video_from_backbone
-
-        backbone = load_model_state(cfg.init.backbone, 0, 1)
-        full = init_video_from_backbone(backbone, model_cfg)
-        return parallel.shard_state_dict(full, parallel.tp_rank(), parallel.tp_size())
+        return init_video_from_backbone(load_model_state(cfg.init.backbone, tp_rank, tp_size), model_cfg)
     return None
 
 
@@ -80,7 +80,7 @@ class Trainer:
         self.rank = dist.get_rank()
         torch.manual_seed(cfg.training.seed)  # identical on every rank: replicated parameters agree
         model = CogVideoModel(model_cfg)
-        state = initial_state(cfg, model_cfg)
+        state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
         if state is not None:
             model.load_state_dict(state)
         self.engine, _, _, _ = deepspeed.initialize(

@@ -103,3 +103,26 @@ def test_deepspeed_config_follows_the_dataclasses():
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # 0 = dynamic
     assert ds["gradient_clipping"] == 0.1
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+
+
+def test_backbone_start_per_tp_rank_is_the_shard_of_the_full_init(tmp_path):
+    from cogvideo.checkpoint.format import save_model_checkpoint
+    from cogvideo.config import get_preset
+    from cogvideo.model import CogVideoModel, init_video_from_backbone
+    from cogvideo.parallel import shard_state_dict
+    from pretrain.train import initial_state
+
+    video_cfg = get_preset("tiny")
+    backbone_cfg = video_cfg.replace(stage="backbone", num_frames=1)
+    torch.manual_seed(0)
+    backbone = CogVideoModel(backbone_cfg).state_dict()
+    save_model_checkpoint(tmp_path / "backbone", backbone, backbone_cfg)
+    cfg = load_train_config(str(ROOT / "configs/tiny_test.yaml"), SHARDS + [f"init.backbone={tmp_path / 'backbone'}"])
+    full = init_video_from_backbone(backbone, video_cfg)
+    assert set(full) == set(CogVideoModel(video_cfg).state_dict())
+    for rank in range(2):
+        local, expected = initial_state(cfg, video_cfg, rank, 2), shard_state_dict(full, rank, 2)
+        assert set(local) == set(expected)
+        for name in expected:
+            assert torch.equal(local[name], expected[name]), name
+    assert initial_state(load_train_config(str(ROOT / "configs/tiny_test.yaml"), SHARDS), video_cfg, 0, 1) is None
