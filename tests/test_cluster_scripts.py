@@ -41,7 +41,7 @@ def test_scripts_parse():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_scripts_are_shellcheck_clean():
-    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
@@ -136,6 +136,9 @@ def test_ray_submit_examples():
     assert cmd[:5] == ["ray", "job", "submit", "--address", "http://head:8265"]
     assert cmd[cmd.index("--") + 1:] == ["~/cogvideo/.venv/bin/cogvideo-sample", "--ray", "--prompts", "/p.txt",
                                          "--out", "/o"]
+    prep = shlex.split(run(["cluster/ray/submit.sh", "--dry-run", "--bin", "/venv/bin", "prep", "--", "--input", "/v",
+                            "--out", "/s"], slurm_env()).stdout)
+    assert prep[prep.index("--") + 1:] == ["/venv/bin/cogvideo-prep", "--address", "auto", "--input", "/v", "--out", "/s"]
     bad = run(["cluster/ray/submit.sh", "--dry-run", "train", "--", "x"], slurm_env(), check=False)
     assert bad.returncode == 2 and "usage" in bad.stderr
 
@@ -153,15 +156,17 @@ def stub(path: Path, body: str):
     path.chmod(0o755)
 
 
-@pytest.mark.parametrize("preempt", [True, False])
-def test_preemption_forwards_usr1_and_requeues(tmp_path, preempt):
-    """train.sbatch with stand-in srun/scontrol: USR1 reaches the launcher, then the job is requeued;
-    without a signal the launcher's exit status is the job's and nothing is requeued."""
+@pytest.mark.parametrize("sig", ["USR1", "TERM", None])
+def test_signals_reach_the_launcher_and_usr1_requeues(tmp_path, sig):
+    """train.sbatch with stand-in srun/scontrol. USR1 (time limit) reaches the launcher, then the
+    job is requeued; TERM (preemption, scancel) reaches the launcher and nothing is requeued;
+    without a signal the launcher's exit status is the job's."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub(bin_dir / "srun", 'echo "$@" > "$STUB_DIR/srun.args"\n'
                            'trap \'echo USR1 > "$STUB_DIR/srun.signal"; exit 0\' USR1\n'
-                           f'for _ in $(seq {100 if preempt else 2}); do sleep 0.05; done\nexit 3\n')
+                           'trap \'echo TERM > "$STUB_DIR/srun.signal"; exit 0\' TERM\n'
+                           f'for _ in $(seq {100 if sig else 2}); do sleep 0.05; done\nexit 3\n')
     stub(bin_dir / "scontrol", 'echo "$@" >> "$STUB_DIR/scontrol.calls"\n')
     env = slurm_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_DIR=str(tmp_path), SLURM_SUBMIT_DIR=str(REPO),
                     LOG_DIR=str(tmp_path / "logs"))
@@ -171,14 +176,20 @@ def test_preemption_forwards_usr1_and_requeues(tmp_path, preempt):
     while not (tmp_path / "srun.args").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)  # let the script reach `wait`
-    if preempt:
-        proc.send_signal(signal.SIGUSR1)
+    if sig:
+        proc.send_signal(getattr(signal, f"SIG{sig}"))
     out, err = proc.communicate(timeout=30)
     assert "cluster.slurm_env torchrun -- --resume auto --config run.yaml" in (tmp_path / "srun.args").read_text()
-    if preempt:
+    requeued = (tmp_path / "scontrol.calls").read_text().split() if (tmp_path / "scontrol.calls").exists() else []
+    if sig:
         assert proc.returncode == 0, err
-        assert (tmp_path / "srun.signal").read_text().strip() == "USR1"
-        assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "42"]
+        assert (tmp_path / "srun.signal").read_text().strip() == sig
+        assert requeued == (["requeue", "42"] if sig == "USR1" else [])
     else:
-        assert proc.returncode == 3
-        assert not (tmp_path / "scontrol.calls").exists()
+        assert proc.returncode == 3 and requeued == []
+
+
+def test_bad_allocation_stops_the_script_with_the_reason():
+    result = run(["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "x.yaml"],
+                 slurm_env(SLURM_JOB_NODELIST="gpu[4-1]"), check=False)
+    assert result.returncode != 0 and "runs backwards" in result.stderr

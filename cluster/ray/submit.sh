@@ -10,8 +10,9 @@
 # Options: --address URL (default $RAY_ADDRESS or http://127.0.0.1:8265), --bin DIR (where
 # the cogvideo-* commands live on the cluster; default the venv cluster.yaml installs),
 # --no-wait (return once submitted; follow with `ray job logs -f ID`).
-# The job runs on the head and finds the cluster by itself (Ray sets RAY_ADDRESS for it);
-# paths must be valid on the cluster machines. `sample` adds --ray to use every GPU worker.
+# The job runs on the head; `prep` gets --address auto (join this cluster rather than start
+# a local Ray), `sample` gets --ray (use every GPU worker; it joins through RAY_ADDRESS).
+# Paths must be valid on the cluster machines.
 set -euo pipefail
 
 usage() {
@@ -40,7 +41,7 @@ done
 [[ $# -gt 0 ]] || usage
 
 case "$TASK" in
-    prep) ENTRYPOINT=("${BIN_DIR}/cogvideo-prep" "$@") ;;
+    prep) ENTRYPOINT=("${BIN_DIR}/cogvideo-prep" --address auto "$@") ;;
     sample) ENTRYPOINT=("${BIN_DIR}/cogvideo-sample" --ray "$@") ;;
 esac
 SUBMIT=(ray job submit --address "$ADDRESS" "${SUBMIT_OPTS[@]}"
