@@ -68,36 +68,41 @@ from cogvideo.configio import from_dict
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 
-cfg, src, out, shard = from_dict(ModelConfig, json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], int(sys.argv[4])
-convert_zero(src, out + "-warmup", cfg, max_shard_bytes=shard)  # pages in the code paths once
-open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
-before = status("VmRSS")
-convert_zero(src, out, cfg, max_shard_bytes=shard)
-print(json.dumps({"increase": status("VmHWM") - before}))
+cfg, root, out, shard = from_dict(ModelConfig, json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], int(sys.argv[4])
+convert_zero(f"{root}/zero3", f"{out}/warmup", cfg, max_shard_bytes=shard)  # pages in the code paths once
+increase = {}
+for stage in sys.argv[5:]:
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    convert_zero(f"{root}/zero{stage}", f"{out}/zero{stage}", cfg, max_shard_bytes=shard)
+    increase[stage] = status("VmHWM") - before
+print(json.dumps(increase))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", (2, 3))
-def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path, stage):
+def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
     """Peak RSS growth while converting weights and Adam moments stays within a few output
     shards plus the largest tensor, far below one rank's optimizer file or the fp32 model."""
     from cogvideo.configio import to_dict
 
-    shard = 2 << 20
-    cmd = [sys.executable, "-c", MEMORY_PROBE, json.dumps(to_dict(MEDIUM)), str(zero_runs / f"zero{stage}"),
-           str(tmp_path / "ours"), str(shard)]
+    shard, stages = 2 << 20, ("2", "3")
+    cmd = [sys.executable, "-c", MEMORY_PROBE, json.dumps(to_dict(MEDIUM)), str(zero_runs), str(tmp_path), str(shard),
+           *stages]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    increase = json.loads(run.stdout.strip().splitlines()[-1])["increase"]
-    model_bytes = 4 * sum(t.numel() for t in load_model_state(tmp_path / "ours").values())
-    rank_file = max(f.stat().st_size for f in (zero_runs / f"zero{stage}").rglob("*optim_states.pt"))
+    increase = json.loads(run.stdout.strip().splitlines()[-1])
+    model_bytes = 4 * sum(t.numel() for t in load_model_state(tmp_path / "zero3").values())
+    rank_file = min(f.stat().st_size for f in zero_runs.rglob("*optim_states.pt"))
     largest_tensor = 4 * MEDIUM.ffn_size * MEDIUM.hidden_size
+    # input pages touched for one chunk, the pending output shard, its serialised copy, a spare
+    # shard of allocator slack, the largest tensor twice (gathered and split), 8 MiB of noise
     bound = 4 * shard + 2 * largest_tensor + (8 << 20)
-    print(f"ZeRO-{stage}: peak +{increase / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB fp32, "
-          f"rank file {rank_file / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB")
-    assert increase < bound < min(rank_file, model_bytes) / 1.5
+    for stage in stages:
+        print(f"ZeRO-{stage}: peak +{increase[stage] / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB fp32, "
+              f"rank file {rank_file / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB")
+        assert increase[stage] < bound < min(rank_file, model_bytes) / 1.5
 
 
 @pytest.mark.slow

@@ -187,7 +187,7 @@ class Checkpoint:
     def local(self, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         if tp_size == self.tensor_parallel:
             return self.readers[tp_rank].get(name)
-        return shard_tensor(name, self.full(name), tp_rank, tp_size).clone()
+        return shard_tensor(name, self.full(name), tp_rank, tp_size)
 
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
@@ -251,7 +251,7 @@ def load_optimizer_state(path: str | Path, tp_rank: int = 0, tp_size: int = 1) -
     reader = ShardedReader(directory)
     for key in reader.names():
         kind, param = key.split(".", 1)
-        out[kind][param] = shard_tensor(param, reader.get(key), tp_rank, tp_size).clone()
+        out[kind][param] = shard_tensor(param, reader.get(key), tp_rank, tp_size)
     return out
 
 

@@ -142,37 +142,40 @@ class ZeroCheckpoint:
         return inner[g][kind]
 
     def _read(self, t: int, files: dict, name: str, kind: str) -> torch.Tensor:
+        """One full (DP-gathered) tensor of TP rank t, copied once out of the mapped files."""
         layout, optim = self.ranks[t], files["optim"]
         shape, where = layout["shapes"][name], layout["where"][name]
         numel = _numel(shape)
+        out = torch.empty(numel, dtype=torch.float32)
         if where == "frozen":
             if kind != "fp32":
                 raise CheckpointError(f"{name}: frozen, has no optimizer state")
-            if self.stage3:
-                fragments = [m["frozen_param_fragments"][name].flatten() for m in files["model"]]
-                return torch.cat(fragments)[:numel].float().reshape(shape).clone()
-            return files["model"][0]["module"][name].float().reshape(shape).clone()
-        if self.stage3:
+            if not self.stage3:
+                return out.copy_(files["model"][0]["module"][name].flatten()).reshape(shape)
+            segments = [m["frozen_param_fragments"][name].flatten() for m in files["model"]]
+        elif self.stage3:  # rank d holds elements [d * piece, (d + 1) * piece) of the padded param
             piece = -(-numel // self.dp)
-            pieces = [self._stage3_piece(state, layout["group_starts"], where, piece, kind) for state in optim]
-            return torch.cat(pieces)[:numel].reshape(shape).clone()
-        g, offset = where
-        pieces, start = [], 0
-        for state in optim:
-            part = state["single_partition_of_fp32_groups"][g].numel()
-            lo, hi = max(offset, start), min(offset + numel, start + part)
-            if lo < hi:
-                pieces.append(self._flat(state, g, kind)[lo - start:hi - start])
-            start += part
-        return torch.cat(pieces).float().reshape(shape).clone()
-
-    def _stage3_piece(self, state: dict, starts: list[int], offset: int, length: int, kind: str) -> torch.Tensor:
-        pieces = []
-        for g in range(len(starts) - 1):
-            lo, hi = max(offset, starts[g]), min(offset + length, starts[g + 1])
-            if lo < hi:
-                pieces.append(self._flat(state, g, kind)[lo - starts[g]:hi - starts[g]])
-        return torch.cat(pieces).float()
+            starts = layout["group_starts"]
+            segments = [self._flat(state, g, kind)[lo - starts[g]:hi - starts[g]]
+                        for state in optim for g in range(len(starts) - 1)
+                        if (lo := max(where, starts[g])) < (hi := min(where + piece, starts[g + 1]))]
+        else:  # the group's flat vector runs through the DP partitions one after another
+            g, offset = where
+            segments, start = [], 0
+            for state in optim:
+                part = state["single_partition_of_fp32_groups"][g].numel()
+                lo, hi = max(offset, start), min(offset + numel, start + part)
+                if lo < hi:
+                    segments.append(self._flat(state, g, kind)[lo - start:hi - start])
+                start += part
+        filled = 0
+        for segment in segments:
+            take = min(segment.numel(), numel - filled)  # ZeRO-3 pads the last piece
+            out[filled:filled + take].copy_(segment[:take])
+            filled += take
+        if filled != numel:
+            raise CheckpointError(f"{self.path}: {name} (TP rank {t}) has {filled} of {numel} elements in the files")
+        return out.reshape(shape)
 
     def tensors(self, kind: str = "fp32", names: list[str] | None = None,
                 chunk_bytes: int = DEFAULT_SHARD_BYTES):
