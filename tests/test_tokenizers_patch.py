@@ -38,16 +38,35 @@ def fitted():
                                iterations=8)
 
 
+def cut(frame: np.ndarray, r: int, c: int, p: int) -> np.ndarray:
+    return frame[r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
+
+
 def reference_encode(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> np.ndarray:
-    """Brute-force float64 nearest codebook patch, patches cut with explicit slicing."""
+    """Brute force in float64: pixel distance + colour_weight * p*p * mean-colour distance."""
     p, book = tokenizer.patch_size, tokenizer.codebook().astype(np.float64)
+    book_mean = book.reshape(len(book), -1, 3).mean(1)
     codes = np.empty((len(frames), SIDE, SIDE), np.int64)
     for t, frame in enumerate(frames.astype(np.float64)):
         for r in range(SIDE):
             for c in range(SIDE):
-                patch = frame[r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
-                codes[t, r, c] = np.argmin(((book - patch) ** 2).sum(1))
+                patch = cut(frame, r, c, p)
+                colour = ((book_mean - patch.reshape(-1, 3).mean(0)) ** 2).sum(1)
+                codes[t, r, c] = np.argmin(((book - patch) ** 2).sum(1) + tokenizer.colour_weight * p * p * colour)
     return codes
+
+
+def reference_context(codes: np.ndarray, frames: np.ndarray, p: int, outside: int) -> dict:
+    """(code, up, down, left, right) -> mean patch, with a dictionary."""
+    padded = np.pad(codes, ((0, 0), (1, 1), (1, 1)), constant_values=outside)
+    groups: dict = {}
+    for t in range(len(codes)):
+        for r in range(SIDE):
+            for c in range(SIDE):
+                key = (padded[t, r + 1, c + 1], padded[t, r, c + 1], padded[t, r + 2, c + 1],
+                       padded[t, r + 1, c], padded[t, r + 1, c + 2])
+                groups.setdefault(key, []).append(cut(frames[t], r, c, p).astype(np.float64))
+    return {key: np.mean(patches, 0) for key, patches in groups.items()}
 
 
 def test_round_trip_matches_reference_and_keeps_quality(fitted):
@@ -58,14 +77,37 @@ def test_round_trip_matches_reference_and_keeps_quality(fitted):
     np.testing.assert_array_equal(codes, reference_encode(fitted, held_out))
 
     decoded = fitted.decode(codes)
-    p, book = fitted.patch_size, fitted.codebook()
     assert decoded.dtype == np.uint8 and decoded.shape == held_out.shape
-    np.testing.assert_array_equal(decoded[7, p:2 * p, 2 * p:3 * p].reshape(-1),
-                                  np.clip(np.round(book[codes[7, 1, 2]]), 0, 255))
-    # measured 21.0-21.2 dB over fit seeds 0-2 (K=128, 8x8 patches); the mean frame gives 15.2 dB
+    # measured 21.1-21.2 dB over fit seeds 0-1 (K=128, 8x8 patches); the mean frame gives 15.2 dB
     mean_frame = np.broadcast_to(held_out.mean(0).round().astype(np.uint8), held_out.shape)
-    assert psnr(held_out, decoded) > 20.0
+    assert psnr(held_out, decoded) > 20.5
     assert psnr(held_out, decoded) > psnr(held_out, mean_frame) + 5
+
+
+def test_context_table_decodes_mean_training_patch_of_the_context(fitted):
+    train, held_out = shape_frames(400, seed=0), shape_frames(100, seed=1)
+    p, book, outside = fitted.patch_size, fitted.codebook(), fitted.codebook_size
+    table = reference_context(fitted.encode(train), train, p, outside)
+    codes = fitted.encode(held_out)
+    decoded = fitted.decode(codes)
+    padded = np.pad(codes, ((0, 0), (1, 1), (1, 1)), constant_values=outside)
+    seen = 0
+    for t in range(len(codes)):
+        for r in range(SIDE):
+            for c in range(SIDE):
+                key = (padded[t, r + 1, c + 1], padded[t, r, c + 1], padded[t, r + 2, c + 1],
+                       padded[t, r + 1, c], padded[t, r + 1, c + 2])
+                seen += key in table
+                expected = table[key] if key in table else book[codes[t, r, c]]
+                np.testing.assert_allclose(cut(decoded[t], r, c, p), np.clip(np.round(expected), 0, 255), atol=1)
+    assert seen > 0.5 * codes.size
+    # A context's mean patch is the least-squares patch for its training positions, so on the
+    # training frames the table must beat the codes' own patches (measured 36.5 vs 21.4 dB);
+    # on held-out frames it measured +0.2 dB with only 400 training frames.
+    without = PatchVQTokenizer(book, SIZE, SIDE, colour_weight=fitted.colour_weight)
+    train_codes = fitted.encode(train)
+    assert psnr(train, fitted.decode(train_codes)) > psnr(train, without.decode(train_codes)) + 10
+    assert psnr(held_out, decoded) > psnr(held_out, without.decode(codes))
 
 
 def test_codes_are_crisp_training_patches(fitted):
@@ -90,13 +132,15 @@ def test_save_load_safetensors(fitted, tmp_path):
     path = tmp_path / "tok" / "patch.safetensors"
     fitted.save(path)
     with safe_open(str(path), "np") as handle:  # plain safetensors: a codebook and metadata
-        assert list(handle.keys()) == ["codebook"]
+        assert sorted(handle.keys()) == ["codebook", "context_keys", "context_patches"]
         assert handle.metadata()["frame_size"] == "32" and handle.metadata()["tokens_side"] == "4"
+        assert float(handle.metadata()["colour_weight"]) == fitted.colour_weight > 0
     loaded = load_image_tokenizer(path, frame_size=SIZE)
     assert isinstance(loaded, PatchVQTokenizer) and loaded.codebook_size == 128
     np.testing.assert_array_equal(loaded.codebook(), fitted.codebook())
     frames = shape_frames(5, seed=2)
     np.testing.assert_array_equal(loaded.encode(frames), fitted.encode(frames))
+    np.testing.assert_array_equal(loaded.decode(loaded.encode(frames)), fitted.decode(fitted.encode(frames)))
     with pytest.raises(ValueError, match=r"fitted for 32px frames, expected 48px"):
         load_image_tokenizer(path, frame_size=48)
 
@@ -114,6 +158,12 @@ def test_bad_files_are_named(tmp_path):
               metadata={"format": "cogvideo-patch-vq", "frame_size": "32", "tokens_side": "4"})
     with pytest.raises(ValueError, match=re.escape("shape.safetensors: codebook: expected [codebook_size, 192]")):
         PatchVQTokenizer.load(tmp_path / "shape.safetensors")
+    save_file({"codebook": torch.zeros(4, 192), "context_keys": torch.zeros(3, dtype=torch.int64)},
+              str(tmp_path / "half.safetensors"), metadata={"format": "cogvideo-patch-vq", "frame_size": "32",
+                                                            "tokens_side": "4"})
+    with pytest.raises(ValueError, match=r"half.safetensors: expected tensors 'codebook' \(\+ 'context_keys' and "
+                                         r"'context_patches'\), found \['codebook', 'context_keys'\]"):
+        PatchVQTokenizer.load(tmp_path / "half.safetensors")
 
 
 def test_bad_input_says_what_was_expected(fitted):

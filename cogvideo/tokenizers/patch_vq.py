@@ -1,13 +1,18 @@
 """A small image tokenizer for CPU-scale runs: one code per non-overlapping patch.
 
 Each frame is cut into ``tokens_side x tokens_side`` patches; a code is the index of the
-nearest (L2) codebook patch, decoding pastes the codebook patches back. The codebook is
-fitted by k-means (k-means++ seeding, Lloyd steps with bf16 distance matmuls) and then each
-code is snapped to the real training patch nearest to its centroid: crisp patches instead of
-blurred cluster means keep corners and pure colours, which keeps shapes recognisable after a
-round trip (measured on coloured-shape frames; costs about 1 dB PSNR). Saved as safetensors
-(no pickle): one ``codebook`` tensor plus ``frame_size``/``tokens_side`` metadata.
+nearest codebook patch, where "nearest" adds a weighted mean-colour term to the pixel L2
+distance (so small shapes keep their colour). The codebook is fitted by k-means (k-means++
+seeding, Lloyd steps with bf16 distance matmuls), then every code is snapped to the real
+training patch nearest to its centroid: crisp patches keep corners and pure colours where
+cluster means blur them. Decoding pastes, per position, the mean training patch seen with
+the same code *and* the same four neighbour codes (the context table), falling back to the
+code's own patch for contexts never seen: the neighbours pin down where an edge or corner
+sits inside the patch, which one code alone cannot at small codebook sizes.
 
+Saved as safetensors (no pickle): ``codebook`` [K, p*p*3] float32, ``context_keys`` [M]
+int64, ``context_patches`` [M, p*p*3] uint8, and ``frame_size``/``tokens_side``/
+``colour_weight`` metadata.
 Command: ``cogvideo-fit-image-tokenizer --frames DIR_OR_GLOB --out FILE.safetensors ...``
 """
 from __future__ import annotations
@@ -29,6 +34,10 @@ FORMAT_VERSION = "1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 CHUNK = 16384  # patches per distance matmul: bounds memory at [CHUNK, codebook_size]
+# Extra weight on the mean colour when matching patches: without it a small shape's partial
+# patches take the code of a neighbouring colour (yellow -> orange) whose mask fits better.
+DEFAULT_COLOUR_WEIGHT = 4.0
+MAX_CONTEXT_CODES = 6000  # context keys pack 5 codes into an int64: (K + 1) ** 5 < 2 ** 63
 
 
 def to_patches(frames: np.ndarray, tokens_side: int) -> torch.Tensor:
@@ -55,9 +64,37 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.cat([(sq - 2 * (x[i:i + CHUNK] @ c.T).float()).argmin(1) for i in range(0, len(x), CHUNK)])
 
 
+def with_colour(x: torch.Tensor, colour_weight: float) -> torch.Tensor:
+    """Patches [N, p*p*3] -> features whose squared distance is the pixel distance plus
+    ``colour_weight * p*p`` times the squared distance of the patches' mean colours."""
+    if colour_weight == 0:
+        return x
+    pixels = x.shape[1] // 3
+    mean = x.view(len(x), pixels, 3).mean(1)
+    return torch.cat([x, (colour_weight * pixels) ** 0.5 * mean], 1)
+
+
+def context_keys(codes: np.ndarray, codebook_size: int) -> np.ndarray:
+    """One int64 per position from its code and its up, down, left and right neighbours'
+    codes (``codebook_size`` stands for "outside the frame")."""
+    if (codebook_size + 1) ** 5 >= 2**63:
+        raise ValueError(f"context table: codebook_size={codebook_size} is too large for int64 keys "
+                         f"(at most {MAX_CONTEXT_CODES})")
+    padded = np.pad(codes, ((0, 0), (1, 1), (1, 1)), constant_values=codebook_size)
+    key = np.zeros(codes.shape, np.int64)
+    for part in (padded[:, 1:-1, 1:-1], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
+                 padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]):
+        key = key * (codebook_size + 1) + part
+    return key
+
+
 class PatchVQTokenizer:
+    """Codes = nearest codebook patch. Decoding uses the context table when it has the
+    position's (code, 4 neighbour codes) key, and the code's own patch otherwise."""
+
     def __init__(self, codebook: torch.Tensor | np.ndarray, frame_size: int, tokens_side: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", context: tuple[np.ndarray, np.ndarray] | None = None,
+                 colour_weight: float = 0.0):
         if tokens_side <= 0 or frame_size % tokens_side:
             raise ValueError(f"tokens_side: expected a divisor of frame_size={frame_size}, got {tokens_side}")
         self.frame_size, self.tokens_side = frame_size, tokens_side
@@ -67,28 +104,52 @@ class PatchVQTokenizer:
         if codebook.ndim != 2 or codebook.shape[1] != dim or len(codebook) == 0:
             raise ValueError(f"codebook: expected [codebook_size, {dim}] for {self.patch_size}x{self.patch_size} "
                              f"patches, got {list(codebook.shape)}")
+        if not colour_weight >= 0:
+            raise ValueError(f"colour_weight: expected >= 0, got {colour_weight}")
         self._codebook = codebook
         self.codebook_size = len(codebook)
+        self.colour_weight = float(colour_weight)
+        self._code_features = with_colour(codebook, self.colour_weight)
+        self.context = None
+        if context is not None:
+            keys, patches = np.asarray(context[0]), np.asarray(context[1])
+            if keys.dtype != np.int64 or keys.ndim != 1 or np.any(keys[1:] <= keys[:-1]):
+                raise ValueError(f"context_keys: expected sorted unique int64 [M], got {keys.dtype} {list(keys.shape)}")
+            if patches.dtype != np.uint8 or patches.shape != (len(keys), dim):
+                raise ValueError(f"context_patches: expected uint8 [{len(keys)}, {dim}], "
+                                 f"got {patches.dtype} {list(patches.shape)}")
+            self.context = (keys, patches)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         frames = check_frames(frames, self.frame_size)
         x = to_patches(frames, self.tokens_side).to(self._codebook.device)
-        codes = nearest(x, self._codebook).cpu().numpy()
+        codes = nearest(with_colour(x, self.colour_weight), self._code_features).cpu().numpy()
         return codes.reshape(len(frames), self.tokens_side, self.tokens_side)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         codes = check_codes(codes, self.tokens_side, self.codebook_size)
-        patches = self._codebook[torch.from_numpy(codes.reshape(-1)).to(self._codebook.device)]
-        return from_patches(patches.cpu(), self.tokens_side)
+        patches = self._codebook[torch.from_numpy(codes.reshape(-1)).to(self._codebook.device)].cpu()
+        if self.context is not None and len(self.context[0]):
+            table_keys, table_patches = self.context
+            keys = context_keys(codes, self.codebook_size).reshape(-1)
+            row = np.minimum(np.searchsorted(table_keys, keys), len(table_keys) - 1)
+            hit = table_keys[row] == keys
+            patches[torch.from_numpy(hit)] = torch.from_numpy(table_patches[row[hit]]).float()
+        return from_patches(patches, self.tokens_side)
 
     def codebook(self) -> np.ndarray:
         return self._codebook.cpu().numpy().copy()
 
     def save(self, path: str | Path) -> None:
+        tensors = {"codebook": self._codebook.cpu().contiguous()}
+        if self.context is not None:
+            tensors["context_keys"] = torch.from_numpy(self.context[0])
+            tensors["context_patches"] = torch.from_numpy(self.context[1])
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"codebook": self._codebook.cpu().contiguous()}, str(path), metadata={
+        save_file(tensors, str(path), metadata={
             "format": FORMAT, "version": FORMAT_VERSION,
-            "frame_size": str(self.frame_size), "tokens_side": str(self.tokens_side)})
+            "frame_size": str(self.frame_size), "tokens_side": str(self.tokens_side),
+            "colour_weight": repr(self.colour_weight)})
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PatchVQTokenizer":
@@ -103,14 +164,20 @@ class PatchVQTokenizer:
             raise ValueError(f"{path}: not a safetensors file ({err})") from err
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
-        if "codebook" not in tensors:
-            raise ValueError(f"{path}: missing tensor 'codebook' (found {sorted(tensors)})")
+        known = {"codebook", "context_keys", "context_patches"}
+        if "codebook" not in tensors or set(tensors) - known or len(set(tensors) & (known - {"codebook"})) == 1:
+            raise ValueError(f"{path}: expected tensors 'codebook' (+ 'context_keys' and 'context_patches'), "
+                             f"found {sorted(tensors)}")
         try:
             frame_size, tokens_side = int(meta["frame_size"]), int(meta["tokens_side"])
+            colour_weight = float(meta.get("colour_weight", "0"))
         except (KeyError, ValueError) as err:
-            raise ValueError(f"{path}: metadata needs integer 'frame_size' and 'tokens_side', got {meta}") from err
+            raise ValueError(f"{path}: metadata needs integer 'frame_size' and 'tokens_side' (and a number "
+                             f"'colour_weight'), got {meta}") from err
+        context = (tensors["context_keys"].numpy(), tensors["context_patches"].numpy()) \
+            if "context_keys" in tensors else None
         try:
-            return cls(tensors["codebook"], frame_size, tokens_side, device)
+            return cls(tensors["codebook"], frame_size, tokens_side, device, context, colour_weight)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 
@@ -162,13 +229,32 @@ def snap_to_data(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return x[best_row].clone()
 
 
+def fit_context_table(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean training patch for every (code, 4 neighbour codes) key seen in ``frames``."""
+    keys = context_keys(tokenizer.encode(frames), tokenizer.codebook_size).reshape(-1)
+    table_keys, inverse = np.unique(keys, return_inverse=True)
+    sums = torch.zeros(len(table_keys), tokenizer._codebook.shape[1]).index_add_(
+        0, torch.from_numpy(inverse.reshape(-1)), to_patches(frames, tokenizer.tokens_side))
+    counts = torch.from_numpy(np.bincount(inverse.reshape(-1), minlength=len(table_keys)))
+    patches = (sums / counts[:, None]).round().clamp(0, 255).to(torch.uint8).numpy()
+    return table_keys, patches
+
+
 def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int, tokens_side: int,
                         seed: int = 0, iterations: int = 12, max_patches: int = 131072,
-                        crisp: bool = True) -> PatchVQTokenizer:
-    """Fit a ``codebook_size``-code patch tokenizer on uint8 frames [T, frame_size, frame_size, 3]."""
+                        crisp: bool = True, context: bool = True,
+                        colour_weight: float = DEFAULT_COLOUR_WEIGHT) -> PatchVQTokenizer:
+    """Fit a ``codebook_size``-code patch tokenizer on uint8 frames [T, frame_size, frame_size, 3].
+
+    k-means runs on at most ``max_patches`` random patches; the context table (``context``)
+    is built from all frames.
+    """
     frames = check_frames(frames, frame_size)
     if tokens_side <= 0 or frame_size % tokens_side:
         raise ValueError(f"tokens_side: expected a divisor of frame_size={frame_size}, got {tokens_side}")
+    if context and codebook_size > MAX_CONTEXT_CODES:
+        raise ValueError(f"context table: codebook_size={codebook_size} is above {MAX_CONTEXT_CODES}; "
+                         "fit with context=False")
     x = to_patches(frames, tokens_side)
     generator = torch.Generator().manual_seed(seed)
     if len(x) > max_patches:
@@ -177,10 +263,14 @@ def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int,
     if distinct < codebook_size:
         raise ValueError(f"codebook_size={codebook_size} needs at least as many distinct patches; "
                          f"the frames hold {distinct}")
-    centres = kmeans(x, codebook_size, iterations, seed)
+    features = with_colour(x, colour_weight)
+    centres = kmeans(features, codebook_size, iterations, seed)
     if crisp:
-        centres = snap_to_data(x, centres)
-    return PatchVQTokenizer(centres, frame_size, tokens_side)
+        centres = snap_to_data(features, centres)
+    tokenizer = PatchVQTokenizer(centres[:, :x.shape[1]], frame_size, tokens_side, colour_weight=colour_weight)
+    if context:
+        tokenizer.context = fit_context_table(tokenizer, frames)
+    return tokenizer
 
 
 def _square(image, frame_size: int) -> np.ndarray:
@@ -238,7 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-crisp", action="store_true",
-                        help="keep k-means means as codes (higher PSNR, blurrier edges)")
+                        help="keep k-means means as codes (blurrier edges)")
+    parser.add_argument("--colour-weight", type=float, default=DEFAULT_COLOUR_WEIGHT,
+                        help="weight of the mean-colour distance when matching patches (0: plain L2)")
+    parser.add_argument("--no-context", action="store_true",
+                        help="decode each code to its own patch only (no context table)")
     args = parser.parse_args(argv)
     if not args.out.endswith(".safetensors"):
         parser.error(f"--out must end with .safetensors, got {args.out}")
@@ -249,10 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     n_held = max(1, int(round(len(frames) * args.held_out))) if len(frames) > 1 else 0
     held, train = frames[order[:n_held]], frames[order[n_held:]]
     tokenizer = fit_patch_tokenizer(train, args.codebook_size, args.frame_size, args.tokens_side,
-                                    seed=args.seed, iterations=args.iterations, crisp=not args.no_crisp)
+                                    seed=args.seed, iterations=args.iterations, crisp=not args.no_crisp, context=not args.no_context,
+                                    colour_weight=args.colour_weight)
     tokenizer.save(args.out)
     print(f"fitted {args.codebook_size} codes of {tokenizer.patch_size}x{tokenizer.patch_size} patches on "
-          f"{len(train)} frames in {time.perf_counter() - start:.1f}s -> {args.out}")
+          f"{len(train)} frames in {time.perf_counter() - start:.1f}s "
+          f"({len(tokenizer.context[0]) if tokenizer.context else 0} context entries) -> {args.out}")
     print(f"train PSNR {psnr(train, tokenizer.decode(tokenizer.encode(train))):.2f} dB")
     if n_held:
         print(f"held-out PSNR {psnr(held, tokenizer.decode(tokenizer.encode(held))):.2f} dB on {n_held} frames")
