@@ -124,17 +124,24 @@ class ShardLoader:
         self.position = dataclasses.replace(position) if position else LoaderPosition()
         self._frames_shape = (model_cfg.num_frames, model_cfg.frame_tokens, model_cfg.frame_tokens)
         self._image_tokens = model_cfg.vocab.num_image_tokens
+        self._replaying = False
 
     # ---- samples -------------------------------------------------------------------
+    def _skipped(self, what: str, message: str, *args) -> None:
+        """Count and report a bad shard or sample, except while replaying up to a saved position
+        (the saved counts already include it)."""
+        if self._replaying:
+            return
+        setattr(self.position, what, getattr(self.position, what) + 1)
+        log.warning(message + f" ({what}: {getattr(self.position, what)} so far)", *args)
+
     def _read_shard(self, url: str) -> Iterator[dict]:
         try:
             if truncated(url):
                 raise EOFError("no end-of-archive marker: the file is truncated")
             yield from tarfile_samples([{"url": url}])
         except Exception as err:  # corrupt mid-way: what was read stays used, the rest is skipped
-            self.position.bad_shards += 1
-            log.warning("skipping unreadable shard %s (%s: %s); %d shard(s) skipped so far",
-                        url, type(err).__name__, err, self.position.bad_shards)
+            self._skipped("bad_shards", "skipping unreadable shard %s (%s: %s)", url, type(err).__name__, err)
 
     def _decoded(self, urls: list[str]) -> Iterator[Sample]:
         for url in urls:
@@ -148,8 +155,7 @@ class ShardLoader:
                         raise ShardFormatError(f"{url}: sample {sample.key}: frame codes outside "
                                                f"[0, {self._image_tokens})")
                 except ShardFormatError as err:
-                    self.position.bad_samples += 1
-                    log.warning("skipping sample: %s", err)
+                    self._skipped("bad_samples", "skipping sample: %s", err)
                     continue
                 if sample.meta.stage == self.stage:
                     yield sample
@@ -164,13 +170,12 @@ class ShardLoader:
         pos = self.position
         while True:
             skip, yielded = pos.consumed, 0
-            # replaying the skipped part re-reads bad shards; the counts saved already include them
-            counts = (pos.bad_shards, pos.bad_samples)
+            self._replaying = skip > 0
             for i, sample in enumerate(self._epoch_samples(pos.epoch)):
                 if i < skip:
+                    # reads made while fetching sample `skip` onwards were not part of the saved run
+                    self._replaying = i < skip - 1
                     continue
-                if i == skip and skip:
-                    pos.bad_shards, pos.bad_samples = counts
                 pos.consumed += 1
                 yielded += 1
                 yield sample

@@ -164,3 +164,19 @@ def test_prefetch_keeps_order_and_raises_errors():
 
     with pytest.raises(OSError, match="disk gone"):
         list(prefetched(broken(), 2))
+
+
+def test_resume_keeps_bad_counts_exact_at_every_cut(tmp_path, caplog):
+    shards = write_shards(tmp_path, num_shards=3)
+    data = open(shards[2], "rb").read()
+    open(shards[2], "wb").write(data[:3000])
+    (tmp_path / "shard-zzz.tar").write_bytes(b"garbage" * 100)
+    paths = expand_shards([str(tmp_path / "shard-*.tar")])
+    stream = iter(make_loader(paths, micro_batch_size=1, shuffle_buffer=3))
+    run = [next(stream) for _ in range(20)]  # 8 good samples per epoch: crosses two epoch ends
+    assert run[-1].position.bad_shards == 2 * 3  # two bad shards, read in each of 3 epochs
+    for cut in (0, 3, 7, 8, 15):  # 7 and 15 end an epoch
+        resumed = iter(make_loader(paths, micro_batch_size=1, shuffle_buffer=3, position=run[cut].position))
+        for expected in run[cut + 1:]:
+            got = next(resumed)
+            assert got.keys == expected.keys and got.position == expected.position, (cut, expected.position)
