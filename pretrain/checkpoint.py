@@ -143,10 +143,11 @@ class CheckpointManager:
         loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+        written = len(list(path.glob("loader_dp*.json")))
+        if written != parallel.dp_size():
+            raise RuntimeError(f"{path}: written by {written} data-parallel ranks, resumed with {parallel.dp_size()}; "
+                               f"loader positions are per DP rank, so resume with the same DP size")
         loader_file = path / f"loader_dp{parallel.dp_rank()}.json"
-        if not loader_file.is_file():
-            raise FileNotFoundError(f"{loader_file}: no loader position for data-parallel rank {parallel.dp_rank()} "
-                                    f"(was the checkpoint written with fewer data-parallel ranks?)")
         position = LoaderPosition.from_dict(json.loads(loader_file.read_text()))
         rng_file = path / f"rng_rank{dist.get_rank()}.pt"
         if rng_file.is_file():
