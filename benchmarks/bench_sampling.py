@@ -95,7 +95,7 @@ def main():
     parser.add_argument("--exact", action="store_true", help="run the whole uncached pass instead of timing its forwards")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=1, help="prompts per batch")
+    parser.add_argument("--batch", type=int, default=2, help="prompts per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")

@@ -111,7 +111,8 @@ def test_ray_job_matches_the_local_one_and_resumes(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run_job(prompts, out, options, lambda: FakePipeline(options, log), use_ray=True)
-        check_outputs(out, prompts, options)  # same codes as the local run's reference
+        manifest = check_outputs(out, prompts, options)  # same codes as the local run's reference
+        assert all(e["worker"].startswith("actor-") for e in manifest["entries"] if e["status"] == "ok")
         assert sorted(log.read_text().split()) == sorted(prompts[i].key for i in (0, 3, 4))
         (out / prompts[3].key / "record.json").unlink()  # as if killed mid-way
         log.unlink()

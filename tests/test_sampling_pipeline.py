@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from cogvideo import parallel
 from cogvideo.checkpoint import save_model_checkpoint
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
@@ -82,11 +83,13 @@ def test_clusters_command_on_a_tokenizer_file(assets, tmp_path):
     assert labels.shape == (64,) and set(labels) == set(range(8))
 
 
-def _tp_worker(rank, port, args):
+def _two_process_worker(rank, port, runs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cli.main(args)
+    for args in runs:
+        cli.main(args)
+        parallel.destroy()
 
 
 def _free_port():
@@ -96,17 +99,20 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_samples_the_same_video(assets, tmp_path):
+def test_two_processes_tp2_and_dp2_sample_the_same_videos(assets, tmp_path):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat plays with a ball\nrain falls on a lake\n")
-    assert cli.main(_args(assets, prompts, tmp_path / "tp1", *GREEDY)) == 0
-    mp.spawn(_tp_worker, args=(_free_port(), _args(assets, prompts, tmp_path / "tp2", *GREEDY, "tensor_parallel=2")),
-             nprocs=2, join=True)
-    manifest = json.loads((tmp_path / "tp2" / "manifest.json").read_text())
-    assert manifest["ok"] == 2
-    for entry in manifest["entries"]:
-        assert np.array_equal(np.load(tmp_path / "tp1" / entry["key"] / "codes.npy"),
-                              np.load(tmp_path / "tp2" / entry["key"] / "codes.npy"))
+    prompts.write_text("a cat plays with a ball\nrain falls on a lake\na dog runs\n")
+    assert cli.main(_args(assets, prompts, tmp_path / "one", *GREEDY, "batch_size=1")) == 0
+    runs = [_args(assets, prompts, tmp_path / "tp2", *GREEDY, "tensor_parallel=2"),
+            _args(assets, prompts, tmp_path / "dp2", *GREEDY, "batch_size=1")]
+    mp.spawn(_two_process_worker, args=(_free_port(), runs), nprocs=2, join=True)
+    for run in ("tp2", "dp2"):
+        manifest = json.loads((tmp_path / run / "manifest.json").read_text())
+        assert manifest["ok"] == 3
+        for entry in manifest["entries"]:
+            assert np.array_equal(np.load(tmp_path / "one" / entry["key"] / "codes.npy"),
+                                  np.load(tmp_path / run / entry["key"] / "codes.npy"))
+    assert [e["worker"] for e in manifest["entries"]] == ["dp0", "dp1", "dp0"]  # prompts split over DP ranks
 
 
 def test_mismatched_stages_are_refused_before_sampling(assets, tmp_path, capsys):

@@ -38,7 +38,7 @@ def _failed(prompt: Prompt, err: BaseException) -> dict:
     return {"key": prompt.key, "prompt": prompt.text, "status": "failed", "error": f"{type(err).__name__}: {err}"}
 
 
-def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True) -> list[dict]:
+def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True, worker: str = "local") -> list[dict]:
     """Sample one batch and write its entries; a failing prompt never takes the others down."""
     records = {}
     ready = []
@@ -65,7 +65,8 @@ def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True) -
         for prompt, (codes, frames) in zip(group, videos):
             files = write_video_entry(out / prompt.key, codes, frames, pipeline.fps()) if write else {}
             records[prompt.key] = {"key": prompt.key, "prompt": prompt.text, "status": "ok", "files": files,
-                                   "frames": int(len(frames)), "fps": pipeline.fps(), "seconds": round(seconds, 3)}
+                                   "frames": int(len(frames)), "fps": pipeline.fps(), "seconds": round(seconds, 3),
+                                   "worker": worker}
     if write:
         for prompt in batch:
             (out / prompt.key).mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def _run_local(batches, out: Path, make_pipeline) -> None:
     dp, rank = parallel.dp_size(), parallel.dp_rank()
     writer = parallel.tp_rank() == 0
     for batch in batches[rank::dp]:  # under torchrun each data-parallel group takes its share
-        sample_batch(pipeline, batch, out, write=writer)
+        sample_batch(pipeline, batch, out, write=writer, worker=f"dp{rank}")
     if parallel.is_initialized():
         import torch.distributed as dist
 
@@ -115,7 +116,8 @@ def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address:
             self.pipeline = make()
 
         def run(self, batch, out_dir):
-            return sample_batch(self.pipeline, batch, Path(out_dir))
+            worker = f"actor-{ray.get_runtime_context().get_actor_id()[:8]}"
+            return sample_batch(self.pipeline, batch, Path(out_dir), worker=worker)
 
     queue = list(batches)
     actors = [SamplerActor.remote(make_pipeline) for _ in range(min(options.workers, len(queue)))]

@@ -2,6 +2,7 @@
 turns a batch of prompts into decoded videos."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,15 +63,15 @@ class VideoPipeline:
 
     @classmethod
     def load(cls, options: SampleOptions) -> "VideoPipeline":
-        """Checkpoints and tokenizers from the paths in `options`; TP>1 joins the parallel
-        state of the launcher (torchrun), the same as training."""
+        """Checkpoints and tokenizers from the paths in `options`. Under torchrun the processes
+        join the same parallel state as training: TP ranks share a model, DP groups split prompts."""
         from cogvideo import parallel
         from cogvideo.tokenizers.image import load_image_tokenizer
         from cogvideo.tokenizers.text import TextTokenizer
 
         check_paths(options)
-        if options.tensor_parallel > 1:
-            parallel.init_distributed(options.tensor_parallel)
+        if options.tensor_parallel > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            parallel.init_distributed(options.tensor_parallel)  # DP ranks then split the prompts
         stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1")
         stage2 = load_stage(Path(options.stage2_checkpoint), options, "stage2") if options.stage2_checkpoint else None
         if stage2 is not None:
