@@ -233,6 +233,10 @@ def test_bad_sat_checkpoints_fail_clearly_and_write_nothing(tmp_path, monkeypatc
     file.write_bytes(file.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: cannot be read"):
         import_sat(tmp_path / "truncated", tmp_path / "out", base=BASE)
+    report = describe(tmp_path / "truncated", base="tiny")
+    assert report["complete"] is False and "mp_rank_00_model_states.pt" in report["problem"]
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 2  # not a checkpoint at all
 
     write_sat(tmp_path / "pickled", raw, 1, BACKBONE_ARGS)
     with open(tmp_path / "pickled" / "1000" / "mp_rank_00_model_states.pt", "wb") as f:

@@ -128,6 +128,8 @@ def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(CheckpointError, match=r"missing rank files for \(tp, dp\) ranks \[\(0, 1\)\]"):
         convert_zero(broken, tmp_path / "out", MEDIUM)
+    report = describe(broken)
+    assert report["complete"] is False and "missing rank files" in report["problem"]
     subprocess.run(["cp", str(src / tag.name / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), str(tag)], check=True)
     optim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:4096])

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from cogvideo.checkpoint.format import CONFIG_NAME, Checkpoint, full_shape, is_trainable, read_checkpoint_info, reshard
+from cogvideo.checkpoint.format import (CONFIG_NAME, Checkpoint, check_shapes, full_shape, is_trainable,
+                                        read_checkpoint_info, reshard)
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
 from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, import_sat, sat_model_config
-from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero, train_config_model
+from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero, tag_dir, train_config_model
 from cogvideo.config import get_preset, resolve_model_config
 from cogvideo.configio import ConfigError, parse_overrides
 
@@ -42,32 +43,51 @@ def describe(path: str | Path, base: str = "cogview2-6b") -> dict:
     whether the files are complete (with the problem if not). `base`: see import-sat --base."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
-        info = read_checkpoint_info(path)
-        out = {"format": f"cogvideo v{info['version']}", "preset": info["model"].get("name"),
-               "stage": info["model"].get("stage"), "tensor_parallel": info["tensor_parallel"],
-               "iteration": info["iteration"], "dtype": info.get("dtype")}
-        try:
-            ckpt = Checkpoint(path)
-        except CheckpointError as err:
-            return out | {"complete": False, "problem": str(err)}
-        return out | _counts(ckpt.shapes, ckpt.cfg) | {"optimizer_state": ckpt.has_optimizer(), "complete": True}
+        return _describe_ours(path)
     if (path / SAT_CONFIG).is_file():
-        sat = SatCheckpoint(path)
-        cfg = sat_model_config(sat.args, sat.stage, get_preset(base))
-        dtype = str(next(iter(sat.modules[0].values())).dtype).replace("torch.", "")
-        shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
-        return {"format": "SwissArmyTransformer", "preset": cfg.name, "stage": sat.stage,
-                "tensor_parallel": sat.tensor_parallel, "iteration": sat.iteration, "dtype": dtype,
-                **_counts(shapes, cfg), "complete": True}
+        kind, read = "SwissArmyTransformer", lambda: _describe_sat(path, base)
+    elif any(tag_dir(path, None).glob("*_model_states.pt")):
+        kind, read = "DeepSpeed", lambda: _describe_zero(path)
+    else:
+        raise CheckpointError(f"{path}: not a checkpoint (ours has {CONFIG_NAME}, SwissArmyTransformer "
+                              f"{SAT_CONFIG}, DeepSpeed *_model_states.pt files)")
+    try:
+        return read() | {"complete": True}
+    except CheckpointError as err:
+        return {"format": kind, "complete": False, "problem": str(err)}
+
+
+def _describe_ours(path: Path) -> dict:
+    info = read_checkpoint_info(path)
+    out = {"format": f"cogvideo v{info['version']}", "preset": info["model"].get("name"),
+           "stage": info["model"].get("stage"), "tensor_parallel": info["tensor_parallel"],
+           "iteration": info["iteration"], "dtype": info.get("dtype")}
+    try:
+        ckpt = Checkpoint(path)
+        check_shapes(ckpt.shapes, ckpt.cfg, str(path))
+    except CheckpointError as err:
+        return out | {"complete": False, "problem": str(err)}
+    return out | _counts(ckpt.shapes, ckpt.cfg) | {"optimizer_state": ckpt.has_optimizer(), "complete": True}
+
+
+def _describe_sat(path: Path, base: str) -> dict:
+    sat = SatCheckpoint(path)
+    cfg = sat_model_config(sat.args, sat.stage, get_preset(base))
+    dtype = str(next(iter(sat.modules[0].values())).dtype).replace("torch.", "")
+    shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
+    return {"format": "SwissArmyTransformer", "preset": cfg.name, "stage": sat.stage,
+            "tensor_parallel": sat.tensor_parallel, "iteration": sat.iteration, "dtype": dtype, **_counts(shapes, cfg)}
+
+
+def _describe_zero(path: Path) -> dict:
     zero = ZeroCheckpoint(path)
     try:
         cfg = train_config_model(zero.path)
-    except CheckpointError:
+    except CheckpointError:  # a DeepSpeed checkpoint not written by our trainer
         cfg = None
     return {"format": f"DeepSpeed ZeRO-{zero.stage}", "preset": cfg.name if cfg else None,
             "stage": cfg.stage if cfg else None, "tensor_parallel": zero.tp, "data_parallel": zero.dp,
-            "iteration": zero.iteration, "dtype": "float32 (master weights)", **_counts(zero.shapes, cfg),
-            "complete": True}
+            "iteration": zero.iteration, "dtype": "float32 (master weights)", **_counts(zero.shapes, cfg)}
 
 
 def _counts(shapes: dict, cfg) -> dict:

@@ -1,6 +1,7 @@
 """Our checkpoint format (described in the package docstring): write, read, validate, reshard."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -130,16 +131,10 @@ def write_checkpoint(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple
         write_json(tmp / CONFIG_NAME, {
             "format": FORMAT, "version": VERSION, "model": to_dict(cfg), "iteration": int(iteration),
             "tensor_parallel": tensor_parallel, "dtype": str(stored_dtype).replace("torch.", ""),
-            "num_parameters": sum(_numel(s) for s in shapes.values()), "source": source,
+            "num_parameters": sum(math.prod(s) for s in shapes.values()), "source": source,
         })
     return path
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def save_model_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: ModelConfig,

@@ -16,6 +16,7 @@ pages read are released chunk by chunk; one tensor at a time is gathered (and me
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -32,7 +33,8 @@ TRAIN_CONFIG = "train_config.yaml"
 DROPPED = ["learning-rate scheduler state", "loss scaler", "data loader positions", "RNG states"]
 
 
-def _tag_dir(path: Path, tag: str | None) -> Path:
+def tag_dir(path: Path, tag: str | None) -> Path:
+    """The folder holding the rank files: path/tag, path/<latest>, or path itself."""
     if tag is not None:
         return path / tag
     if (path / "latest").is_file() and not any(path.glob("*_model_states.pt")):
@@ -40,18 +42,11 @@ def _tag_dir(path: Path, tag: str | None) -> Path:
     return path
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 class ZeroCheckpoint:
     """One DeepSpeed checkpoint (all TP x DP ranks). ``tensors()`` yields full fp32 tensors."""
 
     def __init__(self, path: str | Path, tag: str | None = None):
-        self.path = _tag_dir(Path(path), tag)
+        self.path = tag_dir(Path(path), tag)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
         optim = {(int(m[2]), int(m[1])): f for f in self.path.iterdir() if (m := _OPTIM_FILE.match(f.name))}
@@ -102,7 +97,7 @@ class ZeroCheckpoint:
             for group in groups:
                 for name, shape in group.items():
                     shapes[name], where[name] = tuple(shape), offset
-                    offset += -(-_numel(shape) // self.dp)
+                    offset += -(-math.prod(shape) // self.dp)
             if offset > sum(sizes):
                 raise CheckpointError(f"{self.path}: TP rank {t}: parameters need {offset} elements per DP rank, "
                                       f"the optimizer files hold {sum(sizes)}")
@@ -113,7 +108,7 @@ class ZeroCheckpoint:
                 offset = 0
                 for i, (name, shape) in enumerate(group.items()):
                     shapes[name], where[name] = tuple(shape), (g, offset)
-                    offset += _numel(shape) + (paddings[g][i] if paddings else 0)
+                    offset += math.prod(shape) + (paddings[g][i] if paddings else 0)
                 available = sum(optim[d]["single_partition_of_fp32_groups"][g].numel() for d in range(self.dp))
                 if offset > available:
                     raise CheckpointError(f"{self.path}: TP rank {t} group {g}: parameters need {offset} "
@@ -145,7 +140,7 @@ class ZeroCheckpoint:
         """One full (DP-gathered) tensor of TP rank t, copied once out of the mapped files."""
         layout, optim = self.ranks[t], files["optim"]
         shape, where = layout["shapes"][name], layout["where"][name]
-        numel = _numel(shape)
+        numel = math.prod(shape)
         out = torch.empty(numel, dtype=torch.float32)
         if where == "frozen":
             if kind != "fp32":
@@ -186,9 +181,9 @@ class ZeroCheckpoint:
         while i < len(names):
             files = [self._open(t) for t in range(self.tp)]
             budget = 0
-            while i < len(names) and (budget == 0 or budget + 4 * _numel(self.shapes[names[i]]) <= chunk_bytes):
+            while i < len(names) and (budget == 0 or budget + 4 * math.prod(self.shapes[names[i]]) <= chunk_bytes):
                 name = names[i]
-                budget += 4 * _numel(self.shapes[name])
+                budget += 4 * math.prod(self.shapes[name])
                 yield name, merge_tensor(name, [self._read(t, files[t], name, kind) for t in range(self.tp)])
                 i += 1
             del files  # unmaps the pages read for this chunk
