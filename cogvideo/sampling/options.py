@@ -27,10 +27,10 @@ class SampleOptions:
     tensor_parallel: int = 1
     workers: int = 1  # Ray actors (each loads the models once)
 
-    duration: float = 4.0  # seconds the keyframes span (the stage-1 duration prefix)
+    duration: float = 4.0  # seconds the keyframes span (stage-1 prefix "4.0秒<n>"; stage 2 uses each window's span)
     interpolation_levels: int = 3  # stage-2 levels: 5 -> 9 -> 17 -> 33 frames
-    frame0_suffix: str = " 高清摄影"
-    video_suffix: str = " 视频"  # appended to the prompt for stages 1 and 2
+    frame0_suffix: str = " 高清摄影"  # frame 0: prompt + suffix, no duration prefix
+    video_suffix: str = " 视频"  # stages 1 and 2: duration prefix + prompt + suffix
     uncond_text: str = "视频"  # the unconditional prompt of classifier-free guidance
     frame0_text_bias: float = 1.4  # added to attention scores of frame queries on text keys
     stage1_text_bias: float = 0.0
