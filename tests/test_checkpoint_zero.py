@@ -107,11 +107,12 @@ def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_changed_layout_gives_the_original_losses(tmp_path):
+    """ZeRO-2 at TP=2 x DP=1 -> our format -> ZeRO-2 (and ZeRO-3) at TP=1 x DP=2, and back."""
     torch.manual_seed(0)
     save_model_checkpoint(tmp_path / "w0", CogVideoModel(TINY).state_dict(), TINY)
     torchrun("layout", tmp_path, 29651)
     r = json.loads((tmp_path / "results.json").read_text())
-    for original, resumed in (("tp2", "tp1_from_tp2"), ("tp1", "tp2_from_tp1")):
+    for original, resumed in (("tp2", "tp1_from_tp2"), ("tp1", "tp2_from_tp1"), ("tp2", "tp1_zero3_from_tp2")):
         # step 3 depends on the weights, step 4 also on Adam's moments and step count
         assert r[resumed] == pytest.approx(r[original][2:], rel=1e-5, abs=1e-6), (original, r)
     assert abs(r["tp1_from_tp2_no_optimizer"][1] - r["tp2"][3]) > 1e-4  # the moments matter
@@ -224,10 +225,10 @@ def _layout_worker(out: Path) -> None:
             parallel_state.destroy_model_parallel()
         parallel.init_distributed(tp, backend="gloo")
 
-    def engine_from(path: Path, optimizer: bool):
+    def engine_from(path: Path, optimizer: bool, zero_stage: int = 2):
         model = CogVideoModel(TINY)
         model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
-        engine = _engine(model, 2, parallel.dp_size())
+        engine = _engine(model, zero_stage, parallel.dp_size())
         if optimizer:
             restore_optimizer_state(engine, path, parallel.tp_rank(), parallel.tp_size())
         return engine
@@ -242,8 +243,8 @@ def _layout_worker(out: Path) -> None:
             convert_zero(out / f"ds_{name}", out / f"ours_{name}", TINY)
         dist.barrier()
 
-    def resume(name: str, source: str, optimizer: bool = True) -> None:
-        engine = engine_from(out / f"ours_{source}", optimizer)
+    def resume(name: str, source: str, optimizer: bool = True, zero_stage: int = 2) -> None:
+        engine = engine_from(out / f"ours_{source}", optimizer, zero_stage)
         results[name] = [_train_step(engine, TINY, 2), _train_step(engine, TINY, 3)]
 
     layout(2)
@@ -251,6 +252,7 @@ def _layout_worker(out: Path) -> None:
     layout(1)
     resume("tp1_from_tp2", "tp2")
     resume("tp1_from_tp2_no_optimizer", "tp2", optimizer=False)
+    resume("tp1_zero3_from_tp2", "tp2", zero_stage=3)
     train_and_save("tp1")
     layout(2)
     resume("tp2_from_tp1", "tp1")

@@ -256,10 +256,12 @@ def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size:
     # Adam creates its state at the first step; create it now (zeros, then overwritten below) on
     # the flat fp32 partitions the ZeRO optimizer hands to torch's AdamW
     inner = engine.optimizer.optimizer
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                                 "exp_avg_sq": torch.zeros_like(flat)}
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3: its sub-groups
+    if flats is None:
+        flats = [flat for group in inner.param_groups for flat in group["params"]]
+    for flat in flats:
+        inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                             "exp_avg_sq": torch.zeros_like(flat)}
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 point each parameter's fragment at those states once
         link()
