@@ -13,6 +13,7 @@ from cogvideo.checkpoint import CheckpointError, import_sat, load_model_config, 
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
+from cogvideo.params import count_parameters
 
 BASE = get_preset("tiny")  # hidden 32, 4 heads, 2 layers, 8 text tokens, 4x4 tokens per frame
 H, LAYERS, HEADS, T, N = BASE.hidden_size, BASE.num_layers, BASE.num_heads, BASE.text_length, BASE.tokens_per_frame
@@ -143,6 +144,8 @@ def test_backbone_import_matches_reference_forward(tmp_path, tp):
     assert (cfg.stage, cfg.num_frames, cfg.num_layers, cfg.hidden_size, cfg.num_heads) == ("backbone", 1, LAYERS, H, HEADS)
     tokens = random_tokens(frames=1)
     assert torch.allclose(our_logits(ckpt, tokens), reference_logits(raw, tokens, 1, video=False), atol=1e-5)
+    report = describe(ckpt)
+    assert report["parameters"] == report["trainable_parameters"] == count_parameters(cfg).total
 
 
 def test_tp2_import_equals_tp1_import(tmp_path):

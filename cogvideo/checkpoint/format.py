@@ -54,9 +54,10 @@ def full_shape(name: str, local_shape: tuple[int, ...], tp: int) -> tuple[int, .
 
 
 def is_trainable(name: str, cfg: ModelConfig) -> bool:
+    """As CogVideoModel sets requires_grad: video stages freeze the backbone unless told not to."""
     from cogvideo.model import is_backbone_param
 
-    return cfg.train_backbone or not is_backbone_param(name)
+    return not cfg.has_temporal or cfg.train_backbone or not is_backbone_param(name)
 
 
 # ---- validation against the model --------------------------------------------------------
