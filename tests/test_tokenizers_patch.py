@@ -179,6 +179,8 @@ def test_bad_input_says_what_was_expected(fitted):
         fit_patch_tokenizer(np.zeros((4, SIZE, SIZE, 3), np.uint8), 8, SIZE, SIDE)
     with pytest.raises(ValueError, match="tokens_side: expected a divisor of frame_size=32, got 5"):
         fit_patch_tokenizer(shape_frames(4, seed=0), 8, SIZE, 5)
+    with pytest.raises(ValueError, match="codebook_size=6001 is above 6000; fit with context=False"):
+        fit_patch_tokenizer(shape_frames(4, seed=0), 6001, SIZE, SIDE)
 
 
 def write_mp4(path, frames, fps=8):
@@ -208,3 +210,12 @@ def test_command_fits_from_images_and_videos(tmp_path, capsys):
     assert PatchVQTokenizer.load(out).codebook_size == 64
     with pytest.raises(FileNotFoundError, match="no frames found at .*nothing"):
         read_frames(str(tmp_path / "nothing"), SIZE)
+
+
+def test_kmeans_on_a_random_subset_of_patches():
+    frames = shape_frames(100, seed=4)
+    tokenizer = fit_patch_tokenizer(frames, 32, SIZE, SIDE, iterations=2, max_patches=500, context=False)
+    p = tokenizer.patch_size
+    patches = {tuple(cut(frame, r, c, p)) for frame in frames for r in range(SIDE) for c in range(SIDE)}
+    assert tokenizer.context is None and tokenizer.codebook_size == 32
+    assert all(tuple(code.astype(np.uint8)) in patches for code in tokenizer.codebook())

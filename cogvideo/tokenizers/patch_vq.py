@@ -34,6 +34,7 @@ FORMAT_VERSION = "1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 CHUNK = 16384  # patches per distance matmul: bounds memory at [CHUNK, codebook_size]
+FRAMES_PER_CHUNK = 2048  # frames turned into float patches at a time
 # Extra weight on the mean colour when matching patches: without it a small shape's partial
 # patches take the code of a neighbouring colour (yellow -> orange) whose mask fits better.
 DEFAULT_COLOUR_WEIGHT = 4.0
@@ -77,9 +78,6 @@ def with_colour(x: torch.Tensor, colour_weight: float) -> torch.Tensor:
 def context_keys(codes: np.ndarray, codebook_size: int) -> np.ndarray:
     """One int64 per position from its code and its up, down, left and right neighbours'
     codes (``codebook_size`` stands for "outside the frame")."""
-    if (codebook_size + 1) ** 5 >= 2**63:
-        raise ValueError(f"context table: codebook_size={codebook_size} is too large for int64 keys "
-                         f"(at most {MAX_CONTEXT_CODES})")
     padded = np.pad(codes, ((0, 0), (1, 1), (1, 1)), constant_values=codebook_size)
     key = np.zeros(codes.shape, np.int64)
     for part in (padded[:, 1:-1, 1:-1], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
@@ -112,6 +110,8 @@ class PatchVQTokenizer:
         self._code_features = with_colour(codebook, self.colour_weight)
         self.context = None
         if context is not None:
+            if self.codebook_size > MAX_CONTEXT_CODES:
+                raise ValueError(f"context table: codebook_size={self.codebook_size} is above {MAX_CONTEXT_CODES}")
             keys, patches = np.asarray(context[0]), np.asarray(context[1])
             if keys.dtype != np.int64 or keys.ndim != 1 or np.any(keys[1:] <= keys[:-1]):
                 raise ValueError(f"context_keys: expected sorted unique int64 [M], got {keys.dtype} {list(keys.shape)}")
@@ -122,8 +122,10 @@ class PatchVQTokenizer:
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         frames = check_frames(frames, self.frame_size)
-        x = to_patches(frames, self.tokens_side).to(self._codebook.device)
-        codes = nearest(with_colour(x, self.colour_weight), self._code_features).cpu().numpy()
+        codes = [nearest(with_colour(to_patches(frames[i:i + FRAMES_PER_CHUNK], self.tokens_side)
+                                     .to(self._codebook.device), self.colour_weight), self._code_features).cpu()
+                 for i in range(0, len(frames), FRAMES_PER_CHUNK)]
+        codes = torch.cat(codes).numpy() if codes else np.zeros(0, np.int64)
         return codes.reshape(len(frames), self.tokens_side, self.tokens_side)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -233,9 +235,14 @@ def fit_context_table(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> tuple[
     """Mean training patch for every (code, 4 neighbour codes) key seen in ``frames``."""
     keys = context_keys(tokenizer.encode(frames), tokenizer.codebook_size).reshape(-1)
     table_keys, inverse = np.unique(keys, return_inverse=True)
-    sums = torch.zeros(len(table_keys), tokenizer._codebook.shape[1]).index_add_(
-        0, torch.from_numpy(inverse.reshape(-1)), to_patches(frames, tokenizer.tokens_side))
-    counts = torch.from_numpy(np.bincount(inverse.reshape(-1), minlength=len(table_keys)))
+    inverse = torch.from_numpy(inverse.reshape(-1))
+    sums = torch.zeros(len(table_keys), tokenizer.patch_size**2 * 3)
+    per_chunk = FRAMES_PER_CHUNK * tokenizer.tokens_side**2
+    for i in range(0, len(frames), FRAMES_PER_CHUNK):
+        start = i * tokenizer.tokens_side**2
+        sums.index_add_(0, inverse[start:start + per_chunk], to_patches(frames[i:i + FRAMES_PER_CHUNK],
+                                                                         tokenizer.tokens_side))
+    counts = torch.bincount(inverse, minlength=len(table_keys))
     patches = (sums / counts[:, None]).round().clamp(0, 255).to(torch.uint8).numpy()
     return table_keys, patches
 
@@ -255,10 +262,14 @@ def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int,
     if context and codebook_size > MAX_CONTEXT_CODES:
         raise ValueError(f"context table: codebook_size={codebook_size} is above {MAX_CONTEXT_CODES}; "
                          "fit with context=False")
-    x = to_patches(frames, tokens_side)
     generator = torch.Generator().manual_seed(seed)
-    if len(x) > max_patches:
+    per_frame = tokens_side**2
+    if len(frames) * per_frame > max_patches:  # a random subset of frames, then of their patches
+        subset = torch.randperm(len(frames), generator=generator)[:-(-max_patches // per_frame)]
+        x = to_patches(frames[np.sort(subset.numpy())], tokens_side)
         x = x[torch.randperm(len(x), generator=generator)[:max_patches]]
+    else:
+        x = to_patches(frames, tokens_side)
     distinct = len(torch.unique(x, dim=0))
     if distinct < codebook_size:
         raise ValueError(f"codebook_size={codebook_size} needs at least as many distinct patches; "
@@ -267,10 +278,12 @@ def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int,
     centres = kmeans(features, codebook_size, iterations, seed)
     if crisp:
         centres = snap_to_data(features, centres)
-    tokenizer = PatchVQTokenizer(centres[:, :x.shape[1]], frame_size, tokens_side, colour_weight=colour_weight)
-    if context:
-        tokenizer.context = fit_context_table(tokenizer, frames)
-    return tokenizer
+    codebook = centres[:, :x.shape[1]]
+    tokenizer = PatchVQTokenizer(codebook, frame_size, tokens_side, colour_weight=colour_weight)
+    if not context:
+        return tokenizer
+    return PatchVQTokenizer(codebook, frame_size, tokens_side, context=fit_context_table(tokenizer, frames),
+                            colour_weight=colour_weight)
 
 
 def _square(image, frame_size: int) -> np.ndarray:
