@@ -20,6 +20,9 @@ class PrepConfig:
     tokenizer_loader: str = "cogvideo.tokenizers.image:load_image_tokenizer"
     tokenizer_actors: int = 1
     tokenizer_gpus: float = 0.0  # GPUs per tokenizer actor; > 0 encodes on "cuda"
+    # CPUs Ray reserves per actor: 0 lets decoding use every core while a light tokenizer (or one
+    # on a GPU) shares them; reserve cores for a heavy tokenizer encoding on the CPU (icetk)
+    tokenizer_cpus: float = 0.0
     tokenize_batch: int = 16  # samples per actor call
 
     # CogVideo's frame-rate rule: stage 1 takes the lowest rate that still fits all frames in the

@@ -49,7 +49,8 @@ def test_exact_boundaries_fit_and_one_frame_less_does_not():
 
 def test_plan_samples_follows_the_configured_stages():
     cfg = PrepConfig()
-    assert plan_samples(121, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == [(1, 1.0), (2, 2.0), (2, 4.0), (2, 8.0)]
+    assert plan_samples(121, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == \
+        [(1, 1.0), (2, 2.0), (2, 4.0), (2, 8.0)]
     assert plan_samples(121, 30.0, 5, [2], cfg.stage1_fps, cfg.stage2_fps) == [(2, 2.0), (2, 4.0), (2, 8.0)]
     assert plan_samples(10, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == []
 

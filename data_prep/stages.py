@@ -1,0 +1,120 @@
+"""The Ray tasks and actors of the preparation job: they run on workers, one input or one batch
+of samples at a time, and return plain rows (bytes and JSON) to the driver."""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import asdict
+
+import numpy as np
+
+from cogvideo.configio import ConfigError
+from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY, ClipMeta, encode_sample
+from data_prep.config import Geometry, PrepConfig
+from data_prep.inputs import Rejected, content_hash
+from data_prep.rates import frame_indices, plan_samples
+from data_prep.video import iter_clips, probe
+
+EMPTY = b""
+
+
+def sample_key(sha256: str, clip: int, stage: int, fps: float) -> str:
+    """Deterministic and content-derived: the same clip sample always gets the same key."""
+    return f"{sha256[:16]}_{clip:04d}_s{stage}_{round(fps * 1000):06d}mfps"
+
+
+def _row(entry: str, kind: str, record: dict, key: str = "", pixels: bytes = EMPTY) -> dict:
+    return {"entry": entry, "kind": kind, "key": key, "record": json.dumps(record, ensure_ascii=False),
+            "pixels": pixels}
+
+
+def hash_input(row: dict) -> dict:
+    try:
+        sha256, size = content_hash(row["path"])
+        return {**row, "sha256": sha256, "size": size, "reason": "", "detail": ""}
+    except Rejected as err:
+        return {**row, "sha256": "", "size": 0, "reason": err.reason, "detail": err.detail}
+
+
+def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
+    """All rows one input yields: samples (frames as raw pixels), rejected clips, then one
+    `input` row. An input that fails part-way yields no samples at all."""
+    path, entry = row["path"], row["entry"]
+    record = {"entry": entry, "source": path, "sha256": row["sha256"], "clips": 0, "samples": 0,
+              "seconds": 0.0, "frames": 0}
+    rows = []
+    try:
+        info = probe(path, cfg)
+        fps = float(info.fps)
+        for clip in iter_clips(path, info, cfg, shape.frame_size):
+            record["clips"] += 1
+            span = (clip.first_frame / fps, (clip.first_frame + len(clip.frames)) / fps)
+            rejected = {"entry": entry, "source": path, "clip": span}
+            if len(clip.frames) / fps < cfg.min_clip_s:
+                rows.append(_row(entry, "rejected", {**rejected, "reason": "clip_shorter_than_min",
+                                 "detail": f"{len(clip.frames) / fps:.3f} s < min_clip_s={cfg.min_clip_s}"}))
+                continue
+            plan = plan_samples(len(clip.frames), fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
+            if not plan:
+                rows.append(_row(entry, "rejected", {**rejected, "reason": "clip_too_short_for_frames",
+                                 "detail": f"{(len(clip.frames) - 1) / fps:.3f} s between first and last frame "
+                                           f"cannot hold {shape.num_frames} frames at any rate <= {fps:g} fps"}))
+                continue
+            for stage, rate in plan:
+                picked = frame_indices(len(clip.frames), fps, rate, shape.num_frames)
+                window = ((clip.first_frame + picked[0]) / fps, (clip.first_frame + picked[-1]) / fps)
+                meta = ClipMeta(duration=(shape.num_frames - 1) / rate, fps=rate, stage=stage, source=path,
+                                clip_start=window[0], clip_end=window[1], num_frames=shape.num_frames)
+                sample = {"caption": row["caption"], "meta": asdict(meta), "clip": span}
+                rows.append(_row(entry, "sample", sample, sample_key(row["sha256"], clip.index, stage, rate),
+                                 np.ascontiguousarray(clip.frames[picked]).tobytes()))
+                record["samples"] += 1
+        record.update(seconds=info.seconds, frames=info.num_frames)
+    except Exception as err:  # one odd file must not stop a job over millions
+        reason, detail = (err.reason, err.detail) if isinstance(err, Rejected) else \
+            ("unexpected_error", f"{path}: {type(err).__name__}: {err}")
+        failure = {"entry": entry, "source": path, "clip": None, "reason": reason, "detail": detail}
+        return [_row(entry, "rejected", failure), _row(entry, "input", {**record, "status": "rejected",
+                                                                         "reason": reason})]
+    if not record["samples"]:
+        reasons = sorted({json.loads(r["record"])["reason"] for r in rows})
+        rows.append(_row(entry, "rejected", {"entry": entry, "source": path, "clip": None, "reason": "no_usable_clip",
+                                             "detail": f"{record['clips']} clip(s) rejected: {', '.join(reasons)}"}))
+        return rows + [_row(entry, "input", {**record, "status": "rejected", "reason": "no_usable_clip"})]
+    return rows + [_row(entry, "input", {**record, "status": "used", "reason": ""})]
+
+
+def load_object(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class TokenizeSamples:
+    """Ray actor: loads the image tokenizer once, encodes the frames of a batch of samples
+    together and returns them as shard fields (cogvideo.shards.encode_sample)."""
+
+    def __init__(self, cfg: PrepConfig, shape: Geometry):
+        device = "cuda" if cfg.tokenizer_gpus > 0 else "cpu"
+        self.tokenizer = load_object(cfg.tokenizer_loader)(cfg.tokenizer, device=device)
+        got = (self.tokenizer.frame_size, self.tokenizer.tokens_side)
+        if got != (shape.frame_size, shape.tokens_side):
+            raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: encodes {got[0]}px frames to {got[1]}x{got[1]} codes, "
+                              f"but the model ({cfg.model_preset}) needs {shape.frame_size}px and "
+                              f"{shape.tokens_side}x{shape.tokens_side} (model.frame_size, model.frame_tokens)")
+        self.shape = shape
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, size, side = self.shape.num_frames, self.shape.frame_size, self.shape.tokens_side
+        count = len(batch["kind"])
+        fields = {name: np.full(count, EMPTY, dtype=object) for name in ("frames_npy", "caption_txt", "meta_json")}
+        samples = [i for i in range(count) if batch["kind"][i] == "sample"]
+        if samples:
+            pixels = np.stack([np.frombuffer(batch["pixels"][i], np.uint8).reshape(n, size, size, 3) for i in samples])
+            codes = self.tokenizer.encode(pixels.reshape(-1, size, size, 3)).reshape(len(samples), n, side, side)
+            for i, sample_codes in zip(samples, codes):
+                record = json.loads(batch["record"][i])
+                encoded = encode_sample(batch["key"][i], sample_codes, record["caption"], ClipMeta(**record["meta"]))
+                fields["frames_npy"][i] = encoded[FRAMES_KEY]
+                fields["caption_txt"][i] = encoded[CAPTION_KEY]
+                fields["meta_json"][i] = encoded[META_KEY]
+        return {**{k: batch[k] for k in ("entry", "kind", "key", "record")}, **fields}
