@@ -19,7 +19,8 @@ class PrepConfig:
     # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per actor
     tokenizer_loader: str = "cogvideo.tokenizers.image:load_image_tokenizer"
     tokenizer_actors: int = 1
-    tokenizer_gpus: float = 0.0  # GPUs per tokenizer actor; > 0 encodes on "cuda"
+    # GPUs per tokenizer actor (> 0 encodes on "cuda"); None: one when the Ray cluster has GPUs
+    tokenizer_gpus: float | None = None
     # CPUs Ray reserves per actor: 0 lets decoding use every core while a light tokenizer (or one
     # on a GPU) shares them; reserve cores for a heavy tokenizer encoding on the CPU (icetk)
     tokenizer_cpus: float = 0.0
@@ -47,6 +48,7 @@ class PrepConfig:
     shard_samples: int = 1000  # a shard is closed at this many samples ...
     shard_bytes: int = 256 * 2**20  # ... or this many bytes, whichever comes first
     num_cpus: int = 0  # local Ray: 0 means every core
+    inputs_per_task: int = 1  # videos per Ray task: raise it for millions of short videos
 
     def __post_init__(self):
         def bad(key: str, why: str):
@@ -62,14 +64,16 @@ class PrepConfig:
             bad("min_clip_s", f"expected 0 < min_clip_s <= max_clip_s={self.max_clip_s}, got {self.min_clip_s}")
         if not 0 < self.min_side <= self.max_side:
             bad("min_side", f"expected 0 < min_side <= max_side={self.max_side}, got {self.min_side}")
-        for key in ("shard_samples", "shard_bytes", "tokenizer_actors", "tokenize_batch"):
+        for key in ("shard_samples", "shard_bytes", "tokenizer_actors", "tokenize_batch", "inputs_per_task"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
         if ":" not in self.tokenizer_loader:
             bad("tokenizer_loader", f"expected module:function, got {self.tokenizer_loader!r}")
 
-    def rates(self, stage: int) -> list[float]:
-        return sorted(self.stage1_fps if stage == 1 else self.stage2_fps)
+    def gpus_per_actor(self, cluster_gpus: float) -> float:
+        if self.tokenizer_gpus is None:
+            return 1.0 if cluster_gpus >= 1 else 0.0
+        return self.tokenizer_gpus
 
 
 @dataclass(frozen=True)

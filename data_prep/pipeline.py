@@ -28,6 +28,7 @@ from data_prep.inputs import caption_for, list_inputs, load_captions
 from data_prep.output import PrepOutput
 from data_prep.stages import TokenizeSamples, extract_samples, hash_input
 
+
 def init_ray(address: str | None, num_cpus: int) -> None:
     if ray.is_initialized():
         return
@@ -109,12 +110,16 @@ def ordered_data_context():
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
 
+def _blocks(inputs: int, cfg: PrepConfig) -> int:
+    return -(-inputs // cfg.inputs_per_task)
+
+
 def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict], progress: bool) -> dict:
     """Hash, deduplicate, then extract + tokenize + write; this run's counts."""
     known = out.committed_hashes()
     accepted = []
     if todo:
-        hashed = ray.data.from_items(todo, override_num_blocks=len(todo)).map(hash_input)
+        hashed = ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), cfg)).map(hash_input)
         for row in hashed.iter_rows():
             if row["reason"]:
                 _record_rejection(out, _rejected_input(row["entry"], row["path"], row["reason"], row["detail"]))
@@ -126,13 +131,14 @@ def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict
                 accepted.append(row)
     run = {"inputs_processed": len(todo), "frames_decoded": 0, "samples_written": 0}
     if accepted:
-        rows = (ray.data.from_items(accepted, override_num_blocks=len(accepted))
+        gpus = cfg.gpus_per_actor(ray.cluster_resources().get("GPU", 0))
+        device = "cuda" if gpus > 0 else "cpu"
+        rows = (ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
                 .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "shape": shape})
-                .map_batches(TokenizeSamples, fn_constructor_kwargs={"cfg": cfg, "shape": shape},
+                .map_batches(TokenizeSamples, fn_constructor_kwargs={"cfg": cfg, "shape": shape, "device": device},
                              batch_size=cfg.tokenize_batch,
                              compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
-                             num_cpus=cfg.tokenizer_cpus, num_gpus=cfg.tokenizer_gpus or None,
-                             batch_format="numpy"))
+                             num_cpus=cfg.tokenizer_cpus, num_gpus=gpus or None, batch_format="numpy"))
         bar = tqdm(total=len(accepted), desc="videos", unit="video", disable=not progress)
         for row in rows.iter_rows():
             record = json.loads(row["record"])

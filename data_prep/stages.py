@@ -13,7 +13,7 @@ from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY, ClipMeta, encode_
 from data_prep.config import Geometry, PrepConfig
 from data_prep.inputs import Rejected, content_hash
 from data_prep.rates import frame_indices, plan_samples
-from data_prep.video import iter_clips, probe
+from data_prep.video import Clip, iter_clips, probe
 
 EMPTY = b""
 
@@ -36,40 +36,48 @@ def hash_input(row: dict) -> dict:
         return {**row, "sha256": "", "size": 0, "reason": err.reason, "detail": err.detail}
 
 
+def clip_rows(row: dict, clip: Clip, fps: float, cfg: PrepConfig, shape: Geometry) -> list[dict]:
+    """One clip's sample rows (frames as raw pixels), or one `rejected` row saying why it has none."""
+    entry, path = row["entry"], row["path"]
+    span = (clip.first_frame / fps, (clip.first_frame + len(clip.frames)) / fps)
+    seconds = len(clip.frames) / fps
+    plan = [] if seconds < cfg.min_clip_s else \
+        plan_samples(len(clip.frames), fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
+    if not plan:
+        if seconds < cfg.min_clip_s:
+            reason, detail = "clip_shorter_than_min", f"{seconds:.3f} s < min_clip_s={cfg.min_clip_s}"
+        else:
+            reason = "clip_too_short_for_frames"
+            detail = (f"{(len(clip.frames) - 1) / fps:.3f} s between first and last frame cannot hold "
+                      f"{shape.num_frames} frames at any configured rate <= {fps:g} fps")
+        return [_row(entry, "rejected", {"entry": entry, "source": path, "clip": span, "reason": reason,
+                                         "detail": detail})]
+    rows = []
+    for stage, rate in plan:
+        picked = frame_indices(len(clip.frames), fps, rate, shape.num_frames)
+        meta = ClipMeta(duration=(shape.num_frames - 1) / rate, fps=rate, stage=stage, source=path,
+                        clip_start=(clip.first_frame + picked[0]) / fps, clip_end=(clip.first_frame + picked[-1]) / fps,
+                        num_frames=shape.num_frames)
+        sample = {"caption": row["caption"], "meta": asdict(meta), "clip": span}
+        rows.append(_row(entry, "sample", sample, sample_key(row["sha256"], clip.index, stage, rate),
+                         np.ascontiguousarray(clip.frames[picked]).tobytes()))
+    return rows
+
+
 def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
-    """All rows one input yields: samples (frames as raw pixels), rejected clips, then one
-    `input` row. An input that fails part-way yields no samples at all."""
+    """All rows one input yields: its clips' rows, then one `input` row (its record for the
+    commit log). An input that fails part-way yields no samples at all."""
     path, entry = row["path"], row["entry"]
     record = {"entry": entry, "source": path, "sha256": row["sha256"], "clips": 0, "samples": 0,
               "seconds": 0.0, "frames": 0}
     rows = []
     try:
         info = probe(path, cfg)
-        fps = float(info.fps)
         for clip in iter_clips(path, info, cfg, shape.frame_size):
+            rows += clip_rows(row, clip, float(info.fps), cfg, shape)
             record["clips"] += 1
-            span = (clip.first_frame / fps, (clip.first_frame + len(clip.frames)) / fps)
-            rejected = {"entry": entry, "source": path, "clip": span}
-            if len(clip.frames) / fps < cfg.min_clip_s:
-                rows.append(_row(entry, "rejected", {**rejected, "reason": "clip_shorter_than_min",
-                                 "detail": f"{len(clip.frames) / fps:.3f} s < min_clip_s={cfg.min_clip_s}"}))
-                continue
-            plan = plan_samples(len(clip.frames), fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
-            if not plan:
-                rows.append(_row(entry, "rejected", {**rejected, "reason": "clip_too_short_for_frames",
-                                 "detail": f"{(len(clip.frames) - 1) / fps:.3f} s between first and last frame "
-                                           f"cannot hold {shape.num_frames} frames at any rate <= {fps:g} fps"}))
-                continue
-            for stage, rate in plan:
-                picked = frame_indices(len(clip.frames), fps, rate, shape.num_frames)
-                window = ((clip.first_frame + picked[0]) / fps, (clip.first_frame + picked[-1]) / fps)
-                meta = ClipMeta(duration=(shape.num_frames - 1) / rate, fps=rate, stage=stage, source=path,
-                                clip_start=window[0], clip_end=window[1], num_frames=shape.num_frames)
-                sample = {"caption": row["caption"], "meta": asdict(meta), "clip": span}
-                rows.append(_row(entry, "sample", sample, sample_key(row["sha256"], clip.index, stage, rate),
-                                 np.ascontiguousarray(clip.frames[picked]).tobytes()))
-                record["samples"] += 1
-        record.update(seconds=info.seconds, frames=info.num_frames)
+        record.update(seconds=info.seconds, frames=info.num_frames,
+                      samples=sum(r["kind"] == "sample" for r in rows))
     except Exception as err:  # one odd file must not stop a job over millions
         reason, detail = (err.reason, err.detail) if isinstance(err, Rejected) else \
             ("unexpected_error", f"{path}: {type(err).__name__}: {err}")
@@ -93,8 +101,7 @@ class TokenizeSamples:
     """Ray actor: loads the image tokenizer once, encodes the frames of a batch of samples
     together and returns them as shard fields (cogvideo.shards.encode_sample)."""
 
-    def __init__(self, cfg: PrepConfig, shape: Geometry):
-        device = "cuda" if cfg.tokenizer_gpus > 0 else "cpu"
+    def __init__(self, cfg: PrepConfig, shape: Geometry, device: str = "cpu"):
         self.tokenizer = load_object(cfg.tokenizer_loader)(cfg.tokenizer, device=device)
         got = (self.tokenizer.frame_size, self.tokenizer.tokens_side)
         if got != (shape.frame_size, shape.tokens_side):

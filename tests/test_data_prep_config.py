@@ -47,3 +47,11 @@ def test_synth_command_writes_the_videos_and_captions(tmp_path):
     assert len(list(tmp_path.glob("*.mp4"))) == 3 and (tmp_path / "captions.jsonl").is_file()
     with pytest.raises(SystemExit, match="colour/shape/direction"):
         synth_main([f"out={tmp_path}", "holdout=[red-circle]"])
+
+
+def test_tokenizer_actors_take_a_gpu_when_the_cluster_has_one_unless_configured():
+    assert PrepConfig().gpus_per_actor(cluster_gpus=0) == 0.0
+    assert PrepConfig().gpus_per_actor(cluster_gpus=8) == 1.0
+    assert PrepConfig(tokenizer_gpus=0.25).gpus_per_actor(cluster_gpus=8) == 0.25
+    assert PrepConfig(tokenizer_gpus=0).gpus_per_actor(cluster_gpus=8) == 0
+    assert load_config(PrepConfig, None, ["tokenizer_gpus=0.5"]).tokenizer_gpus == 0.5
