@@ -149,7 +149,7 @@ def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
 
 # ---- torchrun workers ----------------------------------------------------------------------
 
-def _engine(model, zero_stage: int, dp: int):
+def _engine(model, zero_stage: int, dp: int, decay_groups: bool = False):
     import deepspeed
 
     from cogvideo import parallel
@@ -159,7 +159,11 @@ def _engine(model, zero_stage: int, dp: int):
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
               "steps_per_print": 10**9}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return deepspeed.initialize(model=model, model_parameters=trainable, config=config, mpu=parallel.mpu())[0]
+    groups = trainable
+    if decay_groups:  # two param groups, as the trainer's decay / no-decay split
+        groups = [{"params": [p for p in trainable if p.dim() > 1]},
+                  {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0}]
+    return deepspeed.initialize(model=model, model_parameters=groups, config=config, mpu=parallel.mpu())[0]
 
 
 def _train_step(engine, cfg, step: int) -> float:
@@ -228,7 +232,7 @@ def _layout_worker(out: Path) -> None:
     def engine_from(path: Path, optimizer: bool, zero_stage: int = 2):
         model = CogVideoModel(TINY)
         model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
-        engine = _engine(model, zero_stage, parallel.dp_size())
+        engine = _engine(model, zero_stage, parallel.dp_size(), decay_groups=True)
         if optimizer:
             restore_optimizer_state(engine, path, parallel.tp_rank(), parallel.tp_size())
         return engine
