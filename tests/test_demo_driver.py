@@ -1,0 +1,195 @@
+"""The demo driver: step order, skip on rerun, rerun on changed settings, resume after a failure;
+the synthetic data it renders; the report it writes."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster import demo
+from cluster.demo import DemoConfig, Runner, Step, VideoSettings
+from cogvideo.configio import ConfigError, to_dict
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def make_steps(calls: list[str], fail: set[str] | None = None) -> list[Step]:
+    def runner(name):
+        def run(out: Path):
+            calls.append(name)
+            (out / name).mkdir(exist_ok=True)
+            (out / name / "partial").write_text("x")
+            if fail and name in fail:
+                raise RuntimeError(f"{name} failed")
+            return {"made": name}
+        return run
+
+    return [Step("a", runner("a"), ("x",), ("a",)), Step("b", runner("b"), ("y",), ("b",)),
+            Step("c", runner("c"), (), ("c",))]
+
+
+def test_runner_runs_in_order_then_skips(tmp_path):
+    calls: list[str] = []
+    summary = Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path)
+    assert calls == ["a", "b", "c"]
+    assert set(summary["step_seconds"]) == {"a", "b", "c"}
+    assert summary["results"]["b"] == {"made": "b"}
+    logged: list[str] = []
+    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=logged.append).run(tmp_path)
+    assert calls == ["a", "b", "c"]
+    assert all("skipped" in line for line in logged)
+
+
+def test_changed_settings_rerun_that_step_and_later_ones(tmp_path):
+    calls: list[str] = []
+    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path)
+    (tmp_path / "b" / "stale").write_text("old")
+    (tmp_path / "a" / "keep").write_text("old")
+    calls.clear()
+    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 3}, log=lambda m: None).run(tmp_path)
+    assert calls == ["b", "c"]
+    assert not (tmp_path / "b" / "stale").exists()  # a changed step starts from a clean folder
+    assert (tmp_path / "a" / "keep").exists()
+
+
+def test_failed_step_resumes_without_clearing_and_redo_clears(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="b failed"):
+        Runner(tmp_path, make_steps(calls, fail={"b"}), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path)
+    assert json.loads((tmp_path / "steps" / "b.json").read_text())["status"] == "running"
+    assert not (tmp_path / "steps" / "c.json").exists()
+    (tmp_path / "b" / "checkpoint").write_text("resumable")
+    calls.clear()
+    logged: list[str] = []
+    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=logged.append).run(tmp_path)
+    assert calls == ["b", "c"]
+    assert (tmp_path / "b" / "checkpoint").exists()  # an interrupted step resumes from what it left
+    assert any("b (resuming)" in line for line in logged)
+
+    calls.clear()
+    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path, until="a")
+    assert calls == []
+    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path, redo="b", until="b")
+    assert calls == ["b"]
+    assert not (tmp_path / "b" / "checkpoint").exists()
+    with pytest.raises(ConfigError, match="unknown step 'zzz'"):
+        Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path, redo="zzz")
+
+
+def test_step_settings_cover_sections_and_config_files():
+    cfg = DemoConfig()
+    settings = demo.step_settings(cfg, demo.STEPS)
+    assert settings["videos"] == to_dict(cfg.videos)
+    assert settings["train.stage1"] == []
+    assert "max_steps" in settings["configs/demo/train_stage1.yaml"]
+    assert [s.name for s in demo.STEPS] == ["videos", "tokenizers", "shards", "backbone", "stage1", "stage2",
+                                             "sample", "evaluate", "report"]
+
+
+def centroid_path(frames: np.ndarray) -> np.ndarray:
+    from data_prep.synthetic import BACKGROUND
+
+    mask = np.any(frames != np.array(BACKGROUND, np.uint8), axis=-1)
+    return np.array([np.argwhere(m).mean(axis=0) for m in mask])
+
+
+def test_synthetic_rows_hold_out_combos_and_order_motion_by_duration():
+    settings = VideoSettings(num_videos=300, durations=[1.0, 2.0, 4.0], speed_px_per_s=(4.0, 4.5),
+                             uncond_fraction=0.2, holdout=["red/circle/left", "cyan/square/up"])
+    rows = demo.synthetic_rows(settings, size=32, seed=3)
+    assert rows == demo.synthetic_rows(settings, size=32, seed=3)
+    combos = {(r["colour"], r["shape"], r["direction"]) for r in rows}
+    assert not combos & {("red", "circle", "left"), ("cyan", "square", "up")}
+    dropped = sum(r["caption"] == settings.uncond_caption for r in rows)
+    assert 0.1 < dropped / len(rows) < 0.3
+    moves: dict[float, list[float]] = {}
+    for row in rows[:60]:
+        frames = demo.render_row(row)
+        keyframes = np.linspace(0, len(frames) - 1, 5).round().astype(int)  # stage 1 spans the clip
+        path = centroid_path(frames[keyframes])
+        moves.setdefault(row["duration_s"], []).append(np.abs(np.diff(path, axis=0)).sum(axis=1).mean())
+    means = [np.mean(moves[d]) for d in (1.0, 2.0, 4.0)]
+    assert means[0] < means[1] < means[2]
+    assert means[2] >= 3.5 and means[1] >= 1.8
+
+
+def test_synthetic_rows_refuse_paths_that_leave_the_frame():
+    with pytest.raises(ConfigError, match="speed_px_per_s"):
+        demo.synthetic_rows(VideoSettings(num_videos=1, durations=[4.0], speed_px_per_s=(4.0, 9.0)), 32, 0)
+    with pytest.raises(ConfigError, match="holdout"):
+        demo.synthetic_rows(VideoSettings(num_videos=1, holdout=["red/circle/sideways"]), 32, 0)
+
+
+def test_report_links_every_file(tmp_path):
+    from cluster.demo_report import write_report
+    from cogvideo.sampling.outputs import write_video_entry
+
+    videos = []
+    for key, duration in [("red_circle_left", 1.0), ("red_circle_left", 4.0), ("blue_square_up", 1.0)]:
+        folder = tmp_path / "samples" / f"{key}_{duration}"
+        frames = np.zeros((9, 16, 16, 3), np.uint8)
+        frames[:, 4:8, 4:8] = 200
+        write_video_entry(folder, np.zeros((9, 4, 4), np.int64), frames, fps=8)
+        videos.append({"key": key, "prompt": key.replace("_", " "), "heldout": True, "duration": duration,
+                       "seed": 1, "dir": str(folder), "analysis": {"colour": "red", "displacement": 1.5}})
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s, "lr": 1e-3}) + "\n" for s in range(1, 60)))
+    metrics = {"targets": {"colour accuracy": {"value": 0.97, "goal": ">= 0.95", "met": True}},
+               "evaluation": {"displacement_by_duration": {"1.0": {"generated": 1.2, "reference": 1.1},
+                                                           "4.0": {"generated": 3.9, "reference": 4.2}}},
+               "step_seconds": {"videos": 3.0, "stage1": 400.0}}
+    index = write_report(tmp_path / "report", metrics, videos, {"stage1": metrics_file})
+    text = index.read_text()
+    links = re.findall(r"(?:src|href)='([^']+)'", text)
+    assert len(links) == 3 * 2 + 3  # gif + mp4 per video; contact sheet, displacement, curves
+    for link in links:
+        assert (index.parent / link).is_file(), link
+    assert json.loads((index.parent / "metrics.json").read_text()) == metrics
+    assert "met" in text and "400" in text
+
+
+def test_analyzer_reads_rendered_videos():
+    from cluster.demo_report import analyze_frames
+    from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, render_frames
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        colour, shape = list(COLOURS)[i % 6], SHAPES[i % 3]
+        direction = list(DIRECTIONS)[(i // 3) % 4]
+        duration = (1.0, 2.0, 4.0)[i % 3]
+        speed = float(rng.uniform(4.0, 4.5))
+        frames = render_frames(colour, shape, direction, 17, 32, 16 / duration, speed, seed=i)
+        found = analyze_frames(frames)
+        assert (found["colour"], found["shape"], found["direction"]) == (colour, shape, direction)
+        # keyframes are 4 frames apart: the shape moves speed * duration / 4 px between them
+        assert found["displacement"] == pytest.approx(speed * duration / 4, abs=0.6)
+    empty = np.zeros((17, 32, 32, 3), np.uint8) + 16
+    assert analyze_frames(empty)["colour"] is None
+
+
+def test_frechet_distance_matches_gaussian_closed_form():
+    from cluster.demo_report import frechet_distance
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.0, 1.0, (4000, 3))
+    b = rng.normal(0.5, 2.0, (4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
+    # independent diagonal Gaussians: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2 = 3 * 0.25 + 3 * 1
+    assert frechet_distance(a, b) == pytest.approx(3.75, rel=0.08)
+    noisy = [frechet_distance(a, a + rng.normal(0, s, a.shape)) for s in (0.1, 0.5, 1.0)]
+    assert noisy == sorted(noisy)
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise():
+    from cluster.demo_report import ssim
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    assert ssim(image, image) == pytest.approx(1.0)
+    scores = [ssim(image, np.clip(image + rng.normal(0, s, image.shape), 0, 255).astype(np.uint8))
+              for s in (5, 20, 60)]
+    assert scores == sorted(scores, reverse=True) and scores[-1] < 0.8
