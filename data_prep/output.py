@@ -17,6 +17,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
@@ -27,22 +28,44 @@ DONE = "done.jsonl"
 SUMMARY = "summary.json"
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def iter_jsonl(path: Path) -> Iterator[dict]:
     """Complete rows only: a line cut short by a crash is ignored."""
     if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.endswith("\n"):
-            rows.append(json.loads(line))
-    return rows
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                yield json.loads(line)
 
 
-def write_jsonl(path: Path, rows: list[dict], mode: str = "a") -> None:
+def read_jsonl(path: Path) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict], mode: str = "a") -> None:
     with open(path, mode, encoding="utf-8") as f:
-        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep only the complete rows that pass `keep`; the file is rewritten (streamed through a
+    temporary file) only when that drops something."""
+    if not path.exists():
+        return
+    if _ends_mid_line(path) or not all(keep(row) for row in iter_jsonl(path)):
+        write_jsonl(path.with_suffix(".tmp"), (row for row in iter_jsonl(path) if keep(row)), "w")
+        os.replace(path.with_suffix(".tmp"), path)
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def shard_name(index: int) -> str:
@@ -50,13 +73,17 @@ def shard_name(index: int) -> str:
 
 
 class PrepOutput:
+    """The folder's committed state (finished inputs, their hashes) and the open shard.
+    Everything else is streamed from the files, so memory does not grow with the samples."""
+
     def __init__(self, root: str | Path, shard_samples: int, shard_bytes: int):
         self.root = Path(root)
         self.shards = self.root / SHARD_DIR
         self.shards.mkdir(parents=True, exist_ok=True)
         self.shard_samples, self.shard_bytes = shard_samples, shard_bytes
-        self.finished: dict[str, dict] = {}  # entry -> its input record, committed
-        self.keys: set[str] = set()  # committed sample keys
+        self.finished: set[str] = set()  # entries of committed inputs
+        self.hashes: dict[str, str] = {}  # sha256 -> source, of committed inputs that were used
+        self.resumed_keys: set[str] = set()  # committed samples of inputs to be processed again
         self._recover()
         self._writer: wds.TarWriter | None = None
         self._open_samples = self._open_bytes = 0
@@ -66,39 +93,28 @@ class PrepOutput:
 
     # ---- reopening ----------------------------------------------------------------------
     def _recover(self) -> None:
-        commits = read_jsonl(self.root / DONE)
-        committed = {c["shard"] for c in commits if c["shard"]}
-        for commit in commits:
+        committed = set()
+        for commit in iter_jsonl(self.root / DONE):
+            committed.add(commit["shard"])
             for record in commit["inputs"]:
-                self.finished[record["entry"]] = record
+                self.finished.add(record["entry"])
+                if record["status"] == "used":
+                    self.hashes[record["sha256"]] = record["source"]
         for path in self.shards.iterdir():
             if path.name not in committed:  # a shard being written, or renamed but not committed
                 path.unlink()
-        manifest = read_jsonl(self.root / MANIFEST)
-        kept = [row for row in manifest if row["shard"] in committed]
-        rejected = read_jsonl(self.root / REJECTED)
-        kept_rejected = [row for row in rejected if row["entry"] in self.finished]
-        if len(kept) != len(manifest) or self._has_partial(MANIFEST):
-            write_jsonl(self.root / MANIFEST, kept, "w")
-        if len(kept_rejected) != len(rejected) or self._has_partial(REJECTED):
-            write_jsonl(self.root / REJECTED, kept_rejected, "w")
-        if self._has_partial(DONE):
-            write_jsonl(self.root / DONE, commits, "w")
-        self.keys = {row["key"] for row in kept}
-        self._next_shard = 1 + max((int(name[6:12]) for name in committed), default=-1)
-
-    def _has_partial(self, name: str) -> bool:
-        path = self.root / name
-        return path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-
-    def committed_hashes(self) -> dict[str, str]:
-        """sha256 -> source of every finished input that had one."""
-        return {r["sha256"]: r["source"] for r in self.finished.values() if r.get("sha256") and r["status"] == "used"}
+        rewrite_jsonl(self.root / DONE, lambda row: True)  # drops a half-written last line
+        rewrite_jsonl(self.root / MANIFEST, lambda row: row["shard"] in committed)
+        rewrite_jsonl(self.root / REJECTED, lambda row: row["entry"] in self.finished)
+        # samples only come from an input's first listing, whose entry is its path
+        self.resumed_keys = {row["key"] for row in iter_jsonl(self.root / MANIFEST)
+                             if row["source"] not in self.finished}
+        self._next_shard = 1 + max((int(name[6:12]) for name in committed if name), default=-1)
 
     # ---- writing ------------------------------------------------------------------------
     def add_sample(self, fields: dict, manifest_row: dict) -> bool:
         """Write one encoded sample (encode_sample's dict); False when it is already committed."""
-        if fields["__key__"] in self.keys:
+        if fields["__key__"] in self.resumed_keys:
             return False
         if self._writer is None:
             self._shard = shard_name(self._next_shard)
@@ -131,31 +147,40 @@ class PrepOutput:
         done = {r["entry"] for r in self._inputs}
         write_jsonl(self.root / REJECTED, [r for r in self._rejected if r["entry"] in done])
         write_jsonl(self.root / DONE, [{"shard": shard, "inputs": self._inputs}])
-        self.keys.update(row["key"] for row in self._manifest)
-        self.finished.update((r["entry"], r) for r in self._inputs)
+        self.finished.update(r["entry"] for r in self._inputs)
+        self.hashes.update((r["sha256"], r["source"]) for r in self._inputs if r["status"] == "used")
         self._rejected = [r for r in self._rejected if r["entry"] not in done]
         self._writer, self._manifest, self._inputs = None, [], []
         self._open_samples = self._open_bytes = 0
 
     # ---- totals -------------------------------------------------------------------------
     def summary(self, run: dict) -> dict:
-        """Totals over the folder (all runs) plus this run's throughput figures in `run`."""
-        records = list(self.finished.values())
-        used = [r for r in records if r["status"] == "used"]
-        manifest = read_jsonl(self.root / MANIFEST)
-        rejected = read_jsonl(self.root / REJECTED)
-        by_rate = Counter(f"stage{row['stage']}@{row['fps']:g}fps" for row in manifest)
+        """Totals over the folder (all runs, streamed from its files) plus this run's figures."""
+        inputs, rejected_by_reason, clips, seconds = 0, Counter(), 0, 0.0
+        for commit in iter_jsonl(self.root / DONE):
+            for record in commit["inputs"]:
+                inputs += 1
+                if record["status"] == "used":
+                    clips, seconds = clips + record["clips"], seconds + record["seconds"]
+                else:
+                    rejected_by_reason[record["reason"]] += 1
+        by_rate, shards = Counter(), set()
+        for row in iter_jsonl(self.root / MANIFEST):
+            by_rate[f"stage{row['stage']}@{row['fps']:g}fps"] += 1
+            shards.add(row["shard"])
+        rejected = sum(rejected_by_reason.values())
         return {
-            "inputs": len(records),
-            "inputs_used": len(used),
-            "inputs_rejected": len(records) - len(used),
-            "inputs_rejected_by_reason": dict(Counter(r["reason"] for r in records if r["status"] != "used")),
-            "clips": sum(r["clips"] for r in used),
-            "clips_rejected_by_reason": dict(Counter(r["reason"] for r in rejected if r.get("clip"))),
-            "samples": len(manifest),
+            "inputs": inputs,
+            "inputs_used": inputs - rejected,
+            "inputs_rejected": rejected,
+            "inputs_rejected_by_reason": dict(rejected_by_reason),
+            "clips": clips,
+            "clips_rejected_by_reason": dict(Counter(r["reason"] for r in iter_jsonl(self.root / REJECTED)
+                                                     if r["clip"])),
+            "samples": sum(by_rate.values()),
             "samples_by_stage_fps": dict(sorted(by_rate.items())),
-            "shards": len({row["shard"] for row in manifest}),
-            "hours_of_video": sum(r["seconds"] for r in used) / 3600,
+            "shards": len(shards),
+            "hours_of_video": seconds / 3600,
             "this_run": run,
         }
 

@@ -116,7 +116,7 @@ def _blocks(inputs: int, cfg: PrepConfig) -> int:
 
 def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict], progress: bool) -> dict:
     """Hash, deduplicate, then extract + tokenize + write; this run's counts."""
-    known = out.committed_hashes()
+    known = dict(out.hashes)
     accepted = []
     if todo:
         hashed = ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), cfg)).map(hash_input)

@@ -9,6 +9,7 @@ spread evenly (shard sizes differ by at most one); manifest and commit log follo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -18,7 +19,7 @@ import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY
-from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, read_jsonl, shard_name, write_jsonl
+from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, iter_jsonl, shard_name, write_jsonl
 
 
 def target_count(current: int, samples: int, divisible_by: int, shards: int = 0) -> int:
@@ -33,35 +34,39 @@ def target_count(current: int, samples: int, divisible_by: int, shards: int = 0)
 
 
 def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
-    """Rewrite `root`'s shards into a balanced count divisible by `divisible_by`; returns it."""
+    """Rewrite `root`'s shards into a balanced count divisible by `divisible_by`; returns it.
+    Streams: one sample and one manifest row at a time."""
     root = Path(root)
-    out = PrepOutput(root, shard_samples=1, shard_bytes=1)  # reopening drops anything uncommitted
-    manifest = read_jsonl(root / MANIFEST)
-    old_shards = sorted({row["shard"] for row in manifest})
-    count = target_count(len(old_shards), len(manifest), divisible_by, shards)
-    rows = {row["key"]: row for row in manifest}
+    PrepOutput(root, shard_samples=1, shard_bytes=1)  # reopening drops anything uncommitted
+    old_shards = sorted(p.name for p in (root / SHARD_DIR).glob("*.tar"))
+    samples = sum(1 for _ in iter_jsonl(root / MANIFEST))
+    count = target_count(len(old_shards), samples, divisible_by, shards)
     staging = root / f"{SHARD_DIR}.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    base, extra = divmod(len(manifest), count)
+    base, extra = divmod(samples, count)
     sizes = [base + (i < extra) for i in range(count)]
-    new_manifest, index, writer, written = [], -1, None, 0
-    for sample in tarfile_samples([{"url": str(root / SHARD_DIR / name)} for name in old_shards]):
-        if writer is None or written == sizes[index]:
-            if writer is not None:
-                writer.close()
-            index, written = index + 1, 0
-            writer = wds.TarWriter(str(staging / shard_name(index)), encoder=False, mtime=0)
-        writer.write({"__key__": sample["__key__"], **{k: sample[k] for k in (FRAMES_KEY, CAPTION_KEY, META_KEY)}})
-        new_manifest.append({**rows[sample["__key__"]], "shard": shard_name(index)})
-        written += 1
+    index, writer, written = -1, None, 0
+    # shards and manifest rows are both in commit order
+    stream = zip(tarfile_samples([{"url": str(root / SHARD_DIR / name)} for name in old_shards]),
+                 iter_jsonl(root / MANIFEST), strict=True)
+    with open(root / f"{MANIFEST}.new", "w", encoding="utf-8") as manifest:
+        for sample, row in stream:
+            if sample["__key__"] != row["key"]:
+                raise RuntimeError(f"{root}: shard sample {sample['__key__']} where the manifest lists {row['key']}")
+            if writer is None or written == sizes[index]:
+                if writer is not None:
+                    writer.close()
+                index, written = index + 1, 0
+                writer = wds.TarWriter(str(staging / shard_name(index)), encoder=False, mtime=0)
+            writer.write({"__key__": row["key"], **{k: sample[k] for k in (FRAMES_KEY, CAPTION_KEY, META_KEY)}})
+            manifest.write(json.dumps({**row, "shard": shard_name(index)}, ensure_ascii=False) + "\n")
+            written += 1
     writer.close()
-    if len(new_manifest) != len(manifest):
-        raise RuntimeError(f"{root}: the shards hold {len(new_manifest)} samples, the manifest lists {len(manifest)}")
-    commits = [{"shard": None, "inputs": list(out.finished.values())}]
-    commits += [{"shard": shard_name(i), "inputs": []} for i in range(count)]
-    write_jsonl(root / f"{MANIFEST}.new", new_manifest, "w")
+    # the inputs stay finished; the new shards are committed as they are
+    commits = ({**commit, "shard": None} for commit in iter_jsonl(root / DONE))
     write_jsonl(root / f"{DONE}.new", commits, "w")
+    write_jsonl(root / f"{DONE}.new", ({"shard": shard_name(i), "inputs": []} for i in range(count)))
     os.replace(root / SHARD_DIR, root / f"{SHARD_DIR}.old")
     os.replace(staging, root / SHARD_DIR)
     os.replace(root / f"{MANIFEST}.new", root / MANIFEST)
