@@ -465,48 +465,13 @@ class Demo:
 
     # ---- evaluation and report ----------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Analyze every sampled video and a rendered reference of the same prompt; tokenizer
-        PSNR/SSIM on the references; FVD of the held-out videos against their references."""
-        from cluster.demo_report import accuracy, analyze_frames, frechet_distance, i3d_logits, ssim, summarize, targets
-        from cogvideo.eval.i3d import load_i3d
-        from cogvideo.eval.i3d_convert import ensure_i3d_weights
+        from cluster.demo_report import evaluate_samples, targets
         from cogvideo.tokenizers import load_image_tokenizer
-        from cogvideo.tokenizers.image import psnr
-        from data_prep.synthetic import render_frames
 
-        cfg, size = self.cfg, self.cfg.model().frame_size
-        tokenizer = load_image_tokenizer(self.image_model)
-        speed = float(np.mean(cfg.videos.speed_px_per_s))
-        videos, generated, references = read_jsonl(self.path("samples", "videos.jsonl")), [], []
-        for index, video in enumerate(videos):
-            frames = tokenizer.decode(np.load(Path(video["dir"]) / "codes.npy"))
-            reference = render_frames(video["colour"], video["shape"], video["direction"], len(frames), size,
-                                      (len(frames) - 1) / video["duration"], speed, seed=cfg.seed + index)
-            video["analysis"], video["reference_analysis"] = analyze_frames(frames), analyze_frames(reference)
-            generated.append(frames)
-            references.append(reference)
-        summary = summarize(videos)
-
-        round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
-        pairs = [(a, b) for ref, rec in zip(references, round_trip) for a, b in zip(ref, rec)]
-        summary["tokenizer"] = {"frames": len(pairs), "psnr_db": psnr(np.stack(references), np.stack(round_trip)),
-                                "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
-                                "reference_analysis_after_round_trip": accuracy(
-                                    [{**v, "round_trip": analyze_frames(r)} for v, r in zip(videos, round_trip)],
-                                    "round_trip")}
-
-        # I3D at 224 px costs seconds per clip on a CPU: FVD takes the first seed's videos
-        heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == cfg.sample.seeds[0]]
-        started = time.perf_counter()
-        i3d = load_i3d(ensure_i3d_weights())
-        fake = i3d_logits([generated[i] for i in heldout], i3d)
-        real = i3d_logits([references[i] for i in heldout], i3d)
-        summary["fvd"] = {
-            "value": frechet_distance(real, fake), "features": "I3D Kinetics-400 logits (400-d)",
-            "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts and durations)",
-            "fake": f"{len(fake)} generated videos of the held-out prompts", "frames": 16,
-            "resolution": f"{size}px upsampled bilinearly to 224x224",
-            "fps": sorted({v["fps"] for v in videos}), "seconds": round(time.perf_counter() - started, 1)}
+        cfg = self.cfg
+        videos = read_jsonl(self.path("samples", "videos.jsonl"))
+        summary = evaluate_samples(videos, load_image_tokenizer(self.image_model), cfg.model().frame_size,
+                                   float(np.mean(cfg.videos.speed_px_per_s)), cfg.seed, cfg.sample.seeds[0])
         folder = self.path("eval")
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "videos.jsonl", videos)

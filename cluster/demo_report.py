@@ -41,14 +41,24 @@ def keyframe_indices(num_frames: int, keyframes: int = 5) -> np.ndarray:
     return np.linspace(0, num_frames - 1, keyframes).round().astype(int)
 
 
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a bool mask: stray fragments do not move the centre."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count <= 1:
+        return mask
+    return labels == 1 + int(np.argmax(ndimage.sum(mask, labels, range(1, count + 1))))
+
+
 def analyze_frames(frames: np.ndarray) -> dict:
-    """What a video shows, from its pixels alone: colour (nearest palette colour of the shape's
-    median pixel), shape (how much of its bounding box it fills, on the first keyframe),
+    """What a video shows, from its pixels alone (the largest blob of each keyframe): colour
+    (nearest palette colour of the shape's median pixel), shape (how much of its bounding box it fills, on the first keyframe),
     direction (of the first-to-last keyframe move) and mean displacement per keyframe step."""
     from data_prep.synthetic import BACKGROUND, COLOURS, DIRECTIONS
 
     frames = frames[keyframe_indices(len(frames))].astype(np.int64)
-    mask = np.abs(frames - np.array(BACKGROUND)).sum(-1) > FOREGROUND_DISTANCE
+    mask = np.stack([largest_blob(m) for m in np.abs(frames - np.array(BACKGROUND)).sum(-1) > FOREGROUND_DISTANCE])
     if (mask.sum((1, 2)) < MIN_SHAPE_PIXELS).any():
         return {"colour": None, "shape": None, "direction": None, "displacement": None}
     median = np.median(frames[mask], axis=0)
@@ -151,6 +161,50 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     return float(np.mean(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))))
+
+
+def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, seed: int, fvd_seed: int) -> dict:
+    """Analyze every sampled video (adds `analysis` and `reference_analysis` to each row) and a
+    rendered reference of its prompt; tokenizer PSNR/SSIM on the references; FVD of the held-out
+    videos of seed `fvd_seed` against their references."""
+    import time
+
+    from cogvideo.eval.i3d import load_i3d
+    from cogvideo.eval.i3d_convert import ensure_i3d_weights
+    from cogvideo.tokenizers.image import psnr
+    from data_prep.synthetic import render_frames
+
+    generated, references = [], []
+    for index, video in enumerate(videos):
+        frames = tokenizer.decode(np.load(Path(video["dir"]) / "codes.npy"))
+        reference = render_frames(video["colour"], video["shape"], video["direction"], len(frames), size,
+                                  (len(frames) - 1) / video["duration"], speed, seed=seed + index)
+        video["analysis"], video["reference_analysis"] = analyze_frames(frames), analyze_frames(reference)
+        generated.append(frames)
+        references.append(reference)
+    summary = summarize(videos)
+
+    round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
+    pairs = [(a, b) for ref, rec in zip(references, round_trip) for a, b in zip(ref, rec)]
+    summary["tokenizer"] = {
+        "frames": len(pairs), "psnr_db": psnr(np.stack(references), np.stack(round_trip)),
+        "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+        "analysis_after_round_trip": accuracy([{**v, "round_trip": analyze_frames(r)}
+                                               for v, r in zip(videos, round_trip)], "round_trip")}
+
+    # I3D at 224 px costs seconds per clip on a CPU: FVD takes one seed's held-out videos
+    heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == fvd_seed]
+    started = time.perf_counter()
+    i3d = load_i3d(ensure_i3d_weights())
+    fake = i3d_logits([generated[i] for i in heldout], i3d)
+    real = i3d_logits([references[i] for i in heldout], i3d)
+    summary["fvd"] = {
+        "value": frechet_distance(real, fake), "features": "I3D Kinetics-400 logits (400-d)",
+        "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts, durations, frames)",
+        "fake": f"{len(fake)} generated videos of the held-out prompts (seed {fvd_seed})",
+        "frames": FVD_FRAMES, "resolution": f"{size}px upsampled bilinearly to {FVD_SIDE}x{FVD_SIDE}",
+        "fps": sorted({v["fps"] for v in videos}), "seconds": round(time.perf_counter() - started, 1)}
+    return summary
 
 
 def plot_curves(metrics_file: Path, stage: str, out: Path) -> Path:

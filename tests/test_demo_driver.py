@@ -166,6 +166,9 @@ def test_analyzer_reads_rendered_videos():
         assert (found["colour"], found["shape"], found["direction"]) == (colour, shape, direction)
         # keyframes are 4 frames apart: the shape moves speed * duration / 4 px between them
         assert found["displacement"] == pytest.approx(speed * duration / 4, abs=0.6)
+        frames[:, 0:2, 0:2] = COLOURS["green"]  # a stray fragment does not change what is seen
+        assert analyze_frames(frames)["colour"] == colour
+        assert analyze_frames(frames)["displacement"] == pytest.approx(found["displacement"])
     empty = np.zeros((17, 32, 32, 3), np.uint8) + 16
     assert analyze_frames(empty)["colour"] is None
 
