@@ -205,7 +205,7 @@ def test_tp2_under_two_gloo_ranks_matches_merged_model(tmp_path, model_sd):
     with torch.no_grad():
         expected = model(tokens)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            __file__, str(ckpt), str(tmp_path)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]

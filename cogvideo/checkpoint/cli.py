@@ -133,10 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> Path | dict:
-    dtype = DTYPES.get(getattr(args, "dtype", None) or "")
-    common = dict(force=args.force, dtype=dtype, max_shard_bytes=args.max_shard_size) if hasattr(args, "out") else {}
     if args.command == "inspect":
         return describe(args.path, args.base)
+    common = dict(force=args.force, dtype=DTYPES.get(args.dtype or ""), max_shard_bytes=args.max_shard_size)
     if args.command == "import-sat":
         return import_sat(args.src, args.out, base=args.base, stage=args.stage, iteration=args.iteration,
                           tensor_parallel=args.tp, **common)
