@@ -2,16 +2,16 @@
 
     python benchmarks/bench_train.py [--preset small] [--batch 8] [--steps 20]
 
-Full stack = `pretrain.train.Trainer.run`: shard loader thread, DeepSpeed engine (ZeRO-2, fp32),
-NaN guard, signal check, metrics (JSONL + TensorBoard); its step time comes from the metrics
-file. Bare loop = the same model and batch with torch.optim.AdamW and clip_grad_norm_.
+Full stack = `pretrain.train.Trainer.advance` (one step of the training loop): shard loader
+thread, DeepSpeed engine (ZeRO-2, fp32), NaN guard, signal check, metrics (JSONL + TensorBoard).
+Bare loop = the same model and batch with torch.optim.AdamW and clip_grad_norm_. The two
+alternate step by step.
 Achieved FLOP/s (analytic, cogvideo.flops) is compared with a square matmul timed here.
 Target: stack tokens/s >= 0.9x the bare loop.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -55,39 +55,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stack_step_times(args, root: Path, shards: list[str], tokenizer: str) -> tuple[list[float], dict]:
+def first_batch(args, model_cfg, shards: list[str], tokenizer: str):
+    from cogvideo.tokenizers.text import TextTokenizer
+    from pretrain.data import ShardLoader
+
+    encode = TextTokenizer(tokenizer, model_cfg.vocab).encode
+    return next(iter(ShardLoader(shards, model_cfg, encode, micro_batch_size=args.batch, stage=1, seed=0)))
+
+
+def make_trainer(args, root: Path, shards: list[str], tokenizer: str):
     from pretrain.config import check_config, load_train_config
     from pretrain.train import Trainer
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cfg = load_train_config(None, [
         f"model.preset={args.preset}", f"data.shards=[{shards[0]}]", f"data.text_tokenizer={tokenizer}",
-        "data.shuffle_buffer=16", f"training.micro_batch_size={args.batch}",
-        f"training.max_steps={args.warmup + args.steps}", "optim.warmup_steps=5", "parallel.zero_stage=2",
-        f"checkpoint.dir={root / 'run'}", f"checkpoint.every_steps={10**6}", "logging.progress_bar=false",
-        f"logging.every_steps={10**6}"])
-    trainer = Trainer(cfg, check_config(cfg, 1), shards)
-    trainer.run()
-    rows = [json.loads(line) for line in (root / "run/logs/metrics.jsonl").read_text().splitlines()]
-    batch = next(trainer.batches)
-    return [r["step_time"] for r in rows[args.warmup:]], batch
+        "data.shuffle_buffer=16", f"training.micro_batch_size={args.batch}", f"training.max_steps={10**6}",
+        "optim.warmup_steps=5", "parallel.zero_stage=2", f"checkpoint.dir={root / 'run'}",
+        f"checkpoint.every_steps={10**6}", "logging.progress_bar=false", f"logging.every_steps={10**6}"])
+    return Trainer(cfg, check_config(cfg, 1), shards)
 
 
-def bare_step_times(args, model_cfg, batch) -> list[float]:
+def bare_loop(model_cfg, batch):
+    """The same model, optimizer and batch with nothing around them; returns a step function."""
     torch.manual_seed(0)
     model = CogVideoModel(model_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
-    times = []
-    for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
+
+    def step():
         loss = model.loss(model(batch.tokens), batch.targets, batch.loss_mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times[args.warmup:]
+
+    return step
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
@@ -113,14 +122,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards, tokenizer = write_data(root, model_cfg, samples=64)
-        stack, batch = stack_step_times(args, root, shards, tokenizer)
-    bare = bare_step_times(args, model_cfg, batch)
+        batch = first_batch(args, model_cfg, shards, tokenizer)
+        trainer, bare_step = make_trainer(args, root, shards, tokenizer), bare_loop(model_cfg, batch)
+        # alternate single steps so that the (shared, drifting) machine load hits both alike
+        stack, bare = [], []
+        for _ in range(args.warmup + args.steps):
+            stack.append(timed(trainer.advance))
+            bare.append(timed(bare_step))
+        trainer.close()
+        stack, bare = stack[args.warmup:], bare[args.warmup:]
     peak = matmul_flops()
     tokens = args.batch * model_cfg.seq_length
     flops = train_flops(model_cfg, batch=args.batch)
     t_stack, t_bare = statistics.median(stack), statistics.median(bare)
     print(f"preset {args.preset}, batch {args.batch} x {model_cfg.seq_length} tokens, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} steps")
+          f"median step time of {args.steps} alternating steps each")
     print(f"bare PyTorch loop : {tokens / t_bare:10.0f} tokens/s  {flops / t_bare / 1e9:7.2f} GFLOP/s")
     print(f"full stack (1 rank): {tokens / t_stack:10.0f} tokens/s  {flops / t_stack / 1e9:7.2f} GFLOP/s")
     print(f"matmul 1024^3      : {peak / 1e9:7.2f} GFLOP/s")

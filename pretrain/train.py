@@ -89,9 +89,11 @@ class Trainer:
             lr_scheduler=lr_scheduler(cfg))
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.export_full)
         self.step, position = 0, LoaderPosition()
+        self.saved_at = -1
         resume = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
         if resume is not None:
             self.step, position = self.checkpoints.load(self.engine, resume)  # RNG states included
+            self.saved_at = self.step
             self._info(f"resumed from {resume} at step {self.step}")
         else:  # randomness from here on differs between DP ranks, agrees between TP peers
             torch.manual_seed(cfg.training.seed + 1 + parallel.dp_rank())
@@ -181,7 +183,26 @@ class Trainer:
 
     def save(self) -> None:
         path = self.checkpoints.save(self.engine, self.step, self.position, self.cfg)
+        self.saved_at = self.step
         self._info(f"saved checkpoint {path}")
+
+    def advance(self) -> bool:
+        """One optimizer step with everything around it (metrics, guard, checkpoint, signals).
+        Returns False when a preemption signal ended the run (after saving)."""
+        result = self.train_step()
+        applied = result.pop("applied")
+        self.metrics.log(self.step, {**result, **self.throughput.tick(), "skipped": int(not applied),
+                                     "bad_shards": self.position.bad_shards, "bad_samples": self.position.bad_samples})
+        self.guard(applied)
+        if self.step % self.cfg.checkpoint.every_steps == 0:
+            self.save()
+        signum = self._any_rank(self.stop_signal)
+        if signum:
+            if self.saved_at != self.step:
+                self.save()
+            self._info(f"received {signal.Signals(signum).name}: saved step {self.step}, "
+                       f"exiting so the job can be requeued")
+        return not signum
 
     def run(self) -> int:
         cfg = self.cfg
@@ -189,33 +210,21 @@ class Trainer:
                    f"{cfg.training.max_steps}: world {dist.get_world_size()} = TP {parallel.tp_size()} x "
                    f"DP {parallel.dp_size()}, ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}")
         self.throughput.reset()
-        saved_at = self.step
         try:
             while self.step < cfg.training.max_steps:
-                result = self.train_step()
-                applied = result.pop("applied")
-                metrics = {**result, **self.throughput.tick(), "skipped": int(not applied),
-                           "bad_shards": self.position.bad_shards, "bad_samples": self.position.bad_samples}
-                self.metrics.log(self.step, metrics)
-                self.guard(applied)
-                if self.step % cfg.checkpoint.every_steps == 0:
-                    self.save()
-                    saved_at = self.step
-                signum = self._any_rank(self.stop_signal)
-                if signum:
-                    if saved_at != self.step:
-                        self.save()
-                    self._info(f"received {signal.Signals(signum).name}: saved step {self.step}, "
-                               f"exiting so the job can be requeued")
+                if not self.advance():
                     return 0
-            if saved_at != self.step:
+            if self.saved_at != self.step:
                 self.save()
             self._info(f"done: {self.step} steps")
             return 0
         finally:
-            self.metrics.close()
-            if self.keys_file:
-                self.keys_file.close()
+            self.close()
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.keys_file:
+            self.keys_file.close()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
