@@ -9,6 +9,7 @@ presets on the CPU, measured two ways, each case in a fresh process:
   (includes allocator slack and Python objects; peak reset with /proc/self/clear_refs).
 
 The planner's prediction is the same layout: 1 GPU, no ZeRO, fp32, no context/buffers.
+The TP=2 cases run two gloo processes (megatron's parallel layers) and measure rank 0's tensors.
 
     python benchmarks/bench_plan_memory.py [--quick]
 """
@@ -31,6 +32,7 @@ CASES = [  # preset, micro-batch, activation checkpointing, train_backbone (None
     ("small-stage2", 8, False, False),
     ("small", 32, False, False),
 ]
+TP_CASES = [("small", 4, False, False), ("small-stage2", 4, True, None)]
 TARGET = 0.15
 
 
@@ -42,55 +44,101 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _trainer(cfg, batch):
+    import torch
+
+    from cogvideo.model import CogVideoModel
+
+    model = CogVideoModel(cfg).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    tokens = torch.randint(0, cfg.vocab.num_image_tokens, (batch, cfg.seq_length))
+
+    def step():
+        loss = model.loss(model(tokens), tokens, torch.ones_like(tokens, dtype=torch.bool))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, step
+
+
+def _config(preset, ckpt, train_backbone):
+    from cogvideo.config import get_preset
+
+    cfg = get_preset(preset).replace(activation_checkpointing=ckpt)
+    return cfg if train_backbone is None else cfg.replace(train_backbone=train_backbone)
+
+
+def _tracked_peak(model, step) -> int:
+    from cluster.memtrack import LiveTensorBytes
+
+    with LiveTensorBytes() as mem:
+        mem.track_all(model.parameters())
+        step()  # the first step creates the optimizer states
+        mem.reset_peak()
+        step()
+    return mem.peak
+
+
+def _predicted(cfg, batch, ckpt, tp=1) -> float:
+    from cluster.plan_memory import Layout, plan_memory
+
+    layout = Layout(gpus=tp, gpus_per_node=tp, tp=tp, zero=0, micro_batch=batch, act_ckpt=ckpt, dtype="fp32")
+    return plan_memory(cfg, layout, context_bytes=0).peak
+
+
 def measure(preset: str, batch: int, ckpt: bool, train_backbone: bool | None, use_tracker: bool) -> dict:
     import torch
 
-    from cluster.memtrack import LiveTensorBytes
-    from cluster.plan_memory import Layout, plan_memory
     from cogvideo.config import get_preset
-    from cogvideo.model import CogVideoModel
 
     torch.set_num_threads(1)
-    cfg = get_preset(preset).replace(activation_checkpointing=ckpt)
-    if train_backbone is not None:
-        cfg = cfg.replace(train_backbone=train_backbone)
     torch.manual_seed(0)
-
-    def trainer(cfg):
-        model = CogVideoModel(cfg).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        tokens = torch.randint(0, cfg.vocab.num_image_tokens, (batch, cfg.seq_length))
-
-        def step():
-            loss = model.loss(model(tokens), tokens, torch.ones_like(tokens, dtype=torch.bool))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return model, step
-
+    cfg = _config(preset, ckpt, train_backbone)
+    if use_tracker:
+        return {"tensors": _tracked_peak(*_trainer(cfg, batch)), "predicted": _predicted(cfg, batch, ckpt)}
     warm_cfg = get_preset("tiny-stage2" if cfg.stage == "stage2" else "tiny")
-    trainer(warm_cfg.replace(activation_checkpointing=ckpt, train_backbone=cfg.train_backbone))[1]()
+    _trainer(warm_cfg.replace(activation_checkpointing=ckpt, train_backbone=cfg.train_backbone), batch)[1]()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter
     rss_before = _rss_kib("VmRSS")
-    model, step = trainer(cfg)
+    step = _trainer(cfg, batch)[1]
+    step()
+    step()
+    return {"rss": (_rss_kib("VmHWM") - rss_before) * 1024, "predicted": _predicted(cfg, batch, ckpt)}
 
-    result = {}
-    if use_tracker:
-        with LiveTensorBytes() as mem:
-            mem.track_all(model.parameters())
-            step()  # the first step creates the optimizer states
-            mem.reset_peak()
-            step()
-        result["tensors"] = mem.peak
-    else:
-        step()
-        step()
-        result["rss"] = (_rss_kib("VmHWM") - rss_before) * 1024
-    layout = Layout(gpus=1, gpus_per_node=1, zero=0, micro_batch=batch, act_ckpt=ckpt, dtype="fp32")
-    result["predicted"] = plan_memory(cfg, layout, context_bytes=0).peak
-    return result
+
+def _tp_worker(rank: int, port: int, case, queue) -> None:
+    import torch
+
+    from cogvideo import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    parallel.init_distributed(tensor_parallel=2, backend="gloo")
+    preset, batch, ckpt, train_backbone = case
+    cfg = _config(preset, ckpt, train_backbone)
+    torch.manual_seed(0)
+    peak = _tracked_peak(*_trainer(cfg, batch))
+    if rank == 0:
+        queue.put(peak)
+    parallel.destroy()
+
+
+def measure_tp(case) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_tp_worker, args=(port, case, queue), nprocs=2, start_method="spawn")
+    preset, batch, ckpt, train_backbone = case
+    return {"tensors": queue.get(timeout=60), "predicted": _predicted(_config(preset, ckpt, train_backbone), batch, ckpt, 2)}
 
 
 def run_case(case, use_tracker: bool) -> dict:
@@ -122,6 +170,14 @@ def main() -> None:
         backbone = "preset" if backbone is None else ("trains" if backbone else "frozen")
         print(f"{preset:<13} {batch:>5} {'yes' if ckpt else 'no':>4} {backbone:>8} {predicted / mib:>10.2f} "
               f"{tensors['tensors'] / mib:>9.2f} {r_tensors:>6.3f} {rss['rss'] / mib:>9.2f} {r_rss:>6.3f}")
+    print(f"\ntensor parallel, 2 gloo processes, rank 0 {'predicted':>10} {'tensors':>9} {'ratio':>6}")
+    for case in TP_CASES[:1] if args.quick else TP_CASES:
+        result = measure_tp(case)
+        ratio = result["predicted"] / result["tensors"]
+        worst = max(worst, abs(ratio - 1))
+        preset, batch, ckpt, _ = case
+        print(f"{preset:<13} TP 2 micro-batch {batch}{' ckpt' if ckpt else '     '}          "
+              f"{result['predicted'] / mib:>10.2f} {result['tensors'] / mib:>9.2f} {ratio:>6.3f}")
     for name, value in (("live-tensor peak", worst), ("RSS peak", worst_rss)):
         verdict = "within" if value <= TARGET else "OUTSIDE"
         print(f"largest deviation from the {name}: {value:.1%} ({verdict} the {TARGET:.0%} target)")

@@ -71,14 +71,16 @@ def _param_table(cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]
     seconds); layer parameters repeat `num_layers` times."""
     import torch
 
+    from cogvideo import parallel
     from cogvideo.model import CogVideoModel
-    from cogvideo.parallel import split_rule
 
+    if parallel.tp_size() > 1:
+        raise RuntimeError("rank_params counts the unsharded model: call it outside tensor-parallel processes")
     cfg = ModelConfig(**dict(cfg_key))
     with torch.device("meta"):
         model = CogVideoModel(cfg.replace(num_layers=1))
     return tuple((name.rpartition(".")[0], p.numel(), cfg.num_layers if name.startswith("layers.") else 1,
-                  p.requires_grad, split_rule(name) is not None)
+                  p.requires_grad, parallel.split_rule(name) is not None)
                  for name, p in model.named_parameters())
 
 
@@ -135,7 +137,8 @@ def model_states(params: RankParams, layout: Layout) -> ModelStates:
 # ---- activations ---------------------------------------------------------------------------
 def layer_activation_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str = "fp32") -> float:
     """Bytes one TransformerLayer keeps for backward (blocked attention path, full sequence):
-    the tensors autograd saves, each storage once. Frozen linear layers keep no input."""
+    the tensors autograd saves, each storage once. Frozen linear layers keep no input (torch's
+    and megatron's parallel ones alike)."""
     e, s = DTYPE_BYTES[dtype], STATS_BYTES
     T, n, nf, L = cfg.text_length, cfg.tokens_per_frame, cfg.num_frames, cfg.seq_length
     h, f, heads = cfg.hidden_size, cfg.ffn_size / tp, cfg.num_heads / tp
@@ -172,10 +175,11 @@ def layer_activation_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str
 
 def logits_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str = "fp32") -> float:
     """The output layer at the end of forward / start of backward: the logits (then their
-    gradient, same size) and the fp32 log-softmax over the image ids the loss keeps."""
-    e, L = DTYPE_BYTES[dtype], cfg.seq_length
-    V, images = cfg.vocab.vocab_size / tp, cfg.vocab.num_image_tokens / tp
-    return batch * L * (V * e + images * STATS_BYTES)
+    gradient, same size) and the fp32 softmax the loss keeps: over the image ids at TP=1,
+    over this rank's whole vocabulary shard under TP (megatron's vocab-parallel loss)."""
+    e, L, V = DTYPE_BYTES[dtype], cfg.seq_length, cfg.vocab.vocab_size / tp
+    kept = cfg.vocab.num_image_tokens if tp == 1 else V
+    return batch * L * (V * e + kept * STATS_BYTES)
 
 
 def activation_bytes(cfg: ModelConfig, layout: Layout) -> float:

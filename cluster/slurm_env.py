@@ -255,6 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("ranks", help="host, node rank, local rank, global rank per process")
     p = sub.add_parser("hostfile", help="DeepSpeed hostfile: '<host> slots=<gpus>' per node")
     p.add_argument("--out", help="write here instead of stdout")
+
     def launcher(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")

@@ -180,3 +180,4 @@ def test_live_tensor_bytes_counts_allocations_and_frees():
         assert mem.live == 4000
         del c
     assert (mem.live, mem.peak) == (0, 8000)
+
