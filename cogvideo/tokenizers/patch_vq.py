@@ -300,8 +300,9 @@ def _square(image, frame_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def read_frames(spec: str, frame_size: int, max_frames: int = 20000) -> np.ndarray:
-    """Frames from a directory or glob of png/jpg images and video files (decoded with PyAV)."""
+def read_frames(spec: str, frame_size: int, max_frames: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """Frames from a directory or glob of png/jpg images and video files (decoded with PyAV),
+    in file-name order up to ``max_frames``, and the index of the file each frame came from."""
     root = Path(spec)
     paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else \
         sorted(Path(p) for p in glob.glob(spec, recursive=True))
@@ -310,8 +311,8 @@ def read_frames(spec: str, frame_size: int, max_frames: int = 20000) -> np.ndarr
         raise FileNotFoundError(f"no frames found at {spec} (expected {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
     from PIL import Image
 
-    frames = []
-    for path in paths:
+    frames, sources = [], []
+    for index, path in enumerate(paths):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             with Image.open(path) as image:
                 frames.append(_square(image, frame_size))
@@ -323,9 +324,27 @@ def read_frames(spec: str, frame_size: int, max_frames: int = 20000) -> np.ndarr
                     frames.append(_square(frame.to_image(), frame_size))
                     if len(frames) >= max_frames:
                         break
+        sources += [index] * (len(frames) - len(sources))
         if len(frames) >= max_frames:
             break
-    return np.stack(frames)
+    return np.stack(frames), np.array(sources)
+
+
+def held_out_split(sources: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out frames: whole files (so that no video has frames on both
+    sides) until ``fraction`` of the frames, or single frames when there is one file."""
+    rng = np.random.default_rng(seed)
+    target = max(1, int(round(len(sources) * fraction))) if len(sources) > 1 else 0
+    held = np.zeros(len(sources), bool)
+    files = np.unique(sources)
+    if len(files) == 1:
+        held[rng.permutation(len(sources))[:target]] = True
+        return held
+    for file in rng.permutation(files)[:-1]:  # keep at least one file for fitting
+        if held.sum() >= target:
+            break
+        held |= sources == file
+    return held
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--codebook-size", type=int, required=True)
     parser.add_argument("--frame-size", type=int, required=True, help="frames are centre-cropped and resized to this")
     parser.add_argument("--tokens-side", type=int, required=True, help="codes per frame side")
-    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of frames kept for the PSNR")
+    parser.add_argument("--held-out", type=float, default=0.1,
+                        help="fraction of frames kept out of the fit for the PSNR (whole files when there are several)")
     parser.add_argument("--max-frames", type=int, default=20000)
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
@@ -351,20 +371,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out must end with .safetensors, got {args.out}")
 
     start = time.perf_counter()
-    frames = read_frames(args.frames, args.frame_size, args.max_frames)
-    order = np.random.default_rng(args.seed).permutation(len(frames))
-    n_held = max(1, int(round(len(frames) * args.held_out))) if len(frames) > 1 else 0
-    held, train = frames[order[:n_held]], frames[order[n_held:]]
+    frames, sources = read_frames(args.frames, args.frame_size, args.max_frames)
+    is_held = held_out_split(sources, args.held_out, args.seed)
+    held, train = frames[is_held], frames[~is_held]
     tokenizer = fit_patch_tokenizer(train, args.codebook_size, args.frame_size, args.tokens_side,
-                                    seed=args.seed, iterations=args.iterations, crisp=not args.no_crisp, context=not args.no_context,
-                                    colour_weight=args.colour_weight)
+                                    seed=args.seed, iterations=args.iterations, crisp=not args.no_crisp,
+                                    context=not args.no_context, colour_weight=args.colour_weight)
     tokenizer.save(args.out)
     print(f"fitted {args.codebook_size} codes of {tokenizer.patch_size}x{tokenizer.patch_size} patches on "
           f"{len(train)} frames in {time.perf_counter() - start:.1f}s "
           f"({len(tokenizer.context[0]) if tokenizer.context else 0} context entries) -> {args.out}")
     print(f"train PSNR {psnr(train, tokenizer.decode(tokenizer.encode(train))):.2f} dB")
-    if n_held:
-        print(f"held-out PSNR {psnr(held, tokenizer.decode(tokenizer.encode(held))):.2f} dB on {n_held} frames")
+    if len(held):
+        print(f"held-out PSNR {psnr(held, tokenizer.decode(tokenizer.encode(held))):.2f} dB on {len(held)} frames "
+              f"of {len(np.unique(sources[is_held]))} held-out file(s)")
 
 
 if __name__ == "__main__":
