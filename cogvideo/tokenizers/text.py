@@ -53,8 +53,6 @@ class TextTokenizer:
         if pad_piece != TEXT_PAD_PIECE:
             raise ValueError(f"{self.path}: piece {layout.pad_piece_id} is {pad_piece!r}, but the layout's "
                              f"pad_piece_id expects {TEXT_PAD_PIECE!r}")
-        if self.sp.PieceToId(SEPARATOR_PIECE) == self.sp.unk_id():
-            raise ValueError(f"{self.path}: has no {SEPARATOR_PIECE!r} piece (needed by the duration prefix)")
 
     @property
     def num_pieces(self) -> int:
