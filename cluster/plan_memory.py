@@ -45,7 +45,8 @@ class Layout:
         nodes = -(-self.gpus // self.gpus_per_node)
         zero = f"ZeRO-{self.zero}" + (" + CPU offload" if self.offload else "")
         ckpt = ", act ckpt" if self.act_ckpt else ""
-        return (f"{self.gpus} GPUs ({nodes} nodes x {self.gpus_per_node}), TP {self.tp} x DP {self.dp}, "
+        return (f"{self.gpus} GPUs ({nodes} node{'s' if nodes > 1 else ''} x {self.gpus_per_node}), "
+                f"TP {self.tp} x DP {self.dp}, "
                 f"{zero}, micro-batch {self.micro_batch}, {self.dtype}{ckpt}")
 
 
