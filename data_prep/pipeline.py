@@ -33,7 +33,7 @@ from data_prep.stages import TokenizeSamples, extract_samples, hash_input
 def init_ray(address: str | None, num_cpus: int) -> None:
     if ray.is_initialized():
         return
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets RAY_ADDRESS for the job
         ray.init(address=address)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
