@@ -22,7 +22,8 @@ def reference(tmp_path_factory):
         model.quantize.embed.weight.normal_()
     directory = tmp_path_factory.mktemp("icetk")
     torch.save({"module": model.state_dict()}, directory / ICETK_IMAGE_MODEL)
-    return model, directory
+    yield model, directory
+    (directory / ICETK_IMAGE_MODEL).unlink()  # pytest keeps old tmp dirs; do not leave 391 MiB behind
 
 
 def shape_only_checkpoint(path, state):
