@@ -1,0 +1,139 @@
+"""Fréchet Video Distance with the Kinetics-400 I3D, following Unterthiner et al. (2019).
+
+Protocol (recorded in every result): the first 16 frames of each video, every frame resized
+bilinearly to 224x224 (whole frame, no crop, as the reference TF code), scaled to [-1, 1],
+features = I3D's 400-d pre-softmax logits (or the 1024-d average-pooled Mixed_5c with
+``features="pool"``), Fréchet distance between Gaussians fitted to the two feature sets
+(covariance with N-1).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cogvideo.eval.i3d import load_i3d
+from cogvideo.eval.i3d_convert import ensure_i3d_weights
+from cogvideo.eval.video_io import list_videos, read_video
+
+FEATURES = {"logits": "I3D Kinetics-400 logits (400-d, pre-softmax)", "pool": "I3D Mixed_5c average pool (1024-d)"}
+
+
+@dataclass(frozen=True)
+class FVDProtocol:
+    num_frames: int = 16
+    resolution: int = 224
+    features: str = "logits"
+    resize: str = "bilinear, whole frame to resolution x resolution, no crop"
+    clip: str = "first num_frames frames of each video"
+
+    def __post_init__(self):
+        if self.features not in FEATURES:
+            raise ValueError(f"FVD features {self.features!r}: choose one of {sorted(FEATURES)}")
+        if self.num_frames < 9:
+            raise ValueError(f"FVD num_frames {self.num_frames}: I3D needs at least 9 frames")
+
+
+@dataclass
+class VideoSet:
+    """What the features were computed from; goes into the result next to the number."""
+    count: int
+    fps: list[float]
+    resolutions: list[list[int]]  # distinct source [H, W]
+    split: str
+
+
+@dataclass
+class FVDResult:
+    fvd: float
+    real: VideoSet
+    fake: VideoSet
+    protocol: FVDProtocol = field(default_factory=FVDProtocol)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "feature_description": FEATURES[self.protocol.features]}
+
+
+def preprocess(frames: np.ndarray, protocol: FVDProtocol = FVDProtocol(), name: str = "video") -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, num_frames, res, res] in [-1, 1]."""
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{name}: expected frames [T, H, W, 3], got {list(frames.shape)}")
+    if len(frames) < protocol.num_frames:
+        raise ValueError(f"{name}: {len(frames)} frames, the FVD protocol needs {protocol.num_frames}")
+    x = torch.from_numpy(np.ascontiguousarray(frames[: protocol.num_frames])).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(protocol.resolution,) * 2, mode="bilinear", align_corners=False)
+    return (x / 127.5 - 1.0).permute(1, 0, 2, 3)
+
+
+class I3DFeatures:
+    """Videos -> [N, D] float64 features under one protocol."""
+
+    def __init__(self, weights: str | Path | None = None, protocol: FVDProtocol = FVDProtocol(), batch_size: int = 2,
+                 device: str = "cpu"):
+        self.model = load_i3d(ensure_i3d_weights(weights), device)
+        self.protocol, self.batch_size, self.device = protocol, batch_size, device
+
+    @torch.no_grad()
+    def __call__(self, videos: Iterable[np.ndarray]) -> np.ndarray:
+        feats, batch = [], []
+        for i, frames in enumerate(videos):
+            batch.append(preprocess(frames, self.protocol, name=f"video {i}"))
+            if len(batch) == self.batch_size:
+                feats.append(self._run(batch))
+                batch = []
+        if batch:
+            feats.append(self._run(batch))
+        if not feats:
+            raise ValueError("FVD: no videos")
+        return np.concatenate(feats)
+
+    def _run(self, batch: list[torch.Tensor]) -> np.ndarray:
+        logits, pool = self.model(torch.stack(batch).to(self.device), return_pool=True)
+        return (logits if self.protocol.features == "logits" else pool).double().cpu().numpy()
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"FVD needs at least 2 feature vectors [N, D], got {list(features.shape)}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+    tr((S_a S_b)^(1/2)) is the sum of square roots of the eigenvalues of the symmetric PSD
+    matrix S_a^(1/2) S_b S_a^(1/2): stable for the rank-deficient covariances of small sets,
+    where a general matrix square root returns complex noise.
+    """
+    mu_a, cov_a = gaussian_stats(features_a)
+    mu_b, cov_b = gaussian_stats(features_b)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    trace_root = np.sqrt(np.clip(middle, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+
+
+def _load_set(directory: str | Path, protocol: FVDProtocol, split: str) -> tuple[list[np.ndarray], VideoSet]:
+    videos, fps, sizes = [], set(), set()
+    for path in list_videos(directory):
+        frames, rate = read_video(path, max_frames=protocol.num_frames)
+        if len(frames) < protocol.num_frames:
+            raise ValueError(f"{path}: {len(frames)} frames, the FVD protocol needs {protocol.num_frames}")
+        videos.append(frames)
+        fps.add(round(rate, 3))
+        sizes.add(frames.shape[1:3])
+    return videos, VideoSet(len(videos), sorted(fps), [list(s) for s in sorted(sizes)], split)
+
+
+def fvd_from_dirs(real_dir: str | Path, fake_dir: str | Path, real_split: str, protocol: FVDProtocol = FVDProtocol(),
+                  weights: str | Path | None = None, fake_split: str = "generated") -> FVDResult:
+    extractor = I3DFeatures(weights, protocol)
+    real, real_set = _load_set(real_dir, protocol, real_split)
+    fake, fake_set = _load_set(fake_dir, protocol, fake_split)
+    return FVDResult(frechet_distance(extractor(real), extractor(fake)), real_set, fake_set, protocol)
