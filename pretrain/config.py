@@ -23,6 +23,8 @@ from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE
 class InitConfig:
     backbone: str | None = None  # a backbone (CogView2) checkpoint; the video parts start as the backbone
     weights: str | None = None  # converted weights of this very model (e.g. a finished stage)
+    optimizer: bool = False  # also restore the Adam moments and step saved with init.weights
+    # (`cogvideo-convert zero RUN OUT`: resume on another TP x DP layout)
 
 
 @dataclass
@@ -164,6 +166,8 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
         raise ConfigError(f"data.stage: must be 1 or 2, got {cfg.data.stage}")
     if cfg.init.backbone and cfg.init.weights:
         raise ConfigError("init.backbone and init.weights: give at most one starting point")
+    if cfg.init.optimizer and not cfg.init.weights:
+        raise ConfigError("init.optimizer: needs init.weights (a converted checkpoint with an optimizer/ folder)")
     if cfg.checkpoint.resume not in (None, "auto") and not os.path.isdir(cfg.checkpoint.resume):
         raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume!r} is neither 'auto' nor a checkpoint directory")
     return model_cfg

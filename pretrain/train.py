@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> di
 
     A backbone is read as this rank's shard only: the temporal channel copies the spatial one
     and follows the same split rules, so initialising the shard gives the shard of the init."""
-    from cogvideo.checkpoint.format import load_model_state
+    from cogvideo.checkpoint import load_model_state
     from cogvideo.model import init_video_from_backbone
 
     if cfg.init.weights:
@@ -97,6 +98,8 @@ class Trainer:
             self._info(f"resumed from {resume} at step {self.step}")
         else:  # randomness from here on differs between DP ranks, agrees between TP peers
             torch.manual_seed(cfg.training.seed + 1 + parallel.dp_rank())
+            if cfg.init.optimizer:
+                self.step = self._restore_optimizer(cfg.init.weights)
 
         loader = ShardLoader(shards, model_cfg, text_encoder(cfg, model_cfg.vocab),
                              micro_batch_size=cfg.training.micro_batch_size, stage=data_stage(cfg, model_cfg),
@@ -123,6 +126,19 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ---- helpers -------------------------------------------------------------------
+    def _restore_optimizer(self, path: str) -> int:
+        """Adam moments and step from a converted checkpoint (any former TP x DP layout); the
+        schedule continues from that step and the loader starts a fresh epoch for this layout."""
+        from cogvideo.checkpoint import restore_optimizer_state
+
+        step = restore_optimizer_state(self.engine, path, parallel.tp_rank(), parallel.tp_size())
+        with warnings.catch_warnings():  # advancing the schedule takes no optimizer step
+            warnings.simplefilter("ignore")
+            for _ in range(step):
+                self.engine.lr_scheduler.step()
+        self._info(f"restored weights and optimizer state from {path} at step {step}")
+        return step
+
     def _info(self, message: str) -> None:
         if self.rank == 0:
             log.info(message)

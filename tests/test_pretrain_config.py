@@ -47,6 +47,8 @@ def test_overrides_reach_the_model_and_sections():
     (["data.stage=3"], 1, "data.stage"),
     (["parallel.precision=fp16"], 1, "needs GPUs"),  # these tests run on CPU
     (["init.backbone=a", "init.weights=b"], 1, "at most one"),
+    (["init.optimizer=true"], 1, "init.optimizer: needs init.weights"),
+    (["data.shards=[a-{0..3}.tar"], 1, "not valid YAML"),
 ])
 def test_bad_configs_name_the_key(overrides, world, message):
     with pytest.raises(ConfigError, match=message):
