@@ -1,0 +1,176 @@
+"""Prompt-following on the synthetic world (``data_prep/synthetic.py``), from frames alone.
+
+Per frame: foreground = pixels nearer to a palette colour than to the background, closed (3x3) so a shape broken
+into fragments by a VQ tokenizer stays one object, and only the largest connected component is
+kept (stray blobs are ignored). Per video:
+- colour: the palette colour nearest to the median foreground colour, majority over frames;
+- shape: the shape whose ideal mask (drawn by the synthetic world's own ``shape_mask`` in the
+  object's bounding box) overlaps the object best (IoU), majority over frames;
+- motion: a least-squares line through the per-frame centroids; its slope is the displacement
+  per frame (px) and its dominant axis and sign the direction.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from cogvideo.eval.video_io import read_video
+from data_prep.synthetic import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, parse_caption, shape_mask
+
+_PALETTE_NAMES = list(COLOURS)
+_PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], np.float64)
+MIN_TRAVEL_PX = 1.0  # below this over the whole video the object counts as still (direction None)
+
+
+@dataclass
+class VideoAnalysis:
+    colour: str | None
+    shape: str | None
+    direction: str | None
+    displacement_px_per_frame: float
+    velocity_px_per_frame: tuple[float, float]  # (x, y), image coordinates (y down)
+    frames_with_object: int
+    frames: int
+
+
+def largest_object(frame: np.ndarray) -> np.ndarray | None:
+    """bool [H, W] mask of the largest foreground component, or None on an empty frame."""
+    # a pixel is foreground when a palette colour is nearer than the background: edge pixels
+    # that codecs (4:2:0 chroma) or tokenizers blend half-way into the background drop out
+    pixels = frame.astype(np.float64)[..., None, :]
+    to_palette = np.linalg.norm(pixels - _PALETTE, axis=-1).min(-1)
+    foreground = to_palette < np.linalg.norm(pixels[..., 0, :] - np.array(BACKGROUND), axis=-1)
+    labels, count = ndimage.label(ndimage.binary_closing(foreground, np.ones((3, 3)), border_value=0))
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel(), weights=foreground.ravel())[1:]
+    # closing only joins fragments; the shape's outline is the foreground's own
+    return ndimage.binary_fill_holes((labels == 1 + int(sizes.argmax())) & foreground)
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    radius = max(y1 - y0, x1 - x0) / 2
+    size = max(mask.shape)
+    canvas = np.zeros((size, size), bool)
+    canvas[: mask.shape[0], : mask.shape[1]] = mask
+
+    def iou(shape: str) -> float:
+        ideal = shape_mask(shape, ((x0 + x1) / 2, (y0 + y1) / 2), radius, size)
+        return (ideal & canvas).sum() / max((ideal | canvas).sum(), 1)
+
+    return max(SHAPES, key=iou)
+
+
+def nearest_colour(pixels: np.ndarray) -> str:
+    median = np.median(pixels.reshape(-1, 3).astype(np.float64), axis=0)
+    return _PALETTE_NAMES[int(np.linalg.norm(_PALETTE - median, axis=1).argmin())]
+
+
+def _majority(votes: list[str]) -> str | None:
+    return Counter(votes).most_common(1)[0][0] if votes else None
+
+
+def analyze_video(frames: np.ndarray) -> VideoAnalysis:
+    """uint8 [T, H, W, 3] -> what the video shows."""
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"analyze_video: expected [T, H, W, 3] frames, got {list(frames.shape)}")
+    colours, shapes, times, centroids = [], [], [], []
+    for t, frame in enumerate(frames):
+        mask = largest_object(frame)
+        if mask is None:
+            continue
+        colours.append(nearest_colour(frame[mask]))
+        shapes.append(classify_shape(mask))
+        ys, xs = np.nonzero(mask)
+        times.append(t)
+        centroids.append((xs.mean(), ys.mean()))
+    velocity = (0.0, 0.0)
+    direction = None
+    if len(times) >= 2:
+        slope = np.polyfit(np.array(times, np.float64), np.array(centroids), 1)[0]  # [vx, vy] px per frame
+        velocity = (float(slope[0]), float(slope[1]))
+        if np.hypot(*slope) * (len(frames) - 1) >= MIN_TRAVEL_PX:
+            axis = int(np.abs(slope).argmax())
+            step = [0, 0]
+            step[axis] = int(np.sign(slope[axis]))
+            direction = next(name for name, d in DIRECTIONS.items() if tuple(d) == tuple(step))
+    return VideoAnalysis(_majority(colours), _majority(shapes), direction, float(np.hypot(*velocity)), velocity,
+                         len(times), len(frames))
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    file: Path
+    prompt: str
+    duration: float
+    heldout: bool = False
+
+
+def read_manifest(path: str | Path) -> list[ManifestEntry]:
+    """JSON: a list (or {"videos": [...]}) of {"file", "prompt", "duration", optional "heldout"};
+    files are relative to the manifest's folder."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON manifest ({err})") from err
+    rows = data.get("videos") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of videos or {{'videos': [...]}}")
+    entries = []
+    for i, row in enumerate(rows):
+        for key in ("file", "prompt", "duration"):
+            if not isinstance(row, dict) or key not in row:
+                raise ValueError(f"{path}: video {i} has no {key!r}")
+        try:
+            parse_caption(row["prompt"])
+            entries.append(ManifestEntry(path.parent / row["file"], row["prompt"], float(row["duration"]),
+                                         bool(row.get("heldout", False))))
+        except ValueError as err:
+            raise ValueError(f"{path}: video {i}: {err}") from err
+    return entries
+
+
+def _accuracy(pairs: list[tuple[tuple, VideoAnalysis]]) -> dict:
+    if not pairs:
+        return {"videos": 0}
+    out = {"videos": len(pairs)}
+    for k, name in enumerate(("colour", "shape", "direction")):
+        out[name] = float(np.mean([want[k] == getattr(got, name) for want, got in pairs]))
+    out["all"] = float(np.mean([want == (got.colour, got.shape, got.direction) for want, got in pairs]))
+    return out
+
+
+def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
+    """Accuracy against the prompts (all, held-out combinations, seen ones) and displacement per
+    frame grouped by the duration prefix."""
+    if len(entries) != len(analyses):
+        raise ValueError(f"score: {len(entries)} manifest entries but {len(analyses)} analyses")
+    pairs = [(parse_caption(e.prompt), a) for e, a in zip(entries, analyses)]
+    by_duration = defaultdict(list)
+    for entry, analysis in zip(entries, analyses):
+        by_duration[entry.duration].append(analysis.displacement_px_per_frame)
+    displacement = {f"{d:g}": {"mean_px_per_frame": float(np.mean(v)), "std": float(np.std(v)), "videos": len(v)}
+                    for d, v in sorted(by_duration.items())}
+    means = [np.mean(v) for _, v in sorted(by_duration.items())]
+    return {
+        "accuracy": {"all": _accuracy(pairs),
+                     "heldout": _accuracy([p for p, e in zip(pairs, entries) if e.heldout]),
+                     "seen": _accuracy([p for p, e in zip(pairs, entries) if not e.heldout])},
+        "displacement_by_duration": displacement,
+        "displacement_increases_with_duration": bool(len(means) > 1 and all(np.diff(means) > 0)),
+        "videos": [{"file": str(e.file), "prompt": e.prompt, "duration": e.duration, "heldout": e.heldout,
+                    **asdict(a)} for e, a in zip(entries, analyses)],
+    }
+
+
+def score_manifest(path: str | Path) -> dict:
+    entries = read_manifest(path)
+    return score(entries, [analyze_video(read_video(e.file)[0]) for e in entries])

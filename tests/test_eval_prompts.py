@@ -1,0 +1,87 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from cogvideo.eval.prompts import analyze_video, read_manifest, score, score_manifest
+from cogvideo.eval.video_io import read_video, write_video
+from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, render_frames, speed_range, default_radius
+
+SIZE, FRAMES, FPS = 32, 8, 8.0
+COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+
+
+def _render(colour, shape, direction, seed, speed=None):
+    low, high = speed_range(SIZE, (FRAMES - 1) / FPS, default_radius(SIZE))
+    speed = speed or float(np.random.default_rng(seed).uniform(low, high))
+    return render_frames(colour, shape, direction, FRAMES, SIZE, FPS, speed, seed=seed), speed
+
+
+def test_every_combination_rendered_and_through_lossy_mp4(tmp_path):
+    wrong = []
+    for seed, (colour, shape, direction) in enumerate(COMBOS):
+        frames, speed = _render(colour, shape, direction, seed)
+        path = write_video(tmp_path / f"{seed}.mp4", frames, FPS, crf=23)  # 4:2:0, lossy
+        for source, video in (("rendered", frames), ("mp4", read_video(path)[0])):
+            got = analyze_video(video)
+            if (got.colour, got.shape, got.direction) != (colour, shape, direction):
+                wrong.append((source, colour, shape, direction, got))
+            elif abs(got.displacement_px_per_frame - speed / FPS) > 0.2:
+                wrong.append((source, "speed", speed / FPS, got.displacement_px_per_frame))
+    assert not wrong, wrong[:5]
+
+
+def test_robust_to_stray_blobs_fragments_and_holes():
+    rng = np.random.default_rng(0)
+    wrong = []
+    for seed, (colour, shape, direction) in enumerate(COMBOS[::5]):
+        frames, _ = _render(colour, shape, direction, seed)
+        frames = frames.copy()
+        others = [c for c in COLOURS if c != colour]
+        for frame in frames:
+            y, x = rng.integers(0, SIZE - 3, 2)
+            frame[y:y + 2, x:x + 3] = COLOURS[others[rng.integers(len(others))]]  # stray VQ blob
+            ys, xs = np.nonzero((frame != frames[0][0, 0]).any(-1))
+            frame[int(np.median(ys)), :] = frames[0][0, 0]  # a one-pixel background seam through the shape
+            frame[int(np.median(ys)) + 2, int(np.median(xs))] = frames[0][0, 0]  # a hole
+        got = analyze_video(frames)
+        if (got.colour, got.shape, got.direction) != (colour, shape, direction):
+            wrong.append((colour, shape, direction, got))
+    assert not wrong, wrong
+
+
+def test_empty_frames_have_no_answer():
+    got = analyze_video(np.full((4, SIZE, SIZE, 3), 16, np.uint8))
+    assert (got.colour, got.shape, got.direction, got.frames_with_object) == (None, None, None, 0)
+
+
+def test_manifest_scores_heldout_accuracy_and_displacement_by_duration(tmp_path):
+    rows = []
+    for i, (duration, speed) in enumerate([(1.0, 10.0), (1.0, 10.0), (2.0, 20.0), (4.0, 30.0)]):
+        colour, shape, direction = COMBOS[i * 7]
+        frames, _ = _render(colour, shape, direction, i, speed=speed)
+        write_video(tmp_path / f"{i}.mp4", frames, FPS)
+        shown = caption_for(colour, shape, direction)
+        prompt = shown if i != 1 else caption_for(colour, shape, "up" if direction != "up" else "down")
+        rows.append({"file": f"{i}.mp4", "prompt": prompt, "duration": duration, "heldout": i < 2})
+    (tmp_path / "manifest.json").write_text(json.dumps({"videos": rows}))
+    report = score_manifest(tmp_path / "manifest.json")
+    assert report["accuracy"]["heldout"] == {"videos": 2, "colour": 1.0, "shape": 1.0, "direction": 0.5, "all": 0.5}
+    assert report["accuracy"]["seen"]["all"] == 1.0
+    by = report["displacement_by_duration"]
+    assert list(by) == ["1", "2", "4"] and by["1"]["videos"] == 2
+    np.testing.assert_allclose([by[k]["mean_px_per_frame"] for k in by], [10 / FPS, 20 / FPS, 30 / FPS], atol=0.2)
+    assert report["displacement_increases_with_duration"] is True
+
+
+def test_manifest_errors_name_file_and_field(tmp_path):
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps([{"file": "a.mp4", "prompt": "a red circle moving left"}]))
+    with pytest.raises(ValueError, match="m.json: video 0 has no 'duration'"):
+        read_manifest(bad)
+    bad.write_text(json.dumps([{"file": "a.mp4", "prompt": "a purple blob", "duration": 1}]))
+    with pytest.raises(ValueError, match="m.json: video 0: not a synthetic caption"):
+        read_manifest(bad)
+    with pytest.raises(ValueError, match="0 manifest entries but 1 analyses"):
+        score([], [analyze_video(np.zeros((2, 8, 8, 3), np.uint8))])
