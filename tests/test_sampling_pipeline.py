@@ -83,11 +83,13 @@ def test_clusters_command_on_a_tokenizer_file(assets, tmp_path):
     assert labels.shape == (64,) and set(labels) == set(range(8))
 
 
-def _two_process_worker(rank, port, runs):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+def _two_process_worker(rank, ports, runs):
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    for args in runs:
+    for port, args in zip(ports, runs):
+        # a fresh rendezvous per run: a rank leaving the last barrier early must not tear down
+        # the store its peer is still reading
+        os.environ["MASTER_PORT"] = str(port)
         cli.main(args)
         parallel.destroy()
 
@@ -105,7 +107,7 @@ def test_two_processes_tp2_and_dp2_sample_the_same_videos(assets, tmp_path):
     assert cli.main(_args(assets, prompts, tmp_path / "one", *GREEDY, "batch_size=1")) == 0
     runs = [_args(assets, prompts, tmp_path / "tp2", *GREEDY, "tensor_parallel=2"),
             _args(assets, prompts, tmp_path / "dp2", *GREEDY, "batch_size=1")]
-    mp.spawn(_two_process_worker, args=(_free_port(), runs), nprocs=2, join=True)
+    mp.spawn(_two_process_worker, args=([_free_port(), _free_port()], runs), nprocs=2, join=True)
     for run in ("tp2", "dp2"):
         manifest = json.loads((tmp_path / run / "manifest.json").read_text())
         assert manifest["ok"] == 3
