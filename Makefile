@@ -33,7 +33,7 @@ test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: venv
-	$(PY) -m demo.run
+	$(PY) -m cluster.demo
 
 params: venv
 	$(VENV)/bin/cogvideo-params

@@ -64,6 +64,8 @@ class DataConfig:
     shuffle_buffer: int = 1000  # 0 keeps shard order
     text_tokenizer: str | None = None  # SentencePiece model (cogvideo.tokenizers.text)
     prefix_template: str = DEFAULT_PREFIX_TEMPLATE
+    caption_dropout: float = 0.0  # fraction of samples trained on uncond_text (classifier-free guidance)
+    uncond_text: str = "视频"  # the sampler's unconditional prompt (sampling.uncond_text) must match
     prefetch_batches: int = 4  # batches prepared by a background thread
 
 
@@ -156,6 +158,8 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if not 0 <= cfg.data.caption_dropout < 1:
+        raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
     if not cfg.data.shards:

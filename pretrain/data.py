@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import logging
 import os
 import queue
@@ -107,6 +108,7 @@ class ShardLoader:
     def __init__(self, shards: list[str], model_cfg: ModelConfig, encode_text: Callable[[str], list[int]], *,
                  micro_batch_size: int, stage: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
                  shuffle_buffer: int = 1000, prefix_template: str = DEFAULT_PREFIX_TEMPLATE,
+                 caption_dropout: float = 0.0, uncond_text: str = "视频",
                  position: LoaderPosition | None = None):
         if len(shards) < dp_size:
             raise ValueError(f"data.shards: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks; "
@@ -121,6 +123,9 @@ class ShardLoader:
         self.dp_size = dp_size
         self.shuffle_buffer = shuffle_buffer
         self.prefix_template = prefix_template
+        self.caption_dropout = caption_dropout
+        self.uncond_text = uncond_text
+        self._warned_truncation = False
         self.position = dataclasses.replace(position) if position else LoaderPosition()
         self._frames_shape = (model_cfg.num_frames, model_cfg.frame_tokens, model_cfg.frame_tokens)
         self._image_tokens = model_cfg.vocab.num_image_tokens
@@ -188,9 +193,23 @@ class ShardLoader:
     def to_sequence(self, sample: Sample):
         from cogvideo.sequence import build_sequence
 
-        text = compose_text(sample.caption, sample.meta.duration, self.prefix_template)
-        text_ids = self.encode_text(text)[:self.model_cfg.text_length]  # keep the duration prefix
-        return build_sequence(self.model_cfg, text_ids, torch.from_numpy(sample.frames))
+        if self.caption_dropout and self._dropped(sample.key):
+            text = self.uncond_text  # classifier-free guidance learns the unconditional text
+        else:
+            text = compose_text(sample.caption, sample.meta.duration, self.prefix_template)
+        text_ids = self.encode_text(text)
+        limit = self.model_cfg.text_length
+        if len(text_ids) > limit and not self._warned_truncation:
+            self._warned_truncation = True
+            log.warning("sample %s: text has %d tokens, model.text_length=%d keeps the first %d (the duration "
+                        "prefix and the caption's start); further truncations are not reported",
+                        sample.key, len(text_ids), limit, limit)
+        return build_sequence(self.model_cfg, text_ids[:limit], torch.from_numpy(sample.frames))
+
+    def _dropped(self, key: str) -> bool:
+        """A seeded draw per (epoch, sample): the same samples drop again on an exact resume."""
+        digest = hashlib.sha256(f"{self.seed}/{self.position.epoch}/{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.caption_dropout
 
     def __iter__(self) -> Iterator[Batch]:
         pending: list[Sample] = []

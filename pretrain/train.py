@@ -105,6 +105,7 @@ class Trainer:
                              micro_batch_size=cfg.training.micro_batch_size, stage=data_stage(cfg, model_cfg),
                              seed=cfg.training.seed, dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(),
                              shuffle_buffer=cfg.data.shuffle_buffer, prefix_template=cfg.data.prefix_template,
+                             caption_dropout=cfg.data.caption_dropout, uncond_text=cfg.data.uncond_text,
                              position=position)
         self.batches = prefetched(iter(loader), cfg.data.prefetch_batches)
         self.position = position

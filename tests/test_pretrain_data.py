@@ -180,3 +180,34 @@ def test_resume_keeps_bad_counts_exact_at_every_cut(tmp_path, caplog):
         for expected in run[cut + 1:]:
             got = next(resumed)
             assert got.keys == expected.keys and got.position == expected.position, (cut, expected.position)
+
+
+def test_caption_dropout_is_seeded_per_sample_and_epoch(shards):
+    cfg = CFG.replace(text_length=16)
+    uncond = ShardLoader(shards, cfg, encode_text, micro_batch_size=1, stage=1, seed=7, shuffle_buffer=0)
+    uncond_ids = uncond.to_sequence  # the unconditional text's tokens, for comparison
+    loader = ShardLoader(shards, cfg, encode_text, micro_batch_size=1, stage=1, seed=7, shuffle_buffer=0,
+                         caption_dropout=0.5, uncond_text="视频")
+    samples = list(itertools.islice(loader.samples(), 16))
+    expected_uncond = torch.tensor(encode_text("视频"))
+    dropped = []
+    for sample in samples:
+        tokens, _, _ = loader.to_sequence(sample)
+        text = tokens[:cfg.text_length]
+        is_uncond = torch.equal(text[-2:], expected_uncond) and bool((text[:-2] == cfg.vocab.pad_id).all())
+        assert is_uncond == loader._dropped(sample.key)
+        if not is_uncond:
+            assert torch.equal(tokens, uncond_ids(sample)[0])  # conditional samples are untouched
+        dropped.append(is_uncond)
+    assert 2 <= sum(dropped) <= 14  # about half of 16
+    again = ShardLoader(shards, cfg, encode_text, micro_batch_size=1, stage=1, seed=7, shuffle_buffer=0,
+                        caption_dropout=0.5, uncond_text="视频")
+    assert [again._dropped(s.key) for s in samples] == [loader._dropped(s.key) for s in samples]
+
+
+def test_text_truncation_is_reported_once(shards, caplog):
+    loader = make_loader(shards)
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        list(itertools.islice(iter(loader), 3))
+    warnings = [r for r in caplog.records if "text_length=8" in r.getMessage()]
+    assert len(warnings) == 1
