@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,45 +33,20 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ---- evaluation ---------------------------------------------------------------------------
 
-FOREGROUND_DISTANCE = 90  # summed |RGB - background| above which a pixel belongs to the shape
-MIN_SHAPE_PIXELS = 6
-
-
 def keyframe_indices(num_frames: int, keyframes: int = 5) -> np.ndarray:
     """The stage-1 keyframes inside an interpolated video (first, last and evenly between)."""
     return np.linspace(0, num_frames - 1, keyframes).round().astype(int)
 
 
-def largest_blob(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a bool mask: stray fragments do not move the centre."""
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-    if count <= 1:
-        return mask
-    return labels == 1 + int(np.argmax(ndimage.sum(mask, labels, range(1, count + 1))))
-
-
 def analyze_frames(frames: np.ndarray) -> dict:
-    """What a video shows, from its pixels alone (the largest blob of each keyframe): colour
-    (nearest palette colour of the shape's median pixel), shape (how much of its bounding box it fills, on the first keyframe),
-    direction (of the first-to-last keyframe move) and mean displacement per keyframe step."""
-    from data_prep.synthetic import BACKGROUND, COLOURS, DIRECTIONS
+    """What a video's keyframes show, by the prompt-following analyzer of cogvideo.eval
+    (displacement is per keyframe step, so durations compare)."""
+    from cogvideo.eval.prompts import analyze_video
 
-    frames = frames[keyframe_indices(len(frames))].astype(np.int64)
-    mask = np.stack([largest_blob(m) for m in np.abs(frames - np.array(BACKGROUND)).sum(-1) > FOREGROUND_DISTANCE])
-    if (mask.sum((1, 2)) < MIN_SHAPE_PIXELS).any():
-        return {"colour": None, "shape": None, "direction": None, "displacement": None}
-    median = np.median(frames[mask], axis=0)
-    colour = min(COLOURS, key=lambda c: np.sum((np.array(COLOURS[c]) - median) ** 2))
-    ys, xs = np.nonzero(mask[0])
-    fill = mask[0].sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.62 else "triangle"
-    centres = np.array([np.argwhere(m)[:, ::-1].mean(axis=0) for m in mask])  # (x, y) per keyframe
-    move = centres[-1] - centres[0]
-    direction = max(DIRECTIONS, key=lambda d: float(np.dot(move, DIRECTIONS[d])))
-    steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
-    return {"colour": colour, "shape": shape, "direction": direction, "displacement": float(steps.mean())}
+    result = analyze_video(frames[keyframe_indices(len(frames))])
+    moved = result.frames_with_object >= 2
+    return {"colour": result.colour, "shape": result.shape, "direction": result.direction,
+            "displacement": result.displacement_px_per_frame if moved else None}
 
 
 def accuracy(videos: list[dict], key: str = "analysis") -> dict:
@@ -120,58 +96,14 @@ def targets(summary: dict) -> dict:
     }
 
 
-FVD_FRAMES, FVD_SIDE = 16, 224
-
-
-def i3d_logits(videos: list[np.ndarray], model, batch: int = 4) -> np.ndarray:
-    """Kinetics-400 I3D logits [N, 400] of uint8 videos [T >= 16, H, W, 3]: the first 16 frames,
-    resized to 224x224 (bilinear), scaled to [-1, 1]."""
-    import torch
-    import torch.nn.functional as F
-
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(videos), batch):
-            clips = []
-            for video in videos[start:start + batch]:
-                x = torch.from_numpy(video[:FVD_FRAMES]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                x = F.interpolate(x, size=(FVD_SIDE, FVD_SIDE), mode="bilinear", align_corners=False)
-                clips.append(x.permute(1, 0, 2, 3))  # [3, T, H, W]
-            out.append(model(torch.stack(clips)).numpy())
-    return np.concatenate(out).astype(np.float64)
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets [N, D]."""
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(cov_a @ cov_b).real
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM of two uint8 images [H, W, 3] (Gaussian window sigma 1.5, per channel)."""
-    from scipy.ndimage import gaussian_filter
-
-    x, y = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    blur = lambda z: gaussian_filter(z, sigma=(1.5, 1.5, 0), truncate=3.5)  # noqa: E731
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    return float(np.mean(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))))
-
-
 def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, seed: int, fvd_seed: int) -> dict:
     """Analyze every sampled video (adds `analysis` and `reference_analysis` to each row) and a
     rendered reference of its prompt; tokenizer PSNR/SSIM on the references; FVD of the held-out
     videos of seed `fvd_seed` against their references."""
     import time
 
-    from cogvideo.eval.i3d import load_i3d
-    from cogvideo.eval.i3d_convert import ensure_i3d_weights
-    from cogvideo.tokenizers.image import psnr
+    from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
+    from cogvideo.eval.recon import reconstruction_report
     from data_prep.synthetic import render_frames
 
     generated, references = [], []
@@ -185,24 +117,26 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
     summary = summarize(videos)
 
     round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
-    pairs = [(a, b) for ref, rec in zip(references, round_trip) for a, b in zip(ref, rec)]
+    recon = reconstruction_report(np.concatenate(references), np.concatenate(round_trip))
     summary["tokenizer"] = {
-        "frames": len(pairs), "psnr_db": psnr(np.stack(references), np.stack(round_trip)),
-        "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+        "frames": recon["frames"], "psnr_db": recon["mean_psnr_db"], "ssim": recon["mean_ssim"],
+        "protocol": recon["protocol"],
         "analysis_after_round_trip": accuracy([{**v, "round_trip": analyze_frames(r)}
                                                for v, r in zip(videos, round_trip)], "round_trip")}
 
     # I3D at 224 px costs seconds per clip on a CPU: FVD takes one seed's held-out videos
     heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == fvd_seed]
     started = time.perf_counter()
-    i3d = load_i3d(ensure_i3d_weights())
-    fake = i3d_logits([generated[i] for i in heldout], i3d)
-    real = i3d_logits([references[i] for i in heldout], i3d)
+    protocol = FVDProtocol()
+    i3d = I3DFeatures(protocol=protocol)
+    fake = i3d([generated[i] for i in heldout])
+    real = i3d([references[i] for i in heldout])
     summary["fvd"] = {
-        "value": frechet_distance(real, fake), "features": "I3D Kinetics-400 logits (400-d)",
+        "value": frechet_distance(real, fake), "protocol": asdict(protocol),
+        "features": FEATURES[protocol.features],
         "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts, durations, frames)",
         "fake": f"{len(fake)} generated videos of the held-out prompts (seed {fvd_seed})",
-        "frames": FVD_FRAMES, "resolution": f"{size}px upsampled bilinearly to {FVD_SIDE}x{FVD_SIDE}",
+        "frames": protocol.num_frames, "resolution": f"{size}px upsampled bilinearly to {protocol.resolution}x{protocol.resolution}",
         "fps": sorted({v["fps"] for v in videos}), "seconds": round(time.perf_counter() - started, 1)}
     return summary
 

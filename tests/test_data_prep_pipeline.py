@@ -20,7 +20,8 @@ from PIL import Image
 from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.shards import decode_sample
-from cogvideo.tokenizers.image import load_image_tokenizer, psnr
+from cogvideo.eval.recon import psnr
+from cogvideo.tokenizers.image import load_image_tokenizer
 from data_prep import pipeline, synthetic as syn
 from data_prep.output import DONE, MANIFEST, REJECTED, read_jsonl
 from data_prep.reshard import reshard

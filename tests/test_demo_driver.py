@@ -171,28 +171,3 @@ def test_analyzer_reads_rendered_videos():
         assert analyze_frames(frames)["displacement"] == pytest.approx(found["displacement"])
     empty = np.zeros((17, 32, 32, 3), np.uint8) + 16
     assert analyze_frames(empty)["colour"] is None
-
-
-def test_frechet_distance_matches_gaussian_closed_form():
-    from cluster.demo_report import frechet_distance
-
-    rng = np.random.default_rng(1)
-    a = rng.normal(0.0, 1.0, (4000, 3))
-    b = rng.normal(0.5, 2.0, (4000, 3))
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
-    # independent diagonal Gaussians: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2 = 3 * 0.25 + 3 * 1
-    assert frechet_distance(a, b) == pytest.approx(3.75, rel=0.08)
-    noisy = [frechet_distance(a, a + rng.normal(0, s, a.shape)) for s in (0.1, 0.5, 1.0)]
-    assert noisy == sorted(noisy)
-
-
-def test_ssim_is_one_for_equal_images_and_falls_with_noise():
-    from cluster.demo_report import ssim
-
-    rng = np.random.default_rng(2)
-    image = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
-    assert ssim(image, image) == pytest.approx(1.0)
-    scores = [ssim(image, np.clip(image + rng.normal(0, s, image.shape), 0, 255).astype(np.uint8))
-              for s in (5, 20, 60)]
-    assert scores == sorted(scores, reverse=True) and scores[-1] < 0.8

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cogvideo.eval.recon import K1, K2, gaussian_window, psnr_per_frame, ssim_per_frame
+from cogvideo.eval.recon import K1, K2, gaussian_window, psnr, psnr_per_frame, ssim_per_frame
 
 
 def test_psnr_of_known_mse():
@@ -11,6 +11,9 @@ def test_psnr_of_known_mse():
     rec[1, :4] += 10  # half the pixels off by 10: MSE 50
     np.testing.assert_allclose(psnr_per_frame(ref, rec), [10 * np.log10(255**2 / 25), 10 * np.log10(255**2 / 50)])
     assert np.isinf(psnr_per_frame(ref, ref)).all()
+    # over all pixels at once: MSE (25 + 50) / 2
+    assert psnr(ref, rec) == pytest.approx(10 * np.log10(255**2 / 37.5))
+    assert psnr(ref, ref) == float("inf")
 
 
 def test_ssim_identity_and_constant_images():

@@ -19,6 +19,13 @@ def _check(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(np.float64), b.astype(np.float64)
 
 
+def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
+    """dB over all pixels of all frames at once (what a tokenizer fit reports); inf if equal."""
+    a, b = _check(reference, reconstruction)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(DATA_RANGE**2 / mse))
+
+
 def psnr_per_frame(reference: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
     """[T] dB; identical frames give inf."""
     a, b = _check(reference, reconstruction)

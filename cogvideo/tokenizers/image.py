@@ -44,12 +44,6 @@ def check_codes(codes: np.ndarray, tokens_side: int, codebook_size: int) -> np.n
     return codes.astype(np.int64)
 
 
-def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of uint8 images (over all pixels at once)."""
-    mse = np.mean((reference.astype(np.float64) - reconstruction.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def load_image_tokenizer(path: str | Path, device: str = "cpu", frame_size: int | None = None) -> ImageTokenizer:
     """A ``.safetensors`` patch tokenizer, or icetk's ``ice_image.pt`` (the file or its directory).
 

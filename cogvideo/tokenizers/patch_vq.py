@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cogvideo.tokenizers.image import check_codes, check_frames, psnr
+from cogvideo.eval.recon import psnr
+from cogvideo.tokenizers.image import check_codes, check_frames
 
 FORMAT = "cogvideo-patch-vq"
 FORMAT_VERSION = "1"
