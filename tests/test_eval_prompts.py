@@ -85,3 +85,21 @@ def test_manifest_errors_name_file_and_field(tmp_path):
         read_manifest(bad)
     with pytest.raises(ValueError, match="0 manifest entries but 1 analyses"):
         score([], [analyze_video(np.zeros((2, 8, 8, 3), np.uint8))])
+
+
+def test_reads_a_sampler_output_folder(tmp_path):
+    from cogvideo.sampling.outputs import write_video_entry
+    from cogvideo.sampling.job import write_manifest
+    from cogvideo.sampling.prompts import Prompt
+
+    colour, shape, direction = COMBOS[5]
+    frames, _ = _render(colour, shape, direction, 0)
+    prompt = caption_for(colour, shape, direction)
+    files = write_video_entry(tmp_path / "p0", np.zeros((len(frames), 2, 2), np.int64), frames, FPS)
+    (tmp_path / "p0" / "record.json").write_text(json.dumps(
+        {"key": "p0", "prompt": prompt, "status": "ok", "files": files}))
+    (tmp_path / "options.json").write_text(json.dumps({"duration": 2.0}))
+    write_manifest(tmp_path, [Prompt(key="p0", text=prompt)])
+    [entry] = read_manifest(tmp_path / "manifest.json")
+    assert (entry.file, entry.prompt, entry.duration) == (tmp_path / "p0" / "video.mp4", prompt, 2.0)
+    assert score_manifest(tmp_path / "manifest.json")["accuracy"]["all"]["all"] == 1.0

@@ -121,7 +121,10 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON manifest ({err})") from err
-    rows = data.get("videos") if isinstance(data, dict) else data
+    if isinstance(data, dict) and "entries" in data:  # a cogvideo-sample output folder
+        rows = _sampler_rows(path, data["entries"])
+    else:
+        rows = data.get("videos") if isinstance(data, dict) else data
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of videos or {{'videos': [...]}}")
     entries = []
@@ -136,6 +139,17 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         except ValueError as err:
             raise ValueError(f"{path}: video {i}: {err}") from err
     return entries
+
+
+def _sampler_rows(path: Path, entries: list[dict]) -> list[dict]:
+    """The sampler's manifest entries as videos; their duration is the run's (options.json)."""
+    options_file = path.parent / "options.json"
+    try:
+        duration = json.loads(options_file.read_text(encoding="utf-8"))["duration"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{options_file}: the sampler's options (with 'duration') are needed ({err})") from err
+    return [{"file": f"{e['key']}/{e['files']['mp4']}", "prompt": e["prompt"], "duration": duration}
+            for e in entries if e.get("status") == "ok"]
 
 
 def _accuracy(pairs: list[tuple[tuple, VideoAnalysis]]) -> dict:
