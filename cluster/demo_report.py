@@ -103,7 +103,7 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
     import time
 
     from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
-    from cogvideo.eval.recon import reconstruction_report
+    from cogvideo.eval.recon import psnr, reconstruction_report
     from data_prep.synthetic import render_frames
 
     generated, references = [], []
@@ -119,7 +119,8 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
     round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
     recon = reconstruction_report(np.concatenate(references), np.concatenate(round_trip))
     summary["tokenizer"] = {
-        "frames": recon["frames"], "psnr_db": recon["mean_psnr_db"], "ssim": recon["mean_ssim"],
+        "frames": recon["frames"], "psnr_db": psnr(np.concatenate(references), np.concatenate(round_trip)),
+        "ssim": recon["mean_ssim"],
         "protocol": recon["protocol"],
         "analysis_after_round_trip": accuracy([{**v, "round_trip": analyze_frames(r)}
                                                for v, r in zip(videos, round_trip)], "round_trip")}
