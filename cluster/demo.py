@@ -19,7 +19,6 @@ a step whose settings changed reruns together with every step after it):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -28,10 +27,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from cluster.demo_report import read_jsonl
+from cluster.steps import Runner, Step
 from cogvideo.configio import ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,101 +108,6 @@ class DemoConfig:
         return get_preset(self.preset).replace(stage=stage)
 
 
-# ---- steps and the runner --------------------------------------------------------------
-
-@dataclass
-class Step:
-    name: str
-    run: Callable[["Demo"], dict | None]  # returns what to record (figures, paths) or None
-    uses: tuple[str, ...]  # config sections it depends on (besides every earlier step)
-    outputs: tuple[str, ...]  # paths under out/ it owns: removed when its settings changed
-
-
-def fingerprint(previous: str, settings: dict) -> str:
-    text = previous + json.dumps(settings, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def elapsed(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-class Runner:
-    """Runs steps in order; `<out>/steps/<name>.json` records each one ({"fingerprint",
-    "status": "running" | "done", "seconds", "result"})."""
-
-    def __init__(self, out: Path, steps: list[Step], settings: dict, log: Callable[[str], None] = print):
-        self.out, self.steps, self.log = out, steps, log
-        self.fingerprints, previous = {}, ""
-        for step in steps:
-            previous = fingerprint(previous, {key: settings[key] for key in step.uses})
-            self.fingerprints[step.name] = previous
-
-    def marker(self, name: str) -> Path:
-        return self.out / "steps" / f"{name}.json"
-
-    def record(self, name: str) -> dict | None:
-        path = self.marker(name)
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def _write(self, name: str, data: dict) -> None:
-        path = self.marker(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-        os.replace(tmp, path)
-
-    def clear(self, step: Step) -> None:
-        for rel in step.outputs:
-            path = self.out / rel
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        self.marker(step.name).unlink(missing_ok=True)
-
-    def run(self, context, redo: str | None = None, until: str | None = None) -> dict:
-        names = [s.name for s in self.steps]
-        for name in (redo, until):
-            if name is not None and name not in names:
-                raise ConfigError(f"unknown step {name!r}; steps: {names}")
-        start, stale = time.perf_counter(), False
-        for index, step in enumerate(self.steps, 1):
-            record, wanted = self.record(step.name), self.fingerprints[step.name]
-            stale = stale or step.name == redo or (record is not None and record["fingerprint"] != wanted)
-            if stale:
-                self.clear(step)
-                record = None
-            banner = f"[{index}/{len(self.steps)}] {step.name}"
-            if record is not None and record["status"] == "done":
-                self.log(f"==== {banner}: done already ({record['seconds']:.0f} s), skipped")
-                if step.name == until:
-                    break
-                continue
-            resumed = " (resuming)" if record is not None else ""
-            self.log(f"==== {banner}{resumed} -- elapsed {elapsed(time.perf_counter() - start)} ====")
-            self._write(step.name, {"fingerprint": wanted, "status": "running"})
-            began = time.perf_counter()
-            result = step.run(context) or {}
-            seconds = time.perf_counter() - began
-            self._write(step.name, {"fingerprint": wanted, "status": "done", "seconds": round(seconds, 1),
-                                    "load_average": round(os.getloadavg()[1], 1), "result": result})
-            self.log(f"---- {banner} finished in {seconds:.0f} s")
-            if step.name == until:
-                break
-        return self.summary()
-
-    def summary(self) -> dict:
-        """{"step_seconds": {name: s}, "results": {name: result}} of the steps done so far."""
-        done = {s.name: self.record(s.name) for s in self.steps}
-        done = {k: v for k, v in done.items() if v and v["status"] == "done"}
-        return {"step_seconds": {k: v["seconds"] for k, v in done.items()},
-                "load_average_5min": {k: v.get("load_average") for k, v in done.items()},
-                "results": {k: v["result"] for k, v in done.items()}}
-
-
-# ---- the demo's steps ---------------------------------------------------------------------
-
 def parse_combo(item: str) -> tuple[str, str, str]:
     from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES
 
@@ -247,10 +152,6 @@ def render_row(row: dict) -> np.ndarray:
 
     return render_frames(row["colour"], row["shape"], row["direction"], row["num_frames"], row["size"], row["fps"],
                          row["speed_px_per_s"], seed=row["render_seed"], radius=row["radius"])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cluster import demo
-from cluster.demo import DemoConfig, Runner, Step, VideoSettings
+from cluster.demo import DemoConfig, VideoSettings
+from cluster.steps import Runner, Step
 from cogvideo.configio import ConfigError, to_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore")
