@@ -309,15 +309,14 @@ class CogVideoModel(nn.Module):
                 for shift in shifts:
                     index, wmeta = window_gather_index(cfg, nf, shift)
                     nW, per = index.shape
-                    window_masks = []
-                    for w in range(nW):
-                        q = wmeta[w * per:(w + 1) * per]
-                        window_masks.append(visible(cfg, q, TokenMeta.cat([text, q]), "temporal", shift))
-                    vis = torch.stack(window_masks).to(device)  # [nW, per, T+per]
+                    windows = [wmeta[w * per:(w + 1) * per] for w in range(nW)]
+                    vis = torch.stack([visible(cfg, q, TokenMeta.cat([text, q]), "temporal", shift)
+                                       for q in windows]).to(device)  # [nW, per, T+per]
                     key_pad = torch.cat([text_pad, torch.zeros(B, per, dtype=torch.bool, device=device)], 1)
                     masks.temporal[shift] = (vis[None] & ~key_pad[:, None, None, :]).reshape(B * nW, 1, per, T + per)
                     masks.window_index[shift] = index.to(device)
-                    bias = _text_bias(vis[0], q, TokenMeta.cat([text, q]), text_bias)
+                    # every window has the same text-then-frames column layout
+                    bias = _text_bias(vis[0], windows[0], TokenMeta.cat([text, windows[0]]), text_bias)
                     if bias is not None:
                         masks.bias["temporal", shift] = bias
         return masks
@@ -337,22 +336,21 @@ class CogVideoModel(nn.Module):
         cfg, device = self.cfg, tokens.device
         pad = self._pad(tokens, meta)
         plan = cache.plan(meta, pad)
-        qmeta = meta
-        masks = {"spatial": _with_pads(visible(cfg, qmeta, plan.spatial_keys, "spatial").to(device),
+        masks = {"spatial": _with_pads(visible(cfg, meta, plan.spatial_keys, "spatial").to(device),
                                        plan.spatial_pad, pad)}
-        bias = _text_bias(masks["spatial"], qmeta, plan.spatial_keys, text_bias)
+        bias = _text_bias(masks["spatial"], meta, plan.spatial_keys, text_bias)
         if bias is not None:
             masks["spatial_bias"] = bias
         if cache.temporal is not None:
             keys, key_pad = cache.temporal_keys(plan)
             shifts = {0, cfg.window_shift} if cfg.stage == "stage2" else {0}
             for shift in shifts:
-                vis = visible(cfg, qmeta, keys, "temporal", shift).to(device)
+                vis = visible(cfg, meta, keys, "temporal", shift).to(device)
                 masks["temporal", shift] = _with_pads(vis, key_pad, pad)
-            bias = _text_bias(vis, qmeta, keys, text_bias)
+            bias = _text_bias(vis, meta, keys, text_bias)
             if bias is not None:
                 masks["temporal_bias"] = bias
-            masks["is_frame"] = (qmeta.frame != TEXT).to(device)
+            masks["is_frame"] = (meta.frame != TEXT).to(device)
         h = self._embed(tokens, meta)
         for layer in self.layers:
             h = layer.forward_chunk(h, cache, plan, masks, cfg.pb_relax_alpha)
