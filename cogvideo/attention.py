@@ -1,13 +1,13 @@
 """Attention kernels for the two channels.
 
 `attend` runs `scaled_dot_product_attention` (fused kernels keep the softmax in fp32), or, for
-fp16 without them, CogView's PB-Relax form. The blocked layouts below gather the tokens each
-query may see into the batch dimension (text + one frame for the spatial channel, text + one
-3D window for the stage-2 temporal channel) so that no dense LxL mask is ever built.
+fp16 without them, CogView's PB-Relax form. `window_gather_index` lays out the stage-2 3D
+windows that cogvideo/blocked.py gathers into the batch dimension.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,17 @@ def pb_relax_attention(q, k, v, mask, bias, alpha: float):
     return torch.matmul(probs, v)
 
 
-def window_gather_index(cfg: ModelConfig, num_frames: int, shift: int) -> tuple[torch.Tensor, TokenMeta]:
-    """Index [windows, num_frames * w * w] into the flattened frame tokens, gathering each
-    shifted 3D window (all frames x w x w positions), and the TokenMeta of the gathered order.
-    The roll by `shift` puts the wrapped strips into the last window; `visible()` (region mask)
-    keeps them apart."""
+def window_gather_index(cfg: ModelConfig, frames: Sequence[int], shift: int) -> tuple[torch.Tensor, TokenMeta]:
+    """Index [windows, len(frames) * w * w] into the flattened tokens of whole `frames` laid out
+    in this order (e.g. 0..F-1, or the given frames 0, 2, 4 of a stage-2 chunk), gathering each
+    shifted 3D window (all those frames x w x w positions), and the TokenMeta of the gathered
+    order. The roll by `shift` puts the wrapped strips into the last window; `visible()`
+    (region mask) keeps them apart."""
     side, w, n = cfg.frame_tokens, cfg.window_size, cfg.tokens_per_frame
     grid = torch.arange(n).reshape(side, side).roll(shifts=(-shift, -shift), dims=(0, 1))
     windows = grid.reshape(side // w, w, side // w, w).permute(0, 2, 1, 3).reshape(-1, w * w)
-    frames = torch.arange(num_frames)
-    index = (frames[None, :, None] * n + windows[:, None, :]).reshape(windows.shape[0], -1)
-    meta = TokenMeta(frame=(index // n).flatten(), pos=(index % n).flatten())
+    slots = torch.arange(len(frames))
+    index = (slots[None, :, None] * n + windows[:, None, :]).reshape(windows.shape[0], -1)
+    frame_ids = torch.as_tensor(list(frames), dtype=torch.long)
+    meta = TokenMeta(frame=frame_ids[index // n].flatten(), pos=(index % n).flatten())
     return index, meta
-

@@ -61,6 +61,7 @@ class ChunkPlan:
     spatial_concat: slice | None  # multi-frame chunk: keys = text + the chunk; this segment is kept
     spatial_keys: TokenMeta
     spatial_pad: torch.Tensor
+    whole_frames: list[int] | None = None  # the chunk is these whole frames right after the text
     temporal_start: int = 0
     temporal_stop: int = 0
 
@@ -78,6 +79,7 @@ class KVCache:
 
     def plan(self, meta: TokenMeta, pad: torch.Tensor) -> ChunkPlan:
         frames = meta.frame.unique_consecutive().tolist()
+        right_after_text = frames != [TEXT] and self.current_frame is None
         if frames == [TEXT]:
             if self.current_frame is not None:
                 raise ValueError("text must be fed before any frame")
@@ -102,11 +104,21 @@ class KVCache:
             text = self.spatial.meta(self.text_length)
             plan = ChunkPlan(0, 0, segment, TokenMeta.cat([text, meta]),
                              torch.cat([self.spatial.pad[:, :self.text_length], pad], dim=1))
+        if right_after_text and self._whole(meta, frames):
+            plan.whole_frames = frames
         if self.temporal is not None:
             plan.temporal_start = self.temporal.length
             self.temporal.write_meta(plan.temporal_start, meta, pad)
             self.temporal.length = plan.temporal_stop = plan.temporal_start + len(meta)
         return plan
+
+    def _whole(self, meta: TokenMeta, frames: list[int]) -> bool:
+        """Is the chunk whole frames, each once, positions 0..n-1 in order?"""
+        n = self.cfg.tokens_per_frame
+        if len(set(frames)) != len(frames) or len(meta) != len(frames) * n:
+            return False
+        layout = TokenMeta.cat([TokenMeta(torch.full((n,), f), torch.arange(n)) for f in frames])
+        return torch.equal(meta.frame.cpu(), layout.frame) and torch.equal(meta.pos.cpu(), layout.pos)
 
     def _single(self, start: int, meta: TokenMeta, pad: torch.Tensor) -> ChunkPlan:
         self.spatial.write_meta(start, meta, pad)

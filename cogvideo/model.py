@@ -7,20 +7,23 @@ Built plain; under tensor parallelism the same code runs with megatron-core's pa
 - blocked (default): text, per-frame spatial blocks and per-window temporal blocks gathered
   into the batch dimension;
 - dense (reference, `model.dense_attention = True`): one explicit L x L mask per channel;
-- cached (`forward_chunk`): incremental decoding over a KV cache.
+- cached (`forward_chunk`): incremental decoding over a KV cache, with dense masks over the
+  cached keys; a chunk of whole frames right after the text (the sampler's given frames) runs
+  blocked like the full forward.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cogvideo import parallel
-from cogvideo.attention import attend, window_gather_index
+from cogvideo import blocked, parallel
+from cogvideo.attention import attend
+from cogvideo.blocked import FrameBlocks, attention_shifts, frame_blocks, text_bias_scores, with_pads
 from cogvideo.config import ModelConfig
 from cogvideo.kv_cache import ChunkPlan, KVCache
 from cogvideo.layers import LayerFactory, copy_to_tp_region, image_token_cross_entropy
@@ -69,28 +72,25 @@ class MLP(nn.Module):
 
 @dataclass
 class Masks:
-    """Masks of one full forward, built once and shared by all layers (bool, True = attend),
-    and the text-attention bias (additive, or None) in the same shapes."""
+    """What every layer of one forward or chunk attends with, built once (bool, True = attend).
+    Blocked: `text` (the text queries of a full forward) and `frames` (whole frames after the
+    text); dense: `dense[channel, shift]` over all queries and keys, plus `dense_bias[channel]`."""
 
-    text: torch.Tensor  # [B, 1, T, T]
-    frames: torch.Tensor | None  # [B*nf, 1, n, T+n]
-    temporal: dict  # shift -> mask; stage 1: [B, 1, nf*n, L]; stage 2: [B*nW, 1, nf*w*w, T+nf*w*w]
-    window_index: dict  # stage 2: shift -> [nW, nf*w*w] gather index into the frame tokens
-    dense: dict  # dense reference path: (channel, shift) -> [B, 1, L, L]
-    bias: dict  # same keys as the masks it applies to ("frames", ("temporal", shift), ...)
+    is_frame: torch.Tensor  # [l] queries that mix in the temporal channel
+    text: torch.Tensor | None = None  # [B, 1, T, T]
+    frames: FrameBlocks | None = None
+    dense: dict = field(default_factory=dict)
+    dense_bias: dict = field(default_factory=dict)
 
-
-def _with_pads(vis: torch.Tensor, key_pad: torch.Tensor, query_pad: torch.Tensor) -> torch.Tensor:
-    """vis [..., q, k] & key not a pad; pad queries (ignored rows) may see pads to stay finite."""
-    return vis & (~key_pad[:, None, None, :] | query_pad[:, None, :, None])
-
-
-def _text_bias(mask: torch.Tensor, q: TokenMeta, k: TokenMeta, bias: float) -> torch.Tensor | None:
-    """CogView2's log attention weights: +bias on text keys seen from frame queries."""
-    if not bias:
-        return None
-    cells = ((q.frame != TEXT)[:, None] & (k.frame == TEXT)[None, :]).to(torch.float32) * bias
-    return cells.expand(mask.shape[-2:]).to(mask.device)
+    def add_dense(self, cfg: ModelConfig, channel: str, queries: TokenMeta, query_pad: torch.Tensor,
+                  keys: TokenMeta, key_pad: torch.Tensor, text_bias: float) -> None:
+        shifts = attention_shifts(cfg) if channel == "temporal" else {0}
+        for shift in shifts:
+            vis = visible(cfg, queries, keys, channel, shift).to(query_pad.device)
+            self.dense[channel, shift] = with_pads(vis, key_pad, query_pad)
+        bias = text_bias_scores(vis, queries, keys, text_bias)
+        if bias is not None:
+            self.dense_bias[channel] = bias
 
 
 class TransformerLayer(nn.Module):
@@ -118,82 +118,54 @@ class TransformerLayer(nn.Module):
         h = h + self.third_layernorm(attn_out)
         return h + self.fourth_layernorm(self.mlp(self.post_attention_layernorm(h)))
 
-    # ---- full sequence --------------------------------------------------------------
+    # ---- one layer, full sequence or cached chunk -------------------------------------
     def forward(self, h: torch.Tensor, masks: Masks, temporal: bool, dense: bool, pb: float):
-        cfg, T = self.cfg, self.cfg.text_length
+        """Full sequence; `dense`: the explicit-mask reference path."""
+        temporal = temporal and self.cfg.has_temporal and h.shape[1] > self.cfg.text_length
+        return self._attend_and_mlp(h, masks, temporal, dense, pb)
+
+    def forward_chunk(self, h, cache: KVCache, plan: ChunkPlan, masks: Masks, pb: float):
+        """A chunk after what `cache` holds: blocked for whole frames right after the text."""
+        return self._attend_and_mlp(h, masks, cache.temporal is not None, masks.frames is None, pb, cache, plan)
+
+    def _attend_and_mlp(self, h, masks: Masks, temporal: bool, dense: bool, pb: float,
+                        cache: KVCache | None = None, plan: ChunkPlan | None = None):
         x = self.input_layernorm(h)
         q, k, v = self.attention.qkv(x)
+        if cache is not None:
+            k, v = cache.spatial_kv(self.index, plan, k, v)
         if dense:
-            ctx = attend(q, k, v, masks.dense["spatial", 0], masks.bias.get(("dense", "spatial")), pb)
+            ctx = attend(q, k, v, masks.dense["spatial", 0], masks.dense_bias.get("spatial"), pb)
         else:
             ctx = self._spatial_blocked(q, k, v, masks, pb)
         out = self.attention.project(ctx)
-        L = h.shape[1]
-        if temporal and cfg.has_temporal and L > T:
+        if temporal:
             tq, tk, tv = self.temporal_attention.qkv(x)
+            if cache is not None:
+                tk, tv = cache.temporal_kv(self.index, plan, tk, tv)
+            shift = self.shift if self.cfg.stage == "stage2" else 0
             if dense:
-                key = ("temporal", self.shift if cfg.stage == "stage2" else 0)
-                tctx = attend(tq, tk, tv, masks.dense[key], masks.bias.get(("dense", "temporal")), pb)
+                tctx = attend(tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"), pb)
             else:
-                tctx = torch.cat([torch.zeros_like(tq[:, :, :T]), self._temporal_blocked(tq, tk, tv, masks, pb)], 2)
-            is_frame = torch.arange(L, device=h.device) >= T
-            out = self._mix(out, self.temporal_attention.project(tctx), is_frame)
+                tctx = self._temporal_blocked(tq, tk, tv, masks, shift, pb)
+            out = self._mix(out, self.temporal_attention.project(tctx), masks.is_frame)
         return self._finish(h, out)
 
     def _spatial_blocked(self, q, k, v, masks: Masks, pb: float):
-        T, n = self.cfg.text_length, self.cfg.tokens_per_frame
-        B, H, L, d = q.shape
-        text = attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], masks.text, None, pb)
-        nf = (L - T) // n
-        if nf == 0:
-            return text
-
-        def per_frame(t):  # [B, H, nf*n, d] -> [B*nf, H, n, d]
-            return t[:, :, T:].reshape(B, H, nf, n, d).transpose(1, 2).reshape(B * nf, H, n, d)
-
-        def with_text(t):
-            text_part = t[:, :, :T].unsqueeze(1).expand(B, nf, H, T, d).reshape(B * nf, H, T, d)
-            return torch.cat([text_part, per_frame(t)], dim=2)
-
-        frames = attend(per_frame(q), with_text(k), with_text(v), masks.frames, masks.bias.get("frames"), pb)
-        frames = frames.reshape(B, nf, H, n, d).transpose(1, 2).reshape(B, H, nf * n, d)
-        return torch.cat([text, frames], dim=2)
-
-    def _temporal_blocked(self, q, k, v, masks: Masks, pb: float):
-        """Frame queries only -> [B, H, L - T, d]."""
+        if masks.text is None:  # a chunk of whole frames: no text queries
+            return blocked.spatial_attention(q, k, v, masks.frames, pb)
         T = self.cfg.text_length
-        if self.cfg.stage == "stage1":
-            return attend(q[:, :, T:], k, v, masks.temporal[0], masks.bias.get(("temporal", 0)), pb)
-        index = masks.window_index[self.shift]  # [nW, nf*w*w]
-        B, H, L, d = q.shape
-        nW, per_window = index.shape
+        text = attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], masks.text, None, pb)
+        if masks.frames is None:
+            return text
+        return torch.cat([text, blocked.spatial_attention(q[:, :, T:], k, v, masks.frames, pb)], dim=2)
 
-        def windows(t):  # frame tokens gathered into windows: [B*nW, H, per_window, d]
-            return t[:, :, T:][:, :, index.flatten()].reshape(B, H, nW, per_window, d).transpose(1, 2) \
-                .reshape(B * nW, H, per_window, d)
-
-        def with_text(t):
-            text_part = t[:, :, :T].unsqueeze(1).expand(B, nW, H, T, d).reshape(B * nW, H, T, d)
-            return torch.cat([text_part, windows(t)], dim=2)
-
-        out = attend(windows(q), with_text(k), with_text(v), masks.temporal[self.shift],
-                     masks.bias.get(("temporal", self.shift)), pb)
-        out = out.reshape(B, nW, H, per_window, d).transpose(1, 2).reshape(B, H, nW * per_window, d)
-        return torch.empty_like(out).index_copy_(2, index.flatten().to(out.device), out)
-
-    # ---- incremental ----------------------------------------------------------------
-    def forward_chunk(self, h, cache: KVCache, plan: ChunkPlan, masks: dict, pb: float):
-        x = self.input_layernorm(h)
-        q, k, v = self.attention.qkv(x)
-        sk, sv = cache.spatial_kv(self.index, plan, k, v)
-        out = self.attention.project(attend(q, sk, sv, masks["spatial"], masks.get("spatial_bias"), pb))
-        if cache.temporal is not None:
-            tq, tk, tv = self.temporal_attention.qkv(x)
-            tk, tv = cache.temporal_kv(self.index, plan, tk, tv)
-            shift = self.shift if self.cfg.stage == "stage2" else 0
-            tctx = attend(tq, tk, tv, masks["temporal", shift], masks.get("temporal_bias"), pb)
-            out = self._mix(out, self.temporal_attention.project(tctx), masks["is_frame"])
-        return self._finish(h, out)
+    def _temporal_blocked(self, q, k, v, masks: Masks, shift: int, pb: float):
+        if masks.text is None:
+            return blocked.temporal_attention(q, k, v, masks.frames, shift, pb)
+        T = self.cfg.text_length  # text rows take the spatial output (see _mix): zeros here
+        frames = blocked.temporal_attention(q[:, :, T:], k, v, masks.frames, shift, pb)
+        return torch.cat([torch.zeros_like(q[:, :, :T]), frames], dim=2)
 
 
 class CogVideoModel(nn.Module):
@@ -257,7 +229,7 @@ class CogVideoModel(nn.Module):
         """tokens [B, L] in time order -> logits [B, L, vocab_size / tp]."""
         self._check_tokens(tokens)
         meta = self.layout_meta(tokens.shape[1])
-        masks = self._full_masks(tokens, meta, text_bias)
+        masks = self._full_masks(tokens, meta, text_bias, temporal)
         h = self._embed(tokens, meta)
         pb = self.cfg.pb_relax_alpha
         for layer in self.layers:
@@ -267,58 +239,20 @@ class CogVideoModel(nn.Module):
                 h = layer(h, masks, temporal, self.dense_attention, pb)
         return self._logits(h)
 
-    def _full_masks(self, tokens: torch.Tensor, meta: TokenMeta, text_bias: float) -> Masks:
+    def _full_masks(self, tokens: torch.Tensor, meta: TokenMeta, text_bias: float, temporal: bool = True) -> Masks:
         cfg, device = self.cfg, tokens.device
-        T, n = cfg.text_length, cfg.tokens_per_frame
-        B, L = tokens.shape
-        nf = (L - T) // n
+        T = cfg.text_length
         pad = self._pad(tokens, meta)
-        text_pad = pad[:, :T]
-        text = TokenMeta.text(cfg)
-        masks = Masks(_with_pads(visible(cfg, text, text, "spatial").to(device), text_pad, text_pad),
-                      None, {}, {}, {}, {})
-        no_pad = torch.zeros(B, n, dtype=torch.bool, device=device)
-        shifts = {0, cfg.window_shift} if cfg.stage == "stage2" and cfg.num_layers > 1 else {0}
+        masks = Masks(is_frame=(meta.frame != TEXT).to(device))
         if self.dense_attention:
             for channel in ("spatial", "temporal"):
-                for shift in shifts:
-                    vis = visible(cfg, meta, meta, channel, shift).to(device)
-                    masks.dense[channel, shift] = _with_pads(vis, pad, pad)
-                bias = _text_bias(masks.dense[channel, 0], meta, meta, text_bias)
-                if bias is not None:
-                    masks.bias["dense", channel] = bias
+                masks.add_dense(cfg, channel, meta, pad, meta, pad, text_bias)
             return masks
-        if nf:
-            frame_masks, bias = [], None
-            for f in range(nf):
-                keys = TokenMeta.cat([text, TokenMeta.of_frame(cfg, f)])
-                vis = visible(cfg, TokenMeta.of_frame(cfg, f), keys, "spatial").to(device)
-                frame_masks.append(_with_pads(vis, torch.cat([text_pad, no_pad], 1), no_pad))
-                bias = _text_bias(vis, TokenMeta.of_frame(cfg, f), keys, text_bias)
-            masks.frames = torch.stack(frame_masks, 1).reshape(B * nf, 1, n, T + n)
-            if bias is not None:
-                masks.bias["frames"] = bias
-            frames_meta = meta[T:]
-            if cfg.stage == "stage1":
-                vis = visible(cfg, frames_meta, meta, "temporal").to(device)
-                masks.temporal[0] = _with_pads(vis, pad, torch.zeros(B, nf * n, dtype=torch.bool, device=device))
-                bias = _text_bias(vis, frames_meta, meta, text_bias)
-                if bias is not None:
-                    masks.bias["temporal", 0] = bias
-            elif cfg.stage == "stage2":
-                for shift in shifts:
-                    index, wmeta = window_gather_index(cfg, nf, shift)
-                    nW, per = index.shape
-                    windows = [wmeta[w * per:(w + 1) * per] for w in range(nW)]
-                    vis = torch.stack([visible(cfg, q, TokenMeta.cat([text, q]), "temporal", shift)
-                                       for q in windows]).to(device)  # [nW, per, T+per]
-                    key_pad = torch.cat([text_pad, torch.zeros(B, per, dtype=torch.bool, device=device)], 1)
-                    masks.temporal[shift] = (vis[None] & ~key_pad[:, None, None, :]).reshape(B * nW, 1, per, T + per)
-                    masks.window_index[shift] = index.to(device)
-                    # every window has the same text-then-frames column layout
-                    bias = _text_bias(vis[0], windows[0], TokenMeta.cat([text, windows[0]]), text_bias)
-                    if bias is not None:
-                        masks.bias["temporal", shift] = bias
+        text = meta[:T]
+        masks.text = with_pads(visible(cfg, text, text, "spatial").to(device), pad[:, :T], pad[:, :T])
+        frames = meta.frame[T::cfg.tokens_per_frame].tolist()
+        if frames:
+            masks.frames = frame_blocks(cfg, text, pad[:, :T], frames, text_bias, temporal)
         return masks
 
     # ---- incremental decoding -------------------------------------------------------
@@ -336,21 +270,16 @@ class CogVideoModel(nn.Module):
         cfg, device = self.cfg, tokens.device
         pad = self._pad(tokens, meta)
         plan = cache.plan(meta, pad)
-        masks = {"spatial": _with_pads(visible(cfg, meta, plan.spatial_keys, "spatial").to(device),
-                                       plan.spatial_pad, pad)}
-        bias = _text_bias(masks["spatial"], meta, plan.spatial_keys, text_bias)
-        if bias is not None:
-            masks["spatial_bias"] = bias
-        if cache.temporal is not None:
-            keys, key_pad = cache.temporal_keys(plan)
-            shifts = {0, cfg.window_shift} if cfg.stage == "stage2" else {0}
-            for shift in shifts:
-                vis = visible(cfg, meta, keys, "temporal", shift).to(device)
-                masks["temporal", shift] = _with_pads(vis, key_pad, pad)
-            bias = _text_bias(vis, meta, keys, text_bias)
-            if bias is not None:
-                masks["temporal_bias"] = bias
-            masks["is_frame"] = (meta.frame != TEXT).to(device)
+        temporal = cache.temporal is not None
+        masks = Masks(is_frame=(meta.frame != TEXT).to(device))
+        if plan.whole_frames is not None and not self.dense_attention:
+            T = cache.text_length
+            masks.frames = frame_blocks(cfg, plan.spatial_keys[:T], plan.spatial_pad[:, :T], plan.whole_frames,
+                                        text_bias, temporal)
+        else:
+            masks.add_dense(cfg, "spatial", meta, pad, plan.spatial_keys, plan.spatial_pad, text_bias)
+            if temporal:
+                masks.add_dense(cfg, "temporal", meta, pad, *cache.temporal_keys(plan), text_bias)
         h = self._embed(tokens, meta)
         for layer in self.layers:
             h = layer.forward_chunk(h, cache, plan, masks, cfg.pb_relax_alpha)

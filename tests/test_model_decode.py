@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from cogvideo.config import get_preset
+from cogvideo.kv_cache import KVCache
 from cogvideo.sequence import TokenMeta
 from model_helpers import random_batch, random_model
 
@@ -26,26 +28,116 @@ def test_stage1_token_by_token_equals_full(text_bias):
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_stage2_slot_order_equals_full():
-    model = random_model("tiny-stage2", num_layers=3)
+PUBLISHED_WINDOWS = dict(hidden_size=16, num_heads=2, frame_size=80, frame_tokens=20, window_size=10,
+                         window_shift=5, max_position_embeddings=8 + 400)  # narrow; 20x20 tokens as released
+
+
+def count_blocked_calls(monkeypatch):
+    """Count the blocked-attention calls, to know the given-frames pass took that path."""
+    from cogvideo import blocked
+    calls = []
+    for name in ("spatial_attention", "temporal_attention"):
+        original = getattr(blocked, name)
+        monkeypatch.setattr(blocked, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+def given_then_tokens(model, tokens, given, new_tokens, text_bias=0.0):
+    """Text, then the `given` frames in one chunk, then `new_tokens` [(frame, pos)] one at a
+    time; returns (given logits in chunk order, [step logits])."""
     cfg = model.cfg
-    tokens, _, _ = random_batch(cfg)
     T, n = cfg.text_length, cfg.tokens_per_frame
-    frame_slice = lambda f: slice(T + f * n, T + (f + 1) * n)
+    cache = model.new_cache()
+    model.forward_chunk(tokens[:, :T], TokenMeta.text(cfg), cache, text_bias=text_bias)
+    chunk = torch.cat([tokens[:, T + f * n:T + (f + 1) * n] for f in given], 1)
+    out = model.forward_chunk(chunk, TokenMeta.cat([TokenMeta.of_frame(cfg, f) for f in given]), cache,
+                              text_bias=text_bias)
+    steps = [model.forward_chunk(tokens[:, T + f * n + p:T + f * n + p + 1], TokenMeta.of_frame(cfg, f, p, p + 1),
+                                 cache, text_bias=text_bias) for f, p in new_tokens]
+    return out, steps
+
+
+def check_given_pass(model, given, new_tokens, text_bias, monkeypatch, text_lengths=(3, None)):
+    """The blocked given-frames pass and the cached steps after it equal the dense chunk path and
+    the full forward (padded text in row 0)."""
+    cfg = model.cfg
+    T, n = cfg.text_length, cfg.tokens_per_frame
+    tokens, _, _ = random_batch(cfg, text_lengths=text_lengths)
+    calls = count_blocked_calls(monkeypatch)
     with torch.no_grad():
-        full = model(tokens)
-        cache = model.new_cache()
-        text = model.forward_chunk(tokens[:, :T], TokenMeta.text(cfg), cache)
-        torch.testing.assert_close(text, full[:, :T], atol=1e-5, rtol=1e-5)
-        given = cfg.given_frames  # 0, 2, 4 in one parallel pass
-        chunk = torch.cat([tokens[:, frame_slice(f)] for f in given], 1)
-        out = model.forward_chunk(chunk, TokenMeta.cat([TokenMeta.of_frame(cfg, f) for f in given]), cache)
-        torch.testing.assert_close(out, torch.cat([full[:, frame_slice(f)] for f in given], 1), atol=1e-5, rtol=1e-5)
-        for f in (1, 3):  # then the new frames, one token at a time
-            for p in range(n):
-                s = T + f * n + p
-                step = model.forward_chunk(tokens[:, s:s + 1], TokenMeta.of_frame(cfg, f, p, p + 1), cache)
-                torch.testing.assert_close(step, full[:, s:s + 1], atol=1e-5, rtol=1e-5)
+        full = model(tokens, text_bias=text_bias)
+        del calls[:]
+        out, steps = given_then_tokens(model, tokens, given, new_tokens, text_bias)
+        assert calls.count("spatial_attention") == calls.count("temporal_attention") == cfg.num_layers
+        model.dense_attention = True
+        dense_out, dense_steps = given_then_tokens(model, tokens, given, new_tokens, text_bias)
+        model.dense_attention = False
+    expected = torch.cat([full[:, T + f * n:T + (f + 1) * n] for f in given], 1)
+    torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for (f, p), step, dense_step in zip(new_tokens, steps, dense_steps):
+        torch.testing.assert_close(step, full[:, T + f * n + p:T + f * n + p + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step, dense_step, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("given", [(0, 2, 4), (4, 0, 2)])
+@pytest.mark.parametrize("text_bias", [0.0, 1.4])
+def test_stage2_blocked_given_frames_equal_dense_and_full(given, text_bias, monkeypatch):
+    model = random_model("tiny-stage2", num_layers=3)  # layers 0, 2 unshifted, 1 shifted windows
+    n = model.cfg.tokens_per_frame
+    check_given_pass(model, given, [(f, p) for f in (1, 3) for p in range(n)], text_bias, monkeypatch)
+
+
+@pytest.mark.parametrize("given", [(0,), (0, 1)])
+def test_stage1_blocked_given_frames_equal_dense_and_full(given, monkeypatch):
+    model = random_model("tiny", num_layers=3)
+    n = model.cfg.tokens_per_frame
+    new = [(f, p) for f in range(len(given), 4) for p in range(n)]
+    check_given_pass(model, given, new, 1.4, monkeypatch)
+
+
+def test_blocked_given_frames_at_published_window_shape(monkeypatch):
+    model = random_model("tiny-stage2", num_layers=2, **PUBLISHED_WINDOWS)
+    check_given_pass(model, (0, 2, 4), [(1, p) for p in range(4)], 1.4, monkeypatch, (5, None))
+
+
+def test_backbone_cache_blocked_frame_equals_temporal_off_forward(monkeypatch):
+    model = random_model("tiny")
+    cfg = model.cfg
+    T, n = cfg.text_length, cfg.tokens_per_frame
+    tokens, _, _ = random_batch(cfg)
+    calls = count_blocked_calls(monkeypatch)
+    with torch.no_grad():
+        full = model(tokens[:, :T + n], temporal=False, text_bias=1.4)
+        del calls[:]
+        cache = model.new_cache(temporal=False)
+        model.forward_chunk(tokens[:, :T], TokenMeta.text(cfg), cache, text_bias=1.4)
+        out = model.forward_chunk(tokens[:, T:T + n], TokenMeta.of_frame(cfg, 0), cache, text_bias=1.4)
+    assert calls == ["spatial_attention"] * cfg.num_layers
+    torch.testing.assert_close(out, full[:, T:], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_plans_blocked_only_for_whole_frames_right_after_text():
+    cfg = get_preset("tiny-stage2")
+    n = cfg.tokens_per_frame
+    no_pad = lambda meta: torch.zeros(1, len(meta), dtype=torch.bool)  # noqa: E731
+
+    def plan(cache, meta):
+        return cache.plan(meta, no_pad(meta)).whole_frames
+
+    cache = KVCache(cfg)
+    assert plan(cache, TokenMeta.text(cfg)) is None
+    partial = TokenMeta.cat([TokenMeta.of_frame(cfg, 0), TokenMeta.of_frame(cfg, 2, 0, n - 1)])
+    assert plan(cache, partial) is None
+    cache = KVCache(cfg)
+    plan(cache, TokenMeta.text(cfg))
+    assert plan(cache, TokenMeta.layout(cfg, [2, 0])[cfg.text_length:]) == [2, 0]
+    assert plan(cache, TokenMeta.of_frame(cfg, 1)) is None  # frames are cached already
+    cache = KVCache(cfg)
+    plan(cache, TokenMeta.text(cfg))
+    shuffled = TokenMeta.cat([TokenMeta.of_frame(cfg, 0, 0, n - 1), TokenMeta.of_frame(cfg, 2, n - 1, n),
+                              TokenMeta.of_frame(cfg, 2, 0, n - 1), TokenMeta.of_frame(cfg, 0, n - 1, n)])
+    assert plan(cache, shuffled) is None
 
 
 def test_backbone_only_cache_equals_temporal_off_forward():
