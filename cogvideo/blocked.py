@@ -39,91 +39,101 @@ def attention_shifts(cfg: ModelConfig) -> set[int]:
 
 @dataclass
 class FrameBlocks:
-    """Masks (bool, True = attend) and text biases (additive, or None) for whole frames after
-    the text, built once and shared by all layers. Keys of every call are [text; frames]."""
+    """Masks (bool, True = attend), text biases (additive, or None) and gather indices for whole
+    frames after the text, built once and shared by all layers. Keys are [text; frames]."""
 
-    text_length: int
     spatial: torch.Tensor  # [B*nf, 1, n, T+n]
+    spatial_keys: torch.Tensor  # [nf*(T+n)]: text, then frame f, for each frame
     spatial_bias: torch.Tensor | None
     temporal: dict[int, torch.Tensor]  # shift -> stage 1: [B, 1, nf*n, T+nf*n]; stage 2: [B*nW, 1, per, T+per]
     temporal_bias: dict[int, torch.Tensor | None]
-    window_index: dict[int, torch.Tensor]  # stage 2: shift -> [nW, per] gather index into the frame tokens
+    # stage 2, per shift: frame tokens of each window [nW*per], window keys [nW*(T+per)], and
+    # the inverse of the first (window order -> frame order)
+    windows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _block_keys(T: int, blocks: torch.Tensor) -> torch.Tensor:
+    """blocks [nb, m] frame-token indices -> [nb*(T+m)] indices into [text; frames]: text, block."""
+    text = torch.arange(T).expand(blocks.shape[0], T)
+    return torch.cat([text, T + blocks], dim=1).flatten()
+
+
+def _block_visibility(cfg: ModelConfig, text: TokenMeta, meta: TokenMeta, blocks: int, channel: str,
+                      shift: int = 0) -> torch.Tensor:
+    """visible() of each of `blocks` equal blocks of `meta` over [text; its own block]: [nb, m, T+m]."""
+    vis = visible(cfg, meta, TokenMeta.cat([text, meta]), channel, shift)
+    T, m = len(text), len(meta) // blocks
+    own = vis[:, T:].reshape(blocks, m, blocks, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return torch.cat([vis[:, :T].reshape(blocks, m, T), own], dim=2)
 
 
 def frame_blocks(cfg: ModelConfig, text: TokenMeta, text_pad: torch.Tensor, frames: list[int],
                  text_bias: float, temporal: bool = True) -> FrameBlocks:
     """Blocks for `frames` (whole, in this order) after `text` [T] with pads `text_pad` [B, T]."""
     device, n = text_pad.device, cfg.tokens_per_frame
-    T, B = len(text), text_pad.shape[0]
+    T, B, nf = len(text), text_pad.shape[0], len(frames)
+    meta = TokenMeta.cat([TokenMeta.of_frame(cfg, f) for f in frames])
+    key_pad = torch.cat([text_pad, text_pad.new_zeros(B, nf * n)], 1)  # frame tokens are never pads
 
-    def keys(part: TokenMeta):
-        """Visibility of `part` over [text; part], text pads masked."""
-        return TokenMeta.cat([text, part]), torch.cat([text_pad, text_pad.new_zeros(B, len(part))], 1)
+    def blocked_mask(vis, m):  # [nb, m, T+m] -> [B*nb, 1, m, T+m], text pads masked
+        return (vis.to(device)[None] & ~key_pad[:, None, None, :T + m]).reshape(-1, 1, m, T + m)
 
-    frame_masks = []
-    for f in frames:
-        meta = TokenMeta.of_frame(cfg, f)
-        key_meta, key_pad = keys(meta)
-        vis = visible(cfg, meta, key_meta, "spatial").to(device)
-        frame_masks.append(vis & ~key_pad[:, None, :])
-    spatial = torch.stack(frame_masks, 1).reshape(B * len(frames), 1, n, T + n)
-    blocks = FrameBlocks(T, spatial, text_bias_scores(vis, meta, key_meta, text_bias), {}, {}, {})
+    def bias(vis, queries):  # frame queries, keys [text; ...]: the same columns in every block
+        return text_bias_scores(vis, queries, TokenMeta.cat([text, queries]), text_bias)
+
+    frame_order = torch.arange(nf * n).reshape(nf, n)
+    vis = _block_visibility(cfg, text, meta, nf, "spatial")
+    blocks = FrameBlocks(blocked_mask(vis, n), _block_keys(T, frame_order).to(device),
+                         bias(vis[0], meta[:n]), {}, {}, {})
     if not (temporal and cfg.has_temporal):
         return blocks
-    if cfg.stage == "stage1":
-        meta = TokenMeta.cat([TokenMeta.of_frame(cfg, f) for f in frames])
-        key_meta, key_pad = keys(meta)
-        vis = visible(cfg, meta, key_meta, "temporal").to(device)
+    if cfg.stage == "stage1":  # causal in time: one block of all frames
+        vis = visible(cfg, meta, TokenMeta.cat([text, meta]), "temporal").to(device)
         blocks.temporal[0] = (vis & ~key_pad[:, None, :])[:, None]
-        blocks.temporal_bias[0] = text_bias_scores(vis, meta, key_meta, text_bias)
+        blocks.temporal_bias[0] = bias(vis, meta)
         return blocks
     for shift in attention_shifts(cfg):
-        index, meta = window_gather_index(cfg, frames, shift)
+        index, wmeta = window_gather_index(cfg, frames, shift)
         nW, per = index.shape
-        windows = [meta[w * per:(w + 1) * per] for w in range(nW)]
-        key_meta, key_pad = keys(windows[0])  # every window has the same text-then-frames columns
-        vis = torch.stack([visible(cfg, q, TokenMeta.cat([text, q]), "temporal", shift) for q in windows]).to(device)
-        blocks.temporal[shift] = (vis[None] & ~key_pad[:, None, None, :]).reshape(B * nW, 1, per, T + per)
-        blocks.temporal_bias[shift] = text_bias_scores(vis[0], windows[0], key_meta, text_bias)
-        blocks.window_index[shift] = index.to(device)
+        vis = _block_visibility(cfg, text, wmeta, nW, "temporal", shift)
+        blocks.temporal[shift] = blocked_mask(vis, per)
+        blocks.temporal_bias[shift] = bias(vis[0], wmeta[:per])
+        order = index.flatten()
+        blocks.windows[shift] = (order.to(device), _block_keys(T, index).to(device), order.argsort().to(device))
     return blocks
 
 
-def _with_text(t: torch.Tensor, blocks: torch.Tensor, T: int) -> torch.Tensor:
-    """Prepend the text part t[:, :, :T] [B, H, T, d] to each of `blocks` [B*nb, H, m, d]."""
+def _gather(t: torch.Tensor, index: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Tokens `index` ([nb*m], block after block) of t [B, H, L, d] as [B*nb, H, m, d], copied
+    once into token-major order, which SDPA reads as it is."""
     B, H, _, d = t.shape
-    nb = blocks.shape[0] // B
-    text = t[:, :, :T].unsqueeze(1).expand(B, nb, H, T, d).reshape(B * nb, H, T, d)
-    return torch.cat([text, blocks], dim=2)
+    return t.transpose(1, 2)[:, index].reshape(B * blocks, -1, H, d).transpose(1, 2)
+
+
+def _ungather(out: torch.Tensor, batch: int, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """[B*nb, H, m, d] blocks -> [B, H, nb*m, d] (token-major, so the output projection reads it
+    without a copy), reordered by `inverse` when the blocks were gathered out of order."""
+    _, H, _, d = out.shape
+    tokens = out.transpose(1, 2).reshape(batch, -1, H, d)
+    return (tokens if inverse is None else tokens[:, inverse]).transpose(1, 2)
 
 
 def spatial_attention(q, k, v, blocks: FrameBlocks, pb: float) -> torch.Tensor:
     """q [B, H, nf*n, d] frame queries; k, v [B, H, T + nf*n, d] -> [B, H, nf*n, d]."""
-    B, H, L, d = q.shape
+    B, H, _, d = q.shape
     nf = blocks.spatial.shape[0] // B
-    n, T = L // nf, blocks.text_length
-
-    def per_frame(t):  # [B, H, nf*n, d] -> [B*nf, H, n, d]
-        return t.reshape(B, H, nf, n, d).transpose(1, 2).reshape(B * nf, H, n, d)
-
-    out = attend(per_frame(q), _with_text(k, per_frame(k[:, :, T:]), T), _with_text(v, per_frame(v[:, :, T:]), T),
+    queries = q.transpose(1, 2).reshape(B * nf, -1, H, d).transpose(1, 2)
+    out = attend(queries, _gather(k, blocks.spatial_keys, nf), _gather(v, blocks.spatial_keys, nf),
                  blocks.spatial, blocks.spatial_bias, pb)
-    return out.reshape(B, nf, H, n, d).transpose(1, 2).reshape(B, H, L, d)
+    return _ungather(out, B)
 
 
 def temporal_attention(q, k, v, blocks: FrameBlocks, shift: int, pb: float) -> torch.Tensor:
     """q [B, H, nf*n, d] frame queries; k, v [B, H, T + nf*n, d] -> [B, H, nf*n, d]."""
-    if shift not in blocks.window_index:  # stage 1: causal in time over [text; frames]
+    if shift not in blocks.windows:  # stage 1: one block
         return attend(q, k, v, blocks.temporal[shift], blocks.temporal_bias[shift], pb)
-    index = blocks.window_index[shift]
-    B, H, L, d = q.shape
-    nW, per = index.shape
-    T = blocks.text_length
-
-    def windows(t):  # frame tokens gathered into windows: [B*nW, H, per, d]
-        return t[:, :, index.flatten()].reshape(B, H, nW, per, d).transpose(1, 2).reshape(B * nW, H, per, d)
-
-    out = attend(windows(q), _with_text(k, windows(k[:, :, T:]), T), _with_text(v, windows(v[:, :, T:]), T),
+    order, keys, inverse = blocks.windows[shift]
+    nW = blocks.temporal[shift].shape[0] // q.shape[0]
+    out = attend(_gather(q, order, nW), _gather(k, keys, nW), _gather(v, keys, nW),
                  blocks.temporal[shift], blocks.temporal_bias[shift], pb)
-    out = out.reshape(B, nW, H, per, d).transpose(1, 2).reshape(B, H, L, d)
-    return torch.empty_like(out).index_copy_(2, index.flatten(), out)
+    return _ungather(out, q.shape[0], inverse)

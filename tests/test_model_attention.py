@@ -3,6 +3,7 @@ the published visibility rules cell by cell."""
 import pytest
 import torch
 
+from cogvideo.attention import window_gather_index
 from cogvideo.config import get_preset
 from cogvideo.sequence import TokenMeta, visible, window_id
 from model_helpers import random_batch, random_model
@@ -117,3 +118,24 @@ def test_text_pads_are_never_attended():
         perturbed = model(tokens)
     torch.testing.assert_close(perturbed[:, T - 2:], base[:, T - 2:], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(perturbed[:, :T - 2], base[:, :T - 2])
+
+
+@pytest.mark.parametrize("frames", [(0, 1, 2, 3, 4), (0, 2, 4), (4, 0, 2)])
+@pytest.mark.parametrize("shift", [0, 5])
+def test_window_gather_index_follows_the_frames_laid_out(frames, shift):
+    cfg = get_preset("tiny-stage2").replace(frame_tokens=20, frame_size=80, window_size=10, window_shift=5,
+                                           max_position_embeddings=8 + 400)
+    index, meta = window_gather_index(cfg, frames, shift)
+    laid_out = TokenMeta.layout(cfg, list(frames))[cfg.text_length:]
+    gathered = laid_out[index.flatten()]
+    assert torch.equal(gathered.frame, meta.frame) and torch.equal(gathered.pos, meta.pos)
+    assert sorted(index.flatten().tolist()) == list(range(len(laid_out)))  # every token exactly once
+    for window in index:  # one window: every frame laid out, the same w*w positions in each
+        frame_of, pos_of = laid_out.frame[window], laid_out.pos[window]
+        assert sorted(set(frame_of.tolist())) == sorted(frames)
+        per_frame = [set(pos_of[frame_of == f].tolist()) for f in frames]
+        assert all(p == per_frame[0] for p in per_frame) and len(per_frame[0]) == 100
+        # inside the rolled grid the window is a 10x10 square: Swin regions never span two windows
+        ids = window_id(cfg, pos_of, shift)
+        others = window_id(cfg, laid_out.pos[~torch.isin(torch.arange(len(laid_out)), window)], shift)
+        assert not set(ids.tolist()) & set(others.tolist())
