@@ -42,10 +42,10 @@ class FakeStage(StageModel):
         logits = torch.zeros(batch, tokens.shape[1], self.cfg.vocab.num_image_tokens)
         for i in range(tokens.shape[1]):
             p = start + i
-            if self.cfg.stage == "stage1":
-                code = torch.full((batch,), 8 * frame_index + p)
-            else:
+            if self.cfg.stage == "stage2":
                 code = (self._given_code(cache, frame_index - 1, p) + self._given_code(cache, frame_index + 1, p)) // 2
+            else:
+                code = torch.full((batch,), 8 * frame_index + p)
             logits[torch.arange(batch), i, code] = 1.0
         return logits
 
@@ -120,3 +120,23 @@ def test_flags_per_pass_and_user_first_frame():
     assert len(frame0[1]) == 1 and frame0[2] is False and frame0[3] == 1.4  # only the prompt without a frame
     assert len(stage1[1]) == 4 and stage1[2] is True and stage1[3] == 0.0  # cond + uncond rows
     assert ("a dog 高清摄影", None) in texts and ("a cat 视频", 4.0) in texts and ("视频", None) in texts
+
+
+class OffsetStage(FakeStage):
+    """A one-frame model drawing code p + 5 at position p."""
+
+    def step(self, tokens, frame_index, start, cache, text_bias):
+        return torch.roll(super().step(tokens, frame_index, start, cache, text_bias), 5, dims=-1)
+
+
+def test_a_frame0_model_draws_frame_0_and_stage_1_the_rest():
+    cfg1 = get_preset("tiny")
+    stage1, frame0 = FakeStage(cfg1), OffsetStage(cfg1.replace(stage="backbone", num_frames=1))
+    sampler = HierarchicalSampler(stage1, None, SampleOptions(interpolation_levels=0), encode_fake(cfg1, []),
+                                  {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY}, frame0=frame0)
+    video = sampler.sample(["a cat"])
+    n = stage1.n
+    assert torch.equal(video[0, 0], torch.arange(n) + 5)
+    assert torch.equal(video[0, 1:], 8 * torch.arange(1, 5)[:, None] + torch.arange(n))
+    assert [c[2] for c in frame0.calls if c[0] == "text"] == [False]  # temporal channel off
+    assert [c[2] for c in stage1.calls if c[0] == "text"] == [True]  # stage 1 only for keyframes

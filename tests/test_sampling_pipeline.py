@@ -123,3 +123,34 @@ def test_mismatched_stages_are_refused_before_sampling(assets, tmp_path, capsys)
     swapped = {**assets, "stage2_checkpoint": assets["stage1_checkpoint"]}
     assert cli.main(_args(swapped, prompts, tmp_path / "o")) == 2
     assert f"{assets['stage1_checkpoint']}: holds a stage1 model, expected stage2" in capsys.readouterr().err
+
+
+def test_frame0_checkpoint_of_the_same_backbone_gives_the_same_video(assets, tmp_path):
+    from cogvideo.checkpoint import load_model_config, load_model_state
+    from cogvideo.model import is_backbone_param
+
+    stage1 = assets["stage1_checkpoint"]
+    backbone_cfg = load_model_config(stage1).replace(stage="backbone", num_frames=1).validate(2)
+    state = {k: v for k, v in load_model_state(stage1, 0, 1).items() if is_backbone_param(k)}
+    same = save_model_checkpoint(tmp_path / "backbone", state, backbone_cfg)
+    torch.manual_seed(5)
+    other = save_model_checkpoint(tmp_path / "other", CogVideoModel(backbone_cfg).state_dict(), backbone_cfg)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat plays with a ball\n")
+
+    def video(out, *extra):
+        assert cli.main(_args(assets, prompts, tmp_path / out, *GREEDY, *extra)) == 0
+        [entry] = [d for d in (tmp_path / out).iterdir() if d.is_dir()]
+        return np.load(entry / "codes.npy")
+
+    default = video("default")
+    # the stage-1 model with its temporal channel off is its backbone: same frame 0, same video
+    assert np.array_equal(video("same", f"frame0_checkpoint={same}"), default)
+    assert not np.array_equal(video("other", f"frame0_checkpoint={other}")[0], default[0])
+
+
+def test_a_video_model_as_frame0_checkpoint_is_refused(assets, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert cli.main(_args(assets, prompts, tmp_path / "o", f"frame0_checkpoint={assets['stage1_checkpoint']}")) == 2
+    assert f"{assets['stage1_checkpoint']}: holds a stage1 model, expected backbone" in capsys.readouterr().err

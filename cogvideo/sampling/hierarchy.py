@@ -41,8 +41,9 @@ def window_layout(num_frames: int, stage2_frames: int) -> tuple[int, int]:
 
 class HierarchicalSampler:
     def __init__(self, stage1: StageModel, stage2: StageModel | None, options: SampleOptions,
-                 encode: Encoder, strategies: dict, cached: bool = True):
+                 encode: Encoder, strategies: dict, cached: bool = True, frame0: StageModel | None = None):
         self.stage1, self.stage2, self.options, self.encode = stage1, stage2, options, encode
+        self.frame0_model = frame0 or stage1  # stage 1 with its temporal channel off draws frame 0 by default
         self.strategies = strategies  # {"frame0", "stage1", "stage2"} -> strategy
         self.decode = sample_frames if cached else sample_frames_uncached
 
@@ -70,7 +71,7 @@ class HierarchicalSampler:
             job = DecodePass(text=self._texts([prompts[i] + o.frame0_suffix for i in todo], None),
                              given={}, targets=(0,), temporal=False, text_bias=o.frame0_text_bias)
             gens = [row_generator(o.seed, prompts[i], "frame0") for i in todo]
-            codes = self.decode(self.stage1, job, self.strategies["frame0"], gens)[0]
+            codes = self.decode(self.frame0_model, job, self.strategies["frame0"], gens)[0]
             for row, i in enumerate(todo):
                 out[i] = codes[row]
         return torch.stack([f.to(self.stage1.device) for f in out])

@@ -17,6 +17,8 @@ def _published_strategy() -> StrategyOptions:
 @dataclass
 class SampleOptions:
     stage1_checkpoint: str = ""  # stage-1 model (also generates frame 0 with the temporal channel off)
+    # a one-frame (CogView2) model for frame 0 instead: needed when stage 1 trained its backbone too
+    frame0_checkpoint: str | None = None
     stage2_checkpoint: str | None = None  # stage-2 model; None stops at the keyframes
     text_tokenizer: str = ""
     image_tokenizer: str = ""

@@ -29,6 +29,8 @@ def require_path(path: str | None, option: str) -> Path:
 def check_paths(options: SampleOptions) -> None:
     """Fail before any model or worker starts when a checkpoint or tokenizer is missing."""
     require_path(options.stage1_checkpoint, "stage1_checkpoint")
+    if options.frame0_checkpoint:
+        require_path(options.frame0_checkpoint, "frame0_checkpoint")
     if options.stage2_checkpoint:
         require_path(options.stage2_checkpoint, "stage2_checkpoint")
     require_path(options.text_tokenizer, "text_tokenizer")
@@ -53,13 +55,13 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str) -> Stage
 
 class VideoPipeline:
     def __init__(self, options: SampleOptions, stage1: StageModel, stage2: StageModel | None,
-                 text_tokenizer, image_tokenizer, cached: bool = True):
+                 text_tokenizer, image_tokenizer, cached: bool = True, frame0: StageModel | None = None):
         self.options, self.image_tokenizer = options, image_tokenizer
         self.encode = TextEncoder(text_tokenizer, stage1.cfg)
         num_codes = stage1.cfg.vocab.num_image_tokens
         strategies = {name: make_strategy(getattr(options, f"{name}_strategy"), num_codes)
                       for name in ("frame0", "stage1", "stage2")}
-        self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached)
+        self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached, frame0)
 
     @classmethod
     def load(cls, options: SampleOptions) -> "VideoPipeline":
@@ -74,18 +76,19 @@ class VideoPipeline:
             parallel.init_distributed(options.tensor_parallel)  # DP ranks then split the prompts
         stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1")
         stage2 = load_stage(Path(options.stage2_checkpoint), options, "stage2") if options.stage2_checkpoint else None
-        if stage2 is not None:
+        frame0 = load_stage(Path(options.frame0_checkpoint), options, "backbone") if options.frame0_checkpoint else None
+        for other, path in ((stage2, options.stage2_checkpoint), (frame0, options.frame0_checkpoint)):
             for key in ("vocab", "text_length", "frame_tokens"):
-                if getattr(stage1.cfg, key) != getattr(stage2.cfg, key):
-                    raise ValueError(f"model.{key} differs between {options.stage1_checkpoint} and "
-                                     f"{options.stage2_checkpoint}: the stages must share tokenizers and frame layout")
+                if other is not None and getattr(stage1.cfg, key) != getattr(other.cfg, key):
+                    raise ValueError(f"model.{key} differs between {options.stage1_checkpoint} and {path}: "
+                                     f"the models must share tokenizers and frame layout")
         text = TextTokenizer(options.text_tokenizer, stage1.cfg.vocab)
         image = load_image_tokenizer(options.image_tokenizer, frame_size=stage1.cfg.frame_size)
         codes = len(image.codebook())
         if codes != stage1.cfg.vocab.num_image_tokens:
             raise ValueError(f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
                              f"models {stage1.cfg.vocab.num_image_tokens} image tokens")
-        return cls(options, stage1, stage2, text, image)
+        return cls(options, stage1, stage2, text, image, frame0=frame0)
 
     def check(self, prompt: Prompt) -> None:
         """Raise for a prompt this pipeline cannot sample (text budget, missing first frame)."""
