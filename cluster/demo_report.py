@@ -66,16 +66,27 @@ def summarize(videos: list[dict]) -> dict:
         summary[name] = {"all": accuracy(part), "reference": accuracy(part, "reference_analysis")}
         for d in durations:
             summary[name][f"{d:g}s"] = accuracy([v for v in part if v["duration"] == d])
-    summary["displacement_by_duration"] = {
-        f"{d:g}": {"generated": _mean([v["analysis"]["displacement"] for v in videos if v["duration"] == d]),
-                   "reference": _mean([v["reference_analysis"]["displacement"] for v in videos if v["duration"] == d])}
-        for d in durations}
+    summary["displacement_by_duration"] = {}
+    for d in durations:
+        generated = _moved([v["analysis"]["displacement"] for v in videos if v["duration"] == d])
+        reference = _moved([v["reference_analysis"]["displacement"] for v in videos if v["duration"] == d])
+        summary["displacement_by_duration"][f"{d:g}"] = {
+            "generated": _mean(generated), "generated_sem": _sem(generated), "videos": len(generated),
+            "reference": _mean(reference)}
     return summary
 
 
-def _mean(values: list) -> float:
-    values = [v for v in values if v is not None]
+def _moved(values: list) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
+
+
+def _sem(values: list[float]) -> float:
+    """Standard error of the mean: how far the mean of this many videos could be off."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def targets(summary: dict) -> dict:
@@ -91,7 +102,9 @@ def targets(summary: dict) -> dict:
         "held-out colour accuracy": {"value": colour, "goal": ">= 0.95", "met": colour >= 0.95},
         f"held-out direction accuracy ({float(longest):g} s)": {"value": direction, "goal": ">= 0.85",
                                                                 "met": direction >= 0.85},
-        "displacement ordered by duration": {"value": ", ".join(f"{float(d):g} s: {m:.2f} px" for d, m in zip(durations, moves)),
+        "displacement ordered by duration": {"value": ", ".join(
+            f"{float(d):g} s: {m:.2f} ± {summary['displacement_by_duration'][d].get('generated_sem', float('nan')):.2f} px"
+            for d, m in zip(durations, moves)),
                                              "goal": "increasing", "met": bool(np.all(np.diff(moves) > 0))},
     }
 
@@ -184,7 +197,8 @@ def plot_displacement(by_duration: dict[str, dict], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     for offset, key, label in ((-0.2, "generated", "generated"), (0.2, "reference", "rendered reference")):
         values = [by_duration[d].get(key, float("nan")) for d in durations]
-        ax.bar(x + offset, values, width=0.4, label=label)
+        errors = [by_duration[d].get(f"{key}_sem", 0.0) for d in durations]
+        ax.bar(x + offset, values, width=0.4, yerr=errors, capsize=3, label=label)
     ax.set_xticks(x, [f"{float(d):g} s" for d in durations])
     ax.set_xlabel("duration prefix")
     ax.set_ylabel("px per keyframe step")

@@ -172,3 +172,20 @@ def test_analyzer_reads_rendered_videos():
         assert analyze_frames(frames)["displacement"] == pytest.approx(found["displacement"])
     empty = np.zeros((17, 32, 32, 3), np.uint8) + 16
     assert analyze_frames(empty)["colour"] is None
+
+
+def test_displacement_summary_has_mean_and_standard_error_of_moving_videos():
+    from cluster.demo_report import summarize
+
+    def video(duration, moved, reference):
+        found = {"colour": "red", "shape": "circle", "direction": "left", "displacement": moved}
+        return {"colour": "red", "shape": "circle", "direction": "left", "heldout": True, "duration": duration,
+                "analysis": found, "reference_analysis": {**found, "displacement": reference}}
+
+    videos = [video(1.0, 1.0, 1.0), video(1.0, 2.0, 1.0), video(1.0, 3.0, 1.0), video(1.0, None, 1.0),
+              video(2.0, 4.0, 2.0)]
+    by_duration = summarize(videos)["displacement_by_duration"]
+    assert by_duration["1"]["generated"] == pytest.approx(2.0) and by_duration["1"]["videos"] == 3
+    assert by_duration["1"]["generated_sem"] == pytest.approx(1 / np.sqrt(3))
+    assert by_duration["1"]["reference"] == pytest.approx(1.0)
+    assert np.isnan(by_duration["2"]["generated_sem"])  # one video: no spread to estimate
