@@ -154,6 +154,7 @@ def layer_activation_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str
     # k and v, output, lse, mask
     total += F * ht * e * (batch > 1 and nf > 1) + 2 * nf * (T + n) * ht * e
     total += F * ht * e + F * heads * s + F * (T + n) * e
+    total += 8 * nf * (T + n) / batch  # int64 index of each frame's text + frame keys
     total += L * f * e  # GELU input
     if backbone_trains or temporal:
         total += L * h * e  # first norm's output, input of a trainable QKV
@@ -168,7 +169,7 @@ def layer_activation_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str
             per = nf * cfg.window_size ** 2  # tokens of one 3D window
             windows = n // cfg.window_size ** 2
             total += F * ht * e + 2 * windows * (T + per) * ht * e  # gathered q, text + window k, v
-            total += F * ht * e * (batch > 1)  # window outputs regrouped (a view for one sample)
+            total += 8 * (2 * F + windows * (T + per)) / batch  # int64 indices: window order, its inverse, keys
             total += windows * per * (T + per) * e  # mask
         total += 2 * L * h * e + 2 * h * e  # the gate mix keeps both channel outputs and a, 1 - a
     return batch * total
