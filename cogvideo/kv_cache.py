@@ -117,7 +117,7 @@ class KVCache:
         n = self.cfg.tokens_per_frame
         if len(set(frames)) != len(frames) or len(meta) != len(frames) * n:
             return False
-        layout = TokenMeta.cat([TokenMeta(torch.full((n,), f), torch.arange(n)) for f in frames])
+        layout = TokenMeta.cat([TokenMeta.of_frame(self.cfg, f) for f in frames])
         return torch.equal(meta.frame.cpu(), layout.frame) and torch.equal(meta.pos.cpu(), layout.pos)
 
     def _single(self, start: int, meta: TokenMeta, pad: torch.Tensor) -> ChunkPlan:
