@@ -367,10 +367,10 @@ class Demo:
 
     # ---- evaluation and report ----------------------------------------------------------------
     def evaluate(self) -> dict:
+        import torch
+
         from cluster.demo_report import evaluate_samples, targets
         from cogvideo.tokenizers import load_image_tokenizer
-
-        import torch
 
         cfg = self.cfg
         torch.set_num_threads(cfg.eval.threads)
