@@ -96,8 +96,8 @@ class EvalSettings:
 class DemoConfig:
     out: str = "demo_out"
     seed: int = 0
-    # intra-op threads of the driver's own work (tokenizer fit, sampling, evaluation): its ops are
-    # small, and more threads than free cores make them many times slower on a busy machine
+    # intra-op threads of the driver's own work (tokenizer fit, sampling; evaluation has its own):
+    # its ops are small, and more threads than free cores make them many times slower on a busy machine
     threads: int = 1
     preset: str = "small"  # stage-1 preset; its frame size and codebook set the data and tokenizers
     videos: VideoSettings = field(default_factory=VideoSettings)
@@ -373,10 +373,11 @@ class Demo:
         from cogvideo.tokenizers import load_image_tokenizer
 
         cfg = self.cfg
-        torch.set_num_threads(cfg.eval.threads)
         videos = read_jsonl(self.path("samples", "videos.jsonl"))
+        torch.set_num_threads(cfg.eval.threads)
         summary = evaluate_samples(videos, load_image_tokenizer(self.image_model), cfg.model().frame_size,
                                    float(np.mean(cfg.videos.speed_px_per_s)), cfg.seed, cfg.sample.seeds[0])
+        torch.set_num_threads(cfg.threads)
         folder = self.path("eval")
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "videos.jsonl", videos)
