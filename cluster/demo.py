@@ -113,7 +113,7 @@ class DemoConfig:
 
 
 def parse_combo(item: str) -> tuple[str, str, str]:
-    from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES
+    from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES
 
     parts = tuple(item.split("/"))
     if len(parts) != 3 or parts[0] not in COLOURS or parts[1] not in SHAPES or parts[2] not in DIRECTIONS:
@@ -124,7 +124,7 @@ def parse_combo(item: str) -> tuple[str, str, str]:
 
 def synthetic_rows(settings: VideoSettings, size: int, seed: int) -> list[dict]:
     """The videos to render: combination, duration, speed, caption and render seed."""
-    from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, default_radius
+    from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, default_radius
 
     holdout = {parse_combo(item) for item in settings.holdout}
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in holdout]
@@ -150,7 +150,7 @@ def synthetic_rows(settings: VideoSettings, size: int, seed: int) -> list[dict]:
 
 
 def render_row(row: dict) -> np.ndarray:
-    from data_prep.synthetic import render_frames
+    from cogvideo.synthetic import render_frames
 
     return render_frames(row["colour"], row["shape"], row["direction"], row["num_frames"], row["size"], row["fps"],
                          row["speed_px_per_s"], seed=row["render_seed"], radius=row["radius"])
@@ -323,7 +323,7 @@ class Demo:
     # ---- sampling ---------------------------------------------------------------------------
     def prompts(self) -> list[dict]:
         """Every held-out combination, plus `seen_prompts` trained ones (seeded pick)."""
-        from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
+        from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
 
         held = [parse_combo(item) for item in self.cfg.videos.holdout]
         seen = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in held]

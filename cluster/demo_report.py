@@ -117,7 +117,7 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
 
     from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
     from cogvideo.eval.recon import psnr, reconstruction_report
-    from data_prep.synthetic import render_frames
+    from cogvideo.synthetic import render_frames
 
     generated, references = [], []
     for index, video in enumerate(videos):

@@ -22,6 +22,7 @@ from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.shards import decode_sample
 from cogvideo.eval.recon import psnr
 from cogvideo.tokenizers.image import load_image_tokenizer
+from cogvideo import synthetic as world
 from data_prep import pipeline, synthetic as syn
 from data_prep.output import DONE, MANIFEST, REJECTED, read_jsonl
 from data_prep.reshard import reshard
@@ -74,7 +75,7 @@ def dataset(tmp_path_factory):
 def tokenizer_path(tmp_path_factory, dataset):
     from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
 
-    frames = np.concatenate([syn.render_frames(r["colour"], r["shape"], r["direction"], r["num_frames"], 32, 8,
+    frames = np.concatenate([world.render_frames(r["colour"], r["shape"], r["direction"], r["num_frames"], 32, 8,
                                                r["speed_px_per_s"], seed=r["render_seed"], radius=r["radius"])
                              for r in dataset["rows"].values()])
     path = tmp_path_factory.mktemp("tokenizer") / "patch.safetensors"
@@ -153,7 +154,7 @@ def test_fps_follows_the_rule_and_codes_decode_close_to_the_source(prepared, dat
         truth = dataset["rows"][Path(sample.meta.source).name]
         assert sample.caption == truth["caption"]
         assert sample.meta.duration == pytest.approx((sample.meta.num_frames - 1) / sample.meta.fps)
-        rendered = syn.render_frames(truth["colour"], truth["shape"], truth["direction"], truth["num_frames"], 32, 8,
+        rendered = world.render_frames(truth["colour"], truth["shape"], truth["direction"], truth["num_frames"], 32, 8,
                                      truth["speed_px_per_s"], seed=truth["render_seed"], radius=truth["radius"])
         times = sample.meta.clip_start + np.arange(5) / sample.meta.fps
         source = rendered[np.round(times * 8).astype(int)]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cogvideo.configio import ConfigError
-from data_prep import synthetic as syn
+from cogvideo import synthetic as world
 from data_prep.config import PrepConfig
 from data_prep.inputs import REASONS, Rejected, caption_for, content_hash, list_inputs, load_captions
 from data_prep.video import iter_clips, probe
@@ -32,7 +32,7 @@ def encode(path, frames, fps=8, pix_fmt="yuv444p", pts=None, **open_options):
 
 
 def moving(num_frames=17, colour="red", size=32):
-    return syn.render_frames(colour, "circle", "right", num_frames, size, 8, 8.0)
+    return world.render_frames(colour, "circle", "right", num_frames, size, 8, 8.0)
 
 
 def make_bad_inputs(folder):
@@ -104,8 +104,8 @@ def test_probe_reads_size_rate_and_frame_count(tmp_path):
 
 def test_clips_split_at_a_hard_cut_and_at_max_length(tmp_path):
     scene_a = moving(24)
-    scene_b = syn.render_frames("blue", "square", "left", 20, 32, 8, 8.0)
-    scene_b[(scene_b == syn.BACKGROUND).all(-1)] = (200, 200, 200)  # a different shot: bright background
+    scene_b = world.render_frames("blue", "square", "left", 20, 32, 8, 8.0)
+    scene_b[(scene_b == world.BACKGROUND).all(-1)] = (200, 200, 200)  # a different shot: bright background
     encode(tmp_path / "cut.mp4", np.concatenate([scene_a, scene_b]))
     path = str(tmp_path / "cut.mp4")
     cfg = PrepConfig()

@@ -13,7 +13,7 @@ from cluster import demo
 from cluster.demo import DemoConfig, VideoSettings
 from cluster.steps import Runner, Step
 from cogvideo.configio import ConfigError, to_dict
-from data_prep.synthetic import parse_caption
+from cogvideo.synthetic import parse_caption
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -92,7 +92,7 @@ def test_step_settings_cover_sections_and_config_files():
 
 
 def centroid_path(frames: np.ndarray) -> np.ndarray:
-    from data_prep.synthetic import BACKGROUND
+    from cogvideo.synthetic import BACKGROUND
 
     mask = np.any(frames != np.array(BACKGROUND, np.uint8), axis=-1)
     return np.array([np.argwhere(m).mean(axis=0) for m in mask])
@@ -154,7 +154,7 @@ def test_report_links_every_file(tmp_path):
 
 def test_analyzer_reads_rendered_videos():
     from cluster.demo_report import analyze_frames
-    from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, render_frames
+    from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, render_frames
 
     rng = np.random.default_rng(0)
     for i in range(24):

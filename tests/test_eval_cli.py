@@ -4,7 +4,7 @@ import numpy as np
 
 from cogvideo.eval.cli import main
 from cogvideo.eval.video_io import write_video
-from data_prep.synthetic import caption_for, render_frames
+from cogvideo.synthetic import caption_for, render_frames
 
 
 def test_prompts_and_recon_write_json(tmp_path):

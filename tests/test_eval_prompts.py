@@ -6,7 +6,7 @@ import pytest
 
 from cogvideo.eval.prompts import analyze_video, read_manifest, score, score_manifest
 from cogvideo.eval.video_io import read_video, write_video
-from data_prep.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, render_frames, speed_range, default_radius
+from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, render_frames, speed_range, default_radius
 
 SIZE, FRAMES, FPS = 32, 8, 8.0
 COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))

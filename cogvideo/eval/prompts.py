@@ -1,4 +1,4 @@
-"""Prompt-following on the synthetic world (``data_prep/synthetic.py``), from frames alone.
+"""Prompt-following on the synthetic world (``cogvideo.synthetic``), from frames alone.
 
 Per frame: foreground = pixels nearer to a palette colour than to the background, closed (3x3) so a shape broken
 into fragments by a VQ tokenizer stays one object, and only the largest connected component is
@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from cogvideo.eval.video_io import read_video
-from data_prep.synthetic import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, parse_caption, shape_mask
+from cogvideo.synthetic import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, parse_caption, shape_mask
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], np.float64)
