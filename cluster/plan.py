@@ -1,13 +1,16 @@
 """`cogvideo-plan`: will a training layout fit in GPU memory, and how fast will it go?
 
+    cogvideo-plan --config configs/cogvideo_stage1.yaml --gpus 104   # the layout a training YAML sets
+    cogvideo-plan --config configs/cogvideo_stage1.yaml --gpus 104 training.micro_batch_size=4 --gpu h100
     cogvideo-plan --preset cogvideo-stage1 --gpus 104 --zero 2 --offload --micro-batch 4 \\
         --act-ckpt --dtype fp16          # the published CogVideo run: 13 nodes x 8 A100-80GB
     cogvideo-plan --preset cogvideo-stage1 --gpus 64 --search
 
 Memory per GPU comes from cluster/plan_memory.py (DeepSpeed's model-state accounting + the
-activations the model keeps); time from cogvideo/flops.py at a stated peak FLOP/s and
-efficiency, plus data- and tensor-parallel communication and the CPU optimizer step, taken as
-not overlapped with compute (an upper bound on step time).
+activations the model keeps); time from cogvideo/flops.py at the named GPU's datasheet peak
+(`--gpu`, A100-80GB unless told) and an efficiency, plus data- and tensor-parallel communication
+and the CPU optimizer step, taken as not overlapped with compute (an upper bound on step time).
+Exit status: 0 when the layout fits, 1 when it does not (or --search finds none), 2 on bad input.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ from cogvideo.config import ModelConfig, resolve_model_config
 from cogvideo.configio import ConfigError, parse_overrides
 from cogvideo.flops import recompute_flops, train_flops
 
-PEAK_TFLOPS = {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}  # A100 SXM dense tensor-core / FP32
 SEARCH_MICRO_BATCHES = (1, 2, 4, 8, 16)
 
 
@@ -30,9 +32,32 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
+class GpuKind:
+    name: str
+    mem_gib: float
+    peak_tflops: dict  # dense, no sparsity: 16-bit tensor cores with fp32 accumulation, and plain fp32
+
+
+# NVIDIA datasheets (SXM parts where there are several). fp32 is the non-tensor-core rate.
+GPU_KINDS = {g.name: g for g in (
+    GpuKind("a100-80gb", 80, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    GpuKind("a100-40gb", 40, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    GpuKind("h100", 80, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    GpuKind("h200", 141, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    GpuKind("v100-32gb", 32, {"fp16": 125.0, "fp32": 15.7}),
+    GpuKind("a10", 24, {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    GpuKind("l4", 24, {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    GpuKind("rtx4090", 24, {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}),
+    GpuKind("rtx3090", 24, {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
+)}
+DEFAULT_GPU = "a100-80gb"  # the published run
+
+
+@dataclass(frozen=True)
 class Hardware:
     gpu_mem_gib: float = 80.0
-    peak_tflops: float | None = None  # None: PEAK_TFLOPS[dtype]
+    peak_tflops: float | None = None  # None: the GPU kind's datasheet peak for the dtype
+    gpu: str = DEFAULT_GPU
     efficiency: float = 0.45  # sustained fraction of peak in large matmuls
     inter_node_gbps: float = 25.0  # per GPU, GB/s (one 200 Gb/s HDR InfiniBand port per GPU)
     intra_node_gbps: float = 150.0  # NVLink, GB/s achieved by NCCL
@@ -41,7 +66,17 @@ class Hardware:
     context_gib: float = 2.0  # CUDA context, NCCL buffers, allocator slack
 
     def peak(self, dtype: str) -> float:
-        return (self.peak_tflops or PEAK_TFLOPS[dtype]) * 1e12
+        if self.peak_tflops:
+            return self.peak_tflops * 1e12
+        table = GPU_KINDS[self.gpu].peak_tflops
+        if dtype not in table:
+            raise PlanError(f"--gpu {self.gpu} has no {dtype} tensor cores; choose another --dtype or --peak-tflops")
+        return table[dtype] * 1e12
+
+    def peak_source(self, dtype: str) -> str:
+        if self.peak_tflops:
+            return "--peak-tflops"
+        return f"{self.gpu} datasheet, dense {dtype}"
 
 
 @dataclass(frozen=True)
@@ -204,8 +239,8 @@ def report(plan: Plan) -> str:
     peak = hw.peak(lay.dtype)
     lines += [
         "",
-        f"step (global batch {plan.global_batch}; peak {peak / 1e12:g} TFLOP/s x efficiency {hw.efficiency:g}; "
-        "communication not overlapped)",
+        f"step (global batch {plan.global_batch}; peak {peak / 1e12:g} TFLOP/s ({hw.peak_source(lay.dtype)}) "
+        f"x efficiency {hw.efficiency:g}; communication not overlapped)",
         f"  model FLOPs per GPU                {st.model_flops_per_gpu / 1e12:10.1f} TFLOP",
         f"  compute{' (incl. recompute)' if lay.act_ckpt else '':<28}{st.compute_s:10.3f} s",
         f"  data-parallel gradients + weights  {st.dp_comm_s:10.3f} s",
@@ -232,55 +267,110 @@ def search_table(plans: list[Plan], limit: int) -> str:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cogvideo-plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", required=True, help="model preset (cogvideo.config.PRESETS)")
-    ap.add_argument("overrides", nargs="*", metavar="key=value", help="ModelConfig fields, e.g. num_frames=9")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="training YAML: model, parallel.*, micro-batch and precision from it")
+    source.add_argument("--preset", help="model preset (cogvideo.config.PRESETS), layout from the flags below")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="with --config: dotted training overrides (parallel.tensor_parallel=8); "
+                         "with --preset: ModelConfig fields (num_frames=9)")
     ap.add_argument("--gpus", type=int, required=True, help="total GPUs")
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (inside a node)")
-    ap.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage 0-3")
-    ap.add_argument("--offload", action="store_true", help="optimizer states + gradients in host memory")
-    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
-    ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing (recompute each layer)")
-    ap.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help=f"GPU peak for --dtype (default A100: {PEAK_TFLOPS})")
+    ap.add_argument("--gpu", choices=sorted(GPU_KINDS), default=None,
+                    help=f"GPU kind: its memory and datasheet peak FLOP/s (default {DEFAULT_GPU})")
+    ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the --gpu kind's)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak for --dtype (default: the --gpu kind's)")
     ap.add_argument("--efficiency", type=float, default=Hardware.efficiency, help="sustained fraction of peak")
+    layout = ap.add_argument_group("layout (with --preset; a --config file sets these itself)")
+    for flag, kwargs in LAYOUT_FLAGS.items():
+        layout.add_argument(flag, **kwargs)
     ap.add_argument("--search", action="store_true", help="list every layout that fits, fastest first")
     ap.add_argument("--limit", type=int, default=20, help="rows of --search output")
     return ap
 
 
+# flag -> argparse options, and the training YAML key that sets the same thing
+LAYOUT_FLAGS = {
+    "--tp": dict(type=int, help="tensor-parallel degree, inside a node (default 1)"),
+    "--zero": dict(type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)"),
+    "--offload": dict(action="store_true", default=None, help="optimizer states + gradients in host memory"),
+    "--micro-batch": dict(type=int, help="sequences per GPU per step (default 1)"),
+    "--act-ckpt": dict(action="store_true", default=None, help="activation checkpointing (recompute each layer)"),
+    "--dtype": dict(help="bf16 (default), fp16 or fp32"),
+}
+YAML_KEYS = {"--tp": "parallel.tensor_parallel", "--zero": "parallel.zero_stage",
+             "--offload": "parallel.offload_optimizer", "--micro-batch": "training.micro_batch_size",
+             "--act-ckpt": "model.activation_checkpointing", "--dtype": "parallel.precision"}
+
+
+def _flag_value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag.lstrip("-").replace("-", "_"))
+
+
+def model_and_layout(args: argparse.Namespace) -> tuple[ModelConfig, Layout]:
+    """The model and layout from a training YAML (--config) or from --preset and the flags."""
+    if args.config is None:
+        cfg = resolve_model_config(args.preset, parse_overrides(args.overrides))
+        value = {flag: _flag_value(args, flag) for flag in LAYOUT_FLAGS}
+        return cfg, Layout(args.gpus, args.gpus_per_node, value["--tp"] or 1,
+                           2 if value["--zero"] is None else value["--zero"], bool(value["--offload"]),
+                           value["--micro-batch"] or 1, bool(value["--act-ckpt"]), value["--dtype"] or "bf16")
+    from pretrain.config import load_train_config, model_config
+
+    for flag in LAYOUT_FLAGS:
+        if _flag_value(args, flag) is not None:
+            raise PlanError(f"{flag}: with --config the layout comes from {args.config}; "
+                            f"override it there or as {YAML_KEYS[flag]}=...")
+    train = load_train_config(args.config, args.overrides)
+    cfg = model_config(train)
+    p = train.parallel
+    return cfg, Layout(args.gpus, args.gpus_per_node, p.tensor_parallel, p.zero_stage, p.offload_optimizer,
+                       train.training.micro_batch_size, cfg.activation_checkpointing, p.precision)
+
+
+def hardware(args: argparse.Namespace) -> Hardware:
+    if not 0 < args.efficiency <= 1:
+        raise PlanError(f"--efficiency must be in (0, 1], got {args.efficiency}")
+    kind = GPU_KINDS[args.gpu or DEFAULT_GPU]
+    mem = kind.mem_gib if args.gpu_mem is None else args.gpu_mem
+    if mem <= 0:
+        raise PlanError(f"--gpu-mem must be positive, got {mem}")
+    if args.gpu is None and args.gpu_mem is not None and args.peak_tflops is None and mem != kind.mem_gib:
+        print(f"cogvideo-plan: note: timing a {mem:g} GiB card at {kind.name} peak; name the card with --gpu "
+              f"({', '.join(sorted(GPU_KINDS))}) or give --peak-tflops", file=sys.stderr)
+    return Hardware(gpu_mem_gib=mem, peak_tflops=args.peak_tflops, gpu=kind.name, efficiency=args.efficiency)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        cfg = resolve_model_config(args.preset, parse_overrides(args.overrides))
-        if not 0 < args.efficiency <= 1:
-            raise PlanError(f"--efficiency must be in (0, 1], got {args.efficiency}")
-        if args.gpu_mem <= 0:
-            raise PlanError(f"--gpu-mem must be positive, got {args.gpu_mem}")
-        hw = Hardware(gpu_mem_gib=args.gpu_mem, peak_tflops=args.peak_tflops, efficiency=args.efficiency)
-        layout = Layout(args.gpus, args.gpus_per_node, args.tp, args.zero, args.offload, args.micro_batch,
-                        args.act_ckpt, args.dtype)
+        cfg, layout = model_and_layout(args)
+        hw = hardware(args)
         if args.search:
-            check_layout(cfg, Layout(args.gpus, args.gpus_per_node, dtype=args.dtype))
-            plans = search(cfg, args.gpus, args.gpus_per_node, args.dtype, hw)
-            print(f"{cfg.name}: layouts that fit in {args.gpu_mem:g} GiB on {args.gpus} GPUs "
-                  f"({args.gpus_per_node} per node), {args.dtype}, fastest first")
+            check_layout(cfg, Layout(args.gpus, args.gpus_per_node, dtype=layout.dtype))
+            plans = search(cfg, args.gpus, args.gpus_per_node, layout.dtype, hw)
+            print(f"{cfg.name}: layouts that fit in {hw.gpu_mem_gib:g} GiB on {args.gpus} GPUs "
+                  f"({args.gpus_per_node} per node), {layout.dtype}, fastest first")
             print(search_table(plans, args.limit) if plans else "none: add GPUs or memory")
+            if not plans:
+                sys.exit(1)
             return
         plan = make_plan(cfg, layout, hw)
         print(report(plan))
-        best = search(cfg, args.gpus, args.gpus_per_node, args.dtype, hw)
+        best = search(cfg, args.gpus, args.gpus_per_node, layout.dtype, hw)
         print()
         if best:
             top = best[0]
             print(f"cheapest layout that fits (most samples per GPU-hour): {top.layout.describe()}\n"
                   f"  peak {top.memory.peak / GiB:.2f} GiB, {top.samples_per_s:.1f} samples/s, MFU {top.mfu:.1%}")
         else:
-            print(f"no layout fits {args.gpus} GPUs of {args.gpu_mem:g} GiB")
-    except (PlanError, ConfigError, ValueError) as err:
-        sys.exit(f"cogvideo-plan: {err}")
+            print(f"no layout fits {args.gpus} GPUs of {hw.gpu_mem_gib:g} GiB")
+    except (PlanError, ConfigError, ValueError, OSError) as err:
+        print(f"cogvideo-plan: {err}", file=sys.stderr)
+        sys.exit(2)
+    if not plan.fits:
+        print(f"cogvideo-plan: {layout.describe()} does not fit in {hw.gpu_mem_gib:g} GiB "
+              f"(needs {plan.memory.peak / GiB:.2f} GiB)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

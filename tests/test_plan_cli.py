@@ -1,7 +1,7 @@
 """cogvideo-plan: the published setup, step-time arithmetic, the layout search and bad input."""
 import pytest
 
-from cluster.plan import Hardware, PlanError, main, make_plan, search
+from cluster.plan import GPU_KINDS, Hardware, PlanError, main, make_plan, search
 from cluster.plan_memory import GiB, Layout
 from cogvideo import flops
 from cogvideo.config import get_preset
@@ -95,6 +95,66 @@ def test_cli_search_and_overrides(capsys):
     (["--preset", "small", "hidden=3", "--gpus", "8"], "unknown config key"),
     (["--preset", "small", "--gpus", "8", "--efficiency", "2"], "--efficiency must be in"),
 ])
-def test_cli_errors_name_the_problem(argv, message):
-    with pytest.raises(SystemExit, match=message):
+def test_cli_errors_name_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_layout_that_does_not_fit_exits_nonzero(capsys):
+    argv = ["--preset", "cogvideo-stage1", "--gpus", "8", "--zero", "0", "--micro-batch", "4"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 1
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT" in captured.out and "does not fit in 80 GiB" in captured.err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "cogvideo-stage1", "--gpus", "1", "--gpus-per-node", "1", "--gpu-mem", "4", "--search"])
+    assert exit_.value.code == 1 and "none: add GPUs or memory" in capsys.readouterr().out
+
+
+def test_the_gpu_kind_sets_memory_and_peak(capsys):
+    main(["--preset", "cogvideo-stage1", "--gpus", "104", "--offload", "--micro-batch", "4", "--act-ckpt",
+          "--gpu", "h200"])
+    out = capsys.readouterr().out
+    assert "of 141 GiB: fits" in out and "peak 989 TFLOP/s (h200 datasheet, dense bf16)" in out
+    a100 = make_plan(STAGE1, PUBLISHED, Hardware(gpu="a100-80gb"))
+    h100 = make_plan(STAGE1, PUBLISHED, Hardware(gpu="h100"))
+    assert h100.step.compute_s == pytest.approx(a100.step.compute_s * 312 / 989)
+    with pytest.raises(PlanError, match="v100-32gb has no bf16"):
+        make_plan(STAGE1, Layout(gpus=8), Hardware(gpu="v100-32gb", gpu_mem_gib=32))
+    assert all(set(kind.peak_tflops) <= {"bf16", "fp16", "fp32"} for kind in GPU_KINDS.values())
+
+
+def test_a_smaller_card_without_its_kind_is_flagged(capsys):
+    with pytest.raises(SystemExit):  # 24 GiB: the published layout does not fit
+        main(["--preset", "cogvideo-stage1", "--gpus", "104", "--gpu-mem", "24", "--micro-batch", "4"])
+    err = capsys.readouterr().err
+    assert "timing a 24 GiB card at a100-80gb peak" in err and "--gpu" in err
+    main(["--preset", "small", "--gpus", "1", "--gpus-per-node", "1", "--gpu", "rtx4090"])
+    captured = capsys.readouterr()
+    assert "note" not in captured.err and "rtx4090 datasheet, dense bf16" in captured.out
+
+
+def test_config_reads_the_training_yaml(capsys):
+    main(["--config", "configs/cogvideo_stage1.yaml", "--gpus", "104"])
+    out = capsys.readouterr().out
+    # the YAML's layout: ZeRO-2 + offload, micro-batch 8, fp16, activation checkpointing, TP 1
+    assert "TP 1 x DP 104, ZeRO-2 + CPU offload, micro-batch 8, fp16, act ckpt" in out
+    main(["--config", "configs/cogvideo_stage1.yaml", "--gpus", "104", "training.micro_batch_size=4",
+          "parallel.tensor_parallel=2"])
+    out = capsys.readouterr().out
+    assert "TP 2 x DP 52, ZeRO-2 + CPU offload, micro-batch 4, fp16, act ckpt" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/cogvideo_stage1.yaml", "--gpus", "8", "--micro-batch", "2"],
+     "--micro-batch: with --config the layout comes from configs/cogvideo_stage1.yaml; "
+     "override it there or as training.micro_batch_size="),
+    (["--config", "configs/cogvideo_stage1.yaml", "--gpus", "8", "parallel.tensor_paralel=2"], "tensor_paralel"),
+    (["--config", "nope.yaml", "--gpus", "8"], "nope.yaml"),
+])
+def test_config_errors_name_the_key(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
