@@ -18,8 +18,11 @@ from cogvideo.sequence import TEXT, TokenMeta, layer_shift, visible
 
 
 def with_pads(vis: torch.Tensor, key_pad: torch.Tensor, query_pad: torch.Tensor) -> torch.Tensor:
-    """vis [..., q, k] & key not a pad; pad queries (ignored rows) may see pads to stay finite."""
-    return vis & (~key_pad[:, None, None, :] | query_pad[:, None, :, None])
+    """vis [q, k] & key not a pad -> [B, 1, q, k]. As in the release (pads masked by a large
+    negative score, not -inf), a pad query of a prompt with no real text sees the pads."""
+    seen = vis & ~key_pad[:, None, None, :]
+    blind = query_pad[:, None, :, None] & ~seen.any(dim=-1, keepdim=True)
+    return seen | (vis & blind)
 
 
 def text_bias_scores(mask: torch.Tensor, q: TokenMeta, k: TokenMeta, bias: float) -> torch.Tensor | None:

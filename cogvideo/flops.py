@@ -5,7 +5,8 @@ mix and embedding lookups are a fraction of a percent). Attention is counted ove
 blocks the attention kernels compute (cogvideo/model.py), masked cells included, as MFU
 conventions do for causal attention:
 
-- spatial channel: text queries x text keys; each frame's queries x (text + own frame);
+- spatial channel: text queries x text keys (a bidirectional block, as released); each frame's
+  queries x (text + own frame);
 - temporal channel, stage 1: frame queries x the whole sequence (causal over everything);
 - temporal channel, stage 2: frame queries x (text + their 3D window: w x w positions x all
   frames); text queries use the spatial channel only.

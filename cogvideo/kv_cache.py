@@ -2,8 +2,9 @@
 
 The spatial channel only ever needs the text and the frame being generated, so its buffer
 holds text_length + tokens_per_frame entries and restarts its frame part when a new frame
-begins. The temporal channel needs text + every frame fed so far. Token metadata (frame, pos,
-pad) is kept once for all layers; each layer keeps its own K/V buffers.
+begins. The temporal channel needs text + every frame fed so far. The text attends
+bidirectionally (as released), so it is cached in one pass. Token metadata (frame, pos, pad)
+is kept once for all layers; each layer keeps its own K/V buffers.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ class ChunkPlan:
 
 
 class KVCache:
-    """Feed text first, then frames: one frame per chunk, or several whole frames in one chunk
-    (given frames that must see each other, e.g. stage-2 frames 0, 2, 4)."""
+    """Feed the whole text first in one chunk (it is a bidirectional block), then frames: one
+    frame per chunk, or several whole frames in one chunk (given frames that must see each
+    other, e.g. stage-2 frames 0, 2, 4)."""
 
     def __init__(self, cfg: ModelConfig, temporal: bool = True):
         self.cfg = cfg
@@ -81,11 +83,11 @@ class KVCache:
         frames = meta.frame.unique_consecutive().tolist()
         right_after_text = frames != [TEXT] and self.current_frame is None
         if frames == [TEXT]:
-            if self.current_frame is not None:
-                raise ValueError("text must be fed before any frame")
-            start = self.text_length
-            self.text_length += len(meta)
-            plan = self._single(start, meta, pad)
+            if self.text_length or self.current_frame is not None:
+                raise ValueError("feed the text once, in one chunk, before any frame (text attends "
+                                 "bidirectionally and its position ids depend on the pad count)")
+            self.text_length = len(meta)
+            plan = self._single(0, meta, pad)
         elif TEXT in frames:
             raise ValueError("a chunk holds either text or frame tokens, not both")
         elif self.text_length == 0:

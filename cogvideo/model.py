@@ -199,12 +199,12 @@ class CogVideoModel(nn.Module):
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
 
-    def _embed(self, tokens: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
-        backbone_row, extra_row = position_ids(self.cfg, meta.to(tokens.device))
+    def _embed(self, tokens: torch.Tensor, meta: TokenMeta, pad: torch.Tensor) -> torch.Tensor:
+        backbone_row, extra_row = position_ids(self.cfg, meta.to(tokens.device), pad)
         pos = self.position_embeddings(backbone_row)
         if self.frame_position_embeddings is not None and bool((extra_row >= 0).any()):
             extra = self.frame_position_embeddings(extra_row.clamp(min=0))
-            pos = torch.where((extra_row >= 0)[:, None], extra, pos)
+            pos = torch.where((extra_row >= 0)[None, :, None], extra[None], pos)
         return self.word_embeddings(tokens) + pos
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -229,8 +229,9 @@ class CogVideoModel(nn.Module):
         """tokens [B, L] in time order -> logits [B, L, vocab_size / tp]."""
         self._check_tokens(tokens)
         meta = self.layout_meta(tokens.shape[1])
-        masks = self._full_masks(tokens, meta, text_bias, temporal)
-        h = self._embed(tokens, meta)
+        pad = self._pad(tokens, meta)
+        masks = self._full_masks(meta, pad, text_bias, temporal)
+        h = self._embed(tokens, meta, pad)
         pb = self.cfg.pb_relax_alpha
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -239,10 +240,9 @@ class CogVideoModel(nn.Module):
                 h = layer(h, masks, temporal, self.dense_attention, pb)
         return self._logits(h)
 
-    def _full_masks(self, tokens: torch.Tensor, meta: TokenMeta, text_bias: float, temporal: bool = True) -> Masks:
-        cfg, device = self.cfg, tokens.device
+    def _full_masks(self, meta: TokenMeta, pad: torch.Tensor, text_bias: float, temporal: bool = True) -> Masks:
+        cfg, device = self.cfg, pad.device
         T = cfg.text_length
-        pad = self._pad(tokens, meta)
         masks = Masks(is_frame=(meta.frame != TEXT).to(device))
         if self.dense_attention:
             for channel in ("spatial", "temporal"):
@@ -280,7 +280,7 @@ class CogVideoModel(nn.Module):
             masks.add_dense(cfg, "spatial", meta, pad, plan.spatial_keys, plan.spatial_pad, text_bias)
             if temporal:
                 masks.add_dense(cfg, "temporal", meta, pad, *cache.temporal_keys(plan), text_bias)
-        h = self._embed(tokens, meta)
+        h = self._embed(tokens, meta, pad)
         for layer in self.layers:
             h = layer.forward_chunk(h, cache, plan, masks, cfg.pb_relax_alpha)
         return self._logits(h)

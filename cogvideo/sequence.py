@@ -5,8 +5,10 @@ Layout of one sample (time order, used for training)::
     [pad .. pad, text ..]            cfg.text_length tokens, left-padded with vocab.pad_id
     frame f: [BOI, t0, .., t(n-2)]   n = cfg.tokens_per_frame; block position p predicts t_p
 
-Each token is described by a (frame, pos) pair: frame = -1 for text (pos = index in the text
-block), else the real frame index and the position inside the frame block. Every attention
+Each token is described by a (frame, pos) pair: frame = -1 for text (pos = slot in the text
+block), else the real frame index and the position inside the frame block. As in the release
+(CogView2, CogVideo), text attends bidirectionally to all non-pad text and the real text tokens
+take position ids 0..n-1 whatever the pad count. Every attention
 path (blocked, windowed, dense reference, KV-cached) derives its mask from `visible()` so they
 agree by construction, whatever order the tokens are fed in (stage 2 samples in slot order
 0, 2, 4, 1, 3).
@@ -65,13 +67,16 @@ class TokenMeta:
         return TokenMeta(self.frame[index], self.pos[index])
 
 
-def position_ids(cfg: ModelConfig, meta: TokenMeta) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row in the backbone position table, row in the frame table or -1).
+def position_ids(cfg: ModelConfig, meta: TokenMeta, text_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in the backbone position table [B, l], row in the frame table or -1 [l]).
 
-    Text uses rows 0..text_length-1 and frame 0 the backbone's image rows from
+    `text_pad` [B, l] marks the pads among the tokens; the text must be whole in `meta` (a full
+    sequence, or the one chunk that feeds the text). The real text tokens use rows 0..n-1 (as in
+    the release, pads take row 0 and are masked out) and frame 0 the backbone's image rows from
     image_position_offset; frames 1.. use the extra frame table, row (f-1)*n + pos."""
-    is_text = meta.frame == TEXT
-    backbone_row = torch.where(is_text, meta.pos, cfg.image_position_offset + meta.pos)
+    is_text = (meta.frame == TEXT).to(text_pad.device)
+    text_row = ((is_text & ~text_pad).long().cumsum(dim=1) - 1).clamp(min=0)
+    backbone_row = torch.where(is_text, text_row, cfg.image_position_offset + meta.pos.to(text_pad.device))
     extra_row = torch.where(meta.frame >= 1, (meta.frame - 1) * cfg.tokens_per_frame + meta.pos,
                             torch.full_like(meta.pos, -1))
     return backbone_row, extra_row
@@ -112,8 +117,8 @@ def layer_shift(cfg: ModelConfig, layer: int) -> int:
 def visible(cfg: ModelConfig, q: TokenMeta, k: TokenMeta, channel: str, shift: int = 0) -> torch.Tensor:
     """Bool [lq, lk]: may query token i attend to key token j (before pad masking).
 
-    spatial: text causal over text; a frame token sees the text and its own frame (causal,
-    or whole for stage-2 given frames). temporal: a frame token sees the text and, stage 1,
+    spatial: text sees all text (bidirectional; pads are masked by the caller); a frame token
+    sees the text and its own frame (causal, or whole for stage-2 given frames). temporal: a frame token sees the text and, stage 1,
     every earlier token in time; stage 2, the frames the slot rules allow, inside its 3D
     window. Text queries in the temporal channel are never used; they get the spatial rule."""
     qf, qp = q.frame[:, None], q.pos[:, None]
@@ -121,7 +126,7 @@ def visible(cfg: ModelConfig, q: TokenMeta, k: TokenMeta, channel: str, shift: i
     q_text, k_text = qf == TEXT, kf == TEXT
     same_frame = (qf == kf) & ~q_text
     in_frame = same_frame & ((kp <= qp) | _bidirectional(cfg, qf))
-    text_rule = q_text & k_text & (kp <= qp)
+    text_rule = q_text & k_text
     if channel == "spatial":
         return text_rule | (~q_text & k_text) | in_frame
     if channel != "temporal":

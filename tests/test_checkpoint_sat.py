@@ -77,22 +77,29 @@ VIDEO_ARGS = {**BACKBONE_ARGS, "layout": f"{T}, {T + N}, {T + FRAMES * N}", "win
 
 
 def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) -> torch.Tensor:
-    """CogView2 / CogVideo stage 1 from the raw SAT tensors, plain torch ops. Spatial channel:
-    text causal, a frame token sees the text and its own frame causally; temporal channel (stage
-    1): everything earlier in time; frame outputs mix as sigmoid(p)*spatial + (1-sigmoid(p))*temporal."""
+    """CogView2 / CogVideo stage 1 from the raw SAT tensors, plain torch ops, with the release's
+    masks and position ids (CogVideo's get_masks_and_position_ids_video): text attends to all
+    non-pad text, real text tokens take position ids 0..n-1 (left pads 0, masked out); spatial
+    channel: a frame token sees the text and its own frame causally; temporal channel (stage 1):
+    everything earlier in time; frame outputs mix as sigmoid(p)*spatial + (1-sigmoid(p))*temporal."""
     L = T + frames * N
     t = "transformer."
     frame_of = torch.tensor([-1] * T + [f for f in range(frames) for _ in range(N)])
     pos_in_frame = torch.tensor(list(range(T)) + list(range(N)) * frames)
-    causal = torch.ones(L, L).tril().bool()
-    spatial_mask = causal & ((frame_of[None, :] == -1) | (frame_of[None, :] == frame_of[:, None]))
+    text = frame_of == -1
+    causal = torch.ones(L, L).tril().bool() | (text[:, None] & text[None, :])
+    spatial_mask = causal & (text[None, :] | (frame_of[None, :] == frame_of[:, None]))
+    key_ok = ~(text[None, :] & (tokens == BASE.vocab.pad_id))[:, None, None, :]  # [B, 1, 1, L]
     x = raw[t + "word_embeddings.weight"][tokens]
-    for i in range(L):  # frame 0: CogView2's image rows; frame f >= 1: extra rows at id - (offset + N)
-        f, j = int(frame_of[i]), int(pos_in_frame[i])
-        if f <= 0:
-            x[:, i] += raw[t + "position_embeddings.weight"][j if f < 0 else BASE.image_position_offset + j]
-        else:
-            x[:, i] += raw["mixins.extra_position_embedding.position_embeddings.weight"][N * f + j - N]
+    n_pads = (tokens[:, :T] == BASE.vocab.pad_id).sum(1)
+    for b in range(tokens.shape[0]):
+        for i in range(L):  # frame 0: CogView2's image rows; frame f >= 1: extra rows at id - (offset + N)
+            f, j = int(frame_of[i]), int(pos_in_frame[i])
+            if f <= 0:
+                row = max(j - int(n_pads[b]), 0) if f < 0 else BASE.image_position_offset + j
+                x[b, i] += raw[t + "position_embeddings.weight"][row]
+            else:
+                x[b, i] += raw["mixins.extra_position_embedding.position_embeddings.weight"][N * f + j - N]
 
     def ln(v, key):
         return F.layer_norm(v, (H,), raw[key + ".weight"], raw[key + ".bias"], BASE.layernorm_epsilon)
@@ -101,7 +108,7 @@ def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) 
         q, k, val = (v @ qkv_w.T + qkv_b).split(H, dim=-1)
         heads = [z.view(z.shape[0], L, HEADS, H // HEADS).transpose(1, 2) for z in (q, k, val)]
         scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(H // HEADS)
-        ctx = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ heads[2]
+        ctx = scores.masked_fill(~(mask & key_ok), float("-inf")).softmax(-1) @ heads[2]
         return ctx.transpose(1, 2).reshape(v.shape[0], L, H) @ dense_w.T + dense_b
 
     for i in range(LAYERS):
@@ -123,8 +130,10 @@ def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) 
 
 
 def random_tokens(frames: int, seed: int = 0) -> torch.Tensor:
+    """Two samples: a full-length prompt and one of 3 tokens left-padded to T."""
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(BASE.vocab.text_offset + 1, BASE.vocab.text_offset + 90, (2, T), generator=g)  # no pads
+    text = torch.randint(BASE.vocab.text_offset + 1, BASE.vocab.text_offset + 90, (2, T), generator=g)
+    text[1, :T - 3] = BASE.vocab.pad_id
     return torch.cat([text, torch.randint(0, BASE.vocab.num_image_tokens, (2, frames * N), generator=g)], 1)
 
 

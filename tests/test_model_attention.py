@@ -5,7 +5,7 @@ import torch
 
 from cogvideo.attention import window_gather_index
 from cogvideo.config import get_preset
-from cogvideo.sequence import TokenMeta, visible, window_id
+from cogvideo.sequence import TokenMeta, position_ids, visible, window_id
 from model_helpers import random_batch, random_model
 
 
@@ -110,14 +110,53 @@ def test_shifted_window_partition_matches_swin_roll_and_region_mask(side, w, s):
 
 def test_text_pads_are_never_attended():
     model = random_model("tiny")
-    T = model.cfg.text_length
+    T, pad = model.cfg.text_length, model.cfg.vocab.pad_id
     tokens, _, _ = random_batch(model.cfg, text_lengths=(2,))  # pads at text positions 0..T-3
+    assert not (tokens[:, T - 2:] == pad).any()
     with torch.no_grad():
         base = model(tokens)
-        model.position_embeddings.weight[:T - 2].normal_(std=5.0)  # rows only the pads use
+        model.word_embeddings.weight[pad].normal_(std=5.0)  # the row only the pads use
         perturbed = model(tokens)
-    torch.testing.assert_close(perturbed[:, T - 2:], base[:, T - 2:], atol=1e-6, rtol=1e-6)
+    others = torch.arange(model.cfg.vocab.vocab_size) != pad  # the tied output layer's pad column moves
+    torch.testing.assert_close(perturbed[:, T - 2:, others], base[:, T - 2:, others], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(perturbed[:, :T - 2], base[:, :T - 2])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-stage2"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_outputs_do_not_depend_on_the_pad_count(preset, dense):
+    """The release's text rule: text attends to all non-pad text and the real text tokens take
+    position ids 0..n-1, so the same prompt left-padded to another text length gives the same
+    logits on its real tokens and frames (with position ids that count the pads it would not)."""
+    short = random_model(preset, text_length=5)
+    long = random_model(preset, text_length=8)
+    long.load_state_dict(short.state_dict())
+    short.dense_attention = long.dense_attention = dense
+    tokens, _, _ = random_batch(short.cfg, text_lengths=(3, None))
+    pads = torch.full((2, 3), short.cfg.vocab.pad_id)
+    padded = torch.cat([pads, tokens], dim=1)
+    with torch.no_grad():
+        out_short, out_long = short(tokens), long(padded)
+    torch.testing.assert_close(out_long[:, 3:], out_short, atol=1e-5, rtol=1e-5)
+
+
+def test_text_block_is_bidirectional_and_position_ids_skip_pads():
+    cfg = get_preset("tiny-stage2")
+    T = cfg.text_length
+    meta = TokenMeta.layout(cfg, list(range(cfg.num_frames)))
+    for channel in ("spatial", "temporal"):
+        vis = visible(cfg, meta, meta, channel)
+        assert vis[:T, :T].all() and not vis[:T, T:].any()
+        assert vis[T:, :T].all()
+    pad = torch.zeros(2, len(meta), dtype=torch.bool)
+    pad[1, :T - 3] = True  # 3 real tokens
+    backbone_row, extra_row = position_ids(cfg, meta, pad)
+    assert backbone_row[0, :T].tolist() == list(range(T))
+    assert backbone_row[1, :T].tolist() == [0] * (T - 3) + [0, 1, 2]
+    n = cfg.tokens_per_frame
+    frames = cfg.image_position_offset + torch.arange(n)
+    assert torch.equal(backbone_row[:, T:T + n], frames.expand(2, n))
+    assert extra_row[T + n:].tolist() == list(range((cfg.num_frames - 1) * n))
 
 
 @pytest.mark.parametrize("frames", [(0, 1, 2, 3, 4), (0, 2, 4), (4, 0, 2)])

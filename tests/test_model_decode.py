@@ -164,3 +164,6 @@ def test_cache_order_errors():
         model.forward_chunk(tokens[:, cfg.text_length:cfg.text_length + 1], TokenMeta.of_frame(cfg, 0, 0, 1), cache)
     with pytest.raises(ValueError, match="meta describes"):
         model.forward_chunk(tokens[:, :3], TokenMeta.text(cfg), cache)
+    model.forward_chunk(tokens[:, :3], TokenMeta.text(cfg, 0, 3), cache)
+    with pytest.raises(ValueError, match="text once, in one chunk"):  # text is a bidirectional block
+        model.forward_chunk(tokens[:, 3:cfg.text_length], TokenMeta.text(cfg, 3), cache)

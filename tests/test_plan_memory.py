@@ -122,8 +122,9 @@ def saved_layer_bytes(cfg, batch):
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (batch, cfg.seq_length))
     meta = model.layout_meta(cfg.seq_length)
-    h = model._embed(tokens, meta).detach().requires_grad_()
-    masks = model._full_masks(tokens, meta, 0.0)
+    pad = model._pad(tokens, meta)
+    h = model._embed(tokens, meta, pad).detach().requires_grad_()
+    masks = model._full_masks(meta, pad, 0.0)
     saved = {}
 
     def pack(t):
