@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tarfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -105,3 +107,23 @@ def decode_sample(raw: dict) -> Sample:
     if frames.ndim != 3 or frames.shape[0] != meta.num_frames:
         raise ShardFormatError(f"{where}: frames shape {list(frames.shape)} does not match meta.num_frames={meta.num_frames}")
     return Sample(key=key, frames=frames, caption=caption, meta=meta)
+
+
+def tar_problem(path: str) -> str | None:
+    """Why a local shard file is not a complete tar archive, or None: random bytes are "not a
+    tar archive" (the first 512-byte block is no tar header), a cut file is "truncated" (a tar
+    ends with two zero blocks, in a size that is a multiple of 512)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(tarfile.BLOCKSIZE)
+        if any(head):  # an all-zero first block is an empty archive's end marker
+            try:
+                tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                return f"not a tar archive: its first {tarfile.BLOCKSIZE} bytes are not a tar header"
+        if size % tarfile.BLOCKSIZE or size < 2 * tarfile.BLOCKSIZE:
+            return f"truncated: {size} bytes, not a whole number of {tarfile.BLOCKSIZE}-byte tar blocks"
+        f.seek(size - 2 * tarfile.BLOCKSIZE)
+        if any(f.read()):
+            return "truncated: no end-of-archive marker (two zero blocks)"
+    return None

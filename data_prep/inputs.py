@@ -29,15 +29,17 @@ REASONS = {
     "caption_not_utf8": "the caption is not valid UTF-8",
     "duplicate_path": "the same file was listed more than once",
     "missing_file": "the file does not exist (anymore)",
+    "broken_link": "a symbolic link whose target does not exist",
     "unreadable_file": "the file cannot be read (permissions, I/O error)",
     "empty_file": "the file has zero bytes",
     "duplicate_content": "same bytes as another input (sha256)",
-    "not_a_video": "no container format recognised",
+    "not_a_video": "no container format recognised, or a still image",
     "corrupt_container": "a known container format that cannot be opened (cut before its index?)",
-    "truncated": "the container lists more frames than the file holds",
+    "truncated": "the file ends before the length its container lists",
     "no_video_stream": "the file has no video stream (audio only?)",
     "unreadable_codec": "no decoder for the video codec",
-    "variable_frame_rate": "frame intervals are not constant",
+    "broken_timestamps": "no frame rate, frames sharing a timestamp, or a gap between frames longer than "
+                         "the longest sampling interval",
     "resolution_too_small": "a side is below min_side",
     "resolution_too_large": "a side is above max_side",
     "decode_error": "decoding failed part-way, or fewer frames than the container lists",
@@ -142,6 +144,9 @@ def content_hash(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
                 digest.update(block)
                 size += len(block)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise Rejected("broken_link", f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
+                           f"mount or restore the target, or drop the link") from None
         raise Rejected("missing_file", path) from None
     except OSError as err:
         raise Rejected("unreadable_file", f"{path}: {err}") from None

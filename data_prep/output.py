@@ -1,7 +1,8 @@
 """A job's output folder, written so that a rerun resumes without duplicates.
 
     shards/shard-000000.tar   WebDataset shards (schema: cogvideo/shards.py)
-    manifest.jsonl            one row per sample: key, source, clip, window, fps, stage, shard
+    manifest.jsonl            one row per sample: key, source, clip, window, fps, stage, shard, and
+                              video: what the source held (data_prep.video.probe's properties)
     rejected.jsonl            one row per input or clip not used: source, reason, detail, clip
     done.jsonl                the commit log: one row per closed shard, with the inputs it finished
     summary.json              totals over the whole folder, rewritten at the end of every run
@@ -66,6 +67,16 @@ def _ends_mid_line(path: Path) -> bool:
             return False
         f.seek(-1, os.SEEK_END)
         return f.read(1) != b"\n"
+
+
+def video_traits(video: dict) -> list[str]:
+    """What summary.json counts of a used input's `video` properties (data_prep.video.probe)."""
+    traits = [f"range_{video['range']}", f"matrix_{video['matrix']}"]
+    traits += [name for name, present in (
+        ("rotated", video["rotation"] != 0 or video["mirrored"]), ("variable_frame_rate", video["vfr"]),
+        ("anamorphic", video["sar"] != "1:1"), ("interlaced", video["interlaced"]),
+        ("several_video_streams", video["video_streams"] > 1)) if present]
+    return traits
 
 
 def shard_name(index: int) -> str:
@@ -157,11 +168,13 @@ class PrepOutput:
     def summary(self, run: dict) -> dict:
         """Totals over the folder (all runs, streamed from its files) plus this run's figures."""
         inputs, rejected_by_reason, clips, seconds = 0, Counter(), 0, 0.0
+        held = Counter()
         for commit in iter_jsonl(self.root / DONE):
             for record in commit["inputs"]:
                 inputs += 1
                 if record["status"] == "used":
                     clips, seconds = clips + record["clips"], seconds + record["seconds"]
+                    held.update(video_traits(record["video"]) if "video" in record else [])
                 else:
                     rejected_by_reason[record["reason"]] += 1
         by_rate, shards = Counter(), set()
@@ -180,6 +193,7 @@ class PrepOutput:
             "samples": sum(by_rate.values()),
             "samples_by_stage_fps": dict(sorted(by_rate.items())),
             "shards": len(shards),
+            "inputs_used_by_property": dict(sorted(held.items())),
             "hours_of_video": seconds / 3600,
             "this_run": run,
         }

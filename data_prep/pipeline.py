@@ -149,7 +149,7 @@ def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict
                 meta = record["meta"]
                 manifest = {"key": row["key"], "source": meta["source"], "clip": record["clip"],
                             "window": [meta["clip_start"], meta["clip_end"]], "fps": meta["fps"],
-                            "stage": meta["stage"]}
+                            "stage": meta["stage"], "video": record["video"]}
                 run["samples_written"] += out.add_sample(fields, manifest)
             elif row["kind"] == "rejected":
                 out.add_rejection(record)

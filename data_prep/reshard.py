@@ -13,12 +13,13 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
-from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY
+from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY, ShardFormatError, tar_problem
 from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, iter_jsonl, shard_name, write_jsonl
 
 
@@ -39,6 +40,10 @@ def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
     root = Path(root)
     PrepOutput(root, shard_samples=1, shard_bytes=1)  # reopening drops anything uncommitted
     old_shards = sorted(p.name for p in (root / SHARD_DIR).glob("*.tar"))
+    for name in old_shards:  # before anything is rewritten
+        if problem := tar_problem(str(root / SHARD_DIR / name)):
+            raise ShardFormatError(f"{root / SHARD_DIR / name}: {problem}; restore it, or prepare the videos "
+                                   f"into a new folder")
     samples = sum(1 for _ in iter_jsonl(root / MANIFEST))
     count = target_count(len(old_shards), samples, divisible_by, shards)
     staging = root / f"{SHARD_DIR}.new"
@@ -81,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--divisible-by", type=int, required=True, help="nodes x data-loader workers (x DP ranks)")
     parser.add_argument("--shards", type=int, default=0, help="exact shard count (default: the nearest multiple up)")
     args = parser.parse_args(argv)
-    count = reshard(args.out, args.divisible_by, args.shards)
+    try:
+        count = reshard(args.out, args.divisible_by, args.shards)
+    except ValueError as err:  # a bad shard (ShardFormatError) or shard count
+        print(f"cogvideo-reshard: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"{args.out}: {count} shards")
     return count
 

@@ -12,8 +12,8 @@ from cogvideo.configio import ConfigError
 from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY, ClipMeta, encode_sample
 from data_prep.config import Geometry, PrepConfig
 from data_prep.inputs import Rejected, content_hash
-from data_prep.rates import frame_indices, plan_samples
-from data_prep.video import Clip, iter_clips, probe
+from data_prep.rates import frames_at, plan_samples, source_rate
+from data_prep.video import Clip, VideoInfo, iter_clips, probe
 
 EMPTY = b""
 
@@ -36,29 +36,31 @@ def hash_input(row: dict) -> dict:
         return {**row, "sha256": "", "size": 0, "reason": err.reason, "detail": err.detail}
 
 
-def clip_rows(row: dict, clip: Clip, fps: float, cfg: PrepConfig, shape: Geometry) -> list[dict]:
-    """One clip's sample rows (frames as raw pixels), or one `rejected` row saying why it has none."""
-    entry, path = row["entry"], row["path"]
-    span = (clip.first_frame / fps, (clip.first_frame + len(clip.frames)) / fps)
-    seconds = len(clip.frames) / fps
+def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, shape: Geometry) -> list[dict]:
+    """One clip's sample rows (frames as raw pixels, chosen by presentation time), or one
+    `rejected` row saying why it has none."""
+    entry, path, times = row["entry"], row["path"], clip.times
+    span = (float(times[0]), float(times[-1]) + 1 / float(info.fps))  # the last frame is shown for one nominal frame
+    seconds, between = span[1] - span[0], float(times[-1] - times[0])
+    source_fps = source_rate(times, cfg.vfr_tolerance)
     plan = [] if seconds < cfg.min_clip_s else \
-        plan_samples(len(clip.frames), fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
+        plan_samples(between, source_fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
     if not plan:
         if seconds < cfg.min_clip_s:
             reason, detail = "clip_shorter_than_min", f"{seconds:.3f} s < min_clip_s={cfg.min_clip_s}"
         else:
             reason = "clip_too_short_for_frames"
-            detail = (f"{(len(clip.frames) - 1) / fps:.3f} s between first and last frame cannot hold "
-                      f"{shape.num_frames} frames at any configured rate <= {fps:g} fps")
+            detail = (f"{between:.3f} s between first and last frame cannot hold {shape.num_frames} frames at "
+                      f"any configured rate <= {source_fps:g} fps")
         return [_row(entry, "rejected", {"entry": entry, "source": path, "clip": span, "reason": reason,
                                          "detail": detail})]
     rows = []
     for stage, rate in plan:
-        picked = frame_indices(len(clip.frames), fps, rate, shape.num_frames)
+        picked = frames_at(times, rate, shape.num_frames)
         meta = ClipMeta(duration=(shape.num_frames - 1) / rate, fps=rate, stage=stage, source=path,
-                        clip_start=(clip.first_frame + picked[0]) / fps, clip_end=(clip.first_frame + picked[-1]) / fps,
+                        clip_start=float(times[picked[0]]), clip_end=float(times[picked[-1]]),
                         num_frames=shape.num_frames)
-        sample = {"caption": row["caption"], "meta": asdict(meta), "clip": span}
+        sample = {"caption": row["caption"], "meta": asdict(meta), "clip": span, "video": info.properties}
         rows.append(_row(entry, "sample", sample, sample_key(row["sha256"], clip.index, stage, rate),
                          np.ascontiguousarray(clip.frames[picked]).tobytes()))
     return rows
@@ -74,9 +76,9 @@ def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
     try:
         info = probe(path, cfg)
         for clip in iter_clips(path, info, cfg, shape.frame_size):
-            rows += clip_rows(row, clip, float(info.fps), cfg, shape)
+            rows += clip_rows(row, clip, info, cfg, shape)
             record["clips"] += 1
-        record.update(seconds=info.seconds, frames=info.num_frames,
+        record.update(seconds=info.seconds, frames=info.num_frames, video=info.properties,
                       samples=sum(r["kind"] == "sample" for r in rows))
     except Exception as err:  # one odd file must not stop a job over millions
         reason, detail = (err.reason, err.detail) if isinstance(err, Rejected) else \

@@ -1,8 +1,13 @@
 """One video: probe it, then one decode pass that cuts it into clips at scene changes and
-keeps each clip's frames resized and centre-cropped to the model's frame size."""
+keeps each clip's frames, as a player shows them, resized and centre-cropped to the model's
+frame size, with their presentation times.
+
+"As a player shows them": the display matrix (or the legacy `rotate` tag) is applied, a
+square crop is square on screen (sample aspect ratio), interlaced frames are deinterlaced
+(yadif), and the YUV -> RGB conversion follows the file's colour range and matrix."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterator
 
@@ -14,23 +19,52 @@ from scenedetect.detectors import ContentDetector
 
 from data_prep.config import PrepConfig
 from data_prep.inputs import Rejected
+from data_prep.rates import TIME_TOL
 
 # Leading bytes of container formats: a file that starts like one but does not open is corrupt
 # (typically truncated), anything else is not a video at all.
 _SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"), (0, b"OggS"), (0, b"FLV"))
+# FFmpeg's names for AVColorRange and AVColorSpace values (libavutil/pixfmt.h)
+_RANGES = {0: "unspecified", 1: "limited", 2: "full"}
+_MATRICES = {0: "rgb", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt601", 6: "bt601", 7: "smpte240m",
+             8: "ycgco", 9: "bt2020", 10: "bt2020c"}
+_PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the others are field orders
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How a player turns the decoded picture: `rotation` degrees clockwise (the `rotate` tag's
+    convention), then mirrored left-right."""
+    rotation: int = 0
+    mirrored: bool = False
+
+    @classmethod
+    def from_display_matrix(cls, m: np.ndarray) -> Orientation:
+        """FFmpeg's display matrix [a b u; c d v; x y w] (QuickTime's `tkhd` matrix) maps a pixel
+        (x, y) to (a x + c y, b x + d y) on screen, y down; only multiples of 90 degrees are kept."""
+        a, b, c, d = (float(v) for v in (m[0], m[1], m[3], m[4]))
+        mirrored = a * d - b * c < 0
+        degrees = np.degrees(np.arctan2(b, -a if mirrored else a))
+        return cls(int(round(degrees / 90)) % 4 * 90, bool(mirrored))
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        image = np.rot90(image, -self.rotation // 90)
+        return image[:, ::-1] if self.mirrored else image
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    width: int
+    width: int  # coded size
     height: int
-    fps: Fraction
+    fps: Fraction  # nominal (average) rate
     num_frames: int
     codec: str
-
-    @property
-    def seconds(self) -> float:
-        return self.num_frames / float(self.fps)
+    seconds: float = 0.0  # from the first frame's time to the end of the last frame
+    stream: int = 0  # index of the video stream used
+    sar: Fraction = Fraction(1)  # sample (pixel) aspect ratio
+    orientation: Orientation = Orientation()
+    interlaced: bool = False
+    properties: dict = field(default_factory=dict)  # what the manifest and summary record
 
 
 @dataclass
@@ -38,6 +72,7 @@ class Clip:
     index: int  # position among the video's clips
     first_frame: int  # index of its first frame in the video
     frames: np.ndarray  # uint8 [n, frame_size, frame_size, 3]
+    times: np.ndarray  # float64 [n]: presentation time of each frame, s from the video's first frame
 
 
 def _looks_like_container(path: str) -> bool:
@@ -48,22 +83,88 @@ def _looks_like_container(path: str) -> bool:
 
 def _open(path: str) -> av.container.InputContainer:
     try:
-        return av.open(path, metadata_errors="ignore")
+        container = av.open(path, metadata_errors="ignore")
     except FileNotFoundError:
         raise Rejected("missing_file", path) from None
     except av.FFmpegError as err:
         reason = "corrupt_container" if _looks_like_container(path) else "not_a_video"
         raise Rejected(reason, f"{path}: {err}") from None
+    if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+        container.close()  # FFmpeg opens a still image as a one-frame "video"
+        raise Rejected("not_a_video", f"{path}: an image ({container.format.long_name}), not a video")
+    return container
+
+
+def _video_stream(path: str, container: av.container.InputContainer) -> tuple[av.video.stream.VideoStream, int]:
+    """The default video stream (cover art excluded), else the first; and how many there are."""
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        raise Rejected("no_video_stream", f"{path}: streams: {', '.join(kinds)}")
+    default = [s for s in videos if s.disposition & av.stream.Disposition.default]
+    return (default or videos)[0], len(videos)
+
+
+def _packets(container: av.container.InputContainer, stream: av.video.stream.VideoStream
+             ) -> tuple[list[int], av.VideoFrame | None]:
+    """Presentation timestamps of every packet (demuxing only) and the first decoded frame,
+    which carries what the container and codec say about the picture (side data, colour)."""
+    pts, first, ctx = [], None, stream.codec_context
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            pts.append(packet.pts)
+        if first is None and packet.size:
+            first = next(iter(ctx.decode(packet)), None)
+    if first is None:
+        first = next(iter(ctx.decode(None)), None)
+    return pts, first
+
+
+def _check_timestamps(path: str, pts: list[int], time_base: Fraction, fps: Fraction, listed_s: float,
+                      cfg: PrepConfig) -> tuple[float, bool]:
+    """(seconds the frames cover, variable rate?); Rejected when the timestamps are broken or the
+    file ends before the length its container lists."""
+    times = np.sort(np.asarray(pts, np.float64)) * float(time_base)
+    intervals = np.diff(times)
+    frame_s = float(1 / fps)
+    if np.any(intervals < TIME_TOL):
+        repeated = int(np.sum(intervals < TIME_TOL))
+        at = times[1:][intervals < TIME_TOL][0] - times[0]
+        raise Rejected("broken_timestamps", f"{path}: {repeated} frame(s) repeat another's timestamp "
+                       f"(first at {at:.3f} s): their order cannot be repaired")
+    longest = 1 / min(cfg.stage1_fps + cfg.stage2_fps)
+    if len(intervals) and intervals.max() > longest + TIME_TOL:
+        gap = int(np.argmax(intervals))
+        raise Rejected("broken_timestamps", f"{path}: no frame for {intervals[gap]:.3f} s (from "
+                       f"{times[gap] - times[0]:.3f} s to {times[gap + 1] - times[0]:.3f} s), longer than "
+                       f"the longest sampling interval ({longest:g} s)")
+    covered = times[-1] - times[0] + frame_s  # the last frame is shown for one nominal frame
+    if listed_s - covered > 2 * frame_s + TIME_TOL:
+        raise Rejected("truncated", f"{path}: the container lists {listed_s:.3f} s of video, the frames' "
+                       f"timestamps end at {covered:.3f} s ({len(pts)} frames)")
+    mean = (times[-1] - times[0]) / len(intervals) if len(intervals) else frame_s
+    vfr = bool(len(intervals) and np.max(np.abs(intervals / mean - 1)) > cfg.vfr_tolerance)
+    return covered, vfr
+
+
+def _picture(first: av.VideoFrame, stream: av.video.stream.VideoStream) -> tuple[Orientation, str, str, bool]:
+    """(orientation, colour range, colour matrix, interlaced) of a stream, from its first frame."""
+    matrix = [d for d in first.side_data if d.type == av.sidedata.sidedata.Type.DISPLAYMATRIX]
+    if matrix:
+        orientation = Orientation.from_display_matrix(np.frombuffer(bytes(matrix[0]), np.int32))
+    else:
+        tag = {key.lower(): value for key, value in stream.metadata.items()}.get("rotate", "0")
+        orientation = Orientation(int(tag) % 360 // 90 * 90) if tag.lstrip("-").isdigit() else Orientation()
+    colour_range = "full" if first.format.name.startswith("yuvj") else _RANGES.get(first.color_range, "unspecified")
+    interlaced = stream.codec_context.field_order not in _PROGRESSIVE or bool(first.interlaced_frame)
+    return orientation, colour_range, _MATRICES.get(first.colorspace, "unspecified"), interlaced
 
 
 def probe(path: str, cfg: PrepConfig) -> VideoInfo:
-    """Size, rate and frame count from the container, frame-interval check from the packet
-    timestamps (demuxing only, no decoding); Rejected with the reason otherwise."""
+    """Size, rate, frame count and timestamps from the container (demuxing), the picture's
+    orientation and colour from its first frame; Rejected with the reason otherwise."""
     with _open(path) as container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-            raise Rejected("no_video_stream", f"{path}: streams: {', '.join(kinds)}")
-        stream = container.streams.video[0]
+        stream, video_streams = _video_stream(path, container)
         ctx = stream.codec_context
         if ctx is None or ctx.codec is None or not ctx.codec.is_decoder:
             raise Rejected("unreadable_codec", f"{path}: no decoder for the codec of video stream {stream.index}")
@@ -74,62 +175,100 @@ def probe(path: str, cfg: PrepConfig) -> VideoInfo:
             raise Rejected("resolution_too_large", f"{path}: {width}x{height} > max_side={cfg.max_side}")
         fps = stream.average_rate or stream.guessed_rate
         if not fps:
-            raise Rejected("variable_frame_rate", f"{path}: the container gives no frame rate")
-        time_base, listed = float(stream.time_base), stream.frames
+            raise Rejected("broken_timestamps", f"{path}: the container gives no frame rate")
+        listed = stream.frames
+        listed_s = max(float(stream.duration * stream.time_base) if stream.duration else 0.0, listed / float(fps))
         try:
-            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
+            pts, first = _packets(container, stream)
         except av.FFmpegError as err:
             raise Rejected("decode_error", f"{path}: {err}") from None
-    if listed and len(pts) < listed:
-        raise Rejected("truncated", f"{path}: the container lists {listed} frames, the file holds {len(pts)}")
-    if len(pts) >= 2:
-        intervals = np.diff(np.asarray(pts, np.float64)) * time_base
-        worst = float(np.max(np.abs(intervals * float(fps) - 1)))
-        if worst > cfg.vfr_tolerance:
-            raise Rejected("variable_frame_rate", f"{path}: frame intervals from {intervals.min():.4f} s to "
-                           f"{intervals.max():.4f} s at a nominal {float(fps):.3f} fps")
-    return VideoInfo(width, height, Fraction(fps), max(listed, len(pts)), codec)
+        if first is None:
+            raise Rejected("decode_error", f"{path}: no frame of video stream {stream.index} decodes")
+        seconds, vfr = _check_timestamps(path, pts, stream.time_base, fps, listed_s, cfg) if pts else \
+            (listed / float(fps), False)
+        orientation, colour_range, matrix, interlaced = _picture(first, stream)
+        sar, index = Fraction(stream.sample_aspect_ratio or 1), stream.index
+    properties = {"stream": index, "video_streams": video_streams, "rotation": orientation.rotation,
+                  "mirrored": orientation.mirrored, "vfr": vfr, "sar": f"{sar.numerator}:{sar.denominator}",
+                  "range": colour_range, "matrix": matrix, "interlaced": interlaced}
+    return VideoInfo(width, height, Fraction(fps), len(pts) or listed, codec, float(seconds), index, sar,
+                     orientation, interlaced, properties)
 
 
-def _crop_and_resize(stream: av.video.stream.VideoStream, frame_size: int) -> av.filter.Graph:
-    """FFmpeg filters: centre square crop (on the decoded YUV planes), area-average resize to
-    `frame_size`, RGB; one C pass per frame."""
+def _square_on_screen(info: VideoInfo) -> tuple[int, int]:
+    """The centred crop (coded pixels) that is square on screen: pixels are `sar` wide."""
+    side = min(info.width * info.sar, info.height)
+    return min(info.width, round(side / info.sar)), min(info.height, round(side))
+
+
+def _filters(stream: av.video.stream.VideoStream, info: VideoInfo, frame_size: int) -> av.filter.Graph:
+    """FFmpeg filters: deinterlace (if interlaced), centre square crop (on the decoded YUV planes),
+    area-average resize to `frame_size`, RGB following the frames' colour range and matrix;
+    one C pass per frame. Rotation is applied to the small result."""
     graph = av.filter.Graph()
-    side = min(stream.codec_context.width, stream.codec_context.height)
-    chain = [graph.add_buffer(template=stream), graph.add("crop", f"{side}:{side}"),
-             graph.add("scale", f"{frame_size}:{frame_size}:flags=area"), graph.add("format", "rgb24"),
-             graph.add("buffersink")]
+    width, height = _square_on_screen(info)
+    chain = [graph.add_buffer(template=stream)]
+    if info.interlaced:  # only frames flagged interlaced are changed; one frame out per frame in
+        chain.append(graph.add("yadif", "mode=send_frame:parity=auto:deint=interlaced"))
+    chain += [graph.add("crop", f"{width}:{height}"), graph.add("scale", f"{frame_size}:{frame_size}:flags=area"),
+              graph.add("format", "rgb24"), graph.add("buffersink")]
     for source, target in zip(chain, chain[1:]):
         source.link_to(target)
     graph.configure()
     return graph
 
 
+def _pulled(graph: av.filter.Graph) -> Iterator[av.VideoFrame]:
+    while True:
+        try:
+            yield graph.vpull()
+        except (av.BlockingIOError, av.EOFError):
+            return
+
+
+def _shown(container: av.container.InputContainer, info: VideoInfo, frame_size: int) -> Iterator[av.VideoFrame]:
+    """The video's frames through the filters, in presentation order."""
+    stream = container.streams[info.stream]
+    graph = _filters(stream, info, frame_size)
+    for frame in container.decode(stream):
+        graph.vpush(frame)
+        yield from _pulled(graph)
+    graph.vpush(None)
+    yield from _pulled(graph)
+
+
 def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> Iterator[Clip]:
-    """Decode every frame once: each is centre-cropped and resized to `frame_size`, fed to the scene
-    detector, and kept until its clip closes (at a cut, at max_clip_s, or at the end)."""
+    """Decode every frame once: each is centre-cropped, resized to `frame_size` and turned as a
+    player shows it, fed to the scene detector, and kept with its time until its clip closes
+    (at a cut, at max_clip_s, or at the end)."""
     fps = float(info.fps)
     detector = ContentDetector(threshold=cfg.scene_threshold, min_scene_len=max(1, round(cfg.min_scene_s * fps)),
                                filter_mode=FlashFilter.Mode.SUPPRESS)  # cuts are reported on the frame itself
-    max_frames = max(1, int(cfg.max_clip_s * fps) + 1)
     buffer: list[np.ndarray] = []
-    first, index, decoded = 0, 0, 0
+    times: list[float] = []
+    first, index, decoded, origin, last = 0, 0, 0, None, -np.inf
     with _open(path) as container:
         try:
-            stream = container.streams.video[0]
-            resize = _crop_and_resize(stream, frame_size)
-            for frame in container.decode(stream):
-                resize.vpush(frame)
-                image = resize.vpull().to_ndarray()
+            for frame in _shown(container, info, frame_size):
+                if frame.pts is None:  # no timestamp: one nominal frame after the last
+                    time = last + 1 / fps if decoded else 0.0
+                else:
+                    origin = frame.time if origin is None else origin
+                    time = frame.time - origin
+                if time <= last:
+                    raise Rejected("broken_timestamps", f"{path}: frame {decoded} is shown at {time:.3f} s, "
+                                   f"not after the frame before it ({last:.3f} s)")
+                image = np.ascontiguousarray(info.orientation.apply(frame.to_ndarray()))
                 cut = detector.process_frame(FrameTimecode(decoded, fps), np.ascontiguousarray(image[..., ::-1]))
-                if buffer and (cut or len(buffer) == max_frames):
-                    yield Clip(index, first, np.stack(buffer))
-                    buffer, first, index = [], decoded, index + 1
+                if buffer and (cut or time - times[0] > cfg.max_clip_s + TIME_TOL):
+                    yield Clip(index, first, np.stack(buffer), np.asarray(times))
+                    buffer, times, first, index = [], [], decoded, index + 1
                 buffer.append(image)
-                decoded += 1
+                times.append(time)
+                decoded, last = decoded + 1, time
         except av.FFmpegError as err:
             raise Rejected("decode_error", f"{path}: after {decoded} frames: {err}") from None
     if decoded < info.num_frames:
         raise Rejected("decode_error", f"{path}: decoded {decoded} of {info.num_frames} frames (truncated?)")
     if buffer:
-        yield Clip(index, first, np.stack(buffer))
+        yield Clip(index, first, np.stack(buffer), np.asarray(times))

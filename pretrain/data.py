@@ -25,7 +25,8 @@ import torch
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.config import ModelConfig
-from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE, Sample, ShardFormatError, compose_text, decode_sample
+from cogvideo.shards import (DEFAULT_PREFIX_TEMPLATE, Sample, ShardFormatError, compose_text, decode_sample,
+                             tar_problem)
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +65,6 @@ def expand_shards(patterns: list[str]) -> list[str]:
                 raise FileNotFoundError(f"data.shards: {item!r} matches no file")
             found.update(matches)
     return sorted(found)
-
-
-def truncated(path: str) -> bool:
-    """A tar ends with two zero blocks, in a size that is a multiple of 512 (checked for local files)."""
-    if not os.path.isfile(path):
-        return False
-    size = os.path.getsize(path)
-    if size % 512 or size < 1024:
-        return True
-    with open(path, "rb") as f:
-        f.seek(size - 1024)
-        return any(f.read(1024))
 
 
 def rank_shards(shards: list[str], seed: int, epoch: int, dp_rank: int, dp_size: int) -> list[str]:
@@ -142,8 +131,9 @@ class ShardLoader:
 
     def _read_shard(self, url: str) -> Iterator[dict]:
         try:
-            if truncated(url):
-                raise EOFError("no end-of-archive marker: the file is truncated")
+            problem = tar_problem(url) if os.path.isfile(url) else None
+            if problem:
+                raise ShardFormatError(problem)
             yield from tarfile_samples([{"url": url}])
         except Exception as err:  # corrupt mid-way: what was read stays used, the rest is skipped
             self._skipped("bad_shards", "skipping unreadable shard %s (%s: %s)", url, type(err).__name__, err)

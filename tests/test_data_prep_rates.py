@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_prep.config import PrepConfig
-from data_prep.rates import frame_indices, plan_samples, stage1_rate, stage2_rates
+from data_prep.rates import frames_at, plan_samples, source_rate, stage1_rate, stage2_rates
 
 RATES = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 INTERP = [2.0, 4.0, 8.0]
@@ -49,23 +49,42 @@ def test_exact_boundaries_fit_and_one_frame_less_does_not():
 
 def test_plan_samples_follows_the_configured_stages():
     cfg = PrepConfig()
-    assert plan_samples(121, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == \
+    assert plan_samples(120 / 30, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == \
         [(1, 1.0), (2, 2.0), (2, 4.0), (2, 8.0)]
-    assert plan_samples(121, 30.0, 5, [2], cfg.stage1_fps, cfg.stage2_fps) == [(2, 2.0), (2, 4.0), (2, 8.0)]
-    assert plan_samples(10, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == []
+    assert plan_samples(120 / 30, 30.0, 5, [2], cfg.stage1_fps, cfg.stage2_fps) == [(2, 2.0), (2, 4.0), (2, 8.0)]
+    assert plan_samples(9 / 30, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == []
+    # a variable-rate clip serves rates up to that of its longest frame interval (0.25 s)
+    assert plan_samples(120 / 30, 4.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == [(1, 1.0), (2, 2.0), (2, 4.0)]
 
 
 @pytest.mark.parametrize("source_fps", [8.0, 25.0, 30000 / 1001])
-def test_frame_indices_are_evenly_spaced_centred_and_inside(source_fps):
+def test_frames_at_constant_rate_are_evenly_spaced_centred_and_inside(source_fps):
     for fps in RATES + INTERP:
         for clip_frames in boundary_clip_lengths(5, source_fps):
             if not reference_fits(5, fps, clip_frames, source_fps):
                 continue
-            idx = frame_indices(clip_frames, source_fps, fps, 5)
+            idx = frames_at(np.arange(clip_frames) / source_fps, fps, 5)
             assert idx[0] >= 0 and idx[-1] <= clip_frames - 1 and np.all(np.diff(idx) > 0)
             # the first frame is nearest the centred start, the others nearest to it + k / fps
             step = source_fps / fps
             assert abs(idx[0] - (clip_frames - 1 - 4 * step) / 2) <= 1
             assert np.all(np.abs(idx - idx[0] - step * np.arange(5)) <= 0.5 + 1e-9)
             assert abs((idx[0] + idx[-1]) / 2 - (clip_frames - 1) / 2) <= 1  # centred
-    assert frame_indices(33, 8.0, 1.0, 5).tolist() == [0, 8, 16, 24, 32]  # exact fit spans the clip
+    assert frames_at(np.arange(33) / 8.0, 1.0, 5).tolist() == [0, 8, 16, 24, 32]  # exact fit spans the clip
+
+
+def test_frames_at_variable_rate_are_the_frames_nearest_the_true_times():
+    rng = np.random.default_rng(0)
+    intervals = np.where(rng.random(200) < 0.5, 0.016, 0.25)  # a phone's bursts
+    times = np.concatenate([[0.0], np.cumsum(intervals)])
+    assert source_rate(times, 0.25) == pytest.approx(4.0)
+    assert source_rate(np.arange(100) / 30, 0.25) == pytest.approx(30.0)
+    for fps in RATES:
+        if 4 / fps > times[-1]:
+            continue
+        idx = frames_at(times, fps, 5)
+        targets = times[idx[0]] + np.arange(5) / fps
+        # brute force: the nearest frame to each target, ties to the later one
+        expected = [max(range(len(times)), key=lambda i: (-round(abs(times[i] - t), 9), i)) for t in targets]
+        assert idx.tolist() == expected
+        assert abs(times[idx[0]] - (times[-1] - 4 / fps) / 2) <= 0.25  # centred to within one interval

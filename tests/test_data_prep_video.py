@@ -57,7 +57,9 @@ def make_bad_inputs(folder):
             frame.sample_rate, frame.pts = 16000, i * 1024
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    encode(folder / "variable_rate.mp4", moving(), pts=[sum(40 if i % 2 else 125 for i in range(k)) for k in range(17)])
+    encode(folder / "long_gap.mp4", moving(), pts=[125 * k + (5000 if k > 8 else 0) for k in range(17)])
+    Image.fromarray(moving(1)[0]).save(folder / "image.mp4", format="PNG")
+    (folder / "dangling_link.mp4").symlink_to(folder / "moved_away.mp4")
     encode(folder / "one_pixel.mp4", np.zeros((2, 1, 1, 3), np.uint8))
     with av.open(str(folder / "8k.mp4"), "w") as container:  # MJPEG of a blank frame: fast to write
         stream = container.add_stream("mjpeg", rate=8)
@@ -70,7 +72,8 @@ def make_bad_inputs(folder):
     encode(folder / "three_frames.mp4", moving(3))  # 0.25 s: 5 frames fit at no configured rate
     return {"zero_bytes.mp4": "empty_file", "not_a_video.mp4": "not_a_video", "truncated.mp4": "corrupt_container",
             "truncated_faststart.mp4": "truncated", "unknown_codec.mp4": "unreadable_codec",
-            "audio_only.mp4": "no_video_stream", "variable_rate.mp4": "variable_frame_rate",
+            "audio_only.mp4": "no_video_stream", "long_gap.mp4": "broken_timestamps",
+            "image.mp4": "not_a_video", "dangling_link.mp4": "broken_link",
             "one_pixel.mp4": "resolution_too_small", "8k.mp4": "resolution_too_large",
             "three_frames.mp4": "no_usable_clip"}
 
@@ -82,7 +85,7 @@ def test_probe_rejects_every_bad_file_with_its_reason(tmp_path):
         path = str(tmp_path / name)
         assert reason in REASONS
         with pytest.raises(Rejected) as err:
-            if reason == "empty_file":
+            if reason in ("empty_file", "broken_link"):
                 content_hash(path)
             info = probe(path, cfg)
             assert reason == "no_usable_clip", name  # the only one that probes fine
