@@ -171,7 +171,8 @@ def test_broken_timestamps_are_rejected_with_the_numbers(tmp_path):
         probe(gap, PrepConfig())
     repeated = write(tmp_path / "repeated.mkv", numbered(6), fmt="matroska", pts=[0, 125, 250, 250, 375, 500],
                      bframes="0")
-    with pytest.raises(Rejected, match=r"broken_timestamps: .*1 frame\(s\) repeat another's timestamp \(first at 0\.250"):
+    with pytest.raises(Rejected, match=r"broken_timestamps: .*1 frame\(s\) repeat another's timestamp "
+                                       r"\(first at 0\.250"):
         probe(repeated, PrepConfig())
 
 
