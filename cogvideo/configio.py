@@ -4,10 +4,22 @@
 
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the dotted key,
 so a bad config fails before any process starts.
+
+Every command configured by a dataclass builds its command line here, so all of them take
+``--config FILE.yaml`` plus ``dotted.key=value`` overrides and list their fields in ``--help``:
+
+    parser = config_parser(PrepConfig, "cogvideo-prep", "Videos + captions -> token shards.")
+    parser.add_argument("--out", required=True)         # paths and switches of this command
+    cfg, args = parse_config(PrepConfig, parser, argv)  # a bad key: one line, exit 2
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
+import io
+import json
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -167,3 +179,82 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 
 def save_yaml(obj, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True))
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field's line in the class source (empty when none)."""
+    try:
+        lines, first = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    try:
+        for token in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+            if token.type == tokenize.COMMENT:
+                comments[token.start[0]] = token.string.lstrip("#").strip()
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    out = {}
+    for offset, line in enumerate(lines, start=1):
+        name = line.strip().split(":", 1)[0]
+        if not (name.isidentifier() and line.startswith("    ") and line[4] != " "):
+            continue
+        above = offset - 1  # else the comment lines right above the field
+        while above >= 1 and lines[above - 1].strip().startswith("#"):
+            above -= 1
+        block = [comments[n] for n in range(above + 1, offset) if n in comments]
+        if offset in comments or block:
+            out[name] = comments.get(offset) or " ".join(block)
+    return out
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def describe_fields(cls, prefix: str = "", instance=None) -> list[str]:
+    """``key = default  # comment`` for every field of ``cls`` (values from ``instance`` when
+    given), nested sections as dotted keys."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, value = prefix + f.name, _default(f) if instance is None else getattr(instance, f.name)
+        if dataclasses.is_dataclass(hints[f.name]) and dataclasses.is_dataclass(value):
+            rows += describe_fields(type(value), key + ".", value)
+            continue
+        shown = "(required)" if value is dataclasses.MISSING else json.dumps(to_dict(value) if dataclasses.is_dataclass(
+            value) else value, ensure_ascii=False, default=str)
+        note = f"  # {comments[f.name]}" if comments.get(f.name) else ""
+        rows.append(f"  {key} = {shown}{note}")
+    return rows
+
+
+def config_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser taking ``--config FILE.yaml`` and ``key=value`` overrides for dataclass ``cls``;
+    its ``--help`` lists every field with its default."""
+    epilog = (f"config fields (YAML keys of --config, or key=value overrides; nested ones as "
+              f"section.key=value), with defaults:\n" + "\n".join(describe_fields(cls)))
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the config fields listed below")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="field overrides, applied after --config (values are YAML scalars or lists)")
+    return parser
+
+
+def parse_config(cls, parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                 defaults: dict | None = None) -> tuple[Any, argparse.Namespace]:
+    """(config, the other arguments). A bad file, key or value ends the command with one line
+    naming it, and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides, defaults), args
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: bad config: {err}\n")

@@ -2,6 +2,7 @@
 
 Frame size, tokens per frame side and frames per sample are not settings here: they come
 from the model config (`model_preset` + `model` overrides), so shards always fit the model.
+`model_preset` defaults to the preset the image tokenizer was fitted for.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cogvideo.configio import ConfigError
 
 @dataclass
 class PrepConfig:
-    model_preset: str = "small"
+    model_preset: str | None = None  # None: the preset the image tokenizer was fitted for (its metadata)
     model: dict = field(default_factory=dict)  # ModelConfig field overrides
     tokenizer: str = ""  # image tokenizer path, as load_image_tokenizer takes it
     # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per actor
@@ -82,10 +83,14 @@ class Geometry:
     frame_size: int
     tokens_side: int
     num_frames: int
+    image_codes: int  # image ids of the model's vocabulary: the tokenizer's codebook must fit
 
 
 def geometry(cfg: PrepConfig) -> Geometry:
+    if cfg.model_preset is None:
+        raise ConfigError("prep.model_preset: required (the image tokenizer records no preset)")
     model = resolve_model_config(cfg.model_preset, cfg.model)
     if model.stage == "backbone" and 2 in cfg.stages:
         raise ConfigError("prep.stages: a one-frame backbone preset has no stage-2 samples")
-    return Geometry(frame_size=model.frame_size, tokens_side=model.frame_tokens, num_frames=model.num_frames)
+    return Geometry(frame_size=model.frame_size, tokens_side=model.frame_tokens, num_frames=model.num_frames,
+                    image_codes=model.vocab.num_image_tokens)

@@ -11,8 +11,8 @@ The Ray side is in data_prep.stages.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -22,12 +22,12 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from cogvideo.configio import ConfigError, load_config, save_yaml
+from cogvideo.configio import ConfigError, config_parser, parse_config, save_yaml
 from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY
 from data_prep.config import Geometry, PrepConfig, geometry
 from data_prep.inputs import caption_for, list_inputs, load_captions
 from data_prep.output import PrepOutput
-from data_prep.stages import TokenizeSamples, extract_samples, hash_input
+from data_prep.stages import TokenizeSamples, check_tokenizer, extract_samples, hash_input, load_tokenizer
 
 
 def init_ray(address: str | None, num_cpus: int) -> None:
@@ -72,12 +72,21 @@ def _record_rejection(out: PrepOutput, record: dict) -> None:
     out.finish_input(record)
 
 
+def with_checked_tokenizer(cfg: PrepConfig) -> tuple[PrepConfig, Geometry]:
+    """Before Ray starts: the image tokenizer loads and fits the model (ConfigError otherwise);
+    an unset model_preset becomes the preset the tokenizer was fitted for."""
+    tokenizer = load_tokenizer(cfg)
+    if cfg.model_preset is None:
+        cfg = dataclasses.replace(cfg, model_preset=getattr(tokenizer, "preset", None))
+    shape = geometry(cfg)
+    check_tokenizer(cfg, shape, tokenizer)
+    return cfg, shape
+
+
 def run_prep(cfg: PrepConfig, inputs: list[str], out_dir: str | Path, captions: str | None = None,
              address: str | None = None, progress: bool = True) -> dict:
     """Prepare (or finish preparing) `out_dir` from the videos matched by `inputs`; the summary."""
-    shape = geometry(cfg)
-    if not cfg.tokenizer:
-        raise ConfigError("prep.tokenizer: the image tokenizer path is required")
+    cfg, shape = with_checked_tokenizer(cfg)
     started = time.perf_counter()
     out = PrepOutput(out_dir, cfg.shard_samples, cfg.shard_bytes)
     save_yaml(cfg, Path(out_dir) / "prep_config.yaml")
@@ -164,16 +173,13 @@ def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict
 def run_cli(argv: list[str] | None = None) -> dict:
     """cogvideo-prep --input DIR_OR_GLOB --captions FILE --out DIR [--address ray://...]
     [--config prep.yaml] [key=value ...]"""
-    parser = argparse.ArgumentParser(prog="cogvideo-prep", description="Videos + captions -> token shards.")
+    parser = config_parser(PrepConfig, "cogvideo-prep", "Videos + captions -> token shards.")
     parser.add_argument("--input", action="append", required=True, help="folder, file or glob (repeatable)")
     parser.add_argument("--captions", help="CSV or JSONL with path,caption (default: sidecar .txt files)")
     parser.add_argument("--out", required=True, help="output folder (rerun to resume)")
     parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    parser.add_argument("--config", help="YAML file with PrepConfig fields")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tokenizer=tok.safetensors stages=[1]")
-    args = parser.parse_args(argv)
-    cfg = load_config(PrepConfig, args.config, args.overrides)
+    cfg, args = parse_config(PrepConfig, parser, argv)
     summary = run_prep(cfg, args.input, args.out, args.captions, args.address, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     return summary

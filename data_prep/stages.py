@@ -99,17 +99,37 @@ def load_object(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
+def load_tokenizer(cfg: PrepConfig, device: str = "cpu"):
+    """The image tokenizer of ``prep.tokenizer``; ConfigError when it is missing or unreadable."""
+    if not cfg.tokenizer:
+        raise ConfigError("prep.tokenizer: the image tokenizer path is required "
+                          "(fit one with cogvideo-fit-image-tokenizer preset=...)")
+    try:
+        return load_object(cfg.tokenizer_loader)(cfg.tokenizer, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"prep.tokenizer: {err}") from None
+
+
+def check_tokenizer(cfg: PrepConfig, shape: Geometry, tokenizer) -> None:
+    """Its frame size, codes per side and codebook fit the model (ConfigError naming both)."""
+    got = (tokenizer.frame_size, tokenizer.tokens_side)
+    fix = f"fit one with cogvideo-fit-image-tokenizer preset={cfg.model_preset}"
+    if got != (shape.frame_size, shape.tokens_side):
+        raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: encodes {got[0]}px frames to {got[1]}x{got[1]} codes, "
+                          f"but the model ({cfg.model_preset}) needs {shape.frame_size}px and "
+                          f"{shape.tokens_side}x{shape.tokens_side} (model.frame_size, model.frame_tokens): {fix}")
+    if tokenizer.codebook_size > shape.image_codes:
+        raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: {tokenizer.codebook_size} codes, but the model "
+                          f"({cfg.model_preset}) has {shape.image_codes} (model.vocab.num_image_tokens): {fix}")
+
+
 class TokenizeSamples:
     """Ray actor: loads the image tokenizer once, encodes the frames of a batch of samples
     together and returns them as shard fields (cogvideo.shards.encode_sample)."""
 
     def __init__(self, cfg: PrepConfig, shape: Geometry, device: str = "cpu"):
-        self.tokenizer = load_object(cfg.tokenizer_loader)(cfg.tokenizer, device=device)
-        got = (self.tokenizer.frame_size, self.tokenizer.tokens_side)
-        if got != (shape.frame_size, shape.tokens_side):
-            raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: encodes {got[0]}px frames to {got[1]}x{got[1]} codes, "
-                              f"but the model ({cfg.model_preset}) needs {shape.frame_size}px and "
-                              f"{shape.tokens_side}x{shape.tokens_side} (model.frame_size, model.frame_tokens)")
+        self.tokenizer = load_tokenizer(cfg, device)
+        check_tokenizer(cfg, shape, self.tokenizer)
         self.shape = shape
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

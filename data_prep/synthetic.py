@@ -6,7 +6,6 @@ decoded frames. Everything is seeded: the same arguments give the same files, by
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from fractions import Fraction
@@ -16,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from cogvideo.configio import load_config
+from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.synthetic import (COLOURS, DIRECTIONS, SHAPES, SPEED_WORDS, caption_for, default_radius,
                                  render_frames, speed_range)
 
@@ -77,31 +76,45 @@ def generate_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, size: 
 
 @dataclass
 class SynthConfig:
-    out: str = "synthetic_videos"
+    out: str = "synthetic_videos"  # folder for the mp4 files and captions.jsonl
     num_videos: int = 100
     seed: int = 0
-    size: int = 32
+    size: int = 32  # pixels per side
     fps: float = 8.0
-    durations: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    holdout: list[str] = field(default_factory=list)  # "colour/shape/direction"
-    speed_words: bool = False
+    durations: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # seconds, one drawn per video
+    holdout: list[str] = field(default_factory=list)  # "colour/shape/direction" combinations never drawn
+    speed_words: bool = False  # append "slowly" / "quickly" to captions
+
+    def __post_init__(self):
+        if self.num_videos <= 0 or self.fps <= 0 or self.size <= 0:
+            raise ConfigError("num_videos, fps and size: must be positive, got "
+                              f"{self.num_videos}, {self.fps}, {self.size}")
+        if not self.durations or min(self.durations) <= 0:
+            raise ConfigError(f"durations: expected positive seconds, got {self.durations}")
+        for duration in self.durations:
+            try:
+                speed_range(self.size, duration, default_radius(self.size))
+            except ValueError as err:
+                raise ConfigError(f"size: {err}") from None
+        self.holdout_combinations()
+
+    def holdout_combinations(self) -> set[tuple[str, str, str]]:
+        combos = set()
+        for item in self.holdout:
+            parts = tuple(item.split("/"))
+            if len(parts) != 3 or parts[0] not in COLOURS or parts[1] not in SHAPES or parts[2] not in DIRECTIONS:
+                raise ConfigError(f"holdout: {item!r} is not colour/shape/direction with colour in {list(COLOURS)}, "
+                                  f"shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
+            combos.add(parts)
+        return combos
 
 
 def main(argv: list[str] | None = None) -> None:
-    """cogvideo-synth [--config synth.yaml] [key=value ...]"""
-    parser = argparse.ArgumentParser(prog="cogvideo-synth", description=main.__doc__)
-    parser.add_argument("--config", help="YAML file with SynthConfig fields")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_videos=500 size=48")
-    args = parser.parse_args(argv)
-    cfg = load_config(SynthConfig, args.config, args.overrides)
-    holdout = set()
-    for item in cfg.holdout:
-        parts = tuple(item.split("/"))
-        if len(parts) != 3:
-            raise SystemExit(f"holdout: {item!r} is not colour/shape/direction")
-        holdout.add(parts)
+    parser = config_parser(SynthConfig, "cogvideo-synth",
+                           "Write captioned synthetic videos of one moving coloured shape (mp4 + captions.jsonl).")
+    cfg, _ = parse_config(SynthConfig, parser, argv)
     captions = generate_dataset(cfg.out, cfg.num_videos, cfg.seed, cfg.size, cfg.fps, tuple(cfg.durations),
-                                holdout, cfg.speed_words)
+                                cfg.holdout_combinations(), cfg.speed_words)
     print(f"wrote {cfg.num_videos} videos and {captions}")
 
 

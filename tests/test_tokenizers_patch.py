@@ -209,14 +209,29 @@ def test_command_fits_from_images_and_videos(tmp_path, capsys):
     assert read_frames(str(tmp_path / "frames" / "*.png"), SIZE)[0].shape == (120, SIZE, SIZE, 3)
 
     out = tmp_path / "tok.safetensors"
-    main(["--frames", str(tmp_path / "frames"), "--out", str(out), "--codebook-size", "64",
-          "--frame-size", "32", "--tokens-side", "4", "--iterations", "4"])
-    printed = capsys.readouterr().out
+    main(["preset=small", f"frames={tmp_path / 'frames'}", f"out={out}", "codebook_size=64", "iterations=4"])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "reading frames" in captured.err and "4/4" in captured.err  # progress: files, then k-means iterations
+    assert "context table" in captured.err
     held_out = re.search(r"held-out PSNR ([\d.]+) dB on (\d+) frames of (\d+) held-out file", printed)
     assert float(held_out.group(1)) > 19.0 and int(held_out.group(2)) >= 16  # measured 20.4-20.8 dB, seeds 0-2
-    assert PatchVQTokenizer.load(out).codebook_size == 64
+    fitted = PatchVQTokenizer.load(out)
+    assert (fitted.codebook_size, fitted.frame_size, fitted.tokens_side, fitted.preset) == (64, 32, 4, "small")
     with pytest.raises(FileNotFoundError, match="no frames found at .*nothing"):
         read_frames(str(tmp_path / "nothing"), SIZE)
+
+
+def test_fit_command_takes_its_geometry_from_the_preset_and_refuses_what_does_not_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["preset=small", f"frames={tmp_path}", f"out={tmp_path / 'tok.safetensors'}", "codebook_size=4096"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "codebook_size: 4096 codes do not fit preset 'small' (vocab.num_image_tokens=512)" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit:
+        main(["preset=small", f"frames={tmp_path / 'nothing'}", f"out={tmp_path / 'tok.safetensors'}"])
+    assert exit.value.code == 2 and "no frames found" in capsys.readouterr().err
 
 
 def test_held_out_split_keeps_files_whole():

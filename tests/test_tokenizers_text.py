@@ -1,8 +1,10 @@
 import itertools
+import json
 
 import pytest
 import sentencepiece as spm
 
+from cogvideo.config import get_preset
 from cogvideo.shards import compose_text
 from cogvideo.tokenizers.text import ICETK_TEXT_MODEL, TextTokenizer, main, train_text_tokenizer
 from cogvideo.vocab import VocabLayout
@@ -103,9 +105,42 @@ def test_missing_or_bad_model_files_are_named(tmp_path, model_file):
 def test_command_trains_from_caption_file(tmp_path, capsys):
     caption_file = tmp_path / "captions.txt"
     caption_file.write_text("\n".join(captions()) + "\n\n", encoding="utf-8")
-    main(["--captions", str(caption_file), "--out", str(tmp_path / "out" / "sp"), "--vocab-size", "500"])
-    assert "pieces" in capsys.readouterr().out
+    main(["preset=small", f"captions={caption_file}", f"out={tmp_path / 'out' / 'sp'}", "vocab_size=500"])
+    printed = capsys.readouterr().out
+    assert "fits preset 'small'" in printed and "data.text_tokenizer=" in printed  # config keys, not Python
     tokenizer = TextTokenizer(tmp_path / "out" / "sp.model", VocabLayout.compact(64, 500))
     assert tokenizer.decode(tokenizer.encode("一个黄色的正方形向下移动")) == "一个黄色的正方形向下移动"
-    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
-        main(["--captions", str(tmp_path / "nowhere.txt"), "--out", str(tmp_path / "x"), "--vocab-size", "50"])
+    fitted = json.loads((tmp_path / "out" / "sp.json").read_text())
+    assert fitted["preset"] == "small" and fitted["pieces"] == tokenizer.num_pieces <= fitted["num_text_tokens"]
+    with pytest.raises(SystemExit) as exit:
+        main(["preset=small", f"captions={tmp_path / 'nowhere.txt'}", f"out={tmp_path / 'x'}", "vocab_size=50"])
+    assert exit.value.code == 2 and "nowhere.txt" in capsys.readouterr().err
+
+
+def test_command_reads_the_prep_captions_file_and_defaults_to_the_presets_vocabulary(tmp_path, capsys):
+    rows = [{"path": f"v{i}.mp4", "caption": c} for i, c in enumerate(captions())]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    main(["preset=small", f"captions={tmp_path / 'captions.jsonl'}", f"out={tmp_path / 'sp'}"])
+    fitted = json.loads((tmp_path / "sp.json").read_text())
+    assert fitted["vocab_size"] == get_preset("small").vocab.num_text_tokens >= fitted["pieces"]
+    with pytest.raises(SystemExit) as exit:
+        main(["preset=tiny", f"captions={tmp_path / 'captions.jsonl'}", f"out={tmp_path / 'x'}", "vocab_size=5000"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "vocab_size: 5000 pieces do not fit preset 'tiny'" in err
+
+
+def test_small_vocabulary_over_many_characters_needs_and_takes_character_coverage(tmp_path, capsys):
+    # 100 frequent and 300 rare CJK characters: with byte fallback's 256 pieces, all of them
+    # cannot be pieces of a 500-piece vocabulary; coverage 0.98 leaves the rare ones to bytes
+    common, rare = [chr(0x4E00 + i) for i in range(100)], [chr(0x5000 + i) for i in range(300)]
+    lines = ["".join(common[(i * 7 + k) % 100] for k in range(50)) + (rare[i] if i < 300 else "")
+             for i in range(600)]
+    (tmp_path / "captions.txt").write_text("\n".join(lines), encoding="utf-8")
+    args = ["preset=small", f"captions={tmp_path / 'captions.txt'}", f"out={tmp_path / 'sp'}", "vocab_size=500"]
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "character_coverage=" in err and len(err.strip().splitlines()) == 1
+    main(args + ["character_coverage=0.98"])
+    tokenizer = TextTokenizer(tmp_path / "sp.model", get_preset("small").vocab)
+    assert tokenizer.num_pieces <= 500 and tokenizer.decode(tokenizer.encode(lines[0])) == lines[0]

@@ -1,6 +1,6 @@
 """cogvideo-eval: FVD, prompt-following and reconstruction metrics, each written as JSON.
 
-    cogvideo-eval fvd --real DIR --fake DIR --real-split NAME [--out fvd.json]
+    cogvideo-eval fvd --real DIR --fake DIR --real-split NAME [--short-videos resample] [--out fvd.json]
     cogvideo-eval prompts --videos DIR [--manifest DIR/manifest.json] [--out prompts.json]
     cogvideo-eval recon --reference DIR --reconstruction DIR [--out recon.json]
     cogvideo-eval classify VIDEO...          (top Kinetics-400 labels: a look at the I3D)
@@ -20,7 +20,7 @@ import numpy as np
 def _fvd(args) -> dict:
     from cogvideo.eval.fvd import FVDProtocol, fvd_from_dirs
 
-    protocol = FVDProtocol(num_frames=args.num_frames, features=args.features)
+    protocol = FVDProtocol(num_frames=args.num_frames, features=args.features, short_videos=args.short_videos)
     return fvd_from_dirs(args.real, args.fake, args.real_split, protocol, args.i3d_weights, args.fake_split,
                          args.i3d_sdist).to_dict()
 
@@ -28,7 +28,11 @@ def _fvd(args) -> dict:
 def _prompts(args) -> dict:
     from cogvideo.eval.prompts import score_manifest
 
-    return score_manifest(args.manifest or Path(args.videos) / "manifest.json")
+    result = score_manifest(args.manifest or Path(args.videos) / "manifest.json")
+    if result["unscored"]:
+        print(f"cogvideo-eval prompts: {len(result['unscored'])} video(s) not scored (their prompt is not a "
+              f"synthetic caption), listed under 'unscored'", file=sys.stderr)
+    return result
 
 
 def _recon(args) -> dict:
@@ -105,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-split", required=True, help="what the real videos are (recorded with the number)")
     p.add_argument("--fake-split", default="generated")
     p.add_argument("--features", choices=["logits", "pool"], default="logits")
-    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--num-frames", type=int, default=16, help="frames compared per video (I3D needs >= 9)")
+    p.add_argument("--short-videos", choices=["refuse", "resample"], default="refuse",
+                   help="videos with fewer frames (stage-1 keyframes: 5): refuse, or resample them in time "
+                        "(frames repeated; recorded in the result, not comparable with published FVDs)")
     p = add("prompts", _prompts, "prompt-following accuracy on synthetic videos")
     p.add_argument("--videos", required=True, help="folder with the videos and manifest.json")
     p.add_argument("--manifest", help="manifest JSON: [{file, prompt, duration, heldout}] (default: VIDEOS/manifest.json)")

@@ -20,6 +20,7 @@ from cogvideo.eval.i3d import load_i3d
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
 from cogvideo.eval.video_io import list_videos, read_video
 
+SHORT_VIDEOS = ("refuse", "resample")
 FEATURES = {"logits": "I3D Kinetics-400 logits (400-d, pre-softmax)", "pool": "I3D Mixed_5c average pool (1024-d)"}
 
 
@@ -30,12 +31,28 @@ class FVDProtocol:
     features: str = "logits"
     resize: str = "bilinear, whole frame to resolution x resolution, no crop"
     clip: str = "first num_frames frames of each video"
+    # "refuse" a video with fewer than num_frames frames, or "resample" it in time to num_frames
+    # (each frame repeated, nearest-frame): a way to compare stage-1 keyframes (5) that I3D
+    # (>= 9 frames) cannot take; such a number is not comparable with published FVDs
+    short_videos: str = "refuse"
 
     def __post_init__(self):
         if self.features not in FEATURES:
             raise ValueError(f"FVD features {self.features!r}: choose one of {sorted(FEATURES)}")
         if self.num_frames < 9:
             raise ValueError(f"FVD num_frames {self.num_frames}: I3D needs at least 9 frames")
+        if self.short_videos not in SHORT_VIDEOS:
+            raise ValueError(f"FVD short_videos {self.short_videos!r}: choose one of {SHORT_VIDEOS}")
+
+    def clip_frames(self, frames: np.ndarray, name: str) -> np.ndarray:
+        """The num_frames frames the protocol compares (ValueError for a short video it refuses)."""
+        if len(frames) >= self.num_frames:
+            return frames[: self.num_frames]
+        if self.short_videos == "refuse":
+            raise ValueError(f"{name}: {len(frames)} frames, the FVD protocol needs {self.num_frames}: pass "
+                             f"--short-videos resample to stretch shorter videos in time (frames repeated; "
+                             f"recorded in the result, not comparable with published FVDs)")
+        return frames[np.arange(self.num_frames) * len(frames) // self.num_frames]
 
 
 @dataclass
@@ -45,6 +62,7 @@ class VideoSet:
     fps: list[float]
     resolutions: list[list[int]]  # distinct source [H, W]
     split: str
+    resampled: int = 0  # videos shorter than num_frames, stretched in time (short_videos="resample")
 
 
 @dataclass
@@ -62,9 +80,7 @@ def preprocess(frames: np.ndarray, protocol: FVDProtocol = FVDProtocol(), name: 
     """uint8 [T, H, W, 3] -> float [3, num_frames, res, res] in [-1, 1]."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{name}: expected frames [T, H, W, 3], got {list(frames.shape)}")
-    if len(frames) < protocol.num_frames:
-        raise ValueError(f"{name}: {len(frames)} frames, the FVD protocol needs {protocol.num_frames}")
-    x = torch.from_numpy(np.ascontiguousarray(frames[: protocol.num_frames])).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.ascontiguousarray(protocol.clip_frames(frames, name))).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(protocol.resolution,) * 2, mode="bilinear", align_corners=False)
     return (x / 127.5 - 1.0).permute(1, 0, 2, 3)
 
@@ -120,15 +136,14 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 
 def _load_set(directory: str | Path, protocol: FVDProtocol, split: str) -> tuple[list[np.ndarray], VideoSet]:
-    videos, fps, sizes = [], set(), set()
+    videos, fps, sizes, resampled = [], set(), set(), 0
     for path in list_videos(directory):
         frames, rate = read_video(path, max_frames=protocol.num_frames)
-        if len(frames) < protocol.num_frames:
-            raise ValueError(f"{path}: {len(frames)} frames, the FVD protocol needs {protocol.num_frames}")
-        videos.append(frames)
+        resampled += len(frames) < protocol.num_frames
+        videos.append(protocol.clip_frames(frames, str(path)))
         fps.add(round(rate, 3))
         sizes.add(frames.shape[1:3])
-    return videos, VideoSet(len(videos), sorted(fps), [list(s) for s in sorted(sizes)], split)
+    return videos, VideoSet(len(videos), sorted(fps), [list(s) for s in sorted(sizes)], split, resampled)
 
 
 def fvd_from_dirs(real_dir: str | Path, fake_dir: str | Path, real_split: str, protocol: FVDProtocol = FVDProtocol(),

@@ -113,9 +113,10 @@ class ManifestEntry:
     heldout: bool = False
 
 
-def read_manifest(path: str | Path) -> list[ManifestEntry]:
-    """JSON: a list (or {"videos": [...]}) of {"file", "prompt", "duration", optional "heldout"};
-    files are relative to the manifest's folder."""
+def read_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[dict]]:
+    """(entries to score, the rest): JSON, a list (or {"videos": [...]}) of {"file", "prompt",
+    "duration", optional "heldout"}; files are relative to the manifest's folder. Entries whose
+    prompt is not a synthetic caption cannot be scored: they come back as {file, prompt, reason}."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -127,18 +128,23 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         rows = data.get("videos") if isinstance(data, dict) else data
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of videos or {{'videos': [...]}}")
-    entries = []
+    entries, unscored = [], []
     for i, row in enumerate(rows):
         for key in ("file", "prompt", "duration"):
             if not isinstance(row, dict) or key not in row:
                 raise ValueError(f"{path}: video {i} has no {key!r}")
         try:
+            duration = float(row["duration"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: video {i}: duration {row['duration']!r} is not a number") from None
+        try:
             parse_caption(row["prompt"])
-            entries.append(ManifestEntry(path.parent / row["file"], row["prompt"], float(row["duration"]),
-                                         bool(row.get("heldout", False))))
         except ValueError as err:
-            raise ValueError(f"{path}: video {i}: {err}") from err
-    return entries
+            unscored.append({"file": str(path.parent / row["file"]), "prompt": row["prompt"], "reason": str(err)})
+            continue
+        entries.append(ManifestEntry(path.parent / row["file"], row["prompt"], duration,
+                                     bool(row.get("heldout", False))))
+    return entries, unscored
 
 
 def _sampler_rows(path: Path, entries: list[dict]) -> list[dict]:
@@ -186,5 +192,8 @@ def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
 
 
 def score_manifest(path: str | Path) -> dict:
-    entries = read_manifest(path)
-    return score(entries, [analyze_video(read_video(e.file)[0]) for e in entries])
+    """Scores of the videos whose prompt is a synthetic caption; the others are listed under
+    "unscored" with the reason."""
+    entries, unscored = read_manifest(path)
+    result = score(entries, [analyze_video(read_video(e.file)[0]) for e in entries])
+    return {**result, "unscored": unscored}

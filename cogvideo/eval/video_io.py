@@ -1,6 +1,7 @@
 """Read and write videos as uint8 RGB arrays [T, H, W, 3] with PyAV."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import av
@@ -44,9 +45,18 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18)
 
 
 def list_videos(directory: str | Path) -> list[Path]:
+    """The videos of a folder, or the sampled mp4s of a `cogvideo-sample` output folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory")
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8")).get("entries")
+        except (json.JSONDecodeError, AttributeError):
+            entries = None
+        if isinstance(entries, list):  # the sampler's manifest
+            return [directory / e["key"] / e["files"]["mp4"] for e in entries if e.get("status") == "ok"]
     videos = sorted(p for p in directory.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
         raise ValueError(f"{directory}: no videos ({', '.join(VIDEO_SUFFIXES)})")

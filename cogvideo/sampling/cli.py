@@ -6,12 +6,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import sys
 
-from cogvideo.configio import ConfigError, load_config
+from cogvideo.configio import ConfigError, config_parser, load_config
 from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.pipeline import VideoPipeline, check_paths
@@ -19,13 +18,11 @@ from cogvideo.sampling.prompts import PromptError, read_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Hierarchical CogVideo sampling for a file of prompts")
+    parser = config_parser(SampleOptions, "cogvideo-sample", "Hierarchical CogVideo sampling for a file of prompts")
     parser.add_argument("--prompts", required=True, help="one prompt per line, or .jsonl with prompt/first_frame")
     parser.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    parser.add_argument("--config", help="YAML file of SampleOptions")
     parser.add_argument("--ray", action="store_true", help="sample on Ray actors (options.workers of them)")
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    parser.add_argument("overrides", nargs="*", help="dotted option overrides, e.g. seed=7 stage1_strategy.top_k=20")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -12,21 +12,25 @@ sits inside the patch, which one code alone cannot at small codebook sizes.
 
 Saved as safetensors (no pickle): ``codebook`` [K, p*p*3] float32, ``context_keys`` [M]
 int64, ``context_patches`` [M, p*p*3] uint8, and ``frame_size``/``tokens_side``/
-``colour_weight`` metadata.
-Command: ``cogvideo-fit-image-tokenizer --frames DIR_OR_GLOB --out FILE.safetensors ...``
+``colour_weight`` metadata, plus the model ``preset`` it was fitted for.
+Command: ``cogvideo-fit-image-tokenizer preset=small frames=DIR_OR_GLOB out=FILE.safetensors``
 """
 from __future__ import annotations
 
-import argparse
 import glob
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from cogvideo.config import ModelConfig, get_preset
+from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.eval.recon import psnr
 from cogvideo.tokenizers.image import check_codes, check_frames
 
@@ -93,10 +97,11 @@ class PatchVQTokenizer:
 
     def __init__(self, codebook: torch.Tensor | np.ndarray, frame_size: int, tokens_side: int,
                  device: str = "cpu", context: tuple[np.ndarray, np.ndarray] | None = None,
-                 colour_weight: float = 0.0):
+                 colour_weight: float = 0.0, preset: str | None = None):
         if tokens_side <= 0 or frame_size % tokens_side:
             raise ValueError(f"tokens_side: expected a divisor of frame_size={frame_size}, got {tokens_side}")
         self.frame_size, self.tokens_side = frame_size, tokens_side
+        self.preset = preset  # the model preset it was fitted for (recorded in the file), if any
         self.patch_size = frame_size // tokens_side
         codebook = torch.as_tensor(codebook, dtype=torch.float32, device=device)
         dim = self.patch_size**2 * 3
@@ -152,7 +157,7 @@ class PatchVQTokenizer:
         save_file(tensors, str(path), metadata={
             "format": FORMAT, "version": FORMAT_VERSION,
             "frame_size": str(self.frame_size), "tokens_side": str(self.tokens_side),
-            "colour_weight": repr(self.colour_weight)})
+            "colour_weight": repr(self.colour_weight), **({"preset": self.preset} if self.preset else {})})
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PatchVQTokenizer":
@@ -180,7 +185,8 @@ class PatchVQTokenizer:
         context = (tensors["context_keys"].numpy(), tensors["context_patches"].numpy()) \
             if "context_keys" in tensors else None
         try:
-            return cls(tensors["codebook"], frame_size, tokens_side, device, context, colour_weight)
+            return cls(tensors["codebook"], frame_size, tokens_side, device, context, colour_weight,
+                       meta.get("preset"))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 
@@ -199,13 +205,14 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
     return x[chosen].clone()
 
 
-def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int = 0, seed_sample: int = 16) -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int = 0, seed_sample: int = 16,
+           progress: bool = False) -> torch.Tensor:
     """Lloyd's k-means; empty clusters restart at the worst-served points."""
     generator = torch.Generator().manual_seed(seed)
     sample = x[torch.randperm(len(x), generator=generator)[:seed_sample * k]]
     centres = _kmeans_plus_plus(sample, k, generator)
     x_low = x.to(torch.bfloat16)
-    for _ in range(iterations):
+    for _ in tqdm(range(iterations), desc="k-means", unit="iter", disable=not progress, file=sys.stderr):
         assign = nearest(x_low, centres)
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
@@ -251,11 +258,12 @@ def fit_context_table(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> tuple[
 def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int, tokens_side: int,
                         seed: int = 0, iterations: int = 12, max_patches: int = 131072,
                         crisp: bool = True, context: bool = True,
-                        colour_weight: float = DEFAULT_COLOUR_WEIGHT) -> PatchVQTokenizer:
+                        colour_weight: float = DEFAULT_COLOUR_WEIGHT, preset: str | None = None,
+                        progress: bool = False) -> PatchVQTokenizer:
     """Fit a ``codebook_size``-code patch tokenizer on uint8 frames [T, frame_size, frame_size, 3].
 
     k-means runs on at most ``max_patches`` random patches; the context table (``context``)
-    is built from all frames.
+    is built from all frames. ``progress`` reports each phase and k-means iteration on stderr.
     """
     frames = check_frames(frames, frame_size)
     if tokens_side <= 0 or frame_size % tokens_side:
@@ -276,15 +284,28 @@ def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int,
         raise ValueError(f"codebook_size={codebook_size} needs at least as many distinct patches; "
                          f"the frames hold {distinct}")
     features = with_colour(x, colour_weight)
-    centres = kmeans(features, codebook_size, iterations, seed)
+    report = _reporter(progress)
+    report(f"k-means: {codebook_size} codes from {len(x)} patches of {len(frames)} frames, {iterations} iterations")
+    centres = kmeans(features, codebook_size, iterations, seed, progress=progress)
     if crisp:
+        report("snapping each code to its nearest training patch")
         centres = snap_to_data(features, centres)
     codebook = centres[:, :x.shape[1]]
-    tokenizer = PatchVQTokenizer(codebook, frame_size, tokens_side, colour_weight=colour_weight)
+    tokenizer = PatchVQTokenizer(codebook, frame_size, tokens_side, colour_weight=colour_weight, preset=preset)
     if not context:
         return tokenizer
+    report(f"context table: encoding {len(frames)} frames")
     return PatchVQTokenizer(codebook, frame_size, tokens_side, context=fit_context_table(tokenizer, frames),
-                            colour_weight=colour_weight)
+                            colour_weight=colour_weight, preset=preset)
+
+
+def _reporter(progress: bool):
+    started = time.perf_counter()
+
+    def report(message: str) -> None:
+        if progress:
+            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+    return report
 
 
 def _square(image, frame_size: int) -> np.ndarray:
@@ -301,7 +322,8 @@ def _square(image, frame_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def read_frames(spec: str, frame_size: int, max_frames: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+def read_frames(spec: str, frame_size: int, max_frames: int = 20000,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Frames from a directory or glob of png/jpg images and video files (decoded with PyAV),
     in file-name order up to ``max_frames``, and the index of the file each frame came from."""
     root = Path(spec)
@@ -313,7 +335,8 @@ def read_frames(spec: str, frame_size: int, max_frames: int = 20000) -> tuple[np
     from PIL import Image
 
     frames, sources = [], []
-    for index, path in enumerate(paths):
+    for index, path in enumerate(tqdm(paths, desc="reading frames", unit="file", disable=not progress,
+                                      file=sys.stderr)):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             with Image.open(path) as image:
                 frames.append(_square(image, frame_size))
@@ -348,40 +371,60 @@ def held_out_split(sources: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return held
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fit the small patch image tokenizer and report its "
-                                                 "reconstruction PSNR on held-out frames.")
-    parser.add_argument("--frames", required=True, help="directory or glob of png/jpg frames or video files")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--codebook-size", type=int, required=True)
-    parser.add_argument("--frame-size", type=int, required=True, help="frames are centre-cropped and resized to this")
-    parser.add_argument("--tokens-side", type=int, required=True, help="codes per frame side")
-    parser.add_argument("--held-out", type=float, default=0.1,
-                        help="fraction of frames kept out of the fit for the PSNR (whole files when there are several)")
-    parser.add_argument("--max-frames", type=int, default=20000)
-    parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-crisp", action="store_true",
-                        help="keep k-means means as codes (blurrier edges)")
-    parser.add_argument("--colour-weight", type=float, default=DEFAULT_COLOUR_WEIGHT,
-                        help="weight of the mean-colour distance when matching patches (0: plain L2)")
-    parser.add_argument("--no-context", action="store_true",
-                        help="decode each code to its own patch only (no context table)")
-    args = parser.parse_args(argv)
-    if not args.out.endswith(".safetensors"):
-        parser.error(f"--out must end with .safetensors, got {args.out}")
+@dataclass
+class FitImageTokenizerConfig:
+    preset: str = "small"  # model preset: gives frame_size, tokens per side (frame_tokens) and the codebook size
+    frames: str = ""  # directory or glob of png/jpg frames or video files
+    out: str = ""  # output .safetensors file (records what was fitted, the preset included)
+    codebook_size: int = 0  # 0: the preset's vocab.num_image_tokens
+    held_out: float = 0.1  # fraction of frames kept out of the fit for the PSNR (whole files when there are several)
+    max_frames: int = 20000
+    iterations: int = 12  # k-means iterations
+    seed: int = 0
+    crisp: bool = True  # snap codes to real training patches (false: k-means means, blurrier edges)
+    colour_weight: float = DEFAULT_COLOUR_WEIGHT  # weight of the mean-colour distance when matching patches (0: L2)
+    context: bool = True  # decode with the (code, 4 neighbours) context table
 
+    def model_config(self) -> ModelConfig:
+        try:
+            return get_preset(self.preset)
+        except ValueError as err:
+            raise ConfigError(f"preset: {err}") from None
+
+    def __post_init__(self):
+        if not self.frames or not self.out.endswith(".safetensors"):
+            raise ConfigError(f"frames and out: required, out ending in .safetensors, got frames={self.frames!r} "
+                              f"out={self.out!r}")
+        limit = self.model_config().vocab.num_image_tokens
+        if not 0 <= self.codebook_size <= limit:
+            raise ConfigError(f"codebook_size: {self.codebook_size} codes do not fit preset {self.preset!r} "
+                              f"(vocab.num_image_tokens={limit}); give at most {limit}, or 0 for all of them")
+        if not 0 <= self.held_out < 1:
+            raise ConfigError(f"held_out: expected a fraction in [0, 1), got {self.held_out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = config_parser(FitImageTokenizerConfig, "cogvideo-fit-image-tokenizer",
+                           "Fit the small patch image tokenizer for a model preset and report its reconstruction "
+                           "PSNR on held-out frames.")
+    cfg, _ = parse_config(FitImageTokenizerConfig, parser, argv)
+    model = cfg.model_config()
+    codebook_size = cfg.codebook_size or model.vocab.num_image_tokens
     start = time.perf_counter()
-    frames, sources = read_frames(args.frames, args.frame_size, args.max_frames)
-    is_held = held_out_split(sources, args.held_out, args.seed)
-    held, train = frames[is_held], frames[~is_held]
-    tokenizer = fit_patch_tokenizer(train, args.codebook_size, args.frame_size, args.tokens_side,
-                                    seed=args.seed, iterations=args.iterations, crisp=not args.no_crisp,
-                                    context=not args.no_context, colour_weight=args.colour_weight)
-    tokenizer.save(args.out)
-    print(f"fitted {args.codebook_size} codes of {tokenizer.patch_size}x{tokenizer.patch_size} patches on "
+    try:
+        frames, sources = read_frames(cfg.frames, model.frame_size, cfg.max_frames, progress=True)
+        is_held = held_out_split(sources, cfg.held_out, cfg.seed)
+        held, train = frames[is_held], frames[~is_held]
+        tokenizer = fit_patch_tokenizer(train, codebook_size, model.frame_size, model.frame_tokens, seed=cfg.seed,
+                                        iterations=cfg.iterations, crisp=cfg.crisp, context=cfg.context,
+                                        colour_weight=cfg.colour_weight, preset=cfg.preset, progress=True)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: {err}\n")
+    tokenizer.save(cfg.out)
+    print(f"fitted {codebook_size} codes of {tokenizer.patch_size}x{tokenizer.patch_size} patches for preset "
+          f"{cfg.preset!r} ({model.frame_size}px frames, {model.frame_tokens}x{model.frame_tokens} codes) on "
           f"{len(train)} frames in {time.perf_counter() - start:.1f}s "
-          f"({len(tokenizer.context[0]) if tokenizer.context else 0} context entries) -> {args.out}")
+          f"({len(tokenizer.context[0]) if tokenizer.context else 0} context entries) -> {cfg.out}")
     print(f"train PSNR {psnr(train, tokenizer.decode(tokenizer.encode(train))):.2f} dB")
     if len(held):
         print(f"held-out PSNR {psnr(held, tokenizer.decode(tokenizer.encode(held))):.2f} dB on {len(held)} frames "

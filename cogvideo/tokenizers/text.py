@@ -7,12 +7,17 @@ trained on your own captions with :func:`train_text_tokenizer` /
 """
 from __future__ import annotations
 
-import argparse
+import csv
+import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 import sentencepiece as spm
 
+from cogvideo.config import ModelConfig, get_preset
+from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE, compose_text
 from cogvideo.vocab import SEPARATOR_PIECE, TEXT_PAD_PIECE, VocabLayout
 
@@ -85,11 +90,25 @@ class TextTokenizer:
 
 
 def _read_captions(captions: list[str] | str | Path) -> list[str]:
+    """Captions from a list, or a file: one per line, or the ``caption`` column of the CSV / JSONL
+    captions file that ``cogvideo-prep --captions`` reads."""
     if isinstance(captions, (str, Path)):
         path = Path(captions)
         if not path.is_file():
             raise FileNotFoundError(f"caption file not found: {path}")
-        captions = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(io.StringIO(text))
+            if "caption" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: expected a CSV header with a caption column, got {reader.fieldnames}")
+            captions = [row["caption"] or "" for row in reader]
+        elif path.suffix.lower() in (".jsonl", ".json"):
+            try:
+                captions = [str(json.loads(line).get("caption", "")) for line in text.splitlines() if line.strip()]
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise ValueError(f"{path}: expected JSON lines with a caption key ({err})") from None
+        else:
+            captions = text.splitlines()
     lines = [line.strip() for line in captions if line.strip()]
     if not lines:
         raise ValueError("no captions to train the text tokenizer on")
@@ -97,20 +116,23 @@ def _read_captions(captions: list[str] | str | Path) -> list[str]:
 
 
 def train_text_tokenizer(captions: list[str] | str | Path, out_prefix: str | Path, vocab_size: int,
-                         model_type: str = "unigram", byte_fallback: bool = True) -> Path:
+                         model_type: str = "unigram", byte_fallback: bool = True,
+                         character_coverage: float = 1.0) -> Path:
     """Train a SentencePiece model compatible with ``VocabLayout.compact`` (pad = piece 0).
 
     Pieces: 0 ``<pad>``, 1 ``<unk>``, 2 ``<n>``, then (with byte fallback) the 256 byte
-    pieces, then learned pieces. Full character coverage, so Chinese captions keep every
-    character; byte fallback covers characters never seen in training. ``vocab_size`` is an
-    upper bound: a small caption set yields fewer pieces. Returns ``<out_prefix>.model``.
+    pieces, then learned pieces. ``character_coverage`` 1.0 keeps every character of the
+    captions as a piece; below it the rarest characters are left out (byte fallback still
+    encodes them), which a vocabulary smaller than the captions' character set needs.
+    ``vocab_size`` is an upper bound: a small caption set yields fewer pieces.
+    Returns ``<out_prefix>.model``.
     """
     lines = _read_captions(captions)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=vocab_size,
-        model_type=model_type, character_coverage=1.0, byte_fallback=byte_fallback,
+        model_type=model_type, character_coverage=character_coverage, byte_fallback=byte_fallback,
         pad_id=0, pad_piece=TEXT_PAD_PIECE, unk_id=1, bos_id=-1, eos_id=-1,
         user_defined_symbols=[SEPARATOR_PIECE], required_chars=PREFIX_CHARS,
         normalization_rule_name="identity", hard_vocab_limit=False, num_threads=1, minloglevel=2,
@@ -118,20 +140,77 @@ def train_text_tokenizer(captions: list[str] | str | Path, out_prefix: str | Pat
     return out_prefix.with_name(out_prefix.name + ".model")
 
 
+def metadata_path(model_file: str | Path) -> Path:
+    """What ``cogvideo-train-text-tokenizer`` fitted, next to the model: ``PREFIX.json``."""
+    return Path(model_file).with_suffix(".json")
+
+
+def check_fits(model_file: str | Path, cfg: ModelConfig, key: str) -> TextTokenizer:
+    """The text tokenizer, loaded against ``cfg``'s vocabulary; ValueError naming ``key``, the
+    piece count, the preset it was trained for (when recorded) and the command that fixes it."""
+    try:
+        return TextTokenizer(model_file, cfg.vocab)
+    except (FileNotFoundError, ValueError) as err:
+        trained = ""
+        meta = metadata_path(model_file)
+        if Path(model_file).is_file() and meta.is_file():
+            trained = f" (trained for preset {json.loads(meta.read_text()).get('preset')!r}, {meta})"
+        raise ValueError(f"{key}: {err}{trained}; train one for this model with "
+                         f"cogvideo-train-text-tokenizer preset={cfg.name} captions=... out=...") from None
+
+
+@dataclass
+class TextTokenizerConfig:
+    preset: str = "small"  # model preset whose text vocabulary (vocab.num_text_tokens) the pieces must fit
+    captions: str = ""  # one caption per line, or the CSV / JSONL captions file of cogvideo-prep
+    out: str = ""  # output prefix: writes PREFIX.model, PREFIX.vocab and PREFIX.json (what was fitted)
+    vocab_size: int = 0  # upper bound on the pieces; 0: the preset's vocab.num_text_tokens
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    byte_fallback: bool = True  # characters without a piece become UTF-8 byte pieces (else <unk>)
+    # fraction of the captions' characters kept as pieces, 0.98 to 1: lower it (e.g. 0.9995) when the
+    # captions hold more distinct characters than vocab_size (many Chinese captions, small vocab)
+    character_coverage: float = 1.0
+
+    def model_config(self) -> ModelConfig:
+        try:
+            return get_preset(self.preset)
+        except ValueError as err:
+            raise ConfigError(f"preset: {err}") from None
+
+    def __post_init__(self):
+        for key in ("captions", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: required, e.g. captions=captions.csv out=tok/text")
+        limit = self.model_config().vocab.num_text_tokens
+        if not 0 <= self.vocab_size <= limit:
+            raise ConfigError(f"vocab_size: {self.vocab_size} pieces do not fit preset {self.preset!r} "
+                              f"(vocab.num_text_tokens={limit}); give at most {limit}, or 0 for all of them")
+        if not 0.98 <= self.character_coverage <= 1:  # SentencePiece's own bounds
+            raise ConfigError(f"character_coverage: expected a fraction in [0.98, 1], got {self.character_coverage}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a SentencePiece text tokenizer from a caption file "
-                                                 "(one caption per line, UTF-8).")
-    parser.add_argument("--captions", required=True, help="caption file, one per line")
-    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab-size", type=int, required=True, help="upper bound on the number of pieces")
-    parser.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
-    parser.add_argument("--no-byte-fallback", action="store_true", help="unknown characters become <unk>")
-    args = parser.parse_args(argv)
-    path = train_text_tokenizer(args.captions, args.out, args.vocab_size, args.model_type,
-                                byte_fallback=not args.no_byte_fallback)
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    print(f"wrote {path}: {sp.GetPieceSize()} pieces (use VocabLayout.compact(num_image_tokens, "
-          f"{sp.GetPieceSize()}) or larger)")
+    parser = config_parser(TextTokenizerConfig, "cogvideo-train-text-tokenizer",
+                           "Train a SentencePiece text tokenizer for a model preset from its captions.")
+    cfg, _ = parse_config(TextTokenizerConfig, parser, argv)
+    vocab_size = cfg.vocab_size or cfg.model_config().vocab.num_text_tokens
+    try:
+        path = train_text_tokenizer(cfg.captions, cfg.out, vocab_size, cfg.model_type,
+                                    byte_fallback=cfg.byte_fallback, character_coverage=cfg.character_coverage)
+    except FileNotFoundError as err:
+        parser.exit(2, f"{parser.prog}: captions: {err}\n")
+    except (ValueError, RuntimeError) as err:  # SentencePiece reports bad settings as RuntimeError
+        reason = str(err).strip().splitlines()[-1].split("] ")[-1].split(" Increase vocab_size")[0]
+        hint = f"; lower character_coverage (now {cfg.character_coverage}, e.g. character_coverage=0.9995) or " \
+            f"raise vocab_size (now {vocab_size})" if "required_chars" in reason else ""
+        parser.exit(2, f"{parser.prog}: SentencePiece: {reason}{hint}\n")
+    pieces = spm.SentencePieceProcessor(model_file=str(path)).GetPieceSize()
+    metadata_path(path).write_text(json.dumps({
+        "format": "cogvideo-text-tokenizer", "preset": cfg.preset, "pieces": pieces,
+        "num_text_tokens": cfg.model_config().vocab.num_text_tokens, "vocab_size": vocab_size,
+        "character_coverage": cfg.character_coverage, "captions": cfg.captions}, indent=2) + "\n")
+    print(f"wrote {path}: {pieces} pieces, fits preset {cfg.preset!r} (vocab.num_text_tokens="
+          f"{cfg.model_config().vocab.num_text_tokens}); train with data.text_tokenizer={path}")
 
 
 if __name__ == "__main__":

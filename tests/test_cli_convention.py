@@ -1,0 +1,107 @@
+"""One command-line convention: every command configured by a dataclass takes `--config FILE.yaml`
+plus `key=value` overrides (cogvideo.configio), lists its fields with defaults in `--help`, and
+stops a bad key or file with one line and exit status 2 before anything starts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cogvideo.configio import describe_fields
+from cogvideo.sampling import cli as sample_cli
+from cogvideo.sampling.options import SampleOptions
+from cogvideo.tokenizers import patch_vq, text
+from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+from data_prep import pipeline, synthetic
+from data_prep.config import PrepConfig
+from pretrain import train
+from pretrain.config import TrainConfig
+
+COMMANDS = {  # console script: (main, its dataclass, a field and its default as --help shows them)
+    "cogvideo-synth": (synthetic.main, synthetic.SynthConfig, "num_videos = 100"),
+    "cogvideo-sample": (sample_cli.main, SampleOptions, 'stage1_strategy.top_k = 12'),
+    "cogvideo-prep": (pipeline.main, PrepConfig, "shard_samples = 1000"),
+    "cogvideo-train": (train.main, TrainConfig, "optim.lr = 0.0002"),
+    "cogvideo-train-text-tokenizer": (text.main, text.TextTokenizerConfig, "character_coverage = 1.0"),
+    "cogvideo-fit-image-tokenizer": (patch_vq.main, patch_vq.FitImageTokenizerConfig, "codebook_size = 0"),
+}
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """A command's exit status: what it exits with, or returns (console scripts exit with it)."""
+    try:
+        return main(argv) or 0
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_lists_every_config_field_with_its_default(name, capsys):
+    main, cls, example = COMMANDS[name]
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "--config" in out and "key=value" in out
+    assert example in out
+    keys = [row.split(" = ")[0].strip() for row in describe_fields(cls)]
+    assert len(keys) >= 5 and all(f"  {key} = " in out for key in keys)
+
+
+def test_field_comments_become_the_help_text():
+    rows = {row.split(" = ")[0].strip(): row for row in describe_fields(PrepConfig)}
+    assert rows["min_side"].endswith("# pixels; smaller videos are rejected")
+    assert "GPUs per tokenizer actor" in rows["tokenizer_gpus"]  # a comment on the lines above the field
+    assert "(required)" not in "".join(rows.values())
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_an_unknown_key_is_one_line_and_exit_2(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main, _, _ = COMMANDS[name]
+    needed = {"cogvideo-sample": ["--prompts", "p.txt", "--out", "o"], "cogvideo-prep": ["--input", ".", "--out", "o"]}
+    code = exit_code(main, [*needed.get(name, []), "no_such_key=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no_such_key" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_synth_bad_values_are_one_line_before_any_video(tmp_path, capsys):
+    for bad, message in [("holdout=[red/circle/sideways]", "holdout: 'red/circle/sideways'"),
+                         ("size=8", "size: synthetic: a 8px frame"), ("durations=[]", "durations")]:
+        with pytest.raises(SystemExit) as exit:
+            synthetic.main([f"out={tmp_path / 'v'}", bad])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "v").exists()
+
+
+def test_prep_refuses_a_missing_or_misfitted_tokenizer_before_ray_starts(tmp_path, capsys, monkeypatch):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(pipeline, "init_ray", no_ray)
+    (tmp_path / "v.mp4").write_bytes(b"")
+    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
+    fit_patch_tokenizer(frames, 16, 32, 4, preset="small").save(tmp_path / "small.safetensors")
+    cases = [([f"tokenizer={tmp_path / 'nowhere.safetensors'}"], "prep.tokenizer: patch tokenizer not found"),
+             ([f"tokenizer={tmp_path / 'small.safetensors'}", "model_preset=tiny"],
+              "encodes 32px frames to 4x4 codes, but the model (tiny) needs 16px and 4x4"),
+             ([f"tokenizer={tmp_path / 'small.safetensors'}", "model.vocab={num_image_tokens: 8, "
+               "num_text_tokens: 1000, text_offset: 8, vocab_size: 1024, pad_piece_id: 0}"],
+              "16 codes, but the model (small) has 8 (model.vocab.num_image_tokens)"),
+             ([], "prep.tokenizer: the image tokenizer path is required")]
+    for overrides, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            pipeline.main(["--input", str(tmp_path), "--out", str(tmp_path / "out"), *overrides])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_prep_takes_the_model_preset_from_the_tokenizer(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
+    fit_patch_tokenizer(frames, 16, 16, 4, preset="tiny").save(tmp_path / "tiny.safetensors")
+    cfg, shape = pipeline.with_checked_tokenizer(PrepConfig(tokenizer=str(tmp_path / "tiny.safetensors")))
+    assert cfg.model_preset == "tiny" and (shape.frame_size, shape.tokens_side) == (16, 4)
+    fit_patch_tokenizer(frames, 16, 16, 4).save(tmp_path / "unnamed.safetensors")  # fitted without a preset
+    with pytest.raises(Exception, match="prep.model_preset: required"):
+        pipeline.with_checked_tokenizer(PrepConfig(tokenizer=str(tmp_path / "unnamed.safetensors")))
