@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cluster.plan_memory import DTYPE_BYTES, GiB, Layout, MemoryPlan, plan_memory
 from cogvideo.config import ModelConfig, resolve_model_config
-from cogvideo.configio import ConfigError, parse_overrides
+from cogvideo.configio import ConfigError, fields_help, parse_overrides
 from cogvideo.flops import recompute_flops, train_flops
 
 SEARCH_MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -265,7 +265,9 @@ def search_table(plans: list[Plan], limit: int) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cogvideo-plan", description=__doc__,
+    from pretrain.config import TrainConfig
+
+    ap = argparse.ArgumentParser(prog="cogvideo-plan", description=__doc__, epilog=fields_help(TrainConfig),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="training YAML: model, parallel.*, micro-batch and precision from it")

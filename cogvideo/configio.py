@@ -236,12 +236,16 @@ def describe_fields(cls, prefix: str = "", instance=None) -> list[str]:
     return rows
 
 
+def fields_help(cls) -> str:
+    """The ``--help`` epilog of a command configured by ``cls``: every field with its default."""
+    return ("config fields (YAML keys of --config, or key=value overrides; nested ones as section.key=value), "
+            "with defaults:\n" + "\n".join(describe_fields(cls)))
+
+
 def config_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """A parser taking ``--config FILE.yaml`` and ``key=value`` overrides for dataclass ``cls``;
     its ``--help`` lists every field with its default."""
-    epilog = (f"config fields (YAML keys of --config, or key=value overrides; nested ones as "
-              f"section.key=value), with defaults:\n" + "\n".join(describe_fields(cls)))
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=fields_help(cls),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the config fields listed below")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

@@ -46,6 +46,15 @@ def test_help_lists_every_config_field_with_its_default(name, capsys):
     assert len(keys) >= 5 and all(f"  {key} = " in out for key in keys)
 
 
+def test_planner_help_lists_the_training_fields_its_config_reads(capsys):
+    from cluster.plan import main as plan_main
+
+    with pytest.raises(SystemExit):
+        plan_main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {row.split(' = ')[0].strip()} = " in out for row in describe_fields(TrainConfig))
+
+
 def test_field_comments_become_the_help_text():
     rows = {row.split(" = ")[0].strip(): row for row in describe_fields(PrepConfig)}
     assert rows["min_side"].endswith("# pixels; smaller videos are rejected")
