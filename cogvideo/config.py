@@ -7,6 +7,7 @@ library hard-codes them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from cogvideo.vocab import VocabLayout
@@ -110,10 +111,14 @@ class ModelConfig:
                 f"{self.max_position_embeddings} rows cannot hold a frame at offset {self.image_position_offset}")
         if tensor_parallel < 1:
             raise ValueError(f"parallel.tensor_parallel must be >= 1, got {tensor_parallel}")
-        for key, size in (("num_heads", self.num_heads), ("ffn_hidden_size", self.ffn_size),
-                          ("vocab.vocab_size", self.vocab.vocab_size)):
+        for key, size in (("num_heads", self.num_heads), ("ffn_hidden_size", self.ffn_size)):
             if size % tensor_parallel:
                 bad(key, f"{size} is not divisible by tensor_parallel={tensor_parallel}")
+        if self.vocab.vocab_size % tensor_parallel:
+            multiple = math.lcm(128, tensor_parallel)  # rows in multiples of 128, as Megatron pads
+            padded = -(-self.vocab.vocab_size // multiple) * multiple
+            bad("vocab.vocab_size", f"{self.vocab.vocab_size} is not divisible by tensor_parallel={tensor_parallel}; "
+                f"pad the vocabulary (unused rows), e.g. model.vocab.vocab_size={padded}")
         return self
 
     def replace(self, **changes) -> "ModelConfig":

@@ -32,7 +32,12 @@ def _megatron_classes():
 
 
 class LayerFactory:
-    """Builds each layer for the current TP degree."""
+    """Builds each layer for the current TP degree, on the default device (`with torch.device(...)`).
+
+    megatron-core's parallel layers initialise where the model is built: on a GPU each rank draws
+    its own shard from the tensor-parallel RNG tracker (`parallel.manual_seed` seeds it); on the
+    CPU (and the meta device) every rank draws the full weight from torch's RNG and keeps its
+    slice, so TP=n starts from the same weights as TP=1."""
 
     def __init__(self):
         self.tp = parallel.tp_size()
@@ -40,7 +45,8 @@ class LayerFactory:
             from megatron.core import ModelParallelConfig
 
             self.mp_config = ModelParallelConfig(
-                tensor_model_parallel_size=self.tp, use_cpu_initialization=True,
+                tensor_model_parallel_size=self.tp,
+                use_cpu_initialization=torch.get_default_device().type != "cuda",
                 gradient_accumulation_fusion=False, params_dtype=torch.float32)
 
     def column(self, in_features: int, out_features: int, std: float, stride: int = 1) -> nn.Module:

@@ -44,6 +44,22 @@ def init_distributed(tensor_parallel: int, backend: str | None = None, timeout_s
                                  create_gloo_process_groups=dist.get_backend() != "gloo")
 
 
+def manual_seed(seed: int) -> None:
+    """Seed what the model draws from: torch's generators (identical on every rank) and, with CUDA,
+    megatron-core's RNG tracker, whose tensor-parallel state differs between TP peers (its
+    parallel layers fork it to initialise their shards on the GPU)."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available() and is_initialized():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def device() -> torch.device:
+    """Where this rank's model lives: its GPU (LOCAL_RANK, set by init_distributed) or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def destroy() -> None:
     if is_initialized():
         _ps().destroy_model_parallel()

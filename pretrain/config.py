@@ -33,7 +33,7 @@ class ParallelConfig:
     zero_stage: Literal[1, 2, 3] = 2  # ZeRO's overflow check is what the NaN guard relies on
     offload_optimizer: bool = False  # optimizer states and step on the CPU
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    initial_loss_scale_power: int = 12  # fp16: dynamic loss scale starts at 2**this
+    initial_loss_scale_power: int = 16  # fp16: dynamic loss scale starts at 2**this (DeepSpeed's and CogVideo's)
     backend: str | None = None  # None: nccl with GPUs, gloo without
 
 

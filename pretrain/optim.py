@@ -77,7 +77,8 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
     }
     if p.precision == "bf16":
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
-    elif p.precision == "fp16":
+    elif p.precision == "fp16":  # CogVideo's recipe (its scripts/ds_config_zero.json): dynamic scale,
+        # halved after 2 overflowing steps in a row, doubled after 400 clean ones, never below 1
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": p.initial_loss_scale_power,
-                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+                          "loss_scale_window": 400, "hysteresis": 2, "min_loss_scale": 1}
     return config

@@ -78,8 +78,9 @@ class Trainer:
         self.cfg, self.model_cfg = cfg, model_cfg
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
-        torch.manual_seed(cfg.training.seed)  # identical on every rank: replicated parameters agree
-        model = CogVideoModel(model_cfg)
+        parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
+        with parallel.device():  # built where it runs: megatron's layers initialise on the GPU
+            model = CogVideoModel(model_cfg)
         state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
         if state is not None:
             model.load_state_dict(state)

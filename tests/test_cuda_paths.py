@@ -1,0 +1,101 @@
+"""Where the CUDA path differs from the CPU one (docs/cuda-paths.md): each runs here up to the
+device call; benchmarks/gpu_check.py runs them on a GPU."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cogvideo import layers, parallel
+from cogvideo.config import get_preset
+from cogvideo.model import CogVideoModel
+from pretrain.config import TrainConfig
+from pretrain.optim import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def two_tp_ranks(monkeypatch):
+    monkeypatch.setattr(parallel, "tp_size", lambda: 2)
+
+
+def test_parallel_layers_initialise_on_the_device_the_model_is_built_on(two_tp_ranks):
+    assert layers.LayerFactory().mp_config.use_cpu_initialization  # CPU: full weight from torch's RNG
+    with torch.device("meta"):
+        assert layers.LayerFactory().mp_config.use_cpu_initialization
+    with torch.device("cuda:0"):  # megatron's GPU path: each shard from the TP RNG tracker
+        assert not layers.LayerFactory().mp_config.use_cpu_initialization
+
+
+def test_manual_seed_seeds_megatrons_tracker_only_with_cuda(monkeypatch):
+    from megatron.core import tensor_parallel
+
+    seeds = []
+    monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", seeds.append)
+    monkeypatch.setattr(parallel, "is_initialized", lambda: True)
+    parallel.manual_seed(5)
+    assert seeds == [] and torch.initial_seed() == 5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    parallel.manual_seed(6)
+    assert seeds == [6] and torch.initial_seed() == 6
+
+
+def test_with_cuda_the_process_group_is_nccl_on_the_local_gpu(monkeypatch):
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def init_process_group(backend, timeout):
+        calls.append(("init", backend))
+        raise Stop
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("device", index)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(Stop):
+        parallel.init_distributed(tensor_parallel=1)
+    assert calls == [("device", 3), ("init", "nccl")]
+    assert parallel.device() == torch.device("cuda", 3)
+
+
+def test_the_model_draws_no_random_numbers_so_recomputation_is_exact():
+    """No dropout anywhere: activation checkpointing's recomputed forward needs no RNG state
+    (neither torch's nor megatron's CUDA tracker) and gives bit-identical gradients."""
+    cfg = get_preset("tiny-stage2").replace(train_backbone=True)
+    torch.manual_seed(0)
+    model = CogVideoModel(cfg).train()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    tokens = torch.randint(0, cfg.vocab.num_image_tokens, (2, cfg.seq_length))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    grads = []
+    for ckpt in (False, True):
+        model.cfg.activation_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        state = torch.get_rng_state()
+        model.loss(model(tokens), tokens, mask).backward()
+        assert torch.equal(torch.get_rng_state(), state)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_fp16_follows_cogvideos_published_loss_scaling():
+    """scripts/ds_config_zero.json of THUDM/CogVideo: fp16, loss_scale 0 (dynamic, from DeepSpeed's
+    default 2**16), loss_scale_window 400, hysteresis 2, min_loss_scale 1."""
+    cfg = TrainConfig()
+    cfg.parallel.precision = "fp16"
+    fp16 = deepspeed_config(cfg, dp_size=8)["fp16"]
+    assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 400,
+                    "hysteresis": 2, "min_loss_scale": 1}
+
+
+def test_nccl_settings_are_exported_by_the_launch_scripts():
+    env = (ROOT / "cluster/slurm/nccl.env").read_text()
+    exported = env.split("export", 1)[1].split()
+    for var in ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "CUDA_DEVICE_MAX_CONNECTIONS"):
+        assert var in exported and f"${{{var}:=" in env
+    assert "nccl.env" in (ROOT / "cluster/slurm/train.sbatch").read_text()
