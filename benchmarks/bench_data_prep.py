@@ -32,6 +32,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from cogvideo.config import get_preset  # noqa: E402
+from cogvideo.raystart import start_ray  # noqa: E402
 from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer  # noqa: E402
 from data_prep.config import PrepConfig  # noqa: E402
 from data_prep.pipeline import run_prep  # noqa: E402
@@ -102,7 +103,7 @@ def main() -> None:
         fit_patch_tokenizer(frames, 256, preset.frame_size, preset.frame_tokens).save(tokenizer)
         cfg = PrepConfig(model_preset="small", tokenizer=str(tokenizer), num_cpus=args.cpus)
 
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        start_ray(num_cpus=args.cpus, log_to_driver=False)
         run_prep(cfg, [str(small)], work / "warmup", str(small / "captions.csv"), progress=False)  # start workers
 
         decode, job = {}, {}

@@ -57,10 +57,12 @@ def free_port() -> int:
 
 def first_batch(args, model_cfg, shards: list[str], tokenizer: str):
     from cogvideo.tokenizers.text import TextTokenizer
+    from pretrain.config import DataConfig
     from pretrain.data import ShardLoader
 
     encode = TextTokenizer(tokenizer, model_cfg.vocab).encode
-    return next(iter(ShardLoader(shards, model_cfg, encode, micro_batch_size=args.batch, stage=1, seed=0)))
+    loader = ShardLoader(shards, model_cfg, encode, DataConfig(stage=1), micro_batch_size=args.batch, seed=0)
+    return next(iter(loader))
 
 
 def make_trainer(args, root: Path, shards: list[str], tokenizer: str):

@@ -23,20 +23,12 @@ import ray
 from tqdm import tqdm
 
 from cogvideo.configio import ConfigError, config_parser, parse_config, save_yaml
+from cogvideo.raystart import RayStartError, start_ray
 from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY
 from data_prep.config import Geometry, PrepConfig, geometry
 from data_prep.inputs import caption_for, list_inputs, load_captions
 from data_prep.output import PrepOutput
 from data_prep.stages import TokenizeSamples, check_tokenizer, extract_samples, hash_input, load_tokenizer
-
-
-def init_ray(address: str | None, num_cpus: int) -> None:
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets RAY_ADDRESS for the job
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
 
 
 def plan_inputs(paths: list[str], captions_file: str | None, out: PrepOutput) -> tuple[list[dict], list[dict]]:
@@ -94,7 +86,7 @@ def run_prep(cfg: PrepConfig, inputs: list[str], out_dir: str | Path, captions: 
     for record in rejected:
         _record_rejection(out, record)
 
-    init_ray(address, cfg.num_cpus)
+    start_ray(address, cfg.num_cpus)
     with ordered_data_context():
         run = _run_jobs(cfg, shape, out, todo, progress)
     run["inputs_processed"] += len(rejected)
@@ -191,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"cogvideo-prep: bad config: {err}", file=sys.stderr)
         sys.exit(2)
+    except RayStartError as err:
+        print(f"cogvideo-prep: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

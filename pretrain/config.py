@@ -67,6 +67,7 @@ class DataConfig:
     caption_dropout: float = 0.0  # fraction of samples trained on uncond_text (classifier-free guidance)
     uncond_text: str = "视频"  # the sampler's unconditional prompt (sampling.uncond_text) must match
     prefetch_batches: int = 4  # batches prepared by a background thread
+    max_cut_text: float = 0.05  # fraction of sampled captions model.text_length may cut (checked at start)
 
 
 @dataclass
@@ -130,7 +131,13 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None) -> ModelConfig:
-    """Every check that needs no process group; returns the resolved model config."""
+    """Every check that needs no process group; returns the resolved model config.
+
+    From scratch (no init.backbone / init.weights) every parameter trains unless
+    model.train_backbone says otherwise; the decision is written into `cfg` (and so into the
+    checkpoint's config)."""
+    if "train_backbone" not in cfg.model and not (cfg.init.backbone or cfg.init.weights):
+        cfg.model["train_backbone"] = True
     model_cfg = model_config(cfg)
     has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
     if cfg.parallel.precision == "fp16" and not has_gpu:
@@ -158,6 +165,8 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if not 0 <= cfg.data.max_cut_text <= 1:
+        raise ConfigError(f"data.max_cut_text: must be in [0, 1], got {cfg.data.max_cut_text}")
     if not 0 <= cfg.data.caption_dropout < 1:
         raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -189,5 +198,5 @@ def check_text_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def data_stage(cfg: TrainConfig, model_cfg: ModelConfig) -> int:
-    return cfg.data.stage if cfg.data.stage is not None else {"stage1": 1, "stage2": 2}[model_cfg.stage]
+def data_stage(data: DataConfig, model_cfg: ModelConfig) -> int:
+    return data.stage if data.stage is not None else {"stage1": 1, "stage2": 2}[model_cfg.stage]

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import random
+import tarfile
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -25,10 +26,14 @@ import torch
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.config import ModelConfig
-from cogvideo.shards import (DEFAULT_PREFIX_TEMPLATE, Sample, ShardFormatError, compose_text, decode_sample,
-                             tar_problem)
+from cogvideo.shards import Sample, ShardFormatError, compose_text, decode_sample, tar_problem
+from pretrain.config import DataConfig, data_stage
 
 log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data cannot feed the run (reported in one line, exit 2)."""
 
 
 @dataclass
@@ -91,34 +96,87 @@ def shuffled(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
-class ShardLoader:
-    """Infinite iterator of :class:`Batch` for one DP rank, starting at `position`."""
+def shard_problem(path: str) -> str | None:
+    """Why a shard cannot be read, or None. Cheap: the first header and the last KiB."""
+    if not os.path.isfile(path):
+        return "not a file"
+    return tar_problem(path)
 
-    def __init__(self, shards: list[str], model_cfg: ModelConfig, encode_text: Callable[[str], list[int]], *,
-                 micro_batch_size: int, stage: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
-                 shuffle_buffer: int = 1000, prefix_template: str = DEFAULT_PREFIX_TEMPLATE,
-                 caption_dropout: float = 0.0, uncond_text: str = "视频",
-                 position: LoaderPosition | None = None):
+
+def check_shards(shards: list[str], seed: int, dp_size: int) -> list[str]:
+    """Before training: each DP rank's first-epoch shards must not all be unreadable. Returns a
+    line per unreadable shard (training skips them); raises DataError naming a starved rank's shards."""
+    problems = {path: problem for path in shards if (problem := shard_problem(path))}
+    for rank in range(dp_size):
+        mine = rank_shards(shards, seed, 0, rank, dp_size)
+        if mine and all(path in problems for path in mine):
+            listed = "; ".join(f"{path}: {problems[path]}" for path in mine)
+            raise DataError(f"data.shards: every shard of data-parallel rank {rank} is unreadable ({listed}); "
+                            f"rewrite or remove them ({len(problems)} of {len(shards)} shards are unreadable)")
+    return [f"{path}: {problem}" for path, problem in problems.items()]
+
+
+def check_text_length(shards: list[str], model_cfg: ModelConfig, encode_text: Callable[[str], list[int]],
+                      data: DataConfig, max_samples: int = 256) -> str:
+    """Before training: the share of captions (with their duration prefix) longer than
+    model.text_length, over up to `max_samples` samples of readable shards. Raises DataError
+    above data.max_cut_text; returns a one-line summary."""
+    limit, lengths = model_cfg.text_length, []
+    for path in shards:
+        if shard_problem(path):
+            continue
+        try:
+            for raw in tarfile_samples([{"url": path}]):
+                sample = decode_sample(raw)
+                lengths.append(len(encode_text(compose_text(sample.caption, sample.meta.duration,
+                                                            data.prefix_template))))
+                if len(lengths) >= max_samples:
+                    break
+        except (ShardFormatError, tarfile.TarError, OSError):
+            continue  # the loader skips and counts what does not decode
+        if len(lengths) >= max_samples:
+            break
+    cut = sum(n > limit for n in lengths)
+    summary = (f"{cut} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
+               f"(longest {max(lengths, default=0)})")
+    if lengths and cut / len(lengths) > data.max_cut_text:
+        raise DataError(f"data: {summary}, over data.max_cut_text={data.max_cut_text:g}: raise model.text_length, "
+                        f"shorten the captions, or set data.max_cut_text=1 to train on cut text")
+    return summary
+
+
+class ShardLoader:
+    """Infinite iterator of :class:`Batch` for one DP rank, prepared `data.prefetch_batches` ahead
+    by a background thread. Stateful: ``state_dict()`` is the position after the last batch handed
+    out (not the read-ahead), ``load_state_dict`` restores it before iterating."""
+
+    def __init__(self, shards: list[str], model_cfg: ModelConfig, encode_text: Callable[[str], list[int]],
+                 data: DataConfig, *, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
         if len(shards) < dp_size:
-            raise ValueError(f"data.shards: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks; "
-                             f"write at least one shard per DP rank")
+            raise DataError(f"data.shards: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks; "
+                            f"write at least one shard per DP rank")
         self.shards = shards
         self.model_cfg = model_cfg
         self.encode_text = encode_text
+        self.data = data
         self.micro_batch_size = micro_batch_size
-        self.stage = stage
+        self.stage = data_stage(data, model_cfg)
         self.seed = seed
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.shuffle_buffer = shuffle_buffer
-        self.prefix_template = prefix_template
-        self.caption_dropout = caption_dropout
-        self.uncond_text = uncond_text
         self._warned_truncation = False
-        self.position = dataclasses.replace(position) if position else LoaderPosition()
+        self.position = LoaderPosition()  # where reading has got to (ahead of training when prefetching)
+        self.handed_out = LoaderPosition()  # after the last batch handed to the caller
         self._frames_shape = (model_cfg.num_frames, model_cfg.frame_tokens, model_cfg.frame_tokens)
         self._image_tokens = model_cfg.vocab.num_image_tokens
         self._replaying = False
+
+    def state_dict(self) -> dict:
+        return self.handed_out.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = LoaderPosition.from_dict(state)
+        self.handed_out = dataclasses.replace(self.position)
 
     # ---- samples -------------------------------------------------------------------
     def _skipped(self, what: str, message: str, *args) -> None:
@@ -158,7 +216,7 @@ class ShardLoader:
     def _epoch_samples(self, epoch: int) -> Iterator[Sample]:
         urls = rank_shards(self.shards, self.seed, epoch, self.dp_rank, self.dp_size)
         rng = random.Random(f"buffer:{self.seed}:{epoch}:{self.dp_rank}")
-        return shuffled(self._decoded(urls), self.shuffle_buffer, rng)
+        return shuffled(self._decoded(urls), self.data.shuffle_buffer, rng)
 
     def samples(self) -> Iterator[Sample]:
         """Samples from the current position on, across epochs, advancing the position."""
@@ -175,7 +233,7 @@ class ShardLoader:
                 yielded += 1
                 yield sample
             if yielded == 0 and skip == 0:
-                raise RuntimeError(f"data: DP rank {self.dp_rank} found no stage-{self.stage} samples in "
+                raise DataError(f"data: DP rank {self.dp_rank} found no stage-{self.stage} samples in "
                                    f"{rank_shards(self.shards, self.seed, pos.epoch, self.dp_rank, self.dp_size)}")
             pos.epoch, pos.consumed = pos.epoch + 1, 0
 
@@ -183,10 +241,10 @@ class ShardLoader:
     def to_sequence(self, sample: Sample):
         from cogvideo.sequence import build_sequence
 
-        if self.caption_dropout and self._dropped(sample.key):
-            text = self.uncond_text  # classifier-free guidance learns the unconditional text
+        if self.data.caption_dropout and self._dropped(sample.key):
+            text = self.data.uncond_text  # classifier-free guidance learns the unconditional text
         else:
-            text = compose_text(sample.caption, sample.meta.duration, self.prefix_template)
+            text = compose_text(sample.caption, sample.meta.duration, self.data.prefix_template)
         text_ids = self.encode_text(text)
         limit = self.model_cfg.text_length
         if len(text_ids) > limit and not self._warned_truncation:
@@ -199,9 +257,15 @@ class ShardLoader:
     def _dropped(self, key: str) -> bool:
         """A seeded draw per (epoch, sample): the same samples drop again on an exact resume."""
         digest = hashlib.sha256(f"{self.seed}/{self.position.epoch}/{key}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < self.caption_dropout
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.data.caption_dropout
 
     def __iter__(self) -> Iterator[Batch]:
+        for batch in prefetched(self.batches(), self.data.prefetch_batches):
+            self.handed_out = batch.position
+            yield batch
+
+    def batches(self) -> Iterator[Batch]:
+        """Batches from the read position on, in this thread."""
         pending: list[Sample] = []
         for sample in self.samples():
             pending.append(sample)

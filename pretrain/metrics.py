@@ -9,6 +9,22 @@ from pathlib import Path
 log = logging.getLogger("pretrain")
 
 
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of steps <= last_step (0: none); a torn last line goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 class Throughput:
     """Wall time per optimizer step -> tokens/s, samples/s and model FLOP utilisation."""
 
@@ -36,7 +52,8 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Does nothing on ranks other than 0."""
+    """Does nothing on ranks other than 0. One row per step: a run resumed at `start_step`
+    drops the rows and TensorBoard events after it (the steps it is about to repeat)."""
 
     def __init__(self, log_dir: str | Path, enabled: bool, *, total_steps: int, start_step: int,
                  print_every: int, tensorboard: bool, progress_bar: bool):
@@ -47,11 +64,13 @@ class MetricsLogger:
             return
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
+        path = log_dir / "metrics.jsonl"
+        truncate_jsonl(path, start_step)
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
         if progress_bar:
             from tqdm import tqdm
 

@@ -1,13 +1,15 @@
 """`cogvideo-train --config FILE.yaml [dotted.key=value ...]`: the training entry point.
 
-Launched once per rank by torchrun, the deepspeed launcher or srun. Order of start-up:
-config checks (exit 2 on a bad config, before any process group) -> torch.distributed ->
-megatron-core tensor-parallel groups -> model -> deepspeed.initialize(mpu=...) -> resume ->
-loader at the saved position -> loop.
+Launched once per rank by torchrun, the deepspeed launcher or srun, or plainly as a world of
+one. Order of start-up: checks of the config, text tokenizer, shards, caption lengths and the
+checkpoint to resume (exit 2 with one line, before any process group) -> the lock on
+checkpoint.dir -> torch.distributed -> megatron-core tensor-parallel groups -> model ->
+deepspeed.initialize(mpu=...) -> resume (engine, loader, RNG) -> loop.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -21,11 +23,14 @@ import torch.distributed as dist
 import yaml
 
 from cogvideo import parallel
+from cogvideo.checkpoint import CheckpointError
+from cogvideo.checkpoint.training import find_resume
 from cogvideo.configio import ConfigError, config_parser
-from pretrain.checkpoint import CheckpointManager, find_resume
-from pretrain.config import (TrainConfig, check_config, check_text_tokenizer, data_stage, load_train_config,
+from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
+from pretrain.config import (TrainConfig, check_config, check_text_tokenizer, load_train_config,
                              world_size_from_env)
-from pretrain.data import Batch, LoaderPosition, ShardLoader, expand_shards, prefetched
+from pretrain.data import Batch, DataError, ShardLoader, check_shards, check_text_length, expand_shards
+from pretrain.launch import die_with_launcher, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
 
@@ -39,18 +44,25 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def env_from_slurm() -> None:
-    """srun starts one task per rank with SLURM_* variables; torch.distributed reads RANK & co."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+PARTS = {"loader": "dp", "rng": "rank"}  # stateful parts beside the engine, and their scope
 
 
 def text_encoder(cfg: TrainConfig, vocab):
     from cogvideo.tokenizers.text import TextTokenizer
 
     return TextTokenizer(cfg.data.text_tokenizer, vocab).encode
+
+
+def say(message: str) -> None:
+    """Start-up progress, from global rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        log.info(message)
+
+
+def deepspeed_op_cached() -> bool:
+    """DeepSpeed compiles its CPU communication op on a machine's first run (about a minute)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    return bool(glob.glob(os.path.join(root, "*", "deepspeed_shm_comm", "*.so")))
 
 
 def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> dict | None:
@@ -69,13 +81,14 @@ def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> di
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_cfg, shards: list[str]):
+    def __init__(self, cfg: TrainConfig, model_cfg, shards: list[str], encode_text, resume: Path | None):
         import deepspeed
 
-        from cogvideo.model import CogVideoModel
         from cogvideo.flops import train_flops
+        from cogvideo.model import CogVideoModel
 
         self.cfg, self.model_cfg = cfg, model_cfg
+        say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
         parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
@@ -84,31 +97,29 @@ class Trainer:
         state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
         if state is not None:
             model.load_state_dict(state)
+        say("deepspeed.initialize" + ("" if deepspeed_op_cached() else ": this machine's first run compiles "
+                                      "DeepSpeed's CPU communication op (about a minute)"))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
             config=deepspeed_config(cfg, parallel.dp_size()), mpu=parallel.mpu(),
             lr_scheduler=lr_scheduler(cfg))
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.export_full)
-        self.step, position = 0, LoaderPosition()
-        self.saved_at = -1
-        resume = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
+        self.loader = ShardLoader(shards, model_cfg, encode_text, cfg.data,
+                                  micro_batch_size=cfg.training.micro_batch_size, seed=cfg.training.seed,
+                                  dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size())
+        parts = {"loader": (self.loader, PARTS["loader"]), "rng": (RNGState(), PARTS["rng"])}
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last,
+                                             cfg.checkpoint.export_full, parts)
+        self.step = 0
         if resume is not None:
-            self.step, position = self.checkpoints.load(self.engine, resume)  # RNG states included
-            self.saved_at = self.step
+            say(f"loading {resume}")
+            self.step = self.checkpoints.load(self.engine, resume)  # loader position and RNG states included
             self._info(f"resumed from {resume} at step {self.step}")
         else:  # randomness from here on differs between DP ranks, agrees between TP peers
             torch.manual_seed(cfg.training.seed + 1 + parallel.dp_rank())
             if cfg.init.optimizer:
                 self.step = self._restore_optimizer(cfg.init.weights)
-
-        loader = ShardLoader(shards, model_cfg, text_encoder(cfg, model_cfg.vocab),
-                             micro_batch_size=cfg.training.micro_batch_size, stage=data_stage(cfg, model_cfg),
-                             seed=cfg.training.seed, dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(),
-                             shuffle_buffer=cfg.data.shuffle_buffer, prefix_template=cfg.data.prefix_template,
-                             caption_dropout=cfg.data.caption_dropout, uncond_text=cfg.data.uncond_text,
-                             position=position)
-        self.batches = prefetched(iter(loader), cfg.data.prefetch_batches)
-        self.position = position
+        self.saved_at = self.step if resume is not None else -1
+        self.batches = iter(self.loader)
 
         samples_per_step = cfg.training.micro_batch_size * cfg.training.grad_accum_steps * parallel.dp_size()
         self.throughput = Throughput(samples_per_step, model_cfg.seq_length, train_flops(model_cfg, batch=1),
@@ -177,7 +188,6 @@ class Trainer:
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
-        self.position = batch.position
         self.step += 1
         norm = engine.get_global_grad_norm()
         return {"loss": self._dp_mean(torch.stack(losses).mean()), "lr": lr,
@@ -199,7 +209,7 @@ class Trainer:
                                  f"loss or gradients (training.max_nonfinite_steps={limit})")
 
     def save(self) -> None:
-        path = self.checkpoints.save(self.engine, self.step, self.position, self.cfg)
+        path = self.checkpoints.save(self.engine, self.step, self.cfg)
         self.saved_at = self.step
         self._info(f"saved checkpoint {path}")
 
@@ -208,8 +218,9 @@ class Trainer:
         Returns False when a preemption signal ended the run (after saving)."""
         result = self.train_step()
         applied = result.pop("applied")
+        position = self.loader.handed_out
         self.metrics.log(self.step, {**result, **self.throughput.tick(), "skipped": int(not applied),
-                                     "bad_shards": self.position.bad_shards, "bad_samples": self.position.bad_samples})
+                                     "bad_shards": position.bad_shards, "bad_samples": position.bad_samples})
         self.guard(applied)
         if self.step % self.cfg.checkpoint.every_steps == 0:
             self.save()
@@ -251,28 +262,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def preflight(cfg: TrainConfig, model_cfg, shards: list[str]):
+    """Checks that need no process group (after the config's and the text tokenizer's): shards per
+    DP rank, caption lengths, the checkpoint to resume. Returns (text encoder, checkpoint to resume or None)."""
+    from cogvideo.params import count_parameters
+
+    dp_size = world_size_from_env() // cfg.parallel.tensor_parallel
+    encode = text_encoder(cfg, model_cfg.vocab)
+    for line in check_shards(shards, cfg.training.seed, dp_size):
+        say(f"unreadable shard, skipped in training: {line}")
+    say(check_text_length(shards, model_cfg, encode, cfg.data))
+    resume = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
+    if resume is not None:
+        CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, parts={
+            name: (None, scope) for name, scope in PARTS.items()}).check(resume, dp_size)
+    counts = count_parameters(model_cfg)
+    say(f"model {model_cfg.name} ({model_cfg.stage}): {counts.trainable:,} of {counts.total:,} parameters train"
+        + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)"))
+    return encode, resume
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    env_from_slurm()
+    rank_env()
+    if "TORCHELASTIC_RUN_ID" in os.environ or args.local_rank is not None:  # torchrun, deepspeed launcher
+        die_with_launcher()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    lock = None
     try:
         cfg = load_train_config(args.config, overrides)
         model_cfg = check_config(cfg, world_size_from_env())
         check_text_tokenizer(cfg, model_cfg)
         shards = expand_shards(cfg.data.shards)
-    except (ConfigError, FileNotFoundError, yaml.YAMLError) as err:
-        print(f"cogvideo-train: bad config: {err}", file=sys.stderr)
+        encode, resume = preflight(cfg, model_cfg, shards)
+        if os.environ["RANK"] == "0":
+            lock = RunLock(cfg.checkpoint.dir)
+            if (took_over := lock.acquire()) is not None:
+                log.warning(took_over)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, yaml.YAMLError) as err:
+        if os.environ["RANK"] == "0":  # every rank checks the same: one line, not one per rank
+            print(f"cogvideo-train: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(cfg, model_cfg, shards)
     try:
-        code = trainer.run()
+        code = Trainer(cfg, model_cfg, shards, encode, resume).run()
     except NonFiniteError as err:
         if dist.get_rank() == 0:
             print(f"cogvideo-train: {err}", file=sys.stderr)
         code = EXIT_NONFINITE
+    except DataError as err:  # found while training, e.g. a rank's shards hold no samples of the stage
+        print(f"cogvideo-train: {err}", file=sys.stderr)
+        code = EXIT_BAD_CONFIG
+    finally:
+        if lock is not None:
+            lock.release()
     parallel.destroy()
     sys.exit(code)
 

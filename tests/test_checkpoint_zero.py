@@ -15,6 +15,7 @@ from cogvideo.checkpoint import (CheckpointError, convert_zero, load_model_state
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
+from tolerances import loss_rel_tol
 
 REPO = Path(__file__).resolve().parents[1]
 # big enough that holding the model would dwarf the streaming bound (~9.5M params, 38 MB fp32)
@@ -114,7 +115,7 @@ def test_resume_on_changed_layout_gives_the_original_losses(tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())
     for original, resumed in (("tp2", "tp1_from_tp2"), ("tp1", "tp2_from_tp1"), ("tp2", "tp1_zero3_from_tp2")):
         # step 3 depends on the weights, step 4 also on Adam's moments and step count
-        assert r[resumed] == pytest.approx(r[original][2:], rel=1e-5, abs=1e-6), (original, r)
+        assert r[resumed] == pytest.approx(r[original][2:], rel=loss_rel_tol(TINY.num_layers)), (original, r)
     assert abs(r["tp1_from_tp2_no_optimizer"][1] - r["tp2"][3]) > 1e-4  # the moments matter
     report = describe(tmp_path / "ds_tp2")
     assert (report["format"], report["tensor_parallel"], report["data_parallel"], report["iteration"]) == \

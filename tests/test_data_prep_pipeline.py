@@ -21,11 +21,13 @@ from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.shards import decode_sample
 from cogvideo.eval.recon import psnr
+from cogvideo.raystart import start_ray
 from cogvideo.tokenizers.image import load_image_tokenizer
 from cogvideo import synthetic as world
 from data_prep import pipeline, synthetic as syn
 from data_prep.output import DONE, MANIFEST, REJECTED, read_jsonl
 from data_prep.reshard import reshard
+from pretrain.config import DataConfig
 from pretrain.data import ShardLoader
 from test_data_prep_video import make_bad_inputs
 from webdataset.tariterators import tarfile_samples
@@ -42,7 +44,7 @@ def ray_session():
     # module, for the killing tokenizer loader
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(here), here]))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -171,11 +173,11 @@ def test_shards_load_with_the_training_loader(prepared):
     for stage in (1, 2):
         cfg = get_preset("small" if stage == 1 else "small-stage2")
         text_ids = lambda text: [cfg.vocab.text_offset + 1] * 3  # noqa: E731  (text is not under test)
-        loader = ShardLoader(shards, cfg, text_ids, micro_batch_size=2, stage=stage, seed=0,
-                             shuffle_buffer=1)
+        loader = ShardLoader(shards, cfg, text_ids, DataConfig(stage=stage, shuffle_buffer=1), micro_batch_size=2,
+                             seed=0)
         batch = next(iter(loader))
         assert batch.tokens.shape == (2, cfg.seq_length)
-        assert loader.position.bad_samples == 0
+        assert loader.state_dict()["bad_samples"] == 0
 
 
 def test_rerun_is_idempotent(prepared, dataset, tokenizer_path):

@@ -12,7 +12,8 @@ import webdataset as wds
 from cogvideo.config import get_preset
 from cogvideo.sequence import build_sequence
 from cogvideo.shards import ClipMeta, compose_text, encode_sample
-from pretrain.data import LoaderPosition, ShardLoader, expand_shards, prefetched, rank_shards, shuffled
+from pretrain.config import DataConfig
+from pretrain.data import DataError, LoaderPosition, ShardLoader, expand_shards, prefetched, rank_shards, shuffled
 
 CFG = get_preset("tiny")
 
@@ -39,10 +40,14 @@ def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> lis
     return paths
 
 
-def make_loader(shards, **kw) -> ShardLoader:
-    args = dict(micro_batch_size=2, stage=1, seed=7, shuffle_buffer=5)
-    args.update(kw)
-    return ShardLoader(shards, CFG, encode_text, **args)
+def make_loader(shards, cfg=CFG, position: LoaderPosition | None = None, **kw) -> ShardLoader:
+    """`kw`: DataConfig fields and the loader's own arguments (micro_batch_size, seed, DP rank/size)."""
+    data = dict(stage=1, shuffle_buffer=5, prefetch_batches=2) | kw
+    own = {k: data.pop(k) for k in ("micro_batch_size", "seed", "dp_rank", "dp_size") if k in data}
+    loader = ShardLoader(shards, cfg, encode_text, DataConfig(**data), **({"micro_batch_size": 2, "seed": 7} | own))
+    if position is not None:
+        loader.load_state_dict(position.to_dict())
+    return loader
 
 
 def keys_of(batches) -> list[str]:
@@ -144,14 +149,14 @@ def test_malformed_samples_are_skipped_and_counted(tmp_path, caplog):
     loader = make_loader([path], micro_batch_size=1)
     with caplog.at_level(logging.WARNING, logger="pretrain.data"):
         assert next(iter(loader)).keys == ["ok"]
-    assert loader.position.bad_samples == 2
+    assert loader.state_dict()["bad_samples"] == 2
     assert any("badshape" in r.getMessage() for r in caplog.records)
 
 
 def test_errors_name_the_problem(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         expand_shards([str(tmp_path / "nothing-here-*.tar")])
-    with pytest.raises(ValueError, match="3 data-parallel"):
+    with pytest.raises(DataError, match="3 data-parallel"):
         make_loader(shards[:2], dp_size=3)
 
 
@@ -184,10 +189,9 @@ def test_resume_keeps_bad_counts_exact_at_every_cut(tmp_path, caplog):
 
 def test_caption_dropout_is_seeded_per_sample_and_epoch(shards):
     cfg = CFG.replace(text_length=16)
-    uncond = ShardLoader(shards, cfg, encode_text, micro_batch_size=1, stage=1, seed=7, shuffle_buffer=0)
+    uncond = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0)
     uncond_ids = uncond.to_sequence  # the unconditional text's tokens, for comparison
-    loader = ShardLoader(shards, cfg, encode_text, micro_batch_size=1, stage=1, seed=7, shuffle_buffer=0,
-                         caption_dropout=0.5, uncond_text="视频")
+    loader = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5, uncond_text="视频")
     samples = list(itertools.islice(loader.samples(), 16))
     expected_uncond = torch.tensor(encode_text("视频"))
     dropped = []
@@ -200,8 +204,7 @@ def test_caption_dropout_is_seeded_per_sample_and_epoch(shards):
             assert torch.equal(tokens, uncond_ids(sample)[0])  # conditional samples are untouched
         dropped.append(is_uncond)
     assert 2 <= sum(dropped) <= 14  # about half of 16
-    again = ShardLoader(shards, cfg, encode_text, micro_batch_size=1, stage=1, seed=7, shuffle_buffer=0,
-                        caption_dropout=0.5, uncond_text="视频")
+    again = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5, uncond_text="视频")
     assert [again._dropped(s.key) for s in samples] == [loader._dropped(s.key) for s in samples]
 
 
@@ -211,3 +214,17 @@ def test_text_truncation_is_reported_once(shards, caplog):
         list(itertools.islice(iter(loader), 3))
     warnings = [r for r in caplog.records if "text_length=8" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_state_dict_is_the_position_handed_out_not_the_read_ahead(shards):
+    """Stateful: with batches prepared ahead by the prefetch thread, state_dict() is the position
+    after the last batch the caller took, and a loader restored from it continues exactly."""
+    loader = make_loader(shards, prefetch_batches=3, dp_rank=0, dp_size=2)
+    stream = iter(loader)
+    taken = [next(stream) for _ in range(3)]
+    state = loader.state_dict()
+    assert state == taken[-1].position.to_dict()
+    rest = [next(stream) for _ in range(4)]
+    resumed = make_loader(shards, prefetch_batches=3, dp_rank=0, dp_size=2, position=LoaderPosition(**state))
+    again = iter(resumed)
+    assert keys_of(next(again) for _ in range(4)) == keys_of(rest)

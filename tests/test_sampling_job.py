@@ -10,6 +10,7 @@ from PIL import Image
 
 from cogvideo.config import get_preset
 from cogvideo.configio import to_dict
+from cogvideo.raystart import start_ray
 from cogvideo.sampling import cli
 from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.job import run_job
@@ -108,7 +109,7 @@ def test_ray_job_matches_the_local_one_and_resumes(tmp_path):
     prompts = write_prompts(tmp_path)
     out, log = tmp_path / "out", tmp_path / "sampled.log"
     options = SampleOptions(batch_size=2, seed=5, workers=2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=2, log_to_driver=False)
     try:
         run_job(prompts, out, options, lambda: FakePipeline(options, log), use_ray=True)
         manifest = check_outputs(out, prompts, options)  # same codes as the local run's reference

@@ -22,7 +22,8 @@ from cogvideo.checkpoint.format import (CONFIG_NAME, Checkpoint, check_shapes, f
                                         read_checkpoint_info, reshard)
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
 from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, import_sat, sat_model_config
-from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero, tag_dir, train_config_model
+from cogvideo.checkpoint.training import tag_dir, train_config_model
+from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero
 from cogvideo.config import get_preset, resolve_model_config
 from cogvideo.configio import ConfigError, parse_overrides
 

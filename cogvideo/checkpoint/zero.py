@@ -17,29 +17,16 @@ pages read are released chunk by chunk; one tensor at a time is gathered (and me
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
-import yaml
 
 from cogvideo.checkpoint.format import ADAM_KEYS, full_shape, merge_tensor, write_checkpoint
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt
-from cogvideo.config import ModelConfig, resolve_model_config
+from cogvideo.checkpoint.training import MODEL_FILE, OPTIM_FILE, tag_dir, train_config_model
+from cogvideo.config import ModelConfig
 
-_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-TRAIN_CONFIG = "train_config.yaml"
 DROPPED = ["learning-rate scheduler state", "loss scaler", "data loader positions", "RNG states"]
-
-
-def tag_dir(path: Path, tag: str | None) -> Path:
-    """The folder holding the rank files: path/tag, path/<latest>, or path itself."""
-    if tag is not None:
-        return path / tag
-    if (path / "latest").is_file() and not any(path.glob("*_model_states.pt")):
-        return path / (path / "latest").read_text().strip()
-    return path
 
 
 class ZeroCheckpoint:
@@ -49,8 +36,8 @@ class ZeroCheckpoint:
         self.path = tag_dir(Path(path), tag)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
-        optim = {(int(m[2]), int(m[1])): f for f in self.path.iterdir() if (m := _OPTIM_FILE.match(f.name))}
-        models = {(int(m[2]), int(m[1] or 0)): f for f in self.path.iterdir() if (m := _MODEL_FILE.match(f.name))}
+        optim = {(int(m[2]), int(m[1])): f for f in self.path.iterdir() if (m := OPTIM_FILE.match(f.name))}
+        models = {(int(m[2]), int(m[1] or 0)): f for f in self.path.iterdir() if (m := MODEL_FILE.match(f.name))}
         if not models or not optim:
             raise CheckpointError(f"{self.path}: no DeepSpeed ZeRO checkpoint here (needs *_model_states.pt and "
                                   f"*_optim_states.pt files)")
@@ -197,22 +184,6 @@ class ZeroCheckpoint:
         step = int(steps[0]) if steps else 0
         return {"step": step, "param_groups": groups, "params": trainable,
                 "source": f"DeepSpeed ZeRO-{self.stage} TP={self.tp} DP={self.dp}", "dropped": DROPPED}
-
-
-def train_config_model(path: Path) -> ModelConfig:
-    """The model config a trainer run recorded beside its checkpoint (train_config.yaml)."""
-    file = path / TRAIN_CONFIG
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing; pass the model config (--preset/--set) explicitly")
-    data = yaml.safe_load(file.read_text()) or {}
-    model = dict(data.get("model") or {})
-    preset = model.pop("preset", None)
-    if not isinstance(preset, str):
-        raise CheckpointError(f"{file}: model.preset missing")
-    try:
-        return resolve_model_config(preset, model)
-    except ValueError as err:
-        raise CheckpointError(f"{file}: {err}") from None
 
 
 def convert_zero(src: str | Path, dst: str | Path, cfg: ModelConfig | None = None, *, tag: str | None = None,

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from cogvideo.configio import ConfigError, config_parser, load_config
+from cogvideo.raystart import RayStartError
 from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.pipeline import VideoPipeline, check_paths
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # unreadable checkpoint, mismatched stages, other options
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 2
+    except RayStartError as err:
+        print(f"cogvideo-sample: {err}", file=sys.stderr)
+        return 1
     if manifest is not None:
         print(f"{args.out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
         return 0 if manifest["failed"] == 0 else 1

@@ -104,11 +104,12 @@ def _run_local(batches, out: Path, make_pipeline) -> None:
 def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address: str | None) -> None:
     import ray
 
+    from cogvideo.raystart import start_ray
+
     if options.tensor_parallel > 1:
         raise ValueError("sampling.tensor_parallel > 1 runs one process per TP rank under torchrun "
                          "(torchrun --nproc-per-node N -m cogvideo.sampling.cli ...), not with --ray")
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+    start_ray(address, log_to_driver=True)
 
     @ray.remote(num_gpus=1 if options.device == "cuda" else 0)
     class SamplerActor:
