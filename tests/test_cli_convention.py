@@ -87,7 +87,7 @@ def test_prep_refuses_a_missing_or_misfitted_tokenizer_before_ray_starts(tmp_pat
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
-    monkeypatch.setattr(pipeline, "init_ray", no_ray)
+    monkeypatch.setattr(pipeline, "start_ray", no_ray)
     (tmp_path / "v.mp4").write_bytes(b"")
     frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
     fit_patch_tokenizer(frames, 16, 32, 4, preset="small").save(tmp_path / "small.safetensors")
