@@ -5,6 +5,7 @@
     cogvideo-convert reshard CKPT OUT --tp N            # split or merge tensor-parallel shards
     cogvideo-convert zero DEEPSPEED_DIR OUT [--tag T] [--tp N] [--no-optimizer]
     cogvideo-convert export CKPT OUT [--dtype bf16]     # full weights, sharded safetensors + index
+    cogvideo-convert export-sat CKPT OUT [--tp N]       # back to SwissArmyTransformer's layout
 
 Every command writes OUT atomically and refuses an existing OUT unless --force.
 """
@@ -21,7 +22,7 @@ import torch
 from cogvideo.checkpoint.format import (CONFIG_NAME, Checkpoint, check_shapes, full_shape, is_trainable,
                                         read_checkpoint_info, reshard)
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
-from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, import_sat, sat_model_config
+from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, export_sat, import_sat, sat_model_config
 from cogvideo.checkpoint.training import tag_dir, train_config_model
 from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero
 from cogvideo.config import get_preset, resolve_model_config
@@ -130,12 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model field override")
     p.add_argument("--no-optimizer", action="store_true", help="weights only")
     writer("export", "full (merged) weights as sharded safetensors with an index, no optimizer", "our checkpoint")
+    p = sub.add_parser("export-sat", help="our checkpoint -> SwissArmyTransformer (mp_rank_XX files)")
+    p.add_argument("src", help="our checkpoint")
+    p.add_argument("out", help="output directory (SAT layout)")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree of the rank files (default: the checkpoint's)")
+    p.add_argument("--iteration", help="iteration folder name (default: the checkpoint's iteration)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
 
 
 def run(args: argparse.Namespace) -> Path | dict:
     if args.command == "inspect":
         return describe(args.path, args.base)
+    if args.command == "export-sat":
+        return export_sat(args.src, args.out, tensor_parallel=args.tp, iteration=args.iteration, force=args.force,
+                          dtype=DTYPES.get(args.dtype or ""))
     common = dict(force=args.force, dtype=DTYPES.get(args.dtype or ""), max_shard_bytes=args.max_shard_size)
     if args.command == "import-sat":
         return import_sat(args.src, args.out, base=args.base, stage=args.stage, iteration=args.iteration,

@@ -1,4 +1,4 @@
-"""SwissArmyTransformer checkpoints (CogView2 backbone, CogVideo stage 1/2) -> our format.
+"""SwissArmyTransformer checkpoints (CogView2 backbone, CogVideo stage 1/2) <-> our format.
 
 Layout read: ``{dir}/latest`` (an iteration or ``release``), ``{dir}/{iteration}/
 mp_rank_XX_model_states.pt`` (``{"module": state_dict}``, one per TP rank), ``{dir}/
@@ -14,17 +14,21 @@ CogVideo's added parameters map as follows (THUDM/CogVideo ``models/cogvideo_mod
   rows (2000 = 5 frames x 400). Frame f >= 1 token j has position id ``offset + n*f + j`` and
   CogVideo looks it up at row ``id - (offset + n)`` = ``n*(f-1) + j``; so frames 1..F-1 use
   its first ``(F-1)*n`` rows, which are our ``frame_position_embeddings`` row for row (the
-  last 400 rows are never read and are dropped).
+  last 400 rows are never read and are dropped; export writes them as zeros).
+
+``export_sat`` writes the same layout back, one rank file at a time: what it writes imports to
+the tensors it was given, bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import torch
 
-from cogvideo.checkpoint.format import check_shapes, full_shape, merge_tensor, write_checkpoint
-from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt, read_json
+from cogvideo.checkpoint.format import Checkpoint, check_shapes, full_shape, merge_tensor, write_checkpoint
+from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, atomic_output_dir, load_pt, read_json, write_json
 from cogvideo.config import ModelConfig, get_preset
 from cogvideo.vocab import VocabLayout
 
@@ -119,12 +123,14 @@ def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None) ->
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
         if not isinstance(args.get(key), int):
             raise CheckpointError(f"{SAT_CONFIG}: integer field {key!r} missing")
-    vocab = base.vocab
+    vocab, icetk = base.vocab, VocabLayout.icetk()
+    # icetk's ids with padding rows so that TP ranks split them (at most 128 x TP more, as Megatron pads)
+    padded = 0 <= args["vocab_size"] - icetk.vocab_size < 128 * int(args.get("model_parallel_size") or 1)
     if args["vocab_size"] != vocab.vocab_size:
-        if args["vocab_size"] != VocabLayout.icetk().vocab_size:
-            raise CheckpointError(f"{SAT_CONFIG}: vocab_size={args['vocab_size']} matches neither icetk's nor the "
-                                  f"base config's ({vocab.vocab_size}); pass a base preset with this vocabulary")
-        vocab = VocabLayout.icetk()
+        if not padded:
+            raise CheckpointError(f"{SAT_CONFIG}: vocab_size={args['vocab_size']} matches neither icetk's (padded) "
+                                  f"nor the base config's ({vocab.vocab_size}); pass a base preset with this vocabulary")
+        vocab = dataclasses.replace(icetk, vocab_size=args["vocab_size"])
     changes = dict(stage=stage, num_layers=args["num_layers"], hidden_size=args["hidden_size"],
                    num_heads=args["num_attention_heads"], vocab=vocab,
                    max_position_embeddings=args["max_sequence_length"],
@@ -193,3 +199,65 @@ def import_sat(src: str | Path, dst: str | Path, *, base: ModelConfig | str | No
                                 dtype=dtype, max_shard_bytes=max_shard_bytes, source=source + f" -> {target}")
     return write_checkpoint(dst, cfg, shapes, tensors(), iteration=sat.iteration, tensor_parallel=tensor_parallel,
                             force=force, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)
+
+
+# ---- export ------------------------------------------------------------------------------------
+_EXPORT_NAMES = [
+    (re.compile(r"^(word_embeddings|position_embeddings)\.weight$"), r"transformer.\1.weight"),
+    (re.compile(r"^layers\.(\d+)\.temporal_attention\.(query_key_value|dense)\.(weight|bias)$"),
+     r"mixins.attention_plus.\2.\1.\3"),
+    (re.compile(r"^layers\.(\d+)\.temporal_gate$"), r"mixins.attention_plus.attn_distribution.\1"),
+    (re.compile(r"^layers\.(.*)$"), r"transformer.layers.\1"),
+    (re.compile(r"^final_layernorm\.(weight|bias)$"), r"transformer.final_layernorm.\1"),
+    (re.compile(r"^frame_position_embeddings\.weight$"), "mixins.extra_position_embedding.position_embeddings.weight"),
+]
+
+
+def sat_name(name: str) -> str:
+    for pattern, replacement in _EXPORT_NAMES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name)
+    raise CheckpointError(f"{name}: no SwissArmyTransformer counterpart")
+
+
+def sat_args(cfg: ModelConfig, tensor_parallel: int) -> dict:
+    """model_config.json: the SAT arguments `sat_model_config` reads back."""
+    args = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_heads,
+            "vocab_size": cfg.vocab.vocab_size, "max_sequence_length": cfg.max_position_embeddings,
+            "inner_hidden_size": cfg.ffn_hidden_size or None, "layernorm_epsilon": cfg.layernorm_epsilon,
+            "layernorm_order": "sandwich", "model_parallel_size": tensor_parallel}
+    if cfg.has_temporal:
+        T, n = cfg.text_length, cfg.tokens_per_frame
+        args.update(layout=f"{T}, {T + n}, {T + cfg.num_frames * n}", additional_seqlen=cfg.num_frames * n,
+                    window_size=cfg.window_size if cfg.stage == "stage2" else -1,
+                    cogvideo_stage=2 if cfg.stage == "stage2" else 1)
+    return args
+
+
+def export_sat(src: str | Path, dst: str | Path, *, tensor_parallel: int | None = None, iteration: str | None = None,
+               force: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Our checkpoint -> a SwissArmyTransformer one (`{dst}/{iteration}/mp_rank_XX_model_states.pt`,
+    `latest`, `model_config.json`) at `tensor_parallel` (default: the checkpoint's). One rank's
+    tensors are in memory at a time."""
+    ckpt = Checkpoint(src)
+    cfg, tp = ckpt.cfg, tensor_parallel or ckpt.tensor_parallel
+    try:
+        cfg.validate(tp)
+    except ValueError as err:
+        raise CheckpointError(f"cannot export {src} at TP={tp}: {err}") from None
+    tag = iteration or str(ckpt.iteration)
+    frame_rows = cfg.num_frames * cfg.tokens_per_frame  # SAT's additional_seqlen
+    with atomic_output_dir(dst, force) as tmp:
+        (tmp / tag).mkdir()
+        for rank in range(tp):
+            module = {}
+            for name in ckpt.names():
+                tensor = ckpt.local(name, rank, tp)
+                if name == FRAME_TABLE:
+                    tensor = torch.cat([tensor, tensor.new_zeros(frame_rows - tensor.shape[0], tensor.shape[1])])
+                module[sat_name(name)] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+            torch.save({"module": module, "iteration": ckpt.iteration}, tmp / tag / f"mp_rank_{rank:02d}_model_states.pt")
+            del module
+        (tmp / "latest").write_text(tag)
+        write_json(tmp / SAT_CONFIG, sat_args(cfg, tp))
+    return Path(dst)
