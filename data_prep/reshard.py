@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cogvideo-reshard: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"{args.out}: {count} shards")
-    return count
+    return 0  # the console script exits with this status
 
 
 if __name__ == "__main__":

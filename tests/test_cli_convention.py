@@ -114,3 +114,19 @@ def test_prep_takes_the_model_preset_from_the_tokenizer(tmp_path):
     fit_patch_tokenizer(frames, 16, 16, 4).save(tmp_path / "unnamed.safetensors")  # fitted without a preset
     with pytest.raises(Exception, match="prep.model_preset: required"):
         pipeline.with_checked_tokenizer(PrepConfig(tokenizer=str(tmp_path / "unnamed.safetensors")))
+
+
+def test_reshard_exits_0_when_it_worked(tmp_path, capsys):
+    # console scripts run sys.exit(main()): a returned shard count would be the exit status
+    from cogvideo.shards import ClipMeta, encode_sample
+    from data_prep import reshard
+    from data_prep.output import PrepOutput
+
+    out = PrepOutput(tmp_path, shard_samples=4, shard_bytes=2**20)
+    meta = ClipMeta(duration=4.0, fps=1.0, stage=1, source="v.mp4", clip_start=0.0, clip_end=4.0, num_frames=5)
+    for i in range(4):
+        out.add_sample(encode_sample(f"k{i}", np.zeros((5, 4, 4), np.int64), "a video", meta),
+                       {"key": f"k{i}", "source": "v.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0, "stage": 1})
+    out.commit()
+    assert reshard.main([str(tmp_path), "--divisible-by", "2"]) == 0
+    assert f"{tmp_path}: 2 shards" in capsys.readouterr().out
