@@ -81,14 +81,17 @@ def shown(image, matrix):
     return out
 
 
-@pytest.mark.parametrize("clockwise", [90, 180, 270])
-def test_display_matrix_rotation_is_applied(tmp_path, clockwise):
+@pytest.mark.parametrize("clockwise,mirrored", [(90, False), (180, False), (270, False), (90, True), (0, True)])
+def test_display_matrix_rotation_is_applied(tmp_path, clockwise, mirrored):
     image = gradient(32, 48)
-    path = write(tmp_path / "rotated.mp4", [image] * 3, setup=lambda s: s.set_display_rotation(-clockwise))
+    path = write(tmp_path / "rotated.mp4", [image] * 3,
+                 setup=lambda s: s.set_display_rotation(-clockwise, hflip=mirrored))
     matrix = tkhd_matrix(path)
     assert not np.allclose(matrix[[0, 1, 3, 4]], [1, 0, 0, 1])  # the container itself carries the rotation
     info, (clip,) = clips(path)
-    assert (info.properties["rotation"], info.properties["mirrored"]) == (clockwise, False)
+    assert info.properties["mirrored"] == mirrored
+    if not mirrored:
+        assert info.properties["rotation"] == clockwise
     expected = viewed(shown(image, matrix), 16)
     assert np.abs(clip.frames.astype(int) - expected).max() <= 8
     assert np.abs(viewed(image, 16) - expected).max() > 60  # not the unrotated picture
