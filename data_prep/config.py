@@ -43,7 +43,9 @@ class PrepConfig:
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"])
     min_side: int = 16  # pixels; smaller videos are rejected
     max_side: int = 4096  # larger videos (8K) are rejected
-    vfr_tolerance: float = 0.25  # largest deviation of a frame interval, as a fraction of 1 / fps
+    # a frame interval further than this fraction from the mean interval makes a clip variable-rate
+    # (recorded; it then serves rates up to that of its longest interval)
+    vfr_tolerance: float = 0.25
 
     # output
     shard_samples: int = 1000  # a shard is closed at this many samples ...
