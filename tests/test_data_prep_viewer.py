@@ -115,7 +115,7 @@ def picked_frames(frames):
     return np.rint((frames.reshape(len(frames), -1).mean(1) - 8) / 3).astype(int)
 
 
-def samples_of(path, cfg=PrepConfig(), shape=Geometry(16, 4, 5)):
+def samples_of(path, cfg=PrepConfig(), shape=Geometry(16, 4, 5, image_codes=1024)):
     row = {"entry": path, "path": path, "caption": "a video", "sha256": "0" * 64}
     rows = extract_samples(row, cfg, shape)
     records = [json.loads(r["record"]) for r in rows]
