@@ -41,7 +41,7 @@ class Orientation:
     @classmethod
     def from_display_matrix(cls, m: np.ndarray) -> Orientation:
         """FFmpeg's display matrix [a b u; c d v; x y w] (QuickTime's `tkhd` matrix) maps a pixel
-        (x, y) to (a x + c y, b x + d y) on screen, y down; only multiples of 90 degrees are kept."""
+        (x, y) to (a x + c y, b x + d y) on screen, y down; the angle is rounded to a multiple of 90."""
         a, b, c, d = (float(v) for v in (m[0], m[1], m[3], m[4]))
         mirrored = a * d - b * c < 0
         degrees = np.degrees(np.arctan2(b, -a if mirrored else a))
@@ -90,8 +90,9 @@ def _open(path: str) -> av.container.InputContainer:
         reason = "corrupt_container" if _looks_like_container(path) else "not_a_video"
         raise Rejected(reason, f"{path}: {err}") from None
     if container.format.name == "image2" or container.format.name.endswith("_pipe"):
-        container.close()  # FFmpeg opens a still image as a one-frame "video"
-        raise Rejected("not_a_video", f"{path}: an image ({container.format.long_name}), not a video")
+        kind = container.format.long_name  # FFmpeg opens a still image as a one-frame "video"
+        container.close()
+        raise Rejected("not_a_video", f"{path}: an image ({kind}), not a video")
     return container
 
 
