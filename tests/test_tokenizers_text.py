@@ -129,6 +129,17 @@ def test_command_reads_the_prep_captions_file_and_defaults_to_the_presets_vocabu
     assert exit.value.code == 2 and "vocab_size: 5000 pieces do not fit preset 'tiny'" in err
 
 
+def test_command_learns_whole_words_from_a_few_dozen_captions(tmp_path):
+    from cogvideo.synthetic import COLOURS as WORLD_COLOURS, DIRECTIONS, SHAPES as WORLD_SHAPES, caption_for
+
+    combos = list(itertools.product(WORLD_COLOURS, WORLD_SHAPES, DIRECTIONS))[::3]  # 24 captions
+    (tmp_path / "captions.txt").write_text("\n".join(caption_for(*c) for c in combos), encoding="utf-8")
+    main(["preset=small", f"captions={tmp_path / 'captions.txt'}", f"out={tmp_path / 'sp'}"])
+    tokenizer = TextTokenizer(tmp_path / "sp.model", get_preset("small").vocab)
+    for caption in map(lambda c: caption_for(*c), combos):  # one piece per word (SentencePiece's "▁word")
+        assert len(tokenizer.encode(caption)) == len(caption.split()), tokenizer.sp.EncodeAsPieces(caption)
+
+
 def test_small_vocabulary_over_many_characters_needs_and_takes_character_coverage(tmp_path, capsys):
     # 100 frequent and 300 rare CJK characters: with byte fallback's 256 pieces, all of them
     # cannot be pieces of a 500-piece vocabulary; coverage 0.98 leaves the rare ones to bytes

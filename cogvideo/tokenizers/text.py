@@ -165,7 +165,9 @@ class TextTokenizerConfig:
     captions: str = ""  # one caption per line, or the CSV / JSONL captions file of cogvideo-prep
     out: str = ""  # output prefix: writes PREFIX.model, PREFIX.vocab and PREFIX.json (what was fitted)
     vocab_size: int = 0  # upper bound on the pieces; 0: the preset's vocab.num_text_tokens
-    model_type: Literal["unigram", "bpe"] = "unigram"
+    # bpe learns whole words from a few hundred captions, where unigram (icetk's kind) still splits
+    # them into letters; unigram for large caption sets
+    model_type: Literal["unigram", "bpe"] = "bpe"
     byte_fallback: bool = True  # characters without a piece become UTF-8 byte pieces (else <unk>)
     # fraction of the captions' characters kept as pieces, 0.98 to 1: lower it (e.g. 0.9995) when the
     # captions hold more distinct characters than vocab_size (many Chinese captions, small vocab)
