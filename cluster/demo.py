@@ -68,10 +68,12 @@ class TokenizerSettings:
 class TrainSettings:
     ranks: int = 2  # DeepSpeed data-parallel CPU ranks (gloo)
     threads_per_rank: int = 1
-    # classifier-free guidance: the video stages learn this text (CogVideo's "视频", no duration
-    # prefix) on a seeded fraction of samples; the sampler's unconditional prompt is the same text
+    # classifier-free guidance: the video stages learn the guidance text (CogVideo's "视频") on a
+    # seeded fraction of samples; checkpoints record it and the sampler guides with it. Deviation:
+    # without the duration prefix (the release keeps it), so guidance also sharpens the prefix's effect
     caption_dropout: float = 0.1
     uncond_text: str = "视频"
+    uncond_prefix: bool = False
     backbone: list[str] = field(default_factory=list)  # dotted overrides of configs/demo/train_backbone.yaml
     stage1: list[str] = field(default_factory=list)
     stage2: list[str] = field(default_factory=list)
@@ -229,6 +231,7 @@ class Demo:
     # ---- tokenizers -----------------------------------------------------------------------
     def tokenizers(self) -> dict:
         from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+        from cogvideo.text_format import TextFormat
         from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
 
         cfg, model = self.cfg, self.cfg.model()
@@ -236,7 +239,7 @@ class Demo:
         train_text_tokenizer([r["caption"] for r in rows] + [cfg.train.uncond_text], self.text_model.with_suffix(""),
                              cfg.tokenizers.text_vocab_size, cfg.tokenizers.text_model_type)
         text = TextTokenizer(self.text_model, model.vocab)
-        longest = max((len(text.encode_prompt(r["caption"], d)), r["caption"])
+        longest = max((len(text.encode(TextFormat().text(r["caption"], d))), r["caption"])
                       for r in rows if "render_seed" in r for d in cfg.videos.durations)
         if longest[0] > model.text_length:
             raise RuntimeError(f"caption {longest[1]!r} with its duration prefix is {longest[0]} text tokens, more "
@@ -308,7 +311,8 @@ class Demo:
                      f"data.text_tokenizer={self.text_model}", f"checkpoint.dir={run}"]
         if stage != "backbone":
             overrides += [f"init.backbone={self.path('models', 'backbone')}",
-                          f"data.caption_dropout={cfg.train.caption_dropout}", f"data.uncond_text={cfg.train.uncond_text}"]
+                          f"data.caption_dropout={cfg.train.caption_dropout}", f"data.uncond_text={cfg.train.uncond_text}",
+                          f"data.uncond_prefix={cfg.train.uncond_prefix}"]
         overrides += getattr(cfg.train, stage)
         self.command([sys.executable, "-m", "torch.distributed.run", "--standalone",
                       f"--nproc_per_node={cfg.train.ranks}", "-m", "pretrain.train",
@@ -350,8 +354,7 @@ class Demo:
                     f"stage1_checkpoint={self.path('models', 'stage1')}",
                     f"stage2_checkpoint={self.path('models', 'stage2')}",
                     f"text_tokenizer={self.text_model}", f"image_tokenizer={self.image_model}",
-                    f"duration={duration}", f"seed={seed}",
-                    f"uncond_text={cfg.train.uncond_text}", *cfg.sample.options])
+                    f"duration={duration}", f"seed={seed}", *cfg.sample.options])
                 print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
                 started = time.perf_counter()
                 manifest = run_job([Prompt(p["key"], p["prompt"]) for p in todo], out, options,
@@ -419,7 +422,8 @@ def training_summary(metrics_file: Path) -> dict:
 
 def _train_step(stage: str) -> Step:
     return Step(stage, lambda demo: demo.train(stage), (f"train.{stage}", "train.ranks", "train.caption_dropout",
-                                                        "train.uncond_text", f"configs/demo/train_{stage}.yaml"),
+                                                        "train.uncond_text", "train.uncond_prefix",
+                                                        f"configs/demo/train_{stage}.yaml"),
                 (f"runs/{stage}", f"models/{stage}"))
 
 

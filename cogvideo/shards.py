@@ -7,8 +7,8 @@ A WebDataset sample is a tar member group with the same `__key__`:
     {key}.caption.txt  UTF-8 caption, without any duration prefix
     {key}.meta.json    ClipMeta as JSON
 
-The duration prefix ("4.0秒<n>") is composed at load time from `meta.duration`, so the
-prefix template can change without re-preparing data.
+The duration prefix ("4.0秒<n>") is composed at load time from `meta.duration` by the text
+format (`cogvideo.text_format`), so the format can change without re-preparing data.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ FRAMES_KEY = "frames.npy"
 CAPTION_KEY = "caption.txt"
 META_KEY = "meta.json"
 SCHEMA_VERSION = 1
-DEFAULT_PREFIX_TEMPLATE = "{duration:.1f}秒<n>{caption}"
 
 
 class ShardFormatError(ValueError):
@@ -49,11 +48,6 @@ class Sample:
     frames: np.ndarray  # int64 [frames, h, w]
     caption: str
     meta: ClipMeta
-
-
-def compose_text(caption: str, duration: float, template: str = DEFAULT_PREFIX_TEMPLATE) -> str:
-    """The multi-frame-rate text: by default "{duration}秒<n>{caption}"."""
-    return template.format(duration=duration, caption=caption)
 
 
 def encode_sample(key: str, frames: np.ndarray, caption: str, meta: ClipMeta) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from cogvideo.config import ModelConfig, resolve_model_config
 from cogvideo.configio import ConfigError, load_config
-from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE
+from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 
 
 @dataclass
@@ -63,11 +63,16 @@ class DataConfig:
     stage: int | None = None  # keep samples of this stage; None: the model's stage (1 or 2)
     shuffle_buffer: int = 1000  # 0 keeps shard order
     text_tokenizer: str | None = None  # SentencePiece model (cogvideo.tokenizers.text)
+    # the text format (cogvideo.text_format.TextFormat); checkpoints record it and the sampler uses it
     prefix_template: str = DEFAULT_PREFIX_TEMPLATE
-    caption_dropout: float = 0.0  # fraction of samples trained on uncond_text (classifier-free guidance)
-    uncond_text: str = "视频"  # the sampler's unconditional prompt (sampling.uncond_text) must match
+    caption_dropout: float = 0.0  # fraction of samples trained on the guidance text (classifier-free guidance)
+    uncond_text: str = UNCOND_CAPTION  # caption of the guidance text
+    uncond_prefix: bool = True  # the guidance text keeps the duration prefix (the release's)
     prefetch_batches: int = 4  # batches prepared by a background thread
     max_cut_text: float = 0.05  # fraction of sampled captions model.text_length may cut (checked at start)
+
+    def text_format(self) -> TextFormat:
+        return TextFormat(self.prefix_template, self.uncond_text, self.uncond_prefix)
 
 
 @dataclass
@@ -169,6 +174,10 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
         raise ConfigError(f"data.max_cut_text: must be in [0, 1], got {cfg.data.max_cut_text}")
     if not 0 <= cfg.data.caption_dropout < 1:
         raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
+    try:
+        cfg.data.text_format()
+    except ValueError as err:
+        raise ConfigError(f"data.{err}") from None
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
     if not cfg.data.shards:

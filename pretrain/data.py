@@ -26,7 +26,7 @@ import torch
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.config import ModelConfig
-from cogvideo.shards import Sample, ShardFormatError, compose_text, decode_sample, tar_problem
+from cogvideo.shards import Sample, ShardFormatError, decode_sample, tar_problem
 from pretrain.config import DataConfig, data_stage
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ def check_text_length(shards: list[str], model_cfg: ModelConfig, encode_text: Ca
         try:
             for raw in tarfile_samples([{"url": path}]):
                 sample = decode_sample(raw)
-                lengths.append(len(encode_text(compose_text(sample.caption, sample.meta.duration,
-                                                            data.prefix_template))))
+                lengths.append(len(encode_text(data.text_format().text(sample.caption, sample.meta.duration))))
                 if len(lengths) >= max_samples:
                     break
         except (ShardFormatError, tarfile.TarError, OSError):
@@ -159,6 +158,7 @@ class ShardLoader:
         self.model_cfg = model_cfg
         self.encode_text = encode_text
         self.data = data
+        self.text_format = data.text_format()
         self.micro_batch_size = micro_batch_size
         self.stage = data_stage(data, model_cfg)
         self.seed = seed
@@ -241,10 +241,10 @@ class ShardLoader:
     def to_sequence(self, sample: Sample):
         from cogvideo.sequence import build_sequence
 
-        if self.data.caption_dropout and self._dropped(sample.key):
-            text = self.data.uncond_text  # classifier-free guidance learns the unconditional text
+        if self.data.caption_dropout and self._dropped(sample.key):  # classifier-free guidance learns the guidance text
+            text = self.text_format.uncond(sample.meta.duration)
         else:
-            text = compose_text(sample.caption, sample.meta.duration, self.data.prefix_template)
+            text = self.text_format.text(sample.caption, sample.meta.duration)
         text_ids = self.encode_text(text)
         limit = self.model_cfg.text_length
         if len(text_ids) > limit and not self._warned_truncation:

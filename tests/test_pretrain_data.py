@@ -11,7 +11,8 @@ import webdataset as wds
 
 from cogvideo.config import get_preset
 from cogvideo.sequence import build_sequence
-from cogvideo.shards import ClipMeta, compose_text, encode_sample
+from cogvideo.shards import ClipMeta, encode_sample
+from cogvideo.text_format import TextFormat
 from pretrain.config import DataConfig
 from pretrain.data import DataError, LoaderPosition, ShardLoader, expand_shards, prefetched, rank_shards, shuffled
 
@@ -82,7 +83,8 @@ def test_batches_match_build_sequence_and_stage_filter(shards):
     assert all(int(k.split("_")[1]) % 3 == 2 for k in keys_of([batch]))
     assert batch.tokens.shape == (2, CFG.seq_length) and batch.loss_mask.dtype == torch.bool
     sample = next(make_loader(shards, stage=2, shuffle_buffer=0).samples())
-    text = compose_text(sample.caption, sample.meta.duration)
+    text = TextFormat().text(sample.caption, sample.meta.duration)
+    assert text == f"{sample.meta.duration:.1f}秒<n>{sample.caption}"  # the published prefix
     tokens, targets, mask = build_sequence(CFG, encode_text(text)[:CFG.text_length], sample.frames)
     assert torch.equal(batch.tokens[0], tokens) and torch.equal(batch.targets[0], targets)
     assert torch.equal(batch.loss_mask[0], mask)
@@ -187,24 +189,29 @@ def test_resume_keeps_bad_counts_exact_at_every_cut(tmp_path, caplog):
             assert got.keys == expected.keys and got.position == expected.position, (cut, expected.position)
 
 
-def test_caption_dropout_is_seeded_per_sample_and_epoch(shards):
+@pytest.mark.parametrize("uncond_prefix", [True, False])
+def test_caption_dropout_is_seeded_per_sample_and_epoch(shards, uncond_prefix):
     cfg = CFG.replace(text_length=16)
-    uncond = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0)
-    uncond_ids = uncond.to_sequence  # the unconditional text's tokens, for comparison
-    loader = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5, uncond_text="视频")
+    plain = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0)
+    loader = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5,
+                         uncond_prefix=uncond_prefix)
     samples = list(itertools.islice(loader.samples(), 16))
-    expected_uncond = torch.tensor(encode_text("视频"))
     dropped = []
     for sample in samples:
+        # the release's guidance text: "{duration}秒<n>视频"; without the prefix: "视频"
+        uncond = f"{sample.meta.duration:.1f}秒<n>视频" if uncond_prefix else "视频"
+        expected_uncond = torch.tensor(encode_text(uncond))
         tokens, _, _ = loader.to_sequence(sample)
         text = tokens[:cfg.text_length]
-        is_uncond = torch.equal(text[-2:], expected_uncond) and bool((text[:-2] == cfg.vocab.pad_id).all())
+        n = len(expected_uncond)
+        is_uncond = torch.equal(text[-n:], expected_uncond) and bool((text[:-n] == cfg.vocab.pad_id).all())
         assert is_uncond == loader._dropped(sample.key)
         if not is_uncond:
-            assert torch.equal(tokens, uncond_ids(sample)[0])  # conditional samples are untouched
+            assert torch.equal(tokens, plain.to_sequence(sample)[0])  # conditional samples are untouched
         dropped.append(is_uncond)
     assert 2 <= sum(dropped) <= 14  # about half of 16
-    again = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5, uncond_text="视频")
+    again = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5,
+                        uncond_prefix=uncond_prefix)
     assert [again._dropped(s.key) for s in samples] == [loader._dropped(s.key) for s in samples]
 
 

@@ -22,7 +22,8 @@ from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
 from cogvideo.sequence import build_sequence
-from cogvideo.shards import compose_text, decode_sample
+from cogvideo.shards import decode_sample
+from cogvideo.text_format import TextFormat
 from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
 from test_pretrain_data import write_shards
 from tolerances import adam_weight_atol, loss_rel_tol
@@ -119,7 +120,7 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True):
 
     def sequence(key):
         s = samples[key]
-        ids = tok.encode(compose_text(s.caption, s.meta.duration))[:cfg.text_length]
+        ids = tok.encode(TextFormat().text(s.caption, s.meta.duration))[:cfg.text_length]
         return build_sequence(cfg, ids, s.frames)
 
     model = CogVideoModel(cfg)

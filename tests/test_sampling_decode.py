@@ -27,9 +27,9 @@ def stages():
 
 
 def text_encoder(cfg):
-    """Distinct left-padded text per (text, duration), without a tokenizer file."""
-    def encode(text, duration):
-        key = f"{duration}|{text}"
+    """Distinct left-padded text per text, without a tokenizer file."""
+    def encode(text):
+        key = text
         length = 3 + len(key) % (cfg.text_length - 3)
         gen = torch.Generator().manual_seed(sum(map(ord, key)))
         ids = torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens, (length,), generator=gen)
@@ -77,8 +77,8 @@ def guidance_pass(stage, text, uncond, guidance):
 def test_guidance_scale_0_is_unconditional_and_1_is_conditional(stages):
     stage = stages[0]
     encode = text_encoder(stage.cfg)
-    cond = torch.stack([encode("a cat", 4.0), encode("a dog", 4.0)])
-    uncond = torch.stack([encode("视频", None)] * 2)
+    cond = torch.stack([encode("4.0秒<n>a cat"), encode("4.0秒<n>a dog")])
+    uncond = torch.stack([encode("4.0秒<n>视频")] * 2)
     conditional = guidance_pass(stage, cond, None, 1.0)
     unconditional = guidance_pass(stage, uncond, None, 1.0)
     assert not torch.equal(conditional[1], unconditional[1])
@@ -103,9 +103,9 @@ def test_bfloat16_sampling_tracks_float32(stages):
     low.load_state_dict(stage.model.state_dict())
     low = StageModel(low.to(torch.bfloat16), stage.cfg)
     encode = text_encoder(stage.cfg)
-    cond = torch.stack([encode("a cat", 4.0), encode("a dog", 4.0)])
+    cond = torch.stack([encode("4.0秒<n>a cat"), encode("4.0秒<n>a dog")])
     job = DecodePass(text=cond, given={0: torch.randint(0, 64, (2, stage.n))}, targets=(1,),
-                     uncond_text=torch.stack([encode("视频", None)] * 2), guidance=3.0)
+                     uncond_text=torch.stack([encode("4.0秒<n>视频")] * 2), guidance=3.0)
     codes = sample_frames(low, job, GREEDY, [None, None])[1]
     # teacher-forced in fp32 on bf16's own prefix, every bf16 pick is among fp32's top 3
     # (exact equality is not expected: rounding flips near-ties, and the video then drifts)

@@ -1,10 +1,12 @@
 """Hierarchical flow with fake stage models whose output is a known function of what they
 are fed: frame order, interleaving, given frames untouched, texts and flags per pass."""
+import pytest
 import torch
 
 from cogvideo.config import get_preset
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.prompts import TextBudgetError
 from cogvideo.sampling.stage_model import StageModel
 from cogvideo.sampling.strategies import TopKStrategy
 
@@ -51,8 +53,8 @@ class FakeStage(StageModel):
 
 
 def encode_fake(cfg, log):
-    def encode(text, duration):
-        log.append((text, duration))
+    def encode(text):
+        log.append(text)
         return torch.full((cfg.text_length,), cfg.vocab.text_offset + (len(text) % 50))
     return encode
 
@@ -80,8 +82,10 @@ def test_every_frame_lands_at_its_time_index():
     expected = torch.arange(33)[:, None] + torch.arange(n)[None, :]
     assert torch.equal(video[0], expected) and torch.equal(video[1], expected)
     # stage-2 durations halve per level: 2.0, 1.0, 0.5 s windows; stage 1 spans 4.0 s
-    durations = [d for text, d in texts if text.endswith(" 视频")]
-    assert sorted(set(durations)) == [0.5, 1.0, 2.0, 4.0]
+    durations = {float(text.split("秒<n>")[0]) for text in texts if "秒<n>" in text}
+    assert sorted(durations) == [0.5, 1.0, 2.0, 4.0]
+    # unguided, as the release: stage 1 and stage 2 read the bare prompt (no " 视频")
+    assert {text.split("<n>")[1] for text in texts if "<n>" in text} == {"a cat", "a dog"}
 
 
 def test_stage2_never_changes_a_given_frame_and_batches_a_level():
@@ -119,7 +123,9 @@ def test_flags_per_pass_and_user_first_frame():
     frame0, stage1 = calls
     assert len(frame0[1]) == 1 and frame0[2] is False and frame0[3] == 1.4  # only the prompt without a frame
     assert len(stage1[1]) == 4 and stage1[2] is True and stage1[3] == 0.0  # cond + uncond rows
-    assert ("a dog 高清摄影", None) in texts and ("a cat 视频", 4.0) in texts and ("视频", None) in texts
+    # the release's texts (cogvideo_pipeline.py): frame 0 prompt + " 高清摄影"; stage 1 guided
+    # str(float(duration)) + "秒" <n> prompt + " 视频", guided by the same prefix + "视频"
+    assert "a dog 高清摄影" in texts and "4.0秒<n>a cat 视频" in texts and "4.0秒<n>视频" in texts
 
 
 class OffsetStage(FakeStage):
@@ -140,3 +146,35 @@ def test_a_frame0_model_draws_frame_0_and_stage_1_the_rest():
     assert torch.equal(video[0, 1:], 8 * torch.arange(1, 5)[:, None] + torch.arange(n))
     assert [c[2] for c in frame0.calls if c[0] == "text"] == [False]  # temporal channel off
     assert [c[2] for c in stage1.calls if c[0] == "text"] == [True]  # stage 1 only for keyframes
+
+
+class WordEncoder:
+    """One id per space-separated word, refusing more than `budget` words (TextEncoder's rule)."""
+
+    def __init__(self, cfg, budget):
+        self.cfg, self.budget, self.seen = cfg, budget, []
+
+    def __call__(self, text):
+        self.seen.append(text)
+        words = text.split()
+        if len(words) > self.budget:
+            raise TextBudgetError(f"{len(words)} words > {self.budget}")
+        return torch.full((self.cfg.text_length,), self.cfg.vocab.text_offset + len(words))
+
+
+def test_a_suffix_over_the_text_budget_is_dropped_and_said_or_refused():
+    cfg1, cfg2 = get_preset("tiny"), get_preset("tiny-stage2")
+    encode = WordEncoder(cfg1, budget=4)
+    options = SampleOptions(interpolation_levels=1, stage1_guidance=3.0, frame0_suffix=" 高清 摄影", video_suffix=" 视频")
+    sampler = HierarchicalSampler(FakeStage(cfg1), FakeStage(cfg2), options, encode,
+                                  {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY})
+    texts, notes = sampler.texts("a red ball")  # 3 words: + 2 for frame 0 is over 4, + 1 for stage 1 fits
+    assert texts[:2] == ["a red ball", "4.0秒<n>a red ball 视频"]
+    assert len(notes) == 1 and notes[0].startswith("frame0_suffix ' 高清 摄影' dropped (5 words > 4)")
+    sampler.sample(["a red ball"])
+    assert "a red ball" in encode.seen and "a red ball 高清 摄影" not in encode.seen[-6:]
+    sampler.options = SampleOptions(interpolation_levels=1, frame0_suffix=" 高清 摄影", suffix_over_budget="error")
+    texts, notes = sampler.texts("a red ball")
+    assert texts[0] == "a red ball 高清 摄影" and not notes
+    with pytest.raises(TextBudgetError):
+        encode(texts[0])

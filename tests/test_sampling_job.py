@@ -17,6 +17,7 @@ from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.outputs import read_mp4
 from cogvideo.sampling.prompts import PromptError, TextBudgetError, TextEncoder, read_prompts
+from cogvideo.text_format import TextFormat
 
 CFG = get_preset("tiny")
 
@@ -26,9 +27,6 @@ class WordTokenizer:
 
     def encode(self, text):
         return [CFG.vocab.text_id(sum(map(ord, w)) % CFG.vocab.num_text_tokens) for w in text.split()]
-
-    def encode_prompt(self, caption, duration):
-        return self.encode(f"{duration:.1f}秒<n>{caption}")
 
 
 class FakePipeline:
@@ -40,7 +38,8 @@ class FakePipeline:
         self.encode = TextEncoder(WordTokenizer(), CFG)
 
     def check(self, prompt):
-        self.encode(prompt.text + self.options.video_suffix, self.options.duration)
+        self.encode(TextFormat().text(prompt.text + self.options.video_suffix, self.options.duration))
+        return []
 
     def sample(self, prompts):
         if any("boom" in p.text for p in prompts):
@@ -82,7 +81,7 @@ def check_outputs(out, prompts, options):
         assert Image.open(entry / "video.gif").n_frames == 5
         expected = torch.randint(0, 64, (5, 4, 4), generator=row_generator(options.seed, p.text, "fake")).numpy()
         assert np.array_equal(codes, expected)
-    assert Image.open(out / "contact_sheet.png").height == 3 * 16
+    assert Image.open(out / "contact_sheet.png").height == 3 * 96  # 16 px frames enlarged 6 x
     assert json.loads((out / "options.json").read_text()) == to_dict(options)
     return manifest
 
@@ -151,10 +150,10 @@ def test_prompt_files(tmp_path):
 
 def test_text_budget_is_refused_not_truncated():
     encode = TextEncoder(WordTokenizer(), CFG)
-    ids = encode("a b c", None)
+    ids = encode("a b c")
     assert ids.tolist() == [CFG.vocab.pad_id] * 5 + WordTokenizer().encode("a b c")
     with pytest.raises(TextBudgetError, match="9 text tokens; the model's text budget .* is 8"):
-        encode("a b c d e f g h i", None)
+        encode("a b c d e f g h i")
 
 
 def test_cli_bad_input_names_the_file(tmp_path, capsys):
@@ -165,6 +164,72 @@ def test_cli_bad_input_names_the_file(tmp_path, capsys):
     prompts.write_text("a cat\n")
     missing = tmp_path / "ckpt" / "stage1"
     assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), f"stage1_checkpoint={missing}"]) == 2
-    assert f"sampling.stage1_checkpoint: {missing} does not exist" in capsys.readouterr().err
+    assert f"stage1_checkpoint: {missing} does not exist" in capsys.readouterr().err
     assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), "stage1_guidance=high"]) == 2
     assert "stage1_guidance: expected a number" in capsys.readouterr().err
+
+
+def test_cli_names_every_bad_option_at_once(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), "stage1_checkpoint=nope"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "cogvideo-sample: text_tokenizer: required (e.g. text_tokenizer=PATH)",
+        "cogvideo-sample: image_tokenizer: required (e.g. image_tokenizer=PATH)",
+        "cogvideo-sample: stage1_checkpoint: nope does not exist",
+        "cogvideo-sample: interpolation_levels=3 needs stage2_checkpoint: give one, or set interpolation_levels=0 "
+        "to stop at the keyframes",
+        lines[4]]  # the release's cluster strategy without a table: said, never silently replaced
+    assert lines[4].startswith("cogvideo-sample: cluster_table: frame0_strategy, stage1_strategy, stage2_strategy "
+                               "use the release's cluster strategy")
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def _fake_files(tmp_path):
+    for name in ("stage1", "text.model", "image.safetensors"):
+        (tmp_path / name).write_text("")
+    return [f"stage1_checkpoint={tmp_path / 'stage1'}", f"text_tokenizer={tmp_path / 'text.model'}",
+            f"image_tokenizer={tmp_path / 'image.safetensors'}", "interpolation_levels=0",
+            "frame0_strategy.kind=topk", "stage1_strategy.kind=topk"]
+
+
+def test_cli_prints_each_failure_and_fails_only_when_nothing_sampled(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(cli.VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    with caplog.at_level("INFO", logger="cogvideo.sampling.job"):
+        assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), *_fake_files(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 5 prompts sampled, 2 failed" in out
+    assert "boom_goes_the_model_06f82209: failed: RuntimeError: the model exploded" in out
+    assert "text budget" in out.split("one_two_three")[1]  # each failure's reason, not only in record.json
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
+    assert [m.split("]")[0] for m in progress] == [f"[{i}/5" for i in range(1, 6)]
+    (tmp_path / "boom.txt").write_text("boom goes the model\n")
+    assert cli.main(["--prompts", str(tmp_path / "boom.txt"), "--out", str(tmp_path / "b"), *_fake_files(tmp_path)]) == 1
+    assert "0 of 1 prompts sampled, 1 failed" in capsys.readouterr().out
+
+
+def test_contact_sheet_enlarges_frames_wraps_labels_and_draws_cjk(tmp_path, caplog):
+    from cogvideo.sampling import outputs
+
+    rows = []
+    for i, label in enumerate(["a red ball rolls slowly to the left across a wide green meadow at dusk",
+                               "一个红色的圆球在绿色的草地上慢慢地向左滚动", "????????????????????"]):
+        frames = np.full((9, 16, 16, 3), 60 * i, dtype=np.uint8)
+        outputs.write_sheet_row(tmp_path / f"row{i}.png", frames)
+        rows.append((label, tmp_path / f"row{i}.png"))
+    with caplog.at_level("WARNING", logger="cogvideo.sampling.outputs"):
+        outputs.write_contact_sheet(tmp_path / "sheet.png", rows)
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("L"))
+    width = outputs.LABEL_WIDTH
+    assert sheet.shape[1] == width + 9 * 96 and sheet.shape[0] >= 3 * 96  # 16 px frames drawn 6 x larger
+    labels = sheet[:, :width] < 128  # ink of the label column
+    assert not labels[:, width - outputs.LABEL_MARGIN:].any()  # nothing cut at the column's edge
+    first_rows = np.flatnonzero(labels[:96].any(1))
+    assert first_rows.max() - first_rows.min() > 2 * outputs.LABEL_FONT_SIZE  # the long English label wraps
+    if outputs.LabelFont().cjk is not None:
+        assert not np.array_equal(labels[96:192], labels[192:288])  # CJK glyphs, not "?" marks
+    else:
+        assert "no CJK font installed" in caplog.text  # the fallback is said

@@ -58,7 +58,9 @@ def test_cluster_strategy_matches_its_two_step_distribution():
     expected = np.zeros(8)
     for c in top:
         members = labels.numpy() == c
-        inside = softmax(np.where(members, x / 0.6, -np.inf))
+        # CogLM (CoglmStrategy in THUDM/CogVideo and SwissArmyTransformer): logits = logits / T,
+        # then softmax(logits / T2) inside the chosen cluster, so T2 acts on logits already over T
+        inside = softmax(np.where(members, x / 1.2 / 0.6, -np.inf))
         expected += cluster_mass[c] / cluster_mass[top].sum() * inside
     np.testing.assert_allclose(frequencies(strategy, LOGITS, 8), expected, atol=0.015)
 
@@ -72,8 +74,10 @@ def test_a_row_does_not_depend_on_its_batch_neighbours():
 
 
 def test_bad_options_name_the_problem():
+    with pytest.raises(ValueError, match="top_k > 0"):
+        StrategyOptions(kind="cluster", top_k=0)
     with pytest.raises(ValueError, match="cluster_table"):
-        StrategyOptions(kind="cluster", top_k=12)
+        make_strategy(StrategyOptions(kind="cluster", top_k=12))
     with pytest.raises(ValueError, match="top_p"):
         StrategyOptions(top_p=0.0)
 
@@ -103,10 +107,30 @@ def test_clusters_command_writes_a_table_the_strategy_loads(tmp_path, monkeypatc
     monkeypatch.setattr(clusters, "codebook_of", lambda path: points)
     out = tmp_path / "clusters.npz"
     clusters.main(["--image-tokenizer", "unused", "--clusters", "4", "--out", str(out)])
-    options = StrategyOptions(kind="cluster", top_k=2, temperature=1.0, cluster_table=str(out))
-    strategy = make_strategy(options, num_image_tokens=64)
+    options = StrategyOptions(kind="cluster", top_k=2, temperature=1.0)
+    strategy = make_strategy(options, clusters.load_cluster_table(out, 64))
     assert same_partition(strategy.labels, truth)
     with pytest.raises(ValueError, match="do not cover the 100 image codes"):
-        make_strategy(options, num_image_tokens=100)
+        clusters.load_cluster_table(out, 100)
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         clusters.load_cluster_table(tmp_path / "missing.npz", 64)
+
+
+def test_the_released_cluster_tables_load_as_they_are(tmp_path):
+    # CogVideo's cluster_label2.npy / CogView2's cluster_label.npy: np.save of an int64 array
+    # [20000] of labels 0..499 (header {'descr': '<i8', 'shape': (20000,)}); CoglmStrategy
+    # reads it with np.load and scatters into 500 clusters
+    labels = np.random.default_rng(0).permutation(np.arange(20000) % 500).astype(np.int64)
+    released = tmp_path / "cluster_label2.npy"
+    np.save(released, labels)
+    assert released.read_bytes()[:80].count(b"'descr': '<i8'") == 1
+    table = clusters.load_cluster_table(released, 20000)
+    assert table.dtype == torch.int64 and torch.equal(table, torch.from_numpy(labels))
+    strategy = make_strategy(StrategyOptions(kind="cluster", temperature=1.05, top_k=12, temperature2=0.89), table)
+    assert strategy.num_clusters == 500
+    codes = strategy(torch.randn(3, 20000), generators(3))
+    assert codes.shape == (3,) and int(codes.max()) < 20000
+    pickled = tmp_path / "cluster_label.npy"
+    np.save(pickled, np.array([{"labels": labels}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="cluster_label.npy: not a cluster table"):  # never unpickled
+        clusters.load_cluster_table(pickled, 20000)

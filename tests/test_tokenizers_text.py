@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 
 from cogvideo.config import get_preset
-from cogvideo.shards import compose_text
+from cogvideo.text_format import TextFormat, TextFormatError
 from cogvideo.tokenizers.text import ICETK_TEXT_MODEL, TextTokenizer, main, train_text_tokenizer
 from cogvideo.vocab import VocabLayout
 
@@ -59,14 +59,15 @@ def test_trained_model_matches_compact_layout(tokenizer):
 
 
 def test_prompt_has_duration_prefix_with_separator_piece(tokenizer):
-    ids = tokenizer.encode_prompt("一个红色的圆形", 4.0)
+    ids = tokenizer.encode(TextFormat().text("一个红色的圆形", 4.0))
     pieces = [tokenizer.sp.IdToPiece(tokenizer.layout.piece_id(i)) for i in ids]
     assert "<n>" in pieces and "秒" in pieces
-    assert tokenizer.decode(ids) == compose_text("一个红色的圆形", 4.0) == "4.0秒<n>一个红色的圆形"
-    custom = tokenizer.encode_prompt("a red circle", 2.0, template="{caption} ({duration:.0f}s)")
-    assert tokenizer.decode(custom) == "a red circle (2s)"
-    with pytest.raises(ValueError, match="at most 3"):
-        tokenizer.encode_prompt("a red circle moving left", 4.0, max_length=3)
+    assert tokenizer.decode(ids) == "4.0秒<n>一个红色的圆形"  # the published "4.0秒<n>{caption}"
+    custom = TextFormat(prefix_template="{caption} ({duration:.0f}s)")
+    assert tokenizer.decode(tokenizer.encode(custom.text("a red circle", 2.0))) == "a red circle (2s)"
+    for bad in ("{duration}秒<n>", "{caption} {fps}", "{caption"):
+        with pytest.raises(TextFormatError, match="prefix_template"):
+            TextFormat(prefix_template=bad)
 
 
 def test_decode_rejects_non_text_ids(tokenizer):
@@ -84,7 +85,7 @@ def test_icetk_style_model_loads_from_directory(tmp_path):
         required_chars="0123456789.秒", hard_vocab_limit=False, minloglevel=2)
     tokenizer = TextTokenizer(tmp_path, VocabLayout.icetk())
     assert tokenizer.path == tmp_path / ICETK_TEXT_MODEL
-    ids = tokenizer.encode_prompt("a red circle moving left", 4.0)
+    ids = tokenizer.encode(TextFormat().text("a red circle moving left", 4.0))
     assert min(ids) >= 20000 and tokenizer.layout.pad_id == 20003
     assert tokenizer.decode(ids) == "4.0秒<n>a red circle moving left"
 

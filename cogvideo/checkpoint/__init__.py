@@ -4,7 +4,8 @@ Our format (version 1) is a directory::
 
     config.json   {"format": "cogvideo", "version": 1, "model": <ModelConfig as a dict>,
                    "iteration": int, "tensor_parallel": n, "dtype": "float32",
-                   "num_parameters": int, "source": "where it came from"}
+                   "num_parameters": int, "source": "where it came from",
+                   "text_format": <cogvideo.text_format.TextFormat as a dict: the trained text format>}
     n == 1: model-00001-of-0000k.safetensors ... + model.safetensors.index.json
             (full, merged weights; the index is the Hugging Face one: {"metadata":
             {"total_size"}, "weight_map": {name: file}})
@@ -20,10 +21,10 @@ Writers build the whole output in a temporary directory renamed at the end and r
 existing output unless forced; readers only use safetensors and ``torch.load(weights_only=True)``.
 """
 from cogvideo.checkpoint.format import (Checkpoint, load_model_config, load_model_state, load_optimizer_state,
-                                        reshard, save_model_checkpoint)
+                                        load_text_format, reshard, save_model_checkpoint)
 from cogvideo.checkpoint.io import CheckpointError
 from cogvideo.checkpoint.sat import import_sat
 from cogvideo.checkpoint.zero import convert_zero, restore_optimizer_state
 
 __all__ = ["Checkpoint", "CheckpointError", "convert_zero", "import_sat", "load_model_config", "load_model_state",
-           "load_optimizer_state", "reshard", "restore_optimizer_state", "save_model_checkpoint"]
+           "load_optimizer_state", "load_text_format", "reshard", "restore_optimizer_state", "save_model_checkpoint"]

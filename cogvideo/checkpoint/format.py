@@ -12,6 +12,7 @@ from cogvideo.checkpoint.io import (DEFAULT_SHARD_BYTES, CheckpointError, Sharde
                                     atomic_output_dir, read_json, write_json)
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, from_dict, to_dict
+from cogvideo.text_format import TextFormat, TextFormatError
 
 FORMAT = "cogvideo"
 VERSION = 1
@@ -94,11 +95,13 @@ def write_checkpoint(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple
                      tensors: Iterable[tuple[str, torch.Tensor]], *, iteration: int = 0,
                      tensor_parallel: int = 1, force: bool = False, dtype: torch.dtype | None = None,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str = "",
-                     optimizer: tuple[dict, Iterable[tuple[str, torch.Tensor]]] | None = None) -> Path:
+                     optimizer: tuple[dict, Iterable[tuple[str, torch.Tensor]]] | None = None,
+                     text_format: TextFormat = TextFormat()) -> Path:
     """Stream full tensors (name, tensor) into a checkpoint at `path`, split over
     `tensor_parallel` ranks. `shapes` (full shapes of every tensor to come) is checked against
     the model before anything is written. `optimizer` is (state.json dict, full Adam tensors
-    named "exp_avg.<param>" / "exp_avg_sq.<param>")."""
+    named "exp_avg.<param>" / "exp_avg_sq.<param>"). `text_format` is the one the model was
+    trained on (the release's for imported weights)."""
     path = Path(path)
     try:
         cfg.validate(tensor_parallel)
@@ -132,7 +135,7 @@ def write_checkpoint(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple
         write_json(tmp / CONFIG_NAME, {
             "format": FORMAT, "version": VERSION, "model": to_dict(cfg), "iteration": int(iteration),
             "tensor_parallel": tensor_parallel, "dtype": str(stored_dtype).replace("torch.", ""),
-            "num_parameters": sum(math.prod(s) for s in shapes.values()), "source": source,
+            "num_parameters": sum(math.prod(s) for s in shapes.values()), "source": source, "text_format": text_format.to_dict(),
         })
     return path
 
@@ -224,6 +227,19 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return _model_config(read_checkpoint_info(path), path)
 
 
+def load_text_format(path: str | Path) -> TextFormat:
+    """The text format the checkpoint's model was trained on; the release's when config.json
+    predates the field."""
+    path = Path(path)
+    data = read_checkpoint_info(path).get("text_format")
+    if data is None:
+        return TextFormat()
+    try:
+        return TextFormat.from_dict(data, f"{path / CONFIG_NAME}: text_format")
+    except (TextFormatError, TypeError) as err:
+        raise CheckpointError(str(err)) from None
+
+
 def load_model_state(path: str | Path, tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
     """This TP rank's local state dict, whatever TP degree the checkpoint was stored at."""
     ckpt = Checkpoint(path)
@@ -267,4 +283,4 @@ def reshard(src: str | Path, dst: str | Path, tensor_parallel: int, force: bool 
     return write_checkpoint(dst, ckpt.cfg, ckpt.shapes, ckpt.full_tensors(), iteration=ckpt.iteration,
                             tensor_parallel=tensor_parallel, force=force, dtype=dtype,
                             max_shard_bytes=max_shard_bytes, source=f"reshard of {ckpt.path}",
-                            optimizer=moments)
+                            optimizer=moments, text_format=load_text_format(ckpt.path))

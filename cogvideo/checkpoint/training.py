@@ -23,6 +23,7 @@ import yaml
 
 from cogvideo.checkpoint.io import CheckpointError, load_pt
 from cogvideo.config import ModelConfig, resolve_model_config
+from cogvideo.text_format import TextFormat, TextFormatError
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -105,3 +106,15 @@ def train_config_model(path: Path) -> ModelConfig:
         return resolve_model_config(preset, model)
     except ValueError as err:
         raise CheckpointError(f"{file}: {err}") from None
+
+
+def train_config_text_format(path: Path) -> TextFormat:
+    """The text format a trainer run recorded (the data.* keys of train_config.yaml); the
+    release's when the file has none."""
+    file = path / TRAIN_CONFIG
+    data = (yaml.safe_load(file.read_text()) or {}).get("data") or {} if file.is_file() else {}
+    keys = TextFormat().to_dict()
+    try:
+        return TextFormat.from_dict({k: data[k] for k in keys if k in data}, f"{file}: data")
+    except (TextFormatError, TypeError) as err:
+        raise CheckpointError(str(err)) from None

@@ -23,7 +23,8 @@ import torch
 
 from cogvideo.checkpoint.format import ADAM_KEYS, full_shape, merge_tensor, write_checkpoint
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt
-from cogvideo.checkpoint.training import MODEL_FILE, OPTIM_FILE, tag_dir, train_config_model
+from cogvideo.checkpoint.training import (MODEL_FILE, OPTIM_FILE, tag_dir, train_config_model,
+                                          train_config_text_format)
 from cogvideo.config import ModelConfig
 
 DROPPED = ["learning-rate scheduler state", "loss scaler", "data loader positions", "RNG states"]
@@ -205,7 +206,8 @@ def convert_zero(src: str | Path, dst: str | Path, cfg: ModelConfig | None = Non
     return write_checkpoint(dst, cfg, zero.shapes, zero.tensors("fp32", chunk_bytes=max_shard_bytes),
                             iteration=zero.iteration, tensor_parallel=tensor_parallel, force=force, dtype=dtype,
                             max_shard_bytes=max_shard_bytes, optimizer=moments,
-                            source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})")
+                            source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})",
+                            text_format=train_config_text_format(zero.path))
 
 
 def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size: int = 1) -> int:

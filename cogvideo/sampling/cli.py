@@ -14,7 +14,7 @@ from cogvideo.configio import ConfigError, config_parser, load_config
 from cogvideo.raystart import RayStartError
 from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.pipeline import VideoPipeline, check_paths
+from cogvideo.sampling.pipeline import OptionsError, VideoPipeline, check_options
 from cogvideo.sampling.prompts import PromptError, read_prompts
 
 
@@ -26,12 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    problems = []
     try:
         options = load_config(SampleOptions, args.config, args.overrides)
+        check_options(options)
+    except OptionsError as err:
+        problems += str(err).splitlines()
+    except (ConfigError, ValueError) as err:
+        problems.append(str(err))
+    try:
         prompts = read_prompts(args.prompts)
-        check_paths(options)
-    except (ConfigError, PromptError, FileNotFoundError, ValueError) as err:
-        print(f"cogvideo-sample: {err}", file=sys.stderr)
+    except PromptError as err:
+        problems.append(str(err))
+    if problems:  # all of them at once, before any model, process group or Ray starts
+        for problem in problems:
+            print(f"cogvideo-sample: {problem}", file=sys.stderr)
         return 2
     try:
         manifest = run_job(prompts, args.out, options, functools.partial(VideoPipeline.load, options),
@@ -42,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     except RayStartError as err:
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 1
-    if manifest is not None:
-        print(f"{args.out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
-        return 0 if manifest["failed"] == 0 else 1
-    return 0
+    return 0 if manifest is None else report(args.out, manifest)
+
+
+def report(out: str, manifest: dict) -> int:
+    """The run's summary with every failure's reason; non-zero only when no prompt was sampled."""
+    print(f"{out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
+    for entry in manifest["entries"]:
+        if entry["status"] != "ok":
+            print(f"  {entry['key']}: {entry['status']}: {entry.get('error', 'no record (interrupted?)')}")
+    return 1 if manifest["ok"] == 0 else 0
 
 
 if __name__ == "__main__":

@@ -49,15 +49,25 @@ def save_cluster_table(path: str | Path, labels: torch.Tensor, centroids: torch.
 
 
 def load_cluster_table(path: str | Path, num_image_tokens: int) -> torch.Tensor:
-    """Cluster label per image code, checked against the vocabulary's image range."""
+    """Cluster label per image code, checked against the vocabulary's image range. Reads the
+    released tables as they are (CogVideo's `cluster_label2.npy`, CogView2's `cluster_label.npy`:
+    one int64 array [20000] of labels 0..499) and the `.npz` of `cogvideo-clusters`; never
+    unpickles."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cluster table not found: {path} (compute it with cogvideo-clusters)")
     try:
-        with np.load(path) as data:
-            labels = torch.from_numpy(data["labels"].astype(np.int64))
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                data = data["labels"]
+        labels = np.asarray(data)
     except Exception as err:
-        raise ValueError(f"{path}: not a cluster table (.npz with 'labels'): {err}") from err
+        raise ValueError(f"{path}: not a cluster table (.npy array of labels, or .npz with 'labels'): "
+                         f"{type(err).__name__}: {err}") from None
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: cluster labels must be integers, got {labels.dtype}")
+    labels = torch.from_numpy(labels.astype(np.int64))
     if labels.ndim != 1 or len(labels) != num_image_tokens or labels.min() < 0:
         raise ValueError(f"{path}: labels shape {list(labels.shape)} do not cover the "
                          f"{num_image_tokens} image codes of this model")

@@ -17,10 +17,11 @@ import torch
 
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached
 from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.prompts import TextBudgetError
 from cogvideo.sampling.stage_model import StageModel
 
-# (text, duration or None for no prefix) -> left-padded ids [text_length]
-Encoder = Callable[[str, "float | None"], torch.Tensor]
+# the model's text (already composed) -> left-padded ids [text_length]; raises TextBudgetError
+Encoder = Callable[[str], torch.Tensor]
 
 
 def row_generator(seed: int, prompt: str, tag: str) -> torch.Generator:
@@ -47,12 +48,55 @@ class HierarchicalSampler:
         self.strategies = strategies  # {"frame0", "stage1", "stage2"} -> strategy
         self.decode = sample_frames if cached else sample_frames_uncached
 
-    def _texts(self, texts: list[str], duration: float | None) -> torch.Tensor:
-        return torch.stack([self.encode(t, duration) for t in texts]).to(self.stage1.device)
+    def _texts(self, texts: list[str]) -> torch.Tensor:
+        return torch.stack([self.encode(t) for t in texts]).to(self.stage1.device)
 
-    def _uncond(self, rows: int, guidance: float) -> torch.Tensor | None:
-        """The unconditional text block, or None when guidance 1 makes it irrelevant."""
-        return None if guidance == 1.0 else self._texts([self.options.uncond_text] * rows, None)
+    def _with_suffix(self, prompt: str, suffix: str, option: str, compose) -> tuple[str, str | None]:
+        """compose(prompt + suffix), or compose(prompt) and a note when the suffix alone takes
+        the text over the budget and options.suffix_over_budget is "drop"."""
+        text = compose(prompt + suffix)
+        if not suffix or self.options.suffix_over_budget == "error":
+            return text, None
+        try:
+            self.encode(text)
+            return text, None
+        except TextBudgetError as err:
+            return compose(prompt), f"{option} {suffix!r} dropped ({err})"
+
+    def frame0_text(self, prompt: str) -> tuple[str, str | None]:
+        """Frame 0: prompt + frame0_suffix, no duration prefix (the release's CogView2 pass)."""
+        return self._with_suffix(prompt, self.options.frame0_suffix, "frame0_suffix",
+                                 lambda text: self.frame0_model.text_format.text(text, None))
+
+    def stage1_text(self, prompt: str) -> tuple[str, str | None]:
+        """Stage 1: the duration prefix and the prompt, + video_suffix when guided (the release's)."""
+        o = self.options
+        suffix = o.video_suffix if o.stage1_guidance != 1.0 else ""
+        return self._with_suffix(prompt, suffix, "video_suffix",
+                                 lambda text: self.stage1.text_format.text(text, o.duration))
+
+    def stage2_text(self, prompt: str, duration: float) -> str:
+        """Stage 2: the window's duration prefix and the bare prompt (the release's)."""
+        return self.stage2.text_format.text(prompt, duration)
+
+    def _uncond(self, stage: StageModel, rows: int, guidance: float, duration: float) -> torch.Tensor | None:
+        """The guidance text block (the stage's trained format), or None when guidance is 1."""
+        return None if guidance == 1.0 else self._texts([stage.text_format.uncond(duration)] * rows)
+
+    def texts(self, prompt: str) -> tuple[list[str], list[str]]:
+        """Every text one prompt's video feeds a model (guidance texts included), and the notes
+        on what was changed to fit them; encoding them all checks the text budget up front."""
+        o = self.options
+        (frame0, note0), (stage1, note1) = self.frame0_text(prompt), self.stage1_text(prompt)
+        texts = [frame0, stage1, self.stage1.text_format.uncond(o.duration)]
+        if self.stage2 is not None and o.interpolation_levels:
+            num_frames = self.stage1.cfg.num_frames
+            for _ in range(o.interpolation_levels):
+                stride = len(self.stage2.cfg.given_frames) - 1
+                duration = o.duration * stride / (num_frames - 1)
+                texts += [self.stage2_text(prompt, duration), self.stage2.text_format.uncond(duration)]
+                num_frames = window_layout(num_frames, self.stage2.cfg.num_frames)[1]
+        return texts, [n for n in (note0, note1) if n]
 
     def sample(self, prompts: list[str], first_frames: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Image codes [B, frames, tokens_per_frame] of the final video, in time order."""
@@ -68,7 +112,7 @@ class HierarchicalSampler:
         out = [None if f is None else f.long() for f in first_frames]
         if todo:
             o = self.options
-            job = DecodePass(text=self._texts([prompts[i] + o.frame0_suffix for i in todo], None),
+            job = DecodePass(text=self._texts([self.frame0_text(prompts[i])[0] for i in todo]),
                              given={}, targets=(0,), temporal=False, text_bias=o.frame0_text_bias)
             gens = [row_generator(o.seed, prompts[i], "frame0") for i in todo]
             codes = self.decode(self.frame0_model, job, self.strategies["frame0"], gens)[0]
@@ -79,10 +123,10 @@ class HierarchicalSampler:
     def keyframes(self, prompts: list[str], frame0: torch.Tensor) -> torch.Tensor:
         o, cfg = self.options, self.stage1.cfg
         targets = tuple(f for f in cfg.sampling_order if f != 0)
-        job = DecodePass(text=self._texts([p + o.video_suffix for p in prompts], o.duration),
+        job = DecodePass(text=self._texts([self.stage1_text(p)[0] for p in prompts]),
                          given={0: frame0}, targets=targets, guidance=o.stage1_guidance,
-                         uncond_text=self._uncond(len(prompts), o.stage1_guidance),
-                         text_bias=o.stage1_text_bias)
+                         uncond_text=self._uncond(self.stage1, len(prompts), o.stage1_guidance, o.duration),
+                         text_bias=o.text_bias("stage1"))
         gens = [row_generator(o.seed, p, "stage1") for p in prompts]
         sampled = self.decode(self.stage1, job, self.strategies["stage1"], gens)
         sampled[0] = frame0
@@ -105,10 +149,10 @@ class HierarchicalSampler:
             given = {slot: torch.stack([frames[b, w * stride + i] for b, w in part])
                      for i, slot in enumerate(given_slots)}
             job = DecodePass(
-                text=self._texts([prompts[b] + o.video_suffix for b, _ in part], duration),
-                uncond_text=self._uncond(len(part), o.stage2_guidance), given=given,
+                text=self._texts([self.stage2_text(prompts[b], duration) for b, _ in part]),
+                uncond_text=self._uncond(self.stage2, len(part), o.stage2_guidance, duration), given=given,
                 targets=tuple(f for f in cfg.sampling_order if f not in given_slots),
-                guidance=o.stage2_guidance, text_bias=o.stage2_text_bias)
+                guidance=o.stage2_guidance, text_bias=o.text_bias("stage2"))
             gens = [row_generator(o.seed, prompts[b], f"stage2/level{level}/window{w}") for b, w in part]
             window_frames = {**given, **self.decode(self.stage2, job, self.strategies["stage2"], gens)}
             for row, (b, w) in enumerate(part):

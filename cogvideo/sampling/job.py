@@ -38,13 +38,31 @@ def _failed(prompt: Prompt, err: BaseException) -> dict:
     return {"key": prompt.key, "prompt": prompt.text, "status": "failed", "error": f"{type(err).__name__}: {err}"}
 
 
+class Progress:
+    """One console line per finished prompt: `[3/40] key: ok, 17 frames, 2.1 s` or its error."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self, records: list[dict]) -> None:
+        for record in records:
+            self.done += 1
+            where = f"[{self.done}/{self.total}] {record['key']}"
+            if record["status"] == "ok":
+                log.info("%s: ok, %d frames, %.1f s", where, record["frames"], record["seconds"])
+            else:
+                log.warning("%s: failed: %s", where, record["error"])
+            for note in record.get("notes", []):
+                log.warning("%s: %s", where, note)
+
+
 def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True, worker: str = "local") -> list[dict]:
     """Sample one batch and write its entries; a failing prompt never takes the others down."""
-    records = {}
+    records, notes = {}, {}
     ready = []
     for prompt in batch:
         try:
-            pipeline.check(prompt)
+            notes[prompt.key] = pipeline.check(prompt)
             ready.append(prompt)
         except Exception as err:
             records[prompt.key] = _failed(prompt, err)
@@ -58,7 +76,7 @@ def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True, w
             if len(group) > 1:  # find the culprit: retry one prompt at a time
                 groups.extend([p] for p in group)
                 continue
-            log.exception("prompt %s failed", group[0].key)
+            log.exception("prompt %s failed", group[0].key)  # past the checks: a bug, keep its traceback
             records[group[0].key] = _failed(group[0], err)
             continue
         seconds = (time.perf_counter() - start) / len(group)
@@ -66,7 +84,7 @@ def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True, w
             files = write_video_entry(out / prompt.key, codes, frames, pipeline.fps()) if write else {}
             records[prompt.key] = {"key": prompt.key, "prompt": prompt.text, "status": "ok", "files": files,
                                    "frames": int(len(frames)), "fps": pipeline.fps(), "seconds": round(seconds, 3),
-                                   "worker": worker}
+                                   "worker": worker, "notes": notes[prompt.key]}
     if write:
         for prompt in batch:
             (out / prompt.key).mkdir(parents=True, exist_ok=True)
@@ -87,21 +105,26 @@ def _check_options(out: Path, options: SampleOptions) -> None:
         write_json(path, to_dict(options))
 
 
-def _run_local(batches, out: Path, make_pipeline) -> None:
+def _run_local(batches, out: Path, make_pipeline, progress: Progress) -> None:
     from cogvideo import parallel
 
     pipeline = make_pipeline()
     dp, rank = parallel.dp_size(), parallel.dp_rank()
     writer = parallel.tp_rank() == 0
+    if dp > 1:
+        progress.total = sum(len(b) for b in batches[rank::dp])
     for batch in batches[rank::dp]:  # under torchrun each data-parallel group takes its share
-        sample_batch(pipeline, batch, out, write=writer, worker=f"dp{rank}")
+        records = sample_batch(pipeline, batch, out, write=writer, worker=f"dp{rank}")
+        if writer:
+            progress(records)
     if parallel.is_initialized():
         import torch.distributed as dist
 
         dist.barrier()
 
 
-def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address: str | None) -> None:
+def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address: str | None,
+             progress: Progress) -> None:
     import ray
 
     from cogvideo.raystart import start_ray
@@ -135,11 +158,13 @@ def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address:
         [done], _ = ray.wait(list(pending), num_returns=1)
         actor, batch = pending.pop(done)
         try:
-            ray.get(done)
+            records = ray.get(done)
         except Exception as err:  # the actor itself failed (load error, crash): record the batch
-            for prompt in batch:
+            records = [_failed(prompt, err) for prompt in batch]
+            for prompt, record in zip(batch, records):
                 (out / prompt.key).mkdir(parents=True, exist_ok=True)
-                write_json(out / prompt.key / RECORD, _failed(prompt, err))
+                write_json(out / prompt.key / RECORD, record)
+        progress(records)
         give(actor)
     for actor in actors:
         ray.kill(actor)
@@ -151,7 +176,8 @@ def write_manifest(out: Path, prompts: list[Prompt]) -> dict:
     manifest = {"prompts": len(entries), "ok": len(ok), "failed": len(entries) - len(ok), "entries": entries}
     write_json(out / "manifest.json", manifest)
     if ok:
-        write_contact_sheet(out / "contact_sheet.png", [(e["key"], out / e["key"] / e["files"]["sheet_row"]) for e in ok])
+        write_contact_sheet(out / "contact_sheet.png",
+                            [(e["prompt"], out / e["key"] / e["files"]["sheet_row"]) for e in ok])
     return manifest
 
 
@@ -166,8 +192,9 @@ def run_job(prompts: list[Prompt], out: str | Path, options: SampleOptions, make
         log.info("%d of %d prompts already done in %s", len(prompts) - len(todo), len(prompts), out)
     batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
     if batches:
+        progress = Progress(len(todo))
         if use_ray:
-            _run_ray(batches, out, options, make_pipeline, address)
+            _run_ray(batches, out, options, make_pipeline, address, progress)
         else:
-            _run_local(batches, out, make_pipeline)
+            _run_local(batches, out, make_pipeline, progress)
     return write_manifest(out, prompts) if _is_main_process() else None

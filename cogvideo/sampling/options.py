@@ -1,17 +1,30 @@
 """Every option of a sampling run, as one dataclass (YAML + dotted overrides via
-`cogvideo.configio`). The run's JSON record is `to_dict(options)`."""
+`cogvideo.configio`). The run's JSON record is `to_dict(options)`.
+
+The defaults are the release's recipe (THUDM/CogVideo `cogvideo_pipeline.py` with
+`scripts/inference_cogvideo_pipeline.sh`): frame 0 by CogLM's cluster strategy (T=1.0, 16
+clusters) with text attention bias 1.4 and the suffix " 高清摄影"; stage 1 guided (3.0) with
+" 视频" and the cluster strategy (T=1.05, 12 clusters, T2=0.89); stage 2 unguided with the bare
+prompt and text attention bias 1.4. The text format (duration prefix, guidance text) is not an
+option: each stage reads the one its checkpoint was trained on.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
 from cogvideo.sampling.strategies import StrategyOptions
+from cogvideo.text_format import FRAME0_SUFFIX, VIDEO_SUFFIX
+
+UNGUIDED_TEXT_BIAS = 1.4  # the release's text attention bias of an unguided pass (0 when guided)
 
 
-def _published_strategy() -> StrategyOptions:
-    # CogVideo samples with CogLM's cluster strategy (T=1.05, 12 clusters, T2=0.89); that needs
-    # a cluster table, so the default is the plain top-k form of the same temperature and k.
-    return StrategyOptions(kind="topk", temperature=1.05, top_k=12)
+def _frame0_strategy() -> StrategyOptions:
+    return StrategyOptions(kind="cluster", temperature=1.0, top_k=16, temperature2=0.89)
+
+
+def _video_strategy() -> StrategyOptions:
+    return StrategyOptions(kind="cluster", temperature=1.05, top_k=12, temperature2=0.89)
 
 
 @dataclass
@@ -19,9 +32,12 @@ class SampleOptions:
     stage1_checkpoint: str = ""  # stage-1 model (also generates frame 0 with the temporal channel off)
     # a one-frame (CogView2) model for frame 0 instead: needed when stage 1 trained its backbone too
     frame0_checkpoint: str | None = None
-    stage2_checkpoint: str | None = None  # stage-2 model; None stops at the keyframes
+    stage2_checkpoint: str | None = None  # stage-2 model; without it set interpolation_levels=0
     text_tokenizer: str = ""
     image_tokenizer: str = ""
+    # codebook clusters of the cluster strategy: the release's cluster_label2.npy / cluster_label.npy
+    # (20000 codes), or the .npz of `cogvideo-clusters --image-tokenizer ...` for your own tokenizer
+    cluster_table: str | None = None
     seed: int = 1234
     batch_size: int = 1  # prompts sampled together
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -29,20 +45,22 @@ class SampleOptions:
     tensor_parallel: int = 1
     workers: int = 1  # Ray actors (each loads the models once)
 
-    duration: float = 4.0  # seconds the keyframes span (stage-1 prefix "4.0秒<n>"; stage 2 uses each window's span)
+    duration: float = 4.0  # seconds the keyframes span (stage 1's duration prefix; stage 2 uses each window's)
     interpolation_levels: int = 3  # stage-2 levels: 5 -> 9 -> 17 -> 33 frames
-    frame0_suffix: str = " 高清摄影"  # frame 0: prompt + suffix, no duration prefix
-    video_suffix: str = " 视频"  # stages 1 and 2: duration prefix + prompt + suffix
-    uncond_text: str = "视频"  # the unconditional prompt of classifier-free guidance
-    frame0_text_bias: float = 1.4  # added to attention scores of frame queries on text keys
-    stage1_text_bias: float = 0.0
-    stage2_text_bias: float = 0.0
-    stage1_guidance: float = 3.0  # lu + s * (lc - lu); 1 = conditional only, 0 = unconditional only
+    frame0_suffix: str = FRAME0_SUFFIX  # frame 0: prompt + suffix, no duration prefix
+    video_suffix: str = VIDEO_SUFFIX  # stage 1 when guided: prompt + suffix (stage 2: the prompt alone)
+    # a suffix that would take a prompt over the model's text budget: "drop" it for that prompt
+    # (said on the console and in its record.json) or "error" (the prompt fails)
+    suffix_over_budget: Literal["drop", "error"] = "drop"
+    frame0_text_bias: float = UNGUIDED_TEXT_BIAS  # added to attention scores of frame queries on text keys
+    stage1_text_bias: float | None = None  # None: the release's rule, 1.4 unguided, 0 guided
+    stage2_text_bias: float | None = None
+    stage1_guidance: float = 3.0  # lu + s * (lc - lu); 1 = conditional only (unguided)
     stage2_guidance: float = 1.0
 
-    frame0_strategy: StrategyOptions = field(default_factory=_published_strategy)
-    stage1_strategy: StrategyOptions = field(default_factory=_published_strategy)
-    stage2_strategy: StrategyOptions = field(default_factory=_published_strategy)
+    frame0_strategy: StrategyOptions = field(default_factory=_frame0_strategy)
+    stage1_strategy: StrategyOptions = field(default_factory=_video_strategy)
+    stage2_strategy: StrategyOptions = field(default_factory=_video_strategy)
 
     fps: float = 0.0  # output frame rate; 0 = the real rate of the final level
 
@@ -51,3 +69,37 @@ class SampleOptions:
             raise ValueError("sampling: batch_size, workers and tensor_parallel must be >= 1")
         if self.duration <= 0 or self.interpolation_levels < 0:
             raise ValueError("sampling: duration must be > 0 and interpolation_levels >= 0")
+
+    def text_bias(self, stage: Literal["stage1", "stage2"]) -> float:
+        bias = getattr(self, f"{stage}_text_bias")
+        if bias is not None:
+            return bias
+        return UNGUIDED_TEXT_BIAS if getattr(self, f"{stage}_guidance") == 1.0 else 0.0
+
+    def problems(self) -> list[str]:
+        """Every option a run cannot start with, one line each (no file is opened)."""
+        from pathlib import Path
+
+        found = []
+        required = {"stage1_checkpoint": self.stage1_checkpoint, "text_tokenizer": self.text_tokenizer,
+                    "image_tokenizer": self.image_tokenizer}
+        for key, value in required.items():
+            if not value:
+                found.append(f"{key}: required (e.g. {key}=PATH)")
+        optional = {"frame0_checkpoint": self.frame0_checkpoint, "stage2_checkpoint": self.stage2_checkpoint,
+                    "cluster_table": self.cluster_table}
+        for key, value in {**required, **optional}.items():
+            if value and not Path(value).exists():
+                found.append(f"{key}: {value} does not exist")
+        if self.interpolation_levels and not self.stage2_checkpoint:
+            found.append(f"interpolation_levels={self.interpolation_levels} needs stage2_checkpoint: give one, "
+                         f"or set interpolation_levels=0 to stop at the keyframes")
+        stages = ("frame0", "stage1", "stage2") if self.interpolation_levels else ("frame0", "stage1")
+        clustered = [s for s in stages if getattr(self, f"{s}_strategy").kind == "cluster"]
+        if clustered and not self.cluster_table:
+            names = ", ".join(f"{s}_strategy" for s in clustered)
+            found.append(f"cluster_table: {names} use the release's cluster strategy, which needs the codebook's "
+                         f"clusters: give cluster_table=cluster_label2.npy (released) or the output of "
+                         f"`cogvideo-clusters --image-tokenizer ... --out clusters.npz`, or set "
+                         f"{clustered[0]}_strategy.kind=topk (and the others)")
+        return found

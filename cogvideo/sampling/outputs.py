@@ -7,16 +7,25 @@ manifest.json, options.json and contact_sheet.png.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SHEET_COLUMNS = 9  # frames per contact-sheet row, evenly spaced, first and last included
-LABEL_WIDTH = 96
+SHEET_FRAME_SIDE = 96  # contact-sheet frames are enlarged to at least this many pixels
+LABEL_WIDTH = 220  # pixels of the label column
+LABEL_MARGIN = 4
+LABEL_FONT_SIZE = 14
+CJK_FONTS = ("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+             "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+             "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+             "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+log = logging.getLogger(__name__)
 
 
 def write_json(path: Path, data) -> None:
@@ -63,17 +72,85 @@ def write_sheet_row(path: Path, frames: np.ndarray) -> None:
     Image.fromarray(np.concatenate([frames[i] for i in sheet_columns(len(frames))], axis=1)).save(path)
 
 
+def _is_cjk(char: str) -> bool:
+    return "\u2e80" <= char <= "\u9fff" or "\uf900" <= char <= "\ufaff" or "\uff00" <= char <= "\uffef"
+
+
+class LabelFont:
+    """Latin text in Pillow's default font, CJK in the first CJK font installed (Debian's
+    fonts-droid-fallback, which `.ci/run` installs, fonts-noto-cjk or fonts-wqy-*)."""
+
+    def __init__(self, size: int = LABEL_FONT_SIZE):
+        self.latin = ImageFont.load_default(size)
+        path = next((p for p in CJK_FONTS if Path(p).is_file()), None)
+        self.cjk = ImageFont.truetype(path, size) if path else None
+        self.line_height = size + 4
+
+    def _runs(self, text: str):
+        """(font, run) pieces of text, each drawn in one font."""
+        runs = []
+        for char in text:
+            font = self.cjk if self.cjk is not None and _is_cjk(char) else self.latin
+            if runs and runs[-1][0] is font:
+                runs[-1][1] += char
+            else:
+                runs.append([font, char])
+        return runs
+
+    def length(self, text: str) -> float:
+        return sum(font.getlength(run) for font, run in self._runs(text))
+
+    def draw(self, draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
+        x, y = xy
+        for font, run in self._runs(text):
+            draw.text((x, y), run, fill="black", font=font)
+            x += font.getlength(run)
+
+
+def wrap_label(text: str, font: LabelFont, width: int) -> list[str]:
+    """Greedy wrap to `width` pixels: at spaces where possible, inside a word (or a run of CJK,
+    which has no spaces) where not."""
+    lines, line = [], ""
+    for word in text.replace("\n", " ").split(" "):
+        candidate = f"{line} {word}" if line else word
+        if font.length(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+            line = ""
+        for char in word:
+            if line and font.length(line + char) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    return [*lines, line] if line else lines
+
+
 def write_contact_sheet(path: Path, rows: list[tuple[str, Path]]) -> None:
-    """Stack sheet rows (label, png path) into one image: prompts x sampled frames."""
-    images = [(label, Image.open(p).convert("RGB")) for label, p in rows]
-    width = LABEL_WIDTH + max(im.width for _, im in images)
-    heights = [max(im.height, 12) for _, im in images]
-    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    """Stack sheet rows (label, png path) into one image: prompts x sampled frames. Frames are
+    enlarged (nearest neighbour) to at least SHEET_FRAME_SIDE px; labels wrap in their column."""
+    font = LabelFont()
+    labels = [label for label, _ in rows]
+    if font.cjk is None and any(_is_cjk(c) for label in labels for c in label):
+        log.warning("%s: no CJK font installed (apt-get install fonts-droid-fallback): CJK in labels shows "
+                    "as '?'", path)
+        labels = ["".join("?" if _is_cjk(c) else c for c in label) for label in labels]
+    images = []
+    for _, png in rows:
+        image = Image.open(png).convert("RGB")
+        scale = max(1, -(-SHEET_FRAME_SIDE // image.height))
+        images.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    line_height = font.line_height
+    wrapped = [wrap_label(label, font, LABEL_WIDTH - 2 * LABEL_MARGIN) for label in labels]
+    heights = [max(im.height, len(lines) * line_height + 2 * LABEL_MARGIN) for im, lines in zip(images, wrapped)]
+    sheet = Image.new("RGB", (LABEL_WIDTH + max(im.width for im in images), sum(heights)), "white")
     draw = ImageDraw.Draw(sheet)
     top = 0
-    for (label, im), height in zip(images, heights):
+    for im, lines, height in zip(images, wrapped, heights):
         sheet.paste(im, (LABEL_WIDTH, top))
-        draw.text((2, top + 1), label.encode("ascii", "replace").decode()[:14], fill="black")
+        for i, line in enumerate(lines):
+            font.draw(draw, (LABEL_MARGIN, top + LABEL_MARGIN + i * line_height), line)
         top += height
     sheet.save(path)
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cogvideo.config import ModelConfig
+from cogvideo.sampling.clusters import load_cluster_table
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.prompts import Prompt, TextEncoder
@@ -18,28 +19,20 @@ from cogvideo.sampling.strategies import make_strategy
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def require_path(path: str | None, option: str) -> Path:
-    if not path:
-        raise FileNotFoundError(f"sampling.{option} is not set")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"sampling.{option}: {path} does not exist")
-    return Path(path)
+class OptionsError(ValueError):
+    """Options a run cannot start with: one line per problem."""
 
 
-def check_paths(options: SampleOptions) -> None:
-    """Fail before any model or worker starts when a checkpoint or tokenizer is missing."""
-    require_path(options.stage1_checkpoint, "stage1_checkpoint")
-    if options.frame0_checkpoint:
-        require_path(options.frame0_checkpoint, "frame0_checkpoint")
-    if options.stage2_checkpoint:
-        require_path(options.stage2_checkpoint, "stage2_checkpoint")
-    require_path(options.text_tokenizer, "text_tokenizer")
-    require_path(options.image_tokenizer, "image_tokenizer")
+def check_options(options: SampleOptions) -> None:
+    """Fail before any model or worker starts, naming every bad option at once."""
+    problems = options.problems()
+    if problems:
+        raise OptionsError("\n".join(problems))
 
 
 def load_stage(path: Path, options: SampleOptions, expected_stage: str) -> StageModel:
     from cogvideo import parallel
-    from cogvideo.checkpoint import load_model_config, load_model_state
+    from cogvideo.checkpoint import load_model_config, load_model_state, load_text_format
     from cogvideo.model import CogVideoModel
 
     cfg: ModelConfig = load_model_config(path).validate(options.tensor_parallel)
@@ -50,7 +43,7 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str) -> Stage
     device = options.device
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    return StageModel(model.to(device=device, dtype=DTYPES[options.dtype]).eval(), cfg)
+    return StageModel(model.to(device=device, dtype=DTYPES[options.dtype]).eval(), cfg, load_text_format(path))
 
 
 class VideoPipeline:
@@ -59,7 +52,8 @@ class VideoPipeline:
         self.options, self.image_tokenizer = options, image_tokenizer
         self.encode = TextEncoder(text_tokenizer, stage1.cfg)
         num_codes = stage1.cfg.vocab.num_image_tokens
-        strategies = {name: make_strategy(getattr(options, f"{name}_strategy"), num_codes)
+        labels = load_cluster_table(options.cluster_table, num_codes) if options.cluster_table else None
+        strategies = {name: make_strategy(getattr(options, f"{name}_strategy"), labels)
                       for name in ("frame0", "stage1", "stage2")}
         self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached, frame0)
 
@@ -71,7 +65,7 @@ class VideoPipeline:
         from cogvideo.tokenizers.image import load_image_tokenizer
         from cogvideo.tokenizers.text import TextTokenizer
 
-        check_paths(options)
+        check_options(options)
         if options.tensor_parallel > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             parallel.init_distributed(options.tensor_parallel)  # DP ranks then split the prompts
         stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1")
@@ -90,13 +84,15 @@ class VideoPipeline:
                              f"models {stage1.cfg.vocab.num_image_tokens} image tokens")
         return cls(options, stage1, stage2, text, image, frame0=frame0)
 
-    def check(self, prompt: Prompt) -> None:
-        """Raise for a prompt this pipeline cannot sample (text budget, missing first frame)."""
-        o = self.options
-        self.encode(prompt.text + o.frame0_suffix, None)
-        self.encode(prompt.text + o.video_suffix, o.duration)
+    def check(self, prompt: Prompt) -> list[str]:
+        """Raise for a prompt this pipeline cannot sample (text budget, missing first frame);
+        returns notes on what was changed to sample it (a dropped suffix)."""
+        texts, notes = self.sampler.texts(prompt.text)
+        for text in texts:
+            self.encode(text)
         if prompt.first_frame is not None and not Path(prompt.first_frame).is_file():
             raise FileNotFoundError(f"first_frame {prompt.first_frame} does not exist")
+        return notes
 
     def _first_frame(self, path: str) -> torch.Tensor:
         from PIL import Image

@@ -68,7 +68,7 @@ class TextBudgetError(ValueError):
 
 
 class TextEncoder:
-    """(text, duration) -> ids [text_length], left-padded. `duration` None means no prefix.
+    """The model's text (composed by the text format) -> ids [text_length], left-padded.
 
     A text longer than the model's text budget is refused (TextBudgetError), not truncated:
     cutting it would silently drop either the duration prefix or the end of the prompt."""
@@ -76,14 +76,11 @@ class TextEncoder:
     def __init__(self, tokenizer, cfg: ModelConfig):
         self.tokenizer, self.cfg = tokenizer, cfg
 
-    def __call__(self, text: str, duration: float | None) -> torch.Tensor:
-        if duration is None:
-            ids = self.tokenizer.encode(text)
-        else:
-            ids = self.tokenizer.encode_prompt(text, duration)
+    def __call__(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text)
         budget = self.cfg.text_length
         if len(ids) > budget:
-            raise TextBudgetError(f"prompt {text[:60]!r} is {len(ids)} text tokens; the model's text budget "
-                                  f"(model.text_length) is {budget}: shorten it")
+            raise TextBudgetError(f"text {text[:60]!r} is {len(ids)} text tokens; the model's text budget "
+                                  f"(model.text_length) is {budget}: shorten the prompt")
         pad = [self.cfg.vocab.pad_id] * (budget - len(ids))
         return torch.tensor(pad + list(ids), dtype=torch.long)

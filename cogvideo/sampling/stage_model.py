@@ -7,6 +7,7 @@ import torch
 from cogvideo import parallel
 from cogvideo.config import ModelConfig
 from cogvideo.sequence import TokenMeta
+from cogvideo.text_format import TextFormat
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
@@ -19,8 +20,9 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 
 class StageModel:
-    def __init__(self, model, cfg: ModelConfig):
+    def __init__(self, model, cfg: ModelConfig, text_format: TextFormat = TextFormat()):
         self.model, self.cfg = model, cfg
+        self.text_format = text_format  # the one it was trained on (its checkpoint's)
         self.n = cfg.tokens_per_frame
 
     @property

@@ -11,8 +11,6 @@ from typing import Literal
 
 import torch
 
-from cogvideo.sampling.clusters import load_cluster_table
-
 
 @dataclass
 class StrategyOptions:
@@ -20,16 +18,16 @@ class StrategyOptions:
     temperature: float = 1.0  # 0 = greedy (argmax)
     top_k: int = 0  # topk: codes kept (0 = all); cluster: clusters kept
     top_p: float = 1.0  # topk only: nucleus mass kept
-    temperature2: float = 1.0  # cluster only: temperature inside the chosen cluster
-    cluster_table: str | None = None  # cluster only: file written by `cogvideo-clusters`
+    # cluster only: inside the chosen cluster, logits / (temperature * temperature2) (CogLM's rule)
+    temperature2: float = 1.0
 
     def __post_init__(self):
         if self.temperature < 0 or self.temperature2 <= 0:
             raise ValueError(f"strategy: temperatures must be >= 0 (temperature2 > 0), got {self}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"strategy: need top_k >= 0 and 0 < top_p <= 1, got {self}")
-        if self.kind == "cluster" and (self.cluster_table is None or self.top_k <= 0 or self.temperature == 0):
-            raise ValueError("strategy.kind=cluster needs cluster_table, top_k > 0 and temperature > 0")
+        if self.kind == "cluster" and (self.top_k <= 0 or self.temperature == 0):
+            raise ValueError("strategy.kind=cluster needs top_k > 0 and temperature > 0")
 
 
 def uniforms(generators: list[torch.Generator], device) -> torch.Tensor:
@@ -66,8 +64,9 @@ class TopKStrategy:
 
 
 class ClusterStrategy:
-    """CogLM's strategy: pick one of the top-k clusters of the codebook by their summed
-    probability, then a code inside that cluster at a second temperature."""
+    """CogLM's strategy (SwissArmyTransformer's / CogVideo's `CoglmStrategy`): divide the logits
+    by T, pick one of the top-k clusters of the codebook by their summed probability, then a
+    code inside that cluster from those logits divided again by T2 (so T * T2 in all)."""
 
     def __init__(self, labels: torch.Tensor, temperature: float, top_k: int, temperature2: float):
         self.labels = labels.long()
@@ -79,7 +78,8 @@ class ClusterStrategy:
         labels = self.labels.to(logits.device)
         if labels.numel() != logits.shape[-1]:
             raise ValueError(f"cluster table has {labels.numel()} codes, logits have {logits.shape[-1]}")
-        probs = (logits / self.temperature).softmax(-1)
+        logits = logits / self.temperature
+        probs = logits.softmax(-1)
         cluster_probs = probs.new_zeros(len(logits), self.num_clusters)
         cluster_probs.scatter_add_(1, labels.expand_as(probs), probs)
         top_probs, top_clusters = cluster_probs.topk(min(self.top_k, self.num_clusters), dim=-1)
@@ -90,8 +90,10 @@ class ClusterStrategy:
         return sample_rows(code_probs, uniforms(generators, logits.device))
 
 
-def make_strategy(options: StrategyOptions, num_image_tokens: int):
+def make_strategy(options: StrategyOptions, cluster_labels: torch.Tensor | None = None):
+    """`cluster_labels` (see `load_cluster_table`) is needed by kind=cluster only."""
     if options.kind == "topk":
         return TopKStrategy(options.temperature, options.top_k, options.top_p)
-    labels = load_cluster_table(options.cluster_table, num_image_tokens)
-    return ClusterStrategy(labels, options.temperature, options.top_k, options.temperature2)
+    if cluster_labels is None:
+        raise ValueError("strategy.kind=cluster needs a cluster table (sampling option cluster_table)")
+    return ClusterStrategy(cluster_labels, options.temperature, options.top_k, options.temperature2)

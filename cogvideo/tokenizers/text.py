@@ -18,13 +18,10 @@ import sentencepiece as spm
 
 from cogvideo.config import ModelConfig, get_preset
 from cogvideo.configio import ConfigError, config_parser, parse_config
-from cogvideo.shards import DEFAULT_PREFIX_TEMPLATE, compose_text
+from cogvideo.text_format import TextFormat
 from cogvideo.vocab import SEPARATOR_PIECE, TEXT_PAD_PIECE, VocabLayout
 
 ICETK_TEXT_MODEL = "ice_text.model"
-# Characters of the duration prefix ("4.0秒<n>"); kept as whole pieces even when the
-# captions never contain them.
-PREFIX_CHARS = "0123456789.秒"
 
 
 def resolve_text_model(model_file_or_dir: str | Path) -> Path:
@@ -80,14 +77,6 @@ class TextTokenizer:
             pieces.append(piece)
         return self.sp.DecodeIds(pieces)
 
-    def encode_prompt(self, caption: str, duration: float, template: str = DEFAULT_PREFIX_TEMPLATE,
-                      max_length: int | None = None) -> list[int]:
-        """The multi-frame-rate text ("4.0秒<n>caption" by default) as model ids."""
-        ids = self.encode(compose_text(caption, duration, template))
-        if max_length is not None and len(ids) > max_length:
-            raise ValueError(f"prompt is {len(ids)} tokens, expected at most {max_length}: {caption[:60]!r}")
-        return ids
-
 
 def _read_captions(captions: list[str] | str | Path) -> list[str]:
     """Captions from a list, or a file: one per line, or the ``caption`` column of the CSV / JSONL
@@ -134,7 +123,7 @@ def train_text_tokenizer(captions: list[str] | str | Path, out_prefix: str | Pat
         sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=vocab_size,
         model_type=model_type, character_coverage=character_coverage, byte_fallback=byte_fallback,
         pad_id=0, pad_piece=TEXT_PAD_PIECE, unk_id=1, bos_id=-1, eos_id=-1,
-        user_defined_symbols=[SEPARATOR_PIECE], required_chars=PREFIX_CHARS,
+        user_defined_symbols=[SEPARATOR_PIECE], required_chars=TextFormat().required_chars(),
         normalization_rule_name="identity", hard_vocab_limit=False, num_threads=1, minloglevel=2,
     )
     return out_prefix.with_name(out_prefix.name + ".model")
