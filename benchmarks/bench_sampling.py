@@ -52,9 +52,9 @@ def build(cfg, args):
 
 
 def toy_encoder(cfg):
-    """Distinct text ids per (text, duration), no tokenizer file needed."""
-    def encode(text, duration):
-        gen = torch.Generator().manual_seed(sum(map(ord, f"{duration}|{text}")))
+    """Distinct text ids per (composed) text, no tokenizer file needed."""
+    def encode(text):
+        gen = torch.Generator().manual_seed(sum(map(ord, text)))
         return torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + 50, (cfg.text_length,), generator=gen)
     return encode
 
