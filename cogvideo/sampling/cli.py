@@ -26,14 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    problems = []
     try:
         options = load_config(SampleOptions, args.config, args.overrides)
+    except (ConfigError, ValueError) as err:  # an unknown key or a bad value: nothing else can be checked
+        print(f"cogvideo-sample: {err}", file=sys.stderr)
+        return 2
+    problems = []
+    try:
         check_options(options)
     except OptionsError as err:
         problems += str(err).splitlines()
-    except (ConfigError, ValueError) as err:
-        problems.append(str(err))
     try:
         prompts = read_prompts(args.prompts)
     except PromptError as err:
