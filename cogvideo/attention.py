@@ -16,18 +16,20 @@ from cogvideo.config import ModelConfig
 from cogvideo.sequence import TokenMeta
 
 
-def attend(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None = None, pb_relax_alpha: float = 0.0):
+def attend(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None = None, pb_relax_alpha: float = 0.0,
+           dropout: float = 0.0):
     """q [N, H, Lq, d], k/v [N, H, Lk, d]; mask bool broadcastable to [N, H, Lq, Lk] (True = may
-    attend); bias: additive scores of the same broadcast shape or None."""
+    attend); bias: additive scores of the same broadcast shape or None; dropout: on the
+    attention probabilities (training only; the caller passes 0 in eval)."""
     if q.dtype == torch.float16 and pb_relax_alpha and q.device.type == "cpu":
-        return pb_relax_attention(q, k, v, mask, bias, pb_relax_alpha)
+        return pb_relax_attention(q, k, v, mask, bias, pb_relax_alpha, dropout)
     attn_mask = mask
     if bias is not None:
         attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")) + bias
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
 
-def pb_relax_attention(q, k, v, mask, bias, alpha: float):
+def pb_relax_attention(q, k, v, mask, bias, alpha: float, dropout: float = 0.0):
     """softmax(QK^T/sqrt(d)) computed as softmax((QK^T/(alpha sqrt(d)) - max) * alpha): the
     scores never exceed fp16 range (CogView, "PB-Relax")."""
     scores = torch.matmul(q / (alpha * math.sqrt(q.shape[-1])), k.transpose(-1, -2))
@@ -35,7 +37,7 @@ def pb_relax_attention(q, k, v, mask, bias, alpha: float):
     if bias is not None:
         scores = scores + bias
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(v.dtype), dropout)
     return torch.matmul(probs, v)
 
 

@@ -35,6 +35,8 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     pb_relax_alpha: float = 32.0  # used by the explicit attention path (fp16 without fused kernels)
     init_std: float = 0.02
+    hidden_dropout: float = 0.0  # SAT's: embeddings, attention output, MLP output (released: 0.1)
+    attention_dropout: float = 0.0  # on the attention probabilities (released: 0.1)
     train_backbone: bool = False  # backbone (CogView2) parameters are frozen unless set
     activation_checkpointing: bool = False  # recompute each layer in the backward pass
 
@@ -109,6 +111,9 @@ class ModelConfig:
         if self.image_position_offset + self.tokens_per_frame > self.max_position_embeddings:
             bad("max_position_embeddings",
                 f"{self.max_position_embeddings} rows cannot hold a frame at offset {self.image_position_offset}")
+        for key in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                bad(key, f"must be in [0, 1), got {getattr(self, key)}")
         if tensor_parallel < 1:
             raise ValueError(f"parallel.tensor_parallel must be >= 1, got {tensor_parallel}")
         for key, size in (("num_heads", self.num_heads), ("ffn_hidden_size", self.ffn_size)):
@@ -129,7 +134,8 @@ def _cogview2(**changes) -> ModelConfig:
     base = ModelConfig(
         name="cogview2-6b", stage="backbone", num_layers=48, hidden_size=3072, num_heads=48,
         vocab=VocabLayout.icetk(), text_length=64, frame_size=160, frame_tokens=20, num_frames=1,
-        image_position_offset=512, max_position_embeddings=1089, window_size=10, window_shift=5,
+        image_position_offset=512, max_position_embeddings=1024, window_size=10, window_shift=5,
+        hidden_dropout=0.1, attention_dropout=0.1,  # SAT's defaults, which the release trained with
     )
     return base.replace(**changes)
 

@@ -104,6 +104,7 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
         self.mlp = MLP(cfg, layers)
         self.fourth_layernorm = nn.LayerNorm(h, eps=eps)
+        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
         if cfg.has_temporal:
             self.temporal_attention = Attention(cfg, layers)
             self.temporal_gate = nn.Parameter(torch.zeros(h))
@@ -115,8 +116,9 @@ class TransformerLayer(nn.Module):
         return torch.where(is_frame[None, :, None], mixed, spatial_out)
 
     def _finish(self, h, attn_out):
-        h = h + self.third_layernorm(attn_out)
-        return h + self.fourth_layernorm(self.mlp(self.post_attention_layernorm(h)))
+        """Sandwich LN; SAT's hidden dropout sits on each branch before its closing norm."""
+        h = h + self.third_layernorm(self.hidden_dropout(attn_out))
+        return h + self.fourth_layernorm(self.hidden_dropout(self.mlp(self.post_attention_layernorm(h))))
 
     # ---- one layer, full sequence or cached chunk -------------------------------------
     def forward(self, h: torch.Tensor, masks: Masks, temporal: bool, dense: bool, pb: float):
@@ -131,13 +133,14 @@ class TransformerLayer(nn.Module):
     def _attend_and_mlp(self, h, masks: Masks, temporal: bool, dense: bool, pb: float,
                         cache: KVCache | None = None, plan: ChunkPlan | None = None):
         x = self.input_layernorm(h)
+        drop = self.cfg.attention_dropout if self.training else 0.0
         q, k, v = self.attention.qkv(x)
         if cache is not None:
             k, v = cache.spatial_kv(self.index, plan, k, v)
         if dense:
-            ctx = attend(q, k, v, masks.dense["spatial", 0], masks.dense_bias.get("spatial"), pb)
+            ctx = attend(q, k, v, masks.dense["spatial", 0], masks.dense_bias.get("spatial"), pb, drop)
         else:
-            ctx = self._spatial_blocked(q, k, v, masks, pb)
+            ctx = self._spatial_blocked(q, k, v, masks, pb, drop)
         out = self.attention.project(ctx)
         if temporal:
             tq, tk, tv = self.temporal_attention.qkv(x)
@@ -145,26 +148,26 @@ class TransformerLayer(nn.Module):
                 tk, tv = cache.temporal_kv(self.index, plan, tk, tv)
             shift = self.shift if self.cfg.stage == "stage2" else 0
             if dense:
-                tctx = attend(tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"), pb)
+                tctx = attend(tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"), pb, drop)
             else:
-                tctx = self._temporal_blocked(tq, tk, tv, masks, shift, pb)
+                tctx = self._temporal_blocked(tq, tk, tv, masks, shift, pb, drop)
             out = self._mix(out, self.temporal_attention.project(tctx), masks.is_frame)
         return self._finish(h, out)
 
-    def _spatial_blocked(self, q, k, v, masks: Masks, pb: float):
+    def _spatial_blocked(self, q, k, v, masks: Masks, pb: float, drop: float):
         if masks.text is None:  # a chunk of whole frames: no text queries
-            return blocked.spatial_attention(q, k, v, masks.frames, pb)
+            return blocked.spatial_attention(q, k, v, masks.frames, pb, drop)
         T = self.cfg.text_length
-        text = attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], masks.text, None, pb)
+        text = attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], masks.text, None, pb, drop)
         if masks.frames is None:
             return text
-        return torch.cat([text, blocked.spatial_attention(q[:, :, T:], k, v, masks.frames, pb)], dim=2)
+        return torch.cat([text, blocked.spatial_attention(q[:, :, T:], k, v, masks.frames, pb, drop)], dim=2)
 
-    def _temporal_blocked(self, q, k, v, masks: Masks, shift: int, pb: float):
+    def _temporal_blocked(self, q, k, v, masks: Masks, shift: int, pb: float, drop: float):
         if masks.text is None:
-            return blocked.temporal_attention(q, k, v, masks.frames, shift, pb)
+            return blocked.temporal_attention(q, k, v, masks.frames, shift, pb, drop)
         T = self.cfg.text_length  # text rows take the spatial output (see _mix): zeros here
-        frames = blocked.temporal_attention(q[:, :, T:], k, v, masks.frames, shift, pb)
+        frames = blocked.temporal_attention(q[:, :, T:], k, v, masks.frames, shift, pb, drop)
         return torch.cat([torch.zeros_like(q[:, :, :T]), frames], dim=2)
 
 
@@ -185,6 +188,7 @@ class CogVideoModel(nn.Module):
             self.frame_position_embeddings = None
         self.layers = nn.ModuleList(TransformerLayer(cfg, layers, i) for i in range(cfg.num_layers))
         self.final_layernorm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.dense_attention = False  # True: the explicit-mask reference path (tests, debugging)
         if cfg.has_temporal and not cfg.train_backbone:
             for name, param in self.named_parameters():
@@ -205,7 +209,7 @@ class CogVideoModel(nn.Module):
         if self.frame_position_embeddings is not None and bool((extra_row >= 0).any()):
             extra = self.frame_position_embeddings(extra_row.clamp(min=0))
             pos = torch.where((extra_row >= 0)[None, :, None], extra[None], pos)
-        return self.word_embeddings(tokens) + pos
+        return self.embedding_dropout(self.word_embeddings(tokens) + pos)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output layer: this rank's vocabulary shard of the logits."""

@@ -279,9 +279,17 @@ def test_bad_sat_checkpoints_fail_clearly_and_write_nothing(tmp_path, monkeypatc
     write_sat(tmp_path / "pickled", raw, 1, BACKBONE_ARGS)
     with open(tmp_path / "pickled" / "1000" / "mp_rank_00_model_states.pt", "wb") as f:
         pickle.dump({"module": Exploit()}, f)
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="pickled.*refused to unpickle") as refused:
         import_sat(tmp_path / "pickled", tmp_path / "out", base=BASE)
+    assert "weights_only" not in str(refused.value)
     assert not (tmp_path / "PWNED").exists()
+
+    write_sat(tmp_path / "pre_ln", raw, 1, {**BACKBONE_ARGS, "layernorm_order": "pre"})
+    with pytest.raises(CheckpointError, match="layernorm_order='pre'.*sandwich"):
+        import_sat(tmp_path / "pre_ln", tmp_path / "out", base=BASE)
+    write_sat(tmp_path / "small_vocab", raw, 1, {**BACKBONE_ARGS, "vocab_size": 100})
+    with pytest.raises(CheckpointError, match="vocab_size=100 cannot hold"):
+        import_sat(tmp_path / "small_vocab", tmp_path / "out", base=BASE)
 
     with pytest.raises(CheckpointError, match="model_config.json: SAT model config not found"):
         import_sat(tmp_path / "missing_rank" / "1000", tmp_path / "out", base=BASE)

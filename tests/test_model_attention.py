@@ -178,3 +178,21 @@ def test_window_gather_index_follows_the_frames_laid_out(frames, shift):
         ids = window_id(cfg, pos_of, shift)
         others = window_id(cfg, laid_out.pos[~torch.isin(torch.arange(len(laid_out)), window)], shift)
         assert not set(ids.tolist()) & set(others.tolist())
+
+
+@pytest.mark.parametrize("field", ["hidden_dropout", "attention_dropout"])
+def test_dropout_is_a_config_value_that_acts_only_in_training(field):
+    plain = random_model("tiny-stage2")
+    model = random_model("tiny-stage2", **{field: 0.3})
+    tokens, _, _ = random_batch(model.cfg)
+    with torch.no_grad():
+        reference = plain(tokens)
+        assert torch.equal(model(tokens), reference)  # eval: off
+        model.train()
+        torch.manual_seed(0)
+        first = model(tokens)
+        torch.manual_seed(1)
+        second = model(tokens)
+        plain.train()
+        assert torch.equal(plain(tokens), reference)  # 0.0: nothing to drop
+    assert not torch.allclose(first, reference) and not torch.allclose(first, second)

@@ -1,7 +1,7 @@
 """cogvideo-convert: move weights between SwissArmyTransformer, DeepSpeed and our format.
 
     cogvideo-convert inspect PATH
-    cogvideo-convert import-sat SAT_DIR OUT [--stage stage1] [--base PRESET] [--tp N]
+    cogvideo-convert import-sat SAT_DIR OUT [--stage stage1] [--base PRESET] [--set FIELD=VALUE] [--tp N]
     cogvideo-convert reshard CKPT OUT --tp N            # split or merge tensor-parallel shards
     cogvideo-convert zero DEEPSPEED_DIR OUT [--tag T] [--tp N] [--no-optimizer]
     cogvideo-convert export CKPT OUT [--dtype bf16]     # full weights, sharded safetensors + index
@@ -40,14 +40,14 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * 1024 ** " KMG".index(match[2].upper() or " "))
 
 
-def describe(path: str | Path, base: str = "cogview2-6b") -> dict:
+def describe(path: str | Path, base: str = "cogview2-6b", overrides: dict | None = None) -> dict:
     """What `inspect` prints: format, model, parameter counts, dtype, TP degree, iteration, and
     whether the files are complete (with the problem if not). `base`: see import-sat --base."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         return _describe_ours(path)
     if (path / SAT_CONFIG).is_file():
-        kind, read = "SwissArmyTransformer", lambda: _describe_sat(path, base)
+        kind, read = "SwissArmyTransformer", lambda: _describe_sat(path, base, overrides)
     elif any(tag_dir(path, None).glob("*_model_states.pt")):
         kind, read = "DeepSpeed", lambda: _describe_zero(path)
     else:
@@ -72,9 +72,9 @@ def _describe_ours(path: Path) -> dict:
     return out | _counts(ckpt.shapes, ckpt.cfg) | {"optimizer_state": ckpt.has_optimizer(), "complete": True}
 
 
-def _describe_sat(path: Path, base: str) -> dict:
+def _describe_sat(path: Path, base: str, overrides: dict | None) -> dict:
     sat = SatCheckpoint(path)
-    cfg = sat_model_config(sat.args, sat.stage, get_preset(base))
+    cfg = sat_model_config(sat.args, sat.stage, get_preset(base), overrides)
     dtype = str(next(iter(sat.modules[0].values())).dtype).replace("torch.", "")
     shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
     return {"format": "SwissArmyTransformer", "preset": cfg.name, "stage": sat.stage,
@@ -116,10 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.add_argument("--base", default="cogview2-6b", help="SAT checkpoints: as for import-sat")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="SAT checkpoints: as for import-sat")
     p = writer("import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir")
     p.add_argument("--stage", choices=["backbone", "stage1", "stage2"],
                    help="default: the checkpoint's own; stage1/stage2 from a backbone initialises the video parts")
-    p.add_argument("--base", default="cogview2-6b", help="preset for what SAT does not record (default cogview2-6b)")
+    p.add_argument("--base", default="cogview2-6b",
+                   help="preset for what model_config.json does not record: frame size in pixels, the vocabulary's "
+                        "ranges when not icetk's (default cogview2-6b); shapes and vocab size come from the file")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model field after model_config.json (dotted, e.g. text_length=64)")
     p.add_argument("--iteration", help="default: the one named by SAT_DIR/latest")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to store")
     p = writer("reshard", "split or merge the tensor-parallel shards of our checkpoint", "our checkpoint")
@@ -143,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Path | dict:
     if args.command == "inspect":
-        return describe(args.path, args.base)
+        return describe(args.path, args.base, parse_overrides(args.set))
     if args.command == "export-sat":
         return export_sat(args.src, args.out, tensor_parallel=args.tp, iteration=args.iteration, force=args.force,
                           dtype=DTYPES.get(args.dtype or ""))
     common = dict(force=args.force, dtype=DTYPES.get(args.dtype or ""), max_shard_bytes=args.max_shard_size)
     if args.command == "import-sat":
         return import_sat(args.src, args.out, base=args.base, stage=args.stage, iteration=args.iteration,
-                          tensor_parallel=args.tp, **common)
+                          tensor_parallel=args.tp, overrides=parse_overrides(args.set), **common)
     if args.command == "reshard":
         return reshard(args.src, args.out, args.tp, **common)
     if args.command == "export":

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -44,20 +47,53 @@ _DEEPSPEED_STAND_INS = [
 ]
 
 
+# SwissArmyTransformer's save_checkpoint stores the RNG states next to the weights: python's
+# `random` state (plain tuples), torch's (a tensor) and numpy's ('MT19937', uint32 array, ints,
+# float). The array needs exactly these numpy globals (numpy 1.x files name the reconstructor
+# numpy.core.multiarray._reconstruct).
+_NUMPY_RNG_STATE = [
+    (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    np.dtypes.UInt32DType,  # the class of the array's dtype, whose state the unpickler sets
+]
+_REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    """One line for a file torch refuses or cannot read; torch's advice to retry with
+    weights_only=False (which would run whatever the pickle names) is never passed on."""
+    text = str(err)
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:
+        return CheckpointError(f"{path}: refused to unpickle {refused.group(1)} (a checkpoint may hold only "
+                               "tensors, plain containers and RNG state); the file was not loaded")
+    if text.startswith("Weights only load failed"):
+        after = text.split("WeightsUnpickler error:", 1)[-1].splitlines()
+        detail = [line.strip() for line in after if line.strip() and "weights_only" not in line]
+        why = detail[0] if detail else "uses pickle operations that are not allowed"
+        return CheckpointError(f"{path}: refused to unpickle it ({why}); the file was not loaded")
+    return CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(err).__name__}: "
+                           f"{text.splitlines()[0] if text else ''})")
+
+
 def load_pt(path: str | Path, mmap: bool = False) -> dict:
-    """torch.load with weights_only=True (never unpickles arbitrary objects), on CPU.
+    """torch.load with weights_only=True (never unpickles arbitrary objects), on CPU. Beyond
+    tensors and plain containers it admits only DeepSpeed's record classes (as inert stand-ins)
+    and the numpy array type of SAT's saved RNG state, for this call only.
 
     With ``mmap`` the tensors stay backed by the file, so only the parts that are read occupy
     memory."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    mmap = mmap and zipfile.is_zipfile(path)  # torch's legacy (pre-1.6) format cannot be mapped
     try:
-        with torch.serialization.safe_globals(_DEEPSPEED_STAND_INS):
+        with torch.serialization.safe_globals(_DEEPSPEED_STAND_INS + _NUMPY_RNG_STATE):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # truncated zip, foreign pickle, ...: all the same to the caller
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0]})") from err
+    except Exception as err:  # truncated zip, foreign pickle, refused global: all the same to the caller
+        raise _unreadable(path, err) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, got {type(data).__name__}")
     return data

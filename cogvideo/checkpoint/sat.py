@@ -30,6 +30,7 @@ import torch
 from cogvideo.checkpoint.format import Checkpoint, check_shapes, full_shape, merge_tensor, write_checkpoint
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, atomic_output_dir, load_pt, read_json, write_json
 from cogvideo.config import ModelConfig, get_preset
+from cogvideo.configio import ConfigError, from_dict, merge, to_dict
 from cogvideo.vocab import VocabLayout
 
 SAT_CONFIG = "model_config.json"
@@ -116,26 +117,46 @@ def _int(text: str, where: Path) -> int:
         raise CheckpointError(f"{where}: {text!r} is neither an iteration nor 'release'") from None
 
 
-def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None) -> ModelConfig:
-    """Our ModelConfig for SAT arguments. Shapes come from the SAT args; what SAT does not
-    record (frame size in pixels, vocabulary ranges when not icetk's) from `base`."""
+def _sat_vocab(args: dict, base: VocabLayout) -> VocabLayout:
+    """The vocabulary of a SAT checkpoint: SAT records only its size. icetk's layout (CogView2,
+    CogVideo) when the size holds icetk's ids, else the base preset's ranges at this size."""
+    size = args["vocab_size"]
+    if size == base.vocab_size:
+        return base
+    icetk = VocabLayout.icetk()
+    layout = icetk if size >= icetk.min_vocab_size else base
+    try:
+        return dataclasses.replace(layout, vocab_size=size)
+    except ValueError as err:
+        raise CheckpointError(f"{SAT_CONFIG}: vocab_size={size} cannot hold the vocabulary of the base preset "
+                              f"({err}); pass --base PRESET or --set vocab.num_text_tokens=... etc.") from None
+
+
+def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None,
+                     overrides: dict | None = None) -> ModelConfig:
+    """Our ModelConfig for SAT arguments (model_config.json): shape, vocabulary size, dropout,
+    layout and window come from them; what SAT does not record (frame size in pixels, the
+    vocabulary's ranges when not icetk's) from `base`; `overrides` (dotted model fields) last."""
     base = base or get_preset("cogview2-6b")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
         if not isinstance(args.get(key), int):
             raise CheckpointError(f"{SAT_CONFIG}: integer field {key!r} missing")
-    vocab, icetk = base.vocab, VocabLayout.icetk()
-    # icetk's ids with padding rows so that TP ranks split them (at most 128 x TP more, as Megatron pads)
-    padded = 0 <= args["vocab_size"] - icetk.vocab_size < 128 * int(args.get("model_parallel_size") or 1)
-    if args["vocab_size"] != vocab.vocab_size:
-        if not padded:
-            raise CheckpointError(f"{SAT_CONFIG}: vocab_size={args['vocab_size']} matches neither icetk's (padded) "
-                                  f"nor the base config's ({vocab.vocab_size}); pass a base preset with this vocabulary")
-        vocab = dataclasses.replace(icetk, vocab_size=args["vocab_size"])
+    order = args.get("layernorm_order", "sandwich")
+    if order != "sandwich":
+        raise CheckpointError(f"{SAT_CONFIG}: layernorm_order={order!r}; CogView2/CogVideo (and this model) "
+                              "use 'sandwich'")
+    per_head = args.get("hidden_size_per_attention_head")
+    if per_head and per_head * args["num_attention_heads"] != args["hidden_size"]:
+        raise CheckpointError(f"{SAT_CONFIG}: hidden_size_per_attention_head={per_head} x num_attention_heads "
+                              f"!= hidden_size={args['hidden_size']}; this model needs them equal")
     changes = dict(stage=stage, num_layers=args["num_layers"], hidden_size=args["hidden_size"],
-                   num_heads=args["num_attention_heads"], vocab=vocab,
+                   num_heads=args["num_attention_heads"], vocab=_sat_vocab(args, base.vocab),
                    max_position_embeddings=args["max_sequence_length"],
                    ffn_hidden_size=args.get("inner_hidden_size") or 0,
                    layernorm_epsilon=float(args.get("layernorm_epsilon", base.layernorm_epsilon)))
+    for key in ("hidden_dropout", "attention_dropout"):
+        if key in args:
+            changes[key] = float(args[key])
     if "layout" in args:
         layout = args["layout"]
         text, first, total = [int(x) for x in (layout.split(",") if isinstance(layout, str) else layout)]
@@ -147,22 +168,26 @@ def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None) ->
     if int(args.get("window_size", -1)) > 0:
         changes.update(window_size=int(args["window_size"]), window_shift=int(args["window_size"]) // 2)
     try:
-        return base.replace(name=f"sat-{stage}", **changes).validate()
-    except ValueError as err:
+        cfg = base.replace(name=f"sat-{stage}", **changes)
+        if overrides:
+            cfg = from_dict(ModelConfig, merge(to_dict(cfg), overrides), prefix="model")
+        return cfg.validate()
+    except (ValueError, ConfigError) as err:
         raise CheckpointError(f"{SAT_CONFIG}: gives an invalid model config: {err}") from None
 
 
 def import_sat(src: str | Path, dst: str | Path, *, base: ModelConfig | str | None = None,
                stage: str | None = None, iteration: str | None = None, tensor_parallel: int = 1,
                force: bool = False, dtype: torch.dtype | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Convert a SAT checkpoint (any TP degree) to our format at `dst`.
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, overrides: dict | None = None) -> Path:
+    """Convert a SAT checkpoint (any TP degree) to our format at `dst`; the model config comes
+    from its model_config.json (see `sat_model_config`), then `overrides`.
 
     `stage` None keeps the checkpoint's own (backbone, or CogVideo's stage); a backbone imported
     as "stage1"/"stage2" gets its video parts from ``init_video_from_backbone``."""
     sat = SatCheckpoint(src, iteration)
     base = get_preset(base) if isinstance(base, str) else base
-    cfg = sat_model_config(sat.args, sat.stage, base)
+    cfg = sat_model_config(sat.args, sat.stage, base, overrides)
     target = stage or sat.stage
     if target != sat.stage and sat.stage != "backbone":
         raise CheckpointError(f"{src}: is a CogVideo {sat.stage} checkpoint; it cannot be imported as {target}")
