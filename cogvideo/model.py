@@ -1,8 +1,9 @@
 """The CogVideo model: CogView2's Sandwich-LN transformer with a second (temporal) attention
 channel in every layer.
 
-Built plain; under tensor parallelism the same code runs with megatron-core's parallel layers
-(see cogvideo/layers.py). Three attention paths share one visibility rule (cogvideo/sequence.py):
+Built plain (full shapes, torch layers); `TP_PLAN` says how it shards, and
+`cogvideo.tp_plan.parallelize` swaps in megatron-core's layers and applies activation
+checkpointing. Three attention paths share one visibility rule (cogvideo/sequence.py):
 
 - blocked (default): text, per-frame spatial blocks and per-window temporal blocks gathered
   into the batch dimension;
@@ -19,17 +20,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from cogvideo import blocked, parallel
+from cogvideo import blocked
 from cogvideo.attention import attend
 from cogvideo.blocked import FrameBlocks, attention_shifts, frame_blocks, text_bias_scores, with_pads
 from cogvideo.config import ModelConfig
 from cogvideo.kv_cache import ChunkPlan, KVCache
-from cogvideo.layers import LayerFactory, copy_to_tp_region, image_token_cross_entropy
 from cogvideo.sequence import TEXT, TokenMeta, layer_shift, position_ids, visible
+from cogvideo.tp_plan import Column, Row, TiedEmbedding, TPPlan, Vocab, parallelize, vocab_cross_entropy
 
 TEMPORAL_PARAMS = ("frame_position_embeddings.", ".temporal_attention.", ".temporal_gate")
+
+TP_PLAN = TPPlan({
+    "word_embeddings": Vocab(),  # also the tied output layer: vocabulary-parallel logits
+    "attention.query_key_value": Column(stride=3),  # [Q; K; V] -> [Q_r; K_r; V_r] on rank r
+    "attention.dense": Row(),
+    "temporal_attention.query_key_value": Column(stride=3),
+    "temporal_attention.dense": Row(),
+    "mlp.dense_h_to_4h": Column(),
+    "mlp.dense_4h_to_h": Row(),
+}, blocks="layers")  # norms, gates and position tables are replicated
 
 
 def is_backbone_param(name: str) -> bool:
@@ -37,34 +47,41 @@ def is_backbone_param(name: str) -> bool:
     return not any(part in name or name.startswith(part) for part in TEMPORAL_PARAMS)
 
 
-class Attention(nn.Module):
-    """One attention channel's QKV ([Q; K; V], column-split with stride 3) and output projection."""
+def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
+    linear = nn.Linear(in_features, out_features)
+    nn.init.normal_(linear.weight, std=std)
+    nn.init.zeros_(linear.bias)
+    return linear
 
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory):
+
+class Attention(nn.Module):
+    """One attention channel's QKV ([Q; K; V]) and output projection. The head count is read
+    from the QKV output, so the same code runs on a TP rank's share of the heads."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        h, std = cfg.hidden_size, cfg.init_std
-        self.heads = cfg.num_heads // layers.tp
+        hidden_size, std = cfg.hidden_size, cfg.init_std
         self.head_dim = cfg.head_dim
-        self.query_key_value = layers.column(h, 3 * h, std, stride=3)
-        self.dense = layers.row(h, h, std / math.sqrt(2 * cfg.num_layers))
+        self.query_key_value = _linear(hidden_size, 3 * hidden_size, std)
+        self.dense = _linear(hidden_size, hidden_size, std / math.sqrt(2 * cfg.num_layers))
 
     def qkv(self, x: torch.Tensor):
-        """x [B, L, h] -> q, k, v each [B, heads, L, d]."""
+        """x [B, L, hidden] -> q, k, v each [B, heads, L, d]."""
         B, L, _ = x.shape
-        q, k, v = self.query_key_value(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.query_key_value(x).view(B, L, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def project(self, ctx: torch.Tensor) -> torch.Tensor:
-        """ctx [B, heads, L, d] -> [B, L, h]."""
-        B, _, L, _ = ctx.shape
-        return self.dense(ctx.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
+        """ctx [B, heads, L, d] -> [B, L, hidden]."""
+        B, heads, L, _ = ctx.shape
+        return self.dense(ctx.transpose(1, 2).reshape(B, L, heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = layers.column(cfg.hidden_size, cfg.ffn_size, cfg.init_std)
-        self.dense_4h_to_h = layers.row(cfg.ffn_size, cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        self.dense_h_to_4h = _linear(cfg.hidden_size, cfg.ffn_size, cfg.init_std)
+        self.dense_4h_to_h = _linear(cfg.ffn_size, cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers))
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -94,20 +111,20 @@ class Masks:
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory, index: int):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
-        h, eps = cfg.hidden_size, cfg.layernorm_epsilon
+        hidden_size, eps = cfg.hidden_size, cfg.layernorm_epsilon
         self.cfg, self.index, self.shift = cfg, index, layer_shift(cfg, index)
-        self.input_layernorm = nn.LayerNorm(h, eps=eps)
-        self.attention = Attention(cfg, layers)
-        self.third_layernorm = nn.LayerNorm(h, eps=eps)
-        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
-        self.mlp = MLP(cfg, layers)
-        self.fourth_layernorm = nn.LayerNorm(h, eps=eps)
+        self.input_layernorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.attention = Attention(cfg)
+        self.third_layernorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.post_attention_layernorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = MLP(cfg)
+        self.fourth_layernorm = nn.LayerNorm(hidden_size, eps=eps)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
         if cfg.has_temporal:
-            self.temporal_attention = Attention(cfg, layers)
-            self.temporal_gate = nn.Parameter(torch.zeros(h))
+            self.temporal_attention = Attention(cfg)
+            self.temporal_gate = nn.Parameter(torch.zeros(hidden_size))
 
     def _mix(self, spatial_out: torch.Tensor, temporal_out: torch.Tensor, is_frame: torch.Tensor):
         """Frame tokens: sigmoid(p) * spatial + (1 - sigmoid(p)) * temporal; text: spatial."""
@@ -121,17 +138,18 @@ class TransformerLayer(nn.Module):
         return h + self.fourth_layernorm(self.hidden_dropout(self.mlp(self.post_attention_layernorm(h))))
 
     # ---- one layer, full sequence or cached chunk -------------------------------------
-    def forward(self, h: torch.Tensor, masks: Masks, temporal: bool, dense: bool, pb: float):
+    def forward(self, h: torch.Tensor, masks: Masks, temporal: bool, dense: bool):
         """Full sequence; `dense`: the explicit-mask reference path."""
         temporal = temporal and self.cfg.has_temporal and h.shape[1] > self.cfg.text_length
-        return self._attend_and_mlp(h, masks, temporal, dense, pb)
+        return self._attend_and_mlp(h, masks, temporal, dense)
 
-    def forward_chunk(self, h, cache: KVCache, plan: ChunkPlan, masks: Masks, pb: float):
+    def forward_chunk(self, h, cache: KVCache, plan: ChunkPlan, masks: Masks):
         """A chunk after what `cache` holds: blocked for whole frames right after the text."""
-        return self._attend_and_mlp(h, masks, cache.temporal is not None, masks.frames is None, pb, cache, plan)
+        return self._attend_and_mlp(h, masks, cache.temporal is not None, masks.frames is None, cache, plan)
 
-    def _attend_and_mlp(self, h, masks: Masks, temporal: bool, dense: bool, pb: float,
+    def _attend_and_mlp(self, h, masks: Masks, temporal: bool, dense: bool,
                         cache: KVCache | None = None, plan: ChunkPlan | None = None):
+        pb = self.cfg.pb_relax_alpha
         x = self.input_layernorm(h)
         drop = self.cfg.attention_dropout if self.training else 0.0
         q, k, v = self.attention.qkv(x)
@@ -174,20 +192,19 @@ class TransformerLayer(nn.Module):
 class CogVideoModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate(parallel.tp_size())
-        self.cfg = cfg
-        layers = LayerFactory()
-        h = cfg.hidden_size
-        self.word_embeddings = layers.embedding(cfg.vocab.vocab_size, h, cfg.init_std)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
+        self.cfg = cfg.validate()
+        hidden_size = cfg.hidden_size
+        self.word_embeddings = TiedEmbedding(cfg.vocab.vocab_size, hidden_size)
+        nn.init.normal_(self.word_embeddings.weight, std=cfg.init_std)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, hidden_size)
         nn.init.normal_(self.position_embeddings.weight, std=cfg.init_std)
         if cfg.has_temporal and cfg.num_frames > 1:
-            self.frame_position_embeddings = nn.Embedding((cfg.num_frames - 1) * cfg.tokens_per_frame, h)
+            self.frame_position_embeddings = nn.Embedding((cfg.num_frames - 1) * cfg.tokens_per_frame, hidden_size)
             nn.init.normal_(self.frame_position_embeddings.weight, std=cfg.init_std)
         else:
             self.frame_position_embeddings = None
-        self.layers = nn.ModuleList(TransformerLayer(cfg, layers, i) for i in range(cfg.num_layers))
-        self.final_layernorm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(hidden_size, eps=cfg.layernorm_epsilon)
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.dense_attention = False  # True: the explicit-mask reference path (tests, debugging)
         if cfg.has_temporal and not cfg.train_backbone:
@@ -212,9 +229,8 @@ class CogVideoModel(nn.Module):
         return self.embedding_dropout(self.word_embeddings(tokens) + pos)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied output layer: this rank's vocabulary shard of the logits."""
-        h = copy_to_tp_region(self.final_layernorm(h))
-        return F.linear(h, self.word_embeddings.weight)
+        """Tied output layer (under TP: this rank's vocabulary shard of the logits)."""
+        return self.word_embeddings.unembed(self.final_layernorm(h))
 
     def _pad(self, tokens: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
         return (tokens == self.cfg.vocab.pad_id) & (meta.frame == TEXT).to(tokens.device)[None, :]
@@ -236,12 +252,8 @@ class CogVideoModel(nn.Module):
         pad = self._pad(tokens, meta)
         masks = self._full_masks(meta, pad, text_bias, temporal)
         h = self._embed(tokens, meta, pad)
-        pb = self.cfg.pb_relax_alpha
         for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, masks, temporal, self.dense_attention, pb, use_reentrant=False)
-            else:
-                h = layer(h, masks, temporal, self.dense_attention, pb)
+            h = layer(h, masks, temporal, self.dense_attention)
         return self._logits(h)
 
     def _full_masks(self, meta: TokenMeta, pad: torch.Tensor, text_bias: float, temporal: bool = True) -> Masks:
@@ -286,13 +298,13 @@ class CogVideoModel(nn.Module):
                 masks.add_dense(cfg, "temporal", meta, pad, *cache.temporal_keys(plan), text_bias)
         h = self._embed(tokens, meta, pad)
         for layer in self.layers:
-            h = layer.forward_chunk(h, cache, plan, masks, cfg.pb_relax_alpha)
+            h = layer.forward_chunk(h, cache, plan, masks)
         return self._logits(h)
 
     # ---- loss -----------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Mean cross entropy over image ids at the masked positions."""
-        per_token = image_token_cross_entropy(logits, targets, self.cfg.vocab.num_image_tokens)
+        per_token = vocab_cross_entropy(logits, targets, self.cfg.vocab.num_image_tokens)
         weights = loss_mask.to(per_token.dtype)
         return (per_token * weights).sum() / weights.sum().clamp(min=1)
 
@@ -323,3 +335,9 @@ def init_video_from_backbone(backbone: dict, video_cfg: ModelConfig) -> dict:
         image_rows = backbone["position_embeddings.weight"][start:start + cfg.tokens_per_frame]
         out["frame_position_embeddings.weight"] = image_rows.repeat(cfg.num_frames - 1, 1).clone()
     return out
+
+
+def build_model(cfg: ModelConfig) -> CogVideoModel:
+    """The model as training and sampling run it: built plain, then sharded by `TP_PLAN` over
+    the current tensor-parallel group (if any) and activation-checkpointed if configured."""
+    return parallelize(CogVideoModel(cfg), TP_PLAN, cfg.activation_checkpointing)

@@ -1,7 +1,8 @@
 """The parallel state: one place that sets up tensor-parallel (megatron-core) and data-parallel
-groups, hands DeepSpeed an `mpu`, and knows how each parameter splits across TP ranks.
+groups and hands DeepSpeed an `mpu`. How a model splits over TP ranks is its TP plan
+(cogvideo/tp_plan.py).
 
-Without `init_distributed` everything reports TP=1/DP=1 and the model uses plain torch layers.
+Without `init_distributed` everything reports TP=1/DP=1 and `parallelize` keeps the plain layers.
 """
 from __future__ import annotations
 
@@ -116,66 +117,3 @@ class DeepSpeedMPU:
 
 def mpu() -> DeepSpeedMPU:
     return DeepSpeedMPU()
-
-
-# ---- how parameters split over tensor-parallel ranks ------------------------------------
-
-_QKV = ".query_key_value."
-_ROW_SPLIT = (".attention.dense.weight", ".temporal_attention.dense.weight", ".mlp.dense_4h_to_h.weight")
-
-
-def split_rule(name: str) -> tuple[int, int] | None:
-    """(dim, stride) along which parameter `name` is split over TP ranks, or None if replicated.
-
-    QKV is [Q; K; V] in full form and [Q_r; K_r; V_r] on rank r (stride 3); FFN-in is a plain
-    column split; the attention/FFN output projections split by input columns; the word
-    embedding by vocabulary rows. Norms, biases of row-split layers and position tables are
-    replicated."""
-    if _QKV in name:
-        return (0, 3)
-    if name.endswith(".mlp.dense_h_to_4h.weight") or name.endswith(".mlp.dense_h_to_4h.bias"):
-        return (0, 1)
-    if name.endswith(_ROW_SPLIT):
-        return (1, 1)
-    if name == "word_embeddings.weight":
-        return (0, 1)
-    return None
-
-
-def split_tensor(tensor: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
-    if tensor.shape[dim] % (stride * size):
-        raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} does not split into {size} ranks x stride {stride}")
-    blocks = tensor.chunk(stride * size, dim=dim)
-    return torch.cat([blocks[s * size + rank] for s in range(stride)], dim=dim).contiguous()
-
-
-def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    size = len(parts)
-    per_rank = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([per_rank[r][s] for s in range(stride) for r in range(size)], dim=dim)
-
-
-def shard_state_dict(full: dict, rank: int, size: int) -> dict:
-    """Full (unsharded) state dict -> the local state dict of TP rank `rank` of `size`."""
-    out = {}
-    for name, tensor in full.items():
-        rule = split_rule(name)
-        out[name] = tensor if rule is None or size == 1 else split_tensor(tensor, *rule, rank, size)
-    return out
-
-
-def merge_state_dicts(local: list[dict]) -> dict:
-    """Local state dicts of TP ranks 0..n-1 -> the full state dict (inverse of shard_state_dict)."""
-    if len(local) == 1:
-        return dict(local[0])
-    names = list(local[0])
-    for rank, sd in enumerate(local[1:], start=1):
-        if set(sd) != set(names):
-            missing, extra = sorted(set(names) - set(sd)), sorted(set(sd) - set(names))
-            raise ValueError(f"TP rank {rank} keys differ from rank 0: missing {missing}, extra {extra}")
-    out = {}
-    for name in names:
-        rule = split_rule(name)
-        parts = [sd[name] for sd in local]
-        out[name] = parts[0] if rule is None else merge_tensors(parts, *rule)
-    return out

@@ -29,6 +29,7 @@ from cogvideo.checkpoint.io import CheckpointError
 from cogvideo.checkpoint.training import (COMPLETE, FULL_MODEL, LATEST, LOCK, TAG, TRAIN_CONFIG, complete_tags,
                                           load_part, part_file, part_ranks, save_part, tag_for)
 from cogvideo.configio import save_yaml
+from cogvideo.model import TP_PLAN
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def full_state_dict(engine) -> dict | None:
     if parallel.dp_rank() == 0:
         dist.gather_object(local, gathered, dst=dist.get_global_rank(parallel.tp_group(), 0),
                            group=parallel.tp_group())
-    return parallel.merge_state_dicts(gathered) if dist.get_rank() == 0 else None
+    return TP_PLAN.merge_state_dicts(gathered) if dist.get_rank() == 0 else None
 
 
 class CheckpointManager:

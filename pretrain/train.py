@@ -85,15 +85,15 @@ class Trainer:
         import deepspeed
 
         from cogvideo.flops import train_flops
-        from cogvideo.model import CogVideoModel
+        from cogvideo.model import build_model
 
         self.cfg, self.model_cfg = cfg, model_cfg
         say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
         parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
-        with parallel.device():  # built where it runs: megatron's layers initialise on the GPU
-            model = CogVideoModel(model_cfg)
+        with parallel.device():  # built where it runs, then parallelized (see docs/cuda-paths.md)
+            model = build_model(model_cfg)
         state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
         if state is not None:
             model.load_state_dict(state)

@@ -13,7 +13,7 @@ from cogvideo.checkpoint import (CheckpointError, load_model_config, load_model_
                                  save_model_checkpoint)
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.model import CogVideoModel, build_model
 from cogvideo.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def _tp_worker(ckpt: str, out: str) -> None:
 
     parallel.init_distributed(2, backend="gloo")
     cfg = load_model_config(ckpt)
-    model = CogVideoModel(cfg)
+    model = build_model(cfg)
     model.load_state_dict(load_model_state(ckpt, parallel.tp_rank(), parallel.tp_size()))
     with torch.no_grad():
         logits = model(torch.load(Path(out) / "tokens.pt"))

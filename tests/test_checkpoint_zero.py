@@ -14,7 +14,7 @@ from cogvideo.checkpoint import (CheckpointError, convert_zero, load_model_state
                                  save_model_checkpoint)
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.model import CogVideoModel, build_model
 from tolerances import loss_rel_tol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def _layout_worker(out: Path) -> None:
         parallel.init_distributed(tp, backend="gloo")
 
     def engine_from(path: Path, optimizer: bool, zero_stage: int = 2):
-        model = CogVideoModel(TINY)
+        model = build_model(TINY)
         model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
         engine = _engine(model, zero_stage, parallel.dp_size(), decay_groups=True)
         if optimizer:

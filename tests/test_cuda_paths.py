@@ -6,26 +6,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cogvideo import layers, parallel
+from cogvideo import parallel
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.model import TP_PLAN, CogVideoModel
+from cogvideo.tp_plan import parallelize
 from pretrain.config import TrainConfig
 from pretrain.optim import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def two_tp_ranks(monkeypatch):
-    monkeypatch.setattr(parallel, "tp_size", lambda: 2)
+def test_parallel_layers_allocate_on_the_device_the_plain_model_was_built_on():
+    from cogvideo.tp_plan import _megatron_config
 
-
-def test_parallel_layers_initialise_on_the_device_the_model_is_built_on(two_tp_ranks):
-    assert layers.LayerFactory().mp_config.use_cpu_initialization  # CPU: full weight from torch's RNG
-    with torch.device("meta"):
-        assert layers.LayerFactory().mp_config.use_cpu_initialization
-    with torch.device("cuda:0"):  # megatron's GPU path: each shard from the TP RNG tracker
-        assert not layers.LayerFactory().mp_config.use_cpu_initialization
+    assert _megatron_config(2, torch.float32, on_gpu=False).use_cpu_initialization  # CPU / meta: host
+    assert not _megatron_config(2, torch.float32, on_gpu=True).use_cpu_initialization  # the current GPU
+    assert not _megatron_config(2, torch.float32, on_gpu=True).perform_initialization  # the plain weights are copied
 
 
 def test_manual_seed_seeds_megatrons_tracker_only_with_cuda(monkeypatch):
@@ -74,7 +70,8 @@ def test_the_model_draws_no_random_numbers_so_recomputation_is_exact():
     mask = torch.ones_like(tokens, dtype=torch.bool)
     grads = []
     for ckpt in (False, True):
-        model.cfg.activation_checkpointing = ckpt
+        if ckpt:
+            parallelize(model, TP_PLAN, activation_checkpointing=True)
         model.zero_grad(set_to_none=True)
         state = torch.get_rng_state()
         model.loss(model(tokens), tokens, mask).backward()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel, init_video_from_backbone, is_backbone_param
+from cogvideo.model import CogVideoModel, build_model, init_video_from_backbone, is_backbone_param
 from cogvideo.params import count_parameters
 from model_helpers import random_batch
 
@@ -85,7 +85,7 @@ def test_activation_checkpointing_gives_same_gradients(preset):
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = CogVideoModel(cfg.replace(activation_checkpointing=ckpt)).train()
+        model = build_model(cfg.replace(activation_checkpointing=ckpt)).train()
         model.loss(model(tokens), targets, mask).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name in grads[0]:

@@ -1,5 +1,7 @@
-"""Tensor parallelism: TP=2 over two gloo processes equals TP=1 on the same weights
-(logits, loss and every gradient, fp32)."""
+"""Tensor parallelism: one TP plan (cogvideo.model.TP_PLAN) drives both the model and checkpoint
+resharding. At TP 4 and at TP 2 (x DP 2) over four gloo processes, `parallelize` leaves each rank holding exactly
+`TP_PLAN.shard_state_dict` of the plain weights, and that model equals TP=1 on the same weights
+(logits, loss and every gradient merged back by `TP_PLAN.merge_state_dicts`, fp32)."""
 import os
 import socket
 
@@ -7,12 +9,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from megatron.core import parallel_state
+
 from cogvideo import parallel
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.model import TP_PLAN, CogVideoModel
 from cogvideo.sequence import build_sequence
+from cogvideo.tp_plan import parallelize
 
 pytestmark = pytest.mark.slow
+TP_DEGREES = (4, 2)
 
 
 def _batch(cfg, seed=0):
@@ -26,12 +32,13 @@ def _batch(cfg, seed=0):
 
 
 def _configs():
-    return [get_preset(name).replace(num_layers=2, train_backbone=True) for name in ("tiny", "tiny-stage2")]
+    """Stage 1 plain, stage 2 with activation checkpointing (applied by the same parallelize step)."""
+    return [get_preset("tiny").replace(num_layers=2, train_backbone=True),
+            get_preset("tiny-stage2").replace(num_layers=2, train_backbone=True, activation_checkpointing=True)]
 
 
-def _run(cfg, state, text_bias=0.0):
-    model = CogVideoModel(cfg)
-    model.load_state_dict(state)
+def _run(model, cfg, text_bias=0.0):
+    model.train()
     tokens, targets, mask = _batch(cfg)
     logits = model(tokens, text_bias=text_bias)
     loss = model.loss(logits, targets, mask)
@@ -40,21 +47,36 @@ def _run(cfg, state, text_bias=0.0):
     return logits.detach(), loss.detach(), grads
 
 
+def _plain(cfg, state):
+    model = CogVideoModel(cfg)
+    model.load_state_dict(state)
+    return model
+
+
 def _worker(rank, port, states, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    parallel.init_distributed(tensor_parallel=2, backend="gloo")
-    results = []
-    for cfg, full in zip(_configs(), states):
-        torch.manual_seed(1)  # megatron's CPU init draws from the global RNG
-        logits, loss, grads = _run(cfg, parallel.shard_state_dict(full, rank, 2), text_bias=1.4)
-        gathered = [torch.empty_like(logits) for _ in range(2)]
-        torch.distributed.all_gather(gathered, logits.contiguous())
-        all_grads = [None, None]
-        torch.distributed.all_gather_object(all_grads, grads)
-        results.append((torch.cat(gathered, -1), loss, parallel.merge_state_dicts(all_grads)))
-    if rank == 0:
-        torch.save(results, os.path.join(out_dir, "tp2.pt"))
+    for tp in TP_DEGREES:  # TP 4, then TP 2 x DP 2 in the same processes
+        parallel.init_distributed(tensor_parallel=tp, backend="gloo")
+        tp_rank, group = parallel.tp_rank(), parallel.tp_group()
+        results = []
+        for cfg, full in zip(_configs(), states):
+            model = parallelize(_plain(cfg, full), TP_PLAN, cfg.activation_checkpointing)
+            local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+            expected = TP_PLAN.shard_state_dict(full, tp_rank, tp)
+            assert set(local) == set(expected)
+            for name in expected:  # the layers hold exactly the plan's checkpoint shard
+                assert torch.equal(local[name], expected[name]), name
+            logits, loss, grads = _run(model, cfg, text_bias=1.4)
+            gathered = [torch.empty_like(logits) for _ in range(tp)]
+            torch.distributed.all_gather(gathered, logits.contiguous(), group=group)
+            all_grads = [None] * tp
+            torch.distributed.all_gather_object(all_grads, grads, group=group)
+            results.append((torch.cat(gathered, -1), loss, TP_PLAN.merge_state_dicts(all_grads)))
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, f"tp{tp}.pt"))
+        parallel_state.destroy_model_parallel()
     parallel.destroy()
 
 
@@ -64,7 +86,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_tp2_matches_tp1(tmp_path):
+def test_tp_matches_tp1(tmp_path):
     states = []
     for cfg in _configs():
         torch.manual_seed(0)
@@ -74,12 +96,15 @@ def test_tp2_matches_tp1(tmp_path):
                 if name.endswith("bias") or name.endswith("temporal_gate"):
                     p.normal_(std=0.1)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
-    mp.spawn(_worker, args=(_free_port(), states, str(tmp_path)), nprocs=2, join=True)
-    tp2 = torch.load(tmp_path / "tp2.pt", weights_only=True)
-    for cfg, full, (logits2, loss2, grads2) in zip(_configs(), states, tp2):
-        logits1, loss1, grads1 = _run(cfg, full, text_bias=1.4)
-        torch.testing.assert_close(logits2, logits1, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(loss2, loss1, atol=1e-5, rtol=1e-5)
-        assert set(grads2) == set(grads1)
-        for name in grads1:
-            torch.testing.assert_close(grads2[name], grads1[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{cfg.stage} {name}: {m}")
+    mp.spawn(_worker, args=(_free_port(), states, str(tmp_path)), nprocs=4, join=True)
+    for tp in TP_DEGREES:
+        results = torch.load(tmp_path / f"tp{tp}.pt", weights_only=True)
+        for cfg, full, (logits_tp, loss_tp, grads_tp) in zip(_configs(), states, results):
+            plain = _plain(cfg.replace(activation_checkpointing=False), full)
+            logits1, loss1, grads1 = _run(plain, cfg, text_bias=1.4)
+            torch.testing.assert_close(logits_tp, logits1, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(loss_tp, loss1, atol=1e-5, rtol=1e-5)
+            assert set(grads_tp) == set(grads1)
+            for name in grads1:
+                torch.testing.assert_close(grads_tp[name], grads1[name], atol=1e-5, rtol=1e-4,
+                                           msg=lambda m: f"TP={tp} {cfg.stage} {name}: {m}")

@@ -110,8 +110,7 @@ def test_deepspeed_config_follows_the_dataclasses():
 def test_backbone_start_per_tp_rank_is_the_shard_of_the_full_init(tmp_path):
     from cogvideo.checkpoint.format import save_model_checkpoint
     from cogvideo.config import get_preset
-    from cogvideo.model import CogVideoModel, init_video_from_backbone
-    from cogvideo.parallel import shard_state_dict
+    from cogvideo.model import TP_PLAN, CogVideoModel, init_video_from_backbone
     from pretrain.train import initial_state
 
     video_cfg = get_preset("tiny")
@@ -123,7 +122,7 @@ def test_backbone_start_per_tp_rank_is_the_shard_of_the_full_init(tmp_path):
     full = init_video_from_backbone(backbone, video_cfg)
     assert set(full) == set(CogVideoModel(video_cfg).state_dict())
     for rank in range(2):
-        local, expected = initial_state(cfg, video_cfg, rank, 2), shard_state_dict(full, rank, 2)
+        local, expected = initial_state(cfg, video_cfg, rank, 2), TP_PLAN.shard_state_dict(full, rank, 2)
         assert set(local) == set(expected)
         for name in expected:
             assert torch.equal(local[name], expected[name]), name

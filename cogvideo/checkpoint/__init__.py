@@ -10,7 +10,7 @@ Our format (version 1) is a directory::
             (full, merged weights; the index is the Hugging Face one: {"metadata":
             {"total_size"}, "weight_map": {name: file}})
     n  > 1: tp_rank_00/ ... tp_rank_{n-1}/, each holding the same files for that rank's local
-            tensors (split by ``cogvideo.parallel.split_rule``; QKV strided [Q_r; K_r; V_r])
+            tensors (split by the TP plan, ``cogvideo.model.TP_PLAN``; QKV strided [Q_r; K_r; V_r])
     optimizer/    (optional) Adam moments of the trainable parameters as full tensors named
                   "exp_avg.<param>" / "exp_avg_sq.<param>" (sharded safetensors + index) and
                   state.json {"step", "param_groups", "params", "source", "dropped"}

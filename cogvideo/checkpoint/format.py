@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from cogvideo import parallel
 from cogvideo.checkpoint.io import (DEFAULT_SHARD_BYTES, CheckpointError, ShardedReader, ShardedWriter,
                                     atomic_output_dir, read_json, write_json)
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, from_dict, to_dict
 from cogvideo.text_format import TextFormat, TextFormatError
+from cogvideo.model import TP_PLAN
 
 FORMAT = "cogvideo"
 VERSION = 1
@@ -26,32 +26,21 @@ def rank_dir(path: Path, rank: int) -> Path:
     return path / f"tp_rank_{rank:02d}"
 
 
-# ---- per-tensor TP helpers (rules from cogvideo.parallel) ---------------------------------
+# ---- per-tensor TP helpers (the model's TP plan) ------------------------------------------
 
 def shard_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    rule = parallel.split_rule(name)
-    if rule is None or size == 1:
-        return tensor
     try:
-        return parallel.split_tensor(tensor, *rule, rank, size)
+        return TP_PLAN.shard_tensor(name, tensor, rank, size)
     except ValueError as err:
         raise CheckpointError(f"{name}: cannot split {tuple(tensor.shape)} over {size} TP ranks ({err})") from None
 
 
 def merge_tensor(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    rule = parallel.split_rule(name)
-    if rule is None or len(parts) == 1:
-        return parts[0]
-    return parallel.merge_tensors(parts, *rule)
+    return TP_PLAN.merge_tensor(name, parts)
 
 
 def full_shape(name: str, local_shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    rule = parallel.split_rule(name)
-    if rule is None:
-        return tuple(local_shape)
-    shape = list(local_shape)
-    shape[rule[0]] *= tp
-    return tuple(shape)
+    return TP_PLAN.full_shape(name, local_shape, tp)
 
 
 def is_trainable(name: str, cfg: ModelConfig) -> bool:
@@ -64,14 +53,12 @@ def is_trainable(name: str, cfg: ModelConfig) -> bool:
 # ---- validation against the model --------------------------------------------------------
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) parameter shapes of CogVideoModel(cfg), from a model on the meta device."""
+    """Full (unsharded) parameter shapes of CogVideoModel(cfg), from the plain model on the meta device."""
     from cogvideo.model import CogVideoModel
 
     with torch.device("meta"):
         model = CogVideoModel(cfg)
-    # megatron layers add non-tensor "_extra_state" entries, which no checkpoint stores
-    return {name: full_shape(name, tuple(t.shape), parallel.tp_size())
-            for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: str) -> None:

@@ -3,7 +3,7 @@
 Layout read: ``{dir}/latest`` (an iteration or ``release``), ``{dir}/{iteration}/
 mp_rank_XX_model_states.pt`` (``{"module": state_dict}``, one per TP rank), ``{dir}/
 model_config.json`` (the SAT arguments). SAT splits tensors over TP ranks exactly as we do
-(``cogvideo.parallel.split_rule``), so rank files are renamed key by key and merged.
+(``cogvideo.model.TP_PLAN``), so rank files are renamed key by key and merged.
 
 CogVideo's added parameters map as follows (THUDM/CogVideo ``models/cogvideo_model.py``):
 

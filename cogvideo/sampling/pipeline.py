@@ -33,12 +33,12 @@ def check_options(options: SampleOptions) -> None:
 def load_stage(path: Path, options: SampleOptions, expected_stage: str) -> StageModel:
     from cogvideo import parallel
     from cogvideo.checkpoint import load_model_config, load_model_state, load_text_format
-    from cogvideo.model import CogVideoModel
+    from cogvideo.model import build_model
 
     cfg: ModelConfig = load_model_config(path).validate(options.tensor_parallel)
     if cfg.stage != expected_stage:
         raise ValueError(f"{path}: holds a {cfg.stage} model, expected {expected_stage}")
-    model = CogVideoModel(cfg)
+    model = build_model(cfg.replace(activation_checkpointing=False))
     model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
     device = options.device
     if device == "cuda":
