@@ -47,9 +47,9 @@ def _rss_kib(field: str) -> int:
 def _trainer(cfg, batch):
     import torch
 
-    from cogvideo.model import CogVideoModel
+    from cogvideo.model import build_model
 
-    model = CogVideoModel(cfg).train()
+    model = build_model(cfg).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (batch, cfg.seq_length))
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.flops import train_flops  # noqa: E402
-from cogvideo.model import CogVideoModel  # noqa: E402
+from cogvideo.model import build_model  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
 from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402
 
@@ -81,7 +81,7 @@ def make_trainer(args, root: Path, shards: list[str], tokenizer: str):
 def bare_loop(model_cfg, batch):
     """The same model, optimizer and batch with nothing around them; returns a step function."""
     torch.manual_seed(0)
-    model = CogVideoModel(model_cfg)
+    model = build_model(model_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
 

@@ -165,10 +165,14 @@ def _parallel_layer(name: str, plain: nn.Module, style: Style, plan: TPPlan, ran
                         input_is_parallel=True, skip_bias_add=False)
     with torch.no_grad():
         for param_name, param in layer.named_parameters():
-            source = getattr(plain, param_name)
+            source, rule = getattr(plain, param_name), plan.rule(f"{name}.{param_name}")
             if source.device.type != "meta":
                 param.copy_(plan.shard_tensor(f"{name}.{param_name}", source, rank, size))
             param.requires_grad_(source.requires_grad)
+            if rule is not None and not hasattr(param, "tensor_model_parallel"):
+                # what megatron's own initialisation would mark (DeepSpeed's grad norm counts these
+                # on every TP rank, replicated ones once)
+                param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, *rule
     return layer
 
 

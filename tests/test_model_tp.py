@@ -68,6 +68,10 @@ def _worker(rank, port, states, out_dir):
             assert set(local) == set(expected)
             for name in expected:  # the layers hold exactly the plan's checkpoint shard
                 assert torch.equal(local[name], expected[name]), name
+            for name, param in model.named_parameters():  # marked as megatron would: DeepSpeed's grad
+                rule = TP_PLAN.rule(name)  # norm counts split parameters on every TP rank
+                assert getattr(param, "tensor_model_parallel", False) == (rule is not None), name
+                assert rule is None or (param.partition_dim, param.partition_stride) == rule, name
             logits, loss, grads = _run(model, cfg, text_bias=1.4)
             gathered = [torch.empty_like(logits) for _ in range(tp)]
             torch.distributed.all_gather(gathered, logits.contiguous(), group=group)

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cogvideo import flops
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.model import build_model
 
 
 def test_tiny_stage1_by_hand():
@@ -41,7 +41,7 @@ def test_stage2_window_pairs_by_hand():
 def counted(cfg, batch=2):
     """(forward, backward) FLOPs torch counts on the real model."""
     torch.manual_seed(0)
-    model = CogVideoModel(cfg).train()
+    model = build_model(cfg).train()
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (batch, cfg.seq_length))
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as forward:

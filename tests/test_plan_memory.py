@@ -11,7 +11,7 @@ from cluster.memtrack import LiveTensorBytes
 from cluster.plan_memory import (GiB, Layout, RankParams, layer_activation_bytes, model_states, plan_memory,
                                  rank_params)
 from cogvideo.config import get_preset
-from cogvideo.model import TP_PLAN, CogVideoModel
+from cogvideo.model import TP_PLAN, CogVideoModel, build_model
 from cogvideo.params import count_parameters
 
 DS_LAYOUTS = [(1, 1), (8, 1), (8, 13), (4, 3)]  # (GPUs per node, nodes)
@@ -155,7 +155,7 @@ def test_predicted_peak_of_a_cpu_step_within_15_percent(preset, batch, ckpt, tra
     if train_backbone is not None:
         cfg = cfg.replace(train_backbone=train_backbone)
     torch.manual_seed(0)
-    model = CogVideoModel(cfg).train()
+    model = build_model(cfg).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (batch, cfg.seq_length))
     with LiveTensorBytes() as mem:

@@ -88,3 +88,4 @@ def test_parallelize_without_tp_keeps_names_and_checkpoints_the_blocks():
 def test_activation_checkpointing_needs_the_plans_blocks():
     with pytest.raises(ValueError, match="blocks"):
         parallelize(CogVideoModel(get_preset("tiny")), TPPlan(TP_PLAN.styles), activation_checkpointing=True)
+
