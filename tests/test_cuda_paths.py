@@ -59,13 +59,12 @@ def test_with_cuda_the_process_group_is_nccl_on_the_local_gpu(monkeypatch):
     assert parallel.device() == torch.device("cuda", 3)
 
 
-def test_the_model_draws_no_random_numbers_so_recomputation_is_exact():
-    """No dropout anywhere: activation checkpointing's recomputed forward needs no RNG state
-    (neither torch's nor megatron's CUDA tracker) and gives bit-identical gradients."""
-    cfg = get_preset("tiny-stage2").replace(train_backbone=True)
+def test_recomputation_replays_the_dropout_masks():
+    """Dropout draws from torch's generator; activation checkpointing (applied by parallelize)
+    restores the RNG state for the recomputed forward, so gradients are bit-identical."""
+    cfg = get_preset("tiny-stage2").replace(train_backbone=True, hidden_dropout=0.1, attention_dropout=0.1)
     torch.manual_seed(0)
     model = CogVideoModel(cfg).train()
-    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (2, cfg.seq_length))
     mask = torch.ones_like(tokens, dtype=torch.bool)
     grads = []
@@ -73,9 +72,8 @@ def test_the_model_draws_no_random_numbers_so_recomputation_is_exact():
         if ckpt:
             parallelize(model, TP_PLAN, activation_checkpointing=True)
         model.zero_grad(set_to_none=True)
-        state = torch.get_rng_state()
+        torch.manual_seed(1)
         model.loss(model(tokens), tokens, mask).backward()
-        assert torch.equal(torch.get_rng_state(), state)
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
