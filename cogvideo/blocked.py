@@ -131,7 +131,8 @@ def spatial_attention(q, k, v, blocks: FrameBlocks, pb: float, dropout: float = 
     return _ungather(out, B)
 
 
-def temporal_attention(q, k, v, blocks: FrameBlocks, shift: int, pb: float, dropout: float = 0.0) -> torch.Tensor:
+def temporal_attention(q, k, v, blocks: FrameBlocks, shift: int, pb: float,
+                       dropout: float = 0.0) -> torch.Tensor:
     """q [B, H, nf*n, d] frame queries; k, v [B, H, T + nf*n, d] -> [B, H, nf*n, d]."""
     if shift not in blocks.windows:  # stage 1: one block
         return attend(q, k, v, blocks.temporal[shift], blocks.temporal_bias[shift], pb, dropout)

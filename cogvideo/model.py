@@ -166,7 +166,8 @@ class TransformerLayer(nn.Module):
                 tk, tv = cache.temporal_kv(self.index, plan, tk, tv)
             shift = self.shift if self.cfg.stage == "stage2" else 0
             if dense:
-                tctx = attend(tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"), pb, drop)
+                tctx = attend(tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"),
+                              pb, drop)
             else:
                 tctx = self._temporal_blocked(tq, tk, tv, masks, shift, pb, drop)
             out = self._mix(out, self.temporal_attention.project(tctx), masks.is_frame)

@@ -67,7 +67,8 @@ class TokenMeta:
         return TokenMeta(self.frame[index], self.pos[index])
 
 
-def position_ids(cfg: ModelConfig, meta: TokenMeta, text_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def position_ids(cfg: ModelConfig, meta: TokenMeta,
+                 text_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row in the backbone position table [B, l], row in the frame table or -1 [l]).
 
     `text_pad` [B, l] marks the pads among the tokens; the text must be whole in `meta` (a full
@@ -118,9 +119,10 @@ def visible(cfg: ModelConfig, q: TokenMeta, k: TokenMeta, channel: str, shift: i
     """Bool [lq, lk]: may query token i attend to key token j (before pad masking).
 
     spatial: text sees all text (bidirectional; pads are masked by the caller); a frame token
-    sees the text and its own frame (causal, or whole for stage-2 given frames). temporal: a frame token sees the text and, stage 1,
-    every earlier token in time; stage 2, the frames the slot rules allow, inside its 3D
-    window. Text queries in the temporal channel are never used; they get the spatial rule."""
+    sees the text and its own frame (causal, or whole for stage-2 given frames). temporal: a
+    frame token sees the text and, stage 1, every earlier token in time; stage 2, the frames the
+    slot rules allow, inside its 3D window. Text queries in the temporal channel are never used;
+    they get the spatial rule."""
     qf, qp = q.frame[:, None], q.pos[:, None]
     kf, kp = k.frame[None, :], k.pos[None, :]
     q_text, k_text = qf == TEXT, kf == TEXT

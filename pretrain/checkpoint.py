@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from cogvideo import parallel
-from cogvideo.checkpoint.io import CheckpointError
+from cogvideo.checkpoint.io import CheckpointError, unreadable
 from cogvideo.checkpoint.training import (COMPLETE, FULL_MODEL, LATEST, LOCK, TAG, TRAIN_CONFIG, complete_tags,
                                           load_part, part_file, part_ranks, save_part, tag_for)
 from cogvideo.configio import save_yaml
@@ -105,8 +105,7 @@ class WeightsOnlyLoads:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # the unpickler's refusal, a truncated file: the same to the caller
-            raise CheckpointError(f"{path}: cannot be read safely ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0]})") from err
+            raise unreadable(path, err) from None
 
 
 def full_state_dict(engine) -> dict | None:

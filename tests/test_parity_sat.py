@@ -49,7 +49,8 @@ def sat_run(tmp_path_factory) -> Path:
 
 
 def import_cli(src: Path, dst: Path, *extra: str) -> int:
-    return main(["import-sat", str(src), str(dst), "--base", "tiny", "--set", f"text_length={TEXT_LENGTH}", *extra])
+    return main(["import-sat", str(src), str(dst), "--base", "tiny", "--set", f"text_length={TEXT_LENGTH}",
+                 *extra])
 
 
 def fp32_tolerance(cfg, scale: float) -> float:
@@ -97,7 +98,8 @@ def test_sat_rank_files_with_rng_state_import_bit_equal(sat_run, tmp_path, tp):
     (src / "model_config.json").write_text(json.dumps({**config, "model_parallel_size": tp}))
     for rank in range(tp):
         module = {k: sat_rank_shard(k, v, rank, tp).clone() for k, v in full.items()}
-        torch.save({**saved, "module": module, "mp_world_size": tp}, src / "1000" / f"mp_rank_{rank:02d}_model_states.pt")
+        torch.save({**saved, "module": module, "mp_world_size": tp},
+                   src / "1000" / f"mp_rank_{rank:02d}_model_states.pt")
     assert import_cli(src, tmp_path / "ours", "--tp", "2") == 0
     ours = load_model_state(tmp_path / "ours")
     assert set(ours) == {our_name(k) for k in full}

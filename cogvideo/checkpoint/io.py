@@ -61,7 +61,7 @@ _NUMPY_RNG_STATE = [
 _REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
-def _unreadable(path: Path, err: Exception) -> CheckpointError:
+def unreadable(path: str | Path, err: Exception) -> CheckpointError:
     """One line for a file torch refuses or cannot read; torch's advice to retry with
     weights_only=False (which would run whatever the pickle names) is never passed on."""
     text = str(err)
@@ -93,7 +93,7 @@ def load_pt(path: str | Path, mmap: bool = False) -> dict:
         with torch.serialization.safe_globals(_DEEPSPEED_STAND_INS + _NUMPY_RNG_STATE):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, foreign pickle, refused global: all the same to the caller
-        raise _unreadable(path, err) from None
+        raise unreadable(path, err) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, got {type(data).__name__}")
     return data
