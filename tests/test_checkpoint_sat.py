@@ -228,6 +228,8 @@ def test_stage2_config_and_cli_inspect(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "sat"), "--base", "tiny"]) == 0
     printed = capsys.readouterr().out
     assert "SwissArmyTransformer" in printed and "stage2" in printed
+    assert main(["import-sat", str(tmp_path / "sat"), str(tmp_path / "bad"), "--base", "tiny", "--set", "nonsense=1"]) == 2
+    assert "with --set {'nonsense': 1}: gives an invalid model config: unknown" in capsys.readouterr().err
     assert main(["import-sat", str(tmp_path / "sat"), str(tmp_path / "ours"), "--base", "tiny", "--tp", "2"]) == 0
     cfg = load_model_config(tmp_path / "ours")
     assert (cfg.stage, cfg.window_size, cfg.window_shift) == ("stage2", 2, 1)

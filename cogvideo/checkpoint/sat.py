@@ -167,13 +167,14 @@ def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None,
         changes["num_frames"] = 1
     if int(args.get("window_size", -1)) > 0:
         changes.update(window_size=int(args["window_size"]), window_shift=int(args["window_size"]) // 2)
+    source = f"{SAT_CONFIG} with --set {overrides}" if overrides else SAT_CONFIG
     try:
         cfg = base.replace(name=f"sat-{stage}", **changes)
         if overrides:
             cfg = from_dict(ModelConfig, merge(to_dict(cfg), overrides), prefix="model")
         return cfg.validate()
     except (ValueError, ConfigError) as err:
-        raise CheckpointError(f"{SAT_CONFIG}: gives an invalid model config: {err}") from None
+        raise CheckpointError(f"{source}: gives an invalid model config: {err}") from None
 
 
 def import_sat(src: str | Path, dst: str | Path, *, base: ModelConfig | str | None = None,
