@@ -36,7 +36,7 @@ test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: venv
-	$(PY) -m cluster.demo
+	$(PY) -m demo
 
 params: venv
 	$(VENV)/bin/cogvideo-params

@@ -3,7 +3,7 @@
 A plain single-process fp32 step (forward, loss, backward, torch AdamW, zero_grad) of small
 presets on the CPU, measured two ways, each case in a fresh process:
 
-- tensors: peak bytes of live tensor storages (cluster.memtrack), during the second step;
+- tensors: peak bytes of live tensor storages (benchmarks/memtrack.py), during the second step;
 - RSS: the process's peak resident memory minus its resident memory before the model was
   built, after a warm-up step of the tiny preset has loaded kernels and lazy imports
   (includes allocator slack and Python objects; peak reset with /proc/self/clear_refs).
@@ -69,7 +69,7 @@ def _config(preset, ckpt, train_backbone):
 
 
 def _tracked_peak(model, step) -> int:
-    from cluster.memtrack import LiveTensorBytes
+    from benchmarks.memtrack import LiveTensorBytes
 
     with LiveTensorBytes() as mem:
         mem.track_all(model.parameters())

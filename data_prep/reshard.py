@@ -5,6 +5,11 @@ some wait forever, with an uneven count some run dry first. Samples keep their o
 spread evenly (shard sizes differ by at most one); manifest and commit log follow.
 
     cogvideo-reshard OUT_DIR --divisible-by 16 [--shards 64]
+    cogvideo-reshard OUT_DIR --divisible-by 2 --shards 8 --first-frames FRAME0_DIR
+
+`--first-frames` writes a second folder of one-frame samples (frame 0 of every stage-1 sample)
+for the model that draws the first frame of the hierarchy (the backbone), dealt round-robin over
+the shards so every reader gets some.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
-from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY, ShardFormatError, tar_problem
+from cogvideo.shards import (CAPTION_KEY, FRAMES_KEY, META_KEY, ClipMeta, ShardFormatError, decode_sample,
+                             encode_sample, tar_problem)
 from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, iter_jsonl, shard_name, write_jsonl
 
 
@@ -80,18 +86,46 @@ def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
     return count
 
 
+def first_frame_shards(root: str | Path, dest: str | Path, divisible_by: int, shards: int = 0) -> int:
+    """Write frame 0 of every stage-1 sample of `root` as one-frame samples (duration 0) into
+    `dest`/shards/, sample i into shard i mod count; returns the sample count."""
+    root, dest = Path(root), Path(dest)
+    tars = sorted((root / SHARD_DIR).glob("*.tar"))
+    samples = []
+    for raw in tarfile_samples([{"url": str(tar)} for tar in tars]):
+        sample = decode_sample(raw)
+        if sample.meta.stage == 1:
+            meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1, "duration": 0.0})
+            samples.append(encode_sample(sample.key, sample.frames[:1], sample.caption, meta))
+    if not samples:
+        raise ValueError(f"{root / SHARD_DIR}: no stage-1 samples to take first frames from")
+    count = target_count(len(tars), len(samples), divisible_by, shards)
+    (dest / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    for part in range(count):
+        with wds.TarWriter(str(dest / SHARD_DIR / shard_name(part)), encoder=False, mtime=0) as writer:
+            for sample in samples[part::count]:
+                writer.write(sample)
+    return len(samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cogvideo-reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="a folder written by cogvideo-prep")
     parser.add_argument("--divisible-by", type=int, required=True, help="nodes x data-loader workers (x DP ranks)")
     parser.add_argument("--shards", type=int, default=0, help="exact shard count (default: the nearest multiple up)")
+    parser.add_argument("--first-frames", metavar="DEST", help="leave OUT_DIR as it is; write frame 0 of its "
+                        "stage-1 samples as one-frame shards into DEST/shards (for the first-frame model)")
     args = parser.parse_args(argv)
     try:
-        count = reshard(args.out, args.divisible_by, args.shards)
+        if args.first_frames:
+            samples = first_frame_shards(args.out, args.first_frames, args.divisible_by, args.shards)
+            print(f"{args.first_frames}: {samples} one-frame samples")
+        else:
+            count = reshard(args.out, args.divisible_by, args.shards)
+            print(f"{args.out}: {count} shards")
     except ValueError as err:  # a bad shard (ShardFormatError) or shard count
         print(f"cogvideo-reshard: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}: {count} shards")
     return 0  # the console script exits with this status
 
 

@@ -32,43 +32,75 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
         container.mux(stream.encode())
 
 
-def generate_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, size: int = 32, fps: float = 8,
-                     duration_s: float | tuple[float, ...] = 4.0,
-                     holdout: set[tuple[str, str, str]] = frozenset(),
-                     speed_words: bool = False, colours: tuple[str, ...] | None = None) -> Path:
-    """Write `num_videos` mp4 files and `captions.jsonl` under `out_dir`; return the captions path.
+def fixed_speed_problem(speed_px_per_s: tuple[float, float], size: int, durations) -> str | None:
+    """Why one speed range for every duration does not fit a `size`-pixel frame, or None."""
+    low, high = speed_px_per_s
+    room, longest = size - 2 * default_radius(size) - 2, max(durations)
+    if not 0 < low <= high:
+        return f"{[low, high]}: expected 0 < low <= high px/s"
+    if high * longest > room:
+        return (f"{[low, high]} px/s over {longest:g} s needs {high * longest:.0f} px of travel; "
+                f"a {size}px frame has {room:.0f}px")
+    return None
+
+
+def plan_videos(num_videos: int, seed: int = 0, size: int = 32, fps: float = 8,
+                duration_s: float | tuple[float, ...] = 4.0, holdout: set[tuple[str, str, str]] = frozenset(),
+                speed_words: bool = False, colours: tuple[str, ...] | None = None,
+                speed_px_per_s: tuple[float, float] | None = None) -> list[dict]:
+    """The caption rows of :func:`generate_dataset` (path, caption and the ground truth that
+    :func:`render_row` turns back into frames), without rendering anything.
 
     Each video picks a (colour, shape, direction) not in `holdout`, a duration from `duration_s`
-    and a speed in :func:`speed_range`. Caption rows also carry the ground truth (colour, shape,
-    direction, speed_px_per_s, duration_s, fps, size, num_frames, radius, render_seed): passing
-    them to :func:`render_frames` reproduces the video's frames exactly.
+    and a speed: from `speed_px_per_s` when given (one range for every duration, so a longer clip
+    moves further), else from :func:`speed_range` of its duration.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     colours = tuple(colours or COLOURS)
     combos = [(c, s, d) for c in colours for s in SHAPES for d in DIRECTIONS if (c, s, d) not in holdout]
     if not combos:
         raise ValueError("generate_dataset: every colour/shape/direction combination is held out")
     durations = (duration_s,) if isinstance(duration_s, (int, float)) else tuple(duration_s)
+    if speed_px_per_s is not None and (problem := fixed_speed_problem(speed_px_per_s, size, durations)):
+        raise ValueError(f"speed_px_per_s: {problem}")
     rng = np.random.default_rng(seed)
     radius = default_radius(size)
     rows = []
     for index in range(num_videos):
         colour, shape, direction = combos[rng.integers(len(combos))]
         duration = float(durations[rng.integers(len(durations))])
-        low, high = speed_range(size, duration, radius)
+        low, high = speed_px_per_s or speed_range(size, duration, radius)
         speed = float(rng.uniform(low, high))
         word = SPEED_WORDS[int(speed >= (low + high) / 2)] if speed_words else None
-        num_frames = int(math.floor(duration * fps)) + 1
-        render_seed = int(rng.integers(2**31))
-        frames = render_frames(colour, shape, direction, num_frames, size, fps, speed,
-                               seed=render_seed, radius=radius)
-        name = f"synthetic_{index:06d}.mp4"
-        write_mp4(out / name, frames, fps)
-        rows.append({"path": name, "caption": caption_for(colour, shape, direction, word),
+        rows.append({"path": f"synthetic_{index:06d}.mp4", "caption": caption_for(colour, shape, direction, word),
                      "colour": colour, "shape": shape, "direction": direction,
                      "speed_px_per_s": speed, "duration_s": duration, "fps": fps, "size": size,
-                     "num_frames": num_frames, "radius": radius, "render_seed": render_seed})
+                     "num_frames": int(math.floor(duration * fps)) + 1, "radius": radius,
+                     "render_seed": int(rng.integers(2**31))})
+    return rows
+
+
+def render_row(row: dict) -> np.ndarray:
+    """The exact frames of one caption row of :func:`plan_videos` / ``captions.jsonl``."""
+    return render_frames(row["colour"], row["shape"], row["direction"], row["num_frames"], row["size"], row["fps"],
+                         row["speed_px_per_s"], seed=row["render_seed"], radius=row["radius"])
+
+
+def generate_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, size: int = 32, fps: float = 8,
+                     duration_s: float | tuple[float, ...] = 4.0,
+                     holdout: set[tuple[str, str, str]] = frozenset(),
+                     speed_words: bool = False, colours: tuple[str, ...] | None = None,
+                     speed_px_per_s: tuple[float, float] | None = None, progress: bool = False) -> Path:
+    """Write the mp4 files of :func:`plan_videos` and `captions.jsonl` under `out_dir`; return
+    the captions path. Caption rows carry the ground truth (colour, shape, direction,
+    speed_px_per_s, duration_s, fps, size, num_frames, radius, render_seed): :func:`render_row`
+    reproduces a video's frames exactly."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = plan_videos(num_videos, seed, size, fps, duration_s, holdout, speed_words, colours, speed_px_per_s)
+    if progress:
+        from tqdm import tqdm
+    for row in tqdm(rows, desc="videos", unit="video") if progress else rows:
+        write_mp4(out / row["path"], render_row(row), fps)
     captions = out / "captions.jsonl"
     captions.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return captions
@@ -84,6 +116,9 @@ class SynthConfig:
     durations: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # seconds, one drawn per video
     holdout: list[str] = field(default_factory=list)  # "colour/shape/direction" combinations never drawn
     speed_words: bool = False  # append "slowly" / "quickly" to captions
+    # one px/s range for every duration (a longer clip then moves further); default: per duration,
+    # the range that keeps the motion visible between 5 frames spanning the clip (speed_range)
+    speed_px_per_s: list[float] | None = None
 
     def __post_init__(self):
         if self.num_videos <= 0 or self.fps <= 0 or self.size <= 0:
@@ -91,7 +126,12 @@ class SynthConfig:
                               f"{self.num_videos}, {self.fps}, {self.size}")
         if not self.durations or min(self.durations) <= 0:
             raise ConfigError(f"durations: expected positive seconds, got {self.durations}")
-        for duration in self.durations:
+        if self.speed_px_per_s is not None:
+            if len(self.speed_px_per_s) != 2:
+                raise ConfigError(f"speed_px_per_s: expected [low, high], got {self.speed_px_per_s}")
+            if problem := fixed_speed_problem(tuple(self.speed_px_per_s), self.size, self.durations):
+                raise ConfigError(f"speed_px_per_s: {problem}")
+        for duration in self.durations if self.speed_px_per_s is None else ():
             try:
                 speed_range(self.size, duration, default_radius(self.size))
             except ValueError as err:
@@ -114,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                            "Write captioned synthetic videos of one moving coloured shape (mp4 + captions.jsonl).")
     cfg, _ = parse_config(SynthConfig, parser, argv)
     captions = generate_dataset(cfg.out, cfg.num_videos, cfg.seed, cfg.size, cfg.fps, tuple(cfg.durations),
-                                cfg.holdout_combinations(), cfg.speed_words)
+                                cfg.holdout_combinations(), cfg.speed_words, speed_px_per_s=cfg.speed_px_per_s,
+                                progress=True)
     print(f"wrote {cfg.num_videos} videos and {captions}")
 
 

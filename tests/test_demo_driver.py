@@ -1,5 +1,5 @@
-"""The demo driver: step order, skip on rerun, rerun on changed settings, resume after a failure;
-the synthetic data it renders; the report it writes."""
+"""The demo driver (demo/): step order, skip on rerun, rerun on changed settings, resume after a
+failure; the synthetic data it asks cogvideo-synth for; the report it writes."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster import demo
-from cluster.demo import DemoConfig, VideoSettings
-from cluster.steps import Runner, Step
 from cogvideo.configio import ConfigError, to_dict
 from cogvideo.synthetic import parse_caption
+from data_prep.synthetic import plan_videos, render_row
+from demo import driver as demo
+from demo.driver import DemoConfig, VideoSettings
+from demo.steps import Runner, Step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -98,17 +99,24 @@ def centroid_path(frames: np.ndarray) -> np.ndarray:
     return np.array([np.argwhere(m).mean(axis=0) for m in mask])
 
 
+def demo_rows(videos: VideoSettings, seed: int) -> list[dict]:
+    synth = DemoConfig(seed=seed, videos=videos).synthetic("unused")
+    assert synth.size == 32  # the small preset's frames
+    return plan_videos(synth.num_videos, synth.seed, synth.size, synth.fps, tuple(synth.durations),
+                       synth.holdout_combinations(), speed_px_per_s=synth.speed_px_per_s)
+
+
 def test_synthetic_rows_hold_out_combos_and_order_motion_by_duration():
     settings = VideoSettings(num_videos=300, durations=[1.0, 2.0, 4.0], speed_px_per_s=(4.0, 4.5),
                              holdout=["red/circle/left", "cyan/square/up"])
-    rows = demo.synthetic_rows(settings, size=32, seed=3)
-    assert rows == demo.synthetic_rows(settings, size=32, seed=3)
+    rows = demo_rows(settings, seed=3)
+    assert rows == demo_rows(settings, seed=3)
     combos = {(r["colour"], r["shape"], r["direction"]) for r in rows}
     assert not combos & {("red", "circle", "left"), ("cyan", "square", "up")}
     assert all(parse_caption(r["caption"]) == (r["colour"], r["shape"], r["direction"]) for r in rows)
     moves: dict[float, list[float]] = {}
     for row in rows[:60]:
-        frames = demo.render_row(row)
+        frames = render_row(row)
         keyframes = np.linspace(0, len(frames) - 1, 5).round().astype(int)  # stage 1 spans the clip
         path = centroid_path(frames[keyframes])
         moves.setdefault(row["duration_s"], []).append(np.abs(np.diff(path, axis=0)).sum(axis=1).mean())
@@ -118,14 +126,14 @@ def test_synthetic_rows_hold_out_combos_and_order_motion_by_duration():
 
 
 def test_synthetic_rows_refuse_paths_that_leave_the_frame():
-    with pytest.raises(ConfigError, match="speed_px_per_s"):
-        demo.synthetic_rows(VideoSettings(num_videos=1, durations=[4.0], speed_px_per_s=(4.0, 9.0)), 32, 0)
-    with pytest.raises(ConfigError, match="holdout"):
-        demo.synthetic_rows(VideoSettings(num_videos=1, holdout=["red/circle/sideways"]), 32, 0)
+    with pytest.raises(ConfigError, match="videos.speed_px_per_s"):
+        DemoConfig(videos=VideoSettings(num_videos=1, durations=[4.0], speed_px_per_s=(4.0, 9.0)))
+    with pytest.raises(ConfigError, match="videos.holdout"):
+        DemoConfig(videos=VideoSettings(num_videos=1, holdout=["red/circle/sideways"]))
 
 
 def test_report_links_every_file(tmp_path):
-    from cluster.demo_report import write_report
+    from demo.report import write_report
     from cogvideo.sampling.outputs import write_video_entry
 
     videos = []
@@ -152,8 +160,13 @@ def test_report_links_every_file(tmp_path):
     assert "met" in text and "400" in text
 
 
+def analyze_frames(frames):
+    from demo.report import analysis_row, analyze_keyframes
+
+    return analysis_row(analyze_keyframes(frames))
+
+
 def test_analyzer_reads_rendered_videos():
-    from cluster.demo_report import analyze_frames
     from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, render_frames
 
     rng = np.random.default_rng(0)
@@ -174,18 +187,27 @@ def test_analyzer_reads_rendered_videos():
     assert analyze_frames(empty)["colour"] is None
 
 
-def test_displacement_summary_has_mean_and_standard_error_of_moving_videos():
-    from cluster.demo_report import summarize
+def test_summary_scores_generated_and_reference_with_the_library_and_meets_targets_by_them():
+    from cogvideo.eval.prompts import VideoAnalysis
+    from demo.report import summarize, targets
 
-    def video(duration, moved, reference):
-        found = {"colour": "red", "shape": "circle", "direction": "left", "displacement": moved}
-        return {"colour": "red", "shape": "circle", "direction": "left", "heldout": True, "duration": duration,
-                "analysis": found, "reference_analysis": {**found, "displacement": reference}}
+    def video(duration):
+        return {"prompt": "a red circle moving left", "heldout": True, "duration": duration, "dir": "x"}
 
-    videos = [video(1.0, 1.0, 1.0), video(1.0, 2.0, 1.0), video(1.0, 3.0, 1.0), video(1.0, None, 1.0),
-              video(2.0, 4.0, 2.0)]
-    by_duration = summarize(videos)["displacement_by_duration"]
+    def seen(displacement, direction="left"):
+        return VideoAnalysis("red", "circle", direction, displacement, (-displacement, 0.0), 5, 5)
+
+    videos = [video(1.0), video(1.0), video(1.0), video(4.0), video(4.0)]
+    generated = [seen(1.0), seen(2.0), seen(3.0), seen(4.0), seen(4.0, direction="up")]
+    reference = [seen(1.0)] * 3 + [seen(4.0)] * 2
+    summary = summarize(videos, generated, reference)
+    by_duration = summary["displacement_by_duration"]
     assert by_duration["1"]["generated"] == pytest.approx(2.0) and by_duration["1"]["videos"] == 3
     assert by_duration["1"]["generated_sem"] == pytest.approx(1 / np.sqrt(3))
     assert by_duration["1"]["reference"] == pytest.approx(1.0)
-    assert np.isnan(by_duration["2"]["generated_sem"])  # one video: no spread to estimate
+    assert summary["reference"]["accuracy"]["heldout"]["all"] == 1.0
+    goals = targets(summary)
+    assert goals["held-out colour accuracy"]["met"]
+    assert goals["held-out direction accuracy (4 s)"]["value"] == 0.5
+    assert goals["displacement ordered by duration"]["met"]
+    assert goals["displacement ordered by duration"]["value"] == "1 s: 2.00 ± 0.58 px, 4 s: 4.00 ± 0.00 px"

@@ -120,3 +120,28 @@ def test_reads_a_sampler_output_folder(tmp_path):
     assert (entry.file, entry.prompt, entry.duration) == (tmp_path / "p0" / "video.mp4", prompt, 2.0)
     assert score_manifest(tmp_path / "manifest.json")["accuracy"]["all"]["all"] == 1.0
     assert list_videos(tmp_path) == [tmp_path / "p0" / "video.mp4"]  # what FVD reads of a sampler folder
+
+
+def test_score_groups_accuracy_by_duration_and_gives_the_standard_error_of_displacement():
+    from pathlib import Path
+
+    from cogvideo.eval.prompts import ManifestEntry, VideoAnalysis
+
+    def entry(duration, heldout=True):
+        return ManifestEntry(Path("v.mp4"), "a red circle moving left", duration, heldout)
+
+    def seen(displacement, colour="red"):
+        return VideoAnalysis(colour, "circle", "left", displacement, (-displacement, 0.0), 5, 5)
+
+    entries = [entry(1.0), entry(1.0), entry(1.0), entry(2.0), entry(2.0, heldout=False)]
+    analyses = [seen(1.0), seen(2.0), seen(3.0, colour="blue"), seen(4.0), seen(5.0)]
+    result = score(entries, analyses)
+    one = result["displacement_by_duration"]["1"]
+    assert one["mean_px_per_frame"] == pytest.approx(2.0) and one["videos"] == 3
+    assert one["sem"] == pytest.approx(1 / np.sqrt(3))  # std (ddof 1) = 1 over sqrt(3) videos
+    assert result["displacement_by_duration"]["2"]["sem"] == pytest.approx(0.5)  # 4 and 5: std 0.71 / sqrt 2
+    assert result["accuracy_by_duration"]["heldout"]["1s"]["colour"] == pytest.approx(2 / 3)
+    assert result["accuracy_by_duration"]["heldout"]["2s"] == {"videos": 1, "colour": 1.0, "shape": 1.0,
+                                                               "direction": 1.0, "all": 1.0}
+    assert result["accuracy_by_duration"]["seen"]["1s"] == {"videos": 0}
+    assert result["accuracy"]["heldout"]["videos"] == 4 and result["displacement_increases_with_duration"]

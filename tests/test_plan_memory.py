@@ -7,7 +7,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
                                                   estimate_zero2_model_states_mem_needs_all_cold)
 
-from cluster.memtrack import LiveTensorBytes
+from benchmarks.memtrack import LiveTensorBytes
 from cluster.plan_memory import (GiB, Layout, RankParams, layer_activation_bytes, model_states, plan_memory,
                                  rank_params)
 from cogvideo.config import get_preset

@@ -169,21 +169,27 @@ def _accuracy(pairs: list[tuple[tuple, VideoAnalysis]]) -> dict:
 
 
 def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
-    """Accuracy against the prompts (all, held-out combinations, seen ones) and displacement per
-    frame grouped by the duration prefix."""
+    """Accuracy against the prompts (all, held-out combinations, seen ones; each also by duration
+    prefix) and displacement per frame grouped by the duration prefix (mean, spread and the
+    standard error of the mean: how far the mean of this many videos could be off)."""
     if len(entries) != len(analyses):
         raise ValueError(f"score: {len(entries)} manifest entries but {len(analyses)} analyses")
     pairs = [(parse_caption(e.prompt), a) for e, a in zip(entries, analyses)]
     by_duration = defaultdict(list)
     for entry, analysis in zip(entries, analyses):
         by_duration[entry.duration].append(analysis.displacement_px_per_frame)
-    displacement = {f"{d:g}": {"mean_px_per_frame": float(np.mean(v)), "std": float(np.std(v)), "videos": len(v)}
+    displacement = {f"{d:g}": {"mean_px_per_frame": float(np.mean(v)), "std": float(np.std(v)),
+                               "sem": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
+                               "videos": len(v)}
                     for d, v in sorted(by_duration.items())}
     means = [np.mean(v) for _, v in sorted(by_duration.items())]
+    sets = {"all": lambda e: True, "heldout": lambda e: e.heldout, "seen": lambda e: not e.heldout}
     return {
-        "accuracy": {"all": _accuracy(pairs),
-                     "heldout": _accuracy([p for p, e in zip(pairs, entries) if e.heldout]),
-                     "seen": _accuracy([p for p, e in zip(pairs, entries) if not e.heldout])},
+        "accuracy": {name: _accuracy([p for p, e in zip(pairs, entries) if keep(e)]) for name, keep in sets.items()},
+        "accuracy_by_duration": {name: {f"{d:g}s": _accuracy([p for p, e in zip(pairs, entries)
+                                                               if keep(e) and e.duration == d])
+                                        for d in sorted(by_duration)}
+                                 for name, keep in sets.items()},
         "displacement_by_duration": displacement,
         "displacement_increases_with_duration": bool(len(means) > 1 and all(np.diff(means) > 0)),
         "videos": [{"file": str(e.file), "prompt": e.prompt, "duration": e.duration, "heldout": e.heldout,

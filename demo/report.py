@@ -24,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.output import read_jsonl
+
 GAP = 4  # pixels between the durations of one contact-sheet row
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -38,105 +36,85 @@ def keyframe_indices(num_frames: int, keyframes: int = 5) -> np.ndarray:
     return np.linspace(0, num_frames - 1, keyframes).round().astype(int)
 
 
-def analyze_frames(frames: np.ndarray) -> dict:
+def analyze_keyframes(frames: np.ndarray):
     """What a video's keyframes show, by the prompt-following analyzer of cogvideo.eval
     (displacement is per keyframe step, so durations compare)."""
     from cogvideo.eval.prompts import analyze_video
 
-    result = analyze_video(frames[keyframe_indices(len(frames))])
-    moved = result.frames_with_object >= 2
-    return {"colour": result.colour, "shape": result.shape, "direction": result.direction,
-            "displacement": result.displacement_px_per_frame if moved else None}
+    return analyze_video(frames[keyframe_indices(len(frames))])
 
 
-def accuracy(videos: list[dict], key: str = "analysis") -> dict:
-    """Share of videos whose analysis matches the prompt, per attribute."""
-    out = {"videos": len(videos)}
-    for attribute in ("colour", "shape", "direction"):
-        out[attribute] = float(np.mean([v[key][attribute] == v[attribute] for v in videos])) if videos else float("nan")
-    return out
+def analysis_row(analysis) -> dict:
+    return {"colour": analysis.colour, "shape": analysis.shape, "direction": analysis.direction,
+            "displacement": analysis.displacement_px_per_frame}
 
 
-def summarize(videos: list[dict]) -> dict:
-    """Accuracies (generated and reference) by set and duration; displacement by duration."""
-    durations = sorted({v["duration"] for v in videos})
-    summary: dict = {}
-    for name, heldout in (("heldout", True), ("seen", False)):
-        part = [v for v in videos if v["heldout"] == heldout]
-        summary[name] = {"all": accuracy(part), "reference": accuracy(part, "reference_analysis")}
-        for d in durations:
-            summary[name][f"{d:g}s"] = accuracy([v for v in part if v["duration"] == d])
-    summary["displacement_by_duration"] = {}
-    for d in durations:
-        generated = _moved([v["analysis"]["displacement"] for v in videos if v["duration"] == d])
-        reference = _moved([v["reference_analysis"]["displacement"] for v in videos if v["duration"] == d])
-        summary["displacement_by_duration"][f"{d:g}"] = {
-            "generated": _mean(generated), "generated_sem": _sem(generated), "videos": len(generated),
-            "reference": _mean(reference)}
-    return summary
+def summarize(videos: list[dict], generated: list, references: list) -> dict:
+    """The library's prompt-following scores (cogvideo.eval.prompts.score) of the generated
+    videos and of their rendered references (the analyzer's own ceiling), side by side."""
+    from cogvideo.eval.prompts import ManifestEntry, score
 
-
-def _moved(values: list) -> list[float]:
-    return [v for v in values if v is not None]
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _sem(values: list[float]) -> float:
-    """Standard error of the mean: how far the mean of this many videos could be off."""
-    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    entries = [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
+    scores = {name: {k: v for k, v in score(entries, analyses).items() if k != "videos"}
+              for name, analyses in (("generated", generated), ("reference", references))}
+    moves = {d: {"generated": g["mean_px_per_frame"], "generated_sem": g["sem"], "videos": g["videos"],
+                 "reference": scores["reference"]["displacement_by_duration"][d]["mean_px_per_frame"]}
+             for d, g in scores["generated"]["displacement_by_duration"].items()}
+    return {**scores, "displacement_by_duration": moves}
 
 
 def targets(summary: dict) -> dict:
     """The demo's goals: held-out colour >= 95 %, held-out direction >= 85 % at the longest
     duration (the shortest clips move about 1 px per keyframe, below an 8 px patch), and mean
     displacement per frame increasing with the duration prefix."""
-    durations = sorted(summary["displacement_by_duration"], key=float)
+    generated = summary["generated"]
+    by_duration = summary["displacement_by_duration"]
+    durations = sorted(by_duration, key=float)
     longest = durations[-1]
-    moves = [summary["displacement_by_duration"][d]["generated"] for d in durations]
-    colour = summary["heldout"]["all"]["colour"]
-    direction = summary["heldout"][f"{float(longest):g}s"]["direction"]
+    colour = generated["accuracy"]["heldout"]["colour"]
+    direction = generated["accuracy_by_duration"]["heldout"][f"{float(longest):g}s"]["direction"]
     return {
         "held-out colour accuracy": {"value": colour, "goal": ">= 0.95", "met": colour >= 0.95},
         f"held-out direction accuracy ({float(longest):g} s)": {"value": direction, "goal": ">= 0.85",
                                                                 "met": direction >= 0.85},
         "displacement ordered by duration": {"value": ", ".join(
-            f"{float(d):g} s: {m:.2f} ± {summary['displacement_by_duration'][d].get('generated_sem', float('nan')):.2f} px"
-            for d, m in zip(durations, moves)),
-                                             "goal": "increasing", "met": bool(np.all(np.diff(moves) > 0))},
+            f"{float(d):g} s: {by_duration[d]['generated']:.2f} ± {by_duration[d]['generated_sem']:.2f} px"
+            for d in durations),
+            "goal": "increasing", "met": generated["displacement_increases_with_duration"]},
     }
 
 
 def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, seed: int, fvd_seed: int) -> dict:
     """Analyze every sampled video (adds `analysis` and `reference_analysis` to each row) and a
-    rendered reference of its prompt; tokenizer PSNR/SSIM on the references; FVD of the held-out
+    rendered reference of its prompt; score both (cogvideo.eval.prompts); tokenizer PSNR/SSIM on the references; FVD of the held-out
     videos of seed `fvd_seed` against their references."""
     import time
 
     from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
+    from cogvideo.eval.prompts import ManifestEntry, score
     from cogvideo.eval.recon import psnr, reconstruction_report
     from cogvideo.synthetic import render_frames
 
-    generated, references = [], []
+    generated, references, found, expected = [], [], [], []
     for index, video in enumerate(videos):
         frames = tokenizer.decode(np.load(Path(video["dir"]) / "codes.npy"))
         reference = render_frames(video["colour"], video["shape"], video["direction"], len(frames), size,
                                   (len(frames) - 1) / video["duration"], speed, seed=seed + index)
-        video["analysis"], video["reference_analysis"] = analyze_frames(frames), analyze_frames(reference)
+        found.append(analyze_keyframes(frames))
+        expected.append(analyze_keyframes(reference))
+        video["analysis"], video["reference_analysis"] = analysis_row(found[-1]), analysis_row(expected[-1])
         generated.append(frames)
         references.append(reference)
-    summary = summarize(videos)
+    summary = summarize(videos, found, expected)
 
     round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
     recon = reconstruction_report(np.concatenate(references), np.concatenate(round_trip))
+    entries = [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
     summary["tokenizer"] = {
         "frames": recon["frames"], "psnr_db": psnr(np.concatenate(references), np.concatenate(round_trip)),
         "ssim": recon["mean_ssim"],
         "protocol": recon["protocol"],
-        "analysis_after_round_trip": accuracy([{**v, "round_trip": analyze_frames(r)}
-                                               for v, r in zip(videos, round_trip)], "round_trip")}
+        "analysis_after_round_trip": score(entries, [analyze_keyframes(r) for r in round_trip])["accuracy"]["all"]}
 
     # I3D at 224 px costs seconds per clip on a CPU: FVD takes one seed's held-out videos
     heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == fvd_seed]

@@ -1,0 +1,5 @@
+import sys
+
+from demo.driver import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""cogvideo-reshard --first-frames: frame 0 of every stage-1 sample, as one-frame samples for the
+first-frame model, dealt over the shards so every reader gets some."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from webdataset.tariterators import tarfile_samples
+
+from cogvideo.shards import ClipMeta, decode_sample, encode_sample
+from data_prep import reshard
+from data_prep.output import SHARD_DIR, PrepOutput
+
+
+def prepared(root, stages=(1, 2, 1, 1, 2, 1, 1, 1, 1, 1)):
+    out = PrepOutput(root, shard_samples=3, shard_bytes=2**20)
+    frames = {}
+    for i, stage in enumerate(stages):
+        num = 5
+        meta = ClipMeta(duration=4.0, fps=1.0, stage=stage, source=f"v{i}.mp4", clip_start=0.0, clip_end=4.0,
+                        num_frames=num)
+        frames[f"k{i}"] = np.arange(num * 16).reshape(num, 4, 4) + 1000 * i
+        out.add_sample(encode_sample(f"k{i}", frames[f"k{i}"], f"caption {i}", meta),
+                       {"key": f"k{i}", "source": f"v{i}.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0,
+                        "stage": stage})
+    out.commit()
+    return frames, stages
+
+
+def read(folder):
+    tars = sorted((folder / SHARD_DIR).glob("*.tar"))
+    return {tar.name: [decode_sample(raw) for raw in tarfile_samples([{"url": str(tar)}])] for tar in tars}
+
+
+def test_first_frames_of_stage1_samples_dealt_round_robin(tmp_path, capsys):
+    frames, stages = prepared(tmp_path / "prep")
+    before = read(tmp_path / "prep")
+    assert reshard.main([str(tmp_path / "prep"), "--divisible-by", "2", "--shards", "4",
+                         "--first-frames", str(tmp_path / "frame0")]) == 0
+    assert "8 one-frame samples" in capsys.readouterr().out
+    shards = read(tmp_path / "frame0")
+    assert len(shards) == 4
+    stage1 = [f"k{i}" for i, s in enumerate(stages) if s == 1]
+    for part, samples in enumerate(shards.values()):
+        assert [s.key for s in samples] == stage1[part::4]
+        for sample in samples:
+            assert sample.meta.num_frames == 1 and sample.meta.duration == 0.0 and sample.meta.stage == 1
+            assert np.array_equal(sample.frames, frames[sample.key][:1])
+            assert sample.caption == f"caption {sample.key[1:]}"
+    after = read(tmp_path / "prep")
+    assert {k: [s.key for s in v] for k, v in after.items()} == {k: [s.key for s in v] for k, v in before.items()}
+
+
+def test_first_frames_refuse_what_cannot_be_done(tmp_path, capsys):
+    prepared(tmp_path / "prep", stages=(2, 2, 2))
+    with pytest.raises(SystemExit) as exit:
+        reshard.main([str(tmp_path / "prep"), "--divisible-by", "1", "--first-frames", str(tmp_path / "f")])
+    assert exit.value.code == 2 and "no stage-1 samples" in capsys.readouterr().err
+    prepared(tmp_path / "few", stages=(1, 1))
+    with pytest.raises(SystemExit):
+        reshard.main([str(tmp_path / "few"), "--divisible-by", "4", "--first-frames", str(tmp_path / "g")])
+    assert "cannot fill 4 shards" in capsys.readouterr().err
