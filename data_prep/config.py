@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cogvideo.config import resolve_model_config
 from cogvideo.configio import ConfigError
+from cogvideo.video_io import VIDEO_SUFFIXES
 
 
 @dataclass
@@ -18,7 +19,7 @@ class PrepConfig:
     model: dict = field(default_factory=dict)  # ModelConfig field overrides
     tokenizer: str = ""  # image tokenizer path, as load_image_tokenizer takes it
     # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per actor
-    tokenizer_loader: str = "cogvideo.tokenizers.image:load_image_tokenizer"
+    tokenizer_loader: str = "cogvideo.tokenizers.loading:load_image_tokenizer"
     tokenizer_actors: int = 1
     # GPUs per tokenizer actor (> 0 encodes on "cuda"); None: one when the Ray cluster has GPUs
     tokenizer_gpus: float | None = None
@@ -40,7 +41,7 @@ class PrepConfig:
     max_clip_s: float = 60.0  # longer scenes are split
 
     # inputs
-    extensions: list[str] = field(default_factory=lambda: [".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"])
+    extensions: list[str] = field(default_factory=lambda: list(VIDEO_SUFFIXES))
     min_side: int = 16  # pixels; smaller videos are rejected
     max_side: int = 4096  # larger videos (8K) are rejected
     # a frame interval further than this fraction from the mean interval makes a clip variable-rate

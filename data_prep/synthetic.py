@@ -8,28 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 
 from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.synthetic import (COLOURS, DIRECTIONS, SHAPES, SPEED_WORDS, caption_for, default_radius,
                                  render_frames, speed_range)
-
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
-    """Lossless H.264 4:4:4 mp4, one encoder thread so the bytes are deterministic."""
-    with av.open(str(path), "w", format="mp4") as container:
-        rate = Fraction(fps).limit_denominator(1001)
-        stream = container.add_stream("libx264", rate=rate, options={"qp": "0", "preset": "veryfast"})
-        stream.pix_fmt = "yuv444p"
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.codec_context.thread_count = 1
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
+from cogvideo.video_io import write_mp4
 
 
 def fixed_speed_problem(speed_px_per_s: tuple[float, float], size: int, durations) -> str | None:
@@ -100,7 +87,7 @@ def generate_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, size: 
     if progress:
         from tqdm import tqdm
     for row in tqdm(rows, desc="videos", unit="video") if progress else rows:
-        write_mp4(out / row["path"], render_row(row), fps)
+        write_mp4(out / row["path"], render_row(row), fps, lossless=True)
     captions = out / "captions.jsonl"
     captions.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return captions

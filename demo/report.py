@@ -92,7 +92,7 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
 
     from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
     from cogvideo.eval.prompts import ManifestEntry, score
-    from cogvideo.eval.recon import psnr, reconstruction_report
+    from cogvideo.metrics import psnr, reconstruction_report
     from cogvideo.synthetic import render_frames
 
     generated, references, found, expected = [], [], [], []

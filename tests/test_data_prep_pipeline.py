@@ -20,9 +20,9 @@ from PIL import Image
 from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.shards import decode_sample
-from cogvideo.eval.recon import psnr
+from cogvideo.metrics import psnr
 from cogvideo.raystart import start_ray
-from cogvideo.tokenizers.image import load_image_tokenizer
+from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo import synthetic as world
 from data_prep import pipeline, synthetic as syn
 from data_prep.output import DONE, MANIFEST, REJECTED, read_jsonl

@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 from cogvideo.eval.cli import main
-from cogvideo.eval.video_io import write_video
+from cogvideo.video_io import write_mp4
 from cogvideo.synthetic import caption_for, render_frames
 
 
@@ -14,8 +14,8 @@ def test_prompts_and_recon_write_json(tmp_path):
     rows = []
     for i, (colour, shape, direction) in enumerate([("red", "circle", "left"), ("cyan", "triangle", "down")]):
         frames = render_frames(colour, shape, direction, 6, 32, 8.0, 12.0, seed=i)
-        write_video(videos / f"v{i}.mp4", frames, 8.0)
-        write_video(recon / f"v{i}.mp4", frames, 8.0, crf=35)
+        write_mp4(videos / f"v{i}.mp4", frames, 8.0)
+        write_mp4(recon / f"v{i}.mp4", frames, 8.0, crf=35)
         rows.append({"file": f"v{i}.mp4", "prompt": caption_for(colour, shape, direction), "duration": 1.0, "heldout": True})
     (videos / "manifest.json").write_text(json.dumps(rows))
 

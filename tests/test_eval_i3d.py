@@ -12,7 +12,7 @@ from cogvideo.eval.assets import AssetUnavailable, I3D_SDIST, fetch, kinetics400
 from cogvideo.eval.fvd import preprocess
 from cogvideo.eval.i3d import InceptionI3d, load_i3d, same_padding
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
-from cogvideo.eval.video_io import read_video
+from cogvideo.video_io import read_video
 
 
 @pytest.fixture(scope="module")

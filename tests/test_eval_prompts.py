@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cogvideo.eval.prompts import analyze_video, read_manifest, score, score_manifest
-from cogvideo.eval.video_io import list_videos, read_video, write_video
+from cogvideo.video_io import list_videos, read_video, write_mp4
 from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, render_frames, speed_range, default_radius
 
 SIZE, FRAMES, FPS = 32, 8, 8.0
@@ -22,7 +22,7 @@ def test_every_combination_rendered_and_through_lossy_mp4(tmp_path):
     wrong = []
     for seed, (colour, shape, direction) in enumerate(COMBOS):
         frames, speed = _render(colour, shape, direction, seed)
-        path = write_video(tmp_path / f"{seed}.mp4", frames, FPS, crf=23)  # 4:2:0, lossy
+        path = write_mp4(tmp_path / f"{seed}.mp4", frames, FPS, crf=23)  # 4:2:0, lossy
         for source, video in (("rendered", frames), ("mp4", read_video(path)[0])):
             got = analyze_video(video)
             if (got.colour, got.shape, got.direction) != (colour, shape, direction):
@@ -61,7 +61,7 @@ def test_manifest_scores_heldout_accuracy_and_displacement_by_duration(tmp_path)
     for i, (duration, speed) in enumerate([(1.0, 10.0), (1.0, 10.0), (2.0, 20.0), (4.0, 30.0)]):
         colour, shape, direction = COMBOS[i * 7]
         frames, _ = _render(colour, shape, direction, i, speed=speed)
-        write_video(tmp_path / f"{i}.mp4", frames, FPS)
+        write_mp4(tmp_path / f"{i}.mp4", frames, FPS)
         shown = caption_for(colour, shape, direction)
         prompt = shown if i != 1 else caption_for(colour, shape, "up" if direction != "up" else "down")
         rows.append({"file": f"{i}.mp4", "prompt": prompt, "duration": duration, "heldout": i < 2})
@@ -78,8 +78,8 @@ def test_manifest_scores_heldout_accuracy_and_displacement_by_duration(tmp_path)
 def test_prompts_that_are_not_synthetic_captions_are_listed_and_the_rest_scored(tmp_path):
     colour, shape, direction = COMBOS[3]
     frames, _ = _render(colour, shape, direction, 0)
-    write_video(tmp_path / "0.mp4", frames, FPS)
-    write_video(tmp_path / "1.mp4", frames, FPS)
+    write_mp4(tmp_path / "0.mp4", frames, FPS)
+    write_mp4(tmp_path / "1.mp4", frames, FPS)
     rows = [{"file": "0.mp4", "prompt": "a dog running on the beach", "duration": 2.0},
             {"file": "1.mp4", "prompt": caption_for(colour, shape, direction), "duration": 2.0}]
     (tmp_path / "manifest.json").write_text(json.dumps(rows))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cogvideo.eval.recon import K1, K2, gaussian_window, psnr, psnr_per_frame, ssim_per_frame
+from cogvideo.metrics import K1, K2, gaussian_window, psnr, psnr_per_frame, ssim_per_frame
 
 
 def test_psnr_of_known_mse():

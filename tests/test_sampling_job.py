@@ -15,7 +15,7 @@ from cogvideo.sampling import cli
 from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.outputs import read_mp4
+from cogvideo.video_io import read_video
 from cogvideo.sampling.prompts import PromptError, TextBudgetError, TextEncoder, read_prompts
 from cogvideo.text_format import TextFormat
 
@@ -77,7 +77,7 @@ def check_outputs(out, prompts, options):
     for p in (prompts[0], prompts[3], prompts[4]):
         entry = out / p.key
         codes = np.load(entry / "codes.npy")
-        assert read_mp4(entry / "video.mp4").shape == (5, 16, 16, 3)
+        assert read_video(entry / "video.mp4")[0].shape == (5, 16, 16, 3)
         assert Image.open(entry / "video.gif").n_frames == 5
         expected = torch.randint(0, 64, (5, 4, 4), generator=row_generator(options.seed, p.text, "fake")).numpy()
         assert np.array_equal(codes, expected)

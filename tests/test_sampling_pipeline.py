@@ -16,7 +16,7 @@ from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import main as clusters_main
-from cogvideo.tokenizers.image import load_image_tokenizer
+from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import train_text_tokenizer
 

@@ -8,7 +8,8 @@ from cogvideo.tokenizers._torchvision_standin import STANDIN_MODULES, torchvisio
 from cogvideo.tokenizers.icetk_vq import (
     ICETK_IMAGE_MODEL, PIXEL_MEAN, PIXEL_STD, CheckpointMismatchError, IceImageTokenizer, build_icetk_vqvae,
 )
-from cogvideo.tokenizers.image import ImageTokenizer, load_image_tokenizer
+from cogvideo.tokenizers.image import ImageTokenizer
+from cogvideo.tokenizers.loading import load_image_tokenizer
 
 FRAME = 32  # icetk's model is convolutional; small frames keep the test fast
 

@@ -8,8 +8,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cogvideo.eval.recon import psnr
-from cogvideo.tokenizers.image import ImageTokenizer, load_image_tokenizer
+from cogvideo.metrics import psnr
+from cogvideo.tokenizers.image import ImageTokenizer
+from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import (
     PatchVQTokenizer, fit_patch_tokenizer, held_out_split, kmeans, main, read_frames,
 )

