@@ -208,6 +208,8 @@ class MemoryPlan:
     buffers: float  # DeepSpeed communication buckets + CUDA/NCCL context
     step_transient: float  # no ZeRO: the optimizer step's temporaries while gradients exist
     zero: int
+    backward_bucket: float = 0.0  # ZeRO-1/2: the reduce bucket, allocated for backward only (in buffers)
+    logits: float = 0.0  # the output layer's share of the activations, freed before any gradient
 
     @property
     def peak(self) -> float:
@@ -216,16 +218,22 @@ class MemoryPlan:
         if self.zero == 0:  # gradients are freed between steps and appear as activations go
             late = s.gradients + max(self.last_layer_activations, self.step_transient)
             return weights + s.optimizer + max(self.activations, late) + self.buffers
-        return s.gpu_total + self.activations + self.buffers
+        # ZeRO-1/2: DeepSpeed sets up its reduce bucket at the first gradient, after the logits went
+        backward = max(self.activations, self.activations - self.logits + self.backward_bucket)
+        return s.gpu_total + backward + self.buffers - self.backward_bucket
 
 
 def plan_memory(cfg: ModelConfig, layout: Layout, context_bytes: float = 2 * GiB) -> MemoryPlan:
     params = rank_params(cfg, layout.tp)
     states = model_states(params, layout)
     e = DTYPE_BYTES[layout.dtype]
-    buckets = {0: 0, 1: 2, 2: 2, 3: 1.1}[layout.zero] * BUCKET_ELEMENTS * e  # ZeRO-3: reduce + prefetch
+    # ZeRO-1/2 (DeepSpeed's stage_1_and_2): one reduce bucket (two with overlap_comm, which it leaves
+    # off below ZeRO-3), set up at the first gradient and released after backward (measured on the
+    # TP=8 slice, tests/test_scale_slice.py); ZeRO-3: reduce bucket + prefetch, held throughout
+    buckets = {0: 0, 1: 1, 2: 1, 3: 1.1}[layout.zero] * BUCKET_ELEMENTS * e
     # torch's single-tensor Adam: a square root and a quotient the size of the largest parameter
     transient = 2 * 4 * params.largest_trainable if layout.zero == 0 else 0
     last_layer = layer_activation_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype)
     return MemoryPlan(params, states, activation_bytes(cfg, layout), last_layer, buckets + context_bytes,
-                      transient, layout.zero)
+                      transient, layout.zero, backward_bucket=buckets if layout.zero in (1, 2) else 0.0,
+                      logits=logits_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype))
