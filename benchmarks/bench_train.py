@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cogvideo.config import get_preset  # noqa: E402
+from cogvideo.environment import apply_defaults  # noqa: E402
 from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.model import build_model  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    apply_defaults()
     model_cfg = get_preset(args.preset)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

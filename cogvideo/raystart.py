@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+from cogvideo.environment import apply_defaults
+
 log = logging.getLogger(__name__)
 
 START_ATTEMPTS = 2
@@ -30,6 +32,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, attempts:
 
     if ray.is_initialized():
         return
+    apply_defaults()
     os.environ.setdefault("RAY_worker_register_timeout_seconds", WORKER_REGISTER_TIMEOUT_S)
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **kwargs)

@@ -24,8 +24,16 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
-from cogvideo.shards import (CAPTION_KEY, FRAMES_KEY, META_KEY, ClipMeta, ShardFormatError, decode_sample,
-                             encode_sample, tar_problem)
+from cogvideo.shards import (
+    CAPTION_KEY,
+    FRAMES_KEY,
+    META_KEY,
+    ClipMeta,
+    ShardFormatError,
+    decode_sample,
+    encode_sample,
+    tar_problem,
+)
 from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, iter_jsonl, shard_name, write_jsonl
 
 

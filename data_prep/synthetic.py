@@ -14,8 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from cogvideo.configio import ConfigError, config_parser, parse_config
-from cogvideo.synthetic import (COLOURS, DIRECTIONS, SHAPES, SPEED_WORDS, caption_for, default_radius,
-                                 render_frames, speed_range)
+from cogvideo.synthetic import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SPEED_WORDS,
+    caption_for,
+    default_radius,
+    render_frames,
+    speed_range,
+)
 from cogvideo.video_io import write_mp4
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideo.configio import ConfigError, load_config, to_dict
+from cogvideo.environment import apply_defaults
 from data_prep.output import read_jsonl, write_jsonl
 from demo.steps import Runner, Step
 
@@ -136,8 +137,7 @@ class Demo:
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
         self.out = Path(cfg.out).resolve()
-        self.env = {**os.environ, "DS_ACCELERATOR": "cpu", "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
-                    "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+        self.env = {**os.environ, "DS_ACCELERATOR": "cpu",  # the demo trains on CPU ranks even beside a GPU
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     def path(self, *parts: str) -> Path:
@@ -197,8 +197,8 @@ class Demo:
 
     # ---- tokenizers -----------------------------------------------------------------------
     def tokenizers(self) -> dict:
-        from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
         from cogvideo.text_format import TextFormat
+        from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
         from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
         from data_prep.synthetic import render_row
 
@@ -319,8 +319,8 @@ class Demo:
     def evaluate(self) -> dict:
         import torch
 
-        from demo.report import evaluate_samples, targets
         from cogvideo.tokenizers import load_image_tokenizer
+        from demo.report import evaluate_samples, targets
 
         cfg = self.cfg
         videos = read_jsonl(self.path("samples", "videos.jsonl"))
@@ -402,6 +402,7 @@ def step_settings(cfg: DemoConfig, steps: list[Step]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_defaults()  # before anything imports DeepSpeed, protobuf or Ray; the sub-tools inherit them
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (DemoConfig)")
     parser.add_argument("--redo", metavar="STEP", help="run this step and every later one again")

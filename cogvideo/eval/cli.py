@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cogvideo.environment import apply_defaults
+
 
 def _fvd(args) -> dict:
     from cogvideo.eval.fvd import FVDProtocol, fvd_from_dirs
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_defaults()  # fetch-assets converts I3D with JAX/Flax (`make` builds the venv with it)
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -1,0 +1,34 @@
+"""Environment defaults of this project's processes, in one place.
+
+Each is a default (a value the user set wins) and is read by a library once, when it is imported
+or started, so :func:`apply_defaults` runs before that: in `tests/conftest.py`, at the start of
+the demo driver (whose sub-tools inherit the result) and before Ray starts (`cogvideo.raystart`).
+"""
+from __future__ import annotations
+
+import os
+from typing import MutableMapping
+
+DEFAULTS = {
+    # icetk's and tensorboardX's generated *_pb2 modules predate protobuf 4's C++/upb backends
+    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
+    # HF tokenizers' thread pool does not survive a fork (Ray workers, loader workers)
+    "TOKENIZERS_PARALLELISM": "false",
+    # no usage report (or prompt about it) from Ray
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def apply_defaults(environ: MutableMapping[str, str] = os.environ, cuda: bool | None = None) -> dict[str, str]:
+    """Set the defaults missing from `environ`, and DS_ACCELERATOR=cpu where there is no CUDA
+    device (DeepSpeed would otherwise look for one); returns what it set."""
+    wanted = dict(DEFAULTS)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        wanted["DS_ACCELERATOR"] = "cpu"
+    added = {key: value for key, value in wanted.items() if key not in environ}
+    environ.update(added)
+    return added
