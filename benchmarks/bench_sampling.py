@@ -112,7 +112,7 @@ def flops_per_token(model):
     return 2 * sum(w.numel() for w in weight_matrices(model))
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frame-tokens", type=int, default=20, help="tokens per frame side (CogVideo: 20)")
     parser.add_argument("--window", type=int, default=10, help="stage-2 window side in tokens (CogVideo: 10), shifted by half")
@@ -125,7 +125,11 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: this process's CPU time, steady when other jobs share the cores (use --threads 1)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
     global clock
     clock = CLOCKS[args.clock]
     if args.threads:

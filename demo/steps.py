@@ -104,6 +104,3 @@ class Runner:
         return {"step_seconds": {k: v["seconds"] for k, v in done.items()},
                 "load_average_5min": {k: v.get("load_average") for k, v in done.items()},
                 "results": {k: v["result"] for k, v in done.items()}}
-
-
-# ---- the demo's steps ---------------------------------------------------------------------
