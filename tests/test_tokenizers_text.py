@@ -63,6 +63,10 @@ def test_prompt_has_duration_prefix_with_separator_piece(tokenizer):
     pieces = [tokenizer.sp.IdToPiece(tokenizer.layout.piece_id(i)) for i in ids]
     assert "<n>" in pieces and "秒" in pieces
     assert tokenizer.decode(ids) == "4.0秒<n>一个红色的圆形"  # the published "4.0秒<n>{caption}"
+    # the release (cogvideo_pipeline.py): encode(str(float(duration)) + "秒") + [tokenizer['<n>']] + encode(text)
+    separator = tokenizer.layout.text_id(tokenizer.sp.PieceToId("<n>"))
+    assert ids == tokenizer.encode("4.0秒") + [separator] + tokenizer.encode("一个红色的圆形")
+    assert tokenizer.encode("a red circle") == [tokenizer.layout.text_id(p) for p in tokenizer.sp.EncodeAsIds("a red circle")]
     custom = TextFormat(prefix_template="{caption} ({duration:.0f}s)")
     assert tokenizer.decode(tokenizer.encode(custom.text("a red circle", 2.0))) == "a red circle (2s)"
     for bad in ("{duration}秒<n>", "{caption} {fps}", "{caption"):

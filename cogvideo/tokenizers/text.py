@@ -61,7 +61,16 @@ class TextTokenizer:
         return self.sp.GetPieceSize()
 
     def encode(self, text: str) -> list[int]:
-        return [self.layout.text_id(piece) for piece in self.sp.EncodeAsIds(text)]
+        """Text -> model ids. The parts around each separator "<n>" are encoded on their own, as
+        the release builds its texts (encode("4.0秒") + [<n>] + encode(caption)): each part then
+        starts like a sentence (SentencePiece's "▁" prefix), as the released models were fed."""
+        separator = self.sp.PieceToId(SEPARATOR_PIECE)
+        if separator == self.sp.unk_id():  # a model without the piece: one pass, as SentencePiece splits it
+            return [self.layout.text_id(piece) for piece in self.sp.EncodeAsIds(text)]
+        pieces = []
+        for i, part in enumerate(text.split(SEPARATOR_PIECE)):
+            pieces += ([separator] if i else []) + (self.sp.EncodeAsIds(part) if part else [])
+        return [self.layout.text_id(piece) for piece in pieces]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Model ids -> text; padding is skipped, any other non-text id is an error."""
@@ -75,7 +84,15 @@ class TextTokenizer:
                 first = self.layout.text_offset
                 raise ValueError(f"token id {token} is not a text id: expected [{first}, {first + self.num_pieces})")
             pieces.append(piece)
-        return self.sp.DecodeIds(pieces)
+        separator = self.sp.PieceToId(SEPARATOR_PIECE)
+        parts, part = [], []
+        for piece in pieces:  # the inverse of encode: each part decoded on its own
+            if piece == separator:
+                parts.append(part)
+                part = []
+            else:
+                part.append(piece)
+        return SEPARATOR_PIECE.join(self.sp.DecodeIds(p) for p in [*parts, part])
 
 
 def _read_captions(captions: list[str] | str | Path) -> list[str]:
