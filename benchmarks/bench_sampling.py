@@ -15,7 +15,7 @@
 The layout is CogVideo's: 20x20 tokens per frame, stage-2 windows of 10x10 shifted by 5
 (--window scales them), on a narrow model.
 
-    python benchmarks/bench_sampling.py [--frame-tokens 20] [--window 10] [--exact] [--device cuda --dtype bfloat16]
+    python benchmarks/bench_sampling.py [--frame-tokens 20] [--window 10] [--exact] [--device cuda] [--dtype auto|fp32|bf16|fp16]
     python benchmarks/bench_sampling.py --threads 1 --clock cpu   # on a CPU shared with other jobs
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
+from cogvideo.precision import PRECISION_CHOICES, choose_precision, matmul_gflops, probe_shape, torch_dtype
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached
 from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator
 from cogvideo.sampling.options import SampleOptions
@@ -47,7 +48,7 @@ def bench_config(args, stage):
 
 def build(cfg, args):
     torch.manual_seed(0)
-    model = CogVideoModel(cfg).eval().to(args.device, getattr(torch, args.dtype))
+    model = CogVideoModel(cfg).eval().to(args.device, torch_dtype(args.dtype))
     return StageModel(model, cfg)
 
 
@@ -121,7 +122,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2, help="prompts per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", choices=PRECISION_CHOICES, default="auto",
+                        help="auto: what this device runs fast (cogvideo.precision)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: this process's CPU time, steady when other jobs share the cores (use --threads 1)")
@@ -135,6 +137,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    choice = choose_precision(args.dtype, args.device, probe_shape(2 * args.batch, args.hidden, 4 * args.hidden))
+    args.dtype = choice.precision
+    print(choice.describe())
+    print(f"matmul 1024^3 {choice.precision}: {matmul_gflops(choice.dtype, device=args.device, min_seconds=0.2):.1f} "
+          f"GFLOP/s (roofline of this precision, this run)")
     stage1 = build(bench_config(args, "stage1"), args)
     stage2 = build(bench_config(args, "stage2"), args)
     cfg, n = stage1.cfg, stage1.n

@@ -6,8 +6,9 @@ Full stack = `pretrain.train.Trainer.advance` (one step of the training loop): s
 thread, DeepSpeed engine (ZeRO-2, fp32), NaN guard, signal check, metrics (JSONL + TensorBoard).
 Bare loop = the same model and batch with torch.optim.AdamW and clip_grad_norm_. The two
 alternate step by step.
-Achieved FLOP/s (analytic, cogvideo.flops) is compared with a square matmul timed here.
-Target: stack tokens/s >= 0.9x the bare loop.
+Both run in fp32 (the bare loop has no bf16 master-weight scheme to match DeepSpeed's). Achieved
+FLOP/s (analytic, cogvideo.flops) is compared with the fp32 1024^3 matmul roofline timed here
+(`cogvideo.precision.matmul_gflops`, the shared helper). Target: stack tokens/s >= 0.9x the bare loop.
 """
 from __future__ import annotations
 
@@ -31,23 +32,26 @@ from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.environment import apply_defaults  # noqa: E402
 from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.model import build_model  # noqa: E402
+from cogvideo.precision import matmul_gflops  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
 from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402
 
 
-def write_data(root: Path, cfg, samples: int) -> tuple[list[str], str]:
+def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 1) -> tuple[list[str], str]:
+    """Random-token samples of `cfg`'s layout in `num_shards` tar files, and a text tokenizer."""
     rng = np.random.default_rng(0)
     side = cfg.frame_tokens
-    path = str(root / "bench-000.tar")
+    paths = [str(root / f"bench-{i:03d}.tar") for i in range(num_shards)]
     captions = [f"a red ball moves {i % 7} steps left" for i in range(samples)]
-    with wds.TarWriter(path) as sink:
-        for i, caption in enumerate(captions):
-            frames = rng.integers(0, cfg.vocab.num_image_tokens, (cfg.num_frames, side, side))
-            meta = ClipMeta(duration=4.0, fps=1.0, stage=1, source="bench", clip_start=0.0, clip_end=4.0,
-                            num_frames=cfg.num_frames)
-            sink.write(encode_sample(f"b{i}", frames, caption, meta))
+    for shard, path in enumerate(paths):
+        with wds.TarWriter(path) as sink:
+            for i in range(shard, samples, num_shards):
+                frames = rng.integers(0, cfg.vocab.num_image_tokens, (cfg.num_frames, side, side))
+                meta = ClipMeta(duration=4.0 / stage, fps=float(stage), stage=stage, source="bench", clip_start=0.0,
+                                clip_end=4.0 / stage, num_frames=cfg.num_frames)
+                sink.write(encode_sample(f"b{i}", frames, captions[i], meta))
     tokenizer = train_text_tokenizer(captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False)
-    return [path], str(tokenizer)
+    return paths, str(tokenizer)
 
 
 def free_port() -> int:
@@ -68,15 +72,16 @@ def first_batch(args, model_cfg, shards: list[str], tokenizer: str):
 
 def make_trainer(args, root: Path, shards: list[str], tokenizer: str):
     from pretrain.config import check_config, load_train_config
-    from pretrain.train import Trainer
+    from pretrain.train import Trainer, text_encoder
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cfg = load_train_config(None, [
         f"model.preset={args.preset}", f"data.shards=[{shards[0]}]", f"data.text_tokenizer={tokenizer}",
         "data.shuffle_buffer=16", f"training.micro_batch_size={args.batch}", f"training.max_steps={10**6}",
-        "optim.warmup_steps=5", "parallel.zero_stage=2", f"checkpoint.dir={root / 'run'}",
+        "optim.warmup_steps=5", "parallel.zero_stage=2", "parallel.precision=fp32", f"checkpoint.dir={root / 'run'}",
         f"checkpoint.every_steps={10**6}", "logging.progress_bar=false", f"logging.every_steps={10**6}"])
-    return Trainer(cfg, check_config(cfg, 1), shards)
+    model_cfg = check_config(cfg, 1)
+    return Trainer(cfg, model_cfg, shards, text_encoder(cfg, model_cfg.vocab), resume=None)
 
 
 def bare_loop(model_cfg, batch):
@@ -102,17 +107,6 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
@@ -134,15 +128,15 @@ def main() -> None:
             bare.append(timed(bare_step))
         trainer.close()
         stack, bare = stack[args.warmup:], bare[args.warmup:]
-    peak = matmul_flops()
+    peak = matmul_gflops(torch.float32, min_seconds=0.2) * 1e9
     tokens = args.batch * model_cfg.seq_length
     flops = train_flops(model_cfg, batch=args.batch)
     t_stack, t_bare = statistics.median(stack), statistics.median(bare)
     print(f"preset {args.preset}, batch {args.batch} x {model_cfg.seq_length} tokens, {torch.get_num_threads()} threads, "
-          f"median step time of {args.steps} alternating steps each")
+          f"precision fp32, median step time of {args.steps} alternating steps each")
     print(f"bare PyTorch loop : {tokens / t_bare:10.0f} tokens/s  {flops / t_bare / 1e9:7.2f} GFLOP/s")
     print(f"full stack (1 rank): {tokens / t_stack:10.0f} tokens/s  {flops / t_stack / 1e9:7.2f} GFLOP/s")
-    print(f"matmul 1024^3      : {peak / 1e9:7.2f} GFLOP/s")
+    print(f"matmul 1024^3 fp32 : {peak / 1e9:7.2f} GFLOP/s (roofline, this run)")
     print(f"stack / bare tokens/s  : {t_bare / t_stack:.3f}  (target >= 0.9)")
     print(f"stack FLOP/s / matmul  : {flops / t_stack / peak:.3f}")
     print(f"bare  FLOP/s / matmul  : {flops / t_bare / peak:.3f}")

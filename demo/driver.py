@@ -198,7 +198,7 @@ class Demo:
     # ---- tokenizers -----------------------------------------------------------------------
     def tokenizers(self) -> dict:
         from cogvideo.text_format import TextFormat
-        from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+        from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer, fit_precision
         from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
         from data_prep.synthetic import render_row
 
@@ -226,8 +226,10 @@ class Demo:
         tokenizer = fit_patch_tokenizer(frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens,
                                         seed=cfg.seed)
         tokenizer.save(self.image_model)
+        features = tokenizer.patch_size**2 * 3 + (3 if tokenizer.colour_weight else 0)
+        precision = fit_precision("auto", features, tokenizer.codebook_size)  # the fit's choice (probed once)
         return {"text_pieces": text.num_pieces, "longest_text_tokens": longest[0], "image_codebook": tokenizer.codebook_size, "image_fit_frames": len(frames),
-                "image_fit_seconds": round(time.perf_counter() - started, 1)}
+                "image_fit_seconds": round(time.perf_counter() - started, 1), "image_fit_precision": precision.to_dict()}
 
     # ---- shards ---------------------------------------------------------------------------
     def shards(self) -> dict:

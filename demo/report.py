@@ -124,7 +124,7 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
     fake = i3d([generated[i] for i in heldout])
     real = i3d([references[i] for i in heldout])
     summary["fvd"] = {
-        "value": frechet_distance(real, fake), "protocol": asdict(protocol),
+        "value": frechet_distance(real, fake), "protocol": asdict(protocol), "precision": i3d.precision.to_dict(),
         "features": FEATURES[protocol.features],
         "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts, durations, frames)",
         "fake": f"{len(fake)} generated videos of the held-out prompts (seed {fvd_seed})",

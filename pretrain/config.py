@@ -16,6 +16,7 @@ import torch
 
 from cogvideo.config import ModelConfig, resolve_model_config
 from cogvideo.configio import ConfigError, load_config
+from cogvideo.precision import Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 
 
@@ -32,7 +33,10 @@ class ParallelConfig:
     tensor_parallel: int = 1
     zero_stage: Literal[1, 2, 3] = 2  # ZeRO's overflow check is what the NaN guard relies on
     offload_optimizer: bool = False  # optimizer states and step on the CPU
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: what this hardware runs fast (cogvideo.precision: bf16 on A100/H100 and CPUs with bf16
+    # units, fp16 with loss scaling on V100, fp32 otherwise), resolved once per run at start-up
+    precision: Precision = "auto"
+    precision_probe: dict = field(default_factory=dict)  # written by the trainer: how precision was chosen
     initial_loss_scale_power: int = 16  # fp16: dynamic loss scale starts at 2**this (DeepSpeed's and CogVideo's)
     backend: str | None = None  # None: nccl with GPUs, gloo without
 

@@ -76,6 +76,14 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
+    def record_run_info(self, tag: str, text: str, scalars: dict) -> None:
+        """Facts about the run (e.g. the precision chosen and its probe) as TensorBoard text and
+        scalars under `tag/`, at step 0."""
+        if self.writer:
+            self.writer.add_text(tag, text, 0)
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{tag}/{key}", value, 0)
+
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return

@@ -9,6 +9,7 @@ deepspeed.initialize(mpu=...) -> resume (engine, loader, RNG) -> loop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
@@ -24,8 +25,9 @@ import yaml
 
 from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
-from cogvideo.checkpoint.training import find_resume
+from cogvideo.checkpoint.training import find_resume, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
+from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
 from pretrain.config import (TrainConfig, check_config, check_text_tokenizer, load_train_config,
                              world_size_from_env)
@@ -80,6 +82,19 @@ def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> di
     return None
 
 
+def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> PrecisionChoice:
+    """Resolve parallel.precision (collective: rank 0 probes the device). `auto` resolves once per
+    run: a resumed run keeps the precision its checkpoint was trained in."""
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    rows = cfg.training.micro_batch_size * model_cfg.seq_length
+    shape = probe_shape(rows, model_cfg.hidden_size, model_cfg.ffn_size // cfg.parallel.tensor_parallel)
+    trained_in = train_config_precision(resume) if resume is not None else None
+    if cfg.parallel.precision == "auto" and trained_in:
+        choice = choose_precision(trained_in, device, shape)
+        return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
+    return choose_precision(cfg.parallel.precision, device, shape)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg, shards: list[str], encode_text, resume: Path | None):
         import deepspeed
@@ -87,10 +102,16 @@ class Trainer:
         from cogvideo.flops import train_flops
         from cogvideo.model import build_model
 
-        self.cfg, self.model_cfg = cfg, model_cfg
         say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
+        self.precision = run_precision(cfg, model_cfg, resume)
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, precision=self.precision.precision, precision_probe=self.precision.to_dict()))
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self._info(self.precision.describe())
+        if self.precision.warning and self.rank == 0:
+            log.warning(self.precision.warning)
         parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
         with parallel.device():  # built where it runs, then parallelized (see docs/cuda-paths.md)
             model = build_model(model_cfg)
@@ -127,6 +148,8 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.log_dir, self.rank == 0, total_steps=cfg.training.max_steps,
                                      start_step=self.step, print_every=cfg.logging.every_steps,
                                      tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+        self.metrics.record_run_info("precision", self.precision.describe(),
+                                     {f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()})
         self.keys_file = None
         if cfg.logging.sample_keys:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)

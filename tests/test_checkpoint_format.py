@@ -105,7 +105,7 @@ def test_inspect_reports_counts_degree_iteration_completeness(tmp_path, model_sd
     report = describe(out)
     counts = count_parameters(cfg)
     assert report["parameters"] == counts.total and report["trainable_parameters"] == counts.trainable
-    assert (report["tensor_parallel"], report["iteration"], report["dtype"], report["complete"]) == (2, 9, "float32", True)
+    assert (report["tensor_parallel"], report["iteration"], report["dtype"], report["complete"]) == (2, 9, "fp32", True)
     assert report["preset"] == cfg.name
     shard = next((out / "tp_rank_01").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-50])

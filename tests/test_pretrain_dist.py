@@ -55,7 +55,8 @@ def base_args(ws, run_dir: Path, *extra: str) -> list[str]:
             f"init.weights={ws['init']}", f"checkpoint.dir={run_dir}", "checkpoint.every_steps=2",
             "checkpoint.keep_last=2", "checkpoint.export_full=true", "logging.sample_keys=true",
             f"training.max_steps={STEPS}", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}",
-            f"optim.min_lr_ratio={MIN_RATIO}", f"optim.grad_clip={CLIP}", f"optim.weight_decay={DECAY}", *extra]
+            f"optim.min_lr_ratio={MIN_RATIO}", f"optim.grad_clip={CLIP}", f"optim.weight_decay={DECAY}",
+            "parallel.precision=fp32", *extra]  # the reference trains in fp32; a later precision= wins
 
 
 def torchrun(nproc: int, args: list[str], script: str | None = None, env: dict | None = None,

@@ -10,12 +10,15 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from cogvideo import parallel
+from cogvideo import parallel, precision
 from cogvideo.checkpoint import save_model_checkpoint
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
 from cogvideo.sampling import cli
+from cogvideo.precision import ProbeFigures
 from cogvideo.sampling.clusters import main as clusters_main
+from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.pipeline import VideoPipeline
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import train_text_tokenizer
@@ -49,7 +52,23 @@ def assets(tmp_path_factory):
 
 def _args(assets, prompts, out, *extra):
     options = [f"{k}={v}" for k, v in assets.items()]
-    return ["--prompts", str(prompts), "--out", str(out), *options, "interpolation_levels=1", "batch_size=2", *extra]
+    # fp32: these tests compare codes across batch sizes and TP degrees, exact only in fp32
+    return ["--prompts", str(prompts), "--out", str(out), *options, "interpolation_levels=1", "batch_size=2",
+            "dtype=fp32", *extra]
+
+
+@pytest.mark.parametrize("figures, expected", [
+    (ProbeFigures("cpu", {"fp32": 100.0, "bf16": 220.0}, (4, 32, 128), 1), torch.bfloat16),
+    (ProbeFigures("cpu", {"fp32": 20.0, "bf16": 0.3}, (4, 32, 128), 1), torch.float32),
+])
+def test_auto_dtype_loads_the_models_in_the_probes_choice(assets, monkeypatch, figures, expected):
+    monkeypatch.setattr(precision, "measure", lambda device, shape: figures)
+    monkeypatch.setattr(precision, "_measured", {})
+    options = SampleOptions(**{k: v for k, v in assets.items()}, dtype="auto", interpolation_levels=1)
+    pipeline = VideoPipeline.load(options)
+    assert pipeline.precision.requested == "auto" and pipeline.precision.dtype == expected
+    for stage in (pipeline.sampler.stage1, pipeline.sampler.stage2):
+        assert {p.dtype for p in stage.model.parameters()} == {expected}
 
 
 def test_sample_command_end_to_end(assets, tmp_path):

@@ -3,7 +3,7 @@
 Our format (version 1) is a directory::
 
     config.json   {"format": "cogvideo", "version": 1, "model": <ModelConfig as a dict>,
-                   "iteration": int, "tensor_parallel": n, "dtype": "float32",
+                   "iteration": int, "tensor_parallel": n, "dtype": "fp32",
                    "num_parameters": int, "source": "where it came from",
                    "text_format": <cogvideo.text_format.TextFormat as a dict: the trained text format>}
     n == 1: model-00001-of-0000k.safetensors ... + model.safetensors.index.json

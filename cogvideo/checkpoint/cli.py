@@ -27,9 +27,8 @@ from cogvideo.checkpoint.training import tag_dir, train_config_model
 from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero
 from cogvideo.config import get_preset, resolve_model_config
 from cogvideo.configio import ConfigError, parse_overrides
+from cogvideo.precision import DTYPES, NAMES
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
 
 
@@ -75,7 +74,8 @@ def _describe_ours(path: Path) -> dict:
 def _describe_sat(path: Path, base: str, overrides: dict | None) -> dict:
     sat = SatCheckpoint(path)
     cfg = sat_model_config(sat.args, sat.stage, get_preset(base), overrides)
-    dtype = str(next(iter(sat.modules[0].values())).dtype).replace("torch.", "")
+    dtype = next(iter(sat.modules[0].values())).dtype
+    dtype = NAMES.get(dtype, str(dtype))
     shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
     return {"format": "SwissArmyTransformer", "preset": cfg.name, "stage": sat.stage,
             "tensor_parallel": sat.tensor_parallel, "iteration": sat.iteration, "dtype": dtype, **_counts(shapes, cfg)}
@@ -89,7 +89,7 @@ def _describe_zero(path: Path) -> dict:
         cfg = None
     return {"format": f"DeepSpeed ZeRO-{zero.stage}", "preset": cfg.name if cfg else None,
             "stage": cfg.stage if cfg else None, "tensor_parallel": zero.tp, "data_parallel": zero.dp,
-            "iteration": zero.iteration, "dtype": "float32 (master weights)", **_counts(zero.shapes, cfg)}
+            "iteration": zero.iteration, "dtype": "fp32 (master weights)", **_counts(zero.shapes, cfg)}
 
 
 def _counts(shapes: dict, cfg) -> dict:
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("src", help=src)
         p.add_argument("out", help="output directory (our format)")
         p.add_argument("--force", action="store_true", help="replace an existing output")
-        p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+        p.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep)")
         p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="e.g. 2GB")
         return p
 

@@ -11,6 +11,7 @@ from cogvideo.checkpoint.io import (DEFAULT_SHARD_BYTES, CheckpointError, Sharde
                                     atomic_output_dir, read_json, write_json)
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, from_dict, to_dict
+from cogvideo.precision import NAMES
 from cogvideo.text_format import TextFormat, TextFormatError
 from cogvideo.model import TP_PLAN
 
@@ -121,7 +122,7 @@ def write_checkpoint(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple
             write_json(tmp / OPTIMIZER_DIR / OPTIMIZER_STATE, state)
         write_json(tmp / CONFIG_NAME, {
             "format": FORMAT, "version": VERSION, "model": to_dict(cfg), "iteration": int(iteration),
-            "tensor_parallel": tensor_parallel, "dtype": str(stored_dtype).replace("torch.", ""),
+            "tensor_parallel": tensor_parallel, "dtype": NAMES.get(stored_dtype, str(stored_dtype)),
             "num_parameters": sum(math.prod(s) for s in shapes.values()), "source": source, "text_format": text_format.to_dict(),
         })
     return path

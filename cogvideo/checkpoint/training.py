@@ -23,6 +23,7 @@ import yaml
 
 from cogvideo.checkpoint.io import CheckpointError, load_pt
 from cogvideo.config import ModelConfig, resolve_model_config
+from cogvideo.precision import DTYPES
 from cogvideo.text_format import TextFormat, TextFormatError
 
 COMPLETE = "COMPLETE"
@@ -106,6 +107,14 @@ def train_config_model(path: Path) -> ModelConfig:
         return resolve_model_config(preset, model)
     except ValueError as err:
         raise CheckpointError(f"{file}: {err}") from None
+
+
+def train_config_precision(path: Path) -> str | None:
+    """The precision a trainer run trained in (parallel.precision of train_config.yaml), if recorded."""
+    file = path / TRAIN_CONFIG
+    data = (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+    precision = (data.get("parallel") or {}).get("precision")
+    return precision if precision in DTYPES else None
 
 
 def train_config_text_format(path: Path) -> TextFormat:

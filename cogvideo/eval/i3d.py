@@ -106,7 +106,7 @@ class InceptionI3d(nn.Module):
             elif name == "Mixed_5b":
                 x = max_pool_same(x, (2, 2, 2), (2, 2, 2))
             x = getattr(self, name)(x)
-        return F.avg_pool3d(x, (2, 7, 7), stride=1)
+        return F.avg_pool3d(x.float(), (2, 7, 7), stride=1).to(x.dtype)  # CPU has no bf16 avg_pool3d
 
     def forward(self, video: torch.Tensor, return_pool: bool = False):
         """Pre-softmax Kinetics-400 logits [B, 400] (and the 1024-d pooled features when asked)."""

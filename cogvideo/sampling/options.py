@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cogvideo.precision import Precision
 from cogvideo.sampling.strategies import StrategyOptions
 from cogvideo.text_format import FRAME0_SUFFIX, VIDEO_SUFFIX
 
@@ -40,7 +41,7 @@ class SampleOptions:
     cluster_table: str | None = None
     seed: int = 1234
     batch_size: int = 1  # prompts sampled together
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Precision = "auto"  # auto: bf16 where the device runs it fast (cogvideo.precision)
     device: str = "cpu"  # "cuda" puts each process (or Ray actor) on its local GPU
     tensor_parallel: int = 1
     workers: int = 1  # Ray actors (each loads the models once)

@@ -2,6 +2,7 @@
 turns a batch of prompts into decoded videos."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,13 +11,14 @@ import torch
 
 from cogvideo.config import ModelConfig
 from cogvideo.sampling.clusters import load_cluster_table
+from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.prompts import Prompt, TextEncoder
 from cogvideo.sampling.stage_model import StageModel
 from cogvideo.sampling.strategies import make_strategy
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+log = logging.getLogger(__name__)
 
 
 class OptionsError(ValueError):
@@ -30,7 +32,18 @@ def check_options(options: SampleOptions) -> None:
         raise OptionsError("\n".join(problems))
 
 
-def load_stage(path: Path, options: SampleOptions, expected_stage: str) -> StageModel:
+def sampling_precision(options: SampleOptions) -> PrecisionChoice:
+    """options.dtype resolved on this device for the stage-1 model's width at the decode steps'
+    row count (batch x 2 with guidance); collective under torch.distributed (rank 0 probes)."""
+    from cogvideo.checkpoint import load_model_config
+
+    cfg = load_model_config(Path(options.stage1_checkpoint))
+    device = f"cuda:{torch.cuda.current_device()}" if options.device == "cuda" else options.device
+    shape = probe_shape(2 * options.batch_size, cfg.hidden_size, cfg.ffn_size // options.tensor_parallel)
+    return choose_precision(options.dtype, device, shape)
+
+
+def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: torch.dtype) -> StageModel:
     from cogvideo import parallel
     from cogvideo.checkpoint import load_model_config, load_model_state, load_text_format
     from cogvideo.model import build_model
@@ -43,7 +56,7 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str) -> Stage
     device = options.device
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    return StageModel(model.to(device=device, dtype=DTYPES[options.dtype]).eval(), cfg, load_text_format(path))
+    return StageModel(model.to(device=device, dtype=dtype).eval(), cfg, load_text_format(path))
 
 
 class VideoPipeline:
@@ -68,9 +81,14 @@ class VideoPipeline:
         check_options(options)
         if options.tensor_parallel > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             parallel.init_distributed(options.tensor_parallel)  # DP ranks then split the prompts
-        stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1")
-        stage2 = load_stage(Path(options.stage2_checkpoint), options, "stage2") if options.stage2_checkpoint else None
-        frame0 = load_stage(Path(options.frame0_checkpoint), options, "backbone") if options.frame0_checkpoint else None
+        precision = sampling_precision(options)
+        log.info(precision.describe())
+        if precision.warning:
+            log.warning(precision.warning)
+        dtype = precision.dtype
+        stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1", dtype)
+        stage2 = load_stage(Path(options.stage2_checkpoint), options, "stage2", dtype) if options.stage2_checkpoint else None
+        frame0 = load_stage(Path(options.frame0_checkpoint), options, "backbone", dtype) if options.frame0_checkpoint else None
         for other, path in ((stage2, options.stage2_checkpoint), (frame0, options.frame0_checkpoint)):
             for key in ("vocab", "text_length", "frame_tokens"):
                 if other is not None and getattr(stage1.cfg, key) != getattr(other.cfg, key):
@@ -82,7 +100,9 @@ class VideoPipeline:
         if codes != stage1.cfg.vocab.num_image_tokens:
             raise ValueError(f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
                              f"models {stage1.cfg.vocab.num_image_tokens} image tokens")
-        return cls(options, stage1, stage2, text, image, frame0=frame0)
+        pipeline = cls(options, stage1, stage2, text, image, frame0=frame0)
+        pipeline.precision = precision
+        return pipeline
 
     def check(self, prompt: Prompt) -> list[str]:
         """Raise for a prompt this pipeline cannot sample (text budget, missing first frame);

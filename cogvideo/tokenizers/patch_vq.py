@@ -3,7 +3,8 @@
 Each frame is cut into ``tokens_side x tokens_side`` patches; a code is the index of the
 nearest codebook patch, where "nearest" adds a weighted mean-colour term to the pixel L2
 distance (so small shapes keep their colour). The codebook is fitted by k-means (k-means++
-seeding, Lloyd steps with bf16 distance matmuls), then every code is snapped to the real
+seeding, Lloyd steps whose distance matmuls run in bf16 where the CPU runs bf16 fast, as
+:mod:`cogvideo.precision` decides, fp32 otherwise), then every code is snapped to the real
 training patch nearest to its centroid: crisp patches keep corners and pure colours where
 cluster means blur them. Decoding pastes, per position, the mean training patch seen with
 the same code *and* the same four neighbour codes (the context table), falling back to the
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from cogvideo.config import ModelConfig, get_preset
 from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.metrics import psnr
+from cogvideo.precision import Precision, PrecisionChoice, choose_precision, probe_shape
 from cogvideo.tokenizers.image import check_codes, check_frames
 from cogvideo.video_io import VIDEO_SUFFIXES
 
@@ -63,7 +65,7 @@ def from_patches(patches: torch.Tensor, tokens_side: int) -> np.ndarray:
 def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook row for every row of x (|c|^2 - 2 x.c, chunked).
 
-    The matmul runs in x's dtype: bf16 while fitting (fast on CPUs with bf16 units), fp32
+    The matmul runs in x's dtype: the fit's precision (:func:`fit_precision`) while fitting, fp32
     when encoding, so that codes are exact."""
     c = codebook.to(x.dtype)
     sq = codebook.float().pow(2).sum(1)
@@ -205,13 +207,19 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
     return x[chosen].clone()
 
 
+def fit_precision(requested: str, feature_dim: int, codebook_size: int) -> PrecisionChoice:
+    """The precision of k-means' distance matmuls ([CHUNK, features] @ [features, codes]) on this CPU."""
+    return choose_precision(requested, "cpu", probe_shape(CHUNK, feature_dim, codebook_size))
+
+
 def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int = 0, seed_sample: int = 16,
-           progress: bool = False) -> torch.Tensor:
-    """Lloyd's k-means; empty clusters restart at the worst-served points."""
+           progress: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Lloyd's k-means, assignments computed in `dtype`; empty clusters restart at the
+    worst-served points."""
     generator = torch.Generator().manual_seed(seed)
     sample = x[torch.randperm(len(x), generator=generator)[:seed_sample * k]]
     centres = _kmeans_plus_plus(sample, k, generator)
-    x_low = x.to(torch.bfloat16)
+    x_low = x.to(dtype)
     for _ in tqdm(range(iterations), desc="k-means", unit="iter", disable=not progress, file=sys.stderr):
         assign = nearest(x_low, centres)
         counts = torch.bincount(assign, minlength=k)
@@ -259,11 +267,12 @@ def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int,
                         seed: int = 0, iterations: int = 12, max_patches: int = 131072,
                         crisp: bool = True, context: bool = True,
                         colour_weight: float = DEFAULT_COLOUR_WEIGHT, preset: str | None = None,
-                        progress: bool = False) -> PatchVQTokenizer:
+                        progress: bool = False, precision: str = "auto") -> PatchVQTokenizer:
     """Fit a ``codebook_size``-code patch tokenizer on uint8 frames [T, frame_size, frame_size, 3].
 
-    k-means runs on at most ``max_patches`` random patches; the context table (``context``)
-    is built from all frames. ``progress`` reports each phase and k-means iteration on stderr.
+    k-means runs on at most ``max_patches`` random patches, its assignments in ``precision``
+    (``auto``: :func:`fit_precision`); the context table (``context``) is built from all frames.
+    ``progress`` reports each phase and k-means iteration on stderr.
     """
     frames = check_frames(frames, frame_size)
     if tokens_side <= 0 or frame_size % tokens_side:
@@ -285,8 +294,12 @@ def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int,
                          f"the frames hold {distinct}")
     features = with_colour(x, colour_weight)
     report = _reporter(progress)
-    report(f"k-means: {codebook_size} codes from {len(x)} patches of {len(frames)} frames, {iterations} iterations")
-    centres = kmeans(features, codebook_size, iterations, seed, progress=progress)
+    choice = fit_precision(precision, features.shape[1], codebook_size)
+    report(f"k-means: {codebook_size} codes from {len(x)} patches of {len(frames)} frames, {iterations} iterations; "
+           f"{choice.describe()}")
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr)
+    centres = kmeans(features, codebook_size, iterations, seed, progress=progress, dtype=choice.dtype)
     if crisp:
         report("snapping each code to its nearest training patch")
         centres = snap_to_data(features, centres)
@@ -384,6 +397,7 @@ class FitImageTokenizerConfig:
     crisp: bool = True  # snap codes to real training patches (false: k-means means, blurrier edges)
     colour_weight: float = DEFAULT_COLOUR_WEIGHT  # weight of the mean-colour distance when matching patches (0: L2)
     context: bool = True  # decode with the (code, 4 neighbours) context table
+    precision: Precision = "auto"  # k-means' distance matmuls (auto: bf16 where this CPU runs it fast)
 
     def model_config(self) -> ModelConfig:
         try:
@@ -417,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         held, train = frames[is_held], frames[~is_held]
         tokenizer = fit_patch_tokenizer(train, codebook_size, model.frame_size, model.frame_tokens, seed=cfg.seed,
                                         iterations=cfg.iterations, crisp=cfg.crisp, context=cfg.context,
-                                        colour_weight=cfg.colour_weight, preset=cfg.preset, progress=True)
+                                        colour_weight=cfg.colour_weight, preset=cfg.preset, progress=True,
+                                        precision=cfg.precision)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
     tokenizer.save(cfg.out)

@@ -1,0 +1,226 @@
+"""Numeric precision: the one naming (``fp32``, ``bf16``, ``fp16``; ``auto`` chooses), the one
+name -> dtype map, and the start-up probe that turns ``auto`` into what the device runs fast.
+
+    choice = choose_precision("auto", "cpu", probe_shape(rows=16 * 1408, hidden=256, ffn=1024))
+    model.to(choice.dtype); print(choice.describe())
+
+``auto`` on CUDA: bf16 on compute capability >= 8 with bf16 support (A100, H100), fp16 with
+loss scaling on 7.x (V100, T4), fp32 below. On a CPU a product of the run's own width is timed
+in fp32 and bf16 (a few ms with bf16 units; AVX2-only CPUs emulate bf16 some 60x slower than
+fp32): bf16 only where it is clearly faster. Under torch.distributed rank 0 probes and
+broadcasts its figures, and every rank derives the same choice from them.
+"""
+from __future__ import annotations
+
+import time
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISION_CHOICES = typing.get_args(Precision)  # for argparse choices
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# A CPU's bf16 must beat fp32 on the probe by this factor to be chosen: a training step also runs
+# casts, norms and fp32 master weights that bf16 does not speed up, and the margin keeps a
+# loaded machine's timing noise from flipping the choice. Measured matmul bf16/fp32: ~2.2 with
+# AVX-512 BF16, ~10 with AMX, ~0.015 on AVX2 only.
+CPU_BF16_MIN_SPEEDUP = 1.5
+SLOW_FACTOR = 2.0  # an explicit bf16/fp16 this many times slower than fp32 gets a warning
+PROBE_FLOPS = 2**26  # per timed product: ~0.6 ms at 100 GFLOP/s, ~0.2 s where bf16 is emulated
+PROBE_MIN_SECONDS = 0.005  # time each precision for at least this long (and at least 2 calls)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The dtype of a resolved precision name ('auto' must be resolved first)."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"precision {name!r}: expected one of {', '.join(DTYPES)}") from None
+
+
+def probe_shape(rows: int, hidden: int, ffn: int) -> tuple[int, int, int]:
+    """The probe's product: ``rows`` tokens through the MLP's first weight [hidden, ffn], rows
+    cut so that one product is about PROBE_FLOPS (at least 16 rows)."""
+    return max(16, min(rows, PROBE_FLOPS // (2 * hidden * ffn))), hidden, ffn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(device: torch.device):
+    """On one CPU thread, that thread's CPU time: other jobs sharing the cores then barely move
+    the figure; otherwise wall time."""
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def matmul_rates(dtypes: list[torch.dtype], shape: tuple[int, int, int] = (1024, 1024, 1024), device: str = "cpu",
+                 min_seconds: float = PROBE_MIN_SECONDS, max_calls: int = 1000) -> list[float]:
+    """GFLOP/s of an [m, k] @ [k, n] product in each dtype on ``device`` at the current thread
+    count: one warm-up call each, then calls taking turns between the dtypes (so that changing
+    load hits all alike) until each has run ``min_seconds`` (and at least 3 calls); the fastest
+    call of each counts. The matmul roofline of the benchmarks and the precision probe."""
+    m, k, n = shape
+    device = torch.device(device)
+    clock = _clock(device)
+    pairs = []
+    for dtype in dtypes:
+        pair = (torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype))
+        pair[0] @ pair[1]
+        pairs.append(pair)
+    _sync(device)
+    best, spent, calls = [float("inf")] * len(dtypes), [0.0] * len(dtypes), 0
+    while calls < 3 or (min(spent) < min_seconds and calls < max_calls):
+        for i, (a, b) in enumerate(pairs):
+            start = clock()
+            a @ b
+            _sync(device)
+            took = clock() - start
+            best[i], spent[i] = min(best[i], took), spent[i] + took
+        calls += 1
+    return [2 * m * k * n / max(t, 1e-9) / 1e9 for t in best]
+
+
+def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = (1024, 1024, 1024), device: str = "cpu",
+                  min_seconds: float = PROBE_MIN_SECONDS) -> float:
+    """:func:`matmul_rates` of one dtype."""
+    return matmul_rates([dtype], shape, device, min_seconds)[0]
+
+
+@dataclass(frozen=True)
+class ProbeFigures:
+    """What the choice is made from: matmul GFLOP/s per precision (measured) and, on CUDA, the
+    compute capability and whether bf16 runs natively."""
+    device: str  # "cpu" or "cuda"
+    gflops: dict[str, float]  # precision name -> GFLOP/s of the probe's product
+    shape: tuple[int, int, int]
+    threads: int
+    capability: tuple[int, int] | None = None
+    bf16_supported: bool = False
+
+    def to_vector(self) -> torch.Tensor:
+        cap = self.capability or (-1, -1)
+        return torch.tensor([float(self.device == "cuda"), *(self.gflops.get(n, -1.0) for n in DTYPES),
+                             *self.shape, self.threads, *cap, float(self.bf16_supported)], dtype=torch.float64)
+
+    @classmethod
+    def from_vector(cls, v: torch.Tensor) -> "ProbeFigures":
+        x = v.tolist()
+        gflops = {name: value for name, value in zip(DTYPES, x[1:4]) if value >= 0}
+        cap = (int(x[8]), int(x[9])) if x[8] >= 0 else None
+        return cls("cuda" if x[0] else "cpu", gflops, (int(x[4]), int(x[5]), int(x[6])), int(x[7]), cap, bool(x[10]))
+
+
+def measure(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -> ProbeFigures:
+    """Time the probe's product in each precision that the device could choose."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        capability = torch.cuda.get_device_capability(dev)
+        try:  # without emulation: torch >= 2.3 counts emulated bf16 as "supported" by default
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            bf16 = torch.cuda.is_bf16_supported()
+        rates = matmul_rates(list(DTYPES.values()), shape, device)
+        return ProbeFigures("cuda", dict(zip(DTYPES, rates)), shape, 0, capability, bf16)
+    rates = matmul_rates([torch.float32, torch.bfloat16], shape, device)
+    return ProbeFigures("cpu", {"fp32": rates[0], "bf16": rates[1]}, shape, torch.get_num_threads())
+
+
+def decide(figures: ProbeFigures) -> str:
+    """The precision ``auto`` stands for, given the probe's figures."""
+    if figures.device == "cuda":
+        major = figures.capability[0] if figures.capability else 0
+        if major >= 8 and figures.bf16_supported:
+            return "bf16"
+        return "fp16" if major >= 7 else "fp32"
+    bf16, fp32 = figures.gflops.get("bf16", 0.0), figures.gflops["fp32"]
+    return "bf16" if bf16 >= CPU_BF16_MIN_SPEEDUP * fp32 else "fp32"
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    requested: str  # auto, fp32, bf16, fp16
+    precision: str  # what runs
+    figures: ProbeFigures
+    reason: str = ""
+    warning: str | None = field(default=None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def describe(self) -> str:
+        f = self.figures
+        rates = ", ".join(f"{name} {value:.1f}" for name, value in f.gflops.items())
+        where = f"cuda cc {f.capability[0]}.{f.capability[1]}" if f.capability else f"cpu, {f.threads} thread(s)"
+        m, k, n = f.shape
+        return (f"precision {self.precision} (requested {self.requested}{'; ' + self.reason if self.reason else ''}): "
+                f"matmul {m}x{k}x{n} GFLOP/s {rates} ({where})")
+
+    def to_dict(self) -> dict:
+        """A plain record for configs, logs and TensorBoard."""
+        f = asdict(self.figures)
+        return {"requested": self.requested, "precision": self.precision, "reason": self.reason,
+                "device": f["device"], "gflops": {k: round(v, 2) for k, v in f["gflops"].items()},
+                "shape": list(f["shape"]), "threads": f["threads"],
+                "capability": list(f["capability"]) if f["capability"] else None,
+                "bf16_supported": f["bf16_supported"]}
+
+
+def resolve(requested: str, figures: ProbeFigures) -> PrecisionChoice:
+    """``auto`` -> :func:`decide`; an explicit precision is kept, with a warning where the probe
+    found it more than SLOW_FACTOR times slower than fp32."""
+    if requested == "auto":
+        chosen = decide(figures)
+        return PrecisionChoice(requested, chosen, figures, _reason(figures, chosen))
+    torch_dtype(requested)
+    warning = None
+    low, fp32 = figures.gflops.get(requested), figures.gflops.get("fp32")
+    if requested != "fp32" and low is not None and fp32 and low * SLOW_FACTOR < fp32:
+        warning = (f"precision {requested} runs matmuls {fp32 / max(low, 1e-9):.1f}x slower than fp32 here "
+                   f"({requested} {low:.1f} GFLOP/s, fp32 {fp32:.1f} GFLOP/s): precision auto would choose "
+                   f"{decide(figures)}")
+    return PrecisionChoice(requested, requested, figures, "set explicitly", warning)
+
+
+def _reason(figures: ProbeFigures, chosen: str) -> str:
+    if figures.device == "cuda":
+        cap = figures.capability or (0, 0)
+        native = "native bf16" if figures.bf16_supported else "no native bf16"
+        return f"compute capability {cap[0]}.{cap[1]}, {native}"
+    ratio = figures.gflops.get("bf16", 0.0) / max(figures.gflops["fp32"], 1e-9)
+    verdict = ">=" if chosen == "bf16" else "<"
+    return f"bf16/fp32 matmul speed {ratio:.2f} {verdict} {CPU_BF16_MIN_SPEEDUP}"
+
+
+_measured: dict[tuple, ProbeFigures] = {}
+
+
+def probe(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -> ProbeFigures:
+    """The figures for this device, shape and thread count: measured once per process. Under an
+    initialised torch.distributed rank 0 measures and broadcasts, so every rank decides alike."""
+    import torch.distributed as dist
+
+    key = (str(device), shape, torch.get_num_threads())
+    if key not in _measured:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            figures = measure(device, shape) if dist.get_rank() == 0 else None
+            vector = figures.to_vector() if figures else torch.zeros(11, dtype=torch.float64)
+            on = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+            vector = vector.to(on)
+            dist.broadcast(vector, src=0)
+            _measured[key] = ProbeFigures.from_vector(vector.cpu())
+        else:
+            _measured[key] = measure(device, shape)
+    return _measured[key]
+
+
+def choose_precision(requested: str, device: str = "cpu",
+                     shape: tuple[int, int, int] = (128, 256, 1024)) -> PrecisionChoice:
+    """Resolve a requested precision on this device (see the module docstring)."""
+    return resolve(requested, probe(device, shape))
