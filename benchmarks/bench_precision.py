@@ -13,6 +13,7 @@ predicted from each config's max_steps (the demo's 2 ranks run side by side on 2
 add a gradient all-reduce per step). Also printed: the precision probe and the matmul
 roofline of each precision on one thread, measured here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_train import free_port, write_data  # noqa: E402
+
 from cogvideo.precision import DTYPES, choose_precision, matmul_gflops, probe_shape  # noqa: E402
 from pretrain.config import check_config, load_train_config, model_config  # noqa: E402
 
@@ -41,16 +43,31 @@ def demo_config(stage: str, overrides: list[str]):
     return load_train_config(str(ROOT / "configs" / "demo" / f"train_{stage}.yaml"), overrides)
 
 
-def measure_steps(stage: str, precision: str, shards: list[str], tokenizer: str, run: str, steps: int) -> dict:
+def measure_steps(
+    stage: str, precision: str, shards: list[str], tokenizer: str, run: str, steps: int
+) -> dict:
     """In a fresh process: `steps` training steps of the demo's `stage` config, timed one by one."""
     from pretrain.train import Trainer, text_encoder
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cfg = demo_config(stage, [f"data.shards={shards}", f"data.text_tokenizer={tokenizer}", f"checkpoint.dir={run}",
-                              "checkpoint.resume=null", f"training.max_steps={10**6}", "optim.warmup_steps=1",
-                              f"checkpoint.every_steps={10**6}", "data.shuffle_buffer=64",
-                              "logging.progress_bar=false", f"logging.every_steps={10**6}",
-                              f"parallel.precision={precision}"])
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    cfg = demo_config(
+        stage,
+        [
+            f"data.shards={shards}",
+            f"data.text_tokenizer={tokenizer}",
+            f"checkpoint.dir={run}",
+            "checkpoint.resume=null",
+            f"training.max_steps={10**6}",
+            "optim.warmup_steps=1",
+            f"checkpoint.every_steps={10**6}",
+            "data.shuffle_buffer=64",
+            "logging.progress_bar=false",
+            f"logging.every_steps={10**6}",
+            f"parallel.precision={precision}",
+        ],
+    )
     model_cfg = check_config(cfg, 1)
     trainer = Trainer(cfg, model_cfg, shards, text_encoder(cfg, model_cfg.vocab), resume=None)
     wall, cpu = [], []
@@ -64,7 +81,12 @@ def measure_steps(stage: str, precision: str, shards: list[str], tokenizer: str,
 
 
 def run_one(stage, precision, shards, tokenizer, run, steps) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps([stage, precision, shards, tokenizer, run, steps])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        json.dumps([stage, precision, shards, tokenizer, run, steps]),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -86,35 +108,48 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     roofline = {name: matmul_gflops(DTYPES[name], min_seconds=0.2) for name in ("fp32", "bf16")}
-    print("matmul 1024^3 roofline, 1 thread: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in roofline.items()))
+    print(
+        "matmul 1024^3 roofline, 1 thread: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in roofline.items())
+    )
     total = dict.fromkeys(PRECISIONS, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             cfg = demo_config(stage, ["data.shards=[x]"])
             model_cfg = model_config(cfg)
             rows = cfg.training.micro_batch_size * model_cfg.seq_length
-            probe = choose_precision("auto", "cpu", probe_shape(rows, model_cfg.hidden_size, model_cfg.ffn_size))
-            print(f"{stage}: {model_cfg.seq_length} tokens x {cfg.training.micro_batch_size} per rank, "
-                  f"{cfg.training.max_steps} steps in the demo; {probe.describe()}", flush=True)
+            probe = choose_precision(
+                "auto", "cpu", probe_shape(rows, model_cfg.hidden_size, model_cfg.ffn_size)
+            )
+            print(
+                f"{stage}: {model_cfg.seq_length} tokens x {cfg.training.micro_batch_size} per rank, "
+                f"{cfg.training.max_steps} steps in the demo; {probe.describe()}",
+                flush=True,
+            )
             root = Path(tmp, stage)
             root.mkdir()
             shards, tokenizer = write_data(root, model_cfg, samples=128, stage=cfg.data.stage, num_shards=4)
             times = {p: [] for p in PRECISIONS}
             for r in range(args.rounds):
                 for precision in PRECISIONS:
-                    result = run_one(stage, precision, shards, tokenizer, str(root / f"{precision}{r}"), args.steps + 2)
+                    result = run_one(
+                        stage, precision, shards, tokenizer, str(root / f"{precision}{r}"), args.steps + 2
+                    )
                     times[precision] += result[args.clock][2:]
                     if r == 0:
                         print(f"  {precision:4s} -> {result['chosen']}", flush=True)
             for precision in PRECISIONS:
                 median = statistics.median(times[precision])
                 total[precision] += median * cfg.training.max_steps
-                print(f"  {precision:4s}: {median:.3f} s/step {args.clock} (median of {len(times[precision])}, "
-                      f"min {min(times[precision]):.3f}) -> {median * cfg.training.max_steps / 60:.1f} min for "
-                      f"{cfg.training.max_steps} steps; vs fp32 {median / statistics.median(times['fp32']):.2f}x",
-                      flush=True)
-    print(f"demo training ({args.clock} time per rank, idle 2-core machine): "
-          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in total.items()))
+                print(
+                    f"  {precision:4s}: {median:.3f} s/step {args.clock} (median of {len(times[precision])}, "
+                    f"min {min(times[precision]):.3f}) -> {median * cfg.training.max_steps / 60:.1f} min for "
+                    f"{cfg.training.max_steps} steps; vs fp32 {median / statistics.median(times['fp32']):.2f}x",
+                    flush=True,
+                )
+    print(
+        f"demo training ({args.clock} time per rank, idle 2-core machine): "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in total.items())
+    )
 
 
 if __name__ == "__main__":

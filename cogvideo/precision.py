@@ -10,6 +10,7 @@ in fp32 and bf16 (a few ms with bf16 units; AVX2-only CPUs emulate bf16 some 60x
 fp32): bf16 only where it is clearly faster. Under torch.distributed rank 0 probes and
 broadcasts its figures, and every rank derives the same choice from them.
 """
+
 from __future__ import annotations
 
 import time
@@ -59,8 +60,13 @@ def _clock(device: torch.device):
     return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
-def matmul_rates(dtypes: list[torch.dtype], shape: tuple[int, int, int] = (1024, 1024, 1024), device: str = "cpu",
-                 min_seconds: float = PROBE_MIN_SECONDS, max_calls: int = 1000) -> list[float]:
+def matmul_rates(
+    dtypes: list[torch.dtype],
+    shape: tuple[int, int, int] = (1024, 1024, 1024),
+    device: str = "cpu",
+    min_seconds: float = PROBE_MIN_SECONDS,
+    max_calls: int = 1000,
+) -> list[float]:
     """GFLOP/s of an [m, k] @ [k, n] product in each dtype on ``device`` at the current thread
     count: one warm-up call each, then calls taking turns between the dtypes (so that changing
     load hits all alike) until each has run ``min_seconds`` (and at least 3 calls); the fastest
@@ -86,8 +92,12 @@ def matmul_rates(dtypes: list[torch.dtype], shape: tuple[int, int, int] = (1024,
     return [2 * m * k * n / max(t, 1e-9) / 1e9 for t in best]
 
 
-def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = (1024, 1024, 1024), device: str = "cpu",
-                  min_seconds: float = PROBE_MIN_SECONDS) -> float:
+def matmul_gflops(
+    dtype: torch.dtype,
+    shape: tuple[int, int, int] = (1024, 1024, 1024),
+    device: str = "cpu",
+    min_seconds: float = PROBE_MIN_SECONDS,
+) -> float:
     """:func:`matmul_rates` of one dtype."""
     return matmul_rates([dtype], shape, device, min_seconds)[0]
 
@@ -96,6 +106,7 @@ def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = (1024, 1024,
 class ProbeFigures:
     """What the choice is made from: matmul GFLOP/s per precision (measured) and, on CUDA, the
     compute capability and whether bf16 runs natively."""
+
     device: str  # "cpu" or "cuda"
     gflops: dict[str, float]  # precision name -> GFLOP/s of the probe's product
     shape: tuple[int, int, int]
@@ -105,15 +116,26 @@ class ProbeFigures:
 
     def to_vector(self) -> torch.Tensor:
         cap = self.capability or (-1, -1)
-        return torch.tensor([float(self.device == "cuda"), *(self.gflops.get(n, -1.0) for n in DTYPES),
-                             *self.shape, self.threads, *cap, float(self.bf16_supported)], dtype=torch.float64)
+        return torch.tensor(
+            [
+                float(self.device == "cuda"),
+                *(self.gflops.get(n, -1.0) for n in DTYPES),
+                *self.shape,
+                self.threads,
+                *cap,
+                float(self.bf16_supported),
+            ],
+            dtype=torch.float64,
+        )
 
     @classmethod
     def from_vector(cls, v: torch.Tensor) -> "ProbeFigures":
         x = v.tolist()
         gflops = {name: value for name, value in zip(DTYPES, x[1:4]) if value >= 0}
         cap = (int(x[8]), int(x[9])) if x[8] >= 0 else None
-        return cls("cuda" if x[0] else "cpu", gflops, (int(x[4]), int(x[5]), int(x[6])), int(x[7]), cap, bool(x[10]))
+        return cls(
+            "cuda" if x[0] else "cpu", gflops, (int(x[4]), int(x[5]), int(x[6])), int(x[7]), cap, bool(x[10])
+        )
 
 
 def measure(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -> ProbeFigures:
@@ -157,19 +179,29 @@ class PrecisionChoice:
     def describe(self) -> str:
         f = self.figures
         rates = ", ".join(f"{name} {value:.1f}" for name, value in f.gflops.items())
-        where = f"cuda cc {f.capability[0]}.{f.capability[1]}" if f.capability else f"cpu, {f.threads} thread(s)"
+        where = (
+            f"cuda cc {f.capability[0]}.{f.capability[1]}" if f.capability else f"cpu, {f.threads} thread(s)"
+        )
         m, k, n = f.shape
-        return (f"precision {self.precision} (requested {self.requested}{'; ' + self.reason if self.reason else ''}): "
-                f"matmul {m}x{k}x{n} GFLOP/s {rates} ({where})")
+        return (
+            f"precision {self.precision} (requested {self.requested}{'; ' + self.reason if self.reason else ''}): "
+            f"matmul {m}x{k}x{n} GFLOP/s {rates} ({where})"
+        )
 
     def to_dict(self) -> dict:
         """A plain record for configs, logs and TensorBoard."""
         f = asdict(self.figures)
-        return {"requested": self.requested, "precision": self.precision, "reason": self.reason,
-                "device": f["device"], "gflops": {k: round(v, 2) for k, v in f["gflops"].items()},
-                "shape": list(f["shape"]), "threads": f["threads"],
-                "capability": list(f["capability"]) if f["capability"] else None,
-                "bf16_supported": f["bf16_supported"]}
+        return {
+            "requested": self.requested,
+            "precision": self.precision,
+            "reason": self.reason,
+            "device": f["device"],
+            "gflops": {k: round(v, 2) for k, v in f["gflops"].items()},
+            "shape": list(f["shape"]),
+            "threads": f["threads"],
+            "capability": list(f["capability"]) if f["capability"] else None,
+            "bf16_supported": f["bf16_supported"],
+        }
 
 
 def resolve(requested: str, figures: ProbeFigures) -> PrecisionChoice:
@@ -182,9 +214,11 @@ def resolve(requested: str, figures: ProbeFigures) -> PrecisionChoice:
     warning = None
     low, fp32 = figures.gflops.get(requested), figures.gflops.get("fp32")
     if requested != "fp32" and low is not None and fp32 and low * SLOW_FACTOR < fp32:
-        warning = (f"precision {requested} runs matmuls {fp32 / max(low, 1e-9):.1f}x slower than fp32 here "
-                   f"({requested} {low:.1f} GFLOP/s, fp32 {fp32:.1f} GFLOP/s): precision auto would choose "
-                   f"{decide(figures)}")
+        warning = (
+            f"precision {requested} runs matmuls {fp32 / max(low, 1e-9):.1f}x slower than fp32 here "
+            f"({requested} {low:.1f} GFLOP/s, fp32 {fp32:.1f} GFLOP/s): precision auto would choose "
+            f"{decide(figures)}"
+        )
     return PrecisionChoice(requested, requested, figures, "set explicitly", warning)
 
 
@@ -220,7 +254,8 @@ def probe(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -
     return _measured[key]
 
 
-def choose_precision(requested: str, device: str = "cpu",
-                     shape: tuple[int, int, int] = (128, 256, 1024)) -> PrecisionChoice:
+def choose_precision(
+    requested: str, device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)
+) -> PrecisionChoice:
     """Resolve a requested precision on this device (see the module docstring)."""
     return resolve(requested, probe(device, shape))

@@ -7,8 +7,8 @@ import torch
 
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.eval.fvd import I3D_PROBE, FVDProtocol, I3DFeatures, frechet_distance, fvd_from_dirs
-from cogvideo.precision import choose_precision
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
+from cogvideo.precision import choose_precision
 from cogvideo.video_io import read_video, write_mp4
 
 

@@ -1,5 +1,6 @@
 """The precision probe's decision (fake figures), its timing arithmetic (fake clock), and the
 agreement of ranks that measured different figures."""
+
 from __future__ import annotations
 
 import socket
@@ -10,34 +11,46 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cogvideo import precision
-from cogvideo.precision import (CPU_BF16_MIN_SPEEDUP, DTYPES, ProbeFigures, decide, matmul_rates, probe_shape,
-                                resolve, torch_dtype)
+from cogvideo.precision import (
+    CPU_BF16_MIN_SPEEDUP,
+    DTYPES,
+    ProbeFigures,
+    decide,
+    matmul_rates,
+    probe_shape,
+    resolve,
+    torch_dtype,
+)
 
 SHAPE = (128, 256, 1024)
 
 
 def cuda(major: int, minor: int, bf16: bool) -> ProbeFigures:
-    return ProbeFigures("cuda", {"fp32": 50e3, "bf16": 700e3 if bf16 else 1e3, "fp16": 700e3}, SHAPE, 0,
-                        (major, minor), bf16)
+    return ProbeFigures(
+        "cuda", {"fp32": 50e3, "bf16": 700e3 if bf16 else 1e3, "fp16": 700e3}, SHAPE, 0, (major, minor), bf16
+    )
 
 
 def cpu(fp32: float, bf16: float, threads: int = 1) -> ProbeFigures:
     return ProbeFigures("cpu", {"fp32": fp32, "bf16": bf16}, SHAPE, threads)
 
 
-@pytest.mark.parametrize("figures, expected", [
-    (cuda(9, 0, True), "bf16"),    # H100
-    (cuda(8, 0, True), "bf16"),    # A100
-    (cuda(8, 6, True), "bf16"),    # RTX 30xx / A10
-    (cuda(7, 0, False), "fp16"),   # V100: fp16 tensor cores, no bf16
-    (cuda(7, 5, False), "fp16"),   # T4
-    (cuda(8, 0, False), "fp16"),   # capability alone is not enough: bf16 must be native
-    (cuda(6, 1, False), "fp32"),   # P40: neither is fast
-    (cpu(100.0, 220.0), "bf16"),   # AVX-512 BF16 (this project's machine)
-    (cpu(40.0, 900.0), "bf16"),    # AMX
-    (cpu(20.0, 0.3), "fp32"),      # AVX2 only: bf16 emulated
-    (cpu(100.0, 120.0), "fp32"),   # bf16 barely faster: not worth its rounding
-])
+@pytest.mark.parametrize(
+    "figures, expected",
+    [
+        (cuda(9, 0, True), "bf16"),  # H100
+        (cuda(8, 0, True), "bf16"),  # A100
+        (cuda(8, 6, True), "bf16"),  # RTX 30xx / A10
+        (cuda(7, 0, False), "fp16"),  # V100: fp16 tensor cores, no bf16
+        (cuda(7, 5, False), "fp16"),  # T4
+        (cuda(8, 0, False), "fp16"),  # capability alone is not enough: bf16 must be native
+        (cuda(6, 1, False), "fp32"),  # P40: neither is fast
+        (cpu(100.0, 220.0), "bf16"),  # AVX-512 BF16 (this project's machine)
+        (cpu(40.0, 900.0), "bf16"),  # AMX
+        (cpu(20.0, 0.3), "fp32"),  # AVX2 only: bf16 emulated
+        (cpu(100.0, 120.0), "fp32"),  # bf16 barely faster: not worth its rounding
+    ],
+)
 def test_decision_from_fake_figures(figures, expected):
     assert decide(figures) == expected
     choice = resolve("auto", figures)
@@ -53,7 +66,11 @@ def test_cpu_threshold_is_the_documented_speedup():
 def test_explicit_bf16_where_it_is_slow_warns_with_both_figures():
     choice = resolve("bf16", cpu(20.0, 0.3))
     assert choice.precision == "bf16"  # kept: the user asked for it
-    assert "66.7x slower" in choice.warning and "0.3 GFLOP/s" in choice.warning and "20.0 GFLOP/s" in choice.warning
+    assert (
+        "66.7x slower" in choice.warning
+        and "0.3 GFLOP/s" in choice.warning
+        and "20.0 GFLOP/s" in choice.warning
+    )
     assert resolve("bf16", cpu(100.0, 45.0)).warning is not None  # just over 2x slower
     assert resolve("bf16", cpu(100.0, 55.0)).warning is None
     assert resolve("bf16", cpu(100.0, 220.0)).warning is None

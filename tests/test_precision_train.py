@@ -6,17 +6,18 @@ first order the logits, and with them the loss, move by at most R u relative to 
 further step starts from weights that already differ by the previous steps' rounding, so the
 bound grows with the step: |loss_bf16(s) - loss_fp32(s)| <= s R u loss_fp32(s).
 """
+
 from __future__ import annotations
 
 import socket
 
 import pytest
-import yaml
-
 import test_pretrain_dist
+import yaml
+from test_pretrain_dist import STEPS, base_args, losses, torchrun, ws  # noqa: F401  (ws: fixture)
+
 from cogvideo.config import get_preset
 from cogvideo.precision import ProbeFigures, decide
-from test_pretrain_dist import STEPS, base_args, losses, torchrun, ws  # noqa: F401  (ws: fixture)
 
 pytestmark = pytest.mark.slow
 U = 2.0**-8
@@ -35,7 +36,9 @@ test_pretrain_dist.PORTS = free_ports()  # not a fixed range: other test runs ma
 
 def run(ws, name: str, *extra: str):  # noqa: F811
     run_dir = ws["root"] / name
-    proc = torchrun(1, base_args(ws, run_dir, "checkpoint.export_full=false", "logging.sample_keys=false", *extra))
+    proc = torchrun(
+        1, base_args(ws, run_dir, "checkpoint.export_full=false", "logging.sample_keys=false", *extra)
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     return run_dir, proc.stderr
 
@@ -56,14 +59,24 @@ def test_auto_chooses_from_the_probe_and_records_it(ws):  # noqa: F811
 
     events = EventAccumulator(str(run_dir / "logs"))
     events.Reload()
-    assert events.Scalars("precision/gflops_bf16")[0].value == pytest.approx(probe["gflops"]["bf16"], rel=1e-3)
+    assert events.Scalars("precision/gflops_bf16")[0].value == pytest.approx(
+        probe["gflops"]["bf16"], rel=1e-3
+    )
     assert "precision/text_summary" in events.Tags()["tensors"]  # the text record
 
 
 def test_auto_keeps_the_precision_a_resumed_run_was_trained_in(ws):  # noqa: F811
-    run_dir, _ = run(ws, "resume", "parallel.precision=fp32", "training.max_steps=2", "checkpoint.every_steps=2")
-    _, log = run(ws, "resume", "parallel.precision=auto", "training.max_steps=4", "checkpoint.every_steps=2",
-                 "checkpoint.resume=auto")
+    run_dir, _ = run(
+        ws, "resume", "parallel.precision=fp32", "training.max_steps=2", "checkpoint.every_steps=2"
+    )
+    _, log = run(
+        ws,
+        "resume",
+        "parallel.precision=auto",
+        "training.max_steps=4",
+        "checkpoint.every_steps=2",
+        "checkpoint.resume=auto",
+    )
     assert "precision fp32 (requested auto; as trained in" in log
     assert saved_parallel(run_dir, 4)["precision"] == "fp32"
 

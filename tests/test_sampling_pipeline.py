@@ -14,8 +14,8 @@ from cogvideo import parallel, precision
 from cogvideo.checkpoint import save_model_checkpoint
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
-from cogvideo.sampling import cli
 from cogvideo.precision import ProbeFigures
+from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import main as clusters_main
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.pipeline import VideoPipeline

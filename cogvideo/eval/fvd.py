@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from cogvideo.eval.i3d import load_i3d
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
-from cogvideo.video_io import list_videos, read_video
 from cogvideo.precision import choose_precision, probe_shape
+from cogvideo.video_io import list_videos, read_video
 
 # I3D's typical product: a Mixed_4 3x3x3 convolution (96 -> 208 channels) as a matmul
 I3D_PROBE = probe_shape(1 << 16, 27 * 96, 208)

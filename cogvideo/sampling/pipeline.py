@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from cogvideo.config import ModelConfig
-from cogvideo.sampling.clusters import load_cluster_table
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
+from cogvideo.sampling.clusters import load_cluster_table
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.prompts import Prompt, TextEncoder
