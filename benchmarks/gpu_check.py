@@ -37,7 +37,7 @@ from cluster.plan_memory import GiB, Layout, plan_memory  # noqa: E402
 from cogvideo import parallel  # noqa: E402
 from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.flops import train_flops  # noqa: E402
-from cogvideo.model import CogVideoModel  # noqa: E402
+from cogvideo.model import CogVideoModel, build_model  # noqa: E402
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached  # noqa: E402
 from cogvideo.sampling.hierarchy import row_generator  # noqa: E402
 from cogvideo.sampling.stage_model import StageModel  # noqa: E402
@@ -232,7 +232,7 @@ def train_step(setup: Setup, peak_tflops: float) -> dict:
     setup.reset_memory()
     parallel.manual_seed(0)
     with torch.device(setup.device):
-        model = CogVideoModel(cfg)
+        model = build_model(cfg)  # with activation checkpointing on its layers
     engine, optimizer = deepspeed_engine(setup, model)
     tokens, targets, mask = (x.to(setup.device) for x in sample_batch(cfg, setup.micro_batch))
     times, skipped = [], 0
