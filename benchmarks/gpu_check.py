@@ -259,7 +259,6 @@ def train_step(setup: Setup, peak_tflops: float) -> dict:
         result["mfu_vs_datasheet"] = flops / seconds / GPU_KINDS[kind].peak_tflops[setup.train_dtype] / 1e12
     if "max_allocated_gib" in result:
         result["measured_over_planned"] = result["max_allocated_gib"] / result["planned_peak_gib"]
-    del engine, model
     return result
 
 
@@ -294,7 +293,6 @@ def sampling(setup: Setup) -> dict:
     result = {"layers": cfg.num_layers, "frame_tokens": f"{cfg.frame_tokens}x{cfg.frame_tokens}", "dtype": "bf16",
               "tokens": n, "cached_tokens_per_s": n / cached_s, "uncached_tokens_per_s": 1 / forward_s,
               "kv_cache_speedup": n * forward_s / cached_s, **cached_memory}
-    del stage, model
     return result
 
 

@@ -18,55 +18,16 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
+
+from cogvideo.jsonl import iter_jsonl, rewrite_jsonl, write_jsonl
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.jsonl"
 REJECTED = "rejected.jsonl"
 DONE = "done.jsonl"
 SUMMARY = "summary.json"
-
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    """Complete rows only: a line cut short by a crash is ignored."""
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):
-                yield json.loads(line)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return list(iter_jsonl(path))
-
-
-def write_jsonl(path: Path, rows: Iterable[dict], mode: str = "a") -> None:
-    with open(path, mode, encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Keep only the complete rows that pass `keep`; the file is rewritten (streamed through a
-    temporary file) only when that drops something."""
-    if not path.exists():
-        return
-    if _ends_mid_line(path) or not all(keep(row) for row in iter_jsonl(path)):
-        write_jsonl(path.with_suffix(".tmp"), (row for row in iter_jsonl(path) if keep(row)), "w")
-        os.replace(path.with_suffix(".tmp"), path)
-
-
-def _ends_mid_line(path: Path) -> bool:
-    with open(path, "rb") as f:
-        if f.seek(0, os.SEEK_END) == 0:
-            return False
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
 
 
 def video_traits(video: dict) -> list[str]:

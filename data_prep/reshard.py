@@ -24,6 +24,7 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
+from cogvideo.jsonl import iter_jsonl, write_jsonl
 from cogvideo.shards import (
     CAPTION_KEY,
     FRAMES_KEY,
@@ -34,7 +35,7 @@ from cogvideo.shards import (
     encode_sample,
     tar_problem,
 )
-from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, iter_jsonl, shard_name, write_jsonl
+from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, shard_name
 
 
 def target_count(current: int, samples: int, divisible_by: int, shards: int = 0) -> int:

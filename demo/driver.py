@@ -33,7 +33,7 @@ import numpy as np
 
 from cogvideo.configio import ConfigError, load_config, to_dict
 from cogvideo.environment import apply_defaults
-from data_prep.output import read_jsonl, write_jsonl
+from cogvideo.jsonl import read_jsonl, write_jsonl
 from demo.steps import Runner, Step
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.output import read_jsonl
+from cogvideo.jsonl import read_jsonl
 
 GAP = 4  # pixels between the durations of one contact-sheet row
 

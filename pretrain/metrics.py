@@ -6,23 +6,14 @@ import logging
 import time
 from pathlib import Path
 
+from cogvideo.jsonl import rewrite_jsonl
+
 log = logging.getLogger("pretrain")
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the rows of steps <= last_step (0: none); a torn last line goes too."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    rewrite_jsonl(path, lambda row: isinstance(row.get("step"), int) and row["step"] <= last_step)
 
 
 class Throughput:

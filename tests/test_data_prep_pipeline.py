@@ -3,12 +3,10 @@ shards load with the training loader, codes decode close to the source, fps foll
 counts reconcile; rerun, resume after a crash, a killed tokenizer worker and resharding all
 give the same samples as one undisturbed run. One Ray session for the module."""
 import json
-from collections import Counter
 import os
 import shutil
 import signal
-import subprocess
-import sys
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -16,21 +14,23 @@ import numpy as np
 import pytest
 import ray
 from PIL import Image
+from test_data_prep_video import make_bad_inputs
+from webdataset.tariterators import tarfile_samples
 
+from cogvideo import synthetic as world
 from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
-from cogvideo.shards import decode_sample
+from cogvideo.jsonl import read_jsonl
 from cogvideo.metrics import psnr
 from cogvideo.raystart import start_ray
+from cogvideo.shards import decode_sample
 from cogvideo.tokenizers.loading import load_image_tokenizer
-from cogvideo import synthetic as world
-from data_prep import pipeline, synthetic as syn
-from data_prep.output import DONE, MANIFEST, REJECTED, read_jsonl
+from data_prep import pipeline
+from data_prep import synthetic as syn
+from data_prep.output import DONE, MANIFEST, REJECTED
 from data_prep.reshard import reshard
 from pretrain.config import DataConfig
 from pretrain.data import ShardLoader
-from test_data_prep_video import make_bad_inputs
-from webdataset.tariterators import tarfile_samples
 
 pytestmark = pytest.mark.slow
 PRESET = get_preset("small")  # 32 px frames, 4x4 tokens, 5 frames per sample
@@ -203,7 +203,10 @@ def test_resume_after_a_crash_equals_an_undisturbed_run(prepared, dataset, token
     resumed = run(dataset, crashed, tokenizer_path)
     assert 0 < resumed["this_run"]["samples_written"] < summary["samples"]
     assert samples_in(crashed) == samples_in(out)
-    strip = lambda rows: sorted(json.dumps({k: v for k, v in r.items() if k != "shard"}, sort_keys=True) for r in rows)
+
+    def strip(rows):
+        return sorted(json.dumps({k: v for k, v in r.items() if k != "shard"}, sort_keys=True) for r in rows)
+
     assert strip(read_jsonl(crashed / MANIFEST)) == strip(read_jsonl(out / MANIFEST))
     assert strip(read_jsonl(crashed / REJECTED)) == strip(read_jsonl(out / REJECTED))
     assert totals(resumed) == totals(summary)
