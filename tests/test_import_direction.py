@@ -1,11 +1,11 @@
-"""The library (`cogvideo/`) never imports a stage (`data_prep/`, `pretrain/`, `cluster/`)."""
+"""The library (`cogvideo/`) never imports a stage (`data_prep/`, `pretrain/`, `cluster/`) or the demo."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("data_prep", "pretrain", "cluster")
+STAGES = ("data_prep", "pretrain", "cluster", "demo")
 
 
 def imported_modules(source: str) -> list[tuple[int, str]]:
