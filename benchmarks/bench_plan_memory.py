@@ -47,7 +47,7 @@ def _rss_kib(field: str) -> int:
 def _trainer(cfg, batch):
     import torch
 
-    from cogvideo.model import build_model
+    from cogvideo.family import build_model
 
     model = build_model(cfg).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

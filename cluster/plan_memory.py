@@ -72,18 +72,19 @@ def _param_table(cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]
     seconds); layer parameters repeat `num_layers` times."""
     import torch
 
-    from cogvideo.model import TP_PLAN, CogVideoModel
+    from cogvideo.family import family_of
 
     cfg = ModelConfig(**dict(cfg_key))
+    family = family_of(cfg)
     with torch.device("meta"):
-        model = CogVideoModel(cfg.replace(num_layers=1))
+        model = family.build_model(cfg.replace(num_layers=1))
     return tuple((name.rpartition(".")[0], p.numel(), cfg.num_layers if name.startswith("layers.") else 1,
-                  p.requires_grad, TP_PLAN.rule(name) is not None)
+                  p.requires_grad, family.tp_plan.rule(name) is not None)
                  for name, p in model.named_parameters())
 
 
 def rank_params(cfg: ModelConfig, tp: int) -> RankParams:
-    """Per-rank counts from the model's own parameters and its TP plan (cogvideo.model.TP_PLAN)."""
+    """Per-rank counts from the model's own parameters and its family's TP plan."""
     key = tuple((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)
     trainable = frozen = largest_trainable = 0
     per_module: dict[str, int] = {}

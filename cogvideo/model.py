@@ -2,8 +2,8 @@
 channel in every layer.
 
 Built plain (full shapes, torch layers); `TP_PLAN` says how it shards, and
-`cogvideo.tp_plan.parallelize` swaps in megatron-core's layers and applies activation
-checkpointing. Three attention paths share one visibility rule (cogvideo/sequence.py):
+`cogvideo.family.build_model` parallelizes it by that plan (megatron-core layers, activation
+checkpointing). Registered as the "cogvideo" family (`FAMILY`). Three attention paths share one visibility rule (cogvideo/sequence.py):
 
 - blocked (default): text, per-frame spatial blocks and per-window temporal blocks gathered
   into the batch dimension;
@@ -24,10 +24,12 @@ from torch import nn
 from cogvideo import blocked
 from cogvideo.attention import attend
 from cogvideo.blocked import FrameBlocks, attention_shifts, frame_blocks, text_bias_scores, with_pads
-from cogvideo.config import ModelConfig
+from cogvideo.config import PRESETS, ModelConfig
+from cogvideo.family import ModelFamily, register
+from cogvideo.flops import train_flops
 from cogvideo.kv_cache import ChunkPlan, KVCache
-from cogvideo.sequence import TEXT, TokenMeta, layer_shift, position_ids, visible
-from cogvideo.tp_plan import Column, Row, TiedEmbedding, TPPlan, Vocab, parallelize, vocab_cross_entropy
+from cogvideo.sequence import TEXT, TokenMeta, build_sequence, layer_shift, position_ids, visible
+from cogvideo.tp_plan import Column, Row, TiedEmbedding, TPPlan, Vocab, vocab_cross_entropy
 
 TEMPORAL_PARAMS = ("frame_position_embeddings.", ".temporal_attention.", ".temporal_gate")
 
@@ -305,9 +307,15 @@ class CogVideoModel(nn.Module):
     # ---- loss -----------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Mean cross entropy over image ids at the masked positions."""
-        per_token = vocab_cross_entropy(logits, targets, self.cfg.vocab.num_image_tokens)
-        weights = loss_mask.to(per_token.dtype)
-        return (per_token * weights).sum() / weights.sum().clamp(min=1)
+        return image_token_loss(self.cfg, logits, targets, loss_mask)
+
+
+def image_token_loss(cfg: ModelConfig, logits: torch.Tensor, targets: torch.Tensor,
+                     loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the image ids of (vocabulary-parallel) logits at the masked positions."""
+    per_token = vocab_cross_entropy(logits, targets, cfg.vocab.num_image_tokens)
+    weights = loss_mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1)
 
 
 def init_video_from_backbone(backbone: dict, video_cfg: ModelConfig) -> dict:
@@ -338,7 +346,19 @@ def init_video_from_backbone(backbone: dict, video_cfg: ModelConfig) -> dict:
     return out
 
 
-def build_model(cfg: ModelConfig) -> CogVideoModel:
-    """The model as training and sampling run it: built plain, then sharded by `TP_PLAN` over
-    the current tensor-parallel group (if any) and activation-checkpointed if configured."""
-    return parallelize(CogVideoModel(cfg), TP_PLAN, cfg.activation_checkpointing)
+
+def _train_loss(cfg: ModelConfig, model, batch, device: torch.device) -> torch.Tensor:
+    logits = model(batch.tokens.to(device))
+    return image_token_loss(cfg, logits, batch.targets.to(device), batch.loss_mask.to(device))
+
+
+def _sampler(options):
+    from cogvideo.sampling.pipeline import VideoPipeline
+
+    return VideoPipeline.load(options)
+
+
+FAMILY = register(ModelFamily(
+    name="cogvideo", config=ModelConfig, presets=PRESETS, build_model=CogVideoModel, tp_plan=TP_PLAN,
+    loss=_train_loss, example=lambda cfg, text_ids, frames, seed: build_sequence(cfg, text_ids, frames),
+    train_flops=lambda cfg: train_flops(cfg, batch=1), sampler=_sampler))

@@ -25,10 +25,10 @@ class ParamCounts:
 
 
 def count_parameters(cfg: ModelConfig) -> ParamCounts:
-    from cogvideo.model import CogVideoModel
+    from cogvideo.family import family_of
 
     with torch.device("meta"):
-        model = CogVideoModel(cfg)
+        model = family_of(cfg).build_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ParamCounts(total, trainable)

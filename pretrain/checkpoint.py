@@ -29,7 +29,7 @@ from cogvideo.checkpoint.io import CheckpointError, unreadable
 from cogvideo.checkpoint.training import (COMPLETE, FULL_MODEL, LATEST, LOCK, TAG, TRAIN_CONFIG, complete_tags,
                                           load_part, part_file, part_ranks, save_part, tag_for)
 from cogvideo.configio import save_yaml
-from cogvideo.model import TP_PLAN
+from cogvideo.family import family_of
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def full_state_dict(engine) -> dict | None:
     if parallel.dp_rank() == 0:
         dist.gather_object(local, gathered, dst=dist.get_global_rank(parallel.tp_group(), 0),
                            group=parallel.tp_group())
-    return TP_PLAN.merge_state_dicts(gathered) if dist.get_rank() == 0 else None
+    plan = family_of(module.cfg).tp_plan
+    return plan.merge_state_dicts(gathered) if dist.get_rank() == 0 else None
 
 
 class CheckpointManager:

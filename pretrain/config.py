@@ -4,7 +4,8 @@
     model_cfg = check_config(cfg, world_size=8)   # before any process group starts
 
 The `model:` section is a preset name plus any :class:`cogvideo.config.ModelConfig` field,
-validated by :func:`cogvideo.config.resolve_model_config`.
+validated by :func:`cogvideo.family.resolve_model_section` (`model.family` picks the family,
+cogvideo by default).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from cogvideo.config import ModelConfig, resolve_model_config
+from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, load_config
 from cogvideo.precision import Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
@@ -127,12 +128,11 @@ def world_size_from_env() -> int:
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    overrides = dict(cfg.model)
-    preset = overrides.pop("preset", None)
-    if not isinstance(preset, str):
-        raise ConfigError("model.preset: required, e.g. 'tiny' or 'cogvideo-stage1'")
+    """The `model:` section ({family (default cogvideo), preset, ...fields}) -> the family's config."""
+    from cogvideo.family import resolve_model_section
+
     try:
-        return resolve_model_config(preset, overrides, cfg.parallel.tensor_parallel)
+        return resolve_model_section(cfg.model, cfg.parallel.tensor_parallel)
     except ConfigError:
         raise
     except ValueError as err:

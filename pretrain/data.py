@@ -26,6 +26,7 @@ import torch
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.config import ModelConfig
+from cogvideo.family import family_of
 from cogvideo.shards import Sample, ShardFormatError, decode_sample, tar_problem
 from pretrain.config import DataConfig, data_stage
 
@@ -239,8 +240,6 @@ class ShardLoader:
 
     # ---- batches -------------------------------------------------------------------
     def to_sequence(self, sample: Sample):
-        from cogvideo.sequence import build_sequence
-
         if self.data.caption_dropout and self._dropped(sample.key):  # classifier-free guidance learns the guidance text
             text = self.text_format.uncond(sample.meta.duration)
         else:
@@ -252,7 +251,15 @@ class ShardLoader:
             log.warning("sample %s: text has %d tokens, model.text_length=%d keeps the first %d (the duration "
                         "prefix and the caption's start); further truncations are not reported",
                         sample.key, len(text_ids), limit, limit)
-        return build_sequence(self.model_cfg, text_ids[:limit], torch.from_numpy(sample.frames))
+        seed = self._sample_seed(sample.key)
+        frames = torch.from_numpy(sample.frames)
+        return family_of(self.model_cfg).example(self.model_cfg, text_ids[:limit], frames, seed)
+
+    def _sample_seed(self, key: str) -> int:
+        """The family's draw for one sample (e.g. which tokens to mask), fixed per (run seed, epoch,
+        sample): an exact resume draws the same again."""
+        digest = hashlib.sha256(f"{self.seed}/{self.position.epoch}/{key}/example".encode()).digest()
+        return int.from_bytes(digest[:8], "big")
 
     def _dropped(self, key: str) -> bool:
         """A seeded draw per (epoch, sample): the same samples drop again on an exact resume."""

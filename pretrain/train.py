@@ -99,9 +99,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg, shards: list[str], encode_text, resume: Path | None):
         import deepspeed
 
-        from cogvideo.flops import train_flops
-        from cogvideo.model import build_model
+        from cogvideo.family import build_model, family_of
 
+        self.family = family_of(model_cfg)
         say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
@@ -143,7 +143,7 @@ class Trainer:
         self.batches = iter(self.loader)
 
         samples_per_step = cfg.training.micro_batch_size * cfg.training.grad_accum_steps * parallel.dp_size()
-        self.throughput = Throughput(samples_per_step, model_cfg.seq_length, train_flops(model_cfg, batch=1),
+        self.throughput = Throughput(samples_per_step, model_cfg.seq_length, self.family.train_flops(model_cfg),
                                      cfg.logging.peak_flops * dist.get_world_size())
         self.metrics = MetricsLogger(cfg.log_dir, self.rank == 0, total_steps=cfg.training.max_steps,
                                      start_step=self.step, print_every=cfg.logging.every_steps,
@@ -206,8 +206,7 @@ class Trainer:
         for micro in range(self.cfg.training.grad_accum_steps):
             batch = next(self.batches)
             self._record_keys(micro, batch)
-            logits = engine(batch.tokens.to(engine.device))
-            loss = engine.module.loss(logits, batch.targets.to(engine.device), batch.loss_mask.to(engine.device))
+            loss = self.family.loss(self.model_cfg, engine, batch, engine.device)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())

@@ -13,7 +13,8 @@ from cogvideo.checkpoint import (CheckpointError, load_model_config, load_model_
                                  save_model_checkpoint)
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel, build_model
+from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]

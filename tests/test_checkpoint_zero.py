@@ -14,7 +14,8 @@ from cogvideo.checkpoint import (CheckpointError, convert_zero, load_model_state
                                  save_model_checkpoint)
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel, build_model
+from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from tolerances import loss_rel_tol
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel, build_model, init_video_from_backbone, is_backbone_param
+from cogvideo.model import CogVideoModel, init_video_from_backbone, is_backbone_param
+from cogvideo.family import build_model
 from cogvideo.params import count_parameters
 from model_helpers import random_batch
 

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cogvideo import flops
 from cogvideo.config import get_preset
-from cogvideo.model import build_model
+from cogvideo.family import build_model
 
 
 def test_tiny_stage1_by_hand():

@@ -11,7 +11,8 @@ from benchmarks.memtrack import LiveTensorBytes
 from cluster.plan_memory import (GiB, Layout, RankParams, layer_activation_bytes, model_states, plan_memory,
                                  rank_params)
 from cogvideo.config import get_preset
-from cogvideo.model import TP_PLAN, CogVideoModel, build_model
+from cogvideo.model import TP_PLAN, CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.params import count_parameters
 
 DS_LAYOUTS = [(1, 1), (8, 1), (8, 13), (4, 3)]  # (GPUs per node, nodes)

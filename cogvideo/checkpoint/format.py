@@ -55,10 +55,10 @@ def is_trainable(name: str, cfg: ModelConfig) -> bool:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) parameter shapes of CogVideoModel(cfg), from the plain model on the meta device."""
-    from cogvideo.model import CogVideoModel
+    from cogvideo.family import family_of
 
     with torch.device("meta"):
-        model = CogVideoModel(cfg)
+        model = family_of(cfg).build_model(cfg)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 

@@ -46,7 +46,7 @@ def sampling_precision(options: SampleOptions) -> PrecisionChoice:
 def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: torch.dtype) -> StageModel:
     from cogvideo import parallel
     from cogvideo.checkpoint import load_model_config, load_model_state, load_text_format
-    from cogvideo.model import build_model
+    from cogvideo.family import build_model
 
     cfg: ModelConfig = load_model_config(path).validate(options.tensor_parallel)
     if cfg.stage != expected_stage:
