@@ -99,7 +99,7 @@ def main() -> None:
         frames = np.random.default_rng(0).integers(0, 256, (64, preset.frame_size, preset.frame_size, 3), np.uint8)
         tokenizer = work / "tokenizer.safetensors"
         fit_patch_tokenizer(frames, 256, preset.frame_size, preset.frame_tokens).save(tokenizer)
-        cfg = PrepConfig(model_preset="small", tokenizer=str(tokenizer), num_cpus=args.cpus)
+        cfg = PrepConfig(model={"preset": "small"}, tokenizer=str(tokenizer), num_cpus=args.cpus)
 
         start_ray(num_cpus=args.cpus, log_to_driver=False)
         run_prep(cfg, [str(small)], work / "warmup", str(small / "captions.csv"), progress=False)  # start workers

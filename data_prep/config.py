@@ -1,22 +1,22 @@
 """What a data-preparation job does, as one dataclass filled from YAML and dotted overrides.
 
 Frame size, tokens per frame side and frames per sample are not settings here: they come
-from the model config (`model_preset` + `model` overrides), so shards always fit the model.
-`model_preset` defaults to the preset the image tokenizer was fitted for.
+from the model config (the `model:` section, `{preset, ...field overrides}` as in training), so
+shards always fit the model. `model.preset` defaults to the preset the image tokenizer was fitted for.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cogvideo.config import resolve_model_config
+from cogvideo.family import resolve_model_section
 from cogvideo.configio import ConfigError
 from cogvideo.video_io import VIDEO_SUFFIXES
 
 
 @dataclass
 class PrepConfig:
-    model_preset: str | None = None  # None: the preset the image tokenizer was fitted for (its metadata)
-    model: dict = field(default_factory=dict)  # ModelConfig field overrides
+    # {preset, ...ModelConfig field overrides}; no preset: the one the image tokenizer was fitted for
+    model: dict = field(default_factory=dict)
     tokenizer: str = ""  # image tokenizer path, as load_image_tokenizer takes it
     # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per actor
     tokenizer_loader: str = "cogvideo.tokenizers.loading:load_image_tokenizer"
@@ -90,9 +90,14 @@ class Geometry:
 
 
 def geometry(cfg: PrepConfig) -> Geometry:
-    if cfg.model_preset is None:
-        raise ConfigError("prep.model_preset: required (the image tokenizer records no preset)")
-    model = resolve_model_config(cfg.model_preset, cfg.model)
+    if cfg.model.get("preset") is None:
+        raise ConfigError("prep.model.preset: required (the image tokenizer records no preset)")
+    try:
+        model = resolve_model_section(cfg.model)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if model.stage == "backbone" and 2 in cfg.stages:
         raise ConfigError("prep.stages: a one-frame backbone preset has no stage-2 samples")
     return Geometry(frame_size=model.frame_size, tokens_side=model.frame_tokens, num_frames=model.num_frames,

@@ -66,10 +66,10 @@ def _record_rejection(out: PrepOutput, record: dict) -> None:
 
 def with_checked_tokenizer(cfg: PrepConfig) -> tuple[PrepConfig, Geometry]:
     """Before Ray starts: the image tokenizer loads and fits the model (ConfigError otherwise);
-    an unset model_preset becomes the preset the tokenizer was fitted for."""
+    an unset model.preset becomes the preset the tokenizer was fitted for."""
     tokenizer = load_tokenizer(cfg)
-    if cfg.model_preset is None:
-        cfg = dataclasses.replace(cfg, model_preset=getattr(tokenizer, "preset", None))
+    if cfg.model.get("preset") is None:
+        cfg = dataclasses.replace(cfg, model={**cfg.model, "preset": getattr(tokenizer, "preset", None)})
     shape = geometry(cfg)
     check_tokenizer(cfg, shape, tokenizer)
     return cfg, shape

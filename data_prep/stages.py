@@ -113,14 +113,14 @@ def load_tokenizer(cfg: PrepConfig, device: str = "cpu"):
 def check_tokenizer(cfg: PrepConfig, shape: Geometry, tokenizer) -> None:
     """Its frame size, codes per side and codebook fit the model (ConfigError naming both)."""
     got = (tokenizer.frame_size, tokenizer.tokens_side)
-    fix = f"fit one with cogvideo-fit-image-tokenizer preset={cfg.model_preset}"
+    fix = f"fit one with cogvideo-fit-image-tokenizer preset={cfg.model['preset']}"
     if got != (shape.frame_size, shape.tokens_side):
         raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: encodes {got[0]}px frames to {got[1]}x{got[1]} codes, "
-                          f"but the model ({cfg.model_preset}) needs {shape.frame_size}px and "
+                          f"but the model ({cfg.model['preset']}) needs {shape.frame_size}px and "
                           f"{shape.tokens_side}x{shape.tokens_side} (model.frame_size, model.frame_tokens): {fix}")
     if tokenizer.codebook_size > shape.image_codes:
         raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: {tokenizer.codebook_size} codes, but the model "
-                          f"({cfg.model_preset}) has {shape.image_codes} (model.vocab.num_image_tokens): {fix}")
+                          f"({cfg.model['preset']}) has {shape.image_codes} (model.vocab.num_image_tokens): {fix}")
 
 
 class TokenizeSamples:

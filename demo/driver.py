@@ -240,7 +240,7 @@ class Demo:
         self.command([sys.executable, "-m", "data_prep.pipeline", *sum((["--input", str(p)] for p in inputs), []),
                       "--captions", str(videos / "captions.jsonl"), "--out", str(self.path("shards")),
                       "--config", str(ROOT / "configs" / "demo" / "prep.yaml"),
-                      f"model_preset={self.cfg.preset}", f"tokenizer={self.image_model}",
+                      f"model.preset={self.cfg.preset}", f"tokenizer={self.image_model}",
                       f"num_cpus={os.cpu_count() or 1}"])
         summary = json.loads((self.path("shards") / "summary.json").read_text())
         ranks = self.cfg.train.ranks

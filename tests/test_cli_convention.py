@@ -92,7 +92,7 @@ def test_prep_refuses_a_missing_or_misfitted_tokenizer_before_ray_starts(tmp_pat
     frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
     fit_patch_tokenizer(frames, 16, 32, 4, preset="small").save(tmp_path / "small.safetensors")
     cases = [([f"tokenizer={tmp_path / 'nowhere.safetensors'}"], "prep.tokenizer: patch tokenizer not found"),
-             ([f"tokenizer={tmp_path / 'small.safetensors'}", "model_preset=tiny"],
+             ([f"tokenizer={tmp_path / 'small.safetensors'}", "model.preset=tiny"],
               "encodes 32px frames to 4x4 codes, but the model (tiny) needs 16px and 4x4"),
              ([f"tokenizer={tmp_path / 'small.safetensors'}", "model.vocab={num_image_tokens: 8, "
                "num_text_tokens: 1000, text_offset: 8, vocab_size: 1024, pad_piece_id: 0}"],
@@ -110,9 +110,9 @@ def test_prep_takes_the_model_preset_from_the_tokenizer(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
     fit_patch_tokenizer(frames, 16, 16, 4, preset="tiny").save(tmp_path / "tiny.safetensors")
     cfg, shape = pipeline.with_checked_tokenizer(PrepConfig(tokenizer=str(tmp_path / "tiny.safetensors")))
-    assert cfg.model_preset == "tiny" and (shape.frame_size, shape.tokens_side) == (16, 4)
+    assert cfg.model["preset"] == "tiny" and (shape.frame_size, shape.tokens_side) == (16, 4)
     fit_patch_tokenizer(frames, 16, 16, 4).save(tmp_path / "unnamed.safetensors")  # fitted without a preset
-    with pytest.raises(Exception, match="prep.model_preset: required"):
+    with pytest.raises(Exception, match="prep.model.preset: required"):
         pipeline.with_checked_tokenizer(PrepConfig(tokenizer=str(tmp_path / "unnamed.safetensors")))
 
 

@@ -89,7 +89,7 @@ def tokenizer_path(tmp_path_factory, dataset):
 def run(dataset, out, tokenizer, *overrides):
     argv = ["--input", str(dataset["root"]), "--input", str(dataset["root"] / "zz_copy_of_first.mp4"),
             "--captions", str(dataset["captions"]), "--out", str(out), "--no-progress",
-            f"tokenizer={tokenizer}", "model_preset=small", "shard_samples=6", "min_clip_s=0.2", *overrides]
+            f"tokenizer={tokenizer}", "model.preset=small", "shard_samples=6", "min_clip_s=0.2", *overrides]
     return pipeline.run_cli(argv)
 
 
