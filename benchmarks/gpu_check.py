@@ -37,7 +37,8 @@ from cluster.plan_memory import GiB, Layout, plan_memory  # noqa: E402
 from cogvideo import parallel  # noqa: E402
 from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.flops import train_flops  # noqa: E402
-from cogvideo.model import CogVideoModel, build_model  # noqa: E402
+from cogvideo.family import build_model  # noqa: E402
+from cogvideo.model import CogVideoModel  # noqa: E402
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached  # noqa: E402
 from cogvideo.sampling.hierarchy import row_generator  # noqa: E402
 from cogvideo.sampling.stage_model import StageModel  # noqa: E402
