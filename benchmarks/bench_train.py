@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.environment import apply_defaults  # noqa: E402
-from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.family import build_model  # noqa: E402
+from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.precision import matmul_gflops  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
 from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402

@@ -32,12 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_sampling import GREEDY, full_forward_seconds  # noqa: E402
+
 from cluster.plan import GPU_KINDS  # noqa: E402
 from cluster.plan_memory import GiB, Layout, plan_memory  # noqa: E402
 from cogvideo import parallel  # noqa: E402
 from cogvideo.config import get_preset  # noqa: E402
-from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.family import build_model  # noqa: E402
+from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.model import CogVideoModel  # noqa: E402
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached  # noqa: E402
 from cogvideo.sampling.hierarchy import row_generator  # noqa: E402

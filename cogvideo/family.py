@@ -11,6 +11,7 @@ CogVideo (stages backbone / 1 / 2) is registered at import; another family calls
 The model section of every config names one: `model: {family: cogvideo, preset: small, ...fields}`
 (`family` defaults to cogvideo).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -43,7 +44,9 @@ class ModelFamily:
 
     def preset(self, name: str):
         if name not in self.presets:
-            raise ValueError(f"model.preset: unknown {self.name} preset {name!r}; known: {sorted(self.presets)}")
+            raise ValueError(
+                f"model.preset: unknown {self.name} preset {name!r}; known: {sorted(self.presets)}"
+            )
         return self.presets[name]().validate()
 
 

@@ -13,6 +13,7 @@ replicated. `parallelize` also applies activation checkpointing to the plan's bl
                    "word_embeddings": Vocab()}, blocks="layers")
     model = parallelize(PlainModel(cfg), plan, activation_checkpointing=True)
 """
+
 from __future__ import annotations
 
 import functools
@@ -111,8 +112,10 @@ class TPPlan:
 def split_tensor(tensor: torch.Tensor, dim: int, stride: int, rank: int, size: int, what: str = "tensor"):
     """Rank `rank`'s part: `stride` blocks, each cut into `size` pieces ([Q_r; K_r; V_r] for QKV)."""
     if tensor.shape[dim] % (stride * size):
-        raise ValueError(f"{what}: dimension {dim} of size {tensor.shape[dim]} does not split into "
-                         f"{size} TP ranks x stride {stride}")
+        raise ValueError(
+            f"{what}: dimension {dim} of size {tensor.shape[dim]} does not split into "
+            f"{size} TP ranks x stride {stride}"
+        )
     blocks = tensor.chunk(stride * size, dim=dim)
     return torch.cat([blocks[s * size + rank] for s in range(stride)], dim=dim).contiguous()
 
@@ -124,6 +127,7 @@ def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Ten
 
 
 # ---- applying the plan to a plain model ---------------------------------------------------
+
 
 def parallelize(model: nn.Module, plan: TPPlan, activation_checkpointing: bool = False) -> nn.Module:
     """Swap every planned layer for its megatron-core counterpart holding this rank's shard of
@@ -145,7 +149,9 @@ def parallelize(model: nn.Module, plan: TPPlan, activation_checkpointing: bool =
     return model
 
 
-def _parallel_layer(name: str, plain: nn.Module, style: Style, plan: TPPlan, rank: int, size: int) -> nn.Module:
+def _parallel_layer(
+    name: str, plain: nn.Module, style: Style, plan: TPPlan, rank: int, size: int
+) -> nn.Module:
     weight = plain.weight
     config = _megatron_config(size, weight.dtype, weight.device.type == "cuda")
     column, row, vocab = _megatron_classes()
@@ -156,13 +162,29 @@ def _parallel_layer(name: str, plain: nn.Module, style: Style, plan: TPPlan, ran
                 raise TypeError(f"TP plan: {name} is planned as Vocab but is a {type(plain).__name__}")
             layer = vocab(plain.num_embeddings, plain.embedding_dim, init_method=keep, config=config)
         elif not isinstance(plain, nn.Linear) or plain.bias is None:
-            raise TypeError(f"TP plan: {name} is planned as {type(style).__name__} but is not an nn.Linear with bias")
+            raise TypeError(
+                f"TP plan: {name} is planned as {type(style).__name__} but is not an nn.Linear with bias"
+            )
         elif isinstance(style, Column):
-            layer = column(plain.in_features, plain.out_features, config=config, init_method=keep, bias=True,
-                           gather_output=False, stride=style.stride)
+            layer = column(
+                plain.in_features,
+                plain.out_features,
+                config=config,
+                init_method=keep,
+                bias=True,
+                gather_output=False,
+                stride=style.stride,
+            )
         else:
-            layer = row(plain.in_features, plain.out_features, config=config, init_method=keep, bias=True,
-                        input_is_parallel=True, skip_bias_add=False)
+            layer = row(
+                plain.in_features,
+                plain.out_features,
+                config=config,
+                init_method=keep,
+                bias=True,
+                input_is_parallel=True,
+                skip_bias_add=False,
+            )
     with torch.no_grad():
         for param_name, param in layer.named_parameters():
             source, rule = getattr(plain, param_name), plan.rule(f"{name}.{param_name}")
@@ -179,9 +201,13 @@ def _parallel_layer(name: str, plain: nn.Module, style: Style, plan: TPPlan, ran
 def _megatron_config(size: int, dtype: torch.dtype, on_gpu: bool):
     from megatron.core import ModelParallelConfig
 
-    return ModelParallelConfig(tensor_model_parallel_size=size, use_cpu_initialization=not on_gpu,
-                               perform_initialization=False, gradient_accumulation_fusion=False,
-                               params_dtype=dtype)
+    return ModelParallelConfig(
+        tensor_model_parallel_size=size,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=dtype,
+    )
 
 
 @functools.cache
@@ -218,8 +244,9 @@ def vocab_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_classes
     output layer ([..., V / tp] on each TP rank; the whole vocabulary without TP)."""
     size = parallel.tp_size()
     if size == 1:
-        return F.cross_entropy(logits[..., :num_classes].float().flatten(0, -2), targets.flatten(),
-                               reduction="none").view_as(targets)
+        return F.cross_entropy(
+            logits[..., :num_classes].float().flatten(0, -2), targets.flatten(), reduction="none"
+        ).view_as(targets)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     local = logits.shape[-1]

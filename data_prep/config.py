@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cogvideo.family import resolve_model_section
 from cogvideo.configio import ConfigError
+from cogvideo.family import resolve_model_section
 from cogvideo.video_io import VIDEO_SUFFIXES
 
 

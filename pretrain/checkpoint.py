@@ -26,8 +26,20 @@ import torch.distributed as dist
 
 from cogvideo import parallel
 from cogvideo.checkpoint.io import CheckpointError, unreadable
-from cogvideo.checkpoint.training import (COMPLETE, FULL_MODEL, LATEST, LOCK, TAG, TRAIN_CONFIG, complete_tags,
-                                          load_part, part_file, part_ranks, save_part, tag_for)
+from cogvideo.checkpoint.training import (
+    COMPLETE,
+    FULL_MODEL,
+    LATEST,
+    LOCK,
+    TAG,
+    TRAIN_CONFIG,
+    complete_tags,
+    load_part,
+    part_file,
+    part_ranks,
+    save_part,
+    tag_for,
+)
 from cogvideo.configio import save_yaml
 from cogvideo.family import family_of
 

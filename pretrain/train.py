@@ -29,8 +29,13 @@ from cogvideo.checkpoint.training import find_resume, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
-from pretrain.config import (TrainConfig, check_config, check_text_tokenizer, load_train_config,
-                             world_size_from_env)
+from pretrain.config import (
+    TrainConfig,
+    check_config,
+    check_text_tokenizer,
+    load_train_config,
+    world_size_from_env,
+)
 from pretrain.data import Batch, DataError, ShardLoader, check_shards, check_text_length, expand_shards
 from pretrain.launch import die_with_launcher, rank_env
 from pretrain.metrics import MetricsLogger, Throughput

@@ -9,12 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvideo.checkpoint import (CheckpointError, load_model_config, load_model_state, reshard,
-                                 save_model_checkpoint)
+from cogvideo.checkpoint import (
+    CheckpointError,
+    load_model_config,
+    load_model_state,
+    reshard,
+    save_model_checkpoint,
+)
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
 from cogvideo.family import build_model
+from cogvideo.model import CogVideoModel
 from cogvideo.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]

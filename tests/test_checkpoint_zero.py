@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import loss_rel_tol
 
-from cogvideo.checkpoint import (CheckpointError, convert_zero, load_model_state, load_optimizer_state,
-                                 save_model_checkpoint)
+from cogvideo.checkpoint import (
+    CheckpointError,
+    convert_zero,
+    load_model_state,
+    load_optimizer_state,
+    save_model_checkpoint,
+)
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
 from cogvideo.family import build_model
-from tolerances import loss_rel_tol
+from cogvideo.model import CogVideoModel
 
 REPO = Path(__file__).resolve().parents[1]
 # big enough that holding the model would dwarf the streaming bound (~9.5M params, 38 MB fp32)

@@ -2,11 +2,11 @@
 masked-token video model (MaskGIT-style: bidirectional attention, a random share of frame tokens
 replaced by a mask id, loss on those) registers its config, plain model, TP plan, loss and batch
 builder here, and trains through `pretrain.train.main` on shards the test writes."""
+
 from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,14 +62,16 @@ class MaskedVideoModel(nn.Module):
         return self.word_embeddings.unembed(self.norm(x))
 
 
-PLAN = TPPlan({"word_embeddings": Vocab(), "qkv": Column(stride=3), "proj": Row(), "fc1": Column(), "fc2": Row()},
-              blocks="blocks")
+PLAN = TPPlan(
+    {"word_embeddings": Vocab(), "qkv": Column(stride=3), "proj": Row(), "fc1": Column(), "fc2": Row()},
+    blocks="blocks",
+)
 
 
 def masked_example(cfg: MaskedVideoConfig, text_ids, frames, seed: int):
     """[left-padded text; all frames] with a seeded share of frame tokens replaced by the mask id."""
     text = torch.full((cfg.text_length,), cfg.vocab.pad_id, dtype=torch.long)
-    text[cfg.text_length - len(text_ids):] = torch.as_tensor(text_ids, dtype=torch.long)
+    text[cfg.text_length - len(text_ids) :] = torch.as_tensor(text_ids, dtype=torch.long)
     sequence = torch.cat([text, torch.as_tensor(frames, dtype=torch.long).flatten()])
     g = torch.Generator().manual_seed(seed % 2**63)
     ratio = cfg.min_mask_ratio + (1 - cfg.min_mask_ratio) * float(torch.rand((), generator=g))
@@ -89,9 +91,18 @@ def toy_flops(cfg) -> float:
     return 6 * cfg.seq_length * cfg.num_layers * per_layer
 
 
-FAMILY = register(ModelFamily(
-    name="masked-video", config=MaskedVideoConfig, presets={"masked-toy": MaskedVideoConfig},
-    build_model=MaskedVideoModel, tp_plan=PLAN, loss=masked_loss, example=masked_example, train_flops=toy_flops))
+FAMILY = register(
+    ModelFamily(
+        name="masked-video",
+        config=MaskedVideoConfig,
+        presets={"masked-toy": MaskedVideoConfig},
+        build_model=MaskedVideoModel,
+        tp_plan=PLAN,
+        loss=masked_loss,
+        example=masked_example,
+        train_flops=toy_flops,
+    )
+)
 
 
 def test_the_model_section_picks_the_family_and_its_presets():
@@ -117,7 +128,9 @@ def test_the_toy_plan_shards_and_merges_its_own_state_dict():
 
 def test_masking_is_reproducible_and_leaves_text_alone():
     cfg = MaskedVideoConfig()
-    frames = torch.randint(0, cfg.vocab.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens))
+    frames = torch.randint(
+        0, cfg.vocab.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens)
+    )
     text_ids = [cfg.vocab.text_id(5), cfg.vocab.text_id(6)]
     tokens, targets, mask = masked_example(cfg, text_ids, frames, seed=7)
     again = masked_example(cfg, text_ids, frames, seed=7)
@@ -139,15 +152,29 @@ def test_a_second_family_trains_through_the_real_trainer(tmp_path):
     captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
     tokenizer = train_text_tokenizer(captions, tmp_path / "text", 60, byte_fallback=False)
     launcher = tmp_path / "train_masked.py"  # the trainer's entry point, with this family registered
-    launcher.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport test_model_family\n"
-                        "from pretrain.train import main\nmain()\n")
+    launcher.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport test_model_family\n"
+        "from pretrain.train import main\nmain()\n"
+    )
     run = tmp_path / "run"
     steps = 4
-    proc = torchrun(1, ["--config", str(ROOT / "configs/tiny_test.yaml"), "model.family=masked-video",
-                        "model.preset=masked-toy", f"data.shards=[{','.join(shards)}]",
-                        f"data.text_tokenizer={tokenizer}", "data.max_cut_text=1", f"checkpoint.dir={run}",
-                        "checkpoint.export_full=true", f"training.max_steps={steps}", "logging.sample_keys=true"],
-                    script=str(launcher))
+    proc = torchrun(
+        1,
+        [
+            "--config",
+            str(ROOT / "configs/tiny_test.yaml"),
+            "model.family=masked-video",
+            "model.preset=masked-toy",
+            f"data.shards=[{','.join(shards)}]",
+            f"data.text_tokenizer={tokenizer}",
+            "data.max_cut_text=1",
+            f"checkpoint.dir={run}",
+            "checkpoint.export_full=true",
+            f"training.max_steps={steps}",
+            "logging.sample_keys=true",
+        ],
+        script=str(launcher),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
@@ -159,14 +186,21 @@ def test_a_second_family_trains_through_the_real_trainer(tmp_path):
     from pretrain.config import load_train_config
     from pretrain.data import ShardLoader
 
-    train_cfg = load_train_config(str(ROOT / "configs/tiny_test.yaml"), [f"data.shards=[{','.join(shards)}]",
-                                                                          "data.max_cut_text=1"])
+    train_cfg = load_train_config(
+        str(ROOT / "configs/tiny_test.yaml"), [f"data.shards=[{','.join(shards)}]", "data.max_cut_text=1"]
+    )
     torch.manual_seed(train_cfg.training.seed)
     model = build_model(cfg)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     encode = TextTokenizer(str(tokenizer), cfg.vocab).encode
-    loader = ShardLoader(shards, cfg, encode, train_cfg.data, micro_batch_size=train_cfg.training.micro_batch_size,
-                         seed=train_cfg.training.seed)
+    loader = ShardLoader(
+        shards,
+        cfg,
+        encode,
+        train_cfg.data,
+        micro_batch_size=train_cfg.training.micro_batch_size,
+        seed=train_cfg.training.seed,
+    )
     batch = next(loader.batches())
     logged = json.loads((run / "logs/samples_rank0.jsonl").read_text().splitlines()[0])
     assert batch.keys == logged["keys"]

@@ -1,12 +1,12 @@
 """Backbone -> video initialisation, freezing, parameter counts and activation checkpointing."""
 import pytest
 import torch
+from model_helpers import random_batch
 
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel, init_video_from_backbone, is_backbone_param
 from cogvideo.family import build_model
+from cogvideo.model import CogVideoModel, init_video_from_backbone, is_backbone_param
 from cogvideo.params import count_parameters
-from model_helpers import random_batch
 
 
 def _backbone_and_video(stage, **changes):

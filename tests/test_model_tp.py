@@ -2,13 +2,13 @@
 resharding. At TP 4 and at TP 2 (x DP 2) over four gloo processes, `parallelize` leaves each rank holding exactly
 `TP_PLAN.shard_state_dict` of the plain weights, and that model equals TP=1 on the same weights
 (logits, loss and every gradient merged back by `TP_PLAN.merge_state_dicts`, fp32)."""
+
 import os
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from megatron.core import parallel_state
 
 from cogvideo import parallel
@@ -25,16 +25,22 @@ def _batch(cfg, seed=0):
     g = torch.Generator().manual_seed(seed)
     samples = []
     for text_len in (3, cfg.text_length):
-        text = torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens, (text_len,), generator=g)
-        frames = torch.randint(0, cfg.vocab.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g)
+        text = torch.randint(
+            cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens, (text_len,), generator=g
+        )
+        frames = torch.randint(
+            0, cfg.vocab.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g
+        )
         samples.append(build_sequence(cfg, text, frames))
     return [torch.stack(x) for x in zip(*samples)]
 
 
 def _configs():
     """Stage 1 plain, stage 2 with activation checkpointing (applied by the same parallelize step)."""
-    return [get_preset("tiny").replace(num_layers=2, train_backbone=True),
-            get_preset("tiny-stage2").replace(num_layers=2, train_backbone=True, activation_checkpointing=True)]
+    return [
+        get_preset("tiny").replace(num_layers=2, train_backbone=True),
+        get_preset("tiny-stage2").replace(num_layers=2, train_backbone=True, activation_checkpointing=True),
+    ]
 
 
 def _run(model, cfg, text_bias=0.0):
@@ -54,8 +60,9 @@ def _plain(cfg, state):
 
 
 def _worker(rank, port, states, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     for tp in TP_DEGREES:  # TP 4, then TP 2 x DP 2 in the same processes
         parallel.init_distributed(tensor_parallel=tp, backend="gloo")
@@ -110,5 +117,10 @@ def test_tp_matches_tp1(tmp_path):
             torch.testing.assert_close(loss_tp, loss1, atol=1e-5, rtol=1e-5)
             assert set(grads_tp) == set(grads1)
             for name in grads1:
-                torch.testing.assert_close(grads_tp[name], grads1[name], atol=1e-5, rtol=1e-4,
-                                           msg=lambda m: f"TP={tp} {cfg.stage} {name}: {m}")
+                torch.testing.assert_close(
+                    grads_tp[name],
+                    grads1[name],
+                    atol=1e-5,
+                    rtol=1e-4,
+                    msg=lambda m: f"TP={tp} {cfg.stage} {name}: {m}",
+                )

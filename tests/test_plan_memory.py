@@ -4,15 +4,24 @@ peak of a real CPU training step."""
 import pytest
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                  estimate_zero2_model_states_mem_needs_all_cold)
+from deepspeed.runtime.zero.stage_1_and_2 import (
+    estimate_zero2_model_states_mem_needs,
+    estimate_zero2_model_states_mem_needs_all_cold,
+)
 
 from benchmarks.memtrack import LiveTensorBytes
-from cluster.plan_memory import (GiB, Layout, RankParams, layer_activation_bytes, model_states, plan_memory,
-                                 rank_params)
+from cluster.plan_memory import (
+    GiB,
+    Layout,
+    RankParams,
+    layer_activation_bytes,
+    model_states,
+    plan_memory,
+    rank_params,
+)
 from cogvideo.config import get_preset
-from cogvideo.model import TP_PLAN, CogVideoModel
 from cogvideo.family import build_model
+from cogvideo.model import TP_PLAN, CogVideoModel
 from cogvideo.params import count_parameters
 
 DS_LAYOUTS = [(1, 1), (8, 1), (8, 13), (4, 3)]  # (GPUs per node, nodes)

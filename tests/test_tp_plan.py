@@ -1,13 +1,14 @@
 """The TP plan table (cogvideo.model.TP_PLAN) against an independent statement of the split of
 every parameter, resharding round trips at TP 2 and 4, and what `parallelize` does without TP."""
+
 import pytest
 import torch
+from model_helpers import random_batch
 from torch import nn
 
 from cogvideo.config import get_preset
 from cogvideo.model import TP_PLAN, CogVideoModel
 from cogvideo.tp_plan import Column, Row, TPPlan, parallelize
-from model_helpers import random_batch
 
 
 def _expected_rule(name: str):
@@ -18,7 +19,9 @@ def _expected_rule(name: str):
         return (0, 3)
     if ".dense_h_to_4h." in name:
         return (0, 1)
-    if name.endswith((".attention.dense.weight", ".temporal_attention.dense.weight", ".dense_4h_to_h.weight")):
+    if name.endswith(
+        (".attention.dense.weight", ".temporal_attention.dense.weight", ".dense_4h_to_h.weight")
+    ):
         return (1, 1)
     return None
 
@@ -48,8 +51,10 @@ def test_shard_then_merge_is_the_identity_and_qkv_shards_hold_whole_heads(tp):
     for rank, shard in enumerate(shards):  # rank r holds [Q_r; K_r; V_r]: its own heads of each
         expected = torch.cat([part.chunk(tp)[rank] for part in (q, k, v)])
         assert torch.equal(shard["layers.1.temporal_attention.query_key_value.weight"], expected)
-        assert torch.equal(shard["layers.0.mlp.dense_4h_to_h.weight"],
-                           full["layers.0.mlp.dense_4h_to_h.weight"].chunk(tp, dim=1)[rank])
+        assert torch.equal(
+            shard["layers.0.mlp.dense_4h_to_h.weight"],
+            full["layers.0.mlp.dense_4h_to_h.weight"].chunk(tp, dim=1)[rank],
+        )
         assert torch.equal(shard["layers.0.mlp.dense_4h_to_h.bias"], full["layers.0.mlp.dense_4h_to_h.bias"])
 
 
@@ -88,4 +93,3 @@ def test_parallelize_without_tp_keeps_names_and_checkpoints_the_blocks():
 def test_activation_checkpointing_needs_the_plans_blocks():
     with pytest.raises(ValueError, match="blocks"):
         parallelize(CogVideoModel(get_preset("tiny")), TPPlan(TP_PLAN.styles), activation_checkpointing=True)
-

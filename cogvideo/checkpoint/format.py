@@ -7,13 +7,20 @@ from pathlib import Path
 
 import torch
 
-from cogvideo.checkpoint.io import (DEFAULT_SHARD_BYTES, CheckpointError, ShardedReader, ShardedWriter,
-                                    atomic_output_dir, read_json, write_json)
+from cogvideo.checkpoint.io import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointError,
+    ShardedReader,
+    ShardedWriter,
+    atomic_output_dir,
+    read_json,
+    write_json,
+)
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, from_dict, to_dict
+from cogvideo.model import TP_PLAN
 from cogvideo.precision import NAMES
 from cogvideo.text_format import TextFormat, TextFormatError
-from cogvideo.model import TP_PLAN
 
 FORMAT = "cogvideo"
 VERSION = 1
