@@ -251,7 +251,8 @@ def sat_args(cfg: ModelConfig, tensor_parallel: int) -> dict:
     args = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_heads,
             "vocab_size": cfg.vocab.vocab_size, "max_sequence_length": cfg.max_position_embeddings,
             "inner_hidden_size": cfg.ffn_hidden_size or None, "layernorm_epsilon": cfg.layernorm_epsilon,
-            "layernorm_order": "sandwich", "model_parallel_size": tensor_parallel}
+            "layernorm_order": "sandwich", "hidden_dropout": cfg.hidden_dropout,
+            "attention_dropout": cfg.attention_dropout, "model_parallel_size": tensor_parallel}
     if cfg.has_temporal:
         T, n = cfg.text_length, cfg.tokens_per_frame
         args.update(layout=f"{T}, {T + n}, {T + cfg.num_frames * n}", additional_seqlen=cfg.num_frames * n,
