@@ -182,9 +182,10 @@ def save_yaml(obj, path: str | Path) -> None:
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each field's line in the class source (empty when none)."""
+    """Each field's comment in the class source: the one ending its line, else the comment lines
+    right above it (fields without one are left out)."""
     try:
-        lines, first = inspect.getsourcelines(cls)
+        lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):
         return {}
     comments = {}
@@ -197,7 +198,7 @@ def _field_comments(cls) -> dict[str, str]:
     out = {}
     for offset, line in enumerate(lines, start=1):
         name = line.strip().split(":", 1)[0]
-        if not (name.isidentifier() and line.startswith("    ") and line[4] != " "):
+        if not (name.isidentifier() and line.startswith("    ") and line[4:5] != " "):
             continue
         above = offset - 1  # else the comment lines right above the field
         while above >= 1 and lines[above - 1].strip().startswith("#"):
