@@ -7,6 +7,7 @@ background is one plain colour, so an analyzer can recover colour, shape and mot
 frames. This module is the one definition of that world: ``data_prep.synthetic`` renders and
 writes videos with it, ``cogvideo.eval.prompts`` scores videos against it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,11 @@ SAMPLED_FRAMES = 5
 
 
 def caption_for(colour: str, shape: str, direction: str, speed_word: str | None = None) -> str:
-    for name, value, known in (("colour", colour, COLOURS), ("shape", shape, SHAPES),
-                               ("direction", direction, DIRECTIONS)):
+    for name, value, known in (
+        ("colour", colour, COLOURS),
+        ("shape", shape, SHAPES),
+        ("direction", direction, DIRECTIONS),
+    ):
         if value not in known:
             raise ValueError(f"caption_for: unknown {name} {value!r}; known: {sorted(known)}")
     if speed_word is not None and speed_word not in SPEED_WORDS:
@@ -45,8 +49,14 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
     words = caption.strip().split()
     if len(words) == 6 and words[5] in SPEED_WORDS:
         words = words[:5]
-    if (len(words) != 5 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES
-            or words[3] != "moving" or words[4] not in DIRECTIONS):
+    if (
+        len(words) != 5
+        or words[0] != "a"
+        or words[1] not in COLOURS
+        or words[2] not in SHAPES
+        or words[3] != "moving"
+        or words[4] not in DIRECTIONS
+    ):
         raise ValueError(f"not a synthetic caption: {caption!r}")
     return words[1], words[2], words[4]
 
@@ -69,9 +79,18 @@ def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def render_frames(colour: str, shape: str, direction: str, num_frames: int, size: int, fps: float,
-                  speed_px_per_s: float, start_xy: tuple[float, float] | None = None, seed: int = 0,
-                  radius: float | None = None) -> np.ndarray:
+def render_frames(
+    colour: str,
+    shape: str,
+    direction: str,
+    num_frames: int,
+    size: int,
+    fps: float,
+    speed_px_per_s: float,
+    start_xy: tuple[float, float] | None = None,
+    seed: int = 0,
+    radius: float | None = None,
+) -> np.ndarray:
     """uint8 [T, size, size, 3]; frame t shows the shape centred at start + direction * speed * t / fps.
 
     Without `start_xy` the path is centred in the frame along the motion and placed at a seeded
@@ -105,6 +124,8 @@ def speed_range(size: int, duration_s: float, radius: float) -> tuple[float, flo
     low = MIN_PX_PER_SAMPLED_FRAME * (SAMPLED_FRAMES - 1) / duration_s
     high = room / duration_s
     if high < low:
-        raise ValueError(f"synthetic: a {size}px frame leaves {room:.0f}px of travel, fewer than the "
-                         f"{low * duration_s:.0f}px needed for visible motion; use a larger size")
+        raise ValueError(
+            f"synthetic: a {size}px frame leaves {room:.0f}px of travel, fewer than the "
+            f"{low * duration_s:.0f}px needed for visible motion; use a larger size"
+        )
     return low, high

@@ -1,6 +1,7 @@
 """One command-line convention: every command configured by a dataclass takes `--config FILE.yaml`
 plus `key=value` overrides (cogvideo.configio), lists its fields with defaults in `--help`, and
 stops a bad key or file with one line and exit status 2 before anything starts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ from pretrain.config import TrainConfig
 
 COMMANDS = {  # console script: (main, its dataclass, a field and its default as --help shows them)
     "cogvideo-synth": (synthetic.main, synthetic.SynthConfig, "num_videos = 100"),
-    "cogvideo-sample": (sample_cli.main, SampleOptions, 'stage1_strategy.top_k = 12'),
+    "cogvideo-sample": (sample_cli.main, SampleOptions, "stage1_strategy.top_k = 12"),
     "cogvideo-prep": (pipeline.main, PrepConfig, "shard_samples = 1000"),
     "cogvideo-train": (train.main, TrainConfig, "optim.lr = 0.0002"),
     "cogvideo-train-text-tokenizer": (text.main, text.TextTokenizerConfig, "character_coverage = 1.0"),
@@ -66,7 +67,10 @@ def test_field_comments_become_the_help_text():
 def test_an_unknown_key_is_one_line_and_exit_2(name, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main, _, _ = COMMANDS[name]
-    needed = {"cogvideo-sample": ["--prompts", "p.txt", "--out", "o"], "cogvideo-prep": ["--input", ".", "--out", "o"]}
+    needed = {
+        "cogvideo-sample": ["--prompts", "p.txt", "--out", "o"],
+        "cogvideo-prep": ["--input", ".", "--out", "o"],
+    }
     code = exit_code(main, [*needed.get(name, []), "no_such_key=1"])
     err = capsys.readouterr().err
     assert code == 2 and "no_such_key" in err
@@ -74,8 +78,11 @@ def test_an_unknown_key_is_one_line_and_exit_2(name, tmp_path, capsys, monkeypat
 
 
 def test_synth_bad_values_are_one_line_before_any_video(tmp_path, capsys):
-    for bad, message in [("holdout=[red/circle/sideways]", "holdout: 'red/circle/sideways'"),
-                         ("size=8", "size: synthetic: a 8px frame"), ("durations=[]", "durations")]:
+    for bad, message in [
+        ("holdout=[red/circle/sideways]", "holdout: 'red/circle/sideways'"),
+        ("size=8", "size: synthetic: a 8px frame"),
+        ("durations=[]", "durations"),
+    ]:
         with pytest.raises(SystemExit) as exit:
             synthetic.main([f"out={tmp_path / 'v'}", bad])
         err = capsys.readouterr().err
@@ -91,13 +98,22 @@ def test_prep_refuses_a_missing_or_misfitted_tokenizer_before_ray_starts(tmp_pat
     (tmp_path / "v.mp4").write_bytes(b"")
     frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
     fit_patch_tokenizer(frames, 16, 32, 4, preset="small").save(tmp_path / "small.safetensors")
-    cases = [([f"tokenizer={tmp_path / 'nowhere.safetensors'}"], "prep.tokenizer: patch tokenizer not found"),
-             ([f"tokenizer={tmp_path / 'small.safetensors'}", "model.preset=tiny"],
-              "encodes 32px frames to 4x4 codes, but the model (tiny) needs 16px and 4x4"),
-             ([f"tokenizer={tmp_path / 'small.safetensors'}", "model.vocab={num_image_tokens: 8, "
-               "num_text_tokens: 1000, text_offset: 8, vocab_size: 1024, pad_piece_id: 0}"],
-              "16 codes, but the model (small) has 8 (model.vocab.num_image_tokens)"),
-             ([], "prep.tokenizer: the image tokenizer path is required")]
+    cases = [
+        ([f"tokenizer={tmp_path / 'nowhere.safetensors'}"], "prep.tokenizer: patch tokenizer not found"),
+        (
+            [f"tokenizer={tmp_path / 'small.safetensors'}", "model.preset=tiny"],
+            "encodes 32px frames to 4x4 codes, but the model (tiny) needs 16px and 4x4",
+        ),
+        (
+            [
+                f"tokenizer={tmp_path / 'small.safetensors'}",
+                "model.vocab={num_image_tokens: 8, "
+                "num_text_tokens: 1000, text_offset: 8, vocab_size: 1024, pad_piece_id: 0}",
+            ],
+            "16 codes, but the model (small) has 8 (model.vocab.num_image_tokens)",
+        ),
+        ([], "prep.tokenizer: the image tokenizer path is required"),
+    ]
     for overrides, message in cases:
         with pytest.raises(SystemExit) as exit:
             pipeline.main(["--input", str(tmp_path), "--out", str(tmp_path / "out"), *overrides])
@@ -123,10 +139,14 @@ def test_reshard_exits_0_when_it_worked(tmp_path, capsys):
     from data_prep.output import PrepOutput
 
     out = PrepOutput(tmp_path, shard_samples=4, shard_bytes=2**20)
-    meta = ClipMeta(duration=4.0, fps=1.0, stage=1, source="v.mp4", clip_start=0.0, clip_end=4.0, num_frames=5)
+    meta = ClipMeta(
+        duration=4.0, fps=1.0, stage=1, source="v.mp4", clip_start=0.0, clip_end=4.0, num_frames=5
+    )
     for i in range(4):
-        out.add_sample(encode_sample(f"k{i}", np.zeros((5, 4, 4), np.int64), "a video", meta),
-                       {"key": f"k{i}", "source": "v.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0, "stage": 1})
+        out.add_sample(
+            encode_sample(f"k{i}", np.zeros((5, 4, 4), np.int64), "a video", meta),
+            {"key": f"k{i}", "source": "v.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0, "stage": 1},
+        )
     out.commit()
     assert reshard.main([str(tmp_path), "--divisible-by", "2"]) == 0
     assert f"{tmp_path}: 2 shards" in capsys.readouterr().out

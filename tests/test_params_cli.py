@@ -1,4 +1,5 @@
 """`cogvideo-params` shows each preset's geometry: what the tokenizers and captions must fit."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,14 @@ def test_each_preset_row_shows_frame_size_codes_text_length_and_vocabularies(cap
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:4]}
     for name, row in rows.items():
         cfg = get_preset(name)
-        assert row[2:8] == [f"{cfg.frame_size}px", f"{cfg.frame_tokens}x{cfg.frame_tokens}", str(cfg.num_frames),
-                            str(cfg.text_length), str(cfg.vocab.num_image_tokens), str(cfg.vocab.num_text_tokens)]
+        assert row[2:8] == [
+            f"{cfg.frame_size}px",
+            f"{cfg.frame_tokens}x{cfg.frame_tokens}",
+            str(cfg.num_frames),
+            str(cfg.text_length),
+            str(cfg.vocab.num_image_tokens),
+            str(cfg.vocab.num_text_tokens),
+        ]
     assert rows["small"][2:8] == ["32px", "4x4", "5", "16", "512", "1000"]
 
 
