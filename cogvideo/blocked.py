@@ -121,23 +121,24 @@ def _ungather(out: torch.Tensor, batch: int, inverse: torch.Tensor | None = None
     return (tokens if inverse is None else tokens[:, inverse]).transpose(1, 2)
 
 
-def spatial_attention(q, k, v, blocks: FrameBlocks, pb: float, dropout: float = 0.0) -> torch.Tensor:
+def spatial_attention(q, k, v, blocks: FrameBlocks, pb_relax_alpha: float,
+                      dropout: float = 0.0) -> torch.Tensor:
     """q [B, H, nf*n, d] frame queries; k, v [B, H, T + nf*n, d] -> [B, H, nf*n, d]."""
     B, H, _, d = q.shape
     nf = blocks.spatial.shape[0] // B
     queries = q.transpose(1, 2).reshape(B * nf, -1, H, d).transpose(1, 2)
     out = attend(queries, _gather(k, blocks.spatial_keys, nf), _gather(v, blocks.spatial_keys, nf),
-                 blocks.spatial, blocks.spatial_bias, pb, dropout)
+                 blocks.spatial, blocks.spatial_bias, pb_relax_alpha, dropout)
     return _ungather(out, B)
 
 
-def temporal_attention(q, k, v, blocks: FrameBlocks, shift: int, pb: float,
+def temporal_attention(q, k, v, blocks: FrameBlocks, shift: int, pb_relax_alpha: float,
                        dropout: float = 0.0) -> torch.Tensor:
     """q [B, H, nf*n, d] frame queries; k, v [B, H, T + nf*n, d] -> [B, H, nf*n, d]."""
     if shift not in blocks.windows:  # stage 1: one block
-        return attend(q, k, v, blocks.temporal[shift], blocks.temporal_bias[shift], pb, dropout)
+        return attend(q, k, v, blocks.temporal[shift], blocks.temporal_bias[shift], pb_relax_alpha, dropout)
     order, keys, inverse = blocks.windows[shift]
     nW = blocks.temporal[shift].shape[0] // q.shape[0]
     out = attend(_gather(q, order, nW), _gather(k, keys, nW), _gather(v, keys, nW),
-                 blocks.temporal[shift], blocks.temporal_bias[shift], pb, dropout)
+                 blocks.temporal[shift], blocks.temporal_bias[shift], pb_relax_alpha, dropout)
     return _ungather(out, q.shape[0], inverse)

@@ -3,7 +3,9 @@ channel in every layer.
 
 Built plain (full shapes, torch layers); `TP_PLAN` says how it shards, and
 `cogvideo.family.build_model` parallelizes it by that plan (megatron-core layers, activation
-checkpointing). Registered as the "cogvideo" family (`FAMILY`). Three attention paths share one visibility rule (cogvideo/sequence.py):
+checkpointing). Registered as the "cogvideo" family (`FAMILY`).
+
+Three attention paths share one visibility rule (cogvideo/sequence.py):
 
 - blocked (default): text, per-frame spatial blocks and per-window temporal blocks gathered
   into the batch dimension;
@@ -151,16 +153,16 @@ class TransformerLayer(nn.Module):
 
     def _attend_and_mlp(self, h, masks: Masks, temporal: bool, dense: bool,
                         cache: KVCache | None = None, plan: ChunkPlan | None = None):
-        pb = self.cfg.pb_relax_alpha
+        alpha = self.cfg.pb_relax_alpha  # PB-Relax (fp16 without fused kernels)
         x = self.input_layernorm(h)
         drop = self.cfg.attention_dropout if self.training else 0.0
         q, k, v = self.attention.qkv(x)
         if cache is not None:
             k, v = cache.spatial_kv(self.index, plan, k, v)
         if dense:
-            ctx = attend(q, k, v, masks.dense["spatial", 0], masks.dense_bias.get("spatial"), pb, drop)
+            ctx = attend(q, k, v, masks.dense["spatial", 0], masks.dense_bias.get("spatial"), alpha, drop)
         else:
-            ctx = self._spatial_blocked(q, k, v, masks, pb, drop)
+            ctx = self._spatial_blocked(q, k, v, masks, alpha, drop)
         out = self.attention.project(ctx)
         if temporal:
             tq, tk, tv = self.temporal_attention.qkv(x)
@@ -169,26 +171,26 @@ class TransformerLayer(nn.Module):
             shift = self.shift if self.cfg.stage == "stage2" else 0
             if dense:
                 tctx = attend(tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"),
-                              pb, drop)
+                              alpha, drop)
             else:
-                tctx = self._temporal_blocked(tq, tk, tv, masks, shift, pb, drop)
+                tctx = self._temporal_blocked(tq, tk, tv, masks, shift, alpha, drop)
             out = self._mix(out, self.temporal_attention.project(tctx), masks.is_frame)
         return self._finish(h, out)
 
-    def _spatial_blocked(self, q, k, v, masks: Masks, pb: float, drop: float):
+    def _spatial_blocked(self, q, k, v, masks: Masks, alpha: float, drop: float):
         if masks.text is None:  # a chunk of whole frames: no text queries
-            return blocked.spatial_attention(q, k, v, masks.frames, pb, drop)
+            return blocked.spatial_attention(q, k, v, masks.frames, alpha, drop)
         T = self.cfg.text_length
-        text = attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], masks.text, None, pb, drop)
+        text = attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], masks.text, None, alpha, drop)
         if masks.frames is None:
             return text
-        return torch.cat([text, blocked.spatial_attention(q[:, :, T:], k, v, masks.frames, pb, drop)], dim=2)
+        return torch.cat([text, blocked.spatial_attention(q[:, :, T:], k, v, masks.frames, alpha, drop)], dim=2)
 
-    def _temporal_blocked(self, q, k, v, masks: Masks, shift: int, pb: float, drop: float):
+    def _temporal_blocked(self, q, k, v, masks: Masks, shift: int, alpha: float, drop: float):
         if masks.text is None:
-            return blocked.temporal_attention(q, k, v, masks.frames, shift, pb, drop)
+            return blocked.temporal_attention(q, k, v, masks.frames, shift, alpha, drop)
         T = self.cfg.text_length  # text rows take the spatial output (see _mix): zeros here
-        frames = blocked.temporal_attention(q[:, :, T:], k, v, masks.frames, shift, pb, drop)
+        frames = blocked.temporal_attention(q[:, :, T:], k, v, masks.frames, shift, alpha, drop)
         return torch.cat([torch.zeros_like(q[:, :, :T]), frames], dim=2)
 
 
