@@ -71,6 +71,17 @@ def test_auto_dtype_loads_the_models_in_the_probes_choice(assets, monkeypatch, f
         assert {p.dtype for p in stage.model.parameters()} == {expected}
 
 
+def test_bf16_sampling_end_to_end(assets, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat plays with a ball\na dog runs\n")
+    assert cli.main(_args(assets, prompts, tmp_path / "o", "dtype=bf16")) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["ok"] == 2
+    for entry in manifest["entries"]:
+        codes = np.load(tmp_path / "o" / entry["key"] / "codes.npy")
+        assert codes.shape == (9, 4, 4) and codes.min() >= 0 and codes.max() < 64  # valid image codes
+
+
 def test_sample_command_end_to_end(assets, tmp_path):
     image = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "first.png")
