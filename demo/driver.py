@@ -19,7 +19,6 @@ a step whose settings changed reruns together with every step after it):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cogvideo.configio import ConfigError, load_config, to_dict
+from cogvideo.configio import ConfigError, config_parser, load_config, to_dict
 from cogvideo.environment import apply_defaults
 from cogvideo.jsonl import read_jsonl, write_jsonl
 from demo.steps import Runner, Step
@@ -405,11 +404,13 @@ def step_settings(cfg: DemoConfig, steps: list[Step]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     apply_defaults()  # before anything imports DeepSpeed, protobuf or Ray; the sub-tools inherit them
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (DemoConfig)")
+    summary = __doc__.split("\n\n")[0]
+    description = (f"{summary} --config defaults to {DEFAULT_CONFIG.relative_to(ROOT)}, whose values "
+                   "replace the defaults listed below.")
+    parser = config_parser(DemoConfig, "python -m demo", description)
+    parser.set_defaults(config=str(DEFAULT_CONFIG))
     parser.add_argument("--redo", metavar="STEP", help="run this step and every later one again")
     parser.add_argument("--until", metavar="STEP", help="stop after this step")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=/tmp/demo videos.num_videos=500")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(DemoConfig, args.config, args.overrides)

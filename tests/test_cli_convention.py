@@ -14,6 +14,7 @@ from cogvideo.tokenizers import patch_vq, text
 from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
 from data_prep import pipeline, synthetic
 from data_prep.config import PrepConfig
+from demo import driver
 from pretrain import train
 from pretrain.config import TrainConfig
 
@@ -24,6 +25,7 @@ COMMANDS = {  # console script: (main, its dataclass, a field and its default as
     "cogvideo-train": (train.main, TrainConfig, "optim.lr = 0.0002"),
     "cogvideo-train-text-tokenizer": (text.main, text.TextTokenizerConfig, "character_coverage = 1.0"),
     "cogvideo-fit-image-tokenizer": (patch_vq.main, patch_vq.FitImageTokenizerConfig, "codebook_size = 0"),
+    "python -m demo": (driver.main, driver.DemoConfig, 'preset = "small"'),
 }
 
 
