@@ -3,7 +3,7 @@ channel in every layer.
 
 Built plain (full shapes, torch layers); `TP_PLAN` says how it shards, and
 `cogvideo.family.build_model` parallelizes it by that plan (megatron-core layers, activation
-checkpointing). Registered as the "cogvideo" family (`FAMILY`).
+checkpointing). Registered as the "cogvideo" family in cogvideo/cogvideo_family.py.
 
 Three attention paths share one visibility rule (cogvideo/sequence.py):
 
@@ -26,11 +26,9 @@ from torch import nn
 from cogvideo import blocked
 from cogvideo.attention import attend
 from cogvideo.blocked import FrameBlocks, attention_shifts, frame_blocks, text_bias_scores, with_pads
-from cogvideo.config import PRESETS, ModelConfig
-from cogvideo.family import ModelFamily, register
-from cogvideo.flops import train_flops
+from cogvideo.config import ModelConfig
 from cogvideo.kv_cache import ChunkPlan, KVCache
-from cogvideo.sequence import TEXT, TokenMeta, build_sequence, layer_shift, position_ids, visible
+from cogvideo.sequence import TEXT, TokenMeta, layer_shift, position_ids, visible
 from cogvideo.tp_plan import Column, Row, TiedEmbedding, TPPlan, Vocab, vocab_cross_entropy
 
 TEMPORAL_PARAMS = ("frame_position_embeddings.", ".temporal_attention.", ".temporal_gate")
@@ -348,19 +346,3 @@ def init_video_from_backbone(backbone: dict, video_cfg: ModelConfig) -> dict:
     return out
 
 
-
-def _train_loss(cfg: ModelConfig, model, batch, device: torch.device) -> torch.Tensor:
-    logits = model(batch.tokens.to(device))
-    return image_token_loss(cfg, logits, batch.targets.to(device), batch.loss_mask.to(device))
-
-
-def _sampler(options):
-    from cogvideo.sampling.pipeline import VideoPipeline
-
-    return VideoPipeline.load(options)
-
-
-FAMILY = register(ModelFamily(
-    name="cogvideo", config=ModelConfig, presets=PRESETS, build_model=CogVideoModel, tp_plan=TP_PLAN,
-    loss=_train_loss, example=lambda cfg, text_ids, frames, seed: build_sequence(cfg, text_ids, frames),
-    train_flops=lambda cfg: train_flops(cfg, batch=1), sampler=_sampler))

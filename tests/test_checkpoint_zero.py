@@ -147,9 +147,9 @@ def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
         convert_zero(src, tmp_path / "out", TINY.replace(num_layers=6))
     with pytest.raises(CheckpointError, match="train_config.yaml: missing"):
         convert_zero(src, tmp_path / "out")
-    assert main(["zero", str(src), str(tmp_path / "out"), "--preset", "tiny"]) == 2
+    assert main(["zero", str(src), str(tmp_path / "out"), "--set", "preset=tiny"]) == 2
     assert not (tmp_path / "out").exists()
-    assert main(["zero", str(src), str(tmp_path / "out"), "--preset", "tiny", "--set", "hidden_size=384",
+    assert main(["zero", str(src), str(tmp_path / "out"), "--set", "preset=tiny", "--set", "hidden_size=384",
                  "--set", "num_layers=4", "--set", "name=medium", "--no-optimizer", "--tp", "2"]) == 0
     assert not (tmp_path / "out" / "optimizer").exists() and describe(tmp_path / "out")["tensor_parallel"] == 2
 

@@ -19,14 +19,22 @@ from pathlib import Path
 
 import torch
 
-from cogvideo.checkpoint.format import (CONFIG_NAME, Checkpoint, check_shapes, full_shape, is_trainable,
-                                        read_checkpoint_info, reshard)
+from cogvideo.checkpoint.format import (
+    CONFIG_NAME,
+    Checkpoint,
+    check_shapes,
+    full_shape,
+    is_trainable,
+    read_checkpoint_info,
+    reshard,
+)
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
 from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, export_sat, import_sat, sat_model_config
 from cogvideo.checkpoint.training import tag_dir, train_config_model
 from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero
-from cogvideo.config import get_preset, resolve_model_config
+from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, parse_overrides
+from cogvideo.family import resolve_model_section
 from cogvideo.precision import DTYPES, NAMES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
@@ -132,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = writer("zero", "consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (any TP x DP) into ours", "DeepSpeed dir")
     p.add_argument("--tag", help="default: the one named by DIR/latest")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--preset", help="model preset (default: from the checkpoint's train_config.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model field override")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the model section, as training's model: (preset=NAME, family=NAME, FIELD=VALUE); "
+                        "default: the one in the checkpoint's train_config.yaml")
     p.add_argument("--no-optimizer", action="store_true", help="weights only")
     writer("export", "full (merged) weights as sharded safetensors with an index, no optimizer", "our checkpoint")
     p = sub.add_parser("export-sat", help="our checkpoint -> SwissArmyTransformer (mp_rank_XX files)")
@@ -160,7 +169,7 @@ def run(args: argparse.Namespace) -> Path | dict:
         return reshard(args.src, args.out, args.tp, **common)
     if args.command == "export":
         return reshard(args.src, args.out, 1, optimizer=False, **common)
-    cfg = resolve_model_config(args.preset, parse_overrides(args.set)) if args.preset else None
+    cfg = resolve_model_section(parse_overrides(args.set)) if args.set else None
     return convert_zero(args.src, args.out, cfg, tag=args.tag, tensor_parallel=args.tp,
                         optimizer=not args.no_optimizer, **common)
 

@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from cogvideo.checkpoint.io import CheckpointError, load_pt
-from cogvideo.config import ModelConfig, resolve_model_config
+from cogvideo.config import ModelConfig
+from cogvideo.family import resolve_model_section
 from cogvideo.precision import DTYPES
 from cogvideo.text_format import TextFormat, TextFormatError
 
@@ -97,14 +98,11 @@ def train_config_model(path: Path) -> ModelConfig:
     """The model config a trainer run recorded in its checkpoint (train_config.yaml)."""
     file = path / TRAIN_CONFIG
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing; pass the model config (--preset/--set) explicitly")
+        raise CheckpointError(f"{file}: missing; pass the model section explicitly "
+                              f"(--set preset=NAME [--set FIELD=VALUE ...])")
     data = yaml.safe_load(file.read_text()) or {}
-    model = dict(data.get("model") or {})
-    preset = model.pop("preset", None)
-    if not isinstance(preset, str):
-        raise CheckpointError(f"{file}: model.preset missing")
-    try:
-        return resolve_model_config(preset, model)
+    try:  # the family and preset the run trained, with its field overrides
+        return resolve_model_section(data.get("model") or {})
     except ValueError as err:
         raise CheckpointError(f"{file}: {err}") from None
 

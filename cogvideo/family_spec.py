@@ -1,0 +1,49 @@
+"""A model family's spec and the registry (see cogvideo/family.py for the lookups)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cogvideo.tp_plan import TPPlan
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    # the model config dataclass: validate(tensor_parallel), activation_checkpointing, and the video
+    # shape fields the shard loader reads (text_length, num_frames, frame_tokens, vocab, stage)
+    config: type
+    presets: Mapping[str, Callable[[], Any]]  # preset name -> config
+    build_model: Callable[[Any], nn.Module]  # config -> the plain model (full shapes, torch layers, `.cfg`)
+    tp_plan: TPPlan
+    loss: Callable[[Any, Callable, Any, torch.device], torch.Tensor]  # (cfg, model or engine, batch, device)
+    # batch builder: (cfg, text_ids, frames [F, n, n], seed) -> tokens, targets, loss_mask of one sample;
+    # `seed` is fixed per (run seed, epoch, sample), so an exact resume draws the same
+    example: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    train_flops: Callable[[Any], float]  # per sample, forward + backward (throughput and MFU)
+    # "module:function" making the sampler from sampling options (imported on use, no import cycle)
+    sampler: str | None = None
+
+    def preset(self, name: str):
+        if name not in self.presets:
+            raise ValueError(
+                f"model.preset: unknown {self.name} preset {name!r}; known: {sorted(self.presets)}"
+            )
+        return self.presets[name]().validate()
+
+
+REGISTRY: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    if family.name in REGISTRY and REGISTRY[family.name] != family:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    if any(f.config is family.config and f.name != family.name for f in REGISTRY.values()):
+        raise ValueError(f"{family.config.__name__} already belongs to another family")
+    REGISTRY[family.name] = family
+    return family
