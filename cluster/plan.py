@@ -20,8 +20,9 @@ import sys
 from dataclasses import dataclass
 
 from cluster.plan_memory import DTYPE_BYTES, GiB, Layout, MemoryPlan, plan_memory
-from cogvideo.config import ModelConfig, resolve_model_config
+from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, fields_help, parse_overrides
+from cogvideo.family import resolve_model_section
 from cogvideo.flops import recompute_flops, train_flops
 
 SEARCH_MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -311,7 +312,7 @@ def _flag_value(args: argparse.Namespace, flag: str):
 def model_and_layout(args: argparse.Namespace) -> tuple[ModelConfig, Layout]:
     """The model and layout from a training YAML (--config) or from --preset and the flags."""
     if args.config is None:
-        cfg = resolve_model_config(args.preset, parse_overrides(args.overrides))
+        cfg = resolve_model_section({"preset": args.preset, **parse_overrides(args.overrides)})
         value = {flag: _flag_value(args, flag) for flag in LAYOUT_FLAGS}
         return cfg, Layout(args.gpus, args.gpus_per_node, value["--tp"] or 1,
                            2 if value["--zero"] is None else value["--zero"], bool(value["--offload"]),

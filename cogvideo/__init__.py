@@ -1,6 +1,6 @@
 """CogVideo-style text-to-video transformers: config presets, model, tokenizers, sampling,
 checkpoint formats."""
-from cogvideo.config import ModelConfig, get_preset, resolve_model_config
+from cogvideo.config import ModelConfig, get_preset
 from cogvideo.vocab import VocabLayout
 
-__all__ = ["ModelConfig", "VocabLayout", "get_preset", "resolve_model_config"]
+__all__ = ["ModelConfig", "VocabLayout", "get_preset"]

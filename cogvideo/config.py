@@ -160,11 +160,3 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]().validate()
-
-
-def resolve_model_config(preset: str, overrides: dict | None = None, tensor_parallel: int = 1) -> ModelConfig:
-    """A preset with field overrides (e.g. from YAML `model:`), checked for this TP degree."""
-    from cogvideo.configio import from_dict, merge, to_dict
-
-    data = merge(to_dict(get_preset(preset)), overrides or {})
-    return from_dict(ModelConfig, data, prefix="model").validate(tensor_parallel)

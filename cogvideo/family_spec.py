@@ -32,7 +32,7 @@ class ModelFamily:
     def preset(self, name: str):
         if name not in self.presets:
             raise ValueError(
-                f"model.preset: unknown {self.name} preset {name!r}; known: {sorted(self.presets)}"
+                f"model.preset: unknown preset {name!r} (family {self.name}); known: {sorted(self.presets)}"
             )
         return self.presets[name]().validate()
 

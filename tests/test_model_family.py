@@ -112,7 +112,7 @@ def test_the_model_section_picks_the_family_and_its_presets():
     assert type(resolve_model_section({"preset": "tiny"})).__name__ == "ModelConfig"  # cogvideo by default
     with pytest.raises(ValueError, match="model.family: unknown family 'nope'"):
         resolve_model_section({"family": "nope", "preset": "tiny"})
-    with pytest.raises(ValueError, match="unknown masked-video preset 'tiny'"):
+    with pytest.raises(ValueError, match=r"unknown preset 'tiny' \(family masked-video\)"):
         resolve_model_section({"family": "masked-video", "preset": "tiny"})
 
 
