@@ -146,7 +146,17 @@ class Trainer:
                 self.step = self._restore_optimizer(cfg.init.weights)
         self.saved_at = self.step if resume is not None else -1
         self.batches = iter(self.loader)
+        self._start_logging()
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.stop_signal = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
 
+    # ---- helpers -------------------------------------------------------------------
+    def _start_logging(self) -> None:
+        """Throughput, the metrics log (rank 0) and the per-rank sample-key log."""
+        cfg, model_cfg = self.cfg, self.model_cfg
         samples_per_step = cfg.training.micro_batch_size * cfg.training.grad_accum_steps * parallel.dp_size()
         self.throughput = Throughput(samples_per_step, model_cfg.seq_length, self.family.train_flops(model_cfg),
                                      cfg.logging.peak_flops * dist.get_world_size())
@@ -159,13 +169,7 @@ class Trainer:
         if cfg.logging.sample_keys:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
             self.keys_file = open(Path(cfg.log_dir) / f"samples_rank{self.rank}.jsonl", "a", buffering=1)
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
-        self.stop_signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
-    # ---- helpers -------------------------------------------------------------------
     def _restore_optimizer(self, path: str) -> int:
         """Adam moments and step from a converted checkpoint (any former TP x DP layout); the
         schedule continues from that step and the loader starts a fresh epoch for this layout."""
