@@ -16,6 +16,7 @@ Sections:
 3. sample: stage-1 decoding at 20 x 20 tokens per frame with the KV cache (tokens/s, memory) and
    without (tokens/s from timed full forwards: one per sampled token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ from cogvideo.sequence import build_sequence  # noqa: E402
 
 # low-precision step vs fp32, in units of the format's unit roundoff u (bf16 2^-8, fp16 2^-11):
 # |loss - loss32| <= 4u |loss32|, ||grad - grad32|| <= 16u ||grad32|| (over all gradients)
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 LOSS_ULPS, GRAD_ULPS = 4, 16
 BLOCKED_DENSE_ULPS = 32  # max |logit difference| / max |logit|, blocked vs dense, same dtype
 
@@ -62,8 +63,9 @@ class Setup:
         self.check_side, self.check_window = side, side // 2
         self.train_cfg = get_preset("cogvideo-stage1").replace(activation_checkpointing=True)
         if dry_run:
-            self.train_cfg = get_preset("small").replace(num_layers=2, train_backbone=False,
-                                                         activation_checkpointing=True)
+            self.train_cfg = get_preset("small").replace(
+                num_layers=2, train_backbone=False, activation_checkpointing=True
+            )
         self.train_dtype = "bf16" if dry_run else "fp16"  # fp16 needs a GPU (DeepSpeed's CPU side has none)
         self.micro_batch = 4
         self.steps = 2 if dry_run else 4  # the first is not timed
@@ -75,8 +77,10 @@ class Setup:
     def memory(self) -> dict:
         if self.device.type != "cuda":
             return {}
-        return {"max_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
-                "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
+        return {
+            "max_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+            "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+        }
 
     def reset_memory(self) -> None:
         if self.device.type == "cuda":
@@ -94,10 +98,21 @@ def timed(setup: Setup, fn):
 
 def narrow_config(setup: Setup, stage: str, layers: int = 2):
     side = setup.check_side
-    return get_preset("small").replace(
-        name=f"check-{stage}", stage=stage, num_layers=layers, frame_tokens=side, frame_size=8 * side,
-        max_position_embeddings=16 + side * side, window_size=setup.check_window,
-        window_shift=setup.check_window // 2, train_backbone=True).validate()
+    return (
+        get_preset("small")
+        .replace(
+            name=f"check-{stage}",
+            stage=stage,
+            num_layers=layers,
+            frame_tokens=side,
+            frame_size=8 * side,
+            max_position_embeddings=16 + side * side,
+            window_size=setup.check_window,
+            window_shift=setup.check_window // 2,
+            train_backbone=True,
+        )
+        .validate()
+    )
 
 
 def sample_batch(cfg, batch: int, seed: int = 0):
@@ -105,8 +120,12 @@ def sample_batch(cfg, batch: int, seed: int = 0):
     v = cfg.vocab
     rows = []
     for i in range(batch):
-        text = torch.randint(v.text_offset, v.text_offset + v.num_text_tokens, (3 + i % cfg.text_length,), generator=g)
-        frames = torch.randint(0, v.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g)
+        text = torch.randint(
+            v.text_offset, v.text_offset + v.num_text_tokens, (3 + i % cfg.text_length,), generator=g
+        )
+        frames = torch.randint(
+            0, v.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g
+        )
         rows.append(build_sequence(cfg, text, frames))
     return [torch.stack(x) for x in zip(*rows)]
 
@@ -126,10 +145,13 @@ def blocked_vs_dense(setup: Setup) -> dict:
                 model.dense_attention = True
                 dense = model(tokens, text_bias=1.4).float()
                 model.dense_attention = False
-            u = UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
+            u = UNIT_ROUNDOFF.get(dtype, 2.0**-24)
             err = ((blocked - dense).abs().max() / dense.abs().max()).item()
-            out[f"{stage}_{str(dtype)[6:]}"] = {"rel_err": err, "tol": BLOCKED_DENSE_ULPS * u,
-                                               "ok": err <= BLOCKED_DENSE_ULPS * u}
+            out[f"{stage}_{str(dtype)[6:]}"] = {
+                "rel_err": err,
+                "tol": BLOCKED_DENSE_ULPS * u,
+                "ok": err <= BLOCKED_DENSE_ULPS * u,
+            }
     return out
 
 
@@ -139,8 +161,11 @@ def cached_vs_uncached(setup: Setup) -> dict:
     stage = StageModel(CogVideoModel(cfg).eval().to(setup.device), cfg)
     text, frames, _ = sample_batch(cfg, 2)
     n, T = cfg.tokens_per_frame, cfg.text_length
-    job = DecodePass(text=text[:, :T].to(setup.device), given={0: frames[:, T + 1:T + 1 + n].to(setup.device)},
-                     targets=(1,))
+    job = DecodePass(
+        text=text[:, :T].to(setup.device),
+        given={0: frames[:, T + 1 : T + 1 + n].to(setup.device)},
+        targets=(1,),
+    )
     gens = lambda: [row_generator(0, str(i), "check") for i in range(2)]  # noqa: E731
     cached = sample_frames(stage, job, GREEDY, gens())
     uncached = sample_frames_uncached(stage, job, GREEDY, gens())
@@ -169,9 +194,13 @@ def low_precision_step(setup: Setup) -> dict:
         u = UNIT_ROUNDOFF[dtype]
         loss_err = abs(loss - loss32) / abs(loss32)
         grad_err = ((grad - grad32).norm() / grad32.norm()).item()
-        out[str(dtype)[6:]] = {"loss_rel_err": loss_err, "loss_tol": LOSS_ULPS * u, "grad_rel_err": grad_err,
-                               "grad_tol": GRAD_ULPS * u,
-                               "ok": loss_err <= LOSS_ULPS * u and grad_err <= GRAD_ULPS * u}
+        out[str(dtype)[6:]] = {
+            "loss_rel_err": loss_err,
+            "loss_tol": LOSS_ULPS * u,
+            "grad_rel_err": grad_err,
+            "grad_tol": GRAD_ULPS * u,
+            "ok": loss_err <= LOSS_ULPS * u and grad_err <= GRAD_ULPS * u,
+        }
     return out
 
 
@@ -183,12 +212,20 @@ def matmul_tflops(setup: Setup, dtype=torch.bfloat16) -> float:
     a @ b
     repeats = 3 if setup.dry_run else 20
     _, seconds = timed(setup, lambda: [a @ b for _ in range(repeats)])
-    return 2 * size ** 3 * repeats / seconds / 1e12
+    return 2 * size**3 * repeats / seconds / 1e12
 
 
 def train_layout(setup: Setup, layers: int) -> Layout:
-    return Layout(gpus=1, gpus_per_node=1, tp=1, zero=2, offload=True, micro_batch=setup.micro_batch,
-                  act_ckpt=True, dtype=setup.train_dtype)
+    return Layout(
+        gpus=1,
+        gpus_per_node=1,
+        tp=1,
+        zero=2,
+        offload=True,
+        micro_batch=setup.micro_batch,
+        act_ckpt=True,
+        dtype=setup.train_dtype,
+    )
 
 
 def layers_that_fit(setup: Setup) -> int:
@@ -215,16 +252,28 @@ def deepspeed_engine(setup: Setup, model):
     train.training.micro_batch_size, train.optim.grad_clip = setup.micro_batch, 0.1
     config = deepspeed_config(train, dp_size=1)
     try:
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 1e-4), config=config,
-                                          mpu=parallel.mpu(), lr_scheduler=lr_scheduler(train))
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, 1e-4),
+            config=config,
+            mpu=parallel.mpu(),
+            lr_scheduler=lr_scheduler(train),
+        )
         return engine, "DeepSpeedCPUAdam" if config["zero_force_ds_cpu_optimizer"] else "torch AdamW"
     except Exception as err:  # the CPU Adam op is JIT-built: no compiler on the box -> torch's AdamW
-        print(f"gpu_check: DeepSpeed CPU Adam unavailable ({type(err).__name__}: {err}); using torch AdamW",
-              file=sys.stderr)
+        print(
+            f"gpu_check: DeepSpeed CPU Adam unavailable ({type(err).__name__}: {err}); using torch AdamW",
+            file=sys.stderr,
+        )
         config["zero_force_ds_cpu_optimizer"] = False
         config["optimizer"]["params"]["torch_adam"] = True
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 1e-4), config=config,
-                                          mpu=parallel.mpu(), lr_scheduler=lr_scheduler(train))
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, 1e-4),
+            config=config,
+            mpu=parallel.mpu(),
+            lr_scheduler=lr_scheduler(train),
+        )
         return engine, "torch AdamW (on the CPU)"
 
 
@@ -246,16 +295,27 @@ def train_step(setup: Setup, peak_tflops: float) -> dict:
             loss = engine.module.loss(engine(tokens), targets, mask)
             engine.backward(loss)
             engine.step()
+
         times.append(timed(setup, run)[1])
         skipped += not engine.was_step_applied()
     seconds = min(times[1:])
     flops = train_flops(cfg, setup.micro_batch)
     planned = plan_memory(cfg, train_layout(setup, layers), context_bytes=0)
-    result = {"layers": layers, "of_layers": setup.train_cfg.num_layers, "micro_batch": setup.micro_batch,
-              "dtype": setup.train_dtype, "optimizer": optimizer, "step_s": seconds, "steps_timed": len(times) - 1,
-              "skipped_steps": skipped, "tokens_per_s": setup.micro_batch * cfg.seq_length / seconds,
-              "model_tflops_per_step": flops / 1e12, "mfu_vs_measured_matmul": flops / seconds / (peak_tflops * 1e12),
-              "planned_peak_gib": planned.peak / GiB, **setup.memory()}
+    result = {
+        "layers": layers,
+        "of_layers": setup.train_cfg.num_layers,
+        "micro_batch": setup.micro_batch,
+        "dtype": setup.train_dtype,
+        "optimizer": optimizer,
+        "step_s": seconds,
+        "steps_timed": len(times) - 1,
+        "skipped_steps": skipped,
+        "tokens_per_s": setup.micro_batch * cfg.seq_length / seconds,
+        "model_tflops_per_step": flops / 1e12,
+        "mfu_vs_measured_matmul": flops / seconds / (peak_tflops * 1e12),
+        "planned_peak_gib": planned.peak / GiB,
+        **setup.memory(),
+    }
     kind = gpu_kind()
     if kind:
         result["mfu_vs_datasheet"] = flops / seconds / GPU_KINDS[kind].peak_tflops[setup.train_dtype] / 1e12
@@ -286,15 +346,25 @@ def sampling(setup: Setup) -> dict:
     stage = StageModel(model, cfg)
     text, frames, _ = sample_batch(cfg, 1)
     n, T = cfg.tokens_per_frame, cfg.text_length
-    job = DecodePass(text=text[:, :T].to(setup.device), given={0: frames[:, T + 1:T + 1 + n].to(setup.device)},
-                     targets=(1,))
+    job = DecodePass(
+        text=text[:, :T].to(setup.device),
+        given={0: frames[:, T + 1 : T + 1 + n].to(setup.device)},
+        targets=(1,),
+    )
     gens = [row_generator(0, "0", "sample")]
     _, cached_s = timed(setup, lambda: sample_frames(stage, job, GREEDY, gens))
     cached_memory = setup.memory()
     forward_s = full_forward_seconds(stage, job, frames=2)  # the prefix that holds frame 1
-    result = {"layers": cfg.num_layers, "frame_tokens": f"{cfg.frame_tokens}x{cfg.frame_tokens}", "dtype": "bf16",
-              "tokens": n, "cached_tokens_per_s": n / cached_s, "uncached_tokens_per_s": 1 / forward_s,
-              "kv_cache_speedup": n * forward_s / cached_s, **cached_memory}
+    result = {
+        "layers": cfg.num_layers,
+        "frame_tokens": f"{cfg.frame_tokens}x{cfg.frame_tokens}",
+        "dtype": "bf16",
+        "tokens": n,
+        "cached_tokens_per_s": n / cached_s,
+        "uncached_tokens_per_s": 1 / forward_s,
+        "kv_cache_speedup": n * forward_s / cached_s,
+        **cached_memory,
+    }
     return result
 
 
@@ -303,32 +373,48 @@ def init_single_process(setup: Setup) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(port)),
+    )
     parallel.init_distributed(1)
 
 
 def run(setup: Setup) -> dict:
     start = time.perf_counter()
-    summary = {"dry_run": setup.dry_run, "device": torch.cuda.get_device_name(0) if not setup.dry_run else "cpu",
-               "torch": torch.__version__}
-    summary["checks"] = {"blocked_vs_dense": blocked_vs_dense(setup), "kv_cache": cached_vs_uncached(setup),
-                         "low_precision_step": low_precision_step(setup)}
+    summary = {
+        "dry_run": setup.dry_run,
+        "device": torch.cuda.get_device_name(0) if not setup.dry_run else "cpu",
+        "torch": torch.__version__,
+    }
+    summary["checks"] = {
+        "blocked_vs_dense": blocked_vs_dense(setup),
+        "kv_cache": cached_vs_uncached(setup),
+        "low_precision_step": low_precision_step(setup),
+    }
     init_single_process(setup)
     peak = matmul_tflops(setup)
     summary["bf16_matmul_tflops"] = peak
     summary["train"] = train_step(setup, peak)
     summary["sample"] = sampling(setup)
     checks = summary["checks"]
-    summary["ok"] = (all(c["ok"] for c in checks["blocked_vs_dense"].values()) and checks["kv_cache"]["ok"]
-                     and all(c["ok"] for c in checks["low_precision_step"].values()))
+    summary["ok"] = (
+        all(c["ok"] for c in checks["blocked_vs_dense"].values())
+        and checks["kv_cache"]["ok"]
+        and all(c["ok"] for c in checks["low_precision_step"].values())
+    )
     summary["seconds"] = time.perf_counter() - start
     parallel.destroy()
     return summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy shapes: every section runs, fast")
     parser.add_argument("--out", help="also write the JSON summary here")
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """Where the CUDA path differs from the CPU one (docs/cuda-paths.md): each runs here up to the
 device call; benchmarks/gpu_check.py runs them on a GPU."""
+
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ def test_parallel_layers_allocate_on_the_device_the_plain_model_was_built_on():
 
     assert _megatron_config(2, torch.float32, on_gpu=False).use_cpu_initialization  # CPU / meta: host
     assert not _megatron_config(2, torch.float32, on_gpu=True).use_cpu_initialization  # the current GPU
-    assert not _megatron_config(2, torch.float32, on_gpu=True).perform_initialization  # the plain weights are copied
+    assert not _megatron_config(
+        2, torch.float32, on_gpu=True
+    ).perform_initialization  # the plain weights are copied
 
 
 def test_manual_seed_seeds_megatrons_tracker_only_with_cuda(monkeypatch):
@@ -84,13 +87,24 @@ def test_fp16_follows_cogvideos_published_loss_scaling():
     cfg = TrainConfig()
     cfg.parallel.precision = "fp16"
     fp16 = deepspeed_config(cfg, dp_size=8)["fp16"]
-    assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 400,
-                    "hysteresis": 2, "min_loss_scale": 1}
+    assert fp16 == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 400,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    }
 
 
 def test_nccl_settings_are_exported_by_the_launch_scripts():
     env = (ROOT / "cluster/slurm/nccl.env").read_text()
     exported = env.split("export", 1)[1].split()
-    for var in ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "CUDA_DEVICE_MAX_CONNECTIONS"):
+    for var in (
+        "NCCL_IB_HCA",
+        "NCCL_SOCKET_IFNAME",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "CUDA_DEVICE_MAX_CONNECTIONS",
+    ):
         assert var in exported and f"${{{var}:=" in env
     assert "nccl.env" in (ROOT / "cluster/slurm/train.sbatch").read_text()

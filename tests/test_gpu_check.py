@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh --dry-run: every section of the one-GPU check runs on the CPU at toy
 shapes and reports what the GPU run will (the GPU figures themselves need a GPU)."""
+
 import json
 import os
 import subprocess
@@ -15,14 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_reports_every_section(tmp_path):
     out = tmp_path / "summary.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary == json.loads(out.read_text())
     assert summary["dry_run"] and summary["ok"]
     checks = summary["checks"]
-    assert set(checks["blocked_vs_dense"]) == {f"{s}_{d}" for s in ("stage1", "stage2") for d in ("float32", "bfloat16")}
+    assert set(checks["blocked_vs_dense"]) == {
+        f"{s}_{d}" for s in ("stage1", "stage2") for d in ("float32", "bfloat16")
+    }
     assert all(c["rel_err"] <= c["tol"] for c in checks["blocked_vs_dense"].values())
     assert checks["kv_cache"]["same_tokens"]
     for dtype in ("bfloat16", "float16"):
