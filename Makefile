@@ -31,7 +31,7 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q -x -p no:cacheprovider tests
 
 test-fast: venv

@@ -13,6 +13,7 @@ The TP=2 cases run two gloo processes (megatron's parallel layers) and measure r
 
     python benchmarks/bench_plan_memory.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ def _trainer(cfg, batch):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return model, step
 
 
@@ -113,8 +115,9 @@ def _tp_worker(rank: int, port: int, case, queue) -> None:
 
     from cogvideo import parallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     parallel.init_distributed(tensor_parallel=2, backend="gloo")
     preset, batch, ckpt, train_backbone = case
@@ -138,16 +141,27 @@ def measure_tp(case) -> dict:
     queue = ctx.Queue()
     mp.start_processes(_tp_worker, args=(port, case, queue), nprocs=2, start_method="spawn")
     preset, batch, ckpt, train_backbone = case
-    return {"tensors": queue.get(timeout=60), "predicted": _predicted(_config(preset, ckpt, train_backbone), batch, ckpt, 2)}
+    return {
+        "tensors": queue.get(timeout=60),
+        "predicted": _predicted(_config(preset, ckpt, train_backbone), batch, ckpt, 2),
+    }
 
 
 def run_case(case, use_tracker: bool) -> dict:
-    code = ("import json, sys; from benchmarks.bench_plan_memory import measure; "
-            f"print(json.dumps(measure(*{case!r}, use_tracker={use_tracker})))")
+    code = (
+        "import json, sys; from benchmarks.bench_plan_memory import measure; "
+        f"print(json.dumps(measure(*{case!r}, use_tracker={use_tracker})))"
+    )
     # big blocks straight from mmap, so freed tensors leave RSS and it follows live memory
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -156,9 +170,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first three cases only")
     args = ap.parse_args()
     cases = CASES[:3] if args.quick else CASES
-    mib = 2 ** 20
-    print(f"{'preset':<13} {'batch':>5} {'ckpt':>4} {'backbone':>8} {'predicted':>10} {'tensors':>9} "
-          f"{'ratio':>6} {'RSS':>9} {'ratio':>6}   (MiB; ratio = predicted / measured)")
+    mib = 2**20
+    print(
+        f"{'preset':<13} {'batch':>5} {'ckpt':>4} {'backbone':>8} {'predicted':>10} {'tensors':>9} "
+        f"{'ratio':>6} {'RSS':>9} {'ratio':>6}   (MiB; ratio = predicted / measured)"
+    )
     worst = worst_rss = 0.0
     for case in cases:
         tensors = run_case(case, use_tracker=True)
@@ -168,16 +184,20 @@ def main() -> None:
         worst, worst_rss = max(worst, abs(r_tensors - 1)), max(worst_rss, abs(r_rss - 1))
         preset, batch, ckpt, backbone = case
         backbone = "preset" if backbone is None else ("trains" if backbone else "frozen")
-        print(f"{preset:<13} {batch:>5} {'yes' if ckpt else 'no':>4} {backbone:>8} {predicted / mib:>10.2f} "
-              f"{tensors['tensors'] / mib:>9.2f} {r_tensors:>6.3f} {rss['rss'] / mib:>9.2f} {r_rss:>6.3f}")
+        print(
+            f"{preset:<13} {batch:>5} {'yes' if ckpt else 'no':>4} {backbone:>8} {predicted / mib:>10.2f} "
+            f"{tensors['tensors'] / mib:>9.2f} {r_tensors:>6.3f} {rss['rss'] / mib:>9.2f} {r_rss:>6.3f}"
+        )
     print(f"\ntensor parallel, 2 gloo processes, rank 0 {'predicted':>10} {'tensors':>9} {'ratio':>6}")
     for case in TP_CASES[:1] if args.quick else TP_CASES:
         result = measure_tp(case)
         ratio = result["predicted"] / result["tensors"]
         worst = max(worst, abs(ratio - 1))
         preset, batch, ckpt, _ = case
-        print(f"{preset:<13} TP 2 micro-batch {batch}{' ckpt' if ckpt else '     '}          "
-              f"{result['predicted'] / mib:>10.2f} {result['tensors'] / mib:>9.2f} {ratio:>6.3f}")
+        print(
+            f"{preset:<13} TP 2 micro-batch {batch}{' ckpt' if ckpt else '     '}          "
+            f"{result['predicted'] / mib:>10.2f} {result['tensors'] / mib:>9.2f} {ratio:>6.3f}"
+        )
     for name, value in (("live-tensor peak", worst), ("RSS peak", worst_rss)):
         verdict = "within" if value <= TARGET else "OUTSIDE"
         print(f"largest deviation from the {name}: {value:.1%} ({verdict} the {TARGET:.0%} target)")

@@ -18,6 +18,7 @@ The layout is CogVideo's: 20x20 tokens per frame, stage-2 windows of 10x10 shift
     python benchmarks/bench_sampling.py [--frame-tokens 20] [--window 10] [--exact] [--device cuda] [--dtype auto|fp32|bf16|fp16]
     python benchmarks/bench_sampling.py --threads 1 --clock cpu   # on a CPU shared with other jobs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,22 @@ GREEDY = TopKStrategy(temperature=0)
 
 def bench_config(args, stage):
     side = args.frame_tokens
-    return get_preset("small").replace(
-        name=f"bench-{stage}", stage=stage, hidden_size=args.hidden, num_layers=args.layers,
-        num_heads=args.hidden // 64, frame_tokens=side, frame_size=8 * side,
-        max_position_embeddings=16 + side * side, window_size=args.window, window_shift=args.window // 2).validate()
+    return (
+        get_preset("small")
+        .replace(
+            name=f"bench-{stage}",
+            stage=stage,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.hidden // 64,
+            frame_tokens=side,
+            frame_size=8 * side,
+            max_position_embeddings=16 + side * side,
+            window_size=args.window,
+            window_shift=args.window // 2,
+        )
+        .validate()
+    )
 
 
 def build(cfg, args):
@@ -54,9 +67,13 @@ def build(cfg, args):
 
 def toy_encoder(cfg):
     """Distinct text ids per (composed) text, no tokenizer file needed."""
+
     def encode(text):
         gen = torch.Generator().manual_seed(sum(map(ord, text)))
-        return torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + 50, (cfg.text_length,), generator=gen)
+        return torch.randint(
+            cfg.vocab.text_offset, cfg.vocab.text_offset + 50, (cfg.text_length,), generator=gen
+        )
+
     return encode
 
 
@@ -114,19 +131,33 @@ def flops_per_token(model):
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frame-tokens", type=int, default=20, help="tokens per frame side (CogVideo: 20)")
-    parser.add_argument("--window", type=int, default=10, help="stage-2 window side in tokens (CogVideo: 10), shifted by half")
-    parser.add_argument("--exact", action="store_true", help="run the whole uncached pass instead of timing its forwards")
+    parser.add_argument(
+        "--window", type=int, default=10, help="stage-2 window side in tokens (CogVideo: 10), shifted by half"
+    )
+    parser.add_argument(
+        "--exact", action="store_true", help="run the whole uncached pass instead of timing its forwards"
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2, help="prompts per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=PRECISION_CHOICES, default="auto",
-                        help="auto: what this device runs fast (cogvideo.precision)")
+    parser.add_argument(
+        "--dtype",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="auto: what this device runs fast (cogvideo.precision)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="cpu: this process's CPU time, steady when other jobs share the cores (use --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: this process's CPU time, steady when other jobs share the cores (use --threads 1)",
+    )
     return parser.parse_args()
 
 
@@ -137,20 +168,28 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    choice = choose_precision(args.dtype, args.device, probe_shape(2 * args.batch, args.hidden, 4 * args.hidden))
+    choice = choose_precision(
+        args.dtype, args.device, probe_shape(2 * args.batch, args.hidden, 4 * args.hidden)
+    )
     args.dtype = choice.precision
     print(choice.describe())
-    print(f"matmul 1024^3 {choice.precision}: {matmul_gflops(choice.dtype, device=args.device, min_seconds=0.2):.1f} "
-          f"GFLOP/s (roofline of this precision, this run)")
+    print(
+        f"matmul 1024^3 {choice.precision}: {matmul_gflops(choice.dtype, device=args.device, min_seconds=0.2):.1f} "
+        f"GFLOP/s (roofline of this precision, this run)"
+    )
     stage1 = build(bench_config(args, "stage1"), args)
     stage2 = build(bench_config(args, "stage2"), args)
     cfg, n = stage1.cfg, stage1.n
-    print(f"layout: text {cfg.text_length} + 5 x {n} tokens, stage-2 windows {args.window}x{args.window} "
-          f"shifted by {args.window // 2}; hidden {args.hidden}, {args.layers} layers, "
-          f"{args.device} {args.dtype}, batch {args.batch}")
+    print(
+        f"layout: text {cfg.text_length} + 5 x {n} tokens, stage-2 windows {args.window}x{args.window} "
+        f"shifted by {args.window // 2}; hidden {args.hidden}, {args.layers} layers, "
+        f"{args.device} {args.dtype}, batch {args.batch}"
+    )
 
     gen = torch.Generator().manual_seed(0)
-    text = torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + 50, (args.batch, cfg.text_length), generator=gen)
+    text = torch.randint(
+        cfg.vocab.text_offset, cfg.vocab.text_offset + 50, (args.batch, cfg.text_length), generator=gen
+    )
     frame0 = torch.randint(0, cfg.vocab.num_image_tokens, (args.batch, n), generator=gen)
     job = DecodePass(text=text.to(args.device), given={0: frame0.to(args.device)}, targets=(1, 2, 3, 4))
     gens = lambda: [row_generator(0, str(i), "bench") for i in range(args.batch)]  # noqa: E731
@@ -163,8 +202,10 @@ def main():
     else:
         t_uncached = n * sum(full_forward_seconds(stage1, job, frames) for frames in (2, 3, 4, 5))
         how = "uncached = tokens_per_frame x timed full forwards (--exact runs it)"
-    print(f"[1] stage-1 keyframes ({tokens} tokens): cached {t_cached:.2f} s, uncached {t_uncached:.2f} s "
-          f"-> speed-up {t_uncached / t_cached:.1f}x (target >= 20x); {how}")
+    print(
+        f"[1] stage-1 keyframes ({tokens} tokens): cached {t_cached:.2f} s, uncached {t_uncached:.2f} s "
+        f"-> speed-up {t_uncached / t_cached:.1f}x (target >= 20x); {how}"
+    )
 
     options = SampleOptions(interpolation_levels=1)
     sampler = HierarchicalSampler(stage1, stage2, options, toy_encoder(cfg), {"stage2": GREEDY})
@@ -172,22 +213,30 @@ def main():
     prompts = [f"p{i}" for i in range(args.batch)]
     batched, t_batched = timed(lambda: sampler.interpolate(prompts, frames, 0), sync)
     single, t_single = timed(lambda: sampler.interpolate(prompts, frames, 0, windows_per_pass=1), sync)
-    print(f"[2] stage-2 level 5 -> 9 frames ({2 * args.batch} windows): batched {t_batched:.2f} s, one window "
-          f"at a time {t_single:.2f} s -> {t_single / t_batched:.1f}x; same video: {torch.equal(batched, single)}")
+    print(
+        f"[2] stage-2 level 5 -> 9 frames ({2 * args.batch} windows): batched {t_batched:.2f} s, one window "
+        f"at a time {t_single:.2f} s -> {t_single / t_batched:.1f}x; same video: {torch.equal(batched, single)}"
+    )
 
     per_token = flops_per_token(stage2.model)
     given = {f: frames[:, f] for f in (0, 2, 4)}
     rows = 3 * n * args.batch
-    t_given, t_dense = (given_pass_seconds(stage2, text.to(args.device), given, sync, dense) for dense in (False, True))
+    t_given, t_dense = (
+        given_pass_seconds(stage2, text.to(args.device), given, sync, dense) for dense in (False, True)
+    )
     t_bare = bare_matmul_seconds(stage2.model, rows, sync)
-    print(f"[3] parallel pass over given frames ({rows} tokens): {rows / t_given:,.0f} tokens/s, "
-          f"{per_token * rows / t_given / 1e9:.1f} GFLOP/s; bare matmuls {per_token * rows / t_bare / 1e9:.1f} GFLOP/s "
-          f"-> {t_bare / t_given:.0%} of the matmul roofline (target >= 50%); the dense-mask chunk path "
-          f"{t_bare / t_dense:.0%} ({t_dense / t_given:.1f}x the blocked time)")
+    print(
+        f"[3] parallel pass over given frames ({rows} tokens): {rows / t_given:,.0f} tokens/s, "
+        f"{per_token * rows / t_given / 1e9:.1f} GFLOP/s; bare matmuls {per_token * rows / t_bare / 1e9:.1f} GFLOP/s "
+        f"-> {t_bare / t_given:.0%} of the matmul roofline (target >= 50%); the dense-mask chunk path "
+        f"{t_bare / t_dense:.0%} ({t_dense / t_given:.1f}x the blocked time)"
+    )
     t_step = t_cached / (4 * n)
     t_bare_step = bare_matmul_seconds(stage1.model, args.batch, sync)
-    print(f"    single-token steps (stage 1, {args.batch} rows): {tokens / t_cached:,.0f} tokens/s; the same weight "
-          f"products run bare take {t_bare_step / t_step:.0%} of a step (the rest is per-step latency)")
+    print(
+        f"    single-token steps (stage 1, {args.batch} rows): {tokens / t_cached:,.0f} tokens/s; the same weight "
+        f"products run bare take {t_bare_step / t_step:.0%} of a step (the rest is per-step latency)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Both run in fp32 (the bare loop has no bf16 master-weight scheme to match DeepSp
 FLOP/s (analytic, cogvideo.flops) is compared with the fp32 1024^3 matmul roofline timed here
 (`cogvideo.precision.matmul_gflops`, the shared helper). Target: stack tokens/s >= 0.9x the bare loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,19 @@ def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 
         with wds.TarWriter(path) as sink:
             for i in range(shard, samples, num_shards):
                 frames = rng.integers(0, cfg.vocab.num_image_tokens, (cfg.num_frames, side, side))
-                meta = ClipMeta(duration=4.0 / stage, fps=float(stage), stage=stage, source="bench", clip_start=0.0,
-                                clip_end=4.0 / stage, num_frames=cfg.num_frames)
+                meta = ClipMeta(
+                    duration=4.0 / stage,
+                    fps=float(stage),
+                    stage=stage,
+                    source="bench",
+                    clip_start=0.0,
+                    clip_end=4.0 / stage,
+                    num_frames=cfg.num_frames,
+                )
                 sink.write(encode_sample(f"b{i}", frames, captions[i], meta))
-    tokenizer = train_text_tokenizer(captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False)
+    tokenizer = train_text_tokenizer(
+        captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False
+    )
     return paths, str(tokenizer)
 
 
@@ -74,12 +84,27 @@ def make_trainer(args, root: Path, shards: list[str], tokenizer: str):
     from pretrain.config import check_config, load_train_config
     from pretrain.train import Trainer, text_encoder
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cfg = load_train_config(None, [
-        f"model.preset={args.preset}", f"data.shards=[{shards[0]}]", f"data.text_tokenizer={tokenizer}",
-        "data.shuffle_buffer=16", f"training.micro_batch_size={args.batch}", f"training.max_steps={10**6}",
-        "optim.warmup_steps=5", "parallel.zero_stage=2", "parallel.precision=fp32", f"checkpoint.dir={root / 'run'}",
-        f"checkpoint.every_steps={10**6}", "logging.progress_bar=false", f"logging.every_steps={10**6}"])
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    cfg = load_train_config(
+        None,
+        [
+            f"model.preset={args.preset}",
+            f"data.shards=[{shards[0]}]",
+            f"data.text_tokenizer={tokenizer}",
+            "data.shuffle_buffer=16",
+            f"training.micro_batch_size={args.batch}",
+            f"training.max_steps={10**6}",
+            "optim.warmup_steps=5",
+            "parallel.zero_stage=2",
+            "parallel.precision=fp32",
+            f"checkpoint.dir={root / 'run'}",
+            f"checkpoint.every_steps={10**6}",
+            "logging.progress_bar=false",
+            f"logging.every_steps={10**6}",
+        ],
+    )
     model_cfg = check_config(cfg, 1)
     return Trainer(cfg, model_cfg, shards, text_encoder(cfg, model_cfg.vocab), resume=None)
 
@@ -127,13 +152,15 @@ def main() -> None:
             stack.append(timed(trainer.advance))
             bare.append(timed(bare_step))
         trainer.close()
-        stack, bare = stack[args.warmup:], bare[args.warmup:]
+        stack, bare = stack[args.warmup :], bare[args.warmup :]
     peak = matmul_gflops(torch.float32, min_seconds=0.2) * 1e9
     tokens = args.batch * model_cfg.seq_length
     flops = train_flops(model_cfg, batch=args.batch)
     t_stack, t_bare = statistics.median(stack), statistics.median(bare)
-    print(f"preset {args.preset}, batch {args.batch} x {model_cfg.seq_length} tokens, {torch.get_num_threads()} threads, "
-          f"precision fp32, median step time of {args.steps} alternating steps each")
+    print(
+        f"preset {args.preset}, batch {args.batch} x {model_cfg.seq_length} tokens, {torch.get_num_threads()} threads, "
+        f"precision fp32, median step time of {args.steps} alternating steps each"
+    )
     print(f"bare PyTorch loop : {tokens / t_bare:10.0f} tokens/s  {flops / t_bare / 1e9:7.2f} GFLOP/s")
     print(f"full stack (1 rank): {tokens / t_stack:10.0f} tokens/s  {flops / t_stack / 1e9:7.2f} GFLOP/s")
     print(f"matmul 1024^3 fp32 : {peak / 1e9:7.2f} GFLOP/s (roofline, this run)")

@@ -6,6 +6,7 @@ predictions against what a real training step holds (torch has no CPU allocator 
         step()
     mem.peak                                 # bytes
 """
+
 from __future__ import annotations
 
 import weakref

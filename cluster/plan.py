@@ -12,6 +12,7 @@ activations the model keeps); time from cogvideo/flops.py at the named GPU's dat
 and the CPU optimizer step, taken as not overlapped with compute (an upper bound on step time).
 Exit status: 0 when the layout fits, 1 when it does not (or --search finds none), 2 on bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,20 @@ class GpuKind:
 
 
 # NVIDIA datasheets (SXM parts where there are several). fp32 is the non-tensor-core rate.
-GPU_KINDS = {g.name: g for g in (
-    GpuKind("a100-80gb", 80, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-    GpuKind("a100-40gb", 40, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-    GpuKind("h100", 80, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    GpuKind("h200", 141, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    GpuKind("v100-32gb", 32, {"fp16": 125.0, "fp32": 15.7}),
-    GpuKind("a10", 24, {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
-    GpuKind("l4", 24, {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
-    GpuKind("rtx4090", 24, {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}),
-    GpuKind("rtx3090", 24, {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
-)}
+GPU_KINDS = {
+    g.name: g
+    for g in (
+        GpuKind("a100-80gb", 80, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+        GpuKind("a100-40gb", 40, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+        GpuKind("h100", 80, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+        GpuKind("h200", 141, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+        GpuKind("v100-32gb", 32, {"fp16": 125.0, "fp32": 15.7}),
+        GpuKind("a10", 24, {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+        GpuKind("l4", 24, {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+        GpuKind("rtx4090", 24, {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}),
+        GpuKind("rtx3090", 24, {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
+    )
+}
 DEFAULT_GPU = "a100-80gb"  # the published run
 
 
@@ -71,7 +75,9 @@ class Hardware:
             return self.peak_tflops * 1e12
         table = GPU_KINDS[self.gpu].peak_tflops
         if dtype not in table:
-            raise PlanError(f"--gpu {self.gpu} has no {dtype} tensor cores; choose another --dtype or --peak-tflops")
+            raise PlanError(
+                f"--gpu {self.gpu} has no {dtype} tensor cores; choose another --dtype or --peak-tflops"
+            )
         return table[dtype] * 1e12
 
     def peak_source(self, dtype: str) -> str:
@@ -131,8 +137,10 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> ModelConfig:
     if layout.tp < 1:
         raise PlanError(f"--tp must be >= 1, got {layout.tp}")
     if layout.tp > layout.gpus_per_node:
-        raise PlanError(f"--tp {layout.tp} is more than the {layout.gpus_per_node} GPUs of a node: "
-                        "tensor parallelism needs NVLink, keep it inside one node")
+        raise PlanError(
+            f"--tp {layout.tp} is more than the {layout.gpus_per_node} GPUs of a node: "
+            "tensor parallelism needs NVLink, keep it inside one node"
+        )
     try:
         cfg.validate(layout.tp)
     except ValueError as err:
@@ -186,11 +194,14 @@ def make_plan(cfg: ModelConfig, layout: Layout, hw: Hardware = Hardware()) -> Pl
     return Plan(cfg, layout, hw, memory, estimate_step(cfg, layout, memory, hw))
 
 
-def search(cfg: ModelConfig, gpus: int, gpus_per_node: int, dtype: str, hw: Hardware = Hardware()) -> list[Plan]:
+def search(
+    cfg: ModelConfig, gpus: int, gpus_per_node: int, dtype: str, hw: Hardware = Hardware()
+) -> list[Plan]:
     """Every (TP, ZeRO, offload, micro-batch, act ckpt) that fits, fastest first."""
     plans = []
     for tp, zero, offload, micro, ckpt in itertools.product(
-            range(1, gpus_per_node + 1), range(4), (False, True), SEARCH_MICRO_BATCHES, (False, True)):
+        range(1, gpus_per_node + 1), range(4), (False, True), SEARCH_MICRO_BATCHES, (False, True)
+    ):
         layout = Layout(gpus, gpus_per_node, tp, zero, offload, micro, ckpt, dtype)
         try:
             plan = make_plan(cfg, layout, hw)
@@ -225,8 +236,10 @@ def report(plan: Plan) -> str:
     if lay.zero == 3:
         lines.append(f"  largest layer gathered             {_gib(mem.gathered_layer)}")
     lines += [
-        f"  gradients (trainable only)         {_gib(mem.gradients)}" + ("   (offloaded)" if lay.offload else ""),
-        f"  optimizer states (trainable only)  {_gib(mem.optimizer)}" + ("   (offloaded)" if lay.offload else ""),
+        f"  gradients (trainable only)         {_gib(mem.gradients)}"
+        + ("   (offloaded)" if lay.offload else ""),
+        f"  optimizer states (trainable only)  {_gib(mem.optimizer)}"
+        + ("   (offloaded)" if lay.offload else ""),
         f"  activations                        {_gib(plan.memory.activations)}"
         f"   (micro-batch {lay.micro_batch}{', checkpointed' if lay.act_ckpt else ''})",
         f"  buffers + context                  {_gib(plan.memory.buffers)}",
@@ -236,7 +249,9 @@ def report(plan: Plan) -> str:
     ]
     if lay.offload:
         node = mem.host * min(lay.gpus, lay.gpus_per_node)
-        lines.append(f"  host memory per node               {_gib(node)}   offloaded gradients + optimizer states")
+        lines.append(
+            f"  host memory per node               {_gib(node)}   offloaded gradients + optimizer states"
+        )
     peak = hw.peak(lay.dtype)
     lines += [
         "",
@@ -254,12 +269,16 @@ def report(plan: Plan) -> str:
 
 
 def search_table(plans: list[Plan], limit: int) -> str:
-    head = f"{'TP':>3} {'ZeRO':>4} {'offload':>7} {'micro':>5} {'ckpt':>4} {'peak GiB':>9} {'step s':>7} " \
-           f"{'samples/s':>9} {'MFU':>6}"
+    head = (
+        f"{'TP':>3} {'ZeRO':>4} {'offload':>7} {'micro':>5} {'ckpt':>4} {'peak GiB':>9} {'step s':>7} "
+        f"{'samples/s':>9} {'MFU':>6}"
+    )
     rows = [head] + [
         f"{p.layout.tp:>3} {p.layout.zero:>4} {'yes' if p.layout.offload else 'no':>7} {p.layout.micro_batch:>5} "
         f"{'yes' if p.layout.act_ckpt else 'no':>4} {p.memory.peak / GiB:>9.2f} {p.step.step_s:>7.3f} "
-        f"{p.samples_per_s:>9.1f} {p.mfu:>6.1%}" for p in plans[:limit]]
+        f"{p.samples_per_s:>9.1f} {p.mfu:>6.1%}"
+        for p in plans[:limit]
+    ]
     if len(plans) > limit:
         rows.append(f"... {len(plans) - limit} more (--limit)")
     return "\n".join(rows)
@@ -268,21 +287,41 @@ def search_table(plans: list[Plan], limit: int) -> str:
 def _parser() -> argparse.ArgumentParser:
     from pretrain.config import TrainConfig
 
-    ap = argparse.ArgumentParser(prog="cogvideo-plan", description=__doc__, epilog=fields_help(TrainConfig),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="cogvideo-plan",
+        description=__doc__,
+        epilog=fields_help(TrainConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="training YAML: model, parallel.*, micro-batch and precision from it")
-    source.add_argument("--preset", help="model preset (cogvideo.config.PRESETS), layout from the flags below")
-    ap.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="with --config: dotted training overrides (parallel.tensor_parallel=8); "
-                         "with --preset: ModelConfig fields (num_frames=9)")
+    source.add_argument(
+        "--config", help="training YAML: model, parallel.*, micro-batch and precision from it"
+    )
+    source.add_argument(
+        "--preset", help="model preset (cogvideo.config.PRESETS), layout from the flags below"
+    )
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="with --config: dotted training overrides (parallel.tensor_parallel=8); "
+        "with --preset: ModelConfig fields (num_frames=9)",
+    )
     ap.add_argument("--gpus", type=int, required=True, help="total GPUs")
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--gpu", choices=sorted(GPU_KINDS), default=None,
-                    help=f"GPU kind: its memory and datasheet peak FLOP/s (default {DEFAULT_GPU})")
+    ap.add_argument(
+        "--gpu",
+        choices=sorted(GPU_KINDS),
+        default=None,
+        help=f"GPU kind: its memory and datasheet peak FLOP/s (default {DEFAULT_GPU})",
+    )
     ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the --gpu kind's)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak for --dtype (default: the --gpu kind's)")
-    ap.add_argument("--efficiency", type=float, default=Hardware.efficiency, help="sustained fraction of peak")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak for --dtype (default: the --gpu kind's)"
+    )
+    ap.add_argument(
+        "--efficiency", type=float, default=Hardware.efficiency, help="sustained fraction of peak"
+    )
     layout = ap.add_argument_group("layout (with --preset; a --config file sets these itself)")
     for flag, kwargs in LAYOUT_FLAGS.items():
         layout.add_argument(flag, **kwargs)
@@ -297,12 +336,19 @@ LAYOUT_FLAGS = {
     "--zero": dict(type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)"),
     "--offload": dict(action="store_true", default=None, help="optimizer states + gradients in host memory"),
     "--micro-batch": dict(type=int, help="sequences per GPU per step (default 1)"),
-    "--act-ckpt": dict(action="store_true", default=None, help="activation checkpointing (recompute each layer)"),
+    "--act-ckpt": dict(
+        action="store_true", default=None, help="activation checkpointing (recompute each layer)"
+    ),
     "--dtype": dict(help="bf16 (default), fp16 or fp32"),
 }
-YAML_KEYS = {"--tp": "parallel.tensor_parallel", "--zero": "parallel.zero_stage",
-             "--offload": "parallel.offload_optimizer", "--micro-batch": "training.micro_batch_size",
-             "--act-ckpt": "model.activation_checkpointing", "--dtype": "parallel.precision"}
+YAML_KEYS = {
+    "--tp": "parallel.tensor_parallel",
+    "--zero": "parallel.zero_stage",
+    "--offload": "parallel.offload_optimizer",
+    "--micro-batch": "training.micro_batch_size",
+    "--act-ckpt": "model.activation_checkpointing",
+    "--dtype": "parallel.precision",
+}
 
 
 def _flag_value(args: argparse.Namespace, flag: str):
@@ -314,20 +360,37 @@ def model_and_layout(args: argparse.Namespace) -> tuple[ModelConfig, Layout]:
     if args.config is None:
         cfg = resolve_model_section({"preset": args.preset, **parse_overrides(args.overrides)})
         value = {flag: _flag_value(args, flag) for flag in LAYOUT_FLAGS}
-        return cfg, Layout(args.gpus, args.gpus_per_node, value["--tp"] or 1,
-                           2 if value["--zero"] is None else value["--zero"], bool(value["--offload"]),
-                           value["--micro-batch"] or 1, bool(value["--act-ckpt"]), value["--dtype"] or "bf16")
+        return cfg, Layout(
+            args.gpus,
+            args.gpus_per_node,
+            value["--tp"] or 1,
+            2 if value["--zero"] is None else value["--zero"],
+            bool(value["--offload"]),
+            value["--micro-batch"] or 1,
+            bool(value["--act-ckpt"]),
+            value["--dtype"] or "bf16",
+        )
     from pretrain.config import load_train_config, model_config
 
     for flag in LAYOUT_FLAGS:
         if _flag_value(args, flag) is not None:
-            raise PlanError(f"{flag}: with --config the layout comes from {args.config}; "
-                            f"override it there or as {YAML_KEYS[flag]}=...")
+            raise PlanError(
+                f"{flag}: with --config the layout comes from {args.config}; "
+                f"override it there or as {YAML_KEYS[flag]}=..."
+            )
     train = load_train_config(args.config, args.overrides)
     cfg = model_config(train)
     p = train.parallel
-    return cfg, Layout(args.gpus, args.gpus_per_node, p.tensor_parallel, p.zero_stage, p.offload_optimizer,
-                       train.training.micro_batch_size, cfg.activation_checkpointing, p.precision)
+    return cfg, Layout(
+        args.gpus,
+        args.gpus_per_node,
+        p.tensor_parallel,
+        p.zero_stage,
+        p.offload_optimizer,
+        train.training.micro_batch_size,
+        cfg.activation_checkpointing,
+        p.precision,
+    )
 
 
 def hardware(args: argparse.Namespace) -> Hardware:
@@ -338,8 +401,11 @@ def hardware(args: argparse.Namespace) -> Hardware:
     if mem <= 0:
         raise PlanError(f"--gpu-mem must be positive, got {mem}")
     if args.gpu is None and args.gpu_mem is not None and args.peak_tflops is None and mem != kind.mem_gib:
-        print(f"cogvideo-plan: note: timing a {mem:g} GiB card at {kind.name} peak; name the card with --gpu "
-              f"({', '.join(sorted(GPU_KINDS))}) or give --peak-tflops", file=sys.stderr)
+        print(
+            f"cogvideo-plan: note: timing a {mem:g} GiB card at {kind.name} peak; name the card with --gpu "
+            f"({', '.join(sorted(GPU_KINDS))}) or give --peak-tflops",
+            file=sys.stderr,
+        )
     return Hardware(gpu_mem_gib=mem, peak_tflops=args.peak_tflops, gpu=kind.name, efficiency=args.efficiency)
 
 
@@ -351,8 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.search:
             check_layout(cfg, Layout(args.gpus, args.gpus_per_node, dtype=layout.dtype))
             plans = search(cfg, args.gpus, args.gpus_per_node, layout.dtype, hw)
-            print(f"{cfg.name}: layouts that fit in {hw.gpu_mem_gib:g} GiB on {args.gpus} GPUs "
-                  f"({args.gpus_per_node} per node), {layout.dtype}, fastest first")
+            print(
+                f"{cfg.name}: layouts that fit in {hw.gpu_mem_gib:g} GiB on {args.gpus} GPUs "
+                f"({args.gpus_per_node} per node), {layout.dtype}, fastest first"
+            )
             print(search_table(plans, args.limit) if plans else "none: add GPUs or memory")
             if not plans:
                 sys.exit(1)
@@ -363,16 +431,21 @@ def main(argv: list[str] | None = None) -> None:
         print()
         if best:
             top = best[0]
-            print(f"cheapest layout that fits (most samples per GPU-hour): {top.layout.describe()}\n"
-                  f"  peak {top.memory.peak / GiB:.2f} GiB, {top.samples_per_s:.1f} samples/s, MFU {top.mfu:.1%}")
+            print(
+                f"cheapest layout that fits (most samples per GPU-hour): {top.layout.describe()}\n"
+                f"  peak {top.memory.peak / GiB:.2f} GiB, {top.samples_per_s:.1f} samples/s, MFU {top.mfu:.1%}"
+            )
         else:
             print(f"no layout fits {args.gpus} GPUs of {hw.gpu_mem_gib:g} GiB")
     except (PlanError, ConfigError, ValueError, OSError) as err:
         print(f"cogvideo-plan: {err}", file=sys.stderr)
         sys.exit(2)
     if not plan.fits:
-        print(f"cogvideo-plan: {layout.describe()} does not fit in {hw.gpu_mem_gib:g} GiB "
-              f"(needs {plan.memory.peak / GiB:.2f} GiB)", file=sys.stderr)
+        print(
+            f"cogvideo-plan: {layout.describe()} does not fit in {hw.gpu_mem_gib:g} GiB "
+            f"(needs {plan.memory.peak / GiB:.2f} GiB)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

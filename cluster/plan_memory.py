@@ -14,6 +14,7 @@ DeepSpeed's ZeRO estimators use; `dp` = data-parallel size)::
 Frozen parameters (the CogView2 backbone, ~6B of 7.7B) hold only their weights. fp32 training
 keeps no master copy: 4 (weights) + 4 (grads) + 8 (Adam) bytes per trainable parameter.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from cogvideo.config import ModelConfig
 
-GiB = 2 ** 30
+GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 STATS_BYTES = 4  # layer-norm mean/rstd and attention log-sum-exp stay fp32
 
@@ -45,9 +46,11 @@ class Layout:
         nodes = -(-self.gpus // self.gpus_per_node)
         zero = f"ZeRO-{self.zero}" + (" + CPU offload" if self.offload else "")
         ckpt = ", act ckpt" if self.act_ckpt else ""
-        return (f"{self.gpus} GPUs ({nodes} node{'s' if nodes > 1 else ''} x {self.gpus_per_node}), "
-                f"TP {self.tp} x DP {self.dp}, "
-                f"{zero}, micro-batch {self.micro_batch}, {self.dtype}{ckpt}")
+        return (
+            f"{self.gpus} GPUs ({nodes} node{'s' if nodes > 1 else ''} x {self.gpus_per_node}), "
+            f"TP {self.tp} x DP {self.dp}, "
+            f"{zero}, micro-batch {self.micro_batch}, {self.dtype}{ckpt}"
+        )
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,16 @@ def _param_table(cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]
     family = family_of(cfg)
     with torch.device("meta"):
         model = family.build_model(cfg.replace(num_layers=1))
-    return tuple((name.rpartition(".")[0], p.numel(), cfg.num_layers if name.startswith("layers.") else 1,
-                  p.requires_grad, family.tp_plan.rule(name) is not None)
-                 for name, p in model.named_parameters())
+    return tuple(
+        (
+            name.rpartition(".")[0],
+            p.numel(),
+            cfg.num_layers if name.startswith("layers.") else 1,
+            p.requires_grad,
+            family.tp_plan.rule(name) is not None,
+        )
+        for name, p in model.named_parameters()
+    )
 
 
 def rank_params(cfg: ModelConfig, tp: int) -> RankParams:
@@ -112,7 +122,13 @@ class ModelStates:
 
     @property
     def gpu_total(self) -> float:
-        return self.weights_trainable + self.weights_frozen + self.gradients + self.optimizer + self.gathered_layer
+        return (
+            self.weights_trainable
+            + self.weights_frozen
+            + self.gradients
+            + self.optimizer
+            + self.gathered_layer
+        )
 
 
 def model_states(params: RankParams, layout: Layout) -> ModelStates:
@@ -130,7 +146,9 @@ def model_states(params: RankParams, layout: Layout) -> ModelStates:
     host = 0.0
     if layout.offload:
         host, grads, states = grads + states, 0.0, 0.0
-    return ModelStates(train * weight * weight_share, frozen * weight * weight_share, grads, states, gathered, host)
+    return ModelStates(
+        train * weight * weight_share, frozen * weight * weight_share, grads, states, gathered, host
+    )
 
 
 # ---- activations ---------------------------------------------------------------------------
@@ -164,10 +182,12 @@ def layer_activation_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str
         if cfg.stage == "stage1":
             total += 3 * L * ht * e + F * L * e  # QKV output (q, k, v are views of it), mask
         else:
-            per = nf * cfg.window_size ** 2  # tokens of one 3D window
-            windows = n // cfg.window_size ** 2
+            per = nf * cfg.window_size**2  # tokens of one 3D window
+            windows = n // cfg.window_size**2
             total += F * ht * e + 2 * windows * (T + per) * ht * e  # gathered q, text + window k, v
-            total += 8 * (2 * F + windows * (T + per)) / batch  # int64 indices: window order, its inverse, keys
+            total += (
+                8 * (2 * F + windows * (T + per)) / batch
+            )  # int64 indices: window order, its inverse, keys
             total += windows * per * (T + per) * e  # mask
         total += 2 * L * h * e + 2 * h * e  # the gate mix keeps both channel outputs and a, 1 - a
     return batch * total
@@ -235,6 +255,14 @@ def plan_memory(cfg: ModelConfig, layout: Layout, context_bytes: float = 2 * GiB
     # torch's single-tensor Adam: a square root and a quotient the size of the largest parameter
     transient = 2 * 4 * params.largest_trainable if layout.zero == 0 else 0
     last_layer = layer_activation_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype)
-    return MemoryPlan(params, states, activation_bytes(cfg, layout), last_layer, buckets + context_bytes,
-                      transient, layout.zero, backward_bucket=buckets if layout.zero in (1, 2) else 0.0,
-                      logits=logits_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype))
+    return MemoryPlan(
+        params,
+        states,
+        activation_bytes(cfg, layout),
+        last_layer,
+        buckets + context_bytes,
+        transient,
+        layout.zero,
+        backward_bucket=buckets if layout.zero in (1, 2) else 0.0,
+        logits=logits_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype),
+    )

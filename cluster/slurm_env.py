@@ -14,6 +14,7 @@ so every rule is tested and ``--dry-run`` prints what would run for a given allo
 Without ``--dry-run`` the launch subcommands replace this process (``os.execvp``), so
 signals from SLURM reach the launcher directly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def _expand_ranges(body: str, where: str) -> list[str]:
-    """"01-04,07" -> ["01", "02", "03", "04", "07"]; a range keeps the width of its start."""
+    """ "01-04,07" -> ["01", "02", "03", "04", "07"]; a range keeps the width of its start."""
     values = []
     for item in body.split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
@@ -82,7 +83,7 @@ def _expand_pattern(pattern: str) -> list[str]:
     pieces: list[list[str]] = []
     pos = 0
     for match in re.finditer(r"\[([^\[\]]*)\]", pattern):
-        pieces.append([pattern[pos:match.start()]])
+        pieces.append([pattern[pos : match.start()]])
         pieces.append(_expand_ranges(match.group(1), pattern))
         pos = match.end()
     pieces.append([pattern[pos:]])
@@ -145,8 +146,10 @@ class Allocation:
     @property
     def gpus(self) -> int:
         if not self.gpus_per_node:
-            raise SlurmEnvError("GPUs per node unknown: submit with --gpus-per-node=N "
-                                "(sets SLURM_GPUS_ON_NODE) or pass --gpus-per-node N")
+            raise SlurmEnvError(
+                "GPUs per node unknown: submit with --gpus-per-node=N "
+                "(sets SLURM_GPUS_ON_NODE) or pass --gpus-per-node N"
+            )
         return self.gpus_per_node
 
     @property
@@ -158,16 +161,20 @@ class Allocation:
         env = os.environ if env is None else env
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
-            raise SlurmEnvError("SLURM_JOB_NODELIST is not set: run inside an allocation "
-                                "(sbatch/salloc) or export fake SLURM_* variables for a dry run")
+            raise SlurmEnvError(
+                "SLURM_JOB_NODELIST is not set: run inside an allocation "
+                "(sbatch/salloc) or export fake SLURM_* variables for a dry run"
+            )
         job_id = env.get("SLURM_JOB_ID", "")
         if not job_id.isdigit():
             raise SlurmEnvError(f"SLURM_JOB_ID={job_id!r}: expected the numeric job id")
         nodes = tuple(expand_nodelist(nodelist))
         declared = _int_var(env, "SLURM_JOB_NUM_NODES") or _int_var(env, "SLURM_NNODES")
         if declared and declared != len(nodes):
-            raise SlurmEnvError(f"SLURM_JOB_NUM_NODES={declared} but SLURM_JOB_NODELIST={nodelist!r} "
-                                f"expands to {len(nodes)} hosts")
+            raise SlurmEnvError(
+                f"SLURM_JOB_NUM_NODES={declared} but SLURM_JOB_NODELIST={nodelist!r} "
+                f"expands to {len(nodes)} hosts"
+            )
         gpus = gpus_per_node if gpus_per_node is not None else _gpus_from_env(env)
         if gpus is not None and gpus < 1:
             raise SlurmEnvError(f"GPUs per node must be >= 1, got {gpus}")
@@ -190,8 +197,11 @@ class Rank:
 
 def ranks(alloc: Allocation) -> list[Rank]:
     """Global rank = node rank * GPUs per node + local rank (torchrun's static rendezvous)."""
-    return [Rank(host, n, local, n * alloc.gpus + local)
-            for n, host in enumerate(alloc.nodes) for local in range(alloc.gpus)]
+    return [
+        Rank(host, n, local, n * alloc.gpus + local)
+        for n, host in enumerate(alloc.nodes)
+        for local in range(alloc.gpus)
+    ]
 
 
 def hostfile(alloc: Allocation) -> str:
@@ -199,37 +209,67 @@ def hostfile(alloc: Allocation) -> str:
 
 
 def exports(alloc: Allocation) -> dict[str, str]:
-    values = {"MASTER_ADDR": alloc.master_addr, "MASTER_PORT": str(alloc.master_port),
-              "NNODES": str(alloc.num_nodes), "NODE_RANK": str(alloc.node_rank),
-              "RAY_HEAD": alloc.master_addr}
+    values = {
+        "MASTER_ADDR": alloc.master_addr,
+        "MASTER_PORT": str(alloc.master_port),
+        "NNODES": str(alloc.num_nodes),
+        "NODE_RANK": str(alloc.node_rank),
+        "RAY_HEAD": alloc.master_addr,
+    }
     if alloc.gpus_per_node:
         values.update(GPUS_PER_NODE=str(alloc.gpus), WORLD_SIZE=str(alloc.world_size))
     return values
 
 
 # ---- commands --------------------------------------------------------------------------
-def torchrun_command(alloc: Allocation, train_args: list[str], node_rank: int | None = None,
-                     shutdown_timeout: int = 300) -> list[str]:
+def torchrun_command(
+    alloc: Allocation, train_args: list[str], node_rank: int | None = None, shutdown_timeout: int = 300
+) -> list[str]:
     """Static rendezvous on node 0, so ranks follow SLURM_NODEID (see :func:`ranks`)."""
     node_rank = alloc.node_rank if node_rank is None else node_rank
-    return ["torchrun", f"--nnodes={alloc.num_nodes}", f"--nproc-per-node={alloc.gpus}",
-            f"--node-rank={node_rank}", f"--master-addr={alloc.master_addr}",
-            f"--master-port={alloc.master_port}", "--max-restarts=0",
-            f"--signals-to-handle={FORWARDED_SIGNALS}", f"--shutdown-timeout={shutdown_timeout}",
-            "-m", TRAIN_MODULE, *train_args]
+    return [
+        "torchrun",
+        f"--nnodes={alloc.num_nodes}",
+        f"--nproc-per-node={alloc.gpus}",
+        f"--node-rank={node_rank}",
+        f"--master-addr={alloc.master_addr}",
+        f"--master-port={alloc.master_port}",
+        "--max-restarts=0",
+        f"--signals-to-handle={FORWARDED_SIGNALS}",
+        f"--shutdown-timeout={shutdown_timeout}",
+        "-m",
+        TRAIN_MODULE,
+        *train_args,
+    ]
 
 
 def deepspeed_command(alloc: Allocation, hostfile_path: str, train_args: list[str]) -> list[str]:
     """The DeepSpeed runner on node 0 reaches the other hosts of the hostfile over pdsh/ssh."""
-    return ["deepspeed", f"--hostfile={hostfile_path}", f"--num_nodes={alloc.num_nodes}",
-            f"--num_gpus={alloc.gpus}", f"--master_addr={alloc.master_addr}",
-            f"--master_port={alloc.master_port}", "--module", TRAIN_MODULE, *train_args]
+    return [
+        "deepspeed",
+        f"--hostfile={hostfile_path}",
+        f"--num_nodes={alloc.num_nodes}",
+        f"--num_gpus={alloc.gpus}",
+        f"--master_addr={alloc.master_addr}",
+        f"--master_port={alloc.master_port}",
+        "--module",
+        TRAIN_MODULE,
+        *train_args,
+    ]
 
 
 def ray_head_command(alloc: Allocation) -> list[str]:
     gpus = [f"--num-gpus={alloc.gpus_per_node}"] if alloc.gpus_per_node else []
-    return ["ray", "start", "--head", f"--port={RAY_PORT}", "--dashboard-host=0.0.0.0",
-            f"--dashboard-port={RAY_DASHBOARD_PORT}", *gpus, "--block"]
+    return [
+        "ray",
+        "start",
+        "--head",
+        f"--port={RAY_PORT}",
+        "--dashboard-host=0.0.0.0",
+        f"--dashboard-port={RAY_DASHBOARD_PORT}",
+        *gpus,
+        "--block",
+    ]
 
 
 def ray_worker_command(alloc: Allocation) -> list[str]:
@@ -240,16 +280,26 @@ def ray_worker_command(alloc: Allocation) -> list[str]:
 def ray_submit_command(alloc: Allocation, entrypoint: list[str]) -> list[str]:
     if not entrypoint:
         raise SlurmEnvError("ray-submit: give the job command after '--', e.g. -- cogvideo-prep --input ...")
-    return ["ray", "job", "submit", f"--address=http://{alloc.master_addr}:{RAY_DASHBOARD_PORT}",
-            "--", *entrypoint]
+    return [
+        "ray",
+        "job",
+        "submit",
+        f"--address=http://{alloc.master_addr}:{RAY_DASHBOARD_PORT}",
+        "--",
+        *entrypoint,
+    ]
 
 
 # ---- command line ----------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cluster.slurm_env", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help="override SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE")
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.slurm_env",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=None, help="override SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="shell assignments (MASTER_ADDR, MASTER_PORT, ...) for eval")
     sub.add_parser("ranks", help="host, node rank, local rank, global rank per process")
@@ -263,8 +313,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = launcher("torchrun", "torchrun for this node (SLURM_NODEID)")
     p.add_argument("--all-nodes", action="store_true", help="with --dry-run: print every node's command")
-    p.add_argument("--shutdown-timeout", type=int, default=300,
-                   help="seconds the workers get to checkpoint after a signal before SIGKILL")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=300,
+        help="seconds the workers get to checkpoint after a signal before SIGKILL",
+    )
     p = launcher("deepspeed", "write the hostfile, then run the DeepSpeed runner")
     p.add_argument("--hostfile", required=True)
     launcher("ray-head", "ray start --head on this node")
@@ -286,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = _parser().parse_args(argv)
     try:
         alloc = Allocation.from_env(gpus_per_node=args.gpus_per_node)
@@ -306,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"# node {node} ({host})")
                     print(shlex.join(torchrun_command(alloc, passthrough, node, args.shutdown_timeout)))
             else:
-                _run(torchrun_command(alloc, passthrough, shutdown_timeout=args.shutdown_timeout), args.dry_run)
+                _run(
+                    torchrun_command(alloc, passthrough, shutdown_timeout=args.shutdown_timeout), args.dry_run
+                )
         elif args.command == "deepspeed":
             if args.dry_run:
                 print(f"# {args.hostfile}:")

@@ -4,6 +4,7 @@
 fp16 without them, CogView's PB-Relax form. `window_gather_index` lays out the stage-2 3D
 windows that cogvideo/blocked.py gathers into the batch dimension.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,15 @@ from cogvideo.config import ModelConfig
 from cogvideo.sequence import TokenMeta
 
 
-def attend(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None = None, pb_relax_alpha: float = 0.0,
-           dropout: float = 0.0):
+def attend(
+    q,
+    k,
+    v,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pb_relax_alpha: float = 0.0,
+    dropout: float = 0.0,
+):
     """q [N, H, Lq, d], k/v [N, H, Lk, d]; mask bool broadcastable to [N, H, Lq, Lk] (True = may
     attend); bias: additive scores of the same broadcast shape or None; dropout: on the
     attention probabilities (training only; the caller passes 0 in eval)."""
@@ -25,7 +33,9 @@ def attend(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None = None, pb_rel
         return pb_relax_attention(q, k, v, mask, bias, pb_relax_alpha, dropout)
     attn_mask = mask
     if bias is not None:
-        attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")) + bias
+        attn_mask = (
+            torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")) + bias
+        )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
 
@@ -41,7 +51,9 @@ def pb_relax_attention(q, k, v, mask, bias, alpha: float, dropout: float = 0.0):
     return torch.matmul(probs, v)
 
 
-def window_gather_index(cfg: ModelConfig, frames: Sequence[int], shift: int) -> tuple[torch.Tensor, TokenMeta]:
+def window_gather_index(
+    cfg: ModelConfig, frames: Sequence[int], shift: int
+) -> tuple[torch.Tensor, TokenMeta]:
     """Index [windows, len(frames) * w * w] into the flattened tokens of whole `frames` laid out
     in this order (e.g. 0..F-1, or the given frames 0, 2, 4 of a stage-2 chunk), gathering each
     shifted 3D window (all those frames x w x w positions), and the TokenMeta of the gathered

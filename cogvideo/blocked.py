@@ -6,6 +6,7 @@ temporal channel). The blocks are gathered into the batch dimension, so no dense
 whole sequence is built. The full forward and the KV-cached pass over given frames (e.g.
 stage-2 frames 0, 2, 4 right after the text) both run these; the masks come from `visible()`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ class FrameBlocks:
     spatial: torch.Tensor  # [B*nf, 1, n, T+n]
     spatial_keys: torch.Tensor  # [nf*(T+n)]: text, then frame f, for each frame
     spatial_bias: torch.Tensor | None
-    temporal: dict[int, torch.Tensor]  # shift -> stage 1: [B, 1, nf*n, T+nf*n]; stage 2: [B*nW, 1, per, T+per]
+    temporal: dict[
+        int, torch.Tensor
+    ]  # shift -> stage 1: [B, 1, nf*n, T+nf*n]; stage 2: [B*nW, 1, per, T+per]
     temporal_bias: dict[int, torch.Tensor | None]
     # stage 2, per shift: frame tokens of each window [nW*per], window keys [nW*(T+per)], and
     # the inverse of the first (window order -> frame order)
@@ -61,8 +64,9 @@ def _block_keys(T: int, blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([text, T + blocks], dim=1).flatten()
 
 
-def _block_visibility(cfg: ModelConfig, text: TokenMeta, meta: TokenMeta, blocks: int, channel: str,
-                      shift: int = 0) -> torch.Tensor:
+def _block_visibility(
+    cfg: ModelConfig, text: TokenMeta, meta: TokenMeta, blocks: int, channel: str, shift: int = 0
+) -> torch.Tensor:
     """visible() of each of `blocks` equal blocks of `meta` over [text; its own block]: [nb, m, T+m]."""
     vis = visible(cfg, meta, TokenMeta.cat([text, meta]), channel, shift)
     T, m = len(text), len(meta) // blocks
@@ -70,8 +74,14 @@ def _block_visibility(cfg: ModelConfig, text: TokenMeta, meta: TokenMeta, blocks
     return torch.cat([vis[:, :T].reshape(blocks, m, T), own], dim=2)
 
 
-def frame_blocks(cfg: ModelConfig, text: TokenMeta, text_pad: torch.Tensor, frames: list[int],
-                 text_bias: float, temporal: bool = True) -> FrameBlocks:
+def frame_blocks(
+    cfg: ModelConfig,
+    text: TokenMeta,
+    text_pad: torch.Tensor,
+    frames: list[int],
+    text_bias: float,
+    temporal: bool = True,
+) -> FrameBlocks:
     """Blocks for `frames` (whole, in this order) after `text` [T] with pads `text_pad` [B, T]."""
     device, n = text_pad.device, cfg.tokens_per_frame
     T, B, nf = len(text), text_pad.shape[0], len(frames)
@@ -79,15 +89,16 @@ def frame_blocks(cfg: ModelConfig, text: TokenMeta, text_pad: torch.Tensor, fram
     key_pad = torch.cat([text_pad, text_pad.new_zeros(B, nf * n)], 1)  # frame tokens are never pads
 
     def blocked_mask(vis, m):  # [nb, m, T+m] -> [B*nb, 1, m, T+m], text pads masked
-        return (vis.to(device)[None] & ~key_pad[:, None, None, :T + m]).reshape(-1, 1, m, T + m)
+        return (vis.to(device)[None] & ~key_pad[:, None, None, : T + m]).reshape(-1, 1, m, T + m)
 
     def bias(vis, queries):  # frame queries, keys [text; ...]: the same columns in every block
         return text_bias_scores(vis, queries, TokenMeta.cat([text, queries]), text_bias)
 
     frame_order = torch.arange(nf * n).reshape(nf, n)
     vis = _block_visibility(cfg, text, meta, nf, "spatial")
-    blocks = FrameBlocks(blocked_mask(vis, n), _block_keys(T, frame_order).to(device),
-                         bias(vis[0], meta[:n]), {}, {}, {})
+    blocks = FrameBlocks(
+        blocked_mask(vis, n), _block_keys(T, frame_order).to(device), bias(vis[0], meta[:n]), {}, {}, {}
+    )
     if not (temporal and cfg.has_temporal):
         return blocks
     if cfg.stage == "stage1":  # causal in time: one block of all frames
@@ -102,7 +113,11 @@ def frame_blocks(cfg: ModelConfig, text: TokenMeta, text_pad: torch.Tensor, fram
         blocks.temporal[shift] = blocked_mask(vis, per)
         blocks.temporal_bias[shift] = bias(vis[0], wmeta[:per])
         order = index.flatten()
-        blocks.windows[shift] = (order.to(device), _block_keys(T, index).to(device), order.argsort().to(device))
+        blocks.windows[shift] = (
+            order.to(device),
+            _block_keys(T, index).to(device),
+            order.argsort().to(device),
+        )
     return blocks
 
 
@@ -121,24 +136,40 @@ def _ungather(out: torch.Tensor, batch: int, inverse: torch.Tensor | None = None
     return (tokens if inverse is None else tokens[:, inverse]).transpose(1, 2)
 
 
-def spatial_attention(q, k, v, blocks: FrameBlocks, pb_relax_alpha: float,
-                      dropout: float = 0.0) -> torch.Tensor:
+def spatial_attention(
+    q, k, v, blocks: FrameBlocks, pb_relax_alpha: float, dropout: float = 0.0
+) -> torch.Tensor:
     """q [B, H, nf*n, d] frame queries; k, v [B, H, T + nf*n, d] -> [B, H, nf*n, d]."""
     B, H, _, d = q.shape
     nf = blocks.spatial.shape[0] // B
     queries = q.transpose(1, 2).reshape(B * nf, -1, H, d).transpose(1, 2)
-    out = attend(queries, _gather(k, blocks.spatial_keys, nf), _gather(v, blocks.spatial_keys, nf),
-                 blocks.spatial, blocks.spatial_bias, pb_relax_alpha, dropout)
+    out = attend(
+        queries,
+        _gather(k, blocks.spatial_keys, nf),
+        _gather(v, blocks.spatial_keys, nf),
+        blocks.spatial,
+        blocks.spatial_bias,
+        pb_relax_alpha,
+        dropout,
+    )
     return _ungather(out, B)
 
 
-def temporal_attention(q, k, v, blocks: FrameBlocks, shift: int, pb_relax_alpha: float,
-                       dropout: float = 0.0) -> torch.Tensor:
+def temporal_attention(
+    q, k, v, blocks: FrameBlocks, shift: int, pb_relax_alpha: float, dropout: float = 0.0
+) -> torch.Tensor:
     """q [B, H, nf*n, d] frame queries; k, v [B, H, T + nf*n, d] -> [B, H, nf*n, d]."""
     if shift not in blocks.windows:  # stage 1: one block
         return attend(q, k, v, blocks.temporal[shift], blocks.temporal_bias[shift], pb_relax_alpha, dropout)
     order, keys, inverse = blocks.windows[shift]
     nW = blocks.temporal[shift].shape[0] // q.shape[0]
-    out = attend(_gather(q, order, nW), _gather(k, keys, nW), _gather(v, keys, nW),
-                 blocks.temporal[shift], blocks.temporal_bias[shift], pb_relax_alpha, dropout)
+    out = attend(
+        _gather(q, order, nW),
+        _gather(k, keys, nW),
+        _gather(v, keys, nW),
+        blocks.temporal[shift],
+        blocks.temporal_bias[shift],
+        pb_relax_alpha,
+        dropout,
+    )
     return _ungather(out, q.shape[0], inverse)

@@ -4,6 +4,7 @@ Every shape the code uses (frame size, tokens per frame, frames per sample, text
 vocabulary ranges, window size) comes from a :class:`ModelConfig`; nothing else in the
 library hard-codes them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,16 @@ class ModelConfig:
 
         if self.stage not in STAGES:
             bad("stage", f"{self.stage!r} is not one of {STAGES}")
-        for key in ("num_layers", "hidden_size", "num_heads", "text_length", "frame_size",
-                    "frame_tokens", "num_frames", "window_size"):
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "text_length",
+            "frame_size",
+            "frame_tokens",
+            "num_frames",
+            "window_size",
+        ):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
         if self.hidden_size % self.num_heads:
@@ -101,16 +110,23 @@ class ModelConfig:
             bad("num_frames", f"a backbone models one frame, got {self.num_frames}")
         if self.stage == "stage2":
             if self.num_frames < 3 or self.num_frames % 2 == 0:
-                bad("num_frames", f"stage 2 interleaves given and new frames: needs an odd count >= 3, got {self.num_frames}")
+                bad(
+                    "num_frames",
+                    f"stage 2 interleaves given and new frames: needs an odd count >= 3, got {self.num_frames}",
+                )
             if self.frame_tokens % self.window_size:
                 bad("window_size", f"{self.window_size} does not divide frame_tokens={self.frame_tokens}")
             if not 0 <= self.window_shift < self.window_size:
-                bad("window_shift", f"must be in [0, window_size={self.window_size}), got {self.window_shift}")
+                bad(
+                    "window_shift", f"must be in [0, window_size={self.window_size}), got {self.window_shift}"
+                )
         if self.text_length > self.image_position_offset:
             bad("image_position_offset", f"{self.image_position_offset} < text_length={self.text_length}")
         if self.image_position_offset + self.tokens_per_frame > self.max_position_embeddings:
-            bad("max_position_embeddings",
-                f"{self.max_position_embeddings} rows cannot hold a frame at offset {self.image_position_offset}")
+            bad(
+                "max_position_embeddings",
+                f"{self.max_position_embeddings} rows cannot hold a frame at offset {self.image_position_offset}",
+            )
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 bad(key, f"must be in [0, 1), got {getattr(self, key)}")
@@ -122,8 +138,11 @@ class ModelConfig:
         if self.vocab.vocab_size % tensor_parallel:
             multiple = math.lcm(128, tensor_parallel)  # rows in multiples of 128, as Megatron pads
             padded = -(-self.vocab.vocab_size // multiple) * multiple
-            bad("vocab.vocab_size", f"{self.vocab.vocab_size} is not divisible by tensor_parallel={tensor_parallel}; "
-                f"pad the vocabulary (unused rows), e.g. model.vocab.vocab_size={padded}")
+            bad(
+                "vocab.vocab_size",
+                f"{self.vocab.vocab_size} is not divisible by tensor_parallel={tensor_parallel}; "
+                f"pad the vocabulary (unused rows), e.g. model.vocab.vocab_size={padded}",
+            )
         return self
 
     def replace(self, **changes) -> "ModelConfig":
@@ -132,10 +151,22 @@ class ModelConfig:
 
 def _cogview2(**changes) -> ModelConfig:
     base = ModelConfig(
-        name="cogview2-6b", stage="backbone", num_layers=48, hidden_size=3072, num_heads=48,
-        vocab=VocabLayout.icetk(), text_length=64, frame_size=160, frame_tokens=20, num_frames=1,
-        image_position_offset=512, max_position_embeddings=1024, window_size=10, window_shift=5,
-        hidden_dropout=0.1, attention_dropout=0.1,  # SAT's defaults, which the release trained with
+        name="cogview2-6b",
+        stage="backbone",
+        num_layers=48,
+        hidden_size=3072,
+        num_heads=48,
+        vocab=VocabLayout.icetk(),
+        text_length=64,
+        frame_size=160,
+        frame_tokens=20,
+        num_frames=1,
+        image_position_offset=512,
+        max_position_embeddings=1024,
+        window_size=10,
+        window_shift=5,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,  # SAT's defaults, which the release trained with
     )
     return base.replace(**changes)
 
@@ -144,10 +175,21 @@ PRESETS = {
     "tiny": lambda: ModelConfig(),
     "tiny-stage2": lambda: ModelConfig(name="tiny-stage2", stage="stage2"),
     "small": lambda: ModelConfig(
-        name="small", stage="stage1", num_layers=4, hidden_size=256, num_heads=4,
-        vocab=VocabLayout.compact(512, 1000), text_length=16, frame_size=32, frame_tokens=4,
-        num_frames=5, image_position_offset=16, max_position_embeddings=32,
-        window_size=2, window_shift=1, train_backbone=True,
+        name="small",
+        stage="stage1",
+        num_layers=4,
+        hidden_size=256,
+        num_heads=4,
+        vocab=VocabLayout.compact(512, 1000),
+        text_length=16,
+        frame_size=32,
+        frame_tokens=4,
+        num_frames=5,
+        image_position_offset=16,
+        max_position_embeddings=32,
+        window_size=2,
+        window_shift=1,
+        train_backbone=True,
     ),
     "small-stage2": lambda: PRESETS["small"]().replace(name="small-stage2", stage="stage2"),
     "cogview2-6b": _cogview2,

@@ -12,6 +12,7 @@ Every command configured by a dataclass builds its command line here, so all of 
     parser.add_argument("--out", required=True)         # paths and switches of this command
     cfg, args = parse_config(PrepConfig, parser, argv)  # a bad key: one line, exit 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err.__class__.__name__}); quote it") from None
+            raise ConfigError(
+                f"override {item!r}: value is not valid YAML ({err.__class__.__name__}); quote it"
+            ) from None
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -132,7 +135,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
-        raise ConfigError(f"unknown config key(s): {names}; known under {prefix or 'top level'}: {sorted(fields)}")
+        raise ConfigError(
+            f"unknown config key(s): {names}; known under {prefix or 'top level'}: {sorted(fields)}"
+        )
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -147,6 +152,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 def to_dict(obj) -> dict:
     """Dataclass -> plain dict (tuples become lists) suitable for YAML/JSON."""
+
     def plain(value):
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
@@ -155,11 +161,13 @@ def to_dict(obj) -> dict:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
+
     return plain(obj)
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None,
-                defaults: dict | None = None):
+def load_config(
+    cls, path: str | Path | None = None, overrides: list[str] | None = None, defaults: dict | None = None
+):
     """defaults <- YAML file <- dotted overrides, then build `cls` (strictly)."""
     data: dict = dict(defaults or {})
     if path is not None:
@@ -230,8 +238,13 @@ def describe_fields(cls, prefix: str = "", instance=None) -> list[str]:
         if dataclasses.is_dataclass(hints[f.name]) and dataclasses.is_dataclass(value):
             rows += describe_fields(type(value), key + ".", value)
             continue
-        shown = "(required)" if value is dataclasses.MISSING else json.dumps(to_dict(value) if dataclasses.is_dataclass(
-            value) else value, ensure_ascii=False, default=str)
+        shown = (
+            "(required)"
+            if value is dataclasses.MISSING
+            else json.dumps(
+                to_dict(value) if dataclasses.is_dataclass(value) else value, ensure_ascii=False, default=str
+            )
+        )
         note = f"  # {comments[f.name]}" if comments.get(f.name) else ""
         rows.append(f"  {key} = {shown}{note}")
     return rows
@@ -239,23 +252,34 @@ def describe_fields(cls, prefix: str = "", instance=None) -> list[str]:
 
 def fields_help(cls) -> str:
     """The ``--help`` epilog of a command configured by ``cls``: every field with its default."""
-    return ("config fields (YAML keys of --config, or key=value overrides; nested ones as section.key=value), "
-            "with defaults:\n" + "\n".join(describe_fields(cls)))
+    return (
+        "config fields (YAML keys of --config, or key=value overrides; nested ones as section.key=value), "
+        "with defaults:\n" + "\n".join(describe_fields(cls))
+    )
 
 
 def config_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """A parser taking ``--config FILE.yaml`` and ``key=value`` overrides for dataclass ``cls``;
     its ``--help`` lists every field with its default."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=fields_help(cls),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=fields_help(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the config fields listed below")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="field overrides, applied after --config (values are YAML scalars or lists)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="field overrides, applied after --config (values are YAML scalars or lists)",
+    )
     return parser
 
 
-def parse_config(cls, parser: argparse.ArgumentParser, argv: list[str] | None = None,
-                 defaults: dict | None = None) -> tuple[Any, argparse.Namespace]:
+def parse_config(
+    cls, parser: argparse.ArgumentParser, argv: list[str] | None = None, defaults: dict | None = None
+) -> tuple[Any, argparse.Namespace]:
     """(config, the other arguments). A bad file, key or value ends the command with one line
     naming it, and exit status 2."""
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ Each is a default (a value the user set wins) and is read by a library once, whe
 or started, so :func:`apply_defaults` runs before that: in `tests/conftest.py`, at the start of
 the demo driver (whose sub-tools inherit the result) and before Ray starts (`cogvideo.raystart`).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,9 @@ DEFAULTS = {
 }
 
 
-def apply_defaults(environ: MutableMapping[str, str] = os.environ, cuda: bool | None = None) -> dict[str, str]:
+def apply_defaults(
+    environ: MutableMapping[str, str] = os.environ, cuda: bool | None = None
+) -> dict[str, str]:
     """Set the defaults missing from `environ`, and DS_ACCELERATOR=cpu where there is no CUDA
     device (DeepSpeed would otherwise look for one); returns what it set."""
     wanted = dict(DEFAULTS)

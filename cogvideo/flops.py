@@ -18,6 +18,7 @@ weight gradient only when that weight trains. Attention products have two activa
 backward = 2 x forward. Activation checkpointing recomputes each layer's forward; that is
 hardware work, not model work, and is reported separately (:func:`recompute_flops`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def attention_pairs(cfg: ModelConfig) -> tuple[int, int]:
         return spatial, 0
     if cfg.stage == "stage1":
         return spatial, nf * n * cfg.seq_length
-    return spatial, nf * n * (T + nf * cfg.window_size ** 2)
+    return spatial, nf * n * (T + nf * cfg.window_size**2)
 
 
 def matmuls(cfg: ModelConfig) -> list[MatmulFlops]:

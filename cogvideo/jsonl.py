@@ -2,6 +2,7 @@
 
 Used by data preparation (manifest, rejected and commit logs), the trainer's metrics log and the demo.
 """
+
 from __future__ import annotations
 
 import json

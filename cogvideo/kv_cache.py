@@ -6,6 +6,7 @@ begins. The temporal channel needs text + every frame fed so far. The text atten
 bidirectionally (as released), so it is cached in one pass. Token metadata (frame, pos, pad)
 is kept once for all layers; each layer keeps its own K/V buffers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -84,8 +85,10 @@ class KVCache:
         right_after_text = frames != [TEXT] and self.current_frame is None
         if frames == [TEXT]:
             if self.text_length or self.current_frame is not None:
-                raise ValueError("feed the text once, in one chunk, before any frame (text attends "
-                                 "bidirectionally and its position ids depend on the pad count)")
+                raise ValueError(
+                    "feed the text once, in one chunk, before any frame (text attends "
+                    "bidirectionally and its position ids depend on the pad count)"
+                )
             self.text_length = len(meta)
             plan = self._single(0, meta, pad)
         elif TEXT in frames:
@@ -104,8 +107,13 @@ class KVCache:
             self.spatial.write_meta(self.text_length, meta[segment], pad[:, segment])
             self.spatial.length = self.text_length + (len(meta) - last)
             text = self.spatial.meta(self.text_length)
-            plan = ChunkPlan(0, 0, segment, TokenMeta.cat([text, meta]),
-                             torch.cat([self.spatial.pad[:, :self.text_length], pad], dim=1))
+            plan = ChunkPlan(
+                0,
+                0,
+                segment,
+                TokenMeta.cat([text, meta]),
+                torch.cat([self.spatial.pad[:, : self.text_length], pad], dim=1),
+            )
         if right_after_text and self._whole(meta, frames):
             plan.whole_frames = frames
         if self.temporal is not None:
@@ -142,4 +150,4 @@ class KVCache:
         return self.temporal.read(layer, plan.temporal_stop)
 
     def temporal_keys(self, plan: ChunkPlan) -> tuple[TokenMeta, torch.Tensor]:
-        return self.temporal.meta(plan.temporal_stop), self.temporal.pad[:, :plan.temporal_stop]
+        return self.temporal.meta(plan.temporal_stop), self.temporal.pad[:, : plan.temporal_stop]

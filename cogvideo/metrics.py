@@ -3,6 +3,7 @@
 SSIM is Wang et al. (2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, computed
 per channel over the 'valid' window positions and averaged over channels and positions.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +16,9 @@ WINDOW, SIGMA, K1, K2 = 11, 1.5, 0.01, 0.03
 def _check(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
-        raise ValueError(f"reconstruction metrics need two [T, H, W, 3] videos of one shape, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"reconstruction metrics need two [T, H, W, 3] videos of one shape, got {a.shape} and {b.shape}"
+        )
     return a.astype(np.float64), b.astype(np.float64)
 
 
@@ -45,7 +48,7 @@ def _filter_valid(x: np.ndarray, window: np.ndarray) -> np.ndarray:
     half = len(window) // 2
     for axis in (1, 2):
         x = correlate1d(x, window, axis=axis, mode="constant")
-    return x[:, half:x.shape[1] - half, half:x.shape[2] - half]
+    return x[:, half : x.shape[1] - half, half : x.shape[2] - half]
 
 
 def ssim_per_frame(reference: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
@@ -64,7 +67,12 @@ def ssim_per_frame(reference: np.ndarray, reconstruction: np.ndarray) -> np.ndar
 
 def reconstruction_report(reference: np.ndarray, reconstruction: np.ndarray) -> dict:
     psnr, ssim = psnr_per_frame(reference, reconstruction), ssim_per_frame(reference, reconstruction)
-    return {"frames": len(psnr), "psnr_db": psnr.tolist(), "ssim": ssim.tolist(),
-            "mean_psnr_db": float(psnr.mean()), "mean_ssim": float(ssim.mean()),
-            "protocol": f"uint8 RGB, data range 255; SSIM Gaussian {WINDOW}x{WINDOW} sigma {SIGMA}, K1 {K1}, K2 {K2}, "
-                        "per channel, valid positions"}
+    return {
+        "frames": len(psnr),
+        "psnr_db": psnr.tolist(),
+        "ssim": ssim.tolist(),
+        "mean_psnr_db": float(psnr.mean()),
+        "mean_ssim": float(ssim.mean()),
+        "protocol": f"uint8 RGB, data range 255; SSIM Gaussian {WINDOW}x{WINDOW} sigma {SIGMA}, K1 {K1}, K2 {K2}, "
+        "per channel, valid positions",
+    }

@@ -14,6 +14,7 @@ Three attention paths share one visibility rule (cogvideo/sequence.py):
   cached keys; a chunk of whole frames right after the text (the sampler's given frames) runs
   blocked like the full forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,15 +34,18 @@ from cogvideo.tp_plan import Column, Row, TiedEmbedding, TPPlan, Vocab, vocab_cr
 
 TEMPORAL_PARAMS = ("frame_position_embeddings.", ".temporal_attention.", ".temporal_gate")
 
-TP_PLAN = TPPlan({
-    "word_embeddings": Vocab(),  # also the tied output layer: vocabulary-parallel logits
-    "attention.query_key_value": Column(stride=3),  # [Q; K; V] -> [Q_r; K_r; V_r] on rank r
-    "attention.dense": Row(),
-    "temporal_attention.query_key_value": Column(stride=3),
-    "temporal_attention.dense": Row(),
-    "mlp.dense_h_to_4h": Column(),
-    "mlp.dense_4h_to_h": Row(),
-}, blocks="layers")  # norms, gates and position tables are replicated
+TP_PLAN = TPPlan(
+    {
+        "word_embeddings": Vocab(),  # also the tied output layer: vocabulary-parallel logits
+        "attention.query_key_value": Column(stride=3),  # [Q; K; V] -> [Q_r; K_r; V_r] on rank r
+        "attention.dense": Row(),
+        "temporal_attention.query_key_value": Column(stride=3),
+        "temporal_attention.dense": Row(),
+        "mlp.dense_h_to_4h": Column(),
+        "mlp.dense_4h_to_h": Row(),
+    },
+    blocks="layers",
+)  # norms, gates and position tables are replicated
 
 
 def is_backbone_param(name: str) -> bool:
@@ -83,7 +87,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dense_h_to_4h = _linear(cfg.hidden_size, cfg.ffn_size, cfg.init_std)
-        self.dense_4h_to_h = _linear(cfg.ffn_size, cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        self.dense_4h_to_h = _linear(
+            cfg.ffn_size, cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        )
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -101,8 +107,16 @@ class Masks:
     dense: dict = field(default_factory=dict)
     dense_bias: dict = field(default_factory=dict)
 
-    def add_dense(self, cfg: ModelConfig, channel: str, queries: TokenMeta, query_pad: torch.Tensor,
-                  keys: TokenMeta, key_pad: torch.Tensor, text_bias: float) -> None:
+    def add_dense(
+        self,
+        cfg: ModelConfig,
+        channel: str,
+        queries: TokenMeta,
+        query_pad: torch.Tensor,
+        keys: TokenMeta,
+        key_pad: torch.Tensor,
+        text_bias: float,
+    ) -> None:
         shifts = attention_shifts(cfg) if channel == "temporal" else {0}
         for shift in shifts:
             vis = visible(cfg, queries, keys, channel, shift).to(query_pad.device)
@@ -149,8 +163,15 @@ class TransformerLayer(nn.Module):
         """A chunk after what `cache` holds: blocked for whole frames right after the text."""
         return self._attend_and_mlp(h, masks, cache.temporal is not None, masks.frames is None, cache, plan)
 
-    def _attend_and_mlp(self, h, masks: Masks, temporal: bool, dense: bool,
-                        cache: KVCache | None = None, plan: ChunkPlan | None = None):
+    def _attend_and_mlp(
+        self,
+        h,
+        masks: Masks,
+        temporal: bool,
+        dense: bool,
+        cache: KVCache | None = None,
+        plan: ChunkPlan | None = None,
+    ):
         alpha = self.cfg.pb_relax_alpha  # PB-Relax (fp16 without fused kernels)
         x = self.input_layernorm(h)
         drop = self.cfg.attention_dropout if self.training else 0.0
@@ -168,8 +189,9 @@ class TransformerLayer(nn.Module):
                 tk, tv = cache.temporal_kv(self.index, plan, tk, tv)
             shift = self.shift if self.cfg.stage == "stage2" else 0
             if dense:
-                tctx = attend(tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"),
-                              alpha, drop)
+                tctx = attend(
+                    tq, tk, tv, masks.dense["temporal", shift], masks.dense_bias.get("temporal"), alpha, drop
+                )
             else:
                 tctx = self._temporal_blocked(tq, tk, tv, masks, shift, alpha, drop)
             out = self._mix(out, self.temporal_attention.project(tctx), masks.is_frame)
@@ -182,7 +204,9 @@ class TransformerLayer(nn.Module):
         text = attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], masks.text, None, alpha, drop)
         if masks.frames is None:
             return text
-        return torch.cat([text, blocked.spatial_attention(q[:, :, T:], k, v, masks.frames, alpha, drop)], dim=2)
+        return torch.cat(
+            [text, blocked.spatial_attention(q[:, :, T:], k, v, masks.frames, alpha, drop)], dim=2
+        )
 
     def _temporal_blocked(self, q, k, v, masks: Masks, shift: int, alpha: float, drop: float):
         if masks.text is None:
@@ -202,7 +226,9 @@ class CogVideoModel(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, hidden_size)
         nn.init.normal_(self.position_embeddings.weight, std=cfg.init_std)
         if cfg.has_temporal and cfg.num_frames > 1:
-            self.frame_position_embeddings = nn.Embedding((cfg.num_frames - 1) * cfg.tokens_per_frame, hidden_size)
+            self.frame_position_embeddings = nn.Embedding(
+                (cfg.num_frames - 1) * cfg.tokens_per_frame, hidden_size
+            )
             nn.init.normal_(self.frame_position_embeddings.weight, std=cfg.init_std)
         else:
             self.frame_position_embeddings = None
@@ -221,7 +247,9 @@ class CogVideoModel(nn.Module):
             raise ValueError(f"tokens must be [batch, length], got shape {list(tokens.shape)}")
         vocab = self.cfg.vocab.vocab_size
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ValueError(f"token ids must be in [0, {vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
+            raise ValueError(
+                f"token ids must be in [0, {vocab}), got [{int(tokens.min())}, {int(tokens.max())}]"
+            )
 
     def _embed(self, tokens: torch.Tensor, meta: TokenMeta, pad: torch.Tensor) -> torch.Tensor:
         backbone_row, extra_row = position_ids(self.cfg, meta.to(tokens.device), pad)
@@ -245,7 +273,8 @@ class CogVideoModel(nn.Module):
         if length < cfg.text_length or rest or frames > cfg.num_frames:
             raise ValueError(
                 f"sequence length {length} does not fit the layout: text_length={cfg.text_length} + "
-                f"k * tokens_per_frame={cfg.tokens_per_frame} with k <= num_frames={cfg.num_frames}")
+                f"k * tokens_per_frame={cfg.tokens_per_frame} with k <= num_frames={cfg.num_frames}"
+            )
         return TokenMeta.layout(cfg, list(range(frames)))
 
     def forward(self, tokens: torch.Tensor, temporal: bool = True, text_bias: float = 0.0) -> torch.Tensor:
@@ -259,7 +288,9 @@ class CogVideoModel(nn.Module):
             h = layer(h, masks, temporal, self.dense_attention)
         return self._logits(h)
 
-    def _full_masks(self, meta: TokenMeta, pad: torch.Tensor, text_bias: float, temporal: bool = True) -> Masks:
+    def _full_masks(
+        self, meta: TokenMeta, pad: torch.Tensor, text_bias: float, temporal: bool = True
+    ) -> Masks:
         cfg, device = self.cfg, pad.device
         T = cfg.text_length
         masks = Masks(is_frame=(meta.frame != TEXT).to(device))
@@ -269,7 +300,7 @@ class CogVideoModel(nn.Module):
             return masks
         text = meta[:T]
         masks.text = with_pads(visible(cfg, text, text, "spatial").to(device), pad[:, :T], pad[:, :T])
-        frames = meta.frame[T::cfg.tokens_per_frame].tolist()
+        frames = meta.frame[T :: cfg.tokens_per_frame].tolist()
         if frames:
             masks.frames = frame_blocks(cfg, text, pad[:, :T], frames, text_bias, temporal)
         return masks
@@ -279,8 +310,9 @@ class CogVideoModel(nn.Module):
         """A KV cache; temporal=False runs the backbone alone (CogView2 behaviour, frame 0)."""
         return KVCache(self.cfg, temporal=temporal)
 
-    def forward_chunk(self, tokens: torch.Tensor, meta: TokenMeta, cache: KVCache,
-                      text_bias: float = 0.0) -> torch.Tensor:
+    def forward_chunk(
+        self, tokens: torch.Tensor, meta: TokenMeta, cache: KVCache, text_bias: float = 0.0
+    ) -> torch.Tensor:
         """Feed `tokens` [B, l] described by `meta` after what `cache` holds; returns their
         logits [B, l, vocab_size / tp] equal to the full forward's at the same tokens."""
         self._check_tokens(tokens)
@@ -293,8 +325,9 @@ class CogVideoModel(nn.Module):
         masks = Masks(is_frame=(meta.frame != TEXT).to(device))
         if plan.whole_frames is not None and not self.dense_attention:
             T = cache.text_length
-            masks.frames = frame_blocks(cfg, plan.spatial_keys[:T], plan.spatial_pad[:, :T], plan.whole_frames,
-                                        text_bias, temporal)
+            masks.frames = frame_blocks(
+                cfg, plan.spatial_keys[:T], plan.spatial_pad[:, :T], plan.whole_frames, text_bias, temporal
+            )
         else:
             masks.add_dense(cfg, "spatial", meta, pad, plan.spatial_keys, plan.spatial_pad, text_bias)
             if temporal:
@@ -310,8 +343,9 @@ class CogVideoModel(nn.Module):
         return image_token_loss(self.cfg, logits, targets, loss_mask)
 
 
-def image_token_loss(cfg: ModelConfig, logits: torch.Tensor, targets: torch.Tensor,
-                     loss_mask: torch.Tensor) -> torch.Tensor:
+def image_token_loss(
+    cfg: ModelConfig, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
     """Mean cross entropy over the image ids of (vocabulary-parallel) logits at the masked positions."""
     per_token = vocab_cross_entropy(logits, targets, cfg.vocab.num_image_tokens)
     weights = loss_mask.to(per_token.dtype)
@@ -325,8 +359,11 @@ def init_video_from_backbone(backbone: dict, video_cfg: ModelConfig) -> dict:
     equals the backbone."""
     cfg = video_cfg
     needed = ["word_embeddings.weight", "position_embeddings.weight"] + [
-        f"layers.{i}.attention.{p}.{t}" for i in range(cfg.num_layers)
-        for p in ("query_key_value", "dense") for t in ("weight", "bias")]
+        f"layers.{i}.attention.{p}.{t}"
+        for i in range(cfg.num_layers)
+        for p in ("query_key_value", "dense")
+        for t in ("weight", "bias")
+    ]
     missing = [k for k in needed if k not in backbone]
     if missing:
         raise ValueError(f"backbone state dict lacks {len(missing)} keys, e.g. {missing[:5]}")
@@ -337,12 +374,14 @@ def init_video_from_backbone(backbone: dict, video_cfg: ModelConfig) -> dict:
     for i in range(cfg.num_layers):
         for part in ("query_key_value", "dense"):
             for kind in ("weight", "bias"):
-                out[f"layers.{i}.temporal_attention.{part}.{kind}"] = backbone[f"layers.{i}.attention.{part}.{kind}"].clone()
-        out[f"layers.{i}.temporal_gate"] = torch.zeros(cfg.hidden_size, dtype=backbone["position_embeddings.weight"].dtype)
+                out[f"layers.{i}.temporal_attention.{part}.{kind}"] = backbone[
+                    f"layers.{i}.attention.{part}.{kind}"
+                ].clone()
+        out[f"layers.{i}.temporal_gate"] = torch.zeros(
+            cfg.hidden_size, dtype=backbone["position_embeddings.weight"].dtype
+        )
     if cfg.num_frames > 1:
         start = cfg.image_position_offset
-        image_rows = backbone["position_embeddings.weight"][start:start + cfg.tokens_per_frame]
+        image_rows = backbone["position_embeddings.weight"][start : start + cfg.tokens_per_frame]
         out["frame_position_embeddings.weight"] = image_rows.repeat(cfg.num_frames - 1, 1).clone()
     return out
-
-

@@ -4,6 +4,7 @@ groups and hands DeepSpeed an `mpu`. How a model splits over TP ranks is its TP 
 
 Without `init_distributed` everything reports TP=1/DP=1 and `parallelize` keeps the plain layers.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,9 @@ def init_distributed(tensor_parallel: int, backend: str | None = None, timeout_s
             raise RuntimeError("parallel state already initialised with a different TP size")
         return
     # extra gloo groups only matter beside NCCL; on gloo the default groups already are gloo
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                 create_gloo_process_groups=dist.get_backend() != "gloo")
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel, create_gloo_process_groups=dist.get_backend() != "gloo"
+    )
 
 
 def manual_seed(seed: int) -> None:
@@ -58,7 +60,11 @@ def manual_seed(seed: int) -> None:
 
 def device() -> torch.device:
     """Where this rank's model lives: its GPU (LOCAL_RANK, set by init_distributed) or the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def destroy() -> None:

@@ -4,6 +4,7 @@ vocabulary, text length) and how big the model is.
 
     cogvideo-params [PRESET ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ def count_parameters(cfg: ModelConfig) -> ParamCounts:
 
 def geometry_row(cfg: ModelConfig) -> str:
     """Frame size, image codes per side, frames, text tokens, codebook size and text vocabulary."""
-    return (f"{cfg.frame_size:>5}px {cfg.frame_tokens:>3}x{cfg.frame_tokens:<3} {cfg.num_frames:>6} "
-            f"{cfg.text_length:>8} {cfg.vocab.num_image_tokens:>8} {cfg.vocab.num_text_tokens:>10}")
+    return (
+        f"{cfg.frame_size:>5}px {cfg.frame_tokens:>3}x{cfg.frame_tokens:<3} {cfg.num_frames:>6} "
+        f"{cfg.text_length:>8} {cfg.vocab.num_image_tokens:>8} {cfg.vocab.num_text_tokens:>10}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,14 +51,20 @@ def main(argv: list[str] | None = None) -> None:
         configs = {name: get_preset(name) for name in args.presets}
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
-    print(f"{'preset':<18} {'stage':<9} {'frame':>7} {'codes':>7} {'frames':>6} {'text_len':>8} "
-          f"{'codebook':>8} {'text_vocab':>10} {'total':>14} {'trainable':>14}")
+    print(
+        f"{'preset':<18} {'stage':<9} {'frame':>7} {'codes':>7} {'frames':>6} {'text_len':>8} "
+        f"{'codebook':>8} {'text_vocab':>10} {'total':>14} {'trainable':>14}"
+    )
     for name, cfg in configs.items():
         counts = count_parameters(cfg)
-        print(f"{name:<18} {cfg.stage:<9} {geometry_row(cfg)} {counts.total:>14,} {counts.trainable:>14,}"
-              f"   ({counts.total / 1e9:.2f}B / {counts.trainable / 1e9:.2f}B)")
-    print("frame: pixels per side; codes: image tokens per side (model.frame_tokens); codebook: "
-          "vocab.num_image_tokens; text_vocab: vocab.num_text_tokens. The tokenizer commands take preset=NAME.")
+        print(
+            f"{name:<18} {cfg.stage:<9} {geometry_row(cfg)} {counts.total:>14,} {counts.trainable:>14,}"
+            f"   ({counts.total / 1e9:.2f}B / {counts.trainable / 1e9:.2f}B)"
+        )
+    print(
+        "frame: pixels per side; codes: image tokens per side (model.frame_tokens); codebook: "
+        "vocab.num_image_tokens; text_vocab: vocab.num_text_tokens. The tokenizer commands take preset=NAME."
+    )
 
 
 if __name__ == "__main__":

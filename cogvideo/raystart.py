@@ -6,6 +6,7 @@ get a longer registration timeout, and a local start that fails is shut down and
 Connecting to a running cluster (`address`, or RAY_ADDRESS as `ray job submit` sets it) is not
 retried: that cluster is the user's.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,9 @@ class RayStartError(RuntimeError):
     """Ray did not start; the message says what to do."""
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None, attempts: int = START_ATTEMPTS,
-              **kwargs) -> None:
+def start_ray(
+    address: str | None = None, num_cpus: int | None = None, attempts: int = START_ATTEMPTS, **kwargs
+) -> None:
     """ray.init once per process: connect to `address` / RAY_ADDRESS, or start a local node with
     `num_cpus` (default: all) and no dashboard. Raises RayStartError with the way forward."""
     import ray
@@ -48,6 +50,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, attempts:
                 raise RayStartError(
                     f"Ray could not start a local node in {attempts} tries ({str(err).splitlines()[0]}): the "
                     f"machine is too busy; retry when it is quieter, or start Ray first (`ray start --head "
-                    f"--num-cpus {num_cpus or os.cpu_count()}`) and pass its address (--address auto)") from err
+                    f"--num-cpus {num_cpus or os.cpu_count()}`) and pass its address (--address auto)"
+                ) from err
             log.warning("Ray's local node did not start (%s); trying again", str(err).splitlines()[0])
             time.sleep(2.0 * attempt)

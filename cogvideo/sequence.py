@@ -13,6 +13,7 @@ path (blocked, windowed, dense reference, KV-cached) derives its mask from `visi
 agree by construction, whatever order the tokens are fed in (stage 2 samples in slot order
 0, 2, 4, 1, 3).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ class TokenMeta:
         return cls(torch.full_like(pos, TEXT), pos)
 
     @classmethod
-    def of_frame(cls, cfg: ModelConfig, frame_index: int, start: int = 0, stop: int | None = None) -> "TokenMeta":
+    def of_frame(
+        cls, cfg: ModelConfig, frame_index: int, start: int = 0, stop: int | None = None
+    ) -> "TokenMeta":
         if not 0 <= frame_index < cfg.num_frames:
             raise ValueError(f"frame index {frame_index} outside [0, num_frames={cfg.num_frames})")
         stop = cfg.tokens_per_frame if stop is None else stop
@@ -67,8 +70,9 @@ class TokenMeta:
         return TokenMeta(self.frame[index], self.pos[index])
 
 
-def position_ids(cfg: ModelConfig, meta: TokenMeta,
-                 text_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def position_ids(
+    cfg: ModelConfig, meta: TokenMeta, text_pad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row in the backbone position table [B, l], row in the frame table or -1 [l]).
 
     `text_pad` [B, l] marks the pads among the tokens; the text must be whole in `meta` (a full
@@ -78,8 +82,9 @@ def position_ids(cfg: ModelConfig, meta: TokenMeta,
     is_text = (meta.frame == TEXT).to(text_pad.device)
     text_row = ((is_text & ~text_pad).long().cumsum(dim=1) - 1).clamp(min=0)
     backbone_row = torch.where(is_text, text_row, cfg.image_position_offset + meta.pos.to(text_pad.device))
-    extra_row = torch.where(meta.frame >= 1, (meta.frame - 1) * cfg.tokens_per_frame + meta.pos,
-                            torch.full_like(meta.pos, -1))
+    extra_row = torch.where(
+        meta.frame >= 1, (meta.frame - 1) * cfg.tokens_per_frame + meta.pos, torch.full_like(meta.pos, -1)
+    )
     return backbone_row, extra_row
 
 
@@ -146,14 +151,22 @@ def build_sequence(cfg: ModelConfig, text_ids, frames) -> tuple[torch.Tensor, to
     frames = torch.as_tensor(np.asarray(frames), dtype=torch.long)
     vocab = cfg.vocab
     if text_ids.numel() > cfg.text_length:
-        raise ValueError(f"text has {text_ids.numel()} tokens; the layout allows text_length={cfg.text_length}")
+        raise ValueError(
+            f"text has {text_ids.numel()} tokens; the layout allows text_length={cfg.text_length}"
+        )
     if text_ids.numel() and not ((text_ids >= vocab.text_offset) & (text_ids < vocab.vocab_size)).all():
-        raise ValueError(f"text ids must be in [{vocab.text_offset}, {vocab.vocab_size}); got {text_ids.tolist()}")
+        raise ValueError(
+            f"text ids must be in [{vocab.text_offset}, {vocab.vocab_size}); got {text_ids.tolist()}"
+        )
     side = cfg.frame_tokens
     if tuple(frames.shape) != (cfg.num_frames, side, side):
-        raise ValueError(f"frames must be [{cfg.num_frames}, {side}, {side}] image codes, got {list(frames.shape)}")
+        raise ValueError(
+            f"frames must be [{cfg.num_frames}, {side}, {side}] image codes, got {list(frames.shape)}"
+        )
     if frames.numel() and not ((frames >= 0) & (frames < vocab.num_image_tokens)).all():
-        raise ValueError(f"frame codes must be in [0, {vocab.num_image_tokens}); got [{int(frames.min())}, {int(frames.max())}]")
+        raise ValueError(
+            f"frame codes must be in [0, {vocab.num_image_tokens}); got [{int(frames.min())}, {int(frames.max())}]"
+        )
     pad = torch.full((cfg.text_length - text_ids.numel(),), vocab.pad_id, dtype=torch.long)
     flat = frames.reshape(cfg.num_frames, -1)
     boi = torch.full((cfg.num_frames, 1), vocab.boi_id, dtype=torch.long)
@@ -163,5 +176,5 @@ def build_sequence(cfg: ModelConfig, text_ids, frames) -> tuple[torch.Tensor, to
     loss_mask = torch.zeros(cfg.seq_length, dtype=torch.bool)
     for f in cfg.loss_frames:
         start = cfg.text_length + f * cfg.tokens_per_frame
-        loss_mask[start:start + cfg.tokens_per_frame] = True
+        loss_mask[start : start + cfg.tokens_per_frame] = True
     return tokens, targets, loss_mask

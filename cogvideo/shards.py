@@ -10,6 +10,7 @@ A WebDataset sample is a tar member group with the same `__key__`:
 The duration prefix ("4.0秒<n>") is composed at load time from `meta.duration` by the text
 format (`cogvideo.text_format`), so the format can change without re-preparing data.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,9 +57,13 @@ def encode_sample(key: str, frames: np.ndarray, caption: str, meta: ClipMeta) ->
         raise ShardFormatError(f"sample key {key!r}: must not contain '.' or '/'")
     frames = np.asarray(frames)
     if frames.ndim != 3 or not np.issubdtype(frames.dtype, np.integer):
-        raise ShardFormatError(f"sample {key}: frames must be an integer array [frames, h, w], got {frames.dtype}{list(frames.shape)}")
+        raise ShardFormatError(
+            f"sample {key}: frames must be an integer array [frames, h, w], got {frames.dtype}{list(frames.shape)}"
+        )
     if frames.shape[0] != meta.num_frames:
-        raise ShardFormatError(f"sample {key}: {frames.shape[0]} frames but meta.num_frames={meta.num_frames}")
+        raise ShardFormatError(
+            f"sample {key}: {frames.shape[0]} frames but meta.num_frames={meta.num_frames}"
+        )
     if not caption.strip():
         raise ShardFormatError(f"sample {key}: empty caption")
     dtype = np.int16 if frames.max(initial=0) < 2**15 and frames.min(initial=0) >= 0 else np.int32
@@ -99,7 +104,9 @@ def decode_sample(raw: dict) -> Sample:
     except Exception as err:
         raise ShardFormatError(f"{where}: field {META_KEY} is not valid ClipMeta JSON: {err}") from err
     if frames.ndim != 3 or frames.shape[0] != meta.num_frames:
-        raise ShardFormatError(f"{where}: frames shape {list(frames.shape)} does not match meta.num_frames={meta.num_frames}")
+        raise ShardFormatError(
+            f"{where}: frames shape {list(frames.shape)} does not match meta.num_frames={meta.num_frames}"
+        )
     return Sample(key=key, frames=frames, caption=caption, meta=meta)
 
 

@@ -11,6 +11,7 @@ The release (THUDM/CogVideo ``cogvideo_pipeline.py``):
 - frame 0: prompt + ``" 高清摄影"`` (``FRAME0_SUFFIX``), no prefix;
 - stage 1: prompt + ``" 视频"`` (``VIDEO_SUFFIX``) when guided; stage 2: the prompt alone.
 """
+
 from __future__ import annotations
 
 import string
@@ -38,13 +39,17 @@ class TextFormat:
 
     def __post_init__(self):
         try:
-            names = {name for _, name, _, _ in string.Formatter().parse(self.prefix_template) if name is not None}
+            names = {
+                name for _, name, _, _ in string.Formatter().parse(self.prefix_template) if name is not None
+            }
             self.prefix_template.format(duration=1.0, caption="")
         except (ValueError, IndexError, KeyError) as err:
             raise TextFormatError(f"prefix_template {self.prefix_template!r}: {err}") from None
         if "caption" not in names or not names <= _FIELDS:
-            raise TextFormatError(f"prefix_template {self.prefix_template!r}: needs {{caption}} and may use "
-                                  f"{{duration}}, nothing else")
+            raise TextFormatError(
+                f"prefix_template {self.prefix_template!r}: needs {{caption}} and may use "
+                f"{{duration}}, nothing else"
+            )
         if not self.uncond_text.strip():
             raise TextFormatError("uncond_text: empty")
 
@@ -65,8 +70,11 @@ class TextFormat:
         return "".join(sorted(set("0123456789." + literal.replace(SEPARATOR, "") + self.uncond_text) - {" "}))
 
     def to_dict(self) -> dict:
-        return {"prefix_template": self.prefix_template, "uncond_text": self.uncond_text,
-                "uncond_prefix": self.uncond_prefix}
+        return {
+            "prefix_template": self.prefix_template,
+            "uncond_text": self.uncond_text,
+            "uncond_prefix": self.uncond_prefix,
+        }
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "TextFormat":

@@ -1,5 +1,6 @@
 """Read and write videos as uint8 RGB arrays [T, H, W, 3] with PyAV: the one mp4 writer and the
 one list of video file suffixes."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     return np.stack(frames), fps
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18, lossless: bool = False) -> Path:
+def write_mp4(
+    path: str | Path, frames: np.ndarray, fps: float, crf: int = 18, lossless: bool = False
+) -> Path:
     """uint8 [T, H, W, 3] -> H.264 mp4 (MPEG-4 Part 2 when the build has no libx264).
 
     Lossy: yuv420p at `crf` (odd sides padded by repeating the edge). `lossless`: qp 0 in 4:4:4,
@@ -50,13 +53,19 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18, l
             stream.codec_context.thread_count = 1
         else:
             codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            stream = container.add_stream(codec, rate=rate, options={"crf": str(crf)} if codec == "libx264" else {})
+            stream = container.add_stream(
+                codec, rate=rate, options={"crf": str(crf)} if codec == "libx264" else {}
+            )
             stream.pix_fmt = "yuv420p"
             stream.width, stream.height = width + width % 2, height + height % 2
         for image in frames:
             if image.shape[:2] != (stream.height, stream.width):
-                image = np.pad(image, ((0, stream.height - height), (0, stream.width - width), (0, 0)), mode="edge")
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
+                image = np.pad(
+                    image, ((0, stream.height - height), (0, stream.width - width), (0, 0)), mode="edge"
+                )
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+            )
         container.mux(stream.encode())
     return Path(path)
 

@@ -10,6 +10,7 @@ Layout (icetk's, used by CogView2 and CogVideo)::
     then the special tokens, in SPECIAL_TOKENS order
     padding up to vocab_size (kept divisible for tensor-parallel vocab splits)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,15 +72,26 @@ class VocabLayout:
     @classmethod
     def icetk(cls) -> "VocabLayout":
         """icetk: 20000 image codes, 130000 text pieces from id 20000 (pad = 20003), vocab 150010."""
-        return cls(num_image_tokens=20000, num_text_tokens=130000, text_offset=20000,
-                   vocab_size=150010, pad_piece_id=3)
+        return cls(
+            num_image_tokens=20000,
+            num_text_tokens=130000,
+            text_offset=20000,
+            vocab_size=150010,
+            pad_piece_id=3,
+        )
 
     @classmethod
-    def compact(cls, num_image_tokens: int, num_text_tokens: int, multiple: int = 64,
-                pad_piece_id: int = 0) -> "VocabLayout":
+    def compact(
+        cls, num_image_tokens: int, num_text_tokens: int, multiple: int = 64, pad_piece_id: int = 0
+    ) -> "VocabLayout":
         """A small layout for CPU-scale models: text right after the image codes,
         vocab padded to a multiple of `multiple` so it splits evenly over TP ranks."""
         used = num_image_tokens + num_text_tokens + len(SPECIAL_TOKENS)
         vocab = -(-used // multiple) * multiple
-        return cls(num_image_tokens=num_image_tokens, num_text_tokens=num_text_tokens,
-                   text_offset=num_image_tokens, vocab_size=vocab, pad_piece_id=pad_piece_id)
+        return cls(
+            num_image_tokens=num_image_tokens,
+            num_text_tokens=num_text_tokens,
+            text_offset=num_image_tokens,
+            vocab_size=vocab,
+            pad_piece_id=pad_piece_id,
+        )

@@ -4,6 +4,7 @@ Frame size, tokens per frame side and frames per sample are not settings here: t
 from the model config (the `model:` section, `{preset, ...field overrides}` as in training), so
 shards always fit the model. `model.preset` defaults to the preset the image tokenizer was fitted for.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,7 +66,10 @@ class PrepConfig:
             if not rates or min(rates) <= 0:
                 bad(key, f"expected positive frame rates, got {rates}")
         if not 0 < self.min_clip_s <= self.max_clip_s:
-            bad("min_clip_s", f"expected 0 < min_clip_s <= max_clip_s={self.max_clip_s}, got {self.min_clip_s}")
+            bad(
+                "min_clip_s",
+                f"expected 0 < min_clip_s <= max_clip_s={self.max_clip_s}, got {self.min_clip_s}",
+            )
         if not 0 < self.min_side <= self.max_side:
             bad("min_side", f"expected 0 < min_side <= max_side={self.max_side}, got {self.min_side}")
         for key in ("shard_samples", "shard_bytes", "tokenizer_actors", "tokenize_batch", "inputs_per_task"):
@@ -83,6 +87,7 @@ class PrepConfig:
 @dataclass(frozen=True)
 class Geometry:
     """The sample shape shards must have: taken from the model config."""
+
     frame_size: int
     tokens_side: int
     num_frames: int
@@ -100,5 +105,9 @@ def geometry(cfg: PrepConfig) -> Geometry:
         raise ConfigError(str(err)) from err
     if model.stage == "backbone" and 2 in cfg.stages:
         raise ConfigError("prep.stages: a one-frame backbone preset has no stage-2 samples")
-    return Geometry(frame_size=model.frame_size, tokens_side=model.frame_tokens, num_frames=model.num_frames,
-                    image_codes=model.vocab.num_image_tokens)
+    return Geometry(
+        frame_size=model.frame_size,
+        tokens_side=model.frame_tokens,
+        num_frames=model.num_frames,
+        image_codes=model.vocab.num_image_tokens,
+    )

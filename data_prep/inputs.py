@@ -1,4 +1,5 @@
 """Inputs of a job: video paths from folders or globs, their captions, their content hashes."""
+
 from __future__ import annotations
 
 import csv
@@ -39,7 +40,7 @@ REASONS = {
     "no_video_stream": "the file has no video stream (audio only?)",
     "unreadable_codec": "no decoder for the video codec",
     "broken_timestamps": "no frame rate, frames sharing a timestamp, or a gap between frames longer than "
-                         "the longest sampling interval",
+    "the longest sampling interval",
     "resolution_too_small": "a side is below min_side",
     "resolution_too_large": "a side is above max_side",
     "decode_error": "decoding failed part-way, or fewer frames than the container lists",
@@ -65,8 +66,12 @@ def list_inputs(patterns: list[str], extensions: list[str]) -> list[str]:
     paths = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
-                     if os.path.splitext(name)[1].lower() in suffixes]
+            found = [
+                os.path.join(root, name)
+                for root, _, names in os.walk(pattern)
+                for name in names
+                if os.path.splitext(name)[1].lower() in suffixes
+            ]
         else:
             found = [p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p)]
             if not found:
@@ -113,7 +118,8 @@ def load_captions(path: str | Path) -> dict[str, Caption]:
             raise ConfigError(f"{where}: expected fields path and caption, got {row!r}")
         caption = row["caption"]
         captions[_real(path.parent / row["path"])] = (
-            _caption(caption, where) if isinstance(caption, str) else Caption(None, "empty_caption", where))
+            _caption(caption, where) if isinstance(caption, str) else Caption(None, "empty_caption", where)
+        )
     return captions
 
 
@@ -145,8 +151,11 @@ def content_hash(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
                 size += len(block)
     except FileNotFoundError:
         if os.path.islink(path):
-            raise Rejected("broken_link", f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
-                           f"mount or restore the target, or drop the link") from None
+            raise Rejected(
+                "broken_link",
+                f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
+                f"mount or restore the target, or drop the link",
+            ) from None
         raise Rejected("missing_file", path) from None
     except OSError as err:
         raise Rejected("unreadable_file", f"{path}: {err}") from None

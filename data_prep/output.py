@@ -12,6 +12,7 @@ finished -> one line in done.jsonl. Only that last line makes them count: on reo
 manifest rows and rejected rows not covered by a complete done line are removed, and inputs
 not listed as finished are processed again, skipping samples whose key is already committed.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,17 @@ SUMMARY = "summary.json"
 def video_traits(video: dict) -> list[str]:
     """What summary.json counts of a used input's `video` properties (data_prep.video.probe)."""
     traits = [f"range_{video['range']}", f"matrix_{video['matrix']}"]
-    traits += [name for name, present in (
-        ("rotated", video["rotation"] != 0 or video["mirrored"]), ("variable_frame_rate", video["vfr"]),
-        ("anamorphic", video["sar"] != "1:1"), ("interlaced", video["interlaced"]),
-        ("several_video_streams", video["video_streams"] > 1)) if present]
+    traits += [
+        name
+        for name, present in (
+            ("rotated", video["rotation"] != 0 or video["mirrored"]),
+            ("variable_frame_rate", video["vfr"]),
+            ("anamorphic", video["sar"] != "1:1"),
+            ("interlaced", video["interlaced"]),
+            ("several_video_streams", video["video_streams"] > 1),
+        )
+        if present
+    ]
     return traits
 
 
@@ -79,8 +87,9 @@ class PrepOutput:
         rewrite_jsonl(self.root / MANIFEST, lambda row: row["shard"] in committed)
         rewrite_jsonl(self.root / REJECTED, lambda row: row["entry"] in self.finished)
         # samples only come from an input's first listing, whose entry is its path
-        self.resumed_keys = {row["key"] for row in iter_jsonl(self.root / MANIFEST)
-                             if row["source"] not in self.finished}
+        self.resumed_keys = {
+            row["key"] for row in iter_jsonl(self.root / MANIFEST) if row["source"] not in self.finished
+        }
         self._next_shard = 1 + max((int(name[6:12]) for name in committed if name), default=-1)
 
     # ---- writing ------------------------------------------------------------------------
@@ -149,8 +158,9 @@ class PrepOutput:
             "inputs_rejected": rejected,
             "inputs_rejected_by_reason": dict(rejected_by_reason),
             "clips": clips,
-            "clips_rejected_by_reason": dict(Counter(r["reason"] for r in iter_jsonl(self.root / REJECTED)
-                                                     if r["clip"])),
+            "clips_rejected_by_reason": dict(
+                Counter(r["reason"] for r in iter_jsonl(self.root / REJECTED) if r["clip"])
+            ),
             "samples": sum(by_rate.values()),
             "samples_by_stage_fps": dict(sorted(by_rate.items())),
             "shards": len(shards),

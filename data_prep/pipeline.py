@@ -9,6 +9,7 @@
 
 The Ray side is in data_prep.stages.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,9 @@ from data_prep.output import PrepOutput
 from data_prep.stages import TokenizeSamples, check_tokenizer, extract_samples, hash_input, load_tokenizer
 
 
-def plan_inputs(paths: list[str], captions_file: str | None, out: PrepOutput) -> tuple[list[dict], list[dict]]:
+def plan_inputs(
+    paths: list[str], captions_file: str | None, out: PrepOutput
+) -> tuple[list[dict], list[dict]]:
     """(inputs to hash, inputs rejected on the driver). Finished inputs (earlier runs) are skipped.
     A path listed again is the entry `path#2`, `path#3`, ... and is rejected as a duplicate."""
     captions = load_captions(captions_file) if captions_file else None
@@ -54,13 +57,30 @@ def plan_inputs(paths: list[str], captions_file: str | None, out: PrepOutput) ->
 
 
 def _rejected_input(entry: str, path: str, reason: str, detail: str, sha256: str = "") -> dict:
-    return {"entry": entry, "source": path, "sha256": sha256, "status": "rejected", "reason": reason,
-            "detail": detail, "clips": 0, "samples": 0, "seconds": 0.0, "frames": 0}
+    return {
+        "entry": entry,
+        "source": path,
+        "sha256": sha256,
+        "status": "rejected",
+        "reason": reason,
+        "detail": detail,
+        "clips": 0,
+        "samples": 0,
+        "seconds": 0.0,
+        "frames": 0,
+    }
 
 
 def _record_rejection(out: PrepOutput, record: dict) -> None:
-    out.add_rejection({"entry": record["entry"], "source": record["source"], "clip": None,
-                       "reason": record["reason"], "detail": record.pop("detail")})
+    out.add_rejection(
+        {
+            "entry": record["entry"],
+            "source": record["source"],
+            "clip": None,
+            "reason": record["reason"],
+            "detail": record.pop("detail"),
+        }
+    )
     out.finish_input(record)
 
 
@@ -75,8 +95,14 @@ def with_checked_tokenizer(cfg: PrepConfig) -> tuple[PrepConfig, Geometry]:
     return cfg, shape
 
 
-def run_prep(cfg: PrepConfig, inputs: list[str], out_dir: str | Path, captions: str | None = None,
-             address: str | None = None, progress: bool = True) -> dict:
+def run_prep(
+    cfg: PrepConfig,
+    inputs: list[str],
+    out_dir: str | Path,
+    captions: str | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Prepare (or finish preparing) `out_dir` from the videos matched by `inputs`; the summary."""
     cfg, shape = with_checked_tokenizer(cfg)
     started = time.perf_counter()
@@ -92,8 +118,11 @@ def run_prep(cfg: PrepConfig, inputs: list[str], out_dir: str | Path, captions: 
     run["inputs_processed"] += len(rejected)
     out.commit()
     wall = time.perf_counter() - started
-    run.update(wall_s=round(wall, 3), frames_per_s=round(run["frames_decoded"] / wall, 1),
-               samples_per_s=round(run["samples_written"] / wall, 2))
+    run.update(
+        wall_s=round(wall, 3),
+        frames_per_s=round(run["frames_decoded"] / wall, 1),
+        samples_per_s=round(run["samples_written"] / wall, 2),
+    )
     summary = out.summary(run)
     out.write_summary(summary)
     return summary
@@ -124,10 +153,20 @@ def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict
         hashed = ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), cfg)).map(hash_input)
         for row in hashed.iter_rows():
             if row["reason"]:
-                _record_rejection(out, _rejected_input(row["entry"], row["path"], row["reason"], row["detail"]))
+                _record_rejection(
+                    out, _rejected_input(row["entry"], row["path"], row["reason"], row["detail"])
+                )
             elif row["sha256"] in known:
-                _record_rejection(out, _rejected_input(row["entry"], row["path"], "duplicate_content",
-                                                       f"same sha256 as {known[row['sha256']]}", row["sha256"]))
+                _record_rejection(
+                    out,
+                    _rejected_input(
+                        row["entry"],
+                        row["path"],
+                        "duplicate_content",
+                        f"same sha256 as {known[row['sha256']]}",
+                        row["sha256"],
+                    ),
+                )
             else:
                 known[row["sha256"]] = row["path"]
                 accepted.append(row)
@@ -135,22 +174,39 @@ def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict
     if accepted:
         gpus = cfg.gpus_per_actor(ray.cluster_resources().get("GPU", 0))
         device = "cuda" if gpus > 0 else "cpu"
-        rows = (ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
-                .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "shape": shape})
-                .map_batches(TokenizeSamples, fn_constructor_kwargs={"cfg": cfg, "shape": shape, "device": device},
-                             batch_size=cfg.tokenize_batch,
-                             compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
-                             num_cpus=cfg.tokenizer_cpus, num_gpus=gpus or None, batch_format="numpy"))
+        rows = (
+            ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
+            .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "shape": shape})
+            .map_batches(
+                TokenizeSamples,
+                fn_constructor_kwargs={"cfg": cfg, "shape": shape, "device": device},
+                batch_size=cfg.tokenize_batch,
+                compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
+                num_cpus=cfg.tokenizer_cpus,
+                num_gpus=gpus or None,
+                batch_format="numpy",
+            )
+        )
         bar = tqdm(total=len(accepted), desc="videos", unit="video", disable=not progress)
         for row in rows.iter_rows():
             record = json.loads(row["record"])
             if row["kind"] == "sample":
-                fields = {"__key__": row["key"], FRAMES_KEY: row["frames_npy"], CAPTION_KEY: row["caption_txt"],
-                          META_KEY: row["meta_json"]}
+                fields = {
+                    "__key__": row["key"],
+                    FRAMES_KEY: row["frames_npy"],
+                    CAPTION_KEY: row["caption_txt"],
+                    META_KEY: row["meta_json"],
+                }
                 meta = record["meta"]
-                manifest = {"key": row["key"], "source": meta["source"], "clip": record["clip"],
-                            "window": [meta["clip_start"], meta["clip_end"]], "fps": meta["fps"],
-                            "stage": meta["stage"], "video": record["video"]}
+                manifest = {
+                    "key": row["key"],
+                    "source": meta["source"],
+                    "clip": record["clip"],
+                    "window": [meta["clip_start"], meta["clip_end"]],
+                    "fps": meta["fps"],
+                    "stage": meta["stage"],
+                    "video": record["video"],
+                }
                 run["samples_written"] += out.add_sample(fields, manifest)
             elif row["kind"] == "rejected":
                 out.add_rejection(record)

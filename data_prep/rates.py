@@ -5,6 +5,7 @@ its first and last frame's presentation times, and rates up to `source_fps`: its
 or for a variable-rate clip the rate of its longest frame interval, so that no sample has to
 show one frame twice.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,7 @@ def sample_span_s(num_frames: int, fps: float) -> float:
 
 def fits(num_frames: int, fps: float, clip_span_s: float, source_fps: float) -> bool:
     """The frames fit in the clip, and the rate does not exceed the source's (no repeated frames)."""
-    return (sample_span_s(num_frames, fps) <= clip_span_s * (1 + REL_TOL)
-            and fps <= source_fps * (1 + REL_TOL))
+    return sample_span_s(num_frames, fps) <= clip_span_s * (1 + REL_TOL) and fps <= source_fps * (1 + REL_TOL)
 
 
 def stage1_rate(clip_span_s: float, num_frames: int, rates: list[float], source_fps: float) -> float | None:
@@ -48,8 +48,14 @@ def source_rate(times: np.ndarray, vfr_tolerance: float) -> float:
     return 1 / mean if np.max(np.abs(intervals / mean - 1)) <= vfr_tolerance else 1 / intervals.max()
 
 
-def plan_samples(clip_span_s: float, source_fps: float, num_frames: int, stages: list[int],
-                 stage1_fps: list[float], stage2_fps: list[float]) -> list[tuple[int, float]]:
+def plan_samples(
+    clip_span_s: float,
+    source_fps: float,
+    num_frames: int,
+    stages: list[int],
+    stage1_fps: list[float],
+    stage2_fps: list[float],
+) -> list[tuple[int, float]]:
     """(stage, fps) of every sample a clip of `clip_span_s` seconds (first to last frame) yields."""
     plan = []
     if 1 in stages:
@@ -75,7 +81,9 @@ def frames_at(times: np.ndarray, fps: float, num_frames: int) -> np.ndarray:
     span = sample_span_s(num_frames, fps)
     slack = times[-1] - times[0] - span
     if slack < -REL_TOL * max(span, 1.0):
-        raise ValueError(f"{num_frames} frames at {fps} fps do not fit in a clip of {times[-1] - times[0]:.6f} s")
+        raise ValueError(
+            f"{num_frames} frames at {fps} fps do not fit in a clip of {times[-1] - times[0]:.6f} s"
+        )
     first = int(_nearest(times, np.array([times[0] + max(slack, 0) / 2]))[0])
     # the last frame must still be in the clip: move the start earlier if rounding overshot
     first = min(first, int(np.searchsorted(times, times[-1] - span + TIME_TOL, side="right")) - 1)

@@ -11,6 +11,7 @@ spread evenly (shard sizes differ by at most one); manifest and commit log follo
 for the model that draws the first frame of the hierarchy (the backbone), dealt round-robin over
 the shards so every reader gets some.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ def target_count(current: int, samples: int, divisible_by: int, shards: int = 0)
     if count % divisible_by:
         raise ValueError(f"--shards {count} is not divisible by --divisible-by {divisible_by}")
     if count > samples:
-        raise ValueError(f"{samples} samples cannot fill {count} shards; prepare more data or lower --divisible-by")
+        raise ValueError(
+            f"{samples} samples cannot fill {count} shards; prepare more data or lower --divisible-by"
+        )
     return count
 
 
@@ -57,8 +60,9 @@ def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
     old_shards = sorted(p.name for p in (root / SHARD_DIR).glob("*.tar"))
     for name in old_shards:  # before anything is rewritten
         if problem := tar_problem(str(root / SHARD_DIR / name)):
-            raise ShardFormatError(f"{root / SHARD_DIR / name}: {problem}; restore it, or prepare the videos "
-                                   f"into a new folder")
+            raise ShardFormatError(
+                f"{root / SHARD_DIR / name}: {problem}; restore it, or prepare the videos into a new folder"
+            )
     samples = sum(1 for _ in iter_jsonl(root / MANIFEST))
     count = target_count(len(old_shards), samples, divisible_by, shards)
     staging = root / f"{SHARD_DIR}.new"
@@ -68,18 +72,25 @@ def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
     sizes = [base + (i < extra) for i in range(count)]
     index, writer, written = -1, None, 0
     # shards and manifest rows are both in commit order
-    stream = zip(tarfile_samples([{"url": str(root / SHARD_DIR / name)} for name in old_shards]),
-                 iter_jsonl(root / MANIFEST), strict=True)
+    stream = zip(
+        tarfile_samples([{"url": str(root / SHARD_DIR / name)} for name in old_shards]),
+        iter_jsonl(root / MANIFEST),
+        strict=True,
+    )
     with open(root / f"{MANIFEST}.new", "w", encoding="utf-8") as manifest:
         for sample, row in stream:
             if sample["__key__"] != row["key"]:
-                raise RuntimeError(f"{root}: shard sample {sample['__key__']} where the manifest lists {row['key']}")
+                raise RuntimeError(
+                    f"{root}: shard sample {sample['__key__']} where the manifest lists {row['key']}"
+                )
             if writer is None or written == sizes[index]:
                 if writer is not None:
                     writer.close()
                 index, written = index + 1, 0
                 writer = wds.TarWriter(str(staging / shard_name(index)), encoder=False, mtime=0)
-            writer.write({"__key__": row["key"], **{k: sample[k] for k in (FRAMES_KEY, CAPTION_KEY, META_KEY)}})
+            writer.write(
+                {"__key__": row["key"], **{k: sample[k] for k in (FRAMES_KEY, CAPTION_KEY, META_KEY)}}
+            )
             manifest.write(json.dumps({**row, "shard": shard_name(index)}, ensure_ascii=False) + "\n")
             written += 1
     writer.close()
@@ -120,10 +131,18 @@ def first_frame_shards(root: str | Path, dest: str | Path, divisible_by: int, sh
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cogvideo-reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="a folder written by cogvideo-prep")
-    parser.add_argument("--divisible-by", type=int, required=True, help="nodes x data-loader workers (x DP ranks)")
-    parser.add_argument("--shards", type=int, default=0, help="exact shard count (default: the nearest multiple up)")
-    parser.add_argument("--first-frames", metavar="DEST", help="leave OUT_DIR as it is; write frame 0 of its "
-                        "stage-1 samples as one-frame shards into DEST/shards (for the first-frame model)")
+    parser.add_argument(
+        "--divisible-by", type=int, required=True, help="nodes x data-loader workers (x DP ranks)"
+    )
+    parser.add_argument(
+        "--shards", type=int, default=0, help="exact shard count (default: the nearest multiple up)"
+    )
+    parser.add_argument(
+        "--first-frames",
+        metavar="DEST",
+        help="leave OUT_DIR as it is; write frame 0 of its "
+        "stage-1 samples as one-frame shards into DEST/shards (for the first-frame model)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.first_frames:

@@ -1,5 +1,6 @@
 """The Ray tasks and actors of the preparation job: they run on workers, one input or one batch
 of samples at a time, and return plain rows (bytes and JSON) to the driver."""
+
 from __future__ import annotations
 
 import importlib
@@ -24,8 +25,13 @@ def sample_key(sha256: str, clip: int, stage: int, fps: float) -> str:
 
 
 def _row(entry: str, kind: str, record: dict, key: str = "", pixels: bytes = EMPTY) -> dict:
-    return {"entry": entry, "kind": kind, "key": key, "record": json.dumps(record, ensure_ascii=False),
-            "pixels": pixels}
+    return {
+        "entry": entry,
+        "kind": kind,
+        "key": key,
+        "record": json.dumps(record, ensure_ascii=False),
+        "pixels": pixels,
+    }
 
 
 def hash_input(row: dict) -> dict:
@@ -40,29 +46,55 @@ def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, shape: Ge
     """One clip's sample rows (frames as raw pixels, chosen by presentation time), or one
     `rejected` row saying why it has none."""
     entry, path, times = row["entry"], row["path"], clip.times
-    span = (float(times[0]), float(times[-1]) + 1 / float(info.fps))  # the last frame is shown for one nominal frame
+    span = (
+        float(times[0]),
+        float(times[-1]) + 1 / float(info.fps),
+    )  # the last frame is shown for one nominal frame
     seconds, between = span[1] - span[0], float(times[-1] - times[0])
     source_fps = source_rate(times, cfg.vfr_tolerance)
-    plan = [] if seconds < cfg.min_clip_s else \
-        plan_samples(between, source_fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
+    plan = (
+        []
+        if seconds < cfg.min_clip_s
+        else plan_samples(between, source_fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
+    )
     if not plan:
         if seconds < cfg.min_clip_s:
             reason, detail = "clip_shorter_than_min", f"{seconds:.3f} s < min_clip_s={cfg.min_clip_s}"
         else:
             reason = "clip_too_short_for_frames"
-            detail = (f"{between:.3f} s between first and last frame cannot hold {shape.num_frames} frames at "
-                      f"any configured rate <= {source_fps:g} fps")
-        return [_row(entry, "rejected", {"entry": entry, "source": path, "clip": span, "reason": reason,
-                                         "detail": detail})]
+            detail = (
+                f"{between:.3f} s between first and last frame cannot hold {shape.num_frames} frames at "
+                f"any configured rate <= {source_fps:g} fps"
+            )
+        return [
+            _row(
+                entry,
+                "rejected",
+                {"entry": entry, "source": path, "clip": span, "reason": reason, "detail": detail},
+            )
+        ]
     rows = []
     for stage, rate in plan:
         picked = frames_at(times, rate, shape.num_frames)
-        meta = ClipMeta(duration=(shape.num_frames - 1) / rate, fps=rate, stage=stage, source=path,
-                        clip_start=float(times[picked[0]]), clip_end=float(times[picked[-1]]),
-                        num_frames=shape.num_frames)
+        meta = ClipMeta(
+            duration=(shape.num_frames - 1) / rate,
+            fps=rate,
+            stage=stage,
+            source=path,
+            clip_start=float(times[picked[0]]),
+            clip_end=float(times[picked[-1]]),
+            num_frames=shape.num_frames,
+        )
         sample = {"caption": row["caption"], "meta": asdict(meta), "clip": span, "video": info.properties}
-        rows.append(_row(entry, "sample", sample, sample_key(row["sha256"], clip.index, stage, rate),
-                         np.ascontiguousarray(clip.frames[picked]).tobytes()))
+        rows.append(
+            _row(
+                entry,
+                "sample",
+                sample,
+                sample_key(row["sha256"], clip.index, stage, rate),
+                np.ascontiguousarray(clip.frames[picked]).tobytes(),
+            )
+        )
     return rows
 
 
@@ -70,26 +102,53 @@ def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
     """All rows one input yields: its clips' rows, then one `input` row (its record for the
     commit log). An input that fails part-way yields no samples at all."""
     path, entry = row["path"], row["entry"]
-    record = {"entry": entry, "source": path, "sha256": row["sha256"], "clips": 0, "samples": 0,
-              "seconds": 0.0, "frames": 0}
+    record = {
+        "entry": entry,
+        "source": path,
+        "sha256": row["sha256"],
+        "clips": 0,
+        "samples": 0,
+        "seconds": 0.0,
+        "frames": 0,
+    }
     rows = []
     try:
         info = probe(path, cfg)
         for clip in iter_clips(path, info, cfg, shape.frame_size):
             rows += clip_rows(row, clip, info, cfg, shape)
             record["clips"] += 1
-        record.update(seconds=info.seconds, frames=info.num_frames, video=info.properties,
-                      samples=sum(r["kind"] == "sample" for r in rows))
+        record.update(
+            seconds=info.seconds,
+            frames=info.num_frames,
+            video=info.properties,
+            samples=sum(r["kind"] == "sample" for r in rows),
+        )
     except Exception as err:  # one odd file must not stop a job over millions
-        reason, detail = (err.reason, err.detail) if isinstance(err, Rejected) else \
-            ("unexpected_error", f"{path}: {type(err).__name__}: {err}")
+        reason, detail = (
+            (err.reason, err.detail)
+            if isinstance(err, Rejected)
+            else ("unexpected_error", f"{path}: {type(err).__name__}: {err}")
+        )
         failure = {"entry": entry, "source": path, "clip": None, "reason": reason, "detail": detail}
-        return [_row(entry, "rejected", failure), _row(entry, "input", {**record, "status": "rejected",
-                                                                         "reason": reason})]
+        return [
+            _row(entry, "rejected", failure),
+            _row(entry, "input", {**record, "status": "rejected", "reason": reason}),
+        ]
     if not record["samples"]:
         reasons = sorted({json.loads(r["record"])["reason"] for r in rows})
-        rows.append(_row(entry, "rejected", {"entry": entry, "source": path, "clip": None, "reason": "no_usable_clip",
-                                             "detail": f"{record['clips']} clip(s) rejected: {', '.join(reasons)}"}))
+        rows.append(
+            _row(
+                entry,
+                "rejected",
+                {
+                    "entry": entry,
+                    "source": path,
+                    "clip": None,
+                    "reason": "no_usable_clip",
+                    "detail": f"{record['clips']} clip(s) rejected: {', '.join(reasons)}",
+                },
+            )
+        )
         return rows + [_row(entry, "input", {**record, "status": "rejected", "reason": "no_usable_clip"})]
     return rows + [_row(entry, "input", {**record, "status": "used", "reason": ""})]
 
@@ -102,8 +161,10 @@ def load_object(spec: str):
 def load_tokenizer(cfg: PrepConfig, device: str = "cpu"):
     """The image tokenizer of ``prep.tokenizer``; ConfigError when it is missing or unreadable."""
     if not cfg.tokenizer:
-        raise ConfigError("prep.tokenizer: the image tokenizer path is required "
-                          "(fit one with cogvideo-fit-image-tokenizer preset=...)")
+        raise ConfigError(
+            "prep.tokenizer: the image tokenizer path is required "
+            "(fit one with cogvideo-fit-image-tokenizer preset=...)"
+        )
     try:
         return load_object(cfg.tokenizer_loader)(cfg.tokenizer, device=device)
     except (FileNotFoundError, ValueError) as err:
@@ -115,12 +176,16 @@ def check_tokenizer(cfg: PrepConfig, shape: Geometry, tokenizer) -> None:
     got = (tokenizer.frame_size, tokenizer.tokens_side)
     fix = f"fit one with cogvideo-fit-image-tokenizer preset={cfg.model['preset']}"
     if got != (shape.frame_size, shape.tokens_side):
-        raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: encodes {got[0]}px frames to {got[1]}x{got[1]} codes, "
-                          f"but the model ({cfg.model['preset']}) needs {shape.frame_size}px and "
-                          f"{shape.tokens_side}x{shape.tokens_side} (model.frame_size, model.frame_tokens): {fix}")
+        raise ConfigError(
+            f"prep.tokenizer {cfg.tokenizer}: encodes {got[0]}px frames to {got[1]}x{got[1]} codes, "
+            f"but the model ({cfg.model['preset']}) needs {shape.frame_size}px and "
+            f"{shape.tokens_side}x{shape.tokens_side} (model.frame_size, model.frame_tokens): {fix}"
+        )
     if tokenizer.codebook_size > shape.image_codes:
-        raise ConfigError(f"prep.tokenizer {cfg.tokenizer}: {tokenizer.codebook_size} codes, but the model "
-                          f"({cfg.model['preset']}) has {shape.image_codes} (model.vocab.num_image_tokens): {fix}")
+        raise ConfigError(
+            f"prep.tokenizer {cfg.tokenizer}: {tokenizer.codebook_size} codes, but the model "
+            f"({cfg.model['preset']}) has {shape.image_codes} (model.vocab.num_image_tokens): {fix}"
+        )
 
 
 class TokenizeSamples:
@@ -135,14 +200,22 @@ class TokenizeSamples:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size, side = self.shape.num_frames, self.shape.frame_size, self.shape.tokens_side
         count = len(batch["kind"])
-        fields = {name: np.full(count, EMPTY, dtype=object) for name in ("frames_npy", "caption_txt", "meta_json")}
+        fields = {
+            name: np.full(count, EMPTY, dtype=object) for name in ("frames_npy", "caption_txt", "meta_json")
+        }
         samples = [i for i in range(count) if batch["kind"][i] == "sample"]
         if samples:
-            pixels = np.stack([np.frombuffer(batch["pixels"][i], np.uint8).reshape(n, size, size, 3) for i in samples])
-            codes = self.tokenizer.encode(pixels.reshape(-1, size, size, 3)).reshape(len(samples), n, side, side)
+            pixels = np.stack(
+                [np.frombuffer(batch["pixels"][i], np.uint8).reshape(n, size, size, 3) for i in samples]
+            )
+            codes = self.tokenizer.encode(pixels.reshape(-1, size, size, 3)).reshape(
+                len(samples), n, side, side
+            )
             for i, sample_codes in zip(samples, codes):
                 record = json.loads(batch["record"][i])
-                encoded = encode_sample(batch["key"][i], sample_codes, record["caption"], ClipMeta(**record["meta"]))
+                encoded = encode_sample(
+                    batch["key"][i], sample_codes, record["caption"], ClipMeta(**record["meta"])
+                )
                 fields["frames_npy"][i] = encoded[FRAMES_KEY]
                 fields["caption_txt"][i] = encoded[CAPTION_KEY]
                 fields["meta_json"][i] = encoded[META_KEY]

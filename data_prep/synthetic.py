@@ -4,6 +4,7 @@ as real mp4 files with exact captions: `cogvideo-synth`.
 The video is lossless H.264 in 4:4:4, so an analyzer can recover colour, shape and motion from
 decoded frames. Everything is seeded: the same arguments give the same files, byte for byte.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,24 @@ def fixed_speed_problem(speed_px_per_s: tuple[float, float], size: int, duration
     if not 0 < low <= high:
         return f"{[low, high]}: expected 0 < low <= high px/s"
     if high * longest > room:
-        return (f"{[low, high]} px/s over {longest:g} s needs {high * longest:.0f} px of travel; "
-                f"a {size}px frame has {room:.0f}px")
+        return (
+            f"{[low, high]} px/s over {longest:g} s needs {high * longest:.0f} px of travel; "
+            f"a {size}px frame has {room:.0f}px"
+        )
     return None
 
 
-def plan_videos(num_videos: int, seed: int = 0, size: int = 32, fps: float = 8,
-                duration_s: float | tuple[float, ...] = 4.0, holdout: set[tuple[str, str, str]] = frozenset(),
-                speed_words: bool = False, colours: tuple[str, ...] | None = None,
-                speed_px_per_s: tuple[float, float] | None = None) -> list[dict]:
+def plan_videos(
+    num_videos: int,
+    seed: int = 0,
+    size: int = 32,
+    fps: float = 8,
+    duration_s: float | tuple[float, ...] = 4.0,
+    holdout: set[tuple[str, str, str]] = frozenset(),
+    speed_words: bool = False,
+    colours: tuple[str, ...] | None = None,
+    speed_px_per_s: tuple[float, float] | None = None,
+) -> list[dict]:
     """The caption rows of :func:`generate_dataset` (path, caption and the ground truth that
     :func:`render_row` turns back into frames), without rendering anything.
 
@@ -66,25 +76,53 @@ def plan_videos(num_videos: int, seed: int = 0, size: int = 32, fps: float = 8,
         low, high = speed_px_per_s or speed_range(size, duration, radius)
         speed = float(rng.uniform(low, high))
         word = SPEED_WORDS[int(speed >= (low + high) / 2)] if speed_words else None
-        rows.append({"path": f"synthetic_{index:06d}.mp4", "caption": caption_for(colour, shape, direction, word),
-                     "colour": colour, "shape": shape, "direction": direction,
-                     "speed_px_per_s": speed, "duration_s": duration, "fps": fps, "size": size,
-                     "num_frames": int(math.floor(duration * fps)) + 1, "radius": radius,
-                     "render_seed": int(rng.integers(2**31))})
+        rows.append(
+            {
+                "path": f"synthetic_{index:06d}.mp4",
+                "caption": caption_for(colour, shape, direction, word),
+                "colour": colour,
+                "shape": shape,
+                "direction": direction,
+                "speed_px_per_s": speed,
+                "duration_s": duration,
+                "fps": fps,
+                "size": size,
+                "num_frames": int(math.floor(duration * fps)) + 1,
+                "radius": radius,
+                "render_seed": int(rng.integers(2**31)),
+            }
+        )
     return rows
 
 
 def render_row(row: dict) -> np.ndarray:
     """The exact frames of one caption row of :func:`plan_videos` / ``captions.jsonl``."""
-    return render_frames(row["colour"], row["shape"], row["direction"], row["num_frames"], row["size"], row["fps"],
-                         row["speed_px_per_s"], seed=row["render_seed"], radius=row["radius"])
+    return render_frames(
+        row["colour"],
+        row["shape"],
+        row["direction"],
+        row["num_frames"],
+        row["size"],
+        row["fps"],
+        row["speed_px_per_s"],
+        seed=row["render_seed"],
+        radius=row["radius"],
+    )
 
 
-def generate_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, size: int = 32, fps: float = 8,
-                     duration_s: float | tuple[float, ...] = 4.0,
-                     holdout: set[tuple[str, str, str]] = frozenset(),
-                     speed_words: bool = False, colours: tuple[str, ...] | None = None,
-                     speed_px_per_s: tuple[float, float] | None = None, progress: bool = False) -> Path:
+def generate_dataset(
+    out_dir: str | Path,
+    num_videos: int,
+    seed: int = 0,
+    size: int = 32,
+    fps: float = 8,
+    duration_s: float | tuple[float, ...] = 4.0,
+    holdout: set[tuple[str, str, str]] = frozenset(),
+    speed_words: bool = False,
+    colours: tuple[str, ...] | None = None,
+    speed_px_per_s: tuple[float, float] | None = None,
+    progress: bool = False,
+) -> Path:
     """Write the mp4 files of :func:`plan_videos` and `captions.jsonl` under `out_dir`; return
     the captions path. Caption rows carry the ground truth (colour, shape, direction,
     speed_px_per_s, duration_s, fps, size, num_frames, radius, render_seed): :func:`render_row`
@@ -117,8 +155,9 @@ class SynthConfig:
 
     def __post_init__(self):
         if self.num_videos <= 0 or self.fps <= 0 or self.size <= 0:
-            raise ConfigError("num_videos, fps and size: must be positive, got "
-                              f"{self.num_videos}, {self.fps}, {self.size}")
+            raise ConfigError(
+                f"num_videos, fps and size: must be positive, got {self.num_videos}, {self.fps}, {self.size}"
+            )
         if not self.durations or min(self.durations) <= 0:
             raise ConfigError(f"durations: expected positive seconds, got {self.durations}")
         if self.speed_px_per_s is not None:
@@ -137,20 +176,39 @@ class SynthConfig:
         combos = set()
         for item in self.holdout:
             parts = tuple(item.split("/"))
-            if len(parts) != 3 or parts[0] not in COLOURS or parts[1] not in SHAPES or parts[2] not in DIRECTIONS:
-                raise ConfigError(f"holdout: {item!r} is not colour/shape/direction with colour in {list(COLOURS)}, "
-                                  f"shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
+            if (
+                len(parts) != 3
+                or parts[0] not in COLOURS
+                or parts[1] not in SHAPES
+                or parts[2] not in DIRECTIONS
+            ):
+                raise ConfigError(
+                    f"holdout: {item!r} is not colour/shape/direction with colour in {list(COLOURS)}, "
+                    f"shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}"
+                )
             combos.add(parts)
         return combos
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(SynthConfig, "cogvideo-synth",
-                           "Write captioned synthetic videos of one moving coloured shape (mp4 + captions.jsonl).")
+    parser = config_parser(
+        SynthConfig,
+        "cogvideo-synth",
+        "Write captioned synthetic videos of one moving coloured shape (mp4 + captions.jsonl).",
+    )
     cfg, _ = parse_config(SynthConfig, parser, argv)
-    captions = generate_dataset(cfg.out, cfg.num_videos, cfg.seed, cfg.size, cfg.fps, tuple(cfg.durations),
-                                cfg.holdout_combinations(), cfg.speed_words, speed_px_per_s=cfg.speed_px_per_s,
-                                progress=True)
+    captions = generate_dataset(
+        cfg.out,
+        cfg.num_videos,
+        cfg.seed,
+        cfg.size,
+        cfg.fps,
+        tuple(cfg.durations),
+        cfg.holdout_combinations(),
+        cfg.speed_words,
+        speed_px_per_s=cfg.speed_px_per_s,
+        progress=True,
+    )
     print(f"wrote {cfg.num_videos} videos and {captions}")
 
 

@@ -5,6 +5,7 @@ frame size, with their presentation times.
 "As a player shows them": the display matrix (or the legacy `rotate` tag) is applied, a
 square crop is square on screen (sample aspect ratio), interlaced frames are deinterlaced
 (yadif), and the YUV -> RGB conversion follows the file's colour range and matrix."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,8 +27,18 @@ from data_prep.rates import TIME_TOL
 _SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"), (0, b"OggS"), (0, b"FLV"))
 # FFmpeg's names for AVColorRange and AVColorSpace values (libavutil/pixfmt.h)
 _RANGES = {0: "unspecified", 1: "limited", 2: "full"}
-_MATRICES = {0: "rgb", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt601", 6: "bt601", 7: "smpte240m",
-             8: "ycgco", 9: "bt2020", 10: "bt2020c"}
+_MATRICES = {
+    0: "rgb",
+    1: "bt709",
+    2: "unspecified",
+    4: "fcc",
+    5: "bt601",
+    6: "bt601",
+    7: "smpte240m",
+    8: "ycgco",
+    9: "bt2020",
+    10: "bt2020c",
+}
 _PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the others are field orders
 
 
@@ -35,6 +46,7 @@ _PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the others are fiel
 class Orientation:
     """How a player turns the decoded picture: `rotation` degrees clockwise (the `rotate` tag's
     convention), then mirrored left-right."""
+
     rotation: int = 0
     mirrored: bool = False
 
@@ -78,7 +90,7 @@ class Clip:
 def _looks_like_container(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(16)
-    return any(head[at:at + len(magic)] == magic for at, magic in _SIGNATURES)
+    return any(head[at : at + len(magic)] == magic for at, magic in _SIGNATURES)
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -96,7 +108,9 @@ def _open(path: str) -> av.container.InputContainer:
     return container
 
 
-def _video_stream(path: str, container: av.container.InputContainer) -> tuple[av.video.stream.VideoStream, int]:
+def _video_stream(
+    path: str, container: av.container.InputContainer
+) -> tuple[av.video.stream.VideoStream, int]:
     """The default video stream (cover art excluded), else the first; and how many there are."""
     videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not videos:
@@ -106,8 +120,9 @@ def _video_stream(path: str, container: av.container.InputContainer) -> tuple[av
     return (default or videos)[0], len(videos)
 
 
-def _packets(container: av.container.InputContainer, stream: av.video.stream.VideoStream
-             ) -> tuple[list[int], av.VideoFrame | None]:
+def _packets(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> tuple[list[int], av.VideoFrame | None]:
     """Presentation timestamps of every packet (demuxing only) and the first decoded frame,
     which carries what the container and codec say about the picture (side data, colour)."""
     pts, first, ctx = [], None, stream.codec_context
@@ -121,8 +136,9 @@ def _packets(container: av.container.InputContainer, stream: av.video.stream.Vid
     return pts, first
 
 
-def _check_timestamps(path: str, pts: list[int], time_base: Fraction, fps: Fraction, listed_s: float,
-                      cfg: PrepConfig) -> tuple[float, bool]:
+def _check_timestamps(
+    path: str, pts: list[int], time_base: Fraction, fps: Fraction, listed_s: float, cfg: PrepConfig
+) -> tuple[float, bool]:
     """(seconds the frames cover, variable rate?); Rejected when the timestamps are broken or the
     file ends before the length its container lists."""
     times = np.sort(np.asarray(pts, np.float64)) * float(time_base)
@@ -131,18 +147,27 @@ def _check_timestamps(path: str, pts: list[int], time_base: Fraction, fps: Fract
     if np.any(intervals < TIME_TOL):
         repeated = int(np.sum(intervals < TIME_TOL))
         at = times[1:][intervals < TIME_TOL][0] - times[0]
-        raise Rejected("broken_timestamps", f"{path}: {repeated} frame(s) repeat another's timestamp "
-                       f"(first at {at:.3f} s): their order cannot be repaired")
+        raise Rejected(
+            "broken_timestamps",
+            f"{path}: {repeated} frame(s) repeat another's timestamp "
+            f"(first at {at:.3f} s): their order cannot be repaired",
+        )
     longest = 1 / min(cfg.stage1_fps + cfg.stage2_fps)
     if len(intervals) and intervals.max() > longest + TIME_TOL:
         gap = int(np.argmax(intervals))
-        raise Rejected("broken_timestamps", f"{path}: no frame for {intervals[gap]:.3f} s (from "
-                       f"{times[gap] - times[0]:.3f} s to {times[gap + 1] - times[0]:.3f} s), longer than "
-                       f"the longest sampling interval ({longest:g} s)")
+        raise Rejected(
+            "broken_timestamps",
+            f"{path}: no frame for {intervals[gap]:.3f} s (from "
+            f"{times[gap] - times[0]:.3f} s to {times[gap + 1] - times[0]:.3f} s), longer than "
+            f"the longest sampling interval ({longest:g} s)",
+        )
     covered = times[-1] - times[0] + frame_s  # the last frame is shown for one nominal frame
     if listed_s - covered > 2 * frame_s + TIME_TOL:
-        raise Rejected("truncated", f"{path}: the container lists {listed_s:.3f} s of video, the frames' "
-                       f"timestamps end at {covered:.3f} s ({len(pts)} frames)")
+        raise Rejected(
+            "truncated",
+            f"{path}: the container lists {listed_s:.3f} s of video, the frames' "
+            f"timestamps end at {covered:.3f} s ({len(pts)} frames)",
+        )
     mean = (times[-1] - times[0]) / len(intervals) if len(intervals) else frame_s
     vfr = bool(len(intervals) and np.max(np.abs(intervals / mean - 1)) > cfg.vfr_tolerance)
     return covered, vfr
@@ -156,7 +181,9 @@ def _picture(first: av.VideoFrame, stream: av.video.stream.VideoStream) -> tuple
     else:
         tag = {key.lower(): value for key, value in stream.metadata.items()}.get("rotate", "0")
         orientation = Orientation(int(tag) % 360 // 90 * 90) if tag.lstrip("-").isdigit() else Orientation()
-    colour_range = "full" if first.format.name.startswith("yuvj") else _RANGES.get(first.color_range, "unspecified")
+    colour_range = (
+        "full" if first.format.name.startswith("yuvj") else _RANGES.get(first.color_range, "unspecified")
+    )
     interlaced = stream.codec_context.field_order not in _PROGRESSIVE or bool(first.interlaced_frame)
     return orientation, colour_range, _MATRICES.get(first.colorspace, "unspecified"), interlaced
 
@@ -168,7 +195,9 @@ def probe(path: str, cfg: PrepConfig) -> VideoInfo:
         stream, video_streams = _video_stream(path, container)
         ctx = stream.codec_context
         if ctx is None or ctx.codec is None or not ctx.codec.is_decoder:
-            raise Rejected("unreadable_codec", f"{path}: no decoder for the codec of video stream {stream.index}")
+            raise Rejected(
+                "unreadable_codec", f"{path}: no decoder for the codec of video stream {stream.index}"
+            )
         width, height, codec = ctx.width, ctx.height, ctx.codec.name
         if min(width, height) < cfg.min_side:
             raise Rejected("resolution_too_small", f"{path}: {width}x{height} < min_side={cfg.min_side}")
@@ -178,22 +207,46 @@ def probe(path: str, cfg: PrepConfig) -> VideoInfo:
         if not fps:
             raise Rejected("broken_timestamps", f"{path}: the container gives no frame rate")
         listed = stream.frames
-        listed_s = max(float(stream.duration * stream.time_base) if stream.duration else 0.0, listed / float(fps))
+        listed_s = max(
+            float(stream.duration * stream.time_base) if stream.duration else 0.0, listed / float(fps)
+        )
         try:
             pts, first = _packets(container, stream)
         except av.FFmpegError as err:
             raise Rejected("decode_error", f"{path}: {err}") from None
         if first is None:
             raise Rejected("decode_error", f"{path}: no frame of video stream {stream.index} decodes")
-        seconds, vfr = _check_timestamps(path, pts, stream.time_base, fps, listed_s, cfg) if pts else \
-            (listed / float(fps), False)
+        seconds, vfr = (
+            _check_timestamps(path, pts, stream.time_base, fps, listed_s, cfg)
+            if pts
+            else (listed / float(fps), False)
+        )
         orientation, colour_range, matrix, interlaced = _picture(first, stream)
         sar, index = Fraction(stream.sample_aspect_ratio or 1), stream.index
-    properties = {"stream": index, "video_streams": video_streams, "rotation": orientation.rotation,
-                  "mirrored": orientation.mirrored, "vfr": vfr, "sar": f"{sar.numerator}:{sar.denominator}",
-                  "range": colour_range, "matrix": matrix, "interlaced": interlaced}
-    return VideoInfo(width, height, Fraction(fps), len(pts) or listed, codec, float(seconds), index, sar,
-                     orientation, interlaced, properties)
+    properties = {
+        "stream": index,
+        "video_streams": video_streams,
+        "rotation": orientation.rotation,
+        "mirrored": orientation.mirrored,
+        "vfr": vfr,
+        "sar": f"{sar.numerator}:{sar.denominator}",
+        "range": colour_range,
+        "matrix": matrix,
+        "interlaced": interlaced,
+    }
+    return VideoInfo(
+        width,
+        height,
+        Fraction(fps),
+        len(pts) or listed,
+        codec,
+        float(seconds),
+        index,
+        sar,
+        orientation,
+        interlaced,
+        properties,
+    )
 
 
 def _square_on_screen(info: VideoInfo) -> tuple[int, int]:
@@ -211,8 +264,12 @@ def _filters(stream: av.video.stream.VideoStream, info: VideoInfo, frame_size: i
     chain = [graph.add_buffer(template=stream)]
     if info.interlaced:  # only frames flagged interlaced are changed; one frame out per frame in
         chain.append(graph.add("yadif", "mode=send_frame:parity=auto:deint=interlaced"))
-    chain += [graph.add("crop", f"{width}:{height}"), graph.add("scale", f"{frame_size}:{frame_size}:flags=area"),
-              graph.add("format", "rgb24"), graph.add("buffersink")]
+    chain += [
+        graph.add("crop", f"{width}:{height}"),
+        graph.add("scale", f"{frame_size}:{frame_size}:flags=area"),
+        graph.add("format", "rgb24"),
+        graph.add("buffersink"),
+    ]
     for source, target in zip(chain, chain[1:]):
         source.link_to(target)
     graph.configure()
@@ -227,7 +284,9 @@ def _pulled(graph: av.filter.Graph) -> Iterator[av.VideoFrame]:
             return
 
 
-def _shown(container: av.container.InputContainer, info: VideoInfo, frame_size: int) -> Iterator[av.VideoFrame]:
+def _shown(
+    container: av.container.InputContainer, info: VideoInfo, frame_size: int
+) -> Iterator[av.VideoFrame]:
     """The video's frames through the filters, in presentation order."""
     stream = container.streams[info.stream]
     graph = _filters(stream, info, frame_size)
@@ -243,8 +302,11 @@ def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> 
     player shows it, fed to the scene detector, and kept with its time until its clip closes
     (at a cut, at max_clip_s, or at the end)."""
     fps = float(info.fps)
-    detector = ContentDetector(threshold=cfg.scene_threshold, min_scene_len=max(1, round(cfg.min_scene_s * fps)),
-                               filter_mode=FlashFilter.Mode.SUPPRESS)  # cuts are reported on the frame itself
+    detector = ContentDetector(
+        threshold=cfg.scene_threshold,
+        min_scene_len=max(1, round(cfg.min_scene_s * fps)),
+        filter_mode=FlashFilter.Mode.SUPPRESS,
+    )  # cuts are reported on the frame itself
     buffer: list[np.ndarray] = []
     times: list[float] = []
     first, index, decoded, origin, last = 0, 0, 0, None, -np.inf
@@ -257,10 +319,15 @@ def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> 
                     origin = frame.time if origin is None else origin
                     time = frame.time - origin
                 if time <= last:
-                    raise Rejected("broken_timestamps", f"{path}: frame {decoded} is shown at {time:.3f} s, "
-                                   f"not after the frame before it ({last:.3f} s)")
+                    raise Rejected(
+                        "broken_timestamps",
+                        f"{path}: frame {decoded} is shown at {time:.3f} s, "
+                        f"not after the frame before it ({last:.3f} s)",
+                    )
                 image = np.ascontiguousarray(info.orientation.apply(frame.to_ndarray()))
-                cut = detector.process_frame(FrameTimecode(decoded, fps), np.ascontiguousarray(image[..., ::-1]))
+                cut = detector.process_frame(
+                    FrameTimecode(decoded, fps), np.ascontiguousarray(image[..., ::-1])
+                )
                 if buffer and (cut or time - times[0] > cfg.max_clip_s + TIME_TOL):
                     yield Clip(index, first, np.stack(buffer), np.asarray(times))
                     buffer, times, first, index = [], [], decoded, index + 1

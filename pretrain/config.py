@@ -7,6 +7,7 @@ The `model:` section is a preset name plus any :class:`cogvideo.config.ModelConf
 validated by :func:`cogvideo.family.resolve_model_section` (`model.family` picks the family,
 cogvideo by default).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ class ParallelConfig:
     # units, fp16 with loss scaling on V100, fp32 otherwise), resolved once per run at start-up
     precision: Precision = "auto"
     precision_probe: dict = field(default_factory=dict)  # written by the trainer: how precision was chosen
-    initial_loss_scale_power: int = 16  # fp16: dynamic loss scale starts at 2**this (DeepSpeed's and CogVideo's)
+    initial_loss_scale_power: int = (
+        16  # fp16: dynamic loss scale starts at 2**this (DeepSpeed's and CogVideo's)
+    )
     backend: str | None = None  # None: nccl with GPUs, gloo without
 
 
@@ -70,7 +73,9 @@ class DataConfig:
     text_tokenizer: str | None = None  # SentencePiece model (cogvideo.tokenizers.text)
     # the text format (cogvideo.text_format.TextFormat); checkpoints record it and the sampler uses it
     prefix_template: str = DEFAULT_PREFIX_TEMPLATE
-    caption_dropout: float = 0.0  # fraction of samples trained on the guidance text (classifier-free guidance)
+    caption_dropout: float = (
+        0.0  # fraction of samples trained on the guidance text (classifier-free guidance)
+    )
     uncond_text: str = UNCOND_CAPTION  # caption of the guidance text
     uncond_prefix: bool = True  # the guidance text keeps the duration prefix (the release's)
     prefetch_batches: int = 4  # batches prepared by a background thread
@@ -150,7 +155,9 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
     model_cfg = model_config(cfg)
     has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
     if cfg.parallel.precision == "fp16" and not has_gpu:
-        raise ConfigError("parallel.precision: fp16 needs GPUs (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
+        raise ConfigError(
+            "parallel.precision: fp16 needs GPUs (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32"
+        )
     tp = cfg.parallel.tensor_parallel
     if world_size % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the world size {world_size}")
@@ -168,8 +175,12 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    for key, value in {"optim.warmup_steps": cfg.optim.warmup_steps, "optim.weight_decay": cfg.optim.weight_decay,
-                       "optim.grad_clip": cfg.optim.grad_clip, "data.shuffle_buffer": cfg.data.shuffle_buffer}.items():
+    for key, value in {
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -193,9 +204,13 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
     if cfg.init.backbone and cfg.init.weights:
         raise ConfigError("init.backbone and init.weights: give at most one starting point")
     if cfg.init.optimizer and not cfg.init.weights:
-        raise ConfigError("init.optimizer: needs init.weights (a converted checkpoint with an optimizer/ folder)")
+        raise ConfigError(
+            "init.optimizer: needs init.weights (a converted checkpoint with an optimizer/ folder)"
+        )
     if cfg.checkpoint.resume not in (None, "auto") and not os.path.isdir(cfg.checkpoint.resume):
-        raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume!r} is neither 'auto' nor a checkpoint directory")
+        raise ConfigError(
+            f"checkpoint.resume: {cfg.checkpoint.resume!r} is neither 'auto' nor a checkpoint directory"
+        )
     return model_cfg
 
 

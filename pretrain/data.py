@@ -7,6 +7,7 @@ shuffle buffer. Everything is a function of (seed, epoch, DP rank), so a positio
 up to it. A shard that cannot be read is skipped with a warning naming it; a malformed sample
 likewise. Both are counted in the position.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,13 +113,20 @@ def check_shards(shards: list[str], seed: int, dp_size: int) -> list[str]:
         mine = rank_shards(shards, seed, 0, rank, dp_size)
         if mine and all(path in problems for path in mine):
             listed = "; ".join(f"{path}: {problems[path]}" for path in mine)
-            raise DataError(f"data.shards: every shard of data-parallel rank {rank} is unreadable ({listed}); "
-                            f"rewrite or remove them ({len(problems)} of {len(shards)} shards are unreadable)")
+            raise DataError(
+                f"data.shards: every shard of data-parallel rank {rank} is unreadable ({listed}); "
+                f"rewrite or remove them ({len(problems)} of {len(shards)} shards are unreadable)"
+            )
     return [f"{path}: {problem}" for path, problem in problems.items()]
 
 
-def check_text_length(shards: list[str], model_cfg: ModelConfig, encode_text: Callable[[str], list[int]],
-                      data: DataConfig, max_samples: int = 256) -> str:
+def check_text_length(
+    shards: list[str],
+    model_cfg: ModelConfig,
+    encode_text: Callable[[str], list[int]],
+    data: DataConfig,
+    max_samples: int = 256,
+) -> str:
     """Before training: the share of captions (with their duration prefix) longer than
     model.text_length, over up to `max_samples` samples of readable shards. Raises DataError
     above data.max_cut_text; returns a one-line summary."""
@@ -129,7 +137,9 @@ def check_text_length(shards: list[str], model_cfg: ModelConfig, encode_text: Ca
         try:
             for raw in tarfile_samples([{"url": path}]):
                 sample = decode_sample(raw)
-                lengths.append(len(encode_text(data.text_format().text(sample.caption, sample.meta.duration))))
+                lengths.append(
+                    len(encode_text(data.text_format().text(sample.caption, sample.meta.duration)))
+                )
                 if len(lengths) >= max_samples:
                     break
         except (ShardFormatError, tarfile.TarError, OSError):
@@ -137,11 +147,15 @@ def check_text_length(shards: list[str], model_cfg: ModelConfig, encode_text: Ca
         if len(lengths) >= max_samples:
             break
     cut = sum(n > limit for n in lengths)
-    summary = (f"{cut} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
-               f"(longest {max(lengths, default=0)})")
+    summary = (
+        f"{cut} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
+        f"(longest {max(lengths, default=0)})"
+    )
     if lengths and cut / len(lengths) > data.max_cut_text:
-        raise DataError(f"data: {summary}, over data.max_cut_text={data.max_cut_text:g}: raise model.text_length, "
-                        f"shorten the captions, or set data.max_cut_text=1 to train on cut text")
+        raise DataError(
+            f"data: {summary}, over data.max_cut_text={data.max_cut_text:g}: raise model.text_length, "
+            f"shorten the captions, or set data.max_cut_text=1 to train on cut text"
+        )
     return summary
 
 
@@ -150,11 +164,23 @@ class ShardLoader:
     by a background thread. Stateful: ``state_dict()`` is the position after the last batch handed
     out (not the read-ahead), ``load_state_dict`` restores it before iterating."""
 
-    def __init__(self, shards: list[str], model_cfg: ModelConfig, encode_text: Callable[[str], list[int]],
-                 data: DataConfig, *, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(
+        self,
+        shards: list[str],
+        model_cfg: ModelConfig,
+        encode_text: Callable[[str], list[int]],
+        data: DataConfig,
+        *,
+        micro_batch_size: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
         if len(shards) < dp_size:
-            raise DataError(f"data.shards: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks; "
-                            f"write at least one shard per DP rank")
+            raise DataError(
+                f"data.shards: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks; "
+                f"write at least one shard per DP rank"
+            )
         self.shards = shards
         self.model_cfg = model_cfg
         self.encode_text = encode_text
@@ -203,11 +229,14 @@ class ShardLoader:
                 try:
                     sample = decode_sample(raw)
                     if sample.frames.shape != self._frames_shape:
-                        raise ShardFormatError(f"{url}: sample {sample.key}: frames {list(sample.frames.shape)} "
-                                               f"do not fit the model's {list(self._frames_shape)}")
+                        raise ShardFormatError(
+                            f"{url}: sample {sample.key}: frames {list(sample.frames.shape)} "
+                            f"do not fit the model's {list(self._frames_shape)}"
+                        )
                     if sample.frames.min() < 0 or sample.frames.max() >= self._image_tokens:
-                        raise ShardFormatError(f"{url}: sample {sample.key}: frame codes outside "
-                                               f"[0, {self._image_tokens})")
+                        raise ShardFormatError(
+                            f"{url}: sample {sample.key}: frame codes outside [0, {self._image_tokens})"
+                        )
                 except ShardFormatError as err:
                     self._skipped("bad_samples", "skipping sample: %s", err)
                     continue
@@ -234,13 +263,17 @@ class ShardLoader:
                 yielded += 1
                 yield sample
             if yielded == 0 and skip == 0:
-                raise DataError(f"data: DP rank {self.dp_rank} found no stage-{self.stage} samples in "
-                                   f"{rank_shards(self.shards, self.seed, pos.epoch, self.dp_rank, self.dp_size)}")
+                raise DataError(
+                    f"data: DP rank {self.dp_rank} found no stage-{self.stage} samples in "
+                    f"{rank_shards(self.shards, self.seed, pos.epoch, self.dp_rank, self.dp_size)}"
+                )
             pos.epoch, pos.consumed = pos.epoch + 1, 0
 
     # ---- batches -------------------------------------------------------------------
     def to_sequence(self, sample: Sample):
-        if self.data.caption_dropout and self._dropped(sample.key):  # classifier-free guidance learns the guidance text
+        if self.data.caption_dropout and self._dropped(
+            sample.key
+        ):  # classifier-free guidance learns the guidance text
             text = self.text_format.uncond(sample.meta.duration)
         else:
             text = self.text_format.text(sample.caption, sample.meta.duration)
@@ -248,9 +281,14 @@ class ShardLoader:
         limit = self.model_cfg.text_length
         if len(text_ids) > limit and not self._warned_truncation:
             self._warned_truncation = True
-            log.warning("sample %s: text has %d tokens, model.text_length=%d keeps the first %d (the duration "
-                        "prefix and the caption's start); further truncations are not reported",
-                        sample.key, len(text_ids), limit, limit)
+            log.warning(
+                "sample %s: text has %d tokens, model.text_length=%d keeps the first %d (the duration "
+                "prefix and the caption's start); further truncations are not reported",
+                sample.key,
+                len(text_ids),
+                limit,
+                limit,
+            )
         seed = self._sample_seed(sample.key)
         frames = torch.from_numpy(sample.frames)
         return family_of(self.model_cfg).example(self.model_cfg, text_ids[:limit], frames, seed)
@@ -282,8 +320,13 @@ class ShardLoader:
 
     def collate(self, samples: list[Sample]) -> Batch:
         tokens, targets, masks = zip(*(self.to_sequence(s) for s in samples))
-        return Batch(torch.stack(tokens), torch.stack(targets), torch.stack(masks),
-                     [s.key for s in samples], dataclasses.replace(self.position))
+        return Batch(
+            torch.stack(tokens),
+            torch.stack(targets),
+            torch.stack(masks),
+            [s.key for s in samples],
+            dataclasses.replace(self.position),
+        )
 
 
 def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:

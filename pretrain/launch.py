@@ -5,6 +5,7 @@ the deepspeed launcher set them; under srun they come from SLURM_*; run plainly
 (`cogvideo-train --config ...`) the process is a world of one, as `python train.py` is in
 nanoGPT and torchtitan.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -49,7 +50,9 @@ def die_with_launcher() -> None:
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): workers may outlive their launcher",
-                    ctypes.get_errno())
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) failed (errno %d): workers may outlive their launcher",
+            ctypes.get_errno(),
+        )
     if os.getppid() != parent:  # the launcher died before the request took effect
         os._exit(1)

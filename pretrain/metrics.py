@@ -1,4 +1,5 @@
 """Rank-0 training metrics: progress bar, console lines, TensorBoard scalars and a JSONL file."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 class Throughput:
     """Wall time per optimizer step -> tokens/s, samples/s and model FLOP utilisation."""
 
-    def __init__(self, samples_per_step: int, tokens_per_sample: int, flops_per_sample: float,
-                 peak_flops_total: float):
+    def __init__(
+        self, samples_per_step: int, tokens_per_sample: int, flops_per_sample: float, peak_flops_total: float
+    ):
         self.samples_per_step = samples_per_step
         self.tokens_per_sample = tokens_per_sample
         self.flops_per_sample = flops_per_sample
@@ -46,8 +48,17 @@ class MetricsLogger:
     """Does nothing on ranks other than 0. One row per step: a run resumed at `start_step`
     drops the rows and TensorBoard events after it (the steps it is about to repeat)."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, *, total_steps: int, start_step: int,
-                 print_every: int, tensorboard: bool, progress_bar: bool):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        enabled: bool,
+        *,
+        total_steps: int,
+        start_step: int,
+        print_every: int,
+        tensorboard: bool,
+        progress_bar: bool,
+    ):
         self.enabled = enabled
         self.print_every = print_every
         self.bar = self.writer = self.jsonl = None
@@ -65,7 +76,9 @@ class MetricsLogger:
         if progress_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def record_run_info(self, tag: str, text: str, scalars: dict) -> None:
         """Facts about the run (e.g. the precision chosen and its probe) as TensorBoard text and
@@ -85,9 +98,11 @@ class MetricsLogger:
         if self.bar:
             self.bar.update(1)
         if step % self.print_every == 0:
-            line = (f"step {step} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} grad_norm {metrics['grad_norm']:.3f} "
-                    f"tokens/s {metrics['tokens_per_s']:.0f} samples/s {metrics['samples_per_s']:.2f} "
-                    f"MFU {100 * metrics['mfu']:.2f}%")
+            line = (
+                f"step {step} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} grad_norm {metrics['grad_norm']:.3f} "
+                f"tokens/s {metrics['tokens_per_s']:.0f} samples/s {metrics['samples_per_s']:.2f} "
+                f"MFU {100 * metrics['mfu']:.2f}%"
+            )
             if self.bar:
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 self.bar.write(line)

@@ -3,6 +3,7 @@
 The DeepSpeed JSON config is generated from the training dataclasses; there is no separate
 DeepSpeed file to keep in sync.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if no_weight_decay(name, param) else decay).append(param)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (is the backbone frozen on a backbone-only model?)")
+        raise ValueError(
+            "the model has no trainable parameters (is the backbone frozen on a backbone-only model?)"
+        )
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -45,7 +48,8 @@ def lr_scheduler(cfg: TrainConfig):
 
     def make(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, o.warmup_steps, cfg.training.max_steps, o.min_lr_ratio))
+            optimizer, lambda step: lr_factor(step, o.warmup_steps, cfg.training.max_steps, o.min_lr_ratio)
+        )
 
     return make
 
@@ -66,10 +70,15 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       # the fused/CPU Adam ops are JIT-built C++/CUDA; on CPU plain torch AdamW
-                       # avoids that build and is what the equivalence tests compare against
-                       "torch_adam": not torch.cuda.is_available()},
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                # the fused/CPU Adam ops are JIT-built C++/CUDA; on CPU plain torch AdamW
+                # avoids that build and is what the equivalence tests compare against
+                "torch_adam": not torch.cuda.is_available(),
+            },
         },
         "zero_force_ds_cpu_optimizer": torch.cuda.is_available(),
         "steps_per_print": 10**9,  # we log ourselves
@@ -79,6 +88,12 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif p.precision == "fp16":  # CogVideo's recipe (its scripts/ds_config_zero.json): dynamic scale,
         # halved after 2 overflowing steps in a row, doubled after 400 clean ones, never below 1
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": p.initial_loss_scale_power,
-                          "loss_scale_window": 400, "hysteresis": 2, "min_loss_scale": 1}
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": p.initial_loss_scale_power,
+            "loss_scale_window": 400,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return config

@@ -6,6 +6,7 @@ checkpoint to resume (exit 2 with one line, before any process group) -> the loc
 checkpoint.dir -> torch.distributed -> megatron-core tensor-parallel groups -> model ->
 deepspeed.initialize(mpu=...) -> resume (engine, loader, RNG) -> loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,12 @@ class Trainer:
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
         self.precision = run_precision(cfg, model_cfg, resume)
-        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, precision=self.precision.precision, precision_probe=self.precision.to_dict()))
+        cfg = dataclasses.replace(
+            cfg,
+            parallel=dataclasses.replace(
+                cfg.parallel, precision=self.precision.precision, precision_probe=self.precision.to_dict()
+            ),
+        )
         self.cfg, self.model_cfg = cfg, model_cfg
         self._info(self.precision.describe())
         if self.precision.warning and self.rank == 0:
@@ -123,18 +128,35 @@ class Trainer:
         state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
         if state is not None:
             model.load_state_dict(state)
-        say("deepspeed.initialize" + ("" if deepspeed_op_cached() else ": this machine's first run compiles "
-                                      "DeepSpeed's CPU communication op (about a minute)"))
+        say(
+            "deepspeed.initialize"
+            + (
+                ""
+                if deepspeed_op_cached()
+                else ": this machine's first run compiles DeepSpeed's CPU communication op (about a minute)"
+            )
+        )
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, parallel.dp_size()), mpu=parallel.mpu(),
-            lr_scheduler=lr_scheduler(cfg))
-        self.loader = ShardLoader(shards, model_cfg, encode_text, cfg.data,
-                                  micro_batch_size=cfg.training.micro_batch_size, seed=cfg.training.seed,
-                                  dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size())
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=deepspeed_config(cfg, parallel.dp_size()),
+            mpu=parallel.mpu(),
+            lr_scheduler=lr_scheduler(cfg),
+        )
+        self.loader = ShardLoader(
+            shards,
+            model_cfg,
+            encode_text,
+            cfg.data,
+            micro_batch_size=cfg.training.micro_batch_size,
+            seed=cfg.training.seed,
+            dp_rank=parallel.dp_rank(),
+            dp_size=parallel.dp_size(),
+        )
         parts = {"loader": (self.loader, PARTS["loader"]), "rng": (RNGState(), PARTS["rng"])}
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last,
-                                             cfg.checkpoint.export_full, parts)
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.export_full, parts
+        )
         self.step = 0
         if resume is not None:
             say(f"loading {resume}")
@@ -158,13 +180,26 @@ class Trainer:
         """Throughput, the metrics log (rank 0) and the per-rank sample-key log."""
         cfg, model_cfg = self.cfg, self.model_cfg
         samples_per_step = cfg.training.micro_batch_size * cfg.training.grad_accum_steps * parallel.dp_size()
-        self.throughput = Throughput(samples_per_step, model_cfg.seq_length, self.family.train_flops(model_cfg),
-                                     cfg.logging.peak_flops * dist.get_world_size())
-        self.metrics = MetricsLogger(cfg.log_dir, self.rank == 0, total_steps=cfg.training.max_steps,
-                                     start_step=self.step, print_every=cfg.logging.every_steps,
-                                     tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
-        self.metrics.record_run_info("precision", self.precision.describe(),
-                                     {f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()})
+        self.throughput = Throughput(
+            samples_per_step,
+            model_cfg.seq_length,
+            self.family.train_flops(model_cfg),
+            cfg.logging.peak_flops * dist.get_world_size(),
+        )
+        self.metrics = MetricsLogger(
+            cfg.log_dir,
+            self.rank == 0,
+            total_steps=cfg.training.max_steps,
+            start_step=self.step,
+            print_every=cfg.logging.every_steps,
+            tensorboard=cfg.logging.tensorboard,
+            progress_bar=cfg.logging.progress_bar,
+        )
+        self.metrics.record_run_info(
+            "precision",
+            self.precision.describe(),
+            {f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()},
+        )
         self.keys_file = None
         if cfg.logging.sample_keys:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
@@ -205,8 +240,18 @@ class Trainer:
 
     def _record_keys(self, micro: int, batch: Batch) -> None:
         if self.keys_file:
-            self.keys_file.write(json.dumps({"step": self.step + 1, "micro": micro, "dp_rank": parallel.dp_rank(),
-                                             "tp_rank": parallel.tp_rank(), "keys": batch.keys}) + "\n")
+            self.keys_file.write(
+                json.dumps(
+                    {
+                        "step": self.step + 1,
+                        "micro": micro,
+                        "dp_rank": parallel.dp_rank(),
+                        "tp_rank": parallel.tp_rank(),
+                        "keys": batch.keys,
+                    }
+                )
+                + "\n"
+            )
 
     # ---- training ------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -221,9 +266,12 @@ class Trainer:
             losses.append(loss.detach().float())
         self.step += 1
         norm = engine.get_global_grad_norm()
-        return {"loss": self._dp_mean(torch.stack(losses).mean()), "lr": lr,
-                "grad_norm": float(norm) if norm is not None else float("nan"),
-                "applied": engine.was_step_applied()}
+        return {
+            "loss": self._dp_mean(torch.stack(losses).mean()),
+            "lr": lr,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "applied": engine.was_step_applied(),
+        }
 
     def guard(self, applied: bool) -> None:
         """DeepSpeed skips an update whose gradients hold NaN/Inf (all ranks agree); count and limit them."""
@@ -233,11 +281,15 @@ class Trainer:
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         limit = self.cfg.training.max_nonfinite_steps
-        self._info(f"step {self.step}: non-finite loss or gradients, update skipped "
-                   f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in total)")
+        self._info(
+            f"step {self.step}: non-finite loss or gradients, update skipped "
+            f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in total)"
+        )
         if self.nonfinite_in_a_row >= limit:
-            raise NonFiniteError(f"stopping at step {self.step}: {limit} steps in a row had non-finite "
-                                 f"loss or gradients (training.max_nonfinite_steps={limit})")
+            raise NonFiniteError(
+                f"stopping at step {self.step}: {limit} steps in a row had non-finite "
+                f"loss or gradients (training.max_nonfinite_steps={limit})"
+            )
 
     def save(self) -> None:
         path = self.checkpoints.save(self.engine, self.step, self.cfg)
@@ -250,8 +302,16 @@ class Trainer:
         result = self.train_step()
         applied = result.pop("applied")
         position = self.loader.handed_out
-        self.metrics.log(self.step, {**result, **self.throughput.tick(), "skipped": int(not applied),
-                                     "bad_shards": position.bad_shards, "bad_samples": position.bad_samples})
+        self.metrics.log(
+            self.step,
+            {
+                **result,
+                **self.throughput.tick(),
+                "skipped": int(not applied),
+                "bad_shards": position.bad_shards,
+                "bad_samples": position.bad_samples,
+            },
+        )
         self.guard(applied)
         if self.step % self.cfg.checkpoint.every_steps == 0:
             self.save()
@@ -259,15 +319,19 @@ class Trainer:
         if signum:
             if self.saved_at != self.step:
                 self.save()
-            self._info(f"received {signal.Signals(signum).name}: saved step {self.step}, "
-                       f"exiting so the job can be requeued")
+            self._info(
+                f"received {signal.Signals(signum).name}: saved step {self.step}, "
+                f"exiting so the job can be requeued"
+            )
         return not signum
 
     def run(self) -> int:
         cfg = self.cfg
-        self._info(f"training {self.model_cfg.name} ({self.model_cfg.stage}) from step {self.step} to "
-                   f"{cfg.training.max_steps}: world {dist.get_world_size()} = TP {parallel.tp_size()} x "
-                   f"DP {parallel.dp_size()}, ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}")
+        self._info(
+            f"training {self.model_cfg.name} ({self.model_cfg.stage}) from step {self.step} to "
+            f"{cfg.training.max_steps}: world {dist.get_world_size()} = TP {parallel.tp_size()} x "
+            f"DP {parallel.dp_size()}, ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}"
+        )
         self.throughput.reset()
         try:
             while self.step < cfg.training.max_steps:
@@ -288,8 +352,12 @@ class Trainer:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = config_parser(TrainConfig, "cogvideo-train", __doc__.split("\n\n")[0])
-    parser.add_argument("--resume", help="'auto' (newest complete checkpoint in checkpoint.dir, if any) or a path")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument(
+        "--resume", help="'auto' (newest complete checkpoint in checkpoint.dir, if any) or a path"
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # deepspeed launcher
     return parser.parse_args(argv)
 
 
@@ -305,11 +373,16 @@ def preflight(cfg: TrainConfig, model_cfg, shards: list[str]):
     say(check_text_length(shards, model_cfg, encode, cfg.data))
     resume = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
     if resume is not None:
-        CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, parts={
-            name: (None, scope) for name, scope in PARTS.items()}).check(resume, dp_size)
+        CheckpointManager(
+            cfg.checkpoint.dir,
+            cfg.checkpoint.keep_last,
+            parts={name: (None, scope) for name, scope in PARTS.items()},
+        ).check(resume, dp_size)
     counts = count_parameters(model_cfg)
-    say(f"model {model_cfg.name} ({model_cfg.stage}): {counts.trainable:,} of {counts.total:,} parameters train"
-        + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)"))
+    say(
+        f"model {model_cfg.name} ({model_cfg.stage}): {counts.trainable:,} of {counts.total:,} parameters train"
+        + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)")
+    )
     return encode, resume
 
 

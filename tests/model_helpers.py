@@ -1,4 +1,5 @@
 """Small builders shared by the model tests."""
+
 import torch
 
 from cogvideo.config import get_preset
@@ -12,10 +13,12 @@ def random_batch(cfg, text_lengths=(3, None), seed=0):
     samples = []
     for text_len in text_lengths:
         text_len = cfg.text_length if text_len is None else text_len
-        text = torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens,
-                             (text_len,), generator=g)
-        frames = torch.randint(0, cfg.vocab.num_image_tokens,
-                               (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g)
+        text = torch.randint(
+            cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens, (text_len,), generator=g
+        )
+        frames = torch.randint(
+            0, cfg.vocab.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g
+        )
         samples.append(build_sequence(cfg, text, frames))
     return [torch.stack(x) for x in zip(*samples)]
 

@@ -11,6 +11,7 @@ SPEC: num_layers, hidden_size, num_heads, vocab_size, max_sequence_length, text_
 image_position_offset, frame_tokens, pad_id, boi_id, text_ids [[...], ...] (each left-padded
 here), image_codes [[...], ...]. OUT_DIR gets sat/ (the checkpoint), inputs.pt and logits.pt.
 """
+
 import argparse
 import json
 import os
@@ -40,7 +41,7 @@ def release_inputs(spec: dict):
     rows, positions, masks = [], [], []
     for text, codes in zip(spec["text_ids"], spec["image_codes"]):
         pads = T - len(text)
-        rows.append([spec["pad_id"]] * pads + text + [spec["boi_id"]] + codes[:n - 1])
+        rows.append([spec["pad_id"]] * pads + text + [spec["boi_id"]] + codes[: n - 1])
         pos = torch.zeros(T + n, dtype=torch.long)
         pos[pads:T] = torch.arange(len(text))
         pos[T:] = spec["image_position_offset"] + torch.arange(n)
@@ -56,12 +57,26 @@ def sat_args(spec: dict, save: Path) -> argparse.Namespace:
     """What BaseModel and save_checkpoint read; dropout as SAT's defaults (the forward is in
     eval mode, so they do not act)."""
     return argparse.Namespace(
-        num_layers=spec["num_layers"], hidden_size=spec["hidden_size"], num_attention_heads=spec["num_heads"],
-        vocab_size=spec["vocab_size"], max_sequence_length=spec["max_sequence_length"], hidden_dropout=0.1,
-        attention_dropout=0.1, inner_hidden_size=None, hidden_size_per_attention_head=None,
-        checkpoint_activations=False, checkpoint_num_layers=1, layernorm_order="sandwich", skip_init=False,
-        use_gpu_initialization=False, deepspeed=True, save=str(save), no_save_rng=False, tokenizer_type="icetk",
-        model_parallel_size=1)
+        num_layers=spec["num_layers"],
+        hidden_size=spec["hidden_size"],
+        num_attention_heads=spec["num_heads"],
+        vocab_size=spec["vocab_size"],
+        max_sequence_length=spec["max_sequence_length"],
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        inner_hidden_size=None,
+        hidden_size_per_attention_head=None,
+        checkpoint_activations=False,
+        checkpoint_num_layers=1,
+        layernorm_order="sandwich",
+        skip_init=False,
+        use_gpu_initialization=False,
+        deepspeed=True,
+        save=str(save),
+        no_save_rng=False,
+        tokenizer_type="icetk",
+        model_parallel_size=1,
+    )
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -93,8 +108,9 @@ def main() -> None:
     torch.save({"tokens": tokens, "position_ids": position_ids, "mask": mask}, out / "inputs.pt")
     torch.save(logits, out / "logits.pt")
 
-    engine, *_ = deepspeed.initialize(model=model, mpu=mpu, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
+    engine, *_ = deepspeed.initialize(
+        model=model, mpu=mpu, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    )
     # SAT saves torch.cuda.get_rng_state() too; there is no GPU here, so the CPU generator's
     # state (the same kind of ByteTensor) stands in for it.
     torch.cuda.get_rng_state = torch.get_rng_state

@@ -1,5 +1,6 @@
 """Our checkpoint format: save/load at any TP degree, exact split/merge, atomic writes, inspect,
 and clear errors on bad input."""
+
 import json
 import os
 import subprocess
@@ -60,7 +61,12 @@ def test_save_load_round_trip_and_layout(tmp_path, model_sd):
     cfg, sd = model_sd
     out = save_model_checkpoint(tmp_path / "ck", sd, cfg, iteration=42, max_shard_bytes=16_000)
     info = json.loads((out / "config.json").read_text())
-    assert (info["format"], info["version"], info["iteration"], info["tensor_parallel"]) == ("cogvideo", 1, 42, 1)
+    assert (info["format"], info["version"], info["iteration"], info["tensor_parallel"]) == (
+        "cogvideo",
+        1,
+        42,
+        1,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
@@ -75,8 +81,9 @@ def test_save_load_round_trip_and_layout(tmp_path, model_sd):
 def test_any_stored_degree_loads_at_any_degree(tmp_path, model_sd, stored, wanted):
     cfg, sd = model_sd
     out = save_model_checkpoint(tmp_path / "ck", sd, cfg, tensor_parallel=stored)
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ([] if stored == 1 else
-                                                                    [f"tp_rank_{r:02d}" for r in range(stored)])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == (
+        [] if stored == 1 else [f"tp_rank_{r:02d}" for r in range(stored)]
+    )
     for rank in range(wanted):
         local = load_model_state(out, rank, wanted)
         for name, tensor in sd.items():
@@ -98,11 +105,15 @@ def test_split_then_merge_is_identity(tmp_path, model_sd):
 def test_export_casts_and_cli_reshard(tmp_path, model_sd):
     cfg, sd = model_sd
     src = save_model_checkpoint(tmp_path / "tp2", sd, cfg, tensor_parallel=2)
-    assert main(["export", str(src), str(tmp_path / "bf16"), "--dtype", "bf16", "--max-shard-size", "8KB"]) == 0
+    assert (
+        main(["export", str(src), str(tmp_path / "bf16"), "--dtype", "bf16", "--max-shard-size", "8KB"]) == 0
+    )
     exported = load_model_state(tmp_path / "bf16")
     assert all(torch.equal(exported[k], sd[k].to(torch.bfloat16)) for k in sd)
     assert main(["reshard", str(src), str(tmp_path / "tp4"), "--tp", "4"]) == 0
-    assert all(torch.equal(load_model_state(tmp_path / "tp4", 3, 4)[k], reference_shard(k, sd[k], 3, 4)) for k in sd)
+    assert all(
+        torch.equal(load_model_state(tmp_path / "tp4", 3, 4)[k], reference_shard(k, sd[k], 3, 4)) for k in sd
+    )
 
 
 def test_inspect_reports_counts_degree_iteration_completeness(tmp_path, model_sd, capsys):
@@ -111,7 +122,12 @@ def test_inspect_reports_counts_degree_iteration_completeness(tmp_path, model_sd
     report = describe(out)
     counts = count_parameters(cfg)
     assert report["parameters"] == counts.total and report["trainable_parameters"] == counts.trainable
-    assert (report["tensor_parallel"], report["iteration"], report["dtype"], report["complete"]) == (2, 9, "fp32", True)
+    assert (report["tensor_parallel"], report["iteration"], report["dtype"], report["complete"]) == (
+        2,
+        9,
+        "fp32",
+        True,
+    )
     assert report["preset"] == cfg.name
     shard = next((out / "tp_rank_01").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-50])
@@ -168,7 +184,9 @@ def test_damaged_checkpoints_fail_clearly(tmp_path, model_sd):
         damage(path)
         return path
 
-    missing_rank = damaged("missing_rank", lambda p: subprocess.run(["rm", "-r", str(p / "tp_rank_01")], check=True))
+    missing_rank = damaged(
+        "missing_rank", lambda p: subprocess.run(["rm", "-r", str(p / "tp_rank_01")], check=True)
+    )
     with pytest.raises(CheckpointError, match="tp_rank_01: missing"):
         load_model_state(missing_rank)
     missing_file = damaged("missing_file", lambda p: next((p / "tp_rank_00").glob("model-00002-*")).unlink())
@@ -211,8 +229,16 @@ def test_tp2_under_two_gloo_ranks_matches_merged_model(tmp_path, model_sd):
     with torch.no_grad():
         expected = model(tokens)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           __file__, str(ckpt), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        __file__,
+        str(ckpt),
+        str(tmp_path),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     shards = [torch.load(tmp_path / f"logits{r}.pt") for r in range(2)]

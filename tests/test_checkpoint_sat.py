@@ -1,6 +1,7 @@
 """SwissArmyTransformer import: tiny CogView2 / CogVideo checkpoints with the real key names,
 written here at TP=1 and TP=2, imported and run through our model, against a forward pass
 written with plain torch ops from the same raw tensors."""
+
 import json
 import math
 import pickle
@@ -16,7 +17,13 @@ from cogvideo.model import CogVideoModel
 from cogvideo.params import count_parameters
 
 BASE = get_preset("tiny")  # hidden 32, 4 heads, 2 layers, 8 text tokens, 4x4 tokens per frame
-H, LAYERS, HEADS, T, N = BASE.hidden_size, BASE.num_layers, BASE.num_heads, BASE.text_length, BASE.tokens_per_frame
+H, LAYERS, HEADS, T, N = (
+    BASE.hidden_size,
+    BASE.num_layers,
+    BASE.num_heads,
+    BASE.text_length,
+    BASE.tokens_per_frame,
+)
 VOCAB, MAX_POS, FRAMES = BASE.vocab.vocab_size, BASE.max_position_embeddings, BASE.num_frames
 ADDITIONAL = FRAMES * N  # CogVideo's extra table: additional_seqlen rows (2000 = 5 x 400 in the release)
 
@@ -28,20 +35,30 @@ def raw_weights(video: bool, seed: int = 0) -> dict:
     def rnd(*shape, scale=0.2):
         return torch.randn(*shape, generator=g) * scale
 
-    sd = {"transformer.word_embeddings.weight": rnd(VOCAB, H), "transformer.position_embeddings.weight": rnd(MAX_POS, H),
-          "transformer.final_layernorm.weight": 1 + rnd(H), "transformer.final_layernorm.bias": rnd(H)}
+    sd = {
+        "transformer.word_embeddings.weight": rnd(VOCAB, H),
+        "transformer.position_embeddings.weight": rnd(MAX_POS, H),
+        "transformer.final_layernorm.weight": 1 + rnd(H),
+        "transformer.final_layernorm.bias": rnd(H),
+    }
     for i in range(LAYERS):
         p = f"transformer.layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm", "third_layernorm", "fourth_layernorm"):
             sd[p + norm + ".weight"], sd[p + norm + ".bias"] = 1 + rnd(H), rnd(H)
-        sd[p + "attention.query_key_value.weight"], sd[p + "attention.query_key_value.bias"] = rnd(3 * H, H), rnd(3 * H)
+        sd[p + "attention.query_key_value.weight"], sd[p + "attention.query_key_value.bias"] = (
+            rnd(3 * H, H),
+            rnd(3 * H),
+        )
         sd[p + "attention.dense.weight"], sd[p + "attention.dense.bias"] = rnd(H, H), rnd(H)
         sd[p + "mlp.dense_h_to_4h.weight"], sd[p + "mlp.dense_h_to_4h.bias"] = rnd(4 * H, H), rnd(4 * H)
         sd[p + "mlp.dense_4h_to_h.weight"], sd[p + "mlp.dense_4h_to_h.bias"] = rnd(H, 4 * H), rnd(H)
         if video:
             sd[f"mixins.attention_plus.query_key_value.{i}.weight"] = rnd(3 * H, H)
             sd[f"mixins.attention_plus.query_key_value.{i}.bias"] = rnd(3 * H)
-            sd[f"mixins.attention_plus.dense.{i}.weight"], sd[f"mixins.attention_plus.dense.{i}.bias"] = rnd(H, H), rnd(H)
+            sd[f"mixins.attention_plus.dense.{i}.weight"], sd[f"mixins.attention_plus.dense.{i}.bias"] = (
+                rnd(H, H),
+                rnd(H),
+            )
             sd[f"mixins.attention_plus.attn_distribution.{i}"] = rnd(H, scale=1.0)
     if video:
         sd["mixins.extra_position_embedding.position_embeddings.weight"] = rnd(ADDITIONAL, H)
@@ -55,7 +72,8 @@ def sat_rank_shard(key: str, t: torch.Tensor, r: int, n: int) -> torch.Tensor:
     if "dense_h_to_4h" in key or key.endswith("word_embeddings.weight"):
         return t.chunk(n)[r]
     if key.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) or (
-            key.startswith("mixins.attention_plus.dense.") and key.endswith(".weight")):
+        key.startswith("mixins.attention_plus.dense.") and key.endswith(".weight")
+    ):
         return t.chunk(n, dim=1)[r]
     return t
 
@@ -66,14 +84,27 @@ def write_sat(path, sd: dict, tp: int, args: dict, iteration: str = "1000") -> N
     (path / "model_config.json").write_text(json.dumps({"model_parallel_size": tp, **args}))
     for r in range(tp):
         module = {k: sat_rank_shard(k, v, r, tp).clone() for k, v in sd.items()}
-        torch.save({"module": module, "iteration": int(iteration) if iteration.isdigit() else 0},
-                   path / iteration / f"mp_rank_{r:02d}_model_states.pt")
+        torch.save(
+            {"module": module, "iteration": int(iteration) if iteration.isdigit() else 0},
+            path / iteration / f"mp_rank_{r:02d}_model_states.pt",
+        )
 
 
-BACKBONE_ARGS = {"num_layers": LAYERS, "hidden_size": H, "num_attention_heads": HEADS, "vocab_size": VOCAB,
-                 "max_sequence_length": MAX_POS, "layernorm_order": "sandwich"}
-VIDEO_ARGS = {**BACKBONE_ARGS, "layout": f"{T}, {T + N}, {T + FRAMES * N}", "window_size": -1,
-              "additional_seqlen": ADDITIONAL, "cogvideo_stage": 1}
+BACKBONE_ARGS = {
+    "num_layers": LAYERS,
+    "hidden_size": H,
+    "num_attention_heads": HEADS,
+    "vocab_size": VOCAB,
+    "max_sequence_length": MAX_POS,
+    "layernorm_order": "sandwich",
+}
+VIDEO_ARGS = {
+    **BACKBONE_ARGS,
+    "layout": f"{T}, {T + N}, {T + FRAMES * N}",
+    "window_size": -1,
+    "additional_seqlen": ADDITIONAL,
+    "cogvideo_stage": 1,
+}
 
 
 def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) -> torch.Tensor:
@@ -114,18 +145,36 @@ def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) 
     for i in range(LAYERS):
         p = f"{t}layers.{i}."
         h = ln(x, p + "input_layernorm")
-        out = attend(h, raw[p + "attention.query_key_value.weight"], raw[p + "attention.query_key_value.bias"],
-                     raw[p + "attention.dense.weight"], raw[p + "attention.dense.bias"], spatial_mask)
+        out = attend(
+            h,
+            raw[p + "attention.query_key_value.weight"],
+            raw[p + "attention.query_key_value.bias"],
+            raw[p + "attention.dense.weight"],
+            raw[p + "attention.dense.bias"],
+            spatial_mask,
+        )
         if video:
             m = "mixins.attention_plus."
-            temporal = attend(h, raw[f"{m}query_key_value.{i}.weight"], raw[f"{m}query_key_value.{i}.bias"],
-                              raw[f"{m}dense.{i}.weight"], raw[f"{m}dense.{i}.bias"], causal)
+            temporal = attend(
+                h,
+                raw[f"{m}query_key_value.{i}.weight"],
+                raw[f"{m}query_key_value.{i}.bias"],
+                raw[f"{m}dense.{i}.weight"],
+                raw[f"{m}dense.{i}.bias"],
+                causal,
+            )
             a = torch.sigmoid(raw[f"{m}attn_distribution.{i}"])
             out = torch.where((frame_of >= 0)[None, :, None], a * out + (1 - a) * temporal, out)
         x = x + ln(out, p + "third_layernorm")
-        ffn = F.gelu(ln(x, p + "post_attention_layernorm") @ raw[p + "mlp.dense_h_to_4h.weight"].T
-                     + raw[p + "mlp.dense_h_to_4h.bias"], approximate="tanh")
-        x = x + ln(ffn @ raw[p + "mlp.dense_4h_to_h.weight"].T + raw[p + "mlp.dense_4h_to_h.bias"], p + "fourth_layernorm")
+        ffn = F.gelu(
+            ln(x, p + "post_attention_layernorm") @ raw[p + "mlp.dense_h_to_4h.weight"].T
+            + raw[p + "mlp.dense_h_to_4h.bias"],
+            approximate="tanh",
+        )
+        x = x + ln(
+            ffn @ raw[p + "mlp.dense_4h_to_h.weight"].T + raw[p + "mlp.dense_4h_to_h.bias"],
+            p + "fourth_layernorm",
+        )
     return ln(x, t + "final_layernorm") @ raw[t + "word_embeddings.weight"].T
 
 
@@ -133,7 +182,7 @@ def random_tokens(frames: int, seed: int = 0) -> torch.Tensor:
     """Two samples: a full-length prompt and one of 3 tokens left-padded to T."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(BASE.vocab.text_offset + 1, BASE.vocab.text_offset + 90, (2, T), generator=g)
-    text[1, :T - 3] = BASE.vocab.pad_id
+    text[1, : T - 3] = BASE.vocab.pad_id
     return torch.cat([text, torch.randint(0, BASE.vocab.num_image_tokens, (2, frames * N), generator=g)], 1)
 
 
@@ -150,7 +199,13 @@ def test_backbone_import_matches_reference_forward(tmp_path, tp):
     write_sat(tmp_path / "sat", raw, tp, BACKBONE_ARGS)
     ckpt = import_sat(tmp_path / "sat", tmp_path / "ours", base=BASE, tensor_parallel=tp)
     cfg = load_model_config(ckpt)
-    assert (cfg.stage, cfg.num_frames, cfg.num_layers, cfg.hidden_size, cfg.num_heads) == ("backbone", 1, LAYERS, H, HEADS)
+    assert (cfg.stage, cfg.num_frames, cfg.num_layers, cfg.hidden_size, cfg.num_heads) == (
+        "backbone",
+        1,
+        LAYERS,
+        H,
+        HEADS,
+    )
     tokens = random_tokens(frames=1)
     assert torch.allclose(our_logits(ckpt, tokens), reference_logits(raw, tokens, 1, video=False), atol=1e-5)
     report = describe(ckpt)
@@ -176,15 +231,21 @@ def test_export_writes_the_sat_rank_files_it_was_imported_from(tmp_path, tp):
     assert main(["export-sat", str(tmp_path / "ours"), str(tmp_path / "back"), "--tp", str(tp)]) == 0
     assert (tmp_path / "back" / "latest").read_text() == "1000"
     args = json.loads((tmp_path / "back" / "model_config.json").read_text())
-    assert {k: args[k] for k in VIDEO_ARGS if k != "layout"} == {k: v for k, v in VIDEO_ARGS.items() if k != "layout"}
+    assert {k: args[k] for k in VIDEO_ARGS if k != "layout"} == {
+        k: v for k, v in VIDEO_ARGS.items() if k != "layout"
+    }
     table = "mixins.extra_position_embedding.position_embeddings.weight"
     for r in range(tp):
-        original = torch.load(tmp_path / "sat" / "1000" / f"mp_rank_{r:02d}_model_states.pt", weights_only=True)
+        original = torch.load(
+            tmp_path / "sat" / "1000" / f"mp_rank_{r:02d}_model_states.pt", weights_only=True
+        )
         back = torch.load(tmp_path / "back" / "1000" / f"mp_rank_{r:02d}_model_states.pt", weights_only=True)
         assert set(back["module"]) == set(original["module"])
         for key, tensor in original["module"].items():
             if key == table:
-                assert torch.equal(back["module"][key][:-N], tensor[:-N]) and not back["module"][key][-N:].any()
+                assert (
+                    torch.equal(back["module"][key][:-N], tensor[:-N]) and not back["module"][key][-N:].any()
+                )
             else:
                 assert torch.equal(back["module"][key], tensor), key
     import_sat(tmp_path / "back", tmp_path / "again", base=BASE)
@@ -197,11 +258,18 @@ def test_cogvideo_stage1_import_matches_reference_forward(tmp_path):
     write_sat(tmp_path / "sat", raw, 2, VIDEO_ARGS, iteration="release")
     ckpt = import_sat(tmp_path / "sat", tmp_path / "ours", base=BASE)
     cfg = load_model_config(ckpt)
-    assert (cfg.stage, cfg.num_frames, cfg.text_length, cfg.frame_tokens) == ("stage1", FRAMES, T, BASE.frame_tokens)
+    assert (cfg.stage, cfg.num_frames, cfg.text_length, cfg.frame_tokens) == (
+        "stage1",
+        FRAMES,
+        T,
+        BASE.frame_tokens,
+    )
     sd = load_model_state(ckpt)
     # frames 1..F-1 use the first (F-1)*N rows of CogVideo's extra table; the last N are unused
-    assert torch.equal(sd["frame_position_embeddings.weight"],
-                       raw["mixins.extra_position_embedding.position_embeddings.weight"][: (FRAMES - 1) * N])
+    assert torch.equal(
+        sd["frame_position_embeddings.weight"],
+        raw["mixins.extra_position_embedding.position_embeddings.weight"][: (FRAMES - 1) * N],
+    )
     tokens = random_tokens(frames=3, seed=2)
     assert torch.allclose(our_logits(ckpt, tokens), reference_logits(raw, tokens, 3, video=True), atol=1e-5)
 
@@ -217,8 +285,10 @@ def test_backbone_initialises_video_stages_with_one_frame_equivalence(tmp_path):
     ckpt = import_sat(tmp_path / "sat", tmp_path / "stage2", base=BASE, stage="stage2")
     sd = load_model_state(ckpt)
     assert load_model_config(ckpt).stage == "stage2"
-    assert torch.equal(sd["layers.1.temporal_attention.dense.weight"], raw["transformer.layers.1.attention.dense.weight"])
-    image_rows = raw["transformer.position_embeddings.weight"][BASE.image_position_offset:][:N]
+    assert torch.equal(
+        sd["layers.1.temporal_attention.dense.weight"], raw["transformer.layers.1.attention.dense.weight"]
+    )
+    image_rows = raw["transformer.position_embeddings.weight"][BASE.image_position_offset :][:N]
     assert torch.equal(sd["frame_position_embeddings.weight"], image_rows.repeat(FRAMES - 1, 1))
 
 
@@ -228,17 +298,38 @@ def test_stage2_config_and_cli_inspect(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "sat"), "--base", "tiny"]) == 0
     printed = capsys.readouterr().out
     assert "SwissArmyTransformer" in printed and "stage2" in printed
-    assert main(["import-sat", str(tmp_path / "sat"), str(tmp_path / "bad"), "--base", "tiny", "--set", "nonsense=1"]) == 2
+    assert (
+        main(
+            [
+                "import-sat",
+                str(tmp_path / "sat"),
+                str(tmp_path / "bad"),
+                "--base",
+                "tiny",
+                "--set",
+                "nonsense=1",
+            ]
+        )
+        == 2
+    )
     assert "with --set {'nonsense': 1}: gives an invalid model config: unknown" in capsys.readouterr().err
-    assert main(["import-sat", str(tmp_path / "sat"), str(tmp_path / "ours"), "--base", "tiny", "--tp", "2"]) == 0
+    assert (
+        main(["import-sat", str(tmp_path / "sat"), str(tmp_path / "ours"), "--base", "tiny", "--tp", "2"])
+        == 0
+    )
     cfg = load_model_config(tmp_path / "ours")
     assert (cfg.stage, cfg.window_size, cfg.window_shift) == ("stage2", 2, 1)
     report = describe(tmp_path / "ours")
-    assert report["parameters"] == sum(v.numel() for k, v in raw.items() if "extra_position" not in k) + (FRAMES - 1) * N * H
+    assert (
+        report["parameters"]
+        == sum(v.numel() for k, v in raw.items() if "extra_position" not in k) + (FRAMES - 1) * N * H
+    )
     sd = load_model_state(tmp_path / "ours")
     assert torch.equal(sd["layers.1.temporal_gate"], raw["mixins.attention_plus.attn_distribution.1"])
-    assert torch.equal(sd["layers.0.temporal_attention.query_key_value.weight"],
-                       raw["mixins.attention_plus.query_key_value.0.weight"])
+    assert torch.equal(
+        sd["layers.0.temporal_attention.query_key_value.weight"],
+        raw["mixins.attention_plus.query_key_value.0.weight"],
+    )
 
 
 class Exploit:
@@ -254,8 +345,12 @@ def test_bad_sat_checkpoints_fail_clearly_and_write_nothing(tmp_path, monkeypatc
     with pytest.raises(CheckpointError, match="missing rank files.*mp_rank_01"):
         import_sat(tmp_path / "missing_rank", tmp_path / "out", base=BASE)
 
-    write_sat(tmp_path / "extra_key", {**raw, "transformer.layers.0.attention.rotary.inv_freq": torch.ones(4)}, 1,
-              BACKBONE_ARGS)
+    write_sat(
+        tmp_path / "extra_key",
+        {**raw, "transformer.layers.0.attention.rotary.inv_freq": torch.ones(4)},
+        1,
+        BACKBONE_ARGS,
+    )
     with pytest.raises(CheckpointError, match="no counterpart in our model.*rotary.inv_freq"):
         import_sat(tmp_path / "extra_key", tmp_path / "out", base=BASE)
 

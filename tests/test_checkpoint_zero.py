@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-1/2/3 checkpoints written by real engines (two gloo ranks) -> our format:
 equal to the engines' live fp32 weights and Adam moments, with bounded peak memory; and resume
 on a changed layout (TP=2 x DP=1 <-> TP=1 x DP=2) with the same losses as the original run."""
+
 import json
 import os
 import subprocess
@@ -25,7 +26,9 @@ from cogvideo.model import CogVideoModel
 
 REPO = Path(__file__).resolve().parents[1]
 # big enough that holding the model would dwarf the streaming bound (~9.5M params, 38 MB fp32)
-MEDIUM = get_preset("tiny").replace(name="medium", hidden_size=384, num_layers=4, num_heads=4, train_backbone=True)
+MEDIUM = get_preset("tiny").replace(
+    name="medium", hidden_size=384, num_layers=4, num_heads=4, train_backbone=True
+)
 FROZEN = "position_embeddings.weight"  # frozen by the worker: frozen parameters take another path
 TINY = get_preset("tiny")
 STAGES = (1, 2, 3)
@@ -33,8 +36,16 @@ STAGES = (1, 2, 3)
 
 def torchrun(mode: str, out: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           __file__, mode, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        __file__,
+        mode,
+        str(out),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
 
@@ -63,7 +74,9 @@ def test_consolidation_equals_live_weights_and_moments(zero_runs, tmp_path, stag
             assert torch.equal(optim[key][name], tensor), (key, name)
     # any TP degree from the consolidated checkpoint
     half = load_model_state(ours, 1, 2)
-    assert torch.equal(half["layers.0.mlp.dense_h_to_4h.weight"], live["weights"]["layers.0.mlp.dense_h_to_4h.weight"][768:])
+    assert torch.equal(
+        half["layers.0.mlp.dense_h_to_4h.weight"], live["weights"]["layers.0.mlp.dense_h_to_4h.weight"][768:]
+    )
 
 
 MEMORY_PROBE = """
@@ -94,8 +107,16 @@ def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
     from cogvideo.configio import to_dict
 
     shard, stages = 2 << 20, ("2", "3")
-    cmd = [sys.executable, "-c", MEMORY_PROBE, json.dumps(to_dict(MEDIUM)), str(zero_runs), str(tmp_path), str(shard),
-           *stages]
+    cmd = [
+        sys.executable,
+        "-c",
+        MEMORY_PROBE,
+        json.dumps(to_dict(MEDIUM)),
+        str(zero_runs),
+        str(tmp_path),
+        str(shard),
+        *stages,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -107,8 +128,10 @@ def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
     # shard of allocator slack, the largest tensor twice (gathered and split), 8 MiB of noise
     bound = 4 * shard + 2 * largest_tensor + (8 << 20)
     for stage in stages:
-        print(f"ZeRO-{stage}: peak +{increase[stage] / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB fp32, "
-              f"rank file {rank_file / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB")
+        print(
+            f"ZeRO-{stage}: peak +{increase[stage] / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB fp32, "
+            f"rank file {rank_file / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
+        )
         assert increase[stage] < bound < min(rank_file, model_bytes) / 1.5
 
 
@@ -119,13 +142,21 @@ def test_resume_on_changed_layout_gives_the_original_losses(tmp_path):
     save_model_checkpoint(tmp_path / "w0", CogVideoModel(TINY).state_dict(), TINY)
     torchrun("layout", tmp_path)
     r = json.loads((tmp_path / "results.json").read_text())
-    for original, resumed in (("tp2", "tp1_from_tp2"), ("tp1", "tp2_from_tp1"), ("tp2", "tp1_zero3_from_tp2")):
+    for original, resumed in (
+        ("tp2", "tp1_from_tp2"),
+        ("tp1", "tp2_from_tp1"),
+        ("tp2", "tp1_zero3_from_tp2"),
+    ):
         # step 3 depends on the weights, step 4 also on Adam's moments and step count
         assert r[resumed] == pytest.approx(r[original][2:], rel=loss_rel_tol(TINY.num_layers)), (original, r)
     assert abs(r["tp1_from_tp2_no_optimizer"][1] - r["tp2"][3]) > 1e-4  # the moments matter
     report = describe(tmp_path / "ds_tp2")
-    assert (report["format"], report["tensor_parallel"], report["data_parallel"], report["iteration"]) == \
-        ("DeepSpeed ZeRO-2", 2, 1, 2)
+    assert (report["format"], report["tensor_parallel"], report["data_parallel"], report["iteration"]) == (
+        "DeepSpeed ZeRO-2",
+        2,
+        1,
+        2,
+    )
 
 
 def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
@@ -138,38 +169,70 @@ def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
         convert_zero(broken, tmp_path / "out", MEDIUM)
     report = describe(broken)
     assert report["complete"] is False and "missing rank files" in report["problem"]
-    subprocess.run(["cp", str(src / tag.name / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), str(tag)], check=True)
+    subprocess.run(
+        ["cp", str(src / tag.name / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), str(tag)], check=True
+    )
     optim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:4096])
     with pytest.raises(CheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt: cannot be read"):
         convert_zero(broken, tmp_path / "out", MEDIUM)
-    with pytest.raises(CheckpointError, match=r"does not fit model 'tiny'.*missing keys \(42\): layers\.4\.temporal_gate"):
+    with pytest.raises(
+        CheckpointError, match=r"does not fit model 'tiny'.*missing keys \(42\): layers\.4\.temporal_gate"
+    ):
         convert_zero(src, tmp_path / "out", TINY.replace(num_layers=6))
     with pytest.raises(CheckpointError, match="train_config.yaml: missing"):
         convert_zero(src, tmp_path / "out")
     assert main(["zero", str(src), str(tmp_path / "out"), "--set", "preset=tiny"]) == 2
     assert not (tmp_path / "out").exists()
-    assert main(["zero", str(src), str(tmp_path / "out"), "--set", "preset=tiny", "--set", "hidden_size=384",
-                 "--set", "num_layers=4", "--set", "name=medium", "--no-optimizer", "--tp", "2"]) == 0
-    assert not (tmp_path / "out" / "optimizer").exists() and describe(tmp_path / "out")["tensor_parallel"] == 2
+    assert (
+        main(
+            [
+                "zero",
+                str(src),
+                str(tmp_path / "out"),
+                "--set",
+                "preset=tiny",
+                "--set",
+                "hidden_size=384",
+                "--set",
+                "num_layers=4",
+                "--set",
+                "name=medium",
+                "--no-optimizer",
+                "--tp",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        not (tmp_path / "out" / "optimizer").exists() and describe(tmp_path / "out")["tensor_parallel"] == 2
+    )
 
 
 # ---- torchrun workers ----------------------------------------------------------------------
+
 
 def _engine(model, zero_stage: int, dp: int, decay_groups: bool = False):
     import deepspeed
 
     from cogvideo import parallel
 
-    config = {"train_micro_batch_size_per_gpu": 2 // dp, "gradient_accumulation_steps": 1, "train_batch_size": 2,
-              "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
-              "steps_per_print": 10**9}
+    config = {
+        "train_micro_batch_size_per_gpu": 2 // dp,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 2,
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = trainable
     if decay_groups:  # two param groups, as the trainer's decay / no-decay split
-        groups = [{"params": [p for p in trainable if p.dim() > 1]},
-                  {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in trainable if p.dim() > 1]},
+            {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
+        ]
     return deepspeed.initialize(model=model, model_parameters=groups, config=config, mpu=parallel.mpu())[0]
 
 
@@ -180,7 +243,9 @@ def _train_step(engine, cfg, step: int) -> float:
     from cogvideo import parallel
 
     g = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, cfg.vocab.num_image_tokens, (2, cfg.text_length + 2 * cfg.tokens_per_frame), generator=g)
+    tokens = torch.randint(
+        0, cfg.vocab.num_image_tokens, (2, cfg.text_length + 2 * cfg.tokens_per_frame), generator=g
+    )
     per_rank = 2 // parallel.dp_size()
     mine = slice(parallel.dp_rank() * per_rank, (parallel.dp_rank() + 1) * per_rank)
     logits = engine(tokens[mine])

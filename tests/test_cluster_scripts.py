@@ -1,5 +1,6 @@
 """The shell launch files: syntax, shellcheck, dry runs for a fake allocation, and the
 preemption path (USR1 -> launcher -> requeue) with stand-in srun/scontrol commands."""
+
 import os
 import shlex
 import shutil
@@ -13,15 +14,24 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = [REPO / "cluster" / name for name in ("slurm/train.sbatch", "slurm/ray.sbatch", "slurm/nccl.env",
-                                                 "deepspeed/launch.sh", "ray/submit.sh")]
+SCRIPTS = [
+    REPO / "cluster" / name
+    for name in (
+        "slurm/train.sbatch",
+        "slurm/ray.sbatch",
+        "slurm/nccl.env",
+        "deepspeed/launch.sh",
+        "ray/submit.sh",
+    )
+]
 HOSTS = ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"]
 
 
 def slurm_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RAY_ADDRESS"))}
-    env.update(SLURM_JOB_NODELIST="gpu[01-04,07]", SLURM_JOB_ID="42", SLURM_GPUS_ON_NODE="8",
-               PYTHON=sys.executable)
+    env.update(
+        SLURM_JOB_NODELIST="gpu[01-04,07]", SLURM_JOB_ID="42", SLURM_GPUS_ON_NODE="8", PYTHON=sys.executable
+    )
     env.update(extra)
     return env
 
@@ -39,7 +49,9 @@ def test_scripts_parse():
         assert result.returncode == 0, f"{script}: {result.stderr}"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)"
+)
 def test_scripts_are_shellcheck_clean():
     result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
@@ -52,14 +64,18 @@ def torchrun_lines(output):
 def test_train_sbatch_dry_run_torchrun():
     from torch.distributed.run import get_args_parser
 
-    out = run(["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "run.yaml", "optim.lr=1e-4"],
-              slurm_env()).stdout
+    out = run(
+        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "run.yaml", "optim.lr=1e-4"],
+        slurm_env(),
+    ).stdout
     srun = next(shlex.split(line) for line in out.splitlines() if line.startswith("srun "))
     assert "--ntasks-per-node=1" in srun
-    assert srun[srun.index("--") + 1:] == ["--resume", "auto", "--config", "run.yaml", "optim.lr=1e-4"]
+    assert srun[srun.index("--") + 1 :] == ["--resume", "auto", "--config", "run.yaml", "optim.lr=1e-4"]
     per_node = [get_args_parser().parse_args(cmd[1:]) for cmd in torchrun_lines(out)]
     assert [a.node_rank for a in per_node] == list(range(len(HOSTS)))
-    assert {(a.nnodes, a.nproc_per_node, a.master_addr, a.master_port) for a in per_node} == {("5", "8", "gpu01", 20042)}
+    assert {(a.nnodes, a.nproc_per_node, a.master_addr, a.master_port) for a in per_node} == {
+        ("5", "8", "gpu01", 20042)
+    }
     assert per_node[0].training_script_args == ["--resume", "auto", "--config", "run.yaml", "optim.lr=1e-4"]
 
 
@@ -75,8 +91,10 @@ def test_generated_training_arguments_parse_with_the_trainers_parser():
 def test_train_sbatch_dry_run_deepspeed_hostfile():
     from deepspeed.launcher.runner import parse_args
 
-    out = run(["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "run.yaml"],
-              slurm_env(LAUNCHER="deepspeed", SLURM_GPUS_ON_NODE="4")).stdout
+    out = run(
+        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "run.yaml"],
+        slurm_env(LAUNCHER="deepspeed", SLURM_GPUS_ON_NODE="4"),
+    ).stdout
     hostfile = [line.removeprefix("#   ") for line in out.splitlines() if line.startswith("#   ")]
     assert hostfile == [f"{h} slots=4" for h in HOSTS]
     cmd = next(shlex.split(line) for line in out.splitlines() if line.startswith("deepspeed "))
@@ -86,8 +104,11 @@ def test_train_sbatch_dry_run_deepspeed_hostfile():
 
 
 def test_train_sbatch_header_requests_signal_and_requeue():
-    header = [line.split()[1] for line in (REPO / "cluster/slurm/train.sbatch").read_text().splitlines()
-              if line.startswith("#SBATCH")]
+    header = [
+        line.split()[1]
+        for line in (REPO / "cluster/slurm/train.sbatch").read_text().splitlines()
+        if line.startswith("#SBATCH")
+    ]
     assert "--requeue" in header and "--ntasks-per-node=1" in header
     assert any(opt.startswith("--signal=B:USR1@") for opt in header)
     assert any(opt.startswith("--output=logs/") and "%j" in opt for opt in header)
@@ -96,19 +117,37 @@ def test_train_sbatch_header_requests_signal_and_requeue():
 def test_deepspeed_wrapper_single_and_multi_node(tmp_path):
     env = slurm_env()
     del env["SLURM_JOB_NODELIST"]
-    single = shlex.split(run(["cluster/deepspeed/launch.sh", "--dry-run", "--gpus", "2", "--", "--config", "x.yaml"],
-                             env).stdout)
+    single = shlex.split(
+        run(
+            ["cluster/deepspeed/launch.sh", "--dry-run", "--gpus", "2", "--", "--config", "x.yaml"], env
+        ).stdout
+    )
     assert single[:3] == ["deepspeed", "--num_gpus", "2"] and single[-2:] == ["--config", "x.yaml"]
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# comment\n\nnodeA slots=8\nnodeB slots=8\n")
-    multi = shlex.split(run(["cluster/deepspeed/launch.sh", "--dry-run", "--hostfile", str(hostfile), "--",
-                             "--config", "x.yaml"], env).stdout)
+    multi = shlex.split(
+        run(
+            [
+                "cluster/deepspeed/launch.sh",
+                "--dry-run",
+                "--hostfile",
+                str(hostfile),
+                "--",
+                "--config",
+                "x.yaml",
+            ],
+            env,
+        ).stdout
+    )
     from deepspeed.launcher.runner import parse_args
+
     args = parse_args(multi[1:])
     assert (args.hostfile, args.master_addr) == (str(hostfile), "nodeA")
 
-    missing = run(["cluster/deepspeed/launch.sh", "--hostfile", str(tmp_path / "nope"), "--", "x"], env, check=False)
+    missing = run(
+        ["cluster/deepspeed/launch.sh", "--hostfile", str(tmp_path / "nope"), "--", "x"], env, check=False
+    )
     assert missing.returncode == 2 and "hostfile not found" in missing.stderr
 
 
@@ -120,8 +159,10 @@ def test_example_hostfile_reads_with_deepspeed():
 
 
 def test_ray_sbatch_dry_run():
-    out = run(["bash", "cluster/slurm/ray.sbatch", "--dry-run", "--", "cogvideo-prep", "--input", "/d"],
-              slurm_env(SLURM_JOB_NODELIST="cpu[1-3]", SLURM_GPUS_ON_NODE="")).stdout.splitlines()
+    out = run(
+        ["bash", "cluster/slurm/ray.sbatch", "--dry-run", "--", "cogvideo-prep", "--input", "/d"],
+        slurm_env(SLURM_JOB_NODELIST="cpu[1-3]", SLURM_GPUS_ON_NODE=""),
+    ).stdout.splitlines()
     srun_workers = shlex.split(next(line for line in out if "ray-worker" in line and line.startswith("srun")))
     assert "--ntasks=2" in srun_workers and "--exclude=cpu1" in srun_workers
     assert "ray start --head --port=6379" in out[1]
@@ -130,15 +171,57 @@ def test_ray_sbatch_dry_run():
 
 
 def test_ray_submit_examples():
-    out = run(["cluster/ray/submit.sh", "--dry-run", "--address", "http://head:8265", "sample", "--",
-               "--prompts", "/p.txt", "--out", "/o"], slurm_env()).stdout
+    out = run(
+        [
+            "cluster/ray/submit.sh",
+            "--dry-run",
+            "--address",
+            "http://head:8265",
+            "sample",
+            "--",
+            "--prompts",
+            "/p.txt",
+            "--out",
+            "/o",
+        ],
+        slurm_env(),
+    ).stdout
     cmd = shlex.split(out)
     assert cmd[:5] == ["ray", "job", "submit", "--address", "http://head:8265"]
-    assert cmd[cmd.index("--") + 1:] == ["~/cogvideo/.venv/bin/cogvideo-sample", "--ray", "--prompts", "/p.txt",
-                                         "--out", "/o"]
-    prep = shlex.split(run(["cluster/ray/submit.sh", "--dry-run", "--bin", "/venv/bin", "prep", "--", "--input", "/v",
-                            "--out", "/s"], slurm_env()).stdout)
-    assert prep[prep.index("--") + 1:] == ["/venv/bin/cogvideo-prep", "--address", "auto", "--input", "/v", "--out", "/s"]
+    assert cmd[cmd.index("--") + 1 :] == [
+        "~/cogvideo/.venv/bin/cogvideo-sample",
+        "--ray",
+        "--prompts",
+        "/p.txt",
+        "--out",
+        "/o",
+    ]
+    prep = shlex.split(
+        run(
+            [
+                "cluster/ray/submit.sh",
+                "--dry-run",
+                "--bin",
+                "/venv/bin",
+                "prep",
+                "--",
+                "--input",
+                "/v",
+                "--out",
+                "/s",
+            ],
+            slurm_env(),
+        ).stdout
+    )
+    assert prep[prep.index("--") + 1 :] == [
+        "/venv/bin/cogvideo-prep",
+        "--address",
+        "auto",
+        "--input",
+        "/v",
+        "--out",
+        "/s",
+    ]
     bad = run(["cluster/ray/submit.sh", "--dry-run", "train", "--", "x"], slurm_env(), check=False)
     assert bad.returncode == 2 and "usage" in bad.stderr
 
@@ -148,7 +231,10 @@ def test_ray_cluster_yaml_validates_with_rays_schema():
 
     config = prepare_config(yaml.safe_load((REPO / "cluster/ray/cluster.yaml").read_text()))
     validate_config(config)
-    assert config["provider"]["type"] == "local" and len(config["provider"]["worker_ips"]) == config["max_workers"]
+    assert (
+        config["provider"]["type"] == "local"
+        and len(config["provider"]["worker_ips"]) == config["max_workers"]
+    )
 
 
 def stub(path: Path, body: str):
@@ -163,15 +249,27 @@ def test_signals_reach_the_launcher_and_usr1_requeues(tmp_path, sig):
     without a signal the launcher's exit status is the job's."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    stub(bin_dir / "srun", 'echo "$@" > "$STUB_DIR/srun.args"\n'
-                           'trap \'echo USR1 > "$STUB_DIR/srun.signal"; exit 0\' USR1\n'
-                           'trap \'echo TERM > "$STUB_DIR/srun.signal"; exit 0\' TERM\n'
-                           f'for _ in $(seq {100 if sig else 2}); do sleep 0.05; done\nexit 3\n')
+    stub(
+        bin_dir / "srun",
+        'echo "$@" > "$STUB_DIR/srun.args"\n'
+        "trap 'echo USR1 > \"$STUB_DIR/srun.signal\"; exit 0' USR1\n"
+        "trap 'echo TERM > \"$STUB_DIR/srun.signal\"; exit 0' TERM\n"
+        f"for _ in $(seq {100 if sig else 2}); do sleep 0.05; done\nexit 3\n",
+    )
     stub(bin_dir / "scontrol", 'echo "$@" >> "$STUB_DIR/scontrol.calls"\n')
-    env = slurm_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_DIR=str(tmp_path), SLURM_SUBMIT_DIR=str(REPO),
-                    LOG_DIR=str(tmp_path / "logs"))
-    proc = subprocess.Popen(["bash", str(REPO / "cluster/slurm/train.sbatch"), "--config", "run.yaml"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = slurm_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        STUB_DIR=str(tmp_path),
+        SLURM_SUBMIT_DIR=str(REPO),
+        LOG_DIR=str(tmp_path / "logs"),
+    )
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "cluster/slurm/train.sbatch"), "--config", "run.yaml"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while not (tmp_path / "srun.args").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -179,8 +277,13 @@ def test_signals_reach_the_launcher_and_usr1_requeues(tmp_path, sig):
     if sig:
         proc.send_signal(getattr(signal, f"SIG{sig}"))
     out, err = proc.communicate(timeout=30)
-    assert "cluster.slurm_env torchrun -- --resume auto --config run.yaml" in (tmp_path / "srun.args").read_text()
-    requeued = (tmp_path / "scontrol.calls").read_text().split() if (tmp_path / "scontrol.calls").exists() else []
+    assert (
+        "cluster.slurm_env torchrun -- --resume auto --config run.yaml"
+        in (tmp_path / "srun.args").read_text()
+    )
+    requeued = (
+        (tmp_path / "scontrol.calls").read_text().split() if (tmp_path / "scontrol.calls").exists() else []
+    )
     if sig:
         assert proc.returncode == 0, err
         assert (tmp_path / "srun.signal").read_text().strip() == sig
@@ -190,6 +293,9 @@ def test_signals_reach_the_launcher_and_usr1_requeues(tmp_path, sig):
 
 
 def test_bad_allocation_stops_the_script_with_the_reason():
-    result = run(["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "x.yaml"],
-                 slurm_env(SLURM_JOB_NODELIST="gpu[4-1]"), check=False)
+    result = run(
+        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "x.yaml"],
+        slurm_env(SLURM_JOB_NODELIST="gpu[4-1]"),
+        check=False,
+    )
     assert result.returncode != 0 and "runs backwards" in result.stderr

@@ -3,44 +3,56 @@
 The generated commands are parsed back with torchrun's and DeepSpeed's own argument parsers
 and the hostfile with DeepSpeed's own hostfile reader.
 """
+
 import pytest
 
 from cluster import slurm_env
 from cluster.slurm_env import Allocation, SlurmEnvError, expand_nodelist
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("gpu[01-04,07]", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"]),
-    ("a[1-2],b3", ["a1", "a2", "b3"]),
-    ("node7", ["node7"]),
-    ("n[8-10]", ["n8", "n9", "n10"]),
-    ("gpu[098-101]", ["gpu098", "gpu099", "gpu100", "gpu101"]),
-    ("r[1-2]n[01-02]", ["r1n01", "r1n02", "r2n01", "r2n02"]),
-    ("x-[3,1],y[5]-ib", ["x-3", "x-1", "y5-ib"]),
-    (" h1,h2 ", ["h1", "h2"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("gpu[01-04,07]", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"]),
+        ("a[1-2],b3", ["a1", "a2", "b3"]),
+        ("node7", ["node7"]),
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("gpu[098-101]", ["gpu098", "gpu099", "gpu100", "gpu101"]),
+        ("r[1-2]n[01-02]", ["r1n01", "r1n02", "r2n01", "r2n02"]),
+        ("x-[3,1],y[5]-ib", ["x-3", "x-1", "y5-ib"]),
+        (" h1,h2 ", ["h1", "h2"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
 
 
-@pytest.mark.parametrize("nodelist, message", [
-    ("gpu[1-4", "unclosed"),
-    ("gpu]1", "unmatched"),
-    ("gpu[4-1]", "backwards"),
-    ("gpu[a-b]", "bad range"),
-    ("gpu[]", "bad range"),
-    ("a,,b", "empty host"),
-    ("a[1-2],a2", "listed twice"),
-    ("a[[1]]", "nested"),
-])
+@pytest.mark.parametrize(
+    "nodelist, message",
+    [
+        ("gpu[1-4", "unclosed"),
+        ("gpu]1", "unmatched"),
+        ("gpu[4-1]", "backwards"),
+        ("gpu[a-b]", "bad range"),
+        ("gpu[]", "bad range"),
+        ("a,,b", "empty host"),
+        ("a[1-2],a2", "listed twice"),
+        ("a[[1]]", "nested"),
+    ],
+)
 def test_expand_nodelist_rejects(nodelist, message):
     with pytest.raises(SlurmEnvError, match=message):
         expand_nodelist(nodelist)
 
 
 def fake_env(**extra):
-    env = {"SLURM_JOB_NODELIST": "gpu[01-04,07]", "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "5",
-           "SLURM_GPUS_ON_NODE": "8", "SLURM_NODEID": "0"}
+    env = {
+        "SLURM_JOB_NODELIST": "gpu[01-04,07]",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NUM_NODES": "5",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_NODEID": "0",
+    }
     env.update(extra)
     return {k: v for k, v in env.items() if v is not None}
 
@@ -61,15 +73,18 @@ def test_gpus_per_node_from_slurm_gpus_per_node(value, gpus):
     assert Allocation.from_env(env, gpus_per_node=1).gpus == 1  # the explicit count wins
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST is not set"),
-    ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID"),
-    ({"SLURM_JOB_NUM_NODES": "4"}, "expands to 5 hosts"),
-    ({"SLURM_NODEID": "5"}, "outside the 5 allocated nodes"),
-    ({"SLURM_NODEID": "x"}, "SLURM_NODEID='x'"),
-    ({"SLURM_GPUS_ON_NODE": "eight"}, "SLURM_GPUS_ON_NODE"),
-    ({"MASTER_PORT": "80"}, "MASTER_PORT=80"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST is not set"),
+        ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID"),
+        ({"SLURM_JOB_NUM_NODES": "4"}, "expands to 5 hosts"),
+        ({"SLURM_NODEID": "5"}, "outside the 5 allocated nodes"),
+        ({"SLURM_NODEID": "x"}, "SLURM_NODEID='x'"),
+        ({"SLURM_GPUS_ON_NODE": "eight"}, "SLURM_GPUS_ON_NODE"),
+        ({"MASTER_PORT": "80"}, "MASTER_PORT=80"),
+    ],
+)
 def test_allocation_rejects(changes, message):
     with pytest.raises(SlurmEnvError, match=message):
         Allocation.from_env(fake_env(**changes))
@@ -83,8 +98,9 @@ def test_unknown_gpu_count_is_an_error_only_where_needed():
 
 
 def test_ranks_cover_the_world_once_in_node_order():
-    alloc = Allocation.from_env(fake_env(SLURM_JOB_NODELIST="a[1-2],b3", SLURM_JOB_NUM_NODES="3",
-                                         SLURM_GPUS_ON_NODE="4"))
+    alloc = Allocation.from_env(
+        fake_env(SLURM_JOB_NODELIST="a[1-2],b3", SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="4")
+    )
     table = slurm_env.ranks(alloc)
     assert [r.rank for r in table] == list(range(12))
     assert [(r.host, r.local_rank) for r in table[4:8]] == [("a2", i) for i in range(4)]
@@ -132,7 +148,7 @@ def test_ray_commands_point_workers_and_jobs_at_the_head():
     assert f"--address=gpu01:{slurm_env.RAY_PORT}" in slurm_env.ray_worker_command(alloc)
     submit = slurm_env.ray_submit_command(alloc, ["cogvideo-prep", "--input", "/d"])
     assert submit[:3] == ["ray", "job", "submit"]
-    assert submit[submit.index("--") + 1:] == ["cogvideo-prep", "--input", "/d"]
+    assert submit[submit.index("--") + 1 :] == ["cogvideo-prep", "--input", "/d"]
     with pytest.raises(SlurmEnvError, match="give the job command"):
         slurm_env.ray_submit_command(alloc, [])
 
@@ -142,9 +158,13 @@ def test_cli_dry_run_prints_every_nodes_command(monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     slurm_env.main(["torchrun", "--dry-run", "--all-nodes", "--", "--config", "a b.yaml"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0::2] == [f"# node {i} ({h})" for i, h in enumerate(["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"])]
-    assert all(f"--node-rank={i} " in line and line.endswith("--config 'a b.yaml'")
-               for i, line in enumerate(lines[1::2]))
+    assert lines[0::2] == [
+        f"# node {i} ({h})" for i, h in enumerate(["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"])
+    ]
+    assert all(
+        f"--node-rank={i} " in line and line.endswith("--config 'a b.yaml'")
+        for i, line in enumerate(lines[1::2])
+    )
 
     slurm_env.main(["env"])
     assert "WORLD_SIZE=40" in capsys.readouterr().out.splitlines()

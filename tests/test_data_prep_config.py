@@ -1,4 +1,5 @@
 """PrepConfig: YAML + dotted overrides, checks naming the key; shapes come from the model config."""
+
 import numpy as np
 import pytest
 
@@ -13,10 +14,20 @@ from data_prep.synthetic import main as synth_main
 def test_yaml_and_overrides_fill_the_config_and_bad_values_name_the_key(tmp_path):
     (tmp_path / "prep.yaml").write_text("stage1_fps: [1, 2, 4]\nshard_samples: 50\nmodel: {preset: tiny}\n")
     cfg = load_config(PrepConfig, tmp_path / "prep.yaml", ["stages=[1]", "model.frame_size=32"])
-    assert (cfg.stage1_fps, cfg.shard_samples, cfg.stages, cfg.model) == ([1.0, 2.0, 4.0], 50, [1], {"preset": "tiny", "frame_size": 32})
-    for override, key in (("stages=[3]", "prep.stages"), ("stage2_fps=[0]", "prep.stage2_fps"),
-                          ("min_clip_s=100", "prep.min_clip_s"), ("shard_samples=0", "prep.shard_samples"),
-                          ("shard_size=3", "shard_size"), ("tokenizer_loader=nocolon", "prep.tokenizer_loader")):
+    assert (cfg.stage1_fps, cfg.shard_samples, cfg.stages, cfg.model) == (
+        [1.0, 2.0, 4.0],
+        50,
+        [1],
+        {"preset": "tiny", "frame_size": 32},
+    )
+    for override, key in (
+        ("stages=[3]", "prep.stages"),
+        ("stage2_fps=[0]", "prep.stage2_fps"),
+        ("min_clip_s=100", "prep.min_clip_s"),
+        ("shard_samples=0", "prep.shard_samples"),
+        ("shard_size=3", "shard_size"),
+        ("tokenizer_loader=nocolon", "prep.tokenizer_loader"),
+    ):
         with pytest.raises(ConfigError, match=key):
             load_config(PrepConfig, None, [override])
 
@@ -25,8 +36,11 @@ def test_sample_shape_comes_from_the_model_config():
     for preset in ("tiny", "small", "cogvideo-stage1"):
         model = get_preset(preset)
         shape = geometry(PrepConfig(model={"preset": preset}))
-        assert (shape.frame_size, shape.tokens_side, shape.num_frames) == \
-            (model.frame_size, model.frame_tokens, model.num_frames)
+        assert (shape.frame_size, shape.tokens_side, shape.num_frames) == (
+            model.frame_size,
+            model.frame_tokens,
+            model.num_frames,
+        )
     assert geometry(PrepConfig(model={"preset": "small", "num_frames": 9})).num_frames == 9
     with pytest.raises(ValueError, match="model.frame_tokens"):
         geometry(PrepConfig(model={"preset": "small", "frame_tokens": 5}))
@@ -37,7 +51,9 @@ def test_sample_shape_comes_from_the_model_config():
 def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_both(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
     fit_patch_tokenizer(frames, 16, 32, 4).save(tmp_path / "t32.safetensors")
-    cfg = PrepConfig(model={"preset": "tiny"}, tokenizer=str(tmp_path / "t32.safetensors"))  # tiny: 16 px frames
+    cfg = PrepConfig(
+        model={"preset": "tiny"}, tokenizer=str(tmp_path / "t32.safetensors")
+    )  # tiny: 16 px frames
     with pytest.raises(ConfigError, match="t32.safetensors.*32px.*16px.*model.frame_size"):
         TokenizeSamples(cfg, geometry(cfg))
 

@@ -1,5 +1,6 @@
 """cogvideo-reshard --first-frames: frame 0 of every stage-1 sample, as one-frame samples for the
 first-frame model, dealt over the shards so every reader gets some."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,12 +17,27 @@ def prepared(root, stages=(1, 2, 1, 1, 2, 1, 1, 1, 1, 1)):
     frames = {}
     for i, stage in enumerate(stages):
         num = 5
-        meta = ClipMeta(duration=4.0, fps=1.0, stage=stage, source=f"v{i}.mp4", clip_start=0.0, clip_end=4.0,
-                        num_frames=num)
+        meta = ClipMeta(
+            duration=4.0,
+            fps=1.0,
+            stage=stage,
+            source=f"v{i}.mp4",
+            clip_start=0.0,
+            clip_end=4.0,
+            num_frames=num,
+        )
         frames[f"k{i}"] = np.arange(num * 16).reshape(num, 4, 4) + 1000 * i
-        out.add_sample(encode_sample(f"k{i}", frames[f"k{i}"], f"caption {i}", meta),
-                       {"key": f"k{i}", "source": f"v{i}.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0,
-                        "stage": stage})
+        out.add_sample(
+            encode_sample(f"k{i}", frames[f"k{i}"], f"caption {i}", meta),
+            {
+                "key": f"k{i}",
+                "source": f"v{i}.mp4",
+                "clip": [0, 5],
+                "window": [0, 4],
+                "fps": 1.0,
+                "stage": stage,
+            },
+        )
     out.commit()
     return frames, stages
 
@@ -34,8 +50,20 @@ def read(folder):
 def test_first_frames_of_stage1_samples_dealt_round_robin(tmp_path, capsys):
     frames, stages = prepared(tmp_path / "prep")
     before = read(tmp_path / "prep")
-    assert reshard.main([str(tmp_path / "prep"), "--divisible-by", "2", "--shards", "4",
-                         "--first-frames", str(tmp_path / "frame0")]) == 0
+    assert (
+        reshard.main(
+            [
+                str(tmp_path / "prep"),
+                "--divisible-by",
+                "2",
+                "--shards",
+                "4",
+                "--first-frames",
+                str(tmp_path / "frame0"),
+            ]
+        )
+        == 0
+    )
     assert "8 one-frame samples" in capsys.readouterr().out
     shards = read(tmp_path / "frame0")
     assert len(shards) == 4
@@ -47,7 +75,9 @@ def test_first_frames_of_stage1_samples_dealt_round_robin(tmp_path, capsys):
             assert np.array_equal(sample.frames, frames[sample.key][:1])
             assert sample.caption == f"caption {sample.key[1:]}"
     after = read(tmp_path / "prep")
-    assert {k: [s.key for s in v] for k, v in after.items()} == {k: [s.key for s in v] for k, v in before.items()}
+    assert {k: [s.key for s in v] for k, v in after.items()} == {
+        k: [s.key for s in v] for k, v in before.items()
+    }
 
 
 def test_first_frames_refuse_what_cannot_be_done(tmp_path, capsys):

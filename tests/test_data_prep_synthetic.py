@@ -1,4 +1,5 @@
 """The synthetic video generator: exact captions, exact geometry, deterministic real mp4 files."""
+
 import json
 
 import av
@@ -43,7 +44,9 @@ def test_render_frames_moves_the_exact_shape_at_the_given_speed(shape, direction
     mask = (frames == world.COLOURS["green"]).all(-1)
     areas = mask.sum((1, 2))
     radius = world.default_radius(size)
-    expected_area = {"circle": np.pi * radius**2, "square": (2 * radius) ** 2, "triangle": 2 * radius**2}[shape]
+    expected_area = {"circle": np.pi * radius**2, "square": (2 * radius) ** 2, "triangle": 2 * radius**2}[
+        shape
+    ]
     assert np.all(np.abs(areas - expected_area) < 0.15 * expected_area)
     # fully inside the frame: no shape pixel on the border
     assert not (mask[:, 0].any() or mask[:, -1].any() or mask[:, :, 0].any() or mask[:, :, -1].any())
@@ -69,12 +72,16 @@ def test_speed_range_keeps_visible_motion_inside_the_frame(size, duration):
 def decode(path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)]), float(stream.average_rate)
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)]), float(
+            stream.average_rate
+        )
 
 
 def test_generate_dataset_is_deterministic_holds_out_and_decodes_to_the_rendered_frames(tmp_path):
     holdout = {(c, s, d) for c in world.COLOURS for s in world.SHAPES for d in ("up", "down")}
-    kwargs = dict(num_videos=6, seed=5, size=32, fps=8, duration_s=(1.0, 2.0), holdout=holdout, speed_words=True)
+    kwargs = dict(
+        num_videos=6, seed=5, size=32, fps=8, duration_s=(1.0, 2.0), holdout=holdout, speed_words=True
+    )
     captions = syn.generate_dataset(tmp_path / "a", **kwargs)
     syn.generate_dataset(tmp_path / "b", **kwargs)
     rows = [json.loads(line) for line in captions.read_text().splitlines()]
@@ -86,6 +93,15 @@ def test_generate_dataset_is_deterministic_holds_out_and_decodes_to_the_rendered
         assert world.parse_caption(row["caption"]) == (row["colour"], row["shape"], row["direction"])
         frames, fps = decode(video)
         assert fps == 8 and len(frames) == row["num_frames"] == row["duration_s"] * 8 + 1
-        expected = world.render_frames(row["colour"], row["shape"], row["direction"], row["num_frames"], 32, 8,
-                                     row["speed_px_per_s"], seed=row["render_seed"], radius=row["radius"])
+        expected = world.render_frames(
+            row["colour"],
+            row["shape"],
+            row["direction"],
+            row["num_frames"],
+            32,
+            8,
+            row["speed_px_per_s"],
+            seed=row["render_seed"],
+            radius=row["radius"],
+        )
         assert np.abs(frames.astype(int) - expected).max() <= 3  # lossless up to RGB<->YUV rounding

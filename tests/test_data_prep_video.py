@@ -1,6 +1,7 @@
 """Inputs, captions, probing and clip extraction of one video (no Ray), and every bad input.
 
 `make_bad_inputs` is shared with the pipeline tests."""
+
 import fractions
 import json
 import os
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvideo.configio import ConfigError
 from cogvideo import synthetic as world
+from cogvideo.configio import ConfigError
 from data_prep.config import PrepConfig
 from data_prep.inputs import REASONS, Rejected, caption_for, content_hash, list_inputs, load_captions
 from data_prep.video import iter_clips, probe
@@ -43,13 +44,15 @@ def make_bad_inputs(folder):
     encode(folder / "whole.mp4", moving(33))
     data = (folder / "whole.mp4").read_bytes()
     os.remove(folder / "whole.mp4")
-    (folder / "truncated.mp4").write_bytes(data[:len(data) // 2])  # the index (moov) is at the end
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])  # the index (moov) is at the end
     encode(folder / "faststart.mp4", moving(64), movflags="faststart")  # index first, data cut
     data = (folder / "faststart.mp4").read_bytes()
-    (folder / "truncated_faststart.mp4").write_bytes(data[:len(data) * 2 // 3])
+    (folder / "truncated_faststart.mp4").write_bytes(data[: len(data) * 2 // 3])
     os.remove(folder / "faststart.mp4")
     encode(folder / "unknown_codec.mp4", moving())
-    (folder / "unknown_codec.mp4").write_bytes((folder / "unknown_codec.mp4").read_bytes().replace(b"avc1", b"zzzz"))
+    (folder / "unknown_codec.mp4").write_bytes(
+        (folder / "unknown_codec.mp4").read_bytes().replace(b"avc1", b"zzzz")
+    )
     with av.open(str(folder / "audio_only.mp4"), "w") as container:
         stream = container.add_stream("aac", rate=16000)
         for i in range(8):
@@ -70,12 +73,20 @@ def make_bad_inputs(folder):
         container.mux(stream.encode(frame))
         container.mux(stream.encode())
     encode(folder / "three_frames.mp4", moving(3))  # 0.25 s: 5 frames fit at no configured rate
-    return {"zero_bytes.mp4": "empty_file", "not_a_video.mp4": "not_a_video", "truncated.mp4": "corrupt_container",
-            "truncated_faststart.mp4": "truncated", "unknown_codec.mp4": "unreadable_codec",
-            "audio_only.mp4": "no_video_stream", "long_gap.mp4": "broken_timestamps",
-            "image.mp4": "not_a_video", "dangling_link.mp4": "broken_link",
-            "one_pixel.mp4": "resolution_too_small", "8k.mp4": "resolution_too_large",
-            "three_frames.mp4": "no_usable_clip"}
+    return {
+        "zero_bytes.mp4": "empty_file",
+        "not_a_video.mp4": "not_a_video",
+        "truncated.mp4": "corrupt_container",
+        "truncated_faststart.mp4": "truncated",
+        "unknown_codec.mp4": "unreadable_codec",
+        "audio_only.mp4": "no_video_stream",
+        "long_gap.mp4": "broken_timestamps",
+        "image.mp4": "not_a_video",
+        "dangling_link.mp4": "broken_link",
+        "one_pixel.mp4": "resolution_too_small",
+        "8k.mp4": "resolution_too_large",
+        "three_frames.mp4": "no_usable_clip",
+    }
 
 
 def test_probe_rejects_every_bad_file_with_its_reason(tmp_path):
@@ -137,20 +148,30 @@ def test_list_inputs_folders_globs_and_repeats(tmp_path):
     (tmp_path / "a").mkdir()
     for name in ("a/x.mp4", "a/y.MKV", "a/notes.txt", "z.mp4"):
         (tmp_path / name).write_bytes(b"1")
-    found = list_inputs([str(tmp_path / "a"), str(tmp_path / "*.mp4"), str(tmp_path / "a" / "x.mp4")], [".mp4", ".mkv"])
-    assert found == [str(tmp_path / "a/x.mp4"), str(tmp_path / "a/y.MKV"), str(tmp_path / "z.mp4"),
-                     str(tmp_path / "a/x.mp4")]
+    found = list_inputs(
+        [str(tmp_path / "a"), str(tmp_path / "*.mp4"), str(tmp_path / "a" / "x.mp4")], [".mp4", ".mkv"]
+    )
+    assert found == [
+        str(tmp_path / "a/x.mp4"),
+        str(tmp_path / "a/y.MKV"),
+        str(tmp_path / "z.mp4"),
+        str(tmp_path / "a/x.mp4"),
+    ]
     with pytest.raises(ConfigError, match="nothing.mp4"):
         list_inputs([str(tmp_path / "nothing.mp4")], [".mp4"])
 
 
 def test_captions_from_csv_jsonl_and_sidecars_with_every_caption_problem(tmp_path):
     videos = {name: tmp_path / name for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4")}
-    (tmp_path / "caps.csv").write_bytes(b"path,caption\na.mp4,a red circle\nb.mp4,  \nc.mp4,caf\xe9 latin-1\n")
+    (tmp_path / "caps.csv").write_bytes(
+        b"path,caption\na.mp4,a red circle\nb.mp4,  \nc.mp4,caf\xe9 latin-1\n"
+    )
     csv_captions = load_captions(tmp_path / "caps.csv")
     rows = [{"path": "a.mp4", "caption": "a red circle", "extra": 1}, {"path": "b.mp4", "caption": ""}]
-    (tmp_path / "caps.jsonl").write_bytes(("\n".join(json.dumps(r) for r in rows) + "\n").encode()
-                                          + b'{"path": "c.mp4", "caption": "caf\xe9"}\n')
+    (tmp_path / "caps.jsonl").write_bytes(
+        ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+        + b'{"path": "c.mp4", "caption": "caf\xe9"}\n'
+    )
     jsonl_captions = load_captions(tmp_path / "caps.jsonl")
     for captions in (csv_captions, jsonl_captions):
         assert caption_for(str(videos["a.mp4"]), captions).text == "a red circle"

@@ -2,6 +2,7 @@
 variable frame rate (frames chosen by presentation time), sample aspect ratio, colour range and
 matrix, interlacing, several video streams; odd inputs get the right reason. Each case is a file
 the test writes, and the decoded frames are compared with the pixels a viewer would see."""
+
 import json
 import struct
 from fractions import Fraction
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.config import Geometry, PrepConfig
-from data_prep.inputs import Rejected
 from cogvideo.shards import ClipMeta, encode_sample
 from data_prep import reshard
+from data_prep.config import Geometry, PrepConfig
+from data_prep.inputs import Rejected
 from data_prep.output import PrepOutput
 from data_prep.stages import extract_samples
 from data_prep.video import iter_clips, probe
@@ -26,14 +27,21 @@ def write(path, frames, fps=8, fmt="mp4", pts=None, pix_fmt="yuv444p", setup=lam
     """Lossless H.264 of `frames` (RGB arrays or ready VideoFrames), optionally at `pts` ms."""
     with av.open(str(path), "w", format=fmt) as container:
         stream = container.add_stream("libx264", rate=fps, options={"qp": "0", **options})
-        height, width = (frames[0].height, frames[0].width) if isinstance(frames[0], av.VideoFrame) else \
-            frames[0].shape[:2]
+        height, width = (
+            (frames[0].height, frames[0].width)
+            if isinstance(frames[0], av.VideoFrame)
+            else frames[0].shape[:2]
+        )
         stream.pix_fmt, stream.width, stream.height = pix_fmt, width, height
         if pts is not None:
             stream.codec_context.time_base = MS
         setup(stream)
         for i, image in enumerate(frames):
-            frame = image if isinstance(image, av.VideoFrame) else av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = (
+                image
+                if isinstance(image, av.VideoFrame)
+                else av.VideoFrame.from_ndarray(image, format="rgb24")
+            )
             if pts is not None:
                 frame.pts, frame.time_base = pts[i], MS
             container.mux(stream.encode(frame))
@@ -44,14 +52,16 @@ def write(path, frames, fps=8, fmt="mp4", pts=None, pix_fmt="yuv444p", setup=lam
 def gradient(height, width):
     """Smooth and asymmetric: red grows to the right, green downwards."""
     ys, xs = np.mgrid[0:height, 0:width]
-    return np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), np.full_like(xs, 90)], -1).astype(np.uint8)
+    return np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), np.full_like(xs, 90)], -1).astype(
+        np.uint8
+    )
 
 
 def viewed(image, size):
     """Centre square crop, BOX resize with PIL: the reference for a frame as prepared."""
     h, w = image.shape[:2]
     side = min(h, w)
-    crop = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    crop = image[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
     return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BOX)).astype(int)
 
 
@@ -66,7 +76,7 @@ def tkhd_matrix(path):
     at = data.index(b"tkhd")
     version = data[at + 4]
     offset = at + 8 + (32 if version == 1 else 20) + 16  # times, track id, duration; layer, volume
-    return np.array(struct.unpack(">9i", data[offset:offset + 36]), np.float64) / 65536
+    return np.array(struct.unpack(">9i", data[offset : offset + 36]), np.float64) / 65536
 
 
 def shown(image, matrix):
@@ -81,11 +91,16 @@ def shown(image, matrix):
     return out
 
 
-@pytest.mark.parametrize("clockwise,mirrored", [(90, False), (180, False), (270, False), (90, True), (0, True)])
+@pytest.mark.parametrize(
+    "clockwise,mirrored", [(90, False), (180, False), (270, False), (90, True), (0, True)]
+)
 def test_display_matrix_rotation_is_applied(tmp_path, clockwise, mirrored):
     image = gradient(32, 48)
-    path = write(tmp_path / "rotated.mp4", [image] * 3,
-                 setup=lambda s: s.set_display_rotation(-clockwise, hflip=mirrored))
+    path = write(
+        tmp_path / "rotated.mp4",
+        [image] * 3,
+        setup=lambda s: s.set_display_rotation(-clockwise, hflip=mirrored),
+    )
     matrix = tkhd_matrix(path)
     assert not np.allclose(matrix[[0, 1, 3, 4]], [1, 0, 0, 1])  # the container itself carries the rotation
     info, (clip,) = clips(path)
@@ -99,8 +114,9 @@ def test_display_matrix_rotation_is_applied(tmp_path, clockwise, mirrored):
 
 def test_legacy_rotate_tag_is_applied(tmp_path):
     image = gradient(32, 48)
-    path = write(tmp_path / "tagged.mkv", [image] * 3, fmt="matroska",
-                 setup=lambda s: s.metadata.update(rotate="90"))
+    path = write(
+        tmp_path / "tagged.mkv", [image] * 3, fmt="matroska", setup=lambda s: s.metadata.update(rotate="90")
+    )
     info, (clip,) = clips(path)
     assert info.properties["rotation"] == 90
     assert np.abs(clip.frames.astype(int) - viewed(np.rot90(image, -1), 16)).max() <= 8
@@ -119,8 +135,11 @@ def samples_of(path, cfg=PrepConfig(), shape=Geometry(16, 4, 5, image_codes=1024
     row = {"entry": path, "path": path, "caption": "a video", "sha256": "0" * 64}
     rows = extract_samples(row, cfg, shape)
     records = [json.loads(r["record"]) for r in rows]
-    samples = [(rec, np.frombuffer(r["pixels"], np.uint8).reshape(5, 16, 16, 3))
-               for r, rec in zip(rows, records) if r["kind"] == "sample"]
+    samples = [
+        (rec, np.frombuffer(r["pixels"], np.uint8).reshape(5, 16, 16, 3))
+        for r, rec in zip(rows, records)
+        if r["kind"] == "sample"
+    ]
     return samples, records[-1]
 
 
@@ -132,8 +151,11 @@ def test_variable_frame_rate_is_sampled_at_true_times(tmp_path):
     samples, record = samples_of(path)
     assert record["status"] == "used" and record["video"]["vfr"] is True
     times = np.asarray(pts) / 1000
-    assert {(rec["meta"]["stage"], rec["meta"]["fps"]) for rec, _ in samples} == \
-        {(1, 1.0), (2, 2.0), (2, 4.0)}  # 8 fps would repeat frames across the 250 ms gaps
+    assert {(rec["meta"]["stage"], rec["meta"]["fps"]) for rec, _ in samples} == {
+        (1, 1.0),
+        (2, 2.0),
+        (2, 4.0),
+    }  # 8 fps would repeat frames across the 250 ms gaps
     for rec, frames in samples:
         meta = rec["meta"]
         targets = meta["clip_start"] + np.arange(5) / meta["fps"]
@@ -168,22 +190,35 @@ def test_sparse_but_complete_avi_is_not_truncated(tmp_path):
 
 
 def test_broken_timestamps_are_rejected_with_the_numbers(tmp_path):
-    gap = write(tmp_path / "gap.mp4", numbered(12), pts=[125 * k + (6000 if k > 5 else 0) for k in range(12)],
-                bframes="0")
-    with pytest.raises(Rejected, match=r"broken_timestamps: .*no frame for 6\.125 s \(from 0\.625 s to 6\.750 s\)"):
+    gap = write(
+        tmp_path / "gap.mp4",
+        numbered(12),
+        pts=[125 * k + (6000 if k > 5 else 0) for k in range(12)],
+        bframes="0",
+    )
+    with pytest.raises(
+        Rejected, match=r"broken_timestamps: .*no frame for 6\.125 s \(from 0\.625 s to 6\.750 s\)"
+    ):
         probe(gap, PrepConfig())
-    repeated = write(tmp_path / "repeated.mkv", numbered(6), fmt="matroska", pts=[0, 125, 250, 250, 375, 500],
-                     bframes="0")
-    with pytest.raises(Rejected, match=r"broken_timestamps: .*1 frame\(s\) repeat another's timestamp "
-                                       r"\(first at 0\.250"):
+    repeated = write(
+        tmp_path / "repeated.mkv", numbered(6), fmt="matroska", pts=[0, 125, 250, 250, 375, 500], bframes="0"
+    )
+    with pytest.raises(
+        Rejected,
+        match=r"broken_timestamps: .*1 frame\(s\) repeat another's timestamp "
+        r"\(first at 0\.250",
+    ):
         probe(repeated, PrepConfig())
 
 
 def test_anamorphic_pixels_are_cropped_square_on_screen(tmp_path):
     screen = gradient(48, 96)  # what a player shows: 96 x 48
     coded = np.asarray(Image.fromarray(screen).resize((48, 48), Image.BOX))  # stored 48 x 48, pixels 2:1
-    path = write(tmp_path / "anamorphic.mp4", [coded] * 3,
-                 setup=lambda s: setattr(s.codec_context, "sample_aspect_ratio", Fraction(2, 1)))
+    path = write(
+        tmp_path / "anamorphic.mp4",
+        [coded] * 3,
+        setup=lambda s: setattr(s.codec_context, "sample_aspect_ratio", Fraction(2, 1)),
+    )
     info, (clip,) = clips(path)
     assert info.properties["sar"] == "2:1"
     expected = viewed(screen, 16)
@@ -210,23 +245,33 @@ def rgb_reference(y, u, v, limited, kr, kb):
     return np.clip(np.array([r, g, b]) * 255, 0, 255)
 
 
-@pytest.mark.parametrize("colour_range,colorspace,names,kr,kb", [
-    (1, 1, ("limited", "bt709"), 0.2126, 0.0722), (2, 1, ("full", "bt709"), 0.2126, 0.0722),
-    (1, 5, ("limited", "bt601"), 0.299, 0.114), (2, 6, ("full", "bt601"), 0.299, 0.114)])
+@pytest.mark.parametrize(
+    "colour_range,colorspace,names,kr,kb",
+    [
+        (1, 1, ("limited", "bt709"), 0.2126, 0.0722),
+        (2, 1, ("full", "bt709"), 0.2126, 0.0722),
+        (1, 5, ("limited", "bt601"), 0.299, 0.114),
+        (2, 6, ("full", "bt601"), 0.299, 0.114),
+    ],
+)
 def test_colour_range_and_matrix_are_honoured(tmp_path, colour_range, colorspace, names, kr, kb):
     y, u, v = 120, 90, 180
     frames = [yuv_frame(y, u, v, colour_range, colorspace) for _ in range(3)]
 
     def tag(stream):
         stream.codec_context.color_range, stream.codec_context.colorspace = colour_range, colorspace
+
     path = write(tmp_path / "colour.mp4", frames, setup=tag)
     info, (clip,) = clips(path, size=8)
     assert (info.properties["range"], info.properties["matrix"]) == names
     expected = rgb_reference(y, u, v, colour_range == 1, kr, kb)
     # libswscale's fast YUV -> RGB paths round to within 2 levels; the other range or matrix is
     # 9 or more levels away, so the bound still tells them apart
-    others = [rgb_reference(y, u, v, limited, *coefficients) for limited in (True, False)
-              for coefficients in ((0.2126, 0.0722), (0.299, 0.114))]
+    others = [
+        rgb_reference(y, u, v, limited, *coefficients)
+        for limited in (True, False)
+        for coefficients in ((0.2126, 0.0722), (0.299, 0.114))
+    ]
     assert sorted(np.abs(other - expected).max() for other in others)[1] > 6
     assert np.abs(clip.frames.reshape(-1, 3) - expected).max() <= 2.5
 
@@ -236,7 +281,7 @@ def combed(t, size=32):
     image = np.full((size, size, 3), 30, np.uint8)
     for row in range(size):
         left = 8 + round(8 * (t + (row % 2) / 2))
-        image[row, left:left + 8] = 220
+        image[row, left : left + 8] = 220
     return image
 
 
@@ -273,31 +318,74 @@ def test_several_video_streams_use_the_default_one(tmp_path):
 
 def test_summary_counts_what_the_collection_held(tmp_path):
     out = PrepOutput(tmp_path, shard_samples=10, shard_bytes=2**20)
-    plain = {"stream": 0, "video_streams": 1, "rotation": 0, "mirrored": False, "vfr": False, "sar": "1:1",
-             "range": "limited", "matrix": "bt709", "interlaced": False}
-    odd = {**plain, "rotation": 270, "vfr": True, "sar": "4:3", "range": "full", "matrix": "bt601",
-           "interlaced": True, "video_streams": 2}
+    plain = {
+        "stream": 0,
+        "video_streams": 1,
+        "rotation": 0,
+        "mirrored": False,
+        "vfr": False,
+        "sar": "1:1",
+        "range": "limited",
+        "matrix": "bt709",
+        "interlaced": False,
+    }
+    odd = {
+        **plain,
+        "rotation": 270,
+        "vfr": True,
+        "sar": "4:3",
+        "range": "full",
+        "matrix": "bt601",
+        "interlaced": True,
+        "video_streams": 2,
+    }
     for i, video in enumerate([plain, plain, odd]):
-        out.finish_input({"entry": f"v{i}", "source": f"v{i}", "sha256": str(i), "status": "used", "reason": "",
-                          "clips": 1, "samples": 1, "seconds": 1.0, "frames": 8, "video": video})
+        out.finish_input(
+            {
+                "entry": f"v{i}",
+                "source": f"v{i}",
+                "sha256": str(i),
+                "status": "used",
+                "reason": "",
+                "clips": 1,
+                "samples": 1,
+                "seconds": 1.0,
+                "frames": 8,
+                "video": video,
+            }
+        )
     out.commit()
     assert out.summary({})["inputs_used_by_property"] == {
-        "anamorphic": 1, "interlaced": 1, "matrix_bt601": 1, "matrix_bt709": 2, "range_full": 1,
-        "range_limited": 2, "rotated": 1, "several_video_streams": 1, "variable_frame_rate": 1}
+        "anamorphic": 1,
+        "interlaced": 1,
+        "matrix_bt601": 1,
+        "matrix_bt709": 2,
+        "range_full": 1,
+        "range_limited": 2,
+        "rotated": 1,
+        "several_video_streams": 1,
+        "variable_frame_rate": 1,
+    }
 
 
 @pytest.mark.parametrize("damage,problem", [("random", "not a tar archive"), ("cut", "truncated")])
 def test_reshard_names_a_damaged_shard(tmp_path, capsys, damage, problem):
     out = PrepOutput(tmp_path, shard_samples=2, shard_bytes=2**20)
-    meta = ClipMeta(duration=4.0, fps=1.0, stage=1, source="v.mp4", clip_start=0.0, clip_end=4.0, num_frames=5)
+    meta = ClipMeta(
+        duration=4.0, fps=1.0, stage=1, source="v.mp4", clip_start=0.0, clip_end=4.0, num_frames=5
+    )
     for i in range(4):
         fields = encode_sample(f"k{i}", np.zeros((5, 4, 4), np.int64), "a video", meta)
-        out.add_sample(fields, {"key": f"k{i}", "source": "v.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0,
-                                "stage": 1})
+        out.add_sample(
+            fields,
+            {"key": f"k{i}", "source": "v.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0, "stage": 1},
+        )
     out.commit()
     shard = tmp_path / "shards" / "shard-000001.tar"
     data = shard.read_bytes()
-    shard.write_bytes(np.random.default_rng(0).bytes(len(data)) if damage == "random" else data[:len(data) // 2])
+    shard.write_bytes(
+        np.random.default_rng(0).bytes(len(data)) if damage == "random" else data[: len(data) // 2]
+    )
     with pytest.raises(SystemExit) as exit_code:
         reshard.main([str(tmp_path), "--divisible-by", "1"])
     assert exit_code.value.code == 2

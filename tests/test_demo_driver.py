@@ -1,5 +1,6 @@
 """The demo driver (demo/): step order, skip on rerun, rerun on changed settings, resume after a
 failure; the synthetic data it asks cogvideo-synth for; the report it writes."""
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,14 @@ def make_steps(calls: list[str], fail: set[str] | None = None) -> list[Step]:
             if fail and name in fail:
                 raise RuntimeError(f"{name} failed")
             return {"made": name}
+
         return run
 
-    return [Step("a", runner("a"), ("x",), ("a",)), Step("b", runner("b"), ("y",), ("b",)),
-            Step("c", runner("c"), (), ("c",))]
+    return [
+        Step("a", runner("a"), ("x",), ("a",)),
+        Step("b", runner("b"), ("y",), ("b",)),
+        Step("c", runner("c"), (), ("c",)),
+    ]
 
 
 def test_runner_runs_in_order_then_skips(tmp_path):
@@ -75,7 +80,9 @@ def test_failed_step_resumes_without_clearing_and_redo_clears(tmp_path):
     calls.clear()
     Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path, until="a")
     assert calls == []
-    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(tmp_path, redo="b", until="b")
+    Runner(tmp_path, make_steps(calls), {"x": 1, "y": 2}, log=lambda m: None).run(
+        tmp_path, redo="b", until="b"
+    )
     assert calls == ["b"]
     assert not (tmp_path / "b" / "checkpoint").exists()
     with pytest.raises(ConfigError, match="unknown step 'zzz'"):
@@ -88,8 +95,17 @@ def test_step_settings_cover_sections_and_config_files():
     assert settings["videos"] == to_dict(cfg.videos)
     assert settings["train.stage1"] == []
     assert "max_steps" in settings["configs/demo/train_stage1.yaml"]
-    assert [s.name for s in demo.STEPS] == ["videos", "tokenizers", "shards", "backbone", "stage1", "stage2",
-                                             "sample", "evaluate", "report"]
+    assert [s.name for s in demo.STEPS] == [
+        "videos",
+        "tokenizers",
+        "shards",
+        "backbone",
+        "stage1",
+        "stage2",
+        "sample",
+        "evaluate",
+        "report",
+    ]
 
 
 def centroid_path(frames: np.ndarray) -> np.ndarray:
@@ -102,13 +118,24 @@ def centroid_path(frames: np.ndarray) -> np.ndarray:
 def demo_rows(videos: VideoSettings, seed: int) -> list[dict]:
     synth = DemoConfig(seed=seed, videos=videos).synthetic("unused")
     assert synth.size == 32  # the small preset's frames
-    return plan_videos(synth.num_videos, synth.seed, synth.size, synth.fps, tuple(synth.durations),
-                       synth.holdout_combinations(), speed_px_per_s=synth.speed_px_per_s)
+    return plan_videos(
+        synth.num_videos,
+        synth.seed,
+        synth.size,
+        synth.fps,
+        tuple(synth.durations),
+        synth.holdout_combinations(),
+        speed_px_per_s=synth.speed_px_per_s,
+    )
 
 
 def test_synthetic_rows_hold_out_combos_and_order_motion_by_duration():
-    settings = VideoSettings(num_videos=300, durations=[1.0, 2.0, 4.0], speed_px_per_s=(4.0, 4.5),
-                             holdout=["red/circle/left", "cyan/square/up"])
+    settings = VideoSettings(
+        num_videos=300,
+        durations=[1.0, 2.0, 4.0],
+        speed_px_per_s=(4.0, 4.5),
+        holdout=["red/circle/left", "cyan/square/up"],
+    )
     rows = demo_rows(settings, seed=3)
     assert rows == demo_rows(settings, seed=3)
     combos = {(r["colour"], r["shape"], r["direction"]) for r in rows}
@@ -133,8 +160,8 @@ def test_synthetic_rows_refuse_paths_that_leave_the_frame():
 
 
 def test_report_links_every_file(tmp_path):
-    from demo.report import write_report
     from cogvideo.sampling.outputs import write_video_entry
+    from demo.report import write_report
 
     videos = []
     for key, duration in [("red_circle_left", 1.0), ("red_circle_left", 4.0), ("blue_square_up", 1.0)]:
@@ -142,14 +169,31 @@ def test_report_links_every_file(tmp_path):
         frames = np.zeros((9, 16, 16, 3), np.uint8)
         frames[:, 4:8, 4:8] = 200
         write_video_entry(folder, np.zeros((9, 4, 4), np.int64), frames, fps=8)
-        videos.append({"key": key, "prompt": key.replace("_", " "), "heldout": True, "duration": duration,
-                       "seed": 1, "dir": str(folder), "analysis": {"colour": "red", "displacement": 1.5}})
+        videos.append(
+            {
+                "key": key,
+                "prompt": key.replace("_", " "),
+                "heldout": True,
+                "duration": duration,
+                "seed": 1,
+                "dir": str(folder),
+                "analysis": {"colour": "red", "displacement": 1.5},
+            }
+        )
     metrics_file = tmp_path / "metrics.jsonl"
-    metrics_file.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s, "lr": 1e-3}) + "\n" for s in range(1, 60)))
-    metrics = {"targets": {"colour accuracy": {"value": 0.97, "goal": ">= 0.95", "met": True}},
-               "evaluation": {"displacement_by_duration": {"1.0": {"generated": 1.2, "reference": 1.1},
-                                                           "4.0": {"generated": 3.9, "reference": 4.2}}},
-               "step_seconds": {"videos": 3.0, "stage1": 400.0}}
+    metrics_file.write_text(
+        "".join(json.dumps({"step": s, "loss": 5.0 / s, "lr": 1e-3}) + "\n" for s in range(1, 60))
+    )
+    metrics = {
+        "targets": {"colour accuracy": {"value": 0.97, "goal": ">= 0.95", "met": True}},
+        "evaluation": {
+            "displacement_by_duration": {
+                "1.0": {"generated": 1.2, "reference": 1.1},
+                "4.0": {"generated": 3.9, "reference": 4.2},
+            }
+        },
+        "step_seconds": {"videos": 3.0, "stage1": 400.0},
+    }
     index = write_report(tmp_path / "report", metrics, videos, {"stage1": metrics_file})
     text = index.read_text()
     links = re.findall(r"(?:src|href)='([^']+)'", text)

@@ -1,4 +1,5 @@
 """cogvideo.environment: one place for the environment defaults; a user's own value wins."""
+
 from cogvideo.environment import DEFAULTS, apply_defaults
 
 

@@ -39,7 +39,12 @@ def extractor_and_clips():
     except AssetUnavailable as err:
         pytest.skip(f"I3D weights or sample clips unavailable: {err}")
     clips = []
-    for name, start in (("carphone_pristine", 0), ("carphone_pristine", 64), ("bikes", 0), ("bigbuckbunny", 64)):
+    for name, start in (
+        ("carphone_pristine", 0),
+        ("carphone_pristine", 64),
+        ("bikes", 0),
+        ("bigbuckbunny", 64),
+    ):
         frames = read_video(videos[name], max_frames=start + 16)[0][start:]
         clips.append(frames[:, : frames.shape[1] // 16 * 16, : frames.shape[2] // 16 * 16])
     return extractor, clips
@@ -63,8 +68,11 @@ def test_pool_features_are_what_the_logits_layer_reads(extractor_and_clips):
     logits = extractor(clips[:1])
     assert pool.shape == (1, 1024) and logits.shape == (1, 400)
     head = extractor.model.Logits["Conv3d_0c_1x1"].conv  # 1x1x1 conv, linear: commutes with the time mean
-    np.testing.assert_allclose(pool @ head.weight.detach().double().flatten(1).numpy().T + head.bias.detach().numpy(),
-                               logits, atol=1e-4)
+    np.testing.assert_allclose(
+        pool @ head.weight.detach().double().flatten(1).numpy().T + head.bias.detach().numpy(),
+        logits,
+        atol=1e-4,
+    )
 
 
 def test_fvd_from_dirs_reports_its_protocol(extractor_and_clips, tmp_path):
@@ -82,10 +90,13 @@ def test_fvd_from_dirs_reports_its_protocol(extractor_and_clips, tmp_path):
     assert report["protocol"]["features"] == "logits"
     assert report["precision"] == choose_precision("auto", "cpu", I3D_PROBE).precision  # auto, recorded
     write_mp4(tmp_path / "fake" / "short.mp4", clips[0][:5], fps=8)  # stage-1 keyframes: 5 frames
-    with pytest.raises(ValueError, match="short.mp4: 5 frames, the FVD protocol needs 16: pass --short-videos resample"):
+    with pytest.raises(
+        ValueError, match="short.mp4: 5 frames, the FVD protocol needs 16: pass --short-videos resample"
+    ):
         fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x", protocol=FVDProtocol())
-    stretched = fvd_from_dirs(tmp_path / "real", tmp_path / "fake", real_split="x",
-                              protocol=FVDProtocol(short_videos="resample")).to_dict()
+    stretched = fvd_from_dirs(
+        tmp_path / "real", tmp_path / "fake", real_split="x", protocol=FVDProtocol(short_videos="resample")
+    ).to_dict()
     assert stretched["fake"]["count"] == 3 and stretched["fake"]["resampled"] == 1
     assert stretched["real"]["resampled"] == 0 and stretched["protocol"]["short_videos"] == "resample"
 
@@ -98,7 +109,9 @@ def test_short_videos_are_refused_or_stretched_in_time_in_order():
     assert sorted(np.bincount(stretched[:, 0, 0, 0])) == [3, 3, 3, 3, 4]
     with pytest.raises(ValueError, match="v: 5 frames.*--short-videos resample"):
         FVDProtocol().clip_frames(frames, "v")
-    np.testing.assert_array_equal(FVDProtocol().clip_frames(np.repeat(frames, 4, 0), "v"), np.repeat(frames, 4, 0)[:16])
+    np.testing.assert_array_equal(
+        FVDProtocol().clip_frames(np.repeat(frames, 4, 0), "v"), np.repeat(frames, 4, 0)[:16]
+    )
     with pytest.raises(ValueError, match="short_videos 'pad'"):
         FVDProtocol(short_videos="pad")
 

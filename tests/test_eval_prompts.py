@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from cogvideo.eval.prompts import analyze_video, read_manifest, score, score_manifest
+from cogvideo.synthetic import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    caption_for,
+    default_radius,
+    render_frames,
+    speed_range,
+)
 from cogvideo.video_io import list_videos, read_video, write_mp4
-from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for, render_frames, speed_range, default_radius
 
 SIZE, FRAMES, FPS = 32, 8, 8.0
 COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
@@ -41,7 +49,7 @@ def test_robust_to_stray_blobs_fragments_and_holes():
         others = [c for c in COLOURS if c != colour]
         for frame in frames:
             y, x = rng.integers(0, SIZE - 3, 2)
-            frame[y:y + 2, x:x + 3] = COLOURS[others[rng.integers(len(others))]]  # stray VQ blob
+            frame[y : y + 2, x : x + 3] = COLOURS[others[rng.integers(len(others))]]  # stray VQ blob
             ys, xs = np.nonzero((frame != frames[0][0, 0]).any(-1))
             frame[int(np.median(ys)), :] = frames[0][0, 0]  # a one-pixel background seam through the shape
             frame[int(np.median(ys)) + 2, int(np.median(xs))] = frames[0][0, 0]  # a hole
@@ -67,11 +75,19 @@ def test_manifest_scores_heldout_accuracy_and_displacement_by_duration(tmp_path)
         rows.append({"file": f"{i}.mp4", "prompt": prompt, "duration": duration, "heldout": i < 2})
     (tmp_path / "manifest.json").write_text(json.dumps({"videos": rows}))
     report = score_manifest(tmp_path / "manifest.json")
-    assert report["accuracy"]["heldout"] == {"videos": 2, "colour": 1.0, "shape": 1.0, "direction": 0.5, "all": 0.5}
+    assert report["accuracy"]["heldout"] == {
+        "videos": 2,
+        "colour": 1.0,
+        "shape": 1.0,
+        "direction": 0.5,
+        "all": 0.5,
+    }
     assert report["accuracy"]["seen"]["all"] == 1.0
     by = report["displacement_by_duration"]
     assert list(by) == ["1", "2", "4"] and by["1"]["videos"] == 2
-    np.testing.assert_allclose([by[k]["mean_px_per_frame"] for k in by], [10 / FPS, 20 / FPS, 30 / FPS], atol=0.2)
+    np.testing.assert_allclose(
+        [by[k]["mean_px_per_frame"] for k in by], [10 / FPS, 20 / FPS, 30 / FPS], atol=0.2
+    )
     assert report["displacement_increases_with_duration"] is True
 
 
@@ -80,8 +96,10 @@ def test_prompts_that_are_not_synthetic_captions_are_listed_and_the_rest_scored(
     frames, _ = _render(colour, shape, direction, 0)
     write_mp4(tmp_path / "0.mp4", frames, FPS)
     write_mp4(tmp_path / "1.mp4", frames, FPS)
-    rows = [{"file": "0.mp4", "prompt": "a dog running on the beach", "duration": 2.0},
-            {"file": "1.mp4", "prompt": caption_for(colour, shape, direction), "duration": 2.0}]
+    rows = [
+        {"file": "0.mp4", "prompt": "a dog running on the beach", "duration": 2.0},
+        {"file": "1.mp4", "prompt": caption_for(colour, shape, direction), "duration": 2.0},
+    ]
     (tmp_path / "manifest.json").write_text(json.dumps(rows))
     report = score_manifest(tmp_path / "manifest.json")
     assert report["accuracy"]["all"]["videos"] == 1 and report["accuracy"]["all"]["all"] == 1.0
@@ -103,16 +121,17 @@ def test_manifest_errors_name_file_and_field(tmp_path):
 
 
 def test_reads_a_sampler_output_folder(tmp_path):
-    from cogvideo.sampling.outputs import write_video_entry
     from cogvideo.sampling.job import write_manifest
+    from cogvideo.sampling.outputs import write_video_entry
     from cogvideo.sampling.prompts import Prompt
 
     colour, shape, direction = COMBOS[5]
     frames, _ = _render(colour, shape, direction, 0)
     prompt = caption_for(colour, shape, direction)
     files = write_video_entry(tmp_path / "p0", np.zeros((len(frames), 2, 2), np.int64), frames, FPS)
-    (tmp_path / "p0" / "record.json").write_text(json.dumps(
-        {"key": "p0", "prompt": prompt, "status": "ok", "files": files}))
+    (tmp_path / "p0" / "record.json").write_text(
+        json.dumps({"key": "p0", "prompt": prompt, "status": "ok", "files": files})
+    )
     (tmp_path / "options.json").write_text(json.dumps({"duration": 2.0}))
     write_manifest(tmp_path, [Prompt(key="p0", text=prompt)])
     [entry], unscored = read_manifest(tmp_path / "manifest.json")
@@ -141,7 +160,12 @@ def test_score_groups_accuracy_by_duration_and_gives_the_standard_error_of_displ
     assert one["sem"] == pytest.approx(1 / np.sqrt(3))  # std (ddof 1) = 1 over sqrt(3) videos
     assert result["displacement_by_duration"]["2"]["sem"] == pytest.approx(0.5)  # 4 and 5: std 0.71 / sqrt 2
     assert result["accuracy_by_duration"]["heldout"]["1s"]["colour"] == pytest.approx(2 / 3)
-    assert result["accuracy_by_duration"]["heldout"]["2s"] == {"videos": 1, "colour": 1.0, "shape": 1.0,
-                                                               "direction": 1.0, "all": 1.0}
+    assert result["accuracy_by_duration"]["heldout"]["2s"] == {
+        "videos": 1,
+        "colour": 1.0,
+        "shape": 1.0,
+        "direction": 1.0,
+        "all": 1.0,
+    }
     assert result["accuracy_by_duration"]["seen"]["1s"] == {"videos": 0}
     assert result["accuracy"]["heldout"]["videos"] == 4 and result["displacement_increases_with_duration"]

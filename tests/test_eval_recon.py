@@ -9,7 +9,9 @@ def test_psnr_of_known_mse():
     rec = ref.copy()
     rec[0] += 5  # MSE 25
     rec[1, :4] += 10  # half the pixels off by 10: MSE 50
-    np.testing.assert_allclose(psnr_per_frame(ref, rec), [10 * np.log10(255**2 / 25), 10 * np.log10(255**2 / 50)])
+    np.testing.assert_allclose(
+        psnr_per_frame(ref, rec), [10 * np.log10(255**2 / 25), 10 * np.log10(255**2 / 50)]
+    )
     assert np.isinf(psnr_per_frame(ref, ref)).all()
     # over all pixels at once: MSE (25 + 50) / 2
     assert psnr(ref, rec) == pytest.approx(10 * np.log10(255**2 / 37.5))
@@ -36,7 +38,10 @@ def test_ssim_matches_direct_sum_over_windows():
     for y in range(13 - 10):
         for x in range(12 - 10):
             for ch in range(3):
-                pa, pb = a[0, y:y + 11, x:x + 11, ch].astype(float), b[0, y:y + 11, x:x + 11, ch].astype(float)
+                pa, pb = (
+                    a[0, y : y + 11, x : x + 11, ch].astype(float),
+                    b[0, y : y + 11, x : x + 11, ch].astype(float),
+                )
                 ma, mb = (w2 * pa).sum(), (w2 * pb).sum()
                 va, vb = (w2 * (pa - ma) ** 2).sum(), (w2 * (pb - mb) ** 2).sum()
                 cov = (w2 * (pa - ma) * (pb - mb)).sum()

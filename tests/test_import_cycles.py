@@ -1,5 +1,6 @@
 """No two library modules import each other, directly or around a loop (function-level imports
 included): an interface module is imported by its implementations, a factory imports them."""
+
 from __future__ import annotations
 
 import ast
@@ -21,8 +22,10 @@ def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 found = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                found = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in sources else node.module
-                         for a in node.names]
+                found = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in sources else node.module
+                    for a in node.names
+                ]
             else:
                 continue
             graph[name] |= {target for target in found if target in sources and target != name}
@@ -46,20 +49,33 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_check_finds_a_loop_through_a_function_level_import():
-    sources = {"lib.a": "from lib.b import f\n", "lib.b": "def f():\n    from lib import c\n",
-               "lib.c": "import lib.a\n", "lib.d": "import lib.a\n"}
+    sources = {
+        "lib.a": "from lib.b import f\n",
+        "lib.b": "def f():\n    from lib import c\n",
+        "lib.c": "import lib.a\n",
+        "lib.d": "import lib.a\n",
+    }
     assert cycles(import_graph(sources)) == [["lib.a", "lib.b", "lib.c", "lib.a"]]
 
 
 def test_library_modules_import_without_cycles():
-    sources = {module_name(p): p.read_text(encoding="utf-8") for p in sorted((ROOT / "cogvideo").rglob("*.py"))}
+    sources = {
+        module_name(p): p.read_text(encoding="utf-8") for p in sorted((ROOT / "cogvideo").rglob("*.py"))
+    }
     loops = cycles(import_graph(sources))
     assert not loops, "\n".join(" -> ".join(loop) for loop in loops)
 
 
 def test_tokenizers_do_not_import_evaluation():
-    sources = {module_name(p): p.read_text(encoding="utf-8") for p in sorted((ROOT / "cogvideo").rglob("*.py"))}
+    sources = {
+        module_name(p): p.read_text(encoding="utf-8") for p in sorted((ROOT / "cogvideo").rglob("*.py"))
+    }
     graph = import_graph(sources)
-    offenders = [f"{m} imports {t}" for m in graph if m.startswith("cogvideo.tokenizers")
-                 for t in graph[m] if t.startswith("cogvideo.eval")]
+    offenders = [
+        f"{m} imports {t}"
+        for m in graph
+        if m.startswith("cogvideo.tokenizers")
+        for t in graph[m]
+        if t.startswith("cogvideo.eval")
+    ]
     assert not offenders, offenders

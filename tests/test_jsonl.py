@@ -1,5 +1,6 @@
 """cogvideo.jsonl: readers see complete rows only; a rewrite keeps the rows asked for and drops a
 torn last line (what a crash mid-write leaves); the trainer's metrics log is cut back with it."""
+
 import json
 
 from cogvideo.jsonl import iter_jsonl, read_jsonl, rewrite_jsonl, write_jsonl
@@ -20,7 +21,9 @@ def test_torn_last_line_is_invisible_and_dropped_by_a_rewrite(tmp_path):
 
 def test_truncate_keeps_the_steps_up_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6')
+    path.write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6'
+    )
     truncate_jsonl(path, 3)
     assert [row["step"] for row in read_jsonl(path)] == [1, 2, 3]
     truncate_jsonl(path, 0)

@@ -1,12 +1,13 @@
 """Attention layouts: blocked/windowed paths equal dense explicit masks, and the masks equal
 the published visibility rules cell by cell."""
+
 import pytest
 import torch
+from model_helpers import random_batch, random_model
 
 from cogvideo.attention import window_gather_index
 from cogvideo.config import get_preset
 from cogvideo.sequence import TokenMeta, position_ids, visible, window_id
-from model_helpers import random_batch, random_model
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-stage2"])
@@ -23,8 +24,17 @@ def test_blocked_equals_dense(preset, text_bias):
 
 def test_windowed_equals_dense_at_published_window_shape():
     # 20x20 tokens, window 10, shift 5, as in the released stage-2 model (narrow and shallow here)
-    model = random_model("tiny-stage2", num_layers=2, hidden_size=16, num_heads=2, frame_size=80,
-                         frame_tokens=20, window_size=10, window_shift=5, max_position_embeddings=8 + 400)
+    model = random_model(
+        "tiny-stage2",
+        num_layers=2,
+        hidden_size=16,
+        num_heads=2,
+        frame_size=80,
+        frame_tokens=20,
+        window_size=10,
+        window_shift=5,
+        max_position_embeddings=8 + 400,
+    )
     tokens, _, _ = random_batch(model.cfg, text_lengths=(5,))
     with torch.no_grad():
         windowed = model(tokens)
@@ -45,14 +55,17 @@ def _frame_level(cfg, channel):
 def test_stage2_slot_visibility_table():
     cfg = get_preset("tiny-stage2").replace(window_size=4, window_shift=0)  # one window: pure slot rules
     table, cells = _frame_level(cfg, "temporal")
-    expected = torch.tensor([
-        # key frame: 0  1  2  3  4
-        [1, 0, 1, 0, 1],  # frame 0 (given) sees the given frames
-        [1, 1, 1, 0, 1],  # frame 1 sees 0, 2, 4 and itself
-        [1, 0, 1, 0, 1],  # frame 2 (given)
-        [1, 1, 1, 1, 1],  # frame 3 sees 0, 1, 2, 4 and itself
-        [1, 0, 1, 0, 1],  # frame 4 (given)
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            # key frame: 0  1  2  3  4
+            [1, 0, 1, 0, 1],  # frame 0 (given) sees the given frames
+            [1, 1, 1, 0, 1],  # frame 1 sees 0, 2, 4 and itself
+            [1, 0, 1, 0, 1],  # frame 2 (given)
+            [1, 1, 1, 1, 1],  # frame 3 sees 0, 1, 2, 4 and itself
+            [1, 0, 1, 0, 1],  # frame 4 (given)
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(table, expected)
     n = cfg.tokens_per_frame
     causal = torch.ones(n, n, dtype=torch.bool).tril()
@@ -63,7 +76,9 @@ def test_stage2_slot_visibility_table():
     spatial, spatial_cells = _frame_level(cfg, "spatial")
     assert torch.equal(spatial, torch.eye(cfg.num_frames, dtype=torch.bool))
     for f in range(cfg.num_frames):
-        assert torch.equal(spatial_cells[f, :, f, :], causal if f in (1, 3) else torch.ones(n, n, dtype=torch.bool))
+        assert torch.equal(
+            spatial_cells[f, :, f, :], causal if f in (1, 3) else torch.ones(n, n, dtype=torch.bool)
+        )
 
 
 def test_stage1_visibility_is_causal_in_time():
@@ -75,10 +90,10 @@ def test_stage1_visibility_is_causal_in_time():
     spatial = visible(cfg, meta, meta, "spatial")
     n = cfg.tokens_per_frame
     for f in range(cfg.num_frames):
-        rows = spatial[T + f * n:T + (f + 1) * n]
+        rows = spatial[T + f * n : T + (f + 1) * n]
         assert rows[:, :T].all()
         expected = torch.zeros(n, len(meta) - T, dtype=torch.bool)
-        expected[:, f * n:(f + 1) * n] = torch.ones(n, n, dtype=torch.bool).tril()
+        expected[:, f * n : (f + 1) * n] = torch.ones(n, n, dtype=torch.bool).tril()
         assert torch.equal(rows[:, T:], expected)
 
 
@@ -100,8 +115,13 @@ def _swin_region_ids(side, w, s):
 
 @pytest.mark.parametrize("side,w,s", [(4, 2, 1), (20, 10, 5), (8, 4, 2)])
 def test_shifted_window_partition_matches_swin_roll_and_region_mask(side, w, s):
-    cfg = get_preset("tiny-stage2").replace(frame_tokens=side, frame_size=side * 4, window_size=w,
-                                           window_shift=s, max_position_embeddings=8 + side * side)
+    cfg = get_preset("tiny-stage2").replace(
+        frame_tokens=side,
+        frame_size=side * 4,
+        window_size=w,
+        window_shift=s,
+        max_position_embeddings=8 + side * side,
+    )
     pos = torch.arange(side * side)
     ours = window_id(cfg, pos, s)
     swin = _swin_region_ids(side, w, s)
@@ -112,14 +132,14 @@ def test_text_pads_are_never_attended():
     model = random_model("tiny")
     T, pad = model.cfg.text_length, model.cfg.vocab.pad_id
     tokens, _, _ = random_batch(model.cfg, text_lengths=(2,))  # pads at text positions 0..T-3
-    assert not (tokens[:, T - 2:] == pad).any()
+    assert not (tokens[:, T - 2 :] == pad).any()
     with torch.no_grad():
         base = model(tokens)
         model.word_embeddings.weight[pad].normal_(std=5.0)  # the row only the pads use
         perturbed = model(tokens)
     others = torch.arange(model.cfg.vocab.vocab_size) != pad  # the tied output layer's pad column moves
-    torch.testing.assert_close(perturbed[:, T - 2:, others], base[:, T - 2:, others], atol=1e-6, rtol=1e-6)
-    assert not torch.allclose(perturbed[:, :T - 2], base[:, :T - 2])
+    torch.testing.assert_close(perturbed[:, T - 2 :, others], base[:, T - 2 :, others], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(perturbed[:, : T - 2], base[:, : T - 2])
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-stage2"])
@@ -149,23 +169,24 @@ def test_text_block_is_bidirectional_and_position_ids_skip_pads():
         assert vis[:T, :T].all() and not vis[:T, T:].any()
         assert vis[T:, :T].all()
     pad = torch.zeros(2, len(meta), dtype=torch.bool)
-    pad[1, :T - 3] = True  # 3 real tokens
+    pad[1, : T - 3] = True  # 3 real tokens
     backbone_row, extra_row = position_ids(cfg, meta, pad)
     assert backbone_row[0, :T].tolist() == list(range(T))
     assert backbone_row[1, :T].tolist() == [0] * (T - 3) + [0, 1, 2]
     n = cfg.tokens_per_frame
     frames = cfg.image_position_offset + torch.arange(n)
-    assert torch.equal(backbone_row[:, T:T + n], frames.expand(2, n))
-    assert extra_row[T + n:].tolist() == list(range((cfg.num_frames - 1) * n))
+    assert torch.equal(backbone_row[:, T : T + n], frames.expand(2, n))
+    assert extra_row[T + n :].tolist() == list(range((cfg.num_frames - 1) * n))
 
 
 @pytest.mark.parametrize("frames", [(0, 1, 2, 3, 4), (0, 2, 4), (4, 0, 2)])
 @pytest.mark.parametrize("shift", [0, 5])
 def test_window_gather_index_follows_the_frames_laid_out(frames, shift):
-    cfg = get_preset("tiny-stage2").replace(frame_tokens=20, frame_size=80, window_size=10, window_shift=5,
-                                           max_position_embeddings=8 + 400)
+    cfg = get_preset("tiny-stage2").replace(
+        frame_tokens=20, frame_size=80, window_size=10, window_shift=5, max_position_embeddings=8 + 400
+    )
     index, meta = window_gather_index(cfg, frames, shift)
-    laid_out = TokenMeta.layout(cfg, list(frames))[cfg.text_length:]
+    laid_out = TokenMeta.layout(cfg, list(frames))[cfg.text_length :]
     gathered = laid_out[index.flatten()]
     assert torch.equal(gathered.frame, meta.frame) and torch.equal(gathered.pos, meta.pos)
     assert sorted(index.flatten().tolist()) == list(range(len(laid_out)))  # every token exactly once

@@ -1,11 +1,12 @@
 """Incremental decoding over the KV cache gives the full forward's logits, token by token."""
+
 import pytest
 import torch
+from model_helpers import random_batch, random_model
 
 from cogvideo.config import get_preset
 from cogvideo.kv_cache import KVCache
 from cogvideo.sequence import TokenMeta
-from model_helpers import random_batch, random_model
 
 
 @pytest.mark.parametrize("text_bias", [0.0, 1.4])
@@ -19,26 +20,41 @@ def test_stage1_token_by_token_equals_full(text_bias):
         cache = model.new_cache()
         outs = [model.forward_chunk(tokens[:, :T], TokenMeta.text(cfg), cache, text_bias=text_bias)]
         # frame 0 in one parallel pass (a given first frame), the rest one token at a time
-        outs.append(model.forward_chunk(tokens[:, T:T + n], TokenMeta.of_frame(cfg, 0), cache, text_bias=text_bias))
+        outs.append(
+            model.forward_chunk(tokens[:, T : T + n], TokenMeta.of_frame(cfg, 0), cache, text_bias=text_bias)
+        )
         for f in range(1, cfg.num_frames):
             for p in range(n):
                 s = T + f * n + p
-                outs.append(model.forward_chunk(tokens[:, s:s + 1], TokenMeta.of_frame(cfg, f, p, p + 1), cache,
-                                                text_bias=text_bias))
+                outs.append(
+                    model.forward_chunk(
+                        tokens[:, s : s + 1], TokenMeta.of_frame(cfg, f, p, p + 1), cache, text_bias=text_bias
+                    )
+                )
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
-PUBLISHED_WINDOWS = dict(hidden_size=16, num_heads=2, frame_size=80, frame_tokens=20, window_size=10,
-                         window_shift=5, max_position_embeddings=8 + 400)  # narrow; 20x20 tokens as released
+PUBLISHED_WINDOWS = dict(
+    hidden_size=16,
+    num_heads=2,
+    frame_size=80,
+    frame_tokens=20,
+    window_size=10,
+    window_shift=5,
+    max_position_embeddings=8 + 400,
+)  # narrow; 20x20 tokens as released
 
 
 def count_blocked_calls(monkeypatch):
     """Count the blocked-attention calls, to know the given-frames pass took that path."""
     from cogvideo import blocked
+
     calls = []
     for name in ("spatial_attention", "temporal_attention"):
         original = getattr(blocked, name)
-        monkeypatch.setattr(blocked, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+        monkeypatch.setattr(
+            blocked, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        )
     return calls
 
 
@@ -49,11 +65,19 @@ def given_then_tokens(model, tokens, given, new_tokens, text_bias=0.0):
     T, n = cfg.text_length, cfg.tokens_per_frame
     cache = model.new_cache()
     model.forward_chunk(tokens[:, :T], TokenMeta.text(cfg), cache, text_bias=text_bias)
-    chunk = torch.cat([tokens[:, T + f * n:T + (f + 1) * n] for f in given], 1)
-    out = model.forward_chunk(chunk, TokenMeta.cat([TokenMeta.of_frame(cfg, f) for f in given]), cache,
-                              text_bias=text_bias)
-    steps = [model.forward_chunk(tokens[:, T + f * n + p:T + f * n + p + 1], TokenMeta.of_frame(cfg, f, p, p + 1),
-                                 cache, text_bias=text_bias) for f, p in new_tokens]
+    chunk = torch.cat([tokens[:, T + f * n : T + (f + 1) * n] for f in given], 1)
+    out = model.forward_chunk(
+        chunk, TokenMeta.cat([TokenMeta.of_frame(cfg, f) for f in given]), cache, text_bias=text_bias
+    )
+    steps = [
+        model.forward_chunk(
+            tokens[:, T + f * n + p : T + f * n + p + 1],
+            TokenMeta.of_frame(cfg, f, p, p + 1),
+            cache,
+            text_bias=text_bias,
+        )
+        for f, p in new_tokens
+    ]
     return out, steps
 
 
@@ -72,11 +96,11 @@ def check_given_pass(model, given, new_tokens, text_bias, monkeypatch, text_leng
         model.dense_attention = True
         dense_out, dense_steps = given_then_tokens(model, tokens, given, new_tokens, text_bias)
         model.dense_attention = False
-    expected = torch.cat([full[:, T + f * n:T + (f + 1) * n] for f in given], 1)
+    expected = torch.cat([full[:, T + f * n : T + (f + 1) * n] for f in given], 1)
     torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for (f, p), step, dense_step in zip(new_tokens, steps, dense_steps):
-        torch.testing.assert_close(step, full[:, T + f * n + p:T + f * n + p + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step, full[:, T + f * n + p : T + f * n + p + 1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step, dense_step, atol=1e-5, rtol=1e-5)
 
 
@@ -108,11 +132,11 @@ def test_backbone_cache_blocked_frame_equals_temporal_off_forward(monkeypatch):
     tokens, _, _ = random_batch(cfg)
     calls = count_blocked_calls(monkeypatch)
     with torch.no_grad():
-        full = model(tokens[:, :T + n], temporal=False, text_bias=1.4)
+        full = model(tokens[:, : T + n], temporal=False, text_bias=1.4)
         del calls[:]
         cache = model.new_cache(temporal=False)
         model.forward_chunk(tokens[:, :T], TokenMeta.text(cfg), cache, text_bias=1.4)
-        out = model.forward_chunk(tokens[:, T:T + n], TokenMeta.of_frame(cfg, 0), cache, text_bias=1.4)
+        out = model.forward_chunk(tokens[:, T : T + n], TokenMeta.of_frame(cfg, 0), cache, text_bias=1.4)
     assert calls == ["spatial_attention"] * cfg.num_layers
     torch.testing.assert_close(out, full[:, T:], atol=1e-5, rtol=1e-5)
 
@@ -131,12 +155,18 @@ def test_cache_plans_blocked_only_for_whole_frames_right_after_text():
     assert plan(cache, partial) is None
     cache = KVCache(cfg)
     plan(cache, TokenMeta.text(cfg))
-    assert plan(cache, TokenMeta.layout(cfg, [2, 0])[cfg.text_length:]) == [2, 0]
+    assert plan(cache, TokenMeta.layout(cfg, [2, 0])[cfg.text_length :]) == [2, 0]
     assert plan(cache, TokenMeta.of_frame(cfg, 1)) is None  # frames are cached already
     cache = KVCache(cfg)
     plan(cache, TokenMeta.text(cfg))
-    shuffled = TokenMeta.cat([TokenMeta.of_frame(cfg, 0, 0, n - 1), TokenMeta.of_frame(cfg, 2, n - 1, n),
-                              TokenMeta.of_frame(cfg, 2, 0, n - 1), TokenMeta.of_frame(cfg, 0, n - 1, n)])
+    shuffled = TokenMeta.cat(
+        [
+            TokenMeta.of_frame(cfg, 0, 0, n - 1),
+            TokenMeta.of_frame(cfg, 2, n - 1, n),
+            TokenMeta.of_frame(cfg, 2, 0, n - 1),
+            TokenMeta.of_frame(cfg, 0, n - 1, n),
+        ]
+    )
     assert plan(cache, shuffled) is None
 
 
@@ -148,10 +178,12 @@ def test_backbone_only_cache_equals_temporal_off_forward():
     with torch.no_grad():
         full = model(tokens[:, :L], temporal=False)
         cache = model.new_cache(temporal=False)
-        outs = [model.forward_chunk(tokens[:, :cfg.text_length], TokenMeta.text(cfg), cache)]
+        outs = [model.forward_chunk(tokens[:, : cfg.text_length], TokenMeta.text(cfg), cache)]
         for p in range(cfg.tokens_per_frame):
             s = cfg.text_length + p
-            outs.append(model.forward_chunk(tokens[:, s:s + 1], TokenMeta.of_frame(cfg, 0, p, p + 1), cache))
+            outs.append(
+                model.forward_chunk(tokens[:, s : s + 1], TokenMeta.of_frame(cfg, 0, p, p + 1), cache)
+            )
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -161,9 +193,11 @@ def test_cache_order_errors():
     tokens, _, _ = random_batch(cfg)
     cache = model.new_cache()
     with pytest.raises(ValueError, match="text"):
-        model.forward_chunk(tokens[:, cfg.text_length:cfg.text_length + 1], TokenMeta.of_frame(cfg, 0, 0, 1), cache)
+        model.forward_chunk(
+            tokens[:, cfg.text_length : cfg.text_length + 1], TokenMeta.of_frame(cfg, 0, 0, 1), cache
+        )
     with pytest.raises(ValueError, match="meta describes"):
         model.forward_chunk(tokens[:, :3], TokenMeta.text(cfg), cache)
     model.forward_chunk(tokens[:, :3], TokenMeta.text(cfg, 0, 3), cache)
     with pytest.raises(ValueError, match="text once, in one chunk"):  # text is a bidirectional block
-        model.forward_chunk(tokens[:, 3:cfg.text_length], TokenMeta.text(cfg, 3), cache)
+        model.forward_chunk(tokens[:, 3 : cfg.text_length], TokenMeta.text(cfg, 3), cache)

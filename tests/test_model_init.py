@@ -1,4 +1,5 @@
 """Backbone -> video initialisation, freezing, parameter counts and activation checkpointing."""
+
 import pytest
 import torch
 from model_helpers import random_batch
@@ -23,7 +24,7 @@ def test_one_frame_stage1_model_equals_backbone():
     backbone, video = _backbone_and_video("stage1", num_layers=3)
     cfg = video.cfg
     tokens, _, _ = random_batch(cfg)
-    one_frame = tokens[:, :cfg.text_length + cfg.tokens_per_frame]
+    one_frame = tokens[:, : cfg.text_length + cfg.tokens_per_frame]
     with torch.no_grad():
         video.layers[1].temporal_gate.normal_()  # any gate: both channels agree on one frame
         expected = backbone(one_frame)
@@ -38,7 +39,7 @@ def test_one_frame_stage2_temporal_channel_reproduces_spatial():
     _, video = _backbone_and_video("stage2", num_layers=3, window_size=4, window_shift=0)
     cfg = video.cfg
     tokens, _, _ = random_batch(cfg)
-    one_frame = tokens[:, :cfg.text_length + cfg.tokens_per_frame]
+    one_frame = tokens[:, : cfg.text_length + cfg.tokens_per_frame]
     with torch.no_grad():
         for layer in video.layers:
             layer.temporal_gate.normal_()
@@ -48,7 +49,9 @@ def test_one_frame_stage2_temporal_channel_reproduces_spatial():
 def test_frame_positions_tile_backbone_image_rows():
     backbone, video = _backbone_and_video("stage1")
     cfg = video.cfg
-    rows = backbone.position_embeddings.weight[cfg.image_position_offset:cfg.image_position_offset + cfg.tokens_per_frame]
+    rows = backbone.position_embeddings.weight[
+        cfg.image_position_offset : cfg.image_position_offset + cfg.tokens_per_frame
+    ]
     assert torch.equal(video.frame_position_embeddings.weight, rows.repeat(cfg.num_frames - 1, 1))
 
 

@@ -1,4 +1,5 @@
 """Bad input is refused with a ValueError saying what was expected."""
+
 import pytest
 import torch
 
@@ -43,16 +44,21 @@ def test_frames_of_wrong_size_and_codes():
 def test_build_sequence_layout_and_loss_frames():
     for preset, loss_frames in (("tiny", [1, 2, 3, 4]), ("tiny-stage2", [1, 3])):
         cfg = get_preset(preset)
-        frames = torch.arange(cfg.num_frames * cfg.tokens_per_frame).reshape(cfg.num_frames, 4, 4) % cfg.vocab.num_image_tokens
+        frames = (
+            torch.arange(cfg.num_frames * cfg.tokens_per_frame).reshape(cfg.num_frames, 4, 4)
+            % cfg.vocab.num_image_tokens
+        )
         tokens, targets, mask = build_sequence(cfg, [cfg.vocab.text_offset + 5], frames)
         T, n = cfg.text_length, cfg.tokens_per_frame
-        assert (tokens[:T - 1] == cfg.vocab.pad_id).all() and tokens[T - 1] == cfg.vocab.text_offset + 5
+        assert (tokens[: T - 1] == cfg.vocab.pad_id).all() and tokens[T - 1] == cfg.vocab.text_offset + 5
         for f in range(cfg.num_frames):
             block = slice(T + f * n, T + (f + 1) * n)
             assert tokens[block][0] == cfg.vocab.boi_id
             assert torch.equal(tokens[block][1:], frames[f].flatten()[:-1])
             assert torch.equal(targets[block], frames[f].flatten())
-            assert bool(mask[block].all()) == (f in loss_frames) and bool(mask[block].any()) == (f in loss_frames)
+            assert bool(mask[block].all()) == (f in loss_frames) and bool(mask[block].any()) == (
+                f in loss_frames
+            )
         assert not mask[:T].any()
 
 

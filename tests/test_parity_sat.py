@@ -2,6 +2,7 @@
 in its own process): its CogView2 BaseModel's logits on a full and a left-padded prompt, and
 its own save_checkpoint output (RNG state included), imported through `cogvideo-convert
 import-sat` with the model shape and vocabulary read from the checkpoint's model_config.json."""
+
 import json
 import os
 import subprocess
@@ -10,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint_sat import sat_rank_shard
 
 from cogvideo.checkpoint import load_model_config, load_model_state
 from cogvideo.checkpoint.cli import main
 from cogvideo.checkpoint.sat import our_name
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
-from test_checkpoint_sat import sat_rank_shard
 
 pytestmark = pytest.mark.slow  # SAT runs in a subprocess (gloo, DeepSpeed engine for its save)
 
@@ -24,15 +25,26 @@ TINY = get_preset("tiny")
 TEXT_LENGTH = 6  # not tiny's 8: taken from --set, as model_config.json of CogView2 has no layout
 VOCAB_SIZE = 256  # not a preset's (tiny's is 192): read from model_config.json
 SPEC = {
-    "num_layers": TINY.num_layers, "hidden_size": TINY.hidden_size, "num_heads": TINY.num_heads,
-    "vocab_size": VOCAB_SIZE, "max_sequence_length": TINY.max_position_embeddings, "text_length": TEXT_LENGTH,
-    "image_position_offset": TINY.image_position_offset, "frame_tokens": TINY.frame_tokens,
-    "pad_id": TINY.vocab.pad_id, "boi_id": TINY.vocab.boi_id, "seed": 7,
+    "num_layers": TINY.num_layers,
+    "hidden_size": TINY.hidden_size,
+    "num_heads": TINY.num_heads,
+    "vocab_size": VOCAB_SIZE,
+    "max_sequence_length": TINY.max_position_embeddings,
+    "text_length": TEXT_LENGTH,
+    "image_position_offset": TINY.image_position_offset,
+    "frame_tokens": TINY.frame_tokens,
+    "pad_id": TINY.vocab.pad_id,
+    "boi_id": TINY.vocab.boi_id,
+    "seed": 7,
     # a full-length prompt and a 3-token one (left-padded by the reference)
-    "text_ids": [[TINY.vocab.text_offset + i for i in (5, 17, 2, 40, 33, 9)],
-                 [TINY.vocab.text_offset + i for i in (12, 61, 7)]],
-    "image_codes": [[(7 * i + 3) % TINY.vocab.num_image_tokens for i in range(16)],
-                    [(5 * i + 11) % TINY.vocab.num_image_tokens for i in range(16)]],
+    "text_ids": [
+        [TINY.vocab.text_offset + i for i in (5, 17, 2, 40, 33, 9)],
+        [TINY.vocab.text_offset + i for i in (12, 61, 7)],
+    ],
+    "image_codes": [
+        [(7 * i + 3) % TINY.vocab.num_image_tokens for i in range(16)],
+        [(5 * i + 11) % TINY.vocab.num_image_tokens for i in range(16)],
+    ],
 }
 
 
@@ -42,15 +54,21 @@ def sat_run(tmp_path_factory) -> Path:
     (out / "spec.json").write_text(json.dumps(SPEC))
     script = Path(__file__).with_name("sat_reference.py")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
-    done = subprocess.run([sys.executable, str(script), str(out / "spec.json"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script), str(out / "spec.json"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
 def import_cli(src: Path, dst: Path, *extra: str) -> int:
-    return main(["import-sat", str(src), str(dst), "--base", "tiny", "--set", f"text_length={TEXT_LENGTH}",
-                 *extra])
+    return main(
+        ["import-sat", str(src), str(dst), "--base", "tiny", "--set", f"text_length={TEXT_LENGTH}", *extra]
+    )
 
 
 def fp32_tolerance(cfg, scale: float) -> float:
@@ -67,12 +85,16 @@ def test_imported_cogview2_reproduces_sat_logits(sat_run, tmp_path):
     assert import_cli(sat_dir, tmp_path / "ours") == 0
     cfg = load_model_config(tmp_path / "ours")
     assert (cfg.vocab.vocab_size, cfg.text_length, cfg.hidden_dropout, cfg.attention_dropout) == (
-        VOCAB_SIZE, TEXT_LENGTH, 0.1, 0.1)  # dropout: SAT's recorded defaults
+        VOCAB_SIZE,
+        TEXT_LENGTH,
+        0.1,
+        0.1,
+    )  # dropout: SAT's recorded defaults
     model = CogVideoModel(cfg)
     model.load_state_dict(load_model_state(tmp_path / "ours"))
     model.eval()
     tokens = torch.load(sat_run / "inputs.pt")["tokens"]
-    assert (tokens[1, :TEXT_LENGTH - 3] == cfg.vocab.pad_id).all()  # the second prompt is left-padded
+    assert (tokens[1, : TEXT_LENGTH - 3] == cfg.vocab.pad_id).all()  # the second prompt is left-padded
     reference = torch.load(sat_run / "logits.pt")
     with torch.no_grad():
         ours32 = model(tokens)
@@ -98,8 +120,10 @@ def test_sat_rank_files_with_rng_state_import_bit_equal(sat_run, tmp_path, tp):
     (src / "model_config.json").write_text(json.dumps({**config, "model_parallel_size": tp}))
     for rank in range(tp):
         module = {k: sat_rank_shard(k, v, rank, tp).clone() for k, v in full.items()}
-        torch.save({**saved, "module": module, "mp_world_size": tp},
-                   src / "1000" / f"mp_rank_{rank:02d}_model_states.pt")
+        torch.save(
+            {**saved, "module": module, "mp_world_size": tp},
+            src / "1000" / f"mp_rank_{rank:02d}_model_states.pt",
+        )
     assert import_cli(src, tmp_path / "ours", "--tp", "2") == 0
     ours = load_model_state(tmp_path / "ours")
     assert set(ours) == {our_name(k) for k in full}

@@ -1,5 +1,6 @@
 """cogvideo.flops against a hand count and against torch's own FLOP counter run on the real
 model (SDPA forced to its math form so the attention products are visible to the counter)."""
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -51,14 +52,17 @@ def counted(cfg, batch=2):
     return forward.get_total_flops(), backward.get_total_flops()
 
 
-@pytest.mark.parametrize("preset, changes", [
-    ("tiny", {}),
-    ("tiny", {"train_backbone": True}),
-    ("tiny-stage2", {}),
-    ("tiny-stage2", {"train_backbone": True, "num_layers": 3}),
-    ("small", {"stage": "backbone", "num_frames": 1}),
-    ("small-stage2", {"train_backbone": False, "activation_checkpointing": True}),
-])
+@pytest.mark.parametrize(
+    "preset, changes",
+    [
+        ("tiny", {}),
+        ("tiny", {"train_backbone": True}),
+        ("tiny-stage2", {}),
+        ("tiny-stage2", {"train_backbone": True, "num_layers": 3}),
+        ("small", {"stage": "backbone", "num_frames": 1}),
+        ("small-stage2", {"train_backbone": False, "activation_checkpointing": True}),
+    ],
+)
 def test_matches_torch_flop_counter(preset, changes):
     cfg = get_preset(preset).replace(**changes)
     forward, backward = counted(cfg, batch=2)

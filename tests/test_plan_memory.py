@@ -1,6 +1,7 @@
 """The planner's memory model against independent references: DeepSpeed's ZeRO estimators,
 the real model's parameters and TP shards, the tensors autograd saves, and the live-tensor
 peak of a real CPU training step."""
+
 import pytest
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -47,8 +48,9 @@ def test_zero3_model_states_equal_deepspeeds_estimate(per_node, nodes, offload):
     total, largest = 7_700_000_000, 460_830_720
     layout = Layout(gpus=per_node * nodes, gpus_per_node=per_node, zero=3, offload=offload, dtype="bf16")
     ours = model_states(all_trainable(total, largest), layout).gpu_total
-    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, per_node, nodes, cpu_offload=offload,
-                                                        cpu_offload_params=False)
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, per_node, nodes, cpu_offload=offload, cpu_offload_params=False
+    )
     assert ours == pytest.approx(ds_gpu, abs=1)
 
 
@@ -60,7 +62,9 @@ def test_printed_zero2_estimate_matches_the_planner(capsys):
     printed = {"cpu" in row[2]: float(row[1].strip().removesuffix("GB")) for row in rows}
     for offload in (True, False):
         layout = Layout(gpus=104, zero=2, offload=offload, dtype="fp16")
-        assert model_states(all_trainable(total), layout).gpu_total / GiB == pytest.approx(printed[offload], abs=0.01)
+        assert model_states(all_trainable(total), layout).gpu_total / GiB == pytest.approx(
+            printed[offload], abs=0.01
+        )
 
 
 def test_frozen_parameters_hold_only_weights():
@@ -71,8 +75,9 @@ def test_frozen_parameters_hold_only_weights():
     _, ds = estimate_zero2_model_states_mem_needs(trainable, 8, 13, cpu_offload=False)
     assert model_states(params, layout).gpu_total == pytest.approx(ds + 2 * frozen, abs=1)
     z3 = model_states(params, Layout(gpus=104, zero=3, dtype="fp16"))
-    _, ds3, _ = estimate_zero3_model_states_mem_needs(trainable, largest, 8, 13, cpu_offload=False,
-                                                      cpu_offload_params=False)
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(
+        trainable, largest, 8, 13, cpu_offload=False, cpu_offload_params=False
+    )
     assert z3.gpu_total == pytest.approx(ds3 + 2 * frozen / 104, abs=1)
 
 
@@ -83,15 +88,26 @@ def test_zero0_zero1_and_fp32_by_hand():
     z1 = model_states(params, Layout(gpus=8, zero=1, dtype="bf16"))
     assert (z1.gradients, z1.optimizer) == (2000 + 4000 / 8, 12000 / 8)
     fp32 = model_states(params, Layout(gpus=1, zero=0, dtype="fp32"))
-    assert (fp32.weights_trainable + fp32.weights_frozen, fp32.gradients, fp32.optimizer) == (16000, 4000, 8000)
+    assert (fp32.weights_trainable + fp32.weights_frozen, fp32.gradients, fp32.optimizer) == (
+        16000,
+        4000,
+        8000,
+    )
     offloaded = model_states(params, Layout(gpus=8, zero=2, offload=True, dtype="bf16"))
     assert (offloaded.gradients, offloaded.optimizer, offloaded.host) == (0, 0, 18000 / 8)
 
 
-@pytest.mark.parametrize("preset, changes", [
-    ("tiny", {}), ("tiny-stage2", {}), ("small", {}), ("small", {"train_backbone": False}),
-    ("cogvideo-stage1", {"num_layers": 2}), ("cogview2-6b", {"num_layers": 2}),
-])
+@pytest.mark.parametrize(
+    "preset, changes",
+    [
+        ("tiny", {}),
+        ("tiny-stage2", {}),
+        ("small", {}),
+        ("small", {"train_backbone": False}),
+        ("cogvideo-stage1", {"num_layers": 2}),
+        ("cogview2-6b", {"num_layers": 2}),
+    ],
+)
 def test_rank_params_match_the_model(preset, changes):
     cfg = get_preset(preset).replace(**changes)
     counts, ours = count_parameters(cfg), rank_params(cfg, tp=1)
@@ -147,19 +163,32 @@ def saved_layer_bytes(cfg, batch):
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("preset, changes", [
-    ("tiny", {}), ("tiny", {"train_backbone": True}), ("tiny-stage2", {}),
-    ("small", {}), ("small-stage2", {"train_backbone": False}), ("small", {"stage": "backbone", "num_frames": 1}),
-])
+@pytest.mark.parametrize(
+    "preset, changes",
+    [
+        ("tiny", {}),
+        ("tiny", {"train_backbone": True}),
+        ("tiny-stage2", {}),
+        ("small", {}),
+        ("small-stage2", {"train_backbone": False}),
+        ("small", {"stage": "backbone", "num_frames": 1}),
+    ],
+)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_layer_activations_match_what_autograd_saves(preset, changes, batch):
     cfg = get_preset(preset).replace(**changes)
     assert layer_activation_bytes(cfg, batch) == pytest.approx(saved_layer_bytes(cfg, batch), rel=0.01)
 
 
-@pytest.mark.parametrize("preset, batch, ckpt, train_backbone", [
-    ("tiny", 4, False, None), ("tiny-stage2", 4, True, None), ("small", 2, False, False), ("small", 2, True, True),
-])
+@pytest.mark.parametrize(
+    "preset, batch, ckpt, train_backbone",
+    [
+        ("tiny", 4, False, None),
+        ("tiny-stage2", 4, True, None),
+        ("small", 2, False, False),
+        ("small", 2, True, True),
+    ],
+)
 def test_predicted_peak_of_a_cpu_step_within_15_percent(preset, batch, ckpt, train_backbone):
     cfg = get_preset(preset).replace(activation_checkpointing=ckpt)
     if train_backbone is not None:
@@ -190,4 +219,3 @@ def test_live_tensor_bytes_counts_allocations_and_frees():
         assert mem.live == 4000
         del c
     assert (mem.live, mem.peak) == (0, 8000)
-

@@ -1,4 +1,5 @@
 """The shard loader: DP split, seeded shuffle, stage filter, exact positions, bad shards."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,7 +15,15 @@ from cogvideo.sequence import build_sequence
 from cogvideo.shards import ClipMeta, encode_sample
 from cogvideo.text_format import TextFormat
 from pretrain.config import DataConfig
-from pretrain.data import DataError, LoaderPosition, ShardLoader, expand_shards, prefetched, rank_shards, shuffled
+from pretrain.data import (
+    DataError,
+    LoaderPosition,
+    ShardLoader,
+    expand_shards,
+    prefetched,
+    rank_shards,
+    shuffled,
+)
 
 CFG = get_preset("tiny")
 
@@ -34,8 +43,15 @@ def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> lis
             for i in range(per_shard):
                 stage = 2 if stage2_every and i % stage2_every == stage2_every - 1 else 1
                 frames = rng.integers(0, CFG.vocab.num_image_tokens, (CFG.num_frames, side, side))
-                meta = ClipMeta(duration=4.0 / stage, fps=stage, stage=stage, source=f"v{s}", clip_start=i,
-                                clip_end=i + 4, num_frames=CFG.num_frames)
+                meta = ClipMeta(
+                    duration=4.0 / stage,
+                    fps=stage,
+                    stage=stage,
+                    source=f"v{s}",
+                    clip_start=i,
+                    clip_end=i + 4,
+                    num_frames=CFG.num_frames,
+                )
                 sink.write(encode_sample(f"s{s}_{i}", frames, f"clip {s} {i}", meta))
         paths.append(path)
     return paths
@@ -45,7 +61,9 @@ def make_loader(shards, cfg=CFG, position: LoaderPosition | None = None, **kw) -
     """`kw`: DataConfig fields and the loader's own arguments (micro_batch_size, seed, DP rank/size)."""
     data = dict(stage=1, shuffle_buffer=5, prefetch_batches=2) | kw
     own = {k: data.pop(k) for k in ("micro_batch_size", "seed", "dp_rank", "dp_size") if k in data}
-    loader = ShardLoader(shards, cfg, encode_text, DataConfig(**data), **({"micro_batch_size": 2, "seed": 7} | own))
+    loader = ShardLoader(
+        shards, cfg, encode_text, DataConfig(**data), **({"micro_batch_size": 2, "seed": 7} | own)
+    )
     if position is not None:
         loader.load_state_dict(position.to_dict())
     return loader
@@ -85,7 +103,7 @@ def test_batches_match_build_sequence_and_stage_filter(shards):
     sample = next(make_loader(shards, stage=2, shuffle_buffer=0).samples())
     text = TextFormat().text(sample.caption, sample.meta.duration)
     assert text == f"{sample.meta.duration:.1f}秒<n>{sample.caption}"  # the published prefix
-    tokens, targets, mask = build_sequence(CFG, encode_text(text)[:CFG.text_length], sample.frames)
+    tokens, targets, mask = build_sequence(CFG, encode_text(text)[: CFG.text_length], sample.frames)
     assert torch.equal(batch.tokens[0], tokens) and torch.equal(batch.targets[0], targets)
     assert torch.equal(batch.loss_mask[0], mask)
 
@@ -142,7 +160,9 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(tmp_path, caplog):
 
 def test_malformed_samples_are_skipped_and_counted(tmp_path, caplog):
     path = str(tmp_path / "mixed.tar")
-    meta = ClipMeta(duration=4.0, fps=1, stage=1, source="v", clip_start=0, clip_end=4, num_frames=CFG.num_frames)
+    meta = ClipMeta(
+        duration=4.0, fps=1, stage=1, source="v", clip_start=0, clip_end=4, num_frames=CFG.num_frames
+    )
     good = np.zeros((CFG.num_frames, CFG.frame_tokens, CFG.frame_tokens), dtype=np.int64)
     with wds.TarWriter(path) as sink:
         sink.write(encode_sample("ok", good, "fine", meta))
@@ -184,7 +204,7 @@ def test_resume_keeps_bad_counts_exact_at_every_cut(tmp_path, caplog):
     assert run[-1].position.bad_shards == 2 * 3  # two bad shards, read in each of 3 epochs
     for cut in (0, 3, 7, 8, 15):  # 7 and 15 end an epoch
         resumed = iter(make_loader(paths, micro_batch_size=1, shuffle_buffer=3, position=run[cut].position))
-        for expected in run[cut + 1:]:
+        for expected in run[cut + 1 :]:
             got = next(resumed)
             assert got.keys == expected.keys and got.position == expected.position, (cut, expected.position)
 
@@ -193,8 +213,9 @@ def test_resume_keeps_bad_counts_exact_at_every_cut(tmp_path, caplog):
 def test_caption_dropout_is_seeded_per_sample_and_epoch(shards, uncond_prefix):
     cfg = CFG.replace(text_length=16)
     plain = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0)
-    loader = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5,
-                         uncond_prefix=uncond_prefix)
+    loader = make_loader(
+        shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5, uncond_prefix=uncond_prefix
+    )
     samples = list(itertools.islice(loader.samples(), 16))
     dropped = []
     for sample in samples:
@@ -202,7 +223,7 @@ def test_caption_dropout_is_seeded_per_sample_and_epoch(shards, uncond_prefix):
         uncond = f"{sample.meta.duration:.1f}秒<n>视频" if uncond_prefix else "视频"
         expected_uncond = torch.tensor(encode_text(uncond))
         tokens, _, _ = loader.to_sequence(sample)
-        text = tokens[:cfg.text_length]
+        text = tokens[: cfg.text_length]
         n = len(expected_uncond)
         is_uncond = torch.equal(text[-n:], expected_uncond) and bool((text[:-n] == cfg.vocab.pad_id).all())
         assert is_uncond == loader._dropped(sample.key)
@@ -210,8 +231,9 @@ def test_caption_dropout_is_seeded_per_sample_and_epoch(shards, uncond_prefix):
             assert torch.equal(tokens, plain.to_sequence(sample)[0])  # conditional samples are untouched
         dropped.append(is_uncond)
     assert 2 <= sum(dropped) <= 14  # about half of 16
-    again = make_loader(shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5,
-                        uncond_prefix=uncond_prefix)
+    again = make_loader(
+        shards, cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5, uncond_prefix=uncond_prefix
+    )
     assert [again._dropped(s.key) for s in samples] == [loader._dropped(s.key) for s in samples]
 
 

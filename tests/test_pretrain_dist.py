@@ -4,6 +4,7 @@ Every run logs the sample keys of each micro-batch; the reference rebuilds each 
 batch from those keys, trains the same initial weights with torch.optim.AdamW, a hand-written
 warmup+cosine and clip_grad_norm_, and must match the run's losses and final weights (fp32).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pretrain_data import write_shards
+from tolerances import adam_weight_atol, loss_rel_tol
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
@@ -25,8 +28,6 @@ from cogvideo.sequence import build_sequence
 from cogvideo.shards import decode_sample
 from cogvideo.text_format import TextFormat
 from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
-from test_pretrain_data import write_shards
-from tolerances import adam_weight_atol, loss_rel_tol
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,27 +50,49 @@ def ws(tmp_path_factory):
 
 
 def base_args(ws, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs/tiny_test.yaml"),
-            f"data.shards=[{','.join(ws['shards'])}]", f"data.text_tokenizer={ws['tokenizer']}",
-            "data.max_cut_text=1",  # the tiny preset keeps 8 text tokens; the reference cuts alike
-            f"init.weights={ws['init']}", f"checkpoint.dir={run_dir}", "checkpoint.every_steps=2",
-            "checkpoint.keep_last=2", "checkpoint.export_full=true", "logging.sample_keys=true",
-            f"training.max_steps={STEPS}", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}",
-            f"optim.min_lr_ratio={MIN_RATIO}", f"optim.grad_clip={CLIP}", f"optim.weight_decay={DECAY}",
-            "parallel.precision=fp32", *extra]  # the reference trains in fp32; a later precision= wins
+    return [
+        "--config",
+        str(ROOT / "configs/tiny_test.yaml"),
+        f"data.shards=[{','.join(ws['shards'])}]",
+        f"data.text_tokenizer={ws['tokenizer']}",
+        "data.max_cut_text=1",  # the tiny preset keeps 8 text tokens; the reference cuts alike
+        f"init.weights={ws['init']}",
+        f"checkpoint.dir={run_dir}",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+        "checkpoint.export_full=true",
+        "logging.sample_keys=true",
+        f"training.max_steps={STEPS}",
+        f"optim.lr={LR}",
+        f"optim.warmup_steps={WARMUP}",
+        f"optim.min_lr_ratio={MIN_RATIO}",
+        f"optim.grad_clip={CLIP}",
+        f"optim.weight_decay={DECAY}",
+        "parallel.precision=fp32",
+        *extra,
+    ]  # the reference trains in fp32; a later precision= wins
 
 
-def torchrun(nproc: int, args: list[str], script: str | None = None, env: dict | None = None,
-             timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, args: list[str], script: str | None = None, env: dict | None = None, timeout: int = 240
+) -> subprocess.CompletedProcess:
     target = [script] if script else ["-m", "pretrain.train"]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     if nproc == 1:  # no launcher: the exit code is the trainer's own
         cmd = [sys.executable, *target, *args]
-        full_env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(next(PORTS)))
+        full_env.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(next(PORTS))
+        )
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={next(PORTS)}", *target, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={next(PORTS)}",
+            *target,
+            *args,
+        ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
 
 
@@ -89,8 +112,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def key_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((run_dir / "logs").glob("samples_rank*.jsonl"))
-            for line in f.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for f in sorted((run_dir / "logs").glob("samples_rank*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
 
 
 def step_batches(run_dir: Path) -> dict[int, list[str]]:
@@ -110,6 +136,7 @@ def final_weights(run_dir: Path) -> dict:
 
 # ---- the independent reference ------------------------------------------------------------
 
+
 def reference(ws, batches: dict[int, list[str]], train_backbone=True):
     cfg = get_preset("tiny").replace(train_backbone=train_backbone)
     samples = {}
@@ -121,7 +148,7 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True):
 
     def sequence(key):
         s = samples[key]
-        ids = tok.encode(TextFormat().text(s.caption, s.meta.duration))[:cfg.text_length]
+        ids = tok.encode(TextFormat().text(s.caption, s.meta.duration))[: cfg.text_length]
         return build_sequence(cfg, ids, s.frames)
 
     model = CogVideoModel(cfg)
@@ -129,8 +156,12 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     flat = [p for n, p in named if n.endswith("bias") or "layernorm" in n or n.endswith("temporal_gate")]
     matrices = [p for n, p in named if not any(p is q for q in flat)]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": DECAY}, {"params": flat, "weight_decay": 0.0}],
-                            lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": DECAY}, {"params": flat, "weight_decay": 0.0}],
+        lr=LR,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
     def factor(step):
         if step < WARMUP:
@@ -177,8 +208,10 @@ def assert_data_split(run_dir: Path, dp: int, tp: int, epoch_steps: int):
     for d in range(dp):
         for t in range(1, tp):
             assert by_rank[(d, t)] == by_rank[(d, 0)], "TP peers must see identical batches"
-    epoch = [[k for (step, _), keys in sorted(by_rank[(d, 0)].items()) if step <= epoch_steps for k in keys]
-             for d in range(dp)]
+    epoch = [
+        [k for (step, _), keys in sorted(by_rank[(d, 0)].items()) if step <= epoch_steps for k in keys]
+        for d in range(dp)
+    ]
     everything = [k for keys in epoch for k in keys]
     assert len(everything) == len(set(everything)) == 16, "an epoch covers each stage-1 sample once"
     for a in range(dp):
@@ -187,6 +220,7 @@ def assert_data_split(run_dir: Path, dp: int, tp: int, epoch_steps: int):
 
 
 # ---- parity ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def zero2_run(ws):
@@ -198,25 +232,38 @@ def test_zero2_dp2_matches_single_process(ws, zero2_run):
     assert_data_split(zero2_run, dp=2, tp=1, epoch_steps=4)  # 2 ranks x 2 samples x 4 steps = 16
 
 
-@pytest.mark.parametrize("stage, extra", [
-    (1, ["training.grad_accum_steps=2", "training.micro_batch_size=1", "model.activation_checkpointing=true",
-         "parallel.offload_optimizer=true"]),
-    (3, []),
-])
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        (
+            1,
+            [
+                "training.grad_accum_steps=2",
+                "training.micro_batch_size=1",
+                "model.activation_checkpointing=true",
+                "parallel.offload_optimizer=true",
+            ],
+        ),
+        (3, []),
+    ],
+)
 def test_zero_stages_dp2_match_single_process(ws, stage, extra):
     run = train(ws, f"zero{stage}", 2, f"parallel.zero_stage={stage}", "model.train_backbone=true", *extra)
     assert_matches_reference(ws, run)
 
 
 def test_tp2_matches_single_process(ws):
-    run = train(ws, "tp2", 2, "parallel.tensor_parallel=2", "model.train_backbone=true",
-                "training.micro_batch_size=4")
+    run = train(
+        ws, "tp2", 2, "parallel.tensor_parallel=2", "model.train_backbone=true", "training.micro_batch_size=4"
+    )
     assert_matches_reference(ws, run)
     assert_data_split(run, dp=1, tp=2, epoch_steps=4)
 
 
 def test_tp2_dp2_zero2_matches_single_process(ws):
-    run = train(ws, "tp2dp2", 4, "parallel.tensor_parallel=2", "parallel.zero_stage=2", "model.train_backbone=true")
+    run = train(
+        ws, "tp2dp2", 4, "parallel.tensor_parallel=2", "parallel.zero_stage=2", "model.train_backbone=true"
+    )
     assert_matches_reference(ws, run)
     assert_data_split(run, dp=2, tp=2, epoch_steps=4)
 
@@ -263,8 +310,12 @@ train.main(sys.argv[1:])
 def run_injected(ws, run_dir: Path, nproc: int, mode: str, arg: str, *extra: str):
     script = ws["root"] / "inject.py"
     script.write_text(INJECT)
-    return torchrun(nproc, base_args(ws, run_dir, *extra), script=str(script),
-                    env={"INJECT": mode, "INJECT_ARG": arg, "PYTHONPATH": str(ROOT)})
+    return torchrun(
+        nproc,
+        base_args(ws, run_dir, *extra),
+        script=str(script),
+        env={"INJECT": mode, "INJECT_ARG": arg, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_exact_resume_after_kill_and_preemption(ws, zero2_run):
@@ -295,8 +346,17 @@ def test_exact_resume_after_kill_and_preemption(ws, zero2_run):
 
 def test_nonfinite_steps_are_skipped_then_training_stops_bf16(ws):
     run = ws["root"] / "nan"
-    proc = run_injected(ws, run, 1, "nan", "2,4,5,6", "training.max_nonfinite_steps=3",
-                        "checkpoint.every_steps=1", "checkpoint.keep_last=10", "parallel.precision=bf16")
+    proc = run_injected(
+        ws,
+        run,
+        1,
+        "nan",
+        "2,4,5,6",
+        "training.max_nonfinite_steps=3",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=10",
+        "parallel.precision=bf16",
+    )
     assert proc.returncode == 3, proc.stderr[-4000:]
     assert "stopping at step 6: 3 steps in a row" in proc.stderr
     rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]

@@ -2,6 +2,7 @@
 checkpoint runs code, workers die with their launcher, one live run per checkpoint directory,
 one metrics row per step, Ray starts on a busy machine, and bad input fails in one line, exit 2,
 before any process group starts."""
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_pretrain_data import write_shards
 
 from cogvideo.checkpoint import CheckpointError
 from cogvideo.checkpoint.training import load_part, part_file, save_part
@@ -25,7 +27,6 @@ from cogvideo.config import get_preset
 from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
 from pretrain.config import check_config, load_train_config
 from pretrain.metrics import MetricsLogger
-from test_pretrain_data import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/tiny_test.yaml")
@@ -42,6 +43,7 @@ class Planted:
 
 
 # ---- nothing in a checkpoint runs code -------------------------------------------------------
+
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
@@ -89,6 +91,7 @@ def test_a_planted_deepspeed_file_does_not_run(tmp_path):
 
 # ---- one live run per checkpoint directory --------------------------------------------------
 
+
 def write_lock(root: Path, **holder) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "LOCK").write_text(json.dumps({"host": socket.gethostname(), "started": "earlier", **holder}))
@@ -130,15 +133,32 @@ def test_a_run_releases_its_own_lock_only(tmp_path):
 
 # ---- one metrics row per step ---------------------------------------------------------------
 
+
 def test_a_resumed_run_keeps_one_metrics_row_per_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def run(start, stop):
-        logger = MetricsLogger(tmp_path, True, total_steps=6, start_step=start, print_every=100, tensorboard=True,
-                               progress_bar=False)
+        logger = MetricsLogger(
+            tmp_path,
+            True,
+            total_steps=6,
+            start_step=start,
+            print_every=100,
+            tensorboard=True,
+            progress_bar=False,
+        )
         for step in range(start + 1, stop + 1):
-            logger.log(step, {"loss": float(step) + start / 10, "lr": 0.1, "grad_norm": 1.0, "tokens_per_s": 1.0,
-                              "samples_per_s": 1.0, "mfu": 0.0})
+            logger.log(
+                step,
+                {
+                    "loss": float(step) + start / 10,
+                    "lr": 0.1,
+                    "grad_norm": 1.0,
+                    "tokens_per_s": 1.0,
+                    "samples_per_s": 1.0,
+                    "mfu": 0.0,
+                },
+            )
         logger.close()
         time.sleep(1.1)  # TensorBoard names event files by the second
 
@@ -155,6 +175,7 @@ def test_a_resumed_run_keeps_one_metrics_row_per_step(tmp_path):
 
 
 # ---- Ray on a busy machine ------------------------------------------------------------------
+
 
 def test_ray_start_retries_once_then_says_what_to_do(monkeypatch):
     import ray
@@ -188,11 +209,15 @@ def test_ray_start_retries_once_then_says_what_to_do(monkeypatch):
 
 # ---- from scratch, everything trains --------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, trains_backbone", [
-    ([], True),  # from scratch
-    (["model.train_backbone=false"], False),  # told otherwise
-    (["init.backbone=some/cogview2"], False),  # from a backbone: the preset's choice (frozen)
-])
+
+@pytest.mark.parametrize(
+    "overrides, trains_backbone",
+    [
+        ([], True),  # from scratch
+        (["model.train_backbone=false"], False),  # told otherwise
+        (["init.backbone=some/cogview2"], False),  # from a backbone: the preset's choice (frozen)
+    ],
+)
 def test_training_from_scratch_trains_the_backbone(overrides, trains_backbone):
     cfg = load_train_config(CONFIG, ["data.shards=[a.tar]", *overrides])
     assert check_config(cfg, 1).train_backbone is trains_backbone
@@ -201,6 +226,7 @@ def test_training_from_scratch_trains_the_backbone(overrides, trains_backbone):
 
 # ---- fail fast, in one line, before any process group ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     from cogvideo.tokenizers.text import train_text_tokenizer
@@ -208,19 +234,42 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("robust")
     shards = write_shards(root)
     captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
-    return {"root": root, "shards": shards, "tokenizer": str(train_text_tokenizer(captions, root / "text", 60,
-                                                                                  byte_fallback=False))}
+    return {
+        "root": root,
+        "shards": shards,
+        "tokenizer": str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False)),
+    }
 
 
 def train_cli(ws, *overrides, world=2, timeout=120, env=None):
     """Rank 0 of a world whose other ranks never come: reaching init_process_group would hang."""
-    full_env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": "29998", "DS_ACCELERATOR": "cpu", **(env or {})}
-    args = ["--config", CONFIG, f"data.shards=[{','.join(ws['shards'])}]",
-            f"data.text_tokenizer={ws['tokenizer']}",
-            f"checkpoint.dir={ws['root'] / 'run'}", "data.max_cut_text=1", *overrides]
-    return subprocess.run([sys.executable, "-m", "pretrain.train", *args], env=full_env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    full_env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29998",
+        "DS_ACCELERATOR": "cpu",
+        **(env or {}),
+    }
+    args = [
+        "--config",
+        CONFIG,
+        f"data.shards=[{','.join(ws['shards'])}]",
+        f"data.text_tokenizer={ws['tokenizer']}",
+        f"checkpoint.dir={ws['root'] / 'run'}",
+        "data.max_cut_text=1",
+        *overrides,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.train", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def assert_one_line_exit_2(proc, *needles):
@@ -233,15 +282,27 @@ def assert_one_line_exit_2(proc, *needles):
 
 
 def test_missing_or_oversized_text_tokenizer_fails_fast(ws, tmp_path):
-    assert_one_line_exit_2(train_cli(ws, f"data.text_tokenizer={tmp_path / 'nope.model'}"),
-                           "data.text_tokenizer", "nope.model", "not found")
+    assert_one_line_exit_2(
+        train_cli(ws, f"data.text_tokenizer={tmp_path / 'nope.model'}"),
+        "data.text_tokenizer",
+        "nope.model",
+        "not found",
+    )
     from cogvideo.tokenizers.text import train_text_tokenizer
 
-    big = train_text_tokenizer([f"word{i} thing{i * 7} other{i * 13}" for i in range(3000)], tmp_path / "big", 400,
-                               byte_fallback=False)
+    big = train_text_tokenizer(
+        [f"word{i} thing{i * 7} other{i * 13}" for i in range(3000)],
+        tmp_path / "big",
+        400,
+        byte_fallback=False,
+    )
     layout = get_preset("tiny").vocab
-    assert_one_line_exit_2(train_cli(ws, f"data.text_tokenizer={big}"),
-                           "data.text_tokenizer", "400 pieces", f"num_text_tokens={layout.num_text_tokens}")
+    assert_one_line_exit_2(
+        train_cli(ws, f"data.text_tokenizer={big}"),
+        "data.text_tokenizer",
+        "400 pieces",
+        f"num_text_tokens={layout.num_text_tokens}",
+    )
 
 
 def test_a_rank_left_with_only_bad_shards_is_named_before_training(ws, tmp_path):
@@ -264,9 +325,9 @@ def test_a_rank_left_with_only_bad_shards_is_named_before_training(ws, tmp_path)
 def test_captions_cut_by_text_length_fail_with_the_numbers_unless_allowed(ws):
     proc = train_cli(ws, "data.max_cut_text=0.05")  # the default
     assert_one_line_exit_2(proc, "sampled captions are longer than model.text_length=8", "data.max_cut_text")
-    from pretrain.data import check_text_length
-    from pretrain.config import DataConfig
     from cogvideo.tokenizers.text import TextTokenizer
+    from pretrain.config import DataConfig
+    from pretrain.data import check_text_length
 
     cfg = get_preset("tiny").replace(text_length=8)
     encode = TextTokenizer(ws["tokenizer"], cfg.vocab).encode
@@ -289,16 +350,33 @@ def test_a_locked_checkpoint_dir_refuses_a_second_run(ws):
 
 # ---- a plain start, and workers that die with their launcher (multi-process: slow) ----------
 
+
 @pytest.mark.slow
 def test_without_a_launcher_the_trainer_runs_as_a_world_of_one(ws):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith("SLURM_")
+    }
     run = ws["root"] / "plain"
-    args = ["--config", CONFIG, f"data.shards=[{','.join(ws['shards'])}]",
-            f"data.text_tokenizer={ws['tokenizer']}",
-            f"checkpoint.dir={run}", "data.max_cut_text=1", "training.max_steps=2"]
-    proc = subprocess.run([sys.executable, "-m", "pretrain.train", *args], env={**env, "DS_ACCELERATOR": "cpu"},
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    args = [
+        "--config",
+        CONFIG,
+        f"data.shards=[{','.join(ws['shards'])}]",
+        f"data.text_tokenizer={ws['tokenizer']}",
+        f"checkpoint.dir={run}",
+        "data.max_cut_text=1",
+        "training.max_steps=2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.train", *args],
+        env={**env, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world 1 = TP 1 x DP 1" in proc.stderr
     counts = get_preset("tiny")  # trained from scratch: every parameter trains
@@ -327,9 +405,20 @@ def test_workers_die_with_a_killed_torchrun(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 "--master_port=29997", str(script), str(tmp_path)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29997",
+            str(script),
+            str(tmp_path),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while len(list(tmp_path.glob("pid*"))) < 2 and time.time() < deadline:
         time.sleep(0.2)
@@ -349,10 +438,22 @@ def test_workers_die_with_a_killed_torchrun(tmp_path):
 def test_rank_variables_come_from_the_launcher_srun_or_default_to_a_world_of_one(monkeypatch):
     from pretrain.launch import rank_env
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert rank_env() == "none"
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == (
+        "0",
+        "1",
+        "127.0.0.1",
+    )
     assert 0 < int(os.environ["MASTER_PORT"]) < 65536
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var)

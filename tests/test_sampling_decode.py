@@ -1,5 +1,6 @@
 """The KV-cached sampler against full forwards on tiny random models (fp32), and
 classifier-free guidance at its end points."""
+
 import pytest
 import torch
 
@@ -28,20 +29,30 @@ def stages():
 
 def text_encoder(cfg):
     """Distinct left-padded text per text, without a tokenizer file."""
+
     def encode(text):
         key = text
         length = 3 + len(key) % (cfg.text_length - 3)
         gen = torch.Generator().manual_seed(sum(map(ord, key)))
-        ids = torch.randint(cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens, (length,), generator=gen)
+        ids = torch.randint(
+            cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens, (length,), generator=gen
+        )
         return torch.cat([torch.full((cfg.text_length - length,), cfg.vocab.pad_id), ids])
+
     return encode
 
 
 def sampler(stages, cached, strategy=GREEDY, **options):
     stage1, stage2 = stages
     opts = SampleOptions(interpolation_levels=1, **options)
-    return HierarchicalSampler(stage1, stage2, opts, text_encoder(stage1.cfg),
-                               {"frame0": strategy, "stage1": strategy, "stage2": strategy}, cached=cached)
+    return HierarchicalSampler(
+        stage1,
+        stage2,
+        opts,
+        text_encoder(stage1.cfg),
+        {"frame0": strategy, "stage1": strategy, "stage2": strategy},
+        cached=cached,
+    )
 
 
 def test_cached_equals_uncached_greedy_for_both_stages(stages):
@@ -91,8 +102,11 @@ def test_guidance_scale_0_is_unconditional_and_1_is_conditional(stages):
 
 def test_uncached_stage2_needs_every_frame(stages):
     stage2 = stages[1]
-    job = DecodePass(text=torch.zeros(1, 8, dtype=torch.long), given={0: torch.zeros(1, 16, dtype=torch.long)},
-                     targets=(3,))
+    job = DecodePass(
+        text=torch.zeros(1, 8, dtype=torch.long),
+        given={0: torch.zeros(1, 16, dtype=torch.long)},
+        targets=(3,),
+    )
     with pytest.raises(ValueError, match="needs frames 0..3"):
         sample_frames_uncached(stage2, job, GREEDY, [torch.Generator()])
 
@@ -104,11 +118,18 @@ def test_bfloat16_sampling_tracks_float32(stages):
     low = StageModel(low.to(torch.bfloat16), stage.cfg)
     encode = text_encoder(stage.cfg)
     cond = torch.stack([encode("4.0秒<n>a cat"), encode("4.0秒<n>a dog")])
-    job = DecodePass(text=cond, given={0: torch.randint(0, 64, (2, stage.n))}, targets=(1,),
-                     uncond_text=torch.stack([encode("4.0秒<n>视频")] * 2), guidance=3.0)
+    job = DecodePass(
+        text=cond,
+        given={0: torch.randint(0, 64, (2, stage.n))},
+        targets=(1,),
+        uncond_text=torch.stack([encode("4.0秒<n>视频")] * 2),
+        guidance=3.0,
+    )
     codes = sample_frames(low, job, GREEDY, [None, None])[1]
     # teacher-forced in fp32 on bf16's own prefix, every bf16 pick is among fp32's top 3
     # (exact equality is not expected: rounding flips near-ties, and the video then drifts)
-    tokens = torch.cat([job.rows_text(), job.rows(stage.frame_input(job.given[0])), job.rows(stage.frame_input(codes))], 1)
-    logits = job.combine(stage.full(tokens, True, 0.0)[:, stage.cfg.text_length + stage.n:])
+    tokens = torch.cat(
+        [job.rows_text(), job.rows(stage.frame_input(job.given[0])), job.rows(stage.frame_input(codes))], 1
+    )
+    logits = job.combine(stage.full(tokens, True, 0.0)[:, stage.cfg.text_length + stage.n :])
     assert (logits.topk(3, dim=-1).indices == codes[..., None]).any(-1).all()

@@ -1,5 +1,6 @@
 """Hierarchical flow with fake stage models whose output is a known function of what they
 are fed: frame order, interleaving, given frames untouched, texts and flags per pass."""
+
 import pytest
 import torch
 
@@ -45,7 +46,9 @@ class FakeStage(StageModel):
         for i in range(tokens.shape[1]):
             p = start + i
             if self.cfg.stage == "stage2":
-                code = (self._given_code(cache, frame_index - 1, p) + self._given_code(cache, frame_index + 1, p)) // 2
+                code = (
+                    self._given_code(cache, frame_index - 1, p) + self._given_code(cache, frame_index + 1, p)
+                ) // 2
             else:
                 code = torch.full((batch,), 8 * frame_index + p)
             logits[torch.arange(batch), i, code] = 1.0
@@ -56,6 +59,7 @@ def encode_fake(cfg, log):
     def encode(text):
         log.append(text)
         return torch.full((cfg.text_length,), cfg.vocab.text_offset + (len(text) % 50))
+
     return encode
 
 
@@ -63,8 +67,13 @@ def make_sampler(levels=3, guidance=1.0):
     cfg1, cfg2 = get_preset("tiny"), get_preset("tiny-stage2")
     options = SampleOptions(interpolation_levels=levels, stage1_guidance=guidance, duration=4.0)
     texts = []
-    sampler = HierarchicalSampler(FakeStage(cfg1), FakeStage(cfg2), options, encode_fake(cfg1, texts),
-                                  {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY})
+    sampler = HierarchicalSampler(
+        FakeStage(cfg1),
+        FakeStage(cfg2),
+        options,
+        encode_fake(cfg1, texts),
+        {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY},
+    )
     return sampler, texts
 
 
@@ -108,8 +117,10 @@ def test_stage2_never_changes_a_given_frame_and_batches_a_level():
 def test_one_window_at_a_time_gives_the_same_video():
     sampler, _ = make_sampler()
     frames = torch.randint(0, 32, (2, 5, sampler.stage1.n)) * 2
-    assert torch.equal(sampler.interpolate(["x", "y"], frames, 0),
-                       sampler.interpolate(["x", "y"], frames, 0, windows_per_pass=1))
+    assert torch.equal(
+        sampler.interpolate(["x", "y"], frames, 0),
+        sampler.interpolate(["x", "y"], frames, 0, windows_per_pass=1),
+    )
 
 
 def test_flags_per_pass_and_user_first_frame():
@@ -138,8 +149,14 @@ class OffsetStage(FakeStage):
 def test_a_frame0_model_draws_frame_0_and_stage_1_the_rest():
     cfg1 = get_preset("tiny")
     stage1, frame0 = FakeStage(cfg1), OffsetStage(cfg1.replace(stage="backbone", num_frames=1))
-    sampler = HierarchicalSampler(stage1, None, SampleOptions(interpolation_levels=0), encode_fake(cfg1, []),
-                                  {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY}, frame0=frame0)
+    sampler = HierarchicalSampler(
+        stage1,
+        None,
+        SampleOptions(interpolation_levels=0),
+        encode_fake(cfg1, []),
+        {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY},
+        frame0=frame0,
+    )
     video = sampler.sample(["a cat"])
     n = stage1.n
     assert torch.equal(video[0, 0], torch.arange(n) + 5)
@@ -165,15 +182,24 @@ class WordEncoder:
 def test_a_suffix_over_the_text_budget_is_dropped_and_said_or_refused():
     cfg1, cfg2 = get_preset("tiny"), get_preset("tiny-stage2")
     encode = WordEncoder(cfg1, budget=4)
-    options = SampleOptions(interpolation_levels=1, stage1_guidance=3.0, frame0_suffix=" 高清 摄影", video_suffix=" 视频")
-    sampler = HierarchicalSampler(FakeStage(cfg1), FakeStage(cfg2), options, encode,
-                                  {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY})
+    options = SampleOptions(
+        interpolation_levels=1, stage1_guidance=3.0, frame0_suffix=" 高清 摄影", video_suffix=" 视频"
+    )
+    sampler = HierarchicalSampler(
+        FakeStage(cfg1),
+        FakeStage(cfg2),
+        options,
+        encode,
+        {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY},
+    )
     texts, notes = sampler.texts("a red ball")  # 3 words: + 2 for frame 0 is over 4, + 1 for stage 1 fits
     assert texts[:2] == ["a red ball", "4.0秒<n>a red ball 视频"]
     assert len(notes) == 1 and notes[0].startswith("frame0_suffix ' 高清 摄影' dropped (5 words > 4)")
     sampler.sample(["a red ball"])
     assert "a red ball" in encode.seen and "a red ball 高清 摄影" not in encode.seen[-6:]
-    sampler.options = SampleOptions(interpolation_levels=1, frame0_suffix=" 高清 摄影", suffix_over_budget="error")
+    sampler.options = SampleOptions(
+        interpolation_levels=1, frame0_suffix=" 高清 摄影", suffix_over_budget="error"
+    )
     texts, notes = sampler.texts("a red ball")
     assert texts[0] == "a red ball 高清 摄影" and not notes
     with pytest.raises(TextBudgetError):

@@ -1,4 +1,5 @@
 """The batch job (local and Ray) with a fake pipeline, prompt files, outputs, bad input."""
+
 import json
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ from cogvideo.sampling import cli
 from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
-from cogvideo.video_io import read_video
 from cogvideo.sampling.prompts import PromptError, TextBudgetError, TextEncoder, read_prompts
 from cogvideo.text_format import TextFormat
+from cogvideo.video_io import read_video
 
 CFG = get_preset("tiny")
 
@@ -58,8 +59,13 @@ class FakePipeline:
         return 1.0
 
 
-PROMPTS = ["a cat plays", "boom goes the model", "one two three four five six seven eight", "a dog runs",
-           "rain on a lake"]
+PROMPTS = [
+    "a cat plays",
+    "boom goes the model",
+    "one two three four five six seven eight",
+    "a dog runs",
+    "rain on a lake",
+]
 
 
 def write_prompts(tmp_path, lines=PROMPTS):
@@ -79,7 +85,9 @@ def check_outputs(out, prompts, options):
         codes = np.load(entry / "codes.npy")
         assert read_video(entry / "video.mp4")[0].shape == (5, 16, 16, 3)
         assert Image.open(entry / "video.gif").n_frames == 5
-        expected = torch.randint(0, 64, (5, 4, 4), generator=row_generator(options.seed, p.text, "fake")).numpy()
+        expected = torch.randint(
+            0, 64, (5, 4, 4), generator=row_generator(options.seed, p.text, "fake")
+        ).numpy()
         assert np.array_equal(codes, expected)
     assert Image.open(out / "contact_sheet.png").height == 3 * 96  # 16 px frames enlarged 6 x
     assert json.loads((out / "options.json").read_text()) == to_dict(options)
@@ -163,7 +171,10 @@ def test_cli_bad_input_names_the_file(tmp_path, capsys):
     assert "p.txt: no prompts" in capsys.readouterr().err
     prompts.write_text("a cat\n")
     missing = tmp_path / "ckpt" / "stage1"
-    assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), f"stage1_checkpoint={missing}"]) == 2
+    assert (
+        cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), f"stage1_checkpoint={missing}"])
+        == 2
+    )
     assert f"stage1_checkpoint: {missing} does not exist" in capsys.readouterr().err
     assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), "stage1_guidance=high"]) == 2
     assert "stage1_guidance: expected a number" in capsys.readouterr().err
@@ -180,18 +191,26 @@ def test_cli_names_every_bad_option_at_once(tmp_path, capsys):
         "cogvideo-sample: stage1_checkpoint: nope does not exist",
         "cogvideo-sample: interpolation_levels=3 needs stage2_checkpoint: give one, or set interpolation_levels=0 "
         "to stop at the keyframes",
-        lines[4]]  # the release's cluster strategy without a table: said, never silently replaced
-    assert lines[4].startswith("cogvideo-sample: cluster_table: frame0_strategy, stage1_strategy, stage2_strategy "
-                               "use the release's cluster strategy")
+        lines[4],
+    ]  # the release's cluster strategy without a table: said, never silently replaced
+    assert lines[4].startswith(
+        "cogvideo-sample: cluster_table: frame0_strategy, stage1_strategy, stage2_strategy "
+        "use the release's cluster strategy"
+    )
     assert not (tmp_path / "o").exists()  # nothing started
 
 
 def _fake_files(tmp_path):
     for name in ("stage1", "text.model", "image.safetensors"):
         (tmp_path / name).write_text("")
-    return [f"stage1_checkpoint={tmp_path / 'stage1'}", f"text_tokenizer={tmp_path / 'text.model'}",
-            f"image_tokenizer={tmp_path / 'image.safetensors'}", "interpolation_levels=0",
-            "frame0_strategy.kind=topk", "stage1_strategy.kind=topk"]
+    return [
+        f"stage1_checkpoint={tmp_path / 'stage1'}",
+        f"text_tokenizer={tmp_path / 'text.model'}",
+        f"image_tokenizer={tmp_path / 'image.safetensors'}",
+        "interpolation_levels=0",
+        "frame0_strategy.kind=topk",
+        "stage1_strategy.kind=topk",
+    ]
 
 
 def test_cli_prints_each_failure_and_fails_only_when_nothing_sampled(tmp_path, capsys, caplog, monkeypatch):
@@ -199,7 +218,9 @@ def test_cli_prints_each_failure_and_fails_only_when_nothing_sampled(tmp_path, c
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
     with caplog.at_level("INFO", logger="cogvideo.sampling.job"):
-        assert cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), *_fake_files(tmp_path)]) == 0
+        assert (
+            cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), *_fake_files(tmp_path)]) == 0
+        )
     out = capsys.readouterr().out
     assert "3 of 5 prompts sampled, 2 failed" in out
     assert "boom_goes_the_model_06f82209: failed: RuntimeError: the model exploded" in out
@@ -207,7 +228,12 @@ def test_cli_prints_each_failure_and_fails_only_when_nothing_sampled(tmp_path, c
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
     assert [m.split("]")[0] for m in progress] == [f"[{i}/5" for i in range(1, 6)]
     (tmp_path / "boom.txt").write_text("boom goes the model\n")
-    assert cli.main(["--prompts", str(tmp_path / "boom.txt"), "--out", str(tmp_path / "b"), *_fake_files(tmp_path)]) == 1
+    assert (
+        cli.main(
+            ["--prompts", str(tmp_path / "boom.txt"), "--out", str(tmp_path / "b"), *_fake_files(tmp_path)]
+        )
+        == 1
+    )
     assert "0 of 1 prompts sampled, 1 failed" in capsys.readouterr().out
 
 
@@ -215,8 +241,13 @@ def test_contact_sheet_enlarges_frames_wraps_labels_and_draws_cjk(tmp_path, capl
     from cogvideo.sampling import outputs
 
     rows = []
-    for i, label in enumerate(["a red ball rolls slowly to the left across a wide green meadow at dusk",
-                               "一个红色的圆球在绿色的草地上慢慢地向左滚动", "????????????????????"]):
+    for i, label in enumerate(
+        [
+            "a red ball rolls slowly to the left across a wide green meadow at dusk",
+            "一个红色的圆球在绿色的草地上慢慢地向左滚动",
+            "????????????????????",
+        ]
+    ):
         frames = np.full((9, 16, 16, 3), 60 * i, dtype=np.uint8)
         outputs.write_sheet_row(tmp_path / f"row{i}.png", frames)
         rows.append((label, tmp_path / f"row{i}.png"))
@@ -226,7 +257,7 @@ def test_contact_sheet_enlarges_frames_wraps_labels_and_draws_cjk(tmp_path, capl
     width = outputs.LABEL_WIDTH
     assert sheet.shape[1] == width + 9 * 96 and sheet.shape[0] >= 3 * 96  # 16 px frames drawn 6 x larger
     labels = sheet[:, :width] < 128  # ink of the label column
-    assert not labels[:, width - outputs.LABEL_MARGIN:].any()  # nothing cut at the column's edge
+    assert not labels[:, width - outputs.LABEL_MARGIN :].any()  # nothing cut at the column's edge
     first_rows = np.flatnonzero(labels[:96].any(1))
     assert first_rows.max() - first_rows.min() > 2 * outputs.LABEL_FONT_SIZE  # the long English label wraps
     if outputs.LabelFont().cjk is not None:

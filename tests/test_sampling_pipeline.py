@@ -1,5 +1,6 @@
 """End to end through `cogvideo-sample`: real checkpoints, text and image tokenizers made here,
 outputs on disk, determinism, a user-given first frame, and TP=2 (gloo) == TP=1."""
+
 import json
 import os
 import socket
@@ -24,18 +25,27 @@ from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import train_text_tokenizer
 
 CAPTIONS = ["a cat plays with a ball 视频", "a dog runs on the beach 高清摄影", "rain falls on a lake"] * 4
-GREEDY = [f"{stage}_strategy.{key}" for stage in ("frame0", "stage1", "stage2") for key in ("kind=topk", "temperature=0")]
+GREEDY = [
+    f"{stage}_strategy.{key}"
+    for stage in ("frame0", "stage1", "stage2")
+    for key in ("kind=topk", "temperature=0")
+]
 
 
 def _config(preset):  # tiny, with room for a real tokenizer's prompt
-    return get_preset(preset).replace(text_length=32, image_position_offset=32, max_position_embeddings=48,
-                                      init_std=0.3).validate(2)
+    return (
+        get_preset(preset)
+        .replace(text_length=32, image_position_offset=32, max_position_embeddings=48, init_std=0.3)
+        .validate(2)
+    )
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    paths = {"text_tokenizer": train_text_tokenizer(CAPTIONS, root / "text", vocab_size=90, byte_fallback=False)}
+    paths = {
+        "text_tokenizer": train_text_tokenizer(CAPTIONS, root / "text", vocab_size=90, byte_fallback=False)
+    }
     for preset, seed in (("tiny", 0), ("tiny-stage2", 1)):
         cfg = _config(preset)
         torch.manual_seed(seed)
@@ -45,22 +55,42 @@ def assets(tmp_path_factory):
     paths["image_tokenizer"] = root / "image.safetensors"
     PatchVQTokenizer(codebook, frame_size=16, tokens_side=4).save(paths["image_tokenizer"])
     paths["cluster_table"] = root / "clusters.npz"  # the release's cluster strategy is the default
-    clusters_main(["--image-tokenizer", str(paths["image_tokenizer"]), "--clusters", "8",
-                   "--out", str(paths["cluster_table"])])
+    clusters_main(
+        [
+            "--image-tokenizer",
+            str(paths["image_tokenizer"]),
+            "--clusters",
+            "8",
+            "--out",
+            str(paths["cluster_table"]),
+        ]
+    )
     return {k: str(v) for k, v in paths.items()}
 
 
 def _args(assets, prompts, out, *extra):
     options = [f"{k}={v}" for k, v in assets.items()]
     # fp32: these tests compare codes across batch sizes and TP degrees, exact only in fp32
-    return ["--prompts", str(prompts), "--out", str(out), *options, "interpolation_levels=1", "batch_size=2",
-            "dtype=fp32", *extra]
+    return [
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        *options,
+        "interpolation_levels=1",
+        "batch_size=2",
+        "dtype=fp32",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("figures, expected", [
-    (ProbeFigures("cpu", {"fp32": 100.0, "bf16": 220.0}, (4, 32, 128), 1), torch.bfloat16),
-    (ProbeFigures("cpu", {"fp32": 20.0, "bf16": 0.3}, (4, 32, 128), 1), torch.float32),
-])
+@pytest.mark.parametrize(
+    "figures, expected",
+    [
+        (ProbeFigures("cpu", {"fp32": 100.0, "bf16": 220.0}, (4, 32, 128), 1), torch.bfloat16),
+        (ProbeFigures("cpu", {"fp32": 20.0, "bf16": 0.3}, (4, 32, 128), 1), torch.float32),
+    ],
+)
 def test_auto_dtype_loads_the_models_in_the_probes_choice(assets, monkeypatch, figures, expected):
     monkeypatch.setattr(precision, "measure", lambda device, shape: figures)
     monkeypatch.setattr(precision, "_measured", {})
@@ -86,11 +116,16 @@ def test_sample_command_end_to_end(assets, tmp_path):
     image = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "first.png")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in [
-        {"prompt": "a cat plays with a ball", "key": "cat"},
-        {"prompt": "a dog runs", "key": "dog", "first_frame": str(tmp_path / "first.png")},
-        {"prompt": "a cat plays with a ball a dog runs on the beach rain falls", "key": "long"},
-    ]))
+    prompts.write_text(
+        "\n".join(
+            json.dumps(p, ensure_ascii=False)
+            for p in [
+                {"prompt": "a cat plays with a ball", "key": "cat"},
+                {"prompt": "a dog runs", "key": "dog", "first_frame": str(tmp_path / "first.png")},
+                {"prompt": "a cat plays with a ball a dog runs on the beach rain falls", "key": "long"},
+            ]
+        )
+    )
     assert cli.main(_args(assets, prompts, tmp_path / "a")) == 0  # one prompt failed, the others sampled
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert (manifest["ok"], manifest["failed"]) == (2, 1)
@@ -137,15 +172,19 @@ def test_two_processes_tp2_and_dp2_sample_the_same_videos(assets, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat plays with a ball\nrain falls on a lake\na dog runs\n")
     assert cli.main(_args(assets, prompts, tmp_path / "one", *GREEDY, "batch_size=1")) == 0
-    runs = [_args(assets, prompts, tmp_path / "tp2", *GREEDY, "tensor_parallel=2"),
-            _args(assets, prompts, tmp_path / "dp2", *GREEDY, "batch_size=1")]
+    runs = [
+        _args(assets, prompts, tmp_path / "tp2", *GREEDY, "tensor_parallel=2"),
+        _args(assets, prompts, tmp_path / "dp2", *GREEDY, "batch_size=1"),
+    ]
     mp.spawn(_two_process_worker, args=([_free_port(), _free_port()], runs), nprocs=2, join=True)
     for run in ("tp2", "dp2"):
         manifest = json.loads((tmp_path / run / "manifest.json").read_text())
         assert manifest["ok"] == 3
         for entry in manifest["entries"]:
-            assert np.array_equal(np.load(tmp_path / "one" / entry["key"] / "codes.npy"),
-                                  np.load(tmp_path / run / entry["key"] / "codes.npy"))
+            assert np.array_equal(
+                np.load(tmp_path / "one" / entry["key"] / "codes.npy"),
+                np.load(tmp_path / run / entry["key"] / "codes.npy"),
+            )
     assert [e["worker"] for e in manifest["entries"]] == ["dp0", "dp1", "dp0"]  # prompts split over DP ranks
 
 
@@ -184,5 +223,10 @@ def test_frame0_checkpoint_of_the_same_backbone_gives_the_same_video(assets, tmp
 def test_a_video_model_as_frame0_checkpoint_is_refused(assets, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
-    assert cli.main(_args(assets, prompts, tmp_path / "o", f"frame0_checkpoint={assets['stage1_checkpoint']}")) == 2
-    assert f"{assets['stage1_checkpoint']}: holds a stage1 model, expected backbone" in capsys.readouterr().err
+    assert (
+        cli.main(_args(assets, prompts, tmp_path / "o", f"frame0_checkpoint={assets['stage1_checkpoint']}"))
+        == 2
+    )
+    assert (
+        f"{assets['stage1_checkpoint']}: holds a stage1 model, expected backbone" in capsys.readouterr().err
+    )

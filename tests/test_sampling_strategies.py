@@ -1,5 +1,6 @@
 """Sampling strategies against exact distributions computed independently, and the k-means
 cluster table command."""
+
 import numpy as np
 import pytest
 import torch
@@ -126,7 +127,9 @@ def test_the_released_cluster_tables_load_as_they_are(tmp_path):
     assert released.read_bytes()[:80].count(b"'descr': '<i8'") == 1
     table = clusters.load_cluster_table(released, 20000)
     assert table.dtype == torch.int64 and torch.equal(table, torch.from_numpy(labels))
-    strategy = make_strategy(StrategyOptions(kind="cluster", temperature=1.05, top_k=12, temperature2=0.89), table)
+    strategy = make_strategy(
+        StrategyOptions(kind="cluster", temperature=1.05, top_k=12, temperature2=0.89), table
+    )
     assert strategy.num_clusters == 500
     codes = strategy(torch.randn(3, 20000), generators(3))
     assert codes.shape == (3,) and int(codes.max()) < 20000

@@ -1,5 +1,6 @@
 """The text format has one owner: training composes with it, the checkpoint records it, and
 the sampler reads it back, so a model trained on another template samples with that template."""
+
 import json
 
 import pytest
@@ -34,8 +35,15 @@ def test_the_release_format_is_the_default():
 
 
 def test_training_config_records_the_format_the_converter_reads(tmp_path):
-    cfg = load_train_config(None, ["data.prefix_template='[{duration:.0f}s] {caption}'", "data.uncond_text=clip",
-                                   "data.shards=['x.tar']", "data.text_tokenizer=t.model"])
+    cfg = load_train_config(
+        None,
+        [
+            "data.prefix_template='[{duration:.0f}s] {caption}'",
+            "data.uncond_text=clip",
+            "data.shards=['x.tar']",
+            "data.text_tokenizer=t.model",
+        ],
+    )
     assert cfg.data.text_format() == CUSTOM
     save_yaml(cfg, tmp_path / "train_config.yaml")  # what every training checkpoint holds
     assert train_config_text_format(tmp_path) == CUSTOM
@@ -64,14 +72,22 @@ def test_a_model_trained_on_another_template_samples_with_it(tmp_path):
     paths = {}
     for preset, fmt in (("tiny", CUSTOM), ("tiny-stage2", TextFormat())):
         cfg = get_preset(preset).replace(text_length=24, image_position_offset=24, max_position_embeddings=40)
-        paths[preset] = save_model_checkpoint(tmp_path / preset, CogVideoModel(cfg).state_dict(), cfg,
-                                              text_format=fmt)
-    PatchVQTokenizer(torch.rand(64, 48) * 255, frame_size=16, tokens_side=4).save(tmp_path / "image.safetensors")
-    options = SampleOptions(stage1_checkpoint=str(paths["tiny"]), stage2_checkpoint=str(paths["tiny-stage2"]),
-                            text_tokenizer=str(text_model), image_tokenizer=str(tmp_path / "image.safetensors"),
-                            interpolation_levels=1, frame0_suffix="", video_suffix="",
-                            **{f"{s}_strategy": StrategyOptions(temperature=0)
-                               for s in ("frame0", "stage1", "stage2")})
+        paths[preset] = save_model_checkpoint(
+            tmp_path / preset, CogVideoModel(cfg).state_dict(), cfg, text_format=fmt
+        )
+    PatchVQTokenizer(torch.rand(64, 48) * 255, frame_size=16, tokens_side=4).save(
+        tmp_path / "image.safetensors"
+    )
+    options = SampleOptions(
+        stage1_checkpoint=str(paths["tiny"]),
+        stage2_checkpoint=str(paths["tiny-stage2"]),
+        text_tokenizer=str(text_model),
+        image_tokenizer=str(tmp_path / "image.safetensors"),
+        interpolation_levels=1,
+        frame0_suffix="",
+        video_suffix="",
+        **{f"{s}_strategy": StrategyOptions(temperature=0) for s in ("frame0", "stage1", "stage2")},
+    )
     options.stage2_guidance = 3.0
     pipeline = VideoPipeline.load(options)
     fed = []

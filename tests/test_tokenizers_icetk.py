@@ -6,7 +6,12 @@ import torch
 
 from cogvideo.tokenizers._torchvision_standin import STANDIN_MODULES, torchvision_importable
 from cogvideo.tokenizers.icetk_vq import (
-    ICETK_IMAGE_MODEL, PIXEL_MEAN, PIXEL_STD, CheckpointMismatchError, IceImageTokenizer, build_icetk_vqvae,
+    ICETK_IMAGE_MODEL,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    CheckpointMismatchError,
+    IceImageTokenizer,
+    build_icetk_vqvae,
 )
 from cogvideo.tokenizers.image import ImageTokenizer
 from cogvideo.tokenizers.loading import load_image_tokenizer
@@ -86,8 +91,10 @@ def test_corrupted_or_wrong_checkpoints_are_refused_naming_keys(tmp_path):
     missing = dict(state)
     del missing["quantize.embed.weight"], missing["decs.1.conv_out.bias"]
     shape_only_checkpoint(tmp_path / "missing.pt", missing)
-    with pytest.raises(CheckpointMismatchError,
-                       match=r"missing.pt: .*2 missing keys: decs.1.conv_out.bias, quantize.embed.weight"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"missing.pt: .*2 missing keys: decs.1.conv_out.bias, quantize.embed.weight",
+    ):
         IceImageTokenizer.load(tmp_path / "missing.pt")
 
     extra = dict(state, **{"loss.discriminator.weight": torch.zeros(3)})
@@ -97,16 +104,22 @@ def test_corrupted_or_wrong_checkpoints_are_refused_naming_keys(tmp_path):
 
     misshaped = dict(state, **{"quantize.embed.weight": torch.zeros(16384, 256)})
     shape_only_checkpoint(tmp_path / "misshaped.pt", misshaped)
-    with pytest.raises(CheckpointMismatchError,
-                       match=r"1 mis-shaped keys: quantize.embed.weight \(expected \[20000, 256\], got \[16384, 256\]\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"1 mis-shaped keys: quantize.embed.weight \(expected \[20000, 256\], got \[16384, 256\]\)",
+    ):
         IceImageTokenizer.load(tmp_path / "misshaped.pt")
 
     torch.save({"module": {"conv.weight": torch.zeros(2)}}, tmp_path / "other_model.pt")
-    with pytest.raises(CheckpointMismatchError, match=r"329 missing keys: .*\(321 more\); 1 unexpected keys: conv.weight"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"329 missing keys: .*\(321 more\); 1 unexpected keys: conv.weight"
+    ):
         IceImageTokenizer.load(tmp_path / "other_model.pt")
 
     torch.save({"state_dict": {}}, tmp_path / "no_module.pt")
-    with pytest.raises(CheckpointMismatchError, match=r"expected icetk's \{'module': state_dict\}, found \['state_dict'\]"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"expected icetk's \{'module': state_dict\}, found \['state_dict'\]"
+    ):
         IceImageTokenizer.load(tmp_path / "no_module.pt")
 
     (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not really a zip")
@@ -127,6 +140,7 @@ def test_missing_files_name_the_path(tmp_path):
 def test_torchvision_standin_only_inside_the_block():
     try:
         import torchvision  # noqa: F401
+
         pytest.skip("the real torchvision is importable here")
     except Exception:
         pass
@@ -134,6 +148,7 @@ def test_torchvision_standin_only_inside_the_block():
     with torchvision_importable():
         from torchvision import transforms
         from torchvision.transforms.functional import pil_to_tensor
+
         with pytest.raises(RuntimeError, match="stand-in"):
             transforms.Normalize([0.5], [0.5])
         with pytest.raises(RuntimeError, match="stand-in"):

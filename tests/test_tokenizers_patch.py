@@ -12,11 +12,18 @@ from cogvideo.metrics import psnr
 from cogvideo.tokenizers.image import ImageTokenizer
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import (
-    PatchVQTokenizer, fit_patch_tokenizer, held_out_split, kmeans, main, read_frames,
+    PatchVQTokenizer,
+    fit_patch_tokenizer,
+    held_out_split,
+    kmeans,
+    main,
+    read_frames,
 )
 
 SIZE, SIDE = 32, 4
-COLOURS = np.array([[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 220, 40], [200, 60, 220], [250, 140, 30]])
+COLOURS = np.array(
+    [[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 220, 40], [200, 60, 220], [250, 140, 30]]
+)
 BACKGROUND = np.array([18, 18, 28])
 
 
@@ -29,21 +36,24 @@ def shape_frames(count: int, seed: int, size: int = SIZE) -> np.ndarray:
         side = rng.uniform(0.3, 0.5) * size
         cx, cy = rng.uniform(side / 2 + 1, size - side / 2 - 1, 2)
         t = (yy - cy + side / 2) / side
-        mask = [(xx - cx) ** 2 + (yy - cy) ** 2 <= (side / 2) ** 2,
-                (abs(xx - cx) <= side / 2) & (abs(yy - cy) <= side / 2),
-                (t >= 0) & (t <= 1) & (abs(xx - cx) <= t * side / 2)][rng.integers(3)]
+        mask = [
+            (xx - cx) ** 2 + (yy - cy) ** 2 <= (side / 2) ** 2,
+            (abs(xx - cx) <= side / 2) & (abs(yy - cy) <= side / 2),
+            (t >= 0) & (t <= 1) & (abs(xx - cx) <= t * side / 2),
+        ][rng.integers(3)]
         frames[i] = np.where(mask[..., None], COLOURS[rng.integers(6)], BACKGROUND)
     return frames
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    return fit_patch_tokenizer(shape_frames(400, seed=0), codebook_size=128, frame_size=SIZE, tokens_side=SIDE,
-                               iterations=8)
+    return fit_patch_tokenizer(
+        shape_frames(400, seed=0), codebook_size=128, frame_size=SIZE, tokens_side=SIDE, iterations=8
+    )
 
 
 def cut(frame: np.ndarray, r: int, c: int, p: int) -> np.ndarray:
-    return frame[r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
+    return frame[r * p : (r + 1) * p, c * p : (c + 1) * p].reshape(-1)
 
 
 def reference_encode(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> np.ndarray:
@@ -56,7 +66,9 @@ def reference_encode(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> np.ndar
             for c in range(SIDE):
                 patch = cut(frame, r, c, p)
                 colour = ((book_mean - patch.reshape(-1, 3).mean(0)) ** 2).sum(1)
-                codes[t, r, c] = np.argmin(((book - patch) ** 2).sum(1) + tokenizer.colour_weight * p * p * colour)
+                codes[t, r, c] = np.argmin(
+                    ((book - patch) ** 2).sum(1) + tokenizer.colour_weight * p * p * colour
+                )
     return codes
 
 
@@ -67,8 +79,13 @@ def reference_context(codes: np.ndarray, frames: np.ndarray, p: int, outside: in
     for t in range(len(codes)):
         for r in range(SIDE):
             for c in range(SIDE):
-                key = (padded[t, r + 1, c + 1], padded[t, r, c + 1], padded[t, r + 2, c + 1],
-                       padded[t, r + 1, c], padded[t, r + 1, c + 2])
+                key = (
+                    padded[t, r + 1, c + 1],
+                    padded[t, r, c + 1],
+                    padded[t, r + 2, c + 1],
+                    padded[t, r + 1, c],
+                    padded[t, r + 1, c + 2],
+                )
                 groups.setdefault(key, []).append(cut(frames[t], r, c, p).astype(np.float64))
     return {key: np.mean(patches, 0) for key, patches in groups.items()}
 
@@ -99,11 +116,18 @@ def test_context_table_decodes_mean_training_patch_of_the_context(fitted):
     for t in range(len(codes)):
         for r in range(SIDE):
             for c in range(SIDE):
-                key = (padded[t, r + 1, c + 1], padded[t, r, c + 1], padded[t, r + 2, c + 1],
-                       padded[t, r + 1, c], padded[t, r + 1, c + 2])
+                key = (
+                    padded[t, r + 1, c + 1],
+                    padded[t, r, c + 1],
+                    padded[t, r + 2, c + 1],
+                    padded[t, r + 1, c],
+                    padded[t, r + 1, c + 2],
+                )
                 seen += key in table
                 expected = table[key] if key in table else book[codes[t, r, c]]
-                np.testing.assert_allclose(cut(decoded[t], r, c, p), np.clip(np.round(expected), 0, 255), atol=1)
+                np.testing.assert_allclose(
+                    cut(decoded[t], r, c, p), np.clip(np.round(expected), 0, 255), atol=1
+                )
     assert seen > 0.5 * codes.size
     # A context's mean patch is the least-squares patch for its training positions, so on the
     # training frames the table must beat the codes' own patches (measured 36.5 vs 21.4 dB);
@@ -117,8 +141,12 @@ def test_context_table_decodes_mean_training_patch_of_the_context(fitted):
 def test_codes_are_crisp_training_patches(fitted):
     train = shape_frames(400, seed=0)
     p = fitted.patch_size
-    patches = {tuple(train[t, r:r + p, c:c + p].reshape(-1))
-               for t in range(len(train)) for r in range(0, SIZE, p) for c in range(0, SIZE, p)}
+    patches = {
+        tuple(train[t, r : r + p, c : c + p].reshape(-1))
+        for t in range(len(train))
+        for r in range(0, SIZE, p)
+        for c in range(0, SIZE, p)
+    }
     assert all(tuple(code.astype(np.uint8)) in patches for code in fitted.codebook())
 
 
@@ -158,15 +186,25 @@ def test_bad_files_are_named(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="other.safetensors: metadata 'format' is None"):
         PatchVQTokenizer.load(tmp_path / "other.safetensors")
-    save_file({"codebook": torch.zeros(4, 10)}, str(tmp_path / "shape.safetensors"),
-              metadata={"format": "cogvideo-patch-vq", "frame_size": "32", "tokens_side": "4"})
-    with pytest.raises(ValueError, match=re.escape("shape.safetensors: codebook: expected [codebook_size, 192]")):
+    save_file(
+        {"codebook": torch.zeros(4, 10)},
+        str(tmp_path / "shape.safetensors"),
+        metadata={"format": "cogvideo-patch-vq", "frame_size": "32", "tokens_side": "4"},
+    )
+    with pytest.raises(
+        ValueError, match=re.escape("shape.safetensors: codebook: expected [codebook_size, 192]")
+    ):
         PatchVQTokenizer.load(tmp_path / "shape.safetensors")
-    save_file({"codebook": torch.zeros(4, 192), "context_keys": torch.zeros(3, dtype=torch.int64)},
-              str(tmp_path / "half.safetensors"), metadata={"format": "cogvideo-patch-vq", "frame_size": "32",
-                                                            "tokens_side": "4"})
-    with pytest.raises(ValueError, match=r"half.safetensors: expected tensors 'codebook' \(\+ 'context_keys' and "
-                                         r"'context_patches'\), found \['codebook', 'context_keys'\]"):
+    save_file(
+        {"codebook": torch.zeros(4, 192), "context_keys": torch.zeros(3, dtype=torch.int64)},
+        str(tmp_path / "half.safetensors"),
+        metadata={"format": "cogvideo-patch-vq", "frame_size": "32", "tokens_side": "4"},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"half.safetensors: expected tensors 'codebook' \(\+ 'context_keys' and "
+        r"'context_patches'\), found \['codebook', 'context_keys'\]",
+    ):
         PatchVQTokenizer.load(tmp_path / "half.safetensors")
 
 
@@ -213,19 +251,35 @@ def test_command_fits_from_images_and_videos(tmp_path, capsys):
     main(["preset=small", f"frames={tmp_path / 'frames'}", f"out={out}", "codebook_size=64", "iterations=4"])
     captured = capsys.readouterr()
     printed = captured.out
-    assert "reading frames" in captured.err and "4/4" in captured.err  # progress: files, then k-means iterations
+    assert (
+        "reading frames" in captured.err and "4/4" in captured.err
+    )  # progress: files, then k-means iterations
     assert "context table" in captured.err
     held_out = re.search(r"held-out PSNR ([\d.]+) dB on (\d+) frames of (\d+) held-out file", printed)
-    assert float(held_out.group(1)) > 19.0 and int(held_out.group(2)) >= 16  # measured 20.4-20.8 dB, seeds 0-2
+    assert (
+        float(held_out.group(1)) > 19.0 and int(held_out.group(2)) >= 16
+    )  # measured 20.4-20.8 dB, seeds 0-2
     fitted = PatchVQTokenizer.load(out)
-    assert (fitted.codebook_size, fitted.frame_size, fitted.tokens_side, fitted.preset) == (64, 32, 4, "small")
+    assert (fitted.codebook_size, fitted.frame_size, fitted.tokens_side, fitted.preset) == (
+        64,
+        32,
+        4,
+        "small",
+    )
     with pytest.raises(FileNotFoundError, match="no frames found at .*nothing"):
         read_frames(str(tmp_path / "nothing"), SIZE)
 
 
 def test_fit_command_takes_its_geometry_from_the_preset_and_refuses_what_does_not_fit(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["preset=small", f"frames={tmp_path}", f"out={tmp_path / 'tok.safetensors'}", "codebook_size=4096"])
+        main(
+            [
+                "preset=small",
+                f"frames={tmp_path}",
+                f"out={tmp_path / 'tok.safetensors'}",
+                "codebook_size=4096",
+            ]
+        )
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "codebook_size: 4096 codes do not fit preset 'small' (vocab.num_image_tokens=512)" in err

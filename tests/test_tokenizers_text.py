@@ -9,7 +9,14 @@ from cogvideo.text_format import TextFormat, TextFormatError
 from cogvideo.tokenizers.text import ICETK_TEXT_MODEL, TextTokenizer, main, train_text_tokenizer
 from cogvideo.vocab import VocabLayout
 
-COLOURS = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"}
+COLOURS = {
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "purple": "紫色",
+    "orange": "橙色",
+}
 SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
 MOVES = {"left": "向左", "right": "向右", "up": "向上", "down": "向下"}
 
@@ -32,12 +39,15 @@ def tokenizer(model_file):
     return TextTokenizer(model_file, VocabLayout.compact(512, sp.GetPieceSize()))
 
 
-@pytest.mark.parametrize("text", [
-    "a red circle moving left",
-    "一个蓝色的三角形向上移动",
-    "紫色正方形，向右！",  # full-width punctuation is kept (no NFKC)
-    "a 猫 never seen in training 🐱",  # byte fallback
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red circle moving left",
+        "一个蓝色的三角形向上移动",
+        "紫色正方形，向右！",  # full-width punctuation is kept (no NFKC)
+        "a 猫 never seen in training 🐱",  # byte fallback
+    ],
+)
 def test_round_trip_english_and_chinese(tokenizer, text):
     ids = tokenizer.encode(text)
     assert all(tokenizer.layout.is_text(i) for i in ids)
@@ -66,7 +76,9 @@ def test_prompt_has_duration_prefix_with_separator_piece(tokenizer):
     # the release (cogvideo_pipeline.py): encode(str(float(duration)) + "秒") + [tokenizer['<n>']] + encode(text)
     separator = tokenizer.layout.text_id(tokenizer.sp.PieceToId("<n>"))
     assert ids == tokenizer.encode("4.0秒") + [separator] + tokenizer.encode("一个红色的圆形")
-    assert tokenizer.encode("a red circle") == [tokenizer.layout.text_id(p) for p in tokenizer.sp.EncodeAsIds("a red circle")]
+    assert tokenizer.encode("a red circle") == [
+        tokenizer.layout.text_id(p) for p in tokenizer.sp.EncodeAsIds("a red circle")
+    ]
     custom = TextFormat(prefix_template="{caption} ({duration:.0f}s)")
     assert tokenizer.decode(tokenizer.encode(custom.text("a red circle", 2.0))) == "a red circle (2s)"
     for bad in ("{duration}秒<n>", "{caption} {fps}", "{caption"):
@@ -84,9 +96,19 @@ def test_decode_rejects_non_text_ids(tokenizer):
 def test_icetk_style_model_loads_from_directory(tmp_path):
     # icetk's ice_text.model puts <pad> at piece 3 (model id 20003) and has a <n> piece.
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(captions()), model_prefix=str(tmp_path / "ice_text"), vocab_size=200,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=["<n>"],
-        required_chars="0123456789.秒", hard_vocab_limit=False, minloglevel=2)
+        sentence_iterator=iter(captions()),
+        model_prefix=str(tmp_path / "ice_text"),
+        vocab_size=200,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        user_defined_symbols=["<n>"],
+        required_chars="0123456789.秒",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     tokenizer = TextTokenizer(tmp_path, VocabLayout.icetk())
     assert tokenizer.path == tmp_path / ICETK_TEXT_MODEL
     ids = tokenizer.encode(TextFormat().text("a red circle moving left", 4.0))
@@ -116,9 +138,13 @@ def test_command_trains_from_caption_file(tmp_path, capsys):
     tokenizer = TextTokenizer(tmp_path / "out" / "sp.model", VocabLayout.compact(64, 500))
     assert tokenizer.decode(tokenizer.encode("一个黄色的正方形向下移动")) == "一个黄色的正方形向下移动"
     fitted = json.loads((tmp_path / "out" / "sp.json").read_text())
-    assert fitted["preset"] == "small" and fitted["pieces"] == tokenizer.num_pieces <= fitted["num_text_tokens"]
+    assert (
+        fitted["preset"] == "small" and fitted["pieces"] == tokenizer.num_pieces <= fitted["num_text_tokens"]
+    )
     with pytest.raises(SystemExit) as exit:
-        main(["preset=small", f"captions={tmp_path / 'nowhere.txt'}", f"out={tmp_path / 'x'}", "vocab_size=50"])
+        main(
+            ["preset=small", f"captions={tmp_path / 'nowhere.txt'}", f"out={tmp_path / 'x'}", "vocab_size=50"]
+        )
     assert exit.value.code == 2 and "nowhere.txt" in capsys.readouterr().err
 
 
@@ -129,13 +155,22 @@ def test_command_reads_the_prep_captions_file_and_defaults_to_the_presets_vocabu
     fitted = json.loads((tmp_path / "sp.json").read_text())
     assert fitted["vocab_size"] == get_preset("small").vocab.num_text_tokens >= fitted["pieces"]
     with pytest.raises(SystemExit) as exit:
-        main(["preset=tiny", f"captions={tmp_path / 'captions.jsonl'}", f"out={tmp_path / 'x'}", "vocab_size=5000"])
+        main(
+            [
+                "preset=tiny",
+                f"captions={tmp_path / 'captions.jsonl'}",
+                f"out={tmp_path / 'x'}",
+                "vocab_size=5000",
+            ]
+        )
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "vocab_size: 5000 pieces do not fit preset 'tiny'" in err
 
 
 def test_command_learns_whole_words_from_a_few_dozen_captions(tmp_path):
-    from cogvideo.synthetic import COLOURS as WORLD_COLOURS, DIRECTIONS, SHAPES as WORLD_SHAPES, caption_for
+    from cogvideo.synthetic import COLOURS as WORLD_COLOURS
+    from cogvideo.synthetic import DIRECTIONS, caption_for
+    from cogvideo.synthetic import SHAPES as WORLD_SHAPES
 
     combos = list(itertools.product(WORLD_COLOURS, WORLD_SHAPES, DIRECTIONS))[::3]  # 24 captions
     (tmp_path / "captions.txt").write_text("\n".join(caption_for(*c) for c in combos), encoding="utf-8")
@@ -149,10 +184,17 @@ def test_small_vocabulary_over_many_characters_needs_and_takes_character_coverag
     # 100 frequent and 300 rare CJK characters: with byte fallback's 256 pieces, all of them
     # cannot be pieces of a 500-piece vocabulary; coverage 0.98 leaves the rare ones to bytes
     common, rare = [chr(0x4E00 + i) for i in range(100)], [chr(0x5000 + i) for i in range(300)]
-    lines = ["".join(common[(i * 7 + k) % 100] for k in range(50)) + (rare[i] if i < 300 else "")
-             for i in range(600)]
+    lines = [
+        "".join(common[(i * 7 + k) % 100] for k in range(50)) + (rare[i] if i < 300 else "")
+        for i in range(600)
+    ]
     (tmp_path / "captions.txt").write_text("\n".join(lines), encoding="utf-8")
-    args = ["preset=small", f"captions={tmp_path / 'captions.txt'}", f"out={tmp_path / 'sp'}", "vocab_size=500"]
+    args = [
+        "preset=small",
+        f"captions={tmp_path / 'captions.txt'}",
+        f"out={tmp_path / 'sp'}",
+        "vocab_size=500",
+    ]
     with pytest.raises(SystemExit) as exit:
         main(args)
     err = capsys.readouterr().err

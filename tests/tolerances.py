@@ -13,6 +13,7 @@ size. Rounding noise therefore matters only for elements whose gradient is itsel
 differ by a fraction of a step. 5 % of the largest lr bounds that for a few steps (seen: up to
 0.7 % on some machines), while a real error moves many elements by whole steps (~lr).
 """
+
 import torch
 
 FP32_EPS = torch.finfo(torch.float32).eps

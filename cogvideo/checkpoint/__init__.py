@@ -20,11 +20,30 @@ degree loads at any TP degree (``load_model_state`` slices or merges tensor by t
 Writers build the whole output in a temporary directory renamed at the end and refuse an
 existing output unless forced; readers only use safetensors and ``torch.load(weights_only=True)``.
 """
-from cogvideo.checkpoint.format import (Checkpoint, load_model_config, load_model_state, load_optimizer_state,
-                                        load_text_format, reshard, save_model_checkpoint)
+
+from cogvideo.checkpoint.format import (
+    Checkpoint,
+    load_model_config,
+    load_model_state,
+    load_optimizer_state,
+    load_text_format,
+    reshard,
+    save_model_checkpoint,
+)
 from cogvideo.checkpoint.io import CheckpointError
 from cogvideo.checkpoint.sat import import_sat
 from cogvideo.checkpoint.zero import convert_zero, restore_optimizer_state
 
-__all__ = ["Checkpoint", "CheckpointError", "convert_zero", "import_sat", "load_model_config", "load_model_state",
-           "load_optimizer_state", "load_text_format", "reshard", "restore_optimizer_state", "save_model_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "convert_zero",
+    "import_sat",
+    "load_model_config",
+    "load_model_state",
+    "load_optimizer_state",
+    "load_text_format",
+    "reshard",
+    "restore_optimizer_state",
+    "save_model_checkpoint",
+]

@@ -9,6 +9,7 @@
 
 Every command writes OUT atomically and refuses an existing OUT unless --force.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ def describe(path: str | Path, base: str = "cogview2-6b", overrides: dict | None
     elif any(tag_dir(path, None).glob("*_model_states.pt")):
         kind, read = "DeepSpeed", lambda: _describe_zero(path)
     else:
-        raise CheckpointError(f"{path}: not a checkpoint (ours has {CONFIG_NAME}, SwissArmyTransformer "
-                              f"{SAT_CONFIG}, DeepSpeed *_model_states.pt files)")
+        raise CheckpointError(
+            f"{path}: not a checkpoint (ours has {CONFIG_NAME}, SwissArmyTransformer "
+            f"{SAT_CONFIG}, DeepSpeed *_model_states.pt files)"
+        )
     try:
         return read() | {"complete": True}
     except CheckpointError as err:
@@ -68,9 +71,14 @@ def describe(path: str | Path, base: str = "cogview2-6b", overrides: dict | None
 
 def _describe_ours(path: Path) -> dict:
     info = read_checkpoint_info(path)
-    out = {"format": f"cogvideo v{info['version']}", "preset": info["model"].get("name"),
-           "stage": info["model"].get("stage"), "tensor_parallel": info["tensor_parallel"],
-           "iteration": info["iteration"], "dtype": info.get("dtype")}
+    out = {
+        "format": f"cogvideo v{info['version']}",
+        "preset": info["model"].get("name"),
+        "stage": info["model"].get("stage"),
+        "tensor_parallel": info["tensor_parallel"],
+        "iteration": info["iteration"],
+        "dtype": info.get("dtype"),
+    }
     try:
         ckpt = Checkpoint(path)
         check_shapes(ckpt.shapes, ckpt.cfg, str(path))
@@ -85,8 +93,15 @@ def _describe_sat(path: Path, base: str, overrides: dict | None) -> dict:
     dtype = next(iter(sat.modules[0].values())).dtype
     dtype = NAMES.get(dtype, str(dtype))
     shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
-    return {"format": "SwissArmyTransformer", "preset": cfg.name, "stage": sat.stage,
-            "tensor_parallel": sat.tensor_parallel, "iteration": sat.iteration, "dtype": dtype, **_counts(shapes, cfg)}
+    return {
+        "format": "SwissArmyTransformer",
+        "preset": cfg.name,
+        "stage": sat.stage,
+        "tensor_parallel": sat.tensor_parallel,
+        "iteration": sat.iteration,
+        "dtype": dtype,
+        **_counts(shapes, cfg),
+    }
 
 
 def _describe_zero(path: Path) -> dict:
@@ -95,9 +110,16 @@ def _describe_zero(path: Path) -> dict:
         cfg = train_config_model(zero.path)
     except CheckpointError:  # a DeepSpeed checkpoint not written by our trainer
         cfg = None
-    return {"format": f"DeepSpeed ZeRO-{zero.stage}", "preset": cfg.name if cfg else None,
-            "stage": cfg.stage if cfg else None, "tensor_parallel": zero.tp, "data_parallel": zero.dp,
-            "iteration": zero.iteration, "dtype": "fp32 (master weights)", **_counts(zero.shapes, cfg)}
+    return {
+        "format": f"DeepSpeed ZeRO-{zero.stage}",
+        "preset": cfg.name if cfg else None,
+        "stage": cfg.stage if cfg else None,
+        "tensor_parallel": zero.tp,
+        "data_parallel": zero.dp,
+        "iteration": zero.iteration,
+        "dtype": "fp32 (master weights)",
+        **_counts(zero.shapes, cfg),
+    }
 
 
 def _counts(shapes: dict, cfg) -> dict:
@@ -124,31 +146,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.add_argument("--base", default="cogview2-6b", help="SAT checkpoints: as for import-sat")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="SAT checkpoints: as for import-sat")
-    p = writer("import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir")
-    p.add_argument("--stage", choices=["backbone", "stage1", "stage2"],
-                   help="default: the checkpoint's own; stage1/stage2 from a backbone initialises the video parts")
-    p.add_argument("--base", default="cogview2-6b",
-                   help="preset for what model_config.json does not record: frame size in pixels, the vocabulary's "
-                        "ranges when not icetk's (default cogview2-6b); shapes and vocab size come from the file")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a model field after model_config.json (dotted, e.g. text_length=64)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="SAT checkpoints: as for import-sat"
+    )
+    p = writer(
+        "import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir"
+    )
+    p.add_argument(
+        "--stage",
+        choices=["backbone", "stage1", "stage2"],
+        help="default: the checkpoint's own; stage1/stage2 from a backbone initialises the video parts",
+    )
+    p.add_argument(
+        "--base",
+        default="cogview2-6b",
+        help="preset for what model_config.json does not record: frame size in pixels, the vocabulary's "
+        "ranges when not icetk's (default cogview2-6b); shapes and vocab size come from the file",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a model field after model_config.json (dotted, e.g. text_length=64)",
+    )
     p.add_argument("--iteration", help="default: the one named by SAT_DIR/latest")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to store")
     p = writer("reshard", "split or merge the tensor-parallel shards of our checkpoint", "our checkpoint")
     p.add_argument("--tp", type=int, required=True)
-    p = writer("zero", "consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (any TP x DP) into ours", "DeepSpeed dir")
+    p = writer(
+        "zero", "consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (any TP x DP) into ours", "DeepSpeed dir"
+    )
     p.add_argument("--tag", help="default: the one named by DIR/latest")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="the model section, as training's model: (preset=NAME, family=NAME, FIELD=VALUE); "
-                        "default: the one in the checkpoint's train_config.yaml")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the model section, as training's model: (preset=NAME, family=NAME, FIELD=VALUE); "
+        "default: the one in the checkpoint's train_config.yaml",
+    )
     p.add_argument("--no-optimizer", action="store_true", help="weights only")
-    writer("export", "full (merged) weights as sharded safetensors with an index, no optimizer", "our checkpoint")
+    writer(
+        "export", "full (merged) weights as sharded safetensors with an index, no optimizer", "our checkpoint"
+    )
     p = sub.add_parser("export-sat", help="our checkpoint -> SwissArmyTransformer (mp_rank_XX files)")
     p.add_argument("src", help="our checkpoint")
     p.add_argument("out", help="output directory (SAT layout)")
-    p.add_argument("--tp", type=int, help="tensor-parallel degree of the rank files (default: the checkpoint's)")
+    p.add_argument(
+        "--tp", type=int, help="tensor-parallel degree of the rank files (default: the checkpoint's)"
+    )
     p.add_argument("--iteration", help="iteration folder name (default: the checkpoint's iteration)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -159,19 +207,40 @@ def run(args: argparse.Namespace) -> Path | dict:
     if args.command == "inspect":
         return describe(args.path, args.base, parse_overrides(args.set))
     if args.command == "export-sat":
-        return export_sat(args.src, args.out, tensor_parallel=args.tp, iteration=args.iteration, force=args.force,
-                          dtype=DTYPES.get(args.dtype or ""))
+        return export_sat(
+            args.src,
+            args.out,
+            tensor_parallel=args.tp,
+            iteration=args.iteration,
+            force=args.force,
+            dtype=DTYPES.get(args.dtype or ""),
+        )
     common = dict(force=args.force, dtype=DTYPES.get(args.dtype or ""), max_shard_bytes=args.max_shard_size)
     if args.command == "import-sat":
-        return import_sat(args.src, args.out, base=args.base, stage=args.stage, iteration=args.iteration,
-                          tensor_parallel=args.tp, overrides=parse_overrides(args.set), **common)
+        return import_sat(
+            args.src,
+            args.out,
+            base=args.base,
+            stage=args.stage,
+            iteration=args.iteration,
+            tensor_parallel=args.tp,
+            overrides=parse_overrides(args.set),
+            **common,
+        )
     if args.command == "reshard":
         return reshard(args.src, args.out, args.tp, **common)
     if args.command == "export":
         return reshard(args.src, args.out, 1, optimizer=False, **common)
     cfg = resolve_model_section(parse_overrides(args.set)) if args.set else None
-    return convert_zero(args.src, args.out, cfg, tag=args.tag, tensor_parallel=args.tp,
-                        optimizer=not args.no_optimizer, **common)
+    return convert_zero(
+        args.src,
+        args.out,
+        cfg,
+        tag=args.tag,
+        tensor_parallel=args.tp,
+        optimizer=not args.no_optimizer,
+        **common,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             width = max(map(len, result))
             for key, value in result.items():
-                print(f"{key:<{width}}  {f'{value:,}' if isinstance(value, int) and not isinstance(value, bool) else value}")
+                print(
+                    f"{key:<{width}}  {f'{value:,}' if isinstance(value, int) and not isinstance(value, bool) else value}"
+                )
     else:
         print(f"wrote {result}")
     return 0

@@ -1,4 +1,5 @@
 """Our checkpoint format (described in the package docstring): write, read, validate, reshard."""
+
 from __future__ import annotations
 
 import math
@@ -36,11 +37,14 @@ def rank_dir(path: Path, rank: int) -> Path:
 
 # ---- per-tensor TP helpers (the model's TP plan) ------------------------------------------
 
+
 def shard_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     try:
         return TP_PLAN.shard_tensor(name, tensor, rank, size)
     except ValueError as err:
-        raise CheckpointError(f"{name}: cannot split {tuple(tensor.shape)} over {size} TP ranks ({err})") from None
+        raise CheckpointError(
+            f"{name}: cannot split {tuple(tensor.shape)} over {size} TP ranks ({err})"
+        ) from None
 
 
 def merge_tensor(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -60,6 +64,7 @@ def is_trainable(name: str, cfg: ModelConfig) -> bool:
 
 # ---- validation against the model --------------------------------------------------------
 
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) parameter shapes of CogVideoModel(cfg), from the plain model on the meta device."""
     from cogvideo.family import family_of
@@ -74,24 +79,41 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: st
     expected = expected_shapes(cfg)
     missing = [n for n in expected if n not in shapes]
     extra = [n for n in shapes if n not in expected]
-    wrong = [f"{n}: {tuple(shapes[n])} (model wants {expected[n]})"
-             for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
+    wrong = [
+        f"{n}: {tuple(shapes[n])} (model wants {expected[n]})"
+        for n in expected
+        if n in shapes and tuple(shapes[n]) != expected[n]
+    ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", wrong)):
         if items:
-            problems.append(f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}")
+            problems.append(
+                f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+            )
     if problems:
-        raise CheckpointError(f"{where}: does not fit model {cfg.name!r} (stage {cfg.stage}): " + "; ".join(problems))
+        raise CheckpointError(
+            f"{where}: does not fit model {cfg.name!r} (stage {cfg.stage}): " + "; ".join(problems)
+        )
 
 
 # ---- writing -----------------------------------------------------------------------------
 
-def write_checkpoint(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
-                     tensors: Iterable[tuple[str, torch.Tensor]], *, iteration: int = 0,
-                     tensor_parallel: int = 1, force: bool = False, dtype: torch.dtype | None = None,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str = "",
-                     optimizer: tuple[dict, Iterable[tuple[str, torch.Tensor]]] | None = None,
-                     text_format: TextFormat = TextFormat()) -> Path:
+
+def write_checkpoint(
+    path: str | Path,
+    cfg: ModelConfig,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    iteration: int = 0,
+    tensor_parallel: int = 1,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    source: str = "",
+    optimizer: tuple[dict, Iterable[tuple[str, torch.Tensor]]] | None = None,
+    text_format: TextFormat = TextFormat(),
+) -> Path:
     """Stream full tensors (name, tensor) into a checkpoint at `path`, split over
     `tensor_parallel` ranks. `shapes` (full shapes of every tensor to come) is checked against
     the model before anything is written. `optimizer` is (state.json dict, full Adam tensors
@@ -105,12 +127,15 @@ def write_checkpoint(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple
     check_shapes(shapes, cfg, f"weights for {path}")
     with atomic_output_dir(path, force) as tmp:
         dirs = [tmp] if tensor_parallel == 1 else [rank_dir(tmp, r) for r in range(tensor_parallel)]
-        writers = [ShardedWriter(d, max_shard_bytes, {"format": FORMAT, "tp_rank": r})
-                   for r, d in enumerate(dirs)]
+        writers = [
+            ShardedWriter(d, max_shard_bytes, {"format": FORMAT, "tp_rank": r}) for r, d in enumerate(dirs)
+        ]
         seen, stored_dtype = set(), None
         for name, tensor in tensors:
             if tuple(tensor.shape) != tuple(shapes.get(name, ())):
-                raise CheckpointError(f"{name}: source gave shape {tuple(tensor.shape)}, announced {shapes.get(name)}")
+                raise CheckpointError(
+                    f"{name}: source gave shape {tuple(tensor.shape)}, announced {shapes.get(name)}"
+                )
             seen.add(name)
             tensor = tensor if dtype is None else tensor.to(dtype)
             stored_dtype = stored_dtype or tensor.dtype
@@ -127,25 +152,48 @@ def write_checkpoint(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple
                 writer.add(name, tensor)
             writer.close()
             write_json(tmp / OPTIMIZER_DIR / OPTIMIZER_STATE, state)
-        write_json(tmp / CONFIG_NAME, {
-            "format": FORMAT, "version": VERSION, "model": to_dict(cfg), "iteration": int(iteration),
-            "tensor_parallel": tensor_parallel, "dtype": NAMES.get(stored_dtype, str(stored_dtype)),
-            "num_parameters": sum(math.prod(s) for s in shapes.values()), "source": source, "text_format": text_format.to_dict(),
-        })
+        write_json(
+            tmp / CONFIG_NAME,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "model": to_dict(cfg),
+                "iteration": int(iteration),
+                "tensor_parallel": tensor_parallel,
+                "dtype": NAMES.get(stored_dtype, str(stored_dtype)),
+                "num_parameters": sum(math.prod(s) for s in shapes.values()),
+                "source": source,
+                "text_format": text_format.to_dict(),
+            },
+        )
     return path
 
 
-
-def save_model_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: ModelConfig,
-                          iteration: int = 0, tensor_parallel: int = 1, force: bool = False,
-                          **options) -> Path:
+def save_model_checkpoint(
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    iteration: int = 0,
+    tensor_parallel: int = 1,
+    force: bool = False,
+    **options,
+) -> Path:
     """Save a full (merged) state dict in our format, split over `tensor_parallel` ranks."""
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-    return write_checkpoint(path, cfg, shapes, state_dict.items(), iteration=iteration,
-                            tensor_parallel=tensor_parallel, force=force, **options)
+    return write_checkpoint(
+        path,
+        cfg,
+        shapes,
+        state_dict.items(),
+        iteration=iteration,
+        tensor_parallel=tensor_parallel,
+        force=force,
+        **options,
+    )
 
 
 # ---- reading -----------------------------------------------------------------------------
+
 
 class Checkpoint:
     """An opened checkpoint of our format. Opening checks it is complete and consistent."""
@@ -156,10 +204,16 @@ class Checkpoint:
         self.tensor_parallel = self.info["tensor_parallel"]
         self.iteration = self.info["iteration"]
         self.cfg = _model_config(self.info, self.path)
-        dirs = [self.path] if self.tensor_parallel == 1 else [rank_dir(self.path, r) for r in range(self.tensor_parallel)]
+        dirs = (
+            [self.path]
+            if self.tensor_parallel == 1
+            else [rank_dir(self.path, r) for r in range(self.tensor_parallel)]
+        )
         for d in dirs:
             if not d.is_dir():
-                raise CheckpointError(f"{d}: missing (config.json says tensor_parallel={self.tensor_parallel})")
+                raise CheckpointError(
+                    f"{d}: missing (config.json says tensor_parallel={self.tensor_parallel})"
+                )
         self.readers = [ShardedReader(d) for d in dirs]
         names = self.readers[0].names()
         for rank, reader in enumerate(self.readers[1:], start=1):
@@ -168,8 +222,10 @@ class Checkpoint:
                 raise CheckpointError(f"{dirs[rank]}: tensor names differ from TP rank 0: {diff[:20]}")
             for name in names:
                 if reader.shape(name) != self.readers[0].shape(name):
-                    raise CheckpointError(f"{dirs[rank]}: {name} has shape {reader.shape(name)}, "
-                                          f"TP rank 0 has {self.readers[0].shape(name)}")
+                    raise CheckpointError(
+                        f"{dirs[rank]}: {name} has shape {reader.shape(name)}, "
+                        f"TP rank 0 has {self.readers[0].shape(name)}"
+                    )
         self.shapes = {n: full_shape(n, self.readers[0].shape(n), self.tensor_parallel) for n in names}
 
     def names(self) -> list[str]:
@@ -197,10 +253,14 @@ def read_checkpoint_info(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a directory")
     info = read_json(path / CONFIG_NAME, "checkpoint config")
     if info.get("format") != FORMAT:
-        raise CheckpointError(f"{path / CONFIG_NAME}: format is {info.get('format')!r}, expected {FORMAT!r} "
-                              f"(convert other checkpoints with cogvideo-convert)")
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: format is {info.get('format')!r}, expected {FORMAT!r} "
+            f"(convert other checkpoints with cogvideo-convert)"
+        )
     if info.get("version") != VERSION:
-        raise CheckpointError(f"{path / CONFIG_NAME}: version {info.get('version')!r} is not supported (wants {VERSION})")
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: version {info.get('version')!r} is not supported (wants {VERSION})"
+        )
     for key in ("model", "iteration", "tensor_parallel"):
         if key not in info:
             raise CheckpointError(f"{path / CONFIG_NAME}: field {key!r} missing")
@@ -262,9 +322,15 @@ def load_optimizer_state(path: str | Path, tp_rank: int = 0, tp_size: int = 1) -
     return out
 
 
-def reshard(src: str | Path, dst: str | Path, tensor_parallel: int, force: bool = False,
-            dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            optimizer: bool = True) -> Path:
+def reshard(
+    src: str | Path,
+    dst: str | Path,
+    tensor_parallel: int,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    optimizer: bool = True,
+) -> Path:
     """Split or merge a checkpoint to another TP degree (tensor by tensor; exact). The optimizer
     state (full tensors) is copied unless `optimizer` is False."""
     ckpt = Checkpoint(src)
@@ -275,7 +341,17 @@ def reshard(src: str | Path, dst: str | Path, tensor_parallel: int, force: bool 
         reader = ShardedReader(ckpt.path / OPTIMIZER_DIR)
         state = read_json(ckpt.path / OPTIMIZER_DIR / OPTIMIZER_STATE, "optimizer state")
         moments = (state, ((n, reader.get(n)) for n in reader.names()))
-    return write_checkpoint(dst, ckpt.cfg, ckpt.shapes, ckpt.full_tensors(), iteration=ckpt.iteration,
-                            tensor_parallel=tensor_parallel, force=force, dtype=dtype,
-                            max_shard_bytes=max_shard_bytes, source=f"reshard of {ckpt.path}",
-                            optimizer=moments, text_format=load_text_format(ckpt.path))
+    return write_checkpoint(
+        dst,
+        ckpt.cfg,
+        ckpt.shapes,
+        ckpt.full_tensors(),
+        iteration=ckpt.iteration,
+        tensor_parallel=tensor_parallel,
+        force=force,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        source=f"reshard of {ckpt.path}",
+        optimizer=moments,
+        text_format=load_text_format(ckpt.path),
+    )

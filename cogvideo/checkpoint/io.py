@@ -1,5 +1,6 @@
 """File-level plumbing shared by every checkpoint format: safe loading of ``.pt`` files,
 sharded safetensors with an index, and atomic output directories."""
+
 from __future__ import annotations
 
 import json
@@ -67,15 +68,19 @@ def unreadable(path: str | Path, err: Exception) -> CheckpointError:
     text = str(err)
     refused = _REFUSED_GLOBAL.search(text)
     if refused:
-        return CheckpointError(f"{path}: refused to unpickle {refused.group(1)} (a checkpoint may hold only "
-                               "tensors, plain containers and RNG state); the file was not loaded")
+        return CheckpointError(
+            f"{path}: refused to unpickle {refused.group(1)} (a checkpoint may hold only "
+            "tensors, plain containers and RNG state); the file was not loaded"
+        )
     if text.startswith("Weights only load failed"):
         after = text.split("WeightsUnpickler error:", 1)[-1].splitlines()
         detail = [line.strip() for line in after if line.strip() and "weights_only" not in line]
         why = detail[0] if detail else "uses pickle operations that are not allowed"
         return CheckpointError(f"{path}: refused to unpickle it ({why}); the file was not loaded")
-    return CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(err).__name__}: "
-                           f"{text.splitlines()[0] if text else ''})")
+    return CheckpointError(
+        f"{path}: cannot be read as a torch checkpoint ({type(err).__name__}: "
+        f"{text.splitlines()[0] if text else ''})"
+    )
 
 
 def load_pt(path: str | Path, mmap: bool = False) -> dict:
@@ -142,7 +147,9 @@ class ShardedWriter:
     """Streams tensors into ``model-0000i-of-0000n.safetensors`` files of at most
     ``max_shard_bytes`` each, plus ``model.safetensors.index.json``. Holds at most one shard."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict | None = None):
+    def __init__(
+        self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict | None = None
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
@@ -163,7 +170,9 @@ class ShardedWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        save_file(self.pending, str(self.directory / f"shard-{len(self.shards):05d}.tmp"), metadata=self.metadata)
+        save_file(
+            self.pending, str(self.directory / f"shard-{len(self.shards):05d}.tmp"), metadata=self.metadata
+        )
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -176,8 +185,10 @@ class ShardedWriter:
             final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             (self.directory / f"shard-{i:05d}.tmp").rename(self.directory / final)
             weight_map.update({name: final for name in names})
-        write_json(self.directory / INDEX_NAME,
-                   {"metadata": {"total_size": self.total_bytes, **self.metadata}, "weight_map": weight_map})
+        write_json(
+            self.directory / INDEX_NAME,
+            {"metadata": {"total_size": self.total_bytes, **self.metadata}, "weight_map": weight_map},
+        )
 
 
 class ShardedReader:
@@ -202,8 +213,10 @@ class ShardedReader:
             listed = {n for n, f in self.weight_map.items() if f == filename}
             missing = sorted(listed - set(self.files[filename].keys()))
             if missing:
-                raise CheckpointError(f"{self.directory / filename}: index lists tensors the file lacks: "
-                                      f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+                raise CheckpointError(
+                    f"{self.directory / filename}: index lists tensors the file lacks: "
+                    f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                )
 
     def _open(self, filename: str):
         path = self.directory / filename

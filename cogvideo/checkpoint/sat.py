@@ -19,6 +19,7 @@ CogVideo's added parameters map as follows (THUDM/CogVideo ``models/cogvideo_mod
 ``export_sat`` writes the same layout back, one rank file at a time: what it writes imports to
 the tensors it was given, bit for bit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,24 +29,49 @@ from pathlib import Path
 import torch
 
 from cogvideo.checkpoint.format import Checkpoint, check_shapes, full_shape, merge_tensor, write_checkpoint
-from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, atomic_output_dir, load_pt, read_json, write_json
+from cogvideo.checkpoint.io import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointError,
+    atomic_output_dir,
+    load_pt,
+    read_json,
+    write_json,
+)
 from cogvideo.config import ModelConfig, get_preset
 from cogvideo.configio import ConfigError, from_dict, merge, to_dict
 from cogvideo.vocab import VocabLayout
 
 SAT_CONFIG = "model_config.json"
 _RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_LAYER_PARTS = ("input_layernorm", "attention.query_key_value", "attention.dense", "post_attention_layernorm",
-                "third_layernorm", "fourth_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+_LAYER_PARTS = (
+    "input_layernorm",
+    "attention.query_key_value",
+    "attention.dense",
+    "post_attention_layernorm",
+    "third_layernorm",
+    "fourth_layernorm",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+)
 _RENAMES = [
     (re.compile(r"^transformer\.(word_embeddings|position_embeddings)\.weight$"), r"\1.weight"),
-    (re.compile(r"^transformer\.layers\.(\d+)\.((?:%s)\.(?:weight|bias))$" % "|".join(map(re.escape, _LAYER_PARTS))),
-     r"layers.\1.\2"),
+    (
+        re.compile(
+            r"^transformer\.layers\.(\d+)\.((?:%s)\.(?:weight|bias))$"
+            % "|".join(map(re.escape, _LAYER_PARTS))
+        ),
+        r"layers.\1.\2",
+    ),
     (re.compile(r"^transformer\.final_layernorm\.(weight|bias)$"), r"final_layernorm.\1"),
-    (re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$"),
-     r"layers.\2.temporal_attention.\1.\3"),
+    (
+        re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$"),
+        r"layers.\2.temporal_attention.\1.\3",
+    ),
     (re.compile(r"^mixins\.attention_plus\.attn_distribution\.(\d+)$"), r"layers.\1.temporal_gate"),
-    (re.compile(r"^mixins\.extra_position_embedding\.position_embeddings\.weight$"), "frame_position_embeddings.weight"),
+    (
+        re.compile(r"^mixins\.extra_position_embedding\.position_embeddings\.weight$"),
+        "frame_position_embeddings.weight",
+    ),
 ]
 FRAME_TABLE = "frame_position_embeddings.weight"
 
@@ -86,12 +112,16 @@ class SatCheckpoint:
             file = folder / f"mp_rank_{rank:02d}_model_states.pt"
             module = load_pt(file, mmap=True).get("module")
             if not isinstance(module, dict):
-                raise CheckpointError(f"{file}: no 'module' state dict (not a SwissArmyTransformer checkpoint?)")
+                raise CheckpointError(
+                    f"{file}: no 'module' state dict (not a SwissArmyTransformer checkpoint?)"
+                )
             self.modules.append(module)
         keys = list(self.modules[0])
         for rank, module in enumerate(self.modules[1:], start=1):
             if set(module) != set(keys):
-                raise CheckpointError(f"{folder}: rank {rank} keys differ from rank 0: {sorted(set(keys) ^ set(module))[:20]}")
+                raise CheckpointError(
+                    f"{folder}: rank {rank} keys differ from rank 0: {sorted(set(keys) ^ set(module))[:20]}"
+                )
         unknown = [k for k in keys if our_name(k) is None]
         if unknown:
             raise CheckpointError(f"{folder}: keys with no counterpart in our model: {unknown[:20]}")
@@ -128,12 +158,15 @@ def _sat_vocab(args: dict, base: VocabLayout) -> VocabLayout:
     try:
         return dataclasses.replace(layout, vocab_size=size)
     except ValueError as err:
-        raise CheckpointError(f"{SAT_CONFIG}: vocab_size={size} cannot hold the vocabulary of the base preset "
-                              f"({err}); pass --base PRESET or --set vocab.num_text_tokens=... etc.") from None
+        raise CheckpointError(
+            f"{SAT_CONFIG}: vocab_size={size} cannot hold the vocabulary of the base preset "
+            f"({err}); pass --base PRESET or --set vocab.num_text_tokens=... etc."
+        ) from None
 
 
-def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None,
-                     overrides: dict | None = None) -> ModelConfig:
+def sat_model_config(
+    args: dict, stage: str, base: ModelConfig | None = None, overrides: dict | None = None
+) -> ModelConfig:
     """Our ModelConfig for SAT arguments (model_config.json): shape, vocabulary size, dropout,
     layout and window come from them; what SAT does not record (frame size in pixels, the
     vocabulary's ranges when not icetk's) from `base`; `overrides` (dotted model fields) last."""
@@ -143,17 +176,25 @@ def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None,
             raise CheckpointError(f"{SAT_CONFIG}: integer field {key!r} missing")
     order = args.get("layernorm_order", "sandwich")
     if order != "sandwich":
-        raise CheckpointError(f"{SAT_CONFIG}: layernorm_order={order!r}; CogView2/CogVideo (and this model) "
-                              "use 'sandwich'")
+        raise CheckpointError(
+            f"{SAT_CONFIG}: layernorm_order={order!r}; CogView2/CogVideo (and this model) use 'sandwich'"
+        )
     per_head = args.get("hidden_size_per_attention_head")
     if per_head and per_head * args["num_attention_heads"] != args["hidden_size"]:
-        raise CheckpointError(f"{SAT_CONFIG}: hidden_size_per_attention_head={per_head} x num_attention_heads "
-                              f"!= hidden_size={args['hidden_size']}; this model needs them equal")
-    changes = dict(stage=stage, num_layers=args["num_layers"], hidden_size=args["hidden_size"],
-                   num_heads=args["num_attention_heads"], vocab=_sat_vocab(args, base.vocab),
-                   max_position_embeddings=args["max_sequence_length"],
-                   ffn_hidden_size=args.get("inner_hidden_size") or 0,
-                   layernorm_epsilon=float(args.get("layernorm_epsilon", base.layernorm_epsilon)))
+        raise CheckpointError(
+            f"{SAT_CONFIG}: hidden_size_per_attention_head={per_head} x num_attention_heads "
+            f"!= hidden_size={args['hidden_size']}; this model needs them equal"
+        )
+    changes = dict(
+        stage=stage,
+        num_layers=args["num_layers"],
+        hidden_size=args["hidden_size"],
+        num_heads=args["num_attention_heads"],
+        vocab=_sat_vocab(args, base.vocab),
+        max_position_embeddings=args["max_sequence_length"],
+        ffn_hidden_size=args.get("inner_hidden_size") or 0,
+        layernorm_epsilon=float(args.get("layernorm_epsilon", base.layernorm_epsilon)),
+    )
     for key in ("hidden_dropout", "attention_dropout"):
         if key in args:
             changes[key] = float(args[key])
@@ -161,8 +202,12 @@ def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None,
         layout = args["layout"]
         text, first, total = [int(x) for x in (layout.split(",") if isinstance(layout, str) else layout)]
         frame_tokens = round((first - text) ** 0.5)
-        changes.update(text_length=text, frame_tokens=frame_tokens, num_frames=(total - text) // (first - text),
-                       frame_size=frame_tokens * base.frame_size // base.frame_tokens)
+        changes.update(
+            text_length=text,
+            frame_tokens=frame_tokens,
+            num_frames=(total - text) // (first - text),
+            frame_size=frame_tokens * base.frame_size // base.frame_tokens,
+        )
     if stage == "backbone":
         changes["num_frames"] = 1
     if int(args.get("window_size", -1)) > 0:
@@ -177,10 +222,19 @@ def sat_model_config(args: dict, stage: str, base: ModelConfig | None = None,
         raise CheckpointError(f"{source}: gives an invalid model config: {err}") from None
 
 
-def import_sat(src: str | Path, dst: str | Path, *, base: ModelConfig | str | None = None,
-               stage: str | None = None, iteration: str | None = None, tensor_parallel: int = 1,
-               force: bool = False, dtype: torch.dtype | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES, overrides: dict | None = None) -> Path:
+def import_sat(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    base: ModelConfig | str | None = None,
+    stage: str | None = None,
+    iteration: str | None = None,
+    tensor_parallel: int = 1,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overrides: dict | None = None,
+) -> Path:
     """Convert a SAT checkpoint (any TP degree) to our format at `dst`; the model config comes
     from its model_config.json (see `sat_model_config`), then `overrides`.
 
@@ -191,13 +245,17 @@ def import_sat(src: str | Path, dst: str | Path, *, base: ModelConfig | str | No
     cfg = sat_model_config(sat.args, sat.stage, base, overrides)
     target = stage or sat.stage
     if target != sat.stage and sat.stage != "backbone":
-        raise CheckpointError(f"{src}: is a CogVideo {sat.stage} checkpoint; it cannot be imported as {target}")
+        raise CheckpointError(
+            f"{src}: is a CogVideo {sat.stage} checkpoint; it cannot be imported as {target}"
+        )
     frame_rows = (cfg.num_frames - 1) * cfg.tokens_per_frame
     shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
     if FRAME_TABLE in shapes:
         if shapes[FRAME_TABLE][0] < frame_rows:
-            raise CheckpointError(f"{src}: extra position table has {shapes[FRAME_TABLE][0]} rows; "
-                                  f"frames 1..{cfg.num_frames - 1} need {frame_rows}")
+            raise CheckpointError(
+                f"{src}: extra position table has {shapes[FRAME_TABLE][0]} rows; "
+                f"frames 1..{cfg.num_frames - 1} need {frame_rows}"
+            )
         shapes[FRAME_TABLE] = (frame_rows, shapes[FRAME_TABLE][1])
     for name in shapes:
         if name.endswith(".temporal_gate"):
@@ -216,26 +274,54 @@ def import_sat(src: str | Path, dst: str | Path, *, base: ModelConfig | str | No
     if target != sat.stage:
         from cogvideo.model import init_video_from_backbone
 
-        frames = base.num_frames if base is not None and base.num_frames > 1 else get_preset("cogvideo-stage1").num_frames
+        frames = (
+            base.num_frames
+            if base is not None and base.num_frames > 1
+            else get_preset("cogvideo-stage1").num_frames
+        )
         video_cfg = cfg.replace(name=f"sat-{target}", stage=target, num_frames=frames).validate()
         check_shapes(shapes, cfg, str(src))
         video = init_video_from_backbone(dict(tensors()), video_cfg)
-        return write_checkpoint(dst, video_cfg, {n: tuple(t.shape) for n, t in video.items()}, video.items(),
-                                iteration=sat.iteration, tensor_parallel=tensor_parallel, force=force,
-                                dtype=dtype, max_shard_bytes=max_shard_bytes, source=source + f" -> {target}")
-    return write_checkpoint(dst, cfg, shapes, tensors(), iteration=sat.iteration, tensor_parallel=tensor_parallel,
-                            force=force, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)
+        return write_checkpoint(
+            dst,
+            video_cfg,
+            {n: tuple(t.shape) for n, t in video.items()},
+            video.items(),
+            iteration=sat.iteration,
+            tensor_parallel=tensor_parallel,
+            force=force,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            source=source + f" -> {target}",
+        )
+    return write_checkpoint(
+        dst,
+        cfg,
+        shapes,
+        tensors(),
+        iteration=sat.iteration,
+        tensor_parallel=tensor_parallel,
+        force=force,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        source=source,
+    )
 
 
 # ---- export ------------------------------------------------------------------------------------
 _EXPORT_NAMES = [
     (re.compile(r"^(word_embeddings|position_embeddings)\.weight$"), r"transformer.\1.weight"),
-    (re.compile(r"^layers\.(\d+)\.temporal_attention\.(query_key_value|dense)\.(weight|bias)$"),
-     r"mixins.attention_plus.\2.\1.\3"),
+    (
+        re.compile(r"^layers\.(\d+)\.temporal_attention\.(query_key_value|dense)\.(weight|bias)$"),
+        r"mixins.attention_plus.\2.\1.\3",
+    ),
     (re.compile(r"^layers\.(\d+)\.temporal_gate$"), r"mixins.attention_plus.attn_distribution.\1"),
     (re.compile(r"^layers\.(.*)$"), r"transformer.layers.\1"),
     (re.compile(r"^final_layernorm\.(weight|bias)$"), r"transformer.final_layernorm.\1"),
-    (re.compile(r"^frame_position_embeddings\.weight$"), "mixins.extra_position_embedding.position_embeddings.weight"),
+    (
+        re.compile(r"^frame_position_embeddings\.weight$"),
+        "mixins.extra_position_embedding.position_embeddings.weight",
+    ),
 ]
 
 
@@ -248,21 +334,39 @@ def sat_name(name: str) -> str:
 
 def sat_args(cfg: ModelConfig, tensor_parallel: int) -> dict:
     """model_config.json: the SAT arguments `sat_model_config` reads back."""
-    args = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_heads,
-            "vocab_size": cfg.vocab.vocab_size, "max_sequence_length": cfg.max_position_embeddings,
-            "inner_hidden_size": cfg.ffn_hidden_size or None, "layernorm_epsilon": cfg.layernorm_epsilon,
-            "layernorm_order": "sandwich", "hidden_dropout": cfg.hidden_dropout,
-            "attention_dropout": cfg.attention_dropout, "model_parallel_size": tensor_parallel}
+    args = {
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_heads,
+        "vocab_size": cfg.vocab.vocab_size,
+        "max_sequence_length": cfg.max_position_embeddings,
+        "inner_hidden_size": cfg.ffn_hidden_size or None,
+        "layernorm_epsilon": cfg.layernorm_epsilon,
+        "layernorm_order": "sandwich",
+        "hidden_dropout": cfg.hidden_dropout,
+        "attention_dropout": cfg.attention_dropout,
+        "model_parallel_size": tensor_parallel,
+    }
     if cfg.has_temporal:
         T, n = cfg.text_length, cfg.tokens_per_frame
-        args.update(layout=f"{T}, {T + n}, {T + cfg.num_frames * n}", additional_seqlen=cfg.num_frames * n,
-                    window_size=cfg.window_size if cfg.stage == "stage2" else -1,
-                    cogvideo_stage=2 if cfg.stage == "stage2" else 1)
+        args.update(
+            layout=f"{T}, {T + n}, {T + cfg.num_frames * n}",
+            additional_seqlen=cfg.num_frames * n,
+            window_size=cfg.window_size if cfg.stage == "stage2" else -1,
+            cogvideo_stage=2 if cfg.stage == "stage2" else 1,
+        )
     return args
 
 
-def export_sat(src: str | Path, dst: str | Path, *, tensor_parallel: int | None = None, iteration: str | None = None,
-               force: bool = False, dtype: torch.dtype | None = None) -> Path:
+def export_sat(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    tensor_parallel: int | None = None,
+    iteration: str | None = None,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Our checkpoint -> a SwissArmyTransformer one (`{dst}/{iteration}/mp_rank_XX_model_states.pt`,
     `latest`, `model_config.json`) at `tensor_parallel` (default: the checkpoint's). One rank's
     tensors are in memory at a time."""
@@ -281,9 +385,14 @@ def export_sat(src: str | Path, dst: str | Path, *, tensor_parallel: int | None 
             for name in ckpt.names():
                 tensor = ckpt.local(name, rank, tp)
                 if name == FRAME_TABLE:
-                    tensor = torch.cat([tensor, tensor.new_zeros(frame_rows - tensor.shape[0], tensor.shape[1])])
+                    tensor = torch.cat(
+                        [tensor, tensor.new_zeros(frame_rows - tensor.shape[0], tensor.shape[1])]
+                    )
                 module[sat_name(name)] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
-            torch.save({"module": module, "iteration": ckpt.iteration}, tmp / tag / f"mp_rank_{rank:02d}_model_states.pt")
+            torch.save(
+                {"module": module, "iteration": ckpt.iteration},
+                tmp / tag / f"mp_rank_{rank:02d}_model_states.pt",
+            )
             del module
         (tmp / "latest").write_text(tag)
         write_json(tmp / SAT_CONFIG, sat_args(cfg, tp))

@@ -13,6 +13,7 @@ The trainer (`pretrain/checkpoint.py`) writes this layout, the ZeRO converter
 (`cogvideo/checkpoint/zero.py`) reads it; both take every name from here. Every file of a part
 is read with ``torch.load(weights_only=True)``: nothing in a checkpoint directory can run code.
 """
+
 from __future__ import annotations
 
 import re
@@ -73,7 +74,9 @@ def find_resume(root: str | Path, resume: str | None) -> Path | None:
     if resume != "auto":
         path = Path(resume)
         if not (path / COMPLETE).is_file():
-            raise CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)")
+            raise CheckpointError(
+                f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
+            )
         return path
     root = Path(root)
     latest = root / LATEST
@@ -98,8 +101,9 @@ def train_config_model(path: Path) -> ModelConfig:
     """The model config a trainer run recorded in its checkpoint (train_config.yaml)."""
     file = path / TRAIN_CONFIG
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing; pass the model section explicitly "
-                              f"(--set preset=NAME [--set FIELD=VALUE ...])")
+        raise CheckpointError(
+            f"{file}: missing; pass the model section explicitly (--set preset=NAME [--set FIELD=VALUE ...])"
+        )
     data = yaml.safe_load(file.read_text()) or {}
     try:  # the family and preset the run trained, with its field overrides
         return resolve_model_section(data.get("model") or {})

@@ -14,6 +14,7 @@ Reads DeepSpeed's files directly (layout as in deepspeed 0.19's ``utils/zero_to_
 Memory stays bounded: the files are memory-mapped and re-opened for each output chunk, so the
 pages read are released chunk by chunk; one tensor at a time is gathered (and merged over TP).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,13 @@ import torch
 
 from cogvideo.checkpoint.format import ADAM_KEYS, full_shape, merge_tensor, write_checkpoint
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt
-from cogvideo.checkpoint.training import (MODEL_FILE, OPTIM_FILE, tag_dir, train_config_model,
-                                          train_config_text_format)
+from cogvideo.checkpoint.training import (
+    MODEL_FILE,
+    OPTIM_FILE,
+    tag_dir,
+    train_config_model,
+    train_config_text_format,
+)
 from cogvideo.config import ModelConfig
 
 DROPPED = ["learning-rate scheduler state", "loss scaler", "data loader positions", "RNG states"]
@@ -38,15 +44,21 @@ class ZeroCheckpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
         optim = {(int(m[2]), int(m[1])): f for f in self.path.iterdir() if (m := OPTIM_FILE.match(f.name))}
-        models = {(int(m[2]), int(m[1] or 0)): f for f in self.path.iterdir() if (m := MODEL_FILE.match(f.name))}
+        models = {
+            (int(m[2]), int(m[1] or 0)): f for f in self.path.iterdir() if (m := MODEL_FILE.match(f.name))
+        }
         if not models or not optim:
-            raise CheckpointError(f"{self.path}: no DeepSpeed ZeRO checkpoint here (needs *_model_states.pt and "
-                                  f"*_optim_states.pt files)")
+            raise CheckpointError(
+                f"{self.path}: no DeepSpeed ZeRO checkpoint here (needs *_model_states.pt and "
+                f"*_optim_states.pt files)"
+            )
         self.tp = max(t for t, _ in models) + 1
         self.optim_files = optim
         first = load_pt(models[(0, 0)], mmap=True)
         if "param_shapes" not in first:
-            raise CheckpointError(f"{models[(0, 0)]}: no param_shapes (not a DeepSpeed ZeRO model state file)")
+            raise CheckpointError(
+                f"{models[(0, 0)]}: no param_shapes (not a DeepSpeed ZeRO model state file)"
+            )
         self.iteration = int(first.get("global_steps") or 0)
         header = load_pt(optim[(0, 0)], mmap=True).get("optimizer_state_dict", {})
         if "zero_stage" not in header:
@@ -56,18 +68,24 @@ class ZeroCheckpoint:
         self.dp = max(counts) if isinstance(counts, list) else int(counts)
         self.stage3 = self.stage == 3
         expected = [(t, d) for t in range(self.tp) for d in range(self.dp)]
-        missing = [k for k in expected if k not in optim] + [k for k in expected if self.stage3 and k not in models]
+        missing = [k for k in expected if k not in optim] + [
+            k for k in expected if self.stage3 and k not in models
+        ]
         missing += [(t, 0) for t in range(self.tp) if (t, 0) not in models]
         if missing:
-            raise CheckpointError(f"{self.path}: missing rank files for (tp, dp) ranks {sorted(set(missing))} "
-                                  f"(ZeRO-{self.stage}, TP={self.tp}, DP={self.dp})")
+            raise CheckpointError(
+                f"{self.path}: missing rank files for (tp, dp) ranks {sorted(set(missing))} "
+                f"(ZeRO-{self.stage}, TP={self.tp}, DP={self.dp})"
+            )
         self.model_files = models
         self.ranks = [self._layout(t) for t in range(self.tp)]
         names = list(self.ranks[0]["shapes"])
         for t, rank in enumerate(self.ranks[1:], start=1):
             if list(rank["shapes"]) != names:
-                raise CheckpointError(f"{self.path}: TP rank {t} holds other parameters than rank 0: "
-                                      f"{sorted(set(rank['shapes']) ^ set(names))[:20]}")
+                raise CheckpointError(
+                    f"{self.path}: TP rank {t} holds other parameters than rank 0: "
+                    f"{sorted(set(rank['shapes']) ^ set(names))[:20]}"
+                )
         self.shapes = {n: full_shape(n, self.ranks[0]["shapes"][n], self.tp) for n in names}
 
     # ---- layout -------------------------------------------------------------------------
@@ -87,8 +105,10 @@ class ZeroCheckpoint:
                     shapes[name], where[name] = tuple(shape), offset
                     offset += -(-math.prod(shape) // self.dp)
             if offset > sum(sizes):
-                raise CheckpointError(f"{self.path}: TP rank {t}: parameters need {offset} elements per DP rank, "
-                                      f"the optimizer files hold {sum(sizes)}")
+                raise CheckpointError(
+                    f"{self.path}: TP rank {t}: parameters need {offset} elements per DP rank, "
+                    f"the optimizer files hold {sum(sizes)}"
+                )
             group_starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         else:
             paddings = optim[0].get("param_alignment_paddings")
@@ -97,10 +117,14 @@ class ZeroCheckpoint:
                 for i, (name, shape) in enumerate(group.items()):
                     shapes[name], where[name] = tuple(shape), (g, offset)
                     offset += math.prod(shape) + (paddings[g][i] if paddings else 0)
-                available = sum(optim[d]["single_partition_of_fp32_groups"][g].numel() for d in range(self.dp))
+                available = sum(
+                    optim[d]["single_partition_of_fp32_groups"][g].numel() for d in range(self.dp)
+                )
                 if offset > available:
-                    raise CheckpointError(f"{self.path}: TP rank {t} group {g}: parameters need {offset} "
-                                          f"elements, the DP partitions hold {available}")
+                    raise CheckpointError(
+                        f"{self.path}: TP rank {t} group {g}: parameters need {offset} "
+                        f"elements, the DP partitions hold {available}"
+                    )
         # megatron layers put non-tensor "_extra_state" entries into the module state
         module = {n: v for n, v in model["module"].items() if torch.is_tensor(v)}
         frozen = model.get("frozen_param_shapes") or {}
@@ -139,9 +163,12 @@ class ZeroCheckpoint:
         elif self.stage3:  # rank d holds elements [d * piece, (d + 1) * piece) of the padded param
             piece = -(-numel // self.dp)
             starts = layout["group_starts"]
-            segments = [self._flat(state, g, kind)[lo - starts[g]:hi - starts[g]]
-                        for state in optim for g in range(len(starts) - 1)
-                        if (lo := max(where, starts[g])) < (hi := min(where + piece, starts[g + 1]))]
+            segments = [
+                self._flat(state, g, kind)[lo - starts[g] : hi - starts[g]]
+                for state in optim
+                for g in range(len(starts) - 1)
+                if (lo := max(where, starts[g])) < (hi := min(where + piece, starts[g + 1]))
+            ]
         else:  # the group's flat vector runs through the DP partitions one after another
             g, offset = where
             segments, start = [], 0
@@ -149,19 +176,22 @@ class ZeroCheckpoint:
                 part = state["single_partition_of_fp32_groups"][g].numel()
                 lo, hi = max(offset, start), min(offset + numel, start + part)
                 if lo < hi:
-                    segments.append(self._flat(state, g, kind)[lo - start:hi - start])
+                    segments.append(self._flat(state, g, kind)[lo - start : hi - start])
                 start += part
         filled = 0
         for segment in segments:
             take = min(segment.numel(), numel - filled)  # ZeRO-3 pads the last piece
-            out[filled:filled + take].copy_(segment[:take])
+            out[filled : filled + take].copy_(segment[:take])
             filled += take
         if filled != numel:
-            raise CheckpointError(f"{self.path}: {name} (TP rank {t}) has {filled} of {numel} elements in the files")
+            raise CheckpointError(
+                f"{self.path}: {name} (TP rank {t}) has {filled} of {numel} elements in the files"
+            )
         return out.reshape(shape)
 
-    def tensors(self, kind: str = "fp32", names: list[str] | None = None,
-                chunk_bytes: int = DEFAULT_SHARD_BYTES):
+    def tensors(
+        self, kind: str = "fp32", names: list[str] | None = None, chunk_bytes: int = DEFAULT_SHARD_BYTES
+    ):
         """Yield (name, full tensor merged over TP) of `kind` ("fp32", "exp_avg", "exp_avg_sq"),
         re-opening the memory-mapped files every `chunk_bytes` of output."""
         names = list(self.shapes) if names is None else names
@@ -169,7 +199,9 @@ class ZeroCheckpoint:
         while i < len(names):
             files = [self._open(t) for t in range(self.tp)]
             budget = 0
-            while i < len(names) and (budget == 0 or budget + 4 * math.prod(self.shapes[names[i]]) <= chunk_bytes):
+            while i < len(names) and (
+                budget == 0 or budget + 4 * math.prod(self.shapes[names[i]]) <= chunk_bytes
+            ):
                 name = names[i]
                 budget += 4 * math.prod(self.shapes[name])
                 yield name, merge_tensor(name, [self._read(t, files[t], name, kind) for t in range(self.tp)])
@@ -180,16 +212,32 @@ class ZeroCheckpoint:
         optim = self._open(0)["optim"]
         inner = optim[0]["optimizer_state_dict" if self.stage3 else "base_optimizer_state"]
         steps = [s.get("step") for s in inner["state"].values() if "step" in s]
-        groups = [{k: v for k, v in g.items() if k in ("lr", "betas", "eps", "weight_decay")}
-                  for g in inner["param_groups"]]
+        groups = [
+            {k: v for k, v in g.items() if k in ("lr", "betas", "eps", "weight_decay")}
+            for g in inner["param_groups"]
+        ]
         step = int(steps[0]) if steps else 0
-        return {"step": step, "param_groups": groups, "params": trainable,
-                "source": f"DeepSpeed ZeRO-{self.stage} TP={self.tp} DP={self.dp}", "dropped": DROPPED}
+        return {
+            "step": step,
+            "param_groups": groups,
+            "params": trainable,
+            "source": f"DeepSpeed ZeRO-{self.stage} TP={self.tp} DP={self.dp}",
+            "dropped": DROPPED,
+        }
 
 
-def convert_zero(src: str | Path, dst: str | Path, cfg: ModelConfig | None = None, *, tag: str | None = None,
-                 tensor_parallel: int = 1, optimizer: bool = True, force: bool = False,
-                 dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def convert_zero(
+    src: str | Path,
+    dst: str | Path,
+    cfg: ModelConfig | None = None,
+    *,
+    tag: str | None = None,
+    tensor_parallel: int = 1,
+    optimizer: bool = True,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Consolidate a ZeRO checkpoint (any TP x DP layout) into our format at `tensor_parallel`.
 
     With `optimizer`, Adam's moments and step go to ``optimizer/`` (full tensors), loadable at
@@ -200,14 +248,26 @@ def convert_zero(src: str | Path, dst: str | Path, cfg: ModelConfig | None = Non
     if optimizer:
         trainable = [n for n in zero.shapes if zero.ranks[0]["where"][n] != "frozen"]
         state = zero.optimizer_summary(trainable)
-        stream = ((f"{kind}.{name}", t) for kind in ADAM_KEYS
-                  for name, t in zero.tensors(kind, trainable, max_shard_bytes))
+        stream = (
+            (f"{kind}.{name}", t)
+            for kind in ADAM_KEYS
+            for name, t in zero.tensors(kind, trainable, max_shard_bytes)
+        )
         moments = (state, stream)
-    return write_checkpoint(dst, cfg, zero.shapes, zero.tensors("fp32", chunk_bytes=max_shard_bytes),
-                            iteration=zero.iteration, tensor_parallel=tensor_parallel, force=force, dtype=dtype,
-                            max_shard_bytes=max_shard_bytes, optimizer=moments,
-                            source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})",
-                            text_format=train_config_text_format(zero.path))
+    return write_checkpoint(
+        dst,
+        cfg,
+        zero.shapes,
+        zero.tensors("fp32", chunk_bytes=max_shard_bytes),
+        iteration=zero.iteration,
+        tensor_parallel=tensor_parallel,
+        force=force,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        optimizer=moments,
+        source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})",
+        text_format=train_config_text_format(zero.path),
+    )
 
 
 def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size: int = 1) -> int:
@@ -223,8 +283,10 @@ def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size:
     missing = [n for n in trainable if n not in state["exp_avg"]]
     extra = [n for n in state["exp_avg"] if n not in trainable]
     if missing or extra:
-        raise CheckpointError(f"{path}: optimizer state does not fit the model's trainable parameters: "
-                              f"missing {missing[:20]}, not trainable here {extra[:20]}")
+        raise CheckpointError(
+            f"{path}: optimizer state does not fit the model's trainable parameters: "
+            f"missing {missing[:20]}, not trainable here {extra[:20]}"
+        )
     step = int(state["state"]["step"])
     # Adam creates its state at the first step; create it now (zeros, then overwritten below) on
     # the flat fp32 partitions the ZeRO optimizer hands to torch's AdamW
@@ -233,8 +295,11 @@ def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size:
     if flats is None:
         flats = [flat for group in inner.param_groups for flat in group["params"]]
     for flat in flats:
-        inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                             "exp_avg_sq": torch.zeros_like(flat)}
+        inner.state[flat] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 point each parameter's fragment at those states once
         link()

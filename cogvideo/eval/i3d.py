@@ -8,6 +8,7 @@ the remaining time steps.
 
 Input ``[B, 3, T, H, W]``; the reference protocol is T=16 (any T >= 9) and H=W=224.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,24 +36,34 @@ INCEPTION_CHANNELS = {
 }
 
 
-def same_padding(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
+def same_padding(
+    x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], value: float = 0.0
+) -> torch.Tensor:
     """Pad the trailing len(kernel) dims as TF 'SAME' does: output = ceil(input / stride)."""
     pads: list[int] = []
-    for size, k, s in zip(reversed(x.shape[-len(kernel):]), reversed(kernel), reversed(stride)):
+    for size, k, s in zip(reversed(x.shape[-len(kernel) :]), reversed(kernel), reversed(stride)):
         total = max((math.ceil(size / s) - 1) * s + k - size, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value) if any(pads) else x
 
 
-def max_pool_same(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> torch.Tensor:
+def max_pool_same(
+    x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int]
+) -> torch.Tensor:
     return F.max_pool3d(same_padding(x, kernel, stride, value=-math.inf), kernel, stride)
 
 
 class Unit3D(nn.Module):
     """Conv3d (TF 'SAME') -> BatchNorm (no scale) -> ReLU, or a plain biased conv for the logits."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int] = (1, 1, 1),
-                 stride: tuple[int, int, int] = (1, 1, 1), logits: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: tuple[int, int, int] = (1, 1, 1),
+        stride: tuple[int, int, int] = (1, 1, 1),
+        logits: bool = False,
+    ):
         super().__init__()
         self.kernel, self.stride, self.logits = kernel, stride, logits
         self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride, bias=logits)
@@ -69,8 +80,12 @@ class InceptionModule(nn.Module):
         super().__init__()
         c0, c1a, c1b, c2a, c2b, c3 = channels
         self.Branch_0 = nn.ModuleDict({"Conv3d_0a_1x1": Unit3D(in_channels, c0)})
-        self.Branch_1 = nn.ModuleDict({"Conv3d_0a_1x1": Unit3D(in_channels, c1a), "Conv3d_0b_3x3": Unit3D(c1a, c1b, (3, 3, 3))})
-        self.Branch_2 = nn.ModuleDict({"Conv3d_0a_1x1": Unit3D(in_channels, c2a), "Conv3d_0b_3x3": Unit3D(c2a, c2b, (3, 3, 3))})
+        self.Branch_1 = nn.ModuleDict(
+            {"Conv3d_0a_1x1": Unit3D(in_channels, c1a), "Conv3d_0b_3x3": Unit3D(c1a, c1b, (3, 3, 3))}
+        )
+        self.Branch_2 = nn.ModuleDict(
+            {"Conv3d_0a_1x1": Unit3D(in_channels, c2a), "Conv3d_0b_3x3": Unit3D(c2a, c2b, (3, 3, 3))}
+        )
         self.Branch_3 = nn.ModuleDict({"Conv3d_0b_1x1": Unit3D(in_channels, c3)})
         self.out_channels = c0 + c1b + c2b + c3
 
@@ -113,7 +128,9 @@ class InceptionI3d(nn.Module):
         pooled = self.features(video)
         logits = self.Logits["Conv3d_0c_1x1"](pooled)
         if logits.shape[-2:] != (1, 1):
-            raise ValueError(f"I3D needs 224x224 input (got {tuple(video.shape[-2:])}): the logits are not spatially 1x1")
+            raise ValueError(
+                f"I3D needs 224x224 input (got {tuple(video.shape[-2:])}): the logits are not spatially 1x1"
+            )
         logits = logits.flatten(2).mean(-1)
         if return_pool:
             return logits, pooled.flatten(2).mean(-1)
@@ -130,5 +147,7 @@ def load_i3d(weights: str | Path, device: str | torch.device = "cpu") -> Incepti
     # num_batches_tracked is training bookkeeping that the converter does not write
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{weights}: not an I3D state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{weights}: not an I3D state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval()

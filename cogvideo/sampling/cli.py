@@ -1,9 +1,10 @@
 """`cogvideo-sample`: sample videos for every prompt of a file.
 
-    cogvideo-sample --prompts prompts.txt --out samples/ --config sample.yaml seed=7 stage1_guidance=2.5
-    cogvideo-sample --prompts prompts.txt --out samples/ --ray [--address auto] workers=8 device=cuda
-    torchrun --nproc-per-node 2 -m cogvideo.sampling.cli --prompts p.txt --out s/ tensor_parallel=2
+cogvideo-sample --prompts prompts.txt --out samples/ --config sample.yaml seed=7 stage1_guidance=2.5
+cogvideo-sample --prompts prompts.txt --out samples/ --ray [--address auto] workers=8 device=cuda
+torchrun --nproc-per-node 2 -m cogvideo.sampling.cli --prompts p.txt --out s/ tensor_parallel=2
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,12 @@ from cogvideo.sampling.prompts import PromptError, read_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(SampleOptions, "cogvideo-sample", "Hierarchical CogVideo sampling for a file of prompts")
-    parser.add_argument("--prompts", required=True, help="one prompt per line, or .jsonl with prompt/first_frame")
+    parser = config_parser(
+        SampleOptions, "cogvideo-sample", "Hierarchical CogVideo sampling for a file of prompts"
+    )
+    parser.add_argument(
+        "--prompts", required=True, help="one prompt per line, or .jsonl with prompt/first_frame"
+    )
     parser.add_argument("--out", required=True, help="output folder (rerun to resume)")
     parser.add_argument("--ray", action="store_true", help="sample on Ray actors (options.workers of them)")
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
@@ -45,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cogvideo-sample: {problem}", file=sys.stderr)
         return 2
     try:
-        manifest = run_job(prompts, args.out, options, functools.partial(VideoPipeline.load, options),
-                           use_ray=args.ray, address=args.address)
+        manifest = run_job(
+            prompts,
+            args.out,
+            options,
+            functools.partial(VideoPipeline.load, options),
+            use_ray=args.ray,
+            address=args.address,
+        )
     except (FileNotFoundError, ValueError) as err:  # unreadable checkpoint, mismatched stages, other options
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ computes it: k-means over the code vectors of an image tokenizer.
 
     cogvideo-clusters --image-tokenizer ice_image.pt --clusters 500 --out clusters.npz
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,14 +64,18 @@ def load_cluster_table(path: str | Path, num_image_tokens: int) -> torch.Tensor:
                 data = data["labels"]
         labels = np.asarray(data)
     except Exception as err:
-        raise ValueError(f"{path}: not a cluster table (.npy array of labels, or .npz with 'labels'): "
-                         f"{type(err).__name__}: {err}") from None
+        raise ValueError(
+            f"{path}: not a cluster table (.npy array of labels, or .npz with 'labels'): "
+            f"{type(err).__name__}: {err}"
+        ) from None
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: cluster labels must be integers, got {labels.dtype}")
     labels = torch.from_numpy(labels.astype(np.int64))
     if labels.ndim != 1 or len(labels) != num_image_tokens or labels.min() < 0:
-        raise ValueError(f"{path}: labels shape {list(labels.shape)} do not cover the "
-                         f"{num_image_tokens} image codes of this model")
+        raise ValueError(
+            f"{path}: labels shape {list(labels.shape)} do not cover the "
+            f"{num_image_tokens} image codes of this model"
+        )
     return labels
 
 
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     labels, centroids = kmeans(codebook, args.clusters, args.iters, args.seed)
     save_cluster_table(args.out, labels, centroids)
     sizes = torch.bincount(labels, minlength=args.clusters)
-    print(f"{args.out}: {len(labels)} codes in {args.clusters} clusters (sizes {int(sizes.min())}..{int(sizes.max())})")
+    print(
+        f"{args.out}: {len(labels)} codes in {args.clusters} clusters (sizes {int(sizes.min())}..{int(sizes.max())})"
+    )
 
 
 if __name__ == "__main__":

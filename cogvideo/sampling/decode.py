@@ -5,6 +5,7 @@ target frames token by token, with classifier-free guidance.
 sampled token); `sample_frames_uncached` recomputes the whole time-ordered sequence at
 every step and is the reference the cached path must match.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ def sample_frames(stage: StageModel, job: DecodePass, strategy, generators) -> d
     return out
 
 
-def sample_frames_uncached(stage: StageModel, job: DecodePass, strategy, generators) -> dict[int, torch.Tensor]:
+def sample_frames_uncached(
+    stage: StageModel, job: DecodePass, strategy, generators
+) -> dict[int, torch.Tensor]:
     """The same pass by full forwards over the time-ordered sequence, one per sampled token.
     Not-yet-sampled tokens hold code 0; the attention mask keeps them out of every logit used."""
     n, t = stage.n, stage.cfg.text_length
@@ -79,7 +82,9 @@ def sample_frames_uncached(stage: StageModel, job: DecodePass, strategy, generat
         raise ValueError(f"uncached decoding needs frames 0..{max(frames)}, got {sorted(frames)}")
     text = job.rows_text()
     for f in job.targets:
-        length = max(f, *job.given) + 1 if job.given else f + 1  # the shortest prefix holding every frame f sees
+        length = (
+            max(f, *job.given) + 1 if job.given else f + 1
+        )  # the shortest prefix holding every frame f sees
         for p in range(n):
             blocks = [job.rows(stage.frame_input(frames[g])) for g in range(length)]
             logits = stage.full(torch.cat([text, *blocks], dim=1), job.temporal, job.text_bias)

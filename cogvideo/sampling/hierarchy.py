@@ -8,6 +8,7 @@
    (5 -> 9 -> 17 -> 33 frames, 2.0 / 1.0 / 0.5 s windows). All windows of a level go
    through the model as one batch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,16 @@ def window_layout(num_frames: int, stage2_frames: int) -> tuple[int, int]:
 
 
 class HierarchicalSampler:
-    def __init__(self, stage1: StageModel, stage2: StageModel | None, options: SampleOptions,
-                 encode: Encoder, strategies: dict, cached: bool = True, frame0: StageModel | None = None):
+    def __init__(
+        self,
+        stage1: StageModel,
+        stage2: StageModel | None,
+        options: SampleOptions,
+        encode: Encoder,
+        strategies: dict,
+        cached: bool = True,
+        frame0: StageModel | None = None,
+    ):
         self.stage1, self.stage2, self.options, self.encode = stage1, stage2, options, encode
         self.frame0_model = frame0 or stage1  # stage 1 with its temporal channel off draws frame 0 by default
         self.strategies = strategies  # {"frame0", "stage1", "stage2"} -> strategy
@@ -65,15 +74,20 @@ class HierarchicalSampler:
 
     def frame0_text(self, prompt: str) -> tuple[str, str | None]:
         """Frame 0: prompt + frame0_suffix, no duration prefix (the release's CogView2 pass)."""
-        return self._with_suffix(prompt, self.options.frame0_suffix, "frame0_suffix",
-                                 lambda text: self.frame0_model.text_format.text(text, None))
+        return self._with_suffix(
+            prompt,
+            self.options.frame0_suffix,
+            "frame0_suffix",
+            lambda text: self.frame0_model.text_format.text(text, None),
+        )
 
     def stage1_text(self, prompt: str) -> tuple[str, str | None]:
         """Stage 1: the duration prefix and the prompt, + video_suffix when guided (the release's)."""
         o = self.options
         suffix = o.video_suffix if o.stage1_guidance != 1.0 else ""
-        return self._with_suffix(prompt, suffix, "video_suffix",
-                                 lambda text: self.stage1.text_format.text(text, o.duration))
+        return self._with_suffix(
+            prompt, suffix, "video_suffix", lambda text: self.stage1.text_format.text(text, o.duration)
+        )
 
     def stage2_text(self, prompt: str, duration: float) -> str:
         """Stage 2: the window's duration prefix and the bare prompt (the release's)."""
@@ -98,7 +112,9 @@ class HierarchicalSampler:
                 num_frames = window_layout(num_frames, self.stage2.cfg.num_frames)[1]
         return texts, [n for n in (note0, note1) if n]
 
-    def sample(self, prompts: list[str], first_frames: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    def sample(
+        self, prompts: list[str], first_frames: list[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
         """Image codes [B, frames, tokens_per_frame] of the final video, in time order."""
         frames = self.keyframes(prompts, self.frame0(prompts, first_frames))
         if self.stage2 is not None:
@@ -106,14 +122,21 @@ class HierarchicalSampler:
                 frames = self.interpolate(prompts, frames, level)
         return frames
 
-    def frame0(self, prompts: list[str], first_frames: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    def frame0(
+        self, prompts: list[str], first_frames: list[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
         first_frames = first_frames or [None] * len(prompts)
         todo = [i for i, f in enumerate(first_frames) if f is None]
         out = [None if f is None else f.long() for f in first_frames]
         if todo:
             o = self.options
-            job = DecodePass(text=self._texts([self.frame0_text(prompts[i])[0] for i in todo]),
-                             given={}, targets=(0,), temporal=False, text_bias=o.frame0_text_bias)
+            job = DecodePass(
+                text=self._texts([self.frame0_text(prompts[i])[0] for i in todo]),
+                given={},
+                targets=(0,),
+                temporal=False,
+                text_bias=o.frame0_text_bias,
+            )
             gens = [row_generator(o.seed, prompts[i], "frame0") for i in todo]
             codes = self.decode(self.frame0_model, job, self.strategies["frame0"], gens)[0]
             for row, i in enumerate(todo):
@@ -123,17 +146,22 @@ class HierarchicalSampler:
     def keyframes(self, prompts: list[str], frame0: torch.Tensor) -> torch.Tensor:
         o, cfg = self.options, self.stage1.cfg
         targets = tuple(f for f in cfg.sampling_order if f != 0)
-        job = DecodePass(text=self._texts([self.stage1_text(p)[0] for p in prompts]),
-                         given={0: frame0}, targets=targets, guidance=o.stage1_guidance,
-                         uncond_text=self._uncond(self.stage1, len(prompts), o.stage1_guidance, o.duration),
-                         text_bias=o.text_bias("stage1"))
+        job = DecodePass(
+            text=self._texts([self.stage1_text(p)[0] for p in prompts]),
+            given={0: frame0},
+            targets=targets,
+            guidance=o.stage1_guidance,
+            uncond_text=self._uncond(self.stage1, len(prompts), o.stage1_guidance, o.duration),
+            text_bias=o.text_bias("stage1"),
+        )
         gens = [row_generator(o.seed, p, "stage1") for p in prompts]
         sampled = self.decode(self.stage1, job, self.strategies["stage1"], gens)
         sampled[0] = frame0
         return torch.stack([sampled[f] for f in range(cfg.num_frames)], dim=1)
 
-    def interpolate(self, prompts: list[str], frames: torch.Tensor, level: int,
-                    windows_per_pass: int = 0) -> torch.Tensor:
+    def interpolate(
+        self, prompts: list[str], frames: torch.Tensor, level: int, windows_per_pass: int = 0
+    ) -> torch.Tensor:
         """One stage-2 level: [B, N, n] -> [B, N', n]; `windows_per_pass` 0 = the whole level at once."""
         o, cfg = self.options, self.stage2.cfg
         batch, num_frames, _ = frames.shape
@@ -146,13 +174,18 @@ class HierarchicalSampler:
         out = frames.new_zeros(batch, new_frames, frames.shape[2])
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
-            given = {slot: torch.stack([frames[b, w * stride + i] for b, w in part])
-                     for i, slot in enumerate(given_slots)}
+            given = {
+                slot: torch.stack([frames[b, w * stride + i] for b, w in part])
+                for i, slot in enumerate(given_slots)
+            }
             job = DecodePass(
                 text=self._texts([self.stage2_text(prompts[b], duration) for b, _ in part]),
-                uncond_text=self._uncond(self.stage2, len(part), o.stage2_guidance, duration), given=given,
+                uncond_text=self._uncond(self.stage2, len(part), o.stage2_guidance, duration),
+                given=given,
                 targets=tuple(f for f in cfg.sampling_order if f not in given_slots),
-                guidance=o.stage2_guidance, text_bias=o.text_bias("stage2"))
+                guidance=o.stage2_guidance,
+                text_bias=o.text_bias("stage2"),
+            )
             gens = [row_generator(o.seed, prompts[b], f"stage2/level{level}/window{w}") for b, w in part]
             window_frames = {**given, **self.decode(self.stage2, job, self.strategies["stage2"], gens)}
             for row, (b, w) in enumerate(part):

@@ -5,6 +5,7 @@ The output folder holds one entry per prompt (`<key>/`, see `outputs.py`), each 
 its record.json; a rerun skips entries recorded as ok. A prompt that fails is recorded with
 its error and the others go on. manifest.json and contact_sheet.png cover every prompt.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,12 @@ def read_record(out: Path, key: str) -> dict | None:
 
 
 def _failed(prompt: Prompt, err: BaseException) -> dict:
-    return {"key": prompt.key, "prompt": prompt.text, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+    return {
+        "key": prompt.key,
+        "prompt": prompt.text,
+        "status": "failed",
+        "error": f"{type(err).__name__}: {err}",
+    }
 
 
 class Progress:
@@ -56,7 +62,9 @@ class Progress:
                 log.warning("%s: %s", where, note)
 
 
-def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True, worker: str = "local") -> list[dict]:
+def sample_batch(
+    pipeline, batch: list[Prompt], out: Path, write: bool = True, worker: str = "local"
+) -> list[dict]:
     """Sample one batch and write its entries; a failing prompt never takes the others down."""
     records, notes = {}, {}
     ready = []
@@ -82,9 +90,17 @@ def sample_batch(pipeline, batch: list[Prompt], out: Path, write: bool = True, w
         seconds = (time.perf_counter() - start) / len(group)
         for prompt, (codes, frames) in zip(group, videos):
             files = write_video_entry(out / prompt.key, codes, frames, pipeline.fps()) if write else {}
-            records[prompt.key] = {"key": prompt.key, "prompt": prompt.text, "status": "ok", "files": files,
-                                   "frames": int(len(frames)), "fps": pipeline.fps(), "seconds": round(seconds, 3),
-                                   "worker": worker, "notes": notes[prompt.key]}
+            records[prompt.key] = {
+                "key": prompt.key,
+                "prompt": prompt.text,
+                "status": "ok",
+                "files": files,
+                "frames": int(len(frames)),
+                "fps": pipeline.fps(),
+                "seconds": round(seconds, 3),
+                "worker": worker,
+                "notes": notes[prompt.key],
+            }
     if write:
         for prompt in batch:
             (out / prompt.key).mkdir(parents=True, exist_ok=True)
@@ -99,8 +115,10 @@ def _check_options(out: Path, options: SampleOptions) -> None:
         previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in SCHEDULING_OPTIONS}
         if previous != record:
             changed = sorted(k for k in set(record) | set(previous) if record.get(k) != previous.get(k))
-            raise ValueError(f"{out} holds a run with other options ({', '.join(changed)}): "
-                             f"use a new --out, or the same options to resume")
+            raise ValueError(
+                f"{out} holds a run with other options ({', '.join(changed)}): "
+                f"use a new --out, or the same options to resume"
+            )
     if _is_main_process():
         write_json(path, to_dict(options))
 
@@ -123,15 +141,18 @@ def _run_local(batches, out: Path, make_pipeline, progress: Progress) -> None:
         dist.barrier()
 
 
-def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address: str | None,
-             progress: Progress) -> None:
+def _run_ray(
+    batches, out: Path, options: SampleOptions, make_pipeline, address: str | None, progress: Progress
+) -> None:
     import ray
 
     from cogvideo.raystart import start_ray
 
     if options.tensor_parallel > 1:
-        raise ValueError("sampling.tensor_parallel > 1 runs one process per TP rank under torchrun "
-                         "(torchrun --nproc-per-node N -m cogvideo.sampling.cli ...), not with --ray")
+        raise ValueError(
+            "sampling.tensor_parallel > 1 runs one process per TP rank under torchrun "
+            "(torchrun --nproc-per-node N -m cogvideo.sampling.cli ...), not with --ray"
+        )
     start_ray(address, log_to_driver=True)
 
     @ray.remote(num_gpus=1 if options.device == "cuda" else 0)
@@ -171,18 +192,27 @@ def _run_ray(batches, out: Path, options: SampleOptions, make_pipeline, address:
 
 
 def write_manifest(out: Path, prompts: list[Prompt]) -> dict:
-    entries = [read_record(out, p.key) or {"key": p.key, "prompt": p.text, "status": "missing"} for p in prompts]
+    entries = [
+        read_record(out, p.key) or {"key": p.key, "prompt": p.text, "status": "missing"} for p in prompts
+    ]
     ok = [e for e in entries if e["status"] == "ok"]
     manifest = {"prompts": len(entries), "ok": len(ok), "failed": len(entries) - len(ok), "entries": entries}
     write_json(out / "manifest.json", manifest)
     if ok:
-        write_contact_sheet(out / "contact_sheet.png",
-                            [(e["prompt"], out / e["key"] / e["files"]["sheet_row"]) for e in ok])
+        write_contact_sheet(
+            out / "contact_sheet.png", [(e["prompt"], out / e["key"] / e["files"]["sheet_row"]) for e in ok]
+        )
     return manifest
 
 
-def run_job(prompts: list[Prompt], out: str | Path, options: SampleOptions, make_pipeline: Callable,
-            use_ray: bool = False, address: str | None = None) -> dict | None:
+def run_job(
+    prompts: list[Prompt],
+    out: str | Path,
+    options: SampleOptions,
+    make_pipeline: Callable,
+    use_ray: bool = False,
+    address: str | None = None,
+) -> dict | None:
     """Sample every prompt not already done; returns the manifest (None on ranks other than 0)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

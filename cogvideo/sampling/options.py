@@ -8,6 +8,7 @@ clusters) with text attention bias 1.4 and the suffix " 高清摄影"; stage 1 g
 prompt and text attention bias 1.4. The text format (duration prefix, guidance text) is not an
 option: each stage reads the one its checkpoint was trained on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,7 +47,9 @@ class SampleOptions:
     tensor_parallel: int = 1
     workers: int = 1  # Ray actors (each loads the models once)
 
-    duration: float = 4.0  # seconds the keyframes span (stage 1's duration prefix; stage 2 uses each window's)
+    duration: float = (
+        4.0  # seconds the keyframes span (stage 1's duration prefix; stage 2 uses each window's)
+    )
     interpolation_levels: int = 3  # stage-2 levels: 5 -> 9 -> 17 -> 33 frames
     frame0_suffix: str = FRAME0_SUFFIX  # frame 0: prompt + suffix, no duration prefix
     video_suffix: str = VIDEO_SUFFIX  # stage 1 when guided: prompt + suffix (stage 2: the prompt alone)
@@ -82,25 +85,35 @@ class SampleOptions:
         from pathlib import Path
 
         found = []
-        required = {"stage1_checkpoint": self.stage1_checkpoint, "text_tokenizer": self.text_tokenizer,
-                    "image_tokenizer": self.image_tokenizer}
+        required = {
+            "stage1_checkpoint": self.stage1_checkpoint,
+            "text_tokenizer": self.text_tokenizer,
+            "image_tokenizer": self.image_tokenizer,
+        }
         for key, value in required.items():
             if not value:
                 found.append(f"{key}: required (e.g. {key}=PATH)")
-        optional = {"frame0_checkpoint": self.frame0_checkpoint, "stage2_checkpoint": self.stage2_checkpoint,
-                    "cluster_table": self.cluster_table}
+        optional = {
+            "frame0_checkpoint": self.frame0_checkpoint,
+            "stage2_checkpoint": self.stage2_checkpoint,
+            "cluster_table": self.cluster_table,
+        }
         for key, value in {**required, **optional}.items():
             if value and not Path(value).exists():
                 found.append(f"{key}: {value} does not exist")
         if self.interpolation_levels and not self.stage2_checkpoint:
-            found.append(f"interpolation_levels={self.interpolation_levels} needs stage2_checkpoint: give one, "
-                         f"or set interpolation_levels=0 to stop at the keyframes")
+            found.append(
+                f"interpolation_levels={self.interpolation_levels} needs stage2_checkpoint: give one, "
+                f"or set interpolation_levels=0 to stop at the keyframes"
+            )
         stages = ("frame0", "stage1", "stage2") if self.interpolation_levels else ("frame0", "stage1")
         clustered = [s for s in stages if getattr(self, f"{s}_strategy").kind == "cluster"]
         if clustered and not self.cluster_table:
             names = ", ".join(f"{s}_strategy" for s in clustered)
-            found.append(f"cluster_table: {names} use the release's cluster strategy, which needs the codebook's "
-                         f"clusters: give cluster_table=cluster_label2.npy (released) or the output of "
-                         f"`cogvideo-clusters --image-tokenizer ... --out clusters.npz`, or set "
-                         f"{clustered[0]}_strategy.kind=topk (and the others)")
+            found.append(
+                f"cluster_table: {names} use the release's cluster strategy, which needs the codebook's "
+                f"clusters: give cluster_table=cluster_label2.npy (released) or the output of "
+                f"`cogvideo-clusters --image-tokenizer ... --out clusters.npz`, or set "
+                f"{clustered[0]}_strategy.kind=topk (and the others)"
+            )
         return found

@@ -4,6 +4,7 @@ Per prompt, in `out/<key>/`: video.mp4, video.gif, codes.npy (image codes [T, h,
 sheet_row.png; the job adds record.json (written last: the entry is complete) and, in `out/`,
 manifest.json, options.json and contact_sheet.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,12 @@ SHEET_FRAME_SIDE = 96  # contact-sheet frames are enlarged to at least this many
 LABEL_WIDTH = 220  # pixels of the label column
 LABEL_MARGIN = 4
 LABEL_FONT_SIZE = 14
-CJK_FONTS = ("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
-             "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-             "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-             "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+CJK_FONTS = (
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+)
 log = logging.getLogger(__name__)
 
 
@@ -111,8 +114,10 @@ def write_contact_sheet(path: Path, rows: list[tuple[str, Path]]) -> None:
     font = LabelFont()
     labels = [label for label, _ in rows]
     if font.cjk is None and any(_is_cjk(c) for label in labels for c in label):
-        log.warning("%s: no CJK font installed (apt-get install fonts-droid-fallback): CJK in labels shows "
-                    "as '?'", path)
+        log.warning(
+            "%s: no CJK font installed (apt-get install fonts-droid-fallback): CJK in labels shows as '?'",
+            path,
+        )
         labels = ["".join("?" if _is_cjk(c) else c for c in label) for label in labels]
     images = []
     for _, png in rows:
@@ -121,7 +126,9 @@ def write_contact_sheet(path: Path, rows: list[tuple[str, Path]]) -> None:
         images.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
     line_height = font.line_height
     wrapped = [wrap_label(label, font, LABEL_WIDTH - 2 * LABEL_MARGIN) for label in labels]
-    heights = [max(im.height, len(lines) * line_height + 2 * LABEL_MARGIN) for im, lines in zip(images, wrapped)]
+    heights = [
+        max(im.height, len(lines) * line_height + 2 * LABEL_MARGIN) for im, lines in zip(images, wrapped)
+    ]
     sheet = Image.new("RGB", (LABEL_WIDTH + max(im.width for im in images), sum(heights)), "white")
     draw = ImageDraw.Draw(sheet)
     top = 0

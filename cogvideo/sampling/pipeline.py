@@ -1,5 +1,6 @@
 """Loads everything a sampling run needs once (stage models, tokenizers, strategies) and
 turns a batch of prompts into decoded videos."""
+
 from __future__ import annotations
 
 import logging
@@ -60,14 +61,24 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: t
 
 
 class VideoPipeline:
-    def __init__(self, options: SampleOptions, stage1: StageModel, stage2: StageModel | None,
-                 text_tokenizer, image_tokenizer, cached: bool = True, frame0: StageModel | None = None):
+    def __init__(
+        self,
+        options: SampleOptions,
+        stage1: StageModel,
+        stage2: StageModel | None,
+        text_tokenizer,
+        image_tokenizer,
+        cached: bool = True,
+        frame0: StageModel | None = None,
+    ):
         self.options, self.image_tokenizer = options, image_tokenizer
         self.encode = TextEncoder(text_tokenizer, stage1.cfg)
         num_codes = stage1.cfg.vocab.num_image_tokens
         labels = load_cluster_table(options.cluster_table, num_codes) if options.cluster_table else None
-        strategies = {name: make_strategy(getattr(options, f"{name}_strategy"), labels)
-                      for name in ("frame0", "stage1", "stage2")}
+        strategies = {
+            name: make_strategy(getattr(options, f"{name}_strategy"), labels)
+            for name in ("frame0", "stage1", "stage2")
+        }
         self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached, frame0)
 
     @classmethod
@@ -87,19 +98,31 @@ class VideoPipeline:
             log.warning(precision.warning)
         dtype = precision.dtype
         stage1 = load_stage(Path(options.stage1_checkpoint), options, "stage1", dtype)
-        stage2 = load_stage(Path(options.stage2_checkpoint), options, "stage2", dtype) if options.stage2_checkpoint else None
-        frame0 = load_stage(Path(options.frame0_checkpoint), options, "backbone", dtype) if options.frame0_checkpoint else None
+        stage2 = (
+            load_stage(Path(options.stage2_checkpoint), options, "stage2", dtype)
+            if options.stage2_checkpoint
+            else None
+        )
+        frame0 = (
+            load_stage(Path(options.frame0_checkpoint), options, "backbone", dtype)
+            if options.frame0_checkpoint
+            else None
+        )
         for other, path in ((stage2, options.stage2_checkpoint), (frame0, options.frame0_checkpoint)):
             for key in ("vocab", "text_length", "frame_tokens"):
                 if other is not None and getattr(stage1.cfg, key) != getattr(other.cfg, key):
-                    raise ValueError(f"model.{key} differs between {options.stage1_checkpoint} and {path}: "
-                                     f"the models must share tokenizers and frame layout")
+                    raise ValueError(
+                        f"model.{key} differs between {options.stage1_checkpoint} and {path}: "
+                        f"the models must share tokenizers and frame layout"
+                    )
         text = TextTokenizer(options.text_tokenizer, stage1.cfg.vocab)
         image = load_image_tokenizer(options.image_tokenizer, frame_size=stage1.cfg.frame_size)
         codes = len(image.codebook())
         if codes != stage1.cfg.vocab.num_image_tokens:
-            raise ValueError(f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
-                             f"models {stage1.cfg.vocab.num_image_tokens} image tokens")
+            raise ValueError(
+                f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
+                f"models {stage1.cfg.vocab.num_image_tokens} image tokens"
+            )
         pipeline = cls(options, stage1, stage2, text, image, frame0=frame0)
         pipeline.precision = precision
         return pipeline

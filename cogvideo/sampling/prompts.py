@@ -1,4 +1,5 @@
 """Prompt files and prompt text -> the model's left-padded text block."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 item = json.loads(line)
                 text, first_frame, key = item["prompt"], item.get("first_frame"), item.get("key")
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise PromptError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field ({err})") from err
+                raise PromptError(
+                    f"{path}:{lineno}: expected a JSON object with a 'prompt' field ({err})"
+                ) from err
         else:
             text, first_frame, key = line, None, None
         if not isinstance(text, str) or not text.strip():
@@ -55,7 +58,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             raise PromptError(f"{path}:{lineno}: key {key!r} is not a plain folder name")
         prompt = Prompt(key or _key(text.strip()), text.strip(), first_frame)
         if prompt.key in lines:  # the same key would share one output entry
-            raise PromptError(f"{path}:{lineno}: duplicate of line {lines[prompt.key]} (output key {prompt.key!r})")
+            raise PromptError(
+                f"{path}:{lineno}: duplicate of line {lines[prompt.key]} (output key {prompt.key!r})"
+            )
         lines[prompt.key] = lineno
         prompts.append(prompt)
     if not prompts:
@@ -80,7 +85,9 @@ class TextEncoder:
         ids = self.tokenizer.encode(text)
         budget = self.cfg.text_length
         if len(ids) > budget:
-            raise TextBudgetError(f"text {text[:60]!r} is {len(ids)} text tokens; the model's text budget "
-                                  f"(model.text_length) is {budget}: shorten the prompt")
+            raise TextBudgetError(
+                f"text {text[:60]!r} is {len(ids)} text tokens; the model's text budget "
+                f"(model.text_length) is {budget}: shorten the prompt"
+            )
         pad = [self.cfg.vocab.pad_id] * (budget - len(ids))
         return torch.tensor(pad + list(ids), dtype=torch.long)

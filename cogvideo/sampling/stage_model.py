@@ -1,5 +1,6 @@
 """A stage model as the sampler sees it: chunked decoding with a KV cache, and the full
 (uncached) forward, both returning image-code logits gathered over the TP group."""
+
 from __future__ import annotations
 
 import torch
@@ -54,7 +55,9 @@ class StageModel:
         self.model.forward_chunk(tokens, meta, cache, text_bias=text_bias)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, frame_index: int, start: int, cache, text_bias: float) -> torch.Tensor:
+    def step(
+        self, tokens: torch.Tensor, frame_index: int, start: int, cache, text_bias: float
+    ) -> torch.Tensor:
         """Feed positions [start, start + l) of frame `frame_index`; image logits [B, l, K]."""
         meta = TokenMeta.of_frame(self.cfg, frame_index, start, start + tokens.shape[1])
         return self._image_logits(self.model.forward_chunk(tokens, meta, cache, text_bias=text_bias))

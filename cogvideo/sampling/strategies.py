@@ -4,6 +4,7 @@ Every row of a batch draws its random numbers from its own `torch.Generator`, so
 video depends only on the prompt and the seed, not on which other prompts share its batch
 or which worker samples it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ cogvideo uses only icetk's VQ-VAE classes, which never touch torchvision. When t
 torchvision is importable nothing is replaced. Otherwise stand-in modules exist in
 ``sys.modules`` only while the ``with`` block runs, and every stand-in raises when called.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,10 @@ STANDIN_MODULES = ("torchvision", "torchvision.transforms", "torchvision.transfo
 
 class _Unavailable:
     def __init__(self, *args, **kwargs):
-        raise RuntimeError(f"{type(self).__name__} is a stand-in: icetk's image pipeline needs the real "
-                           "torchvision; cogvideo only uses icetk's VQ-VAE")
+        raise RuntimeError(
+            f"{type(self).__name__} is a stand-in: icetk's image pipeline needs the real "
+            "torchvision; cogvideo only uses icetk's VQ-VAE"
+        )
 
 
 def _standins() -> dict[str, types.ModuleType]:
@@ -36,6 +39,7 @@ def torchvision_importable():
     """Within the block, ``import torchvision.transforms`` works (stand-in if need be)."""
     try:
         import torchvision.transforms  # noqa: F401
+
         real = True
     except Exception:  # missing, or an install that fails to load its compiled ops
         real = False

@@ -5,6 +5,7 @@ icetk==0.0.7``); the weights come from a local ``ice_image.pt`` (``{"module": st
 never from a download. Its keys and shapes are checked against the architecture before
 loading, so a truncated, corrupted or wrong file is refused with the offending key names.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,8 +40,9 @@ def build_icetk_vqvae(device: str | torch.device = "meta") -> torch.nn.Module:
         with torchvision_importable():
             from icetk.vqvae import load_default_HVQVAE
     except ImportError as err:
-        raise ImportError(f"icetk's VQ-VAE is needed for {ICETK_IMAGE_MODEL}: "
-                          f"pip install --no-deps icetk==0.0.7 ({err})") from err
+        raise ImportError(
+            f"icetk's VQ-VAE is needed for {ICETK_IMAGE_MODEL}: pip install --no-deps icetk==0.0.7 ({err})"
+        ) from err
     with torch.device(device):
         return load_default_HVQVAE()
 
@@ -60,9 +62,11 @@ def verify_state_dict(state: dict, expected: dict[str, torch.Size], where: str) 
         for key, value in sorted(state.items())
         if key in expected and not (isinstance(value, torch.Tensor) and value.shape == expected[key])
     ]
-    problems = [f"{len(keys)} {kind} keys: {_names(keys)}"
-                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                if keys]
+    problems = [
+        f"{len(keys)} {kind} keys: {_names(keys)}"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
     if problems:
         raise CheckpointMismatchError(f"{where}: does not match icetk's image VQ-VAE: " + "; ".join(problems))
 
@@ -72,8 +76,10 @@ def resolve_image_model(path: str | Path) -> Path:
     if path.is_dir():
         path = path / ICETK_IMAGE_MODEL
     if not path.is_file():
-        raise FileNotFoundError(f"icetk image tokenizer not found: {path} ({ICETK_IMAGE_MODEL} is never "
-                                "downloaded here: copy it there)")
+        raise FileNotFoundError(
+            f"icetk image tokenizer not found: {path} ({ICETK_IMAGE_MODEL} is never "
+            "downloaded here: copy it there)"
+        )
     return path
 
 
@@ -81,10 +87,14 @@ def read_icetk_checkpoint(path: Path) -> dict:
     try:  # weights_only: a checkpoint is data; it must not run code when opened
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointMismatchError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
-                                      f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise CheckpointMismatchError(
+            f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("module"), dict):
-        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = (
+            sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        )
         raise CheckpointMismatchError(f"{path}: expected icetk's {{'module': state_dict}}, found {found}")
     return checkpoint["module"]
 
@@ -94,9 +104,13 @@ class IceImageTokenizer:
 
     def __init__(self, model: torch.nn.Module, frame_size: int = 160, compression: int = 8):
         if compression not in LEVEL_OF_COMPRESSION:
-            raise ValueError(f"compression: expected one of {sorted(LEVEL_OF_COMPRESSION)}, got {compression}")
+            raise ValueError(
+                f"compression: expected one of {sorted(LEVEL_OF_COMPRESSION)}, got {compression}"
+            )
         if frame_size % compression:
-            raise ValueError(f"frame_size: expected a multiple of compression={compression}, got {frame_size}")
+            raise ValueError(
+                f"frame_size: expected a multiple of compression={compression}, got {frame_size}"
+            )
         self.model = model.eval()
         self.level = LEVEL_OF_COMPRESSION[compression]
         self.frame_size = frame_size
@@ -107,8 +121,9 @@ class IceImageTokenizer:
         self._std = torch.tensor(PIXEL_STD, device=self.device).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", frame_size: int = 160,
-             compression: int = 8) -> "IceImageTokenizer":
+    def load(
+        cls, path: str | Path, device: str = "cpu", frame_size: int = 160, compression: int = 8
+    ) -> "IceImageTokenizer":
         path = resolve_image_model(path)
         model = build_icetk_vqvae("meta")
         state = read_icetk_checkpoint(path)
@@ -121,23 +136,29 @@ class IceImageTokenizer:
         frames = check_frames(frames, self.frame_size)
         codes = []
         for start in range(0, len(frames), FRAMES_PER_BATCH):
-            x = torch.from_numpy(frames[start:start + FRAMES_PER_BATCH]).to(self.device)
+            x = torch.from_numpy(frames[start : start + FRAMES_PER_BATCH]).to(self.device)
             x = (x.permute(0, 3, 1, 2).float() / 255 - self._mean) / self._std
             codes.append(self.model.single_encode(x, self.level)[2].cpu())
-        return torch.cat(codes).numpy().astype(np.int64) if codes else np.zeros(
-            (0, self.tokens_side, self.tokens_side), np.int64)
+        return (
+            torch.cat(codes).numpy().astype(np.int64)
+            if codes
+            else np.zeros((0, self.tokens_side, self.tokens_side), np.int64)
+        )
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
         codes = check_codes(codes, self.tokens_side, self.codebook_size)
         frames = []
         for start in range(0, len(codes), FRAMES_PER_BATCH):
-            batch = torch.from_numpy(codes[start:start + FRAMES_PER_BATCH]).to(self.device)
+            batch = torch.from_numpy(codes[start : start + FRAMES_PER_BATCH]).to(self.device)
             # icetk's decoder for level l is decs[2 - l]
             image = self.model.single_decode_code(batch, self.level) * self._std + self._mean
             frames.append((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        return torch.cat(frames).numpy() if frames else np.zeros(
-            (0, self.frame_size, self.frame_size, 3), np.uint8)
+        return (
+            torch.cat(frames).numpy()
+            if frames
+            else np.zeros((0, self.frame_size, self.frame_size, 3), np.uint8)
+        )
 
     def codebook(self) -> np.ndarray:
         return self.model.quantize.embed.weight.detach().float().cpu().numpy().copy()

@@ -6,6 +6,7 @@ patch codebook fitted on CPU, stored as ``.safetensors``) and
 ``ice_image.pt``). Both import this module; :func:`cogvideo.tokenizers.loading.load_image_tokenizer`
 picks one from the path.
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
@@ -29,16 +30,26 @@ class ImageTokenizer(Protocol):
 def check_frames(frames: np.ndarray, frame_size: int) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (frame_size, frame_size, 3):
-        raise ValueError(f"frames: expected uint8 [T, {frame_size}, {frame_size}, 3], "
-                         f"got {frames.dtype} {list(frames.shape)}")
+        raise ValueError(
+            f"frames: expected uint8 [T, {frame_size}, {frame_size}, 3], "
+            f"got {frames.dtype} {list(frames.shape)}"
+        )
     return frames
 
 
 def check_codes(codes: np.ndarray, tokens_side: int, codebook_size: int) -> np.ndarray:
     codes = np.asarray(codes)
-    if not np.issubdtype(codes.dtype, np.integer) or codes.ndim != 3 or codes.shape[1:] != (tokens_side, tokens_side):
-        raise ValueError(f"codes: expected an integer array [T, {tokens_side}, {tokens_side}], "
-                         f"got {codes.dtype} {list(codes.shape)}")
+    if (
+        not np.issubdtype(codes.dtype, np.integer)
+        or codes.ndim != 3
+        or codes.shape[1:] != (tokens_side, tokens_side)
+    ):
+        raise ValueError(
+            f"codes: expected an integer array [T, {tokens_side}, {tokens_side}], "
+            f"got {codes.dtype} {list(codes.shape)}"
+        )
     if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
-        raise ValueError(f"codes: expected values in [0, {codebook_size}), got [{codes.min()}, {codes.max()}]")
+        raise ValueError(
+            f"codes: expected values in [0, {codebook_size}), got [{codes.min()}, {codes.max()}]"
+        )
     return codes.astype(np.int64)

@@ -1,6 +1,7 @@
 """Which image tokenizer a path holds: the factory over the implementations of
 :class:`cogvideo.tokenizers.image.ImageTokenizer` (kept apart from the interface, which the
 implementations import)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,9 @@ from pathlib import Path
 from cogvideo.tokenizers.image import ImageTokenizer
 
 
-def load_image_tokenizer(path: str | Path, device: str = "cpu", frame_size: int | None = None) -> ImageTokenizer:
+def load_image_tokenizer(
+    path: str | Path, device: str = "cpu", frame_size: int | None = None
+) -> ImageTokenizer:
     """A ``.safetensors`` patch tokenizer, or icetk's ``ice_image.pt`` (the file or its directory).
 
     ``frame_size`` sets the frame size icetk's convolutional model encodes (default 160);
@@ -27,5 +30,7 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu", frame_size: int 
         return IceImageTokenizer.load(path, device=device, frame_size=frame_size or 160)
     if not path.exists():
         raise FileNotFoundError(f"image tokenizer not found: {path}")
-    raise ValueError(f"{path}: unknown image tokenizer; expected a .safetensors patch tokenizer, "
-                     f"or {ICETK_IMAGE_MODEL} (or its directory)")
+    raise ValueError(
+        f"{path}: unknown image tokenizer; expected a .safetensors patch tokenizer, "
+        f"or {ICETK_IMAGE_MODEL} (or its directory)"
+    )

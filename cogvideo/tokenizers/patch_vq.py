@@ -16,6 +16,7 @@ int64, ``context_patches`` [M, p*p*3] uint8, and ``frame_size``/``tokens_side``/
 ``colour_weight`` metadata, plus the model ``preset`` it was fitted for.
 Command: ``cogvideo-fit-image-tokenizer preset=small frames=DIR_OR_GLOB out=FILE.safetensors``
 """
+
 from __future__ import annotations
 
 import glob
@@ -69,7 +70,7 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     when encoding, so that codes are exact."""
     c = codebook.to(x.dtype)
     sq = codebook.float().pow(2).sum(1)
-    return torch.cat([(sq - 2 * (x[i:i + CHUNK] @ c.T).float()).argmin(1) for i in range(0, len(x), CHUNK)])
+    return torch.cat([(sq - 2 * (x[i : i + CHUNK] @ c.T).float()).argmin(1) for i in range(0, len(x), CHUNK)])
 
 
 def with_colour(x: torch.Tensor, colour_weight: float) -> torch.Tensor:
@@ -87,8 +88,13 @@ def context_keys(codes: np.ndarray, codebook_size: int) -> np.ndarray:
     codes (``codebook_size`` stands for "outside the frame")."""
     padded = np.pad(codes, ((0, 0), (1, 1), (1, 1)), constant_values=codebook_size)
     key = np.zeros(codes.shape, np.int64)
-    for part in (padded[:, 1:-1, 1:-1], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
-                 padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]):
+    for part in (
+        padded[:, 1:-1, 1:-1],
+        padded[:, :-2, 1:-1],
+        padded[:, 2:, 1:-1],
+        padded[:, 1:-1, :-2],
+        padded[:, 1:-1, 2:],
+    ):
         key = key * (codebook_size + 1) + part
     return key
 
@@ -97,9 +103,16 @@ class PatchVQTokenizer:
     """Codes = nearest codebook patch. Decoding uses the context table when it has the
     position's (code, 4 neighbour codes) key, and the code's own patch otherwise."""
 
-    def __init__(self, codebook: torch.Tensor | np.ndarray, frame_size: int, tokens_side: int,
-                 device: str = "cpu", context: tuple[np.ndarray, np.ndarray] | None = None,
-                 colour_weight: float = 0.0, preset: str | None = None):
+    def __init__(
+        self,
+        codebook: torch.Tensor | np.ndarray,
+        frame_size: int,
+        tokens_side: int,
+        device: str = "cpu",
+        context: tuple[np.ndarray, np.ndarray] | None = None,
+        colour_weight: float = 0.0,
+        preset: str | None = None,
+    ):
         if tokens_side <= 0 or frame_size % tokens_side:
             raise ValueError(f"tokens_side: expected a divisor of frame_size={frame_size}, got {tokens_side}")
         self.frame_size, self.tokens_side = frame_size, tokens_side
@@ -108,8 +121,10 @@ class PatchVQTokenizer:
         codebook = torch.as_tensor(codebook, dtype=torch.float32, device=device)
         dim = self.patch_size**2 * 3
         if codebook.ndim != 2 or codebook.shape[1] != dim or len(codebook) == 0:
-            raise ValueError(f"codebook: expected [codebook_size, {dim}] for {self.patch_size}x{self.patch_size} "
-                             f"patches, got {list(codebook.shape)}")
+            raise ValueError(
+                f"codebook: expected [codebook_size, {dim}] for {self.patch_size}x{self.patch_size} "
+                f"patches, got {list(codebook.shape)}"
+            )
         if not colour_weight >= 0:
             raise ValueError(f"colour_weight: expected >= 0, got {colour_weight}")
         self._codebook = codebook
@@ -119,20 +134,33 @@ class PatchVQTokenizer:
         self.context = None
         if context is not None:
             if self.codebook_size > MAX_CONTEXT_CODES:
-                raise ValueError(f"context table: codebook_size={self.codebook_size} is above {MAX_CONTEXT_CODES}")
+                raise ValueError(
+                    f"context table: codebook_size={self.codebook_size} is above {MAX_CONTEXT_CODES}"
+                )
             keys, patches = np.asarray(context[0]), np.asarray(context[1])
             if keys.dtype != np.int64 or keys.ndim != 1 or np.any(keys[1:] <= keys[:-1]):
-                raise ValueError(f"context_keys: expected sorted unique int64 [M], got {keys.dtype} {list(keys.shape)}")
+                raise ValueError(
+                    f"context_keys: expected sorted unique int64 [M], got {keys.dtype} {list(keys.shape)}"
+                )
             if patches.dtype != np.uint8 or patches.shape != (len(keys), dim):
-                raise ValueError(f"context_patches: expected uint8 [{len(keys)}, {dim}], "
-                                 f"got {patches.dtype} {list(patches.shape)}")
+                raise ValueError(
+                    f"context_patches: expected uint8 [{len(keys)}, {dim}], "
+                    f"got {patches.dtype} {list(patches.shape)}"
+                )
             self.context = (keys, patches)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         frames = check_frames(frames, self.frame_size)
-        codes = [nearest(with_colour(to_patches(frames[i:i + FRAMES_PER_CHUNK], self.tokens_side)
-                                     .to(self._codebook.device), self.colour_weight), self._code_features).cpu()
-                 for i in range(0, len(frames), FRAMES_PER_CHUNK)]
+        codes = [
+            nearest(
+                with_colour(
+                    to_patches(frames[i : i + FRAMES_PER_CHUNK], self.tokens_side).to(self._codebook.device),
+                    self.colour_weight,
+                ),
+                self._code_features,
+            ).cpu()
+            for i in range(0, len(frames), FRAMES_PER_CHUNK)
+        ]
         codes = torch.cat(codes).numpy() if codes else np.zeros(0, np.int64)
         return codes.reshape(len(frames), self.tokens_side, self.tokens_side)
 
@@ -156,10 +184,18 @@ class PatchVQTokenizer:
             tensors["context_keys"] = torch.from_numpy(self.context[0])
             tensors["context_patches"] = torch.from_numpy(self.context[1])
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={
-            "format": FORMAT, "version": FORMAT_VERSION,
-            "frame_size": str(self.frame_size), "tokens_side": str(self.tokens_side),
-            "colour_weight": repr(self.colour_weight), **({"preset": self.preset} if self.preset else {})})
+        save_file(
+            tensors,
+            str(path),
+            metadata={
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "frame_size": str(self.frame_size),
+                "tokens_side": str(self.tokens_side),
+                "colour_weight": repr(self.colour_weight),
+                **({"preset": self.preset} if self.preset else {}),
+            },
+        )
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PatchVQTokenizer":
@@ -175,20 +211,38 @@ class PatchVQTokenizer:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         known = {"codebook", "context_keys", "context_patches"}
-        if "codebook" not in tensors or set(tensors) - known or len(set(tensors) & (known - {"codebook"})) == 1:
-            raise ValueError(f"{path}: expected tensors 'codebook' (+ 'context_keys' and 'context_patches'), "
-                             f"found {sorted(tensors)}")
+        if (
+            "codebook" not in tensors
+            or set(tensors) - known
+            or len(set(tensors) & (known - {"codebook"})) == 1
+        ):
+            raise ValueError(
+                f"{path}: expected tensors 'codebook' (+ 'context_keys' and 'context_patches'), "
+                f"found {sorted(tensors)}"
+            )
         try:
             frame_size, tokens_side = int(meta["frame_size"]), int(meta["tokens_side"])
             colour_weight = float(meta.get("colour_weight", "0"))
         except (KeyError, ValueError) as err:
-            raise ValueError(f"{path}: metadata needs integer 'frame_size' and 'tokens_side' (and a number "
-                             f"'colour_weight'), got {meta}") from err
-        context = (tensors["context_keys"].numpy(), tensors["context_patches"].numpy()) \
-            if "context_keys" in tensors else None
+            raise ValueError(
+                f"{path}: metadata needs integer 'frame_size' and 'tokens_side' (and a number "
+                f"'colour_weight'), got {meta}"
+            ) from err
+        context = (
+            (tensors["context_keys"].numpy(), tensors["context_patches"].numpy())
+            if "context_keys" in tensors
+            else None
+        )
         try:
-            return cls(tensors["codebook"], frame_size, tokens_side, device, context, colour_weight,
-                       meta.get("preset"))
+            return cls(
+                tensors["codebook"],
+                frame_size,
+                tokens_side,
+                device,
+                context,
+                colour_weight,
+                meta.get("preset"),
+            )
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 
@@ -212,12 +266,19 @@ def fit_precision(requested: str, feature_dim: int, codebook_size: int) -> Preci
     return choose_precision(requested, "cpu", probe_shape(CHUNK, feature_dim, codebook_size))
 
 
-def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int = 0, seed_sample: int = 16,
-           progress: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iterations: int,
+    seed: int = 0,
+    seed_sample: int = 16,
+    progress: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Lloyd's k-means, assignments computed in `dtype`; empty clusters restart at the
     worst-served points."""
     generator = torch.Generator().manual_seed(seed)
-    sample = x[torch.randperm(len(x), generator=generator)[:seed_sample * k]]
+    sample = x[torch.randperm(len(x), generator=generator)[: seed_sample * k]]
     centres = _kmeans_plus_plus(sample, k, generator)
     x_low = x.to(dtype)
     for _ in tqdm(range(iterations), desc="k-means", unit="iter", disable=not progress, file=sys.stderr):
@@ -239,7 +300,7 @@ def snap_to_data(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     best_row = torch.zeros(len(centres), dtype=torch.long)
     c_sq = centres.pow(2).sum(1)
     for i in range(0, len(x), CHUNK):
-        chunk = x[i:i + CHUNK]
+        chunk = x[i : i + CHUNK]
         dist = chunk.pow(2).sum(1)[:, None] - 2 * chunk @ centres.T + c_sq
         value, row = dist.min(0)
         better = value < best_dist
@@ -256,18 +317,31 @@ def fit_context_table(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> tuple[
     per_chunk = FRAMES_PER_CHUNK * tokenizer.tokens_side**2
     for i in range(0, len(frames), FRAMES_PER_CHUNK):
         start = i * tokenizer.tokens_side**2
-        sums.index_add_(0, inverse[start:start + per_chunk], to_patches(frames[i:i + FRAMES_PER_CHUNK],
-                                                                         tokenizer.tokens_side))
+        sums.index_add_(
+            0,
+            inverse[start : start + per_chunk],
+            to_patches(frames[i : i + FRAMES_PER_CHUNK], tokenizer.tokens_side),
+        )
     counts = torch.bincount(inverse, minlength=len(table_keys))
     patches = (sums / counts[:, None]).round().clamp(0, 255).to(torch.uint8).numpy()
     return table_keys, patches
 
 
-def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int, tokens_side: int,
-                        seed: int = 0, iterations: int = 12, max_patches: int = 131072,
-                        crisp: bool = True, context: bool = True,
-                        colour_weight: float = DEFAULT_COLOUR_WEIGHT, preset: str | None = None,
-                        progress: bool = False, precision: str = "auto") -> PatchVQTokenizer:
+def fit_patch_tokenizer(
+    frames: np.ndarray,
+    codebook_size: int,
+    frame_size: int,
+    tokens_side: int,
+    seed: int = 0,
+    iterations: int = 12,
+    max_patches: int = 131072,
+    crisp: bool = True,
+    context: bool = True,
+    colour_weight: float = DEFAULT_COLOUR_WEIGHT,
+    preset: str | None = None,
+    progress: bool = False,
+    precision: str = "auto",
+) -> PatchVQTokenizer:
     """Fit a ``codebook_size``-code patch tokenizer on uint8 frames [T, frame_size, frame_size, 3].
 
     k-means runs on at most ``max_patches`` random patches, its assignments in ``precision``
@@ -278,38 +352,52 @@ def fit_patch_tokenizer(frames: np.ndarray, codebook_size: int, frame_size: int,
     if tokens_side <= 0 or frame_size % tokens_side:
         raise ValueError(f"tokens_side: expected a divisor of frame_size={frame_size}, got {tokens_side}")
     if context and codebook_size > MAX_CONTEXT_CODES:
-        raise ValueError(f"context table: codebook_size={codebook_size} is above {MAX_CONTEXT_CODES}; "
-                         "fit with context=False")
+        raise ValueError(
+            f"context table: codebook_size={codebook_size} is above {MAX_CONTEXT_CODES}; "
+            "fit with context=False"
+        )
     generator = torch.Generator().manual_seed(seed)
     per_frame = tokens_side**2
     if len(frames) * per_frame > max_patches:  # a random subset of frames, then of their patches
-        subset = torch.randperm(len(frames), generator=generator)[:-(-max_patches // per_frame)]
+        subset = torch.randperm(len(frames), generator=generator)[: -(-max_patches // per_frame)]
         x = to_patches(frames[np.sort(subset.numpy())], tokens_side)
         x = x[torch.randperm(len(x), generator=generator)[:max_patches]]
     else:
         x = to_patches(frames, tokens_side)
     distinct = len(torch.unique(x, dim=0))
     if distinct < codebook_size:
-        raise ValueError(f"codebook_size={codebook_size} needs at least as many distinct patches; "
-                         f"the frames hold {distinct}")
+        raise ValueError(
+            f"codebook_size={codebook_size} needs at least as many distinct patches; "
+            f"the frames hold {distinct}"
+        )
     features = with_colour(x, colour_weight)
     report = _reporter(progress)
     choice = fit_precision(precision, features.shape[1], codebook_size)
-    report(f"k-means: {codebook_size} codes from {len(x)} patches of {len(frames)} frames, {iterations} iterations; "
-           f"{choice.describe()}")
+    report(
+        f"k-means: {codebook_size} codes from {len(x)} patches of {len(frames)} frames, {iterations} iterations; "
+        f"{choice.describe()}"
+    )
     if choice.warning:
         print(f"warning: {choice.warning}", file=sys.stderr)
     centres = kmeans(features, codebook_size, iterations, seed, progress=progress, dtype=choice.dtype)
     if crisp:
         report("snapping each code to its nearest training patch")
         centres = snap_to_data(features, centres)
-    codebook = centres[:, :x.shape[1]]
-    tokenizer = PatchVQTokenizer(codebook, frame_size, tokens_side, colour_weight=colour_weight, preset=preset)
+    codebook = centres[:, : x.shape[1]]
+    tokenizer = PatchVQTokenizer(
+        codebook, frame_size, tokens_side, colour_weight=colour_weight, preset=preset
+    )
     if not context:
         return tokenizer
     report(f"context table: encoding {len(frames)} frames")
-    return PatchVQTokenizer(codebook, frame_size, tokens_side, context=fit_context_table(tokenizer, frames),
-                            colour_weight=colour_weight, preset=preset)
+    return PatchVQTokenizer(
+        codebook,
+        frame_size,
+        tokens_side,
+        context=fit_context_table(tokenizer, frames),
+        colour_weight=colour_weight,
+        preset=preset,
+    )
 
 
 def _reporter(progress: bool):
@@ -318,6 +406,7 @@ def _reporter(progress: bool):
     def report(message: str) -> None:
         if progress:
             print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
     return report
 
 
@@ -335,21 +424,28 @@ def _square(image, frame_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def read_frames(spec: str, frame_size: int, max_frames: int = 20000,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def read_frames(
+    spec: str, frame_size: int, max_frames: int = 20000, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Frames from a directory or glob of png/jpg images and video files (decoded with PyAV),
     in file-name order up to ``max_frames``, and the index of the file each frame came from."""
     root = Path(spec)
-    paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else \
-        sorted(Path(p) for p in glob.glob(spec, recursive=True))
+    paths = (
+        sorted(p for p in root.rglob("*") if p.is_file())
+        if root.is_dir()
+        else sorted(Path(p) for p in glob.glob(spec, recursive=True))
+    )
     paths = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES]
     if not paths:
-        raise FileNotFoundError(f"no frames found at {spec} (expected {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
+        raise FileNotFoundError(
+            f"no frames found at {spec} (expected {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})"
+        )
     from PIL import Image
 
     frames, sources = [], []
-    for index, path in enumerate(tqdm(paths, desc="reading frames", unit="file", disable=not progress,
-                                      file=sys.stderr)):
+    for index, path in enumerate(
+        tqdm(paths, desc="reading frames", unit="file", disable=not progress, file=sys.stderr)
+    ):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             with Image.open(path) as image:
                 frames.append(_square(image, frame_size))
@@ -386,16 +482,22 @@ def held_out_split(sources: np.ndarray, fraction: float, seed: int) -> np.ndarra
 
 @dataclass
 class FitImageTokenizerConfig:
-    preset: str = "small"  # model preset: gives frame_size, tokens per side (frame_tokens) and the codebook size
+    preset: str = (
+        "small"  # model preset: gives frame_size, tokens per side (frame_tokens) and the codebook size
+    )
     frames: str = ""  # directory or glob of png/jpg frames or video files
     out: str = ""  # output .safetensors file (records what was fitted, the preset included)
     codebook_size: int = 0  # 0: the preset's vocab.num_image_tokens
-    held_out: float = 0.1  # fraction of frames kept out of the fit for the PSNR (whole files when there are several)
+    held_out: float = (
+        0.1  # fraction of frames kept out of the fit for the PSNR (whole files when there are several)
+    )
     max_frames: int = 20000
     iterations: int = 12  # k-means iterations
     seed: int = 0
     crisp: bool = True  # snap codes to real training patches (false: k-means means, blurrier edges)
-    colour_weight: float = DEFAULT_COLOUR_WEIGHT  # weight of the mean-colour distance when matching patches (0: L2)
+    colour_weight: float = (
+        DEFAULT_COLOUR_WEIGHT  # weight of the mean-colour distance when matching patches (0: L2)
+    )
     context: bool = True  # decode with the (code, 4 neighbours) context table
     precision: Precision = "auto"  # k-means' distance matmuls (auto: bf16 where this CPU runs it fast)
 
@@ -407,20 +509,27 @@ class FitImageTokenizerConfig:
 
     def __post_init__(self):
         if not self.frames or not self.out.endswith(".safetensors"):
-            raise ConfigError(f"frames and out: required, out ending in .safetensors, got frames={self.frames!r} "
-                              f"out={self.out!r}")
+            raise ConfigError(
+                f"frames and out: required, out ending in .safetensors, got frames={self.frames!r} "
+                f"out={self.out!r}"
+            )
         limit = self.model_config().vocab.num_image_tokens
         if not 0 <= self.codebook_size <= limit:
-            raise ConfigError(f"codebook_size: {self.codebook_size} codes do not fit preset {self.preset!r} "
-                              f"(vocab.num_image_tokens={limit}); give at most {limit}, or 0 for all of them")
+            raise ConfigError(
+                f"codebook_size: {self.codebook_size} codes do not fit preset {self.preset!r} "
+                f"(vocab.num_image_tokens={limit}); give at most {limit}, or 0 for all of them"
+            )
         if not 0 <= self.held_out < 1:
             raise ConfigError(f"held_out: expected a fraction in [0, 1), got {self.held_out}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(FitImageTokenizerConfig, "cogvideo-fit-image-tokenizer",
-                           "Fit the small patch image tokenizer for a model preset and report its reconstruction "
-                           "PSNR on held-out frames.")
+    parser = config_parser(
+        FitImageTokenizerConfig,
+        "cogvideo-fit-image-tokenizer",
+        "Fit the small patch image tokenizer for a model preset and report its reconstruction "
+        "PSNR on held-out frames.",
+    )
     cfg, _ = parse_config(FitImageTokenizerConfig, parser, argv)
     model = cfg.model_config()
     codebook_size = cfg.codebook_size or model.vocab.num_image_tokens
@@ -429,21 +538,35 @@ def main(argv: list[str] | None = None) -> None:
         frames, sources = read_frames(cfg.frames, model.frame_size, cfg.max_frames, progress=True)
         is_held = held_out_split(sources, cfg.held_out, cfg.seed)
         held, train = frames[is_held], frames[~is_held]
-        tokenizer = fit_patch_tokenizer(train, codebook_size, model.frame_size, model.frame_tokens, seed=cfg.seed,
-                                        iterations=cfg.iterations, crisp=cfg.crisp, context=cfg.context,
-                                        colour_weight=cfg.colour_weight, preset=cfg.preset, progress=True,
-                                        precision=cfg.precision)
+        tokenizer = fit_patch_tokenizer(
+            train,
+            codebook_size,
+            model.frame_size,
+            model.frame_tokens,
+            seed=cfg.seed,
+            iterations=cfg.iterations,
+            crisp=cfg.crisp,
+            context=cfg.context,
+            colour_weight=cfg.colour_weight,
+            preset=cfg.preset,
+            progress=True,
+            precision=cfg.precision,
+        )
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
     tokenizer.save(cfg.out)
-    print(f"fitted {codebook_size} codes of {tokenizer.patch_size}x{tokenizer.patch_size} patches for preset "
-          f"{cfg.preset!r} ({model.frame_size}px frames, {model.frame_tokens}x{model.frame_tokens} codes) on "
-          f"{len(train)} frames in {time.perf_counter() - start:.1f}s "
-          f"({len(tokenizer.context[0]) if tokenizer.context else 0} context entries) -> {cfg.out}")
+    print(
+        f"fitted {codebook_size} codes of {tokenizer.patch_size}x{tokenizer.patch_size} patches for preset "
+        f"{cfg.preset!r} ({model.frame_size}px frames, {model.frame_tokens}x{model.frame_tokens} codes) on "
+        f"{len(train)} frames in {time.perf_counter() - start:.1f}s "
+        f"({len(tokenizer.context[0]) if tokenizer.context else 0} context entries) -> {cfg.out}"
+    )
     print(f"train PSNR {psnr(train, tokenizer.decode(tokenizer.encode(train))):.2f} dB")
     if len(held):
-        print(f"held-out PSNR {psnr(held, tokenizer.decode(tokenizer.encode(held))):.2f} dB on {len(held)} frames "
-              f"of {len(np.unique(sources[is_held]))} held-out file(s)")
+        print(
+            f"held-out PSNR {psnr(held, tokenizer.decode(tokenizer.encode(held))):.2f} dB on {len(held)} frames "
+            f"of {len(np.unique(sources[is_held]))} held-out file(s)"
+        )
 
 
 if __name__ == "__main__":

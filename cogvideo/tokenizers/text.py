@@ -5,6 +5,7 @@ either icetk's ``ice_text.model`` (taken from a local directory, never downloade
 trained on your own captions with :func:`train_text_tokenizer` /
 ``cogvideo-train-text-tokenizer``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,7 +33,8 @@ def resolve_text_model(model_file_or_dir: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"text tokenizer model not found: {path} (icetk's {ICETK_TEXT_MODEL} is never downloaded "
-            f"here: copy it there, or train one with cogvideo-train-text-tokenizer)")
+            f"here: copy it there, or train one with cogvideo-train-text-tokenizer)"
+        )
     return path
 
 
@@ -49,12 +51,16 @@ class TextTokenizer:
             raise ValueError(f"{self.path}: not a SentencePiece model ({err})") from err
         num_pieces = self.sp.GetPieceSize()
         if num_pieces > layout.num_text_tokens:
-            raise ValueError(f"{self.path}: {num_pieces} pieces do not fit the layout's "
-                             f"num_text_tokens={layout.num_text_tokens}")
+            raise ValueError(
+                f"{self.path}: {num_pieces} pieces do not fit the layout's "
+                f"num_text_tokens={layout.num_text_tokens}"
+            )
         pad_piece = self.sp.IdToPiece(layout.pad_piece_id)
         if pad_piece != TEXT_PAD_PIECE:
-            raise ValueError(f"{self.path}: piece {layout.pad_piece_id} is {pad_piece!r}, but the layout's "
-                             f"pad_piece_id expects {TEXT_PAD_PIECE!r}")
+            raise ValueError(
+                f"{self.path}: piece {layout.pad_piece_id} is {pad_piece!r}, but the layout's "
+                f"pad_piece_id expects {TEXT_PAD_PIECE!r}"
+            )
 
     @property
     def num_pieces(self) -> int:
@@ -82,7 +88,9 @@ class TextTokenizer:
             piece = self.layout.piece_id(token)
             if not 0 <= piece < self.num_pieces:
                 first = self.layout.text_offset
-                raise ValueError(f"token id {token} is not a text id: expected [{first}, {first + self.num_pieces})")
+                raise ValueError(
+                    f"token id {token} is not a text id: expected [{first}, {first + self.num_pieces})"
+                )
             pieces.append(piece)
         separator = self.sp.PieceToId(SEPARATOR_PIECE)
         parts, part = [], []
@@ -106,11 +114,15 @@ def _read_captions(captions: list[str] | str | Path) -> list[str]:
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(io.StringIO(text))
             if "caption" not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: expected a CSV header with a caption column, got {reader.fieldnames}")
+                raise ValueError(
+                    f"{path}: expected a CSV header with a caption column, got {reader.fieldnames}"
+                )
             captions = [row["caption"] or "" for row in reader]
         elif path.suffix.lower() in (".jsonl", ".json"):
             try:
-                captions = [str(json.loads(line).get("caption", "")) for line in text.splitlines() if line.strip()]
+                captions = [
+                    str(json.loads(line).get("caption", "")) for line in text.splitlines() if line.strip()
+                ]
             except (json.JSONDecodeError, AttributeError) as err:
                 raise ValueError(f"{path}: expected JSON lines with a caption key ({err})") from None
         else:
@@ -121,9 +133,14 @@ def _read_captions(captions: list[str] | str | Path) -> list[str]:
     return lines
 
 
-def train_text_tokenizer(captions: list[str] | str | Path, out_prefix: str | Path, vocab_size: int,
-                         model_type: str = "unigram", byte_fallback: bool = True,
-                         character_coverage: float = 1.0) -> Path:
+def train_text_tokenizer(
+    captions: list[str] | str | Path,
+    out_prefix: str | Path,
+    vocab_size: int,
+    model_type: str = "unigram",
+    byte_fallback: bool = True,
+    character_coverage: float = 1.0,
+) -> Path:
     """Train a SentencePiece model compatible with ``VocabLayout.compact`` (pad = piece 0).
 
     Pieces: 0 ``<pad>``, 1 ``<unk>``, 2 ``<n>``, then (with byte fallback) the 256 byte
@@ -137,11 +154,23 @@ def train_text_tokenizer(captions: list[str] | str | Path, out_prefix: str | Pat
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=vocab_size,
-        model_type=model_type, character_coverage=character_coverage, byte_fallback=byte_fallback,
-        pad_id=0, pad_piece=TEXT_PAD_PIECE, unk_id=1, bos_id=-1, eos_id=-1,
-        user_defined_symbols=[SEPARATOR_PIECE], required_chars=TextFormat().required_chars(),
-        normalization_rule_name="identity", hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_prefix=str(out_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        pad_id=0,
+        pad_piece=TEXT_PAD_PIECE,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=-1,
+        user_defined_symbols=[SEPARATOR_PIECE],
+        required_chars=TextFormat().required_chars(),
+        normalization_rule_name="identity",
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
     )
     return out_prefix.with_name(out_prefix.name + ".model")
 
@@ -161,8 +190,10 @@ def check_fits(model_file: str | Path, cfg: ModelConfig, key: str) -> TextTokeni
         meta = metadata_path(model_file)
         if Path(model_file).is_file() and meta.is_file():
             trained = f" (trained for preset {json.loads(meta.read_text()).get('preset')!r}, {meta})"
-        raise ValueError(f"{key}: {err}{trained}; train one for this model with "
-                         f"cogvideo-train-text-tokenizer preset={cfg.name} captions=... out=...") from None
+        raise ValueError(
+            f"{key}: {err}{trained}; train one for this model with "
+            f"cogvideo-train-text-tokenizer preset={cfg.name} captions=... out=..."
+        ) from None
 
 
 @dataclass
@@ -191,34 +222,64 @@ class TextTokenizerConfig:
                 raise ConfigError(f"{key}: required, e.g. captions=captions.csv out=tok/text")
         limit = self.model_config().vocab.num_text_tokens
         if not 0 <= self.vocab_size <= limit:
-            raise ConfigError(f"vocab_size: {self.vocab_size} pieces do not fit preset {self.preset!r} "
-                              f"(vocab.num_text_tokens={limit}); give at most {limit}, or 0 for all of them")
+            raise ConfigError(
+                f"vocab_size: {self.vocab_size} pieces do not fit preset {self.preset!r} "
+                f"(vocab.num_text_tokens={limit}); give at most {limit}, or 0 for all of them"
+            )
         if not 0.98 <= self.character_coverage <= 1:  # SentencePiece's own bounds
-            raise ConfigError(f"character_coverage: expected a fraction in [0.98, 1], got {self.character_coverage}")
+            raise ConfigError(
+                f"character_coverage: expected a fraction in [0.98, 1], got {self.character_coverage}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(TextTokenizerConfig, "cogvideo-train-text-tokenizer",
-                           "Train a SentencePiece text tokenizer for a model preset from its captions.")
+    parser = config_parser(
+        TextTokenizerConfig,
+        "cogvideo-train-text-tokenizer",
+        "Train a SentencePiece text tokenizer for a model preset from its captions.",
+    )
     cfg, _ = parse_config(TextTokenizerConfig, parser, argv)
     vocab_size = cfg.vocab_size or cfg.model_config().vocab.num_text_tokens
     try:
-        path = train_text_tokenizer(cfg.captions, cfg.out, vocab_size, cfg.model_type,
-                                    byte_fallback=cfg.byte_fallback, character_coverage=cfg.character_coverage)
+        path = train_text_tokenizer(
+            cfg.captions,
+            cfg.out,
+            vocab_size,
+            cfg.model_type,
+            byte_fallback=cfg.byte_fallback,
+            character_coverage=cfg.character_coverage,
+        )
     except FileNotFoundError as err:
         parser.exit(2, f"{parser.prog}: captions: {err}\n")
     except (ValueError, RuntimeError) as err:  # SentencePiece reports bad settings as RuntimeError
         reason = str(err).strip().splitlines()[-1].split("] ")[-1].split(" Increase vocab_size")[0]
-        hint = f"; lower character_coverage (now {cfg.character_coverage}, e.g. character_coverage=0.9995) or " \
-            f"raise vocab_size (now {vocab_size})" if "required_chars" in reason else ""
+        hint = (
+            f"; lower character_coverage (now {cfg.character_coverage}, e.g. character_coverage=0.9995) or "
+            f"raise vocab_size (now {vocab_size})"
+            if "required_chars" in reason
+            else ""
+        )
         parser.exit(2, f"{parser.prog}: SentencePiece: {reason}{hint}\n")
     pieces = spm.SentencePieceProcessor(model_file=str(path)).GetPieceSize()
-    metadata_path(path).write_text(json.dumps({
-        "format": "cogvideo-text-tokenizer", "preset": cfg.preset, "pieces": pieces,
-        "num_text_tokens": cfg.model_config().vocab.num_text_tokens, "vocab_size": vocab_size,
-        "character_coverage": cfg.character_coverage, "captions": cfg.captions}, indent=2) + "\n")
-    print(f"wrote {path}: {pieces} pieces, fits preset {cfg.preset!r} (vocab.num_text_tokens="
-          f"{cfg.model_config().vocab.num_text_tokens}); train with data.text_tokenizer={path}")
+    metadata_path(path).write_text(
+        json.dumps(
+            {
+                "format": "cogvideo-text-tokenizer",
+                "preset": cfg.preset,
+                "pieces": pieces,
+                "num_text_tokens": cfg.model_config().vocab.num_text_tokens,
+                "vocab_size": vocab_size,
+                "character_coverage": cfg.character_coverage,
+                "captions": cfg.captions,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(
+        f"wrote {path}: {pieces} pieces, fits preset {cfg.preset!r} (vocab.num_text_tokens="
+        f"{cfg.model_config().vocab.num_text_tokens}); train with data.text_tokenizer={path}"
+    )
 
 
 if __name__ == "__main__":
