@@ -356,9 +356,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume", help="'auto' (newest complete checkpoint in checkpoint.dir, if any) or a path"
     )
     parser.add_argument(
+        "--dry-run",
+        metavar="WORLD_SIZE",
+        type=int,
+        help="check the config for a run of WORLD_SIZE ranks on GPUs and exit (0: valid, 2: the problem)",
+    )
+    parser.add_argument(
         "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
     )  # deepspeed launcher
     return parser.parse_args(argv)
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    """The launch scripts' --dry-run: the config checks that need neither data nor ranks."""
+    try:
+        cfg = load_train_config(args.config, list(args.overrides))
+        model_cfg = check_config(cfg, args.dry_run, has_gpu=True)
+    except (ConfigError, FileNotFoundError, yaml.YAMLError) as err:
+        print(f"cogvideo-train: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    tp = cfg.parallel.tensor_parallel
+    print(
+        f"cogvideo-train: config valid for {args.dry_run} ranks (TP {tp} x DP {args.dry_run // tp}), "
+        f"model {model_cfg.name} ({model_cfg.stage}), precision {cfg.parallel.precision}"
+    )
 
 
 def preflight(cfg: TrainConfig, model_cfg, shards: list[str]):
@@ -388,6 +409,8 @@ def preflight(cfg: TrainConfig, model_cfg, shards: list[str]):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.dry_run is not None:
+        return dry_run(args)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank_env()

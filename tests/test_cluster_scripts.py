@@ -25,6 +25,7 @@ SCRIPTS = [
     )
 ]
 HOSTS = ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"]
+CONFIG = "configs/cogvideo_stage1.yaml"
 
 
 def slurm_env(**extra):
@@ -65,18 +66,18 @@ def test_train_sbatch_dry_run_torchrun():
     from torch.distributed.run import get_args_parser
 
     out = run(
-        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "run.yaml", "optim.lr=1e-4"],
+        ["bash", "cluster/slurm/train.sbatch", "--config", CONFIG, "--dry-run", "optim.lr=1e-4"],
         slurm_env(),
     ).stdout
     srun = next(shlex.split(line) for line in out.splitlines() if line.startswith("srun "))
     assert "--ntasks-per-node=1" in srun
-    assert srun[srun.index("--") + 1 :] == ["--resume", "auto", "--config", "run.yaml", "optim.lr=1e-4"]
+    assert srun[srun.index("--") + 1 :] == ["--resume", "auto", "--config", CONFIG, "optim.lr=1e-4"]
     per_node = [get_args_parser().parse_args(cmd[1:]) for cmd in torchrun_lines(out)]
     assert [a.node_rank for a in per_node] == list(range(len(HOSTS)))
     assert {(a.nnodes, a.nproc_per_node, a.master_addr, a.master_port) for a in per_node} == {
         ("5", "8", "gpu01", 20042)
     }
-    assert per_node[0].training_script_args == ["--resume", "auto", "--config", "run.yaml", "optim.lr=1e-4"]
+    assert per_node[0].training_script_args == ["--resume", "auto", "--config", CONFIG, "optim.lr=1e-4"]
 
 
 def test_generated_training_arguments_parse_with_the_trainers_parser():
@@ -92,7 +93,7 @@ def test_train_sbatch_dry_run_deepspeed_hostfile():
     from deepspeed.launcher.runner import parse_args
 
     out = run(
-        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "run.yaml"],
+        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", CONFIG],
         slurm_env(LAUNCHER="deepspeed", SLURM_GPUS_ON_NODE="4"),
     ).stdout
     hostfile = [line.removeprefix("#   ") for line in out.splitlines() if line.startswith("#   ")]
@@ -100,7 +101,7 @@ def test_train_sbatch_dry_run_deepspeed_hostfile():
     cmd = next(shlex.split(line) for line in out.splitlines() if line.startswith("deepspeed "))
     args = parse_args(cmd[1:])
     assert (args.num_nodes, args.num_gpus, args.master_addr, args.master_port) == (5, 4, "gpu01", 20042)
-    assert args.user_args == ["--resume", "auto", "--config", "run.yaml"]
+    assert args.user_args == ["--resume", "auto", "--config", CONFIG]
 
 
 def test_train_sbatch_header_requests_signal_and_requeue():
@@ -294,8 +295,28 @@ def test_signals_reach_the_launcher_and_usr1_requeues(tmp_path, sig):
 
 def test_bad_allocation_stops_the_script_with_the_reason():
     result = run(
-        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", "x.yaml"],
+        ["bash", "cluster/slurm/train.sbatch", "--dry-run", "--config", CONFIG],
         slurm_env(SLURM_JOB_NODELIST="gpu[4-1]"),
         check=False,
     )
     assert result.returncode != 0 and "runs backwards" in result.stderr
+
+
+def test_train_sbatch_dry_run_checks_the_config_and_starts_nothing(tmp_path):
+    """--dry-run anywhere among the script's arguments is a dry run (it once started the real job
+    when it followed --config), and it validates the config for the allocation's world size."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path}/srun.called\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = slurm_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    ok = run(["bash", "cluster/slurm/train.sbatch", "--config", CONFIG, "optim.lr=1e-4", "--dry-run"], env)
+    assert "config valid for 40 ranks (TP 1 x DP 40)" in ok.stdout
+    bad = run(
+        ["bash", "cluster/slurm/train.sbatch", "--config", CONFIG, "--dry-run", "parallel.tensor_parallel=3"],
+        env,
+        check=False,
+    )
+    assert bad.returncode == 2 and "tensor_parallel=3" in bad.stderr
+    assert "Traceback" not in bad.stderr and "would run" not in bad.stdout
+    assert not (tmp_path / "srun.called").exists()
