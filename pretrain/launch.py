@@ -3,7 +3,8 @@
 torch.distributed reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. torchrun and
 the deepspeed launcher set them; under srun they come from SLURM_*; run plainly
 (`cogvideo-train --config ...`) the process is a world of one, as `python train.py` is in
-nanoGPT and torchtitan.
+nanoGPT and torchtitan; `cogvideo-train --nproc-per-node N` is torchrun's standalone launch
+run in-process after the checks, so that a rank's failure ends in one line.
 """
 
 from __future__ import annotations
@@ -56,3 +57,25 @@ def die_with_launcher() -> None:
         )
     if os.getppid() != parent:  # the launcher died before the request took effect
         os._exit(1)
+
+
+def launch_local(nproc: int, worker_args: list[str]) -> int:
+    """Start `python -m pretrain.train WORKER_ARGS` as nproc ranks on this machine (torchrun
+    --standalone, in this process) and wait for them. A rank that fails has printed its own line;
+    this adds one naming the rank instead of torchrun's ChildFailedError block. Returns the exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(nproc), "-m", "pretrain.train", *worker_args]
+    )
+    try:
+        run(launch)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(
+            f"cogvideo-train: rank {rank} exited with status {failure.exitcode} (its log is above)",
+            file=sys.stderr,
+        )
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

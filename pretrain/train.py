@@ -38,7 +38,7 @@ from pretrain.config import (
     world_size_from_env,
 )
 from pretrain.data import Batch, DataError, ShardLoader, check_shards, check_text_length, expand_shards
-from pretrain.launch import die_with_launcher, rank_env
+from pretrain.launch import die_with_launcher, launch_local, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
 
@@ -46,6 +46,8 @@ log = logging.getLogger("pretrain")
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
+# what a user can get wrong before training starts: one line and EXIT_BAD_CONFIG, no traceback
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, yaml.YAMLError)
 
 
 class NonFiniteError(RuntimeError):
@@ -356,6 +358,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume", help="'auto' (newest complete checkpoint in checkpoint.dir, if any) or a path"
     )
     parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="start N ranks on this machine (torchrun's standalone launch, after the checks below run once here)",
+    )
+    parser.add_argument(
         "--dry-run",
         metavar="WORLD_SIZE",
         type=int,
@@ -382,12 +390,18 @@ def dry_run(args: argparse.Namespace) -> None:
     )
 
 
-def preflight(cfg: TrainConfig, model_cfg, shards: list[str]):
-    """Checks that need no process group (after the config's and the text tokenizer's): shards per
-    DP rank, caption lengths, the checkpoint to resume. Returns (text encoder, checkpoint to resume or None)."""
+def preflight(args: argparse.Namespace, world_size: int):
+    """Every check that needs no process group: the config, the text tokenizer, shards per DP rank,
+    caption lengths, the checkpoint to resume. Returns (cfg, model config, shards, text encoder,
+    checkpoint to resume or None)."""
     from cogvideo.params import count_parameters
 
-    dp_size = world_size_from_env() // cfg.parallel.tensor_parallel
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_train_config(args.config, overrides)
+    model_cfg = check_config(cfg, world_size)
+    check_text_tokenizer(cfg, model_cfg)
+    shards = expand_shards(cfg.data.shards)
+    dp_size = world_size // cfg.parallel.tensor_parallel
     encode = text_encoder(cfg, model_cfg.vocab)
     for line in check_shards(shards, cfg.training.seed, dp_size):
         say(f"unreadable shard, skipped in training: {line}")
@@ -404,32 +418,43 @@ def preflight(cfg: TrainConfig, model_cfg, shards: list[str]):
         f"model {model_cfg.name} ({model_cfg.stage}): {counts.trainable:,} of {counts.total:,} parameters train"
         + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)")
     )
-    return encode, resume
+    return cfg, model_cfg, shards, encode, resume
+
+
+def worker_arguments(args: argparse.Namespace) -> list[str]:
+    """The command line of each rank started by --nproc-per-node: the same run, without that flag."""
+    return (
+        (["--config", args.config] if args.config else [])
+        + (["--resume", args.resume] if args.resume else [])
+        + list(args.overrides)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dry_run is not None:
         return dry_run(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.nproc_per_node is not None:
+        try:
+            preflight(args, args.nproc_per_node)
+        except USER_ERRORS as err:
+            print(f"cogvideo-train: {err}", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
+        sys.exit(launch_local(args.nproc_per_node, worker_arguments(args)))
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank_env()
     if "TORCHELASTIC_RUN_ID" in os.environ or args.local_rank is not None:  # torchrun, deepspeed launcher
         die_with_launcher()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     lock = None
     try:
-        cfg = load_train_config(args.config, overrides)
-        model_cfg = check_config(cfg, world_size_from_env())
-        check_text_tokenizer(cfg, model_cfg)
-        shards = expand_shards(cfg.data.shards)
-        encode, resume = preflight(cfg, model_cfg, shards)
+        cfg, model_cfg, shards, encode, resume = preflight(args, world_size_from_env())
         if os.environ["RANK"] == "0":
             lock = RunLock(cfg.checkpoint.dir)
             if (took_over := lock.acquire()) is not None:
                 log.warning(took_over)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, yaml.YAMLError) as err:
+    except USER_ERRORS as err:
         if os.environ["RANK"] == "0":  # every rank checks the same: one line, not one per rank
             print(f"cogvideo-train: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)

@@ -57,7 +57,7 @@ def test_the_recipe_is_the_readme_block_with_every_stage():
         "cogvideo-train-text-tokenizer",
         "cogvideo-fit-image-tokenizer",
         "cogvideo-prep",
-        "torchrun",
+        "cogvideo-train",
         "cogvideo-convert",
         "cogvideo-sample",
         "cogvideo-eval",

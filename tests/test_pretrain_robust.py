@@ -351,6 +351,56 @@ def test_a_locked_checkpoint_dir_refuses_a_second_run(ws):
 # ---- a plain start, and workers that die with their launcher (multi-process: slow) ----------
 
 
+def launch_cli(ws, *overrides):
+    """`cogvideo-train --nproc-per-node 2 ...` with no launcher variables around it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    args = [
+        "--nproc-per-node",
+        "2",
+        "--config",
+        CONFIG,
+        f"data.shards=[{','.join(ws['shards'])}]",
+        f"data.text_tokenizer={ws['tokenizer']}",
+        f"checkpoint.dir={ws['root'] / 'run'}",
+        "data.max_cut_text=1",
+        *overrides,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def test_nproc_per_node_checks_before_any_rank_starts(ws, tmp_path):
+    proc = launch_cli(ws, f"data.text_tokenizer={tmp_path / 'nope.model'}")
+    assert_one_line_exit_2(proc, "data.text_tokenizer", "nope.model", "not found")
+    assert "ChildFailedError" not in proc.stderr and "local_rank" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_failing_under_nproc_per_node_ends_in_its_line_and_the_launchers(ws):
+    """What only a rank can see (the checkpoint lock is taken by rank 0): its own line, then the
+    launcher's line naming the rank, and neither a traceback nor torchrun's ChildFailedError block."""
+    run = ws["root"] / "run"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        write_lock(run, pid=sleeper.pid, slurm_job_id=None)
+        proc = launch_cli(ws)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        (run / "LOCK").unlink()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cogvideo-train:")]
+    assert len(lines) == 2 and "a live run holds it" in lines[0], proc.stderr[-3000:]
+    assert "rank 0 exited with status 2" in lines[1]
+
+
 @pytest.mark.slow
 def test_without_a_launcher_the_trainer_runs_as_a_world_of_one(ws):
     env = {
