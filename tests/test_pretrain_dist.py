@@ -272,7 +272,7 @@ def test_tp2_dp2_zero2_matches_single_process(ws):
 
 INJECT = """
 import os, signal, sys
-import cogvideo.model
+import cogvideo.cogvideo_family as cogvideo_family
 import pretrain.checkpoint as ckpt
 import pretrain.train as train
 
@@ -293,16 +293,17 @@ elif mode == "sigterm":  # preemption notice reaching rank 1 only, after step `a
         return out
     train.Trainer.train_step = preempted
 elif mode == "nan":  # NaN loss, hence NaN gradients, on the listed steps
-    bad = {int(s) for s in arg.split(",")}
-    step, loss = train.Trainer.train_step, cogvideo.model.CogVideoModel.loss
+    # the trainer's loss is the family's (cogvideo_family._train_loss -> image_token_loss)
+    bad, poisoned = {int(s) for s in arg.split(",")}, [False]
+    step, loss = train.Trainer.train_step, cogvideo_family.image_token_loss
     def poisoned_step(self):
-        self.engine.module.poisoned = self.step + 1 in bad
+        poisoned[0] = self.step + 1 in bad
         return step(self)
-    def poisoned_loss(self, *args):
-        value = loss(self, *args)
-        return value * float("nan") if self.poisoned else value
+    def poisoned_loss(*args):
+        value = loss(*args)
+        return value * float("nan") if poisoned[0] else value
     train.Trainer.train_step = poisoned_step
-    cogvideo.model.CogVideoModel.loss = poisoned_loss
+    cogvideo_family.image_token_loss = poisoned_loss
 train.main(sys.argv[1:])
 """
 
