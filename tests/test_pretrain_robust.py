@@ -253,7 +253,11 @@ def train_cli(ws, *overrides, world=2, timeout=120, env=None):
         "DS_ACCELERATOR": "cpu",
         **(env or {}),
     }
-    args = [
+    return trainer(train_args(ws, *overrides), full_env, timeout)
+
+
+def train_args(ws, *overrides):
+    return [
         "--config",
         CONFIG,
         f"data.shards=[{','.join(ws['shards'])}]",
@@ -262,9 +266,12 @@ def train_cli(ws, *overrides, world=2, timeout=120, env=None):
         "data.max_cut_text=1",
         *overrides,
     ]
+
+
+def trainer(args, env, timeout):
     return subprocess.run(
         [sys.executable, "-m", "pretrain.train", *args],
-        env=full_env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -354,25 +361,7 @@ def test_a_locked_checkpoint_dir_refuses_a_second_run(ws):
 def launch_cli(ws, *overrides):
     """`cogvideo-train --nproc-per-node 2 ...` with no launcher variables around it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    args = [
-        "--nproc-per-node",
-        "2",
-        "--config",
-        CONFIG,
-        f"data.shards=[{','.join(ws['shards'])}]",
-        f"data.text_tokenizer={ws['tokenizer']}",
-        f"checkpoint.dir={ws['root'] / 'run'}",
-        "data.max_cut_text=1",
-        *overrides,
-    ]
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain.train", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    return trainer(["--nproc-per-node", "2", *train_args(ws, *overrides)], env, timeout=300)
 
 
 def test_nproc_per_node_checks_before_any_rank_starts(ws, tmp_path):

@@ -63,8 +63,8 @@ _REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL)
 
 
 def unreadable(path: str | Path, err: Exception) -> CheckpointError:
-    """One line for a file torch refuses or cannot read; torch's advice to retry with
-    weights_only=False (which would run whatever the pickle names) is never passed on."""
+    """One line for a file torch refuses or cannot read; torch's advice to retry with the
+    unrestricted unpickler (which would run whatever the pickle names) is never passed on."""
     text = str(err)
     refused = _REFUSED_GLOBAL.search(text)
     if refused:
