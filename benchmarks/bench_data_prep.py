@@ -33,7 +33,7 @@ import ray
 from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.raystart import start_ray
-from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep.config import PrepConfig
 from data_prep.pipeline import run_prep
 

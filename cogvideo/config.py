@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from cogvideo.configio import ConfigError
 from cogvideo.vocab import VocabLayout
 
 STAGES = ("backbone", "stage1", "stage2")
@@ -202,3 +203,11 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]().validate()
+
+
+def preset_setting(name: str) -> ModelConfig:
+    """:func:`get_preset` for a command's ``preset`` setting: an unknown name is a ConfigError."""
+    try:
+        return get_preset(name)
+    except ValueError as err:
+        raise ConfigError(f"preset: {err}") from None

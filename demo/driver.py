@@ -223,7 +223,7 @@ class Demo:
     # ---- tokenizers -----------------------------------------------------------------------
     def tokenizers(self) -> dict:
         from cogvideo.text_format import TextFormat
-        from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer, fit_precision
+        from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer, fit_precision
         from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
         from data_prep.synthetic import render_row
 

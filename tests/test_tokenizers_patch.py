@@ -11,14 +11,8 @@ from safetensors.torch import save_file
 from cogvideo.metrics import psnr
 from cogvideo.tokenizers.image import ImageTokenizer
 from cogvideo.tokenizers.loading import load_image_tokenizer
-from cogvideo.tokenizers.patch_vq import (
-    PatchVQTokenizer,
-    fit_patch_tokenizer,
-    held_out_split,
-    kmeans,
-    main,
-    read_frames,
-)
+from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer, held_out_split, kmeans, main, read_frames
+from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 
 SIZE, SIDE = 32, 4
 COLOURS = np.array(
@@ -72,6 +66,17 @@ def reference_encode(tokenizer: PatchVQTokenizer, frames: np.ndarray) -> np.ndar
     return codes
 
 
+def context_of(padded: np.ndarray, t: int, r: int, c: int) -> tuple:
+    """(code, up, down, left, right) at row r, column c of frame t, from codes padded by one."""
+    return (
+        padded[t, r + 1, c + 1],
+        padded[t, r, c + 1],
+        padded[t, r + 2, c + 1],
+        padded[t, r + 1, c],
+        padded[t, r + 1, c + 2],
+    )
+
+
 def reference_context(codes: np.ndarray, frames: np.ndarray, p: int, outside: int) -> dict:
     """(code, up, down, left, right) -> mean patch, with a dictionary."""
     padded = np.pad(codes, ((0, 0), (1, 1), (1, 1)), constant_values=outside)
@@ -79,13 +84,7 @@ def reference_context(codes: np.ndarray, frames: np.ndarray, p: int, outside: in
     for t in range(len(codes)):
         for r in range(SIDE):
             for c in range(SIDE):
-                key = (
-                    padded[t, r + 1, c + 1],
-                    padded[t, r, c + 1],
-                    padded[t, r + 2, c + 1],
-                    padded[t, r + 1, c],
-                    padded[t, r + 1, c + 2],
-                )
+                key = context_of(padded, t, r, c)
                 groups.setdefault(key, []).append(cut(frames[t], r, c, p).astype(np.float64))
     return {key: np.mean(patches, 0) for key, patches in groups.items()}
 
@@ -116,13 +115,7 @@ def test_context_table_decodes_mean_training_patch_of_the_context(fitted):
     for t in range(len(codes)):
         for r in range(SIDE):
             for c in range(SIDE):
-                key = (
-                    padded[t, r + 1, c + 1],
-                    padded[t, r, c + 1],
-                    padded[t, r + 2, c + 1],
-                    padded[t, r + 1, c],
-                    padded[t, r + 1, c + 2],
-                )
+                key = context_of(padded, t, r, c)
                 seen += key in table
                 expected = table[key] if key in table else book[codes[t, r, c]]
                 np.testing.assert_allclose(

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from cogvideo.tokenizers._torchvision_standin import torchvision_importable
+from cogvideo.tokenizers.icetk_files import ICETK_IMAGE_MODEL, resolve_icetk_file
 from cogvideo.tokenizers.image import check_codes, check_frames
 
-ICETK_IMAGE_MODEL = "ice_image.pt"
 # icetk's pixel normalisation (ImageTokenizer.tr_normalize), frames in [0, 1]
 PIXEL_MEAN = (0.79093, 0.76271, 0.75340)
 PIXEL_STD = (0.30379, 0.32279, 0.32800)
@@ -72,15 +72,7 @@ def verify_state_dict(state: dict, expected: dict[str, torch.Size], where: str) 
 
 
 def resolve_image_model(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / ICETK_IMAGE_MODEL
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"icetk image tokenizer not found: {path} ({ICETK_IMAGE_MODEL} is never "
-            "downloaded here: copy it there)"
-        )
-    return path
+    return resolve_icetk_file(path, ICETK_IMAGE_MODEL, "icetk image tokenizer")
 
 
 def read_icetk_checkpoint(path: Path) -> dict:

@@ -17,25 +17,21 @@ from typing import Iterable, Literal
 
 import sentencepiece as spm
 
-from cogvideo.config import ModelConfig, get_preset
+from cogvideo.config import ModelConfig, preset_setting
 from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.text_format import TextFormat
+from cogvideo.tokenizers.icetk_files import ICETK_TEXT_MODEL, resolve_icetk_file
 from cogvideo.vocab import SEPARATOR_PIECE, TEXT_PAD_PIECE, VocabLayout
-
-ICETK_TEXT_MODEL = "ice_text.model"
 
 
 def resolve_text_model(model_file_or_dir: str | Path) -> Path:
     """A SentencePiece file, or a directory holding icetk's ``ice_text.model``."""
-    path = Path(model_file_or_dir).expanduser()
-    if path.is_dir():
-        path = path / ICETK_TEXT_MODEL
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"text tokenizer model not found: {path} (icetk's {ICETK_TEXT_MODEL} is never downloaded "
-            f"here: copy it there, or train one with cogvideo-train-text-tokenizer)"
-        )
-    return path
+    return resolve_icetk_file(
+        model_file_or_dir,
+        ICETK_TEXT_MODEL,
+        "text tokenizer model",
+        "train one with cogvideo-train-text-tokenizer",
+    )
 
 
 class TextTokenizer:
@@ -211,10 +207,7 @@ class TextTokenizerConfig:
     character_coverage: float = 1.0
 
     def model_config(self) -> ModelConfig:
-        try:
-            return get_preset(self.preset)
-        except ValueError as err:
-            raise ConfigError(f"preset: {err}") from None
+        return preset_setting(self.preset)
 
     def __post_init__(self):
         for key in ("captions", "out"):
