@@ -53,7 +53,7 @@ def plan_videos(
     colours: tuple[str, ...] | None = None,
     speed_px_per_s: tuple[float, float] | None = None,
 ) -> list[dict]:
-    """The caption rows of :func:`generate_dataset` (path, caption and the ground truth that
+    """The caption rows of :func:`write_videos` (path, caption and the ground truth that
     :func:`render_row` turns back into frames), without rendering anything.
 
     Each video picks a (colour, shape, direction) not in `holdout`, a duration from `duration_s`
@@ -63,7 +63,7 @@ def plan_videos(
     colours = tuple(colours or COLOURS)
     combos = [(c, s, d) for c in colours for s in SHAPES for d in DIRECTIONS if (c, s, d) not in holdout]
     if not combos:
-        raise ValueError("generate_dataset: every colour/shape/direction combination is held out")
+        raise ValueError("plan_videos: every colour/shape/direction combination is held out")
     durations = (duration_s,) if isinstance(duration_s, (int, float)) else tuple(duration_s)
     if speed_px_per_s is not None and (problem := fixed_speed_problem(speed_px_per_s, size, durations)):
         raise ValueError(f"speed_px_per_s: {problem}")
@@ -110,30 +110,17 @@ def render_row(row: dict) -> np.ndarray:
     )
 
 
-def generate_dataset(
-    out_dir: str | Path,
-    num_videos: int,
-    seed: int = 0,
-    size: int = 32,
-    fps: float = 8,
-    duration_s: float | tuple[float, ...] = 4.0,
-    holdout: set[tuple[str, str, str]] = frozenset(),
-    speed_words: bool = False,
-    colours: tuple[str, ...] | None = None,
-    speed_px_per_s: tuple[float, float] | None = None,
-    progress: bool = False,
-) -> Path:
-    """Write the mp4 files of :func:`plan_videos` and `captions.jsonl` under `out_dir`; return
-    the captions path. Caption rows carry the ground truth (colour, shape, direction,
-    speed_px_per_s, duration_s, fps, size, num_frames, radius, render_seed): :func:`render_row`
-    reproduces a video's frames exactly."""
+def write_videos(out_dir: str | Path, rows: list[dict], progress: bool = False) -> Path:
+    """Write the mp4 files of the caption rows of :func:`plan_videos` and `captions.jsonl` under
+    `out_dir`; return the captions path. Caption rows carry the ground truth (colour, shape,
+    direction, speed_px_per_s, duration_s, fps, size, num_frames, radius, render_seed):
+    :func:`render_row` reproduces a video's frames exactly."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = plan_videos(num_videos, seed, size, fps, duration_s, holdout, speed_words, colours, speed_px_per_s)
     if progress:
         from tqdm import tqdm
     for row in tqdm(rows, desc="videos", unit="video") if progress else rows:
-        write_mp4(out / row["path"], render_row(row), fps, lossless=True)
+        write_mp4(out / row["path"], render_row(row), row["fps"], lossless=True)
     captions = out / "captions.jsonl"
     captions.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return captions
@@ -172,6 +159,19 @@ class SynthConfig:
                 raise ConfigError(f"size: {err}") from None
         self.holdout_combinations()
 
+    def plan(self) -> list[dict]:
+        """The caption rows of these settings (:func:`plan_videos`)."""
+        return plan_videos(
+            self.num_videos,
+            self.seed,
+            self.size,
+            self.fps,
+            tuple(self.durations),
+            self.holdout_combinations(),
+            self.speed_words,
+            speed_px_per_s=self.speed_px_per_s,
+        )
+
     def holdout_combinations(self) -> set[tuple[str, str, str]]:
         combos = set()
         for item in self.holdout:
@@ -197,18 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         "Write captioned synthetic videos of one moving coloured shape (mp4 + captions.jsonl).",
     )
     cfg, _ = parse_config(SynthConfig, parser, argv)
-    captions = generate_dataset(
-        cfg.out,
-        cfg.num_videos,
-        cfg.seed,
-        cfg.size,
-        cfg.fps,
-        tuple(cfg.durations),
-        cfg.holdout_combinations(),
-        cfg.speed_words,
-        speed_px_per_s=cfg.speed_px_per_s,
-        progress=True,
-    )
+    captions = write_videos(cfg.out, cfg.plan(), progress=True)
     print(f"wrote {cfg.num_videos} videos and {captions}")
 
 

@@ -55,12 +55,19 @@ def analysis_row(analysis) -> dict:
     }
 
 
+def manifest_entries(videos: list[dict]) -> list:
+    """The sampled videos as the prompt scorer's manifest entries."""
+    from cogvideo.eval.prompts import ManifestEntry
+
+    return [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
+
+
 def summarize(videos: list[dict], generated: list, references: list) -> dict:
     """The library's prompt-following scores (cogvideo.eval.prompts.score) of the generated
     videos and of their rendered references (the analyzer's own ceiling), side by side."""
-    from cogvideo.eval.prompts import ManifestEntry, score
+    from cogvideo.eval.prompts import score
 
-    entries = [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
+    entries = manifest_entries(videos)
     scores = {
         name: {k: v for k, v in score(entries, analyses).items() if k != "videos"}
         for name, analyses in (("generated", generated), ("reference", references))
@@ -109,47 +116,73 @@ def evaluate_samples(
     videos: list[dict], tokenizer, size: int, speed: float, seed: int, fvd_seed: int
 ) -> dict:
     """Analyze every sampled video (adds `analysis` and `reference_analysis` to each row) and a
-    rendered reference of its prompt; score both (cogvideo.eval.prompts); tokenizer PSNR/SSIM on the references; FVD of the held-out
-    videos of seed `fvd_seed` against their references."""
-    import time
+    rendered reference of its prompt; score both (cogvideo.eval.prompts); tokenizer PSNR/SSIM on
+    the references; FVD of the held-out videos of seed `fvd_seed` against their references."""
+    generated, references = decode_and_render(videos, tokenizer, size, speed, seed)
+    found = [analyze_keyframes(frames) for frames in generated]
+    expected = [analyze_keyframes(reference) for reference in references]
+    for video, analysis, reference_analysis in zip(videos, found, expected):
+        video["analysis"], video["reference_analysis"] = (
+            analysis_row(analysis),
+            analysis_row(reference_analysis),
+        )
+    summary = summarize(videos, found, expected)
+    summary["tokenizer"] = tokenizer_round_trip(videos, tokenizer, references)
+    summary["fvd"] = heldout_fvd(videos, generated, references, size, fvd_seed)
+    return summary
 
-    from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
-    from cogvideo.eval.prompts import ManifestEntry, score
-    from cogvideo.metrics import psnr, reconstruction_report
+
+def decode_and_render(
+    videos: list[dict], tokenizer, size: int, speed: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each sampled video's frames decoded from its codes, and a rendered reference of its prompt
+    with the same frame count and duration (seeded by `seed` + its index)."""
     from cogvideo.synthetic import render_frames
 
-    generated, references, found, expected = [], [], [], []
+    generated, references = [], []
     for index, video in enumerate(videos):
         frames = tokenizer.decode(np.load(Path(video["dir"]) / "codes.npy"))
-        reference = render_frames(
-            video["colour"],
-            video["shape"],
-            video["direction"],
-            len(frames),
-            size,
-            (len(frames) - 1) / video["duration"],
-            speed,
-            seed=seed + index,
-        )
-        found.append(analyze_keyframes(frames))
-        expected.append(analyze_keyframes(reference))
-        video["analysis"], video["reference_analysis"] = analysis_row(found[-1]), analysis_row(expected[-1])
         generated.append(frames)
-        references.append(reference)
-    summary = summarize(videos, found, expected)
+        references.append(
+            render_frames(
+                video["colour"],
+                video["shape"],
+                video["direction"],
+                len(frames),
+                size,
+                (len(frames) - 1) / video["duration"],
+                speed,
+                seed=seed + index,
+            )
+        )
+    return generated, references
+
+
+def tokenizer_round_trip(videos: list[dict], tokenizer, references: list[np.ndarray]) -> dict:
+    """PSNR/SSIM of the references through the image tokenizer, and the analyzer's accuracy on
+    the round-tripped references (what the tokenizer alone costs prompt following)."""
+    from cogvideo.eval.prompts import score
+    from cogvideo.metrics import psnr, reconstruction_report
 
     round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
     recon = reconstruction_report(np.concatenate(references), np.concatenate(round_trip))
-    entries = [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
-    summary["tokenizer"] = {
+    analyses = [analyze_keyframes(r) for r in round_trip]
+    return {
         "frames": recon["frames"],
         "psnr_db": psnr(np.concatenate(references), np.concatenate(round_trip)),
         "ssim": recon["mean_ssim"],
         "protocol": recon["protocol"],
-        "analysis_after_round_trip": score(entries, [analyze_keyframes(r) for r in round_trip])["accuracy"][
-            "all"
-        ],
+        "analysis_after_round_trip": score(manifest_entries(videos), analyses)["accuracy"]["all"],
     }
+
+
+def heldout_fvd(
+    videos: list[dict], generated: list[np.ndarray], references: list[np.ndarray], size: int, fvd_seed: int
+) -> dict:
+    """FVD of the held-out videos of seed `fvd_seed` against their rendered references."""
+    import time
+
+    from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
 
     # I3D at 224 px costs seconds per clip on a CPU: FVD takes one seed's held-out videos
     heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == fvd_seed]
@@ -158,7 +191,7 @@ def evaluate_samples(
     i3d = I3DFeatures(protocol=protocol)
     fake = i3d([generated[i] for i in heldout])
     real = i3d([references[i] for i in heldout])
-    summary["fvd"] = {
+    return {
         "value": frechet_distance(real, fake),
         "protocol": asdict(protocol),
         "precision": i3d.precision.to_dict(),
@@ -170,7 +203,6 @@ def evaluate_samples(
         "fps": sorted({v["fps"] for v in videos}),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    return summary
 
 
 def plot_curves(metrics_file: Path, stage: str, out: Path) -> Path:
@@ -273,12 +305,26 @@ def _fmt(value) -> str:
 def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[str, Path]) -> Path:
     """Build report/ from the sampled videos (with their analysis) and the figures; returns index.html."""
     report.mkdir(parents=True, exist_ok=True)
-    (report / "videos").mkdir(exist_ok=True)
+    copy_videos(videos, report / "videos")
+    images = draw_figures(report, metrics, videos, curves)
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    index = report / "index.html"
+    index.write_text("\n".join(index_page(metrics, videos, images)), encoding="utf-8")
+    return index
+
+
+def copy_videos(videos: list[dict], folder: Path) -> None:
+    """Copy each sample's mp4 and gif into `folder`, named by prompt, duration and seed (set as `name`)."""
+    folder.mkdir(exist_ok=True)
     for video in videos:
         name = f"{video['key']}_d{video['duration']:g}_seed{video['seed']}"
         for ext in ("mp4", "gif"):
-            shutil.copyfile(Path(video["dir"]) / f"video.{ext}", report / "videos" / f"{name}.{ext}")
+            shutil.copyfile(Path(video["dir"]) / f"video.{ext}", folder / f"{name}.{ext}")
         video["name"] = name
+
+
+def draw_figures(report: Path, metrics: dict, videos: list[dict], curves: dict[str, Path]) -> dict[str, Path]:
+    """The report's images by title: contact sheet, displacement by duration, training curves."""
     images = {
         "contact sheet (held-out prompts; columns: duration prefix)": contact_sheet(
             videos, report / "contact_sheet.png"
@@ -291,8 +337,11 @@ def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[s
         )
     for stage, path in curves.items():
         images[f"training: {stage}"] = plot_curves(path, stage, report / f"curves_{stage}.png")
-    (report / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    return images
 
+
+def index_page(metrics: dict, videos: list[dict], images: dict[str, Path]) -> list[str]:
+    """index.html's parts: targets, the metrics by section, step times, the images, the samples."""
     parts = [
         "<!doctype html><meta charset='utf-8'><title>CogVideo demo</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
@@ -302,16 +351,7 @@ def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[s
     ]
     targets = metrics.get("targets", {})
     if targets:
-        rows = [
-            [
-                html.escape(name),
-                _fmt(t["value"]),
-                html.escape(t["goal"]),
-                f"<span class='{'ok' if t['met'] else 'miss'}'>{'met' if t['met'] else 'missed'}</span>",
-            ]
-            for name, t in targets.items()
-        ]
-        parts += ["<h2>Targets</h2>", _table(rows, ["metric", "measured", "target", ""])]
+        parts += ["<h2>Targets</h2>", _targets_table(targets)]
     for section in ("evaluation", "training", "data"):
         flat = _flatten(metrics.get(section, {}))
         if flat:
@@ -327,6 +367,23 @@ def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[s
         parts += ["<h2>Step times (s)</h2>", _table(rows, ["step", "seconds"])]
     for title, path in images.items():
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{path.name}' style='max-width:100%'>"]
+    return parts + ["<h2>Samples</h2>", _samples_table(videos)]
+
+
+def _targets_table(targets: dict) -> str:
+    rows = [
+        [
+            html.escape(name),
+            _fmt(t["value"]),
+            html.escape(t["goal"]),
+            f"<span class='{'ok' if t['met'] else 'miss'}'>{'met' if t['met'] else 'missed'}</span>",
+        ]
+        for name, t in targets.items()
+    ]
+    return _table(rows, ["metric", "measured", "target", ""])
+
+
+def _samples_table(videos: list[dict]) -> str:
     rows = []
     for v in videos:
         found = v.get("analysis", {})
@@ -342,13 +399,7 @@ def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[s
                 f"<a href='videos/{v['name']}.mp4'>mp4</a>",
             ]
         )
-    parts += [
-        "<h2>Samples</h2>",
-        _table(rows, ["video", "prompt", "set", "duration", "seed", "analyzer saw", "px/frame", ""]),
-    ]
-    index = report / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
-    return index
+    return _table(rows, ["video", "prompt", "set", "duration", "seed", "analyzer saw", "px/frame", ""])
 
 
 def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:

