@@ -1,15 +1,24 @@
-"""`cogvideo-plan`: will a training layout fit in GPU memory, and how fast will it go?
+"""`cogvideo-plan`: will a training run fit in GPU memory, and how fast will it go?
 
-    cogvideo-plan --config configs/cogvideo_stage1.yaml --gpus 104   # the layout a training YAML sets
+    cogvideo-plan --config configs/cogvideo_stage1.yaml --gpus 104   # the run a training YAML describes
     cogvideo-plan --config configs/cogvideo_stage1.yaml --gpus 104 training.micro_batch_size=4 --gpu h100
-    cogvideo-plan --preset cogvideo-stage1 --gpus 104 --zero 2 --offload --micro-batch 4 \\
-        --act-ckpt --dtype fp16          # the published CogVideo run: 13 nodes x 8 A100-80GB
-    cogvideo-plan --preset cogvideo-stage1 --gpus 64 --search
+    cogvideo-plan model.preset=cogvideo-stage1 model.train_backbone=false parallel.offload_optimizer=true \\
+        training.micro_batch_size=4 model.activation_checkpointing=true parallel.precision=fp16 --gpus 104
+    cogvideo-plan --config configs/cogvideo_stage1.yaml --gpus 64 --search
+
+The run is read as cogvideo-train reads it: the training defaults <- --config FILE.yaml <- dotted
+key=value overrides. The model is `model.*` (from scratch, without init.backbone / init.weights,
+every parameter trains, as in training); the layout is parallel.tensor_parallel,
+parallel.zero_stage, parallel.offload_optimizer, training.micro_batch_size,
+model.activation_checkpointing and parallel.precision (auto: what the trainer picks on the --gpu
+kind). Flags describe the hardware. --search varies the layout keys (precision kept) and lists
+every layout that fits, fastest first, with the overrides that set the best one.
 
 Memory per GPU comes from cluster/plan_memory.py (DeepSpeed's model-state accounting + the
-activations the model keeps); time from cogvideo/flops.py at the named GPU's datasheet peak
-(`--gpu`, A100-80GB unless told) and an efficiency, plus data- and tensor-parallel communication
-and the CPU optimizer step, taken as not overlapped with compute (an upper bound on step time).
+activations the model keeps, from its family's planner model); time from the family's FLOPs at
+the GPU's datasheet peak (`--gpu`, A100-80GB unless told) and an efficiency, plus data- and
+tensor-parallel communication and the CPU optimizer step, taken as not overlapped with compute
+(an upper bound on step time).
 Exit status: 0 when the layout fits, 1 when it does not (or --search finds none), 2 on bad input.
 """
 
@@ -17,16 +26,30 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, replace
+from typing import Any
 
-from cluster.plan_memory import DTYPE_BYTES, GiB, Layout, MemoryPlan, plan_memory
-from cogvideo.config import ModelConfig
-from cogvideo.configio import ConfigError, fields_help, parse_overrides
-from cogvideo.family import resolve_model_section
-from cogvideo.flops import recompute_flops, train_flops
+from cluster.plan_memory import GiB, Layout, MemoryPlan, plan_memory, planner_model
+from cogvideo.configio import ConfigError, config_parser
+from cogvideo.family import family_of, resolve_model_section
+from cogvideo.precision import DTYPES, cuda_precision
+from pretrain.config import ParallelConfig, TrainConfig, load_train_config, trained_model_section
 
 SEARCH_MICRO_BATCHES = (1, 2, 4, 8, 16)
+ZERO_STAGES = typing.get_args(typing.get_type_hints(ParallelConfig)["zero_stage"])  # what training accepts
+
+# the training keys that set each part of a layout (Layout field -> dotted key)
+LAYOUT_KEYS = {
+    "tp": "parallel.tensor_parallel",
+    "zero": "parallel.zero_stage",
+    "offload": "parallel.offload_optimizer",
+    "micro_batch": "training.micro_batch_size",
+    "act_ckpt": "model.activation_checkpointing",
+    "dtype": "parallel.precision",
+}
 
 
 class PlanError(ValueError):
@@ -38,21 +61,22 @@ class GpuKind:
     name: str
     mem_gib: float
     peak_tflops: dict  # dense, no sparsity: 16-bit tensor cores with fp32 accumulation, and plain fp32
+    capability: tuple[int, int]  # CUDA compute capability: what parallel.precision=auto picks
 
 
 # NVIDIA datasheets (SXM parts where there are several). fp32 is the non-tensor-core rate.
 GPU_KINDS = {
     g.name: g
     for g in (
-        GpuKind("a100-80gb", 80, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-        GpuKind("a100-40gb", 40, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-        GpuKind("h100", 80, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-        GpuKind("h200", 141, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-        GpuKind("v100-32gb", 32, {"fp16": 125.0, "fp32": 15.7}),
-        GpuKind("a10", 24, {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
-        GpuKind("l4", 24, {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
-        GpuKind("rtx4090", 24, {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}),
-        GpuKind("rtx3090", 24, {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
+        GpuKind("a100-80gb", 80, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, (8, 0)),
+        GpuKind("a100-40gb", 40, {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, (8, 0)),
+        GpuKind("h100", 80, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, (9, 0)),
+        GpuKind("h200", 141, {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, (9, 0)),
+        GpuKind("v100-32gb", 32, {"fp16": 125.0, "fp32": 15.7}, (7, 0)),
+        GpuKind("a10", 24, {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}, (8, 6)),
+        GpuKind("l4", 24, {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}, (8, 9)),
+        GpuKind("rtx4090", 24, {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}, (8, 9)),
+        GpuKind("rtx3090", 24, {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}, (8, 6)),
     )
 }
 DEFAULT_GPU = "a100-80gb"  # the published run
@@ -76,9 +100,14 @@ class Hardware:
         table = GPU_KINDS[self.gpu].peak_tflops
         if dtype not in table:
             raise PlanError(
-                f"--gpu {self.gpu} has no {dtype} tensor cores; choose another --dtype or --peak-tflops"
+                f"--gpu {self.gpu} has no {dtype} tensor cores; set another {LAYOUT_KEYS['dtype']} "
+                "or give --peak-tflops"
             )
         return table[dtype] * 1e12
+
+    def auto_precision(self) -> str:
+        kind = GPU_KINDS[self.gpu]
+        return cuda_precision(kind.capability, "bf16" in kind.peak_tflops)
 
     def peak_source(self, dtype: str) -> str:
         if self.peak_tflops:
@@ -101,7 +130,7 @@ class StepEstimate:
 
 @dataclass(frozen=True)
 class Plan:
-    cfg: ModelConfig
+    cfg: Any  # the model config of a family with a planner model
     layout: Layout
     hw: Hardware
     memory: MemoryPlan
@@ -128,36 +157,39 @@ class Plan:
         return self.step.model_flops_per_gpu / (self.step.step_s * self.hw.peak(self.layout.dtype))
 
 
-def check_layout(cfg: ModelConfig, layout: Layout) -> ModelConfig:
+def check_layout(cfg, layout: Layout):
     """Clear errors for layouts that cannot run; returns cfg with the layout's checkpointing."""
+    key = LAYOUT_KEYS
     if layout.gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {layout.gpus}")
     if layout.gpus_per_node < 1:
         raise PlanError(f"--gpus-per-node must be >= 1, got {layout.gpus_per_node}")
     if layout.tp < 1:
-        raise PlanError(f"--tp must be >= 1, got {layout.tp}")
+        raise PlanError(f"{key['tp']} must be >= 1, got {layout.tp}")
     if layout.tp > layout.gpus_per_node:
         raise PlanError(
-            f"--tp {layout.tp} is more than the {layout.gpus_per_node} GPUs of a node: "
+            f"{key['tp']}={layout.tp} is more than the {layout.gpus_per_node} GPUs of a node: "
             "tensor parallelism needs NVLink, keep it inside one node"
         )
     try:
         cfg.validate(layout.tp)
     except ValueError as err:
-        raise PlanError(f"--tp {layout.tp} does not fit preset {cfg.name!r}: {err}") from None
+        raise PlanError(f"{key['tp']}={layout.tp} does not fit model {cfg.name!r}: {err}") from None
     if layout.gpus % layout.tp:
-        raise PlanError(f"--gpus {layout.gpus} is not a multiple of --tp {layout.tp}")
+        raise PlanError(f"--gpus {layout.gpus} is not a multiple of {key['tp']}={layout.tp}")
     if layout.gpus > layout.gpus_per_node and layout.gpus % layout.gpus_per_node:
         raise PlanError(f"--gpus {layout.gpus} is not a whole number of {layout.gpus_per_node}-GPU nodes")
     if layout.zero not in (0, 1, 2, 3):
-        raise PlanError(f"--zero must be 0, 1, 2 or 3, got {layout.zero}")
+        raise PlanError(f"{key['zero']} must be 0, 1, 2 or 3, got {layout.zero}")
     if layout.offload and layout.zero == 0:
-        raise PlanError("--offload needs ZeRO stage 1, 2 or 3 (DeepSpeed offloads the partitioned optimizer)")
+        raise PlanError(
+            f"{key['offload']} needs ZeRO stage 1, 2 or 3 (DeepSpeed offloads the partitioned optimizer)"
+        )
     if layout.micro_batch < 1:
-        raise PlanError(f"--micro-batch must be >= 1, got {layout.micro_batch}")
-    if layout.dtype not in DTYPE_BYTES:
-        raise PlanError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {layout.dtype!r}")
-    return cfg.replace(activation_checkpointing=layout.act_ckpt)
+        raise PlanError(f"{key['micro_batch']} must be >= 1, got {layout.micro_batch}")
+    if layout.dtype not in DTYPES:
+        raise PlanError(f"{key['dtype']} must be one of {sorted(DTYPES)}, got {layout.dtype!r}")
+    return replace(cfg, activation_checkpointing=layout.act_ckpt)
 
 
 def _ring_s(nbytes: float, ranks: int, gbps: float) -> float:
@@ -165,21 +197,20 @@ def _ring_s(nbytes: float, ranks: int, gbps: float) -> float:
     return 0.0 if ranks == 1 else 2 * (ranks - 1) / ranks * nbytes / (gbps * 1e9)
 
 
-def estimate_step(cfg: ModelConfig, layout: Layout, memory: MemoryPlan, hw: Hardware) -> StepEstimate:
-    b, tp, e = layout.micro_batch, layout.tp, DTYPE_BYTES[layout.dtype]
-    model = train_flops(cfg, b) / tp
-    compute = (model + recompute_flops(cfg, b) / tp) / (hw.peak(layout.dtype) * hw.efficiency)
+def estimate_step(cfg, layout: Layout, memory: MemoryPlan, hw: Hardware) -> StepEstimate:
+    """Compute from the family's FLOPs, communication and the CPU optimizer of one step."""
+    planner = planner_model(cfg)
+    b, tp, e = layout.micro_batch, layout.tp, layout.dtype_bytes
+    model = b * family_of(cfg).train_flops(cfg) / tp
+    compute = (model + b * planner.recompute_flops(cfg) / tp) / (hw.peak(layout.dtype) * hw.efficiency)
     trainable = memory.params.trainable
     dp_link = hw.inter_node_gbps if layout.gpus > layout.gpus_per_node else hw.intra_node_gbps
     dp = _ring_s(trainable * e, layout.dp, dp_link)  # gradients out, updated weights back
     if layout.zero == 3:  # every weight, frozen ones too, is gathered for forward, backward, recompute
         gathers = 3 if layout.act_ckpt else 2
         dp = dp / 2 + gathers * _ring_s(memory.params.total * e, layout.dp, dp_link) / 2
-    # row-parallel outputs (spatial, temporal, MLP) in forward and column inputs in backward,
-    # again in the recomputed forward
-    per_layer = (3 if cfg.has_temporal else 2) * (3 if layout.act_ckpt else 2)
-    activation = b * cfg.seq_length * cfg.hidden_size * e
-    tp_comm = (cfg.num_layers * per_layer + 2) * _ring_s(activation, tp, hw.intra_node_gbps)
+    allreduces, elements = planner.tp_allreduces(cfg, layout.act_ckpt)
+    tp_comm = allreduces * _ring_s(b * elements * e, tp, hw.intra_node_gbps)
     offload = 0.0
     if layout.offload:
         partition = trainable / (layout.dp if layout.zero else 1)
@@ -188,19 +219,18 @@ def estimate_step(cfg: ModelConfig, layout: Layout, memory: MemoryPlan, hw: Hard
     return StepEstimate(compute, dp, tp_comm, offload, model)
 
 
-def make_plan(cfg: ModelConfig, layout: Layout, hw: Hardware = Hardware()) -> Plan:
+def make_plan(cfg, layout: Layout, hw: Hardware = Hardware()) -> Plan:
     cfg = check_layout(cfg, layout)
     memory = plan_memory(cfg, layout, context_bytes=hw.context_gib * GiB)
     return Plan(cfg, layout, hw, memory, estimate_step(cfg, layout, memory, hw))
 
 
-def search(
-    cfg: ModelConfig, gpus: int, gpus_per_node: int, dtype: str, hw: Hardware = Hardware()
-) -> list[Plan]:
-    """Every (TP, ZeRO, offload, micro-batch, act ckpt) that fits, fastest first."""
+def search(cfg, gpus: int, gpus_per_node: int, dtype: str, hw: Hardware = Hardware()) -> list[Plan]:
+    """Every layout the training keys can set (TP, ZeRO stage, offload, micro-batch, activation
+    checkpointing) that fits, fastest first."""
     plans = []
     for tp, zero, offload, micro, ckpt in itertools.product(
-        range(1, gpus_per_node + 1), range(4), (False, True), SEARCH_MICRO_BATCHES, (False, True)
+        range(1, gpus_per_node + 1), ZERO_STAGES, (False, True), SEARCH_MICRO_BATCHES, (False, True)
     ):
         layout = Layout(gpus, gpus_per_node, tp, zero, offload, micro, ckpt, dtype)
         try:
@@ -213,6 +243,15 @@ def search(
     return sorted(plans, key=lambda p: (-round(p.samples_per_s, 6), p.memory.peak))
 
 
+def layout_overrides(layout: Layout) -> str:
+    """The training overrides that set `layout` (precision aside)."""
+    return " ".join(
+        f"{key}={json.dumps(getattr(layout, field))}"
+        for field, key in LAYOUT_KEYS.items()
+        if field != "dtype"
+    )
+
+
 # ---- report ----------------------------------------------------------------------------
 def _gib(nbytes: float) -> str:
     return f"{nbytes / GiB:8.2f} GiB"
@@ -223,8 +262,7 @@ def report(plan: Plan) -> str:
     p = plan.memory.params
     zero3 = " (ZeRO-3 shard)" if lay.zero == 3 else ""
     lines = [
-        f"{cfg.name} ({cfg.stage}): {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
-        f"sequence {cfg.seq_length} = {cfg.text_length} text + {cfg.num_frames} x {cfg.tokens_per_frame}",
+        planner_model(cfg).describe(cfg),
         f"layout: {lay.describe()}",
         f"parameters on each TP rank: {p.total / 1e9:.3f}B ({p.trainable / 1e9:.3f}B trainable, "
         f"{p.frozen / 1e9:.3f}B frozen)",
@@ -284,29 +322,38 @@ def search_table(plans: list[Plan], limit: int) -> str:
     return "\n".join(rows)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from pretrain.config import TrainConfig
+# the layout flags the one convention replaced with training keys
+REMOVED_FLAGS = {
+    "--preset": "model.preset",
+    "--tp": LAYOUT_KEYS["tp"],
+    "--zero": LAYOUT_KEYS["zero"],
+    "--offload": LAYOUT_KEYS["offload"],
+    "--micro-batch": LAYOUT_KEYS["micro_batch"],
+    "--act-ckpt": LAYOUT_KEYS["act_ckpt"],
+    "--dtype": LAYOUT_KEYS["dtype"],
+}
+SWITCHES = ("--offload", "--act-ckpt")
 
-    ap = argparse.ArgumentParser(
-        prog="cogvideo-plan",
-        description=__doc__,
-        epilog=fields_help(TrainConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--config", help="training YAML: model, parallel.*, micro-batch and precision from it"
-    )
-    source.add_argument(
-        "--preset", help="model preset (cogvideo.config.PRESETS), layout from the flags below"
-    )
-    ap.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="with --config: dotted training overrides (parallel.tensor_parallel=8); "
-        "with --preset: ModelConfig fields (num_frames=9)",
-    )
+
+def removed_flag(argv: list[str]) -> str | None:
+    """One line naming the training key of a removed layout flag (`--tp 8`: parallel.tensor_parallel=8)."""
+    for i, arg in enumerate(argv):
+        flag, has_value, value = arg.partition("=")
+        if flag not in REMOVED_FLAGS:
+            continue
+        if flag in SWITCHES:
+            value = "true"
+        elif not has_value:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
+        return (
+            f"{flag} was removed: write {REMOVED_FLAGS[flag]}={value} (cogvideo-plan reads the training settings "
+            "as cogvideo-train does: --config FILE.yaml plus key=value overrides)"
+        )
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = config_parser(TrainConfig, "cogvideo-plan", __doc__)
     ap.add_argument("--gpus", type=int, required=True, help="total GPUs")
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument(
@@ -317,69 +364,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the --gpu kind's)")
     ap.add_argument(
-        "--peak-tflops", type=float, default=None, help="peak for --dtype (default: the --gpu kind's)"
+        "--peak-tflops", type=float, default=None, help="peak for the precision (default: the --gpu kind's)"
     )
     ap.add_argument(
         "--efficiency", type=float, default=Hardware.efficiency, help="sustained fraction of peak"
     )
-    layout = ap.add_argument_group("layout (with --preset; a --config file sets these itself)")
-    for flag, kwargs in LAYOUT_FLAGS.items():
-        layout.add_argument(flag, **kwargs)
     ap.add_argument("--search", action="store_true", help="list every layout that fits, fastest first")
     ap.add_argument("--limit", type=int, default=20, help="rows of --search output")
     return ap
 
 
-# flag -> argparse options, and the training YAML key that sets the same thing
-LAYOUT_FLAGS = {
-    "--tp": dict(type=int, help="tensor-parallel degree, inside a node (default 1)"),
-    "--zero": dict(type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)"),
-    "--offload": dict(action="store_true", default=None, help="optimizer states + gradients in host memory"),
-    "--micro-batch": dict(type=int, help="sequences per GPU per step (default 1)"),
-    "--act-ckpt": dict(
-        action="store_true", default=None, help="activation checkpointing (recompute each layer)"
-    ),
-    "--dtype": dict(help="bf16 (default), fp16 or fp32"),
-}
-YAML_KEYS = {
-    "--tp": "parallel.tensor_parallel",
-    "--zero": "parallel.zero_stage",
-    "--offload": "parallel.offload_optimizer",
-    "--micro-batch": "training.micro_batch_size",
-    "--act-ckpt": "model.activation_checkpointing",
-    "--dtype": "parallel.precision",
-}
-
-
-def _flag_value(args: argparse.Namespace, flag: str):
-    return getattr(args, flag.lstrip("-").replace("-", "_"))
-
-
-def model_and_layout(args: argparse.Namespace) -> tuple[ModelConfig, Layout]:
-    """The model and layout from a training YAML (--config) or from --preset and the flags."""
-    if args.config is None:
-        cfg = resolve_model_section({"preset": args.preset, **parse_overrides(args.overrides)})
-        value = {flag: _flag_value(args, flag) for flag in LAYOUT_FLAGS}
-        return cfg, Layout(
-            args.gpus,
-            args.gpus_per_node,
-            value["--tp"] or 1,
-            2 if value["--zero"] is None else value["--zero"],
-            bool(value["--offload"]),
-            value["--micro-batch"] or 1,
-            bool(value["--act-ckpt"]),
-            value["--dtype"] or "bf16",
-        )
-    from pretrain.config import load_train_config, model_config
-
-    for flag in LAYOUT_FLAGS:
-        if _flag_value(args, flag) is not None:
-            raise PlanError(
-                f"{flag}: with --config the layout comes from {args.config}; "
-                f"override it there or as {YAML_KEYS[flag]}=..."
-            )
-    train = load_train_config(args.config, args.overrides)
-    cfg = model_config(train)
+def model_and_layout(train: TrainConfig, args: argparse.Namespace, hw: Hardware) -> tuple[Any, Layout]:
+    """The model and layout a training config sets, on the GPUs of `args` (TP checked per layout)."""
+    cfg = resolve_model_section(trained_model_section(train))
+    planner_model(cfg)  # a family without one is refused here, before any layout
     p = train.parallel
     return cfg, Layout(
         args.gpus,
@@ -389,7 +387,7 @@ def model_and_layout(args: argparse.Namespace) -> tuple[ModelConfig, Layout]:
         p.offload_optimizer,
         train.training.micro_batch_size,
         cfg.activation_checkpointing,
-        p.precision,
+        hw.auto_precision() if p.precision == "auto" else p.precision,
     )
 
 
@@ -409,37 +407,55 @@ def hardware(args: argparse.Namespace) -> Hardware:
     return Hardware(gpu_mem_gib=mem, peak_tflops=args.peak_tflops, gpu=kind.name, efficiency=args.efficiency)
 
 
+def print_search(cfg, layout: Layout, hw: Hardware, limit: int) -> None:
+    """The --search table; exit status 1 when nothing fits."""
+    check_layout(cfg, Layout(layout.gpus, layout.gpus_per_node, dtype=layout.dtype))
+    plans = search(cfg, layout.gpus, layout.gpus_per_node, layout.dtype, hw)
+    print(
+        f"{cfg.name}: layouts that fit in {hw.gpu_mem_gib:g} GiB on {layout.gpus} GPUs "
+        f"({layout.gpus_per_node} per node), {layout.dtype}, fastest first"
+    )
+    if not plans:
+        print("none: add GPUs or memory")
+        sys.exit(1)
+    print(search_table(plans, limit))
+    print(f"fastest: {layout_overrides(plans[0].layout)}")
+
+
+def print_plan(plan: Plan) -> None:
+    """The report, then the cheapest layout the training keys could set instead."""
+    print(report(plan))
+    lay, hw = plan.layout, plan.hw
+    best = search(plan.cfg, lay.gpus, lay.gpus_per_node, lay.dtype, hw)
+    print()
+    if not best:
+        print(f"no layout fits {lay.gpus} GPUs of {hw.gpu_mem_gib:g} GiB")
+        return
+    top = best[0]
+    print(
+        f"cheapest layout that fits (most samples per GPU-hour): {top.layout.describe()}\n"
+        f"  peak {top.memory.peak / GiB:.2f} GiB, {top.samples_per_s:.1f} samples/s, MFU {top.mfu:.1%}\n"
+        f"  set by: {layout_overrides(top.layout)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    moved = removed_flag(argv)
+    if moved:
+        parser.exit(2, f"cogvideo-plan: {moved}\n")
+    args = parser.parse_intermixed_args(argv)  # overrides may sit on either side of the flags
     try:
-        cfg, layout = model_and_layout(args)
         hw = hardware(args)
+        cfg, layout = model_and_layout(load_train_config(args.config, args.overrides), args, hw)
         if args.search:
-            check_layout(cfg, Layout(args.gpus, args.gpus_per_node, dtype=layout.dtype))
-            plans = search(cfg, args.gpus, args.gpus_per_node, layout.dtype, hw)
-            print(
-                f"{cfg.name}: layouts that fit in {hw.gpu_mem_gib:g} GiB on {args.gpus} GPUs "
-                f"({args.gpus_per_node} per node), {layout.dtype}, fastest first"
-            )
-            print(search_table(plans, args.limit) if plans else "none: add GPUs or memory")
-            if not plans:
-                sys.exit(1)
+            print_search(cfg, layout, hw, args.limit)
             return
         plan = make_plan(cfg, layout, hw)
-        print(report(plan))
-        best = search(cfg, args.gpus, args.gpus_per_node, layout.dtype, hw)
-        print()
-        if best:
-            top = best[0]
-            print(
-                f"cheapest layout that fits (most samples per GPU-hour): {top.layout.describe()}\n"
-                f"  peak {top.memory.peak / GiB:.2f} GiB, {top.samples_per_s:.1f} samples/s, MFU {top.mfu:.1%}"
-            )
-        else:
-            print(f"no layout fits {args.gpus} GPUs of {hw.gpu_mem_gib:g} GiB")
     except (PlanError, ConfigError, ValueError, OSError) as err:
-        print(f"cogvideo-plan: {err}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"cogvideo-plan: {err}\n")
+    print_plan(plan)
     if not plan.fits:
         print(
             f"cogvideo-plan: {layout.describe()} does not fit in {hw.gpu_mem_gib:g} GiB "

@@ -1,5 +1,6 @@
 """Per-GPU memory of one training layout: model states (the DeepSpeed accounting) and the
-activations cogvideo/model.py keeps for the backward pass.
+activations the model keeps for the backward pass (its family's planner model, e.g.
+cogvideo/activations.py).
 
 Model states, per parameter on this TP rank, for 16-bit training with Adam (the byte counts
 DeepSpeed's ZeRO estimators use; `dp` = data-parallel size)::
@@ -17,14 +18,14 @@ keeps no master copy: 4 (weights) + 4 (grads) + 8 (Adam) bytes per trainable par
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
-from cogvideo.config import ModelConfig
+from cogvideo.family import PlannerModel, family_of
+from cogvideo.precision import torch_dtype
 
 GiB = 2**30
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-STATS_BYTES = 4  # layer-norm mean/rstd and attention log-sum-exp stay fp32
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Layout:
     @property
     def dp(self) -> int:
         return self.gpus // self.tp
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch_dtype(self.dtype).itemsize
 
     def describe(self) -> str:
         nodes = -(-self.gpus // self.gpus_per_node)
@@ -68,24 +73,24 @@ class RankParams:
 
 
 @functools.lru_cache(maxsize=8)
-def _param_table(cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]:
+def _param_table(config: type, cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]:
     """(module, numel, copies, trainable, split over TP) of every parameter of the real model.
 
-    Built on the meta device with one layer (initialising a 48-layer model on meta costs
-    seconds); layer parameters repeat `num_layers` times."""
+    Built on the meta device with one of the TP plan's blocks (initialising a 48-layer model on
+    meta costs seconds); block parameters repeat `num_layers` times."""
     import torch
 
-    from cogvideo.family import family_of
-
-    cfg = ModelConfig(**dict(cfg_key))
+    cfg = config(**dict(cfg_key))
     family = family_of(cfg)
+    blocks = family.tp_plan.blocks
+    copies = 1 if blocks is None else cfg.num_layers
     with torch.device("meta"):
-        model = family.build_model(cfg.replace(num_layers=1))
+        model = family.build_model(cfg if blocks is None else dataclasses.replace(cfg, num_layers=1))
     return tuple(
         (
             name.rpartition(".")[0],
             p.numel(),
-            cfg.num_layers if name.startswith("layers.") else 1,
+            copies if blocks is not None and name.startswith(blocks + ".") else 1,
             p.requires_grad,
             family.tp_plan.rule(name) is not None,
         )
@@ -93,12 +98,12 @@ def _param_table(cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]
     )
 
 
-def rank_params(cfg: ModelConfig, tp: int) -> RankParams:
+def rank_params(cfg, tp: int) -> RankParams:
     """Per-rank counts from the model's own parameters and its family's TP plan."""
-    key = tuple((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)
+    key = tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init)
     trainable = frozen = largest_trainable = 0
     per_module: dict[str, int] = {}
-    for module, numel, copies, trains, split in _param_table(key):
+    for module, numel, copies, trains, split in _param_table(type(cfg), key):
         local = numel // tp if split else numel
         if trains:
             trainable += local * copies
@@ -151,71 +156,6 @@ def model_states(params: RankParams, layout: Layout) -> ModelStates:
     )
 
 
-# ---- activations ---------------------------------------------------------------------------
-def layer_activation_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str = "fp32") -> float:
-    """Bytes one TransformerLayer keeps for backward (blocked attention path, full sequence):
-    the tensors autograd saves, each storage once. Frozen linear layers keep no input (torch's
-    and megatron's parallel ones alike)."""
-    e, s = DTYPE_BYTES[dtype], STATS_BYTES
-    T, n, nf, L = cfg.text_length, cfg.tokens_per_frame, cfg.num_frames, cfg.seq_length
-    h, f, heads = cfg.hidden_size, cfg.ffn_size / tp, cfg.num_heads / tp
-    ht, F = h / tp, nf * n  # this rank's hidden slice; frame tokens
-    backbone_trains = cfg.train_backbone or not cfg.has_temporal
-    temporal = cfg.has_temporal
-
-    total = 4 * L * h * e + 4 * 2 * L * s  # the four layer norms' inputs and statistics
-    total += 3 * L * ht * e  # spatial QKV output (text q, k, v are views of it)
-    total += T * ht * e + T * heads * s + T * T * e  # text block: output, lse, mask
-    # frame blocks: q regrouped per frame (a view when one sample or one frame), text + frame
-    # k and v, output, lse, mask
-    total += F * ht * e * (batch > 1 and nf > 1) + 2 * nf * (T + n) * ht * e
-    total += F * ht * e + F * heads * s + F * (T + n) * e
-    total += 8 * nf * (T + n) / batch  # int64 index of each frame's text + frame keys
-    total += L * f * e  # GELU input
-    if backbone_trains or temporal:
-        total += L * h * e  # first norm's output, input of a trainable QKV
-    if backbone_trains:
-        total += L * ht * e + L * h * e + L * f * e  # inputs of attention.dense and both MLP linears
-    if temporal:
-        total += L * ht * e  # input of the temporal dense
-        total += F * ht * e + F * heads * s  # output, lse
-        if cfg.stage == "stage1":
-            total += 3 * L * ht * e + F * L * e  # QKV output (q, k, v are views of it), mask
-        else:
-            per = nf * cfg.window_size**2  # tokens of one 3D window
-            windows = n // cfg.window_size**2
-            total += F * ht * e + 2 * windows * (T + per) * ht * e  # gathered q, text + window k, v
-            total += (
-                8 * (2 * F + windows * (T + per)) / batch
-            )  # int64 indices: window order, its inverse, keys
-            total += windows * per * (T + per) * e  # mask
-        total += 2 * L * h * e + 2 * h * e  # the gate mix keeps both channel outputs and a, 1 - a
-    return batch * total
-
-
-def logits_bytes(cfg: ModelConfig, batch: int, tp: int = 1, dtype: str = "fp32") -> float:
-    """The output layer at the end of forward / start of backward: the logits (then their
-    gradient, same size) and the fp32 softmax the loss keeps: over the image ids at TP=1,
-    over this rank's whole vocabulary shard under TP (megatron's vocab-parallel loss)."""
-    e, L, V = DTYPE_BYTES[dtype], cfg.seq_length, cfg.vocab.vocab_size / tp
-    kept = cfg.vocab.num_image_tokens if tp == 1 else V
-    return batch * L * (V * e + kept * STATS_BYTES)
-
-
-def activation_bytes(cfg: ModelConfig, layout: Layout) -> float:
-    """Peak activation memory of one micro-batch on one GPU (at the start of backward)."""
-    b, tp, e = layout.micro_batch, layout.tp, DTYPE_BYTES[layout.dtype]
-    layer = layer_activation_bytes(cfg, b, tp, layout.dtype)
-    hidden = b * cfg.seq_length * cfg.hidden_size * e
-    # the final norm's input (and its output, when the tied output layer trains)
-    final = hidden * (2 if cfg.train_backbone or not cfg.has_temporal else 1)
-    if layout.act_ckpt:  # every layer keeps its input; the one being recomputed keeps everything
-        kept = cfg.num_layers * hidden + layer
-    else:
-        kept = cfg.num_layers * layer
-    return kept + final + logits_bytes(cfg, b, tp, layout.dtype)
-
-
 # ---- the whole GPU ---------------------------------------------------------------------------
 BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size
 
@@ -244,25 +184,36 @@ class MemoryPlan:
         return s.gpu_total + backward + self.buffers - self.backward_bucket
 
 
-def plan_memory(cfg: ModelConfig, layout: Layout, context_bytes: float = 2 * GiB) -> MemoryPlan:
+def planner_model(cfg) -> PlannerModel:
+    """The planner model `cfg`'s family registers; a family without one cannot be planned."""
+    family = family_of(cfg)
+    if family.planner is None:
+        raise ValueError(
+            f"model.family: {family.name} registers no planner model (ModelFamily.planner: its "
+            "activation memory, recompute FLOPs and TP all-reduces), so cogvideo-plan cannot size it"
+        )
+    return family.planner
+
+
+def plan_memory(cfg, layout: Layout, context_bytes: float = 2 * GiB) -> MemoryPlan:
+    planner = planner_model(cfg)
     params = rank_params(cfg, layout.tp)
     states = model_states(params, layout)
-    e = DTYPE_BYTES[layout.dtype]
+    b, tp, dtype, e = layout.micro_batch, layout.tp, layout.dtype, layout.dtype_bytes
     # ZeRO-1/2 (DeepSpeed's stage_1_and_2): one reduce bucket (two with overlap_comm, which it leaves
     # off below ZeRO-3), set up at the first gradient and released after backward (measured on the
     # TP=8 slice, tests/test_scale_slice.py); ZeRO-3: reduce bucket + prefetch, held throughout
     buckets = {0: 0, 1: 1, 2: 1, 3: 1.1}[layout.zero] * BUCKET_ELEMENTS * e
     # torch's single-tensor Adam: a square root and a quotient the size of the largest parameter
     transient = 2 * 4 * params.largest_trainable if layout.zero == 0 else 0
-    last_layer = layer_activation_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype)
     return MemoryPlan(
         params,
         states,
-        activation_bytes(cfg, layout),
-        last_layer,
+        planner.activation_bytes(cfg, b, tp, dtype, layout.act_ckpt),
+        planner.layer_activation_bytes(cfg, b, tp, dtype),
         buckets + context_bytes,
         transient,
         layout.zero,
         backward_bucket=buckets if layout.zero in (1, 2) else 0.0,
-        logits=logits_bytes(cfg, layout.micro_batch, layout.tp, layout.dtype),
+        logits=planner.logits_bytes(cfg, b, tp, dtype),
     )

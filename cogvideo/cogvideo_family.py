@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from cogvideo import activations
 from cogvideo.config import PRESETS, ModelConfig
-from cogvideo.family_spec import ModelFamily, register
-from cogvideo.flops import train_flops
+from cogvideo.family_spec import ModelFamily, PlannerModel, register
+from cogvideo.flops import recompute_flops, train_flops
 from cogvideo.model import TP_PLAN, CogVideoModel, image_token_loss
 from cogvideo.sequence import build_sequence
 
@@ -27,5 +28,13 @@ FAMILY = register(
         example=lambda cfg, text_ids, frames, seed: build_sequence(cfg, text_ids, frames),
         train_flops=lambda cfg: train_flops(cfg, batch=1),
         sampler="cogvideo.sampling.pipeline:VideoPipeline.load",
+        planner=PlannerModel(
+            describe=activations.describe,
+            activation_bytes=activations.activation_bytes,
+            layer_activation_bytes=activations.layer_activation_bytes,
+            logits_bytes=activations.logits_bytes,
+            recompute_flops=recompute_flops,
+            tp_allreduces=activations.tp_allreduces,
+        ),
     )
 )

@@ -1,7 +1,8 @@
 """Model families: what the trainer, the converter and the planner need to know about a model
 (torchtitan's "train spec"). A family registers its config class and presets, a builder of the
 plain model, its TP plan, the loss, the batch builder (a decoded shard sample -> the model's
-training example) and its sampler; everything else reads them from here.
+training example), its sampler and its planner model (activation memory, recompute FLOPs and
+tensor-parallel traffic for `cogvideo-plan`); everything else reads them from here.
 
     family = family_of(model_cfg)                    # or get_family("cogvideo")
     model = build_model(model_cfg)                   # plain, then parallelized by the family's TP plan
@@ -19,10 +20,18 @@ from collections.abc import Mapping
 from torch import nn
 
 from cogvideo import cogvideo_family  # registers CogVideo
-from cogvideo.family_spec import REGISTRY, ModelFamily, register
+from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
 from cogvideo.tp_plan import parallelize
 
-__all__ = ["ModelFamily", "build_model", "family_of", "get_family", "register", "resolve_model_section"]
+__all__ = [
+    "ModelFamily",
+    "PlannerModel",
+    "build_model",
+    "family_of",
+    "get_family",
+    "register",
+    "resolve_model_section",
+]
 
 DEFAULT_FAMILY = cogvideo_family.FAMILY.name
 

@@ -13,10 +13,28 @@ from cogvideo.tp_plan import TPPlan
 
 
 @dataclass(frozen=True)
+class PlannerModel:
+    """What `cogvideo-plan` needs of a family beyond its model and TP plan (which give the
+    parameters on each TP rank): the activations one GPU keeps and the work around the matrix
+    products. Sizes are bytes for `batch` sequences on one of `tp` ranks, `dtype` a precision
+    name (cogvideo.precision); FLOPs are per sequence."""
+
+    describe: Callable[[Any], str]  # one line: the model's shape, for the report
+    # (cfg, batch, tp, dtype, act_ckpt): activations at the start of backward, where they peak
+    activation_bytes: Callable[[Any, int, int, str, bool], float]
+    layer_activation_bytes: Callable[[Any, int, int, str], float]  # what one layer keeps for backward
+    logits_bytes: Callable[[Any, int, int, str], float]  # the output layer's share, freed first
+    recompute_flops: Callable[[Any], float]  # activation checkpointing's extra forward (0 without)
+    # (cfg, act_ckpt) -> (tensor-parallel all-reduces per step, elements of each per sequence)
+    tp_allreduces: Callable[[Any, bool], tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str
-    # the model config dataclass: validate(tensor_parallel), activation_checkpointing, and the video
-    # shape fields the shard loader reads (text_length, num_frames, frame_tokens, vocab, stage)
+    # the model config dataclass: name, validate(tensor_parallel), activation_checkpointing, num_layers
+    # (the TP plan's blocks), and the video shape fields the shard loader reads (text_length,
+    # num_frames, frame_tokens, vocab, stage)
     config: type
     presets: Mapping[str, Callable[[], Any]]  # preset name -> config
     build_model: Callable[[Any], nn.Module]  # config -> the plain model (full shapes, torch layers, `.cfg`)
@@ -28,6 +46,7 @@ class ModelFamily:
     train_flops: Callable[[Any], float]  # per sample, forward + backward (throughput and MFU)
     # "module:function" making the sampler from sampling options (imported on use, no import cycle)
     sampler: str | None = None
+    planner: PlannerModel | None = None  # None: cogvideo-plan refuses the family
 
     def preset(self, name: str):
         if name not in self.presets:

@@ -153,13 +153,18 @@ def measure(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024))
     return ProbeFigures("cpu", {"fp32": rates[0], "bf16": rates[1]}, shape, torch.get_num_threads())
 
 
+def cuda_precision(capability: tuple[int, int] | None, bf16_supported: bool) -> str:
+    """``auto`` on a CUDA device (also the planner's, from a GPU kind's capability)."""
+    major = capability[0] if capability else 0
+    if major >= 8 and bf16_supported:
+        return "bf16"
+    return "fp16" if major >= 7 else "fp32"
+
+
 def decide(figures: ProbeFigures) -> str:
     """The precision ``auto`` stands for, given the probe's figures."""
     if figures.device == "cuda":
-        major = figures.capability[0] if figures.capability else 0
-        if major >= 8 and figures.bf16_supported:
-            return "bf16"
-        return "fp16" if major >= 7 else "fp32"
+        return cuda_precision(figures.capability, figures.bf16_supported)
     bf16, fp32 = figures.gflops.get("bf16", 0.0), figures.gflops["fp32"]
     return "bf16" if bf16 >= CPU_BF16_MIN_SPEEDUP * fp32 else "fp32"
 

@@ -144,14 +144,20 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         raise ConfigError(str(err)) from err
 
 
+def trained_model_section(cfg: TrainConfig) -> dict:
+    """The `model:` section as the trainer runs it: from scratch (no init.backbone / init.weights)
+    every parameter trains unless model.train_backbone says otherwise."""
+    if "train_backbone" in cfg.model or cfg.init.backbone or cfg.init.weights:
+        return cfg.model
+    return {**cfg.model, "train_backbone": True}
+
+
 def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None) -> ModelConfig:
     """Every check that needs no process group; returns the resolved model config.
 
-    From scratch (no init.backbone / init.weights) every parameter trains unless
-    model.train_backbone says otherwise; the decision is written into `cfg` (and so into the
-    checkpoint's config)."""
-    if "train_backbone" not in cfg.model and not (cfg.init.backbone or cfg.init.weights):
-        cfg.model["train_backbone"] = True
+    The model section as trained (:func:`trained_model_section`: from scratch every parameter
+    trains) is written into `cfg`, and so into the checkpoint's config."""
+    cfg.model = trained_model_section(cfg)
     model_cfg = model_config(cfg)
     has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
     if cfg.parallel.precision == "fp16" and not has_gpu:

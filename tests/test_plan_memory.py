@@ -15,11 +15,11 @@ from cluster.plan_memory import (
     GiB,
     Layout,
     RankParams,
-    layer_activation_bytes,
     model_states,
     plan_memory,
     rank_params,
 )
+from cogvideo.activations import layer_activation_bytes
 from cogvideo.config import get_preset
 from cogvideo.family import build_model
 from cogvideo.model import TP_PLAN, CogVideoModel
