@@ -283,7 +283,7 @@ def test_a_family_without_a_planner_model_is_refused_in_one_line(capsys):
     assert "model.family: masked-video registers no planner model" in err
 
 
-def test_a_second_family_is_planned_from_what_it_registers():
+def test_a_second_family_is_planned_from_what_it_registers(monkeypatch):
     """The masked-token family with a planner model: parameters from its own model and TP plan,
     compute from its FLOPs, activations and TP traffic from its planner model."""
     import dataclasses
@@ -291,7 +291,8 @@ def test_a_second_family_is_planned_from_what_it_registers():
     from test_model_family import FAMILY, MaskedVideoConfig, MaskedVideoModel
 
     from cluster.plan_memory import rank_params
-    from cogvideo.family import PlannerModel, register
+    from cogvideo.family import PlannerModel
+    from cogvideo.family_spec import REGISTRY
 
     @dataclasses.dataclass
     class PlannedToyConfig(MaskedVideoConfig):
@@ -311,7 +312,7 @@ def test_a_second_family_is_planned_from_what_it_registers():
     family = dataclasses.replace(
         FAMILY, name="planned-toy", config=PlannedToyConfig, presets={"planned-toy": PlannedToyConfig}
     )
-    register(dataclasses.replace(family, planner=planner))
+    monkeypatch.setitem(REGISTRY, family.name, dataclasses.replace(family, planner=planner))
     cfg = PlannedToyConfig(num_layers=3)
     model = MaskedVideoModel(cfg)
     for tp in (1, 2):
