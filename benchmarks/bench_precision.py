@@ -31,45 +31,39 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_train import free_port, write_data  # noqa: E402
+from bench_train import single_rank_trainer, write_data  # noqa: E402
 
 from cogvideo.precision import DTYPES, choose_precision, matmul_gflops, probe_shape  # noqa: E402
-from pretrain.config import check_config, load_train_config, model_config  # noqa: E402
+from pretrain.config import load_train_config, model_config  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+def demo_config_file(stage: str) -> str:
+    return str(ROOT / "configs" / "demo" / f"train_{stage}.yaml")
+
+
 def demo_config(stage: str, overrides: list[str]):
-    return load_train_config(str(ROOT / "configs" / "demo" / f"train_{stage}.yaml"), overrides)
+    return load_train_config(demo_config_file(stage), overrides)
 
 
 def measure_steps(
     stage: str, precision: str, shards: list[str], tokenizer: str, run: str, steps: int
 ) -> dict:
     """In a fresh process: `steps` training steps of the demo's `stage` config, timed one by one."""
-    from pretrain.train import Trainer, text_encoder
-
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
-    cfg = demo_config(
-        stage,
+    trainer = single_rank_trainer(
+        demo_config_file(stage),
+        shards,
         [
             f"data.shards={shards}",
             f"data.text_tokenizer={tokenizer}",
             f"checkpoint.dir={run}",
             "checkpoint.resume=null",
-            f"training.max_steps={10**6}",
             "optim.warmup_steps=1",
-            f"checkpoint.every_steps={10**6}",
             "data.shuffle_buffer=64",
-            "logging.progress_bar=false",
-            f"logging.every_steps={10**6}",
             f"parallel.precision={precision}",
         ],
     )
-    model_cfg = check_config(cfg, 1)
-    trainer = Trainer(cfg, model_cfg, shards, text_encoder(cfg, model_cfg.vocab), resume=None)
     wall, cpu = [], []
     for _ in range(steps):
         w, c = time.perf_counter(), time.process_time()

@@ -185,13 +185,27 @@ def main():
         f"shifted by {args.window // 2}; hidden {args.hidden}, {args.layers} layers, "
         f"{args.device} {args.dtype}, batch {args.batch}"
     )
-
     gen = torch.Generator().manual_seed(0)
     text = torch.randint(
         cfg.vocab.text_offset, cfg.vocab.text_offset + 50, (args.batch, cfg.text_length), generator=gen
+    ).to(args.device)
+    frame0 = torch.randint(0, cfg.vocab.num_image_tokens, (args.batch, n), generator=gen).to(args.device)
+    t_cached = keyframes_cached_vs_uncached(args, stage1, text, frame0, sync)
+    frames = torch.randint(0, cfg.vocab.num_image_tokens, (args.batch, 5, n), generator=gen).to(args.device)
+    interpolation_batched_vs_single(args, stage1, stage2, frames, sync)
+    given_frames_pass(args, stage2, text, frames, sync)
+    t_step = t_cached / (4 * n)
+    t_bare_step = bare_matmul_seconds(stage1.model, args.batch, sync)
+    print(
+        f"    single-token steps (stage 1, {args.batch} rows): {4 * n * args.batch / t_cached:,.0f} tokens/s; "
+        f"the same weight products run bare take {t_bare_step / t_step:.0%} of a step (the rest is per-step latency)"
     )
-    frame0 = torch.randint(0, cfg.vocab.num_image_tokens, (args.batch, n), generator=gen)
-    job = DecodePass(text=text.to(args.device), given={0: frame0.to(args.device)}, targets=(1, 2, 3, 4))
+
+
+def keyframes_cached_vs_uncached(args, stage1, text, frame0, sync) -> float:
+    """[1] stage-1 keyframes 1-4 with the KV cache against without; returns the cached seconds."""
+    n = stage1.n
+    job = DecodePass(text=text, given={0: frame0}, targets=(1, 2, 3, 4))
     gens = lambda: [row_generator(0, str(i), "bench") for i in range(args.batch)]  # noqa: E731
     sample_frames(stage1, DecodePass(job.text, job.given, targets=(1,)), GREEDY, gens())  # warm-up
     cached, t_cached = timed(lambda: sample_frames(stage1, job, GREEDY, gens()), sync)
@@ -206,10 +220,13 @@ def main():
         f"[1] stage-1 keyframes ({tokens} tokens): cached {t_cached:.2f} s, uncached {t_uncached:.2f} s "
         f"-> speed-up {t_uncached / t_cached:.1f}x (target >= 20x); {how}"
     )
+    return t_cached
 
+
+def interpolation_batched_vs_single(args, stage1, stage2, frames, sync) -> None:
+    """[2] one stage-2 interpolation level with every window in one pass against one at a time."""
     options = SampleOptions(interpolation_levels=1)
-    sampler = HierarchicalSampler(stage1, stage2, options, toy_encoder(cfg), {"stage2": GREEDY})
-    frames = torch.randint(0, cfg.vocab.num_image_tokens, (args.batch, 5, n), generator=gen).to(args.device)
+    sampler = HierarchicalSampler(stage1, stage2, options, toy_encoder(stage1.cfg), {"stage2": GREEDY})
     prompts = [f"p{i}" for i in range(args.batch)]
     batched, t_batched = timed(lambda: sampler.interpolate(prompts, frames, 0), sync)
     single, t_single = timed(lambda: sampler.interpolate(prompts, frames, 0, windows_per_pass=1), sync)
@@ -218,24 +235,19 @@ def main():
         f"at a time {t_single:.2f} s -> {t_single / t_batched:.1f}x; same video: {torch.equal(batched, single)}"
     )
 
+
+def given_frames_pass(args, stage2, text, frames, sync) -> None:
+    """[3] the parallel pass over given frames against bare matmuls and the dense-mask path."""
     per_token = flops_per_token(stage2.model)
     given = {f: frames[:, f] for f in (0, 2, 4)}
-    rows = 3 * n * args.batch
-    t_given, t_dense = (
-        given_pass_seconds(stage2, text.to(args.device), given, sync, dense) for dense in (False, True)
-    )
+    rows = 3 * stage2.n * args.batch
+    t_given, t_dense = (given_pass_seconds(stage2, text, given, sync, dense) for dense in (False, True))
     t_bare = bare_matmul_seconds(stage2.model, rows, sync)
     print(
         f"[3] parallel pass over given frames ({rows} tokens): {rows / t_given:,.0f} tokens/s, "
         f"{per_token * rows / t_given / 1e9:.1f} GFLOP/s; bare matmuls {per_token * rows / t_bare / 1e9:.1f} GFLOP/s "
         f"-> {t_bare / t_given:.0%} of the matmul roofline (target >= 50%); the dense-mask chunk path "
         f"{t_bare / t_dense:.0%} ({t_dense / t_given:.1f}x the blocked time)"
-    )
-    t_step = t_cached / (4 * n)
-    t_bare_step = bare_matmul_seconds(stage1.model, args.batch, sync)
-    print(
-        f"    single-token steps (stage 1, {args.batch} rows): {tokens / t_cached:,.0f} tokens/s; the same weight "
-        f"products run bare take {t_bare_step / t_step:.0%} of a step (the rest is per-step latency)"
     )
 
 

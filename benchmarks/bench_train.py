@@ -81,28 +81,41 @@ def first_batch(args, model_cfg, shards: list[str], tokenizer: str):
 
 
 def make_trainer(args, root: Path, shards: list[str], tokenizer: str):
-    from pretrain.config import check_config, load_train_config
-    from pretrain.train import Trainer, text_encoder
-
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
-    cfg = load_train_config(
+    return single_rank_trainer(
         None,
+        shards,
         [
             f"model.preset={args.preset}",
             f"data.shards=[{shards[0]}]",
             f"data.text_tokenizer={tokenizer}",
             "data.shuffle_buffer=16",
             f"training.micro_batch_size={args.batch}",
-            f"training.max_steps={10**6}",
             "optim.warmup_steps=5",
             "parallel.zero_stage=2",
             "parallel.precision=fp32",
             f"checkpoint.dir={root / 'run'}",
-            f"checkpoint.every_steps={10**6}",
+        ],
+    )
+
+
+def single_rank_trainer(config: str | None, shards: list[str], overrides: list[str]):
+    """The trainer as the only rank of this process, stepped by the caller: it never stops,
+    checkpoints or logs on its own."""
+    from pretrain.config import check_config, load_train_config
+    from pretrain.train import Trainer, text_encoder
+
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    never = 10**6
+    cfg = load_train_config(
+        config,
+        [
+            f"training.max_steps={never}",
+            f"checkpoint.every_steps={never}",
+            f"logging.every_steps={never}",
             "logging.progress_bar=false",
-            f"logging.every_steps={10**6}",
+            *overrides,
         ],
     )
     model_cfg = check_config(cfg, 1)

@@ -147,75 +147,91 @@ def _blocks(inputs: int, cfg: PrepConfig) -> int:
 
 def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict], progress: bool) -> dict:
     """Hash, deduplicate, then extract + tokenize + write; this run's counts."""
-    known = dict(out.hashes)
-    accepted = []
-    if todo:
-        hashed = ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), cfg)).map(hash_input)
-        for row in hashed.iter_rows():
-            if row["reason"]:
-                _record_rejection(
-                    out, _rejected_input(row["entry"], row["path"], row["reason"], row["detail"])
-                )
-            elif row["sha256"] in known:
-                _record_rejection(
-                    out,
-                    _rejected_input(
-                        row["entry"],
-                        row["path"],
-                        "duplicate_content",
-                        f"same sha256 as {known[row['sha256']]}",
-                        row["sha256"],
-                    ),
-                )
-            else:
-                known[row["sha256"]] = row["path"]
-                accepted.append(row)
+    accepted = _deduplicate(cfg, out, todo)
     run = {"inputs_processed": len(todo), "frames_decoded": 0, "samples_written": 0}
     if accepted:
-        gpus = cfg.gpus_per_actor(ray.cluster_resources().get("GPU", 0))
-        device = "cuda" if gpus > 0 else "cpu"
-        rows = (
-            ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
-            .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "shape": shape})
-            .map_batches(
-                TokenizeSamples,
-                fn_constructor_kwargs={"cfg": cfg, "shape": shape, "device": device},
-                batch_size=cfg.tokenize_batch,
-                compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
-                num_cpus=cfg.tokenizer_cpus,
-                num_gpus=gpus or None,
-                batch_format="numpy",
-            )
-        )
         bar = tqdm(total=len(accepted), desc="videos", unit="video", disable=not progress)
-        for row in rows.iter_rows():
-            record = json.loads(row["record"])
-            if row["kind"] == "sample":
-                fields = {
-                    "__key__": row["key"],
-                    FRAMES_KEY: row["frames_npy"],
-                    CAPTION_KEY: row["caption_txt"],
-                    META_KEY: row["meta_json"],
-                }
-                meta = record["meta"]
-                manifest = {
-                    "key": row["key"],
-                    "source": meta["source"],
-                    "clip": record["clip"],
-                    "window": [meta["clip_start"], meta["clip_end"]],
-                    "fps": meta["fps"],
-                    "stage": meta["stage"],
-                    "video": record["video"],
-                }
-                run["samples_written"] += out.add_sample(fields, manifest)
-            elif row["kind"] == "rejected":
-                out.add_rejection(record)
-            else:
-                run["frames_decoded"] += record["frames"]
-                out.finish_input(record)
-                bar.update()
+        for row in _tokenized(cfg, shape, accepted).iter_rows():
+            _write_row(out, row, run, bar)
         bar.close()
     return run
+
+
+def _deduplicate(cfg: PrepConfig, out: PrepOutput, todo: list[dict]) -> list[dict]:
+    """Hash the inputs (a Ray job); unreadable inputs and content already in `out` (or earlier in
+    `todo`) are recorded as rejected; returns the hashed rows of the rest."""
+    known = dict(out.hashes)
+    accepted = []
+    if not todo:
+        return accepted
+    hashed = ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), cfg)).map(hash_input)
+    for row in hashed.iter_rows():
+        if row["reason"]:
+            _record_rejection(out, _rejected_input(row["entry"], row["path"], row["reason"], row["detail"]))
+        elif row["sha256"] in known:
+            _record_rejection(
+                out,
+                _rejected_input(
+                    row["entry"],
+                    row["path"],
+                    "duplicate_content",
+                    f"same sha256 as {known[row['sha256']]}",
+                    row["sha256"],
+                ),
+            )
+        else:
+            known[row["sha256"]] = row["path"]
+            accepted.append(row)
+    return accepted
+
+
+def _tokenized(cfg: PrepConfig, shape: Geometry, accepted: list[dict]) -> ray.data.Dataset:
+    """The Ray job that extracts clips from the accepted inputs and tokenizes them (actor pool)."""
+    gpus = cfg.gpus_per_actor(ray.cluster_resources().get("GPU", 0))
+    device = "cuda" if gpus > 0 else "cpu"
+    return (
+        ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
+        .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "shape": shape})
+        .map_batches(
+            TokenizeSamples,
+            fn_constructor_kwargs={"cfg": cfg, "shape": shape, "device": device},
+            batch_size=cfg.tokenize_batch,
+            compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
+            num_cpus=cfg.tokenizer_cpus,
+            num_gpus=gpus or None,
+            batch_format="numpy",
+        )
+    )
+
+
+def _write_row(out: PrepOutput, row: dict, run: dict, bar: tqdm) -> None:
+    """One row of the tokenize job: a sample (into the shards and manifest), a rejection, or the
+    end of an input (counted in `run` and on `bar`)."""
+    record = json.loads(row["record"])
+    if row["kind"] == "sample":
+        fields = {
+            "__key__": row["key"],
+            FRAMES_KEY: row["frames_npy"],
+            CAPTION_KEY: row["caption_txt"],
+            META_KEY: row["meta_json"],
+        }
+        meta = record["meta"]
+        manifest = {
+            "key": row["key"],
+            "source": meta["source"],
+            "clip": record["clip"],
+            "window": [meta["clip_start"], meta["clip_end"]],
+            "fps": meta["fps"],
+            "stage": meta["stage"],
+            "video": record["video"],
+        }
+        run["samples_written"] += out.add_sample(fields, manifest)
+    elif row["kind"] == "rejected":
+        out.add_rejection(record)
+    else:
+        run["frames_decoded"] += record["frames"]
+        out.finish_input(record)
+        bar.update()
 
 
 def run_cli(argv: list[str] | None = None) -> dict:

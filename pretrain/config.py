@@ -167,6 +167,12 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
     tp = cfg.parallel.tensor_parallel
     if world_size % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the world size {world_size}")
+    _check_numbers(cfg)
+    _check_data_and_starting_point(cfg, model_cfg)
+    return model_cfg
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
     positive = {
         "training.max_steps": cfg.training.max_steps,
         "training.micro_batch_size": cfg.training.micro_batch_size,
@@ -195,12 +201,15 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
         raise ConfigError(f"data.max_cut_text: must be in [0, 1], got {cfg.data.max_cut_text}")
     if not 0 <= cfg.data.caption_dropout < 1:
         raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
+
+
+def _check_data_and_starting_point(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     try:
         cfg.data.text_format()
     except ValueError as err:
         raise ConfigError(f"data.{err}") from None
-    if not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shards given")
     if cfg.data.stage is None and model_cfg.stage == "backbone":
@@ -217,7 +226,6 @@ def check_config(cfg: TrainConfig, world_size: int, has_gpu: bool | None = None)
         raise ConfigError(
             f"checkpoint.resume: {cfg.checkpoint.resume!r} is neither 'auto' nor a checkpoint directory"
         )
-    return model_cfg
 
 
 def check_text_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
