@@ -1,18 +1,22 @@
 """Attention kernels for the two channels.
 
 `attend` runs `scaled_dot_product_attention` (fused kernels keep the softmax in fp32), or, for
-fp16 without them, CogView's PB-Relax form. `window_gather_index` lays out the stage-2 3D
-windows that cogvideo/blocked.py gathers into the batch dimension.
+fp16 without them, CogView's PB-Relax form. Its dropout acts on this TP rank's share of the
+heads, so under TP it draws from the rank's own RNG state (`cogvideo.parallel.model_parallel_rng`),
+as Megatron's and SAT's attention do. `window_gather_index` lays out the stage-2 3D windows that
+cogvideo/blocked.py gathers into the batch dimension.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from cogvideo import parallel
 from cogvideo.config import ModelConfig
 from cogvideo.sequence import TokenMeta
 
@@ -28,15 +32,18 @@ def attend(
 ):
     """q [N, H, Lq, d], k/v [N, H, Lk, d]; mask bool broadcastable to [N, H, Lq, Lk] (True = may
     attend); bias: additive scores of the same broadcast shape or None; dropout: on the
-    attention probabilities (training only; the caller passes 0 in eval)."""
-    if q.dtype == torch.float16 and pb_relax_alpha and q.device.type == "cpu":
-        return pb_relax_attention(q, k, v, mask, bias, pb_relax_alpha, dropout)
-    attn_mask = mask
-    if bias is not None:
-        attn_mask = (
-            torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")) + bias
-        )
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+    attention probabilities (training only; the caller passes 0 in eval), drawn from this TP
+    rank's model-parallel RNG state."""
+    with parallel.model_parallel_rng(q.device) if dropout else contextlib.nullcontext():
+        if q.dtype == torch.float16 and pb_relax_alpha and q.device.type == "cpu":
+            return pb_relax_attention(q, k, v, mask, bias, pb_relax_alpha, dropout)
+        attn_mask = mask
+        if bias is not None:
+            attn_mask = (
+                torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+                + bias
+            )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
 
 def pb_relax_attention(q, k, v, mask, bias, alpha: float, dropout: float = 0.0):

@@ -1,12 +1,20 @@
 """The parallel state: one place that sets up tensor-parallel (megatron-core) and data-parallel
-groups and hands DeepSpeed an `mpu`. How a model splits over TP ranks is its TP plan
-(cogvideo/tp_plan.py).
+groups, hands DeepSpeed an `mpu`, and owns the model-parallel RNG state. How a model splits over
+TP ranks is its TP plan (cogvideo/tp_plan.py).
 
 Without `init_distributed` everything reports TP=1/DP=1 and `parallelize` keeps the plain layers.
+
+Randomness under TP, as in Megatron: torch's generators are seeded alike on TP peers, so dropout
+on replicated activations (embeddings, hidden states) draws the same masks on every peer; dropout
+on this rank's share of the heads (attention probabilities) draws inside
+`model_parallel_rng(device)` from a per-rank state seeded `seed + 2718 + tp_rank` (megatron-core's
+CUDA tracker on GPUs, `HostRNGTracker` on the CPU). Activation checkpointing replays it
+(`replay_model_parallel_rng`) and training checkpoints keep it (`model_parallel_rng_states`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -47,15 +55,108 @@ def init_distributed(tensor_parallel: int, backend: str | None = None, timeout_s
     )
 
 
+MODEL_PARALLEL_RNG = "model-parallel-rng"  # megatron-core's name for the per-TP-rank state
+
+
 def manual_seed(seed: int) -> None:
-    """Seed what the model draws from: torch's generators (identical on every rank) and, with CUDA,
-    megatron-core's RNG tracker, whose tensor-parallel state differs between TP peers (its
-    parallel layers fork it to initialise their shards on the GPU)."""
+    """Seed what the model draws from: torch's generators with `seed` (the same on every rank
+    given the same seed) and the model-parallel state with `seed + 2718 + tp_rank`, megatron's
+    formula: on the CPU here, and with CUDA in megatron-core's RNG tracker (which its parallel
+    layers also fork to initialise their shards on the GPU)."""
     torch.manual_seed(seed)
+    HOST_RNG_TRACKER.reset()
+    HOST_RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + 2718 + tp_rank())
     if torch.cuda.is_available() and is_initialized():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
+
+
+class HostRNGTracker:
+    """megatron-core's `CudaRNGStatesTracker` for torch's CPU generator (megatron's swaps CUDA
+    generator states only): named generator states, one swapped in for the draws inside `fork`."""
+
+    def __init__(self):
+        self.states: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.states = {}
+
+    def add(self, name: str, seed: int) -> None:
+        self.states[name] = torch.Generator().manual_seed(seed).get_state()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states = dict(states)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = MODEL_PARALLEL_RNG):
+        if name not in self.states:
+            raise RuntimeError(
+                f"the {name} RNG state is not seeded: call cogvideo.parallel.manual_seed(seed) "
+                "after init_distributed (attention dropout under tensor parallelism draws from it)"
+            )
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+HOST_RNG_TRACKER = HostRNGTracker()
+
+
+def _cuda_rng_tracker():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker()
+
+
+def model_parallel_rng(device: torch.device):
+    """Context: draws on `device` inside come from this TP rank's own state, not torch's shared
+    one (for dropout on this rank's heads). Without TP: nothing changes, the draws stay in
+    torch's stream as they always were."""
+    if tp_size() == 1:
+        return contextlib.nullcontext()
+    tracker = _cuda_rng_tracker() if torch.device(device).type == "cuda" else HOST_RNG_TRACKER
+    return tracker.fork(MODEL_PARALLEL_RNG)
+
+
+def model_parallel_rng_states() -> dict:
+    """This rank's model-parallel RNG states (CPU, and with CUDA megatron's tracker), as tensors."""
+    states = {"cpu": HOST_RNG_TRACKER.get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = _cuda_rng_tracker().get_states()
+    return states
+
+
+def set_model_parallel_rng_states(states: dict) -> None:
+    HOST_RNG_TRACKER.set_states(states.get("cpu", {}))
+    if "cuda" in states and torch.cuda.is_available():
+        _cuda_rng_tracker().set_states(dict(states["cuda"]))  # megatron keeps the dict it is given
+
+
+def replay_model_parallel_rng():
+    """`context_fn` for torch's activation checkpointing, which restores torch's generators for
+    the recomputed forward but not these: the recomputation starts from the model-parallel
+    states the forward started from (so it redraws the same masks), and the live states
+    continue afterwards (megatron's `tensor_parallel.checkpoint` does the same)."""
+    at_forward = model_parallel_rng_states()
+
+    @contextlib.contextmanager
+    def recompute():
+        live = model_parallel_rng_states()
+        set_model_parallel_rng_states(at_forward)
+        try:
+            yield
+        finally:
+            set_model_parallel_rng_states(live)
+
+    return contextlib.nullcontext(), recompute()
 
 
 def device() -> torch.device:

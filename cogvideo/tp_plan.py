@@ -144,8 +144,10 @@ def parallelize(model: nn.Module, plan: TPPlan, activation_checkpointing: bool =
             raise ValueError("activation checkpointing needs the plan's `blocks` (the layers to recompute)")
         from torch.distributed._composable import checkpoint
 
-        for block in model.get_submodule(plan.blocks):
-            checkpoint(block)  # recompute in backward; names and state dict keys are unchanged
+        for block in model.get_submodule(plan.blocks):  # recomputed in backward, names and state
+            # dict keys unchanged; the recomputation redraws the forward's dropout masks (torch
+            # restores its generators, parallel.replay_model_parallel_rng the per-TP-rank state)
+            checkpoint(block, context_fn=parallel.replay_model_parallel_rng)
     return model
 
 

@@ -54,8 +54,9 @@ class Stateful(Protocol):
 
 
 class RNGState:
-    """The Python, NumPy and torch generators of this process as tensors and numbers, so that
-    the file loads with weights_only=True."""
+    """The Python, NumPy and torch generators of this process and its model-parallel RNG states
+    (attention dropout under TP, `cogvideo.parallel`) as tensors and numbers, so that the file
+    loads with weights_only=True."""
 
     def state_dict(self) -> dict:
         version, words, gauss = random.getstate()
@@ -69,6 +70,7 @@ class RNGState:
             "numpy_has_gauss": int(numpy["has_gauss"]),
             "numpy_gauss": float(numpy["gauss"]),
             "torch": torch.get_rng_state(),
+            "model_parallel": parallel.model_parallel_rng_states(),
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
@@ -85,6 +87,8 @@ class RNGState:
             }
         )
         torch.set_rng_state(state["torch"])
+        if "model_parallel" in state:  # absent from checkpoints written before it was kept
+            parallel.set_model_parallel_rng_states(state["model_parallel"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -164,8 +164,9 @@ class Trainer:
             say(f"loading {resume}")
             self.step = self.checkpoints.load(self.engine, resume)  # loader position and RNG states included
             self._info(f"resumed from {resume} at step {self.step}")
-        else:  # randomness from here on differs between DP ranks, agrees between TP peers
-            torch.manual_seed(cfg.training.seed + 1 + parallel.dp_rank())
+        else:  # from here on torch's generators differ between DP ranks and agree between TP peers;
+            # spacing DP ranks by tp_size keeps the model-parallel seeds (+ 2718 + tp_rank) distinct
+            parallel.manual_seed(cfg.training.seed + 1 + parallel.dp_rank() * parallel.tp_size())
             if cfg.init.optimizer:
                 self.step = self._restore_optimizer(cfg.init.weights)
         self.saved_at = self.step if resume is not None else -1

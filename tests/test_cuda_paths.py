@@ -1,6 +1,7 @@
 """Where the CUDA path differs from the CPU one (docs/cuda-paths.md): each runs here up to the
 device call; benchmarks/gpu_check.py runs them on a GPU."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,63 @@ def test_parallel_layers_allocate_on_the_device_the_plain_model_was_built_on():
     ).perform_initialization  # the plain weights are copied
 
 
-def test_manual_seed_seeds_megatrons_tracker_only_with_cuda(monkeypatch):
+def test_manual_seed_seeds_the_model_parallel_state_and_megatrons_tracker_only_with_cuda(monkeypatch):
     from megatron.core import tensor_parallel
 
     seeds = []
     monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", seeds.append)
     monkeypatch.setattr(parallel, "is_initialized", lambda: True)
+    monkeypatch.setattr(parallel, "tp_rank", lambda: 3)
     parallel.manual_seed(5)
     assert seeds == [] and torch.initial_seed() == 5
+    host = parallel.HOST_RNG_TRACKER.get_states()[parallel.MODEL_PARALLEL_RNG]
+    assert torch.equal(host, torch.Generator().manual_seed(5 + 2718 + 3).get_state())  # megatron's formula
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     parallel.manual_seed(6)
     assert seeds == [6] and torch.initial_seed() == 6
+
+
+class CudaTracker:
+    """megatron-core's CudaRNGStatesTracker up to the device: records its forks, holds states."""
+
+    def __init__(self):
+        self.forks, self.states = [], {parallel.MODEL_PARALLEL_RNG: torch.tensor([1])}
+
+    @contextlib.contextmanager
+    def fork(self, name):
+        self.forks.append(name)
+        yield
+
+    def get_states(self):
+        return dict(self.states)
+
+    def set_states(self, states):
+        self.states = states
+
+
+def test_with_cuda_attention_dropout_forks_megatrons_tracker_and_recomputation_restores_it(monkeypatch):
+    from megatron.core import tensor_parallel
+
+    tracker = CudaTracker()
+    monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda: tracker)
+    with parallel.model_parallel_rng(torch.device("cuda", 0)):  # TP=1: torch's stream, no fork
+        pass
+    monkeypatch.setattr(parallel, "tp_size", lambda: 2)
+    with parallel.model_parallel_rng(torch.device("cuda", 0)):
+        pass
+    assert tracker.forks == [parallel.MODEL_PARALLEL_RNG]
+    parallel.HOST_RNG_TRACKER.add(parallel.MODEL_PARALLEL_RNG, 0)
+    with parallel.model_parallel_rng(torch.device("cpu")):  # CPU tensors: the host tracker
+        pass
+    assert tracker.forks == [parallel.MODEL_PARALLEL_RNG]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parallel.model_parallel_rng_states()["cuda"] == tracker.states  # kept in training checkpoints
+    _, recompute = parallel.replay_model_parallel_rng()  # at a checkpointed block's forward
+    tracker.states = {parallel.MODEL_PARALLEL_RNG: torch.tensor([2])}  # the forward drew from it
+    with recompute:
+        assert tracker.states == {parallel.MODEL_PARALLEL_RNG: torch.tensor([1])}
+    assert tracker.states == {parallel.MODEL_PARALLEL_RNG: torch.tensor([2])}
 
 
 def test_with_cuda_the_process_group_is_nccl_on_the_local_gpu(monkeypatch):
@@ -62,23 +109,37 @@ def test_with_cuda_the_process_group_is_nccl_on_the_local_gpu(monkeypatch):
     assert parallel.device() == torch.device("cuda", 3)
 
 
-def test_recomputation_replays_the_dropout_masks():
-    """Dropout draws from torch's generator; activation checkpointing (applied by parallelize)
-    restores the RNG state for the recomputed forward, so gradients are bit-identical."""
+@pytest.mark.parametrize("tensor_parallel", [False, True])
+def test_recomputation_replays_the_dropout_masks(monkeypatch, tensor_parallel):
+    """Dropout draws from torch's generator and, for the attention probabilities under TP, from
+    this rank's model-parallel state (here one process draws as a TP rank does: `tp_size`
+    patched for the forward). Activation checkpointing (applied by parallelize) restores both
+    for the recomputed forward: gradients are bit-identical and both streams continue alike."""
     cfg = get_preset("tiny-stage2").replace(train_backbone=True, hidden_dropout=0.1, attention_dropout=0.1)
     torch.manual_seed(0)
     model = CogVideoModel(cfg).train()
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (2, cfg.seq_length))
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    grads = []
+    probe = torch.randn(2, cfg.seq_length, cfg.vocab.vocab_size)  # the loss: logits . probe
+    runs = []
     for ckpt in (False, True):
         if ckpt:
             parallelize(model, TP_PLAN, activation_checkpointing=True)
         model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        model.loss(model(tokens), tokens, mask).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+        parallel.manual_seed(1)
+        with monkeypatch.context() as patch:
+            if tensor_parallel:
+                patch.setattr(parallel, "tp_size", lambda: 2)
+            (model(tokens) * probe).sum().backward()
+        streams = [
+            torch.get_rng_state(),
+            parallel.model_parallel_rng_states()["cpu"][parallel.MODEL_PARALLEL_RNG],
+        ]
+        runs.append(([p.grad.clone() for p in model.parameters()], streams))
+    (grads, streams), (grads_ckpt, streams_ckpt) = runs
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ckpt))
+    assert all(torch.equal(a, b) for a, b in zip(streams, streams_ckpt))
+    moved = not torch.equal(streams[1], torch.Generator().manual_seed(1 + 2718).get_state())
+    assert moved == tensor_parallel  # under TP the attention masks came from the model-parallel state
 
 
 def test_fp16_follows_cogvideos_published_loss_scaling():

@@ -124,3 +124,88 @@ def test_tp_matches_tp1(tmp_path):
                     rtol=1e-4,
                     msg=lambda m: f"TP={tp} {cfg.stage} {name}: {m}",
                 )
+
+
+# ---- dropout under TP --------------------------------------------------------------------
+
+DROPOUT = dict(train_backbone=True, hidden_dropout=0.1, attention_dropout=0.1)
+
+
+def _gather(tensor, group):
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def _attention_masks(group):
+    """The dropout masks `attend` applies to this rank's heads: with v the identity, its output
+    is the dropped attention probabilities. Returns them and torch's generator state before and
+    after, each gathered over the TP group."""
+    from cogvideo.attention import attend
+
+    g = torch.Generator().manual_seed(3)  # the same queries and keys on both ranks
+    q, k = torch.randn(2, 1, 2, 8, 8, generator=g)
+    v = torch.eye(8).expand(1, 2, 8, 8)
+    before = torch.get_rng_state()
+    dropped = attend(q, k, v, torch.ones(8, 8, dtype=torch.bool), dropout=0.5) != 0
+    return _gather(dropped, group), _gather(before, group), _gather(torch.get_rng_state(), group)
+
+
+def _train_step_with_dropout(cfg, full, ckpt: bool, group):
+    """One forward and backward at TP=2 with dropout on, with or without recomputation: this
+    rank's gradients and model-parallel RNG state after it, and every replicated hidden state
+    (after embedding dropout, after each layer) gathered over the TP group."""
+    model = parallelize(_plain(cfg, full), TP_PLAN, activation_checkpointing=ckpt)
+    hidden = []
+    for module in [model.embedding_dropout, *model.layers]:
+        module.register_forward_hook(lambda _m, _i, out: hidden.append(out.detach().clone()))
+    parallel.manual_seed(1)
+    _, loss, grads = _run(model, cfg)
+    replicated = [_gather(h, group) for h in hidden[: 1 + cfg.num_layers]]  # first forward only
+    tracker = parallel.model_parallel_rng_states()["cpu"][parallel.MODEL_PARALLEL_RNG]
+    return {
+        "loss": loss,
+        "grads": grads,
+        "tracker": tracker,
+        "torch": torch.get_rng_state(),
+        "hidden": replicated,
+    }
+
+
+def _dropout_worker(rank, port, full, out_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    parallel.init_distributed(tensor_parallel=2, backend="gloo")
+    group = parallel.tp_group()
+    parallel.manual_seed(0)
+    masks = _attention_masks(group)
+    cfg = get_preset("tiny-stage2").replace(num_layers=2, **DROPOUT)
+    steps = [_train_step_with_dropout(cfg, full, ckpt, group) for ckpt in (False, True)]
+    torch.save({"masks": masks, "steps": steps}, os.path.join(out_dir, f"dropout_rank{rank}.pt"))
+    parallel.destroy()
+
+
+def test_tp2_attention_dropout_draws_per_rank_and_recomputation_replays_it(tmp_path):
+    """At TP=2 each rank's heads get their own attention-dropout masks (megatron's model-parallel
+    RNG state, CPU tracker here), while dropout on the replicated activations keeps drawing alike
+    on both ranks; activation checkpointing recomputes with the same masks: gradients, loss and
+    both RNG streams equal those of the run without recomputation, bit for bit."""
+    torch.manual_seed(0)
+    full = CogVideoModel(get_preset("tiny-stage2").replace(num_layers=2, **DROPOUT)).state_dict()
+    mp.spawn(_dropout_worker, args=(_free_port(), full, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"dropout_rank{r}.pt", weights_only=True) for r in range(2)]
+    masks, before, after = ranks[0]["masks"]
+    assert not torch.equal(masks[0], masks[1])  # the same queries and keys, each rank's own masks
+    assert torch.equal(before[0], before[1]) and torch.equal(after[0], before[0])  # torch's stream untouched
+    assert 0.3 < masks.float().mean() < 0.7  # dropout 0.5 did drop
+    for out in ranks:
+        plain, recomputed = out["steps"]
+        for gathered in plain["hidden"] + recomputed["hidden"]:
+            assert torch.equal(gathered[0], gathered[1])  # replicated activations: the same masks
+        assert torch.equal(plain["loss"], recomputed["loss"])
+        assert all(torch.equal(plain["grads"][n], recomputed["grads"][n]) for n in plain["grads"])
+        assert torch.equal(plain["tracker"], recomputed["tracker"])
+        assert torch.equal(plain["torch"], recomputed["torch"])
+    assert not torch.equal(ranks[0]["steps"][0]["tracker"], ranks[1]["steps"][0]["tracker"])

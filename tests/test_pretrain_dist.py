@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -343,6 +344,39 @@ def test_exact_resume_after_kill_and_preemption(ws, zero2_run):
     a, b = final_weights(zero2_run), final_weights(run)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert sorted(p.name for p in run.glob("step*")) == ["step00000004", "step00000006"]  # keep_last=2
+
+
+def test_tp2_resume_with_dropout_continues_the_attention_dropout_stream(ws):
+    """TP=2 with the release's dropout on: resumed from step 4, the run ends exactly where the
+    uninterrupted one does, because the rank files keep each TP rank's model-parallel RNG state
+    (attention dropout) beside torch's; resumed without that state, it does not."""
+    args = (
+        "parallel.tensor_parallel=2",
+        "model.train_backbone=true",
+        "model.hidden_dropout=0.1",
+        "model.attention_dropout=0.1",
+    )
+    whole = train(ws, "tp2_dropout", 2, *args)
+    final = {}
+    for name, keep_state in (("tp2_dropout_resumed", True), ("tp2_dropout_reseeded", False)):
+        run = ws["root"] / name
+        shutil.copytree(whole, run, ignore=shutil.ignore_patterns("step00000006"))
+        (run / "latest").write_text("step00000004")
+        for file in (run / "step00000004").glob("rng_rank*.pt"):
+            state = torch.load(file, weights_only=True)
+            assert set(state["model_parallel"]["cpu"]) == {"model-parallel-rng"}
+            if not keep_state:
+                del state["model_parallel"]
+                torch.save(state, file)
+        proc = torchrun(2, base_args(ws, run, *args, "--resume", "auto"))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        final[name] = (losses(run), final_weights(run))
+    expected, weights = losses(whole), final_weights(whole)
+    resumed, resumed_weights = final["tp2_dropout_resumed"]
+    assert [resumed[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
+    assert all(torch.equal(weights[n], resumed_weights[n]) for n in weights)
+    reseeded, _ = final["tp2_dropout_reseeded"]
+    assert reseeded[5] != expected[5]  # the same batch and weights: only the attention masks differ
 
 
 def test_nonfinite_steps_are_skipped_then_training_stops_bf16(ws):

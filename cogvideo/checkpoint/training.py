@@ -3,7 +3,8 @@
     {dir}/step00000400/           one checkpoint ("tag")
         mp_rank_XX_model_states.pt, *optim_states.pt   DeepSpeed (all ranks write)
         {part}_dp{r}.pt           a stateful part kept per data-parallel rank (the loader)
-        {part}_rank{r}.pt         a stateful part kept per global rank (RNG states)
+        {part}_rank{r}.pt         a stateful part kept per global rank (RNG states, the
+                                  model-parallel one of attention dropout included)
         train_config.yaml         the resolved training config
         COMPLETE                  written after every rank finished (barrier)
     {dir}/latest                  the tag of the newest complete checkpoint
