@@ -130,6 +130,17 @@ def sample_batch(cfg, batch: int, seed: int = 0):
     return [torch.stack(x) for x in zip(*rows)]
 
 
+def frame_one_job(cfg, batch: int, device) -> DecodePass:
+    """Decode frame 1 of `batch` random samples (sample_batch) given their text and frame 0."""
+    text, frames, _ = sample_batch(cfg, batch)
+    n, T = cfg.tokens_per_frame, cfg.text_length
+    return DecodePass(
+        text=text[:, :T].to(device),
+        given={0: frames[:, T + 1 : T + 1 + n].to(device)},
+        targets=(1,),
+    )
+
+
 # ---- 1. checks ----------------------------------------------------------------------------------
 def blocked_vs_dense(setup: Setup) -> dict:
     out = {}
@@ -159,18 +170,12 @@ def cached_vs_uncached(setup: Setup) -> dict:
     cfg = narrow_config(setup, "stage1", layers=1)
     torch.manual_seed(0)
     stage = StageModel(CogVideoModel(cfg).eval().to(setup.device), cfg)
-    text, frames, _ = sample_batch(cfg, 2)
-    n, T = cfg.tokens_per_frame, cfg.text_length
-    job = DecodePass(
-        text=text[:, :T].to(setup.device),
-        given={0: frames[:, T + 1 : T + 1 + n].to(setup.device)},
-        targets=(1,),
-    )
+    job = frame_one_job(cfg, 2, setup.device)
     gens = lambda: [row_generator(0, str(i), "check") for i in range(2)]  # noqa: E731
     cached = sample_frames(stage, job, GREEDY, gens())
     uncached = sample_frames_uncached(stage, job, GREEDY, gens())
     same = all(torch.equal(cached[f], uncached[f]) for f in job.targets)
-    return {"tokens": 2 * n, "same_tokens": same, "ok": same}
+    return {"tokens": 2 * cfg.tokens_per_frame, "same_tokens": same, "ok": same}
 
 
 def low_precision_step(setup: Setup) -> dict:
@@ -251,7 +256,8 @@ def deepspeed_engine(setup: Setup, model):
     train.parallel.precision = setup.train_dtype
     train.training.micro_batch_size, train.optim.grad_clip = setup.micro_batch, 0.1
     config = deepspeed_config(train, dp_size=1)
-    try:
+
+    def initialize():
         engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, 1e-4),
@@ -259,7 +265,10 @@ def deepspeed_engine(setup: Setup, model):
             mpu=parallel.mpu(),
             lr_scheduler=lr_scheduler(train),
         )
-        return engine, "DeepSpeedCPUAdam" if config["zero_force_ds_cpu_optimizer"] else "torch AdamW"
+        return engine
+
+    try:
+        return initialize(), "DeepSpeedCPUAdam" if config["zero_force_ds_cpu_optimizer"] else "torch AdamW"
     except Exception as err:  # the CPU Adam op is JIT-built: no compiler on the box -> torch's AdamW
         print(
             f"gpu_check: DeepSpeed CPU Adam unavailable ({type(err).__name__}: {err}); using torch AdamW",
@@ -267,14 +276,7 @@ def deepspeed_engine(setup: Setup, model):
         )
         config["zero_force_ds_cpu_optimizer"] = False
         config["optimizer"]["params"]["torch_adam"] = True
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, 1e-4),
-            config=config,
-            mpu=parallel.mpu(),
-            lr_scheduler=lr_scheduler(train),
-        )
-        return engine, "torch AdamW (on the CPU)"
+        return initialize(), "torch AdamW (on the CPU)"
 
 
 def train_step(setup: Setup, peak_tflops: float) -> dict:
@@ -344,13 +346,8 @@ def sampling(setup: Setup) -> dict:
     with torch.device(setup.device):
         model = CogVideoModel(cfg).eval().to(torch.bfloat16)
     stage = StageModel(model, cfg)
-    text, frames, _ = sample_batch(cfg, 1)
-    n, T = cfg.tokens_per_frame, cfg.text_length
-    job = DecodePass(
-        text=text[:, :T].to(setup.device),
-        given={0: frames[:, T + 1 : T + 1 + n].to(setup.device)},
-        targets=(1,),
-    )
+    job = frame_one_job(cfg, 1, setup.device)
+    n = cfg.tokens_per_frame
     gens = [row_generator(0, "0", "sample")]
     _, cached_s = timed(setup, lambda: sample_frames(stage, job, GREEDY, gens))
     cached_memory = setup.memory()

@@ -6,6 +6,17 @@ from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
 from cogvideo.sequence import build_sequence
 
+# stage 2's windows as released (20x20 tokens, window 10 shifted by 5), in a narrow model
+PUBLISHED_WINDOWS = dict(
+    hidden_size=16,
+    num_heads=2,
+    frame_size=80,
+    frame_tokens=20,
+    window_size=10,
+    window_shift=5,
+    max_position_embeddings=8 + 400,
+)
+
 
 def random_batch(cfg, text_lengths=(3, None), seed=0):
     """Tokens, targets and loss masks for samples with the given text lengths (None = full)."""

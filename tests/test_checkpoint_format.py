@@ -2,13 +2,13 @@
 and clear errors on bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import torchrun_self
 
 from cogvideo.checkpoint import (
     CheckpointError,
@@ -22,8 +22,6 @@ from cogvideo.config import get_preset
 from cogvideo.family import build_model
 from cogvideo.model import CogVideoModel
 from cogvideo.params import count_parameters
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny8():
@@ -228,19 +226,7 @@ def test_tp2_under_two_gloo_ranks_matches_merged_model(tmp_path, model_sd):
     model.load_state_dict(load_model_state(ckpt))
     with torch.no_grad():
         expected = model(tokens)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        __file__,
-        str(ckpt),
-        str(tmp_path),
-    ]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun_self(__file__, [str(ckpt), str(tmp_path)], timeout=240)
     shards = [torch.load(tmp_path / f"logits{r}.pt") for r in range(2)]
     assert torch.allclose(torch.cat(shards, dim=-1), expected, atol=1e-5, rtol=1e-5)
 

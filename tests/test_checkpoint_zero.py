@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import run_ok, torchrun_self
 from tolerances import loss_rel_tol
 
 from cogvideo.checkpoint import (
@@ -35,19 +36,7 @@ STAGES = (1, 2, 3)
 
 
 def torchrun(mode: str, out: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        __file__,
-        mode,
-        str(out),
-    ]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    torchrun_self(__file__, [mode, str(out)], timeout=400, DS_ACCELERATOR="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +107,7 @@ def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
         *stages,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_ok(cmd, env, timeout=300)
     increase = json.loads(run.stdout.strip().splitlines()[-1])
     model_bytes = 4 * sum(t.numel() for t in load_model_state(tmp_path / "zero3").values())
     rank_file = min(f.stat().st_size for f in zero_runs.rglob("*optim_states.pt"))

@@ -3,11 +3,11 @@ shapes and reports what the GPU run will (the GPU figures themselves need a GPU)
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from process_helpers import run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,15 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_reports_every_section(tmp_path):
     out = tmp_path / "summary.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = run_ok(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], env, timeout=900, cwd=ROOT
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary == json.loads(out.read_text())
     assert summary["dry_run"] and summary["ok"]

@@ -3,7 +3,7 @@ the published visibility rules cell by cell."""
 
 import pytest
 import torch
-from model_helpers import random_batch, random_model
+from model_helpers import PUBLISHED_WINDOWS, random_batch, random_model
 
 from cogvideo.attention import window_gather_index
 from cogvideo.config import get_preset
@@ -24,17 +24,7 @@ def test_blocked_equals_dense(preset, text_bias):
 
 def test_windowed_equals_dense_at_published_window_shape():
     # 20x20 tokens, window 10, shift 5, as in the released stage-2 model (narrow and shallow here)
-    model = random_model(
-        "tiny-stage2",
-        num_layers=2,
-        hidden_size=16,
-        num_heads=2,
-        frame_size=80,
-        frame_tokens=20,
-        window_size=10,
-        window_shift=5,
-        max_position_embeddings=8 + 400,
-    )
+    model = random_model("tiny-stage2", num_layers=2, **PUBLISHED_WINDOWS)
     tokens, _, _ = random_batch(model.cfg, text_lengths=(5,))
     with torch.no_grad():
         windowed = model(tokens)

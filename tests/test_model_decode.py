@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from model_helpers import random_batch, random_model
+from model_helpers import PUBLISHED_WINDOWS, random_batch, random_model
 
 from cogvideo.config import get_preset
 from cogvideo.kv_cache import KVCache
@@ -32,17 +32,6 @@ def test_stage1_token_by_token_equals_full(text_bias):
                     )
                 )
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-
-
-PUBLISHED_WINDOWS = dict(
-    hidden_size=16,
-    num_heads=2,
-    frame_size=80,
-    frame_tokens=20,
-    window_size=10,
-    window_shift=5,
-    max_position_embeddings=8 + 400,
-)  # narrow; 20x20 tokens as released
 
 
 def count_blocked_calls(monkeypatch):

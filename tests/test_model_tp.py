@@ -10,29 +10,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from megatron.core import parallel_state
+from model_helpers import random_batch
 
 from cogvideo import parallel
 from cogvideo.config import get_preset
 from cogvideo.model import TP_PLAN, CogVideoModel
-from cogvideo.sequence import build_sequence
 from cogvideo.tp_plan import parallelize
 
 pytestmark = pytest.mark.slow
 TP_DEGREES = (4, 2)
-
-
-def _batch(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for text_len in (3, cfg.text_length):
-        text = torch.randint(
-            cfg.vocab.text_offset, cfg.vocab.text_offset + cfg.vocab.num_text_tokens, (text_len,), generator=g
-        )
-        frames = torch.randint(
-            0, cfg.vocab.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), generator=g
-        )
-        samples.append(build_sequence(cfg, text, frames))
-    return [torch.stack(x) for x in zip(*samples)]
 
 
 def _configs():
@@ -45,7 +31,7 @@ def _configs():
 
 def _run(model, cfg, text_bias=0.0):
     model.train()
-    tokens, targets, mask = _batch(cfg)
+    tokens, targets, mask = random_batch(cfg)
     logits = model(tokens, text_bias=text_bias)
     loss = model.loss(logits, targets, mask)
     loss.backward()

@@ -1,0 +1,30 @@
+"""The tests' child processes: each must succeed, else the test fails showing the end of its output."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_ok(cmd: list[str], env: dict, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def torchrun_self(test_file: str, args: list[str], timeout: float, **env: str) -> None:
+    """Run the test module `test_file` as a script on 2 local ranks (torch.distributed.run), one
+    thread each, with the repository on PYTHONPATH and `env` added."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        test_file,
+        *args,
+    ]
+    run_ok(cmd, full_env, timeout)
