@@ -142,7 +142,8 @@ class ModelConfig:
             bad(
                 "vocab.vocab_size",
                 f"{self.vocab.vocab_size} is not divisible by tensor_parallel={tensor_parallel}; "
-                f"pad the vocabulary (unused rows), e.g. model.vocab.vocab_size={padded}",
+                f"pad the vocabulary (unused rows), e.g. model.vocab.vocab_size={padded}; pad existing "
+                f"weights with `cogvideo-convert reshard|import-sat|zero ... --vocab-size {padded}`",
             )
         return self
 

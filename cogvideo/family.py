@@ -9,8 +9,10 @@ tensor-parallel traffic for `cogvideo-plan`); everything else reads them from he
     loss = family.loss(model_cfg, engine, batch, device)   # the trainer's step, whatever the family
 
 CogVideo (stages backbone / 1 / 2) is registered at import; another family calls `register`.
-The model section of every config names one: `model: {family: cogvideo, preset: small, ...fields}`
-(`family` defaults to cogvideo).
+The model section of every config names one: `model: {family: cogvideo, preset: small, ...fields}`.
+A checkpoint records its model as the same section with every field spelled out
+(`model_record` / `model_from_record`). Where `family` is absent (configs, and checkpoints
+written before families were recorded) the model is CogVideo's: `DEFAULT_FAMILY`, here only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ __all__ = [
     "build_model",
     "family_of",
     "get_family",
+    "model_from_record",
+    "model_record",
     "register",
     "resolve_model_section",
 ]
@@ -60,12 +64,34 @@ def build_model(cfg) -> nn.Module:
 def resolve_model_section(model: Mapping, tensor_parallel: int = 1):
     """A config's `model:` section ({family, preset, ...field overrides}) -> the family's config,
     checked for this TP degree. Errors name the key (`model.preset`, `model.<field>`)."""
-    from cogvideo.configio import from_dict, merge, to_dict
+    from cogvideo.configio import merge, to_dict
 
-    fields = dict(model)
-    family = get_family(fields.pop("family", DEFAULT_FAMILY))
+    family, fields = _family_and_fields(model)
     preset = fields.pop("preset", None)
     if not isinstance(preset, str):
         raise ValueError(f"model.preset: required, one of {sorted(family.presets)}")
-    data = merge(to_dict(family.preset(preset)), fields)
-    return from_dict(family.config, data, prefix="model").validate(tensor_parallel)
+    return _config(family, merge(to_dict(family.preset(preset)), fields), tensor_parallel)
+
+
+def model_record(cfg) -> dict:
+    """`cfg` as checkpoints record it: its model section with every field spelled out."""
+    from cogvideo.configio import to_dict
+
+    return {"family": family_of(cfg).name, **to_dict(cfg)}
+
+
+def model_from_record(record: Mapping, tensor_parallel: int = 1):
+    """Inverse of `model_record` (no preset: the record is complete), checked for this TP degree."""
+    family, fields = _family_and_fields(record)
+    return _config(family, fields, tensor_parallel)
+
+
+def _family_and_fields(section: Mapping) -> tuple[ModelFamily, dict]:
+    fields = dict(section)
+    return get_family(fields.pop("family", DEFAULT_FAMILY)), fields
+
+
+def _config(family: ModelFamily, fields: dict, tensor_parallel: int):
+    from cogvideo.configio import from_dict
+
+    return from_dict(family.config, fields, prefix="model").validate(tensor_parallel)

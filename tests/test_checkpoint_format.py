@@ -11,6 +11,7 @@ import torch
 from process_helpers import torchrun_self
 
 from cogvideo.checkpoint import (
+    Checkpoint,
     CheckpointError,
     load_model_config,
     load_model_state,
@@ -73,6 +74,11 @@ def test_save_load_round_trip_and_layout(tmp_path, model_sd):
     loaded = load_model_state(out)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd) and set(loaded) == set(sd)
     assert leftovers(tmp_path) == []
+    # the model is recorded with its family; a config.json from before families loads as CogVideo's
+    assert info["model"]["family"] == "cogvideo" and info["model"]["num_heads"] == cfg.num_heads
+    del info["model"]["family"]
+    (out / "config.json").write_text(json.dumps(info))
+    assert load_model_config(out) == cfg and describe(out)["family"] == "cogvideo"
 
 
 @pytest.mark.parametrize("stored,wanted", [(1, 2), (2, 1), (2, 4), (4, 2), (8, 1), (1, 8)])
@@ -248,3 +254,47 @@ def _tp_worker(ckpt: str, out: str) -> None:
 
 if __name__ == "__main__":
     _tp_worker(*sys.argv[1:3])
+
+
+def test_the_tools_stream_within_a_bound_set_by_shard_and_tensor_size(tmp_path):
+    """Peak memory of reshard (split and merge), import-sat and export-sat on a 190 MiB checkpoint
+    of 4 MiB tensors with 8 MiB output shards, each in a fresh process (tests/peak_memory.py),
+    above what `inspect` needs to open the same checkpoint and build the model on the meta device.
+    A tool that kept what it read (the whole checkpoint) fails the bound by a factor of 2-3."""
+    from peak_memory import converter_peak
+
+    cfg = get_preset("tiny").replace(hidden_size=512, num_heads=8, num_layers=12).validate(4)
+    torch.manual_seed(0)
+    sd = CogVideoModel(cfg).state_dict()
+    whole, largest = sum(t.nbytes for t in sd.values()), max(t.nbytes for t in sd.values())
+    save_model_checkpoint(tmp_path / "tp1", sd, cfg)
+    del sd
+    shard, MiB = 8 << 20, 1 << 20
+    overhead = converter_peak(["inspect", tmp_path / "tp1"])["increase"]
+
+    def bound(tp_out: int) -> int:
+        """Each output rank's writer holds at most one shard S, and the one flushing its serialised
+        copy (tp_out + 1 S), with one S of allocator slack; the tensor being converted is held as
+        read (its TP parts), merged, split and padded (4 x the largest); 16 MiB for noise."""
+        return (tp_out + 2) * shard + 4 * largest + 16 * MiB
+
+    size = ["--max-shard-size", str(shard)]
+    tools = {
+        "split TP 1 -> 4": (["reshard", tmp_path / "tp1", tmp_path / "tp4", "--tp", "4", *size], bound(4)),
+        "merge TP 4 -> 1": (["reshard", tmp_path / "tp4", tmp_path / "back", "--tp", "1", *size], bound(1)),
+        # SAT's rank files are single torch.save pickles: one rank's tensors (the checkpoint / TP) are held
+        "export-sat TP 2": (
+            ["export-sat", tmp_path / "tp4", tmp_path / "sat", "--tp", "2"],
+            bound(0) + whole // 2,
+        ),
+        "import-sat TP 2": (
+            ["import-sat", tmp_path / "sat", tmp_path / "ours", "--tp", "2", "--base", "tiny", *size],
+            bound(2),
+        ),
+    }
+    for tool, (args, limit) in tools.items():
+        held = converter_peak(args)["increase"] - overhead
+        print(f"{tool}: {held / MiB:.0f} MiB (bound {limit / MiB:.0f} MiB, checkpoint {whole / MiB:.0f} MiB)")
+        assert held <= limit < whole, tool
+    back, start = Checkpoint(tmp_path / "back"), Checkpoint(tmp_path / "tp1")
+    assert all(torch.equal(back.full(n), start.full(n)) for n in start.names())

@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cogvideo.checkpoint import CheckpointError, import_sat, load_model_config, load_model_state
+from cogvideo.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    import_sat,
+    load_model_config,
+    load_model_state,
+    reshard,
+)
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
 from cogvideo.model import CogVideoModel
@@ -251,6 +258,75 @@ def test_export_writes_the_sat_rank_files_it_was_imported_from(tmp_path, tp):
     import_sat(tmp_path / "back", tmp_path / "again", base=BASE)
     first, again = load_model_state(tmp_path / "ours"), load_model_state(tmp_path / "again")
     assert set(first) == set(again) and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_vocabulary_padding_for_tp_round_trips_to_the_sat_rank_file(tmp_path):
+    """Megatron's make-vocab-size-divisible-by for released weights: a SAT checkpoint whose 163 ids
+    (64 image codes, 96 text pieces, 3 specials) split over no even TP degree imports padded to
+    168 rows at TP 2, reshards to TP 4 and exports back to 163 rows at TP 1: SAT's own rank file,
+    bit for bit. Cutting into ids in use, or TP 4 without padding, is one clear error."""
+    used = BASE.vocab.min_vocab_size
+    raw = raw_weights(video=True, seed=6)
+    raw["transformer.word_embeddings.weight"] = raw["transformer.word_embeddings.weight"][:used].clone()
+    raw["mixins.extra_position_embedding.position_embeddings.weight"][-N:] = 0  # never read (export: zeros)
+    write_sat(tmp_path / "sat", raw, 1, {**VIDEO_ARGS, "vocab_size": used})
+    with pytest.raises(CheckpointError, match=f"vocab.vocab_size: {used} is not divisible.*--vocab-size"):
+        import_sat(tmp_path / "sat", tmp_path / "tp4", base=BASE, tensor_parallel=4)
+    padded = import_sat(tmp_path / "sat", tmp_path / "padded", base=BASE, tensor_parallel=2, vocab_size=168)
+    tp4 = Checkpoint(reshard(padded, tmp_path / "tp4", 4))
+    assert tp4.cfg.vocab.vocab_size == 168 and tp4.readers[0].shape("word_embeddings.weight") == (42, H)
+    table = tp4.full("word_embeddings.weight")
+    assert torch.equal(table[:used], raw["transformer.word_embeddings.weight"]) and not table[used:].any()
+    back = tmp_path / "back"
+    assert main(["export-sat", str(tmp_path / "tp4"), str(back), "--tp", "1", "--vocab-size", str(used)]) == 0
+    assert json.loads((back / "model_config.json").read_text())["vocab_size"] == used
+    original = torch.load(tmp_path / "sat/1000/mp_rank_00_model_states.pt", weights_only=True)["module"]
+    exported = torch.load(back / "1000/mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert set(exported) == set(original) and all(torch.equal(exported[k], original[k]) for k in original)
+    with pytest.raises(CheckpointError, match=f"vocab_size={used - 1} would drop ids in use"):
+        reshard(tmp_path / "tp4", tmp_path / "cut", 1, vocab_size=used - 1)
+    assert (
+        main(["reshard", str(tmp_path / "tp4"), str(tmp_path / "cut"), "--tp", "1", "--vocab-size", "99"])
+        == 2
+    )
+    assert not (tmp_path / "cut").exists()
+
+
+def test_padding_rows_change_no_logit_loss_or_sample_over_real_ids(tmp_path):
+    """The same model at 163 and (converter-padded) 168 vocabulary rows, in float64: equal logits
+    over the real ids, equal loss, equal sampler logits (image codes) and so equal samples."""
+    from cogvideo.sampling.stage_model import StageModel
+
+    used = BASE.vocab.min_vocab_size
+    raw = raw_weights(video=True, seed=7)
+    raw["transformer.word_embeddings.weight"] = raw["transformer.word_embeddings.weight"][:used].clone()
+    write_sat(tmp_path / "sat", raw, 1, {**VIDEO_ARGS, "vocab_size": used})
+    tokens = random_tokens(frames=FRAMES, seed=2)
+    targets = torch.randint(
+        0, BASE.vocab.num_image_tokens, tokens.shape, generator=torch.Generator().manual_seed(3)
+    )
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, T + N :] = True
+    results = []
+    for rows in (used, 168):
+        ckpt = import_sat(tmp_path / "sat", tmp_path / f"ours{rows}", base=BASE, vocab_size=rows)
+        cfg = load_model_config(ckpt)
+        model = CogVideoModel(cfg).double()
+        model.load_state_dict(load_model_state(ckpt))
+        with torch.no_grad():
+            logits = model(tokens)
+            sampler = StageModel(model, cfg).full(tokens, temporal=True, text_bias=0.0)
+            results.append((logits, model.loss(logits, targets, mask), sampler))
+    (logits, loss, sampler), (padded_logits, padded_loss, padded_sampler) = results
+    assert padded_logits.shape[-1] == 168 and padded_logits.dtype == torch.float64
+    torch.testing.assert_close(padded_logits[..., :used], logits, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(padded_loss, loss, rtol=1e-13, atol=0.0)
+    assert torch.equal(padded_sampler, sampler)
+    draws = [
+        torch.multinomial(p.softmax(-1).flatten(0, 1), 1, generator=torch.Generator().manual_seed(0))
+        for p in (sampler, padded_sampler)
+    ]
+    assert torch.equal(*draws)
 
 
 def test_cogvideo_stage1_import_matches_reference_forward(tmp_path):

@@ -141,6 +141,49 @@ def test_masking_is_reproducible_and_leaves_text_alone():
     assert torch.equal(targets[mask], sequence[mask]) and (targets[~mask] == 0).all()
 
 
+def test_the_converter_splits_a_second_family_by_its_own_plan(tmp_path):
+    """Written at TP 2, resharded to 1 and 4 (and padded to more vocabulary rows): every stored
+    tensor is the toy plan's split of the original, written out by hand here (CogVideo's plan
+    would keep `blocks.*.qkv` whole); config.json records the family and loads back as its config."""
+    from cogvideo.checkpoint import CheckpointError, load_model_config, load_model_state, reshard
+    from cogvideo.checkpoint.cli import describe
+    from cogvideo.checkpoint.format import Checkpoint, save_model_checkpoint
+    from cogvideo.checkpoint.sat import export_sat
+
+    def by_hand(name: str, t: torch.Tensor, r: int, n: int) -> torch.Tensor:
+        if name.endswith("qkv.weight") or name.endswith("qkv.bias"):
+            return torch.cat([x.chunk(n)[r] for x in t.chunk(3)])
+        if name.endswith(("fc1.weight", "fc1.bias")) or name == "word_embeddings.weight":
+            return t.chunk(n)[r]
+        return t.chunk(n, dim=1)[r] if name.endswith(("proj.weight", "fc2.weight")) else t
+
+    torch.manual_seed(0)
+    cfg = resolve_model_section({"family": "masked-video", "preset": "masked-toy", "min_mask_ratio": 0.3})
+    full = {n: t + 0.1 * torch.randn_like(t) for n, t in MaskedVideoModel(cfg).state_dict().items()}
+    src = save_model_checkpoint(tmp_path / "tp2", full, cfg, tensor_parallel=2)
+    record = json.loads((src / "config.json").read_text())["model"]
+    assert record["family"] == "masked-video" and record["min_mask_ratio"] == 0.3
+    for tp in (1, 4):
+        ckpt = Checkpoint(reshard(src, tmp_path / f"tp{tp}", tp))
+        assert type(ckpt.cfg) is MaskedVideoConfig and ckpt.cfg == cfg and ckpt.plan is PLAN
+        for rank in range(tp):
+            for name, tensor in full.items():
+                assert torch.equal(ckpt.readers[rank].get(name), by_hand(name, tensor, rank, tp)), (tp, name)
+    assert (
+        load_model_config(tmp_path / "tp4") == cfg and describe(tmp_path / "tp4")["family"] == "masked-video"
+    )
+    local = load_model_state(tmp_path / "tp4", 1, 2)
+    assert all(torch.equal(local[n], by_hand(n, t, 1, 2)) for n, t in full.items())
+
+    rows = cfg.vocab.vocab_size + 8
+    padded = Checkpoint(reshard(src, tmp_path / "padded", 4, vocab_size=rows))
+    table = padded.full("word_embeddings.weight")
+    assert padded.cfg.vocab.vocab_size == rows and padded.cfg.min_mask_ratio == 0.3
+    assert torch.equal(table[: cfg.vocab.vocab_size], full["word_embeddings.weight"]) and not table[-8:].any()
+    with pytest.raises(CheckpointError, match="'masked-video' model; SwissArmyTransformer.*'cogvideo'"):
+        export_sat(src, tmp_path / "sat")
+
+
 @pytest.mark.slow
 def test_a_second_family_trains_through_the_real_trainer(tmp_path):
     from test_pretrain_data import write_shards

@@ -21,7 +21,7 @@ import torch
 
 from cluster.plan_memory import GiB, Layout, plan_memory, rank_params
 from cogvideo.checkpoint import Checkpoint
-from cogvideo.checkpoint.format import expected_shapes, is_trainable, shard_tensor
+from cogvideo.checkpoint.format import expected_shapes, shard_tensor, trainable_names
 from cogvideo.model import TP_PLAN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,19 +226,20 @@ def test_checkpoint_tools_on_the_slice_are_exact_and_stream(runs, tmp_path):
     tp8, tp1, tp4, from_sat = (Checkpoint(tmp_path / d) for d in ("tp8", "tp1", "tp4", "from_sat"))
     assert from_sat.cfg.replace(name=tp8.cfg.name) == tp8.cfg
     masters = [torch.load(out / f"tp8_stage1_master_rank{r}.pt", weights_only=True) for r in range(TP)]
+    trainable = trainable_names(cfg)
     largest = 0
     for name in start.names():
         full = tp1.readers[0].get(name)
         largest = max(largest, full.numel() * full.element_size())
         for r in range(TP):
             local = tp8.readers[r].get(name)
-            assert torch.equal(local, shard_tensor(name, full, r, TP)), name
-            want = masters[r][name] if is_trainable(name, cfg) else start.readers[r].get(name)
-            if runs.precision == "bf16" and not is_trainable(name, cfg):
+            assert torch.equal(local, shard_tensor(TP_PLAN, name, full, r, TP)), name
+            want = masters[r][name] if name in trainable else start.readers[r].get(name)
+            if runs.precision == "bf16" and name not in trainable:
                 want = want.bfloat16().float()
             assert torch.equal(local, want), name
         for r in range(4):
-            assert torch.equal(tp4.readers[r].get(name), shard_tensor(name, full, r, 4)), name
+            assert torch.equal(tp4.readers[r].get(name), shard_tensor(TP_PLAN, name, full, r, 4)), name
         for r in range(TP):
             assert torch.equal(from_sat.readers[r].get(name), tp8.readers[r].get(name)), name
         del full

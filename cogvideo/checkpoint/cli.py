@@ -7,7 +7,9 @@
     cogvideo-convert export CKPT OUT [--dtype bf16]     # full weights, sharded safetensors + index
     cogvideo-convert export-sat CKPT OUT [--tp N]       # back to SwissArmyTransformer's layout
 
-Every command writes OUT atomically and refuses an existing OUT unless --force.
+Every command writes OUT atomically and refuses an existing OUT unless --force. Every command
+but inspect takes --vocab-size N: padding rows for a TP split (the release's 150010 ids split
+over TP 8 at 150016), or back to fewer rows, dropping only unused padding.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ from cogvideo.checkpoint.format import (
     CONFIG_NAME,
     Checkpoint,
     check_shapes,
-    full_shape,
-    is_trainable,
     read_checkpoint_info,
     reshard,
+    trainable_names,
 )
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
 from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, export_sat, import_sat, sat_model_config
@@ -35,7 +36,7 @@ from cogvideo.checkpoint.training import tag_dir, train_config_model
 from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero
 from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, parse_overrides
-from cogvideo.family import resolve_model_section
+from cogvideo.family import DEFAULT_FAMILY, family_of, get_family, resolve_model_section
 from cogvideo.precision import DTYPES, NAMES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
@@ -73,6 +74,7 @@ def _describe_ours(path: Path) -> dict:
     info = read_checkpoint_info(path)
     out = {
         "format": f"cogvideo v{info['version']}",
+        "family": info["model"].get("family", DEFAULT_FAMILY),
         "preset": info["model"].get("name"),
         "stage": info["model"].get("stage"),
         "tensor_parallel": info["tensor_parallel"],
@@ -90,28 +92,28 @@ def _describe_ours(path: Path) -> dict:
 def _describe_sat(path: Path, base: str, overrides: dict | None) -> dict:
     sat = SatCheckpoint(path)
     cfg = sat_model_config(sat.args, sat.stage, get_preset(base), overrides)
-    dtype = next(iter(sat.modules[0].values())).dtype
-    dtype = NAMES.get(dtype, str(dtype))
-    shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
     return {
         "format": "SwissArmyTransformer",
+        "family": family_of(cfg).name,
         "preset": cfg.name,
         "stage": sat.stage,
         "tensor_parallel": sat.tensor_parallel,
         "iteration": sat.iteration,
-        "dtype": dtype,
-        **_counts(shapes, cfg),
+        "dtype": NAMES.get(sat.dtype, str(sat.dtype)),
+        **_counts(sat.shapes, cfg),
     }
 
 
 def _describe_zero(path: Path) -> dict:
-    zero = ZeroCheckpoint(path)
     try:
-        cfg = train_config_model(zero.path)
+        cfg = train_config_model(tag_dir(path, None))
     except CheckpointError:  # a DeepSpeed checkpoint not written by our trainer
         cfg = None
+    family = family_of(cfg) if cfg else get_family(DEFAULT_FAMILY)
+    zero = ZeroCheckpoint(path, family.tp_plan)
     return {
         "format": f"DeepSpeed ZeRO-{zero.stage}",
+        "family": family.name,
         "preset": cfg.name if cfg else None,
         "stage": cfg.stage if cfg else None,
         "tensor_parallel": zero.tp,
@@ -125,57 +127,34 @@ def _describe_zero(path: Path) -> dict:
 def _counts(shapes: dict, cfg) -> dict:
     sizes = {n: torch.Size(s).numel() for n, s in shapes.items()}
     total = sum(sizes.values())
-    trainable = sum(v for n, v in sizes.items() if is_trainable(n, cfg)) if cfg is not None else None
+    trainable = sum(sizes[n] for n in trainable_names(cfg) if n in sizes) if cfg is not None else None
     return {"parameters": total, "trainable_parameters": trainable}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvideo-convert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def writer(name: str, help: str, src: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("src", help=src)
-        p.add_argument("out", help="output directory (our format)")
-        p.add_argument("--force", action="store_true", help="replace an existing output")
-        p.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep)")
-        p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="e.g. 2GB")
-        return p
-
     p = sub.add_parser("inspect", help="describe a checkpoint (ours, SAT or DeepSpeed)")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--base", default="cogview2-6b", help="SAT checkpoints: as for import-sat")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="SAT checkpoints: as for import-sat"
-    )
-    p = writer(
-        "import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir"
+    _sat_model_flags(p, "SAT checkpoints: as for import-sat")
+    p = _writer(
+        sub, "import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir"
     )
     p.add_argument(
         "--stage",
         choices=["backbone", "stage1", "stage2"],
         help="default: the checkpoint's own; stage1/stage2 from a backbone initialises the video parts",
     )
-    p.add_argument(
-        "--base",
-        default="cogview2-6b",
-        help="preset for what model_config.json does not record: frame size in pixels, the vocabulary's "
-        "ranges when not icetk's (default cogview2-6b); shapes and vocab size come from the file",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a model field after model_config.json (dotted, e.g. text_length=64)",
-    )
+    _sat_model_flags(p)
     p.add_argument("--iteration", help="default: the one named by SAT_DIR/latest")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to store")
-    p = writer("reshard", "split or merge the tensor-parallel shards of our checkpoint", "our checkpoint")
+    p = _writer(
+        sub, "reshard", "split or merge the tensor-parallel shards of our checkpoint", "our checkpoint"
+    )
     p.add_argument("--tp", type=int, required=True)
-    p = writer(
-        "zero", "consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (any TP x DP) into ours", "DeepSpeed dir"
+    p = _writer(
+        sub, "zero", "consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (any TP x DP) into ours", "DeepSpeed dir"
     )
     p.add_argument("--tag", help="default: the one named by DIR/latest")
     p.add_argument("--tp", type=int, default=1)
@@ -188,35 +167,69 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the one in the checkpoint's train_config.yaml",
     )
     p.add_argument("--no-optimizer", action="store_true", help="weights only")
-    writer(
-        "export", "full (merged) weights as sharded safetensors with an index, no optimizer", "our checkpoint"
+    _writer(
+        sub,
+        "export",
+        "full (merged) weights as sharded safetensors with an index, no optimizer",
+        "our checkpoint",
     )
     p = sub.add_parser("export-sat", help="our checkpoint -> SwissArmyTransformer (mp_rank_XX files)")
-    p.add_argument("src", help="our checkpoint")
-    p.add_argument("out", help="output directory (SAT layout)")
+    _output_flags(p, "our checkpoint", "output directory (SAT layout)")
     p.add_argument(
         "--tp", type=int, help="tensor-parallel degree of the rank files (default: the checkpoint's)"
     )
     p.add_argument("--iteration", help="iteration folder name (default: the checkpoint's iteration)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
+
+
+def _output_flags(p: argparse.ArgumentParser, src: str, out: str) -> None:
+    p.add_argument("src", help=src)
+    p.add_argument("out", help=out)
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="rows of the vocabulary: more adds zero padding rows (e.g. 150016 for TP 8 from the "
+        "release's 150010), fewer drops padding (never ids in use); default: kept",
+    )
+
+
+def _writer(sub, name: str, help: str, src: str) -> argparse.ArgumentParser:
+    """A command writing our format."""
+    p = sub.add_parser(name, help=help)
+    _output_flags(p, src, "output directory (our format)")
+    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="e.g. 2GB")
+    return p
+
+
+def _sat_model_flags(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """What model_config.json does not record (import-sat; inspect of a SAT checkpoint)."""
+    p.add_argument(
+        "--base",
+        default="cogview2-6b",
+        help=help
+        or "preset for what model_config.json does not record: frame size in pixels, the vocabulary's "
+        "ranges when not icetk's (default cogview2-6b); shapes and vocab size come from the file",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=help or "override a model field after model_config.json (dotted, e.g. text_length=64)",
+    )
 
 
 def run(args: argparse.Namespace) -> Path | dict:
     if args.command == "inspect":
         return describe(args.path, args.base, parse_overrides(args.set))
+    write = dict(force=args.force, dtype=DTYPES.get(args.dtype or ""), vocab_size=args.vocab_size)
     if args.command == "export-sat":
-        return export_sat(
-            args.src,
-            args.out,
-            tensor_parallel=args.tp,
-            iteration=args.iteration,
-            force=args.force,
-            dtype=DTYPES.get(args.dtype or ""),
-        )
-    common = dict(force=args.force, dtype=DTYPES.get(args.dtype or ""), max_shard_bytes=args.max_shard_size)
+        return export_sat(args.src, args.out, tensor_parallel=args.tp, iteration=args.iteration, **write)
+    write["max_shard_bytes"] = args.max_shard_size
     if args.command == "import-sat":
+        overrides = parse_overrides(args.set)
         return import_sat(
             args.src,
             args.out,
@@ -224,13 +237,12 @@ def run(args: argparse.Namespace) -> Path | dict:
             stage=args.stage,
             iteration=args.iteration,
             tensor_parallel=args.tp,
-            overrides=parse_overrides(args.set),
-            **common,
+            overrides=overrides,
+            **write,
         )
-    if args.command == "reshard":
-        return reshard(args.src, args.out, args.tp, **common)
-    if args.command == "export":
-        return reshard(args.src, args.out, 1, optimizer=False, **common)
+    if args.command in ("reshard", "export"):
+        tp, optimizer = (args.tp, True) if args.command == "reshard" else (1, False)
+        return reshard(args.src, args.out, tp, optimizer=optimizer, **write)
     cfg = resolve_model_section(parse_overrides(args.set)) if args.set else None
     return convert_zero(
         args.src,
@@ -239,7 +251,7 @@ def run(args: argparse.Namespace) -> Path | dict:
         tag=args.tag,
         tensor_parallel=args.tp,
         optimizer=not args.no_optimizer,
-        **common,
+        **write,
     )
 
 

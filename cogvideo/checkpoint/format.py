@@ -1,7 +1,11 @@
-"""Our checkpoint format (described in the package docstring): write, read, validate, reshard."""
+"""Our checkpoint format (described in the package docstring): write, read, validate, reshard.
+
+Tensors split over TP ranks by the TP plan of the model's family (`family_of(cfg).tp_plan`), which
+config.json records with the model (`cogvideo.family.model_record`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,11 +21,11 @@ from cogvideo.checkpoint.io import (
     read_json,
     write_json,
 )
-from cogvideo.config import ModelConfig
-from cogvideo.configio import ConfigError, from_dict, to_dict
-from cogvideo.model import TP_PLAN
+from cogvideo.configio import ConfigError
+from cogvideo.family import family_of, model_from_record, model_record
 from cogvideo.precision import NAMES
 from cogvideo.text_format import TextFormat, TextFormatError
+from cogvideo.tp_plan import TPPlan, Vocab
 
 FORMAT = "cogvideo"
 VERSION = 1
@@ -35,46 +39,43 @@ def rank_dir(path: Path, rank: int) -> Path:
     return path / f"tp_rank_{rank:02d}"
 
 
-# ---- per-tensor TP helpers (the model's TP plan) ------------------------------------------
+def plan_of(cfg) -> TPPlan:
+    return family_of(cfg).tp_plan
 
 
-def shard_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+def shard_tensor(plan: TPPlan, name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     try:
-        return TP_PLAN.shard_tensor(name, tensor, rank, size)
+        return plan.shard_tensor(name, tensor, rank, size)
     except ValueError as err:
         raise CheckpointError(
             f"{name}: cannot split {tuple(tensor.shape)} over {size} TP ranks ({err})"
         ) from None
 
 
-def merge_tensor(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    return TP_PLAN.merge_tensor(name, parts)
-
-
-def full_shape(name: str, local_shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    return TP_PLAN.full_shape(name, local_shape, tp)
-
-
-def is_trainable(name: str, cfg: ModelConfig) -> bool:
-    """As CogVideoModel sets requires_grad: video stages freeze the backbone unless told not to."""
-    from cogvideo.model import is_backbone_param
-
-    return not cfg.has_temporal or cfg.train_backbone or not is_backbone_param(name)
+def full_shapes(plan: TPPlan, local: dict[str, tuple[int, ...]], tp: int) -> dict[str, tuple[int, ...]]:
+    """Full shapes of tensors stored split over `tp` ranks (`local`: rank 0's shapes)."""
+    return {name: plan.full_shape(name, shape, tp) for name, shape in local.items()}
 
 
 # ---- validation against the model --------------------------------------------------------
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) parameter shapes of CogVideoModel(cfg), from the plain model on the meta device."""
-    from cogvideo.family import family_of
-
+def _meta_model(cfg):
     with torch.device("meta"):
-        model = family_of(cfg).build_model(cfg)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        return family_of(cfg).build_model(cfg)
 
 
-def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: str) -> None:
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) parameter shapes of the family's plain model for `cfg`, built on the meta device."""
+    return {name: tuple(t.shape) for name, t in _meta_model(cfg).state_dict().items()}
+
+
+def trainable_names(cfg) -> set[str]:
+    """The parameters the model trains (video stages freeze the backbone unless told not to)."""
+    return {name for name, p in _meta_model(cfg).named_parameters() if p.requires_grad}
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], cfg, where: str) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
     expected = expected_shapes(cfg)
     missing = [n for n in expected if n not in shapes]
@@ -96,12 +97,62 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: st
         )
 
 
+# ---- vocabulary padding (Megatron's make-vocab-size-divisible-by) --------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabResize:
+    """The rows of every vocabulary tensor (the TP plan's `Vocab` layers, and their Adam moments)
+    padded with zeros to `new` rows, or cut to them. The rows past the vocabulary layout's
+    `min_vocab_size` are padding: no sequence holds those ids, the loss's classes and the
+    sampler's logits stop at the image codes (cogvideo/vocab.py), so their values never matter."""
+
+    plan: TPPlan
+    old: int
+    new: int
+
+    @classmethod
+    def of(cls, cfg, vocab_size: int | None):
+        """(cfg at `vocab_size`, the resize), or (cfg, None) when the size is kept."""
+        if vocab_size is None or vocab_size == cfg.vocab.vocab_size:
+            return cfg, None
+        if vocab_size < cfg.vocab.min_vocab_size:
+            raise CheckpointError(
+                f"vocab_size={vocab_size} would drop ids in use: the vocabulary holds "
+                f"{cfg.vocab.min_vocab_size} (image codes, text pieces, special tokens) and only the "
+                f"padding rows above them ({cfg.vocab.min_vocab_size}..{cfg.vocab.vocab_size - 1}) can go"
+            )
+        resized = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, vocab_size=vocab_size))
+        return resized, cls(plan_of(cfg), cfg.vocab.vocab_size, vocab_size)
+
+    def applies(self, name: str, shape: tuple[int, ...]) -> bool:
+        vocab_layer = isinstance(self.plan.style(name.rpartition(".")[0]), Vocab)
+        return vocab_layer and len(shape) > 0 and shape[0] == self.old
+
+    def shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.new, *shape[1:]) if self.applies(name, shape) else tuple(shape)
+
+    def tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.applies(name, tuple(tensor.shape)):
+            return tensor
+        if self.new < self.old:
+            return tensor[: self.new]
+        return torch.cat([tensor, tensor.new_zeros(self.new - self.old, *tensor.shape[1:])])
+
+
+def _transformed(stream, resize: VocabResize | None, dtype: torch.dtype | None):
+    for name, tensor in stream:
+        tensor = resize.tensor(name, tensor) if resize else tensor
+        yield name, tensor if dtype is None else tensor.to(dtype)
+        del tensor  # not held while the source reads the next one
+
+
 # ---- writing -----------------------------------------------------------------------------
 
 
 def write_checkpoint(
     path: str | Path,
-    cfg: ModelConfig,
+    cfg,
     shapes: dict[str, tuple[int, ...]],
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
@@ -110,69 +161,81 @@ def write_checkpoint(
     force: bool = False,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    vocab_size: int | None = None,
     source: str = "",
     optimizer: tuple[dict, Iterable[tuple[str, torch.Tensor]]] | None = None,
     text_format: TextFormat = TextFormat(),
 ) -> Path:
     """Stream full tensors (name, tensor) into a checkpoint at `path`, split over
     `tensor_parallel` ranks. `shapes` (full shapes of every tensor to come) is checked against
-    the model before anything is written. `optimizer` is (state.json dict, full Adam tensors
-    named "exp_avg.<param>" / "exp_avg_sq.<param>"). `text_format` is the one the model was
-    trained on (the release's for imported weights)."""
+    the model before anything is written. `vocab_size` pads or cuts the vocabulary rows
+    (`VocabResize`). `optimizer` is (state.json dict, full Adam tensors named
+    "exp_avg.<param>" / "exp_avg_sq.<param>"). `text_format` is the one the model was trained on
+    (the release's for imported weights)."""
     path = Path(path)
+    cfg, resize = VocabResize.of(cfg, vocab_size)
+    if resize:
+        shapes = {name: resize.shape(name, shape) for name, shape in shapes.items()}
     try:
         cfg.validate(tensor_parallel)
     except ValueError as err:
         raise CheckpointError(f"cannot write {path} at TP={tensor_parallel}: {err}") from None
     check_shapes(shapes, cfg, f"weights for {path}")
     with atomic_output_dir(path, force) as tmp:
-        dirs = [tmp] if tensor_parallel == 1 else [rank_dir(tmp, r) for r in range(tensor_parallel)]
-        writers = [
-            ShardedWriter(d, max_shard_bytes, {"format": FORMAT, "tp_rank": r}) for r, d in enumerate(dirs)
-        ]
-        seen, stored_dtype = set(), None
-        for name, tensor in tensors:
-            if tuple(tensor.shape) != tuple(shapes.get(name, ())):
-                raise CheckpointError(
-                    f"{name}: source gave shape {tuple(tensor.shape)}, announced {shapes.get(name)}"
-                )
-            seen.add(name)
-            tensor = tensor if dtype is None else tensor.to(dtype)
-            stored_dtype = stored_dtype or tensor.dtype
-            for rank, writer in enumerate(writers):
-                writer.add(name, shard_tensor(name, tensor, rank, tensor_parallel))
-        if seen != set(shapes):
-            raise CheckpointError(f"source ended without tensors: {sorted(set(shapes) - seen)[:20]}")
-        for writer in writers:
-            writer.close()
+        stream = _transformed(tensors, resize, dtype)
+        stored_dtype = _write_weights(tmp, plan_of(cfg), shapes, stream, tensor_parallel, max_shard_bytes)
         if optimizer is not None:
             state, moments = optimizer
             writer = ShardedWriter(tmp / OPTIMIZER_DIR, max_shard_bytes, {"format": FORMAT})
-            for name, tensor in moments:
+            for name, tensor in _transformed(moments, resize, None):
                 writer.add(name, tensor)
             writer.close()
             write_json(tmp / OPTIMIZER_DIR / OPTIMIZER_STATE, state)
-        write_json(
-            tmp / CONFIG_NAME,
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "model": to_dict(cfg),
-                "iteration": int(iteration),
-                "tensor_parallel": tensor_parallel,
-                "dtype": NAMES.get(stored_dtype, str(stored_dtype)),
-                "num_parameters": sum(math.prod(s) for s in shapes.values()),
-                "source": source,
-                "text_format": text_format.to_dict(),
-            },
-        )
+        info = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model_record(cfg),
+            "iteration": int(iteration),
+            "tensor_parallel": tensor_parallel,
+            "dtype": NAMES.get(stored_dtype, str(stored_dtype)),
+            "num_parameters": sum(math.prod(s) for s in shapes.values()),
+            "source": source,
+            "text_format": text_format.to_dict(),
+        }
+        write_json(tmp / CONFIG_NAME, info)
     return path
+
+
+def _write_weights(
+    tmp: Path, plan: TPPlan, shapes: dict, tensors, tensor_parallel: int, max_shard_bytes: int
+):
+    """Every tensor split over the rank folders (or `tmp` itself at TP 1); the stored dtype."""
+    dirs = [tmp] if tensor_parallel == 1 else [rank_dir(tmp, r) for r in range(tensor_parallel)]
+    writers = [
+        ShardedWriter(d, max_shard_bytes, {"format": FORMAT, "tp_rank": r}) for r, d in enumerate(dirs)
+    ]
+    seen, stored_dtype = set(), None
+    for name, tensor in tensors:
+        if tuple(tensor.shape) != tuple(shapes.get(name, ())):
+            raise CheckpointError(
+                f"{name}: source gave shape {tuple(tensor.shape)}, announced {shapes.get(name)}"
+            )
+        seen.add(name)
+        stored_dtype = stored_dtype or tensor.dtype
+        for rank, writer in enumerate(writers):
+            writer.add(name, shard_tensor(plan, name, tensor, rank, tensor_parallel))
+        del tensor  # the next full tensor is read after this one is freed
+    if seen != set(shapes):
+        raise CheckpointError(f"source ended without tensors: {sorted(set(shapes) - seen)[:20]}")
+    for writer in writers:
+        writer.close()
+    return stored_dtype
 
 
 def save_model_checkpoint(
     path: str | Path,
     state_dict: dict[str, torch.Tensor],
-    cfg: ModelConfig,
+    cfg,
     iteration: int = 0,
     tensor_parallel: int = 1,
     force: bool = False,
@@ -204,6 +267,7 @@ class Checkpoint:
         self.tensor_parallel = self.info["tensor_parallel"]
         self.iteration = self.info["iteration"]
         self.cfg = _model_config(self.info, self.path)
+        self.plan = plan_of(self.cfg)
         dirs = (
             [self.path]
             if self.tensor_parallel == 1
@@ -226,18 +290,19 @@ class Checkpoint:
                         f"{dirs[rank]}: {name} has shape {reader.shape(name)}, "
                         f"TP rank 0 has {self.readers[0].shape(name)}"
                     )
-        self.shapes = {n: full_shape(n, self.readers[0].shape(n), self.tensor_parallel) for n in names}
+        local = {n: self.readers[0].shape(n) for n in names}
+        self.shapes = full_shapes(self.plan, local, self.tensor_parallel)
 
     def names(self) -> list[str]:
         return list(self.shapes)
 
     def full(self, name: str) -> torch.Tensor:
-        return merge_tensor(name, [reader.get(name) for reader in self.readers])
+        return self.plan.merge_tensor(name, [reader.get(name) for reader in self.readers])
 
     def local(self, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         if tp_size == self.tensor_parallel:
             return self.readers[tp_rank].get(name)
-        return shard_tensor(name, self.full(name), tp_rank, tp_size)
+        return shard_tensor(self.plan, name, self.full(name), tp_rank, tp_size)
 
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
@@ -270,14 +335,15 @@ def read_checkpoint_info(path: str | Path) -> dict:
     return info
 
 
-def _model_config(info: dict, path: Path) -> ModelConfig:
+def _model_config(info: dict, path: Path):
     try:
-        return from_dict(ModelConfig, info["model"], prefix="model").validate()
+        return model_from_record(info["model"])
     except (ConfigError, ValueError) as err:
         raise CheckpointError(f"{path / CONFIG_NAME}: {err}") from None
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
+def load_model_config(path: str | Path):
+    """The model config the checkpoint records, of its family's config class."""
     path = Path(path)
     return _model_config(read_checkpoint_info(path), path)
 
@@ -315,24 +381,20 @@ def load_optimizer_state(path: str | Path, tp_rank: int = 0, tp_size: int = 1) -
     if not directory.is_dir():
         raise CheckpointError(f"{path}: holds no optimizer state ({OPTIMIZER_DIR}/ missing)")
     out = {"state": read_json(directory / OPTIMIZER_STATE, "optimizer state"), **{k: {} for k in ADAM_KEYS}}
+    plan = plan_of(load_model_config(path))
     reader = ShardedReader(directory)
     for key in reader.names():
         kind, param = key.split(".", 1)
-        out[kind][param] = shard_tensor(param, reader.get(key), tp_rank, tp_size)
+        out[kind][param] = shard_tensor(plan, param, reader.get(key), tp_rank, tp_size)
     return out
 
 
 def reshard(
-    src: str | Path,
-    dst: str | Path,
-    tensor_parallel: int,
-    force: bool = False,
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    optimizer: bool = True,
+    src: str | Path, dst: str | Path, tensor_parallel: int, *, optimizer: bool = True, **write
 ) -> Path:
     """Split or merge a checkpoint to another TP degree (tensor by tensor; exact). The optimizer
-    state (full tensors) is copied unless `optimizer` is False."""
+    state (full tensors) is copied unless `optimizer` is False. `write`: `write_checkpoint`'s
+    force, dtype, max_shard_bytes, vocab_size."""
     ckpt = Checkpoint(src)
     if Path(dst).resolve() == ckpt.path.resolve():
         raise CheckpointError(f"{dst}: output must differ from the input")
@@ -348,10 +410,8 @@ def reshard(
         ckpt.full_tensors(),
         iteration=ckpt.iteration,
         tensor_parallel=tensor_parallel,
-        force=force,
-        dtype=dtype,
-        max_shard_bytes=max_shard_bytes,
         source=f"reshard of {ckpt.path}",
         optimizer=moments,
         text_format=load_text_format(ckpt.path),
+        **write,
     )

@@ -104,6 +104,21 @@ def load_pt(path: str | Path, mmap: bool = False) -> dict:
     return data
 
 
+def runs_of(names: list[str], nbytes, max_bytes: int):
+    """`names` cut into consecutive runs of at most `max_bytes` (`nbytes(name)` each; a larger
+    tensor makes a run of its own). Readers of memory-mapped files re-open them for each run, so
+    the pages one run read are released before the next."""
+    run, size = [], 0
+    for name in names:
+        if run and size + nbytes(name) > max_bytes:
+            yield run
+            run, size = [], 0
+        run.append(name)
+        size += nbytes(name)
+    if run:
+        yield run
+
+
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} not found")
@@ -239,4 +254,7 @@ class ShardedReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.directory}: no tensor {name!r}")
-        return self.files[self.weight_map[name]].get_tensor(name)
+        # a handle of its own, closed at once: the file's pages this read mapped in are released,
+        # so reading a whole checkpoint tensor by tensor does not keep it resident
+        with self._open(self.weight_map[name]) as file:
+            return file.get_tensor(name)

@@ -3,7 +3,7 @@
 Layout read: ``{dir}/latest`` (an iteration or ``release``), ``{dir}/{iteration}/
 mp_rank_XX_model_states.pt`` (``{"module": state_dict}``, one per TP rank), ``{dir}/
 model_config.json`` (the SAT arguments). SAT splits tensors over TP ranks exactly as we do
-(``cogvideo.model.TP_PLAN``), so rank files are renamed key by key and merged.
+(the CogVideo family's TP plan), so rank files are renamed key by key and merged.
 
 CogVideo's added parameters map as follows (THUDM/CogVideo ``models/cogvideo_model.py``):
 
@@ -17,29 +17,43 @@ CogVideo's added parameters map as follows (THUDM/CogVideo ``models/cogvideo_mod
   last 400 rows are never read and are dropped; export writes them as zeros).
 
 ``export_sat`` writes the same layout back, one rank file at a time: what it writes imports to
-the tensors it was given, bit for bit.
+the tensors it was given, bit for bit. Both take `vocab_size` to pad the vocabulary for a TP
+split (the release's 150010 ids -> 150016 for TP 8) or drop that padding again
+(``cogvideo.checkpoint.format.VocabResize``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
 import torch
 
-from cogvideo.checkpoint.format import Checkpoint, check_shapes, full_shape, merge_tensor, write_checkpoint
+from cogvideo.checkpoint.format import (
+    Checkpoint,
+    VocabResize,
+    check_shapes,
+    full_shapes,
+    shard_tensor,
+    write_checkpoint,
+)
 from cogvideo.checkpoint.io import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
     atomic_output_dir,
     load_pt,
     read_json,
+    runs_of,
     write_json,
 )
 from cogvideo.config import ModelConfig, get_preset
 from cogvideo.configio import ConfigError, from_dict, merge, to_dict
+from cogvideo.family import family_of, get_family
 from cogvideo.vocab import VocabLayout
+
+COGVIDEO = get_family("cogvideo")  # the family of every model a SAT checkpoint holds
 
 SAT_CONFIG = "model_config.json"
 _RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -107,17 +121,10 @@ class SatCheckpoint:
         if not ranks or missing:
             raise CheckpointError(f"{folder}: missing rank files {missing or ['mp_rank_00_model_states.pt']}")
         self.tensor_parallel = size
-        self.modules = []
-        for rank in range(size):
-            file = folder / f"mp_rank_{rank:02d}_model_states.pt"
-            module = load_pt(file, mmap=True).get("module")
-            if not isinstance(module, dict):
-                raise CheckpointError(
-                    f"{file}: no 'module' state dict (not a SwissArmyTransformer checkpoint?)"
-                )
-            self.modules.append(module)
-        keys = list(self.modules[0])
-        for rank, module in enumerate(self.modules[1:], start=1):
+        self.files = [folder / f"mp_rank_{rank:02d}_model_states.pt" for rank in range(size)]
+        modules = [_module(file) for file in self.files]
+        keys = list(modules[0])
+        for rank, module in enumerate(modules[1:], start=1):
             if set(module) != set(keys):
                 raise CheckpointError(
                     f"{folder}: rank {rank} keys differ from rank 0: {sorted(set(keys) ^ set(module))[:20]}"
@@ -126,6 +133,9 @@ class SatCheckpoint:
         if unknown:
             raise CheckpointError(f"{folder}: keys with no counterpart in our model: {unknown[:20]}")
         self.names = {our_name(k): k for k in keys}
+        self.dtype = modules[0][keys[0]].dtype
+        local = {name: tuple(modules[0][key].shape) for name, key in self.names.items()}
+        self.shapes = full_shapes(COGVIDEO.tp_plan, local, size)
 
     @property
     def stage(self) -> str:
@@ -133,11 +143,25 @@ class SatCheckpoint:
             return "backbone"
         return "stage2" if int(self.args.get("cogvideo_stage", 1)) == 2 else "stage1"
 
-    def local_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.modules[0][self.names[name]].shape)
+    def tensors(self, chunk_bytes: int = DEFAULT_SHARD_BYTES):
+        """Yield (our name, full tensor merged over TP), re-opening the memory-mapped rank files
+        every `chunk_bytes`, so the pages read for one run are released before the next."""
 
-    def full(self, name: str) -> torch.Tensor:
-        return merge_tensor(name, [m[self.names[name]] for m in self.modules])
+        def nbytes(name: str) -> int:
+            return math.prod(self.shapes[name]) * self.dtype.itemsize
+
+        for run in runs_of(list(self.names), nbytes, chunk_bytes):
+            modules = [_module(file) for file in self.files]
+            for name in run:
+                yield name, COGVIDEO.tp_plan.merge_tensor(name, [m[self.names[name]] for m in modules])
+            del modules
+
+
+def _module(file: Path) -> dict:
+    module = load_pt(file, mmap=True).get("module")
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{file}: no 'module' state dict (not a SwissArmyTransformer checkpoint?)")
+    return module
 
 
 def _int(text: str, where: Path) -> int:
@@ -229,14 +253,13 @@ def import_sat(
     base: ModelConfig | str | None = None,
     stage: str | None = None,
     iteration: str | None = None,
-    tensor_parallel: int = 1,
-    force: bool = False,
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overrides: dict | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    **write,
 ) -> Path:
     """Convert a SAT checkpoint (any TP degree) to our format at `dst`; the model config comes
-    from its model_config.json (see `sat_model_config`), then `overrides`.
+    from its model_config.json (see `sat_model_config`), then `overrides`. `write`:
+    `write_checkpoint`'s tensor_parallel, force, dtype, vocab_size (pad the vocabulary rows).
 
     `stage` None keeps the checkpoint's own (backbone, or CogVideo's stage); a backbone imported
     as "stage1"/"stage2" gets its video parts from ``init_video_from_backbone``."""
@@ -248,64 +271,66 @@ def import_sat(
         raise CheckpointError(
             f"{src}: is a CogVideo {sat.stage} checkpoint; it cannot be imported as {target}"
         )
+    shapes, tensors = _our_shapes(sat, cfg), _our_tensors(sat, cfg, max_shard_bytes)
+    source = f"SwissArmyTransformer {sat.stage} checkpoint {sat.path} (TP={sat.tensor_parallel})"
+    if target != sat.stage:
+        check_shapes(shapes, cfg, str(src))
+        cfg, shapes, tensors = _backbone_as_video(cfg, tensors, target, base)
+        source += f" -> {target}"
+    return write_checkpoint(
+        dst,
+        cfg,
+        shapes,
+        tensors,
+        iteration=sat.iteration,
+        max_shard_bytes=max_shard_bytes,
+        source=source,
+        **write,
+    )
+
+
+def _our_shapes(sat: SatCheckpoint, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Full shapes in our model: the extra position table cut to frames 1.. (module docstring),
+    the temporal gates flat."""
     frame_rows = (cfg.num_frames - 1) * cfg.tokens_per_frame
-    shapes = {n: full_shape(n, sat.local_shape(n), sat.tensor_parallel) for n in sat.names}
+    shapes = dict(sat.shapes)
     if FRAME_TABLE in shapes:
         if shapes[FRAME_TABLE][0] < frame_rows:
             raise CheckpointError(
-                f"{src}: extra position table has {shapes[FRAME_TABLE][0]} rows; "
+                f"{sat.path}: extra position table has {shapes[FRAME_TABLE][0]} rows; "
                 f"frames 1..{cfg.num_frames - 1} need {frame_rows}"
             )
         shapes[FRAME_TABLE] = (frame_rows, shapes[FRAME_TABLE][1])
     for name in shapes:
         if name.endswith(".temporal_gate"):
             shapes[name] = (cfg.hidden_size,)
+    return shapes
 
-    def tensors():
-        for name in sat.names:
-            tensor = sat.full(name)
-            if name == FRAME_TABLE:
-                tensor = tensor[:frame_rows]
-            elif name.endswith(".temporal_gate"):
-                tensor = tensor.reshape(cfg.hidden_size)
-            yield name, tensor
 
-    source = f"SwissArmyTransformer {sat.stage} checkpoint {sat.path} (TP={sat.tensor_parallel})"
-    if target != sat.stage:
-        from cogvideo.model import init_video_from_backbone
+def _our_tensors(sat: SatCheckpoint, cfg: ModelConfig, chunk_bytes: int):
+    frame_rows = (cfg.num_frames - 1) * cfg.tokens_per_frame
+    for name, tensor in sat.tensors(chunk_bytes):
+        if name == FRAME_TABLE:
+            tensor = tensor[:frame_rows]
+        elif name.endswith(".temporal_gate"):
+            tensor = tensor.reshape(cfg.hidden_size)
+        yield name, tensor
+        del tensor
 
-        frames = (
-            base.num_frames
-            if base is not None and base.num_frames > 1
-            else get_preset("cogvideo-stage1").num_frames
-        )
-        video_cfg = cfg.replace(name=f"sat-{target}", stage=target, num_frames=frames).validate()
-        check_shapes(shapes, cfg, str(src))
-        video = init_video_from_backbone(dict(tensors()), video_cfg)
-        return write_checkpoint(
-            dst,
-            video_cfg,
-            {n: tuple(t.shape) for n, t in video.items()},
-            video.items(),
-            iteration=sat.iteration,
-            tensor_parallel=tensor_parallel,
-            force=force,
-            dtype=dtype,
-            max_shard_bytes=max_shard_bytes,
-            source=source + f" -> {target}",
-        )
-    return write_checkpoint(
-        dst,
-        cfg,
-        shapes,
-        tensors(),
-        iteration=sat.iteration,
-        tensor_parallel=tensor_parallel,
-        force=force,
-        dtype=dtype,
-        max_shard_bytes=max_shard_bytes,
-        source=source,
+
+def _backbone_as_video(cfg: ModelConfig, tensors, target: str, base: ModelConfig | None):
+    """A backbone's tensors as a `target` video model's (cfg, shapes, tensors); its frame count
+    from `base` when that is a video preset, else the release's."""
+    from cogvideo.model import init_video_from_backbone
+
+    frames = (
+        base.num_frames
+        if base is not None and base.num_frames > 1
+        else get_preset("cogvideo-stage1").num_frames
     )
+    video_cfg = cfg.replace(name=f"sat-{target}", stage=target, num_frames=frames).validate()
+    video = init_video_from_backbone(dict(tensors), video_cfg)
+    return video_cfg, {n: tuple(t.shape) for n, t in video.items()}, video.items()
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -366,28 +391,30 @@ def export_sat(
     iteration: str | None = None,
     force: bool = False,
     dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
 ) -> Path:
     """Our checkpoint -> a SwissArmyTransformer one (`{dst}/{iteration}/mp_rank_XX_model_states.pt`,
-    `latest`, `model_config.json`) at `tensor_parallel` (default: the checkpoint's). One rank's
-    tensors are in memory at a time."""
+    `latest`, `model_config.json`) at `tensor_parallel` (default: the checkpoint's), the vocabulary
+    at `vocab_size` rows (default: kept; `VocabResize`). One rank's tensors are in memory at a time."""
     ckpt = Checkpoint(src)
-    cfg, tp = ckpt.cfg, tensor_parallel or ckpt.tensor_parallel
+    if family_of(ckpt.cfg) is not COGVIDEO:
+        raise CheckpointError(
+            f"{src}: holds a {family_of(ckpt.cfg).name!r} model; SwissArmyTransformer's layout holds "
+            f"CogView2 / CogVideo models (family {COGVIDEO.name!r}) only"
+        )
+    cfg, resize = VocabResize.of(ckpt.cfg, vocab_size)
+    tp = tensor_parallel or ckpt.tensor_parallel
     try:
         cfg.validate(tp)
     except ValueError as err:
         raise CheckpointError(f"cannot export {src} at TP={tp}: {err}") from None
     tag = iteration or str(ckpt.iteration)
-    frame_rows = cfg.num_frames * cfg.tokens_per_frame  # SAT's additional_seqlen
     with atomic_output_dir(dst, force) as tmp:
         (tmp / tag).mkdir()
         for rank in range(tp):
             module = {}
             for name in ckpt.names():
-                tensor = ckpt.local(name, rank, tp)
-                if name == FRAME_TABLE:
-                    tensor = torch.cat(
-                        [tensor, tensor.new_zeros(frame_rows - tensor.shape[0], tensor.shape[1])]
-                    )
+                tensor = _sat_tensor(ckpt, cfg, resize, name, rank, tp)
                 module[sat_name(name)] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
             torch.save(
                 {"module": module, "iteration": ckpt.iteration},
@@ -397,3 +424,15 @@ def export_sat(
         (tmp / "latest").write_text(tag)
         write_json(tmp / SAT_CONFIG, sat_args(cfg, tp))
     return Path(dst)
+
+
+def _sat_tensor(ckpt: Checkpoint, cfg: ModelConfig, resize, name: str, rank: int, tp: int) -> torch.Tensor:
+    """TP rank `rank`'s part of tensor `name` as SAT stores it (the frame table at SAT's
+    additional_seqlen rows, the vocabulary resized)."""
+    if resize is not None and resize.applies(name, ckpt.shapes[name]):
+        return shard_tensor(ckpt.plan, name, resize.tensor(name, ckpt.full(name)), rank, tp)
+    tensor = ckpt.local(name, rank, tp)
+    if name == FRAME_TABLE:
+        frame_rows = cfg.num_frames * cfg.tokens_per_frame  # SAT's additional_seqlen
+        tensor = torch.cat([tensor, tensor.new_zeros(frame_rows - tensor.shape[0], tensor.shape[1])])
+    return tensor

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from cogvideo.checkpoint.format import ADAM_KEYS, full_shape, merge_tensor, write_checkpoint
-from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt
+from cogvideo.checkpoint.format import ADAM_KEYS, full_shapes, plan_of, write_checkpoint
+from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt, runs_of
 from cogvideo.checkpoint.training import (
     MODEL_FILE,
     OPTIM_FILE,
@@ -31,16 +31,17 @@ from cogvideo.checkpoint.training import (
     train_config_model,
     train_config_text_format,
 )
-from cogvideo.config import ModelConfig
+from cogvideo.tp_plan import TPPlan
 
 DROPPED = ["learning-rate scheduler state", "loss scaler", "data loader positions", "RNG states"]
 
 
 class ZeroCheckpoint:
-    """One DeepSpeed checkpoint (all TP x DP ranks). ``tensors()`` yields full fp32 tensors."""
+    """One DeepSpeed checkpoint (all TP x DP ranks) of a model that shards by `plan`.
+    ``tensors()`` yields full fp32 tensors."""
 
-    def __init__(self, path: str | Path, tag: str | None = None):
-        self.path = tag_dir(Path(path), tag)
+    def __init__(self, path: str | Path, plan: TPPlan, tag: str | None = None):
+        self.path, self.plan = tag_dir(Path(path), tag), plan
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
         optim = {(int(m[2]), int(m[1])): f for f in self.path.iterdir() if (m := OPTIM_FILE.match(f.name))}
@@ -86,7 +87,7 @@ class ZeroCheckpoint:
                     f"{self.path}: TP rank {t} holds other parameters than rank 0: "
                     f"{sorted(set(rank['shapes']) ^ set(names))[:20]}"
                 )
-        self.shapes = {n: full_shape(n, self.ranks[0]["shapes"][n], self.tp) for n in names}
+        self.shapes = full_shapes(plan, self.ranks[0]["shapes"], self.tp)
 
     # ---- layout -------------------------------------------------------------------------
     def _layout(self, t: int) -> dict:
@@ -195,18 +196,12 @@ class ZeroCheckpoint:
         """Yield (name, full tensor merged over TP) of `kind` ("fp32", "exp_avg", "exp_avg_sq"),
         re-opening the memory-mapped files every `chunk_bytes` of output."""
         names = list(self.shapes) if names is None else names
-        i = 0
-        while i < len(names):
+        for run in runs_of(names, lambda name: 4 * math.prod(self.shapes[name]), chunk_bytes):
             files = [self._open(t) for t in range(self.tp)]
-            budget = 0
-            while i < len(names) and (
-                budget == 0 or budget + 4 * math.prod(self.shapes[names[i]]) <= chunk_bytes
-            ):
-                name = names[i]
-                budget += 4 * math.prod(self.shapes[name])
-                yield name, merge_tensor(name, [self._read(t, files[t], name, kind) for t in range(self.tp)])
-                i += 1
-            del files  # unmaps the pages read for this chunk
+            for name in run:
+                parts = [self._read(t, files[t], name, kind) for t in range(self.tp)]
+                yield name, self.plan.merge_tensor(name, parts)
+            del files  # unmaps the pages read for this run
 
     def optimizer_summary(self, trainable: list[str]) -> dict:
         optim = self._open(0)["optim"]
@@ -229,21 +224,21 @@ class ZeroCheckpoint:
 def convert_zero(
     src: str | Path,
     dst: str | Path,
-    cfg: ModelConfig | None = None,
+    cfg=None,
     *,
     tag: str | None = None,
-    tensor_parallel: int = 1,
     optimizer: bool = True,
-    force: bool = False,
-    dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    **write,
 ) -> Path:
-    """Consolidate a ZeRO checkpoint (any TP x DP layout) into our format at `tensor_parallel`.
+    """Consolidate a ZeRO checkpoint (any TP x DP layout) into our format. `cfg`: the model
+    (default: the one its train_config.yaml records). `write`: `write_checkpoint`'s
+    tensor_parallel, force, dtype, vocab_size.
 
     With `optimizer`, Adam's moments and step go to ``optimizer/`` (full tensors), loadable at
     any TP/DP layout; what the new layout cannot reuse is listed in its state.json ("dropped")."""
-    zero = ZeroCheckpoint(src, tag)
-    cfg = cfg or train_config_model(zero.path)
+    cfg = cfg or train_config_model(tag_dir(Path(src), tag))
+    zero = ZeroCheckpoint(src, plan_of(cfg), tag)
     moments = None
     if optimizer:
         trainable = [n for n in zero.shapes if zero.ranks[0]["where"][n] != "frozen"]
@@ -260,13 +255,11 @@ def convert_zero(
         zero.shapes,
         zero.tensors("fp32", chunk_bytes=max_shard_bytes),
         iteration=zero.iteration,
-        tensor_parallel=tensor_parallel,
-        force=force,
-        dtype=dtype,
         max_shard_bytes=max_shard_bytes,
         optimizer=moments,
         source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})",
         text_format=train_config_text_format(zero.path),
+        **write,
     )
 
 

@@ -1,0 +1,43 @@
+"""Peak memory of one `cogvideo-convert` command, measured in a fresh process (tests' helper).
+
+The probe imports the converter, resets the kernel's peak-RSS mark (VmHWM, via
+/proc/self/clear_refs) and reports how far the peak rose above the RSS it had before the
+command ran: what the command itself held, memory-mapped pages it read included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = """
+import json, sys
+import cogvideo.checkpoint.cli as cli
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
+before = status("VmRSS")
+rc = cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "before": before, "peak": status("VmHWM")}))
+"""
+
+
+def converter_peak(args: list[str], timeout: int = 1200) -> dict:
+    """{"before": RSS before the command, "increase": peak RSS - before} in bytes."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rc"] == 0, proc.stderr[-3000:]
+    return {"before": result["before"], "increase": result["peak"] - result["before"]}
