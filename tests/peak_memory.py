@@ -27,6 +27,15 @@ print(json.dumps({"rc": rc, "before": before, "peak": status("VmHWM")}))
 """
 
 
+def streaming_bound(tp_out: int, shard_bytes: int, largest_tensor: int) -> int:
+    """What a streaming converter command may hold above opening its input: each of the `tp_out`
+    output ranks' writers at most one shard, the one flushing also its serialised copy, and one
+    shard of allocator slack ((tp_out + 2) shards); the tensor being converted as read (its TP
+    parts or the mapped pages of its run), merged, split and padded (4 x the largest tensor);
+    16 MiB of noise. A command that kept what it read grows with the whole checkpoint instead."""
+    return (tp_out + 2) * shard_bytes + 4 * largest_tensor + (16 << 20)
+
+
 def converter_peak(args: list[str], timeout: int = 1200) -> dict:
     """{"before": RSS before the command, "increase": peak RSS - before} in bytes."""
     proc = subprocess.run(

@@ -268,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             width = max(map(len, result))
             for key, value in result.items():
-                print(
-                    f"{key:<{width}}  {f'{value:,}' if isinstance(value, int) and not isinstance(value, bool) else value}"
-                )
+                counted = isinstance(value, int) and not isinstance(value, bool)
+                print(f"{key:<{width}}  {f'{value:,}' if counted else value}")
     else:
         print(f"wrote {result}")
     return 0
