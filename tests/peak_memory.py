@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from process_helpers import REPO, run_ok
+
 PROBE = """
 import json, sys
 import cogvideo.checkpoint.cli as cli
@@ -38,15 +37,8 @@ def streaming_bound(tp_out: int, shard_bytes: int, largest_tensor: int) -> int:
 
 def converter_peak(args: list[str], timeout: int = 1200) -> dict:
     """{"before": RSS before the command, "increase": peak RSS - before} in bytes."""
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = run_ok([sys.executable, "-c", PROBE, *map(str, args)], env, timeout, cwd=REPO)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rc"] == 0, proc.stderr[-3000:]
     return {"before": result["before"], "increase": result["peak"] - result["before"]}
