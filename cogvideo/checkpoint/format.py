@@ -118,9 +118,9 @@ class VocabResize:
             return cfg, None
         if vocab_size < cfg.vocab.min_vocab_size:
             raise CheckpointError(
-                f"vocab_size={vocab_size} would drop ids in use: the vocabulary holds "
-                f"{cfg.vocab.min_vocab_size} (image codes, text pieces, special tokens) and only the "
-                f"padding rows above them ({cfg.vocab.min_vocab_size}..{cfg.vocab.vocab_size - 1}) can go"
+                f"vocab_size={vocab_size} would drop ids in use: the vocabulary uses ids "
+                f"0..{cfg.vocab.min_vocab_size - 1} (image codes, text pieces, special tokens); only "
+                f"padding rows (ids >= {cfg.vocab.min_vocab_size}) can be dropped"
             )
         resized = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, vocab_size=vocab_size))
         return resized, cls(plan_of(cfg), cfg.vocab.vocab_size, vocab_size)

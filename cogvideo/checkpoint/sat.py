@@ -98,7 +98,7 @@ def our_name(sat_key: str) -> str | None:
 
 
 class SatCheckpoint:
-    """The rank files of one SAT checkpoint, memory-mapped; tensors are read one at a time."""
+    """The rank files of one SAT checkpoint, memory-mapped run by run (`tensors`), one tensor at a time."""
 
     def __init__(self, path: str | Path, iteration: str | None = None):
         self.path = Path(path)
