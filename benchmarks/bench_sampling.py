@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.precision import PRECISION_CHOICES, choose_precision, matmul_gflops, probe_shape, torch_dtype
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached
 from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator
@@ -61,7 +61,7 @@ def bench_config(args, stage):
 
 def build(cfg, args):
     torch.manual_seed(0)
-    model = CogVideoModel(cfg).eval().to(args.device, torch_dtype(args.dtype))
+    model = build_model(cfg, args.device).eval().to(torch_dtype(args.dtype))
     return StageModel(model, cfg)
 
 

@@ -40,7 +40,6 @@ from cogvideo import parallel  # noqa: E402
 from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.family import build_model  # noqa: E402
 from cogvideo.flops import train_flops  # noqa: E402
-from cogvideo.model import CogVideoModel  # noqa: E402
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached  # noqa: E402
 from cogvideo.sampling.hierarchy import row_generator  # noqa: E402
 from cogvideo.sampling.stage_model import StageModel  # noqa: E402
@@ -147,7 +146,7 @@ def blocked_vs_dense(setup: Setup) -> dict:
     for stage in ("stage1", "stage2"):
         cfg = narrow_config(setup, stage)
         torch.manual_seed(0)
-        model = CogVideoModel(cfg).eval().to(setup.device)
+        model = build_model(cfg, setup.device).eval()
         tokens = sample_batch(cfg, 2)[0].to(setup.device)
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)
@@ -169,7 +168,7 @@ def blocked_vs_dense(setup: Setup) -> dict:
 def cached_vs_uncached(setup: Setup) -> dict:
     cfg = narrow_config(setup, "stage1", layers=1)
     torch.manual_seed(0)
-    stage = StageModel(CogVideoModel(cfg).eval().to(setup.device), cfg)
+    stage = StageModel(build_model(cfg, setup.device).eval(), cfg)
     job = frame_one_job(cfg, 2, setup.device)
     gens = lambda: [row_generator(0, str(i), "check") for i in range(2)]  # noqa: E731
     cached = sample_frames(stage, job, GREEDY, gens())
@@ -181,7 +180,7 @@ def cached_vs_uncached(setup: Setup) -> dict:
 def low_precision_step(setup: Setup) -> dict:
     cfg = narrow_config(setup, "stage2")
     torch.manual_seed(0)
-    model = CogVideoModel(cfg).train().to(setup.device)
+    model = build_model(cfg, setup.device).train()
     tokens, targets, mask = (x.to(setup.device) for x in sample_batch(cfg, 2))
 
     def step(dtype):
@@ -343,8 +342,7 @@ def sampling(setup: Setup) -> dict:
         cfg = narrow_config(setup, "stage1")
     setup.reset_memory()
     torch.manual_seed(0)
-    with torch.device(setup.device):
-        model = CogVideoModel(cfg).eval().to(torch.bfloat16)
+    model = build_model(cfg, setup.device).eval().to(torch.bfloat16)
     stage = StageModel(model, cfg)
     job = frame_one_job(cfg, 1, setup.device)
     n = cfg.tokens_per_frame

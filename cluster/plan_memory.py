@@ -22,7 +22,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-from cogvideo.family import PlannerModel, family_of
+from cogvideo.family import PlannerModel, family_of, plain_model
 from cogvideo.precision import torch_dtype
 
 GiB = 2**30
@@ -76,16 +76,13 @@ class RankParams:
 def _param_table(config: type, cfg_key: tuple) -> tuple[tuple[str, int, int, bool, bool], ...]:
     """(module, numel, copies, trainable, split over TP) of every parameter of the real model.
 
-    Built on the meta device with one of the TP plan's blocks (initialising a 48-layer model on
-    meta costs seconds); block parameters repeat `num_layers` times."""
-    import torch
-
+    Built on the meta device with one of the TP plan's blocks (constructing a 48-layer model's
+    modules costs seconds); block parameters repeat `num_layers` times."""
     cfg = config(**dict(cfg_key))
     family = family_of(cfg)
     blocks = family.tp_plan.blocks
     copies = 1 if blocks is None else cfg.num_layers
-    with torch.device("meta"):
-        model = family.build_model(cfg if blocks is None else dataclasses.replace(cfg, num_layers=1))
+    model = plain_model(cfg if blocks is None else dataclasses.replace(cfg, num_layers=1))
     return tuple(
         (
             name.rpartition(".")[0],

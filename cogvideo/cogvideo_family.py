@@ -8,7 +8,7 @@ from cogvideo import activations
 from cogvideo.config import PRESETS, ModelConfig
 from cogvideo.family_spec import ModelFamily, PlannerModel, register
 from cogvideo.flops import recompute_flops, train_flops
-from cogvideo.model import TP_PLAN, CogVideoModel, image_token_loss
+from cogvideo.model import TP_PLAN, CogVideoModel, image_token_loss, init_weights
 from cogvideo.sequence import build_sequence
 
 
@@ -23,6 +23,7 @@ FAMILY = register(
         config=ModelConfig,
         presets=PRESETS,
         build_model=CogVideoModel,
+        init_weights=init_weights,
         tp_plan=TP_PLAN,
         loss=_train_loss,
         example=lambda cfg, text_ids, frames, seed: build_sequence(cfg, text_ids, frames),

@@ -1,11 +1,11 @@
 """Model families: what the trainer, the converter and the planner need to know about a model
 (torchtitan's "train spec"). A family registers its config class and presets, a builder of the
-plain model, its TP plan, the loss, the batch builder (a decoded shard sample -> the model's
-training example), its sampler and its planner model (activation memory, recompute FLOPs and
-tensor-parallel traffic for `cogvideo-plan`); everything else reads them from here.
+plain model, its weight initialisation, its TP plan, the loss, the batch builder (a decoded shard
+sample -> the model's training example), its sampler and its planner model (activation memory,
+recompute FLOPs and tensor-parallel traffic for `cogvideo-plan`); everything else reads them from here.
 
     family = family_of(model_cfg)                    # or get_family("cogvideo")
-    model = build_model(model_cfg)                   # plain, then parallelized by the family's TP plan
+    model = build_model(model_cfg)                   # plain on meta, parallelized, allocated, initialised
     loss = family.loss(model_cfg, engine, batch, device)   # the trainer's step, whatever the family
 
 CogVideo (stages backbone / 1 / 2) is registered at import; another family calls `register`.
@@ -17,13 +17,15 @@ written before families were recorded) the model is CogVideo's: `DEFAULT_FAMILY`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
-from cogvideo import cogvideo_family  # registers CogVideo
+from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
-from cogvideo.tp_plan import parallelize
+from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
     "ModelFamily",
@@ -33,6 +35,7 @@ __all__ = [
     "get_family",
     "model_from_record",
     "model_record",
+    "plain_model",
     "register",
     "resolve_model_section",
 ]
@@ -54,11 +57,24 @@ def family_of(cfg) -> ModelFamily:
     raise ValueError(f"no model family has config class {type(cfg).__name__}")
 
 
-def build_model(cfg) -> nn.Module:
-    """The model as training and sampling run it: the family's plain model, sharded by its TP
-    plan over the current tensor-parallel group (if any), activation-checkpointed if configured."""
+def plain_model(cfg) -> nn.Module:
+    """The family's plain model on the meta device: names, shapes and trainability, no memory."""
+    with torch.device("meta"):
+        return family_of(cfg).build_model(cfg)
+
+
+def build_model(cfg, device: torch.device | str | None = None, init_weights: bool = True) -> nn.Module:
+    """The model as training and sampling run it, built lean (torchtitan's order): the family's
+    plain model on the meta device, sharded by its TP plan over the current tensor-parallel group
+    (if any) and activation-checkpointed if configured, then allocated on `device` (default: this
+    rank's, `parallel.device()`) and initialised by the family, one full parameter at a time.
+    `init_weights=False` leaves the memory uninitialised, for a state dict to be loaded."""
     family = family_of(cfg)
-    return parallelize(family.build_model(cfg), family.tp_plan, cfg.activation_checkpointing)
+    model = parallelize(plain_model(cfg), family.tp_plan, cfg.activation_checkpointing)
+    materialize(model, parallel.device() if device is None else device)
+    if init_weights:
+        init_from_full(model, family.tp_plan, functools.partial(family.init_weights, cfg))
+    return model
 
 
 def resolve_model_section(model: Mapping, tensor_parallel: int = 1):

@@ -37,7 +37,11 @@ class ModelFamily:
     # num_frames, frame_tokens, vocab, stage)
     config: type
     presets: Mapping[str, Callable[[], Any]]  # preset name -> config
-    build_model: Callable[[Any], nn.Module]  # config -> the plain model (full shapes, torch layers, `.cfg`)
+    # config -> the plain model (full shapes, torch layers, `.cfg`), built on the meta device
+    build_model: Callable[[Any], nn.Module]
+    # (config, parameter name, its full tensor) -> fills it in place: the initialisation, drawn one
+    # whole parameter at a time in the model's order (so TP=n holds TP=1's weights sliced)
+    init_weights: Callable[[Any, str, torch.Tensor], None]
     tp_plan: TPPlan
     loss: Callable[[Any, Callable, Any, torch.device], torch.Tensor]  # (cfg, model or engine, batch, device)
     # batch builder: (cfg, text_ids, frames [F, n, n], seed) -> tokens, targets, loss_mask of one sample;

@@ -1,9 +1,11 @@
 """The CogVideo model: CogView2's Sandwich-LN transformer with a second (temporal) attention
 channel in every layer.
 
-Built plain (full shapes, torch layers); `TP_PLAN` says how it shards, and
-`cogvideo.family.build_model` parallelizes it by that plan (megatron-core layers, activation
-checkpointing). Registered as the "cogvideo" family in cogvideo/cogvideo_family.py.
+Built plain (full shapes, torch layers); `TP_PLAN` says how it shards and `init_weights` how
+each full parameter starts. `cogvideo.family.build_model` builds it on the meta device,
+parallelizes it by the plan (megatron-core layers, activation checkpointing), then allocates
+this rank's shards and initialises them. Registered as the "cogvideo" family in
+cogvideo/cogvideo_family.py.
 
 Three attention paths share one visibility rule (cogvideo/sequence.py):
 
@@ -53,11 +55,25 @@ def is_backbone_param(name: str) -> bool:
     return not any(part in name or name.startswith(part) for part in TEMPORAL_PARAMS)
 
 
-def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
-    linear = nn.Linear(in_features, out_features)
-    nn.init.normal_(linear.weight, std=std)
-    nn.init.zeros_(linear.bias)
-    return linear
+OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")  # std / sqrt(2 * num_layers)
+
+
+def init_weights(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> None:
+    """The published initialisation of parameter `name`, drawn into its full tensor in place:
+    normal(init_std) for embeddings and input projections, init_std / sqrt(2 * num_layers) for the
+    output projections (both attention channels and the MLP), zeros for biases and the temporal
+    gate, LayerNorm ones / zeros."""
+    module, _, kind = name.rpartition(".")
+    if kind == "weight" and module.endswith("layernorm"):
+        nn.init.ones_(tensor)
+    elif kind in ("bias", "temporal_gate"):
+        nn.init.zeros_(tensor)
+    elif kind == "weight" and module.endswith(OUTPUT_PROJECTIONS):
+        nn.init.normal_(tensor, std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    elif kind == "weight" and module.endswith(("embeddings", "query_key_value", "dense_h_to_4h")):
+        nn.init.normal_(tensor, std=cfg.init_std)
+    else:
+        raise ValueError(f"cogvideo.model.init_weights: no initialisation for parameter {name}")
 
 
 class Attention(nn.Module):
@@ -66,10 +82,9 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden_size, std = cfg.hidden_size, cfg.init_std
         self.head_dim = cfg.head_dim
-        self.query_key_value = _linear(hidden_size, 3 * hidden_size, std)
-        self.dense = _linear(hidden_size, hidden_size, std / math.sqrt(2 * cfg.num_layers))
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def qkv(self, x: torch.Tensor):
         """x [B, L, hidden] -> q, k, v each [B, heads, L, d]."""
@@ -86,10 +101,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = _linear(cfg.hidden_size, cfg.ffn_size, cfg.init_std)
-        self.dense_4h_to_h = _linear(
-            cfg.ffn_size, cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        )
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.ffn_size)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_size, cfg.hidden_size)
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -222,14 +235,11 @@ class CogVideoModel(nn.Module):
         self.cfg = cfg.validate()
         hidden_size = cfg.hidden_size
         self.word_embeddings = TiedEmbedding(cfg.vocab.vocab_size, hidden_size)
-        nn.init.normal_(self.word_embeddings.weight, std=cfg.init_std)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, hidden_size)
-        nn.init.normal_(self.position_embeddings.weight, std=cfg.init_std)
         if cfg.has_temporal and cfg.num_frames > 1:
             self.frame_position_embeddings = nn.Embedding(
                 (cfg.num_frames - 1) * cfg.tokens_per_frame, hidden_size
             )
-            nn.init.normal_(self.frame_position_embeddings.weight, std=cfg.init_std)
         else:
             self.frame_position_embeddings = None
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))

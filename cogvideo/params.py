@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import torch
-
 from cogvideo.config import PRESETS, ModelConfig, get_preset
 
 
@@ -26,10 +24,9 @@ class ParamCounts:
 
 
 def count_parameters(cfg: ModelConfig) -> ParamCounts:
-    from cogvideo.family import family_of
+    from cogvideo.family import plain_model
 
-    with torch.device("meta"):
-        model = family_of(cfg).build_model(cfg)
+    model = plain_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ParamCounts(total, trainable)

@@ -9,14 +9,23 @@ by module-name suffix, how each layer splits over TP ranks. The same table then
 so the model and its checkpoints cannot disagree. Modules the plan does not name are
 replicated. `parallelize` also applies activation checkpointing to the plan's blocks.
 
+The plain model is built on the meta device and parallelized there; only then is memory
+allocated (this rank's shards) and initialised, one full parameter at a time, so TP=n holds
+exactly the TP=1 weights sliced (`cogvideo.family.build_model` runs these steps):
+
     plan = TPPlan({"attention.query_key_value": Column(stride=3), "attention.dense": Row(),
                    "word_embeddings": Vocab()}, blocks="layers")
-    model = parallelize(PlainModel(cfg), plan, activation_checkpointing=True)
+    with torch.device("meta"):
+        model = PlainModel(cfg)
+    model = parallelize(model, plan, activation_checkpointing=True)
+    materialize(model, device)
+    init_from_full(model, plan, init_full)  # init_full(name, full tensor) fills it in place
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +88,14 @@ class TPPlan:
         module, _, param = name.rpartition(".")
         return self.style(module).rule(param)
 
-    def shard_tensor(self, name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    def shard_tensor(
+        self, name: str, tensor: torch.Tensor, rank: int, size: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rank `rank`'s part of the full `tensor` of parameter `name` (written into `out` if given)."""
         rule = self.rule(name)
         if rule is None or size == 1:
-            return tensor
-        return split_tensor(tensor, *rule, rank, size, what=name)
+            return tensor if out is None else out.copy_(tensor)
+        return split_tensor(tensor, *rule, rank, size, what=name, out=out)
 
     def merge_tensor(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
         rule = self.rule(name)
@@ -109,15 +121,24 @@ class TPPlan:
         return {name: self.merge_tensor(name, [sd[name] for sd in local]) for name in names}
 
 
-def split_tensor(tensor: torch.Tensor, dim: int, stride: int, rank: int, size: int, what: str = "tensor"):
-    """Rank `rank`'s part: `stride` blocks, each cut into `size` pieces ([Q_r; K_r; V_r] for QKV)."""
+def split_tensor(
+    tensor: torch.Tensor,
+    dim: int,
+    stride: int,
+    rank: int,
+    size: int,
+    what: str = "tensor",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rank `rank`'s part: `stride` blocks, each cut into `size` pieces ([Q_r; K_r; V_r] for QKV),
+    in a new tensor or written into `out`."""
     if tensor.shape[dim] % (stride * size):
         raise ValueError(
             f"{what}: dimension {dim} of size {tensor.shape[dim]} does not split into "
             f"{size} TP ranks x stride {stride}"
         )
     blocks = tensor.chunk(stride * size, dim=dim)
-    return torch.cat([blocks[s * size + rank] for s in range(stride)], dim=dim).contiguous()
+    return torch.cat([blocks[s * size + rank] for s in range(stride)], dim=dim, out=out)
 
 
 def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
@@ -130,15 +151,15 @@ def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Ten
 
 
 def parallelize(model: nn.Module, plan: TPPlan, activation_checkpointing: bool = False) -> nn.Module:
-    """Swap every planned layer for its megatron-core counterpart holding this rank's shard of
-    the plain weights (TP > 1 only), then checkpoint each of `plan.blocks` (if asked). In place."""
+    """Swap every planned layer of a model built on the meta device for its megatron-core
+    counterpart sized for this rank's shard (TP > 1 only; still on meta), then checkpoint each of
+    `plan.blocks` (if asked). In place; `materialize` and `init_from_full` allocate and fill it."""
     size = parallel.tp_size()
     if size > 1:
-        rank = parallel.tp_rank()
         for name, module in list(model.named_modules()):
             style = plan.style(name)
             if name and not isinstance(style, Replicated):
-                model.set_submodule(name, _parallel_layer(name, module, style, plan, rank, size))
+                model.set_submodule(name, _parallel_layer(name, module, style, plan, size))
     if activation_checkpointing:
         if plan.blocks is None:
             raise ValueError("activation checkpointing needs the plan's `blocks` (the layers to recompute)")
@@ -151,14 +172,41 @@ def parallelize(model: nn.Module, plan: TPPlan, activation_checkpointing: bool =
     return model
 
 
-def _parallel_layer(
-    name: str, plain: nn.Module, style: Style, plan: TPPlan, rank: int, size: int
-) -> nn.Module:
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Allocate the parameters of a meta-built (parallelized) model on `device`, uninitialised.
+    Keeps the attributes megatron-core marks its parameters with (`to_empty` makes new ones)."""
+    marks = {name: dict(param.__dict__) for name, param in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        param.__dict__.update(marks[name])
+    return model
+
+
+@torch.no_grad()
+def init_from_full(model: nn.Module, plan: TPPlan, init_full: Callable[[str, torch.Tensor], None]) -> None:
+    """Initialise every parameter as the plain model's: walking the parameters in the model's
+    order, draw each full (unsharded) tensor on its device with `init_full(name, tensor)` and keep
+    this rank's shard of it. The random stream is the same at every TP degree, so TP=n holds the
+    TP=1 weights sliced; the extra memory is one full parameter at a time."""
+    rank, size = parallel.tp_rank(), parallel.tp_size()
+    for name, param in model.named_parameters():
+        full = torch.empty(plan.full_shape(name, param.shape, size), dtype=param.dtype, device=param.device)
+        init_full(name, full)
+        plan.shard_tensor(name, full, rank, size, out=param)
+        del full
+
+
+def _parallel_layer(name: str, plain: nn.Module, style: Style, plan: TPPlan, size: int) -> nn.Module:
     weight = plain.weight
-    config = _megatron_config(size, weight.dtype, weight.device.type == "cuda")
+    if not weight.is_meta:
+        raise ValueError(
+            f"TP plan: {name} holds {weight.device} weights; parallelize a model built on the meta "
+            "device (cogvideo.family.build_model), then load or initialise its shards"
+        )
+    config = _megatron_config(size, weight.dtype)
     column, row, vocab = _megatron_classes()
-    keep = nn.init.zeros_  # never called (perform_initialization is off): the plain weights are copied
-    with torch.device("meta" if weight.is_meta else "cpu"):  # on GPUs megatron allocates on the current one
+    keep = nn.init.zeros_  # never called (perform_initialization is off): init_from_full fills the shards
+    with torch.device("meta"):
         if isinstance(style, Vocab):
             if not isinstance(plain, nn.Embedding):
                 raise TypeError(f"TP plan: {name} is planned as Vocab but is a {type(plain).__name__}")
@@ -187,25 +235,24 @@ def _parallel_layer(
                 input_is_parallel=True,
                 skip_bias_add=False,
             )
-    with torch.no_grad():
-        for param_name, param in layer.named_parameters():
-            source, rule = getattr(plain, param_name), plan.rule(f"{name}.{param_name}")
-            if source.device.type != "meta":
-                param.copy_(plan.shard_tensor(f"{name}.{param_name}", source, rank, size))
-            param.requires_grad_(source.requires_grad)
-            if rule is not None and not hasattr(param, "tensor_model_parallel"):
-                # what megatron's own initialisation would mark (DeepSpeed's grad norm counts these
-                # on every TP rank, replicated ones once)
-                param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, *rule
+    for param_name, param in layer.named_parameters():
+        rule = plan.rule(f"{name}.{param_name}")
+        param.requires_grad_(getattr(plain, param_name).requires_grad)
+        if rule is not None and not hasattr(param, "tensor_model_parallel"):
+            # what megatron's own initialisation would mark (DeepSpeed's grad norm counts these
+            # on every TP rank, replicated ones once)
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, *rule
     return layer
 
 
-def _megatron_config(size: int, dtype: torch.dtype, on_gpu: bool):
+def _megatron_config(size: int, dtype: torch.dtype):
+    """Host-style allocation (`use_cpu_initialization`), which honours the meta device the layers
+    are made on; the GPU style would allocate on the current GPU whatever the device context."""
     from megatron.core import ModelParallelConfig
 
     return ModelParallelConfig(
         tensor_model_parallel_size=size,
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=True,
         perform_initialization=False,
         gradient_accumulation_fusion=False,
         params_dtype=dtype,

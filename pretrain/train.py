@@ -105,46 +105,15 @@ def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> Precision
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg, shards: list[str], encode_text, resume: Path | None):
-        import deepspeed
-
-        from cogvideo.family import build_model, family_of
+        from cogvideo.family import family_of
 
         self.family = family_of(model_cfg)
         say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
-        self.precision = run_precision(cfg, model_cfg, resume)
-        cfg = dataclasses.replace(
-            cfg,
-            parallel=dataclasses.replace(
-                cfg.parallel, precision=self.precision.precision, precision_probe=self.precision.to_dict()
-            ),
-        )
-        self.cfg, self.model_cfg = cfg, model_cfg
-        self._info(self.precision.describe())
-        if self.precision.warning and self.rank == 0:
-            log.warning(self.precision.warning)
-        parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
-        with parallel.device():  # built where it runs, then parallelized (see docs/cuda-paths.md)
-            model = build_model(model_cfg)
-        state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
-        if state is not None:
-            model.load_state_dict(state)
-        say(
-            "deepspeed.initialize"
-            + (
-                ""
-                if deepspeed_op_cached()
-                else ": this machine's first run compiles DeepSpeed's CPU communication op (about a minute)"
-            )
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, parallel.dp_size()),
-            mpu=parallel.mpu(),
-            lr_scheduler=lr_scheduler(cfg),
-        )
+        self.model_cfg = model_cfg
+        self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume)
+        self.engine = self._engine()
         self.loader = ShardLoader(
             shards,
             model_cfg,
@@ -179,6 +148,39 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ---- helpers -------------------------------------------------------------------
+    def _settle_precision(self, cfg: TrainConfig, model_cfg, resume: Path | None) -> TrainConfig:
+        """Resolve parallel.precision and log it; the config as this run trains (and saves) it."""
+        self.precision = run_precision(cfg, model_cfg, resume)
+        self._info(self.precision.describe())
+        if self.precision.warning and self.rank == 0:
+            log.warning(self.precision.warning)
+        resolved = dict(precision=self.precision.precision, precision_probe=self.precision.to_dict())
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **resolved))
+
+    def _engine(self):
+        """The model, built lean on this rank's device (docs/cuda-paths.md) and initialised from
+        init.weights / init.backbone or from the seed, wrapped by deepspeed.initialize."""
+        import deepspeed
+
+        from cogvideo.family import build_model
+
+        cfg, model_cfg = self.cfg, self.model_cfg
+        parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
+        state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
+        model = build_model(model_cfg, init_weights=state is None)
+        if state is not None:
+            model.load_state_dict(state)
+        compiling = ": this machine's first run compiles DeepSpeed's CPU communication op (about a minute)"
+        say("deepspeed.initialize" + ("" if deepspeed_op_cached() else compiling))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=deepspeed_config(cfg, parallel.dp_size()),
+            mpu=parallel.mpu(),
+            lr_scheduler=lr_scheduler(cfg),
+        )
+        return engine
+
     def _start_logging(self) -> None:
         """Throughput, the metrics log (rank 0) and the per-rank sample-key log."""
         cfg, model_cfg = self.cfg, self.model_cfg

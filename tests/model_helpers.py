@@ -3,7 +3,7 @@
 import torch
 
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.sequence import build_sequence
 
 # stage 2's windows as released (20x20 tokens, window 10 shifted by 5), in a narrow model
@@ -37,7 +37,7 @@ def random_batch(cfg, text_lengths=(3, None), seed=0):
 def random_model(preset, seed=0, **changes):
     cfg = get_preset(preset).replace(**changes)
     torch.manual_seed(seed)
-    model = CogVideoModel(cfg).eval()
+    model = build_model(cfg).eval()
     with torch.no_grad():  # non-zero gates: both channels matter in the output
         for name, p in model.named_parameters():
             if name.endswith("temporal_gate"):

@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 from cogvideo import parallel  # noqa: E402
 from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.family import build_model  # noqa: E402
-from cogvideo.model import CogVideoModel  # noqa: E402
 from cogvideo.sequence import build_sequence  # noqa: E402
 from cogvideo.vocab import VocabLayout  # noqa: E402
 
@@ -74,7 +73,7 @@ def reference(out: Path, stages: list[str]) -> None:
     for stage in stages:
         cfg = slice_config(stage)
         torch.manual_seed(0)
-        model = CogVideoModel(cfg)
+        model = build_model(cfg)
         with torch.no_grad():  # non-trivial gates and biases, so their gradients mean something
             for name, p in model.named_parameters():
                 if name.endswith(("bias", "temporal_gate")):

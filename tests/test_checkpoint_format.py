@@ -21,7 +21,6 @@ from cogvideo.checkpoint import (
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import CogVideoModel
 from cogvideo.params import count_parameters
 
 
@@ -34,7 +33,7 @@ def tiny8():
 def model_sd():
     torch.manual_seed(0)
     cfg = tiny8()
-    sd = {k: v.clone() for k, v in CogVideoModel(cfg).state_dict().items()}
+    sd = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
     for name in sd:  # make every tensor distinct, including the zero-initialised gates
         sd[name] = sd[name] + torch.randn_like(sd[name]) * 0.1
     return cfg, sd
@@ -228,7 +227,7 @@ def test_tp2_under_two_gloo_ranks_matches_merged_model(tmp_path, model_sd):
     torch.manual_seed(1)
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (2, cfg.text_length + 2 * cfg.tokens_per_frame))
     torch.save(tokens, tmp_path / "tokens.pt")
-    model = CogVideoModel(cfg)
+    model = build_model(cfg, init_weights=False)
     model.load_state_dict(load_model_state(ckpt))
     with torch.no_grad():
         expected = model(tokens)

@@ -20,7 +20,7 @@ from cogvideo.checkpoint import (
 )
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.params import count_parameters
 
 BASE = get_preset("tiny")  # hidden 32, 4 heads, 2 layers, 8 text tokens, 4x4 tokens per frame
@@ -194,7 +194,7 @@ def random_tokens(frames: int, seed: int = 0) -> torch.Tensor:
 
 
 def our_logits(ckpt, tokens) -> torch.Tensor:
-    model = CogVideoModel(load_model_config(ckpt))
+    model = build_model(load_model_config(ckpt), init_weights=False)
     model.load_state_dict(load_model_state(ckpt))
     with torch.no_grad():
         return model(tokens)

@@ -23,7 +23,6 @@ from cogvideo.checkpoint import (
 from cogvideo.checkpoint.cli import describe, main
 from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import CogVideoModel
 
 REPO = Path(__file__).resolve().parents[1]
 # big enough that holding the model would dwarf the streaming bound (~9.5M params, 38 MB fp32)
@@ -127,7 +126,7 @@ def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
 def test_resume_on_changed_layout_gives_the_original_losses(tmp_path):
     """ZeRO-2 at TP=2 x DP=1 -> our format -> ZeRO-2 (and ZeRO-3) at TP=1 x DP=2, and back."""
     torch.manual_seed(0)
-    save_model_checkpoint(tmp_path / "w0", CogVideoModel(TINY).state_dict(), TINY)
+    save_model_checkpoint(tmp_path / "w0", build_model(TINY).state_dict(), TINY)
     torchrun("layout", tmp_path)
     r = json.loads((tmp_path / "results.json").read_text())
     for original, resumed in (
@@ -254,7 +253,7 @@ def _zero_worker(out: Path) -> None:
     parallel.init_distributed(1, backend="gloo")
     for stage in STAGES:
         torch.manual_seed(0)
-        model = CogVideoModel(MEDIUM)
+        model = build_model(MEDIUM)
         getattr(model, FROZEN.split(".")[0]).weight.requires_grad_(False)
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         engine = _engine(model, stage, dp=2)

@@ -1,7 +1,7 @@
 """A second model family fits without touching the trainer's loop: a tiny non-autoregressive
 masked-token video model (MaskGIT-style: bidirectional attention, a random share of frame tokens
-replaced by a mask id, loss on those) registers its config, plain model, TP plan, loss and batch
-builder here, and trains through `pretrain.train.main` on shards the test writes."""
+replaced by a mask id, loss on those) registers its config, plain model, initialisation, TP plan,
+loss and batch builder here, and trains through `pretrain.train.main` on shards the test writes."""
 
 from __future__ import annotations
 
@@ -62,6 +62,16 @@ class MaskedVideoModel(nn.Module):
         return self.word_embeddings.unembed(self.norm(x))
 
 
+def toy_init(cfg: MaskedVideoConfig, name: str, tensor: torch.Tensor) -> None:
+    """normal(init_std) for matrices and tables, ones for norm weights, zeros for biases."""
+    if name.endswith("bias"):
+        nn.init.zeros_(tensor)
+    elif tensor.dim() == 1:
+        nn.init.ones_(tensor)
+    else:
+        nn.init.normal_(tensor, std=cfg.init_std)
+
+
 PLAN = TPPlan(
     {"word_embeddings": Vocab(), "qkv": Column(stride=3), "proj": Row(), "fc1": Column(), "fc2": Row()},
     blocks="blocks",
@@ -97,6 +107,7 @@ FAMILY = register(
         config=MaskedVideoConfig,
         presets={"masked-toy": MaskedVideoConfig},
         build_model=MaskedVideoModel,
+        init_weights=toy_init,
         tp_plan=PLAN,
         loss=masked_loss,
         example=masked_example,
@@ -116,9 +127,21 @@ def test_the_model_section_picks_the_family_and_its_presets():
         resolve_model_section({"family": "masked-video", "preset": "tiny"})
 
 
+def test_the_build_initialises_by_the_familys_own_init():
+    cfg = MaskedVideoConfig()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, MaskedVideoModel)
+    norm = model.blocks[0].norm1
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+    assert not model.blocks[1].fc1.bias.any()
+    weight = model.blocks[1].fc1.weight  # 4 * hidden^2 draws: the sample std within 5 standard errors
+    assert abs(float(weight.detach().std()) / cfg.init_std - 1) < 5 / math.sqrt(2 * weight.numel())
+
+
 def test_the_toy_plan_shards_and_merges_its_own_state_dict():
     torch.manual_seed(0)
-    full = MaskedVideoModel(MaskedVideoConfig()).state_dict()
+    full = build_model(MaskedVideoConfig()).state_dict()
     shards = [PLAN.shard_state_dict(full, rank, 2) for rank in range(2)]
     assert shards[0]["blocks.0.qkv.weight"].shape[0] == 3 * MaskedVideoConfig().hidden_size // 2
     assert shards[0]["blocks.0.proj.bias"].shape == full["blocks.0.proj.bias"].shape  # row bias whole

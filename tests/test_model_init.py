@@ -6,7 +6,7 @@ from model_helpers import random_batch
 
 from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import CogVideoModel, init_video_from_backbone, is_backbone_param
+from cogvideo.model import init_video_from_backbone, is_backbone_param
 from cogvideo.params import count_parameters
 
 
@@ -14,8 +14,8 @@ def _backbone_and_video(stage, **changes):
     video_cfg = get_preset("tiny" if stage == "stage1" else "tiny-stage2").replace(**changes)
     backbone_cfg = video_cfg.replace(stage="backbone", num_frames=1)
     torch.manual_seed(0)
-    backbone = CogVideoModel(backbone_cfg).eval()
-    video = CogVideoModel(video_cfg).eval()
+    backbone = build_model(backbone_cfg).eval()
+    video = build_model(video_cfg, init_weights=False).eval()
     video.load_state_dict(init_video_from_backbone(backbone.state_dict(), video_cfg))
     return backbone, video
 
@@ -56,11 +56,11 @@ def test_frame_positions_tile_backbone_image_rows():
 
 
 def test_backbone_frozen_by_default_and_switchable():
-    frozen = CogVideoModel(get_preset("tiny"))
+    frozen = build_model(get_preset("tiny"))
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert trainable and all(not is_backbone_param(n) for n in trainable)
     assert any(n.endswith("temporal_gate") for n in trainable)
-    unfrozen = CogVideoModel(get_preset("tiny").replace(train_backbone=True))
+    unfrozen = build_model(get_preset("tiny").replace(train_backbone=True))
     assert all(p.requires_grad for p in unfrozen.parameters())
 
 

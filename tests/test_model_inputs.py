@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.sequence import build_sequence
 
 
 @pytest.fixture(scope="module")
 def model():
-    return CogVideoModel(get_preset("tiny")).eval()
+    return build_model(get_preset("tiny")).eval()
 
 
 def test_sequence_longer_than_layout(model):

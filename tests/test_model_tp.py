@@ -1,7 +1,9 @@
 """Tensor parallelism: one TP plan (cogvideo.model.TP_PLAN) drives both the model and checkpoint
-resharding. At TP 4 and at TP 2 (x DP 2) over four gloo processes, `parallelize` leaves each rank holding exactly
-`TP_PLAN.shard_state_dict` of the plain weights, and that model equals TP=1 on the same weights
-(logits, loss and every gradient merged back by `TP_PLAN.merge_state_dicts`, fp32)."""
+resharding. At TP 4 and at TP 2 (x DP 2) over four gloo processes, the model `build_model`
+parallelizes takes `TP_PLAN.shard_state_dict` of the plain weights as its state dict, its split
+parameters are marked as megatron marks them, and it equals TP=1 on the same weights (logits, loss
+and every gradient merged back by `TP_PLAN.merge_state_dicts`, fp32). That a seeded build holds
+the TP=1 weights sliced is tests/test_model_build.py."""
 
 import os
 import socket
@@ -14,8 +16,8 @@ from model_helpers import random_batch
 
 from cogvideo import parallel
 from cogvideo.config import get_preset
-from cogvideo.model import TP_PLAN, CogVideoModel
-from cogvideo.tp_plan import parallelize
+from cogvideo.family import build_model
+from cogvideo.model import TP_PLAN
 
 pytestmark = pytest.mark.slow
 TP_DEGREES = (4, 2)
@@ -39,9 +41,10 @@ def _run(model, cfg, text_bias=0.0):
     return logits.detach(), loss.detach(), grads
 
 
-def _plain(cfg, state):
-    model = CogVideoModel(cfg)
-    model.load_state_dict(state)
+def _loaded(cfg, full):
+    """The model as training builds it at the current TP degree, holding this rank's shard of `full`."""
+    model = build_model(cfg, init_weights=False)
+    model.load_state_dict(TP_PLAN.shard_state_dict(full, parallel.tp_rank(), parallel.tp_size()))
     return model
 
 
@@ -55,11 +58,11 @@ def _worker(rank, port, states, out_dir):
         tp_rank, group = parallel.tp_rank(), parallel.tp_group()
         results = []
         for cfg, full in zip(_configs(), states):
-            model = parallelize(_plain(cfg, full), TP_PLAN, cfg.activation_checkpointing)
+            model = _loaded(cfg, full)
             local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
             expected = TP_PLAN.shard_state_dict(full, tp_rank, tp)
             assert set(local) == set(expected)
-            for name in expected:  # the layers hold exactly the plan's checkpoint shard
+            for name in expected:  # the layers take exactly the plan's checkpoint shard
                 assert torch.equal(local[name], expected[name]), name
             for name, param in model.named_parameters():  # marked as megatron would: DeepSpeed's grad
                 rule = TP_PLAN.rule(name)  # norm counts split parameters on every TP rank
@@ -87,7 +90,7 @@ def test_tp_matches_tp1(tmp_path):
     states = []
     for cfg in _configs():
         torch.manual_seed(0)
-        model = CogVideoModel(cfg)
+        model = build_model(cfg)
         with torch.no_grad():  # make the gates and biases non-trivial so their grads mean something
             for name, p in model.named_parameters():
                 if name.endswith("bias") or name.endswith("temporal_gate"):
@@ -97,7 +100,7 @@ def test_tp_matches_tp1(tmp_path):
     for tp in TP_DEGREES:
         results = torch.load(tmp_path / f"tp{tp}.pt", weights_only=True)
         for cfg, full, (logits_tp, loss_tp, grads_tp) in zip(_configs(), states, results):
-            plain = _plain(cfg.replace(activation_checkpointing=False), full)
+            plain = _loaded(cfg.replace(activation_checkpointing=False), full)
             logits1, loss1, grads1 = _run(plain, cfg, text_bias=1.4)
             torch.testing.assert_close(logits_tp, logits1, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(loss_tp, loss1, atol=1e-5, rtol=1e-5)
@@ -141,7 +144,7 @@ def _train_step_with_dropout(cfg, full, ckpt: bool, group):
     """One forward and backward at TP=2 with dropout on, with or without recomputation: this
     rank's gradients and model-parallel RNG state after it, and every replicated hidden state
     (after embedding dropout, after each layer) gathered over the TP group."""
-    model = parallelize(_plain(cfg, full), TP_PLAN, activation_checkpointing=ckpt)
+    model = _loaded(cfg.replace(activation_checkpointing=ckpt), full)
     hidden = []
     for module in [model.embedding_dropout, *model.layers]:
         module.register_forward_hook(lambda _m, _i, out: hidden.append(out.detach().clone()))
@@ -179,7 +182,7 @@ def test_tp2_attention_dropout_draws_per_rank_and_recomputation_replays_it(tmp_p
     on both ranks; activation checkpointing recomputes with the same masks: gradients, loss and
     both RNG streams equal those of the run without recomputation, bit for bit."""
     torch.manual_seed(0)
-    full = CogVideoModel(get_preset("tiny-stage2").replace(num_layers=2, **DROPOUT)).state_dict()
+    full = build_model(get_preset("tiny-stage2").replace(num_layers=2, **DROPOUT)).state_dict()
     mp.spawn(_dropout_worker, args=(_free_port(), full, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"dropout_rank{r}.pt", weights_only=True) for r in range(2)]
     masks, before, after = ranks[0]["masks"]

@@ -17,7 +17,7 @@ from cogvideo.checkpoint import load_model_config, load_model_state
 from cogvideo.checkpoint.cli import main
 from cogvideo.checkpoint.sat import our_name
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 
 pytestmark = pytest.mark.slow  # SAT runs in a subprocess (gloo, DeepSpeed engine for its save)
 
@@ -90,7 +90,7 @@ def test_imported_cogview2_reproduces_sat_logits(sat_run, tmp_path):
         0.1,
         0.1,
     )  # dropout: SAT's recorded defaults
-    model = CogVideoModel(cfg)
+    model = build_model(cfg, init_weights=False)
     model.load_state_dict(load_model_state(tmp_path / "ours"))
     model.eval()
     tokens = torch.load(sat_run / "inputs.pt")["tokens"]

@@ -22,7 +22,7 @@ from cluster.plan_memory import (
 from cogvideo.activations import layer_activation_bytes
 from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import TP_PLAN, CogVideoModel
+from cogvideo.model import TP_PLAN
 from cogvideo.params import count_parameters
 
 DS_LAYOUTS = [(1, 1), (8, 1), (8, 13), (4, 3)]  # (GPUs per node, nodes)
@@ -116,7 +116,7 @@ def test_rank_params_match_the_model(preset, changes):
 
 def test_rank_params_match_tp_shards_of_a_real_state_dict():
     cfg = get_preset("small").replace(train_backbone=False)
-    model = CogVideoModel(cfg)
+    model = build_model(cfg)
     full = model.state_dict()
     trains = {name for name, p in model.named_parameters() if p.requires_grad}
     for tp in (2, 4):
@@ -130,7 +130,7 @@ def test_largest_layer_follows_deepspeeds_rule():
     from deepspeed.runtime.zero.stage3 import model_to_params
 
     cfg = get_preset("small")
-    total, largest = model_to_params(CogVideoModel(cfg))
+    total, largest = model_to_params(build_model(cfg))
     ours = rank_params(cfg, 1)
     assert (ours.total, ours.largest_layer) == (total, largest)
 
@@ -143,7 +143,7 @@ def test_published_model_sizes():
 def saved_layer_bytes(cfg, batch):
     """Bytes of the tensors autograd saves for one layer (each storage once, weights excluded)."""
     torch.manual_seed(0)
-    model = CogVideoModel(cfg).train()
+    model = build_model(cfg).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tokens = torch.randint(0, cfg.vocab.num_image_tokens, (batch, cfg.seq_length))
     meta = model.layout_meta(cfg.seq_length)

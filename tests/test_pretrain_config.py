@@ -144,19 +144,20 @@ def test_deepspeed_config_follows_the_dataclasses():
 def test_backbone_start_per_tp_rank_is_the_shard_of_the_full_init(tmp_path):
     from cogvideo.checkpoint.format import save_model_checkpoint
     from cogvideo.config import get_preset
-    from cogvideo.model import TP_PLAN, CogVideoModel, init_video_from_backbone
+    from cogvideo.family import build_model, plain_model
+    from cogvideo.model import TP_PLAN, init_video_from_backbone
     from pretrain.train import initial_state
 
     video_cfg = get_preset("tiny")
     backbone_cfg = video_cfg.replace(stage="backbone", num_frames=1)
     torch.manual_seed(0)
-    backbone = CogVideoModel(backbone_cfg).state_dict()
+    backbone = build_model(backbone_cfg).state_dict()
     save_model_checkpoint(tmp_path / "backbone", backbone, backbone_cfg)
     cfg = load_train_config(
         str(ROOT / "configs/tiny_test.yaml"), SHARDS + [f"init.backbone={tmp_path / 'backbone'}"]
     )
     full = init_video_from_backbone(backbone, video_cfg)
-    assert set(full) == set(CogVideoModel(video_cfg).state_dict())
+    assert set(full) == set(plain_model(video_cfg).state_dict())
     for rank in range(2):
         local, expected = initial_state(cfg, video_cfg, rank, 2), TP_PLAN.shard_state_dict(full, rank, 2)
         assert set(local) == set(expected)

@@ -24,7 +24,7 @@ from webdataset.tariterators import tarfile_samples
 
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.sequence import build_sequence
 from cogvideo.shards import decode_sample
 from cogvideo.text_format import TextFormat
@@ -46,7 +46,7 @@ def ws(tmp_path_factory):
     tokenizer = train_text_tokenizer(captions, root / "text", 60, byte_fallback=False)
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(train_backbone=True)
-    save_model_checkpoint(root / "init", CogVideoModel(cfg).state_dict(), cfg)
+    save_model_checkpoint(root / "init", build_model(cfg).state_dict(), cfg)
     return {"root": root, "shards": shards, "tokenizer": str(tokenizer), "init": str(root / "init")}
 
 
@@ -152,7 +152,7 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True):
         ids = tok.encode(TextFormat().text(s.caption, s.meta.duration))[: cfg.text_length]
         return build_sequence(cfg, ids, s.frames)
 
-    model = CogVideoModel(cfg)
+    model = build_model(cfg, init_weights=False)
     model.load_state_dict(load_model_state(ws["init"]))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     flat = [p for n, p in named if n.endswith("bias") or "layernorm" in n or n.endswith("temporal_gate")]

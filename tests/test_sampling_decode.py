@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached
 from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator
 from cogvideo.sampling.options import SampleOptions
@@ -19,7 +19,7 @@ SAMPLE = TopKStrategy(temperature=1.0, top_k=20)
 def tiny_stage(preset, seed):
     cfg = get_preset(preset).replace(init_std=0.3)  # larger weights: logits far from ties
     torch.manual_seed(seed)
-    return StageModel(CogVideoModel(cfg).eval(), cfg)
+    return StageModel(build_model(cfg).eval(), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_uncached_stage2_needs_every_frame(stages):
 
 def test_bfloat16_sampling_tracks_float32(stages):
     stage = stages[0]
-    low = CogVideoModel(stage.cfg).eval()
+    low = build_model(stage.cfg, init_weights=False).eval()
     low.load_state_dict(stage.model.state_dict())
     low = StageModel(low.to(torch.bfloat16), stage.cfg)
     encode = text_encoder(stage.cfg)

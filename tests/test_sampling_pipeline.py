@@ -14,7 +14,7 @@ from PIL import Image
 from cogvideo import parallel, precision
 from cogvideo.checkpoint import save_model_checkpoint
 from cogvideo.config import get_preset
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.precision import ProbeFigures
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import main as clusters_main
@@ -50,7 +50,7 @@ def assets(tmp_path_factory):
         cfg = _config(preset)
         torch.manual_seed(seed)
         name = "stage1_checkpoint" if preset == "tiny" else "stage2_checkpoint"
-        paths[name] = save_model_checkpoint(root / preset, CogVideoModel(cfg).state_dict(), cfg)
+        paths[name] = save_model_checkpoint(root / preset, build_model(cfg).state_dict(), cfg)
     codebook = torch.rand(64, 4 * 4 * 3, generator=torch.Generator().manual_seed(2)) * 255
     paths["image_tokenizer"] = root / "image.safetensors"
     PatchVQTokenizer(codebook, frame_size=16, tokens_side=4).save(paths["image_tokenizer"])
@@ -205,7 +205,7 @@ def test_frame0_checkpoint_of_the_same_backbone_gives_the_same_video(assets, tmp
     state = {k: v for k, v in load_model_state(stage1, 0, 1).items() if is_backbone_param(k)}
     same = save_model_checkpoint(tmp_path / "backbone", state, backbone_cfg)
     torch.manual_seed(5)
-    other = save_model_checkpoint(tmp_path / "other", CogVideoModel(backbone_cfg).state_dict(), backbone_cfg)
+    other = save_model_checkpoint(tmp_path / "other", build_model(backbone_cfg).state_dict(), backbone_cfg)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat plays with a ball\n")
 

@@ -10,7 +10,7 @@ from cogvideo.checkpoint import CheckpointError, load_text_format, save_model_ch
 from cogvideo.checkpoint.training import train_config_text_format
 from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, save_yaml
-from cogvideo.model import CogVideoModel
+from cogvideo.family import build_model
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.pipeline import VideoPipeline
 from cogvideo.sampling.prompts import Prompt
@@ -54,7 +54,7 @@ def test_training_config_records_the_format_the_converter_reads(tmp_path):
 
 def test_checkpoints_carry_the_format_and_old_ones_read_as_the_release(tmp_path):
     cfg = get_preset("tiny")
-    path = save_model_checkpoint(tmp_path / "m", CogVideoModel(cfg).state_dict(), cfg, text_format=CUSTOM)
+    path = save_model_checkpoint(tmp_path / "m", build_model(cfg).state_dict(), cfg, text_format=CUSTOM)
     assert load_text_format(path) == CUSTOM
     info = json.loads((path / "config.json").read_text())
     del info["text_format"]  # written before the field existed (or imported from SAT)
@@ -73,7 +73,7 @@ def test_a_model_trained_on_another_template_samples_with_it(tmp_path):
     for preset, fmt in (("tiny", CUSTOM), ("tiny-stage2", TextFormat())):
         cfg = get_preset(preset).replace(text_length=24, image_position_offset=24, max_position_embeddings=40)
         paths[preset] = save_model_checkpoint(
-            tmp_path / preset, CogVideoModel(cfg).state_dict(), cfg, text_format=fmt
+            tmp_path / preset, build_model(cfg).state_dict(), cfg, text_format=fmt
         )
     PatchVQTokenizer(torch.rand(64, 48) * 255, frame_size=16, tokens_side=4).save(
         tmp_path / "image.safetensors"

@@ -22,7 +22,7 @@ from cogvideo.checkpoint.io import (
     write_json,
 )
 from cogvideo.configio import ConfigError
-from cogvideo.family import family_of, model_from_record, model_record
+from cogvideo.family import family_of, model_from_record, model_record, plain_model
 from cogvideo.precision import NAMES
 from cogvideo.text_format import TextFormat, TextFormatError
 from cogvideo.tp_plan import TPPlan, Vocab
@@ -60,19 +60,14 @@ def full_shapes(plan: TPPlan, local: dict[str, tuple[int, ...]], tp: int) -> dic
 # ---- validation against the model --------------------------------------------------------
 
 
-def _meta_model(cfg):
-    with torch.device("meta"):
-        return family_of(cfg).build_model(cfg)
-
-
 def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) parameter shapes of the family's plain model for `cfg`, built on the meta device."""
-    return {name: tuple(t.shape) for name, t in _meta_model(cfg).state_dict().items()}
+    return {name: tuple(t.shape) for name, t in plain_model(cfg).state_dict().items()}
 
 
 def trainable_names(cfg) -> set[str]:
     """The parameters the model trains (video stages freeze the backbone unless told not to)."""
-    return {name for name, p in _meta_model(cfg).named_parameters() if p.requires_grad}
+    return {name for name, p in plain_model(cfg).named_parameters() if p.requires_grad}
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], cfg, where: str) -> None:

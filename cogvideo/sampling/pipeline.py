@@ -52,12 +52,12 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: t
     cfg: ModelConfig = load_model_config(path).validate(options.tensor_parallel)
     if cfg.stage != expected_stage:
         raise ValueError(f"{path}: holds a {cfg.stage} model, expected {expected_stage}")
-    model = build_model(cfg.replace(activation_checkpointing=False))
-    model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
     device = options.device
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    return StageModel(model.to(device=device, dtype=dtype).eval(), cfg, load_text_format(path))
+    model = build_model(cfg.replace(activation_checkpointing=False), device, init_weights=False)
+    model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
+    return StageModel(model.to(dtype=dtype).eval(), cfg, load_text_format(path))
 
 
 class VideoPipeline:
