@@ -283,8 +283,7 @@ def train_step(setup: Setup, peak_tflops: float) -> dict:
     cfg = setup.train_cfg.replace(num_layers=layers)
     setup.reset_memory()
     parallel.manual_seed(0)
-    with torch.device(setup.device):
-        model = build_model(cfg)  # with activation checkpointing on its layers
+    model = build_model(cfg, setup.device)  # with activation checkpointing on its layers
     engine, optimizer = deepspeed_engine(setup, model)
     tokens, targets, mask = (x.to(setup.device) for x in sample_batch(cfg, setup.micro_batch))
     times, skipped = [], 0

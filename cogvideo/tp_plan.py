@@ -187,13 +187,16 @@ def init_from_full(model: nn.Module, plan: TPPlan, init_full: Callable[[str, tor
     """Initialise every parameter as the plain model's: walking the parameters in the model's
     order, draw each full (unsharded) tensor on its device with `init_full(name, tensor)` and keep
     this rank's shard of it. The random stream is the same at every TP degree, so TP=n holds the
-    TP=1 weights sliced; the extra memory is one full parameter at a time."""
+    TP=1 weights sliced; the extra memory is one full split parameter at a time."""
     rank, size = parallel.tp_rank(), parallel.tp_size()
     for name, param in model.named_parameters():
+        if size == 1 or plan.rule(name) is None:  # whole on this rank: drawn in place
+            init_full(name, param)
+            continue
         full = torch.empty(plan.full_shape(name, param.shape, size), dtype=param.dtype, device=param.device)
         init_full(name, full)
         plan.shard_tensor(name, full, rank, size, out=param)
-        del full
+        del full  # before the next one is allocated: one full parameter at a time
 
 
 def _parallel_layer(name: str, plain: nn.Module, style: Style, plan: TPPlan, size: int) -> nn.Module:

@@ -115,9 +115,7 @@ def tp8_stage(stage: str, out: Path, rank: int) -> dict:
     from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
 
     cfg, train = slice_config(stage), train_config()
-    with torch.device("meta"):  # no full-size initialisation on eight ranks at once
-        model = build_model(cfg)
-    model.to_empty(device="cpu")
+    model = build_model(cfg, device="cpu", init_weights=False)
     model.load_state_dict(load_model_state(out / f"weights_{stage}", rank, TP))
     tokens, targets, mask = batch(cfg)
     with LiveTensorBytes() as mem:
@@ -158,8 +156,7 @@ def tp8_stage(stage: str, out: Path, rank: int) -> dict:
 
 def meta_shapes(stage: str) -> dict:
     """This rank's parameter shapes of the full 48-layer preset, built on the meta device."""
-    with torch.device("meta"):
-        model = build_model(slice_config(stage, num_layers=48))
+    model = build_model(slice_config(stage, num_layers=48), device="meta", init_weights=False)
     return {n: list(p.shape) for n, p in model.named_parameters()}
 
 
