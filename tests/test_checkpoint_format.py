@@ -261,7 +261,7 @@ def test_the_tools_stream_within_a_bound_set_by_shard_and_tensor_size(tmp_path):
 
     cfg = get_preset("tiny").replace(hidden_size=512, num_heads=8, num_layers=12).validate(4)
     torch.manual_seed(0)
-    sd = CogVideoModel(cfg).state_dict()
+    sd = build_model(cfg).state_dict()
     whole, largest = sum(t.nbytes for t in sd.values()), max(t.nbytes for t in sd.values())
     save_model_checkpoint(tmp_path / "tp1", sd, cfg)
     del sd

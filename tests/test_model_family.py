@@ -182,7 +182,7 @@ def test_the_converter_splits_a_second_family_by_its_own_plan(tmp_path):
 
     torch.manual_seed(0)
     cfg = resolve_model_section({"family": "masked-video", "preset": "masked-toy", "min_mask_ratio": 0.3})
-    full = {n: t + 0.1 * torch.randn_like(t) for n, t in MaskedVideoModel(cfg).state_dict().items()}
+    full = {n: t + 0.1 * torch.randn_like(t) for n, t in build_model(cfg).state_dict().items()}
     src = save_model_checkpoint(tmp_path / "tp2", full, cfg, tensor_parallel=2)
     record = json.loads((src / "config.json").read_text())["model"]
     assert record["family"] == "masked-video" and record["min_mask_ratio"] == 0.3
