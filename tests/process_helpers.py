@@ -1,8 +1,13 @@
-"""The tests' child processes: each must succeed, else the test fails showing the end of its output."""
+"""The tests' child processes: each must succeed, else the test fails showing the end of its output;
+and a live process to name as the holder of a run's checkpoint-directory lock."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,3 +33,20 @@ def torchrun_self(test_file: str, args: list[str], timeout: float, **env: str) -
         *args,
     ]
     run_ok(cmd, full_env, timeout)
+
+
+@contextmanager
+def sleeping_process(seconds: float) -> Iterator[int]:
+    """The pid of a process that sleeps `seconds`: alive inside the block, killed and reaped after it."""
+    sleeper = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    try:
+        yield sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def write_lock(root: Path, **holder) -> None:
+    """A checkpoint directory's LOCK file as a run on this host writes it, with `holder`'s fields."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "LOCK").write_text(json.dumps({"host": socket.gethostname(), "started": "earlier", **holder}))
