@@ -114,75 +114,83 @@ VIDEO_ARGS = {
 }
 
 
-def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) -> torch.Tensor:
-    """CogView2 / CogVideo stage 1 from the raw SAT tensors, plain torch ops, with the release's
-    masks and position ids (CogVideo's get_masks_and_position_ids_video): text attends to all
-    non-pad text, real text tokens take position ids 0..n-1 (left pads 0, masked out); spatial
-    channel: a frame token sees the text and its own frame causally; temporal channel (stage 1):
-    everything earlier in time; frame outputs mix as sigmoid(p)*spatial + (1-sigmoid(p))*temporal."""
-    L = T + frames * N
-    t = "transformer."
+def frame_positions(frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's frame (-1 for text) and its index within the text or its frame."""
     frame_of = torch.tensor([-1] * T + [f for f in range(frames) for _ in range(N)])
-    pos_in_frame = torch.tensor(list(range(T)) + list(range(N)) * frames)
+    return frame_of, torch.tensor(list(range(T)) + list(range(N)) * frames)
+
+
+def reference_masks(tokens: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The release's masks (CogVideo's get_masks_and_position_ids_video), as (causal, spatial,
+    key_ok): text attends to all non-pad text; spatial channel: a frame token sees the text and its
+    own frame causally; temporal channel (stage 1, `causal`): everything earlier in time."""
+    frame_of, _ = frame_positions(frames)
+    L = len(frame_of)
     text = frame_of == -1
     causal = torch.ones(L, L).tril().bool() | (text[:, None] & text[None, :])
-    spatial_mask = causal & (text[None, :] | (frame_of[None, :] == frame_of[:, None]))
+    spatial = causal & (text[None, :] | (frame_of[None, :] == frame_of[:, None]))
     key_ok = ~(text[None, :] & (tokens == BASE.vocab.pad_id))[:, None, None, :]  # [B, 1, 1, L]
-    x = raw[t + "word_embeddings.weight"][tokens]
+    return causal, spatial, key_ok
+
+
+def reference_embeddings(raw: dict, tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """Word plus position embeddings: real text tokens take position ids 0..n-1 (left pads 0, masked
+    out); frame 0: CogView2's image rows; frame f >= 1: the extra table's rows at id - (offset + N)."""
+    frame_of, pos_in_frame = frame_positions(frames)
+    x = raw["transformer.word_embeddings.weight"][tokens]
     n_pads = (tokens[:, :T] == BASE.vocab.pad_id).sum(1)
     for b in range(tokens.shape[0]):
-        for i in range(L):  # frame 0: CogView2's image rows; frame f >= 1: extra rows at id - (offset + N)
+        for i in range(len(frame_of)):
             f, j = int(frame_of[i]), int(pos_in_frame[i])
             if f <= 0:
                 row = max(j - int(n_pads[b]), 0) if f < 0 else BASE.image_position_offset + j
-                x[b, i] += raw[t + "position_embeddings.weight"][row]
+                x[b, i] += raw["transformer.position_embeddings.weight"][row]
             else:
                 x[b, i] += raw["mixins.extra_position_embedding.position_embeddings.weight"][N * f + j - N]
+    return x
 
-    def ln(v, key):
-        return F.layer_norm(v, (H,), raw[key + ".weight"], raw[key + ".bias"], BASE.layernorm_epsilon)
 
-    def attend(v, qkv_w, qkv_b, dense_w, dense_b, mask):
-        q, k, val = (v @ qkv_w.T + qkv_b).split(H, dim=-1)
-        heads = [z.view(z.shape[0], L, HEADS, H // HEADS).transpose(1, 2) for z in (q, k, val)]
-        scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(H // HEADS)
-        ctx = scores.masked_fill(~(mask & key_ok), float("-inf")).softmax(-1) @ heads[2]
-        return ctx.transpose(1, 2).reshape(v.shape[0], L, H) @ dense_w.T + dense_b
+def linear(raw: dict, key: str, v: torch.Tensor) -> torch.Tensor:
+    return v @ raw[key + ".weight"].T + raw[key + ".bias"]
 
+
+def layer_norm(raw: dict, key: str, v: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(v, (H,), raw[key + ".weight"], raw[key + ".bias"], BASE.layernorm_epsilon)
+
+
+def attend(raw: dict, qkv: str, dense: str, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention: SAT's fused query/key/value projection at `qkv`, its output at `dense`."""
+    B, L, _ = v.shape
+    q, k, val = linear(raw, qkv, v).split(H, dim=-1)
+    heads = [z.view(B, L, HEADS, H // HEADS).transpose(1, 2) for z in (q, k, val)]
+    scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(H // HEADS)
+    ctx = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ heads[2]
+    return linear(raw, dense, ctx.transpose(1, 2).reshape(B, L, H))
+
+
+def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) -> torch.Tensor:
+    """CogView2 / CogVideo stage 1 from the raw SAT tensors, plain torch ops, with the release's
+    masks and position ids (above); sandwich layernorm; frame outputs mix the two channels as
+    sigmoid(p)*spatial + (1-sigmoid(p))*temporal."""
+    causal, spatial, key_ok = reference_masks(tokens, frames)
+    is_frame = (frame_positions(frames)[0] >= 0)[None, :, None]
+    x = reference_embeddings(raw, tokens, frames)
     for i in range(LAYERS):
-        p = f"{t}layers.{i}."
-        h = ln(x, p + "input_layernorm")
-        out = attend(
-            h,
-            raw[p + "attention.query_key_value.weight"],
-            raw[p + "attention.query_key_value.bias"],
-            raw[p + "attention.dense.weight"],
-            raw[p + "attention.dense.bias"],
-            spatial_mask,
-        )
+        p = f"transformer.layers.{i}."
+        h = layer_norm(raw, p + "input_layernorm", x)
+        out = attend(raw, p + "attention.query_key_value", p + "attention.dense", h, spatial & key_ok)
         if video:
             m = "mixins.attention_plus."
-            temporal = attend(
-                h,
-                raw[f"{m}query_key_value.{i}.weight"],
-                raw[f"{m}query_key_value.{i}.bias"],
-                raw[f"{m}dense.{i}.weight"],
-                raw[f"{m}dense.{i}.bias"],
-                causal,
-            )
+            temporal = attend(raw, f"{m}query_key_value.{i}", f"{m}dense.{i}", h, causal & key_ok)
             a = torch.sigmoid(raw[f"{m}attn_distribution.{i}"])
-            out = torch.where((frame_of >= 0)[None, :, None], a * out + (1 - a) * temporal, out)
-        x = x + ln(out, p + "third_layernorm")
+            out = torch.where(is_frame, a * out + (1 - a) * temporal, out)
+        x = x + layer_norm(raw, p + "third_layernorm", out)
         ffn = F.gelu(
-            ln(x, p + "post_attention_layernorm") @ raw[p + "mlp.dense_h_to_4h.weight"].T
-            + raw[p + "mlp.dense_h_to_4h.bias"],
+            linear(raw, p + "mlp.dense_h_to_4h", layer_norm(raw, p + "post_attention_layernorm", x)),
             approximate="tanh",
         )
-        x = x + ln(
-            ffn @ raw[p + "mlp.dense_4h_to_h.weight"].T + raw[p + "mlp.dense_4h_to_h.bias"],
-            p + "fourth_layernorm",
-        )
-    return ln(x, t + "final_layernorm") @ raw[t + "word_embeddings.weight"].T
+        x = x + layer_norm(raw, p + "fourth_layernorm", linear(raw, p + "mlp.dense_4h_to_h", ffn))
+    return layer_norm(raw, "transformer.final_layernorm", x) @ raw["transformer.word_embeddings.weight"].T
 
 
 def random_tokens(frames: int, seed: int = 0) -> torch.Tensor:
