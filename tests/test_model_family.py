@@ -207,72 +207,73 @@ def test_the_converter_splits_a_second_family_by_its_own_plan(tmp_path):
         export_sat(src, tmp_path / "sat")
 
 
-@pytest.mark.slow
-def test_a_second_family_trains_through_the_real_trainer(tmp_path):
-    from test_pretrain_data import write_shards
+def train_the_toy_family(root: Path, shards: list[str], tokenizer: str, steps: int) -> Path:
+    """`steps` steps of the trainer's own entry point, with this family registered, on one rank;
+    the run's checkpoint directory (the full model exported, the batches' keys logged)."""
     from test_pretrain_dist import torchrun
 
-    from cogvideo.tokenizers.text import train_text_tokenizer
-
-    shards = write_shards(tmp_path)
-    captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
-    tokenizer = train_text_tokenizer(captions, tmp_path / "text", 60, byte_fallback=False)
-    launcher = tmp_path / "train_masked.py"  # the trainer's entry point, with this family registered
+    launcher = root / "train_masked.py"
     launcher.write_text(
         f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport test_model_family\n"
         "from pretrain.train import main\nmain()\n"
     )
-    run = tmp_path / "run"
-    steps = 4
-    proc = torchrun(
-        1,
-        [
-            "--config",
-            str(ROOT / "configs/tiny_test.yaml"),
-            "model.family=masked-video",
-            "model.preset=masked-toy",
-            f"data.shards=[{','.join(shards)}]",
-            f"data.text_tokenizer={tokenizer}",
-            "data.max_cut_text=1",
-            f"checkpoint.dir={run}",
-            "checkpoint.export_full=true",
-            f"training.max_steps={steps}",
-            "logging.sample_keys=true",
-        ],
-        script=str(launcher),
-    )
+    run = root / "run"
+    args = [
+        "--config",
+        str(ROOT / "configs/tiny_test.yaml"),
+        "model.family=masked-video",
+        "model.preset=masked-toy",
+        f"data.shards=[{','.join(shards)}]",
+        f"data.text_tokenizer={tokenizer}",
+        "data.max_cut_text=1",
+        f"checkpoint.dir={run}",
+        "checkpoint.export_full=true",
+        f"training.max_steps={steps}",
+        "logging.sample_keys=true",
+    ]
+    proc = torchrun(1, args, script=str(launcher))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    assert all(math.isfinite(r["loss"]) for r in rows)
+    return run
 
-    # independent reference for step 1: the same initial weights and the batch the loader builds
-    cfg = resolve_model_section({"family": "masked-video", "preset": "masked-toy", "train_backbone": True})
+
+def step_one_reference(shards: list[str], tokenizer: str) -> tuple[dict, list[str], float]:
+    """Independent of the trainer: the initial weights from the config's seed, the first batch the
+    loader builds, and the loss on it; returned as (initial state dict, the batch's keys, loss)."""
     from cogvideo.tokenizers.text import TextTokenizer
     from pretrain.config import load_train_config
     from pretrain.data import ShardLoader
 
+    cfg = resolve_model_section({"family": "masked-video", "preset": "masked-toy", "train_backbone": True})
     train_cfg = load_train_config(
         str(ROOT / "configs/tiny_test.yaml"), [f"data.shards=[{','.join(shards)}]", "data.max_cut_text=1"]
     )
-    torch.manual_seed(train_cfg.training.seed)
+    training = train_cfg.training
+    torch.manual_seed(training.seed)
     model = build_model(cfg)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    encode = TextTokenizer(str(tokenizer), cfg.vocab).encode
+    encode = TextTokenizer(tokenizer, cfg.vocab).encode
     loader = ShardLoader(
-        shards,
-        cfg,
-        encode,
-        train_cfg.data,
-        micro_batch_size=train_cfg.training.micro_batch_size,
-        seed=train_cfg.training.seed,
+        shards, cfg, encode, train_cfg.data, micro_batch_size=training.micro_batch_size, seed=training.seed
     )
     batch = next(loader.batches())
-    logged = json.loads((run / "logs/samples_rank0.jsonl").read_text().splitlines()[0])
-    assert batch.keys == logged["keys"]
     with torch.no_grad():
-        reference = masked_loss(cfg, model, batch, torch.device("cpu"))
-    assert rows[0]["loss"] == pytest.approx(float(reference), rel=1e-5)
+        return initial, batch.keys, float(masked_loss(cfg, model, batch, torch.device("cpu")))
+
+
+@pytest.mark.slow
+def test_a_second_family_trains_through_the_real_trainer(tmp_path):
+    from test_pretrain_data import write_caption_tokenizer, write_shards
+
+    shards, tokenizer, steps = write_shards(tmp_path), write_caption_tokenizer(tmp_path), 4
+    run = train_the_toy_family(tmp_path, shards, tokenizer, steps)
+    rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+    initial, keys, reference = step_one_reference(shards, tokenizer)
+    logged = json.loads((run / "logs/samples_rank0.jsonl").read_text().splitlines()[0])
+    assert keys == logged["keys"]
+    assert rows[0]["loss"] == pytest.approx(reference, rel=1e-5)
 
     final = torch.load(run / f"step{steps:08d}/model_full.pt", weights_only=True)
     assert set(final) == set(initial)  # the checkpoint holds the toy model, merged by its plan

@@ -57,6 +57,14 @@ def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> lis
     return paths
 
 
+def write_caption_tokenizer(root) -> str:
+    """A text tokenizer (60 pieces) fit on the captions `write_shards` writes (its defaults); its path."""
+    from cogvideo.tokenizers.text import train_text_tokenizer
+
+    captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
+    return str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False))
+
+
 def make_loader(shards, cfg=CFG, position: LoaderPosition | None = None, **kw) -> ShardLoader:
     """`kw`: DataConfig fields and the loader's own arguments (micro_batch_size, seed, DP rank/size)."""
     data = dict(stage=1, shuffle_buffer=5, prefetch_batches=2) | kw

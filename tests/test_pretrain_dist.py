@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain_data import write_shards
+from test_pretrain_data import write_caption_tokenizer, write_shards
 from tolerances import adam_weight_atol, loss_rel_tol
 from webdataset.tariterators import tarfile_samples
 
@@ -28,7 +28,7 @@ from cogvideo.family import build_model
 from cogvideo.sequence import build_sequence
 from cogvideo.shards import decode_sample
 from cogvideo.text_format import TextFormat
-from cogvideo.tokenizers.text import TextTokenizer, train_text_tokenizer
+from cogvideo.tokenizers.text import TextTokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +42,7 @@ def ws(tmp_path_factory):
     """Shards (16 stage-1 samples in 4 shards), a text tokenizer and initial weights."""
     root = tmp_path_factory.mktemp("train")
     shards = write_shards(root)
-    captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
-    tokenizer = train_text_tokenizer(captions, root / "text", 60, byte_fallback=False)
+    tokenizer = write_caption_tokenizer(root)
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(train_backbone=True)
     save_model_checkpoint(root / "init", build_model(cfg).state_dict(), cfg)

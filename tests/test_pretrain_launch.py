@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from process_helpers import sleeping_process, write_lock
-from test_pretrain_data import write_shards
+from test_pretrain_data import write_caption_tokenizer, write_shards
 
 from cogvideo.config import get_preset
 
@@ -29,16 +29,8 @@ CONFIG = str(ROOT / "configs/tiny_test.yaml")
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from cogvideo.tokenizers.text import train_text_tokenizer
-
     root = tmp_path_factory.mktemp("launch")
-    shards = write_shards(root)
-    captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
-    return {
-        "root": root,
-        "shards": shards,
-        "tokenizer": str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False)),
-    }
+    return {"root": root, "shards": write_shards(root), "tokenizer": write_caption_tokenizer(root)}
 
 
 def train_cli(ws, *overrides, world=2, timeout=120, env=None):
