@@ -32,7 +32,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 test: venv lint
-	$(PY) -m pytest -q -x -p no:cacheprovider tests
+	$(PY) -m pytest -q -x -p no:cacheprovider --durations=25 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
