@@ -4,9 +4,11 @@ initialised one full parameter at a time. Held here: the initialisation is the p
 a seeded TP=2 build holds exactly the TP=1 weights sliced by the plan (both families), and the
 build never holds more than this rank's shards plus one full parameter."""
 
+import ast
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +20,11 @@ from benchmarks.memtrack import LiveTensorBytes
 from cogvideo import parallel
 from cogvideo.config import get_preset
 from cogvideo.family import build_model, family_of, plain_model
+from cogvideo.family_spec import REGISTRY
 from cogvideo.model import TP_PLAN
 from cogvideo.tp_plan import parallelize
 
+ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
 OUTPUT_PROJECTIONS = ("attention.dense", "temporal_attention.dense", "mlp.dense_4h_to_h")
 
@@ -74,6 +78,25 @@ def test_parallelize_refuses_a_model_that_is_not_on_the_meta_device(monkeypatch)
     monkeypatch.setattr(parallel, "tp_size", lambda: 2)
     with pytest.raises(ValueError, match="word_embeddings holds cpu weights; parallelize a model built on"):
         parallelize(model, TP_PLAN)
+
+
+def test_nothing_else_builds_a_model():
+    """No second builder: outside cogvideo/family.py no code constructs a family's plain model
+    class or calls a family's `build_model` (the meta model for shapes is `plain_model`)."""
+    classes = {family.build_model.__name__ for family in REGISTRY.values()}
+    assert {"CogVideoModel", "MaskedVideoModel"} <= classes
+    found = []
+    for top in ("cogvideo", "pretrain", "cluster", "demo", "benchmarks", "data_prep", "tests"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if path == ROOT / "cogvideo" / "family.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                func = getattr(node, "func", None)
+                if (isinstance(func, ast.Name) and func.id in classes) or (
+                    isinstance(func, ast.Attribute) and func.attr == "build_model"
+                ):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, f"build models with cogvideo.family.build_model (or plain_model): {found}"
 
 
 def _worker(rank, port, fulls, trainable):
