@@ -9,6 +9,7 @@ bound grows with the step: |loss_bf16(s) - loss_fp32(s)| <= s R u loss_fp32(s).
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -92,4 +93,9 @@ def test_bf16_and_fp32_losses_agree_within_the_rounding_bound(ws):  # noqa: F811
     for step in ref:
         assert abs(low[step] - ref[step]) <= step * rounding * ref[step], (step, low[step], ref[step])
     assert low != ref  # bf16 really ran: its rounding shows
-    assert low[STEPS] < low[1] and ref[STEPS] < ref[1]
+    # both applied every update (no step skipped as non-finite). The shards hold uniformly random
+    # image tokens, so the loss stays near ln(64) and its trend over 6 steps is batch noise: which
+    # of step 1 and step 6 is lower depends on the init's random stream, and asserts nothing.
+    for run_dir in (fp32_dir, bf16_dir):
+        rows = [json.loads(line) for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines()]
+        assert [row["skipped"] for row in rows] == [0] * STEPS
