@@ -2,10 +2,12 @@
 sequence and windows; 2 of 48 layers) at TP=1 (one process, fp32) and at TP=8
 (eight gloo processes under torchrun, DeepSpeed ZeRO-2, bf16 where this CPU has it).
 
-    python tests/scale_slice.py reference OUT [STAGE ...]   # weights (ours, stored at TP=8) + TP=1 results
+    python tests/scale_slice.py released OUT [STAGE ...]    # weights as released: 150010 rows, TP=1
+    cogvideo-convert reshard OUT/released_STAGE OUT/weights_STAGE --tp 8 --vocab-size 150016  # each stage
+    python tests/scale_slice.py reference OUT [STAGE ...]   # TP=1 results from the padded weights
     torchrun --nproc-per-node 8 tests/scale_slice.py tp8 OUT [STAGE ...]
 
-Both modes write into OUT; the test compares them. Each process keeps its own memory figures.
+Every step writes into OUT; the test compares them. Each process keeps its own memory figures.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from cogvideo.vocab import VocabLayout  # noqa: E402
 TP = 8
 STAGES = ("stage1", "stage2")
 LR, BETAS, EPS, DECAY = 1e-3, (0.9, 0.95), 1e-8, 1e-4
-# icetk's 150010 ids split over no TP degree but 2, 5 and 10: the TP vocabulary is padded to a
-# multiple of 128 (Megatron's make-vocab-size-divisible-by), 150016 = 128 x 1172.
+# icetk's 150010 ids split over no TP degree but 2, 5 and 10: the converter pads the released rows
+# to a multiple of 128 (Megatron's make-vocab-size-divisible-by), 150016 = 128 x 1172.
 PADDED_VOCAB = dataclasses.replace(VocabLayout.icetk(), vocab_size=150016)
+SHARD_BYTES = 256 << 20  # the checkpoint tools' output shards on the slice
 
 
 def slice_config(stage: str, num_layers: int = 2):
@@ -43,6 +46,11 @@ def slice_config(stage: str, num_layers: int = 2):
         .replace(num_layers=num_layers, vocab=PADDED_VOCAB, hidden_dropout=0.0, attention_dropout=0.0)
         .validate(TP)
     )
+
+
+def released_config(stage: str):
+    """The slice with the released vocabulary rows (icetk's 150010), as the SAT checkpoints hold them."""
+    return slice_config(stage).replace(vocab=VocabLayout.icetk()).validate()
 
 
 def batch(cfg):
@@ -65,20 +73,34 @@ def trainable_grads(model) -> dict:
 
 
 # ---- TP=1 ---------------------------------------------------------------------------------
-def reference(out: Path, stages: list[str]) -> None:
+def released(out: Path, stages: list[str]) -> None:
+    """The slice's weights as released (150010 vocabulary rows, TP=1), for the converter to pad."""
     from cogvideo.checkpoint import save_model_checkpoint
-    from pretrain.optim import param_groups
 
     torch.set_num_threads(2)
     for stage in stages:
-        cfg = slice_config(stage)
+        cfg = released_config(stage)
         torch.manual_seed(0)
         model = build_model(cfg)
         with torch.no_grad():  # non-trivial gates and biases, so their gradients mean something
             for name, p in model.named_parameters():
                 if name.endswith(("bias", "temporal_gate")):
                     p.normal_(std=0.1)
-        save_model_checkpoint(out / f"weights_{stage}", model.state_dict(), cfg, tensor_parallel=TP)
+        save_model_checkpoint(out / f"released_{stage}", model.state_dict(), cfg, max_shard_bytes=SHARD_BYTES)
+        del model
+
+
+def reference(out: Path, stages: list[str]) -> None:
+    """One fp32 process on the padded weights (weights_STAGE, stored at TP=8 by the converter)."""
+    from cogvideo.checkpoint import load_model_state
+    from pretrain.optim import param_groups
+
+    torch.set_num_threads(2)
+    for stage in stages:
+        cfg = slice_config(stage)
+        with torch.device("meta"):
+            model = CogVideoModel(cfg)
+        model.load_state_dict(load_model_state(out / f"weights_{stage}"), assign=True)  # merged to TP=1
         tokens, targets, mask = batch(cfg)
         loss1 = model.loss(model(tokens), targets, mask)
         loss1.backward()
@@ -171,4 +193,6 @@ def tp8(out: Path, stages: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    {"reference": reference, "tp8": tp8}[sys.argv[1]](Path(sys.argv[2]), sys.argv[3:] or list(STAGES))
+    {"released": released, "reference": reference, "tp8": tp8}[sys.argv[1]](
+        Path(sys.argv[2]), sys.argv[3:] or list(STAGES)
+    )
