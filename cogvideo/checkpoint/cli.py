@@ -190,6 +190,7 @@ def _output_flags(p: argparse.ArgumentParser, src: str, out: str) -> None:
     p.add_argument(
         "--vocab-size",
         type=int,
+        metavar="N",
         help="rows of the vocabulary: more adds zero padding rows (e.g. 150016 for TP 8 from the "
         "release's 150010), fewer drops padding (never ids in use); default: kept",
     )

@@ -190,6 +190,10 @@ class ZeroCheckpoint:
             )
         return out.reshape(shape)
 
+    def _merged(self, files: list[dict], name: str, kind: str) -> torch.Tensor:
+        """The full tensor: its TP parts, read and merged (and freed once merged)."""
+        return self.plan.merge_tensor(name, [self._read(t, files[t], name, kind) for t in range(self.tp)])
+
     def tensors(
         self, kind: str = "fp32", names: list[str] | None = None, chunk_bytes: int = DEFAULT_SHARD_BYTES
     ):
@@ -199,8 +203,7 @@ class ZeroCheckpoint:
         for run in runs_of(names, lambda name: 4 * math.prod(self.shapes[name]), chunk_bytes):
             files = [self._open(t) for t in range(self.tp)]
             for name in run:
-                parts = [self._read(t, files[t], name, kind) for t in range(self.tp)]
-                yield name, self.plan.merge_tensor(name, parts)
+                yield name, self._merged(files, name, kind)
             del files  # unmaps the pages read for this run
 
     def optimizer_summary(self, trainable: list[str]) -> dict:
