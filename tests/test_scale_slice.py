@@ -1,12 +1,13 @@
 """The published shapes at TP=8 on the CPU (issue 16, part 1): a 2-layer slice of the stage-1 and
 stage-2 presets at full width, vocabulary (the released 150010 rows padded to 150016 for the TP
-split by `cogvideo-convert reshard --vocab-size`), sequence (64 + 5 x 400) and windows (10 x 10, shift 5), trained by eight gloo processes (DeepSpeed ZeRO-2, bf16 when
-this CPU does bf16 matmuls faster than fp32, else fp32) against one fp32 process on the same
-weights; then the checkpoint tools on what the TP=8 run saved; and the full 48-layer presets built
-per rank on the meta device. Workers: tests/scale_slice.py. CPU time: TP=1 ~130 s per stage (2
-threads), TP=8 ~150 s per stage (8 ranks), the checkpoint tools ~1-2 min: under 10 minutes on an
-idle 2-core machine (27 min with both stages' TP=1 runs in parallel on this machine under load).
-Memory: peak RSS ~6.1 GiB in the TP=1 process, ~1.9 GiB per TP rank (8 together).
+split by `cogvideo-convert reshard --vocab-size`), sequence (64 + 5 x 400) and windows (10 x 10,
+shift 5), trained by eight gloo processes (DeepSpeed ZeRO-2, bf16 when this CPU does bf16 matmuls
+faster than fp32, else fp32) against one fp32 process on the same weights; then the checkpoint
+tools on what the TP=8 run saved; and the full 48-layer presets built per rank on the meta device.
+Workers: tests/scale_slice.py. Time: the released weights, their padding and both runs 335 s, the
+whole module 6 min 47 s on this 2-core machine when it was quiet (27 min once with both stages'
+TP=1 runs under load). Memory: peak RSS ~6.1 GiB in the TP=1 process, ~1.9 GiB per TP rank (8
+together), up to ~5.5 GiB in a checkpoint tool.
 """
 
 import json
