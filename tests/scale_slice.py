@@ -98,8 +98,7 @@ def reference(out: Path, stages: list[str]) -> None:
     torch.set_num_threads(2)
     for stage in stages:
         cfg = slice_config(stage)
-        with torch.device("meta"):
-            model = CogVideoModel(cfg)
+        model = build_model(cfg, device="meta", init_weights=False)
         model.load_state_dict(load_model_state(out / f"weights_{stage}"), assign=True)  # merged to TP=1
         tokens, targets, mask = batch(cfg)
         loss1 = model.loss(model(tokens), targets, mask)
