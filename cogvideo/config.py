@@ -131,21 +131,29 @@ class ModelConfig:
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 bad(key, f"must be in [0, 1), got {getattr(self, key)}")
+        self._check_splits(tensor_parallel)
+        return self
+
+    def _check_splits(self, tensor_parallel: int) -> None:
+        """Heads, FFN and vocabulary split evenly over `tensor_parallel` ranks."""
         if tensor_parallel < 1:
             raise ValueError(f"parallel.tensor_parallel must be >= 1, got {tensor_parallel}")
-        for key, size in (("num_heads", self.num_heads), ("ffn_hidden_size", self.ffn_size)):
-            if size % tensor_parallel:
-                bad(key, f"{size} is not divisible by tensor_parallel={tensor_parallel}")
-        if self.vocab.vocab_size % tensor_parallel:
-            multiple = math.lcm(128, tensor_parallel)  # rows in multiples of 128, as Megatron pads
-            padded = -(-self.vocab.vocab_size // multiple) * multiple
-            bad(
-                "vocab.vocab_size",
-                f"{self.vocab.vocab_size} is not divisible by tensor_parallel={tensor_parallel}; "
-                f"pad the vocabulary (unused rows), e.g. model.vocab.vocab_size={padded}; pad existing "
-                f"weights with `cogvideo-convert reshard|import-sat|zero ... --vocab-size {padded}`",
-            )
-        return self
+        for key, size in (
+            ("num_heads", self.num_heads),
+            ("ffn_hidden_size", self.ffn_size),
+            ("vocab.vocab_size", self.vocab.vocab_size),
+        ):
+            if size % tensor_parallel == 0:
+                continue
+            why = f"model.{key}: {size} is not divisible by tensor_parallel={tensor_parallel}"
+            if key == "vocab.vocab_size":
+                multiple = math.lcm(128, tensor_parallel)  # rows in multiples of 128, as Megatron pads
+                padded = -(-size // multiple) * multiple
+                why += (
+                    f"; pad the vocabulary (unused rows), e.g. model.vocab.vocab_size={padded}; pad existing "
+                    f"weights with `cogvideo-convert reshard|import-sat|zero ... --vocab-size {padded}`"
+                )
+            raise ValueError(why)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -218,26 +218,18 @@ def _parallel_layer(name: str, plain: nn.Module, style: Style, plan: TPPlan, siz
             raise TypeError(
                 f"TP plan: {name} is planned as {type(style).__name__} but is not an nn.Linear with bias"
             )
-        elif isinstance(style, Column):
-            layer = column(
-                plain.in_features,
-                plain.out_features,
-                config=config,
-                init_method=keep,
-                bias=True,
-                gather_output=False,
-                stride=style.stride,
-            )
         else:
-            layer = row(
-                plain.in_features,
-                plain.out_features,
+            linear = dict(
+                input_size=plain.in_features,
+                output_size=plain.out_features,
+                bias=True,
                 config=config,
                 init_method=keep,
-                bias=True,
-                input_is_parallel=True,
-                skip_bias_add=False,
             )
+            if isinstance(style, Column):
+                layer = column(**linear, gather_output=False, stride=style.stride)
+            else:
+                layer = row(**linear, input_is_parallel=True, skip_bias_add=False)
     for param_name, param in layer.named_parameters():
         rule = plan.rule(f"{name}.{param_name}")
         param.requires_grad_(getattr(plain, param_name).requires_grad)

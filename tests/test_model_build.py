@@ -7,12 +7,12 @@ build never holds more than this rank's shards plus one full parameter."""
 import ast
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from process_helpers import free_port
 from test_model_family import MaskedVideoConfig
 from torch import nn
 
@@ -132,12 +132,6 @@ def _worker(rank, port, fulls, trainable):
     parallel.destroy()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tp2_builds_hold_the_tp1_weights_sliced_and_never_a_full_model():
     fulls, trainable = [], []
@@ -147,4 +141,4 @@ def test_tp2_builds_hold_the_tp1_weights_sliced_and_never_a_full_model():
         fulls.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         trainable.append({n for n, p in model.named_parameters() if p.requires_grad})
     assert trainable[0] and len(trainable[0]) < len(fulls[0])  # some frozen: requires_grad is carried
-    mp.spawn(_worker, args=(_free_port(), fulls, trainable), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), fulls, trainable), nprocs=2, join=True)

@@ -6,13 +6,13 @@ and every gradient merged back by `TP_PLAN.merge_state_dicts`, fp32). That a see
 the TP=1 weights sliced is tests/test_model_build.py."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from megatron.core import parallel_state
 from model_helpers import random_batch
+from process_helpers import free_port
 
 from cogvideo import parallel
 from cogvideo.config import get_preset
@@ -80,12 +80,6 @@ def _worker(rank, port, states, out_dir):
     parallel.destroy()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp_matches_tp1(tmp_path):
     states = []
     for cfg in _configs():
@@ -96,7 +90,7 @@ def test_tp_matches_tp1(tmp_path):
                 if name.endswith("bias") or name.endswith("temporal_gate"):
                     p.normal_(std=0.1)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
-    mp.spawn(_worker, args=(_free_port(), states, str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(free_port(), states, str(tmp_path)), nprocs=4, join=True)
     for tp in TP_DEGREES:
         results = torch.load(tmp_path / f"tp{tp}.pt", weights_only=True)
         for cfg, full, (logits_tp, loss_tp, grads_tp) in zip(_configs(), states, results):
@@ -183,7 +177,7 @@ def test_tp2_attention_dropout_draws_per_rank_and_recomputation_replays_it(tmp_p
     both RNG streams equal those of the run without recomputation, bit for bit."""
     torch.manual_seed(0)
     full = build_model(get_preset("tiny-stage2").replace(num_layers=2, **DROPOUT)).state_dict()
-    mp.spawn(_dropout_worker, args=(_free_port(), full, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dropout_worker, args=(free_port(), full, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"dropout_rank{r}.pt", weights_only=True) for r in range(2)]
     masks, before, after = ranks[0]["masks"]
     assert not torch.equal(masks[0], masks[1])  # the same queries and keys, each rank's own masks

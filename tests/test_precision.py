@@ -3,12 +3,11 @@ agreement of ranks that measured different figures."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from process_helpers import free_port
 
 from cogvideo import precision
 from cogvideo.precision import (
@@ -116,12 +115,6 @@ def test_measure_on_this_cpu_times_both_precisions():
     assert figures.threads == torch.get_num_threads() and decide(figures) in ("fp32", "bf16")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, port: int, results) -> None:
     # each rank "measures" differently: rank 0 sees fast bf16, rank 1 slow
     fake = {0: cpu(100.0, 220.0), 1: cpu(100.0, 10.0)}[rank]
@@ -137,5 +130,5 @@ def _rank_worker(rank: int, port: int, results) -> None:
 @pytest.mark.slow
 def test_ranks_agree_on_rank_zeros_figures():
     results = mp.Manager().dict()
-    mp.spawn(_rank_worker, args=(_free_port(), results), nprocs=2)
+    mp.spawn(_rank_worker, args=(free_port(), results), nprocs=2)
     assert dict(results) == {0: ("bf16", 220.0), 1: ("bf16", 220.0)}

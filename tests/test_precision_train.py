@@ -10,11 +10,11 @@ bound grows with the step: |loss_bf16(s) - loss_fp32(s)| <= s R u loss_fp32(s).
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import test_pretrain_dist
 import yaml
+from process_helpers import free_port
 from test_pretrain_dist import STEPS, base_args, losses, torchrun, ws  # noqa: F401  (ws: fixture)
 
 from cogvideo.config import get_preset
@@ -26,10 +26,7 @@ U = 2.0**-8
 
 def free_ports():
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        yield port
+        yield free_port()
 
 
 test_pretrain_dist.PORTS = free_ports()  # not a fixed range: other test runs may share the machine

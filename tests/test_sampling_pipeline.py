@@ -3,13 +3,13 @@ outputs on disk, determinism, a user-given first frame, and TP=2 (gloo) == TP=1.
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from process_helpers import free_port
 
 from cogvideo import parallel, precision
 from cogvideo.checkpoint import save_model_checkpoint
@@ -161,12 +161,6 @@ def _two_process_worker(rank, ports, runs):
         parallel.destroy()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_tp2_and_dp2_sample_the_same_videos(assets, tmp_path):
     prompts = tmp_path / "p.txt"
@@ -176,7 +170,7 @@ def test_two_processes_tp2_and_dp2_sample_the_same_videos(assets, tmp_path):
         _args(assets, prompts, tmp_path / "tp2", *GREEDY, "tensor_parallel=2"),
         _args(assets, prompts, tmp_path / "dp2", *GREEDY, "batch_size=1"),
     ]
-    mp.spawn(_two_process_worker, args=([_free_port(), _free_port()], runs), nprocs=2, join=True)
+    mp.spawn(_two_process_worker, args=([free_port(), free_port()], runs), nprocs=2, join=True)
     for run in ("tp2", "dp2"):
         manifest = json.loads((tmp_path / run / "manifest.json").read_text())
         assert manifest["ok"] == 3
