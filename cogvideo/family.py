@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
+from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
@@ -80,8 +81,6 @@ def build_model(cfg, device: torch.device | str | None = None, init_weights: boo
 def resolve_model_section(model: Mapping, tensor_parallel: int = 1):
     """A config's `model:` section ({family, preset, ...field overrides}) -> the family's config,
     checked for this TP degree. Errors name the key (`model.preset`, `model.<field>`)."""
-    from cogvideo.configio import merge, to_dict
-
     family, fields = _family_and_fields(model)
     preset = fields.pop("preset", None)
     if not isinstance(preset, str):
@@ -91,8 +90,6 @@ def resolve_model_section(model: Mapping, tensor_parallel: int = 1):
 
 def model_record(cfg) -> dict:
     """`cfg` as checkpoints record it: its model section with every field spelled out."""
-    from cogvideo.configio import to_dict
-
     return {"family": family_of(cfg).name, **to_dict(cfg)}
 
 
@@ -108,6 +105,4 @@ def _family_and_fields(section: Mapping) -> tuple[ModelFamily, dict]:
 
 
 def _config(family: ModelFamily, fields: dict, tensor_parallel: int):
-    from cogvideo.configio import from_dict
-
     return from_dict(family.config, fields, prefix="model").validate(tensor_parallel)
