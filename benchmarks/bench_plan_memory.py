@@ -130,13 +130,11 @@ def _tp_worker(rank: int, port: int, case, queue) -> None:
 
 
 def measure_tp(case) -> dict:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from pretrain.launch import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.start_processes(_tp_worker, args=(port, case, queue), nprocs=2, start_method="spawn")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.precision import matmul_gflops  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
 from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402
+from pretrain.launch import free_port  # noqa: E402
 
 
 def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 1) -> tuple[list[str], str]:
@@ -62,12 +62,6 @@ def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 
         captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False
     )
     return paths, str(tokenizer)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def first_batch(args, model_cfg, shards: list[str], tokenizer: str):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_un
 from cogvideo.sampling.hierarchy import row_generator  # noqa: E402
 from cogvideo.sampling.stage_model import StageModel  # noqa: E402
 from cogvideo.sequence import build_sequence  # noqa: E402
+from pretrain.launch import free_port  # noqa: E402
 
 # low-precision step vs fp32, in units of the format's unit roundoff u (bf16 2^-8, fp16 2^-11):
 # |loss - loss32| <= 4u |loss32|, ||grad - grad32|| <= 16u ||grad32|| (over all gradients)
@@ -364,15 +364,12 @@ def sampling(setup: Setup) -> dict:
 
 # ---- driver --------------------------------------------------------------------------------------
 def init_single_process(setup: Setup) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(
         RANK="0",
         LOCAL_RANK="0",
         WORLD_SIZE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=os.environ.get("MASTER_PORT", str(port)),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
     )
     parallel.init_distributed(1)
 

@@ -35,13 +35,6 @@ def torchrun_self(test_file: str, args: list[str], timeout: float, **env: str) -
     run_ok(cmd, full_env, timeout)
 
 
-def free_port() -> int:
-    """A TCP port on localhost that nothing listens on now (for a test's own rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def sleeping_process(seconds: float) -> Iterator[int]:
     """The pid of a process that sleeps `seconds`: alive inside the block, killed and reaped after it."""

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from process_helpers import free_port
 from test_model_family import MaskedVideoConfig
 from torch import nn
 
@@ -23,6 +22,7 @@ from cogvideo.family import build_model, family_of, plain_model
 from cogvideo.family_spec import REGISTRY
 from cogvideo.model import TP_PLAN
 from cogvideo.tp_plan import parallelize
+from pretrain.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234

@@ -12,12 +12,12 @@ import torch
 import torch.multiprocessing as mp
 from megatron.core import parallel_state
 from model_helpers import random_batch
-from process_helpers import free_port
 
 from cogvideo import parallel
 from cogvideo.config import get_preset
 from cogvideo.family import build_model
 from cogvideo.model import TP_PLAN
+from pretrain.launch import free_port
 
 pytestmark = pytest.mark.slow
 TP_DEGREES = (4, 2)

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from process_helpers import free_port
 
 from cogvideo import precision
 from cogvideo.precision import (
@@ -20,6 +19,7 @@ from cogvideo.precision import (
     resolve,
     torch_dtype,
 )
+from pretrain.launch import free_port
 
 SHAPE = (128, 256, 1024)
 

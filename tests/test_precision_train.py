@@ -14,11 +14,11 @@ import json
 import pytest
 import test_pretrain_dist
 import yaml
-from process_helpers import free_port
 from test_pretrain_dist import STEPS, base_args, losses, torchrun, ws  # noqa: F401  (ws: fixture)
 
 from cogvideo.config import get_preset
 from cogvideo.precision import ProbeFigures, decide
+from pretrain.launch import free_port
 
 pytestmark = pytest.mark.slow
 U = 2.0**-8

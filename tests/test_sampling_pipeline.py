@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
-from process_helpers import free_port
 
 from cogvideo import parallel, precision
 from cogvideo.checkpoint import save_model_checkpoint
@@ -23,6 +22,7 @@ from cogvideo.sampling.pipeline import VideoPipeline
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import train_text_tokenizer
+from pretrain.launch import free_port
 
 CAPTIONS = ["a cat plays with a ball 视频", "a dog runs on the beach 高清摄影", "rain falls on a lake"] * 4
 GREEDY = [
