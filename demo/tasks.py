@@ -69,11 +69,9 @@ class Demo:
         cfg = self.cfg
         folder = self.path("videos")
         synth = cfg.synthetic(str(folder / "synthetic"))
-        write_videos(synth.out, synth.plan(), progress=True)
-        rows = [
-            {**row, "path": f"synthetic/{row['path']}"}
-            for row in read_jsonl(folder / "synthetic" / "captions.jsonl")
-        ]
+        planned = synth.plan()
+        write_videos(synth.out, planned, progress=True)
+        rows = [{**row, "path": f"synthetic/{row['path']}"} for row in planned]
         real = self.real_videos(folder / "real") if cfg.videos.real_videos else []
         write_jsonl(folder / "captions.jsonl", rows + real, "w")
         return {"synthetic": len(rows), "real": len(real), "holdout": list(cfg.videos.holdout)}
