@@ -3,6 +3,7 @@ failure; the synthetic data it asks cogvideo-synth for; the report it writes."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -193,7 +194,26 @@ def test_report_links_every_file(tmp_path):
     for link in links:
         assert (index.parent / link).is_file(), link
     assert json.loads((index.parent / "metrics.json").read_text()) == metrics
-    assert "met" in text and "400" in text
+    assert_shows_target_met_and_step_time(text)
+    # planted: the same target missed must fail that check (the page says "missed")
+    metrics["targets"]["colour accuracy"]["met"] = False
+    missed = write_report(tmp_path / "missed", metrics, videos, {"stage1": metrics_file}).read_text()
+    with pytest.raises(AssertionError):
+        assert_shows_target_met_and_step_time(missed)
+
+
+def table_rows(page: str) -> list[list[str]]:
+    """Every table row of an HTML page as its cells' text (tags removed, entities decoded)."""
+    return [
+        [html.unescape(re.sub("<[^>]+>", "", cell)) for cell in re.findall(r"<t[dh]>(.*?)</t[dh]>", row)]
+        for row in re.findall(r"<tr>(.*?)</tr>", page)
+    ]
+
+
+def assert_shows_target_met_and_step_time(page: str) -> None:
+    rows = table_rows(page)
+    assert ["colour accuracy", "0.97", ">= 0.95", "met"] in rows, rows
+    assert ["stage1", "400"] in rows, rows
 
 
 def analyze_frames(frames):
