@@ -29,6 +29,7 @@ FAMILY = register(
         example=lambda cfg, text_ids, frames, seed: build_sequence(cfg, text_ids, frames),
         train_flops=lambda cfg: train_flops(cfg, batch=1),
         sampler="cogvideo.sampling.pipeline:VideoPipeline.load",
+        sat_layout="cogvideo.checkpoint.sat_layout:COGVIDEO_SAT",
         planner=PlannerModel(
             describe=activations.describe,
             activation_bytes=activations.activation_bytes,

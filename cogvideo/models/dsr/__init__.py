@@ -41,5 +41,6 @@ FAMILY = register(
         loss=_train_loss,
         example=_example,
         train_flops=_train_flops,
+        sat_layout="cogvideo.models.dsr.sat:DSR_SAT",
     )
 )
