@@ -48,6 +48,7 @@ FAMILY = register(
         from_backbone=init_video_from_backbone,
         train_flops=lambda cfg: train_flops(cfg, batch=1),
         sampler="cogvideo.sampling.pipeline:VideoPipeline.load",
+        sat_layout="cogvideo.checkpoint.sat_layout:COGVIDEO_SAT",
         planner=PlannerModel(
             describe=activations.describe,
             activation_bytes=activations.activation_bytes,

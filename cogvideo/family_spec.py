@@ -70,6 +70,9 @@ class ModelFamily:
     # "module:function" making the sampler from sampling options (imported on use, no import cycle)
     sampler: str | None = None
     planner: PlannerModel | None = None  # None: cogvideo-plan refuses the family
+    # "module:attribute" of its SwissArmyTransformer checkpoint layout (cogvideo/checkpoint/
+    # sat_layout.py; imported on use): cogvideo-convert import-sat / export-sat. None: it has none
+    sat_layout: str | None = None
 
     def preset(self, name: str):
         if name not in self.presets:
