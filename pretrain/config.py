@@ -36,9 +36,13 @@ class ParallelConfig:
     tensor_parallel: int = 1
     zero_stage: Literal[1, 2, 3] = 2  # ZeRO's overflow check is what the NaN guard relies on
     offload_optimizer: bool = False  # optimizer states and step on the CPU
-    # auto: what this hardware runs fast (cogvideo.precision: bf16 on A100/H100 and CPUs with bf16
-    # units, fp16 with loss scaling on V100, fp32 otherwise), resolved once per run at start-up
+    # auto: the device's low precision (bf16 on A100/H100 and CPUs, fp16 with loss scaling on
+    # V100) where the run's own training step, timed at start-up in both, is clearly faster than
+    # fp32's (cogvideo.precision, pretrain/step_probe.py); else fp32. Resolved once per run
     precision: Precision = "auto"
+    auto_excludes: list[Literal["bf16", "fp16"]] = field(
+        default_factory=list
+    )  # precisions auto never chooses for this run: known to cost its quality
     precision_probe: dict = field(default_factory=dict)  # written by the trainer: how precision was chosen
     initial_loss_scale_power: int = (
         16  # fp16: dynamic loss scale starts at 2**this (DeepSpeed's and CogVideo's)

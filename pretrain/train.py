@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from pretrain.data import (
 from pretrain.launch import die_with_launcher, launch_local, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
+from pretrain.step_probe import StepProbe, probe_batch
 
 log = logging.getLogger("pretrain")
 
@@ -108,9 +110,12 @@ def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> di
     return None
 
 
-def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> PrecisionChoice:
-    """Resolve parallel.precision (collective: rank 0 probes the device). `auto` resolves once per
-    run: a resumed run keeps the precision its checkpoint was trained in."""
+def run_precision(
+    cfg: TrainConfig, model_cfg, resume: Path | None, make_step: Callable[[], StepProbe] | None = None
+) -> PrecisionChoice:
+    """Resolve parallel.precision (collective: every rank times the step, rank 0's figures count).
+    `auto` resolves once per run, by timing `make_step()` (the run's own training step) in fp32
+    and the device's low precision; a resumed run keeps the precision its checkpoint was trained in."""
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     rows = cfg.training.micro_batch_size * model_cfg.seq_length
     shape = probe_shape(rows, model_cfg.hidden_size, model_cfg.ffn_size // cfg.parallel.tensor_parallel)
@@ -118,7 +123,13 @@ def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> Precision
     if cfg.parallel.precision == "auto" and trained_in:
         choice = choose_precision(trained_in, device, shape)
         return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
-    return choose_precision(cfg.parallel.precision, device, shape)
+    if make_step is None or cfg.parallel.precision != "auto":
+        return choose_precision(cfg.parallel.precision, device, shape)
+    step = make_step()
+    try:
+        return choose_precision("auto", device, shape, step, cfg.parallel.auto_excludes)
+    finally:
+        step.close()
 
 
 class Trainer:
@@ -128,7 +139,7 @@ class Trainer:
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
         self.model_cfg = model_cfg
-        self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume)
+        self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume, shards, encode_text)
         self.engine = self._engine()
         self.loader = ShardLoader(
             shards,
@@ -164,9 +175,16 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ---- helpers -------------------------------------------------------------------
-    def _settle_precision(self, cfg: TrainConfig, model_cfg, resume: Path | None) -> TrainConfig:
+    def _settle_precision(
+        self, cfg: TrainConfig, model_cfg, resume: Path | None, shards: list[str], encode_text
+    ) -> TrainConfig:
         """Resolve parallel.precision and log it; the config as this run trains (and saves) it."""
-        self.precision = run_precision(cfg, model_cfg, resume)
+
+        def make_step() -> StepProbe:
+            self._info("precision auto: timing this run's training step in each precision")
+            return StepProbe(cfg, model_cfg, probe_batch(cfg, model_cfg, shards, encode_text))
+
+        self.precision = run_precision(cfg, model_cfg, resume, make_step)
         self._info(self.precision.describe())
         if self.precision.warning and self.rank == 0:
             log.warning(self.precision.warning)
@@ -217,7 +235,10 @@ class Trainer:
         self.metrics.record_run_info(
             "precision",
             self.precision.describe(),
-            {f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()},
+            {
+                **{f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()},
+                **{f"step_seconds_{k}": v for k, v in self.precision.figures.step_seconds.items()},
+            },
         )
         self.keys_file = None
         if cfg.logging.sample_keys:
