@@ -40,6 +40,7 @@ __all__ = [
     "plain_model",
     "register",
     "resolve_model_section",
+    "section_family",
 ]
 
 DEFAULT_FAMILY = cogvideo_family.FAMILY.name
@@ -98,6 +99,11 @@ def model_from_record(record: Mapping, tensor_parallel: int = 1):
     """Inverse of `model_record` (no preset: the record is complete), checked for this TP degree."""
     family, fields = _family_and_fields(record)
     return _config(family, fields, tensor_parallel)
+
+
+def section_family(section: Mapping) -> ModelFamily:
+    """The family a model section names (CogVideo where it names none)."""
+    return _family_and_fields(section)[0]
 
 
 def _family_and_fields(section: Mapping) -> tuple[ModelFamily, dict]:
