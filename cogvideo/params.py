@@ -2,7 +2,7 @@
 no memory): what the tokenizers must match (frame size, codes per side, codebook size, text
 vocabulary, text length) and how big the model is.
 
-    cogvideo-params [PRESET ...]
+    cogvideo-params [PRESET ...]      # any family's presets by name (default: CogVideo's)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from cogvideo.config import PRESETS, ModelConfig, get_preset
+from cogvideo.config import PRESETS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cogvideo-params", description=__doc__.split("\n\n")[0])
     parser.add_argument("presets", nargs="*", default=sorted(PRESETS), help="preset names (default: all)")
     args = parser.parse_args(argv)
+    from cogvideo.family import any_preset
+
     try:
-        configs = {name: get_preset(name) for name in args.presets}
+        configs = {name: any_preset(name) for name in args.presets}
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
     print(
