@@ -21,7 +21,7 @@ def null_condition(cfg: HPDMConfig) -> torch.Tensor:
     """Guidance's unconditional input: the null class, or a caption of padding alone."""
     if cfg.condition == "class":
         return torch.tensor(cfg.num_classes)
-    return torch.full((cfg.text_length,), cfg.text_pad_id, dtype=torch.long)
+    return torch.full((cfg.text_length,), cfg.vocab.pad_piece_id, dtype=torch.long)
 
 
 def training_example(cfg: HPDMConfig, video: torch.Tensor, condition: torch.Tensor, seed: int) -> dict:
