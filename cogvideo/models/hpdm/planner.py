@@ -39,9 +39,15 @@ def matmuls(cfg: HPDMConfig) -> list[MatmulFlops]:
     fused = sum(1 for b, level in runs if level > 1)
     count = len(runs)
     return [
-        MatmulFlops("tokenizer + head", cfg.num_levels * 2 * N * di * (2 * cfg.pixels_per_token + COORDINATES), True),
+        MatmulFlops(
+            "tokenizer + head", cfg.num_levels * 2 * N * di * (2 * cfg.pixels_per_token + COORDINATES), True
+        ),
         MatmulFlops("context fusion", fused * 2 * N * 2 * di * di, True),
-        MatmulFlops("read / write projections", count * 2 * (2 * M * dl * di + 4 * N * di * di + 2 * M * dl * di), True),
+        MatmulFlops(
+            "read / write projections",
+            count * 2 * (2 * M * dl * di + 4 * N * di * di + 2 * M * dl * di),
+            True,
+        ),
         MatmulFlops("read / write attention", count * 2 * 2 * 2 * M * N * di, False, 2),
         MatmulFlops("latent layers", count * 2 * M * dl * dl * ((1 + K) * 2 * f + 4 * K), True),
         MatmulFlops("latent attention", count * K * 2 * 2 * M * M * dl, False, 2),
@@ -64,7 +70,9 @@ def recompute_flops(cfg: HPDMConfig, batch: int = 1) -> float:
     return batch * sum(m.forward for m in matmuls(cfg) if m.name != "tokenizer + head")
 
 
-def block_activation_bytes(cfg: HPDMConfig, batch: int, tp: int = 1, dtype: str = "fp32", fuses=False) -> float:
+def block_activation_bytes(
+    cfg: HPDMConfig, batch: int, tp: int = 1, dtype: str = "fp32", fuses=False
+) -> float:
     """What one block keeps for backward for one level's batch of patches."""
     e, s = torch_dtype(dtype).itemsize, STATS_BYTES
     N, M = cfg.tokens_per_patch, latent_tokens(cfg)
@@ -97,7 +105,9 @@ def block_activation_bytes(cfg: HPDMConfig, batch: int, tp: int = 1, dtype: str 
 def layer_activation_bytes(cfg: HPDMConfig, batch: int, tp: int = 1, dtype: str = "fp32") -> float:
     """The largest thing one checkpointed block recomputes: one block over every level it runs."""
     return max(
-        sum(block_activation_bytes(cfg, batch, tp, dtype, fuses=level > 1) for level in cfg.levels_of_block(b))
+        sum(
+            block_activation_bytes(cfg, batch, tp, dtype, fuses=level > 1) for level in cfg.levels_of_block(b)
+        )
         for b in range(cfg.num_layers)
     )
 
