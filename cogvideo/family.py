@@ -26,6 +26,7 @@ from torch import nn
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
+from cogvideo.models import dsr  # noqa: F401  (registers the DSR family)
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "plain_model",
     "register",
     "resolve_model_section",
+    "section_family",
 ]
 
 DEFAULT_FAMILY = cogvideo_family.FAMILY.name
@@ -97,6 +99,11 @@ def model_from_record(record: Mapping, tensor_parallel: int = 1):
     """Inverse of `model_record` (no preset: the record is complete), checked for this TP degree."""
     family, fields = _family_and_fields(record)
     return _config(family, fields, tensor_parallel)
+
+
+def section_family(section: Mapping) -> ModelFamily:
+    """The family a model section names (CogVideo where it names none)."""
+    return _family_and_fields(section)[0]
 
 
 def _family_and_fields(section: Mapping) -> tuple[ModelFamily, dict]:

@@ -18,6 +18,7 @@ import torch
 
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, load_config
+from cogvideo.family import family_of, resolve_model_section
 from cogvideo.precision import Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 
@@ -138,8 +139,6 @@ def world_size_from_env() -> int:
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     """The `model:` section ({family (default cogvideo), preset, ...fields}) -> the family's config."""
-    from cogvideo.family import resolve_model_section
-
     try:
         return resolve_model_section(cfg.model, cfg.parallel.tensor_parallel)
     except ConfigError:
@@ -216,12 +215,19 @@ def _check_data_and_starting_point(cfg: TrainConfig, model_cfg: ModelConfig) -> 
         raise ConfigError(f"data.{err}") from None
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shards given")
-    if cfg.data.stage is None and model_cfg.stage == "backbone":
-        raise ConfigError("data.stage: required for a backbone model (which stage's clips to train on)")
+    if cfg.data.stage is None and family_of(model_cfg).default_stage(model_cfg) is None:
+        raise ConfigError(
+            f"data.stage: required for model {model_cfg.name} (which prepared stage's clips to train on)"
+        )
     if cfg.data.stage not in (None, 1, 2):
         raise ConfigError(f"data.stage: must be 1 or 2, got {cfg.data.stage}")
     if cfg.init.backbone and cfg.init.weights:
         raise ConfigError("init.backbone and init.weights: give at most one starting point")
+    if cfg.init.backbone and family_of(model_cfg).from_backbone is None:
+        raise ConfigError(
+            f"init.backbone: model.family={family_of(model_cfg).name} does not start from a backbone; "
+            f"use init.weights"
+        )
     if cfg.init.optimizer and not cfg.init.weights:
         raise ConfigError(
             "init.optimizer: needs init.weights (a converted checkpoint with an optimizer/ folder)"
@@ -244,5 +250,6 @@ def check_text_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def data_stage(data: DataConfig, model_cfg: ModelConfig) -> int:
-    return data.stage if data.stage is not None else {"stage1": 1, "stage2": 2}[model_cfg.stage]
+def data_stage(data: DataConfig, model_cfg) -> int:
+    """The prepared stage whose clips train the model: data.stage, else the family's default."""
+    return data.stage if data.stage is not None else family_of(model_cfg).default_stage(model_cfg)

@@ -149,7 +149,7 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True):
     def sequence(key):
         s = samples[key]
         ids = tok.encode(TextFormat().text(s.caption, s.meta.duration))[: cfg.text_length]
-        return build_sequence(cfg, ids, s.frames)
+        return build_sequence(cfg, ids, s.arrays["frames"])
 
     model = build_model(cfg, init_weights=False)
     model.load_state_dict(load_model_state(ws["init"]))

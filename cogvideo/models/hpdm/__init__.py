@@ -1,0 +1,1 @@
+"""HPDM: hierarchical patch diffusion in pixel space (Skorokhodov et al., CVPR 2024)."""
