@@ -151,7 +151,9 @@ def reference_step(cfg, model_cfg, batch) -> dict[str, torch.Tensor]:
     """One hand-written fp32 step: the same seed's model, loss, clip and torch AdamW."""
     parallel.manual_seed(cfg.training.seed)
     model = build_model(model_cfg)
-    loss = image_token_loss(model_cfg, model(batch.tokens), batch.targets, batch.loss_mask)
+    loss = image_token_loss(
+        model_cfg, model(batch.tensors["tokens"]), batch.tensors["targets"], batch.tensors["loss_mask"]
+    )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     o = cfg.optim
@@ -165,7 +167,9 @@ def probe_weights(probe: StepProbe, name: str) -> dict[str, torch.Tensor]:
 
 def test_the_fp32_probe_step_is_a_training_step(probe_setup):
     cfg, model_cfg, batch = probe_setup
-    assert batch.tokens.shape[0] == cfg.training.micro_batch_size and batch.loss_mask.any()
+    assert (
+        batch.tensors["tokens"].shape[0] == cfg.training.micro_batch_size and batch.tensors["loss_mask"].any()
+    )
     initial = initial_weights(cfg, model_cfg)
     expected = reference_step(cfg, model_cfg, batch)
     probe = StepProbe(cfg, model_cfg, batch)
