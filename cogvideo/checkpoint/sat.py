@@ -193,7 +193,8 @@ def sat_model_config(
 ) -> ModelConfig:
     """Our ModelConfig for SAT arguments (model_config.json): shape, vocabulary size, dropout,
     layout and window come from them; what SAT does not record (frame size in pixels, the
-    vocabulary's ranges when not icetk's) from `base`; `overrides` (dotted model fields) last."""
+    vocabulary's ranges when not icetk's, the frames' position offset: fixed in the released
+    code) from `base`; `overrides` (dotted model fields) last."""
     base = base or get_preset("cogview2-6b")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
         if not isinstance(args.get(key), int):
@@ -216,6 +217,7 @@ def sat_model_config(
         num_heads=args["num_attention_heads"],
         vocab=_sat_vocab(args, base.vocab),
         max_position_embeddings=args["max_sequence_length"],
+        image_position_offset=base.position_offset,  # the checkpoint's, whatever its text length
         ffn_hidden_size=args.get("inner_hidden_size") or 0,
         layernorm_epsilon=float(args.get("layernorm_epsilon", base.layernorm_epsilon)),
     )
@@ -364,7 +366,7 @@ def sat_args(cfg: ModelConfig, tensor_parallel: int) -> dict:
         "hidden_size": cfg.hidden_size,
         "num_attention_heads": cfg.num_heads,
         "vocab_size": cfg.vocab.vocab_size,
-        "max_sequence_length": cfg.max_position_embeddings,
+        "max_sequence_length": cfg.position_rows,
         "inner_hidden_size": cfg.ffn_hidden_size or None,
         "layernorm_epsilon": cfg.layernorm_epsilon,
         "layernorm_order": "sandwich",
