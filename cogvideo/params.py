@@ -1,8 +1,9 @@
 """Every preset's geometry and parameter counts (from the real model built on the meta device,
 no memory): what the tokenizers must match (frame size, codes per side, codebook size, text
-vocabulary, text length) and how big the model is.
+vocabulary, text length) and how big the model is; with a captions file and a text tokenizer, the
+captions' lengths in text tokens against each preset's text budget.
 
-    cogvideo-params [PRESET ...]
+    cogvideo-params [PRESET ...] [--captions FILE --text-tokenizer MODEL]
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from cogvideo.captions import read_captions
 from cogvideo.config import PRESETS, ModelConfig, get_preset
+from cogvideo.tokenizers.text import caption_lengths, check_fits, length_report, unusable_line
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,15 @@ def geometry_row(cfg: ModelConfig) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cogvideo-params", description=__doc__.split("\n\n")[0])
     parser.add_argument("presets", nargs="*", default=sorted(PRESETS), help="preset names (default: all)")
+    parser.add_argument(
+        "--captions", help="a captions file (CSV / JSONL / one per line): their lengths in tokens"
+    )
+    parser.add_argument(
+        "--text-tokenizer", help="the SentencePiece model that counts the tokens (with --captions)"
+    )
     args = parser.parse_args(argv)
+    if bool(args.captions) != bool(args.text_tokenizer):
+        parser.exit(2, f"{parser.prog}: --captions and --text-tokenizer go together\n")
     try:
         configs = {name: get_preset(name) for name in args.presets}
     except ValueError as err:
@@ -62,6 +73,27 @@ def main(argv: list[str] | None = None) -> None:
         "frame: pixels per side; codes: image tokens per side (model.frame_tokens); codebook: "
         "vocab.num_image_tokens; text_vocab: vocab.num_text_tokens. The tokenizer commands take preset=NAME."
     )
+    if args.captions:
+        try:
+            for line in caption_budgets(args.captions, args.text_tokenizer, configs.values()):
+                print(line)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"{parser.prog}: {err}\n")
+
+
+def caption_budgets(captions: str, text_tokenizer: str, configs) -> list[str]:
+    """Each preset's caption-length report (cogvideo.tokenizers.text.length_report)."""
+    rows = read_captions(captions, need_paths=False)
+    lines = unusable_line(rows)
+    for cfg in configs:
+        try:
+            encode = check_fits(text_tokenizer, cfg, "--text-tokenizer").encode
+        except ValueError as err:  # another preset's vocabulary: say so, go on with the others
+            lines += [f"{cfg.name}: not measured: {err}"]
+            continue
+        report = length_report(caption_lengths(encode, rows, cfg.num_frames), cfg)
+        lines += [f"{cfg.name}:"] + [f"  {line}" for line in report]
+    return lines
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from cogvideo.configio import ConfigError
 from cogvideo.family import resolve_model_section
+from cogvideo.text_format import RELEASE_FRAME_RATES
 from cogvideo.video_io import VIDEO_SUFFIXES
 
 
@@ -32,7 +33,7 @@ class PrepConfig:
     # CogVideo's frame-rate rule: stage 1 takes the lowest rate that still fits all frames in the
     # clip (so the sample spans as much of the action as possible); stage 2 every rate that fits.
     stages: list[int] = field(default_factory=lambda: [1, 2])
-    stage1_fps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    stage1_fps: list[float] = field(default_factory=lambda: list(RELEASE_FRAME_RATES))
     stage2_fps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
 
     # clips: scene cuts (PySceneDetect's ContentDetector), then min / max length
@@ -96,7 +97,11 @@ class Geometry:
 
 def geometry(cfg: PrepConfig) -> Geometry:
     if cfg.model.get("preset") is None:
-        raise ConfigError("prep.model.preset: required (the image tokenizer records no preset)")
+        raise ConfigError(
+            "prep.model.preset: required (the image tokenizer records no preset: a file written before "
+            "tokenizer files recorded theirs); pass model.preset=NAME (cogvideo-params lists them), or fit "
+            "it again with cogvideo-fit-image-tokenizer preset=NAME"
+        )
     try:
         model = resolve_model_section(cfg.model)
     except ConfigError:

@@ -110,3 +110,49 @@ def test_the_caption_check_names_the_longest_captions_and_the_text_length_that_h
     assert f"set model.text_length={longest}" in message
     summary = check_text_length([shard], cfg.replace(text_length=longest), lambda text: list(text), data)
     assert summary.startswith("0 of 5 sampled captions")
+
+
+# ---- the caption-length distribution, before any training ------------------------------------
+
+LONG = "a busy city street where people ride bikes past shops and parked cars"
+
+
+def captions_file(tmp_path):
+    rows = [
+        ("a.mp4", "a red circle moving left"),
+        ("b.mp4", LONG),
+        ("c.mp4", "a blue square moving up"),
+        ("d.mp4", " "),
+    ]
+    path = tmp_path / "captions.csv"
+    path.write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in rows), encoding="utf-8")
+    return path
+
+
+def test_the_text_tokenizer_command_and_params_print_caption_lengths_against_the_budget(tmp_path, capsys):
+    from cogvideo.params import main as params_main
+    from cogvideo.tokenizers.text import TextTokenizer
+    from cogvideo.tokenizers.text import main as text_main
+
+    path = captions_file(tmp_path)
+    text_main(["preset=small", f"captions={path}", f"out={tmp_path / 'text'}"])
+    printed = capsys.readouterr().out
+    small = get_preset("small")
+    encode = TextTokenizer(tmp_path / "text.model", small.vocab).encode
+    # the hand count: the caption as training composes it, with the longest duration prefix (5 frames at
+    # 0.25 fps: 16 s)
+    tokens = {
+        c: len(encode(f"16.0秒<n>{c}")) for c in ("a red circle moving left", LONG, "a blue square moving up")
+    }
+    assert tokens[LONG] > small.text_length >= max(n for c, n in tokens.items() if c != LONG)
+    assert f"over 3 captions: median {sorted(tokens.values())[1]}, 90th percentile" in printed
+    assert f"longest {tokens[LONG]}" in printed
+    assert "model.text_length=16 (preset small) holds 2 of 3 (67 %)" in printed
+    assert f"left out: 1 row(s) without a usable caption: {path}:5 (empty_caption)" in printed
+    assert f"longer: {path}:3: {tokens[LONG]} tokens; train with model.text_length={tokens[LONG]}" in printed
+    params_main(["small", "tiny", "--captions", str(path), "--text-tokenizer", str(tmp_path / "text.model")])
+    printed = capsys.readouterr().out
+    assert (
+        f"  longer: {path}:3: {tokens[LONG]} tokens; train with model.text_length={tokens[LONG]}" in printed
+    )
+    assert "tiny: not measured: --text-tokenizer:" in printed  # its 96-piece vocabulary is another
