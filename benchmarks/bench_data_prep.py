@@ -112,7 +112,7 @@ def random_tokenizer(path: Path) -> Path:
     frames = np.random.default_rng(0).integers(
         0, 256, (64, preset.frame_size, preset.frame_size, 3), np.uint8
     )
-    fit_patch_tokenizer(frames, 256, preset.frame_size, preset.frame_tokens).save(path)
+    fit_patch_tokenizer(frames, 256, preset.frame_size, preset.frame_tokens, preset="small").save(path)
     return path
 
 

@@ -59,7 +59,7 @@ def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 
                 )
                 sink.write(encode_sample(f"b{i}", {"frames": frames}, captions[i], meta))
     tokenizer = train_text_tokenizer(
-        captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False
+        captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False, preset=cfg.name
     )
     return paths, str(tokenizer)
 

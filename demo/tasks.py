@@ -107,6 +107,7 @@ class Demo:
             self.text_model.with_suffix(""),
             cfg.tokenizers.text_vocab_size,
             cfg.tokenizers.text_model_type,
+            preset=cfg.preset,
         )
         text = TextTokenizer(self.text_model, model.vocab)
         longest = max(
@@ -132,7 +133,12 @@ class Demo:
         frames = np.concatenate(frames)[: cfg.tokenizers.image_fit_frames]
         started = time.perf_counter()
         tokenizer = fit_patch_tokenizer(
-            frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens, seed=cfg.seed
+            frames,
+            model.vocab.num_image_tokens,
+            model.frame_size,
+            model.frame_tokens,
+            preset=cfg.preset,
+            seed=cfg.seed,
         )
         tokenizer.save(self.image_model)
         features = tokenizer.patch_size**2 * 3 + (3 if tokenizer.colour_weight else 0)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as err:
         problems += str(err).splitlines()
     try:
-        prompts = read_prompts(args.prompts)
+        prompt_file = read_prompts(args.prompts)
     except PromptError as err:
         problems.append(str(err))
     if problems:  # all of them at once, before any model, process group or Ray starts
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         manifest = run_job(
-            prompts,
+            prompt_file.prompts,
             args.out,
             options,
             functools.partial(VideoPipeline.load, options),
@@ -64,16 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     except RayStartError as err:
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 1
-    return 0 if manifest is None else report(args.out, manifest)
+    return 0 if manifest is None else report(args.out, manifest, prompt_file.skipped())
 
 
-def report(out: str, manifest: dict) -> int:
-    """The run's summary with every failure's reason; non-zero only when no prompt was sampled."""
-    print(f"{out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
+def report(out: str, manifest: dict, skipped: str = "") -> int:
+    """The run's summary with every failure's reason and the prompt file's skipped lines; non-zero
+    when any prompt failed (a rerun samples only those)."""
+    print(
+        f"{out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed"
+        + (f"; {skipped}" if skipped else "")
+    )
     for entry in manifest["entries"]:
         if entry["status"] != "ok":
             print(f"  {entry['key']}: {entry['status']}: {entry.get('error', 'no record (interrupted?)')}")
-    return 1 if manifest["ok"] == 0 else 0
+    return 1 if manifest["failed"] else 0
 
 
 if __name__ == "__main__":
