@@ -243,6 +243,14 @@ def test_only_dsr_parameters_train_and_reinit_copies_the_backbone():
     backbone = {k: v for k, v in full.items() if not is_dsr_param(k)}
     dsr = init_from_backbone(backbone, cfg)
     assert set(dsr) == set(full)
+    video = {
+        **backbone,
+        "layers.0.temporal_gate": torch.zeros(4),
+        "frame_position_embeddings.weight": torch.zeros(2, 4),
+    }
+    assert set(init_from_backbone(video, cfg)) == set(
+        full
+    )  # a CogVideo stage's backbone, temporal parts left out
     assert torch.equal(
         dsr["layers.0.high_attention.query_key_value.weight"],
         backbone["layers.0.attention.query_key_value.weight"],
