@@ -26,7 +26,10 @@ from torch import nn
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
-from cogvideo.models import dsr  # noqa: F401  (registers the DSR family)
+from cogvideo.models import (
+    dsr,  # noqa: F401  (registers the DSR family)
+    hpdm,  # noqa: F401  (registers the HPDM family)
+)
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
