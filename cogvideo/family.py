@@ -26,6 +26,7 @@ from torch import nn
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
+from cogvideo.models.glober import family as glober_family  # noqa: F401  (registers GLOBER)
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
