@@ -57,7 +57,7 @@ def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 
                     clip_end=4.0 / stage,
                     num_frames=cfg.num_frames,
                 )
-                sink.write(encode_sample(f"b{i}", frames, captions[i], meta))
+                sink.write(encode_sample(f"b{i}", {"frames": frames}, captions[i], meta))
     tokenizer = train_text_tokenizer(
         captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False
     )
@@ -124,7 +124,8 @@ def bare_loop(model_cfg, batch):
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
 
     def step():
-        loss = model.loss(model(batch.tokens), batch.targets, batch.loss_mask)
+        t = batch.tensors
+        loss = model.loss(model(t["tokens"]), t["targets"], t["loss_mask"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,10 +1,11 @@
-"""The preparation job on Ray Data: videos + captions -> token shards, manifest, rejected, summary.
+"""The preparation job on Ray Data: videos + captions -> shards, manifest, rejected, summary.
 
     driver: list inputs, check captions, skip finished inputs (resume)
     Ray:    content hash of every input                     (task per input)
     driver: drop exact duplicates (this run and earlier runs)
     Ray:    probe -> clips at scene cuts -> frame-rate rule -> frames      (flat_map, task per input)
-         -> tokenize on actors that load the tokenizer once             (map_batches, batched)
+         -> encode on actors that load the family's encoder once        (map_batches, batched)
+            (the image tokenizer for token shards: data_prep.encoders)
     driver: stream the samples, in input order, into shards (data_prep.output)
 
 The Ray side is in data_prep.stages.
@@ -13,7 +14,6 @@ The Ray side is in data_prep.stages.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from cogvideo.configio import ConfigError, config_parser, parse_config, save_yaml
 from cogvideo.raystart import RayStartError, start_ray
-from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY
-from data_prep.config import Geometry, PrepConfig, geometry
+from data_prep.config import PrepConfig, prep_model
+from data_prep.encoders import encoder_for
 from data_prep.inputs import caption_for, list_inputs, load_captions
 from data_prep.output import PrepOutput
-from data_prep.stages import TokenizeSamples, check_tokenizer, extract_samples, hash_input, load_tokenizer
+from data_prep.stages import FIELD, EncodeSamples, extract_samples, hash_input
 
 
 def plan_inputs(
@@ -84,15 +84,12 @@ def _record_rejection(out: PrepOutput, record: dict) -> None:
     out.finish_input(record)
 
 
-def with_checked_tokenizer(cfg: PrepConfig) -> tuple[PrepConfig, Geometry]:
-    """Before Ray starts: the image tokenizer loads and fits the model (ConfigError otherwise);
-    an unset model.preset becomes the preset the tokenizer was fitted for."""
-    tokenizer = load_tokenizer(cfg)
-    if cfg.model.get("preset") is None:
-        cfg = dataclasses.replace(cfg, model={**cfg.model, "preset": getattr(tokenizer, "preset", None)})
-    shape = geometry(cfg)
-    check_tokenizer(cfg, shape, tokenizer)
-    return cfg, shape
+def settled(cfg: PrepConfig) -> tuple[PrepConfig, object]:
+    """Before Ray starts: the family's encoder is checked on the driver (for token shards: the
+    image tokenizer loads and fits the model, and an unset model.preset becomes the preset the
+    tokenizer was fitted for); the config as the job runs it and the model the shards are for."""
+    cfg = encoder_for(cfg).settle(cfg)
+    return cfg, prep_model(cfg)
 
 
 def run_prep(
@@ -104,7 +101,7 @@ def run_prep(
     progress: bool = True,
 ) -> dict:
     """Prepare (or finish preparing) `out_dir` from the videos matched by `inputs`; the summary."""
-    cfg, shape = with_checked_tokenizer(cfg)
+    cfg, model = settled(cfg)
     started = time.perf_counter()
     out = PrepOutput(out_dir, cfg.shard_samples, cfg.shard_bytes)
     save_yaml(cfg, Path(out_dir) / "prep_config.yaml")
@@ -114,7 +111,7 @@ def run_prep(
 
     start_ray(address, cfg.num_cpus)
     with ordered_data_context():
-        run = _run_jobs(cfg, shape, out, todo, progress)
+        run = _run_jobs(cfg, model, out, todo, progress)
     run["inputs_processed"] += len(rejected)
     out.commit()
     wall = time.perf_counter() - started
@@ -145,13 +142,13 @@ def _blocks(inputs: int, cfg: PrepConfig) -> int:
     return -(-inputs // cfg.inputs_per_task)
 
 
-def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict], progress: bool) -> dict:
-    """Hash, deduplicate, then extract + tokenize + write; this run's counts."""
+def _run_jobs(cfg: PrepConfig, model, out: PrepOutput, todo: list[dict], progress: bool) -> dict:
+    """Hash, deduplicate, then extract + encode + write; this run's counts."""
     accepted = _deduplicate(cfg, out, todo)
     run = {"inputs_processed": len(todo), "frames_decoded": 0, "samples_written": 0}
     if accepted:
         bar = tqdm(total=len(accepted), desc="videos", unit="video", disable=not progress)
-        for row in _tokenized(cfg, shape, accepted).iter_rows():
+        for row in _encoded(cfg, model, accepted).iter_rows():
             _write_row(out, row, run, bar)
         bar.close()
     return run
@@ -185,16 +182,19 @@ def _deduplicate(cfg: PrepConfig, out: PrepOutput, todo: list[dict]) -> list[dic
     return accepted
 
 
-def _tokenized(cfg: PrepConfig, shape: Geometry, accepted: list[dict]) -> ray.data.Dataset:
-    """The Ray job that extracts clips from the accepted inputs and tokenizes them (actor pool)."""
+def _encoded(cfg: PrepConfig, model, accepted: list[dict]) -> ray.data.Dataset:
+    """The Ray job that extracts clips from the accepted inputs and encodes them (actor pool)."""
     gpus = cfg.gpus_per_actor(ray.cluster_resources().get("GPU", 0))
     device = "cuda" if gpus > 0 else "cpu"
     return (
         ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
-        .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "shape": shape})
+        .flat_map(
+            extract_samples,
+            fn_kwargs={"cfg": cfg, "model": model, "frame_size": encoder_for(cfg).pixel_size(model)},
+        )
         .map_batches(
-            TokenizeSamples,
-            fn_constructor_kwargs={"cfg": cfg, "shape": shape, "device": device},
+            EncodeSamples,
+            fn_constructor_kwargs={"cfg": cfg, "model": model, "encoder": encoder_for(cfg), "device": device},
             batch_size=cfg.tokenize_batch,
             compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
             num_cpus=cfg.tokenizer_cpus,
@@ -205,15 +205,13 @@ def _tokenized(cfg: PrepConfig, shape: Geometry, accepted: list[dict]) -> ray.da
 
 
 def _write_row(out: PrepOutput, row: dict, run: dict, bar: tqdm) -> None:
-    """One row of the tokenize job: a sample (into the shards and manifest), a rejection, or the
+    """One row of the encode job: a sample (into the shards and manifest), a rejection, or the
     end of an input (counted in `run` and on `bar`)."""
     record = json.loads(row["record"])
     if row["kind"] == "sample":
         fields = {
             "__key__": row["key"],
-            FRAMES_KEY: row["frames_npy"],
-            CAPTION_KEY: row["caption_txt"],
-            META_KEY: row["meta_json"],
+            **{name.removeprefix(FIELD): value for name, value in row.items() if name.startswith(FIELD)},
         }
         meta = record["meta"]
         manifest = {
@@ -237,7 +235,7 @@ def _write_row(out: PrepOutput, row: dict, run: dict, bar: tqdm) -> None:
 def run_cli(argv: list[str] | None = None) -> dict:
     """cogvideo-prep --input DIR_OR_GLOB --captions FILE --out DIR [--address ray://...]
     [--config prep.yaml] [key=value ...]"""
-    parser = config_parser(PrepConfig, "cogvideo-prep", "Videos + captions -> token shards.")
+    parser = config_parser(PrepConfig, "cogvideo-prep", "Videos + captions -> shards for the model's family.")
     parser.add_argument("--input", action="append", required=True, help="folder, file or glob (repeatable)")
     parser.add_argument("--captions", help="CSV or JSONL with path,caption (default: sidecar .txt files)")
     parser.add_argument("--out", required=True, help="output folder (rerun to resume)")

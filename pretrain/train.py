@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
 from cogvideo.checkpoint.training import find_resume, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
+from cogvideo.family import build_model, family_of
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
 from pretrain.config import (
@@ -37,10 +39,19 @@ from pretrain.config import (
     load_train_config,
     world_size_from_env,
 )
-from pretrain.data import Batch, DataError, ShardLoader, check_shards, check_text_length, expand_shards
+from pretrain.data import (
+    Batch,
+    DataError,
+    ShardLoader,
+    check_shard_kind,
+    check_shards,
+    check_text_length,
+    expand_shards,
+)
 from pretrain.launch import die_with_launcher, launch_local, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
+from pretrain.step_probe import StepProbe, probe_batch
 
 log = logging.getLogger("pretrain")
 
@@ -63,6 +74,13 @@ def text_encoder(cfg: TrainConfig, vocab):
     return TextTokenizer(cfg.data.text_tokenizer, vocab).encode
 
 
+def model_label(model_cfg) -> str:
+    """The model's family and name (and CogVideo's stage) for the log."""
+    family = family_of(model_cfg).name
+    stage = getattr(model_cfg, "stage", None)
+    return f"{family} {model_cfg.name}" + (f" ({stage})" if stage else "")
+
+
 def say(message: str) -> None:
     """Start-up progress, from global rank 0 only."""
     if os.environ.get("RANK", "0") == "0":
@@ -78,21 +96,26 @@ def deepspeed_op_cached() -> bool:
 def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> dict | None:
     """This TP rank's starting weights from init.weights / init.backbone, or None (from scratch).
 
-    A backbone is read as this rank's shard only: the temporal channel copies the spatial one
-    and follows the same split rules, so initialising the shard gives the shard of the init."""
+    A backbone is read as this rank's shard only: the family's `from_backbone` derives the new
+    parts from parts that follow the same split rules (CogVideo's temporal channel copies the
+    spatial one), so initialising the shard gives the shard of the init."""
     from cogvideo.checkpoint import load_model_state
-    from cogvideo.model import init_video_from_backbone
 
     if cfg.init.weights:
         return load_model_state(cfg.init.weights, tp_rank, tp_size)
     if cfg.init.backbone:
-        return init_video_from_backbone(load_model_state(cfg.init.backbone, tp_rank, tp_size), model_cfg)
+        return family_of(model_cfg).from_backbone(
+            load_model_state(cfg.init.backbone, tp_rank, tp_size), model_cfg
+        )
     return None
 
 
-def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> PrecisionChoice:
-    """Resolve parallel.precision (collective: rank 0 probes the device). `auto` resolves once per
-    run: a resumed run keeps the precision its checkpoint was trained in."""
+def run_precision(
+    cfg: TrainConfig, model_cfg, resume: Path | None, make_step: Callable[[], StepProbe] | None = None
+) -> PrecisionChoice:
+    """Resolve parallel.precision (collective: every rank times the step, rank 0's figures count).
+    `auto` resolves once per run, by timing `make_step()` (the run's own training step) in fp32
+    and the device's low precision; a resumed run keeps the precision its checkpoint was trained in."""
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     rows = cfg.training.micro_batch_size * model_cfg.seq_length
     shape = probe_shape(rows, model_cfg.hidden_size, model_cfg.ffn_size // cfg.parallel.tensor_parallel)
@@ -100,19 +123,23 @@ def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> Precision
     if cfg.parallel.precision == "auto" and trained_in:
         choice = choose_precision(trained_in, device, shape)
         return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
-    return choose_precision(cfg.parallel.precision, device, shape)
+    if make_step is None or cfg.parallel.precision != "auto":
+        return choose_precision(cfg.parallel.precision, device, shape)
+    step = make_step()
+    try:
+        return choose_precision("auto", device, shape, step, cfg.parallel.auto_excludes)
+    finally:
+        step.close()
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg, shards: list[str], encode_text, resume: Path | None):
-        from cogvideo.family import family_of
-
         self.family = family_of(model_cfg)
         say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
         self.model_cfg = model_cfg
-        self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume)
+        self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume, shards, encode_text)
         self.engine = self._engine()
         self.loader = ShardLoader(
             shards,
@@ -148,9 +175,16 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ---- helpers -------------------------------------------------------------------
-    def _settle_precision(self, cfg: TrainConfig, model_cfg, resume: Path | None) -> TrainConfig:
+    def _settle_precision(
+        self, cfg: TrainConfig, model_cfg, resume: Path | None, shards: list[str], encode_text
+    ) -> TrainConfig:
         """Resolve parallel.precision and log it; the config as this run trains (and saves) it."""
-        self.precision = run_precision(cfg, model_cfg, resume)
+
+        def make_step() -> StepProbe:
+            self._info("precision auto: timing this run's training step in each precision")
+            return StepProbe(cfg, model_cfg, probe_batch(cfg, model_cfg, shards, encode_text))
+
+        self.precision = run_precision(cfg, model_cfg, resume, make_step)
         self._info(self.precision.describe())
         if self.precision.warning and self.rank == 0:
             log.warning(self.precision.warning)
@@ -161,8 +195,6 @@ class Trainer:
         """The model, built lean on this rank's device (docs/cuda-paths.md) and initialised from
         init.weights / init.backbone or from the seed, wrapped by deepspeed.initialize."""
         import deepspeed
-
-        from cogvideo.family import build_model
 
         cfg, model_cfg = self.cfg, self.model_cfg
         parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
@@ -203,7 +235,10 @@ class Trainer:
         self.metrics.record_run_info(
             "precision",
             self.precision.describe(),
-            {f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()},
+            {
+                **{f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()},
+                **{f"step_seconds_{k}": v for k, v in self.precision.figures.step_seconds.items()},
+            },
         )
         self.keys_file = None
         if cfg.logging.sample_keys:
@@ -333,7 +368,7 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         self._info(
-            f"training {self.model_cfg.name} ({self.model_cfg.stage}) from step {self.step} to "
+            f"training {model_label(self.model_cfg)} from step {self.step} to "
             f"{cfg.training.max_steps}: world {dist.get_world_size()} = TP {parallel.tp_size()} x "
             f"DP {parallel.dp_size()}, ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}"
         )
@@ -389,7 +424,7 @@ def dry_run(args: argparse.Namespace) -> None:
     tp = cfg.parallel.tensor_parallel
     print(
         f"cogvideo-train: config valid for {args.dry_run} ranks (TP {tp} x DP {args.dry_run // tp}), "
-        f"model {model_cfg.name} ({model_cfg.stage}), precision {cfg.parallel.precision}"
+        f"model {model_label(model_cfg)}, precision {cfg.parallel.precision}"
     )
 
 
@@ -408,6 +443,7 @@ def preflight(args: argparse.Namespace, world_size: int):
     encode = text_encoder(cfg, model_cfg.vocab)
     for line in check_shards(shards, cfg.training.seed, dp_size):
         say(f"unreadable shard, skipped in training: {line}")
+    check_shard_kind(shards, model_cfg)
     say(check_text_length(shards, model_cfg, encode, cfg.data))
     resume = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
     if resume is not None:
@@ -418,7 +454,7 @@ def preflight(args: argparse.Namespace, world_size: int):
         ).check(resume, dp_size)
     counts = count_parameters(model_cfg)
     say(
-        f"model {model_cfg.name} ({model_cfg.stage}): {counts.trainable:,} of {counts.total:,} parameters train"
+        f"model {model_label(model_cfg)}: {counts.trainable:,} of {counts.total:,} parameters train"
         + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)")
     )
     return cfg, model_cfg, shards, encode, resume

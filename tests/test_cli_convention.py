@@ -121,11 +121,11 @@ def test_prep_refuses_a_missing_or_misfitted_tokenizer_before_ray_starts(tmp_pat
 def test_prep_takes_the_model_preset_from_the_tokenizer(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
     fit_patch_tokenizer(frames, 16, 16, 4, preset="tiny").save(tmp_path / "tiny.safetensors")
-    cfg, shape = pipeline.with_checked_tokenizer(PrepConfig(tokenizer=str(tmp_path / "tiny.safetensors")))
-    assert cfg.model["preset"] == "tiny" and (shape.frame_size, shape.tokens_side) == (16, 4)
+    cfg, model = pipeline.settled(PrepConfig(tokenizer=str(tmp_path / "tiny.safetensors")))
+    assert cfg.model["preset"] == "tiny" and (model.frame_size, model.frame_tokens) == (16, 4)
     fit_patch_tokenizer(frames, 16, 16, 4).save(tmp_path / "unnamed.safetensors")  # fitted without a preset
     with pytest.raises(Exception, match="prep.model.preset: required"):
-        pipeline.with_checked_tokenizer(PrepConfig(tokenizer=str(tmp_path / "unnamed.safetensors")))
+        pipeline.settled(PrepConfig(tokenizer=str(tmp_path / "unnamed.safetensors")))
 
 
 def test_reshard_exits_0_when_it_worked(tmp_path, capsys):
@@ -140,7 +140,7 @@ def test_reshard_exits_0_when_it_worked(tmp_path, capsys):
     )
     for i in range(4):
         out.add_sample(
-            encode_sample(f"k{i}", np.zeros((5, 4, 4), np.int64), "a video", meta),
+            encode_sample(f"k{i}", {"frames": np.zeros((5, 4, 4), np.int64)}, "a video", meta),
             {"key": f"k{i}", "source": "v.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0, "stage": 1},
         )
     out.commit()

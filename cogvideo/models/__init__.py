@@ -1,2 +1,1 @@
-"""Model families beyond CogVideo, one package each (`cogvideo/models/<family>/`), registered
-with `cogvideo.family` when that module is imported."""
+"""Model families other than CogVideo, one package each (registered as `ModelFamily`s)."""

@@ -6,3 +6,7 @@ CRA adversarial loss) and a DiT generating global features from captions.
 config (presets) -> model (plain, TP plan, init) -> batch (latent shard sample -> tensors)
 -> losses (+ cra) -> sampler -> family (registration, FLOPs, planner model)
 """
+
+from cogvideo.models.glober.family import FAMILY
+
+__all__ = ["FAMILY"]

@@ -5,7 +5,7 @@ One config describes the whole family; `phase` says which part trains:
 - `autoencoder`: the video auto-encoder (video encoder + diffusion video decoder, the frozen
   KL-VAE) trained with its CRA discriminator, generator and discriminator alternating;
 - `generator`: the DiT fitting the frozen video encoder's global features, conditioned on the
-  caption (`autoencoder` names the finished phase-1 weights it starts from).
+  caption; it starts from the finished auto-encoder (training's `init.backbone`).
 
 Shapes: frames of `frame_size` pixels -> KL-VAE latents [latent_channels, L, L] with
 L = frame_size / vae.factor -> keyframe latents [K, C', L, L] -> a global feature
@@ -153,7 +153,6 @@ class GloberConfig:
     adversarial_loss: Literal["bce", "hinge"] = "bce"  # bce: the paper's Eq. 10; hinge: the code's
     generator_steps: int = 1  # the alternation: this many generator (auto-encoder) steps,
     discriminator_steps: int = 1  # then this many discriminator steps
-    autoencoder: str = ""  # phase generator: the finished auto-encoder (a converted checkpoint)
     init_std: float = 0.02  # the DiT's embeddings
     checkpointing: bool = False  # recompute activations in backward (DiT blocks / diffusers' UNet)
 
@@ -191,8 +190,23 @@ class GloberConfig:
 
     @property
     def seq_length(self) -> int:
-        """Tokens the DiT attends over: the caption's and the global feature's."""
-        return self.text_length + self.global_size**2
+        """Positions one training sample runs through its network (throughput's tokens): the DiT's
+        caption and global-feature tokens; the auto-encoder's two decoded frames' latent positions."""
+        if self.phase == "generator":
+            return self.text_length + self.global_size**2
+        return 2 * self.latent_size**2
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the phase's main matrix products (the precision probe's): the DiT's, or the
+        decoder UNet's widest level."""
+        if self.phase == "generator":
+            return self.dit.hidden_size
+        return self.decoder.channels * max(self.decoder.channel_mult)
+
+    @property
+    def ffn_size(self) -> int:
+        return (self.dit.mlp_ratio if self.phase == "generator" else 4) * self.hidden_size
 
     # ---- validation -----------------------------------------------------------------
     def validate(self, tensor_parallel: int = 1) -> "GloberConfig":

@@ -5,14 +5,16 @@ names the family).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cogvideo.family_spec import ModelFamily, register
 from cogvideo.models.glober import flops
-from cogvideo.models.glober.batch import glober_example
+from cogvideo.models.glober.batch import glober_example, sample_problem
 from cogvideo.models.glober.config import PRESETS, GloberConfig
 from cogvideo.models.glober.losses import generator_loss
-from cogvideo.models.glober.model import TP_PLAN, GloberModel, init_weights
+from cogvideo.models.glober.model import TP_PLAN, GloberModel, from_autoencoder, init_weights
 
 
 def tensors_on(model: torch.nn.Module, tensors: dict, device) -> dict:
@@ -40,7 +42,11 @@ FAMILY = register(
         tp_plan=TP_PLAN,
         loss=train_loss,
         example=glober_example,
-        train_flops=flops.train_flops,
+        shard_kind="latents",
+        prep_encoder="latents",
+        sample_problem=sample_problem,
+        from_backbone=from_autoencoder,
+        train_flops=functools.partial(flops.train_flops, GloberModel),
         sampler="cogvideo.models.glober.pipeline:GloberPipeline.load",
     )
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,12 +35,6 @@ def meta_batch(cfg: GloberConfig, batch: int = 1) -> dict[str, torch.Tensor]:
         }
 
 
-def meta_model(cfg: GloberConfig):
-    from cogvideo.family import plain_model  # the family registry imports this module
-
-    return plain_model(cfg)
-
-
 def _counted(run) -> float:
     with FlopCounterMode(display=False) as counter:
         loss = run()
@@ -49,9 +44,11 @@ def _counted(run) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _phase_flops(key: tuple) -> float:
+def _phase_flops(build: Callable, key: tuple) -> float:
     cfg = GloberConfig(*key)
-    model, batch = meta_model(cfg), meta_batch(cfg)
+    with torch.device("meta"):  # the plain model, as cogvideo.family.plain_model builds it (that
+        model = build(cfg)  # module imports the families, so a family cannot import it)
+    batch = meta_batch(cfg)
     if cfg.phase == "generator":
         return _counted(lambda: generator_loss(cfg, model.autoencoder, model.dit, batch)["loss"])
     g = _counted(lambda: autoencoder_loss(cfg, model.autoencoder, model.discriminator, batch)["loss"])
@@ -60,6 +57,7 @@ def _phase_flops(key: tuple) -> float:
     return (g * cfg.generator_steps + d * cfg.discriminator_steps) / steps
 
 
-def train_flops(cfg: GloberConfig) -> float:
-    """Forward + backward FLOPs of one training sample (throughput, MFU, cogvideo-plan)."""
-    return _phase_flops(config_key(cfg))
+def train_flops(build: Callable, cfg: GloberConfig) -> float:
+    """Forward + backward FLOPs of one training sample (throughput, MFU, cogvideo-plan) of the
+    model `build(cfg)` (the family's plain-model builder) makes."""
+    return _phase_flops(build, config_key(cfg))

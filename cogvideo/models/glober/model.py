@@ -8,19 +8,19 @@ Parameter names (by phase):
     autoencoder.decoder.projector.*, .guidance.*    global-feature tokens, the additional modules
     discriminator.*               the CRA discriminator (phase autoencoder: the second optimised part)
     dit.*                         the DiT (phase generator; the auto-encoder is frozen there and
-                                  starts from model.autoencoder)
+                                  comes from phase autoencoder's checkpoint: `from_autoencoder`)
 
 The TP plan splits the DiT only (module-name suffixes that no diffusers layer here carries).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import nn
 
+from cogvideo import parallel
 from cogvideo.models.glober.config import GloberConfig
 from cogvideo.models.glober.cra import PairDiscriminator
 from cogvideo.models.glober.decoder import VideoDecoder
@@ -93,19 +93,36 @@ def init_weights(cfg: GloberConfig, name: str, tensor: torch.Tensor) -> None:
 
 def _source(cfg: GloberConfig, name: str) -> torch.Tensor | None:
     """The stored tensor parameter `name` starts from, if the config names a file for it."""
-    if cfg.phase == "generator" and cfg.autoencoder and name.startswith("autoencoder."):
-        return _checkpoint(cfg.autoencoder).full(name)
     if cfg.vae.path and name.startswith("autoencoder.vae."):
         return load_tensor(cfg.vae.path, name.removeprefix("autoencoder.vae."), "model.vae.path")
     if cfg.decoder.unet_path and name.startswith("autoencoder.decoder.unet."):
-        return load_tensor(
-            cfg.decoder.unet_path, name.removeprefix("autoencoder.decoder.unet."), "model.decoder.unet_path"
-        )
+        unet_name = name.removeprefix("autoencoder.decoder.unet.")
+        return load_tensor(cfg.decoder.unet_path, unet_name, "model.decoder.unet_path")
     return None
 
 
-@functools.lru_cache(maxsize=2)
-def _checkpoint(path: str):
-    from cogvideo.checkpoint import Checkpoint  # the checkpoint package imports the family registry
-
-    return Checkpoint(path)
+def from_autoencoder(state: dict[str, torch.Tensor], cfg: GloberConfig) -> dict[str, torch.Tensor]:
+    """Phase generator's starting state from the finished auto-encoder (training's init.backbone:
+    a converted phase-autoencoder checkpoint, this TP rank's view of it): its `autoencoder.*`
+    weights as trained (the discriminator stays behind) and the DiT initialised as build_model
+    would (each full parameter drawn in the model's order, this rank's TP shard kept)."""
+    if cfg.phase != "generator":
+        raise ValueError("init.backbone: only model.phase=generator starts from a trained auto-encoder")
+    with torch.device("meta"):
+        expected = {f"autoencoder.{n}": p.shape for n, p in VideoAutoencoder(cfg).named_parameters()}
+        dit = {f"dit.{n}": p.shape for n, p in GlobalDiT(cfg).named_parameters()}
+    out = {}
+    for name, shape in expected.items():
+        if name not in state or state[name].shape != shape:
+            found = "missing" if name not in state else f"shaped {list(state[name].shape)}"
+            raise ValueError(
+                f"init.backbone: {name} is {found}, the model needs {list(shape)}: start phase generator "
+                "from the phase autoencoder checkpoint of this same model section"
+            )
+        out[name] = state[name]
+    rank, size = parallel.tp_rank(), parallel.tp_size()
+    for name, shape in dit.items():
+        full = torch.empty(shape)
+        init_weights(cfg, name, full)
+        out[name] = TP_PLAN.shard_tensor(name, full, rank, size).clone()
+    return out
