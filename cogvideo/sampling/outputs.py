@@ -140,11 +140,15 @@ def write_contact_sheet(path: Path, rows: list[tuple[str, Path]]) -> None:
     sheet.save(path)
 
 
-def write_video_entry(entry: Path, codes: np.ndarray, frames: np.ndarray, fps: float) -> dict:
-    """Everything but record.json for one prompt; returns the files written."""
+def write_video_entry(entry: Path, codes: np.ndarray | None, frames: np.ndarray, fps: float) -> dict:
+    """Everything but record.json for one prompt (codes: a token model's image codes; None for a
+    pixel-space one); returns the files written."""
     entry.mkdir(parents=True, exist_ok=True)
-    np.save(entry / "codes.npy", codes)
     write_mp4(entry / "video.mp4", frames, fps)
     write_gif(entry / "video.gif", frames, fps)
     write_sheet_row(entry / "sheet_row.png", frames)
-    return {"mp4": "video.mp4", "gif": "video.gif", "codes": "codes.npy", "sheet_row": "sheet_row.png"}
+    files = {"mp4": "video.mp4", "gif": "video.gif", "sheet_row": "sheet_row.png"}
+    if codes is not None:
+        np.save(entry / "codes.npy", codes)
+        files["codes"] = "codes.npy"
+    return files

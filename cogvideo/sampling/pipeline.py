@@ -61,6 +61,8 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: t
 
 
 class VideoPipeline:
+    options_class = SampleOptions  # cogvideo-sample's options for this family
+
     def __init__(
         self,
         options: SampleOptions,

@@ -67,6 +67,7 @@ FAMILY = register(
         shard_kind="frames",
         prep_encoder="frames",
         sample_problem=_sample_problem,
+        sampler="cogvideo.models.hpdm.sampling:HPDMPipeline.load",
         planner=PlannerModel(
             describe=planner.describe,
             activation_bytes=planner.activation_bytes,
