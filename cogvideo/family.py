@@ -34,6 +34,7 @@ from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
     "ModelFamily",
+    "any_preset",
     "PlannerModel",
     "build_model",
     "family_of",
@@ -53,6 +54,15 @@ def get_family(name: str) -> ModelFamily:
     if name not in REGISTRY:
         raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def any_preset(name: str):
+    """The preset `name` of whichever registered family has it (a command's `--base` / preset list)."""
+    for family in REGISTRY.values():
+        if name in family.presets:
+            return family.preset(name)
+    known = sorted(p for f in REGISTRY.values() for p in f.presets)
+    raise ValueError(f"model.preset: unknown preset {name!r}; known: {known}")
 
 
 def family_of(cfg) -> ModelFamily:

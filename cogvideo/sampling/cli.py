@@ -26,16 +26,20 @@ from cogvideo.sampling.prompts import PromptError, read_prompts
 
 
 def family_pipeline(name: str):
-    """The pipeline class a family samples with (its `sampler`, "module:Class.load")."""
+    """The pipeline class a family samples with: its `sampler` ("module:Class" or
+    "module:Class.load"), a class with `options_class` and `load(options)`."""
     from cogvideo.family import get_family
 
     family = get_family(name)
-    if family.sampler is None:
-        raise ValueError(f"--family {name}: this family has no sampler")
-    module, attribute = family.sampler.split(":")
-    target = importlib.import_module(module)
-    for part in attribute.split(".")[:-1]:
-        target = getattr(target, part)
+    target = None
+    if family.sampler is not None:
+        module, attribute = family.sampler.split(":")
+        target = importlib.import_module(module)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+        target = getattr(target, "__self__", target)  # a classmethod names its class
+    if not hasattr(target, "options_class"):
+        raise ValueError(f"--family {name}: this family has no cogvideo-sample pipeline")
     return target
 
 
