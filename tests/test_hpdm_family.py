@@ -154,3 +154,22 @@ def test_params_and_plan_commands_list_and_plan_the_family(capsys):
     )
     out = capsys.readouterr().out
     assert "hpdm-s: 3-level pyramid of 16x64x64 patches" in out and "fits" in out
+
+
+def test_auto_precision_is_full_precision_for_this_family():
+    """The supplement found mixed precision (fp16 or bf16) converged worse: the family excludes
+    both from `auto`, in training and in sampling; named precisions are still honoured."""
+    from cogvideo.family import get_family
+    from cogvideo.precision import choose_precision
+    from pretrain.config import load_train_config
+    from pretrain.train import run_precision
+
+    assert get_family("hpdm").auto_excludes == ("bf16", "fp16")
+    cfg = load_train_config(None, ["model.family=hpdm", "model.preset=hpdm-demo", "parallel.precision=auto"])
+    choice = run_precision(cfg, resolve_model_section(cfg.model), None)
+    assert choice.precision == "fp32"
+    low = choice.figures.low_precision
+    assert low is None or "excluded" in choice.reason
+    cfg = load_train_config(None, ["model.family=hpdm", "model.preset=hpdm-demo", "parallel.precision=bf16"])
+    assert run_precision(cfg, resolve_model_section(cfg.model), None).precision == "bf16"
+    assert choose_precision("auto", excluded=get_family("hpdm").auto_excludes).precision == "fp32"

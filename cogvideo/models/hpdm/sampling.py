@@ -33,8 +33,8 @@ class HPDMSampleOptions:
     text_tokenizer: str = ""  # text presets: the tokenizer the model trained with
     seed: int = 1234
     batch_size: int = 1  # prompts a worker takes at a time (each is sampled on its own generator)
-    # full precision by default (the supplement: mixed precision converged worse); auto: the
-    # project's rule (bf16 where the device runs it fast), for sampling speed only
+    # full precision (the supplement: mixed precision converged worse); auto picks fp32 for this
+    # family too (its auto_excludes), bf16 / fp16 only when asked for by name
     dtype: Precision = "fp32"
     device: str = "cpu"
     tensor_parallel: int = 1
