@@ -124,11 +124,13 @@ def run_precision(
     if cfg.parallel.precision == "auto" and trained_in:
         choice = choose_precision(trained_in, device, shape)
         return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
+    # the run's and the family's: low precisions known to cost this model its quality
+    excluded = (*cfg.parallel.auto_excludes, *family_of(model_cfg).auto_excludes)
     if make_step is None or cfg.parallel.precision != "auto":
-        return choose_precision(cfg.parallel.precision, device, shape)
+        return choose_precision(cfg.parallel.precision, device, shape, excluded=excluded)
     step = make_step()
     try:
-        return choose_precision("auto", device, shape, step, cfg.parallel.auto_excludes)
+        return choose_precision("auto", device, shape, step, excluded)
     finally:
         step.close()
 

@@ -16,6 +16,7 @@ from cogvideo.sampling import cli
 from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.pipeline import VideoPipeline
 from cogvideo.sampling.prompts import PromptError, TextBudgetError, TextEncoder, read_prompts
 from cogvideo.text_format import TextFormat
 from cogvideo.video_io import read_video
@@ -214,7 +215,7 @@ def _fake_files(tmp_path):
 
 
 def test_cli_prints_each_failure_and_fails_when_any_prompt_failed(tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(cli.VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
+    monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS[:3] + ["  "] + PROMPTS[3:]))  # a 6-line file with a blank line
     with caplog.at_level("INFO", logger="cogvideo.sampling.job"):
