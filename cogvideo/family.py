@@ -26,11 +26,15 @@ from torch import nn
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
-from cogvideo.models import dsr  # noqa: F401  (registers the DSR family)
+from cogvideo.models import (
+    dsr,  # noqa: F401  (registers the DSR family)
+    hpdm,  # noqa: F401  (registers the HPDM family)
+)
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
     "ModelFamily",
+    "any_preset",
     "PlannerModel",
     "build_model",
     "family_of",
@@ -50,6 +54,15 @@ def get_family(name: str) -> ModelFamily:
     if name not in REGISTRY:
         raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def any_preset(name: str):
+    """The preset `name` of whichever registered family has it (a command's `--base` / preset list)."""
+    for family in REGISTRY.values():
+        if name in family.presets:
+            return family.preset(name)
+    known = sorted(p for f in REGISTRY.values() for p in f.presets)
+    raise ValueError(f"model.preset: unknown preset {name!r}; known: {known}")
 
 
 def family_of(cfg) -> ModelFamily:

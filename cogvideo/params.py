@@ -2,7 +2,7 @@
 no memory): what the tokenizers must match (frame size, codes per side, codebook size, text
 vocabulary, text length) and how big the model is.
 
-    cogvideo-params [PRESET ...]
+    cogvideo-params [PRESET ...]      # any family's presets by name (default: all)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from cogvideo.config import PRESETS, ModelConfig, get_preset
+from cogvideo.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -41,27 +41,41 @@ def geometry_row(cfg: ModelConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cogvideo.family import REGISTRY, any_preset, family_of
+
+    every = sorted(name for family in REGISTRY.values() for name in family.presets)
     parser = argparse.ArgumentParser(prog="cogvideo-params", description=__doc__.split("\n\n")[0])
-    parser.add_argument("presets", nargs="*", default=sorted(PRESETS), help="preset names (default: all)")
+    parser.add_argument(
+        "presets", nargs="*", default=every, help="preset names, of any family (default: all)"
+    )
     args = parser.parse_args(argv)
     try:
-        configs = {name: get_preset(name) for name in args.presets}
+        configs = {name: any_preset(name) for name in args.presets}
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
-    print(
-        f"{'preset':<18} {'stage':<9} {'frame':>7} {'codes':>7} {'frames':>6} {'text_len':>8} "
-        f"{'codebook':>8} {'text_vocab':>10} {'total':>14} {'trainable':>14}"
-    )
-    for name, cfg in configs.items():
+    tokens = {name: cfg for name, cfg in configs.items() if family_of(cfg).shard_kind == "tokens"}
+    if tokens:
+        print(
+            f"{'preset':<18} {'stage':<9} {'frame':>7} {'codes':>7} {'frames':>6} {'text_len':>8} "
+            f"{'codebook':>8} {'text_vocab':>10} {'total':>14} {'trainable':>14}"
+        )
+    for name, cfg in tokens.items():
         counts = count_parameters(cfg)
         print(
             f"{name:<18} {cfg.stage:<9} {geometry_row(cfg)} {counts.total:>14,} {counts.trainable:>14,}"
             f"   ({counts.total / 1e9:.2f}B / {counts.trainable / 1e9:.2f}B)"
         )
-    print(
-        "frame: pixels per side; codes: image tokens per side (model.frame_tokens); codebook: "
-        "vocab.num_image_tokens; text_vocab: vocab.num_text_tokens. The tokenizer commands take preset=NAME."
-    )
+    if tokens:
+        print(
+            "frame: pixels per side; codes: image tokens per side (model.frame_tokens); codebook: "
+            "vocab.num_image_tokens; text_vocab: vocab.num_text_tokens. The tokenizer commands take preset=NAME."
+        )
+    for name, cfg in configs.items():  # families that read no tokens: counts and the planner's one-line shape
+        if name in tokens:
+            continue
+        family, counts = family_of(cfg), count_parameters(cfg)
+        shape = family.planner.describe(cfg) if family.planner else ""
+        print(f"{name:<18} {family.name:<9} {counts.total:>14,} {counts.trainable:>14,}   {shape}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ samples (uint8 [samples, frames, size, size, 3]) into the named arrays of the fa
 kind (`cogvideo.shards.KINDS`). The family names its encoder (`ModelFamily.prep_encoder`); each
 runs on Ray actors that load it once, and is first checked on the driver before Ray starts.
 
-    tokens   image-token codes from the image tokenizer (`prep.tokenizer`): CogVideo
-    frames   the frames themselves, uint8 RGB: pixel-space families
+    tokens     image-token codes from the image tokenizer (`prep.tokenizer`): CogVideo
+    sr_tokens  each frame's codes at the model's grid and at its super-resolution grid (the
+               same tokenizer at the larger grid): DSR, whose frames are read at the high-res
+               size and area-averaged down for the low-res codes
+    frames     the frames themselves, uint8 RGB: pixel-space families
 
 An encoder class has `kind` (the shard kind it writes), `arrays` (the names it returns),
-`settle(cfg) -> cfg` (driver side:
+`pixel_size(model)` (the frame side it reads), `settle(cfg) -> cfg` (driver side:
 fill defaults, raise ConfigError naming the key when it cannot work), `__init__(cfg, model,
 device)` (once per actor) and `__call__(pixels) -> {array name: array with samples first}`.
 """
@@ -63,6 +66,10 @@ class TokenEncoder:
     kind, arrays = "tokens", ("frames",)
 
     @staticmethod
+    def pixel_size(model) -> int:
+        return model.frame_size
+
+    @staticmethod
     def settle(cfg: PrepConfig) -> PrepConfig:
         """The image tokenizer loads and fits the model; an unset model.preset becomes the preset
         the tokenizer was fitted for."""
@@ -83,8 +90,37 @@ class TokenEncoder:
         return {"frames": codes.reshape(count, frames, self.side, self.side)}
 
 
+class PairedTokenEncoder(TokenEncoder):
+    """Frames read at the model's high-res size (`high_frame_size`); `sr_frames` their codes at
+    the high-res grid, `frames` the codes of their area average at the model's frame size (a box
+    filter over the scale x scale pixels, as the pipeline's `flags=area` scaling)."""
+
+    kind, arrays = "tokens", ("frames", "sr_frames")
+
+    @staticmethod
+    def pixel_size(model) -> int:
+        return model.high_frame_size
+
+    def __init__(self, cfg: PrepConfig, model, device: str = "cpu"):
+        super().__init__(cfg, model, device)
+        self.high = self.tokenizer.at_grid(model.high_frame_tokens)
+        self.scale, self.high_side = model.scale, model.high_frame_tokens
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        count, frames, size = pixels.shape[:3]
+        low_size, s = size // self.scale, self.scale
+        low = pixels.reshape(count, frames, low_size, s, low_size, s, 3).mean(axis=(3, 5))
+        codes = super().__call__(np.rint(low).astype(np.uint8))
+        high = self.high.encode(pixels.reshape(-1, size, size, 3))
+        return codes | {"sr_frames": high.reshape(count, frames, self.high_side, self.high_side)}
+
+
 class PixelEncoder:
     kind, arrays = "frames", ("pixels",)
+
+    @staticmethod
+    def pixel_size(model) -> int:
+        return model.frame_size
 
     @staticmethod
     def settle(cfg: PrepConfig) -> PrepConfig:
@@ -98,7 +134,7 @@ class PixelEncoder:
         return {"pixels": pixels}
 
 
-ENCODERS = {"tokens": TokenEncoder, "frames": PixelEncoder}
+ENCODERS = {"tokens": TokenEncoder, "sr_tokens": PairedTokenEncoder, "frames": PixelEncoder}
 
 
 def encoder_for(cfg: PrepConfig):

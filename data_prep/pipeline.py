@@ -188,7 +188,10 @@ def _encoded(cfg: PrepConfig, model, accepted: list[dict]) -> ray.data.Dataset:
     device = "cuda" if gpus > 0 else "cpu"
     return (
         ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
-        .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "model": model})
+        .flat_map(
+            extract_samples,
+            fn_kwargs={"cfg": cfg, "model": model, "frame_size": encoder_for(cfg).pixel_size(model)},
+        )
         .map_batches(
             EncodeSamples,
             fn_constructor_kwargs={"cfg": cfg, "model": model, "encoder": encoder_for(cfg), "device": device},

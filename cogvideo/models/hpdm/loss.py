@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from cogvideo.diffusion import edm
+from cogvideo.diffusion.guidance import drop_condition
 from cogvideo.models.hpdm import pyramid
 from cogvideo.models.hpdm.config import HPDMConfig
 
@@ -20,7 +21,7 @@ def null_condition(cfg: HPDMConfig) -> torch.Tensor:
     """Guidance's unconditional input: the null class, or a caption of padding alone."""
     if cfg.condition == "class":
         return torch.tensor(cfg.num_classes)
-    return torch.full((cfg.text_length,), cfg.text_pad_id, dtype=torch.long)
+    return torch.full((cfg.text_length,), cfg.vocab.pad_piece_id, dtype=torch.long)
 
 
 def training_example(cfg: HPDMConfig, video: torch.Tensor, condition: torch.Tensor, seed: int) -> dict:
@@ -36,13 +37,13 @@ def training_example(cfg: HPDMConfig, video: torch.Tensor, condition: torch.Tens
     patches = pyramid.extract_patches(cfg, pixels, offsets)
     sigma = edm.sample_sigmas(cfg.edm, (cfg.num_levels,), g).to(torch.float32)
     noise = torch.randn(patches.shape, generator=g)
-    dropped = bool(torch.rand((), generator=g) < cfg.cond_dropout)
+    condition = drop_condition(torch.as_tensor(condition)[None], null_condition(cfg), cfg.cond_dropout, g)[0]
     return {
         "patches": patches,
         "offsets": offsets,
         "sigma": sigma,
         "noise": noise,
-        "condition": null_condition(cfg) if dropped else torch.as_tensor(condition, dtype=torch.long),
+        "condition": condition.to(torch.long),
     }
 
 

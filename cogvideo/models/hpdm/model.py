@@ -154,7 +154,7 @@ class HPDMModel(nn.Module):
         if cfg.condition == "class":
             self.class_embeddings = nn.Embedding(cfg.num_classes + 1, c)  # the last row: null class
         else:
-            self.text_embeddings = nn.Embedding(cfg.text_vocab, cfg.text_dim)
+            self.text_embeddings = nn.Embedding(cfg.vocab.num_text_tokens, cfg.text_dim)
             self.text_positions = nn.Embedding(cfg.text_length, cfg.text_dim)
             self.text_tokens, self.text_pooled = (
                 nn.Linear(cfg.text_dim, cfg.latent_dim),
