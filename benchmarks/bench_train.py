@@ -258,6 +258,7 @@ def main() -> None:
     for precision, result in results.items():
         print(f"{precision} ({result['choice']}):" if precision == "auto" else f"{precision}:")
         result.update(report(args, model_cfg, result, peak))
+    load.sample()
     print(f"machine: {load.describe()}")
 
 

@@ -3,9 +3,10 @@ while it ran. Every benchmark prints it beside its ratios and the demo's report 
 speed ratio means little without the CPU kind (AVX-512 BF16 and AMX change what is fast) and how
 busy the machine was.
 
-    load = LoadWatch()
-    ...  # the measurement
-    print(load.describe())  # "AMD EPYC (avx512_bf16), 2 CPUs; load average 12.1 at start, 14.0 at end"
+    load = LoadWatch()  # the CPU, and the load now
+    ...  # the measurement, calling load.sample() now and then
+    load.sample()
+    print(load.describe())  # "AMD EPYC (avx512_bf16), 2 CPUs; 1-min load average 12.1 at start, 14.0 at end, max 14.0"
 """
 
 from __future__ import annotations
@@ -62,13 +63,12 @@ class LoadWatch:
         return self.samples[-1]
 
     def describe(self) -> str:
-        if len(self.samples) < 2:
-            self.sample()
-        start, *_, end = self.samples
-        return (
-            f"{self.cpu.describe()}; 1-min load average {start:.1f} at start, {end:.1f} at end, "
-            f"max {max(self.samples):.1f}"
-        )
+        """The CPU and the load: at start, and (after a `sample()`) at end and its maximum."""
+        start, *rest = self.samples
+        load = f"1-min load average {start:.1f}"
+        if rest:
+            load += f" at start, {rest[-1]:.1f} at end, max {max(self.samples):.1f}"
+        return f"{self.cpu.describe()}; {load}"
 
     def to_dict(self) -> dict:
         return {
