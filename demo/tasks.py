@@ -15,6 +15,7 @@ import numpy as np
 
 from cogvideo.configio import load_config
 from cogvideo.jsonl import read_jsonl, write_jsonl
+from cogvideo.machine import this_cpu
 from demo.settings import ROOT, DemoConfig
 
 TRAINING_SEED = 1234  # the trainer's default (training.seed): seed=0 trains as the trainer alone would
@@ -376,21 +377,11 @@ class Demo:
 
 def machine(load_average: dict) -> dict:
     """The CPU the run had (model name, bf16 flags, cores) and the 5-minute load after each step."""
-    import platform
-
-    flags, model = set(), platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+    cpu = this_cpu()
     return {
-        "cpu": model,
-        "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16"}),
-        "cpus": os.cpu_count(),
+        "cpu": cpu.model,
+        "bf16_flags": list(cpu.bf16_flags),
+        "cpus": cpu.cpus,
         "load_average_5min_after_step": load_average,
     }
 
