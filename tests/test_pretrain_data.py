@@ -63,7 +63,7 @@ def write_caption_tokenizer(root) -> str:
     from cogvideo.tokenizers.text import train_text_tokenizer
 
     captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
-    return str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False))
+    return str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False, preset="tiny"))
 
 
 def make_loader(shards, cfg=CFG, position: LoaderPosition | None = None, **kw) -> ShardLoader:
