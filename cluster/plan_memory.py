@@ -77,17 +77,19 @@ def _param_table(config: type, cfg_key: tuple) -> tuple[tuple[str, int, int, boo
     """(module, numel, copies, trainable, split over TP) of every parameter of the real model.
 
     Built on the meta device with one of the TP plan's blocks (constructing a 48-layer model's
-    modules costs seconds); block parameters repeat `num_layers` times."""
+    modules costs seconds); block parameters repeat `num_layers` times. A family whose blocks
+    differ (its config derives num_layers rather than setting it) is built whole."""
     cfg = config(**dict(cfg_key))
     family = family_of(cfg)
     blocks = family.tp_plan.blocks
-    copies = 1 if blocks is None else cfg.num_layers
-    model = plain_model(cfg if blocks is None else dataclasses.replace(cfg, num_layers=1))
+    alike = blocks is not None and "num_layers" in {f.name for f in dataclasses.fields(cfg) if f.init}
+    copies = cfg.num_layers if alike else 1
+    model = plain_model(dataclasses.replace(cfg, num_layers=1) if alike else cfg)
     return tuple(
         (
             name.rpartition(".")[0],
             p.numel(),
-            copies if blocks is not None and name.startswith(blocks + ".") else 1,
+            copies if alike and name.startswith(blocks + ".") else 1,
             p.requires_grad,
             family.tp_plan.rule(name) is not None,
         )

@@ -8,13 +8,29 @@ from cogvideo import activations
 from cogvideo.config import PRESETS, ModelConfig
 from cogvideo.family_spec import ModelFamily, PlannerModel, register
 from cogvideo.flops import recompute_flops, train_flops
-from cogvideo.model import TP_PLAN, CogVideoModel, image_token_loss, init_weights
+from cogvideo.model import TP_PLAN, CogVideoModel, image_token_loss, init_video_from_backbone, init_weights
 from cogvideo.sequence import build_sequence
+from cogvideo.shards import Sample
 
 
 def _train_loss(cfg: ModelConfig, model, batch, device: torch.device) -> torch.Tensor:
-    logits = model(batch.tokens.to(device))
-    return image_token_loss(cfg, logits, batch.targets.to(device), batch.loss_mask.to(device))
+    tokens, targets, mask = (batch.tensors[name].to(device) for name in ("tokens", "targets", "loss_mask"))
+    return image_token_loss(cfg, model(tokens), targets, mask)
+
+
+def _example(cfg: ModelConfig, sample: Sample, text_ids: list[int], seed: int) -> dict[str, torch.Tensor]:
+    tokens, targets, mask = build_sequence(cfg, text_ids, torch.from_numpy(sample.arrays["frames"]))
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask}
+
+
+def sample_problem(cfg: ModelConfig, sample: Sample) -> str | None:
+    """Frames of the model's shape, codes inside its image vocabulary."""
+    frames, shape = sample.arrays["frames"], (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens)
+    if frames.shape != shape:
+        return f"frames {list(frames.shape)} do not fit the model's {list(shape)}"
+    if frames.min() < 0 or frames.max() >= cfg.vocab.num_image_tokens:
+        return f"frame codes outside [0, {cfg.vocab.num_image_tokens})"
+    return None
 
 
 FAMILY = register(
@@ -26,9 +42,13 @@ FAMILY = register(
         init_weights=init_weights,
         tp_plan=TP_PLAN,
         loss=_train_loss,
-        example=lambda cfg, text_ids, frames, seed: build_sequence(cfg, text_ids, frames),
+        example=_example,
+        sample_problem=sample_problem,
+        default_stage=lambda cfg: {"stage1": 1, "stage2": 2}.get(cfg.stage),
+        from_backbone=init_video_from_backbone,
         train_flops=lambda cfg: train_flops(cfg, batch=1),
-        sampler="cogvideo.sampling.pipeline:VideoPipeline.load",
+        sampler="cogvideo.sampling.pipeline:VideoPipeline",
+        sat_layout="cogvideo.checkpoint.sat_layout:COGVIDEO_SAT",
         planner=PlannerModel(
             describe=activations.describe,
             activation_bytes=activations.activation_bytes,

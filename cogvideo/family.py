@@ -26,10 +26,16 @@ from torch import nn
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
+from cogvideo.models import (
+    dsr,  # noqa: F401  (registers the DSR family)
+    glober,  # noqa: F401  (registers the GLOBER family)
+    hpdm,  # noqa: F401  (registers the HPDM family)
+)
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
     "ModelFamily",
+    "any_preset",
     "PlannerModel",
     "build_model",
     "family_of",
@@ -39,6 +45,7 @@ __all__ = [
     "plain_model",
     "register",
     "resolve_model_section",
+    "section_family",
 ]
 
 DEFAULT_FAMILY = cogvideo_family.FAMILY.name
@@ -48,6 +55,15 @@ def get_family(name: str) -> ModelFamily:
     if name not in REGISTRY:
         raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def any_preset(name: str):
+    """The preset `name` of whichever registered family has it (a command's `--base` / preset list)."""
+    for family in REGISTRY.values():
+        if name in family.presets:
+            return family.preset(name)
+    known = sorted(p for f in REGISTRY.values() for p in f.presets)
+    raise ValueError(f"model.preset: unknown preset {name!r}; known: {known}")
 
 
 def family_of(cfg) -> ModelFamily:
@@ -97,6 +113,11 @@ def model_from_record(record: Mapping, tensor_parallel: int = 1):
     """Inverse of `model_record` (no preset: the record is complete), checked for this TP degree."""
     family, fields = _family_and_fields(record)
     return _config(family, fields, tensor_parallel)
+
+
+def section_family(section: Mapping) -> ModelFamily:
+    """The family a model section names (CogVideo where it names none)."""
+    return _family_and_fields(section)[0]
 
 
 def _family_and_fields(section: Mapping) -> tuple[ModelFamily, dict]:

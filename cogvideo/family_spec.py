@@ -29,12 +29,21 @@ class PlannerModel:
     tp_allreduces: Callable[[Any, bool], tuple[int, int]]
 
 
+def _no_problem(cfg, sample) -> None:
+    return None
+
+
+def _first_stage(cfg) -> int:
+    return 1
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
     # the model config dataclass: name, validate(tensor_parallel), activation_checkpointing, num_layers
-    # (the TP plan's blocks), and the video shape fields the shard loader reads (text_length,
-    # num_frames, frame_tokens, vocab, stage)
+    # (the TP plan's blocks); what the trainer reads of a sample: seq_length (tokens per sample, for
+    # throughput), hidden_size and ffn_size (the precision probe's matmul), text_length and vocab
+    # (the text tokenizer and caption budget); data preparation reads frame_size and num_frames
     config: type
     presets: Mapping[str, Callable[[], Any]]  # preset name -> config
     # config -> the plain model (full shapes, torch layers, `.cfg`), built on the meta device
@@ -43,14 +52,30 @@ class ModelFamily:
     # whole parameter at a time in the model's order (so TP=n holds TP=1's weights sliced)
     init_weights: Callable[[Any, str, torch.Tensor], None]
     tp_plan: TPPlan
-    loss: Callable[[Any, Callable, Any, torch.device], torch.Tensor]  # (cfg, model or engine, batch, device)
-    # batch builder: (cfg, text_ids, frames [F, n, n], seed) -> tokens, targets, loss_mask of one sample;
-    # `seed` is fixed per (run seed, epoch, sample), so an exact resume draws the same
-    example: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # (cfg, model or engine, batch, device) -> loss; the batch's tensors are the examples' stacked
+    loss: Callable[[Any, Callable, Any, torch.device], torch.Tensor]
+    # batch builder: (cfg, shard sample, text ids, seed) -> the sample's training example, a dict of
+    # tensors; `seed` is fixed per (run seed, epoch, sample), so an exact resume draws the same
+    example: Callable[..., dict[str, torch.Tensor]]
     train_flops: Callable[[Any], float]  # per sample, forward + backward (throughput and MFU)
-    # "module:function" making the sampler from sampling options (imported on use, no import cycle)
+    # the shard kind the family reads (cogvideo.shards.KINDS) and what data preparation writes for
+    # it: the name of an encoder in data_prep's registry (data_prep.encoders.ENCODERS)
+    shard_kind: str = "tokens"
+    prep_encoder: str = "tokens"
+    # (cfg, shard sample) -> why the sample does not fit the model (it is skipped and counted), or None
+    sample_problem: Callable[[Any, Any], str | None] = _no_problem
+    default_stage: Callable[[Any], int | None] = _first_stage  # the prepared stage trained on; None: required
+    # (backbone state dict, cfg) -> the model's starting state dict (training's init.backbone), or None
+    from_backbone: Callable[[dict, Any], dict] | None = None
+    # "module:Class" of the sampling pipeline (`options_class`, `load(options)`; imported on use: no import cycle)
     sampler: str | None = None
     planner: PlannerModel | None = None  # None: cogvideo-plan refuses the family
+    # low precisions `auto` never picks for this family (known to cost its quality), in training
+    # (beside parallel.auto_excludes) and sampling
+    auto_excludes: tuple[str, ...] = ()
+    # "module:attribute" of its SwissArmyTransformer checkpoint layout (cogvideo/checkpoint/
+    # sat_layout.py; imported on use): cogvideo-convert import-sat / export-sat. None: it has none
+    sat_layout: str | None = None
 
     def preset(self, name: str):
         if name not in self.presets:

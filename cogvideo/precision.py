@@ -1,21 +1,32 @@
 """Numeric precision: the one naming (``fp32``, ``bf16``, ``fp16``; ``auto`` chooses), the one
-name -> dtype map, and the start-up probe that turns ``auto`` into what the device runs fast.
+name -> dtype map, and the start-up probes that turn ``auto`` into what the run gains from.
 
     choice = choose_precision("auto", "cpu", probe_shape(rows=16 * 1408, hidden=256, ffn=1024))
     model.to(choice.dtype); print(choice.describe())
 
-``auto`` on CUDA: bf16 on compute capability >= 8 with bf16 support (A100, H100), fp16 with
-loss scaling on 7.x (V100, T4), fp32 below. On a CPU a product of the run's own width is timed
-in fp32 and bf16 (a few ms with bf16 units; AVX2-only CPUs emulate bf16 some 60x slower than
-fp32): bf16 only where it is clearly faster. Under torch.distributed rank 0 probes and
-broadcasts its figures, and every rank derives the same choice from them.
+Training (``step`` given: one training step of the run's own model and batch in a named
+precision) times that step in fp32 and in the device's low precision, alternating, and takes
+the low precision only where its step is at least STEP_MIN_SPEEDUP times faster and the run does
+not exclude it (``excluded``: known to cost that run's quality). A matmul predicts a training step
+poorly (small products, attention, norms, the optimizer and casts are not in it): on an AMX Xeon
+bf16 matmuls ran 3.2x faster while the demo's steps did not. The low precision on CUDA: bf16 on
+compute capability >= 8 with native bf16 (A100, H100), fp16 with loss scaling on 7.x (V100, T4),
+none below.
+
+Without a step (sampling, evaluation, the tokenizer fit: one kind of product dominates) CUDA
+follows that capability rule, and on a CPU a product of the run's own width is timed in fp32 and
+bf16 (a few ms with bf16 units; AVX2-only CPUs emulate bf16 some 60x slower than fp32): bf16 only
+where it is clearly faster. Under torch.distributed every rank takes part in the timing (a step
+may all-reduce), rank 0's figures are broadcast and every rank derives the same choice from them.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import typing
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -33,6 +44,14 @@ CPU_BF16_MIN_SPEEDUP = 1.5
 SLOW_FACTOR = 2.0  # an explicit bf16/fp16 this many times slower than fp32 gets a warning
 PROBE_FLOPS = 2**26  # per timed product: ~0.6 ms at 100 GFLOP/s, ~0.2 s where bf16 is emulated
 PROBE_MIN_SECONDS = 0.005  # time each precision for at least this long (and at least 2 calls)
+# A training step in the low precision must be this many times faster than fp32's to be chosen
+# (a third of the step time saved): rounding to 8 significant bits is worth a clear gain only.
+# The demo's steps, timed by this probe on an AMD EPYC with AVX-512 BF16: 1.28-1.33x, on an AMX
+# Xeon no faster (issue 29), while a loaded machine moves single steps by 10 % and more; a large
+# model on A100/H100 gains 2-3x and more.
+STEP_MIN_SPEEDUP = 1.5
+STEP_WARMUP = 1  # untimed steps per precision (allocations, kernel choice)
+STEP_REPEATS = 3  # timed steps per precision; the median counts
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -104,8 +123,9 @@ def matmul_gflops(
 
 @dataclass(frozen=True)
 class ProbeFigures:
-    """What the choice is made from: matmul GFLOP/s per precision (measured) and, on CUDA, the
-    compute capability and whether bf16 runs natively."""
+    """What the choice is made from: matmul GFLOP/s per precision (measured), on CUDA the compute
+    capability and whether bf16 runs natively, and for training the seconds of the run's own
+    step per precision (measured; empty when no step was timed)."""
 
     device: str  # "cpu" or "cuda"
     gflops: dict[str, float]  # precision name -> GFLOP/s of the probe's product
@@ -113,6 +133,7 @@ class ProbeFigures:
     threads: int
     capability: tuple[int, int] | None = None
     bf16_supported: bool = False
+    step_seconds: dict[str, float] = field(default_factory=dict)  # precision name -> s per training step
 
     def to_vector(self) -> torch.Tensor:
         cap = self.capability or (-1, -1)
@@ -124,6 +145,7 @@ class ProbeFigures:
                 self.threads,
                 *cap,
                 float(self.bf16_supported),
+                *(self.step_seconds.get(n, -1.0) for n in DTYPES),
             ],
             dtype=torch.float64,
         )
@@ -133,9 +155,28 @@ class ProbeFigures:
         x = v.tolist()
         gflops = {name: value for name, value in zip(DTYPES, x[1:4]) if value >= 0}
         cap = (int(x[8]), int(x[9])) if x[8] >= 0 else None
+        steps = {name: value for name, value in zip(DTYPES, x[11:14]) if value >= 0}
         return cls(
-            "cuda" if x[0] else "cpu", gflops, (int(x[4]), int(x[5]), int(x[6])), int(x[7]), cap, bool(x[10])
+            "cuda" if x[0] else "cpu",
+            gflops,
+            (int(x[4]), int(x[5]), int(x[6])),
+            int(x[7]),
+            cap,
+            bool(x[10]),
+            steps,
         )
+
+    @property
+    def low_precision(self) -> str | None:
+        """The device's candidate below fp32: bf16 on a CPU, by capability on CUDA (or none)."""
+        if self.device != "cuda":
+            return "bf16"
+        chosen = cuda_precision(self.capability, self.bf16_supported)
+        return None if chosen == "fp32" else chosen
+
+    def step_speedup(self, name: str) -> float:
+        """fp32's training step time over `name`'s (> 1: `name` is faster)."""
+        return self.step_seconds["fp32"] / max(self.step_seconds[name], 1e-12)
 
 
 def measure(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -> ProbeFigures:
@@ -161,12 +202,20 @@ def cuda_precision(capability: tuple[int, int] | None, bf16_supported: bool) -> 
     return "fp16" if major >= 7 else "fp32"
 
 
-def decide(figures: ProbeFigures) -> str:
-    """The precision ``auto`` stands for, given the probe's figures."""
-    if figures.device == "cuda":
-        return cuda_precision(figures.capability, figures.bf16_supported)
-    bf16, fp32 = figures.gflops.get("bf16", 0.0), figures.gflops["fp32"]
-    return "bf16" if bf16 >= CPU_BF16_MIN_SPEEDUP * fp32 else "fp32"
+def decide(figures: ProbeFigures, excluded: Sequence[str] = ()) -> str:
+    """The precision ``auto`` stands for, given the probe's figures: never one in `excluded`; with
+    step times, the device's low precision where its step is >= STEP_MIN_SPEEDUP faster; without,
+    the capability rule on CUDA and the matmul rule on a CPU."""
+    low = figures.low_precision
+    if figures.step_seconds:
+        timed = low is not None and low in figures.step_seconds
+        chosen = low if timed and figures.step_speedup(low) >= STEP_MIN_SPEEDUP else "fp32"
+    elif figures.device == "cuda":
+        chosen = cuda_precision(figures.capability, figures.bf16_supported)
+    else:
+        bf16, fp32 = figures.gflops.get("bf16", 0.0), figures.gflops["fp32"]
+        chosen = "bf16" if bf16 >= CPU_BF16_MIN_SPEEDUP * fp32 else "fp32"
+    return "fp32" if chosen in excluded else chosen
 
 
 @dataclass(frozen=True)
@@ -188,9 +237,11 @@ class PrecisionChoice:
             f"cuda cc {f.capability[0]}.{f.capability[1]}" if f.capability else f"cpu, {f.threads} thread(s)"
         )
         m, k, n = f.shape
+        steps = ", ".join(f"{name} {value:.3f}" for name, value in f.step_seconds.items())
         return (
             f"precision {self.precision} (requested {self.requested}{'; ' + self.reason if self.reason else ''}): "
-            f"matmul {m}x{k}x{n} GFLOP/s {rates} ({where})"
+            + (f"training step s {steps}; " if steps else "")
+            + f"matmul {m}x{k}x{n} GFLOP/s {rates} ({where})"
         )
 
     def to_dict(self) -> dict:
@@ -206,15 +257,16 @@ class PrecisionChoice:
             "threads": f["threads"],
             "capability": list(f["capability"]) if f["capability"] else None,
             "bf16_supported": f["bf16_supported"],
+            "step_seconds": {k: float(f"{v:.4g}") for k, v in f["step_seconds"].items()},
         }
 
 
-def resolve(requested: str, figures: ProbeFigures) -> PrecisionChoice:
+def resolve(requested: str, figures: ProbeFigures, excluded: Sequence[str] = ()) -> PrecisionChoice:
     """``auto`` -> :func:`decide`; an explicit precision is kept, with a warning where the probe
     found it more than SLOW_FACTOR times slower than fp32."""
     if requested == "auto":
-        chosen = decide(figures)
-        return PrecisionChoice(requested, chosen, figures, _reason(figures, chosen))
+        chosen = decide(figures, excluded)
+        return PrecisionChoice(requested, chosen, figures, _reason(figures, chosen, excluded))
     torch_dtype(requested)
     warning = None
     low, fp32 = figures.gflops.get(requested), figures.gflops.get("fp32")
@@ -227,7 +279,17 @@ def resolve(requested: str, figures: ProbeFigures) -> PrecisionChoice:
     return PrecisionChoice(requested, requested, figures, "set explicitly", warning)
 
 
-def _reason(figures: ProbeFigures, chosen: str) -> str:
+def _reason(figures: ProbeFigures, chosen: str, excluded: Sequence[str] = ()) -> str:
+    low = figures.low_precision
+    if low is not None and low in excluded:
+        return f"{low} is excluded for this run (known to cost its quality)"
+    if figures.step_seconds:
+        if low is None:
+            return "no fast low precision on this device"
+        speedup = figures.step_speedup(low)
+        return (
+            f"{low} training step {speedup:.2f}x fp32's {'>=' if chosen == low else '<'} {STEP_MIN_SPEEDUP}"
+        )
     if figures.device == "cuda":
         cap = figures.capability or (0, 0)
         native = "native bf16" if figures.bf16_supported else "no native bf16"
@@ -240,6 +302,12 @@ def _reason(figures: ProbeFigures, chosen: str) -> str:
 _measured: dict[tuple, ProbeFigures] = {}
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def probe(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -> ProbeFigures:
     """The figures for this device, shape and thread count: measured once per process. Under an
     initialised torch.distributed rank 0 measures and broadcasts, so every rank decides alike."""
@@ -247,20 +315,65 @@ def probe(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -
 
     key = (str(device), shape, torch.get_num_threads())
     if key not in _measured:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            figures = measure(device, shape) if dist.get_rank() == 0 else None
-            vector = figures.to_vector() if figures else torch.zeros(11, dtype=torch.float64)
-            on = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
-            vector = vector.to(on)
-            dist.broadcast(vector, src=0)
-            _measured[key] = ProbeFigures.from_vector(vector.cpu())
+        if _distributed() and dist.get_rank() != 0:
+            figures = ProbeFigures("cpu", {}, shape, 0)  # a placeholder: rank 0's figures replace it
         else:
-            _measured[key] = measure(device, shape)
+            figures = measure(device, shape)
+        _measured[key] = _shared(figures, device)
     return _measured[key]
 
 
+def time_steps(
+    step: Callable[[str], None],
+    precisions: Sequence[str],
+    device: str = "cpu",
+    warmup: int = STEP_WARMUP,
+    repeats: int = STEP_REPEATS,
+) -> dict[str, float]:
+    """Seconds per call of ``step(name)`` for each precision name: ``warmup`` untimed calls each,
+    then ``repeats`` timed calls taking turns between the precisions (so that changing load hits
+    all alike); the median counts. Clock as :func:`matmul_rates` (one CPU thread: its CPU time)."""
+    dev = torch.device(device)
+    clock = _clock(dev)
+    for name in precisions:
+        for _ in range(warmup):
+            step(name)
+    _sync(dev)
+    took: dict[str, list[float]] = {name: [] for name in precisions}
+    for _ in range(repeats):
+        for name in precisions:
+            start = clock()
+            step(name)
+            _sync(dev)
+            took[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in took.items()}
+
+
+def _shared(figures: ProbeFigures, device: str) -> ProbeFigures:
+    """Rank 0's figures on every rank (as they are without an initialised process group)."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return figures
+    on = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    vector = figures.to_vector().to(on)
+    dist.broadcast(vector, src=0)
+    return ProbeFigures.from_vector(vector.cpu())
+
+
 def choose_precision(
-    requested: str, device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)
+    requested: str,
+    device: str = "cpu",
+    shape: tuple[int, int, int] = (128, 256, 1024),
+    step: Callable[[str], None] | None = None,
+    excluded: Sequence[str] = (),
 ) -> PrecisionChoice:
-    """Resolve a requested precision on this device (see the module docstring)."""
-    return resolve(requested, probe(device, shape))
+    """Resolve a requested precision on this device (see the module docstring). ``step(name)``:
+    one training step of the run in precision ``name``, timed for ``auto`` (collective: under
+    torch.distributed every rank calls this together); ``excluded``: low precisions ``auto`` must
+    not choose for this run."""
+    figures = probe(device, shape)
+    low = figures.low_precision
+    if requested == "auto" and step is not None and low is not None and low not in excluded:
+        figures = _shared(replace(figures, step_seconds=time_steps(step, ["fp32", low], device)), device)
+    return resolve(requested, figures, excluded)

@@ -1,8 +1,10 @@
 """What a data-preparation job does, as one dataclass filled from YAML and dotted overrides.
 
 Frame size, tokens per frame side and frames per sample are not settings here: they come
-from the model config (the `model:` section, `{preset, ...field overrides}` as in training), so
-shards always fit the model. `model.preset` defaults to the preset the image tokenizer was fitted for.
+from the model config (the `model:` section, `{family, preset, ...field overrides}` as in
+training), so shards always fit the model; the model's family picks what the shards hold
+(data_prep.encoders). For token shards `model.preset` defaults to the preset the image tokenizer
+was fitted for.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cogvideo.configio import ConfigError
 from cogvideo.family import resolve_model_section
+from cogvideo.text_format import RELEASE_FRAME_RATES
 from cogvideo.video_io import VIDEO_SUFFIXES
 
 
@@ -21,6 +24,7 @@ class PrepConfig:
     tokenizer: str = ""  # image tokenizer path, as load_image_tokenizer takes it
     # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per actor
     tokenizer_loader: str = "cogvideo.tokenizers.loading:load_image_tokenizer"
+    # the encoder actors (the image tokenizer, or the family's encoder, e.g. an autoencoder)
     tokenizer_actors: int = 1
     # GPUs per tokenizer actor (> 0 encodes on "cuda"); None: one when the Ray cluster has GPUs
     tokenizer_gpus: float | None = None
@@ -32,7 +36,7 @@ class PrepConfig:
     # CogVideo's frame-rate rule: stage 1 takes the lowest rate that still fits all frames in the
     # clip (so the sample spans as much of the action as possible); stage 2 every rate that fits.
     stages: list[int] = field(default_factory=lambda: [1, 2])
-    stage1_fps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    stage1_fps: list[float] = field(default_factory=lambda: list(RELEASE_FRAME_RATES))
     stage2_fps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
 
     # clips: scene cuts (PySceneDetect's ContentDetector), then min / max length
@@ -84,30 +88,22 @@ class PrepConfig:
         return self.tokenizer_gpus
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """The sample shape shards must have: taken from the model config."""
-
-    frame_size: int
-    tokens_side: int
-    num_frames: int
-    image_codes: int  # image ids of the model's vocabulary: the tokenizer's codebook must fit
-
-
-def geometry(cfg: PrepConfig) -> Geometry:
+def prep_model(cfg: PrepConfig):
+    """The model the shards are for (`prep.model`, resolved by its family): its frame size, frames
+    per sample and the family's encoder decide what the shards hold."""
     if cfg.model.get("preset") is None:
-        raise ConfigError("prep.model.preset: required (the image tokenizer records no preset)")
+        raise ConfigError(
+            "prep.model.preset: required: set model.preset=NAME (cogvideo-params lists them); token shards "
+            "take it from an image tokenizer, which records its preset (a file written before tokenizer files "
+            "recorded theirs does not: pass model.preset=NAME, or fit it again with "
+            "cogvideo-fit-image-tokenizer preset=NAME)"
+        )
     try:
         model = resolve_model_section(cfg.model)
     except ConfigError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if model.stage == "backbone" and 2 in cfg.stages:
-        raise ConfigError("prep.stages: a one-frame backbone preset has no stage-2 samples")
-    return Geometry(
-        frame_size=model.frame_size,
-        tokens_side=model.frame_tokens,
-        num_frames=model.num_frames,
-        image_codes=model.vocab.num_image_tokens,
-    )
+    if model.num_frames == 1 and 2 in cfg.stages:
+        raise ConfigError("prep.stages: a one-frame model (e.g. a backbone preset) has no stage-2 samples")
+    return model

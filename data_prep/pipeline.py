@@ -1,10 +1,11 @@
-"""The preparation job on Ray Data: videos + captions -> token shards, manifest, rejected, summary.
+"""The preparation job on Ray Data: videos + captions -> shards, manifest, rejected, summary.
 
     driver: list inputs, check captions, skip finished inputs (resume)
     Ray:    content hash of every input                     (task per input)
     driver: drop exact duplicates (this run and earlier runs)
     Ray:    probe -> clips at scene cuts -> frame-rate rule -> frames      (flat_map, task per input)
-         -> tokenize on actors that load the tokenizer once             (map_batches, batched)
+         -> encode on actors that load the family's encoder once        (map_batches, batched)
+            (the image tokenizer for token shards: data_prep.encoders)
     driver: stream the samples, in input order, into shards (data_prep.output)
 
 The Ray side is in data_prep.stages.
@@ -13,47 +14,75 @@ The Ray side is in data_prep.stages.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
+from cogvideo.captions import near_match
 from cogvideo.configio import ConfigError, config_parser, parse_config, save_yaml
-from cogvideo.raystart import RayStartError, start_ray
-from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY
-from data_prep.config import Geometry, PrepConfig, geometry
-from data_prep.inputs import caption_for, list_inputs, load_captions
-from data_prep.output import PrepOutput
-from data_prep.stages import TokenizeSamples, check_tokenizer, extract_samples, hash_input, load_tokenizer
+from cogvideo.raystart import RAY_ACTOR_ARGS_NOTICE, RayStartError, start_ray, stderr_without
+from cogvideo.video_io import Listing
+from data_prep.config import PrepConfig, prep_model
+from data_prep.encoders import encoder_for
+from data_prep.inputs import (
+    Captions,
+    caption_for,
+    ignored_rows,
+    list_inputs,
+    load_captions,
+    unmatched_rows,
+)
+from data_prep.output import REJECTED, PrepOutput
+from data_prep.stages import FIELD, EncodeSamples, extract_samples, hash_input
 
 
 def plan_inputs(
-    paths: list[str], captions_file: str | None, out: PrepOutput
-) -> tuple[list[dict], list[dict]]:
-    """(inputs to hash, inputs rejected on the driver). Finished inputs (earlier runs) are skipped.
-    A path listed again is the entry `path#2`, `path#3`, ... and is rejected as a duplicate."""
+    listing: Listing, captions_file: str | None, out: PrepOutput
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(inputs to hash, inputs rejected on the driver, rows for what is no input: caption rows
+    without a video, superseded caption rows, ignored files). Finished inputs (earlier runs) are
+    skipped. A path listed again is the entry `path#2`, `path#3`, ... and is rejected as a duplicate."""
     captions = load_captions(captions_file) if captions_file else None
-    todo, rejected, seen = [], [], {}
-    for path in paths:
+    todo, rejected, seen, uncaptioned = [], [], {}, []
+    for path in listing.files:
         real = os.path.realpath(path)
         seen[real] = seen.get(real, 0) + 1
         entry = path if seen[real] == 1 else f"{path}#{seen[real]}"
+        caption = caption_for(path, captions)
+        if caption.problem == "missing_caption" and seen[real] == 1:
+            uncaptioned.append(path)
         if entry in out.finished:
             continue
         if seen[real] > 1:
             rejected.append(_rejected_input(entry, path, "duplicate_path", f"listed {seen[real]} times"))
-            continue
-        caption = caption_for(path, captions)
-        if caption.problem:
+        elif caption.problem:
             rejected.append(_rejected_input(entry, path, caption.problem, caption.detail))
-            continue
-        todo.append({"entry": entry, "path": path, "caption": caption.text})
-    return todo, rejected
+        else:
+            todo.append({"entry": entry, "path": path, "caption": caption.caption})
+    if captions is None:
+        return todo, rejected, ignored_rows(listing)
+    unmatched = unmatched_rows(captions, listing, uncaptioned, earlier=out.finished)
+    for record in rejected:
+        if record["reason"] == "missing_caption":
+            record["detail"] += _did_you_mean(record["source"], captions, unmatched)
+    return todo, rejected, unmatched
+
+
+def _did_you_mean(video: str, captions: Captions, unmatched: list[dict]) -> str:
+    """ "; did you mean ROW (PATH)?" for a caption row without a video whose path nearly names `video`."""
+    rows = {
+        captions.by_video[r["source"]].path: r["entry"]
+        for r in unmatched
+        if r["reason"] == "caption_without_video"
+    }
+    guess = near_match(os.path.relpath(video, captions.file.parent), list(rows))
+    return f"; did you mean {rows[guess]} ({guess})?" if guess else ""
 
 
 def _rejected_input(entry: str, path: str, reason: str, detail: str, sha256: str = "") -> dict:
@@ -84,15 +113,12 @@ def _record_rejection(out: PrepOutput, record: dict) -> None:
     out.finish_input(record)
 
 
-def with_checked_tokenizer(cfg: PrepConfig) -> tuple[PrepConfig, Geometry]:
-    """Before Ray starts: the image tokenizer loads and fits the model (ConfigError otherwise);
-    an unset model.preset becomes the preset the tokenizer was fitted for."""
-    tokenizer = load_tokenizer(cfg)
-    if cfg.model.get("preset") is None:
-        cfg = dataclasses.replace(cfg, model={**cfg.model, "preset": getattr(tokenizer, "preset", None)})
-    shape = geometry(cfg)
-    check_tokenizer(cfg, shape, tokenizer)
-    return cfg, shape
+def settled(cfg: PrepConfig) -> tuple[PrepConfig, object]:
+    """Before Ray starts: the family's encoder is checked on the driver (for token shards: the
+    image tokenizer loads and fits the model, and an unset model.preset becomes the preset the
+    tokenizer was fitted for); the config as the job runs it and the model the shards are for."""
+    cfg = encoder_for(cfg).settle(cfg)
+    return cfg, prep_model(cfg)
 
 
 def run_prep(
@@ -104,19 +130,21 @@ def run_prep(
     progress: bool = True,
 ) -> dict:
     """Prepare (or finish preparing) `out_dir` from the videos matched by `inputs`; the summary."""
-    cfg, shape = with_checked_tokenizer(cfg)
+    cfg, model = settled(cfg)
     started = time.perf_counter()
     out = PrepOutput(out_dir, cfg.shard_samples, cfg.shard_bytes)
     save_yaml(cfg, Path(out_dir) / "prep_config.yaml")
-    todo, rejected = plan_inputs(list_inputs(inputs, cfg.extensions), captions, out)
+    todo, rejected, unmatched = plan_inputs(list_inputs(inputs, cfg.extensions, captions), captions, out)
+    report_unmatched(unmatched, rejected, out)
     for record in rejected:
         _record_rejection(out, record)
 
     start_ray(address, cfg.num_cpus)
-    with ordered_data_context():
-        run = _run_jobs(cfg, shape, out, todo, progress)
+    with ordered_data_context(), stderr_without(RAY_ACTOR_ARGS_NOTICE):
+        run = _run_jobs(cfg, model, out, todo, progress)
     run["inputs_processed"] += len(rejected)
     out.commit()
+    out.record_unmatched(unmatched)
     wall = time.perf_counter() - started
     run.update(
         wall_s=round(wall, 3),
@@ -126,6 +154,26 @@ def run_prep(
     summary = out.summary(run)
     out.write_summary(summary)
     return summary
+
+
+def report_unmatched(unmatched: list[dict], rejected: list[dict], out: PrepOutput, shown: int = 5) -> None:
+    """Before Ray starts: what of the captions and folders is no input, and inputs without a
+    caption, counted on one line pointing to rejected.jsonl, then up to `shown` near matches."""
+    counts = Counter(r["reason"] for r in unmatched)
+    counts["missing_caption"] = sum(r["reason"] == "missing_caption" for r in rejected)
+    words = {
+        "caption_without_video": "caption row(s) name no input video",
+        "missing_caption": "video(s) have no caption",
+        "caption_superseded": "caption row(s) captioned a video again",
+        "ignored_file": "file(s) in the input folders are not videos by extension (prep.extensions)",
+    }
+    parts = [f"{counts[reason]} {text}" for reason, text in words.items() if counts[reason]]
+    if not parts:
+        return
+    print(f"cogvideo-prep: {'; '.join(parts)}: each is listed in {out.root / REJECTED}", file=sys.stderr)
+    guesses = [r["detail"] for r in unmatched + rejected if "did you mean" in r["detail"]]
+    for detail in guesses[:shown]:
+        print(f"  {detail}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -145,13 +193,13 @@ def _blocks(inputs: int, cfg: PrepConfig) -> int:
     return -(-inputs // cfg.inputs_per_task)
 
 
-def _run_jobs(cfg: PrepConfig, shape: Geometry, out: PrepOutput, todo: list[dict], progress: bool) -> dict:
-    """Hash, deduplicate, then extract + tokenize + write; this run's counts."""
+def _run_jobs(cfg: PrepConfig, model, out: PrepOutput, todo: list[dict], progress: bool) -> dict:
+    """Hash, deduplicate, then extract + encode + write; this run's counts."""
     accepted = _deduplicate(cfg, out, todo)
     run = {"inputs_processed": len(todo), "frames_decoded": 0, "samples_written": 0}
     if accepted:
         bar = tqdm(total=len(accepted), desc="videos", unit="video", disable=not progress)
-        for row in _tokenized(cfg, shape, accepted).iter_rows():
+        for row in _encoded(cfg, model, accepted).iter_rows():
             _write_row(out, row, run, bar)
         bar.close()
     return run
@@ -185,16 +233,19 @@ def _deduplicate(cfg: PrepConfig, out: PrepOutput, todo: list[dict]) -> list[dic
     return accepted
 
 
-def _tokenized(cfg: PrepConfig, shape: Geometry, accepted: list[dict]) -> ray.data.Dataset:
-    """The Ray job that extracts clips from the accepted inputs and tokenizes them (actor pool)."""
+def _encoded(cfg: PrepConfig, model, accepted: list[dict]) -> ray.data.Dataset:
+    """The Ray job that extracts clips from the accepted inputs and encodes them (actor pool)."""
     gpus = cfg.gpus_per_actor(ray.cluster_resources().get("GPU", 0))
     device = "cuda" if gpus > 0 else "cpu"
     return (
         ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
-        .flat_map(extract_samples, fn_kwargs={"cfg": cfg, "shape": shape})
+        .flat_map(
+            extract_samples,
+            fn_kwargs={"cfg": cfg, "model": model, "frame_size": encoder_for(cfg).pixel_size(model)},
+        )
         .map_batches(
-            TokenizeSamples,
-            fn_constructor_kwargs={"cfg": cfg, "shape": shape, "device": device},
+            EncodeSamples,
+            fn_constructor_kwargs={"cfg": cfg, "model": model, "encoder": encoder_for(cfg), "device": device},
             batch_size=cfg.tokenize_batch,
             compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
             num_cpus=cfg.tokenizer_cpus,
@@ -205,15 +256,13 @@ def _tokenized(cfg: PrepConfig, shape: Geometry, accepted: list[dict]) -> ray.da
 
 
 def _write_row(out: PrepOutput, row: dict, run: dict, bar: tqdm) -> None:
-    """One row of the tokenize job: a sample (into the shards and manifest), a rejection, or the
+    """One row of the encode job: a sample (into the shards and manifest), a rejection, or the
     end of an input (counted in `run` and on `bar`)."""
     record = json.loads(row["record"])
     if row["kind"] == "sample":
         fields = {
             "__key__": row["key"],
-            FRAMES_KEY: row["frames_npy"],
-            CAPTION_KEY: row["caption_txt"],
-            META_KEY: row["meta_json"],
+            **{name.removeprefix(FIELD): value for name, value in row.items() if name.startswith(FIELD)},
         }
         meta = record["meta"]
         manifest = {
@@ -237,7 +286,7 @@ def _write_row(out: PrepOutput, row: dict, run: dict, bar: tqdm) -> None:
 def run_cli(argv: list[str] | None = None) -> dict:
     """cogvideo-prep --input DIR_OR_GLOB --captions FILE --out DIR [--address ray://...]
     [--config prep.yaml] [key=value ...]"""
-    parser = config_parser(PrepConfig, "cogvideo-prep", "Videos + captions -> token shards.")
+    parser = config_parser(PrepConfig, "cogvideo-prep", "Videos + captions -> shards for the model's family.")
     parser.add_argument("--input", action="append", required=True, help="folder, file or glob (repeatable)")
     parser.add_argument("--captions", help="CSV or JSONL with path,caption (default: sidecar .txt files)")
     parser.add_argument("--out", required=True, help="output folder (rerun to resume)")

@@ -27,13 +27,11 @@ from webdataset.tariterators import tarfile_samples
 
 from cogvideo.jsonl import iter_jsonl, write_jsonl
 from cogvideo.shards import (
-    CAPTION_KEY,
-    FRAMES_KEY,
-    META_KEY,
     ClipMeta,
     ShardFormatError,
     decode_sample,
     encode_sample,
+    sample_fields,
     tar_problem,
 )
 from data_prep.output import DONE, MANIFEST, SHARD_DIR, PrepOutput, shard_name
@@ -88,9 +86,7 @@ def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
                     writer.close()
                 index, written = index + 1, 0
                 writer = wds.TarWriter(str(staging / shard_name(index)), encoder=False, mtime=0)
-            writer.write(
-                {"__key__": row["key"], **{k: sample[k] for k in (FRAMES_KEY, CAPTION_KEY, META_KEY)}}
-            )
+            writer.write({"__key__": row["key"], **sample_fields(sample)})
             manifest.write(json.dumps({**row, "shard": shard_name(index)}, ensure_ascii=False) + "\n")
             written += 1
     writer.close()
@@ -116,7 +112,9 @@ def first_frame_shards(root: str | Path, dest: str | Path, divisible_by: int, sh
         sample = decode_sample(raw)
         if sample.meta.stage == 1:
             meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1, "duration": 0.0})
-            samples.append(encode_sample(sample.key, sample.frames[:1], sample.caption, meta))
+            samples.append(
+                encode_sample(sample.key, {"frames": sample.arrays["frames"][:1]}, sample.caption, meta)
+            )
     if not samples:
         raise ValueError(f"{root / SHARD_DIR}: no stage-1 samples to take first frames from")
     count = target_count(len(tars), len(samples), divisible_by, shards)

@@ -3,15 +3,13 @@ of samples at a time, and return plain rows (bytes and JSON) to the driver."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import asdict
 
 import numpy as np
 
-from cogvideo.configio import ConfigError
-from cogvideo.shards import CAPTION_KEY, FRAMES_KEY, META_KEY, ClipMeta, encode_sample
-from data_prep.config import Geometry, PrepConfig
+from cogvideo.shards import CAPTION_KEY, META_KEY, ClipMeta, encode_sample, sample_fields
+from data_prep.config import PrepConfig
 from data_prep.inputs import Rejected, content_hash
 from data_prep.rates import frames_at, plan_samples, source_rate
 from data_prep.video import Clip, VideoInfo, iter_clips, probe
@@ -42,7 +40,7 @@ def hash_input(row: dict) -> dict:
         return {**row, "sha256": "", "size": 0, "reason": err.reason, "detail": err.detail}
 
 
-def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, shape: Geometry) -> list[dict]:
+def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, model) -> list[dict]:
     """One clip's sample rows (frames as raw pixels, chosen by presentation time), or one
     `rejected` row saying why it has none."""
     entry, path, times = row["entry"], row["path"], clip.times
@@ -55,7 +53,7 @@ def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, shape: Ge
     plan = (
         []
         if seconds < cfg.min_clip_s
-        else plan_samples(between, source_fps, shape.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
+        else plan_samples(between, source_fps, model.num_frames, cfg.stages, cfg.stage1_fps, cfg.stage2_fps)
     )
     if not plan:
         if seconds < cfg.min_clip_s:
@@ -63,7 +61,7 @@ def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, shape: Ge
         else:
             reason = "clip_too_short_for_frames"
             detail = (
-                f"{between:.3f} s between first and last frame cannot hold {shape.num_frames} frames at "
+                f"{between:.3f} s between first and last frame cannot hold {model.num_frames} frames at "
                 f"any configured rate <= {source_fps:g} fps"
             )
         return [
@@ -75,15 +73,15 @@ def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, shape: Ge
         ]
     rows = []
     for stage, rate in plan:
-        picked = frames_at(times, rate, shape.num_frames)
+        picked = frames_at(times, rate, model.num_frames)
         meta = ClipMeta(
-            duration=(shape.num_frames - 1) / rate,
+            duration=(model.num_frames - 1) / rate,
             fps=rate,
             stage=stage,
             source=path,
             clip_start=float(times[picked[0]]),
             clip_end=float(times[picked[-1]]),
-            num_frames=shape.num_frames,
+            num_frames=model.num_frames,
         )
         sample = {"caption": row["caption"], "meta": asdict(meta), "clip": span, "video": info.properties}
         rows.append(
@@ -98,9 +96,10 @@ def clip_rows(row: dict, clip: Clip, info: VideoInfo, cfg: PrepConfig, shape: Ge
     return rows
 
 
-def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
+def extract_samples(row: dict, cfg: PrepConfig, model, frame_size: int | None = None) -> list[dict]:
     """All rows one input yields: its clips' rows, then one `input` row (its record for the
-    commit log). An input that fails part-way yields no samples at all."""
+    commit log). An input that fails part-way yields no samples at all. `frame_size`: the side
+    frames are read at (the encoder's; default the model's)."""
     path, entry = row["path"], row["entry"]
     record = {
         "entry": entry,
@@ -114,8 +113,8 @@ def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
     rows = []
     try:
         info = probe(path, cfg)
-        for clip in iter_clips(path, info, cfg, shape.frame_size):
-            rows += clip_rows(row, clip, info, cfg, shape)
+        for clip in iter_clips(path, info, cfg, frame_size or model.frame_size):
+            rows += clip_rows(row, clip, info, cfg, model)
             record["clips"] += 1
         record.update(
             seconds=info.seconds,
@@ -153,70 +152,38 @@ def extract_samples(row: dict, cfg: PrepConfig, shape: Geometry) -> list[dict]:
     return rows + [_row(entry, "input", {**record, "status": "used", "reason": ""})]
 
 
-def load_object(spec: str):
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
+FIELD = "field:"  # prefix of the columns that carry a sample's shard fields (bytes) to the driver
 
 
-def load_tokenizer(cfg: PrepConfig, device: str = "cpu"):
-    """The image tokenizer of ``prep.tokenizer``; ConfigError when it is missing or unreadable."""
-    if not cfg.tokenizer:
-        raise ConfigError(
-            "prep.tokenizer: the image tokenizer path is required "
-            "(fit one with cogvideo-fit-image-tokenizer preset=...)"
-        )
-    try:
-        return load_object(cfg.tokenizer_loader)(cfg.tokenizer, device=device)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"prep.tokenizer: {err}") from None
+class EncodeSamples:
+    """Ray actor: loads the family's encoder once (a class of data_prep.encoders, chosen on the
+    driver), encodes the frames of a batch of samples together and returns them as shard fields
+    (cogvideo.shards.encode_sample)."""
 
-
-def check_tokenizer(cfg: PrepConfig, shape: Geometry, tokenizer) -> None:
-    """Its frame size, codes per side and codebook fit the model (ConfigError naming both)."""
-    got = (tokenizer.frame_size, tokenizer.tokens_side)
-    fix = f"fit one with cogvideo-fit-image-tokenizer preset={cfg.model['preset']}"
-    if got != (shape.frame_size, shape.tokens_side):
-        raise ConfigError(
-            f"prep.tokenizer {cfg.tokenizer}: encodes {got[0]}px frames to {got[1]}x{got[1]} codes, "
-            f"but the model ({cfg.model['preset']}) needs {shape.frame_size}px and "
-            f"{shape.tokens_side}x{shape.tokens_side} (model.frame_size, model.frame_tokens): {fix}"
-        )
-    if tokenizer.codebook_size > shape.image_codes:
-        raise ConfigError(
-            f"prep.tokenizer {cfg.tokenizer}: {tokenizer.codebook_size} codes, but the model "
-            f"({cfg.model['preset']}) has {shape.image_codes} (model.vocab.num_image_tokens): {fix}"
-        )
-
-
-class TokenizeSamples:
-    """Ray actor: loads the image tokenizer once, encodes the frames of a batch of samples
-    together and returns them as shard fields (cogvideo.shards.encode_sample)."""
-
-    def __init__(self, cfg: PrepConfig, shape: Geometry, device: str = "cpu"):
-        self.tokenizer = load_tokenizer(cfg, device)
-        check_tokenizer(cfg, shape, self.tokenizer)
-        self.shape = shape
+    def __init__(self, cfg: PrepConfig, model, encoder, device: str = "cpu"):
+        self.encode = encoder(cfg, model, device)
+        self.kind = encoder.kind
+        self.fields = [f"{name}.npy" for name in encoder.arrays] + [CAPTION_KEY, META_KEY]
+        side = encoder.pixel_size(model)
+        self.shape = (model.num_frames, side, side, 3)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n, size, side = self.shape.num_frames, self.shape.frame_size, self.shape.tokens_side
         count = len(batch["kind"])
-        fields = {
-            name: np.full(count, EMPTY, dtype=object) for name in ("frames_npy", "caption_txt", "meta_json")
-        }
         samples = [i for i in range(count) if batch["kind"][i] == "sample"]
+        columns = {FIELD + name: np.full(count, EMPTY, dtype=object) for name in self.fields}
         if samples:
             pixels = np.stack(
-                [np.frombuffer(batch["pixels"][i], np.uint8).reshape(n, size, size, 3) for i in samples]
+                [np.frombuffer(batch["pixels"][i], np.uint8).reshape(self.shape) for i in samples]
             )
-            codes = self.tokenizer.encode(pixels.reshape(-1, size, size, 3)).reshape(
-                len(samples), n, side, side
-            )
-            for i, sample_codes in zip(samples, codes):
+            arrays = self.encode(pixels)
+            for j, i in enumerate(samples):
                 record = json.loads(batch["record"][i])
-                encoded = encode_sample(
-                    batch["key"][i], sample_codes, record["caption"], ClipMeta(**record["meta"])
+                meta = ClipMeta(**{**record["meta"], "kind": self.kind})
+                fields = sample_fields(
+                    encode_sample(
+                        batch["key"][i], {k: v[j] for k, v in arrays.items()}, record["caption"], meta
+                    )
                 )
-                fields["frames_npy"][i] = encoded[FRAMES_KEY]
-                fields["caption_txt"][i] = encoded[CAPTION_KEY]
-                fields["meta_json"][i] = encoded[META_KEY]
-        return {**{k: batch[k] for k in ("entry", "kind", "key", "record")}, **fields}
+                for name, value in fields.items():
+                    columns[FIELD + name][i] = value
+        return {**{k: batch[k] for k in ("entry", "kind", "key", "record")}, **columns}

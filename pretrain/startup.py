@@ -23,10 +23,11 @@ from cogvideo.checkpoint import Checkpoint, CheckpointError
 from cogvideo.checkpoint.format import CONFIG_NAME
 from cogvideo.checkpoint.training import resume_candidates
 from cogvideo.configio import ConfigError
+from cogvideo.family import family_of
 from cogvideo.params import count_parameters
 from pretrain.checkpoint import PARTS, CheckpointManager, estimated_bytes, free_bytes
 from pretrain.config import TrainConfig, check_config, check_text_tokenizer, load_train_config
-from pretrain.data import check_shards, check_text_length, expand_shards
+from pretrain.data import check_shard_kind, check_shards, check_text_length, expand_shards
 from pretrain.launch import CHECKED_VAR
 
 log = logging.getLogger("pretrain")
@@ -58,6 +59,13 @@ def warn(message: str) -> None:
         log.warning(message)
 
 
+def model_label(model_cfg) -> str:
+    """The model's family and name (and CogVideo's stage) for the log."""
+    family = family_of(model_cfg).name
+    stage = getattr(model_cfg, "stage", None)
+    return f"{family} {model_cfg.name}" + (f" ({stage})" if stage else "")
+
+
 def text_encoder(cfg: TrainConfig, vocab):
     from cogvideo.tokenizers.text import TextTokenizer
 
@@ -75,7 +83,7 @@ def dry_run(args: argparse.Namespace) -> None:
     tp = cfg.parallel.tensor_parallel
     print(
         f"cogvideo-train: config valid for {args.dry_run} ranks (TP {tp} x DP {args.dry_run // tp}), "
-        f"model {model_cfg.name} ({model_cfg.stage}), precision {cfg.parallel.precision}"
+        f"model {model_label(model_cfg)}, precision {cfg.parallel.precision}"
     )
 
 
@@ -136,6 +144,7 @@ def preflight(args: argparse.Namespace, world_size: int):
     encode = text_encoder(cfg, model_cfg.vocab)
     for line in check_shards(shards, cfg.training.seed, dp_size):
         warn(f"unreadable shard, skipped in training: {line}")
+    check_shard_kind(shards, model_cfg)
     summary = check_text_length(shards, model_cfg, encode, cfg.data)
     if not quiet():
         log.info(summary)
@@ -146,7 +155,7 @@ def preflight(args: argparse.Namespace, world_size: int):
     counts = count_parameters(model_cfg)
     if not quiet():
         log.info(
-            f"model {model_cfg.name} ({model_cfg.stage}): {counts.trainable:,} of {counts.total:,} parameters train"
+            f"model {model_label(model_cfg)}: {counts.trainable:,} of {counts.total:,} parameters train"
             + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)")
         )
     return cfg, model_cfg, shards, encode, resume

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
 from cogvideo.checkpoint.training import tag_for, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
+from cogvideo.environment import quiet_library_notices
+from cogvideo.family import build_model, family_of
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from cogvideo.runlock import LockHeld, RunLock
 from pretrain.checkpoint import PARTS, CheckpointManager, FoundByAllRanks, RNGState, SaveFailed
@@ -37,7 +40,16 @@ from pretrain.data import Batch, DataError, ShardLoader
 from pretrain.launch import die_with_launcher, launch_local, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
-from pretrain.startup import EXIT_BAD_CONFIG, ResumePlan, checkpoint_manager, dry_run, preflight, say
+from pretrain.startup import (
+    EXIT_BAD_CONFIG,
+    ResumePlan,
+    checkpoint_manager,
+    dry_run,
+    model_label,
+    preflight,
+    say,
+)
+from pretrain.step_probe import StepProbe, probe_batch
 from pretrain.stopping import STOPPED_BY_SIGINT, StopRequest, resume_command, signal_name, stopped_status
 
 log = logging.getLogger("pretrain")
@@ -61,21 +73,26 @@ def deepspeed_op_cached() -> bool:
 def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> dict | None:
     """This TP rank's starting weights from init.weights / init.backbone, or None (from scratch).
 
-    A backbone is read as this rank's shard only: the temporal channel copies the spatial one
-    and follows the same split rules, so initialising the shard gives the shard of the init."""
+    A backbone is read as this rank's shard only: the family's `from_backbone` derives the new
+    parts from parts that follow the same split rules (CogVideo's temporal channel copies the
+    spatial one), so initialising the shard gives the shard of the init."""
     from cogvideo.checkpoint import load_model_state
-    from cogvideo.model import init_video_from_backbone
 
     if cfg.init.weights:
         return load_model_state(cfg.init.weights, tp_rank, tp_size)
     if cfg.init.backbone:
-        return init_video_from_backbone(load_model_state(cfg.init.backbone, tp_rank, tp_size), model_cfg)
+        return family_of(model_cfg).from_backbone(
+            load_model_state(cfg.init.backbone, tp_rank, tp_size), model_cfg
+        )
     return None
 
 
-def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> PrecisionChoice:
-    """Resolve parallel.precision (collective: rank 0 probes the device). `auto` resolves once per
-    run: a resumed run keeps the precision its checkpoint was trained in."""
+def run_precision(
+    cfg: TrainConfig, model_cfg, resume: Path | None, make_step: Callable[[], StepProbe] | None = None
+) -> PrecisionChoice:
+    """Resolve parallel.precision (collective: every rank times the step, rank 0's figures count).
+    `auto` resolves once per run, by timing `make_step()` (the run's own training step) in fp32
+    and the device's low precision; a resumed run keeps the precision its checkpoint was trained in."""
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     rows = cfg.training.micro_batch_size * model_cfg.seq_length
     shape = probe_shape(rows, model_cfg.hidden_size, model_cfg.ffn_size // cfg.parallel.tensor_parallel)
@@ -83,7 +100,15 @@ def run_precision(cfg: TrainConfig, model_cfg, resume: Path | None) -> Precision
     if cfg.parallel.precision == "auto" and trained_in:
         choice = choose_precision(trained_in, device, shape)
         return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
-    return choose_precision(cfg.parallel.precision, device, shape)
+    # the run's and the family's: low precisions known to cost this model its quality
+    excluded = (*cfg.parallel.auto_excludes, *family_of(model_cfg).auto_excludes)
+    if make_step is None or cfg.parallel.precision != "auto":
+        return choose_precision(cfg.parallel.precision, device, shape, excluded=excluded)
+    step = make_step()
+    try:
+        return choose_precision("auto", device, shape, step, excluded)
+    finally:
+        step.close()
 
 
 class Trainer:
@@ -99,8 +124,6 @@ class Trainer:
         resume: ResumePlan | Path | None,
         stop: StopRequest | None = None,
     ):
-        from cogvideo.family import family_of
-
         self.family = family_of(model_cfg)
         self.stop = stop or StopRequest()
         say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
@@ -111,7 +134,7 @@ class Trainer:
             resume = ResumePlan([resume], explicit=True)
         verifier = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
         resume = verifier.verified(resume.candidates, resume.explicit) if resume else None
-        self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume)
+        self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume, shards, encode_text)
         self.engine = self._engine()
         self.loader = ShardLoader(
             shards,
@@ -143,9 +166,16 @@ class Trainer:
         self.nonfinite_total = 0
 
     # ---- helpers -------------------------------------------------------------------
-    def _settle_precision(self, cfg: TrainConfig, model_cfg, resume: Path | None) -> TrainConfig:
+    def _settle_precision(
+        self, cfg: TrainConfig, model_cfg, resume: Path | None, shards: list[str], encode_text
+    ) -> TrainConfig:
         """Resolve parallel.precision and log it; the config as this run trains (and saves) it."""
-        self.precision = run_precision(cfg, model_cfg, resume)
+
+        def make_step() -> StepProbe:
+            self._info("precision auto: timing this run's training step in each precision")
+            return StepProbe(cfg, model_cfg, probe_batch(cfg, model_cfg, shards, encode_text))
+
+        self.precision = run_precision(cfg, model_cfg, resume, make_step)
         self._info(self.precision.describe())
         if self.precision.warning and self.rank == 0:
             log.warning(self.precision.warning)
@@ -156,8 +186,6 @@ class Trainer:
         """The model, built lean on this rank's device (docs/cuda-paths.md) and initialised from
         init.weights / init.backbone or from the seed, wrapped by deepspeed.initialize."""
         import deepspeed
-
-        from cogvideo.family import build_model
 
         cfg, model_cfg = self.cfg, self.model_cfg
         parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
@@ -199,7 +227,10 @@ class Trainer:
         self.metrics.record_run_info(
             "precision",
             self.precision.describe(),
-            {f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()},
+            {
+                **{f"gflops_{k}": v for k, v in self.precision.figures.gflops.items()},
+                **{f"step_seconds_{k}": v for k, v in self.precision.figures.step_seconds.items()},
+            },
         )
         self.keys_file = None
         if cfg.logging.sample_keys:
@@ -317,7 +348,7 @@ class Trainer:
         """Train to training.max_steps, or until a stop signal reaches any rank; the exit status."""
         cfg = self.cfg
         self._info(
-            f"training {self.model_cfg.name} ({self.model_cfg.stage}) from step {self.step} to "
+            f"training {model_label(self.model_cfg)} from step {self.step} to "
             f"{cfg.training.max_steps}: world {dist.get_world_size()} = TP {parallel.tp_size()} x "
             f"DP {parallel.dp_size()}, ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}"
         )
@@ -397,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run is not None:
         return dry_run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_notices()
     if args.nproc_per_node is not None:
         sys.exit(launch(args))
     command = resume_command(argv, local_rank_flag=args.local_rank is not None)

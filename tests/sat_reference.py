@@ -1,15 +1,20 @@
-"""The independent reference for tests/test_parity_sat.py, run in its own process:
+"""The independent reference for tests/test_parity_sat.py, run in its own processes:
 SwissArmyTransformer 0.2.9 builds CogView2 as its BaseModel (sandwich layernorm, as the release
-trains it in CogView2's pretrain_coglm.py) at tiny width with random weights, runs its forward
-with the release's text-to-image masks and position ids in float32 and float64 (CPU, gloo,
-world size 1), and saves the model with SAT's own save_checkpoint (through a DeepSpeed engine,
-as SAT always does), RNG state included.
+trains it in CogView2's pretrain_coglm.py) at tiny width with random weights, at each tensor-
+parallel degree of the spec in turn (its own model-parallel initialisation, `mpu`, over gloo:
+its parallel layers hold their shards), runs its forward with the release's text-to-image masks
+and position ids in float32 and float64 (logits gathered over the model-parallel group), and
+saves the model with SAT's own save_checkpoint (through a DeepSpeed engine, as SAT always does),
+RNG state included: one mp_rank_XX file per model-parallel rank.
 
-    python tests/sat_reference.py SPEC.json OUT_DIR
+    torchrun --nproc-per-node 4 tests/sat_reference.py SPEC.json OUT_DIR   # TP 1, 2 and 4
+    python tests/sat_reference.py SPEC.json OUT_DIR                        # TP 1 only
 
 SPEC: num_layers, hidden_size, num_heads, vocab_size, max_sequence_length, text_length,
 image_position_offset, frame_tokens, pad_id, boi_id, text_ids [[...], ...] (each left-padded
-here), image_codes [[...], ...]. OUT_DIR gets sat/ (the checkpoint), inputs.pt and logits.pt.
+here), image_codes [[...], ...], tensor_parallel [degrees] (default [1]; each divides the
+world size). OUT_DIR gets inputs.pt and, per degree TP, sat_tpTP/ (the checkpoint) and
+logits_tpTP.pt.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import json
 import os
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import torch
@@ -53,7 +59,7 @@ def release_inputs(spec: dict):
     return torch.tensor(rows), torch.stack(positions), torch.stack(masks).unsqueeze(1)
 
 
-def sat_args(spec: dict, save: Path) -> argparse.Namespace:
+def sat_args(spec: dict, save: Path, tensor_parallel: int = 1) -> argparse.Namespace:
     """What BaseModel and save_checkpoint read; dropout as SAT's defaults (the forward is in
     eval mode, so they do not act)."""
     return argparse.Namespace(
@@ -75,29 +81,34 @@ def sat_args(spec: dict, save: Path) -> argparse.Namespace:
         save=str(save),
         no_save_rng=False,
         tokenizer_type="icetk",
-        model_parallel_size=1,
+        model_parallel_size=tensor_parallel,
     )
 
 
-def randomise(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from SAT's init (norm gains around 1, everything else N(0, 0.2))."""
-    g = torch.Generator().manual_seed(seed)
+def randomise(model: torch.nn.Module, seed: int, rank: int = 0) -> None:
+    """Weights far from SAT's init (norm gains around 1, everything else N(0, 0.2)), each tensor
+    from its own generator: replicated ones alike on every model-parallel rank, the shards SAT's
+    parallel layers hold (marked `model_parallel`) different on each."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
+            key = (
+                zlib.crc32(name.encode())
+                + 1000003 * seed
+                + (7919 * rank if getattr(p, "model_parallel", False) else 0)
+            )
+            noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(key)) * 0.2
             p.copy_(1 + noise if "layernorm" in name and name.endswith("weight") else noise)
 
 
-def main() -> None:
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what a launcher sets for DeepSpeed
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    out = Path(sys.argv[2])
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out / 'pg'}", world_size=1, rank=0)
-    mpu.initialize_model_parallel(1)
-    args = sat_args(spec, out / "sat")
+def run_degree(spec: dict, out: Path, tp: int) -> None:
+    """SAT's model at TP=tp on every rank of the world (TP groups x data-parallel copies): logits
+    gathered over the TP group (rank 0 saves them), and save_checkpoint from each TP group's first
+    data-parallel copy."""
+    mpu.initialize_model_parallel(tp)
+    args = sat_args(spec, out / f"sat_tp{tp}", tp)
     torch.manual_seed(spec.get("seed", 0))
-    model = BaseModel(args)
-    randomise(model, spec.get("seed", 0))
+    model = BaseModel(args, parallel_output=False)  # logits gathered over the model-parallel group
+    randomise(model, spec.get("seed", 0), mpu.get_model_parallel_rank())
     model.eval()
     tokens, position_ids, mask = release_inputs(spec)
     logits = {}
@@ -105,16 +116,30 @@ def main() -> None:
         for dtype in (torch.float32, torch.float64):
             logits[str(dtype)] = model.to(dtype)(tokens, position_ids, mask.to(dtype))[0].clone()
     model.to(torch.float32)
-    torch.save({"tokens": tokens, "position_ids": position_ids, "mask": mask}, out / "inputs.pt")
-    torch.save(logits, out / "logits.pt")
-
+    if torch.distributed.get_rank() == 0:
+        torch.save({"tokens": tokens, "position_ids": position_ids, "mask": mask}, out / "inputs.pt")
+        torch.save(logits, out / f"logits_tp{tp}.pt")
     engine, *_ = deepspeed.initialize(
         model=model, mpu=mpu, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
     )
+    save_checkpoint(1000, engine, None, None, args)
+    mpu.destroy_model_parallel()
+
+
+def main() -> None:
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, default)  # what a launcher sets for DeepSpeed; alone: a world of one
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init = "env://" if "MASTER_ADDR" in os.environ else f"file://{out / 'pg'}"
+    torch.distributed.init_process_group("gloo", init_method=init, world_size=world, rank=rank)
     # SAT saves torch.cuda.get_rng_state() too; there is no GPU here, so the CPU generator's
     # state (the same kind of ByteTensor) stands in for it.
     torch.cuda.get_rng_state = torch.get_rng_state
-    save_checkpoint(1000, engine, None, None, args)
+    for tp in spec.get("tensor_parallel", [1]):
+        run_degree(spec, out, tp)
+        torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

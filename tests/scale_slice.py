@@ -64,6 +64,9 @@ def batch(cfg):
     return [x[None] for x in build_sequence(cfg, text, frames)]
 
 
+LOGIT_POSITIONS = slice(64, None, 129)  # 16 frame positions whose logits the test compares
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -101,7 +104,10 @@ def reference(out: Path, stages: list[str]) -> None:
         model = build_model(cfg, device="meta", init_weights=False)
         model.load_state_dict(load_model_state(out / f"weights_{stage}"), assign=True)  # merged to TP=1
         tokens, targets, mask = batch(cfg)
-        loss1 = model.loss(model(tokens), targets, mask)
+        logits = model(tokens)
+        kept = logits[0, LOGIT_POSITIONS].detach().clone()
+        loss1 = model.loss(logits, targets, mask)
+        del logits
         loss1.backward()
         grads = trainable_grads(model)
         optimizer = torch.optim.AdamW(param_groups(model, DECAY), lr=LR, betas=BETAS, eps=EPS)
@@ -111,7 +117,12 @@ def reference(out: Path, stages: list[str]) -> None:
         with torch.no_grad():
             loss2 = model.loss(model(tokens), targets, mask)
         del model
-        result = {"loss": [loss1.item(), loss2.item()], "grads": grads, "peak_rss": peak_rss_bytes()}
+        result = {
+            "loss": [loss1.item(), loss2.item()],
+            "logits": kept,
+            "grads": grads,
+            "peak_rss": peak_rss_bytes(),
+        }
         torch.save(result, out / f"tp1_{stage}.pt")
 
 
@@ -151,7 +162,13 @@ def tp8_stage(stage: str, out: Path, rank: int) -> dict:
         losses = []
         for step in range(2):  # memory: the second step, when ZeRO's buffers exist from the start
             mem.reset_peak()
-            loss = engine.module.loss(engine(tokens), targets, mask)
+            logits = engine(tokens)
+            loss = engine.module.loss(logits, targets, mask)
+            if step == 0:  # this rank's vocabulary shard of the logits at the compared positions
+                torch.save(
+                    logits[0, LOGIT_POSITIONS].float().clone(), out / f"tp8_{stage}_logits_rank{rank}.pt"
+                )
+            del logits
             engine.backward(loss)
             if step == 0:
                 grads = {

@@ -31,7 +31,7 @@ H, LAYERS, HEADS, T, N = (
     BASE.text_length,
     BASE.tokens_per_frame,
 )
-VOCAB, MAX_POS, FRAMES = BASE.vocab.vocab_size, BASE.max_position_embeddings, BASE.num_frames
+VOCAB, MAX_POS, FRAMES = BASE.vocab.vocab_size, BASE.position_rows, BASE.num_frames
 ADDITIONAL = FRAMES * N  # CogVideo's extra table: additional_seqlen rows (2000 = 5 x 400 in the release)
 
 
@@ -133,6 +133,46 @@ def reference_masks(tokens: torch.Tensor, frames: int) -> tuple[torch.Tensor, to
     return causal, spatial, key_ok
 
 
+def stage2_masks(tokens: torch.Tensor, frames: int, window: int, shift: int, regions: bool = True):
+    """The release's stage-2 masks (models/cogvideo_model.py, mode_sequential=False), per layer
+    shift, as (spatial, temporal, key_ok). Spatial (attention_mask_local_interp): a frame token sees
+    the text and its own frame, whole for the given (even) frames, causally for the others.
+    Temporal (WindowAttentionMixin, attn_mask_interp / causal_mask_interp): frames are rolled by
+    -shift and cut into window x window windows; a token sees the text and the tokens of its window
+    in the frames the interp rule allows: given frames see every given frame and no other; a
+    generated frame sees every given frame, the generated frames before it, and its own frame
+    causally in the window's raster order; shifted layers also keep the roll's regions apart."""
+    frame_of, index = frame_positions(frames)
+    L, side = len(frame_of), BASE.frame_tokens
+    text, given = frame_of == -1, (frame_of >= 0) & (frame_of % 2 == 0)
+    row, col = (index // side - shift) % side, (index % side - shift) % side  # after the roll
+    same_frame = frame_of[:, None] == frame_of[None, :]
+    own_causal = index[None, :] <= index[:, None]
+    spatial = text[:, None] & text[None, :]
+    spatial |= ~text[:, None] & (text[None, :] | (same_frame & (given[:, None] | own_causal)))
+    window_of = (row // window) * side + col // window
+    local = (row % window) * window + col % window  # raster order inside the window
+    region = (
+        (row >= side - shift).long() * 2 + (col >= side - shift).long()
+        if shift and regions
+        else torch.zeros(L)
+    )
+    together = (window_of[:, None] == window_of[None, :]) & (region[:, None] == region[None, :])
+    later = frame_of[None, :] > frame_of[:, None]
+    frames_ok = torch.where(
+        given[:, None],
+        given[None, :],
+        given[None, :]
+        | (~given[None, :] & ~later & ~same_frame)
+        | (same_frame & (local[None, :] <= local[:, None])),
+    )
+    temporal = spatial & text[:, None] | ~text[:, None] & (
+        text[None, :] | (~text[None, :] & together & frames_ok)
+    )
+    key_ok = ~(text[None, :] & (tokens == BASE.vocab.pad_id))[:, None, None, :]
+    return spatial, temporal, key_ok
+
+
 def reference_embeddings(raw: dict, tokens: torch.Tensor, frames: int) -> torch.Tensor:
     """Word plus position embeddings: real text tokens take position ids 0..n-1 (left pads 0, masked
     out); frame 0: CogView2's image rows; frame f >= 1: the extra table's rows at id - (offset + N)."""
@@ -143,7 +183,7 @@ def reference_embeddings(raw: dict, tokens: torch.Tensor, frames: int) -> torch.
         for i in range(len(frame_of)):
             f, j = int(frame_of[i]), int(pos_in_frame[i])
             if f <= 0:
-                row = max(j - int(n_pads[b]), 0) if f < 0 else BASE.image_position_offset + j
+                row = max(j - int(n_pads[b]), 0) if f < 0 else BASE.position_offset + j
                 x[b, i] += raw["transformer.position_embeddings.weight"][row]
             else:
                 x[b, i] += raw["mixins.extra_position_embedding.position_embeddings.weight"][N * f + j - N]
@@ -168,14 +208,27 @@ def attend(raw: dict, qkv: str, dense: str, v: torch.Tensor, mask: torch.Tensor)
     return linear(raw, dense, ctx.transpose(1, 2).reshape(B, L, H))
 
 
-def reference_logits(raw: dict, tokens: torch.Tensor, frames: int, video: bool) -> torch.Tensor:
-    """CogView2 / CogVideo stage 1 from the raw SAT tensors, plain torch ops, with the release's
-    masks and position ids (above); sandwich layernorm; frame outputs mix the two channels as
-    sigmoid(p)*spatial + (1-sigmoid(p))*temporal."""
-    causal, spatial, key_ok = reference_masks(tokens, frames)
+def reference_logits(
+    raw: dict,
+    tokens: torch.Tensor,
+    frames: int,
+    video: bool,
+    window: int | None = None,
+    shifted: int = 1,
+    regions: bool = True,
+) -> torch.Tensor:
+    """CogView2 / CogVideo stage 1 (or stage 2, given its `window`) from the raw SAT tensors, plain
+    torch ops, with the release's masks and position ids (above); sandwich layernorm; frame outputs
+    mix the two channels as sigmoid(p)*spatial + (1-sigmoid(p))*temporal. Stage 2 shifts the windows
+    of the layers i with i % 2 == `shifted` (the release: odd), keeping regions apart if `regions`."""
     is_frame = (frame_positions(frames)[0] >= 0)[None, :, None]
     x = reference_embeddings(raw, tokens, frames)
     for i in range(LAYERS):
+        if window is None:
+            causal, spatial, key_ok = reference_masks(tokens, frames)
+        else:
+            shift = window // 2 if i % 2 == shifted else 0
+            spatial, causal, key_ok = stage2_masks(tokens, frames, window, shift, regions)
         p = f"transformer.layers.{i}."
         h = layer_norm(raw, p + "input_layernorm", x)
         out = attend(raw, p + "attention.query_key_value", p + "attention.dense", h, spatial & key_ok)
@@ -358,6 +411,41 @@ def test_cogvideo_stage1_import_matches_reference_forward(tmp_path):
     assert torch.allclose(our_logits(ckpt, tokens), reference_logits(raw, tokens, 3, video=True), atol=1e-5)
 
 
+STAGE2_ARGS = {**VIDEO_ARGS, "cogvideo_stage": 2, "window_size": 2}
+
+
+def test_cogvideo_stage2_import_matches_reference_forward(tmp_path):
+    """Stage 2 as released: given frames 0, 2, 4 seen whole, frames 1, 3 generated, windows of
+    2 x 2 tokens shifted by 1 on odd layers (the release's window_size // 2), the roll's regions
+    kept apart; written out from the release's masks above (its class is not in an installed
+    package: THUDM/CogVideo's models/cogvideo_model.py)."""
+    raw = raw_weights(video=True, seed=8)
+    write_sat(tmp_path / "sat", raw, 2, STAGE2_ARGS)
+    ckpt = import_sat(tmp_path / "sat", tmp_path / "ours", base=BASE)
+    cfg = load_model_config(ckpt)
+    assert (cfg.stage, cfg.num_frames, cfg.window_size, cfg.window_shift) == ("stage2", FRAMES, 2, 1)
+    tokens = random_tokens(frames=FRAMES, seed=9)
+    expected = reference_logits(raw, tokens, FRAMES, video=True, window=2)
+    torch.testing.assert_close(our_logits(ckpt, tokens), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [{"window": None}, {"window": 2, "regions": False}, {"window": 2, "shifted": 0}],
+    ids=["stage 1's masks", "no regions in shifted windows", "shifts on even layers"],
+)
+def test_planted_stage2_mask_readings_fail_the_comparison(tmp_path, planted):
+    """The stage-2 comparison is sharp: each other plausible reading of the release's masks, put
+    in the reference instead, misses our (correct) model by far more than the tolerance."""
+    raw = raw_weights(video=True, seed=8)
+    write_sat(tmp_path / "sat", raw, 2, STAGE2_ARGS)
+    ckpt = import_sat(tmp_path / "sat", tmp_path / "ours", base=BASE)
+    tokens = random_tokens(frames=FRAMES, seed=9)
+    expected = reference_logits(raw, tokens, FRAMES, video=True, **planted)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(our_logits(ckpt, tokens), expected, atol=1e-5, rtol=0)
+
+
 def test_backbone_initialises_video_stages_with_one_frame_equivalence(tmp_path):
     raw = raw_weights(video=False, seed=4)
     write_sat(tmp_path / "sat", raw, 2, BACKBONE_ARGS)
@@ -372,7 +460,7 @@ def test_backbone_initialises_video_stages_with_one_frame_equivalence(tmp_path):
     assert torch.equal(
         sd["layers.1.temporal_attention.dense.weight"], raw["transformer.layers.1.attention.dense.weight"]
     )
-    image_rows = raw["transformer.position_embeddings.weight"][BASE.image_position_offset :][:N]
+    image_rows = raw["transformer.position_embeddings.weight"][BASE.position_offset :][:N]
     assert torch.equal(sd["frame_position_embeddings.weight"], image_rows.repeat(FRAMES - 1, 1))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from process_helpers import run_ok, torchrun_self
-from tolerances import loss_rel_tol
+from tolerances import adam_weight_atol, loss_rel_tol
 
 from cogvideo.checkpoint import (
     CheckpointError,
@@ -122,9 +122,24 @@ def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
         assert increase[stage] < bound < min(rank_file, model_bytes) / 1.5
 
 
+LAYOUT_LR = 1e-2  # the workers' AdamW learning rate (_engine)
+
+
+def assert_resumed_like_the_original(out: Path, results: dict, original: str, resumed: str) -> None:
+    """Steps 3 and 4 of the resumed run against the original run's: losses within rounding
+    (tests/tolerances.py), and the weights after step 4 within the Adam bound: a run that
+    resumed without the moments, step count or weights moves elements by whole steps (~lr)."""
+    assert results[resumed] == pytest.approx(results[original][2:], rel=loss_rel_tol(TINY.num_layers))
+    ours, theirs = (torch.load(out / f"weights_{name}.pt", weights_only=True) for name in (resumed, original))
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=adam_weight_atol(LAYOUT_LR), msg=name)
+
+
 @pytest.mark.slow
-def test_resume_on_changed_layout_gives_the_original_losses(tmp_path):
-    """ZeRO-2 at TP=2 x DP=1 -> our format -> ZeRO-2 (and ZeRO-3) at TP=1 x DP=2, and back."""
+def test_resume_on_changed_layout_gives_the_original_losses_and_weights(tmp_path):
+    """ZeRO-2 at TP=2 x DP=1 -> our format -> ZeRO-2 (and ZeRO-3) at TP=1 x DP=2, and back; the
+    same comparison fails for a resume that drops Adam's moments (the planted bug)."""
     torch.manual_seed(0)
     save_model_checkpoint(tmp_path / "w0", build_model(TINY).state_dict(), TINY)
     torchrun("layout", tmp_path)
@@ -134,9 +149,9 @@ def test_resume_on_changed_layout_gives_the_original_losses(tmp_path):
         ("tp1", "tp2_from_tp1"),
         ("tp2", "tp1_zero3_from_tp2"),
     ):
-        # step 3 depends on the weights, step 4 also on Adam's moments and step count
-        assert r[resumed] == pytest.approx(r[original][2:], rel=loss_rel_tol(TINY.num_layers)), (original, r)
-    assert abs(r["tp1_from_tp2_no_optimizer"][1] - r["tp2"][3]) > 1e-4  # the moments matter
+        assert_resumed_like_the_original(tmp_path, r, original, resumed)
+    with pytest.raises(AssertionError):  # planted: the moments dropped on resume
+        assert_resumed_like_the_original(tmp_path, r, "tp2", "tp1_from_tp2_no_optimizer")
     report = describe(tmp_path / "ds_tp2")
     assert (report["format"], report["tensor_parallel"], report["data_parallel"], report["iteration"]) == (
         "DeepSpeed ZeRO-2",
@@ -210,7 +225,10 @@ def _engine(model, zero_stage: int, dp: int, decay_groups: bool = False):
         "gradient_accumulation_steps": 1,
         "train_batch_size": 2,
         "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": LAYOUT_LR, "weight_decay": 0.01, "torch_adam": True},
+        },
         "steps_per_print": 10**9,
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -275,11 +293,14 @@ def _zero_worker(out: Path) -> None:
 def _layout_worker(out: Path) -> None:
     """TP=2 x DP=1 and TP=1 x DP=2 in turn on the same two ranks: train, checkpoint, convert,
     resume in the other layout; losses go to results.json."""
+    import deepspeed
     import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
     from megatron.core import parallel_state
 
     from cogvideo import parallel
     from cogvideo.checkpoint import convert_zero, restore_optimizer_state
+    from cogvideo.model import TP_PLAN
 
     results = {}
 
@@ -296,11 +317,27 @@ def _layout_worker(out: Path) -> None:
             restore_optimizer_state(engine, path, parallel.tp_rank(), parallel.tp_size())
         return engine
 
+    def save_weights(engine, name: str) -> None:
+        """The full fp32 weights (ZeRO's master, merged over TP) to weights_NAME.pt."""
+        local = {
+            n: safe_get_full_fp32_param(p).clone()
+            for n, p in engine.module.named_parameters()
+            if p.requires_grad
+        }
+        frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen]):  # ZeRO-3 partitions them too
+            local.update({n: p.detach().clone() for n, p in frozen})
+        parts = [None] * parallel.tp_size()
+        dist.all_gather_object(parts, local, group=parallel.tp_group())
+        if dist.get_rank() == 0:
+            torch.save(TP_PLAN.merge_state_dicts(parts), out / f"weights_{name}.pt")
+
     def train_and_save(name: str) -> None:
         engine = engine_from(out / "w0", optimizer=False)
         results[name] = [_train_step(engine, TINY, 0), _train_step(engine, TINY, 1)]
         engine.save_checkpoint(str(out / f"ds_{name}"), tag="step2")
         results[name] += [_train_step(engine, TINY, 2), _train_step(engine, TINY, 3)]
+        save_weights(engine, name)
         dist.barrier()
         if dist.get_rank() == 0:
             convert_zero(out / f"ds_{name}", out / f"ours_{name}", TINY)
@@ -309,6 +346,7 @@ def _layout_worker(out: Path) -> None:
     def resume(name: str, source: str, optimizer: bool = True, zero_stage: int = 2) -> None:
         engine = engine_from(out / f"ours_{source}", optimizer, zero_stage)
         results[name] = [_train_step(engine, TINY, 2), _train_step(engine, TINY, 3)]
+        save_weights(engine, name)
 
     layout(2)
     train_and_save("tp2")

@@ -50,12 +50,25 @@ def test_scripts_parse():
         assert result.returncode == 0, f"{script}: {result.stderr}"
 
 
-@pytest.mark.skipif(
-    shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)"
-)
-def test_scripts_are_shellcheck_clean():
-    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+def shellcheck(*paths, cwd=REPO) -> subprocess.CompletedProcess:
+    """shellcheck over `paths`; .ci/run installs it, so under CI (CI=true) its absence fails."""
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is not installed: .ci/run installs it (apt-get install shellcheck)")
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    return subprocess.run(["shellcheck", *map(str, paths)], cwd=cwd, capture_output=True, text=True)
+
+
+def test_scripts_are_shellcheck_clean(tmp_path):
+    result = shellcheck(*SCRIPTS)
     assert result.returncode == 0, result.stdout
+    # planted: a copy of the scripts whose launcher gained one unquoted expansion fails the check
+    shutil.copytree(REPO / "cluster", tmp_path / "cluster")
+    copies = [tmp_path / p.relative_to(REPO) for p in SCRIPTS]
+    assert shellcheck(*copies, cwd=tmp_path).returncode == 0
+    launcher = tmp_path / "cluster/deepspeed/launch.sh"
+    launcher.write_text(launcher.read_text() + "ls $HOSTFILE\n")
+    assert "SC2086" in shellcheck(*copies, cwd=tmp_path).stdout
 
 
 def torchrun_lines(output):

@@ -6,8 +6,9 @@ import pytest
 from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, load_config
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
-from data_prep.config import PrepConfig, geometry
-from data_prep.stages import TokenizeSamples
+from data_prep.config import PrepConfig, prep_model
+from data_prep.encoders import TokenEncoder
+from data_prep.stages import EncodeSamples
 from data_prep.synthetic import main as synth_main
 
 
@@ -35,27 +36,27 @@ def test_yaml_and_overrides_fill_the_config_and_bad_values_name_the_key(tmp_path
 def test_sample_shape_comes_from_the_model_config():
     for preset in ("tiny", "small", "cogvideo-stage1"):
         model = get_preset(preset)
-        shape = geometry(PrepConfig(model={"preset": preset}))
-        assert (shape.frame_size, shape.tokens_side, shape.num_frames) == (
+        shape = prep_model(PrepConfig(model={"preset": preset}))
+        assert (shape.frame_size, shape.frame_tokens, shape.num_frames) == (
             model.frame_size,
             model.frame_tokens,
             model.num_frames,
         )
-    assert geometry(PrepConfig(model={"preset": "small", "num_frames": 9})).num_frames == 9
+    assert prep_model(PrepConfig(model={"preset": "small", "num_frames": 9})).num_frames == 9
     with pytest.raises(ValueError, match="model.frame_tokens"):
-        geometry(PrepConfig(model={"preset": "small", "frame_tokens": 5}))
+        prep_model(PrepConfig(model={"preset": "small", "frame_tokens": 5}))
     with pytest.raises(ConfigError, match="stage-2"):
-        geometry(PrepConfig(model={"preset": "cogview2-6b"}))
+        prep_model(PrepConfig(model={"preset": "cogview2-6b"}))
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_both(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
-    fit_patch_tokenizer(frames, 16, 32, 4).save(tmp_path / "t32.safetensors")
+    fit_patch_tokenizer(frames, 16, 32, 4, preset="small").save(tmp_path / "t32.safetensors")
     cfg = PrepConfig(
         model={"preset": "tiny"}, tokenizer=str(tmp_path / "t32.safetensors")
     )  # tiny: 16 px frames
     with pytest.raises(ConfigError, match="t32.safetensors.*32px.*16px.*model.frame_size"):
-        TokenizeSamples(cfg, geometry(cfg))
+        EncodeSamples(cfg, prep_model(cfg), TokenEncoder)
 
 
 def test_synth_command_writes_the_videos_and_captions(tmp_path):

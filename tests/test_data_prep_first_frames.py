@@ -28,7 +28,7 @@ def prepared(root, stages=(1, 2, 1, 1, 2, 1, 1, 1, 1, 1)):
         )
         frames[f"k{i}"] = np.arange(num * 16).reshape(num, 4, 4) + 1000 * i
         out.add_sample(
-            encode_sample(f"k{i}", frames[f"k{i}"], f"caption {i}", meta),
+            encode_sample(f"k{i}", {"frames": frames[f"k{i}"]}, f"caption {i}", meta),
             {
                 "key": f"k{i}",
                 "source": f"v{i}.mp4",
@@ -72,7 +72,7 @@ def test_first_frames_of_stage1_samples_dealt_round_robin(tmp_path, capsys):
         assert [s.key for s in samples] == stage1[part::4]
         for sample in samples:
             assert sample.meta.num_frames == 1 and sample.meta.duration == 0.0 and sample.meta.stage == 1
-            assert np.array_equal(sample.frames, frames[sample.key][:1])
+            assert np.array_equal(sample.arrays["frames"], frames[sample.key][:1])
             assert sample.caption == f"caption {sample.key[1:]}"
     after = read(tmp_path / "prep")
     assert {k: [s.key for s in v] for k, v in after.items()} == {

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cogvideo.config import get_preset
 from cogvideo.shards import ClipMeta, encode_sample
 from data_prep import reshard
-from data_prep.config import Geometry, PrepConfig
+from data_prep.config import PrepConfig
 from data_prep.inputs import Rejected
 from data_prep.output import PrepOutput
 from data_prep.stages import extract_samples
@@ -131,9 +132,9 @@ def picked_frames(frames):
     return np.rint((frames.reshape(len(frames), -1).mean(1) - 8) / 3).astype(int)
 
 
-def samples_of(path, cfg=PrepConfig(), shape=Geometry(16, 4, 5, image_codes=1024)):
+def samples_of(path, cfg=PrepConfig(), model=get_preset("tiny")):  # 16 px frames, 5 per sample
     row = {"entry": path, "path": path, "caption": "a video", "sha256": "0" * 64}
-    rows = extract_samples(row, cfg, shape)
+    rows = extract_samples(row, cfg, model)
     records = [json.loads(r["record"]) for r in rows]
     samples = [
         (rec, np.frombuffer(r["pixels"], np.uint8).reshape(5, 16, 16, 3))
@@ -375,7 +376,7 @@ def test_reshard_names_a_damaged_shard(tmp_path, capsys, damage, problem):
         duration=4.0, fps=1.0, stage=1, source="v.mp4", clip_start=0.0, clip_end=4.0, num_frames=5
     )
     for i in range(4):
-        fields = encode_sample(f"k{i}", np.zeros((5, 4, 4), np.int64), "a video", meta)
+        fields = encode_sample(f"k{i}", {"frames": np.zeros((5, 4, 4), np.int64)}, "a video", meta)
         out.add_sample(
             fields,
             {"key": f"k{i}", "source": "v.mp4", "clip": [0, 5], "window": [0, 4], "fps": 1.0, "stage": 1},

@@ -151,53 +151,43 @@ def test_synthetic_rows_refuse_paths_that_leave_the_frame():
         DemoConfig(videos=VideoSettings(num_videos=1, holdout=["red/circle/sideways"]))
 
 
-def test_report_links_every_file(tmp_path):
-    from cogvideo.sampling.outputs import write_video_entry
-    from demo.report import write_report
+def test_report_links_every_file_and_records_what_it_shows(tmp_path):
+    from report_fixture import DURATIONS, PROMPTS, build_report
 
-    videos = []
-    for key, duration in [("red_circle_left", 1.0), ("red_circle_left", 4.0), ("blue_square_up", 1.0)]:
-        folder = tmp_path / "samples" / f"{key}_{duration}"
-        frames = np.zeros((9, 16, 16, 3), np.uint8)
-        frames[:, 4:8, 4:8] = 200
-        write_video_entry(folder, np.zeros((9, 4, 4), np.int64), frames, fps=8)
-        videos.append(
-            {
-                "key": key,
-                "prompt": key.replace("_", " "),
-                "heldout": True,
-                "duration": duration,
-                "seed": 1,
-                "dir": str(folder),
-                "analysis": {"colour": "red", "displacement": 1.5},
-            }
-        )
-    metrics_file = tmp_path / "metrics.jsonl"
-    metrics_file.write_text(
-        "".join(json.dumps({"step": s, "loss": 5.0 / s, "lr": 1e-3}) + "\n" for s in range(1, 60))
-    )
-    metrics = {
-        "targets": {"colour accuracy": {"value": 0.97, "goal": ">= 0.95", "met": True}},
-        "evaluation": {
-            "displacement_by_duration": {
-                "1.0": {"generated": 1.2, "reference": 1.1},
-                "4.0": {"generated": 3.9, "reference": 4.2},
-            }
-        },
-        "step_seconds": {"videos": 3.0, "stage1": 400.0},
-    }
-    index = write_report(tmp_path / "report", metrics, videos, {"stage1": metrics_file})
+    index = build_report(tmp_path)
     text = index.read_text()
     links = re.findall(r"(?:src|href)='([^']+)'", text)
-    assert len(links) == 3 * 2 + 3  # gif + mp4 per video; contact sheet, displacement, curves
+    cells = len(PROMPTS) * len(DURATIONS)
+    # grid: generated + reference gif per cell; 4 plots; samples table: gif + mp4 per video
+    assert len(links) == 2 * cells + 4 + 2 * cells
     for link in links:
         assert (index.parent / link).is_file(), link
-    assert json.loads((index.parent / "metrics.json").read_text()) == metrics
-    assert "met" in text and "400" in text
+    metrics = json.loads((index.parent / "metrics.json").read_text())
+    (family,) = metrics["families"]
+    assert len(family["videos"]) == cells and metrics["total_seconds"] == 403.0
+    verdicts = {v["name"]: v["verdicts"] for v in family["videos"]}
+    # the planted faults: prompt 2 drawn cyan, prompt 3 a circle at 4 s, prompt 1 too fast at 1 s
+    assert not verdicts["blue_triangle_up_d1_seed1"]["colour"]["ok"]
+    assert not verdicts["yellow_square_right_d4_seed1"]["shape"]["ok"]
+    assert not verdicts["red_circle_left_d1_seed1"]["motion"]["ok"]
+    assert verdicts["red_circle_left_d4_seed1"] == {
+        "colour": {"seen": "red", "ok": True},
+        "shape": {"seen": "circle", "ok": True},
+        "direction": {"seen": "left", "ok": True},
+        "motion": verdicts["red_circle_left_d4_seed1"]["motion"] | {"ok": True},
+        "constant": {"seen": True, "ok": True},
+    }
+    assert family["targets"]["held-out colour"] == {"value": 4 / 6, "goal": ">= 0.95", "met": False}
+    assert (
+        text.index("Held-out prompts")
+        < text.index("Targets")
+        < text.index("Plots")
+        < text.index("full metrics")
+    )
 
 
 def analyze_frames(frames):
-    from demo.report import analysis_row, analyze_keyframes
+    from demo.evaluation import analysis_row, analyze_keyframes
 
     return analysis_row(analyze_keyframes(frames))
 
@@ -225,16 +215,19 @@ def test_analyzer_reads_rendered_videos():
 
 def test_summary_scores_generated_and_reference_with_the_library_and_meets_targets_by_them():
     from cogvideo.eval.prompts import VideoAnalysis
-    from demo.report import summarize, targets
+    from demo.evaluation import summarize, targets
 
     def video(duration):
         return {"prompt": "a red circle moving left", "heldout": True, "duration": duration, "dir": "x"}
 
-    def seen(displacement, direction="left"):
-        return VideoAnalysis("red", "circle", direction, displacement, (-displacement, 0.0), 5, 5)
+    def seen(displacement, direction="left", colours=("red",) * 5):
+        return VideoAnalysis(
+            "red", "circle", direction, displacement, (-displacement, 0.0), 5, 5, colours, ("circle",) * 5
+        )
 
     videos = [video(1.0), video(1.0), video(1.0), video(4.0), video(4.0)]
-    generated = [seen(1.0), seen(2.0), seen(3.0), seen(4.0), seen(4.0, direction="up")]
+    turns_cyan = ("red", "red", "cyan", "cyan", "red")
+    generated = [seen(1.0), seen(2.0), seen(3.0, colours=turns_cyan), seen(4.0), seen(4.0, direction="up")]
     reference = [seen(1.0)] * 3 + [seen(4.0)] * 2
     summary = summarize(videos, generated, reference)
     by_duration = summary["displacement_by_duration"]
@@ -242,8 +235,18 @@ def test_summary_scores_generated_and_reference_with_the_library_and_meets_targe
     assert by_duration["1"]["generated_sem"] == pytest.approx(1 / np.sqrt(3))
     assert by_duration["1"]["reference"] == pytest.approx(1.0)
     assert summary["reference"]["accuracy"]["heldout"]["all"] == 1.0
+    assert summary["generated"]["accuracy"]["heldout"]["constant"] == pytest.approx(4 / 5)
     goals = targets(summary)
-    assert goals["held-out colour accuracy"]["met"]
-    assert goals["held-out direction accuracy (4 s)"]["value"] == 0.5
-    assert goals["displacement ordered by duration"]["met"]
-    assert goals["displacement ordered by duration"]["value"] == "1 s: 2.00 ± 0.58 px, 4 s: 4.00 ± 0.00 px"
+    assert goals["held-out colour"]["met"] and goals["held-out shape"]["met"]  # majority over keyframes
+    assert goals["held-out constant"] == {"value": pytest.approx(0.8), "goal": ">= 0.95", "met": False}
+    assert goals["held-out direction (4 s)"]["value"] == 0.5
+    # 2 px at 1 s and 4 px at 4 s: 1 : 2, not 1 : 4
+    assert goals["displacement : duration"] == {
+        "value": "1.00 : 2.00",
+        "goal": "1 : 4 within 25%",
+        "met": False,
+    }
+    generated = [seen(1.0), seen(0.9), seen(1.1), seen(3.1), seen(3.1)]  # 1 : 3.1, inside 3 .. 5
+    assert targets(summarize(videos, generated, reference))["displacement : duration"]["met"]
+    generated[3:] = [seen(2.9), seen(2.9)]  # 1 : 2.9, outside
+    assert not targets(summarize(videos, generated, reference))["displacement : duration"]["met"]

@@ -1,10 +1,11 @@
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cogvideo.eval.prompts import analyze_video, read_manifest, score, score_manifest
+from cogvideo.eval.prompts import ManifestEntry, analyze_video, read_manifest, score, score_manifest
 from cogvideo.synthetic import (
     COLOURS,
     DIRECTIONS,
@@ -81,6 +82,7 @@ def test_manifest_scores_heldout_accuracy_and_displacement_by_duration(tmp_path)
         "shape": 1.0,
         "direction": 0.5,
         "all": 0.5,
+        "constant": 1.0,
     }
     assert report["accuracy"]["seen"]["all"] == 1.0
     by = report["displacement_by_duration"]
@@ -138,7 +140,9 @@ def test_reads_a_sampler_output_folder(tmp_path):
     assert unscored == []
     assert (entry.file, entry.prompt, entry.duration) == (tmp_path / "p0" / "video.mp4", prompt, 2.0)
     assert score_manifest(tmp_path / "manifest.json")["accuracy"]["all"]["all"] == 1.0
-    assert list_videos(tmp_path) == [tmp_path / "p0" / "video.mp4"]  # what FVD reads of a sampler folder
+    assert list_videos(tmp_path).files == [
+        str(tmp_path / "p0" / "video.mp4")
+    ]  # what FVD reads of a sampler folder
 
 
 def test_score_groups_accuracy_by_duration_and_gives_the_standard_error_of_displacement():
@@ -166,6 +170,25 @@ def test_score_groups_accuracy_by_duration_and_gives_the_standard_error_of_displ
         "shape": 1.0,
         "direction": 1.0,
         "all": 1.0,
+        "constant": 0.0,  # these analyses carry no per-frame readings
     }
     assert result["accuracy_by_duration"]["seen"]["1s"] == {"videos": 0}
     assert result["accuracy"]["heldout"]["videos"] == 4 and result["displacement_increases_with_duration"]
+
+
+def test_constant_means_one_colour_and_one_shape_in_every_frame():
+    frames, _ = _render("magenta", "square", "left", seed=3)
+    assert analyze_video(frames).constant
+    changed = frames.copy()
+    changed[2][(changed[2] == COLOURS["magenta"]).all(-1)] = COLOURS["red"]  # magenta turns red in one frame
+    got = analyze_video(changed)
+    assert got.colour == "magenta" and got.frame_colours[2] == "red" and not got.constant
+    circle, _ = _render("magenta", "circle", "left", seed=3)
+    reshaped = np.concatenate([frames[:4], circle[4:]])
+    assert not analyze_video(reshaped).constant and analyze_video(reshaped).frame_shapes[-1] == "circle"
+    vanished = frames.copy()
+    vanished[5] = 16
+    got = analyze_video(vanished)
+    assert got.frame_colours[5] is None and not got.constant
+    entries = [ManifestEntry(Path("x"), caption_for("magenta", "square", "left"), 1.0, True)] * 2
+    assert score(entries, [analyze_video(frames), got])["accuracy"]["heldout"]["constant"] == 0.5

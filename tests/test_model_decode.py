@@ -101,12 +101,29 @@ def test_stage2_blocked_given_frames_equal_dense_and_full(given, text_bias, monk
     check_given_pass(model, given, [(f, p) for f in (1, 3) for p in range(n)], text_bias, monkeypatch)
 
 
-@pytest.mark.parametrize("given", [(0,), (0, 1)])
+@pytest.mark.parametrize("given", [(0,), (0, 1), (1, 0)])  # (1, 0): not in time order
 def test_stage1_blocked_given_frames_equal_dense_and_full(given, monkeypatch):
     model = random_model("tiny", num_layers=3)
     n = model.cfg.tokens_per_frame
     new = [(f, p) for f in range(len(given), 4) for p in range(n)]
     check_given_pass(model, given, new, 1.4, monkeypatch)
+
+
+def test_planted_blocks_built_in_time_order_fail_for_frames_given_out_of_order(monkeypatch):
+    """The bug: the blocked pass lays its blocks out for the given frames sorted by time, not in
+    the order the chunk holds them (right for (0, 1), wrong for stage 1's (1, 0); stage 2's given
+    frames see each other alike in both directions, so their order cannot show it)."""
+    import cogvideo.model
+
+    blocks = cogvideo.model.frame_blocks
+    monkeypatch.setattr(
+        cogvideo.model,
+        "frame_blocks",
+        lambda cfg, text, pad, frames, *a, **k: blocks(cfg, text, pad, sorted(frames), *a, **k),
+    )
+    model = random_model("tiny", num_layers=3)
+    with pytest.raises(AssertionError):
+        check_given_pass(model, (1, 0), [(2, 0)], 1.4, monkeypatch)
 
 
 def test_blocked_given_frames_at_published_window_shape(monkeypatch):

@@ -78,7 +78,7 @@ PLAN = TPPlan(
 )
 
 
-def masked_example(cfg: MaskedVideoConfig, text_ids, frames, seed: int):
+def mask_tokens(cfg: MaskedVideoConfig, text_ids, frames, seed: int):
     """[left-padded text; all frames] with a seeded share of frame tokens replaced by the mask id."""
     text = torch.full((cfg.text_length,), cfg.vocab.pad_id, dtype=torch.long)
     text[cfg.text_length - len(text_ids) :] = torch.as_tensor(text_ids, dtype=torch.long)
@@ -91,9 +91,14 @@ def masked_example(cfg: MaskedVideoConfig, text_ids, frames, seed: int):
     return tokens, sequence.where(loss_mask, 0), loss_mask  # targets only where the loss is taken
 
 
+def masked_example(cfg: MaskedVideoConfig, sample, text_ids, seed: int) -> dict:
+    tokens, targets, loss_mask = mask_tokens(cfg, text_ids, sample.arrays["frames"], seed)
+    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+
+
 def masked_loss(cfg, model, batch, device):
-    logits = model(batch.tokens.to(device))
-    return image_token_loss(cfg, logits, batch.targets.to(device), batch.loss_mask.to(device))
+    tokens, targets, mask = (batch.tensors[name].to(device) for name in ("tokens", "targets", "loss_mask"))
+    return image_token_loss(cfg, model(tokens), targets, mask)
 
 
 def toy_flops(cfg) -> float:
@@ -155,8 +160,8 @@ def test_masking_is_reproducible_and_leaves_text_alone():
         0, cfg.vocab.num_image_tokens, (cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens)
     )
     text_ids = [cfg.vocab.text_id(5), cfg.vocab.text_id(6)]
-    tokens, targets, mask = masked_example(cfg, text_ids, frames, seed=7)
-    again = masked_example(cfg, text_ids, frames, seed=7)
+    tokens, targets, mask = mask_tokens(cfg, text_ids, frames, seed=7)
+    again = mask_tokens(cfg, text_ids, frames, seed=7)
     assert all(torch.equal(a, b) for a, b in zip((tokens, targets, mask), again))
     assert not mask[: cfg.text_length].any() and mask.any()
     sequence = torch.cat([tokens[: cfg.text_length], frames.flatten()])

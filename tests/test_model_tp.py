@@ -74,6 +74,14 @@ def _worker(rank, port, states, out_dir):
             all_grads = [None] * tp
             torch.distributed.all_gather_object(all_grads, grads, group=group)
             results.append((torch.cat(gathered, -1), loss, TP_PLAN.merge_state_dicts(all_grads)))
+        if tp == TP_DEGREES[0]:  # planted: the column-parallel layers skip their input-gradient all-reduce
+            model = _loaded(_configs()[0], states[0])
+            for module in model.modules():
+                if hasattr(module, "allreduce_dgrad"):
+                    module.allreduce_dgrad, module.disable_grad_reduce = False, True
+            all_grads = [None] * tp
+            torch.distributed.all_gather_object(all_grads, _run(model, _configs()[0], 1.4)[2], group=group)
+            results.append(TP_PLAN.merge_state_dicts(all_grads))
         if rank == 0:
             torch.save(results, os.path.join(out_dir, f"tp{tp}.pt"))
         parallel_state.destroy_model_parallel()
@@ -98,15 +106,20 @@ def test_tp_matches_tp1(tmp_path):
             logits1, loss1, grads1 = _run(plain, cfg, text_bias=1.4)
             torch.testing.assert_close(logits_tp, logits1, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(loss_tp, loss1, atol=1e-5, rtol=1e-5)
-            assert set(grads_tp) == set(grads1)
-            for name in grads1:
-                torch.testing.assert_close(
-                    grads_tp[name],
-                    grads1[name],
-                    atol=1e-5,
-                    rtol=1e-4,
-                    msg=lambda m: f"TP={tp} {cfg.stage} {name}: {m}",
-                )
+            assert_every_gradient_close(grads_tp, grads1, f"TP={tp} {cfg.stage}")
+            if tp == TP_DEGREES[0] and cfg.stage == "stage1":
+                with pytest.raises(AssertionError, match="planted"):  # the missing all-reduce
+                    assert_every_gradient_close(results[-1], grads1, "planted")
+
+
+def assert_every_gradient_close(grads_tp: dict, grads1: dict, what: str) -> None:
+    """Each gradient tensor on its own (fp32, reduction order only): a wrong shard or a missing
+    reduction shows in the tensor it touches, however small against the others."""
+    assert set(grads_tp) == set(grads1)
+    for name in grads1:
+        torch.testing.assert_close(
+            grads_tp[name], grads1[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{what} {name}: {m}"
+        )
 
 
 # ---- dropout under TP --------------------------------------------------------------------

@@ -1,17 +1,20 @@
 """Parity with the release, against SwissArmyTransformer 0.2.9 itself (tests/sat_reference.py,
-in its own process): its CogView2 BaseModel's logits on a full and a left-padded prompt, and
-its own save_checkpoint output (RNG state included), imported through `cogvideo-convert
-import-sat` with the model shape and vocabulary read from the checkpoint's model_config.json."""
+in four processes of its own): its CogView2 BaseModel at TP 1, 2 and 4 (SAT's own model-parallel
+initialisation over gloo, its parallel layers holding their shards) gives logits on a full and a
+left-padded prompt and writes its own save_checkpoint output (one rank file per TP rank, RNG state
+included); each is imported through `cogvideo-convert import-sat` with the model shape and
+vocabulary read from the checkpoint's model_config.json, and must give SAT's logits (1e-12
+relative in float64) and SAT's rank files' tensors bit for bit."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint_sat import sat_rank_shard
 
 from cogvideo.checkpoint import load_model_config, load_model_state
 from cogvideo.checkpoint.cli import main
@@ -29,13 +32,14 @@ SPEC = {
     "hidden_size": TINY.hidden_size,
     "num_heads": TINY.num_heads,
     "vocab_size": VOCAB_SIZE,
-    "max_sequence_length": TINY.max_position_embeddings,
+    "max_sequence_length": TINY.position_rows,
     "text_length": TEXT_LENGTH,
-    "image_position_offset": TINY.image_position_offset,
+    "image_position_offset": TINY.position_offset,
     "frame_tokens": TINY.frame_tokens,
     "pad_id": TINY.vocab.pad_id,
     "boi_id": TINY.vocab.boi_id,
     "seed": 7,
+    "tensor_parallel": [1, 2, 4],
     # a full-length prompt and a 3-token one (left-padded by the reference)
     "text_ids": [
         [TINY.vocab.text_offset + i for i in (5, 17, 2, 40, 33, 9)],
@@ -54,9 +58,10 @@ def sat_run(tmp_path_factory) -> Path:
     (out / "spec.json").write_text(json.dumps(SPEC))
     script = Path(__file__).with_name("sat_reference.py")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone"]
     done = subprocess.run(
-        [sys.executable, str(script), str(out / "spec.json"), str(out)],
-        env=env,
+        [*launch, str(script), str(out / "spec.json"), str(out)],
+        env={**env, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -79,26 +84,18 @@ def fp32_tolerance(cfg, scale: float) -> float:
     return products * cfg.ffn_size * torch.finfo(torch.float32).eps * scale
 
 
-def test_imported_cogview2_reproduces_sat_logits(sat_run, tmp_path):
-    sat_dir = sat_run / "sat"
-    assert json.loads((sat_dir / "model_config.json").read_text())["vocab_size"] == VOCAB_SIZE
-    assert import_cli(sat_dir, tmp_path / "ours") == 0
-    cfg = load_model_config(tmp_path / "ours")
-    assert (cfg.vocab.vocab_size, cfg.text_length, cfg.hidden_dropout, cfg.attention_dropout) == (
-        VOCAB_SIZE,
-        TEXT_LENGTH,
-        0.1,
-        0.1,
-    )  # dropout: SAT's recorded defaults
+def imported_logits(src: Path, dst: Path, tokens: torch.Tensor):
+    """SAT checkpoint `src` through the CLI, run by our model: its config and fp32, fp64 logits."""
+    assert import_cli(src, dst) == 0
+    cfg = load_model_config(dst)
     model = build_model(cfg, init_weights=False)
-    model.load_state_dict(load_model_state(tmp_path / "ours"))
+    model.load_state_dict(load_model_state(dst))
     model.eval()
-    tokens = torch.load(sat_run / "inputs.pt")["tokens"]
-    assert (tokens[1, : TEXT_LENGTH - 3] == cfg.vocab.pad_id).all()  # the second prompt is left-padded
-    reference = torch.load(sat_run / "logits.pt")
     with torch.no_grad():
-        ours32 = model(tokens)
-        ours64 = model.double()(tokens)
+        return cfg, model(tokens), model.double()(tokens)
+
+
+def assert_reproduces(cfg, reference: dict, ours32, ours64) -> None:
     sat32, sat64 = reference["torch.float32"], reference["torch.float64"]
     scale = sat64.abs().max().item()
     assert (ours64 - sat64).abs().max().item() <= 1e-12 * scale
@@ -106,28 +103,50 @@ def test_imported_cogview2_reproduces_sat_logits(sat_run, tmp_path):
     assert (ours32 - sat32).abs().max().item() <= fp32_tolerance(cfg, scale)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp", SPEC["tensor_parallel"])
+def test_imported_cogview2_reproduces_sat_logits(sat_run, tmp_path, tp):
+    sat_dir = sat_run / f"sat_tp{tp}"
+    config = json.loads((sat_dir / "model_config.json").read_text())
+    assert (config["vocab_size"], config["model_parallel_size"]) == (VOCAB_SIZE, tp)
+    tokens = torch.load(sat_run / "inputs.pt")["tokens"]
+    cfg, ours32, ours64 = imported_logits(sat_dir, tmp_path / "ours", tokens)
+    assert (cfg.vocab.vocab_size, cfg.text_length, cfg.hidden_dropout, cfg.attention_dropout) == (
+        VOCAB_SIZE,
+        TEXT_LENGTH,
+        0.1,
+        0.1,
+    )  # dropout: SAT's recorded defaults
+    assert (tokens[1, : TEXT_LENGTH - 3] == cfg.vocab.pad_id).all()  # the second prompt is left-padded
+    assert_reproduces(cfg, torch.load(sat_run / f"logits_tp{tp}.pt"), ours32, ours64)
+
+
+def test_planted_rank_files_read_in_the_wrong_order_break_parity(sat_run, tmp_path):
+    """The comparison above is sharp: SAT's TP=2 rank files read as each other's (a rank-order
+    slip in the importer) import without complaint and miss SAT's logits by far."""
+    src = tmp_path / "swapped"
+    shutil.copytree(sat_run / "sat_tp2", src)
+    files = [src / "1000" / f"mp_rank_{r:02d}_model_states.pt" for r in (0, 1)]
+    files[0].rename(src / "1000" / "held.pt")
+    files[1].rename(files[0])
+    (src / "1000" / "held.pt").rename(files[1])
+    tokens = torch.load(sat_run / "inputs.pt")["tokens"]
+    cfg, ours32, ours64 = imported_logits(src, tmp_path / "ours", tokens)
+    with pytest.raises(AssertionError):
+        assert_reproduces(cfg, torch.load(sat_run / "logits_tp2.pt"), ours32, ours64)
+
+
+@pytest.mark.parametrize("tp", SPEC["tensor_parallel"])
 def test_sat_rank_files_with_rng_state_import_bit_equal(sat_run, tmp_path, tp):
-    """SAT's own rank file (module + DeepSpeed fields + python/numpy/torch RNG state), split
-    into TP rank files as SAT's parallel layers hold them, imports from the CLI bit-equal."""
-    saved = torch.load(sat_run / "sat" / "1000" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert {"np_rng_state", "random_rng_state", "torch_rng_state"} <= set(saved)
-    full = saved["module"]
-    src = tmp_path / "sat"
-    (src / "1000").mkdir(parents=True)
-    (src / "latest").write_text("1000")
-    config = json.loads((sat_run / "sat" / "model_config.json").read_text())
-    (src / "model_config.json").write_text(json.dumps({**config, "model_parallel_size": tp}))
+    """SAT's own rank files at TP=tp (module + DeepSpeed fields + python/numpy/torch RNG state)
+    import from the CLI at the same TP degree with every rank's tensors bit-equal."""
+    src = sat_run / f"sat_tp{tp}"
+    assert import_cli(src, tmp_path / "ours", "--tp", str(tp)) == 0
     for rank in range(tp):
-        module = {k: sat_rank_shard(k, v, rank, tp).clone() for k, v in full.items()}
-        torch.save(
-            {**saved, "module": module, "mp_world_size": tp},
-            src / "1000" / f"mp_rank_{rank:02d}_model_states.pt",
-        )
-    assert import_cli(src, tmp_path / "ours", "--tp", "2") == 0
-    ours = load_model_state(tmp_path / "ours")
-    assert set(ours) == {our_name(k) for k in full}
-    assert all(torch.equal(ours[our_name(k)], v) for k, v in full.items())
+        saved = torch.load(src / "1000" / f"mp_rank_{rank:02d}_model_states.pt", weights_only=False)
+        assert {"np_rng_state", "random_rng_state", "torch_rng_state"} <= set(saved)
+        ours = load_model_state(tmp_path / "ours", rank, tp)
+        assert set(ours) == {our_name(k) for k in saved["module"]}
+        assert all(torch.equal(ours[our_name(k)], v) for k, v in saved["module"].items())
 
 
 class RunsAShellCommand:
@@ -139,17 +158,11 @@ class RunsAShellCommand:
 
 
 def test_malicious_pickle_anywhere_in_the_checkpoint_runs_nothing(sat_run, tmp_path, capsys):
-    saved = torch.load(sat_run / "sat" / "1000" / "mp_rank_00_model_states.pt", weights_only=False)
-    config = json.loads((sat_run / "sat" / "model_config.json").read_text())
+    saved = torch.load(sat_run / "sat_tp2" / "1000" / "mp_rank_00_model_states.pt", weights_only=False)
     marker = tmp_path / "PWNED"
     for target in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "elsewhere.pt"):
         src = tmp_path / target / "sat"
-        (src / "1000").mkdir(parents=True)
-        (src / "latest").write_text("1000")
-        (src / "model_config.json").write_text(json.dumps({**config, "model_parallel_size": 2}))
-        for rank in range(2):
-            module = {k: sat_rank_shard(k, v, rank, 2).clone() for k, v in saved["module"].items()}
-            torch.save({**saved, "module": module}, src / "1000" / f"mp_rank_{rank:02d}_model_states.pt")
+        shutil.copytree(sat_run / "sat_tp2", src)  # SAT's own TP=2 files, one of them replaced
         torch.save({**saved, "np_rng_state": RunsAShellCommand(marker)}, src / "1000" / target)
         code = import_cli(src, tmp_path / target / "ours")
         err = capsys.readouterr().err

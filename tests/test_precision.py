@@ -116,13 +116,22 @@ def test_measure_on_this_cpu_times_both_precisions():
 
 
 def _rank_worker(rank: int, port: int, results) -> None:
-    # each rank "measures" differently: rank 0 sees fast bf16, rank 1 slow
+    # each rank "measures" differently: rank 0 sees fast bf16 matmuls and a slow bf16 step, rank 1
+    # the opposite
     fake = {0: cpu(100.0, 220.0), 1: cpu(100.0, 10.0)}[rank]
+    steps = {0: {"fp32": 1.0, "bf16": 2.0}, 1: {"fp32": 1.0, "bf16": 0.5}}[rank]
     precision.measure = lambda device, shape: fake
+    precision.time_steps = lambda step, names, device: {name: steps[name] for name in names}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        choice = precision.choose_precision("auto", "cpu", SHAPE)
-        results[rank] = (choice.precision, choice.figures.gflops["bf16"])
+        matmul = precision.choose_precision("auto", "cpu", SHAPE)
+        step = precision.choose_precision("auto", "cpu", SHAPE, step=lambda name: None)
+        results[rank] = (
+            matmul.precision,
+            matmul.figures.gflops["bf16"],
+            step.precision,
+            step.figures.step_seconds["bf16"],
+        )
     finally:
         dist.destroy_process_group()
 
@@ -131,4 +140,4 @@ def _rank_worker(rank: int, port: int, results) -> None:
 def test_ranks_agree_on_rank_zeros_figures():
     results = mp.Manager().dict()
     mp.spawn(_rank_worker, args=(free_port(), results), nprocs=2)
-    assert dict(results) == {0: ("bf16", 220.0), 1: ("bf16", 220.0)}
+    assert dict(results) == {0: ("bf16", 220.0, "fp32", 2.0), 1: ("bf16", 220.0, "fp32", 2.0)}

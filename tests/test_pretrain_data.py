@@ -33,7 +33,8 @@ def encode_text(text: str) -> list[int]:
     return [CFG.vocab.text_id(ord(c) % CFG.vocab.num_text_tokens) for c in text]
 
 
-def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> list[str]:
+def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0, codes=None) -> list[str]:
+    """Shards of uniformly random frames over the first `codes` image codes (default: all of them)."""
     rng = np.random.default_rng(seed)
     paths = []
     side = CFG.frame_tokens
@@ -42,7 +43,7 @@ def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> lis
         with wds.TarWriter(path) as sink:
             for i in range(per_shard):
                 stage = 2 if stage2_every and i % stage2_every == stage2_every - 1 else 1
-                frames = rng.integers(0, CFG.vocab.num_image_tokens, (CFG.num_frames, side, side))
+                frames = rng.integers(0, codes or CFG.vocab.num_image_tokens, (CFG.num_frames, side, side))
                 meta = ClipMeta(
                     duration=4.0 / stage,
                     fps=stage,
@@ -52,7 +53,7 @@ def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> lis
                     clip_end=i + 4,
                     num_frames=CFG.num_frames,
                 )
-                sink.write(encode_sample(f"s{s}_{i}", frames, f"clip {s} {i}", meta))
+                sink.write(encode_sample(f"s{s}_{i}", {"frames": frames}, f"clip {s} {i}", meta))
         paths.append(path)
     return paths
 
@@ -62,7 +63,7 @@ def write_caption_tokenizer(root) -> str:
     from cogvideo.tokenizers.text import train_text_tokenizer
 
     captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
-    return str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False))
+    return str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False, preset="tiny"))
 
 
 def make_loader(shards, cfg=CFG, position: LoaderPosition | None = None, **kw) -> ShardLoader:
@@ -107,13 +108,18 @@ def test_batches_match_build_sequence_and_stage_filter(shards):
     loader = make_loader(shards, stage=2, shuffle_buffer=0)
     batch = next(iter(loader))
     assert all(int(k.split("_")[1]) % 3 == 2 for k in keys_of([batch]))
-    assert batch.tokens.shape == (2, CFG.seq_length) and batch.loss_mask.dtype == torch.bool
+    assert (
+        batch.tensors["tokens"].shape == (2, CFG.seq_length)
+        and batch.tensors["loss_mask"].dtype == torch.bool
+    )
     sample = next(make_loader(shards, stage=2, shuffle_buffer=0).samples())
     text = TextFormat().text(sample.caption, sample.meta.duration)
     assert text == f"{sample.meta.duration:.1f}秒<n>{sample.caption}"  # the published prefix
-    tokens, targets, mask = build_sequence(CFG, encode_text(text)[: CFG.text_length], sample.frames)
-    assert torch.equal(batch.tokens[0], tokens) and torch.equal(batch.targets[0], targets)
-    assert torch.equal(batch.loss_mask[0], mask)
+    tokens, targets, mask = build_sequence(CFG, encode_text(text)[: CFG.text_length], sample.arrays["frames"])
+    assert torch.equal(batch.tensors["tokens"][0], tokens) and torch.equal(
+        batch.tensors["targets"][0], targets
+    )
+    assert torch.equal(batch.tensors["loss_mask"][0], mask)
 
 
 def test_shuffle_is_seeded_and_changes_per_epoch(shards):
@@ -145,7 +151,7 @@ def test_resume_from_a_saved_position_is_exact(shards):
     resumed = iter(make_loader(shards, dp_rank=1, dp_size=2, position=saved))
     again = [next(resumed) for _ in range(5)]
     assert keys_of(again) == keys_of(rest)
-    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(again, rest))
+    assert all(torch.equal(a.tensors["tokens"], b.tensors["tokens"]) for a, b in zip(again, rest))
 
 
 def test_corrupt_and_truncated_shards_are_skipped_and_counted(tmp_path, caplog):
@@ -173,9 +179,13 @@ def test_malformed_samples_are_skipped_and_counted(tmp_path, caplog):
     )
     good = np.zeros((CFG.num_frames, CFG.frame_tokens, CFG.frame_tokens), dtype=np.int64)
     with wds.TarWriter(path) as sink:
-        sink.write(encode_sample("ok", good, "fine", meta))
-        sink.write(encode_sample("badcode", good + CFG.vocab.num_image_tokens, "codes out of range", meta))
-        sink.write(encode_sample("badshape", good[:, :2], "wrong size", meta))
+        sink.write(encode_sample("ok", {"frames": good}, "fine", meta))
+        sink.write(
+            encode_sample(
+                "badcode", {"frames": good + CFG.vocab.num_image_tokens}, "codes out of range", meta
+            )
+        )
+        sink.write(encode_sample("badshape", {"frames": good[:, :2]}, "wrong size", meta))
     loader = make_loader([path], micro_batch_size=1)
     with caplog.at_level(logging.WARNING, logger="pretrain.data"):
         assert next(iter(loader)).keys == ["ok"]
@@ -230,13 +240,15 @@ def test_caption_dropout_is_seeded_per_sample_and_epoch(shards, uncond_prefix):
         # the release's guidance text: "{duration}秒<n>视频"; without the prefix: "视频"
         uncond = f"{sample.meta.duration:.1f}秒<n>视频" if uncond_prefix else "视频"
         expected_uncond = torch.tensor(encode_text(uncond))
-        tokens, _, _ = loader.to_sequence(sample)
+        tokens = loader.to_example(sample)["tokens"]
         text = tokens[: cfg.text_length]
         n = len(expected_uncond)
         is_uncond = torch.equal(text[-n:], expected_uncond) and bool((text[:-n] == cfg.vocab.pad_id).all())
         assert is_uncond == loader._dropped(sample.key)
         if not is_uncond:
-            assert torch.equal(tokens, plain.to_sequence(sample)[0])  # conditional samples are untouched
+            assert torch.equal(
+                tokens, plain.to_example(sample)["tokens"]
+            )  # conditional samples are untouched
         dropped.append(is_uncond)
     assert 2 <= sum(dropped) <= 14  # about half of 16
     again = make_loader(

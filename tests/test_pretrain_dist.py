@@ -3,6 +3,12 @@
 Every run logs the sample keys of each micro-batch; the reference rebuilds each step's global
 batch from those keys, trains the same initial weights with torch.optim.AdamW, a hand-written
 warmup+cosine and clip_grad_norm_, and must match the run's losses and final weights (fp32).
+
+Weight decay is set where it shows: over the 6 steps it moves a weight w by ~8e-3 * DECAY * w
+(the summed learning rate), against the weights' tolerance of 0.05 lr = 1e-4 (tests/tolerances.py).
+With DECAY = 1 that is 8e-3 on a LayerNorm gain, ~2e-3 on the initial weights' N(0, 0.1) biases
+and gates and up to ~8e-4 on the largest 0.02-std matrix entries, so a trainer that skips decay, or
+decays biases, norms or gates, fails the comparison (planted beside it on the reference side).
 """
 
 from __future__ import annotations
@@ -19,14 +25,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_pretrain_data import write_caption_tokenizer, write_shards
-from tolerances import adam_weight_atol, loss_rel_tol
+from tolerances import FP32_EPS, adam_weight_atol, loss_rel_tol
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.checkpoint.digest import record_folder
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
 from cogvideo.checkpoint.training import write_complete
 from cogvideo.config import get_preset
-from cogvideo.family import build_model
+from cogvideo.family import build_model, plain_model
 from cogvideo.sequence import build_sequence
 from cogvideo.shards import decode_sample
 from cogvideo.text_format import TextFormat
@@ -35,20 +41,29 @@ from cogvideo.tokenizers.text import TextTokenizer
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-LR, WARMUP, MIN_RATIO, CLIP, DECAY = 2e-3, 2, 0.1, 0.5, 0.01
+LR, WARMUP, MIN_RATIO, CLIP, DECAY = 2e-3, 2, 0.1, 0.5, 1.0
 PORTS = iter(range(29611, 29700))
+
+
+def make_workspace(root: Path, codes: int | None = None) -> dict:
+    """Shards (16 stage-1 samples in 4 shards; frames over the first `codes` image codes), a text
+    tokenizer and initial weights."""
+    shards = write_shards(root, codes=codes)
+    tokenizer = write_caption_tokenizer(root)
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(train_backbone=True)
+    model = build_model(cfg)
+    with torch.no_grad():  # non-zero biases and gates: decay on them would show
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "temporal_gate")):
+                p.normal_(std=0.1)
+    save_model_checkpoint(root / "init", model.state_dict(), cfg)
+    return {"root": root, "shards": shards, "tokenizer": str(tokenizer), "init": str(root / "init")}
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """Shards (16 stage-1 samples in 4 shards), a text tokenizer and initial weights."""
-    root = tmp_path_factory.mktemp("train")
-    shards = write_shards(root)
-    tokenizer = write_caption_tokenizer(root)
-    torch.manual_seed(0)
-    cfg = get_preset("tiny").replace(train_backbone=True)
-    save_model_checkpoint(root / "init", build_model(cfg).state_dict(), cfg)
-    return {"root": root, "shards": shards, "tokenizer": str(tokenizer), "init": str(root / "init")}
+    return make_workspace(tmp_path_factory.mktemp("train"))
 
 
 def base_args(ws, run_dir: Path, *extra: str) -> list[str]:
@@ -139,7 +154,13 @@ def final_weights(run_dir: Path) -> dict:
 # ---- the independent reference ------------------------------------------------------------
 
 
-def reference(ws, batches: dict[int, list[str]], train_backbone=True):
+def not_decayed(name: str) -> bool:
+    """Biases, LayerNorm parameters and the temporal gates: AdamW leaves them undecayed."""
+    return name.endswith("bias") or "layernorm" in name or name.endswith("temporal_gate")
+
+
+def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=not_decayed, lr=LR):
+    """Losses per step and final weights; `flat_rule(name)`: no weight decay on that parameter."""
     cfg = get_preset("tiny").replace(train_backbone=train_backbone)
     samples = {}
     for url in ws["shards"]:
@@ -151,16 +172,16 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True):
     def sequence(key):
         s = samples[key]
         ids = tok.encode(TextFormat().text(s.caption, s.meta.duration))[: cfg.text_length]
-        return build_sequence(cfg, ids, s.frames)
+        return build_sequence(cfg, ids, s.arrays["frames"])
 
     model = build_model(cfg, init_weights=False)
     model.load_state_dict(load_model_state(ws["init"]))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    flat = [p for n, p in named if n.endswith("bias") or "layernorm" in n or n.endswith("temporal_gate")]
+    flat = [p for n, p in named if flat_rule(n)]
     matrices = [p for n, p in named if not any(p is q for q in flat)]
     opt = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": DECAY}, {"params": flat, "weight_decay": 0.0}],
-        lr=LR,
+        lr=lr,
         betas=(0.9, 0.95),
         eps=1e-8,
     )
@@ -185,10 +206,10 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True):
     return out, model.state_dict()
 
 
-def assert_matches_reference(ws, run_dir: Path, train_backbone=True):
+def assert_matches_reference(ws, run_dir: Path, train_backbone=True, flat_rule=not_decayed):
     batches = step_batches(run_dir)
     assert sorted(batches) == list(range(1, STEPS + 1))
-    ref_losses, ref_weights = reference(ws, batches, train_backbone)
+    ref_losses, ref_weights = reference(ws, batches, train_backbone, flat_rule)
     got = losses(run_dir)
     rel = loss_rel_tol(get_preset("tiny").num_layers)  # bounds in tests/tolerances.py
     for step in ref_losses:
@@ -232,6 +253,18 @@ def zero2_run(ws):
 def test_zero2_dp2_matches_single_process(ws, zero2_run):
     assert_matches_reference(ws, zero2_run)
     assert_data_split(zero2_run, dp=2, tp=1, epoch_steps=4)  # 2 ranks x 2 samples x 4 steps = 16
+
+
+@pytest.mark.parametrize(
+    "flat_rule",
+    [lambda name: True, lambda name: False],
+    ids=["decay off", "decay on biases, norms and gates"],
+)
+def test_planted_decay_bugs_fail_the_parity_comparison(ws, zero2_run, flat_rule):
+    """The comparison above against a reference whose decay is wrong in one of the ways a trainer
+    could get it wrong: it must fail, so a trainer with that bug would fail it too."""
+    with pytest.raises(AssertionError):
+        assert_matches_reference(ws, zero2_run, flat_rule=flat_rule)
 
 
 @pytest.mark.parametrize(
@@ -306,6 +339,9 @@ elif mode == "nan":  # NaN loss, hence NaN gradients, on the listed steps
         return value * float("nan") if poisoned[0] else value
     train.Trainer.train_step = poisoned_step
     cogvideo_family.image_token_loss = poisoned_loss
+elif mode == "zero_loss":  # zero loss, so zero gradients: AdamW moves the weights by decay alone
+    loss = cogvideo_family.image_token_loss
+    cogvideo_family.image_token_loss = lambda *args: loss(*args) * 0.0
 train.main(sys.argv[1:])
 """
 
@@ -407,6 +443,72 @@ def test_nonfinite_steps_are_skipped_then_training_stops_bf16(ws):
     for name, value in weights[3].items():
         video_part = "temporal" in name or name.startswith("frame_position")
         assert torch.equal(value, start[name]) != video_part, name
+
+
+# ---- which tensors the optimizer decays --------------------------------------------------
+
+
+def matrix_weights(cfg) -> set[str]:
+    """The weights of the model's Linear and Embedding modules (read from the modules, not from the
+    trainer's name rule): the tensors AdamW's weight decay is meant for."""
+    return {
+        f"{name}.weight"
+        for name, module in plain_model(cfg).named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+    }
+
+
+def assert_decay_only_on(decayed: set[str], before: dict, after: dict, lr_decay: float) -> None:
+    """After one AdamW step on zero gradients: w (1 - lr wd) for `decayed`, unchanged elsewhere."""
+    assert set(after) == set(before)
+    for name, weight in before.items():
+        if name in decayed:
+            expected = weight * (1 - lr_decay)
+            torch.testing.assert_close(after[name], expected, rtol=4 * FP32_EPS, atol=0, msg=name)
+        else:
+            assert torch.equal(after[name], weight), name
+
+
+def test_the_optimizer_decays_exactly_the_weight_matrices(ws):
+    """One step of the trainer's own optimizer (DeepSpeed, its param groups) on a zero loss."""
+    run = ws["root"] / "decay"
+    proc = run_injected(
+        ws,
+        run,
+        1,
+        "zero_loss",
+        "",
+        "model.train_backbone=true",
+        "training.max_steps=1",
+        "optim.warmup_steps=0",  # the first step at the full lr
+        "logging.sample_keys=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cfg = get_preset("tiny").replace(train_backbone=True)
+    before = load_model_state(ws["init"])
+    decayed = matrix_weights(cfg)
+    assert decayed and decayed < set(before)
+    assert_decay_only_on(decayed, before, torch.load(run / "step00000001/model_full.pt"), LR * DECAY)
+
+
+@pytest.mark.parametrize("bug", ["decay off", "decay on everything"])
+def test_planted_param_group_bugs_fail_the_decay_check(ws, bug, monkeypatch):
+    """The trainer's param_groups with a planted bug, stepped as the trainer's AdamW would be."""
+    import pretrain.optim
+
+    cfg = get_preset("tiny").replace(train_backbone=True)
+    model = build_model(cfg, init_weights=False)
+    before = load_model_state(ws["init"])
+    model.load_state_dict(before)
+    if bug == "decay on everything":
+        monkeypatch.setattr(pretrain.optim, "no_weight_decay", lambda name, param: False)
+    groups = pretrain.optim.param_groups(model, 0.0 if bug == "decay off" else DECAY)
+    optimizer = torch.optim.AdamW(groups, lr=LR)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    with pytest.raises(AssertionError):
+        assert_decay_only_on(matrix_weights(cfg), before, model.state_dict(), LR * DECAY)
 
 
 def test_tensorboard_gets_the_scalars(zero2_run):

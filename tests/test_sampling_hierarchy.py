@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cogvideo.config import get_preset
+from cogvideo.family import build_model
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.prompts import TextBudgetError
@@ -204,3 +205,96 @@ def test_a_suffix_over_the_text_budget_is_dropped_and_said_or_refused():
     assert texts[0] == "a red ball 高清 摄影" and not notes
     with pytest.raises(TextBudgetError):
         encode(texts[0])
+
+
+# ---- real models against a greedy reference of the release's recipe, stage by stage -------------
+
+
+def char_encoder(cfg):
+    """A text -> left-padded ids [text_length] (one id per character, the last text_length kept)."""
+
+    def encode(text):
+        ids = [cfg.vocab.text_offset + ord(c) % cfg.vocab.num_text_tokens for c in text][-cfg.text_length :]
+        return torch.tensor([cfg.vocab.pad_id] * (cfg.text_length - len(ids)) + ids)
+
+    return encode
+
+
+def real_stage(preset, seed):
+    """A tiny model with spread logits (init_std 0.3) in float64, so greedy choices are clear."""
+    cfg = get_preset(preset).replace(init_std=0.3)
+    torch.manual_seed(seed)
+    return StageModel(build_model(cfg).double().eval(), cfg)
+
+
+def greedy_reference(stage, text, given, targets, temporal=True, bias=0.0, uncond=None, guidance=1.0):
+    """One pass written out: full forwards over the time-ordered sequence, one per token; guided
+    passes take lu + guidance * (lc - lu) from the unconditional text's rows."""
+    encode, cfg = char_encoder(stage.cfg), stage.cfg
+    T, n = cfg.text_length, cfg.tokens_per_frame
+    texts = [encode(text)] + ([encode(uncond)] if uncond is not None else [])
+    frames = {f: codes.clone() for f, codes in given.items()} | {
+        f: torch.zeros(n, dtype=torch.long) for f in targets
+    }
+    for f in targets:
+        for p in range(n):
+            blocks = [stage.frame_input(frames[g][None])[0] for g in range(max(frames) + 1)]
+            tokens = torch.stack([torch.cat([t, *blocks]) for t in texts])
+            logits = stage.full(tokens, temporal, bias)[:, T + f * n + p]
+            if uncond is not None:
+                logits = logits[1] + guidance * (logits[0] - logits[1])
+            frames[f][p] = logits.reshape(-1).argmax()
+    return frames
+
+
+def release_recipe_video(stage1, stage2, prompt):
+    """The release's recipe by hand (cogvideo_pipeline.py): frame 0 unguided with text attention bias
+    1.4 and " 高清摄影"; stage 1 guided 3.0 by "4.0秒<n>视频" with " 视频", bias 0; stage 2 (2.0 s
+    windows of keyframes 0-2 and 2-4) unguided on the bare prompt, bias 1.4."""
+    frame0 = greedy_reference(stage1, f"{prompt} 高清摄影", {}, (0,), temporal=False, bias=1.4)[0]
+    keys = greedy_reference(
+        stage1, f"4.0秒<n>{prompt} 视频", {0: frame0}, (1, 2, 3, 4), uncond="4.0秒<n>视频", guidance=3.0
+    )
+    video = []
+    for w in (0, 1):
+        given = {0: keys[2 * w], 2: keys[2 * w + 1], 4: keys[2 * w + 2]}
+        window = greedy_reference(stage2, f"2.0秒<n>{prompt}", given, (1, 3), bias=1.4)
+        video += [given[0], window[1], given[2], window[3]]
+    return torch.stack(video + [keys[4]])
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    stage1, stage2 = real_stage("tiny", 0), real_stage("tiny-stage2", 1)
+    return stage1, stage2, release_recipe_video(stage1, stage2, "a cat")
+
+
+def real_sampler(stage1, stage2, options=None):
+    strategies = {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY}
+    options = options or SampleOptions(interpolation_levels=1, duration=4.0)
+    return HierarchicalSampler(stage1, stage2, options, char_encoder(stage1.cfg), strategies)
+
+
+def test_each_stage_samples_with_its_own_release_options(recipe):
+    """The sampler (KV cache, whole levels batched) with its default options gives the video the
+    release's recipe gives, written out stage by stage above."""
+    stage1, stage2, expected = recipe
+    video = real_sampler(stage1, stage2).sample(["a cat"])[0]
+    assert video.shape == expected.shape == (9, stage1.n)
+    assert torch.equal(video, expected)
+
+
+@pytest.mark.parametrize("bug", ["text bias of the other stage", "stage 2 guided as stage 1"])
+def test_planted_per_stage_option_bugs_change_the_video(recipe, bug, monkeypatch):
+    """Stage 2's level on the recipe's keyframes, with the stage's options read wrongly."""
+    stage1, stage2, expected = recipe
+    sampler = real_sampler(stage1, stage2)
+    keyframes = expected[0::2][None]
+    assert torch.equal(sampler.interpolate(["a cat"], keyframes, 0)[0], expected)  # unplanted: the same
+    if bug == "text bias of the other stage":
+        text_bias = SampleOptions.text_bias
+        other = {"stage1": "stage2", "stage2": "stage1"}
+        monkeypatch.setattr(SampleOptions, "text_bias", lambda self, stage: text_bias(self, other[stage]))
+    else:
+        sampler.options.stage2_guidance = sampler.options.stage1_guidance
+    assert not torch.equal(sampler.interpolate(["a cat"], keyframes, 0)[0], expected)

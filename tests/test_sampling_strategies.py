@@ -1,24 +1,49 @@
 """Sampling strategies against exact distributions computed independently, and the k-means
-cluster table command."""
+cluster table command.
+
+A strategy draws by inverse CDF from one uniform number per row (two for the cluster strategy:
+cluster, then code). Fed an evenly spaced grid of N numbers u_i = (i + 1/2) / N instead of random
+ones, the share of rows that land on a code is its probability to within 1/N: an interval of
+length p holds p N +- 1 grid points. Two grids of N1 and N2 (cluster x code) leave each code within
+1/N1 + 1/N2 + 1/(N1 N2). So the comparison is with the distribution the strategy defines, not a
+sampled estimate, at a tolerance far below the differences between plausible readings of it.
+"""
 
 import numpy as np
 import pytest
 import torch
 
-from cogvideo.sampling import clusters
+from cogvideo.sampling import clusters, strategies
 from cogvideo.sampling.strategies import ClusterStrategy, StrategyOptions, TopKStrategy, make_strategy
 
-DRAWS = 20000
+GRID = {1: 2000, 2: 500}  # grid points per uniform draw, by draws per row: within 1/GRID per draw
 
 
 def generators(n, seed=0):
-    return [torch.Generator().manual_seed(seed * DRAWS + i) for i in range(n)]
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
 
 
-def frequencies(strategy, logits_row, vocab):
-    logits = logits_row.expand(DRAWS, -1)
-    samples = strategy(logits, generators(DRAWS))
-    return np.bincount(samples.numpy(), minlength=vocab) / DRAWS
+def grid(n):
+    return (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+
+def exact_frequencies(strategy, logits_row, monkeypatch, draws=1):
+    """Each code's share of GRID**draws rows whose uniform draws sweep an evenly spaced grid
+    (draw d of row k: grid point (k // points**(draws - 1 - d)) % points), and the bound on its
+    distance from the strategy's distribution."""
+    points = GRID[draws]
+    rows = points**draws
+    calls = iter(range(draws))
+
+    def grid_uniforms(gens, device):
+        d = next(calls)
+        return grid(points)[(torch.arange(rows) // points ** (draws - 1 - d)) % points].to(device)
+
+    monkeypatch.setattr(strategies, "uniforms", grid_uniforms)
+    samples = strategy(logits_row.expand(rows, -1), [None] * rows)
+    assert next(calls, None) is None, "the strategy drew fewer uniform numbers than expected"
+    bound = draws / points + (draws - 1) / points**2
+    return np.bincount(samples.numpy(), minlength=len(logits_row)) / rows, bound
 
 
 def softmax(x):
@@ -34,36 +59,69 @@ def test_greedy_is_argmax():
     assert torch.equal(TopKStrategy(temperature=0)(logits, generators(6)), logits.argmax(-1))
 
 
-def test_topk_temperature_matches_the_renormalised_softmax():
-    expected = softmax(LOGITS.numpy()[:3] / 0.7)
-    got = frequencies(TopKStrategy(temperature=0.7, top_k=3), LOGITS, 8)
-    assert got[3:].sum() == 0
-    np.testing.assert_allclose(got[:3], expected, atol=0.015)
+def topk_expected():
+    return np.concatenate([softmax(LOGITS.numpy()[:3] / 0.7), np.zeros(5)])
 
 
-def test_top_p_keeps_the_smallest_prefix_reaching_p():
+def test_topk_temperature_matches_the_renormalised_softmax(monkeypatch):
+    got, bound = exact_frequencies(TopKStrategy(temperature=0.7, top_k=3), LOGITS, monkeypatch)
+    np.testing.assert_allclose(got, topk_expected(), rtol=0, atol=bound)
+
+
+def top_p_expected():
     probs = softmax(LOGITS.numpy())
     keep = int(np.searchsorted(np.cumsum(probs), 0.8) + 1)  # first prefix whose mass reaches 0.8
-    got = frequencies(TopKStrategy(top_p=0.8), LOGITS, 8)
-    assert got[keep:].sum() == 0
-    np.testing.assert_allclose(got[:keep], probs[:keep] / probs[:keep].sum(), atol=0.015)
+    return np.concatenate([probs[:keep] / probs[:keep].sum(), np.zeros(8 - keep)])
 
 
-def test_cluster_strategy_matches_its_two_step_distribution():
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])
-    strategy = ClusterStrategy(labels, temperature=1.2, top_k=2, temperature2=0.6)
-    x = LOGITS.numpy()
-    p = softmax(x / 1.2)
-    cluster_mass = np.array([p[labels.numpy() == c].sum() for c in range(4)])
-    top = np.argsort(-cluster_mass)[:2]
+def test_top_p_keeps_the_smallest_prefix_reaching_p(monkeypatch):
+    got, bound = exact_frequencies(TopKStrategy(top_p=0.8), LOGITS, monkeypatch)
+    np.testing.assert_allclose(got, top_p_expected(), rtol=0, atol=bound)
+
+
+CLUSTER_LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])
+
+
+def cluster_expected(temperature=1.2, top_k=2, temperature2=0.6):
+    labels, x = CLUSTER_LABELS.numpy(), LOGITS.numpy()
+    p = softmax(x / temperature)
+    cluster_mass = np.array([p[labels == c].sum() for c in range(4)])
+    top = np.argsort(-cluster_mass)[:top_k]
     expected = np.zeros(8)
     for c in top:
-        members = labels.numpy() == c
         # CogLM (CoglmStrategy in THUDM/CogVideo and SwissArmyTransformer): logits = logits / T,
         # then softmax(logits / T2) inside the chosen cluster, so T2 acts on logits already over T
-        inside = softmax(np.where(members, x / 1.2 / 0.6, -np.inf))
+        inside = softmax(np.where(labels == c, x / temperature / temperature2, -np.inf))
         expected += cluster_mass[c] / cluster_mass[top].sum() * inside
-    np.testing.assert_allclose(frequencies(strategy, LOGITS, 8), expected, atol=0.015)
+    return expected
+
+
+def test_cluster_strategy_matches_its_two_step_distribution(monkeypatch):
+    strategy = ClusterStrategy(CLUSTER_LABELS, temperature=1.2, top_k=2, temperature2=0.6)
+    got, bound = exact_frequencies(strategy, LOGITS, monkeypatch, draws=2)
+    np.testing.assert_allclose(got, cluster_expected(), rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize(
+    "broken, expected, draws",
+    [
+        # T2 applied to the raw logits (the other reading of CogLM's rule): in this code that is
+        # temperature2 = T2 / T; the two readings differ by 0.021 on a code, the bound is 4e-3
+        (
+            ClusterStrategy(CLUSTER_LABELS, temperature=1.2, top_k=2, temperature2=0.6 / 1.2),
+            cluster_expected,
+            2,
+        ),
+        (ClusterStrategy(CLUSTER_LABELS, temperature=1.2, top_k=3, temperature2=0.6), cluster_expected, 2),
+        (TopKStrategy(temperature=1.0, top_k=3), topk_expected, 1),  # temperature ignored
+        (TopKStrategy(temperature=0.7, top_k=4), topk_expected, 1),  # one code too many
+        (TopKStrategy(top_p=0.7), top_p_expected, 1),  # a prefix cut one code short
+    ],
+)
+def test_planted_strategy_bugs_fail_the_exact_comparison(broken, expected, draws, monkeypatch):
+    got, bound = exact_frequencies(broken, LOGITS, monkeypatch, draws=draws)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(got, expected(), rtol=0, atol=bound)
 
 
 def test_a_row_does_not_depend_on_its_batch_neighbours():

@@ -24,6 +24,7 @@ from cluster.plan_memory import GiB, Layout, plan_memory, rank_params
 from cogvideo.checkpoint import Checkpoint
 from cogvideo.checkpoint.format import expected_shapes, shard_tensor, trainable_names
 from cogvideo.model import TP_PLAN
+from cogvideo.precision import choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -37,27 +38,47 @@ UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp32": 2.0**-24}
 # as benchmarks/gpu_check.py): |loss - loss32| <= 4u |loss32|, ||grad - grad32|| <= 16u ||grad32||.
 # In fp32 both differ only in summation order: 2^10 u32 (~6e-5) covers sums of 3072 terms.
 LOSS_ULPS, GRAD_ULPS = {"bf16": 4, "fp32": 2**10}, {"bf16": 16, "fp32": 2**10}
+# the logits at each compared position, relative to their norm there: the forward's rounding
+# alone (the loss's rule, 4 u, on every logit rather than on their average effect)
+LOGIT_ULPS = LOSS_ULPS
 MEMORY_TOLERANCE = 0.15  # the planner's stated tolerance (tests/test_plan_memory.py)
 
 
 def precision() -> str:
     """bf16 where this CPU multiplies bf16 clearly faster than fp32 (avx512_bf16, AMX), else fp32:
-    the project's precision probe (cogvideo/precision.py) where it exists, else the same timing."""
-    try:
-        from cogvideo.precision import choose_precision
-    except ImportError:
-        a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
-
-        def seconds(dtype):
-            x, y = a.to(dtype), b.to(dtype)
-            x @ y
-            start = time.perf_counter()
-            for _ in range(5):
-                x @ y
-            return time.perf_counter() - start
-
-        return "bf16" if 1.5 * seconds(torch.bfloat16) < seconds(torch.float32) else "fp32"
+    the project's matmul probe (cogvideo/precision.py)."""
     return choose_precision("auto", "cpu").precision
+
+
+# What the runs hold at once, measured (module docstring): the TP=1 process ~6.1 GiB, then eight
+# TP ranks of ~1.5 GiB each beyond the pages they share; a checkpoint tool up to ~5.5 GiB.
+MEMORY_NEEDED_GIB = 12
+
+
+def available_gib() -> float:
+    """MemAvailable of /proc/meminfo: what the kernel can hand out without swapping."""
+    line = next(
+        line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:")
+    )
+    return int(line.split()[1]) / 2**20
+
+
+def memory_problem(available: float, needed: float = MEMORY_NEEDED_GIB) -> str | None:
+    """One line when the machine cannot hold the runs (instead of a rank the kernel kills)."""
+    if available >= needed:
+        return None
+    return (
+        f"the TP=8 slice needs about {needed} GiB of free memory (8 ranks at full width); "
+        f"{available:.1f} GiB is available: free memory or deselect tests/test_scale_slice.py"
+    )
+
+
+def test_the_memory_precheck_names_what_the_runs_need_and_what_is_free():
+    assert memory_problem(MEMORY_NEEDED_GIB) is None
+    line = memory_problem(5.25)
+    assert (
+        "\n" not in line and f"needs about {MEMORY_NEEDED_GIB} GiB" in line and "5.2 GiB is available" in line
+    )
 
 
 class Runs:
@@ -80,6 +101,9 @@ def runs(tmp_path_factory):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if os.environ.get("SCALE_SLICE_DIR"):
         return Runs(Path(os.environ["SCALE_SLICE_DIR"]), env.get("SLICE_PRECISION", "bf16"))
+    problem = memory_problem(available_gib())
+    if problem:
+        pytest.fail(problem, pytrace=False)
     out = tmp_path_factory.mktemp("scale")
     env["SLICE_PRECISION"] = precision()
     start = time.perf_counter()
@@ -119,6 +143,33 @@ def runs(tmp_path_factory):
     return Runs(out, env["SLICE_PRECISION"])
 
 
+def rank_grads(runs: Runs, stage: str) -> list[dict]:
+    return [torch.load(runs.out / f"tp8_{stage}_grads_rank{r}.pt", weights_only=True) for r in range(TP)]
+
+
+def gradient_errors(merged: dict, ref: dict) -> dict[str, float]:
+    """||g - g32|| / ||g32|| per gradient tensor (float64)."""
+    assert set(merged) == set(ref)
+    errors = {}
+    for name in sorted(ref):
+        scale = ref[name].double().norm()
+        assert scale > 0, f"{name}: zero gradient in the TP=1 run, nothing to compare"
+        errors[name] = float((merged[name].double() - ref[name].double()).norm() / scale)
+    return errors
+
+
+def gradient_problems(merged: dict, ref: dict, precision: str) -> list[str]:
+    """Every gradient tensor against its own bound, GRAD_ULPS u of its own norm: a wrong shard of a
+    bias or a gate, or a reduction missed on some tensor, shows there however small that tensor is
+    against the others (one global norm hides it)."""
+    u, ulps = UNIT_ROUNDOFF[precision], GRAD_ULPS[precision]
+    return [
+        f"{name}: {error / u:.1f} u > {ulps} u"
+        for name, error in gradient_errors(merged, ref).items()
+        if not error <= ulps * u
+    ]
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_tp8_losses_and_gradients_match_tp1(runs, stage):
     p = runs.precision
@@ -132,13 +183,39 @@ def test_tp8_losses_and_gradients_match_tp1(runs, stage):
                 rank["loss"],
                 loss32,
             )
-    local = [torch.load(runs.out / f"tp8_{stage}_grads_rank{r}.pt", weights_only=True) for r in range(TP)]
-    merged = TP_PLAN.merge_state_dicts(local)
-    assert set(merged) == set(ref["grads"])
-    flat8 = torch.cat([merged[n].flatten() for n in sorted(merged)]).double()
-    flat1 = torch.cat([ref["grads"][n].flatten() for n in sorted(merged)]).double()
-    assert flat1.norm() > 0
-    assert (flat8 - flat1).norm() <= GRAD_ULPS[p] * u * flat1.norm()
+    # the logits themselves at 16 positions, each against its own norm: on random targets any
+    # model with the same logit statistics has about the same loss, but not the same logits
+    logits8 = torch.cat(
+        [torch.load(runs.out / f"tp8_{stage}_logits_rank{r}.pt", weights_only=True) for r in range(TP)], -1
+    ).double()
+    logits1 = ref["logits"].double()
+    logit_error = ((logits8 - logits1).norm(dim=-1) / logits1.norm(dim=-1)).max().item()
+    print(f"{stage}: logits within {logit_error / u:.2f} u")
+    assert logit_error <= LOGIT_ULPS[p] * u
+    merged = TP_PLAN.merge_state_dicts(rank_grads(runs, stage))
+    errors = gradient_errors(merged, ref["grads"])
+    worst = max(errors, key=errors.get)
+    print(f"{stage}: {len(errors)} gradient tensors, worst {worst} at {errors[worst] / u:.1f} u")
+    assert not gradient_problems(merged, ref["grads"], p)
+
+
+def test_planted_gradient_bugs_fail_the_per_tensor_bound(runs):
+    """The TP=8 run's own gradients with a planted bug: one rank's shard of a bias taken from its
+    neighbour (a stride or rank-order slip), and a gate gradient that missed its reduction (one
+    rank's share of it). Each must fail the per-tensor check; the old single global-norm check
+    (16 u of the whole gradient) is printed beside it."""
+    local, ref = rank_grads(runs, "stage1"), runs.tp1("stage1")["grads"]
+    bias, gate = "layers.0.temporal_attention.query_key_value.bias", "layers.1.temporal_gate"
+    swapped = [dict(grads) for grads in local]
+    swapped[3][bias] = local[4][bias]
+    partial = [{**grads, gate: grads[gate] / TP} for grads in local]
+    u = UNIT_ROUNDOFF[runs.precision]
+    for what, broken in (("swapped bias shard", swapped), ("gate without its reduction", partial)):
+        merged = TP_PLAN.merge_state_dicts(broken)
+        flat8 = torch.cat([merged[n].flatten() for n in sorted(ref)]).double()
+        flat1 = torch.cat([ref[n].flatten() for n in sorted(ref)]).double()
+        print(f"{what}: global norm error {(flat8 - flat1).norm() / flat1.norm() / u:.2f} u")
+        assert gradient_problems(merged, ref, runs.precision), what
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -75,6 +75,22 @@ def test_file_path_and_compression_levels(reference):
         IceImageTokenizer(model, frame_size=36)
 
 
+def test_at_grid_decodes_the_larger_grid_with_the_same_model(reference):
+    """DSR's 60 x 60 codes decode to 480 px through the same model (here 4 x 4 -> 12 x 12 at 32 -> 96 px)."""
+    model, directory = reference
+    low = load_image_tokenizer(directory, frame_size=FRAME)
+    high = low.at_grid(12)
+    assert (high.frame_size, high.tokens_side) == (96, 12) and high.model is low.model
+    codes = np.random.default_rng(1).integers(0, 20000, (1, 12, 12))
+    mean, std = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model.single_decode_code(torch.from_numpy(codes), 1) * std + mean
+    decoded = high.decode(codes)
+    assert decoded.shape == (1, 96, 96, 3)
+    expected = (expected.clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy()
+    assert np.abs(decoded.astype(np.float32) - expected).max() <= 0.5 + 1e-3
+
+
 def test_bad_frames_and_codes_say_what_was_expected(reference):
     tokenizer = IceImageTokenizer(reference[0], frame_size=FRAME)
     with pytest.raises(ValueError, match=r"expected uint8 \[T, 32, 32, 3\], got uint8 \[1, 40, 40, 3\]"):

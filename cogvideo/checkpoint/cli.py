@@ -31,10 +31,9 @@ from cogvideo.checkpoint.format import (
     trainable_names,
 )
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
-from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, export_sat, import_sat, sat_model_config
+from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, export_sat, import_sat
 from cogvideo.checkpoint.training import tag_dir, train_config_model
 from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero
-from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, parse_overrides
 from cogvideo.family import DEFAULT_FAMILY, family_of, get_family, resolve_model_section
 from cogvideo.precision import DTYPES, NAMES
@@ -49,7 +48,7 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * 1024 ** " KMG".index(match[2].upper() or " "))
 
 
-def describe(path: str | Path, base: str = "cogview2-6b", overrides: dict | None = None) -> dict:
+def describe(path: str | Path, base: str | None = None, overrides: dict | None = None) -> dict:
     """What `inspect` prints: format, model, parameter counts, dtype, TP degree, iteration, and
     whether the files are complete (with the problem if not). `base`: see import-sat --base."""
     path = Path(path)
@@ -89,9 +88,9 @@ def _describe_ours(path: Path) -> dict:
     return out | _counts(ckpt.shapes, ckpt.cfg) | {"optimizer_state": ckpt.has_optimizer(), "complete": True}
 
 
-def _describe_sat(path: Path, base: str, overrides: dict | None) -> dict:
+def _describe_sat(path: Path, base: str | None, overrides: dict | None) -> dict:
     sat = SatCheckpoint(path)
-    cfg = sat_model_config(sat.args, sat.stage, get_preset(base), overrides)
+    cfg = sat.model_config(base, overrides)
     return {
         "format": "SwissArmyTransformer",
         "family": family_of(cfg).name,
@@ -139,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _sat_model_flags(p, "SAT checkpoints: as for import-sat")
     p = _writer(
-        sub, "import-sat", "SwissArmyTransformer CogView2 / CogVideo checkpoint -> ours", "SAT checkpoint dir"
+        sub,
+        "import-sat",
+        "SwissArmyTransformer checkpoint (CogView2, CogVideo, CogView2-DSR) -> ours",
+        "SAT checkpoint dir",
     )
     p.add_argument(
         "--stage",
@@ -208,10 +210,11 @@ def _sat_model_flags(p: argparse.ArgumentParser, help: str | None = None) -> Non
     """What model_config.json does not record (import-sat; inspect of a SAT checkpoint)."""
     p.add_argument(
         "--base",
-        default="cogview2-6b",
+        default=None,
         help=help
-        or "preset for what model_config.json does not record: frame size in pixels, the vocabulary's "
-        "ranges when not icetk's (default cogview2-6b); shapes and vocab size come from the file",
+        or "preset (any family's) for what model_config.json does not record: frame size in pixels, the "
+        "vocabulary's ranges when not icetk's (default: cogview2-6b, or cogview2-dsr for a DSR "
+        "checkpoint); shapes and vocab size come from the file",
     )
     p.add_argument(
         "--set",

@@ -7,7 +7,9 @@ kept (stray blobs are ignored). Per video:
 - shape: the shape whose ideal mask (drawn by the synthetic world's own ``shape_mask`` in the
   object's bounding box) overlaps the object best (IoU), majority over frames;
 - motion: a least-squares line through the per-frame centroids; its slope is the displacement
-  per frame (px) and its dominant axis and sign the direction.
+  per frame (px) and its dominant axis and sign the direction;
+- constancy: the object is found in every frame and every frame reads the same colour and shape
+  (an object that changes colour or shape within a video, or vanishes, is not constant).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ class VideoAnalysis:
     velocity_px_per_frame: tuple[float, float]  # (x, y), image coordinates (y down)
     frames_with_object: int
     frames: int
+    frame_colours: tuple[str | None, ...] = ()  # per frame (None: no object found)
+    frame_shapes: tuple[str | None, ...] = ()
+
+    @property
+    def constant(self) -> bool:
+        """The object is in every frame, with one colour and one shape throughout."""
+        return (
+            self.frames > 0
+            and self.frames_with_object == self.frames
+            and len(set(self.frame_colours)) == 1
+            and len(set(self.frame_shapes)) == 1
+        )
 
 
 def largest_object(frame: np.ndarray) -> np.ndarray | None:
@@ -83,12 +97,15 @@ def analyze_video(frames: np.ndarray) -> VideoAnalysis:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"analyze_video: expected [T, H, W, 3] frames, got {list(frames.shape)}")
     colours, shapes, times, centroids = [], [], [], []
+    frame_colours, frame_shapes = [None] * len(frames), [None] * len(frames)
     for t, frame in enumerate(frames):
         mask = largest_object(frame)
         if mask is None:
             continue
-        colours.append(nearest_colour(frame[mask]))
-        shapes.append(classify_shape(mask))
+        frame_colours[t] = nearest_colour(frame[mask])
+        frame_shapes[t] = classify_shape(mask)
+        colours.append(frame_colours[t])
+        shapes.append(frame_shapes[t])
         ys, xs = np.nonzero(mask)
         times.append(t)
         centroids.append((xs.mean(), ys.mean()))
@@ -110,6 +127,8 @@ def analyze_video(frames: np.ndarray) -> VideoAnalysis:
         velocity,
         len(times),
         len(frames),
+        tuple(frame_colours),
+        tuple(frame_shapes),
     )
 
 
@@ -181,12 +200,22 @@ def _accuracy(pairs: list[tuple[tuple, VideoAnalysis]]) -> dict:
     for k, name in enumerate(("colour", "shape", "direction")):
         out[name] = float(np.mean([want[k] == getattr(got, name) for want, got in pairs]))
     out["all"] = float(np.mean([want == (got.colour, got.shape, got.direction) for want, got in pairs]))
+    out["constant"] = float(np.mean([got.constant for _, got in pairs]))  # colour and shape held throughout
     return out
+
+
+def _increasing(means: list[float], durations: list[float]) -> bool | str:
+    """Whether the mean displacement grows with the duration prefix; "not measured" (and why) where
+    fewer than two durations have scored videos."""
+    if len(means) < 2:
+        seen = f"only {durations[0]:g} s" if durations else "none"
+        return f"not measured: scored videos of two or more durations are needed ({seen})"
+    return bool(all(np.diff(means) > 0))
 
 
 def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
     """Accuracy against the prompts (all, held-out combinations, seen ones; each also by duration
-    prefix) and displacement per frame grouped by the duration prefix (mean, spread and the
+    prefix), the fraction of videos whose colour and shape stay constant, and displacement per frame grouped by the duration prefix (mean, spread and the
     standard error of the mean: how far the mean of this many videos could be off)."""
     if len(entries) != len(analyses):
         raise ValueError(f"score: {len(entries)} manifest entries but {len(analyses)} analyses")
@@ -217,7 +246,7 @@ def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
             for name, keep in sets.items()
         },
         "displacement_by_duration": displacement,
-        "displacement_increases_with_duration": bool(len(means) > 1 and all(np.diff(means) > 0)),
+        "displacement_increases_with_duration": _increasing(means, sorted(by_duration)),
         "videos": [
             {
                 "file": str(e.file),
@@ -225,6 +254,7 @@ def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
                 "duration": e.duration,
                 "heldout": e.heldout,
                 **asdict(a),
+                "constant": a.constant,
             }
             for e, a in zip(entries, analyses)
         ],

@@ -88,8 +88,9 @@ def sample_batch(
             records[group[0].key] = _failed(group[0], err)
             continue
         seconds = (time.perf_counter() - start) / len(group)
-        for prompt, (codes, frames) in zip(group, videos):
-            files = write_video_entry(out / prompt.key, codes, frames, pipeline.fps()) if write else {}
+        for prompt, (codes, frames, *more) in zip(group, videos):
+            extra = more[0] if more else {}
+            files = write_video_entry(out / prompt.key, codes, frames, pipeline.fps(), extra) if write else {}
             records[prompt.key] = {
                 "key": prompt.key,
                 "prompt": prompt.text,

@@ -5,7 +5,8 @@ The defaults are the release's recipe (THUDM/CogVideo `cogvideo_pipeline.py` wit
 `scripts/inference_cogvideo_pipeline.sh`): frame 0 by CogLM's cluster strategy (T=1.0, 16
 clusters) with text attention bias 1.4 and the suffix " 高清摄影"; stage 1 guided (3.0) with
 " 视频" and the cluster strategy (T=1.05, 12 clusters, T2=0.89); stage 2 unguided with the bare
-prompt and text attention bias 1.4. The text format (duration prefix, guidance text) is not an
+prompt and text attention bias 1.4; with `sr_checkpoint`, CogView2's direct super-resolution of
+every frame (cluster strategy T=1.0, 6 clusters, T2=0.6; 12 frames at a time). The text format (duration prefix, guidance text) is not an
 option: each stage reads the one its checkpoint was trained on.
 """
 
@@ -25,6 +26,11 @@ def _frame0_strategy() -> StrategyOptions:
     return StrategyOptions(kind="cluster", temperature=1.0, top_k=16, temperature2=0.89)
 
 
+def _sr_strategy() -> StrategyOptions:
+    """The release's DSR step (`IterativeEntfilterStrategy`): T 1.0, top 6 clusters, then T2 0.6."""
+    return StrategyOptions(kind="cluster", temperature=1.0, top_k=6, temperature2=0.6)
+
+
 def _video_strategy() -> StrategyOptions:
     return StrategyOptions(kind="cluster", temperature=1.05, top_k=12, temperature2=0.89)
 
@@ -35,6 +41,9 @@ class SampleOptions:
     # a one-frame (CogView2) model for frame 0 instead: needed when stage 1 trained its backbone too
     frame0_checkpoint: str | None = None
     stage2_checkpoint: str | None = None  # stage-2 model; without it set interpolation_levels=0
+    # CogView2's direct super-resolution (model family dsr, e.g. 20 x 20 -> 60 x 60 codes, 160 ->
+    # 480 px): every frame of the video, after the last stage; the outputs are then high-res
+    sr_checkpoint: str | None = None
     text_tokenizer: str = ""
     image_tokenizer: str = ""
     # codebook clusters of the cluster strategy: the release's cluster_label2.npy / cluster_label.npy
@@ -65,12 +74,16 @@ class SampleOptions:
     frame0_strategy: StrategyOptions = field(default_factory=_frame0_strategy)
     stage1_strategy: StrategyOptions = field(default_factory=_video_strategy)
     stage2_strategy: StrategyOptions = field(default_factory=_video_strategy)
+    sr_strategy: StrategyOptions = field(default_factory=_sr_strategy)
+    sr_frames_per_batch: int = 12  # frames super-resolved together (the release: 12)
 
     fps: float = 0.0  # output frame rate; 0 = the real rate of the final level
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.workers < 1 or self.tensor_parallel < 1:
-            raise ValueError("sampling: batch_size, workers and tensor_parallel must be >= 1")
+        if min(self.batch_size, self.workers, self.tensor_parallel, self.sr_frames_per_batch) < 1:
+            raise ValueError(
+                "sampling: batch_size, workers, tensor_parallel and sr_frames_per_batch must be >= 1"
+            )
         if self.duration <= 0 or self.interpolation_levels < 0:
             raise ValueError("sampling: duration must be > 0 and interpolation_levels >= 0")
 
@@ -96,6 +109,7 @@ class SampleOptions:
         optional = {
             "frame0_checkpoint": self.frame0_checkpoint,
             "stage2_checkpoint": self.stage2_checkpoint,
+            "sr_checkpoint": self.sr_checkpoint,
             "cluster_table": self.cluster_table,
         }
         for key, value in {**required, **optional}.items():
@@ -107,6 +121,7 @@ class SampleOptions:
                 f"or set interpolation_levels=0 to stop at the keyframes"
             )
         stages = ("frame0", "stage1", "stage2") if self.interpolation_levels else ("frame0", "stage1")
+        stages += ("sr",) if self.sr_checkpoint else ()
         clustered = [s for s in stages if getattr(self, f"{s}_strategy").kind == "cluster"]
         if clustered and not self.cluster_table:
             names = ", ".join(f"{s}_strategy" for s in clustered)

@@ -1,7 +1,7 @@
 """What a sampled video leaves on disk: mp4 (PyAV), gif, a contact-sheet row, the codes.
 
-Per prompt, in `out/<key>/`: video.mp4, video.gif, codes.npy (image codes [T, h, w]),
-sheet_row.png; the job adds record.json (written last: the entry is complete) and, in `out/`,
+Per prompt, in `out/<key>/`: video.mp4, video.gif, codes.npy (image codes [T, h, w]; after
+super-resolution the high-res ones, the low-res in codes_low.npy), sheet_row.png; the job adds record.json (written last: the entry is complete) and, in `out/`,
 manifest.json, options.json and contact_sheet.png.
 """
 
@@ -140,11 +140,18 @@ def write_contact_sheet(path: Path, rows: list[tuple[str, Path]]) -> None:
     sheet.save(path)
 
 
-def write_video_entry(entry: Path, codes: np.ndarray, frames: np.ndarray, fps: float) -> dict:
-    """Everything but record.json for one prompt; returns the files written."""
+def write_video_entry(
+    entry: Path, codes: np.ndarray | None, frames: np.ndarray, fps: float, extra_codes: dict | None = None
+) -> dict:
+    """Everything but record.json for one prompt; returns the files written. `codes`: a token
+    model's image codes (None for a pixel-space model); `extra_codes`: more code arrays by name
+    (e.g. "codes_low", the frames before super-resolution), as NAME.npy."""
     entry.mkdir(parents=True, exist_ok=True)
-    np.save(entry / "codes.npy", codes)
+    arrays = ({} if codes is None else {"codes": codes}) | (extra_codes or {})
+    for name, array in arrays.items():
+        np.save(entry / f"{name}.npy", array)
     write_mp4(entry / "video.mp4", frames, fps)
     write_gif(entry / "video.gif", frames, fps)
     write_sheet_row(entry / "sheet_row.png", frames)
-    return {"mp4": "video.mp4", "gif": "video.gif", "codes": "codes.npy", "sheet_row": "sheet_row.png"}
+    files = {"mp4": "video.mp4", "gif": "video.gif", "sheet_row": "sheet_row.png"}
+    return files | {name: f"{name}.npy" for name in arrays}

@@ -60,7 +60,30 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: t
     return StageModel(model.to(dtype=dtype).eval(), cfg, load_text_format(path))
 
 
+def _super_resolution(options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype):
+    """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model."""
+    from cogvideo.models.dsr.sampler import SuperResolution, load_model
+
+    device = f"cuda:{torch.cuda.current_device()}" if options.device == "cuda" else options.device
+    model = load_model(options.sr_checkpoint, device, dtype, options.tensor_parallel)
+    for key in ("vocab", "frame_tokens"):
+        if getattr(model.cfg, key) != getattr(stage1.cfg, key):
+            raise ValueError(
+                f"model.{key} differs between {options.stage1_checkpoint} and {options.sr_checkpoint}: "
+                f"the super-resolution model must read the video's frames and text"
+            )
+    labels = (
+        load_cluster_table(options.cluster_table, model.cfg.vocab.num_image_tokens)
+        if options.cluster_table
+        else None
+    )
+    strategy = make_strategy(options.sr_strategy, labels)
+    return SuperResolution(model, text_tokenizer, strategy, options.seed, options.sr_frames_per_batch)
+
+
 class VideoPipeline:
+    options_class = SampleOptions  # cogvideo-sample's options for this family
+
     def __init__(
         self,
         options: SampleOptions,
@@ -70,8 +93,12 @@ class VideoPipeline:
         image_tokenizer,
         cached: bool = True,
         frame0: StageModel | None = None,
+        sr=None,
     ):
-        self.options, self.image_tokenizer = options, image_tokenizer
+        """`sr`: a super-resolution stage (cogvideo.models.dsr.sampler.SuperResolution) run on
+        every frame after the last stage; its high-res frames decode with `image_tokenizer` at
+        its grid."""
+        self.options, self.image_tokenizer, self.sr = options, image_tokenizer, sr
         self.encode = TextEncoder(text_tokenizer, stage1.cfg)
         num_codes = stage1.cfg.vocab.num_image_tokens
         labels = load_cluster_table(options.cluster_table, num_codes) if options.cluster_table else None
@@ -123,7 +150,8 @@ class VideoPipeline:
                 f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
                 f"models {stage1.cfg.vocab.num_image_tokens} image tokens"
             )
-        pipeline = cls(options, stage1, stage2, text, image, frame0=frame0)
+        sr = _super_resolution(options, stage1, text, dtype) if options.sr_checkpoint else None
+        pipeline = cls(options, stage1, stage2, text, image, frame0=frame0, sr=sr)
         pipeline.precision = precision
         return pipeline
 
@@ -133,6 +161,8 @@ class VideoPipeline:
         texts, notes = self.sampler.texts(prompt.text)
         for text in texts:
             self.encode(text)
+        if self.sr is not None:
+            self.sr.text_ids(prompt.text)
         if prompt.first_frame is not None and not Path(prompt.first_frame).is_file():
             raise FileNotFoundError(f"first_frame {prompt.first_frame} does not exist")
         return notes
@@ -144,13 +174,26 @@ class VideoPipeline:
         image = np.array(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC))
         return torch.as_tensor(np.asarray(self.image_tokenizer.encode(image[None]))).reshape(-1)
 
-    def sample(self, prompts: list[Prompt]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(image codes [T, h, w], decoded uint8 frames [T, H, W, 3]) per prompt."""
+    def sample(self, prompts: list[Prompt]) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+        """(image codes [T, h, w], decoded uint8 frames [T, H, W, 3], other codes by name) per
+        prompt; with super-resolution the codes and frames are the high-res ones and the
+        low-res codes come as "codes_low"."""
         first = [None if p.first_frame is None else self._first_frame(p.first_frame) for p in prompts]
         codes = self.sampler.sample([p.text for p in prompts], first)
         side = self.sampler.stage1.cfg.frame_tokens
-        codes = codes.reshape(len(prompts), -1, side, side).cpu().numpy()
-        return [(c, np.asarray(self.image_tokenizer.decode(c), dtype=np.uint8)) for c in codes]
+        codes = codes.reshape(len(prompts), -1, side, side).cpu()
+        if self.sr is None:
+            return [(c, self._decode(self.image_tokenizer, c), {}) for c in codes.numpy()]
+        high = self.sr([p.text for p in prompts], list(codes))
+        decoder = self.image_tokenizer.at_grid(self.sr.cfg.high_frame_tokens)
+        return [
+            (h.numpy(), self._decode(decoder, h.numpy()), {"codes_low": c.numpy()})
+            for h, c in zip(high, codes)
+        ]
+
+    @staticmethod
+    def _decode(tokenizer, codes: np.ndarray) -> np.ndarray:
+        return np.asarray(tokenizer.decode(codes), dtype=np.uint8)
 
     def num_frames(self) -> int:
         frames = self.sampler.stage1.cfg.num_frames

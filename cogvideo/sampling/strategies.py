@@ -49,6 +49,10 @@ class TopKStrategy:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        return self.sample(logits, lambda: uniforms(generators, logits.device))
+
+    def sample(self, logits: torch.Tensor, draw) -> torch.Tensor:
+        """`draw()` gives one U[0, 1) number per row of `logits` [rows, K]."""
         if self.temperature == 0:
             return logits.argmax(-1)
         logits = logits.float() / self.temperature
@@ -61,7 +65,7 @@ class TopKStrategy:
             mass_before = sorted_probs.cumsum(-1) - sorted_probs
             sorted_probs = sorted_probs.masked_fill(mass_before >= self.top_p, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return sample_rows(probs, uniforms(generators, logits.device))
+        return sample_rows(probs, draw())
 
 
 class ClusterStrategy:
@@ -75,6 +79,11 @@ class ClusterStrategy:
         self.temperature, self.top_k, self.temperature2 = temperature, top_k, temperature2
 
     def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        return self.sample(logits, lambda: uniforms(generators, logits.device))
+
+    def sample(self, logits: torch.Tensor, draw) -> torch.Tensor:
+        """`draw()` gives one U[0, 1) number per row of `logits` [rows, K] (called twice: the
+        cluster, then the code)."""
         logits = logits.float()
         labels = self.labels.to(logits.device)
         if labels.numel() != logits.shape[-1]:
@@ -84,11 +93,10 @@ class ClusterStrategy:
         cluster_probs = probs.new_zeros(len(logits), self.num_clusters)
         cluster_probs.scatter_add_(1, labels.expand_as(probs), probs)
         top_probs, top_clusters = cluster_probs.topk(min(self.top_k, self.num_clusters), dim=-1)
-        choice = sample_rows(top_probs, uniforms(generators, logits.device))
-        chosen = top_clusters.gather(1, choice[:, None])
+        chosen = top_clusters.gather(1, sample_rows(top_probs, draw())[:, None])
         inside = labels[None, :] == chosen
         code_probs = (logits / self.temperature2).masked_fill(~inside, float("-inf")).softmax(-1)
-        return sample_rows(code_probs, uniforms(generators, logits.device))
+        return sample_rows(code_probs, draw())
 
 
 def make_strategy(options: StrategyOptions, cluster_labels: torch.Tensor | None = None):

@@ -123,6 +123,12 @@ class IceImageTokenizer:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
         return cls(model.to(device), frame_size, compression)
 
+    def at_grid(self, tokens_side: int) -> "IceImageTokenizer":
+        """The same model for frames of `tokens_side` codes per side (DSR's 60 x 60 -> 480 px)."""
+        return IceImageTokenizer(
+            self.model, tokens_side * self.frame_size // self.tokens_side, self.frame_size // self.tokens_side
+        )
+
     @torch.inference_mode()
     def encode(self, frames: np.ndarray) -> np.ndarray:
         frames = check_frames(frames, self.frame_size)

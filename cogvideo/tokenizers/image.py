@@ -26,6 +26,9 @@ class ImageTokenizer(Protocol):
 
     def codebook(self) -> np.ndarray: ...  # float32 [codebook_size, D]
 
+    # the same tokenizer at another grid (a super-resolution model's high-res frames)
+    def at_grid(self, tokens_side: int) -> "ImageTokenizer": ...
+
 
 def check_frames(frames: np.ndarray, frame_size: int) -> np.ndarray:
     frames = np.asarray(frames)

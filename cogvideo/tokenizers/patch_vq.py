@@ -131,6 +131,19 @@ class PatchVQTokenizer:
                 )
             self.context = (keys, patches)
 
+    def at_grid(self, tokens_side: int) -> "PatchVQTokenizer":
+        """The same codebook and context table for frames of `tokens_side` patches per side (a
+        super-resolution model's high-res frames: same patch size, more patches)."""
+        return PatchVQTokenizer(
+            self._codebook,
+            tokens_side * self.patch_size,
+            tokens_side,
+            str(self._codebook.device),
+            self.context,
+            self.colour_weight,
+            self.preset,
+        )
+
     def encode(self, frames: np.ndarray) -> np.ndarray:
         frames = check_frames(frames, self.frame_size)
         codes = [
@@ -161,6 +174,10 @@ class PatchVQTokenizer:
         return self._codebook.cpu().numpy().copy()
 
     def save(self, path: str | Path) -> None:
+        """Write the tokenizer; it must record the model preset it was fitted for, which data
+        preparation reads back (ValueError otherwise)."""
+        if not self.preset:
+            raise ValueError(f"{path}: a tokenizer file records its model preset: give preset=NAME")
         tensors = {"codebook": self._codebook.cpu().contiguous()}
         if self.context is not None:
             tensors["context_keys"] = torch.from_numpy(self.context[0])
@@ -175,7 +192,7 @@ class PatchVQTokenizer:
                 "frame_size": str(self.frame_size),
                 "tokens_side": str(self.tokens_side),
                 "colour_weight": repr(self.colour_weight),
-                **({"preset": self.preset} if self.preset else {}),
+                "preset": self.preset,
             },
         )
 

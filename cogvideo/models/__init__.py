@@ -1,0 +1,1 @@
+"""Model families other than CogVideo, one package each (registered as `ModelFamily`s)."""

@@ -1,0 +1,100 @@
+"""DSR sampling as released (THUDM/CogVideo `sr_pipeline/direct_sr.py`, `dsr_sampling.py`): every
+frame alone, with the raw prompt as text, through one forward and one parallel step over all
+high-res slots: at every slot CogLM's cluster strategy on the float32 image logits (T = 1, the
+top 6 of the codebook's clusters by probability mass, then a code inside the chosen one from
+softmax(logits / 0.6)). Frames go through `frames_per_batch` at a time (the release: 12).
+
+Each frame draws from its own generator (seeded by the run seed, the prompt and the frame's
+index), so a frame's high-res codes do not depend on which frames share its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from cogvideo.models.dsr.config import DsrConfig
+from cogvideo.models.dsr.layout import build_example
+from cogvideo.sampling.hierarchy import row_generator
+from cogvideo.sampling.stage_model import gather_vocab
+
+log = logging.getLogger(__name__)
+
+
+def load_model(path: str | Path, device: str, dtype: torch.dtype, tensor_parallel: int = 1):
+    """A DSR checkpoint (ours) on `device` in `dtype`, in eval mode."""
+    from cogvideo import parallel
+    from cogvideo.checkpoint import load_model_config, load_model_state
+    from cogvideo.family import build_model
+
+    cfg = load_model_config(Path(path)).validate(tensor_parallel)
+    if not isinstance(cfg, DsrConfig):
+        raise ValueError(f"{path}: holds a {type(cfg).__name__} model, not a DSR (super-resolution) model")
+    model = build_model(cfg.replace(activation_checkpointing=False), device, init_weights=False)
+    model.load_state_dict(load_model_state(Path(path), parallel.tp_rank(), parallel.tp_size()))
+    return model.to(dtype=dtype).eval()
+
+
+class SuperResolution:
+    """Low-res frames' codes [T, r, r] + the prompt -> high-res codes [T, R, R]."""
+
+    def __init__(self, model, text_tokenizer, strategy, seed: int, frames_per_batch: int = 12):
+        self.model, self.cfg = model, model.cfg
+        self.text_tokenizer, self.strategy = text_tokenizer, strategy
+        self.seed, self.frames_per_batch = seed, frames_per_batch
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def text_ids(self, prompt: str) -> list[int]:
+        """The raw prompt's ids (no duration prefix, suffix or BOI), checked against the budget."""
+        from cogvideo.sampling.prompts import TextBudgetError
+
+        ids = list(self.text_tokenizer.encode(prompt))
+        if len(ids) > self.cfg.text_length:
+            raise TextBudgetError(
+                f"text {prompt[:60]!r} is {len(ids)} text tokens; the super-resolution model's text "
+                f"budget (model.text_length) is {self.cfg.text_length}: shorten the prompt"
+            )
+        return ids
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], videos: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`videos[i]`: the codes [T_i, r, r] of prompt i's frames -> [T_i, R, R]."""
+        cfg = self.cfg
+        frames = [(i, t) for i, video in enumerate(videos) for t in range(len(video))]
+        texts = [self.text_ids(p) for p in prompts]
+        out = [
+            torch.empty(len(v), cfg.high_frame_tokens, cfg.high_frame_tokens, dtype=torch.long)
+            for v in videos
+        ]
+        for start in range(0, len(frames), self.frames_per_batch):
+            chunk = frames[start : start + self.frames_per_batch]
+            tokens = torch.stack(
+                [
+                    build_example(cfg, texts[i], videos[i][t], torch.zeros(cfg.high_tokens))[0]
+                    for i, t in chunk
+                ]
+            )
+            gens = [row_generator(self.seed, prompts[i], f"super-resolution/frame{t}") for i, t in chunk]
+            codes = self.sample(tokens.to(self.device), gens).cpu()
+            for (i, t), frame in zip(chunk, codes):
+                out[i][t] = frame.view(cfg.high_frame_tokens, cfg.high_frame_tokens)
+            log.info("super-resolution: %d of %d frames", start + len(chunk), len(frames))
+        return out
+
+    def sample(self, tokens: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """One forward, one parallel step: high-res codes [B, N] of DSR sequences [B, L]."""
+        cfg = self.cfg
+        logits = gather_vocab(self.model(tokens, image_only=True))[..., : cfg.vocab.num_image_tokens]
+        N = cfg.high_tokens
+
+        def draw() -> torch.Tensor:  # each frame's N numbers from its own generator
+            return torch.cat([torch.rand(N, generator=g, dtype=torch.float64) for g in generators]).to(
+                tokens.device
+            )
+
+        return self.strategy.sample(logits.flatten(0, 1), draw).view(len(tokens), N)

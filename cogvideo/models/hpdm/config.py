@@ -1,0 +1,202 @@
+"""HPDM's configuration and presets (Table 8 of the supplement, plus a CPU demo size).
+
+A video is a pyramid of `num_levels` levels: level 1 is the whole video at the patch size
+`patch` (T, H, W), each finer level doubles height and width and multiplies the frames by
+`temporal_scale`; training sees one patch of `patch` size per level. `block_levels[b]` is how many
+levels (coarsest first) block b runs: adaptive computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cogvideo.diffusion.edm import EDMConfig
+from cogvideo.vocab import VocabLayout
+
+SPATIAL_SCALE = 2  # every finer level doubles height and width (Table 8's pyramids)
+COORDINATES = (
+    4  # per interface token: its centre (t, y, x) in the whole video in [0, 1], and the patch extent
+)
+
+
+@dataclass
+class HPDMConfig:
+    name: str = "hpdm-demo"
+    condition: Literal["class", "text"] = "class"  # class labels (UCF-101) or caption ids (text-to-video)
+    num_classes: int = 101  # class presets; one more row is the null class of guidance
+    # class presets: a clip's caption is its class name, its label the name's index here (empty:
+    # the caption is the label itself, "0" .. num_classes - 1)
+    classes: tuple[str, ...] = ()
+    # the caption pieces (the project's text tokenizer): text presets embed them; every preset
+    # names it because the trainer checks its tokenizer against it
+    vocab: VocabLayout = field(default_factory=lambda: VocabLayout.compact(1, 1000))
+    text_length: int = 16  # caption pieces kept; a caption of padding alone is the null condition
+    text_dim: int = 256
+    patch: tuple[int, int, int] = (5, 16, 16)  # frames, height, width of every level's patch
+    tokenizer_patch: tuple[int, int, int] = (1, 4, 4)  # pixels per interface token
+    num_levels: int = 2
+    temporal_scale: int = 1  # frames multiply by this per finer level (2 for UCF-101's 16 -> 64)
+    block_levels: tuple[int, ...] = (1, 2, 2)  # per RIN block: the levels it runs (1..n)
+    interface_dim: int = 64  # Table 8's "tokenization dim"
+    latent_dim: int = 64
+    num_latents: int = 32
+    latent_layers: int = 1  # latent self-attention layers per RIN block
+    head_dim: int = 16
+    ffn_mult: int = 4
+    cond_dim: int = 128  # noise level + class/caption + level embedding, modulating the latent norms
+    init_std: float = 0.02
+    cond_dropout: float = 0.1  # classifier-free guidance: a sample's condition becomes the null one
+    edm: EDMConfig = field(default_factory=EDMConfig)
+    activation_checkpointing: bool = False  # recompute each RIN block in the backward pass
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:  # the TP plan's blocks
+        return len(self.block_levels)
+
+    # what the trainer and data preparation read of a family's config
+    @property
+    def seq_length(self) -> int:  # interface tokens of one training example (a patch per level)
+        return self.tokens_per_patch * self.num_levels
+
+    @property
+    def hidden_size(self) -> int:
+        return self.interface_dim
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_mult * self.interface_dim
+
+    @property
+    def num_frames(self) -> int:  # frames of a prepared clip: the finest level's
+        return self.video_size[0]
+
+    @property
+    def frame_size(self) -> int:  # data preparation's square frames: the finest level's side
+        return self.video_size[2]
+
+    @property
+    def stage(self) -> str:
+        return f"{self.num_levels}-level pyramid"
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        """Interface tokens per patch along (T, H, W)."""
+        return tuple(p // k for p, k in zip(self.patch, self.tokenizer_patch))
+
+    @property
+    def tokens_per_patch(self) -> int:
+        return math.prod(self.token_grid)
+
+    @property
+    def pixels_per_token(self) -> int:
+        return 3 * math.prod(self.tokenizer_patch)
+
+    def level_scale(self, level: int) -> tuple[int, int, int]:
+        """How many times larger than level 1 level `level` (1-based) is along (T, H, W)."""
+        return (self.temporal_scale ** (level - 1), *(SPATIAL_SCALE ** (level - 1),) * 2)
+
+    def level_size(self, level: int, output: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+        """Level `level`'s video size; `output` is the finest level's (default: the trained one)."""
+        if output is None:
+            return tuple(p * s for p, s in zip(self.patch, self.level_scale(level)))
+        finest = self.level_scale(self.num_levels)
+        return tuple(o * s // f for o, s, f in zip(output, self.level_scale(level), finest))
+
+    @property
+    def video_size(self) -> tuple[int, int, int]:
+        return self.level_size(self.num_levels)
+
+    def levels_of_block(self, block: int) -> range:
+        """Levels (1-based) that block `block` (0-based) runs."""
+        return range(1, self.block_levels[block] + 1)
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self, tensor_parallel: int = 1) -> "HPDMConfig":
+        def bad(key: str, why: str):
+            raise ValueError(f"model.{key}: {why}")
+
+        positive = ("num_levels", "temporal_scale", "interface_dim", "latent_dim", "num_latents", "head_dim")
+        for key in (*positive, "latent_layers", "ffn_mult", "cond_dim", "text_length", "text_dim"):
+            if getattr(self, key) < (0 if key == "latent_layers" else 1):
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        if len(self.patch) != 3 or len(self.tokenizer_patch) != 3:
+            bad("patch", "patch and tokenizer_patch are (frames, height, width)")
+        for axis, (p, k) in enumerate(zip(self.patch, self.tokenizer_patch)):
+            if k < 1 or p % k:
+                bad(
+                    "tokenizer_patch",
+                    f"{self.tokenizer_patch} does not tile the patch {self.patch} (axis {axis})",
+                )
+        levels = self.block_levels
+        if not levels or any(b < a for a, b in zip(levels, levels[1:])) or levels[0] < 1:
+            bad("block_levels", f"{levels}: a non-decreasing count of levels per block, from 1")
+        if levels[-1] != self.num_levels:
+            bad("block_levels", f"the last block must run every level ({self.num_levels}), got {levels}")
+        for key, dim in (("interface_dim", self.interface_dim), ("latent_dim", self.latent_dim)):
+            if dim % self.head_dim:
+                bad("head_dim", f"{self.head_dim} does not divide {key}={dim}")
+        if not 0 <= self.cond_dropout < 1:
+            bad("cond_dropout", f"must be in [0, 1), got {self.cond_dropout}")
+        if self.classes and len(self.classes) != self.num_classes:
+            bad("classes", f"{len(self.classes)} names for num_classes={self.num_classes}")
+        self._check_splits(tensor_parallel)
+        return self
+
+    def _check_splits(self, tensor_parallel: int) -> None:
+        """Attention heads (interface and latents) split evenly over TP ranks."""
+        if tensor_parallel < 1:
+            raise ValueError(f"parallel.tensor_parallel must be >= 1, got {tensor_parallel}")
+        for key, dim in (("interface_dim", self.interface_dim), ("latent_dim", self.latent_dim)):
+            heads = dim // self.head_dim
+            if heads % tensor_parallel:
+                raise ValueError(
+                    f"model.{key}: its {heads} heads (head_dim {self.head_dim}) are not divisible by "
+                    f"tensor_parallel={tensor_parallel}"
+                )
+
+    def replace(self, **changes) -> "HPDMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _ucf(name: str, latent_dim: int) -> HPDMConfig:
+    """Table 8's UCF-101 models: 16x64x64 patches, pyramid up to 64x256x256 in 3 levels."""
+    return HPDMConfig(
+        name=name,
+        condition="class",
+        num_classes=101,
+        patch=(16, 64, 64),
+        tokenizer_patch=(1, 4, 4),
+        num_levels=3,
+        temporal_scale=2,
+        block_levels=(1, 1, 2, 2, 3, 3),
+        interface_dim=1024,
+        latent_dim=latent_dim,
+        num_latents=768,
+        latent_layers=4,
+        head_dim=64,
+        cond_dim=2048,
+    )
+
+
+PRESETS = {
+    "hpdm-demo": lambda: HPDMConfig(condition="text"),  # the demo's synthetic world is captioned
+    "hpdm-s": lambda: _ucf("hpdm-s", 256),
+    "hpdm-m": lambda: _ucf("hpdm-m", 512),
+    "hpdm-l": lambda: _ucf("hpdm-l", 1024),
+    # text-to-video: 8x36x64 patches up to 64x288x512 in 4 levels; T5-11B's embeddings in the
+    # paper, the project's caption pieces here (a 32k SentencePiece vocabulary, learned embeddings)
+    "hpdm-t2v": lambda: _ucf("hpdm-t2v", 3072).replace(
+        condition="text",
+        vocab=VocabLayout.compact(1, 32000),
+        text_length=64,
+        text_dim=256,
+        patch=(8, 36, 64),
+        tokenizer_patch=(1, 3, 4),
+        num_levels=4,
+        block_levels=(1, 2, 2, 3, 3, 4),
+    ),
+}

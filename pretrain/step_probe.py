@@ -1,0 +1,90 @@
+"""The run's own training step in a given precision, for `parallel.precision: auto` to time
+(cogvideo.precision.choose_precision decides from it).
+
+One step is the trainer's: the run's model in a DeepSpeed engine configured as the run's
+(ZeRO stage, optimizer, clipping, the precision under test: bf16/fp16 with fp32 master weights),
+fed one of the run's own batches `training.grad_accum_steps` times through the family's loss,
+`engine.backward` and `engine.step` (gradient reduction over the data-parallel ranks included).
+Left out is what costs every precision alike: the loader thread, metrics, checkpoints. The model
+is the run's (TP shards included) cut to at most PROBE_MAX_LAYERS layers so that a large run's
+probe stays small; it is drawn from the seed (never from init.* weights) and freed once timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cogvideo import parallel
+from pretrain.config import TrainConfig
+from pretrain.data import Batch, ShardLoader
+from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
+
+PROBE_MAX_LAYERS = 4  # the demo's models whole; a 48-layer run times 4 of its layers
+
+
+def probe_batch(cfg: TrainConfig, model_cfg, shards: list[str], encode_text) -> Batch:
+    """This rank's first batch of the run's shards (read in shard order by a loader of its own:
+    the run's loader and its position are untouched)."""
+    loader = ShardLoader(
+        shards,
+        model_cfg,
+        encode_text,
+        dataclasses.replace(cfg.data, shuffle_buffer=0),
+        micro_batch_size=cfg.training.micro_batch_size,
+        seed=cfg.training.seed,
+        dp_rank=parallel.dp_rank(),
+        dp_size=parallel.dp_size(),
+    )
+    return next(loader.batches())
+
+
+def precision_config(cfg: TrainConfig, name: str) -> TrainConfig:
+    """The run's config training in precision `name`."""
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision=name))
+
+
+class StepProbe:
+    """``probe(name)`` runs one training step in precision ``name`` (an engine per precision,
+    built on first use; ``close()`` frees them). Collective under torch.distributed: every rank
+    calls it alike."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg, batch: Batch):
+        from cogvideo.family import family_of
+
+        self.cfg, self.batch = cfg, batch
+        self.model_cfg = dataclasses.replace(
+            model_cfg, num_layers=min(model_cfg.num_layers, PROBE_MAX_LAYERS)
+        )
+        self.family = family_of(model_cfg)
+        self.engines: dict = {}
+
+    def engine(self, name: str):
+        """The DeepSpeed engine of precision `name` (as the trainer builds its own)."""
+        import deepspeed
+
+        from cogvideo.family import build_model
+
+        if name not in self.engines:
+            cfg = precision_config(self.cfg, name)
+            parallel.manual_seed(cfg.training.seed)
+            model = build_model(self.model_cfg)
+            self.engines[name], _, _, _ = deepspeed.initialize(
+                model=model,
+                model_parameters=param_groups(model, cfg.optim.weight_decay),
+                config=deepspeed_config(cfg, parallel.dp_size()),
+                mpu=parallel.mpu(),
+                lr_scheduler=lr_scheduler(cfg),
+            )
+        return self.engines[name]
+
+    def __call__(self, name: str) -> None:
+        engine = self.engine(name)
+        for _ in range(self.cfg.training.grad_accum_steps):
+            loss = self.family.loss(self.model_cfg, engine, self.batch, engine.device)
+            engine.backward(loss)
+            engine.step()
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.destroy()
+        self.engines.clear()

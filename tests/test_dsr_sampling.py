@@ -1,0 +1,175 @@
+"""DSR sampling: the release's one parallel step (cluster strategy, top 6, T2 0.6) at every
+high-res slot, per-frame determinism whatever the batching, the image tokenizer at the larger
+grid, and `cogvideo-sample` with an SR checkpoint end to end (high-res mp4/gif/sheet, the
+low-res codes unchanged)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_sampling_pipeline import _args, assets  # noqa: F401  (the fixture: tiny stages, tokenizers)
+
+from cogvideo.checkpoint import save_model_checkpoint
+from cogvideo.family import build_model
+from cogvideo.models.dsr.config import PRESETS
+from cogvideo.models.dsr.layout import build_example
+from cogvideo.models.dsr.sampler import SuperResolution, load_model
+from cogvideo.sampling import cli
+from cogvideo.sampling.clusters import load_cluster_table
+from cogvideo.sampling.hierarchy import row_generator
+from cogvideo.sampling.strategies import ClusterStrategy
+from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
+
+
+def dsr_config():
+    """dsr-tiny reading the stage-1 model of tests/test_sampling_pipeline.py (vocabulary, 4 x 4
+    codes of 16 px frames) with its prompts' text budget."""
+    return PRESETS["dsr-tiny"]().replace(
+        text_length=32,
+        image_position_offset=32,
+        low_position_offset=33,
+        max_position_embeddings=64,
+        init_std=0.3,
+    )
+
+
+@pytest.fixture(scope="module")
+def sr_checkpoint(tmp_path_factory):
+    torch.manual_seed(5)
+    cfg = dsr_config().validate()
+    return str(
+        save_model_checkpoint(tmp_path_factory.mktemp("dsr") / "dsr", build_model(cfg).state_dict(), cfg)
+    )
+
+
+def release_step(
+    logits: torch.Tensor, labels: torch.Tensor, u_cluster, u_code, top_k=6, t2=0.6
+) -> torch.Tensor:
+    """IterativeEntfilterStrategy.forward (dsr_sampling.py) at T 1.0, its two multinomial draws
+    made by inverse CDF from the given numbers: cluster mass of softmax(logits), the top 6
+    renormalised, one drawn; the other clusters' logits set to -65504; a code from
+    softmax(logits / 0.6)."""
+    probs = logits.double().softmax(-1)
+    mass = torch.zeros(len(logits), int(labels.max()) + 1, dtype=torch.float64).scatter_add_(
+        1, labels.expand_as(probs), probs
+    )
+    best, clusters = mass.topk(top_k)
+    best = best / best.sum(-1, keepdim=True)
+    pick = (best.cumsum(-1) <= u_cluster[:, None]).sum(-1).clamp(max=top_k - 1)
+    chosen = clusters.gather(1, pick[:, None])
+    masked = logits.double().masked_fill(labels[None] != chosen, -65504.0)
+    code_probs = (masked / t2).softmax(-1)
+    return (code_probs.cumsum(-1) <= u_code[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
+
+
+def tiny_sr(assets, sr_checkpoint, frames_per_batch=12, **strategy):  # noqa: F811
+    from cogvideo.tokenizers.text import TextTokenizer
+
+    model = load_model(sr_checkpoint, "cpu", torch.float64)
+    labels = load_cluster_table(assets["cluster_table"], model.cfg.vocab.num_image_tokens)
+    options = dict(temperature=1.0, top_k=6, temperature2=0.6) | strategy
+    text = TextTokenizer(assets["text_tokenizer"], model.cfg.vocab)
+    return SuperResolution(
+        model, text, ClusterStrategy(labels, **options), seed=11, frames_per_batch=frames_per_batch
+    ), labels
+
+
+def test_one_parallel_step_is_the_releases_strategy(assets, sr_checkpoint):  # noqa: F811
+    sr, labels = tiny_sr(assets, sr_checkpoint)
+    cfg = sr.cfg
+    g = torch.Generator().manual_seed(0)
+    low = torch.randint(cfg.vocab.num_image_tokens, (3, 4, 4), generator=g)
+    ids = sr.text_ids("a cat plays with a ball")
+    tokens = torch.stack([build_example(cfg, ids, f, torch.zeros(cfg.high_tokens))[0] for f in low])
+
+    def gens():
+        return [row_generator(11, "a cat plays with a ball", f"super-resolution/frame{t}") for t in range(3)]
+
+    ours = sr.sample(tokens, gens())
+    with torch.no_grad():
+        logits = sr.model(tokens, image_only=True).flatten(0, 1)
+    fresh = gens()
+    u_cluster = torch.cat([torch.rand(cfg.high_tokens, generator=f, dtype=torch.float64) for f in fresh])
+    u_code = torch.cat([torch.rand(cfg.high_tokens, generator=f, dtype=torch.float64) for f in fresh])
+    expected = release_step(logits, labels, u_cluster, u_code).view(3, cfg.high_tokens)
+    assert torch.equal(ours, expected)
+    assert not torch.equal(expected, release_step(logits, labels, u_cluster, u_code, top_k=5).view(3, -1))
+    assert not torch.equal(expected, release_step(logits, labels, u_cluster, u_code, t2=0.89).view(3, -1))
+    assert torch.equal(sr(["a cat plays with a ball"], [low])[0].flatten(1), ours)  # noqa: E201
+
+
+def test_a_frame_does_not_depend_on_its_batch(assets, sr_checkpoint):  # noqa: F811
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.randint(64, (5, 4, 4), generator=g), torch.randint(64, (3, 4, 4), generator=g)]
+    prompts = ["a cat plays with a ball", "a dog runs"]
+    one, _ = tiny_sr(assets, sr_checkpoint, frames_per_batch=1)
+    all_at_once, _ = tiny_sr(assets, sr_checkpoint, frames_per_batch=12)
+    alone = one(prompts[1:], videos[1:])[0]
+    together = all_at_once(prompts, videos)
+    assert [v.shape for v in together] == [(5, 12, 12), (3, 12, 12)]
+    assert torch.equal(alone, together[1]) and torch.equal(one(prompts, videos)[0], together[0])
+
+
+def test_the_patch_tokenizer_at_the_high_res_grid():
+    """Same patches, more of them: a 3 x 3 tiling of a frame encodes to the tiling of its codes,
+    and codes decode to their patches (no context table) at 3x the side."""
+    rng = np.random.default_rng(0)
+    codebook = torch.from_numpy(rng.random((16, 4 * 4 * 3)).astype(np.float32) * 255)
+    low = PatchVQTokenizer(codebook, frame_size=16, tokens_side=4)
+    high = low.at_grid(12)
+    assert (high.frame_size, high.tokens_side, high.codebook_size) == (48, 12, 16)
+    frame = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        high.encode(np.tile(frame, (1, 3, 3, 1))), np.tile(low.encode(frame), (1, 3, 3))
+    )
+    codes = rng.integers(0, 16, (2, 12, 12))
+    pixels = high.decode(codes)
+    assert pixels.shape == (2, 48, 48, 3)
+    patch = codebook[codes[1, 5, 7]].round().clamp(0, 255).to(torch.uint8).view(4, 4, 3).numpy()
+    np.testing.assert_array_equal(pixels[1, 20:24, 28:32], patch)
+
+
+def test_sample_command_super_resolves_every_frame(assets, sr_checkpoint, tmp_path):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat plays with a ball\na dog runs\n")
+    base = _args(assets, prompts, tmp_path / "low")
+    assert cli.main(base) == 0
+    sr = ["sr_strategy.top_k=3"]  # the fixture's table has 8 clusters
+    assert cli.main([*_args(assets, prompts, tmp_path / "high"), f"sr_checkpoint={sr_checkpoint}", *sr]) == 0
+    assert (
+        cli.main(
+            [
+                *_args(assets, prompts, tmp_path / "high5"),
+                f"sr_checkpoint={sr_checkpoint}",
+                *sr,
+                "sr_frames_per_batch=5",
+            ]
+        )
+        == 0
+    )
+    manifest = json.loads((tmp_path / "high" / "manifest.json").read_text())
+    assert manifest["ok"] == 2
+    for entry in manifest["entries"]:
+        key, folder = entry["key"], tmp_path / "high" / entry["key"]
+        high, low = np.load(folder / "codes.npy"), np.load(folder / "codes_low.npy")
+        assert high.shape == (9, 12, 12) and low.shape == (9, 4, 4)
+        np.testing.assert_array_equal(low, np.load(tmp_path / "low" / key / "codes.npy"))  # video unchanged
+        np.testing.assert_array_equal(high, np.load(tmp_path / "high5" / key / "codes.npy"))  # batching
+        gif = Image.open(folder / "video.gif")
+        assert gif.size == (48, 48) and gif.n_frames == 9
+        assert Image.open(folder / "sheet_row.png").size[1] == 48
+        assert entry["files"]["codes_low"] == "codes_low.npy"
+    assert Image.open(tmp_path / "high" / "contact_sheet.png").size[1] >= 2 * 96
+
+
+def test_an_sr_checkpoint_for_other_frames_is_refused(assets, tmp_path, capsys):  # noqa: F811
+    cfg = dsr_config().replace(frame_tokens=2, frame_size=8, high_frame_tokens=6).validate()
+    path = save_model_checkpoint(tmp_path / "other", build_model(cfg).state_dict(), cfg)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog runs\n")
+    assert cli.main([*_args(assets, prompts, tmp_path / "o"), f"sr_checkpoint={path}"]) == 2
+    assert "model.frame_tokens differs" in capsys.readouterr().err

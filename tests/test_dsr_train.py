@@ -1,0 +1,243 @@
+"""DSR training on the family seam: token shards carrying both grids (`frames`, `sr_frames`), the
+family's batch builder and loss (text + low-res given, loss on the high-res codes), started from
+a CogView2 backbone as the release's `reinit` does (backbone frozen); through `cogvideo-train`
+(DeepSpeed ZeRO-2, gloo CPU): TP=2 equals TP=1, and a run killed (SIGKILL) in a checkpoint save
+resumes to exactly the uninterrupted run; `cogvideo-prep model.family=dsr` writes the pairs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from test_pretrain_data import write_caption_tokenizer
+from test_pretrain_dist import final_weights, losses, step_batches, torchrun
+from tolerances import adam_weight_atol, loss_rel_tol
+
+from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
+from cogvideo.config import get_preset
+from cogvideo.family import build_model, resolve_model_section
+from cogvideo.models.dsr import sample_problem
+from cogvideo.models.dsr.model import is_dsr_param
+from cogvideo.shards import ClipMeta, Sample, encode_sample
+from pretrain.config import DataConfig
+from pretrain.data import ShardLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["model.family=dsr", "model.preset=dsr-tiny", "model.text_length=8"]  # room for the captions
+CFG = resolve_model_section({"family": "dsr", "preset": "dsr-tiny", "text_length": 8})
+LR = 2e-3
+
+
+def write_pair_shards(root: Path, num_shards=2, per_shard=6, seed=0) -> list[str]:
+    """One-frame samples with random low-res and high-res codes, captions `clip s i`."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for s in range(num_shards):
+        path = str(root / f"pairs-{s:03d}.tar")
+        with wds.TarWriter(path) as sink:
+            for i in range(per_shard):
+                arrays = {
+                    "frames": rng.integers(
+                        0, CFG.vocab.num_image_tokens, (1, CFG.frame_tokens, CFG.frame_tokens)
+                    ),
+                    "sr_frames": rng.integers(
+                        0, CFG.vocab.num_image_tokens, (1, CFG.high_frame_tokens, CFG.high_frame_tokens)
+                    ),
+                }
+                meta = ClipMeta(
+                    duration=0.0, fps=1.0, stage=1, source=f"v{s}", clip_start=i, clip_end=i + 1, num_frames=1
+                )
+                sink.write(encode_sample(f"s{s}_{i}", arrays, f"clip {s} {i}", meta))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Pair shards, a text tokenizer and a CogView2 backbone of DSR's shape."""
+    root = tmp_path_factory.mktemp("dsr_train")
+    backbone_cfg = get_preset("tiny").replace(
+        stage="backbone", num_frames=1, max_position_embeddings=CFG.max_position_embeddings
+    )
+    torch.manual_seed(0)
+    save_model_checkpoint(root / "backbone", build_model(backbone_cfg.validate()).state_dict(), backbone_cfg)
+    return {
+        "root": root,
+        "shards": write_pair_shards(root),
+        "tokenizer": write_caption_tokenizer(root),
+        "backbone": str(root / "backbone"),
+    }
+
+
+def test_the_batch_builder_gives_text_low_res_given_and_high_res_targets(ws):
+    text_ids = [CFG.vocab.text_id(5), CFG.vocab.text_id(9)]
+    loader = ShardLoader(
+        ws["shards"],
+        CFG,
+        lambda t: text_ids,
+        DataConfig(stage=1, shuffle_buffer=0),
+        micro_batch_size=2,
+        seed=0,
+    )
+    batch = next(iter(loader))
+    tokens, targets = batch.tensors["tokens"], batch.tensors["targets"]
+    assert tokens.shape == (2, CFG.seq_length) and targets.shape == (2, CFG.high_tokens)
+    assert tokens[:, CFG.text_length - 2 : CFG.text_length].tolist() == [text_ids] * 2
+    assert (tokens[:, : CFG.text_length - 2] == CFG.text_pad_id).all()
+    assert (tokens[:, CFG.high_start :] == CFG.vocab.boi_id).all()  # the high-res codes are never inputs
+
+
+def test_samples_without_the_high_res_grid_are_refused_by_name():
+    meta = ClipMeta(duration=0.0, fps=1.0, stage=1, source="v", clip_start=0, clip_end=1, num_frames=1)
+    low = np.zeros((1, 4, 4), np.int64)
+    assert "no sr_frames" in sample_problem(CFG, Sample("k", {"frames": low}, "c", meta))
+    wrong = Sample("k", {"frames": low, "sr_frames": np.zeros((1, 8, 8), np.int64)}, "c", meta)
+    assert "do not fit the model's" in sample_problem(CFG, wrong)
+
+
+def train_args(ws, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(ROOT / "configs/tiny_test.yaml"),
+        *MODEL,
+        f"data.shards=[{','.join(ws['shards'])}]",
+        f"data.text_tokenizer={ws['tokenizer']}",
+        "data.prefix_template='{caption}'",  # the release's DSR text: the raw prompt
+        f"init.backbone={ws['backbone']}",
+        f"checkpoint.dir={run_dir}",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=3",
+        "checkpoint.export_full=true",
+        "logging.sample_keys=true",
+        "training.max_steps=6",
+        f"optim.lr={LR}",
+        "parallel.precision=fp32",
+        "parallel.zero_stage=2",
+        *extra,
+    ]
+
+
+def run(ws, name: str, nproc: int, *extra: str, script=None, env=None):
+    run_dir = ws["root"] / name
+    return run_dir, torchrun(nproc, train_args(ws, run_dir, *extra), script=script, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tp1(ws):
+    run_dir, proc = run(ws, "tp1", 1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_training_from_the_backbone_trains_only_dsr_parameters(ws, tp1):
+    backbone, trained = load_model_state(ws["backbone"]), final_weights(tp1)
+    for name, value in trained.items():
+        if is_dsr_param(name):
+            continue
+        assert torch.equal(value, backbone[name]), f"{name}: the frozen backbone moved"
+    moved = [n for n in trained if is_dsr_param(n) and n.endswith("weight")]
+    start = build_model(CFG, device="cpu").state_dict()  # shapes only; the start is the reinit
+    assert set(moved) == {n for n in start if is_dsr_param(n) and n.endswith("weight")}
+    q = trained["layers.0.high_attention.query_key_value.weight"]
+    assert not torch.equal(
+        q, backbone["layers.0.attention.query_key_value.weight"]
+    )  # trained away from the copy
+    assert losses(tp1)[6] < losses(tp1)[1]
+
+
+@pytest.mark.slow
+def test_tp2_equals_tp1(ws, tp1):
+    run_dir, proc = run(ws, "tp2", 2, "parallel.tensor_parallel=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert step_batches(run_dir) == step_batches(tp1)
+    one, two = losses(tp1), losses(run_dir)
+    rel = loss_rel_tol(CFG.num_layers)
+    assert all(two[s] == pytest.approx(one[s], rel=rel) for s in one)
+    a, b = final_weights(tp1), final_weights(run_dir)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=adam_weight_atol(LR), msg=name)
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import pretrain.checkpoint as ckpt
+import pretrain.train as train
+
+mark = ckpt.CheckpointManager._mark_complete
+def killed(self, path):  # SIGKILL after DeepSpeed wrote step 4, before it is marked complete
+    if path.name == ckpt.tag_for(4) and os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    mark(self, path)
+ckpt.CheckpointManager._mark_complete = killed
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_tp2_run_resumes_exactly(ws):
+    script = ws["root"] / "kill.py"
+    script.write_text(KILL_IN_SAVE)
+    env = {"PYTHONPATH": str(ROOT)}
+    tp2 = ("parallel.tensor_parallel=2", "--resume", "auto")
+    uninterrupted, proc = run(ws, "tp2_whole", 2, *tp2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed, killed = run(ws, "tp2_killed", 2, *tp2, script=str(script), env=env)
+    assert killed.returncode != 0 and (resumed / "latest").read_text() == "step00000002"
+    _, finished = run(ws, "tp2_killed", 2, *tp2)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert "resumed from" in finished.stdout + finished.stderr
+    assert losses(resumed) == losses(uninterrupted) and step_batches(resumed) == step_batches(uninterrupted)
+    a, b = final_weights(uninterrupted), final_weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_prep_writes_both_grids_for_the_dsr_family(tmp_path):
+    """cogvideo-prep model.family=dsr: frames read at 48 px; sr_frames their 12 x 12 codes, frames
+    the 4 x 4 codes of their 16 px area average, with the same patch tokenizer."""
+    import ray
+    from webdataset.tariterators import tarfile_samples
+
+    import data_prep.synthetic as syn
+    from cogvideo.raystart import start_ray
+    from cogvideo.shards import decode_sample
+    from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
+    from data_prep import pipeline
+
+    rng = np.random.default_rng(0)
+    tokenizer = PatchVQTokenizer(rng.random((64, 4 * 4 * 3)).astype(np.float32) * 255, 16, 4, preset="tiny")
+    tokenizer.save(tmp_path / "image.safetensors")
+    rows = syn.plan_videos(2, seed=1, size=48, fps=8, duration_s=(2.0,))
+    captions = syn.write_videos(tmp_path / "videos", rows)
+    start_ray(num_cpus=2, log_to_driver=False)
+    try:
+        argv = [
+            "--input",
+            str(tmp_path / "videos"),
+            "--captions",
+            str(captions),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+        summary = pipeline.run_cli(
+            [*argv, "--no-progress", *MODEL, "stages=[1]", f"tokenizer={tmp_path / 'image.safetensors'}"]
+        )
+    finally:
+        ray.shutdown()
+    shards = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
+    samples = [decode_sample(raw) for raw in tarfile_samples([{"url": s} for s in shards])]
+    assert summary["samples"] == len(samples) > 0
+    high = tokenizer.at_grid(12)
+    reference = {r["path"]: syn.render_row(r) for r in rows}
+    for sample in samples:
+        assert sample_problem(CFG, sample) is None
+        truth = reference[os.path.basename(sample.meta.source)]
+        # the stored codes are the tokenizer's codes of one of the video's rendered frames
+        assert any(np.array_equal(high.encode(f[None])[0], sample.arrays["sr_frames"][0]) for f in truth)
+        small = np.rint(truth.reshape(len(truth), 16, 3, 16, 3, 3).mean(axis=(2, 4))).astype(np.uint8)
+        assert any(np.array_equal(tokenizer.encode(f[None])[0], sample.arrays["frames"][0]) for f in small)

@@ -1,0 +1,255 @@
+"""HPDM's patch pyramid and network (cogvideo/models/hpdm/): nested crops and the patches cut
+from a video against pooling the whole video first; the grid-sampled context against a dense
+reference that upsamples the coarser activations to the finer level and crops them; adaptive
+computation runs exactly the (block, level) pairs its table names; context flows coarse to fine
+only."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cogvideo.family import build_model, plain_model
+from cogvideo.models.hpdm import pyramid
+from cogvideo.models.hpdm.config import PRESETS, HPDMConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny widths: one intra-op thread (waking a pool costs more than the work, and far more
+    on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# three levels, time doubling per level: 2x8x8 patches of a 8x32x32 video
+CFG = HPDMConfig(
+    patch=(2, 8, 8),
+    num_levels=3,
+    temporal_scale=2,
+    block_levels=(1, 2, 2, 3),
+    interface_dim=16,
+    latent_dim=16,
+    num_latents=4,
+    head_dim=8,
+    cond_dim=16,
+    num_classes=5,
+)
+
+
+def tiny_model(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg, device="cpu")
+    for name, param in model.named_parameters():
+        if param.dim() == 1 or name.startswith("head.") or ".modulation." in name:
+            param.data.normal_(0, 0.1)  # non-trivial norms, modulations and head: every path counts
+    return model.double()
+
+
+def pyramid_boxes(cfg, offsets):
+    """offsets [B, levels, 3] -> start, extent [B, levels, 3] (each level at its trained size)."""
+    parts = [
+        pyramid.boxes(cfg, lv, offsets[:, lv - 1], cfg.level_size(lv)) for lv in range(1, cfg.num_levels + 1)
+    ]
+    return torch.stack([p[0] for p in parts], 1), torch.stack([p[1] for p in parts], 1)
+
+
+def test_nested_crops_lie_inside_each_other_on_the_token_grid_and_reach_everywhere():
+    seen = set()
+    for seed in range(200):
+        offsets = pyramid.sample_offsets(CFG, torch.Generator().manual_seed(seed))
+        start, extent = pyramid_boxes(CFG, offsets[None])
+        assert torch.equal(offsets[0], torch.zeros(3, dtype=torch.long))  # level 1: the whole video
+        for lv in range(1, CFG.num_levels):
+            assert (start[0, lv] >= start[0, lv - 1] - 1e-12).all()
+            assert (start[0, lv] + extent[0, lv] <= start[0, lv - 1] + extent[0, lv - 1] + 1e-12).all()
+            assert (offsets[lv] % torch.tensor(CFG.tokenizer_patch) == 0).all()
+        seen.update((axis, int(o)) for axis, o in enumerate(offsets[-1]))
+    # level 3's patch starts at every token position of the 8x32x32 level along each axis
+    assert seen == {(0, t) for t in range(7)} | {(a, 4 * i) for a in (1, 2) for i in range(7)}
+
+
+def test_patches_are_crops_of_the_pooled_levels():
+    """Crop-then-pool (the training path) equals pool-the-whole-video-then-crop."""
+    video = torch.rand(3, *CFG.video_size, dtype=torch.float64)
+    offsets = pyramid.sample_offsets(CFG, torch.Generator().manual_seed(3))
+    patches = pyramid.extract_patches(CFG, video, offsets)
+    for lv in range(1, CFG.num_levels + 1):
+        factor = [v // s for v, s in zip(CFG.video_size, CFG.level_size(lv))]
+        level = F.avg_pool3d(video[None], factor)[0]
+        (t, h, w), (pt, ph, pw) = offsets[lv - 1].tolist(), CFG.patch
+        assert torch.allclose(patches[lv - 1], level[:, t : t + pt, h : h + ph, w : w + pw], atol=1e-12)
+
+
+@pytest.mark.parametrize("coarse_level,fine_level", [(1, 2), (1, 3), (2, 3)])
+def test_grid_sampled_context_equals_upsampled_and_cropped_activations(coarse_level, fine_level):
+    """Dense reference: the coarser patch's activation grid upsampled (trilinear, half-pixel
+    centres) to the finer level's token resolution, cropped at the finer patch's place."""
+    offsets = pyramid.sample_offsets(CFG, torch.Generator().manual_seed(11))
+    start, extent = pyramid_boxes(CFG, offsets[None])
+    coarse = (start[:, coarse_level - 1], extent[:, coarse_level - 1])
+    fine = (start[:, fine_level - 1], extent[:, fine_level - 1])
+    activations = torch.randn(1, 6, *CFG.token_grid, dtype=torch.float64)
+    got = pyramid.sample_context(activations, pyramid.context_grid(CFG, fine, coarse))
+
+    ratio = [f // c for f, c in zip(CFG.level_scale(fine_level), CFG.level_scale(coarse_level))]
+    dense = F.interpolate(activations, scale_factor=ratio, mode="trilinear", align_corners=False)
+    parent = [o * r for o, r in zip(offsets[coarse_level - 1].tolist(), ratio)]
+    at = [(o - p) // k for o, p, k in zip(offsets[fine_level - 1].tolist(), parent, CFG.tokenizer_patch)]
+    (t, h, w), (gt, gh, gw) = at, CFG.token_grid
+    expected = dense[:, :, t : t + gt, h : h + gh, w : w + gw].flatten(2).transpose(1, 2)
+    assert torch.allclose(got, expected, atol=1e-12)
+    # sharp: the same crop one token over does not match
+    shifted = dense[:, :, t : t + gt, h + 1 : h + 1 + gh, w : w + gw] if h + gh < dense.shape[3] else None
+    shifted = dense[:, :, t : t + gt, h - 1 : h - 1 + gh, w : w + gw] if shifted is None else shifted
+    assert not torch.allclose(got, shifted.flatten(2).transpose(1, 2), atol=1e-3)
+
+
+def run_pyramid(model, x, offsets, cond, c_noise=None):
+    start, extent = pyramid_boxes(model.cfg, offsets)
+    if c_noise is None:
+        c_noise = torch.full(offsets.shape[:2], -0.3, dtype=torch.float64)
+    return model(x, c_noise, start, extent, cond)
+
+
+def random_inputs(cfg=CFG, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.stack([pyramid.sample_offsets(cfg, g) for _ in range(batch)])
+    x = torch.randn(batch, cfg.num_levels, 3, *cfg.patch, generator=g, dtype=torch.float64)
+    return x, offsets, torch.randint(0, cfg.num_classes, (batch,), generator=g)
+
+
+def record_block_runs(model):
+    """(block, level) pairs the model runs: the level from run_level, the block from its forward."""
+    runs, current = [], {}
+    original = model.run_level
+
+    def run_level(level, *args, **kwargs):
+        current["level"] = level
+        return original(level, *args, **kwargs)
+
+    model.run_level = run_level
+    for b, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda mod, args, b=b: runs.append((b, current["level"])))
+    return runs
+
+
+def test_adaptive_computation_runs_exactly_the_blocks_its_table_names(monkeypatch):
+    model = tiny_model()
+    runs = record_block_runs(model)
+    run_pyramid(model, *random_inputs())
+    table = {(b, lv) for b, n in enumerate(CFG.block_levels) for lv in range(1, n + 1)}
+    assert sorted(runs) == sorted(table) and len(runs) == len(table)  # each pair once
+    assert {lv for b, lv in runs if b == 0} == {1} and {lv for b, lv in runs if b == 3} == {1, 2, 3}
+    # the check is sharp: a model reading the table off by one level fails it
+    monkeypatch.setattr(HPDMConfig, "levels_of_block", lambda self, b: range(1, self.block_levels[b]))
+    runs.clear()
+    run_pyramid(model, *random_inputs())
+    assert sorted(runs) != sorted(table)
+
+
+def test_context_flows_coarse_to_fine_only():
+    model = tiny_model()
+    x, offsets, cond = random_inputs()
+    out = run_pyramid(model, x, offsets, cond)
+    finer_changed = x.clone()
+    finer_changed[:, 2] += 1.0
+    out2 = run_pyramid(model, finer_changed, offsets, cond)
+    assert torch.equal(out[:, :2], out2[:, :2]) and not torch.allclose(out[:, 2], out2[:, 2])
+    coarser_changed = x.clone()
+    coarser_changed[:, 0] += 1.0
+    out3 = run_pyramid(model, coarser_changed, offsets, cond)
+    assert all(not torch.allclose(out[:, lv], out3[:, lv]) for lv in range(3))  # the context reaches level 3
+
+
+def test_a_level_of_the_pyramid_is_the_same_whether_run_jointly_or_alone():
+    """run_level with the coarser levels' states as sources reproduces the joint forward (the
+    sampler's path is the training path)."""
+    from cogvideo.models.hpdm.model import Source
+
+    model = tiny_model()
+    x, offsets, cond = random_inputs()
+    c_noise = torch.tensor([[-0.3, 0.2, 0.5], [0.1, -1.0, 0.0]], dtype=torch.float64)
+    joint = run_pyramid(model, x, offsets, cond, c_noise)
+    start, extent = pyramid_boxes(CFG, offsets)
+    sources = []
+    for lv in range(1, 4):
+        box = (start[:, lv - 1], extent[:, lv - 1])
+        out, states = model.run_level(lv, x[:, lv - 1], c_noise[:, lv - 1], box, cond, sources)
+        assert torch.equal(out, joint[:, lv - 1])
+        sources.append(Source(states, box))
+
+
+@pytest.mark.parametrize(
+    "preset,paper", [("hpdm-s", 178e6), ("hpdm-m", 321e6), ("hpdm-l", 725e6), ("hpdm-t2v", 3934e6)]
+)
+def test_presets_match_table_8_within_5_percent(preset, paper):
+    count = sum(p.numel() for p in plain_model(PRESETS[preset]()).parameters())
+    assert abs(count / paper - 1) < 0.05, (preset, count)
+
+
+def test_config_checks_name_the_field():
+    with pytest.raises(ValueError, match="model.block_levels"):
+        CFG.replace(block_levels=(2, 1, 3)).validate()
+    with pytest.raises(ValueError, match="model.block_levels.*last block"):
+        CFG.replace(block_levels=(1, 2)).validate()
+    with pytest.raises(ValueError, match="model.tokenizer_patch"):
+        CFG.replace(patch=(2, 9, 8)).validate()
+    with pytest.raises(ValueError, match="model.interface_dim: its 2 heads"):
+        CFG.validate(tensor_parallel=4)
+    assert math.prod(CFG.token_grid) == CFG.tokens_per_patch == 8
+
+
+class FixedOutput(torch.nn.Module):
+    """A stand-in network whose F is the input doubled (records what it was given)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, c_noise, start, extent, cond):
+        self.seen = (x, c_noise, start, extent, cond)
+        return 2 * x
+
+
+def test_pyramid_loss_is_edms_weighted_error_by_hand():
+    from cogvideo.models.hpdm.loss import pyramid_loss, training_example
+
+    video = torch.randint(0, 256, (*CFG.video_size, 3), dtype=torch.uint8)
+    examples = [training_example(CFG, video, torch.tensor(c), seed=s) for s, c in ((1, 2), (2, 4))]
+    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    model = FixedOutput()
+    loss = pyramid_loss(CFG, model, batch, torch.device("cpu"))
+
+    sd, expected = 0.5, []
+    for e in examples:
+        for lv in range(CFG.num_levels):
+            s = float(e["sigma"][lv])
+            clean, noisy = e["patches"][lv].double(), (e["patches"][lv] + s * e["noise"][lv]).double()
+            c_in, c_skip = 1 / (s * s + sd * sd) ** 0.5, sd * sd / (s * s + sd * sd)
+            c_out = s * sd / (s * s + sd * sd) ** 0.5
+            d = c_skip * noisy + c_out * 2 * (c_in * noisy)
+            weight = (s * s + sd * sd) / (s * sd) ** 2
+            expected.append(weight * float((d - clean).pow(2).mean()))
+    assert abs(float(loss) / (sum(expected) / len(expected)) - 1) < 1e-5
+    assert torch.allclose(model.seen[1], torch.log(batch["sigma"]) / 4)  # c_noise = ln(sigma) / 4
+
+
+def test_training_examples_are_seeded_and_drop_the_condition_one_time_in_ten():
+    from cogvideo.models.hpdm.loss import training_example
+
+    video = torch.randint(0, 256, (*CFG.video_size, 3), dtype=torch.uint8)
+    a, b = training_example(CFG, video, torch.tensor(2), 5), training_example(CFG, video, torch.tensor(2), 5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["noise"], training_example(CFG, video, torch.tensor(2), 6)["noise"])
+    dropped = sum(
+        int(training_example(CFG, video, torch.tensor(2), s)["condition"]) == 5 for s in range(2000)
+    )
+    assert abs(dropped / 2000 - 0.1) < 5 * (0.1 * 0.9 / 2000) ** 0.5  # the null class is num_classes = 5
+    with pytest.raises(
+        ValueError, match=r"a video of \(8, 32, 16, 3\) pixels, the pyramid needs \(8, 32, 32, 3\)"
+    ):
+        training_example(CFG, video[:, :, :16], torch.tensor(2), 5)

@@ -1,0 +1,177 @@
+"""HPDM end to end on the project's stack: raw-frame shards read by `cogvideo-train`
+(model.family=hpdm, DeepSpeed ZeRO-2 on CPU ranks), whose losses and weights an exact resume after
+kill -9 reproduces bit for bit, whose TP=2 run equals the TP=1 run, and whose DeepSpeed checkpoint
+`cogvideo-convert zero` turns into a model checkpoint resharded by HPDM's own TP plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from test_pretrain_data import write_caption_tokenizer
+from test_pretrain_dist import losses
+from tolerances import loss_rel_tol
+
+from cogvideo.checkpoint import Checkpoint, reshard
+from cogvideo.checkpoint.cli import main as convert_main
+from cogvideo.family import resolve_model_section
+from cogvideo.models.hpdm.model import TP_PLAN
+from cogvideo.shards import ClipMeta, encode_sample
+from pretrain.launch import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+# a two-level text-conditioned pyramid of 2x8x8 patches up to 2x16x16 frames
+MODEL = [
+    "model.family=hpdm",
+    "model.preset=hpdm-demo",
+    "model.condition=text",
+    "model.patch=[2,8,8]",
+    "model.block_levels=[1,2]",
+    "model.interface_dim=32",
+    "model.latent_dim=32",
+    "model.num_latents=4",
+    "model.head_dim=8",
+    "model.cond_dim=16",
+    "model.text_dim=16",
+    "model.text_length=6",
+    "model.vocab.num_image_tokens=1",
+    "model.vocab.num_text_tokens=96",
+    "model.vocab.text_offset=1",
+    "model.vocab.vocab_size=128",
+    "model.vocab.pad_piece_id=0",
+]
+
+
+def write_frame_shards(root: Path) -> list[str]:
+    """16 clips of 2 random 16x16 frames in 4 shards, captioned as write_caption_tokenizer expects."""
+    rng, paths = np.random.default_rng(0), []
+    for s in range(4):
+        path = root / f"frames-{s}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(4):
+                pixels = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+                meta = ClipMeta(1.0, 1.0, 1, f"v{s}.mp4", 0.0, 1.0, 2, kind="frames")
+                sink.write(encode_sample(f"s{s}c{i}", {"pixels": pixels}, f"clip {s} {i}", meta))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hpdm_train")
+    return {"root": root, "shards": write_frame_shards(root), "tokenizer": write_caption_tokenizer(root)}
+
+
+def args(ws, run: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(ROOT / "configs/tiny_test.yaml"),
+        *MODEL,
+        f"data.shards=[{','.join(ws['shards'])}]",
+        f"data.text_tokenizer={ws['tokenizer']}",
+        "data.max_cut_text=1",
+        f"checkpoint.dir={run}",
+        "checkpoint.every_steps=2",
+        "checkpoint.export_full=true",
+        f"training.max_steps={STEPS}",
+        "parallel.precision=fp32",
+        *extra,
+    ]
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import pretrain.checkpoint as ckpt
+import pretrain.train as train
+mark = ckpt.CheckpointManager._mark_complete
+def killed(self, path):
+    if path.name == ckpt.tag_for(4):
+        os.kill(os.getpid(), signal.SIGKILL)
+    mark(self, path)
+ckpt.CheckpointManager._mark_complete = killed
+train.main(sys.argv[1:])
+"""
+
+
+def run(ws, name: str, nproc: int = 1, *extra: str, script: str | None = None):
+    """The trainer on `nproc` ranks (a world of one without a launcher), on a free port."""
+    target = [script] if script else ["-m", "pretrain.train"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if nproc == 1:
+        env.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
+        cmd = [sys.executable, *target]
+    else:
+        launcher = [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]
+        cmd = [sys.executable, *launcher, *target]
+    path = ws["root"] / name
+    proc = subprocess.run(
+        [*cmd, *args(ws, path, *extra)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
+    )
+    return proc, path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ws):
+    proc, path = run(ws, "plain")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return path
+
+
+def test_training_runs_and_resumes_exactly_after_kill_9(ws, uninterrupted):
+    reference = losses(uninterrupted)
+    assert sorted(reference) == list(range(1, STEPS + 1)) and all(np.isfinite(list(reference.values())))
+    script = ws["root"] / "kill.py"
+    script.write_text(KILL_IN_SAVE)
+    killed, path = run(ws, "resumed", 1, "--resume", "auto", script=str(script))
+    assert killed.returncode != 0 and (path / "latest").read_text() == "step00000002"
+    finished, _ = run(ws, "resumed", 1, "--resume", "auto")
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert "resumed from" in finished.stdout + finished.stderr
+    resumed = losses(path)
+    assert [resumed[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+    a = torch.load(uninterrupted / f"step{STEPS:08d}/model_full.pt", weights_only=True)
+    b = torch.load(path / f"step{STEPS:08d}/model_full.pt", weights_only=True)
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_tp2_trains_as_tp1(ws, uninterrupted):
+    proc, path = run(ws, "tp2", 2, "parallel.tensor_parallel=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    one, two = losses(uninterrupted), losses(path)
+    for step in range(1, STEPS + 1):  # Adam moves both runs alike; rounding grows a little per step
+        assert abs(two[step] / one[step] - 1) < step * loss_rel_tol(2), (step, one[step], two[step])
+
+
+def test_the_deepspeed_checkpoint_converts_and_reshards_by_hpdms_plan(ws, uninterrupted, tmp_path):
+    out = tmp_path / "converted"
+    convert_main(["zero", str(uninterrupted), str(out)])
+    record = json.loads((out / "config.json").read_text())["model"]
+    assert record["family"] == "hpdm" and record["condition"] == "text"
+    cfg = resolve_model_section(
+        {"family": "hpdm", "preset": "hpdm-demo"} | {k: v for k, v in record.items() if k != "family"}
+    )
+    full = torch.load(uninterrupted / f"step{STEPS:08d}/model_full.pt", weights_only=True)
+    tp2 = Checkpoint(reshard(out, tmp_path / "tp2", 2))
+    assert tp2.cfg == cfg
+    for rank in range(2):
+        for name, tensor in full.items():
+            assert torch.equal(tp2.readers[rank].get(name), TP_PLAN.shard_tensor(name, tensor, rank, 2)), name
+    # the plan splits what it names: the latent self-attention's qkv by heads, [Q_r; K_r; V_r]
+    qkv = "blocks.0.latent_layers.0.attn.qkv.weight"
+    assert tp2.readers[0].get(qkv).shape[0] == full[qkv].shape[0] // 2
