@@ -34,10 +34,10 @@ def family_pipeline(name: str):
     target = None
     if family.sampler is not None:
         module, attribute = family.sampler.split(":")
-        target = importlib.import_module(module)
+        owner = target = importlib.import_module(module)
         for part in attribute.split("."):
-            target = getattr(target, part)
-        target = getattr(target, "__self__", target)  # a classmethod names its class
+            owner, target = target, getattr(target, part)
+        target = target if isinstance(target, type) else owner  # "Class.load" names its class
     if not hasattr(target, "options_class"):
         raise ValueError(f"--family {name}: this family has no cogvideo-sample pipeline")
     return target
