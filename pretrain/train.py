@@ -29,6 +29,7 @@ from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
 from cogvideo.checkpoint.training import find_resume, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
+from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
@@ -476,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run is not None:
         return dry_run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_notices()
     if args.nproc_per_node is not None:
         try:
             preflight(args, args.nproc_per_node)

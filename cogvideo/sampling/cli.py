@@ -6,8 +6,8 @@ torchrun --nproc-per-node 2 -m cogvideo.sampling.cli --prompts p.txt --out s/ te
 cogvideo-sample --family hpdm --prompts prompts.txt --out s/ checkpoint=ckpt/ text_tokenizer=text.model
 
 The options are the family's (`--family`, CogVideo's by default; `--help` lists them): its
-sampler (`ModelFamily.sampler`, "module:Class.load") names the pipeline, whose `options_class`
-they are. Every family's pipeline runs in the same job (resume, Ray actors, records, manifest).
+sampler (`ModelFamily.sampler`, "module:Class") names the pipeline class, whose `options_class`
+they are and whose `load(options)` builds it. Every family's pipeline runs in the same job (resume, Ray actors, records, manifest).
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ from cogvideo.sampling.prompts import PromptError, read_prompts
 
 
 def family_pipeline(name: str):
-    """The pipeline class a family samples with: its `sampler` ("module:Class" or
-    "module:Class.load"), a class with `options_class` and `load(options)`."""
+    """The pipeline class a family samples with: its `sampler` ("module:Class"), a class with
+    `options_class` and `load(options)`."""
     from cogvideo.family import get_family
 
     family = get_family(name)
     target = None
     if family.sampler is not None:
         module, attribute = family.sampler.split(":")
-        owner = target = importlib.import_module(module)
-        for part in attribute.split("."):
-            owner, target = target, getattr(target, part)
-        target = target if isinstance(target, type) else owner  # "Class.load" names its class
+        target = getattr(importlib.import_module(module), attribute)
     if not hasattr(target, "options_class"):
         raise ValueError(f"--family {name}: this family has no cogvideo-sample pipeline")
     return target
@@ -73,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as err:
         problems += str(err).splitlines()
     try:
-        prompts = read_prompts(args.prompts)
+        prompt_file = read_prompts(args.prompts)
     except PromptError as err:
         problems.append(str(err))
     if problems:  # all of them at once, before any model, process group or Ray starts
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         manifest = run_job(
-            prompts,
+            prompt_file.prompts,
             args.out,
             options,
             functools.partial(pipeline.load, options),
@@ -95,16 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     except RayStartError as err:
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 1
-    return 0 if manifest is None else report(args.out, manifest)
+    return 0 if manifest is None else report(args.out, manifest, prompt_file.skipped())
 
 
-def report(out: str, manifest: dict) -> int:
-    """The run's summary with every failure's reason; non-zero only when no prompt was sampled."""
-    print(f"{out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
+def report(out: str, manifest: dict, skipped: str = "") -> int:
+    """The run's summary with every failure's reason and the prompt file's skipped lines; non-zero
+    when any prompt failed (a rerun samples only those)."""
+    print(
+        f"{out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed"
+        + (f"; {skipped}" if skipped else "")
+    )
     for entry in manifest["entries"]:
         if entry["status"] != "ok":
             print(f"  {entry['key']}: {entry['status']}: {entry.get('error', 'no record (interrupted?)')}")
-    return 1 if manifest["ok"] == 0 else 0
+    return 1 if manifest["failed"] else 0
 
 
 if __name__ == "__main__":
