@@ -47,6 +47,6 @@ FAMILY = register(
         sample_problem=sample_problem,
         from_backbone=from_autoencoder,
         train_flops=functools.partial(flops.train_flops, GloberModel),
-        sampler="cogvideo.models.glober.pipeline:GloberPipeline.load",
+        sampler="cogvideo.models.glober.pipeline:GloberPipeline",
     )
 )
