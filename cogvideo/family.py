@@ -28,6 +28,7 @@ from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
 from cogvideo.models import (
     dsr,  # noqa: F401  (registers the DSR family)
+    glober,  # noqa: F401  (registers the GLOBER family)
     hpdm,  # noqa: F401  (registers the HPDM family)
 )
 from cogvideo.tp_plan import init_from_full, materialize, parallelize

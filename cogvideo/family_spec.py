@@ -67,9 +67,12 @@ class ModelFamily:
     default_stage: Callable[[Any], int | None] = _first_stage  # the prepared stage trained on; None: required
     # (backbone state dict, cfg) -> the model's starting state dict (training's init.backbone), or None
     from_backbone: Callable[[dict, Any], dict] | None = None
-    # "module:function" making the sampler from sampling options (imported on use, no import cycle)
+    # "module:Class" of the sampling pipeline (`options_class`, `load(options)`; imported on use: no import cycle)
     sampler: str | None = None
     planner: PlannerModel | None = None  # None: cogvideo-plan refuses the family
+    # low precisions `auto` never picks for this family (known to cost its quality), in training
+    # (beside parallel.auto_excludes) and sampling
+    auto_excludes: tuple[str, ...] = ()
     # "module:attribute" of its SwissArmyTransformer checkpoint layout (cogvideo/checkpoint/
     # sat_layout.py; imported on use): cogvideo-convert import-sat / export-sat. None: it has none
     sat_layout: str | None = None

@@ -4,8 +4,8 @@ Each data-parallel rank reads its own share of the shards (TP peers share a DP r
 identical batches), in an order that is a seeded permutation per epoch, through a seeded
 shuffle buffer. Everything is a function of (seed, epoch, DP rank), so a position
 (epoch, samples consumed) saved with a checkpoint is restored exactly by replaying the epoch
-up to it. A shard that cannot be read is skipped with a warning naming it; a malformed sample
-likewise. Both are counted in the position.
+up to it. A shard that cannot be read is skipped with a warning naming it (also one cut while it
+is read); a malformed sample likewise. Both are counted in the position.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import braceexpand
 import torch
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
 
 from cogvideo.family import family_of
 from cogvideo.shards import Sample, ShardFormatError, decode_sample, tar_problem
@@ -147,35 +147,43 @@ def check_text_length(
     encode_text: Callable[[str], list[int]],
     data: DataConfig,
     max_samples: int = 256,
+    named: int = 3,
 ) -> str:
     """Before training: the share of captions (with their duration prefix) longer than
-    model.text_length, over up to `max_samples` samples of readable shards. Raises DataError
-    above data.max_cut_text; returns a one-line summary."""
-    limit, lengths = model_cfg.text_length, []
+    model.text_length, over up to `max_samples` samples of readable shards, naming the `named`
+    longest that are cut (shard, sample, source video, tokens each needs). Raises DataError above
+    data.max_cut_text; returns a one-line summary."""
+    limit, lengths = model_cfg.text_length, []  # (tokens, shard, key, source video)
     for path in shards:
         if shard_problem(path):
             continue
         try:
             for raw in tarfile_samples([{"url": path}]):
                 sample = decode_sample(raw)
-                lengths.append(
-                    len(encode_text(data.text_format().text(sample.caption, sample.meta.duration)))
-                )
+                text = data.text_format().text(sample.caption, sample.meta.duration)
+                lengths.append((len(encode_text(text)), path, sample.key, sample.meta.source))
                 if len(lengths) >= max_samples:
                     break
         except (ShardFormatError, tarfile.TarError, OSError):
             continue  # the loader skips and counts what does not decode
         if len(lengths) >= max_samples:
             break
-    cut = sum(n > limit for n in lengths)
+    cut = sorted((row for row in lengths if row[0] > limit), key=lambda row: -row[0])
+    longest = max((row[0] for row in lengths), default=0)
     summary = (
-        f"{cut} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
-        f"(longest {max(lengths, default=0)})"
+        f"{len(cut)} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
+        f"(longest {longest})"
     )
-    if lengths and cut / len(lengths) > data.max_cut_text:
+    if cut:
+        summary += "; longest: " + "; ".join(
+            f"{shard} sample {key} (video {source}): {tokens} tokens"
+            for tokens, shard, key, source in cut[:named]
+        )
+    if lengths and len(cut) / len(lengths) > data.max_cut_text:
         raise DataError(
-            f"data: {summary}, over data.max_cut_text={data.max_cut_text:g}: raise model.text_length, "
-            f"shorten the captions, or set data.max_cut_text=1 to train on cut text"
+            f"data: {summary}; over data.max_cut_text={data.max_cut_text:g}: set model.text_length={longest} "
+            f"(the positions after the text follow it), shorten the captions, or set data.max_cut_text=1 "
+            f"to train on cut text"
         )
     return summary
 
@@ -235,11 +243,19 @@ class ShardLoader:
         log.warning(message + f" ({what}: {getattr(self.position, what)} so far)", *args)
 
     def _read_shard(self, url: str) -> Iterator[dict]:
+        """The raw samples of one shard. A shard cut while it is read ends like a whole one to a
+        tar reader (at a member boundary): its size at the end, against its size when opened,
+        tells them apart."""
         try:
             problem = tar_problem(url) if os.path.isfile(url) else None
             if problem:
                 raise ShardFormatError(problem)
-            yield from tarfile_samples([{"url": url}])
+            with open(url, "rb") as stream:
+                opened = os.fstat(stream.fileno()).st_size
+                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+                now = os.fstat(stream.fileno()).st_size
+                if now < opened and stream.tell() >= now:
+                    raise ShardFormatError(f"cut from {opened} to {now} bytes while it was read")
         except Exception as err:  # corrupt mid-way: what was read stays used, the rest is skipped
             self._skipped("bad_shards", "skipping unreadable shard %s (%s: %s)", url, type(err).__name__, err)
 

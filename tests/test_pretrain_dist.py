@@ -28,7 +28,9 @@ from test_pretrain_data import write_caption_tokenizer, write_shards
 from tolerances import FP32_EPS, adam_weight_atol, loss_rel_tol
 from webdataset.tariterators import tarfile_samples
 
+from cogvideo.checkpoint.digest import record_folder
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
+from cogvideo.checkpoint.training import write_complete
 from cogvideo.config import get_preset
 from cogvideo.family import build_model, plain_model
 from cogvideo.sequence import build_sequence
@@ -43,11 +45,10 @@ LR, WARMUP, MIN_RATIO, CLIP, DECAY = 2e-3, 2, 0.1, 0.5, 1.0
 PORTS = iter(range(29611, 29700))
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """Shards (16 stage-1 samples in 4 shards), a text tokenizer and initial weights."""
-    root = tmp_path_factory.mktemp("train")
-    shards = write_shards(root)
+def make_workspace(root: Path, codes: int | None = None) -> dict:
+    """Shards (16 stage-1 samples in 4 shards; frames over the first `codes` image codes), a text
+    tokenizer and initial weights."""
+    shards = write_shards(root, codes=codes)
     tokenizer = write_caption_tokenizer(root)
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(train_backbone=True)
@@ -58,6 +59,11 @@ def ws(tmp_path_factory):
                 p.normal_(std=0.1)
     save_model_checkpoint(root / "init", model.state_dict(), cfg)
     return {"root": root, "shards": shards, "tokenizer": str(tokenizer), "init": str(root / "init")}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train"))
 
 
 def base_args(ws, run_dir: Path, *extra: str) -> list[str]:
@@ -153,7 +159,7 @@ def not_decayed(name: str) -> bool:
     return name.endswith("bias") or "layernorm" in name or name.endswith("temporal_gate")
 
 
-def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=not_decayed):
+def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=not_decayed, lr=LR):
     """Losses per step and final weights; `flat_rule(name)`: no weight decay on that parameter."""
     cfg = get_preset("tiny").replace(train_backbone=train_backbone)
     samples = {}
@@ -175,7 +181,7 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=
     matrices = [p for n, p in named if not any(p is q for q in flat)]
     opt = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": DECAY}, {"params": flat, "weight_decay": 0.0}],
-        lr=LR,
+        lr=lr,
         betas=(0.9, 0.95),
         eps=1e-8,
     )
@@ -308,10 +314,10 @@ import pretrain.train as train
 mode, arg, rank = os.environ["INJECT"], os.environ["INJECT_ARG"], int(os.environ["RANK"])
 if mode == "kill_in_save":  # SIGKILL rank 0 after DeepSpeed wrote step `arg`, before it is complete
     mark = ckpt.CheckpointManager._mark_complete
-    def killed(self, path):
+    def killed(self, path, record):
         if path.name == ckpt.tag_for(int(arg)):
             os.kill(os.getpid(), signal.SIGKILL)
-        mark(self, path)
+        mark(self, path, record)
     ckpt.CheckpointManager._mark_complete = killed
 elif mode == "sigterm":  # preemption notice reaching rank 1 only, after step `arg`
     step = train.Trainer.train_step
@@ -399,6 +405,7 @@ def test_tp2_resume_with_dropout_continues_the_attention_dropout_stream(ws):
             if not keep_state:
                 del state["model_parallel"]
                 torch.save(state, file)
+        write_complete(run / "step00000004", record_folder(run / "step00000004", exclude=["COMPLETE"]))
         proc = torchrun(2, base_args(ws, run, *args, "--resume", "auto"))
         assert proc.returncode == 0, proc.stderr[-4000:]
         final[name] = (losses(run), final_weights(run))

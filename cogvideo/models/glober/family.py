@@ -1,0 +1,52 @@
+"""GLOBER as a model family: config and presets, plain model, initialisation, TP plan, losses,
+batch builder, sampler, FLOPs and planner model (`cogvideo.family` reads them; nothing else
+names the family).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from cogvideo.family_spec import ModelFamily, register
+from cogvideo.models.glober import flops
+from cogvideo.models.glober.batch import glober_example, sample_problem
+from cogvideo.models.glober.config import PRESETS, GloberConfig
+from cogvideo.models.glober.losses import generator_loss
+from cogvideo.models.glober.model import TP_PLAN, GloberModel, from_autoencoder, init_weights
+
+
+def tensors_on(model: torch.nn.Module, tensors: dict, device) -> dict:
+    """The batch's tensors on `device`, floating ones in the model's precision."""
+    dtype = next(p.dtype for p in model.parameters())
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
+
+
+def train_loss(cfg: GloberConfig, engine, batch, device) -> torch.Tensor:
+    """Phase generator's loss (the DiT); phase autoencoder trains through its optimised parts."""
+    model = getattr(engine, "module", engine)
+    if cfg.phase != "generator":
+        raise ValueError("model.phase=autoencoder trains two optimised parts (auto-encoder, discriminator)")
+    tensors = tensors_on(model, batch.tensors, device)
+    return generator_loss(cfg, model.autoencoder, model.dit, tensors)["loss"]
+
+
+FAMILY = register(
+    ModelFamily(
+        name="glober",
+        config=GloberConfig,
+        presets=PRESETS,
+        build_model=GloberModel,
+        init_weights=init_weights,
+        tp_plan=TP_PLAN,
+        loss=train_loss,
+        example=glober_example,
+        shard_kind="latents",
+        prep_encoder="latents",
+        sample_problem=sample_problem,
+        from_backbone=from_autoencoder,
+        train_flops=functools.partial(flops.train_flops, GloberModel),
+        sampler="cogvideo.models.glober.pipeline:GloberPipeline",
+    )
+)

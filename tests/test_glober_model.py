@@ -1,0 +1,287 @@
+"""GLOBER's parts against hand-computed values and their defining properties: the KL term, the
+CRA pair sets and labels and its losses, the decoder's independence across frames (a subset of
+indices decodes to those frames of a full decode), the encoder's sense of keyframe order, the
+TP plan's reach, and the KL-VAE imported from a diffusers folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from cogvideo.family import build_model, resolve_model_section
+from cogvideo.models.glober import losses
+from cogvideo.models.glober.cra import adversarial_loss, cra_pairs
+from cogvideo.models.glober.model import TP_PLAN
+from cogvideo.models.glober.sampler import GloberSampler, GloberSampling, frame_indices
+from cogvideo.models.glober.vae import decode_latents, encode_moments, vae_folder_problem
+
+F64_ATOL = 1e-10  # float64: batch-size-dependent reduction order moves results by ~1e-15; a leak by >= 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops: one thread (more only spin on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**fields):
+    return resolve_model_section({"family": "glober", "preset": "tiny", **fields})
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter moved off its initialisation (zero convolutions and adaLN-Zero included),
+    so that each input reaches the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+# ---- KL term --------------------------------------------------------------------------------
+def test_the_kl_term_is_eq_2_on_hand_computed_values(monkeypatch):
+    """KL = 1/2 sum(mean^2 + std^2 - log std^2 - 1) per video (Eq. 2), averaged over videos."""
+    mean, logvar = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, math.log(4.0), math.log(0.25)])
+    by_hand = 0.5 * ((1 + 1 - 0 - 1) + (4 + 4 - math.log(4) - 1) + (0.25 + 0.25 - math.log(0.25) - 1))
+    cfg = tiny()
+    model = build_model(cfg, device="cpu")
+    c, g = cfg.encoder.out_channels, cfg.global_size
+    params = torch.zeros(2, 2 * c, g, g)  # two videos: the three values, everything else 0 mean, log var 0
+    params[:, 0, 0, :3], params[:, c, 0, :3] = mean, logvar
+    monkeypatch.setattr(
+        model.autoencoder.encoder, "forward", lambda keyframes: DiagonalGaussianDistribution(params)
+    )
+    batch = _batch(cfg, 2)
+    decoded = losses.decode_pass(
+        cfg, model.autoencoder, batch["keyframes"], batch["frames"], batch["indices"]
+    )
+    assert decoded.kl.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_the_encoders_posterior_is_a_diagonal_gaussian_over_the_global_feature_shape():
+    cfg = tiny()
+    model = build_model(cfg, device="cpu")
+    posterior = model.autoencoder.encoder(_batch(cfg, 3)["keyframes"])
+    assert posterior.mean.shape == (3, *cfg.global_shape)
+    kl = 0.5 * (posterior.mean**2 + posterior.var - posterior.logvar - 1).flatten(1).sum(1)
+    assert torch.allclose(posterior.kl(), kl)
+
+
+# ---- CRA ------------------------------------------------------------------------------------
+def _frames(value: float, batch: int) -> torch.Tensor:
+    """[B, 2, 3, 2, 2] whose every pixel names (source value, video, frame): value + 10 b + f."""
+    out = torch.empty(batch, 2, 3, 2, 2)
+    for b in range(batch):
+        for f in range(2):
+            out[b, f] = value + 10 * b + f
+    return out
+
+
+def _named(pairs: torch.Tensor, batch: int) -> list[list[tuple[str, ...]]]:
+    def name(frame: torch.Tensor) -> str:
+        v = int(frame.flatten()[0])
+        return f"{'x' if v < 100 else 'xbar'}_{'ij'[v % 10]}"
+
+    kinds = pairs.unflatten(0, (-1, batch))
+    return [[(name(p[0]), name(p[1])) for p in kind] for kind in kinds]
+
+
+def test_the_cra_pair_sets_and_labels_are_the_papers():
+    """Eq. 10: the discriminator's real <x_i, x_j> against five fakes (one or both frames
+    generated, or the order reversed); the generator's three pairs with a generated frame, as real."""
+    batch = 2
+    real, fake = _frames(0, batch), _frames(100, batch)
+    pairs, labels = cra_pairs(real, fake, for_discriminator=True)
+    expected = [
+        ("x_i", "x_j"),
+        ("x_i", "xbar_j"),
+        ("xbar_i", "x_j"),
+        ("xbar_i", "xbar_j"),
+        ("x_j", "x_i"),
+        ("xbar_j", "xbar_i"),
+    ]
+    assert _named(pairs, batch) == [[e] * batch for e in expected]
+    assert labels.tolist() == [1.0] * batch + [0.0] * (5 * batch)
+    pairs, labels = cra_pairs(real, fake, for_discriminator=False)
+    expected = [("xbar_i", "xbar_j"), ("x_i", "xbar_j"), ("xbar_i", "x_j")]
+    assert _named(pairs, batch) == [[e] * batch for e in expected]
+    assert labels.tolist() == [1.0] * (3 * batch)
+    # every video's pair comes from that video: pixel values carry the video number
+    assert all(int(p.flatten()[0]) % 100 // 10 == i % batch for i, p in enumerate(pairs[:, 0]))
+
+
+def test_the_adversarial_losses_on_hand_computed_values():
+    logits, labels = torch.tensor([2.0, -1.0, 0.5, 3.0]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    nll = [-math.log(1 / (1 + math.exp(-2.0))), -math.log(1 / (1 + math.exp(1.0)))]
+    nll += [-math.log(1 - 1 / (1 + math.exp(-0.5))), -math.log(1 - 1 / (1 + math.exp(-3.0)))]
+    # two pair kinds of two videos: each kind's mean over videos, summed over kinds
+    assert adversarial_loss(logits, labels, 2, "bce").item() == pytest.approx(sum(nll) / 2, rel=1e-6)
+    hinge = (max(0, 1 - 2.0) + max(0, 1 + 1.0) + max(0, 1 + 0.5) + max(0, 1 + 3.0)) / 4
+    assert adversarial_loss(logits, labels, 2, "hinge").item() == pytest.approx(hinge, rel=1e-6)
+
+
+def test_the_discriminator_reads_the_slot_order_and_the_indices():
+    cfg = tiny()
+    model = perturbed(build_model(cfg, device="cpu"))
+    frames = torch.rand(1, 2, 3, cfg.frame_size, cfg.frame_size) * 2 - 1
+    indices = torch.tensor([[0.25, 0.75]])
+    d = model.discriminator
+    with torch.no_grad():
+        forward, swapped = d(frames, indices), d(frames.flip(1), indices)
+        later = d(frames, torch.tensor([[0.5, 1.0]]))
+    assert not torch.allclose(forward, swapped) and not torch.allclose(forward, later)
+
+
+# ---- decoding any frame ---------------------------------------------------------------------
+def _batch(cfg, b: int) -> dict:
+    c, size = cfg.vae.latent_channels, cfg.latent_size
+    g = torch.Generator().manual_seed(b)
+    return {
+        "keyframes": torch.randn(b, cfg.encoder.num_keyframes, c, size, size, generator=g),
+        "frames": torch.randn(b, 2, c, size, size, generator=g),
+        "indices": torch.tensor([[0.0, 0.5]] * b),
+    }
+
+
+@pytest.fixture(scope="module")
+def decoder_model():
+    torch.manual_seed(0)
+    return perturbed(build_model(tiny(phase="generator"), device="cpu")).double()
+
+
+def test_a_subset_of_indices_decodes_to_those_frames_of_a_full_decode(decoder_model, monkeypatch):
+    cfg = decoder_model.cfg
+    options = GloberSampling(frame_steps=2, frame_guidance=2.5, frame_batch=3)
+    g = torch.Generator().manual_seed(1)
+    global_feature = torch.randn(1, *cfg.global_shape, generator=g, dtype=torch.float64)
+    noise = torch.randn(1, 5, *cfg.latent_shape, generator=g, dtype=torch.float64)
+    indices = frame_indices(5)
+    full = GloberSampler(decoder_model, options).frames(global_feature, indices, noise)
+    pick = [3, 1]  # out of order, decoded one frame per batch
+    one_at_a_time = GloberSampler(decoder_model, dataclasses.replace(options, frame_batch=1))
+    subset = one_at_a_time.frames(global_feature, indices[pick], noise[:, pick])
+    assert torch.allclose(subset, full[:, pick], rtol=0, atol=F64_ATOL)
+    # the index matters: one noise for every frame still gives a different frame per index
+    same_noise = noise[:, :1].expand_as(noise).contiguous()
+    frames = GloberSampler(decoder_model, options).frames(global_feature, indices, same_noise)
+    assert (frames[:, 1:] - frames[:, :1]).abs().amax() > 1e-3
+    # planted: a decoder that mixes the frames of its batch fails the comparison
+    decoder = decoder_model.autoencoder.decoder
+    honest = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda x, *a: honest(x, *a) + 0.1 * x.mean(0, keepdim=True))
+    leaky = GloberSampler(decoder_model, options).frames(global_feature, indices, noise)
+    leaky_subset = one_at_a_time.frames(global_feature, indices[pick], noise[:, pick])
+    assert not torch.allclose(leaky_subset, leaky[:, pick], rtol=0, atol=1e-3)
+
+
+def test_sampling_is_deterministic_given_the_noise(decoder_model):
+    cfg = decoder_model.cfg
+    options = GloberSampling(global_steps=2, frame_steps=2, global_guidance=4.0, frame_guidance=2.0)
+    sampler = GloberSampler(decoder_model, options)
+    text = torch.full((2, cfg.text_length), cfg.vocab.pad_id)
+    text[:, -3:] = torch.tensor([cfg.vocab.text_id(7), cfg.vocab.text_id(9), cfg.vocab.text_id(4)])
+    uncond = torch.full_like(text, cfg.vocab.pad_id)
+    uncond[:, -1] = cfg.vocab.text_id(1)
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(2, *cfg.global_shape, generator=g, dtype=torch.float64)
+    frame_noise = torch.randn(2, 2, *cfg.latent_shape, generator=g, dtype=torch.float64)
+    runs = []
+    for _ in range(2):
+        v = sampler.global_features(text, uncond, noise)
+        runs.append(sampler.pixels(sampler.frames(v, frame_indices(2), frame_noise)))
+    assert torch.equal(runs[0], runs[1])
+    other = sampler.global_features(text, uncond, noise + 0.5)
+    assert not torch.allclose(other, sampler.global_features(text, uncond, noise))
+
+
+def test_the_dits_output_ignores_padding_and_reads_the_caption(decoder_model):
+    cfg, dit = decoder_model.cfg, decoder_model.dit
+    x = torch.randn(1, *cfg.global_shape, dtype=torch.float64)
+    t = torch.tensor([500])
+    text = torch.full((1, cfg.text_length), cfg.vocab.pad_id)
+    text[0, -2:] = torch.tensor([cfg.vocab.text_id(3), cfg.vocab.text_id(8)])
+    with torch.no_grad():
+        base = dit(x, t, text)
+        pad_row = dit.text_embeddings.weight[cfg.vocab.pad_piece_id].clone()
+        dit.text_embeddings.weight[cfg.vocab.pad_piece_id] += 1.0  # pads are masked: no effect
+        assert torch.allclose(dit(x, t, text), base, rtol=0, atol=F64_ATOL)
+        dit.text_embeddings.weight[cfg.vocab.pad_piece_id] = pad_row
+        other = text.clone()
+        other[0, -1] = cfg.vocab.text_id(9)
+        assert not torch.allclose(dit(x, t, other), base, atol=1e-6)
+
+
+# ---- the video encoder ----------------------------------------------------------------------
+def test_the_encoder_tells_keyframe_order_by_its_slot_positions():
+    cfg = tiny(encoder={"num_keyframes": 3})
+    encoder = perturbed(build_model(cfg, device="cpu")).autoencoder.encoder.double()
+    keyframes = torch.randn(1, 3, *cfg.latent_shape, dtype=torch.float64)
+    reordered = keyframes[:, [2, 0, 1]]
+    with torch.no_grad():
+        assert not torch.allclose(encoder(keyframes).mean, encoder(reordered).mean, atol=1e-6)
+        for module in encoder.modules():  # without slot positions attention is blind to order
+            if hasattr(module, "positions"):
+                module.positions.zero_()
+        assert torch.allclose(encoder(keyframes).mean, encoder(reordered).mean, rtol=0, atol=F64_ATOL)
+
+
+# ---- TP plan --------------------------------------------------------------------------------
+def test_the_tp_plan_splits_the_dit_and_nothing_else():
+    model = build_model(tiny(phase="generator"), device="cpu")
+    split = {name for name, _ in model.named_parameters() if TP_PLAN.rule(name) is not None}
+    per_block = {"attention.qkv", "attention.proj", "mlp.fc1", "mlp.fc2"}
+    expected = {"dit.text_embeddings.weight"} | {
+        f"dit.blocks.{i}.{m}.{p}"
+        for i in range(model.cfg.dit.depth)
+        for m in per_block
+        for p in ("weight", "bias")
+        if not (p == "bias" and m in ("attention.proj", "mlp.fc2"))  # row-parallel biases stay whole
+    }
+    assert split == expected
+
+
+def test_tensor_parallel_is_refused_for_the_autoencoder_phase():
+    with pytest.raises(ValueError, match="only phase generator trains"):
+        tiny().validate(tensor_parallel=2)
+    tiny(phase="generator", dit={"num_heads": 4}).validate(tensor_parallel=2)
+
+
+# ---- the KL-VAE from a diffusers folder ------------------------------------------------------
+def test_an_imported_vae_decodes_what_diffusers_decodes_from_the_same_file(tmp_path):
+    cfg = tiny()
+    torch.manual_seed(5)
+    AutoencoderKL(**cfg.vae.diffusers_config()).save_pretrained(tmp_path / "vae")
+    imported = build_model(tiny(vae={"path": str(tmp_path / "vae")}), device="cpu").autoencoder.vae
+    assert not any(p.requires_grad for p in imported.parameters())
+    reference = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert all(torch.equal(t, reference.state_dict()[n]) for n, t in imported.state_dict().items())
+    # in float64: float32 matrix products may round differently by the weights' memory alignment
+    imported, reference = imported.double(), reference.double()
+    z = torch.randn(2, *cfg.latent_shape, dtype=torch.float64)
+    pixels = torch.rand(2, 3, cfg.frame_size, cfg.frame_size, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        expected = reference.decode(z / cfg.vae.scaling_factor).sample
+        assert torch.allclose(decode_latents(imported, z), expected, rtol=0, atol=F64_ATOL)
+        moments = reference.encode(pixels).latent_dist.parameters
+        assert torch.allclose(encode_moments(imported, pixels), moments, rtol=0, atol=F64_ATOL)
+        random = build_model(cfg, device="cpu").autoencoder.vae.double()  # not read from the folder
+        assert not torch.allclose(decode_latents(random, z), expected, atol=1e-3)
+
+
+def test_a_vae_folder_of_another_shape_is_named(tmp_path):
+    cfg = tiny()
+    other = dict(cfg.vae.diffusers_config(), latent_channels=3)
+    AutoencoderKL(**other).save_pretrained(tmp_path / "vae")
+    problem = vae_folder_problem(dataclasses.replace(cfg.vae, path=str(tmp_path / "vae")))
+    assert problem == (
+        f"model.vae.path: {tmp_path / 'vae' / 'config.json'} has latent_channels=3, the model config 4"
+    )
+    assert "has no config.json" in vae_folder_problem(dataclasses.replace(cfg.vae, path=str(tmp_path)))
