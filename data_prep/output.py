@@ -13,19 +13,24 @@ Commit order: shard renamed into place -> its manifest rows -> rejected rows of 
 finished -> one line in done.jsonl. Only that last line makes them count: on reopening, shards,
 manifest rows and rejected rows not covered by a complete done line are removed, and inputs
 not listed as finished are processed again, skipping samples whose key is already committed.
+A folder two runs wrote at once (before `--out` was locked: LOCK, cogvideo/runlock.py) has its
+doubled rows dropped on reopening.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
 
 import webdataset as wds
 
-from cogvideo.jsonl import iter_jsonl, rewrite_jsonl, write_jsonl
+from cogvideo.jsonl import dedupe_jsonl, iter_jsonl, rewrite_jsonl, write_jsonl
 from data_prep.inputs import LISTING_REASONS
+
+log = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.jsonl"
@@ -76,6 +81,7 @@ class PrepOutput:
 
     # ---- reopening ----------------------------------------------------------------------
     def _recover(self) -> None:
+        self._repair_duplicates()
         committed = set()
         for commit in iter_jsonl(self.root / DONE):
             committed.add(commit["shard"])
@@ -94,6 +100,40 @@ class PrepOutput:
             row["key"] for row in iter_jsonl(self.root / MANIFEST) if row["source"] not in self.finished
         }
         self._next_shard = 1 + max((int(name[6:12]) for name in committed if name), default=-1)
+
+    def _repair_duplicates(self) -> None:
+        """Rows written twice by two runs into this folder at once (before it was locked): each
+        shard's first commit and each input's first record stay, then each sample's first
+        manifest row and each rejected row once. One warning says what was dropped."""
+        done, tmp = self.root / DONE, self.root / f"{DONE}.tmp"
+        if not done.exists():
+            return
+        shards, entries, dropped = set(), set(), 0
+        with open(tmp, "w", encoding="utf-8") as out:
+            for commit in iter_jsonl(done):
+                inputs = [r for r in commit["inputs"] if r["entry"] not in entries]
+                if commit["shard"] in shards or (commit["shard"] is None and commit["inputs"] and not inputs):
+                    dropped += 1
+                    continue
+                dropped += len(inputs) != len(commit["inputs"])
+                shards.add(commit["shard"])
+                entries.update(r["entry"] for r in inputs)
+                out.write(json.dumps({**commit, "inputs": inputs}, ensure_ascii=False) + "\n")
+        if not dropped:
+            tmp.unlink()
+            return
+        os.replace(tmp, done)
+        manifest = dedupe_jsonl(self.root / MANIFEST, lambda row: row["key"])
+        rejected = dedupe_jsonl(self.root / REJECTED, lambda row: json.dumps(row, sort_keys=True))
+        log.warning(
+            "%s: written by two runs at once: dropped the second copy of %d commit rows (%s), %d "
+            "manifest rows and %d rejected rows; summary.json is recounted at the end of this run",
+            self.root,
+            dropped,
+            DONE,
+            manifest,
+            rejected,
+        )
 
     # ---- writing ------------------------------------------------------------------------
     def add_sample(self, fields: dict, manifest_row: dict) -> bool:

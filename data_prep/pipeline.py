@@ -27,6 +27,7 @@ from tqdm import tqdm
 from cogvideo.captions import near_match
 from cogvideo.configio import ConfigError, config_parser, parse_config, save_yaml
 from cogvideo.raystart import RAY_ACTOR_ARGS_NOTICE, RayStartError, start_ray, stderr_without
+from cogvideo.runlock import LockHeld, RunLock
 from cogvideo.video_io import Listing
 from data_prep.config import PrepConfig, prep_model
 from data_prep.encoders import encoder_for
@@ -129,8 +130,19 @@ def run_prep(
     address: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Prepare (or finish preparing) `out_dir` from the videos matched by `inputs`; the summary."""
+    """Prepare (or finish preparing) `out_dir` from the videos matched by `inputs`; the summary.
+    One run at a time per `out_dir` (its LOCK; LockHeld when a live run holds it)."""
     cfg, model = settled(cfg)
+    lock = RunLock(out_dir, key="--out")
+    if (took_over := lock.acquire()) is not None:
+        print(f"cogvideo-prep: {took_over}", file=sys.stderr)
+    try:
+        return _prepare(cfg, model, inputs, out_dir, captions, address, progress)
+    finally:
+        lock.release()
+
+
+def _prepare(cfg: PrepConfig, model, inputs, out_dir, captions, address, progress: bool) -> dict:
     started = time.perf_counter()
     out = PrepOutput(out_dir, cfg.shard_samples, cfg.shard_bytes)
     save_yaml(cfg, Path(out_dir) / "prep_config.yaml")
@@ -303,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
         run_cli(argv)
     except ConfigError as err:
         print(f"cogvideo-prep: bad config: {err}", file=sys.stderr)
+        sys.exit(2)
+    except LockHeld as err:
+        print(f"cogvideo-prep: {err}", file=sys.stderr)
         sys.exit(2)
     except RayStartError as err:
         print(f"cogvideo-prep: {err}", file=sys.stderr)

@@ -26,6 +26,7 @@ import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
 from cogvideo.jsonl import iter_jsonl, write_jsonl
+from cogvideo.runlock import RunLock
 from cogvideo.shards import (
     ClipMeta,
     ShardFormatError,
@@ -52,8 +53,18 @@ def target_count(current: int, samples: int, divisible_by: int, shards: int = 0)
 
 def reshard(root: str | Path, divisible_by: int, shards: int = 0) -> int:
     """Rewrite `root`'s shards into a balanced count divisible by `divisible_by`; returns it.
-    Streams: one sample and one manifest row at a time."""
-    root = Path(root)
+    Streams: one sample and one manifest row at a time. Holds the folder's lock (as cogvideo-prep
+    does): LockHeld while a run writes there."""
+    lock = RunLock(root, key="cogvideo-reshard OUT_DIR")
+    if (took_over := lock.acquire()) is not None:
+        print(f"cogvideo-reshard: {took_over}", file=sys.stderr)
+    try:
+        return _reshard(Path(root), divisible_by, shards)
+    finally:
+        lock.release()
+
+
+def _reshard(root: Path, divisible_by: int, shards: int) -> int:
     PrepOutput(root, shard_samples=1, shard_bytes=1)  # reopening drops anything uncommitted
     old_shards = sorted(p.name for p in (root / SHARD_DIR).glob("*.tar"))
     for name in old_shards:  # before anything is rewritten

@@ -247,19 +247,7 @@ class CheckpointManager:
         if rank == 0:  # saving again into a tag (after a fallback): not complete until done
             attempt(failed, path / COMPLETE, (path / COMPLETE).unlink, missing_ok=True)
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
-        for name, (part, scope) in self.parts.items():
-            if scope == "rank" or parallel.tp_rank() == 0:
-                r = rank if scope == "rank" else parallel.dp_rank()
-                attempt(
-                    failed,
-                    part_file(path, name, scope, r),
-                    save_part,
-                    path,
-                    name,
-                    scope,
-                    r,
-                    part.state_dict(),
-                )
+        self._save_parts(path, failed)
         full = full_state_dict(engine) if self.export_full else None
         if rank == 0:
             attempt(failed, path / TRAIN_CONFIG, save_yaml, config, path / TRAIN_CONFIG)
@@ -273,6 +261,14 @@ class CheckpointManager:
                 self._prune()
         self._all_written(failed, path, step)
         return path
+
+    def _save_parts(self, path: Path, failed: list) -> None:
+        """This rank's files of the stateful parts: "rank" parts on every rank, "dp" parts on TP rank 0."""
+        for name, (part, scope) in self.parts.items():
+            if scope == "rank" or parallel.tp_rank() == 0:
+                r = dist.get_rank() if scope == "rank" else parallel.dp_rank()
+                state = part.state_dict()
+                attempt(failed, part_file(path, name, scope, r), save_part, path, name, scope, r, state)
 
     def checkpoint_bytes(self) -> int:
         """The size of one checkpoint: the newest complete one's recorded bytes, else the estimate."""

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -121,11 +123,13 @@ def tokenizer_path(tmp_path_factory, dataset):
 
 
 def run(dataset, out, tokenizer, *overrides):
-    argv = [
-        "--input",
-        str(dataset["root"]),
-        "--input",
-        str(dataset["root"] / "zz_copy_of_first.mp4"),
+    return pipeline.run_cli(prep_argv(dataset, out, tokenizer, *overrides))
+
+
+def prep_argv(dataset, out, tokenizer, *overrides, inputs=("", "zz_copy_of_first.mp4")) -> list[str]:
+    """The command line of the module's runs; `inputs` relative to the videos' folder."""
+    return [
+        *(arg for name in inputs for arg in ("--input", str(dataset["root"] / name))),
         "--captions",
         str(dataset["captions"]),
         "--out",
@@ -137,7 +141,6 @@ def run(dataset, out, tokenizer, *overrides):
         "min_clip_s=0.2",
         *overrides,
     ]
-    return pipeline.run_cli(argv)
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +291,47 @@ def test_resume_after_a_crash_equals_an_undisturbed_run(prepared, dataset, token
     assert strip(read_jsonl(crashed / MANIFEST)) == strip(read_jsonl(out / MANIFEST))
     assert strip(read_jsonl(crashed / REJECTED)) == strip(read_jsonl(out / REJECTED))
     assert totals(resumed) == totals(summary)
+
+
+def test_two_runs_started_together_into_one_out_one_is_refused_and_nothing_doubles(
+    prepared, dataset, tokenizer_path, tmp_path
+):
+    """The issue's two cogvideo-prep processes on one --out (both joining this module's Ray), of
+    three of the videos: one prepares, the other is refused in one line naming it; the samples are
+    the undisturbed run's, each once."""
+    out, _ = prepared
+    shared, videos = tmp_path / "shared", sorted(dataset["rows"])[:3]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.pipeline",
+        *prep_argv(dataset, shared, tokenizer_path, inputs=videos),
+    ]
+    cmd += ["--address", ray.get_runtime_context().gcs_address]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in "ab"
+    ]
+    ends = [(run.pid, *run.communicate(timeout=600), run.returncode) for run in runs]
+    (winner, _, _, won), (_, _, refusal, refused) = sorted(ends, key=lambda end: end[3])
+    assert (won, refused) == (0, 2), refusal[-3000:]
+    lines = [line for line in refusal.splitlines() if line.startswith("cogvideo-prep:")]
+    assert (
+        len(lines) == 1
+        and f"--out {shared}: a live run holds it" in lines[0]
+        and f"pid {winner}," in lines[0]
+    )
+    assert "Traceback" not in refusal and not (shared / "LOCK").exists()
+    samples, undisturbed = samples_in(shared), samples_in(out)
+    names = {Path(name).name for name in videos}
+    expected = {row["key"] for row in read_jsonl(out / MANIFEST) if Path(row["source"]).name in names}
+    assert expected and samples == {key: undisturbed[key] for key in expected}  # each sample once
+    assert (
+        len(read_jsonl(shared / MANIFEST))
+        == len(samples)
+        == json.loads((shared / "summary.json").read_text())["samples"]
+    )
 
 
 KILL_MARKER = "killed-once"

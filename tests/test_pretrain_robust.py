@@ -165,6 +165,48 @@ def test_a_resumed_run_keeps_one_metrics_row_per_step(tmp_path):
     assert [round(e.value, 3) for e in scalars][3:] == [4.3, 5.3, 6.3]
 
 
+def test_a_fresh_start_keeps_the_rows_an_earlier_run_left(tmp_path):
+    """A run stopped before its first checkpoint, started again from step 0: its rows are kept aside,
+    not dropped (they are dropped only by a resume that starts before them)."""
+    row = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "tokens_per_s": 1.0, "samples_per_s": 1.0, "mfu": 0.0}
+    options = dict(total_steps=9, print_every=100, tensorboard=False, progress_bar=False)
+    for resumed in (True, False):
+        logger = MetricsLogger(tmp_path, True, start_step=0, resumed=resumed, **options)
+        for step in (1, 2, 3):
+            logger.log(step, row)
+        logger.close()
+    kept = list(tmp_path.glob("metrics.before-*.jsonl"))
+    assert len(kept) == 1 and [json.loads(line)["step"] for line in kept[0].read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+
+
+def test_starting_weights_that_do_not_open_whole_are_one_line_before_any_rank(tmp_path):
+    from cogvideo.checkpoint import save_model_checkpoint
+    from cogvideo.config import get_preset
+    from cogvideo.family import build_model
+    from pretrain.startup import check_starting_weights
+
+    cfg = get_preset("tiny")
+    weights = save_model_checkpoint(tmp_path / "init", build_model(cfg).state_dict(), cfg)
+    train = load_train_config(CONFIG, ["data.shards=[a.tar]", f"init.weights={weights}"])
+    check_starting_weights(train)  # whole
+    shard = next(weights.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(
+        CheckpointError, match=rf"^init.weights: {shard}: not a complete safetensors file"
+    ) as err:
+        check_starting_weights(train)
+    assert "\n" not in str(err.value)
+
+
 # ---- Ray on a busy machine ------------------------------------------------------------------
 
 
