@@ -33,7 +33,7 @@ def one_thread():
 
 
 def tiny(**fields):
-    return resolve_model_section({"family": "glober", "preset": "tiny", **fields})
+    return resolve_model_section({"family": "glober", "preset": "glober-tiny", **fields})
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

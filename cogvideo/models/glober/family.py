@@ -9,8 +9,8 @@ import functools
 
 import torch
 
-from cogvideo.family_spec import ModelFamily, register
-from cogvideo.models.glober import flops
+from cogvideo.family_spec import ModelFamily, PlannerModel, register
+from cogvideo.models.glober import flops, planner
 from cogvideo.models.glober.batch import glober_example, sample_problem
 from cogvideo.models.glober.config import PRESETS, GloberConfig
 from cogvideo.models.glober.losses import generator_loss
@@ -32,6 +32,8 @@ def train_loss(cfg: GloberConfig, engine, batch, device) -> torch.Tensor:
     return generator_loss(cfg, model.autoencoder, model.dit, tensors)["loss"]
 
 
+_activation_bytes, _layer_activation_bytes = planner.make_planner(GloberModel)
+
 FAMILY = register(
     ModelFamily(
         name="glober",
@@ -48,5 +50,13 @@ FAMILY = register(
         from_backbone=from_autoencoder,
         train_flops=functools.partial(flops.train_flops, GloberModel),
         sampler="cogvideo.models.glober.pipeline:GloberPipeline.load",
+        planner=PlannerModel(
+            describe=planner.describe,
+            activation_bytes=_activation_bytes,
+            layer_activation_bytes=_layer_activation_bytes,
+            logits_bytes=planner.logits_bytes,
+            recompute_flops=functools.partial(flops.recompute_flops, GloberModel),
+            tp_allreduces=planner.tp_allreduces,
+        ),
     )
 )
