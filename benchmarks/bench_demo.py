@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cogvideo.machine import LoadWatch
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_STEPS = ("videos", "tokenizers", "shards")
 DATA_FOLDERS = ("videos", "tokenizers", "shards", "shards_frame0")
@@ -99,19 +101,6 @@ def table(out: Path, precisions: list[str], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model, flags = "unknown CPU", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-    bf16 = ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) or "no bf16 units"
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{model} ({bf16}), {os.cpu_count()} CPUs, load average {load}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_demo", help="folder of the runs (one per precision and seed)")
@@ -121,7 +110,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="more `python -m demo` overrides, for every run")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    print(machine(), flush=True)
+    load = LoadWatch()
+    print(load.describe(), flush=True)
     if not args.table_only:
         for seed in args.seeds:
             first = run_dir(out, args.precisions[0], seed)
@@ -130,7 +120,8 @@ def main() -> None:
                 if target != first:
                     share_data(first, target)
                 run_demo(target, precision, seed, args.overrides)
-        print(machine())
+                load.sample()
+        print(load.describe())
     print(table(out, args.precisions, args.seeds))
 
 

@@ -23,6 +23,8 @@ import os
 import subprocess
 import sys
 
+from cogvideo.machine import LoadWatch
+
 CASES = [  # preset, micro-batch, activation checkpointing, train_backbone (None: preset's)
     ("tiny", 8, False, None),
     ("tiny-stage2", 8, False, None),
@@ -168,6 +170,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first three cases only")
     args = ap.parse_args()
     cases = CASES[:3] if args.quick else CASES
+    load = LoadWatch()
     mib = 2**20
     print(
         f"{'preset':<13} {'batch':>5} {'ckpt':>4} {'backbone':>8} {'predicted':>10} {'tensors':>9} "
@@ -199,6 +202,8 @@ def main() -> None:
     for name, value in (("live-tensor peak", worst), ("RSS peak", worst_rss)):
         verdict = "within" if value <= TARGET else "OUTSIDE"
         print(f"largest deviation from the {name}: {value:.1%} ({verdict} the {TARGET:.0%} target)")
+    load.sample()
+    print(f"machine: {load.describe()}")
 
 
 if __name__ == "__main__":

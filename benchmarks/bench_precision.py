@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_train import single_rank_trainer, write_data  # noqa: E402
 
+from cogvideo.machine import LoadWatch  # noqa: E402
 from cogvideo.precision import DTYPES, choose_precision, matmul_gflops, probe_shape  # noqa: E402
 from pretrain.config import load_train_config, model_config  # noqa: E402
 
@@ -101,6 +102,7 @@ def main() -> None:
         print(json.dumps(measure_steps(*json.loads(args.worker))))
         return
     torch.set_num_threads(1)
+    load = LoadWatch()
     roofline = {name: matmul_gflops(DTYPES[name], min_seconds=0.2) for name in ("fp32", "bf16")}
     print(
         "matmul 1024^3 roofline, 1 thread: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in roofline.items())
@@ -131,6 +133,7 @@ def main() -> None:
                     times[precision] += result[args.clock][2:]
                     if r == 0:
                         print(f"  {precision:4s} -> {result['chosen']}", flush=True)
+            load.sample()
             for precision in PRECISIONS:
                 median = statistics.median(times[precision])
                 total[precision] += median * cfg.training.max_steps
@@ -140,10 +143,12 @@ def main() -> None:
                     f"{cfg.training.max_steps} steps; vs fp32 {median / statistics.median(times['fp32']):.2f}x",
                     flush=True,
                 )
+    load.sample()
     print(
-        f"demo training ({args.clock} time per rank, idle 2-core machine): "
+        f"demo training ({args.clock} time per rank): "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in total.items())
     )
+    print(f"machine: {load.describe()}")
 
 
 if __name__ == "__main__":

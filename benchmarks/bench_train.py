@@ -1,14 +1,19 @@
-"""Training throughput of the full stack (1 rank) against a bare PyTorch loop, in one run.
+"""Training throughput of the full stack (1 rank) against the fastest plain PyTorch loop, in one run.
 
-    python benchmarks/bench_train.py [--preset small] [--batch 8] [--steps 20]
+    python benchmarks/bench_train.py [--preset small] [--batch 8] [--steps 10] [--precisions fp32 auto]
+    python benchmarks/bench_train.py --threads 1 --clock cpu   # on a CPU shared with other jobs
 
 Full stack = `pretrain.train.Trainer.advance` (one step of the training loop): shard loader
-thread, DeepSpeed engine (ZeRO-2, fp32), NaN guard, signal check, metrics (JSONL + TensorBoard).
-Bare loop = the same model and batch with torch.optim.AdamW and clip_grad_norm_. The two
-alternate step by step.
-Both run in fp32 (the bare loop has no bf16 master-weight scheme to match DeepSpeed's). Achieved
-FLOP/s (analytic, cogvideo.flops) is compared with the fp32 1024^3 matmul roofline timed here
-(`cogvideo.precision.matmul_gflops`, the shared helper). Target: stack tokens/s >= 0.9x the bare loop.
+thread, DeepSpeed engine (ZeRO-2), NaN guard, signal check, metrics (JSONL + TensorBoard).
+Bare loops = the same model, batch and optimizer settings with nothing around them: the stack's
+parameter groups, torch AdamW (foreach, and fused), clip_grad_norm_; in bf16 with fp32 master
+weights as DeepSpeed keeps them (`BareLoop`). The three alternate step by step; the faster bare
+loop is the baseline. Each precision in --precisions runs in turn: `auto` is what the trainer
+resolves it to on this machine (it times the run's own step; pretrain/step_probe.py).
+Achieved FLOP/s (analytic, cogvideo.flops) is compared with the fp32 1024^3 matmul timed here
+(`cogvideo.precision.matmul_gflops`). Targets: stack tokens/s >= 0.9x the faster bare loop;
+stack >= 40% of the fp32 matmul rate. The CPU, its bf16 flags and the load average during the
+run are printed with the ratios (`cogvideo.machine`).
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ sys.path.insert(0, str(ROOT))
 
 from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.environment import apply_defaults  # noqa: E402
-from cogvideo.family import build_model  # noqa: E402
+from cogvideo.family import build_model, family_of  # noqa: E402
 from cogvideo.flops import train_flops  # noqa: E402
-from cogvideo.precision import matmul_gflops  # noqa: E402
+from cogvideo.machine import LoadWatch  # noqa: E402
+from cogvideo.precision import matmul_gflops, torch_dtype  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
 from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402
 from pretrain.launch import free_port  # noqa: E402
+from pretrain.optim import param_groups  # noqa: E402
 
 
 def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 1) -> tuple[list[str], str]:
@@ -59,7 +66,7 @@ def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 
                 )
                 sink.write(encode_sample(f"b{i}", {"frames": frames}, captions[i], meta))
     tokenizer = train_text_tokenizer(
-        captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False
+        captions, root / "text", min(200, cfg.vocab.num_text_tokens), byte_fallback=False, preset=cfg.name
     )
     return paths, str(tokenizer)
 
@@ -74,7 +81,7 @@ def first_batch(args, model_cfg, shards: list[str], tokenizer: str):
     return next(iter(loader))
 
 
-def make_trainer(args, root: Path, shards: list[str], tokenizer: str):
+def make_trainer(args, root: Path, shards: list[str], tokenizer: str, precision: str = "fp32"):
     return single_rank_trainer(
         None,
         shards,
@@ -86,7 +93,7 @@ def make_trainer(args, root: Path, shards: list[str], tokenizer: str):
             f"training.micro_batch_size={args.batch}",
             "optim.warmup_steps=5",
             "parallel.zero_stage=2",
-            "parallel.precision=fp32",
+            f"parallel.precision={precision}",
             f"checkpoint.dir={root / 'run'}",
         ],
     )
@@ -116,65 +123,143 @@ def single_rank_trainer(config: str | None, shards: list[str], overrides: list[s
     return Trainer(cfg, model_cfg, shards, text_encoder(cfg, model_cfg.vocab), resume=None)
 
 
-def bare_loop(model_cfg, batch):
-    """The same model, optimizer and batch with nothing around them; returns a step function."""
-    torch.manual_seed(0)
-    model = build_model(model_cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+class BareLoop:
+    """The fastest plain PyTorch loop a user would write around the same model, batch and
+    optimizer settings: the stack's parameter groups (`pretrain.optim.param_groups`: no decay on
+    norms, biases and gates), AdamW (`foreach` or `fused`) with the run's lr, betas, eps and decay,
+    `clip_grad_norm_` (foreach) at the run's clip, in the run's precision: fp32, or bf16 weights
+    with fp32 master copies that AdamW steps (DeepSpeed's bf16 scheme). One call is one step."""
 
-    def step():
-        t = batch.tensors
-        loss = model.loss(model(t["tokens"]), t["targets"], t["loss_mask"])
+    def __init__(self, cfg, model_cfg, batch, implementation: str):
+        o = cfg.optim
+        torch.manual_seed(cfg.training.seed)
+        self.family, self.model_cfg, self.batch, self.clip = (
+            family_of(model_cfg),
+            model_cfg,
+            batch,
+            o.grad_clip,
+        )
+        self.model = build_model(model_cfg)
+        groups = param_groups(self.model, o.weight_decay)
+        self.low = [p for g in groups for p in g["params"]]
+        if cfg.parallel.precision == "fp32":
+            self.high = self.low
+        else:
+            self.model.to(torch_dtype(cfg.parallel.precision))
+            groups = [
+                {**g, "params": [p.detach().float().requires_grad_() for p in g["params"]]} for g in groups
+            ]
+            self.high = [p for g in groups for p in g["params"]]
+        kind = {implementation: True}  # foreach=True or fused=True
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kind)
+
+    def __call__(self) -> None:
+        loss = self.family.loss(self.model_cfg, self.model, self.batch, "cpu")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if self.high is not self.low:
+            for low, high in zip(self.low, self.high):
+                high.grad, low.grad = low.grad.float(), None
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.high, self.clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.high is not self.low:
+            with torch.no_grad():
+                torch._foreach_copy_(self.low, self.high)
 
-    return step
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def alternate(runners: dict, steps: int, warmup: int, clock) -> dict[str, float]:
+    """Median seconds per call of each runner, single calls taking turns (so that the drifting
+    load of a shared machine hits all alike), after `warmup` calls each."""
+    took = {name: [] for name in runners}
+    for i in range(warmup + steps):
+        for name, run in runners.items():
+            start = clock()
+            run()
+            if i >= warmup:
+                took[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in took.items()}
+
+
+def compare(args, root: Path, shards, tokenizer, precision: str, batch) -> dict:
+    """The stack in `precision` (auto: as the trainer resolves it) against both bare loops in
+    the precision it runs; seconds per step and what ran."""
+    trainer = make_trainer(args, root / precision, shards, tokenizer, precision)
+    runs = trainer.cfg.parallel.precision
+    runners = {"stack": trainer.advance}
+    for implementation in ("foreach", "fused"):
+        runners[f"bare {implementation}"] = BareLoop(trainer.cfg, trainer.model_cfg, batch, implementation)
+    seconds = alternate(runners, args.steps, args.warmup, CLOCKS[args.clock])
+    trainer.close()
+    return {"precision": runs, "choice": trainer.precision.describe(), "seconds": seconds}
+
+
+def report(args, model_cfg, result: dict, peak: float) -> dict:
+    tokens = args.batch * model_cfg.seq_length
+    flops = train_flops(model_cfg, batch=args.batch)
+    seconds = result["seconds"]
+    bare = min((name for name in seconds if name.startswith("bare")), key=seconds.get)
+    for name, t in seconds.items():
+        print(
+            f"  {name:13s}: {tokens / t:9.0f} tokens/s  {flops / t / 1e9:8.2f} GFLOP/s  "
+            f"{flops / t / peak:6.1%} of the fp32 matmul"
+        )
+    ratio = seconds[bare] / seconds["stack"]
+    print(
+        f"  stack / bare ({bare}, the faster) tokens/s: {ratio:.3f} (target >= 0.9); "
+        f"stack at {flops / seconds['stack'] / peak:.1%} of the fp32 1024^3 matmul (target >= 40%)"
+    )
+    return {"stack_vs_bare": ratio, "stack_vs_matmul": flops / seconds["stack"] / peak}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: this process's CPU time (all its threads, the loader's included), steady when "
+        "other jobs share the cores; needs --threads 1",
+    )
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (CPU time of several threads is not a step time)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     apply_defaults()
+    load = LoadWatch()
     model_cfg = get_preset(args.preset)
+    print(
+        f"preset {args.preset}, batch {args.batch} x {model_cfg.seq_length} tokens, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock, median of {args.steps} alternating steps"
+    )
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards, tokenizer = write_data(root, model_cfg, samples=64)
         batch = first_batch(args, model_cfg, shards, tokenizer)
-        trainer, bare_step = make_trainer(args, root, shards, tokenizer), bare_loop(model_cfg, batch)
-        # alternate single steps so that the (shared, drifting) machine load hits both alike
-        stack, bare = [], []
-        for _ in range(args.warmup + args.steps):
-            stack.append(timed(trainer.advance))
-            bare.append(timed(bare_step))
-        trainer.close()
-        stack, bare = stack[args.warmup :], bare[args.warmup :]
+        for precision in args.precisions:
+            result = compare(args, root, shards, tokenizer, precision, batch)
+            results[precision] = result
+            load.sample()
     peak = matmul_gflops(torch.float32, min_seconds=0.2) * 1e9
-    tokens = args.batch * model_cfg.seq_length
-    flops = train_flops(model_cfg, batch=args.batch)
-    t_stack, t_bare = statistics.median(stack), statistics.median(bare)
-    print(
-        f"preset {args.preset}, batch {args.batch} x {model_cfg.seq_length} tokens, {torch.get_num_threads()} threads, "
-        f"precision fp32, median step time of {args.steps} alternating steps each"
-    )
-    print(f"bare PyTorch loop : {tokens / t_bare:10.0f} tokens/s  {flops / t_bare / 1e9:7.2f} GFLOP/s")
-    print(f"full stack (1 rank): {tokens / t_stack:10.0f} tokens/s  {flops / t_stack / 1e9:7.2f} GFLOP/s")
-    print(f"matmul 1024^3 fp32 : {peak / 1e9:7.2f} GFLOP/s (roofline, this run)")
-    print(f"stack / bare tokens/s  : {t_bare / t_stack:.3f}  (target >= 0.9)")
-    print(f"stack FLOP/s / matmul  : {flops / t_stack / peak:.3f}")
-    print(f"bare  FLOP/s / matmul  : {flops / t_bare / peak:.3f}")
+    print(f"matmul 1024^3 fp32: {peak / 1e9:.1f} GFLOP/s (measured in this run, {args.clock} clock)")
+    for precision, result in results.items():
+        print(f"{precision} ({result['choice']}):" if precision == "auto" else f"{precision}:")
+        result.update(report(args, model_cfg, result, peak))
+    load.sample()
+    print(f"machine: {load.describe()}")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ class ModelConfig:
     frame_size: int = 16  # pixels per frame side
     frame_tokens: int = 4  # image tokens per frame side
     num_frames: int = 5
-    image_position_offset: int = 8  # position id of a frame's first token in the backbone table
-    max_position_embeddings: int = 24  # rows of the backbone position table
+    # position id of a frame's first token in the backbone table; None: text_length (the frames'
+    # positions follow the text's, which take 0..text_length-1, as the release lays them out)
+    image_position_offset: int | None = None
+    # rows of the backbone position table; None: image_position_offset + one frame's tokens
+    max_position_embeddings: int | None = None
     window_size: int = 2  # stage-2 temporal window, in tokens per side
     window_shift: int = 1  # applied on odd layers
     layernorm_epsilon: float = 1e-5
@@ -58,6 +61,18 @@ class ModelConfig:
     @property
     def seq_length(self) -> int:
         return self.text_length + self.num_frames * self.tokens_per_frame
+
+    @property
+    def position_offset(self) -> int:
+        """The backbone position row of a frame's first token (image_position_offset, or derived)."""
+        return self.text_length if self.image_position_offset is None else self.image_position_offset
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the backbone position table (max_position_embeddings, or derived)."""
+        if self.max_position_embeddings is None:
+            return self.position_offset + self.tokens_per_frame
+        return self.max_position_embeddings
 
     @property
     def has_temporal(self) -> bool:
@@ -121,18 +136,42 @@ class ModelConfig:
                 bad(
                     "window_shift", f"must be in [0, window_size={self.window_size}), got {self.window_shift}"
                 )
-        if self.text_length > self.image_position_offset:
-            bad("image_position_offset", f"{self.image_position_offset} < text_length={self.text_length}")
-        if self.image_position_offset + self.tokens_per_frame > self.max_position_embeddings:
-            bad(
-                "max_position_embeddings",
-                f"{self.max_position_embeddings} rows cannot hold a frame at offset {self.image_position_offset}",
-            )
+        self._check_positions()
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 bad(key, f"must be in [0, 1), got {getattr(self, key)}")
         self._check_splits(tensor_parallel)
         return self
+
+    def _check_positions(self) -> None:
+        """The text takes positions 0..text_length-1 and a frame the rows from position_offset on:
+        both must fit the table. Explicit settings that do not fit get one message naming every key
+        to change (unset, they follow model.text_length)."""
+        for key in ("image_position_offset", "max_position_embeddings"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}: must be positive, got {getattr(self, key)}")
+        offset = max(self.position_offset, self.text_length)
+        fixes = {}
+        if self.position_offset < self.text_length:
+            fixes["image_position_offset"] = offset
+        if (
+            self.max_position_embeddings is not None
+            and self.max_position_embeddings < offset + self.tokens_per_frame
+        ):
+            fixes["max_position_embeddings"] = offset + self.tokens_per_frame
+        if not fixes:
+            return
+        settings = ", ".join(
+            f"model.{key}={getattr(self, key)}"
+            for key in ("image_position_offset", "max_position_embeddings")
+        )
+        raise ValueError(
+            f"model.text_length={self.text_length}: the text's positions 0..{self.text_length - 1} and a "
+            f"frame's {self.tokens_per_frame} positions do not fit {settings}; set "
+            + " ".join(f"model.{key}={value}" for key, value in fixes.items())
+            + " (or set none of them: they follow model.text_length); a position table of another "
+            "size does not load weights trained with this one"
+        )
 
     def _check_splits(self, tensor_parallel: int) -> None:
         """Heads, FFN and vocabulary split evenly over `tensor_parallel` ranks."""
@@ -171,7 +210,7 @@ def _cogview2(**changes) -> ModelConfig:
         frame_size=160,
         frame_tokens=20,
         num_frames=1,
-        image_position_offset=512,
+        image_position_offset=512,  # the release's: text up to 512 tokens, frames from 512
         max_position_embeddings=1024,
         window_size=10,
         window_shift=5,
@@ -195,8 +234,6 @@ PRESETS = {
         frame_size=32,
         frame_tokens=4,
         num_frames=5,
-        image_position_offset=16,
-        max_position_embeddings=32,
         window_size=2,
         window_shift=1,
         train_backbone=True,

@@ -7,7 +7,9 @@ the demo driver (whose sub-tools inherit the result) and before Ray starts (`cog
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import MutableMapping
 
 DEFAULTS = {
@@ -35,3 +37,23 @@ def apply_defaults(
     added = {key: value for key, value in wanted.items() if key not in environ}
     environ.update(added)
     return added
+
+
+# Notices of libraries about themselves, not about the run, that every training rank printed:
+# megatron-core's fallbacks for the optional Transformer Engine and Apex (this project uses neither),
+# and torch's deprecation of the collective DeepSpeed's ZeRO calls. Matched exactly.
+LIBRARY_WARNINGS = (
+    (UserWarning, r"Transformer Engine and Apex are not installed\. Falling back to "),
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated\. "),
+)
+# megatron-core's FSDP module announces at import which backend it would use; this project does not use it
+QUIET_LOGGERS = ("megatron.core.distributed.fsdp",)
+
+
+def quiet_library_notices() -> None:
+    """Filter exactly LIBRARY_WARNINGS and the INFO lines of QUIET_LOGGERS in this process: what is
+    left on the console is about the run."""
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

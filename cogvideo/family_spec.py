@@ -70,6 +70,9 @@ class ModelFamily:
     # "module:function" making the sampler from sampling options (imported on use, no import cycle)
     sampler: str | None = None
     planner: PlannerModel | None = None  # None: cogvideo-plan refuses the family
+    # low precisions `auto` never picks for this family (known to cost its quality), in training
+    # (beside parallel.auto_excludes) and sampling
+    auto_excludes: tuple[str, ...] = ()
     # "module:attribute" of its SwissArmyTransformer checkpoint layout (cogvideo/checkpoint/
     # sat_layout.py; imported on use): cogvideo-convert import-sat / export-sat. None: it has none
     sat_layout: str | None = None

@@ -235,7 +235,7 @@ class CogVideoModel(nn.Module):
         self.cfg = cfg.validate()
         hidden_size = cfg.hidden_size
         self.word_embeddings = TiedEmbedding(cfg.vocab.vocab_size, hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.position_rows, hidden_size)
         if cfg.has_temporal and cfg.num_frames > 1:
             self.frame_position_embeddings = nn.Embedding(
                 (cfg.num_frames - 1) * cfg.tokens_per_frame, hidden_size
@@ -391,7 +391,7 @@ def init_video_from_backbone(backbone: dict, video_cfg: ModelConfig) -> dict:
             cfg.hidden_size, dtype=backbone["position_embeddings.weight"].dtype
         )
     if cfg.num_frames > 1:
-        start = cfg.image_position_offset
+        start = cfg.position_offset
         image_rows = backbone["position_embeddings.weight"][start : start + cfg.tokens_per_frame]
         out["frame_position_embeddings.weight"] = image_rows.repeat(cfg.num_frames - 1, 1).clone()
     return out

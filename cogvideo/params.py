@@ -1,8 +1,10 @@
 """Every preset's geometry and parameter counts (from the real model built on the meta device,
 no memory): what the tokenizers must match (frame size, codes per side, codebook size, text
-vocabulary, text length) and how big the model is.
+vocabulary, text length) and how big the model is; with a captions file and a text tokenizer, the
+captions' lengths in text tokens against each preset's text budget.
 
     cogvideo-params [PRESET ...]      # any family's presets by name (default: all)
+    cogvideo-params PRESET --captions FILE --text-tokenizer MODEL
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from cogvideo.captions import read_captions
 from cogvideo.config import ModelConfig
+from cogvideo.tokenizers.text import caption_lengths, check_fits, length_report, unusable_line
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "presets", nargs="*", default=every, help="preset names, of any family (default: all)"
     )
+    parser.add_argument(
+        "--captions", help="a captions file (CSV / JSONL / one per line): their lengths in text tokens"
+    )
+    parser.add_argument(
+        "--text-tokenizer", help="the SentencePiece model that counts the tokens (with --captions)"
+    )
     args = parser.parse_args(argv)
+    if bool(args.captions) != bool(args.text_tokenizer):
+        parser.exit(2, f"{parser.prog}: --captions and --text-tokenizer go together\n")
     try:
         configs = {name: any_preset(name) for name in args.presets}
     except ValueError as err:
@@ -76,6 +88,27 @@ def main(argv: list[str] | None = None) -> None:
         family, counts = family_of(cfg), count_parameters(cfg)
         shape = family.planner.describe(cfg) if family.planner else ""
         print(f"{name:<18} {family.name:<9} {counts.total:>14,} {counts.trainable:>14,}   {shape}")
+    if args.captions:
+        try:
+            for line in caption_budgets(args.captions, args.text_tokenizer, tokens.values()):
+                print(line)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"{parser.prog}: {err}\n")
+
+
+def caption_budgets(captions: str, text_tokenizer: str, configs) -> list[str]:
+    """Each token preset's caption-length report (cogvideo.tokenizers.text.length_report)."""
+    rows = read_captions(captions, need_paths=False)
+    lines = unusable_line(rows)
+    for cfg in configs:
+        try:
+            encode = check_fits(text_tokenizer, cfg, "--text-tokenizer").encode
+        except ValueError as err:  # another preset's vocabulary: say so, go on with the others
+            lines += [f"{cfg.name}: not measured: {err}"]
+            continue
+        report = length_report(caption_lengths(encode, rows, cfg.num_frames), cfg)
+        lines += [f"{cfg.name}:"] + [f"  {line}" for line in report]
+    return lines
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ retried: that cluster is the user's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import threading
 import time
 
 from cogvideo.environment import apply_defaults
@@ -54,3 +58,54 @@ def start_ray(
                 ) from err
             log.warning("Ray's local node did not start (%s); trying again", str(err).splitlines()[0])
             time.sleep(2.0 * attempt)
+
+
+# Ray Data's actor pools pass their constructor arguments (its DataContext and map function) as
+# object references and restart actors (max_restarts=-1); Ray's core worker then prints this error
+# for every pool it starts (ray-project/ray#53727), about Ray Data's own arguments, on every run.
+RAY_ACTOR_ARGS_NOTICE = re.compile(
+    rb"core_worker\.cc:\d+: Actor with class name: '[^']*' and ID: '[0-9a-f]+' has constructor arguments "
+    rb"in the object store and max_restarts > 0\."
+)
+
+
+@contextlib.contextmanager
+def stderr_without(pattern: re.Pattern[bytes] = RAY_ACTOR_ARGS_NOTICE):
+    """Inside the block, drop the whole lines of this process's stderr that match `pattern` (at
+    the file descriptor: Ray's C++ core worker writes there); every other byte passes through as it
+    is written. Start it after Ray: processes started inside would inherit the pipe."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    forwarder = threading.Thread(target=_forward, args=(read_end, terminal, pattern), daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # the pipe's last write end closes: the forwarder reads to its end
+        forwarder.join(timeout=5.0)
+
+
+def _forward(read_end: int, terminal: int, pattern: re.Pattern[bytes]) -> None:
+    pending = b""
+    try:
+        while chunk := os.read(read_end, 1 << 16):
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept = b"".join(line + b"\n" for line in lines if not pattern.search(line))
+            if not pending.startswith(
+                b"["
+            ):  # part of a line that is no C++ log line (a progress bar): pass it now
+                kept, pending = kept + pending, b""
+            _write_all(terminal, kept)
+        _write_all(terminal, pending)
+    finally:
+        os.close(read_end)
+        os.close(terminal)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]

@@ -78,10 +78,10 @@ def position_ids(
     `text_pad` [B, l] marks the pads among the tokens; the text must be whole in `meta` (a full
     sequence, or the one chunk that feeds the text). The real text tokens use rows 0..n-1 (as in
     the release, pads take row 0 and are masked out) and frame 0 the backbone's image rows from
-    image_position_offset; frames 1.. use the extra frame table, row (f-1)*n + pos."""
+    position_offset; frames 1.. use the extra frame table, row (f-1)*n + pos."""
     is_text = (meta.frame == TEXT).to(text_pad.device)
     text_row = ((is_text & ~text_pad).long().cumsum(dim=1) - 1).clamp(min=0)
-    backbone_row = torch.where(is_text, text_row, cfg.image_position_offset + meta.pos.to(text_pad.device))
+    backbone_row = torch.where(is_text, text_row, cfg.position_offset + meta.pos.to(text_pad.device))
     extra_row = torch.where(
         meta.frame >= 1, (meta.frame - 1) * cfg.tokens_per_frame + meta.pos, torch.full_like(meta.pos, -1)
     )

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from cogvideo.vocab import SEPARATOR_PIECE
 
 SEPARATOR = SEPARATOR_PIECE  # "<n>": ends the duration prefix
+# The frame rates CogVideo trained at (stage 1 from 0.25 fps, stage 2 at 2/4/8): the durations its
+# prefix takes are (frames - 1) / rate; data preparation's defaults
+RELEASE_FRAME_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_PREFIX_TEMPLATE = "{duration:.1f}秒" + SEPARATOR + "{caption}"
 UNCOND_CAPTION = "视频"  # "video": the caption of the guidance (unconditional) text
 FRAME0_SUFFIX = " 高清摄影"  # "high-definition photography"

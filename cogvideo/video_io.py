@@ -1,34 +1,177 @@
-"""Read and write videos as uint8 RGB arrays [T, H, W, 3] with PyAV: the one mp4 writer and the
-one list of video file suffixes."""
+"""Read and write videos as uint8 RGB arrays [T, H, W, 3] with PyAV: the one mp4 writer, the one
+list of video file suffixes, the one listing of input folders and the one rule for a file that is
+not a video (`open_video`), which data preparation, the image tokenizer fit and FVD share."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterable
 
 import av
 import numpy as np
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")  # what is read as video by default
+# Leading bytes of container formats: a file that starts like one but does not open is corrupt
+# (typically truncated), anything else is not a video at all.
+_SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"), (0, b"OggS"), (0, b"FLV"))
+
+
+class VideoFileError(ValueError):
+    """A file that cannot be read as a video; `reason` is one of data_prep.inputs.REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Listing:
+    files: list[str]  # absolute paths, in order: each folder's files sorted, then each pattern's
+    ignored: list[str] = field(default_factory=list)  # files of the folders with a suffix not read
+
+    def ignored_by_suffix(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for path in self.ignored:
+            suffix = os.path.splitext(path)[1].lower() or "(none)"
+            counts[suffix] = counts.get(suffix, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def list_media(patterns: Iterable[str], suffixes: Iterable[str], skip: Iterable[str] = ()) -> Listing:
+    """A folder gives its files whose suffix is in `suffixes` (recursively, sorted) and counts its
+    other files as ignored (but those in `skip`: captions files); a glob or a file gives what it
+    matches, whatever the suffix. Repeats are kept. FileNotFoundError names a pattern that matches
+    nothing."""
+    wanted = {s.lower() for s in suffixes}
+    skipped = {os.path.realpath(p) for p in skip}
+    files, ignored = [], []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(
+                os.path.abspath(os.path.join(root, name))
+                for root, _, names in os.walk(pattern)
+                for name in names
+            )
+            files += [p for p in found if os.path.splitext(p)[1].lower() in wanted]
+            ignored += [
+                p
+                for p in found
+                if os.path.splitext(p)[1].lower() not in wanted and os.path.realpath(p) not in skipped
+            ]
+            continue
+        found = [p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p)]
+        if not found:
+            raise FileNotFoundError(f"{pattern!r}: no such file, folder or matching glob")
+        files += sorted(os.path.abspath(p) for p in found)
+    return Listing(files, ignored)
+
+
+def _looks_like_container(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return any(head[at : at + len(magic)] == magic for at, magic in _SIGNATURES)
+
+
+def open_video(path: str | Path) -> av.container.InputContainer:
+    """The file opened with PyAV, or VideoFileError with the reason: missing_file,
+    unreadable_file, not_a_video (no container format recognised, or a still image), or
+    corrupt_container (a known container's leading bytes, but it does not open)."""
+    path = str(path)
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except FileNotFoundError:
+        raise VideoFileError("missing_file", f"{path}: no such file") from None
+    except PermissionError as err:
+        raise VideoFileError("unreadable_file", f"{path}: {err.strerror}") from None
+    except av.FFmpegError as err:
+        reason = "corrupt_container" if _looks_like_container(path) else "not_a_video"
+        what = "a video container that does not open" if reason == "corrupt_container" else "not a video"
+        raise VideoFileError(reason, f"{path}: {what} ({err.strerror or err})") from None
+    if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+        kind = container.format.long_name  # FFmpeg opens a still image as a one-frame "video"
+        container.close()
+        raise VideoFileError("not_a_video", f"{path}: an image ({kind}), not a video")
+    return container
 
 
 def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """(frames uint8 [T, H, W, 3], fps) of the first video stream."""
+    """(frames uint8 [T, H, W, 3], fps) of the first video stream; VideoFileError (a ValueError)
+    naming the file and the reason when it cannot be read."""
     frames = []
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    with open_video(path) as container:
+        if not container.streams.video:
+            raise VideoFileError("no_video_stream", f"{path}: no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        try:
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-    except (av.error.FFmpegError, IndexError) as err:
-        raise ValueError(f"{path}: not a readable video ({err})") from err
+        except av.FFmpegError as err:
+            raise VideoFileError(
+                "decode_error", f"{path}: decoding failed after {len(frames)} frames ({err})"
+            ) from None
     if not frames:
-        raise ValueError(f"{path}: no decodable frames")
+        raise VideoFileError("decode_error", f"{path}: no decodable frames")
     return np.stack(frames), fps
+
+
+def square_frames(path: str | Path, frame_size: int, max_frames: int | None = None) -> np.ndarray:
+    """Frames of the file's first video stream as uint8 [T, S, S, 3], S = `frame_size`: the centred
+    square of the coded picture, area-resized by FFmpeg on the decoded planes and only then turned
+    into RGB, so that nothing at the source's size is held but the decoder's own frames (threads
+    split a frame's slices, not frames: one frame in flight per thread would be one source-sized
+    frame each). VideoFileError (a ValueError) names the file and the reason it cannot be read."""
+    frames: list[np.ndarray] = []
+    with open_video(path) as container:
+        if not container.streams.video:
+            raise VideoFileError("no_video_stream", f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.codec_context.thread_type = "SLICE"
+        try:
+            graph = _square_graph(stream, frame_size)
+            for frame in container.decode(stream):
+                graph.vpush(frame)
+                frames += [f.to_ndarray() for f in _pulled(graph)]
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        except av.FFmpegError as err:
+            raise VideoFileError(
+                "decode_error", f"{path}: decoding failed after {len(frames)} frames ({err})"
+            ) from None
+    if not frames:
+        raise VideoFileError("decode_error", f"{path}: no decodable frames")
+    return np.stack(frames[:max_frames])
+
+
+def _square_graph(stream: av.video.stream.VideoStream, frame_size: int) -> av.filter.Graph:
+    graph = av.filter.Graph()
+    side = min(stream.codec_context.width, stream.codec_context.height)
+    chain = [
+        graph.add_buffer(template=stream),
+        graph.add("crop", f"{side}:{side}"),
+        graph.add("scale", f"{frame_size}:{frame_size}:flags=area"),
+        graph.add("format", "rgb24"),
+        graph.add("buffersink"),
+    ]
+    for source, target in zip(chain, chain[1:]):
+        source.link_to(target)
+    graph.configure()
+    return graph
+
+
+def _pulled(graph: av.filter.Graph):
+    while True:
+        try:
+            yield graph.vpull()
+        except (av.BlockingIOError, av.EOFError):
+            return
 
 
 def write_mp4(
@@ -70,8 +213,9 @@ def write_mp4(
     return Path(path)
 
 
-def list_videos(directory: str | Path) -> list[Path]:
-    """The videos of a folder, or the sampled mp4s of a `cogvideo-sample` output folder."""
+def list_videos(directory: str | Path) -> Listing:
+    """The videos of a folder (as `list_media` lists a folder: its other files counted as ignored),
+    or the sampled mp4s of a `cogvideo-sample` output folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory")
@@ -82,9 +226,11 @@ def list_videos(directory: str | Path) -> list[Path]:
         except (json.JSONDecodeError, AttributeError):
             entries = None
         if isinstance(entries, list):  # the sampler's manifest
-            return [directory / e["key"] / e["files"]["mp4"] for e in entries if e.get("status") == "ok"]
+            return Listing(
+                [str(directory / e["key"] / e["files"]["mp4"]) for e in entries if e.get("status") == "ok"]
+            )
     suffixes = VIDEO_SUFFIXES + (".gif",)  # the sampler's animated previews are videos here too
-    videos = sorted(p for p in directory.iterdir() if p.suffix.lower() in suffixes)
-    if not videos:
+    listing = list_media([str(directory)], suffixes)
+    if not listing.files:
         raise ValueError(f"{directory}: no videos ({', '.join(suffixes)})")
-    return videos
+    return listing

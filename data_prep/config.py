@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cogvideo.configio import ConfigError
 from cogvideo.family import resolve_model_section
+from cogvideo.text_format import RELEASE_FRAME_RATES
 from cogvideo.video_io import VIDEO_SUFFIXES
 
 
@@ -35,7 +36,7 @@ class PrepConfig:
     # CogVideo's frame-rate rule: stage 1 takes the lowest rate that still fits all frames in the
     # clip (so the sample spans as much of the action as possible); stage 2 every rate that fits.
     stages: list[int] = field(default_factory=lambda: [1, 2])
-    stage1_fps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    stage1_fps: list[float] = field(default_factory=lambda: list(RELEASE_FRAME_RATES))
     stage2_fps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
 
     # clips: scene cuts (PySceneDetect's ContentDetector), then min / max length
@@ -92,8 +93,10 @@ def prep_model(cfg: PrepConfig):
     per sample and the family's encoder decide what the shards hold."""
     if cfg.model.get("preset") is None:
         raise ConfigError(
-            "prep.model.preset: required (set model.preset=NAME; token shards take it from an image "
-            "tokenizer that records its preset)"
+            "prep.model.preset: required: set model.preset=NAME (cogvideo-params lists them); token shards "
+            "take it from an image tokenizer, which records its preset (a file written before tokenizer files "
+            "recorded theirs does not: pass model.preset=NAME, or fit it again with "
+            "cogvideo-fit-image-tokenizer preset=NAME)"
         )
     try:
         model = resolve_model_section(cfg.model)

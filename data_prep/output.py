@@ -3,7 +3,9 @@
     shards/shard-000000.tar   WebDataset shards (schema: cogvideo/shards.py)
     manifest.jsonl            one row per sample: key, source, clip, window, fps, stage, shard, and
                               video: what the source held (data_prep.video.probe's properties)
-    rejected.jsonl            one row per input or clip not used: source, reason, detail, clip
+    rejected.jsonl            one row per input or clip not used: source, reason, detail, clip; and
+                              one per caption row without a video and per ignored file of the input
+                              folders (data_prep.inputs.LISTING_REASONS), rewritten by every run
     done.jsonl                the commit log: one row per closed shard, with the inputs it finished
     summary.json              totals over the whole folder, rewritten at the end of every run
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import webdataset as wds
 
 from cogvideo.jsonl import iter_jsonl, rewrite_jsonl, write_jsonl
+from data_prep.inputs import LISTING_REASONS
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.jsonl"
@@ -108,6 +111,12 @@ class PrepOutput:
             self.commit()
         return True
 
+    def record_unmatched(self, rows: list[dict]) -> None:
+        """This run's rows for what the captions and folders hold that is no input, after its last
+        commit (their entries are no input's: reopening the folder drops them, and the next run
+        writes them anew, in the same place)."""
+        write_jsonl(self.root / REJECTED, rows)
+
     def add_rejection(self, row: dict) -> None:
         self._rejected.append(row)
 
@@ -152,11 +161,18 @@ class PrepOutput:
             by_rate[f"stage{row['stage']}@{row['fps']:g}fps"] += 1
             shards.add(row["shard"])
         rejected = sum(rejected_by_reason.values())
+        listing = Counter(
+            r["reason"] for r in iter_jsonl(self.root / REJECTED) if r["reason"] in LISTING_REASONS
+        )
         return {
             "inputs": inputs,
             "inputs_used": inputs - rejected,
             "inputs_rejected": rejected,
             "inputs_rejected_by_reason": dict(rejected_by_reason),
+            "videos_without_caption": rejected_by_reason["missing_caption"],
+            "captions_without_video": listing["caption_without_video"],
+            "captions_superseded": listing["caption_superseded"],
+            "files_ignored": listing["ignored_file"],
             "clips": clips,
             "clips_rejected_by_reason": dict(
                 Counter(r["reason"] for r in iter_jsonl(self.root / REJECTED) if r["clip"])

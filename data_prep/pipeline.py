@@ -18,42 +18,71 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
+from cogvideo.captions import near_match
 from cogvideo.configio import ConfigError, config_parser, parse_config, save_yaml
-from cogvideo.raystart import RayStartError, start_ray
+from cogvideo.raystart import RAY_ACTOR_ARGS_NOTICE, RayStartError, start_ray, stderr_without
+from cogvideo.video_io import Listing
 from data_prep.config import PrepConfig, prep_model
 from data_prep.encoders import encoder_for
-from data_prep.inputs import caption_for, list_inputs, load_captions
-from data_prep.output import PrepOutput
+from data_prep.inputs import (
+    Captions,
+    caption_for,
+    ignored_rows,
+    list_inputs,
+    load_captions,
+    unmatched_rows,
+)
+from data_prep.output import REJECTED, PrepOutput
 from data_prep.stages import FIELD, EncodeSamples, extract_samples, hash_input
 
 
 def plan_inputs(
-    paths: list[str], captions_file: str | None, out: PrepOutput
-) -> tuple[list[dict], list[dict]]:
-    """(inputs to hash, inputs rejected on the driver). Finished inputs (earlier runs) are skipped.
-    A path listed again is the entry `path#2`, `path#3`, ... and is rejected as a duplicate."""
+    listing: Listing, captions_file: str | None, out: PrepOutput
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(inputs to hash, inputs rejected on the driver, rows for what is no input: caption rows
+    without a video, superseded caption rows, ignored files). Finished inputs (earlier runs) are
+    skipped. A path listed again is the entry `path#2`, `path#3`, ... and is rejected as a duplicate."""
     captions = load_captions(captions_file) if captions_file else None
-    todo, rejected, seen = [], [], {}
-    for path in paths:
+    todo, rejected, seen, uncaptioned = [], [], {}, []
+    for path in listing.files:
         real = os.path.realpath(path)
         seen[real] = seen.get(real, 0) + 1
         entry = path if seen[real] == 1 else f"{path}#{seen[real]}"
+        caption = caption_for(path, captions)
+        if caption.problem == "missing_caption" and seen[real] == 1:
+            uncaptioned.append(path)
         if entry in out.finished:
             continue
         if seen[real] > 1:
             rejected.append(_rejected_input(entry, path, "duplicate_path", f"listed {seen[real]} times"))
-            continue
-        caption = caption_for(path, captions)
-        if caption.problem:
+        elif caption.problem:
             rejected.append(_rejected_input(entry, path, caption.problem, caption.detail))
-            continue
-        todo.append({"entry": entry, "path": path, "caption": caption.text})
-    return todo, rejected
+        else:
+            todo.append({"entry": entry, "path": path, "caption": caption.caption})
+    if captions is None:
+        return todo, rejected, ignored_rows(listing)
+    unmatched = unmatched_rows(captions, listing, uncaptioned, earlier=out.finished)
+    for record in rejected:
+        if record["reason"] == "missing_caption":
+            record["detail"] += _did_you_mean(record["source"], captions, unmatched)
+    return todo, rejected, unmatched
+
+
+def _did_you_mean(video: str, captions: Captions, unmatched: list[dict]) -> str:
+    """ "; did you mean ROW (PATH)?" for a caption row without a video whose path nearly names `video`."""
+    rows = {
+        captions.by_video[r["source"]].path: r["entry"]
+        for r in unmatched
+        if r["reason"] == "caption_without_video"
+    }
+    guess = near_match(os.path.relpath(video, captions.file.parent), list(rows))
+    return f"; did you mean {rows[guess]} ({guess})?" if guess else ""
 
 
 def _rejected_input(entry: str, path: str, reason: str, detail: str, sha256: str = "") -> dict:
@@ -105,15 +134,17 @@ def run_prep(
     started = time.perf_counter()
     out = PrepOutput(out_dir, cfg.shard_samples, cfg.shard_bytes)
     save_yaml(cfg, Path(out_dir) / "prep_config.yaml")
-    todo, rejected = plan_inputs(list_inputs(inputs, cfg.extensions), captions, out)
+    todo, rejected, unmatched = plan_inputs(list_inputs(inputs, cfg.extensions, captions), captions, out)
+    report_unmatched(unmatched, rejected, out)
     for record in rejected:
         _record_rejection(out, record)
 
     start_ray(address, cfg.num_cpus)
-    with ordered_data_context():
+    with ordered_data_context(), stderr_without(RAY_ACTOR_ARGS_NOTICE):
         run = _run_jobs(cfg, model, out, todo, progress)
     run["inputs_processed"] += len(rejected)
     out.commit()
+    out.record_unmatched(unmatched)
     wall = time.perf_counter() - started
     run.update(
         wall_s=round(wall, 3),
@@ -123,6 +154,26 @@ def run_prep(
     summary = out.summary(run)
     out.write_summary(summary)
     return summary
+
+
+def report_unmatched(unmatched: list[dict], rejected: list[dict], out: PrepOutput, shown: int = 5) -> None:
+    """Before Ray starts: what of the captions and folders is no input, and inputs without a
+    caption, counted on one line pointing to rejected.jsonl, then up to `shown` near matches."""
+    counts = Counter(r["reason"] for r in unmatched)
+    counts["missing_caption"] = sum(r["reason"] == "missing_caption" for r in rejected)
+    words = {
+        "caption_without_video": "caption row(s) name no input video",
+        "missing_caption": "video(s) have no caption",
+        "caption_superseded": "caption row(s) captioned a video again",
+        "ignored_file": "file(s) in the input folders are not videos by extension (prep.extensions)",
+    }
+    parts = [f"{counts[reason]} {text}" for reason, text in words.items() if counts[reason]]
+    if not parts:
+        return
+    print(f"cogvideo-prep: {'; '.join(parts)}: each is listed in {out.root / REJECTED}", file=sys.stderr)
+    guesses = [r["detail"] for r in unmatched + rejected if "did you mean" in r["detail"]]
+    for detail in guesses[:shown]:
+        print(f"  {detail}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ square crop is square on screen (sample aspect ratio), interlaced frames are dei
 
 from __future__ import annotations
 
+import heapq
+from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterator
@@ -18,13 +20,11 @@ from scenedetect import FrameTimecode
 from scenedetect.detector import FlashFilter
 from scenedetect.detectors import ContentDetector
 
+from cogvideo.video_io import VideoFileError, open_video
 from data_prep.config import PrepConfig
 from data_prep.inputs import Rejected
 from data_prep.rates import TIME_TOL
 
-# Leading bytes of container formats: a file that starts like one but does not open is corrupt
-# (typically truncated), anything else is not a video at all.
-_SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"), (0, b"OggS"), (0, b"FLV"))
 # FFmpeg's names for AVColorRange and AVColorSpace values (libavutil/pixfmt.h)
 _RANGES = {0: "unspecified", 1: "limited", 2: "full"}
 _MATRICES = {
@@ -40,6 +40,7 @@ _MATRICES = {
     10: "bt2020c",
 }
 _PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the others are field orders
+REORDER_DEPTH = 16  # frames: FFmpeg's largest decoder reorder delay (MAX_REORDER_DELAY)
 
 
 @dataclass(frozen=True)
@@ -87,25 +88,12 @@ class Clip:
     times: np.ndarray  # float64 [n]: presentation time of each frame, s from the video's first frame
 
 
-def _looks_like_container(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    return any(head[at : at + len(magic)] == magic for at, magic in _SIGNATURES)
-
-
 def _open(path: str) -> av.container.InputContainer:
+    """The library's one rule for a file that is not a video (cogvideo.video_io.open_video)."""
     try:
-        container = av.open(path, metadata_errors="ignore")
-    except FileNotFoundError:
-        raise Rejected("missing_file", path) from None
-    except av.FFmpegError as err:
-        reason = "corrupt_container" if _looks_like_container(path) else "not_a_video"
-        raise Rejected(reason, f"{path}: {err}") from None
-    if container.format.name == "image2" or container.format.name.endswith("_pipe"):
-        kind = container.format.long_name  # FFmpeg opens a still image as a one-frame "video"
-        container.close()
-        raise Rejected("not_a_video", f"{path}: an image ({kind}), not a video")
-    return container
+        return open_video(path)
+    except VideoFileError as err:
+        raise Rejected(err.reason, err.detail) from None
 
 
 def _video_stream(
@@ -297,6 +285,30 @@ def _shown(
     yield from _pulled(graph)
 
 
+def in_display_time(frames: Iterator[av.VideoFrame]) -> Iterator[tuple[av.VideoFrame, float | None]]:
+    """Each frame, in the decoder's output order (display order), with the time it is shown: the
+    frames' timestamps sorted within REORDER_DEPTH frames, as FFmpeg reorders timestamps of
+    B-frames. A decoder that hands its packets' timestamps on in decode order (MPEG-4 Part 2 with
+    "packed B-frames" in AVI: each B-frame stored with the frame after it) returns display-order
+    frames whose timestamps are permuted within its reorder delay; players show them in order.
+    Timestamps that are really broken (repeated, gaps, out of order beyond the delay) stay so."""
+    pending: deque[av.VideoFrame] = deque()
+    times: list[float] = []  # a heap of the pending frames' timestamps
+
+    def oldest() -> tuple[av.VideoFrame, float | None]:
+        frame = pending.popleft()
+        return frame, None if frame.pts is None else heapq.heappop(times)
+
+    for frame in frames:
+        pending.append(frame)
+        if frame.pts is not None:
+            heapq.heappush(times, frame.time)
+        if len(pending) > REORDER_DEPTH:
+            yield oldest()
+    while pending:
+        yield oldest()
+
+
 def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> Iterator[Clip]:
     """Decode every frame once: each is centre-cropped, resized to `frame_size` and turned as a
     player shows it, fed to the scene detector, and kept with its time until its clip closes
@@ -312,12 +324,12 @@ def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> 
     first, index, decoded, origin, last = 0, 0, 0, None, -np.inf
     with _open(path) as container:
         try:
-            for frame in _shown(container, info, frame_size):
-                if frame.pts is None:  # no timestamp: one nominal frame after the last
+            for frame, shown_at in in_display_time(_shown(container, info, frame_size)):
+                if shown_at is None:  # no timestamp: one nominal frame after the last
                     time = last + 1 / fps if decoded else 0.0
                 else:
-                    origin = frame.time if origin is None else origin
-                    time = frame.time - origin
+                    origin = shown_at if origin is None else origin
+                    time = shown_at - origin
                 if time <= last:
                     raise Rejected(
                         "broken_timestamps",

@@ -15,6 +15,7 @@ import numpy as np
 
 from cogvideo.configio import load_config
 from cogvideo.jsonl import read_jsonl, write_jsonl
+from cogvideo.machine import this_cpu
 from demo.settings import ROOT, DemoConfig
 
 TRAINING_SEED = 1234  # the trainer's default (training.seed): seed=0 trains as the trainer alone would
@@ -107,6 +108,7 @@ class Demo:
             self.text_model.with_suffix(""),
             cfg.tokenizers.text_vocab_size,
             cfg.tokenizers.text_model_type,
+            preset=cfg.preset,
         )
         text = TextTokenizer(self.text_model, model.vocab)
         longest = max(
@@ -132,7 +134,12 @@ class Demo:
         frames = np.concatenate(frames)[: cfg.tokenizers.image_fit_frames]
         started = time.perf_counter()
         tokenizer = fit_patch_tokenizer(
-            frames, model.vocab.num_image_tokens, model.frame_size, model.frame_tokens, seed=cfg.seed
+            frames,
+            model.vocab.num_image_tokens,
+            model.frame_size,
+            model.frame_tokens,
+            preset=cfg.preset,
+            seed=cfg.seed,
         )
         tokenizer.save(self.image_model)
         features = tokenizer.patch_size**2 * 3 + (3 if tokenizer.colour_weight else 0)
@@ -370,21 +377,11 @@ class Demo:
 
 def machine(load_average: dict) -> dict:
     """The CPU the run had (model name, bf16 flags, cores) and the 5-minute load after each step."""
-    import platform
-
-    flags, model = set(), platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+    cpu = this_cpu()
     return {
-        "cpu": model,
-        "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16"}),
-        "cpus": os.cpu_count(),
+        "cpu": cpu.model,
+        "bf16_flags": list(cpu.bf16_flags),
+        "cpus": cpu.cpus,
         "load_average_5min_after_step": load_average,
     }
 

@@ -147,35 +147,43 @@ def check_text_length(
     encode_text: Callable[[str], list[int]],
     data: DataConfig,
     max_samples: int = 256,
+    named: int = 3,
 ) -> str:
     """Before training: the share of captions (with their duration prefix) longer than
-    model.text_length, over up to `max_samples` samples of readable shards. Raises DataError
-    above data.max_cut_text; returns a one-line summary."""
-    limit, lengths = model_cfg.text_length, []
+    model.text_length, over up to `max_samples` samples of readable shards, naming the `named`
+    longest that are cut (shard, sample, source video, tokens each needs). Raises DataError above
+    data.max_cut_text; returns a one-line summary."""
+    limit, lengths = model_cfg.text_length, []  # (tokens, shard, key, source video)
     for path in shards:
         if shard_problem(path):
             continue
         try:
             for raw in tarfile_samples([{"url": path}]):
                 sample = decode_sample(raw)
-                lengths.append(
-                    len(encode_text(data.text_format().text(sample.caption, sample.meta.duration)))
-                )
+                text = data.text_format().text(sample.caption, sample.meta.duration)
+                lengths.append((len(encode_text(text)), path, sample.key, sample.meta.source))
                 if len(lengths) >= max_samples:
                     break
         except (ShardFormatError, tarfile.TarError, OSError):
             continue  # the loader skips and counts what does not decode
         if len(lengths) >= max_samples:
             break
-    cut = sum(n > limit for n in lengths)
+    cut = sorted((row for row in lengths if row[0] > limit), key=lambda row: -row[0])
+    longest = max((row[0] for row in lengths), default=0)
     summary = (
-        f"{cut} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
-        f"(longest {max(lengths, default=0)})"
+        f"{len(cut)} of {len(lengths)} sampled captions are longer than model.text_length={limit} tokens "
+        f"(longest {longest})"
     )
-    if lengths and cut / len(lengths) > data.max_cut_text:
+    if cut:
+        summary += "; longest: " + "; ".join(
+            f"{shard} sample {key} (video {source}): {tokens} tokens"
+            for tokens, shard, key, source in cut[:named]
+        )
+    if lengths and len(cut) / len(lengths) > data.max_cut_text:
         raise DataError(
-            f"data: {summary}, over data.max_cut_text={data.max_cut_text:g}: raise model.text_length, "
-            f"shorten the captions, or set data.max_cut_text=1 to train on cut text"
+            f"data: {summary}; over data.max_cut_text={data.max_cut_text:g}: set model.text_length={longest} "
+            f"(the positions after the text follow it), shorten the captions, or set data.max_cut_text=1 "
+            f"to train on cut text"
         )
     return summary
 

@@ -44,6 +44,17 @@ class Throughput:
         }
 
 
+def scalars_summary(tag: str, scalars: dict):
+    """One TensorBoard summary holding every scalar as `tag/key` (what add_scalar writes one
+    event each for). Protobuf runs in pure Python here (cogvideo.environment): one event per step
+    costs a third of the CPU time of one per scalar, a fixed cost of every training step."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(
+        value=[Summary.Value(tag=f"{tag}/{key}", simple_value=float(value)) for key, value in scalars.items()]
+    )
+
+
 class MetricsLogger:
     """Does nothing on ranks other than 0. One row per step: a run resumed at `start_step`
     drops the rows and TensorBoard events after it (the steps it is about to repeat)."""
@@ -93,8 +104,7 @@ class MetricsLogger:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.file_writer.add_summary(scalars_summary("train", metrics), step)
         if self.bar:
             self.bar.update(1)
         if step % self.print_every == 0:

@@ -29,6 +29,7 @@ from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
 from cogvideo.checkpoint.training import find_resume, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
+from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
@@ -123,11 +124,13 @@ def run_precision(
     if cfg.parallel.precision == "auto" and trained_in:
         choice = choose_precision(trained_in, device, shape)
         return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
+    # the run's and the family's: low precisions known to cost this model its quality
+    excluded = (*cfg.parallel.auto_excludes, *family_of(model_cfg).auto_excludes)
     if make_step is None or cfg.parallel.precision != "auto":
-        return choose_precision(cfg.parallel.precision, device, shape)
+        return choose_precision(cfg.parallel.precision, device, shape, excluded=excluded)
     step = make_step()
     try:
-        return choose_precision("auto", device, shape, step, cfg.parallel.auto_excludes)
+        return choose_precision("auto", device, shape, step, excluded)
     finally:
         step.close()
 
@@ -474,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run is not None:
         return dry_run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_notices()
     if args.nproc_per_node is not None:
         try:
             preflight(args, args.nproc_per_node)

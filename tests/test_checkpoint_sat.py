@@ -31,7 +31,7 @@ H, LAYERS, HEADS, T, N = (
     BASE.text_length,
     BASE.tokens_per_frame,
 )
-VOCAB, MAX_POS, FRAMES = BASE.vocab.vocab_size, BASE.max_position_embeddings, BASE.num_frames
+VOCAB, MAX_POS, FRAMES = BASE.vocab.vocab_size, BASE.position_rows, BASE.num_frames
 ADDITIONAL = FRAMES * N  # CogVideo's extra table: additional_seqlen rows (2000 = 5 x 400 in the release)
 
 
@@ -183,7 +183,7 @@ def reference_embeddings(raw: dict, tokens: torch.Tensor, frames: int) -> torch.
         for i in range(len(frame_of)):
             f, j = int(frame_of[i]), int(pos_in_frame[i])
             if f <= 0:
-                row = max(j - int(n_pads[b]), 0) if f < 0 else BASE.image_position_offset + j
+                row = max(j - int(n_pads[b]), 0) if f < 0 else BASE.position_offset + j
                 x[b, i] += raw["transformer.position_embeddings.weight"][row]
             else:
                 x[b, i] += raw["mixins.extra_position_embedding.position_embeddings.weight"][N * f + j - N]
@@ -460,7 +460,7 @@ def test_backbone_initialises_video_stages_with_one_frame_equivalence(tmp_path):
     assert torch.equal(
         sd["layers.1.temporal_attention.dense.weight"], raw["transformer.layers.1.attention.dense.weight"]
     )
-    image_rows = raw["transformer.position_embeddings.weight"][BASE.image_position_offset :][:N]
+    image_rows = raw["transformer.position_embeddings.weight"][BASE.position_offset :][:N]
     assert torch.equal(sd["frame_position_embeddings.weight"], image_rows.repeat(FRAMES - 1, 1))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cluster import plan
-from cogvideo.configio import describe_fields
+from cogvideo.configio import ConfigError, describe_fields
 from cogvideo.sampling import cli as sample_cli
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.tokenizers import patch_fit, text
@@ -118,13 +118,28 @@ def test_prep_refuses_a_missing_or_misfitted_tokenizer_before_ray_starts(tmp_pat
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def write_without_preset(tokenizer, path):
+    """A tokenizer file as written before tokenizer files recorded their preset."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tokenizer.save(path)
+    with safe_open(str(path), "pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "preset"}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
 def test_prep_takes_the_model_preset_from_the_tokenizer(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
     fit_patch_tokenizer(frames, 16, 16, 4, preset="tiny").save(tmp_path / "tiny.safetensors")
     cfg, model = pipeline.settled(PrepConfig(tokenizer=str(tmp_path / "tiny.safetensors")))
     assert cfg.model["preset"] == "tiny" and (model.frame_size, model.frame_tokens) == (16, 4)
-    fit_patch_tokenizer(frames, 16, 16, 4).save(tmp_path / "unnamed.safetensors")  # fitted without a preset
-    with pytest.raises(Exception, match="prep.model.preset: required"):
+    write_without_preset(
+        fit_patch_tokenizer(frames, 16, 16, 4, preset="tiny"), tmp_path / "unnamed.safetensors"
+    )
+    with pytest.raises(
+        ConfigError, match="prep.model.preset: required: .*records its preset .*model.preset=NAME"
+    ):
         pipeline.settled(PrepConfig(tokenizer=str(tmp_path / "unnamed.safetensors")))
 
 
@@ -146,3 +161,24 @@ def test_reshard_exits_0_when_it_worked(tmp_path, capsys):
     out.commit()
     assert reshard.main([str(tmp_path), "--divisible-by", "2"]) == 0
     assert f"{tmp_path}: 2 shards" in capsys.readouterr().out
+
+
+def test_every_tokenizer_file_the_project_writes_records_its_preset(tmp_path):
+    """The fit needs the preset (the demo's tokenizer step calls it too), a tokenizer without one is
+    not written, and the text tokenizer records its own next to its model."""
+    import json
+
+    from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
+    from cogvideo.tokenizers.text import train_text_tokenizer
+
+    frames = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
+    with pytest.raises(TypeError, match="preset"):
+        fit_patch_tokenizer(frames, 16, 16, 4)
+    unnamed = PatchVQTokenizer(np.zeros((16, 48), np.float32), frame_size=16, tokens_side=4)
+    with pytest.raises(ValueError, match="records its model preset"):
+        unnamed.save(tmp_path / "unnamed.safetensors")
+    assert not (tmp_path / "unnamed.safetensors").exists()
+    model = train_text_tokenizer(
+        ["a red circle", "a blue square"] * 4, tmp_path / "text", 60, byte_fallback=False, preset="tiny"
+    )
+    assert json.loads(model.with_suffix(".json").read_text())["preset"] == "tiny"

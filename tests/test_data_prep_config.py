@@ -51,7 +51,7 @@ def test_sample_shape_comes_from_the_model_config():
 
 def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_both(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
-    fit_patch_tokenizer(frames, 16, 32, 4).save(tmp_path / "t32.safetensors")
+    fit_patch_tokenizer(frames, 16, 32, 4, preset="small").save(tmp_path / "t32.safetensors")
     cfg = PrepConfig(
         model={"preset": "tiny"}, tokenizer=str(tmp_path / "t32.safetensors")
     )  # tiny: 16 px frames

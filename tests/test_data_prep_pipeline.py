@@ -57,7 +57,8 @@ def dataset(tmp_path_factory):
     rows = [json.loads(line) for line in captions.read_text().splitlines()]
     expected = make_bad_inputs(root)
     shutil.copy(root / rows[0]["path"], root / "zz_copy_of_first.mp4")
-    for name in ("no_caption.mp4", "empty_caption.mp4", "latin1_caption.mp4", "vanishing.mp4"):
+    copies = ("no_caption.mp4", "empty_caption.mp4", "latin1_caption.mp4", "vanishing.mp4", "CaseTypo.mp4")
+    for name in copies + ("huge_caption.mp4",):
         shutil.copy(root / rows[1]["path"], root / name)
         with open(root / name, "ab") as f:
             f.write(name.encode())  # different bytes, so not a content duplicate
@@ -68,12 +69,28 @@ def dataset(tmp_path_factory):
             "empty_caption.mp4": "empty_caption",
             "latin1_caption.mp4": "caption_not_utf8",
             "vanishing.mp4": "missing_file",
+            "CaseTypo.mp4": "missing_caption",  # its row says casetypo.mp4
+            "huge_caption.mp4": "caption_too_long",
         }
     )
-    captioned = [
-        n for n in expected if n not in ("no_caption.mp4", "empty_caption.mp4", "latin1_caption.mp4")
+    (root / "cover.jpg").write_bytes(b"\xff\xd8\xff")  # files of other types, counted as ignored
+    (root / "notes.txt").write_text("shot on a phone\n")
+    uncaptioned = (
+        "no_caption.mp4",
+        "empty_caption.mp4",
+        "latin1_caption.mp4",
+        "CaseTypo.mp4",
+        "huge_caption.mp4",
+    )
+    captioned = [n for n in expected if n not in uncaptioned]
+    extra = [
+        {"path": name, "caption": "a red circle moving left"}
+        for name in captioned + ["cover.jpg", "gone.mp4"]
     ]
-    extra = [{"path": name, "caption": "a red circle moving left"} for name in captioned]
+    extra += [
+        {"path": "casetypo.mp4", "caption": "a case typo"},
+        {"path": "huge_caption.mp4", "caption": "a" * (10 << 20)},
+    ]
     lines = [json.dumps(r) for r in rows + extra + [{"path": "empty_caption.mp4", "caption": " "}]]
     (root / "captions.jsonl").write_bytes(
         ("\n".join(lines) + "\n").encode() + b'{"path": "latin1_caption.mp4", "caption": "caf\xe9"}\n'
@@ -93,7 +110,12 @@ def tokenizer_path(tmp_path_factory, dataset):
     frames = np.concatenate([syn.render_row(r) for r in dataset["rows"].values()])
     path = tmp_path_factory.mktemp("tokenizer") / "patch.safetensors"
     fit_patch_tokenizer(
-        frames, codebook_size=64, frame_size=PRESET.frame_size, tokens_side=PRESET.frame_tokens, seed=0
+        frames,
+        codebook_size=64,
+        frame_size=PRESET.frame_size,
+        tokens_side=PRESET.frame_tokens,
+        seed=0,
+        preset=PRESET.name,
     ).save(path)
     return path
 
@@ -150,8 +172,27 @@ def test_every_input_is_used_or_rejected_with_its_reason(prepared, dataset):
     rejected = Counter(
         (Path(r["source"]).name, r["reason"]) for r in read_jsonl(out / REJECTED) if r["clip"] is None
     )
-    # zz_copy_of_first.mp4 is listed twice (folder + file): a content duplicate, then a duplicate path
-    assert rejected == Counter([*dataset["expected"].items(), ("zz_copy_of_first.mp4", "duplicate_path")])
+    # zz_copy_of_first.mp4 is listed twice (folder + file): a content duplicate, then a duplicate path;
+    # the caption rows without a video and the files of other types are listed too, as no inputs
+    no_inputs = [
+        ("casetypo.mp4", "caption_without_video"),
+        ("gone.mp4", "caption_without_video"),
+        ("cover.jpg", "caption_without_video"),
+        ("cover.jpg", "ignored_file"),
+        ("notes.txt", "ignored_file"),
+    ]
+    assert rejected == Counter(
+        [*dataset["expected"].items(), ("zz_copy_of_first.mp4", "duplicate_path"), *no_inputs]
+    )
+    assert (
+        summary["videos_without_caption"],
+        summary["captions_without_video"],
+        summary["files_ignored"],
+    ) == (
+        2,
+        3,
+        2,
+    )
     listed = len(dataset["rows"]) + len(dataset["expected"]) + 1
     assert summary["inputs"] == listed == summary["inputs_used"] + summary["inputs_rejected"]
     assert summary["inputs_used"] == len(dataset["rows"])

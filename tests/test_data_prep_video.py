@@ -151,12 +151,13 @@ def test_list_inputs_folders_globs_and_repeats(tmp_path):
     found = list_inputs(
         [str(tmp_path / "a"), str(tmp_path / "*.mp4"), str(tmp_path / "a" / "x.mp4")], [".mp4", ".mkv"]
     )
-    assert found == [
+    assert found.files == [
         str(tmp_path / "a/x.mp4"),
         str(tmp_path / "a/y.MKV"),
         str(tmp_path / "z.mp4"),
         str(tmp_path / "a/x.mp4"),
     ]
+    assert found.ignored == [str(tmp_path / "a/notes.txt")]  # a folder's other files are counted
     with pytest.raises(ConfigError, match="nothing.mp4"):
         list_inputs([str(tmp_path / "nothing.mp4")], [".mp4"])
 
@@ -174,13 +175,13 @@ def test_captions_from_csv_jsonl_and_sidecars_with_every_caption_problem(tmp_pat
     )
     jsonl_captions = load_captions(tmp_path / "caps.jsonl")
     for captions in (csv_captions, jsonl_captions):
-        assert caption_for(str(videos["a.mp4"]), captions).text == "a red circle"
+        assert caption_for(str(videos["a.mp4"]), captions).caption == "a red circle"
         assert caption_for(str(videos["b.mp4"]), captions).problem == "empty_caption"
         assert caption_for(str(videos["c.mp4"]), captions).problem == "caption_not_utf8"
         assert caption_for(str(videos["d.mp4"]), captions).problem == "missing_caption"
     (tmp_path / "a.txt").write_text(" a sidecar caption\n")
     (tmp_path / "c.txt").write_bytes(b"\xff\xfe")
-    assert caption_for(str(videos["a.mp4"]), None).text == "a sidecar caption"
+    assert caption_for(str(videos["a.mp4"]), None).caption == "a sidecar caption"
     assert caption_for(str(videos["c.mp4"]), None).problem == "caption_not_utf8"
     assert caption_for(str(videos["e.mp4"]), None).problem == "missing_caption"
     (tmp_path / "bad.csv").write_text("file,text\nx,y\n")
@@ -189,3 +190,104 @@ def test_captions_from_csv_jsonl_and_sidecars_with_every_caption_problem(tmp_pat
     (tmp_path / "bad.jsonl").write_text('{"path": "a.mp4"}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:1"):
         load_captions(tmp_path / "bad.jsonl")
+
+
+# ---- timestamps as players take them ---------------------------------------------------------
+
+DIVX_PACKED = b"\x00\x00\x01\xb2DivX503b1393p"  # user data of a DivX 5 encoder: "packed bitstream"
+VOP = b"\x00\x00\x01\xb6"  # MPEG-4 Part 2 video object plane start code
+
+
+def n_vop(time_increment_bits: int) -> bytes:
+    """A not-coded P-VOP: the placeholder chunk a packed bitstream stores after a B-frame."""
+    bits = "01" + "0" + "1" + "0" * time_increment_bits + "1" + "0"  # type P, time 0, vop_coded 0
+    bits += "0" + "1" * ((8 - (len(bits) + 1) % 8) % 8)  # stuffing to the byte boundary
+    return VOP + int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def write_b_frame_avis(folder, frames, fps=8):
+    """The same MPEG-4 Part 2 stream with B-frames (PyAV's mpeg4 encoder) in two AVI files: as FFmpeg
+    writes it (plain.avi), and as DivX 5 and Xvid wrote it (packed.avi: each B-frame stored in the
+    chunk of the anchor frame before it, then a not-coded chunk), whose frames FFmpeg decodes in
+    display order but with their chunks' timestamps, which are in decode order."""
+    plain, packed = folder / "plain.avi", folder / "packed.avi"
+    with av.open(str(plain), "w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=fps, options={"bf": "1", "g": "12"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(plain)) as source, av.open(str(packed), "w", format="avi") as target:
+        out = target.add_stream_from_template(source.streams.video[0])
+        packets = [(bytes(p), p.is_keyframe) for p in source.demux(video=0) if p.size]
+        chunks, i = [], 0
+        while i < len(packets):
+            data, key = packets[i]
+            if key:
+                data = data.replace(VOP, DIVX_PACKED + VOP, 1)
+            after = packets[i + 1][0] if i + 1 < len(packets) else b""
+            if after and after[after.find(VOP) + 4] >> 6 == 2:  # a B-VOP: packed with its anchor
+                chunks += [(data + after, key), (n_vop((fps - 1).bit_length()), False)]
+                i += 2
+            else:
+                chunks.append((data, key))
+                i += 1
+        for n, (data, key) in enumerate(chunks):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts, packet.time_base = out, n, n, out.time_base
+            packet.is_keyframe = key
+            target.mux(packet)
+    return plain, packed
+
+
+def decoded(path, cfg):
+    clips = list(iter_clips(str(path), probe(str(path), cfg), cfg, 32))
+    return np.concatenate([c.frames for c in clips]), np.concatenate([c.times for c in clips])
+
+
+def test_mpeg4_b_frames_in_avi_are_used_as_players_show_them(tmp_path, monkeypatch):
+    """Both files give the frames of the plain one, at times i / fps; without reordering the packed
+    file's timestamps (the planted bug) it is rejected as broken, as before."""
+    from data_prep import video
+
+    frames = moving(40)
+    plain, packed = write_b_frame_avis(tmp_path, frames)
+    with av.open(str(packed)) as container:  # the decoder's own timestamps are out of display order
+        pts = [f.pts for f in container.decode(video=0)]
+    assert len(pts) == 40 and pts != sorted(pts)
+    cfg = PrepConfig()
+    plain_frames, plain_times = decoded(plain, cfg)
+    packed_frames, packed_times = decoded(packed, cfg)
+    np.testing.assert_allclose(plain_times, np.arange(40) / 8)
+    np.testing.assert_array_equal(packed_frames, plain_frames)
+    np.testing.assert_allclose(packed_times, plain_times)
+    monkeypatch.setattr(video, "REORDER_DEPTH", 0)
+    with pytest.raises(Rejected, match="broken_timestamps: .*packed.avi: frame 2 is shown at"):
+        decoded(packed, cfg)
+
+
+def write_mkv(path, frames, shown, fps=8):
+    """MPEG-4 Part 2 without B-frames in Matroska, frame i shown at `shown[i]` (in frames)."""
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("mpeg4", rate=fps, options={"bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        packets = [
+            p for image in frames for p in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24"))
+        ]
+        packets += stream.encode()
+        for i, packet in enumerate(packets):  # decode times in order, each before its shown time
+            step = round(1 / (fps * packet.time_base))
+            packet.pts, packet.dts = (shown[i] + len(frames)) * step, i * step
+            container.mux(packet)
+
+
+def test_timestamps_out_of_order_beyond_the_reorder_delay_are_still_broken(tmp_path):
+    """Frames 5 and 30 swap times (no B-frames: the decoder keeps its input order): no reorder delay
+    explains that, and the file is rejected; in order, the same frames are used."""
+    frames = moving(40)
+    write_mkv(tmp_path / "in_order.mkv", frames, list(range(40)))
+    np.testing.assert_allclose(decoded(tmp_path / "in_order.mkv", PrepConfig())[1], np.arange(40) / 8)
+    swapped = [{5: 30, 30: 5}.get(i, i) for i in range(40)]
+    write_mkv(tmp_path / "swapped.mkv", frames, swapped)
+    with pytest.raises(Rejected, match="broken_timestamps: .*swapped.mkv: frame"):
+        decoded(tmp_path / "swapped.mkv", PrepConfig())

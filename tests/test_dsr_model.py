@@ -243,6 +243,14 @@ def test_only_dsr_parameters_train_and_reinit_copies_the_backbone():
     backbone = {k: v for k, v in full.items() if not is_dsr_param(k)}
     dsr = init_from_backbone(backbone, cfg)
     assert set(dsr) == set(full)
+    video = {
+        **backbone,
+        "layers.0.temporal_gate": torch.zeros(4),
+        "frame_position_embeddings.weight": torch.zeros(2, 4),
+    }
+    assert set(init_from_backbone(video, cfg)) == set(
+        full
+    )  # a CogVideo stage's backbone, temporal parts left out
     assert torch.equal(
         dsr["layers.0.high_attention.query_key_value.weight"],
         backbone["layers.0.attention.query_key_value.weight"],
@@ -262,3 +270,23 @@ def test_the_family_is_registered_with_its_presets():
     assert family.tp_plan.rule("layers.3.high_attention.query_key_value.weight") == (0, 3)
     assert family.tp_plan.rule("layers.3.high_attention.dense.weight") == (1, 1)
     assert family.tp_plan.rule("high_position_embeddings.weight") is None
+
+
+def test_the_local_path_trains_as_the_dense_path():
+    """Gradients of DSR's parameters through the local windows equal the dense-mask path's
+    (float64, a training step's loss on the high-res codes)."""
+    cfg = TINY.replace(train_backbone=True)
+    tokens = dsr_tokens(cfg, (0, 3))
+    targets = torch.randint(
+        cfg.vocab.num_image_tokens, (2, cfg.high_tokens), generator=torch.Generator().manual_seed(1)
+    )
+    grads = {}
+    for dense in (False, True):
+        model = randomised(cfg)
+        model.dense_attention = dense
+        high_res_loss(cfg, model(tokens), targets).backward()
+        grads[dense] = {n: p.grad for n, p in model.named_parameters()}
+    for name, expected in grads[True].items():
+        assert (grads[False][name] - expected).abs().max().item() <= 1e-10 * (
+            expected.abs().max().item() + 1e-30
+        ), name

@@ -210,7 +210,7 @@ def test_prep_writes_both_grids_for_the_dsr_family(tmp_path):
     from data_prep import pipeline
 
     rng = np.random.default_rng(0)
-    tokenizer = PatchVQTokenizer(rng.random((64, 4 * 4 * 3)).astype(np.float32) * 255, 16, 4)
+    tokenizer = PatchVQTokenizer(rng.random((64, 4 * 4 * 3)).astype(np.float32) * 255, 16, 4, preset="tiny")
     tokenizer.save(tmp_path / "image.safetensors")
     rows = syn.plan_videos(2, seed=1, size=48, fps=8, duration_s=(2.0,))
     captions = syn.write_videos(tmp_path / "videos", rows)

@@ -140,7 +140,9 @@ def test_reads_a_sampler_output_folder(tmp_path):
     assert unscored == []
     assert (entry.file, entry.prompt, entry.duration) == (tmp_path / "p0" / "video.mp4", prompt, 2.0)
     assert score_manifest(tmp_path / "manifest.json")["accuracy"]["all"]["all"] == 1.0
-    assert list_videos(tmp_path) == [tmp_path / "p0" / "video.mp4"]  # what FVD reads of a sampler folder
+    assert list_videos(tmp_path).files == [
+        str(tmp_path / "p0" / "video.mp4")
+    ]  # what FVD reads of a sampler folder
 
 
 def test_score_groups_accuracy_by_duration_and_gives_the_standard_error_of_displacement():

@@ -154,3 +154,53 @@ def test_params_and_plan_commands_list_and_plan_the_family(capsys):
     )
     out = capsys.readouterr().out
     assert "hpdm-s: 3-level pyramid of 16x64x64 patches" in out and "fits" in out
+
+
+def test_auto_precision_is_full_precision_for_this_family():
+    """The supplement found mixed precision (fp16 or bf16) converged worse: the family excludes
+    both from `auto`, in training and in sampling; named precisions are still honoured."""
+    from cogvideo.family import get_family
+    from cogvideo.precision import choose_precision
+    from pretrain.config import load_train_config
+    from pretrain.train import run_precision
+
+    assert get_family("hpdm").auto_excludes == ("bf16", "fp16")
+    cfg = load_train_config(None, ["model.family=hpdm", "model.preset=hpdm-demo", "parallel.precision=auto"])
+    choice = run_precision(cfg, resolve_model_section(cfg.model), None)
+    assert choice.precision == "fp32"
+    low = choice.figures.low_precision
+    assert low is None or "excluded" in choice.reason
+    cfg = load_train_config(None, ["model.family=hpdm", "model.preset=hpdm-demo", "parallel.precision=bf16"])
+    assert run_precision(cfg, resolve_model_section(cfg.model), None).precision == "bf16"
+    assert choose_precision("auto", excluded=get_family("hpdm").auto_excludes).precision == "fp32"
+
+
+def test_data_preparation_writes_raw_frames_at_the_finest_level_and_odd_samples_are_named():
+    """cogvideo-prep model.family=hpdm picks the raw-frame encoder, at the pyramid's finest size
+    (the Ray job itself is tests/test_shard_kinds.py's, for any frames family); samples that do
+    not fit are named by the family's check (the loader skips and counts them)."""
+    import numpy as np
+
+    from cogvideo.family import get_family
+    from cogvideo.shards import ClipMeta, Sample
+    from data_prep.config import PrepConfig, prep_model
+    from data_prep.encoders import PixelEncoder, encoder_for
+
+    prep = PrepConfig(model={"family": "hpdm", "preset": "hpdm-demo"})
+    assert encoder_for(prep) is PixelEncoder
+    model = prep_model(PixelEncoder.settle(prep))
+    assert (model.num_frames, model.frame_size) == (5, 32)
+    family = get_family("hpdm")
+    meta = ClipMeta(1.0, 4.0, 1, "v.mp4", 0.0, 1.0, 5, kind="frames")
+    good = Sample("k", {"pixels": np.zeros((5, 32, 32, 3), np.uint8)}, "a red circle moving left", meta)
+    assert family.sample_problem(model, good) is None
+    small = Sample("k", {"pixels": np.zeros((5, 16, 16, 3), np.uint8)}, "x", meta)
+    assert "pixels [5, 16, 16, 3], the pyramid of hpdm-demo needs [5, 32, 32, 3]" in family.sample_problem(
+        model, small
+    )
+    classes = model.replace(condition="class", num_classes=2, classes=("run", "swim"))
+    assert family.sample_problem(classes, good) == (
+        "caption 'a red circle moving left' is not a class of hpdm-demo (model.classes)"
+    )
+    example = family.example(classes, Sample("k", good.arrays, "swim", meta), [], 3)
+    assert int(example["condition"]) in (1, 2)  # "swim" is class 1; the null class 2 one time in ten

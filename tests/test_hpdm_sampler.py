@@ -119,3 +119,27 @@ def test_cached_and_uncached_samplers_give_the_same_video(monkeypatch):
 
     monkeypatch.setattr(PyramidSampler, "activations", shifted)
     assert not torch.allclose(cached, sample(True), rtol=1e-9, atol=1e-10)
+
+
+def test_seam_contrast_finds_tile_edges_and_no_seams_in_blended_tiles():
+    """A video whose tiles were each shifted in brightness shows its edges; the sampler's blend of
+    a position-independent model over a smooth video shows none (across within inside's range)."""
+    from cogvideo.models.hpdm.pyramid import seam_contrast, tile_offsets
+
+    size, overlaps = (2, 24, 24), (0.0, 0.5)
+    t = torch.linspace(0, 1, 24, dtype=torch.float64)
+    smooth = (t[None, :] + t[:, None]).expand(3, 2, 24, 24).clone()
+    across, inside = seam_contrast(CFG, smooth, overlaps)
+    assert abs(across / inside - 1) < 1e-9  # a ramp changes alike everywhere
+    seamed = smooth.clone()
+    for i, (a, b, c) in enumerate(tile_offsets(CFG, size, overlaps)[::2]):  # non-overlapping tiles shifted
+        seamed[:, a : a + 2, b : b + 8, c : c + 8] += 0.1 * (i % 3)
+    across, inside = seam_contrast(CFG, seamed, overlaps)
+    assert across > 2 * inside
+    sampler = PyramidSampler(Pointwise(), CFG, PyramidOptions(temporal_overlap=0.0, overlap=0.5))
+    x = smooth[None] * 3
+    blended = sampler.denoise(
+        1, x, torch.tensor([0.5], dtype=torch.float64), torch.zeros(1, dtype=torch.long), [], []
+    )
+    across, inside = seam_contrast(CFG, blended[0], overlaps)
+    assert across <= inside * (1 + 1e-9)

@@ -137,9 +137,10 @@ def test_text_pads_are_never_attended():
 def test_outputs_do_not_depend_on_the_pad_count(preset, dense):
     """The release's text rule: text attends to all non-pad text and the real text tokens take
     position ids 0..n-1, so the same prompt left-padded to another text length gives the same
-    logits on its real tokens and frames (with position ids that count the pads it would not)."""
-    short = random_model(preset, text_length=5)
-    long = random_model(preset, text_length=8)
+    logits on its real tokens and frames (with position ids that count the pads it would not).
+    The frames' offset is pinned, as the release pins it at 512 for any text length."""
+    short = random_model(preset, text_length=5, image_position_offset=8)
+    long = random_model(preset, text_length=8, image_position_offset=8)
     long.load_state_dict(short.state_dict())
     short.dense_attention = long.dense_attention = dense
     tokens, _, _ = random_batch(short.cfg, text_lengths=(3, None))
@@ -164,7 +165,7 @@ def test_text_block_is_bidirectional_and_position_ids_skip_pads():
     assert backbone_row[0, :T].tolist() == list(range(T))
     assert backbone_row[1, :T].tolist() == [0] * (T - 3) + [0, 1, 2]
     n = cfg.tokens_per_frame
-    frames = cfg.image_position_offset + torch.arange(n)
+    frames = cfg.position_offset + torch.arange(n)
     assert torch.equal(backbone_row[:, T : T + n], frames.expand(2, n))
     assert extra_row[T + n :].tolist() == list(range((cfg.num_frames - 1) * n))
 

@@ -50,7 +50,7 @@ def test_frame_positions_tile_backbone_image_rows():
     backbone, video = _backbone_and_video("stage1")
     cfg = video.cfg
     rows = backbone.position_embeddings.weight[
-        cfg.image_position_offset : cfg.image_position_offset + cfg.tokens_per_frame
+        cfg.position_offset : cfg.position_offset + cfg.tokens_per_frame
     ]
     assert torch.equal(video.frame_position_embeddings.weight, rows.repeat(cfg.num_frames - 1, 1))
 

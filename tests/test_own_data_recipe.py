@@ -32,11 +32,13 @@ PROMPTS = [
     caption_for("blue", "square", "up"),
     "a man on a bike",
 ]  # the last is not of the synthetic world
-# short, as the small preset's 16 text tokens (duration prefix included) need: training refuses to
-# cut more than data.max_cut_text of the captions
+# one longer than the small preset's 16 text tokens (duration prefix included): 20 with this
+# recipe's text tokenizer, which the recipe's TEXT_LENGTH holds (training refuses to cut more
+# than data.max_cut_text of the captions)
+LONG_CAPTION = "a busy city street where people ride bikes past shops and parked cars"
 REAL_CAPTIONS = {
     "bigbuckbunny": "a rabbit on a hill",
-    "bikes": "a city street",
+    "bikes": LONG_CAPTION,
     "carphone_pristine": "a man in a car",
     "carphone_distorted": "a blurry man in a car",
 }
@@ -120,7 +122,14 @@ def test_readme_own_data_recipe_runs_as_written(tmp_path):
     assert summary["inputs_used"] == len(REAL_CAPTIONS) + SYNTHETIC and summary["samples_by_stage_fps"], (
         summary
     )
+    assert (
+        summary["videos_without_caption"],
+        summary["captions_without_video"],
+        summary["files_ignored"],
+    ) == (0, 0, 0)
     assert (tmp_path / "runs" / "stage1").is_dir() and any((tmp_path / "weights" / "stage1").iterdir())
+    recorded = json.loads((tmp_path / "weights" / "stage1" / "config.json").read_text())["model"]
+    assert (recorded["text_length"], recorded["image_position_offset"]) == (24, None)  # derived from it
     manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
     assert [e["status"] for e in manifest["entries"]] == ["ok"] * len(PROMPTS), manifest
     scored = json.loads((tmp_path / "eval" / "prompts.json").read_text())
@@ -132,3 +141,16 @@ def test_readme_own_data_recipe_runs_as_written(tmp_path):
         fvd["real"]["count"] == len(REAL_CAPTIONS) + SYNTHETIC
         and fvd["protocol"]["short_videos"] == "resample"
     )
+    log = proc.stdout
+    # the caption-length reports name the long caption's row and the text length that holds it
+    row = 1 + 1 + list(REAL_CAPTIONS).index("bikes")
+    assert f"longer: videos/captions.csv:{row}: 20 tokens; train with model.text_length=20" in log
+    assert "model.text_length=16 (preset small) holds 15 of 16 (94 %)" in log
+    assert f"FVD from {fvd['real']['count']} own-videos and 3 generated videos" in log  # warned
+    # quiet: no line of the libraries about themselves
+    for noise in (
+        "core_worker.cc",
+        "Transformer Engine and Apex are not installed",
+        "all_gather_into_tensor",
+    ):
+        assert noise not in log, noise

@@ -33,7 +33,8 @@ def encode_text(text: str) -> list[int]:
     return [CFG.vocab.text_id(ord(c) % CFG.vocab.num_text_tokens) for c in text]
 
 
-def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> list[str]:
+def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0, codes=None) -> list[str]:
+    """Shards of uniformly random frames over the first `codes` image codes (default: all of them)."""
     rng = np.random.default_rng(seed)
     paths = []
     side = CFG.frame_tokens
@@ -42,7 +43,7 @@ def write_shards(root, num_shards=4, per_shard=6, stage2_every=3, seed=0) -> lis
         with wds.TarWriter(path) as sink:
             for i in range(per_shard):
                 stage = 2 if stage2_every and i % stage2_every == stage2_every - 1 else 1
-                frames = rng.integers(0, CFG.vocab.num_image_tokens, (CFG.num_frames, side, side))
+                frames = rng.integers(0, codes or CFG.vocab.num_image_tokens, (CFG.num_frames, side, side))
                 meta = ClipMeta(
                     duration=4.0 / stage,
                     fps=stage,
@@ -62,7 +63,7 @@ def write_caption_tokenizer(root) -> str:
     from cogvideo.tokenizers.text import train_text_tokenizer
 
     captions = [f"clip {s} {i}" for s in range(4) for i in range(6)] * 4
-    return str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False))
+    return str(train_text_tokenizer(captions, root / "text", 60, byte_fallback=False, preset="tiny"))
 
 
 def make_loader(shards, cfg=CFG, position: LoaderPosition | None = None, **kw) -> ShardLoader:

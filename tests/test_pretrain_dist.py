@@ -43,11 +43,10 @@ LR, WARMUP, MIN_RATIO, CLIP, DECAY = 2e-3, 2, 0.1, 0.5, 1.0
 PORTS = iter(range(29611, 29700))
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """Shards (16 stage-1 samples in 4 shards), a text tokenizer and initial weights."""
-    root = tmp_path_factory.mktemp("train")
-    shards = write_shards(root)
+def make_workspace(root: Path, codes: int | None = None) -> dict:
+    """Shards (16 stage-1 samples in 4 shards; frames over the first `codes` image codes), a text
+    tokenizer and initial weights."""
+    shards = write_shards(root, codes=codes)
     tokenizer = write_caption_tokenizer(root)
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(train_backbone=True)
@@ -58,6 +57,11 @@ def ws(tmp_path_factory):
                 p.normal_(std=0.1)
     save_model_checkpoint(root / "init", model.state_dict(), cfg)
     return {"root": root, "shards": shards, "tokenizer": str(tokenizer), "init": str(root / "init")}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train"))
 
 
 def base_args(ws, run_dir: Path, *extra: str) -> list[str]:
@@ -153,7 +157,7 @@ def not_decayed(name: str) -> bool:
     return name.endswith("bias") or "layernorm" in name or name.endswith("temporal_gate")
 
 
-def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=not_decayed):
+def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=not_decayed, lr=LR):
     """Losses per step and final weights; `flat_rule(name)`: no weight decay on that parameter."""
     cfg = get_preset("tiny").replace(train_backbone=train_backbone)
     samples = {}
@@ -175,7 +179,7 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=
     matrices = [p for n, p in named if not any(p is q for q in flat)]
     opt = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": DECAY}, {"params": flat, "weight_decay": 0.0}],
-        lr=LR,
+        lr=lr,
         betas=(0.9, 0.95),
         eps=1e-8,
     )

@@ -94,6 +94,7 @@ def test_missing_or_oversized_text_tokenizer_fails_fast(ws, tmp_path):
         tmp_path / "big",
         400,
         byte_fallback=False,
+        preset="tiny",
     )
     layout = get_preset("tiny").vocab
     assert_one_line_exit_2(

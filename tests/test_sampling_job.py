@@ -16,6 +16,7 @@ from cogvideo.sampling import cli
 from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.job import run_job
 from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.pipeline import VideoPipeline
 from cogvideo.sampling.prompts import PromptError, TextBudgetError, TextEncoder, read_prompts
 from cogvideo.text_format import TextFormat
 from cogvideo.video_io import read_video
@@ -71,7 +72,7 @@ PROMPTS = [
 def write_prompts(tmp_path, lines=PROMPTS):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(["# comment", *lines, ""]), encoding="utf-8")
-    return read_prompts(path)
+    return read_prompts(path).prompts
 
 
 def check_outputs(out, prompts, options):
@@ -146,11 +147,11 @@ def test_prompt_files(tmp_path):
     with pytest.raises(PromptError, match="p.jsonl:2: duplicate of line 1"):
         read_prompts(jsonl)
     jsonl.write_text('{"prompt": "a cat", "first_frame": "cat.png"}\n{"prompt": "a cat", "key": "cat2"}\n')
-    first, second = read_prompts(jsonl)
+    first, second = read_prompts(jsonl).prompts
     assert first.first_frame == "cat.png" and second.key == "cat2"
     reordered = tmp_path / "r.txt"
     reordered.write_text("a dog\na cat\n")
-    assert read_prompts(reordered)[1].key == first.key  # keys survive edits of the file
+    assert read_prompts(reordered).prompts[1].key == first.key  # keys survive edits of the file
     jsonl.write_text('{"prompt": "a cat", "key": "../up"}\n')
     with pytest.raises(PromptError, match="key '../up' is not a plain folder name"):
         read_prompts(jsonl)
@@ -213,16 +214,16 @@ def _fake_files(tmp_path):
     ]
 
 
-def test_cli_prints_each_failure_and_fails_only_when_nothing_sampled(tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(cli.VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
+def test_cli_prints_each_failure_and_fails_when_any_prompt_failed(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
     prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(PROMPTS))
+    prompts.write_text("\n".join(PROMPTS[:3] + ["  "] + PROMPTS[3:]))  # a 6-line file with a blank line
     with caplog.at_level("INFO", logger="cogvideo.sampling.job"):
         assert (
-            cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), *_fake_files(tmp_path)]) == 0
+            cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "o"), *_fake_files(tmp_path)]) == 1
         )
     out = capsys.readouterr().out
-    assert "3 of 5 prompts sampled, 2 failed" in out
+    assert "3 of 5 prompts sampled, 2 failed; 1 blank line(s) skipped (line 4)" in out
     assert "boom_goes_the_model_06f82209: failed: RuntimeError: the model exploded" in out
     assert "text budget" in out.split("one_two_three")[1]  # each failure's reason, not only in record.json
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
@@ -235,6 +236,14 @@ def test_cli_prints_each_failure_and_fails_only_when_nothing_sampled(tmp_path, c
         == 1
     )
     assert "0 of 1 prompts sampled, 1 failed" in capsys.readouterr().out
+    (tmp_path / "cat.txt").write_text("a cat plays\n")
+    assert (
+        cli.main(
+            ["--prompts", str(tmp_path / "cat.txt"), "--out", str(tmp_path / "c"), *_fake_files(tmp_path)]
+        )
+        == 0
+    )
+    assert "1 of 1 prompts sampled, 0 failed\n" in capsys.readouterr().out
 
 
 def test_contact_sheet_enlarges_frames_wraps_labels_and_draws_cjk(tmp_path, caplog):

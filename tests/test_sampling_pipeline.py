@@ -44,7 +44,9 @@ def _config(preset):  # tiny, with room for a real tokenizer's prompt
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     paths = {
-        "text_tokenizer": train_text_tokenizer(CAPTIONS, root / "text", vocab_size=90, byte_fallback=False)
+        "text_tokenizer": train_text_tokenizer(
+            CAPTIONS, root / "text", vocab_size=90, byte_fallback=False, preset="tiny"
+        )
     }
     for preset, seed in (("tiny", 0), ("tiny-stage2", 1)):
         cfg = _config(preset)
@@ -53,7 +55,7 @@ def assets(tmp_path_factory):
         paths[name] = save_model_checkpoint(root / preset, build_model(cfg).state_dict(), cfg)
     codebook = torch.rand(64, 4 * 4 * 3, generator=torch.Generator().manual_seed(2)) * 255
     paths["image_tokenizer"] = root / "image.safetensors"
-    PatchVQTokenizer(codebook, frame_size=16, tokens_side=4).save(paths["image_tokenizer"])
+    PatchVQTokenizer(codebook, frame_size=16, tokens_side=4, preset="tiny").save(paths["image_tokenizer"])
     paths["cluster_table"] = root / "clusters.npz"  # the release's cluster strategy is the default
     clusters_main(
         [

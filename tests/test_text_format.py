@@ -68,14 +68,16 @@ def test_checkpoints_carry_the_format_and_old_ones_read_as_the_release(tmp_path)
 
 def test_a_model_trained_on_another_template_samples_with_it(tmp_path):
     captions = ["[4s] a cat plays", "[2s] a dog runs", "clip", "a cat plays 视频 高清摄影"] * 3
-    text_model = train_text_tokenizer(captions, tmp_path / "text", vocab_size=80, byte_fallback=False)
+    text_model = train_text_tokenizer(
+        captions, tmp_path / "text", vocab_size=80, byte_fallback=False, preset="tiny"
+    )
     paths = {}
     for preset, fmt in (("tiny", CUSTOM), ("tiny-stage2", TextFormat())):
         cfg = get_preset(preset).replace(text_length=24, image_position_offset=24, max_position_embeddings=40)
         paths[preset] = save_model_checkpoint(
             tmp_path / preset, build_model(cfg).state_dict(), cfg, text_format=fmt
         )
-    PatchVQTokenizer(torch.rand(64, 48) * 255, frame_size=16, tokens_side=4).save(
+    PatchVQTokenizer(torch.rand(64, 48) * 255, frame_size=16, tokens_side=4, preset="tiny").save(
         tmp_path / "image.safetensors"
     )
     options = SampleOptions(

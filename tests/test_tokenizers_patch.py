@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import av
 import numpy as np
@@ -42,7 +43,12 @@ def shape_frames(count: int, seed: int, size: int = SIZE) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fitted():
     return fit_patch_tokenizer(
-        shape_frames(400, seed=0), codebook_size=128, frame_size=SIZE, tokens_side=SIDE, iterations=8
+        shape_frames(400, seed=0),
+        codebook_size=128,
+        frame_size=SIZE,
+        tokens_side=SIDE,
+        iterations=8,
+        preset="small",
     )
 
 
@@ -211,11 +217,11 @@ def test_bad_input_says_what_was_expected(fitted):
     with pytest.raises(ValueError, match=r"expected an integer array \[T, 4, 4\], got int64 \[1, 16\]"):
         fitted.decode(np.zeros((1, 16), np.int64))
     with pytest.raises(ValueError, match="needs at least as many distinct patches"):
-        fit_patch_tokenizer(np.zeros((4, SIZE, SIZE, 3), np.uint8), 8, SIZE, SIDE)
+        fit_patch_tokenizer(np.zeros((4, SIZE, SIZE, 3), np.uint8), 8, SIZE, SIDE, preset="small")
     with pytest.raises(ValueError, match="tokens_side: expected a divisor of frame_size=32, got 5"):
-        fit_patch_tokenizer(shape_frames(4, seed=0), 8, SIZE, 5)
+        fit_patch_tokenizer(shape_frames(4, seed=0), 8, SIZE, 5, preset="small")
     with pytest.raises(ValueError, match="codebook_size=6001 is above 6000; fit with context=False"):
-        fit_patch_tokenizer(shape_frames(4, seed=0), 6001, SIZE, SIDE)
+        fit_patch_tokenizer(shape_frames(4, seed=0), 6001, SIZE, SIDE, preset="small")
 
 
 def write_mp4(path, frames, fps=8):
@@ -233,12 +239,13 @@ def test_command_fits_from_images_and_videos(tmp_path, capsys):
     for i, frame in enumerate(frames[:120]):
         Image.fromarray(frame).save(tmp_path / "frames" / f"{i:04d}.png")
     write_mp4(tmp_path / "frames" / "clip.mp4", frames[120:])
-    read, sources = read_frames(str(tmp_path / "frames"), SIZE)
+    found = read_frames(str(tmp_path / "frames"), SIZE)
+    read, sources = found.frames, found.sources
     halved = frames.reshape(160, SIZE, 2, SIZE, 2, 3).astype(np.float64).mean((2, 4))  # 2x2 box filter
     assert read.shape == (160, SIZE, SIZE, 3) and list(sources) == list(range(120)) + [120] * 40
     np.testing.assert_allclose(read[:120], halved[:120], atol=1)
     assert psnr(halved[120:].round().astype(np.uint8), read[120:]) > 25  # lossy mpeg4
-    assert read_frames(str(tmp_path / "frames" / "*.png"), SIZE)[0].shape == (120, SIZE, SIZE, 3)
+    assert read_frames(str(tmp_path / "frames" / "*.png"), SIZE).frames.shape == (120, SIZE, SIZE, 3)
 
     out = tmp_path / "tok.safetensors"
     main(["preset=small", f"frames={tmp_path / 'frames'}", f"out={out}", "codebook_size=64", "iterations=4"])
@@ -248,7 +255,9 @@ def test_command_fits_from_images_and_videos(tmp_path, capsys):
         "reading frames" in captured.err and "4/4" in captured.err
     )  # progress: files, then k-means iterations
     assert "context table" in captured.err
-    held_out = re.search(r"held-out PSNR ([\d.]+) dB on (\d+) frames of (\d+) held-out file", printed)
+    held_out = re.search(r"held-out PSNR ([\d.]+) dB on (\d+) frames of (\d+) file\(s\): (\S+)", printed)
+    assert Path(held_out.group(4).rstrip(",")).parent == tmp_path / "frames"  # the held-out files, named
+    assert "Usable: over" in printed and "preset 'small' the demo's tokenizer reaches 27.4 dB" in printed
     assert (
         float(held_out.group(1)) > 19.0 and int(held_out.group(2)) >= 16
     )  # measured 20.4-20.8 dB, seeds 0-2
@@ -294,7 +303,9 @@ def test_held_out_split_keeps_files_whole():
 
 def test_kmeans_on_a_random_subset_of_patches():
     frames = shape_frames(100, seed=4)
-    tokenizer = fit_patch_tokenizer(frames, 32, SIZE, SIDE, iterations=2, max_patches=500, context=False)
+    tokenizer = fit_patch_tokenizer(
+        frames, 32, SIZE, SIDE, preset="small", iterations=2, max_patches=500, context=False
+    )
     p = tokenizer.patch_size
     patches = {tuple(cut(frame, r, c, p)) for frame in frames for r in range(SIDE) for c in range(SIDE)}
     assert tokenizer.context is None and tokenizer.codebook_size == 32

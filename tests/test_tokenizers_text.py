@@ -30,7 +30,9 @@ def captions() -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    return train_text_tokenizer(captions(), tmp_path_factory.mktemp("sp") / "captions", vocab_size=600)
+    return train_text_tokenizer(
+        captions(), tmp_path_factory.mktemp("sp") / "captions", vocab_size=600, preset="small"
+    )
 
 
 @pytest.fixture(scope="module")

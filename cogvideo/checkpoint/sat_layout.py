@@ -124,7 +124,7 @@ def backbone_args(cfg: ModelConfig, tensor_parallel: int) -> dict:
         "hidden_size": cfg.hidden_size,
         "num_attention_heads": cfg.num_heads,
         "vocab_size": cfg.vocab.vocab_size,
-        "max_sequence_length": cfg.max_position_embeddings,
+        "max_sequence_length": cfg.position_rows,
         "inner_hidden_size": cfg.ffn_hidden_size or None,
         "layernorm_epsilon": cfg.layernorm_epsilon,
         "layernorm_order": "sandwich",
@@ -290,9 +290,11 @@ def sat_model_config(
 ) -> ModelConfig:
     """Our (CogVideo) ModelConfig for SAT arguments (model_config.json): shape, vocabulary size,
     dropout, layout and window come from them; what SAT does not record (frame size in pixels,
-    the vocabulary's ranges when not icetk's) from `base`; `overrides` (dotted model fields) last."""
+    the vocabulary's ranges when not icetk's, the frames' position offset: fixed in the released
+    code) from `base`; `overrides` (dotted model fields) last."""
     base = base or get_preset("cogview2-6b")
     changes = dict(name=f"sat-{stage}", stage=stage, **backbone_fields(args, base))
+    changes["image_position_offset"] = base.position_offset  # the checkpoint's, whatever its text length
     if "layout" in args:
         text, first, total = parse_layout(args["layout"])
         frame_tokens = round((first - text) ** 0.5)

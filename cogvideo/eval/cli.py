@@ -25,7 +25,7 @@ def _fvd(args) -> dict:
     from cogvideo.eval.fvd import FVDProtocol, fvd_from_dirs
 
     protocol = FVDProtocol(num_frames=args.num_frames, features=args.features, short_videos=args.short_videos)
-    return fvd_from_dirs(
+    result = fvd_from_dirs(
         args.real,
         args.fake,
         args.real_split,
@@ -34,7 +34,11 @@ def _fvd(args) -> dict:
         args.fake_split,
         args.i3d_sdist,
         args.dtype,
-    ).to_dict()
+        progress=True,
+    )
+    for warning in result.warnings:
+        print(f"cogvideo-eval fvd: warning: {warning}", file=sys.stderr)
+    return result.to_dict()
 
 
 def _prompts(args) -> dict:
@@ -54,8 +58,8 @@ def _recon(args) -> dict:
     from cogvideo.metrics import reconstruction_report
     from cogvideo.video_io import list_videos, read_video
 
-    references = {p.stem: p for p in list_videos(args.reference)}
-    reconstructions = {p.stem: p for p in list_videos(args.reconstruction)}
+    references = {Path(p).stem: p for p in list_videos(args.reference).files}
+    reconstructions = {Path(p).stem: p for p in list_videos(args.reconstruction).files}
     missing = sorted(references.keys() - reconstructions.keys())
     if missing:
         raise ValueError(f"{args.reconstruction}: no reconstruction for {missing[:5]}")

@@ -11,6 +11,7 @@ from fp32 ones by about bf16's rounding (2^-8 relative), so compare FVDs of one 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -18,11 +19,12 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from cogvideo.eval.i3d import load_i3d
 from cogvideo.eval.i3d_convert import ensure_i3d_weights
 from cogvideo.precision import choose_precision, probe_shape
-from cogvideo.video_io import list_videos, read_video
+from cogvideo.video_io import VideoFileError, list_videos, read_video
 
 # I3D's typical product: a Mixed_4 3x3x3 convolution (96 -> 208 channels) as a matmul
 I3D_PROBE = probe_shape(1 << 16, 27 * 96, 208)
@@ -76,6 +78,8 @@ class VideoSet:
     resolutions: list[list[int]]  # distinct source [H, W]
     split: str
     resampled: int = 0  # videos shorter than num_frames, stretched in time (short_videos="resample")
+    skipped: list[str] = field(default_factory=list)  # "FILE: why" for each file that could not be read
+    ignored: int = 0  # files of the folder that are no videos by their suffix
 
 
 @dataclass
@@ -85,6 +89,7 @@ class FVDResult:
     fake: VideoSet
     protocol: FVDProtocol = field(default_factory=FVDProtocol)
     precision: str = "fp32"  # I3D's
+    warnings: list[str] = field(default_factory=list)  # what makes the number mean less (sample sizes)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "feature_description": FEATURES[self.protocol.features]}
@@ -159,15 +164,49 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
 
-def _load_set(directory: str | Path, protocol: FVDProtocol, split: str) -> tuple[list[np.ndarray], VideoSet]:
-    videos, fps, sizes, resampled = [], set(), set(), 0
-    for path in list_videos(directory):
-        frames, rate = read_video(path, max_frames=protocol.num_frames)
+def _load_set(
+    directory: str | Path, protocol: FVDProtocol, split: str, progress: bool = False
+) -> tuple[list[np.ndarray], VideoSet]:
+    """The protocol's frames of every video of a folder; a file that cannot be read is skipped and
+    named (the rule data preparation follows), other files counted as ignored."""
+    listing = list_videos(directory)
+    videos, fps, sizes, resampled, skipped = [], set(), set(), 0, []
+    for path in tqdm(
+        listing.files, desc=f"reading {split}", unit="video", disable=not progress, file=sys.stderr
+    ):
+        try:
+            frames, rate = read_video(path, max_frames=protocol.num_frames)
+        except VideoFileError as err:
+            skipped.append(err.detail)
+            tqdm.write(f"skipping {err.detail}", file=sys.stderr)
+            continue
         resampled += len(frames) < protocol.num_frames
         videos.append(protocol.clip_frames(frames, str(path)))
         fps.add(round(rate, 3))
         sizes.add(frames.shape[1:3])
-    return videos, VideoSet(len(videos), sorted(fps), [list(s) for s in sorted(sizes)], split, resampled)
+    found = VideoSet(
+        len(videos),
+        sorted(fps),
+        [list(s) for s in sorted(sizes)],
+        split,
+        resampled,
+        skipped,
+        len(listing.ignored),
+    )
+    return videos, found
+
+
+def sample_size_warnings(real: VideoSet, fake: VideoSet, dimension: int) -> list[str]:
+    """Fewer videos than feature dimensions: each side's covariance is rank-deficient (rank N - 1)
+    and the distance mostly measures which videos happened to be drawn."""
+    small = [f"{s.count} {s.split}" for s in (real, fake) if s.count < dimension]
+    if not small:
+        return []
+    return [
+        f"FVD from {real.count} {real.split} and {fake.count} {fake.split} videos: {' and '.join(small)} are fewer "
+        f"than the {dimension} feature dimensions, so the score mostly reflects which videos were drawn; compare it "
+        f"only with FVDs of the same counts (published FVDs use thousands, e.g. 2048 per side)"
+    ]
 
 
 def fvd_from_dirs(
@@ -179,14 +218,24 @@ def fvd_from_dirs(
     fake_split: str = "generated",
     sdist: str | Path | None = None,
     precision: str = "auto",
+    progress: bool = False,
 ) -> FVDResult:
     extractor = I3DFeatures(weights, protocol, sdist=sdist, precision=precision)
-    real, real_set = _load_set(real_dir, protocol, real_split)
-    fake, fake_set = _load_set(fake_dir, protocol, fake_split)
+    real, real_set = _load_set(real_dir, protocol, real_split, progress)
+    fake, fake_set = _load_set(fake_dir, protocol, fake_split, progress)
+    features = [
+        extractor(
+            tqdm(
+                videos, desc=f"I3D features ({s.split})", unit="video", disable=not progress, file=sys.stderr
+            )
+        )
+        for videos, s in ((real, real_set), (fake, fake_set))
+    ]
     return FVDResult(
-        frechet_distance(extractor(real), extractor(fake)),
+        frechet_distance(*features),
         real_set,
         fake_set,
         protocol,
         extractor.precision.precision,
+        sample_size_warnings(real_set, fake_set, features[0].shape[1]),
     )

@@ -204,6 +204,15 @@ def _accuracy(pairs: list[tuple[tuple, VideoAnalysis]]) -> dict:
     return out
 
 
+def _increasing(means: list[float], durations: list[float]) -> bool | str:
+    """Whether the mean displacement grows with the duration prefix; "not measured" (and why) where
+    fewer than two durations have scored videos."""
+    if len(means) < 2:
+        seen = f"only {durations[0]:g} s" if durations else "none"
+        return f"not measured: scored videos of two or more durations are needed ({seen})"
+    return bool(all(np.diff(means) > 0))
+
+
 def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
     """Accuracy against the prompts (all, held-out combinations, seen ones; each also by duration
     prefix), the fraction of videos whose colour and shape stay constant, and displacement per frame grouped by the duration prefix (mean, spread and the
@@ -237,7 +246,7 @@ def score(entries: list[ManifestEntry], analyses: list[VideoAnalysis]) -> dict:
             for name, keep in sets.items()
         },
         "displacement_by_duration": displacement,
-        "displacement_increases_with_duration": bool(len(means) > 1 and all(np.diff(means) > 0)),
+        "displacement_increases_with_duration": _increasing(means, sorted(by_duration)),
         "videos": [
             {
                 "file": str(e.file),

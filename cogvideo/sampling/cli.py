@@ -3,26 +3,57 @@
 cogvideo-sample --prompts prompts.txt --out samples/ --config sample.yaml seed=7 stage1_guidance=2.5
 cogvideo-sample --prompts prompts.txt --out samples/ --ray [--address auto] workers=8 device=cuda
 torchrun --nproc-per-node 2 -m cogvideo.sampling.cli --prompts p.txt --out s/ tensor_parallel=2
+cogvideo-sample --family hpdm --prompts prompts.txt --out s/ checkpoint=ckpt/ text_tokenizer=text.model
+
+The options are the family's (`--family`, CogVideo's by default; `--help` lists them): its
+sampler (`ModelFamily.sampler`, "module:Class.load") names the pipeline, whose `options_class`
+they are. Every family's pipeline runs in the same job (resume, Ray actors, records, manifest).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import importlib
 import logging
 import sys
 
 from cogvideo.configio import ConfigError, config_parser, load_config
 from cogvideo.raystart import RayStartError
 from cogvideo.sampling.job import run_job
-from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.pipeline import OptionsError, VideoPipeline, check_options
+from cogvideo.sampling.pipeline import OptionsError, check_options
 from cogvideo.sampling.prompts import PromptError, read_prompts
 
 
+def family_pipeline(name: str):
+    """The pipeline class a family samples with: its `sampler` ("module:Class" or
+    "module:Class.load"), a class with `options_class` and `load(options)`."""
+    from cogvideo.family import get_family
+
+    family = get_family(name)
+    target = None
+    if family.sampler is not None:
+        module, attribute = family.sampler.split(":")
+        target = importlib.import_module(module)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+        target = getattr(target, "__self__", target)  # a classmethod names its class
+    if not hasattr(target, "options_class"):
+        raise ValueError(f"--family {name}: this family has no cogvideo-sample pipeline")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(
-        SampleOptions, "cogvideo-sample", "Hierarchical CogVideo sampling for a file of prompts"
-    )
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--family", default="cogvideo")
+    try:
+        pipeline = family_pipeline(first.parse_known_args(argv)[0].family)
+    except ValueError as err:
+        print(f"cogvideo-sample: {err}", file=sys.stderr)
+        return 2
+    options_class = pipeline.options_class
+    parser = config_parser(options_class, "cogvideo-sample", "Sample videos for a file of prompts")
+    parser.add_argument("--family", default="cogvideo", help="the model family sampled (its options below)")
     parser.add_argument(
         "--prompts", required=True, help="one prompt per line, or .jsonl with prompt/first_frame"
     )
@@ -32,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        options = load_config(SampleOptions, args.config, args.overrides)
+        options = load_config(options_class, args.config, args.overrides)
     except (ConfigError, ValueError) as err:  # an unknown key or a bad value: nothing else can be checked
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 2
@@ -42,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as err:
         problems += str(err).splitlines()
     try:
-        prompts = read_prompts(args.prompts)
+        prompt_file = read_prompts(args.prompts)
     except PromptError as err:
         problems.append(str(err))
     if problems:  # all of them at once, before any model, process group or Ray starts
@@ -51,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         manifest = run_job(
-            prompts,
+            prompt_file.prompts,
             args.out,
             options,
-            functools.partial(VideoPipeline.load, options),
+            functools.partial(pipeline.load, options),
             use_ray=args.ray,
             address=args.address,
         )
@@ -64,16 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     except RayStartError as err:
         print(f"cogvideo-sample: {err}", file=sys.stderr)
         return 1
-    return 0 if manifest is None else report(args.out, manifest)
+    return 0 if manifest is None else report(args.out, manifest, prompt_file.skipped())
 
 
-def report(out: str, manifest: dict) -> int:
-    """The run's summary with every failure's reason; non-zero only when no prompt was sampled."""
-    print(f"{out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed")
+def report(out: str, manifest: dict, skipped: str = "") -> int:
+    """The run's summary with every failure's reason and the prompt file's skipped lines; non-zero
+    when any prompt failed (a rerun samples only those)."""
+    print(
+        f"{out}: {manifest['ok']} of {manifest['prompts']} prompts sampled, {manifest['failed']} failed"
+        + (f"; {skipped}" if skipped else "")
+    )
     for entry in manifest["entries"]:
         if entry["status"] != "ok":
             print(f"  {entry['key']}: {entry['status']}: {entry.get('error', 'no record (interrupted?)')}")
-    return 1 if manifest["ok"] == 0 else 0
+    return 1 if manifest["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -141,16 +141,17 @@ def write_contact_sheet(path: Path, rows: list[tuple[str, Path]]) -> None:
 
 
 def write_video_entry(
-    entry: Path, codes: np.ndarray, frames: np.ndarray, fps: float, extra_codes: dict | None = None
+    entry: Path, codes: np.ndarray | None, frames: np.ndarray, fps: float, extra_codes: dict | None = None
 ) -> dict:
-    """Everything but record.json for one prompt; returns the files written. `extra_codes`:
-    more code arrays by name (e.g. "codes_low", the frames before super-resolution), as NAME.npy."""
+    """Everything but record.json for one prompt; returns the files written. `codes`: a token
+    model's image codes (None for a pixel-space model); `extra_codes`: more code arrays by name
+    (e.g. "codes_low", the frames before super-resolution), as NAME.npy."""
     entry.mkdir(parents=True, exist_ok=True)
-    np.save(entry / "codes.npy", codes)
-    for name, array in (extra_codes or {}).items():
+    arrays = ({} if codes is None else {"codes": codes}) | (extra_codes or {})
+    for name, array in arrays.items():
         np.save(entry / f"{name}.npy", array)
     write_mp4(entry / "video.mp4", frames, fps)
     write_gif(entry / "video.gif", frames, fps)
     write_sheet_row(entry / "sheet_row.png", frames)
-    files = {"mp4": "video.mp4", "gif": "video.gif", "codes": "codes.npy", "sheet_row": "sheet_row.png"}
-    return files | {name: f"{name}.npy" for name in extra_codes or {}}
+    files = {"mp4": "video.mp4", "gif": "video.gif", "sheet_row": "sheet_row.png"}
+    return files | {name: f"{name}.npy" for name in arrays}

@@ -82,6 +82,8 @@ def _super_resolution(options: SampleOptions, stage1: StageModel, text_tokenizer
 
 
 class VideoPipeline:
+    options_class = SampleOptions  # cogvideo-sample's options for this family
+
     def __init__(
         self,
         options: SampleOptions,

@@ -31,16 +31,34 @@ def _key(text: str) -> str:
     return f"{words}_{digest}" if words else digest
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """One prompt per line (blank lines and `#` comments skipped), or a `.jsonl` file of
-    {"prompt": ..., "first_frame": optional image path, "key": optional name}."""
+@dataclass(frozen=True)
+class PromptFile:
+    prompts: list[Prompt]
+    blank_lines: list[int]  # line numbers of the blank lines skipped
+    comments: int = 0  # `#` lines
+
+    def skipped(self) -> str:
+        """ "" or what was skipped, e.g. "1 blank line skipped (line 4)"."""
+        if not self.blank_lines:
+            return ""
+        lines = ", ".join(map(str, self.blank_lines[:10])) + (", ..." if len(self.blank_lines) > 10 else "")
+        return f"{len(self.blank_lines)} blank line(s) skipped (line {lines})"
+
+
+def read_prompts(path: str | Path) -> PromptFile:
+    """One prompt per line (blank lines and `#` comments skipped, and counted), or a `.jsonl` file
+    of {"prompt": ..., "first_frame": optional image path, "key": optional name}."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}")
-    prompts, lines = [], {}
+    prompts, lines, blank, comments = [], {}, [], 0
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith("#"):
+        if not line:
+            blank.append(lineno)
+            continue
+        if line.startswith("#"):
+            comments += 1
             continue
         if path.suffix == ".jsonl":
             try:
@@ -65,7 +83,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         prompts.append(prompt)
     if not prompts:
         raise PromptError(f"{path}: no prompts (empty file)")
-    return prompts
+    return PromptFile(prompts, blank, comments)
 
 
 class TextBudgetError(ValueError):

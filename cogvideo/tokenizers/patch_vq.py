@@ -174,6 +174,10 @@ class PatchVQTokenizer:
         return self._codebook.cpu().numpy().copy()
 
     def save(self, path: str | Path) -> None:
+        """Write the tokenizer; it must record the model preset it was fitted for, which data
+        preparation reads back (ValueError otherwise)."""
+        if not self.preset:
+            raise ValueError(f"{path}: a tokenizer file records its model preset: give preset=NAME")
         tensors = {"codebook": self._codebook.cpu().contiguous()}
         if self.context is not None:
             tensors["context_keys"] = torch.from_numpy(self.context[0])
@@ -188,7 +192,7 @@ class PatchVQTokenizer:
                 "frame_size": str(self.frame_size),
                 "tokens_side": str(self.tokens_side),
                 "colour_weight": repr(self.colour_weight),
-                **({"preset": self.preset} if self.preset else {}),
+                "preset": self.preset,
             },
         )
 

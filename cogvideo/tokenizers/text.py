@@ -8,18 +8,18 @@ trained on your own captions with :func:`train_text_tokenizer` /
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
+import numpy as np
 import sentencepiece as spm
 
+from cogvideo.captions import CaptionRow, CaptionsFileError, read_captions, usable_captions
 from cogvideo.config import ModelConfig, preset_setting
 from cogvideo.configio import ConfigError, config_parser, parse_config
-from cogvideo.text_format import TextFormat
+from cogvideo.text_format import RELEASE_FRAME_RATES, TextFormat
 from cogvideo.tokenizers.icetk_files import ICETK_TEXT_MODEL, resolve_icetk_file
 from cogvideo.vocab import SEPARATOR_PIECE, TEXT_PAD_PIECE, VocabLayout
 
@@ -100,32 +100,65 @@ class TextTokenizer:
 
 
 def _read_captions(captions: list[str] | str | Path) -> list[str]:
-    """Captions from a list, or a file: one per line, or the ``caption`` column of the CSV / JSONL
-    captions file that ``cogvideo-prep --captions`` reads."""
+    """Captions from a list, or a file as cogvideo.captions reads it (one per line, or the caption
+    column of the CSV / JSONL captions file that ``cogvideo-prep --captions`` reads); rows without a
+    usable caption are left out."""
     if isinstance(captions, (str, Path)):
-        path = Path(captions)
-        if not path.is_file():
-            raise FileNotFoundError(f"caption file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".csv":
-            reader = csv.DictReader(io.StringIO(text))
-            if "caption" not in (reader.fieldnames or []):
-                raise ValueError(
-                    f"{path}: expected a CSV header with a caption column, got {reader.fieldnames}"
-                )
-            captions = [row["caption"] or "" for row in reader]
-        elif path.suffix.lower() in (".jsonl", ".json"):
-            try:
-                captions = [
-                    str(json.loads(line).get("caption", "")) for line in text.splitlines() if line.strip()
-                ]
-            except (json.JSONDecodeError, AttributeError) as err:
-                raise ValueError(f"{path}: expected JSON lines with a caption key ({err})") from None
-        else:
-            captions = text.splitlines()
+        if not Path(captions).is_file():
+            raise FileNotFoundError(f"caption file not found: {captions}")
+        captions = [row.caption for row in usable_captions(read_captions(captions, need_paths=False))[0]]
     lines = [line.strip() for line in captions if line.strip()]
     if not lines:
         raise ValueError("no captions to train the text tokenizer on")
+    return lines
+
+
+def caption_lengths(
+    encode: Callable[[str], list[int]],
+    rows: list[CaptionRow],
+    num_frames: int,
+    text_format: TextFormat = TextFormat(),
+) -> list[tuple[int, CaptionRow]]:
+    """(text tokens, row) per usable caption, longest first: the caption as training composes it,
+    with the longest duration prefix of the release's frame rates for `num_frames` frames."""
+    durations = [(num_frames - 1) / fps for fps in RELEASE_FRAME_RATES] if num_frames > 1 else [None]
+    lengths = [
+        (max(len(encode(text_format.text(row.caption, d))) for d in durations), row)
+        for row in usable_captions(rows)[0]
+    ]
+    return sorted(lengths, key=lambda item: -item[0])
+
+
+def unusable_line(rows: list[CaptionRow], named: int = 3) -> list[str]:
+    """One line naming the rows left out for having no usable caption, if any."""
+    bad = usable_captions(rows)[1]
+    if not bad:
+        return []
+    listed = ", ".join(f"{row.where} ({row.problem})" for row in bad[:named])
+    return [
+        f"left out: {len(bad)} row(s) without a usable caption: {listed}{' ...' if len(bad) > named else ''}"
+    ]
+
+
+def length_report(lengths: list[tuple[int, CaptionRow]], cfg: ModelConfig, named: int = 3) -> list[str]:
+    """The caption-length distribution in text tokens against the model's text budget, naming the
+    longest rows that do not fit and the model.text_length that holds every caption."""
+    if not lengths:
+        return ["caption lengths: no usable captions"]
+    tokens = np.array([n for n, _ in lengths])
+    over = [(n, row) for n, row in lengths if n > cfg.text_length]
+    lines = [
+        f"caption lengths in text tokens (duration prefix included) over {len(tokens)} captions: median "
+        f"{np.median(tokens):g}, 90th percentile {np.percentile(tokens, 90):g}, longest {tokens.max()}",
+        f"model.text_length={cfg.text_length} (preset {cfg.name}) holds {len(tokens) - len(over)} of {len(tokens)} "
+        f"({100 * (len(tokens) - len(over)) / len(tokens):.0f} %)",
+    ]
+    if over:
+        listed = "; ".join(f"{row.where}: {n} tokens" for n, row in over[:named])
+        lines.append(
+            f"longer: {listed}{' ...' if len(over) > named else ''}; train with model.text_length={tokens.max()} to "
+            f"hold every caption (the positions after the text follow it), or shorten them"
+        )
     return lines
 
 
@@ -136,8 +169,11 @@ def train_text_tokenizer(
     model_type: str = "unigram",
     byte_fallback: bool = True,
     character_coverage: float = 1.0,
+    *,
+    preset: str,
 ) -> Path:
-    """Train a SentencePiece model compatible with ``VocabLayout.compact`` (pad = piece 0).
+    """Train a SentencePiece model compatible with ``VocabLayout.compact`` (pad = piece 0) for the
+    model preset ``preset``, recorded with what was fitted in ``<out_prefix>.json``.
 
     Pieces: 0 ``<pad>``, 1 ``<unk>``, 2 ``<n>``, then (with byte fallback) the 256 byte
     pieces, then learned pieces. ``character_coverage`` 1.0 keeps every character of the
@@ -146,6 +182,7 @@ def train_text_tokenizer(
     ``vocab_size`` is an upper bound: a small caption set yields fewer pieces.
     Returns ``<out_prefix>.model``.
     """
+    num_text_tokens = preset_setting(preset).vocab.num_text_tokens
     lines = _read_captions(captions)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +205,18 @@ def train_text_tokenizer(
         num_threads=1,
         minloglevel=2,
     )
-    return out_prefix.with_name(out_prefix.name + ".model")
+    model = out_prefix.with_name(out_prefix.name + ".model")
+    metadata = {
+        "format": "cogvideo-text-tokenizer",
+        "preset": preset,
+        "pieces": spm.SentencePieceProcessor(model_file=str(model)).GetPieceSize(),
+        "num_text_tokens": num_text_tokens,
+        "vocab_size": vocab_size,
+        "character_coverage": character_coverage,
+        "captions": str(captions) if isinstance(captions, (str, Path)) else f"{len(lines)} captions",
+    }
+    metadata_path(model).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+    return model
 
 
 def metadata_path(model_file: str | Path) -> Path:
@@ -241,8 +289,11 @@ def main(argv: list[str] | None = None) -> None:
             cfg.model_type,
             byte_fallback=cfg.byte_fallback,
             character_coverage=cfg.character_coverage,
+            preset=cfg.preset,
         )
     except FileNotFoundError as err:
+        parser.exit(2, f"{parser.prog}: captions: {err}\n")
+    except CaptionsFileError as err:
         parser.exit(2, f"{parser.prog}: captions: {err}\n")
     except (ValueError, RuntimeError) as err:  # SentencePiece reports bad settings as RuntimeError
         reason = str(err).strip().splitlines()[-1].split("] ")[-1].split(" Increase vocab_size")[0]
@@ -253,26 +304,17 @@ def main(argv: list[str] | None = None) -> None:
             else ""
         )
         parser.exit(2, f"{parser.prog}: SentencePiece: {reason}{hint}\n")
-    pieces = spm.SentencePieceProcessor(model_file=str(path)).GetPieceSize()
-    metadata_path(path).write_text(
-        json.dumps(
-            {
-                "format": "cogvideo-text-tokenizer",
-                "preset": cfg.preset,
-                "pieces": pieces,
-                "num_text_tokens": cfg.model_config().vocab.num_text_tokens,
-                "vocab_size": vocab_size,
-                "character_coverage": cfg.character_coverage,
-                "captions": cfg.captions,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    pieces = json.loads(metadata_path(path).read_text())["pieces"]
     print(
         f"wrote {path}: {pieces} pieces, fits preset {cfg.preset!r} (vocab.num_text_tokens="
         f"{cfg.model_config().vocab.num_text_tokens}); train with data.text_tokenizer={path}"
     )
+    model = cfg.model_config()
+    rows = read_captions(cfg.captions, need_paths=False)
+    for line in unusable_line(rows) + length_report(
+        caption_lengths(TextTokenizer(path, model.vocab).encode, rows, model.num_frames), model
+    ):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -88,11 +88,11 @@ def local_attention(q, k_high, v_high, k_low, v_low, win: Windows, dropout: floa
         with parallel.model_parallel_rng(q.device):
             probs = F.dropout(probs, dropout)
     vl, vh = _low_grid(v_low, win), _high_grid(v_high, win)
-    out = torch.zeros_like(q_low)
+    out = torch.zeros_like(q_low)  # accumulated in place, one fused multiply-add per window cell
     for i, (a, b) in enumerate(win.low):
-        out = out + probs[..., i].view(B, H, r, s, r, s, 1) * _low_cells(vl, win, a, b)
+        out.addcmul_(probs[..., i].view(B, H, r, s, r, s, 1), _low_cells(vl, win, a, b))
     out = out.view(B, H, R, R, d)
     first = len(win.low)
     for i, (a, b) in enumerate(win.high):
-        out = out + probs[..., first + i, None] * _high_cells(vh, win, a, b)
+        out.addcmul_(probs[..., first + i, None], _high_cells(vh, win, a, b))
     return out.view(B, H, N, d)

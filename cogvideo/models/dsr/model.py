@@ -25,7 +25,7 @@ from torch import nn
 
 from cogvideo import parallel
 from cogvideo.attention import attend
-from cogvideo.model import Attention, TransformerLayer
+from cogvideo.model import Attention, TransformerLayer, is_backbone_param
 from cogvideo.model import init_weights as backbone_init
 from cogvideo.models.dsr.config import DsrConfig
 from cogvideo.models.dsr.layout import context_mask, high_res_keys, position_ids, text_pads
@@ -171,11 +171,12 @@ def init_from_backbone(backbone: dict, cfg: DsrConfig) -> dict:
     each layer's high-res attention a copy of its backbone attention (QKV and output
     projection), and the high-res position table the backbone's image rows (from
     `image_position_offset`) tiled over the high-res grid:
-    high[R * side_high + C] = base[offset + side_low * (R % side_low) + C % side_low]."""
+    high[R * side_high + C] = base[offset + side_low * (R % side_low) + C % side_low].
+    A CogVideo stage's state dict gives its backbone (its temporal parts are left out)."""
     table = backbone.get("position_embeddings.weight")
     if table is None or any(is_dsr_param(k) for k in backbone):
         raise ValueError("init_from_backbone: expects a CogView2 backbone state dict (no DSR parameters)")
-    out = dict(backbone)
+    out = {name: tensor for name, tensor in backbone.items() if is_backbone_param(name)}
     for i in range(cfg.num_layers):
         for part in ("query_key_value", "dense"):
             for kind in ("weight", "bias"):

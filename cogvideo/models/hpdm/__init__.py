@@ -67,6 +67,9 @@ FAMILY = register(
         shard_kind="frames",
         prep_encoder="frames",
         sample_problem=_sample_problem,
+        sampler="cogvideo.models.hpdm.sampling:HPDMPipeline.load",
+        # the supplement: mixed precision (autocast or manual, fp16 or bf16) converged worse
+        auto_excludes=("bf16", "fp16"),
         planner=PlannerModel(
             describe=planner.describe,
             activation_bytes=planner.activation_bytes,

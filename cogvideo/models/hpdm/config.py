@@ -183,7 +183,7 @@ def _ucf(name: str, latent_dim: int) -> HPDMConfig:
 
 
 PRESETS = {
-    "hpdm-demo": HPDMConfig,
+    "hpdm-demo": lambda: HPDMConfig(condition="text"),  # the demo's synthetic world is captioned
     "hpdm-s": lambda: _ucf("hpdm-s", 256),
     "hpdm-m": lambda: _ucf("hpdm-m", 512),
     "hpdm-l": lambda: _ucf("hpdm-l", 1024),

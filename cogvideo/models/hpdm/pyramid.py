@@ -127,3 +127,25 @@ def tile_weights(sizes, device=None) -> torch.Tensor:
     """The separable blending window of a tile of `sizes` (T, H, W)."""
     t, h, w = (window(n, device) for n in sizes)
     return t[:, None, None] * h[None, :, None] * w[None, None, :]
+
+
+def seam_contrast(cfg: HPDMConfig, video: torch.Tensor, overlap: tuple[float, float]) -> tuple[float, float]:
+    """How visible the tiles are in a finished finest level, video [3 or C, T, H, W]: the mean
+    absolute difference between neighbouring pixels across the tiles' edges (every row and column
+    where a tile starts or ends) and inside the tiles (every other neighbouring pair), over height
+    and width. Seamless: across <= inside."""
+    size = tuple(video.shape[1:])
+    tiles = tile_offsets(cfg, size, overlap)
+    across, inside = [], []
+    for axis in (1, 2):  # height, width
+        edges = {o[axis] for o in tiles} | {o[axis] + cfg.patch[axis] for o in tiles}
+        edges -= {0, size[axis]}
+        steps = (
+            video.double().diff(dim=axis + 1).abs().mean(dim=[d for d in range(video.dim()) if d != axis + 1])
+        )
+        # steps[i] is the difference between pixel i and i + 1: across an edge at e when i = e - 1
+        is_edge = torch.zeros(size[axis] - 1, dtype=torch.bool)
+        is_edge[[e - 1 for e in sorted(edges)]] = True
+        across.append(steps[is_edge])
+        inside.append(steps[~is_edge])
+    return float(torch.cat(across).mean()), float(torch.cat(inside).mean())

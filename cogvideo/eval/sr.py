@@ -1,0 +1,52 @@
+"""Super-resolution quality (the demo's DSR figures): the SR frames and a bicubic upsampling of
+the same low-res frames, both against the rendered high-res reference, and frame-to-frame flicker.
+
+    quality = sr_quality(reference, sr, low)   # {"sr": {psnr_db, ssim}, "bicubic": {...}}
+    flicker(sr), flicker(upsample_bicubic(low, side))
+
+PSNR and SSIM are cogvideo/metrics.py's (uint8 RGB, per frame, averaged over frames). Flicker is
+the mean absolute difference of consecutive frames in uint8 levels: DSR samples each frame alone,
+so whatever it adds over the low-res video's own change between frames (measured on its bicubic
+upsampling, at the same scale) is flicker.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from cogvideo.metrics import psnr_per_frame, ssim_per_frame
+
+
+def upsample_bicubic(frames: np.ndarray, side: int) -> np.ndarray:
+    """uint8 [T, h, w, 3] -> [T, side, side, 3], PIL's bicubic filter frame by frame."""
+    frames = np.asarray(frames, dtype=np.uint8)
+    return np.stack([np.asarray(Image.fromarray(f).resize((side, side), Image.BICUBIC)) for f in frames])
+
+
+def _scores(reference: np.ndarray, frames: np.ndarray) -> dict:
+    return {
+        "psnr_db": float(psnr_per_frame(reference, frames).mean()),
+        "ssim": float(ssim_per_frame(reference, frames).mean()),
+    }
+
+
+def sr_quality(reference: np.ndarray, sr: np.ndarray, low: np.ndarray) -> dict:
+    """Mean per-frame PSNR / SSIM of the SR frames and of the bicubic upsampling of `low` (the
+    frames SR was given, decoded), both against `reference` [T, H, W, 3]."""
+    reference = np.asarray(reference)
+    if len(low) != len(reference) or np.shape(sr) != reference.shape:
+        raise ValueError(
+            f"sr_quality: reference {list(reference.shape)}, sr {list(np.shape(sr))} and low "
+            f"{list(np.shape(low))} must hold the same frames"
+        )
+    bicubic = upsample_bicubic(low, reference.shape[1])
+    return {"sr": _scores(reference, sr), "bicubic": _scores(reference, bicubic)}
+
+
+def flicker(frames: np.ndarray) -> float:
+    """Mean absolute difference between consecutive frames (uint8 levels; 0 for one frame)."""
+    frames = np.asarray(frames, dtype=np.float64)
+    if len(frames) < 2:
+        return 0.0
+    return float(np.abs(np.diff(frames, axis=0)).mean())
