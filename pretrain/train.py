@@ -460,9 +460,15 @@ def preflight(args: argparse.Namespace, world_size: int):
     counts = count_parameters(model_cfg)
     say(
         f"model {model_label(model_cfg)}: {counts.trainable:,} of {counts.total:,} parameters train"
-        + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)")
+        + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen{_frozen_by(model_cfg)})")
     )
     return cfg, model_cfg, shards, encode, resume
+
+
+def _frozen_by(model_cfg) -> str:
+    """What froze them, where a config field says so (CogVideo's backbone)."""
+    fields = {f.name for f in dataclasses.fields(model_cfg)}
+    return ": model.train_backbone=false" if "train_backbone" in fields else " by the model family"
 
 
 def worker_arguments(args: argparse.Namespace) -> list[str]:

@@ -152,3 +152,14 @@ def test_cogvideo_plan_plans_phase_generator_under_tensor_parallelism(capsys):
     out = capsys.readouterr().out
     assert out.startswith("glober-sky-256-dit (phase generator)") and "TP 2 x DP 4" in out
     assert "tensor-parallel all-reduces" in out and "activations" in out
+
+
+def test_counting_flops_and_activations_leaves_torchs_generator_alone():
+    """The trainer counts FLOPs after restoring a checkpoint's RNG states: counting must not draw."""
+    family = get_family("glober")
+    cfg = resolve_model_section({"family": "glober", "preset": "glober-tiny", "kl_weight": 2e-6})  # uncached
+    before = torch.get_rng_state()
+    family.train_flops(cfg)
+    family.planner.activation_bytes(cfg, 1, 1, "fp32", False)
+    family.planner.recompute_flops(cfg.replace(activation_checkpointing=True))
+    assert torch.equal(torch.get_rng_state(), before)

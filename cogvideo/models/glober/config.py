@@ -264,16 +264,12 @@ class GloberConfig:
             )
 
     def _check_splits(self, tensor_parallel: int) -> None:
-        """Tensor parallelism splits the DiT: its heads, MLP and caption embedding rows."""
+        """Tensor parallelism splits the DiT: its heads, MLP and caption embedding rows (phase
+        autoencoder has no DiT: every TP rank holds and runs the whole auto-encoder)."""
         if tensor_parallel < 1:
             raise ValueError(f"parallel.tensor_parallel must be >= 1, got {tensor_parallel}")
         if tensor_parallel == 1:
             return
-        if self.phase != "generator":
-            raise ValueError(
-                f"parallel.tensor_parallel={tensor_parallel}: GLOBER's TP plan splits the DiT, which only "
-                "phase generator trains; train phase autoencoder with tensor_parallel=1 (data parallel)"
-            )
         for key, size in (
             ("dit.num_heads", self.dit.num_heads),
             ("dit.mlp_ratio * hidden_size", self.dit.mlp_ratio * self.dit.hidden_size),

@@ -36,7 +36,9 @@ def meta_batch(cfg: GloberConfig, batch: int = 1) -> dict[str, torch.Tensor]:
 
 
 def _counted(run) -> float:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of run() and its backward; the losses' random draws leave torch's generator as it was
+    (the trainer counts FLOPs after restoring a checkpoint's RNG states)."""
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
         loss = run()
         if loss.requires_grad:
             loss.backward()
@@ -66,7 +68,7 @@ def train_flops(build: Callable, cfg: GloberConfig) -> float:
 @functools.lru_cache(maxsize=16)
 def _recomputed(build: Callable, key: tuple) -> float:
     cfg = GloberConfig(*key)
-    with torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = build(cfg)
         batch = meta_batch(cfg)
         t = torch.zeros(2, dtype=torch.long)

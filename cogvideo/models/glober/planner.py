@@ -64,7 +64,11 @@ def _saved(build: Callable, key: tuple, dtype: str) -> tuple[float, float]:
         return t
 
     attention = mock.patch.object(F, "scaled_dot_product_attention", fused_attention)
-    with attention, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        torch.random.fork_rng(devices=[]),
+        attention,
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         if cfg.phase == "generator":
             generator_loss(cfg, model.autoencoder, model.dit, batch)
         else:
