@@ -2,8 +2,9 @@
 speed does not depend on them), at the published grid pair 20 x 20 -> 60 x 60 on a narrow model:
 
 1. the high-res attention: the plain-PyTorch local windows (cogvideo/models/dsr/local_attention.py)
-   against the dense-mask path over all low-res + high-res keys: time and peak memory (target: the
-   local path's memory grows with the window, several times below the dense path's);
+   against the dense-mask path over all low-res + high-res keys, in torch's fused kernels (which
+   never hold the scores) and its math kernel (which holds queries x all keys, as the release's
+   and any unfused attention does): time and peak memory;
 2. super-resolution throughput (one forward + the cluster step over every high-res slot, frames
    `--frames` at a time) in frames/s against the matmul roofline measured here
    (cogvideo.precision.matmul_rates at the run's row count and width): roofline frames/s =
@@ -21,6 +22,8 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.memtrack import LiveTensorBytes
 from cogvideo.family import any_preset, build_model
@@ -100,11 +103,18 @@ def attention(cfg, args, dtype) -> None:
     windows = Windows(cfg, q.device)
     mask = high_res_keys(cfg).to(q.device)
     keys, values = torch.cat([kl, kh], dim=2), torch.cat([vl, vh], dim=2)
-    paths = {
+
+    def dense(backends):
+        def run():
+            with sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+        return run
+
+    paths = {  # the fused kernels never hold the scores; the math kernel holds queries x all keys
         "local windows": lambda: local_attention(q, kh, vh, kl, vl, windows),
-        "dense mask": lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask
-        ),
+        "dense, fused": dense([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]),
+        "dense, math": dense([SDPBackend.MATH]),
     }
     print(
         f"\n1. high-res attention, {args.frames} frames x {heads} heads x {N} queries, d={d}; mask {N} x {n + N}"

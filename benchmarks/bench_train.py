@@ -103,7 +103,8 @@ def single_rank_trainer(config: str | None, shards: list[str], overrides: list[s
     """The trainer as the only rank of this process, stepped by the caller: it never stops,
     checkpoints or logs on its own."""
     from pretrain.config import check_config, load_train_config
-    from pretrain.train import Trainer, text_encoder
+    from pretrain.startup import text_encoder
+    from pretrain.train import Trainer
 
     os.environ.update(
         RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())

@@ -12,7 +12,9 @@ so every rule is tested and ``--dry-run`` prints what would run for a given allo
     python -m cluster.slurm_env ray-submit [--dry-run] -- cogvideo-prep --input ...
 
 Without ``--dry-run`` the launch subcommands replace this process (``os.execvp``), so
-signals from SLURM reach the launcher directly.
+signals from SLURM reach the launcher directly; torchrun runs in this process instead
+(``pretrain.launch.run_torchrun``): it hands every stop signal on to the workers, waits for them
+to save, and ends with their exit status rather than its SignalException traceback.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from pretrain.launch import FORWARDED_SIGNALS, LAUNCHER_VAR, run_torchrun
+
 TRAIN_MODULE = "pretrain.train"
 PORT_BASE = 20000  # MASTER_PORT = PORT_BASE + job id % PORT_SPAN unless MASTER_PORT is set
 PORT_SPAN = 10000
 RAY_PORT = 6379
 RAY_DASHBOARD_PORT = 8265
-# torchrun forwards these to the workers; SLURM's `--signal=USR1@T` warning is among them.
-FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 class SlurmEnvError(ValueError):
@@ -332,6 +334,9 @@ def _run(argv: list[str], dry_run: bool) -> None:
         print(shlex.join(argv))
         return
     sys.stdout.flush()
+    if argv[0] == "torchrun":
+        os.environ[LAUNCHER_VAR] = "python -m cluster.slurm_env torchrun --"
+        sys.exit(run_torchrun(argv[1:]))
     os.execvp(argv[0], argv)
 
 

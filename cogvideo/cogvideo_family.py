@@ -47,7 +47,7 @@ FAMILY = register(
         default_stage=lambda cfg: {"stage1": 1, "stage2": 2}.get(cfg.stage),
         from_backbone=init_video_from_backbone,
         train_flops=lambda cfg: train_flops(cfg, batch=1),
-        sampler="cogvideo.sampling.pipeline:VideoPipeline.load",
+        sampler="cogvideo.sampling.pipeline:VideoPipeline",
         sat_layout="cogvideo.checkpoint.sat_layout:COGVIDEO_SAT",
         planner=PlannerModel(
             describe=activations.describe,

@@ -82,7 +82,7 @@ class ModelFamily:
     default_stage: Callable[[Any], int | None] = _first_stage  # the prepared stage trained on; None: required
     # (backbone state dict, cfg) -> the model's starting state dict (training's init.backbone), or None
     from_backbone: Callable[[dict, Any], dict] | None = None
-    # "module:function" making the sampler from sampling options (imported on use, no import cycle)
+    # "module:Class" of the sampling pipeline (`options_class`, `load(options)`; imported on use: no import cycle)
     sampler: str | None = None
     planner: PlannerModel | None = None  # None: cogvideo-plan refuses the family
     # low precisions `auto` never picks for this family (known to cost its quality), in training

@@ -14,8 +14,10 @@ a step whose settings changed reruns together with every step after it):
     stage1     train stage 1 (keyframes) from the backbone
     stage2     train stage 2 (interpolation) from the backbone
     sample     held-out (and some seen) prompts at several durations, hierarchical sampler
-    evaluate   prompt following, displacement by duration, tokenizer PSNR/SSIM, FVD
-    report     <out>/report/: videos, contact sheet, training curves, index.html, metrics.json
+    evaluate   prompt following (colour, shape, direction, constancy), displacement by duration,
+               each video's verdicts, rendered references, tokenizer PSNR/SSIM, FVD, the targets
+    report     <out>/report/index.html: held-out videos beside their references with verdicts,
+               targets, plots, full metrics (folded); metrics.json holds what it shows
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class EvalSettings:
 @dataclass
 class DemoConfig:
     out: str = "demo_out"
-    seed: int = 0
+    seed: int = 0  # videos, tokenizer fit, seen prompts, trainer (training.seed = 1234 + seed)
     # intra-op threads of the driver's own work (tokenizer fit, sampling; evaluation has its own):
     # its ops are small, and more threads than free cores make them many times slower on a busy machine
     threads: int = 1

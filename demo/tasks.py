@@ -391,14 +391,15 @@ def training_summary(run: Path) -> dict:
     chose it by), from its metrics log and newest checkpoint."""
     import yaml
 
-    from cogvideo.checkpoint.training import TRAIN_CONFIG, find_resume
+    from cogvideo.checkpoint.training import TRAIN_CONFIG, resume_candidates
 
     metrics_file = run / "logs" / "metrics.jsonl"
     rows = read_jsonl(metrics_file)
     if not rows:
         raise RuntimeError(f"{metrics_file}: the trainer logged no steps")
     last = rows[-10:]
-    parallel = yaml.safe_load((find_resume(run, "auto") / TRAIN_CONFIG).read_text())["parallel"]
+    newest = resume_candidates(run, "auto")[0][0]
+    parallel = yaml.safe_load((newest / TRAIN_CONFIG).read_text())["parallel"]
     return {
         "precision": parallel["precision"],
         "precision_probe": parallel.get("precision_probe", {}),

@@ -7,17 +7,16 @@ global rank, and read back with ``weights_only=True``.
 
 A process killed while writing leaves a tag without COMPLETE and `latest` untouched, so the
 previous checkpoint stays the one `--resume auto` picks. Only the last K complete ones are kept.
+COMPLETE records the digest of every file in the tag (`cogvideo.checkpoint.digest`), computed by
+all ranks, each over its share of the files; before resuming, all ranks verify them the same way.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
-import os
 import random
 import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -26,12 +25,12 @@ import torch
 import torch.distributed as dist
 
 from cogvideo import parallel
+from cogvideo.checkpoint.digest import content_problems, deal, digests, folder_files, make_record
 from cogvideo.checkpoint.io import CheckpointError, unreadable
 from cogvideo.checkpoint.training import (
     COMPLETE,
     FULL_MODEL,
     LATEST,
-    LOCK,
     TAG,
     TRAIN_CONFIG,
     complete_tags,
@@ -39,14 +38,32 @@ from cogvideo.checkpoint.training import (
     load_part,
     part_file,
     part_ranks,
+    read_complete,
     save_part,
+    summarize,
     tag_for,
+    write_complete,
 )
 from cogvideo.configio import save_yaml
 from cogvideo.family import family_of
+from cogvideo.runlock import atomic_write
 from pretrain.engines import Engines
 
 log = logging.getLogger(__name__)
+
+PARTS = {"loader": "dp", "rng": "rank"}  # the trainer's stateful parts beside the engine, and their scope
+
+
+class FoundByAllRanks(CheckpointError):
+    """A problem every rank found alike (rank 0 reports it)."""
+
+
+class UnverifiedCheckpoint(FoundByAllRanks):
+    """The checkpoint to resume does not match its digests."""
+
+
+class SaveFailed(FoundByAllRanks):
+    """A write of the checkpoint failed on some rank (a full disk); the partial tag is removed."""
 
 
 class Stateful(Protocol):
@@ -117,16 +134,25 @@ def check_pickled_globals(path: Path) -> None:
         )
 
 
-class WeightsOnlyLoads:
+class SafeCheckpointEngine:
     """DeepSpeed's checkpoint engine, loading with torch.load(weights_only=True): its files hold
     tensors, plain values and the four plain-data DeepSpeed classes of DEEPSPEED_GLOBALS; any
-    other object in a file is refused instead of run."""
+    other object in a file is refused instead of run. A write that fails (a full disk) is kept in
+    `failed` instead of raised, so that this rank reaches DeepSpeed's barriers like the others and
+    all ranks stop together (`CheckpointManager.save`)."""
 
     def __init__(self, engine):
         self.engine = engine
+        self.failed: list[tuple[str, BaseException]] = []
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+    def save(self, state_dict, path: str) -> None:
+        attempt(self.failed, path, self.engine.save, state_dict, path)
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        attempt(self.failed, path, self.engine.makedirs, path, exist_ok=exist_ok)
 
     def load(self, path: str, map_location=None):
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -139,6 +165,37 @@ class WeightsOnlyLoads:
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # the unpickler's refusal, a truncated file: the same to the caller
             raise unreadable(path, err) from None
+
+
+def attempt(failed: list, path, write, *args, **kwargs) -> None:
+    """Run one write of a checkpoint; a failure (OSError, or torch's RuntimeError from its zip
+    writer: "file write failed", "unexpected pos") is appended to `failed`, not raised."""
+    try:
+        write(*args, **kwargs)
+    except (OSError, RuntimeError) as err:
+        failed.append((str(path), err))
+
+
+def safe_engine(engine) -> SafeCheckpointEngine:
+    if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+        engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+    return engine.checkpoint_engine
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) `path`."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def estimated_bytes(total_params: int, trainable_params: int, precision: str, export_full: bool) -> int:
+    """One checkpoint on disk: the module's weights in the training precision, DeepSpeed's fp32
+    master weights and Adam moments (12 bytes per trainable parameter, over all ranks), the merged
+    fp32 copy if exported."""
+    weight_bytes = 4 if precision in ("fp32", "auto") else 2
+    return total_params * weight_bytes + 12 * trainable_params + (4 * total_params if export_full else 0)
 
 
 def full_state_dict(engines: Engines, model_cfg) -> dict | None:
@@ -175,6 +232,14 @@ def _part_state_dict(engine, model_cfg, prefix: str) -> dict | None:
     return plan.merge_state_dicts(gathered) if dist.get_rank() == 0 else None
 
 
+def _engine_folders(engines: Engines, path: Path):
+    """(folder, tag, engine) of each engine as DeepSpeed saves it (DeepSpeed writes folder/tag):
+    the layout's `engine_dirs` (the checkpoint tag itself for a whole-model run, else one folder
+    per optimised part)."""
+    dirs = engine_dirs(path, engines.model_cfg)
+    return [(d.parent, d.name, engines.by_part[part.name]) for (_, d), part in zip(dirs, engines.parts)]
+
+
 class CheckpointManager:
     """Saves and restores the engine and the stateful `parts`: {name: (object, scope)}, scope
     "dp" (one file per data-parallel rank, written by TP rank 0) or "rank" (one per global rank)."""
@@ -185,41 +250,143 @@ class CheckpointManager:
         keep_last: int,
         export_full: bool = False,
         parts: dict[str, tuple[Stateful, str]] | None = None,
+        expected_bytes: int = 0,
         model_cfg=None,  # the model's config (export_full merges its shards by the family's plan)
     ):
         self.root = Path(root)
+        self.expected_bytes = expected_bytes  # one checkpoint, estimated (`estimated_bytes`)
         self.keep_last = keep_last
         self.export_full = export_full
         self.parts = parts or {}
         self.model_cfg = model_cfg
 
     def save(self, engines: Engines, step: int, config) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint directory."""
+        """Collective: every rank calls it. Returns the checkpoint directory. A write that fails
+        on any rank raises SaveFailed on every rank, after the partial checkpoint is removed."""
         tag = tag_for(step)
         path = self.root / tag
+        rank, failed = dist.get_rank(), []
+        for engine in engines.by_part.values():
+            safe_engine(engine).failed = failed  # every engine's failed writes in one list
+        if rank == 0:  # saving again into a tag (after a fallback): not complete until done
+            attempt(failed, path / COMPLETE, (path / COMPLETE).unlink, missing_ok=True)
         for folder, name, engine in _engine_folders(engines, path):
             engine.save_checkpoint(str(folder), tag=name, client_state={"step": step}, save_latest=False)
-        rank = dist.get_rank()
         for name, (part, scope) in self.parts.items():
-            if scope == "rank":
-                save_part(path, name, scope, rank, part.state_dict())
-            elif parallel.tp_rank() == 0:
-                save_part(path, name, scope, parallel.dp_rank(), part.state_dict())
+            if scope == "rank" or parallel.tp_rank() == 0:
+                r = rank if scope == "rank" else parallel.dp_rank()
+                attempt(
+                    failed,
+                    part_file(path, name, scope, r),
+                    save_part,
+                    path,
+                    name,
+                    scope,
+                    r,
+                    part.state_dict(),
+                )
         full = full_state_dict(engines, self.model_cfg) if self.export_full else None
         if rank == 0:
-            save_yaml(config, path / TRAIN_CONFIG)
+            attempt(failed, path / TRAIN_CONFIG, save_yaml, config, path / TRAIN_CONFIG)
             if full is not None:
-                torch.save(full, path / FULL_MODEL)
-        dist.barrier()
+                attempt(failed, path / FULL_MODEL, torch.save, full, path / FULL_MODEL)
+        self._all_written(failed, path, step)
+        record = self._digest_record(path)
         if rank == 0:
-            self._mark_complete(path)
-            self._prune()
-        dist.barrier()
+            attempt(failed, path / COMPLETE, self._mark_complete, path, record)
+            if not failed:
+                self._prune()
+        self._all_written(failed, path, step)
         return path
 
-    def _mark_complete(self, path: Path) -> None:
-        (path / COMPLETE).write_text("")
-        _atomic_write(self.root / LATEST, path.name)
+    def checkpoint_bytes(self) -> int:
+        """The size of one checkpoint: the newest complete one's recorded bytes, else the estimate."""
+        tags = complete_tags(self.root)
+        try:
+            recorded = read_complete(self.root / tags[-1]) if tags else None
+        except CheckpointError:
+            recorded = None
+        return sum(e["bytes"] for e in recorded["files"].values()) if recorded else self.expected_bytes
+
+    def _all_written(self, failed: list, path: Path, step: int) -> None:
+        """Collective (it stands for a barrier): raise SaveFailed on every rank if a write failed on any."""
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(
+            found, [(file, type(err).__name__, str(err), getattr(err, "errno", None)) for file, err in failed]
+        )
+        failures = [f for part in found for f in part]
+        if not failures:
+            return
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)  # gives the space back; the tag never was complete
+        dist.barrier()
+        raise SaveFailed(self._failure(failures[0], step))
+
+    def _failure(self, failure: tuple, step: int) -> str:
+        """One line: the directory, the file that failed, the bytes a checkpoint needs and are free."""
+        file, kind, text, errno_ = failure
+        free, need = free_bytes(self.root), self.checkpoint_bytes()
+        tags = complete_tags(self.root)
+        intact = (
+            f"the previous checkpoint {self.root / tags[-1]} is intact"
+            if tags
+            else "no earlier checkpoint exists"
+        )
+        where = f"saving step {step} into checkpoint.dir {self.root}"
+        if errno_ == errno.ENOSPC or free < need:
+            return (
+                f"{where}: no space left on device (writing {file}): a checkpoint takes about {need:,} "
+                f"bytes, {free:,} are free; {intact}; free space there (or lower checkpoint.keep_last)"
+            )
+        return f"{where} failed writing {file} ({kind}: {text.splitlines()[0] if text else ''}); {intact}"
+
+    def _digest_record(self, path: Path) -> dict | None:
+        """Collective: the digests of every file in `path`, each rank hashing its share (rank 0
+        lists the folder for all); the record on rank 0, None elsewhere."""
+        listing = [folder_files(path, exclude=(COMPLETE,)) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(listing, src=0)
+        share = deal(listing[0], dist.get_world_size())[dist.get_rank()]
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(digests(path, share), gathered, dst=0)
+        if gathered is None:
+            return None
+        return make_record({name: entry for part in gathered for name, entry in part.items()})
+
+    def _mark_complete(self, path: Path, record: dict) -> None:
+        write_complete(path, record)
+        atomic_write(self.root / LATEST, path.name)
+
+    def verified(self, candidates: list[Path], explicit: bool) -> Path | None:
+        """Collective, before any rank loads: the first of `candidates` whose files all match the
+        digests recorded when it was completed, each rank checking its share. An explicit
+        checkpoint that does not verify raises; under `--resume auto` the next is tried, rank 0
+        saying which was skipped and why. None when there are no candidates."""
+        for path in candidates:
+            problems = self._content_problems(path)
+            if not problems:
+                return path
+            if explicit:
+                raise UnverifiedCheckpoint(f"checkpoint.resume: {summarize(problems)}")
+            if dist.get_rank() == 0:
+                log.warning("--resume auto: skipping %s: %s", path, summarize(problems))
+        if candidates:
+            raise UnverifiedCheckpoint(
+                f"--resume auto: no checkpoint in {self.root} verifies (each is named above); restore "
+                f"the files, move the damaged checkpoints away, or use another checkpoint.dir"
+            )
+        return None
+
+    def _content_problems(self, path: Path) -> list[str]:
+        record = read_complete(path)
+        if record is None:
+            if dist.get_rank() == 0:
+                log.warning("%s was written before checkpoints recorded digests: resumed unverified", path)
+            return []
+        sizes = {name: entry["bytes"] for name, entry in record["files"].items()}
+        mine = content_problems(path, record, deal(sizes, dist.get_world_size())[dist.get_rank()])
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, mine)
+        return sorted(line for part in found for line in part)
 
     def _prune(self) -> None:
         """Keep the last K complete checkpoints; drop older ones and abandoned partial writes."""
@@ -246,8 +413,7 @@ class CheckpointManager:
     def load(self, engines: Engines, path: Path) -> int:
         """Collective. Restores every engine (model, optimizer, schedule) and every part; returns the step."""
         for folder, name, engine in _engine_folders(engines, path):
-            if not isinstance(engine.checkpoint_engine, WeightsOnlyLoads):
-                engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
+            safe_engine(engine)
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder / name}: missing (the optimised part {name!r} of this model)")
             loaded, client = engine.load_checkpoint(str(folder), tag=name)
@@ -262,99 +428,3 @@ class CheckpointManager:
             else:
                 log.warning("%s missing: %s starts fresh", part_file(path, name, scope, rank), name)
         return int(client["step"])
-
-
-def _engine_folders(engines: Engines, path: Path):
-    """(folder, tag, engine) of each engine as DeepSpeed saves it (DeepSpeed writes folder/tag):
-    the layout's `engine_dirs` (the checkpoint tag itself for a whole-model run, else one folder
-    per optimised part)."""
-    dirs = engine_dirs(path, engines.model_cfg)
-    return [(d.parent, d.name, engines.by_part[part.name]) for (_, d), part in zip(dirs, engines.parts)]
-
-
-class RunLock:
-    """{dir}/LOCK names the live run writing a checkpoint directory (host, pid, SLURM job id).
-    A lock whose process is gone (same host) or that a requeued SLURM job left behind is stale
-    and taken over; any other lock refuses the run."""
-
-    def __init__(self, root: str | Path):
-        self.path = Path(root) / LOCK
-        self.me = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "pid_start": _process_start(os.getpid()),
-        }
-
-    def acquire(self) -> str | None:
-        """Take the lock; returns a message when a stale lock was taken over. Raises CheckpointError."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(self.path, "x") as f:
-                json.dump(self.me, f)
-            return None
-        except FileExistsError:
-            pass
-        try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            holder = {}  # half written by a run killed while taking it
-        stale = self._stale(holder)
-        if stale is None:
-            raise CheckpointError(
-                f"checkpoint.dir {self.path.parent}: a live run holds it ({self.path}: host "
-                f"{holder.get('host')}, pid {holder.get('pid')}, SLURM job {holder.get('slurm_job_id')}, "
-                f"since {holder.get('started')}); "
-                f"stop that run or use another checkpoint.dir (delete {self.path} only if no run uses it)"
-            )
-        _atomic_write(self.path, json.dumps(self.me))
-        return f"taking over the stale lock {self.path} ({stale})"
-
-    def _stale(self, holder: dict) -> str | None:
-        """Why the holder is gone, or None when it may be alive."""
-        if not holder:
-            return "unreadable"
-        job = holder.get("slurm_job_id")
-        if job and job == self.me["slurm_job_id"]:
-            return f"left by SLURM job {job}, requeued"
-        if holder.get("host") != self.me["host"]:
-            return None
-        pid = int(holder.get("pid", -1))
-        if _process_start(pid) is None:
-            return f"pid {pid} on {holder['host']} is no longer running"
-        if holder.get("pid_start") is not None and _process_start(pid) != holder["pid_start"]:
-            return f"pid {pid} on {holder['host']} is now another process"
-        return None
-
-    def release(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return
-        if holder.get("host") == self.me["host"] and holder.get("pid") == self.me["pid"]:
-            self.path.unlink(missing_ok=True)
-
-
-def _process_start(pid: int) -> int | None:
-    """The start time of a live process (clock ticks since boot, from /proc), 0 where /proc
-    is absent; None when no such process exists."""
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

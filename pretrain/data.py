@@ -4,8 +4,8 @@ Each data-parallel rank reads its own share of the shards (TP peers share a DP r
 identical batches), in an order that is a seeded permutation per epoch, through a seeded
 shuffle buffer. Everything is a function of (seed, epoch, DP rank), so a position
 (epoch, samples consumed) saved with a checkpoint is restored exactly by replaying the epoch
-up to it. A shard that cannot be read is skipped with a warning naming it; a malformed sample
-likewise. Both are counted in the position.
+up to it. A shard that cannot be read is skipped with a warning naming it (also one cut while it
+is read); a malformed sample likewise. Both are counted in the position.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import braceexpand
 import torch
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
 
 from cogvideo.family import family_of
 from cogvideo.shards import Sample, ShardFormatError, decode_sample, tar_problem
@@ -243,11 +243,19 @@ class ShardLoader:
         log.warning(message + f" ({what}: {getattr(self.position, what)} so far)", *args)
 
     def _read_shard(self, url: str) -> Iterator[dict]:
+        """The raw samples of one shard. A shard cut while it is read ends like a whole one to a
+        tar reader (at a member boundary): its size at the end, against its size when opened,
+        tells them apart."""
         try:
             problem = tar_problem(url) if os.path.isfile(url) else None
             if problem:
                 raise ShardFormatError(problem)
-            yield from tarfile_samples([{"url": url}])
+            with open(url, "rb") as stream:
+                opened = os.fstat(stream.fileno()).st_size
+                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+                now = os.fstat(stream.fileno()).st_size
+                if now < opened and stream.tell() >= now:
+                    raise ShardFormatError(f"cut from {opened} to {now} bytes while it was read")
         except Exception as err:  # corrupt mid-way: what was read stays used, the rest is skipped
             self._skipped("bad_shards", "skipping unreadable shard %s (%s: %s)", url, type(err).__name__, err)
 

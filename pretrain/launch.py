@@ -5,6 +5,10 @@ the deepspeed launcher set them; under srun they come from SLURM_*; run plainly
 (`cogvideo-train --config ...`) the process is a world of one, as `python train.py` is in
 nanoGPT and torchtitan; `cogvideo-train --nproc-per-node N` is torchrun's standalone launch
 run in-process after the checks, so that a rank's failure ends in one line.
+
+torchrun run in-process (`run_torchrun`: `--nproc-per-node`, `cluster.slurm_env torchrun`) hands
+every stop signal on to its workers and waits for them to save (`pretrain.stopping`), and ends
+with their exit status instead of torchrun's SignalException traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ import sys
 log = logging.getLogger("pretrain")
 
 PR_SET_PDEATHSIG = 1
+# torchrun hands these on to its workers; SLURM's `--signal=USR1@T` warning is among them
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SHUTDOWN_TIMEOUT_S = 600  # seconds torchrun leaves its workers to save after a signal, then SIGKILL
+LAUNCHER_VAR = "COGVIDEO_LAUNCHER"  # how the ranks were started, for the resume line
+CHECKED_VAR = "COGVIDEO_CHECKED"  # set by the local launcher: its ranks repeat no start-up message
 
 
 def rank_env() -> str:
@@ -59,23 +68,68 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def launch_local(nproc: int, worker_args: list[str]) -> int:
-    """Start `python -m pretrain.train WORKER_ARGS` as nproc ranks on this machine (torchrun
-    --standalone, in this process) and wait for them. A rank that fails has printed its own line;
-    this adds one naming the rank instead of torchrun's ChildFailedError block. Returns the exit status."""
+def run_torchrun(args: list[str], quiet: bool = False) -> int:
+    """torchrun ARGS in this process; returns the exit status. A rank that fails has printed its
+    own line: this adds one naming the rank instead of torchrun's ChildFailedError block. A stop
+    signal torchrun handed on to its workers ends with the workers' status for it
+    (`pretrain.stopping.stopped_status`) instead of torchrun's SignalException traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    launch = get_args_parser().parse_args(
-        ["--standalone", "--nproc-per-node", str(nproc), "-m", "pretrain.train", *worker_args]
-    )
+    from pretrain.stopping import STOPPED_BY_SIGINT, stopped_status
+
+    if quiet:  # torchrun's loggers read LOGLEVEL when created and keep their own level once they exist
+        os.environ.setdefault("LOGLEVEL", "CRITICAL")
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(os.environ["LOGLEVEL"])
     try:
-        run(launch)
+        run(get_args_parser().parse_args(args))
+    except SignalException as err:
+        return stopped_status(err.sigval)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        print(
-            f"cogvideo-train: rank {rank} exited with status {failure.exitcode} (its log is above)",
-            file=sys.stderr,
-        )
+        if failure.exitcode != STOPPED_BY_SIGINT:  # a rank stopped by Ctrl-C said so itself
+            print(
+                f"cogvideo-train: rank {rank} exited with status {failure.exitcode} (its log is above)",
+                file=sys.stderr,
+            )
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def launch_local(nproc: int, worker_args: list[str]) -> int:
+    """Start `python -m pretrain.train WORKER_ARGS` as nproc ranks on this machine (torchrun
+    --standalone, in this process) and wait for them. Returns the exit status."""
+    os.environ[LAUNCHER_VAR] = f"cogvideo-train --nproc-per-node {nproc}"
+    os.environ[CHECKED_VAR] = "1"
+    return run_torchrun(
+        [
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            f"--signals-to-handle={FORWARDED_SIGNALS}",
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+            "-m",
+            "pretrain.train",
+            *worker_args,
+        ],
+        quiet=True,
+    )
+
+
+def launcher_command(local_rank_flag: bool = False) -> str:
+    """How this rank was started, as a command to start it again: the launcher named in
+    COGVIDEO_LAUNCHER, else torchrun, the deepspeed launcher, srun or none (`cogvideo-train`)."""
+    if os.environ.get(LAUNCHER_VAR):
+        return os.environ[LAUNCHER_VAR]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("WORLD_SIZE", 1))
+        nodes = f" --nnodes {world // local}" if world > local else ""
+        return f"torchrun{nodes} --nproc-per-node {local} -m pretrain.train"
+    if local_rank_flag:
+        return "deepspeed --module pretrain.train"
+    if "SLURM_PROCID" in os.environ:
+        return "srun python -m pretrain.train"
+    return "cogvideo-train"

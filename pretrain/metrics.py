@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -56,8 +57,9 @@ def scalars_summary(tag: str, scalars: dict):
 
 
 class MetricsLogger:
-    """Does nothing on ranks other than 0. One row per step: a run resumed at `start_step`
-    drops the rows and TensorBoard events after it (the steps it is about to repeat)."""
+    """Does nothing on ranks other than 0. One row per step: a run `resumed` at `start_step`
+    drops the rows and TensorBoard events after it (the steps it is about to repeat); a run
+    that starts afresh where rows are left keeps them, moved to metrics.before-<time>.jsonl."""
 
     def __init__(
         self,
@@ -66,6 +68,7 @@ class MetricsLogger:
         *,
         total_steps: int,
         start_step: int,
+        resumed: bool = True,
         print_every: int,
         tensorboard: bool,
         progress_bar: bool,
@@ -78,12 +81,17 @@ class MetricsLogger:
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / "metrics.jsonl"
-        truncate_jsonl(path, start_step)
+        if resumed:
+            truncate_jsonl(path, start_step)
+        elif path.is_file() and path.stat().st_size:
+            kept = path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(path, kept)
+            log.warning("starting afresh: the rows of the earlier run in %s are kept in %s", path, kept)
         self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
+            self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if resumed else None)
         if progress_bar:
             from tqdm import tqdm
 

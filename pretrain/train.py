@@ -1,10 +1,12 @@
 """`cogvideo-train --config FILE.yaml [dotted.key=value ...]`: the training entry point.
 
 Launched once per rank by torchrun, the deepspeed launcher or srun, or plainly as a world of
-one. Order of start-up: checks of the config, text tokenizer, shards, caption lengths and the
-checkpoint to resume (exit 2 with one line, before any process group) -> the lock on
-checkpoint.dir -> torch.distributed -> megatron-core tensor-parallel groups -> model ->
-deepspeed.initialize(mpu=...) -> resume (engine, loader, RNG) -> loop.
+one. Order of start-up: checks of the config, text tokenizer, shards, caption lengths, starting
+weights and checkpoints to resume (`pretrain.startup`: exit 2 with one line, before any process
+group) -> the lock on checkpoint.dir -> torch.distributed -> megatron-core tensor-parallel
+groups -> the checkpoint to resume verified against its digests (all ranks) -> model ->
+deepspeed.initialize(mpu=...) -> resume (engine, loader, RNG) -> loop. A stop signal ends the
+loop after a step with a checkpoint (`pretrain.stopping`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import glob
 import json
 import logging
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -27,65 +28,40 @@ import yaml
 
 from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
-from cogvideo.checkpoint.training import find_resume, train_config_precision
+from cogvideo.checkpoint.training import tag_for, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
-from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
-from pretrain.config import (
-    TrainConfig,
-    check_config,
-    check_text_tokenizer,
-    load_train_config,
-    world_size_from_env,
-)
-from pretrain.data import (
-    Batch,
-    DataError,
-    ShardLoader,
-    check_shard_kind,
-    check_shards,
-    check_text_length,
-    expand_shards,
-)
+from cogvideo.runlock import LockHeld, RunLock
+from pretrain.checkpoint import PARTS, CheckpointManager, FoundByAllRanks, RNGState, SaveFailed
+from pretrain.config import TrainConfig, world_size_from_env
+from pretrain.data import Batch, DataError, ShardLoader
 from pretrain.engines import Engines
 from pretrain.launch import die_with_launcher, launch_local, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
+from pretrain.startup import (
+    EXIT_BAD_CONFIG,
+    ResumePlan,
+    checkpoint_manager,
+    dry_run,
+    model_label,
+    preflight,
+    say,
+)
 from pretrain.step_probe import StepProbe, probe_batch
+from pretrain.stopping import STOPPED_BY_SIGINT, StopRequest, resume_command, signal_name, stopped_status
 
 log = logging.getLogger("pretrain")
 
-EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (a full disk): the one before it is intact
 # what a user can get wrong before training starts: one line and EXIT_BAD_CONFIG, no traceback
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, yaml.YAMLError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LockHeld, FileNotFoundError, yaml.YAMLError)
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-PARTS = {"loader": "dp", "rng": "rank"}  # stateful parts beside the engine, and their scope
-
-
-def text_encoder(cfg: TrainConfig, vocab):
-    from cogvideo.tokenizers.text import TextTokenizer
-
-    return TextTokenizer(cfg.data.text_tokenizer, vocab).encode
-
-
-def model_label(model_cfg) -> str:
-    """The model's family and name (and CogVideo's stage) for the log."""
-    family = family_of(model_cfg).name
-    stage = getattr(model_cfg, "stage", None)
-    return f"{family} {model_cfg.name}" + (f" ({stage})" if stage else "")
-
-
-def say(message: str) -> None:
-    """Start-up progress, from global rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
-        log.info(message)
 
 
 def deepspeed_op_cached() -> bool:
@@ -136,12 +112,28 @@ def run_precision(
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_cfg, shards: list[str], encode_text, resume: Path | None):
+    """`resume`: the checkpoints to resume from (`pretrain.startup.ResumePlan`; a path: that one);
+    `stop`: this process's stop signals (the default never stops)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_cfg,
+        shards: list[str],
+        encode_text,
+        resume: ResumePlan | Path | None,
+        stop: StopRequest | None = None,
+    ):
         self.family = family_of(model_cfg)
+        self.stop = stop or StopRequest()
         say(f"starting torch.distributed and megatron-core (TP {cfg.parallel.tensor_parallel})")
         parallel.init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.backend)
         self.rank = dist.get_rank()
         self.model_cfg = model_cfg
+        if isinstance(resume, Path):
+            resume = ResumePlan([resume], explicit=True)
+        verifier = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+        resume = verifier.verified(resume.candidates, resume.explicit) if resume else None
         self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume, shards, encode_text)
         self.engines = self._engines()
         self.loader = ShardLoader(
@@ -155,9 +147,7 @@ class Trainer:
             dp_size=parallel.dp_size(),
         )
         parts = {"loader": (self.loader, PARTS["loader"]), "rng": (RNGState(), PARTS["rng"])}
-        self.checkpoints = CheckpointManager(
-            cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.export_full, parts, model_cfg
-        )
+        self.checkpoints = checkpoint_manager(cfg, model_cfg, parts)
         self.step = 0
         if resume is not None:
             say(f"loading {resume}")
@@ -169,13 +159,11 @@ class Trainer:
             if cfg.init.optimizer:
                 self.step = self._restore_optimizer(cfg.init.weights)
         self.saved_at = self.step if resume is not None else -1
+        self.resumed_from = resume
         self.batches = iter(self.loader)
         self._start_logging()
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.stop_signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
     # ---- helpers -------------------------------------------------------------------
     def _settle_precision(
@@ -228,6 +216,7 @@ class Trainer:
             self.rank == 0,
             total_steps=cfg.training.max_steps,
             start_step=self.step,
+            resumed=self.resumed_from is not None,
             print_every=cfg.logging.every_steps,
             tensorboard=cfg.logging.tensorboard,
             progress_bar=cfg.logging.progress_bar,
@@ -261,9 +250,6 @@ class Trainer:
     def _info(self, message: str) -> None:
         if self.rank == 0:
             log.info(message)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_signal = signum
 
     def _any_rank(self, flag: int) -> int:
         """Max of `flag` over all ranks (a signal may reach only some of them)."""
@@ -341,9 +327,8 @@ class Trainer:
         self.saved_at = self.step
         self._info(f"saved checkpoint {path}")
 
-    def advance(self) -> bool:
-        """One optimizer step with everything around it (metrics, guard, checkpoint, signals).
-        Returns False when a preemption signal ended the run (after saving)."""
+    def advance(self) -> None:
+        """One optimizer step with everything around it (metrics, guard, periodic checkpoint)."""
         result = self.train_step()
         applied = result.pop("applied")
         position = self.loader.handed_out
@@ -360,17 +345,9 @@ class Trainer:
         self.guard(applied)
         if self.step % self.cfg.checkpoint.every_steps == 0:
             self.save()
-        signum = self._any_rank(self.stop_signal)
-        if signum:
-            if self.saved_at != self.step:
-                self.save()
-            self._info(
-                f"received {signal.Signals(signum).name}: saved step {self.step}, "
-                f"exiting so the job can be requeued"
-            )
-        return not signum
 
     def run(self) -> int:
+        """Train to training.max_steps, or until a stop signal reaches any rank; the exit status."""
         cfg = self.cfg
         self._info(
             f"training {model_label(self.model_cfg)} from step {self.step} to "
@@ -380,14 +357,34 @@ class Trainer:
         self.throughput.reset()
         try:
             while self.step < cfg.training.max_steps:
-                if not self.advance():
-                    return 0
+                signum = self._any_rank(self.stop.signum)
+                if signum:
+                    return self._stopped(signum)
+                self.advance()
             if self.saved_at != self.step:
                 self.save()
             self._info(f"done: {self.step} steps")
             return 0
         finally:
             self.close()
+
+    def _stopped(self, signum: int) -> int:
+        """Every rank saw `signum` between two steps: save the step (unless saved already, or
+        nothing was trained), say so in one line, and return the exit status for the signal."""
+        path = self.checkpoints.root / tag_for(self.step)
+        if self.saved_at == -1 and self.step == 0:
+            outcome, verb = "before the first step: nothing to save", "start again"
+        else:
+            if self.saved_at != self.step:
+                self.save()
+            outcome, verb = f"at step {self.step}: saved {path}", "resume"
+        if self.rank == 0:
+            print(
+                f"cogvideo-train: {signal_name(signum)} {outcome}; {verb} with: {self.stop.resume_command}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return stopped_status(signum)
 
     def close(self) -> None:
         self.metrics.close()
@@ -418,59 +415,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dry_run(args: argparse.Namespace) -> None:
-    """The launch scripts' --dry-run: the config checks that need neither data nor ranks."""
-    try:
-        cfg = load_train_config(args.config, list(args.overrides))
-        model_cfg = check_config(cfg, args.dry_run, has_gpu=True)
-    except (ConfigError, FileNotFoundError, yaml.YAMLError) as err:
-        print(f"cogvideo-train: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
-    tp = cfg.parallel.tensor_parallel
-    print(
-        f"cogvideo-train: config valid for {args.dry_run} ranks (TP {tp} x DP {args.dry_run // tp}), "
-        f"model {model_label(model_cfg)}, precision {cfg.parallel.precision}"
-    )
-
-
-def preflight(args: argparse.Namespace, world_size: int):
-    """Every check that needs no process group: the config, the text tokenizer, shards per DP rank,
-    caption lengths, the checkpoint to resume. Returns (cfg, model config, shards, text encoder,
-    checkpoint to resume or None)."""
-    from cogvideo.params import count_parameters
-
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    cfg = load_train_config(args.config, overrides)
-    model_cfg = check_config(cfg, world_size)
-    check_text_tokenizer(cfg, model_cfg)
-    shards = expand_shards(cfg.data.shards)
-    dp_size = world_size // cfg.parallel.tensor_parallel
-    encode = text_encoder(cfg, model_cfg.vocab)
-    for line in check_shards(shards, cfg.training.seed, dp_size):
-        say(f"unreadable shard, skipped in training: {line}")
-    check_shard_kind(shards, model_cfg)
-    say(check_text_length(shards, model_cfg, encode, cfg.data))
-    resume = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
-    if resume is not None:
-        CheckpointManager(
-            cfg.checkpoint.dir,
-            cfg.checkpoint.keep_last,
-            parts={name: (None, scope) for name, scope in PARTS.items()},
-        ).check(resume, dp_size)
-    counts = count_parameters(model_cfg)
-    say(
-        f"model {model_label(model_cfg)}: {counts.trainable:,} of {counts.total:,} parameters train"
-        + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen{_frozen_by(model_cfg)})")
-    )
-    return cfg, model_cfg, shards, encode, resume
-
-
-def _frozen_by(model_cfg) -> str:
-    """What froze them, where a config field says so (CogVideo's backbone)."""
-    fields = {f.name for f in dataclasses.fields(model_cfg)}
-    return ": model.train_backbone=false" if "train_backbone" in fields else " by the model family"
-
-
 def worker_arguments(args: argparse.Namespace) -> list[str]:
     """The command line of each rank started by --nproc-per-node: the same run, without that flag."""
     return (
@@ -481,18 +425,17 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.dry_run is not None:
         return dry_run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_notices()
     if args.nproc_per_node is not None:
-        try:
-            preflight(args, args.nproc_per_node)
-        except USER_ERRORS as err:
-            print(f"cogvideo-train: {err}", file=sys.stderr)
-            sys.exit(EXIT_BAD_CONFIG)
-        sys.exit(launch_local(args.nproc_per_node, worker_arguments(args)))
+        sys.exit(launch(args))
+    command = resume_command(argv, local_rank_flag=args.local_rank is not None)
+    stop = StopRequest(command, speaks=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
+    stop.install()  # before anything slow: a signal during start-up stops the run before its first step
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank_env()
@@ -501,28 +444,45 @@ def main(argv: list[str] | None = None) -> None:
     lock = None
     try:
         cfg, model_cfg, shards, encode, resume = preflight(args, world_size_from_env())
+        stop.checkpoint_dir = cfg.checkpoint.dir
         if os.environ["RANK"] == "0":
             lock = RunLock(cfg.checkpoint.dir)
             if (took_over := lock.acquire()) is not None:
                 log.warning(took_over)
+            stop.at_once.append(lock.release)
     except USER_ERRORS as err:
         if os.environ["RANK"] == "0":  # every rank checks the same: one line, not one per rank
             print(f"cogvideo-train: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     try:
-        code = Trainer(cfg, model_cfg, shards, encode, resume).run()
+        code = Trainer(cfg, model_cfg, shards, encode, resume, stop).run()
     except NonFiniteError as err:
         if dist.get_rank() == 0:
             print(f"cogvideo-train: {err}", file=sys.stderr)
         code = EXIT_NONFINITE
-    except DataError as err:  # found while training, e.g. a rank's shards hold no samples of the stage
-        print(f"cogvideo-train: {err}", file=sys.stderr)
-        code = EXIT_BAD_CONFIG
+    except (DataError, CheckpointError) as err:  # found once ranks run: a bad checkpoint, a rank's shards
+        resume = f"; resume with: {command}" if isinstance(err, SaveFailed) else ""
+        if dist.get_rank() == 0 or not isinstance(err, FoundByAllRanks):  # found by all ranks alike: once
+            print(f"cogvideo-train: {err}{resume}", file=sys.stderr)
+        code = EXIT_SAVE_FAILED if isinstance(err, SaveFailed) else EXIT_BAD_CONFIG
     finally:
         if lock is not None:
             lock.release()
     parallel.destroy()
     sys.exit(code)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """--nproc-per-node: the checks once here, then the ranks (`pretrain.launch.launch_local`)."""
+    try:
+        preflight(args, args.nproc_per_node)
+    except USER_ERRORS as err:
+        print(f"cogvideo-train: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except KeyboardInterrupt:
+        print("cogvideo-train: SIGINT during the checks: nothing was started", file=sys.stderr)
+        return STOPPED_BY_SIGINT
+    return launch_local(args.nproc_per_node, worker_arguments(args))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def test_inspect_reports_counts_degree_iteration_completeness(tmp_path, model_sd
     assert report["preset"] == cfg.name
     shard = next((out / "tp_rank_01").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-50])
-    assert main(["inspect", str(out), "--json"]) == 0
+    assert main(["inspect", str(out), "--json"]) == 1  # it prints the problem and fails
     report = json.loads(capsys.readouterr().out)
     assert report["complete"] is False and shard.name in report["problem"]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 from test_pretrain_data import write_caption_tokenizer
-from test_pretrain_dist import final_weights, losses, step_batches, torchrun
+from test_pretrain_dist import losses, step_batches, torchrun
 from tolerances import adam_weight_atol, loss_rel_tol
 
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
@@ -29,7 +29,11 @@ from pretrain.data import ShardLoader
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.family=dsr", "model.preset=dsr-tiny", "model.text_length=8"]  # room for the captions
 CFG = resolve_model_section({"family": "dsr", "preset": "dsr-tiny", "text_length": 8})
-LR = 2e-3
+LR, STEPS = 2e-3, 4
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / f"step{STEPS:08d}/model_full.pt")
 
 
 def write_pair_shards(root: Path, num_shards=2, per_shard=6, seed=0) -> list[str]:
@@ -113,7 +117,7 @@ def train_args(ws, run_dir: Path, *extra: str) -> list[str]:
         "checkpoint.keep_last=3",
         "checkpoint.export_full=true",
         "logging.sample_keys=true",
-        "training.max_steps=6",
+        f"training.max_steps={STEPS}",
         f"optim.lr={LR}",
         "parallel.precision=fp32",
         "parallel.zero_stage=2",
@@ -147,18 +151,23 @@ def test_training_from_the_backbone_trains_only_dsr_parameters(ws, tp1):
     assert not torch.equal(
         q, backbone["layers.0.attention.query_key_value.weight"]
     )  # trained away from the copy
-    assert losses(tp1)[6] < losses(tp1)[1]
+    assert losses(tp1)[STEPS] < losses(tp1)[1]
+
+
+@pytest.fixture(scope="module")
+def tp2(ws):
+    run_dir, proc = run(ws, "tp2", 2, "parallel.tensor_parallel=2", "--resume", "auto")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir
 
 
 @pytest.mark.slow
-def test_tp2_equals_tp1(ws, tp1):
-    run_dir, proc = run(ws, "tp2", 2, "parallel.tensor_parallel=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert step_batches(run_dir) == step_batches(tp1)
-    one, two = losses(tp1), losses(run_dir)
+def test_tp2_equals_tp1(ws, tp1, tp2):
+    assert step_batches(tp2) == step_batches(tp1)
+    one, two = losses(tp1), losses(tp2)
     rel = loss_rel_tol(CFG.num_layers)
     assert all(two[s] == pytest.approx(one[s], rel=rel) for s in one)
-    a, b = final_weights(tp1), final_weights(run_dir)
+    a, b = final_weights(tp1), final_weights(tp2)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=adam_weight_atol(LR), msg=name)
 
@@ -179,20 +188,19 @@ train.main(sys.argv[1:])
 
 
 @pytest.mark.slow
-def test_a_killed_tp2_run_resumes_exactly(ws):
+def test_a_killed_tp2_run_resumes_exactly(ws, tp2):
+    """SIGKILL in the save of the last step (4), then --resume auto from step 2: every loss, the
+    batches and the final weights are the uninterrupted TP=2 run's, bit for bit."""
     script = ws["root"] / "kill.py"
     script.write_text(KILL_IN_SAVE)
-    env = {"PYTHONPATH": str(ROOT)}
-    tp2 = ("parallel.tensor_parallel=2", "--resume", "auto")
-    uninterrupted, proc = run(ws, "tp2_whole", 2, *tp2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    resumed, killed = run(ws, "tp2_killed", 2, *tp2, script=str(script), env=env)
+    args = ("parallel.tensor_parallel=2", "--resume", "auto")
+    resumed, killed = run(ws, "tp2_killed", 2, *args, script=str(script), env={"PYTHONPATH": str(ROOT)})
     assert killed.returncode != 0 and (resumed / "latest").read_text() == "step00000002"
-    _, finished = run(ws, "tp2_killed", 2, *tp2)
+    _, finished = run(ws, "tp2_killed", 2, *args)
     assert finished.returncode == 0, finished.stderr[-4000:]
     assert "resumed from" in finished.stdout + finished.stderr
-    assert losses(resumed) == losses(uninterrupted) and step_batches(resumed) == step_batches(uninterrupted)
-    a, b = final_weights(uninterrupted), final_weights(resumed)
+    assert losses(resumed) == losses(tp2) and step_batches(resumed) == step_batches(tp2)
+    a, b = final_weights(tp2), final_weights(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 

@@ -205,6 +205,24 @@ def test_the_bf16_probe_step_trains_in_bf16_on_fp32_masters(probe_setup):
         moved += int(((got[name] - start[name]).abs() >= 0.5 * lr).sum())
         total += value.numel()
     assert moved > 0.5 * total  # the update was applied (an lr step is several bf16 units here)
+    reference = {k: expected[k] - v for k, v in initial_weights(cfg, model_cfg).items()}
+    assert same_direction(got, start, reference) >= 0.9
+    # planted: the same step taken the wrong way passes the 2 lr bound above, not this one
+    flipped = {k: 2 * start[k] - v for k, v in got.items()}
+    assert same_direction(flipped, start, reference) < 0.1
+
+
+def same_direction(got: dict, start: dict, reference: dict) -> float:
+    """The share of weights whose update has the fp32 reference update's sign, among those the
+    reference moves by at least half a step (Adam's first step is +-lr per weight: bf16 gradients
+    flip the sign only where the gradient is near zero, which such weights' are not)."""
+    agree = counted = 0
+    for name, ref in reference.items():
+        big = ref.abs() >= 0.5 * (ref.abs().max() if ref.numel() else 0)
+        delta = got[name] - start[name]
+        agree += int((torch.sign(delta[big]) == torch.sign(ref[big])).sum())
+        counted += int(big.sum())
+    return agree / max(counted, 1)
 
 
 def test_a_probe_that_skips_the_update_fails_the_comparison(probe_setup, monkeypatch):

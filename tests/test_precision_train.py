@@ -52,7 +52,13 @@ def ws(tmp_path_factory):
 
 def run(ws, name: str, *extra: str):
     run_dir = ws["root"] / name
-    args = ["checkpoint.export_full=false", "logging.sample_keys=true", f"optim.lr={LEARN_LR}", *extra]
+    args = [
+        "checkpoint.export_full=false",
+        "logging.sample_keys=true",
+        f"optim.lr={LEARN_LR}",
+        "model.train_backbone=true",  # every parameter learns, as in the reference loop
+        *extra,
+    ]
     proc = torchrun(1, base_args(ws, run_dir, *args))
     assert proc.returncode == 0, proc.stderr[-6000:]
     return run_dir, proc.stderr

@@ -172,6 +172,39 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(tmp_path, caplog):
     assert not any(k.startswith("s1_") for k in keys)  # a truncated shard is skipped whole
 
 
+@pytest.mark.parametrize("sees_the_size", [True, False])
+def test_a_shard_cut_while_read_is_counted_and_named(tmp_path, caplog, monkeypatch, sees_the_size):
+    """Cut on a member boundary under a running loader, a shard ends like a whole one to a tar
+    reader: the loader tells them apart by the shard's size. Blinded to the size (planted), the
+    rest of the shard is lost without a word, as it was; either way the next epoch finds the
+    shard bad when it opens it."""
+    import os
+    import tarfile
+
+    (path,) = write_shards(tmp_path, num_shards=1, per_shard=40, stage2_every=0)
+    cut = tarfile.open(path).getmembers()[3 * 30].offset  # sample 30's first header: 0..29 stay
+    whole = os.path.getsize(path)
+    if not sees_the_size:
+        first_seen = {}
+        monkeypatch.setattr(
+            "pretrain.data.os.fstat", lambda fd, real=os.fstat: first_seen.setdefault(fd, real(fd))
+        )
+    loader = make_loader([path], micro_batch_size=1, shuffle_buffer=0, prefetch_batches=0)
+    samples, seen = loader.samples(), []
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"), pytest.raises(DataError):
+        for sample in samples:
+            seen.append(sample.key)
+            if len(seen) == 3:  # the loader is inside the shard, well before the cut
+                os.truncate(path, cut)
+    assert seen == [f"s0_{i}" for i in range(30)]
+    named = [r.getMessage() for r in caplog.records if path in r.getMessage()]
+    if sees_the_size:
+        assert loader.position.bad_shards == 2 and len(named) == 2
+        assert f"cut from {whole} to {cut} bytes while it was read" in named[0] and "truncated" in named[1]
+    else:
+        assert loader.position.bad_shards == 1 and len(named) == 1 and "cut from" not in named[0]
+
+
 def test_malformed_samples_are_skipped_and_counted(tmp_path, caplog):
     path = str(tmp_path / "mixed.tar")
     meta = ClipMeta(

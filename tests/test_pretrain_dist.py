@@ -28,7 +28,9 @@ from test_pretrain_data import write_caption_tokenizer, write_shards
 from tolerances import FP32_EPS, adam_weight_atol, loss_rel_tol
 from webdataset.tariterators import tarfile_samples
 
+from cogvideo.checkpoint.digest import record_folder
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
+from cogvideo.checkpoint.training import write_complete
 from cogvideo.config import get_preset
 from cogvideo.family import build_model, plain_model
 from cogvideo.sequence import build_sequence
@@ -312,10 +314,10 @@ import pretrain.train as train
 mode, arg, rank = os.environ["INJECT"], os.environ["INJECT_ARG"], int(os.environ["RANK"])
 if mode == "kill_in_save":  # SIGKILL rank 0 after DeepSpeed wrote step `arg`, before it is complete
     mark = ckpt.CheckpointManager._mark_complete
-    def killed(self, path):
+    def killed(self, path, record):
         if path.name == ckpt.tag_for(int(arg)):
             os.kill(os.getpid(), signal.SIGKILL)
-        mark(self, path)
+        mark(self, path, record)
     ckpt.CheckpointManager._mark_complete = killed
 elif mode == "sigterm":  # preemption notice reaching rank 1 only, after step `arg`
     step = train.Trainer.train_step
@@ -403,6 +405,7 @@ def test_tp2_resume_with_dropout_continues_the_attention_dropout_stream(ws):
             if not keep_state:
                 del state["model_parallel"]
                 torch.save(state, file)
+        write_complete(run / "step00000004", record_folder(run / "step00000004", exclude=["COMPLETE"]))
         proc = torchrun(2, base_args(ws, run, *args, "--resume", "auto"))
         assert proc.returncode == 0, proc.stderr[-4000:]
         final[name] = (losses(run), final_weights(run))

@@ -20,7 +20,8 @@ from process_helpers import sleeping_process, write_lock
 from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
 from cogvideo.checkpoint.training import load_part, part_file, save_part
-from pretrain.checkpoint import CheckpointManager, RNGState, RunLock
+from cogvideo.runlock import LockHeld, RunLock
+from pretrain.checkpoint import CheckpointManager, RNGState
 from pretrain.config import check_config, load_train_config
 from pretrain.metrics import MetricsLogger
 
@@ -69,7 +70,7 @@ def test_a_planted_rng_file_does_not_run(tmp_path):
 
 
 def test_a_planted_deepspeed_file_does_not_run(tmp_path):
-    from pretrain.checkpoint import WeightsOnlyLoads
+    from pretrain.checkpoint import SafeCheckpointEngine
 
     marker = tmp_path / "pwned"
     planted = tmp_path / "mp_rank_00_model_states.pt"
@@ -83,7 +84,7 @@ def test_a_planted_deepspeed_file_does_not_run(tmp_path):
             return torch.load(path, map_location=map_location, weights_only=False)
 
     with pytest.raises(CheckpointError, match="refused to unpickle posix.system") as refused:
-        WeightsOnlyLoads(Engine()).load(str(planted))
+        SafeCheckpointEngine(Engine()).load(str(planted))
     assert "weights_only" not in str(refused.value)  # never torch's advice to load unsafely
     assert not marker.exists()
 
@@ -94,7 +95,7 @@ def test_a_planted_deepspeed_file_does_not_run(tmp_path):
 def test_a_live_run_holds_the_directory(tmp_path):
     with sleeping_process(60) as pid:
         write_lock(tmp_path, pid=pid, slurm_job_id="41")
-        with pytest.raises(CheckpointError, match=rf"a live run holds it .*pid {pid}, SLURM job 41"):
+        with pytest.raises(LockHeld, match=rf"a live run holds it .*pid {pid}, SLURM job 41"):
             RunLock(tmp_path).acquire()
     # now dead on this host: stale, taken over with a message naming why
     message = RunLock(tmp_path).acquire()
@@ -104,7 +105,7 @@ def test_a_live_run_holds_the_directory(tmp_path):
 
 def test_other_hosts_refuse_and_a_requeued_slurm_job_takes_over(tmp_path, monkeypatch):
     write_lock(tmp_path, host="node-elsewhere", pid=1, slurm_job_id="77")
-    with pytest.raises(CheckpointError, match="node-elsewhere"):
+    with pytest.raises(LockHeld, match="node-elsewhere"):
         RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto this host
     assert "requeued" in RunLock(tmp_path).acquire()

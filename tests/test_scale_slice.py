@@ -38,9 +38,13 @@ UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp32": 2.0**-24}
 # as benchmarks/gpu_check.py): |loss - loss32| <= 4u |loss32|, ||grad - grad32|| <= 16u ||grad32||.
 # In fp32 both differ only in summation order: 2^10 u32 (~6e-5) covers sums of 3072 terms.
 LOSS_ULPS, GRAD_ULPS = {"bf16": 4, "fp32": 2**10}, {"bf16": 16, "fp32": 2**10}
-# the logits at each compared position, relative to their norm there: the forward's rounding
-# alone (the loss's rule, 4 u, on every logit rather than on their average effect)
-LOGIT_ULPS = LOSS_ULPS
+# The logits at each compared position, relative to their norm there. The loss averages the
+# rounding away; a logit carries the rounding of the R = 2 x (6 x 2 + 1) = 26 bf16 operands of its
+# chain, whose signs are independent: sqrt(R) u typically, and 2 sqrt(R) u ~ 10 u bounds it (a
+# probabilistic rounding bound at two standard deviations). Gradients per tensor keep the global rule.
+# Seen with bf16 alone (the stage-1 slice at TP=1 in bf16 against fp32): logits 2.4 u, gradient
+# tensors 1.8-3.4 u, loss 0.004 u; a wrong shard or a missed reduction is tens to hundreds of u.
+LOGIT_ULPS = {"bf16": 10, "fp32": 2**10}
 MEMORY_TOLERANCE = 0.15  # the planner's stated tolerance (tests/test_plan_memory.py)
 
 

@@ -86,7 +86,7 @@ def _shards_with_captions(root, captions: list[str]) -> str:
         for i, caption in enumerate(captions):
             frames = np.zeros((cfg.num_frames, cfg.frame_tokens, cfg.frame_tokens), np.int64)
             meta = ClipMeta(4.0, 1.0, 1, f"videos/clip{i}.mp4", 0.0, 4.0, cfg.num_frames)
-            sink.write(encode_sample(f"k{i}", frames, caption, meta))
+            sink.write(encode_sample(f"k{i}", {"frames": frames}, caption, meta))
     return path
 
 

@@ -1,6 +1,6 @@
 """cogvideo-convert: move weights between SwissArmyTransformer, DeepSpeed and our format.
 
-    cogvideo-convert inspect PATH
+    cogvideo-convert inspect PATH                       # exit 1 when it prints a problem
     cogvideo-convert import-sat SAT_DIR OUT [--stage stage1] [--base PRESET] [--set FIELD=VALUE] [--tp N]
     cogvideo-convert reshard CKPT OUT --tp N            # split or merge tensor-parallel shards
     cogvideo-convert zero DEEPSPEED_DIR OUT [--tag T] [--tp N] [--no-optimizer]
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError) as err:
         print(f"cogvideo-convert {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if isinstance(result, dict):
+    if isinstance(result, dict):  # inspect
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in result.items():
                 counted = isinstance(value, int) and not isinstance(value, bool)
                 print(f"{key:<{width}}  {f'{value:,}' if counted else value}")
-    else:
-        print(f"wrote {result}")
+        return 0 if result.get("complete") else 1  # the problem is printed above
+    print(f"wrote {result}")
     return 0
 
 

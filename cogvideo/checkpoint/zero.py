@@ -25,12 +25,15 @@ import torch
 from cogvideo.checkpoint.format import ADAM_KEYS, full_shapes, plan_of, write_checkpoint
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt, runs_of
 from cogvideo.checkpoint.training import (
+    COMPLETE,
     MODEL_FILE,
     OPTIM_FILE,
     engine_dirs,
+    summarize,
     tag_dir,
     train_config_model,
     train_config_text_format,
+    verify_tag,
 )
 from cogvideo.tp_plan import TPPlan
 
@@ -45,6 +48,8 @@ class ZeroCheckpoint:
         self.path, self.plan = tag_dir(Path(path), tag), plan
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
+        if (self.path / COMPLETE).is_file() and (problems := verify_tag(self.path)):
+            raise CheckpointError(summarize(problems))  # our trainer's: every file against its digest
         optim = {(int(m[2]), int(m[1])): f for f in self.path.iterdir() if (m := OPTIM_FILE.match(f.name))}
         models = {
             (int(m[2]), int(m[1] or 0)): f for f in self.path.iterdir() if (m := MODEL_FILE.match(f.name))

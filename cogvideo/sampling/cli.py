@@ -6,8 +6,8 @@ torchrun --nproc-per-node 2 -m cogvideo.sampling.cli --prompts p.txt --out s/ te
 cogvideo-sample --family hpdm --prompts prompts.txt --out s/ checkpoint=ckpt/ text_tokenizer=text.model
 
 The options are the family's (`--family`, CogVideo's by default; `--help` lists them): its
-sampler (`ModelFamily.sampler`, "module:Class.load") names the pipeline, whose `options_class`
-they are. Every family's pipeline runs in the same job (resume, Ray actors, records, manifest).
+sampler (`ModelFamily.sampler`, "module:Class") names the pipeline class, whose `options_class`
+they are and whose `load(options)` builds it. Every family's pipeline runs in the same job (resume, Ray actors, records, manifest).
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ from cogvideo.sampling.prompts import PromptError, read_prompts
 
 
 def family_pipeline(name: str):
-    """The pipeline class a family samples with: its `sampler` ("module:Class" or
-    "module:Class.load"), a class with `options_class` and `load(options)`."""
+    """The pipeline class a family samples with: its `sampler` ("module:Class"), a class with
+    `options_class` and `load(options)`."""
     from cogvideo.family import get_family
 
     family = get_family(name)
     target = None
     if family.sampler is not None:
         module, attribute = family.sampler.split(":")
-        target = importlib.import_module(module)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-        target = getattr(target, "__self__", target)  # a classmethod names its class
+        target = getattr(importlib.import_module(module), attribute)
     if not hasattr(target, "options_class"):
         raise ValueError(f"--family {name}: this family has no cogvideo-sample pipeline")
     return target

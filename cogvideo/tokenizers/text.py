@@ -17,8 +17,9 @@ import numpy as np
 import sentencepiece as spm
 
 from cogvideo.captions import CaptionRow, CaptionsFileError, read_captions, usable_captions
-from cogvideo.config import ModelConfig, preset_setting
+from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, config_parser, parse_config
+from cogvideo.family import any_preset
 from cogvideo.text_format import RELEASE_FRAME_RATES, TextFormat
 from cogvideo.tokenizers.icetk_files import ICETK_TEXT_MODEL, resolve_icetk_file
 from cogvideo.vocab import SEPARATOR_PIECE, TEXT_PAD_PIECE, VocabLayout
@@ -162,6 +163,15 @@ def length_report(lengths: list[tuple[int, CaptionRow]], cfg: ModelConfig, named
     return lines
 
 
+def preset_of_any_family(name: str):
+    """The `preset` setting of the text tokenizer commands: any family's preset (the pieces must
+    fit its vocab.num_text_tokens); an unknown name is a ConfigError."""
+    try:
+        return any_preset(name)
+    except ValueError as err:
+        raise ConfigError(f"preset: {err}") from None
+
+
 def train_text_tokenizer(
     captions: list[str] | str | Path,
     out_prefix: str | Path,
@@ -182,7 +192,7 @@ def train_text_tokenizer(
     ``vocab_size`` is an upper bound: a small caption set yields fewer pieces.
     Returns ``<out_prefix>.model``.
     """
-    num_text_tokens = preset_setting(preset).vocab.num_text_tokens
+    num_text_tokens = preset_of_any_family(preset).vocab.num_text_tokens
     lines = _read_captions(captions)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +265,7 @@ class TextTokenizerConfig:
     character_coverage: float = 1.0
 
     def model_config(self) -> ModelConfig:
-        return preset_setting(self.preset)
+        return preset_of_any_family(self.preset)
 
     def __post_init__(self):
         for key in ("captions", "out"):

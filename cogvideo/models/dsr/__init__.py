@@ -65,7 +65,7 @@ FAMILY = register(
         sample_problem=sample_problem,
         default_stage=lambda cfg: 1,
         from_backbone=init_from_backbone,
-        sampler="cogvideo.models.dsr.sampler:SuperResolution",
+        sampler=None,  # a stage of CogVideo's pipeline (cogvideo-sample sr_checkpoint=...), not a pipeline
         planner=PLANNER,
         sat_layout="cogvideo.models.dsr.sat:DSR_SAT",
     )

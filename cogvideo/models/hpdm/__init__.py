@@ -67,7 +67,7 @@ FAMILY = register(
         shard_kind="frames",
         prep_encoder="frames",
         sample_problem=_sample_problem,
-        sampler="cogvideo.models.hpdm.sampling:HPDMPipeline.load",
+        sampler="cogvideo.models.hpdm.sampling:HPDMPipeline",
         # the supplement: mixed precision (autocast or manual, fp16 or bf16) converged worse
         auto_excludes=("bf16", "fp16"),
         planner=PlannerModel(
