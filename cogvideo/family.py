@@ -25,7 +25,7 @@ from torch import nn
 
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.configio import from_dict, merge, to_dict
-from cogvideo.family_spec import REGISTRY, ModelFamily, PlannerModel, register
+from cogvideo.family_spec import REGISTRY, ModelFamily, OptimizedPart, PlannerModel, register
 from cogvideo.models import (
     dsr,  # noqa: F401  (registers the DSR family)
     glober,  # noqa: F401  (registers the GLOBER family)
@@ -35,6 +35,7 @@ from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
     "ModelFamily",
+    "OptimizedPart",
     "any_preset",
     "PlannerModel",
     "build_model",
@@ -42,6 +43,7 @@ __all__ = [
     "get_family",
     "model_from_record",
     "model_record",
+    "optimized_parts",
     "plain_model",
     "register",
     "resolve_model_section",
@@ -72,6 +74,23 @@ def family_of(cfg) -> ModelFamily:
         if type(cfg) is family.config:
             return family
     raise ValueError(f"no model family has config class {type(cfg).__name__}")
+
+
+WHOLE_MODEL = "model"  # the one optimised part of a family that declares none
+
+
+def optimized_parts(cfg) -> tuple[OptimizedPart, ...]:
+    """The parts `cfg`'s family optimises separately, in turn order (`ModelFamily.parts`); a
+    family that declares none trains one part: the whole model, named "model", by its loss."""
+    family = family_of(cfg)
+    parts = tuple(family.parts(cfg)) if family.parts is not None else ()
+    if parts:
+        return parts
+
+    def loss(model_cfg, engines, batch, device):
+        return family.loss(model_cfg, engines[WHOLE_MODEL], batch, device)
+
+    return (OptimizedPart(WHOLE_MODEL, "", loss, lambda model_cfg: 1),)
 
 
 def plain_model(cfg) -> nn.Module:

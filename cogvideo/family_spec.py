@@ -29,6 +29,21 @@ class PlannerModel:
     tp_allreduces: Callable[[Any, bool], tuple[int, int]]
 
 
+@dataclass(frozen=True)
+class OptimizedPart:
+    """A part of the model trained by its own optimizer (its own DeepSpeed engine), in turns with
+    the family's other parts: a GAN's generator and discriminator. Each turn is `steps(cfg)`
+    consecutive optimizer steps of this part, on batches of their own; the parts' engines, the
+    loader and the RNG states are saved and resumed together (`pretrain/parts.py`)."""
+
+    name: str  # its folder in a checkpoint tag and the suffix of its metrics (loss_<name>)
+    module: str  # the submodule it optimises ("" : the whole model)
+    # (cfg, every part's engine by name, batch, device) -> this part's loss; the other parts'
+    # parameters take no gradient meanwhile
+    loss: Callable[[Any, Mapping[str, Any], Any, torch.device], torch.Tensor]
+    steps: Callable[[Any], int]
+
+
 def _no_problem(cfg, sample) -> None:
     return None
 
@@ -73,6 +88,9 @@ class ModelFamily:
     # low precisions `auto` never picks for this family (known to cost its quality), in training
     # (beside parallel.auto_excludes) and sampling
     auto_excludes: tuple[str, ...] = ()
+    # config -> the separately optimised parts, in turn order; None (or empty): one engine for the
+    # whole model, trained by `loss`
+    parts: Callable[[Any], tuple[OptimizedPart, ...]] | None = None
     # "module:attribute" of its SwissArmyTransformer checkpoint layout (cogvideo/checkpoint/
     # sat_layout.py; imported on use): cogvideo-convert import-sat / export-sat. None: it has none
     sat_layout: str | None = None

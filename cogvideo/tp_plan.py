@@ -75,7 +75,9 @@ Style = Column | Row | Vocab | Replicated
 @dataclass(frozen=True)
 class TPPlan:
     styles: dict[str, Style]  # module-name suffix (whole dotted parts) -> how it splits
-    blocks: str | None = None  # the ModuleList whose entries are activation-checkpointed
+    # the ModuleList whose entries are activation-checkpointed; several: those a model holds (a
+    # family whose configurations hold different parts, e.g. GLOBER's two training phases)
+    blocks: str | tuple[str, ...] | None = None
 
     def style(self, module: str) -> Style:
         for suffix, style in self.styles.items():
@@ -165,11 +167,27 @@ def parallelize(model: nn.Module, plan: TPPlan, activation_checkpointing: bool =
             raise ValueError("activation checkpointing needs the plan's `blocks` (the layers to recompute)")
         from torch.distributed._composable import checkpoint
 
-        for block in model.get_submodule(plan.blocks):  # recomputed in backward, names and state
+        for block in _checkpointed_blocks(model, plan):  # recomputed in backward, names and state
             # dict keys unchanged; the recomputation redraws the forward's dropout masks (torch
             # restores its generators, parallel.replay_model_parallel_rng the per-TP-rank state)
             checkpoint(block, context_fn=parallel.replay_model_parallel_rng)
     return model
+
+
+def _checkpointed_blocks(model: nn.Module, plan: TPPlan) -> list[nn.Module]:
+    paths = (plan.blocks,) if isinstance(plan.blocks, str) else plan.blocks
+    held = [path for path in paths if _has_submodule(model, path)]
+    if not held:
+        raise ValueError(f"activation checkpointing: the model holds none of the plan's blocks {list(paths)}")
+    return [block for path in held for block in model.get_submodule(path)]
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:

@@ -8,6 +8,8 @@ runs on Ray actors that load it once, and is first checked on the driver before 
                same tokenizer at the larger grid): DSR, whose frames are read at the high-res
                size and area-averaged down for the low-res codes
     frames     the frames themselves, uint8 RGB: pixel-space families
+    latents    each frame's posterior moments under the model's frozen KL-VAE (`model.vae.path`, a
+               diffusers AutoencoderKL folder): GLOBER
 
 An encoder class has `kind` (the shard kind it writes), `arrays` (the names it returns),
 `pixel_size(model)` (the frame side it reads), `settle(cfg) -> cfg` (driver side:
@@ -21,9 +23,12 @@ import dataclasses
 import importlib
 
 import numpy as np
+import torch
+from diffusers import AutoencoderKL
 
 from cogvideo.configio import ConfigError
 from cogvideo.family import section_family
+from cogvideo.models.glober.vae import encode_moments, vae_folder_problem
 from data_prep.config import PrepConfig, prep_model
 
 
@@ -134,7 +139,47 @@ class PixelEncoder:
         return {"pixels": pixels}
 
 
-ENCODERS = {"tokens": TokenEncoder, "sr_tokens": PairedTokenEncoder, "frames": PixelEncoder}
+class LatentEncoder:
+    """The model's frozen KL-VAE (`model.vae.path`: a diffusers AutoencoderKL folder) encodes each
+    frame once; a sample stores every frame's posterior moments, float32 [frames, 2 C', h, w]
+    (mean, then log-variance): the family draws its latents from them at training time."""
+
+    kind, arrays = "latents", ("latents",)
+
+    @staticmethod
+    def pixel_size(model) -> int:
+        return model.frame_size
+
+    @staticmethod
+    def settle(cfg: PrepConfig) -> PrepConfig:
+        model = prep_model(cfg)
+        if not model.vae.path:
+            raise ConfigError(
+                "prep.model.vae.path: latent shards need the model's KL-VAE, a diffusers AutoencoderKL "
+                "folder (Stable Diffusion's vae/, or one fitted with cogvideo-fit-vae)"
+            )
+        if problem := vae_folder_problem(model.vae):
+            raise ConfigError(f"prep.{problem}")
+        return cfg
+
+    def __init__(self, cfg: PrepConfig, model, device: str = "cpu"):
+        self.vae = AutoencoderKL.from_pretrained(model.vae.path, use_safetensors=True).to(device).eval()
+        self.device = device
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        count, frames = pixels.shape[:2]
+        x = torch.from_numpy(pixels).to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            moments = encode_moments(self.vae, x)
+        return {"latents": moments.unflatten(0, (count, frames)).float().cpu().numpy()}
+
+
+ENCODERS = {
+    "tokens": TokenEncoder,
+    "sr_tokens": PairedTokenEncoder,
+    "frames": PixelEncoder,
+    "latents": LatentEncoder,
+}
 
 
 def encoder_for(cfg: PrepConfig):

@@ -34,6 +34,7 @@ from cogvideo.checkpoint.training import (
     TAG,
     TRAIN_CONFIG,
     complete_tags,
+    engine_dirs,
     load_part,
     part_file,
     part_ranks,
@@ -46,6 +47,7 @@ from cogvideo.checkpoint.training import (
 from cogvideo.configio import save_yaml
 from cogvideo.family import family_of
 from cogvideo.runlock import atomic_write
+from pretrain.engines import Engines
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +198,26 @@ def estimated_bytes(total_params: int, trainable_params: int, precision: str, ex
     return total_params * weight_bytes + 12 * trainable_params + (4 * total_params if export_full else 0)
 
 
-def full_state_dict(engine) -> dict | None:
-    """The merged (all TP ranks, ZeRO-3 gathered) fp32 model state on global rank 0, else None."""
+def full_state_dict(engines: Engines, model_cfg) -> dict | None:
+    """The merged (all TP ranks, ZeRO-3 gathered) fp32 model state on global rank 0, else None:
+    every optimised part's module under its name in the model."""
+    full: dict = {}
+    for part in engines.parts:
+        prefix = f"{part.module}." if part.module else ""
+        state = _part_state_dict(engines.by_part[part.name], model_cfg, prefix)
+        if state is not None:
+            full.update(state)
+    return full if dist.get_rank() == 0 else None
+
+
+def _part_state_dict(engine, model_cfg, prefix: str) -> dict | None:
     import deepspeed
 
     module = engine.module
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
         local = {
-            k: v.detach().float().cpu().clone()
+            prefix + k: v.detach().float().cpu().clone()
             for k, v in module.state_dict().items()
             if isinstance(v, torch.Tensor)
         }  # megatron layers add `_extra_state` entries
@@ -215,8 +228,16 @@ def full_state_dict(engine) -> dict | None:
         dist.gather_object(
             local, gathered, dst=dist.get_global_rank(parallel.tp_group(), 0), group=parallel.tp_group()
         )
-    plan = family_of(module.cfg).tp_plan
+    plan = family_of(model_cfg).tp_plan
     return plan.merge_state_dicts(gathered) if dist.get_rank() == 0 else None
+
+
+def _engine_folders(engines: Engines, path: Path):
+    """(folder, tag, engine) of each engine as DeepSpeed saves it (DeepSpeed writes folder/tag):
+    the layout's `engine_dirs` (the checkpoint tag itself for a whole-model run, else one folder
+    per optimised part)."""
+    dirs = engine_dirs(path, engines.model_cfg)
+    return [(d.parent, d.name, engines.by_part[part.name]) for (_, d), part in zip(dirs, engines.parts)]
 
 
 class CheckpointManager:
@@ -230,25 +251,29 @@ class CheckpointManager:
         export_full: bool = False,
         parts: dict[str, tuple[Stateful, str]] | None = None,
         expected_bytes: int = 0,
+        model_cfg=None,  # the model's config (export_full merges its shards by the family's plan)
     ):
         self.root = Path(root)
         self.expected_bytes = expected_bytes  # one checkpoint, estimated (`estimated_bytes`)
         self.keep_last = keep_last
         self.export_full = export_full
         self.parts = parts or {}
+        self.model_cfg = model_cfg
 
-    def save(self, engine, step: int, config) -> Path:
+    def save(self, engines: Engines, step: int, config) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory. A write that fails
         on any rank raises SaveFailed on every rank, after the partial checkpoint is removed."""
         tag = tag_for(step)
         path = self.root / tag
-        rank, failed = dist.get_rank(), safe_engine(engine).failed
-        failed.clear()
+        rank, failed = dist.get_rank(), []
+        for engine in engines.by_part.values():
+            safe_engine(engine).failed = failed  # every engine's failed writes in one list
         if rank == 0:  # saving again into a tag (after a fallback): not complete until done
             attempt(failed, path / COMPLETE, (path / COMPLETE).unlink, missing_ok=True)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+        for folder, name, engine in _engine_folders(engines, path):
+            engine.save_checkpoint(str(folder), tag=name, client_state={"step": step}, save_latest=False)
         self._save_parts(path, failed)
-        full = full_state_dict(engine) if self.export_full else None
+        full = full_state_dict(engines, self.model_cfg) if self.export_full else None
         if rank == 0:
             attempt(failed, path / TRAIN_CONFIG, save_yaml, config, path / TRAIN_CONFIG)
             if full is not None:
@@ -369,7 +394,7 @@ class CheckpointManager:
     def check(self, path: Path, dp_size: int) -> None:
         """Before any process group: every part's files are there and load safely, and DeepSpeed's
         rank files name no foreign object."""
-        for file in sorted(path.glob("*_states.pt")):
+        for file in sorted(path.rglob("*_states.pt")):  # the tag's, or one folder per optimised part
             check_pickled_globals(file)
         for name, (_, scope) in self.parts.items():
             written = part_ranks(path, name, scope)
@@ -381,12 +406,15 @@ class CheckpointManager:
             for r in range(written):
                 load_part(path, name, scope, r)
 
-    def load(self, engine, path: Path) -> int:
-        """Collective. Restores the engine (model, optimizer, schedule) and every part; returns the step."""
-        safe_engine(engine)
-        loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
+    def load(self, engines: Engines, path: Path) -> int:
+        """Collective. Restores every engine (model, optimizer, schedule) and every part; returns the step."""
+        for folder, name, engine in _engine_folders(engines, path):
+            safe_engine(engine)
+            if not (folder / name).is_dir():
+                raise CheckpointError(f"{folder / name}: missing (the optimised part {name!r} of this model)")
+            loaded, client = engine.load_checkpoint(str(folder), tag=name)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load the checkpoint {folder / name}")
         for name, (part, scope) in self.parts.items():
             rank = dist.get_rank() if scope == "rank" else parallel.dp_rank()
             if part_file(path, name, scope, rank).is_file():

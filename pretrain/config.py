@@ -19,7 +19,7 @@ import torch
 
 from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, load_config
-from cogvideo.family import family_of, resolve_model_section, section_family
+from cogvideo.family import family_of, optimized_parts, resolve_model_section, section_family
 from cogvideo.precision import Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 
@@ -235,6 +235,11 @@ def _check_data_and_starting_point(cfg: TrainConfig, model_cfg: ModelConfig) -> 
     if cfg.init.optimizer and not cfg.init.weights:
         raise ConfigError(
             "init.optimizer: needs init.weights (a converted checkpoint with an optimizer/ folder)"
+        )
+    if cfg.init.optimizer and len(optimized_parts(model_cfg)) > 1:
+        raise ConfigError(
+            f"init.optimizer: model {model_cfg.name} trains {len(optimized_parts(model_cfg))} optimised parts "
+            "with an optimizer each; resume their Adam states from the training checkpoint (--resume)"
         )
     if cfg.checkpoint.resume not in (None, "auto") and not os.path.isdir(cfg.checkpoint.resume):
         raise ConfigError(

@@ -47,13 +47,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_scheduler(cfg: TrainConfig):
-    """A factory DeepSpeed calls with its optimizer; stepped once per optimizer step."""
+def lr_scheduler(cfg: TrainConfig, total_steps: int | None = None):
+    """A factory DeepSpeed calls with its optimizer; stepped once per optimizer step. The cosine
+    ends at `total_steps` of this optimizer (default training.max_steps: it steps every step)."""
     o = cfg.optim
+    total = cfg.training.max_steps if total_steps is None else total_steps
 
     def make(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, o.warmup_steps, cfg.training.max_steps, o.min_lr_ratio)
+            optimizer, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio)
         )
 
     return make

@@ -11,6 +11,7 @@ found; its ranks run them again quietly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -98,6 +99,12 @@ def check_starting_weights(cfg: TrainConfig) -> None:
                 raise CheckpointError(f"{key}: {err}") from None
 
 
+def _frozen_by(model_cfg) -> str:
+    """What froze them, where a config field says so (CogVideo's backbone)."""
+    fields = {f.name for f in dataclasses.fields(model_cfg)}
+    return ": model.train_backbone=false" if "train_backbone" in fields else " by the model family"
+
+
 def checkpoint_manager(cfg: TrainConfig, model_cfg, parts: dict | None = None) -> CheckpointManager:
     """The run's checkpoint manager; `parts` default to the trainer's, unattached (for checks)."""
     counts = count_parameters(model_cfg)
@@ -107,6 +114,7 @@ def checkpoint_manager(cfg: TrainConfig, model_cfg, parts: dict | None = None) -
         cfg.checkpoint.export_full,
         parts if parts is not None else {name: (None, scope) for name, scope in PARTS.items()},
         estimated_bytes(counts.total, counts.trainable, cfg.parallel.precision, cfg.checkpoint.export_full),
+        model_cfg,
     )
 
 
@@ -156,6 +164,6 @@ def preflight(args: argparse.Namespace, world_size: int):
     if not quiet():
         log.info(
             f"model {model_label(model_cfg)}: {counts.trainable:,} of {counts.total:,} parameters train"
-            + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen: model.train_backbone=false)")
+            + ("" if counts.frozen == 0 else f" ({counts.frozen:,} frozen{_frozen_by(model_cfg)})")
         )
     return cfg, model_cfg, shards, encode, resume

@@ -17,7 +17,7 @@ import dataclasses
 from cogvideo import parallel
 from pretrain.config import TrainConfig
 from pretrain.data import Batch, ShardLoader
-from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
+from pretrain.engines import Engines
 
 PROBE_MAX_LAYERS = 4  # the demo's models whole; a 48-layer run times 4 of its layers
 
@@ -49,42 +49,38 @@ class StepProbe:
     calls it alike."""
 
     def __init__(self, cfg: TrainConfig, model_cfg, batch: Batch):
-        from cogvideo.family import family_of
-
         self.cfg, self.batch = cfg, batch
-        self.model_cfg = dataclasses.replace(
-            model_cfg, num_layers=min(model_cfg.num_layers, PROBE_MAX_LAYERS)
+        cut = "num_layers" in {f.name for f in dataclasses.fields(model_cfg) if f.init}  # else derived
+        self.model_cfg = (
+            dataclasses.replace(model_cfg, num_layers=min(model_cfg.num_layers, PROBE_MAX_LAYERS))
+            if cut
+            else model_cfg
         )
-        self.family = family_of(model_cfg)
         self.engines: dict = {}
 
-    def engine(self, name: str):
-        """The DeepSpeed engine of precision `name` (as the trainer builds its own)."""
-        import deepspeed
-
+    def engine(self, name: str) -> Engines:
+        """The DeepSpeed engines of precision `name` (as the trainer builds its own: one per
+        optimised part)."""
         from cogvideo.family import build_model
 
         if name not in self.engines:
             cfg = precision_config(self.cfg, name)
             parallel.manual_seed(cfg.training.seed)
-            model = build_model(self.model_cfg)
-            self.engines[name], _, _, _ = deepspeed.initialize(
-                model=model,
-                model_parameters=param_groups(model, cfg.optim.weight_decay),
-                config=deepspeed_config(cfg, parallel.dp_size()),
-                mpu=parallel.mpu(),
-                lr_scheduler=lr_scheduler(cfg),
-            )
+            self.engines[name] = Engines.initialize(build_model(self.model_cfg), self.model_cfg, cfg)
         return self.engines[name]
 
     def __call__(self, name: str) -> None:
-        engine = self.engine(name)
-        for _ in range(self.cfg.training.grad_accum_steps):
-            loss = self.family.loss(self.model_cfg, engine, self.batch, engine.device)
-            engine.backward(loss)
-            engine.step()
+        """One step of every optimised part."""
+        engines = self.engine(name)
+        for part in engines.parts:
+            engine = engines.by_part[part.name]
+            with engines.training(part):
+                for _ in range(self.cfg.training.grad_accum_steps):
+                    loss = part.loss(self.model_cfg, engines.by_part, self.batch, engine.device)
+                    engine.backward(loss)
+                    engine.step()
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.destroy()
+        for engines in self.engines.values():
+            engines.destroy()
         self.engines.clear()

@@ -37,9 +37,9 @@ from cogvideo.runlock import LockHeld, RunLock
 from pretrain.checkpoint import PARTS, CheckpointManager, FoundByAllRanks, RNGState, SaveFailed
 from pretrain.config import TrainConfig, world_size_from_env
 from pretrain.data import Batch, DataError, ShardLoader
+from pretrain.engines import Engines
 from pretrain.launch import die_with_launcher, launch_local, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
-from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
 from pretrain.startup import (
     EXIT_BAD_CONFIG,
     ResumePlan,
@@ -135,7 +135,7 @@ class Trainer:
         verifier = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
         resume = verifier.verified(resume.candidates, resume.explicit) if resume else None
         self.cfg = cfg = self._settle_precision(cfg, model_cfg, resume, shards, encode_text)
-        self.engine = self._engine()
+        self.engines = self._engines()
         self.loader = ShardLoader(
             shards,
             model_cfg,
@@ -151,7 +151,7 @@ class Trainer:
         self.step = 0
         if resume is not None:
             say(f"loading {resume}")
-            self.step = self.checkpoints.load(self.engine, resume)  # loader position and RNG states included
+            self.step = self.checkpoints.load(self.engines, resume)  # loader position and RNG states included
             self._info(f"resumed from {resume} at step {self.step}")
         else:  # from here on torch's generators differ between DP ranks and agree between TP peers;
             # spacing DP ranks by tp_size keeps the model-parallel seeds (+ 2718 + tp_rank) distinct
@@ -182,11 +182,15 @@ class Trainer:
         resolved = dict(precision=self.precision.precision, precision_probe=self.precision.to_dict())
         return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **resolved))
 
-    def _engine(self):
-        """The model, built lean on this rank's device (docs/cuda-paths.md) and initialised from
-        init.weights / init.backbone or from the seed, wrapped by deepspeed.initialize."""
-        import deepspeed
+    @property
+    def engine(self):
+        """The DeepSpeed engine of the whole model (a run of one optimised part), or the first part's."""
+        return self.engines.first
 
+    def _engines(self) -> Engines:
+        """The model, built lean on this rank's device (docs/cuda-paths.md) and initialised from
+        init.weights / init.backbone or from the seed, wrapped by deepspeed.initialize: one engine
+        per part the family optimises separately (pretrain/engines.py)."""
         cfg, model_cfg = self.cfg, self.model_cfg
         parallel.manual_seed(cfg.training.seed)  # replicated parameters agree on every rank
         state = initial_state(cfg, model_cfg, parallel.tp_rank(), parallel.tp_size())
@@ -195,14 +199,7 @@ class Trainer:
             model.load_state_dict(state)
         compiling = ": this machine's first run compiles DeepSpeed's CPU communication op (about a minute)"
         say("deepspeed.initialize" + ("" if deepspeed_op_cached() else compiling))
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, parallel.dp_size()),
-            mpu=parallel.mpu(),
-            lr_scheduler=lr_scheduler(cfg),
-        )
-        return engine
+        return Engines.initialize(model, model_cfg, cfg)
 
     def _start_logging(self) -> None:
         """Throughput, the metrics log (rank 0) and the per-rank sample-key log."""
@@ -284,19 +281,24 @@ class Trainer:
 
     # ---- training ------------------------------------------------------------------
     def train_step(self) -> dict:
-        engine, losses = self.engine, []
+        """One optimizer step of the part whose turn it is (the whole model for most families)."""
+        part = self.engines.turn(self.step)
+        engine, losses = self.engines.by_part[part.name], []
         lr = engine.get_lr()[0]
-        for micro in range(self.cfg.training.grad_accum_steps):
-            batch = next(self.batches)
-            self._record_keys(micro, batch)
-            loss = self.family.loss(self.model_cfg, engine, batch, engine.device)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
+        with self.engines.training(part):
+            for micro in range(self.cfg.training.grad_accum_steps):
+                batch = next(self.batches)
+                self._record_keys(micro, batch)
+                loss = part.loss(self.model_cfg, self.engines.by_part, batch, engine.device)
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach().float())
         self.step += 1
         norm = engine.get_global_grad_norm()
+        loss = self._dp_mean(torch.stack(losses).mean())
         return {
-            "loss": self._dp_mean(torch.stack(losses).mean()),
+            "loss": loss,
+            **({} if self.engines.whole else {f"loss_{part.name}": loss}),
             "lr": lr,
             "grad_norm": float(norm) if norm is not None else float("nan"),
             "applied": engine.was_step_applied(),
@@ -321,7 +323,7 @@ class Trainer:
             )
 
     def save(self) -> None:
-        path = self.checkpoints.save(self.engine, self.step, self.cfg)
+        path = self.checkpoints.save(self.engines, self.step, self.cfg)
         self.saved_at = self.step
         self._info(f"saved checkpoint {path}")
 

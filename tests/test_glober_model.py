@@ -33,7 +33,7 @@ def one_thread():
 
 
 def tiny(**fields):
-    return resolve_model_section({"family": "glober", "preset": "tiny", **fields})
+    return resolve_model_section({"family": "glober", "preset": "glober-tiny", **fields})
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -248,9 +248,9 @@ def test_the_tp_plan_splits_the_dit_and_nothing_else():
     assert split == expected
 
 
-def test_tensor_parallel_is_refused_for_the_autoencoder_phase():
-    with pytest.raises(ValueError, match="only phase generator trains"):
-        tiny().validate(tensor_parallel=2)
+def test_tensor_parallel_needs_the_dits_widths_to_split():
+    with pytest.raises(ValueError, match="model.dit.num_heads: 3 is not divisible by tensor_parallel=2"):
+        tiny(phase="generator", dit={"num_heads": 3, "hidden_size": 33}).validate(tensor_parallel=2)
     tiny(phase="generator", dit={"num_heads": 4}).validate(tensor_parallel=2)
 
 

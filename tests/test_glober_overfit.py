@@ -44,7 +44,7 @@ def test_overfitting_one_short_video_reproduces_its_frames_in_order(one_thread):
     cfg = resolve_model_section(
         {
             "family": "glober",
-            "preset": "tiny",
+            "preset": "glober-tiny",
             "num_frames": FRAMES,
             "frame_size": 8,
             "decoder": {"guidance_dropout": 0.0, "attention_resolutions": [4]},

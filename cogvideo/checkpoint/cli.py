@@ -32,8 +32,8 @@ from cogvideo.checkpoint.format import (
 )
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError
 from cogvideo.checkpoint.sat import SAT_CONFIG, SatCheckpoint, export_sat, import_sat
-from cogvideo.checkpoint.training import tag_dir, train_config_model
-from cogvideo.checkpoint.zero import ZeroCheckpoint, convert_zero
+from cogvideo.checkpoint.training import engine_dirs, tag_dir, train_config_model
+from cogvideo.checkpoint.zero import PrefixedPlan, ZeroCheckpoint, convert_zero
 from cogvideo.configio import ConfigError, parse_overrides
 from cogvideo.family import DEFAULT_FAMILY, family_of, get_family, resolve_model_section
 from cogvideo.precision import DTYPES, NAMES
@@ -56,7 +56,7 @@ def describe(path: str | Path, base: str | None = None, overrides: dict | None =
         return _describe_ours(path)
     if (path / SAT_CONFIG).is_file():
         kind, read = "SwissArmyTransformer", lambda: _describe_sat(path, base, overrides)
-    elif any(tag_dir(path, None).glob("*_model_states.pt")):
+    elif any(tag_dir(path, None).rglob("*_model_states.pt")):  # a model trained in parts: one folder each
         kind, read = "DeepSpeed", lambda: _describe_zero(path)
     else:
         raise CheckpointError(
@@ -109,17 +109,24 @@ def _describe_zero(path: Path) -> dict:
     except CheckpointError:  # a DeepSpeed checkpoint not written by our trainer
         cfg = None
     family = family_of(cfg) if cfg else get_family(DEFAULT_FAMILY)
-    zero = ZeroCheckpoint(path, family.tp_plan)
+    tag = tag_dir(path, None)
+    dirs = engine_dirs(tag, cfg) if cfg else [("", tag)]
+    zeros = [
+        (prefix, ZeroCheckpoint(folder, PrefixedPlan(family.tp_plan, prefix))) for prefix, folder in dirs
+    ]
+    zero = zeros[0][1]
+    shapes = {prefix + name: shape for prefix, part in zeros for name, shape in part.shapes.items()}
     return {
         "format": f"DeepSpeed ZeRO-{zero.stage}",
         "family": family.name,
         "preset": cfg.name if cfg else None,
-        "stage": cfg.stage if cfg else None,
+        "stage": getattr(cfg, "stage", None),
+        **({"optimised_parts": [folder.name for _, folder in dirs]} if len(dirs) > 1 else {}),
         "tensor_parallel": zero.tp,
         "data_parallel": zero.dp,
-        "iteration": zero.iteration,
+        "iteration": sum(part.iteration for _, part in zeros),
         "dtype": "fp32 (master weights)",
-        **_counts(zero.shapes, cfg),
+        **_counts(shapes, cfg),
     }
 
 

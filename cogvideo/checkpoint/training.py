@@ -2,6 +2,9 @@
 
     {dir}/step00000400/           one checkpoint ("tag")
         mp_rank_XX_model_states.pt, *optim_states.pt   DeepSpeed (all ranks write)
+        {part}/mp_rank_XX_model_states.pt, ...         instead, for a model trained as several
+                                  optimised parts (cogvideo.family.optimized_parts): each part's
+                                  engine in its own folder
         {part}_dp{r}.pt           a stateful part kept per data-parallel rank (the loader)
         {part}_rank{r}.pt         a stateful part kept per global rank (RNG states, the
                                   model-parallel one of attention dropout included)
@@ -33,7 +36,7 @@ import yaml
 from cogvideo.checkpoint.digest import size_problems, verify_folder
 from cogvideo.checkpoint.io import CheckpointError, load_pt
 from cogvideo.config import ModelConfig
-from cogvideo.family import resolve_model_section
+from cogvideo.family import WHOLE_MODEL, optimized_parts, resolve_model_section
 from cogvideo.precision import DTYPES
 from cogvideo.text_format import TextFormat, TextFormatError
 
@@ -44,6 +47,15 @@ FULL_MODEL = "model_full.pt"
 TAG = re.compile(r"^step(\d{8})$")
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+
+
+def engine_dirs(path: Path, cfg) -> list[tuple[str, Path]]:
+    """(parameter-name prefix, folder of DeepSpeed's files) of each optimised part of the model
+    `cfg` in checkpoint tag `path`: the tag itself for a model trained whole."""
+    parts = optimized_parts(cfg)
+    if [p.name for p in parts] == [WHOLE_MODEL]:
+        return [("", Path(path))]
+    return [(f"{p.module}." if p.module else "", Path(path) / p.name) for p in parts]
 
 
 def tag_for(step: int) -> str:

@@ -28,6 +28,7 @@ from cogvideo.checkpoint.training import (
     COMPLETE,
     MODEL_FILE,
     OPTIM_FILE,
+    engine_dirs,
     summarize,
     tag_dir,
     train_config_model,
@@ -245,7 +246,11 @@ def convert_zero(
 
     With `optimizer`, Adam's moments and step go to ``optimizer/`` (full tensors), loadable at
     any TP/DP layout; what the new layout cannot reuse is listed in its state.json ("dropped")."""
-    cfg = cfg or train_config_model(tag_dir(Path(src), tag))
+    path = tag_dir(Path(src), tag)
+    cfg = cfg or train_config_model(path)
+    dirs = engine_dirs(path, cfg)
+    if len(dirs) > 1:
+        return _convert_parts(path, dst, cfg, dirs, max_shard_bytes, **write)
     zero = ZeroCheckpoint(src, plan_of(cfg), tag)
     moments = None
     if optimizer:
@@ -267,6 +272,51 @@ def convert_zero(
         optimizer=moments,
         source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})",
         text_format=train_config_text_format(zero.path),
+        **write,
+    )
+
+
+class PrefixedPlan:
+    """A TP plan seen from a submodule: its parameter names without the submodule's prefix."""
+
+    def __init__(self, plan: TPPlan, prefix: str):
+        self.plan, self.prefix = plan, prefix
+
+    def rule(self, name: str):
+        return self.plan.rule(self.prefix + name)
+
+    def full_shape(self, name: str, local_shape, size: int):
+        return self.plan.full_shape(self.prefix + name, local_shape, size)
+
+    def merge_tensor(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.plan.merge_tensor(self.prefix + name, parts)
+
+
+def _convert_parts(path: Path, dst, cfg, dirs, max_shard_bytes: int, **write) -> Path:
+    """A model trained as several optimised parts: each part's engine consolidated, its names
+    prefixed with the part's module, one checkpoint of the whole model. The parts' Adam moments
+    are not exported (each part has its own step; resume such a run from its training checkpoint)."""
+    zeros = [(prefix, ZeroCheckpoint(folder, PrefixedPlan(plan_of(cfg), prefix))) for prefix, folder in dirs]
+    shapes = {prefix + name: shape for prefix, zero in zeros for name, shape in zero.shapes.items()}
+    stream = (
+        (prefix + name, tensor)
+        for prefix, zero in zeros
+        for name, tensor in zero.tensors(chunk_bytes=max_shard_bytes)
+    )
+    first = zeros[0][1]
+    return write_checkpoint(
+        dst,
+        cfg,
+        shapes,
+        stream,
+        iteration=sum(zero.iteration for _, zero in zeros),
+        max_shard_bytes=max_shard_bytes,
+        optimizer=None,
+        source=(
+            f"DeepSpeed ZeRO-{first.stage} checkpoint {path} (TP={first.tp}, DP={first.dp}), "
+            f"optimised parts {[folder.name for _, folder in dirs]}"
+        ),
+        text_format=train_config_text_format(path),
         **write,
     )
 

@@ -28,8 +28,14 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class DiffusionObjective:
     def __init__(self, schedule: NoiseSchedule):
         self.schedule = schedule.validate()
-        self.scheduler = schedule.ddpm()
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
+        self.alphas_cumprod = schedule.alphas_cumprod().double()
+        self._schedulers: dict[torch.device, object] = {}
+
+    def scheduler(self, device: torch.device):
+        """diffusers' DDPMScheduler, one per device (its add_noise moves its tables to the input's device)."""
+        if device not in self._schedulers:
+            self._schedulers[device] = self.schedule.ddpm()
+        return self._schedulers[device]
 
     @property
     def num_timesteps(self) -> int:
@@ -43,7 +49,7 @@ class DiffusionObjective:
         return t.to(x0.device), noise.to(x0.device, x0.dtype)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(x0, noise, t)
+        return self.scheduler(x0.device).add_noise(x0, noise, t)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         kind = self.schedule.prediction_type
@@ -51,7 +57,7 @@ class DiffusionObjective:
             return noise
         if kind == "sample":
             return x0
-        return self.scheduler.get_velocity(x0, noise, t)
+        return self.scheduler(x0.device).get_velocity(x0, noise, t)
 
     @staticmethod
     def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

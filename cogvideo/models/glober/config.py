@@ -9,8 +9,9 @@ One config describes the whole family; `phase` says which part trains:
 
 Shapes: frames of `frame_size` pixels -> KL-VAE latents [latent_channels, L, L] with
 L = frame_size / vae.factor -> keyframe latents [K, C', L, L] -> a global feature
-[encoder.out_channels, G, G] with G = L / encoder.factor. Presets `ucf101-256`, `sky-256` and
-`taichi-128` are the paper's Table 11; `demo` is the CPU demo's size, `tiny` the tests'.
+[encoder.out_channels, G, G] with G = L / encoder.factor. Presets `glober-ucf101-256`,
+`glober-sky-256` and `glober-taichi-128` are the paper's Table 11; `glober-demo` is the CPU demo's
+size, `glober-tiny` the tests'.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class DiTConfig:
 
 @dataclass
 class GloberConfig:
-    name: str = "tiny"
+    name: str = "glober-tiny"
     phase: Literal["autoencoder", "generator"] = "autoencoder"
     frame_size: int = 16  # pixels per frame side
     num_frames: int = 5  # F: frames of a training clip (normalised index i / (F - 1))
@@ -154,7 +155,8 @@ class GloberConfig:
     generator_steps: int = 1  # the alternation: this many generator (auto-encoder) steps,
     discriminator_steps: int = 1  # then this many discriminator steps
     init_std: float = 0.02  # the DiT's embeddings
-    checkpointing: bool = False  # recompute activations in backward (DiT blocks / diffusers' UNet)
+    # recompute in backward: the DiT's blocks (phase generator), the UNet's down and up blocks (phase autoencoder)
+    activation_checkpointing: bool = False
 
     # ---- derived shapes -------------------------------------------------------------
     @property
@@ -182,11 +184,6 @@ class GloberConfig:
     @property
     def num_layers(self) -> int:
         return self.dit.depth
-
-    @property
-    def activation_checkpointing(self) -> bool:
-        """Checkpointing through the TP plan's blocks (the DiT's); the UNet's is diffusers' own."""
-        return self.checkpointing and self.phase == "generator"
 
     @property
     def seq_length(self) -> int:
@@ -267,16 +264,12 @@ class GloberConfig:
             )
 
     def _check_splits(self, tensor_parallel: int) -> None:
-        """Tensor parallelism splits the DiT: its heads, MLP and caption embedding rows."""
+        """Tensor parallelism splits the DiT: its heads, MLP and caption embedding rows (phase
+        autoencoder has no DiT: every TP rank holds and runs the whole auto-encoder)."""
         if tensor_parallel < 1:
             raise ValueError(f"parallel.tensor_parallel must be >= 1, got {tensor_parallel}")
         if tensor_parallel == 1:
             return
-        if self.phase != "generator":
-            raise ValueError(
-                f"parallel.tensor_parallel={tensor_parallel}: GLOBER's TP plan splits the DiT, which only "
-                "phase generator trains; train phase autoencoder with tensor_parallel=1 (data parallel)"
-            )
         for key, size in (
             ("dit.num_heads", self.dit.num_heads),
             ("dit.mlp_ratio * hidden_size", self.dit.mlp_ratio * self.dit.hidden_size),
@@ -311,9 +304,9 @@ def _paper(
 
 
 PRESETS = {
-    "tiny": lambda: GloberConfig(),
-    "demo": lambda: GloberConfig(
-        name="demo",
+    "glober-tiny": lambda: GloberConfig(),
+    "glober-demo": lambda: GloberConfig(
+        name="glober-demo",
         frame_size=32,
         num_frames=5,
         vocab=VocabLayout.compact(512, 1000),
@@ -342,7 +335,17 @@ PRESETS = {
         ),
         dit=DiTConfig(hidden_size=128, depth=4, num_heads=4),
     ),
-    "ucf101-256": lambda: _paper("ucf101-256", 1152, 28),
-    "sky-256": lambda: _paper("sky-256", 1024, 20),
-    "taichi-128": lambda: _paper("taichi-128", 1024, 20, frame_size=128, vae_levels=3),
+    "glober-ucf101-256": lambda: _paper("glober-ucf101-256", 1152, 28),
+    "glober-sky-256": lambda: _paper("glober-sky-256", 1024, 20),
+    "glober-taichi-128": lambda: _paper("glober-taichi-128", 1024, 20, frame_size=128, vae_levels=3),
 }
+# each preset's phase generator (the DiT over the frozen auto-encoder): `<preset>-dit`
+PRESETS.update(
+    {
+        f"{name}-dit": (lambda make, name: lambda: make().replace(name=name, phase="generator"))(
+            make, f"{name}-dit"
+        )
+        for name, make in list(PRESETS.items())
+        if name != "glober-tiny"
+    }
+)

@@ -103,7 +103,7 @@ class PairDiscriminator(nn.Module):
                 )
                 ch = d.channels * mult
             if level < len(d.channel_mult) - 1:
-                self.downsamplers.append(Downsample2D(ch, use_conv=True, padding=1))
+                self.downsamplers.append(Downsample2D(ch, use_conv=True, padding=1, name="op"))
                 size //= 2
         self.blocks_per_level = d.num_res_blocks
         self.head = nn.Sequential(

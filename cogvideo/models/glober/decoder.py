@@ -110,8 +110,6 @@ class VideoDecoder(nn.Module):
         self.unet = UNet2DConditionModel(**unet_config(cfg))
         self.projector = GlobalProjector(cfg.encoder.out_channels, cfg.decoder.context_dim)
         self.guidance = GlobalGuidance(cfg)
-        if cfg.checkpointing:
-            self.unet.enable_gradient_checkpointing()
 
     def forward(
         self, noisy: torch.Tensor, timestep: torch.Tensor, global_feature: torch.Tensor, index: torch.Tensor

@@ -62,7 +62,7 @@ class VideoEncoder(nn.Module):
                 )
                 ch = enc.channels * mult
             if level < len(enc.channel_mult) - 1:
-                self.downsamplers.append(Downsample2D(ch, use_conv=True, padding=1))
+                self.downsamplers.append(Downsample2D(ch, use_conv=True, padding=1, name="op"))
                 size //= 2
         self.blocks_per_level = enc.num_res_blocks
         self.mapping = EncoderStage(ch, ch, enc.head_channels, enc.norm_groups, frames, attend=True)

@@ -9,11 +9,11 @@ import functools
 
 import torch
 
-from cogvideo.family_spec import ModelFamily, register
-from cogvideo.models.glober import flops
+from cogvideo.family_spec import ModelFamily, OptimizedPart, PlannerModel, register
+from cogvideo.models.glober import flops, planner
 from cogvideo.models.glober.batch import glober_example, sample_problem
 from cogvideo.models.glober.config import PRESETS, GloberConfig
-from cogvideo.models.glober.losses import generator_loss
+from cogvideo.models.glober.losses import autoencoder_loss, discriminator_loss, generator_loss
 from cogvideo.models.glober.model import TP_PLAN, GloberModel, from_autoencoder, init_weights
 
 
@@ -24,13 +24,35 @@ def tensors_on(model: torch.nn.Module, tensors: dict, device) -> dict:
 
 
 def train_loss(cfg: GloberConfig, engine, batch, device) -> torch.Tensor:
-    """Phase generator's loss (the DiT); phase autoencoder trains through its optimised parts."""
+    """Phase generator's loss (the DiT); phase autoencoder trains as two optimised parts."""
     model = getattr(engine, "module", engine)
-    if cfg.phase != "generator":
-        raise ValueError("model.phase=autoencoder trains two optimised parts (auto-encoder, discriminator)")
     tensors = tensors_on(model, batch.tensors, device)
     return generator_loss(cfg, model.autoencoder, model.dit, tensors)["loss"]
 
+
+def _gan_part(loss):
+    def part_loss(cfg: GloberConfig, engines, batch, device) -> torch.Tensor:
+        autoencoder, discriminator = engines["autoencoder"].module, engines["discriminator"].module
+        return loss(cfg, autoencoder, discriminator, tensors_on(autoencoder, batch.tensors, device))["loss"]
+
+    return part_loss
+
+
+def optimized_parts(cfg: GloberConfig) -> tuple[OptimizedPart, ...]:
+    """Phase autoencoder alternates the video auto-encoder (generator_steps optimizer steps of
+    L_rec + kl_weight L_kl + cra_weight L_cra^G) and the CRA discriminator (discriminator_steps
+    steps of L_cra^D); phase generator trains the DiT alone (the family's loss)."""
+    if cfg.phase != "autoencoder":
+        return ()
+    return (
+        OptimizedPart("autoencoder", "autoencoder", _gan_part(autoencoder_loss), lambda c: c.generator_steps),
+        OptimizedPart(
+            "discriminator", "discriminator", _gan_part(discriminator_loss), lambda c: c.discriminator_steps
+        ),
+    )
+
+
+_activation_bytes, _layer_activation_bytes = planner.make_planner(GloberModel)
 
 FAMILY = register(
     ModelFamily(
@@ -46,7 +68,16 @@ FAMILY = register(
         prep_encoder="latents",
         sample_problem=sample_problem,
         from_backbone=from_autoencoder,
+        parts=optimized_parts,
         train_flops=functools.partial(flops.train_flops, GloberModel),
         sampler="cogvideo.models.glober.pipeline:GloberPipeline",
+        planner=PlannerModel(
+            describe=planner.describe,
+            activation_bytes=_activation_bytes,
+            layer_activation_bytes=_layer_activation_bytes,
+            logits_bytes=planner.logits_bytes,
+            recompute_flops=functools.partial(flops.recompute_flops, GloberModel),
+            tp_allreduces=planner.tp_allreduces,
+        ),
     )
 )

@@ -31,12 +31,14 @@ def meta_batch(cfg: GloberConfig, batch: int = 1) -> dict[str, torch.Tensor]:
             "keyframes": torch.empty(batch, cfg.encoder.num_keyframes, c, size, size),
             "frames": torch.empty(batch, 2, c, size, size),
             "indices": torch.empty(batch, 2),
-            "text": torch.zeros(batch, cfg.text_length, dtype=torch.long),
+            "text": torch.full((batch, cfg.text_length), cfg.vocab.pad_id, dtype=torch.long),
         }
 
 
 def _counted(run) -> float:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of run() and its backward; the losses' random draws leave torch's generator as it was
+    (the trainer counts FLOPs after restoring a checkpoint's RNG states)."""
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
         loss = run()
         if loss.requires_grad:
             loss.backward()
@@ -61,3 +63,29 @@ def train_flops(build: Callable, cfg: GloberConfig) -> float:
     """Forward + backward FLOPs of one training sample (throughput, MFU, cogvideo-plan) of the
     model `build(cfg)` (the family's plain-model builder) makes."""
     return _phase_flops(build, config_key(cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _recomputed(build: Callable, key: tuple) -> float:
+    cfg = GloberConfig(*key)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build(cfg)
+        batch = meta_batch(cfg)
+        t = torch.zeros(2, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            if cfg.phase == "generator":
+                model.dit(torch.empty(1, *cfg.global_shape), t[:1], batch["text"])
+            else:
+                noisy = batch["frames"].flatten(0, 1)
+                model.autoencoder.decoder(
+                    noisy, t, torch.empty(2, *cfg.global_shape), batch["indices"].flatten()
+                )
+    return float(counter.get_total_flops())
+
+
+def recompute_flops(build: Callable, cfg: GloberConfig) -> float:
+    """Activation checkpointing's extra forward per sample: the DiT's blocks (phase generator) or
+    the decoder over the two frames (phase autoencoder: its UNet's down and up blocks)."""
+    if not cfg.activation_checkpointing:
+        return 0.0
+    return _recomputed(build, config_key(cfg))

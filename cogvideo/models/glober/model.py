@@ -38,7 +38,8 @@ TP_PLAN = TPPlan(
         "mlp.fc1": Column(),
         "mlp.fc2": Row(),
     },
-    blocks="dit.blocks",
+    # phase generator trains the DiT's blocks, phase autoencoder the decoder UNet's
+    blocks=("dit.blocks", "autoencoder.decoder.unet.down_blocks", "autoencoder.decoder.unet.up_blocks"),
 )
 
 
