@@ -16,14 +16,12 @@ from typing import Iterator
 
 import av
 import numpy as np
-from scenedetect import FrameTimecode
-from scenedetect.detector import FlashFilter
-from scenedetect.detectors import ContentDetector
 
 from cogvideo.video_io import VideoFileError, open_video
 from data_prep.config import PrepConfig
 from data_prep.inputs import Rejected
 from data_prep.rates import TIME_TOL
+from data_prep.scenes import ContentCuts
 
 # FFmpeg's names for AVColorRange and AVColorSpace values (libavutil/pixfmt.h)
 _RANGES = {0: "unspecified", 1: "limited", 2: "full"}
@@ -309,19 +307,58 @@ def in_display_time(frames: Iterator[av.VideoFrame]) -> Iterator[tuple[av.VideoF
         yield oldest()
 
 
+SCENE_CHUNK = 32  # frames scored for scene cuts together (data_prep.scenes)
+
+
+class _ClipCutter:
+    """Frames with their times in, clips out: a clip closes at a scene cut, past max_clip_s, or at
+    the end. Frames are scored for cuts SCENE_CHUNK at a time, so a clip closes up to a chunk late."""
+
+    def __init__(self, cfg: PrepConfig, fps: float):
+        self.cuts = ContentCuts(cfg.scene_threshold, max(1, round(cfg.min_scene_s * fps)))
+        self.max_clip_s = cfg.max_clip_s
+        self.pending: list[tuple[np.ndarray, float]] = []
+        self.buffer: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.first = self.index = self.fed = 0
+
+    def add(self, image: np.ndarray, time: float) -> Iterator[Clip]:
+        self.pending.append((image, time))
+        if len(self.pending) == SCENE_CHUNK:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[Clip]:
+        """Score the pending frames; the clips they close."""
+        if not self.pending:
+            return
+        images, times = zip(*self.pending)
+        self.pending = []
+        for image, time, cut in zip(images, times, self.cuts.cuts(np.stack(images))):
+            if self.buffer and (cut or time - self.times[0] > self.max_clip_s + TIME_TOL):
+                yield self.clip()
+                self.first, self.index = self.fed, self.index + 1
+            self.buffer.append(image)
+            self.times.append(time)
+            self.fed += 1
+
+    def clip(self) -> Clip:
+        clip = Clip(self.index, self.first, np.stack(self.buffer), np.asarray(self.times))
+        self.buffer, self.times = [], []
+        return clip
+
+    def finish(self) -> Iterator[Clip]:
+        yield from self.flush()
+        if self.buffer:
+            yield self.clip()
+
+
 def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> Iterator[Clip]:
     """Decode every frame once: each is centre-cropped, resized to `frame_size` and turned as a
-    player shows it, fed to the scene detector, and kept with its time until its clip closes
-    (at a cut, at max_clip_s, or at the end)."""
+    player shows it, scored for scene cuts, and kept with its time until its clip closes (at a
+    cut, at max_clip_s, or at the end)."""
     fps = float(info.fps)
-    detector = ContentDetector(
-        threshold=cfg.scene_threshold,
-        min_scene_len=max(1, round(cfg.min_scene_s * fps)),
-        filter_mode=FlashFilter.Mode.SUPPRESS,
-    )  # cuts are reported on the frame itself
-    buffer: list[np.ndarray] = []
-    times: list[float] = []
-    first, index, decoded, origin, last = 0, 0, 0, None, -np.inf
+    cutter = _ClipCutter(cfg, fps)
+    decoded, origin, last = 0, None, -np.inf
     with _open(path) as container:
         try:
             for frame, shown_at in in_display_time(_shown(container, info, frame_size)):
@@ -337,18 +374,10 @@ def iter_clips(path: str, info: VideoInfo, cfg: PrepConfig, frame_size: int) -> 
                         f"not after the frame before it ({last:.3f} s)",
                     )
                 image = np.ascontiguousarray(info.orientation.apply(frame.to_ndarray()))
-                cut = detector.process_frame(
-                    FrameTimecode(decoded, fps), np.ascontiguousarray(image[..., ::-1])
-                )
-                if buffer and (cut or time - times[0] > cfg.max_clip_s + TIME_TOL):
-                    yield Clip(index, first, np.stack(buffer), np.asarray(times))
-                    buffer, times, first, index = [], [], decoded, index + 1
-                buffer.append(image)
-                times.append(time)
+                yield from cutter.add(image, time)
                 decoded, last = decoded + 1, time
         except av.FFmpegError as err:
             raise Rejected("decode_error", f"{path}: after {decoded} frames: {err}") from None
     if decoded < info.num_frames:
         raise Rejected("decode_error", f"{path}: decoded {decoded} of {info.num_frames} frames (truncated?)")
-    if buffer:
-        yield Clip(index, first, np.stack(buffer), np.asarray(times))
+    yield from cutter.finish()
