@@ -5,7 +5,9 @@
    processes (target >= 0.7x); also "marginal": frames/s from the difference between the N and
    10 N runs, in which the job's fixed start-up costs cancel (what a long job sees). Both sides
    are warm: the decoding pool and the job's Ray (its workers and tokenizer actors) are started
-   and run once over the N input before anything is timed;
+   and run once over the N input before anything is timed. Each ratio is also given by CPU time
+   (frames per CPU second of all the job's processes, Ray's included, against the decoding
+   pool's): a count of the work, which other jobs on a shared machine barely move;
 2. peak resident memory of the whole process tree (driver, Ray processes, workers) for N
    and 10 N input videos (target: flat).
 
@@ -128,51 +130,84 @@ def random_tokenizer(path: Path) -> Path:
     return path
 
 
+def cpu_seconds(processes: list[psutil.Process] | None = None) -> float:
+    """User + system CPU seconds of `processes` (default: this process and its descendants, Ray's
+    included), with those of their children that have ended: a count of the work done that
+    other jobs on the machine barely move, unlike wall time."""
+    if processes is None:
+        me = psutil.Process()
+        processes = [me, *me.children(recursive=True)]
+    total = 0.0
+    for proc in processes:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
 def measure(
     cfg: PrepConfig, inputs: dict[str, Path], work: Path, cpus: int, load: LoadWatch
 ) -> tuple[dict, dict]:
-    """Per input: (frames, seconds, videos) of decoding alone in a process pool, and (frames,
-    seconds, peak RSS) of the cogvideo-prep job; both warmed on the small input first."""
+    """Per input: frames, wall and CPU seconds of decoding alone in a process pool and of the
+    cogvideo-prep job (all its processes, Ray's included), the job's peak RSS; both sides warmed
+    on the small input first."""
     listed = {name: sorted(str(p) for p in folder.glob("*.mp4")) for name, folder in inputs.items()}
     small = inputs["small"]
     decode, job = {}, {}
     with multiprocessing.Pool(cpus) as pool:
         pool.map(decode_file, listed["small"])  # warm-up: workers started, files read once
+        workers = [psutil.Process(p.pid) for p in multiprocessing.active_children()]
         start_ray(num_cpus=cpus, log_to_driver=False)
         run_prep(cfg, [str(small)], work / "warmup", str(small / "captions.csv"), progress=False)
         for name, folder in inputs.items():
-            start = time.perf_counter()
+            cpu, start = cpu_seconds(workers), time.perf_counter()
             frames = sum(pool.map(decode_file, listed[name]))
-            decode[name] = (frames, time.perf_counter() - start, len(listed[name]))
-            with PeakRSS(exclude={p.pid for p in multiprocessing.active_children()}) as memory:
+            wall = time.perf_counter() - start
+            decode[name] = {"frames": frames, "wall": wall, "cpu": cpu_seconds(workers) - cpu}
+            decode[name]["videos"] = len(listed[name])
+            cpu = cpu_seconds()
+            with PeakRSS(exclude={p.pid for p in workers}) as memory:
                 summary = run_prep(
                     cfg, [str(folder)], work / f"out_{name}", str(folder / "captions.csv"), progress=False
                 )
             run = summary["this_run"]
-            job[name] = (run["frames_decoded"], run["wall_s"], memory.peak)
+            job[name] = {
+                "frames": run["frames_decoded"],
+                "wall": run["wall_s"],
+                "cpu": cpu_seconds() - cpu,
+                "peak": memory.peak,
+            }
             load.sample()
     ray.shutdown()
     return decode, job
 
 
 def compare(decode: dict, job: dict, cpus: int) -> dict:
-    """Throughput of the job against decoding alone, per input and at the margin, and peak memory."""
-    # the job's fixed costs (Ray Data start-up, tokenizer actor start-up) cancel in the difference
-    marginal = (job["large"][0] - job["small"][0]) / (job["large"][1] - job["small"][1])
-    marginal_decode = (decode["large"][0] - decode["small"][0]) / (decode["large"][1] - decode["small"][1])
+    """Throughput of the job against decoding alone, per input and at the margin, by wall time and
+    by CPU time, and peak memory."""
     report = {"processes": cpus}
     for name in ("small", "large"):
-        frames, seconds, count = decode[name]
+        d, j = decode[name], job[name]
         report[name] = {
-            "videos": count,
-            "frames": frames,
-            "decode_alone_frames_per_s": round(frames / seconds, 1),
-            "job_frames_per_s": round(job[name][0] / job[name][1], 1),
-            "job_vs_decode": round(job[name][0] / job[name][1] / (frames / seconds), 3),
-            "peak_rss_mb": round(job[name][2] / 2**20),
+            "videos": d["videos"],
+            "frames": d["frames"],
+            "decode_alone_frames_per_s": round(d["frames"] / d["wall"], 1),
+            "job_frames_per_s": round(j["frames"] / j["wall"], 1),
+            "job_vs_decode": round(j["frames"] / j["wall"] / (d["frames"] / d["wall"]), 3),
+            "job_vs_decode_cpu_time": round(j["frames"] / j["cpu"] / (d["frames"] / d["cpu"]), 3),
+            "peak_rss_mb": round(j["peak"] / 2**20),
         }
-    report["marginal_job_vs_decode"] = round(marginal / marginal_decode, 3)
-    report["peak_rss_large_vs_small"] = round(job["large"][2] / job["small"][2], 3)
+    # the job's fixed costs (Ray Data start-up, tokenizer actor start-up) cancel in the differences
+    for clock, key in (("wall", "marginal_job_vs_decode"), ("cpu", "marginal_job_vs_decode_cpu_time")):
+        rate = {
+            side: (runs["large"]["frames"] - runs["small"]["frames"])
+            / (runs["large"][clock] - runs["small"][clock])
+            for side, runs in (("decode", decode), ("job", job))
+        }
+        report[key] = round(rate["job"] / rate["decode"], 3)
+    report["peak_rss_large_vs_small"] = round(job["large"]["peak"] / job["small"]["peak"], 3)
     return report
 
 

@@ -46,13 +46,15 @@ from pretrain.optim import param_groups  # noqa: E402
 
 
 def write_data(root: Path, cfg, samples: int, stage: int = 1, num_shards: int = 1) -> tuple[list[str], str]:
-    """Random-token samples of `cfg`'s layout in `num_shards` tar files, and a text tokenizer."""
+    """Random-token samples of `cfg`'s layout in `num_shards` tar files written as cogvideo-prep
+    writes them (whole-second times: no PAX header per member, which the loader would parse),
+    and a text tokenizer."""
     rng = np.random.default_rng(0)
     side = cfg.frame_tokens
     paths = [str(root / f"bench-{i:03d}.tar") for i in range(num_shards)]
     captions = [f"a red ball moves {i % 7} steps left" for i in range(samples)]
     for shard, path in enumerate(paths):
-        with wds.TarWriter(path) as sink:
+        with wds.TarWriter(path, encoder=False, mtime=0) as sink:  # as data prep writes them
             for i in range(shard, samples, num_shards):
                 frames = rng.integers(0, cfg.vocab.num_image_tokens, (cfg.num_frames, side, side))
                 meta = ClipMeta(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cogvideo.attention import attend, window_gather_index
+from cogvideo.attention import attend, kernel_mask, window_gather_index
 from cogvideo.config import ModelConfig
 from cogvideo.sequence import TEXT, TokenMeta, layer_shift, visible
 
@@ -57,6 +57,15 @@ class FrameBlocks:
     # the inverse of the first (window order -> frame order)
     windows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
+    def for_kernel(self, dtype: torch.dtype, pb_relax_alpha: float) -> None:
+        """Masks and text biases as the attention kernel adds them to the scores, in `dtype`,
+        once for every layer (`kernel_mask`)."""
+        self.spatial, self.spatial_bias = kernel_mask(self.spatial, self.spatial_bias, dtype, pb_relax_alpha)
+        for shift in self.temporal:
+            self.temporal[shift], self.temporal_bias[shift] = kernel_mask(
+                self.temporal[shift], self.temporal_bias[shift], dtype, pb_relax_alpha
+            )
+
 
 def _block_keys(T: int, blocks: torch.Tensor) -> torch.Tensor:
     """blocks [nb, m] frame-token indices -> [nb*(T+m)] indices into [text; frames]: text, block."""
@@ -67,11 +76,11 @@ def _block_keys(T: int, blocks: torch.Tensor) -> torch.Tensor:
 def _block_visibility(
     cfg: ModelConfig, text: TokenMeta, meta: TokenMeta, blocks: int, channel: str, shift: int = 0
 ) -> torch.Tensor:
-    """visible() of each of `blocks` equal blocks of `meta` over [text; its own block]: [nb, m, T+m]."""
-    vis = visible(cfg, meta, TokenMeta.cat([text, meta]), channel, shift)
-    T, m = len(text), len(meta) // blocks
-    own = vis[:, T:].reshape(blocks, m, blocks, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    return torch.cat([vis[:, :T].reshape(blocks, m, T), own], dim=2)
+    """visible() of each of `blocks` equal blocks of `meta` over [text; its own block]: [nb, m, T+m],
+    computed block by block (never the whole [L, T+L] of which it is the block diagonal)."""
+    m = len(meta) // blocks
+    parts = [meta[b * m : (b + 1) * m] for b in range(blocks)]
+    return torch.stack([visible(cfg, part, TokenMeta.cat([text, part]), channel, shift) for part in parts])
 
 
 def frame_blocks(

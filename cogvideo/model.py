@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cogvideo import blocked
-from cogvideo.attention import attend
+from cogvideo.attention import attend, kernel_mask
 from cogvideo.blocked import FrameBlocks, attention_shifts, frame_blocks, text_bias_scores, with_pads
 from cogvideo.config import ModelConfig
 from cogvideo.kv_cache import ChunkPlan, KVCache
@@ -137,6 +137,20 @@ class Masks:
         bias = text_bias_scores(vis, queries, keys, text_bias)
         if bias is not None:
             self.dense_bias[channel] = bias
+
+    def for_kernel(self, dtype: torch.dtype, pb_relax_alpha: float) -> None:
+        """Every mask (and text bias) as the attention kernel adds it, in the activations' dtype,
+        once for all layers (cogvideo.attention.kernel_mask)."""
+        if self.text is not None:
+            self.text, _ = kernel_mask(self.text, None, dtype, pb_relax_alpha)
+        if self.frames is not None:
+            self.frames.for_kernel(dtype, pb_relax_alpha)
+        kernel = {
+            key: kernel_mask(mask, self.dense_bias.get(key[0]), dtype, pb_relax_alpha)
+            for key, mask in self.dense.items()
+        }
+        self.dense = {key: mask for key, (mask, _) in kernel.items()}
+        self.dense_bias = {key[0]: bias for key, (_, bias) in kernel.items() if bias is not None}
 
 
 class TransformerLayer(nn.Module):
@@ -294,6 +308,7 @@ class CogVideoModel(nn.Module):
         pad = self._pad(tokens, meta)
         masks = self._full_masks(meta, pad, text_bias, temporal)
         h = self._embed(tokens, meta, pad)
+        masks.for_kernel(h.dtype, self.cfg.pb_relax_alpha)
         for layer in self.layers:
             h = layer(h, masks, temporal, self.dense_attention)
         return self._logits(h)
@@ -321,10 +336,12 @@ class CogVideoModel(nn.Module):
         return KVCache(self.cfg, temporal=temporal)
 
     def forward_chunk(
-        self, tokens: torch.Tensor, meta: TokenMeta, cache: KVCache, text_bias: float = 0.0
-    ) -> torch.Tensor:
+        self, tokens: torch.Tensor, meta: TokenMeta, cache: KVCache, text_bias: float = 0.0, logits: bool = True
+    ) -> torch.Tensor | None:
         """Feed `tokens` [B, l] described by `meta` after what `cache` holds; returns their
-        logits [B, l, vocab_size / tp] equal to the full forward's at the same tokens."""
+        logits [B, l, vocab_size / tp] equal to the full forward's at the same tokens (None with
+        logits=False: a chunk fed only to fill the cache, e.g. the text and given frames, skips
+        the output layer, l x hidden x vocabulary multiply-adds)."""
         self._check_tokens(tokens)
         if len(meta) != tokens.shape[1]:
             raise ValueError(f"meta describes {len(meta)} tokens, got {tokens.shape[1]}")
@@ -343,9 +360,10 @@ class CogVideoModel(nn.Module):
             if temporal:
                 masks.add_dense(cfg, "temporal", meta, pad, *cache.temporal_keys(plan), text_bias)
         h = self._embed(tokens, meta, pad)
+        masks.for_kernel(h.dtype, cfg.pb_relax_alpha)
         for layer in self.layers:
             h = layer.forward_chunk(h, cache, plan, masks)
-        return self._logits(h)
+        return self._logits(h) if logits else None
 
     # ---- loss -----------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ class StageModel:
 
     @torch.no_grad()
     def text(self, ids: torch.Tensor, cache, text_bias: float) -> None:
-        self.model.forward_chunk(ids, TokenMeta.text(self.cfg), cache, text_bias=text_bias)
+        self.model.forward_chunk(ids, TokenMeta.text(self.cfg), cache, text_bias=text_bias, logits=False)
 
     @torch.no_grad()
     def given(self, frames: dict[int, torch.Tensor], cache, text_bias: float) -> None:
@@ -52,7 +52,7 @@ class StageModel:
         order = list(frames)
         meta = TokenMeta.cat([TokenMeta.of_frame(self.cfg, f) for f in order])
         tokens = torch.cat([self.frame_input(frames[f]) for f in order], dim=1)
-        self.model.forward_chunk(tokens, meta, cache, text_bias=text_bias)
+        self.model.forward_chunk(tokens, meta, cache, text_bias=text_bias, logits=False)
 
     @torch.no_grad()
     def step(
