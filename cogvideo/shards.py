@@ -103,7 +103,9 @@ KINDS = {kind.name: kind for kind in (TOKENS, LATENTS, FRAMES)}
 
 @dataclass(frozen=True)
 class ClipMeta:
-    duration: float  # seconds spanned from the first to the last frame: (frames - 1) / fps
+    # seconds spanned from the first to the last frame: (frames - 1) / fps; a first-frame sample
+    # (cogvideo-reshard --first-frames) keeps the duration of the sample it opens
+    duration: float
     fps: float  # sampling rate of the stored frames
     stage: int  # 1 (sequential keyframes) or 2 (interpolation)
     source: str  # source video path or id

@@ -56,6 +56,11 @@ class TextFormat:
         if not self.uncond_text.strip():
             raise TextFormatError("uncond_text: empty")
 
+    @property
+    def has_duration(self) -> bool:
+        """The prefix template reads the duration (a model trained on it knows how long a clip runs)."""
+        return any(name == "duration" for _, name, _, _ in string.Formatter().parse(self.prefix_template))
+
     def text(self, caption: str, duration: float | None) -> str:
         """The model's text for a caption; `duration` None: the caption alone (frame 0)."""
         if duration is None:

@@ -9,7 +9,9 @@ spread evenly (shard sizes differ by at most one); manifest and commit log follo
 
 `--first-frames` writes a second folder of one-frame samples (frame 0 of every stage-1 sample)
 for the model that draws the first frame of the hierarchy (the backbone), dealt round-robin over
-the shards so every reader gets some.
+the shards so every reader gets some. Each keeps the duration of the sample it opens, so a
+first-frame model may read the duration prefix too (where a clip starts can depend on how long
+it runs: the demo's shapes start further back on longer paths).
 """
 
 from __future__ import annotations
@@ -114,15 +116,15 @@ def _reshard(root: Path, divisible_by: int, shards: int) -> int:
 
 
 def first_frame_shards(root: str | Path, dest: str | Path, divisible_by: int, shards: int = 0) -> int:
-    """Write frame 0 of every stage-1 sample of `root` as one-frame samples (duration 0) into
-    `dest`/shards/, sample i into shard i mod count; returns the sample count."""
+    """Write frame 0 of every stage-1 sample of `root` as one-frame samples (with the duration of
+    the sample they open) into `dest`/shards/, sample i into shard i mod count; returns the sample count."""
     root, dest = Path(root), Path(dest)
     tars = sorted((root / SHARD_DIR).glob("*.tar"))
     samples = []
     for raw in tarfile_samples([{"url": str(tar)} for tar in tars]):
         sample = decode_sample(raw)
         if sample.meta.stage == 1:
-            meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1, "duration": 0.0})
+            meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1})
             samples.append(
                 encode_sample(sample.key, {"frames": sample.arrays["frames"][:1]}, sample.caption, meta)
             )

@@ -18,7 +18,7 @@ def prepared(root, stages=(1, 2, 1, 1, 2, 1, 1, 1, 1, 1)):
     for i, stage in enumerate(stages):
         num = 5
         meta = ClipMeta(
-            duration=4.0,
+            duration=float(1 + i % 3),  # the one-frame samples keep it
             fps=1.0,
             stage=stage,
             source=f"v{i}.mp4",
@@ -71,7 +71,8 @@ def test_first_frames_of_stage1_samples_dealt_round_robin(tmp_path, capsys):
     for part, samples in enumerate(shards.values()):
         assert [s.key for s in samples] == stage1[part::4]
         for sample in samples:
-            assert sample.meta.num_frames == 1 and sample.meta.duration == 0.0 and sample.meta.stage == 1
+            assert sample.meta.num_frames == 1 and sample.meta.stage == 1
+            assert sample.meta.duration == float(1 + int(sample.key[1:]) % 3)
             assert np.array_equal(sample.arrays["frames"], frames[sample.key][:1])
             assert sample.caption == f"caption {sample.key[1:]}"
     after = read(tmp_path / "prep")

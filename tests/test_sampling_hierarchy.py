@@ -11,6 +11,7 @@ from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.prompts import TextBudgetError
 from cogvideo.sampling.stage_model import StageModel
 from cogvideo.sampling.strategies import TopKStrategy
+from cogvideo.text_format import TextFormat
 
 GREEDY = TopKStrategy(temperature=0)
 
@@ -164,6 +165,30 @@ def test_a_frame0_model_draws_frame_0_and_stage_1_the_rest():
     assert torch.equal(video[0, 1:], 8 * torch.arange(1, 5)[:, None] + torch.arange(n))
     assert [c[2] for c in frame0.calls if c[0] == "text"] == [False]  # temporal channel off
     assert [c[2] for c in stage1.calls if c[0] == "text"] == [True]  # stage 1 only for keyframes
+
+
+def test_frame0_reads_the_duration_prefix_only_when_asked_and_trained_on_it():
+    cfg1 = get_preset("tiny")
+    frame0 = OffsetStage(cfg1.replace(stage="backbone", num_frames=1))  # the release's text format
+
+    def sampler(**options):
+        texts = []
+        made = HierarchicalSampler(
+            FakeStage(cfg1),
+            None,
+            SampleOptions(interpolation_levels=0, duration=2.0, frame0_suffix="", **options),
+            encode_fake(cfg1, texts),
+            {"frame0": GREEDY, "stage1": GREEDY, "stage2": GREEDY},
+            frame0=frame0,
+        )
+        made.sample(["a cat"])
+        return texts
+
+    assert sampler()[0] == "a cat"  # the release's frame-0 pass: the prompt alone
+    assert sampler(frame0_duration_prefix=True)[0] == "2.0秒<n>a cat"  # the stage-1 prompt's duration
+    frame0.text_format = TextFormat(prefix_template="{caption}")
+    with pytest.raises(ValueError, match="frame0_duration_prefix: the frame-0 model was trained without"):
+        sampler(frame0_duration_prefix=True)
 
 
 class WordEncoder:

@@ -55,6 +55,11 @@ class HierarchicalSampler:
         self.stage1, self.stage2, self.options, self.encode = stage1, stage2, options, encode
         self.frame0_model = frame0 or stage1  # stage 1 with its temporal channel off draws frame 0 by default
         self.strategies = strategies  # {"frame0", "stage1", "stage2"} -> strategy
+        if options.frame0_duration_prefix and not self.frame0_model.text_format.has_duration:
+            raise ValueError(
+                f"frame0_duration_prefix: the frame-0 model was trained without a duration prefix (text "
+                f"format {self.frame0_model.text_format.prefix_template!r}); set frame0_duration_prefix=false"
+            )
         self.decode = sample_frames if cached else sample_frames_uncached
 
     def _texts(self, texts: list[str]) -> torch.Tensor:
@@ -73,12 +78,15 @@ class HierarchicalSampler:
             return compose(prompt), f"{option} {suffix!r} dropped ({err})"
 
     def frame0_text(self, prompt: str) -> tuple[str, str | None]:
-        """Frame 0: prompt + frame0_suffix, no duration prefix (the release's CogView2 pass)."""
+        """Frame 0: prompt + frame0_suffix, no duration prefix (the release's CogView2 pass) unless
+        options.frame0_duration_prefix."""
+        o = self.options
+        duration = o.duration if o.frame0_duration_prefix else None
         return self._with_suffix(
             prompt,
-            self.options.frame0_suffix,
+            o.frame0_suffix,
             "frame0_suffix",
-            lambda text: self.frame0_model.text_format.text(text, None),
+            lambda text: self.frame0_model.text_format.text(text, duration),
         )
 
     def stage1_text(self, prompt: str) -> tuple[str, str | None]:

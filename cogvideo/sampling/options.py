@@ -61,6 +61,9 @@ class SampleOptions:
     )
     interpolation_levels: int = 3  # stage-2 levels: 5 -> 9 -> 17 -> 33 frames
     frame0_suffix: str = FRAME0_SUFFIX  # frame 0: prompt + suffix, no duration prefix
+    # frame 0's text carries the duration prefix too, in the frame-0 model's trained format (its
+    # checkpoint's, which must have a {duration} field); the release's frame-0 pass has none
+    frame0_duration_prefix: bool = False
     video_suffix: str = VIDEO_SUFFIX  # stage 1 when guided: prompt + suffix (stage 2: the prompt alone)
     # a suffix that would take a prompt over the model's text budget: "drop" it for that prompt
     # (said on the console and in its record.json) or "error" (the prompt fails)
