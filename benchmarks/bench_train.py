@@ -123,7 +123,7 @@ def single_rank_trainer(config: str | None, shards: list[str], overrides: list[s
         ],
     )
     model_cfg = check_config(cfg, 1)
-    return Trainer(cfg, model_cfg, shards, text_encoder(cfg, model_cfg.vocab), resume=None)
+    return Trainer(cfg, model_cfg, shards, text_encoder(cfg, model_cfg), resume=None)
 
 
 class BareLoop:

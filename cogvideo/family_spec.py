@@ -52,6 +52,10 @@ def _first_stage(cfg) -> int:
     return 1
 
 
+def _reads_text(cfg) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -77,6 +81,9 @@ class ModelFamily:
     # it: the name of an encoder in data_prep's registry (data_prep.encoders.ENCODERS)
     shard_kind: str = "tokens"
     prep_encoder: str = "tokens"
+    # (cfg) -> whether the model reads its samples' captions as text; False (e.g. a class-conditional
+    # preset): training needs no data.text_tokenizer and checks no caption lengths
+    reads_text: Callable[[Any], bool] = _reads_text
     # (cfg, shard sample) -> why the sample does not fit the model (it is skipped and counted), or None
     sample_problem: Callable[[Any, Any], str | None] = _no_problem
     default_stage: Callable[[Any], int | None] = _first_stage  # the prepared stage trained on; None: required

@@ -248,9 +248,12 @@ def _check_data_and_starting_point(cfg: TrainConfig, model_cfg: ModelConfig) -> 
 
 
 def check_text_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
-    """The text tokenizer exists and its pieces fit the model's vocabulary (before any rank starts)."""
+    """The text tokenizer exists and its pieces fit the model's vocabulary (before any rank starts);
+    a model that reads no text needs none."""
     from cogvideo.tokenizers.text import check_fits
 
+    if not family_of(model_cfg).reads_text(model_cfg):
+        return
     if not cfg.data.text_tokenizer:
         raise ConfigError("data.text_tokenizer: required (a SentencePiece model file or directory)")
     try:

@@ -67,10 +67,17 @@ def model_label(model_cfg) -> str:
     return f"{family} {model_cfg.name}" + (f" ({stage})" if stage else "")
 
 
-def text_encoder(cfg: TrainConfig, vocab):
+def text_encoder(cfg: TrainConfig, model_cfg):
+    """Caption text -> the model's text ids; no ids for a model that reads no text."""
     from cogvideo.tokenizers.text import TextTokenizer
 
-    return TextTokenizer(cfg.data.text_tokenizer, vocab).encode
+    if not family_of(model_cfg).reads_text(model_cfg):
+        return no_text
+    return TextTokenizer(cfg.data.text_tokenizer, model_cfg.vocab).encode
+
+
+def no_text(text: str) -> list[int]:
+    return []
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -149,13 +156,14 @@ def preflight(args: argparse.Namespace, world_size: int):
     check_text_tokenizer(cfg, model_cfg)
     shards = expand_shards(cfg.data.shards)
     dp_size = world_size // cfg.parallel.tensor_parallel
-    encode = text_encoder(cfg, model_cfg.vocab)
+    encode = text_encoder(cfg, model_cfg)
     for line in check_shards(shards, cfg.training.seed, dp_size):
         warn(f"unreadable shard, skipped in training: {line}")
     check_shard_kind(shards, model_cfg)
-    summary = check_text_length(shards, model_cfg, encode, cfg.data)
-    if not quiet():
-        log.info(summary)
+    if family_of(model_cfg).reads_text(model_cfg):
+        summary = check_text_length(shards, model_cfg, encode, cfg.data)
+        if not quiet():
+            log.info(summary)
     check_starting_weights(cfg)
     manager = checkpoint_manager(cfg, model_cfg)
     resume = resume_plan(cfg, manager, dp_size)

@@ -204,3 +204,44 @@ def test_data_preparation_writes_raw_frames_at_the_finest_level_and_odd_samples_
     )
     example = family.example(classes, Sample("k", good.arrays, "swim", meta), [], 3)
     assert int(example["condition"]) in (1, 2)  # "swim" is class 1; the null class 2 one time in ten
+
+
+def test_class_presets_train_without_a_text_tokenizer(tmp_path):
+    """A class preset reads no captions as text (the family's reads_text): the trainer's start-up
+    takes it without data.text_tokenizer and its loader builds class-labelled batches; the same
+    run conditioned on text still stops naming data.text_tokenizer."""
+    import argparse
+
+    from test_hpdm_train import MODEL, ROOT, write_frame_shards
+
+    from cogvideo.configio import ConfigError
+    from cogvideo.family import get_family
+    from pretrain.data import ShardLoader
+    from pretrain.startup import no_text, preflight
+
+    shards = write_frame_shards(tmp_path)
+    classes = [f"clip {s} {i}" for s in range(4) for i in range(4)]  # write_frame_shards' captions
+    common = [*MODEL, f"data.shards=[{','.join(shards)}]", f"checkpoint.dir={tmp_path / 'run'}"]
+    as_classes = [
+        "model.condition=class",
+        f"model.num_classes={len(classes)}",
+        f"model.classes=[{','.join(classes)}]",
+    ]
+
+    def start(*extra):
+        return preflight(
+            argparse.Namespace(
+                config=str(ROOT / "configs/tiny_test.yaml"), overrides=[*common, *extra], resume=None
+            ),
+            1,
+        )
+
+    cfg, model_cfg, found, encode, _ = start(*as_classes)
+    assert encode is no_text and not get_family("hpdm").reads_text(model_cfg)
+    loader = ShardLoader(found, model_cfg, encode, cfg.data, micro_batch_size=4, seed=0)
+    batch = next(iter(loader))
+    for key, label in zip(batch.keys, batch.tensors["condition"].tolist()):  # key s{s}c{i}: "clip {s} {i}"
+        caption = "clip " + " ".join(key[1:].split("c"))
+        assert label in (classes.index(caption), len(classes))  # its class, or the null class
+    with pytest.raises(ConfigError, match="data.text_tokenizer: required"):
+        start()

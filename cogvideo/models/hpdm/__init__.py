@@ -39,6 +39,10 @@ def _example(cfg: HPDMConfig, sample, text_ids, seed: int) -> dict:
     return training_example(cfg, torch.from_numpy(sample.arrays["pixels"]), condition, seed)
 
 
+def _reads_text(cfg: HPDMConfig) -> bool:
+    return cfg.condition == "text"
+
+
 def _sample_problem(cfg: HPDMConfig, sample) -> str | None:
     shape = tuple(sample.arrays["pixels"].shape)
     if shape != (*cfg.video_size, 3):
@@ -66,6 +70,7 @@ FAMILY = register(
         train_flops=planner.train_flops,
         shard_kind="frames",
         prep_encoder="frames",
+        reads_text=_reads_text,
         sample_problem=_sample_problem,
         sampler="cogvideo.models.hpdm.sampling:HPDMPipeline",
         # the supplement: mixed precision (autocast or manual, fp16 or bf16) converged worse
