@@ -336,7 +336,12 @@ class CogVideoModel(nn.Module):
         return KVCache(self.cfg, temporal=temporal)
 
     def forward_chunk(
-        self, tokens: torch.Tensor, meta: TokenMeta, cache: KVCache, text_bias: float = 0.0, logits: bool = True
+        self,
+        tokens: torch.Tensor,
+        meta: TokenMeta,
+        cache: KVCache,
+        text_bias: float = 0.0,
+        logits: bool = True,
     ) -> torch.Tensor | None:
         """Feed `tokens` [B, l] described by `meta` after what `cache` holds; returns their
         logits [B, l, vocab_size / tp] equal to the full forward's at the same tokens (None with
