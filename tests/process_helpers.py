@@ -50,3 +50,24 @@ def write_lock(root: Path, **holder) -> None:
     """A checkpoint directory's LOCK file as a run on this host writes it, with `holder`'s fields."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "LOCK").write_text(json.dumps({"host": socket.gethostname(), "started": "earlier", **holder}))
+
+
+def write_kill_in_save_script(path: Path, step: int) -> Path:
+    """A `cogvideo-train` entry point that SIGKILLs rank 0 after DeepSpeed wrote checkpoint `step`
+    and before it is marked complete (the last moment a save can be lost); written to `path`."""
+    path.write_text(
+        f"""
+import os, signal, sys
+import pretrain.checkpoint as ckpt
+import pretrain.train as train
+
+mark = ckpt.CheckpointManager._mark_complete
+def killed(self, path, record):
+    if path.name == ckpt.tag_for({step}) and os.environ.get("RANK", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    mark(self, path, record)
+ckpt.CheckpointManager._mark_complete = killed
+train.main(sys.argv[1:])
+"""
+    )
+    return path

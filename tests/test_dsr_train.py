@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from process_helpers import write_kill_in_save_script
 from test_pretrain_data import write_caption_tokenizer
 from test_pretrain_dist import losses, step_batches, torchrun
 from tolerances import adam_weight_atol, loss_rel_tol
@@ -172,27 +173,11 @@ def test_tp2_equals_tp1(ws, tp1, tp2):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=adam_weight_atol(LR), msg=name)
 
 
-KILL_IN_SAVE = """
-import os, signal, sys
-import pretrain.checkpoint as ckpt
-import pretrain.train as train
-
-mark = ckpt.CheckpointManager._mark_complete
-def killed(self, path):  # SIGKILL after DeepSpeed wrote step 4, before it is marked complete
-    if path.name == ckpt.tag_for(4) and os.environ["RANK"] == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
-    mark(self, path)
-ckpt.CheckpointManager._mark_complete = killed
-train.main(sys.argv[1:])
-"""
-
-
 @pytest.mark.slow
 def test_a_killed_tp2_run_resumes_exactly(ws, tp2):
     """SIGKILL in the save of the last step (4), then --resume auto from step 2: every loss, the
     batches and the final weights are the uninterrupted TP=2 run's, bit for bit."""
-    script = ws["root"] / "kill.py"
-    script.write_text(KILL_IN_SAVE)
+    script = write_kill_in_save_script(ws["root"] / "kill.py", step=4)
     args = ("parallel.tensor_parallel=2", "--resume", "auto")
     resumed, killed = run(ws, "tp2_killed", 2, *args, script=str(script), env={"PYTHONPATH": str(ROOT)})
     assert killed.returncode != 0 and (resumed / "latest").read_text() == "step00000002"

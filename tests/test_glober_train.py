@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from process_helpers import write_kill_in_save_script
 from test_pretrain_data import write_caption_tokenizer
 from test_pretrain_dist import losses
 from tolerances import loss_rel_tol
@@ -53,20 +54,6 @@ def write_latent_shards(root: Path) -> list[str]:
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("glober_train")
     return {"root": root, "shards": write_latent_shards(root), "tokenizer": write_caption_tokenizer(root)}
-
-
-KILL_IN_SAVE = """
-import os, signal, sys
-import pretrain.checkpoint as ckpt
-import pretrain.train as train
-mark = ckpt.CheckpointManager._mark_complete
-def killed(self, path):
-    if path.name == ckpt.tag_for(4):
-        os.kill(os.getpid(), signal.SIGKILL)
-    mark(self, path)
-ckpt.CheckpointManager._mark_complete = killed
-train.main(sys.argv[1:])
-"""
 
 
 def run(ws, name: str, *extra: str, nproc: int = 1, script: str | None = None):
@@ -176,8 +163,7 @@ def test_phase_generator_trains_the_dit_over_the_frozen_autoencoder(phase2, auto
 def test_both_phases_resume_exactly_after_kill_9(ws, phase, phase1, phase2, autoencoder):
     extra = [] if phase == "autoencoder" else [*PHASE2, f"init.backbone={autoencoder}"]
     uninterrupted = phase1 if phase == "autoencoder" else phase2
-    script = ws["root"] / "kill.py"
-    script.write_text(KILL_IN_SAVE)
+    script = write_kill_in_save_script(ws["root"] / "kill.py", step=4)
     killed, path = run(ws, f"resumed-{phase}", *extra, "--resume", "auto", script=str(script))
     assert killed.returncode != 0 and (path / "latest").read_text() == "step00000003"
     ok(run(ws, f"resumed-{phase}", *extra, "--resume", "auto"))

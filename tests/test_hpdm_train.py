@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from process_helpers import write_kill_in_save_script
 from test_pretrain_data import write_caption_tokenizer
 from test_pretrain_dist import losses
 from tolerances import loss_rel_tol
@@ -88,20 +89,6 @@ def args(ws, run: Path, *extra: str) -> list[str]:
     ]
 
 
-KILL_IN_SAVE = """
-import os, signal, sys
-import pretrain.checkpoint as ckpt
-import pretrain.train as train
-mark = ckpt.CheckpointManager._mark_complete
-def killed(self, path):
-    if path.name == ckpt.tag_for(4):
-        os.kill(os.getpid(), signal.SIGKILL)
-    mark(self, path)
-ckpt.CheckpointManager._mark_complete = killed
-train.main(sys.argv[1:])
-"""
-
-
 def run(ws, name: str, nproc: int = 1, *extra: str, script: str | None = None):
     """The trainer on `nproc` ranks (a world of one without a launcher), on a free port."""
     target = [script] if script else ["-m", "pretrain.train"]
@@ -136,8 +123,7 @@ def uninterrupted(ws):
 def test_training_runs_and_resumes_exactly_after_kill_9(ws, uninterrupted):
     reference = losses(uninterrupted)
     assert sorted(reference) == list(range(1, STEPS + 1)) and all(np.isfinite(list(reference.values())))
-    script = ws["root"] / "kill.py"
-    script.write_text(KILL_IN_SAVE)
+    script = write_kill_in_save_script(ws["root"] / "kill.py", step=4)
     killed, path = run(ws, "resumed", 1, "--resume", "auto", script=str(script))
     assert killed.returncode != 0 and (path / "latest").read_text() == "step00000002"
     finished, _ = run(ws, "resumed", 1, "--resume", "auto")

@@ -99,24 +99,32 @@ class Run:
         self.workers: dict[int, int] = {}  # rank -> pid
 
     def find_workers(self) -> None:
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                rank = child.environ().get("RANK")
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:  # the launcher has just ended
+            return
+        for child in children:
+            try:  # a short-lived child (a compiler, a helper) may be gone between the two reads
+                rank, cmdline = child.environ().get("RANK"), " ".join(child.cmdline())
             except psutil.Error:
                 continue
-            if rank is not None and "pretrain.train" in " ".join(child.cmdline()):
+            if rank is not None and "pretrain.train" in cmdline:
                 self.workers[int(rank)] = child.pid
 
     def wait_for(self, ready, what: str, timeout: float = 300) -> None:
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"ended before {what}:\n{self.log.read_text()[-4000:]}"
-            self.find_workers()
-            if ready():
-                return
-            time.sleep(0.05)
-        self.proc.kill()
-        pytest.fail(f"no {what} in {timeout} s:\n{self.log.read_text()[-4000:]}")
+        try:
+            while time.time() < deadline:
+                assert self.proc.poll() is None, f"ended before {what}:\n{self.log.read_text()[-4000:]}"
+                self.find_workers()
+                if ready():
+                    return
+                time.sleep(0.05)
+            pytest.fail(f"no {what} in {timeout} s:\n{self.log.read_text()[-4000:]}")
+        except BaseException:
+            self.proc.kill()  # its workers die with it (PR_SET_PDEATHSIG)
+            self.proc.wait()
+            raise
 
     def wait_for_step(self, step: int) -> None:
         self.wait_for(lambda: len(self.workers) == 2 and last_step(self.run_dir) >= step, f"step {step}")
