@@ -150,8 +150,9 @@ class HPDMPipeline:
         digest = hashlib.sha256(f"{self.options.seed}/{prompt.key}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
 
-    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray]]:
-        """(no codes, uint8 frames [T, H, W, 3]) per prompt."""
+    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray, dict]]:
+        """(no codes, uint8 frames [T, H, W, 3], the same frames as an array to keep: pixels.npy)
+        per prompt: a pixel model's exact output (the mp4 and gif are lossy)."""
         from cogvideo.models.hpdm.loss import null_condition
 
         out = []
@@ -162,8 +163,16 @@ class HPDMPipeline:
             cond, null = self.condition(prompt)[None], null_condition(self.cfg)[None]
             video = sampler.sample(cond, null, self._generator(prompt), output=self.size)[0]
             frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            out.append((None, frames.permute(1, 2, 3, 0).cpu().numpy()))
+            frames = frames.permute(1, 2, 3, 0).cpu().numpy()
+            out.append((None, frames, {"pixels": frames}))
         return out
+
+    def seam_contrast(self, frames: np.ndarray) -> tuple[float, float]:
+        """How visible this sampler's finest tiles are in a video's frames [T, H, W, 3]: the mean
+        difference between neighbouring pixels across tile borders and inside tiles."""
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2).double()
+        overlap = (self.options.temporal_overlap, self.options.overlap)
+        return pyramid.seam_contrast(self.cfg, video, overlap)
 
     def _progress(self, prompt: Prompt):
         def report(level: int, step: int, steps: int) -> None:
