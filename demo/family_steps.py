@@ -76,7 +76,7 @@ class FamilySteps:
         """The frame codec the family's model needs (fit.yaml: `python -m <command>` with its
         settings), fitted on the demo's synthetic videos into <family>/fit; the command's
         summary.json where it writes one."""
-        spec, cfg = family_fit(self.name), self.demo.cfg
+        spec = family_fit(self.name)
         config = self.path("fit.yaml")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(spec["settings"]))
@@ -89,8 +89,7 @@ class FamilySteps:
                 str(config),
                 f"frames={self.demo.path('videos', 'synthetic')}",
                 f"out={self.path('fit')}",
-            ],
-            threads=cfg.train.ranks * cfg.train.threads_per_rank,  # the cores training would use
+            ]
         )
         summary = self.path("fit", "summary.json")
         return json.loads(summary.read_text()) if summary.is_file() else {"folder": str(self.path("fit"))}

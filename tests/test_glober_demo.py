@@ -61,7 +61,7 @@ def test_every_glober_command_gets_the_fitted_vae(tmp_path, monkeypatch):
     steps, out = FamilySteps(demo, "glober"), demo.path("glober")
     assert steps.fit() == {"held_out_psnr_db": 30.0}
     ((args, threads),) = commands
-    assert args[1:3] == ["-m", "cogvideo.models.glober.vae_fit"] and threads == cfg.train.ranks
+    assert args[1:3] == ["-m", "cogvideo.models.glober.vae_fit"] and threads is None  # the demo's threads
     assert f"frames={demo.path('videos', 'synthetic')}" in args and f"out={out / 'fit'}" in args
     fit_config = Path(args[args.index("--config") + 1])
     assert (
