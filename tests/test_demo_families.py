@@ -175,14 +175,15 @@ def test_pixel_videos_are_evaluated_from_their_frames_with_their_seams(tmp_path,
     assert set(goals) == {
         "held-out colour",
         "FVD (held-out)",
-        "seams: across / inside tile borders (held-out)",
+        evaluation.SEAMS,
     }
     assert goals["held-out colour"] == {
         "value": 4 / 6,
         "goal": ">= 0.90",
         "met": False,
     }  # read from pixels.npy
-    assert not goals["seams: across / inside tile borders (held-out)"]["met"]
+    assert goals[evaluation.SEAMS]["value"] == pytest.approx(seams["generated"] / seams["reference"])
+    assert not goals[evaluation.SEAMS]["met"]
     with pytest.raises(ValueError, match="unknown goals \\['sharpness'\\]"):
         evaluation.targets(family.evaluation, {"sharpness": 1.0})
 
@@ -199,7 +200,7 @@ def test_the_report_has_a_column_per_family(tmp_path, monkeypatch):
     assert [f["name"] for f in metrics["families"]] == ["fixture", "pixels"]
     for link in re.findall(r"(?:src|href)='([^']+)'", text):
         assert (index.parent / link).is_file(), link
-    seams = "seams: across / inside tile borders (held-out)"
+    seams = evaluation.SEAMS
     assert f"data-target='{seams}' data-met='false'" in text
     row = text[text.index(f"<td>{seams}</td>") :].split("</tr>")[0]
     assert row.count("<td>-</td>") == 1  # the token family has no seams target
