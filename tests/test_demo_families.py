@@ -109,6 +109,21 @@ def test_a_bad_family_folder_stops_in_one_line(families):
         DemoConfig(families=["hpdm"])
 
 
+def test_training_settings_rerun_training_not_data_preparation(families):
+    def fingerprints():
+        cfg = DemoConfig(families=["hpdm"])
+        steps = driver.steps_for(cfg)
+        return Runner(Path("unused"), steps, driver.step_settings(cfg, steps)).fingerprints
+
+    before = fingerprints()
+    train = yaml.safe_load((families / "train.yaml").read_text())
+    (families / "train.yaml").write_text(yaml.safe_dump(train | {"training": {"max_steps": 7}}))
+    after = fingerprints()
+    assert after["hpdm_shards"] == before["hpdm_shards"] and after["hpdm_train"] != before["hpdm_train"]
+    (families / "train.yaml").write_text(yaml.safe_dump(train | {"model": {"family": "hpdm", "preset": "x"}}))
+    assert fingerprints()["hpdm_shards"] != before["hpdm_shards"]  # the model section is prep's too
+
+
 def phased(families: Path) -> None:
     """HPDM's demo settings as two phases, the second with a smaller learning rate."""
     train = yaml.safe_load((families / "train.yaml").read_text())
