@@ -89,14 +89,16 @@ class SuperResolution:
         return out
 
     def sample(self, tokens: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """One forward, one parallel step: high-res codes [B, N] of DSR sequences [B, L]."""
+        """One forward, one parallel step: high-res codes [B, N] of DSR sequences [B, L]. The
+        strategy runs frame by frame (its temporaries are several copies of the logits: at the
+        published shape 0.3 GB a frame), each frame drawing from its own generator."""
         cfg = self.cfg
         logits = gather_vocab(self.model(tokens, image_only=True))[..., : cfg.vocab.num_image_tokens]
         N = cfg.high_tokens
 
-        def draw() -> torch.Tensor:  # each frame's N numbers from its own generator
-            return torch.cat([torch.rand(N, generator=g, dtype=torch.float64) for g in generators]).to(
-                tokens.device
-            )
+        def draw(g: torch.Generator) -> torch.Tensor:
+            return torch.rand(N, generator=g, dtype=torch.float64).to(tokens.device)
 
-        return self.strategy.sample(logits.flatten(0, 1), draw).view(len(tokens), N)
+        return torch.stack(
+            [self.strategy.sample(frame, lambda g=g: draw(g)) for frame, g in zip(logits, generators)]
+        )
