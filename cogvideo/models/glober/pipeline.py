@@ -129,8 +129,9 @@ class GloberPipeline:
         digest = hashlib.sha256(f"{self.options.seed}/{prompt.key}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
 
-    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray]]:
-        """(no codes, uint8 frames [F, H, W, 3]) per prompt."""
+    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray, dict]]:
+        """(no codes, uint8 frames [F, H, W, 3], {"pixels": the same frames, kept losslessly as
+        pixels.npy beside the mp4 / gif}) per prompt."""
         out = []
         param = next(self.model.parameters())
         for prompt in prompts:
@@ -145,7 +146,8 @@ class GloberPipeline:
             )
             video = self.sampler.pixels(latents)[0]
             frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            out.append((None, frames.permute(0, 2, 3, 1).cpu().numpy()))
+            pixels = frames.permute(0, 2, 3, 1).cpu().numpy()
+            out.append((None, pixels, {"pixels": pixels}))
         return out
 
     def fps(self) -> float:
