@@ -6,6 +6,7 @@ latents; the command's folder is one that GLOBER's model and latent prep load.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -129,6 +130,9 @@ def test_the_command_writes_a_folder_the_model_and_latent_prep_load(tmp_path, ca
         and "on 2 frames" in printed
         and str(out) in printed
     )
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["train_frames"], summary["held_out_frames"]) == (22, 2)
+    assert f"held-out PSNR {summary['held_out_psnr_db']:.2f} dB" in printed
     cfg = tiny()
     with_folder = dataclasses.replace(cfg.vae, path=str(out))
     assert vae_folder_problem(with_folder) is None  # what cogvideo-prep's latents encoder checks

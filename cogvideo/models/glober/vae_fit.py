@@ -15,9 +15,11 @@ Command: ``cogvideo-fit-vae preset=glober-demo frames=DIR_OR_GLOB out=FOLDER``
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ from cogvideo.family import get_family
 from cogvideo.metrics import psnr
 from cogvideo.models.glober.config import GloberConfig, VAEConfig
 from cogvideo.tokenizers.patch_fit import held_out_split, read_frames
+
+SUMMARY = "summary.json"  # written beside the weights: frames, seconds, train / held-out PSNR
 
 
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
@@ -164,14 +168,23 @@ def main(argv: list[str] | None = None) -> None:
         log_every=cfg.steps // 10,
     )
     vae.save_pretrained(cfg.out, safe_serialization=True)
+    summary = {
+        "preset": cfg.preset,
+        "train_frames": len(train),
+        "held_out_frames": len(held),
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_psnr_db": round(psnr(train, round_trip(vae, train)), 2),
+        "held_out_psnr_db": round(psnr(held, round_trip(vae, held)), 2) if len(held) else None,
+    }
+    (Path(cfg.out) / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     print(
         f"fitted the {cfg.preset} KL-VAE ({model.frame_size}px frames, factor {model.vae.factor}, "
-        f"{model.vae.latent_channels} latent channels) on {len(train)} frames in "
-        f"{time.perf_counter() - start:.1f}s -> {cfg.out}"
+        f"{model.vae.latent_channels} latent channels) on {len(train)} frames in {summary['seconds']}s "
+        f"-> {cfg.out}"
     )
-    print(f"train PSNR {psnr(train, round_trip(vae, train)):.2f} dB on {len(train)} frames")
+    print(f"train PSNR {summary['train_psnr_db']:.2f} dB on {len(train)} frames")
     if len(held):
-        print(f"held-out PSNR {psnr(held, round_trip(vae, held)):.2f} dB on {len(held)} frames")
+        print(f"held-out PSNR {summary['held_out_psnr_db']:.2f} dB on {len(held)} frames")
     else:
         print("held-out PSNR: not measured (held_out=0, or a single frame)")
 
