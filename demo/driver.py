@@ -31,6 +31,8 @@ from __future__ import annotations
 import sys
 import time
 
+import yaml
+
 from cogvideo.configio import ConfigError, config_parser, load_config, to_dict
 from cogvideo.environment import apply_defaults
 from demo.family_steps import family_steps
@@ -101,11 +103,14 @@ def steps_for(cfg: DemoConfig) -> list[Step]:
 
 
 def step_settings(cfg: DemoConfig, steps: list[Step]) -> dict:
-    """What each step's fingerprint covers: config sections (dotted) and config files (contents)."""
+    """What each step's fingerprint covers: config sections (dotted), config files (contents) and
+    a config file's top-level section ("FILE.yaml:section")."""
     data, settings = to_dict(cfg), {}
     for key in (k for step in steps for k in step.uses):
-        if key.endswith(".yaml"):  # from the checkout's root, or absolute
-            settings[key] = (ROOT / key).read_text(encoding="utf-8")
+        file, _, section = key.partition(".yaml:")
+        if key.endswith(".yaml") or section:  # a file from the checkout's root (or absolute), or its section
+            text = (ROOT / f"{file}.yaml" if section else ROOT / key).read_text(encoding="utf-8")
+            settings[key] = (yaml.safe_load(text) or {}).get(section) if section else text
             continue
         value = data
         for part in key.split("."):

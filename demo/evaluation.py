@@ -28,8 +28,10 @@ TARGETS = {  # held-out prompts; what the demo must reach on every machine, in f
     "fvd": 150.0,
 }
 # a family's own goals (its configs/demo/<family>/targets.yaml) name some of TARGETS' keys, and
-# "seams": a tiled sampler's mean difference across tile borders over the one inside tiles
+# "seams": a tiled sampler's mean difference across tile borders over the one inside tiles, taken
+# over the same ratio of the rendered references (what the scene alone shows at those borders)
 GOALS = (*TARGETS, "seams")
+SEAMS = "seams: across / inside tile borders, relative to the references (held-out)"
 
 
 def keyframe_indices(num_frames: int, keyframes: int = KEYFRAMES) -> np.ndarray:
@@ -163,12 +165,9 @@ def targets(summary: dict, goals: dict | None = None) -> dict:
         fvd = summary["fvd"]["value"]
         out["FVD (held-out)"] = {"value": fvd, "goal": f"< {goals['fvd']:g}", "met": fvd < goals["fvd"]}
     if "seams" in goals and "seams" in summary:
-        ratio = summary["seams"]["generated"]
-        out["seams: across / inside tile borders (held-out)"] = {
-            "value": ratio,
-            "goal": f"<= {goals['seams']:g}",
-            "met": ratio <= goals["seams"],
-        }
+        # the rendered scene alone crosses the tile borders too (the demo's paths pass the centre)
+        ratio = summary["seams"]["generated"] / summary["seams"]["reference"]
+        out[SEAMS] = {"value": ratio, "goal": f"<= {goals['seams']:g}", "met": ratio <= goals["seams"]}
     return out
 
 
@@ -284,13 +283,15 @@ def tokenizer_round_trip(videos: list[dict], tokenizer, references: list[np.ndar
 def heldout_fvd(
     videos: list[dict], generated: list[np.ndarray], references: list[np.ndarray], size: int, fvd_seed: int
 ) -> dict:
-    """FVD of the held-out videos of seed `fvd_seed` against their rendered references."""
+    """FVD of the held-out videos of seed `fvd_seed` against their rendered references. Videos
+    shorter than the protocol's 16 frames (a keyframe model's 5) are stretched in time, frames
+    repeated, the references alike; the result says how many."""
     from cogvideo.eval.fvd import FEATURES, FVDProtocol, I3DFeatures, frechet_distance
 
     # I3D at 224 px costs seconds per clip on a CPU: FVD takes one seed's held-out videos
     heldout = [i for i, v in enumerate(videos) if v["heldout"] and v["seed"] == fvd_seed]
     started = time.perf_counter()
-    protocol = FVDProtocol()
+    protocol = FVDProtocol(short_videos="resample")
     i3d = I3DFeatures(protocol=protocol)
     fake = i3d([generated[i] for i in heldout])
     real = i3d([references[i] for i in heldout])
@@ -302,6 +303,7 @@ def heldout_fvd(
         "real": f"{len(real)} rendered reference videos of the held-out prompts (same prompts, durations, frames)",
         "fake": f"{len(fake)} generated videos of the held-out prompts (seed {fvd_seed})",
         "frames": protocol.num_frames,
+        "stretched": sum(len(generated[i]) < protocol.num_frames for i in heldout),
         "resolution": f"{size}px upsampled bilinearly to {protocol.resolution}x{protocol.resolution}",
         "fps": sorted({v["fps"] for v in videos}),
         "seconds": round(time.perf_counter() - started, 1),

@@ -51,6 +51,8 @@ from demo.tasks import TRAINING_SEED, Demo
 
 
 class FamilySteps:
+    """What each step of family `name` does, on the demo's paths and commands (`demo.tasks.Demo`)."""
+
     def __init__(self, demo: Demo, name: str):
         self.demo, self.name, self.settings = demo, name, family_folder(name)
         self.phases = family_phases(name)
@@ -267,7 +269,7 @@ def family_steps(name: str, after: str) -> list[Step]:
         Step(
             f"{name}_shards",
             run("shards"),
-            (file("prep.yaml"), file(phases[0][1])),
+            (file("prep.yaml"), f"{file(phases[0][1])}:model"),  # not the training settings
             (f"{name}/shards", f"{name}/prep.yaml"),
             after=None if fit else (after,),
         ),

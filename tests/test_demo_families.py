@@ -109,6 +109,21 @@ def test_a_bad_family_folder_stops_in_one_line(families):
         DemoConfig(families=["hpdm"])
 
 
+def test_training_settings_rerun_training_not_data_preparation(families):
+    def fingerprints():
+        cfg = DemoConfig(families=["hpdm"])
+        steps = driver.steps_for(cfg)
+        return Runner(Path("unused"), steps, driver.step_settings(cfg, steps)).fingerprints
+
+    before = fingerprints()
+    train = yaml.safe_load((families / "train.yaml").read_text())
+    (families / "train.yaml").write_text(yaml.safe_dump(train | {"training": {"max_steps": 7}}))
+    after = fingerprints()
+    assert after["hpdm_shards"] == before["hpdm_shards"] and after["hpdm_train"] != before["hpdm_train"]
+    (families / "train.yaml").write_text(yaml.safe_dump(train | {"model": {"family": "hpdm", "preset": "x"}}))
+    assert fingerprints()["hpdm_shards"] != before["hpdm_shards"]  # the model section is prep's too
+
+
 def phased(families: Path) -> None:
     """HPDM's demo settings as two phases, the second with a smaller learning rate."""
     train = yaml.safe_load((families / "train.yaml").read_text())
@@ -175,14 +190,15 @@ def test_pixel_videos_are_evaluated_from_their_frames_with_their_seams(tmp_path,
     assert set(goals) == {
         "held-out colour",
         "FVD (held-out)",
-        "seams: across / inside tile borders (held-out)",
+        evaluation.SEAMS,
     }
     assert goals["held-out colour"] == {
         "value": 4 / 6,
         "goal": ">= 0.90",
         "met": False,
     }  # read from pixels.npy
-    assert not goals["seams: across / inside tile borders (held-out)"]["met"]
+    assert goals[evaluation.SEAMS]["value"] == pytest.approx(seams["generated"] / seams["reference"])
+    assert not goals[evaluation.SEAMS]["met"]
     with pytest.raises(ValueError, match="unknown goals \\['sharpness'\\]"):
         evaluation.targets(family.evaluation, {"sharpness": 1.0})
 
@@ -199,7 +215,7 @@ def test_the_report_has_a_column_per_family(tmp_path, monkeypatch):
     assert [f["name"] for f in metrics["families"]] == ["fixture", "pixels"]
     for link in re.findall(r"(?:src|href)='([^']+)'", text):
         assert (index.parent / link).is_file(), link
-    seams = "seams: across / inside tile borders (held-out)"
+    seams = evaluation.SEAMS
     assert f"data-target='{seams}' data-met='false'" in text
     row = text[text.index(f"<td>{seams}</td>") :].split("</tr>")[0]
     assert row.count("<td>-</td>") == 1  # the token family has no seams target
