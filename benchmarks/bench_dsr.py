@@ -69,7 +69,27 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_bytes(fn, device: str) -> int:
+def interleaved(fns: dict, device: str, repeats: int) -> dict[str, float]:
+    """Median seconds of each of `fns` over `repeats` rounds, one call of each per round (after
+    one warm-up each), so that a change in the machine's load weighs on every path alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_bytes(fn, device: str, inputs: list[torch.Tensor]) -> int:
+    """Peak bytes `fn` allocates beyond its `inputs` (on the CPU, a view of an input would
+    otherwise count it as new)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -78,8 +98,10 @@ def peak_bytes(fn, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     with LiveTensorBytes() as mem:
+        mem.track_all(inputs)
+        base = mem.live
         fn()
-    return mem.peak
+    return mem.peak - base
 
 
 def config(args):
@@ -102,10 +124,11 @@ def attention(cfg, args, dtype) -> None:
     q, kh, vh, kl, vl = rnd(N), rnd(N), rnd(N), rnd(n), rnd(n)
     windows = Windows(cfg, q.device)
     mask = high_res_keys(cfg).to(q.device)
-    keys, values = torch.cat([kl, kh], dim=2), torch.cat([vl, vh], dim=2)
+    inputs = [q, kh, vh, kl, vl, mask]
 
     def dense(backends):
-        def run():
+        def run():  # as the model's dense path: [low-res; high-res] keys and values, one mask
+            keys, values = torch.cat([kl, kh], dim=2), torch.cat([vl, vh], dim=2)
             with sdpa_kernel(backends):
                 return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
@@ -119,10 +142,10 @@ def attention(cfg, args, dtype) -> None:
     print(
         f"\n1. high-res attention, {args.frames} frames x {heads} heads x {N} queries, d={d}; mask {N} x {n + N}"
     )
-    results = {}
-    for name, fn in paths.items():
-        with torch.no_grad():
-            results[name] = (timed(fn, args.device, args.repeats), peak_bytes(fn, args.device))
+    with torch.no_grad():
+        seconds = interleaved(paths, args.device, args.repeats)
+        results = {name: (seconds[name], peak_bytes(fn, args.device, inputs)) for name, fn in paths.items()}
+    for name in paths:
         print(f"   {name:<14} {results[name][0] * 1e3:9.1f} ms   peak {results[name][1] / 2**20:9.1f} MiB")
     t_local, m_local = results["local windows"]
     for name in ("dense, fused", "dense, math"):

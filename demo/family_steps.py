@@ -9,9 +9,15 @@ the one way a family joins the demo: a folder of settings, no code. `configs/dem
                     phase after the first starts from the one before's model (init.backbone)
     sample.yaml     the family's cogvideo-sample options (`--family <family> --help` lists them)
     targets.yaml    its goals on the held-out prompts (keys of demo.evaluation.GOALS)
+    fit.yaml        optional, for a model that needs a frame codec fitted on the demo's videos
+                    (GLOBER's KL-VAE): command (a module run with python -m, taking frames=DIR
+                    and out=FOLDER), model_key (the dotted model field that takes the folder) and
+                    settings (the command's config)
 
 Steps, named `<family>_<step>`, everything under `<out>/<family>/`:
 
+    fit             with fit.yaml: its command on the demo's synthetic videos (fit/); prep and
+                    every training phase get model.<model_key>=<out>/<family>/fit
     shards          cogvideo-prep of the demo's videos (the image tokenizer too for token shards)
     train[_<phase>] cogvideo-train on the demo's CPU ranks (runs/<phase>), then cogvideo-convert
                     zero (models/<phase>)
@@ -37,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cogvideo.configio import ConfigError, load_config
+from cogvideo.configio import ConfigError, load_config, merge
 from cogvideo.jsonl import read_jsonl, write_jsonl
-from demo.settings import ROOT, family_folder, family_phases
+from demo.settings import FIT_FILE, ROOT, family_fit, family_folder, family_phases
 from demo.steps import Step
 from demo.tasks import TRAINING_SEED, Demo
 
@@ -59,7 +65,37 @@ class FamilySteps:
 
     @property
     def model_section(self) -> dict:
-        return self.config(self.phases[0][1].name).get("model", {})
+        """The first phase's model section, with the fitted codec's folder (fit.yaml) where it has one."""
+        fitted: dict = {}
+        if spec := family_fit(self.name):
+            *parents, leaf = spec["model_key"].split(".")
+            fitted = {leaf: str(self.path("fit"))}
+            for parent in reversed(parents):
+                fitted = {parent: fitted}
+        return merge(self.config(self.phases[0][1].name).get("model", {}), fitted)
+
+    def fit(self) -> dict:
+        """The frame codec the family's model needs (fit.yaml: `python -m <command>` with its
+        settings), fitted on the demo's synthetic videos into <family>/fit; the command's
+        summary.json where it writes one."""
+        spec, cfg = family_fit(self.name), self.demo.cfg
+        config = self.path("fit.yaml")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(spec["settings"]))
+        self.demo.command(
+            [
+                sys.executable,
+                "-m",
+                spec["command"],
+                "--config",
+                str(config),
+                f"frames={self.demo.path('videos', 'synthetic')}",
+                f"out={self.path('fit')}",
+            ],
+            threads=cfg.train.ranks * cfg.train.threads_per_rank,  # the cores training would use
+        )
+        summary = self.path("fit", "summary.json")
+        return json.loads(summary.read_text()) if summary.is_file() else {"folder": str(self.path("fit"))}
 
     def pipeline_class(self):
         from cogvideo.sampling.cli import family_pipeline
@@ -109,6 +145,7 @@ class FamilySteps:
             f"checkpoint.dir={self.path('runs', phase)}",
             f"training.seed={TRAINING_SEED + cfg.seed}",
             *([f"init.backbone={self.model(names[index - 1])}"] if index else []),
+            *([f"model.{spec['model_key']}={self.path('fit')}"] if (spec := family_fit(self.name)) else []),
             *cfg.train.families.get(self.name, []),
         ]
         config = self.phases[index][1]
@@ -177,7 +214,12 @@ class FamilySteps:
             evaluation=json.loads(self.path("eval", "evaluation.json").read_text()),
             targets=results[f"{self.name}_evaluate"]["targets"],
             curves={phase: self.path("runs", phase, "logs", "metrics.jsonl") for phase, _ in self.phases},
-            details={"training": training, "prep": results[f"{self.name}_shards"]["prep"]},
+            details={
+                "training": training,
+                "prep": results[f"{self.name}_shards"]["prep"],
+                "sampling": results[f"{self.name}_sample"],
+                **({"fit": results[f"{self.name}_fit"]} if f"{self.name}_fit" in results else {}),
+            },
         )
 
 
@@ -218,13 +260,19 @@ def family_steps(name: str, after: str) -> list[Step]:
         )
         for phase, config in phases
     ]
+    fit = []
+    if family_fit(name):  # the shards are written with what it fits: they build on it
+        fit = [
+            Step(f"{name}_fit", run("fit"), (file(FIT_FILE),), (f"{name}/fit", f"{name}/fit.yaml"), (after,))
+        ]
     return [
+        *fit,
         Step(
             f"{name}_shards",
             run("shards"),
             (file("prep.yaml"), f"{file(phases[0][1])}:model"),  # not the training settings
             (f"{name}/shards", f"{name}/prep.yaml"),
-            after=(after,),
+            after=None if fit else (after,),
         ),
         *train,
         Step(

@@ -136,6 +136,8 @@ class DemoConfig:
 
 FAMILY_SETTINGS = ROOT / "configs" / "demo"  # <family>/: a family's demo settings (demo.family_steps)
 FAMILY_FILES = ("prep.yaml", "sample.yaml", "targets.yaml")
+FIT_FILE = "fit.yaml"  # optional: a frame codec fitted on the demo's videos first (demo.family_steps)
+FIT_KEYS = {"command": str, "model_key": str, "settings": dict}
 PHASE_FILE = re.compile(r"train_(\d+)_(\w+)\.yaml")
 
 
@@ -160,12 +162,29 @@ def family_phases(name: str) -> list[tuple[str, Path]]:
     return [(phase, path) for _, phase, path in numbered] or [("train", folder / "train.yaml")]
 
 
+def family_fit(name: str) -> dict | None:
+    """A family's fit.yaml ({command, model_key, settings}), or None without one; a bad one stops
+    in one line naming the file."""
+    path = family_folder(name) / FIT_FILE
+    if not path.is_file():
+        return None
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(spec, dict) or {k: type(spec.get(k)) for k in FIT_KEYS} != FIT_KEYS:
+        raise ConfigError(
+            f"{path}: needs command (a module run with python -m), model_key (the model field "
+            "taking the fitted folder, dotted) and settings (the command's config), got "
+            f"{sorted(spec) if isinstance(spec, dict) else spec!r}"
+        )
+    return spec
+
+
 def check_family_folder(name: str) -> None:
     """One line naming what a family's demo settings lack."""
     folder = family_folder(name)
     missing = [file for file in FAMILY_FILES if not (folder / file).is_file()]
     if missing:
         raise ConfigError(f"{folder}: missing {', '.join(missing)} (demo.family_steps lists what each holds)")
+    family_fit(name)
     for _, path in family_phases(name):
         model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model", {})
         if model.get("family") != name:

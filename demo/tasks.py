@@ -400,7 +400,7 @@ class Demo:
             evaluation=evaluation,
             targets=targets(evaluation),
             curves={stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in stages},
-            details={"training": training},
+            details={"training": training, "sampling": summary["results"]["sample"]},
         )
 
 

@@ -23,6 +23,7 @@ TINY = PRESETS["dsr-tiny"]().validate()
 PUBLISHED = PRESETS["cogview2-dsr"]().validate()
 GRIDS = {
     "4->12": TINY,
+    "5->10": TINY.replace(frame_size=20, frame_tokens=5, high_frame_tokens=10, max_position_embeddings=40),
     "20->60": TINY.replace(
         frame_size=160,
         frame_tokens=20,
@@ -127,11 +128,22 @@ def random_qkv(cfg, heads=2, d=4, seed=0):
     return high, low
 
 
-@pytest.mark.parametrize("grid", GRIDS)
-def test_local_attention_equals_the_dense_mask_reference(grid):
+@pytest.mark.parametrize(
+    "grid, tile_cells, chunk_rows",
+    [
+        *((grid, local.TILE_CELLS, local.CHUNK_ROWS) for grid in GRIDS),
+        ("4->12", 1, 1),
+        ("4->12", 2, 1),
+        ("4->12", 4, 1),
+        ("20->60", 4, 3),
+    ],
+)
+def test_local_attention_equals_the_dense_mask_reference(grid, tile_cells, chunk_rows):
+    """Any tiling and chunking (5 -> 10: the low-res side is no multiple of TILE_CELLS, one cell
+    per tile; 20 -> 60 in tiles of 4 x 4 cells, 3 tile rows a chunk: the last chunk is short)."""
     cfg = GRIDS[grid]
     (q, kh, vh), (kl, vl) = random_qkv(cfg)
-    ours = local.local_attention(q, kh, vh, kl, vl, local.Windows(cfg, q.device))
+    ours = local.local_attention(q, kh, vh, kl, vl, local.Windows(cfg, q.device, tile_cells, chunk_rows))
     expected = dense_reference(cfg, q, kh, vh, kl, vl)
     assert (ours - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
 
@@ -151,6 +163,17 @@ def test_a_window_one_row_short_each_side_is_caught(monkeypatch):
     assert (ours - expected).abs().max().item() > 1e-3
 
 
+def test_out_of_grid_cells_left_unmasked_are_caught(monkeypatch):
+    """The gathered keys of cells outside a grid are copies of edge cells: only the mask keeps
+    them out (planted: every gathered cell counted as inside its grid)."""
+    cfg = GRIDS["4->12"]
+    (q, kh, vh), (kl, vl) = random_qkv(cfg)
+    expected = dense_reference(cfg, q, kh, vh, kl, vl)
+    monkeypatch.setattr(local, "_inside", lambda rows, cols, size: torch.ones_like(rows, dtype=torch.bool))
+    ours = local.local_attention(q, kh, vh, kl, vl, local.Windows(cfg, q.device))
+    assert (ours - expected).abs().max().item() > 1e-3
+
+
 class LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -165,15 +188,22 @@ class LargestTensor(TorchDispatchMode):
 
 
 def test_local_attention_memory_grows_with_the_window_not_the_grid():
-    """At 20 x 20 -> 60 x 60 no tensor the local path makes holds more than the scores
-    (queries x window) or a query-sized temporary; the dense path's mask cells alone are
-    queries x all keys (57x the window)."""
+    """At 20 x 20 -> 60 x 60 no tensor the local path makes holds more than one chunk's scores
+    over its tiles' gathered keys (at most queries x tile_keys, a function of the windows and the
+    tile alone: the same at 4 -> 12) or the keys of both grids side by side; the dense path's mask
+    cells alone are queries x all keys (23x the tile's keys, 57x the window). The windows' mask,
+    built once per forward for every layer and the whole batch, is queries x tile_keys bools."""
     cfg = GRIDS["20->60"]
+    tiling = local.Windows(cfg, torch.device("cpu"))
+    assert tiling.tile_keys == local.Tiling(GRIDS["4->12"]).tile_keys < 3 * cfg.window_keys
     (q, kh, vh), (kl, vl) = random_qkv(cfg, heads=1, d=2)
     B, H, N, d = q.shape
+    assert tiling.hidden.numel() == N * tiling.tile_keys
     with LargestTensor() as seen:
-        local.local_attention(q, kh, vh, kl, vl, local.Windows(cfg, q.device))
-    assert seen.largest <= B * H * N * max(d, cfg.window_keys)
+        local.local_attention(q, kh, vh, kl, vl, tiling)
+    chunk_scores = tiling.chunk_tiles * tiling.tile_queries * tiling.tile_keys
+    assert chunk_scores <= N * tiling.tile_keys
+    assert seen.largest <= B * H * max((cfg.tokens_per_frame + N) * d, chunk_scores)
     with LargestTensor() as dense:
         dense_reference(cfg, q, kh, vh, kl, vl)
     assert dense.largest >= B * H * N * (cfg.tokens_per_frame + N)

@@ -9,6 +9,7 @@ from cogvideo.activations import STATS_BYTES
 from cogvideo.family_spec import PlannerModel
 from cogvideo.flops import MatmulFlops
 from cogvideo.models.dsr.config import DsrConfig
+from cogvideo.models.dsr.local_attention import Tiling
 from cogvideo.precision import torch_dtype
 
 
@@ -54,21 +55,19 @@ def layer_activation_bytes(cfg: DsrConfig, batch: int, tp: int = 1, dtype: str =
     e, s = torch_dtype(dtype).itemsize, STATS_BYTES
     C, N, L = cfg.high_start, cfg.high_tokens, cfg.seq_length
     h, f, heads = cfg.hidden_size, cfg.ffn_size / tp, cfg.num_heads / tp
-    ht, W = h / tp, cfg.window_keys
-    R, r = cfg.high_frame_tokens, cfg.frame_tokens
-    rows, cols, low_pad = cfg.high_window_rows // 2, cfg.high_window_cols // 2, cfg.low_window // 2
+    ht, tiling = h / tp, Tiling(cfg)
+    gathered, K = tiling.tiles * tiling.tile_keys, tiling.tile_keys  # tiles' keys; keys per query row
     total = 4 * L * h * e + 4 * 2 * L * s  # the four layer norms' inputs and statistics
     # input of the trainable high-res QKV: its rows of the first norm's output, a view of that
     # output for one sequence, a copy of the rows for more (the batch's slices are not contiguous)
     total += (L if batch == 1 else N) * h * e
     total += 3 * C * ht * e + C * ht * e + C * heads * s  # backbone attention: q, k, v, output, lse
     total += C * C * s  # its mask, as SDPA keeps it on the CPU (float, [B, 1, C, C])
-    total += N * ht * e  # scaled high-res queries
-    total += (
-        2 * (R + 2 * rows) * (R + 2 * cols) * ht * e + 2 * (r + 2 * low_pad) ** 2 * ht * e
-    )  # padded grids
-    total += N * heads * W * s + (N * heads * W * e if e != s else 0)  # probabilities (fp32, and cast)
-    total += N * W / batch  # the windows' in-grid mask (bool, shared by the batch)
+    # local attention (blocked): the scaled queries in tile order, each tile's gathered keys and
+    # values, the probabilities over them (fp32, and cast), the tiles' mask (bool, shared by the batch)
+    total += N * ht * e + 2 * gathered * ht * e
+    total += N * heads * K * s + (N * heads * K * e if e != s else 0)
+    total += N * K / batch
     total += N * ht * e  # input of the high-res output projection
     total += L * f * e  # GELU input
     if cfg.train_backbone:

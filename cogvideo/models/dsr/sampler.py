@@ -18,6 +18,7 @@ import torch
 from cogvideo.models.dsr.config import DsrConfig
 from cogvideo.models.dsr.layout import build_example
 from cogvideo.sampling.hierarchy import row_generator
+from cogvideo.sampling.models import load_eval_model
 from cogvideo.sampling.stage_model import gather_vocab
 
 log = logging.getLogger(__name__)
@@ -25,16 +26,17 @@ log = logging.getLogger(__name__)
 
 def load_model(path: str | Path, device: str, dtype: torch.dtype, tensor_parallel: int = 1):
     """A DSR checkpoint (ours) on `device` in `dtype`, in eval mode."""
-    from cogvideo import parallel
-    from cogvideo.checkpoint import load_model_config, load_model_state
-    from cogvideo.family import build_model
-
-    cfg = load_model_config(Path(path)).validate(tensor_parallel)
-    if not isinstance(cfg, DsrConfig):
-        raise ValueError(f"{path}: holds a {type(cfg).__name__} model, not a DSR (super-resolution) model")
-    model = build_model(cfg.replace(activation_checkpointing=False), device, init_weights=False)
-    model.load_state_dict(load_model_state(Path(path), parallel.tp_rank(), parallel.tp_size()))
-    return model.to(dtype=dtype).eval()
+    model, _ = load_eval_model(
+        path,
+        device,
+        tensor_parallel,
+        lambda cfg: (
+            None
+            if isinstance(cfg, DsrConfig)
+            else f"holds a {type(cfg).__name__} model, not a DSR (super-resolution) model"
+        ),
+    )
+    return model.to(dtype=dtype)
 
 
 class SuperResolution:
@@ -87,14 +89,16 @@ class SuperResolution:
         return out
 
     def sample(self, tokens: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """One forward, one parallel step: high-res codes [B, N] of DSR sequences [B, L]."""
+        """One forward, one parallel step: high-res codes [B, N] of DSR sequences [B, L]. The
+        strategy runs frame by frame (its temporaries are several copies of the logits: at the
+        published shape 0.3 GB a frame), each frame drawing from its own generator."""
         cfg = self.cfg
         logits = gather_vocab(self.model(tokens, image_only=True))[..., : cfg.vocab.num_image_tokens]
         N = cfg.high_tokens
 
-        def draw() -> torch.Tensor:  # each frame's N numbers from its own generator
-            return torch.cat([torch.rand(N, generator=g, dtype=torch.float64) for g in generators]).to(
-                tokens.device
-            )
+        def draw(g: torch.Generator) -> torch.Tensor:
+            return torch.rand(N, generator=g, dtype=torch.float64).to(tokens.device)
 
-        return self.strategy.sample(logits.flatten(0, 1), draw).view(len(tokens), N)
+        return torch.stack(
+            [self.strategy.sample(frame, lambda g=g: draw(g)) for frame, g in zip(logits, generators)]
+        )
