@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from typing import MutableMapping
 
@@ -25,8 +26,9 @@ DEFAULTS = {
 def apply_defaults(
     environ: MutableMapping[str, str] = os.environ, cuda: bool | None = None
 ) -> dict[str, str]:
-    """Set the defaults missing from `environ`, and DS_ACCELERATOR=cpu where there is no CUDA
-    device (DeepSpeed would otherwise look for one); returns what it set."""
+    """Set the defaults missing from `environ`, DS_ACCELERATOR=cpu where there is no CUDA device
+    (DeepSpeed would otherwise look for one) and the interpreter's own bin folder first on PATH;
+    returns what it set."""
     wanted = dict(DEFAULTS)
     if cuda is None:
         import torch
@@ -35,6 +37,12 @@ def apply_defaults(
     if not cuda:
         wanted["DS_ACCELERATOR"] = "cpu"
     added = {key: value for key, value in wanted.items() if key not in environ}
+    tools = os.path.dirname(sys.executable)
+    path = environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != tools:
+        # every process runs this environment's tools: DeepSpeed rebuilds its CPU communication op
+        # whenever a process finds another `ninja` than the last build's (the system's vs the venv's)
+        added["PATH"] = tools + (os.pathsep + path if path else "")
     environ.update(added)
     return added
 

@@ -17,7 +17,7 @@ def test_defaults_fill_only_what_is_missing_and_cpu_gets_deepspeeds_cpu_accelera
     assert env["TOKENIZERS_PARALLELISM"] == "true" and "TOKENIZERS_PARALLELISM" not in added
     assert env["DS_ACCELERATOR"] == "cpu" and env["RAY_USAGE_STATS_ENABLED"] == "0"
     assert env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] == "python"
-    assert set(added) == set(DEFAULTS) - {"TOKENIZERS_PARALLELISM"} | {"DS_ACCELERATOR"}
+    assert set(added) == set(DEFAULTS) - {"TOKENIZERS_PARALLELISM"} | {"DS_ACCELERATOR", "PATH"}
     gpu = {}
     apply_defaults(gpu, cuda=True)  # DeepSpeed finds CUDA itself
     assert "DS_ACCELERATOR" not in gpu and gpu["RAY_USAGE_STATS_ENABLED"] == "0"
@@ -43,6 +43,14 @@ def child_environment(tmp_path, apply_defaults_source: str = CHILD_SEES) -> dict
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_environments_own_tools_come_first_on_path():
+    """One `ninja` for every process (DeepSpeed rebuilds its op when it finds another)."""
+    tools = os.path.dirname(sys.executable)
+    env = {"PATH": os.pathsep.join(["/usr/bin", tools])}
+    assert apply_defaults(env, cuda=True)["PATH"] == os.pathsep.join([tools, "/usr/bin", tools])
+    assert "PATH" not in apply_defaults(env, cuda=True)  # already first: left as it is
 
 
 def test_defaults_reach_the_processes_a_tool_starts(tmp_path):
