@@ -1,7 +1,8 @@
 """One live run per output folder: the lock file a run holds while it writes there.
 
-The trainer holds `checkpoint.dir`/LOCK, data preparation its `--out`/LOCK; a second run on the
-same folder is refused in one line naming the holder, a lock left by a dead run is taken over.
+The trainer holds `checkpoint.dir`/LOCK, data preparation and sampling their `--out`/LOCK; a
+second run on the same folder is refused in one line naming the holder, a lock left by a dead
+run is taken over.
 """
 
 from __future__ import annotations

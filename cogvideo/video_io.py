@@ -1,6 +1,7 @@
 """Read and write videos as uint8 RGB arrays [T, H, W, 3] with PyAV: the one mp4 writer, the one
 list of video file suffixes, the one listing of input folders and the one rule for a file that is
-not a video (`open_video`), which data preparation, the image tokenizer fit and FVD share."""
+not a video (`open_video`) and the one square-frame filter (`square_graph`), which data
+preparation, the image tokenizer fit and FVD share."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -123,11 +124,12 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
 
 
 def square_frames(path: str | Path, frame_size: int, max_frames: int | None = None) -> np.ndarray:
-    """Frames of the file's first video stream as uint8 [T, S, S, 3], S = `frame_size`: the centred
-    square of the coded picture, area-resized by FFmpeg on the decoded planes and only then turned
-    into RGB, so that nothing at the source's size is held but the decoder's own frames (threads
-    split a frame's slices, not frames: one frame in flight per thread would be one source-sized
-    frame each). VideoFileError (a ValueError) names the file and the reason it cannot be read."""
+    """Frames of the file's first video stream as uint8 [T, S, S, 3], S = `frame_size`, filtered as
+    data preparation filters them (`square_graph`: the centred crop square on screen, area-resized
+    on the decoded planes and only then turned into RGB), so that nothing at the source's size is
+    held but the decoder's own frames (threads split a frame's slices, not frames: one frame in
+    flight per thread would be one source-sized frame each). VideoFileError (a ValueError) names
+    the file and the reason it cannot be read."""
     frames: list[np.ndarray] = []
     with open_video(path) as container:
         if not container.streams.video:
@@ -135,10 +137,12 @@ def square_frames(path: str | Path, frame_size: int, max_frames: int | None = No
         stream = container.streams.video[0]
         stream.codec_context.thread_type = "SLICE"
         try:
-            graph = _square_graph(stream, frame_size)
+            sar = Fraction(stream.sample_aspect_ratio or 1)
+            crop = square_crop(stream.codec_context.width, stream.codec_context.height, sar)
+            graph = square_graph(stream, crop, frame_size)
             for frame in container.decode(stream):
                 graph.vpush(frame)
-                frames += [f.to_ndarray() for f in _pulled(graph)]
+                frames += [f.to_ndarray() for f in pulled(graph)]
                 if max_frames is not None and len(frames) >= max_frames:
                     break
         except av.FFmpegError as err:
@@ -150,12 +154,25 @@ def square_frames(path: str | Path, frame_size: int, max_frames: int | None = No
     return np.stack(frames[:max_frames])
 
 
-def _square_graph(stream: av.video.stream.VideoStream, frame_size: int) -> av.filter.Graph:
+def square_crop(width: int, height: int, sar: Fraction) -> tuple[int, int]:
+    """The centred crop (coded pixels) that is square on screen when pixels are `sar` wide."""
+    side = min(width * sar, height)
+    return min(width, round(side / sar)), min(height, round(side))
+
+
+def square_graph(
+    stream: av.video.stream.VideoStream, crop: tuple[int, int], frame_size: int, deinterlace: bool = False
+) -> av.filter.Graph:
+    """The FFmpeg filters every square frame of the project goes through, one C pass per frame:
+    deinterlace (`deinterlace`: only frames flagged interlaced change, one frame out per frame in),
+    the centred `crop` (width, height) on the decoded YUV planes, area-average resize to
+    `frame_size`, RGB following the frames' colour range and matrix."""
     graph = av.filter.Graph()
-    side = min(stream.codec_context.width, stream.codec_context.height)
-    chain = [
-        graph.add_buffer(template=stream),
-        graph.add("crop", f"{side}:{side}"),
+    chain = [graph.add_buffer(template=stream)]
+    if deinterlace:
+        chain.append(graph.add("yadif", "mode=send_frame:parity=auto:deint=interlaced"))
+    chain += [
+        graph.add("crop", f"{crop[0]}:{crop[1]}"),
         graph.add("scale", f"{frame_size}:{frame_size}:flags=area"),
         graph.add("format", "rgb24"),
         graph.add("buffersink"),
@@ -166,7 +183,8 @@ def _square_graph(stream: av.video.stream.VideoStream, frame_size: int) -> av.fi
     return graph
 
 
-def _pulled(graph: av.filter.Graph):
+def pulled(graph: av.filter.Graph) -> Iterator[av.VideoFrame]:
+    """The frames the graph has ready (after a `vpush`, or all that remain after `vpush(None)`)."""
     while True:
         try:
             yield graph.vpull()

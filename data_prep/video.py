@@ -17,7 +17,7 @@ from typing import Iterator
 import av
 import numpy as np
 
-from cogvideo.video_io import VideoFileError, open_video
+from cogvideo.video_io import VideoFileError, open_video, pulled, square_crop, square_graph
 from data_prep.config import PrepConfig
 from data_prep.inputs import Rejected
 from data_prep.rates import TIME_TOL
@@ -235,52 +235,17 @@ def probe(path: str, cfg: PrepConfig) -> VideoInfo:
     )
 
 
-def _square_on_screen(info: VideoInfo) -> tuple[int, int]:
-    """The centred crop (coded pixels) that is square on screen: pixels are `sar` wide."""
-    side = min(info.width * info.sar, info.height)
-    return min(info.width, round(side / info.sar)), min(info.height, round(side))
-
-
-def _filters(stream: av.video.stream.VideoStream, info: VideoInfo, frame_size: int) -> av.filter.Graph:
-    """FFmpeg filters: deinterlace (if interlaced), centre square crop (on the decoded YUV planes),
-    area-average resize to `frame_size`, RGB following the frames' colour range and matrix;
-    one C pass per frame. Rotation is applied to the small result."""
-    graph = av.filter.Graph()
-    width, height = _square_on_screen(info)
-    chain = [graph.add_buffer(template=stream)]
-    if info.interlaced:  # only frames flagged interlaced are changed; one frame out per frame in
-        chain.append(graph.add("yadif", "mode=send_frame:parity=auto:deint=interlaced"))
-    chain += [
-        graph.add("crop", f"{width}:{height}"),
-        graph.add("scale", f"{frame_size}:{frame_size}:flags=area"),
-        graph.add("format", "rgb24"),
-        graph.add("buffersink"),
-    ]
-    for source, target in zip(chain, chain[1:]):
-        source.link_to(target)
-    graph.configure()
-    return graph
-
-
-def _pulled(graph: av.filter.Graph) -> Iterator[av.VideoFrame]:
-    while True:
-        try:
-            yield graph.vpull()
-        except (av.BlockingIOError, av.EOFError):
-            return
-
-
 def _shown(
     container: av.container.InputContainer, info: VideoInfo, frame_size: int
 ) -> Iterator[av.VideoFrame]:
     """The video's frames through the filters, in presentation order."""
     stream = container.streams[info.stream]
-    graph = _filters(stream, info, frame_size)
+    graph = square_graph(stream, square_crop(info.width, info.height, info.sar), frame_size, info.interlaced)
     for frame in container.decode(stream):
         graph.vpush(frame)
-        yield from _pulled(graph)
+        yield from pulled(graph)
     graph.vpush(None)
-    yield from _pulled(graph)
+    yield from pulled(graph)
 
 
 def in_display_time(frames: Iterator[av.VideoFrame]) -> Iterator[tuple[av.VideoFrame, float | None]]:

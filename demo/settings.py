@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from cogvideo.configio import ConfigError
 
@@ -45,6 +48,8 @@ class TrainSettings:
     backbone: list[str] = field(default_factory=list)  # dotted overrides of configs/demo/train_backbone.yaml
     stage1: list[str] = field(default_factory=list)
     stage2: list[str] = field(default_factory=list)
+    # another family's dotted overrides of its configs/demo/<family>/train.yaml, by family name
+    families: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +58,7 @@ class SampleSettings:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # one video per held-out prompt per seed
     seen_prompts: int = 12  # trained combinations sampled too (first seed only), for comparison
     options: list[str] = field(default_factory=list)  # dotted overrides of configs/demo/sample.yaml
+    families: dict[str, list[str]] = field(default_factory=dict)  # of configs/demo/<family>/sample.yaml
 
 
 @dataclass
@@ -70,6 +76,11 @@ class DemoConfig:
     # its ops are small, and more threads than free cores make them many times slower on a busy machine
     threads: int = 1
     preset: str = "small"  # stage-1 preset; its frame size and codebook set the data and tokenizers
+    # the model families trained and reported, in the report's order: the preset's family (the
+    # hierarchy of backbone, stage 1 and stage 2 above) and any family with a folder
+    # configs/demo/<family>/ (prep.yaml, train.yaml, sample.yaml, targets.yaml: demo.family_steps);
+    # empty: the preset's family alone
+    families: list[str] = field(default_factory=list)
     videos: VideoSettings = field(default_factory=VideoSettings)
     tokenizers: TokenizerSettings = field(default_factory=TokenizerSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -81,6 +92,25 @@ class DemoConfig:
             self.synthetic(self.out)
         except ConfigError as err:
             raise ConfigError(f"videos.{err}") from None
+        for name in self.families:
+            if name == self.main_family:
+                continue
+            if not family_folder(name).is_dir():
+                raise ConfigError(
+                    f"families: {name!r} is neither the preset's family ({self.main_family}) nor a "
+                    f"family with demo settings in {family_folder(name)}/"
+                )
+            check_family_folder(name)
+
+    @property
+    def main_family(self) -> str:
+        """The family of `preset` (its backbone / stage 1 / stage 2 steps)."""
+        from cogvideo.family import family_of
+
+        return family_of(self.model()).name
+
+    def trained_families(self) -> list[str]:
+        return list(dict.fromkeys(self.families)) or [self.main_family]
 
     def model(self, stage: str = "stage1"):
         from cogvideo.config import get_preset
@@ -102,3 +132,62 @@ class DemoConfig:
             holdout=list(v.holdout),
             speed_px_per_s=list(v.speed_px_per_s),
         )
+
+
+FAMILY_SETTINGS = ROOT / "configs" / "demo"  # <family>/: a family's demo settings (demo.family_steps)
+FAMILY_FILES = ("prep.yaml", "sample.yaml", "targets.yaml")
+FIT_FILE = "fit.yaml"  # optional: a frame codec fitted on the demo's videos first (demo.family_steps)
+FIT_KEYS = {"command": str, "model_key": str, "settings": dict}
+PHASE_FILE = re.compile(r"train_(\d+)_(\w+)\.yaml")
+
+
+def family_folder(name: str) -> Path:
+    """The demo settings of a family trained by `demo.family_steps`."""
+    return FAMILY_SETTINGS / name
+
+
+def family_phases(name: str) -> list[tuple[str, Path]]:
+    """A family's training phases in order, (phase, its cogvideo-train config): train.yaml alone
+    ("train"), or train_<n>_<phase>.yaml by n."""
+    folder = family_folder(name)
+    numbered = sorted(
+        (int(m[1]), m[2], path)
+        for path in folder.glob("train_*.yaml")
+        if (m := PHASE_FILE.fullmatch(path.name))
+    )
+    if (folder / "train.yaml").is_file() == bool(numbered):
+        raise ConfigError(
+            f"{folder}: needs train.yaml, or train_1_<phase>.yaml, train_2_<phase>.yaml, ... (not both)"
+        )
+    return [(phase, path) for _, phase, path in numbered] or [("train", folder / "train.yaml")]
+
+
+def family_fit(name: str) -> dict | None:
+    """A family's fit.yaml ({command, model_key, settings}), or None without one; a bad one stops
+    in one line naming the file."""
+    path = family_folder(name) / FIT_FILE
+    if not path.is_file():
+        return None
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(spec, dict) or {k: type(spec.get(k)) for k in FIT_KEYS} != FIT_KEYS:
+        raise ConfigError(
+            f"{path}: needs command (a module run with python -m), model_key (the model field "
+            "taking the fitted folder, dotted) and settings (the command's config), got "
+            f"{sorted(spec) if isinstance(spec, dict) else spec!r}"
+        )
+    return spec
+
+
+def check_family_folder(name: str) -> None:
+    """One line naming what a family's demo settings lack."""
+    folder = family_folder(name)
+    missing = [file for file in FAMILY_FILES if not (folder / file).is_file()]
+    if missing:
+        raise ConfigError(f"{folder}: missing {', '.join(missing)} (demo.family_steps lists what each holds)")
+    family_fit(name)
+    for _, path in family_phases(name):
+        model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model", {})
+        if model.get("family") != name:
+            raise ConfigError(
+                f"{path}: model.family must be {name!r} (the folder's name), got {model.get('family')!r}"
+            )

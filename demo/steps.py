@@ -1,6 +1,8 @@
 """A resumable sequence of steps: each records its settings' fingerprint and results under
 `<out>/steps/<name>.json`; a rerun skips finished steps, and a step whose settings changed reruns
-together with every step after it (used by `make demo`)."""
+together with every step that builds on it (used by `make demo`). A step builds on the step
+before it, or on the steps it names in `after` (so each model family's steps build on the shared
+data steps, not on another family's)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Step:
     ]  # called with the runner's context; returns what to record (figures, paths) or None
     uses: tuple[str, ...]  # config sections it depends on (besides every earlier step)
     outputs: tuple[str, ...]  # paths under out/ it owns: removed when its settings changed
+    after: tuple[str, ...] | None = None  # the steps it builds on; None: the step before it
 
 
 def fingerprint(previous: str, settings: dict) -> str:
@@ -41,10 +44,16 @@ class Runner:
 
     def __init__(self, out: Path, steps: list[Step], settings: dict, log: Callable[[str], None] = print):
         self.out, self.steps, self.log = out, steps, log
-        self.fingerprints, previous = {}, ""
-        for step in steps:
-            previous = fingerprint(previous, {key: settings[key] for key in step.uses})
-            self.fingerprints[step.name] = previous
+        self.fingerprints: dict[str, str] = {}
+        self.builds_on: dict[str, tuple[str, ...]] = {}
+        for index, step in enumerate(steps):
+            before = step.after if step.after is not None else tuple(s.name for s in steps[index - 1 : index])
+            unknown = [name for name in before if name not in self.fingerprints]
+            if unknown:
+                raise ValueError(f"step {step.name!r} builds on {unknown}, which are not earlier steps")
+            self.builds_on[step.name] = before
+            previous = "".join(self.fingerprints[name] for name in before)
+            self.fingerprints[step.name] = fingerprint(previous, {key: settings[key] for key in step.uses})
 
     def marker(self, name: str) -> Path:
         return self.out / "steps" / f"{name}.json"
@@ -74,11 +83,14 @@ class Runner:
         for name in (redo, until):
             if name is not None and name not in names:
                 raise ConfigError(f"unknown step {name!r}; steps: {names}")
-        start, stale = time.perf_counter(), False
+        start, rerun = time.perf_counter(), set()
         for index, step in enumerate(self.steps, 1):
             record, wanted = self.record(step.name), self.fingerprints[step.name]
-            stale = stale or step.name == redo or (record is not None and record["fingerprint"] != wanted)
-            if stale:
+            if (
+                step.name == redo
+                or rerun.intersection(self.builds_on[step.name])
+                or (record is not None and record["fingerprint"] != wanted)
+            ):
                 self.clear(step)
                 record = None
             banner = f"[{index}/{len(self.steps)}] {step.name}"
@@ -87,6 +99,7 @@ class Runner:
                 if step.name == until:
                     break
                 continue
+            rerun.add(step.name)  # what builds on it runs again too
             resumed = " (resuming)" if record is not None else ""
             self.log(f"==== {banner}{resumed} -- elapsed {elapsed(time.perf_counter() - start)} ====")
             self._write(step.name, {"fingerprint": wanted, "status": "running"})

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -205,6 +206,12 @@ class Demo:
                 f"data.uncond_prefix={cfg.train.uncond_prefix}",
             ]
         overrides += getattr(cfg.train, stage)
+        return self.train_model(ROOT / "configs" / "demo" / f"train_{stage}.yaml", overrides, run, model_dir)
+
+    def train_model(self, config: Path, overrides: list[str], run: Path, model_dir: Path) -> dict:
+        """cogvideo-train on the demo's DP CPU ranks (resumes an interrupted run), then its last
+        checkpoint converted into our format in `model_dir`; the run's training summary."""
+        cfg = self.cfg
         self.command(
             [
                 sys.executable,
@@ -215,7 +222,7 @@ class Demo:
                 "-m",
                 "pretrain.train",
                 "--config",
-                str(ROOT / "configs" / "demo" / f"train_{stage}.yaml"),
+                str(config),
                 *overrides,
             ],
             threads=cfg.train.threads_per_rank,
@@ -257,39 +264,49 @@ class Demo:
         ]
 
     def sample(self) -> dict:
+        from cogvideo.sampling.options import SampleOptions
+        from cogvideo.sampling.pipeline import VideoPipeline
+
+        def options(duration: float, seed: int):
+            return load_config(
+                SampleOptions,
+                ROOT / "configs" / "demo" / "sample.yaml",
+                [
+                    f"frame0_checkpoint={self.path('models', 'backbone')}",
+                    f"stage1_checkpoint={self.path('models', 'stage1')}",
+                    f"stage2_checkpoint={self.path('models', 'stage2')}",
+                    f"text_tokenizer={self.text_model}",
+                    f"image_tokenizer={self.image_model}",
+                    f"duration={duration}",
+                    f"seed={seed}",
+                    *self.cfg.sample.options,
+                ],
+            )
+
+        return self.sample_prompts(self.path("samples"), options, VideoPipeline.load)
+
+    def sample_prompts(self, folder: Path, options: Callable[[float, int], object], load) -> dict:
+        """The demo's prompts (held-out at every seed, seen at the first) at every duration, with
+        `options(duration, seed)` and the pipeline `load(options)` builds, in the sampling job;
+        the sampled videos' rows in `folder`/videos.jsonl."""
         import functools
 
         from cogvideo.sampling.job import run_job
-        from cogvideo.sampling.options import SampleOptions
-        from cogvideo.sampling.pipeline import VideoPipeline
         from cogvideo.sampling.prompts import Prompt
 
         cfg, prompts, videos, seconds = self.cfg, self.prompts(), [], 0.0
         for duration in cfg.sample.durations:
             for n, seed in enumerate(cfg.sample.seeds):
                 todo = [p for p in prompts if p["heldout"] or n == 0]
-                out = self.path("samples", f"d{duration:g}_seed{seed}")
-                options = load_config(
-                    SampleOptions,
-                    ROOT / "configs" / "demo" / "sample.yaml",
-                    [
-                        f"frame0_checkpoint={self.path('models', 'backbone')}",
-                        f"stage1_checkpoint={self.path('models', 'stage1')}",
-                        f"stage2_checkpoint={self.path('models', 'stage2')}",
-                        f"text_tokenizer={self.text_model}",
-                        f"image_tokenizer={self.image_model}",
-                        f"duration={duration}",
-                        f"seed={seed}",
-                        *cfg.sample.options,
-                    ],
-                )
+                out = folder / f"d{duration:g}_seed{seed}"
+                chosen = options(duration, seed)
                 print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
                 started = time.perf_counter()
                 manifest = run_job(
                     [Prompt(p["key"], p["prompt"]) for p in todo],
                     out,
-                    options,
-                    functools.partial(VideoPipeline.load, options),
+                    chosen,
+                    functools.partial(load, chosen),
                 )
                 seconds += time.perf_counter() - started
                 for p, entry in zip(todo, manifest["entries"]):
@@ -305,7 +322,7 @@ class Demo:
                             "dir": str(out / entry["key"]),
                         }
                     )
-        write_jsonl(self.path("samples", "videos.jsonl"), videos, "w")
+        write_jsonl(folder / "videos.jsonl", videos, "w")
         return {"videos": len(videos), "seconds_per_video": round(seconds / len(videos), 3)}
 
     # ---- evaluation and report ----------------------------------------------------------------
@@ -338,41 +355,53 @@ class Demo:
         }
 
     def report(self) -> dict:
-        from cogvideo.family import family_of
-        from demo.evaluation import targets
-        from demo.report import FamilyResult, write_report
+        from demo.family_steps import FamilySteps
+        from demo.report import write_report
 
         summary = self.runner.summary()
-        evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
         results = summary["results"]
-        prep = results["shards"]["prep"]
+        families = [
+            self.hierarchy_result(summary)
+            if name == self.cfg.main_family
+            else FamilySteps(self, name).result(summary)
+            for name in self.cfg.trained_families()
+        ]
+        data = {**results["videos"], "tokenizers": results["tokenizers"]}
+        if "shards" in results:
+            prep = results["shards"]["prep"]
+            data |= {
+                "samples_by_stage_fps": prep["samples_by_stage_fps"],
+                "shards": prep["shards"],
+                "frame0_samples": results["shards"]["frame0_samples"],
+            }
+        run = {
+            "data": data,
+            "seed": self.cfg.seed,
+            "step_seconds": summary["step_seconds"],
+            "total_seconds": round(sum(summary["step_seconds"].values()), 1),
+            "machine": machine(summary["load_average_5min"]),
+        }
+        return {"index": str(write_report(self.path("report"), families, run))}
+
+    def hierarchy_result(self, summary: dict):
+        """The preset's family's column of the report: its three trained models, sampled together."""
+        from demo.evaluation import targets
+        from demo.report import FamilyResult
+
+        evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
         stages = ("backbone", "stage1", "stage2")
-        training = {stage: results[stage] for stage in stages}
+        training = {stage: summary["results"][stage] for stage in stages}
         precisions = sorted({t["precision"] for t in training.values()})
-        family = family_of(self.cfg.model()).name
-        result = FamilyResult(
+        family = self.cfg.main_family
+        return FamilyResult(
             name=family,
             title=f"{family} ({self.cfg.preset} preset, {'/'.join(precisions)}, seed {self.cfg.seed})",
             videos=read_jsonl(self.path("eval", "videos.jsonl")),
             evaluation=evaluation,
             targets=targets(evaluation),
             curves={stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in stages},
-            details={"training": training},
+            details={"training": training, "sampling": summary["results"]["sample"]},
         )
-        run = {
-            "data": {
-                **results["videos"],
-                "tokenizers": results["tokenizers"],
-                "samples_by_stage_fps": prep["samples_by_stage_fps"],
-                "shards": prep["shards"],
-                "frame0_samples": results["shards"]["frame0_samples"],
-            },
-            "seed": self.cfg.seed,
-            "step_seconds": summary["step_seconds"],
-            "total_seconds": round(sum(summary["step_seconds"].values()), 1),
-            "machine": machine(summary["load_average_5min"]),
-        }
-        return {"index": str(write_report(self.path("report"), [result], run))}
 
 
 def machine(load_average: dict) -> dict:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import deepspeed  # noqa: E402
 import local_attention_shim  # noqa: E402
-from sat_reference import randomise  # noqa: E402
+from sat_reference import randomise, sat_args  # noqa: E402
 from SwissArmyTransformer import mpu  # noqa: E402
 from SwissArmyTransformer.model.official.cuda2d_model import Cuda2dModel  # noqa: E402
 from SwissArmyTransformer.training.model_io import save_checkpoint  # noqa: E402
@@ -49,33 +49,13 @@ def release_model_class(source: str):
 
 
 def dsr_args(spec: dict, save: Path) -> argparse.Namespace:
-    """What BaseModel, the DSR mixins (as DirectSuperResolution sets them) and save_checkpoint read."""
+    """sat_args plus what the DSR mixins read, as DirectSuperResolution sets them."""
     T, n, N = spec["text_length"], spec["low_side"] ** 2, spec["high_side"] ** 2
-    return argparse.Namespace(
-        num_layers=spec["num_layers"],
-        hidden_size=spec["hidden_size"],
-        num_attention_heads=spec["num_heads"],
-        vocab_size=spec["vocab_size"],
-        max_sequence_length=spec["max_sequence_length"],
-        new_sequence_length=spec["max_sequence_length"] + N,
-        layout=[T, T + n, T + n + N],
-        kernel_size=5,
-        kernel_size2=5,
-        hidden_dropout=0.1,
-        attention_dropout=0.1,
-        inner_hidden_size=None,
-        hidden_size_per_attention_head=None,
-        checkpoint_activations=False,
-        checkpoint_num_layers=1,
-        layernorm_order="sandwich",
-        skip_init=False,
-        use_gpu_initialization=False,
-        deepspeed=True,
-        save=str(save),
-        no_save_rng=False,
-        tokenizer_type="icetk",
-        model_parallel_size=1,
-    )
+    args = sat_args(spec, save)
+    args.new_sequence_length = spec["max_sequence_length"] + N
+    args.layout = [T, T + n, T + n + N]
+    args.kernel_size = args.kernel_size2 = 5
+    return args
 
 
 def release_inputs(spec: dict, text: list[int], low: list[int]):

@@ -9,6 +9,7 @@ import pytest
 
 from cluster import plan
 from cogvideo.configio import ConfigError, describe_fields
+from cogvideo.models.glober import vae_fit
 from cogvideo.sampling import cli as sample_cli
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.tokenizers import patch_fit, text
@@ -26,6 +27,7 @@ COMMANDS = {  # console script: (main, its dataclass, a field and its default as
     "cogvideo-train": (train.main, TrainConfig, "optim.lr = 0.0002"),
     "cogvideo-train-text-tokenizer": (text.main, text.TextTokenizerConfig, "character_coverage = 1.0"),
     "cogvideo-fit-image-tokenizer": (patch_fit.main, patch_fit.FitImageTokenizerConfig, "codebook_size = 0"),
+    "cogvideo-fit-vae": (vae_fit.main, vae_fit.FitVAEConfig, "kl_weight = 1e-06"),
     "python -m demo": (driver.main, driver.DemoConfig, 'preset = "small"'),
     "cogvideo-plan": (plan.main, TrainConfig, "parallel.tensor_parallel = 1"),
 }

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cogvideo.config import get_preset
 from cogvideo.shards import ClipMeta, encode_sample
+from cogvideo.video_io import square_frames
 from data_prep import reshard
 from data_prep.config import PrepConfig
 from data_prep.inputs import Rejected
@@ -212,7 +213,7 @@ def test_broken_timestamps_are_rejected_with_the_numbers(tmp_path):
         probe(repeated, PrepConfig())
 
 
-def test_anamorphic_pixels_are_cropped_square_on_screen(tmp_path):
+def test_anamorphic_pixels_are_cropped_square_on_screen_in_prep_and_in_the_tokenizer_fit(tmp_path):
     screen = gradient(48, 96)  # what a player shows: 96 x 48
     coded = np.asarray(Image.fromarray(screen).resize((48, 48), Image.BOX))  # stored 48 x 48, pixels 2:1
     path = write(
@@ -225,6 +226,8 @@ def test_anamorphic_pixels_are_cropped_square_on_screen(tmp_path):
     expected = viewed(screen, 16)
     assert np.abs(clip.frames.astype(int) - expected).max() <= 10
     assert np.abs(viewed(coded, 16) - expected).max() > 60  # the squashed whole frame is not what is shown
+    # the image tokenizer's fit reads what prep tokenizes: the same filters, the same bytes
+    np.testing.assert_array_equal(square_frames(path, 16), clip.frames)
 
 
 def yuv_frame(y, u, v, colour_range, colorspace, size=16):

@@ -104,7 +104,9 @@ def test_sampling_writes_every_output_and_resumes(ws, monkeypatch):
     assert (out / "contact_sheet.png").is_file() and len(manifest["entries"]) == len(PROMPTS)
     for entry in manifest["entries"]:
         assert entry["status"] == "ok" and entry["frames"] == 5
-        assert {"video.mp4", "video.gif"} <= {p.name for p in (out / entry["key"]).iterdir()}
+        assert {"video.mp4", "video.gif", "pixels.npy"} <= {p.name for p in (out / entry["key"]).iterdir()}
+        pixels = np.load(out / entry["key"] / "pixels.npy", allow_pickle=False)  # the exact frames
+        assert pixels.dtype == np.uint8 and pixels.shape == (5, 16, 16, 3)
     called = []
     monkeypatch.setattr(GloberPipeline, "sample", lambda self, prompts: called.append(prompts) or [])
     sample(ws, "local")  # every prompt recorded ok: nothing is sampled again
@@ -124,7 +126,7 @@ def test_a_video_is_the_samplers_for_its_caption_and_seeded_noise(ws):
     )
     pipeline = GloberPipeline.load(opts)
     prompt = read_prompts(ws["prompts"]).prompts[1]
-    ((_, video),) = pipeline.sample([prompt])
+    ((_, video, arrays),) = pipeline.sample([prompt])
     cfg, tokenizer = pipeline.cfg, pipeline.tokenizer
     g = pipeline._generator(prompt)
     noise = torch.randn(1, *cfg.global_shape, generator=g)
@@ -135,7 +137,7 @@ def test_a_video_is_the_samplers_for_its_caption_and_seeded_noise(ws):
     v = sampler.global_features(text, uncond, noise)
     expected = sampler.pixels(sampler.frames(v, frame_indices(5), frame_noise))[0]
     expected = ((expected + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(video, expected)
+    assert np.array_equal(video, expected) and np.array_equal(arrays["pixels"], video)
     assert not np.array_equal(video[0], video[-1])  # the frames differ by their index
 
 

@@ -23,6 +23,7 @@ from tolerances import loss_rel_tol
 from cogvideo.checkpoint import Checkpoint, reshard
 from cogvideo.checkpoint.cli import main as convert_main
 from cogvideo.family import resolve_model_section
+from cogvideo.jsonl import read_jsonl
 from cogvideo.models.hpdm.model import TP_PLAN
 from cogvideo.shards import ClipMeta, encode_sample
 from pretrain.launch import free_port
@@ -114,45 +115,52 @@ def run(ws, name: str, nproc: int = 1, *extra: str, script: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ws):
-    proc, path = run(ws, "plain")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return path
-
-
-def test_training_runs_and_resumes_exactly_after_kill_9(ws, uninterrupted):
-    reference = losses(uninterrupted)
-    assert sorted(reference) == list(range(1, STEPS + 1)) and all(np.isfinite(list(reference.values())))
-    script = write_kill_in_save_script(ws["root"] / "kill.py", step=4)
+def resumed(ws):
+    """One run killed in its last save (step STEPS's checkpoint written, not marked complete: all
+    its losses and that checkpoint's weights are an uninterrupted run's), then resumed by the same
+    command from the checkpoint before. Returns the run folder, the first attempt's losses and
+    last weights, and the resumed run's output."""
+    script = write_kill_in_save_script(ws["root"] / "kill.py", step=STEPS)
     killed, path = run(ws, "resumed", 1, "--resume", "auto", script=str(script))
-    assert killed.returncode != 0 and (path / "latest").read_text() == "step00000002"
+    assert killed.returncode != 0 and (path / "latest").read_text() == f"step{STEPS - 2:08d}"
+    first = losses(path)
+    exported = path / f"step{STEPS:08d}/model_full.pt"
+    weights = torch.load(exported, weights_only=True)
+    exported.unlink()  # the resumed run must write its own
     finished, _ = run(ws, "resumed", 1, "--resume", "auto")
     assert finished.returncode == 0, finished.stderr[-4000:]
-    assert "resumed from" in finished.stdout + finished.stderr
-    resumed = losses(path)
-    assert [resumed[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
-    a = torch.load(uninterrupted / f"step{STEPS:08d}/model_full.pt", weights_only=True)
-    b = torch.load(path / f"step{STEPS:08d}/model_full.pt", weights_only=True)
-    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    return {"path": path, "losses": first, "weights": weights, "output": finished.stdout + finished.stderr}
 
 
-def test_tp2_trains_as_tp1(ws, uninterrupted):
+def test_training_runs_and_resumes_exactly_after_kill_9(resumed):
+    reference = resumed["losses"]
+    assert sorted(reference) == list(range(1, STEPS + 1)) and all(np.isfinite(list(reference.values())))
+    assert "resumed from" in resumed["output"]
+    # resuming from step STEPS - 2 drops the first attempt's later rows: the last two are the resumed run's
+    rows = read_jsonl(resumed["path"] / "logs/metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == sorted(reference.items())
+    last = torch.load(resumed["path"] / f"step{STEPS:08d}/model_full.pt", weights_only=True)
+    a = resumed["weights"]
+    assert set(a) == set(last) and all(torch.equal(a[n], last[n]) for n in a)
+
+
+def test_tp2_trains_as_tp1(ws, resumed):
     proc, path = run(ws, "tp2", 2, "parallel.tensor_parallel=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    one, two = losses(uninterrupted), losses(path)
+    one, two = resumed["losses"], losses(path)
     for step in range(1, STEPS + 1):  # Adam moves both runs alike; rounding grows a little per step
         assert abs(two[step] / one[step] - 1) < step * loss_rel_tol(2), (step, one[step], two[step])
 
 
-def test_the_deepspeed_checkpoint_converts_and_reshards_by_hpdms_plan(ws, uninterrupted, tmp_path):
+def test_the_deepspeed_checkpoint_converts_and_reshards_by_hpdms_plan(ws, resumed, tmp_path):
     out = tmp_path / "converted"
-    convert_main(["zero", str(uninterrupted), str(out)])
+    convert_main(["zero", str(resumed["path"]), str(out)])
     record = json.loads((out / "config.json").read_text())["model"]
     assert record["family"] == "hpdm" and record["condition"] == "text"
     cfg = resolve_model_section(
         {"family": "hpdm", "preset": "hpdm-demo"} | {k: v for k, v in record.items() if k != "family"}
     )
-    full = torch.load(uninterrupted / f"step{STEPS:08d}/model_full.pt", weights_only=True)
+    full = torch.load(resumed["path"] / f"step{STEPS:08d}/model_full.pt", weights_only=True)
     tp2 = Checkpoint(reshard(out, tmp_path / "tp2", 2))
     assert tp2.cfg == cfg
     for rank in range(2):

@@ -173,16 +173,21 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("sees_the_size", [True, False])
-def test_a_shard_cut_while_read_is_counted_and_named(tmp_path, caplog, monkeypatch, sees_the_size):
+@pytest.mark.parametrize("inside_a_sample", [False, True])
+def test_a_shard_cut_while_read_is_counted_and_named(
+    tmp_path, caplog, monkeypatch, sees_the_size, inside_a_sample
+):
     """Cut on a member boundary under a running loader, a shard ends like a whole one to a tar
     reader: the loader tells them apart by the shard's size. Blinded to the size (planted), the
     rest of the shard is lost without a word, as it was; either way the next epoch finds the
-    shard bad when it opens it."""
+    shard bad when it opens it. Cut inside a sample's array, the tar reader fails by itself."""
     import os
     import tarfile
 
     (path,) = write_shards(tmp_path, num_shards=1, per_shard=40, stage2_every=0)
-    cut = tarfile.open(path).getmembers()[3 * 30].offset  # sample 30's first header: 0..29 stay
+    members = tarfile.open(path).getmembers()  # 3 per sample: caption, frames, meta
+    # sample 30's first header, or 100 bytes into its frames: samples 0..29 stay either way
+    cut = members[3 * 30 + 1].offset_data + 100 if inside_a_sample else members[3 * 30].offset
     whole = os.path.getsize(path)
     if not sees_the_size:
         first_seen = {}
@@ -198,7 +203,10 @@ def test_a_shard_cut_while_read_is_counted_and_named(tmp_path, caplog, monkeypat
                 os.truncate(path, cut)
     assert seen == [f"s0_{i}" for i in range(30)]
     named = [r.getMessage() for r in caplog.records if path in r.getMessage()]
-    if sees_the_size:
+    if inside_a_sample:
+        assert loader.position.bad_shards == 2 and len(named) == 2
+        assert "unexpected end of data" in named[0] and "truncated" in named[1]
+    elif sees_the_size:
         assert loader.position.bad_shards == 2 and len(named) == 2
         assert f"cut from {whole} to {cut} bytes while it was read" in named[0] and "truncated" in named[1]
     else:

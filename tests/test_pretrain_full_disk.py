@@ -1,5 +1,6 @@
-"""A full disk during a save, on a real small filesystem (a tmpfs mounted by the test; skipped
-where it cannot mount one): the run warns before starting, stops in one line naming the directory,
+"""A full disk during a save, on a real small filesystem (a tmpfs mounted by the test; where it
+cannot mount one, a folder whose checkpoint writes fail with ENOSPC past the same size:
+tests/simulated_disk.py): the run warns before starting, stops in one line naming the directory,
 the bytes a checkpoint takes and the bytes free, leaves the previous checkpoint whole and no
 partial one, and resumes from it once space is freed. Two ranks: a write that fails on one rank
 must not leave the others waiting in a barrier."""
@@ -7,13 +8,16 @@ must not leave the others waiting in a barrier."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from simulated_disk import BYTES_VAR, DISK_VAR, used_bytes
 from test_pretrain_dist import ROOT
 from test_pretrain_dist import ws as ws  # noqa: F401  (the shards, tokenizer and initial weights)
 from test_pretrain_signals import command
@@ -21,21 +25,39 @@ from test_pretrain_signals import command
 from cogvideo.checkpoint.training import read_complete, tag_for, verify_tag
 
 
+@dataclass
+class SmallDisk:
+    path: Path
+    simulated: int | None = None  # the capacity of a simulated one (tests/simulated_disk.py)
+    env: dict = field(default_factory=dict)  # what the trainer's processes need to see a simulated one
+
+    def free(self) -> int:
+        if self.simulated is None:
+            return shutil.disk_usage(self.path).free
+        return self.simulated - used_bytes(self.path)
+
+
 @contextmanager
-def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+def small_filesystem(path: Path, size: int, simulated_in: Path) -> Iterator[SmallDisk]:
+    """A tmpfs of `size` bytes mounted at `path`; where none can be mounted, the folder `path`
+    simulated as one of that size (tests/simulated_disk.py, as sitecustomize in `simulated_in`)."""
     path.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
     )
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+        simulated_in.mkdir()
+        shutil.copy(Path(__file__).with_name("simulated_disk.py"), simulated_in / "sitecustomize.py")
+        env = {"PYTHONPATH": f"{simulated_in}{os.pathsep}{ROOT}", DISK_VAR: str(path), BYTES_VAR: str(size)}
+        yield SmallDisk(path, size, env)
+        return
     try:
-        yield path
+        yield SmallDisk(path)
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def train(ws, run: Path, logs: Path, steps: int) -> subprocess.CompletedProcess:
+def train(ws, disk: SmallDisk, run: Path, logs: Path, steps: int) -> subprocess.CompletedProcess:
     # the logs elsewhere: only checkpoints fill the small filesystem
     extra = (
         f"training.max_steps={steps}",
@@ -44,21 +66,21 @@ def train(ws, run: Path, logs: Path, steps: int) -> subprocess.CompletedProcess:
         f"logging.dir={logs}",
     )
     cmd, env = command("nproc-per-node", ws, run, *extra)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env={**env, **disk.env}, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_a_full_disk_stops_in_one_line_and_the_previous_checkpoint_resumes(ws, tmp_path):
     logs = tmp_path / "logs"
-    with small_filesystem(tmp_path / "small", "16m") as small:
-        run = small / "run"
-        first = train(ws, run, logs, 2)
+    with small_filesystem(tmp_path / "small", 16 * 2**20, tmp_path / "simulated") as disk:
+        run = disk.path / "run"
+        first = train(ws, disk, run, logs, 2)
         assert first.returncode == 0, first.stderr[-4000:]
         size = sum(e["bytes"] for e in read_complete(run / tag_for(2))["files"].values())
-        ballast = small / "ballast"
-        ballast.write_bytes(b"\0" * (shutil.disk_usage(small).free - size // 2))  # room for half a checkpoint
+        ballast = disk.path / "ballast"
+        ballast.write_bytes(b"\0" * (disk.free() - size // 2))  # room for half a checkpoint
 
-        full = train(ws, run, logs, 4)
+        full = train(ws, disk, run, logs, 4)
         assert full.returncode == 4 and "Traceback" not in full.stderr, full.stderr[-4000:]
         assert f"checkpoint.dir {run}: " in full.stderr and "less than one checkpoint (about" in full.stderr
         lines = [line for line in full.stderr.splitlines() if line.startswith("cogvideo-train:")]
@@ -77,7 +99,7 @@ def test_a_full_disk_stops_in_one_line_and_the_previous_checkpoint_resumes(ws, t
         assert (run / "latest").read_text() == tag_for(2) and not (run / "LOCK").exists()
 
         ballast.unlink()
-        resumed = train(ws, run, logs, 4)
+        resumed = train(ws, disk, run, logs, 4)
         assert resumed.returncode == 0, resumed.stderr[-4000:]
         assert f"resumed from {run / tag_for(2)} at step 2" in resumed.stderr
         assert (run / "latest").read_text() == tag_for(4) and verify_tag(run / tag_for(4)) == []

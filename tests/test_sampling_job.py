@@ -1,17 +1,21 @@
 """The batch job (local and Ray) with a fake pipeline, prompt files, outputs, bad input."""
 
 import json
+import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from process_helpers import sleeping_process, write_lock
 
 from cogvideo.config import get_preset
 from cogvideo.configio import to_dict
 from cogvideo.raystart import start_ray
+from cogvideo.runlock import LockHeld
 from cogvideo.sampling import cli
 from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.job import run_job
@@ -108,6 +112,54 @@ def test_local_job_records_failures_and_resumes(tmp_path):
     assert not log.exists()
     with pytest.raises(ValueError, match="other options .*seed"):
         run_job(prompts, out, SampleOptions(seed=6), lambda: FakePipeline(options, log))
+
+
+class BlockedPipeline(FakePipeline):
+    """Holds its first batch until `go` is set (the job is running while a second one starts)."""
+
+    def __init__(self, options, log_path, started, go):
+        super().__init__(options, log_path)
+        self.started, self.go = started, go
+
+    def sample(self, prompts):
+        self.started.set()
+        assert self.go.wait(60)
+        return super().sample(prompts)
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_a_second_job_on_a_running_jobs_out_is_refused_and_nothing_is_sampled_twice(
+    tmp_path, monkeypatch, locked
+):
+    """Two jobs on one --out (the second started while the first samples): the second is refused
+    in one line naming the holder, the first ends whole and releases the lock. Without the lock
+    (planted) the second samples every prompt the first is sampling, and the first then again."""
+    if not locked:
+        monkeypatch.setattr("cogvideo.sampling.job.RunLock.acquire", lambda self: None)
+    prompts = write_prompts(tmp_path)
+    out, log = tmp_path / "out", tmp_path / "sampled.log"
+    options = SampleOptions(batch_size=2, seed=5)
+    started, go, ended = threading.Event(), threading.Event(), []
+    first = threading.Thread(
+        target=lambda: ended.append(
+            run_job(prompts, out, options, lambda: BlockedPipeline(options, log, started, go))
+        )
+    )
+    first.start()
+    try:
+        assert started.wait(60)
+        if locked:
+            with pytest.raises(LockHeld, match=rf"^--out {out}: a live run holds it .*pid {os.getpid()},"):
+                run_job(prompts, out, options, lambda: FakePipeline(options, log))
+        else:
+            run_job(prompts, out, options, lambda: FakePipeline(options, log))
+    finally:
+        go.set()
+        first.join(60)
+    assert ended[0] == check_outputs(out, prompts, options)  # the first job ended whole
+    sampled = log.read_text().split()
+    assert (sorted(sampled) == sorted(prompts[i].key for i in (0, 3, 4))) == locked
+    assert not (out / "LOCK").exists()
 
 
 @pytest.mark.slow
@@ -244,6 +296,24 @@ def test_cli_prints_each_failure_and_fails_when_any_prompt_failed(tmp_path, caps
         == 0
     )
     assert "1 of 1 prompts sampled, 0 failed\n" in capsys.readouterr().out
+
+
+def test_cli_on_an_out_a_live_job_holds_is_one_line_and_a_stale_lock_is_taken_over(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
+    (tmp_path / "cat.txt").write_text("a cat plays\n")
+    argv = ["--prompts", str(tmp_path / "cat.txt"), "--out", str(tmp_path / "o"), *_fake_files(tmp_path)]
+    with sleeping_process(60) as pid:
+        write_lock(tmp_path / "o", pid=pid, slurm_job_id=None)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"cogvideo-sample: --out {tmp_path / 'o'}: a live run holds it"
+        )
+        assert f"pid {pid}," in err[0] and not (tmp_path / "log").exists()
+    assert cli.main(argv) == 0  # the holder is gone: its lock is taken over, then released
+    assert (tmp_path / "log").read_text().split() and not (tmp_path / "o" / "LOCK").exists()
 
 
 def test_contact_sheet_enlarges_frames_wraps_labels_and_draws_cjk(tmp_path, caplog):

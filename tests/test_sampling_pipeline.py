@@ -128,7 +128,9 @@ def test_sample_command_end_to_end(assets, tmp_path):
             ]
         )
     )
-    assert cli.main(_args(assets, prompts, tmp_path / "a")) == 0  # one prompt failed, the others sampled
+    assert (
+        cli.main(_args(assets, prompts, tmp_path / "a")) == 1
+    )  # one prompt failed (exit 1), the others sampled
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert (manifest["ok"], manifest["failed"]) == (2, 1)
     assert "text budget" in manifest["entries"][2]["error"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from cogvideo.configio import to_dict
+from cogvideo.runlock import RunLock
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.outputs import write_contact_sheet, write_json, write_video_entry
 from cogvideo.sampling.prompts import Prompt
@@ -214,8 +215,21 @@ def run_job(
     use_ray: bool = False,
     address: str | None = None,
 ) -> dict | None:
-    """Sample every prompt not already done; returns the manifest (None on ranks other than 0)."""
+    """Sample every prompt not already done; returns the manifest (None on ranks other than 0).
+    One job at a time per `out` (its LOCK, held by rank 0 or the Ray driver; LockHeld when a live
+    job holds it)."""
     out = Path(out)
+    lock = RunLock(out, key="--out") if _is_main_process() else None
+    if lock is not None and (took_over := lock.acquire()) is not None:
+        log.warning(took_over)
+    try:
+        return _sample(prompts, out, options, make_pipeline, use_ray, address)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample(prompts, out: Path, options: SampleOptions, make_pipeline, use_ray: bool, address) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     _check_options(out, options)
     todo = [p for p in prompts if (read_record(out, p.key) or {}).get("status") != "ok"]

@@ -1,7 +1,8 @@
 """What a sampled video leaves on disk: mp4 (PyAV), gif, a contact-sheet row, the codes.
 
 Per prompt, in `out/<key>/`: video.mp4, video.gif, codes.npy (image codes [T, h, w]; after
-super-resolution the high-res ones, the low-res in codes_low.npy), sheet_row.png; the job adds record.json (written last: the entry is complete) and, in `out/`,
+super-resolution the high-res ones, the low-res in codes_low.npy; a pixel model's exact
+frames in pixels.npy instead), sheet_row.png; the job adds record.json (written last: the entry is complete) and, in `out/`,
 manifest.json, options.json and contact_sheet.png.
 """
 
@@ -144,8 +145,9 @@ def write_video_entry(
     entry: Path, codes: np.ndarray | None, frames: np.ndarray, fps: float, extra_codes: dict | None = None
 ) -> dict:
     """Everything but record.json for one prompt; returns the files written. `codes`: a token
-    model's image codes (None for a pixel-space model); `extra_codes`: more code arrays by name
-    (e.g. "codes_low", the frames before super-resolution), as NAME.npy."""
+    model's image codes (None for a pixel-space model); `extra_codes`: more arrays by name
+    (e.g. "codes_low", the frames before super-resolution; "pixels", a pixel model's exact
+    frames), as NAME.npy."""
     entry.mkdir(parents=True, exist_ok=True)
     arrays = ({} if codes is None else {"codes": codes}) | (extra_codes or {})
     for name, array in arrays.items():

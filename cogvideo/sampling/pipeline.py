@@ -4,16 +4,15 @@ turns a batch of prompts into decoded videos."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cogvideo.config import ModelConfig
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from cogvideo.sampling.clusters import load_cluster_table
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
+from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.prompts import Prompt, TextEncoder
 from cogvideo.sampling.stage_model import StageModel
@@ -39,33 +38,30 @@ def sampling_precision(options: SampleOptions) -> PrecisionChoice:
     from cogvideo.checkpoint import load_model_config
 
     cfg = load_model_config(Path(options.stage1_checkpoint))
-    device = f"cuda:{torch.cuda.current_device()}" if options.device == "cuda" else options.device
+    device = sampling_device(options.device)
     shape = probe_shape(2 * options.batch_size, cfg.hidden_size, cfg.ffn_size // options.tensor_parallel)
     return choose_precision(options.dtype, device, shape)
 
 
 def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: torch.dtype) -> StageModel:
-    from cogvideo import parallel
-    from cogvideo.checkpoint import load_model_config, load_model_state, load_text_format
-    from cogvideo.family import build_model
+    from cogvideo.checkpoint import load_text_format
 
-    cfg: ModelConfig = load_model_config(path).validate(options.tensor_parallel)
-    if cfg.stage != expected_stage:
-        raise ValueError(f"{path}: holds a {cfg.stage} model, expected {expected_stage}")
-    device = options.device
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
-    model = build_model(cfg.replace(activation_checkpointing=False), device, init_weights=False)
-    model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
-    return StageModel(model.to(dtype=dtype).eval(), cfg, load_text_format(path))
+    model, cfg = load_eval_model(
+        path,
+        sampling_device(options.device),
+        options.tensor_parallel,
+        lambda cfg: (
+            None if cfg.stage == expected_stage else f"holds a {cfg.stage} model, expected {expected_stage}"
+        ),
+    )
+    return StageModel(model.to(dtype=dtype), cfg, load_text_format(path))
 
 
 def _super_resolution(options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype):
     """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model."""
     from cogvideo.models.dsr.sampler import SuperResolution, load_model
 
-    device = f"cuda:{torch.cuda.current_device()}" if options.device == "cuda" else options.device
-    model = load_model(options.sr_checkpoint, device, dtype, options.tensor_parallel)
+    model = load_model(options.sr_checkpoint, sampling_device(options.device), dtype, options.tensor_parallel)
     for key in ("vocab", "frame_tokens"):
         if getattr(model.cfg, key) != getattr(stage1.cfg, key):
             raise ValueError(
@@ -112,13 +108,11 @@ class VideoPipeline:
     def load(cls, options: SampleOptions) -> "VideoPipeline":
         """Checkpoints and tokenizers from the paths in `options`. Under torchrun the processes
         join the same parallel state as training: TP ranks share a model, DP groups split prompts."""
-        from cogvideo import parallel
         from cogvideo.tokenizers.loading import load_image_tokenizer
         from cogvideo.tokenizers.text import TextTokenizer
 
         check_options(options)
-        if options.tensor_parallel > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            parallel.init_distributed(options.tensor_parallel)  # DP ranks then split the prompts
+        join_parallel(options.tensor_parallel)
         precision = sampling_precision(options)
         log.info(precision.describe())
         if precision.warning:

@@ -18,6 +18,7 @@ import torch
 from cogvideo.models.dsr.config import DsrConfig
 from cogvideo.models.dsr.layout import build_example
 from cogvideo.sampling.hierarchy import row_generator
+from cogvideo.sampling.models import load_eval_model
 from cogvideo.sampling.stage_model import gather_vocab
 
 log = logging.getLogger(__name__)
@@ -25,16 +26,17 @@ log = logging.getLogger(__name__)
 
 def load_model(path: str | Path, device: str, dtype: torch.dtype, tensor_parallel: int = 1):
     """A DSR checkpoint (ours) on `device` in `dtype`, in eval mode."""
-    from cogvideo import parallel
-    from cogvideo.checkpoint import load_model_config, load_model_state
-    from cogvideo.family import build_model
-
-    cfg = load_model_config(Path(path)).validate(tensor_parallel)
-    if not isinstance(cfg, DsrConfig):
-        raise ValueError(f"{path}: holds a {type(cfg).__name__} model, not a DSR (super-resolution) model")
-    model = build_model(cfg.replace(activation_checkpointing=False), device, init_weights=False)
-    model.load_state_dict(load_model_state(Path(path), parallel.tp_rank(), parallel.tp_size()))
-    return model.to(dtype=dtype).eval()
+    model, _ = load_eval_model(
+        path,
+        device,
+        tensor_parallel,
+        lambda cfg: (
+            None
+            if isinstance(cfg, DsrConfig)
+            else f"holds a {type(cfg).__name__} model, not a DSR (super-resolution) model"
+        ),
+    )
+    return model.to(dtype=dtype)
 
 
 class SuperResolution:

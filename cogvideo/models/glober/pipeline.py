@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from cogvideo.models.glober.batch import padded_text
 from cogvideo.models.glober.sampler import GloberSampler, GloberSampling, frame_indices
 from cogvideo.precision import Precision
+from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
 from cogvideo.sampling.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -89,28 +89,27 @@ class GloberPipeline:
 
     @classmethod
     def load(cls, options: GloberSampleOptions) -> "GloberPipeline":
-        from cogvideo import parallel
-        from cogvideo.checkpoint import load_model_config, load_model_state, load_text_format
-        from cogvideo.family import build_model
+        from cogvideo.checkpoint import load_text_format
         from cogvideo.precision import choose_precision, probe_shape
         from cogvideo.tokenizers.text import TextTokenizer
 
-        if options.tensor_parallel > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            parallel.init_distributed(options.tensor_parallel)
-        path = Path(options.checkpoint)
-        cfg = load_model_config(path).validate(options.tensor_parallel)
-        if type(cfg).__name__ != "GloberConfig" or cfg.phase != "generator":
-            raise ValueError(
-                f"{path}: holds {cfg.name}, not a GLOBER phase-generator model (cogvideo-sample --family)"
-            )
-        device = f"cuda:{torch.cuda.current_device()}" if options.device == "cuda" else options.device
-        model = build_model(cfg.replace(activation_checkpointing=False), device, init_weights=False)
-        model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
+        join_parallel(options.tensor_parallel)
+        path, device = Path(options.checkpoint), sampling_device(options.device)
+        model, cfg = load_eval_model(
+            path,
+            device,
+            options.tensor_parallel,
+            lambda cfg: (
+                None
+                if type(cfg).__name__ == "GloberConfig" and cfg.phase == "generator"
+                else f"holds {cfg.name}, not a GLOBER phase-generator model (cogvideo-sample --family)"
+            ),
+        )
         precision = choose_precision(
             options.dtype, device, probe_shape(2 * cfg.seq_length, cfg.hidden_size, cfg.ffn_size)
         )
         log.info(precision.describe())
-        model = model.to(dtype=precision.dtype).eval()
+        model = model.to(dtype=precision.dtype)
         return cls(options, model, load_text_format(path), TextTokenizer(options.text_tokenizer, cfg.vocab))
 
     def _text(self, text: str) -> torch.Tensor:
@@ -130,8 +129,9 @@ class GloberPipeline:
         digest = hashlib.sha256(f"{self.options.seed}/{prompt.key}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
 
-    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray]]:
-        """(no codes, uint8 frames [F, H, W, 3]) per prompt."""
+    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray, dict]]:
+        """(no codes, uint8 frames [F, H, W, 3], {"pixels": the same frames, kept losslessly as
+        pixels.npy beside the mp4 / gif}) per prompt."""
         out = []
         param = next(self.model.parameters())
         for prompt in prompts:
@@ -146,7 +146,8 @@ class GloberPipeline:
             )
             video = self.sampler.pixels(latents)[0]
             frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            out.append((None, frames.permute(0, 2, 3, 1).cpu().numpy()))
+            pixels = frames.permute(0, 2, 3, 1).cpu().numpy()
+            out.append((None, pixels, {"pixels": pixels}))
         return out
 
     def fps(self) -> float:

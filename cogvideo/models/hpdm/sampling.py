@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cogvideo.diffusion.edm import Churn
 from cogvideo.models.hpdm import pyramid
 from cogvideo.models.hpdm.sampler import PyramidOptions, PyramidSampler
 from cogvideo.precision import Precision
+from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
 from cogvideo.sampling.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -95,24 +95,25 @@ class HPDMPipeline:
 
     @classmethod
     def load(cls, options: HPDMSampleOptions) -> "HPDMPipeline":
-        from cogvideo import parallel
-        from cogvideo.checkpoint import load_model_config, load_model_state, load_text_format
-        from cogvideo.family import build_model
+        from cogvideo.checkpoint import load_text_format
         from cogvideo.precision import choose_precision, probe_shape
 
-        if options.tensor_parallel > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            parallel.init_distributed(options.tensor_parallel)
-        path = Path(options.checkpoint)
-        cfg = load_model_config(path).validate(options.tensor_parallel)
-        if type(cfg).__name__ != "HPDMConfig":
-            raise ValueError(f"{path}: holds a {cfg.name} model, not HPDM (cogvideo-sample --family)")
-        device = f"cuda:{torch.cuda.current_device()}" if options.device == "cuda" else options.device
+        join_parallel(options.tensor_parallel)
+        path, device = Path(options.checkpoint), sampling_device(options.device)
+        model, cfg = load_eval_model(
+            path,
+            device,
+            options.tensor_parallel,
+            lambda cfg: (
+                None
+                if type(cfg).__name__ == "HPDMConfig"
+                else f"holds a {cfg.name} model, not HPDM (cogvideo-sample --family)"
+            ),
+        )
         precision = choose_precision(
             options.dtype, device, probe_shape(cfg.tokens_per_patch, cfg.hidden_size, cfg.ffn_size)
         )
         log.info(precision.describe())
-        model = build_model(cfg.replace(activation_checkpointing=False), device, init_weights=False)
-        model.load_state_dict(load_model_state(path, parallel.tp_rank(), parallel.tp_size()))
         tokenizer = None
         if cfg.condition == "text":
             from cogvideo.tokenizers.text import TextTokenizer
@@ -120,7 +121,7 @@ class HPDMPipeline:
             if not options.text_tokenizer:
                 raise ValueError(f"text_tokenizer: required, {path} is conditioned on captions")
             tokenizer = TextTokenizer(options.text_tokenizer, cfg.vocab)
-        model = model.to(dtype=precision.dtype).eval()
+        model = model.to(dtype=precision.dtype)
         return cls(options, model, cfg, load_text_format(path), tokenizer)
 
     def _text_ids(self, prompt: Prompt) -> list[int]:
@@ -150,8 +151,9 @@ class HPDMPipeline:
         digest = hashlib.sha256(f"{self.options.seed}/{prompt.key}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
 
-    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray]]:
-        """(no codes, uint8 frames [T, H, W, 3]) per prompt."""
+    def sample(self, prompts: list[Prompt]) -> list[tuple[None, np.ndarray, dict]]:
+        """(no codes, uint8 frames [T, H, W, 3], the same frames as an array to keep: pixels.npy)
+        per prompt: a pixel model's exact output (the mp4 and gif are lossy)."""
         from cogvideo.models.hpdm.loss import null_condition
 
         out = []
@@ -162,8 +164,16 @@ class HPDMPipeline:
             cond, null = self.condition(prompt)[None], null_condition(self.cfg)[None]
             video = sampler.sample(cond, null, self._generator(prompt), output=self.size)[0]
             frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            out.append((None, frames.permute(1, 2, 3, 0).cpu().numpy()))
+            frames = frames.permute(1, 2, 3, 0).cpu().numpy()
+            out.append((None, frames, {"pixels": frames}))
         return out
+
+    def seam_contrast(self, frames: np.ndarray) -> tuple[float, float]:
+        """How visible this sampler's finest tiles are in a video's frames [T, H, W, 3]: the mean
+        difference between neighbouring pixels across tile borders and inside tiles."""
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2).double()
+        overlap = (self.options.temporal_overlap, self.options.overlap)
+        return pyramid.seam_contrast(self.cfg, video, overlap)
 
     def _progress(self, prompt: Prompt):
         def report(level: int, step: int, steps: int) -> None:

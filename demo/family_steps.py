@@ -1,0 +1,291 @@
+"""The demo's steps for a model family trained beside the preset's hierarchy (the demo's
+`families` setting), on the same videos, text tokenizer, prompts, evaluation and report. This is
+the one way a family joins the demo: a folder of settings, no code. `configs/demo/<family>/`:
+
+    prep.yaml       cogvideo-prep's config (stages, rates); its model section is the first
+                    training phase's (the family's encoder writes the family's shard kind)
+    train.yaml      cogvideo-train's config, model.family and model.preset included; or, for a
+                    family trained in phases, train_1_<phase>.yaml, train_2_<phase>.yaml, ...: each
+                    phase after the first starts from the one before's model (init.backbone)
+    sample.yaml     the family's cogvideo-sample options (`--family <family> --help` lists them)
+    targets.yaml    its goals on the held-out prompts (keys of demo.evaluation.GOALS)
+    fit.yaml        optional, for a model that needs a frame codec fitted on the demo's videos
+                    (GLOBER's KL-VAE): command (a module run with python -m, taking frames=DIR
+                    and out=FOLDER), model_key (the dotted model field that takes the folder) and
+                    settings (the command's config)
+
+Steps, named `<family>_<step>`, everything under `<out>/<family>/`:
+
+    fit             with fit.yaml: its command on the demo's synthetic videos (fit/); prep and
+                    every training phase get model.<model_key>=<out>/<family>/fit
+    shards          cogvideo-prep of the demo's videos (the image tokenizer too for token shards)
+    train[_<phase>] cogvideo-train on the demo's CPU ranks (runs/<phase>), then cogvideo-convert
+                    zero (models/<phase>)
+    sample          the demo's prompts (held-out and seen, every duration and seed) with the
+                    family's sampling pipeline (ModelFamily.sampler); the options it has of
+                    checkpoint (the last phase's model), text_tokenizer, image_tokenizer, duration
+                    and seed are set by the demo
+    evaluate        the demo's evaluation of the videos (a pixel model's pixels.npy, or codes.npy
+                    decoded by the demo's image tokenizer) and, where the pipeline has
+                    seam_contrast(frames), its tiles' seams; the family's targets
+
+Nothing here names a family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from cogvideo.configio import ConfigError, load_config, merge
+from cogvideo.jsonl import read_jsonl, write_jsonl
+from demo.settings import FIT_FILE, ROOT, family_fit, family_folder, family_phases
+from demo.steps import Step
+from demo.tasks import TRAINING_SEED, Demo
+
+
+class FamilySteps:
+    """What each step of family `name` does, on the demo's paths and commands (`demo.tasks.Demo`)."""
+
+    def __init__(self, demo: Demo, name: str):
+        self.demo, self.name, self.settings = demo, name, family_folder(name)
+        self.phases = family_phases(name)
+
+    def path(self, *parts: str):
+        return self.demo.path(self.name, *parts)
+
+    def config(self, file: str) -> dict:
+        return yaml.safe_load((self.settings / file).read_text(encoding="utf-8")) or {}
+
+    @property
+    def model_section(self) -> dict:
+        """The first phase's model section, with the fitted codec's folder (fit.yaml) where it has one."""
+        fitted: dict = {}
+        if spec := family_fit(self.name):
+            *parents, leaf = spec["model_key"].split(".")
+            fitted = {leaf: str(self.path("fit"))}
+            for parent in reversed(parents):
+                fitted = {parent: fitted}
+        return merge(self.config(self.phases[0][1].name).get("model", {}), fitted)
+
+    def fit(self) -> dict:
+        """The frame codec the family's model needs (fit.yaml: `python -m <command>` with its
+        settings), fitted on the demo's synthetic videos into <family>/fit; the command's
+        summary.json where it writes one."""
+        spec, cfg = family_fit(self.name), self.demo.cfg
+        config = self.path("fit.yaml")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(spec["settings"]))
+        self.demo.command(
+            [
+                sys.executable,
+                "-m",
+                spec["command"],
+                "--config",
+                str(config),
+                f"frames={self.demo.path('videos', 'synthetic')}",
+                f"out={self.path('fit')}",
+            ],
+            threads=cfg.train.ranks * cfg.train.threads_per_rank,  # the cores training would use
+        )
+        summary = self.path("fit", "summary.json")
+        return json.loads(summary.read_text()) if summary.is_file() else {"folder": str(self.path("fit"))}
+
+    def pipeline_class(self):
+        from cogvideo.sampling.cli import family_pipeline
+
+        return family_pipeline(self.name)
+
+    def shards(self) -> dict:
+        from cogvideo.family import get_family
+
+        videos, demo = self.demo.path("videos"), self.demo
+        inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
+        config = self.path("prep.yaml")  # prep.yaml with the model section the family trains
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump({**self.config("prep.yaml"), "model": self.model_section}))
+        tokenizer = get_family(self.name).shard_kind == "tokens"
+        demo.command(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.pipeline",
+                *sum((["--input", str(p)] for p in inputs), []),
+                "--captions",
+                str(videos / "captions.jsonl"),
+                "--out",
+                str(self.path("shards")),
+                "--config",
+                str(config),
+                *([f"tokenizer={demo.image_model}"] if tokenizer else []),
+                f"num_cpus={os.cpu_count() or 1}",
+            ]
+        )
+        summary = json.loads((self.path("shards") / "summary.json").read_text())
+        return {"prep": summary}
+
+    def model(self, phase: str):
+        return self.path("models", phase)
+
+    def train(self, phase: str) -> dict:
+        from data_prep.output import SHARD_DIR
+
+        cfg = self.demo.cfg
+        names = [name for name, _ in self.phases]
+        index = names.index(phase)
+        overrides = [
+            f"data.shards=['{self.path('shards', SHARD_DIR)}/*.tar']",
+            f"data.text_tokenizer={self.demo.text_model}",
+            f"checkpoint.dir={self.path('runs', phase)}",
+            f"training.seed={TRAINING_SEED + cfg.seed}",
+            *([f"init.backbone={self.model(names[index - 1])}"] if index else []),
+            *([f"model.{spec['model_key']}={self.path('fit')}"] if (spec := family_fit(self.name)) else []),
+            *cfg.train.families.get(self.name, []),
+        ]
+        config = self.phases[index][1]
+        return self.demo.train_model(config, overrides, self.path("runs", phase), self.model(phase))
+
+    def sample_options(self, duration: float, seed: int):
+        options = self.pipeline_class().options_class
+        given = {
+            "checkpoint": self.model(self.phases[-1][0]),
+            "text_tokenizer": self.demo.text_model,
+            "image_tokenizer": self.demo.image_model,
+            "duration": duration,
+            "seed": seed,
+        }
+        known = {f.name for f in dataclasses.fields(options)}
+        overrides = [f"{key}={value}" for key, value in given.items() if key in known]
+        overrides += self.demo.cfg.sample.families.get(self.name, [])
+        return load_config(options, self.settings / "sample.yaml", overrides)
+
+    def sample(self) -> dict:
+        return self.demo.sample_prompts(self.path("samples"), self.sample_options, self.pipeline_class().load)
+
+    def evaluate(self) -> dict:
+        import torch
+
+        from demo.evaluation import evaluate_samples, targets
+
+        cfg = self.demo.cfg
+        videos = read_jsonl(self.path("samples", "videos.jsonl"))
+        pipeline = self.pipeline_class().load(
+            self.sample_options(cfg.sample.durations[0], cfg.sample.seeds[0])
+        )
+        tokenizer = None
+        if (Path(videos[0]["dir"]) / "codes.npy").is_file():  # a token model's videos
+            from cogvideo.tokenizers import load_image_tokenizer
+
+            tokenizer = load_image_tokenizer(self.demo.image_model)
+        torch.set_num_threads(cfg.eval.threads)
+        summary = evaluate_samples(
+            videos,
+            tokenizer,
+            cfg.model().frame_size,
+            float(np.mean(cfg.videos.speed_px_per_s)),
+            cfg.seed,
+            cfg.sample.seeds[0],
+            references=self.path("eval", "references"),
+            seams=getattr(pipeline, "seam_contrast", None),
+        )
+        torch.set_num_threads(cfg.threads)
+        write_jsonl(self.path("eval", "videos.jsonl"), videos, "w")
+        self.path("eval", "evaluation.json").write_text(json.dumps(summary, indent=2))
+        return {"targets": targets(summary, self.config("targets.yaml")), "fvd": summary["fvd"]["value"]}
+
+    def result(self, summary: dict):
+        """The family's column of the report (demo.report.FamilyResult)."""
+        from demo.report import FamilyResult
+
+        results = summary["results"]
+        training = {phase: results[step_name(self.name, phase, self.phases)] for phase, _ in self.phases}
+        precisions = sorted({t["precision"] for t in training.values()})
+        preset = self.model_section.get("preset", "")
+        return FamilyResult(
+            name=self.name,
+            title=f"{self.name} ({preset} preset, {'/'.join(precisions)}, seed {self.demo.cfg.seed})",
+            videos=read_jsonl(self.path("eval", "videos.jsonl")),
+            evaluation=json.loads(self.path("eval", "evaluation.json").read_text()),
+            targets=results[f"{self.name}_evaluate"]["targets"],
+            curves={phase: self.path("runs", phase, "logs", "metrics.jsonl") for phase, _ in self.phases},
+            details={
+                "training": training,
+                "prep": results[f"{self.name}_shards"]["prep"],
+                "sampling": results[f"{self.name}_sample"],
+                **({"fit": results[f"{self.name}_fit"]} if f"{self.name}_fit" in results else {}),
+            },
+        )
+
+
+def step_name(family: str, phase: str, phases: list) -> str:
+    return f"{family}_train" if len(phases) == 1 else f"{family}_train_{phase}"
+
+
+def check_targets(name: str) -> None:
+    """A family's targets.yaml names known goals with numbers, else one line naming the file."""
+    from demo.evaluation import GOALS
+
+    path = family_folder(name) / "targets.yaml"
+    goals = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = sorted(set(goals) - set(GOALS)) if isinstance(goals, dict) else ["(not a mapping)"]
+    if unknown or not all(isinstance(v, (int, float)) for v in goals.values()):
+        raise ConfigError(f"{path}: goals must be numbers keyed by {list(GOALS)}; got {unknown or goals}")
+
+
+def family_steps(name: str, after: str) -> list[Step]:
+    """The steps of family `name`, the first building on the demo's step `after` (its videos and
+    tokenizers), each on the one before."""
+    check_targets(name)
+    folder, phases = family_folder(name), family_phases(name)
+
+    def run(method: str, *args):
+        return lambda demo: getattr(FamilySteps(demo, name), method)(*args)
+
+    def file(path) -> str:  # a settings file, named from the checkout's root where it lies there
+        path = folder / path
+        return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+    train = [
+        Step(
+            step_name(name, phase, phases),
+            run("train", phase),
+            (file(config), "train.ranks", "train.threads_per_rank", f"train.families.{name}"),
+            (f"{name}/runs/{phase}", f"{name}/models/{phase}"),
+        )
+        for phase, config in phases
+    ]
+    fit = []
+    if family_fit(name):  # the shards are written with what it fits: they build on it
+        fit = [
+            Step(f"{name}_fit", run("fit"), (file(FIT_FILE),), (f"{name}/fit", f"{name}/fit.yaml"), (after,))
+        ]
+    return [
+        *fit,
+        Step(
+            f"{name}_shards",
+            run("shards"),
+            (file("prep.yaml"), f"{file(phases[0][1])}:model"),  # not the training settings
+            (f"{name}/shards", f"{name}/prep.yaml"),
+            after=None if fit else (after,),
+        ),
+        *train,
+        Step(
+            f"{name}_sample",
+            run("sample"),
+            (
+                "sample.durations",
+                "sample.seeds",
+                "sample.seen_prompts",
+                file("sample.yaml"),
+                f"sample.families.{name}",
+            ),
+            (f"{name}/samples",),
+        ),
+        Step(f"{name}_evaluate", run("evaluate"), ("eval", file("targets.yaml")), (f"{name}/eval",)),
+    ]
