@@ -128,6 +128,14 @@ def random_qkv(cfg, heads=2, d=4, seed=0):
     return high, low
 
 
+@functools.cache
+def qkv_and_reference(grid: str):
+    """Random float64 queries, keys and values at `grid` and the dense reference's context."""
+    cfg = GRIDS[grid]
+    (q, kh, vh), (kl, vl) = random_qkv(cfg)
+    return (q, kh, vh), (kl, vl), dense_reference(cfg, q, kh, vh, kl, vl)
+
+
 @pytest.mark.parametrize(
     "grid, tile_cells, chunk_rows",
     [
@@ -142,16 +150,14 @@ def test_local_attention_equals_the_dense_mask_reference(grid, tile_cells, chunk
     """Any tiling and chunking (5 -> 10: the low-res side is no multiple of TILE_CELLS, one cell
     per tile; 20 -> 60 in tiles of 4 x 4 cells, 3 tile rows a chunk: the last chunk is short)."""
     cfg = GRIDS[grid]
-    (q, kh, vh), (kl, vl) = random_qkv(cfg)
+    (q, kh, vh), (kl, vl), expected = qkv_and_reference(grid)
     ours = local.local_attention(q, kh, vh, kl, vl, local.Windows(cfg, q.device, tile_cells, chunk_rows))
-    expected = dense_reference(cfg, q, kh, vh, kl, vl)
     assert (ours - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
 
 
 def test_a_window_one_row_short_each_side_is_caught(monkeypatch):
     cfg = GRIDS["4->12"]
-    (q, kh, vh), (kl, vl) = random_qkv(cfg)
-    expected = dense_reference(cfg, q, kh, vh, kl, vl)
+    (q, kh, vh), (kl, vl), expected = qkv_and_reference("4->12")
     real = layout.window_offsets
 
     def seven_rows(cfg):
@@ -167,8 +173,7 @@ def test_out_of_grid_cells_left_unmasked_are_caught(monkeypatch):
     """The gathered keys of cells outside a grid are copies of edge cells: only the mask keeps
     them out (planted: every gathered cell counted as inside its grid)."""
     cfg = GRIDS["4->12"]
-    (q, kh, vh), (kl, vl) = random_qkv(cfg)
-    expected = dense_reference(cfg, q, kh, vh, kl, vl)
+    (q, kh, vh), (kl, vl), expected = qkv_and_reference("4->12")
     monkeypatch.setattr(local, "_inside", lambda rows, cols, size: torch.ones_like(rows, dtype=torch.bool))
     ours = local.local_attention(q, kh, vh, kl, vl, local.Windows(cfg, q.device))
     assert (ours - expected).abs().max().item() > 1e-3

@@ -157,36 +157,53 @@ def test_training_from_the_backbone_trains_only_dsr_parameters(ws, tp1):
 
 @pytest.fixture(scope="module")
 def tp2(ws):
-    run_dir, proc = run(ws, "tp2", 2, "parallel.tensor_parallel=2", "--resume", "auto")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return run_dir
+    """A TP=2 run SIGKILLed in the save of its last step (4), after DeepSpeed and the full-model
+    export wrote it and before it is marked complete: until then an uninterrupted run. Its logs
+    are moved to `<root>/tp2_uninterrupted` and its exported weights kept; then it is resumed
+    with --resume auto (from step 2), whose logs hold only the resumed run's own rows."""
+    script = write_kill_in_save_script(ws["root"] / "kill.py", step=STEPS)
+    args = ("parallel.tensor_parallel=2", "--resume", "auto")
+    run_dir, killed = run(ws, "tp2", 2, *args, script=str(script), env={"PYTHONPATH": str(ROOT)})
+    assert killed.returncode != 0 and (run_dir / "latest").read_text() == "step00000002", killed.stderr[
+        -4000:
+    ]
+    uninterrupted = ws["root"] / "tp2_uninterrupted"
+    uninterrupted.mkdir()
+    (run_dir / "logs").rename(uninterrupted / "logs")
+    weights = final_weights(run_dir)
+    _, finished = run(ws, "tp2", 2, *args)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return {
+        "resumed": run_dir,
+        "uninterrupted": uninterrupted,
+        "weights": weights,
+        "output": finished.stdout + finished.stderr,
+    }
 
 
 @pytest.mark.slow
-def test_tp2_equals_tp1(ws, tp1, tp2):
-    assert step_batches(tp2) == step_batches(tp1)
-    one, two = losses(tp1), losses(tp2)
+def test_tp2_equals_tp1(tp1, tp2):
+    run_dir = tp2["uninterrupted"]
+    assert step_batches(run_dir) == step_batches(tp1)
+    one, two = losses(tp1), losses(run_dir)
     rel = loss_rel_tol(CFG.num_layers)
-    assert all(two[s] == pytest.approx(one[s], rel=rel) for s in one)
-    a, b = final_weights(tp1), final_weights(tp2)
+    assert sorted(two) == sorted(one) and all(two[s] == pytest.approx(one[s], rel=rel) for s in one)
+    a, b = final_weights(tp1), tp2["weights"]
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=adam_weight_atol(LR), msg=name)
 
 
 @pytest.mark.slow
-def test_a_killed_tp2_run_resumes_exactly(ws, tp2):
-    """SIGKILL in the save of the last step (4), then --resume auto from step 2: every loss, the
-    batches and the final weights are the uninterrupted TP=2 run's, bit for bit."""
-    script = write_kill_in_save_script(ws["root"] / "kill.py", step=4)
-    args = ("parallel.tensor_parallel=2", "--resume", "auto")
-    resumed, killed = run(ws, "tp2_killed", 2, *args, script=str(script), env={"PYTHONPATH": str(ROOT)})
-    assert killed.returncode != 0 and (resumed / "latest").read_text() == "step00000002"
-    _, finished = run(ws, "tp2_killed", 2, *args)
-    assert finished.returncode == 0, finished.stderr[-4000:]
-    assert "resumed from" in finished.stdout + finished.stderr
-    assert losses(resumed) == losses(tp2) and step_batches(resumed) == step_batches(tp2)
-    a, b = final_weights(tp2), final_weights(resumed)
-    assert all(torch.equal(a[n], b[n]) for n in a)
+def test_a_killed_tp2_run_resumes_exactly(tp2):
+    """Resumed from step 2, the run's own steps 3 and 4 are the uninterrupted run's losses and
+    batches, and its final weights those weights, bit for bit."""
+    resumed, uninterrupted = tp2["resumed"], tp2["uninterrupted"]
+    assert "resumed from" in tp2["output"]
+    before = losses(uninterrupted)
+    assert sorted(before) == [1, 2, 3, 4] and losses(resumed) == {s: before[s] for s in (3, 4)}
+    assert step_batches(resumed) == {s: step_batches(uninterrupted)[s] for s in (3, 4)}
+    a, b = tp2["weights"], final_weights(resumed)
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
 @pytest.mark.slow
