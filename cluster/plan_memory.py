@@ -26,6 +26,7 @@ from cogvideo.family import PlannerModel, family_of, plain_model
 from cogvideo.precision import torch_dtype
 
 GiB = 2**30
+BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size (its GPU runs)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Layout:
     micro_batch: int = 1
     act_ckpt: bool = False
     dtype: str = "bf16"
+    reduce_bucket: float = (
+        BUCKET_ELEMENTS  # elements; the trainer's CPU runs: pretrain.optim.CPU_REDUCE_BUCKET
+    )
 
     @property
     def dp(self) -> int:
@@ -156,9 +160,6 @@ def model_states(params: RankParams, layout: Layout) -> ModelStates:
 
 
 # ---- the whole GPU ---------------------------------------------------------------------------
-BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size
-
-
 @dataclass(frozen=True)
 class MemoryPlan:
     params: RankParams
@@ -202,7 +203,7 @@ def plan_memory(cfg, layout: Layout, context_bytes: float = 2 * GiB) -> MemoryPl
     # ZeRO-1/2 (DeepSpeed's stage_1_and_2): one reduce bucket (two with overlap_comm, which it leaves
     # off below ZeRO-3), set up at the first gradient and released after backward (measured on the
     # TP=8 slice, tests/test_scale_slice.py); ZeRO-3: reduce bucket + prefetch, held throughout
-    buckets = {0: 0, 1: 1, 2: 1, 3: 1.1}[layout.zero] * BUCKET_ELEMENTS * e
+    buckets = {0: 0, 1: 1, 2: 1, 3: 1.1}[layout.zero] * layout.reduce_bucket * e
     # torch's single-tensor Adam: a square root and a quotient the size of the largest parameter
     transient = 2 * 4 * params.largest_trainable if layout.zero == 0 else 0
     return MemoryPlan(

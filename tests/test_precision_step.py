@@ -162,7 +162,7 @@ def reference_step(cfg, model_cfg, batch) -> dict[str, torch.Tensor]:
 
 
 def probe_weights(probe: StepProbe, name: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float() for k, v in probe.engine(name).module.state_dict().items()}
+    return {k: v.detach().float() for k, v in probe.engine(name).first.module.state_dict().items()}
 
 
 def test_the_fp32_probe_step_is_a_training_step(probe_setup):
@@ -192,7 +192,7 @@ def test_the_bf16_probe_step_trains_in_bf16_on_fp32_masters(probe_setup):
     probe = StepProbe(cfg, model_cfg, batch)
     try:
         probe("bf16")
-        engine = probe.engine("bf16")
+        engine = probe.engine("bf16").first
         assert engine.bfloat16_enabled() and next(engine.module.parameters()).dtype == torch.bfloat16
         got = probe_weights(probe, "bf16")
     finally:
@@ -230,7 +230,7 @@ def test_a_probe_that_skips_the_update_fails_the_comparison(probe_setup, monkeyp
     expected = reference_step(cfg, model_cfg, batch)
     probe = StepProbe(cfg, model_cfg, batch)
     try:
-        engine = probe.engine("fp32")
+        engine = probe.engine("fp32").first
         monkeypatch.setattr(engine, "step", lambda: None)  # the planted bug: no optimizer step
         probe("fp32")
         got = probe_weights(probe, "fp32")

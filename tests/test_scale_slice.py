@@ -25,6 +25,7 @@ from cogvideo.checkpoint import Checkpoint
 from cogvideo.checkpoint.format import expected_shapes, shard_tensor, trainable_names
 from cogvideo.model import TP_PLAN
 from cogvideo.precision import choose_precision
+from pretrain.optim import CPU_REDUCE_BUCKET
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -225,7 +226,15 @@ def test_planted_gradient_bugs_fail_the_per_tensor_bound(runs):
 @pytest.mark.parametrize("stage", STAGES)
 def test_memory_per_rank_is_what_the_planner_predicts(runs, stage):
     cfg = slice_config(stage)
-    layout = Layout(gpus=TP, gpus_per_node=TP, tp=TP, zero=2, micro_batch=1, dtype=runs.precision)
+    layout = Layout(
+        gpus=TP,
+        gpus_per_node=TP,
+        tp=TP,
+        zero=2,
+        micro_batch=1,
+        dtype=runs.precision,
+        reduce_bucket=CPU_REDUCE_BUCKET,
+    )  # the ranks' DeepSpeed reduce bucket is the trainer's CPU one
     planned = plan_memory(cfg, layout, context_bytes=0).peak
     for rank in runs.ranks(stage):
         assert rank["live_peak"] == pytest.approx(planned, rel=MEMORY_TOLERANCE), (
