@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -104,30 +103,12 @@ class FamilySteps:
     def shards(self) -> dict:
         from cogvideo.family import get_family
 
-        videos, demo = self.demo.path("videos"), self.demo
-        inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
         config = self.path("prep.yaml")  # prep.yaml with the model section the family trains
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump({**self.config("prep.yaml"), "model": self.model_section}))
         tokenizer = get_family(self.name).shard_kind == "tokens"
-        demo.command(
-            [
-                sys.executable,
-                "-m",
-                "data_prep.pipeline",
-                *sum((["--input", str(p)] for p in inputs), []),
-                "--captions",
-                str(videos / "captions.jsonl"),
-                "--out",
-                str(self.path("shards")),
-                "--config",
-                str(config),
-                *([f"tokenizer={demo.image_model}"] if tokenizer else []),
-                f"num_cpus={os.cpu_count() or 1}",
-            ]
-        )
-        summary = json.loads((self.path("shards") / "summary.json").read_text())
-        return {"prep": summary}
+        overrides = [f"tokenizer={self.demo.image_model}"] if tokenizer else []
+        return {"prep": self.demo.prepare(self.path("shards"), config, *overrides)}
 
     def model(self, phase: str):
         return self.path("models", phase)

@@ -155,9 +155,9 @@ class Demo:
         }
 
     # ---- shards ---------------------------------------------------------------------------
-    def shards(self) -> dict:
-        from data_prep.reshard import first_frame_shards
-
+    def prepare(self, out: Path, config: Path, *overrides: str) -> dict:
+        """cogvideo-prep of the demo's videos (the synthetic ones, and the real ones when the
+        demo has them) into `out` with `config` and `overrides`; its summary.json."""
         videos = self.path("videos")
         inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
         self.command(
@@ -169,15 +169,24 @@ class Demo:
                 "--captions",
                 str(videos / "captions.jsonl"),
                 "--out",
-                str(self.path("shards")),
+                str(out),
                 "--config",
-                str(ROOT / "configs" / "demo" / "prep.yaml"),
-                f"model.preset={self.cfg.preset}",
-                f"tokenizer={self.image_model}",
+                str(config),
+                *overrides,
                 f"num_cpus={os.cpu_count() or 1}",
             ]
         )
-        summary = json.loads((self.path("shards") / "summary.json").read_text())
+        return json.loads((Path(out) / "summary.json").read_text())
+
+    def shards(self) -> dict:
+        from data_prep.reshard import first_frame_shards
+
+        summary = self.prepare(
+            self.path("shards"),
+            ROOT / "configs" / "demo" / "prep.yaml",
+            f"model.preset={self.cfg.preset}",
+            f"tokenizer={self.image_model}",
+        )
         ranks = self.cfg.train.ranks
         frame0 = first_frame_shards(self.path("shards"), self.path("shards_frame0"), ranks, 4 * ranks)
         return {"prep": summary, "frame0_samples": frame0}
