@@ -14,6 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 from process_helpers import write_kill_in_save_script
+from ray_prep import prep_on_ray
 from test_pretrain_data import write_caption_tokenizer
 from test_pretrain_dist import losses, step_batches, torchrun
 from tolerances import adam_weight_atol, loss_rel_tol
@@ -210,37 +211,18 @@ def test_a_killed_tp2_run_resumes_exactly(tp2):
 def test_prep_writes_both_grids_for_the_dsr_family(tmp_path):
     """cogvideo-prep model.family=dsr: frames read at 48 px; sr_frames their 12 x 12 codes, frames
     the 4 x 4 codes of their 16 px area average, with the same patch tokenizer."""
-    import ray
-    from webdataset.tariterators import tarfile_samples
 
     import data_prep.synthetic as syn
-    from cogvideo.raystart import start_ray
-    from cogvideo.shards import decode_sample
     from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
-    from data_prep import pipeline
 
     rng = np.random.default_rng(0)
     tokenizer = PatchVQTokenizer(rng.random((64, 4 * 4 * 3)).astype(np.float32) * 255, 16, 4, preset="tiny")
     tokenizer.save(tmp_path / "image.safetensors")
     rows = syn.plan_videos(2, seed=1, size=48, fps=8, duration_s=(2.0,))
     captions = syn.write_videos(tmp_path / "videos", rows)
-    start_ray(num_cpus=2, log_to_driver=False)
-    try:
-        argv = [
-            "--input",
-            str(tmp_path / "videos"),
-            "--captions",
-            str(captions),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-        summary = pipeline.run_cli(
-            [*argv, "--no-progress", *MODEL, "stages=[1]", f"tokenizer={tmp_path / 'image.safetensors'}"]
-        )
-    finally:
-        ray.shutdown()
-    shards = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
-    samples = [decode_sample(raw) for raw in tarfile_samples([{"url": s} for s in shards])]
+    summary, shards, samples = prep_on_ray(
+        tmp_path, captions, *MODEL, "stages=[1]", f"tokenizer={tmp_path / 'image.safetensors'}"
+    )
     assert summary["samples"] == len(samples) > 0
     high = tokenizer.at_grid(12)
     reference = {r["path"]: syn.render_row(r) for r in rows}

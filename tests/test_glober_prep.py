@@ -4,21 +4,15 @@ those frames; GLOBER's loader reads them, and a family of another kind stops in 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-import ray
 import torch
 from diffusers import AutoencoderKL
-from webdataset.tariterators import tarfile_samples
+from ray_prep import prep_on_ray
 
 from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError
 from cogvideo.family import any_preset, resolve_model_section
-from cogvideo.raystart import start_ray
-from cogvideo.shards import decode_sample
-from data_prep import pipeline
 from data_prep import synthetic as syn
 from data_prep.config import PrepConfig
 from data_prep.encoders import LatentEncoder, encoder_for
@@ -66,32 +60,9 @@ def test_the_latents_encoder_needs_the_models_vae_folder(vae_folder, tmp_path):
 def test_prep_writes_latent_shards_on_ray_that_glober_reads(tmp_path, vae_folder):
     rows = syn.plan_videos(2, seed=1, size=16, fps=8, duration_s=(2.0,))
     captions = syn.write_videos(tmp_path / "videos", rows)
-    here = os.path.dirname(__file__)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(here), here]))
-        start_ray(num_cpus=2, log_to_driver=False)
-    try:
-        argv = [
-            "--input",
-            str(tmp_path / "videos"),
-            "--captions",
-            str(captions),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-        summary = pipeline.run_cli(
-            [
-                *argv,
-                "--no-progress",
-                "model.family=glober",
-                "model.preset=glober-tiny",
-                f"model.vae.path={vae_folder}",
-            ]
-        )
-    finally:
-        ray.shutdown()
-    shards = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
-    samples = [decode_sample(raw) for raw in tarfile_samples([{"url": s} for s in shards])]
+    summary, shards, samples = prep_on_ray(
+        tmp_path, captions, "model.family=glober", "model.preset=glober-tiny", f"model.vae.path={vae_folder}"
+    )
     assert summary["samples"] == len(samples) > 0
     assert all(s.meta.kind == "latents" and s.arrays["latents"].shape == (5, 8, 8, 8) for s in samples)
     check_shard_kind(shards, any_preset("glober-tiny"))

@@ -11,18 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import ray
 import torch
 import webdataset as wds
+from ray_prep import prep_on_ray
 from test_model_family import FAMILY as MASKED_FAMILY
-from webdataset.tariterators import tarfile_samples
 
 from cogvideo import family_spec
 from cogvideo.config import ModelConfig, get_preset
 from cogvideo.family import ModelFamily
-from cogvideo.raystart import start_ray
 from cogvideo.shards import ClipMeta, ShardFormatError, decode_sample, encode_sample
-from data_prep import pipeline
 from data_prep import synthetic as syn
 from pretrain.config import DataConfig
 from pretrain.data import DataError, ShardLoader, check_shard_kind
@@ -150,26 +147,9 @@ def test_prep_writes_what_the_models_family_reads(tmp_path, pixel_family):
     pixels are the frames the token job would have tokenized, and which the family's loader reads."""
     rows = syn.plan_videos(2, seed=1, size=16, fps=8, duration_s=(2.0,))
     captions = syn.write_videos(tmp_path / "videos", rows)
-    here = os.path.dirname(__file__)
-    with pytest.MonkeyPatch.context() as patch:  # Ray's workers import this module's family
-        patch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(here), here]))
-        start_ray(num_cpus=2, log_to_driver=False)
-    try:
-        argv = [
-            "--input",
-            str(tmp_path / "videos"),
-            "--captions",
-            str(captions),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-        summary = pipeline.run_cli(
-            [*argv, "--no-progress", "model.family=pixel-toy", "model.preset=pixel-toy"]
-        )
-    finally:
-        ray.shutdown()
-    shards = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
-    samples = [decode_sample(raw) for raw in tarfile_samples([{"url": s} for s in shards])]
+    summary, shards, samples = prep_on_ray(
+        tmp_path, captions, "model.family=pixel-toy", "model.preset=pixel-toy"
+    )
     assert summary["samples"] == len(samples) > 0
     for sample in samples:
         assert sample.meta.kind == "frames" and sample.arrays["pixels"].shape == (5, 16, 16, 3)
