@@ -12,7 +12,8 @@ the one way a family joins the demo: a folder of settings, no code. `configs/dem
     fit.yaml        optional, for a model that needs a frame codec fitted on the demo's videos
                     (GLOBER's KL-VAE): command (a module run with python -m, taking frames=DIR
                     and out=FOLDER), model_key (the dotted model field that takes the folder) and
-                    settings (the command's config)
+                    settings (the command's config; `fit.families.<family>=[key=value, ...]`
+                    overrides them from the command line)
 
 Steps, named `<family>_<step>`, everything under `<out>/<family>/`:
 
@@ -90,6 +91,7 @@ class FamilySteps:
                 str(config),
                 f"frames={self.demo.path('videos', 'synthetic')}",
                 f"out={self.path('fit')}",
+                *self.demo.cfg.fit.families.get(self.name, []),
             ]
         )
         summary = self.path("fit", "summary.json")
@@ -243,7 +245,13 @@ def family_steps(name: str, after: str) -> list[Step]:
     fit = []
     if family_fit(name):  # the shards are written with what it fits: they build on it
         fit = [
-            Step(f"{name}_fit", run("fit"), (file(FIT_FILE),), (f"{name}/fit", f"{name}/fit.yaml"), (after,))
+            Step(
+                f"{name}_fit",
+                run("fit"),
+                (file(FIT_FILE), f"fit.families.{name}"),
+                (f"{name}/fit", f"{name}/fit.yaml"),
+                (after,),
+            )
         ]
     return [
         *fit,

@@ -36,6 +36,13 @@ class TokenizerSettings:
 
 
 @dataclass
+class FitSettings:
+    # a family's dotted overrides of the settings in its configs/demo/<family>/fit.yaml (the frame
+    # codec's fit, e.g. fit.families.glober=[steps=400]), by family name
+    families: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
 class TrainSettings:
     ranks: int = 2  # DeepSpeed data-parallel CPU ranks (gloo)
     threads_per_rank: int = 1
@@ -83,6 +90,7 @@ class DemoConfig:
     families: list[str] = field(default_factory=list)
     videos: VideoSettings = field(default_factory=VideoSettings)
     tokenizers: TokenizerSettings = field(default_factory=TokenizerSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

@@ -99,6 +99,42 @@ def test_every_glober_command_gets_the_fitted_vae(tmp_path, monkeypatch):
     assert options.text_tokenizer == str(demo.text_model) and options.frames == 17
 
 
+def test_fit_settings_take_dotted_overrides_from_the_command_line(tmp_path, monkeypatch):
+    """`fit.families.glober=[...]` reaches cogvideo-fit-vae after fit.yaml's settings (so they win
+    there) and is in the fit's fingerprint: the fit, and every step building on it, reruns."""
+    from cogvideo.configio import parse_config
+    from cogvideo.models.glober.vae_fit import FitVAEConfig, main
+
+    overrides = ["fit.families={glober: [steps=7, batch_size=4]}"]
+    plain = load_config(DemoConfig, driver.DEFAULT_CONFIG, [f"out={tmp_path}", "families=[glober]"])
+    changed = load_config(
+        DemoConfig, driver.DEFAULT_CONFIG, [f"out={tmp_path}", "families=[glober]", *overrides]
+    )
+    assert changed.fit.families == {"glober": ["steps=7", "batch_size=4"]}
+    fingerprints = []
+    for cfg in (plain, changed):
+        steps = driver.steps_for(cfg)
+        fingerprints.append(Runner(tmp_path, steps, driver.step_settings(cfg, steps)).fingerprints)
+    changed_steps = [name for name in fingerprints[0] if fingerprints[0][name] != fingerprints[1][name]]
+    assert changed_steps[:2] == ["glober_fit", "glober_shards"] and "tokenizers" not in changed_steps
+
+    demo, commands = Demo(changed), []
+    monkeypatch.setattr(demo, "command", lambda args, threads=None: commands.append(args))
+    FamilySteps(demo, "glober").fit()
+    ((args,),) = [commands]
+    assert args[-2:] == ["steps=7", "batch_size=4"]
+    parsed = []  # what the command reads of these arguments
+    monkeypatch.setattr(
+        "cogvideo.models.glober.vae_fit.parse_config", lambda *a: parsed.append(parse_config(*a)[0]) or 1 / 0
+    )
+    with pytest.raises(ZeroDivisionError):
+        main(args[3:])
+    assert (parsed[0].steps, parsed[0].batch_size) == (7, 4)
+    assert (
+        isinstance(parsed[0], FitVAEConfig) and parsed[0].held_out == 0.05
+    )  # fit.yaml's other settings kept
+
+
 def test_a_bad_fit_file_stops_in_one_line(tmp_path, monkeypatch):
     root = tmp_path / "settings"
     (root / "glober").mkdir(parents=True)
