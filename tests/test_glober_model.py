@@ -140,6 +140,26 @@ def test_the_discriminator_reads_the_slot_order_and_the_indices():
     assert not torch.allclose(forward, swapped) and not torch.allclose(forward, later)
 
 
+def test_without_the_cra_term_the_autoencoder_loss_is_the_rec_and_kl_terms_alone(monkeypatch):
+    """cra_weight 0 (with discriminator_steps 0): the loss is L_rec + kl_weight L_kl of the same
+    draws as with the CRA term, and neither the pixels nor the discriminator are computed."""
+    cfg = tiny()
+    model, batch = perturbed(build_model(cfg, device="cpu")), _batch(cfg, 3)
+    torch.manual_seed(5)
+    full = losses.autoencoder_loss(cfg, model.autoencoder, model.discriminator, batch)
+    without = cfg.replace(cra_weight=0.0, discriminator_steps=0).validate()
+    monkeypatch.setattr(losses, "decode_latents", lambda *a: pytest.fail("decoded to pixels"))
+    monkeypatch.setattr(model.discriminator, "forward", lambda *a: pytest.fail("ran the discriminator"))
+    torch.manual_seed(5)
+    alone = losses.autoencoder_loss(without, model.autoencoder, model.discriminator, batch)
+    assert torch.equal(alone["rec"], full["rec"]) and torch.equal(alone["kl"], full["kl"])
+    assert torch.equal(alone["loss"], full["rec"] + cfg.kl_weight * full["kl"])
+    assert not torch.equal(alone["loss"], full["loss"])  # the CRA term was there before
+    for steps, weight in ((0, 0.1), (1, 0.0), (-1, 0.0)):
+        with pytest.raises(ValueError, match="model.discriminator_steps: .* 0 exactly when cra_weight is 0"):
+            cfg.replace(cra_weight=weight, discriminator_steps=steps).validate()
+
+
 # ---- decoding any frame ---------------------------------------------------------------------
 def _batch(cfg, b: int) -> dict:
     c, size = cfg.vae.latent_channels, cfg.latent_size

@@ -153,7 +153,9 @@ class GloberConfig:
     cra_weight: float = 0.1  # lambda_2
     adversarial_loss: Literal["bce", "hinge"] = "bce"  # bce: the paper's Eq. 10; hinge: the code's
     generator_steps: int = 1  # the alternation: this many generator (auto-encoder) steps,
-    discriminator_steps: int = 1  # then this many discriminator steps
+    # then this many discriminator steps; 0 with cra_weight 0: the auto-encoder alone, without the
+    # CRA's decoding to pixels and discriminator (the CPU demo's budget)
+    discriminator_steps: int = 1
     init_std: float = 0.02  # the DiT's embeddings
     # recompute in backward: the DiT's blocks (phase generator), the UNet's down and up blocks (phase autoencoder)
     activation_checkpointing: bool = False
@@ -212,9 +214,15 @@ class GloberConfig:
 
         if self.phase not in PHASES:
             bad("phase", f"{self.phase!r} is not one of {PHASES}")
-        for key in ("frame_size", "text_length", "generator_steps", "discriminator_steps"):
+        for key in ("frame_size", "text_length", "generator_steps"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.discriminator_steps < 0 or (self.discriminator_steps == 0) != (self.cra_weight == 0):
+            bad(
+                "discriminator_steps",
+                f"{self.discriminator_steps} with cra_weight={self.cra_weight}: 0 exactly when cra_weight is 0 "
+                "(the auto-encoder without the CRA loss), else positive",
+            )
         if self.num_frames < 2:
             bad("num_frames", f"the CRA loss draws two frames i < j: needs >= 2, got {self.num_frames}")
         if not 1 <= self.encoder.num_keyframes <= self.num_frames:

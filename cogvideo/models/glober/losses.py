@@ -32,11 +32,15 @@ class DecodedFrames:
 
     rec: torch.Tensor  # the diffusion loss (mean over frames)
     kl: torch.Tensor  # KL of the global features to N(0, I), summed per video, mean over videos
-    real: torch.Tensor  # [B, 2, 3, H, W] the target frames, decoded by the KL-VAE
-    fake: torch.Tensor  # [B, 2, 3, H, W] the one-step x0 estimates, decoded by the KL-VAE
+    real: torch.Tensor | None  # [B, 2, 3, H, W] the target frames, decoded by the KL-VAE
+    fake: torch.Tensor | None  # [B, 2, 3, H, W] the one-step x0 estimates, decoded by the KL-VAE
 
 
-def decode_pass(cfg: GloberConfig, autoencoder, keyframes, frames, indices) -> DecodedFrames:
+def decode_pass(
+    cfg: GloberConfig, autoencoder, keyframes, frames, indices, pixels: bool = True
+) -> DecodedFrames:
+    """The diffusion loss and KL of the two target frames; with `pixels`, both frames and their
+    one-step estimates decoded to pixels for the CRA loss."""
     objective = objective_for(cfg.schedule)
     posterior = autoencoder.encoder(keyframes)
     global_feature = posterior.sample()
@@ -49,6 +53,8 @@ def decode_pass(cfg: GloberConfig, autoencoder, keyframes, frames, indices) -> D
     noisy = objective.noisy(z0, noise, t)
     output = autoencoder.decoder(noisy, t, global_feature.repeat_interleave(2, dim=0), indices.flatten())
     rec = objective.loss(output, objective.target(z0, noise, t)).mean()
+    if not pixels:
+        return DecodedFrames(rec, posterior.kl().mean(), None, None)
     estimate = objective.predicted_x0(noisy, output, t)
     vae = autoencoder.vae
     fake = decode_latents(vae, estimate.to(vae.dtype)).unflatten(0, (b, 2))
@@ -65,7 +71,11 @@ def _cra(cfg: GloberConfig, discriminator, decoded: DecodedFrames, indices, for_
 
 
 def autoencoder_loss(cfg: GloberConfig, autoencoder, discriminator, batch: dict) -> dict[str, torch.Tensor]:
-    decoded = decode_pass(cfg, autoencoder, batch["keyframes"], batch["frames"], batch["indices"])
+    with_cra = cfg.cra_weight > 0  # else neither the pixels nor the discriminator: L_rec + L_kl alone
+    decoded = decode_pass(cfg, autoencoder, batch["keyframes"], batch["frames"], batch["indices"], with_cra)
+    if not with_cra:
+        loss = decoded.rec + cfg.kl_weight * decoded.kl
+        return {"loss": loss, "rec": decoded.rec.detach(), "kl": decoded.kl.detach()}
     cra = _cra(cfg, discriminator, decoded, batch["indices"], for_discriminator=False)
     loss = decoded.rec + cfg.kl_weight * decoded.kl + cfg.cra_weight * cra
     return {"loss": loss, "rec": decoded.rec.detach(), "kl": decoded.kl.detach(), "cra_g": cra.detach()}
