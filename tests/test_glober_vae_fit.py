@@ -147,3 +147,13 @@ def test_a_preset_of_another_family_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "preset: 'small' is not a GLOBER preset" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_scale_and_train_psnr_are_measured_on_a_seeded_subset_of_distinct_frames():
+    frames = np.arange(10)[:, None, None, None] * np.ones((1, 2, 2, 3), dtype=np.uint8)
+    picked = vae_fit.subset(frames, 4, seed=3)
+    values = picked[:, 0, 0, 0].tolist()
+    assert len(set(values)) == 4 and values == sorted(values)  # distinct frames, in their order
+    assert np.array_equal(picked, vae_fit.subset(frames, 4, seed=3))  # the seed decides
+    assert not np.array_equal(picked, vae_fit.subset(frames, 4, seed=4))
+    assert vae_fit.subset(frames, 10) is frames and vae_fit.subset(frames, 99) is frames
