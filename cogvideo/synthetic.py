@@ -66,9 +66,12 @@ def default_radius(size: int) -> float:
     return max(3.0, round(0.2 * size))
 
 
-def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int) -> np.ndarray:
-    """bool [size, size]: pixels whose centre lies inside the shape."""
-    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+def shape_mask(
+    shape: str, centre: tuple[float, float], radius: float, size: int, scale: int = 1
+) -> np.ndarray:
+    """bool [size * scale, size * scale]: pixels whose centre lies inside the shape; `scale` > 1
+    draws the same scene (centre and radius in `size`-pixel units) on a grid that much finer."""
+    ys, xs = (np.mgrid[0 : size * scale, 0 : size * scale] + 0.5) / scale
     dx, dy = xs - centre[0], ys - centre[1]
     if shape == "circle":
         return dx * dx + dy * dy <= radius * radius
@@ -90,11 +93,16 @@ def render_frames(
     start_xy: tuple[float, float] | None = None,
     seed: int = 0,
     radius: float | None = None,
+    scale: int = 1,
 ) -> np.ndarray:
-    """uint8 [T, size, size, 3]; frame t shows the shape centred at start + direction * speed * t / fps.
+    """uint8 [T, size * scale, size * scale, 3]; frame t shows the shape centred at start +
+    direction * speed * t / fps.
 
     Without `start_xy` the path is centred in the frame along the motion and placed at a seeded
-    offset across it, always fully inside the frame.
+    offset across it, always fully inside the frame. `scale` renders the same video on a grid
+    `scale` times finer (geometry in `size`-pixel units): the high-resolution reference of a
+    super-resolution model; its pixel (scale * y + scale // 2, scale * x + scale // 2) is the
+    `size`-pixel frame's (y, x) for odd `scale`.
     """
     if colour not in COLOURS or direction not in DIRECTIONS:
         raise ValueError(f"render_frames: unknown colour {colour!r} or direction {direction!r}")
@@ -108,12 +116,12 @@ def render_frames(
         start_xy = (along, across) if dx else (across, along)
         if dx < 0 or dy < 0:  # move towards the lower coordinate: start at the other end
             start_xy = (size - start_xy[0], start_xy[1]) if dx else (start_xy[0], size - start_xy[1])
-    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    frames = np.empty((num_frames, size * scale, size * scale, 3), np.uint8)
     frames[:] = BACKGROUND
     for t in range(num_frames):
         shift = speed_px_per_s * t / fps
         centre = (start_xy[0] + dx * shift, start_xy[1] + dy * shift)
-        frames[t][shape_mask(shape, centre, radius, size)] = COLOURS[colour]
+        frames[t][shape_mask(shape, centre, radius, size, scale)] = COLOURS[colour]
     return frames
 
 

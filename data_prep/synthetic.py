@@ -95,8 +95,10 @@ def plan_videos(
     return rows
 
 
-def render_row(row: dict) -> np.ndarray:
-    """The exact frames of one caption row of :func:`plan_videos` / ``captions.jsonl``."""
+def render_row(row: dict, scale: int | None = None) -> np.ndarray:
+    """The exact frames of one caption row of :func:`plan_videos` / ``captions.jsonl``; `scale`
+    renders the same video at that many times its pixels per side (default: the row's own
+    `scale`, 1 without one)."""
     return render_frames(
         row["colour"],
         row["shape"],
@@ -107,22 +109,25 @@ def render_row(row: dict) -> np.ndarray:
         row["speed_px_per_s"],
         seed=row["render_seed"],
         radius=row["radius"],
+        scale=row.get("scale", 1) if scale is None else scale,
     )
 
 
-def write_videos(out_dir: str | Path, rows: list[dict], progress: bool = False) -> Path:
+def write_videos(out_dir: str | Path, rows: list[dict], progress: bool = False, scale: int = 1) -> Path:
     """Write the mp4 files of the caption rows of :func:`plan_videos` and `captions.jsonl` under
     `out_dir`; return the captions path. Caption rows carry the ground truth (colour, shape,
     direction, speed_px_per_s, duration_s, fps, size, num_frames, radius, render_seed):
-    :func:`render_row` reproduces a video's frames exactly."""
+    :func:`render_row` reproduces a video's frames exactly. `scale`: every video rendered at that
+    many times its pixels per side (the rows written carry it, their geometry in `size` pixels)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if progress:
         from tqdm import tqdm
     for row in tqdm(rows, desc="videos", unit="video") if progress else rows:
-        write_mp4(out / row["path"], render_row(row), row["fps"], lossless=True)
+        write_mp4(out / row["path"], render_row(row, scale), row["fps"], lossless=True)
     captions = out / "captions.jsonl"
-    captions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    written = [{**row, "scale": scale} if scale != 1 else row for row in rows]
+    captions.write_text("".join(json.dumps(row) + "\n" for row in written))
     return captions
 
 

@@ -30,7 +30,11 @@ TARGETS = {  # held-out prompts; what the demo must reach on every machine, in f
 # a family's own goals (its configs/demo/<family>/targets.yaml) name some of TARGETS' keys, and
 # "seams": a tiled sampler's mean difference across tile borders over the one inside tiles, taken
 # over the same ratio of the rendered references (what the scene alone shows at those borders)
-GOALS = (*TARGETS, "seams")
+# and a super-resolution stage's (demo.sr_evaluation): SR minus bicubic PSNR (dB) and SSIM, both
+# above the goal; the share of held-out videos whose colour, shape and direction read the same
+# before and after SR (the lowest of the three); SR flicker over the low-res video's, at most the goal
+SR_GOALS = ("sr_psnr_gain", "sr_ssim_gain", "sr_prompts", "sr_flicker")
+GOALS = (*TARGETS, "seams", *SR_GOALS)
 SEAMS = "seams: across / inside tile borders, relative to the references (held-out)"
 
 
@@ -168,6 +172,34 @@ def targets(summary: dict, goals: dict | None = None) -> dict:
         # the rendered scene alone crosses the tile borders too (the demo's paths pass the centre)
         ratio = summary["seams"]["generated"] / summary["seams"]["reference"]
         out[SEAMS] = {"value": ratio, "goal": f"<= {goals['seams']:g}", "met": ratio <= goals["seams"]}
+    if "super_resolution" in summary:
+        out |= sr_targets(summary["super_resolution"], goals)
+    return out
+
+
+def sr_targets(sr: dict, goals: dict) -> dict:
+    """A super-resolution stage's goals (SR_GOALS) on demo.sr_evaluation's figures."""
+    out = {}
+    for key, name, value in (
+        ("sr_psnr_gain", "SR - bicubic PSNR (dB, held-out)", sr["psnr_gain_db"]),
+        ("sr_ssim_gain", "SR - bicubic SSIM (held-out)", sr["ssim_gain"]),
+    ):
+        if key in goals:
+            out[name] = {"value": value, "goal": f"> {goals[key]:g}", "met": value > goals[key]}
+    if "sr_prompts" in goals:
+        agreement = min(sr["prompt_scores"]["agreement"].values())
+        out["colour/shape/direction unchanged by SR"] = {
+            "value": agreement,
+            "goal": f">= {goals['sr_prompts']:.2f}",
+            "met": agreement >= goals["sr_prompts"],
+        }
+    if "sr_flicker" in goals:
+        ratio = sr["flicker"]["sr_over_low_res"]
+        out["SR flicker / low-res flicker"] = {
+            "value": ratio,
+            "goal": f"<= {goals['sr_flicker']:g}",
+            "met": ratio <= goals["sr_flicker"],
+        }
     return out
 
 

@@ -13,21 +13,35 @@ the one way a family joins the demo: a folder of settings, no code. `configs/dem
                     (GLOBER's KL-VAE): command (a module run with python -m, taking frames=DIR
                     and out=FOLDER), model_key (the dotted model field that takes the folder) and
                     settings (the command's config)
+    stage.yaml      optional, for a stage of the preset family's pipeline (CogView2's direct
+                    super-resolution): init (the demo model its first phase starts from:
+                    backbone, stage1 or stage2), sample_option (the option of the hierarchy's
+                    sampling that takes the family's model), video_scale (its videos: the demo's
+                    synthetic ones rendered that many times finer, e.g. a super-resolution
+                    model's high-res frames), num_videos (the first so many of them; null: all),
+                    evaluation (prompts, or super_resolution: demo.sr_evaluation's figures too)
 
 Steps, named `<family>_<step>`, everything under `<out>/<family>/`:
 
     fit             with fit.yaml: its command on the demo's synthetic videos (fit/); prep and
                     every training phase get model.<model_key>=<out>/<family>/fit
-    shards          cogvideo-prep of the demo's videos (the image tokenizer too for token shards)
+    videos          with stage.yaml's video_scale or num_videos: the demo's synthetic videos
+                    rendered again at that scale (videos/, captions.jsonl beside them)
+    shards          cogvideo-prep of the demo's videos, or the family's own (the image tokenizer
+                    too for token shards)
     train[_<phase>] cogvideo-train on the demo's CPU ranks (runs/<phase>), then cogvideo-convert
-                    zero (models/<phase>)
+                    zero (models/<phase>); a stage's first phase from the demo model stage.yaml
+                    names (init.backbone), built on that model's step
     sample          the demo's prompts (held-out and seen, every duration and seed) with the
                     family's sampling pipeline (ModelFamily.sampler); the options it has of
                     checkpoint (the last phase's model), text_tokenizer, image_tokenizer, duration
-                    and seed are set by the demo
+                    and seed are set by the demo. A stage: the hierarchy's sampling again (the
+                    same videos, seeded alike), its sample_option given the last phase's model,
+                    sample.yaml's keys as further options; built on the hierarchy's sample step
     evaluate        the demo's evaluation of the videos (a pixel model's pixels.npy, or codes.npy
-                    decoded by the demo's image tokenizer) and, where the pipeline has
-                    seam_contrast(frames), its tiles' seams; the family's targets
+                    decoded by the demo's image tokenizer at the codes' grid) and, where the
+                    pipeline has seam_contrast(frames), its tiles' seams; with a stage's
+                    evaluation super_resolution, demo.sr_evaluation's figures; the family's targets
 
 Nothing here names a family.
 """
@@ -44,7 +58,15 @@ import yaml
 
 from cogvideo.configio import ConfigError, load_config, merge
 from cogvideo.jsonl import read_jsonl, write_jsonl
-from demo.settings import FIT_FILE, ROOT, family_fit, family_folder, family_phases
+from demo.settings import (
+    FIT_FILE,
+    ROOT,
+    STAGE_FILE,
+    family_fit,
+    family_folder,
+    family_phases,
+    family_stage,
+)
 from demo.steps import Step
 from demo.tasks import TRAINING_SEED, Demo
 
@@ -95,6 +117,30 @@ class FamilySteps:
         summary = self.path("fit", "summary.json")
         return json.loads(summary.read_text()) if summary.is_file() else {"folder": str(self.path("fit"))}
 
+    @property
+    def stage(self) -> dict | None:
+        return family_stage(self.name)
+
+    @property
+    def has_videos(self) -> bool:
+        spec = self.stage
+        return bool(spec and (spec["video_scale"] != 1 or spec["num_videos"]))
+
+    def videos(self) -> dict:
+        """The demo's synthetic videos (the first num_videos) rendered again at video_scale."""
+        from data_prep.synthetic import write_videos
+
+        spec, folder = self.stage, self.path("videos")
+        rows = [r for r in read_jsonl(self.demo.path("videos", "captions.jsonl")) if "render_seed" in r]
+        rows = [{**r, "path": Path(r["path"]).name} for r in rows[: spec["num_videos"]]]
+        write_videos(folder / "synthetic", rows, progress=True, scale=spec["video_scale"])
+        write_jsonl(
+            folder / "captions.jsonl",
+            [{**r, "path": f"synthetic/{r['path']}", "scale": spec["video_scale"]} for r in rows],
+            "w",
+        )
+        return {"videos": len(rows), "scale": spec["video_scale"]}
+
     def pipeline_class(self):
         from cogvideo.sampling.cli import family_pipeline
 
@@ -108,7 +154,8 @@ class FamilySteps:
         config.write_text(yaml.safe_dump({**self.config("prep.yaml"), "model": self.model_section}))
         tokenizer = get_family(self.name).shard_kind == "tokens"
         overrides = [f"tokenizer={self.demo.image_model}"] if tokenizer else []
-        return {"prep": self.demo.prepare(self.path("shards"), config, *overrides)}
+        videos = self.path("videos") if self.has_videos else None
+        return {"prep": self.demo.prepare(self.path("shards"), config, *overrides, videos=videos)}
 
     def model(self, phase: str):
         return self.path("models", phase)
@@ -125,6 +172,11 @@ class FamilySteps:
             f"checkpoint.dir={self.path('runs', phase)}",
             f"training.seed={TRAINING_SEED + cfg.seed}",
             *([f"init.backbone={self.model(names[index - 1])}"] if index else []),
+            *(
+                [f"init.backbone={self.demo.path('models', self.stage['init'])}"]
+                if self.stage and not index
+                else []
+            ),
             *([f"model.{spec['model_key']}={self.path('fit')}"] if (spec := family_fit(self.name)) else []),
             *cfg.train.families.get(self.name, []),
         ]
@@ -145,7 +197,16 @@ class FamilySteps:
         overrides += self.demo.cfg.sample.families.get(self.name, [])
         return load_config(options, self.settings / "sample.yaml", overrides)
 
+    def stage_sample_options(self) -> list[str]:
+        """A stage's options of the hierarchy's sampling: its model, its sample.yaml, the demo's
+        sample.families.<family>."""
+        given = [f"{self.stage['sample_option']}={self.model(self.phases[-1][0])}"]
+        given += [f"{key}={json.dumps(value)}" for key, value in self.config("sample.yaml").items()]
+        return given + self.demo.cfg.sample.families.get(self.name, [])
+
     def sample(self) -> dict:
+        if self.stage:
+            return self.demo.sample(self.path("samples"), self.stage_sample_options())
         return self.demo.sample_prompts(self.path("samples"), self.sample_options, self.pipeline_class().load)
 
     def evaluate(self) -> dict:
@@ -155,25 +216,42 @@ class FamilySteps:
 
         cfg = self.demo.cfg
         videos = read_jsonl(self.path("samples", "videos.jsonl"))
-        pipeline = self.pipeline_class().load(
-            self.sample_options(cfg.sample.durations[0], cfg.sample.seeds[0])
-        )
-        tokenizer = None
-        if (Path(videos[0]["dir"]) / "codes.npy").is_file():  # a token model's videos
+        seams, tokenizer, scale = None, None, 1
+        if not self.stage:
+            pipeline = self.pipeline_class().load(
+                self.sample_options(cfg.sample.durations[0], cfg.sample.seeds[0])
+            )
+            seams = getattr(pipeline, "seam_contrast", None)
+        if (Path(videos[0]["dir"]) / "codes.npy").is_file():  # a token model's videos, at their grid
             from cogvideo.tokenizers import load_image_tokenizer
 
             tokenizer = load_image_tokenizer(self.demo.image_model)
+            side = np.load(Path(videos[0]["dir"]) / "codes.npy", mmap_mode="r").shape[-1]
+            scale = side // tokenizer.tokens_side
+            tokenizer = tokenizer.at_grid(side) if scale != 1 else tokenizer
         torch.set_num_threads(cfg.eval.threads)
         summary = evaluate_samples(
             videos,
             tokenizer,
-            cfg.model().frame_size,
-            float(np.mean(cfg.videos.speed_px_per_s)),
+            cfg.model().frame_size * scale,
+            float(np.mean(cfg.videos.speed_px_per_s)) * scale,
             cfg.seed,
             cfg.sample.seeds[0],
             references=self.path("eval", "references"),
-            seams=getattr(pipeline, "seam_contrast", None),
+            seams=seams,
         )
+        if self.stage and self.stage["evaluation"] == "super_resolution":
+            from cogvideo.synthetic import default_radius
+            from cogvideo.tokenizers import load_image_tokenizer
+            from demo.sr_evaluation import super_resolution_summary
+
+            summary["super_resolution"] = super_resolution_summary(
+                videos,
+                load_image_tokenizer(self.demo.image_model),
+                tokenizer,
+                default_radius(cfg.model().frame_size),
+                hierarchy=self.demo.path("samples"),
+            )
         torch.set_num_threads(cfg.threads)
         write_jsonl(self.path("eval", "videos.jsonl"), videos, "w")
         self.path("eval", "evaluation.json").write_text(json.dumps(summary, indent=2))
@@ -197,6 +275,7 @@ class FamilySteps:
             details={
                 "training": training,
                 "prep": results[f"{self.name}_shards"]["prep"],
+                **({"videos": results[f"{self.name}_videos"]} if f"{self.name}_videos" in results else {}),
                 "sampling": results[f"{self.name}_sample"],
                 **({"fit": results[f"{self.name}_fit"]} if f"{self.name}_fit" in results else {}),
             },
@@ -220,9 +299,10 @@ def check_targets(name: str) -> None:
 
 def family_steps(name: str, after: str) -> list[Step]:
     """The steps of family `name`, the first building on the demo's step `after` (its videos and
-    tokenizers), each on the one before."""
+    tokenizers), each on the one before; a stage's (stage.yaml) first training phase on the demo
+    model it starts from too, its sampling on the hierarchy's."""
     check_targets(name)
-    folder, phases = family_folder(name), family_phases(name)
+    folder, phases, stage = family_folder(name), family_phases(name), family_stage(name)
 
     def run(method: str, *args):
         return lambda demo: getattr(FamilySteps(demo, name), method)(*args)
@@ -231,41 +311,45 @@ def family_steps(name: str, after: str) -> list[Step]:
         path = folder / path
         return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
+    first: list[Step] = []  # what comes before the shards, which build on it
+    if family_fit(name):  # the shards are written with what it fits
+        first = [
+            Step(f"{name}_fit", run("fit"), (file(FIT_FILE),), (f"{name}/fit", f"{name}/fit.yaml"), (after,))
+        ]
+    if stage and (stage["video_scale"] != 1 or stage["num_videos"]):
+        first = [Step(f"{name}_videos", run("videos"), (file(STAGE_FILE),), (f"{name}/videos",), (after,))]
+    shards_uses = (file("prep.yaml"), f"{file(phases[0][1])}:model")  # not the training settings
+    if stage and not first:
+        shards_uses += (file(STAGE_FILE),)
+    shards = Step(
+        f"{name}_shards",
+        run("shards"),
+        shards_uses,
+        (f"{name}/shards", f"{name}/prep.yaml"),
+        after=None if first else (after,),
+    )
     train = [
         Step(
             step_name(name, phase, phases),
             run("train", phase),
             (file(config), "train.ranks", "train.threads_per_rank", f"train.families.{name}"),
             (f"{name}/runs/{phase}", f"{name}/models/{phase}"),
+            # a stage's first phase starts from one of the demo's models: it builds on its step too
+            after=(shards.name, stage["init"]) if stage and index == 0 else None,
         )
-        for phase, config in phases
+        for index, (phase, config) in enumerate(phases)
     ]
-    fit = []
-    if family_fit(name):  # the shards are written with what it fits: they build on it
-        fit = [
-            Step(f"{name}_fit", run("fit"), (file(FIT_FILE),), (f"{name}/fit", f"{name}/fit.yaml"), (after,))
-        ]
+    sample_uses = ("sample.durations", "sample.seeds", "sample.seen_prompts", file("sample.yaml"))
     return [
-        *fit,
-        Step(
-            f"{name}_shards",
-            run("shards"),
-            (file("prep.yaml"), f"{file(phases[0][1])}:model"),  # not the training settings
-            (f"{name}/shards", f"{name}/prep.yaml"),
-            after=None if fit else (after,),
-        ),
+        *first,
+        shards,
         *train,
         Step(
             f"{name}_sample",
             run("sample"),
-            (
-                "sample.durations",
-                "sample.seeds",
-                "sample.seen_prompts",
-                file("sample.yaml"),
-                f"sample.families.{name}",
-            ),
+            (*sample_uses, f"sample.families.{name}", *(("sample.options",) if stage else ())),
             (f"{name}/samples",),
+            after=(train[-1].name, "sample") if stage else None,
         ),
         Step(f"{name}_evaluate", run("evaluate"), ("eval", file("targets.yaml")), (f"{name}/eval",)),
     ]

@@ -265,6 +265,14 @@ def comparison_rows(family: FamilyResult) -> dict[str, object]:
         )
     rows["FVD (held-out)"] = evaluation.get("fvd", {}).get("value")
     rows["seconds per sampled video"] = family.details.get("sampling", {}).get("seconds_per_video")
+    if sr := evaluation.get("super_resolution"):  # a super-resolution stage (demo.sr_evaluation)
+        for name in ("psnr_db", "ssim"):
+            rows[f"SR {name} (bicubic) vs the {sr['scale']}x reference"] = (
+                f"{_fmt(sr['sr'][name])} ({_fmt(sr['bicubic'][name])})"
+            )
+        rows["flicker: SR (low-res)"] = (
+            f"{_fmt(sr['flicker']['sr'])} ({_fmt(sr['flicker']['low_res_bicubic'])})"
+        )
     return rows
 
 

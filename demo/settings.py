@@ -101,6 +101,11 @@ class DemoConfig:
                     f"family with demo settings in {family_folder(name)}/"
                 )
             check_family_folder(name)
+            if family_stage(name) and self.main_family not in self.families[: self.families.index(name)]:
+                raise ConfigError(
+                    f"families: {name!r} is a stage of {self.main_family}'s pipeline "
+                    f"({family_folder(name) / STAGE_FILE}): list {self.main_family!r} before it"
+                )
 
     @property
     def main_family(self) -> str:
@@ -138,6 +143,10 @@ FAMILY_SETTINGS = ROOT / "configs" / "demo"  # <family>/: a family's demo settin
 FAMILY_FILES = ("prep.yaml", "sample.yaml", "targets.yaml")
 FIT_FILE = "fit.yaml"  # optional: a frame codec fitted on the demo's videos first (demo.family_steps)
 FIT_KEYS = {"command": str, "model_key": str, "settings": dict}
+# optional: the family is a stage of the preset family's pipeline (demo.family_steps)
+STAGE_FILE = "stage.yaml"
+STAGE_INIT = ("backbone", "stage1", "stage2")  # the demo's models a stage can start from
+EVALUATIONS = ("prompts", "super_resolution")  # demo.evaluation / demo.sr_evaluation
 PHASE_FILE = re.compile(r"train_(\d+)_(\w+)\.yaml")
 
 
@@ -178,6 +187,39 @@ def family_fit(name: str) -> dict | None:
     return spec
 
 
+def family_stage(name: str) -> dict | None:
+    """A family's stage.yaml (init, video_scale, num_videos, sample_option, evaluation; see
+    demo.family_steps), defaults filled, or None without one; a bad one stops in one line naming
+    the file."""
+    from cogvideo.sampling.options import SampleOptions
+
+    path = family_folder(name) / STAGE_FILE
+    if not path.is_file():
+        return None
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    spec = {"video_scale": 1, "num_videos": None, "evaluation": "prompts"} | (
+        spec if isinstance(spec, dict) else {"(not a mapping)": spec}
+    )
+    options = set(SampleOptions.__dataclass_fields__)
+    checks = {
+        "init": spec.get("init") in STAGE_INIT,
+        "sample_option": spec.get("sample_option") in options,
+        "video_scale": isinstance(spec["video_scale"], int) and spec["video_scale"] >= 1,
+        "num_videos": spec["num_videos"] is None
+        or (isinstance(spec["num_videos"], int) and spec["num_videos"] > 0),
+        "evaluation": spec["evaluation"] in EVALUATIONS,
+    }
+    bad = [key for key, ok in checks.items() if not ok] + sorted(set(spec) - set(checks))
+    if bad:
+        raise ConfigError(
+            f"{path}: bad or unknown {bad}: init is one of {list(STAGE_INIT)} (the demo model its first "
+            "phase starts from), sample_option an option of the demo's sampling (cogvideo.sampling."
+            "options.SampleOptions) taking the family's model, video_scale a whole number >= 1, "
+            f"num_videos a positive count or null, evaluation one of {list(EVALUATIONS)}"
+        )
+    return spec
+
+
 def check_family_folder(name: str) -> None:
     """One line naming what a family's demo settings lack."""
     folder = family_folder(name)
@@ -185,6 +227,7 @@ def check_family_folder(name: str) -> None:
     if missing:
         raise ConfigError(f"{folder}: missing {', '.join(missing)} (demo.family_steps lists what each holds)")
     family_fit(name)
+    family_stage(name)
     for _, path in family_phases(name):
         model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model", {})
         if model.get("family") != name:

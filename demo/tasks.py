@@ -155,10 +155,11 @@ class Demo:
         }
 
     # ---- shards ---------------------------------------------------------------------------
-    def prepare(self, out: Path, config: Path, *overrides: str) -> dict:
+    def prepare(self, out: Path, config: Path, *overrides: str, videos: Path | None = None) -> dict:
         """cogvideo-prep of the demo's videos (the synthetic ones, and the real ones when the
-        demo has them) into `out` with `config` and `overrides`; its summary.json."""
-        videos = self.path("videos")
+        demo has them; or those of `videos`, a folder laid out alike) into `out` with `config`
+        and `overrides`; its summary.json."""
+        videos = videos or self.path("videos")
         inputs = [videos / "synthetic"] + ([videos / "real"] if (videos / "real").is_dir() else [])
         self.command(
             [
@@ -272,27 +273,36 @@ class Demo:
             for (c, s, d), heldout in combos
         ]
 
-    def sample(self) -> dict:
+    def sample_options(self, duration: float, seed: int, extra: list[str] = ()):
+        """The hierarchy's sampling options (configs/demo/sample.yaml, the demo's models and
+        tokenizers, sample.options), then `extra` (a stage family's: its model and settings)."""
         from cogvideo.sampling.options import SampleOptions
+
+        return load_config(
+            SampleOptions,
+            ROOT / "configs" / "demo" / "sample.yaml",
+            [
+                f"frame0_checkpoint={self.path('models', 'backbone')}",
+                f"stage1_checkpoint={self.path('models', 'stage1')}",
+                f"stage2_checkpoint={self.path('models', 'stage2')}",
+                f"text_tokenizer={self.text_model}",
+                f"image_tokenizer={self.image_model}",
+                f"duration={duration}",
+                f"seed={seed}",
+                *self.cfg.sample.options,
+                *extra,
+            ],
+        )
+
+    def sample(self, folder: Path | None = None, extra: list[str] = ()) -> dict:
+        """The hierarchy's samples of the demo's prompts into `folder` (default samples/), with
+        `extra` sampling options (a stage family's sample step: the same videos, its stage added)."""
         from cogvideo.sampling.pipeline import VideoPipeline
 
         def options(duration: float, seed: int):
-            return load_config(
-                SampleOptions,
-                ROOT / "configs" / "demo" / "sample.yaml",
-                [
-                    f"frame0_checkpoint={self.path('models', 'backbone')}",
-                    f"stage1_checkpoint={self.path('models', 'stage1')}",
-                    f"stage2_checkpoint={self.path('models', 'stage2')}",
-                    f"text_tokenizer={self.text_model}",
-                    f"image_tokenizer={self.image_model}",
-                    f"duration={duration}",
-                    f"seed={seed}",
-                    *self.cfg.sample.options,
-                ],
-            )
+            return self.sample_options(duration, seed, list(extra))
 
-        return self.sample_prompts(self.path("samples"), options, VideoPipeline.load)
+        return self.sample_prompts(folder or self.path("samples"), options, VideoPipeline.load)
 
     def sample_prompts(self, folder: Path, options: Callable[[float, int], object], load) -> dict:
         """The demo's prompts (held-out at every seed, seen at the first) at every duration, with

@@ -156,6 +156,28 @@ def test_sample_command_super_resolves_every_frame(assets, sr_checkpoint, tmp_pa
     assert Image.open(tmp_path / "high" / "contact_sheet.png").size[1] >= 96
 
 
+@pytest.mark.slow
+def test_sample_command_on_ray_super_resolves_as_the_local_run(assets, sr_checkpoint, tmp_path):  # noqa: F811
+    """The Ray batch job with an SR checkpoint: two actors, each loading the stages and the SR model
+    once, give every prompt the high-res codes, frames and low-res codes of the local run."""
+    pytest.importorskip("ray")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog runs\na cat sleeps\n")
+    sr = [f"sr_checkpoint={sr_checkpoint}", "sr_strategy.top_k=3", "sr_frames_per_batch=4", "batch_size=1"]
+    assert cli.main([*_args(assets, prompts, tmp_path / "local"), *sr]) == 0
+    assert cli.main([*_args(assets, prompts, tmp_path / "ray"), *sr, "workers=2", "--ray"]) == 0
+    entries = json.loads((tmp_path / "ray" / "manifest.json").read_text())["entries"]
+    assert [e["status"] for e in entries] == ["ok", "ok"]
+    for entry in entries:
+        local, ray = tmp_path / "local" / entry["key"], tmp_path / "ray" / entry["key"]
+        high = np.load(ray / "codes.npy")
+        assert high.shape == (9, 12, 12) and np.load(ray / "codes_low.npy").shape == (9, 4, 4)
+        for name in ("codes.npy", "codes_low.npy"):
+            np.testing.assert_array_equal(np.load(ray / name), np.load(local / name))
+        assert (ray / "video.gif").read_bytes() == (local / "video.gif").read_bytes()
+        assert Image.open(ray / "video.gif").size == (48, 48)
+
+
 def test_an_sr_checkpoint_for_other_frames_is_refused(assets, tmp_path, capsys):  # noqa: F811
     cfg = dsr_config().replace(frame_tokens=2, frame_size=8, high_frame_tokens=6).validate()
     path = save_model_checkpoint(tmp_path / "other", build_model(cfg).state_dict(), cfg)

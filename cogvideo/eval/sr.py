@@ -3,6 +3,7 @@ the same low-res frames, both against the rendered high-res reference, and frame
 
     quality = sr_quality(reference, sr, low)   # {"sr": {psnr_db, ssim}, "bicubic": {...}}
     flicker(sr), flicker(upsample_bicubic(low, side))
+    reference = scene_reference(low, scale, radius)   # the synthetic world's frames low shows, finer
 
 PSNR and SSIM are cogvideo/metrics.py's (uint8 RGB, per frame, averaged over frames). Flicker is
 the mean absolute difference of consecutive frames in uint8 levels: DSR samples each frame alone,
@@ -15,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from cogvideo.eval.prompts import classify_shape, largest_object, nearest_colour
 from cogvideo.metrics import psnr_per_frame, ssim_per_frame
+from cogvideo.synthetic import BACKGROUND, COLOURS, shape_mask
 
 
 def upsample_bicubic(frames: np.ndarray, side: int) -> np.ndarray:
@@ -50,3 +53,26 @@ def flicker(frames: np.ndarray) -> float:
     if len(frames) < 2:
         return 0.0
     return float(np.abs(np.diff(frames, axis=0)).mean())
+
+
+def scene_reference(low: np.ndarray, scale: int, radius: float) -> np.ndarray:
+    """The synthetic world's rendering, `scale` times finer, of what each low-res frame shows:
+    its object (the prompt analyzer's largest object: nearest palette colour, best-fitting shape)
+    at its bounding box's centre with the world's `radius` (cogvideo.synthetic draws every shape
+    in a box of side 2 * radius about its centre); a frame without one is the background.
+    uint8 [T, h, w, 3] -> [T, h * scale, w * scale, 3]. A generated video has no other
+    high-res truth: this is the scene it depicts, drawn exactly at the high resolution."""
+    low = np.asarray(low, dtype=np.uint8)
+    if low.ndim != 4 or low.shape[1] != low.shape[2]:
+        raise ValueError(f"scene_reference: expected square [T, h, h, 3] frames, got {list(low.shape)}")
+    out = np.empty((len(low), low.shape[1] * scale, low.shape[2] * scale, 3), np.uint8)
+    out[:] = BACKGROUND
+    for frame, target in zip(low, out):
+        mask = largest_object(frame)
+        if mask is None:
+            continue
+        ys, xs = np.nonzero(mask)
+        centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)
+        drawn = shape_mask(classify_shape(mask), centre, radius, low.shape[1], scale)
+        target[drawn] = COLOURS[nearest_colour(frame[mask])]
+    return out

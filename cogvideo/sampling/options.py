@@ -13,6 +13,7 @@ option: each stage reads the one its checkpoint was trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from cogvideo.precision import Precision
@@ -20,6 +21,16 @@ from cogvideo.sampling.strategies import StrategyOptions
 from cogvideo.text_format import FRAME0_SUFFIX, VIDEO_SUFFIX
 
 UNGUIDED_TEXT_BIAS = 1.4  # the release's text attention bias of an unguided pass (0 when guided)
+
+
+def path_problems(required: dict[str, str], optional: dict[str, str] | None = None) -> list[str]:
+    """One line per path option a run cannot start with: a required one left empty, or a given
+    one (required or optional) that does not exist. Every family's sampling options use it."""
+    found = [f"{key}: required (e.g. {key}=PATH)" for key, value in required.items() if not value]
+    for key, value in {**required, **(optional or {})}.items():
+        if value and not Path(value).exists():
+            found.append(f"{key}: {value} does not exist")
+    return found
 
 
 def _frame0_strategy() -> StrategyOptions:
@@ -98,26 +109,19 @@ class SampleOptions:
 
     def problems(self) -> list[str]:
         """Every option a run cannot start with, one line each (no file is opened)."""
-        from pathlib import Path
-
-        found = []
-        required = {
-            "stage1_checkpoint": self.stage1_checkpoint,
-            "text_tokenizer": self.text_tokenizer,
-            "image_tokenizer": self.image_tokenizer,
-        }
-        for key, value in required.items():
-            if not value:
-                found.append(f"{key}: required (e.g. {key}=PATH)")
-        optional = {
-            "frame0_checkpoint": self.frame0_checkpoint,
-            "stage2_checkpoint": self.stage2_checkpoint,
-            "sr_checkpoint": self.sr_checkpoint,
-            "cluster_table": self.cluster_table,
-        }
-        for key, value in {**required, **optional}.items():
-            if value and not Path(value).exists():
-                found.append(f"{key}: {value} does not exist")
+        found = path_problems(
+            required={
+                "stage1_checkpoint": self.stage1_checkpoint,
+                "text_tokenizer": self.text_tokenizer,
+                "image_tokenizer": self.image_tokenizer,
+            },
+            optional={
+                "frame0_checkpoint": self.frame0_checkpoint,
+                "stage2_checkpoint": self.stage2_checkpoint,
+                "sr_checkpoint": self.sr_checkpoint,
+                "cluster_table": self.cluster_table,
+            },
+        )
         if self.interpolation_levels and not self.stage2_checkpoint:
             found.append(
                 f"interpolation_levels={self.interpolation_levels} needs stage2_checkpoint: give one, "

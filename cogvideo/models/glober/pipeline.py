@@ -23,6 +23,7 @@ from cogvideo.models.glober.batch import padded_text
 from cogvideo.models.glober.sampler import GloberSampler, GloberSampling, frame_indices
 from cogvideo.precision import Precision
 from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
+from cogvideo.sampling.options import path_problems
 from cogvideo.sampling.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,7 @@ class GloberSampleOptions:
     fps: float = 0.0  # output frame rate; 0 = (frames - 1) / duration
 
     def problems(self) -> list[str]:
-        found = []
-        if not self.checkpoint:
-            found.append("checkpoint: required (e.g. checkpoint=PATH)")
-        elif not Path(self.checkpoint).exists():
-            found.append(f"checkpoint: {self.checkpoint} does not exist")
-        if not self.text_tokenizer:
-            found.append("text_tokenizer: required (the tokenizer the DiT trained with)")
-        elif not Path(self.text_tokenizer).exists():
-            found.append(f"text_tokenizer: {self.text_tokenizer} does not exist")
+        found = path_problems(required={"checkpoint": self.checkpoint, "text_tokenizer": self.text_tokenizer})
         for key in ("global_steps", "frame_steps", "frame_batch", "batch_size", "workers"):
             if getattr(self, key) < 1:
                 found.append(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -22,6 +22,7 @@ from cogvideo.models.hpdm import pyramid
 from cogvideo.models.hpdm.sampler import PyramidOptions, PyramidSampler
 from cogvideo.precision import Precision
 from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
+from cogvideo.sampling.options import path_problems
 from cogvideo.sampling.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,10 @@ class HPDMSampleOptions:
     tiles_per_batch: int = 8
 
     def problems(self) -> list[str]:
-        found = []
-        if not self.checkpoint:
-            found.append("checkpoint: required (e.g. checkpoint=PATH)")
-        elif not Path(self.checkpoint).exists():
-            found.append(f"checkpoint: {self.checkpoint} does not exist")
-        if self.text_tokenizer and not Path(self.text_tokenizer).exists():
-            found.append(f"text_tokenizer: {self.text_tokenizer} does not exist")
+        found = path_problems(
+            required={"checkpoint": self.checkpoint},
+            optional={"text_tokenizer": self.text_tokenizer},
+        )
         if self.steps < 1 or self.batch_size < 1 or self.workers < 1 or self.tiles_per_batch < 1:
             found.append("steps, batch_size, workers and tiles_per_batch must be >= 1")
         for key in ("overlap", "temporal_overlap"):
