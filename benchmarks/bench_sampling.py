@@ -33,7 +33,7 @@ from cogvideo.config import get_preset
 from cogvideo.family import build_model
 from cogvideo.machine import LoadWatch
 from cogvideo.precision import PRECISION_CHOICES, choose_precision, matmul_gflops, probe_shape, torch_dtype
-from cogvideo.sampling.decode import DecodePass, sample_frames
+from cogvideo.sampling.decode import DecodePass, DecodeProbe, sample_frames
 from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.stage_model import StageModel
@@ -164,7 +164,7 @@ def parse_args() -> argparse.Namespace:
         "--dtype",
         choices=PRECISION_CHOICES,
         default="auto",
-        help="auto: what this device runs fast (cogvideo.precision)",
+        help="auto: as cogvideo-sample resolves it (its decoding timed in each precision)",
     )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument(
@@ -184,8 +184,11 @@ def main():
         torch.set_num_threads(args.threads)
     load = LoadWatch()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    choice = choose_precision(
-        args.dtype, args.device, probe_shape(2 * args.batch, args.hidden, 4 * args.hidden)
+    choice = choose_precision(  # as cogvideo-sample resolves it: by the stage-1 model's own decoding
+        args.dtype,
+        args.device,
+        probe_shape(2 * args.batch, args.hidden, 4 * args.hidden),
+        step=DecodeProbe(bench_config(args, "stage1"), args.device, 2 * args.batch),
     )
     args.dtype = choice.precision
     print(choice.describe())

@@ -4,16 +4,18 @@ name -> dtype map, and the start-up probes that turn ``auto`` into what the run 
     choice = choose_precision("auto", "cpu", probe_shape(rows=16 * 1408, hidden=256, ffn=1024))
     model.to(choice.dtype); print(choice.describe())
 
-Training (``step`` given: one training step of the run's own model and batch in a named
-precision) times that step in fp32 and in the device's low precision, alternating, and takes
-the low precision only where its step is at least STEP_MIN_SPEEDUP times faster and the run does
-not exclude it (``excluded``: known to cost that run's quality). A matmul predicts a training step
-poorly (small products, attention, norms, the optimizer and casts are not in it): on an AMX Xeon
-bf16 matmuls ran 3.2x faster while the demo's steps did not. The low precision on CUDA: bf16 on
+Training and CogVideo's sampling (``step`` given: one training step of the run's own model and
+batch, or the sampler's own decoding, in a named precision) time that step in fp32 and in the
+device's low precision, alternating, and take the low precision only where its step is at least
+STEP_MIN_SPEEDUP times faster and the run does not exclude it (``excluded``: known to cost that
+run's quality). A matmul predicts a step poorly (small products, attention, norms, the optimizer,
+casts and per-token latency are not in it): on an AMX Xeon bf16 matmuls ran 3.2x faster while
+the demo's training steps did not; on the dev CPU (AVX-512 BF16) bf16 products ran 1.6x faster
+while sampling stage 2 took 1.8x longer in bf16 (`benchmarks/bench_sampling.py`). The low precision on CUDA: bf16 on
 compute capability >= 8 with native bf16 (A100, H100), fp16 with loss scaling on 7.x (V100, T4),
 none below.
 
-Without a step (sampling, evaluation, the tokenizer fit: one kind of product dominates) CUDA
+Without a step (the other families' sampling, evaluation, the tokenizer fit) CUDA
 follows that capability rule, and on a CPU a product of the run's own width is timed in fp32 and
 bf16 (a few ms with bf16 units; AVX2-only CPUs emulate bf16 some 60x slower than fp32): bf16 only
 where it is clearly faster. Under torch.distributed every rank takes part in the timing (a step
@@ -133,7 +135,7 @@ class ProbeFigures:
     threads: int
     capability: tuple[int, int] | None = None
     bf16_supported: bool = False
-    step_seconds: dict[str, float] = field(default_factory=dict)  # precision name -> s per training step
+    step_seconds: dict[str, float] = field(default_factory=dict)  # precision name -> s per own step
 
     def to_vector(self) -> torch.Tensor:
         cap = self.capability or (-1, -1)
@@ -175,7 +177,7 @@ class ProbeFigures:
         return None if chosen == "fp32" else chosen
 
     def step_speedup(self, name: str) -> float:
-        """fp32's training step time over `name`'s (> 1: `name` is faster)."""
+        """fp32's step time over `name`'s (> 1: `name` is faster)."""
         return self.step_seconds["fp32"] / max(self.step_seconds[name], 1e-12)
 
 
@@ -240,7 +242,7 @@ class PrecisionChoice:
         steps = ", ".join(f"{name} {value:.3f}" for name, value in f.step_seconds.items())
         return (
             f"precision {self.precision} (requested {self.requested}{'; ' + self.reason if self.reason else ''}): "
-            + (f"training step s {steps}; " if steps else "")
+            + (f"own step s {steps}; " if steps else "")
             + f"matmul {m}x{k}x{n} GFLOP/s {rates} ({where})"
         )
 
@@ -287,9 +289,7 @@ def _reason(figures: ProbeFigures, chosen: str, excluded: Sequence[str] = ()) ->
         if low is None:
             return "no fast low precision on this device"
         speedup = figures.step_speedup(low)
-        return (
-            f"{low} training step {speedup:.2f}x fp32's {'>=' if chosen == low else '<'} {STEP_MIN_SPEEDUP}"
-        )
+        return f"{low} own step {speedup:.2f}x fp32's {'>=' if chosen == low else '<'} {STEP_MIN_SPEEDUP}"
     if figures.device == "cuda":
         cap = figures.capability or (0, 0)
         native = "native bf16" if figures.bf16_supported else "no native bf16"
@@ -369,7 +369,7 @@ def choose_precision(
     excluded: Sequence[str] = (),
 ) -> PrecisionChoice:
     """Resolve a requested precision on this device (see the module docstring). ``step(name)``:
-    one training step of the run in precision ``name``, timed for ``auto`` (collective: under
+    one step of the run's own work (training step, decoding) in precision ``name``, timed for ``auto`` (collective: under
     torch.distributed every rank calls this together); ``excluded``: low precisions ``auto`` must
     not choose for this run."""
     figures = probe(device, shape)

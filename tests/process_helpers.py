@@ -19,6 +19,19 @@ def run_ok(cmd: list[str], env: dict, timeout: float, cwd: Path | None = None) -
     return proc
 
 
+def trainer_command(nproc: int, port: int, script: str | None = None) -> tuple[list[str], dict]:
+    """The command and environment that run `cogvideo-train` (or `script`, an entry point wrapping
+    it) on `nproc` CPU ranks, one thread each: a world of one runs without a launcher, so the exit
+    code is the trainer's own. Arguments go after the command."""
+    target = [script] if script else ["-m", "pretrain.train"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if nproc == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return [sys.executable, *target], env
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    return [sys.executable, *launcher, *target], env
+
+
 def torchrun_self(test_file: str, args: list[str], timeout: float, **env: str) -> None:
     """Run the test module `test_file` as a script on 2 local ranks (torch.distributed.run), one
     thread each, with the repository on PYTHONPATH and `env` added."""

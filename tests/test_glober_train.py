@@ -8,9 +8,7 @@ TP=1 run in losses and gradient norms."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from process_helpers import write_kill_in_save_script
+from process_helpers import trainer_command, write_kill_in_save_script
 from test_pretrain_data import write_caption_tokenizer
 from test_pretrain_dist import losses
 from tolerances import loss_rel_tol
@@ -75,22 +73,7 @@ STARTED: list[Run] = []  # killed at the module's end if still running (a failed
 def launch(root: Path, name: str, *extra: str, nproc: int = 1, script: Path | None = None) -> Run:
     """Start `cogvideo-train` on `nproc` CPU ranks (a world of one without a launcher) in the
     background: the runs that do not depend on each other share the machine's cores."""
-    target = [str(script)] if script else ["-m", "pretrain.train"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if nproc == 1:
-        env.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
-        cmd = [sys.executable, *target]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            *target,
-        ]
+    cmd, env = trainer_command(nproc, free_port(), str(script) if script else None)
     path = root / name
     args = [
         "--config",

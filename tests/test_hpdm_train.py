@@ -6,16 +6,14 @@ kill -9 reproduces bit for bit, whose TP=2 run equals the TP=1 run, and whose De
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from process_helpers import write_kill_in_save_script
+from process_helpers import trainer_command, write_kill_in_save_script
 from test_pretrain_data import write_caption_tokenizer
 from test_pretrain_dist import losses
 from tolerances import loss_rel_tol
@@ -92,21 +90,7 @@ def args(ws, run: Path, *extra: str) -> list[str]:
 
 def run(ws, name: str, nproc: int = 1, *extra: str, script: str | None = None):
     """The trainer on `nproc` ranks (a world of one without a launcher), on a free port."""
-    target = [script] if script else ["-m", "pretrain.train"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if nproc == 1:
-        env.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
-        cmd = [sys.executable, *target]
-    else:
-        launcher = [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-        ]
-        cmd = [sys.executable, *launcher, *target]
+    cmd, env = trainer_command(nproc, free_port(), script)
     path = ws["root"] / name
     proc = subprocess.run(
         [*cmd, *args(ws, path, *extra)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env

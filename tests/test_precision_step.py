@@ -61,7 +61,7 @@ def test_decision_from_step_times(figures, excluded, expected):
     assert choice.precision == expected
     record = choice.to_dict()
     assert record["step_seconds"] == pytest.approx(figures.step_seconds, rel=1e-3)
-    assert "training step s" in choice.describe()
+    assert "own step s" in choice.describe()
     if excluded and figures.low_precision in excluded:
         assert "excluded" in choice.reason
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import trainer_command
 from test_pretrain_data import write_caption_tokenizer, write_shards
 from tolerances import FP32_EPS, adam_weight_atol, loss_rel_tol
 from webdataset.tariterators import tarfile_samples
@@ -93,24 +92,11 @@ def base_args(ws, run_dir: Path, *extra: str) -> list[str]:
 def torchrun(
     nproc: int, args: list[str], script: str | None = None, env: dict | None = None, timeout: int = 240
 ) -> subprocess.CompletedProcess:
-    target = [script] if script else ["-m", "pretrain.train"]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    if nproc == 1:  # no launcher: the exit code is the trainer's own
-        cmd = [sys.executable, *target, *args]
-        full_env.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(next(PORTS))
-        )
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={next(PORTS)}",
-            *target,
-            *args,
-        ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+    cmd, full_env = trainer_command(nproc, next(PORTS), script)
+    full_env.update(env or {})
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env
+    )
 
 
 def train(ws, name: str, nproc: int, *extra: str) -> Path:

@@ -11,14 +11,16 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from cogvideo import parallel, precision
-from cogvideo.checkpoint import save_model_checkpoint
+from cogvideo.checkpoint import load_model_config, save_model_checkpoint
 from cogvideo.config import get_preset
 from cogvideo.family import build_model
 from cogvideo.precision import ProbeFigures
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import main as clusters_main
+from cogvideo.sampling.decode import PROBE_MAX_LAYERS, PROBE_TOKENS, DecodeProbe
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.pipeline import VideoPipeline
+from cogvideo.sampling.stage_model import StageModel
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import train_text_tokenizer
@@ -86,21 +88,69 @@ def _args(assets, prompts, out, *extra):
     ]
 
 
+MATMUL_SAYS_BF16 = ProbeFigures("cpu", {"fp32": 100.0, "bf16": 220.0}, (4, 32, 128), 1)
+
+
 @pytest.mark.parametrize(
-    "figures, expected",
+    "figures, steps, expected",
     [
-        (ProbeFigures("cpu", {"fp32": 100.0, "bf16": 220.0}, (4, 32, 128), 1), torch.bfloat16),
-        (ProbeFigures("cpu", {"fp32": 20.0, "bf16": 0.3}, (4, 32, 128), 1), torch.float32),
+        (MATMUL_SAYS_BF16, {"fp32": 1.0, "bf16": 0.5}, torch.bfloat16),
+        # the dev CPU (AVX-512 BF16): bf16 products 1.6x faster, its decoding slower
+        (MATMUL_SAYS_BF16, {"fp32": 1.0, "bf16": 1.8}, torch.float32),
+        (
+            ProbeFigures("cpu", {"fp32": 20.0, "bf16": 0.3}, (4, 32, 128), 1),
+            {"fp32": 1.0, "bf16": 60.0},
+            torch.float32,
+        ),
     ],
 )
-def test_auto_dtype_loads_the_models_in_the_probes_choice(assets, monkeypatch, figures, expected):
+def test_auto_dtype_loads_the_models_in_the_decoding_probes_choice(
+    assets, monkeypatch, figures, steps, expected
+):
+    """`auto` follows the decoding's own step times, not the matmul's, and every stage loads in it."""
+    timed = []
+
+    def time_steps(step, names, device):
+        timed.extend(names)
+        return {name: steps[name] for name in names}
+
     monkeypatch.setattr(precision, "measure", lambda device, shape: figures)
     monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setattr(precision, "time_steps", time_steps)
     options = SampleOptions(**{k: v for k, v in assets.items()}, dtype="auto", interpolation_levels=1)
     pipeline = VideoPipeline.load(options)
+    assert timed == ["fp32", "bf16"]
     assert pipeline.precision.requested == "auto" and pipeline.precision.dtype == expected
+    assert pipeline.precision.figures.step_seconds == steps
     for stage in (pipeline.sampler.stage1, pipeline.sampler.stage2):
         assert {p.dtype for p in stage.model.parameters()} == {expected}
+
+
+def test_the_decoding_probe_runs_the_stage_models_cached_decoding(assets, monkeypatch):
+    """The probe's step is the sampler's work in the named precision: the text, a given frame,
+    then single-token steps of the next frame through the KV cache, on the stage-1 model's
+    layout cut to at most PROBE_MAX_LAYERS layers."""
+    cfg = load_model_config(assets["stage1_checkpoint"]).replace(num_layers=PROBE_MAX_LAYERS + 2)
+    calls = []
+    real_step = StageModel.step
+
+    def step(self, tokens, frame_index, start, cache, text_bias):
+        calls.append((next(self.model.parameters()).dtype, frame_index, start, tokens.shape))
+        return real_step(self, tokens, frame_index, start, cache, text_bias)
+
+    monkeypatch.setattr(StageModel, "step", step)
+    probe = DecodeProbe(cfg, "cpu", rows=4)
+    probe("bf16")
+    probe("fp32")
+    steps = min(PROBE_TOKENS, cfg.tokens_per_frame)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        stage = probe.stages[name]
+        assert stage.cfg.num_layers == PROBE_MAX_LAYERS and stage.cfg.text_length == cfg.text_length
+        assert {p.dtype for p in stage.model.parameters()} == {dtype}
+        mine = [c for c in calls if c[0] == dtype]
+        assert [(f, start, tuple(shape)) for _, f, start, shape in mine] == [
+            (1, p, (4, 1)) for p in range(steps)
+        ]
 
 
 def test_bf16_sampling_end_to_end(assets, tmp_path):
@@ -195,7 +245,7 @@ def test_mismatched_stages_are_refused_before_sampling(assets, tmp_path, capsys)
 
 
 def test_frame0_checkpoint_of_the_same_backbone_gives_the_same_video(assets, tmp_path):
-    from cogvideo.checkpoint import load_model_config, load_model_state
+    from cogvideo.checkpoint import load_model_state
     from cogvideo.model import is_backbone_param
 
     stage1 = assets["stage1_checkpoint"]

@@ -3,7 +3,8 @@ target frames token by token, with classifier-free guidance.
 
 `sample_frames` uses the KV cache (all given frames in one parallel pass, one step per
 sampled token); `sample_frames_uncached` recomputes the whole time-ordered sequence at
-every step and is the reference the cached path must match.
+every step and is the reference the cached path must match. `DecodeProbe` times that work in a
+given precision, for `dtype: auto`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from cogvideo.family import build_model
+from cogvideo.precision import torch_dtype
 from cogvideo.sampling.stage_model import StageModel
+
+PROBE_MAX_LAYERS = 4  # the demo's models whole; a 48-layer model times 4 of its layers
+PROBE_TOKENS = 16  # single-token steps timed after the parallel pass
 
 
 @dataclass
@@ -90,3 +96,48 @@ def sample_frames_uncached(
             logits = stage.full(torch.cat([text, *blocks], dim=1), job.temporal, job.text_bias)
             frames[f][:, p] = strategy(job.combine(logits[:, t + f * n + p]), generators)
     return {f: frames[f] for f in job.targets}
+
+
+class DecodeProbe:
+    """``probe(name)`` runs the sampler's own work in precision ``name`` once, for ``dtype: auto``
+    to time (`cogvideo.precision.choose_precision`): the text in one chunk, frame 0 given in one
+    parallel pass, then PROBE_TOKENS single-token steps of frame 1 with the KV cache, on `rows`
+    decode rows, with the stage's model (TP shards included: collective under torch.distributed)
+    cut to PROBE_MAX_LAYERS layers, random weights. A matmul predicts this poorly: small products,
+    attention, casts and per-step latency dominate. A model per precision is built on first use."""
+
+    def __init__(self, cfg, device: str, rows: int):
+        layers = min(cfg.num_layers, PROBE_MAX_LAYERS)
+        self.cfg = cfg.replace(num_layers=layers, activation_checkpointing=False)
+        self.device, self.rows = device, rows
+        self.stages: dict[str, StageModel] = {}
+
+    def stage(self, name: str) -> StageModel:
+        if name not in self.stages:
+            torch.manual_seed(0)
+            model = build_model(self.cfg, self.device).eval().to(torch_dtype(name))
+            self.stages[name] = StageModel(model, self.cfg)
+        return self.stages[name]
+
+    def __call__(self, name: str) -> None:
+        stage, cfg = self.stage(name), self.cfg
+        vocab, generator = cfg.vocab, torch.Generator().manual_seed(0)
+        text = torch.randint(
+            vocab.text_offset,
+            vocab.text_offset + vocab.num_text_tokens,
+            (self.rows, cfg.text_length),
+            generator=generator,
+        ).to(self.device)
+        codes = torch.randint(0, vocab.num_image_tokens, (self.rows, stage.n), generator=generator).to(
+            self.device
+        )
+        target = min(1, cfg.num_frames - 1)
+        cache = stage.new_cache(temporal=target > 0)
+        stage.text(text, cache, 0.0)
+        if target:
+            stage.given({0: codes}, cache, 0.0)
+        for position in range(min(PROBE_TOKENS, stage.n)):
+            stage.step(codes[:, position : position + 1], target, position, cache, 0.0)
+
+    def close(self) -> None:
+        self.stages.clear()

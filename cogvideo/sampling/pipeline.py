@@ -11,6 +11,7 @@ import torch
 
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from cogvideo.sampling.clusters import load_cluster_table
+from cogvideo.sampling.decode import DecodeProbe
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
 from cogvideo.sampling.options import SampleOptions
@@ -33,14 +34,19 @@ def check_options(options: SampleOptions) -> None:
 
 
 def sampling_precision(options: SampleOptions) -> PrecisionChoice:
-    """options.dtype resolved on this device for the stage-1 model's width at the decode steps'
-    row count (batch x 2 with guidance); collective under torch.distributed (rank 0 probes)."""
+    """options.dtype resolved on this device; `auto` by the stage-1 model's own decoding timed
+    in each precision (`DecodeProbe`) at the decode steps' row count (batch x 2 with guidance),
+    besides a product of its width; collective under torch.distributed (rank 0's figures count)."""
     from cogvideo.checkpoint import load_model_config
 
-    cfg = load_model_config(Path(options.stage1_checkpoint))
-    device = sampling_device(options.device)
-    shape = probe_shape(2 * options.batch_size, cfg.hidden_size, cfg.ffn_size // options.tensor_parallel)
-    return choose_precision(options.dtype, device, shape)
+    cfg = load_model_config(Path(options.stage1_checkpoint)).validate(options.tensor_parallel)
+    device, rows = sampling_device(options.device), 2 * options.batch_size
+    shape = probe_shape(rows, cfg.hidden_size, cfg.ffn_size // options.tensor_parallel)
+    probe = DecodeProbe(cfg, device, rows)
+    try:
+        return choose_precision(options.dtype, device, shape, step=probe)
+    finally:
+        probe.close()
 
 
 def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: torch.dtype) -> StageModel:
