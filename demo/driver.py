@@ -24,6 +24,8 @@ a step whose settings changed reruns together with every step that builds on it)
 above) and any family with demo settings in configs/demo/<family>/, whose steps
 <family>_shards, _train, _sample and _evaluate (demo.family_steps) build on videos and
 tokenizers alone, e.g. `python -m demo families=[hpdm]` trains and reports that family only.
+A stage of the preset family's pipeline (a folder with stage.yaml: DSR's super-resolution,
+`families=[cogvideo,dsr]`) also builds on the hierarchy's model it starts from and on its samples.
 """
 
 from __future__ import annotations

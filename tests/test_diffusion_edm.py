@@ -32,6 +32,24 @@ def test_preconditioning_matches_hand_computed_values():
     assert torch.allclose(pre.c_noise(sigma), torch.log(sigma) / 4, rtol=1e-12)
 
 
+def test_x_prediction_is_the_network_output_and_its_weight_is_floored():
+    """prediction="sample": D = F (c_skip 0, c_out 1) with EDM's c_in and c_noise; the weight
+    lambda(max(sigma, weight_sigma_min)) (planted: EDM's mix or an unfloored weight fail)."""
+    cfg = edm.EDMConfig(prediction="sample", weight_sigma_min=0.05)
+    pre = edm.Preconditioner(cfg)
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64).view(2, 1)
+    x, net = (
+        torch.tensor([[1.0], [3.0]], dtype=torch.float64),
+        torch.tensor([[2.0], [-1.0]], dtype=torch.float64),
+    )
+    assert torch.equal(pre.denoised(x, net, sigma), net)
+    assert torch.allclose(pre.c_in(x, sigma), edm.Preconditioner(EDM).c_in(x, sigma), rtol=1e-12)
+    # 0.01 -> floored to 0.05: (0.0025 + 0.25) / (0.0025 * 0.25) = 404; 1 -> 5 as unfloored
+    weights = edm.loss_weight(cfg, torch.tensor([0.01, 1.0], dtype=torch.float64))
+    assert torch.allclose(weights, torch.tensor([404.0, 5.0], dtype=torch.float64), rtol=1e-12)
+    assert edm.EDMConfig(prediction="x").problems() and not cfg.problems()
+
+
 def test_loss_weight_and_training_sigmas():
     sigma = torch.tensor([0.5, 1.0, 0.1], dtype=torch.float64)
     # (sigma^2 + 0.25) / (0.25 sigma^2): 0.5 -> 0.5 / 0.0625 = 8, 1 -> 5, 0.1 -> 0.26 / 0.0025 = 104

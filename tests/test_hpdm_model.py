@@ -215,27 +215,43 @@ class FixedOutput(torch.nn.Module):
         return 2 * x
 
 
-def test_pyramid_loss_is_edms_weighted_error_by_hand():
+@pytest.mark.parametrize("prediction", ["sample", "edm"])
+def test_pyramid_loss_is_edms_weighted_error_by_hand(prediction):
+    """x-prediction (the presets': D is the network's output, the weight's sigma floored at
+    0.05) and EDM's mix (D = c_skip x + c_out F), each written out by hand."""
+    import dataclasses
+
     from cogvideo.models.hpdm.loss import pyramid_loss, training_example
 
-    video = torch.randint(0, 256, (*CFG.video_size, 3), dtype=torch.uint8)
-    examples = [training_example(CFG, video, torch.tensor(c), seed=s) for s, c in ((1, 2), (2, 4))]
+    floor = 0.05 if prediction == "sample" else 0.0
+    cfg = CFG.replace(edm=dataclasses.replace(CFG.edm, prediction=prediction, weight_sigma_min=floor))
+    assert CFG.edm.prediction == "sample" and CFG.edm.weight_sigma_min == 0.05
+    video = torch.randint(0, 256, (*cfg.video_size, 3), dtype=torch.uint8)
+    examples = [training_example(cfg, video, torch.tensor(c), seed=s) for s, c in ((1, 2), (2, 4))]
     batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    batch["sigma"][0, 0] = 0.01  # below the weight's floor
     model = FixedOutput()
-    loss = pyramid_loss(CFG, model, batch, torch.device("cpu"))
+    loss = pyramid_loss(cfg, model, batch, torch.device("cpu"))
 
     sd, expected = 0.5, []
-    for e in examples:
-        for lv in range(CFG.num_levels):
+    for e in batch_rows(batch):
+        for lv in range(cfg.num_levels):
             s = float(e["sigma"][lv])
             clean, noisy = e["patches"][lv].double(), (e["patches"][lv] + s * e["noise"][lv]).double()
             c_in, c_skip = 1 / (s * s + sd * sd) ** 0.5, sd * sd / (s * s + sd * sd)
             c_out = s * sd / (s * s + sd * sd) ** 0.5
-            d = c_skip * noisy + c_out * 2 * (c_in * noisy)
-            weight = (s * s + sd * sd) / (s * sd) ** 2
+            if prediction == "sample":
+                d, w = 2 * (c_in * noisy), max(s, floor)
+            else:
+                d, w = c_skip * noisy + c_out * 2 * (c_in * noisy), s
+            weight = (w * w + sd * sd) / (w * sd) ** 2
             expected.append(weight * float((d - clean).pow(2).mean()))
     assert abs(float(loss) / (sum(expected) / len(expected)) - 1) < 1e-5
     assert torch.allclose(model.seen[1], torch.log(batch["sigma"]) / 4)  # c_noise = ln(sigma) / 4
+
+
+def batch_rows(batch):
+    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["sigma"]))]
 
 
 def test_training_examples_are_seeded_and_drop_the_condition_one_time_in_ten():

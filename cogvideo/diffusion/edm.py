@@ -15,6 +15,15 @@ parametrisation); the first-order step is its `step`. EDM's stochastic second-or
 deprecated that class and no longer exports it at the top level, so it is imported from its
 module. Training draws ln(sigma) ~ N(p_mean, p_std^2) and weighs the squared error by
 (sigma^2 + sd^2) / (sigma sd)^2 (EDM's Table 1; diffusers has no training helper for them).
+
+`prediction="sample"` is x-prediction proper: the network's output is the denoised estimate
+itself, D = F(c_in x; c_noise) (c_skip = 0, c_out = 1; diffusers' `prediction_type="sample"`),
+with the same c_in, c_noise and loss weight. With EDM's mix, F's target at small sigma is the
+noise itself ((x0 - c_skip x) / c_out -> -n), which a pixel-space transformer whose tokens are
+barely wider than their pixels learns slowly; predicting x0 it need not carry the noise through.
+EDM's weight then grows as 1 / sigma^2 where no network beats copying its input, so it is taken
+at max(sigma, weight_sigma_min) (as "Back to Basics: Let Denoising Generative Models Denoise",
+Li and He 2025, clip their x-prediction's weight).
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeSchedul
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+PREDICTIONS = ("edm", "sample")
+
+
 @dataclass(frozen=True)
 class EDMConfig:
     sigma_data: float = 0.5
@@ -38,6 +50,17 @@ class EDMConfig:
     sigma_min: float = 0.002  # sampling schedule (Karras rho schedule down to sigma_min, then 0)
     sigma_max: float = 80.0
     rho: float = 7.0
+    # what the network predicts: "edm" (EDM's F, D = c_skip x + c_out F) or "sample" (D = F)
+    prediction: str = "edm"
+    weight_sigma_min: float = 0.0  # the loss weight's sigma floor: lambda(max(sigma, this))
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.prediction not in PREDICTIONS:
+            found.append(f"prediction: {self.prediction!r}, one of {list(PREDICTIONS)}")
+        if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0 or self.weight_sigma_min < 0:
+            found.append("sigma_min < sigma_max, sigma_data > 0 and weight_sigma_min >= 0 are required")
+        return found
 
     def scheduler(self) -> EDMEulerScheduler:
         return EDMEulerScheduler(
@@ -57,6 +80,7 @@ class Preconditioner:
 
     def __init__(self, edm: EDMConfig):
         self.scheduler = edm.scheduler()
+        self.predicts_sample = edm.prediction == "sample"
 
     def c_in(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.scheduler.precondition_inputs(x, sigma)
@@ -65,6 +89,8 @@ class Preconditioner:
         return self.scheduler.precondition_noise(sigma)
 
     def denoised(self, x: torch.Tensor, network_out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.predicts_sample:
+            return network_out.to(x.dtype)
         return self.scheduler.precondition_outputs(x, network_out, sigma)
 
 
@@ -74,7 +100,9 @@ def sample_sigmas(edm: EDMConfig, shape: tuple[int, ...], generator: torch.Gener
 
 
 def loss_weight(edm: EDMConfig, sigma: torch.Tensor) -> torch.Tensor:
-    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2: unit effective weight for F's target."""
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (unit effective weight for EDM's F target),
+    sigma taken at least weight_sigma_min."""
+    sigma = sigma.clamp(min=edm.weight_sigma_min)
     return (sigma**2 + edm.sigma_data**2) / (sigma * edm.sigma_data) ** 2
 
 
