@@ -52,6 +52,9 @@ PROBE_MIN_SECONDS = 0.005  # time each precision for at least this long (and at 
 # Xeon no faster (issue 29), while a loaded machine moves single steps by 10 % and more; a large
 # model on A100/H100 gains 2-3x and more.
 STEP_MIN_SPEEDUP = 1.5
+# A timed step (training's or decoding's) runs the run's model cut to at most this many layers:
+# the demo's models whole, a 48-layer model 4 of its layers
+PROBE_MAX_LAYERS = 4
 STEP_WARMUP = 1  # untimed steps per precision (allocations, kernel choice)
 STEP_REPEATS = 3  # timed steps per precision; the median counts
 

@@ -77,7 +77,7 @@ class FamilySteps:
 
     def __init__(self, demo: Demo, name: str):
         self.demo, self.name, self.settings = demo, name, family_folder(name)
-        self.phases = family_phases(name)
+        self.phases, self.stage = family_phases(name), family_stage(name)
 
     def path(self, *parts: str):
         return self.demo.path(self.name, *parts)
@@ -118,10 +118,6 @@ class FamilySteps:
         )
         summary = self.path("fit", "summary.json")
         return json.loads(summary.read_text()) if summary.is_file() else {"folder": str(self.path("fit"))}
-
-    @property
-    def stage(self) -> dict | None:
-        return family_stage(self.name)
 
     @property
     def has_videos(self) -> bool:
@@ -218,7 +214,7 @@ class FamilySteps:
 
         cfg = self.demo.cfg
         videos = read_jsonl(self.path("samples", "videos.jsonl"))
-        seams, tokenizer, scale = None, None, 1
+        seams, image_tokenizer, tokenizer, scale = None, None, None, 1
         if not self.stage:
             pipeline = self.pipeline_class().load(
                 self.sample_options(cfg.sample.durations[0], cfg.sample.seeds[0])
@@ -227,10 +223,10 @@ class FamilySteps:
         if (Path(videos[0]["dir"]) / "codes.npy").is_file():  # a token model's videos, at their grid
             from cogvideo.tokenizers import load_image_tokenizer
 
-            tokenizer = load_image_tokenizer(self.demo.image_model)
+            image_tokenizer = load_image_tokenizer(self.demo.image_model)
             side = np.load(Path(videos[0]["dir"]) / "codes.npy", mmap_mode="r").shape[-1]
-            scale = side // tokenizer.tokens_side
-            tokenizer = tokenizer.at_grid(side) if scale != 1 else tokenizer
+            scale = side // image_tokenizer.tokens_side
+            tokenizer = image_tokenizer.at_grid(side) if scale != 1 else image_tokenizer
         torch.set_num_threads(cfg.eval.threads)
         summary = evaluate_samples(
             videos,
@@ -244,12 +240,11 @@ class FamilySteps:
         )
         if self.stage and self.stage["evaluation"] == "super_resolution":
             from cogvideo.synthetic import default_radius
-            from cogvideo.tokenizers import load_image_tokenizer
             from demo.sr_evaluation import super_resolution_summary
 
             summary["super_resolution"] = super_resolution_summary(
                 videos,
-                load_image_tokenizer(self.demo.image_model),
+                image_tokenizer,
                 tokenizer,
                 default_radius(cfg.model().frame_size),
                 hierarchy=self.demo.path("samples"),

@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 
 from cogvideo import parallel
+from cogvideo.precision import PROBE_MAX_LAYERS
 from pretrain.config import TrainConfig
 from pretrain.data import Batch, ShardLoader
 from pretrain.engines import Engines
-
-PROBE_MAX_LAYERS = 4  # the demo's models whole; a 48-layer run times 4 of its layers
 
 
 def probe_batch(cfg: TrainConfig, model_cfg, shards: list[str], encode_text) -> Batch:

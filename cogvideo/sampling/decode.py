@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from cogvideo.family import build_model
-from cogvideo.precision import torch_dtype
+from cogvideo.precision import PROBE_MAX_LAYERS, torch_dtype
 from cogvideo.sampling.stage_model import StageModel
 
-PROBE_MAX_LAYERS = 4  # the demo's models whole; a 48-layer model times 4 of its layers
 PROBE_TOKENS = 16  # single-token steps timed after the parallel pass
 
 
