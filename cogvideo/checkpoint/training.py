@@ -156,7 +156,10 @@ def read_latest(root: Path) -> str | None:
         raw = file.read_bytes().strip()
     except OSError as err:
         raise CheckpointError(f"{file}: unreadable ({err.strerror or err})") from None
-    tag = raw.decode("utf-8", errors="replace")
+    try:  # strictly: replaced undecodable bytes would read as printable characters
+        tag = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        tag = ""
     if not tag or not tag.isprintable() or "/" in tag or tag in (".", ".."):
         raise CheckpointError(f"{file}: does not name a checkpoint folder (found {raw[:40]!r})")
     return tag
