@@ -205,7 +205,7 @@ class FamilySteps:
     def sample(self) -> dict:
         if self.stage:
             return self.demo.sample(self.path("samples"), self.stage_sample_options())
-        return self.demo.sample_prompts(self.path("samples"), self.sample_options, self.pipeline_class().load)
+        return self.demo.sample_prompts(self.path("samples"), self.sample_options, self.pipeline_class())
 
     def evaluate(self) -> dict:
         import torch

@@ -3,6 +3,7 @@ the resolved settings, the output paths, and runs the sub-tools."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -302,14 +303,17 @@ class Demo:
         def options(duration: float, seed: int):
             return self.sample_options(duration, seed, list(extra))
 
-        return self.sample_prompts(folder or self.path("samples"), options, VideoPipeline.load)
+        # a stage re-samples the hierarchy's videos: in the precision they were sampled in
+        dtype = self.sampled_dtype(self.path("samples")) if extra else None
+        return self.sample_prompts(folder or self.path("samples"), options, VideoPipeline, dtype)
 
-    def sample_prompts(self, folder: Path, options: Callable[[float, int], object], load) -> dict:
+    def sample_prompts(
+        self, folder: Path, options: Callable[[float, int], object], pipeline, dtype: str | None = None
+    ) -> dict:
         """The demo's prompts (held-out at every seed, seen at the first) at every duration, with
-        `options(duration, seed)` and the pipeline `load(options)` builds, in the sampling job;
-        the sampled videos' rows in `folder`/videos.jsonl."""
-        import functools
-
+        `options(duration, seed)` and the `pipeline` class, in the sampling job; the sampled
+        videos' rows in `folder`/videos.jsonl. Every group samples in `dtype`, by default the
+        precision the first group's job resolved (one `auto` probe for the step)."""
         from cogvideo.sampling.job import run_job
         from cogvideo.sampling.prompts import Prompt
 
@@ -319,14 +323,18 @@ class Demo:
                 todo = [p for p in prompts if p["heldout"] or n == 0]
                 out = folder / f"d{duration:g}_seed{seed}"
                 chosen = options(duration, seed)
+                if dtype is not None:
+                    chosen = dataclasses.replace(chosen, dtype=dtype)
                 print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
                 started = time.perf_counter()
                 manifest = run_job(
                     [Prompt(p["key"], p["prompt"]) for p in todo],
                     out,
                     chosen,
-                    functools.partial(load, chosen),
+                    pipeline.load,
+                    pipeline.precision,
                 )
+                dtype = self.sampled_dtype(folder)
                 seconds += time.perf_counter() - started
                 for p, entry in zip(todo, manifest["entries"]):
                     if entry["status"] != "ok":
@@ -343,6 +351,18 @@ class Demo:
                     )
         write_jsonl(folder / "videos.jsonl", videos, "w")
         return {"videos": len(videos), "seconds_per_video": round(seconds / len(videos), 3)}
+
+    def sampled_dtype(self, folder: Path) -> str:
+        """The precision the sampling jobs in `folder` ran in (the first group's, which every
+        group shares)."""
+        from cogvideo.sampling.job import recorded_options
+
+        cfg = self.cfg.sample
+        first = folder / f"d{cfg.durations[0]:g}_seed{cfg.seeds[0]}"
+        recorded = recorded_options(first)
+        if recorded is None:
+            raise RuntimeError(f"{first}: no options.json (run the sample step first)")
+        return recorded["dtype"]
 
     # ---- evaluation and report ----------------------------------------------------------------
     def evaluate(self) -> dict:

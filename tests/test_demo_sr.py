@@ -243,14 +243,20 @@ def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypa
     monkeypatch.setattr(demo, "prepare", lambda *a, **k: prepared.append((a, k)) or {"written": 1})
     monkeypatch.setattr(demo, "train_model", lambda *a: trained.append(a) or {})
     monkeypatch.setattr(
-        demo, "sample_prompts", lambda folder, options, load: sampled.append((folder, options)) or {}
+        demo,
+        "sample_prompts",
+        lambda folder, options, pipeline, dtype=None: sampled.append((folder, options, dtype)) or {},
     )
     steps.shards()
     assert prepared[0][1] == {"videos": demo.path("dsr", "videos")}
     steps.train("train")
     assert f"init.backbone={demo.path('models', 'backbone')}" in trained[0][1]
+    hierarchy = demo.path("samples", f"d{cfg.sample.durations[0]:g}_seed{cfg.sample.seeds[0]}")
+    hierarchy.mkdir(parents=True)
+    (hierarchy / "options.json").write_text(json.dumps({"dtype": "bf16"}))  # what `auto` resolved to
     steps.sample()
-    folder, options = sampled[0]
+    folder, options, dtype = sampled[0]
+    assert dtype == "bf16"  # the low-res videos are re-sampled in the precision they were sampled in
     chosen = options(2.0, 3)
     assert folder == demo.path("dsr", "samples")
     assert chosen.sr_checkpoint == str(demo.path("dsr", "models", "train"))

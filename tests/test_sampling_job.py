@@ -5,6 +5,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -103,15 +104,15 @@ def test_local_job_records_failures_and_resumes(tmp_path):
     prompts = write_prompts(tmp_path)
     out, log = tmp_path / "out", tmp_path / "sampled.log"
     options = SampleOptions(batch_size=2, seed=5)
-    run_job(prompts, out, options, lambda: FakePipeline(options, log))
+    run_job(prompts, out, options, lambda o: FakePipeline(o, log))
     check_outputs(out, prompts, options)
     assert sorted(log.read_text().split()) == sorted(prompts[i].key for i in (0, 3, 4))
 
     log.unlink()
-    run_job(prompts, out, options, lambda: FakePipeline(options, log))  # only failures are retried
+    run_job(prompts, out, options, lambda o: FakePipeline(o, log))  # only failures are retried
     assert not log.exists()
     with pytest.raises(ValueError, match="other options .*seed"):
-        run_job(prompts, out, SampleOptions(seed=6), lambda: FakePipeline(options, log))
+        run_job(prompts, out, SampleOptions(seed=6), lambda o: FakePipeline(o, log))
 
 
 class BlockedPipeline(FakePipeline):
@@ -142,7 +143,7 @@ def test_a_second_job_on_a_running_jobs_out_is_refused_and_nothing_is_sampled_tw
     started, go, ended = threading.Event(), threading.Event(), []
     first = threading.Thread(
         target=lambda: ended.append(
-            run_job(prompts, out, options, lambda: BlockedPipeline(options, log, started, go))
+            run_job(prompts, out, options, lambda o: BlockedPipeline(o, log, started, go))
         )
     )
     first.start()
@@ -150,9 +151,9 @@ def test_a_second_job_on_a_running_jobs_out_is_refused_and_nothing_is_sampled_tw
         assert started.wait(60)
         if locked:
             with pytest.raises(LockHeld, match=rf"^--out {out}: a live run holds it .*pid {os.getpid()},"):
-                run_job(prompts, out, options, lambda: FakePipeline(options, log))
+                run_job(prompts, out, options, lambda o: FakePipeline(o, log))
         else:
-            run_job(prompts, out, options, lambda: FakePipeline(options, log))
+            run_job(prompts, out, options, lambda o: FakePipeline(o, log))
     finally:
         go.set()
         first.join(60)
@@ -160,6 +161,44 @@ def test_a_second_job_on_a_running_jobs_out_is_refused_and_nothing_is_sampled_tw
     sampled = log.read_text().split()
     assert (sorted(sampled) == sorted(prompts[i].key for i in (0, 3, 4))) == locked
     assert not (out / "LOCK").exists()
+
+
+class DtypePipeline(FakePipeline):
+    """Also logs the precision it samples in, one line per batch."""
+
+    def sample(self, prompts):
+        with self.log_path.with_suffix(".dtype").open("a") as f:
+            f.write(self.options.dtype + "\n")
+        return super().sample(prompts)
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_auto_precision_is_resolved_once_per_job_and_kept_on_resume(tmp_path, monkeypatch, settled):
+    """`dtype: auto` is resolved once, before any pipeline loads: every batch samples in that
+    choice and options.json records it; a resumed run keeps it without probing again, even where
+    a new probe would choose otherwise (a loaded machine), so a seed gives one video. Planted: the
+    job passing `auto` on to each pipeline (which then timed its own choice) fails."""
+    if not settled:
+        monkeypatch.setattr("cogvideo.sampling.job.settle_precision", lambda out, options, precision: options)
+    prompts = write_prompts(tmp_path)
+    out, log = tmp_path / "out", tmp_path / "sampled.log"
+    options = SampleOptions(batch_size=2, seed=5)
+    choices, probed = iter(["bf16", "fp32"]), []
+
+    def precision(asked):
+        probed.append(asked.dtype)
+        chosen = next(choices)
+        return SimpleNamespace(precision=chosen, describe=lambda: f"{chosen} (timed)")
+
+    run_job(prompts, out, options, lambda o: DtypePipeline(o, log), precision)
+    first = log.with_suffix(".dtype").read_text().split()
+    (out / prompts[3].key / "record.json").unlink()  # as if killed mid-way
+    run_job(prompts, out, options, lambda o: DtypePipeline(o, log), precision)
+    dtypes = log.with_suffix(".dtype").read_text().split()
+    assert len(dtypes) > len(first) >= 3  # every batch, then the resumed run's
+    assert (set(dtypes) == {"bf16"}) == settled
+    assert (json.loads((out / "options.json").read_text())["dtype"] == "bf16") == settled
+    assert (probed == ["auto"]) == settled
 
 
 @pytest.mark.slow
@@ -171,13 +210,13 @@ def test_ray_job_matches_the_local_one_and_resumes(tmp_path):
     options = SampleOptions(batch_size=2, seed=5, workers=2)
     start_ray(num_cpus=2, log_to_driver=False)
     try:
-        run_job(prompts, out, options, lambda: FakePipeline(options, log), use_ray=True)
+        run_job(prompts, out, options, lambda o: FakePipeline(o, log), use_ray=True)
         manifest = check_outputs(out, prompts, options)  # same codes as the local run's reference
         assert all(e["worker"].startswith("actor-") for e in manifest["entries"] if e["status"] == "ok")
         assert sorted(log.read_text().split()) == sorted(prompts[i].key for i in (0, 3, 4))
         (out / prompts[3].key / "record.json").unlink()  # as if killed mid-way
         log.unlink()
-        run_job(prompts, out, options, lambda: FakePipeline(options, log), use_ray=True)
+        run_job(prompts, out, options, lambda o: FakePipeline(o, log), use_ray=True)
         assert log.read_text().split() == [prompts[3].key]
         check_outputs(out, prompts, options)
     finally:
@@ -266,8 +305,15 @@ def _fake_files(tmp_path):
     ]
 
 
+def fake_pipeline(monkeypatch, log_path):
+    """cogvideo-sample's pipeline replaced by FakePipeline, `auto` resolved to fp32 without a model."""
+    monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, log_path))
+    choice = SimpleNamespace(precision="fp32", describe=lambda: "fp32 (test)")
+    monkeypatch.setattr(VideoPipeline, "precision", lambda options: choice)
+
+
 def test_cli_prints_each_failure_and_fails_when_any_prompt_failed(tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
+    fake_pipeline(monkeypatch, tmp_path / "log")
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS[:3] + ["  "] + PROMPTS[3:]))  # a 6-line file with a blank line
     with caplog.at_level("INFO", logger="cogvideo.sampling.job"):
@@ -301,7 +347,7 @@ def test_cli_prints_each_failure_and_fails_when_any_prompt_failed(tmp_path, caps
 def test_cli_on_an_out_a_live_job_holds_is_one_line_and_a_stale_lock_is_taken_over(
     tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, tmp_path / "log"))
+    fake_pipeline(monkeypatch, tmp_path / "log")
     (tmp_path / "cat.txt").write_text("a cat plays\n")
     argv = ["--prompts", str(tmp_path / "cat.txt"), "--out", str(tmp_path / "o"), *_fake_files(tmp_path)]
     with sleeping_process(60) as pid:

@@ -13,7 +13,6 @@ they are and whose `load(options)` builds it. Every family's pipeline runs in th
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import sys
@@ -82,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             prompt_file.prompts,
             args.out,
             options,
-            functools.partial(pipeline.load, options),
+            pipeline.load,
+            pipeline.precision,
             use_ray=args.ray,
             address=args.address,
         )

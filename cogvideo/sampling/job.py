@@ -4,10 +4,16 @@ each load the models once and pull batches of prompts.
 The output folder holds one entry per prompt (`<key>/`, see `outputs.py`), each finished by
 its record.json; a rerun skips entries recorded as ok. A prompt that fails is recorded with
 its error and the others go on. manifest.json and contact_sheet.png cover every prompt.
+
+`dtype: auto` is resolved once per job, before any worker loads a model: the precision a run
+of this job already recorded in options.json, else the pipeline's own choice (timed). Every
+worker, actor and resumed run then samples in that one precision, so a seed gives one video.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -110,11 +116,31 @@ def sample_batch(
     return [records[p.key] for p in batch]
 
 
+def recorded_options(out: str | Path) -> dict | None:
+    """The options a sampling job in `out` ran with (`dtype` as it was resolved), or None."""
+    path = Path(out) / "options.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def settle_precision(out: Path, options, precision: Callable | None):
+    """`options` with `dtype: auto` replaced by the job's precision: the one `out` recorded, else
+    `precision(options)` (a PrecisionChoice; collective under torch.distributed)."""
+    if getattr(options, "dtype", None) != "auto" or precision is None:
+        return options
+    recorded = (recorded_options(out) or {}).get("dtype", "auto")
+    if recorded != "auto":
+        log.info("dtype auto: %s, as this job's earlier run resolved it (%s/options.json)", recorded, out)
+        return dataclasses.replace(options, dtype=recorded)
+    choice = precision(options)
+    log.info(choice.describe())
+    return dataclasses.replace(options, dtype=choice.precision)
+
+
 def _check_options(out: Path, options: SampleOptions) -> None:
     record = {k: v for k, v in to_dict(options).items() if k not in SCHEDULING_OPTIONS}
-    path = out / "options.json"
-    if path.is_file():
-        previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in SCHEDULING_OPTIONS}
+    previous = recorded_options(out)
+    if previous is not None:
+        previous = {k: v for k, v in previous.items() if k not in SCHEDULING_OPTIONS}
         if previous != record:
             changed = sorted(k for k in set(record) | set(previous) if record.get(k) != previous.get(k))
             raise ValueError(
@@ -122,7 +148,7 @@ def _check_options(out: Path, options: SampleOptions) -> None:
                 f"use a new --out, or the same options to resume"
             )
     if _is_main_process():
-        write_json(path, to_dict(options))
+        write_json(out / "options.json", to_dict(options))
 
 
 def _run_local(batches, out: Path, make_pipeline, progress: Progress) -> None:
@@ -211,27 +237,31 @@ def run_job(
     prompts: list[Prompt],
     out: str | Path,
     options: SampleOptions,
-    make_pipeline: Callable,
+    load: Callable,
+    precision: Callable | None = None,
     use_ray: bool = False,
     address: str | None = None,
 ) -> dict | None:
-    """Sample every prompt not already done; returns the manifest (None on ranks other than 0).
-    One job at a time per `out` (its LOCK, held by rank 0 or the Ray driver; LockHeld when a live
-    job holds it)."""
+    """Sample every prompt not already done with the pipeline `load(options)` builds in each worker;
+    returns the manifest (None on ranks other than 0). `precision(options)`: the pipeline's
+    PrecisionChoice, which resolves `dtype: auto` once for the job (module docstring). One job at
+    a time per `out` (its LOCK, held by rank 0 or the Ray driver; LockHeld when a live job holds it)."""
     out = Path(out)
     lock = RunLock(out, key="--out") if _is_main_process() else None
     if lock is not None and (took_over := lock.acquire()) is not None:
         log.warning(took_over)
     try:
-        return _sample(prompts, out, options, make_pipeline, use_ray, address)
+        return _sample(prompts, out, options, load, precision, use_ray, address)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _sample(prompts, out: Path, options: SampleOptions, make_pipeline, use_ray: bool, address) -> dict | None:
+def _sample(prompts, out: Path, options, load, precision, use_ray: bool, address) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
+    options = settle_precision(out, options, precision)
     _check_options(out, options)
+    make_pipeline = functools.partial(load, options)
     todo = [p for p in prompts if (read_record(out, p.key) or {}).get("status") != "ok"]
     if len(todo) < len(prompts):
         log.info("%d of %d prompts already done in %s", len(prompts) - len(todo), len(prompts), out)

@@ -111,15 +111,21 @@ class VideoPipeline:
         self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached, frame0)
 
     @classmethod
+    def precision(cls, options: SampleOptions) -> PrecisionChoice:
+        """options.dtype resolved for this run (`sampling_precision`), after the options are
+        checked and the processes joined (the probe is collective under torchrun)."""
+        check_options(options)
+        join_parallel(options.tensor_parallel)
+        return sampling_precision(options)
+
+    @classmethod
     def load(cls, options: SampleOptions) -> "VideoPipeline":
         """Checkpoints and tokenizers from the paths in `options`. Under torchrun the processes
         join the same parallel state as training: TP ranks share a model, DP groups split prompts."""
         from cogvideo.tokenizers.loading import load_image_tokenizer
         from cogvideo.tokenizers.text import TextTokenizer
 
-        check_options(options)
-        join_parallel(options.tensor_parallel)
-        precision = sampling_precision(options)
+        precision = cls.precision(options)
         log.info(precision.describe())
         if precision.warning:
             log.warning(precision.warning)

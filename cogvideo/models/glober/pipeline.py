@@ -81,9 +81,21 @@ class GloberPipeline:
         self.num_frames = options.frames or self.cfg.num_frames
 
     @classmethod
+    def precision(cls, options: GloberSampleOptions):
+        """options.dtype resolved on this device (`auto`: by a product of the model's width)."""
+        from cogvideo.checkpoint import load_model_config
+        from cogvideo.precision import choose_precision, probe_shape
+
+        cfg = load_model_config(Path(options.checkpoint))
+        return choose_precision(
+            options.dtype,
+            sampling_device(options.device),
+            probe_shape(2 * cfg.seq_length, cfg.hidden_size, cfg.ffn_size),
+        )
+
+    @classmethod
     def load(cls, options: GloberSampleOptions) -> "GloberPipeline":
         from cogvideo.checkpoint import load_text_format
-        from cogvideo.precision import choose_precision, probe_shape
         from cogvideo.tokenizers.text import TextTokenizer
 
         join_parallel(options.tensor_parallel)
@@ -98,9 +110,7 @@ class GloberPipeline:
                 else f"holds {cfg.name}, not a GLOBER phase-generator model (cogvideo-sample --family)"
             ),
         )
-        precision = choose_precision(
-            options.dtype, device, probe_shape(2 * cfg.seq_length, cfg.hidden_size, cfg.ffn_size)
-        )
+        precision = cls.precision(options)
         log.info(precision.describe())
         model = model.to(dtype=precision.dtype)
         return cls(options, model, load_text_format(path), TextTokenizer(options.text_tokenizer, cfg.vocab))

@@ -92,9 +92,21 @@ class HPDMPipeline:
             )
 
     @classmethod
+    def precision(cls, options: HPDMSampleOptions):
+        """options.dtype resolved on this device (`auto`: by a product of the model's width)."""
+        from cogvideo.checkpoint import load_model_config
+        from cogvideo.precision import choose_precision, probe_shape
+
+        cfg = load_model_config(Path(options.checkpoint))
+        return choose_precision(
+            options.dtype,
+            sampling_device(options.device),
+            probe_shape(cfg.tokens_per_patch, cfg.hidden_size, cfg.ffn_size),
+        )
+
+    @classmethod
     def load(cls, options: HPDMSampleOptions) -> "HPDMPipeline":
         from cogvideo.checkpoint import load_text_format
-        from cogvideo.precision import choose_precision, probe_shape
 
         join_parallel(options.tensor_parallel)
         path, device = Path(options.checkpoint), sampling_device(options.device)
@@ -108,9 +120,7 @@ class HPDMPipeline:
                 else f"holds a {cfg.name} model, not HPDM (cogvideo-sample --family)"
             ),
         )
-        precision = choose_precision(
-            options.dtype, device, probe_shape(cfg.tokens_per_patch, cfg.hidden_size, cfg.ffn_size)
-        )
+        precision = cls.precision(options)
         log.info(precision.describe())
         tokenizer = None
         if cfg.condition == "text":
