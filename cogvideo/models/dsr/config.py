@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from cogvideo.config import ModelConfig, _cogview2
 from cogvideo.vocab import VocabLayout
 
+HIGH_SLOTS = ("boi", "low_res")
+
 
 @dataclass
 class DsrConfig(ModelConfig):
@@ -30,6 +32,10 @@ class DsrConfig(ModelConfig):
     high_window_cols: int = 5  # and this wide (kernel_size)
     low_window: int = 5  # low-res keys: this square of cells around the query's cell (kernel_size2)
     text_pad_id: int = 0  # the release left-pads the text with token 0 (an image code)
+    # what each high-res slot holds: "boi" (the release: `<start_of_image>` everywhere) or
+    # "low_res" (a deviation: the code of the low-res cell it lies in, so each slot starts
+    # from what it refines instead of finding its cell through attention)
+    high_slots: str = "boi"
 
     # ---- derived shapes -------------------------------------------------------------
     @property
@@ -90,6 +96,8 @@ class DsrConfig(ModelConfig):
             )
         if self.low_position_offset < self.text_length:
             bad("low_position_offset", f"{self.low_position_offset} overlaps the text positions")
+        if self.high_slots not in HIGH_SLOTS:
+            bad("high_slots", f"{self.high_slots!r} is not one of {list(HIGH_SLOTS)}")
         if not 0 <= self.text_pad_id < self.vocab.vocab_size or self.vocab.is_text(self.text_pad_id):
             bad("text_pad_id", f"{self.text_pad_id} must be a non-text id of the vocabulary")
         return self
