@@ -2,7 +2,8 @@
 
 The layout of one sequence (THUDM/CogVideo `sr_pipeline/dsr_model.py`, `DirectSuperResolution`):
 `text_length` text slots (left pads, then the text), the low-res frame's `frame_tokens**2` codes,
-then `high_frame_tokens**2` high-res slots, each fed as `<start_of_image>`; the logits at
+then `high_frame_tokens**2` high-res slots, each fed as `<start_of_image>` (or, with
+`high_slots=low_res`, its low-res cell's code); the logits at
 high-res slot j give high-res code j. The published shape is `[96, 496, 4096]` (20 x 20 -> 60 x 60).
 """
 
