@@ -108,6 +108,38 @@ def test_position_ids_and_masks_are_the_releases(n_pad):
     assert torch.equal(layout.context_mask(cfg, pads)[0, 0], release_mask(cfg, n_pad))
 
 
+def low_res_slots_by_hand(cfg: DsrConfig, low: torch.Tensor) -> list[int]:
+    """Slot (r, c) of the high-res grid holds the code of the low-res cell it lies in."""
+    s, side = cfg.scale, cfg.high_frame_tokens
+    return [int(low[r // s, c // s]) for r in range(side) for c in range(side)]
+
+
+@pytest.mark.parametrize("grid", ["4->12", "5->10"])
+def test_low_res_slots_hold_the_code_of_their_cell(grid, monkeypatch):
+    """high_slots=low_res (a deviation from the release's `<start_of_image>` slots): each
+    high-res slot holds its low-res cell's code, the rows before them as the release's; a
+    planted periodic tiling (cell (r % side, c % side), the release's position-table quirk) fails."""
+    cfg = GRIDS[grid].replace(high_slots="low_res").validate()
+    low = torch.randperm(cfg.vocab.num_image_tokens)[: cfg.tokens_per_frame].view(cfg.frame_tokens, -1)
+    text, high = [cfg.vocab.text_offset + 1], torch.zeros(cfg.high_tokens, dtype=torch.long)
+    tokens, _ = layout.build_example(cfg, text, low, high)
+    assert tokens[cfg.high_start :].tolist() == low_res_slots_by_hand(cfg, low)
+    released, _ = layout.build_example(cfg.replace(high_slots="boi"), text, low, high)
+    assert torch.equal(tokens[: cfg.high_start], released[: cfg.high_start])
+    monkeypatch.setattr(
+        layout,
+        "high_slot_tokens",
+        lambda cfg, low: low.reshape(cfg.frame_tokens, -1).repeat(cfg.scale, cfg.scale).flatten(),
+    )
+    planted, _ = layout.build_example(cfg, text, low, high)
+    assert planted[cfg.high_start :].tolist() != low_res_slots_by_hand(cfg, low)
+
+
+def test_an_unknown_high_slot_input_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"model.high_slots: 'codes' is not one of \['boi', 'low_res'\]"):
+        TINY.replace(high_slots="codes").validate()
+
+
 @pytest.mark.parametrize("grid", GRIDS)
 def test_windows_are_the_reference_formulas(grid):
     assert torch.equal(layout.high_res_keys(GRIDS[grid]), reference_windows(GRIDS[grid]))
@@ -325,3 +357,53 @@ def test_the_local_path_trains_as_the_dense_path():
         assert (grads[False][name] - expected).abs().max().item() <= 1e-10 * (
             expected.abs().max().item() + 1e-30
         ), name
+
+
+class _Ids:
+    """A text tokenizer stand-in: fixed ids for any prompt."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def encode(self, prompt):
+        return self.ids
+
+
+class _Greedy:
+    def sample(self, logits, draw):
+        return logits.argmax(-1)
+
+
+@pytest.mark.parametrize("slots", ["boi", "low_res"])
+def test_sampling_feeds_the_model_what_training_trains_it_on(slots, monkeypatch):
+    """The SR sampler's input sequence for a frame equals the training example the family builds
+    from the same frame pair (text, low-res codes, high-res slots), for either slot input; a
+    sampler that builds `<start_of_image>` slots for a low_res model is caught."""
+    from cogvideo.models.dsr import sampler as sr_sampler
+    from cogvideo.shards import ClipMeta, Sample
+
+    cfg = TINY.replace(high_slots=slots).validate()
+    g = torch.Generator().manual_seed(3)
+    low = torch.randint(cfg.vocab.num_image_tokens, (2, cfg.frame_tokens, cfg.frame_tokens), generator=g)
+    text = [cfg.vocab.text_offset + 2, cfg.vocab.text_offset + 7]
+    meta = ClipMeta(1.0, 1.0, 1, "v", 0.0, 1.0, 2)
+    arrays = {"frames": low.numpy(), "sr_frames": np.zeros((2, 12, 12), np.int64)}
+    trained = [
+        get_family("dsr").example(cfg, Sample("k", arrays, "c", meta), text, seed)["tokens"]
+        for seed in (0, 1)
+    ]
+    seen = []
+
+    def fed(cfg):
+        model = randomised(cfg)
+        forward = model.forward
+        model.forward = lambda tokens, **kw: (seen.append(tokens.clone()), forward(tokens, **kw))[1]
+        return sr_sampler.SuperResolution(model, _Ids(text), _Greedy(), seed=0)
+
+    fed(cfg)(["a prompt"], [low])
+    assert torch.equal(seen[-1], torch.stack(trained))
+    if slots == "low_res":  # plant: the sampler builds the release's slots whatever the model reads
+        boi = cfg.replace(high_slots="boi")
+        monkeypatch.setattr(sr_sampler, "build_example", lambda c, *a: layout.build_example(boi, *a))
+        fed(cfg)(["a prompt"], [low])
+        assert not torch.equal(seen[-1], torch.stack(trained))

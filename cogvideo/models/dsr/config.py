@@ -2,7 +2,8 @@
 
 The layout of one sequence (THUDM/CogVideo `sr_pipeline/dsr_model.py`, `DirectSuperResolution`):
 `text_length` text slots (left pads, then the text), the low-res frame's `frame_tokens**2` codes,
-then `high_frame_tokens**2` high-res slots, each fed as `<start_of_image>`; the logits at
+then `high_frame_tokens**2` high-res slots, each fed as `<start_of_image>` (or, with
+`high_slots=low_res`, its low-res cell's code); the logits at
 high-res slot j give high-res code j. The published shape is `[96, 496, 4096]` (20 x 20 -> 60 x 60).
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 from cogvideo.config import ModelConfig, _cogview2
 from cogvideo.vocab import VocabLayout
+
+HIGH_SLOTS = ("boi", "low_res")
 
 
 @dataclass
@@ -30,6 +33,10 @@ class DsrConfig(ModelConfig):
     high_window_cols: int = 5  # and this wide (kernel_size)
     low_window: int = 5  # low-res keys: this square of cells around the query's cell (kernel_size2)
     text_pad_id: int = 0  # the release left-pads the text with token 0 (an image code)
+    # what each high-res slot holds: "boi" (the release: `<start_of_image>` everywhere) or
+    # "low_res" (a deviation: the code of the low-res cell it lies in, so each slot starts
+    # from what it refines instead of finding its cell through attention)
+    high_slots: str = "boi"
 
     # ---- derived shapes -------------------------------------------------------------
     @property
@@ -90,6 +97,8 @@ class DsrConfig(ModelConfig):
             )
         if self.low_position_offset < self.text_length:
             bad("low_position_offset", f"{self.low_position_offset} overlaps the text positions")
+        if self.high_slots not in HIGH_SLOTS:
+            bad("high_slots", f"{self.high_slots!r} is not one of {list(HIGH_SLOTS)}")
         if not 0 <= self.text_pad_id < self.vocab.vocab_size or self.vocab.is_text(self.text_pad_id):
             bad("text_pad_id", f"{self.text_pad_id} must be a non-text id of the vocabulary")
         return self

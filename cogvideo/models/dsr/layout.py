@@ -74,7 +74,7 @@ def high_res_keys(cfg: DsrConfig) -> torch.Tensor:
 
 def build_example(cfg: DsrConfig, text_ids, low, high) -> tuple[torch.Tensor, torch.Tensor]:
     """One training pair -> (tokens [L], targets [N]): left-padded text, the low-res codes,
-    `<start_of_image>` in every high-res slot; the targets are the high-res codes."""
+    the high-res slots (`high_slot_tokens`); the targets are the high-res codes."""
     text_ids = torch.as_tensor(np.asarray(text_ids), dtype=torch.long).flatten()
     low = torch.as_tensor(np.asarray(low), dtype=torch.long)
     high = torch.as_tensor(np.asarray(high), dtype=torch.long)
@@ -93,5 +93,13 @@ def build_example(cfg: DsrConfig, text_ids, low, high) -> tuple[torch.Tensor, to
         if codes.numel() and not ((codes >= 0) & (codes < vocab.num_image_tokens)).all():
             raise ValueError(f"{name}-res codes must be image ids in [0, {vocab.num_image_tokens})")
     pads = torch.full((cfg.text_length - text_ids.numel(),), cfg.text_pad_id, dtype=torch.long)
-    slots = torch.full((cfg.high_tokens,), vocab.boi_id, dtype=torch.long)
-    return torch.cat([pads, text_ids, low.flatten(), slots]), high.flatten()
+    return torch.cat([pads, text_ids, low.flatten(), high_slot_tokens(cfg, low)]), high.flatten()
+
+
+def high_slot_tokens(cfg: DsrConfig, low: torch.Tensor) -> torch.Tensor:
+    """[N] what the high-res slots hold (`cfg.high_slots`): `<start_of_image>` (the release), or
+    at slot (r, c) the low-res code of cell (r // scale, c // scale)."""
+    if cfg.high_slots == "boi":
+        return torch.full((cfg.high_tokens,), cfg.vocab.boi_id, dtype=torch.long)
+    grid = low.reshape(cfg.frame_tokens, cfg.frame_tokens)
+    return grid.repeat_interleave(cfg.scale, 0).repeat_interleave(cfg.scale, 1).flatten()
