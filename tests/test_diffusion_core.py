@@ -36,11 +36,36 @@ def test_the_default_schedule_is_latent_diffusions_and_training_and_sampling_sha
         ({"beta_schedule": "cosine"}, "is not one of"),
         ({"prediction_type": "x0"}, "is not one of"),
         ({"num_train_timesteps": 1}, "needs >= 2"),
+        ({"timestep_spacing": "linspace"}, "is not one of"),
+        ({"zero_terminal_snr": True}, "needs prediction_type v_prediction or sample"),
     ],
 )
 def test_a_bad_schedule_is_named(bad, message):
     with pytest.raises(ValueError, match=message):
         NoiseSchedule(**bad).validate("model.schedule")
+
+
+def test_zero_terminal_snr_is_lin_et_als_rescaling_and_its_last_step_is_pure_noise():
+    """Lin et al. 2024, Algorithm 1 by hand: sqrt(abar) shifted so that its last value is 0 and
+    scaled so that its first is unchanged. Training's last step then carries nothing of x0, and
+    trailing DDIM starts sampling there (LDM's schedule keeps 0.07 x0 at t = 999, 0.10 at the
+    first of 15 leading steps: the noise decides what the condition should)."""
+    schedule = NoiseSchedule(
+        prediction_type="v_prediction", zero_terminal_snr=True, timestep_spacing="trailing"
+    )
+    root = NoiseSchedule().alphas_cumprod().double().sqrt()
+    by_hand = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+    assert torch.allclose(schedule.alphas_cumprod().double(), by_hand, rtol=1e-5, atol=1e-7)
+    objective = DiffusionObjective(schedule)
+    x0, noise = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    last = torch.full((2,), 999)
+    assert torch.equal(objective.noisy(x0, noise, last), noise)  # no signal left at t = T - 1
+    v = objective.target(x0, noise, last)
+    assert torch.allclose(objective.predicted_x0(noise, v, last), x0, rtol=0, atol=F64_TOL)
+    ddim = schedule.ddim()
+    assert torch.equal(ddim.alphas_cumprod, schedule.ddpm().alphas_cumprod)
+    ddim.set_timesteps(15)
+    assert ddim.timesteps[0] == 999 and ddim.timesteps[-1] == 66  # trailing: from the pure-noise step
 
 
 def _objective(kind: str) -> DiffusionObjective:

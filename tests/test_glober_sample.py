@@ -113,9 +113,11 @@ def test_sampling_writes_every_output_and_resumes(ws, monkeypatch):
     assert called == []
 
 
-def test_a_video_is_the_samplers_for_its_caption_and_seeded_noise(ws):
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_video_is_the_samplers_for_its_caption_and_seeded_noise(ws, shared):
     """Independent of the pipeline: the caption and guidance text in the checkpoint's format, the
-    prompt's generator drawing the global noise then the frames' noise, GLOBER's sampler."""
+    prompt's generator drawing the global noise then the frames' noise (one draw for all frames
+    with shared_frame_noise), GLOBER's sampler."""
     opts = GloberSampleOptions(
         checkpoint=str(ws["checkpoint"]),
         text_tokenizer=ws["tokenizer"],
@@ -123,6 +125,7 @@ def test_a_video_is_the_samplers_for_its_caption_and_seeded_noise(ws):
         frame_steps=2,
         frames=5,
         duration=2.0,
+        shared_frame_noise=shared,
     )
     pipeline = GloberPipeline.load(opts)
     prompt = read_prompts(ws["prompts"]).prompts[1]
@@ -130,7 +133,7 @@ def test_a_video_is_the_samplers_for_its_caption_and_seeded_noise(ws):
     cfg, tokenizer = pipeline.cfg, pipeline.tokenizer
     g = pipeline._generator(prompt)
     noise = torch.randn(1, *cfg.global_shape, generator=g)
-    frame_noise = torch.randn(1, 5, *cfg.latent_shape, generator=g)
+    frame_noise = torch.randn(1, 1 if shared else 5, *cfg.latent_shape, generator=g).expand(1, 5, -1, -1, -1)
     text = padded_text(cfg, tokenizer.encode(TEXT_FORMAT.text(prompt.text, 2.0)))[None]
     uncond = padded_text(cfg, tokenizer.encode("clip"))[None]  # the guidance text: no prefix
     sampler = GloberSampler(pipeline.model, opts.sampling())

@@ -3,7 +3,8 @@
 
 Per prompt: the caption (in the text format the checkpoint trained on, with the duration
 prefix of `duration`) -> the DiT draws one global feature (DDIM, guidance against the guidance
-text) -> the video decoder renders `frames` frames at normalised indices spanning the clip,
+text) -> the video decoder renders `frames` frames at normalised indices spanning the clip (each
+from its own noise, or with `shared_frame_noise` all from one),
 `frame_batch` at a time (DDIM, guidance against the zero global feature) -> the KL-VAE's pixels.
 Each prompt draws its noise from its own generator, seeded by (seed, prompt key): its video is
 the same whatever the batch, worker or rerun that samples it.
@@ -46,6 +47,9 @@ class GloberSampleOptions:
     eta: float = 0.0  # DDIM's eta
     frames: int = 0  # frames rendered per video, any number; 0 = the clip length trained on
     frame_batch: int = 32  # frames the decoder renders at once (the paper: 32 for 128-frame videos)
+    # one noise draw for every frame of a video (its frames then differ by their index alone); off:
+    # a draw per frame, the paper's
+    shared_frame_noise: bool = False
     duration: float = 4.0  # seconds, for the caption's duration prefix and the output frame rate
     fps: float = 0.0  # output frame rate; 0 = (frames - 1) / duration
 
@@ -140,7 +144,9 @@ class GloberPipeline:
         for prompt in prompts:
             g = self._generator(prompt)
             noise = torch.randn(1, *self.cfg.global_shape, generator=g).to(param.device, param.dtype)
-            frame_noise = torch.randn(1, self.num_frames, *self.cfg.latent_shape, generator=g)
+            draws = 1 if self.options.shared_frame_noise else self.num_frames
+            frame_noise = torch.randn(1, draws, *self.cfg.latent_shape, generator=g)
+            frame_noise = frame_noise.expand(1, self.num_frames, *self.cfg.latent_shape)
             text = self._text(self.text_format.text(prompt.text, self.options.duration))[None]
             uncond = self._text(self.text_format.uncond(self.options.duration))[None]
             v = self.sampler.global_features(text.to(param.device), uncond.to(param.device), noise)
