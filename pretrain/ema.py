@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cogvideo import parallel
+from cogvideo.checkpoint.io import CheckpointError
 from cogvideo.checkpoint.training import EMA_PREFIX as PREFIX
 
 
@@ -55,8 +56,8 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         names = {k[len(PREFIX) :] for k in state if k.startswith(PREFIX)}
         if names != set(self.shadow):
-            raise ValueError(
-                f"EMA state: holds {len(names)} tensors, this model trains {len(self.shadow)} "
+            raise CheckpointError(
+                f"the average of the weights (EMA): holds {len(names)} tensors, this model trains {len(self.shadow)} "
                 f"(differing: {sorted(names ^ set(self.shadow))[:3]})"
             )
         for name in names:
