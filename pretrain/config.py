@@ -60,6 +60,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-4  # not applied to norms, biases and the temporal gates
     grad_clip: float = 1.0  # global norm over all ranks; 0 disables
+    # an exponential moving average of the weights (pretrain/ema.py, diffusers' EMAModel schedule),
+    # exported by `cogvideo-convert zero` as the model's weights; 0: none
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -210,6 +213,13 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {cfg.optim.ema_decay}")
+    if cfg.optim.ema_decay and cfg.parallel.zero_stage == 3:
+        raise ConfigError(
+            "optim.ema_decay: not with parallel.zero_stage=3 (each rank holds a partition of the "
+            "weights, the average is kept of whole ones); use ZeRO-1 or 2, or ema_decay=0"
+        )
 
 
 def _check_data_and_starting_point(cfg: TrainConfig, model_cfg: ModelConfig) -> None:

@@ -50,6 +50,10 @@ class Engines:
             )
         return cls(parts, engines, model_cfg)
 
+    def modules(self) -> dict[str, nn.Module]:
+        """{name prefix in the model ("" for the whole): module} of every optimised part."""
+        return {(f"{p.module}." if p.module else ""): self.by_part[p.name].module for p in self.parts}
+
     @property
     def whole(self) -> bool:
         """One part, the whole model: the checkpoint layout of a single engine."""

@@ -28,7 +28,7 @@ import yaml
 
 from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
-from cogvideo.checkpoint.training import tag_for, train_config_precision
+from cogvideo.checkpoint.training import EMA_PART, EMA_SCOPE, tag_for, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
@@ -37,6 +37,7 @@ from cogvideo.runlock import LockHeld, RunLock
 from pretrain.checkpoint import PARTS, CheckpointManager, FoundByAllRanks, RNGState, SaveFailed
 from pretrain.config import TrainConfig, world_size_from_env
 from pretrain.data import Batch, DataError, ShardLoader
+from pretrain.ema import EMA
 from pretrain.engines import Engines
 from pretrain.launch import die_with_launcher, launch_local, rank_env
 from pretrain.metrics import MetricsLogger, Throughput
@@ -147,6 +148,10 @@ class Trainer:
             dp_size=parallel.dp_size(),
         )
         parts = {"loader": (self.loader, PARTS["loader"]), "rng": (RNGState(), PARTS["rng"])}
+        self.ema = None
+        if cfg.optim.ema_decay:
+            self.ema = EMA(self.engines.modules(), cfg.optim.ema_decay)
+            parts[EMA_PART] = (self.ema, EMA_SCOPE)
         self.checkpoints = checkpoint_manager(cfg, model_cfg, parts)
         self.step = 0
         if resume is not None:
@@ -294,6 +299,8 @@ class Trainer:
                 engine.step()
                 losses.append(loss.detach().float())
         self.step += 1
+        if self.ema is not None and engine.was_step_applied():
+            self.ema.update()
         norm = engine.get_global_grad_norm()
         loss = self._dp_mean(torch.stack(losses).mean())
         return {

@@ -269,3 +269,46 @@ def test_training_examples_are_seeded_and_drop_the_condition_one_time_in_ten():
         ValueError, match=r"a video of \(8, 32, 16, 3\) pixels, the pyramid needs \(8, 32, 32, 3\)"
     ):
         training_example(CFG, video[:, :, :16], torch.tensor(2), 5)
+
+
+def _tokens_by_hand(model, cfg, x, box):
+    """The interface tokens computed by hand: each token's pixels (channel-major, then its frames,
+    rows and columns) through the tokenizer, its coordinates through their map, and with
+    position_embeddings its frame's row of the time table plus its place's (row-major) row of the
+    space table."""
+    kt, kh, kw = cfg.tokenizer_patch
+    t, h, w = cfg.token_grid
+    tokens = []
+    coords = pyramid.token_coordinates(cfg, *box).to(x.dtype)
+    for i in range(t):
+        for j in range(h):
+            for k in range(w):
+                pixels = x[:, :, i * kt : (i + 1) * kt, j * kh : (j + 1) * kh, k * kw : (k + 1) * kw]
+                index = (i * h + j) * w + k
+                token = model.tokenizer(pixels.flatten(1)) + model.coordinates(coords[:, index])
+                if cfg.position_embeddings:
+                    token = token + model.time_positions[i] + model.space_positions[j * w + k]
+                tokens.append(token)
+    return torch.stack(tokens, dim=1)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_interface_tokens_are_pixels_coordinates_and_position_embeddings_by_hand(positions, monkeypatch):
+    cfg = CFG.replace(position_embeddings=positions, patch=(2, 8, 16))  # rows != columns
+    model = tiny_model(cfg)
+    assert hasattr(model, "space_positions") == positions  # checkpoints without the field have none
+    if positions:
+        t, h, w = cfg.token_grid
+        assert model.space_positions.shape == (h * w, cfg.interface_dim)
+        assert model.time_positions.shape == (t, cfg.interface_dim)
+        assert min(model.space_positions.std(), model.time_positions.std()) > 0  # initialised
+    x = torch.randn(2, 3, *cfg.patch, dtype=torch.float64)
+    offsets = torch.tensor([[0, 0, 0], [0, 8, 16]])
+    box = pyramid.boxes(cfg, 2, offsets, cfg.level_size(2))
+    expected = _tokens_by_hand(model, cfg, x, box)
+    torch.testing.assert_close(model.tokenize(x, box), expected, rtol=1e-12, atol=1e-12)
+    if positions:  # planted: the space table read column-major (its rows transposed)
+        t, h, w = cfg.token_grid
+        column_major = model.space_positions.detach().unflatten(0, (h, w)).transpose(0, 1).flatten(0, 1)
+        monkeypatch.setattr(model, "space_positions", torch.nn.Parameter(column_major))
+        assert not torch.allclose(model.tokenize(x, box), expected)

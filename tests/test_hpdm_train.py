@@ -16,10 +16,11 @@ import webdataset as wds
 from process_helpers import trainer_command, write_kill_in_save_script
 from test_pretrain_data import write_caption_tokenizer
 from test_pretrain_dist import losses
-from tolerances import loss_rel_tol
+from tolerances import adam_weight_atol, loss_rel_tol
 
 from cogvideo.checkpoint import Checkpoint, reshard
 from cogvideo.checkpoint.cli import main as convert_main
+from cogvideo.checkpoint.training import EMA_PREFIX
 from cogvideo.family import resolve_model_section
 from cogvideo.jsonl import read_jsonl
 from cogvideo.models.hpdm.model import TP_PLAN
@@ -84,6 +85,7 @@ def args(ws, run: Path, *extra: str) -> list[str]:
         "checkpoint.export_full=true",
         f"training.max_steps={STEPS}",
         "parallel.precision=fp32",
+        "optim.ema_decay=0.9",
         *extra,
     ]
 
@@ -108,12 +110,19 @@ def resumed(ws):
     killed, path = run(ws, "resumed", 1, "--resume", "auto", script=str(script))
     assert killed.returncode != 0 and (path / "latest").read_text() == f"step{STEPS - 2:08d}"
     first = losses(path)
-    exported = path / f"step{STEPS:08d}/model_full.pt"
-    weights = torch.load(exported, weights_only=True)
+    exported, averaged = path / f"step{STEPS:08d}/model_full.pt", path / f"step{STEPS:08d}/ema_rank0.pt"
+    weights, average = (torch.load(f, weights_only=True) for f in (exported, averaged))
     exported.unlink()  # the resumed run must write its own
+    averaged.unlink()
     finished, _ = run(ws, "resumed", 1, "--resume", "auto")
     assert finished.returncode == 0, finished.stderr[-4000:]
-    return {"path": path, "losses": first, "weights": weights, "output": finished.stdout + finished.stderr}
+    return {
+        "path": path,
+        "losses": first,
+        "weights": weights,
+        "average": average,
+        "output": finished.stdout + finished.stderr,
+    }
 
 
 def test_training_runs_and_resumes_exactly_after_kill_9(resumed):
@@ -126,19 +135,29 @@ def test_training_runs_and_resumes_exactly_after_kill_9(resumed):
     last = torch.load(resumed["path"] / f"step{STEPS:08d}/model_full.pt", weights_only=True)
     a = resumed["weights"]
     assert set(a) == set(last) and all(torch.equal(a[n], last[n]) for n in a)
+    # the average of the weights (optim.ema_decay) goes on as if never interrupted
+    average = torch.load(resumed["path"] / f"step{STEPS:08d}/ema_rank0.pt", weights_only=True)
+    b = resumed["average"]
+    assert b["updates"] == STEPS and set(b) == set(average)
+    assert all(torch.equal(b[k], average[k]) for k in b if k.startswith(EMA_PREFIX))
 
 
-def test_tp2_trains_as_tp1(ws, resumed):
+@pytest.fixture(scope="module")
+def tp2(ws):
     proc, path = run(ws, "tp2", 2, "parallel.tensor_parallel=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    one, two = resumed["losses"], losses(path)
+    return path
+
+
+def test_tp2_trains_as_tp1(ws, resumed, tp2):
+    one, two = resumed["losses"], losses(tp2)
     for step in range(1, STEPS + 1):  # Adam moves both runs alike; rounding grows a little per step
         assert abs(two[step] / one[step] - 1) < step * loss_rel_tol(2), (step, one[step], two[step])
 
 
 def test_the_deepspeed_checkpoint_converts_and_reshards_by_hpdms_plan(ws, resumed, tmp_path):
     out = tmp_path / "converted"
-    convert_main(["zero", str(resumed["path"]), str(out)])
+    convert_main(["zero", str(resumed["path"]), str(out), "--no-ema"])
     record = json.loads((out / "config.json").read_text())["model"]
     assert record["family"] == "hpdm" and record["condition"] == "text"
     cfg = resolve_model_section(
@@ -153,3 +172,21 @@ def test_the_deepspeed_checkpoint_converts_and_reshards_by_hpdms_plan(ws, resume
     # the plan splits what it names: the latent self-attention's qkv by heads, [Q_r; K_r; V_r]
     qkv = "blocks.0.latent_layers.0.attn.qkv.weight"
     assert tp2.readers[0].get(qkv).shape[0] == full[qkv].shape[0] // 2
+
+
+def test_conversion_exports_the_average_of_the_weights_merged_over_tp(ws, resumed, tp2, tmp_path):
+    """A run with optim.ema_decay converts to its average (the raw weights with --no-ema, above);
+    a TP=2 run's two averages merge by the plan into what the TP=1 run averaged."""
+    tag = resumed["path"] / f"step{STEPS:08d}"
+    average = torch.load(tag / "ema_rank0.pt", weights_only=True)
+    raw = torch.load(tag / "model_full.pt", weights_only=True)
+    convert_main(["zero", str(resumed["path"]), str(tmp_path / "ema")])
+    converted = Checkpoint(tmp_path / "ema").readers[0]
+    for name in raw:
+        expected = average.get(EMA_PREFIX + name, raw[name])  # untrained buffers stay as they are
+        assert torch.equal(converted.get(name), expected), name
+    assert any(not torch.equal(average[EMA_PREFIX + n], raw[n]) for n in raw if EMA_PREFIX + n in average)
+    convert_main(["zero", str(tp2), str(tmp_path / "ema_tp2")])
+    merged = Checkpoint(tmp_path / "ema_tp2").readers[0]
+    for name in raw:
+        torch.testing.assert_close(merged.get(name), converted.get(name), rtol=0, atol=adam_weight_atol(1e-3))

@@ -3,7 +3,7 @@
     cogvideo-convert inspect PATH                       # exit 1 when it prints a problem
     cogvideo-convert import-sat SAT_DIR OUT [--stage stage1] [--base PRESET] [--set FIELD=VALUE] [--tp N]
     cogvideo-convert reshard CKPT OUT --tp N            # split or merge tensor-parallel shards
-    cogvideo-convert zero DEEPSPEED_DIR OUT [--tag T] [--tp N] [--no-optimizer]
+    cogvideo-convert zero DEEPSPEED_DIR OUT [--tag T] [--tp N] [--no-optimizer] [--no-ema]
     cogvideo-convert export CKPT OUT [--dtype bf16]     # full weights, sharded safetensors + index
     cogvideo-convert export-sat CKPT OUT [--tp N]       # back to SwissArmyTransformer's layout
 
@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the one in the checkpoint's train_config.yaml",
     )
     p.add_argument("--no-optimizer", action="store_true", help="weights only")
+    p.add_argument(
+        "--no-ema",
+        action="store_true",
+        help="the raw weights (and their Adam moments) of a run that kept an average of its weights "
+        "(optim.ema_decay), whose average is exported by default",
+    )
     _writer(
         sub,
         "export",
@@ -262,6 +268,7 @@ def run(args: argparse.Namespace) -> Path | dict:
         tag=args.tag,
         tensor_parallel=args.tp,
         optimizer=not args.no_optimizer,
+        ema=not args.no_ema,
         **write,
     )
 

@@ -44,6 +44,9 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAIN_CONFIG = "train_config.yaml"
 FULL_MODEL = "model_full.pt"
+# the trainer's average of the weights (pretrain/ema.py, optim.ema_decay): a part file per global
+# rank, its averages under EMA_PREFIX + parameter name, and "tp_rank" naming the shard it holds
+EMA_PART, EMA_SCOPE, EMA_PREFIX = "ema", "rank", "shadow."
 TAG = re.compile(r"^step(\d{8})$")
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -283,3 +286,18 @@ def train_config_text_format(path: Path) -> TextFormat:
         return TextFormat.from_dict({k: data[k] for k in keys if k in data}, f"{file}: data")
     except (TextFormatError, TypeError) as err:
         raise CheckpointError(str(err)) from None
+
+
+def ema_shards(path: Path, tp: int) -> list[dict] | None:
+    """The weight averages of the TP shards (global ranks 0..tp-1: data-parallel rank 0 under
+    megatron's rank order) in checkpoint tag `path`, memory-mapped; None without an average."""
+    if not part_file(path, EMA_PART, EMA_SCOPE, 0).is_file():
+        return None
+    shards = [load_pt(part_file(path, EMA_PART, EMA_SCOPE, r), mmap=True) for r in range(tp)]
+    for r, shard in enumerate(shards):
+        if shard.get("tp_rank", 0) != r:
+            raise CheckpointError(
+                f"{part_file(path, EMA_PART, EMA_SCOPE, r)}: holds TP rank {shard.get('tp_rank')}'s average, "
+                f"expected {r}'s (ranks ordered TP-first, as megatron-core orders them)"
+            )
+    return shards

@@ -26,8 +26,10 @@ from cogvideo.checkpoint.format import ADAM_KEYS, full_shapes, plan_of, write_ch
 from cogvideo.checkpoint.io import DEFAULT_SHARD_BYTES, CheckpointError, load_pt, runs_of
 from cogvideo.checkpoint.training import (
     COMPLETE,
+    EMA_PREFIX,
     MODEL_FILE,
     OPTIM_FILE,
+    ema_shards,
     engine_dirs,
     summarize,
     tag_dir,
@@ -237,6 +239,7 @@ def convert_zero(
     *,
     tag: str | None = None,
     optimizer: bool = True,
+    ema: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     **write,
 ) -> Path:
@@ -245,15 +248,19 @@ def convert_zero(
     tensor_parallel, force, dtype, vocab_size.
 
     With `optimizer`, Adam's moments and step go to ``optimizer/`` (full tensors), loadable at
-    any TP/DP layout; what the new layout cannot reuse is listed in its state.json ("dropped")."""
+    any TP/DP layout; what the new layout cannot reuse is listed in its state.json ("dropped").
+    A run that kept an average of its weights (optim.ema_decay) exports the average as the
+    model's weights (what diffusers' pipelines sample with), without the Adam moments (they
+    belong to the raw weights); `ema=False` exports the raw weights and their moments."""
     path = tag_dir(Path(src), tag)
     cfg = cfg or train_config_model(path)
     dirs = engine_dirs(path, cfg)
     if len(dirs) > 1:
-        return _convert_parts(path, dst, cfg, dirs, max_shard_bytes, **write)
+        return _convert_parts(path, dst, cfg, dirs, max_shard_bytes, ema, **write)
     zero = ZeroCheckpoint(src, plan_of(cfg), tag)
+    averages = ema_shards(zero.path, zero.tp) if ema else None
     moments = None
-    if optimizer:
+    if optimizer and averages is None:
         trainable = [n for n in zero.shapes if zero.ranks[0]["where"][n] != "frozen"]
         state = zero.optimizer_summary(trainable)
         stream = (
@@ -262,18 +269,29 @@ def convert_zero(
             for name, t in zero.tensors(kind, trainable, max_shard_bytes)
         )
         moments = (state, stream)
+    source = f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})"
     return write_checkpoint(
         dst,
         cfg,
         zero.shapes,
-        zero.tensors("fp32", chunk_bytes=max_shard_bytes),
+        averaged(zero.tensors("fp32", chunk_bytes=max_shard_bytes), averages, zero.plan),
         iteration=zero.iteration,
         max_shard_bytes=max_shard_bytes,
         optimizer=moments,
-        source=f"DeepSpeed ZeRO-{zero.stage} checkpoint {zero.path} (TP={zero.tp}, DP={zero.dp})",
+        source=source + (", its average of the weights (EMA)" if averages else ""),
         text_format=train_config_text_format(zero.path),
         **write,
     )
+
+
+def averaged(stream, averages: list[dict] | None, plan):
+    """(name, tensor) pairs with each trained tensor replaced by its average (merged over the TP
+    shards by `plan`), when the checkpoint kept one."""
+    for name, tensor in stream:
+        key = EMA_PREFIX + name
+        if averages is not None and key in averages[0]:
+            tensor = plan.merge_tensor(name, [shard[key].float() for shard in averages])
+        yield name, tensor
 
 
 class PrefixedPlan:
@@ -292,7 +310,7 @@ class PrefixedPlan:
         return self.plan.merge_tensor(self.prefix + name, parts)
 
 
-def _convert_parts(path: Path, dst, cfg, dirs, max_shard_bytes: int, **write) -> Path:
+def _convert_parts(path: Path, dst, cfg, dirs, max_shard_bytes: int, ema: bool, **write) -> Path:
     """A model trained as several optimised parts: each part's engine consolidated, its names
     prefixed with the part's module, one checkpoint of the whole model. The parts' Adam moments
     are not exported (each part has its own step; resume such a run from its training checkpoint)."""
@@ -304,11 +322,12 @@ def _convert_parts(path: Path, dst, cfg, dirs, max_shard_bytes: int, **write) ->
         for name, tensor in zero.tensors(chunk_bytes=max_shard_bytes)
     )
     first = zeros[0][1]
+    averages = ema_shards(path, first.tp) if ema else None
     return write_checkpoint(
         dst,
         cfg,
         shapes,
-        stream,
+        averaged(stream, averages, plan_of(cfg)),
         iteration=sum(zero.iteration for _, zero in zeros),
         max_shard_bytes=max_shard_bytes,
         optimizer=None,

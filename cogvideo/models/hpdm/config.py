@@ -41,6 +41,11 @@ class HPDMConfig:
     temporal_scale: int = 1  # frames multiply by this per finer level (2 for UCF-101's 16 -> 64)
     block_levels: tuple[int, ...] = (1, 2, 2)  # per RIN block: the levels it runs (1..n)
     interface_dim: int = 64  # Table 8's "tokenization dim"
+    # learned position embeddings of the interface tokens within their patch (RIN's), factorised as
+    # TimeSformer's: one table over the token rows x columns, one over the token frames, so that a
+    # place has the same embedding in every frame; added to the map of the raw coordinates (False:
+    # the coordinates alone, as checkpoints without the field trained)
+    position_embeddings: bool = False
     latent_dim: int = 64
     num_latents: int = 32
     latent_layers: int = 1  # latent self-attention layers per RIN block
@@ -190,8 +195,12 @@ PRESETS = {
     # the demo's synthetic world is captioned; its frames are mostly flat background (per-pixel
     # std ~0.2), so where an object goes and its colour are decided at sigma ~0.5-5, rare under
     # EDM's ln(sigma) ~ N(-1.2, 1.2^2): the demo trains there 1.7x as often (N(-0.4, 1.2^2))
+    # (README: level 1 drew objects at another place in every frame from raw coordinates alone; a
+    # place's own embedding, the same in every frame, lets a latent read and write it across frames)
     "hpdm-demo": lambda: HPDMConfig(
-        condition="text", edm=EDMConfig(prediction="sample", weight_sigma_min=0.05, p_mean=-0.4)
+        condition="text",
+        position_embeddings=True,
+        edm=EDMConfig(prediction="sample", weight_sigma_min=0.05, p_mean=-0.4),
     ),
     "hpdm-s": lambda: _ucf("hpdm-s", 256),
     "hpdm-m": lambda: _ucf("hpdm-m", 512),

@@ -148,6 +148,10 @@ class HPDMModel(nn.Module):
         di, c = cfg.interface_dim, cfg.cond_dim
         self.tokenizer = nn.Linear(cfg.pixels_per_token, di)
         self.coordinates = nn.Linear(COORDINATES, di)
+        if cfg.position_embeddings:
+            t, h, w = cfg.token_grid
+            self.space_positions = nn.Parameter(torch.empty(h * w, di))
+            self.time_positions = nn.Parameter(torch.empty(t, di))
         self.latents = nn.Parameter(torch.empty(cfg.num_latents, cfg.latent_dim))
         self.time_fc1, self.time_fc2 = nn.Linear(TIME_FEATURES, c), nn.Linear(c, c)
         self.level_embeddings = nn.Embedding(cfg.num_levels, c)
@@ -187,7 +191,11 @@ class HPDMModel(nn.Module):
         B, C, T, H, W = x.shape
         pixels = x.reshape(B, C, T // kt, kt, H // kh, kh, W // kw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         coords = pyramid.token_coordinates(self.cfg, *box).to(x.device, x.dtype)
-        return self.tokenizer(pixels.flatten(4).flatten(1, 3)) + self.coordinates(coords)
+        tokens = self.tokenizer(pixels.flatten(4).flatten(1, 3)) + self.coordinates(coords)
+        if not self.cfg.position_embeddings:
+            return tokens
+        positions = self.time_positions[:, None] + self.space_positions[None]  # [t, h * w, di]
+        return tokens + positions.flatten(0, 1)
 
     def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
         kt, kh, kw = self.cfg.tokenizer_patch
