@@ -1,6 +1,6 @@
 """What every family's sampling pipeline does before it samples: join the parallel state under a
-launcher, name its device, and load a converted checkpoint as an eval-mode model of the kind it
-expects."""
+launcher, name its device, resolve its precision, and load a converted checkpoint as an eval-mode
+model of the kind it expects."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def join_parallel(tensor_parallel: int) -> None:
 def sampling_device(device: str) -> str:
     """The `device` option as torch names it: "cuda" is this rank's GPU."""
     return f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
+
+
+def width_precision(dtype: str, device: str, checkpoint: str | Path, rows: Callable[[object], int]):
+    """`dtype` resolved on `device` for the model in `checkpoint` (a PrecisionChoice; `auto`: by a
+    product of the model's width, `rows(config)` rows: `cogvideo.precision.choose_precision`)."""
+    from cogvideo.checkpoint import load_model_config
+    from cogvideo.precision import choose_precision, probe_shape
+
+    cfg = load_model_config(Path(checkpoint))
+    return choose_precision(
+        dtype, sampling_device(device), probe_shape(rows(cfg), cfg.hidden_size, cfg.ffn_size)
+    )
 
 
 def load_eval_model(

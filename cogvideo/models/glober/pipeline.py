@@ -23,7 +23,7 @@ import torch
 from cogvideo.models.glober.batch import padded_text
 from cogvideo.models.glober.sampler import GloberSampler, GloberSampling, frame_indices
 from cogvideo.precision import Precision
-from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
+from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device, width_precision
 from cogvideo.sampling.options import path_problems
 from cogvideo.sampling.prompts import Prompt
 
@@ -87,14 +87,8 @@ class GloberPipeline:
     @classmethod
     def precision(cls, options: GloberSampleOptions):
         """options.dtype resolved on this device (`auto`: by a product of the model's width)."""
-        from cogvideo.checkpoint import load_model_config
-        from cogvideo.precision import choose_precision, probe_shape
-
-        cfg = load_model_config(Path(options.checkpoint))
-        return choose_precision(
-            options.dtype,
-            sampling_device(options.device),
-            probe_shape(2 * cfg.seq_length, cfg.hidden_size, cfg.ffn_size),
+        return width_precision(
+            options.dtype, options.device, options.checkpoint, lambda cfg: 2 * cfg.seq_length
         )
 
     @classmethod

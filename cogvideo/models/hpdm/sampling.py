@@ -21,7 +21,7 @@ from cogvideo.diffusion.edm import Churn
 from cogvideo.models.hpdm import pyramid
 from cogvideo.models.hpdm.sampler import PyramidOptions, PyramidSampler
 from cogvideo.precision import Precision
-from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
+from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device, width_precision
 from cogvideo.sampling.options import path_problems
 from cogvideo.sampling.prompts import Prompt
 
@@ -94,14 +94,8 @@ class HPDMPipeline:
     @classmethod
     def precision(cls, options: HPDMSampleOptions):
         """options.dtype resolved on this device (`auto`: by a product of the model's width)."""
-        from cogvideo.checkpoint import load_model_config
-        from cogvideo.precision import choose_precision, probe_shape
-
-        cfg = load_model_config(Path(options.checkpoint))
-        return choose_precision(
-            options.dtype,
-            sampling_device(options.device),
-            probe_shape(cfg.tokens_per_patch, cfg.hidden_size, cfg.ffn_size),
+        return width_precision(
+            options.dtype, options.device, options.checkpoint, lambda cfg: cfg.tokens_per_patch
         )
 
     @classmethod
