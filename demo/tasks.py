@@ -334,7 +334,8 @@ class Demo:
                     pipeline.load,
                     pipeline.precision,
                 )
-                dtype = self.sampled_dtype(folder)
+                if dtype is None:  # the first group resolved it; the rest sample in it
+                    dtype = self.sampled_dtype(folder)
                 seconds += time.perf_counter() - started
                 for p, entry in zip(todo, manifest["entries"]):
                     if entry["status"] != "ok":
