@@ -356,7 +356,9 @@ class ShardLoader:
 
 
 def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
-    """Run `batches` in a background thread, `depth` ahead; errors surface in the consumer."""
+    """Run `batches` in a background thread, `depth` ahead; errors surface in the consumer.
+    Closing the consumer stops and joins the thread: a producer still decoding (inside torch)
+    when the interpreter exits aborts the process ("terminate called without an active exception")."""
     if depth <= 0:
         yield from batches
         return
@@ -364,21 +366,25 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
     stop = threading.Event()
     done = object()
 
+    def hand_over(item) -> bool:
+        """Put `item` in the queue unless the consumer has stopped; whether it was handed over."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        out.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over(batch):
                     return
         except BaseException as err:  # handed to the consumer
-            out.put(err)
+            hand_over(err)
             return
-        out.put(done)
+        hand_over(done)
 
     thread = threading.Thread(target=produce, name="shard-loader", daemon=True)
     thread.start()
@@ -392,3 +398,4 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield item
     finally:
         stop.set()
+        thread.join()

@@ -394,6 +394,7 @@ class Trainer:
         return stopped_status(signum)
 
     def close(self) -> None:
+        self.batches.close()  # stops the shard-loader thread before the interpreter exits
         self.metrics.close()
         if self.keys_file:
             self.keys_file.close()

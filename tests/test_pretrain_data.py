@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -250,6 +252,21 @@ def test_prefetch_keeps_order_and_raises_errors():
 
     with pytest.raises(OSError, match="disk gone"):
         list(prefetched(broken(), 2))
+
+
+def test_closing_the_prefetched_stream_stops_its_thread():
+    """A producer left running at exit can be inside torch when the interpreter finalises and
+    abort the process (a finished training run exited with SIGABRT)."""
+
+    def endless():
+        while True:
+            time.sleep(0.05)
+            yield torch.zeros(2)
+
+    stream = prefetched(endless(), 2)
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "shard-loader"]
 
 
 def test_resume_keeps_bad_counts_exact_at_every_cut(tmp_path, caplog):
