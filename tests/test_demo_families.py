@@ -237,3 +237,26 @@ def test_the_hpdm_pipeline_measures_seams_on_frames_as_the_sampler_writes_them()
     seamed = smooth.copy()
     seamed[:, :, :, 0] += 40 * (np.arange(32) >= 16).astype(np.uint8)[None, :, None]  # along the height
     assert pipeline.seam_contrast(seamed)[0] > across + 3
+
+
+def test_the_hpdm_column_samples_the_average_of_its_weights(tmp_path, monkeypatch):
+    """The demo's HPDM training keeps an average of its weights (optim.ema_decay) and the demo's
+    conversion exports it (no --no-ema), so the column samples the average. Planted: a train.yaml
+    without the average, and a conversion with --no-ema, each fail the check."""
+    from pretrain.config import load_train_config
+
+    def samples_the_average(config: Path, convert: list[str]) -> bool:
+        return load_train_config(str(config)).optim.ema_decay > 0 and "--no-ema" not in convert
+
+    demo, commands = Demo(DemoConfig(out=str(tmp_path / "out"), families=["hpdm"])), []
+    monkeypatch.setattr(demo, "command", lambda args, threads=None: commands.append(args))
+    monkeypatch.setattr("demo.tasks.training_summary", lambda run: {})
+    demo.train_model(HPDM / "train.yaml", [], tmp_path / "run", tmp_path / "model")
+    train, convert = commands
+    assert "pretrain.train" in train and convert[convert.index("cogvideo.checkpoint.cli") + 1] == "zero"
+    assert samples_the_average(HPDM / "train.yaml", convert)
+    config = yaml.safe_load((HPDM / "train.yaml").read_text())
+    del config["optim"]["ema_decay"]
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    assert not samples_the_average(tmp_path / "train.yaml", convert)
+    assert not samples_the_average(HPDM / "train.yaml", [*convert, "--no-ema"])
