@@ -16,6 +16,7 @@ from PIL import Image
 
 from cogvideo.configio import ConfigError
 from cogvideo.eval import sr as sr_metrics
+from cogvideo.family import plain_model
 from cogvideo.metrics import psnr_per_frame, ssim_per_frame
 from cogvideo.synthetic import COLOURS, render_frames
 from cogvideo.video_io import read_video
@@ -26,6 +27,7 @@ from demo.family_steps import FamilySteps
 from demo.settings import DemoConfig, SampleSettings
 from demo.steps import Runner
 from demo.tasks import Demo
+from pretrain.config import check_config, load_train_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 DSR = Path(settings.ROOT, "configs", "demo", "dsr")
@@ -237,6 +239,15 @@ def test_a_bad_stage_file_stops_in_one_line(tmp_path, monkeypatch):
         ConfigError, match=r"stage.yaml: bad or unknown \['init', 'sample_option', 'video_scale'\]"
     ):
         DemoConfig(families=["cogvideo", "dsr"])
+
+
+def test_the_demo_trains_the_whole_dsr_model_from_the_backbone():
+    """configs/demo/dsr/train.yaml's model.train_backbone (the release freezes the backbone) holds
+    as the trainer resolves it with the init.backbone the demo gives: every parameter trains."""
+    given = ["init.backbone=backbone", "data.shards=[x.tar]", "data.text_tokenizer=t.model"]
+    cfg = check_config(load_train_config(str(DSR / "train.yaml"), given), 2, has_gpu=False)
+    assert cfg.high_slots == "low_res"
+    assert all(p.requires_grad for p in plain_model(cfg).parameters())
 
 
 def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypatch):
