@@ -70,6 +70,11 @@ class EncoderConfig:
     out_channels: int = 16  # C'', the global feature's channels
     num_keyframes: int = 4  # K, at equal intervals (16 frames: 0, 5, 10, 15)
     norm_groups: int = 32
+    # a learned embedding per frame slot (e_v, keyframe 1..K) added to the input layer's features,
+    # so every convolution sees each frame's time (the released code's 3D convolutions mix
+    # neighbouring frames instead); off: the temporal attention's slot positions alone mark order
+    # (checkpoints written before this switch)
+    input_positions: bool = False
 
     @property
     def factor(self) -> int:
@@ -328,6 +333,7 @@ PRESETS = {
             out_channels=8,
             num_keyframes=3,
             norm_groups=16,
+            input_positions=True,
         ),
         decoder=DecoderConfig(
             channels=32,

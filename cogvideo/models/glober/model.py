@@ -74,8 +74,8 @@ def init_weights(cfg: GloberConfig, name: str, tensor: torch.Tensor) -> None:
     a starting UNet, phase generator's auto-encoder), else the DiT's own initialisation, else
     PyTorch's default for convolutions and linear layers (uniform within 1 / sqrt(fan_in)) with
     zero biases, ones for norm scales, zero for zero convolutions and normal(init_std) for
-    learned embeddings, normal(1) for the video-content embedding and the encoder's temporal slot
-    positions (at init_std the positions were 1-3 % of the group-normed tokens: the trained demo
+    learned embeddings, normal(1) for the video-content embedding, the encoder's input positions
+    and its temporal slot positions (at init_std the positions were 1-3 % of the group-normed tokens: the trained demo
     encoder gave a video and its reverse global features 0.6 % apart, and no decoder can tell
     which way such a video moves)."""
     source = _source(cfg, name)
