@@ -320,6 +320,19 @@ def test_input_positions_are_a_parameter_only_when_switched_on():
     assert not old.encoder.input_positions and "autoencoder.encoder.input_positions" not in names(old)
 
 
+def test_the_posterior_starts_at_the_configured_log_variance():
+    """encoder.init_logvar is the log-variance half of the output head's bias (diffusers'
+    DiagonalGaussianDistribution reads mean, then log-variance): with the head's weights zeroed
+    the initial posterior's std is exp(init_logvar / 2) and its mean 0, whatever the keyframes."""
+    cfg = tiny(encoder={"init_logvar": -6.0})
+    encoder = build_model(cfg, device="cpu").autoencoder.encoder
+    with torch.no_grad():
+        encoder.conv_out[-1].weight.zero_()
+        posterior = encoder(torch.randn(2, cfg.encoder.num_keyframes, *cfg.latent_shape))
+    assert torch.equal(posterior.mean, torch.zeros_like(posterior.mean))
+    assert torch.allclose(posterior.std, torch.full_like(posterior.std, math.exp(-3.0)), rtol=1e-6, atol=0)
+
+
 # ---- TP plan --------------------------------------------------------------------------------
 def test_the_tp_plan_splits_the_dit_and_nothing_else():
     model = build_model(tiny(phase="generator"), device="cpu")

@@ -75,6 +75,10 @@ class EncoderConfig:
     # neighbouring frames instead); off: the temporal attention's slot positions alone mark order
     # (checkpoints written before this switch)
     input_positions: bool = False
+    # the posterior's log-variance where training starts (the bias of the output head's log-variance
+    # half); 0: std 1, as the code's zero-initialised variance head. The KL term (weight 1e-6) barely
+    # moves it, so it sets the noise the decoder reads the global feature through while training
+    init_logvar: float = 0.0
 
     @property
     def factor(self) -> int:

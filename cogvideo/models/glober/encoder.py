@@ -29,6 +29,8 @@ from torch import nn
 from cogvideo.models.glober.blocks import TemporalAttention, spatial_attention
 from cogvideo.models.glober.config import GloberConfig
 
+LOGVAR_BIAS = "conv_out.3.bias"  # the output head's bias: mean channels, then log-variance channels
+
 
 class EncoderStage(nn.Module):
     """A residual block, then (if `attend`) spatial and temporal attention, on [B, T, C, H, W]."""
