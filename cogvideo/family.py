@@ -8,7 +8,9 @@ recompute FLOPs and tensor-parallel traffic for `cogvideo-plan`); everything els
     model = build_model(model_cfg)                   # plain on meta, parallelized, allocated, initialised
     loss = family.loss(model_cfg, engine, batch, device)   # the trainer's step, whatever the family
 
-CogVideo (stages backbone / 1 / 2) is registered at import; another family calls `register`.
+CogVideo (stages backbone / 1 / 2) is registered at import; the other shipped families
+(`SHIPPED_FAMILIES`) when first named, since GLOBER's and HPDM's modules import diffusers (about
+2 s of a process's start that a CogVideo run never needs); a user's family calls `register`.
 The model section of every config names one: `model: {family: cogvideo, preset: small, ...fields}`.
 A checkpoint records its model as the same section with every field spelled out
 (`model_record` / `model_from_record`). Where `family` is absent (configs, and checkpoints
@@ -18,6 +20,7 @@ written before families were recorded) the model is CogVideo's: `DEFAULT_FAMILY`
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Mapping
 
 import torch
@@ -26,17 +29,13 @@ from torch import nn
 from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
 from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, OptimizedPart, PlannerModel, register
-from cogvideo.models import (
-    dsr,  # noqa: F401  (registers the DSR family)
-    glober,  # noqa: F401  (registers the GLOBER family)
-    hpdm,  # noqa: F401  (registers the HPDM family)
-)
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [
     "ModelFamily",
     "OptimizedPart",
     "any_preset",
+    "families",
     "PlannerModel",
     "build_model",
     "family_of",
@@ -51,25 +50,43 @@ __all__ = [
 ]
 
 DEFAULT_FAMILY = cogvideo_family.FAMILY.name
+# The package that registers each shipped family, in the order presets are looked up.
+SHIPPED_FAMILIES = {
+    DEFAULT_FAMILY: cogvideo_family.__name__,
+    "dsr": "cogvideo.models.dsr",
+    "glober": "cogvideo.models.glober",
+    "hpdm": "cogvideo.models.hpdm",
+}
 
 
 def get_family(name: str) -> ModelFamily:
+    if name not in REGISTRY and name in SHIPPED_FAMILIES:
+        importlib.import_module(SHIPPED_FAMILIES[name])
     if name not in REGISTRY:
-        raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(REGISTRY)}")
+        known = sorted({*REGISTRY, *SHIPPED_FAMILIES})
+        raise ValueError(f"model.family: unknown family {name!r}; known: {known}")
     return REGISTRY[name]
 
 
+def families() -> list[ModelFamily]:
+    """Every family, the shipped ones (imported now) first, then any a user registered."""
+    return [get_family(name) for name in dict.fromkeys([*SHIPPED_FAMILIES, *REGISTRY])]
+
+
 def any_preset(name: str):
-    """The preset `name` of whichever registered family has it (a command's `--base` / preset list)."""
-    for family in REGISTRY.values():
+    """The preset `name` of whichever family has it (a command's `--base` / preset list); a
+    family is imported only when the ones before it lack the name."""
+    for family_name in dict.fromkeys([*SHIPPED_FAMILIES, *REGISTRY]):
+        family = get_family(family_name)
         if name in family.presets:
             return family.preset(name)
-    known = sorted(p for f in REGISTRY.values() for p in f.presets)
+    known = sorted(p for f in families() for p in f.presets)
     raise ValueError(f"model.preset: unknown preset {name!r}; known: {known}")
 
 
 def family_of(cfg) -> ModelFamily:
-    """The family whose config class `cfg` is."""
+    """The family whose config class `cfg` is (registered: importing a config class imports its
+    family's package)."""
     for family in REGISTRY.values():
         if type(cfg) is family.config:
             return family

@@ -45,9 +45,9 @@ def geometry_row(cfg: ModelConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cogvideo.family import REGISTRY, any_preset, family_of
+    from cogvideo.family import any_preset, families, family_of
 
-    every = sorted(name for family in REGISTRY.values() for name in family.presets)
+    every = sorted(name for family in families() for name in family.presets)
     parser = argparse.ArgumentParser(prog="cogvideo-params", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "presets", nargs="*", default=every, help="preset names, of any family (default: all)"

@@ -270,6 +270,10 @@ def comparison_rows(family: FamilyResult) -> dict[str, object]:
             rows[f"SR {name} (bicubic) vs the {sr['scale']}x reference"] = (
                 f"{_fmt(sr['sr'][name])} ({_fmt(sr['bicubic'][name])})"
             )
+        if ceiling := sr.get("tokenizer_ceiling"):  # absent from evaluations written before it
+            rows["SR ceiling: the tokenizer's round trip of the reference (psnr_db, ssim)"] = (
+                f"{_fmt(ceiling['psnr_db'])}, {_fmt(ceiling['ssim'])}"
+            )
         rows["flicker: SR (low-res)"] = (
             f"{_fmt(sr['flicker']['sr'])} ({_fmt(sr['flicker']['low_res_bicubic'])})"
         )

@@ -1,7 +1,8 @@
 """The demo's super-resolution figures (a stage family with `evaluation: super_resolution`): the
 held-out videos super-resolved by the stage against the high-res rendering of the scene each
 low-res frame shows (cogvideo.eval.sr.scene_reference), next to a bicubic upsampling of the same
-low-res frames, in the same run; frame-to-frame flicker of the SR video, of the low-res video
+low-res frames, in the same run, and the ceiling of SR through the demo's image tokenizer (its own
+round trip of the reference); frame-to-frame flicker of the SR video, of the low-res video
 (bicubic, at the same scale) and of the reference; the prompt scores of the low-res and the SR
 videos (SR must not change what the video shows); and whether the low-res videos are the
 hierarchy's own samples (the stage's sampling reran the hierarchy with the same seeds)."""
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideo.eval.prompts import score
-from cogvideo.eval.sr import flicker, scene_reference, sr_quality, upsample_bicubic
+from cogvideo.eval.sr import flicker, scene_reference, sr_quality, tokenizer_ceiling, upsample_bicubic
 from demo.evaluation import analyze_keyframes, manifest_entries
 
 ATTRIBUTES = ("colour", "shape", "direction")
@@ -47,7 +48,8 @@ def super_resolution_summary(
     lows, srs = zip(*(load_pair(v, low_tokenizer, high_tokenizer) for v in heldout))
     scale = srs[0].shape[1] // lows[0].shape[1]
     references = [scene_reference(low, scale, radius) for low in lows]
-    quality = sr_quality(np.concatenate(references), np.concatenate(srs), np.concatenate(lows))
+    reference = np.concatenate(references)
+    quality = sr_quality(reference, np.concatenate(srs), np.concatenate(lows))
     side = srs[0].shape[1]
     flickers = {
         "sr": float(np.mean([flicker(sr) for sr in srs])),
@@ -70,6 +72,7 @@ def super_resolution_summary(
         "scale": scale,
         "reference": REFERENCE.format(scale=scale),
         **quality,
+        "tokenizer_ceiling": tokenizer_ceiling(reference, high_tokenizer),
         "psnr_gain_db": quality["sr"]["psnr_db"] - quality["bicubic"]["psnr_db"],
         "ssim_gain": quality["sr"]["ssim"] - quality["bicubic"]["ssim"],
         "flicker": flickers | {"sr_over_low_res": flickers["sr"] / max(flickers["low_res_bicubic"], 1e-9)},

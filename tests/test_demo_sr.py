@@ -16,6 +16,7 @@ from PIL import Image
 
 from cogvideo.configio import ConfigError
 from cogvideo.eval import sr as sr_metrics
+from cogvideo.family import plain_model
 from cogvideo.metrics import psnr_per_frame, ssim_per_frame
 from cogvideo.synthetic import COLOURS, render_frames
 from cogvideo.video_io import read_video
@@ -26,6 +27,7 @@ from demo.family_steps import FamilySteps
 from demo.settings import DemoConfig, SampleSettings
 from demo.steps import Runner
 from demo.tasks import Demo
+from pretrain.config import check_config, load_train_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 DSR = Path(settings.ROOT, "configs", "demo", "dsr")
@@ -61,13 +63,20 @@ def test_the_reference_is_the_3x_rendering_of_what_each_low_res_frame_shows(shap
 
 
 def fake_tokenizer(bank: np.ndarray):
-    """decode(codes [T, s, s]) -> bank[codes[:, 0, 0]]: a frame bank indexed by a video's codes."""
+    """decode(codes [T, s, s]) -> bank[codes[:, 0, 0]]: a frame bank indexed by a video's codes;
+    encode(frames) adds the frames, rounded down to multiples of 3, to the bank (a lossy round trip)."""
 
     class Bank:
         def decode(self, codes):
-            return bank[np.asarray(codes)[:, 0, 0]]
+            return self.bank[np.asarray(codes)[:, 0, 0]]
 
-    return Bank()
+        def encode(self, frames):
+            start, self.bank = len(self.bank), np.concatenate([self.bank, np.asarray(frames) // 3 * 3])
+            return np.broadcast_to(np.arange(start, len(self.bank))[:, None, None], (len(frames), 1, 1))
+
+    tokenizer = Bank()
+    tokenizer.bank = bank
+    return tokenizer
 
 
 def write_videos(root: Path, lows: list[np.ndarray], srs: list[np.ndarray], hierarchy_same: list[bool]):
@@ -110,6 +119,11 @@ def expected_figures(lows, srs, references) -> dict:
         "sr": (psnr_per_frame(reference, sr).mean(), ssim_per_frame(reference, sr).mean()),
         "bicubic": (psnr_per_frame(reference, bicubic).mean(), ssim_per_frame(reference, bicubic).mean()),
         "flicker": (flick(srs), flick([bicubic[i * 5 : i * 5 + 5] for i in range(len(lows))])),
+        # the high-res tokenizer's round trip of the reference (fake_tokenizer: multiples of 3)
+        "ceiling": (
+            psnr_per_frame(reference, reference // 3 * 3).mean(),
+            ssim_per_frame(reference, reference // 3 * 3).mean(),
+        ),
     }
 
 
@@ -128,6 +142,9 @@ def check_summary(tmp_path: Path):
     for name in ("sr", "bicubic"):
         assert (got[name]["psnr_db"], got[name]["ssim"]) == pytest.approx(want[name], rel=1e-12)
     assert got["psnr_gain_db"] > 0 and got["ssim_gain"] > 0  # the near-exact SR beats bicubic
+    ceiling = got["tokenizer_ceiling"]
+    assert (ceiling["psnr_db"], ceiling["ssim"]) == pytest.approx(want["ceiling"], rel=1e-12)
+    assert ceiling["unchanged_frames"] == 0
     assert (got["flicker"]["sr"], got["flicker"]["low_res_bicubic"]) == pytest.approx(
         want["flicker"], rel=1e-12
     )
@@ -149,7 +166,8 @@ def test_the_sr_figures_against_the_rendered_reference_and_bicubic(tmp_path):
 
 def test_a_wrong_reference_or_bicubic_of_the_wrong_frames_fails(tmp_path, monkeypatch):
     """Planted bugs: the reference the bicubic upsampling itself; the bicubic taken of the SR frames
-    (downsampled) instead of the low-res frames SR was given."""
+    (downsampled) instead of the low-res frames SR was given; the ceiling the round trip of the SR
+    frames instead of the reference."""
     with monkeypatch.context() as patch:
         patch.setattr(
             sr_eval, "scene_reference", lambda low, scale, radius: sr_metrics.upsample_bicubic(low, 96)
@@ -164,6 +182,14 @@ def test_a_wrong_reference_or_bicubic_of_the_wrong_frames_fails(tmp_path, monkey
         patch.setattr(sr_eval, "sr_quality", bicubic_of_sr)
         with pytest.raises(AssertionError):
             check_summary(tmp_path / "bicubic")
+
+    def round_trip_of_sr(reference, tokenizer):
+        return sr_metrics.tokenizer_ceiling(tokenizer.decode(tokenizer.encode(reference)), tokenizer)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sr_eval, "tokenizer_ceiling", round_trip_of_sr)
+        with pytest.raises(AssertionError):
+            check_summary(tmp_path / "ceiling")
 
 
 def test_sr_goals():
@@ -213,6 +239,15 @@ def test_a_bad_stage_file_stops_in_one_line(tmp_path, monkeypatch):
         ConfigError, match=r"stage.yaml: bad or unknown \['init', 'sample_option', 'video_scale'\]"
     ):
         DemoConfig(families=["cogvideo", "dsr"])
+
+
+def test_the_demo_trains_the_whole_dsr_model_from_the_backbone():
+    """configs/demo/dsr/train.yaml's model.train_backbone (the release freezes the backbone) holds
+    as the trainer resolves it with the init.backbone the demo gives: every parameter trains."""
+    given = ["init.backbone=backbone", "data.shards=[x.tar]", "data.text_tokenizer=t.model"]
+    cfg = check_config(load_train_config(str(DSR / "train.yaml"), given), 2, has_gpu=False)
+    assert cfg.high_slots == "low_res"
+    assert all(p.requires_grad for p in plain_model(cfg).parameters())
 
 
 def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypatch):

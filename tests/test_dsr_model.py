@@ -306,6 +306,8 @@ def test_only_dsr_parameters_train_and_reinit_copies_the_backbone():
     trained = {n for n, p in plain_model(cfg).named_parameters() if p.requires_grad}
     assert trained == {n for n, _ in plain_model(cfg).named_parameters() if is_dsr_param(n)}
     assert "high_position_embeddings.weight" in trained and "layers.1.high_attention.dense.bias" in trained
+    unfrozen = plain_model(cfg.replace(train_backbone=True))  # the option (off by default, as released)
+    assert all(p.requires_grad for p in unfrozen.parameters())
     full = build_model(cfg, device="cpu").state_dict()
     backbone = {k: v for k, v in full.items() if not is_dsr_param(k)}
     dsr = init_from_backbone(backbone, cfg)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from cogvideo.eval.sr import flicker, sr_quality, upsample_bicubic
+from cogvideo.eval.sr import flicker, sr_quality, tokenizer_ceiling, upsample_bicubic
+from cogvideo.metrics import ssim_per_frame
 
 
 def test_flicker_is_the_mean_step_between_frames():
@@ -37,3 +38,25 @@ def test_sr_and_bicubic_are_scored_on_the_same_frames():
     with pytest.raises(ValueError, match="must hold the same frames"):
         sr_quality(reference, sr[:1], low)
     assert sr_quality(reference, flat, low)["sr"] == quality["bicubic"]
+
+
+class _EvenLevels:
+    """A tokenizer stand-in whose round trip rounds every value down to an even level."""
+
+    def encode(self, frames):
+        return np.asarray(frames) // 2
+
+    def decode(self, codes):
+        return (np.asarray(codes) * 2).astype(np.uint8)
+
+
+def test_the_tokenizer_ceiling_is_its_round_trip_of_the_reference():
+    reference = np.full((3, 12, 12, 3), 40, np.uint8)  # frame 0 unchanged by the round trip
+    reference[1, 0, 0, 0] = 41  # one level off in one value: MSE 1 / 432
+    reference[2] = 41  # one level off everywhere: MSE 1
+    ceiling = tokenizer_ceiling(reference, _EvenLevels())
+    assert ceiling["unchanged_frames"] == 1
+    assert ceiling["psnr_db"] == pytest.approx((10 * np.log10(255**2 * 432) + 10 * np.log10(255**2)) / 2)
+    rebuilt = reference // 2 * 2
+    assert ceiling["ssim"] == pytest.approx(float(ssim_per_frame(reference, rebuilt).mean()), rel=1e-12)
+    assert tokenizer_ceiling(reference[:1], _EvenLevels())["psnr_db"] == np.inf  # no changed frame

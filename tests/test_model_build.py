@@ -18,8 +18,7 @@ from torch import nn
 from benchmarks.memtrack import LiveTensorBytes
 from cogvideo import parallel
 from cogvideo.config import get_preset
-from cogvideo.family import build_model, family_of, plain_model
-from cogvideo.family_spec import REGISTRY
+from cogvideo.family import build_model, families, family_of, plain_model
 from cogvideo.model import TP_PLAN
 from cogvideo.tp_plan import parallelize
 from pretrain.launch import free_port
@@ -83,7 +82,7 @@ def test_parallelize_refuses_a_model_that_is_not_on_the_meta_device(monkeypatch)
 def test_nothing_else_builds_a_model():
     """No second builder: outside cogvideo/family.py no code constructs a family's plain model
     class or calls a family's `build_model` (the meta model for shapes is `plain_model`)."""
-    classes = {family.build_model.__name__ for family in REGISTRY.values()}
+    classes = {family.build_model.__name__ for family in families()}
     assert {"CogVideoModel", "MaskedVideoModel"} <= classes
     found = []
     for top in ("cogvideo", "pretrain", "cluster", "demo", "benchmarks", "data_prep", "tests"):

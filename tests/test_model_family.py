@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +132,19 @@ def test_the_model_section_picks_the_family_and_its_presets():
         resolve_model_section({"family": "nope", "preset": "tiny"})
     with pytest.raises(ValueError, match=r"unknown preset 'tiny' \(family masked-video\)"):
         resolve_model_section({"family": "masked-video", "preset": "tiny"})
+
+
+def test_a_cogvideo_process_imports_no_other_family_until_one_is_named():
+    """GLOBER's and HPDM's modules import diffusers (~2 s at the start of every process: each
+    training rank, each CLI call); the shipped families load when a config or preset names them."""
+    probe = (
+        "import sys, pretrain.train, cogvideo.checkpoint.cli, cogvideo.sampling.cli\n"
+        "print(sorted(m for m in ('diffusers', 'cogvideo.models.glober', 'cogvideo.models.hpdm') if m in sys.modules))\n"
+        "from cogvideo.family import any_preset\n"
+        "print(type(any_preset('hpdm-demo')).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "HPDMConfig"]
 
 
 def test_the_build_initialises_by_the_familys_own_init():

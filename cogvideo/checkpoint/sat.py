@@ -42,8 +42,7 @@ from cogvideo.checkpoint.io import (
 )
 from cogvideo.checkpoint.sat_layout import COGVIDEO_SAT, SAT_CONFIG, SatLayout, sat_model_config
 from cogvideo.config import get_preset
-from cogvideo.family import any_preset, family_of, get_family
-from cogvideo.family_spec import REGISTRY
+from cogvideo.family import any_preset, families, family_of, get_family
 
 __all__ = ["SAT_CONFIG", "SatCheckpoint", "export_sat", "import_sat", "our_name", "sat_model_config"]
 
@@ -58,7 +57,7 @@ def our_name(sat_key: str) -> str | None:
 def sat_layouts() -> list[SatLayout]:
     """The SAT layouts of every registered family that has one."""
     layouts = []
-    for family in REGISTRY.values():
+    for family in families():
         if family.sat_layout:
             module, _, attribute = family.sat_layout.partition(":")
             layouts.append(getattr(importlib.import_module(module), attribute))

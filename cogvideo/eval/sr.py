@@ -4,6 +4,7 @@ the same low-res frames, both against the rendered high-res reference, and frame
     quality = sr_quality(reference, sr, low)   # {"sr": {psnr_db, ssim}, "bicubic": {...}}
     flicker(sr), flicker(upsample_bicubic(low, side))
     reference = scene_reference(low, scale, radius)   # the synthetic world's frames low shows, finer
+    tokenizer_ceiling(reference, high_tokenizer)   # the best SR through that tokenizer's codes
 
 PSNR and SSIM are cogvideo/metrics.py's (uint8 RGB, per frame, averaged over frames). Flicker is
 the mean absolute difference of consecutive frames in uint8 levels: DSR samples each frame alone,
@@ -45,6 +46,22 @@ def sr_quality(reference: np.ndarray, sr: np.ndarray, low: np.ndarray) -> dict:
         )
     bicubic = upsample_bicubic(low, reference.shape[1])
     return {"sr": _scores(reference, sr), "bicubic": _scores(reference, bicubic)}
+
+
+def tokenizer_ceiling(reference: np.ndarray, tokenizer) -> dict:
+    """The image tokenizer's own round trip of the reference (encoded at its grid, decoded) scored
+    against it: SR that writes this tokenizer's codes can at best reach these figures. PSNR is the
+    mean over the frames the round trip changes (an unchanged frame's PSNR is inf), with the count
+    of unchanged frames beside it; SSIM is the mean over all frames."""
+    reference = np.asarray(reference, dtype=np.uint8)
+    rebuilt = np.asarray(tokenizer.decode(tokenizer.encode(reference)), dtype=np.uint8)
+    psnr = psnr_per_frame(reference, rebuilt)
+    changed = np.isfinite(psnr)
+    return {
+        "psnr_db": float(psnr[changed].mean()) if changed.any() else float("inf"),
+        "ssim": float(ssim_per_frame(reference, rebuilt).mean()),
+        "unchanged_frames": int((~changed).sum()),
+    }
 
 
 def flicker(frames: np.ndarray) -> float:
