@@ -304,7 +304,7 @@ def test_the_encoders_input_positions_mark_order_without_the_attention():
 
 def test_input_positions_are_a_parameter_only_when_switched_on():
     """A checkpoint written before the switch (its record has no such field, its state no such
-    parameter) loads with it off; the demo preset has it on."""
+    parameter) loads with it off."""
 
     def names(cfg):
         return {n for n, _ in plain_model(cfg).named_parameters()}
@@ -312,9 +312,10 @@ def test_input_positions_are_a_parameter_only_when_switched_on():
     assert names(tiny(encoder={"input_positions": True})) - names(tiny()) == {
         "autoencoder.encoder.input_positions"
     }
-    demo = resolve_model_section({"family": "glober", "preset": "glober-demo"})
-    assert demo.encoder.input_positions
-    old_record = model_record(demo)
+    with_positions = resolve_model_section(
+        {"family": "glober", "preset": "glober-demo", "encoder": {"input_positions": True}}
+    )
+    old_record = model_record(with_positions)
     del old_record["encoder"]["input_positions"]
     old = model_from_record(old_record)
     assert not old.encoder.input_positions and "autoencoder.encoder.input_positions" not in names(old)

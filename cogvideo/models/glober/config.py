@@ -337,7 +337,6 @@ PRESETS = {
             out_channels=8,
             num_keyframes=3,
             norm_groups=16,
-            input_positions=True,
         ),
         decoder=DecoderConfig(
             channels=32,
