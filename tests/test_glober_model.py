@@ -13,8 +13,9 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from cogvideo.family import build_model, resolve_model_section
+from cogvideo.family import build_model, model_from_record, model_record, plain_model, resolve_model_section
 from cogvideo.models.glober import losses
+from cogvideo.models.glober.blocks import TemporalAttention
 from cogvideo.models.glober.cra import adversarial_loss, cra_pairs
 from cogvideo.models.glober.model import TP_PLAN
 from cogvideo.models.glober.sampler import GloberSampler, GloberSampling, frame_indices
@@ -267,6 +268,70 @@ def test_the_encoder_tells_a_video_from_its_reverse_from_its_initialisation():
         reversed_change = (encoder(keyframes.flip(1)).mean - base).norm()
         other_change = (encoder(torch.randn_like(keyframes)).mean - base).norm()
     assert reversed_change > other_change / 5
+
+
+def test_the_encoders_input_positions_mark_order_without_the_attention():
+    """The temporal attention's slot positions reach the e_v slot only through its weights and
+    values, a pooling a trained encoder can (and the demo's did) make nearly order-blind.
+    `encoder.input_positions` tags each frame's features from the input layer on: with the slot
+    positions removed and every temporal attention weighing all frames alike (queries and keys
+    zeroed), a reversal must still move the global feature at least a tenth as far as another
+    video (the family's initialisation gives 0.16-0.54 over seeds 0-5); without them the encoder
+    is then exactly blind to order (the planted removal)."""
+
+    def order_effect(input_positions: bool) -> tuple[float, float]:
+        cfg = tiny(encoder={"num_keyframes": 3, "input_positions": input_positions})
+        torch.manual_seed(0)
+        encoder = build_model(cfg, device="cpu").autoencoder.encoder.double()
+        keyframes = torch.randn(1, 3, *cfg.latent_shape, dtype=torch.float64)
+        with torch.no_grad():
+            for module in encoder.modules():
+                if isinstance(module, TemporalAttention):
+                    module.positions.zero_()
+                    for layer in (module.attention.to_q, module.attention.to_k):
+                        layer.weight.zero_()
+                        layer.bias.zero_()
+            base = encoder(keyframes).mean
+            reversed_change = (encoder(keyframes.flip(1)).mean - base).norm().item()
+            other_change = (encoder(torch.randn_like(keyframes)).mean - base).norm().item()
+        return reversed_change, other_change
+
+    reversed_change, other_change = order_effect(input_positions=True)
+    assert reversed_change > other_change / 10
+    reversed_change, other_change = order_effect(input_positions=False)
+    assert reversed_change < F64_ATOL * other_change
+
+
+def test_input_positions_are_a_parameter_only_when_switched_on():
+    """A checkpoint written before the switch (its record has no such field, its state no such
+    parameter) loads with it off."""
+
+    def names(cfg):
+        return {n for n, _ in plain_model(cfg).named_parameters()}
+
+    assert names(tiny(encoder={"input_positions": True})) - names(tiny()) == {
+        "autoencoder.encoder.input_positions"
+    }
+    with_positions = resolve_model_section(
+        {"family": "glober", "preset": "glober-demo", "encoder": {"input_positions": True}}
+    )
+    old_record = model_record(with_positions)
+    del old_record["encoder"]["input_positions"]
+    old = model_from_record(old_record)
+    assert not old.encoder.input_positions and "autoencoder.encoder.input_positions" not in names(old)
+
+
+def test_the_posterior_starts_at_the_configured_log_variance():
+    """encoder.init_logvar is the log-variance half of the output head's bias (diffusers'
+    DiagonalGaussianDistribution reads mean, then log-variance): with the head's weights zeroed
+    the initial posterior's std is exp(init_logvar / 2) and its mean 0, whatever the keyframes."""
+    cfg = tiny(encoder={"init_logvar": -6.0})
+    encoder = build_model(cfg, device="cpu").autoencoder.encoder
+    with torch.no_grad():
+        encoder.conv_out[-1].weight.zero_()
+        posterior = encoder(torch.randn(2, cfg.encoder.num_keyframes, *cfg.latent_shape))
+    assert torch.equal(posterior.mean, torch.zeros_like(posterior.mean))
+    assert torch.allclose(posterior.std, torch.full_like(posterior.std, math.exp(-3.0)), rtol=1e-6, atol=0)
 
 
 # ---- TP plan --------------------------------------------------------------------------------

@@ -70,6 +70,15 @@ class EncoderConfig:
     out_channels: int = 16  # C'', the global feature's channels
     num_keyframes: int = 4  # K, at equal intervals (16 frames: 0, 5, 10, 15)
     norm_groups: int = 32
+    # a learned embedding per frame slot (e_v, keyframe 1..K) added to the input layer's features,
+    # so every convolution sees each frame's time (the released code's 3D convolutions mix
+    # neighbouring frames instead); off: the temporal attention's slot positions alone mark order
+    # (checkpoints written before this switch)
+    input_positions: bool = False
+    # the posterior's log-variance where training starts (the bias of the output head's log-variance
+    # half); 0: std 1, as the code's zero-initialised variance head. The KL term (weight 1e-6) barely
+    # moves it, so it sets the noise the decoder reads the global feature through while training
+    init_logvar: float = 0.0
 
     @property
     def factor(self) -> int:

@@ -1,7 +1,8 @@
 """The video encoder (paper Sec. 3.1, "Video Encoding"): keyframe latents -> a 2D global feature.
 
     [e_v : z_q1 : ... : z_qK]   the learnable video-content embedding e_v before K keyframe latents
-    -> input layer              a 2D 3x3 convolution per frame, C' -> D channels
+    -> input layer              a 2D 3x3 convolution per frame, C' -> D channels (with
+                                `encoder.input_positions`: plus a learned D-vector per frame slot)
     -> downsample module        per level: residual blocks, spatial + temporal attention (at the
                                 attention resolutions), a downsampling convolution (f_video overall)
     -> mapping module           residual block, spatial + temporal attention, temporal split
@@ -10,7 +11,10 @@
     -> DiagonalGaussianDistribution (diffusers'): v = mean + std * n, KL to N(0, I) (Eq. 1, 2)
 
 Convolutions and residual blocks act on each frame alone (2D); frames meet only in the temporal
-attention, whose learned slot positions tell the frames' order apart.
+attention, whose learned slot positions tell the frames' order apart. Those positions enter only
+the attention's weights and values, and the trained demo encoder lost them (a video and its
+reverse 0.6 % apart); `input_positions` tags every frame's features with its slot from the input
+layer on, so the residual blocks' nonlinearities compute features of (content, time) jointly.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from torch import nn
 
 from cogvideo.models.glober.blocks import TemporalAttention, spatial_attention
 from cogvideo.models.glober.config import GloberConfig
+
+LOGVAR_BIAS = "conv_out.3.bias"  # the output head's bias: mean channels, then log-variance channels
 
 
 class EncoderStage(nn.Module):
@@ -51,6 +57,9 @@ class VideoEncoder(nn.Module):
         frames = enc.num_keyframes + 1
         self.video_content = nn.Parameter(torch.empty(latent_ch, size, size))  # e_v
         self.conv_in = nn.Conv2d(latent_ch, enc.channels, 3, padding=1)
+        self.input_positions = (
+            nn.Parameter(torch.empty(frames, enc.channels)) if enc.input_positions else None
+        )
         self.stages = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         ch = enc.channels
@@ -79,6 +88,8 @@ class VideoEncoder(nn.Module):
         content = self.video_content.to(keyframes.dtype).expand(b, 1, *self.video_content.shape)
         x = torch.cat([content, keyframes], dim=1)
         h = self.conv_in(x.flatten(0, 1)).unflatten(0, (b, x.shape[1]))
+        if self.input_positions is not None:
+            h = h + self.input_positions.to(h.dtype)[:, :, None, None]
         for i, stage in enumerate(self.stages):
             h = stage(h)
             level, last_in_level = divmod(i + 1, self.blocks_per_level)

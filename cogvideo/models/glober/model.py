@@ -25,7 +25,7 @@ from cogvideo.models.glober.config import GloberConfig
 from cogvideo.models.glober.cra import PairDiscriminator
 from cogvideo.models.glober.decoder import VideoDecoder
 from cogvideo.models.glober.dit import GlobalDiT, init_dit
-from cogvideo.models.glober.encoder import VideoEncoder
+from cogvideo.models.glober.encoder import LOGVAR_BIAS, VideoEncoder
 from cogvideo.models.glober.pretrained import load_tensor
 from cogvideo.models.glober.vae import build_vae
 from cogvideo.tp_plan import Column, Row, TPPlan, Vocab
@@ -74,16 +74,19 @@ def init_weights(cfg: GloberConfig, name: str, tensor: torch.Tensor) -> None:
     a starting UNet, phase generator's auto-encoder), else the DiT's own initialisation, else
     PyTorch's default for convolutions and linear layers (uniform within 1 / sqrt(fan_in)) with
     zero biases, ones for norm scales, zero for zero convolutions and normal(init_std) for
-    learned embeddings, normal(1) for the video-content embedding and the encoder's temporal slot
-    positions (at init_std the positions were 1-3 % of the group-normed tokens: the trained demo
+    learned embeddings, normal(1) for the video-content embedding, the encoder's input positions
+    and its temporal slot positions (at init_std the positions were 1-3 % of the group-normed tokens: the trained demo
     encoder gave a video and its reverse global features 0.6 % apart, and no decoder can tell
-    which way such a video moves)."""
+    which way such a video moves), and the posterior's log-variance bias at `encoder.init_logvar`."""
     source = _source(cfg, name)
     if source is not None:
         with torch.no_grad():
             tensor.copy_(source)
     elif name.startswith("dit."):
         init_dit(cfg, name.removeprefix("dit."), tensor)
+    elif name == f"autoencoder.encoder.{LOGVAR_BIAS}":
+        with torch.no_grad():
+            tensor.zero_()[cfg.encoder.out_channels :] = cfg.encoder.init_logvar
     elif "zero_conv" in name or name.endswith("bias"):
         nn.init.zeros_(tensor)
     elif name.endswith(("video_content", "slot_embeddings", "positions")):
