@@ -1,7 +1,8 @@
 """Peak memory of one `cogvideo-convert` command, measured in a fresh process (tests' helper).
 
-The probe imports the converter, resets the kernel's peak-RSS mark (VmHWM, via
-/proc/self/clear_refs) and reports how far the peak rose above the RSS it had before the
+The probe imports the converter and every model family (a command that looks a layout up among
+the families imports them on first use: modules, not what the command holds), resets the
+kernel's peak-RSS mark (VmHWM, via /proc/self/clear_refs) and reports how far the peak rose above the RSS it had before the
 command ran: what the command itself held, memory-mapped pages it read included."""
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from process_helpers import REPO, run_ok
 PROBE = """
 import json, sys
 import cogvideo.checkpoint.cli as cli
+from cogvideo.family import families
+
+families()
 
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
