@@ -36,6 +36,7 @@ __all__ = [
     "OptimizedPart",
     "any_preset",
     "families",
+    "family_names",
     "PlannerModel",
     "build_model",
     "family_of",
@@ -59,24 +60,28 @@ SHIPPED_FAMILIES = {
 }
 
 
+def family_names() -> list[str]:
+    """Every family's name, loaded or not: the shipped ones first, then any a user registered."""
+    return list(dict.fromkeys([*SHIPPED_FAMILIES, *REGISTRY]))
+
+
 def get_family(name: str) -> ModelFamily:
     if name not in REGISTRY and name in SHIPPED_FAMILIES:
         importlib.import_module(SHIPPED_FAMILIES[name])
     if name not in REGISTRY:
-        known = sorted({*REGISTRY, *SHIPPED_FAMILIES})
-        raise ValueError(f"model.family: unknown family {name!r}; known: {known}")
+        raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(family_names())}")
     return REGISTRY[name]
 
 
 def families() -> list[ModelFamily]:
-    """Every family, the shipped ones (imported now) first, then any a user registered."""
-    return [get_family(name) for name in dict.fromkeys([*SHIPPED_FAMILIES, *REGISTRY])]
+    """Every family (the shipped ones imported now), in `family_names` order."""
+    return [get_family(name) for name in family_names()]
 
 
 def any_preset(name: str):
     """The preset `name` of whichever family has it (a command's `--base` / preset list); a
     family is imported only when the ones before it lack the name."""
-    for family_name in dict.fromkeys([*SHIPPED_FAMILIES, *REGISTRY]):
+    for family_name in family_names():
         family = get_family(family_name)
         if name in family.presets:
             return family.preset(name)

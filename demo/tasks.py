@@ -314,7 +314,7 @@ class Demo:
         `options(duration, seed)` and the `pipeline` class, in the sampling job; the sampled
         videos' rows in `folder`/videos.jsonl. Every group samples in `dtype`, by default the
         precision the first group's job resolved (one `auto` probe for the step)."""
-        from cogvideo.sampling.job import run_job
+        from cogvideo.sampling.job import recorded_options, run_job
         from cogvideo.sampling.prompts import Prompt
 
         cfg, prompts, videos, seconds = self.cfg, self.prompts(), [], 0.0
@@ -335,7 +335,7 @@ class Demo:
                     pipeline.precision,
                 )
                 if dtype is None:  # the first group resolved it; the rest sample in it
-                    dtype = self.sampled_dtype(folder)
+                    dtype = recorded_options(out)["dtype"]
                 seconds += time.perf_counter() - started
                 for p, entry in zip(todo, manifest["entries"]):
                     if entry["status"] != "ok":
