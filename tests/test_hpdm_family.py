@@ -21,7 +21,15 @@ from cogvideo.models.hpdm.loss import pyramid_loss, training_example
 from cogvideo.models.hpdm.model import TP_PLAN
 from pretrain.launch import free_port
 
-WIDE = CFG.replace(interface_dim=64, latent_dim=32, num_latents=16, latent_layers=2, patch=(2, 16, 16))
+# wide, with the interface self-attention (CFG without): FLOPs, memory and TP count both
+WIDE = CFG.replace(
+    interface_dim=64,
+    latent_dim=32,
+    num_latents=16,
+    latent_layers=2,
+    patch=(2, 16, 16),
+    interface_attention=True,
+)
 
 
 def batch_of(cfg, size=2, seed=0):
@@ -67,19 +75,24 @@ def test_flops_are_torchs_count_of_every_product(monkeypatch):
     ]
     linear = sum(sum(per_module[n].values()) for n in leaves if ".modulation" not in n and "time_fc" not in n)
     groups = {m.name: m.forward for m in planner.matmuls(WIDE)}
-    attn = groups.pop("read / write attention") + groups.pop("latent attention")
+    attn = sum(
+        groups.pop(n) for n in ("read / write attention", "latent attention", "interface self-attention")
+    )
     assert 2 * sum(groups.values()) == linear  # batch of 2
     assert 2 * attn == sum(attention)
     assert planner.train_flops(WIDE) == 3 * planner.forward_flops(WIDE)
 
 
 def saved_tensor_bytes(cfg, batch):
+    """Bytes of the distinct tensors autograd saves, each at its own size: the q, k and v views
+    of one qkv product count a third of its storage each, not all of it three times."""
     model = build_model(cfg, device="cpu")
     params, seen = {p.data_ptr() for p in model.parameters()}, {}
 
     def pack(t):
         if t.data_ptr() not in params:
-            seen.setdefault(t.data_ptr(), t.untyped_storage().nbytes())
+            own = min(t.untyped_storage().nbytes(), t.numel() * t.element_size())
+            seen.setdefault((t.data_ptr(), tuple(t.shape)), own)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -88,12 +101,17 @@ def saved_tensor_bytes(cfg, batch):
 
 
 @pytest.mark.parametrize("cfg", [CFG, WIDE], ids=["narrow", "wide"])
-def test_planner_activations_are_autograds_saved_tensors_within_10_percent(cfg):
+def test_planner_activations_are_autograds_saved_tensors_within_5_percent(cfg, monkeypatch):
     """What the analytic count leaves out (the condition vectors, modulation outputs, the grids
-    and interpolation weights of grid_sample) is a few percent; a missed block or level is more."""
+    and interpolation weights of grid_sample) or counts twice is a few percent; a missed
+    (block, level) run is more (planted below)."""
+    measured = {batch: saved_tensor_bytes(cfg, batch) for batch in (1, 3)}
     for batch in (1, 3):
         estimate = planner.activation_bytes(cfg, batch, 1, "fp32", False)
-        assert abs(estimate / saved_tensor_bytes(cfg, batch) - 1) < 0.10
+        assert abs(estimate / measured[batch] - 1) < 0.05
+    runs = planner.block_runs
+    monkeypatch.setattr(planner, "block_runs", lambda c: runs(c)[:-1])
+    assert abs(planner.activation_bytes(cfg, 1, 1, "fp32", False) / measured[1] - 1) > 0.05
 
 
 def _tp_worker(rank, port, full, batch, out_dir):

@@ -183,6 +183,44 @@ def test_a_level_of_the_pyramid_is_the_same_whether_run_jointly_or_alone():
         sources.append(Source(states, box))
 
 
+def test_interface_attention_is_dense_attention_and_ties_frames_without_the_latents(monkeypatch):
+    """`interface_attention`: before each block's read, the interface tokens take in a softmax
+    attention over every token of their patch (by hand below), so with the latents' read and write
+    cut (their output projections zeroed) one frame still reaches another; without it nothing does."""
+    cfg = CFG.replace(interface_attention=True)
+    model = tiny_model(cfg)
+    block, heads = model.blocks[0], cfg.interface_dim // cfg.head_dim
+    x = torch.randn(2, cfg.tokens_per_patch, cfg.interface_dim, dtype=torch.float64)
+    z = torch.randn(2, cfg.num_latents, cfg.latent_dim, dtype=torch.float64)
+    q, k, v = (
+        t.unflatten(-1, (heads, cfg.head_dim)).transpose(1, 2)
+        for t in block.mix.qkv(block.mix_norm(x)).chunk(3, -1)
+    )
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(cfg.head_dim), dim=-1)
+    expected = x + block.mix.out((weights @ v).transpose(1, 2).flatten(2))
+    read_input = []
+    block.read_interface.register_forward_hook(lambda module, args, out: read_input.append(args[0]))
+    block(x, z, torch.randn(2, cfg.cond_dim, dtype=torch.float64))
+    torch.testing.assert_close(read_input[0], expected, rtol=1e-12, atol=1e-12)
+
+    with torch.no_grad():
+        for b in model.blocks:
+            for layer in (b.read.out, b.write.out):
+                layer.weight.zero_(), layer.bias.zero_()
+    box = pyramid.boxes(cfg, 1, torch.zeros(2, 3, dtype=torch.long), cfg.level_size(1))
+
+    def reach():  # how much frame 1's output moves with frame 0's input
+        video = torch.randn(2, 3, *cfg.patch, dtype=torch.float64, requires_grad=True)
+        out, _ = model.run_level(1, video, torch.zeros(2, dtype=torch.float64), box, torch.tensor([0, 1]), [])
+        (grad,) = torch.autograd.grad(out[:, :, 1].sum(), video)
+        return float(grad[:, :, 0].abs().sum())
+
+    assert reach() > 0
+    for b in model.blocks:  # planted: the flag's layer built but never run
+        monkeypatch.setattr(b, "mix", None)
+    assert reach() == 0
+
+
 @pytest.mark.parametrize(
     "preset,paper", [("hpdm-s", 178e6), ("hpdm-m", 321e6), ("hpdm-l", 725e6), ("hpdm-t2v", 3934e6)]
 )
@@ -269,6 +307,61 @@ def test_training_examples_are_seeded_and_drop_the_condition_one_time_in_ten():
         ValueError, match=r"a video of \(8, 32, 16, 3\) pixels, the pyramid needs \(8, 32, 32, 3\)"
     ):
         training_example(CFG, video[:, :, :16], torch.tensor(2), 5)
+
+
+def test_output_convolution_starts_as_the_identity_and_reads_across_token_borders(monkeypatch):
+    """`output_conv`: D's pixels are a 1x3x3 convolution (zero-padded at the patch's edges) of the
+    per-token head's pixels; built fresh it is the identity; trained, a pixel at a token's last
+    column moves with the next token's first (planted: the convolution skipped, it does not)."""
+    cfg = CFG.replace(output_conv=True)
+    model = build_model(cfg, device="cpu").double()
+    head = []
+    model.smooth.register_forward_hook(lambda module, args, out: head.append(args[0]))
+    x = torch.randn(2, 3, *cfg.patch, dtype=torch.float64)
+    box = pyramid.boxes(cfg, 1, torch.zeros(2, 3, dtype=torch.long), cfg.level_size(1))
+
+    def run():
+        return model.run_level(1, x, torch.zeros(2, dtype=torch.float64), box, torch.tensor([0, 1]), [])[0]
+
+    torch.testing.assert_close(run(), head[-1], rtol=0, atol=1e-15)  # the identity
+    with torch.no_grad():
+        model.smooth.weight.normal_(0, 0.3), model.smooth.bias.normal_(0, 0.1)
+    out, pixels = run(), head[-1]
+    padded, (_, h, w) = F.pad(pixels, (1, 1, 1, 1)), cfg.patch
+    expected = model.smooth.bias.view(1, 3, 1, 1, 1) + sum(
+        torch.einsum("oi,bithw->bothw", model.smooth.weight[:, :, 0, i, j], padded[..., i : i + h, j : j + w])
+        for i in range(3)
+        for j in range(3)
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    kw = cfg.tokenizer_patch[2]
+    assert not torch.equal(out[..., kw - 1], pixels[..., kw - 1])  # the last column reads the next token
+    monkeypatch.setattr(model, "smooth", None)  # planted: the layer built but not run
+    assert not torch.allclose(run(), expected)
+
+
+def test_each_level_draws_its_noise_levels_around_its_own_p_mean(monkeypatch):
+    """`level_p_mean`: level l's ln(sigma) ~ N(level_p_mean[l], p_std^2), the other draws of the
+    example unchanged; empty, every level draws around edm.p_mean (planted: the table ignored)."""
+    from cogvideo.models.hpdm.loss import training_example
+
+    cfg = CFG.replace(level_p_mean=(2.0, -1.2, 0.5))
+    video = torch.randint(0, 256, (*cfg.video_size, 3), dtype=torch.uint8)
+
+    def mean_log_sigma():
+        draws = [training_example(cfg, video, torch.tensor(2), s)["sigma"] for s in range(300)]
+        return torch.stack(draws).double().log().mean(0)
+
+    bound = 5 * cfg.edm.p_std / 300**0.5
+    assert torch.allclose(mean_log_sigma(), torch.tensor(cfg.level_p_mean, dtype=torch.float64), atol=bound)
+    same = training_example(CFG, video, torch.tensor(2), 7), training_example(cfg, video, torch.tensor(2), 7)
+    assert all(torch.equal(same[0][k], same[1][k]) for k in ("offsets", "noise", "patches", "condition"))
+    monkeypatch.setattr(HPDMConfig, "level_edm", lambda self, level: self.edm)
+    assert not torch.allclose(
+        mean_log_sigma(), torch.tensor(cfg.level_p_mean, dtype=torch.float64), atol=bound
+    )
+    with pytest.raises(ValueError, match=r"model.level_p_mean: 2 means for 3 levels"):
+        CFG.replace(level_p_mean=(1.0, 0.0)).validate()
 
 
 def _tokens_by_hand(model, cfg, x, box):

@@ -46,6 +46,12 @@ class HPDMConfig:
     # place has the same embedding in every frame; added to the map of the raw coordinates (False:
     # the coordinates alone, as checkpoints without the field trained)
     position_embeddings: bool = False
+    # self-attention among a patch's interface tokens in every block, before the read (not in RIN
+    # nor the paper: the demo preset's, README: its 32 latents did not relay one frame to the next)
+    interface_attention: bool = False
+    # a 1x3x3 convolution over the output pixels, across the interface tokens' borders (U-ViT's last
+    # layer; README: the per-token head left level 1's token borders 3x the steps inside tokens)
+    output_conv: bool = False
     latent_dim: int = 64
     num_latents: int = 32
     latent_layers: int = 1  # latent self-attention layers per RIN block
@@ -57,6 +63,9 @@ class HPDMConfig:
     # x-prediction (the network outputs the clean patch; README: EDM's F mix left the demo's samples
     # noisy), EDM's c_in, c_noise, sigmas and weight, the weight's sigma floored at 0.05
     edm: EDMConfig = field(default_factory=lambda: EDMConfig(prediction="sample", weight_sigma_min=0.05))
+    # training's ln(sigma) mean per level, coarsest first (empty: edm.p_mean at every level); the
+    # spread stays edm.p_std
+    level_p_mean: tuple[float, ...] = ()
     activation_checkpointing: bool = False  # recompute each RIN block in the backward pass
 
     # ---- derived ---------------------------------------------------------------------------
@@ -117,6 +126,12 @@ class HPDMConfig:
     def video_size(self) -> tuple[int, int, int]:
         return self.level_size(self.num_levels)
 
+    def level_edm(self, level: int) -> EDMConfig:
+        """The EDM settings level `level` (1-based) trains with: its own P_mean where given."""
+        if not self.level_p_mean:
+            return self.edm
+        return dataclasses.replace(self.edm, p_mean=self.level_p_mean[level - 1])
+
     def levels_of_block(self, block: int) -> range:
         """Levels (1-based) that block `block` (0-based) runs."""
         return range(1, self.block_levels[block] + 1)
@@ -150,6 +165,8 @@ class HPDMConfig:
             bad("cond_dropout", f"must be in [0, 1), got {self.cond_dropout}")
         for problem in self.edm.problems():
             bad("edm", problem)
+        if self.level_p_mean and len(self.level_p_mean) != self.num_levels:
+            bad("level_p_mean", f"{len(self.level_p_mean)} means for {self.num_levels} levels (or none)")
         if self.classes and len(self.classes) != self.num_classes:
             bad("classes", f"{len(self.classes)} names for num_classes={self.num_classes}")
         self._check_splits(tensor_parallel)

@@ -35,7 +35,8 @@ def training_example(cfg: HPDMConfig, video: torch.Tensor, condition: torch.Tens
     pixels = video.permute(3, 0, 1, 2).to(torch.float32) / 127.5 - 1
     offsets = pyramid.sample_offsets(cfg, g)
     patches = pyramid.extract_patches(cfg, pixels, offsets)
-    sigma = edm.sample_sigmas(cfg.edm, (cfg.num_levels,), g).to(torch.float32)
+    sigma = torch.cat([edm.sample_sigmas(cfg.level_edm(lv), (1,), g) for lv in range(1, cfg.num_levels + 1)])
+    sigma = sigma.to(torch.float32)
     noise = torch.randn(patches.shape, generator=g)
     condition = drop_condition(torch.as_tensor(condition)[None], null_condition(cfg), cfg.cond_dropout, g)[0]
     return {

@@ -30,6 +30,7 @@ from cogvideo.models.hpdm.config import COORDINATES, HPDMConfig
 from cogvideo.tp_plan import Column, Row, TPPlan
 
 TIME_FEATURES = 256  # sinusoidal features of c_noise
+SMOOTH_KERNEL = (1, 3, 3)  # `output_conv`'s kernel (frames, rows, columns)
 
 # attention heads split over TP ranks (queries, keys/values, output), feed-forwards split by their
 # hidden units; embeddings, norms, modulations, fusion and the tokenizer stay whole
@@ -107,12 +108,17 @@ class LatentLayer(nn.Module):
 
 class RINBlock(nn.Module):
     """Read (latents <- interface), think (latent self-attention), write (interface <- latents);
-    with `fuses`, a finer level's interface first takes in its context (deep context fusion)."""
+    with `fuses`, a finer level's interface first takes in its context (deep context fusion); with
+    `interface_attention`, the interface tokens then attend to each other before the read."""
 
     def __init__(self, cfg: HPDMConfig, fuses: bool):
         super().__init__()
         di, dl, c = cfg.interface_dim, cfg.latent_dim, cfg.cond_dim
         self.fuse = nn.Linear(2 * di, di) if fuses else None
+        # interface self-attention: a token compares itself with every other token of its patch
+        # (other frames included) directly, not only through what the latents kept
+        self.mix_norm = nn.LayerNorm(di) if cfg.interface_attention else None
+        self.mix = Attention(di, di, cfg.head_dim) if cfg.interface_attention else None
         self.read_latents, self.read_interface = ModulatedNorm(dl, c), nn.LayerNorm(di)
         self.read = Attention(dl, di, cfg.head_dim, context_dim=di)
         self.read_ff_norm, self.read_ff = ModulatedNorm(dl, c), FeedForward(dl, cfg.ffn_mult)
@@ -124,6 +130,8 @@ class RINBlock(nn.Module):
     def forward(self, x, z, cond, context=None):
         if context is not None:
             x = x + self.fuse(torch.cat([x, context], dim=-1))
+        if self.mix is not None:
+            x = x + self.mix(self.mix_norm(x))
         z = z + self.read(self.read_latents(z, cond), self.read_interface(x))
         z = z + self.read_ff(self.read_ff_norm(z, cond))
         for layer in self.latent_layers:
@@ -166,6 +174,9 @@ class HPDMModel(nn.Module):
             )
         self.blocks = nn.ModuleList(RINBlock(cfg, fuses=levels > 1) for levels in cfg.block_levels)
         self.head_norm, self.head = nn.LayerNorm(di), nn.Linear(di, cfg.pixels_per_token)
+        # a 1x3x3 convolution over the head's pixels (U-ViT's last layer): a pixel's output also reads
+        # its neighbours across the token borders, which the per-token head cannot
+        self.smooth = nn.Conv3d(3, 3, SMOOTH_KERNEL, padding=(0, 1, 1)) if cfg.output_conv else None
 
     # ---- conditioning ----------------------------------------------------------------------
     def condition(self, level: int, c_noise: torch.Tensor, cond: torch.Tensor):
@@ -228,7 +239,8 @@ class HPDMModel(nn.Module):
                 sampled = [pyramid.sample_context(s.states[b], g) for s, g in zip(sources, grids)]
                 context = torch.stack(sampled).mean(dim=0)
             x_tok, z = block(x_tok, z, vector, context)
-        return self.detokenize(x_tok), states
+        out = self.detokenize(x_tok)
+        return (out if self.smooth is None else self.smooth(out)), states
 
     def forward(self, x, c_noise, start, extent, cond):
         """Training: every level of a pyramid of patches jointly, x [B, levels, 3, *patch] (c_in-scaled),
@@ -245,8 +257,10 @@ class HPDMModel(nn.Module):
 def init_weights(cfg: HPDMConfig, name: str, tensor: torch.Tensor) -> None:
     """normal(init_std) for matrices, tables and latents; zeros for biases, the norm modulations
     (each block starts unmodulated) and the output head (F starts at 0: D = c_skip x); ones for
-    LayerNorm weights."""
-    if name.endswith("bias") or ".modulation." in name or name.startswith("head."):
+    LayerNorm weights; the identity for the output convolution."""
+    if name == "smooth.weight":  # the identity: the convolution starts as no convolution
+        nn.init.dirac_(tensor)
+    elif name.endswith("bias") or ".modulation." in name or name.startswith("head."):
         nn.init.zeros_(tensor)
     elif tensor.dim() == 1:
         nn.init.ones_(tensor)

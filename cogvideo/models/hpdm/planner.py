@@ -2,9 +2,9 @@
 
 FLOPs count multiply-adds of the matrix products (2 FLOPs each) of one training example, a patch
 per level, each level through the blocks its table names (adaptive computation): per block the
-context fusion (finer levels), the read cross-attention (latents x interface tokens), the latent
+context fusion (finer levels), the interface self-attention (`interface_attention`), the read cross-attention (latents x interface tokens), the latent
 feed-forwards and self-attention layers, the write cross-attention and the interface
-feed-forward; plus the tokenizer and head. Every weight trains, and attention products have two
+feed-forward; plus the tokenizer and head (and `output_conv`'s convolution). Every weight trains, and attention products have two
 activation inputs, so backward is twice forward.
 
 Memory counts the tensors autograd keeps for backward in cogvideo/models/hpdm/model.py, per
@@ -38,10 +38,13 @@ def matmuls(cfg: HPDMConfig) -> list[MatmulFlops]:
     runs = block_runs(cfg)
     fused = sum(1 for b, level in runs if level > 1)
     count = len(runs)
+    mixes = count if cfg.interface_attention else 0
+    conv = cfg.num_levels if cfg.output_conv else 0
     return [
         MatmulFlops(
             "tokenizer + head", cfg.num_levels * 2 * N * di * (2 * cfg.pixels_per_token + COORDINATES), True
         ),
+        MatmulFlops("output convolution", conv * 2 * N * cfg.pixels_per_token * 3 * 9, True),
         MatmulFlops("context fusion", fused * 2 * N * 2 * di * di, True),
         MatmulFlops(
             "read / write projections",
@@ -49,6 +52,8 @@ def matmuls(cfg: HPDMConfig) -> list[MatmulFlops]:
             True,
         ),
         MatmulFlops("read / write attention", count * 2 * 2 * 2 * M * N * di, False, 2),
+        MatmulFlops("interface self-attention projections", mixes * 2 * 4 * N * di * di, True),
+        MatmulFlops("interface self-attention", mixes * 2 * 2 * N * N * di, False, 2),
         MatmulFlops("latent layers", count * 2 * M * dl * dl * ((1 + K) * 2 * f + 4 * K), True),
         MatmulFlops("latent attention", count * K * 2 * 2 * M * M * dl, False, 2),
         MatmulFlops("interface feed-forward", count * 2 * N * di * di * 2 * f, True),
@@ -93,6 +98,8 @@ def block_activation_bytes(
         return rows * dim * e + 2 * rows * hidden * e
 
     total = 2 * N * di * e if fuses else 0  # the concatenated fusion input
+    if cfg.interface_attention:  # its norm, the qkv input, the attention
+        total += norm(N, di) + N * di * e + attention(N, N, dit, heads_i)
     total += modulated(M, dl) + norm(N, di) + M * dl * e + N * di * e  # read norms; q, kv inputs
     total += attention(M, N, dit, heads_i) + modulated(M, dl) + feed_forward(M, dl, fl)
     total += K * (modulated(M, dl) + M * dl * e + attention(M, M, dlt, heads_l))
@@ -127,6 +134,10 @@ def activation_bytes(cfg: HPDMConfig, batch: int, tp: int, dtype: str, act_ckpt:
     else:
         kept = sum(block_activation_bytes(cfg, batch, tp, dtype, fuses=level > 1) for _, level in runs)
     head = cfg.num_levels * 2 * interface  # the head norm's input and the head's input
+    if cfg.output_conv:  # the convolution's input: the head's pixels
+        head += (
+            cfg.num_levels * batch * cfg.tokens_per_patch * cfg.pixels_per_token * torch_dtype(dtype).itemsize
+        )
     return kept + head + logits_bytes(cfg, batch, tp, dtype)
 
 
@@ -135,8 +146,10 @@ def tp_allreduces(cfg: HPDMConfig, act_ckpt: bool) -> tuple[int, int]:
     row-parallel outputs in forward (read, read feed-forward, each latent layer's attention and
     feed-forward, write, interface feed-forward: 4 + 2K), again in a recomputed forward, and the
     column-parallel inputs in backward (read q and kv, the feed-forwards' fc1, each latent
-    layer's qkv, write q and kv: 6 + 2K). Elements: an interface activation, the largest."""
-    forward, backward = 4 + 2 * cfg.latent_layers, 6 + 2 * cfg.latent_layers
+    layer's qkv, write q and kv: 6 + 2K), one more each with `interface_attention` (its out and
+    qkv). Elements: an interface activation, the largest."""
+    mix = 1 if cfg.interface_attention else 0
+    forward, backward = 4 + 2 * cfg.latent_layers + mix, 6 + 2 * cfg.latent_layers + mix
     per_run = forward * (2 if act_ckpt else 1) + backward
     return len(block_runs(cfg)) * per_run, cfg.tokens_per_patch * cfg.interface_dim
 
