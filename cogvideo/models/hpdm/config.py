@@ -217,6 +217,7 @@ PRESETS = {
     "hpdm-demo": lambda: HPDMConfig(
         condition="text",
         position_embeddings=True,
+        output_conv=True,
         edm=EDMConfig(prediction="sample", weight_sigma_min=0.05, p_mean=-0.4),
     ),
     "hpdm-s": lambda: _ucf("hpdm-s", 256),
