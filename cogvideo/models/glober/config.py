@@ -343,7 +343,6 @@ PRESETS = {
             out_channels=8,
             num_keyframes=3,
             norm_groups=16,
-            temporal_kernel=3,  # the 2D encoder learned no order in 2000 steps (README, GLOBER)
         ),
         decoder=DecoderConfig(
             channels=32,
