@@ -31,8 +31,12 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two pytest workers (most tests use one core, waiting on their child processes); a test module
+# stays on one worker (its module fixtures are built once). The TP=8 slice needs ~12 GiB and both
+# cores: it runs alone, after the others.
 test: venv lint
-	$(PY) -m pytest -q -x -p no:cacheprovider --durations=25 tests
+	$(PY) -m pytest -q -x -p no:cacheprovider --durations=25 -n 2 --dist loadfile -m "not exclusive" tests
+	$(PY) -m pytest -q -x -p no:cacheprovider --durations=5 -m exclusive tests
 
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests

@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvideo.configio import ConfigError
+from cogvideo.configio import ConfigError, load_config
 from cogvideo.eval import sr as sr_metrics
 from cogvideo.family import plain_model
 from cogvideo.metrics import psnr_per_frame, ssim_per_frame
 from cogvideo.synthetic import COLOURS, render_frames
 from cogvideo.video_io import read_video
+from data_prep import synthetic as synthetic_videos
+from data_prep.config import PrepConfig, prep_model
+from data_prep.stages import extract_samples, hash_input
 from data_prep.synthetic import plan_videos, render_row
 from demo import driver, settings
 from demo import sr_evaluation as sr_eval
@@ -248,6 +251,31 @@ def test_the_demo_trains_the_whole_dsr_model_from_the_backbone():
     cfg = check_config(load_train_config(str(DSR / "train.yaml"), given), 2, has_gpu=False)
     assert cfg.high_slots == "low_res"
     assert all(p.requires_grad for p in plain_model(cfg).parameters())
+
+
+def test_the_stage_prepares_a_frame_pair_from_every_third_frame(tmp_path):
+    """configs/demo/dsr/prep.yaml cuts each video into 3-frame clips, one training pair each (its
+    middle frame), so a 2 s video at 8 fps (17 frames) gives 6 distinct pairs; as one clip (prep's
+    default max_clip_s, planted) it gave 1: 3917 pairs in all, which dsr-small memorised."""
+    (row,) = plan_videos(1, seed=3, size=32, duration_s=(2.0,))
+    synthetic_videos.write_videos(tmp_path, [row], scale=3)
+    source = {"entry": "0", "path": str(tmp_path / row["path"]), "caption": row["caption"]}
+    frames = render_row(row, 3)
+
+    def pairs(cfg: PrepConfig) -> list[np.ndarray]:
+        model = prep_model(cfg)
+        rows = extract_samples(hash_input(source), cfg, model, model.high_frame_size)
+        return [
+            np.frombuffer(r["pixels"], np.uint8).reshape(frames.shape[1:])
+            for r in rows
+            if r["kind"] == "sample"
+        ]
+
+    model = ["model.family=dsr", "model.preset=dsr-small"]
+    picked = pairs(load_config(PrepConfig, DSR / "prep.yaml", model))
+    nearest = [int(np.abs(frames.astype(int) - p).sum(axis=(1, 2, 3)).argmin()) for p in picked]
+    assert nearest[:5] == [1, 4, 7, 10, 13] and len(nearest) == 6 and nearest[5] in (15, 16)
+    assert len(pairs(load_config(PrepConfig, DSR / "prep.yaml", [*model, "max_clip_s=60"]))) == 1
 
 
 def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypatch):

@@ -21,24 +21,14 @@ import math
 import shutil
 
 import pytest
-import test_pretrain_dist
 import yaml
 from test_pretrain_dist import STEPS, base_args, losses, make_workspace, reference, step_batches, torchrun
 
 from cogvideo.config import get_preset
 from cogvideo.precision import ProbeFigures, decide
-from pretrain.launch import free_port
 
 pytestmark = pytest.mark.slow
 U = 2.0**-8
-
-
-def free_ports():
-    while True:
-        yield free_port()
-
-
-test_pretrain_dist.PORTS = free_ports()  # not a fixed range: other test runs may share the machine
 
 
 LEARNED_CODES, LEARN_LR = 4, 2e-2

@@ -13,6 +13,7 @@ import torch
 
 from cogvideo.configio import ConfigError
 from pretrain.config import TrainConfig, check_config, load_train_config
+from pretrain.launch import free_port
 from pretrain.optim import deepspeed_config, lr_factor, no_weight_decay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_cli_exits_2_before_starting_process_groups(tmp_path, overrides, world, 
         "LOCAL_RANK": "0",
         "WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29999",
+        "MASTER_PORT": str(free_port()),
         "DS_ACCELERATOR": "cpu",
     }
     shard = tmp_path / "a.tar"

@@ -36,12 +36,13 @@ from cogvideo.sequence import build_sequence
 from cogvideo.shards import decode_sample
 from cogvideo.text_format import TextFormat
 from cogvideo.tokenizers.text import TextTokenizer
+from pretrain.launch import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 LR, WARMUP, MIN_RATIO, CLIP, DECAY = 2e-3, 2, 0.1, 0.5, 1.0
-PORTS = iter(range(29611, 29700))
+PORTS = iter(free_port, None)  # a fresh free port at each next()
 
 
 def make_workspace(root: Path, codes: int | None = None) -> dict:

@@ -19,6 +19,7 @@ from process_helpers import sleeping_process, write_lock
 from test_pretrain_data import write_caption_tokenizer, write_shards
 
 from cogvideo.config import get_preset
+from pretrain.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/tiny_test.yaml")
@@ -41,7 +42,7 @@ def train_cli(ws, *overrides, world=2, timeout=120, env=None):
         "LOCAL_RANK": "0",
         "WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29998",
+        "MASTER_PORT": str(free_port()),
         "DS_ACCELERATOR": "cpu",
         **(env or {}),
     }
@@ -225,7 +226,7 @@ def test_workers_die_with_a_killed_torchrun(tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29997",
+            f"--master_port={free_port()}",
             str(script),
             str(tmp_path),
         ],
