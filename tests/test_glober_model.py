@@ -302,6 +302,73 @@ def test_the_encoders_input_positions_mark_order_without_the_attention():
     assert reversed_change < F64_ATOL * other_change
 
 
+def test_the_temporal_input_convolution_reads_each_slots_neighbours_by_offset():
+    """`encoder.temporal_kernel: 3` (the released code's 3D convolutions): the input layer's
+    features of slot s are bias + sum over dt of a 2D convolution of slot s + dt - 1 with the
+    kernel's slice dt, zero beyond the first and last slots (hand-computed per slot in float64;
+    a planted reversal of the slots fails)."""
+    cfg = tiny(encoder={"num_keyframes": 3, "temporal_kernel": 3})
+    encoder = build_model(cfg, device="cpu").autoencoder.encoder.double()
+    conv = encoder.conv_in
+    x = torch.randn(2, 4, *cfg.latent_shape, dtype=torch.float64)  # [e_v, 3 keyframes]
+    expected = torch.stack(
+        [
+            conv.bias[:, None, None]
+            + sum(
+                torch.nn.functional.conv2d(x[:, s + dt - 1], conv.weight[:, :, dt], padding=1)
+                for dt in range(3)
+                if 0 <= s + dt - 1 < 4
+            )
+            for s in range(4)
+        ],
+        dim=1,
+    )
+    with torch.no_grad():
+        assert torch.allclose(encoder.input_features(x), expected, rtol=0, atol=F64_ATOL)
+        assert not torch.allclose(encoder.input_features(x.flip(1)).flip(1), expected, atol=1e-3)
+
+
+def test_the_temporal_input_convolution_marks_order_without_the_attention():
+    """With the slot positions removed and every temporal attention weighing all frames alike, a
+    3D input convolution still tells a video from its reverse (at least a tenth as far as another
+    video; the 2D one exactly not, as the input-positions test shows)."""
+    cfg = tiny(encoder={"num_keyframes": 3, "temporal_kernel": 3})
+    torch.manual_seed(0)
+    encoder = build_model(cfg, device="cpu").autoencoder.encoder.double()
+    keyframes = torch.randn(1, 3, *cfg.latent_shape, dtype=torch.float64)
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, TemporalAttention):
+                module.positions.zero_()
+                for layer in (module.attention.to_q, module.attention.to_k):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+        base = encoder(keyframes).mean
+        reversed_change = (encoder(keyframes.flip(1)).mean - base).norm()
+        other_change = (encoder(torch.randn_like(keyframes)).mean - base).norm()
+    assert reversed_change > other_change / 10
+
+
+def test_a_record_without_the_temporal_kernel_loads_2d():
+    """A record written before `encoder.temporal_kernel` (its field absent) loads with the 2D input
+    convolution its weights have; the field round-trips through the record."""
+    demo = resolve_model_section(
+        {"family": "glober", "preset": "glober-demo", "encoder": {"temporal_kernel": 3}}
+    )
+    assert plain_model(model_from_record(model_record(demo))).autoencoder.encoder.conv_in.weight.dim() == 5
+    old_record = model_record(demo)
+    del old_record["encoder"]["temporal_kernel"]
+    old = model_from_record(old_record)
+    assert old.encoder.temporal_kernel == 1
+    assert plain_model(old).autoencoder.encoder.conv_in.weight.dim() == 4
+
+
+def test_a_temporal_kernel_must_be_odd_and_positive():
+    for bad in (0, 2):
+        with pytest.raises(ValueError, match="encoder.temporal_kernel"):
+            tiny(encoder={"temporal_kernel": bad})
+
+
 def test_input_positions_are_a_parameter_only_when_switched_on():
     """A checkpoint written before the switch (its record has no such field, its state no such
     parameter) loads with it off."""

@@ -75,6 +75,10 @@ class EncoderConfig:
     # neighbouring frames instead); off: the temporal attention's slot positions alone mark order
     # (checkpoints written before this switch)
     input_positions: bool = False
+    # the input convolution's extent over the frame slots [e_v, keyframe 1..K]: 1, a 2D convolution
+    # per frame (the paper's); 3, a 3D (3 x 3 x 3) one as the released code's (`dims: 3`), so every
+    # slot's features hold its neighbours' latents through weights of their own (before / after)
+    temporal_kernel: int = 1
     # the posterior's log-variance where training starts (the bias of the output head's log-variance
     # half); 0: std 1, as the code's zero-initialised variance head. The KL term (weight 1e-6) barely
     # moves it, so it sets the noise the decoder reads the global feature through while training
@@ -239,6 +243,8 @@ class GloberConfig:
                 "encoder.num_keyframes",
                 f"needs 1..num_frames={self.num_frames}, got {self.encoder.num_keyframes}",
             )
+        if self.encoder.temporal_kernel < 1 or self.encoder.temporal_kernel % 2 == 0:
+            bad("encoder.temporal_kernel", f"needs an odd size >= 1, got {self.encoder.temporal_kernel}")
         if self.frame_size % self.vae.factor or self.latent_size % self.encoder.factor:
             bad(
                 "frame_size",

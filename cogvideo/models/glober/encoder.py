@@ -56,7 +56,12 @@ class VideoEncoder(nn.Module):
         enc, latent_ch, size = cfg.encoder, cfg.vae.latent_channels, cfg.latent_size
         frames = enc.num_keyframes + 1
         self.video_content = nn.Parameter(torch.empty(latent_ch, size, size))  # e_v
-        self.conv_in = nn.Conv2d(latent_ch, enc.channels, 3, padding=1)
+        k = enc.temporal_kernel
+        self.conv_in = (
+            nn.Conv2d(latent_ch, enc.channels, 3, padding=1)
+            if k == 1
+            else nn.Conv3d(latent_ch, enc.channels, (k, 3, 3), padding=(k // 2, 1, 1))
+        )
         self.input_positions = (
             nn.Parameter(torch.empty(frames, enc.channels)) if enc.input_positions else None
         )
@@ -82,14 +87,21 @@ class VideoEncoder(nn.Module):
             nn.Conv2d(enc.out_channels, 2 * enc.out_channels, 1),
         )
 
+    def input_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input layer: slots [B, 1 + K, C', L, L] -> [B, 1 + K, D, L, L]."""
+        if isinstance(self.conv_in, nn.Conv3d):  # over [B, C', T, L, L]: the slots are its depth
+            h = self.conv_in(x.transpose(1, 2)).transpose(1, 2)
+        else:
+            h = self.conv_in(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        if self.input_positions is not None:
+            h = h + self.input_positions.to(h.dtype)[:, :, None, None]
+        return h
+
     def forward(self, keyframes: torch.Tensor) -> DiagonalGaussianDistribution:
         """Keyframe latents [B, K, C', L, L] -> the posterior over global features [B, C'', G, G]."""
         b = keyframes.shape[0]
         content = self.video_content.to(keyframes.dtype).expand(b, 1, *self.video_content.shape)
-        x = torch.cat([content, keyframes], dim=1)
-        h = self.conv_in(x.flatten(0, 1)).unflatten(0, (b, x.shape[1]))
-        if self.input_positions is not None:
-            h = h + self.input_positions.to(h.dtype)[:, :, None, None]
+        h = self.input_features(torch.cat([content, keyframes], dim=1))
         for i, stage in enumerate(self.stages):
             h = stage(h)
             level, last_in_level = divmod(i + 1, self.blocks_per_level)
