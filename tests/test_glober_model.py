@@ -270,6 +270,27 @@ def test_the_encoder_tells_a_video_from_its_reverse_from_its_initialisation():
     assert reversed_change > other_change / 5
 
 
+def order_effect(**encoder_options) -> tuple[float, float]:
+    """How far a reversal of 3 random keyframes moves the encoder's global feature, and how far
+    another video does, with the slot positions removed and every temporal attention weighing
+    all frames alike (queries and keys zeroed): what is left to tell order is the input layer."""
+    cfg = tiny(encoder={"num_keyframes": 3, **encoder_options})
+    torch.manual_seed(0)
+    encoder = build_model(cfg, device="cpu").autoencoder.encoder.double()
+    keyframes = torch.randn(1, 3, *cfg.latent_shape, dtype=torch.float64)
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, TemporalAttention):
+                module.positions.zero_()
+                for layer in (module.attention.to_q, module.attention.to_k):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+        base = encoder(keyframes).mean
+        reversed_change = (encoder(keyframes.flip(1)).mean - base).norm().item()
+        other_change = (encoder(torch.randn_like(keyframes)).mean - base).norm().item()
+    return reversed_change, other_change
+
+
 def test_the_encoders_input_positions_mark_order_without_the_attention():
     """The temporal attention's slot positions reach the e_v slot only through its weights and
     values, a pooling a trained encoder can (and the demo's did) make nearly order-blind.
@@ -278,24 +299,6 @@ def test_the_encoders_input_positions_mark_order_without_the_attention():
     zeroed), a reversal must still move the global feature at least a tenth as far as another
     video (the family's initialisation gives 0.16-0.54 over seeds 0-5); without them the encoder
     is then exactly blind to order (the planted removal)."""
-
-    def order_effect(input_positions: bool) -> tuple[float, float]:
-        cfg = tiny(encoder={"num_keyframes": 3, "input_positions": input_positions})
-        torch.manual_seed(0)
-        encoder = build_model(cfg, device="cpu").autoencoder.encoder.double()
-        keyframes = torch.randn(1, 3, *cfg.latent_shape, dtype=torch.float64)
-        with torch.no_grad():
-            for module in encoder.modules():
-                if isinstance(module, TemporalAttention):
-                    module.positions.zero_()
-                    for layer in (module.attention.to_q, module.attention.to_k):
-                        layer.weight.zero_()
-                        layer.bias.zero_()
-            base = encoder(keyframes).mean
-            reversed_change = (encoder(keyframes.flip(1)).mean - base).norm().item()
-            other_change = (encoder(torch.randn_like(keyframes)).mean - base).norm().item()
-        return reversed_change, other_change
-
     reversed_change, other_change = order_effect(input_positions=True)
     assert reversed_change > other_change / 10
     reversed_change, other_change = order_effect(input_positions=False)
@@ -332,20 +335,7 @@ def test_the_temporal_input_convolution_marks_order_without_the_attention():
     """With the slot positions removed and every temporal attention weighing all frames alike, a
     3D input convolution still tells a video from its reverse (at least a tenth as far as another
     video; the 2D one exactly not, as the input-positions test shows)."""
-    cfg = tiny(encoder={"num_keyframes": 3, "temporal_kernel": 3})
-    torch.manual_seed(0)
-    encoder = build_model(cfg, device="cpu").autoencoder.encoder.double()
-    keyframes = torch.randn(1, 3, *cfg.latent_shape, dtype=torch.float64)
-    with torch.no_grad():
-        for module in encoder.modules():
-            if isinstance(module, TemporalAttention):
-                module.positions.zero_()
-                for layer in (module.attention.to_q, module.attention.to_k):
-                    layer.weight.zero_()
-                    layer.bias.zero_()
-        base = encoder(keyframes).mean
-        reversed_change = (encoder(keyframes.flip(1)).mean - base).norm()
-        other_change = (encoder(torch.randn_like(keyframes)).mean - base).norm()
+    reversed_change, other_change = order_effect(temporal_kernel=3)
     assert reversed_change > other_change / 10
 
 
