@@ -143,10 +143,9 @@ def test_tp2_equals_tp1_on_the_loss_and_every_gradient(tmp_path):
     batch = batch_of(WIDE, 2)
     loss = pyramid_loss(WIDE, reference, batch, torch.device("cpu"))
     loss.backward()
-    # forked: the ranks start from this process's imports (spawned ones re-import torch and the project)
-    mp.start_processes(
-        _tp_worker, args=(free_port(), full, batch, str(tmp_path)), nprocs=2, start_method="fork"
-    )
+    # spawned, not forked: a fork of a process with threads (pytest-xdist's worker has several) can
+    # copy a lock another thread holds, and the rank then hangs (seen: in gloo's teardown)
+    mp.spawn(_tp_worker, args=(free_port(), full, batch, str(tmp_path)), nprocs=2)
     tp_loss, tp_grads = torch.load(tmp_path / "tp2.pt", weights_only=True)
     assert abs(float(tp_loss) / float(loss) - 1) < loss_rel_tol(WIDE.num_layers)
     for name, param in reference.named_parameters():
