@@ -72,7 +72,12 @@ def shape_mask(
     """bool [size * scale, size * scale]: pixels whose centre lies inside the shape; `scale` > 1
     draws the same scene (centre and radius in `size`-pixel units) on a grid that much finer."""
     ys, xs = (np.mgrid[0 : size * scale, 0 : size * scale] + 0.5) / scale
-    dx, dy = xs - centre[0], ys - centre[1]
+    return shape_mask_at(shape, xs - centre[0], ys - centre[1], radius)
+
+
+def shape_mask_at(shape: str, dx: np.ndarray, dy: np.ndarray, radius) -> np.ndarray:
+    """Whether points at offsets (dx, dy) from the shape's centre lie inside it (arrays broadcast:
+    many centres and radii at once)."""
     if shape == "circle":
         return dx * dx + dy * dy <= radius * radius
     if shape == "square":

@@ -192,3 +192,26 @@ def test_constant_means_one_colour_and_one_shape_in_every_frame():
     assert got.frame_colours[5] is None and not got.constant
     entries = [ManifestEntry(Path("x"), caption_for("magenta", "square", "left"), 1.0, True)] * 2
     assert score(entries, [analyze_video(frames), got])["accuracy"]["heldout"]["constant"] == 0.5
+
+
+def test_a_speck_beside_the_object_does_not_change_its_shape():
+    """A VQ speck that the closing joins to the object widens its bounding box: the ideal masks
+    are fitted to the object, so squares stay squares (a template of the box's size read nearly
+    every such square as a circle)."""
+    wrong = []
+    for seed, (colour, shape, direction) in enumerate(COMBOS[::2]):
+        frame = _render(colour, shape, direction, seed)[0][0]
+        ys, xs = np.nonzero((frame != frame[0, 0]).any(-1))
+        cy, cx = int(np.median(ys)), int(np.median(xs))
+        for name, (y, x) in {
+            "above": (ys.min() - 2, cx),
+            "below": (ys.max() + 2, cx),
+            "left": (cy, xs.min() - 3),
+            "right": (cy, xs.max() + 2),
+        }.items():
+            specked = frame.copy()
+            specked[max(y, 0) : y + 2, max(x, 0) : x + 2] = COLOURS[colour]  # 2x2, one pixel off the object
+            got = analyze_video(specked[None]).shape
+            if got != shape:
+                wrong.append((colour, shape, name, got))
+    assert not wrong, wrong
