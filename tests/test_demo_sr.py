@@ -333,7 +333,13 @@ def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypa
     assert folder == demo.path("dsr", "samples")
     assert chosen.sr_checkpoint == str(demo.path("dsr", "models", "train"))
     assert chosen.stage1_checkpoint == str(demo.path("models", "stage1")) and chosen.duration == 2.0
-    assert (chosen.sr_strategy.kind, chosen.sr_strategy.top_k, chosen.sr_frames_per_batch) == ("topk", 4, 12)
+    strategy = chosen.sr_strategy
+    assert (strategy.kind, strategy.temperature, strategy.top_k, chosen.sr_frames_per_batch) == (
+        "topk",
+        0.3,
+        4,
+        12,
+    )
     assert chosen.seed == 9  # sample.families.dsr over the seed the demo gives
     assert chosen.stage1_guidance == demo.sample_options(2.0, 3).stage1_guidance  # the hierarchy's recipe
 
