@@ -161,6 +161,58 @@ def test_without_the_cra_term_the_autoencoder_loss_is_the_rec_and_kl_terms_alone
             cfg.replace(cra_weight=weight, discriminator_steps=steps).validate()
 
 
+def _autoencoder_grads(cfg, model, batch, **frozen) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    loss = losses.autoencoder_loss(cfg, model.autoencoder, model.discriminator, batch, **frozen)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.autoencoder.named_parameters() if p.requires_grad}
+
+
+def test_a_frozen_encoder_takes_zero_gradients_of_the_same_loss():
+    """encoder_frozen: the same loss value and the same decoder gradients as unfrozen, and every
+    encoder parameter a gradient of exact zeros (there, so one optimizer over the auto-encoder
+    keeps Adam's moments at zero), the KL term's included (a planted gradient through the KL
+    alone, or the feature alone, fails); unfrozen the encoder's gradients are not all zero."""
+    cfg = tiny(cra_weight=0.0, discriminator_steps=0, kl_weight=1.0)  # a KL gradient to see
+    model, batch = perturbed(build_model(cfg, device="cpu")), _batch(cfg, 3)
+    loss, grads = _autoencoder_grads(cfg, model, batch)
+    frozen_loss, frozen_grads = _autoencoder_grads(cfg, model, batch, encoder_frozen=True)
+    assert torch.equal(frozen_loss, loss)
+    encoder = {n for n in grads if n.startswith("encoder.")}
+    assert encoder and any(grads[n].abs().max() > 0 for n in encoder)
+    for name, grad in frozen_grads.items():
+        if name in encoder:
+            assert grad is not None and torch.equal(grad, torch.zeros_like(grad)), name
+        else:
+            assert torch.equal(grad, grads[name]), name
+
+
+def test_the_autoencoder_part_freezes_the_encoder_by_its_engines_steps():
+    """The auto-encoder part's loss reads its engine's optimizer steps (`global_steps`, which its
+    checkpoint restores): steps below model.encoder_frozen_steps leave the encoder's gradients
+    zero, the first step at it trains the encoder (a planted off-by-one fails one side)."""
+    from types import SimpleNamespace
+
+    from cogvideo.models.glober.family import optimized_parts
+
+    cfg = tiny(cra_weight=0.0, discriminator_steps=0, encoder_frozen_steps=3)
+    model, batch = perturbed(build_model(cfg, device="cpu")), _batch(cfg, 2)
+    part = optimized_parts(cfg)[0]
+    encoder_grad = {}
+    for steps in (2, 3):
+        engines = {
+            "autoencoder": SimpleNamespace(module=model.autoencoder, global_steps=steps),
+            "discriminator": SimpleNamespace(module=model.discriminator),
+        }
+        model.zero_grad(set_to_none=True)
+        part.loss(cfg, engines, SimpleNamespace(tensors=batch), torch.device("cpu")).backward()
+        encoder_grad[steps] = max(p.grad.abs().max() for p in model.autoencoder.encoder.parameters())
+    assert part.name == "autoencoder" and encoder_grad[2] == 0 and encoder_grad[3] > 0
+    with pytest.raises(ValueError, match="model.encoder_frozen_steps"):
+        tiny(encoder_frozen_steps=-1)
+
+
 # ---- decoding any frame ---------------------------------------------------------------------
 def _batch(cfg, b: int) -> dict:
     c, size = cfg.vae.latent_channels, cfg.latent_size
@@ -339,24 +391,60 @@ def test_the_temporal_input_convolution_marks_order_without_the_attention():
     assert reversed_change > other_change / 10
 
 
-def test_a_record_without_the_temporal_kernel_loads_2d():
-    """A record written before `encoder.temporal_kernel` (its field absent) loads with the 2D input
-    convolution its weights have; the field round-trips through the record."""
-    demo = resolve_model_section(
-        {"family": "glober", "preset": "glober-demo", "encoder": {"temporal_kernel": 3}}
+def test_the_temporal_output_convolution_reads_e_v_and_the_first_keyframe_by_offset():
+    """`encoder.output_temporal_kernel: 3` (the released code's 3D output module, run before its
+    split): e_v's moments are the output module's rest applied to bias + a 2D convolution of e_v's
+    slot with the kernel's middle slice + one of the first keyframe's slot with its last slice
+    (zero before e_v; hand-computed in float64). Later slots do not reach it; the first
+    keyframe's slot does (a planted read of the last slot, or of e_v alone, fails)."""
+    cfg = tiny(encoder={"num_keyframes": 3, "output_temporal_kernel": 3})
+    encoder = build_model(cfg, device="cpu").autoencoder.encoder.double()
+    conv = encoder.conv_out[0]
+    ch = cfg.encoder.channels * cfg.encoder.channel_mult[-1]
+    h = torch.randn(2, 4, ch, cfg.global_size, cfg.global_size, dtype=torch.float64)
+    first = conv.bias[:, None, None] + sum(
+        torch.nn.functional.conv2d(h[:, s], conv.weight[:, :, s + 1], padding=1) for s in (0, 1)
     )
-    assert plain_model(model_from_record(model_record(demo))).autoencoder.encoder.conv_in.weight.dim() == 5
+    later = h.clone()
+    later[:, 2:] = torch.randn_like(later[:, 2:])
+    changed = h.clone()
+    changed[:, 1] = torch.randn_like(changed[:, 1])
+    with torch.no_grad():
+        expected = encoder.conv_out[1:](first)
+        assert torch.allclose(encoder.output(h), expected, rtol=0, atol=F64_ATOL)
+        assert torch.allclose(encoder.output(later), expected, rtol=0, atol=F64_ATOL)
+        assert not torch.allclose(encoder.output(changed), expected, atol=1e-3)
+
+
+def test_the_temporal_output_convolution_marks_order_without_the_attention():
+    """With the slot positions removed and every temporal attention weighing all frames alike, the
+    3D output convolution alone (a 2D input layer) tells a video from its reverse at least a tenth
+    as far as another video (0 with the 2D output module: the input-positions test's planted case)."""
+    reversed_change, other_change = order_effect(output_temporal_kernel=3)
+    assert reversed_change > other_change / 10
+
+
+@pytest.mark.parametrize(
+    "key, conv", [("temporal_kernel", "conv_in"), ("output_temporal_kernel", "conv_out.0")]
+)
+def test_a_record_without_the_temporal_kernel_loads_2d(key, conv):
+    """A record written before `encoder.temporal_kernel` / `output_temporal_kernel` (the field
+    absent) loads with the 2D convolution its weights have; the field round-trips through the record."""
+    demo = resolve_model_section({"family": "glober", "preset": "glober-demo", "encoder": {key: 3}})
+    weight = f"autoencoder.encoder.{conv}.weight"
+    assert plain_model(model_from_record(model_record(demo))).get_parameter(weight).dim() == 5
     old_record = model_record(demo)
-    del old_record["encoder"]["temporal_kernel"]
+    del old_record["encoder"][key]
     old = model_from_record(old_record)
-    assert old.encoder.temporal_kernel == 1
-    assert plain_model(old).autoencoder.encoder.conv_in.weight.dim() == 4
+    assert getattr(old.encoder, key) == 1
+    assert plain_model(old).get_parameter(weight).dim() == 4
 
 
-def test_a_temporal_kernel_must_be_odd_and_positive():
+@pytest.mark.parametrize("key", ["temporal_kernel", "output_temporal_kernel"])
+def test_a_temporal_kernel_must_be_odd_and_positive(key):
     for bad in (0, 2):
-        with pytest.raises(ValueError, match="encoder.temporal_kernel"):
-            tiny(encoder={"temporal_kernel": bad})
+        with pytest.raises(ValueError, match=f"encoder.{key}"):
+            tiny(encoder={key: bad})
 
 
 def test_input_positions_are_a_parameter_only_when_switched_on():

@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4  # two turns of each part; the resume tests die in the save of step KILLED
 KILLED = 3
 PHASE2 = ["model.phase=generator", "model.dit.num_heads=4"]
+# the encoder frozen for the auto-encoder's first step (trainer step 1), trained from its second
+# (step 3): the resumed run restarts after step 2 and must read its engine's restored step count
+PHASE1 = ["model.encoder_frozen_steps=1"]
 
 
 def write_latent_shards(root: Path) -> list[str]:
@@ -105,8 +108,8 @@ def runs(tmp_path_factory):
     write_caption_tokenizer(root)
     try:
         kill = write_kill_in_save_script(root / "kill.py", step=KILLED)
-        phase1 = launch(root, "phase1")
-        killed1 = launch(root, "resumed-autoencoder", "--resume", "auto", script=kill)
+        phase1 = launch(root, "phase1", *PHASE1)
+        killed1 = launch(root, "resumed-autoencoder", *PHASE1, "--resume", "auto", script=kill)
         autoencoder = root / "autoencoder"
         convert_main(["zero", str(phase1.ok()), str(autoencoder)])
         phase2_args = [*PHASE2, f"init.backbone={autoencoder}"]
@@ -114,7 +117,7 @@ def runs(tmp_path_factory):
         phase2 = launch(root, "phase2", *phase2_args)
         tp2 = launch(root, "phase2-tp2", *phase2_args, "parallel.tensor_parallel=2", nproc=2)
         out = {"phase1": phase1.path, "autoencoder": autoencoder, "killed": {}, "resumed": {}}
-        for phase, killed, extra in (("autoencoder", killed1, []), ("generator", killed2, phase2_args)):
+        for phase, killed, extra in (("autoencoder", killed1, PHASE1), ("generator", killed2, phase2_args)):
             out["killed"][phase] = (killed.wait(), (killed.path / "latest").read_text())
             out["resumed"][phase] = launch(root, f"resumed-{phase}", *extra, "--resume", "auto")
         out["resumed"] = {phase: run.ok() for phase, run in out["resumed"].items()}
@@ -153,6 +156,7 @@ def test_phase_autoencoder_alternates_its_two_parts(runs):
     assert _changed(states[1], states[2], "autoencoder.") and not _changed(
         states[1], states[2], "discriminator."
     )
+    assert _changed(states[1], states[2], "autoencoder.encoder.")  # unfrozen after encoder_frozen_steps
     assert not _changed(states[0], states[2], "autoencoder.vae.")  # the KL-VAE is frozen
 
 

@@ -79,6 +79,11 @@ class EncoderConfig:
     # per frame (the paper's); 3, a 3D (3 x 3 x 3) one as the released code's (`dims: 3`), so every
     # slot's features hold its neighbours' latents through weights of their own (before / after)
     temporal_kernel: int = 1
+    # the output module's first 3x3 convolution's extent over the slots: 1, 2D on e_v's slot alone
+    # (the paper's temporal split, then the output module); 3, a 3 x 3 x 3 convolution whose output at
+    # e_v's slot reads e_v and the first keyframe's slot through weights of their own (zero before
+    # e_v), as the released code's output module (`out_vc`, `dims: 3`) runs before its split
+    output_temporal_kernel: int = 1
     # the posterior's log-variance where training starts (the bias of the output head's log-variance
     # half); 0: std 1, as the code's zero-initialised variance head. The KL term (weight 1e-6) barely
     # moves it, so it sets the noise the decoder reads the global feature through while training
@@ -169,6 +174,12 @@ class GloberConfig:
     # then this many discriminator steps; 0 with cra_weight 0: the auto-encoder alone, without the
     # CRA's decoding to pixels and discriminator (the CPU demo's budget)
     discriminator_steps: int = 1
+    # phase autoencoder: the auto-encoder's first this-many optimizer steps leave the video encoder
+    # as initialised (zero gradients: no reconstruction gradient reaches it, the KL term is off), so
+    # the decoder first learns to read the initial features, the keyframes' order included; trained
+    # together from step 0 the encoder drops order (a video and its reverse 0.6 % apart) before the
+    # decoder can use it, and nothing brings it back
+    encoder_frozen_steps: int = 0
     init_std: float = 0.02  # the DiT's embeddings
     # recompute in backward: the DiT's blocks (phase generator), the UNet's down and up blocks (phase autoencoder)
     activation_checkpointing: bool = False
@@ -227,6 +238,8 @@ class GloberConfig:
 
         if self.phase not in PHASES:
             bad("phase", f"{self.phase!r} is not one of {PHASES}")
+        if self.encoder_frozen_steps < 0:
+            bad("encoder_frozen_steps", f"must be >= 0, got {self.encoder_frozen_steps}")
         for key in ("frame_size", "text_length", "generator_steps"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
@@ -243,8 +256,10 @@ class GloberConfig:
                 "encoder.num_keyframes",
                 f"needs 1..num_frames={self.num_frames}, got {self.encoder.num_keyframes}",
             )
-        if self.encoder.temporal_kernel < 1 or self.encoder.temporal_kernel % 2 == 0:
-            bad("encoder.temporal_kernel", f"needs an odd size >= 1, got {self.encoder.temporal_kernel}")
+        for key in ("temporal_kernel", "output_temporal_kernel"):
+            size = getattr(self.encoder, key)
+            if size < 1 or size % 2 == 0:
+                bad(f"encoder.{key}", f"needs an odd size >= 1, got {size}")
         if self.frame_size % self.vae.factor or self.latent_size % self.encoder.factor:
             bad(
                 "frame_size",
@@ -343,6 +358,10 @@ PRESETS = {
             out_channels=8,
             num_keyframes=3,
             norm_groups=16,
+            # the 3D output convolution and a quiet posterior (std 0.05 at init), with the phase
+            # file's encoder_frozen_steps: the encoder keeps order (README, GLOBER)
+            output_temporal_kernel=3,
+            init_logvar=-6.0,
         ),
         decoder=DecoderConfig(
             channels=32,

@@ -8,6 +8,9 @@
     -> mapping module           residual block, spatial + temporal attention, temporal split
                                 (only e_v's slot goes on)
     -> output module            3x3 conv, group norm, SiLU, 1x1 conv -> mean and log-variance
+                                (with `encoder.output_temporal_kernel: 3` the first conv is 3D and
+                                runs before the split: e_v's output reads the first keyframe's slot
+                                too, as the released code's `out_vc`)
     -> DiagonalGaussianDistribution (diffusers'): v = mean + std * n, KL to N(0, I) (Eq. 1, 2)
 
 Convolutions and residual blocks act on each frame alone (2D); frames meet only in the temporal
@@ -80,8 +83,11 @@ class VideoEncoder(nn.Module):
                 size //= 2
         self.blocks_per_level = enc.num_res_blocks
         self.mapping = EncoderStage(ch, ch, enc.head_channels, enc.norm_groups, frames, attend=True)
+        ko = enc.output_temporal_kernel
         self.conv_out = nn.Sequential(
-            nn.Conv2d(ch, enc.out_channels, 3, padding=1),
+            nn.Conv2d(ch, enc.out_channels, 3, padding=1)
+            if ko == 1
+            else nn.Conv3d(ch, enc.out_channels, (ko, 3, 3), padding=(ko // 2, 1, 1)),
             nn.GroupNorm(math.gcd(enc.norm_groups, enc.out_channels), enc.out_channels),
             nn.SiLU(),
             nn.Conv2d(enc.out_channels, 2 * enc.out_channels, 1),
@@ -107,5 +113,14 @@ class VideoEncoder(nn.Module):
             level, last_in_level = divmod(i + 1, self.blocks_per_level)
             if last_in_level == 0 and level - 1 < len(self.downsamplers):
                 h = self.downsamplers[level - 1](h.flatten(0, 1)).unflatten(0, h.shape[:2])
-        h = self.mapping(h)[:, 0]  # the temporal split: e_v's slot carries the video
-        return DiagonalGaussianDistribution(self.conv_out(h))
+        return DiagonalGaussianDistribution(self.output(self.mapping(h)))
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """The temporal split and the output module: slots [B, 1 + K, C, G, G] -> e_v's slot's
+        moments [B, 2 C'', G, G]. A 3D first convolution's output at slot 0 reads slots 0..k // 2
+        (zero padding before e_v), so only those run through it."""
+        first, rest = self.conv_out[0], self.conv_out[1:]
+        if isinstance(first, nn.Conv3d):
+            reach = first.kernel_size[0] // 2
+            return rest(first(h[:, : reach + 1].transpose(1, 2))[:, :, 0])
+        return rest(first(h[:, 0]))  # the temporal split: e_v's slot carries the video

@@ -30,25 +30,32 @@ def train_loss(cfg: GloberConfig, engine, batch, device) -> torch.Tensor:
     return generator_loss(cfg, model.autoencoder, model.dit, tensors)["loss"]
 
 
-def _gan_part(loss):
-    def part_loss(cfg: GloberConfig, engines, batch, device) -> torch.Tensor:
-        autoencoder, discriminator = engines["autoencoder"].module, engines["discriminator"].module
-        return loss(cfg, autoencoder, discriminator, tensors_on(autoencoder, batch.tensors, device))["loss"]
+def _discriminator_part(cfg: GloberConfig, engines, batch, device) -> torch.Tensor:
+    autoencoder, discriminator = engines["autoencoder"].module, engines["discriminator"].module
+    return discriminator_loss(
+        cfg, autoencoder, discriminator, tensors_on(autoencoder, batch.tensors, device)
+    )["loss"]
 
-    return part_loss
+
+def _autoencoder_part(cfg: GloberConfig, engines, batch, device) -> torch.Tensor:
+    """The auto-encoder's loss; its engine's optimizer steps so far (`global_steps`, restored with
+    its checkpoint) say whether the video encoder is still frozen (`encoder_frozen_steps`)."""
+    engine, discriminator = engines["autoencoder"], engines["discriminator"].module
+    frozen = engine.global_steps < cfg.encoder_frozen_steps
+    tensors = tensors_on(engine.module, batch.tensors, device)
+    return autoencoder_loss(cfg, engine.module, discriminator, tensors, encoder_frozen=frozen)["loss"]
 
 
 def optimized_parts(cfg: GloberConfig) -> tuple[OptimizedPart, ...]:
     """Phase autoencoder alternates the video auto-encoder (generator_steps optimizer steps of
-    L_rec + kl_weight L_kl + cra_weight L_cra^G) and the CRA discriminator (discriminator_steps
+    L_rec + kl_weight L_kl + cra_weight L_cra^G; the encoder frozen for its first
+    encoder_frozen_steps) and the CRA discriminator (discriminator_steps
     steps of L_cra^D); phase generator trains the DiT alone (the family's loss)."""
     if cfg.phase != "autoencoder":
         return ()
     return (
-        OptimizedPart("autoencoder", "autoencoder", _gan_part(autoencoder_loss), lambda c: c.generator_steps),
-        OptimizedPart(
-            "discriminator", "discriminator", _gan_part(discriminator_loss), lambda c: c.discriminator_steps
-        ),
+        OptimizedPart("autoencoder", "autoencoder", _autoencoder_part, lambda c: c.generator_steps),
+        OptimizedPart("discriminator", "discriminator", _discriminator_part, lambda c: c.discriminator_steps),
     )
 
 

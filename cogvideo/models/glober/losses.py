@@ -37,13 +37,25 @@ class DecodedFrames:
 
 
 def decode_pass(
-    cfg: GloberConfig, autoencoder, keyframes, frames, indices, pixels: bool = True
+    cfg: GloberConfig,
+    autoencoder,
+    keyframes,
+    frames,
+    indices,
+    pixels: bool = True,
+    encoder_frozen: bool = False,
 ) -> DecodedFrames:
     """The diffusion loss and KL of the two target frames; with `pixels`, both frames and their
-    one-step estimates decoded to pixels for the CRA loss."""
+    one-step estimates decoded to pixels for the CRA loss. `encoder_frozen`: the losses reach the
+    encoder with zero gradients (its parameters still get gradients, all zero, so an optimizer
+    over the whole auto-encoder leaves them as they are: Adam's moments stay zero)."""
     objective = objective_for(cfg.schedule)
     posterior = autoencoder.encoder(keyframes)
     global_feature = posterior.sample()
+    kl = posterior.kl().mean()
+    if encoder_frozen:
+        global_feature = global_feature.detach() + 0 * global_feature
+        kl = kl.detach() + 0 * kl
     global_feature = drop_condition(
         global_feature, torch.zeros_like(global_feature[0]), cfg.decoder.guidance_dropout
     )
@@ -54,13 +66,13 @@ def decode_pass(
     output = autoencoder.decoder(noisy, t, global_feature.repeat_interleave(2, dim=0), indices.flatten())
     rec = objective.loss(output, objective.target(z0, noise, t)).mean()
     if not pixels:
-        return DecodedFrames(rec, posterior.kl().mean(), None, None)
+        return DecodedFrames(rec, kl, None, None)
     estimate = objective.predicted_x0(noisy, output, t)
     vae = autoencoder.vae
     fake = decode_latents(vae, estimate.to(vae.dtype)).unflatten(0, (b, 2))
     with torch.no_grad():
         real = decode_latents(vae, z0.to(vae.dtype)).unflatten(0, (b, 2))
-    return DecodedFrames(rec, posterior.kl().mean(), real, fake)
+    return DecodedFrames(rec, kl, real, fake)
 
 
 def _cra(cfg: GloberConfig, discriminator, decoded: DecodedFrames, indices, for_discriminator: bool):
@@ -70,9 +82,13 @@ def _cra(cfg: GloberConfig, discriminator, decoded: DecodedFrames, indices, for_
     return adversarial_loss(logits, labels, kinds, cfg.adversarial_loss)
 
 
-def autoencoder_loss(cfg: GloberConfig, autoencoder, discriminator, batch: dict) -> dict[str, torch.Tensor]:
+def autoencoder_loss(
+    cfg: GloberConfig, autoencoder, discriminator, batch: dict, encoder_frozen: bool = False
+) -> dict[str, torch.Tensor]:
+    """`encoder_frozen`: during the first `encoder_frozen_steps` (decode_pass)."""
     with_cra = cfg.cra_weight > 0  # else neither the pixels nor the discriminator: L_rec + L_kl alone
-    decoded = decode_pass(cfg, autoencoder, batch["keyframes"], batch["frames"], batch["indices"], with_cra)
+    keyframes, frames, indices = batch["keyframes"], batch["frames"], batch["indices"]
+    decoded = decode_pass(cfg, autoencoder, keyframes, frames, indices, with_cra, encoder_frozen)
     if not with_cra:
         loss = decoded.rec + cfg.kl_weight * decoded.kl
         return {"loss": loss, "rec": decoded.rec.detach(), "kl": decoded.kl.detach()}
