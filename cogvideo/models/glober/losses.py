@@ -48,7 +48,8 @@ def decode_pass(
     """The diffusion loss and KL of the two target frames; with `pixels`, both frames and their
     one-step estimates decoded to pixels for the CRA loss. `encoder_frozen`: the losses reach the
     encoder with zero gradients (its parameters still get gradients, all zero, so an optimizer
-    over the whole auto-encoder leaves them as they are: Adam's moments stay zero)."""
+    over the whole auto-encoder leaves them as they are: Adam's moments stay zero; a decoupled
+    weight decay, off in the demo's phase file, would still shrink them)."""
     objective = objective_for(cfg.schedule)
     posterior = autoencoder.encoder(keyframes)
     global_feature = posterior.sample()
