@@ -93,7 +93,7 @@ class Probes:
 @torch.no_grad()
 def reversal(encoder: torch.nn.Module, keyframes: torch.Tensor) -> tuple[float, float]:
     """(mean |f(v) - f(reversed v)|, mean |f(v) - f(v')|): f the posterior mean of keyframes
-    [N, K, C', L, L], v' the clip before v (the last one's: the first)."""
+    [N, K, C', L, L], v' the clip before v (the first one's: the last)."""
     f = encoder(keyframes).mean
     reversed_distance = (f - encoder(keyframes.flip(1)).mean).flatten(1).norm(dim=1).mean()
     other_distance = (f - f.roll(1, 0)).flatten(1).norm(dim=1).mean()
