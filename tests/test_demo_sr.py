@@ -336,8 +336,8 @@ def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypa
     strategy = chosen.sr_strategy
     assert (strategy.kind, strategy.temperature, strategy.top_k, chosen.sr_frames_per_batch) == (
         "topk",
-        0.3,
-        4,
+        0.0,  # greedy
+        0,
         12,
     )
     assert chosen.seed == 9  # sample.families.dsr over the seed the demo gives
