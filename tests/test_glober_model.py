@@ -24,13 +24,7 @@ from cogvideo.models.glober.vae import decode_latents, encode_moments, vae_folde
 F64_ATOL = 1e-10  # float64: batch-size-dependent reduction order moves results by ~1e-15; a leak by >= 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one thread (more only spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**fields):

@@ -27,15 +27,6 @@ def clip(cfg) -> torch.Tensor:
     return video
 
 
-@pytest.fixture
-def one_thread():
-    """Small ops: one thread (more spin on a busy machine for no gain)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_overfitting_one_short_video_reproduces_its_frames_in_order(one_thread):
     torch.manual_seed(0)

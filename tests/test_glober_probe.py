@@ -24,13 +24,7 @@ from benchmarks.probe_glober_order import (
 from cogvideo.diffusion.objective import objective_for
 from cogvideo.family import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ TEXT_FORMAT = TextFormat(uncond_text="clip", uncond_prefix=False)
 PROMPTS = ["clip 1 2", "clip 3 4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one thread (more only spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ FIT = dict(steps=30, batch_size=8, lr=1e-2)  # glober-tiny's VAE (16 px, 8 chann
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread_for_the_module():
     """Small ops: one thread (more only spin on a busy machine); module-wide, the fit included."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -14,15 +14,7 @@ from cogvideo.family import build_model, plain_model
 from cogvideo.models.hpdm import pyramid
 from cogvideo.models.hpdm.config import PRESETS, HPDMConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny widths: one intra-op thread (waking a pool costs more than the work, and far more
-    on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # three levels, time doubling per level: 2x8x8 patches of a 8x32x32 video
