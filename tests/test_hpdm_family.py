@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_hpdm_model import CFG, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from test_hpdm_model import CFG
 from torch.utils.flop_counter import FlopCounterMode
 
 from cogvideo import parallel
@@ -20,6 +20,8 @@ from cogvideo.models.hpdm import planner
 from cogvideo.models.hpdm.loss import pyramid_loss, training_example
 from cogvideo.models.hpdm.model import TP_PLAN
 from pretrain.launch import free_port
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # wide, with the interface self-attention (CFG without): FLOPs, memory and TP count both
 WIDE = CFG.replace(

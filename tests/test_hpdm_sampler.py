@@ -4,11 +4,13 @@ the activation cache gives the same video as recomputing every coarser tile a ti
 
 import pytest
 import torch
-from test_hpdm_model import one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
+from test_hpdm_model import tiny_model
 
 from cogvideo.diffusion import edm
 from cogvideo.models.hpdm.config import HPDMConfig
 from cogvideo.models.hpdm.sampler import PyramidOptions, PyramidSampler, level_steps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CFG = HPDMConfig(patch=(2, 8, 8), num_levels=3, temporal_scale=2, block_levels=(1, 2, 3), num_classes=5)
 
