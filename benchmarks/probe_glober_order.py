@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load = LoadWatch()
-    moments = read_moments(args.shards)
     if args.checkpoint and args.set:
         parser.error("--set overrides the --train configuration only")
+    load = LoadWatch()
+    moments = read_moments(args.shards)
     if args.clips < 2 or (args.train and len(moments) <= args.clips):
         parser.error(f"{len(moments)} clips: --clips needs 2 or more (and --train other clips to train on)")
     if args.checkpoint:
