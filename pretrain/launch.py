@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -133,3 +134,17 @@ def launcher_command(local_rank_flag: bool = False) -> str:
     if "SLURM_PROCID" in os.environ:
         return "srun python -m pretrain.train"
     return "cogvideo-train"
+
+
+def resume_command(argv: list[str], local_rank_flag: bool = False) -> str:
+    """The command that resumes this run: its launcher and arguments, any --resume or
+    checkpoint.resume replaced by `--resume auto`."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--resume", "--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--resume=", "--local_rank=", "--local-rank=", "checkpoint.resume=")):
+            args.append(arg)
+    return f"{launcher_command(local_rank_flag)} {shlex.join([*args, '--resume', 'auto'])}"

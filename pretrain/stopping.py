@@ -7,18 +7,22 @@ prints one line naming it and the command that resumes, and the process exits wi
 SIGTERM torchrun sends on it) ends the process at once: the lock is released, one line says
 what was not saved, exit 130. A second SIGTERM or SIGUSR1 alone does not: SLURM follows its
 warning with SIGTERM at the time limit, while the save it asked for may still be running.
+
+Python runs a signal handler only when the main thread is back in the interpreter, and a rank
+blocked in C (a store wait or a collective whose peer has just stopped at once) may not come
+back for minutes. So the stop at once is not left to the handler: CPython's C-level handler
+writes each signal number to `signal.set_wakeup_fd`'s pipe at once, and a thread reading it acts.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from cogvideo.checkpoint.training import complete_tags
-from pretrain.launch import launcher_command
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 STOPPED_BY_SIGINT = 128 + signal.SIGINT  # what shells report for an interrupted command
@@ -35,20 +39,6 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def resume_command(argv: list[str], local_rank_flag: bool = False) -> str:
-    """The command that resumes this run: its launcher and arguments, any --resume or
-    checkpoint.resume replaced by `--resume auto`."""
-    args, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--resume", "--local_rank", "--local-rank"):
-            skip = True
-        elif not arg.startswith(("--resume=", "--local_rank=", "--local-rank=", "checkpoint.resume=")):
-            args.append(arg)
-    return f"{launcher_command(local_rank_flag)} {shlex.join([*args, '--resume', 'auto'])}"
-
-
 class StopRequest:
     """The stop signals of this process. `signum` is the first one received (0: none yet);
     `at_once` functions run (in order) before a process stopped at once exits, which then says
@@ -61,15 +51,31 @@ class StopRequest:
         self.resume_command = resume_command
         self.speaks = speaks
         self.checkpoint_dir: str | None = None
+        self.signals_read = 0  # stop signals the watching thread has acted on
 
     def install(self) -> None:
+        """From the main thread (Python's rule for handlers and the wakeup fd); replaces any
+        wakeup fd set before."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_end,), name="stop-signals", daemon=True).start()
 
     def _on_signal(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT:
-            self.stop_now(signum)
         self.signum = self.signum or signum
+
+    def _watch(self, read_end: int) -> None:
+        first = 0
+        while numbers := os.read(read_end, 64):
+            for signum in numbers:
+                if signum not in STOP_SIGNALS:
+                    continue
+                if first == signal.SIGINT:
+                    self.stop_now(signum)
+                first = first or signum
+                self.signals_read += 1
 
     def stop_now(self, signum: int) -> None:
         for action in self.at_once:

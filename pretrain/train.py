@@ -39,7 +39,7 @@ from pretrain.config import TrainConfig, world_size_from_env
 from pretrain.data import Batch, DataError, ShardLoader
 from pretrain.ema import EMA
 from pretrain.engines import Engines
-from pretrain.launch import die_with_launcher, launch_local, rank_env
+from pretrain.launch import die_with_launcher, launch_local, rank_env, resume_command
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.startup import (
     EXIT_BAD_CONFIG,
@@ -51,7 +51,7 @@ from pretrain.startup import (
     say,
 )
 from pretrain.step_probe import StepProbe, probe_batch
-from pretrain.stopping import STOPPED_BY_SIGINT, StopRequest, resume_command, signal_name, stopped_status
+from pretrain.stopping import STOPPED_BY_SIGINT, StopRequest, signal_name, stopped_status
 
 log = logging.getLogger("pretrain")
 

@@ -15,19 +15,23 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 from test_checkpoint_digest import flip
 from test_pretrain_dist import PORTS, ROOT, base_args, step_batches
 from test_pretrain_dist import ws as ws  # noqa: F401  (the shards, tokenizer and initial weights)
 
 from cogvideo.checkpoint.cli import main as cli_main
 from cogvideo.checkpoint.training import tag_for
-from pretrain.stopping import STOPPED_BY_SIGINT, StopRequest, resume_command
+from pretrain.launch import free_port, resume_command
+from pretrain.stopping import STOPPED_BY_SIGINT, StopRequest
 
 # the schedule of a long run; every run here is stopped by a signal long before its end
 LONG = ("training.max_steps=1000", "checkpoint.every_steps=1000", "checkpoint.keep_last=3")
@@ -36,27 +40,60 @@ LONG = ("training.max_steps=1000", "checkpoint.every_steps=1000", "checkpoint.ke
 # ---- one process ------------------------------------------------------------------------------
 
 
-def test_the_first_signal_asks_to_stop_and_a_second_after_sigint_stops_at_once(monkeypatch):
+def wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the stop-signal thread did not act in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def own_stop_signals():
+    """This process's stop-signal handlers and wakeup fd, restored after the test."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    wakeup_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_fd)
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    signal.set_wakeup_fd(wakeup_fd)
+
+
+def test_the_first_signal_asks_to_stop_and_a_second_after_sigint_stops_at_once(monkeypatch, own_stop_signals):
     exits, done = [], []
     monkeypatch.setattr(os, "_exit", exits.append)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        stop = StopRequest()
-        stop.at_once.append(lambda: done.append("lock released"))
-        stop.install()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGTERM)  # SLURM's TERM at the time limit, while saving: no effect
-        assert stop.signum == signal.SIGUSR1 and not exits and not done
-        stop = StopRequest()
-        stop.at_once.append(lambda: done.append("lock released"))
-        stop.install()
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a request
-        assert stop.signum == signal.SIGINT and not exits
-        os.kill(os.getpid(), signal.SIGTERM)  # what torchrun sends on a second Ctrl-C
-        assert exits == [STOPPED_BY_SIGINT] and done == ["lock released"]
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    stop = StopRequest()
+    stop.at_once.append(lambda: done.append("lock released"))
+    stop.install()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGTERM)  # SLURM's TERM at the time limit, while saving: no effect
+    wait_until(lambda: stop.signals_read == 2)
+    assert stop.signum == signal.SIGUSR1 and not exits and not done
+    stop = StopRequest()
+    stop.at_once.append(lambda: done.append("lock released"))
+    stop.install()
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a request
+    wait_until(lambda: stop.signals_read == 1)
+    assert stop.signum == signal.SIGINT and not exits
+    os.kill(os.getpid(), signal.SIGTERM)  # what torchrun sends on a second Ctrl-C
+    wait_until(lambda: stop.signals_read == 2)
+    assert exits == [STOPPED_BY_SIGINT] and done == ["lock released"]
+
+
+def test_a_second_signal_stops_at_once_while_the_main_thread_waits_in_c(monkeypatch, own_stop_signals):
+    """A rank blocked in a store wait (as for a peer that stopped at once and never answers) runs
+    no Python handler until the wait returns: the stop at once must not wait for it."""
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda status: exits.append((status, time.monotonic())))
+    StopRequest().install()
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=3))
+    os.kill(os.getpid(), signal.SIGINT)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(dist.DistStoreError):
+        store.get("a key no rank sets")
+    returned = time.monotonic()
+    assert [status for status, _ in exits] == [STOPPED_BY_SIGINT]
+    assert exits[0][1] < returned - 1, "stopped only once the blocking wait had returned"
 
 
 def test_the_resume_command_replaces_any_resume_with_auto(monkeypatch):
@@ -130,7 +167,12 @@ class Run:
         self.wait_for(lambda: len(self.workers) == 2 and last_step(self.run_dir) >= step, f"step {step}")
 
     def finish(self, timeout: float = 300) -> tuple[int, str]:
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # its workers die with it: a failed test leaves none behind
+            self.proc.wait()
+            raise
         return code, self.log.read_text()
 
 
