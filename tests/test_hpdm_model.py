@@ -478,3 +478,15 @@ def test_interface_modulation_conditions_the_head_and_the_interface_feed_forward
     monkeypatch.setattr(model_module, "_norm", lambda norm, x, cond: ModulatedNorm.forward(norm, x, cond * 0))
     model.run_level(1, x, torch.zeros(2, dtype=torch.float64), box, torch.tensor([0, 1]), [])
     assert not torch.allclose(seen["out"], block_by_hand())  # planted: the condition not passed
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_position_tables_start_at_position_std(std):
+    """`position_std`: the space and time tables' initial spread (RIN's unit normal at 1.0), within
+    four standard errors of a sample's spread (planted: the tables at init_std whatever it says)."""
+    cfg = CFG.replace(position_embeddings=True, position_std=std)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu")
+    for table in (model.space_positions, model.time_positions):
+        error = 4 * std / math.sqrt(2 * table.numel())
+        assert abs(float(table.detach().std()) - std) < error
