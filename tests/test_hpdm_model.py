@@ -4,6 +4,7 @@ reference that upsamples the coarser activations to the finer level and crops th
 computation runs exactly the (block, level) pairs its table names; context flows coarse to fine
 only."""
 
+import dataclasses
 import math
 
 import pytest
@@ -397,3 +398,95 @@ def test_interface_tokens_are_pixels_coordinates_and_position_embeddings_by_hand
         column_major = model.space_positions.detach().unflatten(0, (h, w)).transpose(0, 1).flatten(0, 1)
         monkeypatch.setattr(model, "space_positions", torch.nn.Parameter(column_major))
         assert not torch.allclose(model.tokenize(x, box), expected)
+
+
+def _condition_by_hand(model, cfg, level, c_noise, cond, pad):
+    """The modulating vector of a text preset with `piece_conditioning`: silu(time + level + the sum
+    of the rows of the caption's pieces other than `pad`)."""
+    from cogvideo.models.hpdm.model import TIME_FEATURES
+
+    half = TIME_FEATURES // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    angles = c_noise[:, None] * 1000.0 * freqs[None]
+    time = model.time_fc2(F.silu(model.time_fc1(torch.cat([angles.cos(), angles.sin()], dim=-1))))
+    table = model.piece_embeddings.weight
+    rows = torch.stack(
+        [sum((table[p] for p in c.tolist() if p != pad), table.new_zeros(cfg.cond_dim)) for c in cond]
+    )
+    return F.silu(time + model.level_embeddings.weight[level - 1] + rows)
+
+
+def test_piece_conditioning_sums_a_row_per_caption_piece_and_leaves_padding_out(monkeypatch):
+    """`piece_conditioning`: the condition vector adds one learned row per caption piece (a word
+    moves it as far as a class label does), padding left out, so a caption of padding alone adds
+    nothing; planted: the padding counted (another pad id), the vector is not the hand-computed one."""
+    cfg = CFG.replace(condition="text", text_length=5, text_dim=8, piece_conditioning=True)
+    model = tiny_model(cfg)
+    assert not hasattr(model, "text_pooled") and model.piece_embeddings.weight.shape == (
+        cfg.vocab.num_text_tokens,
+        cfg.cond_dim,
+    )
+    pad = cfg.vocab.pad_piece_id
+    cond = torch.tensor([[7, 9, 9, pad, pad], [7, 9, 12, pad, pad], [pad] * 5])
+    c_noise = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    vector, extra = model.condition(2, c_noise, cond)
+    torch.testing.assert_close(
+        vector, _condition_by_hand(model, cfg, 2, c_noise, cond, pad), rtol=1e-12, atol=1e-12
+    )
+    assert extra.shape == (3, cfg.text_length, cfg.latent_dim)  # the caption's tokens still join the latents
+    monkeypatch.setattr(model, "cfg", cfg.replace(vocab=dataclasses.replace(cfg.vocab, pad_piece_id=1)))
+    assert not torch.allclose(model.condition(2, c_noise, cond)[0], vector)
+
+
+def test_interface_modulation_conditions_the_head_and_the_interface_feed_forward(monkeypatch):
+    """`interface_modulation`: the head's norm and each block's interface feed-forward norm take
+    the condition vector's scale and shift (zero at initialisation: plain LayerNorms); the head's
+    pixels by hand; planted: the condition not passed to them, two conditions give the same output."""
+    from cogvideo.models.hpdm import model as model_module
+    from cogvideo.models.hpdm.model import ModulatedNorm
+
+    cfg = CFG.replace(interface_modulation=True)
+    fresh = build_model(cfg, device="cpu").double()
+    assert all(
+        isinstance(n, ModulatedNorm) for n in [fresh.head_norm, *(b.write_ff_norm for b in fresh.blocks)]
+    )
+    assert all(not p.any() for n, p in fresh.named_parameters() if "norm.modulation" in n)  # unmodulated
+    model = tiny_model(cfg)
+    tokens = torch.randn(2, cfg.tokens_per_patch, cfg.interface_dim, dtype=torch.float64)
+    vector = torch.randn(2, cfg.cond_dim, dtype=torch.float64)
+    scale, shift = model.head_norm.modulation(vector).unsqueeze(1).chunk(2, dim=-1)
+    normed = F.layer_norm(tokens, (cfg.interface_dim,)) * (1 + scale) + shift
+    kt, kh, kw = cfg.tokenizer_patch
+    t, h, w = cfg.token_grid
+    pixels = model.head(normed).unflatten(-1, (3, kt, kh, kw)).unflatten(1, (t, h, w))
+    expected = pixels.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(2, 3, *cfg.patch)
+    torch.testing.assert_close(model.detokenize(tokens, vector), expected, rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 3, *cfg.patch, dtype=torch.float64)
+    box = pyramid.boxes(cfg, 1, torch.zeros(2, 3, dtype=torch.long), cfg.level_size(1))
+    block, seen = model.blocks[0], {}
+    block.register_forward_pre_hook(lambda module, args: seen.update(x=args[0], cond=args[2]))
+    block.register_forward_hook(lambda module, args, out: seen.update(out=out[0]))
+    block.write.register_forward_hook(lambda module, args, out: seen.update(write=out))
+
+    def block_by_hand():  # the write's residual, then the feed-forward on the modulated norm
+        written = seen["x"] + seen["write"]
+        scale, shift = block.write_ff_norm.modulation(seen["cond"]).unsqueeze(1).chunk(2, dim=-1)
+        return written + block.write_ff(F.layer_norm(written, (cfg.interface_dim,)) * (1 + scale) + shift)
+
+    model.run_level(1, x, torch.zeros(2, dtype=torch.float64), box, torch.tensor([0, 1]), [])
+    torch.testing.assert_close(seen["out"], block_by_hand(), rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(model_module, "_norm", lambda norm, x, cond: ModulatedNorm.forward(norm, x, cond * 0))
+    model.run_level(1, x, torch.zeros(2, dtype=torch.float64), box, torch.tensor([0, 1]), [])
+    assert not torch.allclose(seen["out"], block_by_hand())  # planted: the condition not passed
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_position_tables_start_at_position_std(std):
+    """`position_std`: the space and time tables' initial spread (RIN's unit normal at 1.0), within
+    four standard errors of a sample's spread (planted: the tables at init_std whatever it says)."""
+    cfg = CFG.replace(position_embeddings=True, position_std=std)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu")
+    for table in (model.space_positions, model.time_positions):
+        error = 4 * std / math.sqrt(2 * table.numel())
+        assert abs(float(table.detach().std()) - std) < error

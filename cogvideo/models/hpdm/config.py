@@ -46,12 +46,27 @@ class HPDMConfig:
     # place has the same embedding in every frame; added to the map of the raw coordinates (False:
     # the coordinates alone, as checkpoints without the field trained)
     position_embeddings: bool = False
+    # their initial spread (normal std): RIN's are unit normal; at init_std (0.02) against a token of
+    # unit-variance noise pixels (norm ~1), a level-1 model took ~400 steps to learn even the
+    # per-frame mean at sigma 20, 100 steps at 1.0 (README)
+    position_std: float = 0.02
     # self-attention among a patch's interface tokens in every block, before the read (not in RIN
     # nor the paper; README: tried on the demo's level 1, direction not moved off chance)
     interface_attention: bool = False
     # a 1x3x3 convolution over the output pixels, across the interface tokens' borders (U-ViT's last
     # layer; README: in the demo's column it lowered the seams 3.28x -> 2.41x but colour 100 -> 42 %)
     output_conv: bool = False
+    # the condition (noise level, caption, level) also modulates the interface side: the norm before
+    # each block's interface feed-forward and the head's norm (DiT's adaLN final layer). Without it
+    # the caption reaches a token only through the write's attention, whose share of any one
+    # caption token is the same for every token at first: a caption-dependent place in each frame
+    # (direction) has no first-order gradient (README)
+    interface_modulation: bool = False
+    # text presets: the condition vector takes a learned cond_dim-wide vector per caption piece, summed
+    # over the caption's pieces (padding left out), as a class label's row (False: a projection of the
+    # mean of the 16 piece embeddings, where one word moves the vector ~1/16 as far and, under Adam,
+    # ~40x slower than a class row; README: a level-1 model did not tell "left" from "right")
+    piece_conditioning: bool = False
     latent_dim: int = 64
     num_latents: int = 32
     latent_layers: int = 1  # latent self-attention layers per RIN block
@@ -214,6 +229,9 @@ PRESETS = {
     # EDM's ln(sigma) ~ N(-1.2, 1.2^2): the demo trains there 1.7x as often (N(-0.4, 1.2^2))
     # (README: level 1 drew objects at another place in every frame from raw coordinates alone; a
     # place's own embedding, the same in every frame, lets a latent read and write it across frames)
+    # (README: with piece_conditioning, interface_modulation, position_std 1.0, level_p_mean (1.0, -0.4)
+    # and the weight's floor at 0.5, an oracle's level 1 learned direction, the demo's column did not
+    # in 3000 steps and its FVD rose 469 -> 1135: not taken here)
     "hpdm-demo": lambda: HPDMConfig(
         condition="text",
         position_embeddings=True,

@@ -60,6 +60,11 @@ class ModulatedNorm(nn.Module):
         return self.norm(x) * (1 + scale) + shift
 
 
+def _norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm, or a ModulatedNorm given the condition vector."""
+    return norm(x, cond) if isinstance(norm, ModulatedNorm) else norm(x)
+
+
 class Attention(nn.Module):
     """Multi-head attention; queries from x, keys and values from `context` (x itself when None).
     Under TP each rank holds its share of the heads: the head count is read off the layer."""
@@ -125,7 +130,8 @@ class RINBlock(nn.Module):
         self.latent_layers = nn.ModuleList(LatentLayer(cfg) for _ in range(cfg.latent_layers))
         self.write_interface, self.write_latents = nn.LayerNorm(di), nn.LayerNorm(dl)
         self.write = Attention(di, di, cfg.head_dim, context_dim=dl)
-        self.write_ff_norm, self.write_ff = nn.LayerNorm(di), FeedForward(di, cfg.ffn_mult)
+        self.write_ff_norm = ModulatedNorm(di, c) if cfg.interface_modulation else nn.LayerNorm(di)
+        self.write_ff = FeedForward(di, cfg.ffn_mult)
 
     def forward(self, x, z, cond, context=None):
         if context is not None:
@@ -137,7 +143,7 @@ class RINBlock(nn.Module):
         for layer in self.latent_layers:
             z = layer(z, cond)
         x = x + self.write(self.write_interface(x), self.write_latents(z))
-        return x + self.write_ff(self.write_ff_norm(x)), z
+        return x + self.write_ff(_norm(self.write_ff_norm, x, cond)), z
 
 
 @dataclass
@@ -168,12 +174,14 @@ class HPDMModel(nn.Module):
         else:
             self.text_embeddings = nn.Embedding(cfg.vocab.num_text_tokens, cfg.text_dim)
             self.text_positions = nn.Embedding(cfg.text_length, cfg.text_dim)
-            self.text_tokens, self.text_pooled = (
-                nn.Linear(cfg.text_dim, cfg.latent_dim),
-                nn.Linear(cfg.text_dim, c),
-            )
+            self.text_tokens = nn.Linear(cfg.text_dim, cfg.latent_dim)
+            if cfg.piece_conditioning:
+                self.piece_embeddings = nn.Embedding(cfg.vocab.num_text_tokens, c)
+            else:
+                self.text_pooled = nn.Linear(cfg.text_dim, c)
         self.blocks = nn.ModuleList(RINBlock(cfg, fuses=levels > 1) for levels in cfg.block_levels)
-        self.head_norm, self.head = nn.LayerNorm(di), nn.Linear(di, cfg.pixels_per_token)
+        self.head_norm = ModulatedNorm(di, c) if cfg.interface_modulation else nn.LayerNorm(di)
+        self.head = nn.Linear(di, cfg.pixels_per_token)
         # a 1x3x3 convolution over the head's pixels (U-ViT's last layer): a pixel's output also reads
         # its neighbours across the token borders, which the per-token head cannot
         self.smooth = nn.Conv3d(3, 3, SMOOTH_KERNEL, padding=(0, 1, 1)) if cfg.output_conv else None
@@ -192,7 +200,11 @@ class HPDMModel(nn.Module):
             vector = vector + self.class_embeddings(cond)
         else:
             text = self.text_embeddings(cond) + self.text_positions.weight[: cond.shape[1]]
-            vector = vector + self.text_pooled(text.mean(dim=1))
+            if self.cfg.piece_conditioning:  # each piece's own row, summed over the non-padding ones
+                pieces = (cond != self.cfg.vocab.pad_piece_id).unsqueeze(-1).to(vector.dtype)
+                vector = vector + (self.piece_embeddings(cond) * pieces).sum(dim=1)
+            else:
+                vector = vector + self.text_pooled(text.mean(dim=1))
             extra = self.text_tokens(text)
         return F.silu(vector), extra
 
@@ -208,10 +220,11 @@ class HPDMModel(nn.Module):
         positions = self.time_positions[:, None] + self.space_positions[None]  # [t, h * w, di]
         return tokens + positions.flatten(0, 1)
 
-    def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
+    def detokenize(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Interface tokens -> pixels; `cond` the modulating vector (read with interface_modulation)."""
         kt, kh, kw = self.cfg.tokenizer_patch
         t, h, w = self.cfg.token_grid
-        pixels = self.head(self.head_norm(tokens)).unflatten(-1, (3, kt, kh, kw))
+        pixels = self.head(_norm(self.head_norm, tokens, cond)).unflatten(-1, (3, kt, kh, kw))
         pixels = pixels.unflatten(1, (t, h, w)).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return pixels.reshape(tokens.shape[0], 3, t * kt, h * kh, w * kw)
 
@@ -239,7 +252,7 @@ class HPDMModel(nn.Module):
                 sampled = [pyramid.sample_context(s.states[b], g) for s, g in zip(sources, grids)]
                 context = torch.stack(sampled).mean(dim=0)
             x_tok, z = block(x_tok, z, vector, context)
-        out = self.detokenize(x_tok)
+        out = self.detokenize(x_tok, vector)
         return (out if self.smooth is None else self.smooth(out)), states
 
     def forward(self, x, c_noise, start, extent, cond):
@@ -255,11 +268,13 @@ class HPDMModel(nn.Module):
 
 
 def init_weights(cfg: HPDMConfig, name: str, tensor: torch.Tensor) -> None:
-    """normal(init_std) for matrices, tables and latents; zeros for biases, the norm modulations
+    """normal(init_std) for matrices, tables and latents (the position tables: position_std); zeros for biases, the norm modulations
     (each block starts unmodulated) and the output head (F starts at 0: D = c_skip x); ones for
     LayerNorm weights; the identity for the output convolution."""
     if name == "smooth.weight":  # the identity: the convolution starts as no convolution
         nn.init.dirac_(tensor)
+    elif name in ("space_positions", "time_positions"):
+        nn.init.normal_(tensor, std=cfg.position_std)
     elif name.endswith("bias") or ".modulation." in name or name.startswith("head."):
         nn.init.zeros_(tensor)
     elif tensor.dim() == 1:
