@@ -21,8 +21,10 @@ from cogvideo.models.dsr.sampler import SuperResolution, load_model
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import load_cluster_table
 from cogvideo.sampling.hierarchy import row_generator
-from cogvideo.sampling.strategies import ClusterStrategy
+from cogvideo.sampling.stage_model import gather_vocab
+from cogvideo.sampling.strategies import ClusterStrategy, MinimumErrorStrategy
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
+from cogvideo.tokenizers.text import TextTokenizer
 
 
 def dsr_config():
@@ -67,8 +69,6 @@ def release_step(
 
 
 def tiny_sr(assets, sr_checkpoint, frames_per_batch=12, **strategy):  # noqa: F811
-    from cogvideo.tokenizers.text import TextTokenizer
-
     model = load_model(sr_checkpoint, "cpu", torch.float64)
     labels = load_cluster_table(assets["cluster_table"], model.cfg.vocab.num_image_tokens)
     options = dict(temperature=1.0, top_k=6, temperature2=0.6) | strategy
@@ -154,6 +154,32 @@ def test_sample_command_super_resolves_every_frame(assets, sr_checkpoint, tmp_pa
         Image.open(folder / "sheet_row.png").size[1] == 48 and entry["files"]["codes_low"] == "codes_low.npy"
     )
     assert Image.open(tmp_path / "high" / "contact_sheet.png").size[1] >= 96
+
+
+def test_sample_command_decodes_by_minimum_expected_error_over_the_tokenizers_codebook(
+    assets,  # noqa: F811
+    sr_checkpoint,
+    tmp_path,
+):
+    """sr_strategy.kind=mbr: every high-res code is the one nearest the expected codebook patch
+    under the model's distribution, with the image tokenizer's own codebook as the code vectors."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog runs\n")
+    sr = [f"sr_checkpoint={sr_checkpoint}", "sr_strategy.kind=mbr", "sr_strategy.top_k=8"]
+    assert cli.main([*_args(assets, prompts, tmp_path / "high"), "interpolation_levels=0", *sr]) == 0
+    [entry] = json.loads((tmp_path / "high" / "manifest.json").read_text())["entries"]
+    high = np.load(tmp_path / "high" / entry["key"] / "codes.npy")
+    low = torch.from_numpy(np.load(tmp_path / "high" / entry["key"] / "codes_low.npy"))
+    model = load_model(sr_checkpoint, "cpu", torch.float32)
+    cfg = model.cfg
+    text = TextTokenizer(assets["text_tokenizer"], cfg.vocab).encode("a dog runs")  # the raw prompt
+    tokens = torch.stack([build_example(cfg, text, f, torch.zeros(cfg.high_tokens))[0] for f in low])
+    with torch.no_grad():
+        logits = gather_vocab(model(tokens, image_only=True))[..., : cfg.vocab.num_image_tokens]
+    codebook = PatchVQTokenizer.load(assets["image_tokenizer"]).codebook()
+    expected = torch.stack([MinimumErrorStrategy(codebook, 1.0, top_k=8).sample(f) for f in logits])
+    np.testing.assert_array_equal(high.reshape(len(low), -1), expected.numpy())
+    assert (expected != logits.argmax(-1)).float().mean() > 0.1  # not the greedy codes
 
 
 @pytest.mark.slow

@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from cogvideo.sampling import clusters, strategies
-from cogvideo.sampling.strategies import ClusterStrategy, StrategyOptions, TopKStrategy, make_strategy
+from cogvideo.sampling.strategies import (
+    ClusterStrategy,
+    MinimumErrorStrategy,
+    StrategyOptions,
+    TopKStrategy,
+    make_strategy,
+)
 
 GRID = {1: 2000, 2: 500}  # grid points per uniform draw, by draws per row: within 1/GRID per draw
 
@@ -132,6 +138,68 @@ def test_a_row_does_not_depend_on_its_batch_neighbours():
     assert torch.equal(together, alone)
 
 
+# Minimum expected error decoding, worked by hand: four codes on a line (positions 0, 3, 7, 10,
+# laid along the unit vector (0.6, 0.8), so squared distances are those of the positions) and
+# p = (0.1, 0.15, 0.25, 0.5): the argmax is code 3.
+MBR_CODES = torch.tensor([0.0, 3.0, 7.0, 10.0])[:, None] * torch.tensor([0.6, 0.8])
+MBR_LOGITS = torch.tensor([0.1, 0.15, 0.25, 0.5]).log()
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        # sum_j p_j (c_k - c_j)^2 for k = 0..3: 63.6, 29.4, 11.8, 19.6 -> code 2 (the expected
+        # position 7.2 is nearest 7), not the argmax 3
+        (dict(temperature=1.0), 2),
+        # p over the top 2 {3, 2}, renormalised: (2/3, 1/3); risks of codes 2, 3: 6, 3 -> code 3
+        # (the expected position 9.0)
+        (dict(temperature=1.0, top_k=2), 3),
+        # the top-p prefix: 0.5 + 0.25 reaches 0.7, the same two codes -> code 3; without
+        # renormalising the expected position would be 6.75, nearest 7 (code 2)
+        (dict(temperature=1.0, top_p=0.7), 3),
+        # T 0.5: p^2 / 0.345 = (0.029, 0.065, 0.181, 0.725), the expected position 8.71 -> code 3
+        (dict(temperature=0.5), 3),
+    ],
+)
+def test_minimum_error_decoding_picks_the_code_of_least_expected_squared_error(options, expected):
+    strategy = make_strategy(StrategyOptions(kind="mbr", **options), code_vectors=MBR_CODES)
+    assert strategy(MBR_LOGITS.expand(3, -1), generators(3)).tolist() == [expected] * 3
+
+
+def test_minimum_error_decoding_minimises_the_expected_risk_on_random_rows():
+    """Against the risk itself, sum_j p_j ||c_k - c_j||^2 in float64, minimised over k, on rows
+    whose best code leads the next by more than float32 can blur (1e-3 of the risk)."""
+    gen = torch.Generator().manual_seed(0)
+    codes, logits = torch.randn(24, 5, generator=gen) * 3, torch.randn(200, 24, generator=gen) * 2
+    for options in (dict(temperature=1.0), dict(temperature=0.8, top_k=5)):
+        got = MinimumErrorStrategy(codes, **options)(logits, generators(200))
+        probs = (logits.double() / options["temperature"]).softmax(-1)
+        if "top_k" in options:
+            kth = probs.topk(options["top_k"], -1).values[:, -1:]
+            probs = probs.masked_fill(probs < kth, 0.0)
+            probs = probs / probs.sum(-1, keepdim=True)
+        risk = probs @ torch.cdist(codes.double(), codes.double()).pow(2)  # [rows, k]
+        best = risk.topk(2, -1, largest=False).values
+        clear = best[:, 1] - best[:, 0] > 1e-3 * best[:, 0]
+        assert clear.sum() > 150
+        assert torch.equal(got[clear], risk.argmin(-1)[clear])
+        assert (got != logits.argmax(-1)).any()  # not the greedy code
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda logits, options: logits.argmax(-1),  # greedy
+        lambda logits, options: MinimumErrorStrategy(MBR_CODES, 1.0)(logits, []),  # no truncation, T 1
+        # code vectors in another order than the codes (positions 0, 3, 10, 7)
+        lambda logits, options: MinimumErrorStrategy(MBR_CODES[[0, 1, 3, 2]], **options)(logits, []),
+    ],
+)
+def test_planted_minimum_error_bugs_fail_the_hand_computed_cases(broken):
+    cases = [(dict(temperature=1.0), 2), (dict(temperature=1.0, top_k=2), 3), (dict(temperature=0.5), 3)]
+    assert any(broken(MBR_LOGITS[None], o).tolist() != [e] for o, e in cases)
+
+
 def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="top_k > 0"):
         StrategyOptions(kind="cluster", top_k=0)
@@ -139,6 +207,12 @@ def test_bad_options_name_the_problem():
         make_strategy(StrategyOptions(kind="cluster", top_k=12))
     with pytest.raises(ValueError, match="top_p"):
         StrategyOptions(top_p=0.0)
+    with pytest.raises(ValueError, match="kind=mbr needs temperature > 0"):
+        StrategyOptions(kind="mbr", temperature=0)
+    with pytest.raises(ValueError, match="code vectors"):
+        make_strategy(StrategyOptions(kind="mbr"))
+    with pytest.raises(ValueError, match="3 codes, logits have 4"):
+        MinimumErrorStrategy(MBR_CODES[:3], 1.0)(MBR_LOGITS[None], [])
 
 
 def blobs(num_clusters=5, per=40, dim=3, seed=0):

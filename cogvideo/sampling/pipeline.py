@@ -63,8 +63,11 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: t
     return StageModel(model.to(dtype=dtype), cfg, load_text_format(path))
 
 
-def _super_resolution(options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype):
-    """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model."""
+def _super_resolution(
+    options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype, code_vectors: torch.Tensor
+):
+    """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model;
+    `code_vectors`: the image tokenizer's codebook (for sr_strategy.kind=mbr)."""
     from cogvideo.models.dsr.sampler import SuperResolution, load_model
 
     model = load_model(options.sr_checkpoint, sampling_device(options.device), dtype, options.tensor_parallel)
@@ -79,7 +82,7 @@ def _super_resolution(options: SampleOptions, stage1: StageModel, text_tokenizer
         if options.cluster_table
         else None
     )
-    strategy = make_strategy(options.sr_strategy, labels)
+    strategy = make_strategy(options.sr_strategy, labels, code_vectors)
     return SuperResolution(model, text_tokenizer, strategy, options.seed, options.sr_frames_per_batch)
 
 
@@ -104,8 +107,9 @@ class VideoPipeline:
         self.encode = TextEncoder(text_tokenizer, stage1.cfg)
         num_codes = stage1.cfg.vocab.num_image_tokens
         labels = load_cluster_table(options.cluster_table, num_codes) if options.cluster_table else None
+        code_vectors = torch.as_tensor(image_tokenizer.codebook())  # for kind=mbr
         strategies = {
-            name: make_strategy(getattr(options, f"{name}_strategy"), labels)
+            name: make_strategy(getattr(options, f"{name}_strategy"), labels, code_vectors)
             for name in ("frame0", "stage1", "stage2")
         }
         self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached, frame0)
@@ -150,13 +154,14 @@ class VideoPipeline:
                     )
         text = TextTokenizer(options.text_tokenizer, stage1.cfg.vocab)
         image = load_image_tokenizer(options.image_tokenizer, frame_size=stage1.cfg.frame_size)
-        codes = len(image.codebook())
+        code_vectors = torch.as_tensor(image.codebook())
+        codes = len(code_vectors)
         if codes != stage1.cfg.vocab.num_image_tokens:
             raise ValueError(
                 f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
                 f"models {stage1.cfg.vocab.num_image_tokens} image tokens"
             )
-        sr = _super_resolution(options, stage1, text, dtype) if options.sr_checkpoint else None
+        sr = _super_resolution(options, stage1, text, dtype, code_vectors) if options.sr_checkpoint else None
         pipeline = cls(options, stage1, stage2, text, image, frame0=frame0, sr=sr)
         pipeline.precision = precision
         return pipeline

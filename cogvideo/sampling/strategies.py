@@ -3,6 +3,10 @@
 Every row of a batch draws its random numbers from its own `torch.Generator`, so a prompt's
 video depends only on the prompt and the seed, not on which other prompts share its batch
 or which worker samples it.
+
+Besides drawing (`topk`, the release's `cluster`), `mbr` decodes by minimum expected error: the code
+whose vector (the image tokenizer's codebook row) has the least expected squared distance to the
+code drawn from the model's (tempered, truncated) distribution, a project option, not the release's.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import torch
 
 @dataclass
 class StrategyOptions:
-    kind: Literal["topk", "cluster"] = "topk"
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_k: int = 0  # topk: codes kept (0 = all); cluster: clusters kept
-    top_p: float = 1.0  # topk only: nucleus mass kept
+    kind: Literal["topk", "cluster", "mbr"] = "topk"
+    temperature: float = 1.0  # 0 = greedy (argmax; not for mbr)
+    top_k: int = 0  # topk, mbr: codes kept (0 = all); cluster: clusters kept
+    top_p: float = 1.0  # topk, mbr: nucleus mass kept
     # cluster only: inside the chosen cluster, logits / (temperature * temperature2) (CogLM's rule)
     temperature2: float = 1.0
 
@@ -29,6 +33,8 @@ class StrategyOptions:
             raise ValueError(f"strategy: need top_k >= 0 and 0 < top_p <= 1, got {self}")
         if self.kind == "cluster" and (self.top_k <= 0 or self.temperature == 0):
             raise ValueError("strategy.kind=cluster needs top_k > 0 and temperature > 0")
+        if self.kind == "mbr" and self.temperature == 0:
+            raise ValueError("strategy.kind=mbr needs temperature > 0 (temperature 0 is greedy: kind=topk)")
 
 
 def uniforms(generators: list[torch.Generator], device) -> torch.Tensor:
@@ -55,17 +61,49 @@ class TopKStrategy:
         """`draw()` gives one U[0, 1) number per row of `logits` [rows, K]."""
         if self.temperature == 0:
             return logits.argmax(-1)
-        logits = logits.float() / self.temperature
-        if 0 < self.top_k < logits.shape[-1]:
-            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(-1)
-        if self.top_p < 1:
-            sorted_probs, order = probs.sort(-1, descending=True)
-            mass_before = sorted_probs.cumsum(-1) - sorted_probs
-            sorted_probs = sorted_probs.masked_fill(mass_before >= self.top_p, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return sample_rows(probs, draw())
+        return sample_rows(truncated_probs(logits, self.temperature, self.top_k, self.top_p), draw())
+
+
+def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """softmax(logits / temperature) over the top_k codes (0 = all), then the smallest prefix by
+    probability whose mass reaches top_p; not renormalised (sample_rows scales by the total)."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+class MinimumErrorStrategy:
+    """Minimum expected error (Bayes-risk) decoding: with p the tempered, truncated distribution
+    over codes and c_k the code vectors, the code k minimising sum_j p_j ||c_k - c_j||^2, which is
+    the code nearest the expected vector sum_j p_j c_j (the sum differs from ||c_k - m||^2 by a term
+    free of k). Deterministic: it draws nothing. For the patch tokenizer the code vectors are its
+    codebook patches (pixels), so this is the code of least expected squared pixel error."""
+
+    def __init__(self, code_vectors: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0):
+        self.code_vectors = torch.as_tensor(code_vectors, dtype=torch.float32)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        return self.sample(logits, None)
+
+    def sample(self, logits: torch.Tensor, draw=None) -> torch.Tensor:
+        """Codes [rows] for `logits` [rows, K] (`draw` is not called)."""
+        from cogvideo.tokenizers.patch_vq import nearest
+
+        vectors = self.code_vectors.to(logits.device)
+        if len(vectors) != logits.shape[-1]:
+            raise ValueError(f"code vectors: {len(vectors)} codes, logits have {logits.shape[-1]}")
+        probs = truncated_probs(logits, self.temperature, self.top_k, self.top_p)
+        expected = (probs / probs.sum(-1, keepdim=True)) @ vectors
+        return nearest(expected, vectors)
 
 
 class ClusterStrategy:
@@ -99,10 +137,19 @@ class ClusterStrategy:
         return sample_rows(code_probs, draw())
 
 
-def make_strategy(options: StrategyOptions, cluster_labels: torch.Tensor | None = None):
-    """`cluster_labels` (see `load_cluster_table`) is needed by kind=cluster only."""
+def make_strategy(
+    options: StrategyOptions,
+    cluster_labels: torch.Tensor | None = None,
+    code_vectors: torch.Tensor | None = None,
+):
+    """`cluster_labels` (see `load_cluster_table`) is needed by kind=cluster only, `code_vectors`
+    (the image tokenizer's `codebook()`, [K, D]) by kind=mbr only."""
     if options.kind == "topk":
         return TopKStrategy(options.temperature, options.top_k, options.top_p)
+    if options.kind == "mbr":
+        if code_vectors is None:
+            raise ValueError("strategy.kind=mbr needs the image tokenizer's code vectors (its codebook)")
+        return MinimumErrorStrategy(code_vectors, options.temperature, options.top_k, options.top_p)
     if cluster_labels is None:
         raise ValueError("strategy.kind=cluster needs a cluster table (sampling option cluster_table)")
     return ClusterStrategy(cluster_labels, options.temperature, options.top_k, options.temperature2)
