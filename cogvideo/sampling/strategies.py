@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from cogvideo.tokenizers.patch_vq import nearest
+
 
 @dataclass
 class StrategyOptions:
@@ -96,8 +98,6 @@ class MinimumErrorStrategy:
 
     def sample(self, logits: torch.Tensor, draw=None) -> torch.Tensor:
         """Codes [rows] for `logits` [rows, K] (`draw` is not called)."""
-        from cogvideo.tokenizers.patch_vq import nearest
-
         vectors = self.code_vectors.to(logits.device)
         if len(vectors) != logits.shape[-1]:
             raise ValueError(f"code vectors: {len(vectors)} codes, logits have {logits.shape[-1]}")
