@@ -64,7 +64,7 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: t
 
 
 def _super_resolution(
-    options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype, code_vectors: torch.Tensor
+    options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype, code_vectors: np.ndarray
 ):
     """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model;
     `code_vectors`: the image tokenizer's codebook (for sr_strategy.kind=mbr)."""
@@ -107,7 +107,7 @@ class VideoPipeline:
         self.encode = TextEncoder(text_tokenizer, stage1.cfg)
         num_codes = stage1.cfg.vocab.num_image_tokens
         labels = load_cluster_table(options.cluster_table, num_codes) if options.cluster_table else None
-        code_vectors = torch.as_tensor(image_tokenizer.codebook())  # for kind=mbr
+        code_vectors = image_tokenizer.codebook()  # for kind=mbr
         strategies = {
             name: make_strategy(getattr(options, f"{name}_strategy"), labels, code_vectors)
             for name in ("frame0", "stage1", "stage2")
@@ -154,7 +154,7 @@ class VideoPipeline:
                     )
         text = TextTokenizer(options.text_tokenizer, stage1.cfg.vocab)
         image = load_image_tokenizer(options.image_tokenizer, frame_size=stage1.cfg.frame_size)
-        code_vectors = torch.as_tensor(image.codebook())
+        code_vectors = image.codebook()
         codes = len(code_vectors)
         if codes != stage1.cfg.vocab.num_image_tokens:
             raise ValueError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from cogvideo.tokenizers.patch_vq import nearest
@@ -89,7 +90,9 @@ class MinimumErrorStrategy:
     free of k). Deterministic: it draws nothing. For the patch tokenizer the code vectors are its
     codebook patches (pixels), so this is the code of least expected squared pixel error."""
 
-    def __init__(self, code_vectors: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    def __init__(
+        self, code_vectors: torch.Tensor | np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0
+    ):
         self.code_vectors = torch.as_tensor(code_vectors, dtype=torch.float32)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
@@ -98,12 +101,13 @@ class MinimumErrorStrategy:
 
     def sample(self, logits: torch.Tensor, draw=None) -> torch.Tensor:
         """Codes [rows] for `logits` [rows, K] (`draw` is not called)."""
-        vectors = self.code_vectors.to(logits.device)
-        if len(vectors) != logits.shape[-1]:
-            raise ValueError(f"code vectors: {len(vectors)} codes, logits have {logits.shape[-1]}")
+        if len(self.code_vectors) != logits.shape[-1]:
+            raise ValueError(f"code vectors: {len(self.code_vectors)} codes, logits have {logits.shape[-1]}")
+        if self.code_vectors.device != logits.device:  # moved once, not per frame
+            self.code_vectors = self.code_vectors.to(logits.device)
         probs = truncated_probs(logits, self.temperature, self.top_k, self.top_p)
-        expected = (probs / probs.sum(-1, keepdim=True)) @ vectors
-        return nearest(expected, vectors)
+        expected = (probs / probs.sum(-1, keepdim=True)) @ self.code_vectors
+        return nearest(expected, self.code_vectors)
 
 
 class ClusterStrategy:
@@ -140,7 +144,7 @@ class ClusterStrategy:
 def make_strategy(
     options: StrategyOptions,
     cluster_labels: torch.Tensor | None = None,
-    code_vectors: torch.Tensor | None = None,
+    code_vectors: torch.Tensor | np.ndarray | None = None,
 ):
     """`cluster_labels` (see `load_cluster_table`) is needed by kind=cluster only, `code_vectors`
     (the image tokenizer's `codebook()`, [K, D]) by kind=mbr only."""
