@@ -37,7 +37,9 @@ import yaml
 
 from cogvideo.configio import ConfigError, config_parser, load_config, to_dict
 from cogvideo.environment import apply_defaults
-from demo.family_steps import family_steps
+from cogvideo.machine import this_cpu
+from demo.family_steps import FamilySteps, family_steps
+from demo.report import write_report
 from demo.settings import DEFAULT_CONFIG, ROOT, DemoConfig
 from demo.steps import Runner, Step
 from demo.tasks import Demo
@@ -86,8 +88,46 @@ HIERARCHY = [  # the preset's family
 ]
 
 
+def report(demo: Demo) -> dict:
+    """The report of every trained family, each a column beside the others, and of the run."""
+    cfg = demo.cfg
+    summary = demo.runner.summary()
+    results = summary["results"]
+    families = [
+        demo.hierarchy_result(summary) if name == cfg.main_family else FamilySteps(demo, name).result(summary)
+        for name in cfg.trained_families()
+    ]
+    data = {**results["videos"], "tokenizers": results["tokenizers"]}
+    if "shards" in results:
+        prep = results["shards"]["prep"]
+        data |= {
+            "samples_by_stage_fps": prep["samples_by_stage_fps"],
+            "shards": prep["shards"],
+            "frame0_samples": results["shards"]["frame0_samples"],
+        }
+    run = {
+        "data": data,
+        "seed": cfg.seed,
+        "step_seconds": summary["step_seconds"],
+        "total_seconds": round(sum(summary["step_seconds"].values()), 1),
+        "machine": machine(summary["load_average_5min"]),
+    }
+    return {"index": str(write_report(demo.path("report"), families, run))}
+
+
+def machine(load_average: dict) -> dict:
+    """The CPU the run had (model name, bf16 flags, cores) and the 5-minute load after each step."""
+    cpu = this_cpu()
+    return {
+        "cpu": cpu.model,
+        "bf16_flags": list(cpu.bf16_flags),
+        "cpus": cpu.cpus,
+        "load_average_5min_after_step": load_average,
+    }
+
+
 def report_step(ends: list[str]) -> Step:
-    return Step("report", Demo.report, (), ("report",), after=tuple(ends))
+    return Step("report", report, (), ("report",), after=tuple(ends))
 
 
 STEPS = [*SHARED, *HIERARCHY, report_step(["evaluate"])]  # the preset's family alone

@@ -14,7 +14,7 @@ families' results, each rendered the same way.
     report/videos/           <family>/<name>.gif|.mp4 generated, <family>/<name>.ref.gif reference
     report/<family>_*.png    the plots
 
-Extension point: a family adds a :class:`FamilyResult` to the list `Demo.report` passes to
+Extension point: a family adds a :class:`FamilyResult` to the list `demo.driver.report` passes to
 :func:`write_report` (its sampled videos scored by `demo.evaluation.evaluate_samples`, so every
 video carries `analysis`, `verdicts` and `reference_gif`). Nothing here names a family.
 """

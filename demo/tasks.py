@@ -17,7 +17,6 @@ import numpy as np
 
 from cogvideo.configio import load_config
 from cogvideo.jsonl import read_jsonl, write_jsonl
-from cogvideo.machine import this_cpu
 from demo.settings import ROOT, DemoConfig
 
 TRAINING_SEED = 1234  # the trainer's default (training.seed): seed=0 trains as the trainer alone would
@@ -394,35 +393,6 @@ class Demo:
             "tokenizer": summary["tokenizer"],
         }
 
-    def report(self) -> dict:
-        from demo.family_steps import FamilySteps
-        from demo.report import write_report
-
-        summary = self.runner.summary()
-        results = summary["results"]
-        families = [
-            self.hierarchy_result(summary)
-            if name == self.cfg.main_family
-            else FamilySteps(self, name).result(summary)
-            for name in self.cfg.trained_families()
-        ]
-        data = {**results["videos"], "tokenizers": results["tokenizers"]}
-        if "shards" in results:
-            prep = results["shards"]["prep"]
-            data |= {
-                "samples_by_stage_fps": prep["samples_by_stage_fps"],
-                "shards": prep["shards"],
-                "frame0_samples": results["shards"]["frame0_samples"],
-            }
-        run = {
-            "data": data,
-            "seed": self.cfg.seed,
-            "step_seconds": summary["step_seconds"],
-            "total_seconds": round(sum(summary["step_seconds"].values()), 1),
-            "machine": machine(summary["load_average_5min"]),
-        }
-        return {"index": str(write_report(self.path("report"), families, run))}
-
     def hierarchy_result(self, summary: dict):
         """The preset's family's column of the report: its three trained models, sampled together."""
         from demo.evaluation import targets
@@ -442,17 +412,6 @@ class Demo:
             curves={stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in stages},
             details={"training": training, "sampling": summary["results"]["sample"]},
         )
-
-
-def machine(load_average: dict) -> dict:
-    """The CPU the run had (model name, bf16 flags, cores) and the 5-minute load after each step."""
-    cpu = this_cpu()
-    return {
-        "cpu": cpu.model,
-        "bf16_flags": list(cpu.bf16_flags),
-        "cpus": cpu.cpus,
-        "load_average_5min_after_step": load_average,
-    }
 
 
 def training_summary(run: Path) -> dict:
