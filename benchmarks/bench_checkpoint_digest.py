@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from bench_train import single_rank_trainer, write_data  # noqa: E402
 
 from cogvideo.checkpoint.digest import file_digest, folder_files, make_record  # noqa: E402
-from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.environment import apply_defaults  # noqa: E402
+from cogvideo.models.cogvideo.config import get_preset  # noqa: E402
 from pretrain.checkpoint import CheckpointManager  # noqa: E402
 
 

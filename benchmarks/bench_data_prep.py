@@ -35,9 +35,9 @@ import numpy as np
 import psutil
 import ray
 
-from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.machine import LoadWatch
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.raystart import start_ray
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep.config import PrepConfig

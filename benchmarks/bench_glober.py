@@ -26,10 +26,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.memtrack import LiveTensorBytes
-from cogvideo.config import get_preset
 from cogvideo.configio import load_config
 from cogvideo.family import any_preset, build_model
 from cogvideo.machine import LoadWatch
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.models.glober.pipeline import GloberSampleOptions
 from cogvideo.models.glober.sampler import GloberSampler, frame_indices
 from cogvideo.precision import matmul_gflops

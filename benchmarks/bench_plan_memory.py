@@ -66,7 +66,7 @@ def _trainer(cfg, batch):
 
 
 def _config(preset, ckpt, train_backbone):
-    from cogvideo.config import get_preset
+    from cogvideo.models.cogvideo.config import get_preset
 
     cfg = get_preset(preset).replace(activation_checkpointing=ckpt)
     return cfg if train_backbone is None else cfg.replace(train_backbone=train_backbone)
@@ -93,7 +93,7 @@ def _predicted(cfg, batch, ckpt, tp=1) -> float:
 def measure(preset: str, batch: int, ckpt: bool, train_backbone: bool | None, use_tracker: bool) -> dict:
     import torch
 
-    from cogvideo.config import get_preset
+    from cogvideo.models.cogvideo.config import get_preset
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

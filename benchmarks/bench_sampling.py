@@ -29,9 +29,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
 from cogvideo.machine import LoadWatch
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.precision import PRECISION_CHOICES, choose_precision, matmul_gflops, probe_shape, torch_dtype
 from cogvideo.sampling.decode import DecodePass, DecodeProbe, sample_frames
 from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator

@@ -10,7 +10,7 @@ parameter groups, torch AdamW (foreach, and fused), clip_grad_norm_; in bf16 wit
 weights as DeepSpeed keeps them (`BareLoop`). The three alternate step by step; the faster bare
 loop is the baseline. Each precision in --precisions runs in turn: `auto` is what the trainer
 resolves it to on this machine (it times the run's own step; pretrain/step_probe.py).
-Achieved FLOP/s (analytic, cogvideo.flops) is compared with the fp32 1024^3 matmul timed here
+Achieved FLOP/s (analytic, cogvideo.models.cogvideo.flops) is compared with the fp32 1024^3 matmul timed here
 (`cogvideo.precision.matmul_gflops`). Targets: stack tokens/s >= 0.9x the faster bare loop;
 stack >= 40% of the fp32 matmul rate. The CPU, its bf16 flags and the load average during the
 run are printed with the ratios (`cogvideo.machine`).
@@ -33,11 +33,11 @@ import webdataset as wds
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.environment import apply_defaults  # noqa: E402
 from cogvideo.family import build_model, family_of  # noqa: E402
-from cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.machine import LoadWatch  # noqa: E402
+from cogvideo.models.cogvideo.config import get_preset  # noqa: E402
+from cogvideo.models.cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.precision import matmul_gflops, torch_dtype  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
 from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402

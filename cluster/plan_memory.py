@@ -1,6 +1,6 @@
 """Per-GPU memory of one training layout: model states (the DeepSpeed accounting) and the
 activations the model keeps for the backward pass (its family's planner model, e.g.
-cogvideo/activations.py).
+cogvideo/models/cogvideo/planner.py).
 
 Model states, per parameter on this TP rank, for 16-bit training with Adam (the byte counts
 DeepSpeed's ZeRO estimators use; `dp` = data-parallel size)::

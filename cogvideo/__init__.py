@@ -1,7 +1,4 @@
-"""CogVideo-style text-to-video transformers: config presets, model, tokenizers, sampling,
-checkpoint formats."""
-
-from cogvideo.config import ModelConfig, get_preset
-from cogvideo.vocab import VocabLayout
-
-__all__ = ["ModelConfig", "VocabLayout", "get_preset"]
+"""Text-to-video model families on one training stack: the families (`cogvideo.models`, one
+package each), and what they share at this root: the family registry and TP plan, parallel
+state, precision, config I/O, vocabulary, text format, shard schema, tokenizers, sampling job,
+checkpoint tools, evaluation."""

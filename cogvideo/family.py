@@ -26,9 +26,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from cogvideo import cogvideo_family, parallel  # cogvideo_family registers CogVideo
+from cogvideo import parallel
 from cogvideo.configio import from_dict, merge, to_dict
 from cogvideo.family_spec import REGISTRY, ModelFamily, OptimizedPart, PlannerModel, register
+from cogvideo.models import cogvideo as cogvideo_family  # registers CogVideo, the default family
 from cogvideo.tp_plan import init_from_full, materialize, parallelize
 
 __all__ = [

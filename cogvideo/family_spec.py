@@ -13,6 +13,20 @@ from cogvideo.tp_plan import TPPlan
 
 
 @dataclass(frozen=True)
+class MatmulFlops:
+    """Forward FLOPs of one group of matrix products, batch 1."""
+
+    name: str
+    forward: float
+    trainable_weight: bool  # False: frozen weight, or no weight (attention products)
+    activation_inputs: int = 1  # inputs that need a gradient: 1 for x @ W, 2 for Q @ K^T, P @ V
+
+    @property
+    def backward(self) -> float:
+        return self.forward * (self.activation_inputs + self.trainable_weight)
+
+
+@dataclass(frozen=True)
 class PlannerModel:
     """What `cogvideo-plan` needs of a family beyond its model and TP plan (which give the
     parameters on each TP rank): the activations one GPU keeps and the work around the matrix

@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass
 
 from cogvideo.captions import read_captions
-from cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.tokenizers.text import caption_lengths, check_fits, length_report, unusable_line
 
 

@@ -126,7 +126,7 @@ class DemoConfig:
         return list(dict.fromkeys(self.families)) or [self.main_family]
 
     def model(self, stage: str = "stage1"):
-        from cogvideo.config import get_preset
+        from cogvideo.models.cogvideo.config import get_preset
 
         return get_preset(self.preset).replace(stage=stage)
 

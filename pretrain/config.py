@@ -3,7 +3,7 @@
     cfg = load_train_config("configs/small_stage1.yaml", ["optim.lr=1e-4"])
     model_cfg = check_config(cfg, world_size=8)   # before any process group starts
 
-The `model:` section is a preset name plus any :class:`cogvideo.config.ModelConfig` field,
+The `model:` section is a preset name plus any :class:`cogvideo.models.cogvideo.config.ModelConfig` field,
 validated by :func:`cogvideo.family.resolve_model_section` (`model.family` picks the family,
 cogvideo by default).
 """
@@ -17,9 +17,9 @@ from typing import Literal
 
 import torch
 
-from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, load_config
 from cogvideo.family import family_of, optimized_parts, resolve_model_section, section_family
+from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.precision import Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.sequence import build_sequence
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.sequence import build_sequence
 
 # stage 2's windows as released (20x20 tokens, window 10 shifted by 5), in a narrow model
 PUBLISHED_WINDOWS = dict(

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cogvideo import parallel  # noqa: E402
-from cogvideo.config import get_preset  # noqa: E402
 from cogvideo.family import build_model  # noqa: E402
-from cogvideo.sequence import build_sequence  # noqa: E402
+from cogvideo.models.cogvideo.config import get_preset  # noqa: E402
+from cogvideo.models.cogvideo.sequence import build_sequence  # noqa: E402
 from cogvideo.vocab import VocabLayout  # noqa: E402
 
 TP = 8

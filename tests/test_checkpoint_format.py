@@ -19,8 +19,8 @@ from cogvideo.checkpoint import (
     save_model_checkpoint,
 )
 from cogvideo.checkpoint.cli import describe, main
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.params import count_parameters
 
 

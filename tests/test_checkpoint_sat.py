@@ -19,8 +19,8 @@ from cogvideo.checkpoint import (
     reshard,
 )
 from cogvideo.checkpoint.cli import describe, main
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.params import count_parameters
 
 BASE = get_preset("tiny")  # hidden 32, 4 heads, 2 layers, 8 text tokens, 4x4 tokens per frame

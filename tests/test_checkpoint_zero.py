@@ -21,8 +21,8 @@ from cogvideo.checkpoint import (
     save_model_checkpoint,
 )
 from cogvideo.checkpoint.cli import describe, main
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 # big enough that holding the model would dwarf the streaming bound (~9.5M params, 38 MB fp32)
@@ -70,7 +70,7 @@ def test_consolidation_equals_live_weights_and_moments(zero_runs, tmp_path, stag
 MEMORY_PROBE = """
 import json, sys
 from cogvideo.checkpoint.zero import convert_zero
-from cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.configio import from_dict
 
 def status(key):
@@ -300,7 +300,7 @@ def _layout_worker(out: Path) -> None:
 
     from cogvideo import parallel
     from cogvideo.checkpoint import convert_zero, restore_optimizer_state
-    from cogvideo.model import TP_PLAN
+    from cogvideo.models.cogvideo.model import TP_PLAN
 
     results = {}
 

@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 from benchmarks.memtrack import LiveTensorBytes
 from cogvideo import parallel
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import TP_PLAN
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.model import TP_PLAN
 from cogvideo.tp_plan import _megatron_config, parallelize
 from pretrain.config import TrainConfig
 from pretrain.optim import deepspeed_config

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, load_config
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep.config import PrepConfig, prep_model
 from data_prep.encoders import TokenEncoder

@@ -20,10 +20,10 @@ from PIL import Image
 from test_data_prep_video import make_bad_inputs
 from webdataset.tariterators import tarfile_samples
 
-from cogvideo.config import get_preset
 from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.jsonl import read_jsonl
 from cogvideo.metrics import psnr
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.raystart import start_ray
 from cogvideo.shards import decode_sample
 from cogvideo.tokenizers.loading import load_image_tokenizer

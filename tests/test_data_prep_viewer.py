@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvideo.config import get_preset
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.shards import ClipMeta, encode_sample
 from cogvideo.video_io import square_frames
 from data_prep import reshard

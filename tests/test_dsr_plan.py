@@ -10,8 +10,8 @@ import torch
 from benchmarks.memtrack import LiveTensorBytes
 from cluster.plan import main as plan_main
 from cluster.plan_memory import Layout, plan_memory
-from cogvideo.config import get_preset
 from cogvideo.family import any_preset, build_model
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.models.dsr.layout import text_pads
 from cogvideo.models.dsr.model import high_res_loss
 from cogvideo.models.dsr.planner import layer_activation_bytes

@@ -20,8 +20,8 @@ from test_pretrain_dist import losses, step_batches, torchrun
 from tolerances import adam_weight_atol, loss_rel_tol
 
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
-from cogvideo.config import get_preset
 from cogvideo.family import build_model, resolve_model_section
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.models.dsr import sample_problem
 from cogvideo.models.dsr.model import is_dsr_param
 from cogvideo.shards import ClipMeta, Sample, encode_sample

@@ -10,9 +10,9 @@ import torch
 from diffusers import AutoencoderKL
 from ray_prep import prep_on_ray
 
-from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError
 from cogvideo.family import any_preset, resolve_model_section
+from cogvideo.models.cogvideo.config import get_preset
 from data_prep import synthetic as syn
 from data_prep.config import PrepConfig
 from data_prep.encoders import LatentEncoder, encoder_for

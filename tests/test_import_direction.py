@@ -27,7 +27,7 @@ def stage_imports(source: str) -> list[tuple[int, str]]:
 def test_the_check_sees_every_form_of_import():
     source = (
         "import data_prep.synthetic\nfrom pretrain import train\n"
-        "def f():\n    from cluster.plan import main\nimport cogvideo.config\nfrom . import x\n"
+        "def f():\n    from cluster.plan import main\nimport cogvideo.models.cogvideo.config\nfrom . import x\n"
     )
     assert stage_imports(source) == [(1, "data_prep.synthetic"), (2, "pretrain"), (4, "cluster.plan")]
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from model_helpers import PUBLISHED_WINDOWS, random_batch, random_model
 
-from cogvideo.attention import window_gather_index
-from cogvideo.config import get_preset
-from cogvideo.sequence import TokenMeta, position_ids, visible, window_id
+from cogvideo.models.cogvideo.attention import window_gather_index
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.sequence import TokenMeta, position_ids, visible, window_id
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-stage2"])

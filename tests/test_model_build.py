@@ -17,9 +17,9 @@ from torch import nn
 
 from benchmarks.memtrack import LiveTensorBytes
 from cogvideo import parallel
-from cogvideo.config import get_preset
 from cogvideo.family import build_model, families, family_of, plain_model
-from cogvideo.model import TP_PLAN
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.model import TP_PLAN
 from cogvideo.tp_plan import parallelize
 from pretrain.launch import free_port
 

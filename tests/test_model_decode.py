@@ -4,9 +4,9 @@ import pytest
 import torch
 from model_helpers import PUBLISHED_WINDOWS, random_batch, random_model
 
-from cogvideo.config import get_preset
-from cogvideo.kv_cache import KVCache
-from cogvideo.sequence import TokenMeta
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.kv_cache import KVCache
+from cogvideo.models.cogvideo.sequence import TokenMeta
 
 
 @pytest.mark.parametrize("text_bias", [0.0, 1.4])
@@ -36,7 +36,7 @@ def test_stage1_token_by_token_equals_full(text_bias):
 
 def count_blocked_calls(monkeypatch):
     """Count the blocked-attention calls, to know the given-frames pass took that path."""
-    from cogvideo import blocked
+    from cogvideo.models.cogvideo import blocked
 
     calls = []
     for name in ("spatial_attention", "temporal_attention"):
@@ -113,11 +113,11 @@ def test_planted_blocks_built_in_time_order_fail_for_frames_given_out_of_order(m
     """The bug: the blocked pass lays its blocks out for the given frames sorted by time, not in
     the order the chunk holds them (right for (0, 1), wrong for stage 1's (1, 0); stage 2's given
     frames see each other alike in both directions, so their order cannot show it)."""
-    import cogvideo.model
+    import cogvideo.models.cogvideo.model
 
-    blocks = cogvideo.model.frame_blocks
+    blocks = cogvideo.models.cogvideo.model.frame_blocks
     monkeypatch.setattr(
-        cogvideo.model,
+        cogvideo.models.cogvideo.model,
         "frame_blocks",
         lambda cfg, text, pad, frames, *a, **k: blocks(cfg, text, pad, sorted(frames), *a, **k),
     )

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvideo.config import ModelConfig
 from cogvideo.family import ModelFamily, build_model, family_of, get_family, register, resolve_model_section
-from cogvideo.model import image_token_loss
+from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.model import image_token_loss
 from cogvideo.tp_plan import Column, Row, TiedEmbedding, TPPlan, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]

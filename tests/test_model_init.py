@@ -4,9 +4,9 @@ import pytest
 import torch
 from model_helpers import random_batch
 
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import init_video_from_backbone, is_backbone_param
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.model import init_video_from_backbone, is_backbone_param
 from cogvideo.params import count_parameters
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.sequence import build_sequence
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.sequence import build_sequence
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tensor parallelism: one TP plan (cogvideo.model.TP_PLAN) drives both the model and checkpoint
+"""Tensor parallelism: one TP plan (cogvideo.models.cogvideo.model.TP_PLAN) drives both the model and checkpoint
 resharding. At TP 4 and at TP 2 (x DP 2) over four gloo processes, the model `build_model`
 parallelizes takes `TP_PLAN.shard_state_dict` of the plain weights as its state dict, its split
 parameters are marked as megatron marks them, and it equals TP=1 on the same weights (logits, loss
@@ -14,9 +14,9 @@ from megatron.core import parallel_state
 from model_helpers import random_batch
 
 from cogvideo import parallel
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import TP_PLAN
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.model import TP_PLAN
 from pretrain.launch import free_port
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def _attention_masks(group):
     """The dropout masks `attend` applies to this rank's heads: with v the identity, its output
     is the dropped attention probabilities. Returns them and torch's generator state before and
     after, each gathered over the TP group."""
-    from cogvideo.attention import attend
+    from cogvideo.models.cogvideo.attention import attend
 
     g = torch.Generator().manual_seed(3)  # the same queries and keys on both ranks
     q, k = torch.randn(2, 1, 2, 8, 8, generator=g)

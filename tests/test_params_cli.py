@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cogvideo.config import get_preset
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.params import main
 
 

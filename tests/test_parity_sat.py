@@ -19,8 +19,8 @@ import torch
 from cogvideo.checkpoint import load_model_config, load_model_state
 from cogvideo.checkpoint.cli import main
 from cogvideo.checkpoint.sat import our_name
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 
 pytestmark = pytest.mark.slow  # SAT runs in a subprocess (gloo, DeepSpeed engine for its save)
 

@@ -4,8 +4,8 @@ import pytest
 
 from cluster.plan import GPU_KINDS, Hardware, PlanError, main, make_plan, report, search
 from cluster.plan_memory import GiB, Layout
-from cogvideo import flops
-from cogvideo.config import get_preset
+from cogvideo.models.cogvideo import flops
+from cogvideo.models.cogvideo.config import get_preset
 
 STAGE1 = get_preset("cogvideo-stage1")
 PUBLISHED = Layout(

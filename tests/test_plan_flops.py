@@ -1,4 +1,4 @@
-"""cogvideo.flops against a hand count and against torch's own FLOP counter run on the real
+"""cogvideo.models.cogvideo.flops against a hand count and against torch's own FLOP counter run on the real
 model (SDPA forced to its math form so the attention products are visible to the counter)."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from cogvideo import flops
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo import flops
+from cogvideo.models.cogvideo.config import get_preset
 
 
 def test_tiny_stage1_by_hand():

@@ -19,10 +19,10 @@ from cluster.plan_memory import (
     plan_memory,
     rank_params,
 )
-from cogvideo.activations import layer_activation_bytes
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import TP_PLAN
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.model import TP_PLAN
+from cogvideo.models.cogvideo.planner import layer_activation_bytes
 from cogvideo.params import count_parameters
 
 DS_LAYOUTS = [(1, 1), (8, 1), (8, 13), (4, 3)]  # (GPUs per node, nodes)

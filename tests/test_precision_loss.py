@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from model_helpers import random_batch, random_model
 from tolerances import FP32_EPS
 
-import cogvideo.cogvideo_family
-import cogvideo.model
+import cogvideo.models.cogvideo
+import cogvideo.models.cogvideo.model
 from cogvideo.family import family_of
 from cogvideo.tp_plan import vocab_cross_entropy
 
@@ -49,7 +49,7 @@ def check_loss_path(model, logits, batch) -> None:
     K = cfg.vocab.num_image_tokens
     targets, mask = batch.tensors["targets"], batch.tensors["loss_mask"]
     ce64, lse = float64_cross_entropy(logits, targets, K)
-    per_token = cogvideo.model.vocab_cross_entropy(logits, targets, K)
+    per_token = cogvideo.models.cogvideo.model.vocab_cross_entropy(logits, targets, K)
     assert per_token.dtype == torch.float32
     assert ((per_token.double() - ce64).abs() <= (K + 2) * FP32_EPS * lse.abs()).all()
     with torch.no_grad():
@@ -77,8 +77,8 @@ def mean_in_logits_dtype(cfg, logits, targets, loss_mask):
 @pytest.mark.parametrize(
     "module, name, bug",
     [
-        (cogvideo.model, "vocab_cross_entropy", cross_entropy_in_logits_dtype),
-        (cogvideo.cogvideo_family, "image_token_loss", mean_in_logits_dtype),
+        (cogvideo.models.cogvideo.model, "vocab_cross_entropy", cross_entropy_in_logits_dtype),
+        (cogvideo.models.cogvideo, "image_token_loss", mean_in_logits_dtype),
     ],
     ids=["cross entropy in bf16", "masked mean in bf16"],
 )

@@ -13,9 +13,9 @@ from test_pretrain_data import write_caption_tokenizer, write_shards
 from tolerances import adam_weight_atol
 
 from cogvideo import parallel, precision
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
-from cogvideo.model import image_token_loss
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.model import image_token_loss
 from cogvideo.precision import STEP_MIN_SPEEDUP, ProbeFigures, choose_precision, decide, resolve
 from cogvideo.tokenizers.text import TextTokenizer
 from pretrain.config import DataConfig, OptimConfig, ParallelConfig, TrainConfig, TrainingConfig

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from test_pretrain_dist import STEPS, base_args, losses, make_workspace, reference, step_batches, torchrun
 
-from cogvideo.config import get_preset
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.precision import ProbeFigures, decide
 
 pytestmark = pytest.mark.slow

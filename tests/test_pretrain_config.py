@@ -144,9 +144,9 @@ def test_deepspeed_config_follows_the_dataclasses():
 
 def test_backbone_start_per_tp_rank_is_the_shard_of_the_full_init(tmp_path):
     from cogvideo.checkpoint.format import save_model_checkpoint
-    from cogvideo.config import get_preset
     from cogvideo.family import build_model, plain_model
-    from cogvideo.model import TP_PLAN, init_video_from_backbone
+    from cogvideo.models.cogvideo.config import get_preset
+    from cogvideo.models.cogvideo.model import TP_PLAN, init_video_from_backbone
     from pretrain.train import initial_state
 
     video_cfg = get_preset("tiny")

@@ -12,8 +12,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from cogvideo.config import get_preset
-from cogvideo.sequence import build_sequence
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.sequence import build_sequence
 from cogvideo.shards import ClipMeta, encode_sample
 from cogvideo.text_format import TextFormat
 from pretrain.config import DataConfig

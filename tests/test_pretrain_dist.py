@@ -30,9 +30,9 @@ from webdataset.tariterators import tarfile_samples
 from cogvideo.checkpoint.digest import record_folder
 from cogvideo.checkpoint.format import load_model_state, save_model_checkpoint
 from cogvideo.checkpoint.training import write_complete
-from cogvideo.config import get_preset
 from cogvideo.family import build_model, plain_model
-from cogvideo.sequence import build_sequence
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.sequence import build_sequence
 from cogvideo.shards import decode_sample
 from cogvideo.text_format import TextFormat
 from cogvideo.tokenizers.text import TextTokenizer
@@ -294,7 +294,7 @@ def test_tp2_dp2_zero2_matches_single_process(ws):
 
 INJECT = """
 import os, signal, sys
-import cogvideo.cogvideo_family as cogvideo_family
+import cogvideo.models.cogvideo as cogvideo_family
 import pretrain.checkpoint as ckpt
 import pretrain.train as train
 

@@ -18,7 +18,7 @@ import pytest
 from process_helpers import sleeping_process, write_lock
 from test_pretrain_data import write_caption_tokenizer, write_shards
 
-from cogvideo.config import get_preset
+from cogvideo.models.cogvideo.config import get_preset
 from pretrain.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -190,8 +190,8 @@ def test_a_fresh_start_keeps_the_rows_an_earlier_run_left(tmp_path):
 
 def test_starting_weights_that_do_not_open_whole_are_one_line_before_any_rank(tmp_path):
     from cogvideo.checkpoint import save_model_checkpoint
-    from cogvideo.config import get_preset
     from cogvideo.family import build_model
+    from cogvideo.models.cogvideo.config import get_preset
     from pretrain.startup import check_starting_weights
 
     cfg = get_preset("tiny")

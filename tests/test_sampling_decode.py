@@ -4,8 +4,8 @@ classifier-free guidance at its end points."""
 import pytest
 import torch
 
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached
 from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator
 from cogvideo.sampling.options import SampleOptions

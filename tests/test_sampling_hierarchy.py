@@ -4,8 +4,8 @@ are fed: frame order, interleaving, given frames untouched, texts and flags per 
 import pytest
 import torch
 
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.prompts import TextBudgetError

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from process_helpers import sleeping_process, write_lock
 
-from cogvideo.config import get_preset
 from cogvideo.configio import to_dict
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.raystart import start_ray
 from cogvideo.runlock import LockHeld
 from cogvideo.sampling import cli

@@ -12,8 +12,8 @@ from PIL import Image
 
 from cogvideo import parallel, precision
 from cogvideo.checkpoint import load_model_config, save_model_checkpoint
-from cogvideo.config import get_preset
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.precision import ProbeFigures
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import main as clusters_main
@@ -246,7 +246,7 @@ def test_mismatched_stages_are_refused_before_sampling(assets, tmp_path, capsys)
 
 def test_frame0_checkpoint_of_the_same_backbone_gives_the_same_video(assets, tmp_path):
     from cogvideo.checkpoint import load_model_state
-    from cogvideo.model import is_backbone_param
+    from cogvideo.models.cogvideo.model import is_backbone_param
 
     stage1 = assets["stage1_checkpoint"]
     backbone_cfg = load_model_config(stage1).replace(stage="backbone", num_frames=1).validate(2)

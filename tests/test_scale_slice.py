@@ -23,7 +23,7 @@ import torch
 from cluster.plan_memory import GiB, Layout, plan_memory, rank_params
 from cogvideo.checkpoint import Checkpoint
 from cogvideo.checkpoint.format import expected_shapes, shard_tensor, trainable_names
-from cogvideo.model import TP_PLAN
+from cogvideo.models.cogvideo.model import TP_PLAN
 from cogvideo.precision import choose_precision
 from pretrain.launch import free_port
 from pretrain.optim import CPU_REDUCE_BUCKET

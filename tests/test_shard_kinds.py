@@ -17,8 +17,8 @@ from ray_prep import prep_on_ray
 from test_model_family import FAMILY as MASKED_FAMILY
 
 from cogvideo import family_spec
-from cogvideo.config import ModelConfig, get_preset
 from cogvideo.family import ModelFamily
+from cogvideo.models.cogvideo.config import ModelConfig, get_preset
 from cogvideo.shards import ClipMeta, ShardFormatError, decode_sample, encode_sample
 from data_prep import synthetic as syn
 from pretrain.config import DataConfig

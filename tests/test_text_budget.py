@@ -10,10 +10,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError
 from cogvideo.family import build_model, resolve_model_section
-from cogvideo.sequence import TokenMeta, position_ids
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.sequence import TokenMeta, position_ids
 from cogvideo.shards import ClipMeta, encode_sample
 from pretrain.config import DataConfig, check_config, load_train_config
 from pretrain.data import DataError, check_text_length

@@ -8,9 +8,9 @@ import torch
 
 from cogvideo.checkpoint import CheckpointError, load_text_format, save_model_checkpoint
 from cogvideo.checkpoint.training import train_config_text_format
-from cogvideo.config import get_preset
 from cogvideo.configio import ConfigError, save_yaml
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.pipeline import VideoPipeline
 from cogvideo.sampling.prompts import Prompt

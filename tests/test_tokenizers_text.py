@@ -4,7 +4,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from cogvideo.config import get_preset
+from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.text_format import TextFormat, TextFormatError
 from cogvideo.tokenizers.text import ICETK_TEXT_MODEL, TextTokenizer, main, train_text_tokenizer
 from cogvideo.vocab import VocabLayout

@@ -1,4 +1,4 @@
-"""The TP plan table (cogvideo.model.TP_PLAN) against an independent statement of the split of
+"""The TP plan table (cogvideo.models.cogvideo.model.TP_PLAN) against an independent statement of the split of
 every parameter, resharding round trips at TP 2 and 4, and what `parallelize` does without TP."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from model_helpers import random_batch
 from torch import nn
 
-from cogvideo.config import get_preset
 from cogvideo.family import build_model, plain_model
-from cogvideo.model import TP_PLAN
+from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.model import TP_PLAN
 from cogvideo.tp_plan import Column, Row, TPPlan, parallelize
 
 

@@ -41,8 +41,8 @@ from cogvideo.checkpoint.io import (
     write_json,
 )
 from cogvideo.checkpoint.sat_layout import COGVIDEO_SAT, SAT_CONFIG, SatLayout, sat_model_config
-from cogvideo.config import get_preset
 from cogvideo.family import any_preset, families, family_of, get_family
+from cogvideo.models.cogvideo.config import get_preset
 
 __all__ = ["SAT_CONFIG", "SatCheckpoint", "export_sat", "import_sat", "our_name", "sat_model_config"]
 
@@ -220,7 +220,7 @@ def import_sat(
 def _backbone_as_video(cfg, tensors, target: str, base):
     """A backbone's tensors as a `target` video model's (cfg, shapes, tensors); its frame count
     from `base` when that is a video preset, else the release's."""
-    from cogvideo.model import init_video_from_backbone
+    from cogvideo.models.cogvideo.model import init_video_from_backbone
 
     frames = (
         base.num_frames

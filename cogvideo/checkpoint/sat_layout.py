@@ -26,8 +26,8 @@ import re
 import torch
 
 from cogvideo.checkpoint.io import CheckpointError
-from cogvideo.config import ModelConfig, get_preset
 from cogvideo.configio import ConfigError, from_dict, merge, to_dict
+from cogvideo.models.cogvideo.config import ModelConfig, get_preset
 from cogvideo.vocab import VocabLayout
 
 SAT_CONFIG = "model_config.json"

@@ -35,8 +35,8 @@ import yaml
 
 from cogvideo.checkpoint.digest import size_problems, verify_folder
 from cogvideo.checkpoint.io import CheckpointError, load_pt
-from cogvideo.config import ModelConfig
 from cogvideo.family import WHOLE_MODEL, optimized_parts, resolve_model_section
+from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.precision import DTYPES
 from cogvideo.text_format import TextFormat, TextFormatError
 

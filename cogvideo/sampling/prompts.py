@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.config import ModelConfig
 
 
 class PromptError(ValueError):

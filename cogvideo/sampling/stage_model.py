@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from cogvideo import parallel
-from cogvideo.config import ModelConfig
-from cogvideo.sequence import TokenMeta
+from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.sequence import TokenMeta
 from cogvideo.text_format import TextFormat
 
 

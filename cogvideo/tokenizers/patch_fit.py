@@ -21,9 +21,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cogvideo.config import ModelConfig, preset_setting
 from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.metrics import psnr
+from cogvideo.models.cogvideo.config import ModelConfig, preset_setting
 from cogvideo.precision import Precision, PrecisionChoice, choose_precision, probe_shape
 from cogvideo.tokenizers.image import check_frames
 from cogvideo.tokenizers.patch_vq import (

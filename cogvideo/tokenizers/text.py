@@ -17,9 +17,9 @@ import numpy as np
 import sentencepiece as spm
 
 from cogvideo.captions import CaptionRow, CaptionsFileError, read_captions, usable_captions
-from cogvideo.config import ModelConfig
 from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.family import any_preset
+from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.text_format import RELEASE_FRAME_RATES, TextFormat
 from cogvideo.tokenizers.icetk_files import ICETK_TEXT_MODEL, resolve_icetk_file
 from cogvideo.vocab import SEPARATOR_PIECE, TEXT_PAD_PIECE, VocabLayout

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cogvideo.config import ModelConfig, _cogview2
+from cogvideo.models.cogvideo.config import ModelConfig, _cogview2
 from cogvideo.vocab import VocabLayout
 
 HIGH_SLOTS = ("boi", "low_res")

@@ -1,4 +1,4 @@
-"""DSR's model: the CogView2 backbone (cogvideo/model.py's layers, frozen) with, in every layer,
+"""DSR's model: the CogView2 backbone (cogvideo/models/cogvideo/model.py's layers, frozen) with, in every layer,
 a second attention for the high-res rows, and a position table for the high-res slots.
 
 Rows before the high-res block (text, low-res frame) run the backbone's attention over those
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cogvideo import parallel
-from cogvideo.attention import attend
-from cogvideo.model import Attention, TransformerLayer, is_backbone_param
-from cogvideo.model import init_weights as backbone_init
+from cogvideo.models.cogvideo.attention import attend
+from cogvideo.models.cogvideo.model import Attention, TransformerLayer, is_backbone_param
+from cogvideo.models.cogvideo.model import init_weights as backbone_init
 from cogvideo.models.dsr.config import DsrConfig
 from cogvideo.models.dsr.layout import context_mask, high_res_keys, position_ids, text_pads
 from cogvideo.models.dsr.local_attention import Windows, local_attention
@@ -54,7 +54,7 @@ def is_dsr_param(name: str) -> bool:
 
 
 def init_weights(cfg: DsrConfig, name: str, tensor: torch.Tensor) -> None:
-    """The backbone's initialisation (cogvideo.model.init_weights) for every parameter, the
+    """The backbone's initialisation (cogvideo.models.cogvideo.model.init_weights) for every parameter, the
     high-res position table normal(init_std). DSR starts from a backbone with
     `init_from_backbone`, which overwrites DSR's parameters as the release's `reinit` does."""
     if name == "high_position_embeddings.weight":

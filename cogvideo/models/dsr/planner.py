@@ -1,13 +1,12 @@
 """DSR's planner model: analytic FLOPs (the trainer's MFU, `cogvideo-plan`, the benchmark's
-roofline) and activation memory. FLOPs are counted as cogvideo/flops.py counts CogVideo's: multiply-adds of the matrix products, attention over the
+roofline) and activation memory. FLOPs are counted as cogvideo/models/cogvideo/flops.py counts CogVideo's: multiply-adds of the matrix products, attention over the
 cells the kernels compute (the rows before the high-res block densely; each high-res query its
 `window_keys` window), backward = input gradient always + weight gradient where the weight trains."""
 
 from __future__ import annotations
 
-from cogvideo.activations import STATS_BYTES
-from cogvideo.family_spec import PlannerModel
-from cogvideo.flops import MatmulFlops
+from cogvideo.family_spec import MatmulFlops, PlannerModel
+from cogvideo.models.cogvideo.planner import STATS_BYTES
 from cogvideo.models.dsr.config import DsrConfig
 from cogvideo.models.dsr.local_attention import Tiling
 from cogvideo.precision import torch_dtype

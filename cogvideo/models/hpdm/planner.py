@@ -16,7 +16,7 @@ tests/test_hpdm_family.py.
 
 from __future__ import annotations
 
-from cogvideo.flops import MatmulFlops
+from cogvideo.family_spec import MatmulFlops
 from cogvideo.models.hpdm.config import COORDINATES, HPDMConfig
 from cogvideo.precision import torch_dtype
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cogvideo.attention import attend, kernel_mask, window_gather_index
-from cogvideo.config import ModelConfig
-from cogvideo.sequence import TEXT, TokenMeta, layer_shift, visible
+from cogvideo.models.cogvideo.attention import attend, kernel_mask, window_gather_index
+from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.sequence import TEXT, TokenMeta, layer_shift, visible
 
 
 def with_pads(vis: torch.Tensor, key_pad: torch.Tensor, query_pad: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 fp16 without them, CogView's PB-Relax form. Its dropout acts on this TP rank's share of the
 heads, so under TP it draws from the rank's own RNG state (`cogvideo.parallel.model_parallel_rng`),
 as Megatron's and SAT's attention do. `window_gather_index` lays out the stage-2 3D windows that
-cogvideo/blocked.py gathers into the batch dimension.
+cogvideo/models/cogvideo/blocked.py gathers into the batch dimension.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from cogvideo import parallel
-from cogvideo.config import ModelConfig
-from cogvideo.sequence import TokenMeta
+from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.sequence import TokenMeta
 
 
 def attend(

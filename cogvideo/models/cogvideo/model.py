@@ -5,9 +5,9 @@ Built plain (full shapes, torch layers); `TP_PLAN` says how it shards and `init_
 each full parameter starts. `cogvideo.family.build_model` builds it on the meta device,
 parallelizes it by the plan (megatron-core layers, activation checkpointing), then allocates
 this rank's shards and initialises them. Registered as the "cogvideo" family in
-cogvideo/cogvideo_family.py.
+cogvideo/models/cogvideo/__init__.py.
 
-Three attention paths share one visibility rule (cogvideo/sequence.py):
+Three attention paths share one visibility rule (cogvideo/models/cogvideo/sequence.py):
 
 - blocked (default): text, per-frame spatial blocks and per-window temporal blocks gathered
   into the batch dimension;
@@ -26,12 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvideo import blocked
-from cogvideo.attention import attend, kernel_mask
-from cogvideo.blocked import FrameBlocks, attention_shifts, frame_blocks, text_bias_scores, with_pads
-from cogvideo.config import ModelConfig
-from cogvideo.kv_cache import ChunkPlan, KVCache
-from cogvideo.sequence import TEXT, TokenMeta, layer_shift, position_ids, visible
+from cogvideo.models.cogvideo import blocked
+from cogvideo.models.cogvideo.attention import attend, kernel_mask
+from cogvideo.models.cogvideo.blocked import (
+    FrameBlocks,
+    attention_shifts,
+    frame_blocks,
+    text_bias_scores,
+    with_pads,
+)
+from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.kv_cache import ChunkPlan, KVCache
+from cogvideo.models.cogvideo.sequence import TEXT, TokenMeta, layer_shift, position_ids, visible
 from cogvideo.tp_plan import Column, Row, TiedEmbedding, TPPlan, Vocab, vocab_cross_entropy
 
 TEMPORAL_PARAMS = ("frame_position_embeddings.", ".temporal_attention.", ".temporal_gate")
@@ -73,7 +79,9 @@ def init_weights(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> None:
     elif kind == "weight" and module.endswith(("embeddings", "query_key_value", "dense_h_to_4h")):
         nn.init.normal_(tensor, std=cfg.init_std)
     else:
-        raise ValueError(f"cogvideo.model.init_weights: no initialisation for parameter {name}")
+        raise ValueError(
+            f"cogvideo.models.cogvideo.model.init_weights: no initialisation for parameter {name}"
+        )
 
 
 class Attention(nn.Module):
@@ -140,7 +148,7 @@ class Masks:
 
     def for_kernel(self, dtype: torch.dtype, pb_relax_alpha: float) -> None:
         """Every mask (and text bias) as the attention kernel adds it, in the activations' dtype,
-        once for all layers (cogvideo.attention.kernel_mask)."""
+        once for all layers (cogvideo.models.cogvideo.attention.kernel_mask)."""
         if self.text is not None:
             self.text, _ = kernel_mask(self.text, None, dtype, pb_relax_alpha)
         if self.frames is not None:

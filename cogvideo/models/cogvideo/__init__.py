@@ -1,15 +1,26 @@
-"""CogVideo (stages backbone / 1 / 2) as a model family: the first one registered."""
+"""CogVideo (stages backbone / 1 / 2, CogView2's model as the backbone) as the model family
+"cogvideo", the default: config and presets (`config.py`), sequence layout, position ids and
+attention masks (`sequence.py`), attention kernels (`attention.py`: dense-mask and frame-blocked
+in `blocked.py`, the KV cache in `kv_cache.py`), the plain model, TP plan, initialisation and
+loss (`model.py`), FLOPs (`flops.py`) and activation memory (`planner.py`); its sampler is the
+hierarchy's pipeline (`cogvideo.sampling.pipeline`)."""
 
 from __future__ import annotations
 
 import torch
 
-from cogvideo import activations
-from cogvideo.config import PRESETS, ModelConfig
 from cogvideo.family_spec import ModelFamily, PlannerModel, register
-from cogvideo.flops import recompute_flops, train_flops
-from cogvideo.model import TP_PLAN, CogVideoModel, image_token_loss, init_video_from_backbone, init_weights
-from cogvideo.sequence import build_sequence
+from cogvideo.models.cogvideo import planner
+from cogvideo.models.cogvideo.config import PRESETS, ModelConfig
+from cogvideo.models.cogvideo.flops import recompute_flops, train_flops
+from cogvideo.models.cogvideo.model import (
+    TP_PLAN,
+    CogVideoModel,
+    image_token_loss,
+    init_video_from_backbone,
+    init_weights,
+)
+from cogvideo.models.cogvideo.sequence import build_sequence
 from cogvideo.shards import Sample
 
 
@@ -50,12 +61,12 @@ FAMILY = register(
         sampler="cogvideo.sampling.pipeline:VideoPipeline",
         sat_layout="cogvideo.checkpoint.sat_layout:COGVIDEO_SAT",
         planner=PlannerModel(
-            describe=activations.describe,
-            activation_bytes=activations.activation_bytes,
-            layer_activation_bytes=activations.layer_activation_bytes,
-            logits_bytes=activations.logits_bytes,
+            describe=planner.describe,
+            activation_bytes=planner.activation_bytes,
+            layer_activation_bytes=planner.layer_activation_bytes,
+            logits_bytes=planner.logits_bytes,
             recompute_flops=recompute_flops,
-            tp_allreduces=activations.tp_allreduces,
+            tp_allreduces=planner.tp_allreduces,
         ),
     )
 )

@@ -1,15 +1,15 @@
 """The activations one CogVideo training step keeps on a GPU, and its tensor-parallel
-all-reduces: with :mod:`cogvideo.flops`, the family's planner model (`cogvideo-plan`).
+all-reduces: with :mod:`cogvideo.models.cogvideo.flops`, the family's planner model (`cogvideo-plan`).
 
 Sizes are bytes for `batch` sequences on one of `tp` ranks in precision `dtype` (a name of
 :mod:`cogvideo.precision`); the tensors counted are the ones autograd saves for the backward
-pass of cogvideo/model.py (blocked attention path, full sequence), each storage once
+pass of cogvideo/models/cogvideo/model.py (blocked attention path, full sequence), each storage once
 (tests/test_plan_memory.py compares them with autograd's saved tensors).
 """
 
 from __future__ import annotations
 
-from cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.precision import torch_dtype
 
 STATS_BYTES = 4  # layer-norm mean/rstd and attention log-sum-exp stay fp32

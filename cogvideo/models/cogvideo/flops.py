@@ -2,7 +2,7 @@
 
 A multiply-add counts 2 FLOPs; only matrix products are counted (norms, softmax, the gate
 mix and embedding lookups are a fraction of a percent). Attention is counted over the
-blocks the attention kernels compute (cogvideo/model.py), masked cells included, as MFU
+blocks the attention kernels compute (cogvideo/models/cogvideo/model.py), masked cells included, as MFU
 conventions do for causal attention:
 
 - spatial channel: text queries x text keys (a bidirectional block, as released); each frame's
@@ -21,23 +21,8 @@ hardware work, not model work, and is reported separately (:func:`recompute_flop
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from cogvideo.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class MatmulFlops:
-    """Forward FLOPs of one group of matrix products, batch 1."""
-
-    name: str
-    forward: float
-    trainable_weight: bool  # False: frozen weight, or no weight (attention products)
-    activation_inputs: int = 1  # inputs that need a gradient: 1 for x @ W, 2 for Q @ K^T, P @ V
-
-    @property
-    def backward(self) -> float:
-        return self.forward * (self.activation_inputs + self.trainable_weight)
+from cogvideo.family_spec import MatmulFlops
+from cogvideo.models.cogvideo.config import ModelConfig
 
 
 def attention_pairs(cfg: ModelConfig) -> tuple[int, int]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cogvideo.config import ModelConfig
-from cogvideo.sequence import TEXT, TokenMeta
+from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.sequence import TEXT, TokenMeta
 
 
 class _Buffer:

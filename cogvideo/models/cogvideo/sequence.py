@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cogvideo.config import ModelConfig
+from cogvideo.models.cogvideo.config import ModelConfig
 
 TEXT = -1
 
