@@ -30,12 +30,12 @@ from cogvideo.configio import load_config
 from cogvideo.family import any_preset, build_model
 from cogvideo.machine import LoadWatch
 from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.hierarchy import HierarchicalSampler
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.models.glober.pipeline import GloberSampleOptions
 from cogvideo.models.glober.sampler import GloberSampler, frame_indices
 from cogvideo.precision import matmul_gflops
-from cogvideo.sampling.hierarchy import HierarchicalSampler
-from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.stage_model import StageModel
 from cogvideo.sampling.strategies import make_strategy
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from cogvideo.family import build_model
 from cogvideo.machine import LoadWatch
 from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.decode import DecodePass, DecodeProbe, sample_frames
+from cogvideo.models.cogvideo.hierarchy import HierarchicalSampler, row_generator
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.precision import PRECISION_CHOICES, choose_precision, matmul_gflops, probe_shape, torch_dtype
-from cogvideo.sampling.decode import DecodePass, DecodeProbe, sample_frames
-from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator
-from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.stage_model import StageModel
 from cogvideo.sampling.strategies import TopKStrategy
 
 GREEDY = TopKStrategy(temperature=0)

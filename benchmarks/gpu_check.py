@@ -38,11 +38,11 @@ from cluster.plan_memory import GiB, Layout, plan_memory  # noqa: E402
 from cogvideo import parallel  # noqa: E402
 from cogvideo.family import build_model  # noqa: E402
 from cogvideo.models.cogvideo.config import get_preset  # noqa: E402
+from cogvideo.models.cogvideo.decode import DecodePass, sample_frames, sample_frames_uncached  # noqa: E402
 from cogvideo.models.cogvideo.flops import train_flops  # noqa: E402
+from cogvideo.models.cogvideo.hierarchy import row_generator  # noqa: E402
 from cogvideo.models.cogvideo.sequence import build_sequence  # noqa: E402
-from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached  # noqa: E402
-from cogvideo.sampling.hierarchy import row_generator  # noqa: E402
-from cogvideo.sampling.stage_model import StageModel  # noqa: E402
+from cogvideo.models.cogvideo.stage_model import StageModel  # noqa: E402
 from pretrain.launch import free_port  # noqa: E402
 
 # low-precision step vs fp32, in units of the format's unit roundoff u (bf16 2^-8, fp16 2^-11):

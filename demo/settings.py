@@ -199,7 +199,7 @@ def family_stage(name: str) -> dict | None:
     """A family's stage.yaml (init, video_scale, num_videos, sample_option, evaluation; see
     demo.family_steps), defaults filled, or None without one; a bad one stops in one line naming
     the file."""
-    from cogvideo.sampling.options import SampleOptions
+    from cogvideo.models.cogvideo.options import SampleOptions
 
     path = family_folder(name) / STAGE_FILE
     if not path.is_file():

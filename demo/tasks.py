@@ -276,7 +276,7 @@ class Demo:
     def sample_options(self, duration: float, seed: int, extra: list[str] = ()):
         """The hierarchy's sampling options (configs/demo/sample.yaml, the demo's models and
         tokenizers, sample.options), then `extra` (a stage family's: its model and settings)."""
-        from cogvideo.sampling.options import SampleOptions
+        from cogvideo.models.cogvideo.options import SampleOptions
 
         return load_config(
             SampleOptions,
@@ -297,7 +297,7 @@ class Demo:
     def sample(self, folder: Path | None = None, extra: list[str] = ()) -> dict:
         """The hierarchy's samples of the demo's prompts into `folder` (default samples/), with
         `extra` sampling options (a stage family's sample step: the same videos, its stage added)."""
-        from cogvideo.sampling.pipeline import VideoPipeline
+        from cogvideo.models.cogvideo.pipeline import VideoPipeline
 
         def options(duration: float, seed: int):
             return self.sample_options(duration, seed, list(extra))

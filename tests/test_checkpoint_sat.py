@@ -356,7 +356,7 @@ def test_vocabulary_padding_for_tp_round_trips_to_the_sat_rank_file(tmp_path):
 def test_padding_rows_change_no_logit_loss_or_sample_over_real_ids(tmp_path):
     """The same model at 163 and (converter-padded) 168 vocabulary rows, in float64: equal logits
     over the real ids, equal loss, equal sampler logits (image codes) and so equal samples."""
-    from cogvideo.sampling.stage_model import StageModel
+    from cogvideo.models.cogvideo.stage_model import StageModel
 
     used = BASE.vocab.min_vocab_size
     raw = raw_weights(video=True, seed=7)

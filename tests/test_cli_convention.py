@@ -9,9 +9,9 @@ import pytest
 
 from cluster import plan
 from cogvideo.configio import ConfigError, describe_fields
+from cogvideo.models.cogvideo.options import SampleOptions
 from cogvideo.models.glober import vae_fit
 from cogvideo.sampling import cli as sample_cli
-from cogvideo.sampling.options import SampleOptions
 from cogvideo.tokenizers import patch_fit, text
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep import pipeline, synthetic

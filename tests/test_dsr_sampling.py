@@ -15,13 +15,13 @@ from test_sampling_pipeline import _args, assets  # noqa: F401  (the fixture: ti
 
 from cogvideo.checkpoint import save_model_checkpoint
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.hierarchy import row_generator
+from cogvideo.models.cogvideo.stage_model import gather_vocab
 from cogvideo.models.dsr.config import PRESETS
 from cogvideo.models.dsr.layout import build_example
 from cogvideo.models.dsr.sampler import SuperResolution, load_model
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import load_cluster_table
-from cogvideo.sampling.hierarchy import row_generator
-from cogvideo.sampling.stage_model import gather_vocab
 from cogvideo.sampling.strategies import ClusterStrategy, MinimumErrorStrategy
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import TextTokenizer

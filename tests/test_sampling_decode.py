@@ -6,10 +6,10 @@ import torch
 
 from cogvideo.family import build_model
 from cogvideo.models.cogvideo.config import get_preset
-from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached
-from cogvideo.sampling.hierarchy import HierarchicalSampler, row_generator
-from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.stage_model import StageModel
+from cogvideo.models.cogvideo.decode import DecodePass, sample_frames, sample_frames_uncached
+from cogvideo.models.cogvideo.hierarchy import HierarchicalSampler, row_generator
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.sampling.strategies import TopKStrategy
 
 GREEDY = TopKStrategy(temperature=0)

@@ -6,10 +6,10 @@ import torch
 
 from cogvideo.family import build_model
 from cogvideo.models.cogvideo.config import get_preset
-from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
-from cogvideo.sampling.options import SampleOptions
+from cogvideo.models.cogvideo.hierarchy import HierarchicalSampler, window_layout
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.sampling.prompts import TextBudgetError
-from cogvideo.sampling.stage_model import StageModel
 from cogvideo.sampling.strategies import TopKStrategy
 from cogvideo.text_format import TextFormat
 

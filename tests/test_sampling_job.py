@@ -15,13 +15,13 @@ from process_helpers import sleeping_process, write_lock
 
 from cogvideo.configio import to_dict
 from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.hierarchy import row_generator
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.pipeline import VideoPipeline
 from cogvideo.raystart import start_ray
 from cogvideo.runlock import LockHeld
 from cogvideo.sampling import cli
-from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.job import run_job
-from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.pipeline import VideoPipeline
 from cogvideo.sampling.prompts import PromptError, TextBudgetError, TextEncoder, read_prompts
 from cogvideo.text_format import TextFormat
 from cogvideo.video_io import read_video

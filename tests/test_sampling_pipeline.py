@@ -14,13 +14,13 @@ from cogvideo import parallel, precision
 from cogvideo.checkpoint import load_model_config, save_model_checkpoint
 from cogvideo.family import build_model
 from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.decode import PROBE_MAX_LAYERS, PROBE_TOKENS, DecodeProbe
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.pipeline import VideoPipeline
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.precision import ProbeFigures
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import main as clusters_main
-from cogvideo.sampling.decode import PROBE_MAX_LAYERS, PROBE_TOKENS, DecodeProbe
-from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.pipeline import VideoPipeline
-from cogvideo.sampling.stage_model import StageModel
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import train_text_tokenizer

@@ -11,8 +11,8 @@ from cogvideo.checkpoint.training import train_config_text_format
 from cogvideo.configio import ConfigError, save_yaml
 from cogvideo.family import build_model
 from cogvideo.models.cogvideo.config import get_preset
-from cogvideo.sampling.options import SampleOptions
-from cogvideo.sampling.pipeline import VideoPipeline
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.pipeline import VideoPipeline
 from cogvideo.sampling.prompts import Prompt
 from cogvideo.sampling.strategies import StrategyOptions
 from cogvideo.text_format import TextFormat

@@ -20,7 +20,7 @@ import sys
 from cogvideo.configio import ConfigError, config_parser, load_config
 from cogvideo.raystart import RayStartError
 from cogvideo.sampling.job import run_job
-from cogvideo.sampling.pipeline import OptionsError, check_options
+from cogvideo.sampling.options import OptionsError, check_options
 from cogvideo.sampling.prompts import PromptError, read_prompts
 
 

@@ -19,11 +19,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from cogvideo.configio import to_dict
 from cogvideo.runlock import RunLock
-from cogvideo.sampling.options import SampleOptions
 from cogvideo.sampling.outputs import write_contact_sheet, write_json, write_video_entry
 from cogvideo.sampling.prompts import Prompt
 
@@ -31,6 +30,16 @@ log = logging.getLogger(__name__)
 RECORD = "record.json"
 # options that change how the work is spread, not what is sampled: may differ on a rerun
 SCHEDULING_OPTIONS = ("workers", "batch_size")
+
+
+class JobOptions(Protocol):
+    """What the job reads of a family's sampling options (a dataclass: its record is
+    `to_dict(options)`); the rest is the family pipeline's."""
+
+    workers: int
+    batch_size: int
+    device: str
+    tensor_parallel: int
 
 
 def _is_main_process() -> bool:
@@ -136,7 +145,7 @@ def settle_precision(out: Path, options, precision: Callable | None):
     return dataclasses.replace(options, dtype=choice.precision)
 
 
-def _check_options(out: Path, options: SampleOptions) -> None:
+def _check_options(out: Path, options: JobOptions) -> None:
     record = {k: v for k, v in to_dict(options).items() if k not in SCHEDULING_OPTIONS}
     previous = recorded_options(out)
     if previous is not None:
@@ -170,7 +179,7 @@ def _run_local(batches, out: Path, make_pipeline, progress: Progress) -> None:
 
 
 def _run_ray(
-    batches, out: Path, options: SampleOptions, make_pipeline, address: str | None, progress: Progress
+    batches, out: Path, options: JobOptions, make_pipeline, address: str | None, progress: Progress
 ) -> None:
     import ray
 
@@ -236,7 +245,7 @@ def write_manifest(out: Path, prompts: list[Prompt]) -> dict:
 def run_job(
     prompts: list[Prompt],
     out: str | Path,
-    options: SampleOptions,
+    options: JobOptions,
     load: Callable,
     precision: Callable | None = None,
     use_ray: bool = False,

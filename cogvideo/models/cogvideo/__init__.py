@@ -2,8 +2,11 @@
 "cogvideo", the default: config and presets (`config.py`), sequence layout, position ids and
 attention masks (`sequence.py`), attention kernels (`attention.py`: dense-mask and frame-blocked
 in `blocked.py`, the KV cache in `kv_cache.py`), the plain model, TP plan, initialisation and
-loss (`model.py`), FLOPs (`flops.py`) and activation memory (`planner.py`); its sampler is the
-hierarchy's pipeline (`cogvideo.sampling.pipeline`)."""
+loss (`model.py`), FLOPs (`flops.py`) and activation memory (`planner.py`); its sampler
+(`pipeline.py`, run by cogvideo/sampling/job.py): the options (`options.py`), the stage model as
+the sampler sees it (`stage_model.py`), one decoding pass (`decode.py`) and the hierarchy frame
+0 -> stage-1 keyframes -> stage-2 interpolation (`hierarchy.py`), with a KV cache; the token
+strategies are shared (cogvideo/sampling/strategies.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ FAMILY = register(
         default_stage=lambda cfg: {"stage1": 1, "stage2": 2}.get(cfg.stage),
         from_backbone=init_video_from_backbone,
         train_flops=lambda cfg: train_flops(cfg, batch=1),
-        sampler="cogvideo.sampling.pipeline:VideoPipeline",
+        sampler="cogvideo.models.cogvideo.pipeline:VideoPipeline",
         sat_layout="cogvideo.checkpoint.sat_layout:COGVIDEO_SAT",
         planner=PlannerModel(
             describe=planner.describe,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from cogvideo.models.cogvideo.hierarchy import row_generator
+from cogvideo.models.cogvideo.stage_model import gather_vocab
 from cogvideo.models.dsr.config import DsrConfig
 from cogvideo.models.dsr.layout import build_example
-from cogvideo.sampling.hierarchy import row_generator
 from cogvideo.sampling.models import load_eval_model
-from cogvideo.sampling.stage_model import gather_vocab
 
 log = logging.getLogger(__name__)
 

@@ -9,28 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cogvideo.models.cogvideo.decode import DecodeProbe
+from cogvideo.models.cogvideo.hierarchy import HierarchicalSampler, window_layout
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
 from cogvideo.sampling.clusters import load_cluster_table
-from cogvideo.sampling.decode import DecodeProbe
-from cogvideo.sampling.hierarchy import HierarchicalSampler, window_layout
 from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_device
-from cogvideo.sampling.options import SampleOptions
+from cogvideo.sampling.options import check_options
 from cogvideo.sampling.prompts import Prompt, TextEncoder
-from cogvideo.sampling.stage_model import StageModel
 from cogvideo.sampling.strategies import make_strategy
 
 log = logging.getLogger(__name__)
-
-
-class OptionsError(ValueError):
-    """Options a run cannot start with: one line per problem."""
-
-
-def check_options(options: SampleOptions) -> None:
-    """Fail before any model or worker starts, naming every bad option at once."""
-    problems = options.problems()
-    if problems:
-        raise OptionsError("\n".join(problems))
 
 
 def sampling_precision(options: SampleOptions) -> PrecisionChoice:

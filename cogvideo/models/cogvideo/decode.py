@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from cogvideo.family import build_model
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.precision import PROBE_MAX_LAYERS, torch_dtype
-from cogvideo.sampling.stage_model import StageModel
 
 PROBE_TOKENS = 16  # single-token steps timed after the parallel pass
 

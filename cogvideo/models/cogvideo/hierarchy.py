@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-from cogvideo.sampling.decode import DecodePass, sample_frames, sample_frames_uncached
-from cogvideo.sampling.options import SampleOptions
+from cogvideo.models.cogvideo.decode import DecodePass, sample_frames, sample_frames_uncached
+from cogvideo.models.cogvideo.options import SampleOptions
+from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.sampling.prompts import TextBudgetError
-from cogvideo.sampling.stage_model import StageModel
 
 # the model's text (already composed) -> left-padded ids [text_length]; raises TextBudgetError
 Encoder = Callable[[str], torch.Tensor]
