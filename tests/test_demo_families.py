@@ -260,3 +260,21 @@ def test_the_hpdm_column_samples_the_average_of_its_weights(tmp_path, monkeypatc
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     assert not samples_the_average(tmp_path / "train.yaml", convert)
     assert not samples_the_average(HPDM / "train.yaml", [*convert, "--no-ema"])
+
+
+def test_the_hpdm_column_trains_at_a_constant_learning_rate_after_the_warm_up():
+    """configs/demo/hpdm/train.yaml holds the learning rate from the end of its warm-up to its last
+    step (optim.min_lr_ratio 1): the demo's level 1 took direction only late in its steps (README).
+    Planted: the trainer's default cosine decay (min_lr_ratio 0.1) fails the check."""
+    from pretrain.config import load_train_config
+    from pretrain.optim import lr_factor
+
+    def lowest_after_warm_up(overrides: list[str]) -> float:
+        cfg = load_train_config(str(HPDM / "train.yaml"), overrides)
+        o, total = cfg.optim, cfg.training.max_steps
+        return min(
+            lr_factor(step, o.warmup_steps, total, o.min_lr_ratio) for step in range(o.warmup_steps, total)
+        )
+
+    assert lowest_after_warm_up([]) == 1.0
+    assert lowest_after_warm_up(["optim.min_lr_ratio=0.1"]) < 0.2

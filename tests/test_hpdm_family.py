@@ -51,6 +51,7 @@ def test_the_family_resolves_builds_and_initialises_by_its_own_init():
     model = build_model(cfg, device="cpu")
     assert not model.head.weight.any() and not model.blocks[1].read_latents.modulation.weight.any()
     assert torch.equal(model.blocks[0].write_interface.weight, torch.ones(cfg.interface_dim))
+    assert float(model.time_positions.std()) > 0.5  # the demo preset's unit-normal position tables
     std = float(model.blocks[0].write_ff.fc1.weight.detach().std())
     assert abs(std / cfg.init_std - 1) < 0.05
 
