@@ -56,10 +56,13 @@ def test_the_family_resolves_builds_and_initialises_by_its_own_init():
     assert abs(std / cfg.init_std - 1) < 0.05
 
 
-def test_flops_are_torchs_count_of_every_product(monkeypatch):
+@pytest.mark.parametrize("head_overlap", [False, True])
+def test_flops_are_torchs_count_of_every_product(monkeypatch, head_overlap):
     """Linear layers: torch's FLOP counter (noise, condition and modulation vectors left out, as
-    the analytic count leaves them); attention: every scaled_dot_product_attention call tallied."""
-    model = build_model(WIDE, device="cpu")
+    the analytic count leaves them; `head_overlap`'s fixed blend too); attention: every
+    scaled_dot_product_attention call tallied."""
+    cfg = WIDE.replace(head_overlap=head_overlap)
+    model = build_model(cfg, device="cpu")
     attention = []
     sdpa = F.scaled_dot_product_attention
 
@@ -69,7 +72,7 @@ def test_flops_are_torchs_count_of_every_product(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", tally)
     with FlopCounterMode(display=False) as counter:
-        pyramid_loss(WIDE, model, batch_of(WIDE), torch.device("cpu"))
+        pyramid_loss(cfg, model, batch_of(cfg), torch.device("cpu"))
     per_module = counter.get_flop_counts()
     leaves = [
         n
@@ -77,13 +80,13 @@ def test_flops_are_torchs_count_of_every_product(monkeypatch):
         if n.startswith("HPDMModel.") and not any(m.startswith(n + ".") for m in per_module)
     ]
     linear = sum(sum(per_module[n].values()) for n in leaves if ".modulation" not in n and "time_fc" not in n)
-    groups = {m.name: m.forward for m in planner.matmuls(WIDE)}
+    groups = {m.name: m.forward for m in planner.matmuls(cfg)}
     attn = sum(
         groups.pop(n) for n in ("read / write attention", "latent attention", "interface self-attention")
     )
     assert 2 * sum(groups.values()) == linear  # batch of 2
     assert 2 * attn == sum(attention)
-    assert planner.train_flops(WIDE) == 3 * planner.forward_flops(WIDE)
+    assert planner.train_flops(cfg) == 3 * planner.forward_flops(cfg)
 
 
 def saved_tensor_bytes(cfg, batch):

@@ -229,6 +229,8 @@ def test_config_checks_name_the_field():
         CFG.replace(block_levels=(1, 2)).validate()
     with pytest.raises(ValueError, match="model.tokenizer_patch"):
         CFG.replace(patch=(2, 9, 8)).validate()
+    with pytest.raises(ValueError, match="model.head_overlap: needs even token heights"):
+        CFG.replace(head_overlap=True, tokenizer_patch=(1, 4, 1)).validate()
     with pytest.raises(ValueError, match="model.interface_dim: its 2 heads"):
         CFG.validate(tensor_parallel=4)
     assert math.prod(CFG.token_grid) == CFG.tokens_per_patch == 8
@@ -331,6 +333,67 @@ def test_output_convolution_starts_as_the_identity_and_reads_across_token_border
     assert not torch.equal(out[..., kw - 1], pixels[..., kw - 1])  # the last column reads the next token
     monkeypatch.setattr(model, "smooth", None)  # planted: the layer built but not run
     assert not torch.allclose(run(), expected)
+
+
+def test_overlapped_head_blends_each_tokens_footprint_with_its_neighbours(monkeypatch):
+    """`head_overlap`: each token's head writes 2x its height and width, centred on it; a pixel is
+    the tent-weighted mean of the footprints covering it (by hand, pixel by pixel), so footprints
+    constant per token give the bilinear upsampling of the token values (half-pixel centres,
+    clamped at the patch's edges): nothing steps at a token border. Planted: a flat window (the
+    footprints' plain mean) fails both."""
+    from cogvideo.models.hpdm import model as hpdm_model
+
+    cfg = CFG.replace(head_overlap=True, patch=(2, 8, 12), tokenizer_patch=(1, 4, 2))
+    model = build_model(cfg, device="cpu").double()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.3), model.head.bias.normal_(0, 0.1)
+    heads = []
+    model.head.register_forward_hook(lambda module, args, out: heads.append(out))
+    x = torch.randn(2, 3, *cfg.patch, dtype=torch.float64)
+    box = pyramid.boxes(cfg, 1, torch.zeros(2, 3, dtype=torch.long), cfg.level_size(1))
+
+    def run():
+        return model.run_level(1, x, torch.zeros(2, dtype=torch.float64), box, torch.tensor([0, 1]), [])[0]
+
+    out = run()
+    (kt, kh, kw), (t, h, w) = cfg.tokenizer_patch, cfg.token_grid
+    footprints = heads[-1].view(2, t, h, w, 3, kt, 2 * kh, 2 * kw)
+
+    def tent(i, k):  # footprint index i of 2k pixels
+        return 1 - abs(i + 0.5 - k) / k
+
+    expected = torch.zeros_like(out)
+    for y in range(h * kh):
+        for xx in range(w * kw):
+            total, weight = 0, 0
+            for m in range(h):
+                for n in range(w):
+                    i, j = y - m * kh + kh // 2, xx - n * kw + kw // 2
+                    if 0 <= i < 2 * kh and 0 <= j < 2 * kw:
+                        share = tent(i, kh) * tent(j, kw)
+                        total = total + share * footprints[:, :, m, n, :, :, i, j].permute(
+                            0, 2, 1, 3
+                        ).flatten(2, 3)
+                        weight += share
+            expected[..., y, xx] = total / weight
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert out.shape == (2, 3, *cfg.patch)
+
+    values = torch.randn(2, t, h, w, 3, dtype=torch.float64)  # one value per token and colour
+    constant = values[..., None].expand(-1, -1, -1, -1, -1, kt * 4 * kh * kw).flatten(4)
+    upsampled = F.interpolate(
+        values.permute(0, 1, 4, 2, 3).flatten(0, 1), scale_factor=(kh, kw), mode="bilinear"
+    )
+    blended = hpdm_model.overlap_add(constant, cfg.tokenizer_patch)
+    torch.testing.assert_close(
+        blended, upsampled.unflatten(0, (2, t)).transpose(1, 2), rtol=1e-12, atol=1e-12
+    )
+
+    monkeypatch.setattr(
+        hpdm_model, "tent", lambda length, device=None, dtype=None: torch.ones(length, dtype=dtype)
+    )
+    assert not torch.allclose(run(), expected)
+    assert not torch.allclose(hpdm_model.overlap_add(constant, cfg.tokenizer_patch), blended)
 
 
 def test_each_level_draws_its_noise_levels_around_its_own_p_mean(monkeypatch):

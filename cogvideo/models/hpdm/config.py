@@ -56,6 +56,11 @@ class HPDMConfig:
     # a 1x3x3 convolution over the output pixels, across the interface tokens' borders (U-ViT's last
     # layer; README: in the demo's column it lowered the seams 3.28x -> 2.41x but colour 100 -> 42 %)
     output_conv: bool = False
+    # each interface token's head writes a footprint twice its pixels' height and width, centred on
+    # the token, overlap-added under a tent window that sums to one between token centres (a bilinear
+    # blend of neighbouring tokens' pixels): D cannot step at a token border, where the demo's per-token
+    # head drew its seams (README). Needs even token heights and widths
+    head_overlap: bool = False
     # the condition (noise level, caption, level) also modulates the interface side: the norm before
     # each block's interface feed-forward and the head's norm (DiT's adaLN final layer). Without it
     # the caption reaches a token only through the write's attention, whose share of any one
@@ -126,6 +131,13 @@ class HPDMConfig:
     def pixels_per_token(self) -> int:
         return 3 * math.prod(self.tokenizer_patch)
 
+    @property
+    def head_footprint(self) -> tuple[int, int, int]:
+        """The pixels (T, H, W) one token's head writes: its own, or twice its height and width
+        with `head_overlap`."""
+        kt, kh, kw = self.tokenizer_patch
+        return (kt, 2 * kh, 2 * kw) if self.head_overlap else (kt, kh, kw)
+
     def level_scale(self, level: int) -> tuple[int, int, int]:
         """How many times larger than level 1 level `level` (1-based) is along (T, H, W)."""
         return (self.temporal_scale ** (level - 1), *(SPATIAL_SCALE ** (level - 1),) * 2)
@@ -168,6 +180,11 @@ class HPDMConfig:
                     "tokenizer_patch",
                     f"{self.tokenizer_patch} does not tile the patch {self.patch} (axis {axis})",
                 )
+        if self.head_overlap and (self.tokenizer_patch[1] % 2 or self.tokenizer_patch[2] % 2):
+            bad(
+                "head_overlap",
+                f"needs even token heights and widths, got tokenizer_patch {self.tokenizer_patch}",
+            )
         levels = self.block_levels
         if not levels or any(b < a for a, b in zip(levels, levels[1:])) or levels[0] < 1:
             bad("block_levels", f"{levels}: a non-decreasing count of levels per block, from 1")

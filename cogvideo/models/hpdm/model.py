@@ -146,6 +146,38 @@ class RINBlock(nn.Module):
         return x + self.write_ff(_norm(self.write_ff_norm, x, cond)), z
 
 
+def tent(length: int, device=None, dtype=None) -> torch.Tensor:
+    """A footprint's blending weights along one side: 2k pixels centred on a token of k, each
+    (k - |distance from the token's centre|) / k; two neighbours' weights sum to one."""
+    k = length // 2
+    centre = torch.arange(length, device=device, dtype=dtype) + 0.5 - k
+    return 1 - centre.abs() / k
+
+
+def overlap_add(footprints: torch.Tensor, token: tuple[int, int, int]) -> torch.Tensor:
+    """[B, t, h, w, 3 * kt * 2kh * 2kw] per-token footprints (each centred on its token) -> pixels
+    [B, 3, t * kt, h * kh, w * kw]: each pixel the tent-weighted mean of the footprints covering it
+    (its two nearest tokens along height and width; one at the patch's outer half-tokens)."""
+    kt, kh, kw = token
+    t, h, w = footprints.shape[1:4]
+    weight = (
+        tent(2 * kh, footprints.device, footprints.dtype)[:, None]
+        * tent(2 * kw, footprints.device, footprints.dtype)[None, :]
+    )
+    per_channel = kt * 4 * kh * kw  # a footprint's pixels of one colour channel
+    # conv_transpose3d's kernel: input channel (c, a, i, j) goes to output channel c at (a, i, j)
+    placed = torch.eye(per_channel, device=footprints.device, dtype=footprints.dtype)
+    placed = placed.view(per_channel, kt, 2 * kh, 2 * kw) * weight
+    kernel = footprints.new_zeros(3, per_channel, 3, kt, 2 * kh, 2 * kw)
+    for c in range(3):
+        kernel[c, :, c] = placed
+    kernel, channels = kernel.flatten(0, 1), 3 * per_channel
+    place = dict(stride=(kt, kh, kw), padding=(0, kh // 2, kw // 2))
+    total = F.conv_transpose3d(footprints.permute(0, 4, 1, 2, 3), kernel, **place)
+    ones = footprints.new_ones(1, channels, t, h, w)
+    return total / F.conv_transpose3d(ones, kernel, **place)[:, :1]
+
+
 @dataclass
 class Source:
     """A coarser level's interface activations entering each block, [B, D, t, h, w] on its token
@@ -181,7 +213,7 @@ class HPDMModel(nn.Module):
                 self.text_pooled = nn.Linear(cfg.text_dim, c)
         self.blocks = nn.ModuleList(RINBlock(cfg, fuses=levels > 1) for levels in cfg.block_levels)
         self.head_norm = ModulatedNorm(di, c) if cfg.interface_modulation else nn.LayerNorm(di)
-        self.head = nn.Linear(di, cfg.pixels_per_token)
+        self.head = nn.Linear(di, 3 * math.prod(cfg.head_footprint))
         # a 1x3x3 convolution over the head's pixels (U-ViT's last layer): a pixel's output also reads
         # its neighbours across the token borders, which the per-token head cannot
         self.smooth = nn.Conv3d(3, 3, SMOOTH_KERNEL, padding=(0, 1, 1)) if cfg.output_conv else None
@@ -224,8 +256,10 @@ class HPDMModel(nn.Module):
         """Interface tokens -> pixels; `cond` the modulating vector (read with interface_modulation)."""
         kt, kh, kw = self.cfg.tokenizer_patch
         t, h, w = self.cfg.token_grid
-        pixels = self.head(_norm(self.head_norm, tokens, cond)).unflatten(-1, (3, kt, kh, kw))
-        pixels = pixels.unflatten(1, (t, h, w)).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        out = self.head(_norm(self.head_norm, tokens, cond))
+        if self.cfg.head_overlap:
+            return overlap_add(out.unflatten(1, (t, h, w)), self.cfg.tokenizer_patch)
+        pixels = out.unflatten(-1, (3, kt, kh, kw)).unflatten(1, (t, h, w)).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return pixels.reshape(tokens.shape[0], 3, t * kt, h * kh, w * kw)
 
     # ---- one level, and the whole pyramid --------------------------------------------------

@@ -16,6 +16,8 @@ tests/test_hpdm_family.py.
 
 from __future__ import annotations
 
+import math
+
 from cogvideo.family_spec import MatmulFlops
 from cogvideo.models.hpdm.config import COORDINATES, HPDMConfig
 from cogvideo.precision import torch_dtype
@@ -42,7 +44,13 @@ def matmuls(cfg: HPDMConfig) -> list[MatmulFlops]:
     conv = cfg.num_levels if cfg.output_conv else 0
     return [
         MatmulFlops(
-            "tokenizer + head", cfg.num_levels * 2 * N * di * (2 * cfg.pixels_per_token + COORDINATES), True
+            "tokenizer + head",
+            cfg.num_levels
+            * 2
+            * N
+            * di
+            * (cfg.pixels_per_token + 3 * math.prod(cfg.head_footprint) + COORDINATES),
+            True,
         ),
         MatmulFlops("output convolution", conv * 2 * N * cfg.pixels_per_token * 3 * 9, True),
         MatmulFlops("context fusion", fused * 2 * N * 2 * di * di, True),
