@@ -17,6 +17,7 @@ from test_pretrain_data import write_caption_tokenizer
 from cogvideo.checkpoint.format import save_model_checkpoint
 from cogvideo.configio import parse_overrides
 from cogvideo.family import build_model, resolve_model_section
+from cogvideo.models.hpdm.sampling import HPDMSampleOptions
 from cogvideo.sampling.cli import main
 
 pytestmark = pytest.mark.slow
@@ -77,6 +78,9 @@ def test_bad_options_stop_in_one_line_each(ws, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 3
     assert "checkpoint: required" in err[0] and "overlap: must be in [0, 1)" in err[2]
+    code = main(["--family", "hpdm", "--prompts", str(ws["prompts"]), "--out", "x", "context_grids=0"])
+    assert code == 2 and "context_grids must be >= 1" in capsys.readouterr().err
+    assert HPDMSampleOptions(context_grids=3).pyramid().context_grids == 3
     assert main(["--family", "nope", "--prompts", "p", "--out", "x"]) == 2
     assert "model.family: unknown family 'nope'" in capsys.readouterr().err
     code = sample(ws, ws["root"] / "odd", "output=[2,30,32]")

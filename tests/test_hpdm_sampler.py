@@ -96,15 +96,18 @@ TWO_LEVELS = HPDMConfig(
 )
 
 
-def test_cached_and_uncached_samplers_give_the_same_video(monkeypatch):
+@pytest.mark.parametrize("grids", [1, 2, 4])
+def test_cached_and_uncached_samplers_give_the_same_video(monkeypatch, grids):
     """Two levels at 1.5x the trained side (level 1 in 2x2 tiles, level 2 in 5x5), guided: the
     cache (coarser activations kept per level) equals recomputing, for every finer tile at every
-    step, the coarser tiles it reads."""
+    step, the coarser tiles it reads; also with the context on several token grids."""
     model = tiny_model(TWO_LEVELS)
     cond, uncond = torch.tensor([1, 3]), torch.tensor([5, 5])
 
     def sample(cache):
-        options = PyramidOptions(steps=2, cache=cache, guidance_scale=2.0, tiles_per_batch=8)
+        options = PyramidOptions(
+            steps=2, cache=cache, guidance_scale=2.0, tiles_per_batch=8, context_grids=grids
+        )
         return PyramidSampler(model, TWO_LEVELS, options).sample(
             cond, uncond, torch.Generator().manual_seed(3), output=(2, 24, 24)
         )
@@ -145,3 +148,36 @@ def test_seam_contrast_finds_tile_edges_and_no_seams_in_blended_tiles():
     )
     across, inside = seam_contrast(CFG, blended[0], overlaps)
     assert across <= inside * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("grids", [2, 4])
+def test_context_grids_hold_the_rolled_tokens_at_their_own_places(grids):
+    """`context_grids`: grid g of a coarser level is its video rolled by g / n of a token; its
+    Source's box starts that many pixels before the level, so its token j holds the level's pixels
+    [k j - s, k j + k - s) (away from the wrapped edge). With the token's state entering block 0
+    the tokenizer's map of its pixels alone (coordinates zeroed), that is checked pixel for pixel;
+    the finer level reads the mean over the grids (planted: a box not moved back, or moved the
+    wrong way, fails)."""
+    cfg = TWO_LEVELS.replace(block_levels=(2, 2))  # block 0 reads level 1's tokens as tokenized
+    model = tiny_model(cfg).double()
+    with torch.no_grad():
+        model.coordinates.weight.zero_(), model.coordinates.bias.zero_()
+    size, (_, k, _) = (2, 16, 16), cfg.tokenizer_patch  # level 1 in 3x3 tiles
+    video = torch.randn(1, 3, *size, dtype=torch.float64)
+    sampler = PyramidSampler(model, cfg, PyramidOptions(context_grids=grids))
+    sources = sampler.contexts(1, [video], torch.tensor([1]), [])
+    assert len(sources) == grids
+    c_in = sampler.precond.c_in(
+        torch.ones((), dtype=torch.float64), torch.tensor(cfg.edm.sigma_min, dtype=torch.float64)
+    )
+    for g, source in enumerate(sources):
+        s = g * k // grids
+        start, extent = source.box
+        torch.testing.assert_close(start[0], torch.tensor([0.0, -s / 16, -s / 16], dtype=torch.float64))
+        torch.testing.assert_close(extent[0], torch.ones(3, dtype=torch.float64))
+        state = source.states[0][0]  # [D, t, h, w]
+        for i in range(1, size[1] // k):  # token rows and columns not wrapped
+            for j in range(1, size[2] // k):
+                pixels = video[0, :, :, i * k - s : i * k + k - s, j * k - s : j * k + k - s] * c_in
+                expected = model.tokenizer(pixels.permute(1, 0, 2, 3).flatten(1))  # [t, D]
+                torch.testing.assert_close(state[:, :, i, j].T, expected, rtol=1e-10, atol=1e-10)

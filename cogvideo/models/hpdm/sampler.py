@@ -34,6 +34,11 @@ class PyramidOptions:
     churn: edm.Churn = field(default_factory=edm.Churn)
     cache: bool = True  # keep the coarser levels' activations (False: recompute them per tile)
     tiles_per_batch: int = 8
+    # the coarser levels' activations on this many token grids: their own, and their finished video
+    # rolled by g/n of a token along height and width (g = 1 .. n-1); a finer token reads the mean of
+    # the contexts (1: the paper's one grid). A token-resolution context changes most at the coarser
+    # token borders, which at 50 % overlap are the finer tiles' (README: the demo's seams)
+    context_grids: int = 1
 
 
 def level_steps(steps: int, level: int) -> int:
@@ -76,7 +81,7 @@ class PyramidSampler:
             video = self._run_level(level, denoise, x, generator)
             finished.append(video if scale == 1.0 else torch.cat([video, video]))
             if self.options.cache and level < cfg.num_levels:
-                caches.append(self.activations(level, finished, batch_cond, caches))
+                caches.extend(self.contexts(level, finished, batch_cond, caches))
         return finished[-1][: cond.shape[0]]
 
     def _run_level(self, level, denoise, x, generator):
@@ -111,7 +116,8 @@ class PyramidSampler:
         if level == 1 or self.options.cache:
             for i in range(0, len(tiles), self.options.tiles_per_batch):
                 group = tiles[i : i + self.options.tiles_per_batch]
-                yield group, [_repeat_source(c, len(group)) for c in (caches or [])[: level - 1]]
+                grids = (level - 1) * self.options.context_grids  # the coarser levels' sources, in order
+                yield group, [_repeat_source(c, len(group)) for c in (caches or [])[:grids]]
         else:
             for offset in tiles:
                 yield [offset], self._recompute(level, offset, size, cond, finished)
@@ -131,14 +137,26 @@ class PyramidSampler:
         return self.precond.denoised(crops.double(), out.double(), sigmas).to(video.dtype), states
 
     # ---- coarser levels' activations --------------------------------------------------------
+    def contexts(self, level, finished, cond, caches, region=None) -> list[Source]:
+        """Level `level`'s activations on each of the options' `context_grids` token grids: its
+        own, then its video rolled by g / n of a token along height and width."""
+        n, (_, kh, kw) = self.options.context_grids, self.cfg.tokenizer_patch
+        return [
+            self.activations(level, finished, cond, caches, region, shift=(0, g * kh // n, g * kw // n))
+            for g in range(n)
+        ]
+
     @torch.no_grad()
-    def activations(self, level, finished, cond, caches, region=None) -> Source:
+    def activations(self, level, finished, cond, caches, region=None, shift=(0, 0, 0)) -> Source:
         """Level `level`'s activations entering each block, from its finished video seen at
         sigma_min, blended from its tiles with the tent window (at token resolution): over the
         whole level (the cache), or over the tiles reaching into `region` ((start, stop) pixels
-        per axis) when recomputed for one finer tile."""
-        cfg, video = self.cfg, finished[level - 1]
+        per axis) when recomputed for one finer tile. With `shift` (pixels, T, H, W) the video is
+        rolled by it first (its tiles keep their places: the content moves), and the Source's box
+        is moved back by it: its token grid lies `shift` pixels before the level's own."""
+        cfg, video = self.cfg, torch.roll(finished[level - 1], shift, dims=(2, 3, 4))
         size = tuple(video.shape[2:])
+        # a recomputed region needs no shift: it has a token's margin, and a shift is under a token
         tiles = [o for o in self._tiles(size) if region is None or _reaches(o, cfg.patch, region)]
         low = [min(o[a] for o in tiles) for a in range(3)]
         high = [max(o[a] for o in tiles) + cfg.patch[a] for a in range(3)]
@@ -160,8 +178,8 @@ class PyramidSampler:
                 _add(weight, window, at, grid)
         blended = {b: (s / weight).to(self.param_dtype) for b, s in sums.items()}
         whole = torch.tensor(size, dtype=torch.float64)
-        start = torch.tensor(low, dtype=torch.float64) / whole
-        extent = torch.tensor(high, dtype=torch.float64) / whole - start
+        low, high = torch.tensor(low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64)
+        start, extent = (low - torch.tensor(shift, dtype=torch.float64)) / whole, (high - low) / whole
         return Source(blended, (start.expand(video.shape[0], 3), extent.expand(video.shape[0], 3)))
 
     def _recompute(self, level, offset, size, cond, finished) -> list[Source]:
@@ -175,7 +193,7 @@ class PyramidSampler:
             for a in range(3):
                 scale, margin = coarse[a] / size[a], self.cfg.tokenizer_patch[a]
                 region.append((offset[a] * scale - margin, (offset[a] + self.cfg.patch[a]) * scale + margin))
-            sources.append(self.activations(k, finished, cond, None, region=region))
+            sources.extend(self.contexts(k, finished, cond, None, region=region))
         return sources
 
 

@@ -51,14 +51,17 @@ class HPDMSampleOptions:
     duration: float = 4.0  # seconds, for the caption's duration prefix
     fps: float = 0.0  # output frame rate; 0 = frames / duration
     tiles_per_batch: int = 8
+    # token grids of the coarser levels' context (1: the paper's; n: also their video rolled by
+    # 1/n .. (n-1)/n of a token, the contexts averaged: cogvideo.models.hpdm.sampler.PyramidOptions)
+    context_grids: int = 1
 
     def problems(self) -> list[str]:
         found = path_problems(
             required={"checkpoint": self.checkpoint},
             optional={"text_tokenizer": self.text_tokenizer},
         )
-        if self.steps < 1 or self.batch_size < 1 or self.workers < 1 or self.tiles_per_batch < 1:
-            found.append("steps, batch_size, workers and tiles_per_batch must be >= 1")
+        if min(self.steps, self.batch_size, self.workers, self.tiles_per_batch, self.context_grids) < 1:
+            found.append("steps, batch_size, workers, tiles_per_batch and context_grids must be >= 1")
         for key in ("overlap", "temporal_overlap"):
             if not 0 <= getattr(self, key) < 1:
                 found.append(f"{key}: must be in [0, 1), got {getattr(self, key)}")
@@ -76,6 +79,7 @@ class HPDMSampleOptions:
             churn=self.churn,
             cache=self.cache,
             tiles_per_batch=self.tiles_per_batch,
+            context_grids=self.context_grids,
         )
 
 
