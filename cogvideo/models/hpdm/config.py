@@ -60,8 +60,8 @@ class HPDMConfig:
     # the token, overlap-added under a tent window that sums to one between token centres (a bilinear
     # blend of neighbouring tokens' pixels): D cannot step at a token border, where the demo's per-token
     # head drew its seams (README: in the demo's column, 4000 steps, seams 1.71x -> 1.02x the
-    # references', colour and direction at 4 s kept at 100 %, FVD 572 -> 839, one seed: off, the
-    # seams target <= 1x still missed). Needs even token heights and widths
+    # references', colour and direction at 4 s kept at 100 %, FVD 572 -> 839; with the sampler's
+    # context_grids 4 too, 0.88x: on in hpdm-demo). Needs even token heights and widths
     head_overlap: bool = False
     # the condition (noise level, caption, level) also modulates the interface side: the norm before
     # each block's interface feed-forward and the head's norm (DiT's adaLN final layer). Without it
@@ -265,6 +265,12 @@ PRESETS = {
         # constant rate (configs/demo/hpdm/train.yaml): held-out direction at 4 s 100 %, colour
         # 100 %, FVD 572, seams 1.71x
         block_levels=(1, 1, 1, 2),
+        # the head's footprints blended across token borders: the seams were the per-token head's
+        # (README). The column with it (and the sampler's context_grids 4, configs/demo/hpdm/
+        # sample.yaml; seed 0, 4000 steps): seams 0.88x the references' (target <= 1x met; 1.71x
+        # without either, 1.02x with the head alone), colour 100 %, direction at 4 s 100 % (1 s
+        # 77.1 %, was 93.8 %), FVD 901 (was 572)
+        head_overlap=True,
     ),
     "hpdm-s": lambda: _ucf("hpdm-s", 256),
     "hpdm-m": lambda: _ucf("hpdm-m", 512),
