@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from cogvideo.tp_plan import TPPlan
+from cogvideo.vocab import VocabLayout
+
+
+class TextModelConfig(Protocol):
+    """What the machinery shared by every family (text tokenizer checks, the prompt encoder, the
+    training-checkpoint reader) reads of a family's model config: its preset name, vocabulary and
+    text budget."""
+
+    name: str
+    vocab: VocabLayout
+    text_length: int
 
 
 @dataclass(frozen=True)
@@ -112,8 +123,9 @@ class ModelFamily:
     # config -> the separately optimised parts, in turn order; None (or empty): one engine for the
     # whole model, trained by `loss`
     parts: Callable[[Any], tuple[OptimizedPart, ...]] | None = None
-    # "module:attribute" of its SwissArmyTransformer checkpoint layout (cogvideo/checkpoint/
-    # sat_layout.py; imported on use): cogvideo-convert import-sat / export-sat. None: it has none
+    # "module:attribute" of its SwissArmyTransformer checkpoint layout (a `SatLayout` of cogvideo/
+    # checkpoint/sat_layout.py, in its package; imported on use): cogvideo-convert import-sat /
+    # export-sat. None: it has none
     sat_layout: str | None = None
 
     def preset(self, name: str):

@@ -562,5 +562,11 @@ def test_bad_sat_checkpoints_fail_clearly_and_write_nothing(tmp_path, monkeypatc
 
     with pytest.raises(CheckpointError, match="model_config.json: SAT model config not found"):
         import_sat(tmp_path / "missing_rank" / "1000", tmp_path / "out", base=BASE)
+
+    write_sat(tmp_path / "stage1", raw_weights(video=True), 1, VIDEO_ARGS)
+    with pytest.raises(
+        CheckpointError, match="stage1.*is a cogvideo stage1 checkpoint; it cannot be imported as stage2"
+    ):
+        import_sat(tmp_path / "stage1", tmp_path / "out", base=BASE, stage="stage2")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -18,9 +18,9 @@ import torch
 
 from cogvideo.checkpoint import load_model_config, load_model_state
 from cogvideo.checkpoint.cli import main
-from cogvideo.checkpoint.sat import our_name
 from cogvideo.family import build_model
 from cogvideo.models.cogvideo.config import get_preset
+from cogvideo.models.cogvideo.sat import COGVIDEO_SAT
 
 pytestmark = pytest.mark.slow  # SAT runs in a subprocess (gloo, DeepSpeed engine for its save)
 
@@ -145,8 +145,8 @@ def test_sat_rank_files_with_rng_state_import_bit_equal(sat_run, tmp_path, tp):
         saved = torch.load(src / "1000" / f"mp_rank_{rank:02d}_model_states.pt", weights_only=False)
         assert {"np_rng_state", "random_rng_state", "torch_rng_state"} <= set(saved)
         ours = load_model_state(tmp_path / "ours", rank, tp)
-        assert set(ours) == {our_name(k) for k in saved["module"]}
-        assert all(torch.equal(ours[our_name(k)], v) for k, v in saved["module"].items())
+        assert set(ours) == {COGVIDEO_SAT.our_name(k) for k in saved["module"]}
+        assert all(torch.equal(ours[COGVIDEO_SAT.our_name(k)], v) for k, v in saved["module"].items())
 
 
 class RunsAShellCommand:

@@ -6,7 +6,8 @@ mp_rank_XX_model_states.pt`` (``{"module": state_dict}``, one per TP rank), ``{d
 model_config.json`` (the SAT arguments). SAT splits tensors over TP ranks exactly as we do (the
 family's TP plan), so rank files are renamed key by key and merged. Which family a checkpoint
 holds, and how its names, tensors and config map, is the family's SAT layout
-(cogvideo/checkpoint/sat_layout.py; a family names its own in `ModelFamily.sat_layout`).
+(the interface in cogvideo/checkpoint/sat_layout.py, implemented in the family's package; a family
+names its own in `ModelFamily.sat_layout`).
 
 ``export_sat`` writes the same layout back, one rank file at a time: what it writes imports to
 the tensors it was given, bit for bit. Both take `vocab_size` to pad the vocabulary for a TP
@@ -40,18 +41,12 @@ from cogvideo.checkpoint.io import (
     runs_of,
     write_json,
 )
-from cogvideo.checkpoint.sat_layout import COGVIDEO_SAT, SAT_CONFIG, SatLayout, sat_model_config
+from cogvideo.checkpoint.sat_layout import SAT_CONFIG, SatLayout
 from cogvideo.family import any_preset, families, family_of, get_family
-from cogvideo.models.cogvideo.config import get_preset
 
-__all__ = ["SAT_CONFIG", "SatCheckpoint", "export_sat", "import_sat", "our_name", "sat_model_config"]
+__all__ = ["SAT_CONFIG", "SatCheckpoint", "export_sat", "import_sat"]
 
 _RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-
-
-def our_name(sat_key: str) -> str | None:
-    """Our name of a CogView2 / CogVideo SAT key (None: not one of theirs)."""
-    return COGVIDEO_SAT.our_name(sat_key)
 
 
 def sat_layouts() -> list[SatLayout]:
@@ -185,16 +180,13 @@ def import_sat(
     (or its name) for what the file does not record (default: the layout's). `write`:
     `write_checkpoint`'s tensor_parallel, force, dtype, vocab_size (pad the vocabulary rows).
 
-    `stage` None keeps the checkpoint's own (backbone, or CogVideo's stage); a backbone imported
-    as "stage1"/"stage2" gets its video parts from ``init_video_from_backbone``."""
+    `stage` None keeps the checkpoint's own (backbone, or CogVideo's stage); another stage is the
+    layout's `as_stage` (CogVideo's: a backbone imported as "stage1"/"stage2" gets its video parts
+    from ``init_video_from_backbone``)."""
     sat = SatCheckpoint(src, iteration)
     base = base_preset(base) if isinstance(base, str) else base
     cfg = sat.model_config(base, overrides)
     target = stage or sat.stage
-    if target != sat.stage and (sat.stage != "backbone" or sat.layout is not COGVIDEO_SAT):
-        raise CheckpointError(
-            f"{src}: is a {sat.layout.family} {sat.stage} checkpoint; it cannot be imported as {target}"
-        )
     try:
         shapes = sat.layout.our_shapes(cfg, sat.shapes)
     except CheckpointError as err:
@@ -203,7 +195,10 @@ def import_sat(
     source = f"SwissArmyTransformer {sat.stage} checkpoint {sat.path} (TP={sat.tensor_parallel})"
     if target != sat.stage:
         check_shapes(shapes, cfg, str(src))
-        cfg, shapes, tensors = _backbone_as_video(cfg, tensors, target, base)
+        try:
+            cfg, shapes, tensors = sat.layout.as_stage(cfg, tensors, sat.stage, target, base)
+        except CheckpointError as err:
+            raise CheckpointError(f"{src}: {err}") from None
         source += f" -> {target}"
     return write_checkpoint(
         dst,
@@ -217,27 +212,7 @@ def import_sat(
     )
 
 
-def _backbone_as_video(cfg, tensors, target: str, base):
-    """A backbone's tensors as a `target` video model's (cfg, shapes, tensors); its frame count
-    from `base` when that is a video preset, else the release's."""
-    from cogvideo.models.cogvideo.model import init_video_from_backbone
-
-    frames = (
-        base.num_frames
-        if base is not None and base.num_frames > 1
-        else get_preset("cogvideo-stage1").num_frames
-    )
-    video_cfg = cfg.replace(name=f"sat-{target}", stage=target, num_frames=frames).validate()
-    video = init_video_from_backbone(dict(tensors), video_cfg)
-    return video_cfg, {n: tuple(t.shape) for n, t in video.items()}, video.items()
-
-
 # ---- export ------------------------------------------------------------------------------------
-def sat_name(name: str) -> str:
-    """The SAT key of one of our CogView2 / CogVideo names."""
-    return COGVIDEO_SAT.sat_name(name)
-
-
 def export_sat(
     src: str | Path,
     dst: str | Path,

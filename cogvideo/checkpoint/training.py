@@ -36,7 +36,6 @@ import yaml
 from cogvideo.checkpoint.digest import size_problems, verify_folder
 from cogvideo.checkpoint.io import CheckpointError, load_pt
 from cogvideo.family import WHOLE_MODEL, optimized_parts, resolve_model_section
-from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.precision import DTYPES
 from cogvideo.text_format import TextFormat, TextFormatError
 
@@ -256,8 +255,8 @@ def read_train_config(path: Path) -> dict:
     return data or {}
 
 
-def train_config_model(path: Path) -> ModelConfig:
-    """The model config a trainer run recorded in its checkpoint (train_config.yaml)."""
+def train_config_model(path: Path):
+    """The model config (its family's) a trainer run recorded in its checkpoint (train_config.yaml)."""
     file = path / TRAIN_CONFIG
     if not file.is_file():
         raise CheckpointError(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.family_spec import TextModelConfig
 
 
 class PromptError(ValueError):
@@ -96,7 +96,7 @@ class TextEncoder:
     A text longer than the model's text budget is refused (TextBudgetError), not truncated:
     cutting it would silently drop either the duration prefix or the end of the prompt."""
 
-    def __init__(self, tokenizer, cfg: ModelConfig):
+    def __init__(self, tokenizer, cfg: TextModelConfig):
         self.tokenizer, self.cfg = tokenizer, cfg
 
     def __call__(self, text: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ import sentencepiece as spm
 from cogvideo.captions import CaptionRow, CaptionsFileError, read_captions, usable_captions
 from cogvideo.configio import ConfigError, config_parser, parse_config
 from cogvideo.family import any_preset
-from cogvideo.models.cogvideo.config import ModelConfig
+from cogvideo.family_spec import TextModelConfig
 from cogvideo.text_format import RELEASE_FRAME_RATES, TextFormat
 from cogvideo.tokenizers.icetk_files import ICETK_TEXT_MODEL, resolve_icetk_file
 from cogvideo.vocab import SEPARATOR_PIECE, TEXT_PAD_PIECE, VocabLayout
@@ -141,7 +141,7 @@ def unusable_line(rows: list[CaptionRow], named: int = 3) -> list[str]:
     ]
 
 
-def length_report(lengths: list[tuple[int, CaptionRow]], cfg: ModelConfig, named: int = 3) -> list[str]:
+def length_report(lengths: list[tuple[int, CaptionRow]], cfg: TextModelConfig, named: int = 3) -> list[str]:
     """The caption-length distribution in text tokens against the model's text budget, naming the
     longest rows that do not fit and the model.text_length that holds every caption."""
     if not lengths:
@@ -234,7 +234,7 @@ def metadata_path(model_file: str | Path) -> Path:
     return Path(model_file).with_suffix(".json")
 
 
-def check_fits(model_file: str | Path, cfg: ModelConfig, key: str) -> TextTokenizer:
+def check_fits(model_file: str | Path, cfg: TextModelConfig, key: str) -> TextTokenizer:
     """The text tokenizer, loaded against ``cfg``'s vocabulary; ValueError naming ``key``, the
     piece count, the preset it was trained for (when recorded) and the command that fixes it."""
     try:
@@ -264,7 +264,7 @@ class TextTokenizerConfig:
     # captions hold more distinct characters than vocab_size (many Chinese captions, small vocab)
     character_coverage: float = 1.0
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self) -> TextModelConfig:
         return preset_of_any_family(self.preset)
 
     def __post_init__(self):

@@ -62,7 +62,7 @@ FAMILY = register(
         from_backbone=init_video_from_backbone,
         train_flops=lambda cfg: train_flops(cfg, batch=1),
         sampler="cogvideo.models.cogvideo.pipeline:VideoPipeline",
-        sat_layout="cogvideo.checkpoint.sat_layout:COGVIDEO_SAT",
+        sat_layout="cogvideo.models.cogvideo.sat:COGVIDEO_SAT",
         planner=PlannerModel(
             describe=planner.describe,
             activation_bytes=planner.activation_bytes,

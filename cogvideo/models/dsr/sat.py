@@ -20,14 +20,8 @@ import math
 import re
 
 from cogvideo.checkpoint.io import CheckpointError
-from cogvideo.checkpoint.sat_layout import (
-    SAT_CONFIG,
-    SatLayout,
-    backbone_args,
-    backbone_fields,
-    configured,
-    parse_layout,
-)
+from cogvideo.checkpoint.sat_layout import SAT_CONFIG, SatLayout, configured, parse_layout
+from cogvideo.models.cogvideo.sat import BACKBONE_EXPORT, BACKBONE_RENAMES, backbone_args, backbone_fields
 from cogvideo.models.dsr.config import DsrConfig
 
 HIGH_TABLE = "high_position_embeddings.weight"
@@ -36,14 +30,14 @@ HIGH_TABLE = "high_position_embeddings.weight"
 class DsrSat(SatLayout):
     family = "dsr"
     default_base = "cogview2-dsr"
-    renames = [
+    renames = BACKBONE_RENAMES + [
         (
             re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$"),
             r"layers.\2.high_attention.\1.\3",
         ),
         (re.compile(r"^mixins\.extra_position_embedding\.position_embeddings\.weight$"), HIGH_TABLE),
     ]
-    exports = [
+    exports = BACKBONE_EXPORT + [
         (
             re.compile(r"^layers\.(\d+)\.high_attention\.(query_key_value|dense)\.(weight|bias)$"),
             r"mixins.attention_plus.\2.\1.\3",
