@@ -23,6 +23,7 @@ from cogvideo.models.dsr.sampler import SuperResolution, load_model
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import load_cluster_table
 from cogvideo.sampling.strategies import ClusterStrategy, MinimumErrorStrategy
+from cogvideo.text_format import TextFormat
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import TextTokenizer
 
@@ -180,6 +181,48 @@ def test_sample_command_decodes_by_minimum_expected_error_over_the_tokenizers_co
     expected = torch.stack([MinimumErrorStrategy(codebook, 1.0, top_k=8).sample(f) for f in logits])
     np.testing.assert_array_equal(high.reshape(len(low), -1), expected.numpy())
     assert (expected != logits.argmax(-1)).float().mean() > 0.1  # not the greedy codes
+
+
+def test_sr_text_uncond_reads_the_checkpoints_guidance_caption_for_every_frame(
+    assets,  # noqa: F811
+    tmp_path,
+):
+    """sr_text=uncond: every frame reads the SR checkpoint's guidance caption (its text format's
+    uncond_text) instead of its prompt; the low-res video is the same, and with a deterministic
+    strategy the high-res codes are exactly those of the guidance caption given as the prompt."""
+    torch.manual_seed(5)
+    cfg = dsr_config().validate()
+    guidance = "a dog runs"  # the tiny tokenizer's words (the release's "视频" is not among them)
+    path = save_model_checkpoint(
+        tmp_path / "dsr", build_model(cfg).state_dict(), cfg, text_format=TextFormat("{caption}", guidance)
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat plays with a ball\n")
+    sr = [f"sr_checkpoint={path}", "sr_strategy.kind=mbr", "interpolation_levels=0"]
+    runs = {}
+    for text in ("prompt", "uncond"):
+        assert cli.main([*_args(assets, prompts, tmp_path / text), *sr, f"sr_text={text}"]) == 0
+        [entry] = json.loads((tmp_path / text / "manifest.json").read_text())["entries"]
+        runs[text] = [np.load(tmp_path / text / entry["key"] / f) for f in ("codes.npy", "codes_low.npy")]
+    np.testing.assert_array_equal(runs["uncond"][1], runs["prompt"][1])  # the same low-res video
+    model = load_model(path, "cpu", torch.float32)
+    text = TextTokenizer(assets["text_tokenizer"], cfg.vocab)
+    codebook = PatchVQTokenizer.load(assets["image_tokenizer"]).codebook()
+    reference = SuperResolution(model, text, MinimumErrorStrategy(codebook, 1.0), seed=0)
+    low = torch.from_numpy(runs["prompt"][1])
+    for text, caption in (("prompt", "a cat plays with a ball"), ("uncond", guidance)):
+        np.testing.assert_array_equal(runs[text][0], reference([caption], [low])[0].numpy())
+    assert not np.array_equal(runs["uncond"][0], runs["prompt"][0])  # the text matters to this model
+
+
+def test_sr_text_is_checked(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog runs\n")
+    out = ["--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    assert cli.main([*out, "sr_text=uncond", "interpolation_levels=0"]) == 2
+    assert "sr_text=uncond needs sr_checkpoint" in capsys.readouterr().err
+    assert cli.main([*out, "sr_text=caption"]) == 2
+    assert "sr_text" in capsys.readouterr().err
 
 
 @pytest.mark.slow

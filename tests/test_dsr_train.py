@@ -97,6 +97,34 @@ def test_the_batch_builder_gives_text_low_res_given_and_high_res_targets(ws):
     assert (tokens[:, CFG.high_start :] == CFG.vocab.boi_id).all()  # the high-res codes are never inputs
 
 
+def test_caption_dropout_gives_dropped_pairs_the_guidance_caption_and_their_own_frames(ws):
+    """data.caption_dropout on DSR's pairs (what sampling's sr_text=uncond reads): a dropped pair's
+    text is the text format's guidance caption ("视频", no duration prefix under DSR's "{caption}"
+    template); its low-res input and high-res targets are its own; the others are untouched."""
+    ids: dict[str, list[int]] = {}  # each distinct text its own one-token id
+
+    def encode(text: str) -> list[int]:
+        return ids.setdefault(text, [CFG.vocab.text_id(len(ids) + 1)])
+
+    data = dict(stage=1, shuffle_buffer=0, prefix_template="{caption}")
+    plain = ShardLoader(ws["shards"], CFG, encode, DataConfig(**data), micro_batch_size=1, seed=0)
+    loader = ShardLoader(
+        ws["shards"], CFG, encode, DataConfig(**data, caption_dropout=0.5), micro_batch_size=1, seed=0
+    )
+    dropped = []
+    for sample in loader.samples():
+        got, own = loader.to_example(sample), plain.to_example(sample)
+        text = CFG.text_length
+        assert torch.equal(got["tokens"][text:], own["tokens"][text:])  # the low-res codes and slots
+        assert torch.equal(got["targets"], own["targets"])
+        expected = ids["视频"] if loader._dropped(sample.key) else encode(sample.caption)
+        assert got["tokens"][text - 1 : text].tolist() == expected
+        dropped.append(loader._dropped(sample.key))
+        if len(dropped) == 12:  # one epoch
+            break
+    assert 0 < sum(dropped) < 12
+
+
 def test_samples_without_the_high_res_grid_are_refused_by_name():
     meta = ClipMeta(duration=0.0, fps=1.0, stage=1, source="v", clip_start=0, clip_end=1, num_frames=1)
     low = np.zeros((1, 4, 4), np.int64)

@@ -80,6 +80,10 @@ class SampleOptions:
     stage2_strategy: StrategyOptions = field(default_factory=_video_strategy)
     sr_strategy: StrategyOptions = field(default_factory=_sr_strategy)
     sr_frames_per_batch: int = 12  # frames super-resolved together (the release: 12)
+    # the text every frame's super-resolution reads: "prompt", the raw prompt (the release's), or
+    # "uncond", the SR checkpoint's guidance caption (its text format's uncond_text, e.g. "视频"),
+    # so that SR follows the low-res frame alone; for a model trained with data.caption_dropout
+    sr_text: Literal["prompt", "uncond"] = "prompt"
 
     fps: float = 0.0  # output frame rate; 0 = the real rate of the final level
 
@@ -117,6 +121,8 @@ class SampleOptions:
                 f"interpolation_levels={self.interpolation_levels} needs stage2_checkpoint: give one, "
                 f"or set interpolation_levels=0 to stop at the keyframes"
             )
+        if self.sr_text != "prompt" and not self.sr_checkpoint:
+            found.append(f"sr_text={self.sr_text} needs sr_checkpoint: give one, or leave sr_text=prompt")
         stages = ("frame0", "stage1", "stage2") if self.interpolation_levels else ("frame0", "stage1")
         stages += ("sr",) if self.sr_checkpoint else ()
         clustered = [s for s in stages if getattr(self, f"{s}_strategy").kind == "cluster"]

@@ -57,7 +57,9 @@ def _super_resolution(
     options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype, code_vectors: np.ndarray
 ):
     """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model;
-    `code_vectors`: the image tokenizer's codebook (for sr_strategy.kind=mbr)."""
+    `code_vectors`: the image tokenizer's codebook (for sr_strategy.kind=mbr); sr_text=uncond:
+    every frame reads the checkpoint's guidance caption (no duration prefix, as a prompt has none)."""
+    from cogvideo.checkpoint import load_text_format
     from cogvideo.models.dsr.sampler import SuperResolution, load_model
 
     model = load_model(options.sr_checkpoint, sampling_device(options.device), dtype, options.tensor_parallel)
@@ -73,7 +75,8 @@ def _super_resolution(
         else None
     )
     strategy = make_strategy(options.sr_strategy, labels, code_vectors)
-    return SuperResolution(model, text_tokenizer, strategy, options.seed, options.sr_frames_per_batch)
+    text = load_text_format(options.sr_checkpoint).uncond(None) if options.sr_text == "uncond" else None
+    return SuperResolution(model, text_tokenizer, strategy, options.seed, options.sr_frames_per_batch, text)
 
 
 class VideoPipeline:

@@ -40,12 +40,16 @@ def load_model(path: str | Path, device: str, dtype: torch.dtype, tensor_paralle
 
 
 class SuperResolution:
-    """Low-res frames' codes [T, r, r] + the prompt -> high-res codes [T, R, R]."""
+    """Low-res frames' codes [T, r, r] + the prompt -> high-res codes [T, R, R]. `text`: what every
+    frame reads instead of its prompt (sampling's sr_text=uncond: the checkpoint's guidance caption);
+    None: the raw prompt, as released. Each frame's generator is seeded by its prompt either way."""
 
-    def __init__(self, model, text_tokenizer, strategy, seed: int, frames_per_batch: int = 12):
+    def __init__(
+        self, model, text_tokenizer, strategy, seed: int, frames_per_batch: int = 12, text: str | None = None
+    ):
         self.model, self.cfg = model, model.cfg
         self.text_tokenizer, self.strategy = text_tokenizer, strategy
-        self.seed, self.frames_per_batch = seed, frames_per_batch
+        self.seed, self.frames_per_batch, self.text = seed, frames_per_batch, text
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +72,7 @@ class SuperResolution:
         """`videos[i]`: the codes [T_i, r, r] of prompt i's frames -> [T_i, R, R]."""
         cfg = self.cfg
         frames = [(i, t) for i, video in enumerate(videos) for t in range(len(video))]
-        texts = [self.text_ids(p) for p in prompts]
+        texts = [self.text_ids(p if self.text is None else self.text) for p in prompts]
         out = [
             torch.empty(len(v), cfg.high_frame_tokens, cfg.high_frame_tokens, dtype=torch.long)
             for v in videos
