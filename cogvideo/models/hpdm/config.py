@@ -61,7 +61,7 @@ class HPDMConfig:
     # blend of neighbouring tokens' pixels): D cannot step at a token border, where the demo's per-token
     # head drew its seams (README: in the demo's column, 4000 steps, seams 1.71x -> 1.02x the
     # references', colour and direction at 4 s kept at 100 %, FVD 572 -> 839; with the sampler's
-    # context_grids 4 too, 0.88x: on in hpdm-demo). Needs even token heights and widths
+    # context_grids 2 too, 0.87x: on in hpdm-demo). Needs even token heights and widths
     head_overlap: bool = False
     # the condition (noise level, caption, level) also modulates the interface side: the norm before
     # each block's interface feed-forward and the head's norm (DiT's adaLN final layer). Without it
@@ -266,10 +266,10 @@ PRESETS = {
         # 100 %, FVD 572, seams 1.71x
         block_levels=(1, 1, 1, 2),
         # the head's footprints blended across token borders: the seams were the per-token head's
-        # (README). The column with it (and the sampler's context_grids 4, configs/demo/hpdm/
-        # sample.yaml; seed 0, 4000 steps): seams 0.88x the references' (target <= 1x met; 1.71x
-        # without either, 1.02x with the head alone), colour 100 %, direction at 4 s 100 % (1 s
-        # 77.1 %, was 93.8 %), FVD 901 (was 572)
+        # (README). The column with it (and the sampler's context_grids 2, configs/demo/hpdm/
+        # sample.yaml; 4000 steps): seams 0.87x / 0.89x the references' on seeds 0 / 1 (target
+        # <= 1x met; 1.71x / 1.61x without either, 1.02x / 1.04x with the head alone), colour
+        # 100 %, direction at 4 s 100 / 83.3 % (was 100 / 100 %), FVD 852 / 848 (was 572 / 713)
         head_overlap=True,
     ),
     "hpdm-s": lambda: _ucf("hpdm-s", 256),
