@@ -120,7 +120,29 @@ def backbone_args(cfg: ModelConfig, tensor_parallel: int) -> dict:
     }
 
 
+def plus_mixins(attention: str, table: str) -> tuple[list, list]:
+    """The (renames, exports) of the two SAT mixins a CogView2-based model adds: attention_plus's
+    per-layer QKV and output projection <-> ``layers.i.<attention>.*``, extra_position_embedding's
+    table <-> ``<table>`` (CogVideo's temporal channel; DSR's high-res attention)."""
+    renames = [
+        (
+            re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$"),
+            rf"layers.\2.{attention}.\1.\3",
+        ),
+        (re.compile(r"^mixins\.extra_position_embedding\.position_embeddings\.weight$"), table),
+    ]
+    exports = [
+        (
+            re.compile(rf"^layers\.(\d+)\.{attention}\.(query_key_value|dense)\.(weight|bias)$"),
+            r"mixins.attention_plus.\2.\1.\3",
+        ),
+        (re.compile(rf"^{re.escape(table)}$"), "mixins.extra_position_embedding.position_embeddings.weight"),
+    ]
+    return renames, exports
+
+
 FRAME_TABLE = "frame_position_embeddings.weight"
+PLUS_RENAMES, PLUS_EXPORTS = plus_mixins("temporal_attention", FRAME_TABLE)
 
 
 class CogVideoSat(SatLayout):
@@ -128,28 +150,20 @@ class CogVideoSat(SatLayout):
 
     family = "cogvideo"
     default_base = "cogview2-6b"
-    renames = BACKBONE_RENAMES + [
-        (
-            re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$"),
-            r"layers.\2.temporal_attention.\1.\3",
-        ),
-        (re.compile(r"^mixins\.attention_plus\.attn_distribution\.(\d+)$"), r"layers.\1.temporal_gate"),
-        (
-            re.compile(r"^mixins\.extra_position_embedding\.position_embeddings\.weight$"),
-            "frame_position_embeddings.weight",
-        ),
-    ]
-    exports = BACKBONE_EXPORT + [
-        (
-            re.compile(r"^layers\.(\d+)\.temporal_attention\.(query_key_value|dense)\.(weight|bias)$"),
-            r"mixins.attention_plus.\2.\1.\3",
-        ),
-        (re.compile(r"^layers\.(\d+)\.temporal_gate$"), r"mixins.attention_plus.attn_distribution.\1"),
-        (
-            re.compile(r"^frame_position_embeddings\.weight$"),
-            "mixins.extra_position_embedding.position_embeddings.weight",
-        ),
-    ]
+    renames = (
+        BACKBONE_RENAMES
+        + PLUS_RENAMES
+        + [
+            (re.compile(r"^mixins\.attention_plus\.attn_distribution\.(\d+)$"), r"layers.\1.temporal_gate"),
+        ]
+    )
+    exports = (
+        BACKBONE_EXPORT
+        + PLUS_EXPORTS
+        + [
+            (re.compile(r"^layers\.(\d+)\.temporal_gate$"), r"mixins.attention_plus.attn_distribution.\1"),
+        ]
+    )
 
     def claims(self, keys: set[str], args: dict) -> bool:
         """Every SAT checkpoint of CogView2's backbone or CogVideo (the temporal channel's gate

@@ -17,36 +17,27 @@ preset; the high-res grid is read from the table's rows.
 from __future__ import annotations
 
 import math
-import re
 
 from cogvideo.checkpoint.io import CheckpointError
 from cogvideo.checkpoint.sat_layout import SAT_CONFIG, SatLayout, configured, parse_layout
-from cogvideo.models.cogvideo.sat import BACKBONE_EXPORT, BACKBONE_RENAMES, backbone_args, backbone_fields
+from cogvideo.models.cogvideo.sat import (
+    BACKBONE_EXPORT,
+    BACKBONE_RENAMES,
+    backbone_args,
+    backbone_fields,
+    plus_mixins,
+)
 from cogvideo.models.dsr.config import DsrConfig
 
 HIGH_TABLE = "high_position_embeddings.weight"
+PLUS_RENAMES, PLUS_EXPORTS = plus_mixins("high_attention", HIGH_TABLE)
 
 
 class DsrSat(SatLayout):
     family = "dsr"
     default_base = "cogview2-dsr"
-    renames = BACKBONE_RENAMES + [
-        (
-            re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$"),
-            r"layers.\2.high_attention.\1.\3",
-        ),
-        (re.compile(r"^mixins\.extra_position_embedding\.position_embeddings\.weight$"), HIGH_TABLE),
-    ]
-    exports = BACKBONE_EXPORT + [
-        (
-            re.compile(r"^layers\.(\d+)\.high_attention\.(query_key_value|dense)\.(weight|bias)$"),
-            r"mixins.attention_plus.\2.\1.\3",
-        ),
-        (
-            re.compile(r"^high_position_embeddings\.weight$"),
-            "mixins.extra_position_embedding.position_embeddings.weight",
-        ),
-    ]
+    renames = BACKBONE_RENAMES + PLUS_RENAMES
+    exports = BACKBONE_EXPORT + PLUS_EXPORTS
 
     def claims(self, keys: set[str], args: dict) -> bool:
         """A DsrModel's file: attention_plus without CogVideo's mixing gate."""
