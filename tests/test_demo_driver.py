@@ -261,3 +261,20 @@ def test_the_demo_samples_its_keyframes_as_cool_as_frame_0(tmp_path):
     options = Demo(DemoConfig(out=str(tmp_path))).sample_options(4.0, 1)
     assert options.stage1_strategy == options.frame0_strategy
     assert options.stage1_strategy.temperature < 1.0 and options.stage1_strategy.kind == "topk"
+
+
+def test_the_demo_draws_frame_0_from_a_duration_prefixed_one_frame_model(tmp_path):
+    """Frame 0 reads the duration prefix (configs/demo/sample.yaml), so where it starts tells
+    stage 1 how far the object travels; its one-frame model must train on that prefix, long
+    enough for the longer text (configs/demo/train_backbone.yaml)."""
+    from demo.settings import DemoConfig
+    from demo.tasks import ROOT, Demo
+    from pretrain.config import load_train_config
+
+    options = Demo(DemoConfig(out=str(tmp_path))).sample_options(4.0, 1)
+    train = load_train_config(
+        str(ROOT / "configs" / "demo" / "train_backbone.yaml"), ["data.shards=['x.tar']"]
+    )
+    assert options.frame0_duration_prefix
+    assert train.data.text_format().has_duration
+    assert train.training.max_steps >= 3000
