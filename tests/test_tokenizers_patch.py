@@ -365,11 +365,13 @@ def test_the_expected_decode_is_the_probability_weighted_mean_of_every_code_maps
 
 def test_the_expected_decode_of_certain_codes_is_their_decode(fitted, monkeypatch):
     """A one-hot distribution gives exactly decode()'s frame (the fitted tokenizer and its context
-    table), also when the positions are weighed a few at a time."""
+    table), also when the positions are weighed a few at a time, and in another dtype."""
     codes = fitted.encode(shape_frames(20, seed=4))
     one_hot = torch.nn.functional.one_hot(torch.from_numpy(codes), fitted.codebook_size).float()
     np.testing.assert_array_equal(fitted.decode_mean(one_hot).numpy(), fitted.decode(codes))
     monkeypatch.setattr(patch_vq, "MEAN_WEIGHTS", 7 * len(fitted.context[0]))  # 7 positions at a time
     np.testing.assert_array_equal(fitted.decode_mean(one_hot).numpy(), fitted.decode(codes))
+    # the table's terms are made once per device and dtype: float64 after float32
+    np.testing.assert_array_equal(fitted.decode_mean(one_hot.double()).numpy(), fitted.decode(codes))
     with pytest.raises(ValueError, match=r"probs: expected float \[T, 4, 4, 128\]"):
         fitted.decode_mean(one_hot[..., :5])

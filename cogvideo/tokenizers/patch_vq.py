@@ -146,6 +146,7 @@ class PatchVQTokenizer:
                     f"got {patches.dtype} {list(patches.shape)}"
                 )
             self.context = (keys, patches)
+        self._mean_tables = {}  # decode_mean's, by (device, dtype)
 
     def at_grid(self, tokens_side: int) -> "PatchVQTokenizer":
         """The same codebook and context table for frames of `tokens_side` patches per side (a
@@ -204,9 +205,7 @@ class PatchVQTokenizer:
         own = self._codebook.to(probs.device).round().clamp(0, 255).to(probs.dtype)
         patches = probs.reshape(-1, k) @ own
         if self.context is not None and len(self.context[0]):
-            keys, table = self.context
-            codes = torch.from_numpy(context_codes(keys, k)).to(probs.device)
-            change = torch.from_numpy(table).to(probs.device, probs.dtype) - own[codes[0]]
+            codes, change = self._mean_table(probs.device, probs.dtype)
             # each position's and its neighbours' distributions over K + 1 symbols (K: outside),
             # symbol-major, so that an entry's symbol gathers a contiguous run of positions
             padded = probs.new_zeros(k + 1, t, n + 2, n + 2)
@@ -222,13 +221,26 @@ class PatchVQTokenizer:
                     padded[..., 1:-1, 2:],
                 )
             ]
-            rows = max(1, MEAN_WEIGHTS // len(keys))
+            rows = max(1, MEAN_WEIGHTS // len(change))
             for start in range(0, len(patches), rows):
                 weight = parts[0][codes[0], start : start + rows]  # [entries, positions]
                 for part, index in zip(parts[1:], codes[1:]):
                     weight *= part[index, start : start + rows]
                 patches[start : start + rows] += weight.T @ change
         return patches_to_frames(patches, n)
+
+    def _mean_table(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_mean's view of the context table, made once per device and dtype: each entry's
+        five codes [5, M] and its patch minus its code's rounded codebook patch [M, p*p*3]."""
+        if (device, dtype) not in self._mean_tables:
+            keys, table = self.context
+            codes = torch.from_numpy(context_codes(keys, self.codebook_size)).to(device)
+            own = self._codebook.to(device).round().clamp(0, 255).to(dtype)
+            self._mean_tables[device, dtype] = (
+                codes,
+                torch.from_numpy(table).to(device, dtype) - own[codes[0]],
+            )
+        return self._mean_tables[device, dtype]
 
     def codebook(self) -> np.ndarray:
         return self._codebook.cpu().numpy().copy()
