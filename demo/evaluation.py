@@ -265,13 +265,14 @@ def video_name(video: dict) -> str:
 def decode_and_render(
     videos: list[dict], tokenizer, size: int, speed: float, seed: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each sampled video's frames (decoded from its codes; without a tokenizer its pixels.npy),
-    and a rendered reference of its prompt with the same frame count and duration (seeded by
-    `seed` + its index)."""
+    """Each sampled video's frames (its pixels.npy where it has one: a pixel model's frames, or a
+    super-resolution stage's posterior mean; else its codes decoded by `tokenizer`), and a
+    rendered reference of its prompt with the same frame count and duration (seeded by `seed` +
+    its index)."""
     generated, references = [], []
     for index, video in enumerate(videos):
         folder = Path(video["dir"])
-        if tokenizer is None:
+        if (folder / "pixels.npy").is_file():
             frames = np.load(folder / "pixels.npy", allow_pickle=False)
         else:
             frames = tokenizer.decode(np.load(folder / "codes.npy", allow_pickle=False))

@@ -40,8 +40,9 @@ Steps, named `<family>_<step>`, everything under `<out>/<family>/`:
                     same videos, seeded alike), its sample_option given the last phase's model,
                     sample.yaml's keys as further options; built on the hierarchy's sample step
     evaluate        the demo's evaluation of the videos (a pixel model's pixels.npy, or codes.npy
-                    decoded by the demo's image tokenizer at the codes' grid) and, where the
-                    pipeline has seam_contrast(frames), its tiles' seams; with a stage's
+                    decoded by the demo's image tokenizer at the codes' grid; an SR stage's
+                    posterior mean: its pixels.npy, the tokenizer at that grid for the round
+                    trip) and, where the pipeline has seam_contrast(frames), its tiles' seams; with a stage's
                     evaluation super_resolution, demo.sr_evaluation's figures; the family's targets
 
 Nothing here names a family.
@@ -220,11 +221,17 @@ class FamilySteps:
                 self.sample_options(cfg.sample.durations[0], cfg.sample.seeds[0])
             )
             seams = getattr(pipeline, "seam_contrast", None)
-        if (Path(videos[0]["dir"]) / "codes.npy").is_file():  # a token model's videos, at their grid
+        folder = Path(videos[0]["dir"])
+        if (folder / "codes.npy").is_file() or (folder / "codes_low.npy").is_file():  # a token model's
             from cogvideo.tokenizers import load_image_tokenizer
 
             image_tokenizer = load_image_tokenizer(self.demo.image_model)
-            side = np.load(Path(videos[0]["dir"]) / "codes.npy", mmap_mode="r").shape[-1]
+            patch = image_tokenizer.frame_size // image_tokenizer.tokens_side
+            side = (  # at the videos' grid (an SR stage that hands out pixels: theirs over the patch)
+                np.load(folder / "codes.npy", mmap_mode="r").shape[-1]
+                if (folder / "codes.npy").is_file()
+                else np.load(folder / "pixels.npy", mmap_mode="r").shape[-2] // patch
+            )
             scale = side // image_tokenizer.tokens_side
             tokenizer = image_tokenizer.at_grid(side) if scale != 1 else image_tokenizer
         torch.set_num_threads(cfg.eval.threads)

@@ -25,9 +25,12 @@ REFERENCE = (
 
 
 def load_pair(video: dict, low_tokenizer, high_tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """A super-resolved video's decoded low-res frames (codes_low.npy) and SR frames (codes.npy)."""
+    """A super-resolved video's decoded low-res frames (codes_low.npy) and SR frames (pixels.npy
+    for a stage that hands out pixels, else codes.npy decoded)."""
     folder = Path(video["dir"])
     low = np.asarray(low_tokenizer.decode(np.load(folder / "codes_low.npy", allow_pickle=False)), np.uint8)
+    if (folder / "pixels.npy").is_file():
+        return low, np.load(folder / "pixels.npy", allow_pickle=False)
     sr = np.asarray(high_tokenizer.decode(np.load(folder / "codes.npy", allow_pickle=False)), np.uint8)
     return low, sr
 

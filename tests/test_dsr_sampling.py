@@ -22,7 +22,7 @@ from cogvideo.models.dsr.layout import build_example
 from cogvideo.models.dsr.sampler import SuperResolution, load_model
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import load_cluster_table
-from cogvideo.sampling.strategies import ClusterStrategy, MinimumErrorStrategy
+from cogvideo.sampling.strategies import ClusterStrategy, MinimumErrorStrategy, PosteriorMean, distribution
 from cogvideo.text_format import TextFormat
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import TextTokenizer
@@ -181,6 +181,55 @@ def test_sample_command_decodes_by_minimum_expected_error_over_the_tokenizers_co
     expected = torch.stack([MinimumErrorStrategy(codebook, 1.0, top_k=8).sample(f) for f in logits])
     np.testing.assert_array_equal(high.reshape(len(low), -1), expected.numpy())
     assert (expected != logits.argmax(-1)).float().mean() > 0.1  # not the greedy codes
+
+
+def test_sample_command_hands_out_the_posterior_mean_frames(assets, sr_checkpoint, tmp_path):  # noqa: F811
+    """sr_strategy.kind=mean: no code; every high-res frame is the image tokenizer's expected decode
+    (decode_mean at the high-res grid) of the model's distribution at each slot, rounded to uint8,
+    in pixels.npy (the mp4 / gif show it); the low-res video is the same as with codes."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog runs\n")
+    sr = [f"sr_checkpoint={sr_checkpoint}", "sr_strategy.kind=mean", "sr_strategy.temperature=0.8"]
+    assert cli.main([*_args(assets, prompts, tmp_path / "high"), "interpolation_levels=0", *sr]) == 0
+    [entry] = json.loads((tmp_path / "high" / "manifest.json").read_text())["entries"]
+    folder = tmp_path / "high" / entry["key"]
+    assert not (folder / "codes.npy").exists() and entry["files"]["pixels"] == "pixels.npy"
+    pixels = np.load(folder / "pixels.npy")
+    low = torch.from_numpy(np.load(folder / "codes_low.npy"))
+    assert pixels.dtype == np.uint8 and pixels.shape == (5, 48, 48, 3) and low.shape == (5, 4, 4)
+    model = load_model(sr_checkpoint, "cpu", torch.float32)
+    cfg = model.cfg
+    text = TextTokenizer(assets["text_tokenizer"], cfg.vocab).encode("a dog runs")
+    tokens = torch.stack([build_example(cfg, text, f, torch.zeros(cfg.high_tokens))[0] for f in low])
+    with torch.no_grad():
+        logits = gather_vocab(model(tokens, image_only=True))[..., : cfg.vocab.num_image_tokens]
+    decoder = PatchVQTokenizer.load(assets["image_tokenizer"]).at_grid(cfg.high_frame_tokens)
+    probs = distribution(logits.reshape(-1, logits.shape[-1]), 0.8, 0, 1.0).view(len(low), 12, 12, -1)
+    expected = decoder.decode_mean(probs).round().clamp(0, 255).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(pixels, expected)
+    mbr = decoder.decode(
+        torch.stack([MinimumErrorStrategy(decoder.codebook(), 0.8).sample(f) for f in logits])
+        .view(-1, 12, 12)
+        .numpy()
+    )
+    assert (pixels != mbr).mean() > 0.1  # not one code's decode per slot
+    gif = Image.open(folder / "video.gif")
+    assert gif.size == (48, 48) and gif.n_frames == 5
+
+
+def test_the_posterior_mean_is_for_the_last_stage_and_a_tokenizer_that_can_decode_it(tmp_path, capsys):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog runs\n")
+    out = ["--prompts", str(prompts), "--out", str(tmp_path / "o"), "interpolation_levels=0"]
+    assert cli.main([*out, "stage1_strategy.kind=mean"]) == 2
+    assert "stage1_strategy.kind=mean hands out expected pixels" in capsys.readouterr().err
+    model = type("Model", (), {"cfg": None})()
+
+    class CodesOnly:  # icetk's tokenizer: a convolutional decoder, no exact expected decode
+        pass
+
+    with pytest.raises(ValueError, match="kind=mean decodes the expected frame through the image tokenizer"):
+        SuperResolution(model, None, PosteriorMean(1.0), seed=0, decoder=CodesOnly())
 
 
 def test_sr_text_uncond_reads_the_checkpoints_guidance_caption_for_every_frame(

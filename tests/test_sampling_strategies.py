@@ -17,6 +17,7 @@ from cogvideo.sampling import clusters, strategies
 from cogvideo.sampling.strategies import (
     ClusterStrategy,
     MinimumErrorStrategy,
+    PosteriorMean,
     StrategyOptions,
     TopKStrategy,
     make_strategy,
@@ -200,6 +201,24 @@ def test_planted_minimum_error_bugs_fail_the_hand_computed_cases(broken):
     assert any(broken(MBR_LOGITS[None], o).tolist() != [e] for o, e in cases)
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (dict(temperature=1.0), [0.1, 0.15, 0.25, 0.5]),
+        (dict(temperature=1.0, top_k=2), [0, 0, 1 / 3, 2 / 3]),
+        (dict(temperature=1.0, top_p=0.7), [0, 0, 1 / 3, 2 / 3]),  # renormalised, as mbr's
+        (dict(temperature=0.5), np.array([0.01, 0.0225, 0.0625, 0.25]) / 0.345),  # p^2, renormalised
+    ],
+)
+def test_the_posterior_mean_reads_the_tempered_truncated_distribution(options, expected):
+    """kind=mean samples no code: it hands the decoder mbr's distribution (the hand-computed cases
+    above), each row summing to 1."""
+    strategy = make_strategy(StrategyOptions(kind="mean", **options))
+    assert isinstance(strategy, PosteriorMean)
+    got = strategy.distribution(MBR_LOGITS.expand(3, -1))
+    np.testing.assert_allclose(got.numpy(), np.broadcast_to(expected, (3, 4)), rtol=1e-6, atol=1e-7)
+
+
 def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="top_k > 0"):
         StrategyOptions(kind="cluster", top_k=0)
@@ -209,6 +228,8 @@ def test_bad_options_name_the_problem():
         StrategyOptions(top_p=0.0)
     with pytest.raises(ValueError, match="kind=mbr needs temperature > 0"):
         StrategyOptions(kind="mbr", temperature=0)
+    with pytest.raises(ValueError, match="kind=mean needs temperature > 0"):
+        StrategyOptions(kind="mean", temperature=0)
     with pytest.raises(ValueError, match="code vectors"):
         make_strategy(StrategyOptions(kind="mbr"))
     with pytest.raises(ValueError, match="3 codes, logits have 4"):

@@ -1,3 +1,4 @@
+import itertools
 import re
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cogvideo.metrics import psnr
+from cogvideo.tokenizers import patch_vq
 from cogvideo.tokenizers.image import ImageTokenizer
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer, held_out_split, kmeans, main, read_frames
-from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
+from cogvideo.tokenizers.patch_vq import PatchVQTokenizer, context_codes, context_keys
 
 SIZE, SIDE = 32, 4
 COLOURS = np.array(
@@ -310,3 +312,66 @@ def test_kmeans_on_a_random_subset_of_patches():
     patches = {tuple(cut(frame, r, c, p)) for frame in frames for r in range(SIDE) for c in range(SIDE)}
     assert tokenizer.context is None and tokenizer.codebook_size == 32
     assert all(tuple(code.astype(np.uint8)) in patches for code in tokenizer.codebook())
+
+
+def brute_force_mean(tokenizer: PatchVQTokenizer, probs: np.ndarray) -> np.ndarray:
+    """float64: decode() of every code map of the grid, weighted by its probability when each
+    position draws its code independently from probs [T, n, n, K]."""
+    t, n, _, k = probs.shape
+    maps = np.array(list(itertools.product(range(k), repeat=n * n)))  # [K ** (n * n), n * n]
+    frames = tokenizer.decode(maps.reshape(-1, n, n)).astype(np.float64)
+    weights = probs.reshape(t, n * n, k)[:, np.arange(n * n), maps].prod(-1)  # [T, maps]
+    return np.einsum("tm,mhwc->thwc", weights, frames)
+
+
+def mean_tokenizer(seed: int) -> PatchVQTokenizer:
+    """K=3 codes of 2 x 2 patches on a 3 x 3 grid: codebook values off the integers and outside
+    0..255 (decode rounds and clips them), a context table with the keys of random code maps and
+    random keys (some with "outside" on a side that is inside the grid: they never match)."""
+    rng = np.random.default_rng(seed)
+    k, n = 3, 3
+    book = rng.uniform(-20, 275, (k, 12)).astype(np.float32)
+    keys = context_keys(rng.integers(0, k, (6, n, n)), k).reshape(-1)
+    digits = rng.integers(0, k + 1, (40, 5))
+    keys = np.unique(
+        np.concatenate(
+            [
+                keys,
+                (
+                    (((digits[:, 0] * 4 + digits[:, 1]) * 4 + digits[:, 2]) * 4 + digits[:, 3]) * 4
+                    + digits[:, 4]
+                ),
+            ]
+        )
+    )
+    keys = keys[context_codes(keys, k)[0] < k]  # an entry's own code is a code
+    table = rng.integers(0, 256, (len(keys), 12), dtype=np.uint8)
+    return PatchVQTokenizer(book, 2 * n, n, context=(keys, table))
+
+
+def test_the_expected_decode_is_the_probability_weighted_mean_of_every_code_maps_decode():
+    """decode_mean against a brute force over all 3 ** 9 code maps of a 3 x 3 grid, in float64."""
+    rng = np.random.default_rng(3)
+    for seed in range(3):
+        tokenizer = mean_tokenizer(seed)
+        maps = rng.integers(0, 3, (50, 3, 3))
+        without = PatchVQTokenizer(tokenizer.codebook(), 6, 3)
+        assert not np.array_equal(tokenizer.decode(maps), without.decode(maps))  # the table is used
+        probs = rng.dirichlet(np.full(3, 0.7), (2, 3, 3))
+        got = tokenizer.decode_mean(torch.from_numpy(probs))
+        assert got.dtype == torch.float64 and got.shape == (2, 6, 6, 3)
+        np.testing.assert_allclose(got.numpy(), brute_force_mean(tokenizer, probs), rtol=1e-12, atol=1e-10)
+
+
+def test_the_expected_decode_of_certain_codes_is_their_decode(fitted, monkeypatch):
+    """A one-hot distribution gives exactly decode()'s frame (the fitted tokenizer and its context
+    table), also when the positions are weighed a few at a time, and in another dtype."""
+    codes = fitted.encode(shape_frames(20, seed=4))
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(codes), fitted.codebook_size).float()
+    np.testing.assert_array_equal(fitted.decode_mean(one_hot).numpy(), fitted.decode(codes))
+    monkeypatch.setattr(patch_vq, "MEAN_WEIGHTS", 7 * len(fitted.context[0]))  # 7 positions at a time
+    np.testing.assert_array_equal(fitted.decode_mean(one_hot).numpy(), fitted.decode(codes))
+    # the table's terms are made once per device and dtype: float64 after float32
+    np.testing.assert_array_equal(fitted.decode_mean(one_hot.double()).numpy(), fitted.decode(codes))
+    with pytest.raises(ValueError, match=r"probs: expected float \[T, 4, 4, 128\]"):
+        fitted.decode_mean(one_hot[..., :5])

@@ -7,6 +7,10 @@ or which worker samples it.
 Besides drawing (`topk`, the release's `cluster`), `mbr` decodes by minimum expected error: the code
 whose vector (the image tokenizer's codebook row) has the least expected squared distance to the
 code drawn from the model's (tempered, truncated) distribution, a project option, not the release's.
+`mean` (also the project's) writes no code at all: its frames are the posterior mean, every pixel's
+expected value under that distribution through the image tokenizer's decoder (`decode_mean`), the
+frame of least expected squared pixel error; it hands out pixels, so only the last stage (super-
+resolution) can use it.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from cogvideo.tokenizers.patch_vq import nearest
 
 @dataclass
 class StrategyOptions:
-    kind: Literal["topk", "cluster", "mbr"] = "topk"
-    temperature: float = 1.0  # 0 = greedy (argmax; not for mbr)
-    top_k: int = 0  # topk, mbr: codes kept (0 = all); cluster: clusters kept
-    top_p: float = 1.0  # topk, mbr: nucleus mass kept
+    kind: Literal["topk", "cluster", "mbr", "mean"] = "topk"
+    temperature: float = 1.0  # 0 = greedy (argmax; not for mbr, mean)
+    top_k: int = 0  # topk, mbr, mean: codes kept (0 = all); cluster: clusters kept
+    top_p: float = 1.0  # topk, mbr, mean: nucleus mass kept
     # cluster only: inside the chosen cluster, logits / (temperature * temperature2) (CogLM's rule)
     temperature2: float = 1.0
 
@@ -36,8 +40,10 @@ class StrategyOptions:
             raise ValueError(f"strategy: need top_k >= 0 and 0 < top_p <= 1, got {self}")
         if self.kind == "cluster" and (self.top_k <= 0 or self.temperature == 0):
             raise ValueError("strategy.kind=cluster needs top_k > 0 and temperature > 0")
-        if self.kind == "mbr" and self.temperature == 0:
-            raise ValueError("strategy.kind=mbr needs temperature > 0 (temperature 0 is greedy: kind=topk)")
+        if self.kind in ("mbr", "mean") and self.temperature == 0:
+            raise ValueError(
+                f"strategy.kind={self.kind} needs temperature > 0 (temperature 0 is greedy: kind=topk)"
+            )
 
 
 def uniforms(generators: list[torch.Generator], device) -> torch.Tensor:
@@ -83,6 +89,12 @@ def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     return probs
 
 
+def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """truncated_probs renormalised: each row sums to 1."""
+    probs = truncated_probs(logits, temperature, top_k, top_p)
+    return probs / probs.sum(-1, keepdim=True)
+
+
 class MinimumErrorStrategy:
     """Minimum expected error (Bayes-risk) decoding: with p the tempered, truncated distribution
     over codes and c_k the code vectors, the code k minimising sum_j p_j ||c_k - c_j||^2, which is
@@ -105,9 +117,23 @@ class MinimumErrorStrategy:
             raise ValueError(f"code vectors: {len(self.code_vectors)} codes, logits have {logits.shape[-1]}")
         if self.code_vectors.device != logits.device:  # moved once, not per frame
             self.code_vectors = self.code_vectors.to(logits.device)
-        probs = truncated_probs(logits, self.temperature, self.top_k, self.top_p)
-        expected = (probs / probs.sum(-1, keepdim=True)) @ self.code_vectors
+        expected = distribution(logits, self.temperature, self.top_k, self.top_p) @ self.code_vectors
         return nearest(expected, self.code_vectors)
+
+
+class PosteriorMean:
+    """kind=mean: no code is chosen. `distribution(logits)` is each position's (tempered, truncated)
+    distribution over the codes, which the image tokenizer's `decode_mean` turns into the expected
+    decoded frame: under the model's independent per-position distribution, the frame of least
+    expected squared pixel error (mbr picks one code per position; this averages what the codes
+    would draw). The caller decodes: see cogvideo.models.dsr.sampler.SuperResolution."""
+
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """[rows, K] logits -> [rows, K] probabilities (float32), each row summing to 1."""
+        return distribution(logits, self.temperature, self.top_k, self.top_p)
 
 
 class ClusterStrategy:
@@ -147,9 +173,12 @@ def make_strategy(
     code_vectors: torch.Tensor | np.ndarray | None = None,
 ):
     """`cluster_labels` (see `load_cluster_table`) is needed by kind=cluster only, `code_vectors`
-    (the image tokenizer's `codebook()`, [K, D]) by kind=mbr only."""
+    (the image tokenizer's `codebook()`, [K, D]) by kind=mbr only. kind=mean gives a
+    PosteriorMean, which samples no codes (the super-resolution stage decodes it)."""
     if options.kind == "topk":
         return TopKStrategy(options.temperature, options.top_k, options.top_p)
+    if options.kind == "mean":
+        return PosteriorMean(options.temperature, options.top_k, options.top_p)
     if options.kind == "mbr":
         if code_vectors is None:
             raise ValueError("strategy.kind=mbr needs the image tokenizer's code vectors (its codebook)")

@@ -29,6 +29,10 @@ class ImageTokenizer(Protocol):
     # the same tokenizer at another grid (a super-resolution model's high-res frames)
     def at_grid(self, tokens_side: int) -> "ImageTokenizer": ...
 
+    # not part of the protocol: the patch tokenizer's decode_mean(probs [T, h, w, K]) -> float
+    # [T, H, W, 3], the exact expected decode (super-resolution's sr_strategy.kind=mean); icetk's
+    # convolutional decoder has none
+
 
 def check_frames(frames: np.ndarray, frame_size: int) -> np.ndarray:
     frames = np.asarray(frames)

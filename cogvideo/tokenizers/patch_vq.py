@@ -29,6 +29,7 @@ FORMAT_VERSION = "1"
 CHUNK = 16384  # patches per distance matmul: bounds memory at [CHUNK, codebook_size]
 FRAMES_PER_CHUNK = 2048  # frames turned into float patches at a time
 MAX_CONTEXT_CODES = 6000  # context keys pack 5 codes into an int64: (K + 1) ** 5 < 2 ** 63
+MEAN_WEIGHTS = 1 << 24  # decode_mean: positions x context entries weighed at a time (64 MiB in fp32)
 
 
 def to_patches(frames: np.ndarray, tokens_side: int) -> torch.Tensor:
@@ -39,10 +40,15 @@ def to_patches(frames: np.ndarray, tokens_side: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, p * p * 3).float()
 
 
-def from_patches(patches: torch.Tensor, tokens_side: int) -> np.ndarray:
+def patches_to_frames(patches: torch.Tensor, tokens_side: int) -> torch.Tensor:
+    """[T * n * n, p * p * 3] in raster order -> [T, n * p, n * p, 3], any dtype (to_patches' inverse)."""
     p = int(round((patches.shape[1] // 3) ** 0.5))
-    x = patches.round().clamp(0, 255).to(torch.uint8).view(-1, tokens_side, tokens_side, p, p, 3)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, tokens_side * p, tokens_side * p, 3).numpy()
+    x = patches.reshape(-1, tokens_side, tokens_side, p, p, 3)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, tokens_side * p, tokens_side * p, 3)
+
+
+def from_patches(patches: torch.Tensor, tokens_side: int) -> np.ndarray:
+    return patches_to_frames(patches.round().clamp(0, 255).to(torch.uint8), tokens_side).numpy()
 
 
 def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -79,6 +85,16 @@ def context_keys(codes: np.ndarray, codebook_size: int) -> np.ndarray:
     ):
         key = key * (codebook_size + 1) + part
     return key
+
+
+def context_codes(keys: np.ndarray, codebook_size: int) -> np.ndarray:
+    """context_keys' inverse: int64 [M] -> [5, M], the code and its up, down, left and right
+    neighbours' codes (``codebook_size``: outside the frame)."""
+    codes = np.empty((5, len(keys)), np.int64)
+    rest = np.asarray(keys, np.int64)
+    for part in range(4, -1, -1):
+        rest, codes[part] = np.divmod(rest, codebook_size + 1)
+    return codes
 
 
 class PatchVQTokenizer:
@@ -130,6 +146,7 @@ class PatchVQTokenizer:
                     f"got {patches.dtype} {list(patches.shape)}"
                 )
             self.context = (keys, patches)
+        self._mean_tables = {}  # decode_mean's, by (device, dtype)
 
     def at_grid(self, tokens_side: int) -> "PatchVQTokenizer":
         """The same codebook and context table for frames of `tokens_side` patches per side (a
@@ -169,6 +186,61 @@ class PatchVQTokenizer:
             hit = table_keys[row] == keys
             patches[torch.from_numpy(hit)] = torch.from_numpy(table_patches[row[hit]]).float()
         return from_patches(patches, self.tokens_side)
+
+    def decode_mean(self, probs: torch.Tensor) -> torch.Tensor:
+        """The expected decoded frames when every position's code is drawn independently from
+        ``probs`` [T, n, n, K] (each row a distribution): float [T, H, W, 3] in probs' dtype, not
+        rounded, exactly the mean of :meth:`decode`'s uint8 frames over all code maps weighted by
+        their probability. A position decodes to its (code, 4 neighbours) context patch when the
+        table has that key, else to its code's rounded codebook patch, so its expected patch is
+        sum_c p(c) patch(c) plus, over the table's entries e, P(e's five codes there)
+        (patch(e) - patch(code of e)): the neighbours' codes are independent of the position's.
+        Cost: positions x table entries x (5 + p*p*3) multiply-adds."""
+        probs = torch.as_tensor(probs)
+        t, n, k = len(probs), self.tokens_side, self.codebook_size
+        if not probs.is_floating_point() or probs.shape[1:] != (n, n, k):
+            raise ValueError(
+                f"probs: expected float [T, {n}, {n}, {k}], got {probs.dtype} {list(probs.shape)}"
+            )
+        own = self._codebook.to(probs.device).round().clamp(0, 255).to(probs.dtype)
+        patches = probs.reshape(-1, k) @ own
+        if self.context is not None and len(self.context[0]):
+            codes, change = self._mean_table(probs.device, probs.dtype)
+            # each position's and its neighbours' distributions over K + 1 symbols (K: outside),
+            # symbol-major, so that an entry's symbol gathers a contiguous run of positions
+            padded = probs.new_zeros(k + 1, t, n + 2, n + 2)
+            padded[k] = 1
+            padded[:, :, 1:-1, 1:-1] = torch.cat([probs, probs.new_zeros(t, n, n, 1)], -1).permute(3, 0, 1, 2)
+            parts = [
+                part.reshape(k + 1, -1)
+                for part in (
+                    padded[..., 1:-1, 1:-1],
+                    padded[..., :-2, 1:-1],
+                    padded[..., 2:, 1:-1],
+                    padded[..., 1:-1, :-2],
+                    padded[..., 1:-1, 2:],
+                )
+            ]
+            rows = max(1, MEAN_WEIGHTS // len(change))
+            for start in range(0, len(patches), rows):
+                weight = parts[0][codes[0], start : start + rows]  # [entries, positions]
+                for part, index in zip(parts[1:], codes[1:]):
+                    weight *= part[index, start : start + rows]
+                patches[start : start + rows] += weight.T @ change
+        return patches_to_frames(patches, n)
+
+    def _mean_table(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_mean's view of the context table, made once per device and dtype: each entry's
+        five codes [5, M] and its patch minus its code's rounded codebook patch [M, p*p*3]."""
+        if (device, dtype) not in self._mean_tables:
+            keys, table = self.context
+            codes = torch.from_numpy(context_codes(keys, self.codebook_size)).to(device)
+            own = self._codebook.to(device).round().clamp(0, 255).to(dtype)
+            self._mean_tables[device, dtype] = (
+                codes,
+                torch.from_numpy(table).to(device, dtype) - own[codes[0]],
+            )
+        return self._mean_tables[device, dtype]
 
     def codebook(self) -> np.ndarray:
         return self._codebook.cpu().numpy().copy()

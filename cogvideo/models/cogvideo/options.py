@@ -124,6 +124,12 @@ class SampleOptions:
         if self.sr_text != "prompt" and not self.sr_checkpoint:
             found.append(f"sr_text={self.sr_text} needs sr_checkpoint: give one, or leave sr_text=prompt")
         stages = ("frame0", "stage1", "stage2") if self.interpolation_levels else ("frame0", "stage1")
+        found += [
+            f"{s}_strategy.kind=mean hands out expected pixels, not codes, which the next stage could not "
+            f"read: only sr_strategy (the last stage) can use it"
+            for s in stages
+            if getattr(self, f"{s}_strategy").kind == "mean"
+        ]
         stages += ("sr",) if self.sr_checkpoint else ()
         clustered = [s for s in stages if getattr(self, f"{s}_strategy").kind == "cluster"]
         if clustered and not self.cluster_table:

@@ -54,11 +54,12 @@ def load_stage(path: Path, options: SampleOptions, expected_stage: str, dtype: t
 
 
 def _super_resolution(
-    options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype, code_vectors: np.ndarray
+    options: SampleOptions, stage1: StageModel, text_tokenizer, dtype: torch.dtype, image_tokenizer
 ):
-    """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model;
-    `code_vectors`: the image tokenizer's codebook (for sr_strategy.kind=mbr); sr_text=uncond:
-    every frame reads the checkpoint's guidance caption (no duration prefix, as a prompt has none)."""
+    """The super-resolution stage of `options.sr_checkpoint`, checked to fit the stage-1 model; it
+    decodes with `image_tokenizer` at its high-res grid (whose codebook is also sr_strategy.kind=mbr's
+    code vectors); sr_text=uncond: every frame reads the checkpoint's guidance caption (no duration
+    prefix, as a prompt has none)."""
     from cogvideo.checkpoint import load_text_format
     from cogvideo.models.dsr.sampler import SuperResolution, load_model
 
@@ -74,9 +75,12 @@ def _super_resolution(
         if options.cluster_table
         else None
     )
-    strategy = make_strategy(options.sr_strategy, labels, code_vectors)
+    strategy = make_strategy(options.sr_strategy, labels, image_tokenizer.codebook())
     text = load_text_format(options.sr_checkpoint).uncond(None) if options.sr_text == "uncond" else None
-    return SuperResolution(model, text_tokenizer, strategy, options.seed, options.sr_frames_per_batch, text)
+    decoder = image_tokenizer.at_grid(model.cfg.high_frame_tokens)
+    return SuperResolution(
+        model, text_tokenizer, strategy, options.seed, options.sr_frames_per_batch, text, decoder
+    )
 
 
 class VideoPipeline:
@@ -147,14 +151,12 @@ class VideoPipeline:
                     )
         text = TextTokenizer(options.text_tokenizer, stage1.cfg.vocab)
         image = load_image_tokenizer(options.image_tokenizer, frame_size=stage1.cfg.frame_size)
-        code_vectors = image.codebook()
-        codes = len(code_vectors)
-        if codes != stage1.cfg.vocab.num_image_tokens:
+        if image.codebook_size != stage1.cfg.vocab.num_image_tokens:
             raise ValueError(
-                f"{options.image_tokenizer}: {codes} codes, but {options.stage1_checkpoint} "
+                f"{options.image_tokenizer}: {image.codebook_size} codes, but {options.stage1_checkpoint} "
                 f"models {stage1.cfg.vocab.num_image_tokens} image tokens"
             )
-        sr = _super_resolution(options, stage1, text, dtype, code_vectors) if options.sr_checkpoint else None
+        sr = _super_resolution(options, stage1, text, dtype, image) if options.sr_checkpoint else None
         pipeline = cls(options, stage1, stage2, text, image, frame0=frame0, sr=sr)
         pipeline.precision = precision
         return pipeline
@@ -179,9 +181,10 @@ class VideoPipeline:
         return torch.as_tensor(np.asarray(self.image_tokenizer.encode(image[None]))).reshape(-1)
 
     def sample(self, prompts: list[Prompt]) -> list[tuple[np.ndarray, np.ndarray, dict]]:
-        """(image codes [T, h, w], decoded uint8 frames [T, H, W, 3], other codes by name) per
+        """(image codes [T, h, w], decoded uint8 frames [T, H, W, 3], other arrays by name) per
         prompt; with super-resolution the codes and frames are the high-res ones and the
-        low-res codes come as "codes_low"."""
+        low-res codes come as "codes_low"; a super-resolution stage that hands out pixels (a
+        posterior mean) gives no codes, and its frames come as "pixels" too (pixels.npy)."""
         first = [None if p.first_frame is None else self._first_frame(p.first_frame) for p in prompts]
         codes = self.sampler.sample([p.text for p in prompts], first)
         side = self.sampler.stage1.cfg.frame_tokens
@@ -189,9 +192,12 @@ class VideoPipeline:
         if self.sr is None:
             return [(c, self._decode(self.image_tokenizer, c), {}) for c in codes.numpy()]
         high = self.sr([p.text for p in prompts], list(codes))
-        decoder = self.image_tokenizer.at_grid(self.sr.cfg.high_frame_tokens)
+        if self.sr.pixels:
+            return [
+                (None, h.numpy(), {"codes_low": c.numpy(), "pixels": h.numpy()}) for h, c in zip(high, codes)
+            ]
         return [
-            (h.numpy(), self._decode(decoder, h.numpy()), {"codes_low": c.numpy()})
+            (h.numpy(), self._decode(self.sr.decoder, h.numpy()), {"codes_low": c.numpy()})
             for h, c in zip(high, codes)
         ]
 
