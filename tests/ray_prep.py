@@ -14,13 +14,20 @@ from data_prep import pipeline
 TESTS = Path(__file__).resolve().parent
 
 
-def prep_on_ray(tmp_path: Path, captions: Path, *settings: str) -> tuple[dict, list[str], list[Sample]]:
-    """Prep `tmp_path/videos` with `captions` into `tmp_path/out` with `settings` (key=value);
-    (summary, the shard files, every sample they hold). Ray's workers import the repository and tests/ (a
-    family a test registers)."""
+def start_ray_importing_tests() -> None:
+    """A local Ray (2 CPUs) whose workers import the repository and tests/ (a family or tokenizer
+    loader a test defines). A Ray another test left running in this process is shut down first:
+    its workers were started without that path."""
+    ray.shutdown()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS.parent), str(TESTS)]))
         start_ray(num_cpus=2, log_to_driver=False)
+
+
+def prep_on_ray(tmp_path: Path, captions: Path, *settings: str) -> tuple[dict, list[str], list[Sample]]:
+    """Prep `tmp_path/videos` with `captions` into `tmp_path/out` with `settings` (key=value);
+    (summary, the shard files, every sample they hold)."""
+    start_ray_importing_tests()
     try:
         argv = [
             "--input",

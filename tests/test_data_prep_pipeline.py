@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import ray
 from PIL import Image
+from ray_prep import start_ray_importing_tests
 from test_data_prep_video import make_bad_inputs
 from webdataset.tariterators import tarfile_samples
 
@@ -24,7 +25,6 @@ from cogvideo.eval.assets import AssetUnavailable, sample_videos
 from cogvideo.jsonl import read_jsonl
 from cogvideo.metrics import psnr
 from cogvideo.models.cogvideo.config import get_preset
-from cogvideo.raystart import start_ray
 from cogvideo.shards import decode_sample
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from data_prep import pipeline
@@ -41,12 +41,7 @@ STAGE1, STAGE2 = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0], [2.0, 4.0, 8.0]
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    here = os.path.dirname(__file__)
-    # workers (started by the raylet with this environment) import data_prep, cogvideo and this
-    # module, for the killing tokenizer loader
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(here), here]))
-        start_ray(num_cpus=2, log_to_driver=False)
+    start_ray_importing_tests()  # the killing tokenizer loader lives in this module
     yield
     ray.shutdown()
 
