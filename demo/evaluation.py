@@ -262,20 +262,22 @@ def video_name(video: dict) -> str:
     return f"{video['key']}_d{video['duration']:g}_seed{video['seed']}"
 
 
+def video_frames(folder: Path, tokenizer) -> np.ndarray:
+    """A sampled video's uint8 frames: its pixels.npy where it has one (a pixel model's frames, or
+    a super-resolution stage's posterior mean), else its codes.npy decoded by `tokenizer`."""
+    if (folder / "pixels.npy").is_file():
+        return np.load(folder / "pixels.npy", allow_pickle=False)
+    return np.asarray(tokenizer.decode(np.load(folder / "codes.npy", allow_pickle=False)), np.uint8)
+
+
 def decode_and_render(
     videos: list[dict], tokenizer, size: int, speed: float, seed: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each sampled video's frames (its pixels.npy where it has one: a pixel model's frames, or a
-    super-resolution stage's posterior mean; else its codes decoded by `tokenizer`), and a
-    rendered reference of its prompt with the same frame count and duration (seeded by `seed` +
-    its index)."""
+    """Each sampled video's frames (`video_frames`), and a rendered reference of its prompt with
+    the same frame count and duration (seeded by `seed` + its index)."""
     generated, references = [], []
     for index, video in enumerate(videos):
-        folder = Path(video["dir"])
-        if (folder / "pixels.npy").is_file():
-            frames = np.load(folder / "pixels.npy", allow_pickle=False)
-        else:
-            frames = tokenizer.decode(np.load(folder / "codes.npy", allow_pickle=False))
+        frames = video_frames(Path(video["dir"]), tokenizer)
         generated.append(frames)
         references.append(
             render_frames(

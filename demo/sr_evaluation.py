@@ -15,7 +15,7 @@ import numpy as np
 
 from cogvideo.eval.prompts import score
 from cogvideo.eval.sr import flicker, scene_reference, sr_quality, tokenizer_ceiling, upsample_bicubic
-from demo.evaluation import analyze_keyframes, manifest_entries
+from demo.evaluation import analyze_keyframes, manifest_entries, video_frames
 
 ATTRIBUTES = ("colour", "shape", "direction")
 REFERENCE = (
@@ -29,10 +29,7 @@ def load_pair(video: dict, low_tokenizer, high_tokenizer) -> tuple[np.ndarray, n
     for a stage that hands out pixels, else codes.npy decoded)."""
     folder = Path(video["dir"])
     low = np.asarray(low_tokenizer.decode(np.load(folder / "codes_low.npy", allow_pickle=False)), np.uint8)
-    if (folder / "pixels.npy").is_file():
-        return low, np.load(folder / "pixels.npy", allow_pickle=False)
-    sr = np.asarray(high_tokenizer.decode(np.load(folder / "codes.npy", allow_pickle=False)), np.uint8)
-    return low, sr
+    return low, video_frames(folder, high_tokenizer)
 
 
 def same_as_hierarchy(video: dict, hierarchy: Path) -> bool:

@@ -202,10 +202,9 @@ class PatchVQTokenizer:
             raise ValueError(
                 f"probs: expected float [T, {n}, {n}, {k}], got {probs.dtype} {list(probs.shape)}"
             )
-        own = self._codebook.to(probs.device).round().clamp(0, 255).to(probs.dtype)
+        own, codes, change = self._mean_table(probs.device, probs.dtype)
         patches = probs.reshape(-1, k) @ own
-        if self.context is not None and len(self.context[0]):
-            codes, change = self._mean_table(probs.device, probs.dtype)
+        if len(change):
             # each position's and its neighbours' distributions over K + 1 symbols (K: outside),
             # symbol-major, so that an entry's symbol gathers a contiguous run of positions
             padded = probs.new_zeros(k + 1, t, n + 2, n + 2)
@@ -229,17 +228,20 @@ class PatchVQTokenizer:
                 patches[start : start + rows] += weight.T @ change
         return patches_to_frames(patches, n)
 
-    def _mean_table(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """decode_mean's view of the context table, made once per device and dtype: each entry's
-        five codes [5, M] and its patch minus its code's rounded codebook patch [M, p*p*3]."""
+    def _mean_table(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """decode_mean's terms, made once per device and dtype: the rounded codebook patches
+        [K, p*p*3] (what decode draws for a code), and the context table's entries' five codes
+        [5, M] and patch minus their code's rounded patch [M, p*p*3] (M = 0 without a table)."""
         if (device, dtype) not in self._mean_tables:
-            keys, table = self.context
-            codes = torch.from_numpy(context_codes(keys, self.codebook_size)).to(device)
             own = self._codebook.to(device).round().clamp(0, 255).to(dtype)
-            self._mean_tables[device, dtype] = (
-                codes,
-                torch.from_numpy(table).to(device, dtype) - own[codes[0]],
+            keys, table = self.context if self.context is not None else (np.zeros(0, np.int64), None)
+            codes = torch.from_numpy(context_codes(keys, self.codebook_size)).to(device)
+            change = (
+                torch.from_numpy(table).to(device, dtype) - own[codes[0]]
+                if len(keys)
+                else own.new_zeros(0, own.shape[1])
             )
+            self._mean_tables[device, dtype] = (own, codes, change)
         return self._mean_tables[device, dtype]
 
     def codebook(self) -> np.ndarray:
