@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--preset small] [--batch 8] [--steps 10] [--precisions fp32 auto]
     python benchmarks/bench_train.py --threads 1 --clock cpu   # on a CPU shared with other jobs
+    python benchmarks/bench_train.py --profile 10              # and where the step's time goes
 
 Full stack = `pretrain.train.Trainer.advance` (one step of the training loop): shard loader
 thread, DeepSpeed engine (ZeRO-2), NaN guard, signal check, metrics (JSONL + TensorBoard).
@@ -187,17 +188,60 @@ def alternate(runners: dict, steps: int, warmup: int, clock) -> dict[str, float]
     return {name: statistics.median(values) for name, values in took.items()}
 
 
+def operator_times(run, calls: int) -> dict[str, float]:
+    """Self CPU milliseconds per call of each operator (and profiled Python region) of `run`,
+    under torch.profiler over `calls` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            run()
+    return {event.key: event.self_cpu_time_total / 1000 / calls for event in prof.key_averages()}
+
+
 def compare(args, root: Path, shards, tokenizer, precision: str, batch) -> dict:
     """The stack in `precision` (auto: as the trainer resolves it) against both bare loops in
-    the precision it runs; seconds per step and what ran."""
+    the precision it runs; seconds per step and what ran (and, with --profile, each runner's
+    operator times)."""
     trainer = make_trainer(args, root / precision, shards, tokenizer, precision)
     runs = trainer.cfg.parallel.precision
     runners = {"stack": trainer.advance}
     for implementation in ("foreach", "fused"):
         runners[f"bare {implementation}"] = BareLoop(trainer.cfg, trainer.model_cfg, batch, implementation)
     seconds = alternate(runners, args.steps, args.warmup, CLOCKS[args.clock])
+    profiles = (
+        {name: operator_times(run, args.profile) for name, run in runners.items()} if args.profile else {}
+    )
     trainer.close()
-    return {"precision": runs, "choice": trainer.precision.describe(), "seconds": seconds}
+    return {
+        "precision": runs,
+        "choice": trainer.precision.describe(),
+        "seconds": seconds,
+        "profiles": profiles,
+    }
+
+
+def where_the_time_goes(profiles: dict[str, dict[str, float]], bare: str, rows: int = 8) -> None:
+    """The stack's costliest operators, and those it spends more on than the bare loop `bare`."""
+    stack, base = profiles["stack"], profiles[bare]
+    extra = {name: stack.get(name, 0.0) - base.get(name, 0.0) for name in {*stack, *base}}
+    width = min(60, max(map(len, extra), default=0))
+
+    def row(name: str, mine: float, theirs: float, more: float) -> str:
+        return f"    {name[:width]:{width}s} {mine:8.2f} {theirs:8.2f} {more:+8.2f}"
+
+    header = f"    {'operator (self CPU ms per step)':{width}s} {'stack':>8s} {'bare':>8s} {'extra':>8s}"
+    for title, order in (
+        (
+            f"where the stack's step goes (torch.profiler; bare = {bare}):",
+            sorted(stack, key=stack.get, reverse=True),
+        ),
+        ("what the stack spends more on than the bare loop:", sorted(extra, key=extra.get, reverse=True)),
+    ):
+        print(f"  {title}\n{header}")
+        for name in order[:rows]:
+            print(row(name, stack.get(name, 0.0), base.get(name, 0.0), extra[name]))
+    print(row("all operators", sum(stack.values()), sum(base.values()), sum(extra.values())))
 
 
 def report(args, model_cfg, result: dict, peak: float) -> dict:
@@ -215,6 +259,8 @@ def report(args, model_cfg, result: dict, peak: float) -> dict:
         f"  stack / bare ({bare}, the faster) tokens/s: {ratio:.3f} (target >= 0.9); "
         f"stack at {flops / seconds['stack'] / peak:.1%} of the fp32 1024^3 matmul (target >= 40%)"
     )
+    if result["profiles"]:
+        where_the_time_goes(result["profiles"], bare)
     return {"stack_vs_bare": ratio, "stack_vs_matmul": flops / seconds["stack"] / peak}
 
 
@@ -228,6 +274,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"])
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after the timing, profile STEPS more steps of each runner (torch.profiler) and print "
+        "where the stack's step goes and what it spends more on than the faster bare loop",
+    )
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),

@@ -22,6 +22,35 @@ def test_blocked_equals_dense(preset, text_bias):
     torch.testing.assert_close(blocked, dense, atol=1e-5, rtol=1e-5)
 
 
+def _gradients(model, tokens, dense: bool) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.dense_attention = dense
+    out = model(tokens)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-stage2"])
+def test_blocked_gradients_equal_dense(preset, monkeypatch):
+    """The blocks' gathers (index_select, duplicated text keys summed in the backward) and the
+    windows' reordering give the dense masks' gradients, in float64; a planted gather that lets no
+    gradient through its keys fails the same comparison."""
+    from cogvideo.models.cogvideo import blocked
+
+    model = random_model(preset, num_layers=2).double()
+    tokens, _, _ = random_batch(model.cfg)
+    dense = _gradients(model, tokens, dense=True)
+    got = _gradients(model, tokens, dense=False)
+    assert got.keys() == dense.keys()
+    for name in dense:
+        torch.testing.assert_close(got[name], dense[name], rtol=1e-10, atol=1e-12, msg=name)
+
+    gather = blocked._gather
+    monkeypatch.setattr(blocked, "_gather", lambda t, index, blocks: gather(t.detach(), index, blocks))
+    planted = _gradients(model, tokens, dense=False)
+    assert any(not torch.allclose(planted[name], dense[name], rtol=1e-6) for name in dense)
+
+
 def test_windowed_equals_dense_at_published_window_shape():
     # 20x20 tokens, window 10, shift 5, as in the released stage-2 model (narrow and shallow here)
     model = random_model("tiny-stage2", num_layers=2, **PUBLISHED_WINDOWS)

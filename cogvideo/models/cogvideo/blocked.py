@@ -132,9 +132,11 @@ def frame_blocks(
 
 def _gather(t: torch.Tensor, index: torch.Tensor, blocks: int) -> torch.Tensor:
     """Tokens `index` ([nb*m], block after block) of t [B, H, L, d] as [B*nb, H, m, d], copied
-    once into token-major order, which SDPA reads as it is."""
+    once into token-major order, which SDPA reads as it is. index_select, not t[:, index]: its
+    backward is an index_add, where indexing's is an accumulating index_put that took 5x as long
+    on the CPU (small preset, fp32: 1.17 vs 0.22 ms forward + backward, the same gradient)."""
     B, H, _, d = t.shape
-    return t.transpose(1, 2)[:, index].reshape(B * blocks, -1, H, d).transpose(1, 2)
+    return t.transpose(1, 2).index_select(1, index).reshape(B * blocks, -1, H, d).transpose(1, 2)
 
 
 def _ungather(out: torch.Tensor, batch: int, inverse: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +144,7 @@ def _ungather(out: torch.Tensor, batch: int, inverse: torch.Tensor | None = None
     without a copy), reordered by `inverse` when the blocks were gathered out of order."""
     _, H, _, d = out.shape
     tokens = out.transpose(1, 2).reshape(batch, -1, H, d)
-    return (tokens if inverse is None else tokens[:, inverse]).transpose(1, 2)
+    return (tokens if inverse is None else tokens.index_select(1, inverse)).transpose(1, 2)
 
 
 def spatial_attention(
