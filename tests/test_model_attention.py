@@ -32,12 +32,13 @@ def _gradients(model, tokens, dense: bool) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-stage2"])
 def test_blocked_gradients_equal_dense(preset, monkeypatch):
-    """The blocks' gathers (index_select, duplicated text keys summed in the backward) and the
-    windows' reordering give the dense masks' gradients, in float64; a planted gather that lets no
-    gradient through its keys fails the same comparison."""
+    """The blocks' gathers (index_select: a text key repeated in every frame's block sums its
+    gradients in the backward) and the windows' reordering give the dense masks' gradients, in
+    float64, every parameter trained (with the backbone frozen no text key's gradient reaches a
+    parameter); a planted gather that drops the repeats' gradients fails the same comparison."""
     from cogvideo.models.cogvideo import blocked
 
-    model = random_model(preset, num_layers=2).double()
+    model = random_model(preset, num_layers=2).double().requires_grad_(True)
     tokens, _, _ = random_batch(model.cfg)
     dense = _gradients(model, tokens, dense=True)
     got = _gradients(model, tokens, dense=False)
@@ -46,7 +47,18 @@ def test_blocked_gradients_equal_dense(preset, monkeypatch):
         torch.testing.assert_close(got[name], dense[name], rtol=1e-10, atol=1e-12, msg=name)
 
     gather = blocked._gather
-    monkeypatch.setattr(blocked, "_gather", lambda t, index, blocks: gather(t.detach(), index, blocks))
+
+    def repeats_without_gradient(t, index, blocks):
+        seen, first = set(), []
+        for i in index.tolist():
+            first.append(i not in seen)
+            seen.add(i)
+        kept, cut = gather(t, index, blocks), gather(t.detach(), index, blocks)
+        shape = (t.shape[0], blocks, *kept.shape[1:])  # [B, nb, H, m, d]
+        mask = torch.tensor(first).view(1, blocks, 1, -1, 1)
+        return torch.where(mask, kept.reshape(shape), cut.reshape(shape)).reshape(kept.shape)
+
+    monkeypatch.setattr(blocked, "_gather", repeats_without_gradient)
     planted = _gradients(model, tokens, dense=False)
     assert any(not torch.allclose(planted[name], dense[name], rtol=1e-6) for name in dense)
 
