@@ -8,9 +8,10 @@ Full stack = `pretrain.train.Trainer.advance` (one step of the training loop): s
 thread, DeepSpeed engine (ZeRO-2), NaN guard, signal check, metrics (JSONL + TensorBoard).
 Bare loops = the same model, batch and optimizer settings with nothing around them: the stack's
 parameter groups, torch AdamW (foreach, and fused), clip_grad_norm_; in bf16 with fp32 master
-weights as DeepSpeed keeps them (`BareLoop`). The three alternate step by step; the faster bare
-loop is the baseline. Each precision in --precisions runs in turn: `auto` is what the trainer
-resolves it to on this machine (it times the run's own step; pretrain/step_probe.py).
+weights as DeepSpeed keeps them, and attention computed as the trainer chose (`BareLoop`). The
+three alternate step by step; the faster bare loop is the baseline. Each precision in
+--precisions runs in turn: `auto` is what the trainer resolves it to on this machine (it times
+the run's own step; pretrain/step_probe.py), bf16's attention too (cogvideo.sdpa).
 Achieved FLOP/s (analytic, cogvideo.models.cogvideo.flops) is compared with the fp32 1024^3 matmul timed here
 (`cogvideo.precision.matmul_gflops`). Targets: stack tokens/s >= 0.9x the faster bare loop;
 stack >= 40% of the fp32 matmul rate. The CPU, its bf16 flags and the load average during the
@@ -40,6 +41,7 @@ from cogvideo.machine import LoadWatch  # noqa: E402
 from cogvideo.models.cogvideo.config import get_preset  # noqa: E402
 from cogvideo.models.cogvideo.flops import train_flops  # noqa: E402
 from cogvideo.precision import matmul_gflops, torch_dtype  # noqa: E402
+from cogvideo.sdpa import fp32_attention  # noqa: E402
 from cogvideo.shards import ClipMeta, encode_sample  # noqa: E402
 from cogvideo.tokenizers.text import train_text_tokenizer  # noqa: E402
 from pretrain.launch import free_port  # noqa: E402
@@ -132,7 +134,8 @@ class BareLoop:
     optimizer settings: the stack's parameter groups (`pretrain.optim.param_groups`: no decay on
     norms, biases and gates), AdamW (`foreach` or `fused`) with the run's lr, betas, eps and decay,
     `clip_grad_norm_` (foreach) at the run's clip, in the run's precision: fp32, or bf16 weights
-    with fp32 master copies that AdamW steps (DeepSpeed's bf16 scheme). One call is one step."""
+    with fp32 master copies that AdamW steps (DeepSpeed's bf16 scheme), its attention computed as
+    the run's (`parallel.attention_precision`, cogvideo.sdpa). One call is one step."""
 
     def __init__(self, cfg, model_cfg, batch, implementation: str):
         o = cfg.optim
@@ -144,6 +147,7 @@ class BareLoop:
             o.grad_clip,
         )
         self.model = build_model(model_cfg)
+        self.fp32_attention = cfg.parallel.precision != "fp32" and cfg.parallel.attention_precision == "fp32"
         groups = param_groups(self.model, o.weight_decay)
         self.low = [p for g in groups for p in g["params"]]
         if cfg.parallel.precision == "fp32":
@@ -158,8 +162,9 @@ class BareLoop:
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kind)
 
     def __call__(self) -> None:
-        loss = self.family.loss(self.model_cfg, self.model, self.batch, "cpu")
-        loss.backward()
+        with fp32_attention(self.fp32_attention):
+            loss = self.family.loss(self.model_cfg, self.model, self.batch, "cpu")
+            loss.backward()
         if self.high is not self.low:
             for low, high in zip(self.low, self.high):
                 high.grad, low.grad = low.grad.float(), None
@@ -313,7 +318,7 @@ def main() -> None:
     peak = matmul_gflops(torch.float32, min_seconds=0.2) * 1e9
     print(f"matmul 1024^3 fp32: {peak / 1e9:.1f} GFLOP/s (measured in this run, {args.clock} clock)")
     for precision, result in results.items():
-        print(f"{precision} ({result['choice']}):" if precision == "auto" else f"{precision}:")
+        print(f"{precision} ({result['choice']}):" if precision != "fp32" else f"{precision}:")
         result.update(report(args, model_cfg, result, peak))
     load.sample()
     print(f"machine: {load.describe()}")

@@ -13,7 +13,10 @@ casts and per-token latency are not in it): on an AMX Xeon bf16 matmuls ran 3.2x
 the demo's training steps did not; on the dev CPU (AVX-512 BF16) bf16 products ran 1.6x faster
 while sampling stage 2 took 1.8x longer in bf16 (`benchmarks/bench_sampling.py`). The low precision on CUDA: bf16 on
 compute capability >= 8 with native bf16 (A100, H100), fp16 with loss scaling on 7.x (V100, T4),
-none below.
+none below. Training also asks what a low precision's attention computes in (``attention``:
+AttentionPrecision): with ``auto`` on a CPU the low precision's step is timed with attention in
+fp32 too (``fp32_attention_step``; cogvideo.sdpa), the faster of the two counts against fp32's,
+and the choice records which (``PrecisionChoice.attention``).
 
 Without a step (the other families' sampling, evaluation, the tokenizer fit) CUDA
 follows that capability rule, and on a CPU a product of the run's own width is timed in fp32 and
@@ -37,6 +40,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISION_CHOICES = typing.get_args(Precision)  # for argparse choices
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# What a bf16/fp16 run's attention computes in (cogvideo.sdpa): "auto" times the step both ways
+# where a step is timed on a CPU (CUDA keeps its fused low-precision kernels), "fp32", or "same"
+AttentionPrecision = Literal["auto", "fp32", "same"]
 
 # A CPU's bf16 must beat fp32 on the probe by this factor to be chosen: a training step also runs
 # casts, norms and fp32 master weights that bf16 does not speed up, and the margin keeps a
@@ -57,6 +63,21 @@ STEP_MIN_SPEEDUP = 1.5
 PROBE_MAX_LAYERS = 4
 STEP_WARMUP = 1  # untimed steps per precision (allocations, kernel choice)
 STEP_REPEATS = 3  # timed steps per precision; the median counts
+
+
+def fp32_attention_step(name: str) -> str:
+    """The step name of precision `name` with attention computed in fp32 (cogvideo.sdpa)."""
+    return f"{name}_attention_fp32"
+
+
+def split_step_name(step_name: str) -> tuple[str, bool]:
+    """(precision, attention computed in fp32) of a timed step's name."""
+    name, _, rest = step_name.partition("_attention_")
+    return name, rest == "fp32"
+
+
+# every step a probe may time, in the order ProbeFigures' vector carries their seconds
+STEP_NAMES = (*DTYPES, *(fp32_attention_step(name) for name in DTYPES if name != "fp32"))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -138,7 +159,7 @@ class ProbeFigures:
     threads: int
     capability: tuple[int, int] | None = None
     bf16_supported: bool = False
-    step_seconds: dict[str, float] = field(default_factory=dict)  # precision name -> s per own step
+    step_seconds: dict[str, float] = field(default_factory=dict)  # STEP_NAMES entry -> s per own step
 
     def to_vector(self) -> torch.Tensor:
         cap = self.capability or (-1, -1)
@@ -150,7 +171,7 @@ class ProbeFigures:
                 self.threads,
                 *cap,
                 float(self.bf16_supported),
-                *(self.step_seconds.get(n, -1.0) for n in DTYPES),
+                *(self.step_seconds.get(n, -1.0) for n in STEP_NAMES),
             ],
             dtype=torch.float64,
         )
@@ -160,7 +181,7 @@ class ProbeFigures:
         x = v.tolist()
         gflops = {name: value for name, value in zip(DTYPES, x[1:4]) if value >= 0}
         cap = (int(x[8]), int(x[9])) if x[8] >= 0 else None
-        steps = {name: value for name, value in zip(DTYPES, x[11:14]) if value >= 0}
+        steps = {name: value for name, value in zip(STEP_NAMES, x[11:]) if value >= 0}
         return cls(
             "cuda" if x[0] else "cpu",
             gflops,
@@ -180,8 +201,27 @@ class ProbeFigures:
         return None if chosen == "fp32" else chosen
 
     def step_speedup(self, name: str) -> float:
-        """fp32's step time over `name`'s (> 1: `name` is faster)."""
-        return self.step_seconds["fp32"] / max(self.step_seconds[name], 1e-12)
+        """fp32's step time over precision `name`'s faster timed step (> 1: `name` is faster)."""
+        own = [self.step_seconds[s] for s in (name, fp32_attention_step(name)) if s in self.step_seconds]
+        return self.step_seconds["fp32"] / max(min(own), 1e-12)
+
+    def timed(self, name: str) -> bool:
+        """Whether a step of precision `name` was timed (with either attention)."""
+        return any(split_step_name(s)[0] == name for s in self.step_seconds)
+
+    def attention(self, precision: str, requested: str) -> str:
+        """What precision `precision`'s attention computes in (`requested`: AttentionPrecision):
+        fp32 where asked, or, for auto, where its step with fp32 attention was timed faster."""
+        if requested == "fp32" or precision == "fp32":
+            return "fp32"
+        if requested == "auto":
+            both = (precision, fp32_attention_step(precision))
+            if (
+                all(s in self.step_seconds for s in both)
+                and self.step_seconds[both[1]] < self.step_seconds[both[0]]
+            ):
+                return "fp32"
+        return precision
 
 
 def measure(device: str = "cpu", shape: tuple[int, int, int] = (128, 256, 1024)) -> ProbeFigures:
@@ -212,8 +252,8 @@ def decide(figures: ProbeFigures, excluded: Sequence[str] = ()) -> str:
     step times, the device's low precision where its step is >= STEP_MIN_SPEEDUP faster; without,
     the capability rule on CUDA and the matmul rule on a CPU."""
     low = figures.low_precision
-    if figures.step_seconds:
-        timed = low is not None and low in figures.step_seconds
+    if "fp32" in figures.step_seconds:  # the run's own step was timed
+        timed = low is not None and figures.timed(low)
         chosen = low if timed and figures.step_speedup(low) >= STEP_MIN_SPEEDUP else "fp32"
     elif figures.device == "cuda":
         chosen = cuda_precision(figures.capability, figures.bf16_supported)
@@ -230,10 +270,16 @@ class PrecisionChoice:
     figures: ProbeFigures
     reason: str = ""
     warning: str | None = field(default=None)
+    attention: str | None = None  # what attention computes in (cogvideo.sdpa); None: `precision`
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.precision]
+
+    @property
+    def fp32_attention(self) -> bool:
+        """Whether this run's bf16/fp16 attention computes in fp32 (`cogvideo.sdpa.fp32_attention`)."""
+        return self.precision != "fp32" and self.attention == "fp32"
 
     def describe(self) -> str:
         f = self.figures
@@ -243,8 +289,10 @@ class PrecisionChoice:
         )
         m, k, n = f.shape
         steps = ", ".join(f"{name} {value:.3f}" for name, value in f.step_seconds.items())
+        attention = ", attention in fp32" if self.fp32_attention else ""
         return (
-            f"precision {self.precision} (requested {self.requested}{'; ' + self.reason if self.reason else ''}): "
+            f"precision {self.precision}{attention} (requested {self.requested}"
+            f"{'; ' + self.reason if self.reason else ''}): "
             + (f"own step s {steps}; " if steps else "")
             + f"matmul {m}x{k}x{n} GFLOP/s {rates} ({where})"
         )
@@ -255,6 +303,7 @@ class PrecisionChoice:
         return {
             "requested": self.requested,
             "precision": self.precision,
+            "attention": self.attention or self.precision,
             "reason": self.reason,
             "device": f["device"],
             "gflops": {k: round(v, 2) for k, v in f["gflops"].items()},
@@ -288,7 +337,7 @@ def _reason(figures: ProbeFigures, chosen: str, excluded: Sequence[str] = ()) ->
     low = figures.low_precision
     if low is not None and low in excluded:
         return f"{low} is excluded for this run (known to cost its quality)"
-    if figures.step_seconds:
+    if "fp32" in figures.step_seconds:
         if low is None:
             return "no fast low precision on this device"
         speedup = figures.step_speedup(low)
@@ -364,19 +413,51 @@ def _shared(figures: ProbeFigures, device: str) -> ProbeFigures:
     return ProbeFigures.from_vector(vector.cpu())
 
 
+def steps_to_time(
+    requested: str, figures: ProbeFigures, excluded: Sequence[str], attention: str
+) -> list[str]:
+    """The steps (STEP_NAMES) `choose_precision` times: for ``auto`` fp32's and the low
+    precision's; for an explicit low precision none, unless its attention is to be decided. The
+    low precision's step runs with attention in fp32 where ``attention`` is ``fp32``, both ways
+    where it is ``auto`` on a CPU (CUDA keeps its fused low-precision kernels)."""
+    low = figures.low_precision if requested == "auto" else requested
+    if low in (None, "fp32") or (requested == "auto" and low in excluded):
+        return []
+    both = [low, fp32_attention_step(low)] if figures.device == "cpu" else [low]
+    variants = {"same": [low], "fp32": [fp32_attention_step(low)], "auto": both}[attention]
+    if requested == "auto":
+        return ["fp32", *variants]
+    return variants if len(variants) > 1 else []
+
+
 def choose_precision(
     requested: str,
     device: str = "cpu",
     shape: tuple[int, int, int] = (128, 256, 1024),
     step: Callable[[str], None] | None = None,
     excluded: Sequence[str] = (),
+    attention: str = "same",
 ) -> PrecisionChoice:
     """Resolve a requested precision on this device (see the module docstring). ``step(name)``:
-    one step of the run's own work (training step, decoding) in precision ``name``, timed for ``auto`` (collective: under
-    torch.distributed every rank calls this together); ``excluded``: low precisions ``auto`` must
-    not choose for this run."""
+    one step of the run's own work (training step, decoding) as STEP_NAMES entry ``name``, timed
+    for ``auto`` (collective: under torch.distributed every rank calls this together);
+    ``excluded``: low precisions ``auto`` must not choose for this run; ``attention``
+    (AttentionPrecision): what a low precision's attention computes in, ``auto`` timed."""
     figures = probe(device, shape)
-    low = figures.low_precision
-    if requested == "auto" and step is not None and low is not None and low not in excluded:
-        figures = _shared(replace(figures, step_seconds=time_steps(step, ["fp32", low], device)), device)
-    return resolve(requested, figures, excluded)
+    names = steps_to_time(requested, figures, excluded, attention) if step is not None else []
+    if names:
+        figures = _shared(replace(figures, step_seconds=time_steps(step, names, device)), device)
+    choice = resolve(requested, figures, excluded)
+    computes_in = figures.attention(choice.precision, attention)
+    reason = "; ".join(
+        filter(None, [choice.reason, _attention_reason(figures, choice.precision, computes_in)])
+    )
+    return replace(choice, attention=computes_in, reason=reason)
+
+
+def _attention_reason(figures: ProbeFigures, precision: str, attention: str) -> str:
+    both = (precision, fp32_attention_step(precision))
+    if precision == "fp32" or not all(s in figures.step_seconds for s in both):
+        return ""
+    speedup = figures.step_seconds[both[0]] / max(figures.step_seconds[both[1]], 1e-12)
+    return f"{precision} step with fp32 attention {speedup:.2f}x its own: attention in {attention}"

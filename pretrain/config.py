@@ -20,7 +20,7 @@ import torch
 from cogvideo.configio import ConfigError, load_config
 from cogvideo.family import family_of, optimized_parts, resolve_model_section, section_family
 from cogvideo.models.cogvideo.config import ModelConfig
-from cogvideo.precision import Precision
+from cogvideo.precision import AttentionPrecision, Precision
 from cogvideo.text_format import DEFAULT_PREFIX_TEMPLATE, UNCOND_CAPTION, TextFormat
 
 
@@ -41,6 +41,9 @@ class ParallelConfig:
     # V100) where the run's own training step, timed at start-up in both, is clearly faster than
     # fp32's (cogvideo.precision, pretrain/step_probe.py); else fp32. Resolved once per run
     precision: Precision = "auto"
+    # what a bf16/fp16 run's attention computes in (cogvideo.sdpa): auto times the step with it
+    # in fp32 too, on a CPU (a bf16 kernel's backward is slow on some), fp32, or same as the run
+    attention_precision: AttentionPrecision = "auto"
     auto_excludes: list[Literal["bf16", "fp16"]] = field(
         default_factory=list
     )  # precisions auto never chooses for this run: known to cost its quality

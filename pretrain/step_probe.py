@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 from cogvideo import parallel
-from cogvideo.precision import PROBE_MAX_LAYERS
+from cogvideo.precision import PROBE_MAX_LAYERS, split_step_name
+from cogvideo.sdpa import fp32_attention
 from pretrain.config import TrainConfig
 from pretrain.data import Batch, ShardLoader
 from pretrain.engines import Engines
@@ -68,12 +69,13 @@ class StepProbe:
             self.engines[name] = Engines.initialize(build_model(self.model_cfg), self.model_cfg, cfg)
         return self.engines[name]
 
-    def __call__(self, name: str) -> None:
-        """One step of every optimised part."""
+    def __call__(self, step_name: str) -> None:
+        """One step of every optimised part (`step_name`: a cogvideo.precision.STEP_NAMES entry)."""
+        name, in_fp32 = split_step_name(step_name)
         engines = self.engine(name)
         for part in engines.parts:
             engine = engines.by_part[part.name]
-            with engines.training(part):
+            with engines.training(part), fp32_attention(in_fp32):
                 for _ in range(self.cfg.training.grad_accum_steps):
                     loss = part.loss(self.model_cfg, engines.by_part, self.batch, engine.device)
                     engine.backward(loss)

@@ -32,8 +32,9 @@ from cogvideo.checkpoint.training import EMA_PART, EMA_SCOPE, tag_for, train_con
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
-from cogvideo.precision import PrecisionChoice, choose_precision, probe_shape
+from cogvideo.precision import PrecisionChoice, choose_precision, probe, probe_shape, steps_to_time
 from cogvideo.runlock import LockHeld, RunLock
+from cogvideo.sdpa import fp32_attention
 from pretrain.checkpoint import PARTS, CheckpointManager, FoundByAllRanks, RNGState, SaveFailed
 from pretrain.config import TrainConfig, world_size_from_env
 from pretrain.data import Batch, DataError, ShardLoader
@@ -91,23 +92,27 @@ def initial_state(cfg: TrainConfig, model_cfg, tp_rank: int, tp_size: int) -> di
 def run_precision(
     cfg: TrainConfig, model_cfg, resume: Path | None, make_step: Callable[[], StepProbe] | None = None
 ) -> PrecisionChoice:
-    """Resolve parallel.precision (collective: every rank times the step, rank 0's figures count).
-    `auto` resolves once per run, by timing `make_step()` (the run's own training step) in fp32
-    and the device's low precision; a resumed run keeps the precision its checkpoint was trained in."""
+    """Resolve parallel.precision and parallel.attention_precision (collective: every rank times
+    the step, rank 0's figures count). `auto` resolves once per run, by timing `make_step()` (the
+    run's own training step) in fp32 and the device's low precision, on a CPU the latter with its
+    attention in fp32 too; a resumed run keeps what its checkpoint was trained in."""
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     rows = cfg.training.micro_batch_size * model_cfg.seq_length
     shape = probe_shape(rows, model_cfg.hidden_size, model_cfg.ffn_size // cfg.parallel.tensor_parallel)
-    trained_in = train_config_precision(resume) if resume is not None else None
-    if cfg.parallel.precision == "auto" and trained_in:
-        choice = choose_precision(trained_in, device, shape)
-        return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
+    requested, attention = cfg.parallel.precision, cfg.parallel.attention_precision
+    if resume is not None:
+        trained_in, trained_attention = train_config_precision(resume)
+        attention = trained_attention if attention == "auto" else attention
+        if requested == "auto" and trained_in:
+            choice = choose_precision(trained_in, device, shape, attention=attention)
+            return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
     # the run's and the family's: low precisions known to cost this model its quality
     excluded = (*cfg.parallel.auto_excludes, *family_of(model_cfg).auto_excludes)
-    if make_step is None or cfg.parallel.precision != "auto":
-        return choose_precision(cfg.parallel.precision, device, shape, excluded=excluded)
+    if make_step is None or not steps_to_time(requested, probe(device, shape), excluded, attention):
+        return choose_precision(requested, device, shape, excluded=excluded, attention=attention)
     step = make_step()
     try:
-        return choose_precision("auto", device, shape, step, excluded)
+        return choose_precision(requested, device, shape, step, excluded, attention)
     finally:
         step.close()
 
@@ -184,7 +189,11 @@ class Trainer:
         self._info(self.precision.describe())
         if self.precision.warning and self.rank == 0:
             log.warning(self.precision.warning)
-        resolved = dict(precision=self.precision.precision, precision_probe=self.precision.to_dict())
+        resolved = dict(
+            precision=self.precision.precision,
+            attention_precision="fp32" if self.precision.fp32_attention else "same",
+            precision_probe=self.precision.to_dict(),
+        )
         return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **resolved))
 
     @property
@@ -290,7 +299,7 @@ class Trainer:
         part = self.engines.turn(self.step)
         engine, losses = self.engines.by_part[part.name], []
         lr = engine.get_lr()[0]
-        with self.engines.training(part):
+        with self.engines.training(part), fp32_attention(self.precision.fp32_attention):
             for micro in range(self.cfg.training.grad_accum_steps):
                 batch = next(self.batches)
                 self._record_keys(micro, batch)

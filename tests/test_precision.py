@@ -116,21 +116,24 @@ def test_measure_on_this_cpu_times_both_precisions():
 
 
 def _rank_worker(rank: int, port: int, results) -> None:
-    # each rank "measures" differently: rank 0 sees fast bf16 matmuls and a slow bf16 step, rank 1
-    # the opposite
+    # each rank "measures" differently: rank 0 sees fast bf16 matmuls and a slow bf16 step that
+    # fp32 attention speeds up, rank 1 the opposite
     fake = {0: cpu(100.0, 220.0), 1: cpu(100.0, 10.0)}[rank]
-    steps = {0: {"fp32": 1.0, "bf16": 2.0}, 1: {"fp32": 1.0, "bf16": 0.5}}[rank]
+    upcast = precision.fp32_attention_step("bf16")
+    steps = {0: {"fp32": 1.0, "bf16": 2.0, upcast: 1.5}, 1: {"fp32": 1.0, "bf16": 0.5, upcast: 0.6}}[rank]
     precision.measure = lambda device, shape: fake
     precision.time_steps = lambda step, names, device: {name: steps[name] for name in names}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         matmul = precision.choose_precision("auto", "cpu", SHAPE)
         step = precision.choose_precision("auto", "cpu", SHAPE, step=lambda name: None)
+        attention = precision.choose_precision("bf16", "cpu", SHAPE, step=lambda name: None, attention="auto")
         results[rank] = (
             matmul.precision,
             matmul.figures.gflops["bf16"],
             step.precision,
             step.figures.step_seconds["bf16"],
+            attention.attention,
         )
     finally:
         dist.destroy_process_group()
@@ -140,4 +143,4 @@ def _rank_worker(rank: int, port: int, results) -> None:
 def test_ranks_agree_on_rank_zeros_figures():
     results = mp.Manager().dict()
     mp.spawn(_rank_worker, args=(free_port(), results), nprocs=2)
-    assert dict(results) == {0: ("bf16", 220.0, "fp32", 2.0), 1: ("bf16", 220.0, "fp32", 2.0)}
+    assert dict(results) == {0: ("bf16", 220.0, "fp32", 2.0, "fp32"), 1: ("bf16", 220.0, "fp32", 2.0, "fp32")}

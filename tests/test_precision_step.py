@@ -6,22 +6,33 @@ master weights moved by Adam's first step, the model holding their bf16 rounding
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 from test_pretrain_data import write_caption_tokenizer, write_shards
 from tolerances import adam_weight_atol
 
 from cogvideo import parallel, precision
+from cogvideo.checkpoint.training import TRAIN_CONFIG
 from cogvideo.family import build_model
 from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.models.cogvideo.model import image_token_loss
-from cogvideo.precision import STEP_MIN_SPEEDUP, ProbeFigures, choose_precision, decide, resolve
+from cogvideo.precision import (
+    STEP_MIN_SPEEDUP,
+    ProbeFigures,
+    choose_precision,
+    decide,
+    fp32_attention_step,
+    resolve,
+)
 from cogvideo.tokenizers.text import TextTokenizer
 from pretrain.config import DataConfig, OptimConfig, ParallelConfig, TrainConfig, TrainingConfig
 from pretrain.launch import free_port
 from pretrain.optim import param_groups
 from pretrain.step_probe import StepProbe, probe_batch
+from pretrain.train import run_precision
 
 SHAPE = (128, 256, 1024)
 
@@ -111,6 +122,122 @@ def test_the_step_is_timed_only_where_auto_needs_it(monkeypatch):
     assert choose_precision("fp32", "cpu", SHAPE, step=calls.append).precision == "fp32" and calls == []
     choice = choose_precision("auto", "cpu", SHAPE, step=calls.append, excluded=("bf16",))
     assert choice.precision == "fp32" and calls == [] and "excluded" in choice.reason
+
+
+# ---- a low precision's step also timed with its attention in fp32 (cogvideo.sdpa) --------------
+
+
+def fake_timing(monkeypatch, figures: ProbeFigures, seconds: dict) -> list[str]:
+    """choose_precision on `figures` with steps that take `seconds`; the names it timed."""
+    timed = []
+    monkeypatch.setattr(precision, "probe", lambda device, shape: replace(figures, step_seconds={}))
+
+    def time_steps(step, names, device):
+        timed.extend(names)
+        return {name: seconds[name] for name in names}
+
+    monkeypatch.setattr(precision, "time_steps", time_steps)
+    return timed
+
+
+UPCAST = fp32_attention_step("bf16")
+
+
+@pytest.mark.parametrize(
+    "bf16, upcast, expected, attention",
+    [
+        (0.50, 0.35, "bf16", "fp32"),  # bf16 1.4x fp32 alone (not chosen), 2.0x with fp32 attention
+        (0.40, 0.45, "bf16", "bf16"),  # fp32 attention slower here (bf16 units): kept in bf16
+        (0.60, 0.55, "fp32", "fp32"),  # neither clearly faster than fp32's step: fp32 throughout
+    ],
+)
+def test_auto_times_the_low_precisions_step_with_fp32_attention_too(
+    monkeypatch, bf16, upcast, expected, attention
+):
+    timed = fake_timing(monkeypatch, cpu(0.7, 0.7), {"fp32": 0.70, "bf16": bf16, UPCAST: upcast})
+    choice = choose_precision("auto", "cpu", SHAPE, step=lambda name: None, attention="auto")
+    assert timed == ["fp32", "bf16", UPCAST]
+    assert (choice.precision, choice.attention) == (expected, attention)
+    assert choice.fp32_attention == (expected == "bf16" and attention == "fp32")
+    assert choice.to_dict()["attention"] == attention and choice.to_dict()["step_seconds"][UPCAST] == upcast
+    if expected == "bf16":
+        assert "with fp32 attention" in choice.reason and f"attention in {attention}" in choice.reason
+    assert ("attention in fp32 (" in choice.describe()) == choice.fp32_attention
+
+
+@pytest.mark.parametrize(
+    "requested, device, excluded, attention, expected",
+    [
+        ("auto", "cpu", (), "auto", ["fp32", "bf16", UPCAST]),
+        ("auto", "cpu", (), "same", ["fp32", "bf16"]),
+        ("auto", "cpu", (), "fp32", ["fp32", UPCAST]),
+        ("auto", "cpu", ("bf16",), "auto", []),
+        ("auto", "cuda", (), "auto", ["fp32", "bf16"]),  # CUDA keeps its fused bf16 kernels
+        ("bf16", "cpu", (), "auto", ["bf16", UPCAST]),  # explicit bf16: only the attention to decide
+        ("bf16", "cpu", (), "fp32", []),
+        ("bf16", "cpu", (), "same", []),
+        ("fp32", "cpu", (), "auto", []),
+    ],
+)
+def test_what_is_timed(requested, device, excluded, attention, expected):
+    figures = cpu(0.7, 0.5) if device == "cpu" else cuda(8, True, {})
+    assert precision.steps_to_time(requested, figures, excluded, attention) == expected
+
+
+def test_explicit_attention_holds_without_timing(monkeypatch):
+    timed = fake_timing(monkeypatch, cpu(0.7, 0.7), {})
+    assert choose_precision("bf16", "cpu", SHAPE, step=lambda name: None, attention="fp32").fp32_attention
+    assert not choose_precision("bf16", "cpu", SHAPE, step=lambda name: None, attention="same").fp32_attention
+    fp32 = choose_precision("fp32", "cpu", SHAPE, step=lambda name: None, attention="auto")
+    assert not fp32.fp32_attention and timed == []
+
+
+def test_attention_step_figures_round_trip_through_the_broadcast_vector():
+    figures = replace(cpu(0.7, 0.5), step_seconds={"fp32": 0.7, "bf16": 0.5, UPCAST: 0.4})
+    assert ProbeFigures.from_vector(figures.to_vector()) == figures
+    assert precision.split_step_name(UPCAST) == ("bf16", True)
+    assert precision.split_step_name("bf16") == ("bf16", False)
+
+
+@pytest.mark.parametrize(
+    "recorded, asked, fp32_attention",
+    [
+        ({"precision": "bf16", "attention_precision": "fp32"}, "auto", True),
+        ({"precision": "bf16"}, "auto", False),  # trained before the attention was chosen: as it ran
+        ({"precision": "bf16", "attention_precision": "fp32"}, "same", False),  # asked for: as asked
+    ],
+)
+def test_a_resumed_run_keeps_the_attention_it_trained_with(tmp_path, recorded, asked, fp32_attention):
+    (tmp_path / TRAIN_CONFIG).write_text(yaml.safe_dump({"parallel": recorded}))
+    cfg = TrainConfig(parallel=ParallelConfig(precision="auto", attention_precision=asked))
+
+    def never():
+        raise AssertionError("a resumed run times no step")
+
+    choice = run_precision(cfg, get_preset("tiny"), tmp_path, never)
+    assert choice.precision == "bf16" and choice.fp32_attention == fp32_attention
+    assert "as trained in" in choice.reason
+
+
+def test_the_probe_steps_with_the_attention_it_is_asked_for(probe_setup, monkeypatch):
+    """The timed step runs every attention call in fp32 when its name says so, else in bf16."""
+    cfg, model_cfg, batch = probe_setup
+    calls, kernel = [], torch.nn.functional.scaled_dot_product_attention
+
+    def record(q, *args, **kwargs):
+        calls.append(q.dtype)
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
+    probe = StepProbe(cfg, model_cfg, batch)
+    try:
+        probe(UPCAST)
+        upcast, calls[:] = list(calls), []
+        probe("bf16")
+    finally:
+        probe.close()
+    assert upcast and set(upcast) == {torch.float32}
+    assert calls and set(calls) == {torch.bfloat16}
 
 
 # ---- the timed step is the training step ---------------------------------------------------

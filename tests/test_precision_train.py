@@ -67,8 +67,14 @@ def test_auto_chooses_from_the_probe_and_records_it(ws):
     )
     assert probe["requested"] == "auto" and parallel["precision"] == probe["precision"] == decide(figures)
     assert set(probe["gflops"]) == {"fp32", "bf16"} and min(probe["gflops"].values()) > 0
-    # the run's own training step was timed in both precisions, and the choice follows it
-    assert set(probe["step_seconds"]) == {"fp32", "bf16"} and min(probe["step_seconds"].values()) > 0
+    # the run's own training step was timed in both precisions (bf16's with its attention computed
+    # in fp32 too: cogvideo.sdpa), and the choice follows it
+    assert set(probe["step_seconds"]) == {"fp32", "bf16", "bf16_attention_fp32"}
+    assert min(probe["step_seconds"].values()) > 0
+    attention = figures.attention(parallel["precision"], "auto")
+    assert probe["attention"] == attention
+    upcast = parallel["precision"] == "bf16" and attention == "fp32"
+    assert parallel["attention_precision"] == ("fp32" if upcast else "same")
     assert "timing this run's training step" in log
     assert f"precision {parallel['precision']} (requested auto" in log  # printed at start-up
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -104,11 +110,36 @@ def outside_rounding_bound(ref: dict, low: dict, rounding: float) -> list[int]:
     return [step for step in ref if not abs(low[step] - ref[step]) <= step * rounding * ref[step]]
 
 
-def test_bf16_and_fp32_losses_agree_within_the_rounding_bound(ws, fp32_run):
+@pytest.fixture(scope="module")
+def bf16_runs(ws):
+    """Six bf16 steps with attention computed in bf16 ("same") and in fp32 (cogvideo.sdpa)."""
+    return {
+        attention: run(
+            ws,
+            f"bf16-attention-{attention}",
+            "parallel.precision=bf16",
+            f"parallel.attention_precision={attention}",
+        )[0]
+        for attention in ("same", "fp32")
+    }
+
+
+def test_the_attention_choice_reaches_the_training_step(bf16_runs):
+    """Computed in fp32, attention rounds differently, so the losses differ; a trainer that ignored
+    the choice would repeat the other run's losses bit for bit."""
+    assert {a: saved_parallel(d)["attention_precision"] for a, d in bf16_runs.items()} == {
+        "same": "same",
+        "fp32": "fp32",
+    }
+    same, fp32 = (losses(bf16_runs[a]) for a in ("same", "fp32"))
+    assert [step for step in same if same[step] != fp32[step]] != []
+
+
+@pytest.mark.parametrize("attention", ["same", "fp32"])
+def test_bf16_and_fp32_losses_agree_within_the_rounding_bound(ws, fp32_run, bf16_runs, attention):
     cfg = get_preset("tiny")
     rounding = 2 * (6 * cfg.num_layers + 1) * U
-    fp32_dir = fp32_run
-    bf16_dir, _ = run(ws, "bf16", "parallel.precision=bf16")
+    fp32_dir, bf16_dir = fp32_run, bf16_runs[attention]
     assert saved_parallel(bf16_dir)["precision"] == "bf16"
     ref, low = losses(fp32_dir), losses(bf16_dir)
     assert sorted(ref) == sorted(low) == list(range(1, STEPS + 1))

@@ -269,10 +269,13 @@ def train_config_model(path: Path):
         raise CheckpointError(f"{file}: {err}") from None
 
 
-def train_config_precision(path: Path) -> str | None:
-    """The precision a trainer run trained in (parallel.precision of train_config.yaml), if recorded."""
-    precision = (read_train_config(path).get("parallel") or {}).get("precision")
-    return precision if precision in DTYPES else None
+def train_config_precision(path: Path) -> tuple[str | None, str]:
+    """(precision, attention precision) a trainer run trained in (parallel.precision and
+    parallel.attention_precision of train_config.yaml): the precision None where not recorded,
+    the attention "same" (as runs trained before it was chosen)."""
+    recorded = read_train_config(path).get("parallel") or {}
+    precision, attention = recorded.get("precision"), recorded.get("attention_precision")
+    return (precision if precision in DTYPES else None), ("fp32" if attention == "fp32" else "same")
 
 
 def train_config_text_format(path: Path) -> TextFormat:

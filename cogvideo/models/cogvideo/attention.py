@@ -1,10 +1,11 @@
 """Attention kernels for the two channels.
 
-`attend` runs `scaled_dot_product_attention` (fused kernels keep the softmax in fp32), or, for
-fp16 without them, CogView's PB-Relax form. Its dropout acts on this TP rank's share of the
-heads, so under TP it draws from the rank's own RNG state (`cogvideo.parallel.model_parallel_rng`),
-as Megatron's and SAT's attention do. `window_gather_index` lays out the stage-2 3D windows that
-cogvideo/models/cogvideo/blocked.py gathers into the batch dimension.
+`attend` runs `scaled_dot_product_attention` (`cogvideo.sdpa`; fused kernels keep the softmax
+in fp32), or, for fp16 without them, CogView's PB-Relax form. Its dropout acts on this TP rank's
+share of the heads, so under TP it draws from the rank's own RNG state
+(`cogvideo.parallel.model_parallel_rng`), as Megatron's and SAT's attention do.
+`window_gather_index` lays out the stage-2 3D windows that cogvideo/models/cogvideo/blocked.py
+gathers into the batch dimension.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from cogvideo import parallel
 from cogvideo.models.cogvideo.config import ModelConfig
 from cogvideo.models.cogvideo.sequence import TokenMeta
+from cogvideo.sdpa import sdpa
 
 
 def attend(
@@ -39,7 +41,7 @@ def attend(
         if pb_relaxed(q.dtype, pb_relax_alpha, q.device):
             return pb_relax_attention(q, k, v, mask, bias, pb_relax_alpha, dropout)
         attn_mask, _ = kernel_mask(mask, bias, q.dtype, pb_relax_alpha) if bias is not None else (mask, None)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
 
 def pb_relaxed(dtype: torch.dtype, pb_relax_alpha: float, device: torch.device) -> bool:

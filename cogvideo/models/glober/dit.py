@@ -19,6 +19,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sin
 from torch import nn
 
 from cogvideo.models.glober.config import GloberConfig
+from cogvideo.sdpa import sdpa
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)  # local heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        out = sdpa(q, k, v, attn_mask=keep[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from cogvideo.models.hpdm import pyramid
 from cogvideo.models.hpdm.config import COORDINATES, HPDMConfig
+from cogvideo.sdpa import sdpa
 from cogvideo.tp_plan import Column, Row, TPPlan
 
 TIME_FEATURES = 256  # sinusoidal features of c_noise
@@ -86,7 +87,7 @@ class Attention(nn.Module):
             q, (k, v) = self.q(x), self.kv(context).chunk(2, dim=-1)
         heads = q.shape[-1] // self.head_dim
         q, k, v = (t.unflatten(-1, (heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
-        mixed = F.scaled_dot_product_attention(q, k, v)
+        mixed = sdpa(q, k, v)
         return self.out(mixed.transpose(1, 2).flatten(2))
 
 
