@@ -1,12 +1,13 @@
-"""The demo's training step in fp32, bf16 and `auto` on this machine, measured in one run.
+"""The demo's training step in fp32, bf16 (attention in bf16 and in fp32) and `auto` on this
+machine, measured in one run.
 
     python benchmarks/bench_precision.py [--steps 10] [--rounds 2] [--stages backbone stage1 stage2]
 
 Each of the demo's training configs (configs/demo/train_*.yaml, micro-batch 16 per rank) runs
 `Trainer.advance` (the whole training step: loader, DeepSpeed ZeRO-2 engine, guard, metrics) on
 one rank and one thread, the way each of the demo's 2 ranks runs, on random-token shards of its
-layout (step time does not depend on the tokens). Every (config, precision) is a fresh process;
-the precisions alternate in `--rounds` rounds so that drifting machine load hits all alike.
+layout (step time does not depend on the tokens). Every (config, variant) is a fresh process;
+the variants alternate in `--rounds` rounds so that drifting machine load hits all alike.
 Per step both the wall time and the process's CPU time are taken: on a machine shared with
 other jobs the CPU time is the steadier figure (`--clock`). The demo's training time is
 predicted from each config's max_steps (the demo's 2 ranks run side by side on 2 cores and
@@ -37,7 +38,13 @@ from cogvideo.machine import LoadWatch  # noqa: E402
 from cogvideo.precision import DTYPES, choose_precision, matmul_gflops, probe_shape  # noqa: E402
 from pretrain.config import load_train_config, model_config  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "auto")
+# what each timed run sets: bf16 with its attention computed in bf16 and in fp32 (cogvideo.sdpa)
+VARIANTS = {
+    "fp32": ["parallel.precision=fp32"],
+    "bf16": ["parallel.precision=bf16", "parallel.attention_precision=same"],
+    "bf16+fp32 attention": ["parallel.precision=bf16", "parallel.attention_precision=fp32"],
+    "auto": ["parallel.precision=auto"],
+}
 
 
 def demo_config_file(stage: str) -> str:
@@ -48,9 +55,7 @@ def demo_config(stage: str, overrides: list[str]):
     return load_train_config(demo_config_file(stage), overrides)
 
 
-def measure_steps(
-    stage: str, precision: str, shards: list[str], tokenizer: str, run: str, steps: int
-) -> dict:
+def measure_steps(stage: str, variant: str, shards: list[str], tokenizer: str, run: str, steps: int) -> dict:
     """In a fresh process: `steps` training steps of the demo's `stage` config, timed one by one."""
     trainer = single_rank_trainer(
         demo_config_file(stage),
@@ -62,7 +67,7 @@ def measure_steps(
             "checkpoint.resume=null",
             "optim.warmup_steps=1",
             "data.shuffle_buffer=64",
-            f"parallel.precision={precision}",
+            *VARIANTS[variant],
         ],
     )
     wall, cpu = [], []
@@ -75,17 +80,17 @@ def measure_steps(
     return {"wall": wall, "cpu": cpu, "chosen": trainer.precision.describe()}
 
 
-def run_one(stage, precision, shards, tokenizer, run, steps) -> dict:
+def run_one(stage, variant, shards, tokenizer, run, steps) -> dict:
     cmd = [
         sys.executable,
         __file__,
         "--worker",
-        json.dumps([stage, precision, shards, tokenizer, run, steps]),
+        json.dumps([stage, variant, shards, tokenizer, run, steps]),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"{stage} {precision}: exit {done.returncode}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{stage} {variant}: exit {done.returncode}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -107,7 +112,7 @@ def main() -> None:
     print(
         "matmul 1024^3 roofline, 1 thread: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in roofline.items())
     )
-    total = dict.fromkeys(PRECISIONS, 0.0)
+    total = dict.fromkeys(VARIANTS, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             cfg = demo_config(stage, ["data.shards=[x]"])
@@ -124,22 +129,21 @@ def main() -> None:
             root = Path(tmp, stage)
             root.mkdir()
             shards, tokenizer = write_data(root, model_cfg, samples=128, stage=cfg.data.stage, num_shards=4)
-            times = {p: [] for p in PRECISIONS}
+            times = {p: [] for p in VARIANTS}
             for r in range(args.rounds):
-                for precision in PRECISIONS:
-                    result = run_one(
-                        stage, precision, shards, tokenizer, str(root / f"{precision}{r}"), args.steps + 2
-                    )
-                    times[precision] += result[args.clock][2:]
+                for index, variant in enumerate(VARIANTS):
+                    run = str(root / f"run{index}_{r}")
+                    result = run_one(stage, variant, shards, tokenizer, run, args.steps + 2)
+                    times[variant] += result[args.clock][2:]
                     if r == 0:
-                        print(f"  {precision:4s} -> {result['chosen']}", flush=True)
+                        print(f"  {variant:19s} -> {result['chosen']}", flush=True)
             load.sample()
-            for precision in PRECISIONS:
-                median = statistics.median(times[precision])
-                total[precision] += median * cfg.training.max_steps
+            for variant in VARIANTS:
+                median = statistics.median(times[variant])
+                total[variant] += median * cfg.training.max_steps
                 print(
-                    f"  {precision:4s}: {median:.3f} s/step {args.clock} (median of {len(times[precision])}, "
-                    f"min {min(times[precision]):.3f}) -> {median * cfg.training.max_steps / 60:.1f} min for "
+                    f"  {variant:19s}: {median:.3f} s/step {args.clock} (median of {len(times[variant])}, "
+                    f"min {min(times[variant]):.3f}) -> {median * cfg.training.max_steps / 60:.1f} min for "
                     f"{cfg.training.max_steps} steps; vs fp32 {median / statistics.median(times['fp32']):.2f}x",
                     flush=True,
                 )

@@ -52,14 +52,14 @@ def test_fp32_attention_of_bf16_inputs_is_within_one_rounding_of_float64(mask):
     q, k, v, grad, masks = inputs()
     with fp32_attention():
         got = forward_backward(sdpa, q, k, v, grad, masks[mask])
-    ref_mask = masks[mask] if masks[mask] is None or mask == "bool" else masks[mask].double()
+    ref_mask = masks[mask].double() if mask == "additive" else masks[mask]
     ref = forward_backward(F.scaled_dot_product_attention, *(t.double() for t in (q, k, v, grad)), ref_mask)
     for name, g, r in zip(("output", "dq", "dk", "dv"), got, ref):
         assert g.dtype == torch.bfloat16, name  # returned in the inputs' dtype
         assert outside_bound(g, r) <= 0, name
 
 
-def test_a_bool_mask_read_as_additive_fails_the_bound(monkeypatch):
+def test_a_bool_mask_read_as_additive_fails_the_bound():
     """Planted: the upcast casting a bool mask to float (0/1 added to the scores, nothing masked)."""
     q, k, v, grad, masks = inputs()
     ref = forward_backward(
