@@ -147,7 +147,7 @@ class BareLoop:
             o.grad_clip,
         )
         self.model = build_model(model_cfg)
-        self.fp32_attention = cfg.parallel.precision != "fp32" and cfg.parallel.attention_precision == "fp32"
+        self.fp32_attention = cfg.parallel.attention_precision == "fp32"  # sdpa casts bf16/fp16 only
         groups = param_groups(self.model, o.weight_decay)
         self.low = [p for g in groups for p in g["params"]]
         if cfg.parallel.precision == "fp32":

@@ -379,6 +379,11 @@ def model_and_layout(train: TrainConfig, args: argparse.Namespace, hw: Hardware)
     cfg = resolve_model_section(trained_model_section(train))
     planner_model(cfg)  # a family without one is refused here, before any layout
     p = train.parallel
+    if p.attention_precision == "fp32" and p.precision != "fp32":
+        raise PlanError(
+            "parallel.attention_precision=fp32: the planner counts attention's activations in the run's "
+            "precision (fp32 attention keeps fp32 copies of q, k, v and the output); plan with auto or same"
+        )
     return cfg, Layout(
         args.gpus,
         args.gpus_per_node,

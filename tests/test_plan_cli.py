@@ -134,6 +134,10 @@ def test_cli_search_and_overrides(capsys):
             ["--gpus", "8", "parallel.precision=bf16", "--gpu", "v100-32gb"],
             "v100-32gb has no bf16 tensor cores; set another parallel.precision",
         ),
+        (
+            ["--gpus", "8", "parallel.precision=bf16", "parallel.attention_precision=fp32"],
+            "parallel.attention_precision=fp32: the planner counts attention's activations",
+        ),
     ],
 )
 def test_cli_errors_name_the_problem(argv, message, capsys):
