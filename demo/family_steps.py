@@ -70,7 +70,7 @@ from demo.settings import (
     family_stage,
 )
 from demo.steps import Step
-from demo.tasks import TRAINING_SEED, Demo
+from demo.tasks import TRAINING_SEED, Demo, precision_label
 
 
 class FamilySteps:
@@ -267,11 +267,10 @@ class FamilySteps:
 
         results = summary["results"]
         training = {phase: results[step_name(self.name, phase, self.phases)] for phase, _ in self.phases}
-        precisions = sorted({t["precision"] for t in training.values()})
         preset = self.model_section.get("preset", "")
         return FamilyResult(
             name=self.name,
-            title=f"{self.name} ({preset} preset, {'/'.join(precisions)}, seed {self.demo.cfg.seed})",
+            title=f"{self.name} ({preset} preset, {precision_label(training)}, seed {self.demo.cfg.seed})",
             videos=read_jsonl(self.path("eval", "videos.jsonl")),
             evaluation=json.loads(self.path("eval", "evaluation.json").read_text()),
             targets=results[f"{self.name}_evaluate"]["targets"],

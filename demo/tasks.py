@@ -401,11 +401,10 @@ class Demo:
         evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
         stages = ("backbone", "stage1", "stage2")
         training = {stage: summary["results"][stage] for stage in stages}
-        precisions = sorted({t["precision"] for t in training.values()})
         family = self.cfg.main_family
         return FamilyResult(
             name=family,
-            title=f"{family} ({self.cfg.preset} preset, {'/'.join(precisions)}, seed {self.cfg.seed})",
+            title=f"{family} ({self.cfg.preset} preset, {precision_label(training)}, seed {self.cfg.seed})",
             videos=read_jsonl(self.path("eval", "videos.jsonl")),
             evaluation=evaluation,
             targets=targets(evaluation),
@@ -414,9 +413,19 @@ class Demo:
         )
 
 
+def precision_label(training: dict) -> str:
+    """How a family's models trained, for its report title: "bf16", "bf16 with fp32 attention",
+    "fp32/bf16" (`training`: name -> `training_summary`)."""
+    labels = {
+        t["precision"] + (" with fp32 attention" if t.get("attention") == "fp32" else "")
+        for t in training.values()
+    }
+    return "/".join(sorted(labels))
+
+
 def training_summary(run: Path) -> dict:
-    """The run's steps, losses, speed and the precision it trained in (with the figures `auto`
-    chose it by), from its metrics log and newest checkpoint."""
+    """The run's steps, losses, speed and the precision it trained in (its attention's too, with
+    the figures `auto` chose them by), from its metrics log and newest checkpoint."""
     import yaml
 
     from cogvideo.checkpoint.training import TRAIN_CONFIG, resume_candidates
@@ -430,6 +439,7 @@ def training_summary(run: Path) -> dict:
     parallel = yaml.safe_load((newest / TRAIN_CONFIG).read_text())["parallel"]
     return {
         "precision": parallel["precision"],
+        "attention": parallel.get("attention_precision", "same"),  # fp32: bf16 attention computed in fp32
         "precision_probe": parallel.get("precision_probe", {}),
         "steps": rows[-1]["step"],
         "final_loss": float(np.mean([r["loss"] for r in last])),

@@ -278,3 +278,16 @@ def test_the_demo_draws_frame_0_from_a_duration_prefixed_one_frame_model(tmp_pat
     assert options.frame0_duration_prefix
     assert train.data.text_format().has_duration
     assert train.training.max_steps >= 3000
+
+
+def test_the_report_title_says_how_the_models_trained():
+    from demo.tasks import precision_label
+
+    bf16_fp32_attention = {"precision": "bf16", "attention": "fp32"}
+    assert precision_label({"stage1": bf16_fp32_attention, "stage2": bf16_fp32_attention}) == (
+        "bf16 with fp32 attention"
+    )
+    assert precision_label({"a": {"precision": "fp32", "attention": "same"}, "b": bf16_fp32_attention}) == (
+        "bf16 with fp32 attention/fp32"
+    )
+    assert precision_label({"a": {"precision": "bf16"}}) == "bf16"  # a summary from before the choice
