@@ -200,27 +200,23 @@ class ProbeFigures:
         chosen = cuda_precision(self.capability, self.bf16_supported)
         return None if chosen == "fp32" else chosen
 
+    def own_steps(self, name: str) -> tuple[float | None, float | None]:
+        """Seconds of precision `name`'s step with attention in `name` and in fp32 (None: not timed)."""
+        return self.step_seconds.get(name), self.step_seconds.get(fp32_attention_step(name))
+
     def step_speedup(self, name: str) -> float:
         """fp32's step time over precision `name`'s faster timed step (> 1: `name` is faster)."""
-        own = [self.step_seconds[s] for s in (name, fp32_attention_step(name)) if s in self.step_seconds]
+        own = [seconds for seconds in self.own_steps(name) if seconds is not None]
         return self.step_seconds["fp32"] / max(min(own), 1e-12)
-
-    def timed(self, name: str) -> bool:
-        """Whether a step of precision `name` was timed (with either attention)."""
-        return any(split_step_name(s)[0] == name for s in self.step_seconds)
 
     def attention(self, precision: str, requested: str) -> str:
         """What precision `precision`'s attention computes in (`requested`: AttentionPrecision):
         fp32 where asked, or, for auto, where its step with fp32 attention was timed faster."""
         if requested == "fp32" or precision == "fp32":
             return "fp32"
-        if requested == "auto":
-            both = (precision, fp32_attention_step(precision))
-            if (
-                all(s in self.step_seconds for s in both)
-                and self.step_seconds[both[1]] < self.step_seconds[both[0]]
-            ):
-                return "fp32"
+        plain, upcast = self.own_steps(precision)
+        if requested == "auto" and plain is not None and upcast is not None and upcast < plain:
+            return "fp32"
         return precision
 
 
@@ -253,7 +249,7 @@ def decide(figures: ProbeFigures, excluded: Sequence[str] = ()) -> str:
     the capability rule on CUDA and the matmul rule on a CPU."""
     low = figures.low_precision
     if "fp32" in figures.step_seconds:  # the run's own step was timed
-        timed = low is not None and figures.timed(low)
+        timed = low is not None and figures.own_steps(low) != (None, None)
         chosen = low if timed and figures.step_speedup(low) >= STEP_MIN_SPEEDUP else "fp32"
     elif figures.device == "cuda":
         chosen = cuda_precision(figures.capability, figures.bf16_supported)
@@ -456,8 +452,8 @@ def choose_precision(
 
 
 def _attention_reason(figures: ProbeFigures, precision: str, attention: str) -> str:
-    both = (precision, fp32_attention_step(precision))
-    if precision == "fp32" or not all(s in figures.step_seconds for s in both):
+    plain, upcast = figures.own_steps(precision)
+    if precision == "fp32" or plain is None or upcast is None:
         return ""
-    speedup = figures.step_seconds[both[0]] / max(figures.step_seconds[both[1]], 1e-12)
+    speedup = plain / max(upcast, 1e-12)
     return f"{precision} step with fp32 attention {speedup:.2f}x its own: attention in {attention}"

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from test_pretrain_data import write_caption_tokenizer, write_shards
+from test_sdpa import recorded_dtypes
 from tolerances import adam_weight_atol
 
 from cogvideo import parallel, precision
@@ -222,13 +223,7 @@ def test_a_resumed_run_keeps_the_attention_it_trained_with(tmp_path, recorded, a
 def test_the_probe_steps_with_the_attention_it_is_asked_for(probe_setup, monkeypatch):
     """The timed step runs every attention call in fp32 when its name says so, else in bf16."""
     cfg, model_cfg, batch = probe_setup
-    calls, kernel = [], torch.nn.functional.scaled_dot_product_attention
-
-    def record(q, *args, **kwargs):
-        calls.append(q.dtype)
-        return kernel(q, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
+    calls = recorded_dtypes(monkeypatch)
     probe = StepProbe(cfg, model_cfg, batch)
     try:
         probe(UPCAST)
