@@ -161,9 +161,10 @@ def _check_timestamps(
 
 def _picture(first: av.VideoFrame, stream: av.video.stream.VideoStream) -> tuple[Orientation, str, str, bool]:
     """(orientation, colour range, colour matrix, interlaced) of a stream, from its first frame."""
-    matrix = [d for d in first.side_data if d.type == av.sidedata.sidedata.Type.DISPLAYMATRIX]
-    if matrix:
-        orientation = Orientation.from_display_matrix(np.frombuffer(bytes(matrix[0]), np.int32))
+    # looked up by type: PyAV 18.1.1 iterates side data by type (18.1.0 and earlier by entry)
+    matrix = first.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    if matrix is not None:
+        orientation = Orientation.from_display_matrix(np.frombuffer(bytes(matrix), np.int32))
     else:
         tag = {key.lower(): value for key, value in stream.metadata.items()}.get("rotate", "0")
         orientation = Orientation(int(tag) % 360 // 90 * 90) if tag.lstrip("-").isdigit() else Orientation()
