@@ -57,7 +57,9 @@ class PrepConfig:
     shard_samples: int = 1000  # a shard is closed at this many samples ...
     shard_bytes: int = 256 * 2**20  # ... or this many bytes, whichever comes first
     num_cpus: int = 0  # local Ray: 0 means every core
-    inputs_per_task: int = 1  # videos per Ray task: raise it for millions of short videos
+    # videos per Ray task; 0: sized by the job (data_prep.pipeline.task_count): a task costs Ray
+    # tens of ms, more than a short video's own decoding
+    inputs_per_task: int = 0
 
     def __post_init__(self):
         def bad(key: str, why: str):
@@ -76,9 +78,14 @@ class PrepConfig:
             )
         if not 0 < self.min_side <= self.max_side:
             bad("min_side", f"expected 0 < min_side <= max_side={self.max_side}, got {self.min_side}")
-        for key in ("shard_samples", "shard_bytes", "tokenizer_actors", "tokenize_batch", "inputs_per_task"):
+        for key in ("shard_samples", "shard_bytes", "tokenizer_actors", "tokenize_batch"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.inputs_per_task < 0:
+            bad(
+                "inputs_per_task",
+                f"must be positive, or 0 to let the job size its tasks, got {self.inputs_per_task}",
+            )
         if ":" not in self.tokenizer_loader:
             bad("tokenizer_loader", f"expected module:function, got {self.tokenizer_loader!r}")
 

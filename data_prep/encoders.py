@@ -24,11 +24,9 @@ import importlib
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from cogvideo.configio import ConfigError
 from cogvideo.family import section_family
-from cogvideo.models.glober.vae import encode_moments, vae_folder_problem
 from data_prep.config import PrepConfig, prep_model
 
 
@@ -142,7 +140,9 @@ class PixelEncoder:
 class LatentEncoder:
     """The model's frozen KL-VAE (`model.vae.path`: a diffusers AutoencoderKL folder) encodes each
     frame once; a sample stores every frame's posterior moments, float32 [frames, 2 C', h, w]
-    (mean, then log-variance): the family draws its latents from them at training time."""
+    (mean, then log-variance): the family draws its latents from them at training time.
+    Its modules (diffusers) are imported where it runs: the ~2 s import would otherwise start
+    every job's encoder actors, whichever encoder they load."""
 
     kind, arrays = "latents", ("latents",)
 
@@ -152,6 +152,8 @@ class LatentEncoder:
 
     @staticmethod
     def settle(cfg: PrepConfig) -> PrepConfig:
+        from cogvideo.models.glober.vae import vae_folder_problem
+
         model = prep_model(cfg)
         if not model.vae.path:
             raise ConfigError(
@@ -163,10 +165,14 @@ class LatentEncoder:
         return cfg
 
     def __init__(self, cfg: PrepConfig, model, device: str = "cpu"):
+        from diffusers import AutoencoderKL
+
         self.vae = AutoencoderKL.from_pretrained(model.vae.path, use_safetensors=True).to(device).eval()
         self.device = device
 
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        from cogvideo.models.glober.vae import encode_moments
+
         count, frames = pixels.shape[:2]
         x = torch.from_numpy(pixels).to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():

@@ -1,9 +1,9 @@
 """The preparation job on Ray Data: videos + captions -> shards, manifest, rejected, summary.
 
     driver: list inputs, check captions, skip finished inputs (resume)
-    Ray:    content hash of every input                     (task per input)
+    Ray:    content hash of every input                     (tasks of a few inputs: task_count)
     driver: drop exact duplicates (this run and earlier runs)
-    Ray:    probe -> clips at scene cuts -> frame-rate rule -> frames      (flat_map, task per input)
+    Ray:    probe -> clips at scene cuts -> frame-rate rule -> frames      (flat_map, the same tasks)
          -> encode on actors that load the family's encoder once        (map_batches, batched)
             (the image tokenizer for token shards: data_prep.encoders)
     driver: stream the samples, in input order, into shards (data_prep.output)
@@ -201,8 +201,25 @@ def ordered_data_context():
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
 
+# Sized tasks (prep.inputs_per_task=0): at least TASKS_PER_CPU tasks for each CPU of the cluster,
+# so that the last ones are short and no core waits long at the end, and at most
+# MAX_INPUTS_PER_TASK inputs in one, so that an interrupted task redoes little. Fewer, larger
+# tasks than one per video: each costs Ray tens of ms of scheduling, start and result transfer,
+# which was the job's largest overhead on short videos (benchmarks/bench_data_prep.py).
+TASKS_PER_CPU = 4
+MAX_INPUTS_PER_TASK = 32
+
+
+def task_count(inputs: int, cfg: PrepConfig, cpus: float) -> int:
+    """Ray tasks (blocks) for `inputs` videos on a cluster of `cpus` CPUs."""
+    if cfg.inputs_per_task:
+        return -(-inputs // cfg.inputs_per_task)
+    spread = max(1, int(cpus)) * TASKS_PER_CPU
+    return min(inputs, max(spread, -(-inputs // MAX_INPUTS_PER_TASK)))
+
+
 def _blocks(inputs: int, cfg: PrepConfig) -> int:
-    return -(-inputs // cfg.inputs_per_task)
+    return task_count(inputs, cfg, ray.cluster_resources().get("CPU", 1))
 
 
 def _run_jobs(cfg: PrepConfig, model, out: PrepOutput, todo: list[dict], progress: bool) -> dict:

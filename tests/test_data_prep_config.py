@@ -1,5 +1,9 @@
 """PrepConfig: YAML + dotted overrides, checks naming the key; shapes come from the model config."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,8 +12,11 @@ from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep.config import PrepConfig, prep_model
 from data_prep.encoders import TokenEncoder
+from data_prep.pipeline import MAX_INPUTS_PER_TASK, TASKS_PER_CPU, task_count
 from data_prep.stages import EncodeSamples
 from data_prep.synthetic import main as synth_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_and_overrides_fill_the_config_and_bad_values_name_the_key(tmp_path):
@@ -73,3 +80,28 @@ def test_tokenizer_actors_take_a_gpu_when_the_cluster_has_one_unless_configured(
     assert PrepConfig(tokenizer_gpus=0.25).gpus_per_actor(cluster_gpus=8) == 0.25
     assert PrepConfig(tokenizer_gpus=0).gpus_per_actor(cluster_gpus=8) == 0
     assert load_config(PrepConfig, None, ["tokenizer_gpus=0.5"]).tokenizer_gpus == 0.5
+
+
+def test_sized_tasks_keep_every_cpu_busy_and_stay_small():
+    """prep.inputs_per_task=0: TASKS_PER_CPU tasks a CPU at least, MAX_INPUTS_PER_TASK inputs a
+    task at most, never more tasks than inputs; a set inputs_per_task is taken as given."""
+    sized = PrepConfig()
+    assert task_count(160, sized, cpus=2) == 2 * TASKS_PER_CPU  # 20 inputs a task
+    assert task_count(4000, sized, cpus=2) == -(-4000 // MAX_INPUTS_PER_TASK)  # capped at 32 a task
+    assert task_count(4000, sized, cpus=1024) == 4000  # a large cluster: one each
+    assert task_count(3, sized, cpus=2) == 3
+    assert task_count(5, sized, cpus=0.5) == TASKS_PER_CPU  # a fractional CPU counts as one
+    assert task_count(160, PrepConfig(inputs_per_task=1), cpus=2) == 160
+    assert task_count(160, PrepConfig(inputs_per_task=7), cpus=2) == 23
+    with pytest.raises(ConfigError, match="prep.inputs_per_task"):
+        load_config(PrepConfig, None, ["inputs_per_task=-1"])
+
+
+def test_token_jobs_do_not_import_diffusers():
+    """A job's encoder actors import data_prep.encoders whatever they encode; diffusers (~2 s of
+    each actor's start) is imported only by the latent encoder that uses it."""
+    code = (
+        "import sys, data_prep.stages, data_prep.encoders, data_prep.pipeline; "
+        "sys.exit('diffusers' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

