@@ -57,8 +57,9 @@ class PrepConfig:
     shard_samples: int = 1000  # a shard is closed at this many samples ...
     shard_bytes: int = 256 * 2**20  # ... or this many bytes, whichever comes first
     num_cpus: int = 0  # local Ray: 0 means every core
-    # videos per Ray task; 0: sized by the job (data_prep.pipeline.task_count): a task costs Ray
-    # tens of ms, more than a short video's own decoding
+    # videos per Ray task; 0: sized by the job (data_prep.pipeline.task_count) on the CPUs the
+    # cluster has when it starts (a cluster that scales up later: set it); a task costs Ray tens
+    # of ms, more than a short video's own decoding
     inputs_per_task: int = 0
 
     def __post_init__(self):
