@@ -303,17 +303,18 @@ class Demo:
             return self.sample_options(duration, seed, list(extra))
 
         # a stage re-samples the hierarchy's videos: in the precision they were sampled in
-        dtype = self.sampled_dtype(self.path("samples")) if extra else None
-        return self.sample_prompts(folder or self.path("samples"), options, VideoPipeline, dtype)
+        settled = self.sampled_precision(self.path("samples")) if extra else None
+        return self.sample_prompts(folder or self.path("samples"), options, VideoPipeline, settled)
 
     def sample_prompts(
-        self, folder: Path, options: Callable[[float, int], object], pipeline, dtype: str | None = None
+        self, folder: Path, options: Callable[[float, int], object], pipeline, settled: dict | None = None
     ) -> dict:
         """The demo's prompts (held-out at every seed, seen at the first) at every duration, with
         `options(duration, seed)` and the `pipeline` class, in the sampling job; the sampled
-        videos' rows in `folder`/videos.jsonl. Every group samples in `dtype`, by default the
-        precision the first group's job resolved (one `auto` probe for the step)."""
-        from cogvideo.sampling.job import recorded_options, run_job
+        videos' rows in `folder`/videos.jsonl. Every group samples in the `settled` precision
+        keys (`dtype`, `attention_precision`), by default those the first group's job resolved
+        (one `auto` probe for the step)."""
+        from cogvideo.sampling.job import recorded_options, run_job, settled_keys
         from cogvideo.sampling.prompts import Prompt
 
         cfg, prompts, videos, seconds = self.cfg, self.prompts(), [], 0.0
@@ -322,8 +323,10 @@ class Demo:
                 todo = [p for p in prompts if p["heldout"] or n == 0]
                 out = folder / f"d{duration:g}_seed{seed}"
                 chosen = options(duration, seed)
-                if dtype is not None:
-                    chosen = dataclasses.replace(chosen, dtype=dtype)
+                if settled is not None:
+                    chosen = dataclasses.replace(
+                        chosen, **{k: v for k, v in settled.items() if hasattr(chosen, k)}
+                    )
                 print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
                 started = time.perf_counter()
                 manifest = run_job(
@@ -333,8 +336,8 @@ class Demo:
                     pipeline.load,
                     pipeline.precision,
                 )
-                if dtype is None:  # the first group resolved it; the rest sample in it
-                    dtype = recorded_options(out)["dtype"]
+                if settled is None:  # the first group resolved them; the rest sample in them
+                    settled = settled_keys(recorded_options(out))
                 seconds += time.perf_counter() - started
                 for p, entry in zip(todo, manifest["entries"]):
                     if entry["status"] != "ok":
@@ -352,17 +355,17 @@ class Demo:
         write_jsonl(folder / "videos.jsonl", videos, "w")
         return {"videos": len(videos), "seconds_per_video": round(seconds / len(videos), 3)}
 
-    def sampled_dtype(self, folder: Path) -> str:
-        """The precision the sampling jobs in `folder` ran in (the first group's, which every
+    def sampled_precision(self, folder: Path) -> dict:
+        """The precision keys the sampling jobs in `folder` ran in (the first group's, which every
         group shares)."""
-        from cogvideo.sampling.job import recorded_options
+        from cogvideo.sampling.job import recorded_options, settled_keys
 
         cfg = self.cfg.sample
         first = folder / f"d{cfg.durations[0]:g}_seed{cfg.seeds[0]}"
         recorded = recorded_options(first)
         if recorded is None:
             raise RuntimeError(f"{first}: no options.json (run the sample step first)")
-        return recorded["dtype"]
+        return settled_keys(recorded)
 
     # ---- evaluation and report ----------------------------------------------------------------
     def evaluate(self) -> dict:

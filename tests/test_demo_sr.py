@@ -335,7 +335,7 @@ def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypa
     monkeypatch.setattr(
         demo,
         "sample_prompts",
-        lambda folder, options, pipeline, dtype=None: sampled.append((folder, options, dtype)) or {},
+        lambda folder, options, pipeline, settled=None: sampled.append((folder, options, settled)) or {},
     )
     steps.shards()
     assert prepared[0][1] == {"videos": demo.path("dsr", "videos")}
@@ -343,10 +343,11 @@ def test_the_stage_gets_its_videos_model_and_sampling_options(tmp_path, monkeypa
     assert f"init.backbone={demo.path('models', 'backbone')}" in trained[0][1]
     hierarchy = demo.path("samples", f"d{cfg.sample.durations[0]:g}_seed{cfg.sample.seeds[0]}")
     hierarchy.mkdir(parents=True)
-    (hierarchy / "options.json").write_text(json.dumps({"dtype": "bf16"}))  # what `auto` resolved to
+    resolved = {"dtype": "bf16", "attention_precision": "fp32"}  # what `auto` resolved them to
+    (hierarchy / "options.json").write_text(json.dumps(resolved))
     steps.sample()
-    folder, options, dtype = sampled[0]
-    assert dtype == "bf16"  # the low-res videos are re-sampled in the precision they were sampled in
+    folder, options, settled = sampled[0]
+    assert settled == resolved  # the low-res videos are re-sampled in the precision they were sampled in
     chosen = options(2.0, 3)
     assert folder == demo.path("dsr", "samples")
     assert chosen.sr_checkpoint == str(demo.path("dsr", "models", "train"))

@@ -164,31 +164,32 @@ def test_a_second_job_on_a_running_jobs_out_is_refused_and_nothing_is_sampled_tw
 
 
 class DtypePipeline(FakePipeline):
-    """Also logs the precision it samples in, one line per batch."""
+    """Also logs the precision it samples in (and its attention's), one line per batch."""
 
     def sample(self, prompts):
         with self.log_path.with_suffix(".dtype").open("a") as f:
-            f.write(self.options.dtype + "\n")
+            f.write(f"{self.options.dtype}/{self.options.attention_precision}\n")
         return super().sample(prompts)
 
 
 @pytest.mark.parametrize("settled", [True, False])
 def test_auto_precision_is_resolved_once_per_job_and_kept_on_resume(tmp_path, monkeypatch, settled):
-    """`dtype: auto` is resolved once, before any pipeline loads: every batch samples in that
-    choice and options.json records it; a resumed run keeps it without probing again, even where
-    a new probe would choose otherwise (a loaded machine), so a seed gives one video. Planted: the
-    job passing `auto` on to each pipeline (which then timed its own choice) fails."""
+    """`dtype: auto` and `attention_precision: auto` are resolved once, before any pipeline loads:
+    every batch samples in that choice and options.json records it; a resumed run keeps it without
+    probing again, even where a new probe would choose otherwise (a loaded machine), so a seed
+    gives one video. Planted: the job passing `auto` on to each pipeline (which then timed its
+    own choice) fails."""
     if not settled:
         monkeypatch.setattr("cogvideo.sampling.job.settle_precision", lambda out, options, precision: options)
     prompts = write_prompts(tmp_path)
     out, log = tmp_path / "out", tmp_path / "sampled.log"
     options = SampleOptions(batch_size=2, seed=5)
-    choices, probed = iter(["bf16", "fp32"]), []
+    choices, probed = iter([("bf16", True), ("fp32", False)]), []
 
     def precision(asked):
         probed.append(asked.dtype)
-        chosen = next(choices)
-        return SimpleNamespace(precision=chosen, describe=lambda: f"{chosen} (timed)")
+        chosen, upcast = next(choices)
+        return SimpleNamespace(precision=chosen, fp32_attention=upcast, describe=lambda: f"{chosen} (timed)")
 
     run_job(prompts, out, options, lambda o: DtypePipeline(o, log), precision)
     first = log.with_suffix(".dtype").read_text().split()
@@ -196,8 +197,9 @@ def test_auto_precision_is_resolved_once_per_job_and_kept_on_resume(tmp_path, mo
     run_job(prompts, out, options, lambda o: DtypePipeline(o, log), precision)
     dtypes = log.with_suffix(".dtype").read_text().split()
     assert len(dtypes) > len(first) >= 3  # every batch, then the resumed run's
-    assert (set(dtypes) == {"bf16"}) == settled
-    assert (json.loads((out / "options.json").read_text())["dtype"] == "bf16") == settled
+    assert (set(dtypes) == {"bf16/fp32"}) == settled
+    recorded = json.loads((out / "options.json").read_text())
+    assert ((recorded["dtype"], recorded["attention_precision"]) == ("bf16", "fp32")) == settled
     assert (probed == ["auto"]) == settled
 
 
@@ -308,7 +310,7 @@ def _fake_files(tmp_path):
 def fake_pipeline(monkeypatch, log_path):
     """cogvideo-sample's pipeline replaced by FakePipeline, `auto` resolved to fp32 without a model."""
     monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, log_path))
-    choice = SimpleNamespace(precision="fp32", describe=lambda: "fp32 (test)")
+    choice = SimpleNamespace(precision="fp32", fp32_attention=False, describe=lambda: "fp32 (test)")
     monkeypatch.setattr(VideoPipeline, "precision", lambda options: choice)
 
 

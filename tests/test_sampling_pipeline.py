@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from test_sdpa import recorded_dtypes
 
 from cogvideo import parallel, precision
 from cogvideo.checkpoint import load_model_config, save_model_checkpoint
@@ -21,6 +22,7 @@ from cogvideo.models.cogvideo.stage_model import StageModel
 from cogvideo.precision import ProbeFigures
 from cogvideo.sampling import cli
 from cogvideo.sampling.clusters import main as clusters_main
+from cogvideo.sampling.prompts import Prompt
 from cogvideo.tokenizers.loading import load_image_tokenizer
 from cogvideo.tokenizers.patch_vq import PatchVQTokenizer
 from cogvideo.tokenizers.text import train_text_tokenizer
@@ -117,13 +119,43 @@ def test_auto_dtype_loads_the_models_in_the_decoding_probes_choice(
     monkeypatch.setattr(precision, "measure", lambda device, shape: figures)
     monkeypatch.setattr(precision, "_measured", {})
     monkeypatch.setattr(precision, "time_steps", time_steps)
-    options = SampleOptions(**{k: v for k, v in assets.items()}, dtype="auto", interpolation_levels=1)
+    options = SampleOptions(
+        **{k: v for k, v in assets.items()}, dtype="auto", attention_precision="same", interpolation_levels=1
+    )
     pipeline = VideoPipeline.load(options)
     assert timed == ["fp32", "bf16"]
     assert pipeline.precision.requested == "auto" and pipeline.precision.dtype == expected
     assert pipeline.precision.figures.step_seconds == steps
     for stage in (pipeline.sampler.stage1, pipeline.sampler.stage2):
         assert {p.dtype for p in stage.model.parameters()} == {expected}
+
+
+@pytest.mark.parametrize(
+    "upcast_seconds, attention", [(0.4, torch.float32), (0.6, torch.bfloat16)], ids=["faster", "slower"]
+)
+def test_auto_attention_times_the_decoding_both_ways_and_samples_in_its_choice(
+    assets, monkeypatch, upcast_seconds, attention
+):
+    """On a CPU `attention_precision: auto` times the bf16 decoding with attention in fp32 too and
+    keeps the faster; the pipeline's sampling (every stage's attention) then computes in it."""
+    timed = []
+    steps = {"fp32": 1.0, "bf16": 0.5, "bf16_attention_fp32": upcast_seconds}
+
+    def time_steps(step, names, device):
+        timed.extend(names)
+        return {name: steps[name] for name in names}
+
+    monkeypatch.setattr(precision, "measure", lambda device, shape: MATMUL_SAYS_BF16)
+    monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setattr(precision, "time_steps", time_steps)
+    options = SampleOptions(**{k: v for k, v in assets.items()}, dtype="auto", interpolation_levels=1)
+    pipeline = VideoPipeline.load(options)
+    assert timed == ["fp32", "bf16", "bf16_attention_fp32"]
+    assert pipeline.precision.dtype == torch.bfloat16
+    assert pipeline.precision.fp32_attention == (attention == torch.float32)
+    calls = recorded_dtypes(monkeypatch)
+    pipeline.sample([Prompt("cat", "a cat plays with a ball")])
+    assert calls and set(calls) == {attention}
 
 
 def test_the_decoding_probe_runs_the_stage_models_cached_decoding(assets, monkeypatch):
@@ -151,6 +183,10 @@ def test_the_decoding_probe_runs_the_stage_models_cached_decoding(assets, monkey
         assert [(f, start, tuple(shape)) for _, f, start, shape in mine] == [
             (1, p, (4, 1)) for p in range(steps)
         ]
+    attention = recorded_dtypes(monkeypatch)
+    probe("bf16_attention_fp32")  # the bf16 model again, its attention computed in fp32
+    assert attention and set(attention) == {torch.float32}
+    assert set(probe.stages) == {"bf16", "fp32"} and calls[-1][0] == torch.bfloat16
 
 
 def test_bf16_sampling_end_to_end(assets, tmp_path):

@@ -5,9 +5,10 @@ The output folder holds one entry per prompt (`<key>/`, see `outputs.py`), each 
 its record.json; a rerun skips entries recorded as ok. A prompt that fails is recorded with
 its error and the others go on. manifest.json and contact_sheet.png cover every prompt.
 
-`dtype: auto` is resolved once per job, before any worker loads a model: the precision a run
-of this job already recorded in options.json, else the pipeline's own choice (timed). Every
-worker, actor and resumed run then samples in that one precision, so a seed gives one video.
+`dtype: auto` (and `attention_precision: auto`) is resolved once per job, before any worker loads
+a model: the precision a run of this job already recorded in options.json, else the pipeline's
+own choice (timed). Every worker, actor and resumed run then samples in that one precision, so a
+seed gives one video.
 """
 
 from __future__ import annotations
@@ -131,18 +132,30 @@ def recorded_options(out: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+SETTLED_KEYS = ("dtype", "attention_precision")  # what `auto` may leave to the job's choice
+
+
+def settled_keys(recorded: dict) -> dict:
+    """The precision keys of a job's recorded options (`recorded_options`), as it resolved them."""
+    return {key: recorded[key] for key in SETTLED_KEYS if key in recorded}
+
+
 def settle_precision(out: Path, options, precision: Callable | None):
-    """`options` with `dtype: auto` replaced by the job's precision: the one `out` recorded, else
-    `precision(options)` (a PrecisionChoice; collective under torch.distributed)."""
-    if getattr(options, "dtype", None) != "auto" or precision is None:
+    """`options` with `dtype: auto` and `attention_precision: auto` (a family that has the key)
+    replaced by the job's choice: the one `out` recorded, else `precision(options)` (a
+    PrecisionChoice; collective under torch.distributed). Attention settles as `fp32` or `same`."""
+    unsettled = [key for key in SETTLED_KEYS if getattr(options, key, None) == "auto"]
+    if not unsettled or precision is None:
         return options
-    recorded = (recorded_options(out) or {}).get("dtype", "auto")
-    if recorded != "auto":
-        log.info("dtype auto: %s, as this job's earlier run resolved it (%s/options.json)", recorded, out)
-        return dataclasses.replace(options, dtype=recorded)
+    recorded = recorded_options(out) or {}
+    if all(recorded.get(key, "auto") != "auto" for key in unsettled):
+        settled = {key: settled_keys(recorded)[key] for key in unsettled}
+        log.info("%s, as this job's earlier run resolved it (%s/options.json)", settled, out)
+        return dataclasses.replace(options, **settled)
     choice = precision(options)
     log.info(choice.describe())
-    return dataclasses.replace(options, dtype=choice.precision)
+    settled = {"dtype": choice.precision, "attention_precision": "fp32" if choice.fp32_attention else "same"}
+    return dataclasses.replace(options, **{key: settled[key] for key in unsettled})
 
 
 def _check_options(out: Path, options: JobOptions) -> None:

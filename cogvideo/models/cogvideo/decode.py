@@ -15,7 +15,8 @@ import torch
 
 from cogvideo.family import build_model
 from cogvideo.models.cogvideo.stage_model import StageModel
-from cogvideo.precision import PROBE_MAX_LAYERS, torch_dtype
+from cogvideo.precision import PROBE_MAX_LAYERS, split_step_name, torch_dtype
+from cogvideo.sdpa import fp32_attention
 
 PROBE_TOKENS = 16  # single-token steps timed after the parallel pass
 
@@ -98,8 +99,9 @@ def sample_frames_uncached(
 
 
 class DecodeProbe:
-    """``probe(name)`` runs the sampler's own work in precision ``name`` once, for ``dtype: auto``
-    to time (`cogvideo.precision.choose_precision`): the text in one chunk, frame 0 given in one
+    """``probe(name)`` runs the sampler's own work once as step ``name`` (a precision, or e.g.
+    ``bf16_attention_fp32``: bf16 with attention computed in fp32), for ``dtype: auto`` and
+    ``attention_precision: auto`` to time (`cogvideo.precision.choose_precision`): the text in one chunk, frame 0 given in one
     parallel pass, then PROBE_TOKENS single-token steps of frame 1 with the KV cache, on `rows`
     decode rows, with the stage's model (TP shards included: collective under torch.distributed)
     cut to PROBE_MAX_LAYERS layers, random weights. A matmul predicts this poorly: small products,
@@ -119,7 +121,12 @@ class DecodeProbe:
         return self.stages[name]
 
     def __call__(self, name: str) -> None:
-        stage, cfg = self.stage(name), self.cfg
+        precision, in_fp32 = split_step_name(name)  # e.g. bf16_attention_fp32
+        with fp32_attention(in_fp32):
+            self._decode(self.stage(precision))
+
+    def _decode(self, stage: StageModel) -> None:
+        cfg = self.cfg
         vocab, generator = cfg.vocab, torch.Generator().manual_seed(0)
         text = torch.randint(
             vocab.text_offset,

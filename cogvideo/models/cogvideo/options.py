@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cogvideo.precision import Precision
+from cogvideo.precision import AttentionPrecision, Precision
 from cogvideo.sampling.options import path_problems
 from cogvideo.sampling.strategies import StrategyOptions
 from cogvideo.text_format import FRAME0_SUFFIX, VIDEO_SUFFIX
@@ -53,6 +53,9 @@ class SampleOptions:
     seed: int = 1234
     batch_size: int = 1  # prompts sampled together
     dtype: Precision = "auto"  # auto: bf16 where the device runs it fast (cogvideo.precision)
+    # what a bf16/fp16 run's attention computes in: auto times the decoding both ways on a CPU and
+    # keeps the faster, as training's parallel.attention_precision (cogvideo.sdpa); fp32 / same
+    attention_precision: AttentionPrecision = "auto"
     device: str = "cpu"  # "cuda" puts each process (or Ray actor) on its local GPU
     tensor_parallel: int = 1
     workers: int = 1  # Ray actors (each loads the models once)

@@ -19,6 +19,7 @@ from cogvideo.sampling.models import join_parallel, load_eval_model, sampling_de
 from cogvideo.sampling.options import check_options
 from cogvideo.sampling.prompts import Prompt, TextEncoder
 from cogvideo.sampling.strategies import make_strategy
+from cogvideo.sdpa import fp32_attention
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def sampling_precision(options: SampleOptions) -> PrecisionChoice:
     shape = probe_shape(rows, cfg.hidden_size, cfg.ffn_size // options.tensor_parallel)
     probe = DecodeProbe(cfg, device, rows)
     try:
-        return choose_precision(options.dtype, device, shape, step=probe)
+        return choose_precision(
+            options.dtype, device, shape, step=probe, attention=options.attention_precision
+        )
     finally:
         probe.close()
 
@@ -110,6 +113,7 @@ class VideoPipeline:
             for name in ("frame0", "stage1", "stage2")
         }
         self.sampler = HierarchicalSampler(stage1, stage2, options, self.encode, strategies, cached, frame0)
+        self.precision: PrecisionChoice | None = None  # load() sets the run's; its attention is used
 
     @classmethod
     def precision(cls, options: SampleOptions) -> PrecisionChoice:
@@ -186,12 +190,13 @@ class VideoPipeline:
         low-res codes come as "codes_low"; a super-resolution stage that hands out pixels (a
         posterior mean) gives no codes, and its frames come as "pixels" too (pixels.npy)."""
         first = [None if p.first_frame is None else self._first_frame(p.first_frame) for p in prompts]
-        codes = self.sampler.sample([p.text for p in prompts], first)
-        side = self.sampler.stage1.cfg.frame_tokens
-        codes = codes.reshape(len(prompts), -1, side, side).cpu()
+        with fp32_attention(self.precision is not None and self.precision.fp32_attention):
+            codes = self.sampler.sample([p.text for p in prompts], first)
+            side = self.sampler.stage1.cfg.frame_tokens
+            codes = codes.reshape(len(prompts), -1, side, side).cpu()
+            high = None if self.sr is None else self.sr([p.text for p in prompts], list(codes))
         if self.sr is None:
             return [(c, self._decode(self.image_tokenizer, c), {}) for c in codes.numpy()]
-        high = self.sr([p.text for p in prompts], list(codes))
         if self.sr.pixels:
             return [
                 (None, h.numpy(), {"codes_low": c.numpy(), "pixels": h.numpy()}) for h, c in zip(high, codes)
