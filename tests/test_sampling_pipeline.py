@@ -93,6 +93,21 @@ def _args(assets, prompts, out, *extra):
 MATMUL_SAYS_BF16 = ProbeFigures("cpu", {"fp32": 100.0, "bf16": 220.0}, (4, 32, 128), 1)
 
 
+def timed_steps(monkeypatch, figures: ProbeFigures, steps: dict[str, float]) -> list[str]:
+    """The precision probe answers with `figures` and the decoding's step times with `steps`;
+    the names of the steps it was asked to time, in order."""
+    timed = []
+
+    def time_steps(step, names, device):
+        timed.extend(names)
+        return {name: steps[name] for name in names}
+
+    monkeypatch.setattr(precision, "measure", lambda device, shape: figures)
+    monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setattr(precision, "time_steps", time_steps)
+    return timed
+
+
 @pytest.mark.parametrize(
     "figures, steps, expected",
     [
@@ -110,15 +125,7 @@ def test_auto_dtype_loads_the_models_in_the_decoding_probes_choice(
     assets, monkeypatch, figures, steps, expected
 ):
     """`auto` follows the decoding's own step times, not the matmul's, and every stage loads in it."""
-    timed = []
-
-    def time_steps(step, names, device):
-        timed.extend(names)
-        return {name: steps[name] for name in names}
-
-    monkeypatch.setattr(precision, "measure", lambda device, shape: figures)
-    monkeypatch.setattr(precision, "_measured", {})
-    monkeypatch.setattr(precision, "time_steps", time_steps)
+    timed = timed_steps(monkeypatch, figures, steps)
     options = SampleOptions(
         **{k: v for k, v in assets.items()}, dtype="auto", attention_precision="same", interpolation_levels=1
     )
@@ -138,16 +145,8 @@ def test_auto_attention_times_the_decoding_both_ways_and_samples_in_its_choice(
 ):
     """On a CPU `attention_precision: auto` times the bf16 decoding with attention in fp32 too and
     keeps the faster; the pipeline's sampling (every stage's attention) then computes in it."""
-    timed = []
     steps = {"fp32": 1.0, "bf16": 0.5, "bf16_attention_fp32": upcast_seconds}
-
-    def time_steps(step, names, device):
-        timed.extend(names)
-        return {name: steps[name] for name in names}
-
-    monkeypatch.setattr(precision, "measure", lambda device, shape: MATMUL_SAYS_BF16)
-    monkeypatch.setattr(precision, "_measured", {})
-    monkeypatch.setattr(precision, "time_steps", time_steps)
+    timed = timed_steps(monkeypatch, MATMUL_SAYS_BF16, steps)
     options = SampleOptions(**{k: v for k, v in assets.items()}, dtype="auto", interpolation_levels=1)
     pipeline = VideoPipeline.load(options)
     assert timed == ["fp32", "bf16", "bf16_attention_fp32"]
