@@ -101,11 +101,12 @@ def sample_frames_uncached(
 class DecodeProbe:
     """``probe(name)`` runs the sampler's own work once as step ``name`` (a precision, or e.g.
     ``bf16_attention_fp32``: bf16 with attention computed in fp32), for ``dtype: auto`` and
-    ``attention_precision: auto`` to time (`cogvideo.precision.choose_precision`): the text in one chunk, frame 0 given in one
-    parallel pass, then PROBE_TOKENS single-token steps of frame 1 with the KV cache, on `rows`
-    decode rows, with the stage's model (TP shards included: collective under torch.distributed)
-    cut to PROBE_MAX_LAYERS layers, random weights. A matmul predicts this poorly: small products,
-    attention, casts and per-step latency dominate. A model per precision is built on first use."""
+    ``attention_precision: auto`` to time (`cogvideo.precision.choose_precision`): the text in
+    one chunk, frame 0 given in one parallel pass, then PROBE_TOKENS single-token steps of frame
+    1 with the KV cache, on `rows` decode rows, with the stage's model (TP shards included:
+    collective under torch.distributed) cut to PROBE_MAX_LAYERS layers, random weights. A matmul
+    predicts this poorly: small products, attention, casts and per-step latency dominate. A model
+    per precision is built on first use."""
 
     def __init__(self, cfg, device: str, rows: int):
         layers = min(cfg.num_layers, PROBE_MAX_LAYERS)
