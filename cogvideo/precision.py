@@ -277,6 +277,12 @@ class PrecisionChoice:
         """Whether this run's bf16/fp16 attention computes in fp32 (`cogvideo.sdpa.fp32_attention`)."""
         return self.precision != "fp32" and self.attention == "fp32"
 
+    @property
+    def attention_setting(self) -> str:
+        """The choice as an AttentionPrecision a config records (`fp32` or `same`), so that a
+        resumed run or another worker takes it without timing again."""
+        return "fp32" if self.fp32_attention else "same"
+
     def describe(self) -> str:
         f = self.figures
         rates = ", ".join(f"{name} {value:.1f}" for name, value in f.gflops.items())

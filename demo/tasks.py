@@ -324,9 +324,7 @@ class Demo:
                 out = folder / f"d{duration:g}_seed{seed}"
                 chosen = options(duration, seed)
                 if settled is not None:
-                    chosen = dataclasses.replace(
-                        chosen, **{k: v for k, v in settled.items() if hasattr(chosen, k)}
-                    )
+                    chosen = dataclasses.replace(chosen, **settled)
                 print(f"sampling {len(todo)} prompts at {duration:g} s, seed {seed} -> {out}", flush=True)
                 started = time.perf_counter()
                 manifest = run_job(

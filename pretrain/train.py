@@ -191,7 +191,7 @@ class Trainer:
             log.warning(self.precision.warning)
         resolved = dict(
             precision=self.precision.precision,
-            attention_precision="fp32" if self.precision.fp32_attention else "same",
+            attention_precision=self.precision.attention_setting,
             precision_probe=self.precision.to_dict(),
         )
         return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **resolved))

@@ -189,7 +189,10 @@ def test_auto_precision_is_resolved_once_per_job_and_kept_on_resume(tmp_path, mo
     def precision(asked):
         probed.append(asked.dtype)
         chosen, upcast = next(choices)
-        return SimpleNamespace(precision=chosen, fp32_attention=upcast, describe=lambda: f"{chosen} (timed)")
+        setting = "fp32" if upcast else "same"
+        return SimpleNamespace(
+            precision=chosen, attention_setting=setting, describe=lambda: f"{chosen} (timed)"
+        )
 
     run_job(prompts, out, options, lambda o: DtypePipeline(o, log), precision)
     first = log.with_suffix(".dtype").read_text().split()
@@ -310,7 +313,7 @@ def _fake_files(tmp_path):
 def fake_pipeline(monkeypatch, log_path):
     """cogvideo-sample's pipeline replaced by FakePipeline, `auto` resolved to fp32 without a model."""
     monkeypatch.setattr(VideoPipeline, "load", lambda options: FakePipeline(options, log_path))
-    choice = SimpleNamespace(precision="fp32", fp32_attention=False, describe=lambda: "fp32 (test)")
+    choice = SimpleNamespace(precision="fp32", attention_setting="same", describe=lambda: "fp32 (test)")
     monkeypatch.setattr(VideoPipeline, "precision", lambda options: choice)
 
 

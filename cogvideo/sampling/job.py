@@ -149,12 +149,12 @@ def settle_precision(out: Path, options, precision: Callable | None):
         return options
     recorded = recorded_options(out) or {}
     if all(recorded.get(key, "auto") != "auto" for key in unsettled):
-        settled = {key: settled_keys(recorded)[key] for key in unsettled}
+        settled = {key: recorded[key] for key in unsettled}
         log.info("%s, as this job's earlier run resolved it (%s/options.json)", settled, out)
         return dataclasses.replace(options, **settled)
     choice = precision(options)
     log.info(choice.describe())
-    settled = {"dtype": choice.precision, "attention_precision": "fp32" if choice.fp32_attention else "same"}
+    settled = {"dtype": choice.precision, "attention_precision": choice.attention_setting}
     return dataclasses.replace(options, **{key: settled[key] for key in unsettled})
 
 
