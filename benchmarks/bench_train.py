@@ -5,7 +5,9 @@
     python benchmarks/bench_train.py --profile 10              # and where the step's time goes
 
 Full stack = `pretrain.train.Trainer.advance` (one step of the training loop): shard loader
-thread, DeepSpeed engine (ZeRO-2), NaN guard, signal check, metrics (JSONL + TensorBoard).
+thread, DeepSpeed engine at the ZeRO stage the trainer resolves for one rank (`parallel.zero_stage:
+auto`: 0 in fp32, stepping the trainer's GuardedAdamW; 2 in bf16), NaN guard, signal check,
+metrics (JSONL + TensorBoard).
 Bare loops = the same model, batch and optimizer settings with nothing around them: the stack's
 parameter groups, torch AdamW (foreach, and fused), clip_grad_norm_; in bf16 with fp32 master
 weights as DeepSpeed keeps them, and attention computed as the trainer chose (`BareLoop`). The
@@ -97,7 +99,6 @@ def make_trainer(args, root: Path, shards: list[str], tokenizer: str, precision:
             "data.shuffle_buffer=16",
             f"training.micro_batch_size={args.batch}",
             "optim.warmup_steps=5",
-            "parallel.zero_stage=2",
             f"parallel.precision={precision}",
             f"checkpoint.dir={root / 'run'}",
         ],
@@ -220,6 +221,7 @@ def compare(args, root: Path, shards, tokenizer, precision: str, batch) -> dict:
     trainer.close()
     return {
         "precision": runs,
+        "zero_stage": trainer.cfg.parallel.zero_stage,
         "choice": trainer.precision.describe(),
         "seconds": seconds,
         "profiles": profiles,
@@ -318,7 +320,8 @@ def main() -> None:
     peak = matmul_gflops(torch.float32, min_seconds=0.2) * 1e9
     print(f"matmul 1024^3 fp32: {peak / 1e9:.1f} GFLOP/s (measured in this run, {args.clock} clock)")
     for precision, result in results.items():
-        print(f"{precision} ({result['choice']}):" if precision != "fp32" else f"{precision}:")
+        choice = f"{result['choice']}; " if precision != "fp32" else ""
+        print(f"{precision} ({choice}ZeRO-{result['zero_stage']}):")
         result.update(report(args, model_cfg, result, peak))
     load.sample()
     print(f"machine: {load.describe()}")

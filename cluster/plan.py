@@ -36,10 +36,18 @@ from cluster.plan_memory import GiB, Layout, MemoryPlan, plan_memory, planner_mo
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.family import family_of, resolve_model_section
 from cogvideo.precision import DTYPES, cuda_precision
-from pretrain.config import ParallelConfig, TrainConfig, load_train_config, trained_model_section
+from pretrain.config import (
+    ParallelConfig,
+    TrainConfig,
+    load_train_config,
+    resolved_zero_stage,
+    trained_model_section,
+)
 
 SEARCH_MICRO_BATCHES = (1, 2, 4, 8, 16)
-ZERO_STAGES = typing.get_args(typing.get_type_hints(ParallelConfig)["zero_stage"])  # what training accepts
+ZERO_STAGES = tuple(  # what training accepts (auto resolves to one of them)
+    s for s in typing.get_args(typing.get_type_hints(ParallelConfig)["zero_stage"]) if isinstance(s, int)
+)
 
 # the training keys that set each part of a layout (Layout field -> dotted key)
 LAYOUT_KEYS = {
@@ -232,6 +240,8 @@ def search(cfg, gpus: int, gpus_per_node: int, dtype: str, hw: Hardware = Hardwa
     for tp, zero, offload, micro, ckpt in itertools.product(
         range(1, gpus_per_node + 1), ZERO_STAGES, (False, True), SEARCH_MICRO_BATCHES, (False, True)
     ):
+        if zero == 0 and dtype != "fp32":  # the trainer takes ZeRO-0 in fp32 only
+            continue
         layout = Layout(gpus, gpus_per_node, tp, zero, offload, micro, ckpt, dtype)
         try:
             plan = make_plan(cfg, layout, hw)
@@ -384,15 +394,16 @@ def model_and_layout(train: TrainConfig, args: argparse.Namespace, hw: Hardware)
             "parallel.attention_precision=fp32: the planner counts attention's activations in the run's "
             "precision (fp32 attention keeps fp32 copies of q, k, v and the output); plan with auto or same"
         )
+    dtype = hw.auto_precision() if p.precision == "auto" else p.precision
     return cfg, Layout(
         args.gpus,
         args.gpus_per_node,
         p.tensor_parallel,
-        p.zero_stage,
+        resolved_zero_stage(p, max(1, args.gpus // p.tensor_parallel), dtype),
         p.offload_optimizer,
         train.training.micro_batch_size,
         cfg.activation_checkpointing,
-        hw.auto_precision() if p.precision == "auto" else p.precision,
+        dtype,
     )
 
 

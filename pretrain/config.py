@@ -35,7 +35,10 @@ class InitConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
-    zero_stage: Literal[1, 2, 3] = 2  # ZeRO's overflow check is what the NaN guard relies on
+    # 0: nothing partitioned, each DP rank steps the whole optimizer state (pretrain.optim's
+    # GuardedAdamW); fp32 only. auto: 0 where there is nothing to partition (one DP rank training
+    # in fp32, the optimizer not offloaded), else 2 (`resolved_zero_stage`)
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     offload_optimizer: bool = False  # optimizer states and step on the CPU
     # auto: the device's low precision (bf16 on A100/H100 and CPUs, fp16 with loss scaling on
     # V100) where the run's own training step, timed at start-up in both, is clearly faster than
@@ -218,6 +221,13 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {cfg.optim.ema_decay}")
+    if cfg.parallel.zero_stage == 0 and cfg.parallel.precision in ("bf16", "fp16"):
+        raise ConfigError(
+            f"parallel.zero_stage: 0 trains in fp32; {cfg.parallel.precision} (fp32 master weights) "
+            "needs ZeRO-1, 2 or 3 (parallel.zero_stage=2), or set parallel.precision=fp32"
+        )
+    if cfg.parallel.zero_stage == 0 and cfg.parallel.offload_optimizer:
+        raise ConfigError("parallel.offload_optimizer: needs ZeRO (parallel.zero_stage 1, 2 or 3)")
     if cfg.optim.ema_decay and cfg.parallel.zero_stage == 3:
         raise ConfigError(
             "optim.ema_decay: not with parallel.zero_stage=3 (each rank holds a partition of the "
@@ -273,6 +283,13 @@ def check_text_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
         check_fits(cfg.data.text_tokenizer, model_cfg, "data.text_tokenizer")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def resolved_zero_stage(parallel: ParallelConfig, dp_size: int, precision: str) -> int:
+    """parallel.zero_stage as a run of `dp_size` data-parallel ranks training in `precision` takes it."""
+    if parallel.zero_stage != "auto":
+        return parallel.zero_stage
+    return 0 if dp_size == 1 and precision == "fp32" and not parallel.offload_optimizer else 2
 
 
 def data_stage(data: DataConfig, model_cfg) -> int:

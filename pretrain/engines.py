@@ -23,7 +23,7 @@ from torch import nn
 from cogvideo import parallel
 from cogvideo.family import WHOLE_MODEL, OptimizedPart, optimized_parts
 from pretrain.config import TrainConfig
-from pretrain.optim import deepspeed_config, lr_scheduler, param_groups
+from pretrain.optim import client_optimizer, deepspeed_config, lr_scheduler, param_groups
 
 
 class Engines:
@@ -41,9 +41,11 @@ class Engines:
         for part in parts:
             module = model.get_submodule(part.module) if part.module else model
             steps = math.ceil(cfg.training.max_steps * part.steps(model_cfg) / cycle)
+            optimizer = client_optimizer(module, cfg, parallel.tp_group())
             engines[part.name], _, _, _ = deepspeed.initialize(
                 model=module,
-                model_parameters=param_groups(module, cfg.optim.weight_decay),
+                optimizer=optimizer,
+                model_parameters=None if optimizer else param_groups(module, cfg.optim.weight_decay),
                 config=deepspeed_config(cfg, parallel.dp_size()),
                 mpu=parallel.mpu(),
                 lr_scheduler=lr_scheduler(cfg, steps),

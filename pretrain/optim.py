@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from pretrain.config import TrainConfig
 
@@ -25,18 +26,83 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return name.endswith(NO_DECAY_SUFFIXES) or "layernorm" in name or param.ndim < 2
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only (the frozen backbone never reaches the optimizer)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, named: bool = False) -> list[dict]:
+    """Trainable parameters only (the frozen backbone never reaches the optimizer). `named`:
+    (name, parameter) pairs, as torch.optim takes them to name the parameters in its state_dict."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
+            (no_decay if no_weight_decay(name, param) else decay).append((name, param) if named else param)
     if not decay and not no_decay:
         raise ValueError(
             "the model has no trainable parameters (is the backbone frozen on a backbone-only model?)"
         )
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global gradient norm and skips a step whose norm is not finite,
+    as DeepSpeed's ZeRO and bf16 optimizers do: at ZeRO stage 0 in fp32 DeepSpeed steps the
+    optimizer it is given as it is, so the NaN guard (`engine.was_step_applied`) and the norm
+    (`engine.get_global_grad_norm`) come from here. The norm counts tensor-parallel shards on
+    every rank of `tp_group` and replicated parameters once; gradients are already averaged over
+    data-parallel ranks when DeepSpeed steps. The parameter groups name their parameters
+    (`param_groups(named=True)`), so the saved state says whose moments are whose."""
+
+    def __init__(self, params, *, clip: float, tp_group=None, **adamw):
+        super().__init__(params, **adamw)
+        self.clip, self.tp_group = clip, tp_group
+        self.overflow, self._global_grad_norm = False, None
+
+    def grad_norm(self) -> torch.Tensor:
+        first_rank = self.tp_group is None or dist.get_rank(self.tp_group) == 0
+        grads = [
+            p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and (first_rank or getattr(p, "tensor_model_parallel", False))
+        ]
+        squares = torch.stack(torch._foreach_norm(grads)).square().sum() if grads else torch.zeros(())
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(squares, group=self.tp_group)
+        return squares.sqrt()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        norm = self.grad_norm()
+        self._global_grad_norm = norm.item()  # the step's one host sync, as ZeRO's overflow check
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.clip and self._global_grad_norm > self.clip:
+            torch._foreach_mul_(grads, self.clip / (self._global_grad_norm + 1e-6))
+        return super().step(closure)
+
+
+def client_optimizer(module: torch.nn.Module, cfg: TrainConfig, tp_group=None) -> GuardedAdamW | None:
+    """The optimizer the trainer hands DeepSpeed, where DeepSpeed would step its own bare: ZeRO
+    stage 0 in fp32. None elsewhere (DeepSpeed builds AdamW from `deepspeed_config`)."""
+    o = cfg.optim
+    if not steps_bare(cfg):
+        return None
+    return GuardedAdamW(
+        param_groups(module, o.weight_decay, named=True),
+        clip=o.grad_clip,
+        tp_group=tp_group,
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=True,
+    )
+
+
+def steps_bare(cfg: TrainConfig) -> bool:
+    """Whether DeepSpeed steps the torch optimizer it is given as it is: ZeRO stage 0 (fp32 only,
+    `check_config`)."""
+    return cfg.parallel.zero_stage == 0
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -97,6 +163,9 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if steps_bare(cfg):  # the trainer's GuardedAdamW (client_optimizer) clips and steps
+        del config["optimizer"]
+        config["gradient_clipping"] = 0.0
     if p.precision == "bf16":
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif p.precision == "fp16":  # CogVideo's recipe (its scripts/ds_config_zero.json): dynamic scale,

@@ -17,7 +17,7 @@ import dataclasses
 from cogvideo import parallel
 from cogvideo.precision import PROBE_MAX_LAYERS, split_step_name
 from cogvideo.sdpa import fp32_attention
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, resolved_zero_stage
 from pretrain.data import Batch, ShardLoader
 from pretrain.engines import Engines
 
@@ -39,8 +39,11 @@ def probe_batch(cfg: TrainConfig, model_cfg, shards: list[str], encode_text) -> 
 
 
 def precision_config(cfg: TrainConfig, name: str) -> TrainConfig:
-    """The run's config training in precision `name`."""
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision=name))
+    """The run's config training in precision `name` (at the ZeRO stage it takes in `name`)."""
+    stage = resolved_zero_stage(cfg.parallel, parallel.dp_size(), name)
+    return dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, precision=name, zero_stage=stage)
+    )
 
 
 class StepProbe:

@@ -28,7 +28,13 @@ import yaml
 
 from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
-from cogvideo.checkpoint.training import EMA_PART, EMA_SCOPE, tag_for, train_config_precision
+from cogvideo.checkpoint.training import (
+    EMA_PART,
+    EMA_SCOPE,
+    tag_for,
+    train_config_precision,
+    train_config_zero_stage,
+)
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
@@ -36,7 +42,7 @@ from cogvideo.precision import PrecisionChoice, choose_precision, probe, probe_s
 from cogvideo.runlock import LockHeld, RunLock
 from cogvideo.sdpa import fp32_attention
 from pretrain.checkpoint import PARTS, CheckpointManager, FoundByAllRanks, RNGState, SaveFailed
-from pretrain.config import TrainConfig, world_size_from_env
+from pretrain.config import TrainConfig, resolved_zero_stage, world_size_from_env
 from pretrain.data import Batch, DataError, ShardLoader
 from pretrain.ema import EMA
 from pretrain.engines import Engines
@@ -108,6 +114,8 @@ def run_precision(
             return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
     # the run's and the family's: low precisions known to cost this model its quality
     excluded = (*cfg.parallel.auto_excludes, *family_of(model_cfg).auto_excludes)
+    if cfg.parallel.zero_stage == 0:  # ZeRO-0 trains in fp32 (check_config refuses the others by name)
+        excluded = (*excluded, "bf16", "fp16")
     if make_step is None or not steps_to_time(requested, probe(device, shape), excluded, attention):
         return choose_precision(requested, device, shape, excluded=excluded, attention=attention)
     step = make_step()
@@ -179,7 +187,8 @@ class Trainer:
     def _settle_precision(
         self, cfg: TrainConfig, model_cfg, resume: Path | None, shards: list[str], encode_text
     ) -> TrainConfig:
-        """Resolve parallel.precision and log it; the config as this run trains (and saves) it."""
+        """Resolve parallel.precision (and with it parallel.zero_stage: auto) and log it; the
+        config as this run trains (and saves) it."""
 
         def make_step() -> StepProbe:
             self._info("precision auto: timing this run's training step in each precision")
@@ -189,10 +198,19 @@ class Trainer:
         self._info(self.precision.describe())
         if self.precision.warning and self.rank == 0:
             log.warning(self.precision.warning)
+        zero_stage = resolved_zero_stage(cfg.parallel, parallel.dp_size(), self.precision.precision)
+        written_at = train_config_zero_stage(resume) if resume is not None else None
+        if written_at is not None and written_at != zero_stage:
+            raise CheckpointError(
+                f"{resume}: written at ZeRO-{written_at}, this run trains at ZeRO-{zero_stage}; DeepSpeed's "
+                f"files differ between stages: resume with parallel.zero_stage={written_at}, or convert the "
+                "checkpoint (cogvideo-convert zero) and start from it (init.weights, init.optimizer=true)"
+            )
         resolved = dict(
             precision=self.precision.precision,
             attention_precision=self.precision.attention_setting,
             precision_probe=self.precision.to_dict(),
+            zero_stage=zero_stage,
         )
         return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **resolved))
 

@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-1/2/3 checkpoints written by real engines (two gloo ranks) -> our format:
+"""DeepSpeed ZeRO-0/1/2/3 checkpoints written by real engines (two gloo ranks) -> our format:
 equal to the engines' live fp32 weights and Adam moments, with bounded peak memory; and resume
-on a changed layout (TP=2 x DP=1 <-> TP=1 x DP=2) with the same losses as the original run."""
+on a changed layout (TP=2 x DP=1 <-> TP=1 x DP=2, ZeRO-0 <-> ZeRO-2) with the same losses as the
+original run. ZeRO-0 engines step the trainer's optimizer (pretrain.optim.GuardedAdamW)."""
 
 import json
 import os
@@ -31,7 +32,7 @@ MEDIUM = get_preset("tiny").replace(
 )
 FROZEN = "position_embeddings.weight"  # frozen by the worker: frozen parameters take another path
 TINY = get_preset("tiny")
-STAGES = (1, 2, 3)
+STAGES = (0, 1, 2, 3)
 
 
 def torchrun(mode: str, out: Path) -> None:
@@ -94,7 +95,7 @@ def test_consolidation_peak_memory_is_bounded(zero_runs, tmp_path):
     shards plus the largest tensor, far below one rank's optimizer file or the fp32 model."""
     from cogvideo.configio import to_dict
 
-    shard, stages = 2 << 20, ("2", "3")
+    shard, stages = 2 << 20, ("0", "2", "3")
     cmd = [
         sys.executable,
         "-c",
@@ -138,8 +139,9 @@ def assert_resumed_like_the_original(out: Path, results: dict, original: str, re
 
 @pytest.mark.slow
 def test_resume_on_changed_layout_gives_the_original_losses_and_weights(tmp_path):
-    """ZeRO-2 at TP=2 x DP=1 -> our format -> ZeRO-2 (and ZeRO-3) at TP=1 x DP=2, and back; the
-    same comparison fails for a resume that drops Adam's moments (the planted bug)."""
+    """ZeRO-2 at TP=2 x DP=1 -> our format -> ZeRO-2 (and ZeRO-3, ZeRO-0) at TP=1 x DP=2, and
+    back; ZeRO-0 at TP=2 -> ZeRO-2 at DP=2; the same comparison fails for a resume that drops
+    Adam's moments (the planted bug)."""
     torch.manual_seed(0)
     save_model_checkpoint(tmp_path / "w0", build_model(TINY).state_dict(), TINY)
     torchrun("layout", tmp_path)
@@ -148,10 +150,16 @@ def test_resume_on_changed_layout_gives_the_original_losses_and_weights(tmp_path
         ("tp2", "tp1_from_tp2"),
         ("tp1", "tp2_from_tp1"),
         ("tp2", "tp1_zero3_from_tp2"),
+        ("tp2", "tp1_zero0_from_tp2"),
+        ("tp2_zero0", "tp1_from_tp2_zero0"),
     ):
         assert_resumed_like_the_original(tmp_path, r, original, resumed)
-    with pytest.raises(AssertionError):  # planted: the moments dropped on resume
-        assert_resumed_like_the_original(tmp_path, r, "tp2", "tp1_from_tp2_no_optimizer")
+    for original, resumed in (  # planted: the moments dropped on resume
+        ("tp2", "tp1_from_tp2_no_optimizer"),
+        ("tp2_zero0", "tp1_zero0_from_tp2_zero0_no_optimizer"),
+    ):
+        with pytest.raises(AssertionError):
+            assert_resumed_like_the_original(tmp_path, r, original, resumed)
     report = describe(tmp_path / "ds_tp2")
     assert (report["format"], report["tensor_parallel"], report["data_parallel"], report["iteration"]) == (
         "DeepSpeed ZeRO-2",
@@ -184,6 +192,15 @@ def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
         convert_zero(src, tmp_path / "out", TINY.replace(num_layers=6))
     with pytest.raises(CheckpointError, match="train_config.yaml: missing"):
         convert_zero(src, tmp_path / "out")
+    unnamed = tmp_path / "unnamed"  # ZeRO-0 written around a torch optimizer that names nothing
+    subprocess.run(["cp", "-r", str(zero_runs / "zero0"), str(unnamed)], check=True)
+    states = next(unnamed.rglob("mp_rank_00_model_states.pt"))
+    data = torch.load(states, weights_only=True)
+    for group in data["optimizer"]["param_groups"]:
+        del group["param_names"]
+    torch.save(data, states)
+    with pytest.raises(CheckpointError, match="optimizer state does not name its parameters"):
+        convert_zero(unnamed, tmp_path / "out", MEDIUM)
     assert main(["zero", str(src), str(tmp_path / "out"), "--set", "preset=tiny"]) == 2
     assert not (tmp_path / "out").exists()
     assert (
@@ -219,26 +236,42 @@ def _engine(model, zero_stage: int, dp: int, decay_groups: bool = False):
     import deepspeed
 
     from cogvideo import parallel
+    from pretrain.optim import GuardedAdamW
 
+    adamw = {"lr": LAYOUT_LR, "weight_decay": 0.01}
     config = {
         "train_micro_batch_size_per_gpu": 2 // dp,
         "gradient_accumulation_steps": 1,
         "train_batch_size": 2,
         "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": LAYOUT_LR, "weight_decay": 0.01, "torch_adam": True},
-        },
+        "optimizer": {"type": "AdamW", "params": {**adamw, "torch_adam": True}},
         "steps_per_print": 10**9,
     }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = trainable
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": trainable}]
     if decay_groups:  # two param groups, as the trainer's decay / no-decay split
         groups = [
-            {"params": [p for p in trainable if p.dim() > 1]},
-            {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
+            {"params": [(n, p) for n, p in trainable if p.dim() > 1]},
+            {"params": [(n, p) for n, p in trainable if p.dim() <= 1], "weight_decay": 0.0},
         ]
-    return deepspeed.initialize(model=model, model_parameters=groups, config=config, mpu=parallel.mpu())[0]
+    if zero_stage == 0:  # DeepSpeed steps the optimizer it is given: the trainer's, naming its params
+        del config["optimizer"]
+        optimizer = GuardedAdamW(groups, clip=0.0, tp_group=parallel.tp_group(), **adamw)
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=parallel.mpu())[0]
+    unnamed = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
+    return deepspeed.initialize(model=model, model_parameters=unnamed, config=config, mpu=parallel.mpu())[0]
+
+
+def _fp32(engine, param, key: str | None = None) -> torch.Tensor:
+    """A parameter's full fp32 master weight (or Adam state `key`) as `engine` holds it: the
+    parameter itself and its torch optimizer state at ZeRO-0, DeepSpeed's fragments above."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if engine.zero_optimization_stage() == 0:
+        return (param.detach() if key is None else engine.optimizer.state[param][key]).clone()
+    return (
+        safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+    ).clone()
 
 
 def _train_step(engine, cfg, step: int) -> float:
@@ -264,7 +297,6 @@ def _train_step(engine, cfg, step: int) -> float:
 
 def _zero_worker(out: Path) -> None:
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from cogvideo import parallel
 
@@ -281,9 +313,9 @@ def _zero_worker(out: Path) -> None:
         live = {"weights": dict(frozen), "exp_avg": {}, "exp_avg_sq": {}}
         for name, param in engine.module.named_parameters():
             if param.requires_grad:
-                live["weights"][name] = safe_get_full_fp32_param(param).clone()
+                live["weights"][name] = _fp32(engine, param)
                 for key in ("exp_avg", "exp_avg_sq"):
-                    live[key][name] = safe_get_full_optimizer_state(param, key).clone()
+                    live[key][name] = _fp32(engine, param, key)
         if dist.get_rank() == 0:
             torch.save(live, out / f"live{stage}.pt")
         dist.barrier()
@@ -295,7 +327,6 @@ def _layout_worker(out: Path) -> None:
     resume in the other layout; losses go to results.json."""
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
     from megatron.core import parallel_state
 
     from cogvideo import parallel
@@ -319,11 +350,7 @@ def _layout_worker(out: Path) -> None:
 
     def save_weights(engine, name: str) -> None:
         """The full fp32 weights (ZeRO's master, merged over TP) to weights_NAME.pt."""
-        local = {
-            n: safe_get_full_fp32_param(p).clone()
-            for n, p in engine.module.named_parameters()
-            if p.requires_grad
-        }
+        local = {n: _fp32(engine, p) for n, p in engine.module.named_parameters() if p.requires_grad}
         frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in frozen]):  # ZeRO-3 partitions them too
             local.update({n: p.detach().clone() for n, p in frozen})
@@ -332,8 +359,8 @@ def _layout_worker(out: Path) -> None:
         if dist.get_rank() == 0:
             torch.save(TP_PLAN.merge_state_dicts(parts), out / f"weights_{name}.pt")
 
-    def train_and_save(name: str) -> None:
-        engine = engine_from(out / "w0", optimizer=False)
+    def train_and_save(name: str, zero_stage: int = 2) -> None:
+        engine = engine_from(out / "w0", optimizer=False, zero_stage=zero_stage)
         results[name] = [_train_step(engine, TINY, 0), _train_step(engine, TINY, 1)]
         engine.save_checkpoint(str(out / f"ds_{name}"), tag="step2")
         results[name] += [_train_step(engine, TINY, 2), _train_step(engine, TINY, 3)]
@@ -350,10 +377,14 @@ def _layout_worker(out: Path) -> None:
 
     layout(2)
     train_and_save("tp2")
+    train_and_save("tp2_zero0", zero_stage=0)
     layout(1)
     resume("tp1_from_tp2", "tp2")
     resume("tp1_from_tp2_no_optimizer", "tp2", optimizer=False)
     resume("tp1_zero3_from_tp2", "tp2", zero_stage=3)
+    resume("tp1_zero0_from_tp2", "tp2", zero_stage=0)
+    resume("tp1_from_tp2_zero0", "tp2_zero0")
+    resume("tp1_zero0_from_tp2_zero0_no_optimizer", "tp2_zero0", optimizer=False, zero_stage=0)
     train_and_save("tp1")
     layout(2)
     resume("tp2_from_tp1", "tp1")

@@ -109,8 +109,9 @@ def test_cli_search_and_overrides(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:5] == ["TP", "ZeRO", "offload", "micro", "ckpt"]
     assert len(lines) == 2 + 3 + 2 and lines[-2].startswith("...")
-    # the search varies only what training accepts (parallel.zero_stage is 1, 2 or 3) and names
-    # the overrides of the fastest row, which plan to the very same figures
+    # the search varies only what training accepts (parallel.zero_stage 0 in fp32 only; this
+    # search is in bf16, auto's on the default --gpu) and names the overrides of the fastest row,
+    # which plan to the very same figures
     assert all(row.split()[1] in ("1", "2", "3") for row in lines[2:5])
     fastest = lines[-1].removeprefix("fastest: ").split()
     assert fastest[0] == f"parallel.tensor_parallel={lines[2].split()[0]}"
@@ -129,7 +130,10 @@ def test_cli_search_and_overrides(capsys):
         (["model.preset=nope", "--gpus", "8"], "unknown preset 'nope'"),
         (["model.preset=small", "model.hidden=3", "--gpus", "8"], "unknown config key(s): model.hidden"),
         (["model.preset=small", "--gpus", "8", "--efficiency", "2"], "--efficiency must be in"),
-        (["--gpus", "8", "parallel.zero_stage=4"], "parallel.zero_stage: 4 is not one of (1, 2, 3)"),
+        (
+            ["--gpus", "8", "parallel.zero_stage=4"],
+            "parallel.zero_stage: 4 is not one of ('auto', 0, 1, 2, 3)",
+        ),
         (
             ["--gpus", "8", "parallel.precision=bf16", "--gpu", "v100-32gb"],
             "v100-32gb has no bf16 tensor cores; set another parallel.precision",

@@ -152,7 +152,7 @@ def test_bf16_and_fp32_losses_agree_within_the_rounding_bound(ws, fp32_run, bf16
     # planted: a bf16 path whose output is constant, and one that skips its updates (the initial
     # weights' loss on each step's batch, computed by the independent reference loop with lr 0)
     constant = {step: uniform for step in ref}
-    skipped, _ = reference(ws, step_batches(fp32_dir), lr=0.0)
+    skipped, _, _ = reference(ws, step_batches(fp32_dir), lr=0.0)
     for planted in (constant, skipped):
         assert outside_rounding_bound(ref, planted, rounding), planted
     # both applied every update (no step skipped as non-finite)

@@ -45,7 +45,9 @@ def test_overrides_reach_the_model_and_sections():
         (["model.num_layerz=2"], 1, "model.num_layerz"),
         (["parallel.tensor_parallel=3"], 3, "model.num_heads"),  # tiny: 4 heads
         (["parallel.tensor_parallel=2"], 3, "world size 3"),
-        (["parallel.zero_stage=0"], 1, "parallel.zero_stage"),
+        (["parallel.zero_stage=4"], 1, "parallel.zero_stage"),
+        (["parallel.zero_stage=0", "parallel.precision=bf16"], 1, "parallel.zero_stage: 0 trains in fp32"),
+        (["parallel.zero_stage=0", "parallel.offload_optimizer=true"], 1, "offload_optimizer: needs ZeRO"),
         (["parallel.precision=fp8"], 1, "parallel.precision"),
         (["training.micro_batch_size=0"], 1, "training.micro_batch_size"),
         (["optim.min_lr_ratio=2"], 1, "optim.min_lr_ratio"),

@@ -33,6 +33,7 @@ from cogvideo.checkpoint.training import write_complete
 from cogvideo.family import build_model, plain_model
 from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.models.cogvideo.sequence import build_sequence
+from cogvideo.precision import torch_dtype
 from cogvideo.shards import decode_sample
 from cogvideo.text_format import TextFormat
 from cogvideo.tokenizers.text import TextTokenizer
@@ -41,7 +42,9 @@ from pretrain.launch import free_port
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-LR, WARMUP, MIN_RATIO, CLIP, DECAY = 2e-3, 2, 0.1, 0.5, 1.0
+# CLIP below every step's gradient norm (0.36-0.48 here): clipping acts on each step, so a wrong
+# global norm (a shard counted twice, a rank's own norm) moves the weights
+LR, WARMUP, MIN_RATIO, CLIP, DECAY = 2e-3, 2, 0.1, 0.25, 1.0
 PORTS = iter(free_port, None)  # a fresh free port at each next()
 
 
@@ -107,11 +110,12 @@ def train(ws, name: str, nproc: int, *extra: str) -> Path:
     return run_dir
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, metric: str = "loss") -> dict[int, float]:
+    """`metric` (the loss by default) of each logged step."""
     out = {}
     for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out[row["step"]] = row["loss"]
+        out[row["step"]] = row[metric]
     return out
 
 
@@ -147,7 +151,8 @@ def not_decayed(name: str) -> bool:
 
 
 def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=not_decayed, lr=LR):
-    """Losses per step and final weights; `flat_rule(name)`: no weight decay on that parameter."""
+    """Losses and gradient norms (before clipping) per step, and the final weights;
+    `flat_rule(name)`: no weight decay on that parameter."""
     cfg = get_preset("tiny").replace(train_backbone=train_backbone)
     samples = {}
     for url in ws["shards"]:
@@ -180,27 +185,29 @@ def reference(ws, batches: dict[int, list[str]], train_backbone=True, flat_rule=
         return MIN_RATIO + (1 - MIN_RATIO) * (1 + math.cos(math.pi * t)) / 2
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    out = {}
+    out, norms = {}, {}
     for step in sorted(batches):
         tokens, targets, mask = (torch.stack(t) for t in zip(*(sequence(k) for k in batches[step])))
         loss = model.loss(model(tokens), targets, mask)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], CLIP)
+        norms[step] = torch.nn.utils.clip_grad_norm_([p for _, p in named], CLIP).item()
         opt.step()
         sched.step()
         opt.zero_grad()
         out[step] = loss.item()
-    return out, model.state_dict()
+    return out, norms, model.state_dict()
 
 
 def assert_matches_reference(ws, run_dir: Path, train_backbone=True, flat_rule=not_decayed):
     batches = step_batches(run_dir)
     assert sorted(batches) == list(range(1, STEPS + 1))
-    ref_losses, ref_weights = reference(ws, batches, train_backbone, flat_rule)
-    got = losses(run_dir)
+    ref_losses, ref_norms, ref_weights = reference(ws, batches, train_backbone, flat_rule)
+    got, got_norms = losses(run_dir), losses(run_dir, "grad_norm")
     rel = loss_rel_tol(get_preset("tiny").num_layers)  # bounds in tests/tolerances.py
     for step in ref_losses:
         assert got[step] == pytest.approx(ref_losses[step], rel=rel), f"step {step}"
+        assert got_norms[step] == pytest.approx(ref_norms[step], rel=rel), f"step {step}: gradient norm"
+        assert ref_norms[step] > CLIP  # clipped: the norm decides the update
     weights = final_weights(run_dir)
     assert set(weights) == set(ref_weights)
     for name, ref in ref_weights.items():
@@ -272,6 +279,34 @@ def test_planted_decay_bugs_fail_the_parity_comparison(ws, zero2_run, flat_rule)
 def test_zero_stages_dp2_match_single_process(ws, stage, extra):
     run = train(ws, f"zero{stage}", 2, f"parallel.zero_stage={stage}", "model.train_backbone=true", *extra)
     assert_matches_reference(ws, run)
+
+
+@pytest.fixture(scope="module")
+def zero0_run(ws):
+    """ZeRO-0 (the trainer's own clipping and NaN guard, pretrain.optim.GuardedAdamW) at TP=2 x DP=2."""
+    return train(
+        ws, "zero0", 4, "parallel.zero_stage=0", "parallel.tensor_parallel=2", "model.train_backbone=true"
+    )
+
+
+def test_zero0_tp2_dp2_matches_single_process(ws, zero0_run):
+    assert_matches_reference(ws, zero0_run)
+    assert_data_split(zero0_run, dp=2, tp=2, epoch_steps=4)
+
+
+def test_zero0_resumes_exactly(ws, zero0_run):
+    """Resumed from its step-4 checkpoint (DeepSpeed's files with the optimizer's own state), the
+    ZeRO-0 run ends bit for bit where the uninterrupted one does."""
+    run = ws["root"] / "zero0_resumed"
+    shutil.copytree(zero0_run, run, ignore=shutil.ignore_patterns("step00000006"))
+    (run / "latest").write_text("step00000004")
+    args = ("parallel.zero_stage=0", "parallel.tensor_parallel=2", "model.train_backbone=true")
+    proc = torchrun(4, base_args(ws, run, *args, "--resume", "auto"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected, resumed = losses(zero0_run), losses(run)
+    assert [resumed[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
+    a, b = final_weights(zero0_run), final_weights(run)
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_tp2_matches_single_process(ws):
@@ -404,8 +439,13 @@ def test_tp2_resume_with_dropout_continues_the_attention_dropout_stream(ws):
     assert reseeded[5] != expected[5]  # the same batch and weights: only the attention masks differ
 
 
-def test_nonfinite_steps_are_skipped_then_training_stops_bf16(ws):
-    run = ws["root"] / "nan"
+@pytest.mark.parametrize(
+    "precision, zero_stage",
+    [("bf16", 2), ("fp32", 0)],  # DeepSpeed's ZeRO guard; the trainer's own (GuardedAdamW)
+    ids=["bf16-zero2", "fp32-zero0"],
+)
+def test_nonfinite_steps_are_skipped_then_training_stops(ws, precision, zero_stage):
+    run = ws["root"] / f"nan_{precision}_{zero_stage}"
     proc = run_injected(
         ws,
         run,
@@ -415,7 +455,8 @@ def test_nonfinite_steps_are_skipped_then_training_stops_bf16(ws):
         "training.max_nonfinite_steps=3",
         "checkpoint.every_steps=1",
         "checkpoint.keep_last=10",
-        "parallel.precision=bf16",
+        f"parallel.precision={precision}",
+        f"parallel.zero_stage={zero_stage}",
     )
     assert proc.returncode == 3, proc.stderr[-4000:]
     assert "stopping at step 6: 3 steps in a row" in proc.stderr
@@ -426,7 +467,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops_bf16(ws):
         assert torch.equal(weights[1][name], weights[2][name]), name  # skipped: no update
         assert torch.equal(weights[3][name], weights[5][name]), name
     # the tiny preset freezes the backbone: only the video parts ever move
-    start = {k: v.to(torch.bfloat16).float() for k, v in load_model_state(ws["init"]).items()}
+    start = {k: v.to(torch_dtype(precision)).float() for k, v in load_model_state(ws["init"]).items()}
     for name, value in weights[3].items():
         video_part = "temporal" in name or name.startswith("frame_position")
         assert torch.equal(value, start[name]) != video_part, name

@@ -278,6 +278,13 @@ def train_config_precision(path: Path) -> tuple[str | None, str]:
     return (precision if precision in DTYPES else None), ("fp32" if attention == "fp32" else "same")
 
 
+def train_config_zero_stage(path: Path) -> int | None:
+    """The ZeRO stage a trainer run's DeepSpeed files were written at (parallel.zero_stage of
+    train_config.yaml, as the run resolved it); None where not recorded."""
+    stage = (read_train_config(path).get("parallel") or {}).get("zero_stage")
+    return stage if isinstance(stage, int) and not isinstance(stage, bool) else None
+
+
 def train_config_text_format(path: Path) -> TextFormat:
     """The text format a trainer run recorded (the data.* keys of train_config.yaml); the
     release's when the file has none."""

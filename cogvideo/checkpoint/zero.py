@@ -1,6 +1,10 @@
-"""DeepSpeed ZeRO-1/2/3 checkpoints -> full fp32 weights (and Adam moments) in our format.
+"""DeepSpeed ZeRO-0/1/2/3 checkpoints -> full fp32 weights (and Adam moments) in our format.
 
 Reads DeepSpeed's files directly (layout as in deepspeed 0.19's ``utils/zero_to_fp32.py``):
+
+* ZeRO-0 (fp32, the trainer's GuardedAdamW): ``mp_rank_XX_model_states.pt`` alone, one per TP
+  rank: ``module`` (the weights) and ``optimizer`` (torch's optimizer state_dict, whose param
+  groups name their parameters: ``param_names``);
 
 * ``mp_rank_XX_model_states.pt`` (ZeRO-1/2) or ``zero_pp_rank_D_mp_rank_XX_model_states.pt``
   (ZeRO-3): ``param_shapes`` (one ordered dict per param group), ``frozen_param_shapes`` /
@@ -56,19 +60,23 @@ class ZeroCheckpoint:
         models = {
             (int(m[2]), int(m[1] or 0)): f for f in self.path.iterdir() if (m := MODEL_FILE.match(f.name))
         }
-        if not models or not optim:
+        if not models:
             raise CheckpointError(
-                f"{self.path}: no DeepSpeed ZeRO checkpoint here (needs *_model_states.pt and "
-                f"*_optim_states.pt files)"
+                f"{self.path}: no DeepSpeed checkpoint here (needs *_model_states.pt files, and "
+                f"*_optim_states.pt files for ZeRO-1/2/3)"
             )
         self.tp = max(t for t, _ in models) + 1
         self.optim_files = optim
         first = load_pt(models[(0, 0)], mmap=True)
         if "param_shapes" not in first:
-            raise CheckpointError(
-                f"{models[(0, 0)]}: no param_shapes (not a DeepSpeed ZeRO model state file)"
-            )
+            raise CheckpointError(f"{models[(0, 0)]}: no param_shapes (not a DeepSpeed model state file)")
         self.iteration = int(first.get("global_steps") or 0)
+        if not optim:  # ZeRO-0: the optimizer's own state_dict lies in the model states file
+            self.stage, self.dp, self.stage3 = 0, int(first.get("dp_world_size") or 1), False
+            self.model_files = models
+            self.ranks = [self._stage0_layout(t) for t in range(self.tp)]
+            self.shapes = full_shapes(plan, self.ranks[0]["shapes"], self.tp)
+            return
         header = load_pt(optim[(0, 0)], mmap=True).get("optimizer_state_dict", {})
         if "zero_stage" not in header:
             raise CheckpointError(f"{optim[(0, 0)]}: no zero_stage (not a ZeRO optimizer state file)")
@@ -144,10 +152,40 @@ class ZeroCheckpoint:
         order = [n for n in module if n in shapes] + [n for n in shapes if n not in module]
         return {"shapes": {n: shapes[n] for n in order}, "where": where, "group_starts": group_starts}
 
+    def _stage0_layout(self, t: int) -> dict:
+        """ZeRO-0 (one rank file per TP rank; DP ranks hold copies): the module's tensors, each
+        trained one found by its name in the optimizer's param groups (pretrain.optim's
+        GuardedAdamW names them)."""
+        file = self.model_files.get((t, 0))
+        if file is None:
+            raise CheckpointError(f"{self.path}: missing the model states file of TP rank {t} (ZeRO-0)")
+        model = load_pt(file, mmap=True)
+        optimizer = model.get("optimizer") or {}
+        groups = optimizer.get("param_groups") or []
+        if not groups or any("param_names" not in g for g in groups):
+            raise CheckpointError(
+                f"{file}: a ZeRO-0 checkpoint whose optimizer state does not name its parameters "
+                "(written by a trainer other than pretrain.train); it cannot be read by name"
+            )
+        where = {
+            name: ("adam", index)
+            for g in groups
+            for name, index in zip(g["param_names"], g["params"], strict=True)
+        }
+        module = {n: v for n, v in model["module"].items() if torch.is_tensor(v)}
+        missing = sorted(set(where) - set(module))
+        if missing:
+            raise CheckpointError(f"{file}: optimizer parameters missing from the module: {missing[:20]}")
+        shapes = {n: tuple(v.shape) for n, v in module.items()}
+        where |= {n: "frozen" for n in module if n not in where}
+        return {"shapes": shapes, "where": where, "group_starts": None}
+
     def _open(self, t: int) -> dict:
         """The optimizer and model states of every DP rank of TP rank t, memory-mapped."""
-        optim = [load_pt(self.optim_files[(t, d)], mmap=True)["optimizer_state_dict"] for d in range(self.dp)]
         models = [load_pt(self.model_files[(t, d)], mmap=True) for d in range(self.dp if self.stage3 else 1)]
+        if self.stage == 0:
+            return {"optim": [models[0]["optimizer"]], "model": models}
+        optim = [load_pt(self.optim_files[(t, d)], mmap=True)["optimizer_state_dict"] for d in range(self.dp)]
         return {"optim": optim, "model": models}
 
     # ---- reading ------------------------------------------------------------------------
@@ -163,9 +201,14 @@ class ZeroCheckpoint:
         shape, where = layout["shapes"][name], layout["where"][name]
         numel = math.prod(shape)
         out = torch.empty(numel, dtype=torch.float32)
+        if where == "frozen" and kind != "fp32":
+            raise CheckpointError(f"{name}: frozen, has no optimizer state")
+        if self.stage == 0:  # whole tensors: the module's weights, the optimizer's moments
+            source = (
+                files["model"][0]["module"][name] if kind == "fp32" else optim[0]["state"][where[1]][kind]
+            )
+            return out.copy_(source.flatten()).reshape(shape)
         if where == "frozen":
-            if kind != "fp32":
-                raise CheckpointError(f"{name}: frozen, has no optimizer state")
             if not self.stage3:
                 return out.copy_(files["model"][0]["module"][name].flatten()).reshape(shape)
             segments = [m["frozen_param_fragments"][name].flatten() for m in files["model"]]
@@ -215,8 +258,12 @@ class ZeroCheckpoint:
             del files  # unmaps the pages read for this run
 
     def optimizer_summary(self, trainable: list[str]) -> dict:
-        optim = self._open(0)["optim"]
-        inner = optim[0]["optimizer_state_dict" if self.stage3 else "base_optimizer_state"]
+        state = self._open(0)["optim"][0]
+        inner = (
+            state
+            if self.stage == 0
+            else state["optimizer_state_dict" if self.stage3 else "base_optimizer_state"]
+        )
         steps = [s.get("step") for s in inner["state"].values() if "step" in s]
         groups = [
             {k: v for k, v in g.items() if k in ("lr", "betas", "eps", "weight_decay")}
@@ -342,7 +389,7 @@ def _convert_parts(path: Path, dst, cfg, dirs, max_shard_bytes: int, ema: bool, 
 
 def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size: int = 1) -> int:
     """Put the Adam moments and step saved in our checkpoint `path` into a DeepSpeed engine of
-    any ZeRO stage and TP x DP layout (after ``deepspeed.initialize``, with the model weights
+    any ZeRO stage (0 to 3) and TP x DP layout (after ``deepspeed.initialize``, with the model weights
     loaded from ``load_model_state`` before it). Collective under ZeRO-3. Returns the step."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -358,6 +405,13 @@ def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size:
             f"missing {missing[:20]}, not trainable here {extra[:20]}"
         )
     step = int(state["state"]["step"])
+    if engine.zero_optimization_stage() == 0:  # DeepSpeed steps the torch optimizer by parameter
+        for name, param in trainable.items():
+            engine.optimizer.state[param] = {
+                "step": torch.tensor(float(step)),
+                **{key: state[key][name].to(param.dtype).clone() for key in ADAM_KEYS},
+            }
+        return step
     # Adam creates its state at the first step; create it now (zeros, then overwritten below) on
     # the flat fp32 partitions the ZeRO optimizer hands to torch's AdamW
     inner = engine.optimizer.optimizer
