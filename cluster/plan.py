@@ -240,7 +240,7 @@ def search(cfg, gpus: int, gpus_per_node: int, dtype: str, hw: Hardware = Hardwa
     for tp, zero, offload, micro, ckpt in itertools.product(
         range(1, gpus_per_node + 1), ZERO_STAGES, (False, True), SEARCH_MICRO_BATCHES, (False, True)
     ):
-        if zero == 0 and dtype != "fp32":  # the trainer takes ZeRO-0 in fp32 only
+        if zero == 0 and dtype == "fp16":  # the trainer takes ZeRO-0 in fp32 or bf16
             continue
         layout = Layout(gpus, gpus_per_node, tp, zero, offload, micro, ckpt, dtype)
         try:

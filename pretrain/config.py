@@ -36,8 +36,8 @@ class InitConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     # 0: nothing partitioned, each DP rank steps the whole optimizer state (pretrain.optim's
-    # GuardedAdamW); fp32 only. auto: 0 where there is nothing to partition (one DP rank training
-    # in fp32, the optimizer not offloaded), else 2 (`resolved_zero_stage`)
+    # GuardedAdamW, fp32 master weights in bf16); fp32 or bf16. auto: 0 where there is nothing to
+    # partition (one DP rank, fp32 or bf16, the optimizer not offloaded), else 2 (`resolved_zero_stage`)
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     offload_optimizer: bool = False  # optimizer states and step on the CPU
     # auto: the device's low precision (bf16 on A100/H100 and CPUs, fp16 with loss scaling on
@@ -221,10 +221,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {cfg.optim.ema_decay}")
-    if cfg.parallel.zero_stage == 0 and cfg.parallel.precision in ("bf16", "fp16"):
+    if cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "fp16":
         raise ConfigError(
-            f"parallel.zero_stage: 0 trains in fp32; {cfg.parallel.precision} (fp32 master weights) "
-            "needs ZeRO-1, 2 or 3 (parallel.zero_stage=2), or set parallel.precision=fp32"
+            "parallel.zero_stage: 0 trains in fp32 or bf16; fp16 (dynamic loss scaling) needs ZeRO-1, 2 "
+            "or 3 (parallel.zero_stage=2)"
         )
     if cfg.parallel.zero_stage == 0 and cfg.parallel.offload_optimizer:
         raise ConfigError("parallel.offload_optimizer: needs ZeRO (parallel.zero_stage 1, 2 or 3)")
@@ -289,7 +289,8 @@ def resolved_zero_stage(parallel: ParallelConfig, dp_size: int, precision: str) 
     """parallel.zero_stage as a run of `dp_size` data-parallel ranks training in `precision` takes it."""
     if parallel.zero_stage != "auto":
         return parallel.zero_stage
-    return 0 if dp_size == 1 and precision == "fp32" and not parallel.offload_optimizer else 2
+    nothing_to_partition = dp_size == 1 and not parallel.offload_optimizer
+    return 0 if nothing_to_partition and precision in ("fp32", "bf16") else 2
 
 
 def data_stage(data: DataConfig, model_cfg) -> int:

@@ -22,6 +22,7 @@ from torch import nn
 
 from cogvideo import parallel
 from cogvideo.family import WHOLE_MODEL, OptimizedPart, optimized_parts
+from cogvideo.precision import torch_dtype
 from pretrain.config import TrainConfig
 from pretrain.optim import client_optimizer, deepspeed_config, lr_scheduler, param_groups
 
@@ -42,6 +43,8 @@ class Engines:
             module = model.get_submodule(part.module) if part.module else model
             steps = math.ceil(cfg.training.max_steps * part.steps(model_cfg) / cycle)
             optimizer = client_optimizer(module, cfg, parallel.tp_group())
+            if optimizer is not None and cfg.parallel.precision != "fp32":
+                module.to(torch_dtype(cfg.parallel.precision))  # its fp32 masters are the optimizer's
             engines[part.name], _, _, _ = deepspeed.initialize(
                 model=module,
                 optimizer=optimizer,
@@ -50,6 +53,10 @@ class Engines:
                 mpu=parallel.mpu(),
                 lr_scheduler=lr_scheduler(cfg, steps),
             )
+            if optimizer is not None and parallel.dp_size() == 1:
+                # nothing to average: at ZeRO-0 DeepSpeed would flatten every gradient, all-reduce
+                # it over the one rank and copy it back after each backward
+                engines[part.name].enable_backward_allreduce = False
         return cls(parts, engines, model_cfg)
 
     def modules(self) -> dict[str, nn.Module]:

@@ -43,24 +43,42 @@ def param_groups(model: torch.nn.Module, weight_decay: float, named: bool = Fals
 
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that clips by the global gradient norm and skips a step whose norm is not finite,
-    as DeepSpeed's ZeRO and bf16 optimizers do: at ZeRO stage 0 in fp32 DeepSpeed steps the
-    optimizer it is given as it is, so the NaN guard (`engine.was_step_applied`) and the norm
+    as DeepSpeed's ZeRO optimizers do: at ZeRO stage 0 DeepSpeed steps the optimizer it is given
+    as it is, so the NaN guard (`engine.was_step_applied`) and the norm
     (`engine.get_global_grad_norm`) come from here. The norm counts tensor-parallel shards on
     every rank of `tp_group` and replicated parameters once; gradients are already averaged over
     data-parallel ranks when DeepSpeed steps. The parameter groups name their parameters
-    (`param_groups(named=True)`), so the saved state says whose moments are whose."""
+    (`param_groups(named=True)`), so the saved state says whose moments are whose.
 
-    def __init__(self, params, *, clip: float, tp_group=None, **adamw):
-        super().__init__(params, **adamw)
+    With `master_weights` the optimizer steps fp32 copies of the (fp32) parameters it is given,
+    taken at construction, and copies them back into those parameters after each step: the
+    model may then be cast to bf16, as DeepSpeed's bf16 optimizers keep fp32 master weights. The
+    copies are saved with the state (``master_weights``, in the order of the state's indices)."""
+
+    def __init__(self, params, *, clip: float, tp_group=None, master_weights: bool = False, **adamw):
+        groups = list(params)  # torch.optim's forms: tensors, (name, tensor) pairs, or groups of either
+        groups = [dict(g) for g in groups] if groups and isinstance(groups[0], dict) else [{"params": groups}]
+        self.model_params = None
+        if master_weights:
+            self.model_params = [e[1] if isinstance(e, tuple) else e for g in groups for e in g["params"]]
+            for g in groups:
+                g["params"] = [
+                    (e[0], _master_copy(e[1])) if isinstance(e, tuple) else _master_copy(e)
+                    for e in g["params"]
+                ]
+        super().__init__(groups, **adamw)
         self.clip, self.tp_group = clip, tp_group
         self.overflow, self._global_grad_norm = False, None
+
+    @property
+    def masters(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     def grad_norm(self) -> torch.Tensor:
         first_rank = self.tp_group is None or dist.get_rank(self.tp_group) == 0
         grads = [
             p.grad
-            for group in self.param_groups
-            for p in group["params"]
+            for p in self.masters
             if p.grad is not None and (first_rank or getattr(p, "tensor_model_parallel", False))
         ]
         squares = torch.stack(torch._foreach_norm(grads)).square().sum() if grads else torch.zeros(())
@@ -70,20 +88,64 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        norm = self.grad_norm()
-        self._global_grad_norm = norm.item()  # the step's one host sync, as ZeRO's overflow check
-        self.overflow = not math.isfinite(self._global_grad_norm)
-        if self.overflow:
-            return None
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if self.clip and self._global_grad_norm > self.clip:
-            torch._foreach_mul_(grads, self.clip / (self._global_grad_norm + 1e-6))
-        return super().step(closure)
+        masters = self.masters
+        if self.model_params is not None:  # this step's gradients, in fp32
+            for master, param in zip(masters, self.model_params):
+                master.grad = None if param.grad is None else param.grad.float()
+        try:
+            norm = self.grad_norm()
+            self._global_grad_norm = norm.item()  # the step's one host sync, as ZeRO's overflow check
+            self.overflow = not math.isfinite(self._global_grad_norm)
+            if self.overflow:
+                return None
+            grads = [p.grad for p in masters if p.grad is not None]
+            if self.clip and self._global_grad_norm > self.clip:
+                torch._foreach_mul_(grads, self.clip / (self._global_grad_norm + 1e-6))
+            result = super().step(closure)
+            if self.model_params is not None:
+                torch._foreach_copy_(self.model_params, masters)
+            return result
+        finally:
+            if self.model_params is not None:
+                for master in masters:
+                    master.grad = None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.model_params is not None:
+            state["master_weights"] = [m.detach() for m in self.masters]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("master_weights", None)
+        if (saved is None) != (self.model_params is None):
+            raise ValueError(
+                "optimizer state " + ("without" if saved is None else "with") + " fp32 master weights, "
+                "for an optimizer "
+                + ("with" if saved is None else "without")
+                + " them (resumed in another precision)"
+            )
+        super().load_state_dict(state_dict)
+        if saved is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.masters, saved)
+                torch._foreach_copy_(self.model_params, self.masters)
+
+
+def _master_copy(param: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of `param` to step, carrying its tensor-parallel attributes."""
+    master = param.detach().float().clone().requires_grad_(True)
+    for attribute in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        if hasattr(param, attribute):
+            setattr(master, attribute, getattr(param, attribute))
+    return master
 
 
 def client_optimizer(module: torch.nn.Module, cfg: TrainConfig, tp_group=None) -> GuardedAdamW | None:
-    """The optimizer the trainer hands DeepSpeed, where DeepSpeed would step its own bare: ZeRO
-    stage 0 in fp32. None elsewhere (DeepSpeed builds AdamW from `deepspeed_config`)."""
+    """The optimizer the trainer hands DeepSpeed where DeepSpeed steps it as it is: ZeRO stage 0,
+    with fp32 master weights when the run trains in bf16 (build it before the model is cast).
+    None elsewhere (DeepSpeed builds AdamW from `deepspeed_config`)."""
     o = cfg.optim
     if not steps_bare(cfg):
         return None
@@ -91,6 +153,7 @@ def client_optimizer(module: torch.nn.Module, cfg: TrainConfig, tp_group=None) -
         param_groups(module, o.weight_decay, named=True),
         clip=o.grad_clip,
         tp_group=tp_group,
+        master_weights=cfg.parallel.precision != "fp32",
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
@@ -100,8 +163,8 @@ def client_optimizer(module: torch.nn.Module, cfg: TrainConfig, tp_group=None) -
 
 
 def steps_bare(cfg: TrainConfig) -> bool:
-    """Whether DeepSpeed steps the torch optimizer it is given as it is: ZeRO stage 0 (fp32 only,
-    `check_config`)."""
+    """Whether DeepSpeed steps the torch optimizer it is given as it is: ZeRO stage 0 (fp32 or
+    bf16, `check_config`)."""
     return cfg.parallel.zero_stage == 0
 
 
@@ -163,9 +226,11 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if steps_bare(cfg):  # the trainer's GuardedAdamW (client_optimizer) clips and steps
+    if steps_bare(cfg):  # the trainer's GuardedAdamW (client_optimizer) clips, guards, keeps
+        # the fp32 master weights and steps; the engine itself runs the model as it is cast
         del config["optimizer"]
         config["gradient_clipping"] = 0.0
+        return config
     if p.precision == "bf16":
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif p.precision == "fp16":  # CogVideo's recipe (its scripts/ds_config_zero.json): dynamic scale,

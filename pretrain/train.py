@@ -114,8 +114,8 @@ def run_precision(
             return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
     # the run's and the family's: low precisions known to cost this model its quality
     excluded = (*cfg.parallel.auto_excludes, *family_of(model_cfg).auto_excludes)
-    if cfg.parallel.zero_stage == 0:  # ZeRO-0 trains in fp32 (check_config refuses the others by name)
-        excluded = (*excluded, "bf16", "fp16")
+    if cfg.parallel.zero_stage == 0:  # ZeRO-0 trains in fp32 or bf16 (check_config refuses fp16 by name)
+        excluded = (*excluded, "fp16")
     if make_step is None or not steps_to_time(requested, probe(device, shape), excluded, attention):
         return choose_precision(requested, device, shape, excluded=excluded, attention=attention)
     step = make_step()

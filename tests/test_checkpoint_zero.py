@@ -32,7 +32,7 @@ MEDIUM = get_preset("tiny").replace(
 )
 FROZEN = "position_embeddings.weight"  # frozen by the worker: frozen parameters take another path
 TINY = get_preset("tiny")
-STAGES = (0, 1, 2, 3)
+VARIANTS = ("0", "0bf16", "1", "2", "3")  # ZeRO stage, and ZeRO-0 training a bf16 model (fp32 masters)
 
 
 def torchrun(mode: str, out: Path) -> None:
@@ -47,7 +47,7 @@ def zero_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", VARIANTS)
 def test_consolidation_equals_live_weights_and_moments(zero_runs, tmp_path, stage):
     live = torch.load(zero_runs / f"live{stage}.pt")
     ours = convert_zero(zero_runs / f"zero{stage}", tmp_path / "ours", MEDIUM, max_shard_bytes=1 << 20)
@@ -232,7 +232,9 @@ def test_bad_zero_checkpoints_fail_clearly(zero_runs, tmp_path):
 # ---- torchrun workers ----------------------------------------------------------------------
 
 
-def _engine(model, zero_stage: int, dp: int, decay_groups: bool = False):
+def _engine(model, zero_stage: int, dp: int, decay_groups: bool = False, bf16: bool = False):
+    """A DeepSpeed engine over `model` (fp32; at ZeRO-0 with `bf16` the model cast to bf16 and
+    the optimizer stepping fp32 masters, as the trainer does)."""
     import deepspeed
 
     from cogvideo import parallel
@@ -256,19 +258,23 @@ def _engine(model, zero_stage: int, dp: int, decay_groups: bool = False):
         ]
     if zero_stage == 0:  # DeepSpeed steps the optimizer it is given: the trainer's, naming its params
         del config["optimizer"]
-        optimizer = GuardedAdamW(groups, clip=0.0, tp_group=parallel.tp_group(), **adamw)
+        optimizer = GuardedAdamW(groups, clip=0.0, tp_group=parallel.tp_group(), master_weights=bf16, **adamw)
+        model.to(torch.bfloat16 if bf16 else torch.float32)
         return deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=parallel.mpu())[0]
     unnamed = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
     return deepspeed.initialize(model=model, model_parameters=unnamed, config=config, mpu=parallel.mpu())[0]
 
 
-def _fp32(engine, param, key: str | None = None) -> torch.Tensor:
+def _fp32(engine, name: str, param, key: str | None = None) -> torch.Tensor:
     """A parameter's full fp32 master weight (or Adam state `key`) as `engine` holds it: the
-    parameter itself and its torch optimizer state at ZeRO-0, DeepSpeed's fragments above."""
+    optimizer's own parameter (the model's, or its fp32 master) at ZeRO-0, DeepSpeed's fragments above."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if engine.zero_optimization_stage() == 0:
-        return (param.detach() if key is None else engine.optimizer.state[param][key]).clone()
+        optimizer = engine.optimizer
+        names = [n for group in optimizer.param_groups for n in group["param_names"]]
+        master = optimizer.masters[names.index(name)]
+        return (master.detach() if key is None else optimizer.state[master][key]).clone()
     return (
         safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
     ).clone()
@@ -301,23 +307,27 @@ def _zero_worker(out: Path) -> None:
     from cogvideo import parallel
 
     parallel.init_distributed(1, backend="gloo")
-    for stage in STAGES:
+    for variant in VARIANTS:
+        stage, bf16 = int(variant[0]), variant.endswith("bf16")
         torch.manual_seed(0)
         model = build_model(MEDIUM)
         getattr(model, FROZEN.split(".")[0]).weight.requires_grad_(False)
-        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-        engine = _engine(model, stage, dp=2)
+        dtype = (
+            torch.bfloat16 if bf16 else torch.float32
+        )  # ZeRO-3 partitions the frozen ones too: read them first
+        frozen = {n: p.detach().to(dtype).float() for n, p in model.named_parameters() if not p.requires_grad}
+        engine = _engine(model, stage, dp=2, bf16=bf16)
         for step in range(2):
             _train_step(engine, MEDIUM, step)
-        engine.save_checkpoint(str(out / f"zero{stage}"), tag="global_step2")
+        engine.save_checkpoint(str(out / f"zero{variant}"), tag="global_step2")
         live = {"weights": dict(frozen), "exp_avg": {}, "exp_avg_sq": {}}
         for name, param in engine.module.named_parameters():
             if param.requires_grad:
-                live["weights"][name] = _fp32(engine, param)
+                live["weights"][name] = _fp32(engine, name, param)
                 for key in ("exp_avg", "exp_avg_sq"):
-                    live[key][name] = _fp32(engine, param, key)
+                    live[key][name] = _fp32(engine, name, param, key)
         if dist.get_rank() == 0:
-            torch.save(live, out / f"live{stage}.pt")
+            torch.save(live, out / f"live{variant}.pt")
         dist.barrier()
     parallel.destroy()
 
@@ -350,7 +360,7 @@ def _layout_worker(out: Path) -> None:
 
     def save_weights(engine, name: str) -> None:
         """The full fp32 weights (ZeRO's master, merged over TP) to weights_NAME.pt."""
-        local = {n: _fp32(engine, p) for n, p in engine.module.named_parameters() if p.requires_grad}
+        local = {n: _fp32(engine, n, p) for n, p in engine.module.named_parameters() if p.requires_grad}
         frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in frozen]):  # ZeRO-3 partitions them too
             local.update({n: p.detach().clone() for n, p in frozen})

@@ -294,18 +294,24 @@ def test_zero0_tp2_dp2_matches_single_process(ws, zero0_run):
     assert_data_split(zero0_run, dp=2, tp=2, epoch_steps=4)
 
 
-def test_zero0_resumes_exactly(ws, zero0_run):
-    """Resumed from its step-4 checkpoint (DeepSpeed's files with the optimizer's own state), the
-    ZeRO-0 run ends bit for bit where the uninterrupted one does."""
-    run = ws["root"] / "zero0_resumed"
-    shutil.copytree(zero0_run, run, ignore=shutil.ignore_patterns("step00000006"))
-    (run / "latest").write_text("step00000004")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero0_resumes_exactly(ws, zero0_run, precision):
+    """Resumed from its step-4 checkpoint (DeepSpeed's files with the optimizer's own state: in
+    bf16 its fp32 master weights too), a ZeRO-0 run ends bit for bit where the uninterrupted one
+    does (fp32: the TP=2 x DP=2 run above; bf16: TP=2, run here)."""
     args = ("parallel.zero_stage=0", "parallel.tensor_parallel=2", "model.train_backbone=true")
-    proc = torchrun(4, base_args(ws, run, *args, "--resume", "auto"))
+    nproc, whole = 4, zero0_run
+    if precision == "bf16":
+        args, nproc = (*args, "parallel.precision=bf16", "training.micro_batch_size=4"), 2
+        whole = train(ws, "zero0_bf16", nproc, *args)
+    run = ws["root"] / f"zero0_{precision}_resumed"
+    shutil.copytree(whole, run, ignore=shutil.ignore_patterns("step00000006"))
+    (run / "latest").write_text("step00000004")
+    proc = torchrun(nproc, base_args(ws, run, *args, "--resume", "auto"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    expected, resumed = losses(zero0_run), losses(run)
+    expected, resumed = losses(whole), losses(run)
     assert [resumed[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
-    a, b = final_weights(zero0_run), final_weights(run)
+    a, b = final_weights(whole), final_weights(run)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
@@ -441,8 +447,8 @@ def test_tp2_resume_with_dropout_continues_the_attention_dropout_stream(ws):
 
 @pytest.mark.parametrize(
     "precision, zero_stage",
-    [("bf16", 2), ("fp32", 0)],  # DeepSpeed's ZeRO guard; the trainer's own (GuardedAdamW)
-    ids=["bf16-zero2", "fp32-zero0"],
+    [("bf16", 2), ("fp32", 0), ("bf16", 0)],  # DeepSpeed's ZeRO guard; the trainer's (GuardedAdamW)
+    ids=["bf16-zero2", "fp32-zero0", "bf16-zero0"],
 )
 def test_nonfinite_steps_are_skipped_then_training_stops(ws, precision, zero_stage):
     run = ws["root"] / f"nan_{precision}_{zero_stage}"

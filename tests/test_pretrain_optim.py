@@ -17,15 +17,15 @@ CLIP = 0.5
 ADAMW = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "fused": True}
 
 
-def named_params(seed: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Two groups (decayed matrices, undecayed vectors) of named float64 parameters, and the
-    parameters by name, with gradients whose global norm is far above CLIP (clipping acts)."""
+def named_params(seed: int, dtype=torch.float64) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Two groups (decayed matrices, undecayed vectors) of named parameters, and the parameters
+    by name, with gradients whose global norm is far above CLIP (clipping acts)."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"a.weight": (8, 4), "b.weight": (3, 5), "a.bias": (8,), "norm.weight": (4,)}
-    params = {name: torch.randn(shape, generator=g, dtype=torch.float64) for name, shape in shapes.items()}
+    params = {name: torch.randn(shape, generator=g, dtype=dtype) for name, shape in shapes.items()}
     for p in params.values():
         p.requires_grad_(True)
-        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
     groups = [
         {"params": [(n, params[n]) for n in ("a.weight", "b.weight")]},
         {"params": [(n, params[n]) for n in ("a.bias", "norm.weight")], "weight_decay": 0.0},
@@ -52,6 +52,43 @@ def test_one_step_equals_torch_clip_then_adamw():
         torch.testing.assert_close(param, theirs[name], rtol=1e-12, atol=0, msg=name)
     saved = guarded.state_dict()["param_groups"]  # the checkpoint names whose moments are whose
     assert [g["param_names"] for g in saved] == [["a.weight", "b.weight"], ["a.bias", "norm.weight"]]
+
+
+def test_bf16_model_steps_its_fp32_master_weights():
+    """With master_weights: fp32 copies taken at construction are stepped (on the bf16 model's
+    gradients, in fp32) exactly as torch steps fp32 parameters, and written back to the model."""
+    groups, model = named_params(2, torch.float32)
+    guarded = GuardedAdamW(groups, clip=CLIP, master_weights=True, **ADAMW)
+    for param in model.values():  # as pretrain.engines casts the module once the optimizer holds its masters
+        param.data = param.data.to(torch.bfloat16)
+    groups, masters = named_params(2, torch.float32)
+    reference = torch.optim.AdamW([{**g, "params": [p for _, p in g["params"]]} for g in groups], **ADAMW)
+    for step in range(3):
+        g = torch.Generator().manual_seed(200 + step)
+        for name, param in model.items():
+            param.grad = torch.randn(param.shape, generator=g).to(torch.bfloat16)
+            masters[name].grad = param.grad.float()
+        torch.nn.utils.clip_grad_norm_(list(masters.values()), CLIP)
+        reference.step()
+        guarded.step()
+    for name, param in model.items():
+        master = guarded.masters[list(model).index(name)]
+        torch.testing.assert_close(master, masters[name], msg=name)  # fp32 rounding of the clip factor
+        assert param.dtype == torch.bfloat16 and torch.equal(param, master.to(torch.bfloat16)), name
+        assert master.grad is None  # the fp32 gradients live for the step only
+    saved = guarded.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(saved["master_weights"], guarded.masters))
+
+    groups, fresh = named_params(3, torch.float32)  # other values: a resumed run's start
+    resumed = GuardedAdamW(groups, clip=CLIP, master_weights=True, **ADAMW)
+    for param in fresh.values():
+        param.data = param.data.to(torch.bfloat16)
+    resumed.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.masters, guarded.masters))
+    assert all(torch.equal(fresh[name], model[name]) for name in model)
+    groups, _ = named_params(3, torch.float32)
+    with pytest.raises(ValueError, match="with fp32 master weights, for an optimizer without them"):
+        GuardedAdamW(groups, clip=CLIP, **ADAMW).load_state_dict(saved)
 
 
 class Unguarded(GuardedAdamW):

@@ -2,9 +2,10 @@
 
 Reads DeepSpeed's files directly (layout as in deepspeed 0.19's ``utils/zero_to_fp32.py``):
 
-* ZeRO-0 (fp32, the trainer's GuardedAdamW): ``mp_rank_XX_model_states.pt`` alone, one per TP
-  rank: ``module`` (the weights) and ``optimizer`` (torch's optimizer state_dict, whose param
-  groups name their parameters: ``param_names``);
+* ZeRO-0 (the trainer's GuardedAdamW): ``mp_rank_XX_model_states.pt`` alone, one per TP rank:
+  ``module`` (the weights, in the run's precision) and ``optimizer`` (torch's optimizer
+  state_dict, whose param groups name their parameters: ``param_names``; in bf16 runs also the
+  fp32 ``master_weights``, in the order of the state's indices);
 
 * ``mp_rank_XX_model_states.pt`` (ZeRO-1/2) or ``zero_pp_rank_D_mp_rank_XX_model_states.pt``
   (ZeRO-3): ``param_shapes`` (one ordered dict per param group), ``frozen_param_shapes`` /
@@ -203,10 +204,16 @@ class ZeroCheckpoint:
         out = torch.empty(numel, dtype=torch.float32)
         if where == "frozen" and kind != "fp32":
             raise CheckpointError(f"{name}: frozen, has no optimizer state")
-        if self.stage == 0:  # whole tensors: the module's weights, the optimizer's moments
-            source = (
-                files["model"][0]["module"][name] if kind == "fp32" else optim[0]["state"][where[1]][kind]
-            )
+        if (
+            self.stage == 0
+        ):  # whole tensors: the fp32 master weights (bf16 runs; else the module's) and moments
+            masters = optim[0].get("master_weights")
+            if kind != "fp32":
+                source = optim[0]["state"][where[1]][kind]
+            elif masters is not None and where != "frozen":
+                source = masters[where[1]]
+            else:
+                source = files["model"][0]["module"][name]
             return out.copy_(source.flatten()).reshape(shape)
         if where == "frozen":
             if not self.stage3:
@@ -405,12 +412,14 @@ def restore_optimizer_state(engine, path: str | Path, tp_rank: int = 0, tp_size:
             f"missing {missing[:20]}, not trainable here {extra[:20]}"
         )
     step = int(state["state"]["step"])
-    if engine.zero_optimization_stage() == 0:  # DeepSpeed steps the torch optimizer by parameter
-        for name, param in trainable.items():
-            engine.optimizer.state[param] = {
-                "step": torch.tensor(float(step)),
-                **{key: state[key][name].to(param.dtype).clone() for key in ADAM_KEYS},
-            }
+    if engine.zero_optimization_stage() == 0:  # DeepSpeed steps the torch optimizer as it is
+        optimizer = engine.optimizer  # its parameters, by name: the model's own or their fp32 masters
+        for group in optimizer.param_groups:
+            for name, param in zip(group["param_names"], group["params"], strict=True):
+                optimizer.state[param] = {
+                    "step": torch.tensor(float(step)),
+                    **{key: state[key][name].to(param.dtype).clone() for key in ADAM_KEYS},
+                }
         return step
     # Adam creates its state at the first step; create it now (zeros, then overwritten below) on
     # the flat fp32 partitions the ZeRO optimizer hands to torch's AdamW
