@@ -42,11 +42,14 @@ from cogvideo.checkpoint.training import (
     save_part,
     summarize,
     tag_for,
+    train_config_precision,
+    train_config_zero_stage,
     write_complete,
 )
 from cogvideo.configio import save_yaml
 from cogvideo.family import family_of
 from cogvideo.runlock import atomic_write
+from pretrain.config import ParallelConfig, resolved_zero_stage
 from pretrain.engines import Engines
 
 log = logging.getLogger(__name__)
@@ -131,6 +134,22 @@ def check_pickled_globals(path: Path) -> None:
         raise CheckpointError(
             f"{path}: refers to {sorted(extra)}, which a checkpoint never holds; "
             f"it is not loaded (replace the file or resume from another checkpoint)"
+        )
+
+
+def check_zero_stage(path: Path, dp_size: int, parallel_cfg: ParallelConfig) -> None:
+    """The ZeRO stage checkpoint `path` was written at is the one a run of `dp_size` DP ranks
+    with `parallel_cfg` resumes at (its precision, if auto, the one the checkpoint trained in)."""
+    written_at, (trained_in, _) = train_config_zero_stage(path), train_config_precision(path)
+    precision = trained_in if parallel_cfg.precision == "auto" else parallel_cfg.precision
+    if written_at is None or precision is None:  # not recorded: DeepSpeed's load decides
+        return
+    stage = resolved_zero_stage(parallel_cfg, dp_size, precision)
+    if stage != written_at:
+        raise CheckpointError(
+            f"{path}: written at ZeRO-{written_at}, this run would resume at ZeRO-{stage}; DeepSpeed's files "
+            f"differ between stages: resume with parallel.zero_stage={written_at}, or convert the checkpoint "
+            "(cogvideo-convert zero) and start from it (init.weights, init.optimizer=true)"
         )
 
 
@@ -391,11 +410,14 @@ class CheckpointManager:
             if TAG.match(p.name) and p.name not in keep and p.name < keep[-1]:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def check(self, path: Path, dp_size: int) -> None:
-        """Before any process group: every part's files are there and load safely, and DeepSpeed's
-        rank files name no foreign object."""
+    def check(self, path: Path, dp_size: int, parallel_cfg: ParallelConfig | None = None) -> None:
+        """Before any process group: every part's files are there and load safely, DeepSpeed's
+        rank files name no foreign object, and (given the run's `parallel_cfg`) they were written
+        at the ZeRO stage this run resumes at (a resumed `auto` precision is the one trained in)."""
         for file in sorted(path.rglob("*_states.pt")):  # the tag's, or one folder per optimised part
             check_pickled_globals(file)
+        if parallel_cfg is not None:
+            check_zero_stage(path, dp_size, parallel_cfg)
         for name, (_, scope) in self.parts.items():
             written = part_ranks(path, name, scope)
             if scope == "dp" and written != dp_size:

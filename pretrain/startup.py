@@ -138,7 +138,7 @@ def check_free_space(manager: CheckpointManager) -> None:
 def resume_plan(cfg: TrainConfig, manager: CheckpointManager, dp_size: int) -> ResumePlan | None:
     """The checkpoints to resume from that are whole, newest first; notes on those skipped."""
     candidates, notes = resume_candidates(
-        cfg.checkpoint.dir, cfg.checkpoint.resume, lambda path: manager.check(path, dp_size)
+        cfg.checkpoint.dir, cfg.checkpoint.resume, lambda path: manager.check(path, dp_size, cfg.parallel)
     )
     for note in notes:
         warn(note)

@@ -28,13 +28,7 @@ import yaml
 
 from cogvideo import parallel
 from cogvideo.checkpoint import CheckpointError
-from cogvideo.checkpoint.training import (
-    EMA_PART,
-    EMA_SCOPE,
-    tag_for,
-    train_config_precision,
-    train_config_zero_stage,
-)
+from cogvideo.checkpoint.training import EMA_PART, EMA_SCOPE, tag_for, train_config_precision
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
@@ -199,13 +193,6 @@ class Trainer:
         if self.precision.warning and self.rank == 0:
             log.warning(self.precision.warning)
         zero_stage = resolved_zero_stage(cfg.parallel, parallel.dp_size(), self.precision.precision)
-        written_at = train_config_zero_stage(resume) if resume is not None else None
-        if written_at is not None and written_at != zero_stage:
-            raise CheckpointError(
-                f"{resume}: written at ZeRO-{written_at}, this run trains at ZeRO-{zero_stage}; DeepSpeed's "
-                f"files differ between stages: resume with parallel.zero_stage={written_at}, or convert the "
-                "checkpoint (cogvideo-convert zero) and start from it (init.weights, init.optimizer=true)"
-            )
         resolved = dict(
             precision=self.precision.precision,
             attention_precision=self.precision.attention_setting,

@@ -315,6 +315,21 @@ def test_zero0_resumes_exactly(ws, zero0_run, precision):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_resume_at_another_zero_stage_is_refused_before_training(ws, zero0_run):
+    """DeepSpeed's files differ between ZeRO stages: one line naming the stage written and how to
+    go on, before any process group; the run's folder untouched."""
+    before = sorted(p.name for p in zero0_run.rglob("*"))
+    args = ("parallel.zero_stage=2", "parallel.tensor_parallel=2", "model.train_backbone=true")
+    cmd, env = trainer_command(1, next(PORTS))  # the trainer's own launcher: its checks run once, here
+    command = [*cmd, "--nproc-per-node", "4", *base_args(ws, zero0_run, *args, "--resume", "auto")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cogvideo-train:")]
+    assert len(lines) == 1 and "written at ZeRO-0, this run would resume at ZeRO-2" in lines[0], lines
+    assert "parallel.zero_stage=0" in lines[0] and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in zero0_run.rglob("*")) == before
+
+
 def test_tp2_matches_single_process(ws):
     run = train(
         ws, "tp2", 2, "parallel.tensor_parallel=2", "model.train_backbone=true", "training.micro_batch_size=4"
