@@ -120,11 +120,10 @@ class GuardedAdamW(torch.optim.AdamW):
         state_dict = dict(state_dict)
         saved = state_dict.pop("master_weights", None)
         if (saved is None) != (self.model_params is None):
+            found, kept = ("without", "keeps") if saved is None else ("with", "does not keep")
             raise ValueError(
-                "optimizer state " + ("without" if saved is None else "with") + " fp32 master weights, "
-                "for an optimizer "
-                + ("with" if saved is None else "without")
-                + " them (resumed in another precision)"
+                f"optimizer state {found} fp32 master weights, for an optimizer that {kept} them "
+                "(resumed in another precision?)"
             )
         super().load_state_dict(state_dict)
         if saved is not None:

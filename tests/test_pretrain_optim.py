@@ -87,7 +87,9 @@ def test_bf16_model_steps_its_fp32_master_weights():
     assert all(torch.equal(a, b) for a, b in zip(resumed.masters, guarded.masters))
     assert all(torch.equal(fresh[name], model[name]) for name in model)
     groups, _ = named_params(3, torch.float32)
-    with pytest.raises(ValueError, match="with fp32 master weights, for an optimizer without them"):
+    with pytest.raises(
+        ValueError, match="with fp32 master weights, for an optimizer that does not keep them"
+    ):
         GuardedAdamW(groups, clip=CLIP, **ADAMW).load_state_dict(saved)
 
 

@@ -6,7 +6,6 @@ Reads DeepSpeed's files directly (layout as in deepspeed 0.19's ``utils/zero_to_
   ``module`` (the weights, in the run's precision) and ``optimizer`` (torch's optimizer
   state_dict, whose param groups name their parameters: ``param_names``; in bf16 runs also the
   fp32 ``master_weights``, in the order of the state's indices);
-
 * ``mp_rank_XX_model_states.pt`` (ZeRO-1/2) or ``zero_pp_rank_D_mp_rank_XX_model_states.pt``
   (ZeRO-3): ``param_shapes`` (one ordered dict per param group), ``frozen_param_shapes`` /
   ``frozen_param_fragments`` (ZeRO-3) and ``module`` (ZeRO-1/2: also the frozen params);
@@ -204,9 +203,7 @@ class ZeroCheckpoint:
         out = torch.empty(numel, dtype=torch.float32)
         if where == "frozen" and kind != "fp32":
             raise CheckpointError(f"{name}: frozen, has no optimizer state")
-        if (
-            self.stage == 0
-        ):  # whole tensors: the fp32 master weights (bf16 runs; else the module's) and moments
+        if self.stage == 0:  # whole tensors: the fp32 masters (bf16 runs; else the module's), the moments
             masters = optim[0].get("master_weights")
             if kind != "fp32":
                 source = optim[0]["state"][where[1]][kind]
