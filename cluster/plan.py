@@ -37,6 +37,7 @@ from cogvideo.configio import ConfigError, config_parser
 from cogvideo.family import family_of, resolve_model_section
 from cogvideo.precision import DTYPES, cuda_precision
 from pretrain.config import (
+    ZERO0_PRECISIONS,
     ParallelConfig,
     TrainConfig,
     load_train_config,
@@ -240,7 +241,7 @@ def search(cfg, gpus: int, gpus_per_node: int, dtype: str, hw: Hardware = Hardwa
     for tp, zero, offload, micro, ckpt in itertools.product(
         range(1, gpus_per_node + 1), ZERO_STAGES, (False, True), SEARCH_MICRO_BATCHES, (False, True)
     ):
-        if zero == 0 and dtype == "fp16":  # the trainer takes ZeRO-0 in fp32 or bf16
+        if zero == 0 and dtype not in ZERO0_PRECISIONS:  # what the trainer takes
             continue
         layout = Layout(gpus, gpus_per_node, tp, zero, offload, micro, ckpt, dtype)
         try:

@@ -32,6 +32,11 @@ class InitConfig:
     # (`cogvideo-convert zero RUN OUT`: resume on another TP x DP layout)
 
 
+# what ZeRO-0 trains in: pretrain.optim's GuardedAdamW steps fp32 parameters or fp32 masters of
+# bf16 ones; fp16's dynamic loss scaling is DeepSpeed's ZeRO optimizers'
+ZERO0_PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
@@ -221,7 +226,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {cfg.optim.ema_decay}")
-    if cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "fp16":
+    if cfg.parallel.zero_stage == 0 and cfg.parallel.precision not in ("auto", *ZERO0_PRECISIONS):
         raise ConfigError(
             "parallel.zero_stage: 0 trains in fp32 or bf16; fp16 (dynamic loss scaling) needs ZeRO-1, 2 "
             "or 3 (parallel.zero_stage=2)"
@@ -290,7 +295,7 @@ def resolved_zero_stage(parallel: ParallelConfig, dp_size: int, precision: str) 
     if parallel.zero_stage != "auto":
         return parallel.zero_stage
     nothing_to_partition = dp_size == 1 and not parallel.offload_optimizer
-    return 0 if nothing_to_partition and precision in ("fp32", "bf16") else 2
+    return 0 if nothing_to_partition and precision in ZERO0_PRECISIONS else 2
 
 
 def data_stage(data: DataConfig, model_cfg) -> int:

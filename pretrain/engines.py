@@ -43,8 +43,8 @@ class Engines:
             module = model.get_submodule(part.module) if part.module else model
             steps = math.ceil(cfg.training.max_steps * part.steps(model_cfg) / cycle)
             optimizer = client_optimizer(module, cfg, parallel.tp_group())
-            if optimizer is not None and cfg.parallel.precision != "fp32":
-                module.to(torch_dtype(cfg.parallel.precision))  # its fp32 masters are the optimizer's
+            if optimizer is not None and optimizer.model_params is not None:  # it holds fp32 masters
+                module.to(torch_dtype(cfg.parallel.precision))
             engines[part.name], _, _, _ = deepspeed.initialize(
                 model=module,
                 optimizer=optimizer,

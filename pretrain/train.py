@@ -32,11 +32,11 @@ from cogvideo.checkpoint.training import EMA_PART, EMA_SCOPE, tag_for, train_con
 from cogvideo.configio import ConfigError, config_parser
 from cogvideo.environment import quiet_library_notices
 from cogvideo.family import build_model, family_of
-from cogvideo.precision import PrecisionChoice, choose_precision, probe, probe_shape, steps_to_time
+from cogvideo.precision import DTYPES, PrecisionChoice, choose_precision, probe, probe_shape, steps_to_time
 from cogvideo.runlock import LockHeld, RunLock
 from cogvideo.sdpa import fp32_attention
 from pretrain.checkpoint import PARTS, CheckpointManager, FoundByAllRanks, RNGState, SaveFailed
-from pretrain.config import TrainConfig, resolved_zero_stage, world_size_from_env
+from pretrain.config import ZERO0_PRECISIONS, TrainConfig, resolved_zero_stage, world_size_from_env
 from pretrain.data import Batch, DataError, ShardLoader
 from pretrain.ema import EMA
 from pretrain.engines import Engines
@@ -108,8 +108,8 @@ def run_precision(
             return dataclasses.replace(choice, requested="auto", reason=f"as trained in {resume}")
     # the run's and the family's: low precisions known to cost this model its quality
     excluded = (*cfg.parallel.auto_excludes, *family_of(model_cfg).auto_excludes)
-    if cfg.parallel.zero_stage == 0:  # ZeRO-0 trains in fp32 or bf16 (check_config refuses fp16 by name)
-        excluded = (*excluded, "fp16")
+    if cfg.parallel.zero_stage == 0:  # check_config refuses the others by name
+        excluded = (*excluded, *(name for name in DTYPES if name not in ZERO0_PRECISIONS))
     if make_step is None or not steps_to_time(requested, probe(device, shape), excluded, attention):
         return choose_precision(requested, device, shape, excluded=excluded, attention=attention)
     step = make_step()
