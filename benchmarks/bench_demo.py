@@ -27,8 +27,8 @@ from cogvideo.machine import LoadWatch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_STEPS = ("videos", "tokenizers", "shards")
-DATA_FOLDERS = ("videos", "tokenizers", "shards", "shards_frame0")
-STAGES = ("backbone", "stage1", "stage2")
+DATA_FOLDERS = ("videos", "tokenizers", "shards", "shards_stills", "shards_frame0")
+STAGES = ("backbone", "frame0", "stage1", "stage2")
 
 
 def run_dir(out: Path, precision: str, seed: int) -> Path:

@@ -14,7 +14,8 @@ Kinds (`KINDS`; a model family reads one, `ModelFamily.shard_kind`):
     frames   pixels.npy     uint8 [frames, height, width, 3] RGB frames
 
 The duration prefix ("4.0秒<n>") is composed at load time from `meta.duration` by the text
-format (`cogvideo.text_format`), so the format can change without re-preparing data. Shards
+format (`cogvideo.text_format`), so the format can change without re-preparing data; a still
+(`meta.duration` null) gets none. Shards
 written before kinds were recorded (schema 1) hold tokens.
 """
 
@@ -104,8 +105,9 @@ KINDS = {kind.name: kind for kind in (TOKENS, LATENTS, FRAMES)}
 @dataclass(frozen=True)
 class ClipMeta:
     # seconds spanned from the first to the last frame: (frames - 1) / fps; a first-frame sample
-    # (cogvideo-reshard --first-frames) keeps the duration of the sample it opens
-    duration: float
+    # (cogvideo-reshard --first-frames) keeps the duration of the sample it opens; None: a still,
+    # a frame that opens no clip (--stills), which a model reads with the caption alone
+    duration: float | None
     fps: float  # sampling rate of the stored frames
     stage: int  # 1 (sequential keyframes) or 2 (interpolation)
     source: str  # source video path or id

@@ -5,13 +5,16 @@ some wait forever, with an uneven count some run dry first. Samples keep their o
 spread evenly (shard sizes differ by at most one); manifest and commit log follow.
 
     cogvideo-reshard OUT_DIR --divisible-by 16 [--shards 64]
-    cogvideo-reshard OUT_DIR --divisible-by 2 --shards 8 --first-frames FRAME0_DIR
+    cogvideo-reshard OUT_DIR --divisible-by 2 --shards 8 --first-frames FRAME0_DIR [--stills]
 
 `--first-frames` writes a second folder of one-frame samples (frame 0 of every stage-1 sample)
 for the model that draws the first frame of the hierarchy (the backbone), dealt round-robin over
 the shards so every reader gets some. Each keeps the duration of the sample it opens, so a
 first-frame model may read the duration prefix too (where a clip starts can depend on how long
-it runs: the demo's shapes start further back on longer paths).
+it runs: the demo's shapes start further back on longer paths). `--stills` adds every later
+frame of those samples as a still (no duration: the model reads the caption alone), the image
+data CogView2 trained on: the model then sees each object in every place it goes, not only
+where clips start, and draws frame 0 of an unseen combination far more often in the right shape.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import webdataset as wds
@@ -115,18 +119,27 @@ def _reshard(root: Path, divisible_by: int, shards: int) -> int:
     return count
 
 
-def first_frame_shards(root: str | Path, dest: str | Path, divisible_by: int, shards: int = 0) -> int:
+def first_frame_shards(
+    root: str | Path, dest: str | Path, divisible_by: int, shards: int = 0, stills: bool = False
+) -> int:
     """Write frame 0 of every stage-1 sample of `root` as one-frame samples (with the duration of
-    the sample they open) into `dest`/shards/, sample i into shard i mod count; returns the sample count."""
+    the sample they open) into `dest`/shards/, with `stills` each later frame too as a still
+    (duration None, key `<key>_still<i>`), one-frame sample i into shard i mod count; returns the
+    one-frame sample count."""
     root, dest = Path(root), Path(dest)
     tars = sorted((root / SHARD_DIR).glob("*.tar"))
     samples = []
     for raw in tarfile_samples([{"url": str(tar)} for tar in tars]):
         sample = decode_sample(raw)
-        if sample.meta.stage == 1:
-            meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1})
+        if sample.meta.stage != 1:
+            continue
+        frames = sample.arrays["frames"]
+        meta = ClipMeta(**{**vars(sample.meta), "num_frames": 1})
+        samples.append(encode_sample(sample.key, {"frames": frames[:1]}, sample.caption, meta))
+        still = replace(meta, duration=None)
+        for i in range(1, len(frames) if stills else 1):
             samples.append(
-                encode_sample(sample.key, {"frames": sample.arrays["frames"][:1]}, sample.caption, meta)
+                encode_sample(f"{sample.key}_still{i}", {"frames": frames[i : i + 1]}, sample.caption, still)
             )
     if not samples:
         raise ValueError(f"{root / SHARD_DIR}: no stage-1 samples to take first frames from")
@@ -154,10 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         help="leave OUT_DIR as it is; write frame 0 of its "
         "stage-1 samples as one-frame shards into DEST/shards (for the first-frame model)",
     )
+    parser.add_argument(
+        "--stills",
+        action="store_true",
+        help="with --first-frames: every later frame of those samples too, as a still read with the caption alone",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.stills and not args.first_frames:
+            raise ValueError("--stills goes with --first-frames DEST")
         if args.first_frames:
-            samples = first_frame_shards(args.out, args.first_frames, args.divisible_by, args.shards)
+            samples = first_frame_shards(
+                args.out, args.first_frames, args.divisible_by, args.shards, args.stills
+            )
             print(f"{args.first_frames}: {samples} one-frame samples")
         else:
             count = reshard(args.out, args.divisible_by, args.shards)

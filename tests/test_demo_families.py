@@ -30,7 +30,7 @@ def test_each_family_builds_on_the_shared_steps_and_the_report_on_all():
     steps = driver.steps_for(cfg)
     names = [s.name for s in steps]
     assert names == [
-        *("videos", "tokenizers", "shards", "backbone", "stage1", "stage2", "sample", "evaluate"),
+        *("videos", "tokenizers", "shards", "backbone", "stage1", "stage2", "frame0", "sample", "evaluate"),
         *("hpdm_shards", "hpdm_train", "hpdm_sample", "hpdm_evaluate", "report"),
     ]
     runner = Runner(Path("unused"), steps, driver.step_settings(cfg, steps))

@@ -232,7 +232,7 @@ def test_the_stage_builds_on_the_demo_model_it_starts_from_and_the_hierarchys_sa
     cfg = DemoConfig(families=["cogvideo", "dsr"])
     steps = driver.steps_for(cfg)
     names = [s.name for s in steps]
-    assert names[8:] == ["dsr_videos", "dsr_shards", "dsr_train", "dsr_sample", "dsr_evaluate", "report"]
+    assert names[9:] == ["dsr_videos", "dsr_shards", "dsr_train", "dsr_sample", "dsr_evaluate", "report"]
     runner = Runner(Path("unused"), steps, driver.step_settings(cfg, steps))
     assert runner.builds_on["dsr_videos"] == ("tokenizers",)
     assert runner.builds_on["dsr_train"] == ("dsr_shards", "backbone")

@@ -316,6 +316,30 @@ def test_caption_dropout_is_seeded_per_sample_and_epoch(shards, uncond_prefix):
     assert [again._dropped(s.key) for s in samples] == [loader._dropped(s.key) for s in samples]
 
 
+def test_a_still_reads_the_caption_alone_and_a_clip_its_duration_prefix(tmp_path):
+    """A one-frame sample of a clip (cogvideo-reshard --first-frames) reads "{duration}秒<n>caption";
+    a still (--stills, meta.duration None) the caption alone; dropped, "视频" with the same prefix or none."""
+    cfg = CFG.replace(text_length=16, num_frames=1)
+    side = CFG.frame_tokens
+    path = str(tmp_path / "one-frame.tar")
+    with wds.TarWriter(path) as sink:
+        for i, duration in enumerate([2.0, None] * 8):
+            meta = ClipMeta(duration, 1.0, 1, "v", 0.0, 2.0, 1)
+            sink.write(encode_sample(f"f{i}", {"frames": np.zeros((1, side, side), int)}, "a clip", meta))
+    loader = make_loader([path], cfg, micro_batch_size=1, shuffle_buffer=0, caption_dropout=0.5)
+    seen = set()
+    for sample in itertools.islice(loader.samples(), 16):
+        dropped = loader._dropped(sample.key)
+        caption = "视频" if dropped else "a clip"
+        text = caption if sample.meta.duration is None else f"2.0秒<n>{caption}"
+        expected = torch.tensor(encode_text(text))
+        tokens = loader.to_example(sample)["tokens"][: cfg.text_length]
+        assert torch.equal(tokens[-len(expected) :], expected), (sample.key, text)
+        assert bool((tokens[: -len(expected)] == cfg.vocab.pad_id).all())
+        seen.add((sample.meta.duration is None, dropped))
+    assert seen == {(True, True), (True, False), (False, True), (False, False)}
+
+
 def test_text_truncation_is_reported_once(shards, caplog):
     loader = make_loader(shards)
     with caplog.at_level(logging.WARNING, logger="pretrain.data"):
