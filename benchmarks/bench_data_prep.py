@@ -1,10 +1,10 @@
 """The preparation job's speed and memory, measured in one run:
 
-1. frames/s of the whole job (hash, probe, scene cuts, frame choice, crop/resize, tokenizer
-   actors, shard writing) vs PyAV decoding the same files alone with the same number of
+1. frames/s of the whole job (hash, probe, scene cuts, frame choice, crop/resize, encoding,
+   shard writing) vs PyAV decoding the same files alone with the same number of
    processes (target >= 0.7x); also "marginal": frames/s from the difference between the N and
    10 N runs, in which the job's fixed start-up costs cancel (what a long job sees). Both sides
-   are warm: the decoding pool and the job's Ray (its workers and tokenizer actors) are started
+   are warm: the decoding pool and the job's Ray (its workers) are started
    and run once over the N input before anything is timed. Each ratio is also given by CPU time
    (frames per CPU second of all the job's processes, Ray's included, against the decoding
    pool's): a count of the work, which other jobs on a shared machine barely move;

@@ -22,14 +22,19 @@ class PrepConfig:
     # {preset, ...ModelConfig field overrides}; no preset: the one the image tokenizer was fitted for
     model: dict = field(default_factory=dict)
     tokenizer: str = ""  # image tokenizer path, as load_image_tokenizer takes it
-    # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per actor
+    # "module:function" called as fn(path, device=...) -> ImageTokenizer, once per encoding process
     tokenizer_loader: str = "cogvideo.tokenizers.loading:load_image_tokenizer"
-    # the encoder actors (the image tokenizer, or the family's encoder, e.g. an autoencoder)
-    tokenizer_actors: int = 1
+    # the encoder actors (the image tokenizer, or the family's encoder, e.g. an autoencoder), each
+    # loading it once; 0: none, each extraction task encodes its own samples (the encoder loaded
+    # once per worker process): no process to start, no frames moved between processes, right for
+    # a light encoder on the CPU; None: one actor where the encoder has a GPU or reserved CPUs
+    # (tokenizer_gpus, tokenizer_cpus), else none
+    tokenizer_actors: int | None = None
     # GPUs per tokenizer actor (> 0 encodes on "cuda"); None: one when the Ray cluster has GPUs
     tokenizer_gpus: float | None = None
-    # CPUs Ray reserves per actor: 0 lets decoding use every core while a light tokenizer (or one
-    # on a GPU) shares them; reserve cores for a heavy tokenizer encoding on the CPU (icetk)
+    # CPUs Ray reserves per actor: for a heavy tokenizer encoding on the CPU (icetk); 0 lets
+    # decoding use every core (a light tokenizer encodes in the extraction tasks, one on a GPU
+    # shares the cores)
     tokenizer_cpus: float = 0.0
     tokenize_batch: int = 16  # samples per actor call
 
@@ -79,9 +84,20 @@ class PrepConfig:
             )
         if not 0 < self.min_side <= self.max_side:
             bad("min_side", f"expected 0 < min_side <= max_side={self.max_side}, got {self.min_side}")
-        for key in ("shard_samples", "shard_bytes", "tokenizer_actors", "tokenize_batch"):
+        for key in ("shard_samples", "shard_bytes", "tokenize_batch"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.tokenizer_actors is not None and self.tokenizer_actors < 0:
+            bad(
+                "tokenizer_actors",
+                f"must be >= 0 (0: encode in the extraction tasks), got {self.tokenizer_actors}",
+            )
+        if self.tokenizer_actors == 0 and (self.tokenizer_cpus > 0 or (self.tokenizer_gpus or 0) > 0):
+            bad(
+                "tokenizer_actors",
+                "0 encodes in the extraction tasks, on their CPU: tokenizer_cpus and tokenizer_gpus are "
+                "for actors; set tokenizer_actors >= 1, or leave those at 0",
+            )
         if self.inputs_per_task < 0:
             bad(
                 "inputs_per_task",
@@ -91,9 +107,17 @@ class PrepConfig:
             bad("tokenizer_loader", f"expected module:function, got {self.tokenizer_loader!r}")
 
     def gpus_per_actor(self, cluster_gpus: float) -> float:
+        if self.tokenizer_actors == 0:
+            return 0.0
         if self.tokenizer_gpus is None:
             return 1.0 if cluster_gpus >= 1 else 0.0
         return self.tokenizer_gpus
+
+    def encoder_actors(self, gpus_per_actor: float) -> int:
+        """How many encoder actors the job starts (0: the extraction tasks encode)."""
+        if self.tokenizer_actors is not None:
+            return self.tokenizer_actors
+        return 1 if gpus_per_actor > 0 or self.tokenizer_cpus > 0 else 0
 
 
 def prep_model(cfg: PrepConfig):

@@ -40,7 +40,7 @@ from data_prep.inputs import (
     unmatched_rows,
 )
 from data_prep.output import REJECTED, PrepOutput
-from data_prep.stages import FIELD, EncodeSamples, extract_samples, hash_input
+from data_prep.stages import FIELD, EncodeSamples, extract_encoded, extract_samples, hash_input
 
 
 def plan_inputs(
@@ -190,15 +190,27 @@ def report_unmatched(unmatched: list[dict], rejected: list[dict], out: PrepOutpu
 
 @contextlib.contextmanager
 def ordered_data_context():
-    """Ray Data in input order (so shards are the same on every run) and without its own
-    progress bars, for this job only: the context is process-wide."""
+    """Ray Data in input order (so shards are the same on every run), without its own progress
+    bars and without per-operator resource reservation, for this job only: the context is
+    process-wide. Ray Data 2.60 reserves half the cluster for each operator; on 2 CPUs that kept
+    one extraction task running where two could, 16 half-second tasks took 6.1 s instead of 4.2
+    (our jobs have one operator that computes besides a GPU or CPU-reserving actor pool)."""
     context = ray.data.DataContext.get_current()
-    saved = context.execution_options.preserve_order, context.enable_progress_bars
+    saved = (
+        context.execution_options.preserve_order,
+        context.enable_progress_bars,
+        context.op_resource_reservation_enabled,
+    )
     context.execution_options.preserve_order, context.enable_progress_bars = True, False
+    context.op_resource_reservation_enabled = False
     try:
         yield
     finally:
-        context.execution_options.preserve_order, context.enable_progress_bars = saved
+        (
+            context.execution_options.preserve_order,
+            context.enable_progress_bars,
+            context.op_resource_reservation_enabled,
+        ) = saved
 
 
 # Sized tasks (prep.inputs_per_task=0): at least TASKS_PER_CPU tasks for each CPU of the cluster,
@@ -262,25 +274,45 @@ def _deduplicate(cfg: PrepConfig, out: PrepOutput, todo: list[dict]) -> list[dic
     return accepted
 
 
+GOLDEN = (5**0.5 - 1) / 2
+
+
+def balanced(rows: list[dict]) -> list[dict]:
+    """`rows` (inputs with their byte `size`) in an order whose every contiguous run holds big and
+    small inputs alike, so that Ray's contiguous blocks, however many, share the bytes: ranked by
+    size, rank r placed at frac(r x 0.618...) (the golden-ratio sequence spreads any run of
+    ranks evenly). The order depends on the inputs alone, not on the task layout, so the shards
+    do not either. Inputs listed by name come in runs of like videos: in blocks as listed, one
+    block of the longest kept a core busy for 4.9 s while the others took 0.4 s each
+    (benchmarks/bench_data_prep.py)."""
+    by_size = sorted(rows, key=lambda row: -row["size"])
+    return [by_size[rank] for rank in sorted(range(len(by_size)), key=lambda rank: rank * GOLDEN % 1.0)]
+
+
 def _encoded(cfg: PrepConfig, model, accepted: list[dict]) -> ray.data.Dataset:
-    """The Ray job that extracts clips from the accepted inputs and encodes them (actor pool)."""
+    """The Ray job that extracts clips from the accepted inputs and encodes them: in the same
+    tasks, or on an actor pool (prep.tokenizer_actors)."""
     gpus = cfg.gpus_per_actor(ray.cluster_resources().get("GPU", 0))
-    device = "cuda" if gpus > 0 else "cpu"
-    return (
-        ray.data.from_items(accepted, override_num_blocks=_blocks(len(accepted), cfg))
-        .flat_map(
-            extract_samples,
-            fn_kwargs={"cfg": cfg, "model": model, "frame_size": encoder_for(cfg).pixel_size(model)},
-        )
-        .map_batches(
-            EncodeSamples,
-            fn_constructor_kwargs={"cfg": cfg, "model": model, "encoder": encoder_for(cfg), "device": device},
-            batch_size=cfg.tokenize_batch,
-            compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
-            num_cpus=cfg.tokenizer_cpus,
-            num_gpus=gpus or None,
-            batch_format="numpy",
-        )
+    actors = cfg.encoder_actors(gpus)
+    encoder = encoder_for(cfg)
+    blocks = _blocks(len(accepted), cfg)
+    inputs = ray.data.from_items(balanced(accepted), override_num_blocks=blocks)
+    extract = {"cfg": cfg, "model": model, "frame_size": encoder.pixel_size(model)}
+    if not actors:
+        return inputs.flat_map(extract_encoded, fn_kwargs={**extract, "encoder": encoder})
+    return inputs.flat_map(extract_samples, fn_kwargs=extract).map_batches(
+        EncodeSamples,
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "model": model,
+            "encoder": encoder,
+            "device": "cuda" if gpus > 0 else "cpu",
+        },
+        batch_size=cfg.tokenize_batch,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cfg.tokenizer_cpus,
+        num_gpus=gpus or None,
+        batch_format="numpy",
     )
 
 

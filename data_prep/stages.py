@@ -187,3 +187,18 @@ class EncodeSamples:
                 for name, value in fields.items():
                     columns[FIELD + name][i] = value
         return {**{k: batch[k] for k in ("entry", "kind", "key", "record")}, **columns}
+
+
+_TASK_ENCODERS: dict[str, EncodeSamples] = {}  # this worker process's, by their settings
+
+
+def extract_encoded(row: dict, cfg: PrepConfig, model, encoder, frame_size: int) -> list[dict]:
+    """`extract_samples`' rows with their samples encoded in this task, as EncodeSamples returns
+    them (prep.tokenizer_actors=0); the encoder is loaded once per worker process."""
+    key = repr((cfg, model, encoder))
+    if key not in _TASK_ENCODERS:
+        _TASK_ENCODERS[key] = EncodeSamples(cfg, model, encoder)
+    rows = extract_samples(row, cfg, model, frame_size)
+    columns = {name: np.array([r[name] for r in rows], dtype=object) for name in rows[0]}
+    encoded = _TASK_ENCODERS[key](columns)
+    return [{name: column[i] for name, column in encoded.items()} for i in range(len(rows))]

@@ -12,7 +12,7 @@ from cogvideo.models.cogvideo.config import get_preset
 from cogvideo.tokenizers.patch_fit import fit_patch_tokenizer
 from data_prep.config import PrepConfig, prep_model
 from data_prep.encoders import TokenEncoder
-from data_prep.pipeline import MAX_INPUTS_PER_TASK, TASKS_PER_CPU, task_count
+from data_prep.pipeline import MAX_INPUTS_PER_TASK, TASKS_PER_CPU, balanced, task_count
 from data_prep.stages import EncodeSamples
 from data_prep.synthetic import main as synth_main
 
@@ -80,6 +80,41 @@ def test_tokenizer_actors_take_a_gpu_when_the_cluster_has_one_unless_configured(
     assert PrepConfig(tokenizer_gpus=0.25).gpus_per_actor(cluster_gpus=8) == 0.25
     assert PrepConfig(tokenizer_gpus=0).gpus_per_actor(cluster_gpus=8) == 0
     assert load_config(PrepConfig, None, ["tokenizer_gpus=0.5"]).tokenizer_gpus == 0.5
+
+
+def test_the_extraction_tasks_encode_unless_the_encoder_needs_resources_of_its_own():
+    """tokenizer_actors None: actors only for an encoder with a GPU or reserved CPUs; 0 never
+    (and then nothing may be reserved for them); N always N."""
+    assert PrepConfig().encoder_actors(PrepConfig().gpus_per_actor(cluster_gpus=0)) == 0
+    assert PrepConfig().encoder_actors(PrepConfig().gpus_per_actor(cluster_gpus=8)) == 1
+    assert PrepConfig(tokenizer_cpus=2).encoder_actors(0.0) == 1
+    assert PrepConfig(tokenizer_actors=3).encoder_actors(0.0) == 3
+    in_tasks = PrepConfig(tokenizer_actors=0)
+    assert in_tasks.gpus_per_actor(cluster_gpus=8) == 0.0 and in_tasks.encoder_actors(0.0) == 0
+    for bad in (["tokenizer_actors=0", "tokenizer_cpus=1"], ["tokenizer_actors=0", "tokenizer_gpus=1"]):
+        with pytest.raises(ConfigError, match="tokenizer_actors: 0 encodes in the extraction tasks"):
+            load_config(PrepConfig, None, bad)
+    with pytest.raises(ConfigError, match="tokenizer_actors: must be >= 0"):
+        load_config(PrepConfig, None, ["tokenizer_actors=-1"])
+
+
+def test_blocks_get_a_like_share_of_the_bytes_however_many():
+    """Inputs listed in runs of like size (copies of one video after another) come out in an
+    order whose contiguous blocks (Ray's split: equal counts, the first ones one more), for any
+    block count, get big and small ones alike; every input once, the order the same each time."""
+    sizes = [1000, 800, 600, 400, 300, 200, 100, 50]
+    rows = [{"path": f"v{i}_{copy}", "size": size} for i, size in enumerate(sizes) for copy in range(20)]
+    dealt = balanced(rows)
+    assert sorted(r["path"] for r in dealt) == sorted(r["path"] for r in rows)
+    assert [r["path"] for r in balanced(rows)] == [r["path"] for r in dealt]
+    for blocks in (2, 4, 8, 16):
+        split = np.array_split(np.arange(len(rows)), blocks)
+        sums = [sum(dealt[i]["size"] for i in part) for part in split]
+        as_listed = [sum(rows[i]["size"] for i in part) for part in split]
+        # within two of the largest inputs (the sequence's discrepancy), where as listed blocks
+        # differ by many
+        assert max(sums) - min(sums) <= 2 * max(sizes), (blocks, sums)
+        assert max(as_listed) - min(as_listed) > 4 * max(sizes)
 
 
 def test_sized_tasks_keep_every_cpu_busy_and_stay_small():

