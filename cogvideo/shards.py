@@ -15,8 +15,8 @@ Kinds (`KINDS`; a model family reads one, `ModelFamily.shard_kind`):
 
 The duration prefix ("4.0秒<n>") is composed at load time from `meta.duration` by the text
 format (`cogvideo.text_format`), so the format can change without re-preparing data; a still
-(`meta.duration` null) gets none. Shards
-written before kinds were recorded (schema 1) hold tokens.
+(`meta.duration` null) gets none. Shards written before kinds were recorded (schema 1) hold
+tokens.
 """
 
 from __future__ import annotations

@@ -193,8 +193,8 @@ def ordered_data_context():
     """Ray Data in input order (so shards are the same on every run), without its own progress
     bars and without per-operator resource reservation, for this job only: the context is
     process-wide. Ray Data 2.60 reserves half the cluster for each operator; on 2 CPUs that kept
-    one extraction task running where two could, 16 half-second tasks took 6.1 s instead of 4.2
-    (our jobs have one operator that computes besides a GPU or CPU-reserving actor pool)."""
+    one extraction task running where two could (16 half-second tasks: 6.1 s instead of 4.2).
+    The job has one task operator; an encoder actor pool holds its resources from its start."""
     context = ray.data.DataContext.get_current()
     saved = (
         context.execution_options.preserve_order,

@@ -194,7 +194,8 @@ _TASK_ENCODERS: dict[str, EncodeSamples] = {}  # this worker process's, by their
 
 def extract_encoded(row: dict, cfg: PrepConfig, model, encoder, frame_size: int) -> list[dict]:
     """`extract_samples`' rows with their samples encoded in this task, as EncodeSamples returns
-    them (prep.tokenizer_actors=0); the encoder is loaded once per worker process."""
+    them, where the job starts no encoder actors (prep.tokenizer_actors); the encoder is loaded
+    once per worker process."""
     key = repr((cfg, model, encoder))
     if key not in _TASK_ENCODERS:
         _TASK_ENCODERS[key] = EncodeSamples(cfg, model, encoder)
